@@ -1,0 +1,27 @@
+"""eegfast ops: typed functions over reference, C++ CPU, CUDA and Triton kernels.
+
+Every op takes ``backend=None`` (automatic: C++ on CPU tensors, the fastest GPU kernel on CUDA
+tensors), ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; ``EEGFAST_BACKEND`` sets the
+default. :func:`available_backends` reports what is built here and, if not, why.
+"""
+
+from eegfast.ops._backend import BACKENDS, BackendStatus, ExtensionMissingError, available_backends
+from eegfast.ops.vq import (
+    vq_code_stats,
+    vq_ema_update,
+    vq_kmeans,
+    vq_nearest,
+    vq_nearest_reference,
+)
+
+__all__ = [
+    "BACKENDS",
+    "BackendStatus",
+    "ExtensionMissingError",
+    "available_backends",
+    "vq_code_stats",
+    "vq_ema_update",
+    "vq_kmeans",
+    "vq_nearest",
+    "vq_nearest_reference",
+]

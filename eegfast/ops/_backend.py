@@ -1,0 +1,160 @@
+"""Finding the native extension and Triton, and choosing a backend for each call.
+
+Backends:
+- ``reference``: plain PyTorch, differentiable, the definition of correctness.
+- ``cpu``: C++ kernels in ``eegfast._C`` (CPU tensors).
+- ``cuda``: CUDA kernels in ``eegfast._C`` (CUDA tensors, when built with CUDA).
+- ``triton``: Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
+
+Selection: the ``backend=`` argument of an op, else ``EEGFAST_BACKEND``, else automatic by the
+device of the inputs. A missing extension warns once and falls back to the reference, unless
+``EEGFAST_REQUIRE_EXT=1``, where it is an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    available: bool
+    reason: str  # what was found, or why the backend cannot be used
+
+    def __str__(self) -> str:
+        return ("yes" if self.available else "no") + f" ({self.reason})"
+
+
+class ExtensionMissingError(RuntimeError):
+    """The native extension is required (EEGFAST_REQUIRE_EXT=1) but could not be loaded."""
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@functools.cache
+def _load_extension() -> tuple[ModuleType | None, str]:
+    try:
+        module = importlib.import_module("eegfast._C")
+    except ImportError as error:
+        return None, f"eegfast._C could not be imported: {error}"
+    return module, "eegfast._C loaded"
+
+
+def extension() -> ModuleType | None:
+    """The native module, or None (after one warning) when it is not built.
+
+    Raises ExtensionMissingError instead when EEGFAST_REQUIRE_EXT=1.
+    """
+    module, reason = _load_extension()
+    if module is None:
+        if _env_flag("EEGFAST_REQUIRE_EXT"):
+            raise ExtensionMissingError(
+                f"{reason}. EEGFAST_REQUIRE_EXT=1 forbids the fallback to the reference "
+                "implementation; build it with `pip install --no-build-isolation -e .`"
+            )
+        _warn_missing_extension_once(reason)
+    return module
+
+
+@functools.cache
+def _warn_missing_extension_once(reason: str) -> None:
+    warnings.warn(
+        f"{reason}; eegfast ops fall back to the (slow) reference implementation. "
+        "Build the extension with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def triton_interpreting() -> bool:
+    return _env_flag("TRITON_INTERPRET")
+
+
+@functools.cache
+def _triton_status() -> BackendStatus:
+    try:
+        import triton
+    except ImportError as error:
+        return BackendStatus(False, f"triton is not installed ({error})")
+    if torch.cuda.is_available():
+        return BackendStatus(True, f"triton {triton.__version__} on CUDA")
+    if triton_interpreting():
+        return BackendStatus(True, f"triton {triton.__version__}, interpreter on CPU")
+    return BackendStatus(False, f"triton {triton.__version__} but no CUDA device")
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """What is built and usable on this machine, and if not, why."""
+    module, reason = _load_extension()
+    info = module.build_info() if module is not None else {}
+    statuses = {
+        "reference": BackendStatus(True, f"PyTorch {torch.__version__}"),
+        "cpu": BackendStatus(module is not None, reason),
+    }
+    if module is None:
+        statuses["cuda"] = BackendStatus(False, reason)
+    elif not info.get("cuda", False):
+        statuses["cuda"] = BackendStatus(
+            False, "extension built without CUDA (torch has no CUDA or EEGFAST_CUDA=0)"
+        )
+    elif not torch.cuda.is_available():
+        statuses["cuda"] = BackendStatus(False, "built with CUDA but no CUDA device is visible")
+    else:
+        statuses["cuda"] = BackendStatus(True, torch.cuda.get_device_name())
+    statuses["triton"] = _triton_status()
+    return statuses
+
+
+def resolve_backend(
+    requested: str | None, device: torch.device, gpu_preference: tuple[str, ...]
+) -> str:
+    """The backend to run an op with on tensors living on ``device``.
+
+    ``gpu_preference`` lists the op's GPU backends, fastest first (measured in benchmarks/).
+    """
+    name = requested or os.environ.get("EEGFAST_BACKEND") or "auto"
+    source = "backend" if requested else "EEGFAST_BACKEND"
+    if name not in (*BACKENDS, "auto"):
+        raise ValueError(f"{source} must be one of {('auto', *BACKENDS)}, got {name!r}")
+    if name == "auto":
+        if device.type == "cuda":
+            for candidate in gpu_preference:
+                if candidate == "cuda" and _cuda_extension_ready():
+                    return "cuda"
+                if candidate == "triton" and _triton_status().available:
+                    return "triton"
+            return "reference"
+        if device.type == "cpu":
+            return "cpu" if extension() is not None else "reference"
+        return "reference"
+    if name in ("cpu", "cuda"):
+        if device.type != name:
+            raise ValueError(f"{source}={name!r} cannot run on tensors on {device}")
+        module = extension()
+        if module is None:
+            return "reference"
+        if name == "cuda" and not module.build_info()["cuda"]:
+            raise RuntimeError("backend='cuda': eegfast._C was built without CUDA kernels")
+    if name == "triton":
+        status = _triton_status()
+        if not status.available:
+            raise RuntimeError(f"backend='triton' is not available: {status.reason}")
+        if device.type == "cpu" and not triton_interpreting():
+            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
+    return name
+
+
+def _cuda_extension_ready() -> bool:
+    module = extension()
+    return module is not None and bool(module.build_info()["cuda"])

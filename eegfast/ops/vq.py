@@ -1,0 +1,452 @@
+"""VQ nearest-code lookup and EMA codebook updates (the core of the VQ-NSP tokenizer).
+
+Public functions:
+
+- :func:`vq_nearest` — index (and optionally score) of the nearest code for every row.
+- :func:`vq_code_stats` — per-code counts and sums of the rows assigned to each code.
+- :func:`vq_ema_update` — EMA codebook update with Laplace smoothing, l2 renormalisation,
+  dead-code restart and all-reduce across processes.
+- :func:`vq_kmeans` — k-means (cosine or l2) initialisation built on the same two kernels.
+
+Each op has a float64 reference here (``*_reference``), C++ CPU and CUDA kernels in csrc/vq/
+(``torch.ops.eegfast.vq_nearest`` / ``vq_code_stats``) and Triton kernels in
+:mod:`eegfast.ops.vq_triton` (``torch.ops.eegfast.vq_nearest_triton`` / ``vq_code_stats_triton``).
+All kernels agree with the reference *exactly* on indices, see :func:`vq_nearest_reference`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from eegfast.ops._backend import extension, resolve_backend
+
+Metric = Literal["cosine", "l2"]
+
+NORM_EPS = 1e-12  # as torch.nn.functional.normalize
+TIE_TOLERANCE = 1e-12  # float64 scores this close to the best count as ties -> lowest index
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# GPU backends, fastest first. Both are kept until benchmarks/gpu.py has measured them on H100.
+GPU_PREFERENCE = ("triton", "cuda")
+
+
+# --------------------------------------------------------------------------------------------
+# Reference implementations (float64, differentiable): the definition of correctness.
+# --------------------------------------------------------------------------------------------
+
+
+def vq_nearest_reference(
+    z: torch.Tensor, codebook: torch.Tensor, metric: Metric = "cosine"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute-force float64 nearest code: materialises the (N, K) score matrix.
+
+    Score of code k for row z: cosine ``z·c_k / (max(|z|, eps) max(|c_k|, eps))`` (maximised) or
+    l2 ``|z - c_k|^2`` (minimised). Among codes within ``TIE_TOLERANCE`` (relative to the
+    score scale) of the best, the lowest index wins. Rows with a NaN or inf element get index
+    -1 and score NaN. NaN codes are never chosen.
+
+    Args:
+        z: (N, D) float tensor.
+        codebook: (K, D) float tensor, same dtype and device as ``z``.
+    Returns:
+        indices (N,) int64 and scores (N,) float32 (cosine similarity or squared distance).
+    """
+    _check_inputs(z, codebook, metric)
+    z64, c64 = z.double(), codebook.double()
+    z_sq = (z64 * z64).sum(1)
+    c_norm = c64.norm(dim=1)
+    dots = z64 @ c64.T  # (N, K)
+    if metric == "cosine":
+        scores = dots / (z_sq.sqrt().clamp_min(NORM_EPS)[:, None] * c_norm.clamp_min(NORM_EPS))
+        tolerance = torch.full_like(z_sq, TIE_TOLERANCE)
+    else:
+        scores = -(z_sq[:, None] - 2 * dots + (c_norm * c_norm)[None, :])
+        tolerance = TIE_TOLERANCE * (z_sq + c_norm.max() ** 2)
+    scores = scores.nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+    best = scores.max(dim=1).values
+    is_candidate = scores >= (best - tolerance)[:, None]
+    indices = is_candidate.to(torch.int8).argmax(dim=1)  # first candidate = lowest index
+    finite = torch.isfinite(z64).all(dim=1)
+    indices = torch.where(finite, indices, torch.full_like(indices, -1))
+    chosen = c64[indices.clamp_min(0)]
+    if metric == "cosine":
+        chosen_scores = (z64 * chosen).sum(1) / (
+            z_sq.sqrt().clamp_min(NORM_EPS) * chosen.norm(dim=1).clamp_min(NORM_EPS)
+        )
+    else:
+        chosen_scores = ((z64 - chosen) ** 2).sum(1)
+    chosen_scores = torch.where(finite, chosen_scores, torch.full_like(chosen_scores, torch.nan))
+    return indices, chosen_scores.float()
+
+
+def vq_code_stats_reference(
+    z: torch.Tensor, indices: torch.Tensor, num_codes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-code counts (K,) and sums (K, D) in float32 of the rows of ``z`` (N, D) assigned by
+    ``indices`` (N,) int64; index -1 (non-finite rows) is skipped."""
+    _check_stats_inputs(z, indices, num_codes)
+    keep = indices >= 0
+    codes = indices.clamp_min(0)
+    counts = torch.zeros(num_codes, dtype=torch.float32, device=z.device)
+    counts = counts.index_add(0, codes, keep.float())
+    sums = torch.zeros(num_codes, z.shape[1], dtype=torch.float32, device=z.device)
+    sums = sums.index_add(0, codes, z.float() * keep[:, None])
+    return counts, sums
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks shared by all backends (the C++ kernels repeat them for direct callers).
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> None:
+    if metric not in ("cosine", "l2"):
+        raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
+    if z.dim() != 2:
+        raise ValueError(f"z must have shape (N, D), got {tuple(z.shape)}")
+    if codebook.dim() != 2:
+        raise ValueError(f"codebook must have shape (K, D), got {tuple(codebook.shape)}")
+    if codebook.shape[0] == 0:
+        raise ValueError("codebook is empty (K = 0)")
+    if z.shape[1] != codebook.shape[1]:
+        raise ValueError(f"z has D = {z.shape[1]} but codebook has D = {codebook.shape[1]}")
+    if z.shape[1] == 0:
+        raise ValueError("D must be positive")
+    if z.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"z must be float32, float16 or bfloat16, got {z.dtype}")
+    if codebook.dtype != z.dtype:
+        raise TypeError(
+            f"z is {z.dtype} but codebook is {codebook.dtype}; pass both in one dtype"
+        )
+    if z.device != codebook.device:
+        raise ValueError(f"z is on {z.device} but codebook is on {codebook.device}")
+
+
+def _check_stats_inputs(z: torch.Tensor, indices: torch.Tensor, num_codes: int) -> None:
+    if z.dim() != 2:
+        raise ValueError(f"z must have shape (N, D), got {tuple(z.shape)}")
+    if indices.shape != (z.shape[0],):
+        raise ValueError(
+            f"indices must have shape (N,) = ({z.shape[0]},), got {tuple(indices.shape)}"
+        )
+    if indices.dtype != torch.int64:
+        raise TypeError(f"indices must be int64, got {indices.dtype}")
+    if num_codes <= 0:
+        raise ValueError(f"num_codes must be positive, got {num_codes}")
+    if z.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"z must be float32, float16 or bfloat16, got {z.dtype}")
+    if indices.device != z.device:
+        raise ValueError(f"indices is on {indices.device} but z is on {z.device}")
+
+
+# --------------------------------------------------------------------------------------------
+# Custom-op glue: fake (meta) kernels and autograd for the C++/CUDA and Triton ops.
+# --------------------------------------------------------------------------------------------
+
+
+def _nearest_fake(z: torch.Tensor, codebook: torch.Tensor, metric: str):
+    return z.new_empty(z.shape[0], dtype=torch.int64), z.new_empty(z.shape[0], dtype=torch.float32)
+
+
+def _stats_fake(z: torch.Tensor, indices: torch.Tensor, num_codes: int):
+    return (
+        z.new_empty(num_codes, dtype=torch.float32),
+        z.new_empty(num_codes, z.shape[1], dtype=torch.float32),
+    )
+
+
+def _nearest_setup_context(ctx, inputs, output) -> None:
+    z, codebook, metric = inputs
+    indices, scores = output
+    ctx.metric = metric
+    ctx.save_for_backward(z, codebook, indices, scores)
+
+
+def _nearest_backward(ctx, grad_indices, grad_scores):
+    """Gradient of the chosen score: cosine ``s = z·c/(|z||c|)`` or l2 ``s = |z - c|^2``."""
+    z, codebook, indices, scores = ctx.saved_tensors
+    valid = indices >= 0
+    codes = indices.clamp_min(0)
+    zf, chosen = z.float(), codebook[codes].float()
+    grad = torch.where(valid, grad_scores, torch.zeros_like(grad_scores))[:, None]
+    if ctx.metric == "cosine":
+        z_norm = zf.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+        c_norm = chosen.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+        s = torch.where(valid, scores, torch.zeros_like(scores))[:, None]
+        d_z = chosen / (z_norm * c_norm) - s * zf / (z_norm * z_norm)
+        d_c = zf / (z_norm * c_norm) - s * chosen / (c_norm * c_norm)
+    else:
+        d_z = 2 * (zf - chosen)
+        d_c = -d_z
+    grad_z = (grad * d_z).to(z.dtype)
+    grad_codebook = torch.zeros(codebook.shape, dtype=torch.float32, device=codebook.device)
+    grad_codebook = grad_codebook.index_add(0, codes, grad * d_c).to(codebook.dtype)
+    return grad_z, grad_codebook, None
+
+
+def _stats_setup_context(ctx, inputs, output) -> None:
+    _, indices, _ = inputs
+    ctx.save_for_backward(indices)
+
+
+def _stats_backward(ctx, grad_counts, grad_sums):
+    (indices,) = ctx.saved_tensors
+    keep = (indices >= 0)[:, None]
+    grad_z = torch.where(keep, grad_sums[indices.clamp_min(0)], torch.zeros_like(grad_sums[:1]))
+    return grad_z, None, None
+
+
+def _register_op_glue(nearest_op: str, stats_op: str) -> None:
+    torch.library.register_fake(nearest_op)(_nearest_fake)
+    torch.library.register_fake(stats_op)(_stats_fake)
+    torch.library.register_autograd(
+        nearest_op, _nearest_backward, setup_context=_nearest_setup_context
+    )
+    torch.library.register_autograd(stats_op, _stats_backward, setup_context=_stats_setup_context)
+
+
+if extension() is not None:
+    _register_op_glue("eegfast::vq_nearest", "eegfast::vq_code_stats")
+
+
+def _triton_ops():
+    """The Triton ops module, imported on first use (triton is optional)."""
+    from eegfast.ops import vq_triton
+
+    return vq_triton
+
+
+# --------------------------------------------------------------------------------------------
+# Public ops.
+# --------------------------------------------------------------------------------------------
+
+
+def vq_nearest(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    metric: Metric = "cosine",
+    *,
+    return_scores: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Nearest code of every row, exactly, without forming the (N, K) distance matrix.
+
+    Args:
+        z: (N, D) float32 / float16 / bfloat16; N may be 0. Any strides.
+        codebook: (K, D), same dtype and device as ``z``, K >= 1.
+        metric: ``"cosine"`` (largest cosine similarity) or ``"l2"`` (smallest squared
+            Euclidean distance).
+        return_scores: also return the chosen code's score (N,) float32: cosine similarity or
+            squared distance. Differentiable with respect to ``z`` and ``codebook``.
+        backend: ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or None (automatic; see
+            :mod:`eegfast.ops`).
+
+    Returns:
+        indices (N,) int64, and scores (N,) float32 if ``return_scores``.
+
+    Exactness: the index equals :func:`vq_nearest_reference` (float64 brute force, ties to the
+    lowest index) for every input dtype: fp32 accumulation with a proven error bound, and rows
+    whose best and second-best scores are closer than that bound are re-scored in float64.
+    Rows of ``z`` with a NaN or inf element get index -1 and score NaN (never a valid-looking
+    index); :class:`eegfast.nn.NormEMAVectorQuantizer` turns them into an error.
+    """
+    _check_inputs(z, codebook, metric)
+    chosen = resolve_backend(backend, z.device, GPU_PREFERENCE)
+    if chosen == "reference":
+        indices, scores = vq_nearest_reference(z, codebook, metric)
+    elif chosen == "triton":
+        indices, scores = _triton_ops().vq_nearest_triton(z, codebook, metric)
+    else:
+        indices, scores = torch.ops.eegfast.vq_nearest(z, codebook, metric)
+    return (indices, scores) if return_scores else indices
+
+
+def vq_code_stats(
+    z: torch.Tensor, indices: torch.Tensor, num_codes: int, *, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-code counts and sums without a one-hot matrix.
+
+    Args:
+        z: (N, D) float32 / float16 / bfloat16.
+        indices: (N,) int64 in [-1, num_codes); -1 rows (non-finite z) are skipped.
+        num_codes: K.
+    Returns:
+        counts (K,) float32 and sums (K, D) float32. Differentiable with respect to ``z``.
+    """
+    _check_stats_inputs(z, indices, num_codes)
+    chosen = resolve_backend(backend, z.device, GPU_PREFERENCE)
+    if chosen == "reference":
+        return vq_code_stats_reference(z, indices, num_codes)
+    if chosen == "triton":
+        return _triton_ops().vq_code_stats_triton(z, indices, num_codes)
+    return torch.ops.eegfast.vq_code_stats(z, indices, num_codes)
+
+
+@torch.no_grad()
+def vq_ema_update(
+    z: torch.Tensor,
+    indices: torch.Tensor,
+    codebook: torch.Tensor,
+    cluster_size: torch.Tensor,
+    embed_sum: torch.Tensor,
+    *,
+    decay: float = 0.99,
+    eps: float = 1e-5,
+    normalize: bool = True,
+    dead_code_threshold: float | None = None,
+    generator: torch.Generator | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    backend: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """One EMA step of the codebook, in place.
+
+    ``cluster_size <- decay·cluster_size + (1 - decay)·counts``,
+    ``embed_sum <- decay·embed_sum + (1 - decay)·sums``, then every code becomes
+    ``embed_sum / smoothed_count`` (Laplace smoothing with ``eps``), l2-normalised if
+    ``normalize``. Codes that no row has ever been assigned to keep their value.
+
+    When ``torch.distributed`` is initialised, counts and sums are all-reduced (summed) over
+    ``process_group`` first, so every rank applies the same update.
+
+    Dead-code restart: codes whose EMA count is below ``dead_code_threshold`` are re-seeded
+    from rows of the current batch chosen at random (drawn on rank 0 and broadcast), with their
+    EMA state reset to count 1.
+
+    Args:
+        z: (N, D) encoder outputs (any float dtype the ops accept).
+        indices: (N,) int64 codes from :func:`vq_nearest` (-1 rows are skipped).
+        codebook: (K, D) float32 codebook, updated in place.
+        cluster_size: (K,) float32 EMA counts, updated in place.
+        embed_sum: (K, D) float32 EMA sums, updated in place.
+    Returns:
+        ``{"counts": (K,), "dead": (K,) bool}``: this batch's (all-reduced) counts and which
+        codes were restarted.
+    """
+    K, D = codebook.shape
+    if cluster_size.shape != (K,):
+        raise ValueError(f"cluster_size must have shape ({K},), got {tuple(cluster_size.shape)}")
+    if embed_sum.shape != (K, D):
+        raise ValueError(f"embed_sum must have shape ({K}, {D}), got {tuple(embed_sum.shape)}")
+    if z.dim() != 2 or z.shape[1] != D:
+        raise ValueError(f"z must have shape (N, {D}), got {tuple(z.shape)}")
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay}")
+    counts, sums = vq_code_stats(z, indices, K, backend=backend)
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        dist.all_reduce(counts, group=process_group)
+        dist.all_reduce(sums, group=process_group)
+    cluster_size.mul_(decay).add_(counts.to(cluster_size.dtype), alpha=1 - decay)
+    embed_sum.mul_(decay).add_(sums.to(embed_sum.dtype), alpha=1 - decay)
+    total = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (total + K * eps) * total
+    updated = embed_sum / smoothed[:, None]
+    if normalize:
+        updated = torch.nn.functional.normalize(updated, dim=1, eps=NORM_EPS)
+    ever_used = cluster_size > 0
+    codebook.copy_(torch.where(ever_used[:, None], updated.to(codebook.dtype), codebook))
+
+    dead = torch.zeros(K, dtype=torch.bool, device=codebook.device)
+    if dead_code_threshold is not None and z.shape[0] > 0:
+        dead = cluster_size < dead_code_threshold
+        finite_rows = torch.isfinite(z).all(dim=1)
+        # Draw replacements among finite rows only; without any, nothing is restarted.
+        weights = finite_rows.float()
+        if distributed:
+            # Rows differ per rank; rank 0's draw is broadcast so all ranks stay identical.
+            picks = _draw_rows(weights, K, generator)
+            seeds = z[picks].to(codebook.dtype)
+            dist.broadcast(seeds, src=0, group=process_group)
+            dist.broadcast(dead, src=0, group=process_group)
+        else:
+            seeds = z[_draw_rows(weights, K, generator)].to(codebook.dtype)
+        dead = dead & finite_rows.any()
+        if normalize:
+            seeds = torch.nn.functional.normalize(seeds, dim=1, eps=NORM_EPS)
+        codebook.copy_(torch.where(dead[:, None], seeds, codebook))
+        cluster_size.copy_(torch.where(dead, torch.ones_like(cluster_size), cluster_size))
+        embed_sum.copy_(torch.where(dead[:, None], seeds.to(embed_sum.dtype), embed_sum))
+    return {"counts": counts, "dead": dead}
+
+
+def _draw_rows(weights: torch.Tensor, count: int, generator: torch.Generator | None):
+    """``count`` row indices drawn with replacement, proportional to ``weights`` (no host sync)."""
+    safe = weights + (weights.sum() == 0).float()  # all-zero weights: any row (masked later)
+    return torch.multinomial(safe, count, replacement=True, generator=generator)
+
+
+@torch.no_grad()
+def vq_kmeans(
+    z: torch.Tensor,
+    num_codes: int,
+    *,
+    iters: int = 10,
+    metric: Metric = "cosine",
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """k-means codebook (K, D) float32 for rows ``z`` (N, D), N >= 1.
+
+    Uses :func:`vq_nearest` for assignment and :func:`vq_code_stats` for the means, so it
+    never forms an (N, K) matrix. ``metric="cosine"`` runs spherical k-means (unit codes).
+    Codes left without rows are re-seeded from random rows. Non-finite rows are ignored.
+    """
+    if z.dim() != 2 or z.shape[0] == 0:
+        raise ValueError(f"z must have shape (N, D) with N >= 1, got {tuple(z.shape)}")
+    if num_codes <= 0:
+        raise ValueError(f"num_codes must be positive, got {num_codes}")
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    data = z.float()
+    finite = torch.isfinite(data).all(dim=1)
+    if not bool(finite.any()):
+        raise ValueError("z has no finite rows to initialise the codebook from")
+    data = data[finite]
+    if metric == "cosine":
+        data = torch.nn.functional.normalize(data, dim=1, eps=NORM_EPS)
+    weights = torch.ones(data.shape[0], device=data.device)
+    codebook = data[_draw_rows(weights, num_codes, generator)].clone()
+    for _ in range(iters):
+        assigned = vq_nearest(data, codebook, metric, backend=backend)
+        counts, sums = vq_code_stats(data, assigned, num_codes, backend=backend)
+        means = sums / counts.clamp_min(1)[:, None]
+        if metric == "cosine":
+            means = torch.nn.functional.normalize(means, dim=1, eps=NORM_EPS)
+        empty = counts == 0
+        reseed = data[_draw_rows(weights, num_codes, generator)]
+        codebook = torch.where(empty[:, None], reseed, means)
+    return codebook
+
+
+# --------------------------------------------------------------------------------------------
+# The reference LaBraM recipe, re-created from the spec, for benchmarks to compare against.
+# --------------------------------------------------------------------------------------------
+
+
+def labram_recipe_lookup(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The usual tokenizer recipe: l2-normalise, full (N, K) distance matrix, argmin."""
+    z = torch.nn.functional.normalize(z, dim=1)
+    distances = (
+        z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1)[None, :] - 2 * z @ codebook.T
+    )
+    return distances.argmin(dim=1)
+
+
+def labram_recipe_ema(
+    z: torch.Tensor,
+    indices: torch.Tensor,
+    codebook: torch.Tensor,
+    cluster_size: torch.Tensor,
+    embed_sum: torch.Tensor,
+    decay: float = 0.99,
+    eps: float = 1e-5,
+) -> None:
+    """The usual EMA step with an (N, K) one-hot matrix, in place."""
+    one_hot = torch.nn.functional.one_hot(indices, codebook.shape[0]).to(z.dtype)
+    cluster_size.mul_(decay).add_(one_hot.sum(0), alpha=1 - decay)
+    embed_sum.mul_(decay).add_(one_hot.T @ z, alpha=1 - decay)
+    total = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (total + codebook.shape[0] * eps) * total
+    codebook.copy_(torch.nn.functional.normalize(embed_sum / smoothed[:, None], dim=1))

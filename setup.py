@@ -1,0 +1,74 @@
+"""Builds the native extension ``eegfast._C`` from the sources listed in csrc/sources.txt.
+
+CPU kernels are always built. CUDA kernels are built when torch has CUDA and nvcc is found;
+``EEGFAST_CUDA=0`` or ``EEGFAST_CUDA=1`` forces the choice. ``TORCH_CUDA_ARCH_LIST`` defaults to
+sm_80 and sm_90 (A100, H100/H200).
+"""
+
+import os
+from pathlib import Path
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = Path(__file__).parent
+
+
+def read_sources() -> tuple[list[str], list[str]]:
+    """(always-built sources, CUDA-only sources) from csrc/sources.txt."""
+    always, cuda_only = [], []
+    for raw in (ROOT / "csrc" / "sources.txt").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("cuda:"):
+            cuda_only.append(line.removeprefix("cuda:").strip())
+        else:
+            always.append(line)
+    return always, cuda_only
+
+
+def build_cuda() -> bool:
+    forced = os.environ.get("EEGFAST_CUDA", "").strip()
+    possible = torch.version.cuda is not None and CUDA_HOME is not None
+    if forced == "0":
+        return False
+    if forced == "1":
+        if not possible:
+            raise RuntimeError(
+                "EEGFAST_CUDA=1 but the CUDA backend cannot be built: "
+                f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}"
+            )
+        return True
+    if forced:
+        raise RuntimeError(f"EEGFAST_CUDA must be 0 or 1, got {forced!r}")
+    return possible
+
+
+def extension():
+    always, cuda_only = read_sources()
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+    if build_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        return CUDAExtension(
+            "eegfast._C",
+            always + cuda_only,
+            include_dirs=[str(ROOT / "csrc")],
+            define_macros=[("EEGFAST_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+        )
+    return CppExtension(
+        "eegfast._C",
+        always,
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args=cxx,
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
