@@ -288,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z, const at:
   const int64_t N = z.size(0), D = z.size(1), K = codebook.size(0);
   auto indices = at::empty({N}, z.options().dtype(at::kLong));
   auto scores = at::empty({N}, z.options().dtype(at::kFloat));
-  if (N == 0) return {indices, scores};
+  if (N == 0) return {scores, indices};
   const at::Tensor z32 = z.to(at::kFloat).contiguous();  // exact for fp16 / bf16
   const PackedCodebook packed = pack_codebook(codebook, metric);
   const ChunkArgs args{z32.data_ptr<float>(), N, D, K, &packed, metric,
@@ -300,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z, const at:
 #endif
     process_chunk_generic(args, begin, end);
   });
-  return {indices, scores};
+  return {scores, indices};
 }
 
 // counts[k] = #{n : indices[n] == k}, sums[k] = sum of z[n] over those n (index -1: skipped).
@@ -349,7 +349,9 @@ std::tuple<at::Tensor, at::Tensor> vq_code_stats_cpu(const at::Tensor& z,
 }  // namespace eegfast
 
 TORCH_LIBRARY_FRAGMENT(eegfast, m) {
-  m.def("vq_nearest(Tensor z, Tensor codebook, str metric) -> (Tensor indices, Tensor scores)");
+  // Scores first: float outputs before integer ones keep torch.library.opcheck's autograd
+  // check (which sums all outputs into one accumulator) applicable.
+  m.def("vq_nearest(Tensor z, Tensor codebook, str metric) -> (Tensor scores, Tensor indices)");
   m.def("vq_code_stats(Tensor z, Tensor indices, int num_codes) -> (Tensor counts, Tensor sums)");
 }
 

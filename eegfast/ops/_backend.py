@@ -116,6 +116,9 @@ def available_backends() -> dict[str, BackendStatus]:
     return statuses
 
 
+# Evaluated once while torch.compile traces a call (not traced into): the choice depends only on
+# the arguments, the environment and what is installed, none of which change inside a graph.
+@torch.compiler.assume_constant_result
 def resolve_backend(
     requested: str | None, device: torch.device, gpu_preference: tuple[str, ...]
 ) -> str:

@@ -71,12 +71,13 @@ def vq_nearest_reference(
     finite = torch.isfinite(z64).all(dim=1)
     indices = torch.where(finite, indices, torch.full_like(indices, -1))
     chosen = c64[indices.clamp_min(0)]
+    z_safe = torch.where(finite[:, None], z64, 0.0)  # no NaN gradients from non-finite rows
     if metric == "cosine":
-        chosen_scores = (z64 * chosen).sum(1) / (
-            z_sq.sqrt().clamp_min(NORM_EPS) * chosen.norm(dim=1).clamp_min(NORM_EPS)
+        chosen_scores = (z_safe * chosen).sum(1) / (
+            z_safe.norm(dim=1).clamp_min(NORM_EPS) * chosen.norm(dim=1).clamp_min(NORM_EPS)
         )
     else:
-        chosen_scores = ((z64 - chosen) ** 2).sum(1)
+        chosen_scores = ((z_safe - chosen) ** 2).sum(1)
     chosen_scores = torch.where(finite, chosen_scores, torch.full_like(chosen_scores, torch.nan))
     return indices, chosen_scores.float()
 
@@ -147,7 +148,7 @@ def _check_stats_inputs(z: torch.Tensor, indices: torch.Tensor, num_codes: int) 
 
 
 def _nearest_fake(z: torch.Tensor, codebook: torch.Tensor, metric: str):
-    return z.new_empty(z.shape[0], dtype=torch.int64), z.new_empty(z.shape[0], dtype=torch.float32)
+    return z.new_empty(z.shape[0], dtype=torch.float32), z.new_empty(z.shape[0], dtype=torch.int64)
 
 
 def _stats_fake(z: torch.Tensor, indices: torch.Tensor, num_codes: int):
@@ -159,12 +160,13 @@ def _stats_fake(z: torch.Tensor, indices: torch.Tensor, num_codes: int):
 
 def _nearest_setup_context(ctx, inputs, output) -> None:
     z, codebook, metric = inputs
-    indices, scores = output
+    scores, indices = output
+    ctx.mark_non_differentiable(indices)
     ctx.metric = metric
     ctx.save_for_backward(z, codebook, indices, scores)
 
 
-def _nearest_backward(ctx, grad_indices, grad_scores):
+def _nearest_backward(ctx, grad_scores, grad_indices):
     """Gradient of the chosen score: cosine ``s = z·c/(|z||c|)`` or l2 ``s = |z - c|^2``."""
     z, codebook, indices, scores = ctx.saved_tensors
     valid = indices >= 0
@@ -180,9 +182,12 @@ def _nearest_backward(ctx, grad_indices, grad_scores):
     else:
         d_z = 2 * (zf - chosen)
         d_c = -d_z
-    grad_z = (grad * d_z).to(z.dtype)
+    # where(), not a multiplication by 0: rows with NaN / inf in z must give 0, not NaN.
+    keep = valid[:, None]
+    grad_z = torch.where(keep, grad * d_z, 0.0).to(z.dtype)
     grad_codebook = torch.zeros(codebook.shape, dtype=torch.float32, device=codebook.device)
-    grad_codebook = grad_codebook.index_add(0, codes, grad * d_c).to(codebook.dtype)
+    grad_codebook = grad_codebook.index_add(0, codes, torch.where(keep, grad * d_c, 0.0))
+    grad_codebook = grad_codebook.to(codebook.dtype)
     return grad_z, grad_codebook, None
 
 
@@ -257,9 +262,9 @@ def vq_nearest(
     if chosen == "reference":
         indices, scores = vq_nearest_reference(z, codebook, metric)
     elif chosen == "triton":
-        indices, scores = _triton_ops().vq_nearest_triton(z, codebook, metric)
+        scores, indices = _triton_ops().vq_nearest_triton(z, codebook, metric)
     else:
-        indices, scores = torch.ops.eegfast.vq_nearest(z, codebook, metric)
+        scores, indices = torch.ops.eegfast.vq_nearest(z, codebook, metric)
     return (indices, scores) if return_scores else indices
 
 

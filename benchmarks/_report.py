@@ -1,0 +1,377 @@
+"""Shared by the benchmark runners (bench_vq.py, report_cpu.py, gpu.py).
+
+- The implementations compared: eegfast ops, torch eager and ``torch.compile`` matmul + argmax,
+  and the reference LaBraM recipe (imported from :mod:`eegfast.ops.vq`, never copied).
+- :func:`run_vq_cases`: every comparison over shapes and dtypes, with the timer passed in
+  (median of ``time.perf_counter`` runs on CPU, ``triton.testing.do_bench`` on GPU).
+- :func:`environment`: what the numbers were measured on (CPU/GPU, versions, git commit).
+- :func:`write_results`: JSON, Markdown table with ratios, and a PNG bar plot.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import platform
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+import eegfast
+from eegfast.ops import vq_ema_update, vq_nearest, vq_nearest_reference
+from eegfast.ops.vq import labram_recipe_ema, labram_recipe_lookup
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHECK_ROWS = 256  # rows of every lookup result compared with vq_nearest_reference
+
+# --------------------------------------------------------------------------------------------
+# What is compared.
+# --------------------------------------------------------------------------------------------
+
+
+def unit_rows(n: int, d: int, generator: torch.Generator, device="cpu", dtype=torch.float32):
+    """(n, d) random rows of unit l2 norm, as the tokenizer's normalised encoder outputs."""
+    rows = torch.nn.functional.normalize(torch.randn(n, d, generator=generator), dim=1)
+    return rows.to(device=device, dtype=dtype)
+
+
+def matmul_argmax(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch nearest code by cosine for unit-norm rows: one matmul, then argmax."""
+    return (z @ codebook.T).argmax(1)
+
+
+def eegfast_lookup(z: torch.Tensor, codebook: torch.Tensor, *, backend: str) -> torch.Tensor:
+    return vq_nearest(z, codebook, "cosine", backend=backend)
+
+
+def lookup_impls(
+    backends: Sequence[str], z: torch.Tensor, codebook: torch.Tensor
+) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str]:
+    """Lookup implementations by name; a str value is the reason the implementation cannot run.
+
+    ``torch-compile`` is compiled here, by one call on ``(z, codebook)``, so that timing it
+    later excludes compilation.
+    """
+    impls: dict[str, Callable | str] = {
+        f"eegfast-{backend}": functools.partial(eegfast_lookup, backend=backend)
+        for backend in backends
+    }
+    impls["torch-eager"] = matmul_argmax
+    compiled = torch.compile(matmul_argmax, dynamic=False)
+    try:
+        compiled(z, codebook)
+        impls["torch-compile"] = compiled
+    except Exception as error:  # noqa: BLE001 - any compiler failure is recorded, not raised
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        impls["torch-compile"] = f"torch.compile failed: {type(error).__name__}: {first_line}"
+    impls["labram-recipe"] = labram_recipe_lookup
+    return impls
+
+
+@dataclass
+class EmaState:
+    """Codebook (K, D) float32 with its EMA counts (K,) and sums (K, D), updated in place."""
+
+    codebook: torch.Tensor
+    cluster_size: torch.Tensor
+    embed_sum: torch.Tensor
+
+    @classmethod
+    def start(cls, codebook: torch.Tensor, num_rows: int) -> EmaState:
+        """A consistent state (``embed_sum / cluster_size == codebook``) with every code having
+        seen ``num_rows / K`` rows, as after a k-means initialisation."""
+        codebook = codebook.float()
+        cluster_size = torch.full(
+            (codebook.shape[0],), num_rows / codebook.shape[0], device=codebook.device
+        )
+        return cls(codebook.clone(), cluster_size, codebook * cluster_size[:, None])
+
+    def clone(self) -> EmaState:
+        return EmaState(self.codebook.clone(), self.cluster_size.clone(), self.embed_sum.clone())
+
+    def copy_(self, other: EmaState) -> None:
+        self.codebook.copy_(other.codebook)
+        self.cluster_size.copy_(other.cluster_size)
+        self.embed_sum.copy_(other.embed_sum)
+
+
+def eegfast_lookup_ema(z: torch.Tensor, state: EmaState, *, backend: str) -> None:
+    """One tokenizer step with eegfast: exact lookup, then the one-hot-free EMA update."""
+    indices = vq_nearest(z, state.codebook.to(z.dtype), "cosine", backend=backend)
+    vq_ema_update(z, indices, state.codebook, state.cluster_size, state.embed_sum, backend=backend)
+
+
+def recipe_lookup_ema(z: torch.Tensor, state: EmaState) -> None:
+    """One tokenizer step with the reference recipe: distance matrix, argmin, one-hot EMA."""
+    indices = labram_recipe_lookup(z, state.codebook.to(z.dtype))
+    labram_recipe_ema(z, indices, state.codebook, state.cluster_size, state.embed_sum)
+
+
+def ema_impls(backends: Sequence[str]) -> dict[str, Callable[[torch.Tensor, EmaState], None]]:
+    impls: dict[str, Callable] = {
+        f"eegfast-{backend}": functools.partial(eegfast_lookup_ema, backend=backend)
+        for backend in backends
+    }
+    impls["labram-recipe"] = recipe_lookup_ema
+    return impls
+
+
+def reference_match(
+    indices: torch.Tensor, z: torch.Tensor, codebook: torch.Tensor, rows: int = CHECK_ROWS
+) -> str:
+    """'matching/rows': how many of the first ``rows`` indices equal vq_nearest_reference."""
+    rows = min(rows, z.shape[0])
+    expected, _ = vq_nearest_reference(z[:rows], codebook, "cosine")
+    return f"{int((indices[:rows].cpu() == expected.cpu()).sum())}/{rows}"
+
+
+# --------------------------------------------------------------------------------------------
+# Running the comparisons.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """One measured (or skipped) implementation of one op at one shape and dtype."""
+
+    op: str  # "lookup" or "lookup+ema"
+    impl: str  # "eegfast-cpu", "torch-eager", "labram-recipe", ...
+    n: int
+    k: int
+    d: int
+    dtype: str
+    ms: float | None  # median time; None if the implementation could not run
+    matches_reference: str | None = None  # "256/256": first rows equal to vq_nearest_reference
+    note: str = ""
+
+    @property
+    def group(self) -> tuple:
+        return (self.op, self.n, self.k, self.d, self.dtype)
+
+    @property
+    def is_eegfast(self) -> bool:
+        return self.impl.startswith("eegfast")
+
+
+# timer(fn, reset) -> median milliseconds of fn(); reset (or None) restores the state fn changes.
+Timer = Callable[[Callable[[], object], Callable[[], object] | None], float]
+
+
+def _failure(error: Exception) -> str:
+    first_line = (str(error).strip().splitlines() or [""])[0][:300]
+    return f"failed: {type(error).__name__}: {first_line}"
+
+
+def run_vq_cases(
+    shapes: Sequence[tuple[int, int, int]],
+    dtypes: Sequence[torch.dtype],
+    device: str,
+    backends: Sequence[str],
+    timer: Timer,
+    *,
+    progress: Callable[[str], None] = print,
+) -> list[Result]:
+    """Time lookup and lookup+EMA for every shape (N, K, D) and dtype with every implementation.
+
+    Inputs are random unit-norm rows (seed 0). The first ``CHECK_ROWS`` indices of each lookup
+    are compared with :func:`vq_nearest_reference` (float64).
+    """
+    results: list[Result] = []
+    for n, k, d in shapes:
+        for dtype in dtypes:
+            generator = torch.Generator().manual_seed(0)
+            z = unit_rows(n, d, generator, device, dtype)
+            codebook = unit_rows(k, d, generator, device, dtype)
+            case = dict(n=n, k=k, d=d, dtype=str(dtype).removeprefix("torch."))
+            for name, fn in lookup_impls(backends, z, codebook).items():
+                progress(f"lookup     {name:16s} {case}")
+                if isinstance(fn, str):
+                    results.append(Result("lookup", name, **case, ms=None, note=fn))
+                    continue
+                try:
+                    indices = fn(z, codebook)
+                    ms = timer(functools.partial(fn, z, codebook), None)
+                except Exception as error:  # noqa: BLE001 - recorded in the results
+                    results.append(Result("lookup", name, **case, ms=None, note=_failure(error)))
+                    continue
+                match = reference_match(indices, z, codebook)
+                results.append(Result("lookup", name, **case, ms=ms, matches_reference=match))
+
+            initial = EmaState.start(codebook, n)
+            for name, step in ema_impls(backends).items():
+                progress(f"lookup+ema {name:16s} {case}")
+                state = initial.clone()
+                try:
+                    ms = timer(
+                        functools.partial(step, z, state), functools.partial(state.copy_, initial)
+                    )
+                except Exception as error:  # noqa: BLE001 - recorded in the results
+                    results.append(
+                        Result("lookup+ema", name, **case, ms=None, note=_failure(error))
+                    )
+                    continue
+                results.append(Result("lookup+ema", name, **case, ms=ms))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Where it ran.
+# --------------------------------------------------------------------------------------------
+
+
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(*, gpu: bool = False) -> dict[str, object]:
+    """CPU, thread count, versions and git commit; with ``gpu``, also the GPU and CUDA/Triton."""
+    env: dict[str, object] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "git_commit": _git("rev-parse", "HEAD") or "unknown",
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "eegfast": eegfast.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if gpu:
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = "not installed"
+        major, minor = torch.cuda.get_device_capability()
+        env.update(
+            gpu=torch.cuda.get_device_name(),
+            gpu_capability=f"sm_{major}{minor}",
+            cuda=torch.version.cuda,
+            triton=triton_version,
+        )
+    return env
+
+
+# --------------------------------------------------------------------------------------------
+# Writers.
+# --------------------------------------------------------------------------------------------
+
+
+def ratios(results: Sequence[Result]) -> list[float | None]:
+    """For each result: its time over the fastest eegfast time in its group (op, shape, dtype).
+
+    Above 1: eegfast is that many times faster. None where either time is missing.
+    """
+    best: dict[tuple, float] = {}
+    for r in results:
+        if r.is_eegfast and r.ms is not None:
+            best[r.group] = min(best.get(r.group, math.inf), r.ms)
+    return [r.ms / best[r.group] if r.ms is not None and r.group in best else None for r in results]
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+    lines = [
+        "| op | N | K | D | dtype | implementation | median ms "
+        "| ratio (this / best eegfast) | matches reference | note |",
+        "|---|---:|---:|---:|---|---|---:|---:|---|---|",
+    ]
+    for r, ratio in zip(results, ratios(results), strict=True):
+        ms = "—" if r.ms is None else f"{r.ms:.3f}"
+        shown_ratio = "—" if ratio is None else f"{ratio:.2f}×"
+        note = r.note.replace("|", "\\|")
+        lines.append(
+            f"| {r.op} | {r.n} | {r.k} | {r.d} | {r.dtype} | {r.impl} | {ms} | {shown_ratio} "
+            f"| {r.matches_reference or '—'} | {note} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown_report(title: str, env: dict[str, object], results: Sequence[Result]) -> str:
+    env_lines = "\n".join(f"- {key}: {value}" for key, value in env.items())
+    return (
+        f"# {title}\n\n{env_lines}\n\n"
+        "Ratio = this row's median time / the fastest eegfast time for the same op, shape and "
+        'dtype: above 1 means eegfast is that many times faster. "matches reference": how '
+        f"many of the first {CHECK_ROWS} indices equal the float64 `vq_nearest_reference`.\n\n"
+        f"{markdown_table(results)}\n"
+    )
+
+
+def plot_results(results: Sequence[Result], path: Path, title: str) -> None:
+    """Grouped bar chart of median times (log scale), one group per op/shape/dtype."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = list(dict.fromkeys(r.group for r in results))
+    impls = list(dict.fromkeys(r.impl for r in results))
+    width = 0.8 / max(len(impls), 1)
+    fig = Figure(figsize=(max(6.0, 1.6 * len(groups)), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, impl in enumerate(impls):
+        times = {r.group: r.ms for r in results if r.impl == impl and r.ms is not None}
+        xs = [g for g, group in enumerate(groups) if group in times]
+        ax.bar(
+            [x + (i - (len(impls) - 1) / 2) * width for x in xs],
+            [times[groups[x]] for x in xs],
+            width,
+            label=impl,
+        )
+    ax.set_xticks(
+        range(len(groups)),
+        [f"{op}\nN={n} K={k}\nD={d} {dtype}" for op, n, k, d, dtype in groups],
+        fontsize=7,
+    )
+    if any(r.ms for r in results):
+        ax.set_yscale("log")
+    ax.set_ylabel("median time (ms, log scale)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_results(
+    out_dir: Path | str,
+    name: str,
+    title: str,
+    env: dict[str, object],
+    results: Sequence[Result],
+) -> dict[str, Path]:
+    """Write ``name``.json, ``name``.md and ``name``.png into ``out_dir``; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {suffix: out / f"{name}.{suffix}" for suffix in ("json", "md", "png")}
+    records = [
+        {**asdict(r), "ratio_vs_eegfast": ratio}
+        for r, ratio in zip(results, ratios(results), strict=True)
+    ]
+    paths["json"].write_text(
+        json.dumps({"title": title, "environment": env, "results": records}, indent=2) + "\n"
+    )
+    paths["md"].write_text(markdown_report(title, env, results))
+    plot_results(results, paths["png"], title)
+    return paths

@@ -1,0 +1,90 @@
+"""GPU comparison of eegfast's VQ ops (CUDA and Triton backends) with PyTorch and the recipe.
+
+Run from the repository root on a machine with a CUDA device::
+
+    python -m benchmarks.gpu [--out bench-results] [--ops vq]
+
+For N=32768 rows, K=8192 codes, D in (32, 64), fp32 and bf16: lookup (eegfast "cuda" and
+"triton", each if ``eegfast.ops.available_backends()`` says it is usable; torch eager matmul +
+argmax; ``torch.compile`` of it; ``labram_recipe_lookup``) and lookup + EMA update (eegfast vs
+``labram_recipe_lookup`` + ``labram_recipe_ema``). Times are medians from
+``triton.testing.do_bench``. The first 256 indices of every lookup are checked against
+``vq_nearest_reference``. Writes ``gpu_vq.json``, ``gpu_vq.md`` and ``gpu_vq.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import torch
+
+from benchmarks._report import environment, run_vq_cases, write_results
+from eegfast.ops import available_backends
+
+GPU_SHAPES = ((32768, 8192, 32), (32768, 8192, 64))
+GPU_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def do_bench_timer(fn: Callable[[], object], reset: Callable[[], object] | None) -> float:
+    """Median ms of ``fn()`` by ``triton.testing.do_bench``.
+
+    do_bench cannot run an untimed setup, so for ops that change their state (the EMA update)
+    ``reset(); fn()`` is timed and the median of ``reset()`` alone is subtracted.
+    """
+    from triton.testing import do_bench
+
+    if reset is None:
+        return do_bench(fn, return_mode="median")
+
+    def reset_then_fn() -> None:
+        reset()
+        fn()
+
+    return do_bench(reset_then_fn, return_mode="median") - do_bench(reset, return_mode="median")
+
+
+def run_vq() -> list:
+    statuses = available_backends()
+    backends = [name for name in ("cuda", "triton") if statuses[name].available]
+    for name in ("cuda", "triton"):
+        print(f"eegfast backend {name}: {statuses[name]}")
+    return run_vq_cases(GPU_SHAPES, GPU_DTYPES, "cuda", backends, do_bench_timer)
+
+
+OPS = {"vq": run_vq}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__)
+    parser.add_argument("--out", default="bench-results", help="output folder")
+    parser.add_argument("--ops", nargs="+", choices=sorted(OPS), default=["vq"])
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print(
+            f"benchmarks.gpu needs a CUDA device, and torch {torch.__version__} sees none "
+            f"(torch.version.cuda={torch.version.cuda}). Run it on a GPU machine; "
+            "for CPU numbers use `python -m benchmarks.report_cpu`.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        import triton  # noqa: F401 - do_bench comes from triton.testing
+    except ImportError as error:
+        print(f"benchmarks.gpu needs triton for triton.testing.do_bench: {error}", file=sys.stderr)
+        return 2
+
+    env = environment(gpu=True)
+    print(f"GPU: {env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}")
+    for op in args.ops:
+        results = OPS[op]()
+        paths = write_results(args.out, f"gpu_{op}", f"eegfast {op} on {env['gpu']}", env, results)
+        print(paths["md"].read_text())
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

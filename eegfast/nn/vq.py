@@ -1,0 +1,161 @@
+"""Vector quantizer of the VQ-NSP tokenizer, on eegfast's exact VQ kernels."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from eegfast.ops import vq_code_stats, vq_ema_update, vq_kmeans, vq_nearest
+
+
+class QuantizerOutput(NamedTuple):
+    quantized: torch.Tensor  # (..., D): codes, with straight-through gradients to the input
+    loss: torch.Tensor  # (): commitment loss, beta · mean |sg(code) - z|^2
+    indices: torch.Tensor  # (...,) int64
+    perplexity: torch.Tensor  # (): exp(entropy) of this batch's code usage
+    usage: torch.Tensor  # (): fraction of codes used by this batch
+
+
+class CodebookEMA(nn.Module):
+    """Holds the codebook and its EMA state; named as the reference tokenizer's
+    ``quantize.embedding`` so state dicts load both ways (``weight``, ``cluster_size``,
+    ``embed_avg``, ``initted``)."""
+
+    def __init__(self, num_codes: int, code_dim: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype or torch.float32}
+        weight = F.normalize(torch.randn(num_codes, code_dim, **factory), dim=1)
+        self.weight = nn.Parameter(weight, requires_grad=False)  # updated by EMA, not by SGD
+        self.register_buffer("cluster_size", torch.zeros(num_codes, **factory))
+        self.register_buffer("embed_avg", weight.clone())
+        self.register_buffer("initted", torch.zeros(1, **factory))
+
+    def extra_repr(self) -> str:
+        return f"num_codes={self.weight.shape[0]}, code_dim={self.weight.shape[1]}"
+
+
+class NormEMAVectorQuantizer(nn.Module):
+    """Cosine vector quantizer with an EMA-updated, l2-normalised codebook.
+
+    Inputs are l2-normalised, matched to their nearest code by cosine similarity (exact, see
+    :func:`eegfast.ops.vq_nearest`), and replaced by it with a straight-through estimator. In
+    training mode the codebook follows an EMA of the assigned inputs (all-reduced across
+    processes), is initialised by spherical k-means on the first batch, and optionally
+    re-seeds dead codes.
+
+    State-dict keys match the reference tokenizer's ``quantize.*``.
+
+    Args:
+        num_codes: K (8192 in LaBraM).
+        code_dim: D (32 or 64 in LaBraM).
+        beta: commitment loss weight.
+        decay: EMA decay of counts and sums.
+        eps: Laplace smoothing of the counts.
+        kmeans_init: initialise the codebook by k-means on the first training batch.
+        kmeans_iters: k-means iterations.
+        dead_code_threshold: re-seed codes whose EMA count falls below this (None: never, as in
+            the reference).
+        check_finite: raise on non-finite inputs instead of returning index -1 for them.
+    """
+
+    def __init__(
+        self,
+        num_codes: int,
+        code_dim: int,
+        *,
+        beta: float = 1.0,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 10,
+        dead_code_threshold: float | None = None,
+        check_finite: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if num_codes <= 0 or code_dim <= 0:
+            raise ValueError(f"num_codes and code_dim must be positive, got {num_codes}, {code_dim}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.num_codes, self.code_dim = num_codes, code_dim
+        self.beta, self.decay, self.eps = beta, decay, eps
+        self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
+        self.dead_code_threshold = dead_code_threshold
+        self.check_finite = check_finite
+        self.embedding = CodebookEMA(num_codes, code_dim, device=device, dtype=dtype)
+        self.register_buffer(
+            "cluster_size", torch.zeros(num_codes, device=device, dtype=dtype or torch.float32)
+        )
+        if not kmeans_init:
+            self.embedding.initted.fill_(1)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """(K, D) l2-normalised codes."""
+        return self.embedding.weight
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_codes={self.num_codes}, code_dim={self.code_dim}, beta={self.beta}, "
+            f"decay={self.decay}, dead_code_threshold={self.dead_code_threshold}"
+        )
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantize ``z`` (..., D); returns quantized (..., D), loss, indices (...,), metrics."""
+        if z.shape[-1] != self.code_dim:
+            raise ValueError(f"z must have last dim code_dim = {self.code_dim}, got {z.shape[-1]}")
+        codebook = self.embedding.weight
+        flat = F.normalize(z.reshape(-1, self.code_dim).to(codebook.dtype), dim=1)
+        if self.training and not bool(self.embedding.initted.item()):
+            self._initialise(flat.detach())
+        indices = vq_nearest(flat.detach(), codebook, "cosine")
+        if self.check_finite and bool((indices < 0).any()):
+            bad = int((indices < 0).sum())
+            raise FloatingPointError(
+                f"NormEMAVectorQuantizer: {bad} of {indices.numel()} input vectors contain NaN "
+                "or inf; the encoder output is not finite"
+            )
+        quantized = F.embedding(indices.clamp_min(0), codebook)
+        if self.training:
+            stats = vq_ema_update(
+                flat.detach(),
+                indices,
+                codebook.data,
+                self.cluster_size,
+                self.embedding.embed_avg,
+                decay=self.decay,
+                eps=self.eps,
+                dead_code_threshold=self.dead_code_threshold,
+            )
+            self.embedding.cluster_size.copy_(self.cluster_size)
+            counts = stats["counts"]
+        else:
+            counts = vq_code_stats(flat.detach(), indices, self.num_codes)[0]
+        loss = self.beta * F.mse_loss(quantized.detach(), flat)
+        quantized = flat + (quantized - flat).detach()  # straight-through estimator
+        probs = counts / counts.sum().clamp_min(1)
+        perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-12))).sum())
+        usage = (counts > 0).float().mean()
+        return QuantizerOutput(
+            quantized.reshape(*z.shape[:-1], self.code_dim).to(z.dtype),
+            loss,
+            indices.reshape(z.shape[:-1]),
+            perplexity,
+            usage,
+        )
+
+    @torch.no_grad()
+    def _initialise(self, flat: torch.Tensor) -> None:
+        codes = vq_kmeans(flat, self.num_codes, iters=self.kmeans_iters, metric="cosine")
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(codes, src=0)  # every rank starts from rank 0's codebook
+        self.embedding.weight.data.copy_(codes)
+        self.embedding.embed_avg.copy_(codes)
+        self.cluster_size.fill_(1.0)
+        self.embedding.cluster_size.fill_(1.0)
+        self.embedding.initted.fill_(1)

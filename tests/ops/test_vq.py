@@ -1,0 +1,334 @@
+"""VQ nearest-code lookup and code statistics: every backend against the float64 reference."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from eegfast.ops import available_backends, vq_code_stats, vq_nearest, vq_nearest_reference
+from eegfast.ops.vq import vq_code_stats_reference
+from eegfast.testing import assert_close, requires_cuda, strided, vq_shapes
+
+METRICS = ("cosine", "l2")
+
+
+def cpu_backends():
+    """C++ always (CI builds it), Triton where the interpreter or a GPU is available."""
+    backends = ["cpu"]
+    if available_backends()["triton"].available:
+        backends.append("triton")
+    return backends
+
+
+def backend_dtypes(backend):
+    # bf16 is unreliable in the Triton interpreter (numpy has no bf16).
+    if backend == "triton":
+        return (torch.float32, torch.float16)
+    return (torch.float32, torch.float16, torch.bfloat16)
+
+
+def sample_inputs(n, k, d, dtype, seed, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=gen).to(dtype).to(device)
+    codebook = torch.randn(k, d, generator=gen).to(dtype).to(device)
+    return z, codebook
+
+
+def check_against_reference(z, codebook, metric, backend):
+    indices, scores = vq_nearest(z, codebook, metric, return_scores=True, backend=backend)
+    ref_indices, ref_scores = vq_nearest_reference(z, codebook, metric)
+    assert indices.dtype == torch.int64 and scores.dtype == torch.float32
+    assert indices.shape == scores.shape == (z.shape[0],)
+    torch.testing.assert_close(indices.cpu(), ref_indices.cpu(), rtol=0, atol=0)
+    assert_close(scores.cpu(), ref_scores.cpu(), torch.float32)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("metric", METRICS)
+@given(shape=vq_shapes(), dtype_index=st.integers(0, 2), seed=st.integers(0, 2**16))
+def test_correctness_random_shapes(backend, metric, shape, dtype_index, seed):
+    dtypes = backend_dtypes(backend)
+    z, codebook = sample_inputs(*shape, dtypes[dtype_index % len(dtypes)], seed)
+    check_against_reference(z, codebook, metric, backend)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("metric", METRICS)
+def test_strided_inputs(backend, metric):
+    z, codebook = sample_inputs(67, 129, 25, torch.float32, 1)
+    check_against_reference(strided(z), strided(codebook), metric, backend)
+    wide = torch.randn(67, 40)
+    wide[:, :25] = z
+    check_against_reference(wide[:, :25], codebook, metric, backend)  # row stride 40
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("metric", METRICS)
+def test_exact_ties_go_to_lowest_index(backend, metric):
+    z, codebook = sample_inputs(50, 40, 20, torch.float32, 2)
+    codebook[7] = codebook[3]
+    codebook[33] = codebook[3]
+    z[:10] = codebook[3]  # these rows tie exactly between codes 3, 7 and 33
+    indices = vq_nearest(z, codebook, metric, backend=backend)
+    assert (indices[:10] == 3).all()
+    check_against_reference(z, codebook, metric, backend)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("metric", METRICS)
+def test_near_ties_closer_than_fp32_resolution(backend, metric):
+    """Codes that differ below fp32 score resolution: only the float64 re-check gets these."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.nn.functional.normalize(torch.randn(1, 32, generator=gen), dim=1)
+    codebook = base.repeat(16, 1)
+    codebook += 1e-6 * torch.randn(16, 32, generator=gen)  # fp32 scores nearly equal
+    codebook = torch.cat([torch.randn(64, 32, generator=gen), codebook])
+    z = base + 1e-6 * torch.randn(200, 32, generator=gen)
+    check_against_reference(z, codebook, metric, backend)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_pick_the_true_nearest(metric, dtype):
+    """Scoring in bf16/fp16 flips choices; fp32 accumulation + float64 re-check does not."""
+    z, codebook = sample_inputs(2000, 1024, 32, dtype, 4)
+    indices = vq_nearest(z, codebook, metric, backend="cpu")
+    ref_indices, _ = vq_nearest_reference(z, codebook, metric)
+    torch.testing.assert_close(indices, ref_indices, rtol=0, atol=0)
+    if metric == "cosine":  # the naive low-precision answer really differs: the test can fail
+        naive = (z @ codebook.T).float() / codebook.float().norm(dim=1)
+        assert (naive.argmax(1) != ref_indices).sum() > 0
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("metric", METRICS)
+def test_non_finite_rows_get_minus_one(backend, metric):
+    z, codebook = sample_inputs(20, 30, 25, torch.float32, 5)
+    z[3, 4] = float("nan")
+    z[7, 0] = float("inf")
+    z[11, 24] = float("-inf")
+    indices, scores = vq_nearest(z, codebook, metric, return_scores=True, backend=backend)
+    bad = torch.tensor([3, 7, 11])
+    assert (indices[bad] == -1).all() and scores[bad].isnan().all()
+    good = torch.ones(20, dtype=torch.bool)
+    good[bad] = False
+    assert (indices[good] >= 0).all() and scores[good].isfinite().all()
+    check_against_reference(z, codebook, metric, backend)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_zero_rows_and_zero_codes(backend):
+    z, codebook = sample_inputs(10, 20, 20, torch.float32, 6)
+    z[2] = 0
+    codebook[0] = 0
+    check_against_reference(z, codebook, "cosine", backend)
+    check_against_reference(z, codebook, "l2", backend)
+
+
+@pytest.mark.parametrize("backend", [*cpu_backends(), "reference"])
+def test_empty_batch(backend):
+    z, codebook = sample_inputs(0, 20, 32, torch.float32, 7)
+    indices, scores = vq_nearest(z, codebook, return_scores=True, backend=backend)
+    assert indices.shape == scores.shape == (0,)
+    counts, sums = vq_code_stats(z, indices, 20, backend=backend)
+    assert counts.sum() == 0 and sums.shape == (20, 32)
+
+
+@pytest.mark.parametrize("backend", [*cpu_backends(), "reference"])
+@pytest.mark.parametrize(
+    ("z_shape", "c_shape", "kwargs", "error", "message"),
+    [
+        ((4, 8), (5, 9), {}, ValueError, "codebook has D = 9"),
+        ((4, 8), (0, 8), {}, ValueError, "codebook is empty"),
+        ((4,), (5, 8), {}, ValueError, "z must have shape"),
+        ((4, 8), (5, 8, 1), {}, ValueError, "codebook must have shape"),
+        ((4, 8), (5, 8), {"metric": "dot"}, ValueError, "metric must be"),
+    ],
+)
+def test_bad_input_names_the_argument(backend, z_shape, c_shape, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        vq_nearest(torch.randn(z_shape), torch.randn(c_shape), backend=backend, **kwargs)
+
+
+def test_bad_dtypes_and_backend_names():
+    with pytest.raises(TypeError, match="z must be float32"):
+        vq_nearest(torch.zeros(3, 4, dtype=torch.int64), torch.zeros(2, 4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="codebook is torch.float16"):
+        vq_nearest(torch.zeros(3, 4), torch.zeros(2, 4, dtype=torch.float16))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        vq_nearest(torch.zeros(3, 4), torch.zeros(2, 4), backend="fast")
+    with pytest.raises(ValueError, match="cannot run on tensors on cpu"):
+        vq_nearest(torch.zeros(3, 4), torch.zeros(2, 4), backend="cuda")
+
+
+def test_cpp_kernel_checks_direct_calls():
+    """The C++ op validates its arguments itself, for callers that bypass the wrapper."""
+    with pytest.raises(RuntimeError, match="z has D = 8 but codebook has D = 9"):
+        torch.ops.eegfast.vq_nearest(torch.randn(4, 8), torch.randn(5, 9), "cosine")
+    with pytest.raises(RuntimeError, match="metric must be 'cosine' or 'l2'"):
+        torch.ops.eegfast.vq_nearest(torch.randn(4, 8), torch.randn(5, 8), "dot")
+    with pytest.raises(RuntimeError, match=r"indices\[1\] = 9 is outside"):
+        torch.ops.eegfast.vq_code_stats(torch.randn(2, 8), torch.tensor([0, 9]), 5)
+
+
+def test_env_backend_override(monkeypatch):
+    monkeypatch.setenv("EEGFAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="EEGFAST_BACKEND must be one of"):
+        vq_nearest(torch.zeros(3, 4), torch.ones(2, 4))
+    monkeypatch.setenv("EEGFAST_BACKEND", "reference")
+    assert vq_nearest(torch.zeros(3, 4), torch.ones(2, 4)).tolist() == [0, 0, 0]
+
+
+# ---- gradients --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("metric", METRICS)
+def test_gradients_match_reference(backend, metric):
+    z0, c0 = sample_inputs(33, 17, 20, torch.float32, 8)
+    z0[5, 0] = float("nan")  # gets no gradient, must not poison the others
+
+    def grads(backend_name):
+        z, codebook = z0.clone().requires_grad_(), c0.clone().requires_grad_()
+        _, scores = vq_nearest(z, codebook, metric, return_scores=True, backend=backend_name)
+        weights = torch.linspace(-1, 1, z.shape[0])
+        (torch.where(scores.isnan(), 0, scores) * weights).sum().backward()
+        return z.grad, codebook.grad
+
+    gz, gc = grads(backend)
+    rz, rc = grads("reference")
+    assert_close(gz, rz, torch.float32, scale=10)
+    assert_close(gc, rc, torch.float32, scale=10)
+    assert (gz[5] == 0).all()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_code_stats_gradient(backend):
+    z = torch.randn(40, 25, requires_grad=True)
+    indices = torch.randint(-1, 7, (40,))
+    _, sums = vq_code_stats(z, indices, 7, backend=backend)
+    weights = torch.randn(7, 25)
+    (sums * weights).sum().backward()
+    expected = torch.where((indices >= 0)[:, None], weights[indices.clamp_min(0)], 0.0)
+    torch.testing.assert_close(z.grad, expected)
+
+
+# ---- code statistics --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@given(shape=vq_shapes(), seed=st.integers(0, 2**16))
+def test_code_stats_random_shapes(backend, shape, seed):
+    n, k, d = shape
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=gen)
+    indices = torch.randint(-1, k, (n,), generator=gen)
+    counts, sums = vq_code_stats(z, indices, k, backend=backend)
+    ref_counts, ref_sums = vq_code_stats_reference(z, indices, k)
+    torch.testing.assert_close(counts, ref_counts, rtol=0, atol=0)
+    assert_close(sums, ref_sums, torch.float32)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_code_stats_low_precision_and_strides(backend):
+    z = torch.randn(100, 50).to(torch.float16)
+    indices = torch.randint(-1, 13, (100,))
+    counts, sums = vq_code_stats(strided(z), indices, 13, backend=backend)
+    ref_counts, ref_sums = vq_code_stats_reference(z, indices, 13)
+    torch.testing.assert_close(counts, ref_counts)
+    assert_close(sums, ref_sums, torch.float32)
+
+
+def test_code_stats_bad_input():
+    with pytest.raises(ValueError, match="indices must have shape"):
+        vq_code_stats(torch.randn(4, 3), torch.zeros(5, dtype=torch.int64), 3)
+    with pytest.raises(TypeError, match="indices must be int64"):
+        vq_code_stats(torch.randn(4, 3), torch.zeros(4, dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match="num_codes must be positive"):
+        vq_code_stats(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), 0)
+
+
+# ---- custom-op machinery ----------------------------------------------------------------------
+
+
+def opcheck_ops():
+    ops = [("vq_nearest", "vq_code_stats")]
+    if available_backends()["triton"].available:
+        from eegfast.ops import vq_triton  # noqa: F401  (registers the Triton ops)
+
+        ops.append(("vq_nearest_triton", "vq_code_stats_triton"))
+    return ops
+
+
+@pytest.mark.parametrize(("nearest_op", "stats_op"), opcheck_ops())
+@pytest.mark.parametrize("metric", METRICS)
+def test_opcheck(nearest_op, stats_op, metric):
+    nearest = getattr(torch.ops.eegfast, nearest_op)
+    stats = getattr(torch.ops.eegfast, stats_op)
+    checks = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    # Under TRITON_INTERPRET=1 kernels are InterpretedFunctions, which wrap_triton cannot trace
+    # into a graph; test_gpu_opcheck_and_compile runs the full opcheck for the Triton ops.
+    if not (nearest_op.endswith("_triton") and not torch.cuda.is_available()):
+        checks.append("test_aot_dispatch_dynamic")
+    for requires_grad in (False, True):
+        z, codebook = sample_inputs(37, 19, 25, torch.float32, 9)
+        z.requires_grad_(requires_grad)
+        codebook.requires_grad_(requires_grad)
+        torch.library.opcheck(nearest, (z, codebook, metric), test_utils=checks)
+        indices = vq_nearest_reference(z.detach(), codebook.detach(), metric)[0]
+        torch.library.opcheck(stats, (z, indices, 19), test_utils=checks)
+
+
+def test_torch_compile_fullgraph():
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def tokenize(z, codebook):
+        indices, scores = vq_nearest(z, codebook, "cosine", return_scores=True, backend="cpu")
+        counts, sums = vq_code_stats(z, indices, codebook.shape[0], backend="cpu")
+        return indices, scores.sum() + sums.sum()
+
+    z, codebook = sample_inputs(45, 23, 20, torch.float32, 10)
+    z.requires_grad_()
+    indices, loss = tokenize(z, codebook)
+    loss.backward()
+    torch.testing.assert_close(indices, vq_nearest_reference(z.detach(), codebook)[0])
+    assert z.grad is not None and z.grad.isfinite().all()
+
+
+# ---- GPU --------------------------------------------------------------------------------------
+
+
+def gpu_backends():
+    statuses = available_backends()
+    return [name for name in ("cuda", "triton") if statuses[name].available]
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1000, 333, 25), (4099, 8192, 32), (257, 1000, 64)])
+def test_gpu_backends_match_reference(metric, dtype, shape):
+    backends = gpu_backends()
+    assert backends, "a CUDA device is visible but neither the cuda nor the triton backend is"
+    z, codebook = sample_inputs(*shape, dtype, 11, device="cuda")
+    z[0, 0] = float("nan")
+    for backend in backends:
+        check_against_reference(z, codebook, metric, backend)
+        indices = vq_nearest(z, codebook, metric, backend=backend)
+        counts, sums = vq_code_stats(z, indices, shape[1], backend=backend)
+        ref_counts, ref_sums = vq_code_stats_reference(z, indices, shape[1])
+        torch.testing.assert_close(counts, ref_counts)
+        assert_close(sums, ref_sums, torch.float32, scale=10)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_opcheck_and_compile():
+    for backend in gpu_backends():
+        op = "vq_nearest" if backend == "cuda" else "vq_nearest_triton"
+        z, codebook = sample_inputs(300, 77, 50, torch.float32, 12, device="cuda")
+        torch.library.opcheck(getattr(torch.ops.eegfast, op), (z, codebook, "cosine"))
+        compiled = torch.compile(
+            lambda a, b, name=backend: vq_nearest(a, b, backend=name), fullgraph=True
+        )
+        torch.testing.assert_close(compiled(z, codebook), vq_nearest_reference(z, codebook)[0])
