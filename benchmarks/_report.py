@@ -257,6 +257,8 @@ def environment(*, gpu: bool = False) -> dict[str, object]:
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # Other work on the machine skews CPU timings: the 1-minute load when this was taken.
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     if gpu:
         try:

@@ -395,8 +395,9 @@ def vq_kmeans(
     """k-means codebook (K, D) float32 for rows ``z`` (N, D), N >= 1.
 
     Uses :func:`vq_nearest` for assignment and :func:`vq_code_stats` for the means, so it
-    never forms an (N, K) matrix. ``metric="cosine"`` runs spherical k-means (unit codes).
-    Codes left without rows are re-seeded from random rows. Non-finite rows are ignored.
+    never forms an (N, K) matrix. Seeds with k-means++. ``metric="cosine"`` runs spherical
+    k-means (unit codes). Codes left without rows are re-seeded from random rows. Non-finite
+    rows are ignored.
     """
     if z.dim() != 2 or z.shape[0] == 0:
         raise ValueError(f"z must have shape (N, D) with N >= 1, got {tuple(z.shape)}")
@@ -412,7 +413,7 @@ def vq_kmeans(
     if metric == "cosine":
         data = torch.nn.functional.normalize(data, dim=1, eps=NORM_EPS)
     weights = torch.ones(data.shape[0], device=data.device)
-    codebook = data[_draw_rows(weights, num_codes, generator)].clone()
+    codebook = _kmeans_plus_plus(data, num_codes, generator)
     for _ in range(iters):
         assigned = vq_nearest(data, codebook, metric, backend=backend)
         counts, sums = vq_code_stats(data, assigned, num_codes, backend=backend)
@@ -423,6 +424,18 @@ def vq_kmeans(
         reseed = data[_draw_rows(weights, num_codes, generator)]
         codebook = torch.where(empty[:, None], reseed, means)
     return codebook
+
+
+def _kmeans_plus_plus(data: torch.Tensor, num_codes: int, generator: torch.Generator | None):
+    """k-means++ seeding: each new code is a row drawn with probability proportional to its
+    squared distance from the codes so far. O(N·K·D) in all, the cost of one Lloyd step."""
+    picks = torch.empty(num_codes, dtype=torch.int64, device=data.device)
+    picks[0:1] = _draw_rows(torch.ones(data.shape[0], device=data.device), 1, generator)
+    nearest_sq = ((data - data[picks[0]]) ** 2).sum(1)
+    for j in range(1, num_codes):
+        picks[j : j + 1] = _draw_rows(nearest_sq, 1, generator)
+        nearest_sq = torch.minimum(nearest_sq, ((data - data[picks[j]]) ** 2).sum(1))
+    return data[picks].clone()
 
 
 # --------------------------------------------------------------------------------------------

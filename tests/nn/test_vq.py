@@ -1,0 +1,84 @@
+"""NormEMAVectorQuantizer: reference key names, training behaviour, errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eegfast.nn import NormEMAVectorQuantizer
+
+SPEC = Path(__file__).resolve().parents[2].parent / "shared" / "spec" / "labram_state_dicts.json"
+
+
+def reference_quantizer_keys():
+    if not SPEC.exists():
+        pytest.skip(f"spec file {SPEC} not found")
+    models = json.loads(SPEC.read_text())["models"]
+    keys = models["vqnsp_encoder_base_decoder_3x200x12"]["keys"]
+    prefix = "quantize."
+    return {k.removeprefix(prefix): v for k, v in keys.items() if k.startswith(prefix)}
+
+
+def test_state_dict_matches_reference_tokenizer():
+    expected = reference_quantizer_keys()
+    num_codes, code_dim = expected["embedding.weight"]
+    quantizer = NormEMAVectorQuantizer(num_codes, code_dim)
+    actual = {k: list(v.shape) for k, v in quantizer.state_dict().items()}
+    assert actual == expected
+    # A reference checkpoint's values load strictly and are used for lookup.
+    loaded = {k: torch.rand(v) for k, v in expected.items()}
+    loaded["embedding.weight"] = F.normalize(torch.randn(num_codes, code_dim), dim=1)
+    loaded["embedding.initted"] = torch.ones(1)
+    quantizer.load_state_dict(loaded, strict=True)
+    quantizer.eval()
+    z = loaded["embedding.weight"][:10] * 3
+    assert quantizer(z).indices.tolist() == list(range(10))
+
+
+def clustered(n=512, d=16, clusters=8, seed=0):
+    centers = torch.randn(clusters, d, generator=torch.Generator().manual_seed(0))
+    centers = F.normalize(centers, dim=1)
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, clusters, (n,), generator=gen)
+    return centers[labels] + 0.05 * torch.randn(n, d, generator=gen)
+
+
+def test_training_initialises_and_tracks_the_data():
+    quantizer = NormEMAVectorQuantizer(32, 16, decay=0.8)
+    assert quantizer.embedding.initted.item() == 0
+    z = clustered().reshape(4, 128, 16)
+    out = quantizer(z)
+    assert quantizer.embedding.initted.item() == 1
+    assert out.quantized.shape == z.shape and out.indices.shape == (4, 128)
+    losses = [quantizer(clustered(seed=s).reshape(4, 128, 16)).loss.item() for s in range(1, 6)]
+    assert losses[-1] < 0.01  # codes sit on the clusters
+    torch.testing.assert_close(quantizer.codebook.norm(dim=1), torch.ones(32))
+    torch.testing.assert_close(quantizer.cluster_size, quantizer.embedding.cluster_size)
+    assert 1 <= out.perplexity.item() <= 32 and 0 < out.usage.item() <= 1
+
+
+def test_straight_through_gradient_and_eval_is_frozen():
+    quantizer = NormEMAVectorQuantizer(16, 8, kmeans_init=False).eval()
+    before = quantizer.state_dict()
+    before = {k: v.clone() for k, v in before.items()}
+    z = torch.randn(20, 8, requires_grad=True)
+    weights = torch.randn(20, 8)
+    out = quantizer(z)
+    (out.quantized * weights).sum().backward()
+    z2 = z.detach().clone().requires_grad_()
+    (F.normalize(z2, dim=1) * weights).sum().backward()
+    torch.testing.assert_close(z.grad, z2.grad)
+    for key, value in quantizer.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+
+
+def test_non_finite_input_is_an_error():
+    quantizer = NormEMAVectorQuantizer(16, 8, kmeans_init=False)
+    z = torch.randn(5, 8)
+    z[2, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="1 of 5 input vectors contain NaN"):
+        quantizer(z)
+    with pytest.raises(ValueError, match="last dim code_dim = 8"):
+        quantizer(torch.randn(5, 7))

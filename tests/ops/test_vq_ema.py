@@ -1,0 +1,132 @@
+"""EMA codebook update and k-means initialisation built on the VQ kernels."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from eegfast.ops import vq_ema_update, vq_kmeans, vq_nearest
+from eegfast.ops.vq import labram_recipe_ema
+
+
+def state(k=64, d=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    codebook = F.normalize(torch.randn(k, d, generator=gen), dim=1)
+    cluster_size = torch.rand(k, generator=gen) + 0.5
+    embed_sum = codebook * cluster_size[:, None]
+    z = F.normalize(torch.randn(500, d, generator=gen), dim=1)
+    return z, codebook, cluster_size, embed_sum
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_ema_update_matches_one_hot_recipe(backend):
+    z, codebook, cluster_size, embed_sum = state()
+    indices = vq_nearest(z, codebook)
+    expected = [t.clone() for t in (codebook, cluster_size, embed_sum)]
+    labram_recipe_ema(z, indices, *expected, decay=0.9, eps=1e-5)
+    stats = vq_ema_update(
+        z, indices, codebook, cluster_size, embed_sum, decay=0.9, eps=1e-5, backend=backend
+    )
+    for actual, reference in zip((codebook, cluster_size, embed_sum), expected, strict=True):
+        torch.testing.assert_close(actual, reference)
+    assert stats["counts"].sum() == z.shape[0] and not stats["dead"].any()
+
+
+def test_ema_update_skips_non_finite_rows_and_unused_codes():
+    z, codebook, cluster_size, embed_sum = state()
+    cluster_size[5] = 0  # never used: keeps its value
+    embed_sum[5] = 0
+    z[0, 0] = float("nan")
+    indices = vq_nearest(z, codebook)
+    assert indices[0] == -1
+    keep_5 = codebook[5].clone()
+    indices[indices == 5] = 6
+    vq_ema_update(z, indices, codebook, cluster_size, embed_sum)
+    assert torch.isfinite(codebook).all()
+    torch.testing.assert_close(codebook[5], keep_5)
+    torch.testing.assert_close(codebook.norm(dim=1), torch.ones(64))
+
+
+def test_dead_code_restart_reseeds_from_batch():
+    z, codebook, cluster_size, embed_sum = state()
+    cluster_size[:4] = 1e-4
+    indices = vq_nearest(z, codebook)
+    indices[indices < 4] = 10  # make sure codes 0..3 get nothing from this batch either
+    gen = torch.Generator().manual_seed(1)
+    stats = vq_ema_update(
+        z, indices, codebook, cluster_size, embed_sum, dead_code_threshold=0.01, generator=gen
+    )
+    assert stats["dead"][:4].all() and not stats["dead"][4:].any()
+    for code in codebook[:4]:  # every restarted code is one of the batch rows
+        assert (z @ code).max() > 1 - 1e-5
+    assert (cluster_size[:4] == 1).all()
+
+
+def test_ema_update_bad_shapes():
+    z, codebook, cluster_size, embed_sum = state()
+    indices = vq_nearest(z, codebook)
+    with pytest.raises(ValueError, match="cluster_size must have shape"):
+        vq_ema_update(z, indices, codebook, cluster_size[:3], embed_sum)
+    with pytest.raises(ValueError, match="embed_sum must have shape"):
+        vq_ema_update(z, indices, codebook, cluster_size, embed_sum[:, :3])
+    with pytest.raises(ValueError, match="decay must be in"):
+        vq_ema_update(z, indices, codebook, cluster_size, embed_sum, decay=1.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _distributed_worker(rank, world, port, z, codebook, cluster_size, embed_sum, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        part = z.chunk(world)[rank]
+        codebook, cluster_size, embed_sum = codebook.clone(), cluster_size.clone(), embed_sum.clone()
+        indices = vq_nearest(part, codebook)
+        vq_ema_update(part, indices, codebook, cluster_size, embed_sum)
+        out[rank] = torch.cat([codebook.flatten(), cluster_size, embed_sum.flatten()])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ema_update_all_reduces_across_processes():
+    z, codebook, cluster_size, embed_sum = state()
+    out = torch.zeros(2, codebook.numel() * 2 + cluster_size.numel()).share_memory_()
+    mp.spawn(
+        _distributed_worker,
+        args=(2, _free_port(), z, codebook, cluster_size, embed_sum, out),
+        nprocs=2,
+    )
+    indices = vq_nearest(z, codebook)
+    vq_ema_update(z, indices, codebook, cluster_size, embed_sum)
+    single = torch.cat([codebook.flatten(), cluster_size, embed_sum.flatten()])
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+    torch.testing.assert_close(out[0], single)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_kmeans_finds_separated_clusters(metric):
+    gen = torch.Generator().manual_seed(2)
+    centers = F.normalize(torch.randn(6, 16, generator=gen), dim=1) * 3
+    z = centers.repeat_interleave(200, 0) + 0.05 * torch.randn(1200, 16, generator=gen)
+    codebook = vq_kmeans(z, 6, iters=15, metric=metric, generator=gen)
+    if metric == "cosine":
+        torch.testing.assert_close(codebook.norm(dim=1), torch.ones(6))
+        similarity = F.normalize(centers, dim=1) @ codebook.T
+        assert (similarity.max(dim=1).values > 0.99).all()
+    else:
+        assert (torch.cdist(centers, codebook).min(dim=1).values < 0.1).all()
+
+
+def test_kmeans_bad_input():
+    with pytest.raises(ValueError, match="N >= 1"):
+        vq_kmeans(torch.zeros(0, 4), 3)
+    with pytest.raises(ValueError, match="no finite rows"):
+        vq_kmeans(torch.full((3, 4), float("nan")), 3)

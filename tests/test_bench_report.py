@@ -1,0 +1,94 @@
+"""The benchmark writers (benchmarks/_report.py) and runners' plumbing, without timing anything."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import gpu, report_cpu
+from benchmarks._report import Result, environment, ratios, run_vq_cases, write_results
+
+
+def fake_results() -> list[Result]:
+    case = dict(n=32768, k=8192, d=32, dtype="bfloat16")
+    return [
+        Result("lookup", "eegfast-cuda", **case, ms=0.5, matches_reference="256/256"),
+        Result("lookup", "eegfast-triton", **case, ms=0.4, matches_reference="256/256"),
+        Result("lookup", "torch-eager", **case, ms=1.2, matches_reference="250/256"),
+        Result("lookup", "torch-compile", **case, ms=None, note="torch.compile failed: X | Y"),
+        Result("lookup", "labram-recipe", **case, ms=2.0, matches_reference="249/256"),
+        Result("lookup+ema", "eegfast-cuda", **case, ms=0.8),
+        Result("lookup+ema", "labram-recipe", **case, ms=4.0),
+    ]
+
+
+def test_ratios_are_relative_to_the_fastest_eegfast_row_of_the_group():
+    assert ratios(fake_results()) == pytest.approx([1.25, 1.0, 3.0, None, 5.0, 1.0, 5.0])
+
+
+def test_write_results_writes_json_markdown_and_png(tmp_path):
+    env = {"git_commit": "abc123", "gpu": "Fake GPU", "torch": "2.13.0"}
+    paths = write_results(tmp_path / "out", "gpu_vq", "fake run", env, fake_results())
+
+    payload = json.loads(paths["json"].read_text())
+    assert payload["environment"] == env
+    assert [r["impl"] for r in payload["results"]][:2] == ["eegfast-cuda", "eegfast-triton"]
+    assert payload["results"][2]["ratio_vs_eegfast"] == pytest.approx(3.0)
+    assert payload["results"][3]["ms"] is None
+
+    markdown = paths["md"].read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| op |"))
+    assert "ratio" in header
+    assert "| 3.00× |" in markdown  # torch-eager: 1.2 ms / 0.4 ms
+    assert "| 5.00× |" in markdown
+    assert "X \\| Y" in markdown  # a '|' in a note must not break the table
+    assert "Fake GPU" in markdown and "abc123" in markdown
+
+    png = paths["png"].read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+
+
+def test_environment_records_machine_versions_and_commit():
+    env = environment()
+    for key in ("git_commit", "torch", "cpu", "torch_threads"):
+        assert env[key]
+    json.dumps(env)
+
+
+def test_run_vq_cases_records_every_implementation(monkeypatch):
+    # No compilation (seconds) in a unit test: torch.compile returns the function itself.
+    monkeypatch.setattr(torch, "compile", lambda fn, **_: fn)
+    resets = []
+
+    def timer(fn, reset):
+        if reset is not None:
+            reset()
+            resets.append(True)
+        fn()
+        return 1.0
+
+    results = run_vq_cases([(40, 24, 8)], [torch.float32], "cpu", ["cpu"], timer, progress=str)
+    assert [(r.op, r.impl) for r in results] == [
+        ("lookup", "eegfast-cpu"),
+        ("lookup", "torch-eager"),
+        ("lookup", "torch-compile"),
+        ("lookup", "labram-recipe"),
+        ("lookup+ema", "eegfast-cpu"),
+        ("lookup+ema", "labram-recipe"),
+    ]
+    assert all(r.ms == 1.0 for r in results)
+    assert results[0].matches_reference == "40/40"
+    assert len(resets) == 2
+
+
+def test_cpu_median_ms_runs_reset_before_every_run():
+    calls = []
+    report_cpu.median_ms(lambda: calls.append("fn"), lambda: calls.append("reset"), repeats=3)
+    assert calls == ["reset", "fn"] * 4  # one warm-up, then three timed runs
+
+
+def test_gpu_runner_exits_with_a_message_without_cuda(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu.main(["--out", str(tmp_path)]) == 2
+    assert "CUDA device" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
