@@ -57,7 +57,11 @@ OPS = {"vq": run_vq}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", default="bench-results", help="output folder")
     parser.add_argument("--ops", nargs="+", choices=sorted(OPS), default=["vq"])
     args = parser.parse_args(argv)

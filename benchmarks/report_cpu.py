@@ -38,7 +38,11 @@ def median_ms(fn: Callable[[], object], reset: Callable[[], object] | None, repe
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.report_cpu", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report_cpu",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", default="bench-results", help="output folder")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
     args = parser.parse_args(argv)
