@@ -50,6 +50,12 @@ def eegfast_lookup(z: torch.Tensor, codebook: torch.Tensor, *, backend: str) -> 
     return vq_nearest(z, codebook, "cosine", backend=backend)
 
 
+def error_line(error: Exception) -> str:
+    """``Type: first line of the message`` (at most 300 characters of it)."""
+    first_line = (str(error).strip().splitlines() or [""])[0][:300]
+    return f"{type(error).__name__}: {first_line}"
+
+
 def lookup_impls(
     backends: Sequence[str], z: torch.Tensor, codebook: torch.Tensor
 ) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str]:
@@ -67,9 +73,8 @@ def lookup_impls(
     try:
         compiled(z, codebook)
         impls["torch-compile"] = compiled
-    except Exception as error:  # noqa: BLE001 - any compiler failure is recorded, not raised
-        first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        impls["torch-compile"] = f"torch.compile failed: {type(error).__name__}: {first_line}"
+    except Exception as error:  # any compiler failure is recorded, not raised
+        impls["torch-compile"] = f"torch.compile failed: {error_line(error)}"
     impls["labram-recipe"] = labram_recipe_lookup
     return impls
 
@@ -163,9 +168,24 @@ class Result:
 Timer = Callable[[Callable[[], object], Callable[[], object] | None], float]
 
 
-def _failure(error: Exception) -> str:
-    first_line = (str(error).strip().splitlines() or [""])[0][:300]
-    return f"failed: {type(error).__name__}: {first_line}"
+def _time_lookup(timer: Timer, fn: Callable, z: torch.Tensor, codebook: torch.Tensor):
+    indices = fn(z, codebook)  # also the warm-up
+    ms = timer(functools.partial(fn, z, codebook), None)
+    return ms, reference_match(indices, z, codebook)
+
+
+def _time_step(timer: Timer, step: Callable, z: torch.Tensor, initial: EmaState):
+    state = initial.clone()
+    return timer(functools.partial(step, z, state), functools.partial(state.copy_, initial)), None
+
+
+def _measure(op: str, impl: str, case: dict, measure: Callable, *args) -> Result:
+    """Result of ``measure(*args) -> (ms, matches_reference)``, or of its failure."""
+    try:
+        ms, match = measure(*args)
+    except Exception as error:  # recorded in the results; the other implementations go on
+        return Result(op, impl, **case, ms=None, note=f"failed: {error_line(error)}")
+    return Result(op, impl, **case, ms=ms, matches_reference=match)
 
 
 def run_vq_cases(
@@ -193,30 +213,16 @@ def run_vq_cases(
                 progress(f"lookup     {name:16s} {case}")
                 if isinstance(fn, str):
                     results.append(Result("lookup", name, **case, ms=None, note=fn))
-                    continue
-                try:
-                    indices = fn(z, codebook)
-                    ms = timer(functools.partial(fn, z, codebook), None)
-                except Exception as error:  # noqa: BLE001 - recorded in the results
-                    results.append(Result("lookup", name, **case, ms=None, note=_failure(error)))
-                    continue
-                match = reference_match(indices, z, codebook)
-                results.append(Result("lookup", name, **case, ms=ms, matches_reference=match))
-
+                else:
+                    results.append(
+                        _measure("lookup", name, case, _time_lookup, timer, fn, z, codebook)
+                    )
             initial = EmaState.start(codebook, n)
             for name, step in ema_impls(backends).items():
                 progress(f"lookup+ema {name:16s} {case}")
-                state = initial.clone()
-                try:
-                    ms = timer(
-                        functools.partial(step, z, state), functools.partial(state.copy_, initial)
-                    )
-                except Exception as error:  # noqa: BLE001 - recorded in the results
-                    results.append(
-                        Result("lookup+ema", name, **case, ms=None, note=_failure(error))
-                    )
-                    continue
-                results.append(Result("lookup+ema", name, **case, ms=ms))
+                results.append(
+                    _measure("lookup+ema", name, case, _time_step, timer, step, z, initial)
+                )
     return results
 
 

@@ -15,6 +15,7 @@ argmax; ``torch.compile`` of it; ``labram_recipe_lookup``) and lookup + EMA upda
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Callable
 
@@ -74,10 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
-        import triton  # noqa: F401 - do_bench comes from triton.testing
-    except ImportError as error:
-        print(f"benchmarks.gpu needs triton for triton.testing.do_bench: {error}", file=sys.stderr)
+    if importlib.util.find_spec("triton") is None:
+        print("benchmarks.gpu needs triton (for triton.testing.do_bench)", file=sys.stderr)
         return 2
 
     env = environment(gpu=True)

@@ -92,3 +92,17 @@ def test_gpu_runner_exits_with_a_message_without_cuda(monkeypatch, tmp_path, cap
     assert gpu.main(["--out", str(tmp_path)]) == 2
     assert "CUDA device" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_failing_implementation_is_recorded_and_the_others_still_run(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **_: fn)
+
+    def timer(fn, reset):
+        fn()
+        return 1.0
+
+    results = run_vq_cases([(16, 8, 4)], [torch.float32], "cpu", ["bogus"], timer, progress=str)
+    failed = [r for r in results if r.impl == "eegfast-bogus"]
+    assert [r.op for r in failed] == ["lookup", "lookup+ema"]
+    assert all(r.ms is None and r.note.startswith("failed: ValueError") for r in failed)
+    assert all(r.ms == 1.0 for r in results if r.impl != "eegfast-bogus")

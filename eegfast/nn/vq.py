@@ -79,7 +79,9 @@ class NormEMAVectorQuantizer(nn.Module):
     ) -> None:
         super().__init__()
         if num_codes <= 0 or code_dim <= 0:
-            raise ValueError(f"num_codes and code_dim must be positive, got {num_codes}, {code_dim}")
+            raise ValueError(
+                f"num_codes and code_dim must be positive, got {num_codes}, {code_dim}"
+            )
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.num_codes, self.code_dim = num_codes, code_dim

@@ -118,9 +118,7 @@ def _check_inputs(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> None:
     if z.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"z must be float32, float16 or bfloat16, got {z.dtype}")
     if codebook.dtype != z.dtype:
-        raise TypeError(
-            f"z is {z.dtype} but codebook is {codebook.dtype}; pass both in one dtype"
-        )
+        raise TypeError(f"z is {z.dtype} but codebook is {codebook.dtype}; pass both in one dtype")
     if z.device != codebook.device:
         raise ValueError(f"z is on {z.device} but codebook is on {codebook.device}")
 
@@ -446,9 +444,7 @@ def _kmeans_plus_plus(data: torch.Tensor, num_codes: int, generator: torch.Gener
 def labram_recipe_lookup(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """The usual tokenizer recipe: l2-normalise, full (N, K) distance matrix, argmin."""
     z = torch.nn.functional.normalize(z, dim=1)
-    distances = (
-        z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1)[None, :] - 2 * z @ codebook.T
-    )
+    distances = z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1)[None, :] - 2 * z @ codebook.T
     return distances.argmin(dim=1)
 
 

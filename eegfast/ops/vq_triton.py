@@ -105,8 +105,9 @@ def _rescore_kernel(
     z_norm = tl.maximum(tl.sqrt(z_sq), NORM_EPS)
     best = tl.full([BLOCK_K], float("-inf"), tl.float64)
     for k0 in range(0, K, BLOCK_K):
-        scores = _exact_scores(z, z_sq, z_norm, code_ptr, code_norm_ptr, k0, K, D, dims,
-                               IS_COSINE, BLOCK_K)
+        scores = _exact_scores(
+            z, z_sq, z_norm, code_ptr, code_norm_ptr, k0, K, D, dims, IS_COSINE, BLOCK_K
+        )
         best = tl.maximum(best, scores)
     best_all = tl.max(best, axis=0)
     if IS_COSINE:
@@ -115,8 +116,9 @@ def _rescore_kernel(
         tolerance = TIE_TOLERANCE * (z_sq + tl.load(max_norm_sq_ptr))
     first = tl.full([BLOCK_K], 2147483647, tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        scores = _exact_scores(z, z_sq, z_norm, code_ptr, code_norm_ptr, k0, K, D, dims,
-                               IS_COSINE, BLOCK_K)
+        scores = _exact_scores(
+            z, z_sq, z_norm, code_ptr, code_norm_ptr, k0, K, D, dims, IS_COSINE, BLOCK_K
+        )
         codes = k0 + tl.arange(0, BLOCK_K)
         hit = (scores >= best_all - tolerance) & (codes < K)
         first = tl.minimum(first, tl.where(hit, codes, 2147483647))
@@ -124,11 +126,25 @@ def _rescore_kernel(
 
 
 @triton.jit
-def _exact_scores(z, z_sq, z_norm, code_ptr, code_norm_ptr, k0, K, D, dims,
-                  IS_COSINE: tl.constexpr, BLOCK_K: tl.constexpr):
+def _exact_scores(
+    z,
+    z_sq,
+    z_norm,
+    code_ptr,
+    code_norm_ptr,
+    k0,
+    K,
+    D,
+    dims,
+    IS_COSINE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     codes = k0 + tl.arange(0, BLOCK_K)
-    c = tl.load(code_ptr + codes[:, None] * D + dims[None, :],
-                mask=(codes[:, None] < K) & (dims[None, :] < D), other=0.0)
+    c = tl.load(
+        code_ptr + codes[:, None] * D + dims[None, :],
+        mask=(codes[:, None] < K) & (dims[None, :] < D),
+        other=0.0,
+    )
     norm = tl.load(code_norm_ptr + codes, mask=codes < K, other=1.0)
     dots = tl.sum(c * z[None, :], axis=1)
     if IS_COSINE:
@@ -156,11 +172,15 @@ def _code_stats_kernel(
     dims = tl.arange(0, BLOCK_D)
     codes = tl.load(index_ptr + rows, mask=rows < N, other=-1)
     keep = (codes >= 0) & (codes < K)
-    z = tl.load(z_ptr + rows[:, None] * stride_z + dims[None, :],
-                mask=keep[:, None] & (dims[None, :] < D), other=0.0).to(tl.float32)
+    z = tl.load(
+        z_ptr + rows[:, None] * stride_z + dims[None, :],
+        mask=keep[:, None] & (dims[None, :] < D),
+        other=0.0,
+    ).to(tl.float32)
     tl.atomic_add(count_ptr + codes, tl.full([BLOCK_N], 1.0, tl.float32), mask=keep)
-    tl.atomic_add(sum_ptr + codes[:, None] * D + dims[None, :], z,
-                  mask=keep[:, None] & (dims[None, :] < D))
+    tl.atomic_add(
+        sum_ptr + codes[:, None] * D + dims[None, :], z, mask=keep[:, None] & (dims[None, :] < D)
+    )
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -204,9 +224,22 @@ def vq_nearest_triton(
     precision = _precision(z.dtype)
     if N > 0:
         wrap_triton(_nearest_kernel)[(triton.cdiv(N, block_n),)](
-            z, codes_for_dot, scale, bias, best, best_code, second, N, K, D,
-            z.stride(0), codes_for_dot.stride(0),
-            BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision,
+            z,
+            codes_for_dot,
+            scale,
+            bias,
+            best,
+            best_code,
+            second,
+            N,
+            K,
+            D,
+            z.stride(0),
+            codes_for_dot.stride(0),
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            BLOCK_D=block_d,
+            PRECISION=precision,
         )
     z64 = z.double()
     z_sq = (z64 * z64).sum(1)
@@ -217,9 +250,17 @@ def vq_nearest_triton(
     flags = finite & ~((gap > tolerance) & torch.isfinite(best))
     if N > 0:
         wrap_triton(_rescore_kernel)[(N,)](
-            z64.contiguous(), code64.contiguous(), code_norm, flags.to(torch.int8), best_code,
-            K, D, (max_norm * max_norm).reshape(1),
-            IS_COSINE=metric == "cosine", BLOCK_K=64, BLOCK_D=block_d,
+            z64.contiguous(),
+            code64.contiguous(),
+            code_norm,
+            flags.to(torch.int8),
+            best_code,
+            K,
+            D,
+            (max_norm * max_norm).reshape(1),
+            IS_COSINE=metric == "cosine",
+            BLOCK_K=64,
+            BLOCK_D=block_d,
         )
     indices = torch.where(finite, best_code.long(), torch.full_like(best_code, -1).long())
     chosen = code64[indices.clamp_min(0)]
@@ -248,8 +289,16 @@ def vq_code_stats_triton(
         block_d = triton.next_power_of_2(D)
         block_n = max(1, min(128, 4096 // block_d))
         wrap_triton(_code_stats_kernel)[(triton.cdiv(N, block_n),)](
-            z, indices.contiguous(), counts, sums, N, num_codes, D, z.stride(0),
-            BLOCK_N=block_n, BLOCK_D=block_d,
+            z,
+            indices.contiguous(),
+            counts,
+            sums,
+            N,
+            num_codes,
+            D,
+            z.stride(0),
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
         )
     return counts, sums
 

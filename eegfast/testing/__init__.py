@@ -40,8 +40,11 @@ def assert_close(
 
 def odd_sizes(min_value: int = 1, max_value: int = 300) -> st.SearchStrategy[int]:
     """Sizes biased towards odd and prime values and block-size edges (15, 16, 17, 63 ...)."""
-    edges = [v for v in (1, 2, 3, 5, 7, 15, 16, 17, 31, 33, 63, 64, 65, 127, 129, 257)
-             if min_value <= v <= max_value]
+    edges = [
+        v
+        for v in (1, 2, 3, 5, 7, 15, 16, 17, 31, 33, 63, 64, 65, 127, 129, 257)
+        if min_value <= v <= max_value
+    ]
     return st.one_of(st.sampled_from(edges), st.integers(min_value, max_value))
 
 

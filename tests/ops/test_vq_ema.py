@@ -88,7 +88,11 @@ def _distributed_worker(rank, world, port, z, codebook, cluster_size, embed_sum,
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         part = z.chunk(world)[rank]
-        codebook, cluster_size, embed_sum = codebook.clone(), cluster_size.clone(), embed_sum.clone()
+        codebook, cluster_size, embed_sum = (
+            codebook.clone(),
+            cluster_size.clone(),
+            embed_sum.clone(),
+        )
         indices = vq_nearest(part, codebook)
         vq_ema_update(part, indices, codebook, cluster_size, embed_sum)
         out[rank] = torch.cat([codebook.flatten(), cluster_size, embed_sum.flatten()])
