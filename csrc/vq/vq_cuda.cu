@@ -24,8 +24,10 @@
 //   4. rescore_kernel: a block per listed row re-scores all K codes in float64 exactly as
 //      rescore_row_float64 in vq_cpu.cpp (NaN scores -> -inf, lowest index within the tie
 //      tolerance of the best). Its float64 arithmetic uses explicit round-to-nearest intrinsics
-//      (no FMA contraction) in the CPU's sequential order: the CPU build does not contract
-//      float64 either, so the two produce the same float64 scores.
+//      (no FMA contraction) in the CPU's sequential order; the CPU build does not contract
+//      float64 either (no float64 FMA in the x86-64 build), so the two produce the same float64
+//      scores. (Code norms are summed sequentially here, by at::norm on the CPU: they may
+//      differ in the last bit, which the tolerances absorb.)
 //
 // No step synchronises with the host; the list length is read on the device.
 #include "vq/vq_cuda.h"
@@ -221,8 +223,8 @@ __device__ T block_min(T v, T* sh, T identity) {
 // Cosine similarity or squared distance of a row and a code in float64: final_score in
 // vq_cpu.cpp, same order, no contraction.
 template <typename T>
-__device__ __forceinline__ float final_score(const T* __restrict__ zr, const T* __restrict__ cr, int64_t D,
-                             int metric, double c_norm) {
+__device__ __forceinline__ float final_score(const T* __restrict__ zr, const T* __restrict__ cr,
+                                             int64_t D, int metric, double c_norm) {
   double acc = 0.0, z_sq = 0.0;
   if (metric == kMetricCosine) {
     for (int64_t d = 0; d < D; ++d) {
@@ -347,7 +349,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   };
   // z columns [d0, d0 + kBD) of this block's rows -> dst[dd][m], zero outside N x D
   auto load_z_chunk = [&](int64_t d0, float* dst) {
-#pragma unroll
+#pragma unroll 2
     for (int e = tid; e < kBM * kBD; e += kTileThreads) {
       const int m = e / kBD, dd = e % kBD;
       const int64_t row = row0 + m, d = d0 + dd;
@@ -367,7 +369,8 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
   }
 
-  if constexpr (kResident) {  // whole (128 x dpad) z tile, transposed; visible after the first barrier
+  // whole (128 x dpad) z tile, transposed, zero padded; visible after the loop's first barrier
+  if constexpr (kResident) {
     const int width = static_cast<int>(dpad);
     for (int e = tid; e < kBM * width; e += kTileThreads) {
       const int m = e / width, dd = e - m * width;
@@ -416,7 +419,8 @@ __global__ void __launch_bounds__(kTileThreads, 2)
       const int64_t base = tile * kBN;
       const float4 bias0 = __ldg(reinterpret_cast<const float4*>(bias + base + tx * 4));
       const float4 bias1 = __ldg(reinterpret_cast<const float4*>(bias + base + 64 + tx * 4));
-      const float bj[8] = {bias0.x, bias0.y, bias0.z, bias0.w, bias1.x, bias1.y, bias1.z, bias1.w};
+      const float bj[8] = {bias0.x, bias0.y, bias0.z, bias0.w,
+                           bias1.x, bias1.y, bias1.z, bias1.w};
       // codes of padding columns may exceed INT32_MAX only when they lose (-inf bias): unsigned
       // arithmetic keeps that free of overflow
       const unsigned code0 = static_cast<unsigned>(base) + static_cast<unsigned>(tx * 4);
@@ -546,7 +550,8 @@ __global__ void __launch_bounds__(kRescoreThreads)
     auto score_of = [&](int64_t k) {
       const T* cr = codebook + k * D;
       double dot = 0.0;
-      for (int64_t d = 0; d < D; ++d) dot = __dadd_rn(dot, __dmul_rn(to_double(zr[d]), to_double(cr[d])));
+      for (int64_t d = 0; d < D; ++d)
+        dot = __dadd_rn(dot, __dmul_rn(to_double(zr[d]), to_double(cr[d])));
       const double nk = norm[k];
       const double s =
           metric == kMetricCosine

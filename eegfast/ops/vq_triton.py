@@ -66,6 +66,8 @@ def _nearest_kernel(
         bias = tl.load(bias_ptr + codes, mask=codes < K, other=float("-inf"))
         dots = tl.dot(z, tl.trans(c), input_precision=PRECISION, out_dtype=tl.float32)
         scores = dots * scale[None, :] + bias[None, :]  # (BLOCK_N, BLOCK_K)
+        # NaN (rows of z with NaN / inf; flagged afterwards) must not reach max / argmax.
+        scores = tl.where(scores == scores, scores, float("-inf"))
         tile_best = tl.max(scores, axis=1)
         tile_code = tl.argmax(scores, axis=1, tie_break_left=True).to(tl.int32) + k0
         is_winner = codes[None, :] == tile_code[:, None]
