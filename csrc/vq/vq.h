@@ -35,4 +35,18 @@ inline void check_vq_inputs(const at::Tensor& z, const at::Tensor& codebook) {
               "vq_nearest: codebook has more than 2^31 codes");
 }
 
+inline void check_code_stats_inputs(const at::Tensor& z, const at::Tensor& indices,
+                                    int64_t num_codes) {
+  TORCH_CHECK(z.dim() == 2, "vq_code_stats: z must have shape (N, D), got ", z.sizes());
+  TORCH_CHECK(indices.dim() == 1 && indices.size(0) == z.size(0),
+              "vq_code_stats: indices must have shape (N,) = (", z.size(0), ",), got ",
+              indices.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "vq_code_stats: indices must be int64, got ",
+              indices.scalar_type());
+  TORCH_CHECK(num_codes > 0, "vq_code_stats: num_codes must be positive, got ", num_codes);
+  const auto dtype = z.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "vq_code_stats: z must be float32, float16 or bfloat16, got ", dtype);
+}
+
 }  // namespace eegfast

@@ -307,16 +307,7 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z, const at:
 std::tuple<at::Tensor, at::Tensor> vq_code_stats_cpu(const at::Tensor& z,
                                                      const at::Tensor& indices,
                                                      int64_t num_codes) {
-  TORCH_CHECK(z.dim() == 2, "vq_code_stats: z must have shape (N, D), got ", z.sizes());
-  TORCH_CHECK(indices.dim() == 1 && indices.size(0) == z.size(0),
-              "vq_code_stats: indices must have shape (N,) = (", z.size(0), ",), got ",
-              indices.sizes());
-  TORCH_CHECK(indices.scalar_type() == at::kLong, "vq_code_stats: indices must be int64, got ",
-              indices.scalar_type());
-  TORCH_CHECK(num_codes > 0, "vq_code_stats: num_codes must be positive, got ", num_codes);
-  const auto dtype = z.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "vq_code_stats: z must be float32, float16 or bfloat16, got ", dtype);
+  check_code_stats_inputs(z, indices, num_codes);
   const int64_t N = z.size(0), D = z.size(1);
   auto counts = at::zeros({num_codes}, z.options().dtype(at::kFloat));
   auto sums = at::zeros({num_codes, D}, z.options().dtype(at::kFloat));
