@@ -175,49 +175,29 @@ __device__ __forceinline__ void top2_merge(float& best, int& code, float& second
   code = take ? oc : code;
 }
 
-template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
+// Warp-wide max (kTakeMax) or min, result in every lane.
+template <bool kTakeMax, typename T>
+__device__ __forceinline__ T warp_reduce(T v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     const T o = __shfl_xor_sync(0xffffffffu, v, off);
-    v = v < o ? o : v;
+    v = (kTakeMax ? v < o : o < v) ? o : v;
   }
   return v;
 }
 
-template <typename T>
-__device__ __forceinline__ T warp_min(T v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const T o = __shfl_xor_sync(0xffffffffu, v, off);
-    v = o < v ? o : v;
-  }
-  return v;
-}
-
-// Block-wide max / min, result in every thread. `sh` holds one slot per warp; the leading
-// barrier keeps a previous call's readers ahead of this call's writers. blockDim.x must be a
-// multiple of 32 and every thread of the block must call it.
-template <typename T>
-__device__ T block_max(T v, T* sh, T identity) {
-  v = warp_max(v);
+// Block-wide max (kTakeMax) or min, result in every thread. `sh` holds one slot per warp; the
+// leading barrier keeps a previous call's readers ahead of this call's writers. blockDim.x must
+// be a multiple of 32 and every thread of the block must call it.
+template <bool kTakeMax, typename T>
+__device__ T block_reduce(T v, T* sh, T identity) {
+  v = warp_reduce<kTakeMax>(v);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __syncthreads();
   if (lane == 0) sh[warp] = v;
   __syncthreads();
   v = lane < static_cast<int>(blockDim.x >> 5) ? sh[lane] : identity;
-  return warp_max(v);
-}
-
-template <typename T>
-__device__ T block_min(T v, T* sh, T identity) {
-  v = warp_min(v);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) sh[warp] = v;
-  __syncthreads();
-  v = lane < static_cast<int>(blockDim.x >> 5) ? sh[lane] : identity;
-  return warp_min(v);
+  return warp_reduce<kTakeMax>(v);
 }
 
 // Cosine similarity or squared distance of a row and a code in float64: final_score in
@@ -292,7 +272,7 @@ __global__ void __launch_bounds__(kMaxNormThreads)
   long long last_nan = -1;
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
     if (isnan(norm[k])) last_nan = k;  // ascending per thread: the last one is the largest
-  last_nan = block_max<long long>(last_nan, sh_index, -1ll);
+  last_nan = block_reduce<true, long long>(last_nan, sh_index, -1ll);
   if (last_nan == K - 1) {  // uniform across the block
     if (threadIdx.x == 0) *max_norm = CUDART_NAN;
     return;
@@ -300,7 +280,7 @@ __global__ void __launch_bounds__(kMaxNormThreads)
   double m = 0.0;
   for (int64_t k = last_nan + 1 + threadIdx.x; k < K; k += blockDim.x)
     m = norm[k] > m ? norm[k] : m;
-  m = block_max<double>(m, sh_value, 0.0);
+  m = block_reduce<true, double>(m, sh_value, 0.0);
   if (threadIdx.x == 0) *max_norm = m;
 }
 
@@ -562,7 +542,7 @@ __global__ void __launch_bounds__(kRescoreThreads)
 
     double local = -CUDART_INF;
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) local = std_max(local, score_of(k));
-    const double best = block_max<double>(local, sh_value, -CUDART_INF);
+    const double best = block_reduce<true, double>(local, sh_value, -CUDART_INF);
     const double tol =
         metric == kMetricCosine
             ? kTieTolerance
@@ -575,7 +555,7 @@ __global__ void __launch_bounds__(kRescoreThreads)
         break;
       }
     }
-    first = block_min<long long>(first, sh_index, kNone);
+    first = block_reduce<false, long long>(first, sh_index, kNone);
     if (threadIdx.x == 0) {
       if (first == kNone) {  // no comparable score (tolerance NaN)
         indices[n] = -1;
