@@ -1,0 +1,3 @@
+from eegfast.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""``eegfast <command>``: one entry point over the package's jobs.
+
+Each command lives in its own module, which exposes
+
+    configure_parser(parser: argparse.ArgumentParser) -> None
+    main(args: argparse.Namespace) -> int
+
+and is imported only when its command runs, so ``eegfast --help`` stays fast and a command's heavy
+dependencies are not loaded by the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# command -> (module, one-line help). Modules are imported lazily.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("eegfast.data.prepare", "read recordings with MNE and write training shards"),
+    "tokenizer": ("eegfast.train.commands.tokenizer", "train the VQ-NSP tokenizer"),
+    "pretrain": ("eegfast.train.commands.pretrain", "masked (or hybrid) EEG pretraining"),
+    "upcycle": ("eegfast.train.commands.upcycle", "turn a dense checkpoint into a MoE model"),
+    "finetune": ("eegfast.train.commands.finetune", "single- or multi-task fine-tuning"),
+    "evaluate": ("eegfast.train.commands.evaluate", "evaluate a checkpoint with cross-validation"),
+    "generate": ("eegfast.train.commands.generate", "generate synthetic EEG from a prompt"),
+    "bench": ("eegfast.train.commands.bench", "run the benchmarks and write a report"),
+    "doctor": ("eegfast.train.commands.doctor", "report the environment and usable backends"),
+    "quickstart": ("eegfast.train.commands.quickstart", "the whole recipe on the bundled EEG"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eegfast", description="Fast LaBraM-family EEG foundation models."
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _load(name: str):
+    module_name, _ = COMMANDS[name]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is not None and module_name.startswith(err.name):
+            raise SystemExit(
+                f"eegfast {name}: this command is not available in this build"
+            ) from err
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        name = argv[0]
+        module = _load(name)
+        parser = argparse.ArgumentParser(prog=f"eegfast {name}", description=COMMANDS[name][1])
+        module.configure_parser(parser)
+        args = parser.parse_args(argv[1:])
+        return int(module.main(args) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from eegfast import __version__
+
+        print(__version__)
+        return 0
+    parser.print_help()
+    return 0 if not argv else 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
