@@ -6,6 +6,11 @@ default. :func:`available_backends` reports what is built here and, if not, why.
 """
 
 from eegfast.ops._backend import BACKENDS, BackendStatus, ExtensionMissingError, available_backends
+from eegfast.ops.qk_norm_attention import (
+    qk_norm_attention,
+    qk_norm_attention_packed,
+    qk_norm_attention_reference,
+)
 from eegfast.ops.vq import (
     vq_code_stats,
     vq_ema_update,
@@ -19,6 +24,9 @@ __all__ = [
     "BackendStatus",
     "ExtensionMissingError",
     "available_backends",
+    "qk_norm_attention",
+    "qk_norm_attention_packed",
+    "qk_norm_attention_reference",
     "vq_code_stats",
     "vq_ema_update",
     "vq_kmeans",

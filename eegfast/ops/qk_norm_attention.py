@@ -1,0 +1,489 @@
+"""Scaled softmax attention with a LayerNorm of q and k over the head dim, fused in one op.
+
+LaBraM-family models (and timm ViTs built with ``qk_norm=True``) normalise q and k per head
+before the softmax. Here that LayerNorm runs inside the attention kernel, together with key
+padding, causal and block-causal masks, and an online softmax that never forms the (N, N)
+score matrix (forward and backward).
+
+Public functions:
+
+- :func:`qk_norm_attention` — (B, H, N, D) q, k, v with any strides.
+- :func:`qk_norm_attention_packed` — the (B, N, 3·H·D) output of the qkv Linear, split into
+  heads by strided views (no permute copies); returns (B, N, H·D), ready for the projection.
+- :func:`qk_norm_attention_reference` — plain PyTorch (LayerNorm + explicit masked softmax),
+  the definition of correctness; float64-capable and the only backend with dropout.
+
+Kernels: C++ CPU in csrc/qk_norm_attention/ (``torch.ops.eegfast.qk_norm_attention_fwd`` /
+``_bwd``) and Triton in :mod:`eegfast.ops.qk_norm_attention_triton`
+(``torch.ops.eegfast.qk_norm_attention_fwd_triton`` / ``_bwd_triton``), which registers its
+ops' fake and autograd glue by calling :func:`_register_op_glue` of this module. All four
+custom ops share one schema (see :func:`_register_op_glue`); ``backend="cuda"`` means the Triton
+kernels, as there is no hand-written CUDA kernel for this op.
+
+Masks (all optional, combined with a logical AND of "visible"): query i sees key j iff
+``not key_padding_mask[b, j]``, and ``j <= i`` if ``causal``, and
+``block_causal[j] <= block_causal[i]`` if ``block_causal`` is given. A query that sees no key
+gets a zero output row and zero gradients, never NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from eegfast.ops._backend import extension, resolve_backend
+
+MAX_HEAD_DIM = 128
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The only GPU backend of this op (backend="cuda" is an alias for it).
+GPU_PREFERENCE = ("triton",)
+TRITON_MODULE = "eegfast.ops.qk_norm_attention_triton"
+CPP_FWD_OP = "eegfast::qk_norm_attention_fwd"
+CPP_BWD_OP = "eegfast::qk_norm_attention_bwd"
+
+
+# --------------------------------------------------------------------------------------------
+# Reference implementation: the definition of correctness.
+# --------------------------------------------------------------------------------------------
+
+
+def visible_keys(
+    batch: int,
+    n: int,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    block_causal: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor | None:
+    """(B, 1, N, N) bool, True where query i may attend to key j; None when all keys are
+    visible to all queries."""
+    visible = None
+    if causal:
+        visible = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    if block_causal is not None:
+        ids = block_causal.to(device)
+        by_block = ids[None, :] <= ids[:, None]  # [i, j]: key block <= query block
+        visible = by_block if visible is None else visible & by_block
+    if visible is not None:
+        visible = visible.expand(batch, 1, n, n)
+    if key_padding_mask is not None:
+        keys = (~key_padding_mask.to(device))[:, None, None, :]  # (B, 1, 1, N)
+        visible = keys.expand(batch, 1, n, n) if visible is None else visible & keys
+    return visible
+
+
+def qk_norm_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    q_norm_bias: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    k_norm_bias: torch.Tensor | None = None,
+    *,
+    eps: float = 1e-6,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    block_causal: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Plain PyTorch: ``F.layer_norm`` over D, then an explicit masked softmax over (N, N).
+
+    Same arguments as :func:`qk_norm_attention` (``backend`` is accepted and ignored). Computes
+    in the dtype of ``q`` for float32 / float64 and in float32 for float16 / bfloat16 inputs
+    (cast back at the end). Differentiable in all tensors. Returns (B, H, N, D) contiguous.
+    """
+    _check_inputs(q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
+                  eps, key_padding_mask, block_causal, dropout_p)  # fmt: skip
+    compute = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
+    D = q.shape[-1]
+    scale = D**-0.5 if scale is None else scale
+
+    def norm(x, weight, bias):
+        weight = None if weight is None else weight.to(compute)
+        bias = None if bias is None else bias.to(compute)
+        return F.layer_norm(x.to(compute), (D,), weight, bias, eps)
+
+    qn = norm(q, q_norm_weight, q_norm_bias)
+    kn = norm(k, k_norm_weight, k_norm_bias)
+    scores = (qn * scale) @ kn.transpose(-2, -1)  # (B, H, N, N)
+    visible = visible_keys(
+        q.shape[0],
+        q.shape[2],
+        key_padding_mask=key_padding_mask,
+        causal=causal,
+        block_causal=block_causal,
+        device=q.device,
+    )
+    if visible is not None:
+        scores = scores.masked_fill(~visible, -math.inf)
+    # Softmax written out so that rows seeing no key give 0 (not NaN) and zero gradients: the
+    # shift is a constant (detached, 0 for empty rows), exp(-inf) = 0, empty rows divide by 1.
+    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    total = weights.sum(dim=-1, keepdim=True)
+    attn = weights / torch.where(total > 0, total, torch.ones_like(total))
+    if dropout_p > 0:
+        attn = F.dropout(attn, p=dropout_p, training=True)
+    return (attn @ v.to(compute)).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks shared by all backends (the C++ kernel repeats them for direct callers).
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    q_norm_bias: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    k_norm_bias: torch.Tensor | None,
+    eps: float,
+    key_padding_mask: torch.Tensor | None,
+    block_causal: torch.Tensor | None,
+    dropout_p: float,
+) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q must have shape (B, H, N, D), got {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(
+                f"{name} must have the shape of q (B, H, N, D) = {tuple(q.shape)}, "
+                f"got {tuple(t.shape)}"
+            )
+    B, _, N, D = q.shape
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D = {D} is not supported: it must be in 1..{MAX_HEAD_DIM}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q must be float32, float16, bfloat16 or float64, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"q is {q.dtype} but {name} is {t.dtype}; pass q, k, v in one dtype")
+        if t.device != q.device:
+            raise ValueError(f"q is on {q.device} but {name} is on {t.device}")
+    params = (
+        ("q_norm_weight", q_norm_weight),
+        ("q_norm_bias", q_norm_bias),
+        ("k_norm_weight", k_norm_weight),
+        ("k_norm_bias", k_norm_bias),
+    )
+    for name, p in params:
+        if p is None:
+            continue
+        if p.shape != (D,):
+            raise ValueError(f"{name} must have shape (D,) = ({D},), got {tuple(p.shape)}")
+        if not p.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
+        if p.device != q.device:
+            raise ValueError(f"q is on {q.device} but {name} is on {p.device}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (B, N):
+            raise ValueError(
+                f"key_padding_mask must have shape (B, N) = ({B}, {N}), "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(
+                f"key_padding_mask must be bool (True = padding key), got {key_padding_mask.dtype}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(
+                f"q is on {q.device} but key_padding_mask is on {key_padding_mask.device}"
+            )
+    if block_causal is not None:
+        if block_causal.shape != (N,):
+            raise ValueError(
+                f"block_causal must have shape (N,) = ({N},), got {tuple(block_causal.shape)}"
+            )
+        if block_causal.dtype not in (
+            torch.int64,
+            torch.int32,
+            torch.int16,
+            torch.int8,
+            torch.uint8,
+        ):
+            raise TypeError(f"block_causal must be an integer tensor, got {block_causal.dtype}")
+        if block_causal.device != q.device:
+            raise ValueError(f"q is on {q.device} but block_causal is on {block_causal.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+# --------------------------------------------------------------------------------------------
+# Custom-op glue: fake (meta) kernels and autograd, shared by the C++ and Triton ops.
+#
+# fwd(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, block_ids)
+#   -> out (B, N, H, D) contiguous in q's dtype, lse (B, H, N), q_stats, k_stats (B, H, N, 2)
+#      (mean, rstd); lse and stats are float32, float64 for float64 inputs.
+# bwd(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats, scale,
+#     key_padding_mask, causal, block_ids) -> dq, dk, dv (B, H, N, D) contiguous in q's dtype,
+#      d q_w, d q_b, d k_w, d k_b: (D,) in the parameter's dtype, or (0,) for a None parameter.
+# --------------------------------------------------------------------------------------------
+
+
+def _stats_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _fwd_fake(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, block_ids):
+    B, H, N, D = q.shape
+    stats = _stats_dtype(q)
+    return (
+        q.new_empty(B, N, H, D),
+        q.new_empty(B, H, N, dtype=stats),
+        q.new_empty(B, H, N, 2, dtype=stats),
+        q.new_empty(B, H, N, 2, dtype=stats),
+    )
+
+
+def _bwd_fake(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats, scale,
+              key_padding_mask, causal, block_ids):  # fmt: skip
+    shape = q.shape
+
+    def param_grad(p):
+        return q.new_empty(0) if p is None else p.new_empty(p.shape)
+
+    return (
+        q.new_empty(shape),
+        q.new_empty(shape),
+        q.new_empty(shape),
+        param_grad(q_w),
+        param_grad(q_b),
+        param_grad(k_w),
+        param_grad(k_b),
+    )
+
+
+def _fwd_setup_context(ctx, inputs, output) -> None:
+    q, k, v, q_w, q_b, k_w, k_b, _eps, scale, key_padding_mask, causal, block_ids = inputs
+    out, lse, q_stats, k_stats = output
+    ctx.mark_non_differentiable(lse, q_stats, k_stats)
+    ctx.scale = scale
+    ctx.causal = causal
+    ctx.has_param = tuple(p is not None for p in (q_w, q_b, k_w, k_b))
+    ctx.save_for_backward(
+        q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats, key_padding_mask, block_ids
+    )
+
+
+def _make_backward(bwd_op: str):
+    namespace, name = bwd_op.split("::")
+
+    def backward(ctx, grad_out, _grad_lse, _grad_q_stats, _grad_k_stats):
+        q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats, mask, block_ids = ctx.saved_tensors
+        op = getattr(getattr(torch.ops, namespace), name)
+        dq, dk, dv, *param_grads = op(
+            grad_out.contiguous(), q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
+            ctx.scale, mask, ctx.causal, block_ids,
+        )  # fmt: skip
+        param_grads = [
+            g if has else None for g, has in zip(param_grads, ctx.has_param, strict=True)
+        ]
+        return dq, dk, dv, *param_grads, None, None, None, None, None
+
+    return backward
+
+
+def _register_op_glue(fwd_op: str, bwd_op: str) -> None:
+    """Fake kernels for both ops and the autograd formula of ``fwd_op`` (calling ``bwd_op``).
+
+    Used for the C++ ops here and by :mod:`eegfast.ops.qk_norm_attention_triton` for its ops,
+    which share the schema documented above.
+    """
+    torch.library.register_fake(fwd_op)(_fwd_fake)
+    torch.library.register_fake(bwd_op)(_bwd_fake)
+    torch.library.register_autograd(
+        fwd_op, _make_backward(bwd_op), setup_context=_fwd_setup_context
+    )
+
+
+@functools.cache
+def _cpp_ops_built() -> bool:
+    """Whether eegfast._C has this op (an extension built before it existed does not)."""
+    return extension() is not None and hasattr(torch.ops.eegfast, "qk_norm_attention_fwd")
+
+
+if _cpp_ops_built():
+    _register_op_glue(CPP_FWD_OP, CPP_BWD_OP)
+
+
+@functools.cache
+def _triton_module() -> tuple[ModuleType | None, str]:
+    """The Triton ops module, imported on first use (triton is optional), or why not."""
+    try:
+        return importlib.import_module(TRITON_MODULE), f"{TRITON_MODULE} loaded"
+    except ImportError as error:
+        return None, f"{TRITON_MODULE} could not be imported: {error}"
+
+
+# Evaluated once while torch.compile traces a call, like resolve_backend.
+@torch.compiler.assume_constant_result
+def _choose_backend(requested: str | None, device: torch.device, dropout: bool) -> str:
+    """'reference', 'cpu' or 'triton' for this call; raises if an explicit choice cannot run."""
+    if requested == "cuda":
+        requested = "triton"  # no hand-written CUDA kernel for this op: CUDA means Triton
+    if dropout and requested not in (None, "reference"):
+        raise ValueError(
+            f"dropout_p > 0 is only implemented by backend='reference', got backend={requested!r}"
+        )
+    chosen = resolve_backend(requested, device, GPU_PREFERENCE)
+    if chosen == "cuda":  # EEGFAST_BACKEND=cuda
+        chosen = "triton"
+    if dropout:
+        if chosen != "reference":
+            raise ValueError(
+                f"dropout_p > 0 is only implemented by backend='reference' (EEGFAST_BACKEND "
+                f"selects {chosen!r}); pass backend='reference' or dropout_p=0"
+            )
+        return chosen
+    if chosen == "cpu" and not _cpp_ops_built():
+        if requested == "cpu":
+            raise RuntimeError(
+                "backend='cpu': eegfast._C has no qk_norm_attention kernels; rebuild it with "
+                "`pip install --no-build-isolation -e .`"
+            )
+        return "reference"
+    if chosen == "triton" and _triton_module()[0] is None:
+        if requested is None and device.type == "cuda":
+            return "reference"
+        raise RuntimeError(f"backend='triton' is not available: {_triton_module()[1]}")
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# Public ops.
+# --------------------------------------------------------------------------------------------
+
+
+def qk_norm_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    q_norm_bias: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    k_norm_bias: torch.Tensor | None = None,
+    *,
+    eps: float = 1e-6,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    block_causal: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``softmax(scale · LN_q(q) · LN_k(k)^T + mask) · v`` without an (N, N) matrix.
+
+    Args:
+        q, k, v: (B, H, N, D), one float dtype (float32, float16, bfloat16; float64 on the
+            reference and C++ backends), any strides. D in 1..128. Low-precision inputs are
+            computed with float32 accumulation.
+        q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias: (D,) LayerNorm affine
+            parameters shared by all heads, or None (no scale / no shift).
+        eps: LayerNorm epsilon (added to the variance).
+        scale: multiplies the scores; default ``D ** -0.5``.
+        key_padding_mask: (B, N) bool, True where a KEY is padding and must be ignored.
+        causal: query i sees key j only if ``j <= i``.
+        block_causal: (N,) integer block id of every token (e.g. its time patch); query i sees
+            key j only if ``block_causal[j] <= block_causal[i]``.
+        dropout_p: dropout on the attention weights, applied whenever > 0 (pass 0 in eval).
+            Only the reference backend implements it; the automatic choice then runs the
+            reference, an explicit other backend raises ValueError.
+        backend: ``"reference"``, ``"cpu"`` (C++), ``"triton"``, ``"cuda"`` (= Triton) or None
+            (automatic: C++ on CPU tensors, Triton on CUDA tensors); see :mod:`eegfast.ops`.
+
+    Returns:
+        (B, H, N, D) in q's dtype. From the kernels it is a view of a contiguous (B, N, H, D)
+        buffer (so ``out.transpose(1, 2).reshape(B, N, H * D)`` is free).
+
+    Rows whose query sees no key are zero and get zero gradients.
+    """
+    _check_inputs(q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
+                  eps, key_padding_mask, block_causal, dropout_p)  # fmt: skip
+    chosen = _choose_backend(backend, q.device, dropout_p > 0)
+    kwargs = dict(eps=eps, scale=scale, key_padding_mask=key_padding_mask, causal=causal,
+                  block_causal=block_causal)  # fmt: skip
+    if chosen == "reference":
+        return qk_norm_attention_reference(
+            q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
+            dropout_p=dropout_p, **kwargs,
+        )  # fmt: skip
+    out = _run_kernel(chosen, q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
+                      **kwargs)  # fmt: skip
+    return out.transpose(1, 2)
+
+
+def _run_kernel(chosen, q, k, v, q_w, q_b, k_w, k_b, *, eps, scale, key_padding_mask, causal,
+                block_causal) -> torch.Tensor:  # fmt: skip
+    """(B, N, H, D) output of the C++ or Triton forward op."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    args = (q, k, v, q_w, q_b, k_w, k_b, float(eps), scale, key_padding_mask, bool(causal),
+            block_causal)  # fmt: skip
+    if chosen == "triton":
+        out, *_ = _triton_module()[0].qk_norm_attention_fwd_triton(*args)
+    else:
+        out, *_ = torch.ops.eegfast.qk_norm_attention_fwd(*args)
+    return out
+
+
+def qk_norm_attention_packed(
+    qkv: torch.Tensor,
+    num_heads: int,
+    q_norm_weight: torch.Tensor | None = None,
+    q_norm_bias: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    k_norm_bias: torch.Tensor | None = None,
+    *,
+    eps: float = 1e-6,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    block_causal: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """:func:`qk_norm_attention` on the output of a qkv Linear, without permute copies.
+
+    Args:
+        qkv: (B, N, 3·H·D), laid out ``[q | k | v]`` with each part split into heads
+            ``h·D:(h+1)·D`` (timm / LaBraM layout). q, k, v are read as strided views.
+        num_heads: H.
+        Other arguments: as :func:`qk_norm_attention`.
+
+    Returns:
+        (B, N, H·D) in qkv's dtype, the input of the output projection.
+    """
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"qkv must have shape (B, N, 3 * H * D), got {shape}")
+    if num_heads <= 0 or qkv.shape[-1] % (3 * num_heads) != 0:
+        raise ValueError(
+            f"qkv's last dim ({qkv.shape[-1]}) must be 3 * num_heads * D with num_heads = "
+            f"{num_heads}"
+        )
+    B, N, _ = qkv.shape
+    D = qkv.shape[-1] // (3 * num_heads)
+    q, k, v = qkv.unflatten(-1, (3, num_heads, D)).permute(2, 0, 3, 1, 4).unbind(0)
+    out = qk_norm_attention(
+        q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, eps=eps, scale=scale,
+        key_padding_mask=key_padding_mask, causal=causal, block_causal=block_causal,
+        dropout_p=dropout_p, backend=backend,
+    )  # fmt: skip
+    return out.transpose(1, 2).reshape(B, N, num_heads * D)
