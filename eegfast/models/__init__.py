@@ -1,0 +1,41 @@
+"""LaBraM models: classifier, masked-modelling pretraining, VQ-NSP tokenizer; checkpoints."""
+
+from eegfast.models.checkpoint import (
+    CheckpointMismatchError,
+    LoadReport,
+    load_checkpoint,
+    read_state_dict,
+)
+from eegfast.models.labram import LaBraM, LaBraMConfig
+from eegfast.models.pretrain import (
+    LaBraMForMaskedModeling,
+    LaBraMPretrain,
+    PretrainConfig,
+    PretrainOutput,
+    pretrain_to_classifier_state_dict,
+    random_patch_mask,
+)
+from eegfast.models.registry import MODEL_CONFIGS, create_model, get_config, list_models
+from eegfast.models.vqnsp import VQNSP, TokenizerOutput, VQNSPConfig
+
+__all__ = [
+    "MODEL_CONFIGS",
+    "VQNSP",
+    "CheckpointMismatchError",
+    "LaBraM",
+    "LaBraMConfig",
+    "LaBraMForMaskedModeling",
+    "LaBraMPretrain",
+    "LoadReport",
+    "PretrainConfig",
+    "PretrainOutput",
+    "TokenizerOutput",
+    "VQNSPConfig",
+    "create_model",
+    "get_config",
+    "list_models",
+    "load_checkpoint",
+    "pretrain_to_classifier_state_dict",
+    "random_patch_mask",
+    "read_state_dict",
+]

@@ -1,0 +1,187 @@
+"""Loading reference and eegfast checkpoints with strict, readable key checking.
+
+Only safe formats are read: safetensors files, and ``torch.load(weights_only=True)`` for
+``.pth``/``.pt`` files (tensors and plain containers; arbitrary pickled objects are refused).
+Reference checkpoints wrap the state dict in ``{"model": ...}`` or ``{"module": ...}``,
+DistributedDataParallel adds ``module.`` to every key and ``torch.compile`` ``_orig_mod.``;
+all of these are unwrapped. A pretraining checkpoint (``student.*`` keys) loads into a
+classifier through :func:`eegfast.models.pretrain.pretrain_to_classifier_state_dict`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from eegfast.models.labram import LaBraM
+from eegfast.models.pretrain import pretrain_to_classifier_state_dict
+
+WRAPPER_KEYS = ("model", "module", "state_dict", "model_state_dict")
+KEY_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys or shapes do not match the model (message lists them)."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_checkpoint` did: keys missing from the checkpoint, unexpected keys,
+    shape mismatches, and keys deliberately left at their initialisation (e.g. a classifier
+    head when loading a pretrained backbone)."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        for title, keys in (
+            ("missing from the checkpoint", self.missing),
+            ("unexpected in the checkpoint", self.unexpected),
+            ("left at initialisation", self.initialised),
+        ):
+            if keys:
+                lines.append(f"{len(keys)} keys {title}:")
+                lines.extend(f"  {line}" for line in summarise_keys(keys))
+        if self.mismatched:
+            lines.append(f"{len(self.mismatched)} keys with a different shape (model vs file):")
+            lines.extend(
+                f"  {key}: {list(want)} vs {list(got)}" for key, want, got in self.mismatched
+            )
+        return "\n".join(lines)
+
+
+def summarise_keys(keys: Sequence[str]) -> list[str]:
+    """Collapse layer numbers: ``blocks.{0..11}.attn.q_bias`` instead of twelve lines."""
+    groups: dict[str, list[int]] = {}
+    order: list[str] = []
+    for key in keys:
+        numbers = re.findall(r"\.(\d+)\.", key)
+        pattern = re.sub(r"\.(\d+)\.", ".{}.", key, count=1) if numbers else key
+        if pattern not in groups:
+            groups[pattern] = []
+            order.append(pattern)
+        if numbers:
+            groups[pattern].append(int(numbers[0]))
+    out = []
+    for pattern in order:
+        layers = sorted(set(groups[pattern]))
+        if not layers:
+            out.append(pattern)
+        elif len(layers) == 1:
+            out.append(pattern.replace("{}", str(layers[0])))
+        else:
+            span = (
+                f"{layers[0]}..{layers[-1]}"
+                if layers == list(range(layers[0], layers[-1] + 1))
+                else ",".join(map(str, layers))
+            )
+            out.append(pattern.replace("{}", "{" + span + "}"))
+    return out
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a torch file read with ``weights_only=True``
+    (wrappers and prefixes removed, see :func:`unwrap_state_dict`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return unwrap_state_dict(load_file(str(path)))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path}: refused to unpickle non-tensor objects (eegfast loads checkpoints with "
+            "weights_only=True). Re-save only the state dict, e.g. "
+            "torch.save({'model': state_dict}, ...), or convert it to safetensors. "
+            f"torch said: {str(error).splitlines()[0]}"
+        ) from error
+    return unwrap_state_dict(obj, source=str(path))
+
+
+def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The tensor dict inside ``obj``: descends through ``model``/``module``/``state_dict``
+    wrappers and strips ``module.`` / ``_orig_mod.`` key prefixes."""
+    while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            raise ValueError(
+                f"{source}: no state dict found (top-level keys {sorted(obj)[:8]}; expected "
+                f"tensors or one of the wrappers {WRAPPER_KEYS})"
+            )
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
+    out = {}
+    for key, value in obj.items():
+        for prefix in KEY_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def _is_tensor_dict(obj: Mapping) -> bool:
+    return len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def load_checkpoint(
+    model: nn.Module,
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    exclude: Sequence[str] = (),
+) -> LoadReport:
+    """Load ``source`` (a file or a state dict) into ``model`` with key and shape checks.
+
+    A pretraining checkpoint (``student.*``) loaded into a :class:`LaBraM` classifier keeps
+    the backbone and leaves ``fc_norm``/``head`` at their initialisation (reported as such).
+    ``exclude``: key prefixes to skip on both sides (e.g. ``("head.",)`` to re-initialise a
+    head with another number of classes). With ``strict`` any missing, unexpected or
+    mismatched key raises :class:`CheckpointMismatchError` with a readable report and nothing
+    is loaded; otherwise the matching tensors are loaded and the report returned.
+    """
+    if isinstance(source, Mapping):
+        state = unwrap_state_dict(source)
+        name = "state dict"
+    else:
+        state = read_state_dict(source)
+        name = str(source)
+    expected = model.state_dict()
+    initialised: list[str] = []
+    if isinstance(model, LaBraM) and any(k.startswith("student.") for k in state):
+        state = pretrain_to_classifier_state_dict(state)
+        initialised = [k for k in expected if k.startswith(("fc_norm.", "head."))]
+    skip = tuple(exclude) + tuple(initialised)
+    report = LoadReport(initialised=list(initialised))
+    for key, value in state.items():
+        if key.startswith(skip):
+            continue
+        if key not in expected:
+            report.unexpected.append(key)
+        elif tuple(value.shape) != tuple(expected[key].shape):
+            report.mismatched.append((key, tuple(expected[key].shape), tuple(value.shape)))
+        else:
+            report.loaded.append(key)
+    report.missing = [k for k in expected if k not in state and not k.startswith(skip)]
+    if strict and not report.ok:
+        raise CheckpointMismatchError(f"{name} does not match {type(model).__name__}:\n{report}")
+    model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
+    return report

@@ -1,0 +1,247 @@
+"""Masked EEG modelling (LaBraM pretraining) with the symmetric objective in one forward.
+
+The reference runs the student twice per step, on a random 50% patch mask and on its
+complement. Both views share the patch embedding (the mask replaces patch embeddings *after*
+the TemporalConv), so here the patch embedding runs once, the two views are concatenated along
+the batch and go through the blocks together, and ``lm_head`` only sees the tokens that enter
+the loss (the masked ones of each view: C·A per sample instead of 2·C·A).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eegfast.models.labram import LaBraMConfig, LaBraMTrunk, _check_signal, token_padding_mask
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Masked-modelling model: the student backbone, vocabulary and mask ratio."""
+
+    backbone: LaBraMConfig = field(default_factory=LaBraMConfig)
+    vocab_size: int = 8192
+    mask_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
+
+
+class PretrainOutput(NamedTuple):
+    loss: torch.Tensor  # (): CE(masked) + CE(complement), each a mean over its tokens
+    accuracy: torch.Tensor  # (): top-1 accuracy over all predicted tokens of both views
+    loss_masked: torch.Tensor  # (): CE of view 1 (the given mask)
+    loss_complement: torch.Tensor  # (): CE of view 2 (the complementary mask)
+    accuracy_masked: torch.Tensor
+    accuracy_complement: torch.Tensor
+    mask: torch.Tensor  # (B, C·A) bool: the mask of view 1
+
+
+def random_patch_mask(
+    batch: int,
+    n_tokens: int,
+    ratio: float = 0.5,
+    *,
+    padding_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> torch.Tensor:
+    """(B, N) bool, True = masked: exactly ``round(ratio · n_valid)`` random valid tokens of
+    each sample (``padding_mask`` (B, N) True = padded, never masked)."""
+    source = generator.device if generator is not None else device
+    noise = torch.rand(batch, n_tokens, generator=generator, device=source).to(device)
+    if padding_mask is None:
+        n_valid = torch.full((batch, 1), n_tokens, device=noise.device)
+    else:
+        padding_mask = padding_mask.to(noise.device)
+        noise = noise.masked_fill(padding_mask, 2.0)  # padded tokens sort last
+        n_valid = (~padding_mask).sum(1, keepdim=True)
+    n_masked = torch.round(n_valid * ratio).long()
+    rank = noise.argsort(1).argsort(1)
+    return rank < n_masked
+
+
+class LaBraMForMaskedModeling(LaBraMTrunk):
+    """The student: trunk + learned ``mask_token`` + final ``norm`` over all tokens.
+
+    Keys as the reference's ``student.*`` (it also holds an ``lm_head`` that the reference's
+    symmetric objective never uses — the wrapper's own ``lm_head`` predicts the codes; it is
+    kept so that checkpoints load strictly).
+    """
+
+    def __init__(self, config: LaBraMConfig, vocab_size: int, *, device=None, dtype=None):
+        super().__init__(config, device=device, dtype=dtype)
+        factory = {"device": device, "dtype": dtype}
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim, **factory))
+        self.norm = nn.LayerNorm(config.embed_dim, eps=config.norm_eps, **factory)
+        self.lm_head = nn.Linear(config.embed_dim, vocab_size, **factory)
+        self._init_trunk()
+        nn.init.trunc_normal_(self.mask_token, std=config.init_std)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        input_chans=None,
+        mask: torch.Tensor | None = None,
+        *,
+        channel_padding_mask: torch.Tensor | None = None,
+        task_id: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, C, A, 200), mask (B, C·A) True = masked -> normed tokens (B, 1 + C·A, E)."""
+        x = _check_signal(x, self.config.patch_size)
+        B, C, A, _ = x.shape
+        chans = self.resolve_input_chans(input_chans, C, x.device)
+        key_padding = token_padding_mask(channel_padding_mask, A)
+        patches = self.patch_embed(x, None if key_padding is None else key_padding[:, 1:])
+        tokens = self.embed_patches(patches, C, chans, mask=mask, mask_token=self.mask_token)
+        tokens = self.run_blocks(tokens, key_padding_mask=key_padding, task_id=task_id)
+        return self.norm(tokens)
+
+
+def _repeat_batch(t, times: int = 2):
+    """Concatenate a per-sample tensor with itself along dim 0 (None and shared tensors pass)."""
+    return t if t is None else torch.cat([t] * times, dim=0)
+
+
+class LaBraMPretrain(nn.Module):
+    """Symmetric masked EEG modelling: ``student``, ``lm_head`` over the vocabulary, and the
+    reference's (unused) ``projection_head`` so that reference checkpoints load strictly.
+
+    ``forward(x, input_chans, targets, mask=None)``: targets (B, C·A) are the tokenizer's code
+    indices; ``mask`` (B, C·A) True = masked (random ``mask_ratio`` per sample if None).
+    Loss = CE over the masked tokens of view 1 + CE over the tokens of view 2 (mask
+    complement), as the reference, computed in one batched forward.
+    """
+
+    def __init__(self, config: PretrainConfig, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.config = config
+        factory = {"device": device, "dtype": dtype}
+        E = config.backbone.embed_dim
+        self.student = LaBraMForMaskedModeling(
+            config.backbone, config.vocab_size, device=device, dtype=dtype
+        )
+        self.lm_head = nn.Linear(E, config.vocab_size, **factory)
+        self.projection_head = nn.Sequential(nn.Linear(E, E, **factory), nn.ReLU())
+        nn.init.trunc_normal_(self.lm_head.weight, std=config.backbone.init_std)
+        nn.init.zeros_(self.lm_head.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.student.set_grad_checkpointing(enable)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        input_chans,
+        targets: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        channel_padding_mask: torch.Tensor | None = None,
+        task_id: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> PretrainOutput:
+        """x (B, C, A, 200); input_chans (C+1,) or (B, C+1); targets (B, C·A) long;
+        mask (B, C·A) bool or None; channel_padding_mask (B, C) bool."""
+        student = self.student
+        x = _check_signal(x, student.config.patch_size)
+        B, C, A, _ = x.shape
+        P = C * A
+        if targets.shape != (B, P):
+            raise ValueError(
+                f"targets must have shape (B, C·A) = {(B, P)}, got {tuple(targets.shape)}"
+            )
+        key_padding = token_padding_mask(channel_padding_mask, A)
+        patch_padding = None if key_padding is None else key_padding[:, 1:]
+        if mask is None:
+            mask = random_patch_mask(
+                B,
+                P,
+                self.config.mask_ratio,
+                padding_mask=patch_padding,
+                generator=generator,
+                device=x.device,
+            )
+        elif mask.shape != (B, P):
+            raise ValueError(f"mask must have shape (B, C·A) = {(B, P)}, got {tuple(mask.shape)}")
+        mask = mask.to(torch.bool)
+        chans = student.resolve_input_chans(input_chans, C, x.device)
+
+        # Both views share the patch embedding; they differ only in which tokens are masked.
+        patches = student.patch_embed(x, patch_padding)
+        both_masks = torch.cat([mask, ~mask], dim=0)
+        tokens = student.embed_patches(
+            _repeat_batch(patches),
+            C,
+            chans if chans.dim() == 1 else _repeat_batch(chans),
+            mask=both_masks,
+            mask_token=student.mask_token,
+        )
+        tokens = student.run_blocks(
+            tokens,
+            key_padding_mask=_repeat_batch(key_padding),
+            task_id=task_id if task_id is None or task_id.dim() == 0 else _repeat_batch(task_id),
+        )
+        tokens = student.norm(tokens)
+
+        predicted = both_masks
+        if patch_padding is not None:
+            predicted = predicted & ~_repeat_batch(patch_padding)
+        logits = self.lm_head(tokens[:, 1:][predicted])  # (T, vocab)
+        labels = _repeat_batch(targets)[predicted]
+        in_view1 = predicted[:B].sum()
+        per_token = F.cross_entropy(logits, labels, reduction="none")
+        correct = (logits.argmax(-1) == labels).float()
+        first = torch.arange(labels.shape[0], device=labels.device) < in_view1
+        n1 = in_view1.clamp_min(1)
+        n2 = (labels.shape[0] - in_view1).clamp_min(1)
+        loss1 = (per_token * first).sum() / n1
+        loss2 = (per_token * ~first).sum() / n2
+        acc1 = (correct * first).sum() / n1
+        acc2 = (correct * ~first).sum() / n2
+        return PretrainOutput(
+            loss=loss1 + loss2,
+            accuracy=correct.mean() if labels.numel() else correct.sum(),
+            loss_masked=loss1,
+            loss_complement=loss2,
+            accuracy_masked=acc1,
+            accuracy_complement=acc2,
+            mask=mask,
+        )
+
+
+PRETRAIN_ONLY_PREFIXES = ("mask_token", "norm.", "lm_head.")
+
+
+def pretrain_to_classifier_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Map a pretraining state dict (reference ``student.*`` layout, or this package's
+    :class:`LaBraMPretrain`) to the classifier's keys.
+
+    Kept: ``student.{cls_token, pos_embed, time_embed, patch_embed.*, blocks.*}`` → without the
+    ``student.`` prefix. Dropped: the student's ``mask_token``, ``norm.*`` and ``lm_head.*``
+    and the wrapper's ``lm_head.*`` and ``projection_head.*`` (pretraining only). The
+    classifier's ``fc_norm.*`` and ``head.*`` are new and keep their initialisation.
+    """
+    if not any(k.startswith("student.") for k in state_dict):
+        raise ValueError(
+            "not a pretraining state dict: no 'student.' keys (found e.g. "
+            f"{sorted(state_dict)[:3]})"
+        )
+    out = {}
+    for key, value in state_dict.items():
+        if not key.startswith("student."):
+            continue
+        key = key[len("student.") :]
+        if key.startswith(PRETRAIN_ONLY_PREFIXES):
+            continue
+        out[key] = value
+    return out

@@ -1,0 +1,180 @@
+"""Named model configurations and :func:`create_model`.
+
+Each name maps to a frozen config; ``create_model(name, **config)`` replaces config fields
+(unknown keys are errors that list the valid ones) and also accepts braindecode-style signal
+arguments: ``n_outputs`` (classes), ``n_chans``, ``n_times``, ``sfreq``, ``ch_names`` or
+``chs_info`` (electrode names → rows of the spatial embedding, via :mod:`eegfast.electrodes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from eegfast.models.labram import LaBraM, LaBraMConfig
+from eegfast.models.pretrain import LaBraMPretrain, PretrainConfig
+from eegfast.models.vqnsp import VQNSP, VQNSPConfig
+
+SIGNAL_ARGS = ("n_outputs", "n_chans", "n_times", "sfreq", "ch_names", "chs_info")
+
+
+def _labram(embed_dim: int, depth: int, num_heads: int, conv_channels: int, **kw) -> LaBraMConfig:
+    return LaBraMConfig(
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        conv_channels=conv_channels,
+        **kw,
+    )
+
+
+# Sizes from the LaBraM paper / reference (see ../shared/spec/LABRAM.md).
+_BACKBONES = {
+    "tiny": dict(embed_dim=100, depth=2, num_heads=4, conv_channels=4),
+    "base": dict(embed_dim=200, depth=12, num_heads=10, conv_channels=8),
+    "large": dict(embed_dim=400, depth=24, num_heads=16, conv_channels=16),
+    "huge": dict(embed_dim=800, depth=48, num_heads=16, conv_channels=32),
+}
+
+MODEL_CONFIGS: dict[str, LaBraMConfig | PretrainConfig | VQNSPConfig] = {}
+for _size, _dims in _BACKBONES.items():
+    # fine-tuning defaults: drop path 0.1 (0 for the tiny test model)
+    MODEL_CONFIGS[f"labram_{_size}"] = _labram(
+        **_dims, num_classes=2, drop_path_rate=0.0 if _size == "tiny" else 0.1
+    )
+    MODEL_CONFIGS[f"labram_{_size}_pretrain"] = PretrainConfig(
+        backbone=_labram(**_dims),
+        vocab_size=256 if _size == "tiny" else 8192,
+    )
+MODEL_CONFIGS["vqnsp_base"] = VQNSPConfig()
+MODEL_CONFIGS["vqnsp_tiny"] = VQNSPConfig(
+    encoder=_labram(**_BACKBONES["tiny"], qkv_bias=True, qk_norm=False, init_values=0.0),
+    decoder=LaBraMConfig(
+        embed_dim=100,
+        depth=1,
+        num_heads=4,
+        patch_embed="code",
+        code_dim=16,
+        qkv_bias=True,
+        qk_norm=False,
+        init_values=0.0,
+    ),
+    code_dim=16,
+    num_codes=256,
+)
+
+_BUILDERS = {LaBraMConfig: LaBraM, PretrainConfig: LaBraMPretrain, VQNSPConfig: VQNSP}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`."""
+    return sorted(MODEL_CONFIGS)
+
+
+def get_config(name: str, **config: Any) -> LaBraMConfig | PretrainConfig | VQNSPConfig:
+    """The config that ``create_model(name, **config)`` builds (validated, nothing built)."""
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    base = MODEL_CONFIGS[name]
+    own = [f.name for f in dataclasses.fields(base)]
+    backbone_keys: list[str] = []
+    if isinstance(base, PretrainConfig):  # backbone fields may be given directly
+        backbone_keys = [f.name for f in dataclasses.fields(LaBraMConfig)]
+    signal_keys = [k for k in SIGNAL_ARGS if k != "n_outputs" or isinstance(base, LaBraMConfig)]
+    valid = own + [k for k in backbone_keys if k not in own] + signal_keys
+    unknown = sorted(set(config) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"unknown config keys for {name!r}: {unknown}; valid keys: {', '.join(valid)}"
+        )
+    signal = {k: config.pop(k) for k in SIGNAL_ARGS if k in config}
+    signal_fields = _signal_fields(base, signal)
+    if isinstance(base, LaBraMConfig):
+        return dataclasses.replace(base, **signal_fields, **config)
+    if isinstance(base, PretrainConfig):
+        backbone_cfg = {
+            k: config.pop(k) for k in list(config) if k in backbone_keys and k not in own
+        }
+        backbone = config.pop("backbone", base.backbone)
+        backbone = dataclasses.replace(backbone, **signal_fields, **backbone_cfg)
+        return dataclasses.replace(base, backbone=backbone, **config)
+    encoder = config.pop("encoder", base.encoder)
+    decoder = config.pop("decoder", base.decoder)
+    if "code_dim" in config:
+        decoder = dataclasses.replace(decoder, code_dim=config["code_dim"])
+    return dataclasses.replace(
+        base,
+        encoder=dataclasses.replace(encoder, **signal_fields),
+        decoder=dataclasses.replace(decoder, **signal_fields),
+        **config,
+    )
+
+
+def create_model(name: str, *, device=None, dtype=None, **config: Any) -> nn.Module:
+    """Build a registered model, replacing any of its config fields.
+
+    Args:
+        name: one of :func:`list_models` (``labram_base``, ``labram_base_pretrain``,
+            ``vqnsp_base``, ``labram_tiny`` ...).
+        device, dtype: where and in which dtype to create the parameters.
+        **config: config fields (e.g. ``num_classes=6, drop_path_rate=0.2``), or signal
+            arguments: ``n_outputs``, ``n_chans``, ``n_times``, ``sfreq``, ``ch_names`` /
+            ``chs_info`` (MNE-style dicts with ``ch_name``).
+
+    Example::
+
+        model = create_model("labram_base", n_outputs=2, ch_names=["Fp1", "Fp2", "Cz"])
+    """
+    cfg = get_config(name, **config)
+    return _BUILDERS[type(cfg)](cfg, device=device, dtype=dtype)
+
+
+def _signal_fields(base, signal: dict[str, Any]) -> dict[str, Any]:
+    """Config fields implied by braindecode-style signal arguments (validated)."""
+    backbone = (
+        base.backbone
+        if isinstance(base, PretrainConfig)
+        else (base.encoder if isinstance(base, VQNSPConfig) else base)
+    )
+    fields: dict[str, Any] = {}
+    if "n_outputs" in signal:
+        fields["num_classes"] = int(signal["n_outputs"])
+    patch = backbone.patch_size
+    sfreq = signal.get("sfreq")
+    if sfreq is not None and float(sfreq) != float(patch):
+        raise ValueError(
+            f"sfreq must be {patch} Hz (LaBraM patches are {patch} samples = 1 s), got {sfreq}; "
+            "resample the recording first"
+        )
+    n_times = signal.get("n_times")
+    if n_times is not None and (
+        n_times % patch != 0 or not 0 < n_times // patch <= backbone.max_patches
+    ):
+        raise ValueError(
+            f"n_times must be a multiple of {patch} up to {patch * backbone.max_patches}, "
+            f"got {n_times}"
+        )
+    names = signal.get("ch_names")
+    if signal.get("chs_info") is not None:
+        info_names = [ch["ch_name"] for ch in signal["chs_info"]]
+        if names is not None and list(names) != info_names:
+            raise ValueError("ch_names and chs_info name different electrodes")
+        names = info_names
+    n_chans = signal.get("n_chans")
+    if names is not None:
+        names = _as_names(names)
+        if n_chans is not None and n_chans != len(names):
+            raise ValueError(f"n_chans ({n_chans}) != number of ch_names ({len(names)})")
+        from eegfast.electrodes import labram_input_chans
+
+        fields["input_chans"] = tuple(int(i) for i in labram_input_chans(names))
+    return fields
+
+
+def _as_names(names: Sequence[str]) -> list[str]:
+    if isinstance(names, str):
+        raise TypeError("ch_names must be a sequence of electrode names, not one string")
+    return [str(n) for n in names]

@@ -1,0 +1,160 @@
+"""Multi-head self-attention with optional per-head LayerNorm on queries and keys (LaBraM)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eegfast.ops import qk_norm_attention_packed
+
+
+def attention_visibility(
+    batch: int,
+    n: int,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    block_causal: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor | None:
+    """Boolean "query may see key" mask, (B, 1, N, N) or (1, 1, N, N), or None if all visible.
+
+    Semantics of the eegfast attention ops: ``key_padding_mask`` (B, N) True = padding key;
+    ``causal``: j <= i; ``block_causal`` (N,) block ids: block[j] <= block[i]. Masks AND.
+    """
+    visible = None
+    if causal:
+        visible = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]
+    if block_causal is not None:
+        blocks = block_causal.to(device)
+        in_past = (blocks[None, :] <= blocks[:, None])[None, None]
+        visible = in_past if visible is None else visible & in_past
+    if key_padding_mask is not None:
+        keys = (~key_padding_mask.to(device=device, dtype=torch.bool))[:, None, None, :]
+        visible = keys if visible is None else visible & keys
+    if visible is not None and visible.shape[0] != batch:
+        visible = visible.expand(batch, -1, n, n)
+    return visible
+
+
+class QKNormAttention(nn.Module):
+    """Self-attention of LaBraM: one qkv Linear, optional q/k LayerNorm, output projection.
+
+    State-dict keys are those of the reference implementation: ``qkv.weight`` (no Linear bias),
+    ``q_bias`` and ``v_bias`` when ``qkv_bias`` (keys get no bias), ``q_norm.*`` / ``k_norm.*``
+    (one ``LayerNorm(head_dim)`` each, shared by all heads) when ``qk_norm``, and ``proj.*``.
+
+    With ``qk_norm`` the fused op :func:`eegfast.ops.qk_norm_attention_packed` reads q/k/v
+    straight out of the qkv projection (no permute copies) and normalises inside the kernel;
+    without it (the tokenizer) PyTorch's ``scaled_dot_product_attention`` is used.
+
+    Args:
+        dim: model width; ``num_heads`` must divide it.
+        num_heads: number of heads H; head dim D = dim // H.
+        qkv_bias: learn ``q_bias`` and ``v_bias`` (the tokenizer's setting).
+        qk_norm: LayerNorm over D on queries and keys before the dot product.
+        norm_eps: epsilon of the q/k LayerNorms (1e-6 in LaBraM).
+        attn_drop: dropout on attention probabilities (training only; the reference backend
+            of the fused op is used when this is > 0).
+        proj_drop: dropout after the output projection.
+        backend: backend of the fused op (None = automatic, see :mod:`eegfast.ops`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = False,
+        qk_norm: bool = True,
+        *,
+        norm_eps: float = 1e-6,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must divide dim ({dim})")
+        factory = {"device": device, "dtype": dtype}
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.attn_drop, self.backend = attn_drop, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False, **factory)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim, **factory))
+            self.v_bias = nn.Parameter(torch.zeros(dim, **factory))
+        else:
+            self.q_bias = self.v_bias = None
+        if qk_norm:
+            self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps, **factory)
+            self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps, **factory)
+        else:
+            self.q_norm = self.k_norm = None
+        self.proj = nn.Linear(dim, dim, **factory)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, qkv_bias={self.q_bias is not None}, "
+            f"qk_norm={self.q_norm is not None}, backend={self.backend}"
+        )
+
+    def _qkv_bias(self) -> torch.Tensor | None:
+        if self.q_bias is None:
+            return None
+        return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        key_padding_mask: torch.Tensor | None = None,
+        causal: bool = False,
+        block_causal: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, N, dim) -> (B, N, dim).
+
+        key_padding_mask: (B, N) bool, True = padding token (ignored as a key).
+        causal / block_causal: as in :func:`eegfast.ops.qk_norm_attention`.
+        """
+        B, N, C = x.shape
+        if C != self.dim:
+            raise ValueError(f"x must have last dim {self.dim}, got {tuple(x.shape)}")
+        qkv = F.linear(x, self.qkv.weight, self._qkv_bias())  # (B, N, 3·H·D)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if self.q_norm is not None:
+            out = qk_norm_attention_packed(
+                qkv,
+                self.num_heads,
+                self.q_norm.weight,
+                self.q_norm.bias,
+                self.k_norm.weight,
+                self.k_norm.bias,
+                eps=self.q_norm.eps,
+                scale=self.scale,
+                key_padding_mask=key_padding_mask,
+                causal=causal,
+                block_causal=block_causal,
+                dropout_p=dropout_p,
+                backend="reference" if dropout_p > 0 else self.backend,
+            )
+        else:
+            q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            visible = attention_visibility(
+                B,
+                N,
+                key_padding_mask=key_padding_mask,
+                causal=causal,
+                block_causal=block_causal,
+                device=x.device,
+            )
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=visible, dropout_p=dropout_p, scale=self.scale
+            )
+            if visible is not None:  # rows that see no key: zeros, as the fused op
+                out = out.masked_fill(~visible.any(-1, keepdim=True), 0.0)
+            out = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(out))

@@ -1,0 +1,215 @@
+"""Transformer layers of LaBraM: MLP, pre-norm block with layer scale, patch embeddings."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eegfast.nn.attention import QKNormAttention
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero the residual branch of whole samples with probability ``p``."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class Mlp(nn.Module):
+    """fc1 → exact GELU → fc2 (keys ``fc1.*``, ``fc2.*`` as the reference).
+
+    ``forward(x, task_id=None)`` takes ``task_id`` so that a task-routed MoE FFN can replace
+    ``Block.mlp`` without changing the block; a dense MLP ignores it.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        out_dim: int | None = None,
+        drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(dim, hidden, **factory)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, out_dim or dim, **factory)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor, task_id: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., dim) -> (..., out_dim)."""
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x += γ1·attn(LN(x)); x += γ2·mlp(LN(x))``.
+
+    Layer scale γ (``gamma_1``, ``gamma_2``) exists only when ``init_values`` > 0 (the
+    backbone: 0.1; the tokenizer has none). Drop path applies to both residual branches.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        qkv_bias: bool = False,
+        qk_norm: bool = True,
+        init_values: float | None = 0.1,
+        drop_path: float = 0.0,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        norm_eps: float = 1e-6,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, **factory)
+        self.attn = QKNormAttention(
+            dim,
+            num_heads,
+            qkv_bias,
+            qk_norm,
+            norm_eps=norm_eps,
+            attn_drop=attn_drop,
+            proj_drop=drop,
+            backend=backend,
+            **factory,
+        )
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **factory)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, **factory)
+        self.drop_path = drop_path
+        if init_values:
+            self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values), **factory))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values), **factory))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def extra_repr(self) -> str:
+        return f"layer_scale={self.gamma_1 is not None}, drop_path={self.drop_path}"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        key_padding_mask: torch.Tensor | None = None,
+        causal: bool = False,
+        block_causal: torch.Tensor | None = None,
+        task_id: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, N, dim) -> (B, N, dim); masks as in :class:`QKNormAttention`."""
+        a = self.attn(
+            self.norm1(x),
+            key_padding_mask=key_padding_mask,
+            causal=causal,
+            block_causal=block_causal,
+        )
+        if self.gamma_1 is not None:
+            a = self.gamma_1 * a
+        x = x + drop_path(a, self.drop_path, self.training)
+        m = self.mlp(self.norm2(x), task_id=task_id)
+        if self.gamma_2 is not None:
+            m = self.gamma_2 * m
+        return x + drop_path(m, self.drop_path, self.training)
+
+
+def masked_group_norm(
+    x: torch.Tensor, norm: nn.GroupNorm, valid: torch.Tensor | None
+) -> torch.Tensor:
+    """GroupNorm of x (B, K, P, T) whose statistics pool only over valid patches.
+
+    valid: (B, P) bool (True = real patch) or None (plain GroupNorm over all P patches, the
+    reference). Padded patches are normalised with the valid patches' statistics; their values
+    are ignored downstream.
+    """
+    if valid is None:
+        return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    B, K, P, T = x.shape
+    G = norm.num_groups
+    grouped = x.float().reshape(B, G, K // G, P, T)
+    weight = valid.to(grouped.dtype)[:, None, None, :, None]
+    count = (valid.sum(1).to(grouped.dtype) * (K // G) * T).clamp_min(1)[:, None, None, None, None]
+    mean = (grouped * weight).sum((2, 3, 4), keepdim=True) / count
+    centred = grouped - mean
+    var = (centred.square() * weight).sum((2, 3, 4), keepdim=True) / count
+    out = (centred * torch.rsqrt(var + norm.eps)).reshape(B, K, P, T).to(x.dtype)
+    return out * norm.weight[:, None, None] + norm.bias[:, None, None]
+
+
+class TemporalConv(nn.Module):
+    """LaBraM's patch embedding: three Conv → GroupNorm → GELU blocks over each 200-sample patch.
+
+    conv1: 1 → k channels, kernel 15, stride 8, padding 7 (200 → 25 steps); conv2, conv3: k → k,
+    kernel 3, padding 1. GroupNorm(4 groups) statistics pool over all C·A patches of a sample
+    (so one patch's embedding depends on the whole sample), over the non-padded ones when a
+    padding mask is given. Output features are ordered time-major: index t·k + channel.
+    """
+
+    def __init__(
+        self,
+        out_chans: int = 8,
+        *,
+        num_groups: int = 4,
+        patch_size: int = 200,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if out_chans % num_groups != 0:
+            raise ValueError(f"out_chans ({out_chans}) must be divisible by {num_groups} groups")
+        factory = {"device": device, "dtype": dtype}
+        self.out_chans, self.patch_size = out_chans, patch_size
+        self.conv1 = nn.Conv2d(1, out_chans, (1, 15), (1, 8), (0, 7), **factory)
+        self.norm1 = nn.GroupNorm(num_groups, out_chans, **factory)
+        self.conv2 = nn.Conv2d(out_chans, out_chans, (1, 3), padding=(0, 1), **factory)
+        self.norm2 = nn.GroupNorm(num_groups, out_chans, **factory)
+        self.conv3 = nn.Conv2d(out_chans, out_chans, (1, 3), padding=(0, 1), **factory)
+        self.norm3 = nn.GroupNorm(num_groups, out_chans, **factory)
+        self.steps = (patch_size + 2 * 7 - 15) // 8 + 1
+        self.embed_dim = self.steps * out_chans
+
+    def extra_repr(self) -> str:
+        return f"out_chans={self.out_chans}, embed_dim={self.embed_dim}"
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, A, T) patches -> (B, C·A, steps·k) tokens, electrode-major.
+
+        padding_mask: (B, C·A) bool, True = padded patch (left out of the GroupNorm statistics).
+        """
+        B, C, A, T = x.shape
+        h = x.reshape(B, 1, C * A, T)
+        valid = None if padding_mask is None else ~padding_mask
+        for conv, norm in (
+            (self.conv1, self.norm1),
+            (self.conv2, self.norm2),
+            (self.conv3, self.norm3),
+        ):
+            h = F.gelu(masked_group_norm(conv(h), norm, valid))
+        return h.permute(0, 2, 3, 1).reshape(B, C * A, self.embed_dim)  # (B, P, steps·k)
+
+
+class CodePatchEmbed(nn.Module):
+    """Linear embedding of per-patch vectors (the tokenizer decoder's input, codes of dim F).
+
+    Holds the weight as the reference's 1×1 ``Conv2d`` (``proj.weight`` (E, F, 1, 1)) for
+    state-dict compatibility and applies it as a Linear.
+    """
+
+    def __init__(self, in_dim: int, embed_dim: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_dim, embed_dim, 1, device=device, dtype=dtype)
+        self.embed_dim = embed_dim
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, A, F) -> (B, C·A, E). padding_mask is accepted for symmetry and unused."""
+        B, C, A, _ = x.shape
+        return F.linear(x.reshape(B, C * A, -1), self.proj.weight.flatten(1), self.proj.bias)
