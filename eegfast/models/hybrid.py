@@ -53,6 +53,8 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "create_hybrid_model",
+    "hybrid_config_from_state_dict",
+    "load_hybrid_model",
     "ForecastHead",
     "HybridConfig",
     "HybridOutput",
@@ -707,3 +709,69 @@ def create_hybrid_model(
     if not hasattr(masked, "student"):
         raise ValueError(f"{name!r} is not a masked-pretraining model (no .student backbone)")
     return HybridPretrainModel(masked, hybrid or HybridConfig(), device=device, dtype=dtype)
+
+
+def hybrid_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
+    """Architecture of a hybrid checkpoint read from its tensor shapes.
+
+    Returns ``{"backbone": {...LaBraMConfig fields}, "vocab_size": V, "hybrid": {...}}``;
+    raises ValueError naming what is missing when ``state`` is not a hybrid checkpoint.
+    """
+    need = ("student.cls_token", "student.blocks.0.attn.qkv.weight", "lm_head.weight")
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise ValueError(f"not a LaBraM pretraining checkpoint: missing {missing}")
+    if not any(k.startswith("forecast_head.") for k in state):
+        raise ValueError(
+            "not a hybrid checkpoint: no forecast_head.* tensors (train it with "
+            "`eegfast pretrain --objective hybrid`)"
+        )
+    embed = int(state["student.cls_token"].shape[-1])
+    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("student.blocks."))
+    q_norm = state.get("student.blocks.0.attn.q_norm.weight")
+    if q_norm is None:
+        raise ValueError("hybrid checkpoints need q/k-normed attention (no q_norm found)")
+    backbone = {
+        "embed_dim": embed,
+        "depth": depth,
+        "num_heads": embed // int(q_norm.shape[0]),
+        "mlp_ratio": state["student.blocks.0.mlp.fc1.weight"].shape[0] / embed,
+        "conv_channels": int(state["student.patch_embed.conv1.weight"].shape[0]),
+        "pos_rows": int(state["student.pos_embed"].shape[1]),
+        "max_patches": int(state["student.time_embed"].shape[1]),
+        "qkv_bias": "student.blocks.0.attn.q_bias" in state,
+        "init_values": 0.1 if "student.blocks.0.gamma_1" in state else 0.0,
+    }
+    hybrid = {
+        "predict_tokens": "forecast_head.token.weight" in state,
+        "predict_signal": "forecast_head.signal.2.weight" in state,
+    }
+    if hybrid["predict_signal"]:
+        hybrid["patch_size"] = int(state["forecast_head.signal.2.weight"].shape[0])
+    return {
+        "backbone": backbone,
+        "vocab_size": int(state["lm_head.weight"].shape[0]),
+        "hybrid": hybrid,
+    }
+
+
+def load_hybrid_model(
+    state: dict[str, torch.Tensor], *, mask_weight: float = 0.5, device=None, dtype=None
+) -> HybridPretrainModel:
+    """Rebuild a :class:`HybridPretrainModel` from a state dict (architecture from its shapes)
+    and load it strictly."""
+    from eegfast.models.checkpoint import load_checkpoint
+    from eegfast.models.labram import LaBraMConfig
+    from eegfast.models.pretrain import LaBraMPretrain, PretrainConfig
+
+    arch = hybrid_config_from_state_dict(state)
+    masked = LaBraMPretrain(
+        PretrainConfig(backbone=LaBraMConfig(**arch["backbone"]), vocab_size=arch["vocab_size"]),
+        device=device,
+        dtype=dtype,
+    )
+    model = HybridPretrainModel(
+        masked, HybridConfig(mask_weight=mask_weight, **arch["hybrid"]), device=device, dtype=dtype
+    )
+    load_checkpoint(model, state, strict=True)
+    return model
