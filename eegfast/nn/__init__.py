@@ -1,14 +1,18 @@
 """Drop-in layers built on eegfast ops."""
 
 from eegfast.nn.attention import QKNormAttention
+from eegfast.nn.convert import ConversionReport, convert, convert_report
 from eegfast.nn.layers import Block, Mlp, TemporalConv
 from eegfast.nn.vq import CodebookEMA, NormEMAVectorQuantizer, QuantizerOutput
 
 __all__ = [
     "Block",
+    "ConversionReport",
     "Mlp",
     "QKNormAttention",
     "TemporalConv",
+    "convert",
+    "convert_report",
     "CodebookEMA",
     "NormEMAVectorQuantizer",
     "QuantizerOutput",

@@ -1,0 +1,330 @@
+"""eegfast.nn.convert: swapping other codebases' q/k-LayerNorm attention for the fused kernel.
+
+The reference-LaBraM modules below are re-created from ../shared/spec/LABRAM.md (one qkv Linear
+without bias, optional q_bias / v_bias with no key bias, q_norm / k_norm LayerNorm(head_dim)
+shared by heads, head_dim^-0.5 scale, softmax, output projection; pre-norm blocks with
+layer scale). The timm tests use a real ``timm.models.vision_transformer.VisionTransformer``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eegfast.nn import ConversionReport, convert, convert_report
+from eegfast.nn.convert import FusedLabramAttention, FusedTimmAttention
+
+
+class ReferenceAttention(nn.Module):
+    """Plain-PyTorch LaBraM attention with the reference's attribute and state-dict names."""
+
+    def __init__(self, dim, num_heads, qkv_bias=False, qk_norm=nn.LayerNorm, attn_drop=0.0,
+                 proj_drop=0.0, norm_eps=1e-6):  # fmt: skip
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = None
+            self.v_bias = None
+        if qk_norm is not None:
+            self.q_norm = qk_norm(head_dim, eps=norm_eps)
+            self.k_norm = qk_norm(head_dim, eps=norm_eps)
+        else:
+            self.q_norm = None
+            self.k_norm = None
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x, rel_pos_bias=None):
+        B, N, C = x.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if rel_pos_bias is not None:
+            attn = attn + rel_pos_bias
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class ReferenceBlock(nn.Module):
+    def __init__(self, dim, num_heads, **attn_kwargs):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = ReferenceAttention(dim, num_heads, **attn_kwargs)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.gamma_1 = nn.Parameter(0.1 * torch.ones(dim))
+        self.gamma_2 = nn.Parameter(0.1 * torch.ones(dim))
+
+    def forward(self, x, rel_pos_bias=None):
+        x = x + self.gamma_1 * self.attn(self.norm1(x), rel_pos_bias=rel_pos_bias)
+        return x + self.gamma_2 * self.mlp(self.norm2(x))
+
+
+class ReferenceEncoder(nn.Module):
+    """Patch embedding stand-in, cls token, pre-norm blocks, mean-pooled classifier."""
+
+    def __init__(self, dim=40, num_heads=2, depth=2, num_classes=3, **attn_kwargs):
+        super().__init__()
+        self.patch_embed = nn.Linear(200, dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            [ReferenceBlock(dim, num_heads, **attn_kwargs) for _ in range(depth)]
+        )
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):  # (B, C·A, 200)
+        x = self.patch_embed(x)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.fc_norm(x[:, 1:].mean(1)))
+
+
+def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial values everywhere (LayerNorm affine, q/v biases), so every path matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
+    return model
+
+
+def _forward_backward(model: nn.Module, x: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return out.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_reference_labram_converts_with_equal_outputs_and_gradients(qkv_bias, backend):
+    original = _randomise(ReferenceEncoder(depth=2, qkv_bias=qkv_bias))
+    model = copy.deepcopy(original)
+    params_before = {name: p for name, p in model.named_parameters()}
+    keys_before = list(model.state_dict())
+
+    assert convert(model, backend=backend) == 2
+    assert all(isinstance(block.attn, FusedLabramAttention) for block in model.blocks)
+    assert all(block.attn.backend == backend for block in model.blocks)
+    # Weights kept: the same parameter objects under the same keys, in the same order.
+    assert list(model.state_dict()) == keys_before
+    assert all(p is params_before[name] for name, p in model.named_parameters())
+    for key, value in original.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+
+    x = torch.randn(3, 2 * 5, 200, generator=torch.Generator().manual_seed(1))  # N = 11 tokens
+    out_ref, dx_ref, grads_ref = _forward_backward(original, x)
+    out, dx, grads = _forward_backward(model, x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_converted_module_keeps_training_flag_dtype_and_fallback_paths():
+    original = _randomise(ReferenceAttention(40, 2, qkv_bias=True)).double()
+    original.train()
+    original.q_norm.eval()  # a child's own flag must survive as well
+    holder = nn.Sequential(copy.deepcopy(original))
+    assert convert(holder) == 1
+    fused = holder[0]
+    assert fused.training and not fused.q_norm.training and fused.proj.training
+    assert fused.qkv.weight.dtype == torch.float64 and fused.qkv.weight.device.type == "cpu"
+    assert "ReferenceAttention" in repr(fused)
+
+    # rel_pos_bias is not a kernel input: the converted module computes it in plain PyTorch.
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 9, 40, generator=gen, dtype=torch.float64)
+    bias = torch.randn(2, 9, 9, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(fused(x, rel_pos_bias=bias), original(x, rel_pos_bias=bias))
+    probs = fused(x, return_attention=True)
+    assert probs.shape == (2, 2, 9, 9)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 9, dtype=torch.float64))
+    with pytest.raises(NotImplementedError, match="return_qkv"):
+        fused(x, return_qkv=True)
+
+
+def test_attention_dropout_is_left_alone_in_training_and_converted_in_eval():
+    model = ReferenceEncoder(depth=2, attn_drop=0.1)
+    report = convert_report(model)
+    assert report.converted == ()
+    assert [name for name, _ in report.skipped] == ["blocks.0.attn", "blocks.1.attn"]
+    assert "attn_drop.p=0.1 in training mode" in report.skipped[0][1]
+
+    model.eval()
+    assert convert(model) == 2
+    # Trained again later: attention dropout runs in plain PyTorch instead of being dropped.
+    model.train()
+    x = torch.randn(2, 6, 200)
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    b = model(x)
+    assert not torch.equal(a, b)
+
+
+class RotaryAttention(ReferenceAttention):
+    """Same fields, one more forward argument: converting it would silently drop ``rope``."""
+
+    def forward(self, x, rope=None):
+        return super().forward(x)
+
+
+class ScaledOutputAttention(ReferenceAttention):
+    """Same fields and signature, different math: only the verification run can tell."""
+
+    def forward(self, x, rel_pos_bias=None):
+        return 2.0 * super().forward(x, rel_pos_bias)
+
+
+@pytest.mark.parametrize(
+    ("attention", "reason"),
+    [
+        (ReferenceAttention(40, 2, qk_norm=None), "qk_norm is off"),
+        (ReferenceAttention(40, 2, qk_norm=nn.RMSNorm), "implements LayerNorm only"),
+        (RotaryAttention(40, 2), "its forward takes 'rope'"),
+        (ScaledOutputAttention(40, 2), "outputs differ from the original"),
+    ],
+)
+def test_unsafe_modules_are_left_alone_with_a_reason(attention, reason):
+    model = nn.Sequential(nn.Linear(40, 40), attention)
+    report = convert_report(model)
+    assert report.converted == ()
+    assert len(report.skipped) == 1
+    assert report.skipped[0][0] == "1"
+    assert reason in report.skipped[0][1]
+    assert model[1] is attention
+    assert convert(model) == 0
+
+
+def test_dry_run_shared_modules_and_root():
+    shared = ReferenceAttention(40, 2)
+    model = nn.ModuleDict({"a": shared, "b": nn.Sequential(shared)})
+    report = convert_report(model, dry_run=True)
+    assert isinstance(report, ConversionReport)
+    assert report.converted == ("a",) and report.dry_run
+    assert model["a"] is shared
+    assert "would convert 1" in str(report)
+
+    assert convert(model) == 1
+    assert isinstance(model["a"], FusedLabramAttention)
+    assert model["b"][0] is model["a"]  # one replacement for one shared module
+
+    root = convert_report(ReferenceAttention(40, 2))
+    assert root.converted == () and "root module" in root.skipped[0][1]
+    with pytest.raises(ValueError, match="backend"):
+        convert(model, backend="fastest")
+    with pytest.raises(TypeError, match="nn.Module"):
+        convert(torch.zeros(3))
+
+
+# --------------------------------------------------------------------------------------------
+# A real timm ViT.
+# --------------------------------------------------------------------------------------------
+
+
+def _timm():
+    """timm, or a skip where it cannot be installed: only where this torch came without a
+    matching torchvision (e.g. a machine's own CUDA torch). Where torchvision imports, `make`
+    installs timm too, so a missing timm is then a failure, not a skip."""
+    if importlib.util.find_spec("timm") is None:
+        try:
+            import torchvision  # noqa: F401
+        except Exception as error:  # noqa: BLE001 - any import failure means "no torchvision"
+            pytest.skip(
+                f"timm is not installed: it needs a torchvision built for this torch "
+                f"({torch.__version__}), and none imports here ({type(error).__name__}). "
+                "`make install` adds torch 2.14.1 + torchvision 0.29.1 + timm where it "
+                "installs torch itself"
+            )
+        pytest.fail("torchvision imports but timm is missing: pip install -e '.[timm]'")
+    import timm
+
+    return timm
+
+
+def _small_vit(timm, *, qk_norm: bool, seed: int = 0) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=60, depth=3, num_heads=3,
+                              num_classes=5, qk_norm=qk_norm, qkv_bias=True)  # fmt: skip
+    return _randomise(model, seed).eval()
+
+
+def test_timm_vit_converts_with_equal_outputs_and_gradients():
+    timm = _timm()
+    original = _small_vit(timm, qk_norm=True)  # head_dim 20, as LaBraM-Base
+    model = copy.deepcopy(original).train()
+    keys_before = list(model.state_dict())
+
+    report = convert_report(model)
+    assert report.skipped == ()
+    assert len(report.converted) == len(model.blocks) == 3
+    assert all(isinstance(block.attn, FusedTimmAttention) for block in model.blocks)
+    assert list(model.state_dict()) == keys_before
+
+    original.train()  # drop rates are 0: train mode changes nothing but must be kept
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    out_ref, dx_ref, grads_ref = _forward_backward(original, x)
+    out, dx, grads = _forward_backward(model, x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+    # An explicit attention mask is served by timm's own SDPA math, not dropped.
+    attn, attn_ref = model.blocks[0].attn, original.blocks[0].attn
+    tokens = torch.randn(2, 17, 60)
+    mask = torch.rand(2, 1, 17, 17, generator=torch.Generator().manual_seed(4)) > 0.3
+    mask[..., 0] = True
+    torch.testing.assert_close(attn(tokens, attn_mask=mask), attn_ref(tokens, attn_mask=mask))
+    torch.testing.assert_close(attn(tokens, is_causal=True), attn_ref(tokens, is_causal=True))
+
+    # The converted model's state dict loads into a fresh timm model and gives its outputs.
+    fresh = _small_vit(timm, qk_norm=True, seed=1)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fresh(x), rtol=1e-4, atol=1e-5)
+
+
+def test_timm_create_model_and_qk_norm_off():
+    timm = _timm()
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, qk_norm=True,
+                            img_size=32, num_classes=4).eval()  # fmt: skip
+    reference = copy.deepcopy(vit)
+    assert convert(vit) == len(vit.blocks) == 12
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), reference(x), rtol=1e-4, atol=1e-5)
+
+    plain = _small_vit(timm, qk_norm=False)
+    report = convert_report(plain)
+    assert report.converted == ()
+    assert len(report.skipped) == 3
+    assert all("qk_norm is off" in reason for _, reason in report.skipped)
