@@ -1,0 +1,499 @@
+"""``eegfast generate``: continue an EEG recording with a hybrid-pretrained model.
+
+    eegfast generate --model RUN_OR_CKPT --prompt FILE --seconds S --out OUT.edf|OUT.npy
+
+The prompt is either
+
+* a recording in any format MNE reads (EDF/BDF, FIF, BrainVision, EEGLAB, ...): its EEG
+  electrodes are mapped to the LaBraM table and preprocessed as for training (band-pass
+  0.1-75 Hz, mains notch, 200 Hz, units of 100 µV, via :mod:`eegfast.data`), then the window
+  ``[--start, --start + --prompt-seconds)`` (default: the last ``--prompt-seconds`` seconds) is
+  the prompt; or
+* a prompt window already at 200 Hz: ``.npy`` (C, T) in µV with ``--channels`` naming its rows,
+  or ``.npz`` with arrays ``x`` (C, T) in µV and ``channels``.
+
+The model continues it patch by patch (1 s = 200 samples per patch) with a key/value cache
+(``--no-cache`` re-encodes the context each step), drawing each patch's VQ-NSP codes with
+``--temperature`` / ``--top-k`` (``--mode tokens``) or using the regression head
+(``--mode regression``). Output, in the prompt's electrode set and order, at 200 Hz:
+
+* ``.edf``: written by MNE (``mne.export.export_raw``, edfio) with standard electrode names;
+  annotations mark the prompt (with ``--include-prompt``) and the generated part. EDF data
+  records are 1 s, so ``--seconds`` is rounded up to whole seconds (generated samples, not
+  padding);
+* ``.npy``: float32 (C, T) in µV, plus ``OUT.json`` with channel names, rate and settings.
+
+Files are written atomically (temporary file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SFREQ = 200.0
+PATCH = 200
+UV_PER_UNIT = 100.0  # model units are 100 µV
+OUTPUT_SUFFIXES = (".edf", ".npy")
+
+
+class GenerateError(ValueError):
+    """A bad argument or input file; the message names it."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt window: x (C, T) float32 in model units (100 µV) at 200 Hz, T >= 200."""
+
+    x: np.ndarray
+    names: tuple[str, ...]  # normalised LaBraM names, one per row of x
+    source: str
+    start_s: float  # where the window starts in the source recording
+
+    @property
+    def seconds(self) -> float:
+        return self.x.shape[1] / SFREQ
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seconds must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"--seconds must be > 0, got {text}")
+    return value
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="hybrid checkpoint: a .safetensors file, a checkpoint folder, or a run folder",
+    )
+    parser.add_argument(
+        "--prompt",
+        required=True,
+        help="recording to continue (EDF, BDF, FIF, ...) or a prompt window (.npy/.npz, µV)",
+    )
+    parser.add_argument(
+        "--seconds", required=True, type=_positive_seconds, help="seconds of EEG to generate"
+    )
+    parser.add_argument("--out", required=True, help="output file, .edf or .npy")
+    parser.add_argument(
+        "--channels",
+        default=None,
+        help="comma-separated electrodes: a subset (and order) of the recording's, or the row "
+        "names of a .npy prompt",
+    )
+    parser.add_argument(
+        "--start",
+        type=float,
+        default=None,
+        help="start of the prompt window in the recording, seconds (default: its last part)",
+    )
+    parser.add_argument(
+        "--prompt-seconds",
+        type=int,
+        default=8,
+        help="length of the prompt window in whole seconds (default 8; at most the model's "
+        "context, 16 for LaBraM)",
+    )
+    parser.add_argument(
+        "--notch", type=float, default=50.0, help="mains frequency in Hz (50/60; 0 = no notch)"
+    )
+    parser.add_argument("--mode", choices=("tokens", "regression"), default="tokens")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy codes")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k best codes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true", help="re-encode the context per step")
+    parser.add_argument(
+        "--include-prompt", action="store_true", help="write the prompt before the generated part"
+    )
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt
+# --------------------------------------------------------------------------------------------
+
+
+def _split_channels(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise GenerateError("--channels: no electrode names given")
+    return names
+
+
+def _check_electrodes(names: list[str], what: str) -> tuple[str, ...]:
+    """Normalised names; GenerateError naming every electrode the model cannot embed."""
+    from eegfast.electrodes import is_labram_channel, normalize_channel_name
+
+    normalised = [normalize_channel_name(n) for n in names]
+    unknown = [raw for raw, n in zip(names, normalised, strict=True) if not is_labram_channel(n)]
+    if unknown:
+        raise GenerateError(
+            f"{what}: unknown electrodes {unknown} (not in the LaBraM electrode table, or past "
+            "its 128 electrode rows)"
+        )
+    dupes = sorted({n for n in normalised if normalised.count(n) > 1})
+    if dupes:
+        raise GenerateError(f"{what}: electrodes given twice: {dupes}")
+    return tuple(normalised)
+
+
+def _window(
+    x: np.ndarray, start: float | None, seconds: int, source: str
+) -> tuple[np.ndarray, float]:
+    """Whole patches of x (C, T) at 200 Hz: [start, start + seconds) or the last ``seconds``."""
+    total = x.shape[1]
+    if total < PATCH:
+        raise GenerateError(
+            f"--prompt {source}: {total} samples at 200 Hz ({total / SFREQ:.2f} s) is shorter "
+            f"than one patch ({PATCH} samples = 1 s)"
+        )
+    if start is None:
+        n = min(seconds, total // PATCH) * PATCH
+        begin = total - n
+    else:
+        if start < 0:
+            raise GenerateError(f"--start must be >= 0, got {start}")
+        begin = int(round(start * SFREQ))
+        n = min(seconds, (total - begin) // PATCH) * PATCH if begin < total else 0
+        if n < PATCH:
+            raise GenerateError(
+                f"--start {start:g}: less than one patch (1 s) of {source} remains after it "
+                f"(the recording has {total / SFREQ:.2f} s at 200 Hz)"
+            )
+    return x[:, begin : begin + n], begin / SFREQ
+
+
+def load_prompt(
+    path: str | Path,
+    *,
+    channels: list[str] | None = None,
+    start: float | None = None,
+    prompt_seconds: int = 8,
+    notch: float | None = 50.0,
+) -> Prompt:
+    """Read and preprocess a prompt (see the module docstring) -> :class:`Prompt`."""
+    path = Path(path)
+    if prompt_seconds < 1:
+        raise GenerateError(f"--prompt-seconds must be >= 1, got {prompt_seconds}")
+    if not path.is_file():
+        raise GenerateError(f"--prompt: file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".npy", ".npz"):
+        if suffix == ".npy":
+            if channels is None:
+                raise GenerateError(f"--prompt {path.name}: a .npy prompt needs --channels")
+            data = np.load(path, allow_pickle=False)
+            names = channels
+        else:
+            with np.load(path, allow_pickle=False) as archive:
+                if "x" not in archive or "channels" not in archive:
+                    raise GenerateError(
+                        f"--prompt {path.name}: a .npz prompt holds arrays 'x' and 'channels'"
+                    )
+                data, names = archive["x"], [str(n) for n in archive["channels"]]
+            if channels is not None:
+                picked = _check_electrodes(channels, "--channels")
+                known = _check_electrodes(names, f"--prompt {path.name}")
+                missing = [c for c in picked if c not in known]
+                if missing:
+                    raise GenerateError(f"--prompt {path.name}: has no electrodes {missing}")
+                data = data[[known.index(c) for c in picked]]
+                names = list(picked)
+        if data.ndim != 2 or data.shape[0] != len(names):
+            raise GenerateError(
+                f"--prompt {path.name}: expected (C, T) with C = {len(names)} electrodes, got "
+                f"shape {data.shape}"
+            )
+        if not np.isfinite(data).all():
+            raise GenerateError(f"--prompt {path.name}: holds NaN or infinite samples")
+        normalised = _check_electrodes(list(names), f"--prompt {path.name}")
+        x = np.asarray(data, dtype=np.float32) / UV_PER_UNIT
+        window, begin = _window(x, start, prompt_seconds, path.name)
+        return Prompt(np.ascontiguousarray(window), normalised, str(path), begin)
+
+    from eegfast.data.preprocess import PreprocessConfig, SampleRateError, preprocess_signal
+    from eegfast.data.reading import BadRecording, map_channels, read_recording
+
+    if channels is not None:
+        _check_electrodes(channels, "--channels")
+    try:
+        raw = read_recording(path)
+        mapped = map_channels(raw.ch_names, raw.get_channel_types(), channels=channels)
+    except BadRecording as err:
+        raise GenerateError(f"--prompt {path}: {err}") from None
+    if not mapped.picks:
+        raise GenerateError(
+            f"--prompt {path}: no EEG electrode of the LaBraM table (excluded: "
+            f"{dict(list(mapped.excluded.items())[:8])})"
+        )
+    config = PreprocessConfig(notch_freq=notch or None, window_seconds=1)
+    try:
+        volts = raw.get_data(picks=list(mapped.picks))
+        x = preprocess_signal(volts, raw.info["sfreq"], config, ch_names=list(mapped.names))
+    except SampleRateError as err:
+        raise GenerateError(f"--prompt {path}: {err}") from None
+    window, begin = _window(x, start, prompt_seconds, path.name)
+    return Prompt(np.ascontiguousarray(window, dtype=np.float32), mapped.names, str(path), begin)
+
+
+# --------------------------------------------------------------------------------------------
+# Model and generation
+# --------------------------------------------------------------------------------------------
+
+
+def load_model(path: str | Path, *, device: torch.device | str = "cpu"):
+    """The hybrid model of a checkpoint (file, checkpoint folder or run folder), in eval mode."""
+    from eegfast.models.checkpoint import read_state_dict
+    from eegfast.models.hybrid import load_hybrid_model
+    from eegfast.train.checkpoint import resolve_weights_path
+
+    path = Path(path)
+    if not path.exists():
+        raise GenerateError(f"--model: checkpoint not found: {path}")
+    try:
+        weights = resolve_weights_path(path)
+        state = read_state_dict(weights)
+        model = load_hybrid_model(state)
+    except (FileNotFoundError, ValueError) as err:
+        raise GenerateError(f"--model {path}: {err}") from None
+    return model.to(device).eval()
+
+
+def generate_signal(
+    model,
+    prompt: Prompt,
+    seconds: float,
+    *,
+    mode: str = "tokens",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> np.ndarray:
+    """Generated continuation (C, round(seconds·200)) float32 in model units (100 µV)."""
+    from tqdm import tqdm
+
+    from eegfast.electrodes import labram_input_chans
+    from eegfast.models.hybrid import generate
+
+    if not seconds > 0:
+        raise GenerateError(f"--seconds must be > 0, got {seconds}")
+    if temperature < 0:
+        raise GenerateError(f"--temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise GenerateError(f"--top-k must be >= 1, got {top_k}")
+    samples = int(round(seconds * SFREQ))
+    if samples < 1:
+        raise GenerateError(f"--seconds {seconds} is less than one sample at 200 Hz")
+    num_patches = math.ceil(samples / PATCH)
+    context = model.max_patches
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    C, T = prompt.x.shape
+    window = prompt.x[:, T - min(T // PATCH, context) * PATCH :]
+    x = torch.from_numpy(window).to(device=device, dtype=dtype).reshape(1, C, -1, PATCH)
+    chans = torch.tensor(labram_input_chans(prompt.names), device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with tqdm(total=num_patches, unit="patch", disable=not progress, desc="generate") as bar:
+        out = generate(
+            model,
+            x,
+            chans,
+            num_patches,
+            mode=mode,
+            temperature=temperature,
+            top_k=top_k,
+            generator=generator,
+            use_cache=use_cache,
+            progress=bar.update,
+        )
+    return out[0].reshape(C, -1)[:, :samples].float().cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+
+def display_names(names: tuple[str, ...] | list[str]) -> list[str]:
+    """Standard capitalisation of 10-05 names ('FP1' -> 'Fp1', 'CZ' -> 'Cz'), else as given."""
+    import mne
+
+    builtin = mne.channels.get_builtin_montages()
+    kind = next(k for k in ("colin27_1005", "standard_1005") if k in builtin)  # renamed in 1.13
+    montage = mne.channels.make_standard_montage(kind)
+    spelled = {n.upper(): n for n in montage.ch_names}
+    return [spelled.get(n.upper(), n) for n in names]
+
+
+def write_output(
+    path: str | Path,
+    signal: np.ndarray,
+    names: tuple[str, ...] | list[str],
+    *,
+    generated_from_s: float = 0.0,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write signal (C, T) in model units (100 µV) at 200 Hz as ``.edf`` or ``.npy`` (+ .json).
+
+    ``generated_from_s``: where the generated part starts (a prompt may come before it).
+    """
+    from eegfast.train.fileio import write_atomic, write_json_atomic
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise GenerateError(f"--out must end in .edf or .npy, got {path.name!r}")
+    if path.exists() and not overwrite:
+        raise GenerateError(f"--out {path} exists (pass --overwrite to replace it)")
+    if signal.ndim != 2 or signal.shape[0] != len(names):
+        raise ValueError(f"signal must be (C={len(names)}, T), got {signal.shape}")
+    labels = display_names(names)
+    duration = signal.shape[1] / SFREQ
+    if suffix == ".npy":
+        micro = (signal * UV_PER_UNIT).astype(np.float32)
+
+        def save_npy(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, micro)
+
+        write_atomic(path, save_npy)
+        sidecar = {
+            "channels": labels,
+            "sfreq": SFREQ,
+            "units": "uV",
+            "shape": list(micro.shape),
+            "generated_from_s": generated_from_s,
+            **(metadata or {}),
+        }
+        write_json_atomic(path.with_suffix(".json"), sidecar)
+        return path
+
+    import mne
+    from mne.export import export_raw
+
+    info = mne.create_info(labels, SFREQ, ch_types="eeg", verbose="error")
+    raw = mne.io.RawArray(signal.astype(np.float64) / 1e4, info, verbose="error")  # -> volts
+    onsets, durations, texts = [], [], []
+    if generated_from_s > 0:
+        onsets.append(0.0), durations.append(generated_from_s), texts.append("prompt")
+    onsets.append(generated_from_s)
+    durations.append(duration - generated_from_s)
+    texts.append("generated")
+    raw.set_annotations(mne.Annotations(onsets, durations, texts))
+
+    def save_edf(tmp: Path) -> None:
+        export_raw(tmp, raw, fmt="edf", overwrite=True, verbose="error")
+
+    write_atomic(path, save_edf)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Command
+# --------------------------------------------------------------------------------------------
+
+
+def _device(text: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise GenerateError(f"--device: unknown device {text!r} (auto, cpu, cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerateError("--device cuda: no CUDA device here")
+    return device
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Everything ``main`` does, raising :class:`GenerateError` on bad input."""
+    out = Path(args.out)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise GenerateError(f"--out must end in .edf or .npy, got {out.name!r}")
+    if out.exists() and not args.overwrite:
+        raise GenerateError(f"--out {out} exists (pass --overwrite to replace it)")
+    if not args.seconds > 0:
+        raise GenerateError(f"--seconds must be > 0, got {args.seconds}")
+    seconds = args.seconds
+    if out.suffix.lower() == ".edf" and round(seconds * SFREQ) % PATCH:
+        # EDF data records are 1 s: generate up to the next whole second instead of letting the
+        # exporter pad the last record with repeated samples (marked BAD_ACQ_SKIP).
+        seconds = math.ceil(seconds)
+        print(f"note: EDF holds whole seconds; generating {seconds} s", file=sys.stderr)
+    device = _device(args.device)
+    model = load_model(args.model, device=device)
+    if args.prompt_seconds > model.max_patches:
+        raise GenerateError(
+            f"--prompt-seconds {args.prompt_seconds} exceeds the model's context of "
+            f"{model.max_patches} s"
+        )
+    prompt = load_prompt(
+        args.prompt,
+        channels=_split_channels(args.channels),
+        start=args.start,
+        prompt_seconds=args.prompt_seconds,
+        notch=args.notch,
+    )
+    signal = generate_signal(
+        model,
+        prompt,
+        seconds,
+        mode=args.mode,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        use_cache=not args.no_cache,
+        progress=not args.no_progress,
+    )
+    start = 0.0
+    if args.include_prompt:
+        start = prompt.seconds
+        signal = np.concatenate((prompt.x, signal), axis=1)
+    metadata = {
+        "prompt": prompt.source,
+        "prompt_start_s": prompt.start_s,
+        "prompt_seconds": prompt.seconds,
+        "generated_seconds": seconds,
+        "model": str(args.model),
+        "mode": args.mode,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "seed": args.seed,
+    }
+    return write_output(
+        out, signal, prompt.names, generated_from_s=start, metadata=metadata, overwrite=True
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        out = run(args)
+    except GenerateError as err:
+        print(f"eegfast generate: error: {err}", file=sys.stderr)
+        return 2
+    extra = f" and {out.with_suffix('.json')}" if out.suffix.lower() == ".npy" else ""
+    print(f"wrote {out}{extra}")
+    return 0
