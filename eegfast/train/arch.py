@@ -1,0 +1,119 @@
+"""Rebuilding a model from the architecture record stored with every checkpoint.
+
+``arch`` (in ``meta.json``) is a plain dict::
+
+    {"kind": "classifier" | "pretrain" | "tokenizer",
+     "name": "labram_tiny",              # eegfast.models.create_model name
+     "kwargs": {...},                      # its keyword arguments
+     "upcycle": {...} | None,              # eegfast.models.upcycle arguments, if MoE
+     "heads": {"task": num_classes} | None # fine-tuned task heads}
+
+so that ``eegfast finetune --set model.init=RUN`` can rebuild an upcycled MoE backbone before
+loading its weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+CreateFn = Callable[..., nn.Module]
+
+
+def _create(name: str, **kwargs: Any) -> nn.Module:
+    from eegfast.models import create_model
+
+    return create_model(name, **kwargs)
+
+
+class MultiTaskClassifier(nn.Module):
+    """A feature backbone with one linear head per task.
+
+    forward(x (B, C, A, 200), input_chans, *, channel_padding_mask=None, task=name,
+    task_id=(B,) long or None) -> logits (B, classes of that task). ``task_id`` goes to the
+    backbone (the MoE router); ``task`` picks the head.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: Mapping[str, int],
+        embed_dim: int,
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if not num_classes:
+            raise ValueError("num_classes must name at least one task")
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(
+            {
+                task: nn.Linear(embed_dim, n, device=device, dtype=dtype)
+                for task, n in num_classes.items()
+            }
+        )
+        for head in self.heads.values():
+            nn.init.trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+
+    @property
+    def blocks(self) -> nn.ModuleList:  # for layer-wise lr decay
+        return self.backbone.blocks
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if hasattr(self.backbone, "set_grad_checkpointing"):
+            self.backbone.set_grad_checkpointing(enable)
+
+    def forward_features(self, x, input_chans=None, *, channel_padding_mask=None, task_id=None):
+        return self.backbone.forward_features(
+            x, input_chans, channel_padding_mask=channel_padding_mask, task_id=task_id
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        input_chans: torch.Tensor | None = None,
+        *,
+        channel_padding_mask: torch.Tensor | None = None,
+        task: str | None = None,
+        task_id: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if task is None:
+            if len(self.heads) != 1:
+                raise ValueError(f"task= is required: this model has heads {list(self.heads)}")
+            task = next(iter(self.heads))
+        if task not in self.heads:
+            raise ValueError(f"no head for task {task!r}; heads: {list(self.heads)}")
+        features = self.forward_features(
+            x, input_chans, channel_padding_mask=channel_padding_mask, task_id=task_id
+        )
+        return self.heads[task](features)
+
+
+def embed_dim_of(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "embed_dim"):
+        return int(config.embed_dim)
+    norm = getattr(model, "fc_norm", None)
+    if isinstance(norm, nn.LayerNorm):
+        return int(norm.normalized_shape[0])
+    raise ValueError(f"cannot tell the feature size of {type(model).__name__}")
+
+
+def build_model(arch: Mapping[str, Any], *, create: CreateFn | None = None) -> nn.Module:
+    """A freshly initialised model with the architecture ``arch`` (weights not loaded)."""
+    create = create or _create
+    model = create(arch["name"], **dict(arch.get("kwargs") or {}))
+    upcycle_args = arch.get("upcycle")
+    if upcycle_args:
+        from eegfast.models import upcycle
+
+        model = upcycle(model, **dict(upcycle_args))
+    heads = arch.get("heads")
+    if heads:
+        model = MultiTaskClassifier(model, dict(heads), embed_dim_of(model))
+    return model

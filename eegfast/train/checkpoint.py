@@ -1,0 +1,213 @@
+"""Checkpoints: one folder per optimiser step, written atomically, with retention and resume.
+
+Layout of ``<run>/checkpoints/step-00000120/``:
+
+- ``model.safetensors``: the weights (full, unsharded state dict).
+- ``state.pt``: optimiser, scheduler, grad scaler, RNG states and sampler position, written with
+  ``torch.save`` and read back with ``weights_only=True`` (only tensors and plain containers).
+- ``meta.json``: step, epoch, the tracked metric and the model's name/arguments.
+
+The folder is assembled under a hidden temporary name, every file and the folder are fsynced,
+and it is renamed into place with ``os.replace``; the parent folder is fsynced last. A process
+killed at any moment therefore leaves only complete ``step-*`` folders (plus, at worst, one
+``.tmp-*`` folder that the next save removes). ``latest_checkpoint`` picks the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from eegfast.train.fileio import fsync_dir, fsync_file
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+WEIGHTS = "model.safetensors"
+STATE = "state.pt"
+META = "meta.json"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    step: int
+    meta: dict[str, Any]
+
+
+def _plain_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies; tensors sharing storage are cloned (safetensors refuses aliases)."""
+    out = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        out[key] = value.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def save_checkpoint(
+    checkpoint_dir: str | Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    meta: dict[str, Any],
+) -> Path:
+    """Write ``checkpoint_dir/step-<step>/`` atomically and return its path."""
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    for stale in checkpoint_dir.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = checkpoint_dir / f"step-{step:08d}"
+    tmp = checkpoint_dir / f".tmp-step-{step:08d}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        save_file(_plain_weights(weights), str(tmp / WEIGHTS), metadata={"step": str(step)})
+        torch.save(state, tmp / STATE)
+        (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=2, default=str))
+        for name in (WEIGHTS, STATE, META):
+            fsync_file(tmp / name)
+        fsync_dir(tmp)
+        if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(checkpoint_dir)
+    return final
+
+
+def list_checkpoints(checkpoint_dir: str | Path) -> list[CheckpointInfo]:
+    """Complete checkpoints, oldest first."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return []
+    found = []
+    for path in checkpoint_dir.iterdir():
+        match = STEP_DIR.match(path.name)
+        if match and (path / META).is_file() and (path / WEIGHTS).is_file():
+            found.append(
+                CheckpointInfo(path, int(match.group(1)), json.loads((path / META).read_text()))
+            )
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> CheckpointInfo | None:
+    found = list_checkpoints(checkpoint_dir)
+    return found[-1] if found else None
+
+
+def best_checkpoint(checkpoint_dir: str | Path) -> CheckpointInfo | None:
+    """The checkpoint with the lowest ``meta["metric"]`` (ties: the later one)."""
+    scored = [c for c in list_checkpoints(checkpoint_dir) if c.meta.get("metric") is not None]
+    if not scored:
+        return None
+    return min(reversed(scored), key=lambda c: c.meta["metric"])
+
+
+def prune_checkpoints(checkpoint_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the ``keep_last`` newest checkpoints and the best one; return deleted."""
+    found = list_checkpoints(checkpoint_dir)
+    best = best_checkpoint(checkpoint_dir)
+    keep = {c.path for c in found[-max(keep_last, 1) :]}
+    if best is not None:
+        keep.add(best.path)
+    deleted = []
+    for info in found:
+        if info.path not in keep:
+            shutil.rmtree(info.path, ignore_errors=True)
+            deleted.append(info.path)
+    if deleted:
+        fsync_dir(checkpoint_dir)
+    return deleted
+
+
+def resolve_weights_path(path: str | Path, *, prefer: str = "best") -> Path:
+    """A ``.safetensors`` file, a checkpoint folder, or a run folder -> the weights file.
+
+    For a run folder (holding ``checkpoints/``) ``prefer`` picks ``best`` or ``latest``.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / WEIGHTS).is_file():
+        return path / WEIGHTS
+    for folder in (path / "checkpoints", path):
+        chosen = best_checkpoint(folder) if prefer == "best" else None
+        chosen = chosen or latest_checkpoint(folder)
+        if chosen is not None:
+            return chosen.path / WEIGHTS
+    raise FileNotFoundError(
+        f"no weights at {path}: expected a .safetensors file, a checkpoint folder holding "
+        f"{WEIGHTS}, or a run folder with checkpoints/step-*"
+    )
+
+
+def load_weights(path: str | Path, *, prefer: str = "best") -> dict[str, torch.Tensor]:
+    return load_file(str(resolve_weights_path(path, prefer=prefer)))
+
+
+def read_meta(path: str | Path, *, prefer: str = "best") -> dict[str, Any]:
+    meta = resolve_weights_path(path, prefer=prefer).parent / META
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def load_training_state(checkpoint: str | Path) -> dict[str, Any]:
+    return torch.load(Path(checkpoint) / STATE, map_location="cpu", weights_only=True)
+
+
+# --- RNG states (kept as tensors and plain Python values so weights_only loading works) ---
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(_tuple_to_lists(random.getstate())),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _tuple_to_lists(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_tuple_to_lists(v) for v in value]
+    return value
+
+
+def _lists_to_tuple(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_lists_to_tuple(v) for v in value)
+    return value
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_lists_to_tuple(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,1 @@
+"""One module per ``eegfast`` command: ``configure_parser(parser)`` and ``main(args) -> int``."""

@@ -1,0 +1,272 @@
+"""Run configuration: frozen dataclasses, read from TOML/YAML files and ``--set key=value``.
+
+One schema serves every training command; each command starts from its own defaults
+(:func:`RunConfig.replace_paths`), then applies the file, then the command-line overrides, so
+the later source wins. Keys are dotted paths (``optim.lr``); an unknown key is an error that
+lists the valid ones. The resolved configuration is written into every run folder
+(``config.yaml``), and that file can be passed back with ``--config`` to repeat the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = ""  # prepared shard folder (``eegfast prepare`` output)
+    tasks: tuple[str, ...] = ()  # task names to use; () = all in the folder
+    num_workers: int = 0
+    val_fraction: float = 0.0  # recordings held out for validation during pretraining
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "labram_tiny"
+    init: str = ""  # checkpoint (folder or .safetensors) to start from
+    tokenizer: str = ""  # trained tokenizer checkpoint, for masked pretraining targets
+    tokenizer_name: str = "vqnsp_tiny"
+    drop_path: float = 0.0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    warmup_fraction: float = 0.1  # used when warmup_steps is 0
+    layer_decay: float = 1.0  # < 1: layer-wise lr decay (fine-tuning)
+    clip_grad: float = 3.0  # 0 disables clipping
+    fused: str = "auto"  # auto | true | false
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int = 0  # optimiser steps; 0 = epochs x steps per epoch
+    batch_size: int = 32  # global samples per optimiser step (all ranks, all micro-batches)
+    grad_accum: int = 1
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    compile: bool = False
+    activation_checkpointing: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 0  # optimiser steps; 0 = once per epoch
+    keep_last: int = 3
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard; for Large/Huge)
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    objective: str = "masked"  # masked | hybrid (see eegfast.train.objectives)
+    mask_ratio: float = 0.5
+
+
+@dataclass(frozen=True)
+class UpcycleConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    layers: tuple[int, ...] = ()  # () = every block
+    noise_std: float = 0.0
+    router_aux_weight: float = 0.01
+    router_z_weight: float = 0.001
+    task_routing: bool = True  # pass the task id to the router in fine-tuning
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    mode: str = "full"  # full | linear (frozen features + logistic regression)
+    folds: int = 5
+    group_by: str = "subject"  # subject | recording (when a task has too few subjects)
+    multitask: bool = True
+    single_task_baseline: bool = True  # also train each task alone (negative-transfer report)
+    band_power_baseline: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def with_overrides(self, values: dict[str, Any]) -> RunConfig:
+        """A copy with dotted keys (``{"optim.lr": 1e-3}``) or nested dicts applied."""
+        return _apply(self, _flatten(values), prefix="")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override names an unknown key or a value of the wrong type."""
+
+
+def valid_keys(config: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, e.g. ``["data.root", ..., "optim.lr", ...]``."""
+    config = RunConfig() if config is None else config
+    keys = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            keys += valid_keys(value, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, prefix + str(key) + "."))
+        else:
+            flat[prefix + str(key)] = value
+    return flat
+
+
+def _coerce(key: str, annotation: Any, value: Any) -> Any:
+    """Check ``value`` against a field's type, converting only where that loses nothing."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            value = [value]
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(key, args[0], v) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)!r}")
+        return tuple(_coerce(key, a, v) for a, v in zip(args, value, strict=True))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in the schema")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(
+        f"{key}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}"
+    )
+
+
+def _apply(config: Any, flat: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(type(config))
+    names = {f.name for f in fields(config)}
+    changes: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        head, _, rest = key.partition(".")
+        if head not in names:
+            raise ConfigError(_unknown(prefix + key))
+        if is_dataclass(getattr(config, head)):
+            if not rest:
+                raise ConfigError(
+                    f"{prefix + key} is a section; set one of its keys, e.g. "
+                    f"{valid_keys(getattr(config, head), prefix + head + '.')[0]}"
+                )
+            nested.setdefault(head, {})[rest] = value
+        else:
+            if rest:
+                raise ConfigError(_unknown(prefix + key))
+            changes[head] = _coerce(prefix + key, hints[head], value)
+    for head, sub in nested.items():
+        changes[head] = _apply(getattr(config, head), sub, prefix + head + ".")
+    return dataclasses.replace(config, **changes)
+
+
+def _unknown(key: str) -> str:
+    return f"unknown config key {key!r}; valid keys are: " + ", ".join(valid_keys())
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=1e-3"`` -> ``("optim.lr", 0.001)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: cannot read the value: {err}") from err
+    if value is None:
+        value = ""
+    return key.strip(), value
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML (``.toml``) or YAML (``.yaml``/``.yml``) file as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        elif suffix in {".yaml", ".yml"}:
+            data = yaml.safe_load(path.read_text()) or {}
+        else:
+            raise ConfigError(f"config file {path}: use a .toml, .yaml or .yml file")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"config file {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a table/mapping")
+    return data
+
+
+def resolve_config(
+    defaults: RunConfig,
+    config_file: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+) -> RunConfig:
+    """Defaults, then the file, then ``key=value`` overrides (later wins)."""
+    config = defaults
+    if config_file:
+        try:
+            config = config.with_overrides(read_config_file(config_file))
+        except ConfigError as err:
+            raise ConfigError(f"{config_file}: {err}") from err
+    flat = dict(parse_override(text) for text in overrides)
+    return config.with_overrides(flat)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Nested plain dict (tuples as lists), ready for YAML/JSON."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return {
+        f.name: config_to_dict(getattr(config, f.name))
+        if is_dataclass(getattr(config, f.name))
+        else plain(getattr(config, f.name))
+        for f in fields(config)
+    }
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

@@ -1,0 +1,442 @@
+"""The training loop shared by every command.
+
+``fit`` runs any step function (see :mod:`eegfast.train.objectives`) with: AdamW and a cosine
+schedule with warm-up, gradient accumulation and clipping, mixed precision (bf16 autocast, or
+fp16 with a GradScaler), activation checkpointing and ``torch.compile`` flags, DDP/FSDP2 under
+torchrun, periodic atomic checkpoints with retention and exact resume, CSV/TensorBoard logging
+and a tqdm bar on rank 0. A non-finite loss stops the run with :class:`NonFiniteLossError`
+before anything is saved, so the last checkpoint on disk is the last good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from eegfast.train import checkpoint as ckpt
+from eegfast.train.config import RunConfig, config_to_dict, config_to_yaml
+from eegfast.train.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    any_true,
+    barrier,
+    wrap_model,
+)
+from eegfast.train.fileio import write_text_atomic
+from eegfast.train.objectives import StepContext, StepFn
+from eegfast.train.optim import build_optimizer, build_scheduler
+from eegfast.train.runlog import RunLogger
+from eegfast.train.sampler import EpochBatchSampler
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the gradient norm) became NaN or infinite; the run was stopped."""
+
+
+@dataclass
+class FitResult:
+    step: int
+    epoch: int
+    losses: list[float] = field(default_factory=list)  # mean loss of each optimiser step
+    checkpoint: Path | None = None  # the last checkpoint written
+    run_dir: Path | None = None
+
+
+def seed_everything(seed: int, *, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (all devices); optionally force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA, fp32 on CPU."""
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if precision not in table:
+        raise ValueError(f"train.precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+    return table[precision]
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute every transformer block in the backward pass; returns how many were wrapped.
+
+    Models with ``set_grad_checkpointing`` (eegfast's LaBraM family) do it themselves;
+    otherwise each ``blocks[i].forward`` is replaced on the instance, so state-dict keys do not
+    change.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+        return len(getattr(model, "blocks", [])) or 1
+
+    count = 0
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "blocks" and isinstance(module, nn.ModuleList):
+            for block in module:
+                forward = block.forward
+
+                def run(*args: Any, _forward: Callable = forward, **kwargs: Any) -> Any:
+                    return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+                block.forward = run
+                count += 1
+    return count
+
+
+class IndexedDataset(Dataset):
+    """Adds the item's dataset index (used for per-sample deterministic masks)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], "index": index}
+
+
+def indexed_collate(collate_fn: Callable[[list[dict]], dict]) -> Callable[[list[dict]], dict]:
+    def collate(items: list[dict]) -> dict:
+        indices = torch.tensor([item["index"] for item in items], dtype=torch.long)
+        batch = collate_fn([{k: v for k, v in item.items() if k != "index"} for item in items])
+        batch["index"] = indices
+        return batch
+
+    return collate
+
+
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None):
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
+    return weights, optim
+
+
+def _load_state_dicts(model: nn.Module, optimizer, weights, optim_state) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    if optimizer is not None and optim_state is not None:
+        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+
+
+def fit(
+    model: nn.Module,
+    step_fn: StepFn,
+    dataset: Dataset,
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    group_keys: Sequence[Hashable],
+    collate_fn: Callable[[list[dict]], dict],
+    ctx: StepContext,
+    dist_info: DistInfo | None = None,
+    resume: str | None = None,
+    meta: dict[str, Any] | None = None,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    find_unused_parameters: bool = False,
+    on_checkpoint: Callable[[Path], None] | None = None,
+) -> FitResult:
+    """Train ``model`` with ``step_fn`` over ``dataset``; see the module docstring.
+
+    Args:
+        group_keys: one key per dataset item; batches never mix keys (electrode set, task).
+        resume: ``"auto"`` (newest checkpoint in ``run_dir/checkpoints`` if any), a checkpoint
+            folder, or None.
+        eval_fn: called on rank 0's model at every checkpoint; its ``val_loss`` (or the mean
+            training loss since the last checkpoint) decides the best checkpoint kept.
+    """
+    train_cfg, optim_cfg = config.train, config.optim
+    info = dist_info or DistInfo()
+    device = ctx.device
+    run_dir = Path(run_dir)
+    checkpoint_dir = run_dir / "checkpoints"
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", config_to_yaml(config))
+    amp_dtype = resolve_precision(train_cfg.precision, device)
+
+    if len(group_keys) != len(dataset):  # type: ignore[arg-type]
+        raise ValueError(f"group_keys has {len(group_keys)} entries for {len(dataset)} items")
+    accum = train_cfg.grad_accum
+    if accum < 1 or train_cfg.batch_size % accum:
+        raise ValueError(
+            f"train.batch_size={train_cfg.batch_size} must be a multiple of "
+            f"train.grad_accum={accum}"
+        )
+    micro_global = train_cfg.batch_size // accum
+    sampler = EpochBatchSampler(
+        group_keys,
+        micro_global,
+        shuffle=True,
+        seed=train_cfg.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        drop_last=True,
+    )
+    steps_per_epoch = len(sampler.global_batches()) // accum
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"no full batch of {micro_global} items (x{accum} accumulation) in {len(dataset)} "
+            "items grouped by electrode set/task: lower train.batch_size"
+        )
+    total_steps = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
+
+    model.to(device)
+    if train_cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    raw_model = model
+    model = wrap_model(
+        model,
+        info,
+        device,
+        strategy=train_cfg.strategy,
+        find_unused_parameters=find_unused_parameters,
+    )
+    if train_cfg.compile:
+        model.compile()
+    optimizer = build_optimizer(raw_model, optim_cfg, device)
+    scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    step, epoch, start_batch = 0, 0, 0
+    resume_from = None
+    if resume == "auto":
+        latest = ckpt.latest_checkpoint(checkpoint_dir)
+        resume_from = latest.path if latest else None
+    elif resume:
+        resume_from = Path(resume)
+    if resume_from is not None:
+        state = ckpt.load_training_state(resume_from)
+        weights = ckpt.load_weights(resume_from)
+        _load_state_dicts(model, optimizer, weights, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
+        step, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
+        if info.is_main:
+            print(f"resumed from {resume_from} at step {step} (epoch {epoch})")
+
+    logger = RunLogger(run_dir, enabled=info.is_main)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc=run_dir.name,
+        unit="step",
+        disable=not (info.is_main and train_cfg.progress),
+        dynamic_ncols=True,
+    )
+    loader_kwargs = {"num_workers": config.data.num_workers}
+    if config.data.num_workers > 0:
+        loader_kwargs["persistent_workers"] = False
+    collate = indexed_collate(collate_fn)
+    indexed = IndexedDataset(dataset)
+    result = FitResult(step=step, epoch=epoch, run_dir=run_dir)
+    window: dict[str, list[float]] = {}
+    since_checkpoint: list[float] = []
+    checkpoint_every = train_cfg.checkpoint_every or steps_per_epoch
+    last_saved: Path | None = None
+    started = time.perf_counter()
+    samples_seen = 0
+
+    def save(batch_in_epoch: int, save_epoch: int) -> Path | None:
+        nonlocal since_checkpoint
+        metric_values = {}
+        if eval_fn is not None:
+            model.eval()
+            metric_values = eval_fn(model)
+            model.train()
+        metric = metric_values.get(
+            "val_loss",
+            float(np.mean(since_checkpoint)) if since_checkpoint else None,
+        )
+        since_checkpoint = []
+        weights, optim_state = _state_dicts(model, optimizer)
+        rng_states = _gather_rng(info)
+        path = None
+        if info.is_main:
+            if metric_values:
+                logger.log(step, metric_values)
+            state = {
+                "optimizer": optim_state,
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rng_states,
+                "step": step,
+                "epoch": save_epoch,
+                "batch_in_epoch": batch_in_epoch,
+            }
+            path = ckpt.save_checkpoint(
+                checkpoint_dir,
+                step,
+                weights,
+                state,
+                {
+                    "epoch": save_epoch,
+                    "metric": metric,
+                    "config": config_to_dict(config),
+                    **(meta or {}),
+                },
+            )
+            ckpt.prune_checkpoints(checkpoint_dir, train_cfg.keep_last)
+            if on_checkpoint is not None:
+                on_checkpoint(path)
+        barrier(info)
+        return path
+
+    model.train()
+    try:
+        while step < total_steps:
+            sampler.set_epoch(epoch, start_batch)
+            ctx.epoch = epoch
+            loader = DataLoader(indexed, batch_sampler=sampler, collate_fn=collate, **loader_kwargs)
+            micro = 0
+            batch_in_epoch = start_batch
+            limit = steps_per_epoch * accum
+            step_losses: list[float] = []
+            for batch in loader:
+                if batch_in_epoch >= limit or step >= total_steps:
+                    break
+                ctx.step = step
+                last_micro = (micro + 1) % accum == 0
+                sync = contextlib.nullcontext()
+                if not last_micro and info.enabled and hasattr(model, "no_sync"):
+                    sync = model.no_sync()
+                with sync:
+                    with torch.autocast(
+                        device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32
+                    ):
+                        out = step_fn(model, batch, ctx)
+                    loss_value = out.loss.detach().float()
+                    bad = not bool(torch.isfinite(loss_value))
+                    if any_true(bad, device, info):
+                        raise NonFiniteLossError(
+                            _non_finite_message(float(loss_value), step, epoch, last_saved, run_dir)
+                        )
+                    scaler.scale(out.loss / accum).backward()
+                step_losses.append(float(loss_value))
+                for key, value in out.metrics.items():
+                    window.setdefault(key, []).append(value)
+                micro += 1
+                batch_in_epoch += 1
+                samples_seen += int(batch["x"].shape[0])
+                if not last_micro:
+                    continue
+                scaler.unscale_(optimizer)
+                max_norm = optim_cfg.clip_grad if optim_cfg.clip_grad > 0 else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in raw_model.parameters() if p.grad is not None], max_norm
+                )
+                grad_norm = float(
+                    grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                )
+                if not math.isfinite(grad_norm) and amp_dtype != torch.float16:
+                    raise NonFiniteLossError(
+                        _non_finite_message(
+                            grad_norm, step, epoch, last_saved, run_dir, what="gradient norm"
+                        )
+                    )
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                mean_loss = float(np.mean(step_losses))
+                step_losses = []
+                result.losses.append(mean_loss)
+                since_checkpoint.append(mean_loss)
+                window.setdefault("loss", []).append(mean_loss)
+                window.setdefault("grad_norm", []).append(grad_norm)
+                bar.update(1)
+                if step % train_cfg.log_every == 0 or step == total_steps:
+                    scalars = {
+                        f"train/{k}": float(
+                            all_reduce_mean(torch.tensor(np.mean(v), device=device), info)
+                        )
+                        for k, v in window.items()
+                    }
+                    scalars["train/lr"] = scheduler.get_last_lr()[0]
+                    elapsed = time.perf_counter() - started
+                    scalars["train/samples_per_s"] = (
+                        samples_seen * info.world_size / max(elapsed, 1e-9)
+                    )
+                    logger.log(step, scalars)
+                    bar.set_postfix(loss=f"{scalars['train/loss']:.4f}")
+                    window = {}
+                end_of_epoch = batch_in_epoch >= limit
+                if step % checkpoint_every == 0 or step == total_steps or end_of_epoch:
+                    if end_of_epoch:
+                        last_saved = save(0, epoch + 1)
+                    else:
+                        last_saved = save(batch_in_epoch, epoch)
+                    result.checkpoint = last_saved
+            optimizer.zero_grad(set_to_none=True)
+            epoch += 1
+            start_batch = 0
+    finally:
+        bar.close()
+        logger.close()
+    result.step, result.epoch = step, epoch
+    return result
+
+
+def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:
+    """Every rank's RNG state (rank order), so each rank resumes its own stream."""
+    state = ckpt.rng_state()
+    if not info.enabled:
+        return [state]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def _non_finite_message(
+    value: float, step: int, epoch: int, last: Path | None, run_dir: Path, what: str = "loss"
+) -> str:
+    kept = (
+        f"the last good checkpoint is {last}"
+        if last
+        else (f"no checkpoint of this run was written yet (run folder {run_dir})")
+    )
+    return (
+        f"non-finite {what} ({value}) at optimiser step {step + 1}, epoch {epoch}: training "
+        f"stopped and nothing was saved from this step; {kept}. Try a lower optim.lr, "
+        "optim.clip_grad > 0 or train.precision=fp32, then resume with --resume auto."
+    )

@@ -1,0 +1,182 @@
+"""Training objectives as step functions: ``step(model, batch, ctx) -> StepOutput``.
+
+The engine knows nothing about what is trained; a command picks a step function. Pretraining
+objectives are looked up by name with :func:`get_objective` — this is the hook for new
+objectives: a module calls :func:`register_objective` at import time, and names listed in
+``LAZY_OBJECTIVES`` are imported on first use (``hybrid`` lives in ``eegfast.train.hybrid``,
+written separately).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class StepContext:
+    """What a step may need besides the model and the batch."""
+
+    device: torch.device
+    seed: int = 0
+    epoch: int = 0
+    step: int = 0
+    mask_ratio: float = 0.5
+    tokenizer: nn.Module | None = None  # frozen, for masked-modelling targets
+    task_ids: dict[str, int] = field(default_factory=dict)  # task name -> head / router id
+    route_by_task: bool = False
+    aux_weights: dict[str, float] = field(default_factory=dict)  # MoE aux loss name -> weight
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar, in the graph
+    metrics: dict[str, float] = field(default_factory=dict)  # detached scalars for logging
+    extras: dict[str, Any] = field(default_factory=dict)  # e.g. logits for evaluation
+
+
+StepFn = Callable[[nn.Module, dict[str, Any], StepContext], StepOutput]
+
+_OBJECTIVES: dict[str, StepFn] = {}
+LAZY_OBJECTIVES = {"hybrid": "eegfast.train.hybrid"}
+
+
+def register_objective(name: str, step: StepFn) -> StepFn:
+    """Make ``step`` available as ``eegfast pretrain --objective <name>``."""
+    _OBJECTIVES[name] = step
+    return step
+
+
+def objective_names() -> list[str]:
+    return sorted(set(_OBJECTIVES) | set(LAZY_OBJECTIVES))
+
+
+def get_objective(name: str) -> StepFn:
+    if name not in _OBJECTIVES and name in LAZY_OBJECTIVES:
+        try:
+            importlib.import_module(LAZY_OBJECTIVES[name])
+        except ModuleNotFoundError as err:
+            raise ValueError(
+                f"pretrain objective {name!r} is not available in this build "
+                f"({LAZY_OBJECTIVES[name]} is missing)"
+            ) from err
+    if name not in _OBJECTIVES:
+        raise ValueError(f"unknown pretrain objective {name!r}; choose one of {objective_names()}")
+    return _OBJECTIVES[name]
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+
+
+def sample_masks(
+    indices: torch.Tensor, num_tokens: int, ratio: float, *, seed: int, epoch: int
+) -> torch.Tensor:
+    """(B,) dataset indices -> (B, num_tokens) bool, True = masked; exactly round(ratio*N) per row.
+
+    Each row depends only on (seed, epoch, dataset index), never on the rank or the batch it
+    lands in, so single- and multi-process runs mask the same patches.
+    """
+    count = int(round(ratio * num_tokens))
+    rows = []
+    for index in indices.tolist():
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + index)
+        chosen = torch.randperm(num_tokens, generator=generator)[:count]
+        row = torch.zeros(num_tokens, dtype=torch.bool)
+        row[chosen] = True
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def moe_aux_loss(model: nn.Module, weights: dict[str, float]) -> tuple[torch.Tensor | None, dict]:
+    """Weighted sum of the MoE layers' auxiliary losses (None when the model has no MoE)."""
+    if not weights:
+        return None, {}
+    try:
+        from eegfast.nn import moe_aux_losses
+    except ImportError:
+        return None, {}
+    losses = moe_aux_losses(model)
+    total = None
+    logged = {}
+    for name, weight in weights.items():
+        value = losses.get(name) if isinstance(losses, dict) else None
+        if isinstance(value, torch.Tensor) and weight:
+            total = weight * value if total is None else total + weight * value
+            logged[name] = float(value.detach())
+    return total, logged
+
+
+def tokenizer_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> StepOutput:
+    """VQ-NSP: the model's own loss (commitment + Fourier amplitude/phase reconstruction)."""
+    batch = to_device(batch, ctx.device)
+    out = model(batch["x"], batch["input_chans"])
+    metrics = {
+        name: float(value.detach()) for name, value in _scalars(out).items() if name != "loss"
+    }
+    return StepOutput(out.loss, metrics)
+
+
+def masked_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> StepOutput:
+    """Symmetric masked EEG modelling against the frozen tokenizer's codes."""
+    if ctx.tokenizer is None:
+        raise ValueError("masked pretraining needs a trained tokenizer (model.tokenizer=PATH)")
+    batch = to_device(batch, ctx.device)
+    x, chans = batch["x"], batch["input_chans"]
+    with torch.no_grad():
+        targets = ctx.tokenizer.get_codebook_indices(x, chans)
+    num_tokens = x.shape[1] * x.shape[2]
+    mask = sample_masks(batch["index"], num_tokens, ctx.mask_ratio, seed=ctx.seed, epoch=ctx.epoch)
+    out = model(x, chans, targets, mask=mask.to(ctx.device))
+    metrics = {k: float(v.detach()) for k, v in _scalars(out).items() if k != "loss"}
+    return StepOutput(out.loss, metrics)
+
+
+register_objective("masked", masked_step)
+
+
+def classification_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> StepOutput:
+    """Cross-entropy on the batch's task head; MoE aux losses added with their weights."""
+    batch = to_device(batch, ctx.device)
+    tasks = batch["task"]
+    task = tasks[0]
+    if any(t != task for t in tasks):
+        raise ValueError("a classification batch must hold one task (the sampler groups by task)")
+    kwargs: dict[str, Any] = {"channel_padding_mask": batch.get("channel_padding_mask")}
+    if ctx.task_ids:
+        kwargs["task"] = task
+    if ctx.route_by_task:
+        kwargs["task_id"] = torch.full(
+            (batch["x"].shape[0],), ctx.task_ids[task], dtype=torch.long, device=ctx.device
+        )
+    logits = model(batch["x"], batch["input_chans"], **kwargs)
+    labels = batch["label"]
+    loss = F.cross_entropy(logits.float(), labels)
+    metrics = {"accuracy": float((logits.argmax(-1) == labels).float().mean())}
+    aux, aux_logged = moe_aux_loss(model, ctx.aux_weights)
+    if aux is not None:
+        loss = loss + aux
+        metrics.update(aux_logged)
+    return StepOutput(loss, metrics, {"logits": logits.detach(), "labels": labels, "task": task})
+
+
+def _scalars(out: Any) -> dict[str, torch.Tensor]:
+    """Scalar tensors of a model output (dataclass, namedtuple or dict)."""
+    if isinstance(out, dict):
+        items = out.items()
+    elif hasattr(out, "__dataclass_fields__"):
+        items = ((k, getattr(out, k)) for k in out.__dataclass_fields__)
+    elif hasattr(out, "_asdict"):
+        items = out._asdict().items()
+    else:
+        items = vars(out).items()
+    return {k: v for k, v in items if isinstance(v, torch.Tensor) and v.numel() == 1}

@@ -1,0 +1,94 @@
+"""A resumable, distributed batch sampler that keeps batches to one electrode set.
+
+Why not ``torch.utils.data.DistributedSampler``: that shards the *dataset* across ranks, so a
+2-process run sees different batches than a 1-process run and the results cannot be compared.
+Here every epoch is first cut into *global* micro-batches (same for any world size), each
+global batch is then split between the ranks, so DDP's gradient average over ranks equals the
+single-process gradient of the whole batch. Batches never mix electrode sets (or tasks), so
+they need no channel padding; the position inside an epoch is part of the state, so a resumed
+run continues with the very next batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator, Sequence
+
+import torch
+
+
+class EpochBatchSampler:
+    """Yields this rank's share of each global micro-batch.
+
+    Args:
+        group_keys: one hashable per dataset item (e.g. (task, electrode set)); a batch holds
+            items of one key only.
+        global_batch: items per global micro-batch (split over ``world_size`` ranks).
+        shuffle: reshuffle every epoch with ``seed + epoch``.
+        drop_last: drop each group's last incomplete batch (needed for exact DDP equivalence).
+    """
+
+    def __init__(
+        self,
+        group_keys: Sequence[Hashable],
+        global_batch: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+    ) -> None:
+        if global_batch < world_size:
+            raise ValueError(
+                f"global_batch={global_batch} is smaller than the world size {world_size}: "
+                "raise train.batch_size or lower train.grad_accum"
+            )
+        if global_batch % world_size:
+            raise ValueError(
+                f"global_batch={global_batch} must be divisible by the world size {world_size}"
+            )
+        self.group_keys = list(group_keys)
+        self.global_batch = global_batch
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def global_batches(self) -> list[list[int]]:
+        """This epoch's global micro-batches (identical on every rank)."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        groups: dict[Hashable, list[int]] = {}
+        for index, key in enumerate(self.group_keys):
+            groups.setdefault(key, []).append(index)
+        batches: list[list[int]] = []
+        for key in sorted(groups, key=repr):
+            members = groups[key]
+            if self.shuffle:
+                order = torch.randperm(len(members), generator=generator).tolist()
+                members = [members[i] for i in order]
+            for start in range(0, len(members), self.global_batch):
+                batch = members[start : start + self.global_batch]
+                if len(batch) < self.global_batch and (
+                    self.drop_last or len(batch) < self.world_size
+                ):
+                    continue
+                batches.append(batch)
+        if self.shuffle:
+            order = torch.randperm(len(batches), generator=generator).tolist()
+            batches = [batches[i] for i in order]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.global_batches()[self.start_batch :]:
+            share = len(batch) // self.world_size
+            yield batch[self.rank * share : (self.rank + 1) * share]
+
+    def __len__(self) -> int:
+        return max(len(self.global_batches()) - self.start_batch, 0)

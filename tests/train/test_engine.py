@@ -1,0 +1,176 @@
+"""The training loop: outputs, exact resume, SIGKILL during a checkpoint write, DDP equivalence,
+gradient accumulation, non-finite loss."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from eegfast.train import checkpoint as ckpt
+from eegfast.train.engine import NonFiniteLossError, fit
+from eegfast.train.objectives import StepContext, StepOutput
+from eegfast.train.runlog import read_metrics
+from tests.train import worker
+from tests.train.fakes import SyntheticEEG, TinyClassifier, collate
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt.latest_checkpoint(run_dir / "checkpoints").path / ckpt.WEIGHTS))
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=atol, msg=key)
+
+
+def test_fit_learns_and_writes_run_outputs(tmp_path):
+    result = worker.run("finetune", str(tmp_path), {"train.epochs": 3})
+    assert result.step == 3 * 8  # 4 (task, electrode set) groups of 12 items -> 8 batches of 6
+    assert sum(result.losses[-4:]) < sum(result.losses[:4])
+    assert (tmp_path / "config.yaml").read_text().count("batch_size: 6") == 1
+    series = read_metrics(tmp_path / "metrics.csv")
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/accuracy"} <= series.keys()
+    lrs = [v for _, v in series["train/lr"]]
+    assert max(lrs) == pytest.approx(3e-3, rel=1e-6) and lrs[-1] < lrs[2]  # warm-up then decay
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    steps = [c.step for c in ckpt.list_checkpoints(tmp_path / "checkpoints")]
+    assert steps == [8, 16, 24]  # once per epoch
+
+
+def test_resume_from_an_intermediate_checkpoint_is_exact(tmp_path):
+    full, partial = tmp_path / "full", tmp_path / "partial"
+    worker.run("finetune", str(full), {"train.checkpoint_every": 4})
+    worker.run("finetune", str(partial), {"train.checkpoint_every": 4})
+    for info in ckpt.list_checkpoints(partial / "checkpoints"):
+        if info.step > 4:  # as if the run had died after step 4 (mid-epoch: 6 steps/epoch)
+            import shutil
+
+            shutil.rmtree(info.path)
+    state = ckpt.load_training_state(partial / "checkpoints" / "step-00000004")
+    assert (state["epoch"], state["batch_in_epoch"]) == (0, 4)
+    resumed = worker.run("finetune", str(partial), {"train.checkpoint_every": 4}, resume="auto")
+    assert resumed.step == 16
+    assert_same_weights(final_weights(full), final_weights(partial))
+
+
+def test_checkpoint_files_load_safely(tmp_path):
+    worker.run("finetune", str(tmp_path), {"train.epochs": 1})
+    latest = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    state = torch.load(latest.path / ckpt.STATE, weights_only=True)  # no pickled code objects
+    assert {"optimizer", "scheduler", "scaler", "rng", "step", "epoch", "batch_in_epoch"} <= set(
+        state
+    )
+    assert latest.meta["step"] == 8 and "config" in latest.meta
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_write_keeps_previous_and_resumes_exactly(tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "tests.train.worker", str(killed)]
+    # The uninterrupted run, in a process like the others (same thread count -> same floats).
+    subprocess.run(command[:-1] + [str(reference)], env=env, cwd=REPO, timeout=120, check=True)
+    child = subprocess.Popen([*command, "--hang-at-save", "3"], env=env, cwd=REPO)
+    marker = killed / "HANGING"
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert child.poll() is None, "the training process ended before its 3rd checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    # The 3rd checkpoint (step 6) was half written: only its temporary folder exists.
+    assert list((killed / "checkpoints").glob(".tmp-step-00000006-*"))
+    assert [c.step for c in ckpt.list_checkpoints(killed / "checkpoints")] == [2, 4]
+    weights = ckpt.load_weights(killed / "checkpoints" / "step-00000004")
+    assert (
+        weights and ckpt.load_training_state(killed / "checkpoints" / "step-00000004")["step"] == 4
+    )
+    resumed = subprocess.run([*command, "--resume", "auto"], env=env, cwd=REPO, timeout=120)
+    assert resumed.returncode == 0
+    assert not list((killed / "checkpoints").glob(".tmp-*"))
+    assert_same_weights(final_weights(reference), final_weights(killed))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
+def test_two_process_gloo_ddp_matches_one_process(tmp_path, kind):
+    single, double = tmp_path / "single", tmp_path / "double"
+    one = worker.run(kind, str(single))
+    mp.spawn(worker.spawned, args=(2, free_port(), kind, str(double)), nprocs=2, join=True)
+    assert_same_weights(final_weights(single), final_weights(double), atol=2e-5)
+    two = read_metrics(double / "metrics.csv")["train/loss"]
+    assert [s for s, _ in two] == list(range(1, one.step + 1))
+    torch.testing.assert_close(
+        torch.tensor([v for _, v in two]), torch.tensor(one.losses), atol=2e-5, rtol=2e-5
+    )
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    worker.run("finetune", str(tmp_path / "full"), {"train.epochs": 1})
+    worker.run("finetune", str(tmp_path / "accum"), {"train.epochs": 1, "train.grad_accum": 2})
+    assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "accum"), 2e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = SyntheticEEG(24)
+    model = TinyClassifier()
+    calls = {"n": 0}
+
+    def step(model, batch, ctx):
+        calls["n"] += 1
+        loss = model(batch["x"]).logsumexp(-1).mean()
+        if calls["n"] == 5:
+            loss = loss * float("nan")
+        return StepOutput(loss)
+
+    from eegfast.train.config import RunConfig
+
+    config = RunConfig().with_overrides(
+        {"train.batch_size": 4, "train.checkpoint_every": 2, "train.progress": False}
+    )
+    with pytest.raises(NonFiniteLossError, match="step 5.*step-00000004.*resume"):
+        fit(
+            model,
+            step,
+            data,
+            config,
+            tmp_path,
+            group_keys=data.group_keys(),
+            collate_fn=collate,
+            ctx=StepContext(torch.device("cpu")),
+        )
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [2, 4]
+
+
+def test_retention_keeps_last_n_and_the_best(tmp_path):
+    weights = {"w": torch.zeros(2)}
+    for step, metric in [(1, 0.5), (2, 0.1), (3, 0.9), (4, 0.8), (5, 0.7)]:
+        ckpt.save_checkpoint(tmp_path, step, weights, {"step": step}, {"metric": metric})
+        ckpt.prune_checkpoints(tmp_path, keep_last=2)
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [2, 4, 5]
+    assert ckpt.best_checkpoint(tmp_path).step == 2
+    assert ckpt.resolve_weights_path(tmp_path).parent.name == "step-00000002"
+    assert ckpt.resolve_weights_path(tmp_path, prefer="latest").parent.name == "step-00000005"
+    with pytest.raises(FileNotFoundError, match="no weights at"):
+        ckpt.resolve_weights_path(tmp_path / "nothing")
