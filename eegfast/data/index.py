@@ -1,0 +1,163 @@
+"""Layout of a prepared folder, atomic writes, and the index (readable without torch).
+
+A folder written by ``eegfast prepare`` holds::
+
+    index.json            what the dataset reads: settings, tasks and their label names, and one
+                          entry per usable recording (its shard, electrodes, windows, labels)
+    report.json/.md       summary of the run, with every bad file and its reason
+    shards/<key>.npy      one shard per recording: (W, C, A, 200) windows, float32 or float16,
+                          a plain .npy file opened with np.load(mmap_mode="r")
+    shards/<key>.json     the recording's record; written after its shard, so a recording is
+                          finished exactly when its .json exists (what resuming relies on)
+
+Every file is written to a temporary name in the same folder, fsynced and renamed over the final
+name, so a killed run never leaves a half-written shard under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "FORMAT_VERSION",
+    "INDEX_NAME",
+    "SHARD_DIR",
+    "load_index",
+    "read_index",
+    "write_json_atomic",
+    "write_npy_atomic",
+]
+
+FORMAT_VERSION = 1
+INDEX_NAME = "index.json"
+SHARD_DIR = "shards"
+TMP_MARK = ".tmp-"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp makes files 0600
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    """Write JSON to a temporary file beside ``path``, fsync it, rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_npy_atomic(path: str | os.PathLike, shape: tuple[int, ...], dtype, fill) -> None:
+    """Create ``path`` as a .npy of ``shape``/``dtype`` through a memory map.
+
+    ``fill(array)`` writes the contents into the (temporary) memory-mapped array; the file is
+    then flushed, fsynced and renamed into place.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}")
+    os.close(fd)
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        fill(array)
+        array.flush()
+        del array
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete temporary files a killed run left in ``folder``; returns how many."""
+    folder = Path(folder)
+    count = 0
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(".") and TMP_MARK in p.name:
+                p.unlink(missing_ok=True)
+                count += 1
+    return count
+
+
+def load_index(root: str | os.PathLike) -> dict:
+    """The parsed ``index.json`` of a prepared folder (ValueError naming the folder if absent)."""
+    root = Path(root)
+    path = root / INDEX_NAME
+    if not path.is_file():
+        raise ValueError(
+            f"root: {root} is not a prepared folder (no {INDEX_NAME}); run `eegfast prepare`"
+        )
+    index = json.loads(path.read_text())
+    if index.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"root: {path} has format version {index.get('format_version')}, "
+            f"this eegfast reads {FORMAT_VERSION}; prepare the data again"
+        )
+    return index
+
+
+def read_index(root: str | os.PathLike) -> list[dict]:
+    """One record per window: file, subject, session, task, label (int, -1 = none),
+    label_name, electrodes (tuple of names), input_chans, window (index in its file),
+    start_s, shard (path relative to root), row (in the shard)."""
+    index = load_index(root)
+    records = []
+    for entry in index["recordings"]:
+        electrodes = tuple(entry["electrodes"])
+        names = index["tasks"][entry["task"]]["labels"]
+        for w, (start, label) in enumerate(zip(entry["starts"], entry["labels"], strict=True)):
+            records.append(
+                {
+                    "file": entry["file"],
+                    "subject": entry["subject"],
+                    "session": entry["session"],
+                    "task": entry["task"],
+                    "label": label,
+                    "label_name": names[label] if label >= 0 else "",
+                    "electrodes": electrodes,
+                    "input_chans": tuple(entry["input_chans"]),
+                    "window": w,
+                    "start_s": start / 200.0,
+                    "shard": entry["shard"],
+                    "row": w,
+                }
+            )
+    return records

@@ -1,0 +1,180 @@
+"""Labels and subject ids for recordings: annotations/events, file-name rules, or a CSV table.
+
+``LabelRules.resolve(path, annotations)`` decides, per recording, in this order:
+
+1. a row of the CSV table (columns ``file,label,subject,session``; optional ``task``) whose
+   ``file`` equals the recording's path, its path relative to the table, or its file name ->
+   one label for the whole recording;
+2. annotations (``(onset_s, duration_s, description)``, e.g. eegmmidb's T0/T1/T2 with 4.1-4.2 s
+   durations) -> windows are cut inside each event and get its label. ``event_map`` renames
+   descriptions (``T1=left``) and, when given, keeps only the mapped ones; without it every
+   description with a positive duration counts except MNE's ``BAD``/``EDGE`` marks;
+3. the first file-name rule ``(regex, label)`` whose regex is found in the file stem (e.g.
+   ``('_1$', 'rest'), ('_2$', 'task')`` for eegmat) -> one label for the whole recording;
+4. otherwise unlabelled (label ``''``, stored as -1).
+
+Subjects: the table's ``subject``; else the first capture group of ``subject_regex`` in the path;
+else the built-in patterns (BIDS ``sub-XX``, eegmmidb ``S001`` of ``S001R04``, eegmat
+``Subject00``, TUH ``aaaaaaab`` of ``aaaaaaab_s001_t000``); else the file stem, which makes every
+file its own subject (said in the report).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Event", "LabelRules", "Resolved", "read_label_table", "infer_subject"]
+
+
+@dataclass(frozen=True)
+class Event:
+    onset: float  # seconds from the start of the recording
+    duration: float
+    label: str
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """How one recording is labelled: a whole-file ``label`` or a list of ``events``."""
+
+    subject: str
+    session: str
+    label: str  # '' = unlabelled (ignored when events is not None)
+    events: tuple[Event, ...] | None
+    source: str  # 'table', 'annotations', 'filename', 'none'
+    task: str | None = None  # from the table's optional task column
+    subject_source: str = "pattern"
+
+
+@dataclass(frozen=True)
+class TableRow:
+    label: str
+    subject: str
+    session: str
+    task: str | None
+
+
+_SUBJECT_PATTERNS = (
+    re.compile(r"(?:^|[/_\\])(sub-[A-Za-z0-9]+)"),
+    re.compile(r"(?:^|[/\\])(S\d{3})R\d{2}(?:\.|$)"),
+    re.compile(r"(?:^|[/\\])(Subject\d+)_\d"),
+    re.compile(r"(?:^|[/\\])([a-z]{8})_s\d{3}_t\d{3}"),
+)
+
+
+def infer_subject(path: str | os.PathLike, regex: str | None = None) -> tuple[str, str]:
+    """(subject id, how it was found) for a recording path."""
+    text = Path(path).as_posix()
+    if regex:
+        m = re.search(regex, text)
+        if m:
+            return (m.group(1) if m.groups() else m.group(0)), "subject_regex"
+    for pattern in _SUBJECT_PATTERNS:
+        m = pattern.search(text)
+        if m:
+            return m.group(1), "pattern"
+    return Path(path).name.split(".")[0], "file name (each file its own subject)"
+
+
+def read_label_table(path: str | os.PathLike) -> dict[str, TableRow]:
+    """CSV ``file,label,subject,session[,task]`` -> {key: row}; keys are the ``file`` values
+    and the absolute paths they resolve to (relative to the table's folder)."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as err:
+        raise ValueError(f"labels table {path}: {err}") from None
+    if not rows:
+        raise ValueError(f"labels table {path}: no rows")
+    missing = {"file", "label"} - set(rows[0])
+    if missing:
+        raise ValueError(
+            f"labels table {path}: missing columns {sorted(missing)} "
+            "(expected file,label,subject,session)"
+        )
+    table = {}
+    for i, row in enumerate(rows, start=2):
+        file = (row.get("file") or "").strip()
+        if not file:
+            raise ValueError(f"labels table {path}, line {i}: empty 'file'")
+        entry = TableRow(
+            label=(row.get("label") or "").strip(),
+            subject=(row.get("subject") or "").strip(),
+            session=(row.get("session") or "").strip(),
+            task=(row.get("task") or "").strip() or None,
+        )
+        table[file] = entry
+        table[str((path.parent / file).resolve())] = entry
+    return table
+
+
+@dataclass(frozen=True)
+class LabelRules:
+    event_map: dict[str, str] | None = None
+    filename_rules: tuple[tuple[str, str], ...] = ()
+    table: dict[str, TableRow] = field(default_factory=dict)
+    subject_regex: str | None = None
+    use_annotations: bool = True
+
+    def __post_init__(self) -> None:
+        for regex, _label in self.filename_rules:
+            try:
+                re.compile(regex)
+            except re.error as err:
+                raise ValueError(f"filename rule {regex!r}: {err}") from None
+        if self.subject_regex is not None:
+            try:
+                re.compile(self.subject_regex)
+            except re.error as err:
+                raise ValueError(f"subject_regex {self.subject_regex!r}: {err}") from None
+
+    def _row(self, path: Path) -> TableRow | None:
+        for key in (str(path.resolve()), path.as_posix(), path.name):
+            if key in self.table:
+                return self.table[key]
+        return None
+
+    def events_from(self, annotations) -> tuple[Event, ...]:
+        """Events from ``(onset, duration, description)`` triples (e.g. ``raw.annotations``)."""
+        events = []
+        for onset, duration, description in annotations:
+            desc = str(description).strip()
+            if self.event_map is not None:
+                if desc not in self.event_map:
+                    continue
+                label = self.event_map[desc]
+            else:
+                if desc.upper().startswith(("BAD", "EDGE")):
+                    continue
+                label = desc
+            if duration > 0:
+                events.append(Event(float(onset), float(duration), label))
+        return tuple(events)
+
+    def resolve(self, path: str | os.PathLike, annotations=()) -> Resolved:
+        path = Path(path)
+        subject, subject_source = infer_subject(path, self.subject_regex)
+        row = self._row(path)
+        if row is not None:
+            return Resolved(
+                row.subject or subject,
+                row.session,
+                row.label,
+                None,
+                "table",
+                row.task,
+                "table" if row.subject else subject_source,
+            )
+        if self.use_annotations:
+            events = self.events_from(annotations)
+            if events:
+                return Resolved(subject, "", "", events, "annotations", None, subject_source)
+        for regex, label in self.filename_rules:
+            if re.search(regex, path.name.split(".")[0]):
+                return Resolved(subject, "", label, None, "filename", None, subject_source)
+        return Resolved(subject, "", "", None, "none", None, subject_source)

@@ -1,0 +1,612 @@
+"""``eegfast prepare SRC... --out DIR``: recordings -> preprocessed, sharded, memory-mapped windows.
+
+Each recording is read with MNE, its channels are mapped to the LaBraM electrode table, it is
+band-passed, notch-filtered and resampled in one FFT per channel (``preprocess_signal``), cut into
+(C, A, 200) windows, and written as one shard (``shards/<key>.npy``) plus its record
+(``shards/<key>.json``) by a pool of worker processes. ``index.json`` and a report
+(``report.json``, ``report.md``) are written at the end.
+
+Resuming: a recording whose record exists, with the same file size, modification time and
+settings, is not processed again, so re-running the same command is cheap and a killed run loses
+only the recordings in flight. Bad recordings (truncated or corrupt files, no EEG, only unknown
+electrodes, flat or non-finite channels, too-low sample rate, too short) are listed with their
+reason and skipped. The exit status is 1 only when nothing usable was produced, or with
+``--strict`` when any recording was bad.
+
+SRC is a recording, a folder (searched recursively for files MNE reads; a BIDS folder is read
+through mne-bids), and may be written ``TASK=SRC`` to name the task of its recordings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from eegfast.data.index import (
+    FORMAT_VERSION,
+    INDEX_NAME,
+    SHARD_DIR,
+    remove_stale_temporaries,
+    write_json_atomic,
+    write_npy_atomic,
+)
+from eegfast.data.labels import LabelRules, read_label_table
+from eegfast.data.preprocess import (
+    PATCH_SAMPLES,
+    TARGET_SFREQ,
+    PreprocessConfig,
+    SampleRateError,
+    check_sample_rate,
+    cut_windows,
+    preprocess_signal,
+    window_starts,
+)
+from eegfast.data.reading import (
+    MNE_EXTENSIONS,
+    BadRecording,
+    import_mne_bids,
+    map_channels,
+    read_recording,
+)
+from eegfast.electrodes import labram_input_chans
+
+__all__ = ["Job", "Settings", "configure_parser", "discover", "main", "prepare", "process_file"]
+
+FLAT_PEAK_TO_PEAK_V = 1e-7  # 0.1 µV over the whole recording: a disconnected or flat channel
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides a recording's output (hashed to decide what can be reused)."""
+
+    preprocess: PreprocessConfig = PreprocessConfig()
+    labels: LabelRules = LabelRules()
+    channels: tuple[str, ...] | None = None
+    allow_extended: bool = False
+    modern_names: bool = True
+    bad_channels: str = "reject"  # or "drop"
+
+    def digest(self) -> str:
+        payload = json.dumps(asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Job:
+    path: str
+    task: str
+    bids: bool
+    key: str
+
+
+def _key(path: Path) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.name)[:80]
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+    return f"{stem}-{digest}"
+
+
+def _is_recording(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and name.endswith(MNE_EXTENSIONS)
+
+
+def discover(sources: list[str], default_task: str | None = None) -> list[Job]:
+    """Jobs for SRC arguments (files, folders, BIDS folders, ``TASK=SRC``); sorted, unique."""
+    jobs: dict[str, Job] = {}
+    for source in sources:
+        task, _, spec = source.rpartition("=") if "=" in source else ("", "", source)
+        if task and Path(source).exists():  # a path that really contains '='
+            task, spec = "", source
+        path = Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(f"SRC {source!r}: no such file or folder")
+        if path.is_dir():
+            folder_task = task or default_task or path.resolve().name
+            if (path / "dataset_description.json").is_file():
+                import_mne_bids()  # clear error now rather than once per file
+                files = [p for p in sorted(path.rglob("*")) if _is_recording(p)]
+                files = [p for p in files if "/eeg/" in p.as_posix() or "\\eeg\\" in str(p)]
+                bids = True
+            else:
+                files = [p for p in sorted(path.rglob("*")) if _is_recording(p)]
+                # BrainVision: read the header (.vhdr), not the data (.eeg) or marker files
+                files = [p for p in files if not _is_sidecar(p)]
+                bids = False
+            if not files:
+                raise FileNotFoundError(f"SRC {source!r}: no recordings MNE can read in {path}")
+            for p in files:
+                jobs.setdefault(str(p.resolve()), Job(str(p), folder_task, bids, _key(p)))
+        else:
+            file_task = task or default_task or path.resolve().parent.name
+            jobs.setdefault(str(path.resolve()), Job(str(path), file_task, False, _key(path)))
+    return sorted(jobs.values(), key=lambda j: j.path)
+
+
+def _is_sidecar(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    if suffix == ".eeg" and path.with_suffix(".vhdr").exists():
+        return True
+    return suffix == ".eeg" and path.with_suffix(".VHDR").exists()
+
+
+def _fingerprint(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _record_path(out: Path, job: Job) -> Path:
+    return out / SHARD_DIR / f"{job.key}.json"
+
+
+def process_file(job: Job, settings: Settings, out: str) -> dict:
+    """Read, check, preprocess, window and write one recording; returns its record.
+
+    Never raises for a bad recording: the record then has ``status='bad'`` and ``reason``.
+    """
+    out_dir = Path(out)
+    path = Path(job.path)
+    started = time.perf_counter()
+    record = {
+        "status": "bad",
+        "file": str(path),
+        "key": job.key,
+        "task": job.task,
+        "settings": settings.digest(),
+    }
+    try:
+        record.update(_fingerprint(path))
+        record.update(_process(job, settings, out_dir))
+        record["status"] = "ok"
+    except (BadRecording, SampleRateError) as err:
+        record["reason"] = str(err)
+    except Exception as err:  # a reader or numeric failure on one file must not stop the run
+        record["reason"] = f"error: {type(err).__name__}: {err}"
+        record["traceback"] = traceback.format_exc(limit=5)
+    record["seconds"] = round(time.perf_counter() - started, 4)
+    write_json_atomic(_record_path(out_dir, job), record)
+    return record
+
+
+def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
+    cfg = settings.preprocess
+    raw = read_recording(job.path, bids=job.bids)
+    sfreq = float(raw.info["sfreq"])
+    chmap = map_channels(
+        raw.ch_names,
+        raw.get_channel_types(),
+        channels=list(settings.channels) if settings.channels else None,
+        allow_extended=settings.allow_extended,
+        modern_names=settings.modern_names,
+    )
+    info = {
+        "sfreq_in": sfreq,
+        "duration_s": raw.n_times / sfreq,
+        "excluded": chmap.excluded,
+        "unknown": list(chmap.unknown),
+    }
+    if not chmap.picks:
+        if chmap.n_eeg == 0:
+            raise BadRecording(f"no EEG channels (channels: {', '.join(raw.ch_names[:12])})")
+        raise BadRecording(f"only unknown electrodes: {', '.join(chmap.unknown[:20])}")
+    check_sample_rate(sfreq, cfg)
+    resolved = settings.labels.resolve(
+        job.path,
+        zip(
+            raw.annotations.onset,
+            raw.annotations.duration,
+            raw.annotations.description,
+            strict=True,
+        ),
+    )
+    data = raw.get_data(picks=list(chmap.picks))  # (C, T) volts, float64
+    names = list(chmap.names)
+    picks = list(chmap.picks)
+    finite = np.isfinite(data).all(axis=1)
+    flat = np.zeros(len(names), bool)
+    flat[finite] = np.ptp(data[finite], axis=1) < FLAT_PEAK_TO_PEAK_V
+    bad = ~finite | flat
+    if bad.any():
+        nonfinite_names = [raw.ch_names[picks[i]] for i in np.flatnonzero(~finite)]
+        flat_names = [raw.ch_names[picks[i]] for i in np.flatnonzero(flat)]
+        problems = []
+        if nonfinite_names:
+            problems.append(f"non-finite samples (NaN/inf) in {', '.join(nonfinite_names)}")
+        if flat_names:
+            problems.append(f"flat channels (peak-to-peak < 0.1 µV): {', '.join(flat_names)}")
+        if settings.bad_channels == "reject" or bad.all():
+            raise BadRecording("; ".join(problems))
+        for i in np.flatnonzero(bad):
+            info["excluded"][raw.ch_names[picks[i]]] = "flat or non-finite"
+        keep = np.flatnonzero(~bad)
+        data = data[keep]
+        names = [names[i] for i in keep]
+    signal = preprocess_signal(data, sfreq, cfg, ch_names=names)
+    del data
+    n_out = signal.shape[1]
+    label_names: list[str] = []
+    if resolved.events is not None:
+        starts_list = []
+        short = 0
+        for event in resolved.events:
+            begin = int(round(event.onset * TARGET_SFREQ))
+            end = int(round((event.onset + event.duration) * TARGET_SFREQ))
+            s = window_starts(n_out, cfg, begin=begin, end=end)
+            short += len(s) == 0
+            starts_list.append(s)
+            label_names += [event.label] * len(s)
+        starts = np.concatenate(starts_list) if starts_list else np.zeros(0, np.int64)
+        info["events"] = len(resolved.events)
+        info["events_shorter_than_window"] = int(short)
+    else:
+        starts = window_starts(n_out, cfg)
+        label_names = [resolved.label] * len(starts)
+    if len(starts) == 0:
+        what = "annotated event" if resolved.events is not None else "recording"
+        raise BadRecording(
+            f"no complete {cfg.window_seconds}-s window (longest {what} is shorter; "
+            f"recording {n_out / TARGET_SFREQ:g} s)"
+        )
+    shard = out_dir / SHARD_DIR / f"{job.key}.npy"
+    shape = (len(starts), len(names), cfg.window_seconds, PATCH_SAMPLES)
+    write_npy_atomic(shard, shape, cfg.dtype, lambda a: cut_windows(signal, starts, cfg, out=a))
+    info.update(
+        {
+            "task": resolved.task or job.task,
+            "subject": resolved.subject,
+            "subject_source": resolved.subject_source,
+            "session": resolved.session,
+            "label_source": resolved.source,
+            "electrodes": names,
+            "input_chans": labram_input_chans(names, allow_extended=settings.allow_extended),
+            "shard": f"{SHARD_DIR}/{shard.name}",
+            "dtype": cfg.dtype,
+            "window_seconds": cfg.window_seconds,
+            "starts": starts.tolist(),
+            "label_names": label_names,
+            "n_windows": len(starts),
+        }
+    )
+    return info
+
+
+def _reusable(record_path: Path, job: Job, digest: str) -> dict | None:
+    try:
+        record = json.loads(record_path.read_text())
+        same = record.get("settings") == digest and all(
+            record.get(k) == v for k, v in _fingerprint(Path(job.path)).items()
+        )
+    except (OSError, ValueError):
+        return None
+    if not same:
+        return None
+    if record.get("status") == "ok" and not (record_path.parent.parent / record["shard"]).exists():
+        return None
+    return record
+
+
+def _warm_imports() -> None:
+    """Import the readers and scipy once here, so forked workers inherit them (importing mne and
+    scipy.signal costs seconds per process, more than preprocessing a recording)."""
+    import mne.filter  # noqa: F401
+    import mne.io  # noqa: F401
+    import scipy.fft  # noqa: F401
+    import scipy.signal  # noqa: F401
+
+
+def _pool_context():
+    # fork is fastest, but unsafe once torch (with its thread pools) lives in this process.
+    if sys.platform == "linux" and "torch" not in sys.modules:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("forkserver" if sys.platform != "win32" else "spawn")
+
+
+def prepare(
+    sources: list[str],
+    out: str | os.PathLike,
+    settings: Settings = Settings(),
+    *,
+    workers: int = 1,
+    task: str | None = None,
+    classes: list[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Run the whole preparation; returns the report (also written to ``out``)."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    out = Path(out)
+    jobs = discover(sources, task)
+    (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_temporaries(out / SHARD_DIR)
+    digest = settings.digest()
+    records: dict[str, dict] = {}
+    todo = []
+    for job in jobs:
+        record = None if force else _reusable(_record_path(out, job), job, digest)
+        if record is None:
+            todo.append(job)
+        else:
+            record["reused"] = True
+            records[job.key] = record
+    if todo:
+        _warm_imports()
+    bar = tqdm(total=len(todo), desc="prepare", unit="file", disable=not progress or not todo)
+    if workers <= 1 or len(todo) <= 1:
+        for job in todo:
+            records[job.key] = process_file(job, settings, str(out))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=_pool_context()) as pool:
+            futures = {pool.submit(process_file, job, settings, str(out)): job for job in todo}
+            for future in as_completed(futures):
+                job = futures[future]
+                records[job.key] = future.result()
+                bar.update()
+    bar.close()
+    ordered = [records[j.key] for j in jobs]
+    index = build_index(ordered, settings, classes)
+    write_json_atomic(out / INDEX_NAME, index)
+    report = build_report(ordered, index, settings, time.perf_counter() - started, removed)
+    write_json_atomic(out / "report.json", report)
+    md = out / "report.md"
+    tmp = md.with_name(".report.md.tmp")
+    tmp.write_text(report_markdown(report))
+    os.replace(tmp, md)
+    return report
+
+
+def build_index(records: list[dict], settings: Settings, classes: list[str] | None) -> dict:
+    ok = [r for r in records if r["status"] == "ok"]
+    tasks: dict[str, set[str]] = {}
+    for r in ok:
+        tasks.setdefault(r["task"], set()).update(n for n in r["label_names"] if n)
+    task_labels = {}
+    for name, found in sorted(tasks.items()):
+        order = list(classes) if classes else sorted(found)
+        task_labels[name] = {"labels": order}
+    recordings = []
+    for r in ok:
+        order = task_labels[r["task"]]["labels"]
+        ids = [order.index(n) if n in order else -1 for n in r["label_names"]]
+        recordings.append(
+            {
+                k: r[k]
+                for k in (
+                    "file",
+                    "subject",
+                    "session",
+                    "task",
+                    "electrodes",
+                    "input_chans",
+                    "shard",
+                    "dtype",
+                    "window_seconds",
+                    "starts",
+                    "n_windows",
+                    "sfreq_in",
+                )
+            }  # fmt: skip
+            | {"labels": ids}
+        )
+    return {
+        "format_version": FORMAT_VERSION,
+        "settings": json.loads(json.dumps(asdict(settings), default=str)),
+        "settings_digest": settings.digest(),
+        "window_seconds": settings.preprocess.window_seconds,
+        "tasks": task_labels,
+        "recordings": recordings,
+    }
+
+
+def build_report(
+    records: list[dict], index: dict, settings: Settings, seconds: float, removed: int
+) -> dict:
+    from eegfast.datasets import ATTRIBUTION, SAMPLE_FILES
+
+    ok = [r for r in records if r["status"] == "ok"]
+    bad = [{"file": r["file"], "reason": r.get("reason", "")} for r in records if r not in ok]
+    unknown: dict[str, int] = {}
+    for r in records:
+        for name in r.get("unknown", []):
+            unknown[name] = unknown.get(name, 0) + 1
+    fresh = [r for r in records if not r.get("reused")]
+    fresh_hours = sum(r.get("duration_s", 0.0) for r in fresh if r["status"] == "ok") / 3600
+    label_counts: dict[str, dict[str, int]] = {}
+    for rec in index["recordings"]:
+        names = index["tasks"][rec["task"]]["labels"]
+        counts = label_counts.setdefault(rec["task"], {})
+        for i in rec["labels"]:
+            key = names[i] if i >= 0 else "(none)"
+            counts[key] = counts.get(key, 0) + 1
+    sample_names = {f.name for f in SAMPLE_FILES}
+    uses_sample = any(Path(r["file"]).name in sample_names for r in records)
+    return {
+        "files": len(records),
+        "usable": len(ok),
+        "bad": bad,
+        "reused": sum(1 for r in records if r.get("reused")),
+        "processed": len(fresh),
+        "windows": sum(r["n_windows"] for r in ok),
+        "hours": round(sum(r["duration_s"] for r in ok) / 3600, 6),
+        "subjects": sorted({r["subject"] for r in ok}),
+        "subjects_from_file_name": sorted(
+            {r["file"] for r in ok if r.get("subject_source", "").startswith("file name")}
+        ),
+        "labels": label_counts,
+        "excluded_unknown_channels": dict(sorted(unknown.items())),
+        "seconds": round(seconds, 3),
+        "hours_per_minute": round(fresh_hours / (seconds / 60), 4) if seconds > 0 else None,
+        "stale_temporaries_removed": removed,
+        "settings_digest": settings.digest(),
+        "attribution": ATTRIBUTION if uses_sample else None,
+    }
+
+
+def report_markdown(report: dict) -> str:
+    lines = [
+        "# eegfast prepare report",
+        "",
+        f"- recordings: {report['files']} ({report['usable']} usable, {len(report['bad'])} bad, "
+        f"{report['reused']} reused from an earlier run)",
+        f"- windows: {report['windows']}, EEG: {report['hours']:.4f} h, "
+        f"subjects: {len(report['subjects'])}",
+        f"- time: {report['seconds']:.2f} s"
+        + (
+            f" ({report['hours_per_minute']:.3f} h of EEG per minute)"
+            if report["processed"]
+            else ""
+        ),
+    ]
+    if report["labels"]:
+        lines += ["", "## Labels (windows)", ""]
+        for task, counts in report["labels"].items():
+            parts = ", ".join(f"{k}: {v}" for k, v in counts.items())
+            lines.append(f"- {task}: {parts}")
+    if report["bad"]:
+        lines += ["", "## Bad recordings (skipped)", "", "| file | reason |", "|---|---|"]
+        for b in report["bad"]:
+            lines.append(f"| {b['file']} | {b['reason'].replace('|', '/')} |")
+    if report["excluded_unknown_channels"]:
+        lines += ["", "## Channels left out as unknown electrodes (recordings)", ""]
+        lines += [f"- `{k}`: {v}" for k, v in report["excluded_unknown_channels"].items()]
+    if report["subjects_from_file_name"]:
+        n = len(report["subjects_from_file_name"])
+        lines += ["", f"Note: {n} recording(s) got their file name as subject id."]
+    if report["attribution"]:
+        lines += ["", "## Data licence", "", report["attribution"]]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _pairs(values: list[str] | None, what: str) -> list[tuple[str, str]]:
+    pairs = []
+    for v in values or []:
+        key, sep, value = v.rpartition("=")
+        if not sep or not key:
+            raise SystemExit(f"eegfast prepare: {what} {v!r}: expected KEY=VALUE")
+        pairs.append((key, value))
+    return pairs
+
+
+def _freq(text: str) -> float | None:
+    return None if text.lower() in ("none", "off", "0") else float(text)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sources", nargs="+", metavar="SRC", help="recording or folder [TASK=SRC]")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8))
+    g = parser.add_argument_group("preprocessing (defaults: LaBraM)")
+    g.add_argument("--window", type=int, default=4, help="window length A in s (1..16)")
+    g.add_argument("--stride", type=float, default=None, help="step between windows in s")
+    g.add_argument("--l-freq", type=_freq, default=0.1, help="high-pass edge (Hz, or none)")
+    g.add_argument("--h-freq", type=_freq, default=75.0, help="low-pass edge (Hz, or none)")
+    g.add_argument("--notch", type=_freq, default=50.0, help="mains frequency 50/60 (or none)")
+    g.add_argument(
+        "--reference", default=None, help="'average' or an electrode (default: as recorded)"
+    )
+    g.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    g = parser.add_argument_group("channels")
+    g.add_argument("--channels", default=None, help="comma-separated electrodes to keep, in order")
+    g.add_argument("--allow-extended", action="store_true", help="allow table rows >= 129")
+    g.add_argument("--old-names", action="store_true", help="keep T3/T4/T5/T6 (not T7/T8/P7/P8)")
+    g.add_argument(
+        "--bad-channels",
+        choices=("reject", "drop"),
+        default="reject",
+        help="flat/NaN channels: reject the recording (default) or drop those channels",
+    )
+    g = parser.add_argument_group("labels and subjects")
+    g.add_argument("--labels", type=Path, default=None, help="CSV: file,label,subject,session")
+    g.add_argument("--event-map", action="append", metavar="DESC=LABEL", help="annotation -> label")
+    g.add_argument("--no-annotations", action="store_true", help="ignore annotations")
+    g.add_argument(
+        "--filename-rule", action="append", metavar="REGEX=LABEL", help="label by file name"
+    )
+    g.add_argument("--subject-regex", default=None, help="regex; group 1 is the subject id")
+    g.add_argument("--classes", default=None, help="label names in class-id order (a,b,c)")
+    g.add_argument("--task", default=None, help="task name (default: the SRC folder's name)")
+    g = parser.add_argument_group("run")
+    g.add_argument("--strict", action="store_true", help="exit 1 if any recording is bad")
+    g.add_argument("--force", action="store_true", help="reprocess finished recordings too")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    preprocess = PreprocessConfig(
+        l_freq=args.l_freq,
+        h_freq=args.h_freq,
+        notch_freq=args.notch,
+        reference=(
+            None
+            if args.reference in (None, "none")
+            else ("average" if args.reference == "average" else args.reference.upper())
+        ),
+        window_seconds=args.window,
+        stride_seconds=args.stride,
+        dtype=args.dtype,
+    )
+    event_map = dict(_pairs(args.event_map, "--event-map")) if args.event_map else None
+    labels = LabelRules(
+        event_map=event_map,
+        filename_rules=tuple(_pairs(args.filename_rule, "--filename-rule")),
+        table=read_label_table(args.labels) if args.labels else {},
+        subject_regex=args.subject_regex,
+        use_annotations=not args.no_annotations,
+    )
+    channels = tuple(c.strip() for c in args.channels.split(",")) if args.channels else None
+    return Settings(
+        preprocess=preprocess,
+        labels=labels,
+        channels=channels,
+        allow_extended=args.allow_extended,
+        modern_names=not args.old_names,
+        bad_channels=args.bad_channels,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+        report = prepare(
+            args.sources,
+            args.out,
+            settings,
+            workers=args.workers,
+            task=args.task,
+            classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
+            force=args.force,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"eegfast prepare: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"{report['usable']}/{report['files']} recordings usable, {report['windows']} windows, "
+        f"{report['hours']:.3f} h of EEG, {len(report['bad'])} bad "
+        f"({report['reused']} reused); report: {args.out / 'report.md'}"
+    )
+    for b in report["bad"]:
+        print(f"  bad: {b['file']}: {b['reason']}", file=sys.stderr)
+    if report["usable"] == 0 or report["windows"] == 0:
+        print("eegfast prepare: no usable recording", file=sys.stderr)
+        return 1
+    if args.strict and report["bad"]:
+        return 1
+    return 0
