@@ -1,0 +1,969 @@
+"""Triton kernels of the fused QK-LayerNorm attention (imported on first use: triton is optional).
+
+Registered with ``torch.library.triton_op`` so ``torch.compile`` sees inside them:
+
+- ``eegfast::qk_norm_attention_fwd_triton``: flash-attention forward over (query block, batch x
+  head). The LayerNorm of q (per query tile) and of k (per key tile, as it is loaded) over the
+  head dim runs inside the kernel in fp32; scores go through an online softmax in the log2
+  domain; the output is written (B, N, H, D) so the packed layout is a free reshape.
+- ``eegfast::qk_norm_attention_bwd_triton``: the recompute scheme. ``delta = rowsum(dO * O)``,
+  then one kernel per key block (dK, dV, k-LayerNorm backward and per-block partial sums of the
+  k-norm parameter gradients) and one per query block (dQ, q-LayerNorm backward, partial sums of
+  the q-norm parameter gradients). No atomics: the partial sums are added up afterwards, so
+  results are deterministic. Nothing of size N x N is ever stored.
+
+Signatures and shapes are those of ``eegfast::qk_norm_attention_fwd`` / ``_bwd`` (see
+CONTRACTS / :mod:`eegfast.ops.qk_norm_attention`). Head dims 1..128 are padded to a power of two
+(at least 16, the smallest ``tl.dot`` size) inside the kernels with masked loads. Under
+``TRITON_INTERPRET=1`` the kernels run on CPU tensors (the tests do this) with one small block
+configuration, since the interpreter is slow and cannot benchmark.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from eegfast.ops._backend import triton_interpreting
+
+MAX_HEAD_DIM = 128
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Row granularity of the parameter-gradient partial sums. Each backward program owns
+# BLOCK // PART_ROWS consecutive slots and writes all of them (its sum in the first, zeros in
+# the others), so the buffer is fully rewritten whatever block size the autotuner picks.
+PART_ROWS = 16
+# Globals read inside kernels must be tl.constexpr.
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+_INT32_MIN = tl.constexpr(-(2**31))
+_INT32_MAX = tl.constexpr(2**31 - 1)
+
+
+def _configs(block_pairs: list[tuple[int, int, int, int]], first: str, second: str):
+    """Autotune configs from (first block, second block, num_warps, num_stages) tuples."""
+    return [
+        triton.Config({first: a, second: b}, num_warps=warps, num_stages=stages)
+        for a, b, warps, stages in block_pairs
+    ]
+
+
+if triton_interpreting():
+    # One config (the interpreter cannot time kernels); 32 = 2 x PART_ROWS also exercises the
+    # multi-slot partial-sum path, and multi-tile loops at the test's N >= 33.
+    _FWD_CONFIGS = _configs([(32, 32, 1, 1)], "BLOCK_M", "BLOCK_N")
+    _DKDV_CONFIGS = _configs([(32, 32, 1, 1)], "BLOCK_N", "BLOCK_M")
+    _DQ_CONFIGS = _configs([(32, 32, 1, 1)], "BLOCK_M", "BLOCK_N")
+else:
+    _FWD_CONFIGS = _configs(
+        [
+            (64, 64, 4, 3),
+            (128, 64, 8, 3),
+            (128, 32, 4, 3),
+            (64, 32, 4, 4),
+            (32, 64, 4, 3),
+            (128, 128, 8, 2),
+        ],
+        "BLOCK_M",
+        "BLOCK_N",
+    )
+    _DKDV_CONFIGS = _configs(
+        [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (128, 32, 8, 3)],
+        "BLOCK_N",
+        "BLOCK_M",
+    )
+    _DQ_CONFIGS = _configs(
+        [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (128, 32, 8, 3)],
+        "BLOCK_M",
+        "BLOCK_N",
+    )
+_AUTOTUNE_KEY = ["N", "BLOCK_D", "CAUSAL", "BLOCK_CAUSAL"]  # + tensor dtypes (added by triton)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared device helpers.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _layer_norm_stats(x, col_ok, D, eps):
+    """x: (R, BLOCK_D) fp32, zero in padded columns -> x_hat (same zeros), mean, rstd."""
+    mean = tl.sum(x, axis=1) / D
+    centred = tl.where(col_ok[None, :], x - mean[:, None], 0.0)
+    var = tl.sum(centred * centred, axis=1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    return centred * rstd[:, None], mean, rstd
+
+
+@triton.jit
+def _normalised_from_stats(x, mean, rstd, col_ok):
+    """x_hat from stored stats (bit-identical to what the forward used)."""
+    return tl.where(col_ok[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
+
+
+@triton.jit
+def _affine(x_hat, w_ptr, b_ptr, dims, D, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """x_hat * w + b over the head dim (padded columns stay zero: w, b load as 0 there)."""
+    y = x_hat
+    if HAS_W:
+        w = tl.load(w_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)
+        y = y * w[None, :]
+    if HAS_B:
+        b = tl.load(b_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)
+        y = y + b[None, :]
+    return y
+
+
+@triton.jit
+def _load_rows(ptr, rows, dims, row_stride, N, D):
+    """(R, BLOCK_D) tile of a (N, D) matrix with unit column stride; zeros outside."""
+    return tl.load(
+        ptr + rows[:, None] * row_stride + dims[None, :],
+        mask=(rows[:, None] < N) & (dims[None, :] < D),
+        other=0.0,
+    )
+
+
+@triton.jit
+def _layer_norm_backward(grad_y, x_hat, rstd, w_ptr, dims, D, HAS_W: tl.constexpr):
+    """dL/dx of y = LayerNorm(x) (affine w) from dL/dy, all (R, BLOCK_D) fp32."""
+    grad_x_hat = grad_y
+    if HAS_W:
+        w = tl.load(w_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)
+        grad_x_hat = grad_y * w[None, :]
+    mean_grad = tl.sum(grad_x_hat, axis=1) / D
+    mean_grad_x_hat = tl.sum(grad_x_hat * x_hat, axis=1) / D
+    grad_x = grad_x_hat - mean_grad[:, None] - x_hat * mean_grad_x_hat[:, None]
+    return tl.where((dims < D)[None, :], grad_x * rstd[:, None], 0.0)
+
+
+@triton.jit
+def _store_partial(
+    part_ptr,  # (B*H, num_slots, D) fp32
+    values,  # (BLOCK_D,) fp32: this program's sum
+    pid_bh,
+    pid_block,
+    num_slots,
+    dims,
+    D,
+    BLOCK: tl.constexpr,
+    PART: tl.constexpr,
+):
+    slot_ids = tl.arange(0, BLOCK // PART)
+    slots = pid_block * (BLOCK // PART) + slot_ids
+    tile = tl.where((slot_ids == 0)[:, None], values[None, :], 0.0)
+    tl.store(
+        part_ptr + (pid_bh * num_slots + slots[:, None]) * D + dims[None, :],
+        tile,
+        mask=(slots < num_slots)[:, None] & (dims < D)[None, :],
+    )
+
+
+@triton.jit
+def _visible(
+    q_rows,  # query indices, broadcastable to the score tile
+    k_cols,  # key indices, broadcastable to the score tile
+    k_pad,  # 1 = padded key (broadcastable), or None-equivalent 0
+    q_ids,
+    k_ids,
+    N,
+    CAUSAL: tl.constexpr,
+    BLOCK_CAUSAL: tl.constexpr,
+):
+    visible = (k_cols < N) & (q_rows < N) & (k_pad == 0)
+    if CAUSAL:
+        visible = visible & (k_cols <= q_rows)
+    if BLOCK_CAUSAL:
+        visible = visible & (k_ids <= q_ids)
+    return visible
+
+
+# --------------------------------------------------------------------------------------------
+# Forward.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.jit
+def _fwd_kernel(
+    q_ptr,  # (B, H, N, D) strides (sqb, sqh, sqn, 1)
+    k_ptr,  # (B, H, N, D) strides (skb, skh, skn, 1)
+    v_ptr,  # (B, H, N, D) strides (svb, svh, svn, 1)
+    q_w_ptr,  # (D,) or dummy
+    q_b_ptr,
+    k_w_ptr,
+    k_b_ptr,
+    pad_ptr,  # (B, N) uint8, 1 = padded key; or dummy
+    ids_ptr,  # (N,) int32 block ids; or dummy
+    out_ptr,  # (B, N, H, D) contiguous, dtype of q
+    lse_ptr,  # (B, H, N) fp32
+    q_stats_ptr,  # (B, H, N, 2) fp32: mean, rstd
+    k_stats_ptr,  # (B, H, N, 2) fp32
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    H,
+    N,
+    D,
+    eps,
+    qk_scale_log2,  # scale * log2(e)
+    HAS_Q_W: tl.constexpr,
+    HAS_Q_B: tl.constexpr,
+    HAS_K_W: tl.constexpr,
+    HAS_K_B: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_CAUSAL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_base = q_ptr + b * sqb + h * sqh
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    dtype = q_ptr.dtype.element_ty
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    dims = tl.arange(0, BLOCK_D)
+    col_ok = dims < D
+
+    q = _load_rows(q_base, rows, dims, sqn, N, D).to(tl.float32)
+    q_hat, q_mean, q_rstd = _layer_norm_stats(q, col_ok, D, eps)
+    q_n = _affine(q_hat, q_w_ptr, q_b_ptr, dims, D, HAS_Q_W, HAS_Q_B).to(dtype)
+    stats_offset = (pid_bh * N + rows) * 2
+    tl.store(q_stats_ptr + stats_offset, q_mean, mask=row_ok)
+    tl.store(q_stats_ptr + stats_offset + 1, q_rstd, mask=row_ok)
+    # The k statistics of the rows this program owns (every key tile is normalised again by
+    # each query program, but stored once, here).
+    k_own = _load_rows(k_base, rows, dims, skn, N, D).to(tl.float32)
+    k_own_hat, k_own_mean, k_own_rstd = _layer_norm_stats(k_own, col_ok, D, eps)
+    tl.store(k_stats_ptr + stats_offset, k_own_mean, mask=row_ok)
+    tl.store(k_stats_ptr + stats_offset + 1, k_own_rstd, mask=row_ok)
+
+    q_ids = rows  # placeholder when not block-causal (unused)
+    if BLOCK_CAUSAL:
+        q_ids = tl.load(ids_ptr + rows, mask=row_ok, other=_INT32_MIN)
+        q_ids_max = tl.max(q_ids, axis=0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = N
+    if CAUSAL:
+        hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)  # key tiles past the diagonal: all masked
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k_ids = cols  # placeholder
+        run_tile = True
+        if BLOCK_CAUSAL:
+            k_ids = tl.load(ids_ptr + cols, mask=cols < N, other=_INT32_MAX)
+            run_tile = tl.min(k_ids, axis=0) <= q_ids_max  # skip tiles no query here sees
+        if run_tile:
+            k = _load_rows(k_base, cols, dims, skn, N, D).to(tl.float32)
+            k_hat, k_mean, k_rstd = _layer_norm_stats(k, col_ok, D, eps)
+            k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B).to(dtype)
+            v = _load_rows(v_base, cols, dims, svn, N, D)
+            scores = tl.dot(q_n, tl.trans(k_n), input_precision=PRECISION, out_dtype=tl.float32)
+            scores = scores * qk_scale_log2
+            k_pad = tl.zeros([BLOCK_N], tl.int32)
+            if HAS_PAD:
+                k_pad = tl.load(pad_ptr + b * N + cols, mask=cols < N, other=1).to(tl.int32)
+            visible = _visible(
+                rows[:, None],
+                cols[None, :],
+                k_pad[None, :],
+                q_ids[:, None],
+                k_ids[None, :],
+                N,
+                CAUSAL,
+                BLOCK_CAUSAL,
+            )
+            scores = tl.where(visible, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            # Rows with nothing visible yet keep max -inf; shift by 0 there so that
+            # exp2(-inf - shift) is 0 rather than NaN.
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - shift)
+            p = tl.math.exp2(scores - shift[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(
+                p.to(dtype), v, input_precision=PRECISION, out_dtype=tl.float32
+            )
+            m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]  # rows that saw nothing: acc = 0 -> 0
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("-inf"))
+    tl.store(lse_ptr + pid_bh * N + rows, lse, mask=row_ok)
+    out_rows = out_ptr + (b * N + rows[:, None]) * (H * D) + h * D + dims[None, :]
+    tl.store(out_rows, out.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Backward.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    out_ptr,  # (B, N, H, D) contiguous
+    grad_out_ptr,  # (B, N, H, D) strides (sgb, sgn, sgh, 1)
+    delta_ptr,  # (B, H, N) fp32 out: rowsum(dO * O)
+    sgb,
+    sgn,
+    sgh,
+    H,
+    N,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    o = _load_rows(out_ptr + b * N * H * D + h * D, rows, dims, H * D, N, D).to(tl.float32)
+    g = _load_rows(grad_out_ptr + b * sgb + h * sgh, rows, dims, sgn, N, D).to(tl.float32)
+    tl.store(delta_ptr + pid_bh * N + rows, tl.sum(o * g, axis=1), mask=rows < N)
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.jit
+def _bwd_dkdv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    q_w_ptr,
+    q_b_ptr,
+    k_w_ptr,
+    k_b_ptr,
+    pad_ptr,
+    ids_ptr,
+    grad_out_ptr,  # (B, N, H, D) strides (sgb, sgn, sgh, 1)
+    lse_ptr,  # (B, H, N) fp32
+    delta_ptr,  # (B, H, N) fp32
+    q_stats_ptr,  # (B, H, N, 2) fp32
+    k_stats_ptr,
+    dk_ptr,  # (B, H, N, D) contiguous out
+    dv_ptr,  # (B, H, N, D) contiguous out
+    dk_w_part_ptr,  # (B*H, num_slots, D) fp32 out, or dummy
+    dk_b_part_ptr,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sgb,
+    sgn,
+    sgh,
+    H,
+    N,
+    D,
+    num_slots,
+    scale,
+    qk_scale_log2,
+    HAS_Q_W: tl.constexpr,
+    HAS_Q_B: tl.constexpr,
+    HAS_K_W: tl.constexpr,
+    HAS_K_B: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_CAUSAL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    PART: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # keys owned by this program
+    BLOCK_M: tl.constexpr,  # queries per loop step
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_base = q_ptr + b * sqb + h * sqh
+    g_base = grad_out_ptr + b * sgb + h * sgh
+    dtype = q_ptr.dtype.element_ty
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_in = cols < N
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+
+    k = _load_rows(k_ptr + b * skb + h * skh, cols, dims, skn, N, D).to(tl.float32)
+    k_stats = k_stats_ptr + (pid_bh * N + cols) * 2
+    k_mean = tl.load(k_stats, mask=col_in, other=0.0)
+    k_rstd = tl.load(k_stats + 1, mask=col_in, other=0.0)
+    k_hat = _normalised_from_stats(k, k_mean, k_rstd, dim_ok)
+    k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B).to(dtype)
+    v = _load_rows(v_ptr + b * svb + h * svh, cols, dims, svn, N, D)
+    k_pad = tl.zeros([BLOCK_N], tl.int32)
+    if HAS_PAD:
+        k_pad = tl.load(pad_ptr + b * N + cols, mask=col_in, other=1).to(tl.int32)
+    k_ids = cols
+    if BLOCK_CAUSAL:
+        k_ids = tl.load(ids_ptr + cols, mask=col_in, other=_INT32_MAX)
+        k_ids_min = tl.min(k_ids, axis=0)
+
+    dk_n = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # earlier queries see none of these keys
+    for start_m in range(lo, N, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_in = rows < N
+        q_ids = rows
+        run_tile = True
+        if BLOCK_CAUSAL:
+            q_ids = tl.load(ids_ptr + rows, mask=row_in, other=_INT32_MIN)
+            run_tile = tl.max(q_ids, axis=0) >= k_ids_min
+        if run_tile:
+            q = _load_rows(q_base, rows, dims, sqn, N, D).to(tl.float32)
+            q_stats = q_stats_ptr + (pid_bh * N + rows) * 2
+            q_mean = tl.load(q_stats, mask=row_in, other=0.0)
+            q_rstd = tl.load(q_stats + 1, mask=row_in, other=0.0)
+            q_hat = _normalised_from_stats(q, q_mean, q_rstd, dim_ok)
+            q_n = _affine(q_hat, q_w_ptr, q_b_ptr, dims, D, HAS_Q_W, HAS_Q_B).to(dtype)
+            g = _load_rows(g_base, rows, dims, sgn, N, D).to(dtype)
+            lse = tl.load(lse_ptr + pid_bh * N + rows, mask=row_in, other=float("inf"))
+            # Rows that saw nothing (lse = -inf) get p = 0: shift them by +inf.
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+            delta = tl.load(delta_ptr + pid_bh * N + rows, mask=row_in, other=0.0)
+            scores_t = tl.dot(k_n, tl.trans(q_n), input_precision=PRECISION, out_dtype=tl.float32)
+            visible = _visible(
+                rows[None, :],
+                cols[:, None],
+                k_pad[:, None],
+                q_ids[None, :],
+                k_ids[:, None],
+                N,
+                CAUSAL,
+                BLOCK_CAUSAL,
+            )
+            p_t = tl.where(visible, tl.math.exp2(scores_t * qk_scale_log2 - lse2[None, :]), 0.0)
+            dv += tl.dot(p_t.to(dtype), g, input_precision=PRECISION, out_dtype=tl.float32)
+            dp_t = tl.dot(v, tl.trans(g), input_precision=PRECISION, out_dtype=tl.float32)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk_n += tl.dot(ds_t.to(dtype), q_n, input_precision=PRECISION, out_dtype=tl.float32)
+
+    dk_n = dk_n * scale
+    dk = _layer_norm_backward(dk_n, k_hat, k_rstd, k_w_ptr, dims, D, HAS_K_W)
+    out_offset = (pid_bh * N + cols[:, None]) * D + dims[None, :]
+    out_mask = col_in[:, None] & dim_ok[None, :]
+    tl.store(dk_ptr + out_offset, dk.to(dtype), mask=out_mask)
+    tl.store(dv_ptr + out_offset, dv.to(dtype), mask=out_mask)
+    if HAS_K_W:
+        dw = tl.sum(dk_n * k_hat, axis=0)
+        _store_partial(dk_w_part_ptr, dw, pid_bh, pid_n, num_slots, dims, D, BLOCK_N, PART)
+    if HAS_K_B:
+        db = tl.sum(dk_n, axis=0)
+        _store_partial(dk_b_part_ptr, db, pid_bh, pid_n, num_slots, dims, D, BLOCK_N, PART)
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.jit
+def _bwd_dq_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    q_w_ptr,
+    q_b_ptr,
+    k_w_ptr,
+    k_b_ptr,
+    pad_ptr,
+    ids_ptr,
+    grad_out_ptr,  # (B, N, H, D) strides (sgb, sgn, sgh, 1)
+    lse_ptr,  # (B, H, N) fp32
+    delta_ptr,  # (B, H, N) fp32
+    q_stats_ptr,  # (B, H, N, 2) fp32
+    k_stats_ptr,
+    dq_ptr,  # (B, H, N, D) contiguous out
+    dq_w_part_ptr,  # (B*H, num_slots, D) fp32 out, or dummy
+    dq_b_part_ptr,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sgb,
+    sgn,
+    sgh,
+    H,
+    N,
+    D,
+    num_slots,
+    scale,
+    qk_scale_log2,
+    HAS_Q_W: tl.constexpr,
+    HAS_Q_B: tl.constexpr,
+    HAS_K_W: tl.constexpr,
+    HAS_K_B: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_CAUSAL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    PART: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # queries owned by this program
+    BLOCK_N: tl.constexpr,  # keys per loop step
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    k_stats_base = k_stats_ptr + pid_bh * N * 2
+    dtype = q_ptr.dtype.element_ty
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < N
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+
+    q = _load_rows(q_ptr + b * sqb + h * sqh, rows, dims, sqn, N, D).to(tl.float32)
+    q_stats = q_stats_ptr + (pid_bh * N + rows) * 2
+    q_mean = tl.load(q_stats, mask=row_in, other=0.0)
+    q_rstd = tl.load(q_stats + 1, mask=row_in, other=0.0)
+    q_hat = _normalised_from_stats(q, q_mean, q_rstd, dim_ok)
+    q_n = _affine(q_hat, q_w_ptr, q_b_ptr, dims, D, HAS_Q_W, HAS_Q_B).to(dtype)
+    g = _load_rows(grad_out_ptr + b * sgb + h * sgh, rows, dims, sgn, N, D).to(dtype)
+    lse = tl.load(lse_ptr + pid_bh * N + rows, mask=row_in, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+    delta = tl.load(delta_ptr + pid_bh * N + rows, mask=row_in, other=0.0)
+    q_ids = rows
+    if BLOCK_CAUSAL:
+        q_ids = tl.load(ids_ptr + rows, mask=row_in, other=_INT32_MIN)
+        q_ids_max = tl.max(q_ids, axis=0)
+
+    dq_n = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = N
+    if CAUSAL:
+        hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_in = cols < N
+        k_ids = cols
+        run_tile = True
+        if BLOCK_CAUSAL:
+            k_ids = tl.load(ids_ptr + cols, mask=col_in, other=_INT32_MAX)
+            run_tile = tl.min(k_ids, axis=0) <= q_ids_max
+        if run_tile:
+            k = _load_rows(k_base, cols, dims, skn, N, D).to(tl.float32)
+            k_mean = tl.load(k_stats_base + cols * 2, mask=col_in, other=0.0)
+            k_rstd = tl.load(k_stats_base + cols * 2 + 1, mask=col_in, other=0.0)
+            k_hat = _normalised_from_stats(k, k_mean, k_rstd, dim_ok)
+            k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B).to(dtype)
+            v = _load_rows(v_base, cols, dims, svn, N, D)
+            k_pad = tl.zeros([BLOCK_N], tl.int32)
+            if HAS_PAD:
+                k_pad = tl.load(pad_ptr + b * N + cols, mask=col_in, other=1).to(tl.int32)
+            scores = tl.dot(q_n, tl.trans(k_n), input_precision=PRECISION, out_dtype=tl.float32)
+            visible = _visible(
+                rows[:, None],
+                cols[None, :],
+                k_pad[None, :],
+                q_ids[:, None],
+                k_ids[None, :],
+                N,
+                CAUSAL,
+                BLOCK_CAUSAL,
+            )
+            p = tl.where(visible, tl.math.exp2(scores * qk_scale_log2 - lse2[:, None]), 0.0)
+            dp = tl.dot(g, tl.trans(v), input_precision=PRECISION, out_dtype=tl.float32)
+            ds = p * (dp - delta[:, None])
+            dq_n += tl.dot(ds.to(dtype), k_n, input_precision=PRECISION, out_dtype=tl.float32)
+
+    dq_n = dq_n * scale
+    dq = _layer_norm_backward(dq_n, q_hat, q_rstd, q_w_ptr, dims, D, HAS_Q_W)
+    tl.store(
+        dq_ptr + (pid_bh * N + rows[:, None]) * D + dims[None, :],
+        dq.to(dtype),
+        mask=row_in[:, None] & dim_ok[None, :],
+    )
+    if HAS_Q_W:
+        dw = tl.sum(dq_n * q_hat, axis=0)
+        _store_partial(dq_w_part_ptr, dw, pid_bh, pid_m, num_slots, dims, D, BLOCK_M, PART)
+    if HAS_Q_B:
+        db = tl.sum(dq_n, axis=0)
+        _store_partial(dq_b_part_ptr, db, pid_bh, pid_m, num_slots, dims, D, BLOCK_M, PART)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers (registered custom ops).
+# --------------------------------------------------------------------------------------------
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp16/bf16 products are exact in fp32 accumulation. fp32 inputs use 3-pass TF32 on GPU
+    # (tensor cores, near-fp32 error) and exact fp32 FMAs in the interpreter.
+    if dtype != torch.float32 or triton_interpreting():
+        return "ieee"
+    return "tf32x3"
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _unit_inner_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_attention_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    params: dict[str, torch.Tensor | None],
+    key_padding_mask: torch.Tensor | None,
+    block_ids: torch.Tensor | None,
+) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, H, N, D), got {tuple(x.shape)}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k and v must have the same shape (B, H, N, D), got {tuple(q.shape)}, "
+            f"{tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(
+            f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}"
+        )
+    B, _, N, D = q.shape
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D = {D} is not supported by the Triton kernels (1..128)")
+    for name, p in params.items():
+        if p is None:
+            continue
+        if p.shape != (D,):
+            raise ValueError(f"{name} must have shape (D,) = ({D},), got {tuple(p.shape)}")
+        if p.device != q.device:
+            raise ValueError(f"{name} is on {p.device} but q is on {q.device}")
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (B, N):
+            raise ValueError(
+                f"key_padding_mask must have shape (B, N) = ({B}, {N}), "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be bool, got {key_padding_mask.dtype}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    if block_ids is not None:
+        if block_ids.shape != (N,):
+            raise ValueError(f"block_ids must have shape (N,) = ({N},), got {block_ids.shape}")
+        if block_ids.dtype.is_floating_point or block_ids.dtype.is_complex:
+            raise TypeError(f"block_ids must be an integer tensor, got {block_ids.dtype}")
+        if block_ids.device != q.device:
+            raise ValueError(f"block_ids is on {block_ids.device} but q is on {q.device}")
+
+
+def _mask_args(
+    q: torch.Tensor, key_padding_mask: torch.Tensor | None, block_ids: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) uint8 padding flags and (N,) int32 block ids, or ``q`` as an unused placeholder."""
+    pad = q if key_padding_mask is None else key_padding_mask.contiguous().to(torch.uint8)
+    ids = q if block_ids is None else block_ids.to(torch.int32).contiguous()
+    return pad, ids
+
+
+@triton_op("eegfast::qk_norm_attention_fwd_triton", mutates_args=())
+def qk_norm_attention_fwd_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_w: torch.Tensor | None,
+    q_b: torch.Tensor | None,
+    k_w: torch.Tensor | None,
+    k_b: torch.Tensor | None,
+    eps: float,
+    scale: float,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    block_ids: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused LayerNorm(q), LayerNorm(k) and softmax attention, forward.
+
+    Args:
+        q, k, v: (B, H, N, D) float32 / float16 / bfloat16, any strides (the innermost is made
+            unit if it is not); D in 1..128.
+        q_w, q_b, k_w, k_b: (D,) LayerNorm affine parameters shared by the heads, or None.
+        eps: LayerNorm epsilon. scale: score scale (usually D ** -0.5).
+        key_padding_mask: (B, N) bool, True = that key is ignored; or None.
+        causal: query i sees key j only if j <= i.
+        block_ids: (N,) integer; query i sees key j only if block_ids[j] <= block_ids[i].
+
+    Returns:
+        out (B, N, H, D) contiguous in q's dtype (rows that see no key are 0), lse (B, H, N)
+        fp32 (-inf for those rows), q_stats and k_stats (B, H, N, 2) fp32 = (mean, rstd).
+    """
+    params = {"q_w": q_w, "q_b": q_b, "k_w": k_w, "k_b": k_b}
+    _check_attention_inputs(q, k, v, params, key_padding_mask, block_ids)
+    q, k, v = _unit_inner_stride(q), _unit_inner_stride(k), _unit_inner_stride(v)
+    B, H, N, D = q.shape
+    out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    q_stats = torch.empty(B, H, N, 2, dtype=torch.float32, device=q.device)
+    k_stats = torch.empty(B, H, N, 2, dtype=torch.float32, device=q.device)
+    if B * H * N == 0:
+        return out, lse, q_stats, k_stats
+    pad, ids = _mask_args(q, key_padding_mask, block_ids)
+    q_w_, q_b_, k_w_, k_b_ = (q if p is None else p.contiguous() for p in params.values())
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+
+    wrap_triton(_fwd_kernel)[grid](
+        q,
+        k,
+        v,
+        q_w_,
+        q_b_,
+        k_w_,
+        k_b_,
+        pad,
+        ids,
+        out,
+        lse,
+        q_stats,
+        k_stats,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        H,
+        N,
+        D,
+        eps,
+        scale * _LOG2E.value,
+        HAS_Q_W=q_w is not None,
+        HAS_Q_B=q_b is not None,
+        HAS_K_W=k_w is not None,
+        HAS_K_B=k_b is not None,
+        HAS_PAD=key_padding_mask is not None,
+        CAUSAL=causal,
+        BLOCK_CAUSAL=block_ids is not None,
+        BLOCK_D=_block_d(D),
+        PRECISION=_precision(q.dtype),
+    )
+    return out, lse, q_stats, k_stats
+
+
+@triton_op("eegfast::qk_norm_attention_bwd_triton", mutates_args=())
+def qk_norm_attention_bwd_triton(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_w: torch.Tensor | None,
+    q_b: torch.Tensor | None,
+    k_w: torch.Tensor | None,
+    k_b: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q_stats: torch.Tensor,
+    k_stats: torch.Tensor,
+    scale: float,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    block_ids: torch.Tensor | None,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    """Backward of :func:`qk_norm_attention_fwd_triton` from its saved outputs.
+
+    Args:
+        grad_out: (B, N, H, D), gradient of ``out`` (innermost stride made unit if needed).
+        q, k, v, q_w, q_b, k_w, k_b, scale, key_padding_mask, causal, block_ids: as forward.
+        out, lse, q_stats, k_stats: the forward's outputs.
+
+    Returns:
+        dq, dk, dv (B, H, N, D) contiguous in q's dtype; dq_w, dq_b, dk_w, dk_b (D,) in each
+        parameter's dtype, or shape (0,) where that parameter is None. The parameter gradients
+        are summed from per-block partial sums (deterministic, no atomics).
+    """
+    params = {"q_w": q_w, "q_b": q_b, "k_w": k_w, "k_b": k_b}
+    _check_attention_inputs(q, k, v, params, key_padding_mask, block_ids)
+    B, H, N, D = q.shape
+    for name, x, shape in (
+        ("grad_out", grad_out, (B, N, H, D)),
+        ("out", out, (B, N, H, D)),
+        ("lse", lse, (B, H, N)),
+        ("q_stats", q_stats, (B, H, N, 2)),
+        ("k_stats", k_stats, (B, H, N, 2)),
+    ):
+        if x.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    q, k, v = _unit_inner_stride(q), _unit_inner_stride(k), _unit_inner_stride(v)
+    grad_out = _unit_inner_stride(grad_out)
+    out, lse = out.contiguous(), lse.float().contiguous()
+    q_stats, k_stats = q_stats.float().contiguous(), k_stats.float().contiguous()
+
+    dq = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    num_slots = triton.cdiv(N, PART_ROWS)
+    parts = {
+        name: torch.empty(B * H, num_slots, D, dtype=torch.float32, device=q.device)
+        for name, p in params.items()
+        if p is not None
+    }
+
+    def param_grads() -> list[torch.Tensor]:
+        grads = []
+        for name, p in params.items():
+            if p is None:
+                grads.append(q.new_empty(0))
+            else:
+                grads.append(parts[name].sum(dim=(0, 1)).to(p.dtype))
+        return grads
+
+    if B * H * N == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+        for part in parts.values():
+            part.zero_()
+        return (dq, dk, dv, *param_grads())
+
+    pad, ids = _mask_args(q, key_padding_mask, block_ids)
+    q_w_, q_b_, k_w_, k_b_ = (q if p is None else p.contiguous() for p in params.values())
+    part_q_w, part_q_b, part_k_w, part_k_b = (
+        parts.get(name, q) for name in ("q_w", "q_b", "k_w", "k_b")
+    )
+    block_d = _block_d(D)
+    delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    delta_block = 32 if triton_interpreting() else 64
+    wrap_triton(_bwd_delta_kernel)[(triton.cdiv(N, delta_block), B * H)](
+        out,
+        grad_out,
+        delta,
+        grad_out.stride(0),
+        grad_out.stride(1),
+        grad_out.stride(2),
+        H,
+        N,
+        D,
+        BLOCK_M=delta_block,
+        BLOCK_D=block_d,
+    )
+    flags = dict(
+        HAS_Q_W=q_w is not None,
+        HAS_Q_B=q_b is not None,
+        HAS_K_W=k_w is not None,
+        HAS_K_B=k_b is not None,
+        HAS_PAD=key_padding_mask is not None,
+        CAUSAL=causal,
+        BLOCK_CAUSAL=block_ids is not None,
+        BLOCK_D=block_d,
+        PRECISION=_precision(q.dtype),
+        PART=PART_ROWS,
+    )
+    strides = (
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        grad_out.stride(0),
+        grad_out.stride(1),
+        grad_out.stride(2),
+    )
+
+    def key_grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), B * H)
+
+    wrap_triton(_bwd_dkdv_kernel)[key_grid](
+        q,
+        k,
+        v,
+        q_w_,
+        q_b_,
+        k_w_,
+        k_b_,
+        pad,
+        ids,
+        grad_out,
+        lse,
+        delta,
+        q_stats,
+        k_stats,
+        dk,
+        dv,
+        part_k_w,
+        part_k_b,
+        *strides,
+        H,
+        N,
+        D,
+        num_slots,
+        scale,
+        scale * _LOG2E.value,
+        **flags,
+    )
+
+    def query_grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+
+    wrap_triton(_bwd_dq_kernel)[query_grid](
+        q,
+        k,
+        v,
+        q_w_,
+        q_b_,
+        k_w_,
+        k_b_,
+        pad,
+        ids,
+        grad_out,
+        lse,
+        delta,
+        q_stats,
+        k_stats,
+        dq,
+        part_q_w,
+        part_q_b,
+        *strides,
+        H,
+        N,
+        D,
+        num_slots,
+        scale,
+        scale * _LOG2E.value,
+        **flags,
+    )
+    return (dq, dk, dv, *param_grads())
