@@ -1,0 +1,123 @@
+"""Symmetric masked EEG modelling: reference keys, equivalence with two sequential passes,
+masking, padding, and transfer of the backbone into the classifier."""
+
+import pytest
+import torch
+
+from eegfast.models import (
+    LaBraMPretrain,
+    create_model,
+    load_checkpoint,
+    pretrain_to_classifier_state_dict,
+    random_patch_mask,
+)
+from eegfast.models.reference import RefPretrain
+from tests.models._spec import random_reference_state, reference_shapes
+
+
+def test_keys_and_shapes_match_reference():
+    model = create_model("labram_base_pretrain", device="meta")
+    assert isinstance(model, LaBraMPretrain)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == reference_shapes("labram_base_pretrain")
+    report = load_checkpoint(model, {"model": random_reference_state("labram_base_pretrain",
+                                                                     device="meta")})  # fmt: skip
+    assert report.ok and len(report.loaded) == len(got)
+
+
+def tiny_pair(seed=0):
+    torch.manual_seed(seed)
+    model = create_model("labram_tiny_pretrain", attention_backend="reference")
+    ref = RefPretrain(100, 2, 4, 4, vocab_size=256)
+    state = {k: torch.randn_like(v) * 0.2 for k, v in model.state_dict().items()}
+    for key in state:
+        if "norm" in key and key.endswith("weight"):
+            state[key] += 1.0
+    model.load_state_dict(state)
+    ref.load_state_dict(state)
+    return model, ref
+
+
+def reference_loss(ref, x, chans, targets, mask):
+    x_rec, x_rec_sym = ref(x, chans, mask)
+    labels, labels_sym = targets[mask], targets[~mask]
+    ce = torch.nn.functional.cross_entropy
+    loss = ce(x_rec, labels) + ce(x_rec_sym, labels_sym)
+    acc = torch.cat([x_rec.argmax(-1) == labels, x_rec_sym.argmax(-1) == labels_sym]).float()
+    return loss, acc.mean()
+
+
+def test_one_batched_forward_equals_two_sequential_passes():
+    model, ref = tiny_pair()
+    B, C, A = 3, 4, 3
+    x = torch.randn(B, C, A, 200)
+    chans = torch.tensor([0, 3, 9, 27, 81])
+    targets = torch.randint(0, 256, (B, C * A))
+    mask = random_patch_mask(B, C * A, 0.5, generator=torch.Generator().manual_seed(1))
+    out = model(x, chans, targets, mask)
+    loss, acc = reference_loss(ref, x, chans, targets, mask)
+    assert abs(out.loss.item() - loss.item()) <= 1e-5
+    assert abs(out.accuracy.item() - acc.item()) <= 1e-6
+    torch.testing.assert_close(out.loss_masked + out.loss_complement, out.loss)
+    out.loss.backward()
+    loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        if name.startswith(("projection_head", "student.lm_head")):
+            assert p.grad is None  # unused in the objective, as in the reference
+            continue
+        torch.testing.assert_close(p.grad, ref_params[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_random_patch_mask():
+    gen = torch.Generator().manual_seed(0)
+    mask = random_patch_mask(64, 40, 0.5, generator=gen)
+    assert mask.dtype == torch.bool and (mask.sum(1) == 20).all()
+    assert len({tuple(m.tolist()) for m in mask}) == 64  # different per sample
+    assert (random_patch_mask(4, 40, 0.25, generator=gen).sum(1) == 10).all()
+    padding = torch.zeros(2, 40, dtype=torch.bool)
+    padding[1, 30:] = True
+    padded = random_patch_mask(2, 40, 0.5, padding_mask=padding, generator=gen)
+    assert padded.sum(1).tolist() == [20, 15] and not (padded & padding).any()
+
+
+def test_default_mask_uses_mask_ratio_and_padding():
+    model, _ = tiny_pair()
+    B, C, A = 2, 3, 2
+    x, targets = torch.randn(B, C, A, 200), torch.randint(0, 256, (B, C * A))
+    chans = torch.tensor([[0, 1, 2, 3], [0, 4, 5, 0]])
+    padding = torch.tensor([[False, False, False], [False, False, True]])
+    out = model(x, chans, targets, channel_padding_mask=padding,
+                generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert out.mask.sum(1).tolist() == [3, 2] and torch.isfinite(out.loss)
+    # the padded sample's loss does not depend on what is in its padded electrode
+    x2 = x.clone()
+    x2[1, 2] = 100.0
+    again = model(x2, chans, targets, out.mask, channel_padding_mask=padding)
+    torch.testing.assert_close(again.loss, out.loss, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="targets"):
+        model(x, chans, targets[:, :-1])
+    with pytest.raises(ValueError, match="mask_ratio"):
+        create_model("labram_tiny_pretrain", mask_ratio=1.0)
+
+
+def test_backbone_transfers_into_classifier():
+    pretrain, _ = tiny_pair(seed=3)
+    classifier = create_model("labram_tiny", num_classes=5)
+    report = load_checkpoint(classifier, {"model": pretrain.state_dict()})
+    assert report.ok
+    assert sorted(report.initialised) == ["fc_norm.bias", "fc_norm.weight", "head.bias",
+                                          "head.weight"]  # fmt: skip
+    mapped = pretrain_to_classifier_state_dict(pretrain.state_dict())
+    assert not any(k.startswith(("mask_token", "norm.", "lm_head", "projection")) for k in mapped)
+    for key, value in mapped.items():
+        assert torch.equal(classifier.state_dict()[key], value), key
+    # the classifier's features are the student's tokens without masking, pooled
+    x, chans = torch.randn(1, 2, 2, 200), torch.tensor([0, 1, 2])
+    classifier.eval()
+    tokens, _ = classifier.encode(x, chans)
+    student = pretrain.student.eval()
+    expected = student.run_blocks(student.embed_patches(student.patch_embed(x), 2, chans))
+    torch.testing.assert_close(tokens, expected)
+    with pytest.raises(ValueError, match="student"):
+        pretrain_to_classifier_state_dict(classifier.state_dict())

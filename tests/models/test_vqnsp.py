@@ -1,0 +1,120 @@
+"""VQ-NSP tokenizer: reference keys, equivalence, training step, dead codes, padding."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eegfast.models import VQNSP, create_model, load_checkpoint
+from eegfast.models.reference import RefVQNSP
+from eegfast.models.vqnsp import fourier_targets, standardise
+from tests.models._spec import random_reference_state, reference_shapes
+
+
+def test_keys_and_shapes_match_reference():
+    model = create_model("vqnsp_base")
+    assert isinstance(model, VQNSP)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == reference_shapes("vqnsp_base")
+    state = random_reference_state("vqnsp_base", seed=4)
+    report = load_checkpoint(model, {"model": state})
+    assert report.ok and sorted(report.loaded) == sorted(state)
+    assert torch.equal(model.quantize.codebook, state["quantize.embedding.weight"])
+
+
+def tiny_pair(seed=0):
+    torch.manual_seed(seed)
+    model = create_model("vqnsp_tiny", kmeans_init=False)
+    ref = RefVQNSP(100, 2, 1, 4, 4, code_dim=16, num_codes=256)
+    state = {k: torch.randn_like(v) * 0.2 for k, v in model.state_dict().items()}
+    for key in state:
+        if "norm" in key and key.endswith("weight"):
+            state[key] += 1.0
+    state["quantize.embedding.weight"] = F.normalize(state["quantize.embedding.weight"], dim=1)
+    state["quantize.embedding.initted"] = torch.ones(1)
+    model.load_state_dict(state)
+    ref.load_state_dict(state)
+    return model, ref
+
+
+def test_matches_reference_recreation():
+    model, ref = tiny_pair()
+    model.eval()
+    x = torch.randn(2, 3, 4, 200)
+    chans = torch.tensor([0, 7, 8, 9])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.get_codebook_indices(x, chans), ref.get_codebook_indices(x, chans)
+        )
+        out = model(x, chans)
+        expected = ref(x, chans)
+    assert abs(out.loss.item() - expected.item()) <= 1e-5
+    assert out.indices.shape == (2, 12)
+
+
+def test_fourier_targets_are_standardised_per_sample():
+    x = torch.randn(3, 4, 2, 200) * torch.tensor([1.0, 5.0, 0.1])[:, None, None, None]
+    for target in fourier_targets(x):
+        flat = target.flatten(1)
+        torch.testing.assert_close(flat.mean(1), torch.zeros(3), atol=1e-4, rtol=0)
+        torch.testing.assert_close(flat.std(1), torch.ones(3), atol=1e-4, rtol=0)
+    valid = torch.tensor([[True, True, False, False]] * 3)
+    masked = standardise(x, valid)
+    torch.testing.assert_close(masked[:, :2], standardise(x[:, :2]), atol=1e-5, rtol=1e-5)
+
+
+def test_training_step_updates_codebook_and_logs_usage():
+    model = create_model("vqnsp_tiny", dead_code_threshold=None).train()
+    x, chans = torch.randn(4, 3, 2, 200), torch.tensor([0, 1, 2, 3])
+    out = model(x, chans)  # first batch: k-means initialisation of the codebook
+    assert bool(model.quantize.embedding.initted.item())
+    assert torch.isfinite(out.loss) and out.perplexity >= 1.0
+    assert 0 < out.codebook_usage.item() <= 24 / 256
+    torch.testing.assert_close(out.loss, out.commitment_loss + out.amplitude_loss + out.phase_loss)
+    out.loss.backward()  # straight-through: the encoder learns from the reconstruction
+    assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.encode_task_layer[0].weight.grad.abs().sum() > 0
+    before = model.quantize.codebook.clone()
+    model(torch.randn(4, 3, 2, 200), chans)
+    assert not torch.equal(before, model.quantize.codebook)  # EMA step
+    stats = model.codebook_stats()
+    assert 1.0 <= stats["ema_perplexity"] <= 256 and 0 < stats["active_fraction"] <= 1
+
+
+def test_dead_codes_are_restarted():
+    model = create_model("vqnsp_tiny", dead_code_threshold=0.5).train()
+    x, chans = torch.randn(2, 3, 2, 200), torch.tensor([0, 1, 2, 3])
+    model(x, chans)
+    model.quantize.cluster_size.zero_()  # every code now looks dead
+    before = model.quantize.codebook.clone()
+    model(x, chans)
+    moved = (model.quantize.codebook - before).abs().amax(1) > 0
+    assert moved.float().mean() > 0.9
+    z = F.normalize(model.encode_features(x, chans).reshape(-1, 16), dim=1)
+    # restarted codes are re-seeded from this batch's encoder outputs
+    similarity = model.quantize.codebook[moved] @ z.t()
+    assert (similarity.amax(1) > 0.999).float().mean() > 0.9
+
+
+def test_padding_gives_the_unpadded_codes_and_loss():
+    model, _ = tiny_pair(seed=2)
+    model.eval()
+    a = torch.randn(1, 3, 2, 200)
+    x = torch.cat([a, torch.randn(1, 2, 2, 200)], dim=1)
+    chans = torch.tensor([0, 1, 2, 3, 4, 5])
+    padding = torch.tensor([[False, False, False, True, True]])
+    with torch.no_grad():
+        alone = model(a, chans[:4])
+        padded = model(x, chans, channel_padding_mask=padding)
+        indices = model.get_codebook_indices(x, chans, channel_padding_mask=padding)
+    assert (padded.indices[0, 6:] == -1).all() and (indices[0, 6:] == -1).all()
+    torch.testing.assert_close(padded.indices[:, :6], alone.indices)
+    torch.testing.assert_close(indices[:, :6], alone.indices)
+    torch.testing.assert_close(padded.loss, alone.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_config_checks():
+    with pytest.raises(TypeError, match="valid keys"):
+        create_model("vqnsp_tiny", n_outputs=3)
+    model = create_model("vqnsp_tiny", code_dim=8)
+    assert model.decoder.patch_embed.proj.weight.shape[1] == 8
+    assert create_model("vqnsp_tiny", ch_names=["Cz"]).encoder.config.input_chans == (0, 42)

@@ -1,0 +1,169 @@
+"""QKNormAttention, Block, Mlp and TemporalConv against plain-PyTorch computations."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eegfast.nn import Block, Mlp, QKNormAttention, TemporalConv
+from eegfast.nn.layers import masked_group_norm
+
+
+def manual_attention(attn: QKNormAttention, x, visible=None):
+    """Softmax attention spelled out from the module's parameters; visible (B|1, 1, N, N)."""
+    B, N, C = x.shape
+    H, D = attn.num_heads, attn.head_dim
+    bias = None
+    if attn.q_bias is not None:
+        bias = torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias))
+    q, k, v = F.linear(x, attn.qkv.weight, bias).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    scores = (q @ k.transpose(-1, -2)) * D**-0.5
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    probs = scores.softmax(-1).nan_to_num(0.0)
+    return attn.proj((probs @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
+    return module
+
+
+@pytest.mark.parametrize("backend", ["reference", None])
+@pytest.mark.parametrize(
+    "qkv_bias, qk_norm, dim, heads",
+    [(False, True, 40, 2), (True, False, 50, 2), (True, True, 75, 3)],
+)
+def test_attention_matches_manual(backend, qkv_bias, qk_norm, dim, heads):
+    attn = randomise(QKNormAttention(dim, heads, qkv_bias, qk_norm, backend=backend))
+    x = torch.randn(3, 17, dim, requires_grad=True)
+    out = attn(x)
+    x2 = x.detach().clone().requires_grad_(True)
+    expected = manual_attention(attn, x2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(out)
+    params = [p for p in attn.parameters()]
+    got = torch.autograd.grad(out, [x, *params], grad)
+    want = torch.autograd.grad(expected, [x2, *params], grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_attention_masks(qk_norm):
+    attn = randomise(QKNormAttention(40, 2, True, qk_norm), seed=1)
+    B, N = 2, 9
+    x = torch.randn(B, N, 40)
+    padding = torch.zeros(B, N, dtype=torch.bool)
+    padding[0, 6:] = True
+    blocks = torch.tensor([0, 1, 1, 1, 2, 2, 2, 3, 3])
+    for kwargs, visible in [
+        (dict(key_padding_mask=padding), (~padding)[:, None, None, :]),
+        (dict(causal=True), torch.ones(N, N, dtype=torch.bool).tril()[None, None]),
+        (dict(block_causal=blocks), (blocks[None, :] <= blocks[:, None])[None, None]),
+        (
+            dict(key_padding_mask=padding, block_causal=blocks),
+            (~padding)[:, None, None, :] & (blocks[None, :] <= blocks[:, None])[None, None],
+        ),
+    ]:
+        torch.testing.assert_close(
+            attn(x, **kwargs), manual_attention(attn, x, visible), atol=1e-5, rtol=1e-5
+        )
+    # a padded sample gives its unpadded output on its real tokens
+    alone = attn(x[:1, :6])
+    torch.testing.assert_close(
+        attn(x, key_padding_mask=padding)[:1, :6], alone, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_attention_state_dict_keys():
+    assert set(QKNormAttention(200, 10).state_dict()) == {
+        "qkv.weight", "q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias",
+        "proj.weight", "proj.bias",
+    }  # fmt: skip
+    assert set(QKNormAttention(200, 10, qkv_bias=True, qk_norm=False).state_dict()) == {
+        "qkv.weight", "q_bias", "v_bias", "proj.weight", "proj.bias",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="num_heads"):
+        QKNormAttention(30, 4)
+    with pytest.raises(ValueError, match="last dim"):
+        QKNormAttention(20, 2)(torch.randn(1, 3, 21))
+
+
+def test_block_matches_manual_and_passes_task_id():
+    block = randomise(Block(40, 2, init_values=0.1, drop_path=0.0), seed=2)
+    x = torch.randn(2, 7, 40)
+    a = manual_attention(block.attn, block.norm1(x))
+    h = x + block.gamma_1 * a
+    expected = h + block.gamma_2 * block.mlp.fc2(F.gelu(block.mlp.fc1(block.norm2(h))))
+    torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+
+    seen = []
+
+    class RecordingFFN(Mlp):
+        def forward(self, x, task_id=None):
+            seen.append(task_id)
+            return super().forward(x)
+
+    block.mlp = RecordingFFN(40, 160)
+    task = torch.tensor([3, 1])
+    block(x, task_id=task)
+    assert seen == [task]
+    assert Block(40, 2, init_values=0.0).gamma_1 is None
+    assert "gamma_1" not in Block(40, 2, init_values=0.0).state_dict()
+
+
+def test_block_drop_path_only_in_training():
+    block = Block(40, 2, drop_path=0.5).train()
+    x = torch.randn(64, 3, 40)
+    torch.manual_seed(0)
+    out = block(x)
+    # some samples skip both residual branches entirely, others do not
+    unchanged = (out - x).abs().amax((1, 2)) == 0
+    assert 0 < int(unchanged.sum()) < 64
+    block.eval()
+    torch.testing.assert_close(block(x), block(x))
+
+
+def test_mlp_uses_exact_gelu_and_ignores_task_id():
+    mlp = randomise(Mlp(8, 32), seed=3)
+    x = torch.randn(5, 8) * 3
+    expected = mlp.fc2(F.gelu(mlp.fc1(x), approximate="none"))
+    torch.testing.assert_close(mlp(x, task_id=torch.tensor(1)), expected)
+
+
+def reference_temporal_conv(conv: TemporalConv, x):
+    B, C, A, T = x.shape
+    h = x.reshape(B, 1, C * A, T)
+    for c, n in ((conv.conv1, conv.norm1), (conv.conv2, conv.norm2), (conv.conv3, conv.norm3)):
+        h = F.gelu(n(c(h)))
+    return torch.cat([h[:, :, :, t] for t in range(h.shape[-1])], dim=1).transpose(1, 2)
+
+
+def test_temporal_conv_layout_and_padding():
+    conv = randomise(TemporalConv(8), seed=4)
+    x = torch.randn(2, 3, 4, 200)
+    out = conv(x)
+    assert out.shape == (2, 12, 200) and conv.embed_dim == 200
+    torch.testing.assert_close(out, reference_temporal_conv(conv, x), atol=1e-5, rtol=1e-5)
+    # GroupNorm statistics pool over all patches of a sample: changing one patch moves others
+    x2 = x.clone()
+    x2[0, 0, 0] += 5
+    assert not torch.allclose(conv(x2)[0, 5], out[0, 5])
+    # padded electrodes are left out of the statistics: real patches keep their embedding
+    padded = torch.cat([x, torch.randn(2, 2, 4, 200)], dim=1)
+    mask = torch.zeros(2, 5 * 4, dtype=torch.bool)
+    mask[:, 12:] = True
+    torch.testing.assert_close(conv(padded, mask)[:, :12], out, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_group_norm_without_padding_is_group_norm():
+    norm = randomise(nn.GroupNorm(4, 8), seed=5)
+    x = torch.randn(3, 8, 10, 25)
+    valid = torch.ones(3, 10, dtype=torch.bool)
+    torch.testing.assert_close(masked_group_norm(x, norm, valid), norm(x), atol=1e-5, rtol=1e-5)
