@@ -306,10 +306,15 @@ def _warm_imports() -> None:
 
 
 def _pool_context():
-    # fork is fastest, but unsafe once torch (with its thread pools) lives in this process.
+    # fork is fastest (workers inherit the imports above), but unsafe once torch, with its thread
+    # pools, lives in this process; the fork server then imports the readers once for all workers.
     if sys.platform == "linux" and "torch" not in sys.modules:
         return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("forkserver" if sys.platform != "win32" else "spawn")
+    if sys.platform == "win32":
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["eegfast.data.prepare", "mne.io", "mne.filter", "scipy.signal"])
+    return ctx
 
 
 def prepare(

@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from eegfast.data import ShardDataset, collate_padded, make_loader
+from eegfast.data.dataset import ElectrodeSetBatchSampler
+from eegfast.data.labels import LabelRules
+from eegfast.data.prepare import Settings, prepare
+from eegfast.data.preprocess import PreprocessConfig
+from eegfast.electrodes import labram_input_chans
+
+
+@pytest.fixture(scope="module", params=["float32", "float16"])
+def prepared(sample_files, tmp_path_factory, request):
+    """64-channel motor imagery + 19-channel arithmetic recordings, two electrode sets."""
+    out = tmp_path_factory.mktemp(f"prepared-{request.param}")
+    srcs = [f"mi={sample_files['S001R04.edf']}", f"arith={sample_files['Subject00_2.edf']}"]
+    srcs.append(f"arith={sample_files['Subject01_2.edf']}")
+    settings = Settings(
+        preprocess=PreprocessConfig(window_seconds=2, dtype=request.param),
+        labels=LabelRules(filename_rules=(("_2$", "task"),)),
+    )
+    prepare(srcs, out, settings, progress=False)
+    return out
+
+
+def test_items(prepared):
+    ds = ShardDataset(prepared)
+    assert len(ds) == 60 + 2 * 31  # 30 events x 2 windows; 62 s / 2 s
+    assert ds.label_names == {"mi": ["T0", "T1", "T2"], "arith": ["task"]}
+    item = ds[0]
+    assert item["x"].dtype == torch.float32 and item["x"].shape == (64, 2, 200)
+    assert item["input_chans"].tolist() == labram_input_chans(ds.recordings[0]["electrodes"])
+    assert item["task"] == "mi" and item["subject"] == "S001" and item["label"] in (0, 1, 2)
+    last = ds[-1]
+    assert last["x"].shape == (19, 2, 200) and last["subject"] == "Subject01"
+    assert last["label"] == 0 and last["window"] == 30
+    shard = np.load(prepared / ds.recordings[-1]["shard"])
+    np.testing.assert_array_equal(last["x"].numpy(), shard[30].astype(np.float32))
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_filters(prepared):
+    assert len(ShardDataset(prepared, subjects=["Subject00"])) == 31
+    assert len(ShardDataset(prepared, tasks=["mi"])) == 60
+    with pytest.raises(ValueError, match="tasks: \\['nope'\\]"):
+        ShardDataset(prepared, tasks=["nope"])
+    with pytest.raises(TypeError, match="subjects"):
+        ShardDataset(prepared, subjects="S001")
+    with pytest.raises(ValueError, match="not a prepared folder"):
+        ShardDataset(prepared / "shards")
+
+
+def test_get_batch_equals_collated_items(prepared):
+    ds = ShardDataset(prepared)
+    rng = np.random.default_rng(0)
+    for indices in (rng.choice(len(ds), 17, replace=False), np.arange(60, 75), [3, 1, 2]):
+        batch = ds.get_batch(indices)
+        expected = collate_padded([ds[int(i)] for i in batch["index"]])
+        assert sorted(batch["index"].tolist()) == sorted(int(i) for i in indices)
+        for key in ("x", "input_chans", "channel_padding_mask", "label"):
+            torch.testing.assert_close(batch[key], expected[key], rtol=0, atol=0)
+        assert batch["subject"] == expected["subject"] and batch["task"] == expected["task"]
+
+
+def test_padding(prepared):
+    ds = ShardDataset(prepared)
+    batch = collate_padded([ds[0], ds[len(ds) - 1]])
+    assert batch["x"].shape == (2, 64, 2, 200)
+    assert batch["channel_padding_mask"].sum(1).tolist() == [0, 64 - 19]
+    assert batch["input_chans"][1, 20:].eq(0).all() and batch["input_chans"][1, :20].gt(0)[1:].all()
+    assert batch["x"][1, 19:].eq(0).all()
+
+
+def test_batch_sampler_groups_and_covers():
+    groups = np.array([0] * 10 + [1] * 7 + [2] * 3)
+    sampler = ElectrodeSetBatchSampler(groups, 4, shuffle=True, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 3 + 2 + 1
+    assert sorted(i for b in batches for i in b) == list(range(20))
+    assert all(len({groups[i] for i in b}) == 1 for b in batches)
+    assert list(sampler) != batches  # a new permutation each epoch
+    dropped = ElectrodeSetBatchSampler(groups, 4, drop_last=True)
+    assert len(list(dropped)) == len(dropped) == 2 + 1
+    plain = ElectrodeSetBatchSampler(None, 6, num_items=20)
+    assert [len(b) for b in plain] == [6, 6, 6, 2]
+    chosen = ElectrodeSetBatchSampler(groups, 2, sampler=[0, 10, 1, 11])
+    assert list(chosen) == [[0, 1], [10, 11]]
+    with pytest.raises(ValueError, match="batch_size"):
+        ElectrodeSetBatchSampler(groups, 0)
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_make_loader_in_process(prepared, group):
+    ds = ShardDataset(prepared)
+    loader = make_loader(ds, 8, shuffle=True, num_workers=0, group_by_electrode_set=group)
+    seen = []
+    for batch in loader:
+        seen += batch["index"].tolist()
+        c = batch["x"].shape[1]
+        assert batch["input_chans"].shape == (len(batch["index"]), c + 1)
+        if group:
+            assert not batch["channel_padding_mask"].any()
+    assert sorted(seen) == list(range(len(ds)))
+
+
+def test_make_loader_subset_and_generic(prepared):
+    ds = ShardDataset(prepared)
+    subset = Subset(ds, list(range(60, 80)))
+    batches = list(make_loader(subset, 8, shuffle=False, num_workers=0))
+    assert sorted(i for b in batches for i in b["index"].tolist()) == list(range(60, 80))
+    items = [ds[i] for i in range(58, 64)]  # a plain list: generic path with collate_padded
+    generic = list(make_loader(items, 3, shuffle=False, num_workers=0))
+    assert [b["x"].shape[1] for b in generic] == [64, 19]
+    assert generic[0]["channel_padding_mask"].sum(1).tolist() == [0, 0, 64 - 19]
+
+
+def test_make_loader_workers(prepared):
+    ds = ShardDataset(prepared)
+    loader = make_loader(ds, 16, shuffle=True, num_workers=2, pin_memory=False)
+    seen = []
+    for _ in range(2):  # persistent workers, two epochs
+        seen = [i for batch in loader for i in batch["index"].tolist()]
+        assert sorted(seen) == list(range(len(ds)))

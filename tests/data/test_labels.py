@@ -1,0 +1,65 @@
+import pytest
+
+from eegfast.data.labels import LabelRules, infer_subject, read_label_table
+
+
+@pytest.mark.parametrize(
+    ("path", "subject"),
+    [
+        ("/d/S001/S001R04.edf", "S001"),
+        ("/d/Subject07_2.edf", "Subject07"),
+        ("/bids/sub-03/eeg/sub-03_task-rest_eeg.edf", "sub-03"),
+        ("/tuh/aaaaaaab_s001_t000.edf", "aaaaaaab"),
+        ("/d/recording.edf", "recording"),
+    ],
+)
+def test_infer_subject(path, subject):
+    assert infer_subject(path)[0] == subject
+
+
+def test_subject_regex_wins():
+    assert infer_subject("/x/patient12/run1.edf", r"patient(\d+)") == ("12", "subject_regex")
+
+
+def test_annotations_to_events():
+    rules = LabelRules()
+    ann = [(0.0, 4.2, "T0"), (4.2, 4.1, "T1"), (8.3, 0.0, "T2"), (9.0, 1.0, "BAD_blink")]
+    r = rules.resolve("/d/S001R04.edf", ann)
+    assert r.source == "annotations" and r.subject == "S001"
+    assert [(e.onset, e.label) for e in r.events] == [(0.0, "T0"), (4.2, "T1")]
+    mapped = LabelRules(event_map={"T1": "left", "T2": "right"}).resolve("/d/S001R04.edf", ann)
+    assert [e.label for e in mapped.events] == ["left"]
+
+
+def test_filename_rules():
+    rules = LabelRules(filename_rules=(("_1$", "rest"), ("_2$", "task")))
+    assert rules.resolve("/d/Subject00_1.edf").label == "rest"
+    assert rules.resolve("/d/Subject00_2.edf").label == "task"
+    none = rules.resolve("/d/Subject00_3.edf")
+    assert none.label == "" and none.source == "none"
+    with pytest.raises(ValueError, match="filename rule"):
+        LabelRules(filename_rules=(("(", "x"),))
+
+
+def test_table(tmp_path):
+    csv = tmp_path / "labels.csv"
+    csv.write_text("file,label,subject,session\nrec/a.edf,abnormal,p1,s2\nb.edf,normal,,\n")
+    table = read_label_table(csv)
+    rules = LabelRules(table=table, filename_rules=(("a$", "ignored"),))
+    r = rules.resolve(tmp_path / "rec" / "a.edf", [(0, 5, "T0")])
+    assert (r.label, r.subject, r.session, r.source) == ("abnormal", "p1", "s2", "table")
+    r = rules.resolve("/elsewhere/b.edf")
+    assert (r.label, r.subject, r.subject_source) == (
+        "normal",
+        "b",
+        "file name (each file its own subject)",
+    )
+
+
+def test_table_errors(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,label\nx.edf,1\n")
+    with pytest.raises(ValueError, match=r"missing columns \['file'\]"):
+        read_label_table(bad)
+    with pytest.raises(ValueError, match="labels table"):
+        read_label_table(tmp_path / "nope.csv")

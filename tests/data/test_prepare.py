@@ -1,0 +1,199 @@
+import json
+import shutil
+
+import mne
+import numpy as np
+import pytest
+
+from eegfast.cli import main as cli_main
+from eegfast.data import read_index
+from eegfast.data.index import load_index
+from eegfast.data.labels import LabelRules
+from eegfast.data.prepare import Settings, discover, prepare, process_file
+from eegfast.data.preprocess import PreprocessConfig, cut_windows, preprocess_signal
+
+EEGMAT_RULES = LabelRules(filename_rules=(("_1$", "rest"), ("_2$", "task")))
+
+
+def _export(raw, path):
+    if path.suffix == ".fif":
+        raw.save(path, overwrite=True, verbose="error")
+    else:
+        mne.export.export_raw(path, raw, fmt="edf", overwrite=True, verbose="error")
+    return path
+
+
+@pytest.fixture(scope="module")
+def broken(sample_files, tmp_path_factory):
+    """Broken recordings made from the real ones: {reason pattern: path}."""
+    folder = tmp_path_factory.mktemp("broken")
+    source = mne.io.read_raw(sample_files["Subject00_2.edf"], preload=True, verbose="error")
+    base = source.copy().crop(0, 12, include_tmax=False).pick(source.ch_names[:6])
+
+    def variant(data=None, names=None, sfreq=None):
+        info = base.info.copy()
+        raw = mne.io.RawArray(base.get_data() if data is None else data, info, verbose="error")
+        if names is not None:
+            raw.rename_channels(dict(zip(raw.ch_names, names, strict=True)))
+        if sfreq is not None:
+            raw.resample(sfreq, verbose="error")
+        return raw
+
+    files = {}
+    blob = sample_files["S001R04.edf"].read_bytes()
+    (folder / "truncated.edf").write_bytes(blob[: len(blob) - 50_000])
+    files["truncated EDF"] = folder / "truncated.edf"
+    (folder / "empty.edf").write_bytes(b"")
+    files["empty file"] = folder / "empty.edf"
+    (folder / "corrupt.edf").write_bytes(b"\x00garbage" * 100)
+    files["corrupt EDF header"] = folder / "corrupt.edf"
+    files["no EEG channels"] = _export(
+        variant(names=[f"ECG{i}" for i in range(6)]), folder / "ecg_only.edf"
+    )
+    files["only unknown electrodes"] = _export(
+        variant(names=[f"X{i}" for i in range(6)]), folder / "unknown.edf"
+    )
+    flat = base.get_data()
+    flat[2] = 0.0
+    files["flat channels .*EEG F3"] = _export(variant(flat), folder / "flat.edf")
+    nan = base.get_data()
+    nan[1, 100:200] = np.nan
+    files["non-finite .*EEG Fp2"] = _export(variant(nan), folder / "nan_raw.fif")
+    files["sample rate 128 Hz is too low"] = _export(variant(sfreq=128.0), folder / "slow.edf")
+    short = mne.io.RawArray(base.get_data()[:, :1000], base.info, verbose="error")  # 2 s
+    files["no complete 4-s window"] = _export(short, folder / "short.edf")
+    return files
+
+
+def test_prepare_sample_and_broken(sample_files, broken, tmp_path):
+    out = tmp_path / "out"
+    good = [f"mi={sample_files['S001R04.edf']}", f"arith={sample_files['Subject00_2.edf']}"]
+    settings = Settings(labels=EEGMAT_RULES)
+    report = prepare(good + [str(p) for p in broken.values()], out, settings, progress=False)
+    assert report["usable"] == 2 and report["files"] == 2 + len(broken)
+    reasons = {b["file"]: b["reason"] for b in report["bad"]}
+    assert len(reasons) == len(broken)
+    for pattern, path in broken.items():
+        assert any(
+            __import__("re").search(pattern, r) for f, r in reasons.items() if f == str(path)
+        ), (pattern, reasons.get(str(path)))
+    md = (out / "report.md").read_text()
+    assert "Bad recordings" in md and "truncated.edf" in md and "ODC-By" in md
+    assert json.loads((out / "report.json").read_text())["usable"] == 2
+
+    index = load_index(out)
+    assert index["tasks"] == {"arith": {"labels": ["task"]}, "mi": {"labels": ["T0", "T1", "T2"]}}
+    records = read_index(out)
+    mi = [r for r in records if r["task"] == "mi"]
+    assert len(mi) == 30  # 30 events of 4.1-4.2 s -> one 4-s window each
+    assert {r["label_name"] for r in mi} == {"T0", "T1", "T2"}
+    assert all(r["subject"] == "S001" for r in mi)
+    arith = [r for r in records if r["task"] == "arith"]
+    assert len(arith) == 15 and {r["label"] for r in arith} == {0}  # 62 s -> 15 windows
+    assert arith[0]["subject"] == "Subject00" and len(arith[0]["electrodes"]) == 19
+
+
+def test_shard_content_is_the_preprocessed_signal(sample_files, tmp_path):
+    path = sample_files["Subject00_2.edf"]
+    cfg = PreprocessConfig(window_seconds=2, stride_seconds=1.5, dtype="float16")
+    prepare([str(path)], tmp_path, Settings(preprocess=cfg), progress=False)
+    rec = load_index(tmp_path)["recordings"][0]
+    shard = np.load(tmp_path / rec["shard"], mmap_mode="r")
+    raw = mne.io.read_raw(path, preload=True, verbose="error")
+    raw.pick([c for c in raw.ch_names if c not in ("ECG ECG", "EEG A2-A1")])
+    signal = preprocess_signal(raw.get_data(), raw.info["sfreq"], cfg)
+    starts = np.asarray(rec["starts"])
+    assert starts[:3].tolist() == [0, 300, 600]
+    assert shard.shape == (len(starts), 19, 2, 200) and shard.dtype == np.float16
+    np.testing.assert_array_equal(shard, cut_windows(signal, starts, cfg))
+
+
+def test_resume_and_idempotence(sample_files, tmp_path):
+    srcs = [str(sample_files[n]) for n in ("Subject00_2.edf", "Subject01_2.edf", "S001R08.edf")]
+    first = prepare(srcs, tmp_path, progress=False)
+    assert first["processed"] == 3 and first["reused"] == 0
+    index_before = (tmp_path / "index.json").read_text()
+    shard_times = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*.npy")}
+
+    again = prepare(srcs, tmp_path, progress=False)
+    assert again["processed"] == 0 and again["reused"] == 3
+    assert (tmp_path / "index.json").read_text() == index_before
+    assert {
+        p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*.npy")
+    } == shard_times
+
+    # a killed run: one record lost (its shard was written), plus a half-written temporary
+    victim = sorted((tmp_path / "shards").glob("*.json"))[0]
+    victim.unlink()
+    (tmp_path / "shards" / ".x.npy.tmp-123").write_bytes(b"partial")
+    resumed = prepare(srcs, tmp_path, progress=False)
+    assert resumed["processed"] == 1 and resumed["reused"] == 2
+    assert resumed["stale_temporaries_removed"] == 1
+    assert not list((tmp_path / "shards").glob(".*tmp*"))
+    assert (tmp_path / "index.json").read_text() == index_before
+
+    # other settings -> reprocessed, not mixed with the old shards
+    changed = prepare(srcs, tmp_path, Settings(PreprocessConfig(window_seconds=2)), progress=False)
+    assert changed["processed"] == 3
+    assert load_index(tmp_path)["window_seconds"] == 2
+
+
+def test_process_file_never_raises(tmp_path):
+    job = discover([str(_missing_ok(tmp_path))])[0]
+    record = process_file(job, Settings(), str(tmp_path / "out"))
+    assert record["status"] == "bad" and "empty file" in record["reason"]
+
+
+def _missing_ok(tmp_path):
+    p = tmp_path / "zero.edf"
+    p.write_bytes(b"")
+    return p
+
+
+def test_workers_give_the_same_result(sample_files, tmp_path):
+    srcs = [str(sample_files[n]) for n in ("Subject00_2.edf", "Subject01_2.edf", "S001R04.edf")]
+    serial = prepare(srcs, tmp_path / "serial", progress=False, workers=1)
+    pooled = prepare(srcs, tmp_path / "pooled", progress=False, workers=2)
+    assert serial["windows"] == pooled["windows"]
+    a, b = load_index(tmp_path / "serial"), load_index(tmp_path / "pooled")
+    assert a["recordings"] == b["recordings"]
+    for rec in a["recordings"]:
+        np.testing.assert_array_equal(
+            np.load(tmp_path / "serial" / rec["shard"]), np.load(tmp_path / "pooled" / rec["shard"])
+        )
+
+
+def test_cli_exit_codes(sample_files, broken, tmp_path, capsys):
+    good = str(sample_files["Subject01_2.edf"])
+    bad = str(broken["truncated EDF"])
+    common = ["--no-progress", "--workers", "1"]
+    assert cli_main(["prepare", good, bad, "--out", str(tmp_path / "a"), *common]) == 0
+    assert "truncated EDF" in capsys.readouterr().err
+    strict = ["prepare", good, bad, "--out", str(tmp_path / "a"), "--strict", *common]
+    assert cli_main(strict) == 1
+    assert cli_main(["prepare", bad, "--out", str(tmp_path / "b"), *common]) == 1
+    assert "no usable recording" in capsys.readouterr().err
+    missing = ["prepare", str(tmp_path / "nope.edf"), "--out", str(tmp_path / "c"), *common]
+    assert cli_main(missing) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert cli_main(["prepare", good, "--out", str(tmp_path / "d"), "--window", "17", *common]) == 2
+    assert "window_seconds: must be an integer 1..16" in capsys.readouterr().err
+
+
+def test_cli_options(sample_files, tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for n in ("Subject00_2.edf", "Subject01_2.edf"):
+        shutil.copy(sample_files[n], folder / n)
+    csv = tmp_path / "labels.csv"
+    csv.write_text(
+        "file,label,subject,session\nSubject00_2.edf,bad,P0,1\nSubject01_2.edf,good,P1,1\n"
+    )
+    args = ["prepare", str(folder), "--out", str(tmp_path / "o"), "--no-progress", "--workers", "1"]
+    args += ["--labels", str(csv), "--classes", "bad,good", "--channels", "Cz,Fz,Pz"]
+    args += ["--window", "8", "--stride", "4", "--dtype", "float16", "--reference", "average"]
+    assert cli_main(args) == 0
+    records = read_index(tmp_path / "o")
+    assert {(r["subject"], r["label"]) for r in records} == {("P0", 0), ("P1", 1)}
+    assert records[0]["electrodes"] == ("CZ", "FZ", "PZ") and records[0]["task"] == "src"
+    assert len(records) == 2 * 14  # 62 s, 8-s windows every 4 s
