@@ -1,0 +1,362 @@
+"""Triton QK-LayerNorm attention kernels against a float64 plain-PyTorch reference.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (set by tests/conftest.py), fp32 and fp16 only
+(numpy has no bf16), at small shapes: the interpreter runs every program instance in Python.
+The forward and backward ops are called directly, so lse, the LayerNorm statistics and all
+seven gradients are checked, not only what autograd exposes.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eegfast.ops import available_backends
+from eegfast.testing import odd_sizes, requires_cuda, strided
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(
+        not available_backends()["triton"].available,
+        reason="needs triton with a CUDA device or TRITON_INTERPRET=1",
+    ),
+]
+
+EPS = 1e-6
+PARAM_NAMES = ("q_w", "q_b", "k_w", "k_b")
+GRAD_NAMES = ("q", "k", "v", *PARAM_NAMES)
+# Largest error allowed, relative to max(1, largest reference magnitude) of each tensor. The
+# fp16 bound covers rounding LN(q), LN(k) and the probabilities to fp16 before the tensor-core
+# products (as flash attention does); fp32 is exact fp32 arithmetic in a different order.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+FWD_TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def triton_ops():
+    from eegfast.ops import qk_norm_attention_triton
+
+    return qk_norm_attention_triton
+
+
+def reference(q, k, v, params, *, scale, key_padding_mask=None, causal=False, block_ids=None):
+    """float64 LayerNorm + explicit masked softmax: out (B, H, N, D) and lse (B, H, N).
+
+    Written here (not imported) so the kernels are checked against an independent formula.
+    """
+    B, H, N, D = q.shape
+    q_w, q_b, k_w, k_b = params
+    qn = F.layer_norm(q, (D,), q_w, q_b, EPS)
+    kn = F.layer_norm(k, (D,), k_w, k_b, EPS)
+    scores = scale * qn @ kn.transpose(-1, -2)
+    visible = torch.ones(B, 1, N, N, dtype=torch.bool)
+    if key_padding_mask is not None:
+        visible = visible & ~key_padding_mask[:, None, None, :]
+    if causal:
+        visible = visible & torch.ones(N, N, dtype=torch.bool).tril()
+    if block_ids is not None:
+        visible = visible & (block_ids[None, :] <= block_ids[:, None])
+    sees_any = visible.any(-1, keepdim=True)
+    # Rows that see nothing: softmax over zeros (finite, gradients flow) times an all-zero mask.
+    safe = torch.where(sees_any, scores.masked_fill(~visible, -math.inf), 0.0)
+    out = (torch.softmax(safe, -1) * visible) @ v
+    lse = torch.where(sees_any[..., 0], torch.logsumexp(safe, -1), -math.inf)
+    return out, lse
+
+
+def make_case(B, H, N, D, dtype, *, seed, affine=True, mask=None, block_size=None):
+    """Inputs (B, H, N, D), LayerNorm params (D,) or None, padding mask and block ids."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, N, D, generator=gen).to(dtype) for _ in range(3))
+    params = [None] * 4
+    if affine:
+        params = [
+            (1 + 0.3 * torch.randn(D, generator=gen)).to(dtype),
+            (0.3 * torch.randn(D, generator=gen)).to(dtype),
+            (1 + 0.3 * torch.randn(D, generator=gen)).to(dtype),
+            (0.3 * torch.randn(D, generator=gen)).to(dtype),
+        ]
+    key_padding_mask = None
+    if mask == "random":
+        key_padding_mask = torch.rand(B, N, generator=gen) < 0.3
+    elif mask == "full_row":  # batch 0 has every key padded: all its rows see nothing
+        key_padding_mask = torch.rand(B, N, generator=gen) < 0.3
+        key_padding_mask[0] = True
+    block_ids = None
+    if block_size is not None:
+        block_ids = torch.arange(N) // block_size
+    grad_out = torch.randn(B, N, H, D, generator=gen).to(dtype)
+    return q, k, v, params, key_padding_mask, block_ids, grad_out
+
+
+def assert_close_scaled(actual, expected, tol, name):
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, f"{name}: {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{name} has non-finite values"
+    bound = tol * max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
+    error = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert error <= bound, f"{name}: max error {error:.3g} > {bound:.3g}"
+
+
+def check_against_reference(q, k, v, params, key_padding_mask, block_ids, grad_out, *,
+                            causal=False, scale=None):  # fmt: skip
+    """Forward outputs, lse, stats and all seven gradients of the Triton ops vs float64."""
+    ops = triton_ops()
+    B, H, N, D = q.shape
+    dtype = q.dtype
+    scale = D**-0.5 if scale is None else scale
+    masks = dict(key_padding_mask=key_padding_mask, block_ids=block_ids, causal=causal)
+    out, lse, q_stats, k_stats = ops.qk_norm_attention_fwd_triton(
+        q, k, v, *params, EPS, scale, key_padding_mask, causal, block_ids
+    )
+    assert out.shape == (B, N, H, D) and out.is_contiguous() and out.dtype == dtype
+    assert lse.shape == (B, H, N) and lse.dtype == torch.float32
+    assert q_stats.shape == k_stats.shape == (B, H, N, 2)
+
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    param_leaves = [None if p is None else p.detach().double().requires_grad_() for p in params]
+    ref_out, ref_lse = reference(*leaves, param_leaves, scale=scale, **masks)
+    assert_close_scaled(out.transpose(1, 2), ref_out, FWD_TOLERANCE[dtype], "out")
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse: -inf rows differ"
+    finite = torch.isfinite(ref_lse)
+    assert_close_scaled(lse[finite], ref_lse[finite], FWD_TOLERANCE[dtype], "lse")
+    for name, x, stats in (("q_stats", q, q_stats), ("k_stats", k, k_stats)):
+        x64 = x.double()
+        var = x64.var(-1, unbiased=False)
+        assert_close_scaled(stats[..., 0], x64.mean(-1), 1e-5, f"{name} mean")
+        assert_close_scaled(stats[..., 1] * (var + EPS).sqrt(), torch.ones_like(var), 1e-4, name)
+
+    ref_out.backward(grad_out.double().transpose(1, 2))
+    grads = ops.qk_norm_attention_bwd_triton(
+        grad_out, q, k, v, *params, out, lse, q_stats, k_stats, scale,
+        key_padding_mask, causal, block_ids,
+    )  # fmt: skip
+    assert len(grads) == 7
+    for name, grad, leaf in zip(GRAD_NAMES, grads, leaves + param_leaves, strict=True):
+        if leaf is None:
+            assert grad.shape == (0,), f"d{name} of a None parameter must have shape (0,)"
+            continue
+        assert grad.dtype == dtype and grad.shape == leaf.shape, name
+        assert_close_scaled(grad, leaf.grad, TOLERANCE[dtype], f"d{name}")
+    return out, lse, grads
+
+
+# (B, H, N, D, dtype, mask, causal, block_size, affine): odd N, LaBraM head dims, every mask.
+CASES = [
+    (1, 2, 1, 20, torch.float32, None, False, None, True),
+    (2, 1, 7, 25, torch.float32, "random", False, None, True),
+    (1, 2, 33, 20, torch.float32, None, True, None, True),
+    (2, 1, 33, 50, torch.float32, "full_row", False, None, False),
+    (1, 1, 70, 64, torch.float32, None, False, 3, True),
+    (2, 1, 70, 20, torch.float32, "random", True, 4, True),
+    (1, 1, 7, 128, torch.float32, None, True, None, True),
+    (1, 2, 33, 25, torch.float16, "random", False, None, True),
+    (1, 1, 70, 50, torch.float16, None, True, None, True),
+    (2, 1, 33, 20, torch.float16, "full_row", False, 5, True),
+]
+
+
+@pytest.mark.parametrize(
+    ("B", "H", "N", "D", "dtype", "mask", "causal", "block_size", "affine"), CASES
+)
+def test_matches_reference(B, H, N, D, dtype, mask, causal, block_size, affine):
+    q, k, v, params, kpm, ids, grad_out = make_case(
+        B, H, N, D, dtype, seed=N * D, affine=affine, mask=mask, block_size=block_size
+    )
+    check_against_reference(q, k, v, params, kpm, ids, grad_out, causal=causal)
+
+
+@settings(max_examples=10)
+@given(
+    n=odd_sizes(1, 48),
+    d=st.sampled_from((20, 25, 50, 64)),
+    dtype=st.sampled_from((torch.float32, torch.float16)),
+    mask=st.sampled_from((None, "random", "full_row")),
+    causal=st.booleans(),
+    block_size=st.sampled_from((None, 1, 2, 5)),
+    affine=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_and_masks(n, d, dtype, mask, causal, block_size, affine, seed):
+    inputs = make_case(2, 1, n, d, dtype, seed=seed, affine=affine, mask=mask,
+                       block_size=block_size)  # fmt: skip
+    check_against_reference(*inputs, causal=causal, scale=0.7 / math.sqrt(d))
+
+
+def test_packed_and_strided_inputs_without_copies():
+    """q, k, v as views of one (B, N, 3·H·D) qkv buffer, and with a non-unit inner stride."""
+    B, H, N, D = 2, 2, 33, 25
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(B, N, 3 * H * D, generator=gen)
+    q, k, v = qkv.unflatten(-1, (3, H, D)).permute(2, 0, 3, 1, 4).unbind(0)
+    assert q.stride() == (N * 3 * H * D, D, 3 * H * D, 1)
+    _, _, _, params, kpm, ids, grad_out = make_case(B, H, N, D, torch.float32, seed=4,
+                                                    mask="random", block_size=2)  # fmt: skip
+    out, lse, grads = check_against_reference(q, k, v, params, kpm, ids, grad_out)
+    contiguous = triton_ops().qk_norm_attention_fwd_triton(
+        q.contiguous(), k.contiguous(), v.contiguous(), *params, EPS, D**-0.5, kpm, False, ids
+    )
+    torch.testing.assert_close(out, contiguous[0], rtol=0, atol=0)
+    check_against_reference(strided(q), strided(k), v.transpose(2, 3).contiguous().transpose(2, 3),
+                            params, kpm, ids, grad_out)  # fmt: skip
+
+
+def test_rows_that_see_nothing_are_zero_with_zero_gradients():
+    q, k, v, params, _, _, grad_out = make_case(2, 2, 33, 20, torch.float32, seed=5)
+    kpm = torch.zeros(2, 33, dtype=torch.bool)
+    kpm[0] = True  # batch 0: every key padded
+    ids = torch.arange(33) % 4  # not sorted: query i with id 0 sees only keys with id 0
+    ids[:3] = torch.tensor([2, 3, 1])
+    kpm[1, ids == 0] = True  # batch 1: queries with id 0 see no key
+    ops = triton_ops()
+    out, lse, q_stats, k_stats = ops.qk_norm_attention_fwd_triton(
+        q, k, v, *params, EPS, 0.3, kpm, False, ids
+    )
+    empty_rows = torch.zeros(2, 33, dtype=torch.bool)
+    empty_rows[0] = True
+    empty_rows[1] = ids == 0
+    assert (out[empty_rows] == 0).all()
+    assert torch.isneginf(lse.transpose(1, 2)[empty_rows]).all()
+    assert torch.isfinite(lse.transpose(1, 2)[~empty_rows]).all()
+    dq, dk, dv, *param_grads = ops.qk_norm_attention_bwd_triton(
+        grad_out, q, k, v, *params, out, lse, q_stats, k_stats, 0.3, kpm, False, ids
+    )
+    for grad in (dq, dk, dv, *param_grads):
+        assert torch.isfinite(grad).all()
+    assert (dq.transpose(1, 2)[empty_rows] == 0).all()
+    assert (dk[0] == 0).all() and (dv[0] == 0).all()  # padded keys get no gradient
+    check_against_reference(q, k, v, params, kpm, ids, grad_out, scale=0.3)
+
+
+def test_backward_is_deterministic():
+    q, k, v, params, kpm, ids, grad_out = make_case(2, 2, 70, 20, torch.float32, seed=6,
+                                                    mask="random")  # fmt: skip
+    ops = triton_ops()
+    saved = ops.qk_norm_attention_fwd_triton(q, k, v, *params, EPS, 0.2, kpm, True, ids)
+    first = ops.qk_norm_attention_bwd_triton(grad_out, q, k, v, *params, *saved, 0.2, kpm, True,
+                                             ids)  # fmt: skip
+    second = ops.qk_norm_attention_bwd_triton(grad_out, q, k, v, *params, *saved, 0.2, kpm, True,
+                                              ids)  # fmt: skip
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bad_inputs_raise_clear_errors():
+    ops = triton_ops()
+    q = torch.randn(1, 1, 5, 129)
+    with pytest.raises(ValueError, match="1..128"):
+        ops.qk_norm_attention_fwd_triton(q, q, q, None, None, None, None, EPS, 1.0, None, False,
+                                         None)  # fmt: skip
+    q = torch.randn(1, 1, 5, 8)
+    with pytest.raises(ValueError, match="same shape"):
+        ops.qk_norm_attention_fwd_triton(q, q[:, :, :4], q, None, None, None, None, EPS, 1.0,
+                                         None, False, None)  # fmt: skip
+    with pytest.raises(TypeError, match="one dtype"):
+        ops.qk_norm_attention_fwd_triton(q, q.half(), q, None, None, None, None, EPS, 1.0, None,
+                                         False, None)  # fmt: skip
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        q64 = q.double()
+        ops.qk_norm_attention_fwd_triton(q64, q64, q64, None, None, None, None, EPS, 1.0, None,
+                                         False, None)  # fmt: skip
+    with pytest.raises(ValueError, match="q_w"):
+        ops.qk_norm_attention_fwd_triton(q, q, q, torch.ones(7), None, None, None, EPS, 1.0,
+                                         None, False, None)  # fmt: skip
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        bad_mask = torch.zeros(1, 4, dtype=torch.bool)
+        ops.qk_norm_attention_fwd_triton(q, q, q, None, None, None, None, EPS, 1.0, bad_mask,
+                                         False, None)  # fmt: skip
+    with pytest.raises(ValueError, match="block_ids"):
+        ops.qk_norm_attention_fwd_triton(q, q, q, None, None, None, None, EPS, 1.0, None, False,
+                                         torch.arange(4))  # fmt: skip
+
+
+def test_opcheck():
+    ops = triton_ops()
+    q, k, v, params, kpm, ids, grad_out = make_case(1, 2, 17, 20, torch.float32, seed=7,
+                                                    mask="random", block_size=3)  # fmt: skip
+    checks = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    # Under TRITON_INTERPRET=1 the kernels are InterpretedFunctions, which wrap_triton cannot
+    # trace into a graph, so AOT dispatch cannot run on CPU; test_gpu_opcheck_and_compile runs
+    # the full opcheck on a GPU.
+    if torch.cuda.is_available():
+        checks.append("test_aot_dispatch_dynamic")
+    fwd = torch.ops.eegfast.qk_norm_attention_fwd_triton
+    bwd = torch.ops.eegfast.qk_norm_attention_bwd_triton
+    for requires_grad in (False, True):
+        leaves = [x.clone().requires_grad_(requires_grad) for x in (q, k, v, *params)]
+        args = (*leaves, EPS, 0.25, kpm, True, ids)
+        torch.library.opcheck(fwd, args, test_utils=checks)
+    saved = ops.qk_norm_attention_fwd_triton(q, k, v, *params, EPS, 0.25, kpm, True, ids)
+    bwd_args = (grad_out, q, k, v, *params, *saved, 0.25, kpm, True, ids)
+    torch.library.opcheck(bwd, bwd_args, test_utils=checks)
+    no_params = (grad_out, q, k, v, None, None, None, None, *saved, 0.25, None, False, None)
+    torch.library.opcheck(bwd, no_params, test_utils=checks)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only (not run in CPU CI): bf16, LaBraM shapes, torch.compile.
+# --------------------------------------------------------------------------------------------
+
+
+def to_cuda(x):
+    return None if x is None else x.cuda()
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("D", (20, 25, 50, 64, 128))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+def test_gpu_matches_reference(D, dtype):
+    """LaBraM's N = 257 on the GPU kernels (autotuned configs), every mask at once."""
+    q, k, v, params, kpm, ids, grad_out = make_case(3, 4, 257, D, dtype, seed=D, mask="full_row",
+                                                    block_size=16)  # fmt: skip
+    ops = triton_ops()
+    scale = D**-0.5
+    cuda_params = [to_cuda(p) for p in params]
+    cuda_masks = (to_cuda(kpm), True, to_cuda(ids))
+    saved = ops.qk_norm_attention_fwd_triton(
+        to_cuda(q), to_cuda(k), to_cuda(v), *cuda_params, EPS, scale, *cuda_masks
+    )
+    grads = ops.qk_norm_attention_bwd_triton(
+        to_cuda(grad_out), to_cuda(q), to_cuda(k), to_cuda(v), *cuda_params, *saved, scale,
+        *cuda_masks,
+    )  # fmt: skip
+    out, lse = saved[0].cpu(), saved[1].cpu()
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    param_leaves = [p.double().requires_grad_() for p in params]
+    ref_out, ref_lse = reference(*leaves, param_leaves, scale=scale, key_padding_mask=kpm,
+                                 causal=True, block_ids=ids)  # fmt: skip
+    assert_close_scaled(out.transpose(1, 2), ref_out, FWD_TOLERANCE[dtype], "out")
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isinf(lse), ~finite)
+    assert_close_scaled(lse[finite], ref_lse[finite], FWD_TOLERANCE[dtype], "lse")
+    ref_out.backward(grad_out.double().transpose(1, 2))
+    for name, grad, leaf in zip(GRAD_NAMES, grads, leaves + param_leaves, strict=True):
+        assert_close_scaled(grad.cpu(), leaf.grad, TOLERANCE[dtype], f"d{name}")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_opcheck_and_compile():
+    ops = triton_ops()
+    q, k, v, params, kpm, ids, grad_out = make_case(2, 2, 65, 25, torch.bfloat16, seed=8,
+                                                    mask="random", block_size=4)  # fmt: skip
+    q, k, v, kpm, ids, grad_out = (x.cuda() for x in (q, k, v, kpm, ids, grad_out))
+    params = [p.cuda().requires_grad_() for p in params]
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    args = (*leaves, *params, EPS, 0.2, kpm, False, ids)
+    torch.library.opcheck(torch.ops.eegfast.qk_norm_attention_fwd_triton, args)
+
+    def attention(q, k, v, *params):
+        return ops.qk_norm_attention_fwd_triton(q, k, v, *params, EPS, 0.2, kpm, False, ids)[0]
+
+    compiled = torch.compile(attention, fullgraph=True)
+    eager_out = attention(*leaves, *params)
+    compiled_out = compiled(*leaves, *params)
+    torch.testing.assert_close(compiled_out, eager_out)
+    eager_grads = torch.autograd.grad(eager_out, [*leaves, *params], grad_out)
+    compiled_grads = torch.autograd.grad(compiled_out, [*leaves, *params], grad_out)
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b)
