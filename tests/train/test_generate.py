@@ -1,0 +1,205 @@
+"""``eegfast generate``: real prompts, EDF/.npy outputs that MNE reads, clear argument errors."""
+
+from __future__ import annotations
+
+import json
+
+import mne
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from eegfast.cli import main as cli
+from eegfast.datasets import SampleDataError, sample
+from eegfast.models.hybrid import create_hybrid_model
+from eegfast.train.commands.generate import GenerateError, display_names, load_prompt
+
+EEGMAT_NAMES = [
+    "Fp1",
+    "Fp2",
+    "F3",
+    "F4",
+    "F7",
+    "F8",
+    "T7",
+    "T8",
+    "C3",
+    "C4",
+    "P7",
+    "P8",
+    "P3",
+    "P4",
+    "O1",
+    "O2",
+    "Fz",
+    "Cz",
+    "Pz",
+]  # fmt: skip  (Subject00_2.edf's 19 EEG electrodes, 10-10 names, recording order)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_hybrid_model("labram_tiny_pretrain")
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def eegmat(tmp_path_factory):
+    """A 20-s cut of the real Subject00_2 recording (keeps preprocessing fast)."""
+    try:
+        files = {p.name: p for p in sample(download=False)}
+    except SampleDataError as err:
+        pytest.skip(f"sample data not available: {err}")
+    raw = mne.io.read_raw_edf(files["Subject00_2.edf"], preload=True, verbose="error")
+    raw.crop(0, 20.0, include_tmax=False)
+    path = tmp_path_factory.mktemp("prompt") / "Subject00_2_cut.fif"
+    raw.save(path, verbose="error")
+    return path
+
+
+def _run(capsys, *args) -> tuple[int, str]:
+    code = cli(["generate", *map(str, args), "--no-progress"])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_edf_output_loads_with_mne(checkpoint, eegmat, tmp_path, capsys):
+    out = tmp_path / "synthetic.edf"
+    code, text = _run(
+        capsys, "--model", checkpoint, "--prompt", eegmat, "--seconds", 3, "--out", out,
+        "--prompt-seconds", 4, "--top-k", 10, "--include-prompt",
+    )  # fmt: skip
+    assert code == 0, text
+    raw = mne.io.read_raw_edf(out, preload=True, verbose="error")
+    assert raw.ch_names == EEGMAT_NAMES
+    assert raw.info["sfreq"] == 200.0
+    assert raw.get_data().shape == (19, (4 + 3) * 200)
+    assert [(a["onset"], a["duration"], a["description"]) for a in raw.annotations] == [
+        (0.0, 4.0, "prompt"),
+        (4.0, 3.0, "generated"),
+    ]
+    data = raw.get_data()
+    assert np.isfinite(data).all() and data[:, 800:].std() > 0
+    # the prompt part is the preprocessed recording's last 4 s (EDF keeps 16 bits per sample)
+    prompt = load_prompt(eegmat, prompt_seconds=4)
+    assert prompt.start_s == 16.0
+    step = (data.max(1) - data.min(1))[:, None] * 1e4 / (2**16 - 1)  # 16-bit EDF, units
+    assert np.all(np.abs(data[:, :800] * 1e4 - prompt.x) <= step)
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic write left no temporary file
+
+
+def test_npy_output_with_channel_subset_and_sidecar(checkpoint, eegmat, tmp_path, capsys):
+    out = tmp_path / "synthetic.npy"
+    code, text = _run(
+        capsys, "--model", checkpoint, "--prompt", eegmat, "--seconds", 2.5, "--out", out,
+        "--channels", "Cz,fp1,EEG O2", "--mode", "regression", "--start", 3,
+    )  # fmt: skip
+    assert code == 0, text
+    signal = np.load(out)
+    assert signal.shape == (3, 500) and signal.dtype == np.float32
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["channels"] == ["Cz", "Fp1", "O2"]
+    assert meta["sfreq"] == 200.0 and meta["units"] == "uV"
+    assert meta["prompt_start_s"] == 3.0 and meta["prompt_seconds"] == 8.0
+
+
+def test_cache_and_no_cache_give_the_same_file(checkpoint, eegmat, tmp_path, capsys):
+    outs = []
+    for flag in ((), ("--no-cache",)):
+        out = tmp_path / f"g{len(outs)}.npy"
+        code, text = _run(
+            capsys, "--model", checkpoint, "--prompt", eegmat, "--seconds", 3, "--out", out,
+            "--temperature", 0, "--prompt-seconds", 3, *flag,
+        )  # fmt: skip
+        assert code == 0, text
+        outs.append(np.load(out))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-3, atol=1e-3)  # µV, float32 model
+
+
+def test_npy_prompt_window(checkpoint, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    prompt = tmp_path / "window.npy"
+    np.save(prompt, rng.normal(0, 20, (2, 600)).astype(np.float32))  # 3 s of 2 electrodes, µV
+    out = tmp_path / "g.edf"
+    code, text = _run(
+        capsys, "--model", checkpoint, "--prompt", prompt, "--channels", "C3,C4",
+        "--seconds", 1.5, "--out", out,
+    )  # fmt: skip
+    assert code == 0, text
+    assert "whole seconds" in text  # EDF records are 1 s: 1.5 s -> 2 s
+    raw = mne.io.read_raw_edf(out, preload=True, verbose="error")
+    assert raw.ch_names == ["C3", "C4"] and raw.get_data().shape == (2, 400)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--seconds": "0"}, "--seconds must be > 0"),
+        ({"--seconds": "-2"}, "--seconds must be > 0"),
+        ({"--channels": "C3,XYZ"}, "unknown electrodes ['XYZ']"),
+        ({"--model": "missing.safetensors"}, "checkpoint not found"),
+        ({"--out": "out.txt"}, "--out must end in .edf or .npy"),
+        ({"--prompt": "short.npy"}, "shorter than one patch"),
+        ({"--prompt": "nan.npy"}, "NaN"),
+        ({"--prompt": "nothing.edf"}, "file not found"),
+    ],
+)
+def test_bad_arguments_give_clear_errors(checkpoint, tmp_path, capsys, change, message):
+    np.save(tmp_path / "ok.npy", np.ones((2, 400), np.float32))
+    np.save(tmp_path / "short.npy", np.ones((2, 150), np.float32))
+    np.save(tmp_path / "nan.npy", np.full((2, 400), np.nan, np.float32))
+    args = {
+        "--model": str(checkpoint),
+        "--prompt": str(tmp_path / "ok.npy"),
+        "--channels": "C3,C4",
+        "--seconds": "1",
+        "--out": str(tmp_path / "out.edf"),
+    }
+    for key, value in change.items():
+        args[key] = value if key in ("--seconds", "--channels") else str(tmp_path / value)
+    try:
+        code, text = _run(capsys, *[part for kv in args.items() for part in kv])
+    except SystemExit as exit_:  # argparse errors
+        code, text = exit_.code, capsys.readouterr().err
+    assert code == 2
+    assert message in text
+    assert not (tmp_path / "out.edf").exists()
+
+
+def test_existing_output_needs_overwrite(checkpoint, tmp_path, capsys):
+    np.save(tmp_path / "ok.npy", np.ones((1, 400), np.float32))
+    out = tmp_path / "out.npy"
+    out.write_bytes(b"keep me")
+    base = ["--model", checkpoint, "--prompt", tmp_path / "ok.npy", "--channels", "Cz"]
+    code, text = _run(capsys, *base, "--seconds", 1, "--out", out)
+    assert code == 2 and "--overwrite" in text and out.read_bytes() == b"keep me"
+    code, text = _run(capsys, *base, "--seconds", 1, "--out", out, "--overwrite")
+    assert code == 0, text
+    assert np.load(out).shape == (1, 200)
+
+
+def test_not_a_hybrid_checkpoint_is_refused(tmp_path, capsys):
+    from eegfast.models import create_model
+
+    path = tmp_path / "masked.safetensors"
+    state = create_model("labram_tiny_pretrain").state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    np.save(tmp_path / "ok.npy", np.ones((1, 400), np.float32))
+    code, text = _run(
+        capsys, "--model", path, "--prompt", tmp_path / "ok.npy", "--channels", "Cz",
+        "--seconds", 1, "--out", tmp_path / "o.npy",
+    )  # fmt: skip
+    assert code == 2 and "not a hybrid checkpoint" in text
+
+
+def test_prompt_helpers(tmp_path):
+    assert display_names(("FP1", "CZ", "T7", "POZ")) == ["Fp1", "Cz", "T7", "POz"]
+    np.save(tmp_path / "w.npy", np.ones((2, 400), np.float32))
+    with pytest.raises(GenerateError, match="needs --channels"):
+        load_prompt(tmp_path / "w.npy")
+    with pytest.raises(GenerateError, match="electrodes given twice"):
+        load_prompt(tmp_path / "w.npy", channels=["T3", "T7"])
