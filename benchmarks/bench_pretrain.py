@@ -1,0 +1,280 @@
+"""LaBraM pretraining step (GPU) and inference (CPU): eegfast against the reference recipe.
+
+Run from the repository root::
+
+    pytest benchmarks/bench_pretrain.py --benchmark-only      # CPU inference, pytest-benchmark
+    python -m benchmarks.bench_pretrain --cpu                  # CPU inference table
+    python -m benchmarks.bench_pretrain --gpu [--size large]   # GPU training step table
+
+CPU inference: LaBraM-Base classifier, fp32, 2 threads, batch 8 × 23 electrodes × 10 s
+(231 tokens): eegfast (default backend: C++ attention kernel) against the plain-PyTorch
+re-creation of the reference architecture (:mod:`eegfast.models.reference`, eager). Outputs
+are checked to agree.
+
+GPU training step (LaBraM-Base by default: batch 64, 32 electrodes × 8 patches = 256 tokens):
+frozen tokenizer forward for the targets + masked-modelling loss + backward + gradient
+clipping (3.0) + AdamW, in mixed precision. Compared in the same run:
+
+* ``reference-eager``: the reference recipe re-created in eager PyTorch — fp16 autocast with a
+  GradScaler, two sequential student passes (:class:`RefPretrain`), the tokenizer
+  :class:`RefVQNSP` under fp16 autocast, ``torch.optim.AdamW``;
+* ``reference-compile``: the same with the student and the tokenizer under ``torch.compile``;
+* ``eegfast``: :class:`LaBraMPretrain` (one batched forward over both views, fused Triton
+  QK-norm attention), tokenizer in bf16 inference mode, fused AdamW;
+* ``eegfast-compile``: the same with the student under ``torch.compile``.
+
+Samples/s come from ``triton.testing.do_bench`` (median), peak memory from
+``torch.cuda.max_memory_allocated``. Results go to ``--out`` (default ``bench-results``) as
+Markdown and JSON: ``cpu_labram_inference.*`` and ``gpu_pretrain_<size>.*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks._report import environment
+from eegfast.models import create_model, random_patch_mask
+from eegfast.models.reference import RefPretrain, RefTransformer, RefVQNSP, reference_pretrain_loss
+
+SIZES = {"base": (200, 12, 10, 8), "large": (400, 24, 16, 16)}
+CPU_CASE = dict(batch=8, n_chans=23, n_patches=10, threads=2)
+GPU_CASE = dict(batch=64, n_chans=32, n_patches=8)
+GPU_TARGET = "Targets on H100: Base ≥ 2,500 samples/s with ≤ 6 GB peak; Large ≥ 1,000 samples/s."
+
+
+@dataclass
+class Row:
+    impl: str
+    ms: float
+    samples_per_s: float
+    peak_mib: float | None = None
+    max_abs_diff: float | None = None
+    note: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# CPU inference.
+# --------------------------------------------------------------------------------------------
+
+
+def cpu_inference_impls(seed: int = 0) -> tuple[dict[str, Callable[[], torch.Tensor]], tuple]:
+    """Callables for eegfast and the eager re-creation with identical weights and inputs."""
+    torch.manual_seed(seed)
+    model = create_model("labram_base", num_classes=6).eval()
+    ref = RefTransformer(*SIZES["base"], num_classes=6).eval()
+    ref.load_state_dict(model.state_dict())
+    B, C, A = CPU_CASE["batch"], CPU_CASE["n_chans"], CPU_CASE["n_patches"]
+    x = torch.randn(B, C, A, 200)
+    chans = torch.arange(C + 1)
+    impls = {"eegfast": lambda: model(x, chans), "reference-eager": lambda: ref(x, chans)}
+    return impls, (x, chans)
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):  # first run is a warm-up
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]) * 1e3
+
+
+def run_cpu(repeats: int = 7) -> list[Row]:
+    torch.set_num_threads(CPU_CASE["threads"])
+    impls, _ = cpu_inference_impls()
+    rows, outputs = [], {}
+    with torch.inference_mode():
+        for name, fn in impls.items():
+            outputs[name] = fn()
+            ms = median_ms(fn, repeats)
+            rows.append(Row(name, ms, CPU_CASE["batch"] / ms * 1e3))
+    for row in rows:
+        diff = (outputs[row.impl] - outputs["reference-eager"]).abs().max().item()
+        row.max_abs_diff = diff
+    return rows
+
+
+@pytest.fixture(scope="module")
+def cpu_impls():
+    torch.set_num_threads(CPU_CASE["threads"])
+    return cpu_inference_impls()[0]
+
+
+@pytest.mark.parametrize("impl", ["eegfast", "reference-eager"])
+def test_cpu_inference(benchmark, cpu_impls, impl):
+    benchmark.group = "LaBraM-Base inference, 8 × 23 electrodes × 10 s, fp32, 2 threads"
+    benchmark.extra_info.update(impl=impl, **CPU_CASE)
+    with torch.inference_mode():
+        benchmark.pedantic(cpu_impls[impl], rounds=5, warmup_rounds=1)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU training step.
+# --------------------------------------------------------------------------------------------
+
+
+def reference_step(size: str, compile_model: bool, data) -> Callable[[], None]:
+    """The reference recipe: fp16 autocast + GradScaler, two sequential student passes."""
+    x, chans, mask = data
+    embed, depth, heads, conv = SIZES[size]
+    model = RefPretrain(embed, depth, heads, conv).cuda()
+    tokenizer = RefVQNSP().cuda().eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05,
+                                  betas=(0.9, 0.98))  # fmt: skip
+    scaler = torch.amp.GradScaler("cuda")
+    loss_fn = reference_pretrain_loss
+    if compile_model:
+        model, tokenizer.get_codebook_indices = (
+            torch.compile(model),
+            torch.compile(tokenizer.get_codebook_indices),
+        )
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss, _, _ = loss_fn(model, tokenizer, x, chans, mask)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def eegfast_step(size: str, compile_model: bool, data) -> Callable[[], None]:
+    """eegfast: bf16 autocast, one batched forward over both views, fused AdamW."""
+    x, chans, mask = data
+    model = create_model(f"labram_{size}_pretrain", device="cuda")
+    tokenizer = create_model("vqnsp_base", device="cuda").eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05,
+                                  betas=(0.9, 0.98), fused=True)  # fmt: skip
+    forward = torch.compile(model) if compile_model else model
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.inference_mode():
+                targets = tokenizer.get_codebook_indices(x, chans)
+            loss = forward(x, chans, targets.clone(), mask).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run_gpu(size: str) -> list[Row]:
+    from triton.testing import do_bench
+
+    B, C, A = GPU_CASE["batch"], GPU_CASE["n_chans"], GPU_CASE["n_patches"]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, C, A, 200, device="cuda", generator=gen)
+    chans = torch.arange(C + 1, device="cuda")
+    mask = random_patch_mask(B, C * A, 0.5, generator=gen, device="cuda")
+    rows = []
+    for name, builder, compiled in (
+        ("reference-eager", reference_step, False),
+        ("reference-compile", reference_step, True),
+        ("eegfast", eegfast_step, False),
+        ("eegfast-compile", eegfast_step, True),
+    ):
+        torch.cuda.empty_cache()
+        try:
+            step = builder(size, compiled, (x, chans, mask))
+            for _ in range(3):  # compile and warm up outside the timing
+                step()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / 2**20
+            ms = do_bench(step, warmup=5, rep=200, return_mode="median")
+            rows.append(Row(name, ms, B / ms * 1e3, peak))
+        except Exception as error:  # report and go on with the other implementations
+            rows.append(Row(name, float("nan"), float("nan"), note=str(error).splitlines()[0]))
+        print(rows[-1], file=sys.stderr)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Reports.
+# --------------------------------------------------------------------------------------------
+
+
+def markdown(title: str, env: dict, rows: list[Row], baseline: str, target: str) -> str:
+    base = next((r.ms for r in rows if r.impl == baseline), float("nan"))
+    lines = [f"# {title}", "", target, "",
+             "| impl | ms / step | samples/s | speed-up vs " + baseline
+             + " | peak MiB | max abs diff | note |",
+             "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in rows:
+        peak = "" if r.peak_mib is None else f"{r.peak_mib:.0f}"
+        diff = "" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}"
+        lines.append(
+            f"| {r.impl} | {r.ms:.1f} | {r.samples_per_s:.1f} | {base / r.ms:.2f}× | {peak} "
+            f"| {diff} | {r.note} |"
+        )
+    lines += ["", "Environment:", "", "```json", json.dumps(env, indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(out: Path, name: str, title: str, env: dict, rows: list[Row], baseline, target) -> None:
+    write_atomic(out / f"{name}.md", markdown(title, env, rows, baseline, target))
+    record = {"title": title, "environment": env, "rows": [asdict(r) for r in rows]}
+    write_atomic(out / f"{name}.json", json.dumps(record, indent=2) + "\n")
+    print(markdown(title, env, rows, baseline, target))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="CPU inference benchmark")
+    parser.add_argument("--gpu", action="store_true", help="GPU training-step benchmark")
+    parser.add_argument("--size", choices=sorted(SIZES), default="base")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+    if not (args.cpu or args.gpu):
+        parser.error("choose --cpu and/or --gpu")
+    if args.cpu:
+        rows = run_cpu(args.repeats)
+        save(args.out, "cpu_labram_inference",
+             "LaBraM-Base inference on CPU (fp32, 2 threads, batch 8 × 23 electrodes × 10 s)",
+             environment(), rows, "reference-eager",
+             "Target: eegfast ≥ 2× the eager re-creation of the reference.")  # fmt: skip
+    if args.gpu:
+        if not torch.cuda.is_available():
+            parser.error("--gpu needs a CUDA device")
+        rows = run_gpu(args.size)
+        save(args.out, f"gpu_pretrain_{args.size}",
+             f"LaBraM-{args.size.capitalize()} pretraining step (batch 64, 32 × 8 patches, "
+             "tokenizer forward, mixed precision, AdamW)",
+             environment(gpu=True), rows, "reference-eager",
+             GPU_TARGET)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
