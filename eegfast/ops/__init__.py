@@ -6,6 +6,13 @@ default. :func:`available_backends` reports what is built here and, if not, why.
 """
 
 from eegfast.ops._backend import BACKENDS, BackendStatus, ExtensionMissingError, available_backends
+from eegfast.ops.moe import (
+    MoEDispatch,
+    moe_combine,
+    moe_dispatch,
+    moe_expert_ffn,
+    moe_ffn,
+)
 from eegfast.ops.qk_norm_attention import (
     qk_norm_attention,
     qk_norm_attention_packed,
@@ -24,6 +31,11 @@ __all__ = [
     "BackendStatus",
     "ExtensionMissingError",
     "available_backends",
+    "MoEDispatch",
+    "moe_combine",
+    "moe_dispatch",
+    "moe_expert_ffn",
+    "moe_ffn",
     "qk_norm_attention",
     "qk_norm_attention_packed",
     "qk_norm_attention_reference",

@@ -1,0 +1,373 @@
+"""MoE dispatch / expert FFN / combine: every backend against plain-PyTorch references.
+
+The reference for outputs and gradients is a per-token loop over each token's experts
+(``moe_ffn_per_token_reference``); dispatch must equal the stable-argsort reference exactly.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eegfast.ops import available_backends, moe_combine, moe_dispatch, moe_expert_ffn, moe_ffn
+from eegfast.ops.moe import (
+    moe_dispatch_reference,
+    moe_ffn_expert_loop,
+    moe_ffn_per_token_reference,
+    moe_ffn_torch_sorted,
+)
+from eegfast.testing import odd_sizes, requires_cuda, strided
+
+TRITON = available_backends()["triton"].available
+
+
+def ffn_backends():
+    return ["reference", "cpu", *(["triton"] if TRITON else [])]
+
+
+def make_problem(T, D, H, E, k, dtype=torch.float32, seed=0, device="cpu", expert_idx=None):
+    """x, expert_idx, gates and expert weights (as leaf tensors requiring grad)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=gen)
+    w1 = torch.randn(E, H, D, generator=gen) / D**0.5
+    b1 = torch.randn(E, H, generator=gen) * 0.1
+    w2 = torch.randn(E, D, H, generator=gen) / H**0.5
+    b2 = torch.randn(E, D, generator=gen) * 0.1
+    if expert_idx is None:
+        scores = torch.rand(T, E, generator=gen)
+        expert_idx = scores.topk(k, dim=1).indices
+    gates = torch.rand(T, k, generator=gen).softmax(-1)
+    tensors = [t.to(device=device, dtype=dtype).requires_grad_() for t in (x, w1, b1, w2, b2)]
+    return tensors[0], expert_idx.to(device), gates.to(device).requires_grad_(), *tensors[1:]
+
+
+def outputs_and_grads(fn, x, expert_idx, gates, w1, b1, w2, b2):
+    out = fn(x, expert_idx, gates, w1, b1, w2, b2)
+    weight = torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape)
+    leaves = (x, gates, w1, b1, w2, b2)
+    if not out.requires_grad:  # the per-token loop at T = 0 builds no graph: all grads are 0
+        return [out, *(torch.zeros_like(t) for t in leaves)]
+    grads = torch.autograd.grad((out.float() * weight).sum(), leaves, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves, strict=True)]
+    return [out, *grads]
+
+
+NAMES = ("out", "dx", "dgates", "dw1", "db1", "dw2", "db2")
+
+
+def assert_all_close(actual, expected, atol, rtol):
+    for name, a, e in zip(NAMES, actual, expected, strict=True):
+        torch.testing.assert_close(a.double(), e.double(), atol=atol, rtol=rtol, msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def check_dispatch(expert_idx, num_experts, backend):
+    got = moe_dispatch(expert_idx, num_experts, backend=backend)
+    ref = moe_dispatch_reference(expert_idx, num_experts)
+    for name, a, b in zip(got._fields, got, ref, strict=True):
+        assert a.dtype == torch.int64, name
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    # Invariants, independent of the reference: a permutation, its inverse, grouped by expert
+    # in non-decreasing order, slot order kept within a group.
+    S = expert_idx.numel()
+    flat = expert_idx.reshape(-1)
+    assert torch.equal(got.sorted_slots.sort().values, torch.arange(S))
+    assert torch.equal(got.slot_pos[got.sorted_slots], torch.arange(S))
+    experts_in_order = flat[got.sorted_slots]
+    assert bool((experts_in_order[1:] >= experts_in_order[:-1]).all())
+    same = experts_in_order[1:] == experts_in_order[:-1]
+    assert bool((got.sorted_slots[1:] > got.sorted_slots[:-1])[same].all())
+    assert int(got.counts.sum()) == S and int(got.offsets[-1]) == S
+
+
+@given(
+    T=st.one_of(st.just(0), odd_sizes(1, 600)),
+    k=st.integers(1, 4),
+    E=st.one_of(st.sampled_from((1, 2, 8, 16, 64, 65)), st.integers(1, 65)),
+    seed=st.integers(0, 2**16),
+)
+def test_dispatch_exact_random(T, k, E, seed):
+    gen = torch.Generator().manual_seed(seed)
+    expert_idx = torch.randint(0, E, (T, k), generator=gen)
+    check_dispatch(expert_idx, E, "cpu")
+
+
+def test_dispatch_edge_cases():
+    check_dispatch(torch.zeros(0, 2, dtype=torch.long), 8, "cpu")  # T = 0
+    check_dispatch(torch.full((37, 2), 5), 8, "cpu")  # all tokens to one expert
+    sparse = torch.randint(0, 2, (41, 2)) * 7  # experts 1..6 empty
+    got = moe_dispatch(sparse, 8, backend="cpu")
+    assert got.counts[1:7].eq(0).all()
+    check_dispatch(sparse, 8, "cpu")
+    check_dispatch(torch.randint(0, 8, (25, 2)).T.contiguous().T, 8, "cpu")  # strided input
+
+
+def test_dispatch_bad_input():
+    with pytest.raises((ValueError, RuntimeError), match="outside"):
+        moe_dispatch(torch.tensor([[0, 8]]), 8, backend="cpu")
+    with pytest.raises((ValueError, RuntimeError), match="outside"):
+        moe_dispatch(torch.tensor([[0, -1]]), 8, backend="reference")
+    with pytest.raises(ValueError, match="num_experts"):
+        moe_dispatch(torch.zeros(3, 2, dtype=torch.long), 66)
+    with pytest.raises(ValueError, match=r"\(T, k\)"):
+        moe_dispatch(torch.zeros(3, dtype=torch.long), 4)
+    with pytest.raises(TypeError, match="int64"):
+        moe_dispatch(torch.zeros(3, 2, dtype=torch.int32), 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Expert FFN + combine: outputs and all gradients against the per-token loop
+# --------------------------------------------------------------------------------------------
+
+
+def with_backend(backend):
+    return lambda *args: moe_ffn(*args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ffn_backends())
+def test_against_per_token_loop(backend):
+    problem = make_problem(T=29, D=20, H=36, E=5, k=2, dtype=torch.float64, seed=1)
+    if backend == "triton":  # no fp64 dots in Triton: fp32 inputs, compare to fp64 loop
+        p32 = [t.detach().float().requires_grad_() if t.is_floating_point() else t for t in problem]
+        got = outputs_and_grads(with_backend(backend), *p32)
+        atol = rtol = 1e-4
+    else:
+        got = outputs_and_grads(with_backend(backend), *problem)
+        atol = rtol = 1e-10
+    expected = outputs_and_grads(moe_ffn_per_token_reference, *problem)
+    assert_all_close(got, expected, atol, rtol)
+
+
+@settings(max_examples=20)
+@given(
+    T=st.one_of(st.just(0), odd_sizes(1, 60)),
+    D=odd_sizes(1, 40),
+    H=odd_sizes(1, 70),
+    E=st.integers(1, 9),
+    k=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_random_shapes(T, D, H, E, k, seed):
+    k = min(k, E)
+    problem = make_problem(T, D, H, E, k, dtype=torch.float64, seed=seed)
+    got = outputs_and_grads(with_backend("cpu"), *problem)
+    expected = outputs_and_grads(moe_ffn_expert_loop, *problem)
+    assert_all_close(got, expected, 1e-10, 1e-10)
+
+
+@pytest.mark.parametrize(
+    "case", ["T0", "one_expert", "empty_experts", "k1", "strided_x", "odd_dims"]
+)
+def test_edge_cases(case):
+    T, D, H, E, k, idx = 23, 12, 20, 6, 2, None
+    if case == "T0":
+        T = 0
+    elif case == "one_expert":
+        idx = torch.stack([torch.full((T,), 3), torch.full((T,), 3)], 1)  # both slots, one expert
+    elif case == "empty_experts":
+        idx = torch.stack([torch.zeros(T, dtype=torch.long), torch.full((T,), 5)], 1)
+    elif case == "k1":
+        k = 1
+    elif case == "odd_dims":
+        D, H = 7, 33
+    problem = list(make_problem(T, D, H, E, k, seed=3, expert_idx=idx))
+    if case == "strided_x":
+        problem[0] = strided(problem[0].detach()).requires_grad_()
+    expected = outputs_and_grads(moe_ffn_per_token_reference, *problem)
+    for backend in ffn_backends():
+        got = outputs_and_grads(with_backend(backend), *problem)
+        assert_all_close(got, expected, 2e-5, 2e-5)
+
+
+def low_precision_backends():
+    cases = [("cpu", torch.float16), ("cpu", torch.bfloat16)]
+    if TRITON:
+        cases.append(("triton", torch.float16))  # the interpreter has no bf16
+    return cases
+
+
+@pytest.mark.parametrize(("backend", "dtype"), low_precision_backends())
+def test_low_precision_against_fp32(backend, dtype):
+    """Error against the fp32 reference at most ~2x that of plain PyTorch in the same dtype."""
+    p64 = make_problem(T=40, D=32, H=64, E=4, k=2, dtype=torch.float64, seed=5)
+    low = [t.detach().to(dtype).requires_grad_() if t.is_floating_point() else t for t in p64]
+    low[2] = p64[2].detach().float().requires_grad_()  # gates stay fp32
+    expected = outputs_and_grads(moe_ffn_expert_loop, *p64)
+    got = outputs_and_grads(with_backend(backend), *low)
+    torch_low = outputs_and_grads(moe_ffn_expert_loop, *low)
+    for name, g, t, e in zip(NAMES, got, torch_low, expected, strict=True):
+        assert g.dtype == (torch.float32 if name == "dgates" else dtype), name
+        err = (g.double() - e.double()).abs().max().item()
+        base = (t.double() - e.double()).abs().max().item()
+        scale = e.double().abs().max().item() + 1e-6
+        assert err <= 2 * base + 1e-3 * scale, (name, err, base)
+
+
+@pytest.mark.parametrize("backend", ffn_backends())
+def test_dropped_bucket_rows_are_zero(backend):
+    """Rows at and past offsets[E] (dropped slots) give zeros and get no weight gradient."""
+    x, _, _, w1, b1, w2, b2 = make_problem(T=10, D=8, H=16, E=3, k=2, seed=7)
+    bucketed = torch.randint(0, 4, (10, 2), generator=torch.Generator().manual_seed(0))
+    bucketed[0, 0] = 3  # at least one dropped slot
+    plan = moe_dispatch(bucketed, 4)
+    offsets = plan.offsets[:4]
+    y = moe_expert_ffn(x, plan.sorted_slots, offsets, w1, b1, w2, b2, 2, backend=backend)
+    end = int(offsets[-1])
+    assert end < 20 and y[end:].eq(0).all()
+    ref = moe_expert_ffn(x, plan.sorted_slots, offsets, w1, b1, w2, b2, 2, backend="reference")
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(y.sum(), (x, w1))
+    ref_grads = torch.autograd.grad(ref.sum(), (x, w1))
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_combine_alone():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(26, 9, generator=gen, requires_grad=True)
+    gates = torch.rand(13, 2, generator=gen, requires_grad=True)
+    slot_pos = torch.randperm(26, generator=gen)
+    for backend in ffn_backends():
+        out = moe_combine(y, gates, slot_pos, backend=backend)
+        expected = torch.stack(
+            [
+                gates[t, 0] * y[slot_pos[2 * t]] + gates[t, 1] * y[slot_pos[2 * t + 1]]
+                for t in range(13)
+            ]
+        )
+        torch.testing.assert_close(out, expected)
+        g = torch.autograd.grad(out.square().sum(), (y, gates))
+        ge = torch.autograd.grad(expected.square().sum(), (y, gates))
+        for a, b in zip(g, ge, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_plain_pytorch_baselines_agree():
+    """The benchmark baselines compute the same function (so their timings compare)."""
+    problem = make_problem(T=31, D=10, H=14, E=4, k=2, dtype=torch.float64, seed=11)
+    expected = moe_ffn_per_token_reference(*problem)
+    torch.testing.assert_close(moe_ffn_expert_loop(*problem), expected)
+    torch.testing.assert_close(moe_ffn_torch_sorted(*problem), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# opcheck and torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+def op_samples(dtype=torch.float32):
+    x, idx, gates, w1, b1, w2, b2 = make_problem(T=9, D=8, H=16, E=3, k=2, dtype=dtype, seed=13)
+    plan = moe_dispatch(idx, 3)
+    ffn_args = (x, plan.sorted_slots, plan.offsets, w1, b1, w2, b2, 2)
+    y, a1, h = torch.ops.eegfast.moe_expert_ffn(
+        *[a.detach() if torch.is_tensor(a) else a for a in ffn_args]
+    )
+    grad_y = torch.randn_like(y)
+    bwd_args = (
+        grad_y,
+        x.detach(),
+        plan.sorted_slots,
+        plan.offsets,
+        plan.slot_pos,
+        w1.detach(),
+        w2.detach(),
+        a1,
+        h,
+        2,
+    )
+    combine_args = (y.detach().requires_grad_(), gates, plan.slot_pos)
+    combine_bwd_args = (torch.randn(9, 8), y.detach(), gates.detach(), plan.slot_pos)
+    return idx, ffn_args, bwd_args, combine_args, combine_bwd_args
+
+
+def test_opcheck_cpu_ops():
+    idx, ffn_args, bwd_args, combine_args, combine_bwd_args = op_samples()
+    ops = torch.ops.eegfast
+    torch.library.opcheck(ops.moe_dispatch, (idx, 3))
+    torch.library.opcheck(ops.moe_dispatch, (torch.zeros(0, 2, dtype=torch.long), 3))
+    torch.library.opcheck(ops.moe_expert_ffn, ffn_args)
+    torch.library.opcheck(ops.moe_expert_ffn_bwd, bwd_args)
+    torch.library.opcheck(ops.moe_combine, combine_args)
+    torch.library.opcheck(ops.moe_combine_bwd, combine_bwd_args)
+
+
+@pytest.mark.skipif(not TRITON, reason="needs triton (GPU or TRITON_INTERPRET=1)")
+def test_opcheck_triton_ops():
+    from eegfast.ops import moe_triton  # noqa: F401  (registers the ops)
+
+    _, ffn_args, bwd_args, combine_args, combine_bwd_args = op_samples()
+    ops = torch.ops.eegfast
+    # Under TRITON_INTERPRET=1 kernels are InterpretedFunctions, which wrap_triton cannot trace
+    # into a graph; test_gpu_opcheck_and_compile runs the full opcheck for the Triton ops.
+    utils = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    if torch.cuda.is_available():
+        utils.append("test_aot_dispatch_dynamic")
+    torch.library.opcheck(ops.moe_expert_ffn_triton, ffn_args, test_utils=utils)
+    torch.library.opcheck(ops.moe_expert_ffn_bwd_triton, bwd_args, test_utils=utils)
+    torch.library.opcheck(ops.moe_combine_triton, combine_args, test_utils=utils)
+    torch.library.opcheck(ops.moe_combine_bwd_triton, combine_bwd_args, test_utils=utils)
+
+
+def test_torch_compile_cpu():
+    problem = make_problem(T=21, D=8, H=16, E=4, k=2, seed=17)
+
+    def fn(x, idx, gates, w1, b1, w2, b2):
+        return moe_ffn(x, idx, gates, w1, b1, w2, b2, backend="cpu") * 2
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = outputs_and_grads(compiled, *problem)
+    expected = outputs_and_grads(fn, *problem)
+    assert_all_close(got, expected, 1e-6, 1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU (not run in this CPU-only CI)
+# --------------------------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_triton_and_cuda_dispatch(dtype):
+    x, idx, gates, w1, b1, w2, b2 = make_problem(
+        T=1000, D=200, H=800, E=8, k=2, seed=19, device="cuda"
+    )
+    check = moe_dispatch(idx, 8)
+    ref = moe_dispatch_reference(idx, 8)
+    for a, b in zip(check, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    problem = [
+        t.detach().to(dtype).requires_grad_() if t.is_floating_point() else t
+        for t in (x, idx, gates, w1, b1, w2, b2)
+    ]
+    problem[2] = gates
+    got = outputs_and_grads(with_backend("triton"), *problem)
+    expected = outputs_and_grads(moe_ffn_expert_loop, *problem)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    for name, a, e in zip(NAMES, got, expected, strict=True):
+        scale = e.double().abs().max().item() + 1e-6
+        assert (a.double() - e.double()).abs().max().item() <= 4 * tol * scale, name
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_opcheck_and_compile():
+    from eegfast.ops import moe_triton  # noqa: F401  (registers the ops)
+
+    _, ffn_args, bwd_args, combine_args, combine_bwd_args = op_samples()
+    to_cuda = lambda args: tuple(a.cuda() if torch.is_tensor(a) else a for a in args)  # noqa: E731
+    ops = torch.ops.eegfast
+    torch.library.opcheck(ops.moe_dispatch, (to_cuda(ffn_args)[1][None], 20))
+    torch.library.opcheck(ops.moe_expert_ffn_triton, to_cuda(ffn_args))
+    torch.library.opcheck(ops.moe_expert_ffn_bwd_triton, to_cuda(bwd_args))
+    torch.library.opcheck(ops.moe_combine_triton, to_cuda(combine_args))
+    torch.library.opcheck(ops.moe_combine_bwd_triton, to_cuda(combine_bwd_args))
+    problem = make_problem(T=300, D=64, H=128, E=8, k=2, seed=23, device="cuda")
+    fn = lambda *args: moe_ffn(*args, backend="triton")  # noqa: E731
+    got = outputs_and_grads(torch.compile(fn, fullgraph=True), *problem)
+    expected = outputs_and_grads(fn, *problem)
+    assert_all_close(got, expected, 1e-4, 1e-4)
