@@ -57,6 +57,16 @@ def run_vq() -> list:
 OPS = {"vq": run_vq}
 
 
+def run_qk_norm_attention(out_dir: str, env: dict) -> dict:
+    from benchmarks import gpu_qk_norm_attention
+
+    return gpu_qk_norm_attention.run(out_dir, env)
+
+
+# Ops whose benchmark module writes its own table and plot: name -> run(out_dir, env) -> paths.
+SELF_WRITING_OPS = {"qk_norm_attention": run_qk_norm_attention}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.gpu",
@@ -64,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", default="bench-results", help="output folder")
-    parser.add_argument("--ops", nargs="+", choices=sorted(OPS), default=["vq"])
+    parser.add_argument(
+        "--ops", nargs="+", choices=sorted({*OPS, *SELF_WRITING_OPS}), default=["vq"]
+    )
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -82,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(gpu=True)
     print(f"GPU: {env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}")
     for op in args.ops:
+        if op in SELF_WRITING_OPS:
+            paths = SELF_WRITING_OPS[op](args.out, env)
+            print(paths["md"].read_text())
+            print("wrote " + ", ".join(str(p) for p in paths.values()))
+            continue
         results = OPS[op]()
         paths = write_results(args.out, f"gpu_{op}", f"eegfast {op} on {env['gpu']}", env, results)
         print(paths["md"].read_text())

@@ -1,0 +1,395 @@
+"""GPU comparison of the fused QK-LayerNorm attention with the ways people run it today.
+
+Run from the repository root on a machine with a CUDA device::
+
+    python -m benchmarks.gpu_qk_norm_attention [--out bench-results] [--shapes base long]
+    python -m benchmarks.gpu --ops qk_norm_attention          # the same, from the GPU runner
+
+bf16, shapes (B, H, N, D) of issue 4: Base (128, 10, 257, 20), Large (128, 16, 257, 25),
+Huge (64, 16, 257, 50), long context (16, 10, 2049, 20); no masks. Modes: forward (no grad)
+and forward + backward (q, k, v and the four LayerNorm parameters). Implementations, in one run:
+
+- ``eegfast-triton``: :func:`eegfast.ops.qk_norm_attention` with ``backend="triton"``;
+- ``eager-reference``: :func:`eegfast.ops.qk_norm_attention_reference` (LayerNorm + explicit
+  (N, N) softmax);
+- ``layernorm+sdpa``: ``F.layer_norm`` then ``F.scaled_dot_product_attention``;
+- ``compile(layernorm+sdpa)``: the same under ``torch.compile``;
+- ``compile(layernorm+flex)``: ``torch.compile`` of ``F.layer_norm`` + ``flex_attention``
+  (the LayerNorm stays outside the attention kernel).
+
+Times are medians of ``triton.testing.do_bench``. Every implementation's output is compared with
+the reference computed in float32 (``max_abs_err``). Writes ``gpu_qk_norm_attention.csv``,
+``.md`` (table with ratios and the issue's targets) and ``.png`` into ``--out``.
+
+``--smoke`` runs tiny fp32 shapes on CPU with a ``time.perf_counter`` timer (Triton through
+``TRITON_INTERPRET=1``) to check the script itself; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "base": (128, 10, 257, 20),
+    "large": (128, 16, 257, 25),
+    "huge": (64, 16, 257, 50),
+    "long": (16, 10, 2049, 20),
+}
+SMOKE_SHAPES: dict[str, tuple[int, int, int, int]] = {"smoke": (1, 2, 33, 20)}
+# Targets of issue 4 for eegfast on an H100, milliseconds: (shape, mode) -> bound.
+TARGETS_MS: dict[tuple[str, str], float] = {
+    ("base", "fwd"): 0.10,
+    ("base", "fwd+bwd"): 0.30,
+    ("large", "fwd+bwd"): 0.60,
+    ("huge", "fwd+bwd"): 0.50,
+    ("long", "fwd+bwd"): 0.80,
+}
+MODES = ("fwd", "fwd+bwd")
+EPS = 1e-6
+OURS = "eegfast-triton"
+
+# attention(q, k, v, params) -> (B, H, N, D), all four LayerNorm parameters given.
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], object]
+
+
+# --------------------------------------------------------------------------------------------
+# What is compared.
+# --------------------------------------------------------------------------------------------
+
+
+def eegfast_triton(q, k, v, params):
+    from eegfast.ops import qk_norm_attention
+
+    return qk_norm_attention(q, k, v, *params, eps=EPS, backend="triton")
+
+
+def eager_reference(q, k, v, params):
+    from eegfast.ops import qk_norm_attention_reference
+
+    return qk_norm_attention_reference(q, k, v, *params, eps=EPS)
+
+
+def layer_norm_sdpa(q, k, v, params):
+    D = q.shape[-1]
+    q_w, q_b, k_w, k_b = params
+    qn = F.layer_norm(q, (D,), q_w, q_b, EPS)
+    kn = F.layer_norm(k, (D,), k_w, k_b, EPS)
+    return F.scaled_dot_product_attention(qn, kn, v)
+
+
+def layer_norm_flex(q, k, v, params):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    D = q.shape[-1]
+    q_w, q_b, k_w, k_b = params
+    qn = F.layer_norm(q, (D,), q_w, q_b, EPS)
+    kn = F.layer_norm(k, (D,), k_w, k_b, EPS)
+    return flex_attention(qn, kn, v)
+
+
+def implementations() -> dict[str, Attention]:
+    return {
+        OURS: eegfast_triton,
+        "eager-reference": eager_reference,
+        "layernorm+sdpa": layer_norm_sdpa,
+        "compile(layernorm+sdpa)": torch.compile(layer_norm_sdpa, dynamic=False),
+        "compile(layernorm+flex)": torch.compile(layer_norm_flex, dynamic=False),
+    }
+
+
+def make_inputs(shape, device, dtype, seed=0):
+    """q, k, v (B, H, N, D) and LayerNorm params (D,), leaves that require grad."""
+    B, H, N, D = shape
+    gen = torch.Generator().manual_seed(seed)
+    qkv = [torch.randn(B, H, N, D, generator=gen) for _ in range(3)]
+    params = [1 + 0.1 * torch.randn(D, generator=gen), 0.1 * torch.randn(D, generator=gen)] * 2
+    grad_out = torch.randn(B, H, N, D, generator=gen)
+    leaves = [x.to(device=device, dtype=dtype).requires_grad_() for x in (*qkv, *params)]
+    return leaves[:3], leaves[3:], grad_out.to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    shape: str
+    B: int
+    H: int
+    N: int
+    D: int
+    dtype: str
+    mode: str  # "fwd" or "fwd+bwd"
+    impl: str
+    ms: float | None  # median; None when the implementation could not run
+    max_abs_err: float | None = None  # of the output, against the float32 reference
+    note: str = ""
+
+
+# timer(fn, grad_to_none) -> median milliseconds of fn()
+Timer = Callable[[Callable[[], object], Sequence[torch.Tensor]], float]
+
+
+def do_bench_timer(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor]) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, grad_to_none=list(grad_to_none), return_mode="median")
+
+
+def perf_counter_timer(
+    fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor], repeats: int = 3
+) -> float:
+    times = []
+    for _ in range(repeats + 1):
+        for x in grad_to_none:
+            x.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]) * 1e3
+
+
+def error_line(error: Exception) -> str:
+    first_line = (str(error).strip().splitlines() or [""])[0][:300]
+    return f"{type(error).__name__}: {first_line}"
+
+
+def measure(impl: Attention, mode: str, qkv, params, grad_out, timer: Timer):
+    """(median ms, output) of one implementation in one mode; the first call warms up."""
+    leaves = [*qkv, *params]
+    if mode == "fwd":  # inference: inputs that do not require grad, no autograd graph
+        qkv, params = [x.detach() for x in qkv], [p.detach() for p in params]
+
+        def run():
+            with torch.no_grad():
+                return impl(*qkv, params)
+
+    else:
+
+        def run():
+            out = impl(*qkv, params)
+            out.backward(grad_out)
+            return out
+
+    out = run()  # warm-up: compilation and autotuning happen here
+    return timer(run, leaves), out.detach()
+
+
+def run_cases(
+    shapes: dict[str, tuple[int, int, int, int]],
+    dtype: torch.dtype,
+    device: str,
+    timer: Timer,
+) -> list[Row]:
+    from tqdm import tqdm
+
+    impls = implementations()
+    cases = [(name, shape, mode) for name, shape in shapes.items() for mode in MODES]
+    rows: list[Row] = []
+    progress = tqdm(total=len(cases) * len(impls), desc="qk_norm_attention", unit="run")
+    for name, shape, mode in cases:
+        qkv, params, grad_out = make_inputs(shape, device, dtype)
+        with torch.no_grad():
+            expected = eager_reference(
+                *(x.float() for x in qkv), [p.float() for p in params]
+            ).float()
+        for impl_name, impl in impls.items():
+            progress.set_postfix_str(f"{name} {mode} {impl_name}")
+            B, H, N, D = shape
+            dtype_name = str(dtype).removeprefix("torch.")
+            case = dict(shape=name, B=B, H=H, N=N, D=D, dtype=dtype_name, mode=mode, impl=impl_name)
+            try:
+                ms, out = measure(impl, mode, qkv, params, grad_out, timer)
+                error = (out.float() - expected).abs().max().item()
+                rows.append(Row(**case, ms=ms, max_abs_err=error))
+            except Exception as failure:  # recorded in the table; the others go on
+                rows.append(Row(**case, ms=None, note=f"failed: {error_line(failure)}"))
+            progress.update()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    progress.close()
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Writers.
+# --------------------------------------------------------------------------------------------
+
+
+def ratios(rows: Sequence[Row]) -> list[float | None]:
+    """Each row's time over eegfast-triton's in the same (shape, mode): above 1 = we are faster."""
+    ours = {(r.shape, r.mode): r.ms for r in rows if r.impl == OURS and r.ms is not None}
+    return [
+        r.ms / ours[(r.shape, r.mode)] if r.ms is not None and (r.shape, r.mode) in ours else None
+        for r in rows
+    ]
+
+
+def target_note(row: Row) -> str:
+    bound = TARGETS_MS.get((row.shape, row.mode))
+    if row.impl != OURS or bound is None or row.ms is None:
+        return ""
+    return f"target ≤ {bound:.2f} ms: {'met' if row.ms <= bound else 'MISSED'}"
+
+
+def csv_text(rows: Sequence[Row]) -> str:
+    buffer = io.StringIO()
+    names = [f.name for f in fields(Row)] + ["ratio_vs_eegfast"]
+    writer = csv.DictWriter(buffer, fieldnames=names)
+    writer.writeheader()
+    for row, ratio in zip(rows, ratios(rows), strict=True):
+        writer.writerow({**asdict(row), "ratio_vs_eegfast": ratio})
+    return buffer.getvalue()
+
+
+def markdown_text(title: str, env: dict[str, object], rows: Sequence[Row]) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        *(f"- {key}: {value}" for key, value in env.items()),
+        "",
+        "Ratio = this row's median time / eegfast-triton's for the same shape and mode: above 1 "
+        "means eegfast is that many times faster. max_abs_err: largest difference of the output "
+        "from `qk_norm_attention_reference` computed in float32 on the same inputs.",
+        "",
+        "| shape | B | H | N | D | dtype | mode | implementation | median ms | ratio "
+        "| max_abs_err | note |",
+        "|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|---|",
+    ]
+    for r, ratio in zip(rows, ratios(rows), strict=True):
+        ms = "—" if r.ms is None else f"{r.ms:.3f}"
+        shown_ratio = "—" if ratio is None else f"{ratio:.2f}×"
+        err = "—" if r.max_abs_err is None else f"{r.max_abs_err:.2e}"
+        note = "; ".join(x for x in (target_note(r), r.note) if x).replace("|", "\\|")
+        lines.append(
+            f"| {r.shape} | {r.B} | {r.H} | {r.N} | {r.D} | {r.dtype} | {r.mode} | {r.impl} "
+            f"| {ms} | {shown_ratio} | {err} | {note} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[Row], path: Path, title: str) -> None:
+    """Grouped bars of median time (log scale), one group per (shape, mode)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = list(dict.fromkeys((r.shape, r.mode) for r in rows))
+    impls = list(dict.fromkeys(r.impl for r in rows))
+    width = 0.8 / max(len(impls), 1)
+    fig = Figure(figsize=(max(6.0, 1.5 * len(groups)), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, impl in enumerate(impls):
+        times = {(r.shape, r.mode): r.ms for r in rows if r.impl == impl and r.ms is not None}
+        xs = [g for g, group in enumerate(groups) if group in times]
+        ax.bar(
+            [x + (i - (len(impls) - 1) / 2) * width for x in xs],
+            [times[groups[x]] for x in xs],
+            width,
+            label=impl,
+        )
+    for g, group in enumerate(groups):
+        if group in TARGETS_MS:
+            ax.hlines(TARGETS_MS[group], g - 0.4, g + 0.4, colors="black", linestyles="dashed")
+    ax.set_xticks(range(len(groups)), [f"{shape}\n{mode}" for shape, mode in groups], fontsize=8)
+    if any(r.ms for r in rows):
+        ax.set_yscale("log")
+    ax.set_ylabel("median time (ms, log scale); dashed: target")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    write_atomic(path, buffer.getvalue())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder + fsync + replace."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(out_dir: Path | str, title: str, env: dict, rows: Sequence[Row], name: str):
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {suffix: out / f"{name}.{suffix}" for suffix in ("csv", "md", "png")}
+    write_atomic(paths["csv"], csv_text(rows).encode())
+    write_atomic(paths["md"], markdown_text(title, env, rows).encode())
+    plot(rows, paths["png"], title)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points.
+# --------------------------------------------------------------------------------------------
+
+
+def run(out_dir: Path | str, env: dict, shapes: Sequence[str] = tuple(SHAPES)) -> dict:
+    """The GPU benchmark (called by ``benchmarks.gpu``); returns the written paths."""
+    rows = run_cases({s: SHAPES[s] for s in shapes}, torch.bfloat16, "cuda", do_bench_timer)
+    title = f"eegfast qk_norm_attention (bf16) on {env.get('gpu', 'GPU')}"
+    return write_outputs(out_dir, title, env, rows, "gpu_qk_norm_attention")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_qk_norm_attention",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", default="bench-results", help="output folder")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny fp32 shapes on CPU: checks the script only"
+    )
+    args = parser.parse_args(argv)
+
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before eegfast imports triton
+    from benchmarks._report import environment
+
+    if args.smoke:
+        env = environment()
+        rows = run_cases(SMOKE_SHAPES, torch.float32, "cpu", perf_counter_timer)
+        paths = write_outputs(args.out, "qk_norm_attention smoke run (CPU, numbers meaningless)",
+                              env, rows, "smoke_qk_norm_attention")  # fmt: skip
+    else:
+        if not torch.cuda.is_available():
+            print(
+                "benchmarks.gpu_qk_norm_attention needs a CUDA device (use --smoke to check the "
+                "script on CPU)",
+                file=sys.stderr,
+            )
+            return 2
+        env = environment(gpu=True)
+        paths = run(args.out, env, args.shapes)
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
