@@ -16,6 +16,7 @@ from eegfast.models.pretrain import (
     random_patch_mask,
 )
 from eegfast.models.registry import MODEL_CONFIGS, create_model, get_config, list_models
+from eegfast.models.upcycle import upcycle
 from eegfast.models.vqnsp import VQNSP, TokenizerOutput, VQNSPConfig
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "pretrain_to_classifier_state_dict",
     "random_patch_mask",
     "read_state_dict",
+    "upcycle",
 ]

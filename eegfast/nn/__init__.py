@@ -3,12 +3,16 @@
 from eegfast.nn.attention import QKNormAttention
 from eegfast.nn.convert import ConversionReport, convert, convert_report
 from eegfast.nn.layers import Block, Mlp, TemporalConv
+from eegfast.nn.moe import MoEAux, MoEFFN, moe_aux_losses
 from eegfast.nn.vq import CodebookEMA, NormEMAVectorQuantizer, QuantizerOutput
 
 __all__ = [
     "Block",
     "ConversionReport",
     "Mlp",
+    "MoEAux",
+    "MoEFFN",
+    "moe_aux_losses",
     "QKNormAttention",
     "TemporalConv",
     "convert",

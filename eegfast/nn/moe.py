@@ -1,0 +1,309 @@
+"""Top-k Mixture-of-Experts FFN: a drop-in for the two-layer GELU MLP (``fc1`` / act / ``fc2``).
+
+:class:`MoEFFN` routes every token to ``top_k`` of ``num_experts`` expert MLPs (linear gate →
+softmax → top-k, weights renormalised over the chosen experts) and runs them with the
+:mod:`eegfast.ops.moe` kernels (dispatch, grouped expert GEMMs, combine). Dropless by default.
+
+Task-aware routing (``num_tasks > 0``): ``forward(x, task_id=...)`` adds a learned per-task
+term to the router, so tasks can prefer different experts:
+
+- ``task_routing="bias"`` (default): a per-task gate bias (num_tasks, E) added to the logits.
+- ``task_routing="embedding"``: a learned task embedding (num_tasks, dim) added to the router
+  input.
+
+Both start at zero (routing starts task-agnostic). benchmarks/bench_moe.py
+(``python -m benchmarks.bench_moe --task-routing``) compares them on a synthetic multi-task
+problem; see the README of the results there for why ``"bias"`` is the default.
+
+Auxiliary losses (Switch Transformer): ``load_balance_loss = E * sum_e f_e P_e`` (f_e: fraction
+of the T·k slots routed to expert e, P_e: mean router probability of e; 1 when balanced) and
+``z_loss = mean(logsumexp(logits)^2)``. They are in the graph; add them to the task loss with
+small weights (typically 1e-2 and 1e-3), e.g. via :func:`moe_aux_losses`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eegfast.ops.moe import MAX_EXPERTS, moe_combine, moe_dispatch, moe_expert_ffn
+
+TaskRouting = Literal["bias", "embedding"]
+
+
+@dataclass(frozen=True)
+class MoEAux:
+    """What one :class:`MoEFFN` forward reports. Indexable by name as well (``aux["z_loss"]``)."""
+
+    load_balance_loss: torch.Tensor  # () fp32, in the graph
+    z_loss: torch.Tensor  # () fp32, in the graph
+    expert_load: torch.Tensor  # (E,) fp32 fraction of slots routed to each expert (before drops)
+    router_entropy: torch.Tensor  # () fp32 mean entropy of the router distribution (detached)
+    dropped: torch.Tensor  # () int64 slots dropped by the capacity limit (0 when dropless)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return getattr(self, name)
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class MoEFFN(nn.Module):
+    """Top-k MoE replacement of ``Mlp(dim, hidden)``: ``(..., dim) -> (..., out_dim)``.
+
+    Args:
+        dim, hidden: as the dense MLP (``fc1``: dim → hidden, ``fc2``: hidden → out_dim).
+        num_experts: E in [1, 64]. top_k: k in [1, E] (1 or 2 in practice).
+        out_dim: fc2 output size (default ``dim``).
+        num_tasks: > 0 enables task-aware routing with ``task_routing``.
+        capacity_factor: None (dropless) or c > 0: each expert takes at most
+            ``ceil(c * T * k / E)`` slots, earliest tokens first; the others are dropped (their
+            gate contribution is 0, the residual path carries the token) and counted in
+            ``last_aux.dropped``. Dropped slots cost no expert FLOPs.
+        jitter_eps: multiplicative router-input noise ``U(1 - eps, 1 + eps)`` in training.
+        drop: dropout on the output (the dense Mlp's ``drop``).
+        backend: forwarded to the ops (None = automatic).
+
+    State dict (stacked experts, each slice laid out like ``nn.Linear``)::
+
+        router.weight   (E, dim)
+        fc1_weight      (E, hidden, dim)     fc1_bias  (E, hidden)
+        fc2_weight      (E, out_dim, hidden) fc2_bias  (E, out_dim)
+        task_bias       (num_tasks, E)       # task_routing="bias", num_tasks > 0
+        task_embed      (num_tasks, dim)     # task_routing="embedding", num_tasks > 0
+
+    After each forward, ``last_aux`` holds a :class:`MoEAux`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        num_experts: int,
+        top_k: int = 2,
+        *,
+        out_dim: int | None = None,
+        num_tasks: int = 0,
+        task_routing: TaskRouting = "bias",
+        capacity_factor: float | None = None,
+        jitter_eps: float = 0.0,
+        drop: float = 0.0,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= num_experts <= MAX_EXPERTS:
+            raise ValueError(f"num_experts must be in [1, {MAX_EXPERTS}], got {num_experts}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(
+                f"top_k must be in [1, num_experts={num_experts}], got {top_k} "
+                "(a token cannot choose more experts than exist)"
+            )
+        if num_tasks < 0:
+            raise ValueError(f"num_tasks must be >= 0, got {num_tasks}")
+        if task_routing not in ("bias", "embedding"):
+            raise ValueError(f"task_routing must be 'bias' or 'embedding', got {task_routing!r}")
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
+        if jitter_eps < 0:
+            raise ValueError(f"jitter_eps must be >= 0, got {jitter_eps}")
+        factory = {"device": device, "dtype": dtype}
+        out_dim = out_dim or dim
+        self.dim, self.hidden, self.out_dim = dim, hidden, out_dim
+        self.num_experts, self.top_k, self.num_tasks = num_experts, top_k, num_tasks
+        self.task_routing = task_routing
+        self.capacity_factor, self.jitter_eps, self.backend = capacity_factor, jitter_eps, backend
+        self.router = nn.Linear(dim, num_experts, bias=False, **factory)
+        self.fc1_weight = nn.Parameter(torch.empty(num_experts, hidden, dim, **factory))
+        self.fc1_bias = nn.Parameter(torch.empty(num_experts, hidden, **factory))
+        self.fc2_weight = nn.Parameter(torch.empty(num_experts, out_dim, hidden, **factory))
+        self.fc2_bias = nn.Parameter(torch.empty(num_experts, out_dim, **factory))
+        if num_tasks and task_routing == "bias":
+            self.task_bias = nn.Parameter(torch.zeros(num_tasks, num_experts, **factory))
+        if num_tasks and task_routing == "embedding":
+            self.task_embed = nn.Parameter(torch.zeros(num_tasks, dim, **factory))
+        self.drop = nn.Dropout(drop)
+        self.last_aux: MoEAux | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert as a fresh ``nn.Linear`` pair; router small so routing starts uniform."""
+        for weight, bias in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
+            bound = 1.0 / math.sqrt(weight.shape[2])
+            nn.init.uniform_(weight, -bound, bound)
+            nn.init.uniform_(bias, -bound, bound)
+        nn.init.normal_(self.router.weight, std=0.02)
+
+    def extra_repr(self) -> str:
+        text = (
+            f"dim={self.dim}, hidden={self.hidden}, out_dim={self.out_dim}, "
+            f"num_experts={self.num_experts}, top_k={self.top_k}"
+        )
+        if self.num_tasks:
+            text += f", num_tasks={self.num_tasks}, task_routing={self.task_routing!r}"
+        if self.capacity_factor is not None:
+            text += f", capacity_factor={self.capacity_factor}"
+        return text
+
+    @classmethod
+    def from_dense(
+        cls,
+        fc1: nn.Linear,
+        fc2: nn.Linear,
+        num_experts: int,
+        top_k: int = 2,
+        *,
+        noise_std: float = 0.0,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> MoEFFN:
+        """Sparse upcycling: every expert a copy of the dense ``fc1`` / ``fc2`` (plus optional
+        Gaussian noise of ``noise_std`` times each weight tensor's std), fresh router."""
+        if fc1.bias is None or fc2.bias is None:
+            raise ValueError("from_dense: fc1 and fc2 must have biases (as the LaBraM Mlp)")
+        if fc2.in_features != fc1.out_features:
+            raise ValueError(
+                f"from_dense: fc1 gives {fc1.out_features} features but fc2 takes {fc2.in_features}"
+            )
+        weight = fc1.weight
+        moe = cls(
+            fc1.in_features,
+            fc1.out_features,
+            num_experts,
+            top_k,
+            out_dim=fc2.out_features,
+            device=weight.device,
+            dtype=weight.dtype,
+            **kwargs,
+        )
+        with torch.no_grad():
+            for stacked, dense in (
+                (moe.fc1_weight, fc1.weight),
+                (moe.fc1_bias, fc1.bias),
+                (moe.fc2_weight, fc2.weight),
+                (moe.fc2_bias, fc2.bias),
+            ):
+                stacked.copy_(dense.detach().expand_as(stacked))
+                if noise_std > 0:
+                    scale = noise_std * float(dense.detach().float().std())
+                    noise = torch.randn(stacked.shape, generator=generator, dtype=torch.float32)
+                    stacked.add_((noise * scale).to(stacked.device, stacked.dtype))
+        return moe
+
+    def _task_ids(self, task_id, leading: tuple[int, ...], T: int, device) -> torch.Tensor | None:
+        """Per-token task ids (T,) from an int, a () tensor, per-sample (B,) or per-token ids."""
+        if task_id is None:
+            return None
+        if self.num_tasks == 0:
+            raise ValueError("task_id was given but this MoEFFN has num_tasks=0")
+        ids = torch.as_tensor(task_id, device=device)
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"task_id must hold integers, got {ids.dtype}")
+        if ids.numel() > 0:
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= self.num_tasks:
+                raise ValueError(
+                    f"task_id values must be in [0, num_tasks={self.num_tasks}), "
+                    f"got values in [{low}, {high}]"
+                )
+        ids = ids.long()
+        if ids.dim() == 0:
+            return ids.expand(T)
+        if ids.dim() == 1 and len(leading) >= 1 and ids.shape[0] == leading[0]:
+            return ids.reshape(-1, *([1] * (len(leading) - 1))).expand(leading).reshape(T)
+        if ids.shape == leading or (ids.dim() == 1 and ids.shape[0] == T):
+            return ids.reshape(T)
+        raise ValueError(
+            f"task_id must be an int, shape () , ({leading[0] if leading else T},) per sample or "
+            f"{tuple(leading)} per token, got shape {tuple(ids.shape)}"
+        )
+
+    def router_logits(self, x: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
+        """(T, dim) -> (T, E) router logits, fp32 (fp64 for fp64 x), with task term and jitter."""
+        router_in = x
+        if task_ids is not None and self.task_routing == "embedding":
+            router_in = router_in + self.task_embed[task_ids].to(router_in.dtype)
+        if self.training and self.jitter_eps > 0:
+            noise = torch.empty_like(router_in).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
+            router_in = router_in * noise
+        precision = torch.promote_types(router_in.dtype, torch.float32)  # fp32, or fp64
+        logits = F.linear(router_in.to(precision), self.router.weight.to(precision))
+        if task_ids is not None and self.task_routing == "bias":
+            logits = logits + self.task_bias[task_ids].to(precision)
+        return logits
+
+    def forward(self, x: torch.Tensor, task_id=None) -> torch.Tensor:
+        """x: (B, N, dim) or (T, dim) (any leading dims); task_id: None, an int, (B,) per
+        sample or per-token ids, in [0, num_tasks). Returns (..., out_dim)."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must have last dim {self.dim}, got shape {tuple(x.shape)}")
+        leading = tuple(x.shape[:-1])
+        flat = x.reshape(-1, self.dim)
+        T, E, k = flat.shape[0], self.num_experts, self.top_k
+        task_ids = self._task_ids(task_id, leading, T, x.device)
+
+        logits = self.router_logits(flat, task_ids)
+        probs = logits.softmax(-1)
+        top_p, expert_idx = probs.topk(k, dim=-1)
+        gates = top_p / top_p.sum(-1, keepdim=True)
+        plan = moe_dispatch(expert_idx, E, backend=self.backend)
+        counts, offsets, sorted_slots, slot_pos = plan
+        dropped = torch.zeros((), dtype=torch.int64, device=x.device)
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * T * k / E)
+            rank_in_expert = slot_pos - offsets[expert_idx.reshape(-1)]
+            keep = (rank_in_expert < capacity).reshape(T, k)
+            dropped = (~keep).sum()
+            # Dropped slots go to an extra bucket E that no expert computes.
+            bucketed = torch.where(keep, expert_idx, torch.full_like(expert_idx, E))
+            _, offsets_b, sorted_slots, slot_pos = moe_dispatch(
+                bucketed, E + 1, backend=self.backend
+            )
+            offsets = offsets_b[: E + 1]
+            gates = gates * keep
+
+        compute_dtype = flat.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            compute_dtype = torch.get_autocast_dtype(x.device.type)
+        weights = [
+            p.to(compute_dtype)
+            for p in (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
+        ]
+        with torch.autocast(x.device.type, enabled=False):
+            y_sorted = moe_expert_ffn(
+                flat.to(compute_dtype), sorted_slots, offsets, *weights, k, backend=self.backend
+            )
+            out = moe_combine(y_sorted, gates, slot_pos, backend=self.backend)
+        out = self.drop(out)
+
+        if T > 0:
+            expert_load = counts.to(logits.dtype) / (T * k)
+            load_balance = E * (expert_load * probs.mean(0)).sum()
+            z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+            entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean().detach()
+        else:
+            zero = logits.sum()  # 0, but attached to the graph like the losses above
+            expert_load = logits.new_zeros(E)
+            load_balance, z_loss, entropy = zero, zero, zero.detach()
+        self.last_aux = MoEAux(load_balance, z_loss, expert_load, entropy, dropped)
+        return out.reshape(*leading, self.out_dim)
+
+
+def moe_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Sum of ``load_balance_loss`` and ``z_loss`` over every :class:`MoEFFN` in ``model`` that
+    has run a forward (zeros if none). Unweighted: scale them in the training loss."""
+    totals: dict[str, torch.Tensor] = {}
+    for module in model.modules():
+        if isinstance(module, MoEFFN) and module.last_aux is not None:
+            for name in ("load_balance_loss", "z_loss"):
+                value = module.last_aux[name]
+                totals[name] = value if name not in totals else totals[name] + value
+    for name in ("load_balance_loss", "z_loss"):
+        totals.setdefault(name, torch.zeros(()))
+    return totals

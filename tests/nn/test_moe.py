@@ -1,0 +1,185 @@
+"""MoEFFN: routing, auxiliary losses, capacity, task-aware routing, against hand-written math."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eegfast.nn import MoEFFN, moe_aux_losses
+from eegfast.ops.moe import moe_ffn_per_token_reference
+
+
+def make_moe(**kwargs):
+    torch.manual_seed(0)
+    options = {"dim": 12, "hidden": 24, "num_experts": 5, "top_k": 2, "dtype": torch.float64}
+    options.update(kwargs)
+    moe = MoEFFN(**options)
+    with torch.no_grad():
+        moe.router.weight.normal_(0, 0.5)  # routing that actually differs between tokens
+    return moe
+
+
+def expected_forward(moe, x, task_ids=None, keep=None):
+    """Router math written out, then the per-token loop over the chosen experts."""
+    flat = x.reshape(-1, moe.dim)
+    router_in = flat
+    if task_ids is not None and moe.task_routing == "embedding":
+        router_in = flat + moe.task_embed[task_ids]
+    logits = router_in @ moe.router.weight.T
+    if task_ids is not None and moe.task_routing == "bias":
+        logits = logits + moe.task_bias[task_ids]
+    probs = torch.softmax(logits, -1)
+    top_p, idx = probs.topk(moe.top_k, -1)
+    gates = top_p / top_p.sum(-1, keepdim=True)
+    if keep is not None:
+        gates = gates * keep
+    out = moe_ffn_per_token_reference(
+        flat, idx, gates, moe.fc1_weight, moe.fc1_bias, moe.fc2_weight, moe.fc2_bias
+    )
+    return out.reshape(*x.shape[:-1], moe.out_dim), logits, probs, idx
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_forward_and_grads_match_router_math(backend):
+    moe = make_moe(backend=backend)
+    x = torch.randn(3, 7, 12, dtype=torch.float64, requires_grad=True)
+    out = moe(x)
+    expected, *_ = expected_forward(moe, x)
+    torch.testing.assert_close(out, expected)
+    params = [x, moe.router.weight, moe.fc1_weight, moe.fc1_bias, moe.fc2_weight, moe.fc2_bias]
+    grads = torch.autograd.grad(out.sin().sum(), params)
+    expected_grads = torch.autograd.grad(expected.sin().sum(), params)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e)
+    assert grads[1].abs().sum() > 0  # the router learns through the gates
+
+
+def test_aux_losses_and_logging():
+    moe = make_moe()
+    x = torch.randn(40, 12, dtype=torch.float64)
+    moe(x)
+    aux = moe.last_aux
+    _, logits, probs, idx = expected_forward(moe, x)
+    load = torch.bincount(idx.reshape(-1), minlength=5).double() / idx.numel()
+    torch.testing.assert_close(aux.expert_load.double(), load)
+    torch.testing.assert_close(aux.load_balance_loss, 5 * (load * probs.mean(0)).sum())
+    torch.testing.assert_close(aux.z_loss, (torch.logsumexp(logits, -1) ** 2).mean())
+    entropy = -(probs * probs.log()).sum(-1).mean()
+    torch.testing.assert_close(aux.router_entropy, entropy)
+    assert int(aux.dropped) == 0 and aux["z_loss"] is aux.z_loss
+    assert aux.load_balance_loss.requires_grad and aux.z_loss.requires_grad
+    second = make_moe()
+    model = torch.nn.Sequential(moe, second)
+    model(x)
+    totals = moe_aux_losses(model)
+    torch.testing.assert_close(totals["z_loss"], moe.last_aux.z_loss + second.last_aux.z_loss)
+    assert float(moe_aux_losses(torch.nn.Linear(2, 2))["z_loss"]) == 0.0
+
+
+def test_empty_input():
+    moe = make_moe()
+    x = torch.randn(0, 12, dtype=torch.float64, requires_grad=True)
+    out = moe(x)
+    assert out.shape == (0, 12)
+    (out.sum() + moe.last_aux.load_balance_loss).backward()
+    assert moe.last_aux.expert_load.eq(0).all()
+
+
+def test_capacity_drops_latest_slots():
+    moe = make_moe(capacity_factor=0.5)
+    x = torch.randn(30, 12, dtype=torch.float64)
+    _, _, _, idx = expected_forward(moe, x)
+    capacity = math.ceil(0.5 * 30 * 2 / 5)
+    seen = [0] * 5
+    keep = torch.zeros(30, 2, dtype=torch.bool)
+    for t in range(30):  # earliest slots first, in slot order t * k + i
+        for i in range(2):
+            e = int(idx[t, i])
+            keep[t, i] = seen[e] < capacity
+            seen[e] += 1
+    assert not keep.all()
+    out = moe(x)
+    expected, *_ = expected_forward(moe, x, keep=keep)
+    torch.testing.assert_close(out, expected)
+    assert int(moe.last_aux.dropped) == int((~keep).sum())
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="top_k"):
+        MoEFFN(8, 16, num_experts=2, top_k=3)  # k > E
+    with pytest.raises(ValueError, match="num_experts"):
+        MoEFFN(8, 16, num_experts=65, top_k=2)
+    with pytest.raises(ValueError, match="task_routing"):
+        MoEFFN(8, 16, 4, 2, num_tasks=2, task_routing="film")
+    moe = make_moe(num_tasks=3)
+    x = torch.randn(2, 4, 12, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"task_id values must be in \[0, num_tasks=3\)"):
+        moe(x, task_id=3)
+    with pytest.raises(ValueError, match="task_id values"):
+        moe(x, task_id=torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match="shape"):
+        moe(x, task_id=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="num_tasks=0"):
+        make_moe()(x, task_id=0)
+    with pytest.raises(ValueError, match="last dim"):
+        moe(torch.randn(3, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("routing", ["bias", "embedding"])
+def test_task_routing(routing):
+    moe = make_moe(num_tasks=3, task_routing=routing)
+    x = torch.randn(2, 6, 12, dtype=torch.float64)
+    torch.testing.assert_close(moe(x, task_id=1), moe(x))  # zero-initialised task terms
+    with torch.no_grad():
+        getattr(moe, "task_bias" if routing == "bias" else "task_embed").normal_(0, 3.0)
+    task_ids = torch.tensor([2, 0])  # per sample
+    out = moe(x, task_id=task_ids)
+    per_token = task_ids[:, None].expand(2, 6).reshape(-1)
+    expected, *_ = expected_forward(moe, x, task_ids=per_token)
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(moe(x, task_id=0), moe(x, task_id=2))
+    out.sum().backward()
+    param = moe.task_bias if routing == "bias" else moe.task_embed
+    assert param.grad is not None and param.grad[[0, 2]].abs().sum() > 0
+    assert param.grad[1].abs().sum() == 0  # task 1 unused in this batch
+
+
+def test_jitter_only_in_training():
+    moe = make_moe(jitter_eps=0.5)
+    x = torch.randn(50, 12, dtype=torch.float64)
+    moe.eval()
+    torch.testing.assert_close(moe(x), moe(x))
+    moe.train()
+    assert not torch.allclose(moe(x), moe(x))
+
+
+def test_state_dict_layout():
+    moe = MoEFFN(8, 32, 4, 2, out_dim=6, num_tasks=2)
+    shapes = {k: tuple(v.shape) for k, v in moe.state_dict().items()}
+    assert shapes == {
+        "router.weight": (4, 8),
+        "fc1_weight": (4, 32, 8),
+        "fc1_bias": (4, 32),
+        "fc2_weight": (4, 6, 32),
+        "fc2_bias": (4, 6),
+        "task_bias": (2, 4),
+    }
+    assert "num_experts=4" in repr(moe)
+
+
+def test_bf16_autocast_matches_fp32():
+    moe = make_moe(dtype=torch.float32)
+    x = torch.randn(33, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = moe(x)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), moe(x), atol=5e-2, rtol=5e-2)
+
+
+def test_dense_equivalent_when_experts_are_copies():
+    """Sanity for upcycling: identical experts + renormalised gates = the dense MLP."""
+    dense_fc1, dense_fc2 = torch.nn.Linear(12, 24), torch.nn.Linear(24, 12)
+    moe = MoEFFN.from_dense(dense_fc1, dense_fc2, num_experts=4, top_k=2)
+    x = torch.randn(2, 9, 12)
+    torch.testing.assert_close(moe(x), dense_fc2(F.gelu(dense_fc1(x))), atol=1e-6, rtol=1e-6)
