@@ -4,7 +4,8 @@ The reference runs the student twice per step, on a random 50% patch mask and on
 complement. Both views share the patch embedding (the mask replaces patch embeddings *after*
 the TemporalConv), so here the patch embedding runs once, the two views are concatenated along
 the batch and go through the blocks together, and ``lm_head`` only sees the tokens that enter
-the loss (the masked ones of each view: C·A per sample instead of 2·C·A).
+the loss (the masked ones of each view: C·A per sample instead of 2·C·A), picked with a
+``where`` so that all shapes stay static for ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -191,24 +192,27 @@ class LaBraMPretrain(nn.Module):
         )
         tokens = student.norm(tokens)
 
-        predicted = both_masks
-        if patch_padding is not None:
-            predicted = predicted & ~_repeat_batch(patch_padding)
-        logits = self.lm_head(tokens[:, 1:][predicted])  # (T, vocab)
-        labels = _repeat_batch(targets)[predicted]
-        in_view1 = predicted[:B].sum()
-        per_token = F.cross_entropy(logits, labels, reduction="none")
-        correct = (logits.argmax(-1) == labels).float()
-        first = torch.arange(labels.shape[0], device=labels.device) < in_view1
-        n1 = in_view1.clamp_min(1)
-        n2 = (labels.shape[0] - in_view1).clamp_min(1)
-        loss1 = (per_token * first).sum() / n1
-        loss2 = (per_token * ~first).sum() / n2
-        acc1 = (correct * first).sum() / n1
-        acc2 = (correct * ~first).sum() / n2
+        # Every patch is predicted exactly once: by view 1 where masked, by view 2 elsewhere.
+        # Picking those tokens with a where() keeps every shape static (no boolean indexing),
+        # so torch.compile sees one graph, and lm_head runs on B·C·A rows, as the reference.
+        body = tokens[:, 1:]
+        predicted = torch.where(mask[..., None], body[:B], body[B:])  # (B, P, E)
+        logits = self.lm_head(predicted)  # (B, P, vocab)
+        labels = targets.clamp_min(0)  # padded positions (-1) carry no weight below
+        per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+        per_token = per_token.view(B, P)
+        correct = (logits.argmax(-1) == labels).to(per_token.dtype)
+        valid = torch.ones_like(mask) if patch_padding is None else ~patch_padding
+        in_view1, in_view2 = (mask & valid).to(per_token.dtype), (~mask & valid).to(per_token.dtype)
+        n1, n2 = in_view1.sum().clamp_min(1), in_view2.sum().clamp_min(1)
+        loss1 = (per_token * in_view1).sum() / n1
+        loss2 = (per_token * in_view2).sum() / n2
+        acc1 = (correct * in_view1).sum() / n1
+        acc2 = (correct * in_view2).sum() / n2
+        accuracy = (correct * valid).sum() / valid.sum().clamp_min(1)
         return PretrainOutput(
             loss=loss1 + loss2,
-            accuracy=correct.mean() if labels.numel() else correct.sum(),
+            accuracy=accuracy,
             loss_masked=loss1,
             loss_complement=loss2,
             accuracy_masked=acc1,

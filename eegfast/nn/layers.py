@@ -113,13 +113,19 @@ class Block(nn.Module):
             causal=causal,
             block_causal=block_causal,
         )
-        if self.gamma_1 is not None:
-            a = self.gamma_1 * a
-        x = x + drop_path(a, self.drop_path, self.training)
+        x = self._residual(x, a, self.gamma_1)
         m = self.mlp(self.norm2(x), task_id=task_id)
-        if self.gamma_2 is not None:
-            m = self.gamma_2 * m
-        return x + drop_path(m, self.drop_path, self.training)
+        return self._residual(x, m, self.gamma_2)
+
+    def _residual(self, x: torch.Tensor, branch: torch.Tensor, gamma) -> torch.Tensor:
+        """x + drop_path(γ·branch); one fused pass (addcmul) when drop path is inactive."""
+        if self.drop_path > 0.0 and self.training:
+            if gamma is not None:
+                branch = gamma * branch
+            return x + drop_path(branch, self.drop_path, True)
+        if gamma is None:
+            return x + branch
+        return torch.addcmul(x, gamma, branch)
 
 
 def masked_group_norm(

@@ -121,3 +121,18 @@ def test_backbone_transfers_into_classifier():
     torch.testing.assert_close(tokens, expected)
     with pytest.raises(ValueError, match="student"):
         pretrain_to_classifier_state_dict(classifier.state_dict())
+
+
+def test_compiles_to_one_graph_with_padding():
+    model, _ = tiny_pair(seed=4)
+    B, C, A = 2, 3, 2
+    x, targets = torch.randn(B, C, A, 200), torch.randint(0, 256, (B, C * A))
+    chans = torch.tensor([0, 1, 2, 3])
+    padding = torch.tensor([[False, False, False], [False, False, True]])
+    mask = random_patch_mask(B, C * A, 0.5, generator=torch.Generator().manual_seed(2))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(x, chans, targets, mask, channel_padding_mask=padding)
+    eager = model(x, chans, targets, mask, channel_padding_mask=padding)
+    torch.testing.assert_close(out.loss, eager.loss)
+    out.loss.backward()
+    assert model.student.blocks[0].attn.qkv.weight.grad is not None
