@@ -79,7 +79,7 @@ else:
         "BLOCK_M",
         "BLOCK_N",
     )
-_AUTOTUNE_KEY = ["N", "BLOCK_D", "CAUSAL", "BLOCK_CAUSAL"]  # + tensor dtypes (added by triton)
+_AUTOTUNE_KEY = ["N", "D", "CAUSAL", "BLOCK_CAUSAL"]  # + tensor dtypes (added by triton)
 
 
 # --------------------------------------------------------------------------------------------
@@ -690,7 +690,7 @@ def _mask_args(
     q: torch.Tensor, key_padding_mask: torch.Tensor | None, block_ids: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, N) uint8 padding flags and (N,) int32 block ids, or ``q`` as an unused placeholder."""
-    pad = q if key_padding_mask is None else key_padding_mask.contiguous().to(torch.uint8)
+    pad = q if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
     ids = q if block_ids is None else block_ids.to(torch.int32).contiguous()
     return pad, ids
 
@@ -836,31 +836,27 @@ def qk_norm_attention_bwd_triton(
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
     num_slots = triton.cdiv(N, PART_ROWS)
-    parts = {
-        name: torch.empty(B * H, num_slots, D, dtype=torch.float32, device=q.device)
-        for name, p in params.items()
-        if p is not None
-    }
+    present = [name for name, p in params.items() if p is not None]
+    # One buffer for the partial sums of all given parameters: one reduction kernel for all.
+    parts = torch.empty(len(present), B * H, num_slots, D, dtype=torch.float32, device=q.device)
+    if B * H * N == 0:
+        dq.zero_(), dk.zero_(), dv.zero_(), parts.zero_()
 
     def param_grads() -> list[torch.Tensor]:
-        grads = []
-        for name, p in params.items():
-            if p is None:
-                grads.append(q.new_empty(0))
-            else:
-                grads.append(parts[name].sum(dim=(0, 1)).to(p.dtype))
-        return grads
+        sums = dict(zip(present, parts.sum(dim=(1, 2)).unbind(0), strict=True))
+        # copy=True: a custom op's outputs must not be views of one another.
+        return [
+            q.new_empty(0) if p is None else sums[name].to(p.dtype, copy=True)
+            for name, p in params.items()
+        ]
 
     if B * H * N == 0:
-        dq.zero_(), dk.zero_(), dv.zero_()
-        for part in parts.values():
-            part.zero_()
         return (dq, dk, dv, *param_grads())
 
     pad, ids = _mask_args(q, key_padding_mask, block_ids)
     q_w_, q_b_, k_w_, k_b_ = (q if p is None else p.contiguous() for p in params.values())
     part_q_w, part_q_b, part_k_w, part_k_b = (
-        parts.get(name, q) for name in ("q_w", "q_b", "k_w", "k_b")
+        parts[present.index(name)] if name in present else q for name in params
     )
     block_d = _block_d(D)
     delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)

@@ -203,6 +203,33 @@ def test_packed_and_strided_inputs_without_copies():
                             params, kpm, ids, grad_out)  # fmt: skip
 
 
+def test_autograd_through_public_packed_api():
+    """qk_norm_attention_packed(backend="triton"): the autograd glue registered for the Triton
+    ops gives the reference gradients for the qkv buffer and the four parameters."""
+    from eegfast.ops.qk_norm_attention import qk_norm_attention_packed
+
+    B, H, N, D = 2, 2, 33, 20
+    gen = torch.Generator().manual_seed(9)
+    qkv = torch.randn(B, N, 3 * H * D, generator=gen)
+    _, _, _, params, kpm, ids, _ = make_case(B, H, N, D, torch.float32, seed=10, mask="full_row",
+                                             block_size=3)  # fmt: skip
+    grad = torch.randn(B, N, H * D, generator=gen)
+    leaves = [x.clone().requires_grad_() for x in (qkv, *params)]
+    out = qk_norm_attention_packed(leaves[0], H, *leaves[1:], eps=EPS, key_padding_mask=kpm,
+                                   block_causal=ids, backend="triton")  # fmt: skip
+    grads = torch.autograd.grad(out, leaves, grad)
+
+    ref_leaves = [x.double().requires_grad_() for x in (qkv, *params)]
+    q, k, v = ref_leaves[0].unflatten(-1, (3, H, D)).permute(2, 0, 3, 1, 4).unbind(0)
+    ref_out, _ = reference(q, k, v, ref_leaves[1:], scale=D**-0.5, key_padding_mask=kpm,
+                           block_ids=ids)  # fmt: skip
+    ref_out = ref_out.transpose(1, 2).reshape(B, N, H * D)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad.double())
+    assert_close_scaled(out, ref_out, TOLERANCE[torch.float32], "out")
+    for name, a, b in zip(("qkv", *PARAM_NAMES), grads, ref_grads, strict=True):
+        assert_close_scaled(a, b, TOLERANCE[torch.float32], f"d{name}")
+
+
 def test_rows_that_see_nothing_are_zero_with_zero_gradients():
     q, k, v, params, _, _, grad_out = make_case(2, 2, 33, 20, torch.float32, seed=5)
     kpm = torch.zeros(2, 33, dtype=torch.bool)
@@ -328,13 +355,16 @@ def test_gpu_matches_reference(D, dtype):
     param_leaves = [p.double().requires_grad_() for p in params]
     ref_out, ref_lse = reference(*leaves, param_leaves, scale=scale, key_padding_mask=kpm,
                                  causal=True, block_ids=ids)  # fmt: skip
-    assert_close_scaled(out.transpose(1, 2), ref_out, FWD_TOLERANCE[dtype], "out")
+    fwd_tolerance = 1e-4 if dtype == torch.float32 else FWD_TOLERANCE[dtype]
+    assert_close_scaled(out.transpose(1, 2), ref_out, fwd_tolerance, "out")
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isinf(lse), ~finite)
-    assert_close_scaled(lse[finite], ref_lse[finite], FWD_TOLERANCE[dtype], "lse")
+    assert_close_scaled(lse[finite], ref_lse[finite], fwd_tolerance, "lse")
     ref_out.backward(grad_out.double().transpose(1, 2))
+    # fp32 runs 3-pass TF32 tensor-core products on the GPU: near, not exactly, fp32 error.
+    tolerance = 1e-4 if dtype == torch.float32 else TOLERANCE[dtype]
     for name, grad, leaf in zip(GRAD_NAMES, grads, leaves + param_leaves, strict=True):
-        assert_close_scaled(grad.cpu(), leaf.grad, TOLERANCE[dtype], f"d{name}")
+        assert_close_scaled(grad.cpu(), leaf.grad, tolerance, f"d{name}")
 
 
 @pytest.mark.gpu
