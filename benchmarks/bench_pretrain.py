@@ -128,12 +128,13 @@ def test_cpu_inference(benchmark, cpu_impls, impl):
 def reference_step(size: str, compile_model: bool, data) -> Callable[[], None]:
     """The reference recipe: fp16 autocast + GradScaler, two sequential student passes."""
     x, chans, mask = data
+    device = x.device
     embed, depth, heads, conv = SIZES[size]
-    model = RefPretrain(embed, depth, heads, conv).cuda()
-    tokenizer = RefVQNSP().cuda().eval()
+    model = RefPretrain(embed, depth, heads, conv).to(device)
+    tokenizer = RefVQNSP().to(device).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05,
                                   betas=(0.9, 0.98))  # fmt: skip
-    scaler = torch.amp.GradScaler("cuda")
+    scaler = torch.amp.GradScaler(device.type)
     loss_fn = reference_pretrain_loss
     if compile_model:
         model, tokenizer.get_codebook_indices = (
@@ -142,7 +143,7 @@ def reference_step(size: str, compile_model: bool, data) -> Callable[[], None]:
         )
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.float16):
+        with torch.autocast(device.type, dtype=torch.float16):
             loss, _, _ = loss_fn(model, tokenizer, x, chans, mask)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -157,14 +158,15 @@ def reference_step(size: str, compile_model: bool, data) -> Callable[[], None]:
 def eegfast_step(size: str, compile_model: bool, data) -> Callable[[], None]:
     """eegfast: bf16 autocast, one batched forward over both views, fused AdamW."""
     x, chans, mask = data
-    model = create_model(f"labram_{size}_pretrain", device="cuda")
-    tokenizer = create_model("vqnsp_base", device="cuda").eval()
+    device = x.device
+    model = create_model(f"labram_{size}_pretrain", device=device)
+    tokenizer = create_model("vqnsp_base", device=device).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05,
-                                  betas=(0.9, 0.98), fused=True)  # fmt: skip
+                                  betas=(0.9, 0.98), fused=device.type == "cuda")  # fmt: skip
     forward = torch.compile(model) if compile_model else model
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             with torch.inference_mode():
                 targets = tokenizer.get_codebook_indices(x, chans)
             loss = forward(x, chans, targets.clone(), mask).loss
