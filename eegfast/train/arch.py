@@ -2,7 +2,7 @@
 
 ``arch`` (in ``meta.json``) is a plain dict::
 
-    {"kind": "classifier" | "pretrain" | "tokenizer",
+    {"kind": "classifier" | "pretrain" | "hybrid" | "tokenizer",
      "name": "labram_tiny",              # eegfast.models.create_model name
      "kwargs": {...},                      # its keyword arguments
      "upcycle": {...} | None,              # eegfast.models.upcycle arguments, if MoE
@@ -15,6 +15,7 @@ loading its weights.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -106,6 +107,10 @@ def embed_dim_of(model: nn.Module) -> int:
 
 def build_model(arch: Mapping[str, Any], *, create: CreateFn | None = None) -> nn.Module:
     """A freshly initialised model with the architecture ``arch`` (weights not loaded)."""
+    if create is None and arch.get("kind") == "hybrid":
+        from eegfast.train.hybrid import create_hybrid_pretrain_model
+
+        create = create_hybrid_pretrain_model
     create = create or _create
     model = create(arch["name"], **dict(arch.get("kwargs") or {}))
     upcycle_args = arch.get("upcycle")
@@ -117,3 +122,59 @@ def build_model(arch: Mapping[str, Any], *, create: CreateFn | None = None) -> n
     if heads:
         model = MultiTaskClassifier(model, dict(heads), embed_dim_of(model))
     return model
+
+
+def load_trained(
+    path: str | Path, *, prefer: str = "best", create: CreateFn | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model saved at ``path`` (weights file, checkpoint folder or run folder) and its
+    ``meta.json``; rebuilt from ``meta["arch"]`` and loaded strictly."""
+    from eegfast.train.checkpoint import load_weights, read_meta
+
+    meta = read_meta(path, prefer=prefer)
+    if "arch" not in meta:
+        raise ValueError(f"{path}: no architecture record (meta.json 'arch'); not an eegfast run")
+    model = build_model(meta["arch"], create=create)
+    model.load_state_dict(load_weights(path, prefer=prefer), strict=True)
+    return model, meta
+
+
+def backbone_from_checkpoint(
+    path: str | Path, *, drop_path: float = 0.0
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """(backbone arch, backbone weights, meta) from a pretraining, upcycled or fine-tuned run.
+
+    Pretraining checkpoints (masked or hybrid) are mapped to the classifier's keys with
+    :func:`eegfast.models.pretrain_to_classifier_state_dict`; fine-tuned multi-task models
+    give their ``backbone``.
+    """
+    from eegfast.train.checkpoint import load_weights, read_meta
+
+    meta = read_meta(path)
+    arch = meta.get("arch")
+    if arch is None:
+        raise ValueError(f"{path}: no architecture record (meta.json 'arch'); not an eegfast run")
+    weights = load_weights(path)
+    kind = arch.get("kind")
+    if kind in ("pretrain", "hybrid"):
+        from eegfast.models import pretrain_to_classifier_state_dict
+
+        name = arch["name"].removesuffix("_pretrain")
+        kwargs = {
+            k: v for k, v in dict(arch.get("kwargs") or {}).items() if k not in ("vocab_size",)
+        }
+        backbone = {"kind": "classifier", "name": name, "kwargs": {**kwargs, "num_classes": 0}}
+        weights = pretrain_to_classifier_state_dict(weights)
+    elif kind == "classifier":
+        backbone = {k: v for k, v in arch.items() if k != "heads"}
+        if arch.get("heads"):
+            weights = {
+                k.removeprefix("backbone."): v
+                for k, v in weights.items()
+                if k.startswith("backbone.")
+            }
+    else:
+        raise ValueError(f"{path}: a {kind!r} checkpoint cannot initialise a classifier")
+    if drop_path:
+        backbone = {**backbone, "kwargs": {**backbone["kwargs"], "drop_path_rate": drop_path}}
+    return backbone, weights, meta

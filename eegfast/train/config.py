@@ -22,7 +22,7 @@ import yaml
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = ""  # prepared shard folder (``eegfast prepare`` output)
+    roots: tuple[str, ...] = ()  # prepared folders (``eegfast prepare`` outputs), used together
     tasks: tuple[str, ...] = ()  # task names to use; () = all in the folder
     num_workers: int = 0
     val_fraction: float = 0.0  # recordings held out for validation during pretraining
@@ -162,6 +162,11 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     elif annotation is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif annotation is str:
         if isinstance(value, str):
             return value

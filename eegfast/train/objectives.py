@@ -32,6 +32,7 @@ class StepContext:
     task_ids: dict[str, int] = field(default_factory=dict)  # task name -> head / router id
     route_by_task: bool = False
     aux_weights: dict[str, float] = field(default_factory=dict)  # MoE aux loss name -> weight
+    class_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # task -> (K,) CE weights
 
 
 @dataclass
@@ -119,7 +120,9 @@ def moe_aux_loss(model: nn.Module, weights: dict[str, float]) -> tuple[torch.Ten
 def tokenizer_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> StepOutput:
     """VQ-NSP: the model's own loss (commitment + Fourier amplitude/phase reconstruction)."""
     batch = to_device(batch, ctx.device)
-    out = model(batch["x"], batch["input_chans"])
+    out = model(
+        batch["x"], batch["input_chans"], channel_padding_mask=batch.get("channel_padding_mask")
+    )
     metrics = {
         name: float(value.detach()) for name, value in _scalars(out).items() if name != "loss"
     }
@@ -132,11 +135,12 @@ def masked_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> St
         raise ValueError("masked pretraining needs a trained tokenizer (model.tokenizer=PATH)")
     batch = to_device(batch, ctx.device)
     x, chans = batch["x"], batch["input_chans"]
+    padding = batch.get("channel_padding_mask")
     with torch.no_grad():
-        targets = ctx.tokenizer.get_codebook_indices(x, chans)
+        targets = ctx.tokenizer.get_codebook_indices(x, chans, channel_padding_mask=padding)
     num_tokens = x.shape[1] * x.shape[2]
     mask = sample_masks(batch["index"], num_tokens, ctx.mask_ratio, seed=ctx.seed, epoch=ctx.epoch)
-    out = model(x, chans, targets, mask=mask.to(ctx.device))
+    out = model(x, chans, targets, mask=mask.to(ctx.device), channel_padding_mask=padding)
     metrics = {k: float(v.detach()) for k, v in _scalars(out).items() if k != "loss"}
     return StepOutput(out.loss, metrics)
 
@@ -160,7 +164,10 @@ def classification_step(model: nn.Module, batch: dict[str, Any], ctx: StepContex
         )
     logits = model(batch["x"], batch["input_chans"], **kwargs)
     labels = batch["label"]
-    loss = F.cross_entropy(logits.float(), labels)
+    weight = ctx.class_weights.get(task)
+    loss = F.cross_entropy(
+        logits.float(), labels, weight=None if weight is None else weight.to(logits.device)
+    )
     metrics = {"accuracy": float((logits.argmax(-1) == labels).float().mean())}
     aux, aux_logged = moe_aux_loss(model, ctx.aux_weights)
     if aux is not None:

@@ -99,11 +99,11 @@ class TinyTokenizer(nn.Module):
         self.proj = nn.Linear(101, vocab)
         self.loss_scale = nn.Parameter(torch.ones(()))
 
-    def get_codebook_indices(self, x, input_chans=None):
+    def get_codebook_indices(self, x, input_chans=None, **_):
         spectrum = torch.fft.rfft(x.float(), dim=-1).abs().clamp_min(1e-6).log()
         return self.proj(spectrum).argmax(-1).flatten(1)
 
-    def forward(self, x, input_chans=None):
+    def forward(self, x, input_chans=None, **_):
         spectrum = torch.fft.rfft(x.float(), dim=-1).abs().clamp_min(1e-6).log()
         rec = self.loss_scale * self.proj(spectrum)
         loss = F.mse_loss(rec, torch.zeros_like(rec))

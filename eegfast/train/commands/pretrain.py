@@ -1,0 +1,115 @@
+"""``eegfast pretrain --data FOLDER... --tokenizer RUN --out RUN``: masked EEG pretraining.
+
+``--objective masked`` (default) is LaBraM's symmetric masked modelling: half of the patches
+are replaced by a mask token and the model predicts their VQ-NSP codes, and the same for the
+complementary half. Other objectives plug in through
+:func:`eegfast.train.objectives.register_objective` (``hybrid``: masked + block-causal
+forecasting, from :mod:`eegfast.train.hybrid`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from eegfast.train.arch import build_model, load_trained
+from eegfast.train.commands.common import (
+    CommandError,
+    add_run_arguments,
+    resolve,
+    run_command,
+    say,
+    start,
+)
+from eegfast.train.config import RunConfig
+from eegfast.train.data import collate_fn, load_data
+from eegfast.train.distributed import shutdown
+from eegfast.train.engine import fit
+from eegfast.train.objectives import StepContext, get_objective, objective_names
+
+# Reference recipe: AdamW lr 5e-4, wd 0.05, betas (0.9, 0.98), clip 3.0, cosine with warm-up.
+DEFAULTS = RunConfig().with_overrides(
+    {"model.name": "labram_base_pretrain", "optim.lr": 5e-4, "train.batch_size": 64}
+)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_run_arguments(parser)
+    parser.add_argument(
+        "--objective", default=None, help=f"one of {objective_names()} (sets pretrain.objective)"
+    )
+    parser.add_argument("--tokenizer", default=None, help="tokenizer run (sets model.tokenizer)")
+    parser.add_argument("--model", default=None, help="model name (sets model.name)")
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_command("pretrain", lambda: _main(args))
+
+
+def load_tokenizer(path: str, device: torch.device) -> torch.nn.Module:
+    """The frozen tokenizer of a ``eegfast tokenizer`` run, in eval mode."""
+    if not path:
+        raise CommandError("pretraining needs a tokenizer: --tokenizer RUN (or model.tokenizer)")
+    tokenizer, meta = load_trained(path, prefer="latest")
+    if meta["arch"].get("kind") != "tokenizer":
+        raise CommandError(f"--tokenizer {path}: this is a {meta['arch'].get('kind')} checkpoint")
+    tokenizer.requires_grad_(False)
+    return tokenizer.to(device).eval()
+
+
+def _main(args: argparse.Namespace) -> int:
+    extra = {}
+    if args.objective:
+        extra["pretrain.objective"] = args.objective
+    if args.tokenizer:
+        extra["model.tokenizer"] = args.tokenizer
+    if args.model:
+        extra["model.name"] = args.model
+    config = resolve(args, DEFAULTS, extra)
+    step = get_objective(config.pretrain.objective)
+    runtime = start(config)
+    try:
+        data = load_data(config.data.roots, config.data.tasks)
+        tokenizer = load_tokenizer(config.model.tokenizer, runtime.device)
+        kind = "hybrid" if config.pretrain.objective == "hybrid" else "pretrain"
+        kwargs = {}
+        vocab = getattr(getattr(tokenizer, "config", None), "num_codes", None)
+        if vocab is not None:
+            kwargs["vocab_size"] = int(vocab)
+        arch = {"kind": kind, "name": config.model.name, "kwargs": kwargs}
+        model = build_model(arch)
+        # The reference keeps an unused projection head (so its checkpoints load strictly);
+        # freezing it lets DDP run without searching for unused parameters every step.
+        for name, module in model.named_modules():
+            if name.split(".")[-1] == "projection_head":
+                module.requires_grad_(False)
+        say(
+            runtime,
+            f"pretrain ({config.pretrain.objective}) {config.model.name}: {len(data)} windows",
+        )
+        result = fit(
+            model,
+            step,
+            data.dataset,
+            config,
+            args.out,
+            group_keys=data.group_keys,
+            collate_fn=collate_fn(),
+            ctx=StepContext(
+                runtime.device,
+                seed=config.train.seed,
+                tokenizer=tokenizer,
+                mask_ratio=config.pretrain.mask_ratio,
+            ),
+            dist_info=runtime.dist,
+            resume=args.resume,
+            meta={"arch": arch, "command": "pretrain", "objective": config.pretrain.objective},
+            find_unused_parameters=kind != "pretrain",
+        )
+        say(runtime, f"pretrained for {result.step} steps; checkpoint {result.checkpoint}")
+        return 0
+    finally:
+        shutdown(runtime.dist)

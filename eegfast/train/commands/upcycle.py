@@ -1,0 +1,120 @@
+"""``eegfast upcycle --model PRETRAIN_RUN --out RUN``: turn a dense backbone into a MoE model.
+
+The pretrained (or fine-tuned) backbone's feed-forward layers are replaced by mixture-of-experts
+layers whose experts start as copies of the dense layer (``eegfast.models.upcycle``), with a
+task-aware router when ``--tasks`` names the tasks to be fine-tuned. With ``noise_std=0`` the
+upcycled model computes exactly what the dense one did; this is checked on a probe input and
+reported. The result is a checkpoint that ``eegfast finetune --set model.init=RUN`` starts from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from eegfast.train import checkpoint as ckpt
+from eegfast.train.arch import backbone_from_checkpoint, build_model
+from eegfast.train.commands.common import CommandError, run_command
+from eegfast.train.config import RunConfig, config_to_dict, resolve_config
+from eegfast.train.fileio import write_text_atomic
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--model", required=True, help="pretraining (or classifier) run/checkpoint")
+    parser.add_argument("--out", type=Path, required=True, help="run folder to write")
+    parser.add_argument("--config", type=Path, default=None, help="TOML/YAML (upcycle.* keys)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="e.g. --set upcycle.num_experts=4",
+    )
+    parser.add_argument("--experts", type=int, default=None, help="sets upcycle.num_experts")
+    parser.add_argument("--top-k", type=int, default=None, help="sets upcycle.top_k")
+    parser.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated task names for task-aware routing (router ids in this order)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_command("upcycle", lambda: _main(args))
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _main(args: argparse.Namespace) -> int:
+    extra = []
+    if args.experts is not None:
+        extra.append(f"upcycle.num_experts={args.experts}")
+    if args.top_k is not None:
+        extra.append(f"upcycle.top_k={args.top_k}")
+    config = resolve_config(RunConfig(), args.config, [*args.overrides, *extra])
+    up = config.upcycle
+    task_names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
+    backbone_arch, weights, source_meta = backbone_from_checkpoint(args.model)
+    if backbone_arch.get("upcycle"):
+        raise CommandError(f"--model {args.model}: this backbone is already a MoE model")
+    dense = build_model(backbone_arch)
+    missing, unexpected = dense.load_state_dict(weights, strict=False)
+    allowed_missing = {k for k in missing if k.startswith(("fc_norm.", "head."))}
+    if set(missing) - allowed_missing or unexpected:
+        raise CommandError(
+            f"--model {args.model}: weights do not fit {backbone_arch['name']}: missing "
+            f"{sorted(set(missing) - allowed_missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    upcycle_args = {
+        "num_experts": up.num_experts,
+        "top_k": up.top_k,
+        "layers": list(up.layers) or None,
+        "noise_std": up.noise_std,
+        "num_tasks": len(task_names),
+    }
+    arch = {**backbone_arch, "upcycle": upcycle_args}
+    moe = build_model(arch)
+    from eegfast.models import upcycle as upcycle_model
+
+    torch.manual_seed(config.train.seed)
+    upcycled = upcycle_model(dense, **upcycle_args)  # in place: dense is now the MoE model
+    moe.load_state_dict(upcycled.state_dict(), strict=True)  # the rebuilt arch fits exactly
+    dense_again = build_model(backbone_arch)
+    dense_again.load_state_dict(weights, strict=False)
+    dense_again.fc_norm.load_state_dict(upcycled.fc_norm.state_dict())
+    probe = torch.randn(2, 3, 2, 200, generator=torch.Generator().manual_seed(0))
+    chans = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        max_diff = float((moe.eval()(probe, chans) - dense_again.eval()(probe, chans)).abs().max())
+    meta = {
+        "arch": arch,
+        "command": "upcycle",
+        "source": str(args.model),
+        "task_names": task_names,
+        "dense_parameters": count_parameters(dense_again),
+        "moe_parameters": count_parameters(moe),
+        "probe_max_abs_diff": max_diff,
+        "config": config_to_dict(config),
+        "metric": None,
+    }
+    out = Path(args.out)
+    path = ckpt.save_checkpoint(out / "checkpoints", 0, moe.state_dict(), {"step": 0}, meta)
+    write_text_atomic(out / "upcycle.json", json.dumps(meta, indent=2, default=str) + "\n")
+    print(
+        f"upcycled {backbone_arch['name']} from {args.model}: {up.num_experts} experts, "
+        f"top-{up.top_k}"
+        f", task routing over {task_names or 'no tasks'}; parameters "
+        f"{meta['dense_parameters']:,} -> {meta['moe_parameters']:,}; max |MoE - dense| on a "
+        f"probe = {max_diff:.2e}{' (noise added)' if up.noise_std else ''}; checkpoint {path}"
+    )
+    if not up.noise_std and max_diff > 1e-4:
+        raise CommandError(f"the upcycled model differs from the dense one by {max_diff:.2e}")
+    return 0

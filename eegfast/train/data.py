@@ -1,0 +1,125 @@
+"""Prepared folders (``eegfast prepare``) as one training set, with per-item metadata.
+
+Several folders can be used together (e.g. one per dataset, each prepared with its own mains
+frequency); items are grouped for batching by (folder, task, electrode set), so batches never
+need channel padding and never mix tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import ConcatDataset, Dataset, Subset
+
+
+@dataclass
+class ItemInfo:
+    root: int  # which folder
+    task: str
+    subject: str
+    recording: str  # file (relative to its folder's sources)
+    label: int
+    electrodes: tuple[int, ...]  # input_chans
+    window_seconds: int
+
+    @property
+    def group_key(self) -> tuple:
+        return (self.root, self.task, self.electrodes)
+
+
+@dataclass
+class TrainData:
+    dataset: Dataset
+    items: list[ItemInfo]
+    label_names: dict[str, list[str]]  # task -> class names (class id order)
+    roots: list[Path]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def group_keys(self) -> list[tuple]:
+        return [item.group_key for item in self.items]
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted({item.task for item in self.items})
+
+    def subset(self, indices: Sequence[int]) -> TrainData:
+        indices = [int(i) for i in indices]
+        return TrainData(
+            Subset(self.dataset, indices),
+            [self.items[i] for i in indices],
+            self.label_names,
+            self.roots,
+        )
+
+    def labelled(self, task: str | None = None) -> np.ndarray:
+        """Indices of items with a label (of ``task`` if given)."""
+        return np.array(
+            [
+                i
+                for i, item in enumerate(self.items)
+                if item.label >= 0 and (task is None or item.task == task)
+            ],
+            dtype=np.int64,
+        )
+
+
+def load_data(roots: Sequence[str | Path], tasks: Sequence[str] = ()) -> TrainData:
+    """Open every prepared folder in ``roots`` (keeping only ``tasks`` if given)."""
+    from eegfast.data import ShardDataset, load_index, read_index
+
+    if not roots:
+        raise ValueError(
+            "no data: pass --data FOLDER (a folder written by `eegfast prepare`) or set data.roots"
+        )
+    datasets, items, label_names, paths = [], [], {}, []
+    wanted = set(tasks)
+    for r, root in enumerate(roots):
+        root = Path(root)
+        if not root.is_dir():
+            raise ValueError(f"data folder not found: {root}")
+        index = load_index(root)
+        present = set(index["tasks"])
+        keep = sorted(present & wanted) if wanted else sorted(present)
+        if not keep:
+            continue
+        dataset = ShardDataset(root, tasks=keep)
+        records = [rec for rec in read_index(root) if rec["task"] in keep]
+        if len(records) != len(dataset):
+            raise RuntimeError(
+                f"{root}: index lists {len(records)} windows, dataset {len(dataset)}"
+            )
+        for rec in records:
+            items.append(
+                ItemInfo(
+                    root=r,
+                    task=rec["task"],
+                    subject=rec["subject"],
+                    recording=rec["file"],
+                    label=int(rec["label"]),
+                    electrodes=tuple(rec["input_chans"]),
+                    window_seconds=int(index["window_seconds"]),
+                )
+            )
+        for task in keep:
+            label_names[task] = list(index["tasks"][task]["labels"])
+        datasets.append(dataset)
+        paths.append(root)
+    missing = wanted - set(label_names)
+    if missing:
+        raise ValueError(f"data.tasks: {sorted(missing)} not found in {[str(p) for p in roots]}")
+    if not items:
+        raise ValueError(f"no windows in {[str(p) for p in roots]}")
+    dataset = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
+    return TrainData(dataset, items, label_names, paths)
+
+
+def collate_fn():
+    from eegfast.data import collate_padded
+
+    return collate_padded

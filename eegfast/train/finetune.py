@@ -1,0 +1,578 @@
+"""Fine-tuning and evaluation with subject-wise cross-validation, multi-task training and a
+negative-transfer report.
+
+For each fold (``plan_folds``: grouped by subject, or by recording where a task has a single
+subject; stratified where possible) this trains, on the same splits:
+
+- ``multitask``: one model, one head per task, the task id passed to the (MoE) router;
+- ``single``: one model per task (for the negative-transfer comparison);
+- ``linear_probe`` (``finetune.mode=linear``): logistic regression on frozen features;
+- ``band_power``: the classic baseline (log band power + logistic regression).
+
+Metrics per fold and task (balanced accuracy, AUROC and AUC-PR for binary tasks; Cohen's κ and
+weighted F1 for multi-class), mean ± std over folds, CSV + JSON + Markdown report + plots.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from eegfast.train.arch import build_model
+from eegfast.train.baseline import band_power_features, fit_predict_band_power
+from eegfast.train.config import RunConfig
+from eegfast.train.data import TrainData, collate_fn
+from eegfast.train.engine import fit, seed_everything
+from eegfast.train.fileio import write_atomic, write_json_atomic, write_text_atomic
+from eegfast.train.metrics import classification_metrics, confusion, group_folds, mean_std
+from eegfast.train.objectives import StepContext, classification_step, to_device
+
+
+@dataclass
+class FoldPlan:
+    """Per task: item indices of the training and test part of one fold."""
+
+    fold: int
+    train: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+
+
+@dataclass
+class CVResult:
+    rows: list[dict[str, Any]] = field(default_factory=list)  # fold, variant, task, metric, value
+    grouping: dict[str, str] = field(default_factory=dict)
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    expert_load: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    loss_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+def plan_folds(
+    data: TrainData, tasks: Sequence[str], k: int, group_by: str, seed: int
+) -> tuple[list[FoldPlan], dict[str, str]]:
+    """The same number of folds for every task; no group in both halves of a fold."""
+    if group_by not in ("subject", "recording"):
+        raise ValueError(f"finetune.group_by must be subject or recording, got {group_by!r}")
+    per_task, grouping = {}, {}
+    for task in tasks:
+        indices = data.labelled(task)
+        if len(indices) == 0:
+            raise ValueError(f"task {task!r} has no labelled windows")
+        subjects = [data.items[i].subject for i in indices]
+        by = group_by
+        if by == "subject" and len(set(subjects)) < 2:
+            by = "recording"
+        groups = [
+            data.items[i].subject if by == "subject" else data.items[i].recording for i in indices
+        ]
+        n_groups = len(set(groups))
+        note = f"by {by} ({n_groups} {by}s"
+        if by != group_by:
+            note += f"; only {len(set(subjects))} subject, so recordings are the unit"
+        grouping[task] = note + ")"
+        per_task[task] = (indices, [data.items[i].label for i in indices], groups)
+    k_eff = min([k] + [len(set(g)) for _, _, g in per_task.values()])
+    plans = [FoldPlan(i, {}, {}) for i in range(k_eff)]
+    for task, (indices, labels, groups) in per_task.items():
+        for i, (train, test) in enumerate(group_folds(labels, groups, k_eff, seed=seed)):
+            plans[i].train[task] = indices[train]
+            plans[i].test[task] = indices[test]
+    return plans, grouping
+
+
+def iterate_batches(
+    data: TrainData, indices: Sequence[int], batch_size: int
+) -> Iterator[tuple[list[int], dict]]:
+    """(positions in ``indices``, collated batch) in groups of one electrode set."""
+    collate = collate_fn()
+    groups: dict[tuple, list[int]] = {}
+    for pos, index in enumerate(indices):
+        groups.setdefault(data.items[int(index)].group_key, []).append(pos)
+    for positions in groups.values():
+        for start in range(0, len(positions), batch_size):
+            chunk = positions[start : start + batch_size]
+            yield chunk, collate([data.dataset[int(indices[p])] for p in chunk])
+
+
+def _moe_layers(model: nn.Module) -> list[nn.Module]:
+    try:
+        from eegfast.nn import MoEFFN
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, MoEFFN)]
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    data: TrainData,
+    indices: Sequence[int],
+    task: str,
+    device: torch.device,
+    *,
+    task_id: int | None,
+    batch_size: int = 64,
+    features: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Softmax probabilities (or pooled features) (N, K) in ``indices`` order, and the mean
+    expert load (E,) over MoE layers and tokens (None without MoE)."""
+    model.eval()
+    outputs: list[np.ndarray | None] = [None] * len(indices)
+    moe = _moe_layers(model)
+    load_sum, load_count = None, 0
+    for positions, batch in iterate_batches(data, indices, batch_size):
+        batch = to_device(batch, device)
+        kwargs: dict[str, Any] = {"channel_padding_mask": batch["channel_padding_mask"]}
+        if task_id is not None:
+            kwargs["task_id"] = torch.full(
+                (len(positions),), task_id, dtype=torch.long, device=device
+            )
+        if features:
+            out = model.forward_features(batch["x"], batch["input_chans"], **kwargs)
+        else:
+            out = model(batch["x"], batch["input_chans"], task=task, **kwargs).float().softmax(-1)
+        for row, pos in enumerate(positions):
+            outputs[pos] = out[row].float().cpu().numpy()
+        for layer in moe:
+            if layer.last_aux is not None:
+                load = layer.last_aux.expert_load.detach().float().cpu().numpy() * len(positions)
+                load_sum = load if load_sum is None else load_sum + load
+                load_count += len(positions)
+    expert = None if load_sum is None else load_sum / load_count
+    return np.stack(outputs), expert
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, mean 1 over samples (balanced cross-entropy)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = len(labels) / (num_classes * np.maximum(counts, 1.0))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+@dataclass
+class Backbone:
+    arch: dict[str, Any]
+    weights: dict[str, torch.Tensor] | None  # None = random initialisation
+    task_names: list[str]  # router task ids, in order
+
+    @property
+    def routes(self) -> bool:
+        return bool((self.arch.get("upcycle") or {}).get("num_tasks"))
+
+
+def train_classifier(
+    backbone: Backbone,
+    tasks: Sequence[str],
+    data: TrainData,
+    train_idx: np.ndarray,
+    config: RunConfig,
+    run_dir: Path,
+    runtime,
+    *,
+    resume: str | None,
+) -> tuple[nn.Module, dict[str, int]]:
+    """Fine-tune a fresh copy of the backbone with one head per task on ``train_idx``."""
+    seed_everything(config.train.seed, deterministic=config.train.deterministic)
+    heads = {task: len(data.label_names[task]) for task in tasks}
+    model = build_model({**backbone.arch, "heads": heads})
+    if backbone.weights is not None:
+        missing, unexpected = model.backbone.load_state_dict(backbone.weights, strict=False)
+        bad = [k for k in missing if not k.startswith(("fc_norm.", "head."))]
+        if bad or unexpected:
+            raise ValueError(
+                f"backbone weights do not fit: missing {bad[:5]}, unexpected {list(unexpected)[:5]}"
+            )
+    task_ids = {task: i for i, task in enumerate(backbone.task_names)}
+    missing_tasks = [t for t in tasks if t not in task_ids]
+    if backbone.routes and missing_tasks:
+        raise ValueError(
+            f"tasks {missing_tasks} have no router id: the backbone was upcycled for "
+            f"{backbone.task_names} (eegfast upcycle --tasks ...)"
+        )
+    labels = {
+        t: np.array([data.items[i].label for i in train_idx if data.items[i].task == t])
+        for t in tasks
+    }
+    ctx = StepContext(
+        runtime.device,
+        seed=config.train.seed,
+        task_ids={t: task_ids.get(t, 0) for t in tasks},
+        route_by_task=backbone.routes and config.upcycle.task_routing,
+        aux_weights={
+            "load_balance_loss": config.upcycle.router_aux_weight,
+            "z_loss": config.upcycle.router_z_weight,
+        }
+        if backbone.routes or backbone.arch.get("upcycle")
+        else {},
+        class_weights={t: class_weights(labels[t], heads[t]) for t in tasks},
+    )
+    subset = data.subset(train_idx)
+    fit(
+        model,
+        classification_step,
+        subset.dataset,
+        config,
+        run_dir,
+        group_keys=subset.group_keys,
+        collate_fn=collate_fn(),
+        ctx=ctx,
+        dist_info=runtime.dist,
+        resume=resume,
+        meta={
+            "arch": {**backbone.arch, "heads": heads},
+            "command": "finetune",
+            "task_names": backbone.task_names,
+        },
+        find_unused_parameters=len(tasks) > 1 or bool(backbone.arch.get("upcycle")),
+    )
+    return model, ctx.task_ids if ctx.route_by_task else {}
+
+
+def cross_validate(
+    data: TrainData,
+    config: RunConfig,
+    out_dir: Path,
+    runtime,
+    backbone: Backbone | None,
+    *,
+    resume: str | None = None,
+    log=print,
+) -> CVResult:
+    """Run every variant on every fold; see the module docstring."""
+    from eegfast.train.runlog import read_metrics
+
+    ft = config.finetune
+    tasks = list(config.data.tasks) or [t for t in data.tasks if len(data.labelled(t))]
+    if not tasks:
+        raise ValueError("no labelled windows in the data; nothing to fine-tune on")
+    plans, grouping = plan_folds(data, tasks, ft.folds, ft.group_by, config.train.seed)
+    result = CVResult(grouping=grouping)
+    variants: list[tuple[str, list[str]]] = []
+    if backbone is not None and ft.mode == "full":
+        if ft.multitask and len(tasks) > 1:
+            variants.append(("multitask", tasks))
+        if ft.single_task_baseline or not ft.multitask or len(tasks) == 1:
+            variants += [("single", [t]) for t in tasks]
+    elif backbone is not None and ft.mode != "linear":
+        raise ValueError(f"finetune.mode must be full or linear, got {ft.mode!r}")
+    band_features: dict[int, np.ndarray] = {}
+    if ft.band_power_baseline:
+        every = sorted(
+            {int(i) for p in plans for part in (p.train, p.test) for v in part.values() for i in v}
+        )
+        band_features = {i: band_power_features(data.dataset[i]["x"].numpy()) for i in every}
+    frozen: dict[str, np.ndarray] = {}
+    if backbone is not None and ft.mode == "linear":
+        model = build_model(backbone.arch)
+        if backbone.weights is not None:
+            model.load_state_dict(backbone.weights, strict=False)
+        model.to(runtime.device)
+        ids = {t: i for i, t in enumerate(backbone.task_names)}
+        for task in tasks:
+            indices = data.labelled(task)
+            feats, _ = predict(
+                model,
+                data,
+                indices,
+                task,
+                runtime.device,
+                features=True,
+                task_id=ids.get(task) if backbone.routes else None,
+            )
+            frozen.update({f"{task}:{int(i)}": f for i, f in zip(indices, feats, strict=True)})
+
+    for plan in plans:
+        log(
+            f"fold {plan.fold + 1}/{len(plans)}: "
+            + ", ".join(f"{t} train {len(plan.train[t])} / test {len(plan.test[t])}" for t in tasks)
+        )
+        for variant, variant_tasks in variants:
+            name = variant if variant == "multitask" else f"single-{variant_tasks[0]}"
+            run_dir = out_dir / f"fold{plan.fold}" / name
+            train_idx = np.concatenate([plan.train[t] for t in variant_tasks])
+            model, routed = train_classifier(
+                backbone, variant_tasks, data, train_idx, config, run_dir, runtime, resume=resume
+            )
+            curve = (
+                read_metrics(run_dir / "metrics.csv").get("train/loss", [])
+                if (run_dir / "metrics.csv").exists()
+                else []
+            )
+            result.loss_curves[f"fold{plan.fold} {name}"] = curve
+            for task in variant_tasks:
+                test = plan.test[task]
+                probs, load = predict(
+                    model, data, test, task, runtime.device, task_id=routed.get(task)
+                )
+                _record(result, plan.fold, variant, task, data, test, probs)
+                if load is not None and variant == "multitask":
+                    result.expert_load.setdefault(task, []).append(load)
+        for task in tasks:
+            train, test = plan.train[task], plan.test[task]
+            y_train = np.array([data.items[i].label for i in train])
+            n_classes = len(data.label_names[task])
+            if frozen:
+                probs = _logistic(
+                    np.stack([frozen[f"{task}:{int(i)}"] for i in train]),
+                    y_train,
+                    np.stack([frozen[f"{task}:{int(i)}"] for i in test]),
+                    n_classes,
+                    config.train.seed,
+                )
+                _record(result, plan.fold, "linear_probe", task, data, test, probs)
+            if band_features:
+                probs = fit_predict_band_power(
+                    np.stack([band_features[int(i)] for i in train]),
+                    y_train,
+                    np.stack([band_features[int(i)] for i in test]),
+                    n_classes,
+                    seed=config.train.seed,
+                )
+                _record(result, plan.fold, "band_power", task, data, test, probs)
+    return result
+
+
+def _logistic(train_x, train_y, test_x, num_classes, seed) -> np.ndarray:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(
+        StandardScaler(),
+        LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed),
+    )
+    model.fit(train_x, train_y)
+    probs = np.zeros((len(test_x), num_classes))
+    probs[:, model.classes_] = model.predict_proba(test_x)
+    return probs
+
+
+def _record(
+    result: CVResult,
+    fold: int,
+    variant: str,
+    task: str,
+    data: TrainData,
+    test: np.ndarray,
+    probs: np.ndarray,
+) -> None:
+    y = np.array([data.items[i].label for i in test])
+    n_classes = len(data.label_names[task])
+    for metric, value in classification_metrics(y, probs, n_classes).items():
+        result.rows.append(
+            {"fold": fold, "variant": variant, "task": task, "metric": metric, "value": value}
+        )
+    result.predictions.append(
+        {
+            "fold": fold,
+            "variant": variant,
+            "task": task,
+            "y": y,
+            "probs": probs,
+            "subjects": [data.items[i].subject for i in test],
+        }
+    )
+
+
+# --- summaries and reports ------------------------------------------------------------------
+
+
+def summarise(
+    rows: Sequence[dict[str, Any]],
+) -> dict[tuple[str, str, str], tuple[float, float, int]]:
+    """(variant, task, metric) -> (mean, std, folds)."""
+    grouped: dict[tuple[str, str, str], list[float]] = {}
+    for row in rows:
+        grouped.setdefault((row["variant"], row["task"], row["metric"]), []).append(row["value"])
+    return {key: (*mean_std(values), len(values)) for key, values in grouped.items()}
+
+
+VARIANT_NAMES = {
+    "multitask": "multi-task fine-tune",
+    "single": "single-task fine-tune",
+    "linear_probe": "linear probe (frozen features)",
+    "band_power": "baseline: log band power + logistic regression",
+}
+
+
+def _fmt(mean: float, std: float) -> str:
+    return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+
+
+def comparisons(summary, tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per task: the model's balanced accuracy against the baseline and, for multi-task runs,
+    against single-task training (the negative-transfer check)."""
+    out = {}
+    for task in tasks:
+        entry: dict[str, Any] = {}
+        model_variant = next(
+            (
+                v
+                for v in ("multitask", "single", "linear_probe")
+                if (v, task, "balanced_accuracy") in summary
+            ),
+            None,
+        )
+        base = summary.get(("band_power", task, "balanced_accuracy"))
+        if model_variant is not None:
+            mean, std, folds = summary[(model_variant, task, "balanced_accuracy")]
+            entry.update(model_variant=model_variant, model=mean, model_std=std, folds=folds)
+            if base is not None:
+                entry.update(
+                    baseline=base[0], baseline_std=base[1], beats_baseline=bool(mean > base[0])
+                )
+        mt = summary.get(("multitask", task, "balanced_accuracy"))
+        st = summary.get(("single", task, "balanced_accuracy"))
+        if mt is not None and st is not None:
+            entry.update(
+                multitask=mt[0],
+                single=st[0],
+                transfer=mt[0] - st[0],
+                negative_transfer=bool(mt[0] < st[0]),
+            )
+        out[task] = entry
+    return out
+
+
+def write_outputs(
+    result: CVResult, data: TrainData, out_dir: Path, *, title: str, notes: Sequence[str] = ()
+) -> dict[str, Any]:
+    """results.csv, summary.json, report.md and PNG plots in ``out_dir``."""
+    from eegfast.train import plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["fold,variant,task,metric,value"]
+    lines += [
+        f"{r['fold']},{r['variant']},{r['task']},{r['metric']},{r['value']:.6g}"
+        for r in result.rows
+    ]
+    write_text_atomic(out_dir / "results.csv", "\n".join(lines) + "\n")
+    summary = summarise(result.rows)
+    tasks = sorted({r["task"] for r in result.rows})
+    compared = comparisons(summary, tasks)
+
+    figures: dict[str, str] = {}
+    if any(result.loss_curves.values()):
+        figures["loss curves"] = plots.loss_curves(
+            result.loss_curves, out_dir / "loss_curves.png", "fine-tuning loss per fold"
+        ).name
+    main_variant = next(
+        (
+            v
+            for v in ("multitask", "single", "linear_probe", "band_power")
+            if any(p["variant"] == v for p in result.predictions)
+        ),
+        None,
+    )
+    if main_variant is not None:
+        matrices = {}
+        for task in tasks:
+            preds = [
+                p for p in result.predictions if p["variant"] == main_variant and p["task"] == task
+            ]
+            if preds:
+                n = len(data.label_names[task])
+                matrices[task] = sum(confusion(p["y"], p["probs"], n) for p in preds)
+        figures[f"confusion matrices ({main_variant})"] = plots.confusion_matrices(
+            matrices, data.label_names, out_dir / "confusion_matrices.png"
+        ).name
+    roc: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for task in tasks:
+        if len(data.label_names[task]) != 2:
+            continue
+        for variant in ("multitask", "single", "linear_probe", "band_power"):
+            preds = [p for p in result.predictions if p["variant"] == variant and p["task"] == task]
+            if preds:
+                roc.setdefault(task, {})[variant] = (
+                    np.concatenate([p["y"] for p in preds]),
+                    np.concatenate([p["probs"][:, 1] for p in preds]),
+                )
+    if roc:
+        figures["ROC curves"] = plots.roc_curves(roc, out_dir / "roc_curves.png").name
+    if result.expert_load:
+        loads = {t: np.mean(v, axis=0) for t, v in result.expert_load.items()}
+        figures["expert load per task"] = plots.expert_load(loads, out_dir / "expert_load.png").name
+
+    md = [f"# {title}", ""]
+    md += [f"- {note}" for note in notes]
+    md += [f"- cross-validation for `{t}`: grouped {g}" for t, g in result.grouping.items()]
+    md += ["", "## Metrics (mean ± std over folds)", ""]
+    metrics = sorted(
+        {r["metric"] for r in result.rows},
+        key=["balanced_accuracy", "auroc", "auc_pr", "cohen_kappa", "f1_weighted"].index,
+    )
+    md.append("| task | method | folds | " + " | ".join(metrics) + " |")
+    md.append("|---|---|---|" + "---|" * len(metrics))
+    for task in tasks:
+        for variant in ("multitask", "single", "linear_probe", "band_power"):
+            if (variant, task, "balanced_accuracy") not in summary:
+                continue
+            cells = [
+                _fmt(*summary[(variant, task, m)][:2]) if (variant, task, m) in summary else ""
+                for m in metrics
+            ]
+            folds = summary[(variant, task, "balanced_accuracy")][2]
+            md.append(
+                f"| {task} | {VARIANT_NAMES[variant]} | {folds} | " + " | ".join(cells) + " |"
+            )
+    md += ["", "## Against the classic baseline (balanced accuracy)", ""]
+    for task, entry in compared.items():
+        if "beats_baseline" in entry:
+            verdict = "beats" if entry["beats_baseline"] else "does NOT beat"
+            md.append(
+                f"- `{task}`: {VARIANT_NAMES[entry['model_variant']]} {entry['model']:.3f} "
+                f"{verdict} the band-power baseline {entry['baseline']:.3f} "
+                f"(over {entry['folds']} folds; fold std {entry['model_std']:.3f} vs "
+                f"{entry['baseline_std']:.3f})."
+            )
+    if any("transfer" in e for e in compared.values()):
+        md += [
+            "",
+            "## Negative-transfer report (multi-task vs single-task, same folds)",
+            "",
+            "| task | multi-task BAcc | single-task BAcc | difference | verdict |",
+            "|---|---|---|---|---|",
+        ]
+        for task, entry in compared.items():
+            if "transfer" in entry:
+                verdict = (
+                    "negative transfer" if entry["negative_transfer"] else "no negative transfer"
+                )
+                md.append(
+                    f"| {task} | {entry['multitask']:.3f} | {entry['single']:.3f} | "
+                    f"{entry['transfer']:+.3f} | {verdict} |"
+                )
+    if figures:
+        md += ["", "## Plots", ""] + [
+            f"- {name}: ![{name}]({file})" for name, file in figures.items()
+        ]
+    md.append("")
+    write_text_atomic(out_dir / "report.md", "\n".join(md))
+    payload = {
+        "summary": [
+            {"variant": v, "task": t, "metric": m, "mean": mean, "std": std, "folds": n}
+            for (v, t, m), (mean, std, n) in sorted(summary.items())
+        ],
+        "comparisons": compared,
+        "grouping": result.grouping,
+        "figures": figures,
+    }
+    write_json_atomic(out_dir / "summary.json", payload)
+    arrays = {
+        f"{p['variant']}_{p['task']}_fold{p['fold']}_{key}": p[key]
+        for p in result.predictions
+        for key in ("y", "probs")
+    }
+
+    def save_npz(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    write_atomic(out_dir / "predictions.npz", save_npz)
+    return payload

@@ -1,0 +1,102 @@
+"""PNG plots for run reports (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    from eegfast.train.fileio import write_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    _pyplot().close(fig)
+    return path
+
+
+def loss_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: Path, title: str) -> Path:
+    """{label: [(step, loss), ...]} -> one line per label."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, points in curves.items():
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, label=label, linewidth=1.2)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    if len(curves) <= 12:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def confusion_matrices(
+    matrices: Mapping[str, np.ndarray], class_names: Mapping[str, Sequence[str]], path: Path
+) -> Path:
+    """One panel per task: counts summed over folds, rows = true class."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices), 3.4), squeeze=False)
+    for ax, (task, matrix) in zip(axes[0], matrices.items(), strict=True):
+        names = list(class_names[task])
+        ax.imshow(matrix, cmap="Blues")
+        for (i, j), value in np.ndenumerate(matrix):
+            ax.text(j, i, str(int(value)), ha="center", va="center", fontsize=9)
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(task, fontsize=10)
+    return _save(fig, path)
+
+
+def roc_curves(
+    curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], path: Path
+) -> Path:
+    """{task: {label: (y_true, p_positive)}} for binary tasks -> one panel per task."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.8), squeeze=False)
+    for ax, (task, per_label) in zip(axes[0], curves.items(), strict=True):
+        for label, (y, p) in per_label.items():
+            if len(np.unique(y)) < 2:
+                continue
+            fpr, tpr, _ = roc_curve(y, p)
+            ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(y, p):.2f})", linewidth=1.2)
+        ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_title(f"{task} (pooled over folds)", fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def expert_load(loads: Mapping[str, np.ndarray], path: Path) -> Path:
+    """{task: (num_experts,) mean fraction of routed slots} -> grouped bars."""
+    plt = _pyplot()
+    tasks = list(loads)
+    num_experts = len(next(iter(loads.values())))
+    width = 0.8 / max(len(tasks), 1)
+    fig, ax = plt.subplots(figsize=(max(5, num_experts * 0.8), 3.6))
+    for i, task in enumerate(tasks):
+        ax.bar(np.arange(num_experts) + i * width, loads[task], width, label=task)
+    ax.axhline(1.0 / num_experts, color="k", linestyle=":", linewidth=0.8, label="uniform")
+    ax.set_xticks(np.arange(num_experts) + width * (len(tasks) - 1) / 2, range(num_experts))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("fraction of routed tokens")
+    ax.set_title("expert load per task (mean over MoE layers and folds)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
