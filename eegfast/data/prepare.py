@@ -44,7 +44,6 @@ from eegfast.data.index import (
 )
 from eegfast.data.labels import LabelRules, read_label_table
 from eegfast.data.preprocess import (
-    PATCH_SAMPLES,
     TARGET_SFREQ,
     PreprocessConfig,
     SampleRateError,
@@ -259,8 +258,7 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
             f"recording {n_out / TARGET_SFREQ:g} s)"
         )
     shard = out_dir / SHARD_DIR / f"{job.key}.npy"
-    shape = (len(starts), len(names), cfg.window_seconds, PATCH_SAMPLES)
-    write_npy_atomic(shard, shape, cfg.dtype, lambda a: cut_windows(signal, starts, cfg, out=a))
+    write_npy_atomic(shard, cut_windows(signal, starts, cfg))
     info.update(
         {
             "task": resolved.task or job.task,

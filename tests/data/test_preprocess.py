@@ -57,6 +57,17 @@ def test_units_are_100_microvolts():
     assert np.abs(mains[0, 4000:-4000]).max() < 0.01
 
 
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_dc_offset_without_high_pass(precision):
+    rng = np.random.default_rng(0)
+    volts = 0.05 + 1e-5 * rng.normal(size=(2, 5000))  # 50 mV offset, 10 µV noise, 500 Hz
+    cfg = PreprocessConfig(l_freq=None, notch_freq=None)
+    out = preprocess_signal(volts, 500.0, cfg, precision=precision)
+    np.testing.assert_allclose(out.mean(axis=1), 500.0, rtol=1e-4)  # 50 mV = 500 units
+    with_hp = preprocess_signal(volts, 500.0, PreprocessConfig(), precision=precision)
+    assert np.abs(with_hp.mean(axis=1)).max() < 5.0  # the 0.1 Hz high-pass removes it
+
+
 def test_reference_electrode():
     data = np.random.default_rng(0).normal(size=(3, 2000)) * 1e-5
     cfg = PreprocessConfig(reference="CZ")

@@ -1,0 +1,300 @@
+"""Data pipeline benchmarks: ``eegfast prepare`` against the reference recipe, and the loader.
+
+Run from the repository root::
+
+    python -m benchmarks.bench_data [--out bench-results] [--copies 4]   # writes cpu_data.md/json
+    pytest benchmarks/bench_data.py --benchmark-only                     # pytest-benchmark view
+
+1. Preparation throughput, in hours of EEG per minute, on the bundled recordings (6 PhysioNet
+   files, 0.205 h; ``--copies`` copies of them in a temporary folder so the run is long enough to
+   time):
+   - ``eegfast``: ``eegfast.data.prepare.prepare`` (one FFT per channel, one memory-mapped shard
+     per recording, worker processes);
+   - ``reference recipe``: what the LaBraM preprocessing scripts do, rebuilt here: per recording
+     ``mne.io.read_raw`` (preloaded), ``raw.filter(0.1, 75)``, ``raw.notch_filter(50)``,
+     ``raw.resample(200)`` with MNE's defaults, units of 100 µV, then one pickle file per 4-s
+     window; run over the same worker-process pool size, so the ratio measures the work per
+     recording, not the parallelism.
+   Both write the same windows (same channels, 4-s windows every 4 s).
+2. Loader throughput, samples per second of (32 electrodes, 8 patches, 200) windows read from
+   the page cache (shards prepared from the motor-imagery recordings with ``--channels`` of 32
+   electrodes, 8-s windows every 0.5 s), shuffled batches of 256:
+   - ``eegfast``: ``make_loader(ShardDataset)`` (batch-level reads from the memory maps);
+   - ``per-item``: a DataLoader over the same ``ShardDataset`` items with ``collate_padded``
+     (the usual per-item ``__getitem__`` + collate pattern).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eegfast.data.labels import LabelRules
+from eegfast.data.prepare import Settings, prepare
+from eegfast.data.preprocess import PreprocessConfig
+from eegfast.data.reading import map_channels
+from eegfast.datasets import ATTRIBUTION, sample
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORKERS = 2
+SAMPLE_RULES = LabelRules(use_annotations=False, filename_rules=(("_1$", "rest"), ("_2$", "task")))
+LOADER_CHANNELS = (
+    "FC5,FC3,FC1,FCZ,FC2,FC4,FC6,C5,C3,C1,CZ,C2,C4,C6,CP5,CP3,CP1,CPZ,CP2,CP4,CP6,"
+    "FP1,FPZ,FP2,AF7,AF3,AFZ,AF4,AF8,F7,F5,F3"
+).split(",")
+
+
+# --------------------------------------------------------------------------------------------
+# The reference recipe, rebuilt (MNE per recording, one pickle per window).
+
+
+def reference_recording(path: str, out: str) -> float:
+    """Preprocess one recording the reference way; returns its duration in seconds."""
+    import mne
+
+    raw = mne.io.read_raw(path, preload=True, verbose="error")
+    chmap = map_channels(raw.ch_names, raw.get_channel_types())
+    raw.pick([raw.ch_names[i] for i in chmap.picks])
+    raw.filter(0.1, 75.0, verbose="error")
+    raw.notch_filter(50.0, verbose="error")
+    raw.resample(200, verbose="error")
+    data = raw.get_data(units="uV") / 100.0
+    stem = Path(path).stem
+    window = 4 * 200
+    label = 1 if stem.endswith("_2") else 0
+    for i, start in enumerate(range(0, data.shape[1] - window + 1, window)):
+        x = data[:, start : start + window].reshape(data.shape[0], 4, 200).astype(np.float32)
+        with open(os.path.join(out, f"{stem}_{i}.pkl"), "wb") as f:
+            pickle.dump({"X": x, "y": label}, f)
+    return raw.n_times / raw.info["sfreq"]
+
+
+def _reference_job(args: tuple[str, str]) -> float:
+    return reference_recording(*args)
+
+
+def reference_recipe(files: list[str], out: Path, workers: int) -> float:
+    """Run the reference recipe over ``files``; returns hours of EEG processed."""
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(f, str(out)) for f in files]
+    if workers <= 1:
+        seconds = sum(_reference_job(j) for j in jobs)
+    else:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            seconds = sum(pool.map(_reference_job, jobs, chunksize=1))
+    return seconds / 3600
+
+
+def eegfast_prepare(files: list[str], out: Path, workers: int) -> float:
+    settings = Settings(preprocess=PreprocessConfig(window_seconds=4), labels=SAMPLE_RULES)
+    report = prepare(files, out, settings, workers=workers, progress=False)
+    return report["hours"]
+
+
+def corpus(folder: Path, copies: int) -> list[str]:
+    """``copies`` real copies of the sample recordings (copies, not links: each is its own
+    recording to both pipelines)."""
+    files = []
+    for k in range(copies):
+        sub = folder / f"copy{k}"
+        sub.mkdir(parents=True, exist_ok=True)
+        for p in sample(download=False):
+            target = sub / p.name
+            if not target.exists():
+                shutil.copy(p, target)
+            files.append(str(target))
+    return files
+
+
+def time_prepare(files: list[str], work: Path, workers: int, repeats: int) -> dict:
+    """Median seconds and hours/minute of both pipelines (fresh output folder per run)."""
+    results = {}
+    for name, fn in (("eegfast", eegfast_prepare), ("reference recipe", reference_recipe)):
+        times, hours = [], 0.0
+        for r in range(repeats + 1):  # the first run warms caches and imports, untimed
+            out = work / f"{name.replace(' ', '_')}-{workers}-{r}"
+            start = time.perf_counter()
+            hours = fn(files, out, workers)
+            if r:
+                times.append(time.perf_counter() - start)
+            shutil.rmtree(out)
+        seconds = statistics.median(times)
+        rate = hours / seconds * 60
+        results[name] = {"seconds": seconds, "hours": hours, "hours_per_minute": rate}
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Loader.
+
+
+def loader_dataset(work: Path, dtype: str) -> Path:
+    out = work / f"loader-{dtype}"
+    if not (out / "index.json").exists():
+        mi = [p for p in sample(download=False) if p.name.startswith("S001")]
+        settings = Settings(
+            preprocess=PreprocessConfig(window_seconds=8, stride_seconds=0.5, dtype=dtype),
+            labels=LabelRules(use_annotations=False),
+            channels=tuple(LOADER_CHANNELS),
+        )
+        prepare([str(p) for p in mi], out, settings, progress=False)
+    return out
+
+
+def loader_rate(loader, min_samples: int = 8000) -> float:
+    """Samples per second over whole epochs, after one warm-up epoch."""
+    for _ in loader:
+        pass
+    n, start = 0, time.perf_counter()
+    while n < min_samples:
+        for batch in loader:
+            n += batch["x"].shape[0]
+    return n / (time.perf_counter() - start)
+
+
+def time_loaders(root: Path, batch_size: int = 256) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from eegfast.data import ShardDataset, collate_padded, make_loader
+
+    ds = ShardDataset(root)
+    assert ds[0]["x"].shape == (32, 8, 200)
+    rates = {}
+    for workers in (0, WORKERS):
+        loader = make_loader(ds, batch_size, shuffle=True, num_workers=workers, pin_memory=False)
+        rates[f"eegfast, {workers} workers"] = loader_rate(loader)
+        del loader
+        per_item = DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=workers,
+            collate_fn=collate_padded,
+            persistent_workers=workers > 0,
+        )
+        rates[f"per-item, {workers} workers"] = loader_rate(per_item)
+        del per_item
+    rates["torch_threads"] = torch.get_num_threads()
+    return rates
+
+
+# --------------------------------------------------------------------------------------------
+# Report.
+
+
+def write_report(out_dir: Path, results: dict) -> None:
+    from benchmarks._report import environment
+
+    env = environment()
+    results = {"environment": env, **results}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "cpu_data.json").write_text(json.dumps(results, indent=1) + "\n")
+    lines = ["# eegfast data pipeline on CPU", ""]
+    lines += [f"- {k}: {v}" for k, v in env.items()]
+    lines += ["", "## prepare: hours of EEG per minute", ""]
+    lines += [
+        f"Corpus: {results['corpus']['files']} recordings ({results['corpus']['hours']:.3f} h of "
+        "EEG; copies of the bundled PhysioNet sample), 4-s windows. Median of "
+        f"{results['repeats']} runs after a warm-up run. Ratio = eegfast speed / this row's.",
+        "",
+        "| pipeline | worker processes | median s | h of EEG / min | ratio (eegfast / this) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for workers, res in results["prepare"].items():
+        best = res["eegfast"]["hours_per_minute"]
+        for name, r in res.items():
+            lines.append(
+                f"| {name} | {workers} | {r['seconds']:.3f} | {r['hours_per_minute']:.2f} | "
+                f"{best / r['hours_per_minute']:.2f}× |"
+            )
+    lines += ["", "## Loader: samples/s, (32, 8, 200) float32 windows from the page cache", ""]
+    lines += [
+        "Shuffled batches of 256, whole epochs after a warm-up epoch; pin_memory off (no GPU). "
+        "Ratio = this row / the per-item DataLoader with the same storage and workers.",
+        "",
+        "| storage | loader | samples/s | ratio vs per-item |",
+        "|---|---|---:|---:|",
+    ]
+    for dtype, rates in results["loader"].items():
+        for name, rate in rates.items():
+            if name == "torch_threads":
+                continue
+            workers = name.split(", ")[1]
+            base = rates[f"per-item, {workers}"]
+            lines.append(f"| {dtype} | {name} | {rate:,.0f} | {rate / base:.2f}× |")
+    lines += ["", "Data: " + ATTRIBUTION, ""]
+    (out_dir / "cpu_data.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_data")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results")
+    parser.add_argument("--copies", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="eegfast-bench-data-") as tmp:
+        work = Path(tmp)
+        files = corpus(work / "corpus", args.copies)
+        prep = {w: time_prepare(files, work, w, args.repeats) for w in (1, WORKERS)}
+        hours = prep[1]["eegfast"]["hours"]
+        loader = {d: time_loaders(loader_dataset(work, d)) for d in ("float32", "float16")}
+    results = {
+        "corpus": {"files": len(files), "hours": hours},
+        "repeats": args.repeats,
+        "prepare": prep,
+        "loader": loader,
+    }
+    write_report(args.out, results)
+    print((args.out / "cpu_data.md").read_text())
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# pytest-benchmark view (fewer, shorter runs).
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench-data")
+
+
+@pytest.mark.parametrize("pipeline", ["eegfast", "reference recipe"])
+def test_prepare(benchmark, work, pipeline):
+    files = corpus(work / "corpus", 1)
+    fn = eegfast_prepare if pipeline == "eegfast" else reference_recipe
+    runs = iter(range(100))
+
+    def run():
+        out = work / f"{pipeline.replace(' ', '_')}-{next(runs)}"
+        return fn(files, out, WORKERS)
+
+    benchmark.group = "prepare: 6 sample recordings, 2 workers"
+    hours = benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(pipeline=pipeline, hours=hours)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_loader_batch(benchmark, work, dtype):
+    from eegfast.data import ShardDataset
+
+    ds = ShardDataset(loader_dataset(work, dtype))
+    rng = np.random.default_rng(0)
+    benchmark.group = "loader batch of 256: (32, 8, 200) windows"
+    benchmark.extra_info.update(dtype=dtype, batch=256)
+    benchmark(lambda: ds.get_batch(rng.choice(len(ds), 256, replace=False)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
