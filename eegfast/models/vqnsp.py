@@ -122,7 +122,7 @@ class VQNSP(nn.Module):
             decay=config.decay,
             kmeans_init=config.kmeans_init,
             dead_code_threshold=config.dead_code_threshold,
-            **factory,
+            device=device,  # the codebook and its EMA state stay float32 in any model dtype
         )
         E_enc, E_dec = config.encoder.embed_dim, config.decoder.embed_dim
         patch = config.encoder.patch_size
