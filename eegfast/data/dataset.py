@@ -10,7 +10,9 @@ open, tensor or dict. Memory maps are opened once per process and reused.
 from __future__ import annotations
 
 import math
+import mmap
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -21,6 +23,51 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from eegfast.data.index import load_index
 
 __all__ = ["ElectrodeSetBatchSampler", "ShardDataset", "collate_padded", "make_loader"]
+
+
+class _BatchMemory:
+    """Reusable memory for batch tensors built in this process.
+
+    Fresh memory for every batch costs a page fault per 4 KiB page (for a 52 MB batch of 256
+    windows that is slower than copying the windows themselves), so buffers are recycled. A
+    buffer is handed out again only when nothing references it any more: every tensor made from
+    it holds a reference to the numpy array that owns it (``torch.from_numpy`` keeps its source
+    alive), so its reference count says whether any batch, view or copy-free conversion of it is
+    still alive. New buffers are anonymous memory maps with transparent huge pages requested.
+    """
+
+    def __init__(self, max_buffers: int = 6) -> None:
+        self.max_buffers = max_buffers
+        self._buffers: list[np.ndarray] = []
+
+    def __getstate__(self):
+        return {"max_buffers": self.max_buffers, "_buffers": []}
+
+    def _is_free(self, i: int) -> bool:
+        # Evaluated without binding the buffer to a name: the only references left when no
+        # tensor uses it are the pool list's and getrefcount's argument.
+        return sys.getrefcount(self._buffers[i]) <= 2
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A uint8 array of exactly ``nbytes`` that no live tensor uses."""
+        for i in range(len(self._buffers)):
+            if self._buffers[i].nbytes == nbytes and self._is_free(i):
+                return self._buffers[i]
+        if len(self._buffers) >= self.max_buffers:
+            free = [i for i in range(len(self._buffers)) if self._is_free(i)]
+            if not free:
+                return _fresh_memory(nbytes)  # all in use: this batch gets unpooled memory
+            del self._buffers[free[0]]
+        self._buffers.append(_fresh_memory(nbytes))
+        return self._buffers[-1]
+
+
+def _fresh_memory(nbytes: int) -> np.ndarray:
+    if nbytes >= 1 << 21 and hasattr(mmap, "MADV_HUGEPAGE"):
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.madvise(mmap.MADV_HUGEPAGE)
+        return np.frombuffer(region, dtype=np.uint8)
+    return np.empty(nbytes, dtype=np.uint8)
 
 
 class ShardDataset(Dataset):
@@ -80,6 +127,7 @@ class ShardDataset(Dataset):
         self.labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, int)
         self.groups = rec_group[self._rec]  # item -> electrode-set id
         self._arrays: dict[int, np.ndarray] = {}
+        self._memory = _BatchMemory()
 
     # -- pickling to worker processes: memory maps are reopened there ----------------------
     def __getstate__(self):
@@ -140,7 +188,11 @@ class ShardDataset(Dataset):
         n_ch = self._n_channels[rec]
         c_max = int(n_ch.max())
         shape = (len(idx), c_max, self.window_seconds, 200)
-        x = torch.empty(shape, dtype=torch.float32, pin_memory=pin_memory)
+        if pin_memory:
+            x = torch.empty(shape, dtype=torch.float32, pin_memory=True)
+        else:
+            buffer = self._memory.take(4 * math.prod(shape))
+            x = torch.from_numpy(buffer.view(np.float32).reshape(shape))
         if (n_ch != c_max).any():
             x.zero_()
         x_np = x.numpy()
@@ -331,12 +383,20 @@ def make_loader(
     group_by_electrode_set : every batch holds one electrode set (no padding); else batches mix
         sets and pad (``channel_padding_mask``).
     sampler : order of item indices (overrides ``shuffle``), e.g. a weighted sampler.
-    num_workers : default ``min(2, cpu count)``. pin_memory : default when CUDA is available.
+    num_workers : default 0 for a ``ShardDataset`` (its batches are memory copies, fastest in
+        this process), else ``min(2, cpu count)``. pin_memory : default when CUDA is available
+        (in-process ``ShardDataset`` batches are then built directly in pinned memory).
     Batch rows of a ``ShardDataset`` come sorted by shard inside each batch (the set of rows is
     what the sampler chose); ``batch["index"]`` says which items they are.
     """
+    fast = isinstance(dataset, ShardDataset) or (
+        isinstance(dataset, Subset) and isinstance(dataset.dataset, ShardDataset)
+    )
     if num_workers is None:
-        num_workers = min(2, os.cpu_count() or 1)
+        # A ShardDataset batch is one memcpy per window from the page cache into recycled
+        # memory; a worker process would add a copy into fresh shared memory per batch, which
+        # costs more than the read itself (see bench-results/cpu_data.md).
+        num_workers = 0 if fast else min(2, os.cpu_count() or 1)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     if persistent_workers is None:

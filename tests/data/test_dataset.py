@@ -124,3 +124,28 @@ def test_make_loader_workers(prepared):
     for _ in range(2):  # persistent workers, two epochs
         seen = [i for batch in loader for i in batch["index"].tolist()]
         assert sorted(seen) == list(range(len(ds)))
+
+
+def test_batch_memory_is_reused_only_when_free(prepared):
+    ds = ShardDataset(prepared)
+    a_idx, b_idx = list(range(0, 8)), list(range(8, 16))
+    a = ds.get_batch(a_idx)
+    a_copy = a["x"].clone()
+    view = a["x"][:, :3]  # a view keeps the memory in use too
+    ptr = a["x"].data_ptr()
+    del a
+    b = ds.get_batch(b_idx)
+    assert b["x"].data_ptr() != ptr  # still referenced by `view`
+    torch.testing.assert_close(view, a_copy[:, :3], rtol=0, atol=0)
+    del view, b
+    c = ds.get_batch(a_idx)
+    torch.testing.assert_close(c["x"], a_copy, rtol=0, atol=0)
+    kept = [ds.get_batch(a_idx) for _ in range(10)]  # more live batches than pooled buffers
+    assert len({k["x"].data_ptr() for k in kept}) == 10
+    assert all(torch.equal(k["x"], a_copy) for k in kept)
+
+
+def test_batch_memory_recycles(prepared):
+    ds = ShardDataset(prepared)
+    first = ds.get_batch([0, 1, 2, 3])["x"].data_ptr()  # batch dropped at once
+    assert ds.get_batch([4, 5, 6, 7])["x"].data_ptr() == first
