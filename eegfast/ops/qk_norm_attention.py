@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import os
 from types import ModuleType
 
 import torch
@@ -337,22 +338,26 @@ def _triton_module() -> tuple[ModuleType | None, str]:
 @torch.compiler.assume_constant_result
 def _choose_backend(requested: str | None, device: torch.device, dropout: bool) -> str:
     """'reference', 'cpu' or 'triton' for this call; raises if an explicit choice cannot run."""
-    if requested == "cuda":
-        requested = "triton"  # no hand-written CUDA kernel for this op: CUDA means Triton
-    if dropout and requested not in (None, "reference"):
-        raise ValueError(
-            f"dropout_p > 0 is only implemented by backend='reference', got backend={requested!r}"
-        )
+    if dropout:
+        env = os.environ.get("EEGFAST_BACKEND")
+        if requested not in (None, "reference"):
+            raise ValueError(
+                "dropout_p > 0 is only implemented by backend='reference', "
+                f"got backend={requested!r}"
+            )
+        if requested is None and env not in (None, "", "auto", "reference"):
+            raise ValueError(
+                f"dropout_p > 0 is only implemented by backend='reference' (EEGFAST_BACKEND "
+                f"selects {env!r}); pass backend='reference' or dropout_p=0"
+            )
+        return "reference"
+    if requested == "cuda":  # no hand-written CUDA kernel for this op: CUDA means Triton
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' cannot run on tensors on {device}")
+        requested = "triton"
     chosen = resolve_backend(requested, device, GPU_PREFERENCE)
     if chosen == "cuda":  # EEGFAST_BACKEND=cuda
         chosen = "triton"
-    if dropout:
-        if chosen != "reference":
-            raise ValueError(
-                f"dropout_p > 0 is only implemented by backend='reference' (EEGFAST_BACKEND "
-                f"selects {chosen!r}); pass backend='reference' or dropout_p=0"
-            )
-        return chosen
     if chosen == "cpu" and not _cpp_ops_built():
         if requested == "cpu":
             raise RuntimeError(

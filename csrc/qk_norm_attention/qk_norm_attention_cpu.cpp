@@ -1,0 +1,938 @@
+// Fused QK-LayerNorm attention on CPU: LayerNorm of q and k over the head dim, then scaled
+// softmax attention with key padding / causal / block-causal masks, forward and backward.
+//
+// Memory: O(N * D) scratch per (batch, head); the (N, N) scores are never formed. The forward
+// walks keys in blocks of kKeyBlock with an online softmax (running max m, running sum l,
+// rescaled output accumulator); the backward recomputes the probabilities of each block from
+// the saved logsumexp (flash-attention style) and accumulates dq, dk, dv, then applies the
+// LayerNorm backward with the saved (mean, rstd).
+//
+// Layouts per (batch, head), in the accumulation type T (float; double for float64 inputs):
+// - normalised keys in panels (P, D, W): W = two vectors of keys, so one FMA scores a query
+//   against W keys (the vq kernel's panel layout);
+// - rows (N_pad, Dv), Dv = D rounded up to a vector: values, keys and row tiles, so P·V,
+//   dS·K and the dK / dV updates run vectorised over the head dim.
+// Kernels are written with GCC vector extensions and compiled twice: for AVX2+FMA (picked at
+// run time) and generically.
+//
+// Work split: the forward runs one task per (batch, head, query chunk); the backward runs one
+// task per (batch, head, query chunk) with per-chunk dK / dV partial sums, reduced in a
+// second pass with the key LayerNorm backward. Chunks are used only when there are fewer
+// (batch, head) pairs than threads, so the usual case has no partial sums at all. Parameter
+// gradients are summed from per-task partials (no atomics, no shared accumulators).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#define EEGFAST_INLINE __attribute__((always_inline)) inline
+
+namespace eegfast {
+namespace {
+
+constexpr int64_t kMaxHeadDim = 128;
+constexpr int kRows = 4;         // query rows per tile
+constexpr int kKeyBlock = 64;    // keys per online-softmax step
+constexpr int kMinChunkRows = 32;  // smallest query chunk worth its own task
+
+// ---- vectors ------------------------------------------------------------------------------
+
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <typename T>
+using vec_t = typename VecOf<T>::type;
+template <typename T>
+constexpr int kLanes = 32 / sizeof(T);
+template <typename T>
+constexpr int kPanel = 2 * kLanes<T>;  // keys per panel
+
+typedef int32_t vi32 __attribute__((vector_size(32)));
+
+template <typename T>
+EEGFAST_INLINE vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+EEGFAST_INLINE void vstore(T* p, vec_t<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename T>
+EEGFAST_INLINE vec_t<T> vsplat(T x) {
+  vec_t<T> v;  // not `vec_t<T>{} + x`: without -ffast-math, 0 + x is a real scalar add
+  for (int i = 0; i < kLanes<T>; ++i) v[i] = x;
+  return v;
+}
+template <typename T>
+EEGFAST_INLINE vec_t<T> vmax(vec_t<T> a, vec_t<T> b) {
+  return a > b ? a : b;
+}
+template <typename T>
+EEGFAST_INLINE T hsum(vec_t<T> v) {
+  T s = 0;
+  for (int i = 0; i < kLanes<T>; ++i) s += v[i];
+  return s;
+}
+template <typename T>
+EEGFAST_INLINE T hmax(vec_t<T> v) {
+  T m = v[0];
+  for (int i = 1; i < kLanes<T>; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// exp of 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes
+// coefficients, ~1 ulp), 2^n built in the exponent bits. exp(x < -87) is flushed to 0, so
+// masked scores (-inf) give exactly 0.
+EEGFAST_INLINE vec_t<float> vexp(vec_t<float> x) {
+  using vf = vec_t<float>;
+  const vf lo = vsplat(-87.0f), hi = vsplat(88.0f);
+  const vf magic = vsplat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vf xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const vf t = xc * 1.44269504088896341f + magic;
+  const vf n = t - magic;
+  vf r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = vsplat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vf y = p * r * r + r + 1.0f;
+  const vi32 bits = (((vi32)t - (vi32)magic) + 127) << 23;
+  const vf result = y * (vf)bits;
+  return x < lo ? vf{} : result;
+}
+
+EEGFAST_INLINE vec_t<double> vexp(vec_t<double> x) {
+  vec_t<double> y;
+  for (int i = 0; i < kLanes<double>; ++i) y[i] = std::exp(x[i]);
+  return y;
+}
+
+// ---- tile kernels -------------------------------------------------------------------------
+
+// S[r][j] = sum_d A[r][d] * key j of the panels, for kRows rows and kKeyBlock keys.
+template <typename T>
+EEGFAST_INLINE void score_tile(const T* A, int64_t Dv, int64_t D, const T* panels, T* S) {
+  constexpr int L = kLanes<T>, W = kPanel<T>;
+  for (int p = 0; p < kKeyBlock / W; ++p) {
+    const T* panel = panels + p * D * W;
+    vec_t<T> acc[kRows][2];
+    for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = vec_t<T>{};
+    for (int64_t d = 0; d < D; ++d) {
+      const vec_t<T> c0 = vload(panel + d * W), c1 = vload(panel + d * W + L);
+      for (int r = 0; r < kRows; ++r) {
+        const vec_t<T> a = vsplat(A[r * Dv + d]);
+        acc[r][0] += a * c0;
+        acc[r][1] += a * c1;
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      vstore(S + r * kKeyBlock + p * W, acc[r][0]);
+      vstore(S + r * kKeyBlock + p * W + L, acc[r][1]);
+    }
+  }
+}
+
+// out[r][c0 : c0 + C L] += sum_j S[r][j] * B[j][c0 : c0 + C L] over the kKeyBlock rows of B.
+template <typename T, int C>
+EEGFAST_INLINE void rows_chunk(T* out, int64_t Dv, const T* S, const T* B, int64_t c0) {
+  constexpr int L = kLanes<T>;
+  vec_t<T> acc[kRows][C];
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = vload(out + r * Dv + c0 + c * L);
+  for (int j = 0; j < kKeyBlock; ++j) {
+    vec_t<T> b[C];
+    for (int c = 0; c < C; ++c) b[c] = vload(B + j * Dv + c0 + c * L);
+    for (int r = 0; r < kRows; ++r) {
+      const vec_t<T> s = vsplat(S[r * kKeyBlock + j]);
+      for (int c = 0; c < C; ++c) acc[r][c] += s * b[c];
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < C; ++c) vstore(out + r * Dv + c0 + c * L, acc[r][c]);
+}
+
+template <typename T>
+EEGFAST_INLINE void accumulate_rows(T* out, int64_t Dv, const T* S, const T* B) {
+  const int64_t vectors = Dv / kLanes<T>;
+  int64_t c = 0;
+  for (; c + 3 <= vectors; c += 3) rows_chunk<T, 3>(out, Dv, S, B, c * kLanes<T>);
+  if (vectors - c == 2) rows_chunk<T, 2>(out, Dv, S, B, c * kLanes<T>);
+  if (vectors - c == 1) rows_chunk<T, 1>(out, Dv, S, B, c * kLanes<T>);
+}
+
+// out[j][c0 : c0 + C L] += sum_r S[r][j] * A[r][c0 : c0 + C L] for the kKeyBlock rows of out.
+template <typename T, int C>
+EEGFAST_INLINE void cols_chunk(T* out, int64_t Dv, const T* S, const T* A, int64_t c0) {
+  constexpr int L = kLanes<T>;
+  vec_t<T> a[kRows][C];
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < C; ++c) a[r][c] = vload(A + r * Dv + c0 + c * L);
+  for (int j = 0; j < kKeyBlock; ++j) {
+    vec_t<T> acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = vload(out + j * Dv + c0 + c * L);
+    for (int r = 0; r < kRows; ++r) {
+      const vec_t<T> s = vsplat(S[r * kKeyBlock + j]);
+      for (int c = 0; c < C; ++c) acc[c] += s * a[r][c];
+    }
+    for (int c = 0; c < C; ++c) vstore(out + j * Dv + c0 + c * L, acc[c]);
+  }
+}
+
+template <typename T>
+EEGFAST_INLINE void accumulate_cols(T* out, int64_t Dv, const T* S, const T* A) {
+  const int64_t vectors = Dv / kLanes<T>;
+  int64_t c = 0;
+  for (; c + 3 <= vectors; c += 3) cols_chunk<T, 3>(out, Dv, S, A, c * kLanes<T>);
+  if (vectors - c == 2) cols_chunk<T, 2>(out, Dv, S, A, c * kLanes<T>);
+  if (vectors - c == 1) cols_chunk<T, 1>(out, Dv, S, A, c * kLanes<T>);
+}
+
+// ---- problem description ------------------------------------------------------------------
+
+template <typename scalar_t>
+struct Strided {  // (B, H, N, D) tensor with arbitrary strides
+  const scalar_t* data;
+  int64_t sb, sh, sn, sd;
+  const scalar_t* row(int64_t b, int64_t h, int64_t i) const {
+    return data + b * sb + h * sh + i * sn;
+  }
+};
+
+template <typename scalar_t>
+Strided<scalar_t> strided(const at::Tensor& t) {
+  return {t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+template <typename scalar_t, typename T>
+struct Problem {
+  int64_t B, H, N, D, Dv, Nk, key_blocks;
+  T scale;
+  bool causal;
+  const bool* key_padding;  // (B, N) or null
+  const int64_t* ids;       // (N,) block ids or null
+  const T* qw;              // LayerNorm parameters (D,), each possibly null
+  const T* qb;
+  const T* kw;
+  const T* kb;
+  int64_t chunks;      // query chunks per (batch, head)
+  int64_t chunk_rows;  // multiple of kRows
+  Strided<scalar_t> q, k, v;
+};
+
+// Everything about the keys of one (batch, head) that the query tiles read.
+template <typename T>
+struct KeySide {
+  std::vector<T> panels;      // (Nk / W, D, W) normalised keys
+  std::vector<T> key_rows;    // (Nk, Dv) normalised keys (backward)
+  std::vector<T> value_rows;  // (Nk, Dv) values (forward)
+  std::vector<T> value_panels;  // (Nk / W, D, W) values (backward)
+  std::vector<T> bias;        // (Nk,) 0 or -inf (padding key, or past N)
+  std::vector<int64_t> ids;   // (Nk,) block id of each key
+  std::vector<uint8_t> block_empty;  // (key_blocks,) every key of the block is masked
+  std::vector<int64_t> block_id_min, block_id_max;  // over the unmasked keys of the block
+};
+
+template <typename T>
+EEGFAST_INLINE void put_in_panel(std::vector<T>& panels, int64_t D, int64_t j, int64_t d, T x) {
+  constexpr int W = kPanel<T>;
+  panels[(j / W) * D * W + d * W + (j % W)] = x;
+}
+
+// (mean, rstd) of one row of D elements, read with stride sd, and the row itself in dst.
+template <typename scalar_t, typename T>
+EEGFAST_INLINE void row_stats(const scalar_t* x, int64_t sd, int64_t D, T eps, T* dst, T& mean,
+                              T& rstd) {
+  T sum = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    dst[d] = static_cast<T>(x[d * sd]);
+    sum += dst[d];
+  }
+  mean = sum / static_cast<T>(D);
+  T var = 0;
+  for (int64_t d = 0; d < D; ++d) var += (dst[d] - mean) * (dst[d] - mean);
+  rstd = T(1) / std::sqrt(var / static_cast<T>(D) + eps);
+}
+
+// dst[d] = (x[d] - mean) rstd w[d] + b[d]; hat[d] = (x[d] - mean) rstd if hat is given.
+template <typename scalar_t, typename T>
+EEGFAST_INLINE void normalize_row(const scalar_t* x, int64_t sd, int64_t D, T mean, T rstd,
+                                  const T* w, const T* b, T* dst, T* hat) {
+  for (int64_t d = 0; d < D; ++d) {
+    const T h = (static_cast<T>(x[d * sd]) - mean) * rstd;
+    if (hat != nullptr) hat[d] = h;
+    dst[d] = h * (w ? w[d] : T(1)) + (b ? b[d] : T(0));
+  }
+}
+
+// Normalised keys (and values) of (b, h) in the layouts the tile kernels read. Writes the key
+// statistics to k_stats (N, 2) when given; with stats_in, uses those instead of computing.
+template <typename scalar_t, typename T>
+void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64_t h, T eps, bool backward,
+                  const T* stats_in, T* k_stats, KeySide<T>& ks) {
+  const int64_t N = p.N, D = p.D, Dv = p.Dv, Nk = p.Nk;
+  const T inf = std::numeric_limits<T>::infinity();
+  ks.panels.assign(Nk * D, T(0));
+  ks.bias.assign(Nk, -inf);
+  ks.ids.assign(Nk, 0);
+  if (backward) {
+    ks.key_rows.assign(Nk * Dv, T(0));
+    ks.value_panels.assign(Nk * D, T(0));
+  } else {
+    ks.value_rows.assign(Nk * Dv, T(0));
+  }
+  std::vector<T> row(D);
+  const bool* padding = p.key_padding ? p.key_padding + b * N : nullptr;
+  for (int64_t j = 0; j < N; ++j) {
+    const scalar_t* x = p.k.row(b, h, j);
+    T mean, rstd;
+    if (stats_in != nullptr) {
+      mean = stats_in[2 * j];
+      rstd = stats_in[2 * j + 1];
+    } else {
+      row_stats(x, p.k.sd, D, eps, row.data(), mean, rstd);
+      if (k_stats != nullptr) {
+        k_stats[2 * j] = mean;
+        k_stats[2 * j + 1] = rstd;
+      }
+    }
+    normalize_row(x, p.k.sd, D, mean, rstd, p.kw, p.kb, row.data(), static_cast<T*>(nullptr));
+    for (int64_t d = 0; d < D; ++d) put_in_panel(ks.panels, D, j, d, row[d]);
+    if (backward) std::copy(row.begin(), row.end(), ks.key_rows.begin() + j * Dv);
+    const scalar_t* vr = p.v.row(b, h, j);
+    for (int64_t d = 0; d < D; ++d) {
+      const T value = static_cast<T>(vr[d * p.v.sd]);
+      if (backward)
+        put_in_panel(ks.value_panels, D, j, d, value);
+      else
+        ks.value_rows[j * Dv + d] = value;
+    }
+    ks.bias[j] = (padding && padding[j]) ? -inf : T(0);
+    ks.ids[j] = p.ids ? p.ids[j] : 0;
+  }
+  ks.block_empty.assign(p.key_blocks, 1);
+  ks.block_id_min.assign(p.key_blocks, std::numeric_limits<int64_t>::max());
+  ks.block_id_max.assign(p.key_blocks, std::numeric_limits<int64_t>::min());
+  for (int64_t j = 0; j < N; ++j) {
+    if (ks.bias[j] != T(0)) continue;
+    const int64_t kb = j / kKeyBlock;
+    ks.block_empty[kb] = 0;
+    ks.block_id_min[kb] = std::min(ks.block_id_min[kb], ks.ids[j]);
+    ks.block_id_max[kb] = std::max(ks.block_id_max[kb], ks.ids[j]);
+  }
+}
+
+// Which key blocks a query tile needs, and whether its scores need per-element masking.
+struct TileMask {
+  int64_t first_row, last_row;  // query rows of the tile (last_row: last valid one)
+  int64_t ids[kRows];           // block id of each row (padding rows: the last valid one)
+  int64_t id_min, id_max;
+};
+
+template <typename scalar_t, typename T>
+EEGFAST_INLINE bool block_visible(const Problem<scalar_t, T>& p, const KeySide<T>& ks,
+                                  const TileMask& t, int64_t kb) {
+  if (ks.block_empty[kb]) return false;
+  if (p.causal && kb * kKeyBlock > t.last_row) return false;
+  if (p.ids && ks.block_id_min[kb] > t.id_max) return false;
+  return true;
+}
+
+// Adds the key bias and, where some keys of the block are hidden from some rows, -inf there.
+template <typename scalar_t, typename T>
+EEGFAST_INLINE void mask_scores(const Problem<scalar_t, T>& p, const KeySide<T>& ks,
+                                const TileMask& t, int64_t kb, T* S) {
+  constexpr int L = kLanes<T>;
+  const T* bias = ks.bias.data() + kb * kKeyBlock;
+  for (int r = 0; r < kRows; ++r)
+    for (int j = 0; j < kKeyBlock; j += L)
+      vstore(S + r * kKeyBlock + j, vload(S + r * kKeyBlock + j) + vload(bias + j));
+  const int64_t key0 = kb * kKeyBlock;
+  const bool by_position = p.causal && key0 + kKeyBlock - 1 > t.first_row;
+  const bool by_block = p.ids && ks.block_id_max[kb] > t.id_min;
+  if (!by_position && !by_block) return;
+  const T inf = std::numeric_limits<T>::infinity();
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t i = t.first_row + r;
+    for (int j = 0; j < kKeyBlock; ++j) {
+      const bool hidden = (by_position && key0 + j > i) || (by_block && ks.ids[key0 + j] > t.ids[r]);
+      if (hidden) S[r * kKeyBlock + j] = -inf;
+    }
+  }
+}
+
+template <typename scalar_t, typename T>
+EEGFAST_INLINE TileMask tile_mask(const Problem<scalar_t, T>& p, int64_t i0) {
+  TileMask t;
+  t.first_row = i0;
+  t.last_row = std::min(i0 + kRows, p.N) - 1;
+  t.id_min = std::numeric_limits<int64_t>::max();
+  t.id_max = std::numeric_limits<int64_t>::min();
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t i = std::min(i0 + r, t.last_row);
+    t.ids[r] = p.ids ? p.ids[i] : 0;
+    t.id_min = std::min(t.id_min, t.ids[r]);
+    t.id_max = std::max(t.id_max, t.ids[r]);
+  }
+  return t;
+}
+
+// ---- forward ------------------------------------------------------------------------------
+
+template <typename scalar_t, typename T>
+struct ForwardArgs {
+  Problem<scalar_t, T> p;
+  T eps;
+  scalar_t* out;  // (B, N, H, D)
+  T* lse;         // (B, H, N)
+  T* q_stats;     // (B, H, N, 2)
+  T* k_stats;     // (B, H, N, 2)
+};
+
+// Online softmax over one key block: S becomes the block's probabilities (relative to the
+// new running max), alpha the factor that rescales the previous accumulators.
+template <typename T>
+EEGFAST_INLINE void softmax_step(T* S, T* m, T* l, T* alpha) {
+  constexpr int L = kLanes<T>;
+  const T inf = std::numeric_limits<T>::infinity();
+  for (int r = 0; r < kRows; ++r) {
+    T* s = S + r * kKeyBlock;
+    vec_t<T> mx = vsplat(-inf);
+    for (int j = 0; j < kKeyBlock; j += L) mx = vmax<T>(mx, vload(s + j));
+    const T m_new = std::max(m[r], hmax<T>(mx));
+    const T shift = m_new == -inf ? T(0) : m_new;  // a row that has seen no key yet
+    alpha[r] = std::exp(m[r] - shift);
+    vec_t<T> sum{};
+    for (int j = 0; j < kKeyBlock; j += L) {
+      const vec_t<T> e = vexp(vload(s + j) - shift);
+      vstore(s + j, e);
+      sum += e;
+    }
+    l[r] = l[r] * alpha[r] + hsum<T>(sum);
+    m[r] = m_new;
+  }
+}
+
+template <typename scalar_t, typename T>
+EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task) {
+  const Problem<scalar_t, T>& p = a.p;
+  const int64_t bh = task / p.chunks, chunk = task % p.chunks;
+  const int64_t b = bh / p.H, h = bh % p.H;
+  const int64_t row_begin = chunk * p.chunk_rows;
+  const int64_t row_end = std::min(p.N, row_begin + p.chunk_rows);
+  if (row_begin >= row_end) return;
+  const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H;
+  const T inf = std::numeric_limits<T>::infinity();
+  KeySide<T> ks;
+  prepare_keys(p, b, h, a.eps, /*backward=*/false, static_cast<const T*>(nullptr),
+               chunk == 0 ? a.k_stats + bh * N * 2 : static_cast<T*>(nullptr), ks);
+  std::vector<T> queries(kRows * Dv), acc(kRows * Dv), row(D);
+  alignas(64) T S[kRows * kKeyBlock];
+  T* q_stats = a.q_stats + bh * N * 2;
+  for (int64_t i0 = row_begin; i0 < row_end; i0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, row_end - i0));
+    std::fill(queries.begin(), queries.end(), T(0));
+    std::fill(acc.begin(), acc.end(), T(0));
+    for (int r = 0; r < rows; ++r) {
+      const scalar_t* x = p.q.row(b, h, i0 + r);
+      T mean, rstd;
+      row_stats(x, p.q.sd, D, a.eps, row.data(), mean, rstd);
+      q_stats[2 * (i0 + r)] = mean;
+      q_stats[2 * (i0 + r) + 1] = rstd;
+      T* dst = queries.data() + r * Dv;
+      normalize_row(x, p.q.sd, D, mean, rstd, p.qw, p.qb, dst, static_cast<T*>(nullptr));
+      for (int64_t d = 0; d < D; ++d) dst[d] *= p.scale;
+    }
+    TileMask t = tile_mask(p, i0);
+    t.last_row = i0 + rows - 1;
+    T m[kRows], l[kRows], alpha[kRows];
+    for (int r = 0; r < kRows; ++r) m[r] = -inf, l[r] = 0;
+    for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
+      if (!block_visible(p, ks, t, kb)) continue;
+      score_tile(queries.data(), Dv, D, ks.panels.data() + kb * kKeyBlock * D, S);
+      mask_scores(p, ks, t, kb, S);
+      softmax_step(S, m, l, alpha);
+      for (int r = 0; r < kRows; ++r) {
+        if (alpha[r] == T(1)) continue;
+        for (int64_t d = 0; d < Dv; ++d) acc[r * Dv + d] *= alpha[r];
+      }
+      accumulate_rows(acc.data(), Dv, S, ks.value_rows.data() + kb * kKeyBlock * Dv);
+    }
+    for (int r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
+      scalar_t* o = a.out + ((b * N + i) * H + h) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[r * Dv + d] * inv);
+      a.lse[bh * N + i] = l[r] > T(0) ? m[r] + std::log(l[r]) : -inf;
+    }
+  }
+}
+
+// ---- backward -----------------------------------------------------------------------------
+
+template <typename scalar_t, typename T>
+struct BackwardArgs {
+  Problem<scalar_t, T> p;
+  const scalar_t* grad_out;  // (B, N, H, D)
+  const scalar_t* out;       // (B, N, H, D)
+  const T* lse;              // (B, H, N)
+  const T* q_stats;          // (B, H, N, 2)
+  const T* k_stats;          // (B, H, N, 2)
+  scalar_t* dq;              // (B, H, N, D)
+  scalar_t* dk;
+  scalar_t* dv;
+  T* key_grads;    // (B H, chunks, 2, Nk, Dv): d(normalised k), dv partial sums
+  T* q_param_grads;  // (B H chunks, 2, D): d q_w, d q_b partial sums
+  T* k_param_grads;  // (B H, 2, D)
+};
+
+// LayerNorm backward of one row: dx from the gradient dn of the normalised row; adds the
+// row's contribution to the parameter gradients (dw, db).
+template <typename T>
+EEGFAST_INLINE void layer_norm_backward_row(const T* dn, const T* hat, T rstd, const T* w,
+                                            int64_t D, T* dx, T* dw, T* db) {
+  T mean_g = 0, mean_gh = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const T g = dn[d] * (w ? w[d] : T(1));
+    mean_g += g;
+    mean_gh += g * hat[d];
+    dw[d] += dn[d] * hat[d];
+    db[d] += dn[d];
+  }
+  mean_g /= static_cast<T>(D);
+  mean_gh /= static_cast<T>(D);
+  for (int64_t d = 0; d < D; ++d) {
+    const T g = dn[d] * (w ? w[d] : T(1));
+    dx[d] = rstd * (g - mean_g - hat[d] * mean_gh);
+  }
+}
+
+template <typename scalar_t, typename T>
+EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t task) {
+  const Problem<scalar_t, T>& p = a.p;
+  const int64_t bh = task / p.chunks, chunk = task % p.chunks;
+  const int64_t b = bh / p.H, h = bh % p.H;
+  const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H, Nk = p.Nk;
+  T* dkn = a.key_grads + task * 2 * Nk * Dv;  // d(normalised keys) (Nk, Dv)
+  T* dvalues = dkn + Nk * Dv;                 // (Nk, Dv)
+  std::fill(dkn, dkn + 2 * Nk * Dv, T(0));
+  T* dqw = a.q_param_grads + task * 2 * D;
+  T* dqb = dqw + D;
+  std::fill(dqw, dqw + 2 * D, T(0));
+  const int64_t row_begin = chunk * p.chunk_rows;
+  const int64_t row_end = std::min(p.N, row_begin + p.chunk_rows);
+  if (row_begin >= row_end) return;
+  const T inf = std::numeric_limits<T>::infinity();
+  KeySide<T> ks;
+  prepare_keys(p, b, h, T(0), /*backward=*/true, a.k_stats + bh * N * 2,
+               static_cast<T*>(nullptr), ks);
+  std::vector<T> queries(kRows * Dv), scaled(kRows * Dv), hats(kRows * Dv), grads(kRows * Dv),
+      dqn(kRows * Dv), dx(D);
+  alignas(64) T P[kRows * kKeyBlock];
+  alignas(64) T dS[kRows * kKeyBlock];
+  const T* q_stats = a.q_stats + bh * N * 2;
+  for (int64_t i0 = row_begin; i0 < row_end; i0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, row_end - i0));
+    for (auto* buffer : {&queries, &scaled, &hats, &grads, &dqn})
+      std::fill(buffer->begin(), buffer->end(), T(0));
+    T delta[kRows], lse[kRows];
+    for (int r = 0; r < kRows; ++r) delta[r] = 0, lse[r] = inf;  // padding rows: P = 0
+    for (int r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      normalize_row(p.q.row(b, h, i), p.q.sd, D, q_stats[2 * i], q_stats[2 * i + 1], p.qw, p.qb,
+                    queries.data() + r * Dv, hats.data() + r * Dv);
+      for (int64_t d = 0; d < D; ++d) scaled[r * Dv + d] = queries[r * Dv + d] * p.scale;
+      const scalar_t* go = a.grad_out + ((b * N + i) * H + h) * D;
+      const scalar_t* o = a.out + ((b * N + i) * H + h) * D;
+      T dot = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        grads[r * Dv + d] = static_cast<T>(go[d]);
+        dot += grads[r * Dv + d] * static_cast<T>(o[d]);
+      }
+      delta[r] = dot;
+      const T saved = a.lse[bh * N + i];
+      lse[r] = saved == -inf ? inf : saved;  // a row that saw no key: P = 0
+    }
+    TileMask t = tile_mask(p, i0);
+    t.last_row = i0 + rows - 1;
+    constexpr int L = kLanes<T>;
+    for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
+      if (!block_visible(p, ks, t, kb)) continue;
+      score_tile(scaled.data(), Dv, D, ks.panels.data() + kb * kKeyBlock * D, P);
+      mask_scores(p, ks, t, kb, P);
+      score_tile(grads.data(), Dv, D, ks.value_panels.data() + kb * kKeyBlock * D, dS);
+      for (int r = 0; r < kRows; ++r) {
+        const vec_t<T> shift = vsplat(lse[r]), d_r = vsplat(delta[r]);
+        for (int j = 0; j < kKeyBlock; j += L) {
+          const vec_t<T> prob = vexp(vload(P + r * kKeyBlock + j) - shift);
+          vstore(P + r * kKeyBlock + j, prob);
+          vstore(dS + r * kKeyBlock + j,
+                 prob * (vload(dS + r * kKeyBlock + j) - d_r) * p.scale);
+        }
+      }
+      accumulate_cols(dvalues + kb * kKeyBlock * Dv, Dv, P, grads.data());
+      accumulate_cols(dkn + kb * kKeyBlock * Dv, Dv, dS, queries.data());
+      accumulate_rows(dqn.data(), Dv, dS, ks.key_rows.data() + kb * kKeyBlock * Dv);
+    }
+    for (int r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      layer_norm_backward_row(dqn.data() + r * Dv, hats.data() + r * Dv, q_stats[2 * i + 1], p.qw,
+                              D, dx.data(), dqw, dqb);
+      scalar_t* dst = a.dq + (bh * N + i) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(dx[d]);
+    }
+  }
+}
+
+// Sums the chunks' key gradients of (b, h), then the key LayerNorm backward; writes dk, dv.
+template <typename scalar_t, typename T>
+EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh) {
+  const Problem<scalar_t, T>& p = a.p;
+  const int64_t b = bh / p.H, h = bh % p.H;
+  const int64_t D = p.D, Dv = p.Dv, N = p.N, Nk = p.Nk;
+  T* dkw = a.k_param_grads + bh * 2 * D;
+  T* dkb = dkw + D;
+  std::fill(dkw, dkw + 2 * D, T(0));
+  const T* k_stats = a.k_stats + bh * N * 2;
+  std::vector<T> dkn(D), dvalue(D), hat(D), dx(D), unused(D);
+  for (int64_t j = 0; j < N; ++j) {
+    std::fill(dkn.begin(), dkn.end(), T(0));
+    std::fill(dvalue.begin(), dvalue.end(), T(0));
+    for (int64_t c = 0; c < p.chunks; ++c) {
+      const T* part = a.key_grads + (bh * p.chunks + c) * 2 * Nk * Dv;
+      for (int64_t d = 0; d < D; ++d) {
+        dkn[d] += part[j * Dv + d];
+        dvalue[d] += part[Nk * Dv + j * Dv + d];
+      }
+    }
+    normalize_row(p.k.row(b, h, j), p.k.sd, D, k_stats[2 * j], k_stats[2 * j + 1],
+                  static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), unused.data(),
+                  hat.data());
+    layer_norm_backward_row(dkn.data(), hat.data(), k_stats[2 * j + 1], p.kw, D, dx.data(), dkw,
+                            dkb);
+    scalar_t* dk = a.dk + (bh * N + j) * D;
+    scalar_t* dv = a.dv + (bh * N + j) * D;
+    for (int64_t d = 0; d < D; ++d) {
+      dk[d] = static_cast<scalar_t>(dx[d]);
+      dv[d] = static_cast<scalar_t>(dvalue[d]);
+    }
+  }
+}
+
+// ---- AVX2 / generic instances ---------------------------------------------------------------
+
+#if defined(__x86_64__)
+const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+
+template <typename scalar_t, typename T>
+__attribute__((target("avx2,fma"))) void forward_task_avx2(const ForwardArgs<scalar_t, T>& a,
+                                                          int64_t task) {
+  forward_task(a, task);
+}
+template <typename scalar_t, typename T>
+__attribute__((target("avx2,fma"))) void backward_task_avx2(const BackwardArgs<scalar_t, T>& a,
+                                                           int64_t task) {
+  backward_task(a, task);
+}
+#endif
+
+template <typename scalar_t, typename T>
+void forward_task_generic(const ForwardArgs<scalar_t, T>& a, int64_t task) {
+  forward_task(a, task);
+}
+template <typename scalar_t, typename T>
+void backward_task_generic(const BackwardArgs<scalar_t, T>& a, int64_t task) {
+  backward_task(a, task);
+}
+
+// ---- argument checks ----------------------------------------------------------------------
+
+void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const c10::optional<at::Tensor>& q_w, const c10::optional<at::Tensor>& q_b,
+                  const c10::optional<at::Tensor>& k_w, const c10::optional<at::Tensor>& k_b,
+                  const c10::optional<at::Tensor>& key_padding_mask,
+                  const c10::optional<at::Tensor>& block_ids) {
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must have shape (B, H, N, D), got ", q.sizes());
+  TORCH_CHECK_VALUE(k.sizes() == q.sizes(), op, ": k must have the shape of q ", q.sizes(),
+                    ", got ", k.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == q.sizes(), op, ": v must have the shape of q ", q.sizes(),
+                    ", got ", v.sizes());
+  const int64_t B = q.size(0), N = q.size(2), D = q.size(3);
+  TORCH_CHECK_VALUE(D >= 1 && D <= kMaxHeadDim, op, ": head dim D = ", D,
+                    " is not supported: it must be in 1..", kMaxHeadDim);
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
+                       dtype == at::kDouble,
+                   op, ": q must be float32, float16, bfloat16 or float64, got ", dtype);
+  TORCH_CHECK_TYPE(k.scalar_type() == dtype, op, ": q is ", dtype, " but k is ", k.scalar_type());
+  TORCH_CHECK_TYPE(v.scalar_type() == dtype, op, ": q is ", dtype, " but v is ", v.scalar_type());
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": q, k, v must be CPU tensors, got ",
+                      t->device());
+  const std::pair<const char*, const c10::optional<at::Tensor>*> params[] = {
+      {"q_w", &q_w}, {"q_b", &q_b}, {"k_w", &k_w}, {"k_b", &k_b}};
+  for (const auto& [name, param] : params) {
+    if (!param->has_value()) continue;
+    const at::Tensor& t = param->value();
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == D, op, ": ", name, " must have shape (D,) = (",
+                      D, ",), got ", t.sizes());
+    TORCH_CHECK_TYPE(t.is_floating_point(), op, ": ", name, " must be floating point, got ",
+                     t.scalar_type());
+    TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+  }
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& m = key_padding_mask.value();
+    TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == B && m.size(1) == N, op,
+                      ": key_padding_mask must have shape (B, N) = (", B, ", ", N, "), got ",
+                      m.sizes());
+    TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, op, ": key_padding_mask must be bool, got ",
+                     m.scalar_type());
+    TORCH_CHECK_VALUE(m.device().is_cpu(), op, ": key_padding_mask must be a CPU tensor");
+  }
+  if (block_ids.has_value()) {
+    const at::Tensor& ids = block_ids.value();
+    TORCH_CHECK_VALUE(ids.dim() == 1 && ids.size(0) == N, op,
+                      ": block_ids must have shape (N,) = (", N, ",), got ", ids.sizes());
+    TORCH_CHECK_TYPE(at::isIntegralType(ids.scalar_type(), /*includeBool=*/false), op,
+                     ": block_ids must be an integer tensor, got ", ids.scalar_type());
+    TORCH_CHECK_VALUE(ids.device().is_cpu(), op, ": block_ids must be a CPU tensor");
+  }
+}
+
+// Query chunks per (batch, head): 1 unless there are too few (batch, head) pairs to keep every
+// thread busy.
+int64_t query_chunks(int64_t pairs, int64_t N) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t wanted = (2 * threads + pairs - 1) / std::max<int64_t>(pairs, 1);
+  const int64_t most = std::max<int64_t>(1, N / kMinChunkRows);
+  return std::clamp<int64_t>(wanted, 1, most);
+}
+
+at::ScalarType accumulation_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+c10::optional<at::Tensor> as_accumulation(const c10::optional<at::Tensor>& t,
+                                          at::ScalarType acc) {
+  if (!t.has_value()) return c10::nullopt;
+  return t->to(acc).contiguous();
+}
+
+template <typename T>
+const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+struct Prepared {
+  c10::optional<at::Tensor> qw, qb, kw, kb, key_padding, ids;
+};
+
+Prepared prepare_optional(at::ScalarType acc, const c10::optional<at::Tensor>& q_w,
+                          const c10::optional<at::Tensor>& q_b,
+                          const c10::optional<at::Tensor>& k_w,
+                          const c10::optional<at::Tensor>& k_b,
+                          const c10::optional<at::Tensor>& key_padding_mask,
+                          const c10::optional<at::Tensor>& block_ids) {
+  Prepared out{as_accumulation(q_w, acc), as_accumulation(q_b, acc), as_accumulation(k_w, acc),
+               as_accumulation(k_b, acc), c10::nullopt, c10::nullopt};
+  if (key_padding_mask.has_value()) out.key_padding = key_padding_mask->contiguous();
+  if (block_ids.has_value()) out.ids = block_ids->to(at::kLong).contiguous();
+  return out;
+}
+
+template <typename scalar_t, typename T>
+Problem<scalar_t, T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const Prepared& opt, double scale, bool causal) {
+  Problem<scalar_t, T> p;
+  p.B = q.size(0);
+  p.H = q.size(1);
+  p.N = q.size(2);
+  p.D = q.size(3);
+  p.Dv = (p.D + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
+  p.key_blocks = (p.N + kKeyBlock - 1) / kKeyBlock;
+  p.Nk = p.key_blocks * kKeyBlock;
+  p.scale = static_cast<T>(scale);
+  p.causal = causal;
+  p.key_padding = ptr_or_null<bool>(opt.key_padding);
+  p.ids = ptr_or_null<int64_t>(opt.ids);
+  p.qw = ptr_or_null<T>(opt.qw);
+  p.qb = ptr_or_null<T>(opt.qb);
+  p.kw = ptr_or_null<T>(opt.kw);
+  p.kb = ptr_or_null<T>(opt.kb);
+  p.chunks = query_chunks(p.B * p.H, p.N);
+  const int64_t rows = (p.N + p.chunks - 1) / p.chunks;
+  p.chunk_rows = (rows + kRows - 1) / kRows * kRows;
+  p.q = strided<scalar_t>(q);
+  p.k = strided<scalar_t>(k);
+  p.v = strided<scalar_t>(v);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& q_w, const c10::optional<at::Tensor>& q_b,
+    const c10::optional<at::Tensor>& k_w, const c10::optional<at::Tensor>& k_b, double eps,
+    double scale, const c10::optional<at::Tensor>& key_padding_mask, bool causal,
+    const c10::optional<at::Tensor>& block_ids) {
+  constexpr const char* op = "qk_norm_attention_fwd";
+  check_inputs(op, q, k, v, q_w, q_b, k_w, k_b, key_padding_mask, block_ids);
+  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), op, ": eps must be finite and >= 0, got ",
+                    eps);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  const auto acc = accumulation_type(q.scalar_type());
+  auto out = at::empty({B, N, H, D}, q.options());
+  auto lse = at::empty({B, H, N}, q.options().dtype(acc));
+  auto q_stats = at::empty({B, H, N, 2}, q.options().dtype(acc));
+  auto k_stats = at::empty({B, H, N, 2}, q.options().dtype(acc));
+  if (B * H * N == 0) return {out, lse, q_stats, k_stats};
+  const Prepared opt = prepare_optional(acc, q_w, q_b, k_w, k_b, key_padding_mask, block_ids);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
+    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    ForwardArgs<scalar_t, T> a{make_problem<scalar_t, T>(q, k, v, opt, scale, causal),
+                               static_cast<T>(eps),
+                               out.data_ptr<scalar_t>(),
+                               lse.data_ptr<T>(),
+                               q_stats.data_ptr<T>(),
+                               k_stats.data_ptr<T>()};
+    at::parallel_for(0, B * H * a.p.chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+#if defined(__x86_64__)
+        if (kHasAvx2) {
+          forward_task_avx2(a, task);
+          continue;
+        }
+#endif
+        forward_task_generic(a, task);
+      }
+    });
+  });
+  return {out, lse, q_stats, k_stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+qk_norm_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, const c10::optional<at::Tensor>& q_w,
+                          const c10::optional<at::Tensor>& q_b,
+                          const c10::optional<at::Tensor>& k_w,
+                          const c10::optional<at::Tensor>& k_b, const at::Tensor& out,
+                          const at::Tensor& lse, const at::Tensor& q_stats,
+                          const at::Tensor& k_stats, double scale,
+                          const c10::optional<at::Tensor>& key_padding_mask, bool causal,
+                          const c10::optional<at::Tensor>& block_ids) {
+  constexpr const char* op = "qk_norm_attention_bwd";
+  check_inputs(op, q, k, v, q_w, q_b, k_w, k_b, key_padding_mask, block_ids);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  const auto acc = accumulation_type(q.scalar_type());
+  const std::vector<int64_t> bnhd{B, N, H, D}, bhn{B, H, N}, stats_shape{B, H, N, 2};
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(bnhd), op,
+                    ": grad_out must have shape (B, N, H, D), got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(bnhd), op,
+                    ": out must have shape (B, N, H, D), got ", out.sizes());
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(bhn), op,
+                    ": lse must have shape (B, H, N), got ", lse.sizes());
+  TORCH_CHECK_VALUE(q_stats.sizes() == at::IntArrayRef(stats_shape) &&
+                        k_stats.sizes() == at::IntArrayRef(stats_shape),
+                    op, ": q_stats and k_stats must have shape (B, H, N, 2)");
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type() &&
+                       out.scalar_type() == q.scalar_type(),
+                   op, ": grad_out and out must have q's dtype ", q.scalar_type());
+  const auto param_grad = [&](const c10::optional<at::Tensor>& p) {
+    return p.has_value() ? at::empty({D}, p->options()) : at::empty({0}, q.options());
+  };
+  auto dq = at::empty({B, H, N, D}, q.options());
+  auto dk = at::empty({B, H, N, D}, q.options());
+  auto dv = at::empty({B, H, N, D}, q.options());
+  auto dq_w = param_grad(q_w), dq_b = param_grad(q_b), dk_w = param_grad(k_w),
+       dk_b = param_grad(k_b);
+  if (B * H * N == 0) {
+    for (auto* g : {&dq_w, &dq_b, &dk_w, &dk_b}) g->zero_();
+    return {dq, dk, dv, dq_w, dq_b, dk_w, dk_b};
+  }
+  const Prepared opt = prepare_optional(acc, q_w, q_b, k_w, k_b, key_padding_mask, block_ids);
+  const at::Tensor grad_c = grad_out.contiguous(), out_c = out.contiguous();
+  const at::Tensor lse_c = lse.to(acc).contiguous(), q_stats_c = q_stats.to(acc).contiguous(),
+                   k_stats_c = k_stats.to(acc).contiguous();
+  at::Tensor q_param_sums, k_param_sums;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
+    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const Problem<scalar_t, T> p = make_problem<scalar_t, T>(q, k, v, opt, scale, causal);
+    const int64_t tasks = B * H * p.chunks;
+    auto key_grads = at::empty({tasks, 2, p.Nk, p.Dv}, q.options().dtype(acc));
+    auto q_param_grads = at::empty({tasks, 2, D}, q.options().dtype(acc));
+    auto k_param_grads = at::empty({B * H, 2, D}, q.options().dtype(acc));
+    BackwardArgs<scalar_t, T> a{p,
+                                grad_c.data_ptr<scalar_t>(),
+                                out_c.data_ptr<scalar_t>(),
+                                lse_c.data_ptr<T>(),
+                                q_stats_c.data_ptr<T>(),
+                                k_stats_c.data_ptr<T>(),
+                                dq.data_ptr<scalar_t>(),
+                                dk.data_ptr<scalar_t>(),
+                                dv.data_ptr<scalar_t>(),
+                                key_grads.data_ptr<T>(),
+                                q_param_grads.data_ptr<T>(),
+                                k_param_grads.data_ptr<T>()};
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+#if defined(__x86_64__)
+        if (kHasAvx2) {
+          backward_task_avx2(a, task);
+          continue;
+        }
+#endif
+        backward_task_generic(a, task);
+      }
+    });
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) backward_keys(a, bh);
+    });
+    q_param_sums = q_param_grads.sum(0);
+    k_param_sums = k_param_grads.sum(0);
+  });
+  if (q_w.has_value()) dq_w.copy_(q_param_sums[0]);
+  if (q_b.has_value()) dq_b.copy_(q_param_sums[1]);
+  if (k_w.has_value()) dk_w.copy_(k_param_sums[0]);
+  if (k_b.has_value()) dk_b.copy_(k_param_sums[1]);
+  return {dq, dk, dv, dq_w, dq_b, dk_w, dk_b};
+}
+
+}  // namespace
+}  // namespace eegfast
+
+TORCH_LIBRARY_FRAGMENT(eegfast, m) {
+  m.def(
+      "qk_norm_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? q_w, Tensor? q_b, "
+      "Tensor? k_w, Tensor? k_b, float eps, float scale, Tensor? key_padding_mask, bool causal, "
+      "Tensor? block_ids) -> (Tensor out, Tensor lse, Tensor q_stats, Tensor k_stats)");
+  m.def(
+      "qk_norm_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? q_w, "
+      "Tensor? q_b, Tensor? k_w, Tensor? k_b, Tensor out, Tensor lse, Tensor q_stats, "
+      "Tensor k_stats, float scale, Tensor? key_padding_mask, bool causal, Tensor? block_ids) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dq_w, Tensor dq_b, Tensor dk_w, "
+      "Tensor dk_b)");
+}
+
+TORCH_LIBRARY_IMPL(eegfast, CPU, m) {
+  m.impl("qk_norm_attention_fwd", &eegfast::qk_norm_attention_fwd_cpu);
+  m.impl("qk_norm_attention_bwd", &eegfast::qk_norm_attention_bwd_cpu);
+}

@@ -1,0 +1,421 @@
+"""Fused QK-LayerNorm attention: the C++ kernel and the dispatcher against the PyTorch reference.
+
+The reference (:func:`qk_norm_attention_reference`) is checked against LayerNorm + SDPA; every
+kernel is checked against the reference, outputs and all seven gradients.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from eegfast.ops import qk_norm_attention, qk_norm_attention_packed, qk_norm_attention_reference
+from eegfast.testing import odd_sizes, strided
+
+HEAD_DIMS = (20, 25, 50, 64, 128, 1, 3, 7, 33)
+LAYOUTS = ("contiguous", "strided", "transposed", "packed")
+PARAM_NAMES = ("q_norm_weight", "q_norm_bias", "k_norm_weight", "k_norm_bias")
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+
+def make_case(b, h, n, d, *, seed, dtype=torch.float32, affine=True, padding=False,
+              causal=False, blocks=False, empty_rows=False):  # fmt: skip
+    """Random q, k, v (B, H, N, D), LayerNorm parameters and masks, as a dict."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    params = {}
+    if affine:
+        params = {
+            "q_norm_weight": 1 + 0.3 * torch.randn(d, generator=gen, dtype=torch.float64),
+            "q_norm_bias": 0.2 * torch.randn(d, generator=gen, dtype=torch.float64),
+            "k_norm_weight": 1 + 0.3 * torch.randn(d, generator=gen, dtype=torch.float64),
+            "k_norm_bias": 0.2 * torch.randn(d, generator=gen, dtype=torch.float64),
+        }
+    mask = None
+    if padding or empty_rows:
+        mask = torch.rand(b, n, generator=gen) < 0.3
+        if empty_rows:  # a recording with no valid key at all: every row of it sees nothing
+            mask[0] = True
+    ids = torch.randint(0, 5, (n,), generator=gen).sort().values if blocks else None
+    return {
+        "qkv": [t.to(dtype) for t in (q, k, v)],
+        "params": {name: p.to(dtype) for name, p in params.items()},
+        "kwargs": {"key_padding_mask": mask, "causal": causal, "block_causal": ids},
+        "grad_seed": seed + 1,
+    }
+
+
+def as_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """Same values as ``t`` (B, H, N, D), stored differently."""
+    if layout == "strided":
+        return strided(t, 3)
+    if layout == "transposed":  # (B, N, H, D) storage, as after a reshape of the qkv output
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t
+
+
+def run(case, backend, *, layout="contiguous", dtype=None, grads=True):
+    """Output (B, H, N, D) and the gradients of q, k, v and the parameters given, float64."""
+    dtype = dtype or case["qkv"][0].dtype
+    leaves = [t.detach().to(dtype).clone().requires_grad_(grads) for t in case["qkv"]]
+    params = {
+        name: p.detach().to(dtype).clone().requires_grad_(grads)
+        for name, p in case["params"].items()
+    }
+    if layout == "packed":
+        b, h, n, d = leaves[0].shape
+        qkv = torch.stack(leaves, 0).permute(1, 3, 0, 2, 4).reshape(b, n, 3 * h * d)
+        out = qk_norm_attention_packed(qkv, h, **params, **case["kwargs"], backend=backend)
+        out = out.view(b, n, h, d).transpose(1, 2)
+    else:
+        q, k, v = (as_layout(t, layout) for t in leaves)
+        out = qk_norm_attention(q, k, v, **params, **case["kwargs"], backend=backend)
+    assert out.shape == leaves[0].shape and out.dtype == dtype
+    if not grads:
+        return [out.detach().double()]
+    gen = torch.Generator().manual_seed(case["grad_seed"])
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
+    out.backward(grad_out)
+    return [out.detach().double()] + [t.grad.double() for t in (*leaves, *params.values())]
+
+
+def assert_all_close(actual, expected, tol, names=None):
+    """Each tensor within ``tol`` relative to the size of the expected values."""
+    assert len(actual) == len(expected)
+    names = names or [f"#{i}" for i in range(len(actual))]
+    for name, a, e in zip(names, actual, expected, strict=True):
+        assert torch.isfinite(a).all(), f"{name} has non-finite values"
+        size = max(1.0, e.abs().max().item())
+        torch.testing.assert_close(
+            a, e, atol=tol * size, rtol=tol, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def result_names(case):
+    return ["out", "dq", "dk", "dv", *[f"d{name}" for name in case["params"]]]
+
+
+# ---- the reference itself -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_matches_layer_norm_and_sdpa(causal):
+    case = make_case(2, 3, 37, 25, seed=0, dtype=torch.float64, affine=True, padding=True,
+                     causal=causal)  # fmt: skip
+    q, k, v = case["qkv"]
+    p = case["params"]
+    mask = case["kwargs"]["key_padding_mask"]
+    mask[:, 0] = False  # SDPA gives NaN for rows that see nothing; keep every row non-empty
+    qn = F.layer_norm(q, (25,), p["q_norm_weight"], p["q_norm_bias"], 1e-6)
+    kn = F.layer_norm(k, (25,), p["k_norm_weight"], p["k_norm_bias"], 1e-6)
+    visible = ~mask[:, None, None, :]
+    if causal:
+        visible = visible & torch.ones(37, 37, dtype=torch.bool).tril()
+    expected = F.scaled_dot_product_attention(qn, kn, v, attn_mask=visible)
+    actual = qk_norm_attention_reference(q, k, v, **p, **case["kwargs"])
+    torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_reference_empty_rows_are_zero_with_zero_gradients():
+    case = make_case(2, 2, 9, 20, seed=1, dtype=torch.float64, empty_rows=True)
+    out, dq, dk, dv, *_ = run(case, "reference")
+    assert (out[0] == 0).all() and (dq[0] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all()
+    assert out[1].abs().sum() > 0 and dq[1].abs().sum() > 0
+
+
+# ---- C++ kernel against the reference -----------------------------------------------------------
+
+
+@given(
+    shape=st.tuples(
+        st.integers(1, 2), st.integers(1, 3), odd_sizes(1, 150), st.sampled_from(HEAD_DIMS)
+    ),  # fmt: skip
+    flags=st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans(), st.booleans()),
+    layout=st.sampled_from(LAYOUTS),
+    dtype=st.sampled_from((torch.float32, torch.float64)),
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_matches_reference_random_shapes(shape, flags, layout, dtype, seed):
+    affine, padding, causal, blocks, empty_rows = flags
+    case = make_case(*shape, seed=seed, dtype=dtype, affine=affine, padding=padding,
+                     causal=causal, blocks=blocks, empty_rows=empty_rows)  # fmt: skip
+    expected = run(case, "reference", layout=layout, dtype=torch.float64)
+    actual = run(case, "cpu", layout=layout)
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    assert_all_close(actual, expected, tol, result_names(case))
+
+
+@pytest.mark.parametrize("d", [20, 25, 50, 64, 128])
+def test_cpu_labram_head_dims_all_masks(d):
+    """Several key blocks (N > 64), every mask at once, affine on."""
+    case = make_case(2, 2, 131, d, seed=d, padding=True, causal=True, blocks=True)
+    expected = run(case, "reference", dtype=torch.float64)
+    assert_all_close(run(case, "cpu"), expected, 2e-4, result_names(case))
+
+
+def test_cpu_empty_rows_give_zeros_not_nan():
+    # causal + padded first key: row 0 of every head sees nothing; batch 0 sees nothing at all.
+    case = make_case(2, 3, 70, 20, seed=3, causal=True, empty_rows=True)
+    case["kwargs"]["key_padding_mask"][1, 0] = True
+    out, dq, dk, dv, *param_grads = run(case, "cpu")
+    assert (out[0] == 0).all() and (dq[0] == 0).all() and (dk[0] == 0).all()
+    assert (out[1, :, 0] == 0).all() and (dq[1, :, 0] == 0).all()
+    expected = run(case, "reference", dtype=torch.float64)
+    assert_all_close([out, dq, dk, dv, *param_grads], expected, 2e-4, result_names(case))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_low_precision_against_float32_reference(dtype):
+    case = make_case(2, 3, 67, 25, seed=4, dtype=dtype, padding=True, causal=True)
+    expected = run(case, "reference", dtype=torch.float32)  # from the same rounded inputs
+    actual = run(case, "cpu")
+    tol = 4e-3 if dtype == torch.float16 else 3e-2
+    assert_all_close(actual, [e.double() for e in expected], tol, result_names(case))
+
+
+def test_cpu_float32_params_with_bfloat16_inputs():
+    """Mixed precision: LayerNorm parameters stay float32 while q, k, v are bf16."""
+    case = make_case(1, 2, 33, 20, seed=5)
+    q, k, v = (t.bfloat16() for t in case["qkv"])
+    params = {name: p.float().requires_grad_() for name, p in case["params"].items()}
+    out = qk_norm_attention(q, k, v, **params, backend="cpu")
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert all(p.grad.dtype == torch.float32 for p in params.values())
+    detached = {name: p.detach() for name, p in params.items()}
+    expected = qk_norm_attention_reference(q.float(), k.float(), v.float(), **detached)
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_cpu_gradcheck_float64():
+    for causal, blocks in ((False, False), (True, True)):
+        case = make_case(2, 1, 6, 4, seed=6, dtype=torch.float64, padding=True, causal=causal,
+                         blocks=blocks)  # fmt: skip
+        tensors = [t.clone().requires_grad_() for t in (*case["qkv"], *case["params"].values())]
+
+        def attention(q, k, v, qw, qb, kw, kb, kwargs=case["kwargs"]):
+            return qk_norm_attention(q, k, v, qw, qb, kw, kb, **kwargs, backend="cpu")
+
+        assert torch.autograd.gradcheck(attention, tensors, eps=1e-6, atol=1e-7)
+
+
+def test_cpu_scale_and_eps_are_used():
+    case = make_case(1, 2, 19, 20, seed=7, dtype=torch.float64)
+    q, k, v = case["qkv"]
+    for kwargs in ({"scale": 0.7}, {"eps": 0.5}):
+        actual = qk_norm_attention(q, k, v, **case["params"], **kwargs, backend="cpu")
+        expected = qk_norm_attention_reference(q, k, v, **case["params"], **kwargs)
+        default = qk_norm_attention_reference(q, k, v, **case["params"])
+        torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-12)
+        assert (expected - default).abs().max() > 1e-3
+
+
+def test_cpu_long_sequence_no_n_by_n_memory():
+    """N = 4096: an (N, N) float32 matrix is 64 MiB; the kernel's peak RSS rise stays far below
+    that, while the reference's does not (so this check can fail)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("cannot reset the peak RSS (/proc/self/clear_refs) here")
+
+    def peak_rise_mib(fn):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        before = int(status["VmRSS"].split()[0])
+        fn()
+        status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        return (int(status["VmHWM"].split()[0]) - before) / 1024
+
+    n, d = 4096, 20
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 1, n, d, generator=gen).requires_grad_() for _ in range(3))
+
+    def fwd_bwd(backend):
+        out = qk_norm_attention(q, k, v, causal=True, backend=backend)
+        out.sum().backward()
+
+    assert peak_rise_mib(lambda: fwd_bwd("cpu")) < 16
+    with torch.no_grad():
+        assert peak_rise_mib(lambda: qk_norm_attention(q, k, v, backend="reference")) > 64
+
+
+def test_cpu_empty_batch_and_sequence():
+    for shape in ((0, 2, 5, 20), (2, 2, 0, 20)):
+        q = torch.randn(shape, requires_grad=True)
+        out = qk_norm_attention(q, q, q, backend="cpu")
+        assert out.shape == shape
+        out.sum().backward()
+        assert q.grad.shape == shape
+
+
+# ---- custom op registration, compile ----------------------------------------------------------
+
+
+def op_args(requires_grad):
+    case = make_case(2, 2, 21, 20, seed=9, padding=True, blocks=True)
+    q, k, v = (t.requires_grad_(requires_grad) for t in case["qkv"])
+    p = [case["params"][name].requires_grad_(requires_grad) for name in PARAM_NAMES]
+    kw = case["kwargs"]
+    return (q, k, v, *p, 1e-6, 20**-0.5, kw["key_padding_mask"], True, kw["block_causal"])
+
+
+def test_opcheck_forward_op():
+    for requires_grad in (False, True):
+        torch.library.opcheck(torch.ops.eegfast.qk_norm_attention_fwd, op_args(requires_grad))
+    q, k, v, *_ = op_args(False)  # optional arguments absent
+    torch.library.opcheck(
+        torch.ops.eegfast.qk_norm_attention_fwd,
+        (q, k, v, None, None, None, None, 1e-6, 0.3, None, False, None),
+    )
+
+
+def test_opcheck_backward_op():
+    args = op_args(False)
+    q, k, v, qw, qb, kw, kb, eps, scale, mask, causal, ids = args
+    out, lse, q_stats, k_stats = torch.ops.eegfast.qk_norm_attention_fwd(*args)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(10))
+    torch.library.opcheck(
+        torch.ops.eegfast.qk_norm_attention_bwd,
+        (grad_out, q, k, v, qw, qb, kw, kb, out, lse, q_stats, k_stats, scale, mask, causal, ids),
+    )
+    grads = torch.ops.eegfast.qk_norm_attention_bwd(
+        grad_out, q, k, v, None, qb, None, kb, out, lse, q_stats, k_stats, scale, mask, causal, ids
+    )
+    assert grads[3].shape == (0,) and grads[5].shape == (0,) and grads[4].shape == (20,)
+
+
+def test_torch_compile_fullgraph():
+    case = make_case(2, 3, 45, 25, seed=11, padding=True, causal=True)
+
+    def attention(qkv, qw, qb, kw, kb, mask):
+        out = qk_norm_attention_packed(qkv, 3, qw, qb, kw, kb, key_padding_mask=mask,
+                                       causal=True, backend="cpu")  # fmt: skip
+        return (out * out).sum()
+
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    q, k, v = case["qkv"]
+    qkv = torch.cat([t.transpose(1, 2).flatten(2) for t in (q, k, v)], -1)
+    params = [case["params"][name] for name in PARAM_NAMES]
+    mask = case["kwargs"]["key_padding_mask"]
+    results = []
+    for fn in (attention, compiled):
+        inputs = [t.clone().requires_grad_() for t in (qkv, *params)]
+        loss = fn(*inputs, mask)
+        loss.backward()
+        results.append([loss.detach()] + [t.grad for t in inputs])
+    assert_all_close(results[1], results[0], 1e-6)
+
+
+# ---- dispatch and errors ------------------------------------------------------------------------
+
+
+def test_dropout_is_reference_only():
+    q = torch.randn(1, 2, 9, 20)
+    torch.manual_seed(0)
+    dropped = qk_norm_attention(q, q, q, dropout_p=0.5)  # automatic choice: the reference
+    plain = qk_norm_attention(q, q, q, backend="reference")
+    assert not torch.allclose(dropped, plain)
+    with pytest.raises(
+        ValueError, match="dropout_p > 0 is only implemented by backend='reference'"
+    ):
+        qk_norm_attention(q, q, q, dropout_p=0.1, backend="cpu")
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        qk_norm_attention(q, q, q, dropout_p=1.0, backend="reference")
+
+
+def test_backend_names():
+    q = torch.randn(1, 1, 3, 4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        qk_norm_attention(q, q, q, backend="fast")
+    with pytest.raises(ValueError, match="cannot run on tensors on cpu"):
+        qk_norm_attention(q, q, q, backend="cuda")
+    torch.testing.assert_close(
+        qk_norm_attention(q, q, q), qk_norm_attention(q, q, q, backend="reference")
+    )
+
+
+def _bad(**changes):
+    args = {
+        "q": torch.randn(2, 3, 5, 8),
+        "k": torch.randn(2, 3, 5, 8),
+        "v": torch.randn(2, 3, 5, 8),
+    }
+    kwargs = {}
+    for name, value in changes.items():
+        (args if name in args else kwargs)[name] = value
+    return args, kwargs
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        ({"q": torch.randn(2, 3, 5)}, ValueError, r"q must have shape \(B, H, N, D\)"),
+        ({"k": torch.randn(2, 3, 6, 8)}, ValueError, "k must have the shape of q"),
+        ({"v": torch.randn(2, 4, 5, 8)}, ValueError, "v must have the shape of q"),
+        ({"k": torch.randn(2, 3, 5, 8).double()}, TypeError, "but k is torch.float64"),
+        ({"q": torch.zeros(2, 3, 5, 8, dtype=torch.int32)}, TypeError, "q must be float32"),
+        ({"k": torch.randn(2, 3, 5, 8, device="meta")}, ValueError, "but k is on meta"),
+        (
+            {f"{x}": torch.randn(1, 1, 2, 129) for x in "qkv"},
+            ValueError,
+            "head dim D = 129 is not supported: it must be in 1..128",
+        ),
+        ({"q_norm_weight": torch.ones(7)}, ValueError, r"q_norm_weight must have shape \(D,\)"),
+        ({"k_norm_bias": torch.ones(8, dtype=torch.int64)}, TypeError, "k_norm_bias must be"),
+        (
+            {"key_padding_mask": torch.zeros(2, 6, dtype=torch.bool)},
+            ValueError,
+            r"key_padding_mask must have shape \(B, N\) = \(2, 5\)",
+        ),  # fmt: skip
+        ({"key_padding_mask": torch.zeros(2, 5)}, TypeError, "key_padding_mask must be bool"),
+        (
+            {"block_causal": torch.zeros(4, dtype=torch.long)},
+            ValueError,
+            r"block_causal must have shape \(N,\) = \(5,\)",
+        ),  # fmt: skip
+        ({"block_causal": torch.zeros(5)}, TypeError, "block_causal must be an integer tensor"),
+        ({"eps": -1.0}, ValueError, "eps must be"),
+    ],
+)
+def test_bad_input_names_the_argument(backend, changes, error, message):
+    args, kwargs = _bad(**changes)
+    with pytest.raises(error, match=message):
+        qk_norm_attention(**args, **kwargs, backend=backend)
+
+
+def test_packed_bad_shapes():
+    with pytest.raises(ValueError, match=r"qkv must have shape \(B, N, 3 \* H \* D\)"):
+        qk_norm_attention_packed(torch.randn(2, 5), 2)
+    with pytest.raises(ValueError, match="must be 3 \\* num_heads \\* D with num_heads = 4"):
+        qk_norm_attention_packed(torch.randn(2, 5, 30), 4)
+
+
+def test_cpp_kernel_checks_direct_calls():
+    """The C++ op validates its arguments itself, for callers that bypass the wrapper."""
+    fwd = torch.ops.eegfast.qk_norm_attention_fwd
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="k must have the shape of q"):
+        fwd(q, q[:, :1], q, None, None, None, None, 1e-6, 1.0, None, False, None)
+    with pytest.raises(ValueError, match="it must be in 1..128"):
+        big = torch.randn(1, 1, 2, 200)
+        fwd(big, big, big, None, None, None, None, 1e-6, 1.0, None, False, None)
+    with pytest.raises(ValueError, match=r"q_w must have shape \(D,\)"):
+        fwd(q, q, q, torch.ones(3), None, None, None, 1e-6, 1.0, None, False, None)
+    with pytest.raises(TypeError, match="key_padding_mask must be bool"):
+        fwd(q, q, q, None, None, None, None, 1e-6, 1.0, torch.zeros(1, 5), False, None)
+
+
+def test_env_backend_override(monkeypatch):
+    q = torch.randn(1, 1, 3, 4)
+    monkeypatch.setenv("EEGFAST_BACKEND", "cpu")
+    with pytest.raises(ValueError, match="EEGFAST_BACKEND selects 'cpu'"):
+        qk_norm_attention(q, q, q, dropout_p=0.2)
+    monkeypatch.setenv("EEGFAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="EEGFAST_BACKEND must be one of"):
+        qk_norm_attention(q, q, q)
