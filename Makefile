@@ -11,7 +11,7 @@ CUDA_CHECK_DIR := build/cuda-check
 .PHONY: help install build demo test test-fast cuda-check cmake-check bench bench-gpu lint clean
 
 help:
-	@echo "make demo        build, report backends, run the VQ op on the bundled EEG sample"
+	@echo "make demo        build, then the whole recipe on the bundled EEG (eegfast quickstart, CPU, <10 min)"
 	@echo "make test        build everything and run the whole test suite (what CI runs)"
 	@echo "make cuda-check  compile every .cu file for sm_80 and sm_90 with nvcc (no GPU needed)"
 	@echo "make cmake-check build the extension with CMake and smoke-test it"
@@ -31,7 +31,8 @@ $(STAMP): setup.py pyproject.toml $(NATIVE_SOURCES)
 install build: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m eegfast.demo
+	$(PY) -m eegfast doctor
+	$(PY) -m eegfast quickstart --out runs/quickstart
 
 test: $(STAMP) cuda-check cmake-check
 	EEGFAST_REQUIRE_EXT=1 $(PY) -m pytest -q

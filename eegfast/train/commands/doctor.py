@@ -1,0 +1,130 @@
+"""``eegfast doctor``: what this machine offers eegfast — versions, kernels, GPUs, distributed.
+
+Prints a report (``--json`` for a machine-readable one). Exit status 0 unless the native
+extension was required (``EEGFAST_REQUIRE_EXT=1``) and is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _version(module: str) -> str:
+    try:
+        return str(getattr(importlib.import_module(module), "__version__", "installed"))
+    except Exception as err:  # a broken install is reported, not raised
+        return f"not available ({type(err).__name__})"
+
+
+def collect() -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+
+    from eegfast import __version__
+    from eegfast.ops import available_backends
+
+    report: dict[str, Any] = {
+        "eegfast": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": {
+            name: _version(name)
+            for name in (
+                "torch",
+                "triton",
+                "numpy",
+                "scipy",
+                "sklearn",
+                "mne",
+                "safetensors",
+                "tensorboard",
+                "matplotlib",
+                "yaml",
+            )
+        },
+        "backends": {
+            name: {"available": s.available, "detail": s.reason}
+            for name, s in available_backends().items()
+        },
+        "cuda": {
+            "available": torch.cuda.is_available(),
+            "torch_cuda": torch.version.cuda,
+            "devices": [],
+        },
+        "distributed": {
+            "available": dist.is_available(),
+            "gloo": dist.is_available() and dist.is_gloo_available(),
+            "nccl": dist.is_available() and dist.is_nccl_available(),
+        },
+        "environment": {
+            k: v
+            for k, v in sorted(os.environ.items())
+            if k.startswith(("EEGFAST_", "TRITON_INTERPRET", "CUDA_VISIBLE"))
+        },
+        "precision_default": "bf16 autocast" if torch.cuda.is_available() else "fp32 (CPU)",
+    }
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            report["cuda"]["devices"].append(
+                {
+                    "index": i,
+                    "name": props.name,
+                    "capability": f"{props.major}.{props.minor}",
+                    "memory_gib": round(props.total_memory / 2**30, 1),
+                    "bf16": torch.cuda.is_bf16_supported(),
+                }
+            )
+    return report
+
+
+def format_text(report: dict[str, Any]) -> str:
+    lines = [
+        f"eegfast {report['eegfast']} on Python {report['python']} ({report['platform']})",
+        f"CPU cores: {report['cpu_count']}, torch threads: {report['torch_threads']}",
+        "",
+        "versions:",
+        *[f"  {name:12s} {version}" for name, version in report["versions"].items()],
+        "",
+        "kernel backends (eegfast.ops.available_backends()):",
+        *[
+            f"  {name:10s} {'yes' if b['available'] else 'no ':3s}  {b['detail']}"
+            for name, b in report["backends"].items()
+        ],
+        "",
+        f"CUDA: {'yes' if report['cuda']['available'] else 'no'} "
+        f"(torch built with CUDA {report['cuda']['torch_cuda']})",
+        *[
+            f"  GPU {d['index']}: {d['name']}, sm_{d['capability'].replace('.', '')}, "
+            f"{d['memory_gib']} GiB, bf16 {'yes' if d['bf16'] else 'no'}"
+            for d in report["cuda"]["devices"]
+        ],
+        f"distributed: gloo {'yes' if report['distributed']['gloo'] else 'no'}, "
+        f"nccl {'yes' if report['distributed']['nccl'] else 'no'} "
+        "(torchrun --nproc_per_node N eegfast <command> ...)",
+        f"default training precision here: {report['precision_default']}",
+    ]
+    if report["environment"]:
+        lines += ["", "environment:", *[f"  {k}={v}" for k, v in report["environment"].items()]]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    report = collect()
+    print(json.dumps(report, indent=2) if args.json else format_text(report))
+    required = os.environ.get("EEGFAST_REQUIRE_EXT", "").lower() in {"1", "true", "yes", "on"}
+    return 1 if required and not report["backends"]["cpu"]["available"] else 0

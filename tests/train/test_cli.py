@@ -1,0 +1,148 @@
+"""The command line: help everywhere, errors, doctor, and the whole recipe on the real sample
+(``eegfast quickstart --fast``, then ``eegfast evaluate`` on its outputs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from eegfast import cli
+from eegfast.datasets import SHARED_DATA
+
+TRAINING_COMMANDS = [
+    "tokenizer",
+    "pretrain",
+    "upcycle",
+    "finetune",
+    "evaluate",
+    "bench",
+    "doctor",
+    "quickstart",
+]
+
+
+@pytest.mark.parametrize("command", TRAINING_COMMANDS)
+def test_help_for_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"eegfast {command}" in out and "--" in out
+
+
+def test_python_dash_m_eegfast_lists_the_commands():
+    done = subprocess.run(
+        [sys.executable, "-m", "eegfast", "--help"], capture_output=True, text=True, check=True
+    )
+    for command in TRAINING_COMMANDS:
+        assert command in done.stdout
+
+
+def test_unknown_config_key_exits_2_listing_valid_keys(tmp_path, capsys):
+    status = cli.main(
+        [
+            "tokenizer",
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "optim.lrr=1",
+        ]
+    )
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'optim.lrr'" in err and "optim.lr" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_and_unknown_objective_are_clear_errors(tmp_path, capsys):
+    assert cli.main(["tokenizer", "--data", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "data folder not found" in capsys.readouterr().err
+    assert (
+        cli.main(
+            [
+                "pretrain",
+                "--data",
+                str(tmp_path),
+                "--out",
+                str(tmp_path),
+                "--objective",
+                "telepathy",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "unknown pretrain objective 'telepathy'" in err and "masked" in err
+
+
+def test_doctor_reports_backends_as_json(capsys):
+    assert cli.main(["doctor", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["backends"]["reference"]["available"] is True
+    assert {"torch", "sklearn", "mne"} <= set(report["versions"])
+    assert report["distributed"]["gloo"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"no sample data folder {SHARED_DATA}")
+def test_quickstart_fast_then_evaluate(tmp_path, capsys):
+    out = tmp_path / "qs"
+    assert (
+        cli.main(
+            ["quickstart", "--data", str(SHARED_DATA), "--out", str(out), "--fast", "--no-progress"]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert str(out / "report.md") in printed
+    report = (out / "report.md").read_text()
+    assert "## Verdict" in report and "band-power baseline" in report
+    assert "grouped by recording" in report.replace("**", "") and "one subject" in report
+    assert "Negative-transfer report" in report and "ODC-By" in report
+    finetune = out / "runs" / "finetune"
+    rows = list(csv.DictReader((finetune / "results.csv").open()))
+    seen = {(r["fold"], r["variant"], r["task"]) for r in rows}
+    for fold in ("0", "1"):
+        for variant in ("multitask", "single", "band_power"):
+            for task in ("motor_imagery", "arithmetic"):
+                assert (fold, variant, task) in seen
+    assert {r["metric"] for r in rows} == {"balanced_accuracy", "auroc", "auc_pr"}
+    for png in ("loss_curves", "confusion_matrices", "roc_curves", "expert_load"):
+        assert (finetune / f"{png}.png").stat().st_size > 1000
+    for run in ("tokenizer", "pretrain", "finetune/fold0/multitask"):
+        assert (out / "runs" / run / "config.yaml").is_file()
+        assert list((out / "runs" / run / "tensorboard").glob("events.*"))
+
+    # evaluate: the fine-tuned multi-task model on its data, with a feature export.
+    evaluation, features = tmp_path / "eval", tmp_path / "features.npz"
+    data = [str(out / "data" / "motor_imagery"), str(out / "data" / "arithmetic")]
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--model",
+                str(finetune / "fold0" / "multitask"),
+                "--data",
+                *data,
+                "--out",
+                str(evaluation),
+                "--export-features",
+                str(features),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    summary = json.loads((evaluation / "summary.json").read_text())
+    assert {s["task"] for s in summary["summary"]} == {"motor_imagery", "arithmetic"}
+    exported = np.load(features)
+    assert exported["features"].shape == (90 + 120, 100)
+    assert np.isfinite(exported["features"]).all()
+    assert sorted(set(exported["task"].tolist())) == ["arithmetic", "motor_imagery"]

@@ -1,0 +1,80 @@
+"""Run configuration: files, overrides, unknown keys, types, the saved copy."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from eegfast.train.config import (
+    ConfigError,
+    RunConfig,
+    config_to_yaml,
+    parse_override,
+    resolve_config,
+    valid_keys,
+)
+
+
+def test_overrides_are_typed_and_later_sources_win(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("[optim]\nlr = 0.01\nbetas = [0.9, 0.95]\n[train]\nepochs = 4\n")
+    config = resolve_config(
+        RunConfig(), toml, ["optim.lr=1e-3", "train.compile=true", "data.roots=[a, b]"]
+    )
+    assert config.optim.lr == 1e-3 and isinstance(config.optim.lr, float)  # "1e-3" read as float
+    assert config.optim.betas == (0.9, 0.95)
+    assert config.train.epochs == 4 and config.train.compile is True
+    assert config.data.roots == ("a", "b")
+    assert RunConfig().optim.lr == 5e-4  # frozen defaults untouched
+
+
+def test_yaml_file_and_round_trip_of_the_saved_config(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  batch_size: 7\nupcycle:\n  layers: [0, -1]\n")
+    config = resolve_config(RunConfig(), path)
+    assert config.train.batch_size == 7 and config.upcycle.layers == (0, -1)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config_to_yaml(config))
+    assert resolve_config(RunConfig(), saved) == config
+    assert yaml.safe_load(saved.read_text())["train"]["batch_size"] == 7
+
+
+def test_unknown_key_lists_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.learning_rate'.*optim\.lr"):
+        RunConfig().with_overrides({"optim.learning_rate": 1.0})
+    path = tmp_path / "bad.toml"
+    path.write_text("[trian]\nepochs = 1\n")
+    with pytest.raises(ConfigError, match=r"bad.toml.*'trian.epochs'.*train\.epochs"):
+        resolve_config(RunConfig(), path)
+    assert "finetune.folds" in valid_keys() and "pretrain.objective" in valid_keys()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epochs=two", "train.epochs: expected int"),
+        ("train.epochs=1.5", "train.epochs: expected int"),
+        ("optim.betas=[0.9]", "optim.betas: expected 2 values"),
+        ("train.compile=maybe", "train.compile: expected bool"),
+        ("optim=1", "optim is a section"),
+        ("novalue", "key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(RunConfig(), None, [override])
+
+
+def test_missing_or_unsupported_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        resolve_config(RunConfig(), tmp_path / "nope.toml")
+    other = tmp_path / "run.json"
+    other.write_text("{}")
+    with pytest.raises(ConfigError, match=r"\.toml, \.yaml or \.yml"):
+        resolve_config(RunConfig(), other)
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a.b=") == ("a.b", "")
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])

@@ -1,0 +1,73 @@
+"""Parameter groups, layer-wise lr decay, the schedule, the sampler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from eegfast.train.config import OptimConfig
+from eegfast.train.optim import build_optimizer, build_scheduler, cosine_with_warmup, param_groups
+from eegfast.train.sampler import EpochBatchSampler
+from tests.train.fakes import TinyClassifier, TinyPretrain
+
+
+def test_no_weight_decay_on_norms_biases_embeddings_and_tokens():
+    model = TinyPretrain()
+    groups = param_groups(model, weight_decay=0.05)
+    names = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert names["student.pos_embed"] == 0.0 and names["mask_token"] == 0.0
+    assert names["student.blocks.0.norm1.weight"] == 0.0
+    assert names["lm_head.bias"] == 0.0
+    assert names["student.blocks.0.mlp.0.weight"] == 0.05 and names["lm_head.weight"] == 0.05
+
+
+def test_layer_decay_scales_lr_by_depth():
+    model = TinyClassifier(depth=2)
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.5)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    assert scale["head.weight"] == 1.0  # layer L + 1
+    assert scale["blocks.1.mlp.0.weight"] == 0.5
+    assert scale["blocks.0.mlp.0.weight"] == 0.25
+    assert scale["patch_embed.weight"] == scale["pos_embed"] == 0.125
+    optimizer = build_optimizer(
+        model,
+        OptimConfig(lr=1.0, layer_decay=0.5, warmup_steps=0, warmup_fraction=0.0),
+        torch.device("cpu"),
+    )
+    build_scheduler(
+        optimizer,
+        OptimConfig(lr=1.0, min_lr=0.0, layer_decay=0.5, warmup_fraction=0.0),
+        total_steps=10,
+    )
+    lrs = sorted({g["lr"] for g in optimizer.param_groups})
+    assert lrs == pytest.approx([0.125, 0.25, 0.5, 1.0])
+
+
+def test_cosine_schedule_with_warmup():
+    kw = dict(total_steps=110, warmup_steps=10, base_lr=1.0, min_lr=0.1)
+    assert cosine_with_warmup(0, **kw) == pytest.approx(0.1)
+    assert cosine_with_warmup(9, **kw) == pytest.approx(1.0)
+    assert cosine_with_warmup(60, **kw) == pytest.approx(0.55)
+    assert cosine_with_warmup(110, **kw) == pytest.approx(0.1)
+    values = [cosine_with_warmup(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert not math.isnan(cosine_with_warmup(0, total_steps=1, warmup_steps=0, base_lr=1, min_lr=0))
+
+
+def test_sampler_groups_splits_ranks_and_resumes():
+    keys = ["a"] * 10 + ["b"] * 7
+    whole = EpochBatchSampler(keys, 4, seed=3)
+    batches = whole.global_batches()
+    assert len(batches) == 2 + 1  # drop_last: 2 full "a" batches, 1 full "b" batch
+    assert all(len({keys[i] for i in b}) == 1 for b in batches)
+    ranks = [EpochBatchSampler(keys, 4, seed=3, rank=r, world_size=2) for r in range(2)]
+    for joined, r0, r1 in zip(batches, *ranks, strict=True):
+        assert sorted(r0 + r1) == sorted(joined) and not set(r0) & set(r1)
+    whole.set_epoch(0, start_batch=2)
+    assert list(whole) == batches[2:]
+    whole.set_epoch(1)
+    assert whole.global_batches() != batches  # reshuffled per epoch
+    with pytest.raises(ValueError, match="divisible by the world size"):
+        EpochBatchSampler(keys, 3, world_size=2)
