@@ -162,6 +162,7 @@ def process_file(job: Job, settings: Settings, out: str) -> dict:
         "file": str(path),
         "key": job.key,
         "task": job.task,
+        "job_task": job.task,
         "settings": settings.digest(),
     }
     try:
@@ -282,8 +283,10 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
 def _reusable(record_path: Path, job: Job, digest: str) -> dict | None:
     try:
         record = json.loads(record_path.read_text())
-        same = record.get("settings") == digest and all(
-            record.get(k) == v for k, v in _fingerprint(Path(job.path)).items()
+        same = (
+            record.get("settings") == digest
+            and record.get("job_task") == job.task
+            and all(record.get(k) == v for k, v in _fingerprint(Path(job.path)).items())
         )
     except (OSError, ValueError):
         return None

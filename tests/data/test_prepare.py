@@ -197,3 +197,47 @@ def test_cli_options(sample_files, tmp_path):
     assert {(r["subject"], r["label"]) for r in records} == {("P0", 0), ("P1", 1)}
     assert records[0]["electrodes"] == ("CZ", "FZ", "PZ") and records[0]["task"] == "src"
     assert len(records) == 2 * 14  # 62 s, 8-s windows every 4 s
+
+
+def test_bad_channels_drop(broken, tmp_path):
+    flat = broken["flat channels .*EEG F3"]
+    report = prepare([str(flat)], tmp_path, Settings(bad_channels="drop"), progress=False)
+    assert report["usable"] == 1
+    record = json.loads(next((tmp_path / "shards").glob("*.json")).read_text())
+    assert record["electrodes"] == ["FP1", "FP2", "F4", "F7", "F8"]
+    assert record["excluded"]["EEG F3"] == "flat or non-finite"
+
+
+def test_task_change_reprocesses(sample_files, tmp_path):
+    path = str(sample_files["Subject00_2.edf"])
+    prepare([f"one={path}"], tmp_path, progress=False)
+    again = prepare([f"two={path}"], tmp_path, progress=False)
+    assert again["processed"] == 1
+    assert [r["task"] for r in load_index(tmp_path)["recordings"]] == ["two"]
+
+
+def test_old_names_option(sample_files, tmp_path):
+    settings = Settings(modern_names=False)
+    prepare([str(sample_files["Subject01_2.edf"])], tmp_path, settings, progress=False)
+    electrodes = load_index(tmp_path)["recordings"][0]["electrodes"]
+    assert electrodes[6:8] == ["T3", "T4"] and "T7" not in electrodes
+
+
+def test_bids_folder_needs_mne_bids(tmp_path, monkeypatch):
+    (tmp_path / "dataset_description.json").write_text("{}")
+    monkeypatch.setitem(__import__("sys").modules, "mne_bids", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install mne-bids"):
+        discover([str(tmp_path)])
+
+
+def test_discover(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.edf").write_bytes(b"")
+    (tmp_path / "a" / "notes.txt").write_text("")
+    (tmp_path / "a" / "r.vhdr").write_text("")
+    (tmp_path / "a" / "r.eeg").write_bytes(b"")
+    jobs = discover([str(tmp_path / "a"), f"t={tmp_path / 'a' / 'x.edf'}"])
+    assert [(j.path.split("/")[-1], j.task) for j in jobs] == [("r.vhdr", "a"), ("x.edf", "a")]
+    with pytest.raises(FileNotFoundError, match="no recordings MNE can read"):
+        (tmp_path / "empty").mkdir()
+        discover([str(tmp_path / "empty")])
