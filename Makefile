@@ -59,6 +59,7 @@ cmake-check: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks/bench_vq.py --benchmark-only -q
+	$(PY) -m pytest benchmarks/bench_moe.py --benchmark-only -q
 	$(PY) -m benchmarks.report_cpu
 	$(PY) -m benchmarks.bench_data
 

@@ -63,8 +63,14 @@ def run_qk_norm_attention(out_dir: str, env: dict) -> dict:
     return gpu_qk_norm_attention.run(out_dir, env)
 
 
+def run_moe(out_dir: str, env: dict) -> dict:
+    from benchmarks import gpu_moe
+
+    return gpu_moe.run(out_dir, env)
+
+
 # Ops whose benchmark module writes its own table and plot: name -> run(out_dir, env) -> paths.
-SELF_WRITING_OPS = {"qk_norm_attention": run_qk_norm_attention}
+SELF_WRITING_OPS = {"qk_norm_attention": run_qk_norm_attention, "moe": run_moe}
 
 
 def main(argv: list[str] | None = None) -> int:

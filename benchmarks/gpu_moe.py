@@ -1,0 +1,295 @@
+"""GPU benchmark of the top-k MoE expert FFN against the ways people write it today.
+
+Run from the repository root on a machine with a CUDA device::
+
+    python -m benchmarks.gpu_moe [--out bench-results]
+    python -m benchmarks.gpu --ops moe          # the same, from the GPU runner
+
+bf16, top-2, forward + backward (x, gates and all expert weights), shapes of issue 8:
+Base (T=32896 tokens, D=200, hidden 800, 8 experts) and Huge (T=16448, D=800, hidden 3200,
+16 experts), plus a sweep over the number of experts (4..64) at the Base size. The routing
+(expert ids and gates) is drawn once from a random router; every implementation gets the same.
+
+- ``eegfast``: :func:`eegfast.ops.moe_ffn` (fused CUDA dispatch when the extension has CUDA,
+  Triton grouped GEMMs and combine);
+- ``loop-over-experts``: :func:`eegfast.ops.moe.moe_ffn_expert_loop` (mask, gather, two
+  linears, index_add per expert);
+- ``argsort+grouped_mm``: :func:`eegfast.ops.moe.moe_ffn_torch_sorted` (stable argsort, one
+  gather, ``torch._grouped_mm`` where available, index_add);
+- ``dense-ffn``: one dense FFN over the T tokens (what the MoE costs relative to the model it
+  was upcycled from), and ``dense-ffn-Tk`` over T·k tokens (the same GEMM FLOPs as top-k).
+
+Times are medians of ``triton.testing.do_bench``. Outputs are compared with the fp32 loop over
+experts (``max_abs_err``). Writes ``gpu_moe.csv``, ``gpu_moe.md`` (table with ratios and the
+issue's targets) and ``gpu_moe.png`` (time vs number of experts) into ``--out``.
+
+``--smoke`` runs tiny fp32 shapes on CPU with a ``time.perf_counter`` timer (Triton through
+``TRITON_INTERPRET=1``) to check the script itself; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {  # name: (T, D, H, E)
+    "base": (32896, 200, 800, 8),
+    "huge": (16448, 800, 3200, 16),
+}
+SWEEP_EXPERTS = (4, 8, 16, 32, 64)
+SMOKE_SHAPES = {"smoke": (64, 16, 32, 4)}
+SMOKE_SWEEP = (2, 4)
+TOP_K = 2
+TARGET_MS = {"base": 1.3, "huge": 2.6}  # issue 8, H100 bf16 fwd+bwd
+
+
+@dataclass
+class Row:
+    shape: str
+    T: int
+    D: int
+    H: int
+    E: int
+    impl: str
+    ms: float | None
+    max_abs_err: float | None
+    note: str = ""
+
+
+def _moe_eegfast(*args):
+    from eegfast.ops import moe_ffn
+
+    return moe_ffn(*args)
+
+
+def _dense(x, idx, gates, w1, b1, w2, b2):
+    return F.linear(F.gelu(F.linear(x, w1[0], b1[0])), w2[0], b2[0])
+
+
+def _dense_tk(x, idx, gates, w1, b1, w2, b2):
+    return _dense(x.repeat(idx.shape[1], 1), idx, gates, w1, b1, w2, b2)
+
+
+def implementations() -> dict[str, Callable]:
+    from eegfast.ops.moe import moe_ffn_expert_loop, moe_ffn_torch_sorted
+
+    return {
+        "eegfast": _moe_eegfast,
+        "loop-over-experts": moe_ffn_expert_loop,
+        "argsort+grouped_mm": moe_ffn_torch_sorted,
+        "dense-ffn": _dense,
+        "dense-ffn-Tk": _dense_tk,
+    }
+
+
+def make_inputs(T, D, H, E, device, dtype, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(T, D, generator=gen)
+    router = torch.randn(D, E, generator=gen) / D**0.5
+    probs = (x @ router).softmax(-1)
+    top_p, idx = probs.topk(TOP_K, -1)
+    gates = top_p / top_p.sum(-1, keepdim=True)
+    w1 = torch.randn(E, H, D, generator=gen) / D**0.5
+    b1 = torch.randn(E, H, generator=gen) * 0.02
+    w2 = torch.randn(E, D, H, generator=gen) / H**0.5
+    b2 = torch.randn(E, D, generator=gen) * 0.02
+    tensors = [t.to(device=device, dtype=dtype) for t in (x, w1, b1, w2, b2)]
+    leaves = [t.requires_grad_() for t in tensors]
+    gates = gates.to(device).requires_grad_()
+    return leaves[0], idx.to(device), gates, *leaves[1:]
+
+
+def do_bench_timer(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor]) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, grad_to_none=list(grad_to_none), return_mode="median")
+
+
+def perf_counter_timer(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor]) -> float:
+    fn()
+    times = []
+    for _ in range(3):
+        for t in grad_to_none:
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[1]
+
+
+def measure(name, impl, inputs, reference, timer) -> tuple[float | None, float | None, str]:
+    leaves = [t for t in inputs if t.is_floating_point()]
+    grad_out = torch.randn_like(reference.to(inputs[0].dtype))
+    if name == "dense-ffn-Tk":
+        grad_out = grad_out.repeat(TOP_K, 1)
+
+    def step():
+        out = impl(*inputs)
+        out.backward(grad_out)
+
+    try:
+        with torch.no_grad():
+            out = impl(*inputs)
+        err = None
+        if not name.startswith("dense"):
+            err = float((out.float() - reference).abs().max())
+        return timer(step, leaves), err, ""
+    except Exception as error:  # a baseline that cannot run here is reported, not fatal
+        return None, None, f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+
+
+def run_cases(shapes, sweep, device, dtype, timer) -> list[Row]:
+    from eegfast.ops.moe import moe_ffn_expert_loop
+
+    impls = implementations()
+    cases = [(name, *shape) for name, shape in shapes.items()]
+    base_name, (T0, D0, H0, _) = next(iter(shapes.items()))
+    cases += [(f"{base_name}-E{E}", T0, D0, H0, E) for E in sweep]
+    rows = []
+    for shape, T, D, H, E in cases:
+        inputs = make_inputs(T, D, H, E, device, dtype)
+        with torch.no_grad():
+            ref_inputs = [t.detach().float() if t.is_floating_point() else t for t in inputs]
+            reference = moe_ffn_expert_loop(*ref_inputs)
+        for name, impl in impls.items():
+            if shape != base_name and "-E" in shape and name.startswith("dense"):
+                continue  # the dense FFN does not depend on E
+            ms, err, note = measure(name, impl, inputs, reference, timer)
+            rows.append(Row(shape, T, D, H, E, name, ms, err, note))
+            print(
+                f"{shape:>10} E={E:<3} {name:>20}: {ms if ms is None else round(ms, 3)} ms {note}"
+            )
+        del inputs, reference
+    return rows
+
+
+def ratios(rows: Sequence[Row]) -> list[float | None]:
+    """time / eegfast's time in the same case (> 1: eegfast is faster)."""
+    ours = {(r.shape, r.E): r.ms for r in rows if r.impl == "eegfast"}
+    out = []
+    for r in rows:
+        base = ours.get((r.shape, r.E))
+        out.append(r.ms / base if r.ms and base else None)
+    return out
+
+
+def csv_text(rows: Sequence[Row]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([f.name for f in fields(Row)] + ["ratio_vs_eegfast"])
+    for row, ratio in zip(rows, ratios(rows), strict=True):
+        writer.writerow([*asdict(row).values(), ratio])
+    return buffer.getvalue()
+
+
+def markdown_text(title: str, env: dict, rows: Sequence[Row]) -> str:
+    lines = [f"# {title}", "", ", ".join(f"{k}: {v}" for k, v in env.items()), ""]
+    lines += [
+        "bf16, top-2, forward + backward; median ms (`triton.testing.do_bench`); ratio = time / "
+        "eegfast time in the same case (> 1: eegfast faster).",
+        "",
+        "| case | T | D | H | E | impl | ms | ratio | max abs err vs fp32 | note |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for r, ratio in zip(rows, ratios(rows), strict=True):
+        ms = "—" if r.ms is None else f"{r.ms:.3f}"
+        rt = "—" if ratio is None else f"{ratio:.2f}x"
+        err = "—" if r.max_abs_err is None else f"{r.max_abs_err:.2e}"
+        note = r.note
+        if r.impl == "eegfast" and r.shape in TARGET_MS and r.ms is not None:
+            met = "met" if r.ms <= TARGET_MS[r.shape] else "NOT met"
+            note = f"target <= {TARGET_MS[r.shape]} ms: {met}"
+        lines.append(
+            f"| {r.shape} | {r.T} | {r.D} | {r.H} | {r.E} | {r.impl} | {ms} | {rt} | {err} "
+            f"| {note} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[Row], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = [r for r in rows if "-E" in r.shape and r.ms is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for impl in dict.fromkeys(r.impl for r in sweep):
+        points = sorted((r.E, r.ms) for r in sweep if r.impl == impl)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl)
+    dense = [r for r in rows if r.impl == "dense-ffn" and "-E" not in r.shape]
+    if dense and dense[0].ms is not None:
+        ax.axhline(dense[0].ms, color="gray", linestyle="--", label=f"dense FFN ({dense[0].shape})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("number of experts")
+    ax.set_ylabel("ms (fwd + bwd)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_outputs(out_dir, title, env, rows, name="gpu_moe") -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {s: out / f"{name}.{s}" for s in ("csv", "md", "png")}
+    write_atomic(paths["csv"], csv_text(rows).encode())
+    write_atomic(paths["md"], markdown_text(title, env, rows).encode())
+    plot(rows, paths["png"], title)
+    return paths
+
+
+def run(out_dir: Path | str, env: dict) -> dict[str, Path]:
+    """The GPU benchmark (entry point of ``python -m benchmarks.gpu --ops moe``)."""
+    rows = run_cases(SHAPES, SWEEP_EXPERTS, "cuda", torch.bfloat16, do_bench_timer)
+    return write_outputs(out_dir, f"eegfast MoE FFN on {env.get('gpu', 'GPU')}", env, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_moe", description=__doc__)
+    parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run to check the script")
+    args = parser.parse_args(argv)
+    from benchmarks._report import environment
+
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        rows = run_cases(SMOKE_SHAPES, SMOKE_SWEEP, "cpu", torch.float32, perf_counter_timer)
+        paths = write_outputs(args.out, "MoE smoke run (CPU, meaningless)", environment(), rows)
+    else:
+        if not torch.cuda.is_available():
+            print("benchmarks.gpu_moe needs a CUDA device (or --smoke)", file=sys.stderr)
+            return 2
+        env = environment(gpu=True)
+        paths = run(args.out, env)
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
