@@ -146,3 +146,33 @@ def test_quickstart_fast_then_evaluate(tmp_path, capsys):
     assert exported["features"].shape == (90 + 120, 100)
     assert np.isfinite(exported["features"]).all()
     assert sorted(set(exported["task"].tolist())) == ["arithmetic", "motor_imagery"]
+
+
+def test_bench_lists_suites_and_rejects_unknown_ones(tmp_path, capsys):
+    assert cli.main(["bench", "--list"]) == 0
+    assert "vq" in capsys.readouterr().out.split()
+    assert cli.main(["bench", "--suite", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown ['nope']" in capsys.readouterr().err
+
+
+def test_bench_report_markdown_has_ratios():
+    from eegfast.train.commands.bench import markdown
+
+    results = {
+        "benchmarks": [
+            {
+                "group": "g",
+                "name": "fast",
+                "fullname": "x::fast",
+                "stats": {"median": 0.001, "rounds": 5},
+            },
+            {
+                "group": "g",
+                "name": "slow",
+                "fullname": "x::slow",
+                "stats": {"median": 0.003, "rounds": 5},
+            },
+        ]
+    }
+    text = markdown(results)
+    assert "| g | fast | 1.000 | 1.00x | 5 |" in text and "| g | slow | 3.000 | 3.00x | 5 |" in text

@@ -113,11 +113,16 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
-def test_two_process_gloo_ddp_matches_one_process(tmp_path, kind):
+@pytest.mark.parametrize(
+    "kind, strategy", [("finetune", "ddp"), ("pretrain", "ddp"), ("finetune", "fsdp")]
+)
+def test_two_process_gloo_run_matches_one_process(tmp_path, kind, strategy):
+    """2 processes (each half of every batch) give the 1-process result: DDP and FSDP2."""
     single, double = tmp_path / "single", tmp_path / "double"
-    one = worker.run(kind, str(single))
-    mp.spawn(worker.spawned, args=(2, free_port(), kind, str(double)), nprocs=2, join=True)
+    overrides = {"train.epochs": 1, "train.strategy": strategy}
+    one = worker.run(kind, str(single), overrides)
+    args = (2, free_port(), kind, str(double), overrides)
+    mp.spawn(worker.spawned, args=args, nprocs=2, join=True)
     assert_same_weights(final_weights(single), final_weights(double), atol=2e-5)
     two = read_metrics(double / "metrics.csv")["train/loss"]
     assert [s for s, _ in two] == list(range(1, one.step + 1))
@@ -174,3 +179,22 @@ def test_retention_keeps_last_n_and_the_best(tmp_path):
     assert ckpt.resolve_weights_path(tmp_path, prefer="latest").parent.name == "step-00000005"
     with pytest.raises(FileNotFoundError, match="no weights at"):
         ckpt.resolve_weights_path(tmp_path / "nothing")
+
+
+def test_activation_checkpointing_recomputes_to_the_same_result(tmp_path):
+    worker.run("finetune", str(tmp_path / "plain"), {"train.epochs": 1})
+    worker.run(
+        "finetune",
+        str(tmp_path / "ckpt"),
+        {"train.epochs": 1, "train.activation_checkpointing": True},
+    )
+    assert_same_weights(final_weights(tmp_path / "plain"), final_weights(tmp_path / "ckpt"), 1e-6)
+
+
+def test_bf16_autocast_trains_and_fp16_on_cpu_is_refused(tmp_path):
+    result = worker.run(
+        "finetune", str(tmp_path / "bf16"), {"train.epochs": 1, "train.precision": "bf16"}
+    )
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        worker.run("finetune", str(tmp_path / "fp16"), {"train.precision": "fp16"})

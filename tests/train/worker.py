@@ -74,7 +74,9 @@ def run(
         shutdown(info)
 
 
-def spawned(rank: int, world_size: int, port: int, kind: str, run_dir: str) -> None:
+def spawned(
+    rank: int, world_size: int, port: int, kind: str, run_dir: str, overrides: dict
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -83,7 +85,7 @@ def spawned(rank: int, world_size: int, port: int, kind: str, run_dir: str) -> N
         WORLD_SIZE=str(world_size),
     )
     torch.set_num_threads(1)
-    run(kind, run_dir)
+    run(kind, run_dir, overrides)
 
 
 def main() -> int:
