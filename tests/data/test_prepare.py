@@ -241,3 +241,18 @@ def test_discover(tmp_path):
     with pytest.raises(FileNotFoundError, match="no recordings MNE can read"):
         (tmp_path / "empty").mkdir()
         discover([str(tmp_path / "empty")])
+
+
+def test_read_index_needs_no_torch(sample_files, tmp_path):
+    import subprocess
+    import sys
+
+    prepare([str(sample_files["Subject00_2.edf"])], tmp_path, progress=False)
+    code = (
+        "import sys; from eegfast.data import read_index; "
+        f"n = len(read_index({str(tmp_path)!r})); "
+        "assert 'torch' not in sys.modules, 'torch imported'; print(n)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "15"
