@@ -79,12 +79,23 @@ else:
         "BLOCK_M",
         "BLOCK_N",
     )
-_AUTOTUNE_KEY = ["N", "D", "CAUSAL", "BLOCK_CAUSAL"]  # + tensor dtypes (added by triton)
+# N_BUCKET (next power of two of N, otherwise unused by the kernels): sequences of similar
+# length share one tuning run, so variable channel counts do not re-tune at every new N.
+_AUTOTUNE_KEY = ["N_BUCKET", "D", "CAUSAL", "BLOCK_CAUSAL"]  # + tensor dtypes (added by triton)
 
 
 # --------------------------------------------------------------------------------------------
 # Shared device helpers.
 # --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _program_ids(N, BLOCK: tl.constexpr):
+    """(block along N, batch x head) of this program. A 1D grid with the blocks of one head
+    adjacent: no 65535 limit on B x H (grid axis 1), and k/v tiles stay hot in L2."""
+    pid = tl.program_id(0)
+    num_blocks = tl.cdiv(N, BLOCK)
+    return pid % num_blocks, (pid // num_blocks).to(tl.int64)
 
 
 @triton.jit
@@ -213,6 +224,7 @@ def _fwd_kernel(
     H,
     N,
     D,
+    N_BUCKET,
     eps,
     qk_scale_log2,  # scale * log2(e)
     HAS_Q_W: tl.constexpr,
@@ -227,8 +239,7 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _program_ids(N, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     q_base = q_ptr + b * sqb + h * sqh
@@ -332,8 +343,7 @@ def _bwd_delta_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _program_ids(N, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -379,6 +389,7 @@ def _bwd_dkdv_kernel(
     H,
     N,
     D,
+    N_BUCKET,
     num_slots,
     scale,
     qk_scale_log2,
@@ -395,8 +406,7 @@ def _bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,  # keys owned by this program
     BLOCK_M: tl.constexpr,  # queries per loop step
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_n, pid_bh = _program_ids(N, BLOCK_N)
     b = pid_bh // H
     h = pid_bh % H
     q_base = q_ptr + b * sqb + h * sqh
@@ -514,6 +524,7 @@ def _bwd_dq_kernel(
     H,
     N,
     D,
+    N_BUCKET,
     num_slots,
     scale,
     qk_scale_log2,
@@ -530,8 +541,7 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr,  # queries owned by this program
     BLOCK_N: tl.constexpr,  # keys per loop step
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _program_ids(N, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     k_base = k_ptr + b * skb + h * skh
@@ -739,7 +749,7 @@ def qk_norm_attention_fwd_triton(
     q_w_, q_b_, k_w_, k_b_ = (q if p is None else p.contiguous() for p in params.values())
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+        return (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
 
     wrap_triton(_fwd_kernel)[grid](
         q,
@@ -767,6 +777,7 @@ def qk_norm_attention_fwd_triton(
         H,
         N,
         D,
+        triton.next_power_of_2(N),
         eps,
         scale * _LOG2E.value,
         HAS_Q_W=q_w is not None,
@@ -861,7 +872,7 @@ def qk_norm_attention_bwd_triton(
     block_d = _block_d(D)
     delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     delta_block = 32 if triton_interpreting() else 64
-    wrap_triton(_bwd_delta_kernel)[(triton.cdiv(N, delta_block), B * H)](
+    wrap_triton(_bwd_delta_kernel)[(triton.cdiv(N, delta_block) * B * H,)](
         out,
         grad_out,
         delta,
@@ -902,7 +913,7 @@ def qk_norm_attention_bwd_triton(
     )
 
     def key_grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]), B * H)
+        return (triton.cdiv(N, meta["BLOCK_N"]) * B * H,)
 
     wrap_triton(_bwd_dkdv_kernel)[key_grid](
         q,
@@ -927,6 +938,7 @@ def qk_norm_attention_bwd_triton(
         H,
         N,
         D,
+        triton.next_power_of_2(N),
         num_slots,
         scale,
         scale * _LOG2E.value,
@@ -934,7 +946,7 @@ def qk_norm_attention_bwd_triton(
     )
 
     def query_grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+        return (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
 
     wrap_triton(_bwd_dq_kernel)[query_grid](
         q,
@@ -958,6 +970,7 @@ def qk_norm_attention_bwd_triton(
         H,
         N,
         D,
+        triton.next_power_of_2(N),
         num_slots,
         scale,
         scale * _LOG2E.value,
