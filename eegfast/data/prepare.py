@@ -86,7 +86,7 @@ class Settings:
 class Job:
     path: str
     task: str
-    bids: bool
+    bids_root: str | None  # the BIDS dataset the recording belongs to (read with mne-bids)
     key: str
 
 
@@ -117,19 +117,19 @@ def discover(sources: list[str], default_task: str | None = None) -> list[Job]:
                 import_mne_bids()  # clear error now rather than once per file
                 files = [p for p in sorted(path.rglob("*")) if _is_recording(p)]
                 files = [p for p in files if "/eeg/" in p.as_posix() or "\\eeg\\" in str(p)]
-                bids = True
+                bids = str(path)
             else:
                 files = [p for p in sorted(path.rglob("*")) if _is_recording(p)]
                 # BrainVision: read the header (.vhdr), not the data (.eeg) or marker files
                 files = [p for p in files if not _is_sidecar(p)]
-                bids = False
+                bids = None
             if not files:
                 raise FileNotFoundError(f"SRC {source!r}: no recordings MNE can read in {path}")
             for p in files:
                 jobs.setdefault(str(p.resolve()), Job(str(p), folder_task, bids, _key(p)))
         else:
             file_task = task or default_task or path.resolve().parent.name
-            jobs.setdefault(str(path.resolve()), Job(str(path), file_task, False, _key(path)))
+            jobs.setdefault(str(path.resolve()), Job(str(path), file_task, None, _key(path)))
     return sorted(jobs.values(), key=lambda j: j.path)
 
 
@@ -181,7 +181,7 @@ def process_file(job: Job, settings: Settings, out: str) -> dict:
 
 def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
     cfg = settings.preprocess
-    raw = read_recording(job.path, bids=job.bids)
+    raw = read_recording(job.path, bids_root=job.bids_root)
     sfreq = float(raw.info["sfreq"])
     chmap = map_channels(
         raw.ch_names,

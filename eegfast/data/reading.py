@@ -182,8 +182,12 @@ def check_edf_size(path: str | os.PathLike) -> None:
         )
 
 
-def read_recording(path: str | os.PathLike, *, bids: bool = False):
-    """``mne.io.BaseRaw`` (not preloaded) for one recording; ``BadRecording`` with the reason."""
+def read_recording(path: str | os.PathLike, *, bids_root: str | os.PathLike | None = None):
+    """``mne.io.BaseRaw`` (not preloaded) for one recording; ``BadRecording`` with the reason.
+
+    bids_root : the BIDS dataset holding ``path``; the recording is then read with
+        ``mne_bids.read_raw_bids`` (channel types, events and line frequency from the sidecars).
+    """
     import mne
 
     path = Path(path)
@@ -194,9 +198,9 @@ def read_recording(path: str | os.PathLike, *, bids: bool = False):
     if path.suffix.lower() in (".edf", ".bdf"):
         check_edf_size(path)
     try:
-        if bids:
+        if bids_root is not None:
             mne_bids = import_mne_bids()
-            bids_path = mne_bids.get_bids_path_from_fname(path)
+            bids_path = mne_bids.get_bids_path_from_fname(path).update(root=bids_root)
             raw = mne_bids.read_raw_bids(bids_path, verbose="error")
         else:
             raw = mne.io.read_raw(path, preload=False, verbose="error")

@@ -256,3 +256,17 @@ def test_read_index_needs_no_torch(sample_files, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "15"
+
+
+def test_bids_folder(sample_files, tmp_path):
+    mne_bids = pytest.importorskip("mne_bids")  # optional dependency (pip install eegfast[bids])
+    raw = mne.io.read_raw(sample_files["Subject01_2.edf"], verbose="error")
+    raw.set_channel_types({"ECG ECG": "ecg"})
+    raw.info["line_freq"] = 50
+    root = tmp_path / "bids"
+    path = mne_bids.BIDSPath(subject="07", task="arith", root=root, datatype="eeg")
+    mne_bids.write_raw_bids(raw, path, overwrite=True, verbose="error")
+    report = prepare([f"arith={root}"], tmp_path / "out", progress=False)
+    assert report["usable"] == 1 and report["subjects"] == ["sub-07"]
+    record = load_index(tmp_path / "out")["recordings"][0]
+    assert record["task"] == "arith" and len(record["electrodes"]) == 19
