@@ -9,6 +9,7 @@ from eegfast.data.labels import LabelRules
 from eegfast.data.prepare import Settings, prepare
 from eegfast.data.preprocess import PreprocessConfig
 from eegfast.electrodes import labram_input_chans
+from eegfast.testing import requires_cuda
 
 
 @pytest.fixture(scope="module", params=["float32", "float16"])
@@ -149,3 +150,16 @@ def test_batch_memory_recycles(prepared):
     ds = ShardDataset(prepared)
     first = ds.get_batch([0, 1, 2, 3])["x"].data_ptr()  # batch dropped at once
     assert ds.get_batch([4, 5, 6, 7])["x"].data_ptr() == first
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_pinned_batches_on_gpu_machines(prepared):
+    ds = ShardDataset(prepared)
+    batch = ds.get_batch(list(range(8)), pin_memory=True)
+    assert batch["x"].is_pinned()
+    loader = make_loader(ds, 8, shuffle=False, num_workers=0, pin_memory=True)
+    first = next(iter(loader))
+    assert first["x"].is_pinned()
+    on_gpu = first["x"].to("cuda", non_blocking=True)
+    torch.testing.assert_close(on_gpu.cpu(), first["x"], rtol=0, atol=0)
