@@ -129,7 +129,7 @@ class TinyPretrain(nn.Module):
             hm = hm + s.pos_embed[:, : h.shape[1]]
             for block in s.blocks:
                 hm = block(hm)
-            logits = self.lm_head(hm)[m]
+            logits = self.lm_head(s.fc_norm(hm))[m]
             losses.append(F.cross_entropy(logits, targets[m]))
             accs.append((logits.argmax(-1) == targets[m]).float().mean())
         return SimpleNamespace(loss=losses[0] + losses[1], accuracy=(accs[0] + accs[1]) / 2)

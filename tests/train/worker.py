@@ -68,7 +68,7 @@ def run(
             ctx=ctx,
             dist_info=info,
             resume=resume,
-            find_unused_parameters=True,  # multi-task heads; the fakes' unused fc_norm
+            find_unused_parameters=kind == "finetune",  # as the commands: heads per task
         )
     finally:
         shutdown(info)

@@ -60,6 +60,21 @@ def load_tokenizer(path: str, device: torch.device) -> torch.nn.Module:
     return tokenizer.to(device).eval()
 
 
+# Modules the reference layout keeps (so its checkpoints load strictly) but the masked
+# objective never uses: the wrapper's projection head and the student's own lm_head (the
+# wrapper predicts with its lm_head). Frozen, so that DDP needs no unused-parameter search.
+UNUSED_IN_PRETRAINING = ("projection_head", "student.lm_head")
+
+
+def freeze_unused_heads(model: torch.nn.Module) -> list[str]:
+    frozen = []
+    for name, module in model.named_modules():
+        if name in UNUSED_IN_PRETRAINING:
+            module.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
 def _main(args: argparse.Namespace) -> int:
     extra = {}
     if args.objective:
@@ -81,11 +96,7 @@ def _main(args: argparse.Namespace) -> int:
             kwargs["vocab_size"] = int(vocab)
         arch = {"kind": kind, "name": config.model.name, "kwargs": kwargs}
         model = build_model(arch)
-        # The reference keeps an unused projection head (so its checkpoints load strictly);
-        # freezing it lets DDP run without searching for unused parameters every step.
-        for name, module in model.named_modules():
-            if name.split(".")[-1] == "projection_head":
-                module.requires_grad_(False)
+        freeze_unused_heads(model)
         say(
             runtime,
             f"pretrain ({config.pretrain.objective}) {config.model.name}: {len(data)} windows",
