@@ -1,0 +1,99 @@
+"""Fold planning, metrics, the band-power baseline and the report writer (no model training)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from eegfast.train.baseline import band_power_features, fit_predict_band_power
+from eegfast.train.data import ItemInfo, TrainData
+from eegfast.train.finetune import CVResult, _record, plan_folds, write_outputs
+from eegfast.train.metrics import classification_metrics, group_folds
+
+
+def make_data(spec):
+    """spec: (task, subject, recording, label) per item."""
+    items = [ItemInfo(0, t, s, r, lab, (0, 1, 2), 4) for t, s, r, lab in spec]
+    names = {t: ["a", "b"] for t, *_ in spec}
+    return TrainData(dataset=None, items=items, label_names=names, roots=[])
+
+
+def test_folds_never_share_a_group_and_fall_back_to_recordings():
+    spec = []
+    for subject in ("s1", "s2", "s3"):
+        for rec in ("r1", "r2"):
+            spec += [("arith", subject, f"{subject}{rec}", lab) for lab in (0, 1, 1)]
+    spec += [("mi", "only", rec, lab) for rec in ("run4", "run8") for lab in (0, 1, 0, 1)]
+    spec += [("mi", "only", "run4", -1)]  # unlabelled windows are never used
+    data = make_data(spec)
+    plans, grouping = plan_folds(data, ["arith", "mi"], k=5, group_by="subject", seed=0)
+    assert len(plans) == 2  # limited by mi's two recordings
+    assert "by recording" in grouping["mi"] and "only 1 subject" in grouping["mi"]
+    assert grouping["arith"].startswith("by subject (3 subjects")
+    for task, key in (("arith", "subject"), ("mi", "recording")):
+        covered = []
+        for plan in plans:
+            train = {getattr(data.items[i], key) for i in plan.train[task]}
+            test = {getattr(data.items[i], key) for i in plan.test[task]}
+            assert not train & test
+            covered += list(plan.test[task])
+            assert all(data.items[i].label >= 0 for i in plan.test[task])
+        assert sorted(covered) == sorted(data.labelled(task).tolist())  # each window tested once
+
+
+def test_group_folds_needs_two_groups():
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        group_folds([0, 1, 0, 1], ["a"] * 4, 2)
+
+
+def test_binary_and_multiclass_metrics():
+    y = np.array([0, 0, 1, 1])
+    perfect = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.1, 0.9]])
+    m = classification_metrics(y, perfect, 2)
+    assert m == {"balanced_accuracy": 1.0, "auroc": 1.0, "auc_pr": 1.0}
+    flipped = classification_metrics(y, perfect[:, ::-1], 2)
+    assert flipped["balanced_accuracy"] == 0.0 and flipped["auroc"] == 0.0
+    one_class = classification_metrics(np.zeros(3, int), perfect[:3], 2)
+    assert math.isnan(one_class["auroc"]) and one_class["balanced_accuracy"] == pytest.approx(2 / 3)
+    y3 = np.array([0, 1, 2, 2])
+    probs3 = np.eye(3)[[0, 1, 2, 1]]
+    m3 = classification_metrics(y3, probs3, 3)
+    assert set(m3) == {"balanced_accuracy", "cohen_kappa", "f1_weighted"}
+    assert m3["balanced_accuracy"] == pytest.approx((1 + 1 + 0.5) / 3)
+
+
+def test_band_power_baseline_separates_rhythms():
+    rng = np.random.default_rng(0)
+    t = np.arange(800) / 200.0
+
+    def window(freq):
+        x = np.sin(2 * np.pi * freq * t) + 0.3 * rng.standard_normal((3, 800))
+        return x.reshape(3, 4, 200)
+
+    features = band_power_features(window(10.0))
+    assert features.shape == (15,) and features.reshape(3, 5).argmax(1).tolist() == [2, 2, 2]
+    xs = np.stack([band_power_features(window(f)) for f in [10.0] * 10 + [20.0] * 10])
+    ys = np.array([0] * 10 + [1] * 10)
+    probs = fit_predict_band_power(xs[::2], ys[::2], xs[1::2], 2)
+    assert (probs.argmax(1) == ys[1::2]).all()
+
+
+def test_report_states_grouping_baseline_verdict_and_transfer(tmp_path):
+    data = make_data([("mi", "only", f"r{i % 2}", i % 2) for i in range(8)])
+    result = CVResult(grouping={"mi": "by recording (2 recordings)"})
+    test = np.arange(8)
+    good = np.eye(2)[[i % 2 for i in range(8)]] * 0.8 + 0.1
+    bad = np.full((8, 2), 0.5)
+    for fold in (0, 1):
+        _record(result, fold, "multitask", "mi", data, test, bad)
+        _record(result, fold, "single", "mi", data, test, good)
+        _record(result, fold, "band_power", "mi", data, test, good)
+    payload = write_outputs(result, data, tmp_path, title="t")
+    report = (tmp_path / "report.md").read_text()
+    assert "does NOT beat the band-power baseline" in report
+    assert "| mi | 0.500 | 1.000 | -0.500 | negative transfer |" in report
+    assert "grouped by recording" in report
+    assert payload["comparisons"]["mi"]["negative_transfer"] is True
+    assert (tmp_path / "roc_curves.png").is_file() and (tmp_path / "results.csv").is_file()
