@@ -113,16 +113,19 @@ def discover(sources: list[str], default_task: str | None = None) -> list[Job]:
             raise FileNotFoundError(f"SRC {source!r}: no such file or folder")
         if path.is_dir():
             folder_task = task or default_task or path.resolve().name
+            # BrainVision: read the header (.vhdr), not its data file (.eeg)
+            files = [p for p in sorted(path.rglob("*")) if _is_recording(p) and not _is_sidecar(p)]
+            bids = None
             if (path / "dataset_description.json").is_file():
                 import_mne_bids()  # clear error now rather than once per file
-                files = [p for p in sorted(path.rglob("*")) if _is_recording(p)]
-                files = [p for p in files if "/eeg/" in p.as_posix() or "\\eeg\\" in str(p)]
                 bids = str(path)
-            else:
-                files = [p for p in sorted(path.rglob("*")) if _is_recording(p)]
-                # BrainVision: read the header (.vhdr), not the data (.eeg) or marker files
-                files = [p for p in files if not _is_sidecar(p)]
-                bids = None
+                # raw data only: <sub>/[<ses>/]eeg/, not derivatives/ or sourcedata/
+                files = [
+                    p
+                    for p in files
+                    if p.parent.name == "eeg"
+                    and not {"derivatives", "sourcedata"} & set(p.relative_to(path).parts)
+                ]
             if not files:
                 raise FileNotFoundError(f"SRC {source!r}: no recordings MNE can read in {path}")
             for p in files:
@@ -134,10 +137,9 @@ def discover(sources: list[str], default_task: str | None = None) -> list[Job]:
 
 
 def _is_sidecar(path: Path) -> bool:
-    suffix = path.suffix.lower()
-    if suffix == ".eeg" and path.with_suffix(".vhdr").exists():
-        return True
-    return suffix == ".eeg" and path.with_suffix(".VHDR").exists()
+    if path.suffix.lower() != ".eeg":
+        return False
+    return path.with_suffix(".vhdr").exists() or path.with_suffix(".VHDR").exists()
 
 
 def _fingerprint(path: Path) -> dict:

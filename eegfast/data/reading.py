@@ -38,8 +38,8 @@ __all__ = [
 
 # Extensions mne.io.read_raw understands (lower case; compound ones first).
 MNE_EXTENSIONS = (
-    ".fif.gz", ".edf", ".bdf", ".gdf", ".fif", ".vhdr", ".set", ".cnt", ".bin", ".data",
-    ".mff", ".nxe", ".eeg", ".lay", ".cdt", ".mef", ".nwb", ".snirf", ".ahdr", ".xdf", ".cnt",
+    ".fif.gz", ".edf", ".bdf", ".gdf", ".fif", ".vhdr", ".ahdr", ".set", ".cnt", ".mff",
+    ".nxe", ".eeg", ".lay", ".cdt",
 )  # fmt: skip
 
 
