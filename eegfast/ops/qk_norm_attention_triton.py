@@ -176,8 +176,8 @@ def _store_partial(
 def _visible(
     q_rows,  # query indices, broadcastable to the score tile
     k_cols,  # key indices, broadcastable to the score tile
-    k_pad,  # 1 = padded key (broadcastable), or None-equivalent 0
-    q_ids,
+    k_pad,  # 1 = padded key (broadcastable; all 0 without a padding mask)
+    q_ids,  # block ids of the queries / keys (only read when BLOCK_CAUSAL)
     k_ids,
     N,
     CAUSAL: tl.constexpr,
@@ -278,7 +278,7 @@ def _fwd_kernel(
         hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)  # key tiles past the diagonal: all masked
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k_ids = cols  # placeholder
+        k_ids = cols  # placeholder when not block-causal (unused)
         run_tile = True
         if BLOCK_CAUSAL:
             k_ids = tl.load(ids_ptr + cols, mask=cols < N, other=_INT32_MAX)

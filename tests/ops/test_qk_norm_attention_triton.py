@@ -443,3 +443,25 @@ def test_gpu_opcheck_and_compile():
     compiled_grads = torch.autograd.grad(compiled_out, [*leaves, *params], grad_out)
     for a, b in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_benchmark_report_writers(tmp_path):
+    """benchmarks/gpu_qk_norm_attention.py's ratios, targets and files, on made-up rows (the
+    timings themselves need a GPU)."""
+    from benchmarks import gpu_qk_norm_attention as bench
+
+    case = dict(shape="base", B=128, H=10, N=257, D=20, dtype="bfloat16")
+    rows = [
+        bench.Row(**case, mode="fwd+bwd", impl=bench.OURS, ms=0.25, max_abs_err=1e-3),
+        bench.Row(**case, mode="fwd+bwd", impl="compile(layernorm+sdpa)", ms=1.5),
+        bench.Row(**case, mode="fwd", impl=bench.OURS, ms=0.2),
+        bench.Row(**case, mode="fwd", impl="compile(layernorm+flex)", ms=None, note="failed: x|y"),
+    ]
+    assert bench.ratios(rows) == [1.0, 6.0, 1.0, None]
+    paths = bench.write_outputs(tmp_path, "test", {"gpu": "none"}, rows, "bench")
+    table = paths["md"].read_text()
+    assert "6.00×" in table and "target ≤ 0.30 ms: met" in table
+    assert "target ≤ 0.10 ms: MISSED" in table and "failed: x\\|y" in table
+    assert paths["csv"].read_text().count("\n") == len(rows) + 1
+    assert paths["png"].stat().st_size > 0
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes left no temp files
