@@ -14,6 +14,12 @@ Two implementations of the same recipe:
   FFT at the new length. No time-domain convolution, no second pass for the notch, no separate
   resampling pass. Away from the first and last second the result equals the MNE recipe to
   float precision (tests check it on the bundled recordings).
+
+The output is exactly on the 200 Hz grid of the input's first sample: the padding is a whole
+number of input periods of the resampling ratio p/q (MNE's default padding can shift the output by
+up to half a sample). Rates with a small q (128, 160, 250, 256, 500, 512, 1000, 1024, 2048 Hz ...)
+are fast; a rate like 173.61 Hz (q = 17361) is still exact but needs FFT lengths with large prime
+factors and runs tens of times slower.
 """
 
 from __future__ import annotations
