@@ -123,8 +123,12 @@ def test_make_loader_workers(prepared):
     loader = make_loader(ds, 16, shuffle=True, num_workers=2, pin_memory=False)
     seen = []
     for _ in range(2):  # persistent workers, two epochs
-        seen = [i for batch in loader for i in batch["index"].tolist()]
+        batches = list(loader)  # all kept alive: no worker memory may be reused under them
+        seen = [i for batch in batches for i in batch["index"].tolist()]
         assert sorted(seen) == list(range(len(ds)))
+        for batch in batches:
+            expected = collate_padded([ds[i] for i in batch["index"].tolist()])
+            torch.testing.assert_close(batch["x"], expected["x"], rtol=0, atol=0)
 
 
 def test_batch_memory_is_reused_only_when_free(prepared):
