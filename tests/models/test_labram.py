@@ -42,7 +42,12 @@ def test_large_checkpoints_load_on_meta(name):
     assert report.ok and len(report.loaded) == len(reference_shapes(name))
 
 
-def test_reference_checkpoint_loads_every_key(tmp_path):
+@pytest.fixture(scope="module")
+def base_classifier():
+    return create_model("labram_base", num_classes=6)
+
+
+def test_reference_checkpoint_loads_every_key(tmp_path, base_classifier):
     state = random_reference_state("labram_base", seed=1)
     ddp = {f"module.{k}": v for k, v in state.items()}
     cases = {
@@ -52,7 +57,7 @@ def test_reference_checkpoint_loads_every_key(tmp_path):
         "plain.safetensors": state,
         "ddp.safetensors": ddp,
     }
-    model = create_model("labram_base", num_classes=6)
+    model = base_classifier
     for file_name, obj in cases.items():
         path = tmp_path / file_name
         if path.suffix == ".pth":
@@ -66,13 +71,13 @@ def test_reference_checkpoint_loads_every_key(tmp_path):
         assert all(torch.equal(loaded[k], v) for k, v in state.items()), file_name
 
 
-def test_mismatch_report_is_readable_and_strict():
+def test_mismatch_report_is_readable_and_strict(base_classifier):
     state = random_reference_state("labram_base", seed=2)
     for i in range(12):
         del state[f"blocks.{i}.attn.q_norm.weight"]
     state["head.weight"] = torch.zeros(4, 200)
     state["extra.thing"] = torch.zeros(1)
-    model = create_model("labram_base", num_classes=6)
+    model = base_classifier
     before = model.pos_embed.detach().clone()
     with pytest.raises(CheckpointMismatchError) as info:
         load_checkpoint(model, state)
