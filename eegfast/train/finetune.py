@@ -430,11 +430,22 @@ def comparisons(summary, tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
         mt = summary.get(("multitask", task, "balanced_accuracy"))
         st = summary.get(("single", task, "balanced_accuracy"))
         if mt is not None and st is not None:
+            # A difference within the larger fold std is not called transfer either way.
+            diff, noise = mt[0] - st[0], max(mt[1], st[1])
+            verdict = (
+                "negative transfer"
+                if diff < -noise
+                else "positive transfer"
+                if diff > noise
+                else "no clear difference (within fold std)"
+            )
             entry.update(
                 multitask=mt[0],
                 single=st[0],
-                transfer=mt[0] - st[0],
-                negative_transfer=bool(mt[0] < st[0]),
+                transfer=diff,
+                transfer_noise=noise,
+                negative_transfer=bool(diff < -noise),
+                transfer_verdict=verdict,
             )
         out[task] = entry
     return out
@@ -453,6 +464,14 @@ def write_outputs(
         for r in result.rows
     ]
     write_text_atomic(out_dir / "results.csv", "\n".join(lines) + "\n")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(out_dir / "tensorboard")) as writer:  # step = fold
+        for r in result.rows:
+            if not math.isnan(r["value"]):
+                writer.add_scalar(
+                    f"cv/{r['task']}/{r['metric']}/{r['variant']}", r["value"], r["fold"]
+                )
     summary = summarise(result.rows)
     tasks = sorted({r["task"] for r in result.rows})
     compared = comparisons(summary, tasks)
@@ -536,17 +555,16 @@ def write_outputs(
             "",
             "## Negative-transfer report (multi-task vs single-task, same folds)",
             "",
-            "| task | multi-task BAcc | single-task BAcc | difference | verdict |",
-            "|---|---|---|---|---|",
+            "| task | multi-task BAcc | single-task BAcc | difference | larger fold std "
+            "| verdict |",
+            "|---|---|---|---|---|---|",
         ]
         for task, entry in compared.items():
             if "transfer" in entry:
-                verdict = (
-                    "negative transfer" if entry["negative_transfer"] else "no negative transfer"
-                )
                 md.append(
                     f"| {task} | {entry['multitask']:.3f} | {entry['single']:.3f} | "
-                    f"{entry['transfer']:+.3f} | {verdict} |"
+                    f"{entry['transfer']:+.3f} | {entry['transfer_noise']:.3f} | "
+                    f"{entry['transfer_verdict']} |"
                 )
     if figures:
         md += ["", "## Plots", ""] + [

@@ -146,6 +146,30 @@ def test_quickstart_fast_then_evaluate(tmp_path, capsys):
     assert exported["features"].shape == (90 + 120, 100)
     assert np.isfinite(exported["features"]).all()
     assert sorted(set(exported["task"].tolist())) == ["arithmetic", "motor_imagery"]
+    assert list((finetune / "tensorboard").glob("events.*"))  # per-fold metrics as scalars
+
+    # evaluate: a linear probe on the upcycled backbone's frozen features, same folds design.
+    probe = tmp_path / "probe"
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--model",
+                str(out / "runs" / "moe"),
+                "--data",
+                *data,
+                "--out",
+                str(probe),
+                "--folds",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    rows = list(csv.DictReader((probe / "results.csv").open()))
+    assert {r["variant"] for r in rows} == {"linear_probe", "band_power"}
+    assert {r["fold"] for r in rows} == {"0", "1"}
 
 
 def test_bench_lists_suites_and_rejects_unknown_ones(tmp_path, capsys):

@@ -93,7 +93,7 @@ def test_report_states_grouping_baseline_verdict_and_transfer(tmp_path):
     payload = write_outputs(result, data, tmp_path, title="t")
     report = (tmp_path / "report.md").read_text()
     assert "does NOT beat the band-power baseline" in report
-    assert "| mi | 0.500 | 1.000 | -0.500 | negative transfer |" in report
+    assert "| mi | 0.500 | 1.000 | -0.500 | 0.000 | negative transfer |" in report
     assert "grouped by recording" in report
     assert payload["comparisons"]["mi"]["negative_transfer"] is True
     assert (tmp_path / "roc_curves.png").is_file() and (tmp_path / "results.csv").is_file()

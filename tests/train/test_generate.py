@@ -203,3 +203,44 @@ def test_prompt_helpers(tmp_path):
         load_prompt(tmp_path / "w.npy")
     with pytest.raises(GenerateError, match="electrodes given twice"):
         load_prompt(tmp_path / "w.npy", channels=["T3", "T7"])
+
+
+# --------------------------------------------------------------------------------------------
+# The synthetic-data report's measures (eegfast.train.synthetic_report)
+# --------------------------------------------------------------------------------------------
+
+
+def _noise_windows(n, seed, scale=1.0, smooth=0.9):
+    """AR(1) noise windows (n, 3, 2, 200): a 1/f-like spectrum, like EEG."""
+    rng = np.random.default_rng(seed)
+    e = rng.normal(size=(n, 3, 400))
+    x = np.zeros_like(e)
+    for t in range(1, 400):
+        x[..., t] = smooth * x[..., t - 1] + e[..., t]
+    return (scale * 0.1 * x).reshape(n, 3, 2, 200).astype(np.float32)
+
+
+def test_band_power_ratios_and_real_vs_synthetic_auroc():
+    from eegfast.train.synthetic_report import band_power_ratios, real_vs_synthetic_auroc
+
+    real = _noise_windows(40, 0)
+    same = band_power_ratios(real, real)
+    assert all(abs(v - 1) < 1e-9 for kind in same.values() for v in kind.values())
+    half = band_power_ratios(real, 0.5 * real)  # power scales with amplitude squared
+    assert all(abs(v - 0.25) < 1e-6 for v in half["absolute"].values())
+    assert all(abs(v - 1) < 1e-6 for v in half["relative"].values())
+    alike, _ = real_vs_synthetic_auroc(real, _noise_windows(40, 1))
+    louder, _ = real_vs_synthetic_auroc(real, _noise_windows(40, 2, scale=3.0))
+    whiter, _ = real_vs_synthetic_auroc(real, _noise_windows(40, 3, smooth=0.0))
+    assert alike < 0.8 and louder > 0.95 and whiter > 0.95
+
+
+def test_mcnemar_counts_discordant_windows():
+    from eegfast.train.synthetic_report import mcnemar
+
+    a = np.array([True] * 10 + [False] * 10)
+    b = np.array([True] * 10 + [True] * 9 + [False])
+    result = mcnemar(a, b)
+    assert (result["only_without"], result["only_with"], result["n"]) == (0, 9, 20)
+    assert abs(result["p_value"] - 2 * 0.5**9) < 1e-12  # exact two-sided binomial
+    assert mcnemar(a, a)["p_value"] == 1.0

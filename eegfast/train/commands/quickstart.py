@@ -39,7 +39,11 @@ FINETUNE = {
     "model.drop_path": 0.0,
     "upcycle.router_aux_weight": 0.01,
 }
-FAST = {"train.max_steps": 2}  # --fast: a smoke run of every step
+FAST = {"train.max_steps": 2}
+VARIANT_LABEL = {
+    "multitask": "multi-task model",
+    "single": "single-task model",
+}  # --fast: a smoke run of every step
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -274,6 +278,13 @@ def write_report(
         )
     else:
         verdict = f"Better than the band-power baseline on every task ({', '.join(beats)})."
+    numbers = "; ".join(
+        f"{task}: {VARIANT_LABEL.get(c['model_variant'], c['model_variant'])} "
+        f"{c['model']:.3f} vs baseline {c['baseline']:.3f}"
+        for task, c in summary["comparisons"].items()
+        if "baseline" in c
+    )
+    verdict += f" Balanced accuracy, mean over folds: {numbers}."
     lines = [
         "# eegfast quickstart report",
         "",
