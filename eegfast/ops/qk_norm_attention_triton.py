@@ -729,7 +729,8 @@ def qk_norm_attention_fwd_triton(
         eps: LayerNorm epsilon. scale: score scale (usually D ** -0.5).
         key_padding_mask: (B, N) bool, True = that key is ignored; or None.
         causal: query i sees key j only if j <= i.
-        block_ids: (N,) integer; query i sees key j only if block_ids[j] <= block_ids[i].
+        block_ids: (N,) integer (read as int32); query i sees key j only if
+            block_ids[j] <= block_ids[i].
 
     Returns:
         out (B, N, H, D) contiguous in q's dtype (rows that see no key are 0), lse (B, H, N)
