@@ -82,17 +82,25 @@ def cpu_inference_impls(seed: int = 0) -> tuple[dict[str, Callable[[], torch.Ten
     return impls, (x, chans)
 
 
-def interleaved_median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median ms of each callable, timed round-robin so that load from other processes on
-    the machine hits all of them alike (one untimed warm-up round first)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
+def interleaved_median_ms(
+    fns: dict[str, Callable[[], object]], repeats: int
+) -> dict[str, tuple[float, float]]:
+    """Median wall and process-CPU ms of each callable, timed round-robin so that load from
+    other processes hits all of them alike (one untimed warm-up round first). CPU time (all
+    threads) is the steadier number on a shared machine."""
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(repeats + 1):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    return {
+        name: (statistics.median(wall[name]) * 1e3, statistics.median(cpu[name]) * 1e3)
+        for name in fns
+    }
 
 
 def run_cpu(repeats: int = 7) -> list[Row]:
@@ -103,12 +111,15 @@ def run_cpu(repeats: int = 7) -> list[Row]:
         ms = interleaved_median_ms(impls, repeats)
     expected = outputs["reference-eager"]
     scale = expected.abs().max().item()
+    base_cpu = ms["reference-eager"][1]
     return [
         Row(
             name,
-            ms[name],
-            CPU_CASE["batch"] / ms[name] * 1e3,
+            ms[name][0],
+            CPU_CASE["batch"] / ms[name][0] * 1e3,
             max_abs_diff=(outputs[name] - expected).abs().max().item() / scale,
+            note=f"process CPU time {ms[name][1]:.0f} ms ({base_cpu / ms[name][1]:.2f}× less "
+            "than the reference)",
         )
         for name in impls
     ]
