@@ -190,13 +190,13 @@ class LaBraMPretrain(nn.Module):
             key_padding_mask=_repeat_batch(key_padding),
             task_id=task_id if task_id is None or task_id.dim() == 0 else _repeat_batch(task_id),
         )
-        tokens = student.norm(tokens)
 
         # Every patch is predicted exactly once: by view 1 where masked, by view 2 elsewhere.
         # Picking those tokens with a where() keeps every shape static (no boolean indexing),
-        # so torch.compile sees one graph, and lm_head runs on B·C·A rows, as the reference.
+        # so torch.compile sees one graph, and the final norm and lm_head run on B·C·A rows
+        # (the norm is per token, so normalising after picking is the same).
         body = tokens[:, 1:]
-        predicted = torch.where(mask[..., None], body[:B], body[B:])  # (B, P, E)
+        predicted = student.norm(torch.where(mask[..., None], body[:B], body[B:]))  # (B, P, E)
         logits = self.lm_head(predicted)  # (B, P, vocab)
         labels = targets.clamp_min(0)  # padded positions (-1) carry no weight below
         per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
