@@ -361,6 +361,10 @@ class HybridPretrainModel(nn.Module):
         self._masked.training = mode
         return self
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass (both the masked and forecasting passes)."""
+        self.backbone.set_grad_checkpointing(enable)
+
     @property
     def backbone(self) -> nn.Module:
         return self._masked.student
