@@ -59,6 +59,12 @@ def test_one_batched_forward_equals_two_sequential_passes():
     assert abs(out.loss.item() - loss.item()) <= 1e-5
     assert abs(out.accuracy.item() - acc.item()) <= 1e-6
     torch.testing.assert_close(out.loss_masked + out.loss_complement, out.loss)
+    torch.testing.assert_close(
+        model.student(x, chans, mask), ref.student(x, chans, mask), atol=1e-5, rtol=1e-5
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x, chans, targets, mask).loss
+    assert abs(low.item() - out.loss.item()) < 0.05 * out.loss.item()
     out.loss.backward()
     loss.backward()
     ref_params = dict(ref.named_parameters())
