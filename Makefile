@@ -7,13 +7,18 @@ NATIVE_SOURCES := $(shell sed -e 's/\#.*//' -e 's/^cuda://' csrc/sources.txt) $(
 CU_SOURCES := $(filter %.cu,$(NATIVE_SOURCES))
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 CUDA_CHECK_DIR := build/cuda-check
+TIMM_VENV ?= build/venv-timm
+TIMM_PY := $(TIMM_VENV)/bin/python
+TIMM_STAMP := $(TIMM_VENV)/.eegfast-installed
+TIMM_SRC := build/timm-check
 
-.PHONY: help install build demo test test-fast cuda-check cmake-check bench bench-gpu lint clean
+.PHONY: help install build demo test test-fast cuda-check cmake-check timm-check bench bench-gpu lint clean
 
 help:
 	@echo "make demo        build, then the whole recipe on the bundled EEG (eegfast quickstart, CPU, <10 min)"
 	@echo "make test        build everything and run the whole test suite (what CI runs)"
 	@echo "make cuda-check  compile every .cu file for sm_80 and sm_90 with nvcc (no GPU needed)"
+	@echo "make timm-check  eegfast.nn.convert on real timm ViTs, in build/venv-timm (part of make test)"
 	@echo "make cmake-check build the extension with CMake and smoke-test it"
 	@echo "make bench       CPU benchmarks (pytest-benchmark) and the CPU report"
 	@echo "make bench-gpu   GPU benchmarks (needs a CUDA device)"
@@ -34,7 +39,7 @@ demo: $(STAMP)
 	$(PY) -m eegfast doctor
 	$(PY) -m eegfast quickstart --out runs/quickstart
 
-test: $(STAMP) cuda-check cmake-check
+test: $(STAMP) cuda-check cmake-check timm-check
 	EEGFAST_REQUIRE_EXT=1 $(PY) -m pytest -q
 
 test-fast: $(STAMP)
@@ -56,6 +61,29 @@ cmake-check: $(STAMP)
 	cmake -S . -B build-cmake -G Ninja -DPython3_EXECUTABLE=$(abspath $(PY))
 	cmake --build build-cmake -j 2
 	$(PY) scripts/check_cmake_build.py build-cmake
+
+# timm needs torchvision, and PyPI's torchvision does not import beside the torch 2.13 CPU wheel
+# of the main venv. A second venv holds torch 2.14.1 + torchvision 0.29.1 (the pair on this
+# machine kind's disk; a CUDA build that runs on the CPU) + timm and runs the convert tests on a
+# copy of the package without the extension, which is built for the main venv's torch: there the
+# fused op runs its reference backend (the kernels are tested in the main venv). It is made only
+# where make installs torch itself; a machine with its own torch skips it, and the main suite's
+# timm tests say why they skip. EEGFAST_REQUIRE_TIMM=1 turns a missing timm into a failure.
+$(TIMM_STAMP): pyproject.toml
+	test -x $(TIMM_PY) || $(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_PY) -m pip install torch==2.14.1 torchvision==0.29.1
+	$(TIMM_PY) -m pip install "timm>=1.0" "pytest>=8" "hypothesis>=6.100" "numpy<2.4"
+	touch $@
+
+timm-check:
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  echo "timm-check: skipped, $(PYTHON) has its own torch (make installs no torch here)"; \
+	else \
+	  $(MAKE) --no-print-directory $(TIMM_STAMP) && rm -rf $(TIMM_SRC) && mkdir -p $(TIMM_SRC) && \
+	  cp -r eegfast tests pyproject.toml $(TIMM_SRC)/ && find $(TIMM_SRC) -name '*.so' -delete && \
+	  cd $(TIMM_SRC) && EEGFAST_REQUIRE_TIMM=1 EEGFAST_REQUIRE_EXT=0 \
+	    $(abspath $(TIMM_PY)) -m pytest -q -p no:cacheprovider tests/nn/test_convert.py; \
+	fi
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks/bench_vq.py --benchmark-only -q
