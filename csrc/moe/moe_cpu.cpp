@@ -16,6 +16,7 @@
 
 #include "moe/moe.h"
 
+#include <algorithm>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -25,6 +26,12 @@ namespace {
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Tokens per parallel chunk: at least ~16K multiply-adds, so small batches stay on one thread
+// (an OpenMP region costs more than they do, and much more on a busy machine).
+int64_t token_grain(int64_t k, int64_t D) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k * D));
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_dispatch_cpu(
     const at::Tensor& expert_idx, int64_t num_experts) {
@@ -67,7 +74,7 @@ template <typename scalar_t, typename gate_t>
 void gather_sum(const scalar_t* src, int64_t src_stride, const gate_t* gates,
                 const int64_t* slot_pos, int64_t T, int64_t k, int64_t D, scalar_t* out) {
   using acc = acc_t<scalar_t>;
-  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, T, token_grain(k, D), [&](int64_t begin, int64_t end) {
     std::vector<acc> row(D);
     for (int64_t t = begin; t < end; ++t) {
       std::fill(row.begin(), row.end(), acc(0));
@@ -202,7 +209,7 @@ void combine_bwd(const scalar_t* grad_out, const scalar_t* y, const gate_t* gate
                  const int64_t* slot_pos, int64_t T, int64_t k, int64_t D, scalar_t* grad_y,
                  gate_t* grad_gates) {
   using acc = acc_t<scalar_t>;
-  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, T, token_grain(k, D), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const scalar_t* go = grad_out + t * D;
       for (int64_t i = 0; i < k; ++i) {

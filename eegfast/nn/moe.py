@@ -11,9 +11,13 @@ term to the router, so tasks can prefer different experts:
 - ``task_routing="embedding"``: a learned task embedding (num_tasks, dim) added to the router
   input.
 
-Both start at zero (routing starts task-agnostic). benchmarks/bench_moe.py
-(``python -m benchmarks.bench_moe --task-routing``) compares them on a synthetic multi-task
-problem; see the README of the results there for why ``"bias"`` is the default.
+Both start at zero (routing starts task-agnostic). ``"bias"`` is the default because it
+learned the task split better in ``python -m benchmarks.bench_moe --task-routing`` (4 tasks
+with conflicting teacher MLPs over the same inputs, 8 experts, top-2, 400 Adam steps; held-out
+MSE / variance over 3 seeds): bias 0.058, embedding 0.124, no task input 0.79. The embedding's
+effect on the logits is ``router.weight @ embed``: tied to a router weight that is initialised
+small and is also fitted to the token features, so the task signal reaches the logits late and
+weakly; the bias acts on the logits directly and costs only num_tasks x E parameters.
 
 Auxiliary losses (Switch Transformer): ``load_balance_loss = E * sum_e f_e P_e`` (f_e: fraction
 of the T·k slots routed to expert e, P_e: mean router probability of e; 1 when balanced) and
@@ -233,7 +237,8 @@ class MoEFFN(nn.Module):
             noise = torch.empty_like(router_in).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
             router_in = router_in * noise
         precision = torch.promote_types(router_in.dtype, torch.float32)  # fp32, or fp64
-        logits = F.linear(router_in.to(precision), self.router.weight.to(precision))
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions in full precision
+            logits = F.linear(router_in.to(precision), self.router.weight.to(precision))
         if task_ids is not None and self.task_routing == "bias":
             logits = logits + self.task_bias[task_ids].to(precision)
         return logits
