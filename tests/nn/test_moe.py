@@ -183,3 +183,16 @@ def test_dense_equivalent_when_experts_are_copies():
     moe = MoEFFN.from_dense(dense_fc1, dense_fc2, num_experts=4, top_k=2)
     x = torch.randn(2, 9, 12)
     torch.testing.assert_close(moe(x), dense_fc2(F.gelu(dense_fc1(x))), atol=1e-6, rtol=1e-6)
+
+
+def test_torch_compile_module():
+    moe = make_moe(dtype=torch.float32)
+    x = torch.randn(2, 9, 12, requires_grad=True)
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    expected = moe(x)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.sum(), (x, moe.fc1_weight, moe.router.weight))
+    expected_grads = torch.autograd.grad(expected.sum(), (x, moe.fc1_weight, moe.router.weight))
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e)
