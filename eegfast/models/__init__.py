@@ -6,6 +6,13 @@ from eegfast.models.checkpoint import (
     load_checkpoint,
     read_state_dict,
 )
+from eegfast.models.hybrid import (
+    HybridConfig,
+    HybridOutput,
+    HybridPretrainModel,
+    create_hybrid_model,
+    load_hybrid_model,
+)
 from eegfast.models.labram import LaBraM, LaBraMConfig
 from eegfast.models.pretrain import (
     LaBraMForMaskedModeling,
@@ -23,6 +30,9 @@ __all__ = [
     "MODEL_CONFIGS",
     "VQNSP",
     "CheckpointMismatchError",
+    "HybridConfig",
+    "HybridOutput",
+    "HybridPretrainModel",
     "LaBraM",
     "LaBraMConfig",
     "LaBraMForMaskedModeling",
@@ -32,10 +42,12 @@ __all__ = [
     "PretrainOutput",
     "TokenizerOutput",
     "VQNSPConfig",
+    "create_hybrid_model",
     "create_model",
     "get_config",
     "list_models",
     "load_checkpoint",
+    "load_hybrid_model",
     "pretrain_to_classifier_state_dict",
     "random_patch_mask",
     "read_state_dict",
