@@ -91,7 +91,7 @@ def get_config(name: str, **config: Any) -> LaBraMConfig | PretrainConfig | VQNS
             f"unknown config keys for {name!r}: {unknown}; valid keys: {', '.join(valid)}"
         )
     signal = {k: config.pop(k) for k in SIGNAL_ARGS if k in config}
-    signal_fields = _signal_fields(base, signal)
+    signal_fields = _signal_fields(base, signal, pos_rows=config.get("pos_rows"))
     if isinstance(base, LaBraMConfig):
         return dataclasses.replace(base, **signal_fields, **config)
     if isinstance(base, PretrainConfig):
@@ -132,13 +132,18 @@ def create_model(name: str, *, device=None, dtype=None, **config: Any) -> nn.Mod
     return _BUILDERS[type(cfg)](cfg, device=device, dtype=dtype)
 
 
-def _signal_fields(base, signal: dict[str, Any]) -> dict[str, Any]:
-    """Config fields implied by braindecode-style signal arguments (validated)."""
+def _signal_fields(base, signal: dict[str, Any], pos_rows: int | None = None) -> dict[str, Any]:
+    """Config fields implied by braindecode-style signal arguments (validated).
+
+    Electrodes past the reference's 129-row table are accepted only for a model built with a
+    larger table (``pos_rows``, e.g. ``eegfast.electrodes.LABRAM_EXTENDED_TABLE_ROWS``).
+    """
     backbone = (
         base.backbone
         if isinstance(base, PretrainConfig)
         else (base.encoder if isinstance(base, VQNSPConfig) else base)
     )
+    pos_rows = backbone.pos_rows if pos_rows is None else pos_rows
     fields: dict[str, Any] = {}
     if "n_outputs" in signal:
         fields["num_classes"] = int(signal["n_outputs"])
@@ -168,9 +173,10 @@ def _signal_fields(base, signal: dict[str, Any]) -> dict[str, Any]:
         names = _as_names(names)
         if n_chans is not None and n_chans != len(names):
             raise ValueError(f"n_chans ({n_chans}) != number of ch_names ({len(names)})")
-        from eegfast.electrodes import labram_input_chans
+        from eegfast.electrodes import LABRAM_TABLE_ROWS, labram_input_chans
 
-        fields["input_chans"] = tuple(int(i) for i in labram_input_chans(names))
+        rows = labram_input_chans(names, allow_extended=pos_rows > LABRAM_TABLE_ROWS)
+        fields["input_chans"] = tuple(int(i) for i in rows)
     return fields
 
 

@@ -179,6 +179,12 @@ def test_signal_arguments_and_config_errors():
         create_model("labram_tiny", n_chans=4, ch_names=names)
     with pytest.raises(ValueError, match="XYZ"):
         create_model("labram_tiny", ch_names=["Fp1", "XYZ"])
+    bipolar = ["Cz", "C3-P3"]  # list index 130: past the reference's 129-row table
+    with pytest.raises(ValueError, match="129-row"):
+        create_model("labram_tiny", ch_names=bipolar)
+    extended = create_model("labram_tiny", ch_names=bipolar, pos_rows=137)
+    assert extended.config.input_chans == (0, 42, 131)
+    assert extended(torch.randn(1, 2, 1, 200)).shape == (1, 2)
     with pytest.raises(ValueError, match="input_chans is required"):
         create_model("labram_tiny")(torch.randn(1, 3, 1, 200))
     with pytest.raises(ValueError, match="C \\+ 1 = 3"):
