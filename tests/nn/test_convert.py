@@ -233,6 +233,7 @@ def test_dry_run_shared_modules_and_root():
     assert convert(model) == 1
     assert isinstance(model["a"], FusedLabramAttention)
     assert model["b"][0] is model["a"]  # one replacement for one shared module
+    assert convert_report(model) == ConversionReport((), ())  # converted modules stay as they are
 
     root = convert_report(ReferenceAttention(40, 2))
     assert root.converted == () and "root module" in root.skipped[0][1]
@@ -326,3 +327,9 @@ def test_timm_create_model_and_qk_norm_off():
     assert report.converted == ()
     assert len(report.skipped) == 3
     assert all("qk_norm is off" in reason for _, reason in report.skipped)
+
+    # timm's rotary attention has the same fields but a `rope` argument: left alone.
+    if hasattr(timm.layers, "AttentionRope"):
+        rope = timm.layers.AttentionRope(60, 3, qk_norm=True, norm_layer=nn.LayerNorm)
+        report = convert_report(nn.Sequential(rope))
+        assert report.converted == () and "'rope'" in report.skipped[0][1]
