@@ -90,6 +90,8 @@ bench: $(STAMP)
 	$(PY) -m pytest benchmarks/bench_moe.py --benchmark-only -q
 	$(PY) -m benchmarks.report_cpu
 	$(PY) -m benchmarks.bench_data
+	$(PY) -m pytest benchmarks/bench_qk_norm_attention.py --benchmark-only -q
+	$(PY) -m benchmarks.report_qk_norm_attention
 
 bench-gpu: $(STAMP)
 	$(PY) -m benchmarks.gpu

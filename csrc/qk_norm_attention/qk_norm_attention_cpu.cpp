@@ -39,9 +39,9 @@ namespace eegfast {
 namespace {
 
 constexpr int64_t kMaxHeadDim = 128;
-constexpr int kRows = 4;         // query rows per tile
+constexpr int kMaxRows = 8;      // query rows per tile R: 8 with AVX-512VL (32 registers), else 4
 constexpr int kKeyBlock = 64;    // keys per online-softmax step
-constexpr int kMinChunkRows = 32;  // smallest query chunk worth its own task
+constexpr int kMinChunR = 32;  // smallest query chunk worth its own task
 
 // ---- vectors ------------------------------------------------------------------------------
 
@@ -74,11 +74,15 @@ template <typename T>
 EEGFAST_INLINE void vstore(T* p, vec_t<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
-template <typename T>
-EEGFAST_INLINE vec_t<T> vsplat(T x) {
-  vec_t<T> v;  // not `vec_t<T>{} + x`: without -ffast-math, 0 + x is a real scalar add
-  for (int i = 0; i < kLanes<T>; ++i) v[i] = x;
-  return v;
+// Broadcasts as shuffles of lane 0, which GCC turns into one vbroadcast (`{} + x` is a real
+// scalar add without -ffast-math; a lane loop or {x, x, ...} becomes a chain of inserts).
+EEGFAST_INLINE vec_t<float> vsplat(float x) {
+  typedef int32_t index_t __attribute__((vector_size(32)));
+  return __builtin_shuffle(vec_t<float>{x}, index_t{});
+}
+EEGFAST_INLINE vec_t<double> vsplat(double x) {
+  typedef int64_t index_t __attribute__((vector_size(32)));
+  return __builtin_shuffle(vec_t<double>{x}, index_t{});
 }
 template <typename T>
 EEGFAST_INLINE vec_t<T> vmax(vec_t<T> a, vec_t<T> b) {
@@ -97,18 +101,16 @@ EEGFAST_INLINE T hmax(vec_t<T> v) {
   return m;
 }
 
-// exp of 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes
-// coefficients, ~1 ulp), 2^n built in the exponent bits. exp(x < -87) is flushed to 0, so
-// masked scores (-inf) give exactly 0.
+// exp of 8 floats for x <= 88 (softmax arguments are <= 0 up to rounding): x = n ln2 + r with
+// |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes coefficients, ~1 ulp), 2^n built in the
+// exponent bits. exp(x < -87) is flushed to 0, so masked scores (-inf) give exactly 0.
 EEGFAST_INLINE vec_t<float> vexp(vec_t<float> x) {
   using vf = vec_t<float>;
-  const vf lo = vsplat(-87.0f), hi = vsplat(88.0f);
+  const vf lo = vsplat(-87.0f);
   const vf magic = vsplat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  vf xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  const vf t = xc * 1.44269504088896341f + magic;
+  const vf t = x * 1.44269504088896341f + magic;
   const vf n = t - magic;
-  vf r = xc - n * 0.693359375f;
+  vf r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   vf p = vsplat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -130,82 +132,102 @@ EEGFAST_INLINE vec_t<double> vexp(vec_t<double> x) {
 
 // ---- tile kernels -------------------------------------------------------------------------
 
-// S[r][j] = sum_d A[r][d] * key j of the panels, for kRows rows and kKeyBlock keys.
-template <typename T>
-EEGFAST_INLINE void score_tile(const T* A, int64_t Dv, int64_t D, const T* panels, T* S) {
+// S[r][j] = sum_d A[r][d] * key j of the panels, for R rows and the first `keys` keys of a
+// block (a multiple of the panel width).
+template <int R, typename T>
+EEGFAST_INLINE void score_tile(const T* A, int64_t Dv, int64_t D, const T* panels, int keys,
+                               T* S) {
   constexpr int L = kLanes<T>, W = kPanel<T>;
-  for (int p = 0; p < kKeyBlock / W; ++p) {
+  for (int p = 0; p < keys / W; ++p) {
     const T* panel = panels + p * D * W;
-    vec_t<T> acc[kRows][2];
-    for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = vec_t<T>{};
+    vec_t<T> acc[R][2];
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vec_t<T>{};
     for (int64_t d = 0; d < D; ++d) {
       const vec_t<T> c0 = vload(panel + d * W), c1 = vload(panel + d * W + L);
-      for (int r = 0; r < kRows; ++r) {
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
         const vec_t<T> a = vsplat(A[r * Dv + d]);
         acc[r][0] += a * c0;
         acc[r][1] += a * c1;
       }
     }
-    for (int r = 0; r < kRows; ++r) {
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
       vstore(S + r * kKeyBlock + p * W, acc[r][0]);
       vstore(S + r * kKeyBlock + p * W + L, acc[r][1]);
     }
   }
 }
 
-// out[r][c0 : c0 + C L] += sum_j S[r][j] * B[j][c0 : c0 + C L] over the kKeyBlock rows of B.
-template <typename T, int C>
-EEGFAST_INLINE void rows_chunk(T* out, int64_t Dv, const T* S, const T* B, int64_t c0) {
+// out[r][c0 : c0 + C L] += sum_j S[r][j] * B[j][c0 : c0 + C L] over the first `keys` rows of B.
+template <int R, typename T, int C>
+EEGFAST_INLINE void rows_chunk(T* out, int64_t Dv, const T* S, const T* B, int keys,
+                               int64_t c0) {
   constexpr int L = kLanes<T>;
-  vec_t<T> acc[kRows][C];
-  for (int r = 0; r < kRows; ++r)
+  vec_t<T> acc[R][C];
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) acc[r][c] = vload(out + r * Dv + c0 + c * L);
-  for (int j = 0; j < kKeyBlock; ++j) {
+  for (int j = 0; j < keys; ++j) {
     vec_t<T> b[C];
+    #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) b[c] = vload(B + j * Dv + c0 + c * L);
-    for (int r = 0; r < kRows; ++r) {
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
       const vec_t<T> s = vsplat(S[r * kKeyBlock + j]);
+      #pragma GCC unroll 4
       for (int c = 0; c < C; ++c) acc[r][c] += s * b[c];
     }
   }
-  for (int r = 0; r < kRows; ++r)
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) vstore(out + r * Dv + c0 + c * L, acc[r][c]);
 }
 
-template <typename T>
-EEGFAST_INLINE void accumulate_rows(T* out, int64_t Dv, const T* S, const T* B) {
+template <int R, typename T>
+EEGFAST_INLINE void accumulate_rows(T* out, int64_t Dv, const T* S, const T* B, int keys) {
   const int64_t vectors = Dv / kLanes<T>;
   int64_t c = 0;
-  for (; c + 3 <= vectors; c += 3) rows_chunk<T, 3>(out, Dv, S, B, c * kLanes<T>);
-  if (vectors - c == 2) rows_chunk<T, 2>(out, Dv, S, B, c * kLanes<T>);
-  if (vectors - c == 1) rows_chunk<T, 1>(out, Dv, S, B, c * kLanes<T>);
+  for (; c + 3 <= vectors; c += 3) rows_chunk<R, T, 3>(out, Dv, S, B, keys, c * kLanes<T>);
+  if (vectors - c == 2) rows_chunk<R, T, 2>(out, Dv, S, B, keys, c * kLanes<T>);
+  if (vectors - c == 1) rows_chunk<R, T, 1>(out, Dv, S, B, keys, c * kLanes<T>);
 }
 
-// out[j][c0 : c0 + C L] += sum_r S[r][j] * A[r][c0 : c0 + C L] for the kKeyBlock rows of out.
-template <typename T, int C>
-EEGFAST_INLINE void cols_chunk(T* out, int64_t Dv, const T* S, const T* A, int64_t c0) {
+// out[j][c0 : c0 + C L] += sum_r S[r][j] * A[r][c0 : c0 + C L] for the first `keys` rows of out.
+template <int R, typename T, int C>
+EEGFAST_INLINE void cols_chunk(T* out, int64_t Dv, const T* S, const T* A, int keys,
+                               int64_t c0) {
   constexpr int L = kLanes<T>;
-  vec_t<T> a[kRows][C];
-  for (int r = 0; r < kRows; ++r)
+  vec_t<T> a[R][C];
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) a[r][c] = vload(A + r * Dv + c0 + c * L);
-  for (int j = 0; j < kKeyBlock; ++j) {
+  for (int j = 0; j < keys; ++j) {
     vec_t<T> acc[C];
+    #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) acc[c] = vload(out + j * Dv + c0 + c * L);
-    for (int r = 0; r < kRows; ++r) {
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
       const vec_t<T> s = vsplat(S[r * kKeyBlock + j]);
+      #pragma GCC unroll 4
       for (int c = 0; c < C; ++c) acc[c] += s * a[r][c];
     }
+    #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) vstore(out + j * Dv + c0 + c * L, acc[c]);
   }
 }
 
-template <typename T>
-EEGFAST_INLINE void accumulate_cols(T* out, int64_t Dv, const T* S, const T* A) {
+template <int R, typename T>
+EEGFAST_INLINE void accumulate_cols(T* out, int64_t Dv, const T* S, const T* A, int keys) {
   const int64_t vectors = Dv / kLanes<T>;
   int64_t c = 0;
-  for (; c + 3 <= vectors; c += 3) cols_chunk<T, 3>(out, Dv, S, A, c * kLanes<T>);
-  if (vectors - c == 2) cols_chunk<T, 2>(out, Dv, S, A, c * kLanes<T>);
-  if (vectors - c == 1) cols_chunk<T, 1>(out, Dv, S, A, c * kLanes<T>);
+  for (; c + 3 <= vectors; c += 3) cols_chunk<R, T, 3>(out, Dv, S, A, keys, c * kLanes<T>);
+  if (vectors - c == 2) cols_chunk<R, T, 2>(out, Dv, S, A, keys, c * kLanes<T>);
+  if (vectors - c == 1) cols_chunk<R, T, 1>(out, Dv, S, A, keys, c * kLanes<T>);
 }
 
 // ---- problem description ------------------------------------------------------------------
@@ -236,7 +258,7 @@ struct Problem {
   const T* kw;
   const T* kb;
   int64_t chunks;      // query chunks per (batch, head)
-  int64_t chunk_rows;  // multiple of kRows
+  int64_t chunk_rows;  // multiple of R
   Strided<scalar_t> q, k, v;
 };
 
@@ -250,6 +272,9 @@ struct KeySide {
   std::vector<T> bias;        // (Nk,) 0 or -inf (padding key, or past N)
   std::vector<int64_t> ids;   // (Nk,) block id of each key
   std::vector<uint8_t> block_empty;  // (key_blocks,) every key of the block is masked
+  std::vector<uint8_t> block_masked;  // (key_blocks,) some key of the block's used panels is
+  std::vector<int> block_keys;        // (key_blocks,) keys to compute: up to the last panel
+                                      // holding a key < N
   std::vector<int64_t> block_id_min, block_id_max;  // over the unmasked keys of the block
 };
 
@@ -331,6 +356,16 @@ void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64_t h, T eps, bo
     ks.ids[j] = p.ids ? p.ids[j] : 0;
   }
   ks.block_empty.assign(p.key_blocks, 1);
+  ks.block_masked.assign(p.key_blocks, 0);
+  ks.block_keys.assign(p.key_blocks, kKeyBlock);
+  for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
+    const int64_t rest = N - kb * kKeyBlock;  // > 0
+    constexpr int W = kPanel<T>;
+    const int keys = static_cast<int>(std::min<int64_t>(kKeyBlock, (rest + W - 1) / W * W));
+    ks.block_keys[kb] = keys;
+    for (int j = 0; j < keys; ++j)
+      if (ks.bias[kb * kKeyBlock + j] != T(0)) ks.block_masked[kb] = 1;
+  }
   ks.block_id_min.assign(p.key_blocks, std::numeric_limits<int64_t>::max());
   ks.block_id_max.assign(p.key_blocks, std::numeric_limits<int64_t>::min());
   for (int64_t j = 0; j < N; ++j) {
@@ -345,7 +380,7 @@ void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64_t h, T eps, bo
 // Which key blocks a query tile needs, and whether its scores need per-element masking.
 struct TileMask {
   int64_t first_row, last_row;  // query rows of the tile (last_row: last valid one)
-  int64_t ids[kRows];           // block id of each row (padding rows: the last valid one)
+  int64_t ids[kMaxRows];           // block id of each row (padding rows: the last valid one)
   int64_t id_min, id_max;
 };
 
@@ -359,36 +394,38 @@ EEGFAST_INLINE bool block_visible(const Problem<scalar_t, T>& p, const KeySide<T
 }
 
 // Adds the key bias and, where some keys of the block are hidden from some rows, -inf there.
-template <typename scalar_t, typename T>
+template <int R, typename scalar_t, typename T>
 EEGFAST_INLINE void mask_scores(const Problem<scalar_t, T>& p, const KeySide<T>& ks,
                                 const TileMask& t, int64_t kb, T* S) {
   constexpr int L = kLanes<T>;
   const T* bias = ks.bias.data() + kb * kKeyBlock;
-  for (int r = 0; r < kRows; ++r)
-    for (int j = 0; j < kKeyBlock; j += L)
-      vstore(S + r * kKeyBlock + j, vload(S + r * kKeyBlock + j) + vload(bias + j));
+  const int keys = ks.block_keys[kb];
+  if (ks.block_masked[kb])
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < keys; j += L)
+        vstore(S + r * kKeyBlock + j, vload(S + r * kKeyBlock + j) + vload(bias + j));
   const int64_t key0 = kb * kKeyBlock;
   const bool by_position = p.causal && key0 + kKeyBlock - 1 > t.first_row;
   const bool by_block = p.ids && ks.block_id_max[kb] > t.id_min;
   if (!by_position && !by_block) return;
   const T inf = std::numeric_limits<T>::infinity();
-  for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < R; ++r) {
     const int64_t i = t.first_row + r;
-    for (int j = 0; j < kKeyBlock; ++j) {
+    for (int j = 0; j < keys; ++j) {
       const bool hidden = (by_position && key0 + j > i) || (by_block && ks.ids[key0 + j] > t.ids[r]);
       if (hidden) S[r * kKeyBlock + j] = -inf;
     }
   }
 }
 
-template <typename scalar_t, typename T>
+template <int R, typename scalar_t, typename T>
 EEGFAST_INLINE TileMask tile_mask(const Problem<scalar_t, T>& p, int64_t i0) {
   TileMask t;
   t.first_row = i0;
-  t.last_row = std::min(i0 + kRows, p.N) - 1;
+  t.last_row = std::min(i0 + R, p.N) - 1;
   t.id_min = std::numeric_limits<int64_t>::max();
   t.id_max = std::numeric_limits<int64_t>::min();
-  for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < R; ++r) {
     const int64_t i = std::min(i0 + r, t.last_row);
     t.ids[r] = p.ids ? p.ids[i] : 0;
     t.id_min = std::min(t.id_min, t.ids[r]);
@@ -411,19 +448,19 @@ struct ForwardArgs {
 
 // Online softmax over one key block: S becomes the block's probabilities (relative to the
 // new running max), alpha the factor that rescales the previous accumulators.
-template <typename T>
-EEGFAST_INLINE void softmax_step(T* S, T* m, T* l, T* alpha) {
+template <int R, typename T>
+EEGFAST_INLINE void softmax_step(T* S, int keys, T* m, T* l, T* alpha) {
   constexpr int L = kLanes<T>;
   const T inf = std::numeric_limits<T>::infinity();
-  for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < R; ++r) {
     T* s = S + r * kKeyBlock;
     vec_t<T> mx = vsplat(-inf);
-    for (int j = 0; j < kKeyBlock; j += L) mx = vmax<T>(mx, vload(s + j));
+    for (int j = 0; j < keys; j += L) mx = vmax<T>(mx, vload(s + j));
     const T m_new = std::max(m[r], hmax<T>(mx));
     const T shift = m_new == -inf ? T(0) : m_new;  // a row that has seen no key yet
     alpha[r] = std::exp(m[r] - shift);
     vec_t<T> sum{};
-    for (int j = 0; j < kKeyBlock; j += L) {
+    for (int j = 0; j < keys; j += L) {
       const vec_t<T> e = vexp(vload(s + j) - shift);
       vstore(s + j, e);
       sum += e;
@@ -433,7 +470,7 @@ EEGFAST_INLINE void softmax_step(T* S, T* m, T* l, T* alpha) {
   }
 }
 
-template <typename scalar_t, typename T>
+template <int R, typename scalar_t, typename T>
 EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task) {
   const Problem<scalar_t, T>& p = a.p;
   const int64_t bh = task / p.chunks, chunk = task % p.chunks;
@@ -446,11 +483,11 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
   KeySide<T> ks;
   prepare_keys(p, b, h, a.eps, /*backward=*/false, static_cast<const T*>(nullptr),
                chunk == 0 ? a.k_stats + bh * N * 2 : static_cast<T*>(nullptr), ks);
-  std::vector<T> queries(kRows * Dv), acc(kRows * Dv), row(D);
-  alignas(64) T S[kRows * kKeyBlock];
+  std::vector<T> queries(R * Dv), acc(R * Dv), row(D);
+  alignas(64) T S[R * kKeyBlock];
   T* q_stats = a.q_stats + bh * N * 2;
-  for (int64_t i0 = row_begin; i0 < row_end; i0 += kRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, row_end - i0));
+  for (int64_t i0 = row_begin; i0 < row_end; i0 += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, row_end - i0));
     std::fill(queries.begin(), queries.end(), T(0));
     std::fill(acc.begin(), acc.end(), T(0));
     for (int r = 0; r < rows; ++r) {
@@ -463,20 +500,21 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
       normalize_row(x, p.q.sd, D, mean, rstd, p.qw, p.qb, dst, static_cast<T*>(nullptr));
       for (int64_t d = 0; d < D; ++d) dst[d] *= p.scale;
     }
-    TileMask t = tile_mask(p, i0);
+    TileMask t = tile_mask<R>(p, i0);
     t.last_row = i0 + rows - 1;
-    T m[kRows], l[kRows], alpha[kRows];
-    for (int r = 0; r < kRows; ++r) m[r] = -inf, l[r] = 0;
+    T m[R], l[R], alpha[R];
+    for (int r = 0; r < R; ++r) m[r] = -inf, l[r] = 0;
     for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
       if (!block_visible(p, ks, t, kb)) continue;
-      score_tile(queries.data(), Dv, D, ks.panels.data() + kb * kKeyBlock * D, S);
-      mask_scores(p, ks, t, kb, S);
-      softmax_step(S, m, l, alpha);
-      for (int r = 0; r < kRows; ++r) {
+      const int keys = ks.block_keys[kb];
+      score_tile<R>(queries.data(), Dv, D, ks.panels.data() + kb * kKeyBlock * D, keys, S);
+      mask_scores<R>(p, ks, t, kb, S);
+      softmax_step<R>(S, keys, m, l, alpha);
+      for (int r = 0; r < R; ++r) {
         if (alpha[r] == T(1)) continue;
         for (int64_t d = 0; d < Dv; ++d) acc[r * Dv + d] *= alpha[r];
       }
-      accumulate_rows(acc.data(), Dv, S, ks.value_rows.data() + kb * kKeyBlock * Dv);
+      accumulate_rows<R>(acc.data(), Dv, S, ks.value_rows.data() + kb * kKeyBlock * Dv, keys);
     }
     for (int r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
@@ -527,7 +565,7 @@ EEGFAST_INLINE void layer_norm_backward_row(const T* dn, const T* hat, T rstd, c
   }
 }
 
-template <typename scalar_t, typename T>
+template <int R, typename scalar_t, typename T>
 EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t task) {
   const Problem<scalar_t, T>& p = a.p;
   const int64_t bh = task / p.chunks, chunk = task % p.chunks;
@@ -546,17 +584,17 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   KeySide<T> ks;
   prepare_keys(p, b, h, T(0), /*backward=*/true, a.k_stats + bh * N * 2,
                static_cast<T*>(nullptr), ks);
-  std::vector<T> queries(kRows * Dv), scaled(kRows * Dv), hats(kRows * Dv), grads(kRows * Dv),
-      dqn(kRows * Dv), dx(D);
-  alignas(64) T P[kRows * kKeyBlock];
-  alignas(64) T dS[kRows * kKeyBlock];
+  std::vector<T> queries(R * Dv), scaled(R * Dv), hats(R * Dv), grads(R * Dv),
+      dqn(R * Dv), dx(D);
+  alignas(64) T P[R * kKeyBlock];
+  alignas(64) T dS[R * kKeyBlock];
   const T* q_stats = a.q_stats + bh * N * 2;
-  for (int64_t i0 = row_begin; i0 < row_end; i0 += kRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, row_end - i0));
+  for (int64_t i0 = row_begin; i0 < row_end; i0 += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, row_end - i0));
     for (auto* buffer : {&queries, &scaled, &hats, &grads, &dqn})
       std::fill(buffer->begin(), buffer->end(), T(0));
-    T delta[kRows], lse[kRows];
-    for (int r = 0; r < kRows; ++r) delta[r] = 0, lse[r] = inf;  // padding rows: P = 0
+    T delta[R], lse[R];
+    for (int r = 0; r < R; ++r) delta[r] = 0, lse[r] = inf;  // padding rows: P = 0
     for (int r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
       normalize_row(p.q.row(b, h, i), p.q.sd, D, q_stats[2 * i], q_stats[2 * i + 1], p.qw, p.qb,
@@ -573,26 +611,27 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
       const T saved = a.lse[bh * N + i];
       lse[r] = saved == -inf ? inf : saved;  // a row that saw no key: P = 0
     }
-    TileMask t = tile_mask(p, i0);
+    TileMask t = tile_mask<R>(p, i0);
     t.last_row = i0 + rows - 1;
     constexpr int L = kLanes<T>;
     for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
       if (!block_visible(p, ks, t, kb)) continue;
-      score_tile(scaled.data(), Dv, D, ks.panels.data() + kb * kKeyBlock * D, P);
-      mask_scores(p, ks, t, kb, P);
-      score_tile(grads.data(), Dv, D, ks.value_panels.data() + kb * kKeyBlock * D, dS);
-      for (int r = 0; r < kRows; ++r) {
+      const int keys = ks.block_keys[kb];
+      score_tile<R>(scaled.data(), Dv, D, ks.panels.data() + kb * kKeyBlock * D, keys, P);
+      mask_scores<R>(p, ks, t, kb, P);
+      score_tile<R>(grads.data(), Dv, D, ks.value_panels.data() + kb * kKeyBlock * D, keys, dS);
+      for (int r = 0; r < R; ++r) {
         const vec_t<T> shift = vsplat(lse[r]), d_r = vsplat(delta[r]);
-        for (int j = 0; j < kKeyBlock; j += L) {
+        for (int j = 0; j < keys; j += L) {
           const vec_t<T> prob = vexp(vload(P + r * kKeyBlock + j) - shift);
           vstore(P + r * kKeyBlock + j, prob);
           vstore(dS + r * kKeyBlock + j,
                  prob * (vload(dS + r * kKeyBlock + j) - d_r) * p.scale);
         }
       }
-      accumulate_cols(dvalues + kb * kKeyBlock * Dv, Dv, P, grads.data());
-      accumulate_cols(dkn + kb * kKeyBlock * Dv, Dv, dS, queries.data());
-      accumulate_rows(dqn.data(), Dv, dS, ks.key_rows.data() + kb * kKeyBlock * Dv);
+      accumulate_cols<R>(dvalues + kb * kKeyBlock * Dv, Dv, P, grads.data(), keys);
+      accumulate_cols<R>(dkn + kb * kKeyBlock * Dv, Dv, dS, queries.data(), keys);
+      accumulate_rows<R>(dqn.data(), Dv, dS, ks.key_rows.data() + kb * kKeyBlock * Dv, keys);
     }
     for (int r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
@@ -639,30 +678,61 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
   }
 }
 
-// ---- AVX2 / generic instances ---------------------------------------------------------------
+// ---- AVX-512VL / AVX2 / generic instances ---------------------------------------------------
+// The same 256-bit vector code; AVX-512VL adds 16 more vector registers, which the 8-row tiles
+// need (8 x 3 accumulators in P.V), and AVX2 machines run 4-row tiles.
 
 #if defined(__x86_64__)
+const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
 const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 
 template <typename scalar_t, typename T>
+__attribute__((target("avx512f,avx512vl,avx2,fma"))) void forward_task_avx512(
+    const ForwardArgs<scalar_t, T>& a, int64_t task) {
+  forward_task<8>(a, task);
+}
+template <typename scalar_t, typename T>
+__attribute__((target("avx512f,avx512vl,avx2,fma"))) void backward_task_avx512(
+    const BackwardArgs<scalar_t, T>& a, int64_t task) {
+  backward_task<8>(a, task);
+}
+template <typename scalar_t, typename T>
 __attribute__((target("avx2,fma"))) void forward_task_avx2(const ForwardArgs<scalar_t, T>& a,
                                                           int64_t task) {
-  forward_task(a, task);
+  forward_task<4>(a, task);
 }
 template <typename scalar_t, typename T>
 __attribute__((target("avx2,fma"))) void backward_task_avx2(const BackwardArgs<scalar_t, T>& a,
                                                            int64_t task) {
-  backward_task(a, task);
+  backward_task<4>(a, task);
 }
 #endif
 
 template <typename scalar_t, typename T>
 void forward_task_generic(const ForwardArgs<scalar_t, T>& a, int64_t task) {
-  forward_task(a, task);
+  forward_task<4>(a, task);
 }
 template <typename scalar_t, typename T>
 void backward_task_generic(const BackwardArgs<scalar_t, T>& a, int64_t task) {
-  backward_task(a, task);
+  backward_task<4>(a, task);
+}
+
+template <typename scalar_t, typename T>
+void run_forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task) {
+#if defined(__x86_64__)
+  if (kHasAvx512) return forward_task_avx512(a, task);
+  if (kHasAvx2) return forward_task_avx2(a, task);
+#endif
+  forward_task_generic(a, task);
+}
+
+template <typename scalar_t, typename T>
+void run_backward_task(const BackwardArgs<scalar_t, T>& a, int64_t task) {
+#if defined(__x86_64__)
+  if (kHasAvx512) return backward_task_avx512(a, task);
+  if (kHasAvx2) return backward_task_avx2(a, task);
+#endif
+  backward_task_generic(a, task);
 }
 
 // ---- argument checks ----------------------------------------------------------------------
@@ -724,7 +794,7 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
 int64_t query_chunks(int64_t pairs, int64_t N) {
   const int64_t threads = at::get_num_threads();
   const int64_t wanted = (2 * threads + pairs - 1) / std::max<int64_t>(pairs, 1);
-  const int64_t most = std::max<int64_t>(1, N / kMinChunkRows);
+  const int64_t most = std::max<int64_t>(1, N / kMinChunR);
   return std::clamp<int64_t>(wanted, 1, most);
 }
 
@@ -781,7 +851,7 @@ Problem<scalar_t, T> make_problem(const at::Tensor& q, const at::Tensor& k, cons
   p.kb = ptr_or_null<T>(opt.kb);
   p.chunks = query_chunks(p.B * p.H, p.N);
   const int64_t rows = (p.N + p.chunks - 1) / p.chunks;
-  p.chunk_rows = (rows + kRows - 1) / kRows * kRows;
+  p.chunk_rows = (rows + kMaxRows - 1) / kMaxRows * kMaxRows;
   p.q = strided<scalar_t>(q);
   p.k = strided<scalar_t>(k);
   p.v = strided<scalar_t>(v);
@@ -815,15 +885,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_attention_fwd
                                q_stats.data_ptr<T>(),
                                k_stats.data_ptr<T>()};
     at::parallel_for(0, B * H * a.p.chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-#if defined(__x86_64__)
-        if (kHasAvx2) {
-          forward_task_avx2(a, task);
-          continue;
-        }
-#endif
-        forward_task_generic(a, task);
-      }
+      for (int64_t task = begin; task < end; ++task) run_forward_task(a, task);
     });
   });
   return {out, lse, q_stats, k_stats};
@@ -893,15 +955,7 @@ qk_norm_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const
                                 q_param_grads.data_ptr<T>(),
                                 k_param_grads.data_ptr<T>()};
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-#if defined(__x86_64__)
-        if (kHasAvx2) {
-          backward_task_avx2(a, task);
-          continue;
-        }
-#endif
-        backward_task_generic(a, task);
-      }
+      for (int64_t task = begin; task < end; ++task) run_backward_task(a, task);
     });
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) backward_keys(a, bh);
