@@ -1,0 +1,268 @@
+"""CPU comparison of eegfast's fused QK-LayerNorm attention with PyTorch.
+
+Run from the repository root::
+
+    python -m benchmarks.report_qk_norm_attention [--out bench-results] [--repeats 20]
+
+Compares, forward and forward+backward, at LaBraM-Base's attention shape on CPU:
+``eegfast-cpu`` (C++ kernel), ``eager-reference`` (:func:`qk_norm_attention_reference`:
+LayerNorm + explicit masked softmax), ``torch-ln-sdpa`` (``F.layer_norm`` +
+``F.scaled_dot_product_attention``) and ``torch-compile-ln-sdpa`` (``torch.compile`` of the
+latter). Writes ``cpu_qk_norm_attention.{json,md,png}`` into ``--out``: median and minimum
+wall times, and each row's ratio to eegfast (above 1: eegfast is that many times faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks._report import environment, error_line
+from eegfast.ops import qk_norm_attention, qk_norm_attention_reference
+
+# (B, H, N, D): LaBraM-Base (10 heads of 20) on 256 patches + cls, batch 8.
+CPU_SHAPES = ((8, 10, 257, 20),)
+IMPLS = ("eegfast-cpu", "eager-reference", "torch-ln-sdpa", "torch-compile-ln-sdpa")
+MODES = ("forward", "forward+backward")
+EPS = 1e-6
+
+
+@dataclass
+class Inputs:
+    """q, k, v (B, H, N, D) and the four LayerNorm parameters (D,), float32, seed 0."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    params: tuple[torch.Tensor, ...]
+    grad_out: torch.Tensor
+
+    @classmethod
+    def make(cls, shape: tuple[int, int, int, int], *, requires_grad: bool) -> Inputs:
+        gen = torch.Generator().manual_seed(0)
+        d = shape[-1]
+        q, k, v = (torch.randn(shape, generator=gen).requires_grad_(requires_grad) for _ in "qkv")
+        params = tuple(
+            (1 + 0.1 * torch.randn(d, generator=gen)).requires_grad_(requires_grad)
+            for _ in range(4)
+        )
+        return cls(q, k, v, params, torch.randn(shape, generator=gen))
+
+    def leaves(self) -> list[torch.Tensor]:
+        return [self.q, self.k, self.v, *self.params]
+
+
+def eegfast_cpu(q, k, v, qw, qb, kw, kb):
+    return qk_norm_attention(q, k, v, qw, qb, kw, kb, eps=EPS, backend="cpu")
+
+
+def eager_reference(q, k, v, qw, qb, kw, kb):
+    return qk_norm_attention_reference(q, k, v, qw, qb, kw, kb, eps=EPS)
+
+
+def layer_norm_sdpa(q, k, v, qw, qb, kw, kb):
+    """What a user writes without eegfast: torch LayerNorm kernels, then fused SDPA."""
+    d = q.shape[-1]
+    qn = F.layer_norm(q, (d,), qw, qb, EPS)
+    kn = F.layer_norm(k, (d,), kw, kb, EPS)
+    return F.scaled_dot_product_attention(qn, kn, v)
+
+
+def implementations(inputs: Inputs) -> dict[str, Callable | str]:
+    """Implementations by name; a str value says why one cannot run. torch.compile is
+    compiled (and its backward too, when inputs require grad) before anything is timed."""
+    impls: dict[str, Callable | str] = {
+        "eegfast-cpu": eegfast_cpu,
+        "eager-reference": eager_reference,
+        "torch-ln-sdpa": layer_norm_sdpa,
+    }
+    compiled = torch.compile(layer_norm_sdpa, dynamic=False)
+    try:
+        out = compiled(inputs.q, inputs.k, inputs.v, *inputs.params)
+        if out.requires_grad:
+            out.backward(inputs.grad_out)
+        impls["torch-compile-ln-sdpa"] = compiled
+    except Exception as error:  # recorded in the results, not raised
+        impls["torch-compile-ln-sdpa"] = f"torch.compile failed: {error_line(error)}"
+    return impls
+
+
+def step(fn: Callable, inputs: Inputs, mode: str) -> None:
+    """One forward (no autograd graph), or one forward + backward."""
+    if mode == "forward":
+        with torch.no_grad():
+            fn(inputs.q, inputs.k, inputs.v, *inputs.params)
+        return
+    for leaf in inputs.leaves():
+        leaf.grad = None
+    out = fn(inputs.q, inputs.k, inputs.v, *inputs.params)
+    out.backward(inputs.grad_out)
+
+
+def max_error(fn: Callable, inputs: Inputs) -> float:
+    """Largest |output - float64 reference| (forward), a check that every row computed the
+    same thing."""
+    with torch.no_grad():
+        out = fn(inputs.q, inputs.k, inputs.v, *inputs.params)
+        expected = eager_reference(
+            *(t.double() for t in (inputs.q, inputs.k, inputs.v, *inputs.params))
+        )
+    return float((out.double() - expected).abs().max())
+
+
+@dataclass
+class Row:
+    shape: tuple[int, int, int, int]
+    mode: str
+    impl: str
+    median_ms: float | None
+    min_ms: float | None
+    max_abs_error: float | None
+    note: str = ""
+
+
+def time_ms(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(median, min) wall time in ms of ``repeats`` runs after two warm-up runs."""
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, min(times) * 1e3
+
+
+def run_cases(repeats: int, *, progress: Callable[[str], None] = print) -> list[Row]:
+    rows = []
+    for shape in CPU_SHAPES:
+        for mode in MODES:
+            inputs = Inputs.make(shape, requires_grad=mode != "forward")
+            for name, fn in implementations(inputs).items():
+                progress(f"{mode:17s} {name:22s} {shape}")
+                if isinstance(fn, str):
+                    rows.append(Row(shape, mode, name, None, None, None, fn))
+                    continue
+                try:
+                    median, best = time_ms(functools.partial(step, fn, inputs, mode), repeats)
+                    error = max_error(fn, inputs)
+                except Exception as failure:  # recorded; the others go on
+                    rows.append(Row(shape, mode, name, None, None, None, error_line(failure)))
+                    continue
+                rows.append(Row(shape, mode, name, median, best, error))
+    return rows
+
+
+def ratios(rows: list[Row]) -> list[float | None]:
+    """Median time over eegfast-cpu's median for the same shape and mode."""
+    ours = {(r.shape, r.mode): r.median_ms for r in rows if r.impl == "eegfast-cpu"}
+    result = []
+    for r in rows:
+        base = ours.get((r.shape, r.mode))
+        result.append(r.median_ms / base if r.median_ms and base else None)
+    return result
+
+
+def markdown(title: str, env: dict[str, object], rows: list[Row]) -> str:
+    lines = [f"# {title}", ""]
+    lines += [f"- {key}: {value}" for key, value in env.items()]
+    lines += [
+        "",
+        "Ratio = this row's median / eegfast-cpu's median for the same shape and mode: above 1 "
+        "means eegfast is that many times faster. Max abs error: forward output against the "
+        "float64 reference. Other processes on the machine (see load_average_1m) slow every "
+        "row; compare rows of one run only.",
+        "",
+        "| B, H, N, D | mode | implementation | median ms | min ms | ratio | max abs error "
+        "| note |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r, ratio in zip(rows, ratios(rows), strict=True):
+
+        def fmt(x, spec):
+            return "—" if x is None else format(x, spec)
+
+        lines.append(
+            f"| {', '.join(map(str, r.shape))} | {r.mode} | {r.impl} | {fmt(r.median_ms, '.2f')} "
+            f"| {fmt(r.min_ms, '.2f')} | {fmt(ratio, '.2f')}{'×' if ratio else ''} "
+            f"| {fmt(r.max_abs_error, '.1e')} | {r.note.replace('|', '/')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = list(dict.fromkeys((r.shape, r.mode) for r in rows))
+    width = 0.8 / len(IMPLS)
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, impl in enumerate(IMPLS):
+        times = {(r.shape, r.mode): r.median_ms for r in rows if r.impl == impl and r.median_ms}
+        xs = [g for g, group in enumerate(groups) if group in times]
+        ax.bar([x + (i - 1.5) * width for x in xs], [times[groups[x]] for x in xs], width,
+               label=impl)  # fmt: skip
+    ax.set_xticks(range(len(groups)), [f"{mode}\n{shape}" for shape, mode in groups], fontsize=8)
+    ax.set_ylabel("median wall time (ms)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    tmp.replace(path)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report_qk_norm_attention",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", default="bench-results", help="output folder")
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement")
+    args = parser.parse_args(argv)
+
+    env = environment()
+    title = "eegfast fused QK-LayerNorm attention on CPU (float32)"
+    print(f"CPU: {env['cpu']}, {env['torch_threads']} torch threads, torch {env['torch']}")
+    rows = run_cases(args.repeats)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "cpu_qk_norm_attention"
+    records = [
+        {**asdict(r), "ratio_vs_eegfast": x} for r, x in zip(rows, ratios(rows), strict=True)
+    ]
+    report = {"title": title, "environment": env, "results": records}
+    write_atomically(out / f"{name}.json", (json.dumps(report, indent=2) + "\n").encode())
+    text = markdown(title, env, rows)
+    write_atomically(out / f"{name}.md", text.encode())
+    plot(rows, out / f"{name}.png", title)
+    print(text)
+    print(f"wrote {out / name}.{{json,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
