@@ -194,26 +194,21 @@ def fit(
     if len(group_keys) != len(dataset):  # type: ignore[arg-type]
         raise ValueError(f"group_keys has {len(group_keys)} entries for {len(dataset)} items")
     accum = train_cfg.grad_accum
-    if accum < 1 or train_cfg.batch_size % accum:
-        raise ValueError(
-            f"train.batch_size={train_cfg.batch_size} must be a multiple of "
-            f"train.grad_accum={accum}"
-        )
-    micro_global = train_cfg.batch_size // accum
     sampler = EpochBatchSampler(
         group_keys,
-        micro_global,
+        train_cfg.batch_size,
+        micro_batches=accum,
         shuffle=True,
         seed=train_cfg.seed,
         rank=info.rank,
         world_size=info.world_size,
         drop_last=True,
     )
-    steps_per_epoch = len(sampler.global_batches()) // accum
+    steps_per_epoch = len(sampler.global_batches())
     if steps_per_epoch == 0:
         raise ValueError(
-            f"no full batch of {micro_global} items (x{accum} accumulation) in {len(dataset)} "
-            "items grouped by electrode set/task: lower train.batch_size"
+            f"no full batch of {train_cfg.batch_size} items in {len(dataset)} items grouped by "
+            "electrode set/task: lower train.batch_size"
         )
     total_steps = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
 

@@ -17,12 +17,16 @@ import torch
 
 
 class EpochBatchSampler:
-    """Yields this rank's share of each global micro-batch.
+    """Yields this rank's share of each micro-batch of each global batch.
 
     Args:
         group_keys: one hashable per dataset item (e.g. (task, electrode set)); a batch holds
             items of one key only.
-        global_batch: items per global micro-batch (split over ``world_size`` ranks).
+        global_batch: items per optimiser step (all ranks, all micro-batches).
+        micro_batches: gradient-accumulation steps; each global batch is cut into this many
+            consecutive micro-batches, each split over ``world_size`` ranks. The global batches
+            do not depend on ``micro_batches`` or ``world_size``, so accumulation and more
+            processes reproduce the plain single-process run.
         shuffle: reshuffle every epoch with ``seed + epoch``.
         drop_last: drop each group's last incomplete batch (needed for exact DDP equivalence).
     """
@@ -32,21 +36,25 @@ class EpochBatchSampler:
         group_keys: Sequence[Hashable],
         global_batch: int,
         *,
+        micro_batches: int = 1,
         shuffle: bool = True,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = True,
     ) -> None:
-        if global_batch < world_size:
+        if micro_batches < 1 or global_batch % micro_batches:
             raise ValueError(
-                f"global_batch={global_batch} is smaller than the world size {world_size}: "
-                "raise train.batch_size or lower train.grad_accum"
+                f"train.batch_size={global_batch} must be a multiple of "
+                f"train.grad_accum={micro_batches}"
             )
-        if global_batch % world_size:
+        micro = global_batch // micro_batches
+        if micro % world_size:
             raise ValueError(
-                f"global_batch={global_batch} must be divisible by the world size {world_size}"
+                f"micro-batch {micro} (train.batch_size / train.grad_accum) must be divisible "
+                f"by the world size {world_size}"
             )
+        self.micro_batches = micro_batches
         self.group_keys = list(group_keys)
         self.global_batch = global_batch
         self.shuffle = shuffle
@@ -58,6 +66,7 @@ class EpochBatchSampler:
         self.start_batch = 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Start ``epoch`` at micro-batch ``start_batch`` (resume)."""
         self.epoch = epoch
         self.start_batch = start_batch
 
@@ -85,10 +94,18 @@ class EpochBatchSampler:
             batches = [batches[i] for i in order]
         return batches
 
+    def micro_batches_of_epoch(self) -> list[list[int]]:
+        """Every micro-batch of the epoch, whole (before the split over ranks)."""
+        out = []
+        for batch in self.global_batches():
+            size = len(batch) // self.micro_batches
+            out += [batch[m * size : (m + 1) * size] for m in range(self.micro_batches)]
+        return out
+
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.global_batches()[self.start_batch :]:
-            share = len(batch) // self.world_size
-            yield batch[self.rank * share : (self.rank + 1) * share]
+        for micro in self.micro_batches_of_epoch()[self.start_batch :]:
+            share = len(micro) // self.world_size
+            yield micro[self.rank * share : (self.rank + 1) * share]
 
     def __len__(self) -> int:
-        return max(len(self.global_batches()) - self.start_batch, 0)
+        return max(len(self.global_batches()) * self.micro_batches - self.start_batch, 0)

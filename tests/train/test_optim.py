@@ -71,3 +71,17 @@ def test_sampler_groups_splits_ranks_and_resumes():
     assert whole.global_batches() != batches  # reshuffled per epoch
     with pytest.raises(ValueError, match="divisible by the world size"):
         EpochBatchSampler(keys, 3, world_size=2)
+
+
+def test_accumulation_cuts_the_same_global_batches_into_micro_batches():
+    keys = ["a"] * 12 + ["b"] * 8
+    plain = EpochBatchSampler(keys, 4, seed=1).global_batches()
+    accum = EpochBatchSampler(keys, 4, micro_batches=2, seed=1)
+    micro = list(accum)
+    assert [micro[i] + micro[i + 1] for i in range(0, len(micro), 2)] == plain
+    assert len(accum) == 2 * len(plain)
+    two_ranks = [
+        list(EpochBatchSampler(keys, 4, micro_batches=2, seed=1, rank=r, world_size=2))
+        for r in range(2)
+    ]
+    assert [a + b for a, b in zip(*two_ranks, strict=True)] == micro
