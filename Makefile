@@ -66,7 +66,8 @@ cmake-check: $(STAMP)
 # of the main venv. A second venv holds torch 2.14.1 + torchvision 0.29.1 (the pair on this
 # machine kind's disk; a CUDA build that runs on the CPU) + timm and runs the convert tests on a
 # copy of the package without the extension, which is built for the main venv's torch: there the
-# fused op runs its reference backend (the kernels are tested in the main venv). It is made only
+# converted models run the Triton kernels under the interpreter (the C++ kernels are tested with
+# the reference-LaBraM models in the main venv). It is made only
 # where make installs torch itself; a machine with its own torch skips it, and the main suite's
 # timm tests say why they skip. EEGFAST_REQUIRE_TIMM=1 turns a missing timm into a failure.
 $(TIMM_STAMP): pyproject.toml

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import eegfast.ops
 from eegfast.nn import ConversionReport, convert, convert_report
 from eegfast.nn.convert import FusedLabramAttention, FusedTimmAttention
+from eegfast.ops._backend import triton_interpreting
 
 
 class ReferenceAttention(nn.Module):
@@ -266,6 +268,16 @@ def _timm():
     return timm
 
 
+def _timm_backend() -> str | None:
+    """The backend for the converted timm models: automatic (C++ on CPU) where the extension is
+    built; where it is not (`make timm-check`'s venv: the extension is built for the main venv's
+    torch), the Triton kernels under the interpreter rather than only the reference."""
+    backends = eegfast.ops.available_backends()
+    if not backends["cpu"].available and backends["triton"].available and triton_interpreting():
+        return "triton"
+    return None
+
+
 def _small_vit(timm, *, qk_norm: bool, seed: int = 0) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
@@ -281,10 +293,12 @@ def test_timm_vit_converts_with_equal_outputs_and_gradients():
     model = copy.deepcopy(original).train()
     keys_before = list(model.state_dict())
 
-    report = convert_report(model)
+    backend = _timm_backend()
+    report = convert_report(model, backend=backend)
     assert report.skipped == ()
     assert len(report.converted) == len(model.blocks) == 3
     assert all(isinstance(block.attn, FusedTimmAttention) for block in model.blocks)
+    assert all(block.attn.backend == backend for block in model.blocks)
     assert list(model.state_dict()) == keys_before
 
     original.train()  # drop rates are 0: train mode changes nothing but must be kept
@@ -317,7 +331,7 @@ def test_timm_create_model_and_qk_norm_off():
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, qk_norm=True,
                             img_size=32, num_classes=4).eval()  # fmt: skip
     reference = copy.deepcopy(vit)
-    assert convert(vit) == len(vit.blocks) == 12
+    assert convert(vit, backend=_timm_backend()) == len(vit.blocks) == 12
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(vit(x), reference(x), rtol=1e-4, atol=1e-5)
