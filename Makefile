@@ -12,13 +12,14 @@ TIMM_PY := $(TIMM_VENV)/bin/python
 TIMM_STAMP := $(TIMM_VENV)/.eegfast-installed
 TIMM_SRC := build/timm-check
 
-.PHONY: help install build demo test test-fast cuda-check cmake-check timm-check bench bench-gpu lint clean
+.PHONY: help install build demo test test-fast cuda-check cmake-check timm-check cuda-bind-check bench bench-gpu lint clean
 
 help:
 	@echo "make demo        build, then the whole recipe on the bundled EEG (eegfast quickstart, CPU, <10 min)"
 	@echo "make test        build everything and run the whole test suite (what CI runs)"
 	@echo "make cuda-check  compile every .cu file for sm_80 and sm_90 with nvcc (no GPU needed)"
 	@echo "make timm-check  eegfast.nn.convert on real timm ViTs, in build/venv-timm (part of make test)"
+	@echo "make cuda-bind-check  type-check the CUDA bindings against build/venv-timm's CUDA torch headers"
 	@echo "make cmake-check build the extension with CMake and smoke-test it"
 	@echo "make bench       CPU benchmarks (pytest-benchmark) and the CPU report"
 	@echo "make bench-gpu   GPU benchmarks (needs a CUDA device)"
@@ -83,8 +84,21 @@ timm-check:
 	  $(MAKE) --no-print-directory $(TIMM_STAMP) && rm -rf $(TIMM_SRC) && mkdir -p $(TIMM_SRC) && \
 	  cp -r eegfast tests pyproject.toml $(TIMM_SRC)/ && find $(TIMM_SRC) -name '*.so' -delete && \
 	  cd $(TIMM_SRC) && EEGFAST_REQUIRE_TIMM=1 EEGFAST_REQUIRE_EXT=0 \
-	    $(abspath $(TIMM_PY)) -m pytest -q -p no:cacheprovider tests/nn/test_convert.py; \
+	    $(abspath $(TIMM_PY)) -m pytest -q -p no:cacheprovider tests/nn/test_convert.py && \
+	  cd $(CURDIR) && $(MAKE) --no-print-directory cuda-bind-check; \
 	fi
+
+# The torch-side CUDA bindings (*_bind.cpp) are only compiled on GPU machines; the timm venv's
+# torch is a CUDA build, so its headers (plus the CUDA headers pip put beside it) let g++ check
+# that they compile, without a GPU and without the cost of a full CUDA build.
+CUDA_BIND_SOURCES := $(filter %.cpp,$(shell sed -n -e 's/\#.*//' -e 's/^cuda://p' csrc/sources.txt))
+cuda-bind-check: $(TIMM_STAMP)
+	@inc=$$($(TIMM_PY) -c "import os, sysconfig, torch; t = os.path.dirname(torch.__file__); \
+	  n = os.path.join(os.path.dirname(t), 'nvidia', 'cu13', 'include'); \
+	  print(' '.join('-I' + p for p in (t + '/include', t + '/include/torch/csrc/api/include', \
+	  n, sysconfig.get_paths()['include'])))"); \
+	for src in $(CUDA_BIND_SOURCES); do echo "g++ -fsyntax-only $$src"; \
+	  g++ -std=c++20 -fsyntax-only -Icsrc -I/usr/local/cuda/include $$inc $$src || exit 1; done
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks/bench_vq.py --benchmark-only -q

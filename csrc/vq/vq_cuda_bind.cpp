@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> vq_code_stats_cuda(const at::Tensor& z,
   const at::Tensor z_c = z.contiguous();
   const at::Tensor indices_c = indices.contiguous();
   C10_CUDA_CHECK(vq_cuda::launch_code_stats(
-      z_c.data_ptr(), cuda_dtype(dtype), indices_c.data_ptr<int64_t>(), N, num_codes, D,
+      z_c.data_ptr(), cuda_dtype(z.scalar_type()), indices_c.data_ptr<int64_t>(), N, num_codes, D,
       counts.data_ptr<float>(), sums.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
   return {counts, sums};
 }
