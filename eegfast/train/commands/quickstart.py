@@ -25,14 +25,16 @@ ARITH_FILES = ("Subject00_1.edf", "Subject00_2.edf", "Subject01_1.edf", "Subject
 
 # Per-step settings (``--set`` overrides of each command), sized for 2 CPU cores.
 TOKENIZER = {
+    "train.keep_last": 1,
     "train.batch_size": 16,
     "train.epochs": 3,
     "optim.lr": 2e-3,
     "optim.warmup_fraction": 0.1,
 }
-PRETRAIN = {"train.batch_size": 16, "train.epochs": 3, "optim.lr": 1e-3}
+PRETRAIN = {"train.keep_last": 1, "train.batch_size": 16, "train.epochs": 3, "optim.lr": 1e-3}
 FINETUNE = {
     "train.batch_size": 8,
+    "train.keep_last": 1,
     "train.epochs": 3,
     "optim.lr": 1e-3,
     "optim.layer_decay": 0.8,
