@@ -12,8 +12,9 @@
 //   against W keys (the vq kernel's panel layout);
 // - rows (N_pad, Dv), Dv = D rounded up to a vector: values, keys and row tiles, so P·V,
 //   dS·K and the dK / dV updates run vectorised over the head dim.
-// Kernels are written with GCC vector extensions and compiled twice: for AVX2+FMA (picked at
-// run time) and generically.
+// Kernels are written with GCC vector extensions (256-bit vectors) and compiled three times,
+// picked at run time: AVX-512VL (8-row tiles: the 32 vector registers hold 8 x 3 accumulators),
+// AVX2+FMA (4-row tiles) and generic. EEGFAST_CPU_ISA=avx2|generic caps the choice (tests).
 //
 // Work split: the forward runs one task per (batch, head, query chunk); the backward runs one
 // task per (batch, head, query chunk) with per-chunk dK / dV partial sums, reduced in a
@@ -28,8 +29,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -717,20 +720,38 @@ void backward_task_generic(const BackwardArgs<scalar_t, T>& a, int64_t task) {
   backward_task<4>(a, task);
 }
 
-template <typename scalar_t, typename T>
-void run_forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task) {
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+// The best instance this CPU runs; EEGFAST_CPU_ISA=avx2 or =generic caps it (read on every call,
+// so tests can run every instance on one machine).
+Isa cpu_isa() {
+  Isa best = Isa::kGeneric;
 #if defined(__x86_64__)
-  if (kHasAvx512) return forward_task_avx512(a, task);
-  if (kHasAvx2) return forward_task_avx2(a, task);
+  best = kHasAvx512 ? Isa::kAvx512 : kHasAvx2 ? Isa::kAvx2 : Isa::kGeneric;
+#endif
+  const char* cap = std::getenv("EEGFAST_CPU_ISA");
+  if (cap == nullptr || *cap == '\0') return best;
+  const std::string name(cap);
+  TORCH_CHECK_VALUE(name == "avx512" || name == "avx2" || name == "generic",
+                    "EEGFAST_CPU_ISA must be 'avx512', 'avx2' or 'generic', got '", name, "'");
+  const Isa wanted = name == "avx512" ? Isa::kAvx512 : name == "avx2" ? Isa::kAvx2 : Isa::kGeneric;
+  return std::min(best, wanted);
+}
+
+template <typename scalar_t, typename T>
+void run_forward_task(const ForwardArgs<scalar_t, T>& a, Isa isa, int64_t task) {
+#if defined(__x86_64__)
+  if (isa == Isa::kAvx512) return forward_task_avx512(a, task);
+  if (isa == Isa::kAvx2) return forward_task_avx2(a, task);
 #endif
   forward_task_generic(a, task);
 }
 
 template <typename scalar_t, typename T>
-void run_backward_task(const BackwardArgs<scalar_t, T>& a, int64_t task) {
+void run_backward_task(const BackwardArgs<scalar_t, T>& a, Isa isa, int64_t task) {
 #if defined(__x86_64__)
-  if (kHasAvx512) return backward_task_avx512(a, task);
-  if (kHasAvx2) return backward_task_avx2(a, task);
+  if (isa == Isa::kAvx512) return backward_task_avx512(a, task);
+  if (isa == Isa::kAvx2) return backward_task_avx2(a, task);
 #endif
   backward_task_generic(a, task);
 }
@@ -876,6 +897,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_attention_fwd
   auto k_stats = at::empty({B, H, N, 2}, q.options().dtype(acc));
   if (B * H * N == 0) return {out, lse, q_stats, k_stats};
   const Prepared opt = prepare_optional(acc, q_w, q_b, k_w, k_b, key_padding_mask, block_ids);
+  const Isa isa = cpu_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     ForwardArgs<scalar_t, T> a{make_problem<scalar_t, T>(q, k, v, opt, scale, causal),
@@ -885,7 +907,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_attention_fwd
                                q_stats.data_ptr<T>(),
                                k_stats.data_ptr<T>()};
     at::parallel_for(0, B * H * a.p.chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) run_forward_task(a, task);
+      for (int64_t task = begin; task < end; ++task) run_forward_task(a, isa, task);
     });
   });
   return {out, lse, q_stats, k_stats};
@@ -935,6 +957,7 @@ qk_norm_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const
   const at::Tensor lse_c = lse.to(acc).contiguous(), q_stats_c = q_stats.to(acc).contiguous(),
                    k_stats_c = k_stats.to(acc).contiguous();
   at::Tensor q_param_sums, k_param_sums;
+  const Isa isa = cpu_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const Problem<scalar_t, T> p = make_problem<scalar_t, T>(q, k, v, opt, scale, causal);
@@ -955,7 +978,7 @@ qk_norm_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const
                                 q_param_grads.data_ptr<T>(),
                                 k_param_grads.data_ptr<T>()};
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) run_backward_task(a, task);
+      for (int64_t task = begin; task < end; ++task) run_backward_task(a, isa, task);
     });
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) backward_keys(a, bh);

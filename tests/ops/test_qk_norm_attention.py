@@ -156,6 +156,26 @@ def test_cpu_labram_head_dims_all_masks(d):
     assert_all_close(run(case, "cpu"), expected, 2e-4, result_names(case))
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_cpu_every_instruction_set(isa, monkeypatch):
+    """The 8-row (AVX-512VL), 4-row (AVX2) and generic instances; EEGFAST_CPU_ISA caps the one
+    this machine would pick, so some may repeat the best one here."""
+    monkeypatch.setenv("EEGFAST_CPU_ISA", isa)
+    for d, dtype in ((20, torch.float32), (33, torch.float32), (128, torch.float32),
+                     (25, torch.float64)):  # fmt: skip
+        case = make_case(2, 1, 75, d, seed=d, dtype=dtype, padding=True, causal=True, blocks=True)
+        expected = run(case, "reference", dtype=torch.float64)
+        tol = 1e-9 if dtype == torch.float64 else 2e-4
+        assert_all_close(run(case, "cpu"), expected, tol, result_names(case))
+
+
+def test_cpu_isa_override_is_checked(monkeypatch):
+    monkeypatch.setenv("EEGFAST_CPU_ISA", "sse9")
+    q = torch.randn(1, 1, 3, 4)
+    with pytest.raises(ValueError, match="EEGFAST_CPU_ISA must be"):
+        qk_norm_attention(q, q, q, backend="cpu")
+
+
 def test_cpu_empty_rows_give_zeros_not_nan():
     # causal + padded first key: row 0 of every head sees nothing; batch 0 sees nothing at all.
     case = make_case(2, 3, 70, 20, seed=3, causal=True, empty_rows=True)
