@@ -53,6 +53,7 @@ class FitResult:
     losses: list[float] = field(default_factory=list)  # mean loss of each optimiser step
     checkpoint: Path | None = None  # the last checkpoint written
     run_dir: Path | None = None
+    resumed_from: Path | None = None  # the checkpoint this run continued from
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:
@@ -244,8 +245,6 @@ def fit(
         scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
         step, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
-        if info.is_main:
-            print(f"resumed from {resume_from} at step {step} (epoch {epoch})")
 
     logger = RunLogger(run_dir, enabled=info.is_main)
     bar = tqdm(
@@ -261,7 +260,7 @@ def fit(
         loader_kwargs["persistent_workers"] = False
     collate = indexed_collate(collate_fn)
     indexed = IndexedDataset(dataset)
-    result = FitResult(step=step, epoch=epoch, run_dir=run_dir)
+    result = FitResult(step=step, epoch=epoch, run_dir=run_dir, resumed_from=resume_from)
     window: dict[str, list[float]] = {}
     since_checkpoint: list[float] = []
     checkpoint_every = train_cfg.checkpoint_every or steps_per_epoch

@@ -16,7 +16,7 @@ weighted F1 for multi-class), mean ± std over folds, CSV + JSON + Markdown repo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,7 +242,7 @@ def cross_validate(
     backbone: Backbone | None,
     *,
     resume: str | None = None,
-    log=print,
+    log: Callable[[str], None] = lambda _text: None,
 ) -> CVResult:
     """Run every variant on every fold; see the module docstring."""
     from eegfast.train.runlog import read_metrics

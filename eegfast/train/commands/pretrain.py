@@ -120,6 +120,8 @@ def _main(args: argparse.Namespace) -> int:
             meta={"arch": arch, "command": "pretrain", "objective": config.pretrain.objective},
             find_unused_parameters=kind != "pretrain",
         )
+        if result.resumed_from is not None:
+            say(runtime, f"resumed from {result.resumed_from}")
         say(runtime, f"pretrained for {result.step} steps; checkpoint {result.checkpoint}")
         return 0
     finally:

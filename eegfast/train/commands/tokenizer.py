@@ -64,6 +64,8 @@ def _main(args: argparse.Namespace) -> int:
             resume=args.resume,
             meta={"arch": arch, "command": "tokenizer"},
         )
+        if result.resumed_from is not None:
+            say(runtime, f"resumed from {result.resumed_from}")
         say(runtime, f"tokenizer trained for {result.step} steps; checkpoint {result.checkpoint}")
         return 0
     finally:
