@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace eegfast {
@@ -26,6 +27,8 @@ namespace {
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+constexpr int64_t kChunkRows = 256;  // rows per work item of the forward expert GEMMs
 
 // Tokens per parallel chunk: at least ~16K multiply-adds, so small batches stay on one thread
 // (an OpenMP region costs more than they do, and much more on a busy machine).
@@ -146,15 +149,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_expert_ffn_cpu(
     h.narrow(0, offset[E], S - offset[E]).zero_();
   }
   if (offset[E] == offset[0]) return {y, a1, h};
-  const at::Tensor xs = gather_sorted_rows(x, sorted_slots.narrow(0, 0, offset[E]), top_k);
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t lo = offset[e], n = offset[e + 1] - offset[e];
-    if (n == 0) continue;
-    at::Tensor a1_e = a1.narrow(0, lo, n), h_e = h.narrow(0, lo, n), y_e = y.narrow(0, lo, n);
-    at::addmm_out(a1_e, b1[e], xs.narrow(0, lo, n), w1[e].t());
-    at::gelu_out(h_e, a1_e);
-    at::addmm_out(y_e, b2[e], h_e, w2[e].t());
-  }
+  // Work items of at most kChunkRows rows of one expert, run in parallel with single-threaded
+  // GEMMs: fc1 -> GELU -> fc2 of a chunk stays in cache (the dense FFN streams its whole
+  // (T, H) activation through memory twice), and small per-expert GEMMs do not pay for
+  // splitting each one over threads.
+  std::vector<std::pair<int64_t, int64_t>> chunks;  // (expert, first row)
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t lo = offset[e]; lo < offset[e + 1]; lo += kChunkRows) chunks.emplace_back(e, lo);
+  const at::Tensor tokens = top_k == 1 ? sorted_slots : sorted_slots.div(top_k, "floor");
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    // Worker threads do not inherit the caller's dispatch state: keep autograd out, as it is
+    // on the calling thread inside a kernel.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t c = begin; c < end; ++c) {
+      const auto [e, lo] = chunks[c];
+      const int64_t n = std::min(kChunkRows, offset[e + 1] - lo);
+      const at::Tensor xs = x.index_select(0, tokens.narrow(0, lo, n));
+      at::Tensor a1_c = a1.narrow(0, lo, n), h_c = h.narrow(0, lo, n), y_c = y.narrow(0, lo, n);
+      at::addmm_out(a1_c, b1[e], xs, w1[e].t());
+      at::gelu_out(h_c, a1_c);
+      at::addmm_out(y_c, b2[e], h_c, w2[e].t());
+    }
+  });
   return {y, a1, h};
 }
 
