@@ -279,6 +279,7 @@ struct KeySide {
   std::vector<int> block_keys;        // (key_blocks,) keys to compute: up to the last panel
                                       // holding a key < N
   std::vector<int64_t> block_id_min, block_id_max;  // over the unmasked keys of the block
+  T max_key_norm = 0;  // largest Euclidean norm of a normalised key (keys < N)
 };
 
 template <typename T>
@@ -345,7 +346,14 @@ void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64_t h, T eps, bo
       }
     }
     normalize_row(x, p.k.sd, D, mean, rstd, p.kw, p.kb, row.data(), static_cast<T*>(nullptr));
-    for (int64_t d = 0; d < D; ++d) put_in_panel(ks.panels, D, j, d, row[d]);
+    T norm2 = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      put_in_panel(ks.panels, D, j, d, row[d]);
+      norm2 += row[d] * row[d];
+    }
+    // NaN propagates (std::max would drop it), so such inputs take the online-max path.
+    const T norm = std::sqrt(norm2);
+    if (!(norm <= ks.max_key_norm)) ks.max_key_norm = norm;
     if (backward) std::copy(row.begin(), row.end(), ks.key_rows.begin() + j * Dv);
     const scalar_t* vr = p.v.row(b, h, j);
     for (int64_t d = 0; d < D; ++d) {
@@ -449,6 +457,34 @@ struct ForwardArgs {
   T* k_stats;     // (B, H, N, 2)
 };
 
+// Fixed-shift softmax (forward). The scores of LayerNorm'ed queries and keys are bounded:
+// |q_i . k_j| <= |q_i| max_j |k_j| =: c_i (Cauchy-Schwarz; q_i already scaled). Using c_i as the
+// softmax shift instead of the running maximum removes the max pass and the rescaling of the
+// accumulators. It is exact math (the shift cancels in the normalisation) and safe in float as
+// long as exp(s - c_i) neither overflows (s <= c_i, up to rounding) nor makes the row's sum
+// lose precision: every visible score is >= -c_i, so the largest term of the sum is at least
+// exp(-2 c_i) >= exp(-2 kFixedShiftLimit), a normal float; terms flushed to 0 by vexp
+// (argument < -87) are then < exp(-87 + 2 kFixedShiftLimit) relative to the largest one,
+// far below float rounding. Tiles with a larger bound use the online maximum.
+constexpr double kFixedShiftLimit = 30.0;
+
+template <int R, typename T>
+EEGFAST_INLINE void softmax_fixed_step(T* S, int keys, const T* shift, vec_t<T>* sums) {
+  constexpr int L = kLanes<T>;
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    T* s = S + r * kKeyBlock;
+    const vec_t<T> c = vsplat(shift[r]);
+    vec_t<T> sum = sums[r];
+    for (int j = 0; j < keys; j += L) {
+      const vec_t<T> e = vexp(vload(s + j) - c);
+      vstore(s + j, e);
+      sum += e;
+    }
+    sums[r] = sum;
+  }
+}
+
 // Online softmax over one key block: S becomes the block's probabilities (relative to the
 // new running max), alpha the factor that rescales the previous accumulators.
 template <int R, typename T>
@@ -507,7 +543,29 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
     t.last_row = i0 + rows - 1;
     T m[R], l[R], alpha[R];
     for (int r = 0; r < R; ++r) m[r] = -inf, l[r] = 0;
-    for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
+    bool fixed = true;
+    for (int r = 0; r < R; ++r) {
+      T norm2 = 0;
+      for (int64_t d = 0; d < D; ++d) norm2 += queries[r * Dv + d] * queries[r * Dv + d];
+      m[r] = std::sqrt(norm2) * ks.max_key_norm;  // the shift c_r
+      if (!(m[r] <= static_cast<T>(kFixedShiftLimit))) fixed = false;
+    }
+    if (fixed) {
+      vec_t<T> sums[R];
+      for (int r = 0; r < R; ++r) sums[r] = vec_t<T>{};
+      for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
+        if (!block_visible(p, ks, t, kb)) continue;
+        const int keys = ks.block_keys[kb];
+        score_tile<R>(queries.data(), Dv, D, ks.panels.data() + kb * kKeyBlock * D, keys, S);
+        mask_scores<R>(p, ks, t, kb, S);
+        softmax_fixed_step<R>(S, keys, m, sums);
+        accumulate_rows<R>(acc.data(), Dv, S, ks.value_rows.data() + kb * kKeyBlock * Dv, keys);
+      }
+      for (int r = 0; r < R; ++r) l[r] = hsum<T>(sums[r]);
+    } else {
+      for (int r = 0; r < R; ++r) m[r] = -inf;
+    }
+    for (int64_t kb = 0; kb < p.key_blocks && !fixed; ++kb) {
       if (!block_visible(p, ks, t, kb)) continue;
       const int keys = ks.block_keys[kb];
       score_tile<R>(queries.data(), Dv, D, ks.panels.data() + kb * kKeyBlock * D, keys, S);
