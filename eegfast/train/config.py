@@ -74,6 +74,8 @@ class TrainConfig:
 class PretrainConfig:
     objective: str = "masked"  # masked | hybrid (see eegfast.train.objectives)
     mask_ratio: float = 0.5
+    # hybrid only: loss = hybrid_mask_weight * masked + (1 - hybrid_mask_weight) * forecast
+    hybrid_mask_weight: float = 0.5
 
 
 @dataclass(frozen=True)

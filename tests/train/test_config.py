@@ -78,3 +78,17 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("a.b=3") == ("a.b", 3)
     assert parse_override("a.b=") == ("a.b", "")
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+
+
+def test_hybrid_mask_weight_reaches_the_hybrid_model():
+    from eegfast.train.arch import build_model
+    from eegfast.train.config import RunConfig
+
+    config = RunConfig().with_overrides({"pretrain.hybrid_mask_weight": 0.3})
+    assert config.pretrain.hybrid_mask_weight == 0.3
+    arch = {
+        "kind": "hybrid",
+        "name": "labram_tiny_pretrain",
+        "kwargs": {"hybrid": {"mask_weight": config.pretrain.hybrid_mask_weight}},
+    }
+    assert build_model(arch).config.mask_weight == 0.3

@@ -94,6 +94,11 @@ def _main(args: argparse.Namespace) -> int:
         vocab = getattr(getattr(tokenizer, "config", None), "num_codes", None)
         if vocab is not None:
             kwargs["vocab_size"] = int(vocab)
+        if kind == "hybrid":
+            weight = config.pretrain.hybrid_mask_weight
+            if not 0.0 <= weight <= 1.0:
+                raise CommandError(f"pretrain.hybrid_mask_weight must be in [0, 1], got {weight}")
+            kwargs["hybrid"] = {"mask_weight": weight}
         arch = {"kind": kind, "name": config.model.name, "kwargs": kwargs}
         model = build_model(arch)
         freeze_unused_heads(model)
