@@ -161,7 +161,9 @@ def backbone_from_checkpoint(
 
         name = arch["name"].removesuffix("_pretrain")
         kwargs = {
-            k: v for k, v in dict(arch.get("kwargs") or {}).items() if k not in ("vocab_size", "hybrid")
+            k: v
+            for k, v in dict(arch.get("kwargs") or {}).items()
+            if k not in ("vocab_size", "hybrid")
         }
         backbone = {"kind": "classifier", "name": name, "kwargs": {**kwargs, "num_classes": 0}}
         weights = pretrain_to_classifier_state_dict(weights)
