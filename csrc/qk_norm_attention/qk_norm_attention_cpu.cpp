@@ -652,6 +652,20 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   const T* q_stats = a.q_stats + bh * N * 2;
   for (int64_t i0 = row_begin; i0 < row_end; i0 += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, row_end - i0));
+    // The grad_out and out rows of one (b, h) lie H D elements apart, too sparse for the
+    // hardware prefetcher (their loads were ~12% of the backward): fetch the next tile's rows
+    // while this one computes.
+    for (int64_t i = i0 + R; i < std::min(row_end, i0 + 2 * R); ++i) {
+      const char* go = reinterpret_cast<const char*>(a.grad_out + ((b * N + i) * H + h) * D);
+      const char* o = reinterpret_cast<const char*>(a.out + ((b * N + i) * H + h) * D);
+      const int64_t bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+      for (int64_t off = 0; off < bytes; off += 64) {
+        __builtin_prefetch(go + off);
+        __builtin_prefetch(o + off);
+      }
+      __builtin_prefetch(go + bytes - 1);
+      __builtin_prefetch(o + bytes - 1);
+    }
     for (auto* buffer : {&queries, &scaled, &hats, &grads, &dqn})
       std::fill(buffer->begin(), buffer->end(), T(0));
     T delta[R], lse[R];
