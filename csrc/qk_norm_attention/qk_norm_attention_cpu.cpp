@@ -104,26 +104,26 @@ EEGFAST_INLINE T hmax(vec_t<T> v) {
   return m;
 }
 
-// exp of 8 floats for x <= 88 (softmax arguments are <= 0 up to rounding): x = n ln2 + r with
-// |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes coefficients, ~1 ulp), 2^n built in the
-// exponent bits. exp(x < -87) is flushed to 0, so masked scores (-inf) give exactly 0.
+// exp of 8 floats for x <= 88 (softmax arguments are <= 0 up to rounding), 12 vector ops:
+// x = n ln2 + r with |r| <= ln2 / 2 (one-step reduction: ln2's float rounding costs at most
+// 2.4e-7 relative at n = -126), e^r = 1 + r q(r) with q of degree 4 fitted for relative error,
+// and 2^n placed in the exponent bits straight from the rounding sum (its low mantissa bits
+// hold n + 127). Max relative error 3.9e-7 over [-87, 0.5] (float simulation of the exact
+// operation order). exp(x < -87) is flushed to 0, so masked scores (-inf) give exactly 0.
 EEGFAST_INLINE vec_t<float> vexp(vec_t<float> x) {
   using vf = vec_t<float>;
   const vf lo = vsplat(-87.0f);
-  const vf magic = vsplat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf magic = vsplat(12582912.0f + 127.0f);  // 1.5 * 2^23 (rounds to an integer) + bias
   const vf t = x * 1.44269504088896341f + magic;
   const vf n = t - magic;
-  vf r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf p = vsplat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const vf y = p * r * r + r + 1.0f;
-  const vi32 bits = (((vi32)t - (vi32)magic) + 127) << 23;
-  const vf result = y * (vf)bits;
+  const vf r = x - n * 0.693147180559945f;
+  vf q = vsplat(8.262299001216888e-3f);
+  q = q * r + 4.1898973286151886e-2f;
+  q = q * r + 1.6668103635311127e-1f;
+  q = q * r + 4.9999138712882996e-1f;
+  q = q * r + 9.999995231628418e-1f;
+  const vf y = q * r + 1.0f;
+  const vf result = y * (vf)((vi32)t << 23);
   return x < lo ? vf{} : result;
 }
 
