@@ -10,8 +10,13 @@ synthetic EEG through the commands' collate function.
 
 from __future__ import annotations
 
+import argparse
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,7 +60,9 @@ def make_tokenizer() -> torch.nn.Module:
     return tokenizer.eval()
 
 
-def run(kind: str, run_dir: str, overrides: dict | None = None) -> FitResult:
+def run(
+    kind: str, run_dir: str, overrides: dict | None = None, resume: str | None = None
+) -> FitResult:
     """kind: ``pretrain`` (masked), ``finetune`` (2 task heads) or ``moe`` (upcycled, routed)."""
     config = RunConfig().with_overrides({**BASE, **(overrides or {})})
     device = torch.device("cpu")
@@ -104,6 +111,7 @@ def run(kind: str, run_dir: str, overrides: dict | None = None) -> FitResult:
             collate_fn=collate_fn(),
             ctx=ctx,
             dist_info=info,
+            resume=resume,
             find_unused_parameters=find_unused,
         )
     finally:
@@ -252,7 +260,7 @@ def test_compile_flag_compiles_the_model_and_trains_to_the_eager_result(tmp_path
     monkeypatch.setattr(torch, "compile", compile_with_aot_eager)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    overrides = {"train.max_steps": 2}
+    overrides = {"train.max_steps": 1}
     eager = run("finetune", str(tmp_path / "eager"), overrides)
     assert not calls
     compiled = run("finetune", str(tmp_path / "compiled"), {**overrides, "train.compile": True})
@@ -266,3 +274,67 @@ def test_compile_flag_compiles_the_model_and_trains_to_the_eager_result(tmp_path
     assert_close_weights(
         final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled"), 1e-5
     )
+
+
+REPO = Path(__file__).resolve().parents[2]
+SIGKILL_RUN = {"train.checkpoint_every": 2}  # checkpoints at steps 2, 4, 6, 8
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_real_model_checkpoint_keeps_the_previous_and_resumes_exactly(tmp_path):
+    """labram_tiny with task heads: killed inside its 3rd checkpoint write (step 6), the step-4
+    checkpoint loads and ``--resume auto`` ends on the uninterrupted run's weights."""
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "tests.train.test_distributed_real"]
+    subprocess.run([*command, str(reference)], env=env, cwd=REPO, timeout=120, check=True)
+    child = subprocess.Popen([*command, str(killed), "--hang-at-save", "3"], env=env, cwd=REPO)
+    marker = killed / "HANGING"
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert child.poll() is None, "the training process ended before its 3rd checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert list((killed / "checkpoints").glob(".tmp-step-00000006-*"))
+    assert [c.step for c in ckpt.list_checkpoints(killed / "checkpoints")] == [2, 4]
+    assert ckpt.load_training_state(killed / "checkpoints" / "step-00000004")["step"] == 4
+    assert ckpt.load_weights(killed / "checkpoints" / "step-00000004").keys() == (
+        final_weights(reference).keys()
+    )
+    resumed = subprocess.run(
+        [*command, str(killed), "--resume", "auto"], env=env, cwd=REPO, timeout=120
+    )
+    assert resumed.returncode == 0
+    assert not list((killed / "checkpoints").glob(".tmp-*"))
+    assert [c.step for c in ckpt.list_checkpoints(killed / "checkpoints")] == [2, 4, 6, 8]
+    assert_close_weights(final_weights(reference), final_weights(killed), atol=0.0)
+
+
+def main() -> int:
+    """``python -m tests.train.test_distributed_real RUN_DIR``: the SIGKILL test's training."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir")
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--hang-at-save", type=int, default=0, help="hang in the N-th state save")
+    args = parser.parse_args()
+    if args.hang_at_save:
+        calls = {"n": 0}
+        real_save = torch.save
+
+        def save_then_hang(obj, path, *a, **k):
+            calls["n"] += 1
+            if calls["n"] == args.hang_at_save:
+                Path(path).write_bytes(b"partial")  # a half-written state file
+                (Path(args.run_dir) / "HANGING").write_text(str(path))
+                time.sleep(600)
+            return real_save(obj, path, *a, **k)
+
+        ckpt.torch.save = save_then_hang  # only this process is affected
+    run("finetune", args.run_dir, SIGKILL_RUN, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
