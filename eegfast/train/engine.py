@@ -191,6 +191,12 @@ def fit(
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.yaml", config_to_yaml(config))
     amp_dtype = resolve_precision(train_cfg.precision, device)
+    if train_cfg.deterministic and not torch.are_deterministic_algorithms_enabled():
+        # The commands set this up in start(); a direct caller of fit() gets it here too.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
 
     if len(group_keys) != len(dataset):  # type: ignore[arg-type]
         raise ValueError(f"group_keys has {len(group_keys)} entries for {len(dataset)} items")

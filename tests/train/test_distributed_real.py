@@ -241,6 +241,9 @@ def test_deterministic_flag_enables_deterministic_algorithms_and_repeats_exactly
     assert first.losses == second.losses
     assert_close_weights(final_weights(tmp_path / "first"), final_weights(tmp_path / "second"), 0)
     torch.use_deterministic_algorithms(False)
+    run("moe", str(tmp_path / "third"), {**overrides, "train.max_steps": 1})
+    assert torch.are_deterministic_algorithms_enabled(), "fit() alone must honour the flag"
+    torch.use_deterministic_algorithms(False)
     start(RunConfig().with_overrides(BASE))
     assert not torch.are_deterministic_algorithms_enabled()
 
