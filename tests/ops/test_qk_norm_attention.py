@@ -156,6 +156,20 @@ def test_cpu_labram_head_dims_all_masks(d):
     assert_all_close(run(case, "cpu"), expected, 2e-4, result_names(case))
 
 
+@pytest.mark.parametrize("gain", [0.5, 2.0, 3.0, 10.0])
+@pytest.mark.parametrize("d", [20, 64])
+def test_cpu_large_scores_use_the_online_maximum(gain, d):
+    """The forward shifts each softmax row by a Cauchy-Schwarz bound on its scores when that
+    bound is small (<= 30) and falls back to the online maximum otherwise; LayerNorm gains of
+    2-10 push the bound past it (scores up to ~450 at gain 10), so both paths are checked."""
+    case = make_case(2, 2, 97, d, seed=int(gain * 10) + d, padding=True, causal=True)
+    for name in ("q_norm_weight", "k_norm_weight"):
+        case["params"][name] = case["params"][name] * gain
+    expected = run(case, "reference", dtype=torch.float64)
+    tol = 2e-4 * max(1.0, gain**2)  # fp32 score error grows with the scores' size
+    assert_all_close(run(case, "cpu"), expected, tol, result_names(case))
+
+
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_cpu_every_instruction_set(isa, monkeypatch):
     """The 8-row (AVX-512VL), 4-row (AVX2) and generic instances; EEGFAST_CPU_ISA caps the one
