@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,8 +76,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if precision not in table:
         raise ValueError(f"train.precision must be auto, bf16, fp16 or fp32, got {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+    # fp16 on CPU runs (autocast + GradScaler work there) but is slow: it is for checking the
+    # loss-scaling path without a GPU; bf16 or fp32 are the CPU choices for real work.
     return table[precision]
 
 
@@ -374,7 +375,13 @@ def fit(
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                with warnings.catch_warnings():
+                    # The schedule follows steps taken, also when the fp16 scaler skipped the
+                    # optimizer's step on overflow; torch warns about that order, not an error.
+                    warnings.filterwarnings(
+                        "ignore", "Detected call of `lr_scheduler.step", UserWarning
+                    )
+                    scheduler.step()
                 step += 1
                 mean_loss = float(np.mean(step_losses))
                 step_losses = []

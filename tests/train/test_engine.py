@@ -191,10 +191,27 @@ def test_activation_checkpointing_recomputes_to_the_same_result(tmp_path):
     assert_same_weights(final_weights(tmp_path / "plain"), final_weights(tmp_path / "ckpt"), 1e-6)
 
 
-def test_bf16_autocast_trains_and_fp16_on_cpu_is_refused(tmp_path):
+def test_bf16_autocast_trains(tmp_path):
     result = worker.run(
         "finetune", str(tmp_path / "bf16"), {"train.epochs": 1, "train.precision": "bf16"}
     )
     assert all(torch.isfinite(torch.tensor(result.losses)))
-    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
-        worker.run("finetune", str(tmp_path / "fp16"), {"train.precision": "fp16"})
+
+
+def test_fp16_loss_scaling_checkpoints_the_scaler_and_resumes_exactly(tmp_path):
+    """fp16 autocast with a GradScaler (on CPU here): the scaler's state is checkpointed and
+    a resumed run ends with the uninterrupted run's weights."""
+    overrides = {"train.precision": "fp16", "train.checkpoint_every": 4, "train.epochs": 2}
+    full, partial = tmp_path / "full", tmp_path / "partial"
+    result = worker.run("finetune", str(full), overrides)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    worker.run("finetune", str(partial), overrides)
+    state = ckpt.load_training_state(partial / "checkpoints" / "step-00000004")
+    assert state["scaler"]["scale"] > 1  # loss scaling was on (an empty dict when disabled)
+    for info in ckpt.list_checkpoints(partial / "checkpoints"):
+        if info.step > 4:
+            import shutil
+
+            shutil.rmtree(info.path)
+    worker.run("finetune", str(partial), overrides, resume="auto")
+    assert_same_weights(final_weights(full), final_weights(partial))
