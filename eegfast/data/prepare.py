@@ -215,9 +215,12 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
     data = raw.get_data(picks=list(chmap.picks))  # (C, T) volts, float64
     names = list(chmap.names)
     picks = list(chmap.picks)
-    finite = np.isfinite(data).all(axis=1)
+    # One min and one max pass: NaN propagates into both, +inf into the max, -inf into the min,
+    # so a channel is finite exactly when both are (no separate isfinite pass and bool array).
+    low, high = data.min(axis=1), data.max(axis=1)
+    finite = np.isfinite(low) & np.isfinite(high)
     flat = np.zeros(len(names), bool)
-    flat[finite] = np.ptp(data[finite], axis=1) < FLAT_PEAK_TO_PEAK_V
+    flat[finite] = (high - low)[finite] < FLAT_PEAK_TO_PEAK_V
     bad = ~finite | flat
     if bad.any():
         nonfinite_names = [raw.ch_names[picks[i]] for i in np.flatnonzero(~finite)]

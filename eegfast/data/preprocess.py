@@ -230,7 +230,6 @@ def preprocess_signal(
     q = ratio.denominator
     pad_left = -(-max(half, 1) // q) * q  # a multiple of q: the output starts on a sample
     n_fft = _fast_length(n_in + pad_left + max(half, 1), q)
-    pad_right = n_fft - n_in - pad_left
     n_fft_out = n_fft * ratio.numerator // q
     n_keep = min(n_fft, n_fft_out) // 2 + 1
     gain = _gain(float(sfreq), n_fft, n_keep, config.l_freq, config.h_freq, config.notch_freq)
@@ -246,16 +245,41 @@ def preprocess_signal(
     fdtype = np.float64 if precision == "float64" else np.float32
     gain = gain.astype(fdtype)
     block = max(1, max_block_bytes // (8 * np.dtype(fdtype).itemsize * n_fft))
+    # One padded buffer per block, filled in place (no float64 copy of the block, no separate
+    # padding array): the FFT then runs on exactly n_fft samples, with no reshaping inside scipy.
+    buffer = np.empty((min(block, n_ch), n_fft), fdtype)
     for c0 in range(0, n_ch, block):
-        chunk = np.asarray(data[c0 : c0 + block], dtype=np.float64)
-        offset = chunk.mean(axis=1, keepdims=True)
-        padded = _reflect_limited((chunk - offset).astype(fdtype, copy=False), pad_left, pad_right)
-        spectrum = sfft.rfft(padded, axis=1, overwrite_x=True)[:, :n_keep]
+        chunk = data[c0 : c0 + block]
+        rows = chunk.shape[0]
+        offset = chunk.mean(axis=1, keepdims=True, dtype=np.float64)
+        padded = buffer[:rows]
+        np.subtract(chunk, offset, out=padded[:, pad_left : pad_left + n_in], casting="unsafe")
+        _reflect_limited_inplace(padded, pad_left, n_in)
+        spectrum = sfft.rfft(padded, axis=1)[:, :n_keep]
         spectrum *= gain
         signal = sfft.irfft(spectrum, n=n_fft_out, axis=1, overwrite_x=True)
-        signal = signal[:, start : start + n_out]
-        out[c0 : c0 + block] = signal + (offset * dc_gain).astype(np.float32)
+        np.add(
+            signal[:, start : start + n_out],
+            (offset * dc_gain).astype(np.float32),
+            out=out[c0 : c0 + rows],
+            casting="unsafe",
+        )
     return _rereference(out, ch_names, config.reference)
+
+
+def _reflect_limited_inplace(buf: np.ndarray, left: int, n: int) -> None:
+    """``_reflect_limited`` into ``buf`` (rows, left + n + right) whose ``[:, left:left+n]``
+    already holds the signal: fills the padding in place."""
+    right = buf.shape[1] - left - n
+    x = buf[:, left : left + n]
+    lr, rr = min(left, n - 1), min(right, n - 1)
+    buf[:, : left - lr] = 0
+    buf[:, left + n + rr :] = 0
+    if lr:
+        np.subtract(2 * x[:, :1], x[:, lr:0:-1], out=buf[:, left - lr : left])
+    if rr:
+        mirrored = x[:, n - 2 :: -1][:, :rr]  # x[n-2], x[n-3], ...
+        np.subtract(2 * x[:, -1:], mirrored, out=buf[:, left + n : left + n + rr])
 
 
 def _reflect_limited(x: np.ndarray, left: int, right: int) -> np.ndarray:
@@ -263,13 +287,9 @@ def _reflect_limited(x: np.ndarray, left: int, right: int) -> np.ndarray:
     (``2 * x[0] - x[k]``, which keeps the signal and its slope continuous) for up to T-1
     samples on each side, zeros beyond."""
     n = x.shape[1]
-    out = np.zeros((x.shape[0], left + n + right), x.dtype)
+    out = np.empty((x.shape[0], left + n + right), x.dtype)
     out[:, left : left + n] = x
-    lr, rr = min(left, n - 1), min(right, n - 1)
-    if lr:
-        out[:, left - lr : left] = 2 * x[:, :1] - x[:, lr:0:-1]
-    if rr:
-        out[:, left + n : left + n + rr] = 2 * x[:, -1:] - x[:, ::-1][:, 1 : rr + 1]
+    _reflect_limited_inplace(out, left, n)
     return out
 
 
