@@ -255,8 +255,11 @@ def preprocess_signal(
         padded = buffer[:rows]
         np.subtract(chunk, offset, out=padded[:, pad_left : pad_left + n_in], casting="unsafe")
         _reflect_limited_inplace(padded, pad_left, n_in)
-        spectrum = sfft.rfft(padded, axis=1)[:, :n_keep]
-        spectrum *= gain
+        # The filtered spectrum goes straight into a buffer of the inverse FFT's exact size
+        # (zeros above the kept bins when upsampling): scipy then needs no resizing copy.
+        spectrum = np.empty((rows, n_fft_out // 2 + 1), np.result_type(fdtype, np.complex64))
+        np.multiply(sfft.rfft(padded, axis=1)[:, :n_keep], gain, out=spectrum[:, :n_keep])
+        spectrum[:, n_keep:] = 0
         signal = sfft.irfft(spectrum, n=n_fft_out, axis=1, overwrite_x=True)
         np.add(
             signal[:, start : start + n_out],
