@@ -38,6 +38,15 @@ def attention_visibility(
     return visible
 
 
+def labram_qkv_bias(
+    q_bias: torch.Tensor | None, v_bias: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The qkv Linear's bias in LaBraM's layout: ``[q_bias | 0 | v_bias]`` (k gets no bias)."""
+    if q_bias is None:
+        return None
+    return torch.cat((q_bias, torch.zeros_like(v_bias), v_bias))
+
+
 class QKNormAttention(nn.Module):
     """Self-attention of LaBraM: one qkv Linear, optional q/k LayerNorm, output projection.
 
@@ -103,9 +112,7 @@ class QKNormAttention(nn.Module):
         )
 
     def _qkv_bias(self) -> torch.Tensor | None:
-        if self.q_bias is None:
-            return None
-        return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        return labram_qkv_bias(self.q_bias, self.v_bias)
 
     def forward(
         self,

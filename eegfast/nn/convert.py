@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eegfast.nn.attention import labram_qkv_bias
 from eegfast.ops import BACKENDS, qk_norm_attention_packed
 
 # Forward arguments (after the input) each replacement accepts; a module whose forward takes
@@ -395,9 +396,7 @@ class FusedLabramAttention(_FusedQKNormAttention):
     """
 
     def _qkv_bias(self) -> torch.Tensor | None:
-        if self.q_bias is None:
-            return None
-        return torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        return labram_qkv_bias(self.q_bias, self.v_bias)
 
     def forward(
         self,
