@@ -35,6 +35,7 @@ from eegfast.train.engine import FitResult, fit, seed_everything
 from eegfast.train.objectives import StepContext, classification_step, get_objective
 from eegfast.train.runlog import read_metrics
 from tests.train.fakes import SyntheticEEG
+from tests.train.worker import hang_in_checkpoint_save
 
 BASE = {
     "train.epochs": 1,
@@ -323,18 +324,7 @@ def main() -> int:
     parser.add_argument("--hang-at-save", type=int, default=0, help="hang in the N-th state save")
     args = parser.parse_args()
     if args.hang_at_save:
-        calls = {"n": 0}
-        real_save = torch.save
-
-        def save_then_hang(obj, path, *a, **k):
-            calls["n"] += 1
-            if calls["n"] == args.hang_at_save:
-                Path(path).write_bytes(b"partial")  # a half-written state file
-                (Path(args.run_dir) / "HANGING").write_text(str(path))
-                time.sleep(600)
-            return real_save(obj, path, *a, **k)
-
-        ckpt.torch.save = save_then_hang  # only this process is affected
+        hang_in_checkpoint_save(args.hang_at_save, args.run_dir)
     run("finetune", args.run_dir, SIGKILL_RUN, resume=args.resume)
     return 0
 

@@ -88,6 +88,23 @@ def spawned(
     run(kind, run_dir, overrides)
 
 
+def hang_in_checkpoint_save(nth: int, run_dir: str) -> None:
+    """Make the ``nth`` checkpoint state save of this process write a partial file, mark
+    ``run_dir/HANGING`` and hang there (for a test to SIGKILL it mid-write)."""
+    calls = {"n": 0}
+    real_save = torch.save
+
+    def save_then_hang(obj, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == nth:
+            Path(path).write_bytes(b"partial")  # a half-written state file
+            (Path(run_dir) / "HANGING").write_text(str(path))
+            time.sleep(600)
+        return real_save(obj, path, *a, **k)
+
+    ckpt.torch.save = save_then_hang  # only this (child) process is affected
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
@@ -100,18 +117,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.hang_at_save:
-        calls = {"n": 0}
-        real_save = torch.save
-
-        def save_then_hang(obj, path, *a, **k):
-            calls["n"] += 1
-            if calls["n"] == args.hang_at_save:
-                Path(path).write_bytes(b"partial")  # a half-written state file
-                (Path(args.run_dir) / "HANGING").write_text(str(path))
-                time.sleep(600)
-            return real_save(obj, path, *a, **k)
-
-        ckpt.torch.save = save_then_hang  # only this child process is affected
+        hang_in_checkpoint_save(args.hang_at_save, args.run_dir)
     result = run("finetune", args.run_dir, {"train.checkpoint_every": 2}, resume=args.resume)
     print(f"finished at step {result.step}", file=sys.stderr)
     return 0
