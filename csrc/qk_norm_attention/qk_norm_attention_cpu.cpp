@@ -1,17 +1,25 @@
 // Fused QK-LayerNorm attention on CPU: LayerNorm of q and k over the head dim, then scaled
 // softmax attention with key padding / causal / block-causal masks, forward and backward.
 //
-// Memory: O(N * D) scratch per (batch, head); the (N, N) scores are never formed. The forward
-// walks keys in blocks of kKeyBlock with an online softmax (running max m, running sum l,
-// rescaled output accumulator); the backward recomputes the probabilities of each block from
-// the saved logsumexp (flash-attention style) and accumulates dq, dk, dv, then applies the
-// LayerNorm backward with the saved (mean, rstd).
+// Memory: O(N * D) scratch per (batch, head); the (N, N) scores are never formed. The backward
+// recomputes the probabilities of each key block from the saved logsumexp (flash-attention
+// style) and accumulates dq, dk, dv, then applies the LayerNorm backward with the saved
+// (mean, rstd).
+//
+// Forward: query tiles of 3 vectors of queries, one query per vector lane (queries
+// transposed, (D, 3 L)); each key block's scores are formed by broadcasting key elements,
+// shifted by a per-query bound (see kFixedShiftLimit), exponentiated, and multiplied into the
+// transposed output accumulators by broadcasting value elements. Neither the head dim nor the
+// key count is padded to a vector, and the softmax sums are lane-wise. Tiles whose bound is too
+// large fall back to row tiles with an online maximum (running max m, running sum l,
+// rescaled accumulators).
 //
 // Layouts per (batch, head), in the accumulation type T (float; double for float64 inputs):
 // - normalised keys in panels (P, D, W): W = two vectors of keys, so one FMA scores a query
-//   against W keys (the vq kernel's panel layout);
+//   against W keys (row tiles) and a forward micro-tile finds its keys at fixed offsets;
 // - rows (N_pad, Dv), Dv = D rounded up to a vector: values, keys and row tiles, so P·V,
 //   dS·K and the dK / dV updates run vectorised over the head dim.
+// LayerNorms run lane-wise on the transposed layouts (one row per lane).
 // Kernels are written with GCC vector extensions (256-bit vectors) and compiled three times,
 // picked at run time: AVX-512VL (8-row tiles: the 32 vector registers hold 8 x 3 accumulators),
 // AVX2+FMA (4-row tiles) and generic. EEGFAST_CPU_ISA=avx2|generic caps the choice (tests).
@@ -43,6 +51,8 @@ namespace {
 
 constexpr int64_t kMaxHeadDim = 128;
 constexpr int kMaxRows = 8;      // query rows per tile R: 8 with AVX-512VL (32 registers), else 4
+constexpr int kQueryVectors = 3;  // forward fast path: query tiles of 3 vectors of queries
+constexpr int kMaxTileRows = 24;  // the largest of R and the forward's query tile (3 x 8 floats)
 constexpr int kKeyBlock = 64;    // keys per online-softmax step
 constexpr int kMinChunR = 32;  // smallest query chunk worth its own task
 
@@ -92,10 +102,12 @@ EEGFAST_INLINE vec_t<T> vmax(vec_t<T> a, vec_t<T> b) {
   return a > b ? a : b;
 }
 template <typename T>
-EEGFAST_INLINE T hsum(vec_t<T> v) {
-  T s = 0;
-  for (int i = 0; i < kLanes<T>; ++i) s += v[i];
-  return s;
+EEGFAST_INLINE T hsum(vec_t<T> v) {  // a pairwise tree: log2(L) dependent adds, not L
+  T a[kLanes<T>];
+  std::memcpy(a, &v, sizeof(v));
+  for (int w = kLanes<T> / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) a[i] += a[i + w];
+  return a[0];
 }
 template <typename T>
 EEGFAST_INLINE T hmax(vec_t<T> v) {
@@ -314,47 +326,118 @@ EEGFAST_INLINE void normalize_row(const scalar_t* x, int64_t sd, int64_t D, T me
   }
 }
 
+// LayerNorm of V L rows stored transposed, one row per vector lane: element (d, r) of X at
+// X[d V L + r] (a key panel, or a forward query tile). Sums over d are then lane-wise vector
+// adds, with no dependent scalar chains (row-wise scalar LayerNorms were ~20% of the forward
+// at D = 20). In place: X becomes scale (LN(x) w + b), with rows r >= valid set to 0. The
+// (mean, rstd) of each row come from mean_in / rstd_in (V L each) when given, else are
+// computed and written to mean_out / rstd_out; norm2_out (V L) gets each row's squared norm.
+template <int V, typename T>
+EEGFAST_INLINE void layer_norm_lanes(T* X, int64_t D, int valid, T eps, const T* w, const T* b,
+                                     T scale, const T* mean_in, const T* rstd_in, T* mean_out,
+                                     T* rstd_out, T* norm2_out) {
+  constexpr int L = kLanes<T>, S = V * L;
+  vec_t<T> mean[V], rstd[V];
+  if (mean_in != nullptr) {
+    for (int v = 0; v < V; ++v) mean[v] = vload(mean_in + v * L), rstd[v] = vload(rstd_in + v * L);
+  } else {
+    vec_t<T> sum[V], var[V];
+    for (int v = 0; v < V; ++v) sum[v] = var[v] = vec_t<T>{};
+    for (int64_t d = 0; d < D; ++d)
+      #pragma GCC unroll 3
+      for (int v = 0; v < V; ++v) sum[v] += vload(X + d * S + v * L);
+    for (int v = 0; v < V; ++v) mean[v] = sum[v] / vsplat(static_cast<T>(D));
+    for (int64_t d = 0; d < D; ++d)
+      #pragma GCC unroll 3
+      for (int v = 0; v < V; ++v) {
+        const vec_t<T> c = vload(X + d * S + v * L) - mean[v];
+        var[v] += c * c;
+      }
+    for (int v = 0; v < V; ++v) {
+      vstore(mean_out + v * L, mean[v]);
+      for (int i = 0; i < L; ++i)
+        rstd[v][i] = T(1) / std::sqrt(var[v][i] / static_cast<T>(D) + eps);
+      vstore(rstd_out + v * L, rstd[v]);
+    }
+  }
+  vec_t<T> keep[V], norm2[V];
+  for (int v = 0; v < V; ++v) {
+    for (int i = 0; i < L; ++i) keep[v][i] = v * L + i < valid ? T(1) : T(0);
+    norm2[v] = vec_t<T>{};
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    const vec_t<T> wd = vsplat(w ? w[d] : T(1)), bd = vsplat(b ? b[d] : T(0));
+    #pragma GCC unroll 3
+    for (int v = 0; v < V; ++v) {
+      const vec_t<T> h = (vload(X + d * S + v * L) - mean[v]) * rstd[v];
+      // a select, not a product: rows past `valid` may hold inf or NaN (eps = 0, no data)
+      const vec_t<T> y = keep[v] != T(0) ? (h * wd + bd) * scale : vec_t<T>{};
+      vstore(X + d * S + v * L, y);
+      norm2[v] += y * y;
+    }
+  }
+  for (int v = 0; v < V; ++v) vstore(norm2_out + v * L, norm2[v]);
+}
+
+// Which layouts of the keys and values a kernel reads (see KeySide).
+enum class KeyLayout {
+  kForward,   // panels, value_rows
+  kBackward,  // panels, key_rows, value_panels
+};
+
 // Normalised keys (and values) of (b, h) in the layouts the tile kernels read. Writes the key
 // statistics to k_stats (N, 2) when given; with stats_in, uses those instead of computing.
 template <typename scalar_t, typename T>
-void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64_t h, T eps, bool backward,
-                  const T* stats_in, T* k_stats, KeySide<T>& ks) {
+EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64_t h, T eps,
+                                 KeyLayout layout, const T* stats_in, T* k_stats,
+                                 KeySide<T>& ks) {
+  const bool backward = layout == KeyLayout::kBackward;
   const int64_t N = p.N, D = p.D, Dv = p.Dv, Nk = p.Nk;
   const T inf = std::numeric_limits<T>::infinity();
   ks.panels.assign(Nk * D, T(0));
-  ks.bias.assign(Nk, -inf);
-  ks.ids.assign(Nk, 0);
   if (backward) {
     ks.key_rows.assign(Nk * Dv, T(0));
     ks.value_panels.assign(Nk * D, T(0));
   } else {
     ks.value_rows.assign(Nk * Dv, T(0));
   }
-  std::vector<T> row(D);
+  ks.bias.assign(Nk, -inf);
+  ks.ids.assign(Nk, 0);
+  constexpr int W = kPanel<T>;
   const bool* padding = p.key_padding ? p.key_padding + b * N : nullptr;
-  for (int64_t j = 0; j < N; ++j) {
-    const scalar_t* x = p.k.row(b, h, j);
-    T mean, rstd;
+  alignas(64) T mean[W], rstd[W], norm2[W];
+  for (int64_t j0 = 0; j0 < N; j0 += W) {
+    const int valid = static_cast<int>(std::min<int64_t>(W, N - j0));
+    T* panel = ks.panels.data() + j0 * D;
+    for (int jj = 0; jj < valid; ++jj) {
+      const scalar_t* x = p.k.row(b, h, j0 + jj);
+      for (int64_t d = 0; d < D; ++d) panel[d * W + jj] = static_cast<T>(x[d * p.k.sd]);
+    }
     if (stats_in != nullptr) {
-      mean = stats_in[2 * j];
-      rstd = stats_in[2 * j + 1];
-    } else {
-      row_stats(x, p.k.sd, D, eps, row.data(), mean, rstd);
-      if (k_stats != nullptr) {
-        k_stats[2 * j] = mean;
-        k_stats[2 * j + 1] = rstd;
+      for (int jj = 0; jj < W; ++jj) {
+        mean[jj] = jj < valid ? stats_in[2 * (j0 + jj)] : T(0);
+        rstd[jj] = jj < valid ? stats_in[2 * (j0 + jj) + 1] : T(1);
       }
+      layer_norm_lanes<2>(panel, D, valid, eps, p.kw, p.kb, T(1), mean, rstd,
+                          static_cast<T*>(nullptr), static_cast<T*>(nullptr), norm2);
+    } else {
+      layer_norm_lanes<2>(panel, D, valid, eps, p.kw, p.kb, T(1), static_cast<const T*>(nullptr),
+                          static_cast<const T*>(nullptr), mean, rstd, norm2);
+      if (k_stats != nullptr)
+        for (int jj = 0; jj < valid; ++jj) {
+          k_stats[2 * (j0 + jj)] = mean[jj];
+          k_stats[2 * (j0 + jj) + 1] = rstd[jj];
+        }
     }
-    normalize_row(x, p.k.sd, D, mean, rstd, p.kw, p.kb, row.data(), static_cast<T*>(nullptr));
-    T norm2 = 0;
-    for (int64_t d = 0; d < D; ++d) {
-      put_in_panel(ks.panels, D, j, d, row[d]);
-      norm2 += row[d] * row[d];
+    for (int jj = 0; jj < valid; ++jj) {
+      // NaN propagates (std::max would drop it), so such inputs take the online-max path.
+      const T norm = std::sqrt(norm2[jj]);
+      if (!(norm <= ks.max_key_norm)) ks.max_key_norm = norm;
+      if (backward)
+        for (int64_t d = 0; d < D; ++d) ks.key_rows[(j0 + jj) * Dv + d] = panel[d * W + jj];
     }
-    // NaN propagates (std::max would drop it), so such inputs take the online-max path.
-    const T norm = std::sqrt(norm2);
-    if (!(norm <= ks.max_key_norm)) ks.max_key_norm = norm;
-    if (backward) std::copy(row.begin(), row.end(), ks.key_rows.begin() + j * Dv);
+  }
+  for (int64_t j = 0; j < N; ++j) {
     const scalar_t* vr = p.v.row(b, h, j);
     for (int64_t d = 0; d < D; ++d) {
       const T value = static_cast<T>(vr[d * p.v.sd]);
@@ -391,7 +474,7 @@ void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64_t h, T eps, bo
 // Which key blocks a query tile needs, and whether its scores need per-element masking.
 struct TileMask {
   int64_t first_row, last_row;  // query rows of the tile (last_row: last valid one)
-  int64_t ids[kMaxRows];           // block id of each row (padding rows: the last valid one)
+  int64_t ids[kMaxTileRows];       // block id of each row (padding rows: the last valid one)
   int64_t id_min, id_max;
 };
 
@@ -423,7 +506,8 @@ EEGFAST_INLINE void mask_scores(const Problem<scalar_t, T>& p, const KeySide<T>&
   for (int r = 0; r < R; ++r) {
     const int64_t i = t.first_row + r;
     for (int j = 0; j < keys; ++j) {
-      const bool hidden = (by_position && key0 + j > i) || (by_block && ks.ids[key0 + j] > t.ids[r]);
+      const bool hidden =
+          (by_position && key0 + j > i) || (by_block && ks.ids[key0 + j] > t.ids[r]);
       if (hidden) S[r * kKeyBlock + j] = -inf;
     }
   }
@@ -431,6 +515,7 @@ EEGFAST_INLINE void mask_scores(const Problem<scalar_t, T>& p, const KeySide<T>&
 
 template <int R, typename scalar_t, typename T>
 EEGFAST_INLINE TileMask tile_mask(const Problem<scalar_t, T>& p, int64_t i0) {
+  static_assert(R <= kMaxTileRows, "tile rows");
   TileMask t;
   t.first_row = i0;
   t.last_row = std::min(i0 + R, p.N) - 1;
@@ -465,25 +550,110 @@ struct ForwardArgs {
 // lose precision: every visible score is >= -c_i, so the largest term of the sum is at least
 // exp(-2 c_i) >= exp(-2 kFixedShiftLimit), a normal float; terms flushed to 0 by vexp
 // (argument < -87) are then < exp(-87 + 2 kFixedShiftLimit) relative to the largest one,
-// far below float rounding. Tiles with a larger bound use the online maximum.
+// far below float rounding. Tiles with a larger bound (or NaN) take the online maximum.
 constexpr double kFixedShiftLimit = 30.0;
 
-template <int R, typename T>
-EEGFAST_INLINE void softmax_fixed_step(T* S, int keys, const T* shift, vec_t<T>* sums) {
-  constexpr int L = kLanes<T>;
+// -- fast path: query-lane tiles --
+// A tile holds QT = 3 L queries in the vector lanes: Qt (D, QT) are its normalised, scaled
+// queries transposed, St (keys, QT) its scores / probabilities, Ot (D, QT) its output
+// accumulators. Scores broadcast one key element against 3 query vectors and P.V broadcasts
+// one value element against 3 probability vectors, so neither the head dim nor the key count
+// is padded to a vector (at D = 20 the row tiles computed P.V over 24 dims) and the softmax
+// sums are plain vector adds (lane = query).
+
+// St[jr][:] = sum_d keys[jr][d] Qt[d][:] for JR keys that lie side by side in a key panel:
+// element (jr, d) at keys[d W + jr] (fixed offsets from one pointer, no index registers).
+template <int JR, typename T>
+EEGFAST_INLINE void query_lane_scores(const T* Qt, int64_t D, const T* keys, T* St) {
+  static_assert(kPanel<T> % JR == 0, "a micro-tile's keys lie in one panel");
+  constexpr int W = kPanel<T>;
+  constexpr int L = kLanes<T>, QV = kQueryVectors, QT = QV * L;
+  vec_t<T> acc[JR][QV];
   #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    T* s = S + r * kKeyBlock;
-    const vec_t<T> c = vsplat(shift[r]);
-    vec_t<T> sum = sums[r];
-    for (int j = 0; j < keys; j += L) {
-      const vec_t<T> e = vexp(vload(s + j) - c);
-      vstore(s + j, e);
-      sum += e;
+  for (int jr = 0; jr < JR; ++jr)
+    #pragma GCC unroll 3
+    for (int c = 0; c < QV; ++c) acc[jr][c] = vec_t<T>{};
+  for (int64_t d = 0; d < D; ++d) {
+    vec_t<T> qd[QV];
+    #pragma GCC unroll 3
+    for (int c = 0; c < QV; ++c) qd[c] = vload(Qt + d * QT + c * L);
+    #pragma GCC unroll 8
+    for (int jr = 0; jr < JR; ++jr) {
+      const vec_t<T> k = vsplat(keys[d * W + jr]);
+      #pragma GCC unroll 3
+      for (int c = 0; c < QV; ++c) acc[jr][c] += k * qd[c];
     }
-    sums[r] = sum;
+  }
+  #pragma GCC unroll 8
+  for (int jr = 0; jr < JR; ++jr)
+    #pragma GCC unroll 3
+    for (int c = 0; c < QV; ++c) vstore(St + jr * QT + c * L, acc[jr][c]);
+}
+
+// Ot[d0 + dr][:] += sum_j values[j][d0 + dr] St[j][:] for DR dims, over `keys` keys.
+template <int DR, typename T>
+EEGFAST_INLINE void query_lane_values(T* Ot, const T* St, const T* values, int64_t Dv, int keys,
+                                      int64_t d0) {
+  constexpr int L = kLanes<T>, QV = kQueryVectors, QT = QV * L;
+  vec_t<T> acc[DR][QV];
+  #pragma GCC unroll 8
+  for (int dr = 0; dr < DR; ++dr)
+    #pragma GCC unroll 3
+    for (int c = 0; c < QV; ++c) acc[dr][c] = vload(Ot + (d0 + dr) * QT + c * L);
+  for (int j = 0; j < keys; ++j) {
+    vec_t<T> prob[QV];
+    #pragma GCC unroll 3
+    for (int c = 0; c < QV; ++c) prob[c] = vload(St + j * QT + c * L);
+    #pragma GCC unroll 8
+    for (int dr = 0; dr < DR; ++dr) {
+      const vec_t<T> v = vsplat(values[j * Dv + d0 + dr]);
+      #pragma GCC unroll 3
+      for (int c = 0; c < QV; ++c) acc[dr][c] += v * prob[c];
+    }
+  }
+  #pragma GCC unroll 8
+  for (int dr = 0; dr < DR; ++dr)
+    #pragma GCC unroll 3
+    for (int c = 0; c < QV; ++c) vstore(Ot + (d0 + dr) * QT + c * L, acc[dr][c]);
+}
+
+// All D dims in chunks of DR, then 4, 2, 1 (exactly D, whatever it is).
+template <int DR, typename T>
+EEGFAST_INLINE void query_lane_all_values(T* Ot, const T* St, const T* values, int64_t Dv,
+                                          int64_t D, int keys) {
+  int64_t d0 = 0;
+  for (; d0 + DR <= D; d0 += DR) query_lane_values<DR>(Ot, St, values, Dv, keys, d0);
+  if constexpr (DR > 4) {
+    if (D - d0 >= 4) query_lane_values<4>(Ot, St, values, Dv, keys, d0), d0 += 4;
+  }
+  if (D - d0 >= 2) query_lane_values<2>(Ot, St, values, Dv, keys, d0), d0 += 2;
+  if (D - d0 >= 1) query_lane_values<1>(Ot, St, values, Dv, keys, d0);
+}
+
+// The key bias and the per-element causal / block-causal masks of one key block, on St.
+template <typename scalar_t, typename T>
+EEGFAST_INLINE void query_lane_mask(const Problem<scalar_t, T>& p, const KeySide<T>& ks,
+                                    const TileMask& t, int64_t kb, int keys, T* St) {
+  constexpr int QT = kQueryVectors * kLanes<T>;
+  const T inf = std::numeric_limits<T>::infinity();
+  const int64_t key0 = kb * kKeyBlock;
+  if (ks.block_masked[kb])
+    for (int j = 0; j < keys; ++j)
+      if (ks.bias[key0 + j] != T(0)) std::fill(St + j * QT, St + (j + 1) * QT, -inf);
+  const bool by_position = p.causal && key0 + keys - 1 > t.first_row;
+  const bool by_block = p.ids && ks.block_id_max[kb] > t.id_min;
+  if (!by_position && !by_block) return;
+  for (int j = 0; j < keys; ++j) {
+    const int64_t key = key0 + j;
+    for (int r = 0; r < QT; ++r) {
+      const bool hidden =
+          (by_position && key > t.first_row + r) || (by_block && ks.ids[key] > t.ids[r]);
+      if (hidden) St[j * QT + r] = -inf;
+    }
   }
 }
+
+// -- fallback: row tiles with the online maximum --
 
 // Online softmax over one key block: S becomes the block's probabilities (relative to the
 // new running max), alpha the factor that rescales the previous accumulators.
@@ -509,22 +679,17 @@ EEGFAST_INLINE void softmax_step(T* S, int keys, T* m, T* l, T* alpha) {
   }
 }
 
+// Rows [row_begin, row_end) of (b, h) in R-row tiles with the online maximum: for inputs
+// whose fixed-shift bound is too large, or NaN.
 template <int R, typename scalar_t, typename T>
-EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task) {
+EEGFAST_INLINE void forward_rows_online(const ForwardArgs<scalar_t, T>& a, const KeySide<T>& ks,
+                                        int64_t b, int64_t h, int64_t row_begin,
+                                        int64_t row_end) {
   const Problem<scalar_t, T>& p = a.p;
-  const int64_t bh = task / p.chunks, chunk = task % p.chunks;
-  const int64_t b = bh / p.H, h = bh % p.H;
-  const int64_t row_begin = chunk * p.chunk_rows;
-  const int64_t row_end = std::min(p.N, row_begin + p.chunk_rows);
-  if (row_begin >= row_end) return;
-  const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H;
+  const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H, bh = b * H + h;
   const T inf = std::numeric_limits<T>::infinity();
-  KeySide<T> ks;
-  prepare_keys(p, b, h, a.eps, /*backward=*/false, static_cast<const T*>(nullptr),
-               chunk == 0 ? a.k_stats + bh * N * 2 : static_cast<T*>(nullptr), ks);
   std::vector<T> queries(R * Dv), acc(R * Dv), row(D);
   alignas(64) T S[R * kKeyBlock];
-  T* q_stats = a.q_stats + bh * N * 2;
   for (int64_t i0 = row_begin; i0 < row_end; i0 += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, row_end - i0));
     std::fill(queries.begin(), queries.end(), T(0));
@@ -533,8 +698,6 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
       const scalar_t* x = p.q.row(b, h, i0 + r);
       T mean, rstd;
       row_stats(x, p.q.sd, D, a.eps, row.data(), mean, rstd);
-      q_stats[2 * (i0 + r)] = mean;
-      q_stats[2 * (i0 + r) + 1] = rstd;
       T* dst = queries.data() + r * Dv;
       normalize_row(x, p.q.sd, D, mean, rstd, p.qw, p.qb, dst, static_cast<T*>(nullptr));
       for (int64_t d = 0; d < D; ++d) dst[d] *= p.scale;
@@ -543,29 +706,7 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
     t.last_row = i0 + rows - 1;
     T m[R], l[R], alpha[R];
     for (int r = 0; r < R; ++r) m[r] = -inf, l[r] = 0;
-    bool fixed = true;
-    for (int r = 0; r < R; ++r) {
-      T norm2 = 0;
-      for (int64_t d = 0; d < D; ++d) norm2 += queries[r * Dv + d] * queries[r * Dv + d];
-      m[r] = std::sqrt(norm2) * ks.max_key_norm;  // the shift c_r
-      if (!(m[r] <= static_cast<T>(kFixedShiftLimit))) fixed = false;
-    }
-    if (fixed) {
-      vec_t<T> sums[R];
-      for (int r = 0; r < R; ++r) sums[r] = vec_t<T>{};
-      for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
-        if (!block_visible(p, ks, t, kb)) continue;
-        const int keys = ks.block_keys[kb];
-        score_tile<R>(queries.data(), Dv, D, ks.panels.data() + kb * kKeyBlock * D, keys, S);
-        mask_scores<R>(p, ks, t, kb, S);
-        softmax_fixed_step<R>(S, keys, m, sums);
-        accumulate_rows<R>(acc.data(), Dv, S, ks.value_rows.data() + kb * kKeyBlock * Dv, keys);
-      }
-      for (int r = 0; r < R; ++r) l[r] = hsum<T>(sums[r]);
-    } else {
-      for (int r = 0; r < R; ++r) m[r] = -inf;
-    }
-    for (int64_t kb = 0; kb < p.key_blocks && !fixed; ++kb) {
+    for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
       if (!block_visible(p, ks, t, kb)) continue;
       const int keys = ks.block_keys[kb];
       score_tile<R>(queries.data(), Dv, D, ks.panels.data() + kb * kKeyBlock * D, keys, S);
@@ -583,6 +724,89 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
       scalar_t* o = a.out + ((b * N + i) * H + h) * D;
       for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[r * Dv + d] * inv);
       a.lse[bh * N + i] = l[r] > T(0) ? m[r] + std::log(l[r]) : -inf;
+    }
+  }
+}
+
+// One task: rows of one (batch, head) in query-lane tiles of QT queries; JR keys per score
+// micro-tile, DR dims per P.V micro-tile, R rows per fallback tile.
+template <int R, int JR, int DR, typename scalar_t, typename T>
+EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task) {
+  static_assert(kKeyBlock % JR == 0, "key block");
+  constexpr int L = kLanes<T>, QV = kQueryVectors, QT = QV * L;
+  static_assert(QT <= kMaxTileRows, "tile rows");
+  const Problem<scalar_t, T>& p = a.p;
+  const int64_t bh = task / p.chunks, chunk = task % p.chunks;
+  const int64_t b = bh / p.H, h = bh % p.H;
+  const int64_t row_begin = chunk * p.chunk_rows;
+  const int64_t row_end = std::min(p.N, row_begin + p.chunk_rows);
+  if (row_begin >= row_end) return;
+  const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H;
+  const T inf = std::numeric_limits<T>::infinity();
+  KeySide<T> ks;
+  prepare_keys(p, b, h, a.eps, KeyLayout::kForward, static_cast<const T*>(nullptr),
+               chunk == 0 ? a.k_stats + bh * N * 2 : static_cast<T*>(nullptr), ks);
+  std::vector<T> Qt(D * QT), Ot(D * QT);
+  alignas(64) T St[kKeyBlock * QT];
+  alignas(64) T shift[QT], sums[QT], means[QT], rstds[QT];
+  T* q_stats = a.q_stats + bh * N * 2;
+  for (int64_t i0 = row_begin; i0 < row_end; i0 += QT) {
+    const int rows = static_cast<int>(std::min<int64_t>(QT, row_end - i0));
+    std::fill(Qt.begin(), Qt.end(), T(0));
+    std::fill(Ot.begin(), Ot.end(), T(0));
+    for (int r = 0; r < rows; ++r) {
+      const scalar_t* x = p.q.row(b, h, i0 + r);
+      for (int64_t d = 0; d < D; ++d) Qt[d * QT + r] = static_cast<T>(x[d * p.q.sd]);
+    }
+    layer_norm_lanes<QV>(Qt.data(), D, rows, a.eps, p.qw, p.qb, p.scale,
+                         static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), means,
+                         rstds, shift);
+    bool fixed = true;
+    for (int r = 0; r < QT; ++r) {
+      shift[r] = r < rows ? std::sqrt(shift[r]) * ks.max_key_norm : T(0);  // |q_r| max_j |k_j|
+      if (!(shift[r] <= static_cast<T>(kFixedShiftLimit))) fixed = false;
+    }
+    for (int r = 0; r < rows; ++r) {
+      q_stats[2 * (i0 + r)] = means[r];
+      q_stats[2 * (i0 + r) + 1] = rstds[r];
+    }
+    if (!fixed) {
+      forward_rows_online<R>(a, ks, b, h, i0, i0 + rows);
+      continue;
+    }
+    TileMask t = tile_mask<QT>(p, i0);
+    t.last_row = i0 + rows - 1;
+    vec_t<T> c[QV], l[QV];
+    for (int v = 0; v < QV; ++v) c[v] = vload(shift + v * L), l[v] = vec_t<T>{};
+    for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
+      if (!block_visible(p, ks, t, kb)) continue;
+      const int64_t key0 = kb * kKeyBlock;
+      const int keys =
+          static_cast<int>(std::min<int64_t>(kKeyBlock, (N - key0 + JR - 1) / JR * JR));
+      constexpr int W = kPanel<T>;
+      for (int j = 0; j < keys; j += JR) {
+        const int64_t key = key0 + j;
+        query_lane_scores<JR>(Qt.data(), D, ks.panels.data() + key / W * D * W + key % W,
+                              St + j * QT);
+      }
+      query_lane_mask(p, ks, t, kb, keys, St);
+      for (int j = 0; j < keys; ++j) {
+        #pragma GCC unroll 3
+        for (int v = 0; v < QV; ++v) {
+          const vec_t<T> e = vexp(vload(St + j * QT + v * L) - c[v]);
+          vstore(St + j * QT + v * L, e);
+          l[v] += e;
+        }
+      }
+      query_lane_all_values<DR>(Ot.data(), St, ks.value_rows.data() + key0 * Dv, Dv, D, keys);
+    }
+    for (int v = 0; v < QV; ++v) vstore(sums + v * L, l[v]);
+    for (int r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      const T inv = sums[r] > T(0) ? T(1) / sums[r] : T(0);
+      scalar_t* o = a.out + ((b * N + i) * H + h) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(Ot[d * QT + r] * inv);
+      a.lse[bh * N + i] = sums[r] > T(0) ? shift[r] + std::log(sums[r]) : -inf;
     }
   }
 }
@@ -643,7 +867,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   if (row_begin >= row_end) return;
   const T inf = std::numeric_limits<T>::infinity();
   KeySide<T> ks;
-  prepare_keys(p, b, h, T(0), /*backward=*/true, a.k_stats + bh * N * 2,
+  prepare_keys(p, b, h, T(0), KeyLayout::kBackward, a.k_stats + bh * N * 2,
                static_cast<T*>(nullptr), ks);
   std::vector<T> queries(R * Dv), scaled(R * Dv), hats(R * Dv), grads(R * Dv),
       dqn(R * Dv), dx(D);
@@ -764,7 +988,7 @@ const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("
 template <typename scalar_t, typename T>
 __attribute__((target("avx512f,avx512vl,avx2,fma"))) void forward_task_avx512(
     const ForwardArgs<scalar_t, T>& a, int64_t task) {
-  forward_task<8>(a, task);
+  forward_task<8, 8, 8>(a, task);
 }
 template <typename scalar_t, typename T>
 __attribute__((target("avx512f,avx512vl,avx2,fma"))) void backward_task_avx512(
@@ -774,7 +998,7 @@ __attribute__((target("avx512f,avx512vl,avx2,fma"))) void backward_task_avx512(
 template <typename scalar_t, typename T>
 __attribute__((target("avx2,fma"))) void forward_task_avx2(const ForwardArgs<scalar_t, T>& a,
                                                           int64_t task) {
-  forward_task<4>(a, task);
+  forward_task<4, 4, 4>(a, task);
 }
 template <typename scalar_t, typename T>
 __attribute__((target("avx2,fma"))) void backward_task_avx2(const BackwardArgs<scalar_t, T>& a,
@@ -785,7 +1009,7 @@ __attribute__((target("avx2,fma"))) void backward_task_avx2(const BackwardArgs<s
 
 template <typename scalar_t, typename T>
 void forward_task_generic(const ForwardArgs<scalar_t, T>& a, int64_t task) {
-  forward_task<4>(a, task);
+  forward_task<4, 4, 4>(a, task);
 }
 template <typename scalar_t, typename T>
 void backward_task_generic(const BackwardArgs<scalar_t, T>& a, int64_t task) {
@@ -944,7 +1168,7 @@ Problem<scalar_t, T> make_problem(const at::Tensor& q, const at::Tensor& k, cons
   p.kb = ptr_or_null<T>(opt.kb);
   p.chunks = query_chunks(p.B * p.H, p.N);
   const int64_t rows = (p.N + p.chunks - 1) / p.chunks;
-  p.chunk_rows = (rows + kMaxRows - 1) / kMaxRows * kMaxRows;
+  p.chunk_rows = (rows + kMaxTileRows - 1) / kMaxTileRows * kMaxTileRows;
   p.q = strided<scalar_t>(q);
   p.k = strided<scalar_t>(k);
   p.v = strided<scalar_t>(v);
