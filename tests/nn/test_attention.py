@@ -135,6 +135,20 @@ def test_mlp_uses_exact_gelu_and_ignores_task_id():
     x = torch.randn(5, 8) * 3
     expected = mlp.fc2(F.gelu(mlp.fc1(x), approximate="none"))
     torch.testing.assert_close(mlp(x, task_id=torch.tensor(1)), expected)
+    # without autograd the GELU runs in place on fc1's output: same values
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), expected)
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp(x), expected)
+    # a swapped-in activation is honoured on both paths
+    mlp.act = torch.nn.GELU(approximate="tanh")
+    expected_tanh = mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh"))
+    assert not torch.allclose(expected_tanh, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), expected_tanh)
+    mlp.act = torch.nn.ReLU()
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), mlp.fc2(torch.relu(mlp.fc1(x))))
 
 
 def reference_temporal_conv(conv: TemporalConv, x):
