@@ -832,25 +832,42 @@ struct BackwardArgs {
   T* k_param_grads;  // (B H, 2, D)
 };
 
-// LayerNorm backward of one row: dx from the gradient dn of the normalised row; adds the
-// row's contribution to the parameter gradients (dw, db).
+// LayerNorm backward of one row, vectorised over its Dv lanes (dn and hat are 0 past D): dx
+// (Dv) from the gradient dn of the normalised row; adds the row's contribution to the
+// parameter gradients dw, db (Dv each). w_pad: the weight (1 where absent), Dv lanes.
 template <typename T>
-EEGFAST_INLINE void layer_norm_backward_row(const T* dn, const T* hat, T rstd, const T* w,
-                                            int64_t D, T* dx, T* dw, T* db) {
-  T mean_g = 0, mean_gh = 0;
-  for (int64_t d = 0; d < D; ++d) {
-    const T g = dn[d] * (w ? w[d] : T(1));
-    mean_g += g;
-    mean_gh += g * hat[d];
-    dw[d] += dn[d] * hat[d];
-    db[d] += dn[d];
+EEGFAST_INLINE void layer_norm_backward_lanes(const T* dn, const T* hat, T rstd, const T* w_pad,
+                                              int64_t D, int64_t Dv, T* dx, T* dw, T* db) {
+  constexpr int L = kLanes<T>;
+  vec_t<T> sum_g{}, sum_gh{};
+  for (int64_t c = 0; c < Dv; c += L) {
+    const vec_t<T> d = vload(dn + c), hh = vload(hat + c), g = d * vload(w_pad + c);
+    sum_g += g;
+    sum_gh += g * hh;
+    vstore(dw + c, vload(dw + c) + d * hh);
+    vstore(db + c, vload(db + c) + d);
   }
-  mean_g /= static_cast<T>(D);
-  mean_gh /= static_cast<T>(D);
-  for (int64_t d = 0; d < D; ++d) {
-    const T g = dn[d] * (w ? w[d] : T(1));
-    dx[d] = rstd * (g - mean_g - hat[d] * mean_gh);
+  const vec_t<T> mean_g = vsplat(hsum<T>(sum_g) / static_cast<T>(D));
+  const vec_t<T> mean_gh = vsplat(hsum<T>(sum_gh) / static_cast<T>(D));
+  const vec_t<T> r = vsplat(rstd);
+  for (int64_t c = 0; c < Dv; c += L) {
+    const vec_t<T> g = vload(dn + c) * vload(w_pad + c);
+    vstore(dx + c, r * (g - mean_g - vload(hat + c) * mean_gh));
   }
+}
+
+template <typename T>
+EEGFAST_INLINE T dot_lanes(const T* x, const T* y, int64_t Dv) {
+  vec_t<T> sum{};
+  for (int64_t c = 0; c < Dv; c += kLanes<T>) sum += vload(x + c) * vload(y + c);
+  return hsum<T>(sum);
+}
+
+template <typename T>
+std::vector<T> padded_weight(const T* w, int64_t D, int64_t Dv) {
+  std::vector<T> out(Dv, T(0));
+  for (int64_t d = 0; d < D; ++d) out[d] = w ? w[d] : T(1);
+  return out;
 }
 
 template <int R, typename scalar_t, typename T>
@@ -872,8 +889,9 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   KeySide<T> ks;
   prepare_keys(p, b, h, T(0), KeyLayout::kBackward, a.k_stats + bh * N * 2,
                static_cast<T*>(nullptr), ks);
-  std::vector<T> queries(R * Dv), scaled(R * Dv), hats(R * Dv), grads(R * Dv),
-      dqn(R * Dv), dx(D);
+  std::vector<T> queries(R * Dv), scaled(R * Dv), hats(R * Dv), grads(R * Dv), outs(R * Dv),
+      dqn(R * Dv), dx(Dv), dqw_sum(Dv, T(0)), dqb_sum(Dv, T(0));
+  const std::vector<T> qw_pad = padded_weight(p.qw, D, Dv);
   alignas(64) T P[R * kKeyBlock];
   alignas(64) T dS[R * kKeyBlock];
   const T* q_stats = a.q_stats + bh * N * 2;
@@ -893,7 +911,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
       __builtin_prefetch(go + bytes - 1);
       __builtin_prefetch(o + bytes - 1);
     }
-    for (auto* buffer : {&queries, &scaled, &hats, &grads, &dqn})
+    for (auto* buffer : {&queries, &scaled, &hats, &grads, &outs, &dqn})
       std::fill(buffer->begin(), buffer->end(), T(0));
     T delta[R], lse[R];
     for (int r = 0; r < R; ++r) delta[r] = 0, lse[r] = inf;  // padding rows: P = 0
@@ -904,12 +922,11 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
       for (int64_t d = 0; d < D; ++d) scaled[r * Dv + d] = queries[r * Dv + d] * p.scale;
       const scalar_t* go = a.grad_out + ((b * N + i) * H + h) * D;
       const scalar_t* o = a.out + ((b * N + i) * H + h) * D;
-      T dot = 0;
       for (int64_t d = 0; d < D; ++d) {
         grads[r * Dv + d] = static_cast<T>(go[d]);
-        dot += grads[r * Dv + d] * static_cast<T>(o[d]);
+        outs[r * Dv + d] = static_cast<T>(o[d]);
       }
-      delta[r] = dot;
+      delta[r] = dot_lanes(grads.data() + r * Dv, outs.data() + r * Dv, Dv);
       const T saved = a.lse[bh * N + i];
       lse[r] = saved == -inf ? inf : saved;  // a row that saw no key: P = 0
     }
@@ -937,12 +954,14 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
     }
     for (int r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
-      layer_norm_backward_row(dqn.data() + r * Dv, hats.data() + r * Dv, q_stats[2 * i + 1], p.qw,
-                              D, dx.data(), dqw, dqb);
+      layer_norm_backward_lanes(dqn.data() + r * Dv, hats.data() + r * Dv, q_stats[2 * i + 1],
+                                qw_pad.data(), D, Dv, dx.data(), dqw_sum.data(), dqb_sum.data());
       scalar_t* dst = a.dq + (bh * N + i) * D;
       for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(dx[d]);
     }
   }
+  std::copy(dqw_sum.begin(), dqw_sum.begin() + D, dqw);
+  std::copy(dqb_sum.begin(), dqb_sum.begin() + D, dqb);
 }
 
 // Sums the chunks' key gradients of (b, h), then the key LayerNorm backward; writes dk, dv.
@@ -951,26 +970,27 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
   const Problem<scalar_t, T>& p = a.p;
   const int64_t b = bh / p.H, h = bh % p.H;
   const int64_t D = p.D, Dv = p.Dv, N = p.N, Nk = p.Nk;
-  T* dkw = a.k_param_grads + bh * 2 * D;
-  T* dkb = dkw + D;
-  std::fill(dkw, dkw + 2 * D, T(0));
+  constexpr int L = kLanes<T>;
   const T* k_stats = a.k_stats + bh * N * 2;
-  std::vector<T> dkn(D), dvalue(D), hat(D), dx(D), unused(D);
+  const std::vector<T> kw_pad = padded_weight(p.kw, D, Dv);
+  std::vector<T> dkn(Dv), dvalue(Dv), hat(Dv, T(0)), dx(Dv), unused(Dv), dkw(Dv, T(0)),
+      dkb(Dv, T(0));
   for (int64_t j = 0; j < N; ++j) {
-    std::fill(dkn.begin(), dkn.end(), T(0));
-    std::fill(dvalue.begin(), dvalue.end(), T(0));
-    for (int64_t c = 0; c < p.chunks; ++c) {
-      const T* part = a.key_grads + (bh * p.chunks + c) * 2 * Nk * Dv;
-      for (int64_t d = 0; d < D; ++d) {
-        dkn[d] += part[j * Dv + d];
-        dvalue[d] += part[Nk * Dv + j * Dv + d];
+    for (int64_t c = 0; c < Dv; c += L) {
+      vec_t<T> sum_k{}, sum_v{};
+      for (int64_t chunk = 0; chunk < p.chunks; ++chunk) {
+        const T* part = a.key_grads + (bh * p.chunks + chunk) * 2 * Nk * Dv;
+        sum_k += vload(part + j * Dv + c);
+        sum_v += vload(part + Nk * Dv + j * Dv + c);
       }
+      vstore(dkn.data() + c, sum_k);
+      vstore(dvalue.data() + c, sum_v);
     }
     normalize_row(p.k.row(b, h, j), p.k.sd, D, k_stats[2 * j], k_stats[2 * j + 1],
                   static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), unused.data(),
                   hat.data());
-    layer_norm_backward_row(dkn.data(), hat.data(), k_stats[2 * j + 1], p.kw, D, dx.data(), dkw,
-                            dkb);
+    layer_norm_backward_lanes(dkn.data(), hat.data(), k_stats[2 * j + 1], kw_pad.data(), D, Dv,
+                              dx.data(), dkw.data(), dkb.data());
     scalar_t* dk = a.dk + (bh * N + j) * D;
     scalar_t* dv = a.dv + (bh * N + j) * D;
     for (int64_t d = 0; d < D; ++d) {
@@ -978,6 +998,8 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
       dv[d] = static_cast<scalar_t>(dvalue[d]);
     }
   }
+  std::copy(dkw.begin(), dkw.begin() + D, a.k_param_grads + bh * 2 * D);
+  std::copy(dkb.begin(), dkb.begin() + D, a.k_param_grads + bh * 2 * D + D);
 }
 
 // ---- AVX-512VL / AVX2 / generic instances ---------------------------------------------------
@@ -999,6 +1021,16 @@ __attribute__((target("avx512f,avx512vl,avx2,fma"))) void backward_task_avx512(
   backward_task<8>(a, task);
 }
 template <typename scalar_t, typename T>
+__attribute__((target("avx512f,avx512vl,avx2,fma"))) void backward_keys_avx512(
+    const BackwardArgs<scalar_t, T>& a, int64_t bh) {
+  backward_keys(a, bh);
+}
+template <typename scalar_t, typename T>
+__attribute__((target("avx2,fma"))) void backward_keys_avx2(const BackwardArgs<scalar_t, T>& a,
+                                                            int64_t bh) {
+  backward_keys(a, bh);
+}
+template <typename scalar_t, typename T>
 __attribute__((target("avx2,fma"))) void forward_task_avx2(const ForwardArgs<scalar_t, T>& a,
                                                           int64_t task) {
   forward_task<4, 4, 4>(a, task);
@@ -1017,6 +1049,10 @@ void forward_task_generic(const ForwardArgs<scalar_t, T>& a, int64_t task) {
 template <typename scalar_t, typename T>
 void backward_task_generic(const BackwardArgs<scalar_t, T>& a, int64_t task) {
   backward_task<4>(a, task);
+}
+template <typename scalar_t, typename T>
+void backward_keys_generic(const BackwardArgs<scalar_t, T>& a, int64_t bh) {
+  backward_keys(a, bh);
 }
 
 enum class Isa { kGeneric, kAvx2, kAvx512 };
@@ -1053,6 +1089,15 @@ void run_backward_task(const BackwardArgs<scalar_t, T>& a, Isa isa, int64_t task
   if (isa == Isa::kAvx2) return backward_task_avx2(a, task);
 #endif
   backward_task_generic(a, task);
+}
+
+template <typename scalar_t, typename T>
+void run_backward_keys(const BackwardArgs<scalar_t, T>& a, Isa isa, int64_t bh) {
+#if defined(__x86_64__)
+  if (isa == Isa::kAvx512) return backward_keys_avx512(a, bh);
+  if (isa == Isa::kAvx2) return backward_keys_avx2(a, bh);
+#endif
+  backward_keys_generic(a, bh);
 }
 
 // ---- argument checks ----------------------------------------------------------------------
@@ -1280,7 +1325,7 @@ qk_norm_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const
       for (int64_t task = begin; task < end; ++task) run_backward_task(a, isa, task);
     });
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) backward_keys(a, bh);
+      for (int64_t bh = begin; bh < end; ++bh) run_backward_keys(a, isa, bh);
     });
     q_param_sums = q_param_grads.sum(0);
     k_param_sums = k_param_grads.sum(0);
