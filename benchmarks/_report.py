@@ -6,6 +6,7 @@
   (median of ``time.perf_counter`` runs on CPU, ``triton.testing.do_bench`` on GPU).
 - :func:`environment`: what the numbers were measured on (CPU/GPU, versions, git commit).
 - :func:`write_results`: JSON, Markdown table with ratios, and a PNG bar plot.
+- :func:`interleaved_times`: round-robin timing of several callables (CPU comparisons).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -48,6 +50,33 @@ def matmul_argmax(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 def eegfast_lookup(z: torch.Tensor, codebook: torch.Tensor, *, backend: str) -> torch.Tensor:
     return vq_nearest(z, codebook, "cosine", backend=backend)
+
+
+def interleaved_times(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    clocks: Sequence[Callable[[], float]] = (time.perf_counter,),
+    warmup: int = 2,
+) -> dict[str, list[tuple[float, ...]] | Exception]:
+    """Seconds per call of each callable under each clock, timed round-robin: every round
+    runs each callable once in turn, so load from other processes on a shared machine hits
+    all of them alike and their ratios stay meaningful. ``warmup`` untimed rounds come first.
+    A callable that raises is left out of the later rounds; its exception is its result."""
+    results: dict[str, list[tuple[float, ...]] | Exception] = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            times = results[name]
+            if isinstance(times, Exception):
+                continue
+            start = [clock() for clock in clocks]
+            try:
+                fn()
+            except Exception as failure:  # recorded; the others go on
+                results[name] = failure
+                continue
+            if round_ >= warmup:
+                times.append(tuple(clock() - s for clock, s in zip(clocks, start, strict=True)))
+    return results
 
 
 def error_line(error: Exception) -> str:

@@ -44,7 +44,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks._report import environment
+from benchmarks._report import environment, interleaved_times
 from eegfast.models import create_model, random_patch_mask
 from eegfast.models.reference import RefPretrain, RefTransformer, RefVQNSP, reference_pretrain_loss
 
@@ -85,22 +85,15 @@ def cpu_inference_impls(seed: int = 0) -> tuple[dict[str, Callable[[], torch.Ten
 def interleaved_median_ms(
     fns: dict[str, Callable[[], object]], repeats: int
 ) -> dict[str, tuple[float, float]]:
-    """Median wall and process-CPU ms of each callable, timed round-robin so that load from
-    other processes hits all of them alike (one untimed warm-up round first). CPU time (all
-    threads) is the steadier number on a shared machine."""
-    wall: dict[str, list[float]] = {name: [] for name in fns}
-    cpu: dict[str, list[float]] = {name: [] for name in fns}
-    for round_ in range(repeats + 1):
-        for name, fn in fns.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            fn()
-            if round_:
-                wall[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - start_cpu)
-    return {
-        name: (statistics.median(wall[name]) * 1e3, statistics.median(cpu[name]) * 1e3)
-        for name in fns
-    }
+    """Median wall and process-CPU ms of each callable, timed round-robin (one untimed
+    warm-up round first). CPU time (all threads) is the steadier number on a shared machine."""
+    timed = interleaved_times(fns, repeats, (time.perf_counter, time.process_time), warmup=1)
+    out = {}
+    for name, times in timed.items():
+        if isinstance(times, Exception):
+            raise times
+        out[name] = tuple(statistics.median(t[i] for t in times) * 1e3 for i in range(2))
+    return out
 
 
 def run_cpu(repeats: int = 7) -> list[Row]:

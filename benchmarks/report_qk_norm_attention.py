@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks._report import environment, error_line
+from benchmarks._report import environment, error_line, interleaved_times
 from eegfast.ops import qk_norm_attention, qk_norm_attention_reference
 
 # (B, H, N, D): LaBraM-Base (10 heads of 20) on 256 patches + cls, batch 8.
@@ -136,42 +136,33 @@ class Row:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def time_ms(fn: Callable[[], object], repeats: int, clock: str = "wall") -> tuple[float, float]:
-    """(median, min) time in ms of ``repeats`` runs after two warm-up runs. ``clock="cpu"``
-    measures this process's CPU time (all threads), which other processes on a shared
-    machine disturb less than wall time."""
-    fn()
-    fn()
-    now = CLOCKS[clock]
-    times = []
-    for _ in range(repeats):
-        start = now()
-        fn()
-        times.append(now() - start)
-    return statistics.median(times) * 1e3, min(times) * 1e3
-
-
 def run_cases(
     repeats: int, clock: str = "wall", *, progress: Callable[[str], None] = print
 ) -> list[Row]:
+    """Each shape and mode: the implementations timed round-robin (``interleaved_times``),
+    median and minimum in ms. ``clock="cpu"`` measures this process's CPU time (all
+    threads), which other processes on a shared machine disturb less than wall time."""
     rows = []
     for shape in CPU_SHAPES:
         for mode in MODES:
+            progress(f"{mode:17s} {shape}: {', '.join(IMPLS)}")
             inputs = Inputs.make(shape, requires_grad=mode != "forward")
-            for name, fn in implementations(inputs).items():
-                progress(f"{mode:17s} {name:22s} {shape}")
-                if isinstance(fn, str):
-                    rows.append(Row(shape, mode, name, None, None, None, fn))
+            impls = implementations(inputs)
+            runnable = {
+                name: functools.partial(step, fn, inputs, mode)
+                for name, fn in impls.items()
+                if not isinstance(fn, str)
+            }
+            timed = interleaved_times(runnable, repeats, (CLOCKS[clock],))
+            for name, fn in impls.items():
+                times = fn if isinstance(fn, str) else timed[name]
+                if isinstance(times, str | Exception):
+                    note = times if isinstance(times, str) else error_line(times)
+                    rows.append(Row(shape, mode, name, None, None, None, note))
                     continue
-                try:
-                    median, best = time_ms(
-                        functools.partial(step, fn, inputs, mode), repeats, clock
-                    )
-                    error = max_error(fn, inputs)
-                except Exception as failure:  # recorded; the others go on
-                    rows.append(Row(shape, mode, name, None, None, None, error_line(failure)))
-                    continue
-                rows.append(Row(shape, mode, name, median, best, error))
+                ms = [t[0] * 1e3 for t in times]
+                error = max_error(fn, inputs)
+                rows.append(Row(shape, mode, name, statistics.median(ms), min(ms), error))
     return rows
 
 
@@ -192,8 +183,9 @@ def markdown(title: str, env: dict[str, object], rows: list[Row]) -> str:
         "",
         "Ratio = this row's median / eegfast-cpu's median for the same shape and mode: above 1 "
         "means eegfast is that many times faster. Max abs error: forward output against the "
-        "float64 reference. Other processes on the machine (see load_average_1m) slow every "
-        "row; compare rows of one run only.",
+        "float64 reference. The implementations of one shape and mode are timed round-robin "
+        "(one call of each in turn), so load from other processes (see load_average_1m) hits "
+        "them alike; compare rows of one run only.",
         "",
         "| B, H, N, D | mode | implementation | median ms | min ms | ratio | max abs error "
         "| note |",

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from benchmarks import gpu, report_cpu
-from benchmarks._report import Result, environment, ratios, run_vq_cases, write_results
+from benchmarks._report import (
+    Result,
+    environment,
+    interleaved_times,
+    ratios,
+    run_vq_cases,
+    write_results,
+)
 
 
 def fake_results() -> list[Result]:
@@ -106,3 +113,23 @@ def test_a_failing_implementation_is_recorded_and_the_others_still_run(monkeypat
     assert [r.op for r in failed] == ["lookup", "lookup+ema"]
     assert all(r.ms is None and r.note.startswith("failed: ValueError") for r in failed)
     assert all(r.ms == 1.0 for r in results if r.impl != "eegfast-bogus")
+
+
+def test_interleaved_times_runs_round_robin_and_keeps_failures_apart():
+    calls = []
+
+    def make(name):
+        return lambda: calls.append(name)
+
+    def broken():
+        calls.append("broken")
+        raise RuntimeError("no kernel here")
+
+    ticks = iter(range(1000))
+    fns = {"a": make("a"), "b": make("b"), "broken": broken}
+    times = interleaved_times(fns, repeats=3, clocks=(lambda: float(next(ticks)),), warmup=1)
+    # one warm-up round, then three timed rounds, each callable once per round, in turn
+    assert calls == ["a", "b", "broken"] + ["a", "b"] * 3
+    assert len(times["a"]) == len(times["b"]) == 3
+    assert all(len(t) == 1 and t[0] > 0 for t in times["a"])
+    assert isinstance(times["broken"], RuntimeError)
