@@ -8,11 +8,11 @@
 //
 // Forward: query tiles of 3 vectors of queries, one query per vector lane (queries
 // transposed, (D, 3 L)); each key block's scores are formed by broadcasting key elements,
-// shifted by a per-query bound (see kFixedShiftLimit), exponentiated, and multiplied into the
-// transposed output accumulators by broadcasting value elements. Neither the head dim nor the
-// key count is padded to a vector, and the softmax sums are lane-wise. Tiles whose bound is too
-// large fall back to row tiles with an online maximum (running max m, running sum l,
-// rescaled accumulators).
+// exponentiated (without any shift where a per-query bound allows, see kUnshiftedScoreLimit),
+// and multiplied into the transposed output accumulators by broadcasting value elements.
+// Neither the head dim nor the key count is padded to a vector, and the softmax sums are
+// lane-wise. Tiles whose bound is too large fall back to row tiles with an online maximum
+// (running max m, running sum l, rescaled accumulators).
 //
 // Layouts per (batch, head), in the accumulation type T (float; double for float64 inputs):
 // - normalised keys in panels (P, D, W): W = two vectors of keys, so one FMA scores a query
@@ -116,15 +116,13 @@ EEGFAST_INLINE T hmax(vec_t<T> v) {
   return m;
 }
 
-// exp of 8 floats for x <= 88 (softmax arguments are <= 0 up to rounding), 12 vector ops:
-// x = n ln2 + r with |r| <= ln2 / 2 (one-step reduction: ln2's float rounding costs at most
-// 2.4e-7 relative at n = -126), e^r = 1 + r q(r) with q of degree 4 fitted for relative error,
-// and 2^n placed in the exponent bits straight from the rounding sum (its low mantissa bits
-// hold n + 127). Max relative error 3.9e-7 over [-87, 0.5] (float simulation of the exact
-// operation order). exp(x < -87) is flushed to 0, so masked scores (-inf) give exactly 0.
-EEGFAST_INLINE vec_t<float> vexp(vec_t<float> x) {
+// exp of 8 floats for -87 <= x <= 88, 10 vector ops: x = n ln2 + r with |r| <= ln2 / 2
+// (one-step reduction: ln2's float rounding costs at most 2.4e-7 relative at |n| = 126),
+// e^r = 1 + r q(r) with q of degree 4 fitted for relative error, and 2^n placed in the
+// exponent bits straight from the rounding sum (its low mantissa bits hold n + 127). Max
+// relative error 3.9e-7 over [-87, 0.5] (float simulation of the exact operation order).
+EEGFAST_INLINE vec_t<float> vexp_in_range(vec_t<float> x) {
   using vf = vec_t<float>;
-  const vf lo = vsplat(-87.0f);
   const vf magic = vsplat(12582912.0f + 127.0f);  // 1.5 * 2^23 (rounds to an integer) + bias
   const vf t = x * 1.44269504088896341f + magic;
   const vf n = t - magic;
@@ -135,8 +133,12 @@ EEGFAST_INLINE vec_t<float> vexp(vec_t<float> x) {
   q = q * r + 4.9999138712882996e-1f;
   q = q * r + 9.999995231628418e-1f;
   const vf y = q * r + 1.0f;
-  const vf result = y * (vf)((vi32)t << 23);
-  return x < lo ? vf{} : result;
+  return y * (vf)((vi32)t << 23);
+}
+
+// exp for x <= 88, with exp(x < -87) flushed to 0, so masked scores (-inf) give exactly 0.
+EEGFAST_INLINE vec_t<float> vexp(vec_t<float> x) {
+  return x < vsplat(-87.0f) ? vec_t<float>{} : vexp_in_range(x);
 }
 
 EEGFAST_INLINE vec_t<double> vexp(vec_t<double> x) {
@@ -144,6 +146,7 @@ EEGFAST_INLINE vec_t<double> vexp(vec_t<double> x) {
   for (int i = 0; i < kLanes<double>; ++i) y[i] = std::exp(x[i]);
   return y;
 }
+EEGFAST_INLINE vec_t<double> vexp_in_range(vec_t<double> x) { return vexp(x); }
 
 // ---- tile kernels -------------------------------------------------------------------------
 
@@ -545,16 +548,15 @@ struct ForwardArgs {
   T* k_stats;     // (B, H, N, 2)
 };
 
-// Fixed-shift softmax (forward). The scores of LayerNorm'ed queries and keys are bounded:
-// |q_i . k_j| <= |q_i| max_j |k_j| =: c_i (Cauchy-Schwarz; q_i already scaled). Using c_i as the
-// softmax shift instead of the running maximum removes the max pass and the rescaling of the
-// accumulators. It is exact math (the shift cancels in the normalisation) and safe in float as
-// long as exp(s - c_i) neither overflows (s <= c_i, up to rounding) nor makes the row's sum
-// lose precision: every visible score is >= -c_i, so the largest term of the sum is at least
-// exp(-2 c_i) >= exp(-2 kFixedShiftLimit), a normal float; terms flushed to 0 by vexp
-// (argument < -87) are then < exp(-87 + 2 kFixedShiftLimit) relative to the largest one,
-// far below float rounding. Tiles with a larger bound (or NaN) take the online maximum.
-constexpr double kFixedShiftLimit = 30.0;
+// Unshifted softmax (forward fast path). The scores of LayerNorm'ed queries and keys are
+// bounded: |q_i . k_j| <= |q_i| max_j |k_j| =: c_i (Cauchy-Schwarz; q_i already scaled). When
+// c_i <= kUnshiftedScoreLimit for every row of a tile, e^s needs no shift at all: every score lies
+// in [-30, 30] (up to rounding), so each term lies in [e^-30, e^30] and a row's sum (at most
+// 16k e^30) is far from float overflow and underflow, while the normalisation is exact math
+// whatever the shift. That removes the max pass, the rescaling of the accumulators, the shift
+// subtraction, and (in blocks with no masked key) the flush of exp to 0. Tiles with a larger
+// bound (or NaN) take the online maximum.
+constexpr double kUnshiftedScoreLimit = 30.0;
 
 // -- fast path: query-lane tiles --
 // A tile holds QT = 3 L queries in the vector lanes: Qt (D, QT) are its normalised, scaled
@@ -635,7 +637,7 @@ EEGFAST_INLINE void query_lane_all_values(T* Ot, const T* St, const T* values, i
 
 // The key bias and the per-element causal / block-causal masks of one key block, on St.
 template <typename scalar_t, typename T>
-EEGFAST_INLINE void query_lane_mask(const Problem<scalar_t, T>& p, const KeySide<T>& ks,
+EEGFAST_INLINE bool query_lane_mask(const Problem<scalar_t, T>& p, const KeySide<T>& ks,
                                     const TileMask& t, int64_t kb, int keys, T* St) {
   constexpr int QT = kQueryVectors * kLanes<T>;
   const T inf = std::numeric_limits<T>::infinity();
@@ -645,7 +647,7 @@ EEGFAST_INLINE void query_lane_mask(const Problem<scalar_t, T>& p, const KeySide
       if (ks.bias[key0 + j] != T(0)) std::fill(St + j * QT, St + (j + 1) * QT, -inf);
   const bool by_position = p.causal && key0 + keys - 1 > t.first_row;
   const bool by_block = p.ids && ks.block_id_max[kb] > t.id_min;
-  if (!by_position && !by_block) return;
+  if (!by_position && !by_block) return ks.block_masked[kb] != 0;
   for (int j = 0; j < keys; ++j) {
     const int64_t key = key0 + j;
     for (int r = 0; r < QT; ++r) {
@@ -654,6 +656,7 @@ EEGFAST_INLINE void query_lane_mask(const Problem<scalar_t, T>& p, const KeySide
       if (hidden) St[j * QT + r] = -inf;
     }
   }
+  return true;
 }
 
 // -- fallback: row tiles with the online maximum --
@@ -751,7 +754,7 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
                chunk == 0 ? a.k_stats + bh * N * 2 : static_cast<T*>(nullptr), ks);
   std::vector<T> Qt(D * QT), Ot(D * QT);
   alignas(64) T St[kKeyBlock * QT];
-  alignas(64) T shift[QT], sums[QT], means[QT], rstds[QT];
+  alignas(64) T bound[QT], sums[QT], means[QT], rstds[QT];
   T* q_stats = a.q_stats + bh * N * 2;
   for (int64_t i0 = row_begin; i0 < row_end; i0 += QT) {
     const int rows = static_cast<int>(std::min<int64_t>(QT, row_end - i0));
@@ -763,24 +766,24 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
     }
     layer_norm_lanes<QV>(Qt.data(), D, rows, a.eps, p.qw, p.qb, p.scale,
                          static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), means,
-                         rstds, shift);
-    bool fixed = true;
+                         rstds, bound);
+    bool unshifted = true;
     for (int r = 0; r < QT; ++r) {
-      shift[r] = r < rows ? std::sqrt(shift[r]) * ks.max_key_norm : T(0);  // |q_r| max_j |k_j|
-      if (!(shift[r] <= static_cast<T>(kFixedShiftLimit))) fixed = false;
+      bound[r] = r < rows ? std::sqrt(bound[r]) * ks.max_key_norm : T(0);  // |q_r| max_j |k_j|
+      if (!(bound[r] <= static_cast<T>(kUnshiftedScoreLimit))) unshifted = false;
     }
     for (int r = 0; r < rows; ++r) {
       q_stats[2 * (i0 + r)] = means[r];
       q_stats[2 * (i0 + r) + 1] = rstds[r];
     }
-    if (!fixed) {
+    if (!unshifted) {
       forward_rows_online<R>(a, ks, b, h, i0, i0 + rows);
       continue;
     }
     TileMask t = tile_mask<QT>(p, i0);
     t.last_row = i0 + rows - 1;
-    vec_t<T> c[QV], l[QV];
-    for (int v = 0; v < QV; ++v) c[v] = vload(shift + v * L), l[v] = vec_t<T>{};
+    vec_t<T> l[QV];
+    for (int v = 0; v < QV; ++v) l[v] = vec_t<T>{};
     for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
       if (!block_visible(p, ks, t, kb)) continue;
       const int64_t key0 = kb * kKeyBlock;
@@ -792,14 +795,22 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
         query_lane_scores<JR>(Qt.data(), D, ks.panels.data() + key / W * D * W + key % W,
                               St + j * QT);
       }
-      query_lane_mask(p, ks, t, kb, keys, St);
-      for (int j = 0; j < keys; ++j) {
-        #pragma GCC unroll 3
-        for (int v = 0; v < QV; ++v) {
-          const vec_t<T> e = vexp(vload(St + j * QT + v * L) - c[v]);
-          vstore(St + j * QT + v * L, e);
-          l[v] += e;
-        }
+      if (query_lane_mask(p, ks, t, kb, keys, St)) {
+        for (int j = 0; j < keys; ++j)
+          #pragma GCC unroll 3
+          for (int v = 0; v < QV; ++v) {
+            const vec_t<T> e = vexp(vload(St + j * QT + v * L));
+            vstore(St + j * QT + v * L, e);
+            l[v] += e;
+          }
+      } else {
+        for (int j = 0; j < keys; ++j)
+          #pragma GCC unroll 3
+          for (int v = 0; v < QV; ++v) {
+            const vec_t<T> e = vexp_in_range(vload(St + j * QT + v * L));
+            vstore(St + j * QT + v * L, e);
+            l[v] += e;
+          }
       }
       query_lane_all_values<DR>(Ot.data(), St, ks.value_rows.data() + key0 * Dv, Dv, D, keys);
     }
@@ -809,7 +820,7 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
       const T inv = sums[r] > T(0) ? T(1) / sums[r] : T(0);
       scalar_t* o = a.out + ((b * N + i) * H + h) * D;
       for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(Ot[d * QT + r] * inv);
-      a.lse[bh * N + i] = sums[r] > T(0) ? shift[r] + std::log(sums[r]) : -inf;
+      a.lse[bh * N + i] = sums[r] > T(0) ? std::log(sums[r]) : -inf;
     }
   }
 }

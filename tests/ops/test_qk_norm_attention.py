@@ -159,9 +159,9 @@ def test_cpu_labram_head_dims_all_masks(d):
 @pytest.mark.parametrize("gain", [0.5, 2.0, 3.0, 10.0])
 @pytest.mark.parametrize("d", [20, 64])
 def test_cpu_large_scores_use_the_online_maximum(gain, d):
-    """The forward shifts each softmax row by a Cauchy-Schwarz bound on its scores when that
-    bound is small (<= 30) and falls back to the online maximum otherwise; LayerNorm gains of
-    2-10 push the bound past it (scores up to ~450 at gain 10), so both paths are checked."""
+    """The forward exponentiates scores without a shift when a Cauchy-Schwarz bound on them is
+    small (<= 30) and falls back to the online maximum otherwise; LayerNorm gains of 2-10 push
+    the bound past it (scores up to ~450 at gain 10), so both paths are checked."""
     case = make_case(2, 2, 97, d, seed=int(gain * 10) + d, padding=True, causal=True)
     for name in ("q_norm_weight", "k_norm_weight"):
         case["params"][name] = case["params"][name] * gain
