@@ -150,59 +150,54 @@ EEGFAST_INLINE vec_t<double> vexp_in_range(vec_t<double> x) { return vexp(x); }
 
 // ---- tile kernels -------------------------------------------------------------------------
 
+// The register-tile micro-kernel of the products below: for m < M, c < C,
+//   out[m o_m + c L ...] = (Accumulate ? out[...] : 0)
+//                          + sum_{k < K} a[m a_m + k a_k] b[k b_k + c L ...]
+// with a's elements broadcast and b's rows read as C vectors. Every caller passes a_m, a_k,
+// b_k and o_m that are compile-time constants after inlining wherever it can, so that the
+// broadcast operands sit at fixed offsets from one pointer (no index registers).
+template <int M, int C, bool Accumulate, typename T>
+EEGFAST_INLINE void tile_products(const T* a, int64_t a_m, int64_t a_k, const T* b, int64_t b_k,
+                                  int64_t K, T* out, int64_t o_m) {
+  constexpr int L = kLanes<T>;
+  vec_t<T> acc[M][C];
+  #pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+    #pragma GCC unroll 4
+    for (int c = 0; c < C; ++c)
+      acc[m][c] = Accumulate ? vload(out + m * o_m + c * L) : vec_t<T>{};
+  for (int64_t k = 0; k < K; ++k) {
+    vec_t<T> row[C];
+    #pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) row[c] = vload(b + k * b_k + c * L);
+    #pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const vec_t<T> x = vsplat(a[m * a_m + k * a_k]);
+      #pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) acc[m][c] += x * row[c];
+    }
+  }
+  #pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+    #pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) vstore(out + m * o_m + c * L, acc[m][c]);
+}
+
 // S[r][j] = sum_d A[r][d] * key j of the panels, for R rows and the first `keys` keys of a
 // block (a multiple of the panel width).
 template <int R, typename T>
 EEGFAST_INLINE void score_tile(const T* A, int64_t Dv, int64_t D, const T* panels, int keys,
                                T* S) {
-  constexpr int L = kLanes<T>, W = kPanel<T>;
-  for (int p = 0; p < keys / W; ++p) {
-    const T* panel = panels + p * D * W;
-    vec_t<T> acc[R][2];
-    #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vec_t<T>{};
-    for (int64_t d = 0; d < D; ++d) {
-      const vec_t<T> c0 = vload(panel + d * W), c1 = vload(panel + d * W + L);
-      #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const vec_t<T> a = vsplat(A[r * Dv + d]);
-        acc[r][0] += a * c0;
-        acc[r][1] += a * c1;
-      }
-    }
-    #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      vstore(S + r * kKeyBlock + p * W, acc[r][0]);
-      vstore(S + r * kKeyBlock + p * W + L, acc[r][1]);
-    }
-  }
+  constexpr int W = kPanel<T>;
+  for (int p = 0; p < keys / W; ++p)
+    tile_products<R, 2, false>(A, Dv, 1, panels + p * D * W, W, D, S + p * W, kKeyBlock);
 }
 
 // out[r][c0 : c0 + C L] += sum_j S[r][j] * B[j][c0 : c0 + C L] over the first `keys` rows of B.
 template <int R, typename T, int C>
 EEGFAST_INLINE void rows_chunk(T* out, int64_t Dv, const T* S, const T* B, int keys,
                                int64_t c0) {
-  constexpr int L = kLanes<T>;
-  vec_t<T> acc[R][C];
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) acc[r][c] = vload(out + r * Dv + c0 + c * L);
-  for (int j = 0; j < keys; ++j) {
-    vec_t<T> b[C];
-    #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) b[c] = vload(B + j * Dv + c0 + c * L);
-    #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const vec_t<T> s = vsplat(S[r * kKeyBlock + j]);
-      #pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) acc[r][c] += s * b[c];
-    }
-  }
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) vstore(out + r * Dv + c0 + c * L, acc[r][c]);
+  tile_products<R, C, true>(S, kKeyBlock, 1, B + c0, Dv, keys, out + c0, Dv);
 }
 
 template <int R, typename T>
@@ -567,59 +562,20 @@ constexpr double kUnshiftedScoreLimit = 30.0;
 // sums are plain vector adds (lane = query).
 
 // St[jr][:] = sum_d keys[jr][d] Qt[d][:] for JR keys that lie side by side in a key panel:
-// element (jr, d) at keys[d W + jr] (fixed offsets from one pointer, no index registers).
+// element (jr, d) at keys[d W + jr].
 template <int JR, typename T>
 EEGFAST_INLINE void query_lane_scores(const T* Qt, int64_t D, const T* keys, T* St) {
   static_assert(kPanel<T> % JR == 0, "a micro-tile's keys lie in one panel");
-  constexpr int W = kPanel<T>;
-  constexpr int L = kLanes<T>, QV = kQueryVectors, QT = QV * L;
-  vec_t<T> acc[JR][QV];
-  #pragma GCC unroll 8
-  for (int jr = 0; jr < JR; ++jr)
-    #pragma GCC unroll 3
-    for (int c = 0; c < QV; ++c) acc[jr][c] = vec_t<T>{};
-  for (int64_t d = 0; d < D; ++d) {
-    vec_t<T> qd[QV];
-    #pragma GCC unroll 3
-    for (int c = 0; c < QV; ++c) qd[c] = vload(Qt + d * QT + c * L);
-    #pragma GCC unroll 8
-    for (int jr = 0; jr < JR; ++jr) {
-      const vec_t<T> k = vsplat(keys[d * W + jr]);
-      #pragma GCC unroll 3
-      for (int c = 0; c < QV; ++c) acc[jr][c] += k * qd[c];
-    }
-  }
-  #pragma GCC unroll 8
-  for (int jr = 0; jr < JR; ++jr)
-    #pragma GCC unroll 3
-    for (int c = 0; c < QV; ++c) vstore(St + jr * QT + c * L, acc[jr][c]);
+  constexpr int QT = kQueryVectors * kLanes<T>;
+  tile_products<JR, kQueryVectors, false>(keys, 1, kPanel<T>, Qt, QT, D, St, QT);
 }
 
 // Ot[d0 + dr][:] += sum_j values[j][d0 + dr] St[j][:] for DR dims, over `keys` keys.
 template <int DR, typename T>
 EEGFAST_INLINE void query_lane_values(T* Ot, const T* St, const T* values, int64_t Dv, int keys,
                                       int64_t d0) {
-  constexpr int L = kLanes<T>, QV = kQueryVectors, QT = QV * L;
-  vec_t<T> acc[DR][QV];
-  #pragma GCC unroll 8
-  for (int dr = 0; dr < DR; ++dr)
-    #pragma GCC unroll 3
-    for (int c = 0; c < QV; ++c) acc[dr][c] = vload(Ot + (d0 + dr) * QT + c * L);
-  for (int j = 0; j < keys; ++j) {
-    vec_t<T> prob[QV];
-    #pragma GCC unroll 3
-    for (int c = 0; c < QV; ++c) prob[c] = vload(St + j * QT + c * L);
-    #pragma GCC unroll 8
-    for (int dr = 0; dr < DR; ++dr) {
-      const vec_t<T> v = vsplat(values[j * Dv + d0 + dr]);
-      #pragma GCC unroll 3
-      for (int c = 0; c < QV; ++c) acc[dr][c] += v * prob[c];
-    }
-  }
-  #pragma GCC unroll 8
-  for (int dr = 0; dr < DR; ++dr)
-    #pragma GCC unroll 3
-    for (int c = 0; c < QV; ++c) vstore(Ot + (d0 + dr) * QT + c * L, acc[dr][c]);
+  constexpr int QT = kQueryVectors * kLanes<T>;
+  tile_products<DR, kQueryVectors, true>(values + d0, 1, Dv, St, QT, keys, Ot + d0 * QT, QT);
 }
 
 // All D dims in chunks of DR, then 4, 2, 1 (exactly D, whatever it is).
