@@ -971,58 +971,16 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
 
 // ---- AVX-512VL / AVX2 / generic instances ---------------------------------------------------
 // The same 256-bit vector code; AVX-512VL adds 16 more vector registers, which the 8-row tiles
-// need (8 x 3 accumulators in P.V), and AVX2 machines run 4-row tiles.
+// and the 8-key / 8-dim query-lane micro-tiles need (8 x 3 accumulators), and AVX2 machines
+// run 4-row tiles.
+
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+enum class Kernel { kForward, kBackward, kBackwardKeys };
 
 #if defined(__x86_64__)
 const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
 const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-
-template <typename scalar_t, typename T>
-__attribute__((target("avx512f,avx512vl,avx2,fma"))) void forward_task_avx512(
-    const ForwardArgs<scalar_t, T>& a, int64_t task) {
-  forward_task<8, 8, 8>(a, task);
-}
-template <typename scalar_t, typename T>
-__attribute__((target("avx512f,avx512vl,avx2,fma"))) void backward_task_avx512(
-    const BackwardArgs<scalar_t, T>& a, int64_t task) {
-  backward_task<8>(a, task);
-}
-template <typename scalar_t, typename T>
-__attribute__((target("avx512f,avx512vl,avx2,fma"))) void backward_keys_avx512(
-    const BackwardArgs<scalar_t, T>& a, int64_t bh) {
-  backward_keys(a, bh);
-}
-template <typename scalar_t, typename T>
-__attribute__((target("avx2,fma"))) void backward_keys_avx2(const BackwardArgs<scalar_t, T>& a,
-                                                            int64_t bh) {
-  backward_keys(a, bh);
-}
-template <typename scalar_t, typename T>
-__attribute__((target("avx2,fma"))) void forward_task_avx2(const ForwardArgs<scalar_t, T>& a,
-                                                          int64_t task) {
-  forward_task<4, 4, 4>(a, task);
-}
-template <typename scalar_t, typename T>
-__attribute__((target("avx2,fma"))) void backward_task_avx2(const BackwardArgs<scalar_t, T>& a,
-                                                           int64_t task) {
-  backward_task<4>(a, task);
-}
 #endif
-
-template <typename scalar_t, typename T>
-void forward_task_generic(const ForwardArgs<scalar_t, T>& a, int64_t task) {
-  forward_task<4, 4, 4>(a, task);
-}
-template <typename scalar_t, typename T>
-void backward_task_generic(const BackwardArgs<scalar_t, T>& a, int64_t task) {
-  backward_task<4>(a, task);
-}
-template <typename scalar_t, typename T>
-void backward_keys_generic(const BackwardArgs<scalar_t, T>& a, int64_t bh) {
-  backward_keys(a, bh);
-}
-
-enum class Isa { kGeneric, kAvx2, kAvx512 };
 
 // The best instance this CPU runs; EEGFAST_CPU_ISA=avx2 or =generic caps it (read on every call,
 // so tests can run every instance on one machine).
@@ -1040,31 +998,42 @@ Isa cpu_isa() {
   return std::min(best, wanted);
 }
 
-template <typename scalar_t, typename T>
-void run_forward_task(const ForwardArgs<scalar_t, T>& a, Isa isa, int64_t task) {
-#if defined(__x86_64__)
-  if (isa == Isa::kAvx512) return forward_task_avx512(a, task);
-  if (isa == Isa::kAvx2) return forward_task_avx2(a, task);
-#endif
-  forward_task_generic(a, task);
+// One kernel call with the tile sizes of an instruction set: R rows per row tile, JR keys per
+// query-lane score micro-tile, DR dims per query-lane P.V micro-tile.
+template <int R, int JR, int DR, Kernel K, typename Args>
+EEGFAST_INLINE void run_kernel(const Args& a, int64_t index) {
+  if constexpr (K == Kernel::kForward)
+    forward_task<R, JR, DR>(a, index);
+  else if constexpr (K == Kernel::kBackward)
+    backward_task<R>(a, index);
+  else
+    backward_keys(a, index);
 }
 
-template <typename scalar_t, typename T>
-void run_backward_task(const BackwardArgs<scalar_t, T>& a, Isa isa, int64_t task) {
 #if defined(__x86_64__)
-  if (isa == Isa::kAvx512) return backward_task_avx512(a, task);
-  if (isa == Isa::kAvx2) return backward_task_avx2(a, task);
+template <Kernel K, typename Args>
+__attribute__((target("avx512f,avx512vl,avx2,fma"))) void run_avx512(const Args& a,
+                                                                     int64_t index) {
+  run_kernel<8, 8, 8, K>(a, index);
+}
+template <Kernel K, typename Args>
+__attribute__((target("avx2,fma"))) void run_avx2(const Args& a, int64_t index) {
+  run_kernel<4, 4, 4, K>(a, index);
+}
 #endif
-  backward_task_generic(a, task);
+
+template <Kernel K, typename Args>
+void run_generic(const Args& a, int64_t index) {
+  run_kernel<4, 4, 4, K>(a, index);
 }
 
-template <typename scalar_t, typename T>
-void run_backward_keys(const BackwardArgs<scalar_t, T>& a, Isa isa, int64_t bh) {
+template <Kernel K, typename Args>
+void run(const Args& a, Isa isa, int64_t index) {
 #if defined(__x86_64__)
-  if (isa == Isa::kAvx512) return backward_keys_avx512(a, bh);
-  if (isa == Isa::kAvx2) return backward_keys_avx2(a, bh);
+  if (isa == Isa::kAvx512) return run_avx512<K>(a, index);
+  if (isa == Isa::kAvx2) return run_avx2<K>(a, index);
 #endif
-  backward_keys_generic(a, bh);
+  run_generic<K>(a, index);
 }
 
 // ---- argument checks ----------------------------------------------------------------------
@@ -1218,7 +1187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_attention_fwd
                                q_stats.data_ptr<T>(),
                                k_stats.data_ptr<T>()};
     at::parallel_for(0, B * H * a.p.chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) run_forward_task(a, isa, task);
+      for (int64_t task = begin; task < end; ++task) run<Kernel::kForward>(a, isa, task);
     });
   });
   return {out, lse, q_stats, k_stats};
@@ -1289,10 +1258,10 @@ qk_norm_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const
                                 q_param_grads.data_ptr<T>(),
                                 k_param_grads.data_ptr<T>()};
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) run_backward_task(a, isa, task);
+      for (int64_t task = begin; task < end; ++task) run<Kernel::kBackward>(a, isa, task);
     });
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) run_backward_keys(a, isa, bh);
+      for (int64_t bh = begin; bh < end; ++bh) run<Kernel::kBackwardKeys>(a, isa, bh);
     });
     q_param_sums = q_param_grads.sum(0);
     k_param_sums = k_param_grads.sum(0);
