@@ -642,7 +642,7 @@ EEGFAST_INLINE void softmax_step(T* S, int keys, T* m, T* l, T* alpha) {
 }
 
 // Rows [row_begin, row_end) of (b, h) in R-row tiles with the online maximum: for inputs
-// whose fixed-shift bound is too large, or NaN.
+// whose score bound is too large (see kUnshiftedScoreLimit), or NaN.
 template <int R, typename scalar_t, typename T>
 EEGFAST_INLINE void forward_rows_online(const ForwardArgs<scalar_t, T>& a, const KeySide<T>& ks,
                                         int64_t b, int64_t h, int64_t row_begin,
