@@ -170,6 +170,31 @@ def test_cpu_large_scores_use_the_online_maximum(gain, d):
     assert_all_close(run(case, "cpu"), expected, tol, result_names(case))
 
 
+def test_cpu_tiles_of_one_head_mix_the_unshifted_and_online_paths():
+    """A spiky query LayerNorm weight makes the score bound |q_i| max_j |k_j| vary by row, so
+    some 24-query tiles of a head stay under the limit (30) and others exceed it: both forward
+    paths then write rows of the same output."""
+    d, n = 20, 150
+    case = make_case(1, 2, n, d, seed=11, padding=True)
+    weight = torch.full((d,), 0.3, dtype=torch.float64)
+    weight[0] = 9.0
+    case["params"]["q_norm_weight"] = weight.float()
+    q, k, _ = (t.double() for t in case["qkv"])
+    params = {name: t.double() for name, t in case["params"].items()}
+
+    def layer_norm(x, w, b):
+        return torch.nn.functional.layer_norm(x, (d,), w, b, eps=1e-6)
+
+    qn = layer_norm(q, params["q_norm_weight"], params["q_norm_bias"]) * d**-0.5
+    kn = layer_norm(k, params["k_norm_weight"], params["k_norm_bias"])
+    bound = qn.norm(dim=-1) * kn.norm(dim=-1).amax(-1, keepdim=True)  # (B, H, N)
+    tiles = torch.nn.functional.pad(bound, (0, 24 - n % 24)).unflatten(-1, (-1, 24))
+    over = (tiles > 30).any(-1)
+    assert over.any() and (~over).any(), "the case must exercise both paths"
+    expected = run(case, "reference", dtype=torch.float64)
+    assert_all_close(run(case, "cpu"), expected, 2e-3, result_names(case))
+
+
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_cpu_every_instruction_set(isa, monkeypatch):
     """The 8-row (AVX-512VL), 4-row (AVX2) and generic instances; EEGFAST_CPU_ISA caps the one
