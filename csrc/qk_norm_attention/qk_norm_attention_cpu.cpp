@@ -455,7 +455,6 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
   ks.block_keys.assign(p.key_blocks, kKeyBlock);
   for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
     const int64_t rest = N - kb * kKeyBlock;  // > 0
-    constexpr int W = kPanel<T>;
     const int keys = static_cast<int>(std::min<int64_t>(kKeyBlock, (rest + W - 1) / W * W));
     ks.block_keys[kb] = keys;
     for (int j = 0; j < keys; ++j)
