@@ -24,11 +24,11 @@
 // picked at run time: AVX-512VL (8-row tiles: the 32 vector registers hold 8 x 3 accumulators),
 // AVX2+FMA (4-row tiles) and generic. EEGFAST_CPU_ISA=avx2|generic caps the choice (tests).
 //
-// Work split: the forward runs one task per (batch, head, query chunk); the backward runs one
-// task per (batch, head, query chunk) with per-chunk dK / dV partial sums, reduced in a
-// second pass with the key LayerNorm backward. Chunks are used only when there are fewer
-// (batch, head) pairs than threads, so the usual case has no partial sums at all. Parameter
-// gradients are summed from per-task partials (no atomics, no shared accumulators).
+// Work split: the forward runs one task per (batch, head, query chunk); so does the backward,
+// each task then finishing the key LayerNorm backward of its (batch, head) from its own dK / dV
+// sums. Chunks are used only when there are fewer (batch, head) pairs than threads; then the
+// chunks' dK / dV partial sums are reduced in a second pass. Parameter gradients are summed
+// from per-task partials (no atomics, no shared accumulators).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -836,15 +836,65 @@ std::vector<T> padded_weight(const T* w, int64_t D, int64_t Dv) {
   return out;
 }
 
+// Sums the key gradients of (b, h) over its `chunks` partials (each 2 (Nk, Dv): d(normalised
+// keys), dv), then the key LayerNorm backward; writes dk, dv and the key parameter gradients.
+template <typename scalar_t, typename T>
+EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh,
+                                  const T* partials, int64_t chunks) {
+  const Problem<scalar_t, T>& p = a.p;
+  const int64_t b = bh / p.H, h = bh % p.H;
+  const int64_t D = p.D, Dv = p.Dv, N = p.N, Nk = p.Nk;
+  constexpr int L = kLanes<T>;
+  const T* k_stats = a.k_stats + bh * N * 2;
+  const std::vector<T> kw_pad = padded_weight(p.kw, D, Dv);
+  std::vector<T> dkn(Dv), dvalue(Dv), hat(Dv, T(0)), dx(Dv), unused(Dv), dkw(Dv, T(0)),
+      dkb(Dv, T(0));
+  for (int64_t j = 0; j < N; ++j) {
+    for (int64_t c = 0; c < Dv; c += L) {
+      vec_t<T> sum_k{}, sum_v{};
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const T* part = partials + chunk * 2 * Nk * Dv;
+        sum_k += vload(part + j * Dv + c);
+        sum_v += vload(part + Nk * Dv + j * Dv + c);
+      }
+      vstore(dkn.data() + c, sum_k);
+      vstore(dvalue.data() + c, sum_v);
+    }
+    normalize_row(p.k.row(b, h, j), p.k.sd, D, k_stats[2 * j], k_stats[2 * j + 1],
+                  static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), unused.data(),
+                  hat.data());
+    layer_norm_backward_lanes(dkn.data(), hat.data(), k_stats[2 * j + 1], kw_pad.data(), D, Dv,
+                              dx.data(), dkw.data(), dkb.data());
+    scalar_t* dk = a.dk + (bh * N + j) * D;
+    scalar_t* dv = a.dv + (bh * N + j) * D;
+    for (int64_t d = 0; d < D; ++d) {
+      dk[d] = static_cast<scalar_t>(dx[d]);
+      dv[d] = static_cast<scalar_t>(dvalue[d]);
+    }
+  }
+  std::copy(dkw.begin(), dkw.begin() + D, a.k_param_grads + bh * 2 * D);
+  std::copy(dkb.begin(), dkb.begin() + D, a.k_param_grads + bh * 2 * D + D);
+}
+
 template <int R, typename scalar_t, typename T>
 EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t task) {
   const Problem<scalar_t, T>& p = a.p;
   const int64_t bh = task / p.chunks, chunk = task % p.chunks;
   const int64_t b = bh / p.H, h = bh % p.H;
   const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H, Nk = p.Nk;
-  T* dkn = a.key_grads + task * 2 * Nk * Dv;  // d(normalised keys) (Nk, Dv)
-  T* dvalues = dkn + Nk * Dv;                 // (Nk, Dv)
-  std::fill(dkn, dkn + 2 * Nk * Dv, T(0));
+  // d(normalised keys) (Nk, Dv), then dv (Nk, Dv): with one chunk per (b, h), in this task's
+  // own scratch (L2-sized, reused by the allocator), finished by this task; else partial sums
+  // in the shared buffer, reduced by the key pass.
+  std::vector<T> own;
+  T* dkn;
+  if (p.chunks == 1) {
+    own.assign(2 * Nk * Dv, T(0));
+    dkn = own.data();
+  } else {
+    dkn = a.key_grads + task * 2 * Nk * Dv;
+    std::fill(dkn, dkn + 2 * Nk * Dv, T(0));
+  }
+  T* dvalues = dkn + Nk * Dv;
   T* dqw = a.q_param_grads + task * 2 * D;
   T* dqb = dqw + D;
   std::fill(dqw, dqw + 2 * D, T(0));
@@ -928,45 +978,9 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   }
   std::copy(dqw_sum.begin(), dqw_sum.begin() + D, dqw);
   std::copy(dqb_sum.begin(), dqb_sum.begin() + D, dqb);
+  if (p.chunks == 1) backward_keys(a, bh, dkn, 1);
 }
 
-// Sums the chunks' key gradients of (b, h), then the key LayerNorm backward; writes dk, dv.
-template <typename scalar_t, typename T>
-EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh) {
-  const Problem<scalar_t, T>& p = a.p;
-  const int64_t b = bh / p.H, h = bh % p.H;
-  const int64_t D = p.D, Dv = p.Dv, N = p.N, Nk = p.Nk;
-  constexpr int L = kLanes<T>;
-  const T* k_stats = a.k_stats + bh * N * 2;
-  const std::vector<T> kw_pad = padded_weight(p.kw, D, Dv);
-  std::vector<T> dkn(Dv), dvalue(Dv), hat(Dv, T(0)), dx(Dv), unused(Dv), dkw(Dv, T(0)),
-      dkb(Dv, T(0));
-  for (int64_t j = 0; j < N; ++j) {
-    for (int64_t c = 0; c < Dv; c += L) {
-      vec_t<T> sum_k{}, sum_v{};
-      for (int64_t chunk = 0; chunk < p.chunks; ++chunk) {
-        const T* part = a.key_grads + (bh * p.chunks + chunk) * 2 * Nk * Dv;
-        sum_k += vload(part + j * Dv + c);
-        sum_v += vload(part + Nk * Dv + j * Dv + c);
-      }
-      vstore(dkn.data() + c, sum_k);
-      vstore(dvalue.data() + c, sum_v);
-    }
-    normalize_row(p.k.row(b, h, j), p.k.sd, D, k_stats[2 * j], k_stats[2 * j + 1],
-                  static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), unused.data(),
-                  hat.data());
-    layer_norm_backward_lanes(dkn.data(), hat.data(), k_stats[2 * j + 1], kw_pad.data(), D, Dv,
-                              dx.data(), dkw.data(), dkb.data());
-    scalar_t* dk = a.dk + (bh * N + j) * D;
-    scalar_t* dv = a.dv + (bh * N + j) * D;
-    for (int64_t d = 0; d < D; ++d) {
-      dk[d] = static_cast<scalar_t>(dx[d]);
-      dv[d] = static_cast<scalar_t>(dvalue[d]);
-    }
-  }
-  std::copy(dkw.begin(), dkw.begin() + D, a.k_param_grads + bh * 2 * D);
-  std::copy(dkb.begin(), dkb.begin() + D, a.k_param_grads + bh * 2 * D + D);
-}
 
 // ---- AVX-512VL / AVX2 / generic instances ---------------------------------------------------
 // The same 256-bit vector code; AVX-512VL adds 16 more vector registers, which the 8-row tiles
@@ -1006,7 +1020,7 @@ EEGFAST_INLINE void run_kernel(const Args& a, int64_t index) {
   else if constexpr (K == Kernel::kBackward)
     backward_task<R>(a, index);
   else
-    backward_keys(a, index);
+    backward_keys(a, index, a.key_grads + index * a.p.chunks * 2 * a.p.Nk * a.p.Dv, a.p.chunks);
 }
 
 #if defined(__x86_64__)
@@ -1241,7 +1255,10 @@ qk_norm_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const Problem<scalar_t, T> p = make_problem<scalar_t, T>(q, k, v, opt, scale, causal);
     const int64_t tasks = B * H * p.chunks;
-    auto key_grads = at::empty({tasks, 2, p.Nk, p.Dv}, q.options().dtype(acc));
+    // Key-gradient partials per chunk: only when (b, h) pairs are split into query chunks
+    // (with one chunk, each task finishes its own keys).
+    const int64_t partials = p.chunks > 1 ? tasks : 0;
+    auto key_grads = at::empty({partials, 2, p.Nk, p.Dv}, q.options().dtype(acc));
     auto q_param_grads = at::empty({tasks, 2, D}, q.options().dtype(acc));
     auto k_param_grads = at::empty({B * H, 2, D}, q.options().dtype(acc));
     BackwardArgs<scalar_t, T> a{p,
@@ -1259,9 +1276,10 @@ qk_norm_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) run<Kernel::kBackward>(a, isa, task);
     });
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) run<Kernel::kBackwardKeys>(a, isa, bh);
-    });
+    if (p.chunks > 1)
+      at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t bh = begin; bh < end; ++bh) run<Kernel::kBackwardKeys>(a, isa, bh);
+      });
     q_param_sums = q_param_grads.sum(0);
     k_param_sums = k_param_grads.sum(0);
   });
