@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +33,7 @@ from eegfast.train.engine import FitResult, fit, seed_everything
 from eegfast.train.objectives import StepContext, classification_step, get_objective
 from eegfast.train.runlog import read_metrics
 from tests.train.fakes import SyntheticEEG
-from tests.train.worker import hang_in_checkpoint_save
+from tests.train.worker import hang_in_checkpoint_save, kill_during_checkpoint_save
 
 BASE = {
     "train.epochs": 1,
@@ -292,15 +290,7 @@ def test_sigkill_during_a_real_model_checkpoint_keeps_the_previous_and_resumes_e
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "tests.train.test_distributed_real"]
     subprocess.run([*command, str(reference)], env=env, cwd=REPO, timeout=120, check=True)
-    child = subprocess.Popen([*command, str(killed), "--hang-at-save", "3"], env=env, cwd=REPO)
-    marker = killed / "HANGING"
-    deadline = time.monotonic() + 120
-    while not marker.exists():
-        assert child.poll() is None, "the training process ended before its 3rd checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    kill_during_checkpoint_save([*command, str(killed)], killed, env=env, cwd=REPO)
     assert list((killed / "checkpoints").glob(".tmp-step-00000006-*"))
     assert [c.step for c in ckpt.list_checkpoints(killed / "checkpoints")] == [2, 4]
     assert ckpt.load_training_state(killed / "checkpoints" / "step-00000004")["step"] == 4

@@ -4,11 +4,9 @@ gradient accumulation, non-finite loss."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -84,15 +82,7 @@ def test_sigkill_during_checkpoint_write_keeps_previous_and_resumes_exactly(tmp_
     command = [sys.executable, "-m", "tests.train.worker", str(killed)]
     # The uninterrupted run, in a process like the others (same thread count -> same floats).
     subprocess.run(command[:-1] + [str(reference)], env=env, cwd=REPO, timeout=120, check=True)
-    child = subprocess.Popen([*command, "--hang-at-save", "3"], env=env, cwd=REPO)
-    marker = killed / "HANGING"
-    deadline = time.monotonic() + 120
-    while not marker.exists():
-        assert child.poll() is None, "the training process ended before its 3rd checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    worker.kill_during_checkpoint_save(command, killed, env=env, cwd=REPO)
     # The 3rd checkpoint (step 6) was half written: only its temporary folder exists.
     assert list((killed / "checkpoints").glob(".tmp-step-00000006-*"))
     assert [c.step for c in ckpt.list_checkpoints(killed / "checkpoints")] == [2, 4]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -103,6 +105,23 @@ def hang_in_checkpoint_save(nth: int, run_dir: str) -> None:
         return real_save(obj, path, *a, **k)
 
     ckpt.torch.save = save_then_hang  # only this (child) process is affected
+
+
+def kill_during_checkpoint_save(
+    command: list[str], run_dir: Path, *, env: dict, cwd: Path, nth: int = 3
+) -> None:
+    """Start ``command`` (a training process writing to ``run_dir`` that takes
+    ``--hang-at-save``) so that it hangs inside its ``nth`` checkpoint save (see
+    :func:`hang_in_checkpoint_save`), then SIGKILL it there."""
+    child = subprocess.Popen([*command, "--hang-at-save", str(nth)], env=env, cwd=cwd)
+    marker = Path(run_dir) / "HANGING"
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert child.poll() is None, f"the training process ended before checkpoint {nth}"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
 
 
 def main() -> int:
