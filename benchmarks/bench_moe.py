@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +37,7 @@ import torch.nn.functional as F
 from eegfast.nn import MoEFFN
 from eegfast.ops import moe_dispatch
 from eegfast.ops.moe import moe_dispatch_reference, moe_ffn_expert_loop, moe_ffn_torch_sorted
+from eegfast.train.fileio import write_text_atomic
 
 DISPATCH_SHAPE = (8192, 8, 2)  # T, E, k
 FFN_SHAPE = (8192, 200, 800, 8, 2)  # T, D, H, E, k
@@ -206,15 +205,6 @@ def task_routing_experiment(seeds: int = 3) -> dict[str, list[float]]:
     return results
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_moe", description=__doc__)
     parser.add_argument("--task-routing", action="store_true", help="run the routing experiment")
@@ -241,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {mean:.4f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "moe_task_routing.md", "\n".join(lines) + "\n")
-    _write_atomic(out / "moe_task_routing.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "moe_task_routing.md", "\n".join(lines) + "\n")
+    write_text_atomic(out / "moe_task_routing.json", json.dumps(results, indent=2) + "\n")
     print("\n".join(lines))
     print(f"({time.perf_counter() - start:.0f} s) wrote {out / 'moe_task_routing.md'}")
     return 0

@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -47,6 +45,7 @@ import torch
 from benchmarks._report import environment, interleaved_times
 from eegfast.models import create_model, random_patch_mask
 from eegfast.models.reference import RefPretrain, RefTransformer, RefVQNSP, reference_pretrain_loss
+from eegfast.train.fileio import write_text_atomic
 
 SIZES = {"base": (200, 12, 10, 8), "large": (400, 24, 16, 16)}
 CPU_CASE = dict(batch=8, n_chans=23, n_patches=10, threads=2)
@@ -245,20 +244,10 @@ def markdown(title: str, env: dict, rows: list[Row], baseline: str, target: str)
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save(out: Path, name: str, title: str, env: dict, rows: list[Row], baseline, target) -> None:
-    write_atomic(out / f"{name}.md", markdown(title, env, rows, baseline, target))
+    write_text_atomic(out / f"{name}.md", markdown(title, env, rows, baseline, target))
     record = {"title": title, "environment": env, "rows": [asdict(r) for r in rows]}
-    write_atomic(out / f"{name}.json", json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out / f"{name}.json", json.dumps(record, indent=2) + "\n")
     print(markdown(title, env, rows, baseline, target))
 
 

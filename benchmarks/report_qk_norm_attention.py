@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 
 from benchmarks._report import environment, error_line, interleaved_times
 from eegfast.ops import qk_norm_attention, qk_norm_attention_reference
+from eegfast.train.fileio import write_bytes_atomic
 
 # (B, H, N, D): LaBraM-Base (10 heads of 20) on 256 patches + cls, batch 8.
 CPU_SHAPES = ((8, 10, 257, 20),)
@@ -228,15 +228,6 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     tmp.replace(path)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.report_qk_norm_attention",
@@ -263,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         {**asdict(r), "ratio_vs_eegfast": x} for r, x in zip(rows, ratios(rows), strict=True)
     ]
     report = {"title": title, "environment": env, "results": records}
-    write_atomically(out / f"{name}.json", (json.dumps(report, indent=2) + "\n").encode())
+    write_bytes_atomic(out / f"{name}.json", (json.dumps(report, indent=2) + "\n").encode())
     text = markdown(title, env, rows)
-    write_atomically(out / f"{name}.md", text.encode())
+    write_bytes_atomic(out / f"{name}.md", text.encode())
     plot(rows, out / f"{name}.png", title)
     print(text)
     print(f"wrote {out / name}.{{json,md,png}}")

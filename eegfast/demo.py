@@ -20,12 +20,10 @@ beside the repository root.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -41,6 +39,7 @@ from eegfast.ops import (
     vq_nearest,
     vq_nearest_reference,
 )
+from eegfast.train.fileio import write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SFREQ = 200.0  # LaBraM's sampling rate: one patch = 1 s = 200 samples
@@ -150,20 +149,6 @@ def backends_table() -> str:
         for name, status in available_backends().items()
     ]
     return "\n".join(f"{a:9s} {b:9s} {c}" for a, b, c in rows)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write to a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def find_edf_files(data_dir: Path) -> list[Path] | str:
