@@ -3,6 +3,7 @@
 from eegfast.nn.attention import QKNormAttention
 from eegfast.nn.convert import ConversionReport, convert, convert_report
 from eegfast.nn.layers import Block, Mlp, TemporalConv
+from eegfast.nn.linear import fused_linear
 from eegfast.nn.moe import MoEAux, MoEFFN, moe_aux_losses
 from eegfast.nn.vq import CodebookEMA, NormEMAVectorQuantizer, QuantizerOutput
 
@@ -17,6 +18,7 @@ __all__ = [
     "TemporalConv",
     "convert",
     "convert_report",
+    "fused_linear",
     "CodebookEMA",
     "NormEMAVectorQuantizer",
     "QuantizerOutput",

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eegfast.nn.linear import fused_linear
 from eegfast.ops import qk_norm_attention_packed
 
 
@@ -121,16 +122,21 @@ class QKNormAttention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         causal: bool = False,
         block_causal: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, N, dim) -> (B, N, dim).
 
         key_padding_mask: (B, N) bool, True = padding token (ignored as a key).
         causal / block_causal: as in :func:`eegfast.ops.qk_norm_attention`.
+        residual (B, N, dim) / scale (dim,): return ``residual + scale ⊙ attn(x)`` instead,
+        fused into the output projection where :func:`~eegfast.nn.linear.fused_linear`
+        can (a pre-norm block's residual branch with layer scale).
         """
         B, N, C = x.shape
         if C != self.dim:
             raise ValueError(f"x must have last dim {self.dim}, got {tuple(x.shape)}")
-        qkv = F.linear(x, self.qkv.weight, self._qkv_bias())  # (B, N, 3·H·D)
+        qkv = fused_linear(x, self.qkv.weight, self._qkv_bias())  # (B, N, 3·H·D)
         dropout_p = self.attn_drop if self.training else 0.0
         if self.q_norm is not None:
             out = qk_norm_attention_packed(
@@ -164,4 +170,8 @@ class QKNormAttention(nn.Module):
             if visible is not None:  # rows that see no key: zeros, as the fused op
                 out = out.masked_fill(~visible.any(-1, keepdim=True), 0.0)
             out = out.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(out))
+        if self.training and self.proj_drop.p > 0:
+            y = self.proj_drop(self.proj(out))
+            y = y if scale is None else y * scale
+            return y if residual is None else residual + y
+        return fused_linear(out, self.proj.weight, self.proj.bias, scale=scale, residual=residual)

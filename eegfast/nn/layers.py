@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eegfast.nn.attention import QKNormAttention
+from eegfast.nn.linear import fused_linear
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -42,18 +43,26 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, out_dim or dim, **factory)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor, task_id: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (..., dim) -> (..., out_dim)."""
-        h = self.fc1(x)
-        if not h.requires_grad and type(self.act) is nn.GELU:
-            # Without autograd, GELU in place on fc1's output: the hidden activation is the
-            # block's largest tensor (4 dim per token), and a second one is a fresh allocation
-            # whose pages fault in on first touch (LaBraM-Base inference on CPU: half the page
-            # faults, ~7% less time).
-            h = torch.ops.aten.gelu_(h, approximate=self.act.approximate)
+    def forward(
+        self,
+        x: torch.Tensor,
+        task_id: torch.Tensor | None = None,
+        *,
+        residual: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (..., dim) -> (..., out_dim); with ``residual`` (..., out_dim) and/or ``scale``
+        (out_dim,): ``residual + scale ⊙ mlp(x)``, fused into fc2 where
+        :func:`~eegfast.nn.linear.fused_linear` can."""
+        if type(self.act) is nn.GELU and self.act.approximate == "none":
+            h = fused_linear(x, self.fc1.weight, self.fc1.bias, gelu=True)
         else:
-            h = self.act(h)
-        return self.drop(self.fc2(self.drop(h)))
+            h = self.act(self.fc1(x))
+        if self.training and self.drop.p > 0:
+            y = self.drop(self.fc2(self.drop(h)))
+            y = y if scale is None else y * scale
+            return y if residual is None else residual + y
+        return fused_linear(h, self.fc2.weight, self.fc2.bias, scale=scale, residual=residual)
 
 
 class Block(nn.Module):
@@ -116,25 +125,24 @@ class Block(nn.Module):
         task_id: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, N, dim) -> (B, N, dim); masks as in :class:`QKNormAttention`."""
-        a = self.attn(
-            self.norm1(x),
-            key_padding_mask=key_padding_mask,
-            causal=causal,
-            block_causal=block_causal,
-        )
-        x = self._residual(x, a, self.gamma_1)
-        m = self.mlp(self.norm2(x), task_id=task_id)
-        return self._residual(x, m, self.gamma_2)
-
-    def _residual(self, x: torch.Tensor, branch: torch.Tensor, gamma) -> torch.Tensor:
-        """x + drop_path(γ·branch); one fused pass (addcmul) when drop path is inactive."""
+        masks = dict(key_padding_mask=key_padding_mask, causal=causal, block_causal=block_causal)
         if self.drop_path > 0.0 and self.training:
-            if gamma is not None:
-                branch = gamma * branch
-            return x + drop_path(branch, self.drop_path, True)
-        if gamma is None:
-            return x + branch
-        return torch.addcmul(x, gamma, branch)
+            x = self._dropped_residual(x, self.attn(self.norm1(x), **masks), self.gamma_1)
+            m = self.mlp(self.norm2(x), task_id=task_id)
+            return self._dropped_residual(x, m, self.gamma_2)
+        # Residual and layer scale go into the output projections (one pass each, fused into
+        # the GEMM on CPU inference, see eegfast.nn.linear).
+        x = self.attn(self.norm1(x), **masks, residual=x, scale=self.gamma_1)
+        if type(self.mlp).forward is Mlp.forward:  # not an MoE FFN or an override
+            return self.mlp(self.norm2(x), residual=x, scale=self.gamma_2)
+        m = self.mlp(self.norm2(x), task_id=task_id)
+        return x + m if self.gamma_2 is None else torch.addcmul(x, self.gamma_2, m)
+
+    def _dropped_residual(self, x: torch.Tensor, branch: torch.Tensor, gamma) -> torch.Tensor:
+        """x + drop_path(γ·branch) (training with stochastic depth)."""
+        if gamma is not None:
+            branch = gamma * branch
+        return x + drop_path(branch, self.drop_path, True)
 
 
 def masked_group_norm(

@@ -1,0 +1,126 @@
+"""Linear layers with their epilogue fused, for fp32 inference on CPU.
+
+A transformer block spends most of its CPU time in four Linears, and eager PyTorch adds a
+memory pass after each: ``addmm`` first copies the broadcast bias into a fresh output, then
+GELU, layer scale and the residual add each read and write the activation again. oneDNN
+(shipped inside PyTorch's CPU builds) runs the GEMM on a weight packed once into its blocked
+layout and applies bias, GELU or the residual add while the output tile is still in registers.
+Layer scale is folded into the packed weight: ``γ ⊙ (x Wᵀ + b) = x (γ ⊙ W)ᵀ + γ ⊙ b``.
+
+:func:`fused_linear` takes that path only where it cannot change what autograd or a compiler
+sees: CPU float32 tensors that need no gradient, outside ``torch.compile`` tracing and CPU
+autocast, with ``torch.backends.mkldnn`` available and enabled (``torch.backends.mkldnn.flags(
+enabled=False)`` turns it off). Everywhere else it is the eager composition, so results agree
+within fp32 rounding (GEMM summation order).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["fused_linear"]
+
+# weight Parameter -> (version key, packed weight, bias to pass). Keyed weakly on the tensor's
+# identity, so a dropped model frees its packed copies; the version key repacks after any
+# in-place update (optimizer step, load_state_dict).
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+# The two oneDNN ops are internal to PyTorch (Inductor's CPU lowering uses them): a build
+# without them takes the eager path.
+_HAS_ONEDNN_LINEAR = hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(
+    torch.ops.mkldnn, "_reorder_linear_weight"
+)
+
+
+def _version_key(*tensors: torch.Tensor | None) -> tuple:
+    return tuple(None if t is None else (id(t), t._version, t.data_ptr()) for t in tensors)
+
+
+def _packed_weight(
+    weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    key = _version_key(weight, bias, scale)
+    hit = _PACKED.get(weight)
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    w, b = weight.detach(), None if bias is None else bias.detach()
+    if scale is not None:
+        s = scale.detach()
+        w = w * s[:, None]
+        b = None if b is None else b * s
+    packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+    _PACKED[weight] = (key, packed, b)
+    return packed, b
+
+
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    if torch.compiler.is_compiling():  # the compiler does its own fusion; keep the graph whole
+        return False
+    tensors = (x, weight, *(t for t in others if t is not None))
+    if not all(type(t) in _PLAIN for t in tensors):  # not subclasses such as fake tensors
+        return False
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.is_mkldnn for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if x.dim() < 2 or x.numel() == 0:
+        return False
+    return (
+        _HAS_ONEDNN_LINEAR
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def fused_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    gelu: bool = False,
+    scale: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``residual + scale ⊙ (x Wᵀ + b)``, or ``GELU(x Wᵀ + b)`` with ``gelu=True``.
+
+    Args:
+        x: (..., K) input.
+        weight: (N, K), as ``nn.Linear.weight``.
+        bias: (N,) or None.
+        gelu: apply exact (erf) GELU to the output; cannot be combined with ``scale`` or
+            ``residual``.
+        scale: (N,) per-feature scale (layer scale γ) or None.
+        residual: (..., N) tensor added to the (scaled) output, or None.
+
+    Returns:
+        (..., N) tensor. A new tensor; ``residual`` is not modified.
+    """
+    if gelu and (scale is not None or residual is not None):
+        raise ValueError("fused_linear: gelu=True cannot be combined with scale or residual")
+    if residual is not None and residual.shape != (*x.shape[:-1], weight.shape[0]):
+        raise ValueError(
+            f"fused_linear: residual must have shape {(*x.shape[:-1], weight.shape[0])}, "
+            f"got {tuple(residual.shape)}"
+        )
+    if _onednn_applies(x, weight, bias, scale, residual):
+        packed, b = _packed_weight(weight, bias, scale)
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(
+                x, residual.contiguous(), packed, b, "add"
+            )
+        return torch.ops.mkldnn._linear_pointwise(
+            x, packed, b, "gelu" if gelu else "none", [], "none" if gelu else ""
+        )
+    y = F.linear(x, weight, bias)
+    if gelu:
+        # Without autograd, GELU in place: a second activation of this size (4·dim per token
+        # in an MLP) would be a fresh allocation whose pages fault in on first touch.
+        return torch.ops.aten.gelu_(y) if not y.requires_grad else F.gelu(y)
+    if residual is None:
+        return y if scale is None else y * scale
+    return residual + y if scale is None else torch.addcmul(residual, scale, y)

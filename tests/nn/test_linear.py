@@ -1,0 +1,136 @@
+"""fused_linear: the oneDNN epilogue path against the eager composition it replaces."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import eegfast.nn.linear as fl
+from eegfast.nn import Block, fused_linear
+
+needs_onednn = pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN"
+)
+
+
+def eager(x, weight, bias=None, *, gelu=False, scale=None, residual=None):
+    y = F.linear(x, weight, bias)
+    if gelu:
+        return F.gelu(y)
+    if scale is not None:
+        y = y * scale
+    return y if residual is None else residual + y
+
+
+def took_fast_path(weight) -> bool:
+    return weight in fl._PACKED
+
+
+@needs_onednn
+@settings(max_examples=25, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 9), min_size=1, max_size=2),
+    k=st.integers(1, 70),
+    n=st.integers(1, 70),
+    epilogue=st.sampled_from(["none", "gelu", "scale", "residual", "scale+residual"]),
+    with_bias=st.booleans(),
+    transposed=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fast_path_matches_eager(lead, k, n, epilogue, with_bias, transposed, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, generator=gen)
+    if transposed and len(lead) == 2:  # non-contiguous input
+        x = torch.randn(lead[1], lead[0], k, generator=gen).transpose(0, 1)
+    weight = torch.randn(n, k, generator=gen) / k**0.5
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    kwargs = {}
+    if epilogue == "gelu":
+        kwargs["gelu"] = True
+    if "scale" in epilogue:
+        kwargs["scale"] = torch.rand(n, generator=gen) + 0.05
+    if "residual" in epilogue:
+        kwargs["residual"] = torch.randn(*lead, n, generator=gen)
+    with torch.no_grad():
+        got = fused_linear(x, weight, bias, **kwargs)
+    assert took_fast_path(weight)
+    torch.testing.assert_close(got, eager(x, weight, bias, **kwargs), atol=2e-5, rtol=2e-5)
+    if "residual" in kwargs:  # the residual is an input, never overwritten
+        assert not got.data_ptr() == kwargs["residual"].data_ptr()
+
+
+@needs_onednn
+def test_packed_weight_follows_in_place_updates():
+    weight, bias, scale = torch.randn(6, 5), torch.randn(6), torch.rand(6)
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        first = fused_linear(x, weight, bias, scale=scale)
+        for tensor in (weight, bias, scale):  # an optimizer step / load_state_dict
+            tensor.mul_(1.5)
+            torch.testing.assert_close(
+                fused_linear(x, weight, bias, scale=scale), eager(x, weight, bias, scale=scale)
+            )
+    assert not torch.allclose(first, fused_linear(x, weight, bias, scale=scale))
+
+
+def test_autograd_takes_the_eager_path_with_gradients():
+    weight = torch.randn(6, 5, requires_grad=True)
+    scale = torch.rand(6, requires_grad=True)
+    x, residual = torch.randn(3, 5, requires_grad=True), torch.randn(3, 6)
+    out = fused_linear(x, weight, None, scale=scale, residual=residual)
+    assert not took_fast_path(weight)
+    out.square().sum().backward()
+    grads = [t.grad.clone() for t in (x, weight, scale)]
+    for t in (x, weight, scale):
+        t.grad = None
+    eager(x, weight, None, scale=scale, residual=residual).square().sum().backward()
+    for got, t in zip(grads, (x, weight, scale), strict=True):
+        torch.testing.assert_close(got, t.grad)
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+def test_disabled_onednn_and_other_dtypes_use_eager():
+    x, weight = torch.randn(3, 5), torch.randn(4, 5)
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
+        torch.testing.assert_close(fused_linear(x, weight, gelu=True), eager(x, weight, gelu=True))
+    assert not took_fast_path(weight)
+    with torch.no_grad():
+        got = fused_linear(x.double(), weight.double(), gelu=True)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, eager(x.double(), weight.double(), gelu=True))
+
+
+def test_bad_arguments_are_named():
+    x, weight = torch.randn(3, 5), torch.randn(4, 5)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        fused_linear(x, weight, residual=torch.randn(3, 5))
+    with pytest.raises(ValueError, match="gelu=True cannot be combined"):
+        fused_linear(x, weight, gelu=True, scale=torch.ones(4))
+
+
+@needs_onednn
+def test_block_inference_takes_fused_path_and_matches_training_math():
+    torch.manual_seed(0)
+    block = Block(40, 2, init_values=0.1, drop_path=0.1)
+    x = torch.randn(3, 9, 40)
+    block.train()  # drop path active: the unfused stochastic path; eval is deterministic
+    with torch.no_grad():
+        fused = block.eval()(x)
+    assert took_fast_path(block.mlp.fc2.weight) and took_fast_path(block.attn.proj.weight)
+    expected = block(x)  # autograd on: the eager composition
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_fused_block_under_torch_compile_is_traced_eagerly():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(5, 8)
+
+    def fn(x):
+        return fused_linear(x, lin.weight, lin.bias, gelu=True)
+
+    with torch.no_grad():
+        compiled = torch.compile(fn, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), eager(x, lin.weight, lin.bias, gelu=True))
