@@ -34,10 +34,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from eegfast.fileio import write_text_atomic
 from eegfast.nn import MoEFFN
 from eegfast.ops import moe_dispatch
 from eegfast.ops.moe import moe_dispatch_reference, moe_ffn_expert_loop, moe_ffn_torch_sorted
-from eegfast.train.fileio import write_text_atomic
 
 DISPATCH_SHAPE = (8192, 8, 2)  # T, E, k
 FFN_SHAPE = (8192, 200, 800, 8, 2)  # T, D, H, E, k

@@ -47,9 +47,9 @@ import pytest
 import torch
 
 from benchmarks._report import environment, interleaved_times
+from eegfast.fileio import write_text_atomic
 from eegfast.models import create_model, random_patch_mask
 from eegfast.models.reference import RefPretrain, RefTransformer, RefVQNSP, reference_pretrain_loss
-from eegfast.train.fileio import write_text_atomic
 
 SIZES = {"base": (200, 12, 10, 8), "large": (400, 24, 16, 16)}
 CPU_CASE = dict(batch=8, n_chans=23, n_patches=10, threads=2)

@@ -34,7 +34,6 @@ import csv
 import io
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -42,6 +41,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from eegfast.fileio import write_bytes_atomic
 
 SHAPES = {  # name: (T, D, H, E)
     "base": (32896, 200, 800, 8),
@@ -241,24 +242,15 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    write_atomic(path, buffer.getvalue())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_outputs(out_dir, title, env, rows, name="gpu_moe") -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {s: out / f"{name}.{s}" for s in ("csv", "md", "png")}
-    write_atomic(paths["csv"], csv_text(rows).encode())
-    write_atomic(paths["md"], markdown_text(title, env, rows).encode())
+    write_bytes_atomic(paths["csv"], csv_text(rows).encode())
+    write_bytes_atomic(paths["md"], markdown_text(title, env, rows).encode())
     plot(rows, paths["png"], title)
     return paths
 

@@ -33,7 +33,6 @@ import io
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -41,6 +40,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from eegfast.fileio import write_bytes_atomic
 
 SHAPES: dict[str, tuple[int, int, int, int]] = {
     "base": (128, 10, 257, 20),
@@ -315,29 +316,15 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
-    write_atomic(path, buffer.getvalue())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder + fsync + replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_outputs(out_dir: Path | str, title: str, env: dict, rows: Sequence[Row], name: str):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {suffix: out / f"{name}.{suffix}" for suffix in ("csv", "md", "png")}
-    write_atomic(paths["csv"], csv_text(rows).encode())
-    write_atomic(paths["md"], markdown_text(title, env, rows).encode())
+    write_bytes_atomic(paths["csv"], csv_text(rows).encode())
+    write_bytes_atomic(paths["md"], markdown_text(title, env, rows).encode())
     plot(rows, paths["png"], title)
     return paths
 

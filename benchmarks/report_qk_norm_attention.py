@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
 import statistics
 import sys
@@ -29,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._report import environment, error_line, interleaved_times
+from eegfast.fileio import write_bytes_atomic
 from eegfast.ops import qk_norm_attention, qk_norm_attention_reference
-from eegfast.train.fileio import write_bytes_atomic
 
 # (B, H, N, D): LaBraM-Base (10 heads of 20) on 256 patches + cls, batch 8.
 CPU_SHAPES = ((8, 10, 257, 20),)
@@ -223,9 +224,9 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=120, format="png")
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:

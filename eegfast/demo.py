@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from eegfast.fileio import write_json_atomic
 from eegfast.ops import (
     available_backends,
     vq_ema_update,
@@ -39,7 +40,6 @@ from eegfast.ops import (
     vq_nearest,
     vq_nearest_reference,
 )
-from eegfast.train.fileio import write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SFREQ = 200.0  # LaBraM's sampling rate: one patch = 1 s = 200 samples

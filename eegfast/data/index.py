@@ -1,4 +1,4 @@
-"""Layout of a prepared folder, atomic writes, and the index (readable without torch).
+"""Layout of a prepared folder and its index (readable without torch).
 
 A folder written by ``eegfast prepare`` holds::
 
@@ -10,19 +10,15 @@ A folder written by ``eegfast prepare`` holds::
     shards/<key>.json     the recording's record; written after its shard, so a recording is
                           finished exactly when its .json exists (what resuming relies on)
 
-Every file is written to a temporary name in the same folder, fsynced and renamed over the final
-name, so a killed run never leaves a half-written shard under a final name.
+Every file is written with :mod:`eegfast.fileio` (temporary name in the same folder, fsync,
+rename), so a killed run never leaves a half-written shard under a final name.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 __all__ = [
     "FORMAT_VERSION",
@@ -30,76 +26,11 @@ __all__ = [
     "SHARD_DIR",
     "load_index",
     "read_index",
-    "write_json_atomic",
-    "write_npy_atomic",
 ]
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 SHARD_DIR = "shards"
-TMP_MARK = ".tmp-"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp makes files 0600
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """Write JSON to a temporary file beside ``path``, fsync it, rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Write ``array`` as a .npy file (read back with ``np.load(mmap_mode=...)``) atomically.
-
-    One sequential write of the header and the data to a temporary file, fsync, rename. (Filling
-    a memory map of the temporary file instead costs an extra msync per shard.)
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete temporary files a killed run left in ``folder``; returns how many."""
-    folder = Path(folder)
-    count = 0
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.name.startswith(".") and TMP_MARK in p.name:
-                p.unlink(missing_ok=True)
-                count += 1
-    return count
 
 
 def load_index(root: str | os.PathLike) -> dict:

@@ -34,14 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eegfast.data.index import (
-    FORMAT_VERSION,
-    INDEX_NAME,
-    SHARD_DIR,
-    remove_stale_temporaries,
-    write_json_atomic,
-    write_npy_atomic,
-)
+from eegfast.data.index import FORMAT_VERSION, INDEX_NAME, SHARD_DIR
 from eegfast.data.labels import LabelRules, read_label_table
 from eegfast.data.preprocess import (
     TARGET_SFREQ,
@@ -60,6 +53,12 @@ from eegfast.data.reading import (
     read_recording,
 )
 from eegfast.electrodes import labram_input_chans
+from eegfast.fileio import (
+    remove_stale_temporaries,
+    write_json_atomic,
+    write_npy_atomic,
+    write_text_atomic,
+)
 
 __all__ = ["Job", "Settings", "configure_parser", "discover", "main", "prepare", "process_file"]
 
@@ -373,9 +372,7 @@ def prepare(
     report = build_report(ordered, index, settings, time.perf_counter() - started, removed)
     write_json_atomic(out / "report.json", report)
     md = out / "report.md"
-    tmp = md.with_name(".report.md.tmp")
-    tmp.write_text(report_markdown(report))
-    os.replace(tmp, md)
+    write_text_atomic(md, report_markdown(report))
     return report
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from eegfast.train.fileio import fsync_dir, fsync_file
+from eegfast.fileio import fsync_dir, fsync_file
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 WEIGHTS = "model.safetensors"

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from eegfast.fileio import write_text_atomic
 from eegfast.train import checkpoint as ckpt
 from eegfast.train.config import RunConfig, config_to_dict, config_to_yaml
 from eegfast.train.distributed import (
@@ -36,7 +37,6 @@ from eegfast.train.distributed import (
     barrier,
     wrap_model,
 )
-from eegfast.train.fileio import write_text_atomic
 from eegfast.train.objectives import StepContext, StepFn
 from eegfast.train.optim import build_optimizer, build_scheduler
 from eegfast.train.runlog import RunLogger

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from eegfast.fileio import write_atomic, write_json_atomic, write_text_atomic
 from eegfast.train.arch import build_model
 from eegfast.train.baseline import band_power_features, fit_predict_band_power
 from eegfast.train.config import RunConfig
 from eegfast.train.data import TrainData, collate_fn
 from eegfast.train.engine import fit, seed_everything
-from eegfast.train.fileio import write_atomic, write_json_atomic, write_text_atomic
 from eegfast.train.metrics import classification_metrics, confusion, group_folds, mean_std
 from eegfast.train.objectives import StepContext, classification_step, to_device
 

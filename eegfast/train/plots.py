@@ -18,7 +18,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    from eegfast.train.fileio import write_atomic
+    from eegfast.fileio import write_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))

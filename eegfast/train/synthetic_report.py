@@ -318,7 +318,7 @@ def real_vs_synthetic_auroc(real: np.ndarray, synthetic: np.ndarray, seed: int =
 
 
 def _save_png(fig, path: Path) -> None:
-    from eegfast.train.fileio import write_atomic
+    from eegfast.fileio import write_atomic
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -640,7 +640,7 @@ def run_report(
 ) -> dict[str, Any]:
     """Run everything and write the report into ``out``; returns the results dict."""
     from eegfast.datasets import sample
-    from eegfast.train.fileio import write_json_atomic, write_text_atomic
+    from eegfast.fileio import write_json_atomic, write_text_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

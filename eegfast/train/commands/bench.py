@@ -14,8 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from eegfast.fileio import write_text_atomic
 from eegfast.train.commands.common import CommandError, run_command
-from eegfast.train.fileio import write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 

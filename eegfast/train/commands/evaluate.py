@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eegfast.fileio import write_atomic
 from eegfast.train.arch import backbone_from_checkpoint, load_trained
 from eegfast.train.commands.common import (
     CommandError,
@@ -29,7 +30,6 @@ from eegfast.train.commands.common import (
 from eegfast.train.config import RunConfig
 from eegfast.train.data import TrainData, load_data
 from eegfast.train.distributed import shutdown
-from eegfast.train.fileio import write_atomic
 from eegfast.train.finetune import (
     Backbone,
     CVResult,

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from eegfast.fileio import write_text_atomic
 from eegfast.train.arch import backbone_from_checkpoint
 from eegfast.train.commands.common import add_run_arguments, resolve, run_command, say, start
 from eegfast.train.config import RunConfig, config_to_yaml
 from eegfast.train.data import load_data
 from eegfast.train.distributed import shutdown
-from eegfast.train.fileio import write_text_atomic
 from eegfast.train.finetune import Backbone, cross_validate, write_outputs
 
 # Reference recipe: layer-wise lr decay 0.65, lr 5e-4, wd 0.05, drop path 0.1.

@@ -360,7 +360,7 @@ def write_output(
 
     ``generated_from_s``: where the generated part starts (a prompt may come before it).
     """
-    from eegfast.train.fileio import write_atomic, write_json_atomic
+    from eegfast.fileio import write_atomic, write_json_atomic
 
     path = Path(path)
     suffix = path.suffix.lower()

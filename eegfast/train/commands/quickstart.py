@@ -251,8 +251,8 @@ def _main(args: argparse.Namespace) -> int:
 def write_report(
     out: Path, runs: Path, timings: dict[str, float], total: float, attribution: str, *, fast: bool
 ) -> Path:
+    from eegfast.fileio import write_text_atomic
     from eegfast.train import plots
-    from eegfast.train.fileio import write_text_atomic
     from eegfast.train.runlog import read_metrics
 
     tok = read_metrics(runs / "tokenizer" / "metrics.csv")

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from eegfast.fileio import write_text_atomic
 from eegfast.train import checkpoint as ckpt
 from eegfast.train.arch import backbone_from_checkpoint, build_model
 from eegfast.train.commands.common import CommandError, run_command
 from eegfast.train.config import RunConfig, config_to_dict, resolve_config
-from eegfast.train.fileio import write_text_atomic
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,113 @@
+"""Atomic file writes: temporary name, fsync, ``os.replace``, fsync of the folder.
+
+The bottom layer of the package (no eegfast imports), shared by data preparation, training and
+the benchmark reports. A crash or kill at any point leaves either the old file or the new one,
+never a partial file; a killed writer's temporary (``.<name>.tmp-XXXX`` beside the target) is
+found by :func:`is_temporary` and removed by :func:`remove_stale_temporaries`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TMP_MARK = ".tmp-"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp makes files 0600
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside ``path`` durable (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def is_temporary(path: str | Path) -> bool:
+    """Whether ``path`` is the temporary of an unfinished :func:`write_atomic`."""
+    name = Path(path).name
+    return name.startswith(".") and TMP_MARK in name
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)``, fsync it, then rename it over ``path`` (returned).
+
+    The file gets the permissions a plain ``open()`` would give it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        fsync_file(tmp)
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json_atomic(path: str | Path, payload: Any, *, indent: int = 2) -> Path:
+    return write_text_atomic(path, json.dumps(payload, indent=indent, default=str) + "\n")
+
+
+def write_npy_atomic(path: str | Path, array: np.ndarray) -> Path:
+    """``array`` as a .npy file (read back with ``np.load(mmap_mode=...)``), no pickles.
+
+    One sequential write of header and data. (Filling a memory map of the temporary instead
+    costs an extra msync per file.)
+    """
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+
+    return write_atomic(path, write)
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete the temporaries that killed writers left in ``folder``; returns how many."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for p in folder.iterdir():
+        if is_temporary(p) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed

@@ -1,0 +1,64 @@
+"""eegfast.fileio: atomic writes leave the old file or the new one, never a partial one."""
+
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from eegfast.fileio import (
+    is_temporary,
+    remove_stale_temporaries,
+    write_atomic,
+    write_json_atomic,
+    write_npy_atomic,
+    write_text_atomic,
+)
+
+
+def test_writes_and_permissions_of_a_plain_open(tmp_path):
+    path = write_text_atomic(tmp_path / "sub" / "a.txt", "hello")
+    assert path.read_text() == "hello"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    write_json_atomic(tmp_path / "b.json", {"x": tmp_path})  # Paths become strings
+    assert str(tmp_path) in (tmp_path / "b.json").read_text()
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    write_npy_atomic(tmp_path / "c.npy", array)
+    np.testing.assert_array_equal(np.load(tmp_path / "c.npy", mmap_mode="r"), array)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "c.npy", "sub"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = write_text_atomic(tmp_path / "a.txt", "old")
+
+    def half_then_fail(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomic(path, half_then_fail)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_stale_temporaries_are_recognised_and_removed(tmp_path):
+    seen = []
+
+    def killed(tmp):  # a writer killed mid-write leaves its temporary behind
+        seen.append(tmp)
+        tmp.write_text("partial")
+        (tmp_path / "left-behind").write_text(tmp.name)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(tmp_path / "x.npy", killed)
+    assert is_temporary(seen[0]) and not seen[0].exists()  # cleaned up on an exception
+    (tmp_path / (tmp_path / "left-behind").read_text()).write_text("partial")  # not on a kill
+    (tmp_path / "left-behind").unlink()
+    (tmp_path / "keep.tmp-notdotted").write_text("mine")
+    assert not is_temporary(tmp_path / "keep.tmp-notdotted")
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert remove_stale_temporaries(tmp_path / "missing") == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.tmp-notdotted"]
