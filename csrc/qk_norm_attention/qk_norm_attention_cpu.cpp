@@ -141,6 +141,31 @@ EEGFAST_INLINE vec_t<float> vexp(vec_t<float> x) {
   return x < vsplat(-87.0f) ? vec_t<float>{} : vexp_in_range(x);
 }
 
+// Natural log of 8 positive normal floats: x = 2^e m with m in [sqrt(1/2), sqrt(2)) (integer
+// arithmetic on the bits), log m = 2 atanh(s) with s = (m - 1) / (m + 1), |s| <= 0.1716, by
+// its odd series to s^9 (truncation < 1e-9), and e ln2 with ln2 split in two so that e ln2 is
+// exact to float rounding. Replaces one scalar logf call per query row (~5% of the forward).
+EEGFAST_INLINE vec_t<float> vlog_positive(vec_t<float> x) {
+  using vf = vec_t<float>;
+  const vi32 sqrt_half = vi32{} + 0x3f3504f3;  // the bits of 0.70710677f
+  const vi32 t = (vi32)x - sqrt_half;
+  const vf e = __builtin_convertvector(t >> 23, vf);  // arithmetic shift: floor
+  const vf m = (vf)((t & 0x007fffff) + sqrt_half);
+  const vf s = (m - 1.0f) / (m + 1.0f);
+  const vf s2 = s * s;
+  vf series = vsplat(2.0f / 9.0f);
+  series = series * s2 + 2.0f / 7.0f;
+  series = series * s2 + 2.0f / 5.0f;
+  series = series * s2 + 2.0f / 3.0f;
+  series = series * s2 + 2.0f;
+  return e * 0.693145751953125f + (e * 1.428606765330187e-06f + s * series);
+}
+EEGFAST_INLINE vec_t<double> vlog_positive(vec_t<double> x) {
+  vec_t<double> y;
+  for (int i = 0; i < kLanes<double>; ++i) y[i] = std::log(x[i]);
+  return y;
+}
+
 EEGFAST_INLINE vec_t<double> vexp(vec_t<double> x) {
   vec_t<double> y;
   for (int i = 0; i < kLanes<double>; ++i) y[i] = std::exp(x[i]);
@@ -395,6 +420,16 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
   const bool backward = layout == KeyLayout::kBackward;
   const int64_t N = p.N, D = p.D, Dv = p.Dv, Nk = p.Nk;
   const T inf = std::numeric_limits<T>::infinity();
+  // The value rows of one (b, h) lie far apart in the packed qkv layout (3 H D elements), and
+  // their first reads below stalled on memory (~6% of the forward): request them into L2 now,
+  // while the key LayerNorm computes.
+  if (p.v.sd == 1)
+    for (int64_t j = 0; j < N; ++j) {
+      const char* row = reinterpret_cast<const char*>(p.v.row(b, h, j));
+      const int64_t bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 2);
+      __builtin_prefetch(row + bytes - 1, 0, 2);
+    }
   ks.panels.assign(Nk * D, T(0));
   if (backward) {
     ks.key_rows.assign(Nk * Dv, T(0));
@@ -769,13 +804,17 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
       }
       query_lane_all_values<DR>(Ot.data(), St, ks.value_rows.data() + key0 * Dv, Dv, D, keys);
     }
-    for (int v = 0; v < QV; ++v) vstore(sums + v * L, l[v]);
+    alignas(64) T logs[QT];
+    for (int v = 0; v < QV; ++v) {
+      vstore(sums + v * L, l[v]);
+      vstore(logs + v * L, vlog_positive(l[v]));  // lanes with a zero sum are not used
+    }
     for (int r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
       const T inv = sums[r] > T(0) ? T(1) / sums[r] : T(0);
       scalar_t* o = a.out + ((b * N + i) * H + h) * D;
       for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(Ot[d * QT + r] * inv);
-      a.lse[bh * N + i] = sums[r] > T(0) ? std::log(sums[r]) : -inf;
+      a.lse[bh * N + i] = sums[r] > T(0) ? logs[r] : -inf;
     }
   }
 }

@@ -478,3 +478,26 @@ def test_env_backend_override(monkeypatch):
     monkeypatch.setenv("EEGFAST_BACKEND", "bogus")
     with pytest.raises(ValueError, match="EEGFAST_BACKEND must be one of"):
         qk_norm_attention(q, q, q)
+
+
+@pytest.mark.parametrize("score_scale", [0.05, 1.0, 6.0, 40.0])
+@pytest.mark.parametrize("padding", [False, True])
+def test_forward_logsumexp_matches_float64(score_scale, padding):
+    """The saved logsumexp (vectorised log on the query-lane path, online max beyond the
+    unshifted bound) against float64, from tiny to huge score ranges."""
+    case = make_case(2, 3, 77, 20, seed=5, padding=padding, empty_rows=padding)
+    q, k, v = case["qkv"]
+    qw, qb, kw, kb = (case["params"][name] for name in PARAM_NAMES)
+    mask = case["kwargs"]["key_padding_mask"]
+    out, lse, *_ = torch.ops.eegfast.qk_norm_attention_fwd(
+        q, k, v, qw, qb, kw, kb, 1e-6, score_scale, mask, False, None
+    )
+    qn = F.layer_norm(q.double(), (20,), qw.double(), qb.double(), 1e-6)
+    kn = F.layer_norm(k.double(), (20,), kw.double(), kb.double(), 1e-6)
+    scores = qn @ kn.transpose(-1, -2) * score_scale
+    if mask is not None:
+        scores = scores.masked_fill(mask[:, None, None, :], float("-inf"))
+    expected = scores.logsumexp(-1)
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(lse), finite) and (lse[~finite] == float("-inf")).all()
+    torch.testing.assert_close(lse.double()[finite], expected[finite], atol=2e-6, rtol=1e-6)
