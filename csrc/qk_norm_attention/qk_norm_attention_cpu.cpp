@@ -405,6 +405,33 @@ EEGFAST_INLINE void layer_norm_lanes(T* X, int64_t D, int valid, T eps, const T*
   for (int v = 0; v < V; ++v) vstore(norm2_out + v * L, norm2[v]);
 }
 
+// Requests the N rows of (b, h) of t into L2. A head's rows lie H D (or, packed, 3 H D)
+// elements apart, which the hardware prefetchers do not follow. Rows with strided elements are
+// left alone.
+template <typename scalar_t>
+EEGFAST_INLINE void prefetch_head(const Strided<scalar_t>& t, int64_t b, int64_t h, int64_t N,
+                                  int64_t D) {
+  if (t.sd != 1) return;
+  const int64_t bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t j = 0; j < N; ++j) {
+    const char* row = reinterpret_cast<const char*>(t.row(b, h, j));
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 2);
+    __builtin_prefetch(row + bytes - 1, 0, 2);
+  }
+}
+
+// A thread runs consecutive tasks (at::parallel_for hands each a contiguous range): when it
+// starts the last task of (b, h), it requests the next head's q, k and v, so that loading
+// them overlaps this task's compute instead of stalling the next one's first reads.
+template <typename scalar_t, typename T>
+EEGFAST_INLINE void prefetch_next_head(const Problem<scalar_t, T>& p, int64_t bh, int64_t chunk) {
+  if (chunk != p.chunks - 1 || bh + 1 >= p.B * p.H) return;
+  const int64_t b = (bh + 1) / p.H, h = (bh + 1) % p.H;
+  prefetch_head(p.q, b, h, p.N, p.D);
+  prefetch_head(p.k, b, h, p.N, p.D);
+  prefetch_head(p.v, b, h, p.N, p.D);
+}
+
 // Which layouts of the keys and values a kernel reads (see KeySide).
 enum class KeyLayout {
   kForward,   // panels, value_rows
@@ -420,16 +447,9 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
   const bool backward = layout == KeyLayout::kBackward;
   const int64_t N = p.N, D = p.D, Dv = p.Dv, Nk = p.Nk;
   const T inf = std::numeric_limits<T>::infinity();
-  // The value rows of one (b, h) lie far apart in the packed qkv layout (3 H D elements), and
-  // their first reads below stalled on memory (~6% of the forward): request them into L2 now,
-  // while the key LayerNorm computes.
-  if (p.v.sd == 1)
-    for (int64_t j = 0; j < N; ++j) {
-      const char* row = reinterpret_cast<const char*>(p.v.row(b, h, j));
-      const int64_t bytes = D * static_cast<int64_t>(sizeof(scalar_t));
-      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 2);
-      __builtin_prefetch(row + bytes - 1, 0, 2);
-    }
+  // The value rows' first reads below stalled on memory (~6% of the forward): request them
+  // now, while the key LayerNorm computes (the first task of a thread has no earlier request).
+  prefetch_head(p.v, b, h, N, D);
   ks.panels.assign(Nk * D, T(0));
   if (backward) {
     ks.key_rows.assign(Nk * Dv, T(0));
@@ -739,6 +759,7 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
   if (row_begin >= row_end) return;
   const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H;
   const T inf = std::numeric_limits<T>::infinity();
+  prefetch_next_head(p, bh, chunk);
   KeySide<T> ks;
   prepare_keys(p, b, h, a.eps, KeyLayout::kForward, static_cast<const T*>(nullptr),
                chunk == 0 ? a.k_stats + bh * N * 2 : static_cast<T*>(nullptr), ks);
@@ -941,6 +962,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   const int64_t row_end = std::min(p.N, row_begin + p.chunk_rows);
   if (row_begin >= row_end) return;
   const T inf = std::numeric_limits<T>::infinity();
+  prefetch_next_head(p, bh, chunk);
   KeySide<T> ks;
   prepare_keys(p, b, h, T(0), KeyLayout::kBackward, a.k_stats + bh * N * 2,
                static_cast<T*>(nullptr), ks);
