@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["fused_linear"]
+__all__ = ["clear_packed_weights", "fused_linear"]
 
 # weight Parameter -> (version key, packed weight, bias to pass). Keyed weakly on the tensor's
 # identity, so a dropped model frees its packed copies; the version key repacks after any
@@ -34,6 +34,17 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _HAS_ONEDNN_LINEAR = hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(
     torch.ops.mkldnn, "_reorder_linear_weight"
 )
+
+
+def clear_packed_weights() -> int:
+    """Free every cached packed weight (they are rebuilt on the next call); returns how many.
+
+    The cache holds one packed copy per weight used on the oneDNN path, as much memory again as
+    those weights; it is freed with the weights themselves, or here.
+    """
+    count = len(_PACKED)
+    _PACKED.clear()
+    return count
 
 
 def _version_key(*tensors: torch.Tensor | None) -> tuple:

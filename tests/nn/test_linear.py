@@ -74,6 +74,21 @@ def test_packed_weight_follows_in_place_updates():
     assert not torch.allclose(first, fused_linear(x, weight, bias, scale=scale))
 
 
+@needs_onednn
+def test_packed_weights_are_freed_with_the_weight_or_on_request():
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        weight = torch.randn(6, 5)
+        fused_linear(x, weight)
+        assert took_fast_path(weight)
+        before = len(fl._PACKED)
+        del weight
+        assert len(fl._PACKED) == before - 1
+        kept = torch.randn(6, 5)
+        fused_linear(x, kept)
+    assert fl.clear_packed_weights() >= 1 and not took_fast_path(kept)
+
+
 def test_autograd_takes_the_eager_path_with_gradients():
     weight = torch.randn(6, 5, requires_grad=True)
     scale = torch.rand(6, requires_grad=True)
