@@ -149,3 +149,24 @@ def test_fused_block_under_torch_compile_is_traced_eagerly():
     with torch.no_grad():
         compiled = torch.compile(fn, backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), eager(x, lin.weight, lin.bias, gelu=True))
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    "make_x",
+    [
+        lambda: torch.randn(1, 5).expand(4, 5),  # stride 0
+        lambda: torch.randn(4, 10)[:, ::2],  # strided last dim
+        lambda: torch.randn(3, 4, 5).permute(1, 0, 2),
+        lambda: torch.randn(2, 3, 4, 5),
+    ],
+    ids=["expanded", "strided-last-dim", "permuted", "4d"],
+)
+def test_fast_path_input_layouts(make_x):
+    x, weight, bias = make_x(), torch.randn(6, 5), torch.randn(6)
+    residual = torch.randn(*x.shape[:-1], 6).transpose(0, -2)  # non-contiguous residual too
+    residual = residual.contiguous().transpose(0, -2)
+    with torch.no_grad():
+        got = fused_linear(x, weight, bias, residual=residual)
+    assert took_fast_path(weight)
+    torch.testing.assert_close(got, eager(x, weight, bias, residual=residual))
