@@ -170,3 +170,15 @@ def test_fast_path_input_layouts(make_x):
         got = fused_linear(x, weight, bias, residual=residual)
     assert took_fast_path(weight)
     torch.testing.assert_close(got, eager(x, weight, bias, residual=residual))
+
+
+@needs_onednn
+def test_packs_made_in_inference_mode_serve_no_grad_and_back():
+    weight, bias, scale = torch.randn(6, 5), torch.randn(6), torch.rand(6)
+    x, residual = torch.randn(3, 5), torch.randn(3, 6)
+    with torch.inference_mode():
+        first = fused_linear(x, weight, bias, scale=scale, residual=residual)
+    with torch.no_grad():
+        second = fused_linear(x, weight, bias, scale=scale, residual=residual)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(second, eager(x, weight, bias, scale=scale, residual=residual))
