@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eegfast.nn.linear import fused_linear
+from eegfast.nn.linear import fused_linear, scaled_residual
 from eegfast.ops import qk_norm_attention_packed
 
 
@@ -171,7 +171,5 @@ class QKNormAttention(nn.Module):
                 out = out.masked_fill(~visible.any(-1, keepdim=True), 0.0)
             out = out.transpose(1, 2).reshape(B, N, C)
         if self.training and self.proj_drop.p > 0:
-            y = self.proj_drop(self.proj(out))
-            y = y if scale is None else y * scale
-            return y if residual is None else residual + y
+            return scaled_residual(self.proj_drop(self.proj(out)), scale, residual)
         return fused_linear(out, self.proj.weight, self.proj.bias, scale=scale, residual=residual)

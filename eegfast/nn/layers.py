@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eegfast.nn.attention import QKNormAttention
-from eegfast.nn.linear import fused_linear
+from eegfast.nn.linear import fused_linear, scaled_residual
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -59,9 +59,7 @@ class Mlp(nn.Module):
         else:
             h = self.act(self.fc1(x))
         if self.training and self.drop.p > 0:
-            y = self.drop(self.fc2(self.drop(h)))
-            y = y if scale is None else y * scale
-            return y if residual is None else residual + y
+            return scaled_residual(self.drop(self.fc2(self.drop(h))), scale, residual)
         return fused_linear(h, self.fc2.weight, self.fc2.bias, scale=scale, residual=residual)
 
 
@@ -132,11 +130,13 @@ class Block(nn.Module):
             return self._dropped_residual(x, m, self.gamma_2)
         # Residual and layer scale go into the output projections (one pass each, fused into
         # the GEMM on CPU inference, see eegfast.nn.linear).
-        x = self.attn(self.norm1(x), **masks, residual=x, scale=self.gamma_1)
+        if type(self.attn).forward is QKNormAttention.forward:  # not a replaced module
+            x = self.attn(self.norm1(x), **masks, residual=x, scale=self.gamma_1)
+        else:
+            x = scaled_residual(self.attn(self.norm1(x), **masks), self.gamma_1, x)
         if type(self.mlp).forward is Mlp.forward:  # not an MoE FFN or an override
             return self.mlp(self.norm2(x), residual=x, scale=self.gamma_2)
-        m = self.mlp(self.norm2(x), task_id=task_id)
-        return x + m if self.gamma_2 is None else torch.addcmul(x, self.gamma_2, m)
+        return scaled_residual(self.mlp(self.norm2(x), task_id=task_id), self.gamma_2, x)
 
     def _dropped_residual(self, x: torch.Tensor, branch: torch.Tensor, gamma) -> torch.Tensor:
         """x + drop_path(γ·branch) (training with stochastic depth)."""

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["clear_packed_weights", "fused_linear"]
+__all__ = ["clear_packed_weights", "fused_linear", "scaled_residual"]
 
 # weight Parameter -> (version key, packed weight, bias to pass). Keyed weakly on the tensor's
 # identity, so a dropped model frees its packed copies; the version key repacks after any
@@ -132,6 +132,13 @@ def fused_linear(
         # Without autograd, GELU in place: a second activation of this size (4·dim per token
         # in an MLP) would be a fresh allocation whose pages fault in on first touch.
         return torch.ops.aten.gelu_(y) if not y.requires_grad else F.gelu(y)
+    return scaled_residual(y, scale, residual)
+
+
+def scaled_residual(
+    y: torch.Tensor, scale: torch.Tensor | None = None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``residual + scale ⊙ y`` in one pass (either may be None): the eager epilogue."""
     if residual is None:
         return y if scale is None else y * scale
     return residual + y if scale is None else torch.addcmul(residual, scale, y)

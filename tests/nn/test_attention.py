@@ -114,6 +114,17 @@ def test_block_matches_manual_and_passes_task_id():
     task = torch.tensor([3, 1])
     block(x, task_id=task)
     assert seen == [task]
+
+    class PlainAttention(QKNormAttention):  # a replacement that knows no residual argument
+        def forward(self, x, *, key_padding_mask=None, causal=False, block_causal=None):
+            return super().forward(x, key_padding_mask=key_padding_mask)
+
+    attn_state = block.attn.state_dict()
+    block.attn = PlainAttention(40, 2)
+    block.attn.load_state_dict(attn_state)
+    mlp = block.mlp
+    expected = h + block.gamma_2 * mlp.fc2(F.gelu(mlp.fc1(block.norm2(h))))
+    torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
     assert Block(40, 2, init_values=0.0).gamma_1 is None
     assert "gamma_1" not in Block(40, 2, init_values=0.0).state_dict()
 
