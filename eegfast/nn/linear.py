@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["clear_packed_weights", "fused_linear", "scaled_residual"]
+__all__ = ["clear_packed_weights", "fused_linear", "onednn_status", "scaled_residual"]
 
 # weight Parameter -> (version key, packed weight, bias to pass). Keyed weakly on the tensor's
 # identity, so a dropped model frees its packed copies; the version key repacks after any
@@ -34,6 +34,17 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _HAS_ONEDNN_LINEAR = hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(
     torch.ops.mkldnn, "_reorder_linear_weight"
 )
+
+
+def onednn_status() -> tuple[bool, str]:
+    """Whether :func:`fused_linear` can take its oneDNN path in this process, and why not."""
+    if not _HAS_ONEDNN_LINEAR:
+        return False, "this torch build lacks torch.ops.mkldnn._linear_pointwise"
+    if not torch.backends.mkldnn.is_available():
+        return False, "this torch build has no oneDNN (torch.backends.mkldnn.is_available())"
+    if not torch.backends.mkldnn.enabled:
+        return False, "disabled by torch.backends.mkldnn.flags(enabled=False)"
+    return True, "oneDNN packed weights with fused epilogues for CPU fp32 inference"
 
 
 def clear_packed_weights() -> int:

@@ -104,12 +104,18 @@ def test_autograd_takes_the_eager_path_with_gradients():
         torch.testing.assert_close(got, t.grad)
 
 
+@needs_onednn
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 def test_disabled_onednn_and_other_dtypes_use_eager():
     x, weight = torch.randn(3, 5), torch.randn(4, 5)
     with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
         torch.testing.assert_close(fused_linear(x, weight, gelu=True), eager(x, weight, gelu=True))
+        assert fl.onednn_status() == (
+            False,
+            "disabled by torch.backends.mkldnn.flags(enabled=False)",
+        )
     assert not took_fast_path(weight)
+    assert fl.onednn_status()[0] is True
     with torch.no_grad():
         got = fused_linear(x.double(), weight.double(), gelu=True)
     assert got.dtype == torch.float64

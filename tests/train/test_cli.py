@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from eegfast import cli
 from eegfast.datasets import SHARED_DATA
@@ -88,6 +89,7 @@ def test_doctor_reports_backends_as_json(capsys):
     assert report["backends"]["reference"]["available"] is True
     assert {"torch", "sklearn", "mne"} <= set(report["versions"])
     assert report["distributed"]["gloo"] is True
+    assert report["cpu_inference_fusion"]["available"] is torch.backends.mkldnn.is_available()
 
 
 @pytest.mark.slow

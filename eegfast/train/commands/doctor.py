@@ -33,6 +33,7 @@ def collect() -> dict[str, Any]:
     import torch.distributed as dist
 
     from eegfast import __version__
+    from eegfast.nn.linear import onednn_status
     from eegfast.ops import available_backends
 
     report: dict[str, Any] = {
@@ -60,6 +61,7 @@ def collect() -> dict[str, Any]:
             name: {"available": s.available, "detail": s.reason}
             for name, s in available_backends().items()
         },
+        "cpu_inference_fusion": dict(zip(("available", "detail"), onednn_status(), strict=True)),
         "cuda": {
             "available": torch.cuda.is_available(),
             "torch_cuda": torch.version.cuda,
@@ -105,6 +107,9 @@ def format_text(report: dict[str, Any]) -> str:
             f"  {name:10s} {'yes' if b['available'] else 'no ':3s}  {b['detail']}"
             for name, b in report["backends"].items()
         ],
+        "CPU inference fusion (eegfast.nn.fused_linear): "
+        f"{'yes' if report['cpu_inference_fusion']['available'] else 'no'}, "
+        f"{report['cpu_inference_fusion']['detail']}",
         "",
         f"CUDA: {'yes' if report['cuda']['available'] else 'no'} "
         f"(torch built with CUDA {report['cuda']['torch_cuda']})",
