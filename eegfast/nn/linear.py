@@ -22,9 +22,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["clear_packed_weights", "fused_linear", "onednn_status", "scaled_residual"]
 
-# weight Parameter -> (version key, packed weight, bias to pass). Keyed weakly on the tensor's
-# identity, so a dropped model frees its packed copies; the version key repacks after any
-# in-place update (optimizer step, load_state_dict).
+# weight Parameter -> (version key, packed weight, scaled by the layer scale if any). Keyed
+# weakly on the tensor's identity, so a dropped model frees its packed copies; the version key
+# repacks after any in-place update (optimizer step, load_state_dict). The bias is not packed:
+# callers may build it anew on every call (LaBraM's qkv bias is a concatenation).
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -62,21 +63,15 @@ def _version_key(*tensors: torch.Tensor | None) -> tuple:
     return tuple(None if t is None else (id(t), t._version, t.data_ptr()) for t in tensors)
 
 
-def _packed_weight(
-    weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    key = _version_key(weight, bias, scale)
+def _packed_weight(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    key = _version_key(weight, scale)
     hit = _PACKED.get(weight)
     if hit is not None and hit[0] == key:
-        return hit[1], hit[2]
-    w, b = weight.detach(), None if bias is None else bias.detach()
-    if scale is not None:
-        s = scale.detach()
-        w = w * s[:, None]
-        b = None if b is None else b * s
+        return hit[1]
+    w = weight.detach() if scale is None else weight.detach() * scale.detach()[:, None]
     packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
-    _PACKED[weight] = (key, packed, b)
-    return packed, b
+    _PACKED[weight] = (key, packed)
+    return packed
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
@@ -91,12 +86,7 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor
         return False
     if x.dim() < 2 or x.numel() == 0:
         return False
-    return (
-        _HAS_ONEDNN_LINEAR
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-        and not torch.is_autocast_enabled("cpu")
-    )
+    return onednn_status()[0] and not torch.is_autocast_enabled("cpu")
 
 
 def fused_linear(
@@ -130,7 +120,8 @@ def fused_linear(
             f"got {tuple(residual.shape)}"
         )
     if _onednn_applies(x, weight, bias, scale, residual):
-        packed, b = _packed_weight(weight, bias, scale)
+        packed = _packed_weight(weight, scale)
+        b = bias if bias is None or scale is None else bias * scale  # γ ⊙ b, as the weight
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(
                 x, residual.contiguous(), packed, b, "add"

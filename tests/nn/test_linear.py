@@ -89,6 +89,20 @@ def test_packed_weights_are_freed_with_the_weight_or_on_request():
     assert fl.clear_packed_weights() >= 1 and not took_fast_path(kept)
 
 
+@needs_onednn
+def test_a_bias_built_anew_per_call_does_not_repack_the_weight():
+    # LaBraM's qkv bias is a fresh concatenation on every call; the weight packs once.
+    weight, scale, x = torch.randn(6, 5), torch.rand(6), torch.randn(4, 5)
+    with torch.no_grad():
+        packs, outputs = [], []
+        for _ in range(2):
+            bias = torch.cat((torch.ones(3), torch.zeros(3)))
+            outputs.append(fused_linear(x, weight, bias, scale=scale))
+            packs.append(fl._PACKED[weight][1])
+    assert packs[0] is packs[1]
+    torch.testing.assert_close(outputs[1], eager(x, weight, bias, scale=scale))
+
+
 def test_autograd_takes_the_eager_path_with_gradients():
     weight = torch.randn(6, 5, requires_grad=True)
     scale = torch.rand(6, requires_grad=True)
