@@ -82,8 +82,16 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
-def write_json_atomic(path: str | Path, payload: Any, *, indent: int = 2) -> Path:
-    return write_text_atomic(path, json.dumps(payload, indent=indent, default=str) + "\n")
+def write_json_atomic(
+    path: str | Path,
+    payload: Any,
+    *,
+    indent: int = 2,
+    default: Callable[[Any], Any] | None = str,
+) -> Path:
+    """``payload`` as JSON; values JSON cannot hold go through ``default`` (``str``: paths,
+    dtypes in reports), or raise TypeError with ``default=None``."""
+    return write_text_atomic(path, json.dumps(payload, indent=indent, default=default) + "\n")
 
 
 def write_npy_atomic(path: str | Path, array: np.ndarray) -> Path:

@@ -62,3 +62,11 @@ def test_stale_temporaries_are_recognised_and_removed(tmp_path):
     assert remove_stale_temporaries(tmp_path) == 1
     assert remove_stale_temporaries(tmp_path / "missing") == 0
     assert [p.name for p in tmp_path.iterdir()] == ["keep.tmp-notdotted"]
+
+
+def test_json_default_stringifies_unless_strict(tmp_path):
+    write_json_atomic(tmp_path / "lenient.json", {"p": tmp_path})
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        write_json_atomic(tmp_path / "strict.json", {"p": tmp_path}, default=None)
+    assert not (tmp_path / "strict.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lenient.json"]

@@ -60,6 +60,10 @@ from eegfast.fileio import (
     write_text_atomic,
 )
 
+# The folder's JSON files (records, index, report): compact, and a value JSON cannot hold is an
+# error, never silently stringified.
+DATA_JSON = {"indent": 1, "default": None}
+
 __all__ = ["Job", "Settings", "configure_parser", "discover", "main", "prepare", "process_file"]
 
 FLAT_PEAK_TO_PEAK_V = 1e-7  # 0.1 µV over the whole recording: a disconnected or flat channel
@@ -176,7 +180,7 @@ def process_file(job: Job, settings: Settings, out: str) -> dict:
         record["reason"] = f"error: {type(err).__name__}: {err}"
         record["traceback"] = traceback.format_exc(limit=5)
     record["seconds"] = round(time.perf_counter() - started, 4)
-    write_json_atomic(_record_path(out_dir, job), record)
+    write_json_atomic(_record_path(out_dir, job), record, **DATA_JSON)
     return record
 
 
@@ -368,9 +372,9 @@ def prepare(
     bar.close()
     ordered = [records[j.key] for j in jobs]
     index = build_index(ordered, settings, classes)
-    write_json_atomic(out / INDEX_NAME, index)
+    write_json_atomic(out / INDEX_NAME, index, **DATA_JSON)
     report = build_report(ordered, index, settings, time.perf_counter() - started, removed)
-    write_json_atomic(out / "report.json", report)
+    write_json_atomic(out / "report.json", report, **DATA_JSON)
     md = out / "report.md"
     write_text_atomic(md, report_markdown(report))
     return report
