@@ -20,9 +20,17 @@
 // - rows (N_pad, Dv), Dv = D rounded up to a vector: values, keys and row tiles, so P·V,
 //   dS·K and the dK / dV updates run vectorised over the head dim.
 // LayerNorms run lane-wise on the transposed layouts (one row per lane).
-// Kernels are written with GCC vector extensions (256-bit vectors) and compiled three times,
-// picked at run time: AVX-512VL (8-row tiles: the 32 vector registers hold 8 x 3 accumulators),
-// AVX2+FMA (4-row tiles) and generic. EEGFAST_CPU_ISA=avx2|generic caps the choice (tests).
+// Kernels are written with GCC vector extensions in qk_norm_attention_kernels.h, included
+// once per vector width, and compiled three times, picked at run time: AVX-512 (512-bit
+// vectors, 8-row tiles: the 32 vector registers hold 8 x 3 accumulators), AVX2+FMA (256-bit,
+// 4-row tiles) and generic (256-bit). EEGFAST_CPU_ISA=avx2|generic caps the choice (tests).
+// 512-bit vectors: cores with two 512-bit FMA units (most Xeons since Skylake-SP) do twice
+// the work per FMA instruction; PyTorch's own CPU kernels use them there too. Going from
+// 256-bit vectors to these (with the backward order below) made the forward at
+// (8, 10, 257, 20) 1.4x and the backward 1.2x faster on one core of a Xeon (Emerald Rapids).
+//
+// Backward: per group of query rows (kBackwardGroupRows), key block by key block, each
+// block's row tiles in turn (flash-attention-2 order), so a key block's data stays in L1.
 //
 // Work split: the forward runs one task per (batch, head, query chunk); so does the backward,
 // each task then finishing the key LayerNorm backward of its (batch, head) from its own dK / dV
@@ -50,226 +58,8 @@ namespace eegfast {
 namespace {
 
 constexpr int64_t kMaxHeadDim = 128;
-constexpr int kMaxRows = 8;      // query rows per tile R: 8 with AVX-512VL (32 registers), else 4
-constexpr int kQueryVectors = 3;  // forward fast path: query tiles of 3 vectors of queries
-constexpr int kMaxTileRows = 24;  // the largest of R and the forward's query tile (3 x 8 floats)
 constexpr int kKeyBlock = 64;    // keys per online-softmax step
 constexpr int kMinChunR = 32;  // smallest query chunk worth its own task
-
-// ---- vectors ------------------------------------------------------------------------------
-
-template <typename T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-template <typename T>
-using vec_t = typename VecOf<T>::type;
-template <typename T>
-constexpr int kLanes = 32 / sizeof(T);
-template <typename T>
-constexpr int kPanel = 2 * kLanes<T>;  // keys per panel
-
-typedef int32_t vi32 __attribute__((vector_size(32)));
-
-template <typename T>
-EEGFAST_INLINE vec_t<T> vload(const T* p) {
-  vec_t<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename T>
-EEGFAST_INLINE void vstore(T* p, vec_t<T> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-// Broadcasts as shuffles of lane 0, which GCC turns into one vbroadcast (`{} + x` is a real
-// scalar add without -ffast-math; a lane loop or {x, x, ...} becomes a chain of inserts).
-EEGFAST_INLINE vec_t<float> vsplat(float x) {
-  typedef int32_t index_t __attribute__((vector_size(32)));
-  return __builtin_shuffle(vec_t<float>{x}, index_t{});
-}
-EEGFAST_INLINE vec_t<double> vsplat(double x) {
-  typedef int64_t index_t __attribute__((vector_size(32)));
-  return __builtin_shuffle(vec_t<double>{x}, index_t{});
-}
-template <typename T>
-EEGFAST_INLINE vec_t<T> vmax(vec_t<T> a, vec_t<T> b) {
-  return a > b ? a : b;
-}
-template <typename T>
-EEGFAST_INLINE T hsum(vec_t<T> v) {  // a pairwise tree: log2(L) dependent adds, not L
-  T a[kLanes<T>];
-  std::memcpy(a, &v, sizeof(v));
-  for (int w = kLanes<T> / 2; w > 0; w /= 2)
-    for (int i = 0; i < w; ++i) a[i] += a[i + w];
-  return a[0];
-}
-template <typename T>
-EEGFAST_INLINE T hmax(vec_t<T> v) {
-  T m = v[0];
-  for (int i = 1; i < kLanes<T>; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
-
-// exp of 8 floats for -87 <= x <= 88, 10 vector ops: x = n ln2 + r with |r| <= ln2 / 2
-// (one-step reduction: ln2's float rounding costs at most 2.4e-7 relative at |n| = 126),
-// e^r = 1 + r q(r) with q of degree 4 fitted for relative error, and 2^n placed in the
-// exponent bits straight from the rounding sum (its low mantissa bits hold n + 127). Max
-// relative error 3.9e-7 over [-87, 0.5] (float simulation of the exact operation order).
-EEGFAST_INLINE vec_t<float> vexp_in_range(vec_t<float> x) {
-  using vf = vec_t<float>;
-  const vf magic = vsplat(12582912.0f + 127.0f);  // 1.5 * 2^23 (rounds to an integer) + bias
-  const vf t = x * 1.44269504088896341f + magic;
-  const vf n = t - magic;
-  const vf r = x - n * 0.693147180559945f;
-  vf q = vsplat(8.262299001216888e-3f);
-  q = q * r + 4.1898973286151886e-2f;
-  q = q * r + 1.6668103635311127e-1f;
-  q = q * r + 4.9999138712882996e-1f;
-  q = q * r + 9.999995231628418e-1f;
-  const vf y = q * r + 1.0f;
-  return y * (vf)((vi32)t << 23);
-}
-
-// exp for x <= 88, with exp(x < -87) flushed to 0, so masked scores (-inf) give exactly 0.
-EEGFAST_INLINE vec_t<float> vexp(vec_t<float> x) {
-  return x < vsplat(-87.0f) ? vec_t<float>{} : vexp_in_range(x);
-}
-
-// Natural log of 8 positive normal floats: x = 2^e m with m in [sqrt(1/2), sqrt(2)) (integer
-// arithmetic on the bits), log m = 2 atanh(s) with s = (m - 1) / (m + 1), |s| <= 0.1716, by
-// its odd series to s^9 (truncation < 1e-9), and e ln2 with ln2 split in two so that e ln2 is
-// exact to float rounding. Replaces one scalar logf call per query row (~5% of the forward).
-EEGFAST_INLINE vec_t<float> vlog_positive(vec_t<float> x) {
-  using vf = vec_t<float>;
-  const vi32 sqrt_half = vi32{} + 0x3f3504f3;  // the bits of 0.70710677f
-  const vi32 t = (vi32)x - sqrt_half;
-  const vf e = __builtin_convertvector(t >> 23, vf);  // arithmetic shift: floor
-  const vf m = (vf)((t & 0x007fffff) + sqrt_half);
-  const vf s = (m - 1.0f) / (m + 1.0f);
-  const vf s2 = s * s;
-  vf series = vsplat(2.0f / 9.0f);
-  series = series * s2 + 2.0f / 7.0f;
-  series = series * s2 + 2.0f / 5.0f;
-  series = series * s2 + 2.0f / 3.0f;
-  series = series * s2 + 2.0f;
-  return e * 0.693145751953125f + (e * 1.428606765330187e-06f + s * series);
-}
-EEGFAST_INLINE vec_t<double> vlog_positive(vec_t<double> x) {
-  vec_t<double> y;
-  for (int i = 0; i < kLanes<double>; ++i) y[i] = std::log(x[i]);
-  return y;
-}
-
-EEGFAST_INLINE vec_t<double> vexp(vec_t<double> x) {
-  vec_t<double> y;
-  for (int i = 0; i < kLanes<double>; ++i) y[i] = std::exp(x[i]);
-  return y;
-}
-EEGFAST_INLINE vec_t<double> vexp_in_range(vec_t<double> x) { return vexp(x); }
-
-// ---- tile kernels -------------------------------------------------------------------------
-
-// The register-tile micro-kernel of the products below: for m < M, c < C,
-//   out[m o_m + c L ...] = (Accumulate ? out[...] : 0)
-//                          + sum_{k < K} a[m a_m + k a_k] b[k b_k + c L ...]
-// with a's elements broadcast and b's rows read as C vectors. Every caller passes a_m, a_k,
-// b_k and o_m that are compile-time constants after inlining wherever it can, so that the
-// broadcast operands sit at fixed offsets from one pointer (no index registers).
-template <int M, int C, bool Accumulate, typename T>
-EEGFAST_INLINE void tile_products(const T* a, int64_t a_m, int64_t a_k, const T* b, int64_t b_k,
-                                  int64_t K, T* out, int64_t o_m) {
-  constexpr int L = kLanes<T>;
-  vec_t<T> acc[M][C];
-  #pragma GCC unroll 8
-  for (int m = 0; m < M; ++m)
-    #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c)
-      acc[m][c] = Accumulate ? vload(out + m * o_m + c * L) : vec_t<T>{};
-  for (int64_t k = 0; k < K; ++k) {
-    vec_t<T> row[C];
-    #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) row[c] = vload(b + k * b_k + c * L);
-    #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      const vec_t<T> x = vsplat(a[m * a_m + k * a_k]);
-      #pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) acc[m][c] += x * row[c];
-    }
-  }
-  #pragma GCC unroll 8
-  for (int m = 0; m < M; ++m)
-    #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) vstore(out + m * o_m + c * L, acc[m][c]);
-}
-
-// S[r][j] = sum_d A[r][d] * key j of the panels, for R rows and the first `keys` keys of a
-// block (a multiple of the panel width).
-template <int R, typename T>
-EEGFAST_INLINE void score_tile(const T* A, int64_t Dv, int64_t D, const T* panels, int keys,
-                               T* S) {
-  constexpr int W = kPanel<T>;
-  for (int p = 0; p < keys / W; ++p)
-    tile_products<R, 2, false>(A, Dv, 1, panels + p * D * W, W, D, S + p * W, kKeyBlock);
-}
-
-// out[r][c0 : c0 + C L] += sum_j S[r][j] * B[j][c0 : c0 + C L] over the first `keys` rows of B.
-template <int R, typename T, int C>
-EEGFAST_INLINE void rows_chunk(T* out, int64_t Dv, const T* S, const T* B, int keys,
-                               int64_t c0) {
-  tile_products<R, C, true>(S, kKeyBlock, 1, B + c0, Dv, keys, out + c0, Dv);
-}
-
-template <int R, typename T>
-EEGFAST_INLINE void accumulate_rows(T* out, int64_t Dv, const T* S, const T* B, int keys) {
-  const int64_t vectors = Dv / kLanes<T>;
-  int64_t c = 0;
-  for (; c + 3 <= vectors; c += 3) rows_chunk<R, T, 3>(out, Dv, S, B, keys, c * kLanes<T>);
-  if (vectors - c == 2) rows_chunk<R, T, 2>(out, Dv, S, B, keys, c * kLanes<T>);
-  if (vectors - c == 1) rows_chunk<R, T, 1>(out, Dv, S, B, keys, c * kLanes<T>);
-}
-
-// out[j][c0 : c0 + C L] += sum_r S[r][j] * A[r][c0 : c0 + C L] for the first `keys` rows of out.
-template <int R, typename T, int C>
-EEGFAST_INLINE void cols_chunk(T* out, int64_t Dv, const T* S, const T* A, int keys,
-                               int64_t c0) {
-  constexpr int L = kLanes<T>;
-  vec_t<T> a[R][C];
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) a[r][c] = vload(A + r * Dv + c0 + c * L);
-  static_assert(R % 2 == 0, "rows in pairs");
-  for (int j = 0; j < keys; ++j) {
-    // Two partial sums per vector (even and odd rows): a single one made each key's update a
-    // chain of R dependent FMAs, latency-bound (~30% of the backward at R = 8).
-    vec_t<T> even[C], odd[C];
-    #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) even[c] = vload(out + j * Dv + c0 + c * L), odd[c] = vec_t<T>{};
-    #pragma GCC unroll 8
-    for (int r = 0; r < R; r += 2) {
-      const vec_t<T> s0 = vsplat(S[r * kKeyBlock + j]), s1 = vsplat(S[(r + 1) * kKeyBlock + j]);
-      #pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) even[c] += s0 * a[r][c], odd[c] += s1 * a[r + 1][c];
-    }
-    #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) vstore(out + j * Dv + c0 + c * L, even[c] + odd[c]);
-  }
-}
-
-template <int R, typename T>
-EEGFAST_INLINE void accumulate_cols(T* out, int64_t Dv, const T* S, const T* A, int keys) {
-  const int64_t vectors = Dv / kLanes<T>;
-  int64_t c = 0;
-  for (; c + 3 <= vectors; c += 3) cols_chunk<R, T, 3>(out, Dv, S, A, keys, c * kLanes<T>);
-  if (vectors - c == 2) cols_chunk<R, T, 2>(out, Dv, S, A, keys, c * kLanes<T>);
-  if (vectors - c == 1) cols_chunk<R, T, 1>(out, Dv, S, A, keys, c * kLanes<T>);
-}
 
 // ---- problem description ------------------------------------------------------------------
 
@@ -287,766 +77,10 @@ Strided<scalar_t> strided(const at::Tensor& t) {
   return {t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-template <typename scalar_t, typename T>
-struct Problem {
-  int64_t B, H, N, D, Dv, Nk, key_blocks;
-  T scale;
-  bool causal;
-  const bool* key_padding;  // (B, N) or null
-  const int64_t* ids;       // (N,) block ids or null
-  const T* qw;              // LayerNorm parameters (D,), each possibly null
-  const T* qb;
-  const T* kw;
-  const T* kb;
-  int64_t chunks;      // query chunks per (batch, head)
-  int64_t chunk_rows;  // multiple of R
-  Strided<scalar_t> q, k, v;
-};
-
-// Everything about the keys of one (batch, head) that the query tiles read.
-template <typename T>
-struct KeySide {
-  std::vector<T> panels;      // (Nk / W, D, W) normalised keys
-  std::vector<T> key_rows;    // (Nk, Dv) normalised keys (backward)
-  std::vector<T> value_rows;  // (Nk, Dv) values (forward)
-  std::vector<T> value_panels;  // (Nk / W, D, W) values (backward)
-  std::vector<T> bias;        // (Nk,) 0 or -inf (padding key, or past N)
-  std::vector<int64_t> ids;   // (Nk,) block id of each key
-  std::vector<uint8_t> block_empty;  // (key_blocks,) every key of the block is masked
-  std::vector<uint8_t> block_masked;  // (key_blocks,) some key of the block's used panels is
-  std::vector<int> block_keys;        // (key_blocks,) keys to compute: up to the last panel
-                                      // holding a key < N
-  std::vector<int64_t> block_id_min, block_id_max;  // over the unmasked keys of the block
-  T max_key_norm = 0;  // largest Euclidean norm of a normalised key (keys < N)
-};
-
-template <typename T>
-EEGFAST_INLINE void put_in_panel(std::vector<T>& panels, int64_t D, int64_t j, int64_t d, T x) {
-  constexpr int W = kPanel<T>;
-  panels[(j / W) * D * W + d * W + (j % W)] = x;
-}
-
-// (mean, rstd) of one row of D elements, read with stride sd, and the row itself in dst.
-template <typename scalar_t, typename T>
-EEGFAST_INLINE void row_stats(const scalar_t* x, int64_t sd, int64_t D, T eps, T* dst, T& mean,
-                              T& rstd) {
-  T sum = 0;
-  for (int64_t d = 0; d < D; ++d) {
-    dst[d] = static_cast<T>(x[d * sd]);
-    sum += dst[d];
-  }
-  mean = sum / static_cast<T>(D);
-  T var = 0;
-  for (int64_t d = 0; d < D; ++d) var += (dst[d] - mean) * (dst[d] - mean);
-  rstd = T(1) / std::sqrt(var / static_cast<T>(D) + eps);
-}
-
-// dst[d] = (x[d] - mean) rstd w[d] + b[d]; hat[d] = (x[d] - mean) rstd if hat is given.
-template <typename scalar_t, typename T>
-EEGFAST_INLINE void normalize_row(const scalar_t* x, int64_t sd, int64_t D, T mean, T rstd,
-                                  const T* w, const T* b, T* dst, T* hat) {
-  for (int64_t d = 0; d < D; ++d) {
-    const T h = (static_cast<T>(x[d * sd]) - mean) * rstd;
-    if (hat != nullptr) hat[d] = h;
-    dst[d] = h * (w ? w[d] : T(1)) + (b ? b[d] : T(0));
-  }
-}
-
-// LayerNorm of V L rows stored transposed, one row per vector lane: element (d, r) of X at
-// X[d V L + r] (a key panel, or a forward query tile). Sums over d are then lane-wise vector
-// adds, with no dependent scalar chains (row-wise scalar LayerNorms were ~20% of the forward
-// at D = 20). In place: X becomes scale (LN(x) w + b), with rows r >= valid set to 0. The
-// (mean, rstd) of each row come from mean_in / rstd_in (V L each) when given, else are
-// computed and written to mean_out / rstd_out; norm2_out (V L) gets each row's squared norm.
-template <int V, typename T>
-EEGFAST_INLINE void layer_norm_lanes(T* X, int64_t D, int valid, T eps, const T* w, const T* b,
-                                     T scale, const T* mean_in, const T* rstd_in, T* mean_out,
-                                     T* rstd_out, T* norm2_out) {
-  constexpr int L = kLanes<T>, S = V * L;
-  vec_t<T> mean[V], rstd[V];
-  if (mean_in != nullptr) {
-    for (int v = 0; v < V; ++v) mean[v] = vload(mean_in + v * L), rstd[v] = vload(rstd_in + v * L);
-  } else {
-    vec_t<T> sum[V], var[V];
-    for (int v = 0; v < V; ++v) sum[v] = var[v] = vec_t<T>{};
-    for (int64_t d = 0; d < D; ++d)
-      #pragma GCC unroll 3
-      for (int v = 0; v < V; ++v) sum[v] += vload(X + d * S + v * L);
-    for (int v = 0; v < V; ++v) mean[v] = sum[v] / vsplat(static_cast<T>(D));
-    for (int64_t d = 0; d < D; ++d)
-      #pragma GCC unroll 3
-      for (int v = 0; v < V; ++v) {
-        const vec_t<T> c = vload(X + d * S + v * L) - mean[v];
-        var[v] += c * c;
-      }
-    for (int v = 0; v < V; ++v) {
-      vstore(mean_out + v * L, mean[v]);
-      for (int i = 0; i < L; ++i)
-        rstd[v][i] = T(1) / std::sqrt(var[v][i] / static_cast<T>(D) + eps);
-      vstore(rstd_out + v * L, rstd[v]);
-    }
-  }
-  vec_t<T> keep[V], norm2[V];
-  for (int v = 0; v < V; ++v) {
-    for (int i = 0; i < L; ++i) keep[v][i] = v * L + i < valid ? T(1) : T(0);
-    norm2[v] = vec_t<T>{};
-  }
-  for (int64_t d = 0; d < D; ++d) {
-    const vec_t<T> wd = vsplat(w ? w[d] : T(1)), bd = vsplat(b ? b[d] : T(0));
-    #pragma GCC unroll 3
-    for (int v = 0; v < V; ++v) {
-      const vec_t<T> h = (vload(X + d * S + v * L) - mean[v]) * rstd[v];
-      // a select, not a product: rows past `valid` may hold inf or NaN (eps = 0, no data)
-      const vec_t<T> y = keep[v] != T(0) ? (h * wd + bd) * scale : vec_t<T>{};
-      vstore(X + d * S + v * L, y);
-      norm2[v] += y * y;
-    }
-  }
-  for (int v = 0; v < V; ++v) vstore(norm2_out + v * L, norm2[v]);
-}
-
-// Requests the N rows of (b, h) of t into L2. A head's rows lie H D (or, packed, 3 H D)
-// elements apart, which the hardware prefetchers do not follow. Rows with strided elements are
-// left alone.
-template <typename scalar_t>
-EEGFAST_INLINE void prefetch_head(const Strided<scalar_t>& t, int64_t b, int64_t h, int64_t N,
-                                  int64_t D) {
-  if (t.sd != 1) return;
-  const int64_t bytes = D * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t j = 0; j < N; ++j) {
-    const char* row = reinterpret_cast<const char*>(t.row(b, h, j));
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 2);
-    __builtin_prefetch(row + bytes - 1, 0, 2);
-  }
-}
-
-// A thread runs consecutive tasks (at::parallel_for hands each a contiguous range): when it
-// starts the last task of (b, h), it requests the next head's q, k and v, so that loading
-// them overlaps this task's compute instead of stalling the next one's first reads.
-template <typename scalar_t, typename T>
-EEGFAST_INLINE void prefetch_next_head(const Problem<scalar_t, T>& p, int64_t bh, int64_t chunk) {
-  if (chunk != p.chunks - 1 || bh + 1 >= p.B * p.H) return;
-  const int64_t b = (bh + 1) / p.H, h = (bh + 1) % p.H;
-  prefetch_head(p.q, b, h, p.N, p.D);
-  prefetch_head(p.k, b, h, p.N, p.D);
-  prefetch_head(p.v, b, h, p.N, p.D);
-}
-
-// Which layouts of the keys and values a kernel reads (see KeySide).
-enum class KeyLayout {
-  kForward,   // panels, value_rows
-  kBackward,  // panels, key_rows, value_panels
-};
-
-// Normalised keys (and values) of (b, h) in the layouts the tile kernels read. Writes the key
-// statistics to k_stats (N, 2) when given; with stats_in, uses those instead of computing.
-template <typename scalar_t, typename T>
-EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64_t h, T eps,
-                                 KeyLayout layout, const T* stats_in, T* k_stats,
-                                 KeySide<T>& ks) {
-  const bool backward = layout == KeyLayout::kBackward;
-  const int64_t N = p.N, D = p.D, Dv = p.Dv, Nk = p.Nk;
-  const T inf = std::numeric_limits<T>::infinity();
-  // The value rows' first reads below stalled on memory (~6% of the forward): request them
-  // now, while the key LayerNorm computes (the first task of a thread has no earlier request).
-  prefetch_head(p.v, b, h, N, D);
-  ks.panels.assign(Nk * D, T(0));
-  if (backward) {
-    ks.key_rows.assign(Nk * Dv, T(0));
-    ks.value_panels.assign(Nk * D, T(0));
-  } else {
-    ks.value_rows.assign(Nk * Dv, T(0));
-  }
-  ks.bias.assign(Nk, -inf);
-  ks.ids.assign(Nk, 0);
-  constexpr int W = kPanel<T>;
-  const bool* padding = p.key_padding ? p.key_padding + b * N : nullptr;
-  alignas(64) T mean[W], rstd[W], norm2[W];
-  for (int64_t j0 = 0; j0 < N; j0 += W) {
-    const int valid = static_cast<int>(std::min<int64_t>(W, N - j0));
-    T* panel = ks.panels.data() + j0 * D;
-    for (int jj = 0; jj < valid; ++jj) {
-      const scalar_t* x = p.k.row(b, h, j0 + jj);
-      for (int64_t d = 0; d < D; ++d) panel[d * W + jj] = static_cast<T>(x[d * p.k.sd]);
-    }
-    if (stats_in != nullptr) {
-      for (int jj = 0; jj < W; ++jj) {
-        mean[jj] = jj < valid ? stats_in[2 * (j0 + jj)] : T(0);
-        rstd[jj] = jj < valid ? stats_in[2 * (j0 + jj) + 1] : T(1);
-      }
-      layer_norm_lanes<2>(panel, D, valid, eps, p.kw, p.kb, T(1), mean, rstd,
-                          static_cast<T*>(nullptr), static_cast<T*>(nullptr), norm2);
-    } else {
-      layer_norm_lanes<2>(panel, D, valid, eps, p.kw, p.kb, T(1), static_cast<const T*>(nullptr),
-                          static_cast<const T*>(nullptr), mean, rstd, norm2);
-      if (k_stats != nullptr)
-        for (int jj = 0; jj < valid; ++jj) {
-          k_stats[2 * (j0 + jj)] = mean[jj];
-          k_stats[2 * (j0 + jj) + 1] = rstd[jj];
-        }
-    }
-    for (int jj = 0; jj < valid; ++jj) {
-      // NaN propagates (std::max would drop it), so such inputs take the online-max path.
-      const T norm = std::sqrt(norm2[jj]);
-      if (!(norm <= ks.max_key_norm)) ks.max_key_norm = norm;
-      if (backward)
-        for (int64_t d = 0; d < D; ++d) ks.key_rows[(j0 + jj) * Dv + d] = panel[d * W + jj];
-    }
-  }
-  for (int64_t j = 0; j < N; ++j) {
-    const scalar_t* vr = p.v.row(b, h, j);
-    for (int64_t d = 0; d < D; ++d) {
-      const T value = static_cast<T>(vr[d * p.v.sd]);
-      if (backward)
-        put_in_panel(ks.value_panels, D, j, d, value);
-      else
-        ks.value_rows[j * Dv + d] = value;
-    }
-    ks.bias[j] = (padding && padding[j]) ? -inf : T(0);
-    ks.ids[j] = p.ids ? p.ids[j] : 0;
-  }
-  ks.block_empty.assign(p.key_blocks, 1);
-  ks.block_masked.assign(p.key_blocks, 0);
-  ks.block_keys.assign(p.key_blocks, kKeyBlock);
-  for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
-    const int64_t rest = N - kb * kKeyBlock;  // > 0
-    const int keys = static_cast<int>(std::min<int64_t>(kKeyBlock, (rest + W - 1) / W * W));
-    ks.block_keys[kb] = keys;
-    for (int j = 0; j < keys; ++j)
-      if (ks.bias[kb * kKeyBlock + j] != T(0)) ks.block_masked[kb] = 1;
-  }
-  ks.block_id_min.assign(p.key_blocks, std::numeric_limits<int64_t>::max());
-  ks.block_id_max.assign(p.key_blocks, std::numeric_limits<int64_t>::min());
-  for (int64_t j = 0; j < N; ++j) {
-    if (ks.bias[j] != T(0)) continue;
-    const int64_t kb = j / kKeyBlock;
-    ks.block_empty[kb] = 0;
-    ks.block_id_min[kb] = std::min(ks.block_id_min[kb], ks.ids[j]);
-    ks.block_id_max[kb] = std::max(ks.block_id_max[kb], ks.ids[j]);
-  }
-}
-
-// Which key blocks a query tile needs, and whether its scores need per-element masking.
-struct TileMask {
-  int64_t first_row, last_row;  // query rows of the tile (last_row: last valid one)
-  int64_t ids[kMaxTileRows];       // block id of each row (padding rows: the last valid one)
-  int64_t id_min, id_max;
-};
-
-template <typename scalar_t, typename T>
-EEGFAST_INLINE bool block_visible(const Problem<scalar_t, T>& p, const KeySide<T>& ks,
-                                  const TileMask& t, int64_t kb) {
-  if (ks.block_empty[kb]) return false;
-  if (p.causal && kb * kKeyBlock > t.last_row) return false;
-  if (p.ids && ks.block_id_min[kb] > t.id_max) return false;
-  return true;
-}
-
-// Adds the key bias and, where some keys of the block are hidden from some rows, -inf there.
-template <int R, typename scalar_t, typename T>
-EEGFAST_INLINE void mask_scores(const Problem<scalar_t, T>& p, const KeySide<T>& ks,
-                                const TileMask& t, int64_t kb, T* S) {
-  constexpr int L = kLanes<T>;
-  const T* bias = ks.bias.data() + kb * kKeyBlock;
-  const int keys = ks.block_keys[kb];
-  if (ks.block_masked[kb])
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < keys; j += L)
-        vstore(S + r * kKeyBlock + j, vload(S + r * kKeyBlock + j) + vload(bias + j));
-  const int64_t key0 = kb * kKeyBlock;
-  const bool by_position = p.causal && key0 + kKeyBlock - 1 > t.first_row;
-  const bool by_block = p.ids && ks.block_id_max[kb] > t.id_min;
-  if (!by_position && !by_block) return;
-  const T inf = std::numeric_limits<T>::infinity();
-  for (int r = 0; r < R; ++r) {
-    const int64_t i = t.first_row + r;
-    for (int j = 0; j < keys; ++j) {
-      const bool hidden =
-          (by_position && key0 + j > i) || (by_block && ks.ids[key0 + j] > t.ids[r]);
-      if (hidden) S[r * kKeyBlock + j] = -inf;
-    }
-  }
-}
-
-template <int R, typename scalar_t, typename T>
-EEGFAST_INLINE TileMask tile_mask(const Problem<scalar_t, T>& p, int64_t i0) {
-  static_assert(R <= kMaxTileRows, "tile rows");
-  TileMask t;
-  t.first_row = i0;
-  t.last_row = std::min(i0 + R, p.N) - 1;
-  t.id_min = std::numeric_limits<int64_t>::max();
-  t.id_max = std::numeric_limits<int64_t>::min();
-  for (int r = 0; r < R; ++r) {
-    const int64_t i = std::min(i0 + r, t.last_row);
-    t.ids[r] = p.ids ? p.ids[i] : 0;
-    t.id_min = std::min(t.id_min, t.ids[r]);
-    t.id_max = std::max(t.id_max, t.ids[r]);
-  }
-  return t;
-}
-
-// ---- forward ------------------------------------------------------------------------------
-
-template <typename scalar_t, typename T>
-struct ForwardArgs {
-  Problem<scalar_t, T> p;
-  T eps;
-  scalar_t* out;  // (B, N, H, D)
-  T* lse;         // (B, H, N)
-  T* q_stats;     // (B, H, N, 2)
-  T* k_stats;     // (B, H, N, 2)
-};
-
-// Unshifted softmax (forward fast path). The scores of LayerNorm'ed queries and keys are
-// bounded: |q_i . k_j| <= |q_i| max_j |k_j| =: c_i (Cauchy-Schwarz; q_i already scaled). When
-// c_i <= kUnshiftedScoreLimit for every row of a tile, e^s needs no shift at all: every score lies
-// in [-30, 30] (up to rounding), so each term lies in [e^-30, e^30] and a row's sum (at most
-// 16k e^30) is far from float overflow and underflow, while the normalisation is exact math
-// whatever the shift. That removes the max pass, the rescaling of the accumulators, the shift
-// subtraction, and (in blocks with no masked key) the flush of exp to 0. Tiles with a larger
-// bound (or NaN) take the online maximum.
-constexpr double kUnshiftedScoreLimit = 30.0;
-
-// -- fast path: query-lane tiles --
-// A tile holds QT = 3 L queries in the vector lanes: Qt (D, QT) are its normalised, scaled
-// queries transposed, St (keys, QT) its scores / probabilities, Ot (D, QT) its output
-// accumulators. Scores broadcast one key element against 3 query vectors and P.V broadcasts
-// one value element against 3 probability vectors, so neither the head dim nor the key count
-// is padded to a vector (at D = 20 the row tiles computed P.V over 24 dims) and the softmax
-// sums are plain vector adds (lane = query).
-
-// St[jr][:] = sum_d keys[jr][d] Qt[d][:] for JR keys that lie side by side in a key panel:
-// element (jr, d) at keys[d W + jr].
-template <int JR, typename T>
-EEGFAST_INLINE void query_lane_scores(const T* Qt, int64_t D, const T* keys, T* St) {
-  static_assert(kPanel<T> % JR == 0, "a micro-tile's keys lie in one panel");
-  constexpr int QT = kQueryVectors * kLanes<T>;
-  tile_products<JR, kQueryVectors, false>(keys, 1, kPanel<T>, Qt, QT, D, St, QT);
-}
-
-// Ot[d0 + dr][:] += sum_j values[j][d0 + dr] St[j][:] for DR dims, over `keys` keys.
-template <int DR, typename T>
-EEGFAST_INLINE void query_lane_values(T* Ot, const T* St, const T* values, int64_t Dv, int keys,
-                                      int64_t d0) {
-  constexpr int QT = kQueryVectors * kLanes<T>;
-  tile_products<DR, kQueryVectors, true>(values + d0, 1, Dv, St, QT, keys, Ot + d0 * QT, QT);
-}
-
-// All D dims in chunks of DR, then 4, 2, 1 (exactly D, whatever it is).
-template <int DR, typename T>
-EEGFAST_INLINE void query_lane_all_values(T* Ot, const T* St, const T* values, int64_t Dv,
-                                          int64_t D, int keys) {
-  int64_t d0 = 0;
-  for (; d0 + DR <= D; d0 += DR) query_lane_values<DR>(Ot, St, values, Dv, keys, d0);
-  if constexpr (DR > 4) {
-    if (D - d0 >= 4) query_lane_values<4>(Ot, St, values, Dv, keys, d0), d0 += 4;
-  }
-  if (D - d0 >= 2) query_lane_values<2>(Ot, St, values, Dv, keys, d0), d0 += 2;
-  if (D - d0 >= 1) query_lane_values<1>(Ot, St, values, Dv, keys, d0);
-}
-
-// The key bias and the per-element causal / block-causal masks of one key block, on St.
-template <typename scalar_t, typename T>
-EEGFAST_INLINE bool query_lane_mask(const Problem<scalar_t, T>& p, const KeySide<T>& ks,
-                                    const TileMask& t, int64_t kb, int keys, T* St) {
-  constexpr int QT = kQueryVectors * kLanes<T>;
-  const T inf = std::numeric_limits<T>::infinity();
-  const int64_t key0 = kb * kKeyBlock;
-  if (ks.block_masked[kb])
-    for (int j = 0; j < keys; ++j)
-      if (ks.bias[key0 + j] != T(0)) std::fill(St + j * QT, St + (j + 1) * QT, -inf);
-  const bool by_position = p.causal && key0 + keys - 1 > t.first_row;
-  const bool by_block = p.ids && ks.block_id_max[kb] > t.id_min;
-  if (!by_position && !by_block) return ks.block_masked[kb] != 0;
-  for (int j = 0; j < keys; ++j) {
-    const int64_t key = key0 + j;
-    for (int r = 0; r < QT; ++r) {
-      const bool hidden =
-          (by_position && key > t.first_row + r) || (by_block && ks.ids[key] > t.ids[r]);
-      if (hidden) St[j * QT + r] = -inf;
-    }
-  }
-  return true;
-}
-
-// -- fallback: row tiles with the online maximum --
-
-// Online softmax over one key block: S becomes the block's probabilities (relative to the
-// new running max), alpha the factor that rescales the previous accumulators.
-template <int R, typename T>
-EEGFAST_INLINE void softmax_step(T* S, int keys, T* m, T* l, T* alpha) {
-  constexpr int L = kLanes<T>;
-  const T inf = std::numeric_limits<T>::infinity();
-  for (int r = 0; r < R; ++r) {
-    T* s = S + r * kKeyBlock;
-    vec_t<T> mx = vsplat(-inf);
-    for (int j = 0; j < keys; j += L) mx = vmax<T>(mx, vload(s + j));
-    const T m_new = std::max(m[r], hmax<T>(mx));
-    const T shift = m_new == -inf ? T(0) : m_new;  // a row that has seen no key yet
-    alpha[r] = std::exp(m[r] - shift);
-    vec_t<T> sum{};
-    for (int j = 0; j < keys; j += L) {
-      const vec_t<T> e = vexp(vload(s + j) - shift);
-      vstore(s + j, e);
-      sum += e;
-    }
-    l[r] = l[r] * alpha[r] + hsum<T>(sum);
-    m[r] = m_new;
-  }
-}
-
-// Rows [row_begin, row_end) of (b, h) in R-row tiles with the online maximum: for inputs
-// whose score bound is too large (see kUnshiftedScoreLimit), or NaN.
-template <int R, typename scalar_t, typename T>
-EEGFAST_INLINE void forward_rows_online(const ForwardArgs<scalar_t, T>& a, const KeySide<T>& ks,
-                                        int64_t b, int64_t h, int64_t row_begin,
-                                        int64_t row_end) {
-  const Problem<scalar_t, T>& p = a.p;
-  const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H, bh = b * H + h;
-  const T inf = std::numeric_limits<T>::infinity();
-  std::vector<T> queries(R * Dv), acc(R * Dv), row(D);
-  alignas(64) T S[R * kKeyBlock];
-  for (int64_t i0 = row_begin; i0 < row_end; i0 += R) {
-    const int rows = static_cast<int>(std::min<int64_t>(R, row_end - i0));
-    std::fill(queries.begin(), queries.end(), T(0));
-    std::fill(acc.begin(), acc.end(), T(0));
-    for (int r = 0; r < rows; ++r) {
-      const scalar_t* x = p.q.row(b, h, i0 + r);
-      T mean, rstd;
-      row_stats(x, p.q.sd, D, a.eps, row.data(), mean, rstd);
-      T* dst = queries.data() + r * Dv;
-      normalize_row(x, p.q.sd, D, mean, rstd, p.qw, p.qb, dst, static_cast<T*>(nullptr));
-      for (int64_t d = 0; d < D; ++d) dst[d] *= p.scale;
-    }
-    TileMask t = tile_mask<R>(p, i0);
-    t.last_row = i0 + rows - 1;
-    T m[R], l[R], alpha[R];
-    for (int r = 0; r < R; ++r) m[r] = -inf, l[r] = 0;
-    for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
-      if (!block_visible(p, ks, t, kb)) continue;
-      const int keys = ks.block_keys[kb];
-      score_tile<R>(queries.data(), Dv, D, ks.panels.data() + kb * kKeyBlock * D, keys, S);
-      mask_scores<R>(p, ks, t, kb, S);
-      softmax_step<R>(S, keys, m, l, alpha);
-      for (int r = 0; r < R; ++r) {
-        if (alpha[r] == T(1)) continue;
-        for (int64_t d = 0; d < Dv; ++d) acc[r * Dv + d] *= alpha[r];
-      }
-      accumulate_rows<R>(acc.data(), Dv, S, ks.value_rows.data() + kb * kKeyBlock * Dv, keys);
-    }
-    for (int r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r;
-      const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
-      scalar_t* o = a.out + ((b * N + i) * H + h) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[r * Dv + d] * inv);
-      a.lse[bh * N + i] = l[r] > T(0) ? m[r] + std::log(l[r]) : -inf;
-    }
-  }
-}
-
-// One task: rows of one (batch, head) in query-lane tiles of QT queries; JR keys per score
-// micro-tile, DR dims per P.V micro-tile, R rows per fallback tile.
-template <int R, int JR, int DR, typename scalar_t, typename T>
-EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task) {
-  static_assert(kKeyBlock % JR == 0, "key block");
-  constexpr int L = kLanes<T>, QV = kQueryVectors, QT = QV * L;
-  static_assert(QT <= kMaxTileRows, "tile rows");
-  const Problem<scalar_t, T>& p = a.p;
-  const int64_t bh = task / p.chunks, chunk = task % p.chunks;
-  const int64_t b = bh / p.H, h = bh % p.H;
-  const int64_t row_begin = chunk * p.chunk_rows;
-  const int64_t row_end = std::min(p.N, row_begin + p.chunk_rows);
-  if (row_begin >= row_end) return;
-  const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H;
-  const T inf = std::numeric_limits<T>::infinity();
-  prefetch_next_head(p, bh, chunk);
-  KeySide<T> ks;
-  prepare_keys(p, b, h, a.eps, KeyLayout::kForward, static_cast<const T*>(nullptr),
-               chunk == 0 ? a.k_stats + bh * N * 2 : static_cast<T*>(nullptr), ks);
-  std::vector<T> Qt(D * QT), Ot(D * QT);
-  alignas(64) T St[kKeyBlock * QT];
-  alignas(64) T bound[QT], sums[QT], means[QT], rstds[QT];
-  T* q_stats = a.q_stats + bh * N * 2;
-  for (int64_t i0 = row_begin; i0 < row_end; i0 += QT) {
-    const int rows = static_cast<int>(std::min<int64_t>(QT, row_end - i0));
-    std::fill(Qt.begin(), Qt.end(), T(0));
-    std::fill(Ot.begin(), Ot.end(), T(0));
-    for (int r = 0; r < rows; ++r) {
-      const scalar_t* x = p.q.row(b, h, i0 + r);
-      for (int64_t d = 0; d < D; ++d) Qt[d * QT + r] = static_cast<T>(x[d * p.q.sd]);
-    }
-    layer_norm_lanes<QV>(Qt.data(), D, rows, a.eps, p.qw, p.qb, p.scale,
-                         static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), means,
-                         rstds, bound);
-    bool unshifted = true;
-    for (int r = 0; r < QT; ++r) {
-      bound[r] = r < rows ? std::sqrt(bound[r]) * ks.max_key_norm : T(0);  // |q_r| max_j |k_j|
-      if (!(bound[r] <= static_cast<T>(kUnshiftedScoreLimit))) unshifted = false;
-    }
-    for (int r = 0; r < rows; ++r) {
-      q_stats[2 * (i0 + r)] = means[r];
-      q_stats[2 * (i0 + r) + 1] = rstds[r];
-    }
-    if (!unshifted) {
-      forward_rows_online<R>(a, ks, b, h, i0, i0 + rows);
-      continue;
-    }
-    TileMask t = tile_mask<QT>(p, i0);
-    t.last_row = i0 + rows - 1;
-    vec_t<T> l[QV];
-    for (int v = 0; v < QV; ++v) l[v] = vec_t<T>{};
-    for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
-      if (!block_visible(p, ks, t, kb)) continue;
-      const int64_t key0 = kb * kKeyBlock;
-      const int keys =
-          static_cast<int>(std::min<int64_t>(kKeyBlock, (N - key0 + JR - 1) / JR * JR));
-      constexpr int W = kPanel<T>;
-      for (int j = 0; j < keys; j += JR) {
-        const int64_t key = key0 + j;
-        query_lane_scores<JR>(Qt.data(), D, ks.panels.data() + key / W * D * W + key % W,
-                              St + j * QT);
-      }
-      if (query_lane_mask(p, ks, t, kb, keys, St)) {
-        for (int j = 0; j < keys; ++j)
-          #pragma GCC unroll 3
-          for (int v = 0; v < QV; ++v) {
-            const vec_t<T> e = vexp(vload(St + j * QT + v * L));
-            vstore(St + j * QT + v * L, e);
-            l[v] += e;
-          }
-      } else {
-        for (int j = 0; j < keys; ++j)
-          #pragma GCC unroll 3
-          for (int v = 0; v < QV; ++v) {
-            const vec_t<T> e = vexp_in_range(vload(St + j * QT + v * L));
-            vstore(St + j * QT + v * L, e);
-            l[v] += e;
-          }
-      }
-      query_lane_all_values<DR>(Ot.data(), St, ks.value_rows.data() + key0 * Dv, Dv, D, keys);
-    }
-    alignas(64) T logs[QT];
-    for (int v = 0; v < QV; ++v) {
-      vstore(sums + v * L, l[v]);
-      vstore(logs + v * L, vlog_positive(l[v]));  // lanes with a zero sum are not used
-    }
-    for (int r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r;
-      const T inv = sums[r] > T(0) ? T(1) / sums[r] : T(0);
-      scalar_t* o = a.out + ((b * N + i) * H + h) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(Ot[d * QT + r] * inv);
-      a.lse[bh * N + i] = sums[r] > T(0) ? logs[r] : -inf;
-    }
-  }
-}
-
-// ---- backward -----------------------------------------------------------------------------
-
-template <typename scalar_t, typename T>
-struct BackwardArgs {
-  Problem<scalar_t, T> p;
-  const scalar_t* grad_out;  // (B, N, H, D)
-  const scalar_t* out;       // (B, N, H, D)
-  const T* lse;              // (B, H, N)
-  const T* q_stats;          // (B, H, N, 2)
-  const T* k_stats;          // (B, H, N, 2)
-  scalar_t* dq;              // (B, H, N, D)
-  scalar_t* dk;
-  scalar_t* dv;
-  T* key_grads;    // (B H, chunks, 2, Nk, Dv): d(normalised k), dv partial sums
-  T* q_param_grads;  // (B H chunks, 2, D): d q_w, d q_b partial sums
-  T* k_param_grads;  // (B H, 2, D)
-};
-
-// LayerNorm backward of one row, vectorised over its Dv lanes (dn and hat are 0 past D): dx
-// (Dv) from the gradient dn of the normalised row; adds the row's contribution to the
-// parameter gradients dw, db (Dv each). w_pad: the weight (1 where absent), Dv lanes.
-template <typename T>
-EEGFAST_INLINE void layer_norm_backward_lanes(const T* dn, const T* hat, T rstd, const T* w_pad,
-                                              int64_t D, int64_t Dv, T* dx, T* dw, T* db) {
-  constexpr int L = kLanes<T>;
-  vec_t<T> sum_g{}, sum_gh{};
-  for (int64_t c = 0; c < Dv; c += L) {
-    const vec_t<T> d = vload(dn + c), hh = vload(hat + c), g = d * vload(w_pad + c);
-    sum_g += g;
-    sum_gh += g * hh;
-    vstore(dw + c, vload(dw + c) + d * hh);
-    vstore(db + c, vload(db + c) + d);
-  }
-  const vec_t<T> mean_g = vsplat(hsum<T>(sum_g) / static_cast<T>(D));
-  const vec_t<T> mean_gh = vsplat(hsum<T>(sum_gh) / static_cast<T>(D));
-  const vec_t<T> r = vsplat(rstd);
-  for (int64_t c = 0; c < Dv; c += L) {
-    const vec_t<T> g = vload(dn + c) * vload(w_pad + c);
-    vstore(dx + c, r * (g - mean_g - vload(hat + c) * mean_gh));
-  }
-}
-
-template <typename T>
-EEGFAST_INLINE T dot_lanes(const T* x, const T* y, int64_t Dv) {
-  vec_t<T> sum{};
-  for (int64_t c = 0; c < Dv; c += kLanes<T>) sum += vload(x + c) * vload(y + c);
-  return hsum<T>(sum);
-}
-
-template <typename T>
-std::vector<T> padded_weight(const T* w, int64_t D, int64_t Dv) {
-  std::vector<T> out(Dv, T(0));
-  for (int64_t d = 0; d < D; ++d) out[d] = w ? w[d] : T(1);
-  return out;
-}
-
-// Sums the key gradients of (b, h) over its `chunks` partials (each 2 (Nk, Dv): d(normalised
-// keys), dv), then the key LayerNorm backward; writes dk, dv and the key parameter gradients.
-template <typename scalar_t, typename T>
-EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh,
-                                  const T* partials, int64_t chunks) {
-  const Problem<scalar_t, T>& p = a.p;
-  const int64_t b = bh / p.H, h = bh % p.H;
-  const int64_t D = p.D, Dv = p.Dv, N = p.N, Nk = p.Nk;
-  constexpr int L = kLanes<T>;
-  const T* k_stats = a.k_stats + bh * N * 2;
-  const std::vector<T> kw_pad = padded_weight(p.kw, D, Dv);
-  std::vector<T> dkn(Dv), dvalue(Dv), hat(Dv, T(0)), dx(Dv), unused(Dv), dkw(Dv, T(0)),
-      dkb(Dv, T(0));
-  for (int64_t j = 0; j < N; ++j) {
-    for (int64_t c = 0; c < Dv; c += L) {
-      vec_t<T> sum_k{}, sum_v{};
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        const T* part = partials + chunk * 2 * Nk * Dv;
-        sum_k += vload(part + j * Dv + c);
-        sum_v += vload(part + Nk * Dv + j * Dv + c);
-      }
-      vstore(dkn.data() + c, sum_k);
-      vstore(dvalue.data() + c, sum_v);
-    }
-    normalize_row(p.k.row(b, h, j), p.k.sd, D, k_stats[2 * j], k_stats[2 * j + 1],
-                  static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), unused.data(),
-                  hat.data());
-    layer_norm_backward_lanes(dkn.data(), hat.data(), k_stats[2 * j + 1], kw_pad.data(), D, Dv,
-                              dx.data(), dkw.data(), dkb.data());
-    scalar_t* dk = a.dk + (bh * N + j) * D;
-    scalar_t* dv = a.dv + (bh * N + j) * D;
-    for (int64_t d = 0; d < D; ++d) {
-      dk[d] = static_cast<scalar_t>(dx[d]);
-      dv[d] = static_cast<scalar_t>(dvalue[d]);
-    }
-  }
-  std::copy(dkw.begin(), dkw.begin() + D, a.k_param_grads + bh * 2 * D);
-  std::copy(dkb.begin(), dkb.begin() + D, a.k_param_grads + bh * 2 * D + D);
-}
-
-template <int R, typename scalar_t, typename T>
-EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t task) {
-  const Problem<scalar_t, T>& p = a.p;
-  const int64_t bh = task / p.chunks, chunk = task % p.chunks;
-  const int64_t b = bh / p.H, h = bh % p.H;
-  const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H, Nk = p.Nk;
-  // d(normalised keys) (Nk, Dv), then dv (Nk, Dv): with one chunk per (b, h), in this task's
-  // own scratch (L2-sized, reused by the allocator), finished by this task; else partial sums
-  // in the shared buffer, reduced by the key pass.
-  std::vector<T> own;
-  T* dkn;
-  if (p.chunks == 1) {
-    own.assign(2 * Nk * Dv, T(0));
-    dkn = own.data();
-  } else {
-    dkn = a.key_grads + task * 2 * Nk * Dv;
-    std::fill(dkn, dkn + 2 * Nk * Dv, T(0));
-  }
-  T* dvalues = dkn + Nk * Dv;
-  T* dqw = a.q_param_grads + task * 2 * D;
-  T* dqb = dqw + D;
-  std::fill(dqw, dqw + 2 * D, T(0));
-  const int64_t row_begin = chunk * p.chunk_rows;
-  const int64_t row_end = std::min(p.N, row_begin + p.chunk_rows);
-  if (row_begin >= row_end) return;
-  const T inf = std::numeric_limits<T>::infinity();
-  prefetch_next_head(p, bh, chunk);
-  KeySide<T> ks;
-  prepare_keys(p, b, h, T(0), KeyLayout::kBackward, a.k_stats + bh * N * 2,
-               static_cast<T*>(nullptr), ks);
-  std::vector<T> queries(R * Dv), scaled(R * Dv), hats(R * Dv), grads(R * Dv), outs(R * Dv),
-      dqn(R * Dv), dx(Dv), dqw_sum(Dv, T(0)), dqb_sum(Dv, T(0));
-  const std::vector<T> qw_pad = padded_weight(p.qw, D, Dv);
-  alignas(64) T P[R * kKeyBlock];
-  alignas(64) T dS[R * kKeyBlock];
-  const T* q_stats = a.q_stats + bh * N * 2;
-  for (int64_t i0 = row_begin; i0 < row_end; i0 += R) {
-    const int rows = static_cast<int>(std::min<int64_t>(R, row_end - i0));
-    // The grad_out and out rows of one (b, h) lie H D elements apart, too sparse for the
-    // hardware prefetcher (their loads were ~12% of the backward): fetch the next tile's rows
-    // while this one computes.
-    for (int64_t i = i0 + R; i < std::min(row_end, i0 + 2 * R); ++i) {
-      const char* go = reinterpret_cast<const char*>(a.grad_out + ((b * N + i) * H + h) * D);
-      const char* o = reinterpret_cast<const char*>(a.out + ((b * N + i) * H + h) * D);
-      const int64_t bytes = D * static_cast<int64_t>(sizeof(scalar_t));
-      for (int64_t off = 0; off < bytes; off += 64) {
-        __builtin_prefetch(go + off);
-        __builtin_prefetch(o + off);
-      }
-      __builtin_prefetch(go + bytes - 1);
-      __builtin_prefetch(o + bytes - 1);
-    }
-    for (auto* buffer : {&queries, &scaled, &hats, &grads, &outs, &dqn})
-      std::fill(buffer->begin(), buffer->end(), T(0));
-    T delta[R], lse[R];
-    for (int r = 0; r < R; ++r) delta[r] = 0, lse[r] = inf;  // padding rows: P = 0
-    for (int r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r;
-      normalize_row(p.q.row(b, h, i), p.q.sd, D, q_stats[2 * i], q_stats[2 * i + 1], p.qw, p.qb,
-                    queries.data() + r * Dv, hats.data() + r * Dv);
-      for (int64_t d = 0; d < D; ++d) scaled[r * Dv + d] = queries[r * Dv + d] * p.scale;
-      const scalar_t* go = a.grad_out + ((b * N + i) * H + h) * D;
-      const scalar_t* o = a.out + ((b * N + i) * H + h) * D;
-      for (int64_t d = 0; d < D; ++d) {
-        grads[r * Dv + d] = static_cast<T>(go[d]);
-        outs[r * Dv + d] = static_cast<T>(o[d]);
-      }
-      delta[r] = dot_lanes(grads.data() + r * Dv, outs.data() + r * Dv, Dv);
-      const T saved = a.lse[bh * N + i];
-      lse[r] = saved == -inf ? inf : saved;  // a row that saw no key: P = 0
-    }
-    TileMask t = tile_mask<R>(p, i0);
-    t.last_row = i0 + rows - 1;
-    constexpr int L = kLanes<T>;
-    for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
-      if (!block_visible(p, ks, t, kb)) continue;
-      const int keys = ks.block_keys[kb];
-      score_tile<R>(scaled.data(), Dv, D, ks.panels.data() + kb * kKeyBlock * D, keys, P);
-      mask_scores<R>(p, ks, t, kb, P);
-      score_tile<R>(grads.data(), Dv, D, ks.value_panels.data() + kb * kKeyBlock * D, keys, dS);
-      for (int r = 0; r < R; ++r) {
-        const vec_t<T> shift = vsplat(lse[r]), d_r = vsplat(delta[r]);
-        for (int j = 0; j < keys; j += L) {
-          const vec_t<T> prob = vexp(vload(P + r * kKeyBlock + j) - shift);
-          vstore(P + r * kKeyBlock + j, prob);
-          vstore(dS + r * kKeyBlock + j,
-                 prob * (vload(dS + r * kKeyBlock + j) - d_r) * p.scale);
-        }
-      }
-      accumulate_cols<R>(dvalues + kb * kKeyBlock * Dv, Dv, P, grads.data(), keys);
-      accumulate_cols<R>(dkn + kb * kKeyBlock * Dv, Dv, dS, queries.data(), keys);
-      accumulate_rows<R>(dqn.data(), Dv, dS, ks.key_rows.data() + kb * kKeyBlock * Dv, keys);
-    }
-    for (int r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r;
-      layer_norm_backward_lanes(dqn.data() + r * Dv, hats.data() + r * Dv, q_stats[2 * i + 1],
-                                qw_pad.data(), D, Dv, dx.data(), dqw_sum.data(), dqb_sum.data());
-      scalar_t* dst = a.dq + (bh * N + i) * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(dx[d]);
-    }
-  }
-  std::copy(dqw_sum.begin(), dqw_sum.begin() + D, dqw);
-  std::copy(dqb_sum.begin(), dqb_sum.begin() + D, dqb);
-  if (p.chunks == 1) backward_keys(a, bh, dkn, 1);
-}
-
-
-// ---- AVX-512VL / AVX2 / generic instances ---------------------------------------------------
-// The same 256-bit vector code; AVX-512VL adds 16 more vector registers, which the 8-row tiles
-// and the 8-key / 8-dim query-lane micro-tiles need (8 x 3 accumulators), and AVX2 machines
-// run 4-row tiles.
+// ---- instruction sets -----------------------------------------------------------------------
+// AVX-512 runs the 512-bit instance with 8-row tiles and 8-key / 8-dim query-lane micro-tiles
+// (8 x 3 accumulators in 32 registers); AVX2 and generic code run the 256-bit instance with
+// 4-row tiles (16 registers).
 
 enum class Isa { kGeneric, kAvx2, kAvx512 };
 enum class Kernel { kForward, kBackward, kBackwardKeys };
@@ -1072,43 +106,69 @@ Isa cpu_isa() {
   return std::min(best, wanted);
 }
 
-// One kernel call with the tile sizes of an instruction set: R rows per row tile, JR keys per
-// query-lane score micro-tile, DR dims per query-lane P.V micro-tile.
-template <int R, int JR, int DR, Kernel K, typename Args>
-EEGFAST_INLINE void run_kernel(const Args& a, int64_t index) {
-  if constexpr (K == Kernel::kForward)
-    forward_task<R, JR, DR>(a, index);
-  else if constexpr (K == Kernel::kBackward)
-    backward_task<R>(a, index);
-  else
-    backward_keys(a, index, a.key_grads + index * a.p.chunks * 2 * a.p.Nk * a.p.Dv, a.p.chunks);
+// Query chunks per (batch, head): 1 unless there are too few (batch, head) pairs to keep every
+// thread busy.
+int64_t query_chunks(int64_t pairs, int64_t N) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t wanted = (2 * threads + pairs - 1) / std::max<int64_t>(pairs, 1);
+  const int64_t most = std::max<int64_t>(1, N / kMinChunR);
+  return std::clamp<int64_t>(wanted, 1, most);
 }
+
+at::ScalarType accumulation_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+c10::optional<at::Tensor> as_accumulation(const c10::optional<at::Tensor>& t,
+                                          at::ScalarType acc) {
+  if (!t.has_value()) return c10::nullopt;
+  return t->to(acc).contiguous();
+}
+
+template <typename T>
+const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+struct Prepared {
+  c10::optional<at::Tensor> qw, qb, kw, kb, key_padding, ids;
+};
+
+Prepared prepare_optional(at::ScalarType acc, const c10::optional<at::Tensor>& q_w,
+                          const c10::optional<at::Tensor>& q_b,
+                          const c10::optional<at::Tensor>& k_w,
+                          const c10::optional<at::Tensor>& k_b,
+                          const c10::optional<at::Tensor>& key_padding_mask,
+                          const c10::optional<at::Tensor>& block_ids) {
+  Prepared out{as_accumulation(q_w, acc), as_accumulation(q_b, acc), as_accumulation(k_w, acc),
+               as_accumulation(k_b, acc), c10::nullopt, c10::nullopt};
+  if (key_padding_mask.has_value()) out.key_padding = key_padding_mask->contiguous();
+  if (block_ids.has_value()) out.ids = block_ids->to(at::kLong).contiguous();
+  return out;
+}
+
+
+// The tensors of one backward call (contiguous; lse and the stats in the accumulation type).
+struct BackwardTensors {
+  const at::Tensor &grad_out, &out, &lse, &q_stats, &k_stats;  // (B, N, H, D) x 2, (B, H, N),
+                                                               // (B, H, N, 2) x 2
+  at::Tensor &dq, &dk, &dv;                                    // (B, H, N, D)
+};
+
+
+// ---- the kernels, once per vector width -----------------------------------------------------
+
+namespace v256 {
+constexpr int kVectorBytes = 32;
+#include "qk_norm_attention_kernels.h"
+}  // namespace v256
 
 #if defined(__x86_64__)
-template <Kernel K, typename Args>
-__attribute__((target("avx512f,avx512vl,avx2,fma"))) void run_avx512(const Args& a,
-                                                                     int64_t index) {
-  run_kernel<8, 8, 8, K>(a, index);
-}
-template <Kernel K, typename Args>
-__attribute__((target("avx2,fma"))) void run_avx2(const Args& a, int64_t index) {
-  run_kernel<4, 4, 4, K>(a, index);
-}
+namespace v512 {
+constexpr int kVectorBytes = 64;
+#include "qk_norm_attention_kernels.h"
+}  // namespace v512
 #endif
-
-template <Kernel K, typename Args>
-void run_generic(const Args& a, int64_t index) {
-  run_kernel<4, 4, 4, K>(a, index);
-}
-
-template <Kernel K, typename Args>
-void run(const Args& a, Isa isa, int64_t index) {
-#if defined(__x86_64__)
-  if (isa == Isa::kAvx512) return run_avx512<K>(a, index);
-  if (isa == Isa::kAvx2) return run_avx2<K>(a, index);
-#endif
-  run_generic<K>(a, index);
-}
 
 // ---- argument checks ----------------------------------------------------------------------
 
@@ -1164,75 +224,6 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
   }
 }
 
-// Query chunks per (batch, head): 1 unless there are too few (batch, head) pairs to keep every
-// thread busy.
-int64_t query_chunks(int64_t pairs, int64_t N) {
-  const int64_t threads = at::get_num_threads();
-  const int64_t wanted = (2 * threads + pairs - 1) / std::max<int64_t>(pairs, 1);
-  const int64_t most = std::max<int64_t>(1, N / kMinChunR);
-  return std::clamp<int64_t>(wanted, 1, most);
-}
-
-at::ScalarType accumulation_type(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-c10::optional<at::Tensor> as_accumulation(const c10::optional<at::Tensor>& t,
-                                          at::ScalarType acc) {
-  if (!t.has_value()) return c10::nullopt;
-  return t->to(acc).contiguous();
-}
-
-template <typename T>
-const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
-struct Prepared {
-  c10::optional<at::Tensor> qw, qb, kw, kb, key_padding, ids;
-};
-
-Prepared prepare_optional(at::ScalarType acc, const c10::optional<at::Tensor>& q_w,
-                          const c10::optional<at::Tensor>& q_b,
-                          const c10::optional<at::Tensor>& k_w,
-                          const c10::optional<at::Tensor>& k_b,
-                          const c10::optional<at::Tensor>& key_padding_mask,
-                          const c10::optional<at::Tensor>& block_ids) {
-  Prepared out{as_accumulation(q_w, acc), as_accumulation(q_b, acc), as_accumulation(k_w, acc),
-               as_accumulation(k_b, acc), c10::nullopt, c10::nullopt};
-  if (key_padding_mask.has_value()) out.key_padding = key_padding_mask->contiguous();
-  if (block_ids.has_value()) out.ids = block_ids->to(at::kLong).contiguous();
-  return out;
-}
-
-template <typename scalar_t, typename T>
-Problem<scalar_t, T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  const Prepared& opt, double scale, bool causal) {
-  Problem<scalar_t, T> p;
-  p.B = q.size(0);
-  p.H = q.size(1);
-  p.N = q.size(2);
-  p.D = q.size(3);
-  p.Dv = (p.D + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
-  p.key_blocks = (p.N + kKeyBlock - 1) / kKeyBlock;
-  p.Nk = p.key_blocks * kKeyBlock;
-  p.scale = static_cast<T>(scale);
-  p.causal = causal;
-  p.key_padding = ptr_or_null<bool>(opt.key_padding);
-  p.ids = ptr_or_null<int64_t>(opt.ids);
-  p.qw = ptr_or_null<T>(opt.qw);
-  p.qb = ptr_or_null<T>(opt.qb);
-  p.kw = ptr_or_null<T>(opt.kw);
-  p.kb = ptr_or_null<T>(opt.kb);
-  p.chunks = query_chunks(p.B * p.H, p.N);
-  const int64_t rows = (p.N + p.chunks - 1) / p.chunks;
-  p.chunk_rows = (rows + kMaxTileRows - 1) / kMaxTileRows * kMaxTileRows;
-  p.q = strided<scalar_t>(q);
-  p.k = strided<scalar_t>(k);
-  p.v = strided<scalar_t>(v);
-  return p;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& q_w, const c10::optional<at::Tensor>& q_b,
@@ -1254,15 +245,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_attention_fwd
   const Isa isa = cpu_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    ForwardArgs<scalar_t, T> a{make_problem<scalar_t, T>(q, k, v, opt, scale, causal),
-                               static_cast<T>(eps),
-                               out.data_ptr<scalar_t>(),
-                               lse.data_ptr<T>(),
-                               q_stats.data_ptr<T>(),
-                               k_stats.data_ptr<T>()};
-    at::parallel_for(0, B * H * a.p.chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) run<Kernel::kForward>(a, isa, task);
-    });
+#if defined(__x86_64__)
+    if (isa == Isa::kAvx512)
+      return v512::forward<scalar_t, T>(q, k, v, opt, scale, causal, eps, out, lse, q_stats,
+                                        k_stats, isa);
+#endif
+    v256::forward<scalar_t, T>(q, k, v, opt, scale, causal, eps, out, lse, q_stats, k_stats, isa);
   });
   return {out, lse, q_stats, k_stats};
 }
@@ -1314,35 +302,13 @@ qk_norm_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const
   const Isa isa = cpu_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const Problem<scalar_t, T> p = make_problem<scalar_t, T>(q, k, v, opt, scale, causal);
-    const int64_t tasks = B * H * p.chunks;
-    // Key-gradient partials per chunk: only when (b, h) pairs are split into query chunks
-    // (with one chunk, each task finishes its own keys).
-    const int64_t partials = p.chunks > 1 ? tasks : 0;
-    auto key_grads = at::empty({partials, 2, p.Nk, p.Dv}, q.options().dtype(acc));
-    auto q_param_grads = at::empty({tasks, 2, D}, q.options().dtype(acc));
-    auto k_param_grads = at::empty({B * H, 2, D}, q.options().dtype(acc));
-    BackwardArgs<scalar_t, T> a{p,
-                                grad_c.data_ptr<scalar_t>(),
-                                out_c.data_ptr<scalar_t>(),
-                                lse_c.data_ptr<T>(),
-                                q_stats_c.data_ptr<T>(),
-                                k_stats_c.data_ptr<T>(),
-                                dq.data_ptr<scalar_t>(),
-                                dk.data_ptr<scalar_t>(),
-                                dv.data_ptr<scalar_t>(),
-                                key_grads.data_ptr<T>(),
-                                q_param_grads.data_ptr<T>(),
-                                k_param_grads.data_ptr<T>()};
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) run<Kernel::kBackward>(a, isa, task);
-    });
-    if (p.chunks > 1)
-      at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t bh = begin; bh < end; ++bh) run<Kernel::kBackwardKeys>(a, isa, bh);
-      });
-    q_param_sums = q_param_grads.sum(0);
-    k_param_sums = k_param_grads.sum(0);
+    const BackwardTensors t{grad_c, out_c, lse_c, q_stats_c, k_stats_c, dq, dk, dv};
+#if defined(__x86_64__)
+    if (isa == Isa::kAvx512)
+      return v512::backward<scalar_t, T>(q, k, v, opt, scale, causal, t, isa, q_param_sums,
+                                         k_param_sums);
+#endif
+    v256::backward<scalar_t, T>(q, k, v, opt, scale, causal, t, isa, q_param_sums, k_param_sums);
   });
   if (q_w.has_value()) dq_w.copy_(q_param_sums[0]);
   if (q_b.has_value()) dq_b.copy_(q_param_sums[1]);

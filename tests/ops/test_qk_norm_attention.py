@@ -170,10 +170,13 @@ def test_cpu_large_scores_use_the_online_maximum(gain, d):
     assert_all_close(run(case, "cpu"), expected, tol, result_names(case))
 
 
-def test_cpu_tiles_of_one_head_mix_the_unshifted_and_online_paths():
+@pytest.mark.parametrize(("isa", "tile"), [("avx512", 48), ("avx2", 24)])
+def test_cpu_tiles_of_one_head_mix_the_unshifted_and_online_paths(isa, tile, monkeypatch):
     """A spiky query LayerNorm weight makes the score bound |q_i| max_j |k_j| vary by row, so
-    some 24-query tiles of a head stay under the limit (30) and others exceed it: both forward
-    paths then write rows of the same output."""
+    some query tiles of a head (3 vectors of floats: 48 queries with AVX-512, 24 with AVX2)
+    stay under the limit (30) and others exceed it: both forward paths then write rows of the
+    same output."""
+    monkeypatch.setenv("EEGFAST_CPU_ISA", isa)
     d, n = 20, 150
     case = make_case(1, 2, n, d, seed=11, padding=True)
     weight = torch.full((d,), 0.3, dtype=torch.float64)
@@ -188,7 +191,7 @@ def test_cpu_tiles_of_one_head_mix_the_unshifted_and_online_paths():
     qn = layer_norm(q, params["q_norm_weight"], params["q_norm_bias"]) * d**-0.5
     kn = layer_norm(k, params["k_norm_weight"], params["k_norm_bias"])
     bound = qn.norm(dim=-1) * kn.norm(dim=-1).amax(-1, keepdim=True)  # (B, H, N)
-    tiles = torch.nn.functional.pad(bound, (0, 24 - n % 24)).unflatten(-1, (-1, 24))
+    tiles = torch.nn.functional.pad(bound, (0, -n % tile)).unflatten(-1, (-1, tile))
     over = (tiles > 30).any(-1)
     assert over.any() and (~over).any(), "the case must exercise both paths"
     expected = run(case, "reference", dtype=torch.float64)
@@ -197,8 +200,9 @@ def test_cpu_tiles_of_one_head_mix_the_unshifted_and_online_paths():
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_cpu_every_instruction_set(isa, monkeypatch):
-    """The 8-row (AVX-512VL), 4-row (AVX2) and generic instances; EEGFAST_CPU_ISA caps the one
-    this machine would pick, so some may repeat the best one here."""
+    """The AVX-512 (16-float vectors, 8-row tiles), AVX2 (8-float vectors, 4-row tiles) and
+    generic instances; EEGFAST_CPU_ISA caps the one this machine would pick, so some may repeat
+    the best one here."""
     monkeypatch.setenv("EEGFAST_CPU_ISA", isa)
     for d, dtype in ((20, torch.float32), (33, torch.float32), (128, torch.float32),
                      (25, torch.float64)):  # fmt: skip
@@ -206,6 +210,16 @@ def test_cpu_every_instruction_set(isa, monkeypatch):
         expected = run(case, "reference", dtype=torch.float64)
         tol = 1e-9 if dtype == torch.float64 else 2e-4
         assert_all_close(run(case, "cpu"), expected, tol, result_names(case))
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_cpu_backward_over_several_row_groups(isa, monkeypatch):
+    """The backward visits the key blocks once per group of 256 query rows: 300 rows make a
+    full group and a partial one, whose dk / dv sums must add up (with masks in both)."""
+    monkeypatch.setenv("EEGFAST_CPU_ISA", isa)
+    case = make_case(2, 2, 300, 20, seed=5, padding=True, causal=True)
+    expected = run(case, "reference", dtype=torch.float64)
+    assert_all_close(run(case, "cpu"), expected, 2e-4, result_names(case))
 
 
 def test_cpu_isa_override_is_checked(monkeypatch):
