@@ -207,43 +207,38 @@ EEGFAST_INLINE void accumulate_rows(T* out, int64_t Dv, const T* S, const T* B, 
   if (vectors - c == 1) rows_chunk<R, T, 1>(out, Dv, S, B, keys, c * kLanes<T>);
 }
 
-// out[j][c0 : c0 + C L] += sum_r S[r][j] * A[r][c0 : c0 + C L] for the first `keys` rows of out.
-template <int R, typename T, int C>
-EEGFAST_INLINE void cols_chunk(T* out, int64_t Dv, const T* S, const T* A, int keys,
-                               int64_t c0) {
+// Key-lane dK / dV sums: out[d][j] += sum_{r < R} A[r][d] S[r][j] for d < D and the first
+// `keys` keys of a block (a multiple of the panel width, 2 vectors), out a (D, kKeyBlock)
+// block with keys in the vector lanes. So the head dim is not padded to a vector: at D = 20
+// with 16-float vectors, 20 FMA rows per key vector instead of the 32 of key rows (Dv).
+// Micro-tiles of M dims x C key vectors: M C accumulators, C rows of S loaded per row r.
+template <int R, int M, int C, typename T>
+EEGFAST_INLINE void transposed_tile(T* out, const T* S, const T* A, int64_t Dv, int64_t d0,
+                                    int c0) {
   constexpr int L = kLanes<T>;
-  vec_t<T> a[R][C];
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) a[r][c] = vload(A + r * Dv + c0 + c * L);
-  static_assert(R % 2 == 0, "rows in pairs");
-  for (int j = 0; j < keys; ++j) {
-    // Two partial sums per vector (even and odd rows): a single one made each key's update a
-    // chain of R dependent FMAs, latency-bound (~30% of the backward at R = 8).
-    vec_t<T> even[C], odd[C];
-    #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) even[c] = vload(out + j * Dv + c0 + c * L), odd[c] = vec_t<T>{};
-    #pragma GCC unroll 8
-    for (int r = 0; r < R; r += 2) {
-      const vec_t<T> s0 = vsplat(S[r * kKeyBlock + j]), s1 = vsplat(S[(r + 1) * kKeyBlock + j]);
-      #pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) even[c] += s0 * a[r][c], odd[c] += s1 * a[r + 1][c];
-    }
-    #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) vstore(out + j * Dv + c0 + c * L, even[c] + odd[c]);
+  tile_products<M, C, true>(A + d0, 1, Dv, S + c0 * L, kKeyBlock, R, out + d0 * kKeyBlock + c0 * L,
+                            kKeyBlock);
+}
+template <int R, int M, int C, typename T>
+EEGFAST_INLINE void transposed_dims(T* out, int64_t D, int64_t Dv, const T* S, const T* A,
+                                    int c0) {
+  int64_t d0 = 0;
+  for (; d0 + M <= D; d0 += M) transposed_tile<R, M, C>(out, S, A, Dv, d0, c0);
+  if constexpr (M > 2) {
+    if (D - d0 >= 2) transposed_tile<R, 2, C>(out, S, A, Dv, d0, c0), d0 += 2;
   }
+  if (D - d0 >= 1) transposed_tile<R, 1, C>(out, S, A, Dv, d0, c0);
 }
-
+// M = R / 2 dims per micro-tile: 4 x 4 accumulators with 32 registers (R = 8), 2 x 4 with 16.
 template <int R, typename T>
-EEGFAST_INLINE void accumulate_cols(T* out, int64_t Dv, const T* S, const T* A, int keys) {
-  const int64_t vectors = Dv / kLanes<T>;
-  int64_t c = 0;
-  for (; c + 3 <= vectors; c += 3) cols_chunk<R, T, 3>(out, Dv, S, A, keys, c * kLanes<T>);
-  if (vectors - c == 2) cols_chunk<R, T, 2>(out, Dv, S, A, keys, c * kLanes<T>);
-  if (vectors - c == 1) cols_chunk<R, T, 1>(out, Dv, S, A, keys, c * kLanes<T>);
+EEGFAST_INLINE void accumulate_transposed(T* out, int64_t D, int64_t Dv, const T* S,
+                                          const T* A, int keys) {
+  constexpr int M = R / 2;
+  const int vectors = keys / kLanes<T>;  // even: keys are whole panels
+  int c0 = 0;
+  for (; c0 + 4 <= vectors; c0 += 4) transposed_dims<R, M, 4>(out, D, Dv, S, A, c0);
+  if (vectors - c0 == 2) transposed_dims<R, M, 2>(out, D, Dv, S, A, c0);
 }
-
 
 // ---- problem description ------------------------------------------------------------------
 
@@ -824,7 +819,8 @@ struct BackwardArgs {
   scalar_t* dq;              // (B, H, N, D)
   scalar_t* dk;
   scalar_t* dv;
-  T* key_grads;    // (B H, chunks, 2, Nk, Dv): d(normalised k), dv partial sums
+  T* key_grads;    // (B H, chunks, 2, Nk Dv): d(normalised k), dv partial sums, each in
+                   // key-lane blocks (key_blocks, D, kKeyBlock) (see accumulate_transposed)
   T* q_param_grads;  // (B H chunks, 2, D): d q_w, d q_b partial sums
   T* k_param_grads;  // (B H, 2, D)
 };
@@ -867,29 +863,31 @@ std::vector<T> padded_weight(const T* w, int64_t D, int64_t Dv) {
   return out;
 }
 
-// Sums the key gradients of (b, h) over its `chunks` partials (each 2 (Nk, Dv): d(normalised
-// keys), dv), then the key LayerNorm backward; writes dk, dv and the key parameter gradients.
+// Sums the key gradients of (b, h) over its `chunks` partials (each 2 Nk Dv: d(normalised
+// keys), dv, in key-lane blocks), then the key LayerNorm backward; writes dk, dv and the key
+// parameter gradients.
 template <typename scalar_t, typename T>
 EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh,
                                   const T* partials, int64_t chunks) {
   const Problem<scalar_t, T>& p = a.p;
   const int64_t b = bh / p.H, h = bh % p.H;
   const int64_t D = p.D, Dv = p.Dv, N = p.N, Nk = p.Nk;
-  constexpr int L = kLanes<T>;
   const T* k_stats = a.k_stats + bh * N * 2;
   const std::vector<T> kw_pad = padded_weight(p.kw, D, Dv);
-  std::vector<T> dkn(Dv), dvalue(Dv), hat(Dv, T(0)), dx(Dv), unused(Dv), dkw(Dv, T(0)),
-      dkb(Dv, T(0));
+  std::vector<T> dkn(Dv, T(0)), dvalue(Dv, T(0)), hat(Dv, T(0)), dx(Dv), unused(Dv),
+      dkw(Dv, T(0)), dkb(Dv, T(0));
   for (int64_t j = 0; j < N; ++j) {
-    for (int64_t c = 0; c < Dv; c += L) {
-      vec_t<T> sum_k{}, sum_v{};
+    // element (j, d) of a key-lane block: ((j / kKeyBlock) D + d) kKeyBlock + j % kKeyBlock
+    const int64_t at = (j / kKeyBlock) * D * kKeyBlock + j % kKeyBlock;
+    for (int64_t d = 0; d < D; ++d) {
+      T sum_k = 0, sum_v = 0;
       for (int64_t chunk = 0; chunk < chunks; ++chunk) {
         const T* part = partials + chunk * 2 * Nk * Dv;
-        sum_k += vload(part + j * Dv + c);
-        sum_v += vload(part + Nk * Dv + j * Dv + c);
+        sum_k += part[at + d * kKeyBlock];
+        sum_v += part[Nk * Dv + at + d * kKeyBlock];
       }
-      vstore(dkn.data() + c, sum_k);
-      vstore(dvalue.data() + c, sum_v);
+      dkn[d] = sum_k;
+      dvalue[d] = sum_v;
     }
     normalize_row(p.k.row(b, h, j), p.k.sd, D, k_stats[2 * j], k_stats[2 * j + 1],
                   static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), unused.data(),
@@ -922,9 +920,9 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   const int64_t bh = task / p.chunks, chunk = task % p.chunks;
   const int64_t b = bh / p.H, h = bh % p.H;
   const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H, Nk = p.Nk;
-  // d(normalised keys) (Nk, Dv), then dv (Nk, Dv): with one chunk per (b, h), in this task's
-  // own scratch (L2-sized, reused by the allocator), finished by this task; else partial sums
-  // in the shared buffer, reduced by the key pass.
+  // d(normalised keys), then dv, Nk Dv each (key-lane blocks): with one chunk per (b, h), in
+  // this task's own scratch (L2-sized, reused by the allocator), finished by this task; else
+  // partial sums in the shared buffer, reduced by the key pass.
   std::vector<T> own;
   T* dkn;
   if (p.chunks == 1) {
@@ -1004,8 +1002,10 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
                    prob * (vload(dS + r * kKeyBlock + j) - d_r) * p.scale);
           }
         }
-        accumulate_cols<R>(dvalues + kb * kKeyBlock * Dv, Dv, P, grads.data() + r0 * Dv, keys);
-        accumulate_cols<R>(dkn + kb * kKeyBlock * Dv, Dv, dS, queries.data() + r0 * Dv, keys);
+        accumulate_transposed<R>(dvalues + kb * kKeyBlock * D, D, Dv, P,
+                                 grads.data() + r0 * Dv, keys);
+        accumulate_transposed<R>(dkn + kb * kKeyBlock * D, D, Dv, dS, queries.data() + r0 * Dv,
+                                 keys);
         accumulate_rows<R>(dqn.data() + r0 * Dv, Dv, dS,
                            ks.key_rows.data() + kb * kKeyBlock * Dv, keys);
       }
