@@ -182,13 +182,16 @@ EEGFAST_INLINE void tile_products(const T* a, int64_t a_m, int64_t a_k, const T*
 }
 
 // S[r][j] = sum_d A[r][d] * key j of the panels, for R rows and the first `keys` keys of a
-// block (a multiple of the panel width).
+// block (a multiple of the vector width; a last half panel is one vector of products).
 template <int R, typename T>
 EEGFAST_INLINE void score_tile(const T* A, int64_t Dv, int64_t D, const T* panels, int keys,
                                T* S) {
   constexpr int W = kPanel<T>;
-  for (int p = 0; p < keys / W; ++p)
+  int p = 0;
+  for (; p < keys / W; ++p)
     tile_products<R, 2, false>(A, Dv, 1, panels + p * D * W, W, D, S + p * W, kKeyBlock);
+  if (keys % W != 0)
+    tile_products<R, 1, false>(A, Dv, 1, panels + p * D * W, W, D, S + p * W, kKeyBlock);
 }
 
 // out[r][c0 : c0 + C L] += sum_j S[r][j] * B[j][c0 : c0 + C L] over the first `keys` rows of B.
@@ -208,7 +211,7 @@ EEGFAST_INLINE void accumulate_rows(T* out, int64_t Dv, const T* S, const T* B, 
 }
 
 // Key-lane dK / dV sums: out[d][j] += sum_{r < R} A[r][d] S[r][j] for d < D and the first
-// `keys` keys of a block (a multiple of the panel width, 2 vectors), out a (D, kKeyBlock)
+// `keys` keys of a block (a multiple of the vector width), out a (D, kKeyBlock)
 // block with keys in the vector lanes. So the head dim is not padded to a vector: at D = 20
 // with 16-float vectors, 20 FMA rows per key vector instead of the 32 of key rows (Dv).
 // Micro-tiles of M dims x C key vectors: M C accumulators, C rows of S loaded per row r.
@@ -234,10 +237,11 @@ template <int R, typename T>
 EEGFAST_INLINE void accumulate_transposed(T* out, int64_t D, int64_t Dv, const T* S,
                                           const T* A, int keys) {
   constexpr int M = R / 2;
-  const int vectors = keys / kLanes<T>;  // even: keys are whole panels
+  const int vectors = keys / kLanes<T>;
   int c0 = 0;
   for (; c0 + 4 <= vectors; c0 += 4) transposed_dims<R, M, 4>(out, D, Dv, S, A, c0);
-  if (vectors - c0 == 2) transposed_dims<R, M, 2>(out, D, Dv, S, A, c0);
+  if (vectors - c0 >= 2) transposed_dims<R, M, 2>(out, D, Dv, S, A, c0), c0 += 2;
+  if (vectors - c0 == 1) transposed_dims<R, M, 1>(out, D, Dv, S, A, c0);
 }
 
 // ---- problem description ------------------------------------------------------------------
@@ -268,8 +272,8 @@ struct KeySide {
   std::vector<T> bias;        // (Nk,) 0 or -inf (padding key, or past N)
   std::vector<int64_t> ids;   // (Nk,) block id of each key
   std::vector<uint8_t> block_empty;  // (key_blocks,) every key of the block is masked
-  std::vector<uint8_t> block_masked;  // (key_blocks,) some key of the block's used panels is
-  std::vector<int> block_keys;        // (key_blocks,) keys to compute: up to the last panel
+  std::vector<uint8_t> block_masked;  // (key_blocks,) a key of the used vectors is masked
+  std::vector<int> block_keys;        // (key_blocks,) keys to compute: up to the last vector
                                       // holding a key < N
   std::vector<int64_t> block_id_min, block_id_max;  // over the unmasked keys of the block
   T max_key_norm = 0;  // largest Euclidean norm of a normalised key (keys < N)
@@ -474,9 +478,12 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
   ks.block_empty.assign(p.key_blocks, 1);
   ks.block_masked.assign(p.key_blocks, 0);
   ks.block_keys.assign(p.key_blocks, kKeyBlock);
+  // Whole vectors, not panels: at N = 257 the last block computes 16 keys, not 32 (the score
+  // and dK / dV tiles take a last half panel as one vector).
+  constexpr int L = kLanes<T>;
   for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
     const int64_t rest = N - kb * kKeyBlock;  // > 0
-    const int keys = static_cast<int>(std::min<int64_t>(kKeyBlock, (rest + W - 1) / W * W));
+    const int keys = static_cast<int>(std::min<int64_t>(kKeyBlock, (rest + L - 1) / L * L));
     ks.block_keys[kb] = keys;
     for (int j = 0; j < keys; ++j)
       if (ks.bias[kb * kKeyBlock + j] != T(0)) ks.block_masked[kb] = 1;
