@@ -269,6 +269,8 @@ struct KeySide {
   std::vector<T> key_rows;    // (Nk, Dv) normalised keys (backward)
   std::vector<T> value_rows;  // (Nk, Dv) values (forward)
   std::vector<T> value_panels;  // (Nk / W, D, W) values (backward)
+  std::vector<T> hat_panels;    // (Nk / W, D, W) keys before the LayerNorm's affine step
+                                // (backward)
   std::vector<T> bias;        // (Nk,) 0 or -inf (padding key, or past N)
   std::vector<int64_t> ids;   // (Nk,) block id of each key
   std::vector<uint8_t> block_empty;  // (key_blocks,) every key of the block is masked
@@ -317,10 +319,12 @@ EEGFAST_INLINE void normalize_row(const scalar_t* x, int64_t sd, int64_t D, T me
 // at D = 20). In place: X becomes scale (LN(x) w + b), with rows r >= valid set to 0. The
 // (mean, rstd) of each row come from mean_in / rstd_in (V L each) when given, else are
 // computed and written to mean_out / rstd_out; norm2_out (V L) gets each row's squared norm.
+// hat_out, when given, gets the rows before the affine step ((x - mean) rstd, 0 past `valid`)
+// in X's layout.
 template <int V, typename T>
 EEGFAST_INLINE void layer_norm_lanes(T* X, int64_t D, int valid, T eps, const T* w, const T* b,
                                      T scale, const T* mean_in, const T* rstd_in, T* mean_out,
-                                     T* rstd_out, T* norm2_out) {
+                                     T* rstd_out, T* norm2_out, T* hat_out = nullptr) {
   constexpr int L = kLanes<T>, S = V * L;
   vec_t<T> mean[V], rstd[V];
   if (mean_in != nullptr) {
@@ -360,6 +364,7 @@ EEGFAST_INLINE void layer_norm_lanes(T* X, int64_t D, int valid, T eps, const T*
       // a select, not a product: rows past `valid` may hold inf or NaN (eps = 0, no data)
       const vec_t<T> y = keep[v] != T(0) ? (h * wd + bd) * scale : vec_t<T>{};
       vstore(X + d * S + v * L, y);
+      if (hat_out != nullptr) vstore(hat_out + d * S + v * L, keep[v] != T(0) ? h : vec_t<T>{});
       norm2[v] += y * y;
     }
   }
@@ -424,6 +429,7 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
   if (backward) {
     ks.key_rows.assign(Nk * Dv, T(0));
     ks.value_panels.assign(Nk * D, T(0));
+    ks.hat_panels.assign(Nk * D, T(0));
   } else {
     ks.value_rows.assign(Nk * Dv, T(0));
   }
@@ -445,7 +451,8 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
         rstd[jj] = jj < valid ? stats_in[2 * (j0 + jj) + 1] : T(1);
       }
       layer_norm_lanes<2>(panel, D, valid, eps, p.kw, p.kb, T(1), mean, rstd,
-                          static_cast<T*>(nullptr), static_cast<T*>(nullptr), norm2);
+                          static_cast<T*>(nullptr), static_cast<T*>(nullptr), norm2,
+                          backward ? ks.hat_panels.data() + j0 * D : static_cast<T*>(nullptr));
     } else {
       layer_norm_lanes<2>(panel, D, valid, eps, p.kw, p.kb, T(1), static_cast<const T*>(nullptr),
                           static_cast<const T*>(nullptr), mean, rstd, norm2);
@@ -863,6 +870,18 @@ EEGFAST_INLINE T dot_lanes(const T* x, const T* y, int64_t Dv) {
   return hsum<T>(sum);
 }
 
+// dst[d] = x[d sd] for d < D, converted to T (one copy when no conversion or stride).
+template <typename scalar_t, typename T>
+EEGFAST_INLINE void load_row(const scalar_t* x, int64_t sd, int64_t D, T* dst) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    if (sd == 1) {
+      std::memcpy(dst, x, D * sizeof(T));
+      return;
+    }
+  }
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(x[d * sd]);
+}
+
 template <typename T>
 std::vector<T> padded_weight(const T* w, int64_t D, int64_t Dv) {
   std::vector<T> out(Dv, T(0));
@@ -872,44 +891,74 @@ std::vector<T> padded_weight(const T* w, int64_t D, int64_t Dv) {
 
 // Sums the key gradients of (b, h) over its `chunks` partials (each 2 Nk Dv: d(normalised
 // keys), dv, in key-lane blocks), then the key LayerNorm backward; writes dk, dv and the key
-// parameter gradients.
+// parameter gradients. hat_panels: the keys before the affine step (KeySide::hat_panels).
+// Works on L keys at a time with the keys in the lanes, as the partials and hat panels hold
+// them, so a key's sums over its dims are lane-wise adds (row by row, gathering each key's
+// dims and summing them across lanes, this was ~9% of the backward at D = 20).
 template <typename scalar_t, typename T>
 EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh,
-                                  const T* partials, int64_t chunks) {
+                                  const T* partials, int64_t chunks, const T* hat_panels) {
+  constexpr int L = kLanes<T>, W = kPanel<T>;
   const Problem<scalar_t, T>& p = a.p;
-  const int64_t b = bh / p.H, h = bh % p.H;
   const int64_t D = p.D, Dv = p.Dv, N = p.N, Nk = p.Nk;
   const T* k_stats = a.k_stats + bh * N * 2;
-  const std::vector<T> kw_pad = padded_weight(p.kw, D, Dv);
-  std::vector<T> dkn(Dv, T(0)), dvalue(Dv, T(0)), hat(Dv, T(0)), dx(Dv), unused(Dv),
-      dkw(Dv, T(0)), dkb(Dv, T(0));
-  for (int64_t j = 0; j < N; ++j) {
+  // per dim d, L lanes each: the weight gradient and bias gradient sums, then this vector of
+  // keys' d(normalised key), dv and dk
+  std::vector<T> dkw(D * L, T(0)), dkb(D * L, T(0)), dn(D * L), dval(D * L), dx(D * L);
+  alignas(64) T rstd[L];
+  const vec_t<T> inv_d = vsplat(T(1) / static_cast<T>(D));
+  for (int64_t j0 = 0; j0 < N; j0 += L) {
+    const int valid = static_cast<int>(std::min<int64_t>(L, N - j0));
     // element (j, d) of a key-lane block: ((j / kKeyBlock) D + d) kKeyBlock + j % kKeyBlock
-    const int64_t at = (j / kKeyBlock) * D * kKeyBlock + j % kKeyBlock;
+    const int64_t at = (j0 / kKeyBlock) * D * kKeyBlock + j0 % kKeyBlock;
+    const T* hat = hat_panels + (j0 / W) * D * W + j0 % W;  // dim d at hat[d W]
+    for (int l = 0; l < L; ++l) rstd[l] = l < valid ? k_stats[2 * (j0 + l) + 1] : T(0);
+    vec_t<T> sum_g{}, sum_gh{};
     for (int64_t d = 0; d < D; ++d) {
-      T sum_k = 0, sum_v = 0;
+      vec_t<T> dk_d{}, dv_d{};
       for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        const T* part = partials + chunk * 2 * Nk * Dv;
-        sum_k += part[at + d * kKeyBlock];
-        sum_v += part[Nk * Dv + at + d * kKeyBlock];
+        const T* part = partials + chunk * 2 * Nk * Dv + at + d * kKeyBlock;
+        dk_d += vload(part);
+        dv_d += vload(part + Nk * Dv);
       }
-      dkn[d] = sum_k;
-      dvalue[d] = sum_v;
+      vstore(dn.data() + d * L, dk_d);
+      vstore(dval.data() + d * L, dv_d);
+      const vec_t<T> hh = vload(hat + d * W), g = dk_d * vsplat(p.kw ? p.kw[d] : T(1));
+      sum_g += g;
+      sum_gh += g * hh;
+      vstore(dkw.data() + d * L, vload(dkw.data() + d * L) + dk_d * hh);
+      vstore(dkb.data() + d * L, vload(dkb.data() + d * L) + dk_d);
     }
-    normalize_row(p.k.row(b, h, j), p.k.sd, D, k_stats[2 * j], k_stats[2 * j + 1],
-                  static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), unused.data(),
-                  hat.data());
-    layer_norm_backward_lanes(dkn.data(), hat.data(), k_stats[2 * j + 1], kw_pad.data(), D, Dv,
-                              dx.data(), dkw.data(), dkb.data());
-    scalar_t* dk = a.dk + (bh * N + j) * D;
-    scalar_t* dv = a.dv + (bh * N + j) * D;
+    const vec_t<T> mean_g = sum_g * inv_d, mean_gh = sum_gh * inv_d, r = vload(rstd);
     for (int64_t d = 0; d < D; ++d) {
-      dk[d] = static_cast<scalar_t>(dx[d]);
-      dv[d] = static_cast<scalar_t>(dvalue[d]);
+      const vec_t<T> g = vload(dn.data() + d * L) * vsplat(p.kw ? p.kw[d] : T(1));
+      vstore(dx.data() + d * L, r * (g - mean_g - vload(hat + d * W) * mean_gh));
+    }
+    for (int l = 0; l < valid; ++l) {
+      scalar_t* dk = a.dk + (bh * N + j0 + l) * D;
+      scalar_t* dv = a.dv + (bh * N + j0 + l) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        dk[d] = static_cast<scalar_t>(dx[d * L + l]);
+        dv[d] = static_cast<scalar_t>(dval[d * L + l]);
+      }
     }
   }
-  std::copy(dkw.begin(), dkw.begin() + D, a.k_param_grads + bh * 2 * D);
-  std::copy(dkb.begin(), dkb.begin() + D, a.k_param_grads + bh * 2 * D + D);
+  for (int64_t d = 0; d < D; ++d) {
+    a.k_param_grads[bh * 2 * D + d] = hsum<T>(vload(dkw.data() + d * L));
+    a.k_param_grads[bh * 2 * D + D + d] = hsum<T>(vload(dkb.data() + d * L));
+  }
+}
+
+// The key pass after query-chunked backward tasks: (b, h) = bh's keys from its chunks'
+// partial sums.
+template <typename scalar_t, typename T>
+EEGFAST_INLINE void backward_keys_pass(const BackwardArgs<scalar_t, T>& a, int64_t bh) {
+  const Problem<scalar_t, T>& p = a.p;
+  KeySide<T> ks;
+  prepare_keys(p, bh / p.H, bh % p.H, T(0), KeyLayout::kBackward, a.k_stats + bh * p.N * 2,
+               static_cast<T*>(nullptr), ks);
+  backward_keys(a, bh, a.key_grads + bh * p.chunks * 2 * p.Nk * p.Dv, p.chunks,
+                ks.hat_panels.data());
 }
 
 // Query rows per group of the backward. A group's per-row data (normalised and scaled queries,
@@ -960,6 +1009,8 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
       lse(group_cap), dx(Dv), dqw_sum(Dv, T(0)), dqb_sum(Dv, T(0));
   std::vector<TileMask> masks(group_cap / R);
   const std::vector<T> qw_pad = padded_weight(p.qw, D, Dv);
+  std::vector<T> qb_pad(Dv, T(0)), q_row(Dv, T(0));
+  if (p.qb) std::copy(p.qb, p.qb + D, qb_pad.begin());
   alignas(64) T P[R * kKeyBlock];
   alignas(64) T dS[R * kKeyBlock];
   const T* q_stats = a.q_stats + bh * N * 2;
@@ -973,15 +1024,20 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
     std::fill(lse.begin(), lse.end(), inf);  // padding rows: P = 0
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = g0 + r;
-      normalize_row(p.q.row(b, h, i), p.q.sd, D, q_stats[2 * i], q_stats[2 * i + 1], p.qw, p.qb,
-                    queries.data() + r * Dv, hats.data() + r * Dv);
-      for (int64_t d = 0; d < D; ++d) scaled[r * Dv + d] = queries[r * Dv + d] * p.scale;
-      const scalar_t* go = a.grad_out + ((b * N + i) * H + h) * D;
-      const scalar_t* o = a.out + ((b * N + i) * H + h) * D;
-      for (int64_t d = 0; d < D; ++d) {
-        grads[r * Dv + d] = static_cast<T>(go[d]);
-        out_row[d] = static_cast<T>(o[d]);
+      // Whole vectors of each row (lanes past D stay 0): these per-row steps were ~8% of the
+      // backward at D = 20 as loops over the D elements.
+      load_row(p.q.row(b, h, i), p.q.sd, D, q_row.data());
+      const vec_t<T> mean = vsplat(q_stats[2 * i]), rstd = vsplat(q_stats[2 * i + 1]);
+      for (int64_t c = 0; c < Dv; c += L) {
+        const auto in_row = lane_index<T>() < vsplat(static_cast<T>(D - c));
+        const vec_t<T> hat = in_row ? (vload(q_row.data() + c) - mean) * rstd : vec_t<T>{};
+        const vec_t<T> normalised = hat * vload(qw_pad.data() + c) + vload(qb_pad.data() + c);
+        vstore(hats.data() + r * Dv + c, hat);
+        vstore(queries.data() + r * Dv + c, normalised);
+        vstore(scaled.data() + r * Dv + c, normalised * p.scale);
       }
+      load_row(a.grad_out + ((b * N + i) * H + h) * D, 1, D, grads.data() + r * Dv);
+      load_row(a.out + ((b * N + i) * H + h) * D, 1, D, out_row.data());
       delta[r] = dot_lanes(grads.data() + r * Dv, out_row.data(), Dv);
       const T saved = a.lse[bh * N + i];
       lse[r] = saved == -inf ? inf : saved;  // a row that saw no key: P = 0
@@ -1027,7 +1083,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   }
   std::copy(dqw_sum.begin(), dqw_sum.begin() + D, dqw);
   std::copy(dqb_sum.begin(), dqb_sum.begin() + D, dqb);
-  if (p.chunks == 1) backward_keys(a, bh, dkn, 1);
+  if (p.chunks == 1) backward_keys(a, bh, dkn, 1, ks.hat_panels.data());
 }
 
 // ---- instances ----------------------------------------------------------------------------
@@ -1041,7 +1097,7 @@ EEGFAST_INLINE void run_kernel(const Args& a, int64_t index) {
   else if constexpr (K == Kernel::kBackward)
     backward_task<R>(a, index);
   else
-    backward_keys(a, index, a.key_grads + index * a.p.chunks * 2 * a.p.Nk * a.p.Dv, a.p.chunks);
+    backward_keys_pass(a, index);
 }
 
 #if defined(__x86_64__)
