@@ -50,6 +50,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #define EEGFAST_INLINE __attribute__((always_inline)) inline

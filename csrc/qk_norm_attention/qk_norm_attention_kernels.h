@@ -89,6 +89,109 @@ EEGFAST_INLINE T hmax(vec_t<T> v) {
   return m;
 }
 
+// ---- transposes between rows and lanes ---------------------------------------------------
+// Row-major (rows, D) data and the lane layouts the tile kernels read ((D, lanes): one row per
+// lane) are converted L x L blocks at a time, with vector loads, stores and two-source
+// shuffles: element by element these copies were ~10% of the forward and ~5% of the backward
+// at D = 20 (D strided stores per row).
+
+template <typename T>
+struct MaskOf;
+template <>
+struct MaskOf<float> {
+  typedef int32_t type __attribute__((vector_size(kVectorBytes)));
+};
+template <>
+struct MaskOf<double> {
+  typedef int64_t type __attribute__((vector_size(kVectorBytes)));
+};
+
+// Rows a and c = a's row + B of a block: swaps the (B x B) sub-blocks off the diagonal, lanes
+// [B, 2B) of a with lanes [0, B) of c in every 2B lanes.
+template <int B, typename T, size_t... I>
+EEGFAST_INLINE void swap_off_diagonal(vec_t<T>& a, vec_t<T>& c, std::index_sequence<I...>) {
+  using M = typename MaskOf<T>::type;
+  constexpr size_t L = sizeof...(I);
+  const vec_t<T> top = __builtin_shuffle(a, c, M{((I & B) ? L + I - B : I)...});
+  const vec_t<T> bottom = __builtin_shuffle(a, c, M{((I & B) ? L + I : I + B)...});
+  a = top;
+  c = bottom;
+}
+template <int B, typename T>
+EEGFAST_INLINE void transpose_stages(vec_t<T>* r) {
+  #pragma GCC unroll 16
+  for (int i = 0; i < kLanes<T>; ++i)
+    if (!(i & B))
+      swap_off_diagonal<B, T>(r[i], r[i + B], std::make_index_sequence<kLanes<T>>{});
+  if constexpr (B > 1) transpose_stages<B / 2, T>(r);
+}
+// r[i][j] <-> r[j][i] for an L x L block held as L vectors: the off-diagonal blocks swapped at
+// every scale L / 2, ..., 1 (L log2 L shuffles).
+template <typename T>
+EEGFAST_INLINE void transpose_block(vec_t<T>* r) {
+  transpose_stages<kLanes<T> / 2, T>(r);
+}
+
+// Whether rows of D elements with element stride sd take the block transposes: contiguous,
+// unconverted, at least one vector long.
+template <typename scalar_t, typename T>
+EEGFAST_INLINE bool whole_vector_rows(int64_t D, int64_t sd) {
+  return std::is_same_v<scalar_t, T> && sd == 1 && D >= kLanes<T>;
+}
+
+// dst[d ld + r] = src[r stride + d] for d < D and r < L, 0 for rows r >= valid (>= 1; those
+// rows are not read). Needs whole_vector_rows: dims in chunks of L, the last chunk ending at D
+// (so it overlaps the one before and rewrites its last dims with the same values).
+template <typename T>
+EEGFAST_INLINE void rows_to_lanes(const T* src, int64_t stride, int valid, int64_t D, T* dst,
+                                  int64_t ld) {
+  constexpr int L = kLanes<T>;
+  const auto in_rows = lane_index<T>() < vsplat(static_cast<T>(valid));
+  vec_t<T> r[L];
+  for (int64_t d0 = 0; d0 < D; d0 += L) {
+    const int64_t c = std::min(d0, D - L);
+    #pragma GCC unroll 16
+    for (int i = 0; i < L; ++i) r[i] = vload(src + std::min(i, valid - 1) * stride + c);
+    transpose_block<T>(r);
+    #pragma GCC unroll 16
+    for (int i = 0; i < L; ++i) vstore(dst + (c + i) * ld, in_rows ? r[i] : vec_t<T>{});
+  }
+}
+
+// dst[r stride + d] = src[d ld + r] (times row_scale[r] when given) for d < D and r < valid.
+// Needs whole_vector_rows for dst (chunks of L dims as in rows_to_lanes).
+template <typename T>
+EEGFAST_INLINE void lanes_to_rows(const T* src, int64_t ld, int64_t D, int valid, T* dst,
+                                  int64_t stride, const T* row_scale = nullptr) {
+  constexpr int L = kLanes<T>;
+  vec_t<T> r[L];
+  for (int64_t d0 = 0; d0 < D; d0 += L) {
+    const int64_t c = std::min(d0, D - L);
+    #pragma GCC unroll 16
+    for (int i = 0; i < L; ++i) r[i] = vload(src + (c + i) * ld);
+    transpose_block<T>(r);
+    for (int i = 0; i < valid; ++i)
+      vstore(dst + i * stride + c, row_scale ? r[i] * vsplat(row_scale[i]) : r[i]);
+  }
+}
+
+// dst[d] = x[d sd] for d < D, converted to T; dst's elements past D are left as they are.
+template <typename scalar_t, typename T>
+EEGFAST_INLINE void load_row(const scalar_t* x, int64_t sd, int64_t D, T* dst) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    if (whole_vector_rows<scalar_t, T>(D, sd)) {
+      // whole vectors, the last one ending at D (a memcpy call per row was ~3% of the backward)
+      constexpr int L = kLanes<T>;
+      for (int64_t d0 = 0; d0 < D; d0 += L) {
+        const int64_t c = std::min(d0, D - L);
+        vstore(dst + c, vload(x + c));
+      }
+      return;
+    }
+  }
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(x[d * sd]);
+}
+
 // exp of a vector of floats for -87 <= x <= 88, 10 vector ops: x = n ln2 + r with |r| <= ln2 / 2
 // (one-step reduction: ln2's float rounding costs at most 2.4e-7 relative at |n| = 126),
 // e^r = 1 + r q(r) with q of degree 4 fitted for relative error, and 2^n placed in the
@@ -344,9 +447,11 @@ EEGFAST_INLINE void layer_norm_lanes(T* X, int64_t D, int valid, T eps, const T*
       }
     for (int v = 0; v < V; ++v) {
       vstore(mean_out + v * L, mean[v]);
-      for (int i = 0; i < L; ++i)
-        rstd[v][i] = T(1) / std::sqrt(var[v][i] / static_cast<T>(D) + eps);
-      vstore(rstd_out + v * L, rstd[v]);
+      vstore(rstd_out + v * L, var[v] / vsplat(static_cast<T>(D)) + eps);
+      // A counted loop over memory, which GCC vectorises (vsqrt, vdiv); lane by lane on the
+      // vector it stayed scalar (~2% of the forward).
+      for (int i = 0; i < L; ++i) rstd_out[v * L + i] = T(1) / std::sqrt(rstd_out[v * L + i]);
+      rstd[v] = vload(rstd_out + v * L);
     }
   }
   // Lane r of vector v keeps its row when v L + r < valid: one compare per vector (a lane
@@ -435,15 +540,24 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
   }
   ks.bias.assign(Nk, -inf);
   ks.ids.assign(Nk, 0);
-  constexpr int W = kPanel<T>;
+  constexpr int W = kPanel<T>, L = kLanes<T>;
   const bool* padding = p.key_padding ? p.key_padding + b * N : nullptr;
   alignas(64) T mean[W], rstd[W], norm2[W];
+  // The largest squared key norm, lane-wise (lanes past N hold 0), and which lanes saw NaN.
+  vec_t<T> max_norm2{};
+  typename MaskOf<T>::type unordered{};
   for (int64_t j0 = 0; j0 < N; j0 += W) {
     const int valid = static_cast<int>(std::min<int64_t>(W, N - j0));
     T* panel = ks.panels.data() + j0 * D;
-    for (int jj = 0; jj < valid; ++jj) {
-      const scalar_t* x = p.k.row(b, h, j0 + jj);
-      for (int64_t d = 0; d < D; ++d) panel[d * W + jj] = static_cast<T>(x[d * p.k.sd]);
+    if (whole_vector_rows<scalar_t, T>(D, p.k.sd)) {
+      for (int half = 0; half * L < valid; ++half)  // the rest of the panel stays 0
+        rows_to_lanes(reinterpret_cast<const T*>(p.k.row(b, h, j0 + half * L)), p.k.sn,
+                      std::min(valid - half * L, L), D, panel + half * L, W);
+    } else {
+      for (int jj = 0; jj < valid; ++jj) {
+        const scalar_t* x = p.k.row(b, h, j0 + jj);
+        for (int64_t d = 0; d < D; ++d) panel[d * W + jj] = static_cast<T>(x[d * p.k.sd]);
+      }
     }
     if (stats_in != nullptr) {
       for (int jj = 0; jj < W; ++jj) {
@@ -462,23 +576,42 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
           k_stats[2 * (j0 + jj) + 1] = rstd[jj];
         }
     }
-    for (int jj = 0; jj < valid; ++jj) {
-      // NaN propagates (std::max would drop it), so such inputs take the online-max path.
-      const T norm = std::sqrt(norm2[jj]);
-      if (!(norm <= ks.max_key_norm)) ks.max_key_norm = norm;
-      if (backward)
-        for (int64_t d = 0; d < D; ++d) ks.key_rows[(j0 + jj) * Dv + d] = panel[d * W + jj];
+    for (int half = 0; half < W / L; ++half) {
+      const vec_t<T> n2 = vload(norm2 + half * L);
+      max_norm2 = n2 > max_norm2 ? n2 : max_norm2;
+      unordered |= n2 != n2;
+    }
+    if (backward) {
+      if (D >= L) {
+        for (int half = 0; half * L < valid; ++half)
+          lanes_to_rows(panel + half * L, W, D, std::min(valid - half * L, L),
+                        ks.key_rows.data() + (j0 + half * L) * Dv, Dv);
+      } else {
+        for (int jj = 0; jj < valid; ++jj)
+          for (int64_t d = 0; d < D; ++d) ks.key_rows[(j0 + jj) * Dv + d] = panel[d * W + jj];
+      }
     }
   }
-  for (int64_t j = 0; j < N; ++j) {
-    const scalar_t* vr = p.v.row(b, h, j);
-    for (int64_t d = 0; d < D; ++d) {
-      const T value = static_cast<T>(vr[d * p.v.sd]);
+  if (backward && whole_vector_rows<scalar_t, T>(D, p.v.sd)) {
+    for (int64_t j0 = 0; j0 < N; j0 += L)
+      rows_to_lanes(reinterpret_cast<const T*>(p.v.row(b, h, j0)), p.v.sn,
+                    static_cast<int>(std::min<int64_t>(L, N - j0)), D,
+                    ks.value_panels.data() + (j0 / W) * D * W + j0 % W, W);
+  } else {
+    for (int64_t j = 0; j < N; ++j) {
+      const scalar_t* vr = p.v.row(b, h, j);
       if (backward)
-        put_in_panel(ks.value_panels, D, j, d, value);
+        for (int64_t d = 0; d < D; ++d)
+          put_in_panel(ks.value_panels, D, j, d, static_cast<T>(vr[d * p.v.sd]));
       else
-        ks.value_rows[j * Dv + d] = value;
+        load_row(vr, p.v.sd, D, ks.value_rows.data() + j * Dv);
     }
+  }
+  // A NaN key makes the bound NaN, so every tile takes the online-max path.
+  ks.max_key_norm = std::sqrt(hmax<T>(max_norm2));
+  for (int l = 0; l < L; ++l)
+    if (unordered[l]) ks.max_key_norm = std::numeric_limits<T>::quiet_NaN();
+  for (int64_t j = 0; j < N; ++j) {
     ks.bias[j] = (padding && padding[j]) ? -inf : T(0);
     ks.ids[j] = p.ids ? p.ids[j] : 0;
   }
@@ -487,7 +620,6 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
   ks.block_keys.assign(p.key_blocks, kKeyBlock);
   // Whole vectors, not panels: at N = 257 the last block computes 16 keys, not 32 (the score
   // and dK / dV tiles take a last half panel as one vector).
-  constexpr int L = kLanes<T>;
   for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
     const int64_t rest = N - kb * kKeyBlock;  // > 0
     const int keys = static_cast<int>(std::min<int64_t>(kKeyBlock, (rest + L - 1) / L * L));
@@ -749,11 +881,22 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
   T* q_stats = a.q_stats + bh * N * 2;
   for (int64_t i0 = row_begin; i0 < row_end; i0 += QT) {
     const int rows = static_cast<int>(std::min<int64_t>(QT, row_end - i0));
-    std::fill(Qt.begin(), Qt.end(), T(0));
     std::fill(Ot.begin(), Ot.end(), T(0));
-    for (int r = 0; r < rows; ++r) {
-      const scalar_t* x = p.q.row(b, h, i0 + r);
-      for (int64_t d = 0; d < D; ++d) Qt[d * QT + r] = static_cast<T>(x[d * p.q.sd]);
+    if (whole_vector_rows<scalar_t, T>(D, p.q.sd)) {
+      for (int v = 0; v < QV; ++v) {
+        const int valid = rows - v * L;
+        if (valid > 0)
+          rows_to_lanes(reinterpret_cast<const T*>(p.q.row(b, h, i0 + v * L)), p.q.sn,
+                        std::min(valid, L), D, Qt.data() + v * L, QT);
+        else
+          for (int64_t d = 0; d < D; ++d) vstore(Qt.data() + d * QT + v * L, vec_t<T>{});
+      }
+    } else {
+      std::fill(Qt.begin(), Qt.end(), T(0));
+      for (int r = 0; r < rows; ++r) {
+        const scalar_t* x = p.q.row(b, h, i0 + r);
+        for (int64_t d = 0; d < D; ++d) Qt[d * QT + r] = static_cast<T>(x[d * p.q.sd]);
+      }
     }
     layer_norm_lanes<QV>(Qt.data(), D, rows, a.eps, p.qw, p.qb, p.scale,
                          static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), means,
@@ -805,17 +948,23 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
       }
       query_lane_all_values<DR>(Ot.data(), St, ks.value_rows.data() + key0 * Dv, Dv, D, keys);
     }
-    alignas(64) T logs[QT];
+    alignas(64) T logs[QT], inv[QT];
     for (int v = 0; v < QV; ++v) {
       vstore(sums + v * L, l[v]);
       vstore(logs + v * L, vlog_positive(l[v]));  // lanes with a zero sum are not used
+      // 1 / sum, 0 for a row that saw no key (a select: the division gives inf there)
+      vstore(inv + v * L, l[v] > T(0) ? vsplat(T(1)) / l[v] : vec_t<T>{});
     }
-    for (int r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r;
-      const T inv = sums[r] > T(0) ? T(1) / sums[r] : T(0);
-      scalar_t* o = a.out + ((b * N + i) * H + h) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(Ot[d * QT + r] * inv);
-      a.lse[bh * N + i] = sums[r] > T(0) ? logs[r] : -inf;
+    for (int r = 0; r < rows; ++r) a.lse[bh * N + i0 + r] = sums[r] > T(0) ? logs[r] : -inf;
+    scalar_t* out_rows = a.out + ((b * N + i0) * H + h) * D;  // row i0 + r at r H D
+    if (whole_vector_rows<scalar_t, T>(D, 1)) {
+      for (int v = 0; v < QV && v * L < rows; ++v)
+        lanes_to_rows(Ot.data() + v * L, QT, D, std::min(rows - v * L, L),
+                      reinterpret_cast<T*>(out_rows) + v * L * H * D, H * D, inv + v * L);
+    } else {
+      for (int r = 0; r < rows; ++r)
+        for (int64_t d = 0; d < D; ++d)
+          out_rows[r * H * D + d] = static_cast<scalar_t>(Ot[d * QT + r] * inv[r]);
     }
   }
 }
@@ -833,7 +982,7 @@ struct BackwardArgs {
   scalar_t* dq;              // (B, H, N, D)
   scalar_t* dk;
   scalar_t* dv;
-  T* key_grads;    // (B H, chunks, 2, Nk Dv): d(normalised k), dv partial sums, each in
+  T* key_grads;    // (B H, chunks, 2, Nk D): d(normalised k), dv partial sums, each in
                    // key-lane blocks (key_blocks, D, kKeyBlock) (see accumulate_transposed)
   T* q_param_grads;  // (B H chunks, 2, D): d q_w, d q_b partial sums
   T* k_param_grads;  // (B H, 2, D)
@@ -870,16 +1019,16 @@ EEGFAST_INLINE T dot_lanes(const T* x, const T* y, int64_t Dv) {
   return hsum<T>(sum);
 }
 
-// dst[d] = x[d sd] for d < D, converted to T (one copy when no conversion or stride).
+// dst[d] = x[d] for d < D, converted to scalar_t.
 template <typename scalar_t, typename T>
-EEGFAST_INLINE void load_row(const scalar_t* x, int64_t sd, int64_t D, T* dst) {
+EEGFAST_INLINE void store_row(const T* x, int64_t D, scalar_t* dst) {
   if constexpr (std::is_same_v<scalar_t, T>) {
-    if (sd == 1) {
-      std::memcpy(dst, x, D * sizeof(T));
+    if (whole_vector_rows<scalar_t, T>(D, 1)) {
+      load_row(x, 1, D, dst);
       return;
     }
   }
-  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(x[d * sd]);
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(x[d]);
 }
 
 template <typename T>
@@ -889,7 +1038,7 @@ std::vector<T> padded_weight(const T* w, int64_t D, int64_t Dv) {
   return out;
 }
 
-// Sums the key gradients of (b, h) over its `chunks` partials (each 2 Nk Dv: d(normalised
+// Sums the key gradients of (b, h) over its `chunks` partials (each 2 Nk D: d(normalised
 // keys), dv, in key-lane blocks), then the key LayerNorm backward; writes dk, dv and the key
 // parameter gradients. hat_panels: the keys before the affine step (KeySide::hat_panels).
 // Works on L keys at a time with the keys in the lanes, as the partials and hat panels hold
@@ -900,7 +1049,7 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
                                   const T* partials, int64_t chunks, const T* hat_panels) {
   constexpr int L = kLanes<T>, W = kPanel<T>;
   const Problem<scalar_t, T>& p = a.p;
-  const int64_t D = p.D, Dv = p.Dv, N = p.N, Nk = p.Nk;
+  const int64_t D = p.D, N = p.N, Nk = p.Nk;
   const T* k_stats = a.k_stats + bh * N * 2;
   // per dim d, L lanes each: the weight gradient and bias gradient sums, then this vector of
   // keys' d(normalised key), dv and dk
@@ -917,9 +1066,9 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
     for (int64_t d = 0; d < D; ++d) {
       vec_t<T> dk_d{}, dv_d{};
       for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        const T* part = partials + chunk * 2 * Nk * Dv + at + d * kKeyBlock;
+        const T* part = partials + chunk * 2 * Nk * D + at + d * kKeyBlock;
         dk_d += vload(part);
-        dv_d += vload(part + Nk * Dv);
+        dv_d += vload(part + Nk * D);
       }
       vstore(dn.data() + d * L, dk_d);
       vstore(dval.data() + d * L, dv_d);
@@ -934,13 +1083,17 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
       const vec_t<T> g = vload(dn.data() + d * L) * vsplat(p.kw ? p.kw[d] : T(1));
       vstore(dx.data() + d * L, r * (g - mean_g - vload(hat + d * W) * mean_gh));
     }
-    for (int l = 0; l < valid; ++l) {
-      scalar_t* dk = a.dk + (bh * N + j0 + l) * D;
-      scalar_t* dv = a.dv + (bh * N + j0 + l) * D;
-      for (int64_t d = 0; d < D; ++d) {
-        dk[d] = static_cast<scalar_t>(dx[d * L + l]);
-        dv[d] = static_cast<scalar_t>(dval[d * L + l]);
-      }
+    scalar_t* dk = a.dk + (bh * N + j0) * D;  // key j0 + l at l D
+    scalar_t* dv = a.dv + (bh * N + j0) * D;
+    if (whole_vector_rows<scalar_t, T>(D, 1)) {
+      lanes_to_rows(dx.data(), L, D, valid, reinterpret_cast<T*>(dk), D);
+      lanes_to_rows(dval.data(), L, D, valid, reinterpret_cast<T*>(dv), D);
+    } else {
+      for (int l = 0; l < valid; ++l)
+        for (int64_t d = 0; d < D; ++d) {
+          dk[l * D + d] = static_cast<scalar_t>(dx[d * L + l]);
+          dv[l * D + d] = static_cast<scalar_t>(dval[d * L + l]);
+        }
     }
   }
   for (int64_t d = 0; d < D; ++d) {
@@ -957,7 +1110,7 @@ EEGFAST_INLINE void backward_keys_pass(const BackwardArgs<scalar_t, T>& a, int64
   KeySide<T> ks;
   prepare_keys(p, bh / p.H, bh % p.H, T(0), KeyLayout::kBackward, a.k_stats + bh * p.N * 2,
                static_cast<T*>(nullptr), ks);
-  backward_keys(a, bh, a.key_grads + bh * p.chunks * 2 * p.Nk * p.Dv, p.chunks,
+  backward_keys(a, bh, a.key_grads + bh * p.chunks * 2 * p.Nk * p.D, p.chunks,
                 ks.hat_panels.data());
 }
 
@@ -976,19 +1129,19 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   const int64_t bh = task / p.chunks, chunk = task % p.chunks;
   const int64_t b = bh / p.H, h = bh % p.H;
   const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H, Nk = p.Nk;
-  // d(normalised keys), then dv, Nk Dv each (key-lane blocks): with one chunk per (b, h), in
+  // d(normalised keys), then dv, Nk D each (key-lane blocks): with one chunk per (b, h), in
   // this task's own scratch (L2-sized, reused by the allocator), finished by this task; else
   // partial sums in the shared buffer, reduced by the key pass.
   std::vector<T> own;
   T* dkn;
   if (p.chunks == 1) {
-    own.assign(2 * Nk * Dv, T(0));
+    own.assign(2 * Nk * D, T(0));
     dkn = own.data();
   } else {
-    dkn = a.key_grads + task * 2 * Nk * Dv;
-    std::fill(dkn, dkn + 2 * Nk * Dv, T(0));
+    dkn = a.key_grads + task * 2 * Nk * D;
+    std::fill(dkn, dkn + 2 * Nk * D, T(0));
   }
-  T* dvalues = dkn + Nk * Dv;
+  T* dvalues = dkn + Nk * D;
   T* dqw = a.q_param_grads + task * 2 * D;
   T* dqb = dqw + D;
   std::fill(dqw, dqw + 2 * D, T(0));
@@ -1018,10 +1171,14 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   for (int64_t g0 = row_begin; g0 < row_end; g0 += kBackwardGroupRows) {
     const int64_t rows = std::min(kBackwardGroupRows, row_end - g0);
     const int64_t tiles = (rows + R - 1) / R;
-    for (auto* buffer : {&queries, &scaled, &hats, &grads, &dqn})
-      std::fill(buffer->begin(), buffer->end(), T(0));
-    std::fill(delta.begin(), delta.end(), T(0));
-    std::fill(lse.begin(), lse.end(), inf);  // padding rows: P = 0
+    // Rows < `rows` are written below (grads up to D: its lanes past D stay 0 from the
+    // allocation); the padding rows of the last tile are zeroed, with P = 0 (lse = inf).
+    // Filling the whole buffers per group was ~5% of the backward at N = 257.
+    for (auto* buffer : {&queries, &scaled, &hats, &grads})
+      std::fill(buffer->begin() + rows * Dv, buffer->begin() + tiles * R * Dv, T(0));
+    std::fill(dqn.begin(), dqn.begin() + tiles * R * Dv, T(0));
+    std::fill(delta.begin() + rows, delta.begin() + tiles * R, T(0));
+    std::fill(lse.begin() + rows, lse.begin() + tiles * R, inf);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = g0 + r;
       // Whole vectors of each row (lanes past D stay 0): these per-row steps were ~8% of the
@@ -1077,8 +1234,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
       const int64_t i = g0 + r;
       layer_norm_backward_lanes(dqn.data() + r * Dv, hats.data() + r * Dv, q_stats[2 * i + 1],
                                 qw_pad.data(), D, Dv, dx.data(), dqw_sum.data(), dqb_sum.data());
-      scalar_t* dst = a.dq + (bh * N + i) * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(dx[d]);
+      store_row(dx.data(), D, a.dq + (bh * N + i) * D);
     }
   }
   std::copy(dqw_sum.begin(), dqw_sum.begin() + D, dqw);
@@ -1194,7 +1350,7 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   // Key-gradient partials per chunk: only when (b, h) pairs are split into query chunks
   // (with one chunk, each task finishes its own keys).
   const int64_t partials = p.chunks > 1 ? tasks : 0;
-  const at::Tensor key_grads = at::empty({partials, 2, p.Nk, p.Dv}, q.options().dtype(acc));
+  const at::Tensor key_grads = at::empty({partials, 2, p.Nk, p.D}, q.options().dtype(acc));
   const at::Tensor q_param_grads = at::empty({tasks, 2, D}, q.options().dtype(acc));
   const at::Tensor k_param_grads = at::empty({B * H, 2, D}, q.options().dtype(acc));
   BackwardArgs<scalar_t, T> a{p,

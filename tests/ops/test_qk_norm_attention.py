@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from eegfast.ops import qk_norm_attention, qk_norm_attention_packed, qk_norm_attention_reference
 from eegfast.testing import odd_sizes, strided
 
-HEAD_DIMS = (20, 25, 50, 64, 128, 1, 3, 7, 33)
+HEAD_DIMS = (20, 25, 50, 64, 128, 1, 3, 7, 16, 17, 33)
 LAYOUTS = ("contiguous", "strided", "transposed", "packed")
 PARAM_NAMES = ("q_norm_weight", "q_norm_bias", "k_norm_weight", "k_norm_bias")
 
@@ -210,6 +210,20 @@ def test_cpu_every_instruction_set(isa, monkeypatch):
         expected = run(case, "reference", dtype=torch.float64)
         tol = 1e-9 if dtype == torch.float64 else 2e-4
         assert_all_close(run(case, "cpu"), expected, tol, result_names(case))
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_rows_and_lanes_at_vector_widths(isa, layout, monkeypatch):
+    """Contiguous float rows of at least one vector are moved to and from the kernels' lane
+    layouts by block transposes, the last chunk of dims overlapping the one before; other rows
+    element by element. Head dims below, at and past both vector widths (8 and 16 floats), N
+    past a whole number of vectors, padded keys and an empty tail of the last query tile."""
+    monkeypatch.setenv("EEGFAST_CPU_ISA", isa)
+    for d in (7, 8, 9, 16, 17, 20, 31):
+        case = make_case(1, 2, 41, d, seed=d, padding=True)
+        expected = run(case, "reference", layout=layout, dtype=torch.float64)
+        assert_all_close(run(case, "cpu", layout=layout), expected, 2e-4, result_names(case))
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
