@@ -43,6 +43,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -156,6 +157,45 @@ struct BackwardTensors {
   at::Tensor &dq, &dk, &dv;                                    // (B, H, N, D)
 };
 
+
+// ---- task scheduling ----------------------------------------------------------------------
+
+// Runs fn(task) for every task in [0, tasks) on at::get_num_threads() threads. Each thread starts
+// on its own contiguous share, front to back (neighbouring tasks, as the next-head prefetch
+// expects), and when that is done takes tasks from the back of the others' shares. A static
+// split makes the call wait for its slowest share, and on a shared machine (two cores, other
+// processes) a thread that loses its core for a while holds up the whole call.
+template <typename Fn>
+void run_tasks(int64_t tasks, const Fn& fn) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    for (int64_t task = 0; task < tasks; ++task) fn(task);
+    return;
+  }
+  TORCH_CHECK(tasks < (int64_t(1) << 31), "qk_norm_attention: too many tasks (", tasks, ")");
+  // share i: (first << 32) | end, both changed only by compare-and-swap
+  std::vector<std::atomic<uint64_t>> shares(threads);
+  for (int64_t i = 0; i < threads; ++i)
+    shares[i] = (static_cast<uint64_t>(tasks * i / threads) << 32) |
+                static_cast<uint64_t>(tasks * (i + 1) / threads);
+  auto take = [&](int64_t share, bool front) -> int64_t {
+    uint64_t range = shares[share].load();
+    while (true) {
+      const int64_t first = static_cast<int64_t>(range >> 32);
+      const int64_t end = static_cast<int64_t>(range & 0xffffffffu);
+      if (first >= end) return -1;
+      const uint64_t rest = front ? range + (uint64_t(1) << 32) : range - 1;
+      if (shares[share].compare_exchange_weak(range, rest)) return front ? first : end - 1;
+    }
+  };
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t me = begin; me < end; ++me) {
+      for (int64_t task; (task = take(me, true)) >= 0;) fn(task);
+      for (int64_t k = 1; k < threads; ++k)
+        for (int64_t task; (task = take((me + k) % threads, false)) >= 0;) fn(task);
+    }
+  });
+}
 
 // ---- the kernels, once per vector width -----------------------------------------------------
 

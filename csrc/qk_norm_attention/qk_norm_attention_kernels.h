@@ -217,10 +217,11 @@ EEGFAST_INLINE vec_t<float> vexp(vec_t<float> x) {
   return x < vsplat(-87.0f) ? vec_t<float>{} : vexp_in_range(x);
 }
 
-// Natural log of a vector of positive normal floats: x = 2^e m with m in
-// [sqrt(1/2), sqrt(2)) (integer arithmetic on the bits), log m = 2 atanh(s) with s = (m - 1) / (m + 1), |s| <= 0.1716, by
-// its odd series to s^9 (truncation < 1e-9), and e ln2 with ln2 split in two so that e ln2 is
-// exact to float rounding. Replaces one scalar logf call per query row (~5% of the forward).
+// Natural log of a vector of positive normal floats: x = 2^e m with m in [sqrt(1/2), sqrt(2))
+// (integer arithmetic on the bits), log m = 2 atanh(s) with s = (m - 1) / (m + 1),
+// |s| <= 0.1716, by its odd series to s^9 (truncation < 1e-9), and e ln2 with ln2 split in two
+// so that e ln2 is exact to float rounding. Replaces one scalar logf call per query row (~5%
+// of the forward).
 EEGFAST_INLINE vec_t<float> vlog_positive(vec_t<float> x) {
   using vf = vec_t<float>;
   const vi32 sqrt_half = vi32{} + 0x3f3504f3;  // the bits of 0.70710677f
@@ -500,7 +501,7 @@ EEGFAST_INLINE void prefetch_head(const Strided<scalar_t>& t, int64_t b, int64_t
   }
 }
 
-// A thread runs consecutive tasks (at::parallel_for hands each a contiguous range): when it
+// A thread runs consecutive tasks (run_tasks hands each a contiguous share first): when it
 // starts the last task of (b, h), it requests the next head's q, k and v, so that loading
 // them overlaps this task's compute instead of stalling the next one's first reads.
 template <typename scalar_t, typename T>
@@ -1332,9 +1333,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
                              lse.data_ptr<T>(),
                              q_stats.data_ptr<T>(),
                              k_stats.data_ptr<T>()};
-  at::parallel_for(0, a.p.B * a.p.H * a.p.chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) run<Kernel::kForward>(a, isa, task);
-  });
+  run_tasks(a.p.B * a.p.H * a.p.chunks, [&](int64_t task) { run<Kernel::kForward>(a, isa, task); });
 }
 
 // The backward: writes t.dq, t.dk, t.dv; q_param_sums and k_param_sums get (2, D) each, the
@@ -1365,13 +1364,8 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
                               key_grads.data_ptr<T>(),
                               q_param_grads.data_ptr<T>(),
                               k_param_grads.data_ptr<T>()};
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) run<Kernel::kBackward>(a, isa, task);
-  });
-  if (p.chunks > 1)
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) run<Kernel::kBackwardKeys>(a, isa, bh);
-    });
+  run_tasks(tasks, [&](int64_t task) { run<Kernel::kBackward>(a, isa, task); });
+  if (p.chunks > 1) run_tasks(B * H, [&](int64_t bh) { run<Kernel::kBackwardKeys>(a, isa, bh); });
   q_param_sums = q_param_grads.sum(0);
   k_param_sums = k_param_grads.sum(0);
 }

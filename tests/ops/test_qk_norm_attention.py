@@ -236,6 +236,29 @@ def test_cpu_backward_over_several_row_groups(isa, monkeypatch):
     assert_all_close(run(case, "cpu"), expected, 2e-4, result_names(case))
 
 
+@pytest.mark.parametrize(
+    ("shape", "thread_counts"),
+    # 15 (batch, head) tasks; 3 heads in 2 query chunks each at both 2 and 3 threads (the
+    # chunk count depends on the thread count, and with it the order of dk's partial sums)
+    [((3, 5, 97, 20), (1, 2, 3, 4)), ((1, 3, 300, 25), (2, 3))],
+)
+def test_cpu_results_do_not_depend_on_the_thread_count(shape, thread_counts):
+    """Threads take tasks from each other's shares once their own is done, so which thread
+    runs a task varies from call to call: the results must stay bit for bit the same."""
+    case = make_case(*shape, seed=11, padding=True)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in thread_counts:
+            torch.set_num_threads(count)
+            results.append(run(case, "cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for name, a, b in zip(result_names(case), results[0], other, strict=True):
+            assert torch.equal(a, b), name
+
+
 def test_cpu_isa_override_is_checked(monkeypatch):
     monkeypatch.setenv("EEGFAST_CPU_ISA", "sse9")
     q = torch.randn(1, 1, 3, 4)
