@@ -385,6 +385,21 @@ struct KeySide {
   T max_key_norm = 0;  // largest Euclidean norm of a normalised key (keys < N)
 };
 
+// A task's buffers stay with its thread for the next task (thread_local: allocating and zeroing
+// them per task was ~3% of a call at N = 257), except after a task that needed more than this
+// (long sequences), so that idle threads do not hold tens of MB.
+constexpr size_t kKeptBufferBytes = size_t(1) << 20;
+
+template <typename E>
+void release_if_large(std::vector<E>& buffer) {
+  if (buffer.capacity() * sizeof(E) > kKeptBufferBytes) std::vector<E>().swap(buffer);
+}
+template <typename T>
+void release_if_large(KeySide<T>& ks) {
+  for (auto* buffer : {&ks.panels, &ks.key_rows, &ks.value_rows, &ks.value_panels, &ks.hat_panels})
+    release_if_large(*buffer);
+}
+
 template <typename T>
 EEGFAST_INLINE void put_in_panel(std::vector<T>& panels, int64_t D, int64_t j, int64_t d, T x) {
   constexpr int W = kPanel<T>;
@@ -531,17 +546,28 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
   // The value rows' first reads below stalled on memory (~6% of the forward): request them
   // now, while the key LayerNorm computes (the first task of a thread has no earlier request).
   prefetch_head(p.v, b, h, N, D);
-  ks.panels.assign(Nk * D, T(0));
-  if (backward) {
-    ks.key_rows.assign(Nk * Dv, T(0));
-    ks.value_panels.assign(Nk * D, T(0));
-    ks.hat_panels.assign(Nk * D, T(0));
-  } else {
-    ks.value_rows.assign(Nk * Dv, T(0));
-  }
-  ks.bias.assign(Nk, -inf);
-  ks.ids.assign(Nk, 0);
   constexpr int W = kPanel<T>, L = kLanes<T>;
+  // The buffers come from the thread's previous task (tasks keep a thread_local KeySide): only
+  // what is not overwritten below is zeroed here (zero-filling them whole was ~3% of the
+  // forward). Panels holding a key < N are written whole (layer_norm_lanes writes 0 to rows
+  // past N); the kernels read key and value rows up to the vector holding the last key, and
+  // all Dv lanes of key rows (dQ) and value rows (the forward's online path).
+  const int64_t Np = (N + W - 1) / W * W;  // keys of the panels that hold one < N
+  ks.panels.resize(Nk * D);
+  std::fill(ks.panels.begin() + Np * D, ks.panels.end(), T(0));
+  std::vector<T>& rows = backward ? ks.key_rows : ks.value_rows;
+  rows.resize(Nk * Dv);
+  for (int64_t j = 0; j < N; ++j) vstore(rows.data() + j * Dv + Dv - L, vec_t<T>{});  // past D
+  std::fill(rows.begin() + N * Dv, rows.end(), T(0));
+  if (backward) {
+    ks.value_panels.resize(Nk * D);
+    std::fill(ks.value_panels.begin() + (N / W) * W * D, ks.value_panels.end(), T(0));
+    ks.hat_panels.resize(Nk * D);
+  }
+  ks.bias.resize(Nk);
+  ks.ids.resize(Nk);
+  std::fill(ks.bias.begin() + N, ks.bias.end(), -inf);
+  std::fill(ks.ids.begin() + N, ks.ids.end(), 0);
   const bool* padding = p.key_padding ? p.key_padding + b * N : nullptr;
   alignas(64) T mean[W], rstd[W], norm2[W];
   // The largest squared key norm, lane-wise (lanes past N hold 0), and which lanes saw NaN.
@@ -873,7 +899,7 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
   const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H;
   const T inf = std::numeric_limits<T>::infinity();
   prefetch_next_head(p, bh, chunk);
-  KeySide<T> ks;
+  static thread_local KeySide<T> ks;  // buffers reused (see prepare_keys)
   prepare_keys(p, b, h, a.eps, KeyLayout::kForward, static_cast<const T*>(nullptr),
                chunk == 0 ? a.k_stats + bh * N * 2 : static_cast<T*>(nullptr), ks);
   std::vector<T> Qt(D * QT), Ot(D * QT);
@@ -968,6 +994,7 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
           out_rows[r * H * D + d] = static_cast<scalar_t>(Ot[d * QT + r] * inv[r]);
     }
   }
+  release_if_large(ks);
 }
 
 // ---- backward -----------------------------------------------------------------------------
@@ -1032,10 +1059,11 @@ EEGFAST_INLINE void store_row(const T* x, int64_t D, scalar_t* dst) {
   for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(x[d]);
 }
 
+// A LayerNorm parameter in Dv lanes: x[d] (`absent` for every d < D when x is null), 0 past D.
 template <typename T>
-std::vector<T> padded_weight(const T* w, int64_t D, int64_t Dv) {
+std::vector<T> padded_param(const T* x, T absent, int64_t D, int64_t Dv) {
   std::vector<T> out(Dv, T(0));
-  for (int64_t d = 0; d < D; ++d) out[d] = w ? w[d] : T(1);
+  for (int64_t d = 0; d < D; ++d) out[d] = x ? x[d] : absent;
   return out;
 }
 
@@ -1053,8 +1081,8 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
   const int64_t D = p.D, N = p.N, Nk = p.Nk;
   const T* k_stats = a.k_stats + bh * N * 2;
   // per dim d, L lanes each: the weight gradient and bias gradient sums, then this vector of
-  // keys' d(normalised key), dv and dk
-  std::vector<T> dkw(D * L, T(0)), dkb(D * L, T(0)), dn(D * L), dval(D * L), dx(D * L);
+  // keys' d(normalised key) times the weight (g), dv and dk
+  std::vector<T> dkw(D * L, T(0)), dkb(D * L, T(0)), g_dims(D * L), dval(D * L), dx(D * L);
   alignas(64) T rstd[L];
   const vec_t<T> inv_d = vsplat(T(1) / static_cast<T>(D));
   for (int64_t j0 = 0; j0 < N; j0 += L) {
@@ -1071,19 +1099,18 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
         dk_d += vload(part);
         dv_d += vload(part + Nk * D);
       }
-      vstore(dn.data() + d * L, dk_d);
       vstore(dval.data() + d * L, dv_d);
       const vec_t<T> hh = vload(hat + d * W), g = dk_d * vsplat(p.kw ? p.kw[d] : T(1));
+      vstore(g_dims.data() + d * L, g);
       sum_g += g;
       sum_gh += g * hh;
       vstore(dkw.data() + d * L, vload(dkw.data() + d * L) + dk_d * hh);
       vstore(dkb.data() + d * L, vload(dkb.data() + d * L) + dk_d);
     }
     const vec_t<T> mean_g = sum_g * inv_d, mean_gh = sum_gh * inv_d, r = vload(rstd);
-    for (int64_t d = 0; d < D; ++d) {
-      const vec_t<T> g = vload(dn.data() + d * L) * vsplat(p.kw ? p.kw[d] : T(1));
-      vstore(dx.data() + d * L, r * (g - mean_g - vload(hat + d * W) * mean_gh));
-    }
+    for (int64_t d = 0; d < D; ++d)
+      vstore(dx.data() + d * L,
+             r * (vload(g_dims.data() + d * L) - mean_g - vload(hat + d * W) * mean_gh));
     scalar_t* dk = a.dk + (bh * N + j0) * D;  // key j0 + l at l D
     scalar_t* dv = a.dv + (bh * N + j0) * D;
     if (whole_vector_rows<scalar_t, T>(D, 1)) {
@@ -1108,11 +1135,12 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
 template <typename scalar_t, typename T>
 EEGFAST_INLINE void backward_keys_pass(const BackwardArgs<scalar_t, T>& a, int64_t bh) {
   const Problem<scalar_t, T>& p = a.p;
-  KeySide<T> ks;
+  static thread_local KeySide<T> ks;  // buffers reused (see prepare_keys)
   prepare_keys(p, bh / p.H, bh % p.H, T(0), KeyLayout::kBackward, a.k_stats + bh * p.N * 2,
                static_cast<T*>(nullptr), ks);
   backward_keys(a, bh, a.key_grads + bh * p.chunks * 2 * p.Nk * p.D, p.chunks,
                 ks.hat_panels.data());
+  release_if_large(ks);
 }
 
 // Query rows per group of the backward. A group's per-row data (normalised and scaled queries,
@@ -1131,9 +1159,9 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   const int64_t b = bh / p.H, h = bh % p.H;
   const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H, Nk = p.Nk;
   // d(normalised keys), then dv, Nk D each (key-lane blocks): with one chunk per (b, h), in
-  // this task's own scratch (L2-sized, reused by the allocator), finished by this task; else
-  // partial sums in the shared buffer, reduced by the key pass.
-  std::vector<T> own;
+  // the thread's own scratch (L2-sized), finished by this task; else partial sums in the
+  // shared buffer, reduced by the key pass.
+  static thread_local std::vector<T> own;
   T* dkn;
   if (p.chunks == 1) {
     own.assign(2 * Nk * D, T(0));
@@ -1151,20 +1179,24 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   if (row_begin >= row_end) return;
   const T inf = std::numeric_limits<T>::infinity();
   prefetch_next_head(p, bh, chunk);
-  KeySide<T> ks;
+  static thread_local KeySide<T> ks;  // buffers reused (see prepare_keys)
   prepare_keys(p, b, h, T(0), KeyLayout::kBackward, a.k_stats + bh * N * 2,
                static_cast<T*>(nullptr), ks);
   // Per row of a group (padded to whole tiles): normalised queries, the same scaled, their
   // normalised-only form (LayerNorm backward), grad_out, d(normalised queries); delta and lse.
   const int64_t group_cap =
       std::min(kBackwardGroupRows, (row_end - row_begin + R - 1) / R * R);
-  std::vector<T> queries(group_cap * Dv), scaled(group_cap * Dv), hats(group_cap * Dv),
-      grads(group_cap * Dv), dqn(group_cap * Dv), out_row(Dv), delta(group_cap),
-      lse(group_cap), dx(Dv), dqw_sum(Dv, T(0)), dqb_sum(Dv, T(0));
+  // The per-row buffers come from the thread's previous task, and are written or zeroed per
+  // group below where read (value-initialising ~170 KB of them per task was ~3% of the
+  // backward).
+  static thread_local std::vector<T> queries, scaled, hats, grads, dqn;
+  for (auto* buffer : {&queries, &scaled, &hats, &grads, &dqn}) buffer->resize(group_cap * Dv);
+  std::vector<T> out_row(Dv), delta(group_cap), lse(group_cap), dx(Dv), dqw_sum(Dv, T(0)),
+      dqb_sum(Dv, T(0));
   std::vector<TileMask> masks(group_cap / R);
-  const std::vector<T> qw_pad = padded_weight(p.qw, D, Dv);
-  std::vector<T> qb_pad(Dv, T(0)), q_row(Dv, T(0));
-  if (p.qb) std::copy(p.qb, p.qb + D, qb_pad.begin());
+  const std::vector<T> qw_pad = padded_param(p.qw, T(1), D, Dv),
+                       qb_pad = padded_param(p.qb, T(0), D, Dv);
+  std::vector<T> q_row(Dv, T(0));
   alignas(64) T P[R * kKeyBlock];
   alignas(64) T dS[R * kKeyBlock];
   const T* q_stats = a.q_stats + bh * N * 2;
@@ -1172,9 +1204,9 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   for (int64_t g0 = row_begin; g0 < row_end; g0 += kBackwardGroupRows) {
     const int64_t rows = std::min(kBackwardGroupRows, row_end - g0);
     const int64_t tiles = (rows + R - 1) / R;
-    // Rows < `rows` are written below (grads up to D: its lanes past D stay 0 from the
-    // allocation); the padding rows of the last tile are zeroed, with P = 0 (lse = inf).
-    // Filling the whole buffers per group was ~5% of the backward at N = 257.
+    // Rows < `rows` are written below, all Dv lanes; the padding rows of the last tile are
+    // zeroed, with P = 0 (lse = inf). Filling the whole buffers per group was ~5% of the
+    // backward at N = 257.
     for (auto* buffer : {&queries, &scaled, &hats, &grads})
       std::fill(buffer->begin() + rows * Dv, buffer->begin() + tiles * R * Dv, T(0));
     std::fill(dqn.begin(), dqn.begin() + tiles * R * Dv, T(0));
@@ -1194,6 +1226,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
         vstore(queries.data() + r * Dv + c, normalised);
         vstore(scaled.data() + r * Dv + c, normalised * p.scale);
       }
+      vstore(grads.data() + r * Dv + Dv - L, vec_t<T>{});  // lanes past D
       load_row(a.grad_out + ((b * N + i) * H + h) * D, 1, D, grads.data() + r * Dv);
       load_row(a.out + ((b * N + i) * H + h) * D, 1, D, out_row.data());
       delta[r] = dot_lanes(grads.data() + r * Dv, out_row.data(), Dv);
@@ -1241,6 +1274,8 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   std::copy(dqw_sum.begin(), dqw_sum.begin() + D, dqw);
   std::copy(dqb_sum.begin(), dqb_sum.begin() + D, dqb);
   if (p.chunks == 1) backward_keys(a, bh, dkn, 1, ks.hat_panels.data());
+  release_if_large(ks);
+  for (auto* buffer : {&own, &queries, &scaled, &hats, &grads, &dqn}) release_if_large(*buffer);
 }
 
 // ---- instances ----------------------------------------------------------------------------
