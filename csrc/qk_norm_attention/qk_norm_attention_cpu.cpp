@@ -153,7 +153,8 @@ Prepared prepare_optional(at::ScalarType acc, const c10::optional<at::Tensor>& q
 // The tensors of one backward call (contiguous; lse and the stats in the accumulation type).
 struct BackwardTensors {
   const at::Tensor &grad_out, &out, &lse, &q_stats, &k_stats;  // (B, N, H, D) x 2, (B, H, N),
-                                                               // (B, H, N, 2) x 2
+                                                               // (B, H, N, 2) x 2; grad_out's
+                                                               // rows need only be contiguous
   at::Tensor &dq, &dk, &dv;                                    // (B, H, N, D)
 };
 
@@ -336,7 +337,10 @@ qk_norm_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const
     return {dq, dk, dv, dq_w, dq_b, dk_w, dk_b};
   }
   const Prepared opt = prepare_optional(acc, q_w, q_b, k_w, k_b, key_padding_mask, block_ids);
-  const at::Tensor grad_c = grad_out.contiguous(), out_c = out.contiguous();
+  // grad_out is read row by row: any strides with contiguous rows (autograd hands a transposed
+  // view when the caller's gradient is (B, H, N, D) contiguous; copying it cost a pass over it)
+  const at::Tensor grad_c = grad_out.stride(3) == 1 ? grad_out : grad_out.contiguous();
+  const at::Tensor out_c = out.contiguous();
   const at::Tensor lse_c = lse.to(acc).contiguous(), q_stats_c = q_stats.to(acc).contiguous(),
                    k_stats_c = k_stats.to(acc).contiguous();
   at::Tensor q_param_sums, k_param_sums;

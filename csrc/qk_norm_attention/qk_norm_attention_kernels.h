@@ -899,7 +899,8 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
   const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H;
   const T inf = std::numeric_limits<T>::infinity();
   prefetch_next_head(p, bh, chunk);
-  static thread_local KeySide<T> ks;  // buffers reused (see prepare_keys)
+  static thread_local KeySide<T> thread_keys;  // buffers reused (see prepare_keys)
+  KeySide<T>& ks = thread_keys;  // one TLS lookup (__tls_get_addr in a shared library)
   prepare_keys(p, b, h, a.eps, KeyLayout::kForward, static_cast<const T*>(nullptr),
                chunk == 0 ? a.k_stats + bh * N * 2 : static_cast<T*>(nullptr), ks);
   std::vector<T> Qt(D * QT), Ot(D * QT);
@@ -1002,7 +1003,7 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
 template <typename scalar_t, typename T>
 struct BackwardArgs {
   Problem<scalar_t, T> p;
-  const scalar_t* grad_out;  // (B, N, H, D)
+  Strided<scalar_t> grad_out;  // (B, N, H, D) as (B, H, N, D) strides, rows contiguous
   const scalar_t* out;       // (B, N, H, D)
   const T* lse;              // (B, H, N)
   const T* q_stats;          // (B, H, N, 2)
@@ -1135,7 +1136,8 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
 template <typename scalar_t, typename T>
 EEGFAST_INLINE void backward_keys_pass(const BackwardArgs<scalar_t, T>& a, int64_t bh) {
   const Problem<scalar_t, T>& p = a.p;
-  static thread_local KeySide<T> ks;  // buffers reused (see prepare_keys)
+  static thread_local KeySide<T> thread_keys;  // buffers reused (see prepare_keys)
+  KeySide<T>& ks = thread_keys;  // one TLS lookup (__tls_get_addr in a shared library)
   prepare_keys(p, bh / p.H, bh % p.H, T(0), KeyLayout::kBackward, a.k_stats + bh * p.N * 2,
                static_cast<T*>(nullptr), ks);
   backward_keys(a, bh, a.key_grads + bh * p.chunks * 2 * p.Nk * p.D, p.chunks,
@@ -1161,7 +1163,8 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   // d(normalised keys), then dv, Nk D each (key-lane blocks): with one chunk per (b, h), in
   // the thread's own scratch (L2-sized), finished by this task; else partial sums in the
   // shared buffer, reduced by the key pass.
-  static thread_local std::vector<T> own;
+  static thread_local std::vector<T> thread_own;
+  std::vector<T>& own = thread_own;
   T* dkn;
   if (p.chunks == 1) {
     own.assign(2 * Nk * D, T(0));
@@ -1179,7 +1182,8 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   if (row_begin >= row_end) return;
   const T inf = std::numeric_limits<T>::infinity();
   prefetch_next_head(p, bh, chunk);
-  static thread_local KeySide<T> ks;  // buffers reused (see prepare_keys)
+  static thread_local KeySide<T> thread_keys;  // buffers reused (see prepare_keys)
+  KeySide<T>& ks = thread_keys;  // one TLS lookup (__tls_get_addr in a shared library)
   prepare_keys(p, b, h, T(0), KeyLayout::kBackward, a.k_stats + bh * N * 2,
                static_cast<T*>(nullptr), ks);
   // Per row of a group (padded to whole tiles): normalised queries, the same scaled, their
@@ -1189,7 +1193,8 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   // The per-row buffers come from the thread's previous task, and are written or zeroed per
   // group below where read (value-initialising ~170 KB of them per task was ~3% of the
   // backward).
-  static thread_local std::vector<T> queries, scaled, hats, grads, dqn;
+  static thread_local std::vector<T> thread_rows[5];
+  auto& [queries, scaled, hats, grads, dqn] = thread_rows;
   for (auto* buffer : {&queries, &scaled, &hats, &grads, &dqn}) buffer->resize(group_cap * Dv);
   std::vector<T> out_row(Dv), delta(group_cap), lse(group_cap), dx(Dv), dqw_sum(Dv, T(0)),
       dqb_sum(Dv, T(0));
@@ -1227,7 +1232,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
         vstore(scaled.data() + r * Dv + c, normalised * p.scale);
       }
       vstore(grads.data() + r * Dv + Dv - L, vec_t<T>{});  // lanes past D
-      load_row(a.grad_out + ((b * N + i) * H + h) * D, 1, D, grads.data() + r * Dv);
+      load_row(a.grad_out.row(b, h, i), 1, D, grads.data() + r * Dv);
       load_row(a.out + ((b * N + i) * H + h) * D, 1, D, out_row.data());
       delta[r] = dot_lanes(grads.data() + r * Dv, out_row.data(), Dv);
       const T saved = a.lse[bh * N + i];
@@ -1388,7 +1393,9 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   const at::Tensor q_param_grads = at::empty({tasks, 2, D}, q.options().dtype(acc));
   const at::Tensor k_param_grads = at::empty({B * H, 2, D}, q.options().dtype(acc));
   BackwardArgs<scalar_t, T> a{p,
-                              t.grad_out.data_ptr<scalar_t>(),
+                              Strided<scalar_t>{t.grad_out.data_ptr<scalar_t>(),
+                                                t.grad_out.stride(0), t.grad_out.stride(2),
+                                                t.grad_out.stride(1), t.grad_out.stride(3)},
                               t.out.data_ptr<scalar_t>(),
                               t.lse.data_ptr<T>(),
                               t.q_stats.data_ptr<T>(),

@@ -284,14 +284,18 @@ def _fwd_setup_context(ctx, inputs, output) -> None:
     )
 
 
-def _make_backward(bwd_op: str):
+def _make_backward(bwd_op: str, *, strided_grad: bool):
+    """The autograd formula of a forward op, calling ``bwd_op``; ``strided_grad``: that op
+    reads grad_out with any strides whose rows are contiguous (the C++ op), so the transposed
+    view autograd passes for a (B, H, N, D) contiguous gradient is not copied first."""
     namespace, name = bwd_op.split("::")
 
     def backward(ctx, grad_out, _grad_lse, _grad_q_stats, _grad_k_stats):
         q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats, mask, block_ids = ctx.saved_tensors
         op = getattr(getattr(torch.ops, namespace), name)
         dq, dk, dv, *param_grads = op(
-            grad_out.contiguous(), q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
+            grad_out if strided_grad else grad_out.contiguous(),
+            q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
             ctx.scale, mask, ctx.causal, block_ids,
         )  # fmt: skip
         param_grads = [
@@ -302,7 +306,7 @@ def _make_backward(bwd_op: str):
     return backward
 
 
-def _register_op_glue(fwd_op: str, bwd_op: str) -> None:
+def _register_op_glue(fwd_op: str, bwd_op: str, *, strided_grad: bool = False) -> None:
     """Fake kernels for both ops and the autograd formula of ``fwd_op`` (calling ``bwd_op``).
 
     Used for the C++ ops here and by :mod:`eegfast.ops.qk_norm_attention_triton` for its ops,
@@ -311,7 +315,9 @@ def _register_op_glue(fwd_op: str, bwd_op: str) -> None:
     torch.library.register_fake(fwd_op)(_fwd_fake)
     torch.library.register_fake(bwd_op)(_bwd_fake)
     torch.library.register_autograd(
-        fwd_op, _make_backward(bwd_op), setup_context=_fwd_setup_context
+        fwd_op,
+        _make_backward(bwd_op, strided_grad=strided_grad),
+        setup_context=_fwd_setup_context,
     )
 
 
@@ -322,7 +328,7 @@ def _cpp_ops_built() -> bool:
 
 
 if _cpp_ops_built():
-    _register_op_glue(CPP_FWD_OP, CPP_BWD_OP)
+    _register_op_glue(CPP_FWD_OP, CPP_BWD_OP, strided_grad=True)
 
 
 @functools.cache
