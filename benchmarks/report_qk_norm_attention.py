@@ -4,6 +4,7 @@ Run from the repository root::
 
     python -m benchmarks.report_qk_norm_attention [--out bench-results] [--repeats 20]
         [--clock wall|cpu] [--threads N] [--name cpu_qk_norm_attention]
+        [--only eegfast-cpu,torch-ln-sdpa]
 
 Compares, forward and forward+backward, at LaBraM-Base's attention shape on CPU:
 ``eegfast-cpu`` (C++ kernel), ``eager-reference`` (:func:`qk_norm_attention_reference`:
@@ -22,7 +23,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,14 +82,21 @@ def layer_norm_sdpa(q, k, v, qw, qb, kw, kb):
     return F.scaled_dot_product_attention(qn, kn, v)
 
 
-def implementations(inputs: Inputs) -> dict[str, Callable | str]:
-    """Implementations by name; a str value says why one cannot run. torch.compile is
-    compiled (and its backward too, when inputs require grad) before anything is timed."""
+def implementations(inputs: Inputs, only: Sequence[str] = IMPLS) -> dict[str, Callable | str]:
+    """Implementations by name (those in ``only``); a str value says why one cannot run.
+    torch.compile is compiled (and its backward too, when inputs require grad) before anything
+    is timed."""
     impls: dict[str, Callable | str] = {
-        "eegfast-cpu": eegfast_cpu,
-        "eager-reference": eager_reference,
-        "torch-ln-sdpa": layer_norm_sdpa,
+        name: fn
+        for name, fn in (
+            ("eegfast-cpu", eegfast_cpu),
+            ("eager-reference", eager_reference),
+            ("torch-ln-sdpa", layer_norm_sdpa),
+        )
+        if name in only
     }
+    if "torch-compile-ln-sdpa" not in only:
+        return impls
     compiled = torch.compile(layer_norm_sdpa, dynamic=False)
     try:
         out = compiled(inputs.q, inputs.k, inputs.v, *inputs.params)
@@ -138,17 +146,22 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def run_cases(
-    repeats: int, clock: str = "wall", *, progress: Callable[[str], None] = print
+    repeats: int,
+    clock: str = "wall",
+    *,
+    only: Sequence[str] = IMPLS,
+    progress: Callable[[str], None] = print,
 ) -> list[Row]:
-    """Each shape and mode: the implementations timed round-robin (``interleaved_times``),
-    median and minimum in ms. ``clock="cpu"`` measures this process's CPU time (all
-    threads), which other processes on a shared machine disturb less than wall time."""
+    """Each shape and mode: the implementations (those in ``only``) timed round-robin
+    (``interleaved_times``), median and minimum in ms. ``clock="cpu"`` measures this process's
+    CPU time (all threads), which other processes on a shared machine disturb less than wall
+    time. Fewer implementations in the round-robin disturb each other's caches less."""
     rows = []
     for shape in CPU_SHAPES:
         for mode in MODES:
-            progress(f"{mode:17s} {shape}: {', '.join(IMPLS)}")
+            progress(f"{mode:17s} {shape}: {', '.join(only)}")
             inputs = Inputs.make(shape, requires_grad=mode != "forward")
-            impls = implementations(inputs)
+            impls = implementations(inputs, only)
             runnable = {
                 name: functools.partial(step, fn, inputs, mode)
                 for name, fn in impls.items()
@@ -210,14 +223,16 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     from matplotlib.figure import Figure
 
     groups = list(dict.fromkeys((r.shape, r.mode) for r in rows))
-    width = 0.8 / len(IMPLS)
+    impls = list(dict.fromkeys(r.impl for r in rows))
+    width = 0.8 / len(impls)
     fig = Figure(figsize=(7, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for i, impl in enumerate(IMPLS):
+    for i, impl in enumerate(impls):
         times = {(r.shape, r.mode): r.median_ms for r in rows if r.impl == impl and r.median_ms}
         xs = [g for g, group in enumerate(groups) if group in times]
-        ax.bar([x + (i - 1.5) * width for x in xs], [times[groups[x]] for x in xs], width,
+        offset = (i - (len(impls) - 1) / 2) * width
+        ax.bar([x + offset for x in xs], [times[groups[x]] for x in xs], width,
                label=impl)  # fmt: skip
     ax.set_xticks(range(len(groups)), [f"{mode}\n{shape}" for shape, mode in groups], fontsize=8)
     ax.set_ylabel("median wall time (ms)")
@@ -240,14 +255,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="what is timed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--name", default="cpu_qk_norm_attention", help="output file stem")
+    parser.add_argument(
+        "--only",
+        default=",".join(IMPLS),
+        help=f"comma-separated implementations to time, eegfast-cpu among them (default: "
+        f"all of {', '.join(IMPLS)})",
+    )
     args = parser.parse_args(argv)
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in only if name not in IMPLS]
+    if unknown or "eegfast-cpu" not in only:
+        parser.error(
+            f"--only: {', '.join(unknown) or 'eegfast-cpu is missing'}; choose from "
+            f"{', '.join(IMPLS)}, eegfast-cpu included (the ratios are relative to it)"
+        )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     env = {**environment(), "clock": args.clock}
     title = f"eegfast fused QK-LayerNorm attention on CPU (float32, {args.clock} time)"
     print(f"CPU: {env['cpu']}, {env['torch_threads']} torch threads, torch {env['torch']}")
-    rows = run_cases(args.repeats, args.clock)
+    rows = run_cases(args.repeats, args.clock, only=only)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name

@@ -133,3 +133,22 @@ def test_interleaved_times_runs_round_robin_and_keeps_failures_apart():
     assert len(times["a"]) == len(times["b"]) == 3
     assert all(len(t) == 1 and t[0] > 0 for t in times["a"])
     assert isinstance(times["broken"], RuntimeError)
+
+
+def test_qk_norm_attention_report_times_only_the_chosen_implementations(monkeypatch, tmp_path):
+    from benchmarks import report_qk_norm_attention as report
+
+    monkeypatch.setattr(report, "CPU_SHAPES", [(1, 2, 9, 20)])
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **_: compiled.append(fn) or fn)
+    rows = report.run_cases(1, only=["eegfast-cpu", "torch-ln-sdpa"], progress=str)
+    assert [(r.mode, r.impl) for r in rows] == [
+        (mode, impl) for mode in report.MODES for impl in ("eegfast-cpu", "torch-ln-sdpa")
+    ]
+    assert not compiled  # torch.compile is not even built when it is not timed
+    assert all(r.median_ms > 0 and r.max_abs_error < 1e-5 for r in rows)
+    with pytest.raises(SystemExit):  # the ratios need eegfast-cpu
+        report.main(["--only", "torch-ln-sdpa", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        report.main(["--only", "eegfast-cpu,flash", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
