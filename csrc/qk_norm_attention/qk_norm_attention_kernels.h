@@ -175,6 +175,31 @@ EEGFAST_INLINE void lanes_to_rows(const T* src, int64_t ld, int64_t D, int valid
   }
 }
 
+// Rows row0 ... row0 + rows - 1 of (b, h) of t in lanes: dst[d ld + r] for d < D and r < lanes
+// (a multiple of L), 0 for r >= rows. Block transposes where whole_vector_rows allows, else
+// element by element.
+template <typename scalar_t, typename T>
+EEGFAST_INLINE void gather_rows_to_lanes(const Strided<scalar_t>& t, int64_t b, int64_t h,
+                                         int64_t row0, int rows, int lanes, int64_t D, T* dst,
+                                         int64_t ld) {
+  constexpr int L = kLanes<T>;
+  const bool blocks = whole_vector_rows<scalar_t, T>(D, t.sd);
+  for (int v = 0; v * L < lanes; ++v) {
+    const int valid = std::min(rows - v * L, L);
+    T* group = dst + v * L;
+    if (valid > 0 && blocks) {
+      rows_to_lanes(reinterpret_cast<const T*>(t.row(b, h, row0 + v * L)), t.sn, valid, D, group,
+                    ld);
+      continue;
+    }
+    for (int64_t d = 0; d < D; ++d) vstore(group + d * ld, vec_t<T>{});
+    for (int r = 0; r < valid; ++r) {
+      const scalar_t* x = t.row(b, h, row0 + v * L + r);
+      for (int64_t d = 0; d < D; ++d) group[d * ld + r] = static_cast<T>(x[d * t.sd]);
+    }
+  }
+}
+
 // dst[d] = x[d sd] for d < D, converted to T; dst's elements past D are left as they are.
 template <typename scalar_t, typename T>
 EEGFAST_INLINE void load_row(const scalar_t* x, int64_t sd, int64_t D, T* dst) {
@@ -390,6 +415,14 @@ struct KeySide {
 // (long sequences), so that idle threads do not hold tens of MB.
 constexpr size_t kKeptBufferBytes = size_t(1) << 20;
 
+// The thread's KeySide, shared by its forward and backward tasks. Bind it to a reference once
+// per task: in a shared library each thread_local access may call __tls_get_addr.
+template <typename T>
+KeySide<T>& thread_key_side() {
+  static thread_local KeySide<T> ks;
+  return ks;
+}
+
 template <typename E>
 void release_if_large(std::vector<E>& buffer) {
   if (buffer.capacity() * sizeof(E) > kKeptBufferBytes) std::vector<E>().swap(buffer);
@@ -398,12 +431,6 @@ template <typename T>
 void release_if_large(KeySide<T>& ks) {
   for (auto* buffer : {&ks.panels, &ks.key_rows, &ks.value_rows, &ks.value_panels, &ks.hat_panels})
     release_if_large(*buffer);
-}
-
-template <typename T>
-EEGFAST_INLINE void put_in_panel(std::vector<T>& panels, int64_t D, int64_t j, int64_t d, T x) {
-  constexpr int W = kPanel<T>;
-  panels[(j / W) * D * W + d * W + (j % W)] = x;
 }
 
 // (mean, rstd) of one row of D elements, read with stride sd, and the row itself in dst.
@@ -549,9 +576,9 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
   constexpr int W = kPanel<T>, L = kLanes<T>;
   // The buffers come from the thread's previous task (tasks keep a thread_local KeySide): only
   // what is not overwritten below is zeroed here (zero-filling them whole was ~3% of the
-  // forward). Panels holding a key < N are written whole (layer_norm_lanes writes 0 to rows
-  // past N); the kernels read key and value rows up to the vector holding the last key, and
-  // all Dv lanes of key rows (dQ) and value rows (the forward's online path).
+  // forward). Panels holding a key < N are written whole (0 in the rows past N); the kernels
+  // read key and value rows up to the vector holding the last key, and all Dv lanes of key
+  // rows (dQ) and value rows (the forward's online path).
   const int64_t Np = (N + W - 1) / W * W;  // keys of the panels that hold one < N
   ks.panels.resize(Nk * D);
   std::fill(ks.panels.begin() + Np * D, ks.panels.end(), T(0));
@@ -561,7 +588,7 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
   std::fill(rows.begin() + N * Dv, rows.end(), T(0));
   if (backward) {
     ks.value_panels.resize(Nk * D);
-    std::fill(ks.value_panels.begin() + (N / W) * W * D, ks.value_panels.end(), T(0));
+    std::fill(ks.value_panels.begin() + Np * D, ks.value_panels.end(), T(0));
     ks.hat_panels.resize(Nk * D);
   }
   ks.bias.resize(Nk);
@@ -576,16 +603,7 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
   for (int64_t j0 = 0; j0 < N; j0 += W) {
     const int valid = static_cast<int>(std::min<int64_t>(W, N - j0));
     T* panel = ks.panels.data() + j0 * D;
-    if (whole_vector_rows<scalar_t, T>(D, p.k.sd)) {
-      for (int half = 0; half * L < valid; ++half)  // the rest of the panel stays 0
-        rows_to_lanes(reinterpret_cast<const T*>(p.k.row(b, h, j0 + half * L)), p.k.sn,
-                      std::min(valid - half * L, L), D, panel + half * L, W);
-    } else {
-      for (int jj = 0; jj < valid; ++jj) {
-        const scalar_t* x = p.k.row(b, h, j0 + jj);
-        for (int64_t d = 0; d < D; ++d) panel[d * W + jj] = static_cast<T>(x[d * p.k.sd]);
-      }
-    }
+    gather_rows_to_lanes(p.k, b, h, j0, valid, W, D, panel, W);
     if (stats_in != nullptr) {
       for (int jj = 0; jj < W; ++jj) {
         mean[jj] = jj < valid ? stats_in[2 * (j0 + jj)] : T(0);
@@ -619,20 +637,13 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
       }
     }
   }
-  if (backward && whole_vector_rows<scalar_t, T>(D, p.v.sd)) {
-    for (int64_t j0 = 0; j0 < N; j0 += L)
-      rows_to_lanes(reinterpret_cast<const T*>(p.v.row(b, h, j0)), p.v.sn,
-                    static_cast<int>(std::min<int64_t>(L, N - j0)), D,
-                    ks.value_panels.data() + (j0 / W) * D * W + j0 % W, W);
+  if (backward) {
+    for (int64_t j0 = 0; j0 < N; j0 += W)
+      gather_rows_to_lanes(p.v, b, h, j0, static_cast<int>(std::min<int64_t>(W, N - j0)), W, D,
+                           ks.value_panels.data() + j0 * D, W);
   } else {
-    for (int64_t j = 0; j < N; ++j) {
-      const scalar_t* vr = p.v.row(b, h, j);
-      if (backward)
-        for (int64_t d = 0; d < D; ++d)
-          put_in_panel(ks.value_panels, D, j, d, static_cast<T>(vr[d * p.v.sd]));
-      else
-        load_row(vr, p.v.sd, D, ks.value_rows.data() + j * Dv);
-    }
+    for (int64_t j = 0; j < N; ++j)
+      load_row(p.v.row(b, h, j), p.v.sd, D, ks.value_rows.data() + j * Dv);
   }
   // A NaN key makes the bound NaN, so every tile takes the online-max path.
   ks.max_key_norm = std::sqrt(hmax<T>(max_norm2));
@@ -899,8 +910,7 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
   const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H;
   const T inf = std::numeric_limits<T>::infinity();
   prefetch_next_head(p, bh, chunk);
-  static thread_local KeySide<T> thread_keys;  // buffers reused (see prepare_keys)
-  KeySide<T>& ks = thread_keys;  // one TLS lookup (__tls_get_addr in a shared library)
+  KeySide<T>& ks = thread_key_side<T>();  // buffers reused (see prepare_keys)
   prepare_keys(p, b, h, a.eps, KeyLayout::kForward, static_cast<const T*>(nullptr),
                chunk == 0 ? a.k_stats + bh * N * 2 : static_cast<T*>(nullptr), ks);
   std::vector<T> Qt(D * QT), Ot(D * QT);
@@ -910,22 +920,7 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
   for (int64_t i0 = row_begin; i0 < row_end; i0 += QT) {
     const int rows = static_cast<int>(std::min<int64_t>(QT, row_end - i0));
     std::fill(Ot.begin(), Ot.end(), T(0));
-    if (whole_vector_rows<scalar_t, T>(D, p.q.sd)) {
-      for (int v = 0; v < QV; ++v) {
-        const int valid = rows - v * L;
-        if (valid > 0)
-          rows_to_lanes(reinterpret_cast<const T*>(p.q.row(b, h, i0 + v * L)), p.q.sn,
-                        std::min(valid, L), D, Qt.data() + v * L, QT);
-        else
-          for (int64_t d = 0; d < D; ++d) vstore(Qt.data() + d * QT + v * L, vec_t<T>{});
-      }
-    } else {
-      std::fill(Qt.begin(), Qt.end(), T(0));
-      for (int r = 0; r < rows; ++r) {
-        const scalar_t* x = p.q.row(b, h, i0 + r);
-        for (int64_t d = 0; d < D; ++d) Qt[d * QT + r] = static_cast<T>(x[d * p.q.sd]);
-      }
-    }
+    gather_rows_to_lanes(p.q, b, h, i0, rows, QT, D, Qt.data(), QT);
     layer_norm_lanes<QV>(Qt.data(), D, rows, a.eps, p.qw, p.qb, p.scale,
                          static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), means,
                          rstds, bound);
@@ -1136,8 +1131,7 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
 template <typename scalar_t, typename T>
 EEGFAST_INLINE void backward_keys_pass(const BackwardArgs<scalar_t, T>& a, int64_t bh) {
   const Problem<scalar_t, T>& p = a.p;
-  static thread_local KeySide<T> thread_keys;  // buffers reused (see prepare_keys)
-  KeySide<T>& ks = thread_keys;  // one TLS lookup (__tls_get_addr in a shared library)
+  KeySide<T>& ks = thread_key_side<T>();  // buffers reused (see prepare_keys)
   prepare_keys(p, bh / p.H, bh % p.H, T(0), KeyLayout::kBackward, a.k_stats + bh * p.N * 2,
                static_cast<T*>(nullptr), ks);
   backward_keys(a, bh, a.key_grads + bh * p.chunks * 2 * p.Nk * p.D, p.chunks,
@@ -1182,8 +1176,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   if (row_begin >= row_end) return;
   const T inf = std::numeric_limits<T>::infinity();
   prefetch_next_head(p, bh, chunk);
-  static thread_local KeySide<T> thread_keys;  // buffers reused (see prepare_keys)
-  KeySide<T>& ks = thread_keys;  // one TLS lookup (__tls_get_addr in a shared library)
+  KeySide<T>& ks = thread_key_side<T>();  // buffers reused (see prepare_keys)
   prepare_keys(p, b, h, T(0), KeyLayout::kBackward, a.k_stats + bh * N * 2,
                static_cast<T*>(nullptr), ks);
   // Per row of a group (padded to whole tiles): normalised queries, the same scaled, their
