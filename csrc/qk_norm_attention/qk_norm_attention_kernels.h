@@ -765,41 +765,45 @@ constexpr double kUnshiftedScoreLimit = 30.0;
 // is padded to a vector (at D = 20 the row tiles computed P.V over 24 dims) and the softmax
 // sums are plain vector adds (lane = query).
 
+// A tile of QV query vectors (QT = QV L queries); every tile has QV = kQueryVectors but the
+// last of a task, which has as few vectors as hold its rows (at N = 257, 17 rows take 2 vectors,
+// not 3: ~5% of the forward's tile work was padding rows).
+
 // St[jr][:] = sum_d keys[jr][d] Qt[d][:] for JR keys that lie side by side in a key panel:
 // element (jr, d) at keys[d W + jr].
-template <int JR, typename T>
+template <int QV, int JR, typename T>
 EEGFAST_INLINE void query_lane_scores(const T* Qt, int64_t D, const T* keys, T* St) {
   static_assert(kPanel<T> % JR == 0, "a micro-tile's keys lie in one panel");
-  constexpr int QT = kQueryVectors * kLanes<T>;
-  tile_products<JR, kQueryVectors, false>(keys, 1, kPanel<T>, Qt, QT, D, St, QT);
+  constexpr int QT = QV * kLanes<T>;
+  tile_products<JR, QV, false>(keys, 1, kPanel<T>, Qt, QT, D, St, QT);
 }
 
 // Ot[d0 + dr][:] += sum_j values[j][d0 + dr] St[j][:] for DR dims, over `keys` keys.
-template <int DR, typename T>
+template <int QV, int DR, typename T>
 EEGFAST_INLINE void query_lane_values(T* Ot, const T* St, const T* values, int64_t Dv, int keys,
                                       int64_t d0) {
-  constexpr int QT = kQueryVectors * kLanes<T>;
-  tile_products<DR, kQueryVectors, true>(values + d0, 1, Dv, St, QT, keys, Ot + d0 * QT, QT);
+  constexpr int QT = QV * kLanes<T>;
+  tile_products<DR, QV, true>(values + d0, 1, Dv, St, QT, keys, Ot + d0 * QT, QT);
 }
 
 // All D dims in chunks of DR, then 4, 2, 1 (exactly D, whatever it is).
-template <int DR, typename T>
+template <int QV, int DR, typename T>
 EEGFAST_INLINE void query_lane_all_values(T* Ot, const T* St, const T* values, int64_t Dv,
                                           int64_t D, int keys) {
   int64_t d0 = 0;
-  for (; d0 + DR <= D; d0 += DR) query_lane_values<DR>(Ot, St, values, Dv, keys, d0);
+  for (; d0 + DR <= D; d0 += DR) query_lane_values<QV, DR>(Ot, St, values, Dv, keys, d0);
   if constexpr (DR > 4) {
-    if (D - d0 >= 4) query_lane_values<4>(Ot, St, values, Dv, keys, d0), d0 += 4;
+    if (D - d0 >= 4) query_lane_values<QV, 4>(Ot, St, values, Dv, keys, d0), d0 += 4;
   }
-  if (D - d0 >= 2) query_lane_values<2>(Ot, St, values, Dv, keys, d0), d0 += 2;
-  if (D - d0 >= 1) query_lane_values<1>(Ot, St, values, Dv, keys, d0);
+  if (D - d0 >= 2) query_lane_values<QV, 2>(Ot, St, values, Dv, keys, d0), d0 += 2;
+  if (D - d0 >= 1) query_lane_values<QV, 1>(Ot, St, values, Dv, keys, d0);
 }
 
 // The key bias and the per-element causal / block-causal masks of one key block, on St.
-template <typename scalar_t, typename T>
+template <int QV, typename scalar_t, typename T>
 EEGFAST_INLINE bool query_lane_mask(const Problem<scalar_t, T>& p, const KeySide<T>& ks,
                                     const TileMask& t, int64_t kb, int keys, T* St) {
-  constexpr int QT = kQueryVectors * kLanes<T>;
+  constexpr int QT = QV * kLanes<T>;
   const T inf = std::numeric_limits<T>::infinity();
   const int64_t key0 = kb * kKeyBlock;
   if (ks.block_masked[kb])
@@ -894,101 +898,120 @@ EEGFAST_INLINE void forward_rows_online(const ForwardArgs<scalar_t, T>& a, const
   }
 }
 
-// One task: rows of one (batch, head) in query-lane tiles of QT queries; JR keys per score
-// micro-tile, DR dims per P.V micro-tile, R rows per fallback tile.
+// One query-lane tile of QV vectors: rows i0 ... i0 + rows - 1 (rows <= QV L) of (b, h).
+// Qt and Ot hold D QV L elements each.
+template <int QV, int R, int JR, int DR, typename scalar_t, typename T>
+EEGFAST_INLINE void forward_query_tile(const ForwardArgs<scalar_t, T>& a, const KeySide<T>& ks,
+                                       int64_t b, int64_t h, int64_t i0, int rows, T* Qt,
+                                       T* Ot) {
+  constexpr int L = kLanes<T>, QT = QV * L;
+  const Problem<scalar_t, T>& p = a.p;
+  const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H, bh = b * H + h;
+  const T inf = std::numeric_limits<T>::infinity();
+  alignas(64) T St[kKeyBlock * QT];
+  alignas(64) T bound[QT], sums[QT], means[QT], rstds[QT];
+  T* q_stats = a.q_stats + bh * N * 2;
+  std::fill(Ot, Ot + D * QT, T(0));
+  gather_rows_to_lanes(p.q, b, h, i0, rows, QT, D, Qt, QT);
+  layer_norm_lanes<QV>(Qt, D, rows, a.eps, p.qw, p.qb, p.scale, static_cast<const T*>(nullptr),
+                       static_cast<const T*>(nullptr), means, rstds, bound);
+  bool unshifted = true;
+  for (int r = 0; r < QT; ++r) {
+    bound[r] = r < rows ? std::sqrt(bound[r]) * ks.max_key_norm : T(0);  // |q_r| max_j |k_j|
+    if (!(bound[r] <= static_cast<T>(kUnshiftedScoreLimit))) unshifted = false;
+  }
+  for (int r = 0; r < rows; ++r) {
+    q_stats[2 * (i0 + r)] = means[r];
+    q_stats[2 * (i0 + r) + 1] = rstds[r];
+  }
+  if (!unshifted) {
+    forward_rows_online<R>(a, ks, b, h, i0, i0 + rows);
+    return;
+  }
+  TileMask t = tile_mask<QT>(p, i0);
+  t.last_row = i0 + rows - 1;
+  vec_t<T> l[QV];
+  for (int v = 0; v < QV; ++v) l[v] = vec_t<T>{};
+  for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
+    if (!block_visible(p, ks, t, kb)) continue;
+    const int64_t key0 = kb * kKeyBlock;
+    const int keys =
+        static_cast<int>(std::min<int64_t>(kKeyBlock, (N - key0 + JR - 1) / JR * JR));
+    constexpr int W = kPanel<T>;
+    for (int j = 0; j < keys; j += JR) {
+      const int64_t key = key0 + j;
+      query_lane_scores<QV, JR>(Qt, D, ks.panels.data() + key / W * D * W + key % W,
+                                St + j * QT);
+    }
+    if (query_lane_mask<QV>(p, ks, t, kb, keys, St)) {
+      for (int j = 0; j < keys; ++j)
+        #pragma GCC unroll 3
+        for (int v = 0; v < QV; ++v) {
+          const vec_t<T> e = vexp(vload(St + j * QT + v * L));
+          vstore(St + j * QT + v * L, e);
+          l[v] += e;
+        }
+    } else {
+      for (int j = 0; j < keys; ++j)
+        #pragma GCC unroll 3
+        for (int v = 0; v < QV; ++v) {
+          const vec_t<T> e = vexp_in_range(vload(St + j * QT + v * L));
+          vstore(St + j * QT + v * L, e);
+          l[v] += e;
+        }
+    }
+    // P = 0 for the keys past N that the last score micro-tile computed
+    query_lane_all_values<QV, DR>(Ot, St, ks.value_rows.data() + key0 * Dv, Dv, D,
+                                  static_cast<int>(std::min<int64_t>(keys, N - key0)));
+  }
+  alignas(64) T logs[QT], inv[QT];
+  for (int v = 0; v < QV; ++v) {
+    vstore(sums + v * L, l[v]);
+    vstore(logs + v * L, vlog_positive(l[v]));  // lanes with a zero sum are not used
+    // 1 / sum, 0 for a row that saw no key (a select: the division gives inf there)
+    vstore(inv + v * L, l[v] > T(0) ? vsplat(T(1)) / l[v] : vec_t<T>{});
+  }
+  for (int r = 0; r < rows; ++r) a.lse[bh * N + i0 + r] = sums[r] > T(0) ? logs[r] : -inf;
+  scalar_t* out_rows = a.out + ((b * N + i0) * H + h) * D;  // row i0 + r at r H D
+  if (whole_vector_rows<scalar_t, T>(D, 1)) {
+    for (int v = 0; v < QV && v * L < rows; ++v)
+      lanes_to_rows(Ot + v * L, QT, D, std::min(rows - v * L, L),
+                    reinterpret_cast<T*>(out_rows) + v * L * H * D, H * D, inv + v * L);
+  } else {
+    for (int r = 0; r < rows; ++r)
+      for (int64_t d = 0; d < D; ++d)
+        out_rows[r * H * D + d] = static_cast<scalar_t>(Ot[d * QT + r] * inv[r]);
+  }
+}
+
+// One task: rows of one (batch, head) in query-lane tiles of kQueryVectors vectors (the last
+// one as few as it needs); JR keys per score micro-tile, DR dims per P.V micro-tile, R rows per
+// fallback tile.
 template <int R, int JR, int DR, typename scalar_t, typename T>
 EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task) {
   static_assert(kKeyBlock % JR == 0, "key block");
   constexpr int L = kLanes<T>, QV = kQueryVectors, QT = QV * L;
-  static_assert(QT <= kMaxTileRows, "tile rows");
+  static_assert(QT <= kMaxTileRows && QV == 3, "tile rows");
   const Problem<scalar_t, T>& p = a.p;
   const int64_t bh = task / p.chunks, chunk = task % p.chunks;
   const int64_t b = bh / p.H, h = bh % p.H;
   const int64_t row_begin = chunk * p.chunk_rows;
   const int64_t row_end = std::min(p.N, row_begin + p.chunk_rows);
   if (row_begin >= row_end) return;
-  const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H;
-  const T inf = std::numeric_limits<T>::infinity();
+  const int64_t N = p.N;
   prefetch_next_head(p, bh, chunk);
   KeySide<T>& ks = thread_key_side<T>();  // buffers reused (see prepare_keys)
   prepare_keys(p, b, h, a.eps, KeyLayout::kForward, static_cast<const T*>(nullptr),
                chunk == 0 ? a.k_stats + bh * N * 2 : static_cast<T*>(nullptr), ks);
-  std::vector<T> Qt(D * QT), Ot(D * QT);
-  alignas(64) T St[kKeyBlock * QT];
-  alignas(64) T bound[QT], sums[QT], means[QT], rstds[QT];
-  T* q_stats = a.q_stats + bh * N * 2;
+  std::vector<T> Qt(p.D * QT), Ot(p.D * QT);
   for (int64_t i0 = row_begin; i0 < row_end; i0 += QT) {
     const int rows = static_cast<int>(std::min<int64_t>(QT, row_end - i0));
-    std::fill(Ot.begin(), Ot.end(), T(0));
-    gather_rows_to_lanes(p.q, b, h, i0, rows, QT, D, Qt.data(), QT);
-    layer_norm_lanes<QV>(Qt.data(), D, rows, a.eps, p.qw, p.qb, p.scale,
-                         static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), means,
-                         rstds, bound);
-    bool unshifted = true;
-    for (int r = 0; r < QT; ++r) {
-      bound[r] = r < rows ? std::sqrt(bound[r]) * ks.max_key_norm : T(0);  // |q_r| max_j |k_j|
-      if (!(bound[r] <= static_cast<T>(kUnshiftedScoreLimit))) unshifted = false;
-    }
-    for (int r = 0; r < rows; ++r) {
-      q_stats[2 * (i0 + r)] = means[r];
-      q_stats[2 * (i0 + r) + 1] = rstds[r];
-    }
-    if (!unshifted) {
-      forward_rows_online<R>(a, ks, b, h, i0, i0 + rows);
-      continue;
-    }
-    TileMask t = tile_mask<QT>(p, i0);
-    t.last_row = i0 + rows - 1;
-    vec_t<T> l[QV];
-    for (int v = 0; v < QV; ++v) l[v] = vec_t<T>{};
-    for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
-      if (!block_visible(p, ks, t, kb)) continue;
-      const int64_t key0 = kb * kKeyBlock;
-      const int keys =
-          static_cast<int>(std::min<int64_t>(kKeyBlock, (N - key0 + JR - 1) / JR * JR));
-      constexpr int W = kPanel<T>;
-      for (int j = 0; j < keys; j += JR) {
-        const int64_t key = key0 + j;
-        query_lane_scores<JR>(Qt.data(), D, ks.panels.data() + key / W * D * W + key % W,
-                              St + j * QT);
-      }
-      if (query_lane_mask(p, ks, t, kb, keys, St)) {
-        for (int j = 0; j < keys; ++j)
-          #pragma GCC unroll 3
-          for (int v = 0; v < QV; ++v) {
-            const vec_t<T> e = vexp(vload(St + j * QT + v * L));
-            vstore(St + j * QT + v * L, e);
-            l[v] += e;
-          }
-      } else {
-        for (int j = 0; j < keys; ++j)
-          #pragma GCC unroll 3
-          for (int v = 0; v < QV; ++v) {
-            const vec_t<T> e = vexp_in_range(vload(St + j * QT + v * L));
-            vstore(St + j * QT + v * L, e);
-            l[v] += e;
-          }
-      }
-      query_lane_all_values<DR>(Ot.data(), St, ks.value_rows.data() + key0 * Dv, Dv, D, keys);
-    }
-    alignas(64) T logs[QT], inv[QT];
-    for (int v = 0; v < QV; ++v) {
-      vstore(sums + v * L, l[v]);
-      vstore(logs + v * L, vlog_positive(l[v]));  // lanes with a zero sum are not used
-      // 1 / sum, 0 for a row that saw no key (a select: the division gives inf there)
-      vstore(inv + v * L, l[v] > T(0) ? vsplat(T(1)) / l[v] : vec_t<T>{});
-    }
-    for (int r = 0; r < rows; ++r) a.lse[bh * N + i0 + r] = sums[r] > T(0) ? logs[r] : -inf;
-    scalar_t* out_rows = a.out + ((b * N + i0) * H + h) * D;  // row i0 + r at r H D
-    if (whole_vector_rows<scalar_t, T>(D, 1)) {
-      for (int v = 0; v < QV && v * L < rows; ++v)
-        lanes_to_rows(Ot.data() + v * L, QT, D, std::min(rows - v * L, L),
-                      reinterpret_cast<T*>(out_rows) + v * L * H * D, H * D, inv + v * L);
-    } else {
-      for (int r = 0; r < rows; ++r)
-        for (int64_t d = 0; d < D; ++d)
-          out_rows[r * H * D + d] = static_cast<scalar_t>(Ot[d * QT + r] * inv[r]);
-    }
+    if (rows > 2 * L)
+      forward_query_tile<3, R, JR, DR>(a, ks, b, h, i0, rows, Qt.data(), Ot.data());
+    else if (rows > L)
+      forward_query_tile<2, R, JR, DR>(a, ks, b, h, i0, rows, Qt.data(), Ot.data());
+    else
+      forward_query_tile<1, R, JR, DR>(a, ks, b, h, i0, rows, Qt.data(), Ot.data());
   }
   release_if_large(ks);
 }
@@ -1237,6 +1260,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
     }
     for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
       const int keys = ks.block_keys[kb];
+      const int real_keys = static_cast<int>(std::min<int64_t>(keys, N - kb * kKeyBlock));
       const T* key_panels = ks.panels.data() + kb * kKeyBlock * D;
       const T* value_panels = ks.value_panels.data() + kb * kKeyBlock * D;
       for (int64_t t = 0; t < tiles; ++t) {
@@ -1258,8 +1282,10 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
                                  grads.data() + r0 * Dv, keys);
         accumulate_transposed<R>(dkn + kb * kKeyBlock * D, D, Dv, dS, queries.data() + r0 * Dv,
                                  keys);
+        // keys past N have dS = 0: dQ sums over the block's keys < N only (at N = 257 the
+        // last block's vector holds 1 key of 16)
         accumulate_rows<R>(dqn.data() + r0 * Dv, Dv, dS,
-                           ks.key_rows.data() + kb * kKeyBlock * Dv, keys);
+                           ks.key_rows.data() + kb * kKeyBlock * Dv, real_keys);
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
