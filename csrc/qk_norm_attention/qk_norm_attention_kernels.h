@@ -339,38 +339,38 @@ EEGFAST_INLINE void accumulate_rows(T* out, int64_t Dv, const T* S, const T* B, 
   if (vectors - c == 1) rows_chunk<R, T, 1>(out, Dv, S, B, keys, c * kLanes<T>);
 }
 
-// Key-lane dK / dV sums: out[d][j] += sum_{r < R} A[r][d] S[r][j] for d < D and the first
+// Key-lane dK / dV sums: out[d][j] += sum_{r < rows} A[r][d] S[r][j] for d < D and the first
 // `keys` keys of a block (a multiple of the vector width), out a (D, kKeyBlock)
 // block with keys in the vector lanes. So the head dim is not padded to a vector: at D = 20
 // with 16-float vectors, 20 FMA rows per key vector instead of the 32 of key rows (Dv).
 // Micro-tiles of M dims x C key vectors: M C accumulators, C rows of S loaded per row r.
-template <int R, int M, int C, typename T>
-EEGFAST_INLINE void transposed_tile(T* out, const T* S, const T* A, int64_t Dv, int64_t d0,
-                                    int c0) {
+template <int M, int C, typename T>
+EEGFAST_INLINE void transposed_tile(T* out, const T* S, const T* A, int64_t Dv, int rows,
+                                    int64_t d0, int c0) {
   constexpr int L = kLanes<T>;
-  tile_products<M, C, true>(A + d0, 1, Dv, S + c0 * L, kKeyBlock, R, out + d0 * kKeyBlock + c0 * L,
-                            kKeyBlock);
+  tile_products<M, C, true>(A + d0, 1, Dv, S + c0 * L, kKeyBlock, rows,
+                            out + d0 * kKeyBlock + c0 * L, kKeyBlock);
 }
-template <int R, int M, int C, typename T>
+template <int M, int C, typename T>
 EEGFAST_INLINE void transposed_dims(T* out, int64_t D, int64_t Dv, const T* S, const T* A,
-                                    int c0) {
+                                    int rows, int c0) {
   int64_t d0 = 0;
-  for (; d0 + M <= D; d0 += M) transposed_tile<R, M, C>(out, S, A, Dv, d0, c0);
+  for (; d0 + M <= D; d0 += M) transposed_tile<M, C>(out, S, A, Dv, rows, d0, c0);
   if constexpr (M > 2) {
-    if (D - d0 >= 2) transposed_tile<R, 2, C>(out, S, A, Dv, d0, c0), d0 += 2;
+    if (D - d0 >= 2) transposed_tile<2, C>(out, S, A, Dv, rows, d0, c0), d0 += 2;
   }
-  if (D - d0 >= 1) transposed_tile<R, 1, C>(out, S, A, Dv, d0, c0);
+  if (D - d0 >= 1) transposed_tile<1, C>(out, S, A, Dv, rows, d0, c0);
 }
 // M = R / 2 dims per micro-tile: 4 x 4 accumulators with 32 registers (R = 8), 2 x 4 with 16.
 template <int R, typename T>
 EEGFAST_INLINE void accumulate_transposed(T* out, int64_t D, int64_t Dv, const T* S,
-                                          const T* A, int keys) {
+                                          const T* A, int rows, int keys) {
   constexpr int M = R / 2;
   const int vectors = keys / kLanes<T>;
   int c0 = 0;
-  for (; c0 + 4 <= vectors; c0 += 4) transposed_dims<R, M, 4>(out, D, Dv, S, A, c0);
-  if (vectors - c0 >= 2) transposed_dims<R, M, 2>(out, D, Dv, S, A, c0), c0 += 2;
-  if (vectors - c0 == 1) transposed_dims<R, M, 1>(out, D, Dv, S, A, c0);
+  for (; c0 + 4 <= vectors; c0 += 4) transposed_dims<M, 4>(out, D, Dv, S, A, rows, c0);
+  if (vectors - c0 >= 2) transposed_dims<M, 2>(out, D, Dv, S, A, rows, c0), c0 += 2;
+  if (vectors - c0 == 1) transposed_dims<M, 1>(out, D, Dv, S, A, rows, c0);
 }
 
 // ---- problem description ------------------------------------------------------------------
@@ -1170,9 +1170,18 @@ EEGFAST_INLINE void backward_keys_pass(const BackwardArgs<scalar_t, T>& a, int64
 // which bounded the backward, not its FMAs.
 constexpr int64_t kBackwardGroupRows = 256;
 
-template <int R, typename scalar_t, typename T>
+// Query rows are visited in lane tiles of L rows (TP = L / R row tiles of R rows): the scores,
+// probabilities P and dS are computed per row tile (R rows x key vectors), the dK / dV sums
+// over the lane tile's L rows at once (half the accumulator loads and stores of R-row sums),
+// and dQ with the rows in the vector lanes, two lane tiles (QL = 2 L rows) at a time: dS
+// transposed by L x L block transposes, then dQ^T[d][:] += sum_j K[j][d] dS^T[j][:]. With rows
+// as lanes the head dim is not padded to a vector (with dims in the lanes, dQ at D = 20 ran 32
+// FMA lanes per row and key: ~16% of the backward, the largest of its five products); two
+// vectors of rows per key element loaded keep that product off the load ports.
+template <int R, int DR, typename scalar_t, typename T>
 EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t task) {
-  static_assert(kBackwardGroupRows % R == 0, "groups of whole tiles");
+  constexpr int L = kLanes<T>, TP = L / R, QL = 2 * L;
+  static_assert(L % R == 0 && kBackwardGroupRows % QL == 0, "groups of whole lane tiles");
   const Problem<scalar_t, T>& p = a.p;
   const int64_t bh = task / p.chunks, chunk = task % p.chunks;
   const int64_t b = bh / p.H, h = bh % p.H;
@@ -1202,10 +1211,10 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   KeySide<T>& ks = thread_key_side<T>();  // buffers reused (see prepare_keys)
   prepare_keys(p, b, h, T(0), KeyLayout::kBackward, a.k_stats + bh * N * 2,
                static_cast<T*>(nullptr), ks);
-  // Per row of a group (padded to whole tiles): normalised queries, the same scaled, their
+  // Per row of a group (padded to whole lane tiles): normalised queries, the same scaled, their
   // normalised-only form (LayerNorm backward), grad_out, d(normalised queries); delta and lse.
   const int64_t group_cap =
-      std::min(kBackwardGroupRows, (row_end - row_begin + R - 1) / R * R);
+      std::min(kBackwardGroupRows, (row_end - row_begin + QL - 1) / QL * QL);
   // The per-row buffers come from the thread's previous task, and are written or zeroed per
   // group below where read (value-initialising ~170 KB of them per task was ~3% of the
   // backward).
@@ -1214,25 +1223,27 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   for (auto* buffer : {&queries, &scaled, &hats, &grads, &dqn}) buffer->resize(group_cap * Dv);
   std::vector<T> out_row(Dv), delta(group_cap), lse(group_cap), dx(Dv), dqw_sum(Dv, T(0)),
       dqb_sum(Dv, T(0));
+  std::vector<T> dq_lanes(group_cap * D);  // dQ^T per lane tile pair: (group_cap / QL, D, QL)
   std::vector<TileMask> masks(group_cap / R);
   const std::vector<T> qw_pad = padded_param(p.qw, T(1), D, Dv),
                        qb_pad = padded_param(p.qb, T(0), D, Dv);
   std::vector<T> q_row(Dv, T(0));
-  alignas(64) T P[R * kKeyBlock];
-  alignas(64) T dS[R * kKeyBlock];
+  alignas(64) T P[L * kKeyBlock];
+  alignas(64) T dS[L * kKeyBlock];
+  alignas(64) T dS_lanes[kKeyBlock * QL];  // dS^T of a lane tile pair: key j's rows at j QL
   const T* q_stats = a.q_stats + bh * N * 2;
-  constexpr int L = kLanes<T>;
   for (int64_t g0 = row_begin; g0 < row_end; g0 += kBackwardGroupRows) {
     const int64_t rows = std::min(kBackwardGroupRows, row_end - g0);
-    const int64_t tiles = (rows + R - 1) / R;
+    const int64_t tiles = (rows + R - 1) / R, lane_tiles = (rows + L - 1) / L,
+                  pairs = (rows + QL - 1) / QL;
     // Rows < `rows` are written below, all Dv lanes; the padding rows of the last tile are
     // zeroed, with P = 0 (lse = inf). Filling the whole buffers per group was ~5% of the
     // backward at N = 257.
     for (auto* buffer : {&queries, &scaled, &hats, &grads})
-      std::fill(buffer->begin() + rows * Dv, buffer->begin() + tiles * R * Dv, T(0));
-    std::fill(dqn.begin(), dqn.begin() + tiles * R * Dv, T(0));
-    std::fill(delta.begin() + rows, delta.begin() + tiles * R, T(0));
-    std::fill(lse.begin() + rows, lse.begin() + tiles * R, inf);
+      std::fill(buffer->begin() + rows * Dv, buffer->begin() + lane_tiles * L * Dv, T(0));
+    std::fill(dq_lanes.begin(), dq_lanes.begin() + pairs * QL * D, T(0));
+    std::fill(delta.begin() + rows, delta.begin() + lane_tiles * L, T(0));
+    std::fill(lse.begin() + rows, lse.begin() + lane_tiles * L, inf);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = g0 + r;
       // Whole vectors of each row (lanes past D stay 0): these per-row steps were ~8% of the
@@ -1260,32 +1271,78 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
     }
     for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
       const int keys = ks.block_keys[kb];
+      // keys past N have dS = 0: dQ sums over the block's keys < N only (at N = 257 the
+      // last block's vector holds 1 key of 16)
       const int real_keys = static_cast<int>(std::min<int64_t>(keys, N - kb * kKeyBlock));
       const T* key_panels = ks.panels.data() + kb * kKeyBlock * D;
       const T* value_panels = ks.value_panels.data() + kb * kKeyBlock * D;
-      for (int64_t t = 0; t < tiles; ++t) {
-        if (!block_visible(p, ks, masks[t], kb)) continue;
-        const int64_t r0 = t * R;
-        score_tile<R>(scaled.data() + r0 * Dv, Dv, D, key_panels, keys, P);
-        mask_scores<R>(p, ks, masks[t], kb, P);
-        score_tile<R>(grads.data() + r0 * Dv, Dv, D, value_panels, keys, dS);
-        for (int r = 0; r < R; ++r) {
-          const vec_t<T> shift = vsplat(lse[r0 + r]), d_r = vsplat(delta[r0 + r]);
-          for (int j = 0; j < keys; j += L) {
-            const vec_t<T> prob = vexp(vload(P + r * kKeyBlock + j) - shift);
-            vstore(P + r * kKeyBlock + j, prob);
-            vstore(dS + r * kKeyBlock + j,
-                   prob * (vload(dS + r * kKeyBlock + j) - d_r) * p.scale);
+      for (int64_t pair = 0; pair < pairs; ++pair) {
+        bool pair_visible = false;
+        for (int half = 0; half < 2; ++half) {
+          const int64_t lt = pair * 2 + half;
+          // P and dS of the lane tile's row tiles; 0 in those past the group's rows or not
+          // shown this block (causal, block-causal), which the sums below then skip over
+          bool visible = false;
+          for (int tp = 0; tp < TP && lt < lane_tiles; ++tp) {
+            const int64_t t = lt * TP + tp, r0 = t * R;
+            T* Pt = P + tp * R * kKeyBlock;
+            T* dSt = dS + tp * R * kKeyBlock;
+            if (t >= tiles || !block_visible(p, ks, masks[t], kb)) {
+              for (int r = 0; r < R; ++r) {
+                std::fill(Pt + r * kKeyBlock, Pt + r * kKeyBlock + keys, T(0));
+                std::fill(dSt + r * kKeyBlock, dSt + r * kKeyBlock + keys, T(0));
+              }
+              continue;
+            }
+            visible = true;
+            score_tile<R>(scaled.data() + r0 * Dv, Dv, D, key_panels, keys, Pt);
+            mask_scores<R>(p, ks, masks[t], kb, Pt);
+            score_tile<R>(grads.data() + r0 * Dv, Dv, D, value_panels, keys, dSt);
+            for (int r = 0; r < R; ++r) {
+              const vec_t<T> shift = vsplat(lse[r0 + r]), d_r = vsplat(delta[r0 + r]);
+              for (int j = 0; j < keys; j += L) {
+                const vec_t<T> prob = vexp(vload(Pt + r * kKeyBlock + j) - shift);
+                vstore(Pt + r * kKeyBlock + j, prob);
+                vstore(dSt + r * kKeyBlock + j,
+                       prob * (vload(dSt + r * kKeyBlock + j) - d_r) * p.scale);
+              }
+            }
+          }
+          if (!visible) {  // this half of dS^T is 0
+            for (int j = 0; j < real_keys; ++j) vstore(dS_lanes + j * QL + half * L, vec_t<T>{});
+            continue;
+          }
+          pair_visible = true;
+          const int64_t r0 = lt * L;
+          const int sum_rows = static_cast<int>(std::min<int64_t>(L, tiles * R - r0));
+          accumulate_transposed<R>(dvalues + kb * kKeyBlock * D, D, Dv, P,
+                                   grads.data() + r0 * Dv, sum_rows, keys);
+          accumulate_transposed<R>(dkn + kb * kKeyBlock * D, D, Dv, dS,
+                                   queries.data() + r0 * Dv, sum_rows, keys);
+          for (int j0 = 0; j0 < real_keys; j0 += L) {
+            vec_t<T> block[L];
+            for (int r = 0; r < L; ++r) block[r] = vload(dS + r * kKeyBlock + j0);
+            transpose_block<T>(block);
+            for (int j = 0; j < L; ++j) vstore(dS_lanes + (j0 + j) * QL + half * L, block[j]);
           }
         }
-        accumulate_transposed<R>(dvalues + kb * kKeyBlock * D, D, Dv, P,
-                                 grads.data() + r0 * Dv, keys);
-        accumulate_transposed<R>(dkn + kb * kKeyBlock * D, D, Dv, dS, queries.data() + r0 * Dv,
-                                 keys);
-        // keys past N have dS = 0: dQ sums over the block's keys < N only (at N = 257 the
-        // last block's vector holds 1 key of 16)
-        accumulate_rows<R>(dqn.data() + r0 * Dv, Dv, dS,
-                           ks.key_rows.data() + kb * kKeyBlock * Dv, real_keys);
+        if (pair_visible)
+          query_lane_all_values<2, DR>(dq_lanes.data() + pair * D * QL, dS_lanes,
+                                       ks.key_rows.data() + kb * kKeyBlock * Dv, Dv, D,
+                                       real_keys);
+      }
+    }
+    // dQ^T back to rows (Dv lanes, 0 past D) for the query LayerNorm backward
+    for (int64_t lt = 0; lt < lane_tiles; ++lt) {
+      const int valid = static_cast<int>(std::min<int64_t>(L, rows - lt * L));
+      const T* src = dq_lanes.data() + (lt / 2) * D * QL + (lt % 2) * L;  // dims QL apart
+      T* dst = dqn.data() + lt * L * Dv;
+      for (int r = 0; r < valid; ++r) vstore(dst + r * Dv + Dv - L, vec_t<T>{});
+      if (D >= L) {
+        lanes_to_rows(src, QL, D, valid, dst, Dv);
+      } else {
+        for (int r = 0; r < valid; ++r)
+          for (int64_t d = 0; d < D; ++d) dst[r * Dv + d] = src[d * QL + r];
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
@@ -1311,7 +1368,7 @@ EEGFAST_INLINE void run_kernel(const Args& a, int64_t index) {
   if constexpr (K == Kernel::kForward)
     forward_task<R, JR, DR>(a, index);
   else if constexpr (K == Kernel::kBackward)
-    backward_task<R>(a, index);
+    backward_task<R, DR>(a, index);
   else
     backward_keys_pass(a, index);
 }
