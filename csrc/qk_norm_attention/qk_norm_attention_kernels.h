@@ -395,7 +395,6 @@ struct Problem {
 template <typename T>
 struct KeySide {
   std::vector<T> panels;      // (Nk / W, D, W) normalised keys
-  std::vector<T> key_rows;    // (Nk, Dv) normalised keys (backward)
   std::vector<T> value_rows;  // (Nk, Dv) values (forward)
   std::vector<T> value_panels;  // (Nk / W, D, W) values (backward)
   std::vector<T> hat_panels;    // (Nk / W, D, W) keys before the LayerNorm's affine step
@@ -429,7 +428,7 @@ void release_if_large(std::vector<E>& buffer) {
 }
 template <typename T>
 void release_if_large(KeySide<T>& ks) {
-  for (auto* buffer : {&ks.panels, &ks.key_rows, &ks.value_rows, &ks.value_panels, &ks.hat_panels})
+  for (auto* buffer : {&ks.panels, &ks.value_rows, &ks.value_panels, &ks.hat_panels})
     release_if_large(*buffer);
 }
 
@@ -568,7 +567,7 @@ EEGFAST_INLINE void prefetch_next_head(const Problem<scalar_t, T>& p, int64_t bh
 // Which layouts of the keys and values a kernel reads (see KeySide).
 enum class KeyLayout {
   kForward,   // panels, value_rows
-  kBackward,  // panels, key_rows, value_panels
+  kBackward,  // panels, value_panels, hat_panels
 };
 
 // Normalised keys (and values) of (b, h) in the layouts the tile kernels read. Writes the key
@@ -587,16 +586,17 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
   // The buffers come from the thread's previous task (tasks keep a thread_local KeySide): only
   // what is not overwritten below is zeroed here (zero-filling them whole was ~3% of the
   // forward). Panels holding a key < N are written whole (0 in the rows past N); the kernels
-  // read key and value rows up to the vector holding the last key, and all Dv lanes of key
-  // rows (dQ) and value rows (the forward's online path).
+  // read value rows up to the vector holding the last key, and all their Dv lanes (the
+  // forward's online path).
   const int64_t Np = (N + W - 1) / W * W;  // keys of the panels that hold one < N
   ks.panels.resize(Nk * D);
   std::fill(ks.panels.begin() + Np * D, ks.panels.end(), T(0));
-  std::vector<T>& rows = backward ? ks.key_rows : ks.value_rows;
-  rows.resize(Nk * Dv);
-  for (int64_t j = 0; j < N; ++j) vstore(rows.data() + j * Dv + Dv - L, vec_t<T>{});  // past D
-  std::fill(rows.begin() + N * Dv, rows.end(), T(0));
-  if (backward) {
+  if (!backward) {
+    std::vector<T>& rows = ks.value_rows;
+    rows.resize(Nk * Dv);
+    for (int64_t j = 0; j < N; ++j) vstore(rows.data() + j * Dv + Dv - L, vec_t<T>{});  // past D
+    std::fill(rows.begin() + N * Dv, rows.end(), T(0));
+  } else {
     ks.value_panels.resize(Nk * D);
     std::fill(ks.value_panels.begin() + Np * D, ks.value_panels.end(), T(0));
     ks.hat_panels.resize(Nk * D);
@@ -635,16 +635,6 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
       const vec_t<T> n2 = vload(norm2 + half * L);
       max_norm2 = n2 > max_norm2 ? n2 : max_norm2;
       unordered |= n2 != n2;
-    }
-    if (backward) {
-      if (D >= L) {
-        for (int half = 0; half * L < valid; ++half)
-          lanes_to_rows(panel + half * L, W, D, std::min(valid - half * L, L),
-                        ks.key_rows.data() + (j0 + half * L) * Dv, Dv);
-      } else {
-        for (int jj = 0; jj < valid; ++jj)
-          for (int64_t d = 0; d < D; ++d) ks.key_rows[(j0 + jj) * Dv + d] = panel[d * W + jj];
-      }
     }
   }
   if (backward) {
@@ -788,25 +778,32 @@ EEGFAST_INLINE void query_lane_scores(const T* Qt, int64_t D, const T* keys, T* 
   tile_products<JR, QV, false>(keys, 1, kPanel<T>, Qt, QT, D, St, QT);
 }
 
-// Ot[d0 + dr][:] += sum_j values[j][d0 + dr] St[j][:] for DR dims, over `keys` keys.
+// Ot[d0 + dr][:] += sum_j values[j][d0 + dr] St[j][:] for DR dims, over `keys` keys; element
+// (j, d) of values at j key_stride + d dim_stride (rows: (Dv, 1); panels: (1, W)).
 template <int QV, int DR, typename T>
-EEGFAST_INLINE void query_lane_values(T* Ot, const T* St, const T* values, int64_t Dv, int keys,
-                                      int64_t d0) {
+EEGFAST_INLINE void query_lane_values(T* Ot, const T* St, const T* values, int64_t key_stride,
+                                      int64_t dim_stride, int keys, int64_t d0) {
   constexpr int QT = QV * kLanes<T>;
-  tile_products<DR, QV, true>(values + d0, 1, Dv, St, QT, keys, Ot + d0 * QT, QT);
+  tile_products<DR, QV, true>(values + d0 * dim_stride, dim_stride, key_stride, St, QT, keys,
+                              Ot + d0 * QT, QT);
 }
 
 // All D dims in chunks of DR, then 4, 2, 1 (exactly D, whatever it is).
 template <int QV, int DR, typename T>
-EEGFAST_INLINE void query_lane_all_values(T* Ot, const T* St, const T* values, int64_t Dv,
-                                          int64_t D, int keys) {
+EEGFAST_INLINE void query_lane_all_values(T* Ot, const T* St, const T* values,
+                                          int64_t key_stride, int64_t dim_stride, int64_t D,
+                                          int keys) {
+  auto chunk = [&](auto dims, int64_t d0) {
+    query_lane_values<QV, decltype(dims)::value>(Ot, St, values, key_stride, dim_stride, keys,
+                                                 d0);
+  };
   int64_t d0 = 0;
-  for (; d0 + DR <= D; d0 += DR) query_lane_values<QV, DR>(Ot, St, values, Dv, keys, d0);
+  for (; d0 + DR <= D; d0 += DR) chunk(std::integral_constant<int, DR>{}, d0);
   if constexpr (DR > 4) {
-    if (D - d0 >= 4) query_lane_values<QV, 4>(Ot, St, values, Dv, keys, d0), d0 += 4;
+    if (D - d0 >= 4) chunk(std::integral_constant<int, 4>{}, d0), d0 += 4;
   }
-  if (D - d0 >= 2) query_lane_values<QV, 2>(Ot, St, values, Dv, keys, d0), d0 += 2;
-  if (D - d0 >= 1) query_lane_values<QV, 1>(Ot, St, values, Dv, keys, d0);
+  if (D - d0 >= 2) chunk(std::integral_constant<int, 2>{}, d0), d0 += 2;
+  if (D - d0 >= 1) chunk(std::integral_constant<int, 1>{}, d0);
 }
 
 // The key bias and the per-element causal / block-causal masks of one key block, on St.
@@ -971,7 +968,7 @@ EEGFAST_INLINE void forward_query_tile(const ForwardArgs<scalar_t, T>& a, const 
         }
     }
     // P = 0 for the keys past N that the last score micro-tile computed
-    query_lane_all_values<QV, DR>(Ot, St, ks.value_rows.data() + key0 * Dv, Dv, D,
+    query_lane_all_values<QV, DR>(Ot, St, ks.value_rows.data() + key0 * Dv, Dv, 1, D,
                                   static_cast<int>(std::min<int64_t>(keys, N - key0)));
   }
   alignas(64) T logs[QT], inv[QT];
@@ -1342,10 +1339,12 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
             for (int j = 0; j < L; ++j) vstore(dS_lanes + (j0 + j) * QL + half * L, block[j]);
           }
         }
-        if (pair_visible)
-          query_lane_all_values<2, DR>(dq_lanes.data() + pair * D * QL, dS_lanes,
-                                       ks.key_rows.data() + kb * kKeyBlock * Dv, Dv, D,
-                                       real_keys);
+        // dQ^T reads the keys from their panels (key j, dim d at d W + j of its panel)
+        constexpr int W = kPanel<T>;
+        for (int j0 = 0; pair_visible && j0 < real_keys; j0 += W)
+          query_lane_all_values<2, DR>(dq_lanes.data() + pair * D * QL, dS_lanes + j0 * QL,
+                                       key_panels + j0 * D, 1, W, D,
+                                       std::min(W, real_keys - j0));
       }
     }
     // dQ^T back to rows (Dv lanes, 0 past D) for the query LayerNorm backward
