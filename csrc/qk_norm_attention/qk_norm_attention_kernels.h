@@ -542,13 +542,13 @@ EEGFAST_INLINE void prefetch_head(const Strided<scalar_t>& t, int64_t b, int64_t
   }
 }
 
-// Requests the lines of one contiguous row of D elements.
-template <typename scalar_t>
+// Requests the lines of one contiguous row of D elements, to read or (ForWrite) to write.
+template <bool ForWrite = false, typename scalar_t>
 EEGFAST_INLINE void prefetch_row(const scalar_t* row, int64_t D) {
   const char* bytes = reinterpret_cast<const char*>(row);
   const int64_t n = D * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(bytes + off, 0, 3);
-  __builtin_prefetch(bytes + n - 1, 0, 3);
+  for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(bytes + off, ForWrite, 3);
+  __builtin_prefetch(bytes + n - 1, ForWrite, 3);
 }
 constexpr int64_t kRowPrefetch = 8;  // rows ahead
 
@@ -919,6 +919,9 @@ EEGFAST_INLINE void forward_query_tile(const ForwardArgs<scalar_t, T>& a, const 
   alignas(64) T bound[QT], sums[QT], means[QT], rstds[QT];
   T* q_stats = a.q_stats + bh * N * 2;
   std::fill(Ot, Ot + D * QT, T(0));
+  // The tile's output rows ((B, N, H, D): H D elements apart) are written at its end: request
+  // their lines now, while the tile computes (writing them stalled on the line fills).
+  for (int r = 0; r < rows; ++r) prefetch_row<true>(a.out + ((b * N + i0 + r) * H + h) * D, D);
   gather_rows_to_lanes(p.q, b, h, i0, rows, QT, D, Qt, QT);
   layer_norm_lanes<QV>(Qt, D, rows, a.eps, p.qw, p.qb, p.scale, static_cast<const T*>(nullptr),
                        static_cast<const T*>(nullptr), means, rstds, bound);
@@ -1278,6 +1281,8 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
       const T saved = a.lse[bh * N + i];
       lse[r] = saved == -inf ? inf : saved;  // a row that saw no key: P = 0
     }
+    // dq rows of the group are written at its end: request their lines while it computes
+    for (int64_t r = 0; r < rows; ++r) prefetch_row<true>(a.dq + (bh * N + g0 + r) * D, D);
     for (int64_t t = 0; t < tiles; ++t) {
       masks[t] = tile_mask<R>(p, g0 + t * R);
       masks[t].last_row = std::min(g0 + (t + 1) * R, g0 + rows) - 1;
