@@ -953,23 +953,21 @@ EEGFAST_INLINE void forward_query_tile(const ForwardArgs<scalar_t, T>& a, const 
       query_lane_scores<QV, JR>(Qt, D, ks.panels.data() + key / W * D * W + key % W,
                                 St + j * QT);
     }
-    if (query_lane_mask<QV>(p, ks, t, kb, keys, St)) {
+    // e^s in place, summed per query; masked scores (-inf) need vexp's flush to 0
+    auto exponentiate = [&](auto masked) {
       for (int j = 0; j < keys; ++j)
         #pragma GCC unroll 3
         for (int v = 0; v < QV; ++v) {
-          const vec_t<T> e = vexp(vload(St + j * QT + v * L));
+          const vec_t<T> s = vload(St + j * QT + v * L);
+          const vec_t<T> e = decltype(masked)::value ? vexp(s) : vexp_in_range(s);
           vstore(St + j * QT + v * L, e);
           l[v] += e;
         }
-    } else {
-      for (int j = 0; j < keys; ++j)
-        #pragma GCC unroll 3
-        for (int v = 0; v < QV; ++v) {
-          const vec_t<T> e = vexp_in_range(vload(St + j * QT + v * L));
-          vstore(St + j * QT + v * L, e);
-          l[v] += e;
-        }
-    }
+    };
+    if (query_lane_mask<QV>(p, ks, t, kb, keys, St))
+      exponentiate(std::true_type{});
+    else
+      exponentiate(std::false_type{});
     // P = 0 for the keys past N that the last score micro-tile computed
     query_lane_all_values<QV, DR>(Ot, St, ks.value_rows.data() + key0 * Dv, Dv, 1, D,
                                   static_cast<int>(std::min<int64_t>(keys, N - key0)));
