@@ -200,6 +200,24 @@ EEGFAST_INLINE void gather_rows_to_lanes(const Strided<scalar_t>& t, int64_t b, 
   }
 }
 
+// The way back: dst[r stride + d] = src[d ld + r] (times row_scale[r] when given), converted
+// to scalar_t, for d < D and r < valid (<= L). Block transposes where whole_vector_rows allows,
+// else element by element.
+template <typename scalar_t, typename T>
+EEGFAST_INLINE void scatter_lanes_to_rows(const T* src, int64_t ld, int64_t D, int valid,
+                                          scalar_t* dst, int64_t stride,
+                                          const T* row_scale = nullptr) {
+  if (whole_vector_rows<scalar_t, T>(D, 1)) {
+    lanes_to_rows(src, ld, D, valid, reinterpret_cast<T*>(dst), stride, row_scale);
+    return;
+  }
+  for (int r = 0; r < valid; ++r)
+    for (int64_t d = 0; d < D; ++d) {
+      const T x = src[d * ld + r];
+      dst[r * stride + d] = static_cast<scalar_t>(row_scale ? x * row_scale[r] : x);
+    }
+}
+
 // dst[d] = x[d sd] for d < D, converted to T; dst's elements past D are left as they are.
 template <typename scalar_t, typename T>
 EEGFAST_INLINE void load_row(const scalar_t* x, int64_t sd, int64_t D, T* dst) {
@@ -276,6 +294,24 @@ EEGFAST_INLINE vec_t<double> vexp(vec_t<double> x) {
 EEGFAST_INLINE vec_t<double> vexp_in_range(vec_t<double> x) { return vexp(x); }
 
 // ---- tile kernels -------------------------------------------------------------------------
+
+// fn(std::integral_constant<int, m>{}, d0) over dims [0, D) in chunks of M, then one of 4,
+// 2 and 1 each where smaller than M and still needed: exactly D dims, with micro-tile sizes
+// known at compile time.
+template <int M, typename Fn>
+EEGFAST_INLINE void for_dim_chunks(int64_t D, const Fn& fn) {
+  int64_t d0 = 0;
+  for (; d0 + M <= D; d0 += M) fn(std::integral_constant<int, M>{}, d0);
+  if constexpr (M > 4) {
+    if (D - d0 >= 4) fn(std::integral_constant<int, 4>{}, d0), d0 += 4;
+  }
+  if constexpr (M > 2) {
+    if (D - d0 >= 2) fn(std::integral_constant<int, 2>{}, d0), d0 += 2;
+  }
+  if constexpr (M > 1) {
+    if (D - d0 >= 1) fn(std::integral_constant<int, 1>{}, d0);
+  }
+}
 
 // The register-tile micro-kernel of the products below: for m < M, c < C,
 //   out[m o_m + c L ...] = (Accumulate ? out[...] : 0)
@@ -354,12 +390,9 @@ EEGFAST_INLINE void transposed_tile(T* out, const T* S, const T* A, int64_t Dv, 
 template <int M, int C, typename T>
 EEGFAST_INLINE void transposed_dims(T* out, int64_t D, int64_t Dv, const T* S, const T* A,
                                     int rows, int c0) {
-  int64_t d0 = 0;
-  for (; d0 + M <= D; d0 += M) transposed_tile<M, C>(out, S, A, Dv, rows, d0, c0);
-  if constexpr (M > 2) {
-    if (D - d0 >= 2) transposed_tile<2, C>(out, S, A, Dv, rows, d0, c0), d0 += 2;
-  }
-  if (D - d0 >= 1) transposed_tile<1, C>(out, S, A, Dv, rows, d0, c0);
+  for_dim_chunks<M>(D, [&](auto dims, int64_t d0) {
+    transposed_tile<decltype(dims)::value, C>(out, S, A, Dv, rows, d0, c0);
+  });
 }
 // M = R / 2 dims per micro-tile: 4 x 4 accumulators with 32 registers (R = 8), 2 x 4 with 16.
 template <int R, typename T>
@@ -788,22 +821,15 @@ EEGFAST_INLINE void query_lane_values(T* Ot, const T* St, const T* values, int64
                               Ot + d0 * QT, QT);
 }
 
-// All D dims in chunks of DR, then 4, 2, 1 (exactly D, whatever it is).
+// All D dims in chunks of DR (see for_dim_chunks).
 template <int QV, int DR, typename T>
 EEGFAST_INLINE void query_lane_all_values(T* Ot, const T* St, const T* values,
                                           int64_t key_stride, int64_t dim_stride, int64_t D,
                                           int keys) {
-  auto chunk = [&](auto dims, int64_t d0) {
+  for_dim_chunks<DR>(D, [&](auto dims, int64_t d0) {
     query_lane_values<QV, decltype(dims)::value>(Ot, St, values, key_stride, dim_stride, keys,
                                                  d0);
-  };
-  int64_t d0 = 0;
-  for (; d0 + DR <= D; d0 += DR) chunk(std::integral_constant<int, DR>{}, d0);
-  if constexpr (DR > 4) {
-    if (D - d0 >= 4) chunk(std::integral_constant<int, 4>{}, d0), d0 += 4;
-  }
-  if (D - d0 >= 2) chunk(std::integral_constant<int, 2>{}, d0), d0 += 2;
-  if (D - d0 >= 1) chunk(std::integral_constant<int, 1>{}, d0);
+  });
 }
 
 // The key bias and the per-element causal / block-causal masks of one key block, on St.
@@ -981,15 +1007,9 @@ EEGFAST_INLINE void forward_query_tile(const ForwardArgs<scalar_t, T>& a, const 
   }
   for (int r = 0; r < rows; ++r) a.lse[bh * N + i0 + r] = sums[r] > T(0) ? logs[r] : -inf;
   scalar_t* out_rows = a.out + ((b * N + i0) * H + h) * D;  // row i0 + r at r H D
-  if (whole_vector_rows<scalar_t, T>(D, 1)) {
-    for (int v = 0; v < QV && v * L < rows; ++v)
-      lanes_to_rows(Ot + v * L, QT, D, std::min(rows - v * L, L),
-                    reinterpret_cast<T*>(out_rows) + v * L * H * D, H * D, inv + v * L);
-  } else {
-    for (int r = 0; r < rows; ++r)
-      for (int64_t d = 0; d < D; ++d)
-        out_rows[r * H * D + d] = static_cast<scalar_t>(Ot[d * QT + r] * inv[r]);
-  }
+  for (int v = 0; v < QV && v * L < rows; ++v)
+    scatter_lanes_to_rows(Ot + v * L, QT, D, std::min(rows - v * L, L), out_rows + v * L * H * D,
+                          H * D, inv + v * L);
 }
 
 // One task: rows of one (batch, head) in query-lane tiles of kQueryVectors vectors (the last
@@ -1140,16 +1160,8 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
              r * (vload(g_dims.data() + d * L) - mean_g - vload(hat + d * W) * mean_gh));
     scalar_t* dk = a.dk + (bh * N + j0) * D;  // key j0 + l at l D
     scalar_t* dv = a.dv + (bh * N + j0) * D;
-    if (whole_vector_rows<scalar_t, T>(D, 1)) {
-      lanes_to_rows(dx.data(), L, D, valid, reinterpret_cast<T*>(dk), D);
-      lanes_to_rows(dval.data(), L, D, valid, reinterpret_cast<T*>(dv), D);
-    } else {
-      for (int l = 0; l < valid; ++l)
-        for (int64_t d = 0; d < D; ++d) {
-          dk[l * D + d] = static_cast<scalar_t>(dx[d * L + l]);
-          dv[l * D + d] = static_cast<scalar_t>(dval[d * L + l]);
-        }
-    }
+    scatter_lanes_to_rows(dx.data(), L, D, valid, dk, D);
+    scatter_lanes_to_rows(dval.data(), L, D, valid, dv, D);
   }
   for (int64_t d = 0; d < D; ++d) {
     a.k_param_grads[bh * 2 * D + d] = hsum<T>(vload(dkw.data() + d * L));
@@ -1356,12 +1368,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
       const T* src = dq_lanes.data() + (lt / 2) * D * QL + (lt % 2) * L;  // dims QL apart
       T* dst = dqn.data() + lt * L * Dv;
       for (int r = 0; r < valid; ++r) vstore(dst + r * Dv + Dv - L, vec_t<T>{});
-      if (D >= L) {
-        lanes_to_rows(src, QL, D, valid, dst, Dv);
-      } else {
-        for (int r = 0; r < valid; ++r)
-          for (int64_t d = 0; d < D; ++d) dst[r * Dv + d] = src[d * QL + r];
-      }
+      scatter_lanes_to_rows(src, QL, D, valid, dst, Dv);
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = g0 + r;
