@@ -48,8 +48,10 @@ def build_cuda() -> bool:
 
 def extension():
     always, cuda_only = read_sources()
-    # -Wno-psabi: 256-bit vector helpers are inlined; the note about their ABI does not apply.
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
+    # No -std flag: torch's extension builder adds the standard its headers need (C++17 up to
+    # torch 2.12, C++20 from 2.13, whose ATen headers refuse older standards); a pinned one would
+    # override it. -Wno-psabi: 256-bit vector helpers are inlined; the ABI note does not apply.
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
     if build_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return CUDAExtension(
@@ -57,7 +59,7 @@ def extension():
             always + cuda_only,
             include_dirs=[str(ROOT / "csrc")],
             define_macros=[("EEGFAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     return CppExtension(

@@ -220,6 +220,7 @@ def run_cases(
                 rows.append(Row(**case, ms=ms, max_abs_err=error))
             except Exception as failure:  # recorded in the table; the others go on
                 rows.append(Row(**case, ms=None, note=f"failed: {error_line(failure)}"))
+            progress.write(f"{name} {mode} {impl_name}: {rows[-1].ms} ms {rows[-1].note}")
             progress.update()
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -334,10 +335,22 @@ def write_outputs(out_dir: Path | str, title: str, env: dict, rows: Sequence[Row
 # --------------------------------------------------------------------------------------------
 
 
+def autotuned_configs() -> dict[str, str]:
+    """The configs the Triton autotuner chose, per kernel and tuning key, for the notes."""
+    from eegfast.ops import qk_norm_attention_triton as kernels
+
+    chosen = {}
+    for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        for key, config in getattr(getattr(kernels, name), "cache", {}).items():
+            chosen[f"{name}{tuple(key)}"] = str(config)
+    return chosen
+
+
 def run(out_dir: Path | str, env: dict, shapes: Sequence[str] = tuple(SHAPES)) -> dict:
     """The GPU benchmark (called by ``benchmarks.gpu``); returns the written paths."""
     rows = run_cases({s: SHAPES[s] for s in shapes}, torch.bfloat16, "cuda", do_bench_timer)
     title = f"eegfast qk_norm_attention (bf16) on {env.get('gpu', 'GPU')}"
+    env = {**env, "autotuned": autotuned_configs()}
     return write_outputs(out_dir, title, env, rows, "gpu_qk_norm_attention")
 
 

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Every GPU check of eegfast in one run on a CUDA machine: builds the CUDA extension, runs the
+# GPU tests (`pytest -m gpu`) and the GPU benchmarks, and leaves logs and result tables in $OUT.
+#
+#   OUT=/some/dir scripts/gpu_check.sh [STAGE ...]     # from the repository root
+#
+# Stages (default: all, in this order): qk-tests pretrain build-wait cuda-tests cuda-bench qk-bench
+# pretrain-large. The extension is built in a copy of the tree (/tmp/eegfast-ext) in the
+# background, so the Triton stages run meanwhile without it; it is copied into eegfast/ when done
+# (`build-wait`). Each stage has its own time limit (seconds in STAGE_LIMIT_<name>, defaults
+# below): a stuck stage costs its limit, not the other stages' results. summary.txt lists each
+# stage's exit status and time; results.tar.gz holds the tables (Markdown, CSV, JSON, PNG).
+set -u
+OUT=${OUT:-$PWD/gpu-check}
+PY=${PY:-python3}
+[[ $PY == */* ]] && PY=$(realpath -s "$PY") # the build runs in another folder
+RESULTS=/tmp/eegfast-gpu-results
+EXT=/tmp/eegfast-ext
+mkdir -p "$OUT" "$RESULTS"
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+SUMMARY=$OUT/summary.txt
+
+note() { echo "[+$(($(date +%s) - START))s] $*" | tee -a "$SUMMARY"; }
+
+# stage NAME DEFAULT_LIMIT LOG COMMAND...: runs COMMAND under its limit, logs into $OUT/LOG.
+stage() {
+  local name=$1 limit_var="STAGE_LIMIT_${1//-/_}" log=$OUT/$3
+  local limit=${!limit_var:-$2}
+  shift 3
+  note "start $name (limit ${limit}s)"
+  echo "===== $name: $*" >>"$log"
+  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+  note "end $name: exit $?"
+}
+
+start_build() {
+  rm -rf "$EXT" && mkdir -p "$EXT"
+  cp -r setup.py pyproject.toml README.md csrc eegfast "$EXT"/
+  find "$EXT" -name '*.so' -delete
+  (
+    cd "$EXT" && EEGFAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+      timeout ${BUILD_LIMIT:-420} "$PY" setup.py build_ext --inplace
+    echo "build exit $?"
+  ) >"$OUT/build.log" 2>&1 &
+  BUILD_PID=$!
+  note "build started in $EXT (pid $BUILD_PID)"
+}
+
+wait_build() {
+  note "waiting for the build"
+  wait "$BUILD_PID"
+  note "$(tail -1 "$OUT/build.log")"
+  local so
+  so=$(ls "$EXT"/eegfast/_C*.so 2>/dev/null | head -1)
+  if [ -n "$so" ]; then
+    cp "$so" eegfast/ && note "extension copied: $(basename "$so")"
+  else
+    note "no extension built: the CUDA stages run without it"
+  fi
+  "$PY" -c "from eegfast.ops import available_backends as a; [print(k, v) for k, v in a().items()]" 2>&1 | tee -a "$SUMMARY"
+}
+
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -m gpu -o addopts=-ra)
+# pytest-xdist, where installed, compiles the Triton kernels of several tests at once.
+workers() { "$PY" -c "import xdist" 2>/dev/null && echo "-n $1"; }
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(qk-tests pretrain build-wait cuda-tests cuda-bench qk-bench pretrain-large)
+
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memory.total --format=csv
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  nvcc --version | tail -2
+  nproc
+} >>"$SUMMARY" 2>&1
+
+BUILD_PID=
+[[ " ${stages[*]} " == *" build-wait "* ]] && start_build
+for s in "${stages[@]}"; do
+  case $s in
+  qk-tests) stage qk-tests 150 tests.log "${PYTEST[@]}" $(workers 8) tests/ops/test_qk_norm_attention_triton.py ;;
+  pretrain) stage pretrain 240 bench.log "$PY" -m benchmarks.bench_pretrain --gpu --size base --out "$RESULTS" ;;
+  build-wait) wait_build ;;
+  cuda-tests) stage cuda-tests 120 tests.log env EEGFAST_REQUIRE_EXT=1 "${PYTEST[@]}" $(workers 4) tests/ops/test_vq.py tests/ops/test_vq_ema.py tests/ops/test_moe.py tests/nn ;;
+  cuda-bench) stage cuda-bench 150 bench.log "$PY" -m benchmarks.gpu --ops vq moe --out "$RESULTS" ;;
+  qk-bench) stage qk-bench 240 bench.log "$PY" -m benchmarks.gpu_qk_norm_attention --out "$RESULTS" ;;
+  pretrain-large) stage pretrain-large 240 bench.log "$PY" -m benchmarks.bench_pretrain --gpu --size large --out "$RESULTS" ;;
+  *) note "unknown stage $s" ;;
+  esac
+  tar -czf "$OUT/results.tar.gz" -C "$RESULTS" . 2>/dev/null
+done
+note "done"
