@@ -373,7 +373,6 @@ def _bwd_dkdv_kernel(
     dk_ptr,  # (B, H, N, D) contiguous out
     dv_ptr,  # (B, H, N, D) contiguous out
     dk_w_part_ptr,  # (B*H, num_slots, D) fp32 out, or dummy
-    dk_b_part_ptr,
     sqb,
     sqh,
     sqn,
@@ -484,9 +483,6 @@ def _bwd_dkdv_kernel(
     if HAS_K_W:
         dw = tl.sum(dk_n * k_hat, axis=0)
         _store_partial(dk_w_part_ptr, dw, pid_bh, pid_n, num_slots, dims, D, BLOCK_N, PART)
-    if HAS_K_B:
-        db = tl.sum(dk_n, axis=0)
-        _store_partial(dk_b_part_ptr, db, pid_bh, pid_n, num_slots, dims, D, BLOCK_N, PART)
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY)
@@ -700,7 +696,9 @@ def _mask_args(
     q: torch.Tensor, key_padding_mask: torch.Tensor | None, block_ids: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, N) uint8 padding flags and (N,) int32 block ids, or ``q`` as an unused placeholder."""
-    pad = q if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
+    # A copy, not a dtype view: inductor (torch 2.11) cannot lower a bool -> uint8 view when
+    # torch.compile traces this op, and the copy is only B x N bytes.
+    pad = q if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
     ids = q if block_ids is None else block_ids.to(torch.int32).contiguous()
     return pad, ids
 
@@ -825,7 +823,10 @@ def qk_norm_attention_bwd_triton(
     Returns:
         dq, dk, dv (B, H, N, D) contiguous in q's dtype; dq_w, dq_b, dk_w, dk_b (D,) in each
         parameter's dtype, or shape (0,) where that parameter is None. The parameter gradients
-        are summed from per-block partial sums (deterministic, no atomics).
+        are summed from per-block partial sums (deterministic, no atomics). dk_b is exactly
+        zero: the key bias adds q_n . k_b to every score of a query row, which the softmax
+        ignores. Summing it would only add the rounding of the other gradients (in bf16 that
+        reaches 0.1 at N = 257, where the exact value is 0).
     """
     params = {"q_w": q_w, "q_b": q_b, "k_w": k_w, "k_b": k_b}
     _check_attention_inputs(q, k, v, params, key_padding_mask, block_ids)
@@ -848,7 +849,7 @@ def qk_norm_attention_bwd_triton(
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
     num_slots = triton.cdiv(N, PART_ROWS)
-    present = [name for name, p in params.items() if p is not None]
+    present = [name for name, p in params.items() if p is not None and name != "k_b"]
     # One buffer for the partial sums of all given parameters: one reduction kernel for all.
     parts = torch.empty(len(present), B * H, num_slots, D, dtype=torch.float32, device=q.device)
     if B * H * N == 0:
@@ -858,7 +859,11 @@ def qk_norm_attention_bwd_triton(
         sums = dict(zip(present, parts.sum(dim=(1, 2)).unbind(0), strict=True))
         # copy=True: a custom op's outputs must not be views of one another.
         return [
-            q.new_empty(0) if p is None else sums[name].to(p.dtype, copy=True)
+            q.new_empty(0)
+            if p is None
+            else torch.zeros_like(p)
+            if name == "k_b"
+            else sums[name].to(p.dtype, copy=True)
             for name, p in params.items()
         ]
 
@@ -867,8 +872,8 @@ def qk_norm_attention_bwd_triton(
 
     pad, ids = _mask_args(q, key_padding_mask, block_ids)
     q_w_, q_b_, k_w_, k_b_ = (q if p is None else p.contiguous() for p in params.values())
-    part_q_w, part_q_b, part_k_w, part_k_b = (
-        parts[present.index(name)] if name in present else q for name in params
+    part_q_w, part_q_b, part_k_w = (
+        parts[present.index(name)] if name in present else q for name in ("q_w", "q_b", "k_w")
     )
     block_d = _block_d(D)
     delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
@@ -934,7 +939,6 @@ def qk_norm_attention_bwd_triton(
         dk,
         dv,
         part_k_w,
-        part_k_b,
         *strides,
         H,
         N,

@@ -93,7 +93,8 @@ def vq_code_stats_reference(
     counts = torch.zeros(num_codes, dtype=torch.float32, device=z.device)
     counts = counts.index_add(0, codes, keep.float())
     sums = torch.zeros(num_codes, z.shape[1], dtype=torch.float32, device=z.device)
-    sums = sums.index_add(0, codes, z.float() * keep[:, None])
+    # where, not a product with keep: a skipped row's NaN times 0 is still NaN.
+    sums = sums.index_add(0, codes, torch.where(keep[:, None], z.float(), 0.0))
     return counts, sums
 
 

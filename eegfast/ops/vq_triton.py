@@ -24,6 +24,10 @@ from eegfast.ops.vq import (
 )
 
 _UNIT_ROUNDOFF = {"ieee": 2.0**-24, "tf32x3": 2.0**-20}
+# Globals read inside kernels must be tl.constexpr (the interpreter accepts plain floats; the
+# compiler does not).
+_NORM_EPS = tl.constexpr(NORM_EPS)
+_TIE_TOLERANCE = tl.constexpr(TIE_TOLERANCE)
 
 
 @triton.jit
@@ -104,7 +108,7 @@ def _rescore_kernel(
     dims = tl.arange(0, BLOCK_D)
     z = tl.load(z_ptr + row * D + dims, mask=dims < D, other=0.0)
     z_sq = tl.sum(z * z, axis=0)
-    z_norm = tl.maximum(tl.sqrt(z_sq), NORM_EPS)
+    z_norm = tl.maximum(tl.sqrt(z_sq), _NORM_EPS)
     best = tl.full([BLOCK_K], float("-inf"), tl.float64)
     for k0 in range(0, K, BLOCK_K):
         scores = _exact_scores(
@@ -113,9 +117,9 @@ def _rescore_kernel(
         best = tl.maximum(best, scores)
     best_all = tl.max(best, axis=0)
     if IS_COSINE:
-        tolerance = TIE_TOLERANCE
+        tolerance = _TIE_TOLERANCE
     else:
-        tolerance = TIE_TOLERANCE * (z_sq + tl.load(max_norm_sq_ptr))
+        tolerance = _TIE_TOLERANCE * (z_sq + tl.load(max_norm_sq_ptr))
     first = tl.full([BLOCK_K], 2147483647, tl.int32)
     for k0 in range(0, K, BLOCK_K):
         scores = _exact_scores(
@@ -150,7 +154,7 @@ def _exact_scores(
     norm = tl.load(code_norm_ptr + codes, mask=codes < K, other=1.0)
     dots = tl.sum(c * z[None, :], axis=1)
     if IS_COSINE:
-        scores = dots / (z_norm * tl.maximum(norm, NORM_EPS))
+        scores = dots / (z_norm * tl.maximum(norm, _NORM_EPS))
     else:
         scores = -(z_sq - 2.0 * dots + norm * norm)
     scores = tl.where(scores == scores, scores, float("-inf"))  # NaN never wins

@@ -17,6 +17,7 @@ from eegfast.ops.moe import (
     moe_ffn_torch_sorted,
 )
 from eegfast.testing import odd_sizes, requires_cuda, strided
+from eegfast.testing.triton_sm90 import KernelSpec, compile_for_sm90, has_ptxas
 
 TRITON = available_backends()["triton"].available
 
@@ -327,6 +328,39 @@ def test_torch_compile_cpu():
 # --------------------------------------------------------------------------------------------
 # GPU (not run in this CPU-only CI)
 # --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not has_ptxas(), reason="this triton install has no bundled ptxas")
+def test_triton_kernels_compile_for_sm90_without_a_gpu():
+    """The expert-FFN kernels with the GPU block sizes compile for an H100 (tensor-core dots in
+    the two GEMMs): catches what the interpreter accepts but the compiler rejects."""
+    types = {name: "*bf16" for name in ("a_ptr", "b_ptr", "bias_ptr", "aux_ptr", "out_ptr",
+             "p_ptr", "q_ptr", "src_ptr", "y_ptr", "grad_out_ptr", "grad_y_ptr")}  # fmt: skip
+    types |= {"index_ptr": "*i64", "offsets_ptr": "*i64", "pos_ptr": "*i64"}
+    gemm = dict(PRECISION="ieee", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_E=16, BLOCK_J=64)
+    specs = [
+        *(
+            KernelSpec(
+                "_grouped_rows_kernel",
+                dict(gemm, GATHER=gather, HAS_BIAS=True, ACT=act),
+                types,
+                num_warps=8,
+            )  # fmt: skip
+            for gather, act in ((True, 1), (False, 2))
+        ),  # fmt: skip
+        KernelSpec(
+            "_grouped_weight_grad_kernel",
+            dict(gemm, GATHER=True, HAS_BIAS_GRAD=True),
+            types,
+            num_warps=8,
+        ),  # fmt: skip
+        KernelSpec("_gather_sum_kernel", dict(HAS_GATES=True, BLOCK_T=16, BLOCK_D=128), types),
+        KernelSpec("_combine_bwd_kernel", dict(BLOCK_T=16, BLOCK_D=128), types),
+    ]
+    compiled = compile_for_sm90("eegfast.ops.moe_triton", specs)
+    for name in ("_grouped_rows_kernel", "_grouped_weight_grad_kernel"):
+        assert "warp_group_dot" in compiled[name]["ttgir"], f"{name}: no tensor-core dot"
+    assert len(compiled) == 4
 
 
 @requires_cuda

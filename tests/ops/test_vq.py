@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from eegfast.ops import available_backends, vq_code_stats, vq_nearest, vq_nearest_reference
 from eegfast.ops.vq import vq_code_stats_reference
 from eegfast.testing import assert_close, requires_cuda, strided, vq_shapes
+from eegfast.testing.triton_sm90 import KernelSpec, compile_for_sm90, has_ptxas
 
 METRICS = ("cosine", "l2")
 
@@ -229,6 +230,20 @@ def test_code_stats_random_shapes(backend, shape, seed):
     assert_close(sums, ref_sums, torch.float32)
 
 
+@pytest.mark.parametrize("backend", [*cpu_backends(), "reference"])
+def test_code_stats_skip_non_finite_rows(backend):
+    """Rows that vq_nearest gives index -1 (NaN / inf in z) add nothing, not even to code 0."""
+    z = torch.randn(6, 5)
+    z[1, 2], z[4, 0] = float("nan"), float("inf")
+    indices = vq_nearest(z, torch.randn(3, 5), backend=backend)
+    assert indices[1] == indices[4] == -1
+    counts, sums = vq_code_stats(z, indices, 3, backend=backend)
+    keep = indices >= 0
+    expected = torch.zeros(3, 5).index_add(0, indices[keep], z[keep])
+    torch.testing.assert_close(sums, expected)
+    assert counts.sum() == 4 and torch.isfinite(sums).all()
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_code_stats_low_precision_and_strides(backend):
     z = torch.randn(100, 50).to(torch.float16)
@@ -332,3 +347,30 @@ def test_gpu_opcheck_and_compile():
             lambda a, b, name=backend: vq_nearest(a, b, backend=name), fullgraph=True
         )
         torch.testing.assert_close(compiled(z, codebook), vq_nearest_reference(z, codebook)[0])
+
+
+@pytest.mark.skipif(not has_ptxas(), reason="this triton install has no bundled ptxas")
+def test_triton_kernels_compile_for_sm90_without_a_gpu():
+    """What the interpreter accepts but the compiler rejects (non-constexpr globals, types)."""
+    int_ptrs = {"best_code_ptr": "*i32", "index_ptr": "*i64", "flag_ptr": "*i8"}
+    f64 = {name: "*fp64" for name in ("z_ptr", "code_ptr", "code_norm_ptr", "max_norm_sq_ptr")}
+    bf16 = {"z_ptr": "*bf16", "code_ptr": "*bf16"}
+    specs = [
+        KernelSpec(
+            "_nearest_kernel",
+            dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, PRECISION="ieee"),
+            {**int_ptrs, **bf16},
+        ),  # fmt: skip
+        *(
+            KernelSpec(
+                "_rescore_kernel",
+                dict(IS_COSINE=cosine, BLOCK_K=64, BLOCK_D=32),
+                {**int_ptrs, **f64},
+            )  # fmt: skip
+            for cosine in (True, False)
+        ),
+        KernelSpec("_code_stats_kernel", dict(BLOCK_N=64, BLOCK_D=32), {**int_ptrs, **bf16}),
+    ]
+    compiled = compile_for_sm90("eegfast.ops.vq_triton", specs)
+    assert "warp_group_dot" in compiled["_nearest_kernel"]["ttgir"]  # tensor cores
+    assert set(compiled) == {"_nearest_kernel", "_rescore_kernel", "_code_stats_kernel"}

@@ -1,0 +1,97 @@
+"""Compile Triton kernels for an H100/H200 (sm_90) on a machine without a GPU.
+
+The test suite runs Triton kernels under ``TRITON_INTERPRET=1``, which accepts code the real
+compiler rejects: globals that are not ``tl.constexpr``, types that change across branches,
+dot shapes the tensor cores cannot take. :func:`compile_for_sm90` compiles kernels to sm_90
+machine code in a subprocess with the interpreter off (``@triton.jit`` decides at import
+whether a kernel is interpreted), and reports what each compilation produced.
+
+A kernel is described by a :class:`KernelSpec`: the module attribute that holds it (a
+``triton.jit`` function or an autotuned one, whose first config supplies the block sizes),
+its constexpr values (those it does not take are ignored, so one dict can serve several
+kernels), and the types of its other arguments (pointers default to ``*fp32``, scalars to
+``i32``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class KernelSpec:
+    name: str  # attribute of the module
+    constants: dict[str, object] = field(default_factory=dict)  # constexpr arguments
+    types: dict[str, str] = field(default_factory=dict)  # e.g. {"z_ptr": "*bf16", "eps": "fp32"}
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def has_ptxas() -> bool:
+    """Whether this triton install can compile for NVIDIA GPUs (it bundles ptxas)."""
+    import triton
+
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+def compile_for_sm90(module: str, specs: list[KernelSpec], timeout: float = 300) -> dict:
+    """{kernel name: {"ttgir": ..., "ptx": ...}} of each kernel of ``module`` compiled for sm_90.
+
+    Raises RuntimeError with the compiler's message when one does not compile.
+    """
+    request = json.dumps({"module": module, "specs": [asdict(s) for s in specs]})
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "eegfast.testing.triton_sm90"],
+        input=request,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"compiling {module} for sm_90 failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def _compile_in_this_process(module_name: str, specs: list[dict]) -> dict:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module = importlib.import_module(module_name)
+    results = {}
+    for spec in specs:
+        kernel = getattr(module, spec["name"])
+        constants = dict(spec["constants"])
+        options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
+        if hasattr(kernel, "configs"):  # autotuned: its first config
+            config = kernel.configs[0]
+            constants = {**config.kwargs, **constants}
+            options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+            kernel = kernel.fn
+        constants = {k: v for k, v in constants.items() if k in kernel.arg_names}
+        signature = {}
+        for arg in kernel.arg_names:
+            if arg in constants:
+                signature[arg] = "constexpr"
+            else:
+                default = "*fp32" if arg.endswith("_ptr") else "i32"
+                signature[arg] = spec["types"].get(arg, default)
+        constexprs = {(kernel.arg_names.index(k),): v for k, v in constants.items()}
+        source = ASTSource(kernel, signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        results[spec["name"]] = {"ttgir": compiled.asm["ttgir"], "ptx": compiled.asm["ptx"]}
+    return results
+
+
+if __name__ == "__main__":
+    request = json.load(sys.stdin)
+    print(json.dumps(_compile_in_this_process(request["module"], request["specs"])))
