@@ -233,15 +233,18 @@ def eegfast_step(size: str, compile_model: bool, data) -> Callable[[], None]:
     return step
 
 
-def run_gpu(size: str) -> list[Row]:
+def run_gpu(size: str) -> tuple[list[Row], str]:
+    """Rows of the four implementations, and Markdown of the kernels of the two eager ones."""
     from triton.testing import do_bench
+
+    from benchmarks._profile import profile_section
 
     B, C, A = GPU_CASE["batch"], GPU_CASE["n_chans"], GPU_CASE["n_patches"]
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(B, C, A, 200, device="cuda", generator=gen)
     chans = torch.arange(C + 1, device="cuda")
     mask = random_patch_mask(B, C * A, 0.5, generator=gen, device="cuda")
-    rows = []
+    rows, sections = [], []
     for name, builder, compiled in (
         ("reference-eager", reference_step, False),
         ("reference-compile", reference_step, True),
@@ -260,10 +263,12 @@ def run_gpu(size: str) -> list[Row]:
             peak = torch.cuda.max_memory_allocated() / 2**20
             ms = do_bench(step, warmup=5, rep=200, return_mode="median")
             rows.append(Row(name, ms, B / ms * 1e3, peak))
+            if not compiled:
+                sections.append(profile_section(f"{name}, one training step", step, 5))
         except Exception as error:  # report and go on with the other implementations
             rows.append(Row(name, float("nan"), float("nan"), note=str(error).splitlines()[0]))
         print(rows[-1], file=sys.stderr)
-    return rows
+    return rows, "\n".join(sections)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,12 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu:
         if not torch.cuda.is_available():
             parser.error("--gpu needs a CUDA device")
-        rows = run_gpu(args.size)
-        save(args.out, f"gpu_pretrain_{args.size}",
-             f"LaBraM-{args.size.capitalize()} pretraining step (batch 64, 32 × 8 patches, "
-             "tokenizer forward, mixed precision, AdamW)",
-             environment(gpu=True), rows, "reference-eager",
-             GPU_TARGET)  # fmt: skip
+        rows, kernels = run_gpu(args.size)
+        title = (f"LaBraM-{args.size.capitalize()} pretraining step (batch 64, 32 × 8 patches, "
+                 "tokenizer forward, mixed precision, AdamW)")  # fmt: skip
+        save(args.out, f"gpu_pretrain_{args.size}", title, environment(gpu=True), rows,
+             "reference-eager", GPU_TARGET)  # fmt: skip
+        write_text_atomic(args.out / f"gpu_pretrain_{args.size}_kernels.md",
+                          f"# Kernels of the {title}\n\n{kernels}")  # fmt: skip
     return 0
 
 

@@ -15,13 +15,16 @@ argmax; ``torch.compile`` of it; ``labram_recipe_lookup``) and lookup + EMA upda
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from benchmarks._report import environment, run_vq_cases, write_results
+from eegfast.fileio import write_text_atomic
 from eegfast.ops import available_backends
 
 GPU_SHAPES = ((32768, 8192, 32), (32768, 8192, 64))
@@ -54,7 +57,28 @@ def run_vq() -> list:
     return run_vq_cases(GPU_SHAPES, GPU_DTYPES, "cuda", backends, do_bench_timer)
 
 
+def vq_kernel_breakdown() -> str:
+    """Markdown: the kernels of eegfast's lookup + EMA step per backend (bf16, D = 32)."""
+    from benchmarks._profile import profile_section
+    from benchmarks._report import EmaState, eegfast_lookup_ema, unit_rows
+
+    statuses = available_backends()
+    N, K, D = GPU_SHAPES[0]
+    gen = torch.Generator().manual_seed(0)
+    z = unit_rows(N, D, gen, "cuda", torch.bfloat16)
+    codebook = unit_rows(K, D, gen, "cuda", torch.float32)
+    sections = []
+    for backend in ("cuda", "triton"):
+        if statuses[backend].available:
+            state = EmaState.start(codebook, N)
+            step = functools.partial(eegfast_lookup_ema, z, state, backend=backend)
+            title = f"eegfast-{backend} lookup + EMA, {(N, K, D)} bf16"
+            sections.append(profile_section(title, step))
+    return "\n".join(sections)
+
+
 OPS = {"vq": run_vq}
+BREAKDOWNS = {"vq": vq_kernel_breakdown}
 
 
 def run_qk_norm_attention(out_dir: str, env: dict) -> dict:
@@ -107,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         results = OPS[op]()
         paths = write_results(args.out, f"gpu_{op}", f"eegfast {op} on {env['gpu']}", env, results)
+        paths["kernels"] = Path(args.out) / f"gpu_{op}_kernels.md"
+        write_text_atomic(paths["kernels"], f"# Kernels of eegfast {op}\n\n{BREAKDOWNS[op]()}")
         print(paths["md"].read_text())
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -255,10 +255,39 @@ def write_outputs(out_dir, title, env, rows, name="gpu_moe") -> dict[str, Path]:
     return paths
 
 
+def kernel_breakdown(shapes, device, dtype) -> str:
+    """Markdown: the kernels of eegfast's forward + backward, per shape."""
+    from benchmarks._profile import profile_section
+
+    sections = []
+    for name, (T, D, H, E) in shapes.items():
+        inputs = make_inputs(T, D, H, E, device, dtype)
+        leaves = [t for t in inputs if t.is_floating_point()]
+        grad_out = torch.randn(T, D, device=device, dtype=dtype)
+
+        def step(inputs=inputs, leaves=leaves, grad_out=grad_out):
+            for t in leaves:
+                t.grad = None
+            _moe_eegfast(*inputs).backward(grad_out)
+
+        sections.append(profile_section(f"eegfast, {name} (T={T}, D={D}, H={H}, E={E})", step))
+    return "\n".join(sections)
+
+
+def write_breakdown(out_dir, title, shapes, device, dtype, name="gpu_moe") -> Path:
+    path = Path(out_dir) / f"{name}_kernels.md"
+    breakdown = kernel_breakdown(shapes, device, dtype)
+    write_bytes_atomic(path, f"# Kernels of {title}\n\n{breakdown}".encode())
+    return path
+
+
 def run(out_dir: Path | str, env: dict) -> dict[str, Path]:
     """The GPU benchmark (entry point of ``python -m benchmarks.gpu --ops moe``)."""
     rows = run_cases(SHAPES, SWEEP_EXPERTS, "cuda", torch.bfloat16, do_bench_timer)
-    return write_outputs(out_dir, f"eegfast MoE FFN on {env.get('gpu', 'GPU')}", env, rows)
+    title = f"eegfast MoE FFN on {env.get('gpu', 'GPU')}"
+    paths = write_outputs(out_dir, title, env, rows)
+    paths["kernels"] = write_breakdown(out_dir, title, SHAPES, "cuda", torch.bfloat16)
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         rows = run_cases(SMOKE_SHAPES, SMOKE_SWEEP, "cpu", torch.float32, perf_counter_timer)
-        paths = write_outputs(args.out, "MoE smoke run (CPU, meaningless)", environment(), rows)
+        title = "MoE smoke run (CPU, meaningless)"
+        paths = write_outputs(args.out, title, environment(), rows, "smoke_moe")
+        paths["kernels"] = write_breakdown(
+            args.out, title, SMOKE_SHAPES, "cpu", torch.float32, "smoke_moe"
+        )
     else:
         if not torch.cuda.is_available():
             print("benchmarks.gpu_moe needs a CUDA device (or --smoke)", file=sys.stderr)

@@ -346,12 +346,39 @@ def autotuned_configs() -> dict[str, str]:
     return chosen
 
 
+def kernel_breakdown(shapes: dict[str, tuple[int, int, int, int]], device: str, dtype) -> str:
+    """Markdown: the kernels of eegfast's forward and forward + backward, per shape."""
+    from benchmarks._profile import profile_section
+
+    sections = []
+    for name, shape in shapes.items():
+        qkv, params, grad_out = make_inputs(shape, device, dtype)
+        for mode in MODES:
+            title = f"{OURS}, {name} {shape}, {mode}"
+
+            def profiler(run, leaves, title=title):  # a "timer" that profiles instead
+                def step():
+                    for x in leaves:
+                        x.grad = None
+                    run()
+
+                return profile_section(title, step)
+
+            sections.append(measure(eegfast_triton, mode, qkv, params, grad_out, profiler)[0])
+    return "\n".join(sections)
+
+
 def run(out_dir: Path | str, env: dict, shapes: Sequence[str] = tuple(SHAPES)) -> dict:
     """The GPU benchmark (called by ``benchmarks.gpu``); returns the written paths."""
-    rows = run_cases({s: SHAPES[s] for s in shapes}, torch.bfloat16, "cuda", do_bench_timer)
+    chosen = {s: SHAPES[s] for s in shapes}
+    rows = run_cases(chosen, torch.bfloat16, "cuda", do_bench_timer)
     title = f"eegfast qk_norm_attention (bf16) on {env.get('gpu', 'GPU')}"
     env = {**env, "autotuned": autotuned_configs()}
-    return write_outputs(out_dir, title, env, rows, "gpu_qk_norm_attention")
+    paths = write_outputs(out_dir, title, env, rows, "gpu_qk_norm_attention")
+    paths["kernels"] = Path(out_dir) / "gpu_qk_norm_attention_kernels.md"
+    breakdown = kernel_breakdown(chosen, "cuda", torch.bfloat16)
+    write_bytes_atomic(paths["kernels"], f"# Kernels of {title}\n\n{breakdown}".encode())
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_cases(SMOKE_SHAPES, torch.float32, "cpu", perf_counter_timer)
         paths = write_outputs(args.out, "qk_norm_attention smoke run (CPU, numbers meaningless)",
                               env, rows, "smoke_qk_norm_attention")  # fmt: skip
+        paths["kernels"] = Path(args.out) / "smoke_qk_norm_attention_kernels.md"
+        breakdown = kernel_breakdown(SMOKE_SHAPES, "cpu", torch.float32)
+        write_bytes_atomic(paths["kernels"], breakdown.encode())
     else:
         if not torch.cuda.is_available():
             print(

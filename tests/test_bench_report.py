@@ -152,3 +152,21 @@ def test_qk_norm_attention_report_times_only_the_chosen_implementations(monkeypa
     with pytest.raises(SystemExit):
         report.main(["--only", "eegfast-cpu,flash", "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+def test_kernel_breakdown_names_the_work_and_its_share():
+    from benchmarks._profile import kernel_table, kernel_times, profile_section
+
+    a, b = torch.randn(300, 300), torch.randn(300, 300)
+    times = kernel_times(lambda: (a @ b).relu(), iterations=3)
+    names = [t.name for t in times]
+    assert "aten::mm" in names and ("aten::relu" in names or "aten::clamp_min" in names)
+    assert all(t.ms > 0 for t in times) and times == sorted(times, key=lambda t: -t.ms)
+    assert next(t for t in times if t.name == "aten::mm").launches == 1
+    table = kernel_table("matmul", times, top=1)
+    assert table.startswith("### matmul") and f"{len(times) - 1} others" in table
+
+    def broken():
+        raise ValueError("no device")
+
+    assert "not profiled: ValueError: no device" in profile_section("broken", broken)
