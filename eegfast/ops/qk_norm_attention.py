@@ -424,7 +424,10 @@ def qk_norm_attention(
         (B, H, N, D) in q's dtype. From the kernels it is a view of a contiguous (B, N, H, D)
         buffer (so ``out.transpose(1, 2).reshape(B, N, H * D)`` is free).
 
-    Rows whose query sees no key are zero and get zero gradients.
+    Rows whose query sees no key are zero and get zero gradients. The kernels return the
+    gradient of ``k_norm_bias`` as exact zeros: the key bias adds the same q_n . b to every
+    score of a query row, which the softmax ignores (the reference's autograd gives rounding
+    noise around zero).
     """
     _check_inputs(q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
                   eps, key_padding_mask, block_causal, dropout_p)  # fmt: skip

@@ -161,6 +161,16 @@ def test_cpu_labram_head_dims_all_masks(d):
     assert_all_close(run(case, "cpu"), expected, 2e-4, result_names(case))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_key_bias_gradient_is_exactly_zero(dtype):
+    """The key bias shifts every score of a query row by q_n . k_b, which the softmax ignores:
+    the C++ op returns exact zeros (the reference's autograd gives rounding noise around 0)."""
+    case = make_case(2, 3, 70, 25, seed=5, dtype=dtype, padding=True, causal=True)
+    reference_db = run(case, "reference", dtype=torch.float64)[-1]
+    assert reference_db.abs().max() < 1e-10
+    assert torch.count_nonzero(run(case, "cpu")[-1]) == 0
+
+
 @pytest.mark.parametrize("gain", [0.5, 2.0, 3.0, 10.0])
 @pytest.mark.parametrize("d", [20, 64])
 def test_cpu_large_scores_use_the_online_maximum(gain, d):
