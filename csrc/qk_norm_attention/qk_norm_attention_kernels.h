@@ -390,7 +390,7 @@ EEGFAST_INLINE void transposed_tile(T* out, const T* S, const T* A, int64_t Dv, 
 template <int M, int C, typename T>
 EEGFAST_INLINE void transposed_dims(T* out, int64_t D, int64_t Dv, const T* S, const T* A,
                                     int rows, int c0) {
-  for_dim_chunks<M>(D, [&](auto dims, int64_t d0) {
+  for_dim_chunks<M>(D, [&](auto dims, int64_t d0) EEGFAST_INLINE_LAMBDA {
     transposed_tile<decltype(dims)::value, C>(out, S, A, Dv, rows, d0, c0);
   });
 }
@@ -826,7 +826,7 @@ template <int QV, int DR, typename T>
 EEGFAST_INLINE void query_lane_all_values(T* Ot, const T* St, const T* values,
                                           int64_t key_stride, int64_t dim_stride, int64_t D,
                                           int keys) {
-  for_dim_chunks<DR>(D, [&](auto dims, int64_t d0) {
+  for_dim_chunks<DR>(D, [&](auto dims, int64_t d0) EEGFAST_INLINE_LAMBDA {
     query_lane_values<QV, decltype(dims)::value>(Ot, St, values, key_stride, dim_stride, keys,
                                                  d0);
   });
@@ -980,7 +980,7 @@ EEGFAST_INLINE void forward_query_tile(const ForwardArgs<scalar_t, T>& a, const 
                                 St + j * QT);
     }
     // e^s in place, summed per query; masked scores (-inf) need vexp's flush to 0
-    auto exponentiate = [&](auto masked) {
+    auto exponentiate = [&](auto masked) EEGFAST_INLINE_LAMBDA {
       for (int j = 0; j < keys; ++j)
         #pragma GCC unroll 3
         for (int v = 0; v < QV; ++v) {

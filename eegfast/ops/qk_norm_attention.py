@@ -46,6 +46,7 @@ GPU_PREFERENCE = ("triton",)
 TRITON_MODULE = "eegfast.ops.qk_norm_attention_triton"
 CPP_FWD_OP = "eegfast::qk_norm_attention_fwd"
 CPP_BWD_OP = "eegfast::qk_norm_attention_bwd"
+TRITON_FWD_OP = "eegfast::qk_norm_attention_fwd_triton"
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,19 +307,44 @@ def _make_backward(bwd_op: str, *, strided_grad: bool):
     return backward
 
 
+# fwd op name -> autograd.Function running it with the same formula as its registered
+# autograd. The public functions apply it when a gradient is needed: the registered autograd
+# wrapper (torch._library.autograd) costs ~80 us per call in Python, most of it rebuilding the
+# schema's argument list per argument (fill_defaults); this Function ~15 us. Inside it the op
+# runs with grad mode off, so its own autograd wrapper takes its cheap no-grad path.
+_AUTOGRAD_FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
+
+
+def _autograd_function(fwd_op: str, backward) -> type[torch.autograd.Function]:
+    namespace, name = fwd_op.split("::")
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            output = getattr(getattr(torch.ops, namespace), name)(*args)
+            _fwd_setup_context(ctx, args, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    Function.__name__ = Function.__qualname__ = f"{name}_function"
+    return Function
+
+
 def _register_op_glue(fwd_op: str, bwd_op: str, *, strided_grad: bool = False) -> None:
-    """Fake kernels for both ops and the autograd formula of ``fwd_op`` (calling ``bwd_op``).
+    """Fake kernels for both ops and the autograd formula of ``fwd_op`` (calling ``bwd_op``),
+    registered on the op and as an autograd.Function for the public functions.
 
     Used for the C++ ops here and by :mod:`eegfast.ops.qk_norm_attention_triton` for its ops,
     which share the schema documented above.
     """
     torch.library.register_fake(fwd_op)(_fwd_fake)
     torch.library.register_fake(bwd_op)(_bwd_fake)
-    torch.library.register_autograd(
-        fwd_op,
-        _make_backward(bwd_op, strided_grad=strided_grad),
-        setup_context=_fwd_setup_context,
-    )
+    backward = _make_backward(bwd_op, strided_grad=strided_grad)
+    torch.library.register_autograd(fwd_op, backward, setup_context=_fwd_setup_context)
+    _AUTOGRAD_FUNCTIONS[fwd_op] = _autograd_function(fwd_op, backward)
 
 
 @functools.cache
@@ -450,10 +476,16 @@ def _run_kernel(chosen, q, k, v, q_w, q_b, k_w, k_b, *, eps, scale, key_padding_
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     args = (q, k, v, q_w, q_b, k_w, k_b, float(eps), scale, key_padding_mask, bool(causal),
             block_causal)  # fmt: skip
+    op_name = TRITON_FWD_OP if chosen == "triton" else CPP_FWD_OP
     if chosen == "triton":
-        out, *_ = _triton_module()[0].qk_norm_attention_fwd_triton(*args)
+        _triton_module()  # imports the Triton ops, which registers them
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, q_w, q_b, k_w, k_b)
+    ):
+        out, *_ = _AUTOGRAD_FUNCTIONS[op_name].apply(*args)
     else:
-        out, *_ = torch.ops.eegfast.qk_norm_attention_fwd(*args)
+        namespace, name = op_name.split("::")
+        out, *_ = getattr(getattr(torch.ops, namespace), name)(*args)
     return out
 
 
