@@ -581,3 +581,23 @@ def test_forward_logsumexp_matches_float64(score_scale, padding):
     finite = torch.isfinite(expected)
     assert torch.equal(torch.isfinite(lse), finite) and (lse[~finite] == float("-inf")).all()
     torch.testing.assert_close(lse.double()[finite], expected[finite], atol=2e-6, rtol=1e-6)
+
+
+def test_cpu_hot_loop_lambdas_are_inlined():
+    """The kernel's per-chunk lambdas must be inlined into their loops (their strides are
+    compile-time constants only there): built as C++20, GCC once left them out of line and the
+    forward ran 3x slower with the same results. An out-of-line copy shows as a symbol."""
+    import shutil
+    import subprocess
+
+    from eegfast.ops._backend import extension
+
+    nm = shutil.which("nm")
+    module = extension()
+    if nm is None or module is None:
+        pytest.skip("needs nm and the built extension")
+    symbols = subprocess.run([nm, "-C", module.__file__], capture_output=True, text=True).stdout
+    out_of_line = [line for line in symbols.splitlines()
+                   if "lambda" in line and ("query_lane" in line or "transposed_dims" in line
+                                            or "forward_query_tile" in line)]  # fmt: skip
+    assert not out_of_line, "\n".join(out_of_line[:5])
