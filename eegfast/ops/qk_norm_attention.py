@@ -285,16 +285,20 @@ def _fwd_setup_context(ctx, inputs, output) -> None:
     )
 
 
+def _op(qualified_name: str):
+    """torch.ops.<namespace>.<name> of "namespace::name"."""
+    namespace, name = qualified_name.split("::")
+    return getattr(getattr(torch.ops, namespace), name)
+
+
 def _make_backward(bwd_op: str, *, strided_grad: bool):
     """The autograd formula of a forward op, calling ``bwd_op``; ``strided_grad``: that op
     reads grad_out with any strides whose rows are contiguous (the C++ op), so the transposed
     view autograd passes for a (B, H, N, D) contiguous gradient is not copied first."""
-    namespace, name = bwd_op.split("::")
 
     def backward(ctx, grad_out, _grad_lse, _grad_q_stats, _grad_k_stats):
         q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats, mask, block_ids = ctx.saved_tensors
-        op = getattr(getattr(torch.ops, namespace), name)
-        dq, dk, dv, *param_grads = op(
+        dq, dk, dv, *param_grads = _op(bwd_op)(
             grad_out if strided_grad else grad_out.contiguous(),
             q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
             ctx.scale, mask, ctx.causal, block_ids,
@@ -316,12 +320,10 @@ _AUTOGRAD_FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
 
 
 def _autograd_function(fwd_op: str, backward) -> type[torch.autograd.Function]:
-    namespace, name = fwd_op.split("::")
-
     class Function(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
-            output = getattr(getattr(torch.ops, namespace), name)(*args)
+            output = _op(fwd_op)(*args)
             _fwd_setup_context(ctx, args, output)
             return output
 
@@ -329,7 +331,7 @@ def _autograd_function(fwd_op: str, backward) -> type[torch.autograd.Function]:
         def backward(ctx, *grads):
             return backward(ctx, *grads)
 
-    Function.__name__ = Function.__qualname__ = f"{name}_function"
+    Function.__name__ = Function.__qualname__ = fwd_op.split("::")[1] + "_function"
     return Function
 
 
@@ -484,8 +486,7 @@ def _run_kernel(chosen, q, k, v, q_w, q_b, k_w, k_b, *, eps, scale, key_padding_
     ):
         out, *_ = _AUTOGRAD_FUNCTIONS[op_name].apply(*args)
     else:
-        namespace, name = op_name.split("::")
-        out, *_ = getattr(getattr(torch.ops, namespace), name)(*args)
+        out, *_ = _op(op_name)(*args)
     return out
 
 
