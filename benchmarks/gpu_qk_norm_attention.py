@@ -10,6 +10,8 @@ Huge (64, 16, 257, 50), long context (16, 10, 2049, 20); no masks. Modes: forwar
 and forward + backward (q, k, v and the four LayerNorm parameters). Implementations, in one run:
 
 - ``eegfast-triton``: :func:`eegfast.ops.qk_norm_attention` with ``backend="triton"``;
+- ``eegfast-triton-prenorm-keys``: the same with the keys normalised once before the attention
+  loop (``qk_norm_attention_triton.PRE_NORMALISE_KEYS``), the variant to measure against it;
 - ``eager-reference``: :func:`eegfast.ops.qk_norm_attention_reference` (LayerNorm + explicit
   (N, N) softmax);
 - ``layernorm+sdpa``: ``F.layer_norm`` then ``F.scaled_dot_product_attention``;
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import os
 import statistics
 import sys
@@ -61,6 +64,7 @@ TARGETS_MS: dict[tuple[str, str], float] = {
 MODES = ("fwd", "fwd+bwd")
 EPS = 1e-6
 OURS = "eegfast-triton"
+PRENORM = "eegfast-triton-prenorm-keys"
 
 # attention(q, k, v, params) -> (B, H, N, D), all four LayerNorm parameters given.
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], object]
@@ -75,6 +79,17 @@ def eegfast_triton(q, k, v, params):
     from eegfast.ops import qk_norm_attention
 
     return qk_norm_attention(q, k, v, *params, eps=EPS, backend="triton")
+
+
+def eegfast_triton_pre_normalised_keys(q, k, v, params):
+    """The forward variant that normalises the keys once, before the attention loop."""
+    from eegfast.ops import qk_norm_attention_triton as kernels
+
+    kernels.PRE_NORMALISE_KEYS = True
+    try:
+        return eegfast_triton(q, k, v, params)
+    finally:
+        kernels.PRE_NORMALISE_KEYS = False
 
 
 def eager_reference(q, k, v, params):
@@ -104,6 +119,7 @@ def layer_norm_flex(q, k, v, params):
 def implementations() -> dict[str, Attention]:
     return {
         OURS: eegfast_triton,
+        PRENORM: eegfast_triton_pre_normalised_keys,
         "eager-reference": eager_reference,
         "layernorm+sdpa": layer_norm_sdpa,
         "compile(layernorm+sdpa)": torch.compile(layer_norm_sdpa, dynamic=False),
@@ -347,24 +363,25 @@ def autotuned_configs() -> dict[str, str]:
 
 
 def kernel_breakdown(shapes: dict[str, tuple[int, int, int, int]], device: str, dtype) -> str:
-    """Markdown: the kernels of eegfast's forward and forward + backward, per shape."""
+    """Markdown: the kernels of eegfast's forward and forward + backward (both variants of the
+    key LayerNorm), per shape."""
     from benchmarks._profile import profile_section
 
+    ours = {OURS: eegfast_triton, PRENORM: eegfast_triton_pre_normalised_keys}
     sections = []
     for name, shape in shapes.items():
         qkv, params, grad_out = make_inputs(shape, device, dtype)
-        for mode in MODES:
-            title = f"{OURS}, {name} {shape}, {mode}"
+        for (impl_name, impl), mode in itertools.product(ours.items(), MODES):
 
-            def profiler(run, leaves, title=title):  # a "timer" that profiles instead
-                def step():
+            def profiler(run, leaves, title=f"{impl_name}, {name} {shape}, {mode}"):
+                def step():  # measure()'s timer slot: profile instead of timing
                     for x in leaves:
                         x.grad = None
                     run()
 
                 return profile_section(title, step)
 
-            sections.append(measure(eegfast_triton, mode, qkv, params, grad_out, profiler)[0])
+            sections.append(measure(impl, mode, qkv, params, grad_out, profiler)[0])
     return "\n".join(sections)
 
 

@@ -21,6 +21,8 @@ configuration, since the interpreter is slow and cannot benchmark.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -79,6 +81,12 @@ else:
         "BLOCK_M",
         "BLOCK_N",
     )
+# The forward's key LayerNorm: False (default) normalises each key tile inside the attention
+# loop, again for every query tile; True normalises the keys once in a separate kernel
+# (_normalise_keys_kernel, one more pass over K) and the loop reads them. Which is faster is a
+# GPU measurement still to make (benchmarks.gpu_qk_norm_attention times both rows);
+# EEGFAST_TRITON_PRENORM_KEYS=1 sets it, and it can be assigned at run time.
+PRE_NORMALISE_KEYS = os.environ.get("EEGFAST_TRITON_PRENORM_KEYS", "0") == "1"
 # N_BUCKET (next power of two of N, otherwise unused by the kernels): sequences of similar
 # length share one tuning run, so variable channel counts do not re-tune at every new N.
 _AUTOTUNE_KEY = ["N_BUCKET", "D", "CAUSAL", "BLOCK_CAUSAL"]  # + tensor dtypes (added by triton)
@@ -196,6 +204,42 @@ def _visible(
 # --------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _normalise_keys_kernel(
+    k_ptr,  # (B, H, N, D) strides (skb, skh, skn, 1)
+    k_w_ptr,
+    k_b_ptr,
+    k_n_ptr,  # (B * H, N, BLOCK_D) contiguous out, dtype of k; padded dims written as 0
+    k_stats_ptr,  # (B, H, N, 2) fp32 out
+    skb,
+    skh,
+    skn,
+    H,
+    N,
+    D,
+    eps,
+    HAS_K_W: tl.constexpr,
+    HAS_K_B: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """LayerNorm of the keys, once: the forward's PRE_NORMALISED_KEYS variant reads them."""
+    pid_m, pid_bh = _program_ids(N, BLOCK_M)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    dims = tl.arange(0, BLOCK_D)
+    k = _load_rows(k_ptr + b * skb + h * skh, rows, dims, skn, N, D).to(tl.float32)
+    k_hat, k_mean, k_rstd = _layer_norm_stats(k, dims < D, D, eps)
+    k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B)
+    stats_offset = (pid_bh * N + rows) * 2
+    tl.store(k_stats_ptr + stats_offset, k_mean, mask=row_ok)
+    tl.store(k_stats_ptr + stats_offset + 1, k_rstd, mask=row_ok)
+    offsets = (pid_bh * N + rows[:, None]) * BLOCK_D + dims[None, :]
+    tl.store(k_n_ptr + offsets, k_n.to(k_n_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)
 @triton.jit
 def _fwd_kernel(
@@ -212,6 +256,7 @@ def _fwd_kernel(
     lse_ptr,  # (B, H, N) fp32
     q_stats_ptr,  # (B, H, N, 2) fp32: mean, rstd
     k_stats_ptr,  # (B, H, N, 2) fp32
+    k_n_ptr,  # (B * H, N, BLOCK_D) LayerNorm(k) from _normalise_keys_kernel, or dummy
     sqb,
     sqh,
     sqn,
@@ -227,6 +272,7 @@ def _fwd_kernel(
     N_BUCKET,
     eps,
     qk_scale_log2,  # scale * log2(e)
+    PRE_NORMALISED_KEYS: tl.constexpr,  # read k_n_ptr (k_stats already written) instead
     HAS_Q_W: tl.constexpr,
     HAS_Q_B: tl.constexpr,
     HAS_K_W: tl.constexpr,
@@ -258,12 +304,13 @@ def _fwd_kernel(
     stats_offset = (pid_bh * N + rows) * 2
     tl.store(q_stats_ptr + stats_offset, q_mean, mask=row_ok)
     tl.store(q_stats_ptr + stats_offset + 1, q_rstd, mask=row_ok)
-    # The k statistics of the rows this program owns (every key tile is normalised again by
-    # each query program, but stored once, here).
-    k_own = _load_rows(k_base, rows, dims, skn, N, D).to(tl.float32)
-    k_own_hat, k_own_mean, k_own_rstd = _layer_norm_stats(k_own, col_ok, D, eps)
-    tl.store(k_stats_ptr + stats_offset, k_own_mean, mask=row_ok)
-    tl.store(k_stats_ptr + stats_offset + 1, k_own_rstd, mask=row_ok)
+    if not PRE_NORMALISED_KEYS:
+        # The k statistics of the rows this program owns (every key tile is normalised again
+        # by each query program, but stored once, here).
+        k_own = _load_rows(k_base, rows, dims, skn, N, D).to(tl.float32)
+        k_own_hat, k_own_mean, k_own_rstd = _layer_norm_stats(k_own, col_ok, D, eps)
+        tl.store(k_stats_ptr + stats_offset, k_own_mean, mask=row_ok)
+        tl.store(k_stats_ptr + stats_offset + 1, k_own_rstd, mask=row_ok)
 
     q_ids = rows  # placeholder when not block-causal (unused)
     if BLOCK_CAUSAL:
@@ -284,9 +331,16 @@ def _fwd_kernel(
             k_ids = tl.load(ids_ptr + cols, mask=cols < N, other=_INT32_MAX)
             run_tile = tl.min(k_ids, axis=0) <= q_ids_max  # skip tiles no query here sees
         if run_tile:
-            k = _load_rows(k_base, cols, dims, skn, N, D).to(tl.float32)
-            k_hat, k_mean, k_rstd = _layer_norm_stats(k, col_ok, D, eps)
-            k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B).to(dtype)
+            if PRE_NORMALISED_KEYS:
+                k_n = tl.load(
+                    k_n_ptr + (pid_bh * N + cols[:, None]) * BLOCK_D + dims[None, :],
+                    mask=(cols < N)[:, None],
+                    other=0.0,
+                )
+            else:
+                k = _load_rows(k_base, cols, dims, skn, N, D).to(tl.float32)
+                k_hat, k_mean, k_rstd = _layer_norm_stats(k, col_ok, D, eps)
+                k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B).to(dtype)
             v = _load_rows(v_base, cols, dims, svn, N, D)
             scores = tl.dot(q_n, tl.trans(k_n), input_precision=PRECISION, out_dtype=tl.float32)
             scores = scores * qk_scale_log2
@@ -746,6 +800,16 @@ def qk_norm_attention_fwd_triton(
         return out, lse, q_stats, k_stats
     pad, ids = _mask_args(q, key_padding_mask, block_ids)
     q_w_, q_b_, k_w_, k_b_ = (q if p is None else p.contiguous() for p in params.values())
+    block_d = _block_d(D)
+    k_n = q  # placeholder
+    if PRE_NORMALISE_KEYS:
+        k_n = torch.empty(B * H, N, block_d, dtype=q.dtype, device=q.device)
+        norm_block = 32 if triton_interpreting() else 64
+        wrap_triton(_normalise_keys_kernel)[(triton.cdiv(N, norm_block) * B * H,)](
+            k, k_w_, k_b_, k_n, k_stats, k.stride(0), k.stride(1), k.stride(2), H, N, D, eps,
+            HAS_K_W=k_w is not None, HAS_K_B=k_b is not None, BLOCK_M=norm_block,
+            BLOCK_D=block_d,
+        )  # fmt: skip
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
@@ -764,6 +828,7 @@ def qk_norm_attention_fwd_triton(
         lse,
         q_stats,
         k_stats,
+        k_n,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -779,6 +844,7 @@ def qk_norm_attention_fwd_triton(
         triton.next_power_of_2(N),
         eps,
         scale * _LOG2E.value,
+        PRE_NORMALISED_KEYS=PRE_NORMALISE_KEYS,
         HAS_Q_W=q_w is not None,
         HAS_Q_B=q_b is not None,
         HAS_K_W=k_w is not None,
@@ -786,7 +852,7 @@ def qk_norm_attention_fwd_triton(
         HAS_PAD=key_padding_mask is not None,
         CAUSAL=causal,
         BLOCK_CAUSAL=block_ids is not None,
-        BLOCK_D=_block_d(D),
+        BLOCK_D=block_d,
         PRECISION=_precision(q.dtype),
     )
     return out, lse, q_stats, k_stats

@@ -326,6 +326,19 @@ def test_opcheck():
     torch.library.opcheck(bwd, no_params, test_utils=checks)
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[9]])
+def test_pre_normalised_keys_variant(case, monkeypatch):
+    """The forward that normalises the keys once in a separate kernel gives what the fused
+    loop gives (the same arithmetic), and passes the reference check."""
+    B, H, N, D, dtype, mask, causal, block_size, affine = case
+    inputs = make_case(B, H, N, D, dtype, seed=N + D, affine=affine, mask=mask,
+                       block_size=block_size)  # fmt: skip
+    fused_out, fused_lse, _ = check_against_reference(*inputs, causal=causal)
+    monkeypatch.setattr(triton_ops(), "PRE_NORMALISE_KEYS", True)
+    out, lse, _ = check_against_reference(*inputs, causal=causal)
+    assert torch.equal(out, fused_out) and torch.equal(lse, fused_lse)
+
+
 @pytest.mark.skipif(not has_ptxas(), reason="this triton install has no bundled ptxas")
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The three autotuned kernels (first config) compile for an H100 with tensor-core dots:
@@ -334,14 +347,18 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     constants = dict.fromkeys(flags, True) | dict(BLOCK_D=32, PRECISION="ieee", PART=16)
     data = ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "grad_out_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
             "q_w_ptr", "q_b_ptr", "k_w_ptr", "k_b_ptr")  # fmt: skip
-    types = {**{name: "*bf16" for name in data}, "pad_ptr": "*u8", "ids_ptr": "*i32",
+    types = {**{name: "*bf16" for name in (*data, "k_n_ptr")}, "pad_ptr": "*u8", "ids_ptr": "*i32",
              "eps": "fp32", "scale": "fp32", "qk_scale_log2": "fp32"}  # fmt: skip
+    constants["PRE_NORMALISED_KEYS"] = False
     names = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
-    compiled = compile_for_sm90(
-        "eegfast.ops.qk_norm_attention_triton", [KernelSpec(n, constants, types) for n in names]
-    )
-    for name in names:
+    specs = [KernelSpec(n, constants, types) for n in names]
+    pre_normalised = dict(constants, PRE_NORMALISED_KEYS=True)
+    specs += [KernelSpec("_normalise_keys_kernel", dict(constants, BLOCK_M=64), types),
+              KernelSpec("_fwd_kernel", pre_normalised, types)]  # fmt: skip
+    compiled = compile_for_sm90("eegfast.ops.qk_norm_attention_triton", specs)
+    for name in names:  # the last _fwd_kernel compiled is the PRE_NORMALISED_KEYS one
         assert "warp_group_dot" in compiled[name]["ttgir"], f"{name}: no tensor-core dot"
+    assert "_normalise_keys_kernel" in compiled
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,6 +404,14 @@ def test_gpu_matches_reference(D, dtype):
     tolerance = 1e-4 if dtype == torch.float32 else TOLERANCE[dtype]
     for name, grad, leaf in zip(GRAD_NAMES, grads, leaves + param_leaves, strict=True):
         assert_close_scaled(grad.cpu(), leaf.grad, tolerance, f"d{name}")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("D", (20, 50))
+def test_gpu_pre_normalised_keys_variant(D, monkeypatch):
+    monkeypatch.setattr(triton_ops(), "PRE_NORMALISE_KEYS", True)
+    test_gpu_matches_reference(D, torch.bfloat16)
 
 
 @pytest.mark.gpu
