@@ -117,6 +117,15 @@ def _layer_norm_stats(x, col_ok, D, eps):
 
 
 @triton.jit
+def _normalise_and_store_stats(x, col_ok, D, eps, stats_ptr, rows, N):
+    """x_hat of x (R, BLOCK_D) fp32; its (mean, rstd) stored at stats_ptr[rows] (rows < N)."""
+    x_hat, mean, rstd = _layer_norm_stats(x, col_ok, D, eps)
+    tl.store(stats_ptr + rows * 2, mean, mask=rows < N)
+    tl.store(stats_ptr + rows * 2 + 1, rstd, mask=rows < N)
+    return x_hat
+
+
+@triton.jit
 def _normalised_from_stats(x, mean, rstd, col_ok):
     """x_hat from stored stats (bit-identical to what the forward used)."""
     return tl.where(col_ok[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
@@ -231,11 +240,8 @@ def _normalise_keys_kernel(
     row_ok = rows < N
     dims = tl.arange(0, BLOCK_D)
     k = _load_rows(k_ptr + b * skb + h * skh, rows, dims, skn, N, D).to(tl.float32)
-    k_hat, k_mean, k_rstd = _layer_norm_stats(k, dims < D, D, eps)
+    k_hat = _normalise_and_store_stats(k, dims < D, D, eps, k_stats_ptr + pid_bh * N * 2, rows, N)
     k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B)
-    stats_offset = (pid_bh * N + rows) * 2
-    tl.store(k_stats_ptr + stats_offset, k_mean, mask=row_ok)
-    tl.store(k_stats_ptr + stats_offset + 1, k_rstd, mask=row_ok)
     offsets = (pid_bh * N + rows[:, None]) * BLOCK_D + dims[None, :]
     tl.store(k_n_ptr + offsets, k_n.to(k_n_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -299,18 +305,13 @@ def _fwd_kernel(
     col_ok = dims < D
 
     q = _load_rows(q_base, rows, dims, sqn, N, D).to(tl.float32)
-    q_hat, q_mean, q_rstd = _layer_norm_stats(q, col_ok, D, eps)
+    q_hat = _normalise_and_store_stats(q, col_ok, D, eps, q_stats_ptr + pid_bh * N * 2, rows, N)
     q_n = _affine(q_hat, q_w_ptr, q_b_ptr, dims, D, HAS_Q_W, HAS_Q_B).to(dtype)
-    stats_offset = (pid_bh * N + rows) * 2
-    tl.store(q_stats_ptr + stats_offset, q_mean, mask=row_ok)
-    tl.store(q_stats_ptr + stats_offset + 1, q_rstd, mask=row_ok)
     if not PRE_NORMALISED_KEYS:
         # The k statistics of the rows this program owns (every key tile is normalised again
         # by each query program, but stored once, here).
         k_own = _load_rows(k_base, rows, dims, skn, N, D).to(tl.float32)
-        k_own_hat, k_own_mean, k_own_rstd = _layer_norm_stats(k_own, col_ok, D, eps)
-        tl.store(k_stats_ptr + stats_offset, k_own_mean, mask=row_ok)
-        tl.store(k_stats_ptr + stats_offset + 1, k_own_rstd, mask=row_ok)
+        _normalise_and_store_stats(k_own, col_ok, D, eps, k_stats_ptr + pid_bh * N * 2, rows, N)
 
     q_ids = rows  # placeholder when not block-causal (unused)
     if BLOCK_CAUSAL:
