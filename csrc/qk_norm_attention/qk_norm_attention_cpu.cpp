@@ -361,10 +361,8 @@ qk_norm_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const
   });
   if (q_w.has_value()) dq_w.copy_(q_param_sums[0]);
   if (q_b.has_value()) dq_b.copy_(q_param_sums[1]);
-  if (k_w.has_value()) dk_w.copy_(k_param_sums[0]);
-  // Exactly zero: the key bias adds q_n . k_b to every score of a query row, which the softmax
-  // ignores. The kernel's sum would only hold the rounding of the other gradients.
-  if (k_b.has_value()) dk_b.zero_();
+  if (k_w.has_value()) dk_w.copy_(k_param_sums);
+  if (k_b.has_value()) dk_b.zero_();  // exactly zero, see backward_keys
   return {dq, dk, dv, dq_w, dq_b, dk_w, dk_b};
 }
 

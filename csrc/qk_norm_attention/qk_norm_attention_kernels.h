@@ -1060,7 +1060,7 @@ struct BackwardArgs {
   T* key_grads;    // (B H, chunks, 2, Nk D): d(normalised k), dv partial sums, each in
                    // key-lane blocks (key_blocks, D, kKeyBlock) (see accumulate_transposed)
   T* q_param_grads;  // (B H chunks, 2, D): d q_w, d q_b partial sums
-  T* k_param_grads;  // (B H, 2, D)
+  T* k_param_grads;  // (B H, D): the key LayerNorm weight's (its bias's is exactly zero)
 };
 
 // LayerNorm backward of one row, vectorised over its Dv lanes (dn and hat are 0 past D): dx
@@ -1127,9 +1127,10 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
   const Problem<scalar_t, T>& p = a.p;
   const int64_t D = p.D, N = p.N, Nk = p.Nk;
   const T* k_stats = a.k_stats + bh * N * 2;
-  // per dim d, L lanes each: the weight gradient and bias gradient sums, then this vector of
-  // keys' d(normalised key) times the weight (g), dv and dk
-  std::vector<T> dkw(D * L, T(0)), dkb(D * L, T(0)), g_dims(D * L), dval(D * L), dx(D * L);
+  // per dim d, L lanes each: the weight gradient sums, then this vector of keys'
+  // d(normalised key) times the weight (g), dv and dk. No bias gradient: it is exactly zero
+  // (the key bias adds q_n . k_b to every score of a query row, which the softmax ignores).
+  std::vector<T> dkw(D * L, T(0)), g_dims(D * L), dval(D * L), dx(D * L);
   alignas(64) T rstd[L];
   const vec_t<T> inv_d = vsplat(T(1) / static_cast<T>(D));
   for (int64_t j0 = 0; j0 < N; j0 += L) {
@@ -1152,7 +1153,6 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
       sum_g += g;
       sum_gh += g * hh;
       vstore(dkw.data() + d * L, vload(dkw.data() + d * L) + dk_d * hh);
-      vstore(dkb.data() + d * L, vload(dkb.data() + d * L) + dk_d);
     }
     const vec_t<T> mean_g = sum_g * inv_d, mean_gh = sum_gh * inv_d, r = vload(rstd);
     for (int64_t d = 0; d < D; ++d)
@@ -1163,10 +1163,8 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
     scatter_lanes_to_rows(dx.data(), L, D, valid, dk, D);
     scatter_lanes_to_rows(dval.data(), L, D, valid, dv, D);
   }
-  for (int64_t d = 0; d < D; ++d) {
-    a.k_param_grads[bh * 2 * D + d] = hsum<T>(vload(dkw.data() + d * L));
-    a.k_param_grads[bh * 2 * D + D + d] = hsum<T>(vload(dkb.data() + d * L));
-  }
+  for (int64_t d = 0; d < D; ++d)
+    a.k_param_grads[bh * D + d] = hsum<T>(vload(dkw.data() + d * L));
 }
 
 // The key pass after query-chunked backward tasks: (b, h) = bh's keys from its chunks'
@@ -1477,8 +1475,8 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   run_tasks(a.p.B * a.p.H * a.p.chunks, [&](int64_t task) { run<Kernel::kForward>(a, isa, task); });
 }
 
-// The backward: writes t.dq, t.dk, t.dv; q_param_sums and k_param_sums get (2, D) each, the
-// gradients of the LayerNorm weights (row 0) and biases (row 1).
+// The backward: writes t.dq, t.dk, t.dv; q_param_sums gets (2, D), the gradients of the query
+// LayerNorm's weight (row 0) and bias (row 1); k_param_sums (D,), the key LayerNorm weight's.
 template <typename scalar_t, typename T>
 void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Prepared& opt,
               double scale, bool causal, const BackwardTensors& t, Isa isa,
@@ -1492,7 +1490,7 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   const int64_t partials = p.chunks > 1 ? tasks : 0;
   const at::Tensor key_grads = at::empty({partials, 2, p.Nk, p.D}, q.options().dtype(acc));
   const at::Tensor q_param_grads = at::empty({tasks, 2, D}, q.options().dtype(acc));
-  const at::Tensor k_param_grads = at::empty({B * H, 2, D}, q.options().dtype(acc));
+  const at::Tensor k_param_grads = at::empty({B * H, D}, q.options().dtype(acc));
   BackwardArgs<scalar_t, T> a{p,
                               Strided<scalar_t>{t.grad_out.data_ptr<scalar_t>(),
                                                 t.grad_out.stride(0), t.grad_out.stride(2),

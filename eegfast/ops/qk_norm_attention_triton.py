@@ -924,15 +924,16 @@ def qk_norm_attention_bwd_triton(
 
     def param_grads() -> list[torch.Tensor]:
         sums = dict(zip(present, parts.sum(dim=(1, 2)).unbind(0), strict=True))
-        # copy=True: a custom op's outputs must not be views of one another.
-        return [
-            q.new_empty(0)
-            if p is None
-            else torch.zeros_like(p)
-            if name == "k_b"
-            else sums[name].to(p.dtype, copy=True)
-            for name, p in params.items()
-        ]
+
+        def grad(name: str, p: torch.Tensor | None) -> torch.Tensor:
+            if p is None:
+                return q.new_empty(0)
+            if name == "k_b":  # exactly zero (see above)
+                return torch.zeros_like(p)
+            # copy=True: a custom op's outputs must not be views of one another.
+            return sums[name].to(p.dtype, copy=True)
+
+        return [grad(name, p) for name, p in params.items()]
 
     if B * H * N == 0:
         return (dq, dk, dv, *param_grads())
