@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from eegfast.fileio import write_text_atomic
 
 
 @dataclass
@@ -71,6 +74,13 @@ def kernel_table(title: str, times: Sequence[KernelTime], top: int = 20) -> str:
         rest = sum(t.ms for t in times[top:])
         lines.append(f"| {len(times) - top} others | {rest:.4f} | {rest / total:.1%} | |")
     return "\n".join(lines) + "\n"
+
+
+def write_kernel_tables(out_dir: Path | str, name: str, title: str, sections: str) -> Path:
+    """``out_dir``/``name``_kernels.md: the :func:`profile_section` tables of one benchmark."""
+    path = Path(out_dir) / f"{name}_kernels.md"
+    write_text_atomic(path, f"# Kernels of {title}\n\n{sections}")
+    return path
 
 
 def profile_section(title: str, fn: Callable[[], object], iterations: int = 10) -> str:

@@ -46,6 +46,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks._profile import profile_section, write_kernel_tables
 from benchmarks._report import environment, interleaved_times
 from eegfast.fileio import write_text_atomic
 from eegfast.models import create_model, random_patch_mask
@@ -237,8 +238,6 @@ def run_gpu(size: str) -> tuple[list[Row], str]:
     """Rows of the four implementations, and Markdown of the kernels of the two eager ones."""
     from triton.testing import do_bench
 
-    from benchmarks._profile import profile_section
-
     B, C, A = GPU_CASE["batch"], GPU_CASE["n_chans"], GPU_CASE["n_patches"]
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(B, C, A, 200, device="cuda", generator=gen)
@@ -340,8 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                  "tokenizer forward, mixed precision, AdamW)")  # fmt: skip
         save(args.out, f"gpu_pretrain_{args.size}", title, environment(gpu=True), rows,
              "reference-eager", GPU_TARGET)  # fmt: skip
-        write_text_atomic(args.out / f"gpu_pretrain_{args.size}_kernels.md",
-                          f"# Kernels of the {title}\n\n{kernels}")  # fmt: skip
+        write_kernel_tables(args.out, f"gpu_pretrain_{args.size}", title, kernels)
     return 0
 
 

@@ -19,12 +19,11 @@ import functools
 import importlib.util
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from benchmarks._profile import profile_section, write_kernel_tables
 from benchmarks._report import environment, run_vq_cases, write_results
-from eegfast.fileio import write_text_atomic
 from eegfast.ops import available_backends
 
 GPU_SHAPES = ((32768, 8192, 32), (32768, 8192, 64))
@@ -59,7 +58,6 @@ def run_vq() -> list:
 
 def vq_kernel_breakdown() -> str:
     """Markdown: the kernels of eegfast's lookup + EMA step per backend (bf16, D = 32)."""
-    from benchmarks._profile import profile_section
     from benchmarks._report import EmaState, eegfast_lookup_ema, unit_rows
 
     statuses = available_backends()
@@ -131,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         results = OPS[op]()
         paths = write_results(args.out, f"gpu_{op}", f"eegfast {op} on {env['gpu']}", env, results)
-        paths["kernels"] = Path(args.out) / f"gpu_{op}_kernels.md"
-        write_text_atomic(paths["kernels"], f"# Kernels of eegfast {op}\n\n{BREAKDOWNS[op]()}")
+        paths["kernels"] = write_kernel_tables(
+            args.out, f"gpu_{op}", f"eegfast {op}", BREAKDOWNS[op]()
+        )
         print(paths["md"].read_text())
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

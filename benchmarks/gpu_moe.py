@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks._profile import profile_section, write_kernel_tables
 from eegfast.fileio import write_bytes_atomic
 
 SHAPES = {  # name: (T, D, H, E)
@@ -257,8 +258,6 @@ def write_outputs(out_dir, title, env, rows, name="gpu_moe") -> dict[str, Path]:
 
 def kernel_breakdown(shapes, device, dtype) -> str:
     """Markdown: the kernels of eegfast's forward + backward, per shape."""
-    from benchmarks._profile import profile_section
-
     sections = []
     for name, (T, D, H, E) in shapes.items():
         inputs = make_inputs(T, D, H, E, device, dtype)
@@ -274,19 +273,13 @@ def kernel_breakdown(shapes, device, dtype) -> str:
     return "\n".join(sections)
 
 
-def write_breakdown(out_dir, title, shapes, device, dtype, name="gpu_moe") -> Path:
-    path = Path(out_dir) / f"{name}_kernels.md"
-    breakdown = kernel_breakdown(shapes, device, dtype)
-    write_bytes_atomic(path, f"# Kernels of {title}\n\n{breakdown}".encode())
-    return path
-
-
 def run(out_dir: Path | str, env: dict) -> dict[str, Path]:
     """The GPU benchmark (entry point of ``python -m benchmarks.gpu --ops moe``)."""
     rows = run_cases(SHAPES, SWEEP_EXPERTS, "cuda", torch.bfloat16, do_bench_timer)
     title = f"eegfast MoE FFN on {env.get('gpu', 'GPU')}"
     paths = write_outputs(out_dir, title, env, rows)
-    paths["kernels"] = write_breakdown(out_dir, title, SHAPES, "cuda", torch.bfloat16)
+    breakdown = kernel_breakdown(SHAPES, "cuda", torch.bfloat16)
+    paths["kernels"] = write_kernel_tables(out_dir, "gpu_moe", title, breakdown)
     return paths
 
 
@@ -302,9 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_cases(SMOKE_SHAPES, SMOKE_SWEEP, "cpu", torch.float32, perf_counter_timer)
         title = "MoE smoke run (CPU, meaningless)"
         paths = write_outputs(args.out, title, environment(), rows, "smoke_moe")
-        paths["kernels"] = write_breakdown(
-            args.out, title, SMOKE_SHAPES, "cpu", torch.float32, "smoke_moe"
-        )
+        breakdown = kernel_breakdown(SMOKE_SHAPES, "cpu", torch.float32)
+        paths["kernels"] = write_kernel_tables(args.out, "smoke_moe", title, breakdown)
     else:
         if not torch.cuda.is_available():
             print("benchmarks.gpu_moe needs a CUDA device (or --smoke)", file=sys.stderr)

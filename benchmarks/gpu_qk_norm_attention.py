@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks._profile import profile_section, write_kernel_tables
 from eegfast.fileio import write_bytes_atomic
 
 SHAPES: dict[str, tuple[int, int, int, int]] = {
@@ -365,8 +366,6 @@ def autotuned_configs() -> dict[str, str]:
 def kernel_breakdown(shapes: dict[str, tuple[int, int, int, int]], device: str, dtype) -> str:
     """Markdown: the kernels of eegfast's forward and forward + backward (both variants of the
     key LayerNorm), per shape."""
-    from benchmarks._profile import profile_section
-
     ours = {OURS: eegfast_triton, PRENORM: eegfast_triton_pre_normalised_keys}
     sections = []
     for name, shape in shapes.items():
@@ -392,9 +391,8 @@ def run(out_dir: Path | str, env: dict, shapes: Sequence[str] = tuple(SHAPES)) -
     title = f"eegfast qk_norm_attention (bf16) on {env.get('gpu', 'GPU')}"
     env = {**env, "autotuned": autotuned_configs()}
     paths = write_outputs(out_dir, title, env, rows, "gpu_qk_norm_attention")
-    paths["kernels"] = Path(out_dir) / "gpu_qk_norm_attention_kernels.md"
     breakdown = kernel_breakdown(chosen, "cuda", torch.bfloat16)
-    write_bytes_atomic(paths["kernels"], f"# Kernels of {title}\n\n{breakdown}".encode())
+    paths["kernels"] = write_kernel_tables(out_dir, "gpu_qk_norm_attention", title, breakdown)
     return paths
 
 
@@ -418,11 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         env = environment()
         rows = run_cases(SMOKE_SHAPES, torch.float32, "cpu", perf_counter_timer)
-        paths = write_outputs(args.out, "qk_norm_attention smoke run (CPU, numbers meaningless)",
-                              env, rows, "smoke_qk_norm_attention")  # fmt: skip
-        paths["kernels"] = Path(args.out) / "smoke_qk_norm_attention_kernels.md"
+        title = "qk_norm_attention smoke run (CPU, numbers meaningless)"
+        paths = write_outputs(args.out, title, env, rows, "smoke_qk_norm_attention")
         breakdown = kernel_breakdown(SMOKE_SHAPES, "cpu", torch.float32)
-        write_bytes_atomic(paths["kernels"], breakdown.encode())
+        paths["kernels"] = write_kernel_tables(args.out, "smoke_qk_norm_attention", title,
+                                               breakdown)  # fmt: skip
     else:
         if not torch.cuda.is_available():
             print(
