@@ -10,8 +10,9 @@ Huge (64, 16, 257, 50), long context (16, 10, 2049, 20); no masks. Modes: forwar
 and forward + backward (q, k, v and the four LayerNorm parameters). Implementations, in one run:
 
 - ``eegfast-triton``: :func:`eegfast.ops.qk_norm_attention` with ``backend="triton"``;
-- ``eegfast-triton-prenorm-keys``: the same with the keys normalised once before the attention
-  loop (``qk_norm_attention_triton.PRE_NORMALISE_KEYS``), the variant to measure against it;
+- ``eegfast-triton-prenorm``: the same with the loops reading zero-padded rows written by one
+  pass per tensor before them, k (and q in the backward) already normalised
+  (``qk_norm_attention_triton.PRE_NORMALISE``), the variant to measure against it;
 - ``eager-reference``: :func:`eegfast.ops.qk_norm_attention_reference` (LayerNorm + explicit
   (N, N) softmax);
 - ``layernorm+sdpa``: ``F.layer_norm`` then ``F.scaled_dot_product_attention``;
@@ -65,7 +66,7 @@ TARGETS_MS: dict[tuple[str, str], float] = {
 MODES = ("fwd", "fwd+bwd")
 EPS = 1e-6
 OURS = "eegfast-triton"
-PRENORM = "eegfast-triton-prenorm-keys"
+PRENORM = "eegfast-triton-prenorm"
 
 # attention(q, k, v, params) -> (B, H, N, D), all four LayerNorm parameters given.
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], object]
@@ -76,21 +77,24 @@ Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[torch.T
 # --------------------------------------------------------------------------------------------
 
 
-def eegfast_triton(q, k, v, params):
-    from eegfast.ops import qk_norm_attention
+def _eegfast_triton(q, k, v, params, *, pre_normalise: bool):
+    """qk_norm_attention on the Triton backend with its loop variant set. The backward reads
+    the switch when it runs, after this returns: each row sets it before its forward, and
+    measure() runs a row's backward before the next row's forward."""
+    from eegfast.ops import qk_norm_attention, qk_norm_attention_triton
 
+    qk_norm_attention_triton.PRE_NORMALISE = pre_normalise
     return qk_norm_attention(q, k, v, *params, eps=EPS, backend="triton")
 
 
-def eegfast_triton_pre_normalised_keys(q, k, v, params):
-    """The forward variant that normalises the keys once, before the attention loop."""
-    from eegfast.ops import qk_norm_attention_triton as kernels
+def eegfast_triton(q, k, v, params):
+    """The default: fused loops that normalise q and k tiles inside them."""
+    return _eegfast_triton(q, k, v, params, pre_normalise=False)
 
-    kernels.PRE_NORMALISE_KEYS = True
-    try:
-        return eegfast_triton(q, k, v, params)
-    finally:
-        kernels.PRE_NORMALISE_KEYS = False
+
+def eegfast_triton_pre_normalised(q, k, v, params):
+    """The variant whose loops read padded rows, k (and q in the backward) normalised."""
+    return _eegfast_triton(q, k, v, params, pre_normalise=True)
 
 
 def eager_reference(q, k, v, params):
@@ -120,7 +124,7 @@ def layer_norm_flex(q, k, v, params):
 def implementations() -> dict[str, Attention]:
     return {
         OURS: eegfast_triton,
-        PRENORM: eegfast_triton_pre_normalised_keys,
+        PRENORM: eegfast_triton_pre_normalised,
         "eager-reference": eager_reference,
         "layernorm+sdpa": layer_norm_sdpa,
         "compile(layernorm+sdpa)": torch.compile(layer_norm_sdpa, dynamic=False),
@@ -364,9 +368,9 @@ def autotuned_configs() -> dict[str, str]:
 
 
 def kernel_breakdown(shapes: dict[str, tuple[int, int, int, int]], device: str, dtype) -> str:
-    """Markdown: the kernels of eegfast's forward and forward + backward (both variants of the
-    key LayerNorm), per shape."""
-    ours = {OURS: eegfast_triton, PRENORM: eegfast_triton_pre_normalised_keys}
+    """Markdown: the kernels of eegfast's forward and forward + backward (both loop variants),
+    per shape."""
+    ours = {OURS: eegfast_triton, PRENORM: eegfast_triton_pre_normalised}
     sections = []
     for name, shape in shapes.items():
         qkv, params, grad_out = make_inputs(shape, device, dtype)

@@ -81,12 +81,20 @@ else:
         "BLOCK_M",
         "BLOCK_N",
     )
-# The forward's key LayerNorm: False (default) normalises each key tile inside the attention
-# loop, again for every query tile; True normalises the keys once in a separate kernel
-# (_normalise_keys_kernel, one more pass over K) and the loop reads them. Which is faster is a
-# GPU measurement still to make (benchmarks.gpu_qk_norm_attention times both rows);
-# EEGFAST_TRITON_PRENORM_KEYS=1 sets it, and it can be assigned at run time.
-PRE_NORMALISE_KEYS = os.environ.get("EEGFAST_TRITON_PRENORM_KEYS", "0") == "1"
+# How the attention loops get their tiles. False (default): they load q, k, v and grad_out
+# rows as given (D of BLOCK_D columns, masked) and normalise each q / k tile inside the loop,
+# again for every tile of the other side. True: one pass of _pad_rows_kernel per tensor first
+# writes them as zero-padded (B * H, N, BLOCK_D) rows (k, and q in the backward, already
+# normalised), which the loops load without a column mask. Compiled for sm_90, only then are the
+# loops' tile loads asynchronous copies (software-pipelined), and the forward's loop loses the
+# key LayerNorm's warp shuffles (~470 of its ~490 at D = 20); it costs one more pass over each
+# tensor. Which is faster is a GPU measurement still to make (benchmarks.gpu_qk_norm_attention
+# times both); EEGFAST_TRITON_PRENORM=1 sets it, and it can be assigned at run time.
+PRE_NORMALISE = os.environ.get("EEGFAST_TRITON_PRENORM", "0") == "1"
+# _pad_rows_kernel's modes.
+_COPY = tl.constexpr(0)
+_NORMALISE = tl.constexpr(1)  # LayerNorm, statistics computed and stored
+_NORMALISE_FROM_STATS = tl.constexpr(2)  # LayerNorm with the stored statistics
 # N_BUCKET (next power of two of N, otherwise unused by the kernels): sequences of similar
 # length share one tuning run, so variable channel counts do not re-tune at every new N.
 _AUTOTUNE_KEY = ["N_BUCKET", "D", "CAUSAL", "BLOCK_CAUSAL"]  # + tensor dtypes (added by triton)
@@ -155,6 +163,18 @@ def _load_rows(ptr, rows, dims, row_stride, N, D):
 
 
 @triton.jit
+def _load_padded_rows(ptr, pid_bh, rows, N, BLOCK_D: tl.constexpr):
+    """(R, BLOCK_D) rows of (b, h) = pid_bh of a (B * H, N, BLOCK_D) buffer from
+    _pad_rows_kernel (columns past D are stored zeros: no column mask)."""
+    dims = tl.arange(0, BLOCK_D)
+    return tl.load(
+        ptr + (pid_bh * N + rows[:, None]) * BLOCK_D + dims[None, :],
+        mask=(rows < N)[:, None],
+        other=0.0,
+    )
+
+
+@triton.jit
 def _layer_norm_backward(grad_y, x_hat, rstd, w_ptr, dims, D, HAS_W: tl.constexpr):
     """dL/dx of y = LayerNorm(x) (affine w) from dL/dy, all (R, BLOCK_D) fp32."""
     grad_x_hat = grad_y
@@ -214,36 +234,45 @@ def _visible(
 
 
 @triton.jit
-def _normalise_keys_kernel(
-    k_ptr,  # (B, H, N, D) strides (skb, skh, skn, 1)
-    k_w_ptr,
-    k_b_ptr,
-    k_n_ptr,  # (B * H, N, BLOCK_D) contiguous out, dtype of k; padded dims written as 0
-    k_stats_ptr,  # (B, H, N, 2) fp32 out
-    skb,
-    skh,
-    skn,
+def _pad_rows_kernel(
+    x_ptr,  # (B, H, N, D) strides (sxb, sxh, sxn, 1), any layout
+    w_ptr,  # (D,) LayerNorm weight, or dummy
+    b_ptr,
+    stats_ptr,  # (B, H, N, 2) fp32: written (_NORMALISE), read (_NORMALISE_FROM_STATS)
+    out_ptr,  # (B * H, N, BLOCK_D) contiguous out, dtype of x; columns past D written as 0
+    sxb,
+    sxh,
+    sxn,
     H,
     N,
     D,
     eps,
-    HAS_K_W: tl.constexpr,
-    HAS_K_B: tl.constexpr,
+    MODE: tl.constexpr,  # _COPY, _NORMALISE or _NORMALISE_FROM_STATS
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """LayerNorm of the keys, once: the forward's PRE_NORMALISED_KEYS variant reads them."""
+    """x, or its LayerNorm, as zero-padded rows for the PRE_NORMALISE loops to load."""
     pid_m, pid_bh = _program_ids(N, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     dims = tl.arange(0, BLOCK_D)
-    k = _load_rows(k_ptr + b * skb + h * skh, rows, dims, skn, N, D).to(tl.float32)
-    k_hat = _normalise_and_store_stats(k, dims < D, D, eps, k_stats_ptr + pid_bh * N * 2, rows, N)
-    k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B)
+    x = _load_rows(x_ptr + b * sxb + h * sxh, rows, dims, sxn, N, D)
+    if MODE != _COPY:
+        x = x.to(tl.float32)
+        stats = stats_ptr + pid_bh * N * 2
+        if MODE == _NORMALISE:
+            x_hat = _normalise_and_store_stats(x, dims < D, D, eps, stats, rows, N)
+        else:
+            mean = tl.load(stats + rows * 2, mask=row_ok, other=0.0)
+            rstd = tl.load(stats + rows * 2 + 1, mask=row_ok, other=0.0)
+            x_hat = _normalised_from_stats(x, mean, rstd, dims < D)
+        x = _affine(x_hat, w_ptr, b_ptr, dims, D, HAS_W, HAS_B)
     offsets = (pid_bh * N + rows[:, None]) * BLOCK_D + dims[None, :]
-    tl.store(k_n_ptr + offsets, k_n.to(k_n_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(out_ptr + offsets, x.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)
@@ -262,7 +291,8 @@ def _fwd_kernel(
     lse_ptr,  # (B, H, N) fp32
     q_stats_ptr,  # (B, H, N, 2) fp32: mean, rstd
     k_stats_ptr,  # (B, H, N, 2) fp32
-    k_n_ptr,  # (B * H, N, BLOCK_D) LayerNorm(k) from _normalise_keys_kernel, or dummy
+    k_n_ptr,  # (B * H, N, BLOCK_D) padded LayerNorm(k) from _pad_rows_kernel, or dummy
+    v_p_ptr,  # (B * H, N, BLOCK_D) padded v, or dummy
     sqb,
     sqh,
     sqn,
@@ -278,7 +308,7 @@ def _fwd_kernel(
     N_BUCKET,
     eps,
     qk_scale_log2,  # scale * log2(e)
-    PRE_NORMALISED_KEYS: tl.constexpr,  # read k_n_ptr (k_stats already written) instead
+    PRE_NORMALISED: tl.constexpr,  # the loop reads k_n_ptr, v_p_ptr (k_stats written)
     HAS_Q_W: tl.constexpr,
     HAS_Q_B: tl.constexpr,
     HAS_K_W: tl.constexpr,
@@ -307,7 +337,7 @@ def _fwd_kernel(
     q = _load_rows(q_base, rows, dims, sqn, N, D).to(tl.float32)
     q_hat = _normalise_and_store_stats(q, col_ok, D, eps, q_stats_ptr + pid_bh * N * 2, rows, N)
     q_n = _affine(q_hat, q_w_ptr, q_b_ptr, dims, D, HAS_Q_W, HAS_Q_B).to(dtype)
-    if not PRE_NORMALISED_KEYS:
+    if not PRE_NORMALISED:
         # The k statistics of the rows this program owns (every key tile is normalised again
         # by each query program, but stored once, here).
         k_own = _load_rows(k_base, rows, dims, skn, N, D).to(tl.float32)
@@ -332,17 +362,14 @@ def _fwd_kernel(
             k_ids = tl.load(ids_ptr + cols, mask=cols < N, other=_INT32_MAX)
             run_tile = tl.min(k_ids, axis=0) <= q_ids_max  # skip tiles no query here sees
         if run_tile:
-            if PRE_NORMALISED_KEYS:
-                k_n = tl.load(
-                    k_n_ptr + (pid_bh * N + cols[:, None]) * BLOCK_D + dims[None, :],
-                    mask=(cols < N)[:, None],
-                    other=0.0,
-                )
+            if PRE_NORMALISED:
+                k_n = _load_padded_rows(k_n_ptr, pid_bh, cols, N, BLOCK_D)
+                v = _load_padded_rows(v_p_ptr, pid_bh, cols, N, BLOCK_D)
             else:
                 k = _load_rows(k_base, cols, dims, skn, N, D).to(tl.float32)
                 k_hat, k_mean, k_rstd = _layer_norm_stats(k, col_ok, D, eps)
                 k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B).to(dtype)
-            v = _load_rows(v_base, cols, dims, svn, N, D)
+                v = _load_rows(v_base, cols, dims, svn, N, D)
             scores = tl.dot(q_n, tl.trans(k_n), input_precision=PRECISION, out_dtype=tl.float32)
             scores = scores * qk_scale_log2
             k_pad = tl.zeros([BLOCK_N], tl.int32)
@@ -425,6 +452,8 @@ def _bwd_dkdv_kernel(
     delta_ptr,  # (B, H, N) fp32
     q_stats_ptr,  # (B, H, N, 2) fp32
     k_stats_ptr,
+    q_n_ptr,  # (B * H, N, BLOCK_D) padded LayerNorm(q) from _pad_rows_kernel, or dummy
+    g_p_ptr,  # (B * H, N, BLOCK_D) padded grad_out, or dummy
     dk_ptr,  # (B, H, N, D) contiguous out
     dv_ptr,  # (B, H, N, D) contiguous out
     dk_w_part_ptr,  # (B*H, num_slots, D) fp32 out, or dummy
@@ -457,6 +486,7 @@ def _bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     PART: tl.constexpr,
+    PRE_NORMALISED: tl.constexpr,  # the loop reads q_n_ptr and g_p_ptr
     BLOCK_N: tl.constexpr,  # keys owned by this program
     BLOCK_M: tl.constexpr,  # queries per loop step
 ):
@@ -501,13 +531,17 @@ def _bwd_dkdv_kernel(
             q_ids = tl.load(ids_ptr + rows, mask=row_in, other=_INT32_MIN)
             run_tile = tl.max(q_ids, axis=0) >= k_ids_min
         if run_tile:
-            q = _load_rows(q_base, rows, dims, sqn, N, D).to(tl.float32)
-            q_stats = q_stats_ptr + (pid_bh * N + rows) * 2
-            q_mean = tl.load(q_stats, mask=row_in, other=0.0)
-            q_rstd = tl.load(q_stats + 1, mask=row_in, other=0.0)
-            q_hat = _normalised_from_stats(q, q_mean, q_rstd, dim_ok)
-            q_n = _affine(q_hat, q_w_ptr, q_b_ptr, dims, D, HAS_Q_W, HAS_Q_B).to(dtype)
-            g = _load_rows(g_base, rows, dims, sgn, N, D).to(dtype)
+            if PRE_NORMALISED:
+                q_n = _load_padded_rows(q_n_ptr, pid_bh, rows, N, BLOCK_D)
+                g = _load_padded_rows(g_p_ptr, pid_bh, rows, N, BLOCK_D)
+            else:
+                q = _load_rows(q_base, rows, dims, sqn, N, D).to(tl.float32)
+                q_stats = q_stats_ptr + (pid_bh * N + rows) * 2
+                q_mean = tl.load(q_stats, mask=row_in, other=0.0)
+                q_rstd = tl.load(q_stats + 1, mask=row_in, other=0.0)
+                q_hat = _normalised_from_stats(q, q_mean, q_rstd, dim_ok)
+                q_n = _affine(q_hat, q_w_ptr, q_b_ptr, dims, D, HAS_Q_W, HAS_Q_B).to(dtype)
+                g = _load_rows(g_base, rows, dims, sgn, N, D).to(dtype)
             lse = tl.load(lse_ptr + pid_bh * N + rows, mask=row_in, other=float("inf"))
             # Rows that saw nothing (lse = -inf) get p = 0: shift them by +inf.
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
@@ -557,6 +591,8 @@ def _bwd_dq_kernel(
     delta_ptr,  # (B, H, N) fp32
     q_stats_ptr,  # (B, H, N, 2) fp32
     k_stats_ptr,
+    k_n_ptr,  # (B * H, N, BLOCK_D) padded LayerNorm(k) from _pad_rows_kernel, or dummy
+    v_p_ptr,  # (B * H, N, BLOCK_D) padded v, or dummy
     dq_ptr,  # (B, H, N, D) contiguous out
     dq_w_part_ptr,  # (B*H, num_slots, D) fp32 out, or dummy
     dq_b_part_ptr,
@@ -589,6 +625,7 @@ def _bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     PART: tl.constexpr,
+    PRE_NORMALISED: tl.constexpr,  # the loop reads k_n_ptr and v_p_ptr
     BLOCK_M: tl.constexpr,  # queries owned by this program
     BLOCK_N: tl.constexpr,  # keys per loop step
 ):
@@ -633,12 +670,16 @@ def _bwd_dq_kernel(
             k_ids = tl.load(ids_ptr + cols, mask=col_in, other=_INT32_MAX)
             run_tile = tl.min(k_ids, axis=0) <= q_ids_max
         if run_tile:
-            k = _load_rows(k_base, cols, dims, skn, N, D).to(tl.float32)
-            k_mean = tl.load(k_stats_base + cols * 2, mask=col_in, other=0.0)
-            k_rstd = tl.load(k_stats_base + cols * 2 + 1, mask=col_in, other=0.0)
-            k_hat = _normalised_from_stats(k, k_mean, k_rstd, dim_ok)
-            k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B).to(dtype)
-            v = _load_rows(v_base, cols, dims, svn, N, D)
+            if PRE_NORMALISED:
+                k_n = _load_padded_rows(k_n_ptr, pid_bh, cols, N, BLOCK_D)
+                v = _load_padded_rows(v_p_ptr, pid_bh, cols, N, BLOCK_D)
+            else:
+                k = _load_rows(k_base, cols, dims, skn, N, D).to(tl.float32)
+                k_mean = tl.load(k_stats_base + cols * 2, mask=col_in, other=0.0)
+                k_rstd = tl.load(k_stats_base + cols * 2 + 1, mask=col_in, other=0.0)
+                k_hat = _normalised_from_stats(k, k_mean, k_rstd, dim_ok)
+                k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B).to(dtype)
+                v = _load_rows(v_base, cols, dims, svn, N, D)
             k_pad = tl.zeros([BLOCK_N], tl.int32)
             if HAS_PAD:
                 k_pad = tl.load(pad_ptr + b * N + cols, mask=col_in, other=1).to(tl.int32)
@@ -758,6 +799,30 @@ def _mask_args(
     return pad, ids
 
 
+def _pad_rows(
+    x: torch.Tensor,
+    mode: tl.constexpr,
+    w: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> torch.Tensor:
+    """(B * H, N, BLOCK_D) zero-padded rows of x ((B, H, N, D), any strides with a unit
+    innermost one): x itself (mode _COPY), or its LayerNorm with w, b, computing ``stats``
+    (_NORMALISE) or reading them (_NORMALISE_FROM_STATS); see _pad_rows_kernel."""
+    B, H, N, D = x.shape
+    block_d = _block_d(D)
+    out = torch.empty(B * H, N, block_d, dtype=x.dtype, device=x.device)
+    block_m = 32 if triton_interpreting() else 64
+    wrap_triton(_pad_rows_kernel)[(triton.cdiv(N, block_m) * B * H,)](
+        x, x if w is None else w.contiguous(), x if b is None else b.contiguous(),
+        x if stats is None else stats, out, x.stride(0), x.stride(1), x.stride(2), H, N, D, eps,
+        MODE=mode.value, HAS_W=w is not None, HAS_B=b is not None, BLOCK_M=block_m,
+        BLOCK_D=block_d,
+    )  # fmt: skip
+    return out
+
+
 @triton_op("eegfast::qk_norm_attention_fwd_triton", mutates_args=())
 def qk_norm_attention_fwd_triton(
     q: torch.Tensor,
@@ -802,15 +867,10 @@ def qk_norm_attention_fwd_triton(
     pad, ids = _mask_args(q, key_padding_mask, block_ids)
     q_w_, q_b_, k_w_, k_b_ = (q if p is None else p.contiguous() for p in params.values())
     block_d = _block_d(D)
-    k_n = q  # placeholder
-    if PRE_NORMALISE_KEYS:
-        k_n = torch.empty(B * H, N, block_d, dtype=q.dtype, device=q.device)
-        norm_block = 32 if triton_interpreting() else 64
-        wrap_triton(_normalise_keys_kernel)[(triton.cdiv(N, norm_block) * B * H,)](
-            k, k_w_, k_b_, k_n, k_stats, k.stride(0), k.stride(1), k.stride(2), H, N, D, eps,
-            HAS_K_W=k_w is not None, HAS_K_B=k_b is not None, BLOCK_M=norm_block,
-            BLOCK_D=block_d,
-        )  # fmt: skip
+    k_n = v_p = q  # placeholders
+    if PRE_NORMALISE:
+        k_n = _pad_rows(k, _NORMALISE, k_w, k_b, k_stats, eps)
+        v_p = _pad_rows(v, _COPY)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
@@ -830,6 +890,7 @@ def qk_norm_attention_fwd_triton(
         q_stats,
         k_stats,
         k_n,
+        v_p,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -845,7 +906,7 @@ def qk_norm_attention_fwd_triton(
         triton.next_power_of_2(N),
         eps,
         scale * _LOG2E.value,
-        PRE_NORMALISED_KEYS=PRE_NORMALISE_KEYS,
+        PRE_NORMALISED=PRE_NORMALISE,
         HAS_Q_W=q_w is not None,
         HAS_Q_B=q_b is not None,
         HAS_K_W=k_w is not None,
@@ -970,6 +1031,7 @@ def qk_norm_attention_bwd_triton(
         BLOCK_D=block_d,
         PRECISION=_precision(q.dtype),
         PART=PART_ROWS,
+        PRE_NORMALISED=PRE_NORMALISE,
     )
     strides = (
         q.stride(0),
@@ -985,6 +1047,13 @@ def qk_norm_attention_bwd_triton(
         grad_out.stride(1),
         grad_out.stride(2),
     )
+
+    q_n = g_p = k_n = v_p = q  # placeholders
+    if PRE_NORMALISE:
+        q_n = _pad_rows(q, _NORMALISE_FROM_STATS, q_w, q_b, q_stats)
+        k_n = _pad_rows(k, _NORMALISE_FROM_STATS, k_w, k_b, k_stats)
+        v_p = _pad_rows(v, _COPY)
+        g_p = _pad_rows(grad_out.transpose(1, 2), _COPY)  # (B, N, H, D) seen as (B, H, N, D)
 
     def key_grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]) * B * H,)
@@ -1004,6 +1073,8 @@ def qk_norm_attention_bwd_triton(
         delta,
         q_stats,
         k_stats,
+        q_n,
+        g_p,
         dk,
         dv,
         part_k_w,
@@ -1036,6 +1107,8 @@ def qk_norm_attention_bwd_triton(
         delta,
         q_stats,
         k_stats,
+        k_n,
+        v_p,
         dq,
         part_q_w,
         part_q_b,

@@ -326,39 +326,79 @@ def test_opcheck():
     torch.library.opcheck(bwd, no_params, test_utils=checks)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[9]])
-def test_pre_normalised_keys_variant(case, monkeypatch):
-    """The forward that normalises the keys once in a separate kernel gives what the fused
-    loop gives (the same arithmetic), and passes the reference check."""
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5], CASES[9]])
+def test_pre_normalised_variant(case, monkeypatch):
+    """The loops over zero-padded, pre-normalised rows (PRE_NORMALISE) give what the fused
+    loops give, bit for bit (the same arithmetic on the same values), forward and all seven
+    gradients, and pass the reference check; without LayerNorm parameters too (CASES[3])."""
     B, H, N, D, dtype, mask, causal, block_size, affine = case
     inputs = make_case(B, H, N, D, dtype, seed=N + D, affine=affine, mask=mask,
                        block_size=block_size)  # fmt: skip
-    fused_out, fused_lse, _ = check_against_reference(*inputs, causal=causal)
-    monkeypatch.setattr(triton_ops(), "PRE_NORMALISE_KEYS", True)
-    out, lse, _ = check_against_reference(*inputs, causal=causal)
+    fused_out, fused_lse, fused_grads = check_against_reference(*inputs, causal=causal)
+    monkeypatch.setattr(triton_ops(), "PRE_NORMALISE", True)
+    out, lse, grads = check_against_reference(*inputs, causal=causal)
     assert torch.equal(out, fused_out) and torch.equal(lse, fused_lse)
+    for name, grad, fused in zip(GRAD_NAMES, grads, fused_grads, strict=True):
+        assert torch.equal(grad, fused), f"d{name}"
+
+
+def test_pad_rows_reads_any_layout():
+    """_pad_rows: the rows of a strided (B, N, H, D) buffer seen as (B, H, N, D) (grad_out's
+    layout), zero past D; LayerNorm from stored stats equals the computed one."""
+    ops = triton_ops()
+    B, N, H, D = 2, 37, 3, 20
+    x = torch.randn(B, N, H, D)
+    padded = ops._pad_rows(x.transpose(1, 2), ops._COPY)
+    assert padded.shape == (B * H, N, 32)
+    assert torch.equal(padded[..., :D], x.transpose(1, 2).reshape(B * H, N, D))
+    assert torch.count_nonzero(padded[..., D:]) == 0
+    w, b = 1 + 0.1 * torch.randn(D), 0.1 * torch.randn(D)
+    stats = torch.empty(B, H, N, 2)
+    normalised = ops._pad_rows(x.transpose(1, 2), ops._NORMALISE, w, b, stats, EPS)
+    again = ops._pad_rows(x.transpose(1, 2), ops._NORMALISE_FROM_STATS, w, b, stats)
+    assert torch.equal(normalised, again)
+    expected = torch.nn.functional.layer_norm(x.transpose(1, 2), (D,), w, b, EPS)
+    torch.testing.assert_close(normalised[..., :D], expected.reshape(B * H, N, D))
+    assert torch.count_nonzero(normalised[..., D:]) == 0
 
 
 @pytest.mark.skipif(not has_ptxas(), reason="this triton install has no bundled ptxas")
 def test_kernels_compile_for_sm90_without_a_gpu():
-    """The three autotuned kernels (first config) compile for an H100 with tensor-core dots:
-    catches what the interpreter accepts but the compiler rejects."""
+    """The three autotuned kernels (first config) compile for an H100 with tensor-core dots, in
+    both loop variants (PRE_NORMALISE or not), and so does _pad_rows_kernel: catches what the
+    interpreter accepts but the compiler rejects."""
     flags = ("HAS_Q_W", "HAS_Q_B", "HAS_K_W", "HAS_K_B", "HAS_PAD", "CAUSAL", "BLOCK_CAUSAL")
     constants = dict.fromkeys(flags, True) | dict(BLOCK_D=32, PRECISION="ieee", PART=16)
     data = ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "grad_out_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
             "q_w_ptr", "q_b_ptr", "k_w_ptr", "k_b_ptr")  # fmt: skip
-    types = {**{name: "*bf16" for name in (*data, "k_n_ptr")}, "pad_ptr": "*u8", "ids_ptr": "*i32",
+    padded = ("q_n_ptr", "k_n_ptr", "v_p_ptr", "g_p_ptr", "x_ptr", "w_ptr", "b_ptr")
+    types = {**{name: "*bf16" for name in (*data, *padded)}, "pad_ptr": "*u8", "ids_ptr": "*i32",
              "eps": "fp32", "scale": "fp32", "qk_scale_log2": "fp32"}  # fmt: skip
-    constants["PRE_NORMALISED_KEYS"] = False
     names = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
-    specs = [KernelSpec(n, constants, types) for n in names]
-    pre_normalised = dict(constants, PRE_NORMALISED_KEYS=True)
-    specs += [KernelSpec("_normalise_keys_kernel", dict(constants, BLOCK_M=64), types),
-              KernelSpec("_fwd_kernel", pre_normalised, types)]  # fmt: skip
-    compiled = compile_for_sm90("eegfast.ops.qk_norm_attention_triton", specs)
-    for name in names:  # the last _fwd_kernel compiled is the PRE_NORMALISED_KEYS one
-        assert "warp_group_dot" in compiled[name]["ttgir"], f"{name}: no tensor-core dot"
-    assert "_normalise_keys_kernel" in compiled
+    specs = [KernelSpec(n, dict(constants, PRE_NORMALISED=pre), types)
+             for pre in (False, True) for n in names]  # fmt: skip
+    specs.append(KernelSpec("_pad_rows_kernel", dict(constants, MODE=1, BLOCK_M=64), types))
+    for variant in (specs[:3], specs[3:]):  # fused, then PRE_NORMALISED and _pad_rows_kernel
+        compiled = compile_for_sm90("eegfast.ops.qk_norm_attention_triton", variant)
+        for name in names:
+            assert "warp_group_dot" in compiled[name]["ttgir"], f"{name}: no tensor-core dot"
+    assert "_pad_rows_kernel" in compiled
+
+    # LaBraM's case (no mask): with PRE_NORMALISE the loops' tiles (no column mask,
+    # BLOCK_D-strided rows) reach shared memory by asynchronous copies, software-pipelined,
+    # instead of being computed in registers and stored there (at D = 20 the fused loops
+    # stage 3-5 times as many st.shared)
+    no_masks = dict(constants, HAS_PAD=False, CAUSAL=False, BLOCK_CAUSAL=False)
+    variants = [
+        compile_for_sm90("eegfast.ops.qk_norm_attention_triton",
+                         [KernelSpec(n, dict(no_masks, PRE_NORMALISED=pre), types) for n in names])
+        for pre in (False, True)
+    ]  # fmt: skip
+    for name in names:
+        fused, padded = (variant[name] for variant in variants)
+        assert "async_copy_global_to_local" in padded["ttgir"], f"{name}: loads not pipelined"
+        stores = [variant["ptx"].count("st.shared") for variant in (padded, fused)]
+        assert stores[0] < stores[1], f"{name}: st.shared {stores[0]} (padded) vs {stores[1]}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,8 +449,8 @@ def test_gpu_matches_reference(D, dtype):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("D", (20, 50))
-def test_gpu_pre_normalised_keys_variant(D, monkeypatch):
-    monkeypatch.setattr(triton_ops(), "PRE_NORMALISE_KEYS", True)
+def test_gpu_pre_normalised_variant(D, monkeypatch):
+    monkeypatch.setattr(triton_ops(), "PRE_NORMALISE", True)
     test_gpu_matches_reference(D, torch.bfloat16)
 
 
