@@ -883,7 +883,9 @@ EEGFAST_INLINE void softmax_step(T* S, int keys, T* m, T* l, T* alpha) {
 }
 
 // Rows [row_begin, row_end) of (b, h) in R-row tiles with the online maximum: for inputs
-// whose score bound is too large (see kUnshiftedScoreLimit), or NaN.
+// whose score bound is too large (see kUnshiftedScoreLimit), or NaN, and (R = 1) for the few
+// rows of a task past its whole vectors of queries. Writes the rows' q_stats (those its
+// normalisation used).
 template <int R, typename scalar_t, typename T>
 EEGFAST_INLINE void forward_rows_online(const ForwardArgs<scalar_t, T>& a, const KeySide<T>& ks,
                                         int64_t b, int64_t h, int64_t row_begin,
@@ -901,6 +903,8 @@ EEGFAST_INLINE void forward_rows_online(const ForwardArgs<scalar_t, T>& a, const
       const scalar_t* x = p.q.row(b, h, i0 + r);
       T mean, rstd;
       row_stats(x, p.q.sd, D, a.eps, row.data(), mean, rstd);
+      a.q_stats[(bh * N + i0 + r) * 2] = mean;
+      a.q_stats[(bh * N + i0 + r) * 2 + 1] = rstd;
       T* dst = queries.data() + r * Dv;
       normalize_row(x, p.q.sd, D, mean, rstd, p.qw, p.qb, dst, static_cast<T*>(nullptr));
       for (int64_t d = 0; d < D; ++d) dst[d] *= p.scale;
@@ -979,16 +983,23 @@ EEGFAST_INLINE void forward_query_tile(const ForwardArgs<scalar_t, T>& a, const 
       query_lane_scores<QV, JR>(Qt, D, ks.panels.data() + key / W * D * W + key % W,
                                 St + j * QT);
     }
-    // e^s in place, summed per query; masked scores (-inf) need vexp's flush to 0
+    // e^s in place, summed per query; masked scores (-inf) need vexp's flush to 0. The sums
+    // run in locals: accumulated into l[] itself (captured by reference), GCC kept them on the
+    // stack, a load-add-store per vector (~4% of the forward).
     auto exponentiate = [&](auto masked) EEGFAST_INLINE_LAMBDA {
+      vec_t<T> sum[QV];
+      #pragma GCC unroll 3
+      for (int v = 0; v < QV; ++v) sum[v] = l[v];
       for (int j = 0; j < keys; ++j)
         #pragma GCC unroll 3
         for (int v = 0; v < QV; ++v) {
           const vec_t<T> s = vload(St + j * QT + v * L);
           const vec_t<T> e = decltype(masked)::value ? vexp(s) : vexp_in_range(s);
           vstore(St + j * QT + v * L, e);
-          l[v] += e;
+          sum[v] += e;
         }
+      #pragma GCC unroll 3
+      for (int v = 0; v < QV; ++v) l[v] = sum[v];
     };
     if (query_lane_mask<QV>(p, ks, t, kb, keys, St))
       exponentiate(std::true_type{});
@@ -1031,9 +1042,15 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
   KeySide<T>& ks = thread_key_side<T>();  // buffers reused (see prepare_keys)
   prepare_keys(p, b, h, a.eps, KeyLayout::kForward, static_cast<const T*>(nullptr),
                chunk == 0 ? a.k_stats + bh * N * 2 : static_cast<T*>(nullptr), ks);
+  // At most L / 4 rows past the task's whole vectors of queries (N = 16 m + 1 with 16 lanes, as
+  // LaBraM's 257 = 256 patches + the cls token) take the row layout, one at a time: a
+  // query-lane vector costs the same FMAs however few of its lanes hold rows (one row: ~12x
+  // its row-layout cost), and at N = 257 that last vector was 1 of 17.
+  const int64_t tail = (row_end - row_begin) % L;
+  const int64_t lane_end = tail <= L / 4 ? row_end - tail : row_end;
   std::vector<T> Qt(p.D * QT), Ot(p.D * QT);
-  for (int64_t i0 = row_begin; i0 < row_end; i0 += QT) {
-    const int rows = static_cast<int>(std::min<int64_t>(QT, row_end - i0));
+  for (int64_t i0 = row_begin; i0 < lane_end; i0 += QT) {
+    const int rows = static_cast<int>(std::min<int64_t>(QT, lane_end - i0));
     if (rows > 2 * L)
       forward_query_tile<3, R, JR, DR>(a, ks, b, h, i0, rows, Qt.data(), Ot.data());
     else if (rows > L)
@@ -1041,6 +1058,7 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
     else
       forward_query_tile<1, R, JR, DR>(a, ks, b, h, i0, rows, Qt.data(), Ot.data());
   }
+  if (lane_end < row_end) forward_rows_online<1>(a, ks, b, h, lane_end, row_end);
   release_if_large(ks);
 }
 

@@ -254,12 +254,15 @@ def test_cpu_backward_over_several_row_groups(isa, monkeypatch):
 @pytest.mark.parametrize(("isa", "lanes"), [("avx512", 16), ("avx2", 8)])
 def test_cpu_last_query_tile_takes_as_few_vectors_as_its_rows_need(isa, lanes, monkeypatch):
     """The forward's query tiles hold 3 vectors of queries, but the last one of a head holds 1,
-    2 or 3 (as many as its rows fill). N leaves 1, L, L + 1, 2 L, 2 L + 1 and 3 L rows for the
-    last tile, with padded keys and causal masks in the same tile; the key count past a whole
-    micro-tile also exercises the P.V sum over the keys < N only."""
+    2 or 3 (as many as its rows fill), and at most L / 4 rows past whole vectors take the row
+    layout instead (one at a time, with their q_stats, which the backward reads). N leaves 1,
+    L / 4, L / 4 + 1, L, L + 1, 2 L, 2 L + 1 and 3 L rows for the last tile, with padded keys
+    and causal masks in the same tile; the key count past a whole micro-tile also exercises the
+    P.V sum over the keys < N only."""
     monkeypatch.setenv("EEGFAST_CPU_ISA", isa)
     tile = 3 * lanes
-    for last in (1, lanes, lanes + 1, 2 * lanes, 2 * lanes + 1, 3 * lanes):
+    quarter = lanes // 4
+    for last in (1, quarter, quarter + 1, lanes, lanes + 1, 2 * lanes, 2 * lanes + 1, 3 * lanes):
         case = make_case(1, 2, tile + last, 20, seed=last, padding=True, causal=last % 2 == 1)
         expected = run(case, "reference", dtype=torch.float64)
         assert_all_close(run(case, "cpu"), expected, 2e-4, result_names(case))
