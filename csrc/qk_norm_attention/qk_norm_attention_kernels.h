@@ -359,6 +359,73 @@ EEGFAST_INLINE void score_tile(const T* A, int64_t Dv, int64_t D, const T* panel
     tile_products<R, 1, false>(A, Dv, 1, panels + p * D * W, W, D, S + p * W, kKeyBlock);
 }
 
+// The backward's probabilities and score gradients of RR rows and C key vectors of one panel,
+// for a key block with no masked score: S = Q K^T and dP = G V^T accumulate side by side in
+// registers (the same FMAs in the same order as two score_tile calls), then
+//   P = e^(S - lse),  dS = P (dP - delta) scale
+// are stored once. Writing S and dP out and reading them back in a separate pass was ~10% of
+// the backward at D = 20. Q, G: rows Dv apart; panels: key j, dim d at d W + j; P, dS: rows
+// kKeyBlock apart. Rows past the group's (lse = inf) get P = 0 from vexp's flush.
+template <int RR, int C, typename T>
+EEGFAST_INLINE void probability_tile(const T* Q, const T* G, int64_t Dv, int64_t D,
+                                     const T* key_panel, const T* value_panel, const T* lse,
+                                     const T* delta, T scale, T* P, T* dS) {
+  constexpr int L = kLanes<T>, W = kPanel<T>;
+  vec_t<T> s[RR][C], dp[RR][C];
+  #pragma GCC unroll 4
+  for (int r = 0; r < RR; ++r)
+    #pragma GCC unroll 2
+    for (int c = 0; c < C; ++c) s[r][c] = dp[r][c] = vec_t<T>{};
+  for (int64_t d = 0; d < D; ++d) {
+    vec_t<T> keys[C], values[C];
+    #pragma GCC unroll 2
+    for (int c = 0; c < C; ++c) {
+      keys[c] = vload(key_panel + d * W + c * L);
+      values[c] = vload(value_panel + d * W + c * L);
+    }
+    #pragma GCC unroll 4
+    for (int r = 0; r < RR; ++r) {
+      const vec_t<T> q = vsplat(Q[r * Dv + d]), g = vsplat(G[r * Dv + d]);
+      #pragma GCC unroll 2
+      for (int c = 0; c < C; ++c) {
+        s[r][c] += q * keys[c];
+        dp[r][c] += g * values[c];
+      }
+    }
+  }
+  #pragma GCC unroll 4
+  for (int r = 0; r < RR; ++r) {
+    const vec_t<T> shift = vsplat(lse[r]), d_r = vsplat(delta[r]);
+    #pragma GCC unroll 2
+    for (int c = 0; c < C; ++c) {
+      const vec_t<T> prob = vexp(s[r][c] - shift);
+      vstore(P + r * kKeyBlock + c * L, prob);
+      vstore(dS + r * kKeyBlock + c * L, prob * (dp[r][c] - d_r) * scale);
+    }
+  }
+}
+
+// probability_tile over R rows (sub-tiles of up to 4: 16 accumulators with 2 key vectors) and
+// the first `keys` keys of a block (a multiple of the vector width).
+template <int R, typename T>
+EEGFAST_INLINE void probability_rows(const T* Q, const T* G, int64_t Dv, int64_t D,
+                                     const T* key_panels, const T* value_panels, int keys,
+                                     const T* lse, const T* delta, T scale, T* P, T* dS) {
+  constexpr int RR = R < 4 ? R : 4, W = kPanel<T>;
+  static_assert(R % RR == 0, "row sub-tiles");
+  for (int r0 = 0; r0 < R; r0 += RR) {
+    const T *q = Q + r0 * Dv, *g = G + r0 * Dv;
+    T *prob = P + r0 * kKeyBlock, *ds = dS + r0 * kKeyBlock;
+    int j = 0;
+    for (; j + W <= keys; j += W)
+      probability_tile<RR, 2>(q, g, Dv, D, key_panels + j * D, value_panels + j * D, lse + r0,
+                              delta + r0, scale, prob + j, ds + j);
+    if (j < keys)  // a last half panel: one vector
+      probability_tile<RR, 1>(q, g, Dv, D, key_panels + j * D, value_panels + j * D, lse + r0,
+                              delta + r0, scale, prob + j, ds + j);
+  }
+}
+
 // out[r][c0 : c0 + C L] += sum_j S[r][j] * B[j][c0 : c0 + C L] over the first `keys` rows of B.
 template <int R, typename T, int C>
 EEGFAST_INLINE void rows_chunk(T* out, int64_t Dv, const T* S, const T* B, int keys,
@@ -723,6 +790,16 @@ EEGFAST_INLINE bool block_visible(const Problem<scalar_t, T>& p, const KeySide<T
   if (p.causal && kb * kKeyBlock > t.last_row) return false;
   if (p.ids && ks.block_id_min[kb] > t.id_max) return false;
   return true;
+}
+
+// Whether some score of the tile's rows in key block kb is masked (a padded key, or a causal /
+// block-causal pair): mask_scores has work to do.
+template <typename scalar_t, typename T>
+EEGFAST_INLINE bool scores_need_mask(const Problem<scalar_t, T>& p, const KeySide<T>& ks,
+                                     const TileMask& t, int64_t kb) {
+  const int64_t key0 = kb * kKeyBlock;
+  return ks.block_masked[kb] || (p.causal && key0 + kKeyBlock - 1 > t.first_row) ||
+         (p.ids && ks.block_id_max[kb] > t.id_min);
 }
 
 // Adds the key bias and, where some keys of the block are hidden from some rows, -inf there.
@@ -1264,8 +1341,8 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   const std::vector<T> qw_pad = padded_param(p.qw, T(1), D, Dv),
                        qb_pad = padded_param(p.qb, T(0), D, Dv);
   std::vector<T> q_row(Dv, T(0));
-  alignas(64) T P[L * kKeyBlock];
-  alignas(64) T dS[L * kKeyBlock];
+  alignas(64) T P[QL * kKeyBlock];  // a lane tile pair's rows, kKeyBlock apart
+  alignas(64) T dS[QL * kKeyBlock];
   alignas(64) T dS_lanes[kKeyBlock * QL];  // dS^T of a lane tile pair: key j's rows at j QL
   const T* q_stats = a.q_stats + bh * N * 2;
   for (int64_t g0 = row_begin; g0 < row_end; g0 += kBackwardGroupRows) {
@@ -1321,7 +1398,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
       const T* key_panels = ks.panels.data() + kb * kKeyBlock * D;
       const T* value_panels = ks.value_panels.data() + kb * kKeyBlock * D;
       for (int64_t pair = 0; pair < pairs; ++pair) {
-        bool pair_visible = false;
+        bool half_visible[2] = {false, false};
         for (int half = 0; half < 2; ++half) {
           const int64_t lt = pair * 2 + half;
           // P and dS of the lane tile's row tiles; 0 in those past the group's rows or not
@@ -1329,8 +1406,8 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
           bool visible = false;
           for (int tp = 0; tp < TP && lt < lane_tiles; ++tp) {
             const int64_t t = lt * TP + tp, r0 = t * R;
-            T* Pt = P + tp * R * kKeyBlock;
-            T* dSt = dS + tp * R * kKeyBlock;
+            T* Pt = P + (half * TP + tp) * R * kKeyBlock;
+            T* dSt = dS + (half * TP + tp) * R * kKeyBlock;
             if (t >= tiles || !block_visible(p, ks, masks[t], kb)) {
               for (int r = 0; r < R; ++r) {
                 std::fill(Pt + r * kKeyBlock, Pt + r * kKeyBlock + keys, T(0));
@@ -1339,6 +1416,12 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
               continue;
             }
             visible = true;
+            if (!scores_need_mask(p, ks, masks[t], kb)) {
+              probability_rows<R>(scaled.data() + r0 * Dv, grads.data() + r0 * Dv, Dv, D,
+                                  key_panels, value_panels, keys, lse.data() + r0,
+                                  delta.data() + r0, p.scale, Pt, dSt);
+              continue;
+            }
             score_tile<R>(scaled.data() + r0 * Dv, Dv, D, key_panels, keys, Pt);
             mask_scores<R>(p, ks, masks[t], kb, Pt);
             score_tile<R>(grads.data() + r0 * Dv, Dv, D, value_panels, keys, dSt);
@@ -1352,27 +1435,33 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
               }
             }
           }
+          half_visible[half] = visible;
           if (!visible) {  // this half of dS^T is 0
             for (int j = 0; j < real_keys; ++j) vstore(dS_lanes + j * QL + half * L, vec_t<T>{});
             continue;
           }
-          pair_visible = true;
-          const int64_t r0 = lt * L;
-          const int sum_rows = static_cast<int>(std::min<int64_t>(L, tiles * R - r0));
-          accumulate_transposed<R>(dvalues + kb * kKeyBlock * D, D, Dv, P,
-                                   grads.data() + r0 * Dv, sum_rows, keys);
-          accumulate_transposed<R>(dkn + kb * kKeyBlock * D, D, Dv, dS,
-                                   queries.data() + r0 * Dv, sum_rows, keys);
+          const T* dS_half = dS + half * L * kKeyBlock;
           for (int j0 = 0; j0 < real_keys; j0 += L) {
             vec_t<T> block[L];
-            for (int r = 0; r < L; ++r) block[r] = vload(dS + r * kKeyBlock + j0);
+            for (int r = 0; r < L; ++r) block[r] = vload(dS_half + r * kKeyBlock + j0);
             transpose_block<T>(block);
             for (int j = 0; j < L; ++j) vstore(dS_lanes + (j0 + j) * QL + half * L, block[j]);
           }
         }
+        if (!half_visible[0] && !half_visible[1]) continue;
+        // dK / dV sums over the pair's rows from the first visible half to the last computed
+        // row at once: one load and store of the (D, keys) accumulators per 2 L rows, not L
+        const int first = half_visible[0] ? 0 : L;
+        const int last =
+            static_cast<int>(std::min<int64_t>(half_visible[1] ? QL : L, tiles * R - pair * QL));
+        const int64_t r0 = pair * QL + first;
+        accumulate_transposed<R>(dvalues + kb * kKeyBlock * D, D, Dv, P + first * kKeyBlock,
+                                 grads.data() + r0 * Dv, last - first, keys);
+        accumulate_transposed<R>(dkn + kb * kKeyBlock * D, D, Dv, dS + first * kKeyBlock,
+                                 queries.data() + r0 * Dv, last - first, keys);
         // dQ^T reads the keys from their panels (key j, dim d at d W + j of its panel)
         constexpr int W = kPanel<T>;
-        for (int j0 = 0; pair_visible && j0 < real_keys; j0 += W)
+        for (int j0 = 0; j0 < real_keys; j0 += W)
           query_lane_all_values<2, DR>(dq_lanes.data() + pair * D * QL, dS_lanes + j0 * QL,
                                        key_panels + j0 * D, 1, W, D,
                                        std::min(W, real_keys - j0));
