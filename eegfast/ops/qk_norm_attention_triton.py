@@ -16,7 +16,9 @@ Signatures and shapes are those of ``eegfast::qk_norm_attention_fwd`` / ``_bwd``
 CONTRACTS / :mod:`eegfast.ops.qk_norm_attention`). Head dims 1..128 are padded to a power of two
 (at least 16, the smallest ``tl.dot`` size) inside the kernels with masked loads. Under
 ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (the tests do this) with one small block
-configuration, since the interpreter is slow and cannot benchmark.
+configuration, since the interpreter is slow and cannot benchmark. ``PRE_NORMALISE`` selects an
+opt-in variant of the three attention loops that read zero-padded, already normalised rows
+written by ``_pad_rows_kernel`` first (same results).
 """
 
 from __future__ import annotations
