@@ -1276,6 +1276,50 @@ EEGFAST_INLINE void backward_keys_pass(const BackwardArgs<scalar_t, T>& a, int64
   release_if_large(ks);
 }
 
+// The last key block's keys when they are at most L / 4 (N = 16 m + 1 with 16 lanes, as
+// LaBraM's 257: one key), in a block without masks (no padding, causal or block ids): the
+// key-lane products would spend a whole vector of keys on each, in all four of S, dP, dK and
+// dV (~3% of the backward at N = 257). Here the group's rows are the lanes instead: for each
+// such key j and L rows at a time,
+//   s = Qs k_j,  dp = G v_j,  P = e^(s - lse),  dS = P (dp - delta) scale,
+//   dV_j += P^T G,  dK_j += dS^T Qn (lane sums, reduced at the end),  dQ^T += k_j dS^T,
+// reading the rows transposed (Dv, lanes; lane stride ld) and the key from its panel.
+template <typename T>
+EEGFAST_INLINE void backward_tail_keys(int tail_keys, const T* key_panel, const T* value_panel,
+                                       int64_t D, const T* scaled_t, const T* grads_t,
+                                       const T* queries_t, int64_t ld, int lane_tiles,
+                                       const T* lse, const T* delta, T scale, T* dq_lanes,
+                                       T* dvalues, T* dkn, T* acc) {
+  constexpr int L = kLanes<T>, W = kPanel<T>, QL = 2 * L;
+  T* acc_v = acc;
+  T* acc_k = acc + D * L;
+  for (int j = 0; j < tail_keys; ++j) {
+    const T* k_j = key_panel + j;  // dim d at d W
+    const T* v_j = value_panel + j;
+    std::fill(acc, acc + 2 * D * L, T(0));
+    for (int lt = 0; lt < lane_tiles; ++lt) {
+      const int64_t r0 = int64_t(lt) * L;
+      vec_t<T> s{}, dp{};
+      for (int64_t d = 0; d < D; ++d) {
+        s += vload(scaled_t + d * ld + r0) * vsplat(k_j[d * W]);
+        dp += vload(grads_t + d * ld + r0) * vsplat(v_j[d * W]);
+      }
+      const vec_t<T> prob = vexp(s - vload(lse + r0));  // padding rows: lse = inf, P = 0
+      const vec_t<T> ds = prob * (dp - vload(delta + r0)) * scale;
+      T* dq = dq_lanes + (lt / 2) * D * QL + (lt % 2) * L;
+      for (int64_t d = 0; d < D; ++d) {
+        vstore(acc_v + d * L, vload(acc_v + d * L) + prob * vload(grads_t + d * ld + r0));
+        vstore(acc_k + d * L, vload(acc_k + d * L) + ds * vload(queries_t + d * ld + r0));
+        vstore(dq + d * QL, vload(dq + d * QL) + ds * vsplat(k_j[d * W]));
+      }
+    }
+    for (int64_t d = 0; d < D; ++d) {  // key-lane blocks: key j, dim d at d kKeyBlock + j
+      dvalues[d * kKeyBlock + j] += hsum<T>(vload(acc_v + d * L));
+      dkn[d * kKeyBlock + j] += hsum<T>(vload(acc_k + d * L));
+    }
+  }
+}
+
 // Query rows per group of the backward. A group's per-row data (normalised and scaled queries,
 // grad_out rows, dq accumulators: ~5 R Dv floats per tile) stays in L2 while the key blocks
 // are visited one by one, each block's keys, values and dK / dV sums (~35 KB at D = 20) staying
@@ -1338,6 +1382,20 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   std::vector<T> out_row(Dv), delta(group_cap), lse(group_cap), dx(Dv), dqw_sum(Dv, T(0)),
       dqb_sum(Dv, T(0));
   std::vector<T> dq_lanes(group_cap * D);  // dQ^T per lane tile pair: (group_cap / QL, D, QL)
+  // The last key block through backward_tail_keys (see there) when it holds at most L / 4 keys
+  // and no mask; its rows' inputs then also go to lanes, per group.
+  // (block_masked does not tell: keys past N have the bias -inf that masks them.)
+  const int64_t last_block = p.key_blocks - 1;
+  const int tail_keys = static_cast<int>(N - last_block * kKeyBlock);
+  bool lane_tail = tail_keys <= L / 4 && !p.causal && !p.ids;
+  for (int j = 0; lane_tail && j < tail_keys; ++j)
+    lane_tail = ks.bias[last_block * kKeyBlock + j] == T(0);
+  static thread_local std::vector<T> thread_lanes[4];
+  auto& [scaled_t, grads_t, queries_t, tail_acc] = thread_lanes;
+  if (lane_tail) {
+    for (auto* buffer : {&scaled_t, &grads_t, &queries_t}) buffer->resize(Dv * group_cap);
+    tail_acc.resize(2 * D * L);
+  }
   std::vector<TileMask> masks(group_cap / R);
   const std::vector<T> qw_pad = padded_param(p.qw, T(1), D, Dv),
                        qb_pad = padded_param(p.qb, T(0), D, Dv);
@@ -1391,7 +1449,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
       masks[t] = tile_mask<R>(p, g0 + t * R);
       masks[t].last_row = std::min(g0 + (t + 1) * R, g0 + rows) - 1;
     }
-    for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
+    for (int64_t kb = 0; kb < p.key_blocks - (lane_tail ? 1 : 0); ++kb) {
       const int keys = ks.block_keys[kb];
       // keys past N have dS = 0: dQ sums over the block's keys < N only (at N = 257 the
       // last block's vector holds 1 key of 16)
@@ -1468,6 +1526,22 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
                                        std::min(W, real_keys - j0));
       }
     }
+    if (lane_tail) {
+      const int64_t ld = lane_tiles * L;
+      for (int64_t lt = 0; lt < lane_tiles; ++lt) {
+        const int valid = static_cast<int>(std::min<int64_t>(L, rows - lt * L));
+        rows_to_lanes(scaled.data() + lt * L * Dv, Dv, valid, Dv, scaled_t.data() + lt * L, ld);
+        rows_to_lanes(grads.data() + lt * L * Dv, Dv, valid, Dv, grads_t.data() + lt * L, ld);
+        rows_to_lanes(queries.data() + lt * L * Dv, Dv, valid, Dv, queries_t.data() + lt * L,
+                      ld);
+      }
+      backward_tail_keys(tail_keys, ks.panels.data() + last_block * kKeyBlock * D,
+                         ks.value_panels.data() + last_block * kKeyBlock * D, D, scaled_t.data(),
+                         grads_t.data(), queries_t.data(), ld, static_cast<int>(lane_tiles),
+                         lse.data(), delta.data(), p.scale, dq_lanes.data(),
+                         dvalues + last_block * kKeyBlock * D, dkn + last_block * kKeyBlock * D,
+                         tail_acc.data());
+    }
     // dQ^T back to rows (Dv lanes, 0 past D) for the query LayerNorm backward
     for (int64_t lt = 0; lt < lane_tiles; ++lt) {
       const int valid = static_cast<int>(std::min<int64_t>(L, rows - lt * L));
@@ -1487,7 +1561,9 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   std::copy(dqb_sum.begin(), dqb_sum.begin() + D, dqb);
   if (p.chunks == 1) backward_keys(a, bh, dkn, 1, ks.hat_panels.data());
   release_if_large(ks);
-  for (auto* buffer : {&own, &queries, &scaled, &hats, &grads, &dqn}) release_if_large(*buffer);
+  for (auto* buffer : {&own, &queries, &scaled, &hats, &grads, &dqn, &scaled_t, &grads_t,
+                       &queries_t})
+    release_if_large(*buffer);
 }
 
 // ---- instances ----------------------------------------------------------------------------

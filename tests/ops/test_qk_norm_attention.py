@@ -268,6 +268,39 @@ def test_cpu_last_query_tile_takes_as_few_vectors_as_its_rows_need(isa, lanes, m
         assert_all_close(run(case, "cpu"), expected, 2e-4, result_names(case))
 
 
+@pytest.mark.parametrize(("isa", "lanes"), [("avx512", 16), ("avx2", 8)])
+def test_cpu_backward_last_key_block_of_a_few_keys(isa, lanes, monkeypatch):
+    """A last key block of at most L / 4 keys (N = 64 m + 1 .. 64 m + L / 4, LaBraM's 257) goes
+    through the backward's row-lane path when nothing is masked; one key more, or a mask, takes
+    the key-lane products. N = 1 is that block alone; 257 and 256 + L / 4 rows span two row
+    groups; (1, 1, 257) is split into query chunks whose key sums are added up."""
+    monkeypatch.setenv("EEGFAST_CPU_ISA", isa)
+    quarter = lanes // 4
+    shapes = [(2, 2, n, 20) for n in (1, quarter, 65, 64 + quarter, 64 + quarter + 1, 257)]
+    shapes += [(1, 1, 257, 25), (1, 2, 256 + quarter, 50)]
+    for seed, (b, h, n, d) in enumerate(shapes):
+        for masks in ({}, {"padding": True}, {"causal": True}):
+            case = make_case(b, h, n, d, seed=seed, **masks)
+            expected = run(case, "reference", dtype=torch.float64)
+            assert_all_close(run(case, "cpu"), expected, 2e-4, result_names(case))
+
+
+def test_cpu_backward_last_key_block_path_is_taken():
+    """The row-lane path of test_cpu_backward_last_key_block_of_a_few_keys is really taken:
+    block ids that are all equal hide nothing but force the key-lane products, whose dK and dV
+    of the last key are summed in another order, so the two differ in the last bits (and both
+    match the reference)."""
+    case = make_case(2, 2, 257, 20, seed=3)
+    same_ids = dict(case, kwargs={**case["kwargs"], "block_causal": torch.zeros(257, dtype=int)})
+    lanes, products = run(case, "cpu"), run(same_ids, "cpu")
+    expected = run(case, "reference", dtype=torch.float64)
+    assert_all_close(lanes, expected, 2e-4, result_names(case))
+    assert_all_close(products, expected, 2e-4, result_names(case))
+    dk, dv = lanes[2][..., 256, :], lanes[3][..., 256, :]
+    assert not torch.equal(dk, products[2][..., 256, :])
+    assert not torch.equal(dv, products[3][..., 256, :])
+
+
 @pytest.mark.parametrize(
     ("shape", "thread_counts"),
     # 15 (batch, head) tasks; 3 heads in 2 query chunks each at both 2 and 3 threads (the
