@@ -136,9 +136,12 @@ def _normalise_and_store_stats(x, col_ok, D, eps, stats_ptr, rows, N):
 
 
 @triton.jit
-def _normalised_from_stats(x, mean, rstd, col_ok):
-    """x_hat from stored stats (bit-identical to what the forward used)."""
-    return tl.where(col_ok[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
+def _normalised_from_stats(x, stats_ptr, rows, N, col_ok):
+    """(x_hat, rstd) of x (R, BLOCK_D) fp32 from the (mean, rstd) stored at stats_ptr[rows]
+    (rows < N): bit-identical to what the forward used."""
+    mean = tl.load(stats_ptr + rows * 2, mask=rows < N, other=0.0)
+    rstd = tl.load(stats_ptr + rows * 2 + 1, mask=rows < N, other=0.0)
+    return tl.where(col_ok[None, :], (x - mean[:, None]) * rstd[:, None], 0.0), rstd
 
 
 @triton.jit
@@ -269,9 +272,7 @@ def _pad_rows_kernel(
         if MODE == _NORMALISE:
             x_hat = _normalise_and_store_stats(x, dims < D, D, eps, stats, rows, N)
         else:
-            mean = tl.load(stats + rows * 2, mask=row_ok, other=0.0)
-            rstd = tl.load(stats + rows * 2 + 1, mask=row_ok, other=0.0)
-            x_hat = _normalised_from_stats(x, mean, rstd, dims < D)
+            x_hat, _ = _normalised_from_stats(x, stats, rows, N, dims < D)
         x = _affine(x_hat, w_ptr, b_ptr, dims, D, HAS_W, HAS_B)
     offsets = (pid_bh * N + rows[:, None]) * BLOCK_D + dims[None, :]
     tl.store(out_ptr + offsets, x.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -505,10 +506,7 @@ def _bwd_dkdv_kernel(
     dim_ok = dims < D
 
     k = _load_rows(k_ptr + b * skb + h * skh, cols, dims, skn, N, D).to(tl.float32)
-    k_stats = k_stats_ptr + (pid_bh * N + cols) * 2
-    k_mean = tl.load(k_stats, mask=col_in, other=0.0)
-    k_rstd = tl.load(k_stats + 1, mask=col_in, other=0.0)
-    k_hat = _normalised_from_stats(k, k_mean, k_rstd, dim_ok)
+    k_hat, k_rstd = _normalised_from_stats(k, k_stats_ptr + pid_bh * N * 2, cols, N, dim_ok)
     k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B).to(dtype)
     v = _load_rows(v_ptr + b * svb + h * svh, cols, dims, svn, N, D)
     k_pad = tl.zeros([BLOCK_N], tl.int32)
@@ -538,10 +536,7 @@ def _bwd_dkdv_kernel(
                 g = _load_padded_rows(g_p_ptr, pid_bh, rows, N, BLOCK_D)
             else:
                 q = _load_rows(q_base, rows, dims, sqn, N, D).to(tl.float32)
-                q_stats = q_stats_ptr + (pid_bh * N + rows) * 2
-                q_mean = tl.load(q_stats, mask=row_in, other=0.0)
-                q_rstd = tl.load(q_stats + 1, mask=row_in, other=0.0)
-                q_hat = _normalised_from_stats(q, q_mean, q_rstd, dim_ok)
+                q_hat, _ = _normalised_from_stats(q, q_stats_ptr + pid_bh * N * 2, rows, N, dim_ok)
                 q_n = _affine(q_hat, q_w_ptr, q_b_ptr, dims, D, HAS_Q_W, HAS_Q_B).to(dtype)
                 g = _load_rows(g_base, rows, dims, sgn, N, D).to(dtype)
             lse = tl.load(lse_ptr + pid_bh * N + rows, mask=row_in, other=float("inf"))
@@ -645,10 +640,7 @@ def _bwd_dq_kernel(
     dim_ok = dims < D
 
     q = _load_rows(q_ptr + b * sqb + h * sqh, rows, dims, sqn, N, D).to(tl.float32)
-    q_stats = q_stats_ptr + (pid_bh * N + rows) * 2
-    q_mean = tl.load(q_stats, mask=row_in, other=0.0)
-    q_rstd = tl.load(q_stats + 1, mask=row_in, other=0.0)
-    q_hat = _normalised_from_stats(q, q_mean, q_rstd, dim_ok)
+    q_hat, q_rstd = _normalised_from_stats(q, q_stats_ptr + pid_bh * N * 2, rows, N, dim_ok)
     q_n = _affine(q_hat, q_w_ptr, q_b_ptr, dims, D, HAS_Q_W, HAS_Q_B).to(dtype)
     g = _load_rows(grad_out_ptr + b * sgb + h * sgh, rows, dims, sgn, N, D).to(dtype)
     lse = tl.load(lse_ptr + pid_bh * N + rows, mask=row_in, other=float("inf"))
@@ -677,9 +669,7 @@ def _bwd_dq_kernel(
                 v = _load_padded_rows(v_p_ptr, pid_bh, cols, N, BLOCK_D)
             else:
                 k = _load_rows(k_base, cols, dims, skn, N, D).to(tl.float32)
-                k_mean = tl.load(k_stats_base + cols * 2, mask=col_in, other=0.0)
-                k_rstd = tl.load(k_stats_base + cols * 2 + 1, mask=col_in, other=0.0)
-                k_hat = _normalised_from_stats(k, k_mean, k_rstd, dim_ok)
+                k_hat, _ = _normalised_from_stats(k, k_stats_base, cols, N, dim_ok)
                 k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B).to(dtype)
                 v = _load_rows(v_base, cols, dims, svn, N, D)
             k_pad = tl.zeros([BLOCK_N], tl.int32)
