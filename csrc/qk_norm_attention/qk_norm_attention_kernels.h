@@ -1038,13 +1038,13 @@ EEGFAST_INLINE void forward_query_tile(const ForwardArgs<scalar_t, T>& a, const 
     bound[r] = r < rows ? std::sqrt(bound[r]) * ks.max_key_norm : T(0);  // |q_r| max_j |k_j|
     if (!(bound[r] <= static_cast<T>(kUnshiftedScoreLimit))) unshifted = false;
   }
+  if (!unshifted) {  // writes the q_stats its own normalisation used
+    forward_rows_online<R>(a, ks, b, h, i0, i0 + rows);
+    return;
+  }
   for (int r = 0; r < rows; ++r) {
     q_stats[2 * (i0 + r)] = means[r];
     q_stats[2 * (i0 + r) + 1] = rstds[r];
-  }
-  if (!unshifted) {
-    forward_rows_online<R>(a, ks, b, h, i0, i0 + rows);
-    return;
   }
   TileMask t = tile_mask<QT>(p, i0);
   t.last_row = i0 + rows - 1;
