@@ -235,24 +235,52 @@ EEGFAST_INLINE void load_row(const scalar_t* x, int64_t sd, int64_t D, T* dst) {
   for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(x[d * sd]);
 }
 
-// exp of a vector of floats for -87 <= x <= 88, 10 vector ops: x = n ln2 + r with |r| <= ln2 / 2
-// (one-step reduction: ln2's float rounding costs at most 2.4e-7 relative at |n| = 126),
-// e^r = 1 + r q(r) with q of degree 4 fitted for relative error, and 2^n placed in the
-// exponent bits straight from the rounding sum (its low mantissa bits hold n + 127). Max
-// relative error 3.9e-7 over [-87, 0.5] (float simulation of the exact operation order).
+// exp of a vector of floats for -87 <= x <= 88, max relative error ~4e-7 (an exhaustive float
+// check over [-86.5, 88]: 4.0e-7, either way below). The softmaxes spend 8 to 10 vector ops per
+// 16 scores here against 40 FMAs for their products, so the op count matters:
+// - 16 lanes: x = (16 n + j) ln2 / 16 + r with |r| <= ln2 / 32, e^x = 2^n 2^(j/16) e^r; 2^(j/16)
+//   comes from a 16-entry table in one register (one permute), e^r = 1 + r + r^2/2 + r^3/6
+//   (truncation 9e-9). 6 FMA-unit ops (2 reduction, 3 polynomial, 1 product): 25% fewer than
+//   below, and the exp loop per vector ~28% faster on Zen 4.
+// - other widths (an 8-entry table would need the degree-4 polynomial, and two permutes of a
+//   16-entry one measured slower under AVX2): x = n ln2 + r with |r| <= ln2 / 2 and e^r =
+//   1 + r q(r), q of degree 4 fitted for relative error, 8 FMA-unit ops.
+// Both: one-step reduction (ln2's float rounding costs at most 2.4e-7 relative at |n| = 126),
+// the rounding sum's low mantissa bits hold the integer (t below), and 2^n goes into exponent
+// bits by a shift. (A template so that the table, 16 lanes, is only built where it fits.)
+template <int Lanes = kLanes<float>>
 EEGFAST_INLINE vec_t<float> vexp_in_range(vec_t<float> x) {
   using vf = vec_t<float>;
-  const vf magic = vsplat(12582912.0f + 127.0f);  // 1.5 * 2^23 (rounds to an integer) + bias
-  const vf t = x * 1.44269504088896341f + magic;
-  const vf n = t - magic;
-  const vf r = x - n * 0.693147180559945f;
-  vf q = vsplat(8.262299001216888e-3f);
-  q = q * r + 4.1898973286151886e-2f;
-  q = q * r + 1.6668103635311127e-1f;
-  q = q * r + 4.9999138712882996e-1f;
-  q = q * r + 9.999995231628418e-1f;
-  const vf y = q * r + 1.0f;
-  return y * (vf)((vi32)t << 23);
+  if constexpr (Lanes == 16) {
+    using vi16 = typename VecBytes<int32_t, Lanes * 4>::type;
+    // bits of float(2^(j/16)) minus j << 19: adding the rounding sum's bits shifted left by 19
+    // (16 n + j, two's complement in its low 13 bits) gives the bits of 2^n float(2^(j/16))
+    const vi16 table = {0x3f800000, 0x3f7daac3, 0x3f7b95c2, 0x3f79c3d3, 0x3f7837f0, 0x3f76f532,
+                        0x3f75fed7, 0x3f75583f, 0x3f7504f3, 0x3f7508a4, 0x3f75672a, 0x3f76248c,
+                        0x3f7744fd, 0x3f78ccdf, 0x3f7ac0c7, 0x3f7d257d};
+    const vf magic = vsplat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+    const vf t = x * 23.083120654223414f + magic;  // 16 / ln2
+    const vf k = t - magic;                        // 16 n + j
+    const vf r = x - k * 0.04332169878499658f;     // ln2 / 16
+    vf q = vsplat(1.0f / 6.0f);
+    q = q * r + 0.5f;
+    q = q * r + 1.0f;
+    const vf y = q * r + 1.0f;
+    const vi16 bits = (vi16)t;
+    return y * (vf)((bits << 19) + __builtin_shuffle(table, bits & 15));
+  } else {
+    const vf magic = vsplat(12582912.0f + 127.0f);  // 1.5 * 2^23 + the exponent bias
+    const vf t = x * 1.44269504088896341f + magic;
+    const vf n = t - magic;
+    const vf r = x - n * 0.693147180559945f;
+    vf q = vsplat(8.262299001216888e-3f);
+    q = q * r + 4.1898973286151886e-2f;
+    q = q * r + 1.6668103635311127e-1f;
+    q = q * r + 4.9999138712882996e-1f;
+    q = q * r + 9.999995231628418e-1f;
+    const vf y = q * r + 1.0f;
+    return y * (vf)((vi32)t << 23);
+  }
 }
 
 // exp for x <= 88, with exp(x < -87) flushed to 0, so masked scores (-inf) give exactly 0.
@@ -362,7 +390,7 @@ EEGFAST_INLINE void score_tile(const T* A, int64_t Dv, int64_t D, const T* panel
 // The backward's probabilities and score gradients of RR rows and C key vectors of one panel,
 // for a key block with no masked score: S = Q K^T and dP = G V^T accumulate side by side in
 // registers (the same FMAs in the same order as two score_tile calls), then
-//   P = e^(S - lse),  dS = P (dP - delta) scale
+//   P = e^(S - lse),  dS' = P (dP - delta)   (dS' = dS / scale: see backward_task)
 // are stored once, instead of S and dP being written out and read back by a separate pass
 // (~1.5% of the backward at D = 20, 1 thread, Zen 4). Q, G: rows Dv apart; panels: key j, dim
 // d at d W + j; P, dS: rows kKeyBlock apart. Rows past the group's (lse = inf) get P = 0 from
@@ -370,7 +398,7 @@ EEGFAST_INLINE void score_tile(const T* A, int64_t Dv, int64_t D, const T* panel
 template <int RR, int C, typename T>
 EEGFAST_INLINE void probability_tile(const T* Q, const T* G, int64_t Dv, int64_t D,
                                      const T* key_panel, const T* value_panel, const T* lse,
-                                     const T* delta, T scale, T* P, T* dS) {
+                                     const T* delta, T* P, T* dS) {
   constexpr int L = kLanes<T>, W = kPanel<T>;
   vec_t<T> s[RR][C], dp[RR][C];
   #pragma GCC unroll 4
@@ -401,7 +429,7 @@ EEGFAST_INLINE void probability_tile(const T* Q, const T* G, int64_t Dv, int64_t
     for (int c = 0; c < C; ++c) {
       const vec_t<T> prob = vexp(s[r][c] - shift);
       vstore(P + r * kKeyBlock + c * L, prob);
-      vstore(dS + r * kKeyBlock + c * L, prob * (dp[r][c] - d_r) * scale);
+      vstore(dS + r * kKeyBlock + c * L, prob * (dp[r][c] - d_r));
     }
   }
 }
@@ -411,7 +439,7 @@ EEGFAST_INLINE void probability_tile(const T* Q, const T* G, int64_t Dv, int64_t
 template <int R, typename T>
 EEGFAST_INLINE void probability_rows(const T* Q, const T* G, int64_t Dv, int64_t D,
                                      const T* key_panels, const T* value_panels, int keys,
-                                     const T* lse, const T* delta, T scale, T* P, T* dS) {
+                                     const T* lse, const T* delta, T* P, T* dS) {
   constexpr int RR = R < 4 ? R : 4, W = kPanel<T>;
   static_assert(R % RR == 0, "row sub-tiles");
   for (int r0 = 0; r0 < R; r0 += RR) {
@@ -420,27 +448,43 @@ EEGFAST_INLINE void probability_rows(const T* Q, const T* G, int64_t Dv, int64_t
     int j = 0;
     for (; j + W <= keys; j += W)
       probability_tile<RR, 2>(q, g, Dv, D, key_panels + j * D, value_panels + j * D, lse + r0,
-                              delta + r0, scale, prob + j, ds + j);
+                              delta + r0, prob + j, ds + j);
     if (j < keys)  // a last half panel: one vector
       probability_tile<RR, 1>(q, g, Dv, D, key_panels + j * D, value_panels + j * D, lse + r0,
-                              delta + r0, scale, prob + j, ds + j);
+                              delta + r0, prob + j, ds + j);
   }
 }
 
-// out[r][c0 : c0 + C L] += sum_j S[r][j] * B[j][c0 : c0 + C L] over the first `keys` rows of B.
+// out[r][c0 : c0 + C L] += sum_j S[r][j] * B[j][c0 : c0 + C L] over the first `keys` rows of B
+// (rows `stride` apart).
 template <int R, typename T, int C>
-EEGFAST_INLINE void rows_chunk(T* out, int64_t Dv, const T* S, const T* B, int keys,
-                               int64_t c0) {
-  tile_products<R, C, true>(S, kKeyBlock, 1, B + c0, Dv, keys, out + c0, Dv);
+EEGFAST_INLINE void rows_chunk(T* out, int64_t Dv, const T* S, const T* B, int64_t stride,
+                               int keys, int64_t c0) {
+  tile_products<R, C, true>(S, kKeyBlock, 1, B + c0, stride, keys, out + c0, Dv);
 }
 
+// out[r] += sum_j S[r][j] * B[j] over the first `keys` rows of B, in Dv / L vectors of dims: the
+// vector v L ... v L + L - 1 of out sums dims v L ..., but the last one sums dims last_chunk ...
+// last_chunk + L - 1 (B's rows may end at D: last_chunk = D - L, overlapping the vector before;
+// padded rows have last_chunk = Dv - L). Dim d of the result is at value_position(d, ...).
 template <int R, typename T>
-EEGFAST_INLINE void accumulate_rows(T* out, int64_t Dv, const T* S, const T* B, int keys) {
-  const int64_t vectors = Dv / kLanes<T>;
+EEGFAST_INLINE void accumulate_rows(T* out, int64_t Dv, const T* S, const T* B, int64_t stride,
+                                    int64_t last_chunk, int keys) {
+  constexpr int L = kLanes<T>;
+  const int64_t vectors = Dv / L;
+  const int64_t regular = last_chunk == Dv - L ? vectors : vectors - 1;  // vectors at v L
   int64_t c = 0;
-  for (; c + 3 <= vectors; c += 3) rows_chunk<R, T, 3>(out, Dv, S, B, keys, c * kLanes<T>);
-  if (vectors - c == 2) rows_chunk<R, T, 2>(out, Dv, S, B, keys, c * kLanes<T>);
-  if (vectors - c == 1) rows_chunk<R, T, 1>(out, Dv, S, B, keys, c * kLanes<T>);
+  for (; c + 3 <= regular; c += 3) rows_chunk<R, T, 3>(out, Dv, S, B, stride, keys, c * L);
+  if (regular - c == 2) rows_chunk<R, T, 2>(out, Dv, S, B, stride, keys, c * L);
+  if (regular - c == 1) rows_chunk<R, T, 1>(out, Dv, S, B, stride, keys, c * L);
+  if (regular < vectors)
+    tile_products<R, 1, true>(S, kKeyBlock, 1, B + last_chunk, stride, keys, out + Dv - L, Dv);
+}
+
+// Where accumulate_rows leaves dim d of a row.
+template <typename T>
+EEGFAST_INLINE int64_t value_position(int64_t d, int64_t Dv, int64_t last_chunk) {
+  return d < last_chunk ? d : d + (Dv - kLanes<T> - last_chunk);
 }
 
 // Key-lane dK / dV sums: out[d][j] += sum_{r < rows} A[r][d] S[r][j] for d < D and the first
@@ -496,7 +540,12 @@ struct Problem {
 template <typename T>
 struct KeySide {
   std::vector<T> panels;      // (Nk / W, D, W) normalised keys
-  std::vector<T> value_rows;  // (Nk, Dv) values (forward)
+  // The forward's values: rows value_stride apart, dim d at d, read straight from v when its
+  // rows are whole float vectors (values_last_chunk = D - L; copying them here was ~4% of the
+  // forward at D = 20), else from value_rows ((Nk, Dv) copies, values_last_chunk = Dv - L).
+  const T* values = nullptr;
+  int64_t value_stride = 0, values_last_chunk = 0;
+  std::vector<T> value_rows;
   std::vector<T> value_panels;  // (Nk / W, D, W) values (backward)
   std::vector<T> hat_panels;    // (Nk / W, D, W) keys before the LayerNorm's affine step
                                 // (backward)
@@ -667,12 +716,13 @@ EEGFAST_INLINE void prefetch_next_head(const Problem<scalar_t, T>& p, int64_t bh
 
 // Which layouts of the keys and values a kernel reads (see KeySide).
 enum class KeyLayout {
-  kForward,   // panels, value_rows
+  kForward,   // panels, values
   kBackward,  // panels, value_panels, hat_panels
 };
 
-// Normalised keys (and values) of (b, h) in the layouts the tile kernels read. Writes the key
-// statistics to k_stats (N, 2) when given; with stats_in, uses those instead of computing.
+// Normalised keys (and values) of (b, h) in the layouts the tile kernels read, the backward's
+// panels times the softmax scale. Writes the key statistics to k_stats (N, 2) when given; with
+// stats_in, uses those instead of computing.
 template <typename scalar_t, typename T>
 EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64_t h, T eps,
                                  KeyLayout layout, const T* stats_in, T* k_stats,
@@ -692,12 +742,13 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
   const int64_t Np = (N + W - 1) / W * W;  // keys of the panels that hold one < N
   ks.panels.resize(Nk * D);
   std::fill(ks.panels.begin() + Np * D, ks.panels.end(), T(0));
-  if (!backward) {
+  const bool copy_values = !backward && !whole_vector_rows<scalar_t, T>(D, p.v.sd);
+  if (copy_values) {
     std::vector<T>& rows = ks.value_rows;
     rows.resize(Nk * Dv);
     for (int64_t j = 0; j < N; ++j) vstore(rows.data() + j * Dv + Dv - L, vec_t<T>{});  // past D
     std::fill(rows.begin() + N * Dv, rows.end(), T(0));
-  } else {
+  } else if (backward) {
     ks.value_panels.resize(Nk * D);
     std::fill(ks.value_panels.begin() + Np * D, ks.value_panels.end(), T(0));
     ks.hat_panels.resize(Nk * D);
@@ -720,8 +771,9 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
         mean[jj] = jj < valid ? stats_in[2 * (j0 + jj)] : T(0);
         rstd[jj] = jj < valid ? stats_in[2 * (j0 + jj) + 1] : T(1);
       }
-      layer_norm_lanes<2>(panel, D, valid, eps, p.kw, p.kb, T(1), mean, rstd,
-                          static_cast<T*>(nullptr), static_cast<T*>(nullptr), norm2,
+      // the backward's panels hold scale K: its scores need no scaled copy of the queries
+      layer_norm_lanes<2>(panel, D, valid, eps, p.kw, p.kb, backward ? p.scale : T(1), mean,
+                          rstd, static_cast<T*>(nullptr), static_cast<T*>(nullptr), norm2,
                           backward ? ks.hat_panels.data() + j0 * D : static_cast<T*>(nullptr));
     } else {
       layer_norm_lanes<2>(panel, D, valid, eps, p.kw, p.kb, T(1), static_cast<const T*>(nullptr),
@@ -742,9 +794,16 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
     for (int64_t j0 = 0; j0 < N; j0 += W)
       gather_rows_to_lanes(p.v, b, h, j0, static_cast<int>(std::min<int64_t>(W, N - j0)), W, D,
                            ks.value_panels.data() + j0 * D, W);
-  } else {
+  } else if (copy_values) {
     for (int64_t j = 0; j < N; ++j)
       load_row(p.v.row(b, h, j), p.v.sd, D, ks.value_rows.data() + j * Dv);
+    ks.values = ks.value_rows.data();
+    ks.value_stride = Dv;
+    ks.values_last_chunk = Dv - L;
+  } else {
+    if constexpr (std::is_same_v<scalar_t, T>) ks.values = p.v.row(b, h, 0);
+    ks.value_stride = p.v.sn;
+    ks.values_last_chunk = D - L;
   }
   // A NaN key makes the bound NaN, so every tile takes the online-max path.
   ks.max_key_norm = std::sqrt(hmax<T>(max_norm2));
@@ -1001,13 +1060,19 @@ EEGFAST_INLINE void forward_rows_online(const ForwardArgs<scalar_t, T>& a, const
         if (alpha[r] == T(1)) continue;
         for (int64_t d = 0; d < Dv; ++d) acc[r * Dv + d] *= alpha[r];
       }
-      accumulate_rows<R>(acc.data(), Dv, S, ks.value_rows.data() + kb * kKeyBlock * Dv, keys);
+      // keys past N have P = 0 and no value row to read
+      accumulate_rows<R>(acc.data(), Dv, S, ks.values + kb * kKeyBlock * ks.value_stride,
+                         ks.value_stride, ks.values_last_chunk,
+                         static_cast<int>(std::min<int64_t>(keys, N - kb * kKeyBlock)));
     }
     for (int r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
       const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
       scalar_t* o = a.out + ((b * N + i) * H + h) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[r * Dv + d] * inv);
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t at = value_position<T>(d, Dv, ks.values_last_chunk);
+        o[d] = static_cast<scalar_t>(acc[r * Dv + at] * inv);
+      }
       a.lse[bh * N + i] = l[r] > T(0) ? m[r] + std::log(l[r]) : -inf;
     }
   }
@@ -1061,31 +1126,36 @@ EEGFAST_INLINE void forward_query_tile(const ForwardArgs<scalar_t, T>& a, const 
       query_lane_scores<QV, JR>(Qt, D, ks.panels.data() + key / W * D * W + key % W,
                                 St + j * QT);
     }
-    // e^s in place, summed per query; masked scores (-inf) need vexp's flush to 0. The sums
-    // run in locals: accumulated into l[] itself (captured by reference), GCC kept them on the
-    // stack, a load-add-store per vector (~3% of the forward).
+    // e^s in place, summed per query; masked scores (-inf) need vexp's flush to 0. The block's
+    // sums are named locals that start at 0 and live in this loop alone: l[] lives across the
+    // whole key loop (the score and P.V micro-tiles use most registers), and sums carried in or
+    // out of it stayed on the stack, so each key's three exps waited on a store-to-load
+    // forwarding chain.
     auto exponentiate = [&](auto masked) EEGFAST_INLINE_LAMBDA {
-      vec_t<T> sum[QV];
-      #pragma GCC unroll 3
-      for (int v = 0; v < QV; ++v) sum[v] = l[v];
-      for (int j = 0; j < keys; ++j)
-        #pragma GCC unroll 3
-        for (int v = 0; v < QV; ++v) {
-          const vec_t<T> s = vload(St + j * QT + v * L);
-          const vec_t<T> e = decltype(masked)::value ? vexp(s) : vexp_in_range(s);
-          vstore(St + j * QT + v * L, e);
-          sum[v] += e;
-        }
-      #pragma GCC unroll 3
-      for (int v = 0; v < QV; ++v) l[v] = sum[v];
+      static_assert(QV <= 3, "three named sums");
+      auto exp_stored = [&](T* x) EEGFAST_INLINE_LAMBDA {
+        const vec_t<T> e = decltype(masked)::value ? vexp(vload(x)) : vexp_in_range(vload(x));
+        vstore(x, e);
+        return e;
+      };
+      vec_t<T> sum0{}, sum1{}, sum2{};
+      for (int j = 0; j < keys; ++j) {
+        T* row = St + j * QT;
+        sum0 += exp_stored(row);
+        if constexpr (QV > 1) sum1 += exp_stored(row + L);
+        if constexpr (QV > 2) sum2 += exp_stored(row + 2 * L);
+      }
+      l[0] += sum0;
+      if constexpr (QV > 1) l[1] += sum1;
+      if constexpr (QV > 2) l[2] += sum2;
     };
     if (query_lane_mask<QV>(p, ks, t, kb, keys, St))
       exponentiate(std::true_type{});
     else
       exponentiate(std::false_type{});
     // P = 0 for the keys past N that the last score micro-tile computed
-    query_lane_all_values<QV, DR>(Ot, St, ks.value_rows.data() + key0 * Dv, Dv, 1, D,
-                                  static_cast<int>(std::min<int64_t>(keys, N - key0)));
+    query_lane_all_values<QV, DR>(Ot, St, ks.values + key0 * ks.value_stride, ks.value_stride,
+                                  1, D, static_cast<int>(std::min<int64_t>(keys, N - key0)));
   }
   alignas(64) T logs[QT], inv[QT];
   for (int v = 0; v < QV; ++v) {
@@ -1211,11 +1281,12 @@ std::vector<T> padded_param(const T* x, T absent, int64_t D, int64_t Dv) {
 }
 
 // Sums the key gradients of (b, h) over its `chunks` partials (each 2 Nk D: d(normalised
-// keys), dv, in key-lane blocks), then the key LayerNorm backward; writes dk, dv and the key
-// parameter gradients. hat_panels: the keys before the affine step (KeySide::hat_panels).
-// Works on L keys at a time with the keys in the lanes, as the partials and hat panels hold
-// them, so a key's sums over its dims are lane-wise adds (row by row, gathering each key's
-// dims and summing them across lanes, this was ~9% of the backward at D = 20).
+// keys) / scale, dv, in key-lane blocks; see backward_task), then the key LayerNorm backward;
+// writes dk, dv and the key parameter gradients. hat_panels: the keys before the affine step
+// (KeySide::hat_panels). Works on L keys at a time with the keys in the lanes, as the partials
+// and hat panels hold them, so a key's sums over its dims are lane-wise adds (row by row,
+// gathering each key's dims and summing them across lanes, this was ~9% of the backward at
+// D = 20).
 template <typename scalar_t, typename T>
 EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh,
                                   const T* partials, int64_t chunks, const T* hat_panels) {
@@ -1243,6 +1314,7 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
         dk_d += vload(part);
         dv_d += vload(part + Nk * D);
       }
+      dk_d *= p.scale;
       vstore(dval.data() + d * L, dv_d);
       const vec_t<T> hh = vload(hat + d * W), g = dk_d * vsplat(p.kw ? p.kw[d] : T(1));
       vstore(g_dims.data() + d * L, g);
@@ -1281,14 +1353,15 @@ EEGFAST_INLINE void backward_keys_pass(const BackwardArgs<scalar_t, T>& a, int64
 // key-lane products would spend a whole vector of keys on each, in all four of S, dP, dK and
 // dV (~3% of the backward at N = 257). Here the group's rows are the lanes instead: for each
 // such key j and L rows at a time,
-//   s = Qs k_j,  dp = G v_j,  P = e^(s - lse),  dS = P (dp - delta) scale,
-//   dV_j += P^T G,  dK_j += dS^T Qn (lane sums, reduced at the end),  dQ^T += k_j dS^T,
-// reading the rows transposed (Dv, lanes; lane stride ld) and the key from its panel.
+//   s = Qn k_j,  dp = G v_j,  P = e^(s - lse),  dS' = P (dp - delta),
+//   dV_j += P^T G,  dK_j' += dS'^T Qn (lane sums, reduced at the end),  dQ^T += k_j dS'^T,
+// reading the rows transposed (Dv, lanes; lane stride ld) and the key (scale k_j, see
+// backward_task) from its panel.
 template <typename T>
 EEGFAST_INLINE void backward_tail_keys(int tail_keys, const T* key_panel, const T* value_panel,
-                                       int64_t D, const T* scaled_t, const T* grads_t,
+                                       int64_t D, const T* grads_t,
                                        const T* queries_t, int64_t ld, int lane_tiles,
-                                       const T* lse, const T* delta, T scale, T* dq_lanes,
+                                       const T* lse, const T* delta, T* dq_lanes,
                                        T* dvalues, T* dkn, T* acc) {
   constexpr int L = kLanes<T>, W = kPanel<T>, QL = 2 * L;
   T* acc_v = acc;
@@ -1301,11 +1374,11 @@ EEGFAST_INLINE void backward_tail_keys(int tail_keys, const T* key_panel, const 
       const int64_t r0 = int64_t(lt) * L;
       vec_t<T> s{}, dp{};
       for (int64_t d = 0; d < D; ++d) {
-        s += vload(scaled_t + d * ld + r0) * vsplat(k_j[d * W]);
+        s += vload(queries_t + d * ld + r0) * vsplat(k_j[d * W]);
         dp += vload(grads_t + d * ld + r0) * vsplat(v_j[d * W]);
       }
       const vec_t<T> prob = vexp(s - vload(lse + r0));  // padding rows: lse = inf, P = 0
-      const vec_t<T> ds = prob * (dp - vload(delta + r0)) * scale;
+      const vec_t<T> ds = prob * (dp - vload(delta + r0));
       T* dq = dq_lanes + (lt / 2) * D * QL + (lt % 2) * L;
       for (int64_t d = 0; d < D; ++d) {
         vstore(acc_v + d * L, vload(acc_v + d * L) + prob * vload(grads_t + d * ld + r0));
@@ -1320,8 +1393,8 @@ EEGFAST_INLINE void backward_tail_keys(int tail_keys, const T* key_panel, const 
   }
 }
 
-// Query rows per group of the backward. A group's per-row data (normalised and scaled queries,
-// grad_out rows, dq accumulators: ~5 R Dv floats per tile) stays in L2 while the key blocks
+// Query rows per group of the backward. A group's per-row data (normalised queries, grad_out
+// rows, dq accumulators: ~5 R Dv floats per tile) stays in L2 while the key blocks
 // are visited one by one, each block's keys, values and dK / dV sums (~35 KB at D = 20) staying
 // in L1 across the group's tiles. Visiting every key block per row tile instead streamed all of
 // a head's key data (~175 KB) from L2 per 8 query rows: ~125 bytes per (query, key) pair,
@@ -1336,6 +1409,10 @@ constexpr int64_t kBackwardGroupRows = 256;
 // as lanes the head dim is not padded to a vector (with dims in the lanes, dQ at D = 20 ran 32
 // FMA lanes per row and key: ~16% of the backward, the largest of its five products); two
 // vectors of rows per key element loaded keep that product off the load ports.
+// The key panels hold scale K (prepare_keys), so S = Qn (scale K)^T needs no scaled copy of the
+// queries, and the kernels form dS' = dS / scale = P (dP - delta): dQ = dS' (scale K) as it
+// stands, and the key sums dK' = dS'^T Qn take their scale once per key in backward_keys
+// (a scaled query copy per row and a product per score vector, ~2% of the backward).
 template <int R, int DR, typename scalar_t, typename T>
 EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t task) {
   constexpr int L = kLanes<T>, TP = L / R, QL = 2 * L;
@@ -1344,9 +1421,9 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   const int64_t bh = task / p.chunks, chunk = task % p.chunks;
   const int64_t b = bh / p.H, h = bh % p.H;
   const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H, Nk = p.Nk;
-  // d(normalised keys), then dv, Nk D each (key-lane blocks): with one chunk per (b, h), in
-  // the thread's own scratch (L2-sized), finished by this task; else partial sums in the
-  // shared buffer, reduced by the key pass.
+  // d(normalised keys) / scale, then dv, Nk D each (key-lane blocks): with one chunk per
+  // (b, h), in the thread's own scratch (L2-sized), finished by this task; else partial sums in
+  // the shared buffer, reduced by the key pass.
   static thread_local std::vector<T> thread_own;
   std::vector<T>& own = thread_own;
   T* dkn;
@@ -1369,16 +1446,16 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   KeySide<T>& ks = thread_key_side<T>();  // buffers reused (see prepare_keys)
   prepare_keys(p, b, h, T(0), KeyLayout::kBackward, a.k_stats + bh * N * 2,
                static_cast<T*>(nullptr), ks);
-  // Per row of a group (padded to whole lane tiles): normalised queries, the same scaled, their
-  // normalised-only form (LayerNorm backward), grad_out, d(normalised queries); delta and lse.
+  // Per row of a group (padded to whole lane tiles): normalised queries, their normalised-only
+  // form (LayerNorm backward), grad_out, d(normalised queries); delta and lse.
   const int64_t group_cap =
       std::min(kBackwardGroupRows, (row_end - row_begin + QL - 1) / QL * QL);
   // The per-row buffers come from the thread's previous task, and are written or zeroed per
   // group below where read (value-initialising ~170 KB of them per task was ~3% of the
   // backward).
-  static thread_local std::vector<T> thread_rows[5];
-  auto& [queries, scaled, hats, grads, dqn] = thread_rows;
-  for (auto* buffer : {&queries, &scaled, &hats, &grads, &dqn}) buffer->resize(group_cap * Dv);
+  static thread_local std::vector<T> thread_rows[4];
+  auto& [queries, hats, grads, dqn] = thread_rows;
+  for (auto* buffer : {&queries, &hats, &grads, &dqn}) buffer->resize(group_cap * Dv);
   std::vector<T> out_row(Dv), delta(group_cap), lse(group_cap), dx(Dv), dqw_sum(Dv, T(0)),
       dqb_sum(Dv, T(0));
   std::vector<T> dq_lanes(group_cap * D);  // dQ^T per lane tile pair: (group_cap / QL, D, QL)
@@ -1390,10 +1467,10 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   bool lane_tail = tail_keys <= L / 4 && !p.causal && !p.ids;
   for (int j = 0; lane_tail && j < tail_keys; ++j)
     lane_tail = ks.bias[last_block * kKeyBlock + j] == T(0);
-  static thread_local std::vector<T> thread_lanes[4];
-  auto& [scaled_t, grads_t, queries_t, tail_acc] = thread_lanes;
+  static thread_local std::vector<T> thread_lanes[3];
+  auto& [grads_t, queries_t, tail_acc] = thread_lanes;
   if (lane_tail) {
-    for (auto* buffer : {&scaled_t, &grads_t, &queries_t}) buffer->resize(Dv * group_cap);
+    for (auto* buffer : {&grads_t, &queries_t}) buffer->resize(Dv * group_cap);
     tail_acc.resize(2 * D * L);
   }
   std::vector<TileMask> masks(group_cap / R);
@@ -1411,7 +1488,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
     // Rows < `rows` are written below, all Dv lanes; the padding rows of the last tile are
     // zeroed, with P = 0 (lse = inf). Filling the whole buffers per group was ~5% of the
     // backward at N = 257.
-    for (auto* buffer : {&queries, &scaled, &hats, &grads})
+    for (auto* buffer : {&queries, &hats, &grads})
       std::fill(buffer->begin() + rows * Dv, buffer->begin() + lane_tiles * L * Dv, T(0));
     std::fill(dq_lanes.begin(), dq_lanes.begin() + pairs * QL * D, T(0));
     std::fill(delta.begin() + rows, delta.begin() + lane_tiles * L, T(0));
@@ -1434,7 +1511,6 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
         const vec_t<T> normalised = hat * vload(qw_pad.data() + c) + vload(qb_pad.data() + c);
         vstore(hats.data() + r * Dv + c, hat);
         vstore(queries.data() + r * Dv + c, normalised);
-        vstore(scaled.data() + r * Dv + c, normalised * p.scale);
       }
       vstore(grads.data() + r * Dv + Dv - L, vec_t<T>{});  // lanes past D
       load_row(a.grad_out.row(b, h, i), 1, D, grads.data() + r * Dv);
@@ -1476,12 +1552,12 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
             }
             visible = true;
             if (!scores_need_mask(p, ks, masks[t], kb)) {
-              probability_rows<R>(scaled.data() + r0 * Dv, grads.data() + r0 * Dv, Dv, D,
+              probability_rows<R>(queries.data() + r0 * Dv, grads.data() + r0 * Dv, Dv, D,
                                   key_panels, value_panels, keys, lse.data() + r0,
-                                  delta.data() + r0, p.scale, Pt, dSt);
+                                  delta.data() + r0, Pt, dSt);
               continue;
             }
-            score_tile<R>(scaled.data() + r0 * Dv, Dv, D, key_panels, keys, Pt);
+            score_tile<R>(queries.data() + r0 * Dv, Dv, D, key_panels, keys, Pt);
             mask_scores<R>(p, ks, masks[t], kb, Pt);
             score_tile<R>(grads.data() + r0 * Dv, Dv, D, value_panels, keys, dSt);
             for (int r = 0; r < R; ++r) {
@@ -1490,7 +1566,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
                 const vec_t<T> prob = vexp(vload(Pt + r * kKeyBlock + j) - shift);
                 vstore(Pt + r * kKeyBlock + j, prob);
                 vstore(dSt + r * kKeyBlock + j,
-                       prob * (vload(dSt + r * kKeyBlock + j) - d_r) * p.scale);
+                       prob * (vload(dSt + r * kKeyBlock + j) - d_r));
               }
             }
           }
@@ -1530,15 +1606,14 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
       const int64_t ld = lane_tiles * L;
       for (int64_t lt = 0; lt < lane_tiles; ++lt) {
         const int valid = static_cast<int>(std::min<int64_t>(L, rows - lt * L));
-        rows_to_lanes(scaled.data() + lt * L * Dv, Dv, valid, Dv, scaled_t.data() + lt * L, ld);
         rows_to_lanes(grads.data() + lt * L * Dv, Dv, valid, Dv, grads_t.data() + lt * L, ld);
         rows_to_lanes(queries.data() + lt * L * Dv, Dv, valid, Dv, queries_t.data() + lt * L,
                       ld);
       }
       backward_tail_keys(tail_keys, ks.panels.data() + last_block * kKeyBlock * D,
-                         ks.value_panels.data() + last_block * kKeyBlock * D, D, scaled_t.data(),
-                         grads_t.data(), queries_t.data(), ld, static_cast<int>(lane_tiles),
-                         lse.data(), delta.data(), p.scale, dq_lanes.data(),
+                         ks.value_panels.data() + last_block * kKeyBlock * D, D, grads_t.data(),
+                         queries_t.data(), ld, static_cast<int>(lane_tiles), lse.data(),
+                         delta.data(), dq_lanes.data(),
                          dvalues + last_block * kKeyBlock * D, dkn + last_block * kKeyBlock * D,
                          tail_acc.data());
     }
@@ -1561,8 +1636,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   std::copy(dqb_sum.begin(), dqb_sum.begin() + D, dqb);
   if (p.chunks == 1) backward_keys(a, bh, dkn, 1, ks.hat_panels.data());
   release_if_large(ks);
-  for (auto* buffer : {&own, &queries, &scaled, &hats, &grads, &dqn, &scaled_t, &grads_t,
-                       &queries_t})
+  for (auto* buffer : {&own, &queries, &hats, &grads, &dqn, &grads_t, &queries_t})
     release_if_large(*buffer);
 }
 
