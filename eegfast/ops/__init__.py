@@ -14,9 +14,11 @@ from eegfast.ops.moe import (
     moe_ffn,
 )
 from eegfast.ops.qk_norm_attention import (
+    cpu_output_pool_bytes,
     qk_norm_attention,
     qk_norm_attention_packed,
     qk_norm_attention_reference,
+    release_cpu_output_pool,
 )
 from eegfast.ops.vq import (
     vq_code_stats,
@@ -39,6 +41,8 @@ __all__ = [
     "qk_norm_attention",
     "qk_norm_attention_packed",
     "qk_norm_attention_reference",
+    "cpu_output_pool_bytes",
+    "release_cpu_output_pool",
     "vq_code_stats",
     "vq_ema_update",
     "vq_kmeans",

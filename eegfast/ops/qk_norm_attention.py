@@ -359,6 +359,25 @@ if _cpp_ops_built():
     _register_op_glue(CPP_FWD_OP, CPP_BWD_OP, strided_grad=True)
 
 
+def cpu_output_pool_bytes() -> int:
+    """Bytes of freed outputs the C++ CPU kernels keep for their next calls.
+
+    The forward's output and the backward's dq, dk, dv come from a pool that keeps freed blocks
+    (up to ``EEGFAST_CPU_POOL_MB``, default 64; 0 keeps none) instead of returning them to the C
+    library, which with glibc's defaults hands multi-MB blocks back to the kernel, so that the
+    next call faults every page in again. 0 when the extension is not built.
+    """
+    if not _cpp_ops_built():
+        return 0
+    return int(torch.ops.eegfast.cpu_pool_cached_bytes())
+
+
+def release_cpu_output_pool() -> None:
+    """Frees the blocks :func:`cpu_output_pool_bytes` counts (as ``torch.cuda.empty_cache``)."""
+    if _cpp_ops_built():
+        torch.ops.eegfast.cpu_pool_release()
+
+
 @functools.cache
 def _triton_module() -> tuple[ModuleType | None, str]:
     """The Triton ops module, imported on first use (triton is optional), or why not."""
