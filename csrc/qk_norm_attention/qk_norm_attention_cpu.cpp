@@ -119,13 +119,15 @@ Isa cpu_isa() {
 // ---- output memory ------------------------------------------------------------------------
 
 // The large outputs (out; dq, dk, dv) come from this allocator, which keeps freed blocks for
-// the next call of the same size instead of handing them back to the C library. With glibc's
-// defaults a freed block of a few MB goes back to the kernel (heap trim or munmap), and the next
-// call's writes then fault every page in again: at (8, 10, 257, 20), 2 threads, Zen 4, ~900
-// page faults per backward call, ~19% of its time (~8% of the forward's). The pool holds at
-// most EEGFAST_CPU_POOL_MB (default 64; 0 keeps nothing; read whenever a block comes back);
-// blocks are reused only for the same rounded size. release() empties it. Leaked on purpose:
-// tensors may outlive static destruction at exit.
+// the next call of the same size instead of handing them back to the C library. Depending on
+// what else the process allocates, glibc gives a freed block of a few MB back to the kernel
+// (heap trim or munmap), and the next call's writes then fault every page in again: at
+// (8, 10, 257, 20), 2 threads, Zen 4, the backward op called alone in a loop took ~900 page
+// faults per call, ~19% of its time (autograd forward + backward in a loop: ~280, ~2%; with
+// other work in between, often none). The pool holds at most EEGFAST_CPU_POOL_MB (default 64;
+// 0 keeps nothing; read whenever a block comes back); blocks are reused only for the same
+// rounded size. release() empties it. Leaked on purpose: tensors may outlive static
+// destruction at exit.
 class OutputPool final : public c10::Allocator {
  public:
   static OutputPool& get() {

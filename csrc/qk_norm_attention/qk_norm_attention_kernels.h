@@ -1412,7 +1412,8 @@ constexpr int64_t kBackwardGroupRows = 256;
 // The key panels hold scale K (prepare_keys), so S = Qn (scale K)^T needs no scaled copy of the
 // queries, and the kernels form dS' = dS / scale = P (dP - delta): dQ = dS' (scale K) as it
 // stands, and the key sums dK' = dS'^T Qn take their scale once per key in backward_keys
-// (a scaled query copy per row and a product per score vector, ~2% of the backward).
+// (instead of a scaled copy of each query row, a product per score vector and, on the last-key
+// path, a transpose of those copies).
 template <int R, int DR, typename scalar_t, typename T>
 EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t task) {
   constexpr int L = kLanes<T>, TP = L / R, QL = 2 * L;

@@ -253,8 +253,8 @@ def test_cpu_output_pool_reuses_freed_outputs(monkeypatch):
 
 
 def test_cpu_backward_outputs_do_not_fault_pages_in_again(monkeypatch):
-    """Repeated backward calls write dq, dk, dv into kept blocks: glibc would hand freed
-    multi-MB blocks back to the kernel, and every call's writes then faulted each page in
+    """Repeated backward calls write dq, dk, dv into kept blocks: in this loop glibc handed
+    freed multi-MB blocks back to the kernel, and every call's writes then faulted each page in
     again (~900 faults per call at (8, 10, 257, 20), ~19% of the backward's time)."""
     import resource
 
