@@ -17,8 +17,10 @@
 // Layouts per (batch, head), in the accumulation type T (float; double for float64 inputs):
 // - normalised keys in panels (P, D, W): W = two vectors of keys, so one FMA scores a query
 //   against W keys (row tiles) and a forward micro-tile finds its keys at fixed offsets;
-// - rows (N_pad, Dv), Dv = D rounded up to a vector: values, keys and row tiles, so P·V,
-//   dS·K and the dK / dV updates run vectorised over the head dim.
+// - rows (N_pad, Dv), Dv = D rounded up to a vector: the fallback row tiles and the backward's
+//   per-row data; the forward reads the values as v's own rows when those are whole float
+//   vectors (a padded copy otherwise);
+// - the backward's keys and values in panels too, the key panels times the softmax scale.
 // LayerNorms run lane-wise on the transposed layouts (one row per lane).
 // Kernels are written with GCC vector extensions in qk_norm_attention_kernels.h, included
 // once per vector width, and compiled three times, picked at run time: AVX-512 (512-bit
