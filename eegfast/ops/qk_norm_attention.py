@@ -277,6 +277,9 @@ def _fwd_setup_context(ctx, inputs, output) -> None:
     q, k, v, q_w, q_b, k_w, k_b, _eps, scale, key_padding_mask, causal, block_ids = inputs
     out, lse, q_stats, k_stats = output
     ctx.mark_non_differentiable(lse, q_stats, k_stats)
+    # their gradients stay None: materialising them built three zero tensors per backward
+    # (~0.1 ms at (8, 10, 257, 20) on 2 CPU cores)
+    ctx.set_materialize_grads(False)
     ctx.scale = scale
     ctx.causal = causal
     ctx.has_param = tuple(p is not None for p in (q_w, q_b, k_w, k_b))
@@ -297,6 +300,8 @@ def _make_backward(bwd_op: str, *, strided_grad: bool):
     view autograd passes for a (B, H, N, D) contiguous gradient is not copied first."""
 
     def backward(ctx, grad_out, _grad_lse, _grad_q_stats, _grad_k_stats):
+        if grad_out is None:  # not materialised: nothing flowed into the output
+            return (None,) * 12
         q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats, mask, block_ids = ctx.saved_tensors
         dq, dk, dv, *param_grads = _op(bwd_op)(
             grad_out if strided_grad else grad_out.contiguous(),
