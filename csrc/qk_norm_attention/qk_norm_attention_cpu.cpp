@@ -156,7 +156,6 @@ class OutputPool final : public c10::Allocator {
     return {static_cast<char*>(base) + kHeader, base, &give_back, c10::Device(c10::kCPU)};
   }
 
-  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }  // the context differs
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }

@@ -387,6 +387,16 @@ EEGFAST_INLINE void score_tile(const T* A, int64_t Dv, int64_t D, const T* panel
     tile_products<R, 1, false>(A, Dv, 1, panels + p * D * W, W, D, S + p * W, kKeyBlock);
 }
 
+// The backward's probability P = e^(s - lse) and score gradient dS' = P (dP - delta) of one
+// vector of scores s and dP (dS' = dS / scale: see backward_task). Scores of padding rows
+// (lse = inf) or masked keys (-inf) get P = 0 from vexp's flush.
+template <typename T>
+EEGFAST_INLINE void probability_and_grad(vec_t<T> s, vec_t<T> dp, vec_t<T> lse, vec_t<T> delta,
+                                         vec_t<T>& prob, vec_t<T>& ds) {
+  prob = vexp(s - lse);
+  ds = prob * (dp - delta);
+}
+
 // The backward's probabilities and score gradients of RR rows and C key vectors of one panel,
 // for a key block with no masked score: S = Q K^T and dP = G V^T accumulate side by side in
 // registers (the same FMAs in the same order as two score_tile calls), then
@@ -427,9 +437,10 @@ EEGFAST_INLINE void probability_tile(const T* Q, const T* G, int64_t Dv, int64_t
     const vec_t<T> shift = vsplat(lse[r]), d_r = vsplat(delta[r]);
     #pragma GCC unroll 2
     for (int c = 0; c < C; ++c) {
-      const vec_t<T> prob = vexp(s[r][c] - shift);
+      vec_t<T> prob, ds;
+      probability_and_grad<T>(s[r][c], dp[r][c], shift, d_r, prob, ds);
       vstore(P + r * kKeyBlock + c * L, prob);
-      vstore(dS + r * kKeyBlock + c * L, prob * (dp[r][c] - d_r));
+      vstore(dS + r * kKeyBlock + c * L, ds);
     }
   }
 }
@@ -541,10 +552,10 @@ template <typename T>
 struct KeySide {
   std::vector<T> panels;      // (Nk / W, D, W) normalised keys
   // The forward's values: rows value_stride apart, dim d at d, read straight from v when its
-  // rows are whole float vectors (values_last_chunk = D - L; copying them here was ~4% of the
-  // forward at D = 20), else from value_rows ((Nk, Dv) copies, values_last_chunk = Dv - L).
+  // rows are whole float vectors (value_last_chunk = D - L; copying them here was ~4% of the
+  // forward at D = 20), else from value_rows ((Nk, Dv) copies, value_last_chunk = Dv - L).
   const T* values = nullptr;
-  int64_t value_stride = 0, values_last_chunk = 0;
+  int64_t value_stride = 0, value_last_chunk = 0;
   std::vector<T> value_rows;
   std::vector<T> value_panels;  // (Nk / W, D, W) values (backward)
   std::vector<T> hat_panels;    // (Nk / W, D, W) keys before the LayerNorm's affine step
@@ -799,11 +810,11 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
       load_row(p.v.row(b, h, j), p.v.sd, D, ks.value_rows.data() + j * Dv);
     ks.values = ks.value_rows.data();
     ks.value_stride = Dv;
-    ks.values_last_chunk = Dv - L;
+    ks.value_last_chunk = Dv - L;
   } else {
     if constexpr (std::is_same_v<scalar_t, T>) ks.values = p.v.row(b, h, 0);
     ks.value_stride = p.v.sn;
-    ks.values_last_chunk = D - L;
+    ks.value_last_chunk = D - L;
   }
   // A NaN key makes the bound NaN, so every tile takes the online-max path.
   ks.max_key_norm = std::sqrt(hmax<T>(max_norm2));
@@ -852,14 +863,25 @@ EEGFAST_INLINE bool block_visible(const Problem<scalar_t, T>& p, const KeySide<T
   return true;
 }
 
+// Which per-element masks key block kb may need on tile t's rows: causal (some key of the
+// block lies after a row) and block-causal (some key's block id exceeds a row's).
+struct ElementMasks {
+  bool by_position, by_block;
+};
+template <typename scalar_t, typename T>
+EEGFAST_INLINE ElementMasks element_masks(const Problem<scalar_t, T>& p, const KeySide<T>& ks,
+                                          const TileMask& t, int64_t kb) {
+  return {p.causal && kb * kKeyBlock + kKeyBlock - 1 > t.first_row,
+          p.ids && ks.block_id_max[kb] > t.id_min};
+}
+
 // Whether some score of the tile's rows in key block kb is masked (a padded key, or a causal /
 // block-causal pair): mask_scores has work to do.
 template <typename scalar_t, typename T>
 EEGFAST_INLINE bool scores_need_mask(const Problem<scalar_t, T>& p, const KeySide<T>& ks,
                                      const TileMask& t, int64_t kb) {
-  const int64_t key0 = kb * kKeyBlock;
-  return ks.block_masked[kb] || (p.causal && key0 + kKeyBlock - 1 > t.first_row) ||
-         (p.ids && ks.block_id_max[kb] > t.id_min);
+  const ElementMasks m = element_masks(p, ks, t, kb);
+  return ks.block_masked[kb] || m.by_position || m.by_block;
 }
 
 // Adds the key bias and, where some keys of the block are hidden from some rows, -inf there.
@@ -874,8 +896,7 @@ EEGFAST_INLINE void mask_scores(const Problem<scalar_t, T>& p, const KeySide<T>&
       for (int j = 0; j < keys; j += L)
         vstore(S + r * kKeyBlock + j, vload(S + r * kKeyBlock + j) + vload(bias + j));
   const int64_t key0 = kb * kKeyBlock;
-  const bool by_position = p.causal && key0 + kKeyBlock - 1 > t.first_row;
-  const bool by_block = p.ids && ks.block_id_max[kb] > t.id_min;
+  const auto [by_position, by_block] = element_masks(p, ks, t, kb);
   if (!by_position && !by_block) return;
   const T inf = std::numeric_limits<T>::infinity();
   for (int r = 0; r < R; ++r) {
@@ -1062,7 +1083,7 @@ EEGFAST_INLINE void forward_rows_online(const ForwardArgs<scalar_t, T>& a, const
       }
       // keys past N have P = 0 and no value row to read
       accumulate_rows<R>(acc.data(), Dv, S, ks.values + kb * kKeyBlock * ks.value_stride,
-                         ks.value_stride, ks.values_last_chunk,
+                         ks.value_stride, ks.value_last_chunk,
                          static_cast<int>(std::min<int64_t>(keys, N - kb * kKeyBlock)));
     }
     for (int r = 0; r < rows; ++r) {
@@ -1070,7 +1091,7 @@ EEGFAST_INLINE void forward_rows_online(const ForwardArgs<scalar_t, T>& a, const
       const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
       scalar_t* o = a.out + ((b * N + i) * H + h) * D;
       for (int64_t d = 0; d < D; ++d) {
-        const int64_t at = value_position<T>(d, Dv, ks.values_last_chunk);
+        const int64_t at = value_position<T>(d, Dv, ks.value_last_chunk);
         o[d] = static_cast<scalar_t>(acc[r * Dv + at] * inv);
       }
       a.lse[bh * N + i] = l[r] > T(0) ? m[r] + std::log(l[r]) : -inf;
@@ -1377,8 +1398,8 @@ EEGFAST_INLINE void backward_tail_keys(int tail_keys, const T* key_panel, const 
         s += vload(queries_t + d * ld + r0) * vsplat(k_j[d * W]);
         dp += vload(grads_t + d * ld + r0) * vsplat(v_j[d * W]);
       }
-      const vec_t<T> prob = vexp(s - vload(lse + r0));  // padding rows: lse = inf, P = 0
-      const vec_t<T> ds = prob * (dp - vload(delta + r0));
+      vec_t<T> prob, ds;
+      probability_and_grad<T>(s, dp, vload(lse + r0), vload(delta + r0), prob, ds);
       T* dq = dq_lanes + (lt / 2) * D * QL + (lt % 2) * L;
       for (int64_t d = 0; d < D; ++d) {
         vstore(acc_v + d * L, vload(acc_v + d * L) + prob * vload(grads_t + d * ld + r0));
@@ -1564,10 +1585,11 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
             for (int r = 0; r < R; ++r) {
               const vec_t<T> shift = vsplat(lse[r0 + r]), d_r = vsplat(delta[r0 + r]);
               for (int j = 0; j < keys; j += L) {
-                const vec_t<T> prob = vexp(vload(Pt + r * kKeyBlock + j) - shift);
+                vec_t<T> prob, ds;
+                probability_and_grad<T>(vload(Pt + r * kKeyBlock + j),
+                                        vload(dSt + r * kKeyBlock + j), shift, d_r, prob, ds);
                 vstore(Pt + r * kKeyBlock + j, prob);
-                vstore(dSt + r * kKeyBlock + j,
-                       prob * (vload(dSt + r * kKeyBlock + j) - d_r));
+                vstore(dSt + r * kKeyBlock + j, ds);
               }
             }
           }
