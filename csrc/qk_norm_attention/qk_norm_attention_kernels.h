@@ -132,6 +132,28 @@ EEGFAST_INLINE void transpose_block(vec_t<T>* r) {
   transpose_stages<kLanes<T> / 2, T>(r);
 }
 
+// Lane r of the result = the sum of u[r]'s lanes, for L vectors u: the transpose's stages with
+// an add in place of the second output of each swap, halving the vectors at every stage
+// (L - 1 folds of 2 shuffles and an add, where a transpose and L - 1 vector adds take L log2 L
+// shuffles). u is overwritten.
+template <int B, typename T>
+EEGFAST_INLINE vec_t<T> reduce_stages(vec_t<T>* u) {
+  #pragma GCC unroll 16
+  for (int i = 0; i < B; ++i) {
+    vec_t<T> top = u[i], bottom = u[i + B];
+    swap_off_diagonal<B, T>(top, bottom, std::make_index_sequence<kLanes<T>>{});
+    u[i] = top + bottom;
+  }
+  if constexpr (B > 1)
+    return reduce_stages<B / 2, T>(u);
+  else
+    return u[0];
+}
+template <typename T>
+EEGFAST_INLINE vec_t<T> reduce_lanes(vec_t<T>* u) {
+  return reduce_stages<kLanes<T> / 2, T>(u);
+}
+
 // Whether rows of D elements with element stride sd take the block transposes: contiguous,
 // unconverted, at least one vector long.
 template <typename scalar_t, typename T>
@@ -445,24 +467,36 @@ EEGFAST_INLINE void probability_tile(const T* Q, const T* G, int64_t Dv, int64_t
   }
 }
 
-// probability_tile over R rows (sub-tiles of up to 4: 16 accumulators with 2 key vectors) and
-// the first `keys` keys of a block (a multiple of the vector width).
+// probability_tile over the R rows of a row tile (sub-tiles of up to 4: 16 accumulators with 2
+// key vectors) and the first `keys` keys of a block (a multiple of the vector width). Rows
+// from `valid` on are past the group's last row: their P and dS are 0, not computed (at
+// N = 257 the second row group's one row took a whole tile of R), and a sub-tile with fewer
+// than RR rows left runs row by row.
 template <int R, typename T>
 EEGFAST_INLINE void probability_rows(const T* Q, const T* G, int64_t Dv, int64_t D,
                                      const T* key_panels, const T* value_panels, int keys,
-                                     const T* lse, const T* delta, T* P, T* dS) {
+                                     const T* lse, const T* delta, int valid, T* P, T* dS) {
   constexpr int RR = R < 4 ? R : 4, W = kPanel<T>;
   static_assert(R % RR == 0, "row sub-tiles");
-  for (int r0 = 0; r0 < R; r0 += RR) {
+  const auto rows = [&](auto tile_rows, int r0) EEGFAST_INLINE_LAMBDA {
+    constexpr int n = decltype(tile_rows)::value;
     const T *q = Q + r0 * Dv, *g = G + r0 * Dv;
     T *prob = P + r0 * kKeyBlock, *ds = dS + r0 * kKeyBlock;
     int j = 0;
     for (; j + W <= keys; j += W)
-      probability_tile<RR, 2>(q, g, Dv, D, key_panels + j * D, value_panels + j * D, lse + r0,
-                              delta + r0, prob + j, ds + j);
+      probability_tile<n, 2>(q, g, Dv, D, key_panels + j * D, value_panels + j * D, lse + r0,
+                             delta + r0, prob + j, ds + j);
     if (j < keys)  // a last half panel: one vector
-      probability_tile<RR, 1>(q, g, Dv, D, key_panels + j * D, value_panels + j * D, lse + r0,
-                              delta + r0, prob + j, ds + j);
+      probability_tile<n, 1>(q, g, Dv, D, key_panels + j * D, value_panels + j * D, lse + r0,
+                             delta + r0, prob + j, ds + j);
+  };
+  int r0 = 0;
+  for (; r0 + RR <= valid; r0 += RR) rows(std::integral_constant<int, RR>{}, r0);
+  if constexpr (RR > 1)
+    for (; r0 < valid; ++r0) rows(std::integral_constant<int, 1>{}, r0);
+  for (; r0 < R; ++r0) {
+    std::fill(P + r0 * kKeyBlock, P + r0 * kKeyBlock + keys, T(0));
+    std::fill(dS + r0 * kKeyBlock, dS + r0 * kKeyBlock + keys, T(0));
   }
 }
 
@@ -1107,7 +1141,7 @@ EEGFAST_INLINE void forward_query_tile(const ForwardArgs<scalar_t, T>& a, const 
                                        T* Ot) {
   constexpr int L = kLanes<T>, QT = QV * L;
   const Problem<scalar_t, T>& p = a.p;
-  const int64_t D = p.D, Dv = p.Dv, N = p.N, H = p.H, bh = b * H + h;
+  const int64_t D = p.D, N = p.N, H = p.H, bh = b * H + h;
   const T inf = std::numeric_limits<T>::infinity();
   alignas(64) T St[kKeyBlock * QT];
   alignas(64) T bound[QT], sums[QT], means[QT], rstds[QT];
@@ -1372,44 +1406,92 @@ EEGFAST_INLINE void backward_keys_pass(const BackwardArgs<scalar_t, T>& a, int64
 // The last key block's keys when they are at most L / 4 (N = 16 m + 1 with 16 lanes, as
 // LaBraM's 257: one key), in a block without masks (no padding, causal or block ids): the
 // key-lane products would spend a whole vector of keys on each, in all four of S, dP, dK and
-// dV (~3% of the backward at N = 257). Here the group's rows are the lanes instead: for each
-// such key j and L rows at a time,
-//   s = Qn k_j,  dp = G v_j,  P = e^(s - lse),  dS' = P (dp - delta),
-//   dV_j += P^T G,  dK_j' += dS'^T Qn (lane sums, reduced at the end),  dQ^T += k_j dS'^T,
-// reading the rows transposed (Dv, lanes; lane stride ld) and the key (scale k_j, see
-// backward_task) from its panel.
+// dV (~3% of the backward at N = 257). Here, for each such key j and L rows at a time, the
+// rows' products with the key are formed in their own (row) layout and reduced across lanes
+// into one vector of rows (reduce_lanes), then
+//   P = e^(s - lse),  dS' = P (dp - delta),  dQ^T += k_j dS'^T  (rows in the lanes),
+//   dV_j += P^T G,  dK_j' += dS'^T Qn  (row layout, one broadcast per row),
+// with the key (scale k_j, see backward_task) and value read from their panels. Moving the
+// rows to lanes instead (two L x L transposes per row chunk of each of Qn and G) was half of
+// this path's time. Qn, G: the group's rows, Dv apart (0 past D and in padding rows, whose
+// lse = inf gives P = 0).
 template <typename T>
 EEGFAST_INLINE void backward_tail_keys(int tail_keys, const T* key_panel, const T* value_panel,
-                                       int64_t D, const T* grads_t,
-                                       const T* queries_t, int64_t ld, int lane_tiles,
-                                       const T* lse, const T* delta, T* dq_lanes,
-                                       T* dvalues, T* dkn, T* acc) {
+                                       int64_t D, int64_t Dv, const T* queries, const T* grads,
+                                       int lane_tiles, const T* lse, const T* delta,
+                                       T* dq_lanes, T* dvalues, T* dkn) {
   constexpr int L = kLanes<T>, W = kPanel<T>, QL = 2 * L;
-  T* acc_v = acc;
-  T* acc_k = acc + D * L;
+  constexpr int kMaxDv = 128 + L;  // Dv <= 128 rounded up
+  alignas(64) T key[kMaxDv], value[kMaxDv], sum_v[kMaxDv], sum_k[kMaxDv];
+  alignas(64) T prob_rows[L], ds_rows[L];
   for (int j = 0; j < tail_keys; ++j) {
-    const T* k_j = key_panel + j;  // dim d at d W
-    const T* v_j = value_panel + j;
-    std::fill(acc, acc + 2 * D * L, T(0));
+    for (int64_t d = 0; d < Dv; ++d) {
+      key[d] = d < D ? key_panel[d * W + j] : T(0);
+      value[d] = d < D ? value_panel[d * W + j] : T(0);
+    }
+    std::fill(sum_v, sum_v + Dv, T(0));
+    std::fill(sum_k, sum_k + Dv, T(0));
     for (int lt = 0; lt < lane_tiles; ++lt) {
       const int64_t r0 = int64_t(lt) * L;
-      vec_t<T> s{}, dp{};
-      for (int64_t d = 0; d < D; ++d) {
-        s += vload(queries_t + d * ld + r0) * vsplat(k_j[d * W]);
-        dp += vload(grads_t + d * ld + r0) * vsplat(v_j[d * W]);
+      const T* q = queries + r0 * Dv;
+      const T* g = grads + r0 * Dv;
+      vec_t<T> s_rows[L], dp_rows[L];
+      #pragma GCC unroll 16
+      for (int r = 0; r < L; ++r) {
+        vec_t<T> s{}, dp{};
+        for (int64_t c = 0; c < Dv; c += L) {
+          s += vload(q + r * Dv + c) * vload(key + c);
+          dp += vload(g + r * Dv + c) * vload(value + c);
+        }
+        s_rows[r] = s;
+        dp_rows[r] = dp;
       }
       vec_t<T> prob, ds;
-      probability_and_grad<T>(s, dp, vload(lse + r0), vload(delta + r0), prob, ds);
+      probability_and_grad<T>(reduce_lanes<T>(s_rows), reduce_lanes<T>(dp_rows),
+                              vload(lse + r0), vload(delta + r0), prob, ds);
+      vstore(prob_rows, prob);
+      vstore(ds_rows, ds);
       T* dq = dq_lanes + (lt / 2) * D * QL + (lt % 2) * L;
-      for (int64_t d = 0; d < D; ++d) {
-        vstore(acc_v + d * L, vload(acc_v + d * L) + prob * vload(grads_t + d * ld + r0));
-        vstore(acc_k + d * L, vload(acc_k + d * L) + ds * vload(queries_t + d * ld + r0));
-        vstore(dq + d * QL, vload(dq + d * QL) + ds * vsplat(k_j[d * W]));
+      for (int64_t d = 0; d < D; ++d) vstore(dq + d * QL, vload(dq + d * QL) + ds * vsplat(key[d]));
+      for (int64_t c = 0; c < Dv; c += L) {
+        vec_t<T> acc_v = vload(sum_v + c), acc_k = vload(sum_k + c);
+        #pragma GCC unroll 16
+        for (int r = 0; r < L; ++r) {
+          acc_v += vsplat(prob_rows[r]) * vload(g + r * Dv + c);
+          acc_k += vsplat(ds_rows[r]) * vload(q + r * Dv + c);
+        }
+        vstore(sum_v + c, acc_v);
+        vstore(sum_k + c, acc_k);
       }
     }
     for (int64_t d = 0; d < D; ++d) {  // key-lane blocks: key j, dim d at d kKeyBlock + j
-      dvalues[d * kKeyBlock + j] += hsum<T>(vload(acc_v + d * L));
-      dkn[d * kKeyBlock + j] += hsum<T>(vload(acc_k + d * L));
+      dvalues[d * kKeyBlock + j] += sum_v[d];
+      dkn[d * kKeyBlock + j] += sum_k[d];
+    }
+  }
+}
+
+// dQ' of a few rows in the key lanes: acc[(r D + d) L + l] += sum over the block's key vectors
+// c of dS'[r][c L + l] (scale K)[c L + l][d], for r < rows, reduced over the lanes at the end of
+// the group. A pair of lane tiles holding so few rows (at N = 257 the second row group has 1)
+// spent the 2 L rows of the query-lane dQ products on them (~2% of the backward at N = 257).
+// dS': rows kKeyBlock apart; key_panels as in backward_task; keys: a multiple of L.
+template <typename T>
+EEGFAST_INLINE void row_dq_sums(const T* dS, int rows, const T* key_panels, int64_t D, int keys,
+                                T* acc) {
+  constexpr int L = kLanes<T>, W = kPanel<T>, V = kKeyBlock / L;
+  const int vectors = keys / L;
+  for (int r = 0; r < rows; ++r) {
+    vec_t<T> ds[V];
+    #pragma GCC unroll 8
+    for (int c = 0; c < V; ++c) ds[c] = c < vectors ? vload(dS + r * kKeyBlock + c * L) : vec_t<T>{};
+    T* a = acc + r * D * L;
+    for (int64_t d = 0; d < D; ++d) {
+      vec_t<T> sum = vload(a + d * L);
+      #pragma GCC unroll 8
+      for (int c = 0; c < V; ++c)
+        if (c < vectors) sum += ds[c] * vload(key_panels + (c * L / W) * D * W + (c * L) % W + d * W);
+      vstore(a + d * L, sum);
     }
   }
 }
@@ -1482,19 +1564,16 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
       dqb_sum(Dv, T(0));
   std::vector<T> dq_lanes(group_cap * D);  // dQ^T per lane tile pair: (group_cap / QL, D, QL)
   // The last key block through backward_tail_keys (see there) when it holds at most L / 4 keys
-  // and no mask; its rows' inputs then also go to lanes, per group.
+  // and no mask.
   // (block_masked does not tell: keys past N have the bias -inf that masks them.)
   const int64_t last_block = p.key_blocks - 1;
   const int tail_keys = static_cast<int>(N - last_block * kKeyBlock);
   bool lane_tail = tail_keys <= L / 4 && !p.causal && !p.ids;
   for (int j = 0; lane_tail && j < tail_keys; ++j)
     lane_tail = ks.bias[last_block * kKeyBlock + j] == T(0);
-  static thread_local std::vector<T> thread_lanes[3];
-  auto& [grads_t, queries_t, tail_acc] = thread_lanes;
-  if (lane_tail) {
-    for (auto* buffer : {&grads_t, &queries_t}) buffer->resize(Dv * group_cap);
-    tail_acc.resize(2 * D * L);
-  }
+  // dQ' sums of a group's last pair of lane tiles when it holds at most L / 4 rows (see
+  // row_dq_sums): (L / 4, D, L)
+  std::vector<T> dq_rows(L / 4 * D * L);
   std::vector<TileMask> masks(group_cap / R);
   const std::vector<T> qw_pad = padded_param(p.qw, T(1), D, Dv),
                        qb_pad = padded_param(p.qb, T(0), D, Dv);
@@ -1507,6 +1586,9 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
     const int64_t rows = std::min(kBackwardGroupRows, row_end - g0);
     const int64_t tiles = (rows + R - 1) / R, lane_tiles = (rows + L - 1) / L,
                   pairs = (rows + QL - 1) / QL;
+    const int64_t last_pair_rows = rows - (pairs - 1) * QL;
+    const int row_dq = last_pair_rows <= L / 4 ? static_cast<int>(last_pair_rows) : 0;
+    std::fill(dq_rows.begin(), dq_rows.begin() + row_dq * D * L, T(0));
     // Rows < `rows` are written below, all Dv lanes; the padding rows of the last tile are
     // zeroed, with P = 0 (lse = inf). Filling the whole buffers per group was ~5% of the
     // backward at N = 257.
@@ -1555,6 +1637,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
       const T* key_panels = ks.panels.data() + kb * kKeyBlock * D;
       const T* value_panels = ks.value_panels.data() + kb * kKeyBlock * D;
       for (int64_t pair = 0; pair < pairs; ++pair) {
+        const bool rows_dq = row_dq > 0 && pair == pairs - 1;  // dQ by row_dq_sums
         bool half_visible[2] = {false, false};
         for (int half = 0; half < 2; ++half) {
           const int64_t lt = pair * 2 + half;
@@ -1576,7 +1659,8 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
             if (!scores_need_mask(p, ks, masks[t], kb)) {
               probability_rows<R>(queries.data() + r0 * Dv, grads.data() + r0 * Dv, Dv, D,
                                   key_panels, value_panels, keys, lse.data() + r0,
-                                  delta.data() + r0, Pt, dSt);
+                                  delta.data() + r0,
+                                  static_cast<int>(std::min<int64_t>(R, rows - r0)), Pt, dSt);
               continue;
             }
             score_tile<R>(queries.data() + r0 * Dv, Dv, D, key_panels, keys, Pt);
@@ -1594,6 +1678,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
             }
           }
           half_visible[half] = visible;
+          if (rows_dq) continue;  // no dS^T
           if (!visible) {  // this half of dS^T is 0
             for (int j = 0; j < real_keys; ++j) vstore(dS_lanes + j * QL + half * L, vec_t<T>{});
             continue;
@@ -1607,16 +1692,21 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
           }
         }
         if (!half_visible[0] && !half_visible[1]) continue;
-        // dK / dV sums over the pair's rows from the first visible half to the last computed
+        // dK / dV sums over the pair's rows from the first visible half to the group's last
         // row at once: one load and store of the (D, keys) accumulators per 2 L rows, not L
+        // (padding rows of the last row tile have P = dS = 0 and are left out)
         const int first = half_visible[0] ? 0 : L;
         const int last =
-            static_cast<int>(std::min<int64_t>(half_visible[1] ? QL : L, tiles * R - pair * QL));
+            static_cast<int>(std::min<int64_t>(half_visible[1] ? QL : L, rows - pair * QL));
         const int64_t r0 = pair * QL + first;
         accumulate_transposed<R>(dvalues + kb * kKeyBlock * D, D, Dv, P + first * kKeyBlock,
                                  grads.data() + r0 * Dv, last - first, keys);
         accumulate_transposed<R>(dkn + kb * kKeyBlock * D, D, Dv, dS + first * kKeyBlock,
                                  queries.data() + r0 * Dv, last - first, keys);
+        if (rows_dq) {
+          row_dq_sums(dS, row_dq, key_panels, D, keys, dq_rows.data());
+          continue;
+        }
         // dQ^T reads the keys from their panels (key j, dim d at d W + j of its panel)
         constexpr int W = kPanel<T>;
         for (int j0 = 0; j0 < real_keys; j0 += W)
@@ -1625,21 +1715,12 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
                                        std::min(W, real_keys - j0));
       }
     }
-    if (lane_tail) {
-      const int64_t ld = lane_tiles * L;
-      for (int64_t lt = 0; lt < lane_tiles; ++lt) {
-        const int valid = static_cast<int>(std::min<int64_t>(L, rows - lt * L));
-        rows_to_lanes(grads.data() + lt * L * Dv, Dv, valid, Dv, grads_t.data() + lt * L, ld);
-        rows_to_lanes(queries.data() + lt * L * Dv, Dv, valid, Dv, queries_t.data() + lt * L,
-                      ld);
-      }
+    if (lane_tail)
       backward_tail_keys(tail_keys, ks.panels.data() + last_block * kKeyBlock * D,
-                         ks.value_panels.data() + last_block * kKeyBlock * D, D, grads_t.data(),
-                         queries_t.data(), ld, static_cast<int>(lane_tiles), lse.data(),
-                         delta.data(), dq_lanes.data(),
-                         dvalues + last_block * kKeyBlock * D, dkn + last_block * kKeyBlock * D,
-                         tail_acc.data());
-    }
+                         ks.value_panels.data() + last_block * kKeyBlock * D, D, Dv,
+                         queries.data(), grads.data(), static_cast<int>(lane_tiles), lse.data(),
+                         delta.data(), dq_lanes.data(), dvalues + last_block * kKeyBlock * D,
+                         dkn + last_block * kKeyBlock * D);
     // dQ^T back to rows (Dv lanes, 0 past D) for the query LayerNorm backward
     for (int64_t lt = 0; lt < lane_tiles; ++lt) {
       const int valid = static_cast<int>(std::min<int64_t>(L, rows - lt * L));
@@ -1647,6 +1728,10 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
       T* dst = dqn.data() + lt * L * Dv;
       for (int r = 0; r < valid; ++r) vstore(dst + r * Dv + Dv - L, vec_t<T>{});
       scatter_lanes_to_rows(src, QL, D, valid, dst, Dv);
+    }
+    for (int r = 0; r < row_dq; ++r) {  // the last pair's rows summed by row_dq_sums
+      T* dst = dqn.data() + ((pairs - 1) * QL + r) * Dv;
+      for (int64_t d = 0; d < D; ++d) dst[d] += hsum<T>(vload(dq_rows.data() + (r * D + d) * L));
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = g0 + r;
@@ -1659,7 +1744,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   std::copy(dqb_sum.begin(), dqb_sum.begin() + D, dqb);
   if (p.chunks == 1) backward_keys(a, bh, dkn, 1, ks.hat_panels.data());
   release_if_large(ks);
-  for (auto* buffer : {&own, &queries, &hats, &grads, &dqn, &grads_t, &queries_t})
+  for (auto* buffer : {&own, &queries, &hats, &grads, &dqn})
     release_if_large(*buffer);
 }
 
