@@ -474,6 +474,21 @@ def test_cpu_gradcheck_float64():
         assert torch.autograd.gradcheck(attention, tensors, eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_cpu_gradcheck_float64_last_key_and_row_paths(isa, monkeypatch):
+    """float64 gradcheck where N = 65 leaves one key past whole key blocks (the backward's
+    row-layout last-key path with its lane reduction) and one row past whole pairs of lane tiles
+    (its key-lane dQ sums), in both vector widths' double instances."""
+    monkeypatch.setenv("EEGFAST_CPU_ISA", isa)
+    case = make_case(1, 1, 65, 4, seed=7, dtype=torch.float64)
+    tensors = [t.clone().requires_grad_() for t in (*case["qkv"], *case["params"].values())]
+
+    def attention(q, k, v, qw, qb, kw, kb):
+        return qk_norm_attention(q, k, v, qw, qb, kw, kb, backend="cpu")
+
+    assert torch.autograd.gradcheck(attention, tensors, eps=1e-6, atol=1e-7)
+
+
 def test_cpu_scale_and_eps_are_used():
     case = make_case(1, 2, 19, 20, seed=7, dtype=torch.float64)
     q, k, v = case["qkv"]
