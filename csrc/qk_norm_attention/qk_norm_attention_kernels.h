@@ -1412,9 +1412,9 @@ EEGFAST_INLINE void backward_keys_pass(const BackwardArgs<scalar_t, T>& a, int64
 //   P = e^(s - lse),  dS' = P (dp - delta),  dQ^T += k_j dS'^T  (rows in the lanes),
 //   dV_j += P^T G,  dK_j' += dS'^T Qn  (row layout, one broadcast per row),
 // with the key (scale k_j, see backward_task) and value read from their panels. Moving the
-// rows to lanes instead (two L x L transposes per row chunk of each of Qn and G) was half of
-// this path's time. Qn, G: the group's rows, Dv apart (0 past D and in padding rows, whose
-// lse = inf gives P = 0).
+// rows to lanes instead (two L x L transposes per row chunk of each of Qn and G) was ~60% of
+// this path's time at N = 257. Qn, G: the group's rows, Dv apart (0 past D and in padding
+// rows, whose lse = inf gives P = 0).
 template <typename T>
 EEGFAST_INLINE void backward_tail_keys(int tail_keys, const T* key_panel, const T* value_panel,
                                        int64_t D, int64_t Dv, const T* queries, const T* grads,
@@ -1452,7 +1452,8 @@ EEGFAST_INLINE void backward_tail_keys(int tail_keys, const T* key_panel, const 
       vstore(prob_rows, prob);
       vstore(ds_rows, ds);
       T* dq = dq_lanes + (lt / 2) * D * QL + (lt % 2) * L;
-      for (int64_t d = 0; d < D; ++d) vstore(dq + d * QL, vload(dq + d * QL) + ds * vsplat(key[d]));
+      for (int64_t d = 0; d < D; ++d)
+        vstore(dq + d * QL, vload(dq + d * QL) + ds * vsplat(key[d]));
       for (int64_t c = 0; c < Dv; c += L) {
         vec_t<T> acc_v = vload(sum_v + c), acc_k = vload(sum_k + c);
         #pragma GCC unroll 16
@@ -1484,13 +1485,15 @@ EEGFAST_INLINE void row_dq_sums(const T* dS, int rows, const T* key_panels, int6
   for (int r = 0; r < rows; ++r) {
     vec_t<T> ds[V];
     #pragma GCC unroll 8
-    for (int c = 0; c < V; ++c) ds[c] = c < vectors ? vload(dS + r * kKeyBlock + c * L) : vec_t<T>{};
+    for (int c = 0; c < V; ++c)
+      ds[c] = c < vectors ? vload(dS + r * kKeyBlock + c * L) : vec_t<T>{};
     T* a = acc + r * D * L;
     for (int64_t d = 0; d < D; ++d) {
       vec_t<T> sum = vload(a + d * L);
       #pragma GCC unroll 8
-      for (int c = 0; c < V; ++c)
-        if (c < vectors) sum += ds[c] * vload(key_panels + (c * L / W) * D * W + (c * L) % W + d * W);
+      for (int c = 0; c < V; ++c)  // key vector c: panel c L / W, lanes (c L) % W ...
+        if (c < vectors)
+          sum += ds[c] * vload(key_panels + (c * L / W) * D * W + (c * L) % W + d * W);
       vstore(a + d * L, sum);
     }
   }
