@@ -1575,8 +1575,8 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   for (int j = 0; lane_tail && j < tail_keys; ++j)
     lane_tail = ks.bias[last_block * kKeyBlock + j] == T(0);
   // dQ' sums of a group's last pair of lane tiles when it holds at most L / 4 rows (see
-  // row_dq_sums): (L / 4, D, L)
-  std::vector<T> dq_rows(L / 4 * D * L);
+  // row_dq_sums): (rows, D, L), set up only for such a group
+  std::vector<T> dq_rows;
   std::vector<TileMask> masks(group_cap / R);
   const std::vector<T> qw_pad = padded_param(p.qw, T(1), D, Dv),
                        qb_pad = padded_param(p.qb, T(0), D, Dv);
@@ -1591,7 +1591,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
                   pairs = (rows + QL - 1) / QL;
     const int64_t last_pair_rows = rows - (pairs - 1) * QL;
     const int row_dq = last_pair_rows <= L / 4 ? static_cast<int>(last_pair_rows) : 0;
-    std::fill(dq_rows.begin(), dq_rows.begin() + row_dq * D * L, T(0));
+    if (row_dq > 0) dq_rows.assign(row_dq * D * L, T(0));
     // Rows < `rows` are written below, all Dv lanes; the padding rows of the last tile are
     // zeroed, with P = 0 (lse = inf). Filling the whole buffers per group was ~5% of the
     // backward at N = 257.
