@@ -32,6 +32,8 @@ import functools
 import importlib
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -274,12 +276,17 @@ def _bwd_fake(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
 
 
 def _fwd_setup_context(ctx, inputs, output) -> None:
-    q, k, v, q_w, q_b, k_w, k_b, _eps, scale, key_padding_mask, causal, block_ids = inputs
     out, lse, q_stats, k_stats = output
     ctx.mark_non_differentiable(lse, q_stats, k_stats)
     # their gradients stay None: materialising them built three zero tensors per backward
     # (~70 us at (8, 10, 257, 20) on 2 CPU cores, torch profiler)
     ctx.set_materialize_grads(False)
+    _save_for_backward(ctx, inputs, out, lse, q_stats, k_stats)
+
+
+def _save_for_backward(ctx, inputs, out, lse, q_stats, k_stats) -> None:
+    """What _input_grads reads: the inputs, the forward's outputs and its flags."""
+    q, k, v, q_w, q_b, k_w, k_b, _eps, scale, key_padding_mask, causal, block_ids = inputs
     ctx.scale = scale
     ctx.causal = causal
     ctx.has_param = tuple(p is not None for p in (q_w, q_b, k_w, k_b))
@@ -295,63 +302,141 @@ def _op(qualified_name: str):
 
 
 def _make_backward(bwd_op: str, *, strided_grad: bool):
-    """The autograd formula of a forward op, calling ``bwd_op``; ``strided_grad``: that op
-    reads grad_out with any strides whose rows are contiguous (the C++ op), so the transposed
-    view autograd passes for a (B, H, N, D) contiguous gradient is not copied first."""
+    """The autograd formula registered on a forward op, calling ``bwd_op``; ``strided_grad``:
+    that op reads grad_out with any strides whose rows are contiguous (the C++ op), so the
+    transposed view autograd passes for a (B, H, N, D) contiguous gradient is not copied."""
 
     def backward(ctx, grad_out, _grad_lse, _grad_q_stats, _grad_k_stats):
         if grad_out is None:  # not materialised: nothing flowed into the output
             return (None,) * 12
-        q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats, mask, block_ids = ctx.saved_tensors
-        dq, dk, dv, *param_grads = _op(bwd_op)(
-            grad_out if strided_grad else grad_out.contiguous(),
-            q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
-            ctx.scale, mask, ctx.causal, block_ids,
-        )  # fmt: skip
-        param_grads = [
-            g if has else None for g, has in zip(param_grads, ctx.has_param, strict=True)
-        ]
-        return dq, dk, dv, *param_grads, None, None, None, None, None
+        return _input_grads(ctx, _op(bwd_op), grad_out, strided_grad)
 
     return backward
 
 
-# fwd op name -> autograd.Function running it with the same formula as its registered
-# autograd. The public functions apply it when a gradient is needed: the registered autograd
-# wrapper (torch._library.autograd) costs ~80 us per call in Python, most of it rebuilding the
-# schema's argument list per argument (fill_defaults); this Function ~15 us. Inside it the op
-# runs with grad mode off, so its own autograd wrapper takes its cheap no-grad path.
-_AUTOGRAD_FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
+def _input_grads(ctx, bwd: Callable, grad_out: torch.Tensor, strided_grad: bool) -> tuple:
+    """The 12 input gradients of a forward op from ``bwd`` (the backward op or its eager
+    form) and the tensors _fwd_setup_context saved; grad_out (B, N, H, D)."""
+    q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats, mask, block_ids = ctx.saved_tensors
+    dq, dk, dv, *param_grads = bwd(
+        grad_out if strided_grad else grad_out.contiguous(),
+        q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
+        ctx.scale, mask, ctx.causal, block_ids,
+    )  # fmt: skip
+    param_grads = [g if has else None for g, has in zip(param_grads, ctx.has_param, strict=True)]
+    return dq, dk, dv, *param_grads, None, None, None, None, None
 
 
-def _autograd_function(fwd_op: str, backward) -> type[torch.autograd.Function]:
-    class Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            output = _op(fwd_op)(*args)
-            _fwd_setup_context(ctx, args, output)
-            return output
+def _traced_function(fwd_op: str, backward) -> type[torch.autograd.Function]:
+    """An autograd.Function calling the registered op, with the op's autograd formula."""
 
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
+    def forward(ctx, *args):
+        output = _op(fwd_op)(*args)
+        _fwd_setup_context(ctx, args, output)
+        return output
 
-    Function.__name__ = Function.__qualname__ = fwd_op.split("::")[1] + "_function"
-    return Function
+    return _function_class(fwd_op.split("::")[1] + "_function", forward, backward)
 
 
-def _register_op_glue(fwd_op: str, bwd_op: str, *, strided_grad: bool = False) -> None:
-    """Fake kernels for both ops and the autograd formula of ``fwd_op`` (calling ``bwd_op``),
-    registered on the op and as an autograd.Function for the public functions.
+def _function_class(name: str, forward, backward) -> type[torch.autograd.Function]:
+    """An autograd.Function subclass named ``name`` (its grad_fn: ``name + "Backward"``)."""
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    return type(name, (torch.autograd.Function,), methods)
 
-    Used for the C++ ops here and by :mod:`eegfast.ops.qk_norm_attention_triton` for its ops,
-    which share the schema documented above.
+
+def _eager_function(
+    name: str, fwd: Callable, bwd: Callable, *, strided_grad: bool
+) -> type[torch.autograd.Function]:
+    """An autograd.Function over the eager forms of the ops, returning only the output, as
+    the (B, H, N, D) view the public function returns: one output and no view node for the
+    autograd engine to run (lse and the statistics are saved, not returned)."""
+
+    def forward(ctx, *args):
+        out, lse, q_stats, k_stats = fwd(*args)
+        _save_for_backward(ctx, args, out, lse, q_stats, k_stats)
+        return out.transpose(1, 2)
+
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # grad (B, H, N, D); the ops take (B, N, H, D)
+        return _input_grads(ctx, bwd, grad.transpose(1, 2), strided_grad)
+
+    return _function_class(name, forward, backward)
+
+
+@dataclass(frozen=True)
+class _OpPaths:
+    """How the public functions run one forward op (see _register_op_glue)."""
+
+    traced: type[torch.autograd.Function]  # calls the registered ops
+    eager_forward: Callable  # the forward without the dispatcher
+    eager: type[torch.autograd.Function]  # eager_forward and the backward without it
+
+
+# fwd op name -> its _OpPaths. Calling a custom op from Python passes the dispatcher, the op's
+# registered autograd wrapper (torch._library.autograd, which rebuilds the schema's argument
+# list per call) and, for a triton_op, a torch.compile-disabled frame: at a tiny shape the Triton
+# path's host work for a forward + backward was ~300 us on a Zen 4 core with the kernel launches
+# stubbed out, ~185 us without those layers. The public functions call the kernels directly in
+# plain eager mode, and the registered ops, which torch.compile and the tracers see, otherwise
+# (see _plain_eager).
+_OP_PATHS: dict[str, _OpPaths] = {}
+
+
+def _below_autograd(qualified_name: str) -> Callable:
+    """A call of the op that skips its autograd wrapper (the eager form of the C++ ops)."""
+    op = _op(qualified_name).default
+
+    def call(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    return call
+
+
+def _register_op_glue(
+    fwd_op: str,
+    bwd_op: str,
+    *,
+    strided_grad: bool = False,
+    eager: tuple[Callable, Callable] | None = None,
+) -> None:
+    """Fake kernels for both ops, the autograd formula of ``fwd_op`` (calling ``bwd_op``)
+    registered on the op, and the autograd.Functions of the public functions.
+
+    ``eager``: (forward, backward) with the ops' schemas that launch the kernels without the
+    dispatcher; by default, the ops called below their autograd wrappers. Used for the C++ ops
+    here and by :mod:`eegfast.ops.qk_norm_attention_triton` for its ops, which share the schema
+    documented above.
     """
     torch.library.register_fake(fwd_op)(_fwd_fake)
     torch.library.register_fake(bwd_op)(_bwd_fake)
     backward = _make_backward(bwd_op, strided_grad=strided_grad)
     torch.library.register_autograd(fwd_op, backward, setup_context=_fwd_setup_context)
-    _AUTOGRAD_FUNCTIONS[fwd_op] = _autograd_function(fwd_op, backward)
+    eager_fwd, eager_bwd = eager or (_below_autograd(fwd_op), _below_autograd(bwd_op))
+    _OP_PATHS[fwd_op] = _OpPaths(
+        traced=_traced_function(fwd_op, backward),
+        eager_forward=eager_fwd,
+        eager=_eager_function(
+            fwd_op.split("::")[1] + "_eager",
+            eager_fwd,
+            eager_bwd,
+            strided_grad=strided_grad,
+        ),
+    )
+
+
+def _plain_eager(tensors: tuple) -> bool:
+    """Whether the kernels may be called without the dispatcher: not under torch.compile or
+    export, no dispatch mode (fake tensors, make_fx, FlopCounterMode) or functorch transform
+    active, and every tensor a plain one (or a Parameter), on which they see real data."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 @functools.cache
@@ -492,27 +577,30 @@ def qk_norm_attention(
             q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
             dropout_p=dropout_p, **kwargs,
         )  # fmt: skip
-    out = _run_kernel(chosen, q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
-                      **kwargs)  # fmt: skip
-    return out.transpose(1, 2)
+    return _run_kernel(chosen, q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
+                       **kwargs)  # fmt: skip
 
 
 def _run_kernel(chosen, q, k, v, q_w, q_b, k_w, k_b, *, eps, scale, key_padding_mask, causal,
                 block_causal) -> torch.Tensor:  # fmt: skip
-    """(B, N, H, D) output of the C++ or Triton forward op."""
+    """(B, H, N, D) output of the C++ or Triton forward op: a view of its (B, N, H, D) one."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     args = (q, k, v, q_w, q_b, k_w, k_b, float(eps), scale, key_padding_mask, bool(causal),
             block_causal)  # fmt: skip
     op_name = TRITON_FWD_OP if chosen == "triton" else CPP_FWD_OP
     if chosen == "triton":
         _triton_module()  # imports the Triton ops, which registers them
+    paths = _OP_PATHS[op_name]
+    eager = _plain_eager((q, k, v, q_w, q_b, k_w, k_b, key_padding_mask, block_causal))
     if torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, q_w, q_b, k_w, k_b)
     ):
-        out, *_ = _AUTOGRAD_FUNCTIONS[op_name].apply(*args)
+        if eager:
+            return paths.eager.apply(*args)
+        out, *_ = paths.traced.apply(*args)
     else:
-        out, *_ = _op(op_name)(*args)
-    return out
+        out, *_ = paths.eager_forward(*args) if eager else _op(op_name)(*args)
+    return out.transpose(1, 2)
 
 
 def qk_norm_attention_packed(

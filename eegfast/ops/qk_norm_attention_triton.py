@@ -54,7 +54,10 @@ def _configs(block_pairs: list[tuple[int, int, int, int]], first: str, second: s
     ]
 
 
-if triton_interpreting():
+# Fixed per process: TRITON_INTERPRET must be set before triton is imported.
+_INTERPRETING = triton_interpreting()
+
+if _INTERPRETING:
     # One config (the interpreter cannot time kernels); 32 = 2 x PART_ROWS also exercises the
     # multi-slot partial-sum path, and multi-tile loops at the test's N >= 33.
     _FWD_CONFIGS = _configs([(32, 32, 1, 1)], "BLOCK_M", "BLOCK_N")
@@ -714,13 +717,29 @@ def _bwd_dq_kernel(
 def _precision(dtype: torch.dtype) -> str:
     # fp16/bf16 products are exact in fp32 accumulation. fp32 inputs use 3-pass TF32 on GPU
     # (tensor cores, near-fp32 error) and exact fp32 FMAs in the interpreter.
-    if dtype != torch.float32 or triton_interpreting():
+    if dtype != torch.float32 or _INTERPRETING:
         return "ieee"
     return "tf32x3"
 
 
+# Host-side integer helpers in plain Python: triton.cdiv / next_power_of_2 are constexpr
+# functions whose wrapper costs microseconds per call, and each launch needs several.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
+    return max(16, _next_power_of_2(D))
+
+
+def _direct(kernel):
+    """The eager launcher: the kernel itself. (``wrap_triton`` outside a ``triton_op`` body
+    sends every launch through the tracing higher-order op, which costs more than the launch.)"""
+    return kernel
 
 
 def _unit_inner_stride(x: torch.Tensor) -> torch.Tensor:
@@ -798,6 +817,8 @@ def _pad_rows(
     b: torch.Tensor | None = None,
     stats: torch.Tensor | None = None,
     eps: float = 0.0,
+    *,
+    launch=wrap_triton,
 ) -> torch.Tensor:
     """(B * H, N, BLOCK_D) zero-padded rows of x ((B, H, N, D), any strides with a unit
     innermost one): x itself (mode _COPY), or its LayerNorm with w, b, computing ``stats``
@@ -805,8 +826,8 @@ def _pad_rows(
     B, H, N, D = x.shape
     block_d = _block_d(D)
     out = torch.empty(B * H, N, block_d, dtype=x.dtype, device=x.device)
-    block_m = 32 if triton_interpreting() else 64
-    wrap_triton(_pad_rows_kernel)[(triton.cdiv(N, block_m) * B * H,)](
+    block_m = 32 if _INTERPRETING else 64
+    launch(_pad_rows_kernel)[(_cdiv(N, block_m) * B * H,)](
         x, x if w is None else w.contiguous(), x if b is None else b.contiguous(),
         x if stats is None else stats, out, x.stride(0), x.stride(1), x.stride(2), H, N, D, eps,
         MODE=mode.value, HAS_W=w is not None, HAS_B=b is not None, BLOCK_M=block_m,
@@ -848,6 +869,15 @@ def qk_norm_attention_fwd_triton(
     """
     params = {"q_w": q_w, "q_b": q_b, "k_w": k_w, "k_b": k_b}
     _check_attention_inputs(q, k, v, params, key_padding_mask, block_ids)
+    return _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal,
+                    block_ids, eager=False)  # fmt: skip
+
+
+def _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, block_ids, *,
+             eager: bool):  # fmt: skip
+    """The forward op's work on checked arguments, inside the op or (``eager``) called
+    directly by the public functions."""
+    launch = _direct if eager else wrap_triton
     q, k, v = _unit_inner_stride(q), _unit_inner_stride(k), _unit_inner_stride(v)
     B, H, N, D = q.shape
     out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device)
@@ -857,17 +887,17 @@ def qk_norm_attention_fwd_triton(
     if B * H * N == 0:
         return out, lse, q_stats, k_stats
     pad, ids = _mask_args(q, key_padding_mask, block_ids)
-    q_w_, q_b_, k_w_, k_b_ = (q if p is None else p.contiguous() for p in params.values())
+    q_w_, q_b_, k_w_, k_b_ = (q if p is None else p.contiguous() for p in (q_w, q_b, k_w, k_b))
     block_d = _block_d(D)
     k_n = v_p = q  # placeholders
     if PRE_NORMALISE:
-        k_n = _pad_rows(k, _NORMALISE, k_w, k_b, k_stats, eps)
-        v_p = _pad_rows(v, _COPY)
+        k_n = _pad_rows(k, _NORMALISE, k_w, k_b, k_stats, eps, launch=launch)
+        v_p = _pad_rows(v, _COPY, launch=launch)
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
+        return (_cdiv(N, meta["BLOCK_M"]) * B * H,)
 
-    wrap_triton(_fwd_kernel)[grid](
+    launch(_fwd_kernel)[grid](
         q,
         k,
         v,
@@ -895,7 +925,7 @@ def qk_norm_attention_fwd_triton(
         H,
         N,
         D,
-        triton.next_power_of_2(N),
+        _next_power_of_2(N),
         eps,
         scale * _LOG2E.value,
         PRE_NORMALISED=PRE_NORMALISE,
@@ -960,6 +990,16 @@ def qk_norm_attention_bwd_triton(
     ):
         if x.shape != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    return _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats, scale,
+                     key_padding_mask, causal, block_ids, eager=False)  # fmt: skip
+
+
+def _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats, scale,
+              key_padding_mask, causal, block_ids, *, eager: bool):  # fmt: skip
+    """The backward op's work on checked arguments; ``eager`` as in _forward."""
+    launch = _direct if eager else wrap_triton
+    params = {"q_w": q_w, "q_b": q_b, "k_w": k_w, "k_b": k_b}
+    B, H, N, D = q.shape
     q, k, v = _unit_inner_stride(q), _unit_inner_stride(k), _unit_inner_stride(v)
     grad_out = _unit_inner_stride(grad_out)
     out, lse = out.contiguous(), lse.float().contiguous()
@@ -968,7 +1008,7 @@ def qk_norm_attention_bwd_triton(
     dq = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
-    num_slots = triton.cdiv(N, PART_ROWS)
+    num_slots = _cdiv(N, PART_ROWS)
     present = [name for name, p in params.items() if p is not None and name != "k_b"]
     # One buffer for the partial sums of all given parameters: one reduction kernel for all.
     parts = torch.empty(len(present), B * H, num_slots, D, dtype=torch.float32, device=q.device)
@@ -983,8 +1023,9 @@ def qk_norm_attention_bwd_triton(
                 return q.new_empty(0)
             if name == "k_b":  # exactly zero (see above)
                 return torch.zeros_like(p)
-            # copy=True: a custom op's outputs must not be views of one another.
-            return sums[name].to(p.dtype, copy=True)
+            # A custom op's outputs must not be views of one another; the eager path's may
+            # (gradients of separate parameters), which saves a copy kernel per parameter.
+            return sums[name].to(p.dtype, copy=not eager)
 
         return [grad(name, p) for name, p in params.items()]
 
@@ -998,8 +1039,8 @@ def qk_norm_attention_bwd_triton(
     )
     block_d = _block_d(D)
     delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    delta_block = 32 if triton_interpreting() else 64
-    wrap_triton(_bwd_delta_kernel)[(triton.cdiv(N, delta_block) * B * H,)](
+    delta_block = 32 if _INTERPRETING else 64
+    launch(_bwd_delta_kernel)[(_cdiv(N, delta_block) * B * H,)](
         out,
         grad_out,
         delta,
@@ -1042,15 +1083,16 @@ def qk_norm_attention_bwd_triton(
 
     q_n = g_p = k_n = v_p = q  # placeholders
     if PRE_NORMALISE:
-        q_n = _pad_rows(q, _NORMALISE_FROM_STATS, q_w, q_b, q_stats)
-        k_n = _pad_rows(k, _NORMALISE_FROM_STATS, k_w, k_b, k_stats)
-        v_p = _pad_rows(v, _COPY)
-        g_p = _pad_rows(grad_out.transpose(1, 2), _COPY)  # (B, N, H, D) seen as (B, H, N, D)
+        q_n = _pad_rows(q, _NORMALISE_FROM_STATS, q_w, q_b, q_stats, launch=launch)
+        k_n = _pad_rows(k, _NORMALISE_FROM_STATS, k_w, k_b, k_stats, launch=launch)
+        v_p = _pad_rows(v, _COPY, launch=launch)
+        # (B, N, H, D) seen as (B, H, N, D)
+        g_p = _pad_rows(grad_out.transpose(1, 2), _COPY, launch=launch)
 
     def key_grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]) * B * H,)
+        return (_cdiv(N, meta["BLOCK_N"]) * B * H,)
 
-    wrap_triton(_bwd_dkdv_kernel)[key_grid](
+    launch(_bwd_dkdv_kernel)[key_grid](
         q,
         k,
         v,
@@ -1074,7 +1116,7 @@ def qk_norm_attention_bwd_triton(
         H,
         N,
         D,
-        triton.next_power_of_2(N),
+        _next_power_of_2(N),
         num_slots,
         scale,
         scale * _LOG2E.value,
@@ -1082,9 +1124,9 @@ def qk_norm_attention_bwd_triton(
     )
 
     def query_grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
+        return (_cdiv(N, meta["BLOCK_M"]) * B * H,)
 
-    wrap_triton(_bwd_dq_kernel)[query_grid](
+    launch(_bwd_dq_kernel)[query_grid](
         q,
         k,
         v,
@@ -1108,7 +1150,7 @@ def qk_norm_attention_bwd_triton(
         H,
         N,
         D,
-        triton.next_power_of_2(N),
+        _next_power_of_2(N),
         num_slots,
         scale,
         scale * _LOG2E.value,
@@ -1117,6 +1159,25 @@ def qk_norm_attention_bwd_triton(
     return (dq, dk, dv, *param_grads())
 
 
+def _eager_forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, block_ids):
+    """The forward op's work without the dispatcher, for the public functions in eager mode.
+    Their checks have run; float64, which they pass for the C++ kernels, is the one left."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    return _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal,
+                    block_ids, eager=True)  # fmt: skip
+
+
+def _eager_backward(*args):
+    """The backward op's work without the dispatcher (arguments of the op, from _forward)."""
+    return _backward(*args, eager=True)
+
+
 # Fake kernels (the same shapes as the C++ ops) and autograd: forward saves what the backward
-# op needs, the backward calls qk_norm_attention_bwd_triton.
-_register_op_glue("eegfast::qk_norm_attention_fwd_triton", "eegfast::qk_norm_attention_bwd_triton")
+# op needs, the backward calls qk_norm_attention_bwd_triton (or, in eager mode, _eager_backward).
+_register_op_glue(
+    "eegfast::qk_norm_attention_fwd_triton",
+    "eegfast::qk_norm_attention_bwd_triton",
+    strided_grad=True,
+    eager=(_eager_forward, _eager_backward),
+)

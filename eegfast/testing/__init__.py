@@ -62,3 +62,16 @@ def strided(t: torch.Tensor, step: int = 2) -> torch.Tensor:
     wide = torch.zeros(*t.shape[:-1], t.shape[-1] * step, dtype=t.dtype, device=t.device)
     wide[..., ::step] = t
     return wide[..., ::step]
+
+
+class OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every operator that reaches the dispatcher while active, e.g.
+    ``"eegfast::qk_norm_attention_fwd"``; ``ops`` is the set of names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func._schema.name)
+        return func(*args, **(kwargs or {}))

@@ -18,7 +18,7 @@ from eegfast.ops import (
     qk_norm_attention_reference,
     release_cpu_output_pool,
 )
-from eegfast.testing import odd_sizes, strided
+from eegfast.testing import OpRecorder, odd_sizes, strided
 
 HEAD_DIMS = (20, 25, 50, 64, 128, 1, 3, 7, 16, 17, 33)
 LAYOUTS = ("contiguous", "strided", "transposed", "packed")
@@ -596,6 +596,57 @@ def test_torch_compile_fullgraph():
         loss.backward()
         results.append([loss.detach()] + [t.grad for t in inputs])
     assert_all_close(results[1], results[0], 1e-6)
+
+
+def public_call_results(case, backend, *, grads):
+    """Output and gradients of qk_norm_attention from a fresh copy of the case's inputs."""
+    leaves = [t.clone().requires_grad_(grads) for t in case["qkv"]]
+    params = {name: p.clone().requires_grad_(grads) for name, p in case["params"].items()}
+    out = qk_norm_attention(*leaves, **params, **case["kwargs"], backend=backend)
+    if not grads:
+        return out, [out]
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    return out, [out, *torch.autograd.grad(out, [*leaves, *params.values()], grad_out)]
+
+
+@pytest.mark.parametrize("grads", [False, True])
+def test_public_function_calls_the_kernels_without_the_dispatcher_in_eager_mode(grads):
+    """In plain eager mode the public function runs the kernels below the custom ops' Python
+    dispatch layers (the eager autograd.Function); under a dispatch mode, which torch.compile
+    and the tracers use, it calls the registered ops. Both give the same bits."""
+    case = make_case(2, 3, 37, 20, seed=21, padding=True, causal=True)
+    eager_out, eager = public_call_results(case, "cpu", grads=grads)
+    if grads:
+        assert type(eager_out.grad_fn).__name__ == "qk_norm_attention_fwd_eagerBackward"
+    with OpRecorder() as recorder:
+        traced_out, traced = public_call_results(case, "cpu", grads=grads)
+    expected = {"eegfast::qk_norm_attention_fwd"}
+    if grads:
+        expected.add("eegfast::qk_norm_attention_bwd")
+        assert type(traced_out.grad_fn).__name__ != type(eager_out.grad_fn).__name__
+    assert expected <= recorder.ops
+    assert eager_out.stride() == traced_out.stride()  # both (B, N, H, D) storage
+    for a, b in zip(eager, traced, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_public_function_under_fake_tensors_uses_the_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.randn(2, 3, 11, 20, requires_grad=True)
+        w = torch.ones(20, requires_grad=True)
+        out = qk_norm_attention(q, q, q, w, None, w, None, backend="cpu")
+        out.sum().backward()
+    assert out.shape == (2, 3, 11, 20) and q.grad.shape == q.shape and w.grad.shape == (20,)
+
+
+def test_eager_path_rejects_double_backward():
+    q = torch.randn(1, 2, 9, 20, requires_grad=True)
+    out = qk_norm_attention(q, q, q, backend="cpu")
+    (grad,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
 
 
 # ---- dispatch and errors ------------------------------------------------------------------------

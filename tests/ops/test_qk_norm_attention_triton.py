@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eegfast.ops import available_backends
-from eegfast.testing import odd_sizes, requires_cuda, strided
+from eegfast.testing import OpRecorder, odd_sizes, requires_cuda, strided
 from eegfast.testing.triton_sm90 import KernelSpec, compile_for_sm90, has_ptxas
 
 pytestmark = [
@@ -232,6 +232,35 @@ def test_autograd_through_public_packed_api():
     assert_close_scaled(out, ref_out, TOLERANCE[torch.float32], "out")
     for name, a, b in zip(("qkv", *PARAM_NAMES), grads, ref_grads, strict=True):
         assert_close_scaled(a, b, TOLERANCE[torch.float32], f"d{name}")
+
+
+@pytest.mark.parametrize("grads", [False, True])
+def test_public_function_launches_directly_in_eager_mode(grads):
+    """Plain eager calls launch the kernels without the triton_op dispatch (the eager
+    autograd.Function, the (B, H, N, D) gradient read in place); under a dispatch mode the
+    registered ops run. Same bits either way."""
+    from eegfast.ops import qk_norm_attention
+
+    q, k, v, params, kpm, ids, _ = make_case(2, 2, 33, 20, torch.float32, seed=12,
+                                             mask="random", block_size=4)  # fmt: skip
+    grad = torch.randn(2, 2, 33, 20, generator=torch.Generator().manual_seed(13))
+
+    def results():
+        leaves = [x.clone().requires_grad_(grads) for x in (q, k, v, *params)]
+        out = qk_norm_attention(*leaves, eps=EPS, key_padding_mask=kpm, block_causal=ids,
+                                backend="triton")  # fmt: skip
+        return out, [out, *(torch.autograd.grad(out, leaves, grad) if grads else ())]
+
+    eager_out, eager = results()
+    with OpRecorder() as recorder:
+        traced_out, traced = results()
+    expected = {"eegfast::qk_norm_attention_fwd_triton"}
+    if grads:
+        expected.add("eegfast::qk_norm_attention_bwd_triton")
+        assert type(eager_out.grad_fn).__name__ == "qk_norm_attention_fwd_triton_eagerBackward"
+    assert expected <= recorder.ops
+    for a, b in zip(eager, traced, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_rows_that_see_nothing_are_zero_with_zero_gradients():
