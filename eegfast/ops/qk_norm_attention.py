@@ -426,10 +426,12 @@ def _register_op_glue(
 
 
 def _plain_eager(tensors: tuple) -> bool:
-    """Whether the kernels may be called without the dispatcher: not under torch.compile or
-    export, no dispatch mode (fake tensors, make_fx, FlopCounterMode) or functorch transform
-    active, and every tensor a plain one (or a Parameter), on which they see real data."""
+    """Whether the kernels may be called without the dispatcher: not under torch.compile,
+    export or torch.jit.trace, no dispatch mode (fake tensors, make_fx, FlopCounterMode) or
+    functorch transform active, and every tensor a plain one (or a Parameter)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    if torch.jit.is_tracing():
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False

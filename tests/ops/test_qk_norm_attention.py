@@ -641,6 +641,15 @@ def test_public_function_under_fake_tensors_uses_the_op():
     assert out.shape == (2, 3, 11, 20) and q.grad.shape == q.shape and w.grad.shape == (20,)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+def test_jit_trace_records_the_op():
+    q = torch.randn(1, 2, 9, 20)
+    traced = torch.jit.trace(lambda x: qk_norm_attention(x, x, x, backend="cpu"), (q,))
+    assert "eegfast::qk_norm_attention_fwd" in {node.kind() for node in traced.graph.nodes()}
+    other = torch.randn(1, 2, 9, 20)
+    torch.testing.assert_close(traced(other), qk_norm_attention(other, other, other))
+
+
 def test_eager_path_rejects_double_backward():
     q = torch.randn(1, 2, 9, 20, requires_grad=True)
     out = qk_norm_attention(q, q, q, backend="cpu")
