@@ -347,18 +347,19 @@ def _function_class(name: str, forward, backward) -> type[torch.autograd.Functio
 def _eager_function(
     name: str, fwd: Callable, bwd: Callable, *, strided_grad: bool
 ) -> type[torch.autograd.Function]:
-    """An autograd.Function over the eager forms of the ops, returning only the output, as
-    the (B, H, N, D) view the public function returns: one output and no view node for the
-    autograd engine to run (lse and the statistics are saved, not returned)."""
+    """An autograd.Function over the eager forms of the ops, returning only the (B, N, H, D)
+    output (lse and the statistics are saved, not returned: one output for the autograd engine
+    to track). Not a view of it: a view made inside a custom Function cannot be modified in
+    place, and callers do (``attn(x).mul_(s)``)."""
 
     def forward(ctx, *args):
         out, lse, q_stats, k_stats = fwd(*args)
         _save_for_backward(ctx, args, out, lse, q_stats, k_stats)
-        return out.transpose(1, 2)
+        return out
 
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # grad (B, H, N, D); the ops take (B, N, H, D)
-        return _input_grads(ctx, bwd, grad.transpose(1, 2), strided_grad)
+    def backward(ctx, grad_out):
+        return _input_grads(ctx, bwd, grad_out, strided_grad)
 
     return _function_class(name, forward, backward)
 
@@ -376,7 +377,7 @@ class _OpPaths:
 # registered autograd wrapper (torch._library.autograd, which rebuilds the schema's argument
 # list per call) and, for a triton_op, a torch.compile-disabled frame: at a tiny shape the Triton
 # path's host work for a forward + backward was ~300 us on a Zen 4 core with the kernel launches
-# stubbed out, ~185 us without those layers. The public functions call the kernels directly in
+# stubbed out, ~180 us without those layers. The public functions call the kernels directly in
 # plain eager mode, and the registered ops, which torch.compile and the tracers see, otherwise
 # (see _plain_eager).
 _OP_PATHS: dict[str, _OpPaths] = {}
@@ -598,8 +599,9 @@ def _run_kernel(chosen, q, k, v, q_w, q_b, k_w, k_b, *, eps, scale, key_padding_
         t is not None and t.requires_grad for t in (q, k, v, q_w, q_b, k_w, k_b)
     ):
         if eager:
-            return paths.eager.apply(*args)
-        out, *_ = paths.traced.apply(*args)
+            out = paths.eager.apply(*args)
+        else:
+            out, *_ = paths.traced.apply(*args)
     else:
         out, *_ = paths.eager_forward(*args) if eager else _op(op_name)(*args)
     return out.transpose(1, 2)

@@ -616,14 +616,16 @@ def test_public_function_calls_the_kernels_without_the_dispatcher_in_eager_mode(
     and the tracers use, it calls the registered ops. Both give the same bits."""
     case = make_case(2, 3, 37, 20, seed=21, padding=True, causal=True)
     eager_out, eager = public_call_results(case, "cpu", grads=grads)
-    if grads:
-        assert type(eager_out.grad_fn).__name__ == "qk_norm_attention_fwd_eagerBackward"
+    if grads:  # (B, H, N, D) view of the Function's (B, N, H, D) output
+        function = eager_out.grad_fn.next_functions[0][0]
+        assert type(function).__name__ == "qk_norm_attention_fwd_eagerBackward"
     with OpRecorder() as recorder:
         traced_out, traced = public_call_results(case, "cpu", grads=grads)
     expected = {"eegfast::qk_norm_attention_fwd"}
     if grads:
         expected.add("eegfast::qk_norm_attention_bwd")
-        assert type(traced_out.grad_fn).__name__ != type(eager_out.grad_fn).__name__
+        traced_function = traced_out.grad_fn.next_functions[0][0]
+        assert type(traced_function).__name__ == "qk_norm_attention_fwd_functionBackward"
     assert expected <= recorder.ops
     assert eager_out.stride() == traced_out.stride()  # both (B, N, H, D) storage
     for a, b in zip(eager, traced, strict=True):
@@ -648,6 +650,23 @@ def test_jit_trace_records_the_op():
     assert "eegfast::qk_norm_attention_fwd" in {node.kind() for node in traced.graph.nodes()}
     other = torch.randn(1, 2, 9, 20)
     torch.testing.assert_close(traced(other), qk_norm_attention(other, other, other))
+
+
+def test_in_place_change_of_the_output_is_caught_by_autograd():
+    """The backward reads the forward's output (delta = rowsum(dO * O)), as flash attention
+    does: modifying it in place makes backward raise autograd's version error, never give
+    wrong gradients; without autograd, in-place use is fine."""
+    q = torch.randn(1, 2, 9, 20, requires_grad=True)
+    qkv = torch.cat([q.transpose(1, 2).flatten(2)] * 3, -1)
+    for attention in (
+        lambda: qk_norm_attention(q, q, q, backend="cpu"),
+        lambda: qk_norm_attention_packed(qkv, 2, backend="cpu"),
+    ):
+        out = attention().mul_(3)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+        with torch.no_grad():
+            torch.testing.assert_close(attention().mul_(3), 3 * attention())
 
 
 def test_eager_path_rejects_double_backward():
