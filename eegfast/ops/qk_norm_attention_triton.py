@@ -122,10 +122,13 @@ def _program_ids(N, BLOCK: tl.constexpr):
 @triton.jit
 def _layer_norm_stats(x, col_ok, D, eps):
     """x: (R, BLOCK_D) fp32, zero in padded columns -> x_hat (same zeros), mean, rstd."""
-    mean = tl.sum(x, axis=1) / D
+    # Products with 1 / D and rsqrt, not divisions: each fp32 division is a multi-instruction
+    # sequence (div.full.f32), and these run on every key tile of the fused loops.
+    inv_d = 1.0 / D
+    mean = tl.sum(x, axis=1) * inv_d
     centred = tl.where(col_ok[None, :], x - mean[:, None], 0.0)
-    var = tl.sum(centred * centred, axis=1) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
+    var = tl.sum(centred * centred, axis=1) * inv_d
+    rstd = tl.math.rsqrt(var + eps)
     return centred * rstd[:, None], mean, rstd
 
 
@@ -189,8 +192,9 @@ def _layer_norm_backward(grad_y, x_hat, rstd, w_ptr, dims, D, HAS_W: tl.constexp
     if HAS_W:
         w = tl.load(w_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)
         grad_x_hat = grad_y * w[None, :]
-    mean_grad = tl.sum(grad_x_hat, axis=1) / D
-    mean_grad_x_hat = tl.sum(grad_x_hat * x_hat, axis=1) / D
+    inv_d = 1.0 / D
+    mean_grad = tl.sum(grad_x_hat, axis=1) * inv_d
+    mean_grad_x_hat = tl.sum(grad_x_hat * x_hat, axis=1) * inv_d
     grad_x = grad_x_hat - mean_grad[:, None] - x_hat * mean_grad_x_hat[:, None]
     return tl.where((dims < D)[None, :], grad_x * rstd[:, None], 0.0)
 
@@ -253,15 +257,17 @@ def _pad_rows_kernel(
     sxn,
     H,
     N,
-    D,
+    D: tl.constexpr,
     eps,
     MODE: tl.constexpr,  # _COPY, _NORMALISE or _NORMALISE_FROM_STATS
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,  # the strides arrive divided by it (see _row_align)
 ):
     """x, or its LayerNorm, as zero-padded rows for the PRE_NORMALISE loops to load."""
+    sxb, sxh, sxn = sxb * ALIGN, sxh * ALIGN, sxn * ALIGN  # see _row_align
     pid_m, pid_bh = _program_ids(N, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
@@ -310,7 +316,7 @@ def _fwd_kernel(
     svn,
     H,
     N,
-    D,
+    D: tl.constexpr,
     N_BUCKET,
     eps,
     qk_scale_log2,  # scale * log2(e)
@@ -323,10 +329,14 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr,
     BLOCK_CAUSAL: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,  # the strides arrive divided by it (see _row_align)
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    sqb, sqh, sqn = sqb * ALIGN, sqh * ALIGN, sqn * ALIGN  # see _row_align
+    skb, skh, skn = skb * ALIGN, skh * ALIGN, skn * ALIGN
+    svb, svh, svn = svb * ALIGN, svh * ALIGN, svn * ALIGN
     pid_m, pid_bh = _program_ids(N, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
@@ -405,7 +415,8 @@ def _fwd_kernel(
             m_i = m_new
 
     seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]  # rows that saw nothing: acc = 0 -> 0
+    # one division per row (rows that saw nothing: acc = 0 -> 0)
+    out = acc * (1.0 / tl.where(seen, l_i, 1.0))[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("-inf"))
     tl.store(lse_ptr + pid_bh * N + rows, lse, mask=row_ok)
     out_rows = out_ptr + (b * N + rows[:, None]) * (H * D) + h * D + dims[None, :]
@@ -427,10 +438,12 @@ def _bwd_delta_kernel(
     sgh,
     H,
     N,
-    D,
+    D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,  # the strides arrive divided by it (see _row_align)
 ):
+    sgb, sgn, sgh = sgb * ALIGN, sgn * ALIGN, sgh * ALIGN  # see _row_align
     pid_m, pid_bh = _program_ids(N, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
@@ -477,7 +490,7 @@ def _bwd_dkdv_kernel(
     sgh,
     H,
     N,
-    D,
+    D: tl.constexpr,
     N_BUCKET,
     num_slots,
     scale,
@@ -490,12 +503,17 @@ def _bwd_dkdv_kernel(
     CAUSAL: tl.constexpr,
     BLOCK_CAUSAL: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,  # the strides arrive divided by it (see _row_align)
     PRECISION: tl.constexpr,
     PART: tl.constexpr,
     PRE_NORMALISED: tl.constexpr,  # the loop reads q_n_ptr and g_p_ptr
     BLOCK_N: tl.constexpr,  # keys owned by this program
     BLOCK_M: tl.constexpr,  # queries per loop step
 ):
+    sqb, sqh, sqn = sqb * ALIGN, sqh * ALIGN, sqn * ALIGN  # see _row_align
+    skb, skh, skn = skb * ALIGN, skh * ALIGN, skn * ALIGN
+    svb, svh, svn = svb * ALIGN, svh * ALIGN, svn * ALIGN
+    sgb, sgn, sgh = sgb * ALIGN, sgn * ALIGN, sgh * ALIGN
     pid_n, pid_bh = _program_ids(N, BLOCK_N)
     b = pid_bh // H
     h = pid_bh % H
@@ -610,7 +628,7 @@ def _bwd_dq_kernel(
     sgh,
     H,
     N,
-    D,
+    D: tl.constexpr,
     N_BUCKET,
     num_slots,
     scale,
@@ -623,12 +641,17 @@ def _bwd_dq_kernel(
     CAUSAL: tl.constexpr,
     BLOCK_CAUSAL: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,  # the strides arrive divided by it (see _row_align)
     PRECISION: tl.constexpr,
     PART: tl.constexpr,
     PRE_NORMALISED: tl.constexpr,  # the loop reads k_n_ptr and v_p_ptr
     BLOCK_M: tl.constexpr,  # queries owned by this program
     BLOCK_N: tl.constexpr,  # keys per loop step
 ):
+    sqb, sqh, sqn = sqb * ALIGN, sqh * ALIGN, sqn * ALIGN  # see _row_align
+    skb, skh, skn = skb * ALIGN, skh * ALIGN, skn * ALIGN
+    svb, svh, svn = svb * ALIGN, svh * ALIGN, svn * ALIGN
+    sgb, sgn, sgh = sgb * ALIGN, sgn * ALIGN, sgh * ALIGN
     pid_m, pid_bh = _program_ids(N, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
@@ -736,6 +759,20 @@ def _block_d(D: int) -> int:
     return max(16, _next_power_of_2(D))
 
 
+def _row_align(D: int, *tensors: torch.Tensor) -> int:
+    """The largest of 8, 4, 2, 1 that divides D and the three outer strides of every tensor.
+
+    The kernels take those strides divided by it and multiply them back (and D is a constexpr):
+    then the compiler knows that row starts are multiples of it and, with 16-byte aligned
+    pointers, loads and stores D = 20 bf16 rows as 8-byte vectors (LaBraM's layouts all divide
+    by 4), where a stride it cannot bound made every element a separate 2-byte access.
+    """
+    for align in (8, 4, 2):
+        if D % align == 0 and all(s % align == 0 for t in tensors for s in t.stride()[:3]):
+            return align
+    return 1
+
+
 def _direct(kernel):
     """The eager launcher: the kernel itself. (``wrap_triton`` outside a ``triton_op`` body
     sends every launch through the tracing higher-order op, which costs more than the launch.)"""
@@ -827,11 +864,12 @@ def _pad_rows(
     block_d = _block_d(D)
     out = torch.empty(B * H, N, block_d, dtype=x.dtype, device=x.device)
     block_m = 32 if _INTERPRETING else 64
+    align = _row_align(D, x)
     launch(_pad_rows_kernel)[(_cdiv(N, block_m) * B * H,)](
         x, x if w is None else w.contiguous(), x if b is None else b.contiguous(),
-        x if stats is None else stats, out, x.stride(0), x.stride(1), x.stride(2), H, N, D, eps,
-        MODE=mode.value, HAS_W=w is not None, HAS_B=b is not None, BLOCK_M=block_m,
-        BLOCK_D=block_d,
+        x if stats is None else stats, out, x.stride(0) // align, x.stride(1) // align,
+        x.stride(2) // align, H, N, D, eps, MODE=mode.value, HAS_W=w is not None,
+        HAS_B=b is not None, BLOCK_M=block_m, BLOCK_D=block_d, ALIGN=align,
     )  # fmt: skip
     return out
 
@@ -897,6 +935,7 @@ def _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, 
     def grid(meta):
         return (_cdiv(N, meta["BLOCK_M"]) * B * H,)
 
+    align = _row_align(D, q, k, v)
     launch(_fwd_kernel)[grid](
         q,
         k,
@@ -913,21 +952,14 @@ def _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, 
         k_stats,
         k_n,
         v_p,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
+        *(stride // align for x in (q, k, v) for stride in x.stride()[:3]),
         H,
         N,
         D,
         _next_power_of_2(N),
         eps,
         scale * _LOG2E.value,
+        ALIGN=align,
         PRE_NORMALISED=PRE_NORMALISE,
         HAS_Q_W=q_w is not None,
         HAS_Q_B=q_b is not None,
@@ -1039,19 +1071,21 @@ def _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
     )
     block_d = _block_d(D)
     delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    align = _row_align(D, q, k, v, grad_out)
     delta_block = 32 if _INTERPRETING else 64
     launch(_bwd_delta_kernel)[(_cdiv(N, delta_block) * B * H,)](
         out,
         grad_out,
         delta,
-        grad_out.stride(0),
-        grad_out.stride(1),
-        grad_out.stride(2),
+        grad_out.stride(0) // align,
+        grad_out.stride(1) // align,
+        grad_out.stride(2) // align,
         H,
         N,
         D,
         BLOCK_M=delta_block,
         BLOCK_D=block_d,
+        ALIGN=align,
     )
     flags = dict(
         HAS_Q_W=q_w is not None,
@@ -1065,21 +1099,9 @@ def _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
         PRECISION=_precision(q.dtype),
         PART=PART_ROWS,
         PRE_NORMALISED=PRE_NORMALISE,
+        ALIGN=align,
     )
-    strides = (
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        grad_out.stride(0),
-        grad_out.stride(1),
-        grad_out.stride(2),
-    )
+    strides = tuple(stride // align for x in (q, k, v, grad_out) for stride in x.stride()[:3])
 
     q_n = g_p = k_n = v_p = q  # placeholders
     if PRE_NORMALISE:
