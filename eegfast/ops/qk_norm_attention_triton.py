@@ -44,6 +44,8 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 _INT32_MIN = tl.constexpr(-(2**31))
 _INT32_MAX = tl.constexpr(2**31 - 1)
+# Keys per tile of the loops' last, partial tiles (the smallest tl.dot size).
+_TAIL_N = tl.constexpr(16)
 
 
 def _configs(block_pairs: list[tuple[int, int, int, int]], first: str, second: str):
@@ -240,6 +242,18 @@ def _visible(
     return visible
 
 
+@triton.jit
+def _visible_tile(rows, cols, q_ids, k_ids, b, pad_ptr, N, HAS_PAD: tl.constexpr,
+                  CAUSAL: tl.constexpr, BLOCK_CAUSAL: tl.constexpr):  # fmt: skip
+    """(len(rows), len(cols)) bool: query rows[i] sees key cols[j], the padding mask of batch
+    b read here."""
+    k_pad = tl.zeros_like(cols)
+    if HAS_PAD:
+        k_pad = tl.load(pad_ptr + b * N + cols, mask=cols < N, other=1).to(cols.dtype)
+    return _visible(rows[:, None], cols[None, :], k_pad[None, :], q_ids[:, None], k_ids[None, :],
+                    N, CAUSAL, BLOCK_CAUSAL)  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------
 # Forward.
 # --------------------------------------------------------------------------------------------
@@ -285,6 +299,59 @@ def _pad_rows_kernel(
         x = _affine(x_hat, w_ptr, b_ptr, dims, D, HAS_W, HAS_B)
     offsets = (pid_bh * N + rows[:, None]) * BLOCK_D + dims[None, :]
     tl.store(out_ptr + offsets, x.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _fwd_tile(
+    m_i, l_i, acc,  # (BLOCK_M,) row maxima (log2 domain), sums of exp2(score - max); output
+    start_n, masked,  # first key; whether the scores need the masks (see _fwd_kernel)
+    q_n, rows, q_ids, q_ids_max, pid_bh, b, k_base, v_base, skn, svn, k_n_ptr, v_p_ptr,
+    k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N, eps, qk_scale_log2, D: tl.constexpr,
+    PRE_NORMALISED: tl.constexpr, HAS_K_W: tl.constexpr, HAS_K_B: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_CAUSAL: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, TILE_N: tl.constexpr,
+):  # fmt: skip
+    """The forward's online softmax over keys start_n ... start_n + TILE_N - 1: (m_i, l_i,
+    acc) updated. ``masked`` False: every key < N and visible to every query causal-wise (a
+    uniform branch: the padding and block masks apply whatever it says)."""
+    dtype = q_n.dtype
+    cols = start_n + tl.arange(0, TILE_N)
+    dims = tl.arange(0, BLOCK_D)
+    k_ids = cols  # placeholder when not block-causal (unused)
+    run_tile = True
+    if BLOCK_CAUSAL:
+        k_ids = tl.load(ids_ptr + cols, mask=cols < N, other=_INT32_MAX)
+        run_tile = tl.min(k_ids, axis=0) <= q_ids_max  # skip tiles no query here sees
+    if run_tile:
+        if PRE_NORMALISED:
+            k_n = _load_padded_rows(k_n_ptr, pid_bh, cols, N, BLOCK_D)
+            v = _load_padded_rows(v_p_ptr, pid_bh, cols, N, BLOCK_D)
+        else:
+            k = _load_rows(k_base, cols, dims, skn, N, D).to(tl.float32)
+            k_hat, k_mean, k_rstd = _layer_norm_stats(k, dims < D, D, eps)
+            k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B).to(dtype)
+            v = _load_rows(v_base, cols, dims, svn, N, D)
+        scores = tl.dot(q_n, tl.trans(k_n), input_precision=PRECISION, out_dtype=tl.float32)
+        scores = scores * qk_scale_log2
+        if HAS_PAD or BLOCK_CAUSAL:
+            visible = _visible_tile(rows, cols, q_ids, k_ids, b, pad_ptr, N, HAS_PAD, CAUSAL,
+                                    BLOCK_CAUSAL)  # fmt: skip
+            scores = tl.where(visible, scores, float("-inf"))
+        elif masked:
+            visible = _visible_tile(rows, cols, q_ids, k_ids, b, pad_ptr, N, False, CAUSAL, False)
+            scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        # Rows with nothing visible yet keep max -inf; shift by 0 there so that
+        # exp2(-inf - shift) is 0 rather than NaN.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - shift)
+        p = tl.math.exp2(scores - shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(
+            p.to(dtype), v, input_precision=PRECISION, out_dtype=tl.float32
+        )
+        m_i = m_new
+    return m_i, l_i, acc
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)
@@ -367,52 +434,33 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if not BLOCK_CAUSAL:
+        q_ids_max = 0  # placeholder (unused)
+    # Whole key tiles, then the keys past the last whole tile in _TAIL_N-key tiles: LaBraM's
+    # N = 257 ends in one 16-key tile instead of a whole BLOCK_N one for its single last key.
+    # Only tiles on the causal diagonal and the last ones compare scores with the masks (the
+    # padding and block masks apply to all). A tuple of these arguments cannot hold the string
+    # constexpr PRECISION: they are written out.
     hi = N
+    n_full = N // BLOCK_N * BLOCK_N  # keys in whole tiles
+    n_interior = n_full  # keys in whole tiles that every query here sees (causal-wise)
     if CAUSAL:
         hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)  # key tiles past the diagonal: all masked
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k_ids = cols  # placeholder when not block-causal (unused)
-        run_tile = True
-        if BLOCK_CAUSAL:
-            k_ids = tl.load(ids_ptr + cols, mask=cols < N, other=_INT32_MAX)
-            run_tile = tl.min(k_ids, axis=0) <= q_ids_max  # skip tiles no query here sees
-        if run_tile:
-            if PRE_NORMALISED:
-                k_n = _load_padded_rows(k_n_ptr, pid_bh, cols, N, BLOCK_D)
-                v = _load_padded_rows(v_p_ptr, pid_bh, cols, N, BLOCK_D)
-            else:
-                k = _load_rows(k_base, cols, dims, skn, N, D).to(tl.float32)
-                k_hat, k_mean, k_rstd = _layer_norm_stats(k, col_ok, D, eps)
-                k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B).to(dtype)
-                v = _load_rows(v_base, cols, dims, svn, N, D)
-            scores = tl.dot(q_n, tl.trans(k_n), input_precision=PRECISION, out_dtype=tl.float32)
-            scores = scores * qk_scale_log2
-            k_pad = tl.zeros([BLOCK_N], tl.int32)
-            if HAS_PAD:
-                k_pad = tl.load(pad_ptr + b * N + cols, mask=cols < N, other=1).to(tl.int32)
-            visible = _visible(
-                rows[:, None],
-                cols[None, :],
-                k_pad[None, :],
-                q_ids[:, None],
-                k_ids[None, :],
-                N,
-                CAUSAL,
-                BLOCK_CAUSAL,
-            )
-            scores = tl.where(visible, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            # Rows with nothing visible yet keep max -inf; shift by 0 there so that
-            # exp2(-inf - shift) is 0 rather than NaN.
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - shift)
-            p = tl.math.exp2(scores - shift[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(
-                p.to(dtype), v, input_precision=PRECISION, out_dtype=tl.float32
-            )
-            m_i = m_new
+        n_interior = tl.minimum(n_full, pid_m * BLOCK_M // BLOCK_N * BLOCK_N)
+    for start_n in range(0, tl.minimum(hi, n_full), BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(
+            m_i, l_i, acc, start_n, start_n >= n_interior, q_n, rows, q_ids, q_ids_max, pid_bh, b,
+            k_base, v_base, skn, svn, k_n_ptr, v_p_ptr, k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N, eps,
+            qk_scale_log2, D, PRE_NORMALISED, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL, BLOCK_CAUSAL,
+            BLOCK_D, PRECISION, BLOCK_N
+        )  # fmt: skip
+    for start_n in range(n_full, hi, _TAIL_N):
+        m_i, l_i, acc = _fwd_tile(
+            m_i, l_i, acc, start_n, True, q_n, rows, q_ids, q_ids_max, pid_bh, b, k_base, v_base,
+            skn, svn, k_n_ptr, v_p_ptr, k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N, eps, qk_scale_log2,
+            D, PRE_NORMALISED, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL, BLOCK_CAUSAL, BLOCK_D, PRECISION,
+            _TAIL_N
+        )  # fmt: skip
 
     seen = l_i > 0.0
     # one division per row (rows that saw nothing: acc = 0 -> 0)
@@ -540,6 +588,7 @@ def _bwd_dkdv_kernel(
 
     dk_n = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    keys_past_n = (pid_n + 1) * BLOCK_N > N  # this block holds keys past N
     lo = 0
     if CAUSAL:
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # earlier queries see none of these keys
@@ -565,17 +614,15 @@ def _bwd_dkdv_kernel(
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
             delta = tl.load(delta_ptr + pid_bh * N + rows, mask=row_in, other=0.0)
             scores_t = tl.dot(k_n, tl.trans(q_n), input_precision=PRECISION, out_dtype=tl.float32)
-            visible = _visible(
-                rows[None, :],
-                cols[:, None],
-                k_pad[:, None],
-                q_ids[None, :],
-                k_ids[:, None],
-                N,
-                CAUSAL,
-                BLOCK_CAUSAL,
-            )
-            p_t = tl.where(visible, tl.math.exp2(scores_t * qk_scale_log2 - lse2[None, :]), 0.0)
+            p_t = tl.math.exp2(scores_t * qk_scale_log2 - lse2[None, :])
+            # Without masks only the last key block compares: query rows past N have p = 0
+            # already (lse = +inf), keys past N must not count (their p may even overflow).
+            if HAS_PAD or CAUSAL or BLOCK_CAUSAL:
+                visible = _visible(rows[None, :], cols[:, None], k_pad[:, None], q_ids[None, :],
+                                   k_ids[:, None], N, CAUSAL, BLOCK_CAUSAL)  # fmt: skip
+                p_t = tl.where(visible, p_t, 0.0)
+            elif keys_past_n:
+                p_t = tl.where(col_in[:, None], p_t, 0.0)
             dv += tl.dot(p_t.to(dtype), g, input_precision=PRECISION, out_dtype=tl.float32)
             dp_t = tl.dot(v, tl.trans(g), input_precision=PRECISION, out_dtype=tl.float32)
             ds_t = p_t * (dp_t - delta[None, :])
@@ -698,21 +745,15 @@ def _bwd_dq_kernel(
                 k_hat, _ = _normalised_from_stats(k, k_stats_base, cols, N, dim_ok)
                 k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B).to(dtype)
                 v = _load_rows(v_base, cols, dims, svn, N, D)
-            k_pad = tl.zeros([BLOCK_N], tl.int32)
-            if HAS_PAD:
-                k_pad = tl.load(pad_ptr + b * N + cols, mask=col_in, other=1).to(tl.int32)
             scores = tl.dot(q_n, tl.trans(k_n), input_precision=PRECISION, out_dtype=tl.float32)
-            visible = _visible(
-                rows[:, None],
-                cols[None, :],
-                k_pad[None, :],
-                q_ids[:, None],
-                k_ids[None, :],
-                N,
-                CAUSAL,
-                BLOCK_CAUSAL,
-            )
-            p = tl.where(visible, tl.math.exp2(scores * qk_scale_log2 - lse2[:, None]), 0.0)
+            p = tl.math.exp2(scores * qk_scale_log2 - lse2[:, None])
+            # without masks only the tile holding key N compares (see _bwd_dkdv_kernel)
+            if HAS_PAD or CAUSAL or BLOCK_CAUSAL:
+                visible = _visible_tile(rows, cols, q_ids, k_ids, b, pad_ptr, N, HAS_PAD, CAUSAL,
+                                        BLOCK_CAUSAL)  # fmt: skip
+                p = tl.where(visible, p, 0.0)
+            elif start_n + BLOCK_N > N:
+                p = tl.where((cols < N)[None, :], p, 0.0)
             dp = tl.dot(g, tl.trans(v), input_precision=PRECISION, out_dtype=tl.float32)
             ds = p * (dp - delta[:, None])
             dq_n += tl.dot(ds.to(dtype), k_n, input_precision=PRECISION, out_dtype=tl.float32)
