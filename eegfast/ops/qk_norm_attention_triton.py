@@ -254,6 +254,54 @@ def _visible_tile(rows, cols, q_ids, k_ids, b, pad_ptr, N, HAS_PAD: tl.constexpr
                     N, CAUSAL, BLOCK_CAUSAL)  # fmt: skip
 
 
+@triton.jit
+def _tile(start, N, ids_ptr, bound, TILE: tl.constexpr, KEYS: tl.constexpr,
+          BLOCK_CAUSAL: tl.constexpr):  # fmt: skip
+    """(indices, index < N, block ids, run) of the TILE keys (KEYS) or query rows from start.
+    run is False for a tile the program's other side cannot see, block-causally: keys whose
+    least id exceeds ``bound`` (the rows' largest), rows whose largest is below ``bound``."""
+    index = start + tl.arange(0, TILE)
+    in_range = index < N
+    ids = index  # placeholder when not block-causal (unused)
+    run = True
+    if BLOCK_CAUSAL:
+        if KEYS:
+            ids = tl.load(ids_ptr + index, mask=in_range, other=_INT32_MAX)
+            run = tl.min(ids, axis=0) <= bound
+        else:
+            ids = tl.load(ids_ptr + index, mask=in_range, other=_INT32_MIN)
+            run = tl.max(ids, axis=0) >= bound
+    return index, in_range, ids, run
+
+
+@triton.jit
+def _normalised_rows(base, padded_ptr, stats_base, w_ptr, b_ptr, pid_bh, index, stride, N, dtype,
+                     D: tl.constexpr, PRE_NORMALISED: tl.constexpr, HAS_W: tl.constexpr,
+                     HAS_B: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """(len(index), BLOCK_D) LayerNorm (statistics from the forward, affine) of rows ``index``
+    of one (b, h) in ``dtype``; with PRE_NORMALISED, those rows of _pad_rows_kernel's buffer."""
+    if PRE_NORMALISED:
+        rows = _load_padded_rows(padded_ptr, pid_bh, index, N, BLOCK_D)
+    else:
+        dims = tl.arange(0, BLOCK_D)
+        x = _load_rows(base, index, dims, stride, N, D).to(tl.float32)
+        x_hat, _ = _normalised_from_stats(x, stats_base, index, N, dims < D)
+        rows = _affine(x_hat, w_ptr, b_ptr, dims, D, HAS_W, HAS_B).to(dtype)
+    return rows
+
+
+@triton.jit
+def _plain_rows(base, padded_ptr, pid_bh, index, stride, N, dtype, D: tl.constexpr,
+                PRE_NORMALISED: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """Rows ``index`` of one (b, h) as they are (v, grad_out), from the padded copy with
+    PRE_NORMALISED."""
+    if PRE_NORMALISED:
+        rows = _load_padded_rows(padded_ptr, pid_bh, index, N, BLOCK_D)
+    else:
+        rows = _load_rows(base, index, tl.arange(0, BLOCK_D), stride, N, D)
+    return rows.to(dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # Forward.
 # --------------------------------------------------------------------------------------------
@@ -315,13 +363,8 @@ def _fwd_tile(
     acc) updated. ``masked`` False: every key < N and visible to every query causal-wise (a
     uniform branch: the padding and block masks apply whatever it says)."""
     dtype = q_n.dtype
-    cols = start_n + tl.arange(0, TILE_N)
     dims = tl.arange(0, BLOCK_D)
-    k_ids = cols  # placeholder when not block-causal (unused)
-    run_tile = True
-    if BLOCK_CAUSAL:
-        k_ids = tl.load(ids_ptr + cols, mask=cols < N, other=_INT32_MAX)
-        run_tile = tl.min(k_ids, axis=0) <= q_ids_max  # skip tiles no query here sees
+    cols, _, k_ids, run_tile = _tile(start_n, N, ids_ptr, q_ids_max, TILE_N, True, BLOCK_CAUSAL)
     if run_tile:
         if PRE_NORMALISED:
             k_n = _load_padded_rows(k_n_ptr, pid_bh, cols, N, BLOCK_D)
@@ -502,6 +545,48 @@ def _bwd_delta_kernel(
     tl.store(delta_ptr + pid_bh * N + rows, tl.sum(o * g, axis=1), mask=rows < N)
 
 
+@triton.jit
+def _dkdv_tile(
+    dk_n, dv,  # (BLOCK_N, BLOCK_D) fp32 sums: d(normalised keys) / scale, dv
+    start_m,  # first query row of the tile
+    k_n, v, cols, col_in, k_pad, k_ids, k_ids_min, keys_past_n,  # the program's keys
+    pid_bh, q_base, g_base, sqn, sgn, q_stats_ptr, q_n_ptr, g_p_ptr, q_w_ptr, q_b_ptr, ids_ptr,
+    lse_ptr, delta_ptr, N, qk_scale_log2, D: tl.constexpr, PRE_NORMALISED: tl.constexpr,
+    HAS_Q_W: tl.constexpr, HAS_Q_B: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    TILE_M: tl.constexpr,
+):  # fmt: skip
+    """The dK / dV sums of _bwd_dkdv_kernel's keys over query rows start_m ... + TILE_M - 1."""
+    dtype = k_n.dtype
+    rows, row_in, q_ids, run_tile = _tile(start_m, N, ids_ptr, k_ids_min, TILE_M, False,
+                                          BLOCK_CAUSAL)  # fmt: skip
+    if run_tile:
+        q_n = _normalised_rows(q_base, q_n_ptr, q_stats_ptr + pid_bh * N * 2, q_w_ptr, q_b_ptr,
+                               pid_bh, rows, sqn, N, dtype, D, PRE_NORMALISED, HAS_Q_W, HAS_Q_B,
+                               BLOCK_D)  # fmt: skip
+        g = _plain_rows(g_base, g_p_ptr, pid_bh, rows, sgn, N, dtype, D, PRE_NORMALISED, BLOCK_D)
+        lse = tl.load(lse_ptr + pid_bh * N + rows, mask=row_in, other=float("inf"))
+        # Rows that saw nothing (lse = -inf) get p = 0: shift them by +inf.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+        delta = tl.load(delta_ptr + pid_bh * N + rows, mask=row_in, other=0.0)
+        scores_t = tl.dot(k_n, tl.trans(q_n), input_precision=PRECISION, out_dtype=tl.float32)
+        p_t = tl.math.exp2(scores_t * qk_scale_log2 - lse2[None, :])
+        # Without masks only the last key block compares: query rows past N have p = 0
+        # already (lse = +inf), keys past N must not count (their p may even overflow).
+        if HAS_PAD or CAUSAL or BLOCK_CAUSAL:
+            visible = _visible(rows[None, :], cols[:, None], k_pad[:, None], q_ids[None, :],
+                               k_ids[:, None], N, CAUSAL, BLOCK_CAUSAL)  # fmt: skip
+            p_t = tl.where(visible, p_t, 0.0)
+        elif keys_past_n:
+            p_t = tl.where(col_in[:, None], p_t, 0.0)
+        dv += tl.dot(p_t.to(dtype), g, input_precision=PRECISION, out_dtype=tl.float32)
+        dp_t = tl.dot(v, tl.trans(g), input_precision=PRECISION, out_dtype=tl.float32)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk_n += tl.dot(ds_t.to(dtype), q_n, input_precision=PRECISION, out_dtype=tl.float32)
+
+    return dk_n, dv
+
+
 @triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY)
 @triton.jit
 def _bwd_dkdv_kernel(
@@ -592,41 +677,24 @@ def _bwd_dkdv_kernel(
     lo = 0
     if CAUSAL:
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # earlier queries see none of these keys
-    for start_m in range(lo, N, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        row_in = rows < N
-        q_ids = rows
-        run_tile = True
-        if BLOCK_CAUSAL:
-            q_ids = tl.load(ids_ptr + rows, mask=row_in, other=_INT32_MIN)
-            run_tile = tl.max(q_ids, axis=0) >= k_ids_min
-        if run_tile:
-            if PRE_NORMALISED:
-                q_n = _load_padded_rows(q_n_ptr, pid_bh, rows, N, BLOCK_D)
-                g = _load_padded_rows(g_p_ptr, pid_bh, rows, N, BLOCK_D)
-            else:
-                q = _load_rows(q_base, rows, dims, sqn, N, D).to(tl.float32)
-                q_hat, _ = _normalised_from_stats(q, q_stats_ptr + pid_bh * N * 2, rows, N, dim_ok)
-                q_n = _affine(q_hat, q_w_ptr, q_b_ptr, dims, D, HAS_Q_W, HAS_Q_B).to(dtype)
-                g = _load_rows(g_base, rows, dims, sgn, N, D).to(dtype)
-            lse = tl.load(lse_ptr + pid_bh * N + rows, mask=row_in, other=float("inf"))
-            # Rows that saw nothing (lse = -inf) get p = 0: shift them by +inf.
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-            delta = tl.load(delta_ptr + pid_bh * N + rows, mask=row_in, other=0.0)
-            scores_t = tl.dot(k_n, tl.trans(q_n), input_precision=PRECISION, out_dtype=tl.float32)
-            p_t = tl.math.exp2(scores_t * qk_scale_log2 - lse2[None, :])
-            # Without masks only the last key block compares: query rows past N have p = 0
-            # already (lse = +inf), keys past N must not count (their p may even overflow).
-            if HAS_PAD or CAUSAL or BLOCK_CAUSAL:
-                visible = _visible(rows[None, :], cols[:, None], k_pad[:, None], q_ids[None, :],
-                                   k_ids[:, None], N, CAUSAL, BLOCK_CAUSAL)  # fmt: skip
-                p_t = tl.where(visible, p_t, 0.0)
-            elif keys_past_n:
-                p_t = tl.where(col_in[:, None], p_t, 0.0)
-            dv += tl.dot(p_t.to(dtype), g, input_precision=PRECISION, out_dtype=tl.float32)
-            dp_t = tl.dot(v, tl.trans(g), input_precision=PRECISION, out_dtype=tl.float32)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk_n += tl.dot(ds_t.to(dtype), q_n, input_precision=PRECISION, out_dtype=tl.float32)
+    if not BLOCK_CAUSAL:
+        k_ids_min = 0  # placeholder (unused)
+    # whole query tiles, then the rest in _TAIL_N-row tiles (see _fwd_kernel)
+    m_full = N // BLOCK_M * BLOCK_M
+    for start_m in range(lo, m_full, BLOCK_M):
+        dk_n, dv = _dkdv_tile(
+            dk_n, dv, start_m, k_n, v, cols, col_in, k_pad, k_ids, k_ids_min, keys_past_n, pid_bh,
+            q_base, g_base, sqn, sgn, q_stats_ptr, q_n_ptr, g_p_ptr, q_w_ptr, q_b_ptr, ids_ptr,
+            lse_ptr, delta_ptr, N, qk_scale_log2, D, PRE_NORMALISED, HAS_Q_W, HAS_Q_B, HAS_PAD,
+            CAUSAL, BLOCK_CAUSAL, BLOCK_D, PRECISION, BLOCK_M
+        )  # fmt: skip
+    for start_m in range(tl.maximum(lo, m_full), N, _TAIL_N):
+        dk_n, dv = _dkdv_tile(
+            dk_n, dv, start_m, k_n, v, cols, col_in, k_pad, k_ids, k_ids_min, keys_past_n, pid_bh,
+            q_base, g_base, sqn, sgn, q_stats_ptr, q_n_ptr, g_p_ptr, q_w_ptr, q_b_ptr, ids_ptr,
+            lse_ptr, delta_ptr, N, qk_scale_log2, D, PRE_NORMALISED, HAS_Q_W, HAS_Q_B, HAS_PAD,
+            CAUSAL, BLOCK_CAUSAL, BLOCK_D, PRECISION, _TAIL_N
+        )  # fmt: skip
 
     dk_n = dk_n * scale
     dk = _layer_norm_backward(dk_n, k_hat, k_rstd, k_w_ptr, dims, D, HAS_K_W)
@@ -637,6 +705,41 @@ def _bwd_dkdv_kernel(
     if HAS_K_W:
         dw = tl.sum(dk_n * k_hat, axis=0)
         _store_partial(dk_w_part_ptr, dw, pid_bh, pid_n, num_slots, dims, D, BLOCK_N, PART)
+
+
+@triton.jit
+def _dq_tile(
+    dq_n,  # (BLOCK_M, BLOCK_D) fp32 sum: d(normalised queries) / scale
+    start_n,  # first key of the tile
+    q_n, g, rows, lse2, delta, q_ids, q_ids_max,  # the program's query rows
+    pid_bh, b, k_base, v_base, skn, svn, k_stats_base, k_n_ptr, v_p_ptr, k_w_ptr, k_b_ptr,
+    pad_ptr, ids_ptr, N, qk_scale_log2, D: tl.constexpr, PRE_NORMALISED: tl.constexpr,
+    HAS_K_W: tl.constexpr, HAS_K_B: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    TILE_N: tl.constexpr,
+):  # fmt: skip
+    """_bwd_dq_kernel's dQ sum over keys start_n ... start_n + TILE_N - 1."""
+    dtype = q_n.dtype
+    cols, col_in, k_ids, run_tile = _tile(start_n, N, ids_ptr, q_ids_max, TILE_N, True,
+                                          BLOCK_CAUSAL)  # fmt: skip
+    if run_tile:
+        k_n = _normalised_rows(k_base, k_n_ptr, k_stats_base, k_w_ptr, k_b_ptr, pid_bh, cols, skn,
+                               N, dtype, D, PRE_NORMALISED, HAS_K_W, HAS_K_B, BLOCK_D)  # fmt: skip
+        v = _plain_rows(v_base, v_p_ptr, pid_bh, cols, svn, N, dtype, D, PRE_NORMALISED, BLOCK_D)
+        scores = tl.dot(q_n, tl.trans(k_n), input_precision=PRECISION, out_dtype=tl.float32)
+        p = tl.math.exp2(scores * qk_scale_log2 - lse2[:, None])
+        # without masks only the tile holding key N compares (see _bwd_dkdv_kernel)
+        if HAS_PAD or CAUSAL or BLOCK_CAUSAL:
+            visible = _visible_tile(rows, cols, q_ids, k_ids, b, pad_ptr, N, HAS_PAD, CAUSAL,
+                                    BLOCK_CAUSAL)  # fmt: skip
+            p = tl.where(visible, p, 0.0)
+        elif start_n + TILE_N > N:
+            p = tl.where(col_in[None, :], p, 0.0)
+        dp = tl.dot(g, tl.trans(v), input_precision=PRECISION, out_dtype=tl.float32)
+        ds = p * (dp - delta[:, None])
+        dq_n += tl.dot(ds.to(dtype), k_n, input_precision=PRECISION, out_dtype=tl.float32)
+
+    return dq_n
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY)
@@ -725,38 +828,27 @@ def _bwd_dq_kernel(
         q_ids_max = tl.max(q_ids, axis=0)
 
     dq_n = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if not BLOCK_CAUSAL:
+        q_ids_max = 0  # placeholder (unused)
     hi = N
     if CAUSAL:
         hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        col_in = cols < N
-        k_ids = cols
-        run_tile = True
-        if BLOCK_CAUSAL:
-            k_ids = tl.load(ids_ptr + cols, mask=col_in, other=_INT32_MAX)
-            run_tile = tl.min(k_ids, axis=0) <= q_ids_max
-        if run_tile:
-            if PRE_NORMALISED:
-                k_n = _load_padded_rows(k_n_ptr, pid_bh, cols, N, BLOCK_D)
-                v = _load_padded_rows(v_p_ptr, pid_bh, cols, N, BLOCK_D)
-            else:
-                k = _load_rows(k_base, cols, dims, skn, N, D).to(tl.float32)
-                k_hat, _ = _normalised_from_stats(k, k_stats_base, cols, N, dim_ok)
-                k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B).to(dtype)
-                v = _load_rows(v_base, cols, dims, svn, N, D)
-            scores = tl.dot(q_n, tl.trans(k_n), input_precision=PRECISION, out_dtype=tl.float32)
-            p = tl.math.exp2(scores * qk_scale_log2 - lse2[:, None])
-            # without masks only the tile holding key N compares (see _bwd_dkdv_kernel)
-            if HAS_PAD or CAUSAL or BLOCK_CAUSAL:
-                visible = _visible_tile(rows, cols, q_ids, k_ids, b, pad_ptr, N, HAS_PAD, CAUSAL,
-                                        BLOCK_CAUSAL)  # fmt: skip
-                p = tl.where(visible, p, 0.0)
-            elif start_n + BLOCK_N > N:
-                p = tl.where((cols < N)[None, :], p, 0.0)
-            dp = tl.dot(g, tl.trans(v), input_precision=PRECISION, out_dtype=tl.float32)
-            ds = p * (dp - delta[:, None])
-            dq_n += tl.dot(ds.to(dtype), k_n, input_precision=PRECISION, out_dtype=tl.float32)
+    # whole key tiles, then the rest in _TAIL_N-key tiles (see _fwd_kernel)
+    n_full = N // BLOCK_N * BLOCK_N
+    for start_n in range(0, tl.minimum(hi, n_full), BLOCK_N):
+        dq_n = _dq_tile(
+            dq_n, start_n, q_n, g, rows, lse2, delta, q_ids, q_ids_max, pid_bh, b, k_base, v_base,
+            skn, svn, k_stats_base, k_n_ptr, v_p_ptr, k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N,
+            qk_scale_log2, D, PRE_NORMALISED, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL, BLOCK_CAUSAL,
+            BLOCK_D, PRECISION, BLOCK_N
+        )  # fmt: skip
+    for start_n in range(n_full, hi, _TAIL_N):
+        dq_n = _dq_tile(
+            dq_n, start_n, q_n, g, rows, lse2, delta, q_ids, q_ids_max, pid_bh, b, k_base, v_base,
+            skn, svn, k_stats_base, k_n_ptr, v_p_ptr, k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N,
+            qk_scale_log2, D, PRE_NORMALISED, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL, BLOCK_CAUSAL,
+            BLOCK_D, PRECISION, _TAIL_N
+        )  # fmt: skip
 
     dq_n = dq_n * scale
     dq = _layer_norm_backward(dq_n, q_hat, q_rstd, q_w_ptr, dims, D, HAS_Q_W)
