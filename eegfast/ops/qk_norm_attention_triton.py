@@ -900,8 +900,13 @@ def _row_align(D: int, *tensors: torch.Tensor) -> int:
     pointers, loads and stores D = 20 bf16 rows as 8-byte vectors (LaBraM's layouts all divide
     by 4), where a stride it cannot bound made every element a separate 2-byte access.
     """
+    strides = [s for t in tensors for s in t.stride()[:3]]
+    if max(strides, default=0) > _INT32_MAX.value:
+        # such a stride reaches the kernel as int64, but divided it could arrive as int32,
+        # where the product that restores it would overflow
+        return 1
     for align in (8, 4, 2):
-        if D % align == 0 and all(s % align == 0 for t in tensors for s in t.stride()[:3]):
+        if D % align == 0 and all(s % align == 0 for s in strides):
             return align
     return 1
 

@@ -392,6 +392,28 @@ def test_pad_rows_reads_any_layout():
     assert torch.count_nonzero(normalised[..., D:]) == 0
 
 
+def test_row_align_divides_every_stride_and_the_head_dim():
+    """The kernels take strides divided by _row_align's factor and multiply them back: it must
+    divide D and every outer stride, and be 1 where a stride needs int64."""
+    ops = triton_ops()
+    x = torch.empty(2, 3, 5, 20)
+    assert ops._row_align(20, x) == 4
+    assert ops._row_align(20, x, x.transpose(1, 2)) == 4
+    assert ops._row_align(25, torch.empty(2, 3, 5, 25)) == 1
+    assert ops._row_align(64, torch.empty(2, 3, 5, 64)) == 8
+    assert ops._row_align(64, torch.empty(2, 3, 5, 66)[..., :64]) == 2  # rows 66 apart
+    packed = torch.empty(2, 7, 3 * 3 * 20)  # (B, N, 3 H D) qkv, H = 3, D = 20
+    q = packed.unflatten(-1, (3, 3, 20)).permute(2, 0, 3, 1, 4)[0]
+    assert ops._row_align(20, q) == 4
+
+    class Huge:  # a stride past int32 (no storage needed to ask)
+        @staticmethod
+        def stride():
+            return (2**31 + 4, 20, 20, 1)
+
+    assert ops._row_align(20, Huge()) == 1
+
+
 @pytest.mark.skipif(not has_ptxas(), reason="this triton install has no bundled ptxas")
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The three autotuned kernels (first config) compile for an H100 with tensor-core dots, in
