@@ -327,17 +327,6 @@ def _input_grads(ctx, bwd: Callable, grad_out: torch.Tensor, strided_grad: bool)
     return dq, dk, dv, *param_grads, None, None, None, None, None
 
 
-def _traced_function(fwd_op: str, backward) -> type[torch.autograd.Function]:
-    """An autograd.Function calling the registered op, with the op's autograd formula."""
-
-    def forward(ctx, *args):
-        output = _op(fwd_op)(*args)
-        _fwd_setup_context(ctx, args, output)
-        return output
-
-    return _function_class(fwd_op.split("::")[1] + "_function", forward, backward)
-
-
 def _function_class(name: str, forward, backward) -> type[torch.autograd.Function]:
     """An autograd.Function subclass named ``name`` (its grad_fn: ``name + "Backward"``)."""
     methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
@@ -368,7 +357,6 @@ def _eager_function(
 class _OpPaths:
     """How the public functions run one forward op (see _register_op_glue)."""
 
-    traced: type[torch.autograd.Function]  # calls the registered ops
     eager_forward: Callable  # the forward without the dispatcher
     eager: type[torch.autograd.Function]  # eager_forward and the backward without it
 
@@ -415,7 +403,6 @@ def _register_op_glue(
     torch.library.register_autograd(fwd_op, backward, setup_context=_fwd_setup_context)
     eager_fwd, eager_bwd = eager or (_below_autograd(fwd_op), _below_autograd(bwd_op))
     _OP_PATHS[fwd_op] = _OpPaths(
-        traced=_traced_function(fwd_op, backward),
         eager_forward=eager_fwd,
         eager=_eager_function(
             fwd_op.split("::")[1] + "_eager",
@@ -590,20 +577,18 @@ def _run_kernel(chosen, q, k, v, q_w, q_b, k_w, k_b, *, eps, scale, key_padding_
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     args = (q, k, v, q_w, q_b, k_w, k_b, float(eps), scale, key_padding_mask, bool(causal),
             block_causal)  # fmt: skip
+    # (for "triton", _choose_backend has imported the Triton ops, which registers them: an
+    # import here would be traced by torch.compile, which cannot, and break the graph)
     op_name = TRITON_FWD_OP if chosen == "triton" else CPP_FWD_OP
-    if chosen == "triton":
-        _triton_module()  # imports the Triton ops, which registers them
-    paths = _OP_PATHS[op_name]
-    eager = _plain_eager((q, k, v, q_w, q_b, k_w, k_b, key_padding_mask, block_causal))
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, q_w, q_b, k_w, k_b)
-    ):
-        if eager:
-            out = paths.eager.apply(*args)
-        else:
-            out, *_ = paths.traced.apply(*args)
-    else:
-        out, *_ = paths.eager_forward(*args) if eager else _op(op_name)(*args)
+    if _plain_eager((q, k, v, q_w, q_b, k_w, k_b, key_padding_mask, block_causal)):
+        paths = _OP_PATHS[op_name]
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, q_w, q_b, k_w, k_b)
+        ):
+            return paths.eager.apply(*args).transpose(1, 2)
+        return paths.eager_forward(*args)[0].transpose(1, 2)
+    # the registered op and its registered autograd: what torch.compile and the tracers see
+    out, *_ = _op(op_name)(*args)
     return out.transpose(1, 2)
 
 

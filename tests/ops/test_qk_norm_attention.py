@@ -624,8 +624,8 @@ def test_public_function_calls_the_kernels_without_the_dispatcher_in_eager_mode(
     expected = {"eegfast::qk_norm_attention_fwd"}
     if grads:
         expected.add("eegfast::qk_norm_attention_bwd")
-        traced_function = traced_out.grad_fn.next_functions[0][0]
-        assert type(traced_function).__name__ == "qk_norm_attention_fwd_functionBackward"
+        traced_function = traced_out.grad_fn.next_functions[0][0]  # the op's own autograd
+        assert "eegfast_qk_norm_attention_fwd" in type(traced_function).__name__
     assert expected <= recorder.ops
     assert eager_out.stride() == traced_out.stride()  # both (B, N, H, D) storage
     for a, b in zip(eager, traced, strict=True):

@@ -264,6 +264,24 @@ def test_public_function_launches_directly_in_eager_mode(grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_public_function_traces_without_graph_breaks():
+    """torch.compile sees qk_norm_attention(backend="triton") as one graph: the Triton ops'
+    import is not traced (an importlib call inside broke the graph twice per call)."""
+    from eegfast.ops import qk_norm_attention
+
+    q, k, v, params, kpm, ids, _ = make_case(1, 2, 33, 20, torch.float32, seed=14,
+                                             mask="random", block_size=4)  # fmt: skip
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, *params)]
+
+    def loss(*tensors):
+        out = qk_norm_attention(*tensors, eps=EPS, key_padding_mask=kpm, block_causal=ids,
+                                backend="triton")  # fmt: skip
+        return out.square().sum()
+
+    explained = torch._dynamo.explain(loss)(*leaves)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 def test_rows_that_see_nothing_are_zero_with_zero_gradients():
     q, k, v, params, _, _, grad_out = make_case(2, 2, 33, 20, torch.float32, seed=5)
     kpm = torch.zeros(2, 33, dtype=torch.bool)
