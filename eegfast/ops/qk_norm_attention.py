@@ -18,7 +18,9 @@ Kernels: C++ CPU in csrc/qk_norm_attention/ (``torch.ops.eegfast.qk_norm_attenti
 (``torch.ops.eegfast.qk_norm_attention_fwd_triton`` / ``_bwd_triton``), which registers its
 ops' fake and autograd glue by calling :func:`_register_op_glue` of this module. All four
 custom ops share one schema (see :func:`_register_op_glue`); ``backend="cuda"`` means the Triton
-kernels, as there is no hand-written CUDA kernel for this op.
+kernels, as there is no hand-written CUDA kernel for this op. In plain eager mode the public
+functions run the ops' work without the dispatcher (an autograd.Function over the same code,
+see _OP_PATHS); under torch.compile, export, tracers and dispatch modes they call the ops.
 
 Masks (all optional, combined with a logical AND of "visible"): query i sees key j iff
 ``not key_padding_mask[b, j]``, and ``j <= i`` if ``causal``, and
