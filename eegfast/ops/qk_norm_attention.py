@@ -392,7 +392,7 @@ def _register_op_glue(
     eager: tuple[Callable, Callable] | None = None,
 ) -> None:
     """Fake kernels for both ops, the autograd formula of ``fwd_op`` (calling ``bwd_op``)
-    registered on the op, and the autograd.Functions of the public functions.
+    registered on the op, and the public functions' eager path for it (_OP_PATHS).
 
     ``eager``: (forward, backward) with the ops' schemas that launch the kernels without the
     dispatcher; by default, the ops called below their autograd wrappers. Used for the C++ ops
