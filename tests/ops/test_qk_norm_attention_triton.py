@@ -480,34 +480,41 @@ def test_kernels_compile_for_sm90_without_a_gpu():
 # --------------------------------------------------------------------------------------------
 
 
-def to_cuda(x):
-    return None if x is None else x.cuda()
-
-
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("D", (20, 25, 50, 64, 128))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
 def test_gpu_matches_reference(D, dtype):
     """LaBraM's N = 257 on the GPU kernels (autotuned configs), every mask at once."""
+    check_labram_shape(D, dtype, masked=True, device="cuda")
+
+
+def check_labram_shape(D, dtype, *, masked, device):
+    """N = 257 against the float64 reference on ``device``: every mask at once, or none (the
+    unmasked loops, whose last, 16-wide tiles alone compare with N)."""
     q, k, v, params, kpm, ids, grad_out = make_case(3, 4, 257, D, dtype, seed=D, mask="full_row",
                                                     block_size=16)  # fmt: skip
+    causal = masked
+    if not masked:
+        kpm = ids = None
+
+    def on_device(x):
+        return None if x is None else x.to(device)
+
     ops = triton_ops()
     scale = D**-0.5
-    cuda_params = [to_cuda(p) for p in params]
-    cuda_masks = (to_cuda(kpm), True, to_cuda(ids))
-    saved = ops.qk_norm_attention_fwd_triton(
-        to_cuda(q), to_cuda(k), to_cuda(v), *cuda_params, EPS, scale, *cuda_masks
-    )
-    grads = ops.qk_norm_attention_bwd_triton(
-        to_cuda(grad_out), to_cuda(q), to_cuda(k), to_cuda(v), *cuda_params, *saved, scale,
-        *cuda_masks,
-    )  # fmt: skip
+    device_params = [on_device(p) for p in params]
+    device_masks = (on_device(kpm), causal, on_device(ids))
+    q_d, k_d, v_d, grad_d = (on_device(x) for x in (q, k, v, grad_out))
+    saved = ops.qk_norm_attention_fwd_triton(q_d, k_d, v_d, *device_params, EPS, scale,
+                                             *device_masks)  # fmt: skip
+    grads = ops.qk_norm_attention_bwd_triton(grad_d, q_d, k_d, v_d, *device_params, *saved, scale,
+                                             *device_masks)  # fmt: skip
     out, lse = saved[0].cpu(), saved[1].cpu()
     leaves = [x.double().requires_grad_() for x in (q, k, v)]
     param_leaves = [p.double().requires_grad_() for p in params]
     ref_out, ref_lse = reference(*leaves, param_leaves, scale=scale, key_padding_mask=kpm,
-                                 causal=True, block_ids=ids)  # fmt: skip
+                                 causal=causal, block_ids=ids)  # fmt: skip
     fwd_tolerance = 1e-4 if dtype == torch.float32 else FWD_TOLERANCE[dtype]
     assert_close_scaled(out.transpose(1, 2), ref_out, fwd_tolerance, "out")
     finite = torch.isfinite(ref_lse)
@@ -518,6 +525,20 @@ def test_gpu_matches_reference(D, dtype):
     tolerance = 1e-4 if dtype == torch.float32 else TOLERANCE[dtype]
     for name, grad, leaf in zip(GRAD_NAMES, grads, leaves + param_leaves, strict=True):
         assert_close_scaled(grad.cpu(), leaf.grad, tolerance, f"d{name}")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("D", (20, 25))
+def test_gpu_without_masks(D):
+    """LaBraM's own case: no masks, bf16 (D = 20 loads vectors, D = 25 elements)."""
+    check_labram_shape(D, torch.bfloat16, masked=False, device="cuda")
+
+
+def test_labram_shape_without_masks_interpreted():
+    """The same N = 257 without masks under the interpreter (fp32): whole tiles, then the
+    16-wide tails of all three loops."""
+    check_labram_shape(20, torch.float32, masked=False, device="cpu")
 
 
 @pytest.mark.gpu
