@@ -90,7 +90,7 @@ BUILD_PID=
 [[ " ${stages[*]} " == *" build-wait "* ]] && start_build
 for s in "${stages[@]}"; do
   case $s in
-  qk-tests) stage qk-tests 150 tests.log "${PYTEST[@]}" $(workers 8) tests/ops/test_qk_norm_attention_triton.py ;;
+  qk-tests) stage qk-tests 200 tests.log "${PYTEST[@]}" $(workers 8) tests/ops/test_qk_norm_attention_triton.py ;;
   pretrain) stage pretrain 360 bench.log "$PY" -m benchmarks.bench_pretrain --gpu --size base --out "$RESULTS" ;;
   build-wait) wait_build ;;
   cuda-tests) stage cuda-tests 120 tests.log env EEGFAST_REQUIRE_EXT=1 "${PYTEST[@]}" $(workers 4) tests/ops/test_vq.py tests/ops/test_vq_ema.py tests/ops/test_moe.py tests/nn ;;
