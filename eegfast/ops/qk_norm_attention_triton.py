@@ -368,20 +368,20 @@ def _fwd_tile(
     if run_tile:
         if PRE_NORMALISED:
             k_n = _load_padded_rows(k_n_ptr, pid_bh, cols, N, BLOCK_D)
-            v = _load_padded_rows(v_p_ptr, pid_bh, cols, N, BLOCK_D)
-        else:
+        else:  # the statistics computed here (the forward stores them once, per row block)
             k = _load_rows(k_base, cols, dims, skn, N, D).to(tl.float32)
             k_hat, k_mean, k_rstd = _layer_norm_stats(k, dims < D, D, eps)
             k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B).to(dtype)
-            v = _load_rows(v_base, cols, dims, svn, N, D)
+        v = _plain_rows(v_base, v_p_ptr, pid_bh, cols, svn, N, dtype, D, PRE_NORMALISED, BLOCK_D)
         scores = tl.dot(q_n, tl.trans(k_n), input_precision=PRECISION, out_dtype=tl.float32)
         scores = scores * qk_scale_log2
-        if HAS_PAD or BLOCK_CAUSAL:
+        if HAS_PAD or BLOCK_CAUSAL:  # masks on every tile
+            apply_masks = True
+        else:
+            apply_masks = masked
+        if apply_masks:
             visible = _visible_tile(rows, cols, q_ids, k_ids, b, pad_ptr, N, HAS_PAD, CAUSAL,
                                     BLOCK_CAUSAL)  # fmt: skip
-            scores = tl.where(visible, scores, float("-inf"))
-        elif masked:
-            visible = _visible_tile(rows, cols, q_ids, k_ids, b, pad_ptr, N, False, CAUSAL, False)
             scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         # Rows with nothing visible yet keep max -inf; shift by 0 there so that
