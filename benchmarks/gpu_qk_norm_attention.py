@@ -13,6 +13,9 @@ and forward + backward (q, k, v and the four LayerNorm parameters). Implementati
 - ``eegfast-triton-prenorm``: the same with the loops reading zero-padded rows written by one
   pass per tensor before them, k (and q in the backward) already normalised
   (``qk_norm_attention_triton.PRE_NORMALISE``), the variant to measure against it;
+- ``eegfast-triton-one-launch``: the default loops with every row block in the autotuned
+  launch (``qk_norm_attention_triton.SPLIT_TAIL`` off): at N = 257 and 2049 the default gives
+  the last row (and key) of each head a 16-row launch of its own instead of a whole block;
 - ``eager-reference``: :func:`eegfast.ops.qk_norm_attention_reference` (LayerNorm + explicit
   (N, N) softmax);
 - ``layernorm+sdpa``: ``F.layer_norm`` then ``F.scaled_dot_product_attention``;
@@ -31,6 +34,7 @@ the reference computed in float32 (``max_abs_err``). Writes ``gpu_qk_norm_attent
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import itertools
@@ -67,6 +71,7 @@ MODES = ("fwd", "fwd+bwd")
 EPS = 1e-6
 OURS = "eegfast-triton"
 PRENORM = "eegfast-triton-prenorm"
+ONE_LAUNCH = "eegfast-triton-one-launch"
 
 # attention(q, k, v, params) -> (B, H, N, D), all four LayerNorm parameters given.
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], object]
@@ -77,13 +82,14 @@ Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[torch.T
 # --------------------------------------------------------------------------------------------
 
 
-def _eegfast_triton(q, k, v, params, *, pre_normalise: bool):
-    """qk_norm_attention on the Triton backend with its loop variant set. The backward reads
-    the switch when it runs, after this returns: each row sets it before its forward, and
-    measure() runs a row's backward before the next row's forward."""
+def _eegfast_triton(q, k, v, params, *, pre_normalise: bool, split_tail: bool = True):
+    """qk_norm_attention on the Triton backend with its loop variant and tail launch set. The
+    backward reads the switches when it runs, after this returns: each row sets them before its
+    forward, and measure() runs a row's backward before the next row's forward."""
     from eegfast.ops import qk_norm_attention, qk_norm_attention_triton
 
     qk_norm_attention_triton.PRE_NORMALISE = pre_normalise
+    qk_norm_attention_triton.SPLIT_TAIL = split_tail
     return qk_norm_attention(q, k, v, *params, eps=EPS, backend="triton")
 
 
@@ -95,6 +101,11 @@ def eegfast_triton(q, k, v, params):
 def eegfast_triton_pre_normalised(q, k, v, params):
     """The variant whose loops read padded rows, k (and q in the backward) normalised."""
     return _eegfast_triton(q, k, v, params, pre_normalise=True)
+
+
+def eegfast_triton_one_launch(q, k, v, params):
+    """The default loops without the tail launch: every row block in the autotuned one."""
+    return _eegfast_triton(q, k, v, params, pre_normalise=False, split_tail=False)
 
 
 def eager_reference(q, k, v, params):
@@ -125,6 +136,7 @@ def implementations() -> dict[str, Attention]:
     return {
         OURS: eegfast_triton,
         PRENORM: eegfast_triton_pre_normalised,
+        ONE_LAUNCH: eegfast_triton_one_launch,
         "eager-reference": eager_reference,
         "layernorm+sdpa": layer_norm_sdpa,
         "compile(layernorm+sdpa)": torch.compile(layer_norm_sdpa, dynamic=False),
@@ -388,14 +400,29 @@ def kernel_breakdown(shapes: dict[str, tuple[int, int, int, int]], device: str, 
     return "\n".join(sections)
 
 
+@contextlib.contextmanager
+def switches_restored():
+    """The Triton kernels' switches that the eegfast rows set (PRE_NORMALISE, SPLIT_TAIL) put
+    back as they were on exit, for whatever runs next in this process."""
+    from eegfast.ops import qk_norm_attention_triton as kernels
+
+    saved = kernels.PRE_NORMALISE, kernels.SPLIT_TAIL
+    try:
+        yield
+    finally:
+        kernels.PRE_NORMALISE, kernels.SPLIT_TAIL = saved
+
+
 def run(out_dir: Path | str, env: dict, shapes: Sequence[str] = tuple(SHAPES)) -> dict:
     """The GPU benchmark (called by ``benchmarks.gpu``); returns the written paths."""
     chosen = {s: SHAPES[s] for s in shapes}
-    rows = run_cases(chosen, torch.bfloat16, "cuda", do_bench_timer)
+    with switches_restored():
+        rows = run_cases(chosen, torch.bfloat16, "cuda", do_bench_timer)
     title = f"eegfast qk_norm_attention (bf16) on {env.get('gpu', 'GPU')}"
     env = {**env, "autotuned": autotuned_configs()}
     paths = write_outputs(out_dir, title, env, rows, "gpu_qk_norm_attention")
-    breakdown = kernel_breakdown(chosen, "cuda", torch.bfloat16)
+    with switches_restored():
+        breakdown = kernel_breakdown(chosen, "cuda", torch.bfloat16)
     paths["kernels"] = write_kernel_tables(out_dir, "gpu_qk_norm_attention", title, breakdown)
     return paths
 
@@ -419,10 +446,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.smoke:
         env = environment()
-        rows = run_cases(SMOKE_SHAPES, torch.float32, "cpu", perf_counter_timer)
+        with switches_restored():
+            rows = run_cases(SMOKE_SHAPES, torch.float32, "cpu", perf_counter_timer)
         title = "qk_norm_attention smoke run (CPU, numbers meaningless)"
         paths = write_outputs(args.out, title, env, rows, "smoke_qk_norm_attention")
-        breakdown = kernel_breakdown(SMOKE_SHAPES, "cpu", torch.float32)
+        with switches_restored():
+            breakdown = kernel_breakdown(SMOKE_SHAPES, "cpu", torch.float32)
         paths["kernels"] = write_kernel_tables(args.out, "smoke_qk_norm_attention", title,
                                                breakdown)  # fmt: skip
     else:

@@ -88,6 +88,26 @@ else:
         "BLOCK_M",
         "BLOCK_N",
     )
+# The tail launch's one config per kernel (see _launch_spans): _TAIL_ROWS rows (dK / dV: keys)
+# per program, BLOCK_N keys (dK / dV: BLOCK_M queries) per loop step, and few warps, since a
+# 16-row tile is one row of tensor-core fragments.
+_TAIL_ROWS = 16
+_TAIL_LOOP_BLOCK, _TAIL_WARPS, _TAIL_STAGES = (32, 1, 1) if _INTERPRETING else (64, 4, 2)
+_FWD_TAIL_CONFIGS = _configs(
+    [(_TAIL_ROWS, _TAIL_LOOP_BLOCK, _TAIL_WARPS, _TAIL_STAGES)], "BLOCK_M", "BLOCK_N"
+)
+_DKDV_TAIL_CONFIGS = _configs(
+    [(_TAIL_ROWS, _TAIL_LOOP_BLOCK, _TAIL_WARPS, _TAIL_STAGES)], "BLOCK_N", "BLOCK_M"
+)
+_DQ_TAIL_CONFIGS = _FWD_TAIL_CONFIGS
+# Every autotuned (and interpreted) block size divides it.
+_BLOCK_MULTIPLE = 128
+# Rows past the last multiple of _BLOCK_MULTIPLE that go to the tail launch, at most.
+_TAIL_MAX_ROWS = 32
+# Whether the rows (dK / dV: keys) past the last multiple of _BLOCK_MULTIPLE get their own launch
+# of _TAIL_ROWS-row programs when they are few (see _launch_spans). On by default; can be
+# assigned at run time (benchmarks.gpu_qk_norm_attention times both).
+SPLIT_TAIL = os.environ.get("EEGFAST_TRITON_SPLIT_TAIL", "1") == "1"
 # How the attention loops get their tiles. False (default): they load q, k, v and grad_out
 # rows as given (D of BLOCK_D columns, masked) and normalise each q / k tile inside the loop,
 # again for every tile of the other side. True: one pass of _pad_rows_kernel per tensor first
@@ -206,7 +226,7 @@ def _store_partial(
     part_ptr,  # (B*H, num_slots, D) fp32
     values,  # (BLOCK_D,) fp32: this program's sum
     pid_bh,
-    pid_block,
+    start,  # the program's first row (or key): a multiple of PART
     num_slots,
     dims,
     D,
@@ -214,7 +234,7 @@ def _store_partial(
     PART: tl.constexpr,
 ):
     slot_ids = tl.arange(0, BLOCK // PART)
-    slots = pid_block * (BLOCK // PART) + slot_ids
+    slots = start // PART + slot_ids
     tile = tl.where((slot_ids == 0)[:, None], values[None, :], 0.0)
     tl.store(
         part_ptr + (pid_bh * num_slots + slots[:, None]) * D + dims[None, :],
@@ -428,6 +448,8 @@ def _fwd_kernel(
     N,
     D: tl.constexpr,
     N_BUCKET,
+    first,  # this launch's programs own rows first ... first + extent - 1 (see _launch_spans)
+    extent,
     eps,
     qk_scale_log2,  # scale * log2(e)
     PRE_NORMALISED: tl.constexpr,  # the loop reads k_n_ptr, v_p_ptr (k_stats written)
@@ -447,7 +469,7 @@ def _fwd_kernel(
     sqb, sqh, sqn = sqb * ALIGN, sqh * ALIGN, sqn * ALIGN  # see _row_align
     skb, skh, skn = skb * ALIGN, skh * ALIGN, skn * ALIGN
     svb, svh, svn = svb * ALIGN, svh * ALIGN, svn * ALIGN
-    pid_m, pid_bh = _program_ids(N, BLOCK_M)
+    pid_m, pid_bh = _program_ids(extent, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     q_base = q_ptr + b * sqb + h * sqh
@@ -455,7 +477,8 @@ def _fwd_kernel(
     v_base = v_ptr + b * svb + h * svh
     dtype = q_ptr.dtype.element_ty
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m0 = first + pid_m * BLOCK_M  # the program's first row
+    rows = start_m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     dims = tl.arange(0, BLOCK_D)
     col_ok = dims < D
@@ -488,8 +511,8 @@ def _fwd_kernel(
     n_full = N // BLOCK_N * BLOCK_N  # keys in whole tiles
     n_interior = n_full  # keys in whole tiles that every query here sees (causal-wise)
     if CAUSAL:
-        hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)  # key tiles past the diagonal: all masked
-        n_interior = tl.minimum(n_full, pid_m * BLOCK_M // BLOCK_N * BLOCK_N)
+        hi = tl.minimum(N, start_m0 + BLOCK_M)  # key tiles past the diagonal: all masked
+        n_interior = tl.minimum(n_full, start_m0 // BLOCK_N * BLOCK_N)
     for start_n in range(0, tl.minimum(hi, n_full), BLOCK_N):
         m_i, l_i, acc = _fwd_tile(
             m_i, l_i, acc, start_n, start_n >= n_interior, q_n, rows, q_ids, q_ids_max, pid_bh, b,
@@ -625,6 +648,8 @@ def _bwd_dkdv_kernel(
     N,
     D: tl.constexpr,
     N_BUCKET,
+    first,  # this launch's programs own rows (dkdv: keys) first ... first + extent - 1
+    extent,
     num_slots,
     scale,
     qk_scale_log2,
@@ -647,14 +672,15 @@ def _bwd_dkdv_kernel(
     skb, skh, skn = skb * ALIGN, skh * ALIGN, skn * ALIGN
     svb, svh, svn = svb * ALIGN, svh * ALIGN, svn * ALIGN
     sgb, sgn, sgh = sgb * ALIGN, sgn * ALIGN, sgh * ALIGN
-    pid_n, pid_bh = _program_ids(N, BLOCK_N)
+    pid_n, pid_bh = _program_ids(extent, BLOCK_N)
     b = pid_bh // H
     h = pid_bh % H
     q_base = q_ptr + b * sqb + h * sqh
     g_base = grad_out_ptr + b * sgb + h * sgh
     dtype = q_ptr.dtype.element_ty
 
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n0 = first + pid_n * BLOCK_N  # the program's first key
+    cols = start_n0 + tl.arange(0, BLOCK_N)
     col_in = cols < N
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
@@ -673,10 +699,10 @@ def _bwd_dkdv_kernel(
 
     dk_n = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    keys_past_n = (pid_n + 1) * BLOCK_N > N  # this block holds keys past N
+    keys_past_n = start_n0 + BLOCK_N > N  # this block holds keys past N
     lo = 0
     if CAUSAL:
-        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # earlier queries see none of these keys
+        lo = start_n0 // BLOCK_M * BLOCK_M  # earlier queries see none of these keys
     if not BLOCK_CAUSAL:
         k_ids_min = 0  # placeholder (unused)
     # whole query tiles, then the rest in _TAIL_N-row tiles (see _fwd_kernel)
@@ -704,7 +730,7 @@ def _bwd_dkdv_kernel(
     tl.store(dv_ptr + out_offset, dv.to(dtype), mask=out_mask)
     if HAS_K_W:
         dw = tl.sum(dk_n * k_hat, axis=0)
-        _store_partial(dk_w_part_ptr, dw, pid_bh, pid_n, num_slots, dims, D, BLOCK_N, PART)
+        _store_partial(dk_w_part_ptr, dw, pid_bh, start_n0, num_slots, dims, D, BLOCK_N, PART)
 
 
 @triton.jit
@@ -780,6 +806,8 @@ def _bwd_dq_kernel(
     N,
     D: tl.constexpr,
     N_BUCKET,
+    first,  # this launch's programs own rows (dkdv: keys) first ... first + extent - 1
+    extent,
     num_slots,
     scale,
     qk_scale_log2,
@@ -802,7 +830,7 @@ def _bwd_dq_kernel(
     skb, skh, skn = skb * ALIGN, skh * ALIGN, skn * ALIGN
     svb, svh, svn = svb * ALIGN, svh * ALIGN, svn * ALIGN
     sgb, sgn, sgh = sgb * ALIGN, sgn * ALIGN, sgh * ALIGN
-    pid_m, pid_bh = _program_ids(N, BLOCK_M)
+    pid_m, pid_bh = _program_ids(extent, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     k_base = k_ptr + b * skb + h * skh
@@ -810,7 +838,8 @@ def _bwd_dq_kernel(
     k_stats_base = k_stats_ptr + pid_bh * N * 2
     dtype = q_ptr.dtype.element_ty
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m0 = first + pid_m * BLOCK_M  # the program's first row
+    rows = start_m0 + tl.arange(0, BLOCK_M)
     row_in = rows < N
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
@@ -832,7 +861,7 @@ def _bwd_dq_kernel(
         q_ids_max = 0  # placeholder (unused)
     hi = N
     if CAUSAL:
-        hi = tl.minimum(N, (pid_m + 1) * BLOCK_M)
+        hi = tl.minimum(N, start_m0 + BLOCK_M)
     # whole key tiles, then the rest in _TAIL_N-key tiles (see _fwd_kernel)
     n_full = N // BLOCK_N * BLOCK_N
     for start_n in range(0, tl.minimum(hi, n_full), BLOCK_N):
@@ -859,10 +888,21 @@ def _bwd_dq_kernel(
     )
     if HAS_Q_W:
         dw = tl.sum(dq_n * q_hat, axis=0)
-        _store_partial(dq_w_part_ptr, dw, pid_bh, pid_m, num_slots, dims, D, BLOCK_M, PART)
+        _store_partial(dq_w_part_ptr, dw, pid_bh, start_m0, num_slots, dims, D, BLOCK_M, PART)
     if HAS_Q_B:
         db = tl.sum(dq_n, axis=0)
-        _store_partial(dq_b_part_ptr, db, pid_bh, pid_m, num_slots, dims, D, BLOCK_M, PART)
+        _store_partial(dq_b_part_ptr, db, pid_bh, start_m0, num_slots, dims, D, BLOCK_M, PART)
+
+
+# The tail launches' kernels (see _launch_spans): the same functions with one fixed config each
+# (an autotuner with one config launches it without timing).
+_fwd_tail_kernel = triton.autotune(configs=_FWD_TAIL_CONFIGS, key=_AUTOTUNE_KEY)(_fwd_kernel.fn)
+_bwd_dkdv_tail_kernel = triton.autotune(configs=_DKDV_TAIL_CONFIGS, key=_AUTOTUNE_KEY)(
+    _bwd_dkdv_kernel.fn
+)
+_bwd_dq_tail_kernel = triton.autotune(configs=_DQ_TAIL_CONFIGS, key=_AUTOTUNE_KEY)(
+    _bwd_dq_kernel.fn
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -909,6 +949,31 @@ def _row_align(D: int, *tensors: torch.Tensor) -> int:
         if D % align == 0 and all(s % align == 0 for s in strides):
             return align
     return 1
+
+
+def _launch_spans(N: int) -> list[tuple[int, int, bool]]:
+    """[(first, extent, tail)]: the launches that cover rows (dK / dV: keys) 0 ... N - 1 of the
+    three attention kernels, each owning rows first ... first + extent - 1.
+
+    At N = 257 (LaBraM: 256 patch tokens and a class token) whole blocks of 64 rows leave one
+    program per head of five holding one row, which still loops over every key: a fifth of the
+    grid doing 1/64 of its work. When N is a multiple of _BLOCK_MULTIPLE plus at most
+    _TAIL_MAX_ROWS, the main (autotuned) launch covers the multiple in whole blocks and a second
+    one the rest in _TAIL_ROWS-row programs (``tail``); otherwise one launch covers all N.
+    """
+    rest = N % _BLOCK_MULTIPLE
+    if not SPLIT_TAIL or rest == 0 or rest > _TAIL_MAX_ROWS:
+        return [(0, N, False)]
+    spans = [(N - rest, rest, True)]
+    if N > rest:
+        spans.insert(0, (0, N - rest, False))
+    return spans
+
+
+def _grid(extent: int, block: str, heads: int):
+    """The 1D grid of a launch owning ``extent`` rows of each of ``heads`` (batch x head)
+    problems in blocks of meta[block] (see _program_ids)."""
+    return lambda meta: (_cdiv(extent, meta[block]) * heads,)
 
 
 def _direct(kernel):
@@ -1070,33 +1135,10 @@ def _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, 
         k_n = _pad_rows(k, _NORMALISE, k_w, k_b, k_stats, eps, launch=launch)
         v_p = _pad_rows(v, _COPY, launch=launch)
 
-    def grid(meta):
-        return (_cdiv(N, meta["BLOCK_M"]) * B * H,)
-
     align = _row_align(D, q, k, v)
-    launch(_fwd_kernel)[grid](
-        q,
-        k,
-        v,
-        q_w_,
-        q_b_,
-        k_w_,
-        k_b_,
-        pad,
-        ids,
-        out,
-        lse,
-        q_stats,
-        k_stats,
-        k_n,
-        v_p,
-        *(stride // align for x in (q, k, v) for stride in x.stride()[:3]),
-        H,
-        N,
-        D,
-        _next_power_of_2(N),
-        eps,
-        scale * _LOG2E.value,
+    tensors = (q, k, v, q_w_, q_b_, k_w_, k_b_, pad, ids, out, lse, q_stats, k_stats, k_n, v_p)
+    strides = tuple(stride // align for x in (q, k, v) for stride in x.stride()[:3])
+    flags = dict(
         ALIGN=align,
         PRE_NORMALISED=PRE_NORMALISE,
         HAS_Q_W=q_w is not None,
@@ -1109,6 +1151,11 @@ def _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, 
         BLOCK_D=block_d,
         PRECISION=_precision(q.dtype),
     )
+    for first, extent, tail in _launch_spans(N):
+        launch(_fwd_tail_kernel if tail else _fwd_kernel)[_grid(extent, "BLOCK_M", B * H)](
+            *tensors, *strides, H, N, D, _next_power_of_2(N), first, extent, eps,
+            scale * _LOG2E.value, **flags,
+        )  # fmt: skip
     return out, lse, q_stats, k_stats
 
 
@@ -1249,73 +1296,23 @@ def _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
         # (B, N, H, D) seen as (B, H, N, D)
         g_p = _pad_rows(grad_out.transpose(1, 2), _COPY, launch=launch)
 
-    def key_grid(meta):
-        return (_cdiv(N, meta["BLOCK_N"]) * B * H,)
-
-    launch(_bwd_dkdv_kernel)[key_grid](
-        q,
-        k,
-        v,
-        q_w_,
-        q_b_,
-        k_w_,
-        k_b_,
-        pad,
-        ids,
-        grad_out,
-        lse,
-        delta,
-        q_stats,
-        k_stats,
-        q_n,
-        g_p,
-        dk,
-        dv,
-        part_k_w,
-        *strides,
-        H,
-        N,
-        D,
-        _next_power_of_2(N),
-        num_slots,
-        scale,
-        scale * _LOG2E.value,
-        **flags,
-    )
-
-    def query_grid(meta):
-        return (_cdiv(N, meta["BLOCK_M"]) * B * H,)
-
-    launch(_bwd_dq_kernel)[query_grid](
-        q,
-        k,
-        v,
-        q_w_,
-        q_b_,
-        k_w_,
-        k_b_,
-        pad,
-        ids,
-        grad_out,
-        lse,
-        delta,
-        q_stats,
-        k_stats,
-        k_n,
-        v_p,
-        dq,
-        part_q_w,
-        part_q_b,
-        *strides,
-        H,
-        N,
-        D,
-        _next_power_of_2(N),
-        num_slots,
-        scale,
-        scale * _LOG2E.value,
-        **flags,
-    )
+    common = (lse, delta, q_stats, k_stats)
+    dkdv_tensors = (q, k, v, q_w_, q_b_, k_w_, k_b_, pad, ids, grad_out, *common, q_n, g_p, dk, dv,
+                    part_k_w)  # fmt: skip
+    dq_tensors = (q, k, v, q_w_, q_b_, k_w_, k_b_, pad, ids, grad_out, *common, k_n, v_p, dq,
+                  part_q_w, part_q_b)  # fmt: skip
+    scalars = (H, N, D, _next_power_of_2(N))
+    spans = _launch_spans(N)
+    for first, extent, tail in spans:
+        launch(_bwd_dkdv_tail_kernel if tail else _bwd_dkdv_kernel)[
+            _grid(extent, "BLOCK_N", B * H)
+        ](*dkdv_tensors, *strides, *scalars, first, extent, num_slots, scale,
+          scale * _LOG2E.value, **flags)  # fmt: skip
+    for first, extent, tail in spans:
+        launch(_bwd_dq_tail_kernel if tail else _bwd_dq_kernel)[_grid(extent, "BLOCK_M", B * H)](
+            *dq_tensors, *strides, *scalars, first, extent, num_slots, scale,
+            scale * _LOG2E.value, **flags,
+        )  # fmt: skip
     return (dq, dk, dv, *param_grads())
 
 

@@ -18,8 +18,11 @@ machine code a real launch gets.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -44,12 +47,16 @@ def has_ptxas() -> bool:
 
 
 def compile_for_sm90(module: str, specs: list[KernelSpec], timeout: float = 300) -> dict:
-    """{kernel name: {"ttgir": ..., "ptx": ...}} of each kernel of ``module`` compiled for sm_90.
+    """{kernel name: {"ttgir": ..., "ptx": ..., "registers": int, "spill_bytes": int}} of each
+    kernel of ``module`` compiled for sm_90: its Triton GPU IR, its PTX, and the registers per
+    thread and bytes of spill stores that ptxas reported for its machine code.
 
     Raises RuntimeError with the compiler's message when one does not compile.
     """
     request = json.dumps({"module": module, "specs": [asdict(s) for s in specs]})
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    # ptxas runs only on a cache miss, and prints its report only when asked to
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_ALWAYS_COMPILE": "1",
+           "TRITON_DUMP_PTXAS_LOG": "1"}  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "eegfast.testing.triton_sm90"],
         input=request,
@@ -98,8 +105,20 @@ def _compile_in_this_process(module_name: str, specs: list[dict]) -> dict:
                 if kind.startswith("*")
             }
         source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-        results[spec["name"]] = {"ttgir": compiled.asm["ttgir"], "ptx": compiled.asm["ptx"]}
+        ptxas_log = io.StringIO()  # what ptxas -v says (printed by triton when asked to)
+        with contextlib.redirect_stdout(ptxas_log):
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        log = ptxas_log.getvalue()
+        registers = re.search(r"Used (\d+) registers", log)
+        spills = re.search(r"(\d+) bytes spill stores", log)
+        if registers is None or spills is None:
+            raise RuntimeError(f"no ptxas report for {spec['name']}:\n{log[-2000:]}")
+        results[spec["name"]] = {
+            "ttgir": compiled.asm["ttgir"],
+            "ptx": compiled.asm["ptx"],
+            "registers": int(registers.group(1)),
+            "spill_bytes": int(spills.group(1)),
+        }
     return results
 
 

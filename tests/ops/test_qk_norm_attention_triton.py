@@ -432,11 +432,50 @@ def test_row_align_divides_every_stride_and_the_head_dim():
     assert ops._row_align(20, Huge()) == 1
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_launch_spans_cover_every_row_once(split, monkeypatch):
+    """_launch_spans: consecutive spans from 0 to N; a main span is whole blocks of every
+    autotuned size; a tail span (at most _TAIL_MAX_ROWS rows) exactly when N is a multiple of
+    _BLOCK_MULTIPLE plus a few rows and the split is on."""
+    ops = triton_ops()
+    monkeypatch.setattr(ops, "SPLIT_TAIL", split)
+    block_sizes = {c.kwargs[name] for configs, name in (
+        (ops._FWD_CONFIGS, "BLOCK_M"), (ops._DQ_CONFIGS, "BLOCK_M"), (ops._DKDV_CONFIGS, "BLOCK_N")
+    ) for c in configs}  # fmt: skip
+    assert all(ops._BLOCK_MULTIPLE % size == 0 for size in block_sizes)
+    for N in (1, 17, 32, 33, 127, 128, 129, 160, 161, 231, 257, 2049):
+        spans = ops._launch_spans(N)
+        assert [first for first, _, _ in spans] == [0, *(f + e for f, e, _ in spans[:-1])]
+        assert sum(extent for _, extent, _ in spans) == N
+        tails = [extent for _, extent, tail in spans if tail]
+        expected_tail = N % 128 if split and 0 < N % 128 <= ops._TAIL_MAX_ROWS else None
+        assert tails == ([] if expected_tail is None else [expected_tail]), N
+        for _, extent, tail in spans:
+            assert tail or extent % ops._BLOCK_MULTIPLE == 0 or len(spans) == 1
+    if split:
+        assert ops._launch_spans(257) == [(0, 256, False), (256, 1, True)]
+
+
+def test_tail_launch_with_every_mask(monkeypatch):
+    """N = 130 (128 rows in whole blocks, 2 in the tail launch) with padding, causal and
+    block-causal masks: forward and all seven gradients match the reference, and the same bits
+    as one launch over all rows (SPLIT_TAIL off) up to rounding."""
+    inputs = make_case(1, 1, 130, 20, torch.float32, seed=130, mask="random", block_size=7)
+    split_out, split_lse, split_grads = check_against_reference(*inputs, causal=True)
+    monkeypatch.setattr(triton_ops(), "SPLIT_TAIL", False)
+    out, lse, grads = check_against_reference(*inputs, causal=True)
+    torch.testing.assert_close(split_out, out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(split_lse, lse, rtol=1e-6, atol=1e-6)
+    for name, a, b in zip(GRAD_NAMES, split_grads, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"d{name}")
+
+
 @pytest.mark.skipif(not has_ptxas(), reason="this triton install has no bundled ptxas")
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The three autotuned kernels (first config) compile for an H100 with tensor-core dots, in
-    both loop variants (PRE_NORMALISE or not), and so does _pad_rows_kernel: catches what the
-    interpreter accepts but the compiler rejects."""
+    both loop variants (PRE_NORMALISE or not), and so do their tail launches' configs and
+    _pad_rows_kernel, none spilling registers: catches what the interpreter accepts but the
+    compiler rejects, and block sizes or warp counts too large for the register file."""
     flags = ("HAS_Q_W", "HAS_Q_B", "HAS_K_W", "HAS_K_B", "HAS_PAD", "CAUSAL", "BLOCK_CAUSAL")
     constants = dict.fromkeys(flags, True) | dict(BLOCK_D=32, PRECISION="ieee", PART=16, D=20,
                                                   ALIGN=4)  # fmt: skip
@@ -446,13 +485,16 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     types = {**{name: "*bf16" for name in (*data, *padded)}, "pad_ptr": "*u8", "ids_ptr": "*i32",
              "eps": "fp32", "scale": "fp32", "qk_scale_log2": "fp32"}  # fmt: skip
     names = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
-    specs = [KernelSpec(n, dict(constants, PRE_NORMALISED=pre), types)
-             for pre in (False, True) for n in names]  # fmt: skip
-    specs.append(KernelSpec("_pad_rows_kernel", dict(constants, MODE=1, BLOCK_M=64), types))
-    for variant in (specs[:3], specs[3:]):  # fused, then PRE_NORMALISED and _pad_rows_kernel
+    tails = ("_fwd_tail_kernel", "_bwd_dkdv_tail_kernel", "_bwd_dq_tail_kernel")
+    specs = [[KernelSpec(n, dict(constants, PRE_NORMALISED=pre), types) for n in names + tails]
+             for pre in (False, True)]  # fmt: skip
+    specs[1].append(KernelSpec("_pad_rows_kernel", dict(constants, MODE=1, BLOCK_M=64), types))
+    for variant in specs:  # fused, then PRE_NORMALISED and _pad_rows_kernel
         compiled = compile_for_sm90("eegfast.ops.qk_norm_attention_triton", variant)
         for name in names:
             assert "warp_group_dot" in compiled[name]["ttgir"], f"{name}: no tensor-core dot"
+        for name, kernel in compiled.items():
+            assert kernel["spill_bytes"] == 0, f"{name}: {kernel['registers']} registers, spills"
     assert "_pad_rows_kernel" in compiled
 
     # LaBraM's case (no mask, D = 20, strides divisible by 4): the rows reach shared memory by
@@ -553,7 +595,8 @@ def test_gpu_pre_normalised_variant(D, monkeypatch):
 @requires_cuda
 def test_gpu_opcheck_and_compile():
     ops = triton_ops()
-    q, k, v, params, kpm, ids, grad_out = make_case(2, 2, 65, 25, torch.bfloat16, seed=8,
+    # N = 129: the autotuned launch and the tail launch (see _launch_spans) both traced
+    q, k, v, params, kpm, ids, grad_out = make_case(2, 2, 129, 25, torch.bfloat16, seed=8,
                                                     mask="random", block_size=4)  # fmt: skip
     q, k, v, kpm, ids, grad_out = (x.cuda() for x in (q, k, v, kpm, ids, grad_out))
     params = [p.cuda().requires_grad_() for p in params]
