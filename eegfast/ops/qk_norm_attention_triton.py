@@ -65,6 +65,7 @@ if _INTERPRETING:
     _FWD_CONFIGS = _configs([(32, 32, 1, 1)], "BLOCK_M", "BLOCK_N")
     _DKDV_CONFIGS = _configs([(32, 32, 1, 1)], "BLOCK_N", "BLOCK_M")
     _DQ_CONFIGS = _configs([(32, 32, 1, 1)], "BLOCK_M", "BLOCK_N")
+    _FWD_WIDE_CONFIGS = _DKDV_WIDE_CONFIGS = _DQ_WIDE_CONFIGS = []
 else:
     _FWD_CONFIGS = _configs(
         [
@@ -78,28 +79,48 @@ else:
         "BLOCK_M",
         "BLOCK_N",
     )
+    # No config here spills registers at D = 20 or 25 in either loop variant, compiled for
+    # sm_90 (ptxas's report, Triton 3.9); three earlier ones that did (4-36 bytes) now have 8
+    # warps.
     _DKDV_CONFIGS = _configs(
-        [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (128, 32, 8, 3)],
+        [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 4, 3), (128, 32, 8, 3)],
         "BLOCK_N",
         "BLOCK_M",
     )
     _DQ_CONFIGS = _configs(
-        [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (128, 32, 8, 3)],
+        [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (32, 64, 8, 2), (128, 32, 8, 3)],
         "BLOCK_M",
         "BLOCK_N",
     )
+    # Head dims past 32 (BLOCK_D 64, 128). The configs above spilled at D = 50 in 11 of 16
+    # cases with the fused loops (the dK / dV kernel in 4 of 5) and at D = 128 in all but two;
+    # these, with 8 warps where 4 spilled, spill in neither loop variant at D = 50 and at most
+    # 8 bytes at D = 128.
+    _FWD_WIDE_CONFIGS = _configs(
+        [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2), (32, 64, 4, 3), (32, 32, 4, 3)],
+        "BLOCK_M",
+        "BLOCK_N",
+    )
+    _DKDV_WIDE_CONFIGS = _configs(
+        [(32, 64, 8, 2), (32, 32, 8, 2), (64, 32, 8, 2)], "BLOCK_N", "BLOCK_M"
+    )
+    _DQ_WIDE_CONFIGS = _configs(
+        [(64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2)], "BLOCK_M", "BLOCK_N"
+    )
+
+
 # The tail launch's one config per kernel (see _launch_spans): _TAIL_ROWS rows (dK / dV: keys)
-# per program, BLOCK_N keys (dK / dV: BLOCK_M queries) per loop step, and few warps, since a
-# 16-row tile is one row of tensor-core fragments.
+# per program, then keys (dK / dV: queries) per loop step, warps, stages. 4 warps: with 2 the
+# fused loops' per-tile LayerNorm has half the threads (141-238 registers at D = 20, not
+# 80-136); dK / dV steps over 32 queries, as with 64 it spilled at D = 50 (sm_90, fused).
 _TAIL_ROWS = 16
-_TAIL_LOOP_BLOCK, _TAIL_WARPS, _TAIL_STAGES = (32, 1, 1) if _INTERPRETING else (64, 4, 2)
 _FWD_TAIL_CONFIGS = _configs(
-    [(_TAIL_ROWS, _TAIL_LOOP_BLOCK, _TAIL_WARPS, _TAIL_STAGES)], "BLOCK_M", "BLOCK_N"
-)
-_DKDV_TAIL_CONFIGS = _configs(
-    [(_TAIL_ROWS, _TAIL_LOOP_BLOCK, _TAIL_WARPS, _TAIL_STAGES)], "BLOCK_N", "BLOCK_M"
+    [(_TAIL_ROWS, 32, 1, 1) if _INTERPRETING else (_TAIL_ROWS, 64, 4, 2)], "BLOCK_M", "BLOCK_N"
 )
 _DQ_TAIL_CONFIGS = _FWD_TAIL_CONFIGS
+_DKDV_TAIL_CONFIGS = _configs(
+    [(_TAIL_ROWS, 32, 1, 1) if _INTERPRETING else (_TAIL_ROWS, 32, 4, 2)], "BLOCK_N", "BLOCK_M"
+)
 # Every autotuned (and interpreted) block size divides it.
 _BLOCK_MULTIPLE = 128
 # Rows past the last multiple of _BLOCK_MULTIPLE that go to the tail launch, at most.
@@ -125,6 +146,21 @@ _NORMALISE_FROM_STATS = tl.constexpr(2)  # LayerNorm with the stored statistics
 # N_BUCKET (next power of two of N, otherwise unused by the kernels): sequences of similar
 # length share one tuning run, so variable channel counts do not re-tune at every new N.
 _AUTOTUNE_KEY = ["N_BUCKET", "D", "CAUSAL", "BLOCK_CAUSAL"]  # + tensor dtypes (added by triton)
+
+
+def _autotuned(narrow: list, wide: list):
+    """triton.autotune over ``narrow`` for head dims up to 32 and ``wide`` past that."""
+
+    def configs_for_head_dim(configs, named_args, **kwargs):
+        block_d = {**named_args, **kwargs}.get("BLOCK_D")
+        if block_d is None:  # a caller that passes neither: everything
+            return configs
+        return narrow if block_d <= 32 else wide
+
+    if not wide:  # interpreted: one config, never timed
+        return triton.autotune(configs=narrow, key=_AUTOTUNE_KEY)
+    prune = {"early_config_prune": configs_for_head_dim}
+    return triton.autotune(configs=narrow + wide, key=_AUTOTUNE_KEY, prune_configs_by=prune)
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,7 +453,7 @@ def _fwd_tile(
     return m_i, l_i, acc
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)
+@_autotuned(_FWD_CONFIGS, _FWD_WIDE_CONFIGS)
 @triton.jit
 def _fwd_kernel(
     q_ptr,  # (B, H, N, D) strides (sqb, sqh, sqn, 1)
@@ -610,7 +646,7 @@ def _dkdv_tile(
     return dk_n, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY)
+@_autotuned(_DKDV_CONFIGS, _DKDV_WIDE_CONFIGS)
 @triton.jit
 def _bwd_dkdv_kernel(
     q_ptr,
@@ -768,7 +804,7 @@ def _dq_tile(
     return dq_n
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY)
+@_autotuned(_DQ_CONFIGS, _DQ_WIDE_CONFIGS)
 @triton.jit
 def _bwd_dq_kernel(
     q_ptr,

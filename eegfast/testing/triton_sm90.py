@@ -7,13 +7,13 @@ machine code in a subprocess with the interpreter off (``@triton.jit`` decides a
 whether a kernel is interpreted), and reports what each compilation produced.
 
 A kernel is described by a :class:`KernelSpec`: the module attribute that holds it (a
-``triton.jit`` function or an autotuned one, whose first config supplies the block sizes),
-its constexpr values (those it does not take are ignored, so one dict can serve several
-kernels), and the types of its other arguments (pointers default to ``*fp32``, scalars to
-``i32``). Pointer arguments are taken as 16-byte aligned, as Triton specialises a launch on
-tensors whose data pointers are (fresh PyTorch allocations): that alignment decides whether
-loads are vectorised and software-pipelined, so compiling without it would not show the
-machine code a real launch gets.
+``triton.jit`` function or an autotuned one, whose first config, or the one the spec names,
+supplies the block sizes and warps), its constexpr values (those it does not take are ignored,
+so one dict can serve several kernels), and the types of its other arguments (pointers default
+to ``*fp32``, scalars to ``i32``). Pointer arguments are taken as 16-byte aligned, as Triton
+specialises a launch on tensors whose data pointers are (fresh PyTorch allocations): that
+alignment decides whether loads are vectorised and software-pipelined, so compiling without it
+would not show the machine code a real launch gets.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 3
     aligned_pointers: bool = True  # pointer arguments divisible by 16 bytes
+    config: int = 0  # which of an autotuned kernel's configs
 
 
 def has_ptxas() -> bool:
@@ -83,8 +84,8 @@ def _compile_in_this_process(module_name: str, specs: list[dict]) -> dict:
         kernel = getattr(module, spec["name"])
         constants = dict(spec["constants"])
         options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
-        if hasattr(kernel, "configs"):  # autotuned: its first config
-            config = kernel.configs[0]
+        if hasattr(kernel, "configs"):  # autotuned: the config chosen by the spec
+            config = kernel.configs[spec["config"]]
             constants = {**config.kwargs, **constants}
             options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
             kernel = kernel.fn

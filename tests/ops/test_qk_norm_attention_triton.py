@@ -6,7 +6,11 @@ The forward and backward ops are called directly, so lse, the LayerNorm statisti
 seven gradients are checked, not only what autograd exposes.
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -440,7 +444,9 @@ def test_launch_spans_cover_every_row_once(split, monkeypatch):
     ops = triton_ops()
     monkeypatch.setattr(ops, "SPLIT_TAIL", split)
     block_sizes = {c.kwargs[name] for configs, name in (
-        (ops._FWD_CONFIGS, "BLOCK_M"), (ops._DQ_CONFIGS, "BLOCK_M"), (ops._DKDV_CONFIGS, "BLOCK_N")
+        (ops._FWD_CONFIGS, "BLOCK_M"), (ops._DQ_CONFIGS, "BLOCK_M"), (ops._DKDV_CONFIGS, "BLOCK_N"),
+        (ops._FWD_WIDE_CONFIGS, "BLOCK_M"), (ops._DQ_WIDE_CONFIGS, "BLOCK_M"),
+        (ops._DKDV_WIDE_CONFIGS, "BLOCK_N"),
     ) for c in configs}  # fmt: skip
     assert all(ops._BLOCK_MULTIPLE % size == 0 for size in block_sizes)
     for N in (1, 17, 32, 33, 127, 128, 129, 160, 161, 231, 257, 2049):
@@ -470,6 +476,42 @@ def test_tail_launch_with_every_mask(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"d{name}")
 
 
+def compiled_config_lists() -> dict:
+    """Per autotuned kernel, as a GPU process sees it (the interpreter has one config each):
+    the configs for head dims up to 32 and past 32, the whole list, and what its pruning keeps
+    for BLOCK_D = 32, 64 and 128 (configs as their strings)."""
+    script = """
+import json
+from eegfast.ops import qk_norm_attention_triton as T
+def names(configs):
+    return [str(c) for c in configs]
+lists = {}
+for name, narrow, wide in (("_fwd_kernel", T._FWD_CONFIGS, T._FWD_WIDE_CONFIGS),
+                           ("_bwd_dkdv_kernel", T._DKDV_CONFIGS, T._DKDV_WIDE_CONFIGS),
+                           ("_bwd_dq_kernel", T._DQ_CONFIGS, T._DQ_WIDE_CONFIGS)):
+    kernel = getattr(T, name)
+    prune = kernel.early_config_prune
+    lists[name] = {"narrow": names(narrow), "wide": names(wide), "all": names(kernel.configs),
+                   **{str(d): names(prune(kernel.configs, {"D": d}, BLOCK_D=d))
+                      for d in (32, 64, 128)}}
+print(json.dumps(lists))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_head_dims_past_32_get_their_own_configs():
+    """On a GPU the autotuner times the configs for the launch's head dim only: those for
+    BLOCK_D <= 32, or (BLOCK_D 64, 128) the ones chosen not to spill registers there."""
+    for name, lists in compiled_config_lists().items():
+        assert lists["narrow"] and lists["wide"], name
+        assert lists["all"] == lists["narrow"] + lists["wide"], name
+        assert lists["32"] == lists["narrow"], name
+        assert lists["64"] == lists["128"] == lists["wide"], name
+
+
 @pytest.mark.skipif(not has_ptxas(), reason="this triton install has no bundled ptxas")
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The three autotuned kernels (first config) compile for an H100 with tensor-core dots, in
@@ -496,6 +538,15 @@ def test_kernels_compile_for_sm90_without_a_gpu():
         for name, kernel in compiled.items():
             assert kernel["spill_bytes"] == 0, f"{name}: {kernel['registers']} registers, spills"
     assert "_pad_rows_kernel" in compiled
+    # Huge's D = 50 (BLOCK_D 64) with the first config of each kernel's list for wide heads,
+    # fused loops (the tiles' LayerNorm adds the most registers): no spills either
+    wide = dict(constants, D=50, BLOCK_D=64, ALIGN=2, PRE_NORMALISED=False)
+    lists = compiled_config_lists()
+    compiled = compile_for_sm90("eegfast.ops.qk_norm_attention_triton",
+                                [KernelSpec(n, wide, types, config=len(lists[n]["narrow"]))
+                                 for n in names])  # fmt: skip
+    for name, kernel in compiled.items():
+        assert kernel["spill_bytes"] == 0, f"{name} at D = 50: {kernel['registers']} registers"
 
     # LaBraM's case (no mask, D = 20, strides divisible by 4): the rows reach shared memory by
     # asynchronous copies, software-pipelined, in both loop variants; the fused loops load them
