@@ -25,7 +25,9 @@ and forward + backward (q, k, v and the four LayerNorm parameters). Implementati
 
 Times are medians of ``triton.testing.do_bench``. Every implementation's output is compared with
 the reference computed in float32 (``max_abs_err``). Writes ``gpu_qk_norm_attention.csv``,
-``.md`` (table with ratios and the issue's targets) and ``.png`` into ``--out``.
+``.md`` (table with ratios and the issue's targets) and ``.png`` into ``--out``, and on a GPU
+``gpu_qk_norm_attention_tuning.json``: every autotuning run's time per config (which configs
+win, and by how much).
 
 ``--smoke`` runs tiny fp32 shapes on CPU with a ``time.perf_counter`` timer (Triton through
 ``TRITON_INTERPRET=1``) to check the script itself; its numbers mean nothing.
@@ -38,6 +40,7 @@ import contextlib
 import csv
 import io
 import itertools
+import json
 import os
 import statistics
 import sys
@@ -224,12 +227,32 @@ def measure(impl: Attention, mode: str, qkv, params, grad_out, timer: Timer):
     return timer(run, leaves), out.detach()
 
 
+TUNED_KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
+
+
+def record_tuning(log: dict[str, dict], label: str) -> None:
+    """Files under ``label`` the config timings (ms) of each autotuned kernel's last tuning run,
+    if it tuned since the last call: which configs win and by how much, to prune the lists."""
+    from eegfast.ops import qk_norm_attention_triton as kernels
+
+    for name in TUNED_KERNELS:
+        timings = getattr(getattr(kernels, name), "configs_timings", None)
+        if not timings or any(entry["_source"] is timings for entry in log.values()):
+            continue
+        log[f"{label} {name}"] = {
+            "_source": timings,  # the autotuner's own dict: replaced at its next tuning run
+            **{str(config): ms for config, ms in timings.items()},
+        }
+
+
 def run_cases(
     shapes: dict[str, tuple[int, int, int, int]],
     dtype: torch.dtype,
     device: str,
     timer: Timer,
+    tuning: dict[str, dict] | None = None,
 ) -> list[Row]:
+    """The table's rows; ``tuning`` (if given) collects record_tuning's timings."""
     from tqdm import tqdm
 
     impls = implementations()
@@ -253,6 +276,8 @@ def run_cases(
                 rows.append(Row(**case, ms=ms, max_abs_err=error))
             except Exception as failure:  # recorded in the table; the others go on
                 rows.append(Row(**case, ms=None, note=f"failed: {error_line(failure)}"))
+            if tuning is not None and impl_name.startswith("eegfast"):
+                record_tuning(tuning, f"{name} {mode} {impl_name}")
             progress.write(f"{name} {mode} {impl_name}: {rows[-1].ms} ms {rows[-1].note}")
             progress.update()
             if device == "cuda":
@@ -373,7 +398,7 @@ def autotuned_configs() -> dict[str, str]:
     from eegfast.ops import qk_norm_attention_triton as kernels
 
     chosen = {}
-    for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+    for name in TUNED_KERNELS:
         for key, config in getattr(getattr(kernels, name), "cache", {}).items():
             chosen[f"{name}{tuple(key)}"] = str(config)
     return chosen
@@ -416,11 +441,17 @@ def switches_restored():
 def run(out_dir: Path | str, env: dict, shapes: Sequence[str] = tuple(SHAPES)) -> dict:
     """The GPU benchmark (called by ``benchmarks.gpu``); returns the written paths."""
     chosen = {s: SHAPES[s] for s in shapes}
+    tuning: dict[str, dict] = {}
     with switches_restored():
-        rows = run_cases(chosen, torch.bfloat16, "cuda", do_bench_timer)
+        rows = run_cases(chosen, torch.bfloat16, "cuda", do_bench_timer, tuning)
     title = f"eegfast qk_norm_attention (bf16) on {env.get('gpu', 'GPU')}"
     env = {**env, "autotuned": autotuned_configs()}
     paths = write_outputs(out_dir, title, env, rows, "gpu_qk_norm_attention")
+    paths["tuning"] = Path(out_dir) / "gpu_qk_norm_attention_tuning.json"
+    timings = {
+        label: {k: v for k, v in entry.items() if k != "_source"} for label, entry in tuning.items()
+    }
+    write_bytes_atomic(paths["tuning"], json.dumps(timings, indent=1).encode())
     with switches_restored():
         breakdown = kernel_breakdown(chosen, "cuda", torch.bfloat16)
     paths["kernels"] = write_kernel_tables(out_dir, "gpu_qk_norm_attention", title, breakdown)

@@ -688,3 +688,24 @@ def test_benchmark_report_writers(tmp_path):
     assert paths["csv"].read_text().count("\n") == len(rows) + 1
     assert paths["png"].stat().st_size > 0
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes left no temp files
+
+
+def test_benchmark_records_each_tuning_run_once(monkeypatch):
+    """record_tuning files a kernel's config timings when it has tuned since the last call."""
+    from types import SimpleNamespace
+
+    from benchmarks import gpu_qk_norm_attention as bench
+
+    ops = triton_ops()
+    first = {"BLOCK_M: 64": [0.2, 0.19, 0.21]}
+    for name in bench.TUNED_KERNELS:
+        monkeypatch.setattr(ops, name, SimpleNamespace(configs_timings=None))
+    monkeypatch.setattr(ops, "_fwd_kernel", SimpleNamespace(configs_timings=first))
+    log: dict = {}
+    bench.record_tuning(log, "base fwd eegfast-triton")
+    bench.record_tuning(log, "base fwd eegfast-triton-prenorm")  # no new tuning: nothing filed
+    assert list(log) == ["base fwd eegfast-triton _fwd_kernel"]
+    assert log["base fwd eegfast-triton _fwd_kernel"]["BLOCK_M: 64"] == first["BLOCK_M: 64"]
+    ops._fwd_kernel.configs_timings = {"BLOCK_M: 32": [0.3]}  # a new tuning run
+    bench.record_tuning(log, "long fwd eegfast-triton")
+    assert list(log)[-1] == "long fwd eegfast-triton _fwd_kernel" and len(log) == 2
