@@ -684,7 +684,7 @@ def _bwd_dkdv_kernel(
     N,
     D: tl.constexpr,
     N_BUCKET,
-    first,  # this launch's programs own rows (dkdv: keys) first ... first + extent - 1
+    first,  # this launch's programs own keys first ... first + extent - 1 (see _launch_spans)
     extent,
     num_slots,
     scale,
@@ -842,7 +842,7 @@ def _bwd_dq_kernel(
     N,
     D: tl.constexpr,
     N_BUCKET,
-    first,  # this launch's programs own rows (dkdv: keys) first ... first + extent - 1
+    first,  # this launch's programs own rows first ... first + extent - 1 (see _launch_spans)
     extent,
     num_slots,
     scale,

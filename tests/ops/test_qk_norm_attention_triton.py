@@ -270,10 +270,11 @@ def test_public_function_launches_directly_in_eager_mode(grads):
 
 def test_public_function_traces_without_graph_breaks():
     """torch.compile sees qk_norm_attention(backend="triton") as one graph: the Triton ops'
-    import is not traced (an importlib call inside broke the graph twice per call)."""
+    import is not traced (an importlib call inside broke the graph twice per call), and N = 130
+    launches each kernel twice (see _launch_spans)."""
     from eegfast.ops import qk_norm_attention
 
-    q, k, v, params, kpm, ids, _ = make_case(1, 2, 33, 20, torch.float32, seed=14,
+    q, k, v, params, kpm, ids, _ = make_case(1, 2, 130, 20, torch.float32, seed=14,
                                              mask="random", block_size=4)  # fmt: skip
     leaves = [x.clone().requires_grad_() for x in (q, k, v, *params)]
 
