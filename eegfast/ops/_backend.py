@@ -39,7 +39,24 @@ class ExtensionMissingError(RuntimeError):
 
 
 def _env_flag(name: str) -> bool:
+    """A switch read the way Triton reads its own (TRITON_INTERPRET): anything else is off."""
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_switch(name: str, default: bool) -> bool:
+    """eegfast's environment switch ``name``: 1 / true / yes / on or 0 / false / no / off (any
+    case); ``default`` when unset or empty. Anything else raises ValueError naming the variable,
+    rather than quietly meaning off."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(
+        f"{name}={os.environ[name]!r} is not a switch: use 1, true, yes, on or 0, false, no, off"
+    )
 
 
 @functools.cache
@@ -58,7 +75,7 @@ def extension() -> ModuleType | None:
     """
     module, reason = _load_extension()
     if module is None:
-        if _env_flag("EEGFAST_REQUIRE_EXT"):
+        if env_switch("EEGFAST_REQUIRE_EXT", False):
             raise ExtensionMissingError(
                 f"{reason}. EEGFAST_REQUIRE_EXT=1 forbids the fallback to the reference "
                 "implementation; build it with `pip install --no-build-isolation -e .`"

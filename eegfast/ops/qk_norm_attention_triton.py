@@ -23,14 +23,12 @@ written by ``_pad_rows_kernel`` first (same results).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from eegfast.ops._backend import triton_interpreting
+from eegfast.ops._backend import env_switch, triton_interpreting
 from eegfast.ops.qk_norm_attention import _register_op_glue
 
 MAX_HEAD_DIM = 128
@@ -128,7 +126,7 @@ _TAIL_MAX_ROWS = 32
 # Whether the rows (dK / dV: keys) past the last multiple of _BLOCK_MULTIPLE get their own launch
 # of _TAIL_ROWS-row programs when they are few (see _launch_spans). On by default; can be
 # assigned at run time (benchmarks.gpu_qk_norm_attention times both).
-SPLIT_TAIL = os.environ.get("EEGFAST_TRITON_SPLIT_TAIL", "1") == "1"
+SPLIT_TAIL = env_switch("EEGFAST_TRITON_SPLIT_TAIL", True)
 # How the attention loops get their tiles. False (default): they load q, k, v and grad_out
 # rows as given (D of BLOCK_D columns, masked) and normalise each q / k tile inside the loop,
 # again for every tile of the other side. True: one pass of _pad_rows_kernel per tensor first
@@ -138,7 +136,7 @@ SPLIT_TAIL = os.environ.get("EEGFAST_TRITON_SPLIT_TAIL", "1") == "1"
 # key LayerNorm's warp shuffles (~470 of its ~490 at D = 20); it costs one more pass over each
 # tensor. Which is faster is a GPU measurement still to make (benchmarks.gpu_qk_norm_attention
 # times both); EEGFAST_TRITON_PRENORM=1 sets it, and it can be assigned at run time.
-PRE_NORMALISE = os.environ.get("EEGFAST_TRITON_PRENORM", "0") == "1"
+PRE_NORMALISE = env_switch("EEGFAST_TRITON_PRENORM", False)
 # _pad_rows_kernel's modes.
 _COPY = tl.constexpr(0)
 _NORMALISE = tl.constexpr(1)  # LayerNorm, statistics computed and stored

@@ -131,5 +131,7 @@ def format_text(report: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     report = collect()
     print(json.dumps(report, indent=2) if args.json else format_text(report))
-    required = os.environ.get("EEGFAST_REQUIRE_EXT", "").lower() in {"1", "true", "yes", "on"}
+    from eegfast.ops._backend import env_switch
+
+    required = env_switch("EEGFAST_REQUIRE_EXT", False)
     return 1 if required and not report["backends"]["cpu"]["available"] else 0
