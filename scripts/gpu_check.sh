@@ -5,20 +5,22 @@
 #   OUT=/some/dir scripts/gpu_check.sh [STAGE ...]     # from the repository root
 #
 # Stages (default: all, in this order): qk-tests build-wait cuda-tests cuda-bench qk-bench
-# pretrain pretrain-large; qk-bench-base (LaBraM-Base's shape only) is not in the default list. The extension is built in a copy of the tree (/tmp/eegfast-ext) in the
-# background, so the Triton stages run meanwhile without it; it is copied into eegfast/ when done
-# (`build-wait`). Each stage has its own time limit (seconds in STAGE_LIMIT_<name>, defaults
-# below): a stuck stage costs its limit, not the other stages' results. summary.txt lists each
-# stage's exit status and time; results.tar.gz holds the tables (Markdown, CSV, JSON, PNG) and,
-# per benchmark, *_kernels.md: where eegfast's time goes, kernel by kernel (torch.profiler).
+# pretrain pretrain-large; qk-bench-base (LaBraM-Base's shape only) is not in the default list.
+# The extension is built in a copy of the tree (/tmp/eegfast-ext) in the background, so the
+# Triton stages run meanwhile without it; it is copied into eegfast/ when done (`build-wait`).
+# Each stage has its own time limit (seconds in STAGE_LIMIT_<name>, defaults below): a stuck
+# stage costs its limit, not the other stages' results. summary.txt lists each stage's exit
+# status and time; results.tar.gz holds the tables (Markdown, CSV, JSON, PNG), the attention's
+# autotuning timings per config (gpu_qk_norm_attention_tuning.json) and, per benchmark,
+# *_kernels.md: where eegfast's time goes, kernel by kernel (torch.profiler).
 #
 # Times seen on an H200 machine (16 cores, 2026-12-04): build 350 s at -O3 (now -O1, ~1 min),
 # qk-tests 140 s, cuda-tests 90 s, cuda-bench 60 s, qk-bench > 160 s, pretrain 190 s with the
 # eegfast rows failing early (expect ~300 s). qk-bench autotunes every kernel for each shape,
-# dtype and loop variant on first use (16 configurations a shape and variant): if the lease is
-# short, `qk-tests qk-bench-base` first times the shape the targets name first, then the rest.
-# A 15-minute lease fits two calls: all stages up to qk-bench (about 9 minutes), then at once,
-# while the machine is still warm, `pretrain`.
+# dtype and loop variant on first use (16 configurations a shape and variant, plus one for each
+# tail launch): if the lease is short, `qk-bench-base qk-tests` first times the shape the
+# targets name first. A 15-minute lease fits two calls: `qk-bench-base qk-tests build-wait
+# cuda-tests` (under 10 minutes), then at once, while the machine is still warm, `pretrain`.
 set -u
 OUT=${OUT:-$PWD/gpu-check}
 PY=${PY:-python3}
@@ -96,7 +98,7 @@ for s in "${stages[@]}"; do
   cuda-tests) stage cuda-tests 120 tests.log env EEGFAST_REQUIRE_EXT=1 "${PYTEST[@]}" $(workers 4) tests/ops/test_vq.py tests/ops/test_vq_ema.py tests/ops/test_moe.py tests/nn ;;
   cuda-bench) stage cuda-bench 150 bench.log "$PY" -m benchmarks.gpu --ops vq moe --out "$RESULTS" ;;
   qk-bench) stage qk-bench 300 bench.log "$PY" -m benchmarks.gpu_qk_norm_attention --out "$RESULTS" ;;
-  qk-bench-base) stage qk-bench-base 240 bench.log "$PY" -m benchmarks.gpu_qk_norm_attention --shapes base --out "$RESULTS" ;;
+  qk-bench-base) stage qk-bench-base 300 bench.log "$PY" -m benchmarks.gpu_qk_norm_attention --shapes base --out "$RESULTS" ;;
   pretrain-large) stage pretrain-large 240 bench.log "$PY" -m benchmarks.bench_pretrain --gpu --size large --out "$RESULTS" ;;
   *) note "unknown stage $s" ;;
   esac
