@@ -13,6 +13,7 @@ device of the inputs. A missing extension warns once and falls back to the refer
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -36,6 +37,14 @@ class BackendStatus:
 
 class ExtensionMissingError(RuntimeError):
     """The native extension is required (EEGFAST_REQUIRE_EXT=1) but could not be loaded."""
+
+
+def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context that makes ``t``'s GPU the current device, for the Triton launches inside it:
+    Triton launches on the current device and its stream, so tensors on another GPU (a model
+    on cuda:1 in a process whose current device is 0) would be read from the wrong one. A
+    no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _env_flag(name: str) -> bool:

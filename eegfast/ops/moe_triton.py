@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from eegfast.ops._backend import triton_interpreting
+from eegfast.ops._backend import launch_device, triton_interpreting
 from eegfast.ops.moe import _check_combine_inputs, _check_ffn_inputs, _register_op_glue
 
 _ACT_NONE, _ACT_GELU, _ACT_GELU_GRAD = 0, 1, 2
@@ -293,30 +293,31 @@ def _rows_gemm(a, index, row_div, b_view, bias, out, aux, offsets, act, *, gathe
     E, K, _ = b_view.shape
     blocks = _gemm_blocks(N, K)
     grid = (triton.cdiv(S, blocks["BLOCK_M"]) + E + 1, triton.cdiv(N, blocks["BLOCK_N"]))
-    wrap_triton(_grouped_rows_kernel)[grid](
-        a,
-        index,
-        b_view,
-        bias if bias is not None else out,
-        aux if aux is not None else out,
-        out,
-        offsets,
-        S,
-        E,
-        N,
-        K,
-        a.stride(0),
-        b_view.stride(0),
-        b_view.stride(1),
-        b_view.stride(2),
-        row_div,
-        GATHER=gather,
-        HAS_BIAS=bias is not None,
-        ACT=act,
-        PRECISION=_precision(a.dtype),
-        BLOCK_E=triton.next_power_of_2(E + 1),
-        **blocks,
-    )
+    with launch_device(out):
+        wrap_triton(_grouped_rows_kernel)[grid](
+            a,
+            index,
+            b_view,
+            bias if bias is not None else out,
+            aux if aux is not None else out,
+            out,
+            offsets,
+            S,
+            E,
+            N,
+            K,
+            a.stride(0),
+            b_view.stride(0),
+            b_view.stride(1),
+            b_view.stride(2),
+            row_div,
+            GATHER=gather,
+            HAS_BIAS=bias is not None,
+            ACT=act,
+            PRECISION=_precision(a.dtype),
+            BLOCK_E=triton.next_power_of_2(E + 1),
+            **blocks,
+        )
 
 
 def _weight_grad(p, q, index, row_div, offsets, dw, db, *, gather: bool) -> None:
@@ -326,22 +327,23 @@ def _weight_grad(p, q, index, row_div, offsets, dw, db, *, gather: bool) -> None
     else:
         blocks = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_J": 64, "num_warps": 8, "num_stages": 3}
     grid = (E, triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))
-    wrap_triton(_grouped_weight_grad_kernel)[grid](
-        p,
-        q,
-        index,
-        offsets,
-        dw,
-        db,
-        M,
-        N,
-        q.stride(0),
-        row_div,
-        GATHER=gather,
-        HAS_BIAS_GRAD=True,
-        PRECISION=_precision(p.dtype),
-        **blocks,
-    )
+    with launch_device(dw):
+        wrap_triton(_grouped_weight_grad_kernel)[grid](
+            p,
+            q,
+            index,
+            offsets,
+            dw,
+            db,
+            M,
+            N,
+            q.stride(0),
+            row_div,
+            GATHER=gather,
+            HAS_BIAS_GRAD=True,
+            PRECISION=_precision(p.dtype),
+            **blocks,
+        )
 
 
 def _gather_sum(src, gates, slot_pos, T, top_k, out) -> None:
@@ -351,18 +353,19 @@ def _gather_sum(src, gates, slot_pos, T, top_k, out) -> None:
     block_d = min(128, triton.next_power_of_2(D))
     block_t = 32
     grid = (triton.cdiv(T, block_t), triton.cdiv(D, block_d))
-    wrap_triton(_gather_sum_kernel)[grid](
-        src,
-        gates if gates is not None else src,
-        slot_pos,
-        out,
-        T,
-        D,
-        top_k,
-        HAS_GATES=gates is not None,
-        BLOCK_T=block_t,
-        BLOCK_D=block_d,
-    )
+    with launch_device(out):
+        wrap_triton(_gather_sum_kernel)[grid](
+            src,
+            gates if gates is not None else src,
+            slot_pos,
+            out,
+            T,
+            D,
+            top_k,
+            HAS_GATES=gates is not None,
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+        )
 
 
 def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -468,19 +471,20 @@ def moe_combine_bwd_triton(
     grad_gates = torch.empty_like(gates, memory_format=torch.contiguous_format)
     if T > 0 and D > 0:
         block_t = 32
-        wrap_triton(_combine_bwd_kernel)[(triton.cdiv(T, block_t),)](
-            grad_out.to(y_sorted.dtype).contiguous(),
-            y_sorted,
-            gates.contiguous(),
-            slot_pos.contiguous(),
-            grad_y,
-            grad_gates,
-            T,
-            D,
-            k,
-            BLOCK_T=block_t,
-            BLOCK_D=min(128, triton.next_power_of_2(D)),
-        )
+        with launch_device(grad_y):
+            wrap_triton(_combine_bwd_kernel)[(triton.cdiv(T, block_t),)](
+                grad_out.to(y_sorted.dtype).contiguous(),
+                y_sorted,
+                gates.contiguous(),
+                slot_pos.contiguous(),
+                grad_y,
+                grad_gates,
+                T,
+                D,
+                k,
+                BLOCK_T=block_t,
+                BLOCK_D=min(128, triton.next_power_of_2(D)),
+            )
     elif T > 0:
         grad_gates.zero_()
     return grad_y, grad_gates

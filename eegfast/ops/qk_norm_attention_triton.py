@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from eegfast.ops._backend import env_switch, triton_interpreting
+from eegfast.ops._backend import env_switch, launch_device, triton_interpreting
 from eegfast.ops.qk_norm_attention import _register_op_glue
 
 MAX_HEAD_DIM = 128
@@ -1144,8 +1144,9 @@ def qk_norm_attention_fwd_triton(
     """
     params = {"q_w": q_w, "q_b": q_b, "k_w": k_w, "k_b": k_b}
     _check_attention_inputs(q, k, v, params, key_padding_mask, block_ids)
-    return _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal,
-                    block_ids, eager=False)  # fmt: skip
+    with launch_device(q):
+        return _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal,
+                        block_ids, eager=False)  # fmt: skip
 
 
 def _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, block_ids, *,
@@ -1241,8 +1242,9 @@ def qk_norm_attention_bwd_triton(
     ):
         if x.shape != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
-    return _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats, scale,
-                     key_padding_mask, causal, block_ids, eager=False)  # fmt: skip
+    with launch_device(q):
+        return _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
+                         scale, key_padding_mask, causal, block_ids, eager=False)  # fmt: skip
 
 
 def _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats, scale,
@@ -1355,13 +1357,15 @@ def _eager_forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, ca
     Their checks have run; float64, which they pass for the C++ kernels, is the one left."""
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
-    return _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal,
-                    block_ids, eager=True)  # fmt: skip
+    with launch_device(q):
+        return _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal,
+                        block_ids, eager=True)  # fmt: skip
 
 
 def _eager_backward(*args):
     """The backward op's work without the dispatcher (arguments of the op, from _forward)."""
-    return _backward(*args, eager=True)
+    with launch_device(args[1]):  # q
+        return _backward(*args, eager=True)
 
 
 # Fake kernels (the same shapes as the C++ ops) and autograd: forward saves what the backward

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from eegfast.ops._backend import triton_interpreting
+from eegfast.ops._backend import launch_device, triton_interpreting
 from eegfast.ops.vq import (
     NORM_EPS,
     TIE_TOLERANCE,
@@ -229,24 +229,25 @@ def vq_nearest_triton(
     block_n, block_k = (64, 64) if block_d <= 64 else (32, 64)
     precision = _precision(z.dtype)
     if N > 0:
-        wrap_triton(_nearest_kernel)[(triton.cdiv(N, block_n),)](
-            z,
-            codes_for_dot,
-            scale,
-            bias,
-            best,
-            best_code,
-            second,
-            N,
-            K,
-            D,
-            z.stride(0),
-            codes_for_dot.stride(0),
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            BLOCK_D=block_d,
-            PRECISION=precision,
-        )
+        with launch_device(z):
+            wrap_triton(_nearest_kernel)[(triton.cdiv(N, block_n),)](
+                z,
+                codes_for_dot,
+                scale,
+                bias,
+                best,
+                best_code,
+                second,
+                N,
+                K,
+                D,
+                z.stride(0),
+                codes_for_dot.stride(0),
+                BLOCK_N=block_n,
+                BLOCK_K=block_k,
+                BLOCK_D=block_d,
+                PRECISION=precision,
+            )
     z64 = z.double()
     z_sq = (z64 * z64).sum(1)
     finite = torch.isfinite(z64).all(dim=1)
@@ -255,19 +256,20 @@ def vq_nearest_triton(
     gap = best.double() - second.double()
     flags = finite & ~((gap > tolerance) & torch.isfinite(best))
     if N > 0:
-        wrap_triton(_rescore_kernel)[(N,)](
-            z64.contiguous(),
-            code64.contiguous(),
-            code_norm,
-            flags.to(torch.int8),
-            best_code,
-            K,
-            D,
-            (max_norm * max_norm).reshape(1),
-            IS_COSINE=metric == "cosine",
-            BLOCK_K=64,
-            BLOCK_D=block_d,
-        )
+        with launch_device(z):
+            wrap_triton(_rescore_kernel)[(N,)](
+                z64.contiguous(),
+                code64.contiguous(),
+                code_norm,
+                flags.to(torch.int8),
+                best_code,
+                K,
+                D,
+                (max_norm * max_norm).reshape(1),
+                IS_COSINE=metric == "cosine",
+                BLOCK_K=64,
+                BLOCK_D=block_d,
+            )
     indices = torch.where(finite, best_code.long(), torch.full_like(best_code, -1).long())
     chosen = code64[indices.clamp_min(0)]
     if metric == "cosine":
