@@ -10,8 +10,8 @@ Huge (64, 16, 257, 50), long context (16, 10, 2049, 20); no masks. Modes: forwar
 and forward + backward (q, k, v and the four LayerNorm parameters). Implementations, in one run:
 
 - ``eegfast-triton``: :func:`eegfast.ops.qk_norm_attention` with ``backend="triton"``;
-- ``eegfast-triton-prenorm``: the same with the loops reading zero-padded rows written by one
-  pass per tensor before them, k (and q in the backward) already normalised
+- ``eegfast-triton-prenorm``: the same with the loops reading k (and q in the backward)
+  normalised, as zero-padded rows written by one pass per tensor before them
   (``qk_norm_attention_triton.PRE_NORMALISE``), the variant to measure against it;
 - ``eegfast-triton-one-launch``: the default loops with every row block in the autotuned
   launch (``qk_norm_attention_triton.SPLIT_TAIL`` off): at N = 257 and 2049 the default gives

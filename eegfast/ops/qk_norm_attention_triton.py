@@ -127,15 +127,16 @@ _TAIL_MAX_ROWS = 32
 # of _TAIL_ROWS-row programs when they are few (see _launch_spans). On by default; can be
 # assigned at run time (benchmarks.gpu_qk_norm_attention times both).
 SPLIT_TAIL = env_switch("EEGFAST_TRITON_SPLIT_TAIL", True)
-# How the attention loops get their tiles. False (default): they load q, k, v and grad_out
-# rows as given (D of BLOCK_D columns, masked) and normalise each q / k tile inside the loop,
-# again for every tile of the other side. True: one pass of _pad_rows_kernel per tensor first
-# writes them as zero-padded (B * H, N, BLOCK_D) rows (k, and q in the backward, already
-# normalised), which the loops load without a column mask. Compiled for sm_90, only then are the
-# loops' tile loads asynchronous copies (software-pipelined), and the forward's loop loses the
-# key LayerNorm's warp shuffles (~470 of its ~490 at D = 20); it costs one more pass over each
-# tensor. Which is faster is a GPU measurement still to make (benchmarks.gpu_qk_norm_attention
-# times both); EEGFAST_TRITON_PRENORM=1 sets it, and it can be assigned at run time.
+# How the attention loops get their q / k tiles. False (default): they load q and k rows as
+# given (D of BLOCK_D columns, masked) and normalise each tile inside the loop, again for every
+# tile of the other side. True: one pass of _pad_rows_kernel per tensor first writes k (and q
+# in the backward) normalised, as zero-padded (B * H, N, BLOCK_D) rows, which the loops load
+# with neither a column mask nor a LayerNorm: fewer registers (sm_90, D = 20: forward 106
+# against 151, dQ 137 against 236) and no warp shuffles in the loops, for one more pass over k
+# (and q). v and grad_out are read as given unless their rows' vectors are under 8 bytes
+# (_needs_padded_rows: D = 25 in bf16), where they are copied padded as well. Which is faster
+# is a GPU measurement still to make (benchmarks.gpu_qk_norm_attention times both);
+# EEGFAST_TRITON_PRENORM=1 sets it, and it can be assigned at run time.
 PRE_NORMALISE = env_switch("EEGFAST_TRITON_PRENORM", False)
 # _pad_rows_kernel's modes.
 _COPY = tl.constexpr(0)
@@ -346,10 +347,10 @@ def _normalised_rows(base, padded_ptr, stats_base, w_ptr, b_ptr, pid_bh, index, 
 
 @triton.jit
 def _plain_rows(base, padded_ptr, pid_bh, index, stride, N, dtype, D: tl.constexpr,
-                PRE_NORMALISED: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+                PADDED: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """Rows ``index`` of one (b, h) as they are (v, grad_out), from the padded copy with
-    PRE_NORMALISED."""
-    if PRE_NORMALISED:
+    PADDED."""
+    if PADDED:
         rows = _load_padded_rows(padded_ptr, pid_bh, index, N, BLOCK_D)
     else:
         rows = _load_rows(base, index, tl.arange(0, BLOCK_D), stride, N, D)
@@ -409,7 +410,8 @@ def _fwd_tile(
     start_n, masked,  # first key; whether the scores need the masks (see _fwd_kernel)
     q_n, rows, q_ids, q_ids_max, pid_bh, b, k_base, v_base, skn, svn, k_n_ptr, v_p_ptr,
     k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N, eps, qk_scale_log2, D: tl.constexpr,
-    PRE_NORMALISED: tl.constexpr, HAS_K_W: tl.constexpr, HAS_K_B: tl.constexpr,
+    PRE_NORMALISED: tl.constexpr, PADDED_PLAIN: tl.constexpr, HAS_K_W: tl.constexpr,
+    HAS_K_B: tl.constexpr,
     HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_CAUSAL: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, TILE_N: tl.constexpr,
 ):  # fmt: skip
@@ -426,7 +428,7 @@ def _fwd_tile(
             k = _load_rows(k_base, cols, dims, skn, N, D).to(tl.float32)
             k_hat, k_mean, k_rstd = _layer_norm_stats(k, dims < D, D, eps)
             k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B).to(dtype)
-        v = _plain_rows(v_base, v_p_ptr, pid_bh, cols, svn, N, dtype, D, PRE_NORMALISED, BLOCK_D)
+        v = _plain_rows(v_base, v_p_ptr, pid_bh, cols, svn, N, dtype, D, PADDED_PLAIN, BLOCK_D)
         scores = tl.dot(q_n, tl.trans(k_n), input_precision=PRECISION, out_dtype=tl.float32)
         scores = scores * qk_scale_log2
         if HAS_PAD or BLOCK_CAUSAL:  # masks on every tile
@@ -486,7 +488,8 @@ def _fwd_kernel(
     extent,
     eps,
     qk_scale_log2,  # scale * log2(e)
-    PRE_NORMALISED: tl.constexpr,  # the loop reads k_n_ptr, v_p_ptr (k_stats written)
+    PRE_NORMALISED: tl.constexpr,  # the loop reads k_n_ptr (k_stats written)
+    PADDED_PLAIN: tl.constexpr,  # the loop reads v_p_ptr
     HAS_Q_W: tl.constexpr,
     HAS_Q_B: tl.constexpr,
     HAS_K_W: tl.constexpr,
@@ -551,15 +554,15 @@ def _fwd_kernel(
         m_i, l_i, acc = _fwd_tile(
             m_i, l_i, acc, start_n, start_n >= n_interior, q_n, rows, q_ids, q_ids_max, pid_bh, b,
             k_base, v_base, skn, svn, k_n_ptr, v_p_ptr, k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N, eps,
-            qk_scale_log2, D, PRE_NORMALISED, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL, BLOCK_CAUSAL,
-            BLOCK_D, PRECISION, BLOCK_N
+            qk_scale_log2, D, PRE_NORMALISED, PADDED_PLAIN, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL,
+            BLOCK_CAUSAL, BLOCK_D, PRECISION, BLOCK_N
         )  # fmt: skip
     for start_n in range(n_full, hi, _TAIL_N):
         m_i, l_i, acc = _fwd_tile(
             m_i, l_i, acc, start_n, True, q_n, rows, q_ids, q_ids_max, pid_bh, b, k_base, v_base,
             skn, svn, k_n_ptr, v_p_ptr, k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N, eps, qk_scale_log2,
-            D, PRE_NORMALISED, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL, BLOCK_CAUSAL, BLOCK_D, PRECISION,
-            _TAIL_N
+            D, PRE_NORMALISED, PADDED_PLAIN, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL, BLOCK_CAUSAL,
+            BLOCK_D, PRECISION, _TAIL_N
         )  # fmt: skip
 
     seen = l_i > 0.0
@@ -609,7 +612,8 @@ def _dkdv_tile(
     k_n, v, cols, col_in, k_pad, k_ids, k_ids_min, keys_past_n,  # the program's keys
     pid_bh, q_base, g_base, sqn, sgn, q_stats_ptr, q_n_ptr, g_p_ptr, q_w_ptr, q_b_ptr, ids_ptr,
     lse_ptr, delta_ptr, N, qk_scale_log2, D: tl.constexpr, PRE_NORMALISED: tl.constexpr,
-    HAS_Q_W: tl.constexpr, HAS_Q_B: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    PADDED_PLAIN: tl.constexpr, HAS_Q_W: tl.constexpr, HAS_Q_B: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     TILE_M: tl.constexpr,
 ):  # fmt: skip
@@ -621,7 +625,7 @@ def _dkdv_tile(
         q_n = _normalised_rows(q_base, q_n_ptr, q_stats_ptr + pid_bh * N * 2, q_w_ptr, q_b_ptr,
                                pid_bh, rows, sqn, N, dtype, D, PRE_NORMALISED, HAS_Q_W, HAS_Q_B,
                                BLOCK_D)  # fmt: skip
-        g = _plain_rows(g_base, g_p_ptr, pid_bh, rows, sgn, N, dtype, D, PRE_NORMALISED, BLOCK_D)
+        g = _plain_rows(g_base, g_p_ptr, pid_bh, rows, sgn, N, dtype, D, PADDED_PLAIN, BLOCK_D)
         lse = tl.load(lse_ptr + pid_bh * N + rows, mask=row_in, other=float("inf"))
         # Rows that saw nothing (lse = -inf) get p = 0: shift them by +inf.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
@@ -698,7 +702,8 @@ def _bwd_dkdv_kernel(
     ALIGN: tl.constexpr,  # the strides arrive divided by it (see _row_align)
     PRECISION: tl.constexpr,
     PART: tl.constexpr,
-    PRE_NORMALISED: tl.constexpr,  # the loop reads q_n_ptr and g_p_ptr
+    PRE_NORMALISED: tl.constexpr,  # the loop reads q_n_ptr
+    PADDED_PLAIN: tl.constexpr,  # the loop reads g_p_ptr
     BLOCK_N: tl.constexpr,  # keys owned by this program
     BLOCK_M: tl.constexpr,  # queries per loop step
 ):
@@ -745,15 +750,15 @@ def _bwd_dkdv_kernel(
         dk_n, dv = _dkdv_tile(
             dk_n, dv, start_m, k_n, v, cols, col_in, k_pad, k_ids, k_ids_min, keys_past_n, pid_bh,
             q_base, g_base, sqn, sgn, q_stats_ptr, q_n_ptr, g_p_ptr, q_w_ptr, q_b_ptr, ids_ptr,
-            lse_ptr, delta_ptr, N, qk_scale_log2, D, PRE_NORMALISED, HAS_Q_W, HAS_Q_B, HAS_PAD,
-            CAUSAL, BLOCK_CAUSAL, BLOCK_D, PRECISION, BLOCK_M
+            lse_ptr, delta_ptr, N, qk_scale_log2, D, PRE_NORMALISED, PADDED_PLAIN, HAS_Q_W, HAS_Q_B,
+            HAS_PAD, CAUSAL, BLOCK_CAUSAL, BLOCK_D, PRECISION, BLOCK_M
         )  # fmt: skip
     for start_m in range(tl.maximum(lo, m_full), N, _TAIL_N):
         dk_n, dv = _dkdv_tile(
             dk_n, dv, start_m, k_n, v, cols, col_in, k_pad, k_ids, k_ids_min, keys_past_n, pid_bh,
             q_base, g_base, sqn, sgn, q_stats_ptr, q_n_ptr, g_p_ptr, q_w_ptr, q_b_ptr, ids_ptr,
-            lse_ptr, delta_ptr, N, qk_scale_log2, D, PRE_NORMALISED, HAS_Q_W, HAS_Q_B, HAS_PAD,
-            CAUSAL, BLOCK_CAUSAL, BLOCK_D, PRECISION, _TAIL_N
+            lse_ptr, delta_ptr, N, qk_scale_log2, D, PRE_NORMALISED, PADDED_PLAIN, HAS_Q_W, HAS_Q_B,
+            HAS_PAD, CAUSAL, BLOCK_CAUSAL, BLOCK_D, PRECISION, _TAIL_N
         )  # fmt: skip
 
     dk_n = dk_n * scale
@@ -774,7 +779,8 @@ def _dq_tile(
     q_n, g, rows, lse2, delta, q_ids, q_ids_max,  # the program's query rows
     pid_bh, b, k_base, v_base, skn, svn, k_stats_base, k_n_ptr, v_p_ptr, k_w_ptr, k_b_ptr,
     pad_ptr, ids_ptr, N, qk_scale_log2, D: tl.constexpr, PRE_NORMALISED: tl.constexpr,
-    HAS_K_W: tl.constexpr, HAS_K_B: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    PADDED_PLAIN: tl.constexpr, HAS_K_W: tl.constexpr, HAS_K_B: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     TILE_N: tl.constexpr,
 ):  # fmt: skip
@@ -785,7 +791,7 @@ def _dq_tile(
     if run_tile:
         k_n = _normalised_rows(k_base, k_n_ptr, k_stats_base, k_w_ptr, k_b_ptr, pid_bh, cols, skn,
                                N, dtype, D, PRE_NORMALISED, HAS_K_W, HAS_K_B, BLOCK_D)  # fmt: skip
-        v = _plain_rows(v_base, v_p_ptr, pid_bh, cols, svn, N, dtype, D, PRE_NORMALISED, BLOCK_D)
+        v = _plain_rows(v_base, v_p_ptr, pid_bh, cols, svn, N, dtype, D, PADDED_PLAIN, BLOCK_D)
         scores = tl.dot(q_n, tl.trans(k_n), input_precision=PRECISION, out_dtype=tl.float32)
         p = tl.math.exp2(scores * qk_scale_log2 - lse2[:, None])
         # without masks only the tile holding key N compares (see _bwd_dkdv_kernel)
@@ -856,7 +862,8 @@ def _bwd_dq_kernel(
     ALIGN: tl.constexpr,  # the strides arrive divided by it (see _row_align)
     PRECISION: tl.constexpr,
     PART: tl.constexpr,
-    PRE_NORMALISED: tl.constexpr,  # the loop reads k_n_ptr and v_p_ptr
+    PRE_NORMALISED: tl.constexpr,  # the loop reads k_n_ptr
+    PADDED_PLAIN: tl.constexpr,  # the loop reads v_p_ptr
     BLOCK_M: tl.constexpr,  # queries owned by this program
     BLOCK_N: tl.constexpr,  # keys per loop step
 ):
@@ -902,15 +909,15 @@ def _bwd_dq_kernel(
         dq_n = _dq_tile(
             dq_n, start_n, q_n, g, rows, lse2, delta, q_ids, q_ids_max, pid_bh, b, k_base, v_base,
             skn, svn, k_stats_base, k_n_ptr, v_p_ptr, k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N,
-            qk_scale_log2, D, PRE_NORMALISED, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL, BLOCK_CAUSAL,
-            BLOCK_D, PRECISION, BLOCK_N
+            qk_scale_log2, D, PRE_NORMALISED, PADDED_PLAIN, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL,
+            BLOCK_CAUSAL, BLOCK_D, PRECISION, BLOCK_N
         )  # fmt: skip
     for start_n in range(n_full, hi, _TAIL_N):
         dq_n = _dq_tile(
             dq_n, start_n, q_n, g, rows, lse2, delta, q_ids, q_ids_max, pid_bh, b, k_base, v_base,
             skn, svn, k_stats_base, k_n_ptr, v_p_ptr, k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N,
-            qk_scale_log2, D, PRE_NORMALISED, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL, BLOCK_CAUSAL,
-            BLOCK_D, PRECISION, _TAIL_N
+            qk_scale_log2, D, PRE_NORMALISED, PADDED_PLAIN, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL,
+            BLOCK_CAUSAL, BLOCK_D, PRECISION, _TAIL_N
         )  # fmt: skip
 
     dq_n = dq_n * scale
@@ -1002,6 +1009,14 @@ def _launch_spans(N: int) -> list[tuple[int, int, bool]]:
     if N > rest:
         spans.insert(0, (0, N - rest, False))
     return spans
+
+
+def _needs_padded_rows(align: int, dtype: torch.dtype) -> bool:
+    """Whether the PRE_NORMALISE loops read v (dQ) and grad_out (dK / dV) from padded copies:
+    only when their rows' vectors (``align`` elements, see _row_align) are under 8 bytes (D = 25
+    in bf16: 2-byte loads, not pipelined). From 8 bytes on the loops load the rows as given
+    as vectors, pipelined, and the copy would cost a pass over the tensor for nothing."""
+    return align * torch.finfo(dtype).bits // 8 < 8
 
 
 def _grid(extent: int, block: str, heads: int):
@@ -1165,17 +1180,19 @@ def _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, 
     pad, ids = _mask_args(q, key_padding_mask, block_ids)
     q_w_, q_b_, k_w_, k_b_ = (q if p is None else p.contiguous() for p in (q_w, q_b, k_w, k_b))
     block_d = _block_d(D)
+    align = _row_align(D, q, k, v)
+    padded_plain = PRE_NORMALISE and _needs_padded_rows(align, q.dtype)
     k_n = v_p = q  # placeholders
     if PRE_NORMALISE:
         k_n = _pad_rows(k, _NORMALISE, k_w, k_b, k_stats, eps, launch=launch)
+    if padded_plain:
         v_p = _pad_rows(v, _COPY, launch=launch)
-
-    align = _row_align(D, q, k, v)
     tensors = (q, k, v, q_w_, q_b_, k_w_, k_b_, pad, ids, out, lse, q_stats, k_stats, k_n, v_p)
     strides = tuple(stride // align for x in (q, k, v) for stride in x.stride()[:3])
     flags = dict(
         ALIGN=align,
         PRE_NORMALISED=PRE_NORMALISE,
+        PADDED_PLAIN=padded_plain,
         HAS_Q_W=q_w is not None,
         HAS_Q_B=q_b is not None,
         HAS_K_W=k_w is not None,
@@ -1320,6 +1337,7 @@ def _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
         PRECISION=_precision(q.dtype),
         PART=PART_ROWS,
         PRE_NORMALISED=PRE_NORMALISE,
+        PADDED_PLAIN=PRE_NORMALISE and _needs_padded_rows(align, q.dtype),
         ALIGN=align,
     )
     strides = tuple(stride // align for x in (q, k, v, grad_out) for stride in x.stride()[:3])
@@ -1328,6 +1346,7 @@ def _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
     if PRE_NORMALISE:
         q_n = _pad_rows(q, _NORMALISE_FROM_STATS, q_w, q_b, q_stats, launch=launch)
         k_n = _pad_rows(k, _NORMALISE_FROM_STATS, k_w, k_b, k_stats, launch=launch)
+    if flags["PADDED_PLAIN"]:
         v_p = _pad_rows(v, _COPY, launch=launch)
         # (B, N, H, D) seen as (B, H, N, D)
         g_p = _pad_rows(grad_out.transpose(1, 2), _COPY, launch=launch)

@@ -383,10 +383,14 @@ def test_opcheck():
 def test_pre_normalised_variant(case, monkeypatch):
     """The loops over zero-padded, pre-normalised rows (PRE_NORMALISE) give what the fused
     loops give, bit for bit (the same arithmetic on the same values), forward and all seven
-    gradients, and pass the reference check; without LayerNorm parameters too (CASES[3])."""
+    gradients, and pass the reference check; without LayerNorm parameters too (CASES[3]). v
+    and grad_out come from padded copies at D = 25 (4-byte fp32 row vectors), as given in the
+    other cases."""
     B, H, N, D, dtype, mask, causal, block_size, affine = case
     inputs = make_case(B, H, N, D, dtype, seed=N + D, affine=affine, mask=mask,
                        block_size=block_size)  # fmt: skip
+    ops = triton_ops()
+    assert ops._needs_padded_rows(ops._row_align(D, *inputs[:3]), dtype) == (D == 25)
     fused_out, fused_lse, fused_grads = check_against_reference(*inputs, causal=causal)
     monkeypatch.setattr(triton_ops(), "PRE_NORMALISE", True)
     out, lse, grads = check_against_reference(*inputs, causal=causal)
@@ -521,7 +525,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     compiler rejects, and block sizes or warp counts too large for the register file."""
     flags = ("HAS_Q_W", "HAS_Q_B", "HAS_K_W", "HAS_K_B", "HAS_PAD", "CAUSAL", "BLOCK_CAUSAL")
     constants = dict.fromkeys(flags, True) | dict(BLOCK_D=32, PRECISION="ieee", PART=16, D=20,
-                                                  ALIGN=4)  # fmt: skip
+                                                  ALIGN=4, PADDED_PLAIN=False)  # fmt: skip
     data = ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "grad_out_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
             "q_w_ptr", "q_b_ptr", "k_w_ptr", "k_b_ptr")  # fmt: skip
     padded = ("q_n_ptr", "k_n_ptr", "v_p_ptr", "g_p_ptr", "x_ptr", "w_ptr", "b_ptr")
