@@ -27,7 +27,7 @@ Times are medians of ``triton.testing.do_bench``. Every implementation's output 
 the reference computed in float32 (``max_abs_err``). Writes ``gpu_qk_norm_attention.csv``,
 ``.md`` (table with ratios and the issue's targets) and ``.png`` into ``--out``, and on a GPU
 ``gpu_qk_norm_attention_tuning.json``: every autotuning run's time per config (which configs
-win, and by how much).
+win, and by how much) and each compiled kernel's registers and spills.
 
 ``--smoke`` runs tiny fp32 shapes on CPU with a ``time.perf_counter`` timer (Triton through
 ``TRITON_INTERPRET=1``) to check the script itself; its numbers mean nothing.
@@ -245,6 +245,32 @@ def record_tuning(log: dict[str, dict], label: str) -> None:
         }
 
 
+def compiled_kernels() -> list[dict]:
+    """Every compiled specialisation of the attention kernels in Triton's caches: warps, stages,
+    shared memory, and the registers per thread and spilled bytes that this Triton and GPU
+    gave it (what the config lists were chosen by, measured here on the Triton that runs)."""
+    from eegfast.ops import qk_norm_attention_triton as kernels
+
+    report = []
+    for name in (*TUNED_KERNELS, "_pad_rows_kernel", "_bwd_delta_kernel"):
+        kernel = getattr(kernels, name)
+        # a JIT function holds the caches; an autotuner's is its .fn (shared by the tail launches)
+        jit = kernel if hasattr(kernel, "device_caches") else getattr(kernel, "fn", None)
+        for caches in getattr(jit, "device_caches", {}).values():
+            for key, compiled in caches[0].items():
+                meta = getattr(compiled, "metadata", None)
+                report.append({
+                    "kernel": name,
+                    "num_warps": getattr(meta, "num_warps", None),
+                    "num_stages": getattr(meta, "num_stages", None),
+                    "shared_bytes": getattr(meta, "shared", None),
+                    "registers": getattr(compiled, "n_regs", None),
+                    "spill_bytes": getattr(compiled, "n_spills", None),
+                    "specialisation": str(key),
+                })  # fmt: skip
+    return report
+
+
 def run_cases(
     shapes: dict[str, tuple[int, int, int, int]],
     dtype: torch.dtype,
@@ -451,7 +477,8 @@ def run(out_dir: Path | str, env: dict, shapes: Sequence[str] = tuple(SHAPES)) -
     timings = {
         label: {k: v for k, v in entry.items() if k != "_source"} for label, entry in tuning.items()
     }
-    write_bytes_atomic(paths["tuning"], json.dumps(timings, indent=1).encode())
+    tuning_report = {"timings_ms": timings, "compiled": compiled_kernels()}
+    write_bytes_atomic(paths["tuning"], json.dumps(tuning_report, indent=1).encode())
     with switches_restored():
         breakdown = kernel_breakdown(chosen, "cuda", torch.bfloat16)
     paths["kernels"] = write_kernel_tables(out_dir, "gpu_qk_norm_attention", title, breakdown)

@@ -714,3 +714,26 @@ def test_benchmark_records_each_tuning_run_once(monkeypatch):
     ops._fwd_kernel.configs_timings = {"BLOCK_M: 32": [0.3]}  # a new tuning run
     bench.record_tuning(log, "long fwd eegfast-triton")
     assert list(log)[-1] == "long fwd eegfast-triton _fwd_kernel" and len(log) == 2
+
+
+def test_benchmark_lists_compiled_kernels(monkeypatch):
+    """compiled_kernels reads each compiled specialisation's warps, registers and spills from
+    Triton's per-device caches (here stand-ins shaped like them)."""
+    from types import SimpleNamespace
+
+    from benchmarks import gpu_qk_norm_attention as bench
+
+    ops = triton_ops()
+    compiled = SimpleNamespace(metadata=SimpleNamespace(num_warps=4, num_stages=3, shared=8192),
+                               n_regs=151, n_spills=0)  # fmt: skip
+    jit = SimpleNamespace(device_caches={0: ({"key-a": compiled}, {}, None, None, None)},
+                          fn=lambda: None)  # fmt: skip
+    for name in (*bench.TUNED_KERNELS, "_pad_rows_kernel", "_bwd_delta_kernel"):
+        monkeypatch.setattr(ops, name, SimpleNamespace(fn=SimpleNamespace(device_caches={})))
+    monkeypatch.setattr(ops, "_fwd_kernel", SimpleNamespace(fn=jit))  # an autotuner
+    monkeypatch.setattr(ops, "_pad_rows_kernel", jit)  # a JIT function (its .fn: the Python one)
+    report = bench.compiled_kernels()
+    expected = {"num_warps": 4, "num_stages": 3, "shared_bytes": 8192, "registers": 151,
+                "spill_bytes": 0, "specialisation": "key-a"}  # fmt: skip
+    assert report == [{"kernel": "_fwd_kernel", **expected},
+                      {"kernel": "_pad_rows_kernel", **expected}]  # fmt: skip
