@@ -109,8 +109,8 @@ else:
 
 # The tail launch's one config per kernel (see _launch_spans): _TAIL_ROWS rows (dK / dV: keys)
 # per program, then keys (dK / dV: queries) per loop step, warps, stages. 4 warps: with 2 the
-# fused loops' per-tile LayerNorm has half the threads (141-238 registers at D = 20, not
-# 80-136); dK / dV steps over 32 queries, as with 64 it spilled at D = 50 (sm_90, fused).
+# fused loops' per-tile LayerNorm has half the threads (141-238 registers at D = 20, sm_90; with
+# 4: 80, 120, 100); dK / dV steps over 32 queries, as with 64 it spilled at D = 50.
 _TAIL_ROWS = 16
 _FWD_TAIL_CONFIGS = _configs(
     [(_TAIL_ROWS, 32, 1, 1) if _INTERPRETING else (_TAIL_ROWS, 64, 4, 2)], "BLOCK_M", "BLOCK_N"
