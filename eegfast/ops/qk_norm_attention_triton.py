@@ -64,6 +64,8 @@ if _INTERPRETING:
     _DKDV_CONFIGS = _configs([(32, 32, 1, 1)], "BLOCK_N", "BLOCK_M")
     _DQ_CONFIGS = _configs([(32, 32, 1, 1)], "BLOCK_M", "BLOCK_N")
     _FWD_WIDE_CONFIGS = _DKDV_WIDE_CONFIGS = _DQ_WIDE_CONFIGS = []
+    _FWD_FP32_CONFIGS = _DKDV_FP32_CONFIGS = _DQ_FP32_CONFIGS = []
+    _FWD_FP32_WIDE_CONFIGS = _DKDV_FP32_WIDE_CONFIGS = _DQ_FP32_WIDE_CONFIGS = []
 else:
     _FWD_CONFIGS = _configs(
         [
@@ -77,9 +79,9 @@ else:
         "BLOCK_M",
         "BLOCK_N",
     )
-    # No config here spills registers at D = 20 or 25 in either loop variant, compiled for
-    # sm_90 (ptxas's report, Triton 3.9); three earlier ones that did (4-36 bytes) now have 8
-    # warps.
+    # bf16 / fp16: no config here spills registers at D = 20 or 25 in either loop variant,
+    # compiled for sm_90 (ptxas's report, Triton 3.9); three earlier ones that did (4-36 bytes)
+    # now have 8 warps.
     _DKDV_CONFIGS = _configs(
         [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 4, 3), (128, 32, 8, 3)],
         "BLOCK_N",
@@ -90,10 +92,10 @@ else:
         "BLOCK_M",
         "BLOCK_N",
     )
-    # Head dims past 32 (BLOCK_D 64, 128). The configs above spilled at D = 50 in 11 of 16
-    # cases with the fused loops (the dK / dV kernel in 4 of 5) and at D = 128 in all but two;
-    # these, with 8 warps where 4 spilled, spill in neither loop variant at D = 50 and at most
-    # 8 bytes at D = 128.
+    # bf16 / fp16 head dims past 32 (BLOCK_D 64, 128). The configs above spilled at D = 50 in
+    # 11 of 16 cases with the fused loops (the dK / dV kernel in 4 of 5) and at D = 128 in all
+    # but two; these, with 8 warps where 4 spilled, spill in neither loop variant at D = 50 and
+    # at most 8 bytes at D = 128.
     _FWD_WIDE_CONFIGS = _configs(
         [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2), (32, 64, 4, 3), (32, 32, 4, 3)],
         "BLOCK_M",
@@ -105,6 +107,21 @@ else:
     _DQ_WIDE_CONFIGS = _configs(
         [(64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2)], "BLOCK_M", "BLOCK_N"
     )
+    # float32 inputs (3-pass TF32 products: about three times the operand registers). At D = 20
+    # most of the lists above spilled (the dK / dV kernel's first config 184-648 bytes); these
+    # spill in none of the forward's and dQ's cases and at most 52 bytes in dK / dV's, with and
+    # without masks. At D = 50: 0-28 bytes without masks, up to 340 with all three; fp32 at
+    # D = 128 spilled in every config tried (0.5-4 KB).
+    _FWD_FP32_CONFIGS = _configs(
+        [(64, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (32, 32, 4, 3)], "BLOCK_M", "BLOCK_N"
+    )
+    _DKDV_FP32_CONFIGS = _configs([(64, 32, 8, 2), (16, 64, 4, 2)], "BLOCK_N", "BLOCK_M")
+    _DQ_FP32_CONFIGS = _configs([(64, 32, 8, 2), (128, 32, 8, 2)], "BLOCK_M", "BLOCK_N")
+    _FWD_FP32_WIDE_CONFIGS = _configs(
+        [(128, 32, 8, 3), (64, 64, 8, 3), (32, 32, 4, 3)], "BLOCK_M", "BLOCK_N"
+    )
+    _DKDV_FP32_WIDE_CONFIGS = _configs([(32, 32, 8, 2), (32, 64, 8, 2)], "BLOCK_N", "BLOCK_M")
+    _DQ_FP32_WIDE_CONFIGS = _configs([(128, 32, 8, 2), (32, 64, 8, 2)], "BLOCK_M", "BLOCK_N")
 
 
 # The tail launch's one config per kernel (see _launch_spans): _TAIL_ROWS rows (dK / dV: keys)
@@ -147,19 +164,26 @@ _NORMALISE_FROM_STATS = tl.constexpr(2)  # LayerNorm with the stored statistics
 _AUTOTUNE_KEY = ["N_BUCKET", "D", "CAUSAL", "BLOCK_CAUSAL"]  # + tensor dtypes (added by triton)
 
 
-def _autotuned(narrow: list, wide: list):
-    """triton.autotune over ``narrow`` for head dims up to 32 and ``wide`` past that."""
+def _autotuned(narrow: list, wide: list, fp32: list, fp32_wide: list):
+    """triton.autotune over ``narrow`` for 2-byte inputs with head dims up to 32 (BLOCK_D 16,
+    32), ``wide`` past that, and ``fp32`` / ``fp32_wide`` likewise for float32 inputs: each
+    launch times only the configs of its own kind (q_ptr's dtype and BLOCK_D)."""
 
-    def configs_for_head_dim(configs, named_args, **kwargs):
-        block_d = {**named_args, **kwargs}.get("BLOCK_D")
+    def configs_for_launch(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        block_d = args.get("BLOCK_D")
         if block_d is None:  # a caller that passes neither: everything
             return configs
+        four_bytes = getattr(args.get("q_ptr"), "dtype", None) == torch.float32
+        if four_bytes:
+            return fp32 if block_d <= 32 else fp32_wide
         return narrow if block_d <= 32 else wide
 
     if not wide:  # interpreted: one config, never timed
         return triton.autotune(configs=narrow, key=_AUTOTUNE_KEY)
-    prune = {"early_config_prune": configs_for_head_dim}
-    return triton.autotune(configs=narrow + wide, key=_AUTOTUNE_KEY, prune_configs_by=prune)
+    prune = {"early_config_prune": configs_for_launch}
+    every = narrow + wide + fp32 + fp32_wide
+    return triton.autotune(configs=every, key=_AUTOTUNE_KEY, prune_configs_by=prune)
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,7 +477,7 @@ def _fwd_tile(
     return m_i, l_i, acc
 
 
-@_autotuned(_FWD_CONFIGS, _FWD_WIDE_CONFIGS)
+@_autotuned(_FWD_CONFIGS, _FWD_WIDE_CONFIGS, _FWD_FP32_CONFIGS, _FWD_FP32_WIDE_CONFIGS)
 @triton.jit
 def _fwd_kernel(
     q_ptr,  # (B, H, N, D) strides (sqb, sqh, sqn, 1)
@@ -648,7 +672,7 @@ def _dkdv_tile(
     return dk_n, dv
 
 
-@_autotuned(_DKDV_CONFIGS, _DKDV_WIDE_CONFIGS)
+@_autotuned(_DKDV_CONFIGS, _DKDV_WIDE_CONFIGS, _DKDV_FP32_CONFIGS, _DKDV_FP32_WIDE_CONFIGS)
 @triton.jit
 def _bwd_dkdv_kernel(
     q_ptr,
@@ -808,7 +832,7 @@ def _dq_tile(
     return dq_n
 
 
-@_autotuned(_DQ_CONFIGS, _DQ_WIDE_CONFIGS)
+@_autotuned(_DQ_CONFIGS, _DQ_WIDE_CONFIGS, _DQ_FP32_CONFIGS, _DQ_FP32_WIDE_CONFIGS)
 @triton.jit
 def _bwd_dq_kernel(
     q_ptr,

@@ -451,7 +451,10 @@ def test_launch_spans_cover_every_row_once(split, monkeypatch):
     block_sizes = {c.kwargs[name] for configs, name in (
         (ops._FWD_CONFIGS, "BLOCK_M"), (ops._DQ_CONFIGS, "BLOCK_M"), (ops._DKDV_CONFIGS, "BLOCK_N"),
         (ops._FWD_WIDE_CONFIGS, "BLOCK_M"), (ops._DQ_WIDE_CONFIGS, "BLOCK_M"),
-        (ops._DKDV_WIDE_CONFIGS, "BLOCK_N"),
+        (ops._DKDV_WIDE_CONFIGS, "BLOCK_N"), (ops._FWD_FP32_CONFIGS, "BLOCK_M"),
+        (ops._DQ_FP32_CONFIGS, "BLOCK_M"), (ops._DKDV_FP32_CONFIGS, "BLOCK_N"),
+        (ops._FWD_FP32_WIDE_CONFIGS, "BLOCK_M"), (ops._DQ_FP32_WIDE_CONFIGS, "BLOCK_M"),
+        (ops._DKDV_FP32_WIDE_CONFIGS, "BLOCK_N"),
     ) for c in configs}  # fmt: skip
     assert all(ops._BLOCK_MULTIPLE % size == 0 for size in block_sizes)
     for N in (1, 17, 32, 33, 127, 128, 129, 160, 161, 231, 257, 2049):
@@ -483,22 +486,26 @@ def test_tail_launch_with_every_mask(monkeypatch):
 
 def compiled_config_lists() -> dict:
     """Per autotuned kernel, as a GPU process sees it (the interpreter has one config each):
-    the configs for head dims up to 32 and past 32, the whole list, and what its pruning keeps
-    for BLOCK_D = 32, 64 and 128 (configs as their strings)."""
+    its four config lists (2-byte inputs with BLOCK_D <= 32 and past it, float32 likewise), the
+    whole list, and what its pruning keeps for each dtype and BLOCK_D (configs as strings)."""
     script = """
 import json
+import torch
 from eegfast.ops import qk_norm_attention_triton as T
 def names(configs):
     return [str(c) for c in configs]
 lists = {}
-for name, narrow, wide in (("_fwd_kernel", T._FWD_CONFIGS, T._FWD_WIDE_CONFIGS),
-                           ("_bwd_dkdv_kernel", T._DKDV_CONFIGS, T._DKDV_WIDE_CONFIGS),
-                           ("_bwd_dq_kernel", T._DQ_CONFIGS, T._DQ_WIDE_CONFIGS)):
+for name, prefix in (("_fwd_kernel", "FWD"), ("_bwd_dkdv_kernel", "DKDV"),
+                     ("_bwd_dq_kernel", "DQ")):
     kernel = getattr(T, name)
-    prune = kernel.early_config_prune
-    lists[name] = {"narrow": names(narrow), "wide": names(wide), "all": names(kernel.configs),
-                   **{str(d): names(prune(kernel.configs, {"D": d}, BLOCK_D=d))
-                      for d in (32, 64, 128)}}
+    kinds = {kind: names(getattr(T, f"_{prefix}{suffix}_CONFIGS"))
+             for kind, suffix in (("narrow", ""), ("wide", "_WIDE"), ("fp32", "_FP32"),
+                                  ("fp32_wide", "_FP32_WIDE"))}
+    kept = {f"{dtype} {d}": names(kernel.early_config_prune(
+                kernel.configs, {"q_ptr": torch.empty(0, dtype=getattr(torch, dtype))},
+                BLOCK_D=d))
+            for dtype in ("bfloat16", "float16", "float32") for d in (32, 64, 128)}
+    lists[name] = {**kinds, "all": names(kernel.configs), **kept}
 print(json.dumps(lists))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -507,14 +514,19 @@ print(json.dumps(lists))
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def test_head_dims_past_32_get_their_own_configs():
-    """On a GPU the autotuner times the configs for the launch's head dim only: those for
-    BLOCK_D <= 32, or (BLOCK_D 64, 128) the ones chosen not to spill registers there."""
+def test_configs_by_input_dtype_and_head_dim():
+    """On a GPU the autotuner times the configs for the launch's kind only: 2-byte inputs with
+    BLOCK_D <= 32, or (64, 128) the ones chosen not to spill registers there; float32 inputs
+    (3-pass TF32, three times the operand registers) their own two lists."""
     for name, lists in compiled_config_lists().items():
-        assert lists["narrow"] and lists["wide"], name
-        assert lists["all"] == lists["narrow"] + lists["wide"], name
-        assert lists["32"] == lists["narrow"], name
-        assert lists["64"] == lists["128"] == lists["wide"], name
+        kinds = ("narrow", "wide", "fp32", "fp32_wide")
+        assert all(lists[kind] for kind in kinds), name
+        assert lists["all"] == [c for kind in kinds for c in lists[kind]], name
+        for dtype in ("bfloat16", "float16"):
+            assert lists[f"{dtype} 32"] == lists["narrow"], name
+            assert lists[f"{dtype} 64"] == lists[f"{dtype} 128"] == lists["wide"], name
+        assert lists["float32 32"] == lists["fp32"], name
+        assert lists["float32 64"] == lists["float32 128"] == lists["fp32_wide"], name
 
 
 @pytest.mark.skipif(not has_ptxas(), reason="this triton install has no bundled ptxas")
