@@ -555,6 +555,11 @@ def test_kernels_compile_for_sm90_without_a_gpu():
         for name, kernel in compiled.items():
             assert kernel["spill_bytes"] == 0, f"{name}: {kernel['registers']} registers, spills"
     assert "_pad_rows_kernel" in compiled
+    # the fallback for a triton without the ptxas-report knob reads the same numbers
+    from eegfast.testing.triton_sm90 import _ptxas_report
+
+    report = _ptxas_report(compiled["_fwd_kernel"]["ptx"])
+    assert f"Used {compiled['_fwd_kernel']['registers']} registers" in report, report[-1000:]
     # Huge's D = 50 (BLOCK_D 64) with the first config of each kernel's list for wide heads,
     # fused loops (the tiles' LayerNorm adds the most registers): no spills either
     wide = dict(constants, D=50, BLOCK_D=64, ALIGN=2, PRE_NORMALISED=False)
