@@ -230,6 +230,20 @@ def measure(impl: Attention, mode: str, qkv, params, grad_out, timer: Timer):
 TUNED_KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
 
 
+@contextlib.contextmanager
+def switches_restored():
+    """The Triton kernels' switches that the eegfast rows set (PRE_NORMALISE, SPLIT_TAIL) put
+    back as they were on exit, for whatever runs next in this process (a decorator of the
+    functions that run those rows)."""
+    from eegfast.ops import qk_norm_attention_triton as kernels
+
+    saved = kernels.PRE_NORMALISE, kernels.SPLIT_TAIL
+    try:
+        yield
+    finally:
+        kernels.PRE_NORMALISE, kernels.SPLIT_TAIL = saved
+
+
 def record_tuning(log: dict[str, dict], label: str) -> None:
     """Files under ``label`` the config timings (ms) of each autotuned kernel's last tuning run,
     if it tuned since the last call: which configs win and by how much, to prune the lists."""
@@ -237,12 +251,10 @@ def record_tuning(log: dict[str, dict], label: str) -> None:
 
     for name in TUNED_KERNELS:
         timings = getattr(getattr(kernels, name), "configs_timings", None)
-        if not timings or any(entry["_source"] is timings for entry in log.values()):
+        # the autotuner's own dict, replaced (not changed) at its next tuning run
+        if not timings or any(logged is timings for logged in log.values()):
             continue
-        log[f"{label} {name}"] = {
-            "_source": timings,  # the autotuner's own dict: replaced at its next tuning run
-            **{str(config): ms for config, ms in timings.items()},
-        }
+        log[f"{label} {name}"] = timings
 
 
 def compiled_kernels() -> list[dict]:
@@ -271,6 +283,7 @@ def compiled_kernels() -> list[dict]:
     return report
 
 
+@switches_restored()
 def run_cases(
     shapes: dict[str, tuple[int, int, int, int]],
     dtype: torch.dtype,
@@ -430,6 +443,7 @@ def autotuned_configs() -> dict[str, str]:
     return chosen
 
 
+@switches_restored()
 def kernel_breakdown(shapes: dict[str, tuple[int, int, int, int]], device: str, dtype) -> str:
     """Markdown: the kernels of eegfast's forward and forward + backward (both loop variants),
     per shape."""
@@ -451,36 +465,19 @@ def kernel_breakdown(shapes: dict[str, tuple[int, int, int, int]], device: str, 
     return "\n".join(sections)
 
 
-@contextlib.contextmanager
-def switches_restored():
-    """The Triton kernels' switches that the eegfast rows set (PRE_NORMALISE, SPLIT_TAIL) put
-    back as they were on exit, for whatever runs next in this process."""
-    from eegfast.ops import qk_norm_attention_triton as kernels
-
-    saved = kernels.PRE_NORMALISE, kernels.SPLIT_TAIL
-    try:
-        yield
-    finally:
-        kernels.PRE_NORMALISE, kernels.SPLIT_TAIL = saved
-
-
 def run(out_dir: Path | str, env: dict, shapes: Sequence[str] = tuple(SHAPES)) -> dict:
     """The GPU benchmark (called by ``benchmarks.gpu``); returns the written paths."""
     chosen = {s: SHAPES[s] for s in shapes}
     tuning: dict[str, dict] = {}
-    with switches_restored():
-        rows = run_cases(chosen, torch.bfloat16, "cuda", do_bench_timer, tuning)
+    rows = run_cases(chosen, torch.bfloat16, "cuda", do_bench_timer, tuning)
     title = f"eegfast qk_norm_attention (bf16) on {env.get('gpu', 'GPU')}"
     env = {**env, "autotuned": autotuned_configs()}
     paths = write_outputs(out_dir, title, env, rows, "gpu_qk_norm_attention")
     paths["tuning"] = Path(out_dir) / "gpu_qk_norm_attention_tuning.json"
-    timings = {
-        label: {k: v for k, v in entry.items() if k != "_source"} for label, entry in tuning.items()
-    }
+    timings = {label: {str(c): ms for c, ms in t.items()} for label, t in tuning.items()}
     tuning_report = {"timings_ms": timings, "compiled": compiled_kernels()}
     write_bytes_atomic(paths["tuning"], json.dumps(tuning_report, indent=1).encode())
-    with switches_restored():
-        breakdown = kernel_breakdown(chosen, "cuda", torch.bfloat16)
+    breakdown = kernel_breakdown(chosen, "cuda", torch.bfloat16)
     paths["kernels"] = write_kernel_tables(out_dir, "gpu_qk_norm_attention", title, breakdown)
     return paths
 
@@ -504,12 +501,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.smoke:
         env = environment()
-        with switches_restored():
-            rows = run_cases(SMOKE_SHAPES, torch.float32, "cpu", perf_counter_timer)
+        rows = run_cases(SMOKE_SHAPES, torch.float32, "cpu", perf_counter_timer)
         title = "qk_norm_attention smoke run (CPU, numbers meaningless)"
         paths = write_outputs(args.out, title, env, rows, "smoke_qk_norm_attention")
-        with switches_restored():
-            breakdown = kernel_breakdown(SMOKE_SHAPES, "cpu", torch.float32)
+        breakdown = kernel_breakdown(SMOKE_SHAPES, "cpu", torch.float32)
         paths["kernels"] = write_kernel_tables(args.out, "smoke_qk_norm_attention", title,
                                                breakdown)  # fmt: skip
     else:
