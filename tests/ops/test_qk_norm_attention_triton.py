@@ -505,7 +505,10 @@ for name, prefix in (("_fwd_kernel", "FWD"), ("_bwd_dkdv_kernel", "DKDV"),
                 kernel.configs, {"q_ptr": torch.empty(0, dtype=getattr(torch, dtype))},
                 BLOCK_D=d))
             for dtype in ("bfloat16", "float16", "float32") for d in (32, 64, 128)}
-    lists[name] = {**kinds, "all": names(kernel.configs), **kept}
+    owned = "BLOCK_N" if name == "_bwd_dkdv_kernel" else "BLOCK_M"
+    lists[name] = {**kinds, "all": names(kernel.configs), **kept,
+                   "owned_blocks": sorted({c.kwargs[owned] for c in kernel.configs}),
+                   "block_multiple": T._BLOCK_MULTIPLE}
 print(json.dumps(lists))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -517,7 +520,9 @@ print(json.dumps(lists))
 def test_configs_by_input_dtype_and_head_dim():
     """On a GPU the autotuner times the configs for the launch's kind only: 2-byte inputs with
     BLOCK_D <= 32, or (64, 128) the ones chosen not to spill registers there; float32 inputs
-    (3-pass TF32, three times the operand registers) their own two lists."""
+    (3-pass TF32, three times the operand registers) their own two lists. Every block size a
+    GPU launch can own divides _BLOCK_MULTIPLE (the interpreted test of _launch_spans sees only
+    the interpreter's one config)."""
     for name, lists in compiled_config_lists().items():
         kinds = ("narrow", "wide", "fp32", "fp32_wide")
         assert all(lists[kind] for kind in kinds), name
@@ -527,6 +532,8 @@ def test_configs_by_input_dtype_and_head_dim():
             assert lists[f"{dtype} 64"] == lists[f"{dtype} 128"] == lists["wide"], name
         assert lists["float32 32"] == lists["fp32"], name
         assert lists["float32 64"] == lists["float32 128"] == lists["fp32_wide"], name
+        # the main launch of a split covers a multiple of it in whole blocks (_launch_spans)
+        assert all(lists["block_multiple"] % size == 0 for size in lists["owned_blocks"]), name
 
 
 @pytest.mark.skipif(not has_ptxas(), reason="this triton install has no bundled ptxas")
