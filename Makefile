@@ -11,14 +11,19 @@ TIMM_VENV ?= build/venv-timm
 TIMM_PY := $(TIMM_VENV)/bin/python
 TIMM_STAMP := $(TIMM_VENV)/.eegfast-installed
 TIMM_SRC := build/timm-check
+TRITON_GPU_VERSION ?= 3.6.0
+TRITON_GPU_VENV ?= build/venv-triton-$(TRITON_GPU_VERSION)
+TRITON_GPU_PY := $(TRITON_GPU_VENV)/bin/python
+TRITON_GPU_STAMP := $(TRITON_GPU_VENV)/.eegfast-installed
 
-.PHONY: help install build demo test test-fast cuda-check cmake-check timm-check cuda-bind-check bench bench-gpu lint clean
+.PHONY: help install build demo test test-fast cuda-check cmake-check timm-check triton-gpu-check cuda-bind-check bench bench-gpu lint clean
 
 help:
 	@echo "make demo        build, then the whole recipe on the bundled EEG (eegfast quickstart, CPU, <10 min)"
 	@echo "make test        build everything and run the whole test suite (what CI runs)"
 	@echo "make cuda-check  compile every .cu file for sm_80 and sm_90 with nvcc (no GPU needed)"
 	@echo "make timm-check  eegfast.nn.convert on real timm ViTs, in build/venv-timm (part of make test)"
+	@echo "make triton-gpu-check  the Triton tests under the GPU machines' Triton $(TRITON_GPU_VERSION) (part of make test)"
 	@echo "make cuda-bind-check  type-check the CUDA bindings against build/venv-timm's CUDA torch headers"
 	@echo "make cmake-check build the extension with CMake and smoke-test it"
 	@echo "make bench       CPU benchmarks (pytest-benchmark) and the CPU report"
@@ -40,7 +45,7 @@ demo: $(STAMP)
 	$(PY) -m eegfast doctor
 	$(PY) -m eegfast quickstart --out runs/quickstart
 
-test: $(STAMP) cuda-check cmake-check timm-check
+test: $(STAMP) cuda-check cmake-check timm-check triton-gpu-check
 	EEGFAST_REQUIRE_EXT=1 $(PY) -m pytest -q
 
 test-fast: $(STAMP)
@@ -86,6 +91,32 @@ timm-check:
 	  cd $(TIMM_SRC) && EEGFAST_REQUIRE_TIMM=1 EEGFAST_REQUIRE_EXT=0 \
 	    $(abspath $(TIMM_PY)) -m pytest -q -p no:cacheprovider tests/nn/test_convert.py && \
 	  cd $(CURDIR) && $(MAKE) --no-print-directory cuda-bind-check; \
+	fi
+
+# The lent GPU machines run Triton $(TRITON_GPU_VERSION) (beside torch 2.11); the main venv gets the
+# newest Triton. Their compilers differ: Triton 3.6's ptxas spilled registers in configs that
+# 3.9's did not, and its interpreter broke on numpy 2.4. So the Triton tests (interpreted, and
+# the sm_90 compiles with that Triton's own ptxas and its report) run again under it, on the
+# package in place: a venv holding only that Triton, which sees the main venv's packages after
+# its own (a .pth file naming the main venv's site directories, system ones included where it
+# sees them), so torch and the extension built for it are the main venv's. Made only
+# where make installs torch itself, like timm-check.
+$(TRITON_GPU_STAMP): pyproject.toml $(STAMP)
+	test -x $(TRITON_GPU_PY) || $(PYTHON) -m venv $(TRITON_GPU_VENV)
+	$(TRITON_GPU_PY) -m pip install --no-compile triton==$(TRITON_GPU_VERSION)
+	$(PY) -c "import site; print(*site.getsitepackages(), sep='\n')" > \
+	  "$$($(TRITON_GPU_PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/eegfast-main-venv.pth"
+	touch $@
+
+triton-gpu-check: $(STAMP)
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  echo "triton-gpu-check: skipped, $(PYTHON) has its own torch (make installs no torch here)"; \
+	else \
+	  $(MAKE) --no-print-directory $(TRITON_GPU_STAMP) && \
+	  $(TRITON_GPU_PY) -c "import triton; assert triton.__version__ == '$(TRITON_GPU_VERSION)', \
+	    triton.__version__" && \
+	  PYTHONPATH=$(CURDIR) EEGFAST_REQUIRE_EXT=1 \
+	    $(TRITON_GPU_PY) -m pytest -q -p no:cacheprovider -m triton tests/ops; \
 	fi
 
 # The torch-side CUDA bindings (*_bind.cpp) are only compiled on GPU machines; the timm venv's

@@ -71,7 +71,7 @@ else:
         [
             (64, 64, 4, 3),
             (128, 64, 8, 3),
-            (128, 32, 4, 3),
+            (128, 32, 8, 3),
             (64, 32, 4, 4),
             (32, 64, 4, 3),
             (128, 128, 8, 2),
@@ -79,11 +79,14 @@ else:
         "BLOCK_M",
         "BLOCK_N",
     )
-    # bf16 / fp16: no config here spills registers at D = 20 or 25 in either loop variant,
-    # compiled for sm_90 (ptxas's report, Triton 3.9); three earlier ones that did (4-36 bytes)
-    # now have 8 warps.
+    # bf16 / fp16, compiled for sm_90 with the ptxas of Triton 3.6 (the lent GPU machines')
+    # and of 3.9 (ptxas's report): no config here spills registers at D = 20 or 25 without
+    # masks, in either loop variant, under either. With all masks on, (128, 128) spills 24-44
+    # bytes under 3.6, and dK / dV's (32, 32) 4-8 bytes in the PRENORM loops. Replaced for
+    # spilling: (128, 32, 4 warps) (up to 120 bytes with masks), dK / dV's (32, 64, 4 warps)
+    # (16-120 bytes without masks), and three earlier ones (4-36 bytes) that now have 8 warps.
     _DKDV_CONFIGS = _configs(
-        [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 4, 3), (128, 32, 8, 3)],
+        [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 3), (128, 32, 8, 3)],
         "BLOCK_N",
         "BLOCK_M",
     )
@@ -94,10 +97,12 @@ else:
     )
     # bf16 / fp16 head dims past 32 (BLOCK_D 64, 128). The configs above spilled at D = 50 in
     # 11 of 16 cases with the fused loops (the dK / dV kernel in 4 of 5) and at D = 128 in all
-    # but two; these, with 8 warps where 4 spilled, spill in neither loop variant at D = 50 and
-    # at most 8 bytes at D = 128.
+    # but two; these, with 8 warps where 4 spilled, spill at D = 50 in neither loop variant
+    # under Triton 3.6's ptxas, and under 3.9's only with all masks on (the forward's (32, 32)
+    # 12 bytes, dK / dV's (32, 32) 8 in the PRENORM loops; its (32, 32, 3 stages) spilled 20
+    # bytes without masks under 3.6); at most 8 bytes at D = 128.
     _FWD_WIDE_CONFIGS = _configs(
-        [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2), (32, 64, 4, 3), (32, 32, 4, 3)],
+        [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2), (32, 64, 4, 3), (32, 32, 4, 2)],
         "BLOCK_M",
         "BLOCK_N",
     )
@@ -125,17 +130,25 @@ else:
 
 
 # The tail launch's one config per kernel (see _launch_spans): _TAIL_ROWS rows (dK / dV: keys)
-# per program, then keys (dK / dV: queries) per loop step, warps, stages. 4 warps: with 2 the
-# fused loops' per-tile LayerNorm has half the threads (141-238 registers at D = 20, sm_90; with
-# 4: 80, 120, 100); dK / dV steps over 32 queries, as with 64 it spilled at D = 50.
+# per program, then keys (dK / dV: queries) per loop step, warps, stages. At least 4 warps: with
+# 2 the fused loops' per-tile LayerNorm has half the threads (141-238 registers at D = 20,
+# sm_90; with 4: 80, 120, 100). dK / dV steps over 32 queries, as with 64 it spilled at D = 50.
+# The forward's tail has 8 warps: with 4, Triton 3.6's ptxas spilled 12-36 bytes at D = 20 and 25
+# with all masks on, and 3.9's 8-24 at D = 50. With 8, neither spills without masks (D = 20,
+# 25, 50, both loop variants); with all masks on, 3.9's 12-16 bytes at D = 20 and 25 (a 32-key
+# step spilled 8 bytes without masks under 3.6).
 _TAIL_ROWS = 16
-_FWD_TAIL_CONFIGS = _configs(
-    [(_TAIL_ROWS, 32, 1, 1) if _INTERPRETING else (_TAIL_ROWS, 64, 4, 2)], "BLOCK_M", "BLOCK_N"
-)
-_DQ_TAIL_CONFIGS = _FWD_TAIL_CONFIGS
-_DKDV_TAIL_CONFIGS = _configs(
-    [(_TAIL_ROWS, 32, 1, 1) if _INTERPRETING else (_TAIL_ROWS, 32, 4, 2)], "BLOCK_N", "BLOCK_M"
-)
+
+
+def _tail_configs(step: int, warps: int, stages: int, owned: str, stepped: str):
+    """The one-config list of a tail kernel (under the interpreter: 32-wide steps, 1 warp)."""
+    config = (_TAIL_ROWS, 32, 1, 1) if _INTERPRETING else (_TAIL_ROWS, step, warps, stages)
+    return _configs([config], owned, stepped)
+
+
+_FWD_TAIL_CONFIGS = _tail_configs(64, 8, 2, "BLOCK_M", "BLOCK_N")
+_DQ_TAIL_CONFIGS = _tail_configs(64, 4, 2, "BLOCK_M", "BLOCK_N")
+_DKDV_TAIL_CONFIGS = _tail_configs(32, 4, 2, "BLOCK_N", "BLOCK_M")
 # Every autotuned (and interpreted) block size divides it.
 _BLOCK_MULTIPLE = 128
 # Rows past the last multiple of _BLOCK_MULTIPLE that go to the tail launch, at most.

@@ -536,12 +536,21 @@ def test_configs_by_input_dtype_and_head_dim():
         assert all(lists["block_multiple"] % size == 0 for size in lists["owned_blocks"]), name
 
 
+# Spill bytes the compile test lets a kernel have with every mask on (padding, causal and
+# block-causal at once, with the affine LayerNorms: the most registers). ptxas versions differ
+# there by a few registers: of the tail configs tried, each spilled 4-16 bytes in some masked
+# case under Triton 3.6's ptxas or 3.9's; the main kernels' configs spilled up to 188.
+_MASKED_SPILL_SLACK = 16
+
+
 @pytest.mark.skipif(not has_ptxas(), reason="this triton install has no bundled ptxas")
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The three autotuned kernels (first config) compile for an H100 with tensor-core dots, in
     both loop variants (PRE_NORMALISE or not), and so do their tail launches' configs and
-    _pad_rows_kernel, none spilling registers: catches what the interpreter accepts but the
-    compiler rejects, and block sizes or warp counts too large for the register file."""
+    _pad_rows_kernel: catches what the interpreter accepts but the compiler rejects, and block
+    sizes or warp counts too large for the register file. Without masks (LaBraM's case) none
+    spills registers; with every mask on, at most _MASKED_SPILL_SLACK bytes (see there).
+    `make triton-gpu-check` runs this under the GPU machines' Triton too, whose ptxas differs."""
     flags = ("HAS_Q_W", "HAS_Q_B", "HAS_K_W", "HAS_K_B", "HAS_PAD", "CAUSAL", "BLOCK_CAUSAL")
     constants = dict.fromkeys(flags, True) | dict(BLOCK_D=32, PRECISION="ieee", PART=16, D=20,
                                                   ALIGN=4, PADDED_PLAIN=False)  # fmt: skip
@@ -560,7 +569,10 @@ def test_kernels_compile_for_sm90_without_a_gpu():
         for name in names:
             assert "warp_group_dot" in compiled[name]["ttgir"], f"{name}: no tensor-core dot"
         for name, kernel in compiled.items():
-            assert kernel["spill_bytes"] == 0, f"{name}: {kernel['registers']} registers, spills"
+            spilled = kernel["spill_bytes"]
+            assert spilled <= _MASKED_SPILL_SLACK, (
+                f"{name}: {kernel['registers']} registers, {spilled}"
+            )
     assert "_pad_rows_kernel" in compiled
     # the fallback for a triton without the ptxas-report knob reads the same numbers
     from eegfast.testing.triton_sm90 import _ptxas_report
@@ -585,9 +597,13 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     no_masks = dict(constants, HAS_PAD=False, CAUSAL=False, BLOCK_CAUSAL=False)
     variants = [
         compile_for_sm90("eegfast.ops.qk_norm_attention_triton",
-                         [KernelSpec(n, dict(no_masks, PRE_NORMALISED=pre), types) for n in names])
+                         [KernelSpec(n, dict(no_masks, PRE_NORMALISED=pre), types)
+                          for n in names + tails])
         for pre in (False, True)
     ]  # fmt: skip
+    for variant in variants:
+        for name, kernel in variant.items():
+            assert kernel["spill_bytes"] == 0, f"{name}: {kernel['registers']} registers, spills"
     for name in names:
         fused, padded = (variant[name] for variant in variants)
         for variant in (fused, padded):
