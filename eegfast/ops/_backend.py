@@ -47,6 +47,24 @@ def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+def vector_align(*values: int) -> int:
+    """The largest of 8, 4, 2, 1 that divides every value (sizes and strides in elements).
+
+    Triton kernels take such values divided by it and multiply them back (with the factor a
+    constexpr): the compiler then knows that row starts and mask bounds are multiples of it,
+    and with 16-byte aligned pointers loads and stores whole vectors, asynchronously copied
+    and pipelined; a stride it cannot bound makes every element a separate scalar access. 1
+    when a value exceeds int32: it reaches the kernel as int64, but divided it could arrive as
+    int32, where the product that restores it would overflow.
+    """
+    if max(values, default=0) > 2**31 - 1:
+        return 1
+    for align in (8, 4, 2):
+        if all(v % align == 0 for v in values):
+            return align
+    return 1
+
+
 def _env_flag(name: str) -> bool:
     """A switch read the way Triton reads its own (TRITON_INTERPRET): anything else is off."""
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from eegfast.ops._backend import launch_device, triton_interpreting
+from eegfast.ops._backend import launch_device, triton_interpreting, vector_align
 from eegfast.ops.moe import _check_combine_inputs, _check_ffn_inputs, _register_op_glue
 
 _ACT_NONE, _ACT_GELU, _ACT_GELU_GRAD = 0, 1, 2
@@ -92,7 +92,11 @@ def _grouped_rows_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    ALIGN: tl.constexpr,  # N, K and the strides arrive divided by it (see vector_align)
+    B_UNIT: tl.constexpr,  # B's unit stride: 0 stride_bk, 1 stride_bn (not passed), 2 neither
 ):
+    N, K = N * ALIGN, K * ALIGN
+    stride_a, stride_be = stride_a * ALIGN, stride_be * ALIGN
     e, row_start, row_end = _group_of_program(offsets_ptr, tl.program_id(0), S, E, BLOCK_M, BLOCK_E)
     if e > E:
         return
@@ -113,15 +117,23 @@ def _grouped_rows_kernel(
     else:
         src = rows.to(tl.int64)
     a_rows = a_ptr + src[:, None] * stride_a
-    b_base = b_ptr + e.to(tl.int64) * stride_be + cols[None, :] * stride_bn
+    # B's unit stride stays out of the address arithmetic, so that the compiler sees which way
+    # its tiles run: along n (B[e] contiguous) or along k (a transposed weight)
+    b_base = b_ptr + e.to(tl.int64) * stride_be
+    if B_UNIT == 1:
+        b_cols = b_base + cols[None, :]
+    else:
+        b_cols = b_base + cols[None, :] * (stride_bn * ALIGN)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         a = tl.load(a_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(
-            b_base + ks[:, None] * stride_bk, mask=k_ok[:, None] & col_ok[None, :], other=0.0
-        )
+        if B_UNIT == 0:
+            b_tile = b_cols + ks[:, None]
+        else:
+            b_tile = b_cols + ks[:, None] * (stride_bk * ALIGN)
+        b = tl.load(b_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + e.to(tl.int64) * N + cols, mask=col_ok, other=0.0)
@@ -153,7 +165,9 @@ def _grouped_weight_grad_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_J: tl.constexpr,
+    ALIGN: tl.constexpr,  # M, N and stride_q arrive divided by it (see vector_align)
 ):
+    M, N, stride_q = M * ALIGN, N * ALIGN, stride_q * ALIGN
     e = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -206,7 +220,9 @@ def _gather_sum_kernel(
     HAS_GATES: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,  # D arrives divided by it (see vector_align)
 ):
+    D = D * ALIGN
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t_ok = tokens < T
@@ -241,7 +257,9 @@ def _combine_bwd_kernel(
     TOP_K,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,  # D arrives divided by it (see vector_align)
 ):
+    D = D * ALIGN
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = tokens < T
     for i in range(0, TOP_K):
@@ -292,6 +310,11 @@ def _rows_gemm(a, index, row_div, b_view, bias, out, aux, offsets, act, *, gathe
     S, N = out.shape
     E, K, _ = b_view.shape
     blocks = _gemm_blocks(N, K)
+    stride_be, stride_bk, stride_bn = b_view.stride()
+    # which of B's strides is 1 (that one is not scaled), and the factor all others share
+    b_unit = 0 if stride_bk == 1 else 1 if stride_bn == 1 else 2
+    scaled_b = {0: (stride_bn,), 1: (stride_bk,), 2: (stride_bk, stride_bn)}[b_unit]
+    align = vector_align(N, K, a.stride(0), stride_be, *scaled_b)
     grid = (triton.cdiv(S, blocks["BLOCK_M"]) + E + 1, triton.cdiv(N, blocks["BLOCK_N"]))
     with launch_device(out):
         wrap_triton(_grouped_rows_kernel)[grid](
@@ -304,18 +327,20 @@ def _rows_gemm(a, index, row_div, b_view, bias, out, aux, offsets, act, *, gathe
             offsets,
             S,
             E,
-            N,
-            K,
-            a.stride(0),
-            b_view.stride(0),
-            b_view.stride(1),
-            b_view.stride(2),
+            N // align,
+            K // align,
+            a.stride(0) // align,
+            stride_be // align,
+            stride_bk // align if b_unit != 0 else 1,
+            stride_bn // align if b_unit != 1 else 1,
             row_div,
             GATHER=gather,
             HAS_BIAS=bias is not None,
             ACT=act,
             PRECISION=_precision(a.dtype),
             BLOCK_E=triton.next_power_of_2(E + 1),
+            ALIGN=align,
+            B_UNIT=b_unit,
             **blocks,
         )
 
@@ -327,6 +352,7 @@ def _weight_grad(p, q, index, row_div, offsets, dw, db, *, gather: bool) -> None
     else:
         blocks = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_J": 64, "num_warps": 8, "num_stages": 3}
     grid = (E, triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))
+    align = vector_align(M, N, q.stride(0))
     with launch_device(dw):
         wrap_triton(_grouped_weight_grad_kernel)[grid](
             p,
@@ -335,13 +361,14 @@ def _weight_grad(p, q, index, row_div, offsets, dw, db, *, gather: bool) -> None
             offsets,
             dw,
             db,
-            M,
-            N,
-            q.stride(0),
+            M // align,
+            N // align,
+            q.stride(0) // align,
             row_div,
             GATHER=gather,
             HAS_BIAS_GRAD=True,
             PRECISION=_precision(p.dtype),
+            ALIGN=align,
             **blocks,
         )
 
@@ -360,11 +387,12 @@ def _gather_sum(src, gates, slot_pos, T, top_k, out) -> None:
             slot_pos,
             out,
             T,
-            D,
+            D // vector_align(D),
             top_k,
             HAS_GATES=gates is not None,
             BLOCK_T=block_t,
             BLOCK_D=block_d,
+            ALIGN=vector_align(D),
         )
 
 
@@ -480,10 +508,11 @@ def moe_combine_bwd_triton(
                 grad_y,
                 grad_gates,
                 T,
-                D,
+                D // vector_align(D),
                 k,
                 BLOCK_T=block_t,
                 BLOCK_D=min(128, triton.next_power_of_2(D)),
+                ALIGN=vector_align(D),
             )
     elif T > 0:
         grad_gates.zero_()

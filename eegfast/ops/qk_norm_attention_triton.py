@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from eegfast.ops._backend import env_switch, launch_device, triton_interpreting
+from eegfast.ops._backend import env_switch, launch_device, triton_interpreting, vector_align
 from eegfast.ops.qk_norm_attention import _register_op_glue
 
 MAX_HEAD_DIM = 128
@@ -1011,22 +1011,11 @@ def _block_d(D: int) -> int:
 
 
 def _row_align(D: int, *tensors: torch.Tensor) -> int:
-    """The largest of 8, 4, 2, 1 that divides D and the three outer strides of every tensor.
-
-    The kernels take those strides divided by it and multiply them back (and D is a constexpr):
-    then the compiler knows that row starts are multiples of it and, with 16-byte aligned
-    pointers, loads and stores D = 20 bf16 rows as 8-byte vectors (LaBraM's layouts all divide
-    by 4), where a stride it cannot bound made every element a separate 2-byte access.
-    """
-    strides = [s for t in tensors for s in t.stride()[:3]]
-    if max(strides, default=0) > _INT32_MAX.value:
-        # such a stride reaches the kernel as int64, but divided it could arrive as int32,
-        # where the product that restores it would overflow
-        return 1
-    for align in (8, 4, 2):
-        if D % align == 0 and all(s % align == 0 for s in strides):
-            return align
-    return 1
+    """vector_align of D and the three outer strides of every tensor: the kernels take those
+    strides divided by it, with D a constexpr, so that they load and store D = 20 bf16 rows as
+    8-byte vectors (LaBraM's layouts all divide by 4), where a stride the compiler cannot bound
+    made every element a separate 2-byte access."""
+    return vector_align(D, *(s for t in tensors for s in t.stride()[:3]))
 
 
 def _launch_spans(N: int) -> list[tuple[int, int, bool]]:

@@ -4,6 +4,8 @@ The reference for outputs and gradients is a per-token loop over each token's ex
 (``moe_ffn_per_token_reference``); dispatch must equal the stable-argsort reference exactly.
 """
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -313,6 +315,37 @@ def test_opcheck_triton_ops():
     torch.library.opcheck(ops.moe_combine_bwd_triton, combine_bwd_args, test_utils=utils)
 
 
+@pytest.mark.triton
+@pytest.mark.skipif(not TRITON, reason="needs triton (GPU or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("b_layout", ["k_unit", "n_unit", "no_unit"])
+@pytest.mark.parametrize(("K", "N"), [(24, 40), (6, 10), (7, 9)])  # vector_align 8, 2, 1
+def test_grouped_rows_gemm_layouts_and_alignments(b_layout, K, N):
+    """The grouped GEMM takes sizes and strides divided by their common power-of-two factor
+    and B with its unit stride along k (a transposed weight, the forward), along n (the
+    backward) or neither: every case equals per-group matmuls, dropped rows zero."""
+    from eegfast.ops import moe_triton
+
+    gen = torch.Generator().manual_seed(K * N)
+    E, offsets = 3, torch.tensor([0, 5, 11, 17], dtype=torch.int64)  # rows 17, 18: dropped
+    a = torch.randn(19, K, generator=gen)
+    if b_layout == "k_unit":
+        b = torch.randn(E, N, K, generator=gen).transpose(1, 2)
+    elif b_layout == "n_unit":
+        b = torch.randn(E, K, N, generator=gen)
+    else:  # every stride 2 or more: a view taking every other element of both dims
+        b = torch.randn(E, 2 * K, 2 * N, generator=gen)[:, ::2, ::2]
+    bias = torch.randn(E, N, generator=gen)
+    out = torch.full((19, N), float("nan"))
+    index = torch.arange(19, dtype=torch.int64)
+    moe_triton._rows_gemm(a, index, 1, b, bias, out, None, offsets, moe_triton._ACT_NONE,
+                          gather=False)  # fmt: skip
+    expected = torch.zeros(19, N)
+    for e in range(E):
+        lo, hi = offsets[e], offsets[e + 1]
+        expected[lo:hi] = a[lo:hi] @ b[e] + bias[e]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_torch_compile_cpu():
     problem = make_problem(T=21, D=8, H=16, E=4, k=2, seed=17)
 
@@ -332,35 +365,41 @@ def test_torch_compile_cpu():
 
 @pytest.mark.skipif(not has_ptxas(), reason="this triton install has no bundled ptxas")
 def test_triton_kernels_compile_for_sm90_without_a_gpu():
-    """The expert-FFN kernels with the GPU block sizes compile for an H100 (tensor-core dots in
-    the two GEMMs): catches what the interpreter accepts but the compiler rejects."""
+    """Every MoE kernel as LaBraM-Base's MoE launches it (D = 200, H = 800, bf16: sizes and
+    strides divided by 8; B's unit stride along k in the forward's fc1, along n in the
+    backward) compiles for an H100: tensor-core dots in the GEMMs, whose tiles reach shared
+    memory by asynchronous copies (pipelined); no 2-byte loads anywhere and no spilled
+    registers. With the sizes and strides as plain runtime integers (200 is not a multiple of
+    16, which is all Triton finds out about an integer by itself) every element was its own
+    2-byte load and the GEMMs spilled 300-700 bytes."""
     types = {name: "*bf16" for name in ("a_ptr", "b_ptr", "bias_ptr", "aux_ptr", "out_ptr",
-             "p_ptr", "q_ptr", "src_ptr", "y_ptr", "grad_out_ptr", "grad_y_ptr")}  # fmt: skip
+             "p_ptr", "q_ptr", "dw_ptr", "db_ptr", "src_ptr", "gate_ptr", "y_ptr",
+             "grad_out_ptr", "grad_y_ptr", "grad_gate_ptr")}  # fmt: skip
     types |= {"index_ptr": "*i64", "offsets_ptr": "*i64", "pos_ptr": "*i64"}
-    gemm = dict(PRECISION="ieee", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_E=16, BLOCK_J=64)
+    gemm = dict(PRECISION="ieee", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_E=16, ALIGN=8)
     specs = [
-        *(
-            KernelSpec(
-                "_grouped_rows_kernel",
-                dict(gemm, GATHER=gather, HAS_BIAS=True, ACT=act),
-                types,
-                num_warps=8,
-            )  # fmt: skip
-            for gather, act in ((True, 1), (False, 2))
-        ),  # fmt: skip
-        KernelSpec(
-            "_grouped_weight_grad_kernel",
-            dict(gemm, GATHER=True, HAS_BIAS_GRAD=True),
-            types,
-            num_warps=8,
-        ),  # fmt: skip
-        KernelSpec("_gather_sum_kernel", dict(HAS_GATES=True, BLOCK_T=16, BLOCK_D=128), types),
-        KernelSpec("_combine_bwd_kernel", dict(BLOCK_T=16, BLOCK_D=128), types),
-    ]
-    compiled = compile_for_sm90("eegfast.ops.moe_triton", specs)
-    for name in ("_grouped_rows_kernel", "_grouped_weight_grad_kernel"):
-        assert "warp_group_dot" in compiled[name]["ttgir"], f"{name}: no tensor-core dot"
-    assert len(compiled) == 4
+        KernelSpec("_grouped_rows_kernel",
+                   dict(gemm, GATHER=True, HAS_BIAS=True, ACT=1, B_UNIT=0), types, num_warps=8),
+        KernelSpec("_grouped_rows_kernel",
+                   dict(gemm, GATHER=False, HAS_BIAS=False, ACT=2, B_UNIT=1), types, num_warps=8),
+        KernelSpec("_grouped_weight_grad_kernel",
+                   dict(PRECISION="ieee", BLOCK_M=64, BLOCK_N=128, BLOCK_J=64, ALIGN=8,
+                        GATHER=True, HAS_BIAS_GRAD=True), types, num_warps=8),
+        KernelSpec("_gather_sum_kernel", dict(HAS_GATES=True, BLOCK_T=32, BLOCK_D=128, ALIGN=8),
+                   types),
+        KernelSpec("_combine_bwd_kernel", dict(BLOCK_T=16, BLOCK_D=128, ALIGN=8), types),
+    ]  # fmt: skip
+    for spec in specs:  # one at a time: the rows kernel twice
+        compiled = compile_for_sm90("eegfast.ops.moe_triton", [spec])[spec.name]
+        label = f"{spec.name} {spec.constants}"
+        if spec.name.startswith("_grouped"):
+            assert "warp_group_dot" in compiled["ttgir"], f"{label}: no tensor-core dot"
+            assert "async_copy_global_to_local" in compiled["ttgir"], f"{label}: not pipelined"
+        # 2-byte loads: none in the GEMMs; in the row kernels only the gates (one per token)
+        two_byte = len(re.findall(r"ld\.global(?:\.\w+)*\.b16", compiled["ptx"]))
+        assert two_byte <= (0 if spec.name.startswith("_grouped") else 4), f"{label}: {two_byte}"
+        assert re.search(r"(ld|st)\.global(?:\.\w+)*\.v4", compiled["ptx"]), f"{label}: no vectors"
+        assert compiled["spill_bytes"] == 0, f"{label}: {compiled['registers']} registers, spills"
 
 
 @requires_cuda
