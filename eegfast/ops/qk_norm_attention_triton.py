@@ -98,11 +98,12 @@ else:
     # bf16 / fp16 head dims past 32 (BLOCK_D 64, 128). The configs above spilled at D = 50 in
     # 11 of 16 cases with the fused loops (the dK / dV kernel in 4 of 5) and at D = 128 in all
     # but two; these, with 8 warps where 4 spilled, spill at D = 50 in neither loop variant
-    # under Triton 3.6's ptxas, and under 3.9's only with all masks on (the forward's (32, 32)
-    # 12 bytes, dK / dV's (32, 32) 8 in the PRENORM loops; its (32, 32, 3 stages) spilled 20
-    # bytes without masks under 3.6); at most 8 bytes at D = 128.
+    # under Triton 3.6's ptxas or 3.9's, but for dK / dV's (32, 32) with all masks on in the
+    # PRENORM loops under 3.9 (8 bytes); at most 8 bytes at D = 128. The forward's (32, 32)
+    # tiles are left out: with 4 warps they spilled 20 bytes without masks under 3.6 (2 or 3
+    # stages), with 8 still 8.
     _FWD_WIDE_CONFIGS = _configs(
-        [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2), (32, 64, 4, 3), (32, 32, 4, 2)],
+        [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2), (32, 64, 4, 3)],
         "BLOCK_M",
         "BLOCK_N",
     )

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from eegfast.ops._backend import launch_device, triton_interpreting
+from eegfast.ops._backend import launch_device, triton_interpreting, vector_align
 from eegfast.ops.vq import (
     NORM_EPS,
     TIE_TOLERANCE,
@@ -48,7 +48,9 @@ def _nearest_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr,  # D and the strides arrive divided by it (see vector_align)
 ):
+    D, stride_z, stride_c = D * ALIGN, stride_z * ALIGN, stride_c * ALIGN
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     z = tl.load(
@@ -173,7 +175,9 @@ def _code_stats_kernel(
     stride_z,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,  # D and stride_z arrive divided by it (see vector_align)
 ):
+    D, stride_z = D * ALIGN, stride_z * ALIGN
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     codes = tl.load(index_ptr + rows, mask=rows < N, other=-1)
@@ -228,6 +232,7 @@ def vq_nearest_triton(
     block_d = max(16, triton.next_power_of_2(D))
     block_n, block_k = (64, 64) if block_d <= 64 else (32, 64)
     precision = _precision(z.dtype)
+    align = vector_align(D, z.stride(0), codes_for_dot.stride(0))
     if N > 0:
         with launch_device(z):
             wrap_triton(_nearest_kernel)[(triton.cdiv(N, block_n),)](
@@ -240,13 +245,14 @@ def vq_nearest_triton(
                 second,
                 N,
                 K,
-                D,
-                z.stride(0),
-                codes_for_dot.stride(0),
+                D // align,
+                z.stride(0) // align,
+                codes_for_dot.stride(0) // align,
                 BLOCK_N=block_n,
                 BLOCK_K=block_k,
                 BLOCK_D=block_d,
                 PRECISION=precision,
+                ALIGN=align,
             )
     z64 = z.double()
     z_sq = (z64 * z64).sum(1)
@@ -296,18 +302,21 @@ def vq_code_stats_triton(
     if N > 0:
         block_d = triton.next_power_of_2(D)
         block_n = max(1, min(128, 4096 // block_d))
-        wrap_triton(_code_stats_kernel)[(triton.cdiv(N, block_n),)](
-            z,
-            indices.contiguous(),
-            counts,
-            sums,
-            N,
-            num_codes,
-            D,
-            z.stride(0),
-            BLOCK_N=block_n,
-            BLOCK_D=block_d,
-        )
+        align = vector_align(D, z.stride(0))
+        with launch_device(z):
+            wrap_triton(_code_stats_kernel)[(triton.cdiv(N, block_n),)](
+                z,
+                indices.contiguous(),
+                counts,
+                sums,
+                N,
+                num_codes,
+                D // align,
+                z.stride(0) // align,
+                BLOCK_N=block_n,
+                BLOCK_D=block_d,
+                ALIGN=align,
+            )
     return counts, sums
 
 

@@ -1,5 +1,7 @@
 """VQ nearest-code lookup and code statistics: every backend against the float64 reference."""
 
+import re
+
 import pytest
 import torch
 from hypothesis import given
@@ -358,7 +360,7 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
     specs = [
         KernelSpec(
             "_nearest_kernel",
-            dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, PRECISION="ieee"),
+            dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, PRECISION="ieee", ALIGN=8),
             {**int_ptrs, **bf16},
         ),  # fmt: skip
         *(
@@ -369,8 +371,18 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
             )  # fmt: skip
             for cosine in (True, False)
         ),
-        KernelSpec("_code_stats_kernel", dict(BLOCK_N=64, BLOCK_D=32), {**int_ptrs, **bf16}),
+        KernelSpec(
+            "_code_stats_kernel", dict(BLOCK_N=64, BLOCK_D=32, ALIGN=8), {**int_ptrs, **bf16}
+        ),
     ]
     compiled = compile_for_sm90("eegfast.ops.vq_triton", specs)
     assert "warp_group_dot" in compiled["_nearest_kernel"]["ttgir"]  # tensor cores
     assert set(compiled) == {"_nearest_kernel", "_rescore_kernel", "_code_stats_kernel"}
+    # bf16 rows of D = 32 as the launches describe them (D and strides divided by 8): whole
+    # 16-byte vectors, no 2-byte loads, and no spilled registers
+    for name in ("_nearest_kernel", "_code_stats_kernel"):
+        ptx = compiled[name]["ptx"]
+        assert not re.search(r"ld\.global(?:\.\w+)*\.b16", ptx), f"{name}: 2-byte loads"
+        assert re.search(r"ld\.global(?:\.\w+)*\.v4", ptx), f"{name}: no 16-byte loads"
+    for name, kernel in compiled.items():
+        assert kernel["spill_bytes"] == 0, f"{name}: {kernel['registers']} registers, spills"
