@@ -538,8 +538,9 @@ def test_configs_by_input_dtype_and_head_dim():
 
 # Spill bytes the compile test lets a kernel have with every mask on (padding, causal and
 # block-causal at once, with the affine LayerNorms: the most registers). ptxas versions differ
-# there by a few registers: of the tail configs tried, each spilled 4-16 bytes in some masked
-# case under Triton 3.6's ptxas or 3.9's; the main kernels' configs spilled up to 188.
+# there by a few registers: of the forward tail configs tried, each spilled 4-16 bytes in some
+# masked case under Triton 3.6's ptxas or 3.9's (benchmarks/results/2026-12-05-sm90-registers).
+# More is a config too large for the register file (fp32 inputs with every mask: up to 188).
 _MASKED_SPILL_SLACK = 16
 
 
