@@ -93,7 +93,7 @@ def _grouped_rows_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
     ALIGN: tl.constexpr,  # N, K and the strides arrive divided by it (see vector_align)
-    B_UNIT: tl.constexpr,  # B's unit stride: 0 stride_bk, 1 stride_bn (not passed), 2 neither
+    B_UNIT: tl.constexpr,  # which stride of B is 1 (and unused): 0 stride_bk, 1 stride_bn, 2 none
 ):
     N, K = N * ALIGN, K * ALIGN
     stride_a, stride_be = stride_a * ALIGN, stride_be * ALIGN

@@ -81,7 +81,8 @@ else:
     )
     # bf16 / fp16, compiled for sm_90 with the ptxas of Triton 3.6 (the lent GPU machines')
     # and of 3.9 (ptxas's report): no config here spills registers at D = 20 or 25 without
-    # masks, in either loop variant, under either. With all masks on, (128, 128) spills 24-44
+    # masks, in either loop variant, under either, but dK / dV's (64, 64, 4 warps) at D = 25
+    # under 3.6 (24 bytes; its 8-warp twin does not). With all masks on, (128, 128) spills 24-44
     # bytes under 3.6, and dK / dV's (32, 32) 4-8 bytes in the PRENORM loops. Replaced for
     # spilling: (128, 32, 4 warps) (up to 120 bytes with masks), dK / dV's (32, 64, 4 warps)
     # (16-120 bytes without masks), and three earlier ones (4-36 bytes) that now have 8 warps.
