@@ -1,9 +1,9 @@
-"""eegfast.ops._backend: environment switches (EEGFAST_REQUIRE_EXT, EEGFAST_TRITON_PRENORM, ...)
-and the device guard of the Triton launches."""
+"""eegfast.ops._backend: environment switches (EEGFAST_REQUIRE_EXT, EEGFAST_TRITON_PRENORM, ...),
+the device guard of the Triton launches and the vector factor of their sizes and strides."""
 
 import pytest
 
-from eegfast.ops._backend import env_switch
+from eegfast.ops._backend import env_switch, vector_align
 
 
 @pytest.mark.parametrize(
@@ -41,3 +41,15 @@ def test_launch_device_makes_the_tensors_gpu_current():
     assert isinstance(launch_device(torch.zeros(1)), contextlib.nullcontext)
     guard = launch_device(SimpleNamespace(device=torch.device("cuda", 1)))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [((200, 800, 160000), 8), ((20, 200, 5140), 4), ((6, 10), 2), ((25, 200), 1), ((7,), 1),
+     ((0, 16), 8), ((2**31 + 8, 8), 1), ((2**31 - 8, 8), 8)],
+)  # fmt: skip
+def test_vector_align_is_the_largest_shared_power_of_two_up_to_8(values, expected):
+    """Kernels multiply the divided values back inside, so every value must divide exactly;
+    past int32 a divided value could arrive as int32 and the product overflow: no factor."""
+    assert vector_align(*values) == expected
+    assert all(v % vector_align(*values) == 0 for v in values)
