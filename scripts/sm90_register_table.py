@@ -28,17 +28,17 @@ MASK_FLAGS = ("HAS_PAD", "CAUSAL", "BLOCK_CAUSAL")
 POINTERS = ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "grad_out_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
             "q_w_ptr", "q_b_ptr", "k_w_ptr", "k_b_ptr", "q_n_ptr", "k_n_ptr", "v_p_ptr",
             "g_p_ptr")  # fmt: skip
-ALIGN = {20: 4, 25: 1, 50: 2, 64: 8, 128: 8}  # largest power-of-two factor of D, up to 8
 
 
 def case_constants(dtype: str, head_dim: int, masks: bool, pre: bool) -> dict:
     """The constexprs a launch with (B, H, N, D) contiguous inputs of ``dtype`` gets."""
     import torch
 
+    from eegfast.ops._backend import vector_align
     from eegfast.ops.qk_norm_attention_triton import _needs_padded_rows
 
     block_d = max(16, 1 << (head_dim - 1).bit_length())
-    align = ALIGN[head_dim]
+    align = vector_align(head_dim)  # contiguous (B, H, N, D): every stride a multiple of D
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     padded = pre and _needs_padded_rows(align, torch_dtype)
     return {
@@ -76,9 +76,20 @@ def describe(config) -> str:
     return f"({blocks}) w{config.num_warps} s{config.num_stages}"
 
 
+def parse_case(text: str) -> tuple[str, int]:
+    """ "bf16-20" -> ("bf16", 20), for argparse (its error names the argument)."""
+    dtype, _, head_dim = text.partition("-")
+    if dtype not in ("bf16", "fp16", "fp32") or not head_dim.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: want dtype-D, dtype bf16, fp16 or fp32")
+    if not 1 <= int(head_dim) <= 128:
+        raise argparse.ArgumentTypeError(f"{text!r}: the kernels take head dims 1 to 128")
+    return dtype, int(head_dim)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("cases", nargs="+", help="dtype-D, e.g. bf16-20 fp16-25 fp32-50")
+    parser.add_argument("cases", nargs="+", type=parse_case,
+                        help="dtype-D, e.g. bf16-20 fp16-25 fp32-50")  # fmt: skip
     args = parser.parse_args()
     import triton
 
@@ -86,9 +97,8 @@ def main() -> None:
 
     print(f"Triton {triton.__version__}, sm_90; registers/spill bytes per thread\n")
     print("| case | kernel | loops | masks | configs |\n|---|---|---|---|---|")
-    for case in args.cases:
-        dtype, head_dim = case.split("-")
-        head_dim = int(head_dim)
+    for dtype, head_dim in args.cases:
+        case = f"{dtype}-{head_dim}"
         for name, pre, masks in itertools.product(KERNELS, (False, True), (False, True)):
             constants = case_constants(dtype, head_dim, masks, pre)
             kernel = getattr(module, name)
