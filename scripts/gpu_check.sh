@@ -20,7 +20,8 @@
 # dtype and loop variant on first use (16 configurations a shape and variant, plus one for each
 # tail launch): if the lease is short, `qk-bench-base qk-tests` first times the shape the
 # targets name first. A 15-minute lease fits two calls: `qk-bench-base qk-tests build-wait
-# cuda-tests` (under 10 minutes), then at once, while the machine is still warm, `pretrain`.
+# cuda-tests` (under 10 minutes), then at once, while the machine is still warm, `pretrain
+# cuda-bench` (the MoE GEMMs load vectors since the tenth session: cuda-bench times them).
 set -u
 OUT=${OUT:-$PWD/gpu-check}
 PY=${PY:-python3}
