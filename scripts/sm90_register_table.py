@@ -22,42 +22,45 @@ os.environ.update(TRITON_INTERPRET="0", TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_P
 from dataclasses import asdict  # noqa: E402
 
 MODULE = "eegfast.ops.qk_norm_attention_triton"
-KERNELS = {"_fwd_kernel": "_FWD", "_bwd_dkdv_kernel": "_DKDV", "_bwd_dq_kernel": "_DQ"}
-LIST_ORDER = ("", "_WIDE", "_FP32", "_FP32_WIDE")  # how the lists make up kernel.configs
+KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
 MASK_FLAGS = ("HAS_PAD", "CAUSAL", "BLOCK_CAUSAL")
 POINTERS = ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "grad_out_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
             "q_w_ptr", "q_b_ptr", "k_w_ptr", "k_b_ptr", "q_n_ptr", "k_n_ptr", "v_p_ptr",
             "g_p_ptr")  # fmt: skip
 
 
-def case_constants(dtype: str, head_dim: int, masks: bool, pre: bool) -> dict:
-    """The constexprs a launch with (B, H, N, D) contiguous inputs of ``dtype`` gets."""
+def torch_dtype(dtype: str):
     import torch
 
-    from eegfast.ops._backend import vector_align
-    from eegfast.ops.qk_norm_attention_triton import _needs_padded_rows
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 
-    block_d = max(16, 1 << (head_dim - 1).bit_length())
+
+def case_constants(dtype: str, head_dim: int, masks: bool, pre: bool) -> dict:
+    """The constexprs a launch with (B, H, N, D) contiguous inputs of ``dtype`` gets."""
+    from eegfast.ops._backend import vector_align
+    from eegfast.ops.qk_norm_attention_triton import _block_d, _needs_padded_rows
+
     align = vector_align(head_dim)  # contiguous (B, H, N, D): every stride a multiple of D
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    padded = pre and _needs_padded_rows(align, torch_dtype)
+    padded = pre and _needs_padded_rows(align, torch_dtype(dtype))
     return {
         **dict.fromkeys(("HAS_Q_W", "HAS_Q_B", "HAS_K_W", "HAS_K_B"), True),
         **dict.fromkeys(MASK_FLAGS, masks),
-        "BLOCK_D": block_d, "PRECISION": "tf32x3" if dtype == "fp32" else "ieee", "PART": 16,
-        "D": head_dim, "ALIGN": align, "PRE_NORMALISED": pre, "PADDED_PLAIN": padded,
+        "BLOCK_D": _block_d(head_dim), "PRECISION": "tf32x3" if dtype == "fp32" else "ieee",
+        "PART": 16, "D": head_dim, "ALIGN": align, "PRE_NORMALISED": pre, "PADDED_PLAIN": padded,
     }  # fmt: skip
 
 
-def config_indices(kernel_name: str, dtype: str, head_dim: int) -> list[int]:
-    """Indices into the kernel's configs of the list its launches autotune over."""
+def config_indices(kernel_name: str, dtype: str, block_d: int) -> list[int]:
+    """Indices into the kernel's configs of those its launches autotune over: what its own
+    pruning keeps for the input dtype and BLOCK_D."""
+    import torch
+
     import eegfast.ops.qk_norm_attention_triton as module
 
-    kind = ("_FP32" if dtype == "fp32" else "") + ("_WIDE" if head_dim > 32 else "")
-    prefix = KERNELS[kernel_name]
-    offset = sum(len(getattr(module, f"{prefix}{k}_CONFIGS"))
-                 for k in LIST_ORDER[: LIST_ORDER.index(kind)])  # fmt: skip
-    return list(range(offset, offset + len(getattr(module, f"{prefix}{kind}_CONFIGS"))))
+    kernel = getattr(module, kernel_name)
+    q = torch.empty(0, dtype=torch_dtype(dtype))
+    kept = kernel.early_config_prune(kernel.configs, {"q_ptr": q}, BLOCK_D=block_d)
+    return [next(i for i, c in enumerate(kernel.configs) if c is config) for config in kept]
 
 
 def report(kernel_name: str, config_index: int, constants: dict, dtype: str) -> str:
@@ -104,7 +107,7 @@ def main() -> None:
             kernel = getattr(module, name)
             tail = name.replace("_kernel", "_tail_kernel")
             cells = [f"{describe(kernel.configs[i])}: {report(name, i, constants, dtype)}"
-                     for i in config_indices(name, dtype, head_dim)]  # fmt: skip
+                     for i in config_indices(name, dtype, constants["BLOCK_D"])]  # fmt: skip
             cells.append(f"tail {describe(getattr(module, tail).configs[0])}: "
                          f"{report(tail, 0, constants, dtype)}")  # fmt: skip
             loops = "PRENORM" if pre else "fused"
