@@ -9,13 +9,17 @@ bf16, shapes (B, H, N, D) of issue 4: Base (128, 10, 257, 20), Large (128, 16, 2
 Huge (64, 16, 257, 50), long context (16, 10, 2049, 20); no masks. Modes: forward (no grad)
 and forward + backward (q, k, v and the four LayerNorm parameters). Implementations, in one run:
 
-- ``eegfast-triton``: :func:`eegfast.ops.qk_norm_attention` with ``backend="triton"``;
-- ``eegfast-triton-prenorm``: the same with the loops reading k (and q in the backward)
-  normalised, as zero-padded rows written by one pass per tensor before them
-  (``qk_norm_attention_triton.PRE_NORMALISE``), the variant to measure against it;
-- ``eegfast-triton-one-launch``: the default loops with every row block in the autotuned
-  launch (``qk_norm_attention_triton.SPLIT_TAIL`` off): at N = 257 and 2049 the default gives
-  the last row (and key) of each head a 16-row launch of its own instead of a whole block;
+- ``eegfast-triton``: :func:`eegfast.ops.qk_norm_attention` with ``backend="triton"`` as users
+  get it: its two launch choices (below) timed on the first call of each case, the fastest kept
+  (the choices are written to the table's header);
+- ``eegfast-triton-fused``: the same with the choices pinned to the fused loops (q and k tiles
+  normalised inside them) and, at N = 257 and 2049, a 16-row launch of its own for the last row
+  (and key) of each head instead of a whole block;
+- ``eegfast-triton-prenorm``: the loops reading k (and q in the backward) normalised, as
+  zero-padded rows written by one pass per tensor before them
+  (``qk_norm_attention_triton.PRE_NORMALISE``), with the tail launch;
+- ``eegfast-triton-one-launch``: the fused loops with every row block in the autotuned launch
+  (``qk_norm_attention_triton.SPLIT_TAIL`` off);
 - ``eager-reference``: :func:`eegfast.ops.qk_norm_attention_reference` (LayerNorm + explicit
   (N, N) softmax);
 - ``layernorm+sdpa``: ``F.layer_norm`` then ``F.scaled_dot_product_attention``;
@@ -73,6 +77,7 @@ TARGETS_MS: dict[tuple[str, str], float] = {
 MODES = ("fwd", "fwd+bwd")
 EPS = 1e-6
 OURS = "eegfast-triton"
+FUSED = "eegfast-triton-fused"
 PRENORM = "eegfast-triton-prenorm"
 ONE_LAUNCH = "eegfast-triton-one-launch"
 
@@ -85,10 +90,11 @@ Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[torch.T
 # --------------------------------------------------------------------------------------------
 
 
-def _eegfast_triton(q, k, v, params, *, pre_normalise: bool, split_tail: bool = True):
-    """qk_norm_attention on the Triton backend with its loop variant and tail launch set. The
-    backward reads the switches when it runs, after this returns: each row sets them before its
-    forward, and measure() runs a row's backward before the next row's forward."""
+def _eegfast_triton(q, k, v, params, *, pre_normalise: bool | None, split_tail: bool | None):
+    """qk_norm_attention on the Triton backend with its loop variant and tail launch pinned (or
+    None: chosen by timing). The backward reads the switches when it runs, after this returns:
+    each row sets them before its forward, and measure() runs a row's backward before the next
+    row's forward."""
     from eegfast.ops import qk_norm_attention, qk_norm_attention_triton
 
     qk_norm_attention_triton.PRE_NORMALISE = pre_normalise
@@ -97,17 +103,22 @@ def _eegfast_triton(q, k, v, params, *, pre_normalise: bool, split_tail: bool = 
 
 
 def eegfast_triton(q, k, v, params):
-    """The default: fused loops that normalise q and k tiles inside them."""
-    return _eegfast_triton(q, k, v, params, pre_normalise=False)
+    """As users get it: both launch choices timed per case."""
+    return _eegfast_triton(q, k, v, params, pre_normalise=None, split_tail=None)
+
+
+def eegfast_triton_fused(q, k, v, params):
+    """Fused loops that normalise q and k tiles inside them, tail launch."""
+    return _eegfast_triton(q, k, v, params, pre_normalise=False, split_tail=True)
 
 
 def eegfast_triton_pre_normalised(q, k, v, params):
     """The variant whose loops read padded rows, k (and q in the backward) normalised."""
-    return _eegfast_triton(q, k, v, params, pre_normalise=True)
+    return _eegfast_triton(q, k, v, params, pre_normalise=True, split_tail=True)
 
 
 def eegfast_triton_one_launch(q, k, v, params):
-    """The default loops without the tail launch: every row block in the autotuned one."""
+    """The fused loops without the tail launch: every row block in the autotuned one."""
     return _eegfast_triton(q, k, v, params, pre_normalise=False, split_tail=False)
 
 
@@ -138,6 +149,7 @@ def layer_norm_flex(q, k, v, params):
 def implementations() -> dict[str, Attention]:
     return {
         OURS: eegfast_triton,
+        FUSED: eegfast_triton_fused,
         PRENORM: eegfast_triton_pre_normalised,
         ONE_LAUNCH: eegfast_triton_one_launch,
         "eager-reference": eager_reference,
@@ -443,11 +455,18 @@ def autotuned_configs() -> dict[str, str]:
     return chosen
 
 
+def launch_choices() -> dict[str, str]:
+    """The loop variants eegfast-triton's calls chose, per case (see _loop_variant)."""
+    from eegfast.ops._variants import chosen_variants
+
+    return {f"{what} {case}": str(variant) for (what, case), variant in chosen_variants().items()}
+
+
 @switches_restored()
 def kernel_breakdown(shapes: dict[str, tuple[int, int, int, int]], device: str, dtype) -> str:
     """Markdown: the kernels of eegfast's forward and forward + backward (both loop variants),
     per shape."""
-    ours = {OURS: eegfast_triton, PRENORM: eegfast_triton_pre_normalised}
+    ours = {FUSED: eegfast_triton_fused, PRENORM: eegfast_triton_pre_normalised}
     sections = []
     for name, shape in shapes.items():
         qkv, params, grad_out = make_inputs(shape, device, dtype)
@@ -471,7 +490,7 @@ def run(out_dir: Path | str, env: dict, shapes: Sequence[str] = tuple(SHAPES)) -
     tuning: dict[str, dict] = {}
     rows = run_cases(chosen, torch.bfloat16, "cuda", do_bench_timer, tuning)
     title = f"eegfast qk_norm_attention (bf16) on {env.get('gpu', 'GPU')}"
-    env = {**env, "autotuned": autotuned_configs()}
+    env = {**env, "autotuned": autotuned_configs(), "launch choices": launch_choices()}
     paths = write_outputs(out_dir, title, env, rows, "gpu_qk_norm_attention")
     paths["tuning"] = Path(out_dir) / "gpu_qk_norm_attention_tuning.json"
     timings = {label: {str(c): ms for c, ms in t.items()} for label, t in tuning.items()}

@@ -70,10 +70,10 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def env_switch(name: str, default: bool) -> bool:
+def env_switch(name: str, default: bool | None) -> bool | None:
     """eegfast's environment switch ``name``: 1 / true / yes / on or 0 / false / no / off (any
-    case); ``default`` when unset or empty. Anything else raises ValueError naming the variable,
-    rather than quietly meaning off."""
+    case); ``default`` when unset or empty (None where unset means "decide for me"). Anything
+    else raises ValueError naming the variable, rather than quietly meaning off."""
     value = os.environ.get(name, "").strip().lower()
     if not value:
         return default

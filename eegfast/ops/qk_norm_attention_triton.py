@@ -16,12 +16,15 @@ Signatures and shapes are those of ``eegfast::qk_norm_attention_fwd`` / ``_bwd``
 CONTRACTS / :mod:`eegfast.ops.qk_norm_attention`). Head dims 1..128 are padded to a power of two
 (at least 16, the smallest ``tl.dot`` size) inside the kernels with masked loads. Under
 ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (the tests do this) with one small block
-configuration, since the interpreter is slow and cannot benchmark. ``PRE_NORMALISE`` selects an
-opt-in variant of the three attention loops that read zero-padded, already normalised rows
-written by ``_pad_rows_kernel`` first (same results).
+configuration, since the interpreter is slow and cannot benchmark. Two launch choices no config
+can hold (``PRE_NORMALISE``: loops that read zero-padded, already normalised rows written by
+``_pad_rows_kernel`` first; ``SPLIT_TAIL``: a second launch for a short last block of rows) are
+timed per case the first time it is seen, unless pinned (see ``LoopVariant``).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -29,6 +32,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from eegfast.ops._backend import env_switch, launch_device, triton_interpreting, vector_align
+from eegfast.ops._variants import has_static_shape, is_traced, measured_choice, stand_in
 from eegfast.ops.qk_norm_attention import _register_op_glue
 
 MAX_HEAD_DIM = 128
@@ -155,21 +159,41 @@ _DKDV_TAIL_CONFIGS = _tail_configs(32, 4, 2, "BLOCK_N", "BLOCK_M")
 _BLOCK_MULTIPLE = 128
 # Rows past the last multiple of _BLOCK_MULTIPLE that go to the tail launch, at most.
 _TAIL_MAX_ROWS = 32
-# Whether the rows (dK / dV: keys) past the last multiple of _BLOCK_MULTIPLE get their own launch
-# of _TAIL_ROWS-row programs when they are few (see _launch_spans). On by default; can be
-# assigned at run time (benchmarks.gpu_qk_norm_attention times both).
-SPLIT_TAIL = env_switch("EEGFAST_TRITON_SPLIT_TAIL", True)
-# How the attention loops get their q / k tiles. False (default): they load q and k rows as
-# given (D of BLOCK_D columns, masked) and normalise each tile inside the loop, again for every
-# tile of the other side. True: one pass of _pad_rows_kernel per tensor first writes k (and q
-# in the backward) normalised, as zero-padded (B * H, N, BLOCK_D) rows, which the loops load
-# with neither a column mask nor a LayerNorm: fewer registers (sm_90, D = 20: forward 106
-# against 151, dQ 137 against 236) and no warp shuffles in the loops, for one more pass over k
-# (and q). v and grad_out are read as given unless their rows' vectors are under 8 bytes
-# (_needs_padded_rows: D = 25 in bf16), where they are copied padded as well. Which is faster
-# is a GPU measurement still to make (benchmarks.gpu_qk_norm_attention times both);
-# EEGFAST_TRITON_PRENORM=1 sets it, and it can be assigned at run time.
-PRE_NORMALISE = env_switch("EEGFAST_TRITON_PRENORM", False)
+# Two launch choices that change which kernels run, so no autotuning config can hold them:
+# - SPLIT_TAIL: whether the rows (dK / dV: keys) past the last multiple of _BLOCK_MULTIPLE get
+#   their own launch of _TAIL_ROWS-row programs when they are few (see _launch_spans);
+# - PRE_NORMALISE: how the attention loops get their q / k tiles. False: they load q and k rows
+#   as given (D of BLOCK_D columns, masked) and normalise each tile inside the loop, again for
+#   every tile of the other side. True: one pass of _pad_rows_kernel per tensor first writes k
+#   (and q in the backward) normalised, as zero-padded (B * H, N, BLOCK_D) rows, which the loops
+#   load with neither a column mask nor a LayerNorm: fewer registers (sm_90, D = 20: forward 106
+#   against 151, dQ 137 against 236) and no warp shuffles in the loops, for one more pass over k
+#   (and q). v and grad_out are read as given unless their rows' vectors are under 8 bytes
+#   (_needs_padded_rows: D = 25 in bf16), where they are copied padded as well.
+# None (the default: EEGFAST_TRITON_SPLIT_TAIL / EEGFAST_TRITON_PRENORM unset) times the
+# candidates the first time a case is seen, forward and backward apart, and keeps the fastest
+# (eegfast.ops._variants; see _loop_variant). True / False pins the choice: from the environment
+# or assigned at run time (benchmarks.gpu_qk_norm_attention times each variant pinned). Both
+# variants of PRE_NORMALISE give the same bits; the split changes the order of some sums, so a
+# pinned SPLIT_TAIL is what makes separate processes' results bit-identical.
+SPLIT_TAIL: bool | None = env_switch("EEGFAST_TRITON_SPLIT_TAIL", None)
+PRE_NORMALISE: bool | None = env_switch("EEGFAST_TRITON_PRENORM", None)
+# Whether unpinned choices are timed: nothing can be under the interpreter (tests set it), where
+# the first candidate (fused loops, tail launch) is taken.
+MEASURE_VARIANTS = not _INTERPRETING
+
+
+class LoopVariant(NamedTuple):
+    """How one call's attention kernels are launched (see PRE_NORMALISE and SPLIT_TAIL)."""
+
+    pre_normalise: bool
+    split_tail: bool
+
+    def __str__(self) -> str:
+        loops = "pre-normalised loops" if self.pre_normalise else "fused loops"
+        return f"{loops}, {'tail launch' if self.split_tail else 'one launch'}"
+
+
 # _pad_rows_kernel's modes.
 _COPY = tl.constexpr(0)
 _NORMALISE = tl.constexpr(1)  # LayerNorm, statistics computed and stored
@@ -1020,19 +1044,26 @@ def _row_align(D: int, *tensors: torch.Tensor) -> int:
     return vector_align(D, *(s for t in tensors for s in t.stride()[:3]))
 
 
-def _launch_spans(N: int) -> list[tuple[int, int, bool]]:
+def _has_short_tail(N: int) -> bool:
+    """Whether N is a multiple of _BLOCK_MULTIPLE plus 1 ... _TAIL_MAX_ROWS (257, 2049): the
+    lengths where SPLIT_TAIL changes anything."""
+    return 0 < N % _BLOCK_MULTIPLE <= _TAIL_MAX_ROWS
+
+
+def _launch_spans(N: int, split_tail: bool) -> list[tuple[int, int, bool]]:
     """[(first, extent, tail)]: the launches that cover rows (dK / dV: keys) 0 ... N - 1 of the
     three attention kernels, each owning rows first ... first + extent - 1.
 
     At N = 257 (LaBraM: 256 patch tokens and a class token) whole blocks of 64 rows leave one
     program per head of five holding one row, which still loops over every key: a fifth of the
-    grid doing 1/64 of its work. When N is a multiple of _BLOCK_MULTIPLE plus at most
-    _TAIL_MAX_ROWS, the main (autotuned) launch covers the multiple in whole blocks and a second
-    one the rest in _TAIL_ROWS-row programs (``tail``); otherwise one launch covers all N.
+    grid doing 1/64 of its work. With ``split_tail``, when N is a multiple of _BLOCK_MULTIPLE
+    plus at most _TAIL_MAX_ROWS, the main (autotuned) launch covers the multiple in whole blocks
+    and a second one the rest in _TAIL_ROWS-row programs (``tail``); otherwise one launch covers
+    all N.
     """
-    rest = N % _BLOCK_MULTIPLE
-    if not SPLIT_TAIL or rest == 0 or rest > _TAIL_MAX_ROWS:
+    if not (split_tail and _has_short_tail(N)):
         return [(0, N, False)]
+    rest = N % _BLOCK_MULTIPLE
     spans = [(N - rest, rest, True)]
     if N > rest:
         spans.insert(0, (0, N - rest, False))
@@ -1061,6 +1092,62 @@ def _direct(kernel):
 
 def _unit_inner_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _candidate_variants(N: int) -> list[LoopVariant]:
+    """The loop variants a call of length N may take: both values of each unpinned switch (the
+    split only where it changes anything), the current defaults first."""
+    pre = [False, True] if PRE_NORMALISE is None else [PRE_NORMALISE]
+    if SPLIT_TAIL is None and _has_short_tail(N):
+        split = [True, False]
+    else:
+        split = [SPLIT_TAIL is not False]
+    return [LoopVariant(p, t) for p in pre for t in split]
+
+
+def _loop_variant(step: str, args: tuple, run_step, make_stand_ins) -> LoopVariant:
+    """The loop variant of one call of ``step`` ("forward" / "backward", ``args`` being that
+    step's op arguments): pinned, remembered, or the fastest of the candidates timed now by
+    ``run_step(args, variant)``, on the call's own tensors or, while torch.compile traces the
+    op with fake ones, on ``make_stand_ins(args)``. Cases: device, dtype, D, N's power-of-two
+    bucket (as the autotuner's key), whether N has a short tail, row alignment, which LayerNorm
+    parameters and masks are given."""
+    q, k, v = args[:3] if step == "forward" else args[1:4]
+    params = args[3:7] if step == "forward" else args[4:8]
+    masks = args[9:12] if step == "forward" else args[13:16]
+    B, H, N, D = q.shape
+    candidates = _candidate_variants(N)
+    if len(candidates) == 1:
+        return candidates[0]
+    traced = is_traced(args)
+    case = (
+        str(q.device), q.dtype, D, _next_power_of_2(N), _has_short_tail(N),
+        _row_align(D, q, k, v) if not traced or has_static_shape((q, k, v)) else None,
+        tuple(p is not None for p in params), masks[0] is not None, bool(masks[1]),
+        masks[2] is not None, tuple(candidates),
+    )  # fmt: skip
+
+    def make_run():
+        real = make_stand_ins(args) if traced else args
+        return lambda variant: run_step(real, variant)
+
+    measure = MEASURE_VARIANTS and (not traced or has_static_shape(args))
+    return measured_choice(f"qk_norm_attention {step}", case, candidates, make_run, measure=measure)
+
+
+def _forward_stand_ins(args: tuple) -> tuple:
+    """Real stand-ins for the forward op's arguments: random tensors of the same layouts,
+    no key padding, one block (everything visible) for block_ids."""
+    return tuple(stand_in(a) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _backward_stand_ins(args: tuple) -> tuple:
+    """Real stand-ins for the backward op's arguments: those of the forward, the saved tensors
+    computed from them by the forward (fused loops), a random grad_out of the same layout."""
+    grad_out, q, k, v, q_w, q_b, k_w, k_b, _, _, _, _, scale, kpm, causal, ids = args
+    fwd = _forward_stand_ins((q, k, v, q_w, q_b, k_w, k_b, 1e-6, scale, kpm, causal, ids))
+    saved = _forward(*fwd, eager=True, variant=LoopVariant(False, False))
+    return (stand_in(grad_out), *fwd[:7], *saved, scale, *fwd[9:])
 
 
 def _check_attention_inputs(
@@ -1193,9 +1280,13 @@ def qk_norm_attention_fwd_triton(
 
 
 def _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, block_ids, *,
-             eager: bool):  # fmt: skip
+             eager: bool, variant: LoopVariant | None = None):  # fmt: skip
     """The forward op's work on checked arguments, inside the op or (``eager``) called
-    directly by the public functions."""
+    directly by the public functions; ``variant`` None: see _loop_variant."""
+    if variant is None:
+        args = (q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, block_ids)
+        variant = _loop_variant("forward", args, _run_forward, _forward_stand_ins)
+    pre_normalise = variant.pre_normalise
     launch = _direct if eager else wrap_triton
     q, k, v = _unit_inner_stride(q), _unit_inner_stride(k), _unit_inner_stride(v)
     B, H, N, D = q.shape
@@ -1209,9 +1300,9 @@ def _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, 
     q_w_, q_b_, k_w_, k_b_ = (q if p is None else p.contiguous() for p in (q_w, q_b, k_w, k_b))
     block_d = _block_d(D)
     align = _row_align(D, q, k, v)
-    padded_plain = PRE_NORMALISE and _needs_padded_rows(align, q.dtype)
+    padded_plain = pre_normalise and _needs_padded_rows(align, q.dtype)
     k_n = v_p = q  # placeholders
-    if PRE_NORMALISE:
+    if pre_normalise:
         k_n = _pad_rows(k, _NORMALISE, k_w, k_b, k_stats, eps, launch=launch)
     if padded_plain:
         v_p = _pad_rows(v, _COPY, launch=launch)
@@ -1219,7 +1310,7 @@ def _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, 
     strides = tuple(stride // align for x in (q, k, v) for stride in x.stride()[:3])
     flags = dict(
         ALIGN=align,
-        PRE_NORMALISED=PRE_NORMALISE,
+        PRE_NORMALISED=pre_normalise,
         PADDED_PLAIN=padded_plain,
         HAS_Q_W=q_w is not None,
         HAS_Q_B=q_b is not None,
@@ -1231,12 +1322,16 @@ def _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, 
         BLOCK_D=block_d,
         PRECISION=_precision(q.dtype),
     )
-    for first, extent, tail in _launch_spans(N):
+    for first, extent, tail in _launch_spans(N, variant.split_tail):
         launch(_fwd_tail_kernel if tail else _fwd_kernel)[_grid(extent, "BLOCK_M", B * H)](
             *tensors, *strides, H, N, D, _next_power_of_2(N), first, extent, eps,
             scale * _LOG2E.value, **flags,
         )  # fmt: skip
     return out, lse, q_stats, k_stats
+
+
+def _run_forward(args: tuple, variant: LoopVariant):
+    return _forward(*args, eager=True, variant=variant)
 
 
 @triton_op("eegfast::qk_norm_attention_bwd_triton", mutates_args=())
@@ -1293,8 +1388,14 @@ def qk_norm_attention_bwd_triton(
 
 
 def _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats, scale,
-              key_padding_mask, causal, block_ids, *, eager: bool):  # fmt: skip
-    """The backward op's work on checked arguments; ``eager`` as in _forward."""
+              key_padding_mask, causal, block_ids, *, eager: bool,
+              variant: LoopVariant | None = None):  # fmt: skip
+    """The backward op's work on checked arguments; ``eager`` and ``variant`` as in _forward."""
+    if variant is None:
+        args = (grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats, scale,
+                key_padding_mask, causal, block_ids)  # fmt: skip
+        variant = _loop_variant("backward", args, _run_backward, _backward_stand_ins)
+    pre_normalise = variant.pre_normalise
     launch = _direct if eager else wrap_triton
     params = {"q_w": q_w, "q_b": q_b, "k_w": k_w, "k_b": k_b}
     B, H, N, D = q.shape
@@ -1364,14 +1465,14 @@ def _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
         BLOCK_D=block_d,
         PRECISION=_precision(q.dtype),
         PART=PART_ROWS,
-        PRE_NORMALISED=PRE_NORMALISE,
-        PADDED_PLAIN=PRE_NORMALISE and _needs_padded_rows(align, q.dtype),
+        PRE_NORMALISED=pre_normalise,
+        PADDED_PLAIN=pre_normalise and _needs_padded_rows(align, q.dtype),
         ALIGN=align,
     )
     strides = tuple(stride // align for x in (q, k, v, grad_out) for stride in x.stride()[:3])
 
     q_n = g_p = k_n = v_p = q  # placeholders
-    if PRE_NORMALISE:
+    if pre_normalise:
         q_n = _pad_rows(q, _NORMALISE_FROM_STATS, q_w, q_b, q_stats, launch=launch)
         k_n = _pad_rows(k, _NORMALISE_FROM_STATS, k_w, k_b, k_stats, launch=launch)
     if flags["PADDED_PLAIN"]:
@@ -1385,7 +1486,7 @@ def _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
     dq_tensors = (q, k, v, q_w_, q_b_, k_w_, k_b_, pad, ids, grad_out, *common, k_n, v_p, dq,
                   part_q_w, part_q_b)  # fmt: skip
     scalars = (H, N, D, _next_power_of_2(N))
-    spans = _launch_spans(N)
+    spans = _launch_spans(N, variant.split_tail)
     for first, extent, tail in spans:
         launch(_bwd_dkdv_tail_kernel if tail else _bwd_dkdv_kernel)[
             _grid(extent, "BLOCK_N", B * H)
@@ -1397,6 +1498,10 @@ def _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
             scale * _LOG2E.value, **flags,
         )  # fmt: skip
     return (dq, dk, dv, *param_grads())
+
+
+def _run_backward(args: tuple, variant: LoopVariant):
+    return _backward(*args, eager=True, variant=variant)
 
 
 def _eager_forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, block_ids):

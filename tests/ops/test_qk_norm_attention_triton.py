@@ -391,8 +391,9 @@ def test_pre_normalised_variant(case, monkeypatch):
                        block_size=block_size)  # fmt: skip
     ops = triton_ops()
     assert ops._needs_padded_rows(ops._row_align(D, *inputs[:3]), dtype) == (D == 25)
+    monkeypatch.setattr(ops, "PRE_NORMALISE", False)
     fused_out, fused_lse, fused_grads = check_against_reference(*inputs, causal=causal)
-    monkeypatch.setattr(triton_ops(), "PRE_NORMALISE", True)
+    monkeypatch.setattr(ops, "PRE_NORMALISE", True)
     out, lse, grads = check_against_reference(*inputs, causal=causal)
     assert torch.equal(out, fused_out) and torch.equal(lse, fused_lse)
     for name, grad, fused in zip(GRAD_NAMES, grads, fused_grads, strict=True):
@@ -442,12 +443,11 @@ def test_row_align_divides_every_stride_and_the_head_dim():
 
 
 @pytest.mark.parametrize("split", [True, False])
-def test_launch_spans_cover_every_row_once(split, monkeypatch):
+def test_launch_spans_cover_every_row_once(split):
     """_launch_spans: consecutive spans from 0 to N; a main span is whole blocks of every
     autotuned size; a tail span (at most _TAIL_MAX_ROWS rows) exactly when N is a multiple of
     _BLOCK_MULTIPLE plus a few rows and the split is on."""
     ops = triton_ops()
-    monkeypatch.setattr(ops, "SPLIT_TAIL", split)
     block_sizes = {c.kwargs[name] for configs, name in (
         (ops._FWD_CONFIGS, "BLOCK_M"), (ops._DQ_CONFIGS, "BLOCK_M"), (ops._DKDV_CONFIGS, "BLOCK_N"),
         (ops._FWD_WIDE_CONFIGS, "BLOCK_M"), (ops._DQ_WIDE_CONFIGS, "BLOCK_M"),
@@ -458,7 +458,8 @@ def test_launch_spans_cover_every_row_once(split, monkeypatch):
     ) for c in configs}  # fmt: skip
     assert all(ops._BLOCK_MULTIPLE % size == 0 for size in block_sizes)
     for N in (1, 17, 32, 33, 127, 128, 129, 160, 161, 231, 257, 2049):
-        spans = ops._launch_spans(N)
+        spans = ops._launch_spans(N, split)
+        assert ops._has_short_tail(N) == (0 < N % 128 <= ops._TAIL_MAX_ROWS)
         assert [first for first, _, _ in spans] == [0, *(f + e for f, e, _ in spans[:-1])]
         assert sum(extent for _, extent, _ in spans) == N
         tails = [extent for _, extent, tail in spans if tail]
@@ -467,7 +468,7 @@ def test_launch_spans_cover_every_row_once(split, monkeypatch):
         for _, extent, tail in spans:
             assert tail or extent % ops._BLOCK_MULTIPLE == 0 or len(spans) == 1
     if split:
-        assert ops._launch_spans(257) == [(0, 256, False), (256, 1, True)]
+        assert ops._launch_spans(257, split) == [(0, 256, False), (256, 1, True)]
 
 
 def test_tail_launch_with_every_mask(monkeypatch):
@@ -475,6 +476,7 @@ def test_tail_launch_with_every_mask(monkeypatch):
     block-causal masks: forward and all seven gradients match the reference, and the same bits
     as one launch over all rows (SPLIT_TAIL off) up to rounding."""
     inputs = make_case(1, 1, 130, 20, torch.float32, seed=130, mask="random", block_size=7)
+    monkeypatch.setattr(triton_ops(), "SPLIT_TAIL", True)
     split_out, split_lse, split_grads = check_against_reference(*inputs, causal=True)
     monkeypatch.setattr(triton_ops(), "SPLIT_TAIL", False)
     out, lse, grads = check_against_reference(*inputs, causal=True)
@@ -482,6 +484,139 @@ def test_tail_launch_with_every_mask(monkeypatch):
     torch.testing.assert_close(split_lse, lse, rtol=1e-6, atol=1e-6)
     for name, a, b in zip(GRAD_NAMES, split_grads, grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"d{name}")
+
+
+@pytest.mark.parametrize(
+    ("pre", "split", "N", "expected"),
+    [
+        (None, None, 257, ["FT", "FF", "TT", "TF"]),
+        (None, None, 256, ["FT", "TT"]),  # no short tail: the split changes nothing
+        (True, None, 2049, ["TT", "TF"]),
+        (None, False, 130, ["FF", "TF"]),
+        (False, True, 257, ["FT"]),
+        (False, None, 100, ["FT"]),
+    ],
+)
+def test_candidate_variants(pre, split, N, expected, monkeypatch):
+    """Both values of each unpinned switch, the split only where N has a short tail, the
+    defaults (fused loops, tail launch) first."""
+    ops = triton_ops()
+    monkeypatch.setattr(ops, "PRE_NORMALISE", pre)
+    monkeypatch.setattr(ops, "SPLIT_TAIL", split)
+    got = ["".join("FT"[flag] for flag in variant) for variant in ops._candidate_variants(N)]
+    assert got == expected
+
+
+@pytest.fixture
+def timed_variants(monkeypatch):
+    """Both switches unpinned and timing on (off under the interpreter), nothing remembered.
+    Returns the list of (step, variant, args) each timed run appends, and sets the timer: it
+    runs the call once and reports ``times[(step, variant)]`` (set by the test)."""
+    from eegfast.ops import _variants
+
+    ops = triton_ops()
+    monkeypatch.setattr(ops, "PRE_NORMALISE", None)
+    monkeypatch.setattr(ops, "SPLIT_TAIL", None)
+    monkeypatch.setattr(ops, "MEASURE_VARIANTS", True)
+    monkeypatch.setattr(_variants, "_CHOSEN", {})
+    ran, times = [], {}
+    for step, real in (("forward", ops._run_forward), ("backward", ops._run_backward)):
+
+        def record(args, variant, real=real, step=step):
+            ran.append((step, variant, args))
+            return real(args, variant)
+
+        monkeypatch.setattr(ops, real.__name__, record)
+
+    def timer(call):
+        call()
+        return times[ran[-1][:2]]
+
+    monkeypatch.setattr(_variants, "time_ms", timer)
+    return ran, times
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a failed timing only warns
+def test_loop_variants_timed_once_per_case(timed_variants):
+    """Unpinned, the first call of a case times each candidate on the call's own tensors,
+    forward and backward apart, and runs the fastest (the results still match the reference);
+    later calls of the case run it without timing; another case is timed anew."""
+    from eegfast.ops._variants import chosen_variants
+
+    ops = triton_ops()
+    ran, times = timed_variants
+    V = ops.LoopVariant
+    candidates = ops._candidate_variants(130)
+    assert len(candidates) == 4
+    for rank, variant in enumerate(candidates):  # forward: pre-normalised, one launch fastest
+        times["forward", variant] = 1.0 if variant == V(True, False) else 2.0 + rank
+        times["backward", variant] = 1.0 if variant == V(False, False) else 2.0 + rank
+    inputs = make_case(1, 2, 130, 20, torch.float32, seed=31, mask="random", block_size=5)
+    first = check_against_reference(*inputs)
+    assert [(step, variant) for step, variant, _ in ran] == [
+        *(("forward", v) for v in candidates),
+        *(("backward", v) for v in candidates),
+    ]
+    assert all(args[0] is inputs[0] for step, _, args in ran if step == "forward")
+    assert all(args[1] is inputs[0] for step, _, args in ran if step == "backward")
+    chosen = {key[0]: v for key, v in chosen_variants().items()}
+    assert chosen == {"qk_norm_attention forward": V(True, False),
+                      "qk_norm_attention backward": V(False, False)}  # fmt: skip
+    again = check_against_reference(*inputs)
+    assert len(ran) == 8  # remembered
+    assert torch.equal(first[0], again[0])
+    for a, b in zip(first[2], again[2], strict=True):
+        assert torch.equal(a, b)
+    short = make_case(1, 1, 100, 20, torch.float32, seed=32)  # no short tail: 2 candidates
+    times.update({("forward", v): 1.0 for v in ops._candidate_variants(100)})
+    times.update({("backward", v): 1.0 for v in ops._candidate_variants(100)})
+    check_against_reference(*short)
+    assert len(ran) == 12
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_loop_variants_timed_on_stand_ins_while_tracing(timed_variants):
+    """Called on fake tensors (torch.compile tracing the ops), the candidates are timed on real
+    stand-ins of the same layouts (no padding), and the choice is remembered for the real
+    calls."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    from eegfast.ops._variants import chosen_variants
+
+    ops = triton_ops()
+    ran, times = timed_variants
+    times.update({(step, v): 1.0 + v.pre_normalise for step in ("forward", "backward")
+                  for v in ops._candidate_variants(33)})  # fmt: skip
+    q, k, v, params, kpm, ids, grad_out = make_case(1, 2, 33, 20, torch.float32, seed=33,
+                                                    mask="random", block_size=4)  # fmt: skip
+    v = v.transpose(2, 3).contiguous().transpose(2, 3)  # a layout of its own
+    fwd_args = (q, k, v, *params, EPS, 0.3, kpm, False, ids)
+    saved = ops._forward(*fwd_args, eager=True, variant=ops.LoopVariant(False, False))
+    bwd_args = (grad_out, q, k, v, *params, *saved, 0.3, kpm, False, ids)
+    # What the ops' bodies get while AOT autograd traces them (on a GPU; under the interpreter
+    # wrap_triton cannot trace the launches that follow the choice, so the choice is called
+    # directly here).
+    with FakeTensorMode() as mode:
+        fwd_fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in fwd_args]
+        bwd_fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in bwd_args]
+        for step, args, run, stand_ins in (
+            ("forward", fwd_fake, ops._run_forward, ops._forward_stand_ins),
+            ("backward", bwd_fake, ops._run_backward, ops._backward_stand_ins),
+        ):
+            assert ops._loop_variant(step, tuple(args), run, stand_ins) == ops.LoopVariant(
+                False, True
+            )
+    assert [step for step, _, _ in ran] == ["forward"] * 2 + ["backward"] * 2
+    for step, _, args in ran:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        assert tensors and not any(is_fake(t) for t in tensors)
+        sq, sv = args[:3:2] if step == "forward" else args[1:4:2]
+        assert sq.shape == q.shape and sv.stride() == v.stride()
+        pad = args[9] if step == "forward" else args[13]
+        assert pad.dtype == torch.bool and not pad.any()
+    assert {variant for variant in chosen_variants().values()} == {ops.LoopVariant(False, True)}
+    check_against_reference(q, k, v, params, kpm, ids, grad_out, scale=0.3)
+    assert len(ran) == 4  # the real calls reuse the traced choice
 
 
 def compiled_config_lists() -> dict:
