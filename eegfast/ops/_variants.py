@@ -73,6 +73,10 @@ def stand_in(x: torch.Tensor, fill: Callable[[torch.Tensor], object] | None = No
     return out
 
 
+def _capturing_cuda_graph() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def measured_choice(
     what: str,
     case: Hashable,
@@ -88,7 +92,8 @@ def measured_choice(
     while tracing) and ``timer`` (default :func:`time_ms`) times ``run(variant)`` for each
     candidate; both outside every dispatch mode, under no_grad. A single candidate, or
     ``measure`` False (nothing can be timed: the interpreter, symbolic shapes), gives
-    ``candidates[0]`` without remembering it. If timing fails (out of memory, say), a warning
+    ``candidates[0]`` without remembering it; so does a call while a CUDA graph is being
+    captured (timing would synchronise the stream). If timing fails (out of memory, say), a warning
     names the error and ``candidates[0]`` is remembered: the call itself then runs that
     variant, and raises if the failure was not the timing's."""
     if not candidates:
@@ -98,7 +103,7 @@ def measured_choice(
     chosen = _CHOSEN.get((what, case))
     if chosen is not None:
         return chosen
-    if not measure:
+    if not measure or _capturing_cuda_graph():
         return candidates[0]
     timer = timer or time_ms
     try:

@@ -1117,7 +1117,7 @@ def _loop_variant(step: str, args: tuple, run_step, make_stand_ins) -> LoopVaria
     masks = args[9:12] if step == "forward" else args[13:16]
     B, H, N, D = q.shape
     candidates = _candidate_variants(N)
-    if len(candidates) == 1:
+    if len(candidates) == 1 or B * H * N == 0:  # (nothing to launch: nothing to time)
         return candidates[0]
     traced = is_traced(args)
     case = (

@@ -763,6 +763,39 @@ def test_gpu_matches_reference(D, dtype):
     check_labram_shape(D, dtype, masked=True, device="cuda")
 
 
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_launch_choices_timed_when_compiled_and_reused_eagerly(monkeypatch):
+    """Unpinned, torch.compile's tracing times the launch choices (forward and backward) on
+    stand-ins; the eager calls of the same case reuse the forward's; results agree."""
+    from eegfast.ops import _variants, qk_norm_attention
+
+    ops = triton_ops()
+    monkeypatch.setattr(_variants, "_CHOSEN", {})
+    monkeypatch.setattr(ops, "PRE_NORMALISE", None)
+    monkeypatch.setattr(ops, "SPLIT_TAIL", None)
+    q, k, v, params, _, _, grad_out = make_case(2, 3, 257, 20, torch.bfloat16, seed=57)
+    leaves = [x.cuda().requires_grad_() for x in (q, k, v, *params)]
+    grad_out = grad_out.cuda().transpose(1, 2)  # (B, H, N, D) as the public function returns
+
+    def attention(q, k, v, *params):
+        return qk_norm_attention(q, k, v, *params, eps=EPS, backend="triton")
+
+    compiled_out = torch.compile(attention, fullgraph=True, dynamic=False)(*leaves)
+    compiled_grads = torch.autograd.grad(compiled_out, leaves, grad_out)
+    chosen = _variants.chosen_variants()
+    steps = sorted(what for what, _ in chosen)
+    assert steps == ["qk_norm_attention backward", "qk_norm_attention forward"], chosen
+    assert all(variant in ops._candidate_variants(257) for variant in chosen.values())
+    eager_out = attention(*leaves)
+    eager_grads = torch.autograd.grad(eager_out, leaves, grad_out)
+    forward_cases = [case for what, case in _variants.chosen_variants() if "forward" in what]
+    assert len(forward_cases) == 1, forward_cases
+    torch.testing.assert_close(compiled_out, eager_out, rtol=2e-2, atol=2e-2)
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+
+
 def check_labram_shape(D, dtype, *, masked, device):
     """N = 257 against the float64 reference on ``device``: every mask at once, or none (the
     unmasked loops, whose last, 16-wide tiles alone compare with N)."""

@@ -47,7 +47,7 @@ def test_fastest_variant_is_timed_once_per_case():
     assert _variants.chosen_variants() == {}
 
 
-def test_single_candidate_or_no_measuring_takes_the_first_without_timing():
+def test_single_candidate_or_no_measuring_takes_the_first_without_timing(monkeypatch):
     def never(call):
         raise AssertionError("timed")
 
@@ -55,6 +55,10 @@ def test_single_candidate_or_no_measuring_takes_the_first_without_timing():
     assert _variants.measured_choice("op", 0, ["only"], measure=True, **args) == "only"
     assert _variants.measured_choice("op", 0, ["a", "b"], measure=False, **args) == "a"
     assert _variants.chosen_variants() == {}  # the default is not remembered: timed later
+    with monkeypatch.context() as patch:
+        patch.setattr(_variants, "_capturing_cuda_graph", lambda: True)
+        assert _variants.measured_choice("op", 0, ["a", "b"], measure=True, **args) == "a"
+    assert _variants.chosen_variants() == {}
     with pytest.raises(ValueError, match="op: no variant"):
         _variants.measured_choice("op", 0, [], measure=True, **args)
 
