@@ -206,17 +206,20 @@ class MoEFFN(nn.Module):
             return None
         if self.num_tasks == 0:
             raise ValueError("task_id was given but this MoEFFN has num_tasks=0")
-        ids = torch.as_tensor(task_id, device=device)
+        ids = torch.as_tensor(task_id)
         if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise TypeError(f"task_id must hold integers, got {ids.dtype}")
-        if ids.numel() > 0:
+        valid_range = f"task_id values must be in [0, num_tasks={self.num_tasks})"
+        if ids.numel() > 0 and ids.device.type == "cpu" and not torch.compiler.is_compiling():
             low, high = int(ids.min()), int(ids.max())
             if low < 0 or high >= self.num_tasks:
-                raise ValueError(
-                    f"task_id values must be in [0, num_tasks={self.num_tasks}), "
-                    f"got values in [{low}, {high}]"
-                )
-        ids = ids.long()
+                raise ValueError(f"{valid_range}, got values in [{low}, {high}]")
+        elif ids.numel() > 0:
+            # Ids already on the GPU (or traced): reading them on the host would make every MoE
+            # layer wait for the GPU (and break a compiled graph); the check runs on the device
+            # instead, failing as a device-side assertion, as an out-of-range embedding does.
+            torch._assert_async(((ids >= 0) & (ids < self.num_tasks)).all(), valid_range)
+        ids = ids.to(device=device, dtype=torch.long)
         if ids.dim() == 0:
             return ids.expand(T)
         if ids.dim() == 1 and len(leading) >= 1 and ids.shape[0] == leading[0]:

@@ -196,3 +196,20 @@ def test_torch_compile_module():
     expected_grads = torch.autograd.grad(expected.sum(), (x, moe.fc1_weight, moe.router.weight))
     for g, e in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e)
+
+
+def test_task_ids_on_the_device_are_checked_there():
+    """Ids that are not host tensors (on a GPU; here, traced by torch.compile, which takes the
+    same path) are checked by a device-side assertion instead of being read back to the host:
+    no wait for the GPU in every MoE layer, no graph break. Out-of-range ids still fail."""
+    moe = make_moe(num_tasks=3)
+    x = torch.randn(2, 4, 12, dtype=torch.float64)
+    expected = moe(x, task_id=torch.tensor([2, 0]))
+
+    def forward(x, ids):
+        return moe(x, task_id=ids)
+
+    compiled = torch.compile(forward, backend="eager", fullgraph=True)  # a host read would break
+    torch.testing.assert_close(compiled(x, torch.tensor([2, 0])), expected)
+    with pytest.raises(RuntimeError, match=r"task_id values must be in \[0, num_tasks=3\)"):
+        compiled(x, torch.tensor([2, 3]))
