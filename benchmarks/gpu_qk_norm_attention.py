@@ -457,9 +457,9 @@ def autotuned_configs() -> dict[str, str]:
 
 def launch_choices() -> dict[str, str]:
     """The loop variants eegfast-triton's calls chose, per case (see _loop_variant)."""
-    from eegfast.ops._variants import chosen_variants
+    from eegfast.ops import launch_choices
 
-    return {f"{what} {case}": str(variant) for (what, case), variant in chosen_variants().items()}
+    return {f"{what} {case}": str(variant) for (what, case), variant in launch_choices().items()}
 
 
 @switches_restored()

@@ -6,6 +6,8 @@ default. :func:`available_backends` reports what is built here and, if not, why.
 """
 
 from eegfast.ops._backend import BACKENDS, BackendStatus, ExtensionMissingError, available_backends
+from eegfast.ops._variants import chosen_variants as launch_choices
+from eegfast.ops._variants import forget_choices as forget_launch_choices
 from eegfast.ops.moe import (
     MoEDispatch,
     moe_combine,
@@ -33,6 +35,8 @@ __all__ = [
     "BackendStatus",
     "ExtensionMissingError",
     "available_backends",
+    "launch_choices",
+    "forget_launch_choices",
     "MoEDispatch",
     "moe_combine",
     "moe_dispatch",
