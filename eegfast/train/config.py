@@ -76,6 +76,9 @@ class PretrainConfig:
     mask_ratio: float = 0.5
     # hybrid only: loss = hybrid_mask_weight * masked + (1 - hybrid_mask_weight) * forecast
     hybrid_mask_weight: float = 0.5
+    # Keep the frozen tokenizer's codes of each window (host memory, 512 bytes per window of
+    # 256 patches) so that epochs after the first skip its forward.
+    cache_targets: bool = True
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from eegfast.models.hybrid import HybridPretrainModel, create_hybrid_model
@@ -30,6 +29,7 @@ from eegfast.train.objectives import (
     register_objective,
     sample_masks,
     to_device,
+    tokenizer_codes,
 )
 
 __all__ = ["create_hybrid_pretrain_model", "hybrid_step"]
@@ -71,8 +71,7 @@ def hybrid_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> St
         raise ValueError(f"hybrid pretraining needs windows of >= 2 patches, got A={x.shape[2]}")
     targets = None
     if needs_codes:
-        with torch.no_grad():
-            targets = ctx.tokenizer.get_codebook_indices(x, chans)
+        targets = tokenizer_codes(ctx, batch, x, chans)
     mask = None
     if config.mask_weight > 0:
         num_tokens = x.shape[1] * x.shape[2]

@@ -14,9 +14,79 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class TargetCache:
+    """The frozen tokenizer's codes of each training window, by dataset index.
+
+    A window's codes depend on its samples alone: the tokenizer is frozen and in eval mode,
+    prepared windows never change, and batches never pad channels (they are grouped by
+    electrode set), so after the first epoch pretraining skips the tokenizer's forward. Codes
+    are kept on the host as int16 (int32 past 32767 codes): 512 bytes for a window of 256
+    patches. Only for one dataset: indices are positions in it.
+    """
+
+    def __init__(self) -> None:
+        self._codes: dict[int, np.ndarray] = {}
+        self.hits = 0  # batches served from the cache
+        self.misses = 0  # batches the tokenizer ran for
+
+    def __len__(self) -> int:
+        return len(self._codes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(codes.nbytes for codes in self._codes.values())
+
+    def get(self, indices: list[int], num_tokens: int) -> torch.Tensor | None:
+        """(B, num_tokens) int64 codes of the windows ``indices``, or None unless every one is
+        cached with that many tokens."""
+        rows = [self._codes.get(i) for i in indices]
+        if not rows or any(row is None or row.shape[0] != num_tokens for row in rows):
+            return None
+        return torch.from_numpy(np.stack(rows)).long()
+
+    def put(self, indices: list[int], codes: torch.Tensor) -> None:
+        """Keep the (B, T) codes of the windows ``indices``."""
+        if codes.dim() != 2 or codes.shape[0] != len(indices):
+            raise ValueError(
+                f"codes must have shape (len(indices), T) = ({len(indices)}, T), got "
+                f"{tuple(codes.shape)}"
+            )
+        small = codes.numel() == 0 or int(codes.max()) <= np.iinfo(np.int16).max
+        host = codes.to("cpu", torch.int16 if small else torch.int32).numpy()
+        for index, row in zip(indices, host, strict=True):
+            self._codes[index] = row.copy()
+
+
+def tokenizer_codes(
+    ctx: StepContext,
+    batch: dict[str, Any],
+    x: torch.Tensor,
+    input_chans: torch.Tensor,
+    channel_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, C·A) codes of the batch's windows from the frozen tokenizer, through
+    ``ctx.target_cache`` when there is one."""
+    cache = ctx.target_cache
+    indices = [int(i) for i in batch["index"]] if cache is not None else []
+    if cache is not None:
+        cached = cache.get(indices, x.shape[1] * x.shape[2])
+        if cached is not None:
+            cache.hits += 1
+            return cached.to(x.device, non_blocking=True)
+    with torch.no_grad():
+        codes = ctx.tokenizer.get_codebook_indices(
+            x, input_chans, channel_padding_mask=channel_padding_mask
+        )
+    if cache is not None:
+        cache.misses += 1
+        cache.put(indices, codes)
+    return codes
 
 
 @dataclass
@@ -29,6 +99,7 @@ class StepContext:
     step: int = 0
     mask_ratio: float = 0.5
     tokenizer: nn.Module | None = None  # frozen, for masked-modelling targets
+    target_cache: TargetCache | None = None  # the tokenizer's codes by window (pretraining)
     task_ids: dict[str, int] = field(default_factory=dict)  # task name -> head / router id
     route_by_task: bool = False
     aux_weights: dict[str, float] = field(default_factory=dict)  # MoE aux loss name -> weight
@@ -136,8 +207,7 @@ def masked_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> St
     batch = to_device(batch, ctx.device)
     x, chans = batch["x"], batch["input_chans"]
     padding = batch.get("channel_padding_mask")
-    with torch.no_grad():
-        targets = ctx.tokenizer.get_codebook_indices(x, chans, channel_padding_mask=padding)
+    targets = tokenizer_codes(ctx, batch, x, chans, padding)
     num_tokens = x.shape[1] * x.shape[2]
     mask = sample_masks(batch["index"], num_tokens, ctx.mask_ratio, seed=ctx.seed, epoch=ctx.epoch)
     out = model(x, chans, targets, mask=mask.to(ctx.device), channel_padding_mask=padding)

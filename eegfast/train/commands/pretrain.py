@@ -26,7 +26,7 @@ from eegfast.train.config import RunConfig
 from eegfast.train.data import collate_fn, load_data
 from eegfast.train.distributed import shutdown
 from eegfast.train.engine import fit
-from eegfast.train.objectives import StepContext, get_objective, objective_names
+from eegfast.train.objectives import StepContext, TargetCache, get_objective, objective_names
 
 # Reference recipe: AdamW lr 5e-4, wd 0.05, betas (0.9, 0.98), clip 3.0, cosine with warm-up.
 DEFAULTS = RunConfig().with_overrides(
@@ -106,6 +106,7 @@ def _main(args: argparse.Namespace) -> int:
             runtime,
             f"pretrain ({config.pretrain.objective}) {config.model.name}: {len(data)} windows",
         )
+        cache = TargetCache() if config.pretrain.cache_targets else None
         result = fit(
             model,
             step,
@@ -118,6 +119,7 @@ def _main(args: argparse.Namespace) -> int:
                 runtime.device,
                 seed=config.train.seed,
                 tokenizer=tokenizer,
+                target_cache=cache,
                 mask_ratio=config.pretrain.mask_ratio,
             ),
             dist_info=runtime.dist,
@@ -128,6 +130,12 @@ def _main(args: argparse.Namespace) -> int:
         if result.resumed_from is not None:
             say(runtime, f"resumed from {result.resumed_from}")
         say(runtime, f"pretrained for {result.step} steps; checkpoint {result.checkpoint}")
+        if cache is not None and cache.hits + cache.misses:
+            say(
+                runtime,
+                f"tokenizer codes: {cache.hits} of {cache.hits + cache.misses} batches from the "
+                f"cache ({len(cache)} windows, {cache.nbytes / 2**20:.1f} MiB)",
+            )
         return 0
     finally:
         shutdown(runtime.dist)

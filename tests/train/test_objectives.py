@@ -1,0 +1,66 @@
+"""Pretraining objectives: the tokenizer's codes served from the per-window cache."""
+
+import pytest
+import torch
+
+from eegfast.models import create_model
+from eegfast.train.hybrid import create_hybrid_pretrain_model, hybrid_step
+from eegfast.train.objectives import StepContext, TargetCache, masked_step
+
+
+def test_target_cache_keeps_codes_by_window():
+    cache = TargetCache()
+    assert cache.get([0, 1], 4) is None and len(cache) == 0
+    codes = torch.tensor([[3, 255, -1, 0], [7, 7, 7, 7]])
+    cache.put([5, 9], codes)
+    assert len(cache) == 2 and cache.nbytes == 16  # int16
+    got = cache.get([9, 5, 9], 4)
+    assert got.dtype == torch.int64 and torch.equal(got, codes[[1, 0, 1]])
+    assert cache.get([5, 6], 4) is None  # one window missing
+    assert cache.get([5], 3) is None  # another token count: not this window's codes
+    cache.put([1], torch.tensor([[40000, 2]]))  # past int16
+    assert torch.equal(cache.get([1], 2), torch.tensor([[40000, 2]]))
+    with pytest.raises(ValueError, match=r"codes must have shape \(len\(indices\), T\)"):
+        cache.put([1, 2], torch.zeros(3, 2, dtype=torch.long))
+
+
+class CountingTokenizer(torch.nn.Module):
+    """Counts the batches the wrapped tokenizer encodes."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def get_codebook_indices(self, *args, **kwargs):
+        self.calls += 1
+        return self.tokenizer.get_codebook_indices(*args, **kwargs)
+
+
+def batch_of(indices, x):
+    C = x.shape[1]
+    return {"x": x[indices], "input_chans": torch.arange(C + 1), "index": torch.tensor(indices)}
+
+
+@pytest.mark.parametrize("objective", ["masked", "hybrid"])
+def test_pretraining_step_reuses_the_codes_of_seen_windows(objective):
+    """The second epoch's step takes the codes from the cache (the tokenizer does not run) and
+    gives the same loss as without a cache; a batch holding an unseen window runs it again."""
+    torch.manual_seed(0)
+    if objective == "masked":
+        model, step = create_model("labram_tiny_pretrain"), masked_step
+    else:
+        model, step = create_hybrid_pretrain_model("labram_tiny_pretrain"), hybrid_step
+    tokenizer = CountingTokenizer(create_model("vqnsp_tiny").eval())
+    x = torch.randn(6, 3, 2, 200)
+    cached = StepContext(torch.device("cpu"), tokenizer=tokenizer, target_cache=TargetCache())
+    plain = StepContext(torch.device("cpu"), tokenizer=tokenizer)
+    first = step(model, batch_of([0, 2, 4], x), cached)
+    assert tokenizer.calls == 1 and len(cached.target_cache) == 3
+    second = step(model, batch_of([4, 0, 2], x), cached)  # another order, the same windows
+    assert tokenizer.calls == 1 and cached.target_cache.hits == 1
+    uncached = step(model, batch_of([4, 0, 2], x), plain)
+    assert tokenizer.calls == 2
+    torch.testing.assert_close(second.loss, uncached.loss, rtol=0, atol=0)
+    assert first.loss.isfinite()
+    step(model, batch_of([0, 1, 2], x), cached)  # window 1 unseen
+    assert tokenizer.calls == 3 and len(cached.target_cache) == 4
