@@ -202,6 +202,18 @@ def resolve_backend(
     return name
 
 
+def automatic_gpu_candidates(
+    requested: str | None, device: torch.device, gpu_preference: tuple[str, ...]
+) -> tuple[str, ...]:
+    """The GPU backends an op may time against each other for one call: those of
+    ``gpu_preference`` that are ready, when the backend is automatic (neither ``backend=`` nor
+    EEGFAST_BACKEND) and the tensors are on a CUDA device; else none."""
+    if requested or os.environ.get("EEGFAST_BACKEND") or device.type != "cuda":
+        return ()
+    ready = {"cuda": _cuda_extension_ready, "triton": lambda: _triton_status().available}
+    return tuple(name for name in gpu_preference if name in ready and ready[name]())
+
+
 def _cuda_extension_ready() -> bool:
     module = extension()
     return module is not None and bool(module.build_info()["cuda"])

@@ -21,14 +21,16 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from eegfast.ops._backend import extension, resolve_backend
+from eegfast.ops._backend import automatic_gpu_candidates, extension, resolve_backend
+from eegfast.ops._variants import measured_choice
 
 Metric = Literal["cosine", "l2"]
 
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 TIE_TOLERANCE = 1e-12  # float64 scores this close to the best count as ties -> lowest index
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# GPU backends, fastest first. Both are kept until benchmarks/gpu.py has measured them on H100.
+# GPU backends. Where both are ready and the backend is automatic, vq_nearest times them per
+# case and keeps the faster (see _fastest_nearest_backend); otherwise the first ready one runs.
 GPU_PREFERENCE = ("triton", "cuda")
 
 
@@ -258,13 +260,53 @@ def vq_nearest(
     """
     _check_inputs(z, codebook, metric)
     chosen = resolve_backend(backend, z.device, GPU_PREFERENCE)
-    if chosen == "reference":
-        indices, scores = vq_nearest_reference(z, codebook, metric)
-    elif chosen == "triton":
+    candidates = automatic_gpu_candidates(backend, z.device, GPU_PREFERENCE)
+    (N, D), K = z.shape, codebook.shape[0]
+    # Timed in eager calls only: while torch.compile traces, sizes may be symbolic and the
+    # first ready backend runs.
+    if len(candidates) > 1 and not torch.compiler.is_compiling():
+        chosen = _fastest_nearest_backend(
+            candidates, str(z.device), z.dtype, max(1, N - 1).bit_length(), K, D, metric
+        )
+    indices, scores = _nearest(chosen, z, codebook, metric)
+    return (indices, scores) if return_scores else indices
+
+
+def _nearest(
+    backend: str, z: torch.Tensor, codebook: torch.Tensor, metric: Metric
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """vq_nearest's indices and scores on a resolved backend."""
+    if backend == "reference":
+        return vq_nearest_reference(z, codebook, metric)
+    if backend == "triton":
         scores, indices = _triton_ops().vq_nearest_triton(z, codebook, metric)
     else:
         scores, indices = torch.ops.eegfast.vq_nearest(z, codebook, metric)
-    return (indices, scores) if return_scores else indices
+    return indices, scores
+
+
+def _fastest_nearest_backend(
+    candidates: tuple[str, ...],
+    device: str,
+    dtype: torch.dtype,
+    rows_log2: int,
+    K: int,
+    D: int,
+    metric: str,
+) -> str:
+    """The faster of ``candidates`` for vq_nearest on ``device``: timed the first time a case
+    (dtype, rows rounded up to 2 ** rows_log2, K, D, metric) is seen, on random rows and codes
+    (the kernels' time does not depend on the values: every code is scored for every row,
+    and rows that need a float64 re-score are rare in either kernel)."""
+
+    def make_run():
+        gen = torch.Generator(device=device).manual_seed(0)
+        z = torch.randn(2**rows_log2, D, device=device, dtype=dtype, generator=gen)
+        codebook = torch.randn(K, D, device=device, dtype=dtype, generator=gen)
+        return lambda backend: _nearest(backend, z, codebook, metric)  # type: ignore[arg-type]
+
+    case = (device, dtype, rows_log2, K, D, metric)
+    return measured_choice("vq_nearest", case, list(candidates), make_run, measure=True)
 
 
 def vq_code_stats(

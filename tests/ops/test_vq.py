@@ -311,6 +311,54 @@ def test_torch_compile_fullgraph():
     assert z.grad is not None and z.grad.isfinite().all()
 
 
+@pytest.mark.parametrize("faster", ["reference", "cpu"])
+def test_automatic_gpu_backend_is_timed_once_per_case(faster, monkeypatch):
+    """Where two GPU backends are ready and the backend is automatic, vq_nearest times both on
+    random inputs of the case's size the first time it is seen and runs the faster; later
+    calls of the case reuse the choice. On CPU tensors, "reference" and "cpu" stand in for
+    the two GPU backends."""
+    from eegfast.ops import _variants, vq
+
+    monkeypatch.setattr(_variants, "_CHOSEN", {})
+    monkeypatch.setattr(vq, "automatic_gpu_candidates", lambda *args: ("reference", "cpu"))
+    timed, ran = [], []
+    real_nearest = vq._nearest
+
+    def nearest(backend, z, codebook, metric):
+        ran.append((backend, z.shape[0]))
+        return real_nearest(backend, z, codebook, metric)
+
+    def timer(call):
+        call()
+        timed.append(ran[-1])
+        return 1.0 if ran[-1][0] == faster else 2.0
+
+    monkeypatch.setattr(vq, "_nearest", nearest)
+    monkeypatch.setattr(_variants, "time_ms", timer)
+    gen = torch.Generator().manual_seed(3)
+    z, codebook = torch.randn(100, 12, generator=gen), torch.randn(40, 12, generator=gen)
+    indices = vq_nearest(z, codebook)
+    assert timed == [("reference", 128), ("cpu", 128)]  # rows rounded up to a power of two
+    assert ran[-1] == (faster, 100)
+    assert torch.equal(indices, vq_nearest_reference(z, codebook)[0])
+    assert list(_variants.chosen_variants("vq_nearest").values()) == [faster]
+    vq_nearest(z[:90], codebook)  # the same case
+    assert len(timed) == 2 and ran[-1] == (faster, 90)
+    # While torch.compile traces, sizes may be symbolic: no timing, the first ready backend,
+    # no graph break.
+    compiled = torch.compile(vq_nearest, backend="eager", fullgraph=True, dynamic=True)
+    assert torch.equal(compiled(z, codebook[:31]), vq_nearest_reference(z, codebook[:31])[0])
+    assert len(timed) == 2 and ran[-1] == ("cpu", 100)  # resolve_backend's, for CPU tensors
+
+
+def test_automatic_gpu_candidates():
+    from eegfast.ops._backend import automatic_gpu_candidates
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert automatic_gpu_candidates(None, cpu, ("triton", "cuda")) == ()
+    assert automatic_gpu_candidates("triton", cuda, ("triton", "cuda")) == ()  # asked for
+
+
 # ---- GPU --------------------------------------------------------------------------------------
 
 
@@ -349,6 +397,24 @@ def test_gpu_opcheck_and_compile():
             lambda a, b, name=backend: vq_nearest(a, b, backend=name), fullgraph=True
         )
         torch.testing.assert_close(compiled(z, codebook), vq_nearest_reference(z, codebook)[0])
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_automatic_backend_is_the_faster_ready_one(monkeypatch):
+    """With both GPU backends ready, the automatic choice times them once for the case and
+    keeps one; the indices are the reference's either way."""
+    from eegfast.ops import _variants
+
+    if len(gpu_backends()) < 2:
+        pytest.skip("needs both GPU backends (the CUDA extension and triton)")
+    monkeypatch.delenv("EEGFAST_BACKEND", raising=False)
+    monkeypatch.setattr(_variants, "_CHOSEN", {})
+    z, codebook = sample_inputs(4096, 1024, 32, torch.bfloat16, 5, device="cuda")
+    indices = vq_nearest(z, codebook)
+    chosen = _variants.chosen_variants("vq_nearest")
+    assert len(chosen) == 1 and set(chosen.values()) <= {"cuda", "triton"}, chosen
+    torch.testing.assert_close(indices, vq_nearest_reference(z, codebook)[0])
 
 
 @pytest.mark.skipif(not has_ptxas(), reason="this triton install has no bundled ptxas")
