@@ -260,11 +260,13 @@ def vq_nearest(
     """
     _check_inputs(z, codebook, metric)
     chosen = resolve_backend(backend, z.device, GPU_PREFERENCE)
-    candidates = automatic_gpu_candidates(backend, z.device, GPU_PREFERENCE)
-    (N, D), K = z.shape, codebook.shape[0]
     # Timed in eager calls only: while torch.compile traces, sizes may be symbolic and the
     # first ready backend runs.
-    if len(candidates) > 1 and not torch.compiler.is_compiling():
+    candidates = () if torch.compiler.is_compiling() else (
+        automatic_gpu_candidates(backend, z.device, GPU_PREFERENCE)
+    )  # fmt: skip
+    if len(candidates) > 1:
+        (N, D), K = z.shape, codebook.shape[0]
         chosen = _fastest_nearest_backend(
             candidates, str(z.device), z.dtype, max(1, N - 1).bit_length(), K, D, metric
         )
