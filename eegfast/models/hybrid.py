@@ -117,10 +117,9 @@ class HybridOutput:
     ar_token_accuracy: torch.Tensor | None = None
     masked_accuracy: torch.Tensor | None = None
 
-    def scalars(self) -> dict[str, float]:
-        """Every loss/accuracy as a float, for logging."""
-        out = {}
-        for name in (
+    def scalar_tensors(self) -> dict[str, torch.Tensor]:
+        """Every loss/accuracy, detached, where it was computed (no wait for the device)."""
+        names = (
             "loss",
             "masked_loss",
             "ar_loss",
@@ -128,11 +127,13 @@ class HybridOutput:
             "ar_signal_loss",
             "ar_token_accuracy",
             "masked_accuracy",
-        ):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = float(value.detach())
-        return out
+        )
+        values = {name: getattr(self, name) for name in names}
+        return {name: value.detach() for name, value in values.items() if value is not None}
+
+    def scalars(self) -> dict[str, float]:
+        """Every loss/accuracy as a float, for logging."""
+        return {name: float(value) for name, value in self.scalar_tensors().items()}
 
 
 # --------------------------------------------------------------------------------------------

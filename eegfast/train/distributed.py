@@ -67,13 +67,13 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value / info.world_size
 
 
-def any_true(flag: bool, device: torch.device, info: DistInfo) -> bool:
-    """True on every rank if ``flag`` is True on any rank."""
+def min_across_ranks(value: int, device: torch.device, info: DistInfo) -> int:
+    """The smallest of every rank's ``value``."""
     if not info.enabled:
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item() > 0)
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
 
 
 def wrap_model(

@@ -6,6 +6,12 @@ fp16 with a GradScaler), activation checkpointing and ``torch.compile`` flags, D
 torchrun, periodic atomic checkpoints with retention and exact resume, CSV/TensorBoard logging
 and a tqdm bar on rank 0. A non-finite loss stops the run with :class:`NonFiniteLossError`
 before anything is saved, so the last checkpoint on disk is the last good one.
+
+The host never waits for the device between log points: each step's loss, gradient norm and
+metrics stay where they were computed, and are read back together, in one transfer, every
+``train.log_every`` steps and before each checkpoint. That is also where a non-finite loss is
+found (naming the step it appeared at), so no checkpoint is written after it. Batches come
+from pinned memory by asynchronous copies on a GPU.
 """
 
 from __future__ import annotations
@@ -33,14 +39,43 @@ from eegfast.train.config import RunConfig, config_to_dict, config_to_yaml
 from eegfast.train.distributed import (
     DistInfo,
     all_reduce_mean,
-    any_true,
     barrier,
+    min_across_ranks,
     wrap_model,
 )
 from eegfast.train.objectives import StepContext, StepFn
 from eegfast.train.optim import build_optimizer, build_scheduler
 from eegfast.train.runlog import RunLogger
 from eegfast.train.sampler import EpochBatchSampler
+
+
+@dataclass
+class _StepScalars:
+    """An optimiser step's scalars, still where they were computed."""
+
+    step: int  # 1-based number of the optimiser step
+    epoch: int
+    loss: torch.Tensor  # mean over the step's micro-batches
+    grad_norm: torch.Tensor
+    metrics: dict[str, list[float | torch.Tensor]]  # one value per micro-batch
+
+
+def _read_back(values: list[float | torch.Tensor]) -> list[float]:
+    """Floats of ``values``: the tensors' in one transfer per device."""
+    out = [0.0] * len(values)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(i)
+        elif isinstance(v, (int, float)):
+            out[i] = float(v)
+        else:
+            raise TypeError(f"a step metric must be a float or a 0-d tensor, got {type(v)}")
+    for positions in by_device.values():
+        stacked = torch.stack([values[i].detach().float().reshape(()) for i in positions])
+        for i, value in zip(positions, stacked.tolist(), strict=True):
+            out[i] = value
+    return out
 
 
 class NonFiniteLossError(RuntimeError):
@@ -262,7 +297,8 @@ def fit(
         disable=not (info.is_main and train_cfg.progress),
         dynamic_ncols=True,
     )
-    loader_kwargs = {"num_workers": config.data.num_workers}
+    # Pinned batches, so that the steps' copies to the GPU are asynchronous.
+    loader_kwargs = {"num_workers": config.data.num_workers, "pin_memory": device.type == "cuda"}
     if config.data.num_workers > 0:
         loader_kwargs["persistent_workers"] = False
     collate = indexed_collate(collate_fn)
@@ -270,13 +306,63 @@ def fit(
     result = FitResult(step=step, epoch=epoch, run_dir=run_dir, resumed_from=resume_from)
     window: dict[str, list[float]] = {}
     since_checkpoint: list[float] = []
+    pending: list[_StepScalars] = []  # steps whose scalars are not read back yet
     checkpoint_every = train_cfg.checkpoint_every or steps_per_epoch
     last_saved: Path | None = None
     started = time.perf_counter()
     samples_seen = 0
 
+    def read_pending() -> None:
+        """Read the pending steps' scalars back, stop at the first non-finite loss (or gradient
+        norm, but for fp16, whose scaler skips such steps) on any rank, and file them into
+        the results and the log window."""
+        nonlocal pending
+        if not pending:  # the same on every rank: read points are the same steps
+            return
+        flat: list[float | torch.Tensor] = []
+        for record in pending:
+            flat += [record.loss, record.grad_norm]
+            for values in record.metrics.values():
+                flat += values
+        floats = iter(_read_back(flat))
+        read = []
+        for record in pending:
+            loss, grad_norm = next(floats), next(floats)
+            metrics = {k: [next(floats) for _ in v] for k, v in record.metrics.items()}
+            read.append((record, loss, grad_norm, metrics))
+        first_bad, found = 2**62, ""
+        for record, loss, grad_norm, _ in read:
+            if not math.isfinite(loss):
+                first_bad, found = record.step, f"loss ({loss})"
+                break
+            if not math.isfinite(grad_norm) and amp_dtype != torch.float16:
+                first_bad, found = record.step, f"gradient norm ({grad_norm})"
+                break
+        first_bad_anywhere = min_across_ranks(first_bad, device, info)
+        if first_bad_anywhere < 2**62:
+            bad = next(r for r, *_ in read if r.step == first_bad_anywhere)
+            raise NonFiniteLossError(
+                _non_finite_message(
+                    found if first_bad == first_bad_anywhere else "value on another rank",
+                    bad.step,
+                    bad.epoch,
+                    read[-1][0].step,
+                    last_saved,
+                    run_dir,
+                )
+            )
+        for _, loss, grad_norm, metrics in read:
+            result.losses.append(loss)
+            since_checkpoint.append(loss)
+            window.setdefault("loss", []).append(loss)
+            window.setdefault("grad_norm", []).append(grad_norm)
+            for key, values in metrics.items():
+                window.setdefault(key, []).extend(values)
+        pending = []
+
     def save(batch_in_epoch: int, save_epoch: int) -> Path | None:
         nonlocal since_checkpoint
+        read_pending()  # raises before anything is saved if a step went non-finite
         metric_values = {}
         if eval_fn is not None:
             model.eval()
@@ -329,7 +415,8 @@ def fit(
             micro = 0
             batch_in_epoch = start_batch
             limit = steps_per_epoch * accum
-            step_losses: list[float] = []
+            micro_losses: list[torch.Tensor] = []
+            micro_metrics: dict[str, list[float | torch.Tensor]] = {}
             for batch in loader:
                 if batch_in_epoch >= limit or step >= total_steps:
                     break
@@ -343,16 +430,10 @@ def fit(
                         device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32
                     ):
                         out = step_fn(model, batch, ctx)
-                    loss_value = out.loss.detach().float()
-                    bad = not bool(torch.isfinite(loss_value))
-                    if any_true(bad, device, info):
-                        raise NonFiniteLossError(
-                            _non_finite_message(float(loss_value), step, epoch, last_saved, run_dir)
-                        )
+                    micro_losses.append(out.loss.detach().float())
                     scaler.scale(out.loss / accum).backward()
-                step_losses.append(float(loss_value))
                 for key, value in out.metrics.items():
-                    window.setdefault(key, []).append(value)
+                    micro_metrics.setdefault(key, []).append(value)
                 micro += 1
                 batch_in_epoch += 1
                 samples_seen += int(batch["x"].shape[0])
@@ -363,15 +444,8 @@ def fit(
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in raw_model.parameters() if p.grad is not None], max_norm
                 )
-                grad_norm = float(
-                    grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                )
-                if not math.isfinite(grad_norm) and amp_dtype != torch.float16:
-                    raise NonFiniteLossError(
-                        _non_finite_message(
-                            grad_norm, step, epoch, last_saved, run_dir, what="gradient norm"
-                        )
-                    )
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                    grad_norm = grad_norm.full_tensor()
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -383,20 +457,24 @@ def fit(
                     )
                     scheduler.step()
                 step += 1
-                mean_loss = float(np.mean(step_losses))
-                step_losses = []
-                result.losses.append(mean_loss)
-                since_checkpoint.append(mean_loss)
-                window.setdefault("loss", []).append(mean_loss)
-                window.setdefault("grad_norm", []).append(grad_norm)
+                pending.append(
+                    _StepScalars(
+                        step,
+                        epoch,
+                        torch.stack(micro_losses).mean(),
+                        grad_norm.detach(),
+                        micro_metrics,
+                    )
+                )
+                micro_losses, micro_metrics = [], {}
                 bar.update(1)
                 if step % train_cfg.log_every == 0 or step == total_steps:
-                    scalars = {
-                        f"train/{k}": float(
-                            all_reduce_mean(torch.tensor(np.mean(v), device=device), info)
-                        )
-                        for k, v in window.items()
-                    }
+                    read_pending()
+                    names = sorted(window)  # the same order on every rank
+                    means = torch.tensor([float(np.mean(window[k])) for k in names])
+                    if info.enabled:  # one all-reduce for every scalar
+                        means = all_reduce_mean(means.to(device), info).cpu()
+                    scalars = {f"train/{k}": v for k, v in zip(names, means.tolist(), strict=True)}
                     scalars["train/lr"] = scheduler.get_last_lr()[0]
                     elapsed = time.perf_counter() - started
                     scalars["train/samples_per_s"] = (
@@ -435,7 +513,7 @@ def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:
 
 
 def _non_finite_message(
-    value: float, step: int, epoch: int, last: Path | None, run_dir: Path, what: str = "loss"
+    what: str, step: int, epoch: int, found_at: int, last: Path | None, run_dir: Path
 ) -> str:
     kept = (
         f"the last good checkpoint is {last}"
@@ -443,7 +521,8 @@ def _non_finite_message(
         else (f"no checkpoint of this run was written yet (run folder {run_dir})")
     )
     return (
-        f"non-finite {what} ({value}) at optimiser step {step + 1}, epoch {epoch}: training "
-        f"stopped and nothing was saved from this step; {kept}. Try a lower optim.lr, "
-        "optim.clip_grad > 0 or train.precision=fp32, then resume with --resume auto."
+        f"non-finite {what} at optimiser step {step}, epoch {epoch} (read back at step "
+        f"{found_at}: losses are read every train.log_every steps and before each checkpoint): "
+        f"training stopped and nothing was saved from that step on; {kept}. Try a lower "
+        "optim.lr, optim.clip_grad > 0 or train.precision=fp32, then resume with --resume auto."
     )

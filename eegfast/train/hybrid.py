@@ -29,6 +29,7 @@ from eegfast.train.objectives import (
     register_objective,
     sample_masks,
     to_device,
+    to_device_async,
     tokenizer_codes,
 )
 
@@ -77,9 +78,10 @@ def hybrid_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> St
         num_tokens = x.shape[1] * x.shape[2]
         mask = sample_masks(
             batch["index"], num_tokens, ctx.mask_ratio, seed=ctx.seed, epoch=ctx.epoch
-        ).to(ctx.device)
+        )
+        mask = to_device_async(mask, ctx.device)
     out = model(x, chans, targets, mask, channel_padding_mask=batch.get("channel_padding_mask"))
-    metrics = {k: v for k, v in out.scalars().items() if k != "loss"}
+    metrics = {k: v for k, v in out.scalar_tensors().items() if k != "loss"}
     return StepOutput(out.loss, metrics)
 
 

@@ -26,25 +26,41 @@ class TargetCache:
     A window's codes depend on its samples alone: the tokenizer is frozen and in eval mode,
     prepared windows never change, and batches never pad channels (they are grouped by
     electrode set), so after the first epoch pretraining skips the tokenizer's forward. Codes
-    are kept on the host as int16 (int32 past 32767 codes): 512 bytes for a window of 256
+    are kept on the host as int16 (int32 past 32768 codes): 512 bytes for a window of 256
     patches. Only for one dataset: indices are positions in it.
+
+    Codes computed on a GPU come back by an asynchronous copy into pinned memory: ``put`` does
+    not make the host wait for the device, and a window's row is filed once its copy is done
+    (at the latest on the next ``get`` after it), so the first epoch runs unsynchronised too.
+
+    Args:
+        num_codes: the tokenizer's codebook size; it fixes the row dtype. Without it every
+            ``put`` reads the codes' maximum (a wait for the device on a GPU).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, num_codes: int | None = None) -> None:
+        if num_codes is not None and num_codes < 1:
+            raise ValueError(f"num_codes must be >= 1, got {num_codes}")
+        self.num_codes = num_codes
         self._codes: dict[int, np.ndarray] = {}
+        # (indices, host tensor, CUDA event): copies from the device still in flight.
+        self._in_flight: list[tuple[list[int], torch.Tensor, Any]] = []
         self.hits = 0  # batches served from the cache
         self.misses = 0  # batches the tokenizer ran for
 
     def __len__(self) -> int:
+        self._file_arrived(wait=True)
         return len(self._codes)
 
     @property
     def nbytes(self) -> int:
+        self._file_arrived(wait=True)
         return sum(codes.nbytes for codes in self._codes.values())
 
     def get(self, indices: list[int], num_tokens: int) -> torch.Tensor | None:
         """(B, num_tokens) int64 codes of the windows ``indices``, or None unless every one is
         cached with that many tokens."""
+        self._file_arrived(wait=False)
         rows = [self._codes.get(i) for i in indices]
         if not rows or any(row is None or row.shape[0] != num_tokens for row in rows):
             return None
@@ -57,10 +73,42 @@ class TargetCache:
                 f"codes must have shape (len(indices), T) = ({len(indices)}, T), got "
                 f"{tuple(codes.shape)}"
             )
-        small = codes.numel() == 0 or int(codes.max()) <= np.iinfo(np.int16).max
-        host = codes.to("cpu", torch.int16 if small else torch.int32).numpy()
-        for index, row in zip(indices, host, strict=True):
+        if self.num_codes is not None:
+            small = self.num_codes <= np.iinfo(np.int16).max + 1
+        else:
+            small = codes.numel() == 0 or int(codes.max()) <= np.iinfo(np.int16).max
+        compact = codes.to(torch.int16 if small else torch.int32)
+        if compact.device.type == "cuda":
+            host = compact.to("cpu", non_blocking=True)  # pinned destination, no host wait
+            arrived = torch.cuda.Event()
+            arrived.record()
+            self._in_flight.append((list(indices), host, arrived))
+        else:
+            self._file(list(indices), compact.cpu())
+
+    def _file(self, indices: list[int], host: torch.Tensor) -> None:
+        for index, row in zip(indices, host.numpy(), strict=True):
             self._codes[index] = row.copy()
+
+    def _file_arrived(self, *, wait: bool) -> None:
+        """File the rows whose copies are done (all of them, waiting, if ``wait``)."""
+        pending = []
+        for indices, host, arrived in self._in_flight:
+            if wait:
+                arrived.synchronize()
+            if wait or arrived.query():
+                self._file(indices, host)
+            else:
+                pending.append((indices, host, arrived))
+        self._in_flight = pending
+
+
+def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` without the host waiting for a GPU: host tensors are staged
+    through pinned memory (a copy from pageable memory may wait for the device's queue)."""
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def tokenizer_codes(
@@ -73,12 +121,12 @@ def tokenizer_codes(
     """(B, C·A) codes of the batch's windows from the frozen tokenizer, through
     ``ctx.target_cache`` when there is one."""
     cache = ctx.target_cache
-    indices = [int(i) for i in batch["index"]] if cache is not None else []
+    indices = batch["index"].tolist() if cache is not None else []
     if cache is not None:
         cached = cache.get(indices, x.shape[1] * x.shape[2])
         if cached is not None:
             cache.hits += 1
-            return cached.to(x.device, non_blocking=True)
+            return to_device_async(cached, x.device)
     with torch.no_grad():
         codes = ctx.tokenizer.get_codebook_indices(
             x, input_chans, channel_padding_mask=channel_padding_mask
@@ -109,7 +157,9 @@ class StepContext:
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # scalar, in the graph
-    metrics: dict[str, float] = field(default_factory=dict)  # detached scalars for logging
+    # Detached scalars for logging: floats, or 0-d tensors left on the device (the engine reads
+    # them back in one transfer at its log points, so steps never wait for the device).
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. logits for evaluation
 
 
@@ -145,7 +195,7 @@ def get_objective(name: str) -> StepFn:
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        k: to_device_async(v, device) if isinstance(v, torch.Tensor) else v
         for k, v in batch.items()
     }
 
@@ -184,7 +234,7 @@ def moe_aux_loss(model: nn.Module, weights: dict[str, float]) -> tuple[torch.Ten
         value = losses.get(name) if isinstance(losses, dict) else None
         if isinstance(value, torch.Tensor) and weight:
             total = weight * value if total is None else total + weight * value
-            logged[name] = float(value.detach())
+            logged[name] = value.detach()
     return total, logged
 
 
@@ -194,9 +244,7 @@ def tokenizer_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) ->
     out = model(
         batch["x"], batch["input_chans"], channel_padding_mask=batch.get("channel_padding_mask")
     )
-    metrics = {
-        name: float(value.detach()) for name, value in _scalars(out).items() if name != "loss"
-    }
+    metrics = {name: value.detach() for name, value in _scalars(out).items() if name != "loss"}
     return StepOutput(out.loss, metrics)
 
 
@@ -210,8 +258,10 @@ def masked_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> St
     targets = tokenizer_codes(ctx, batch, x, chans, padding)
     num_tokens = x.shape[1] * x.shape[2]
     mask = sample_masks(batch["index"], num_tokens, ctx.mask_ratio, seed=ctx.seed, epoch=ctx.epoch)
-    out = model(x, chans, targets, mask=mask.to(ctx.device), channel_padding_mask=padding)
-    metrics = {k: float(v.detach()) for k, v in _scalars(out).items() if k != "loss"}
+    out = model(
+        x, chans, targets, mask=to_device_async(mask, ctx.device), channel_padding_mask=padding
+    )
+    metrics = {k: v.detach() for k, v in _scalars(out).items() if k != "loss"}
     return StepOutput(out.loss, metrics)
 
 
@@ -238,7 +288,7 @@ def classification_step(model: nn.Module, batch: dict[str, Any], ctx: StepContex
     loss = F.cross_entropy(
         logits.float(), labels, weight=None if weight is None else weight.to(logits.device)
     )
-    metrics = {"accuracy": float((logits.argmax(-1) == labels).float().mean())}
+    metrics = {"accuracy": (logits.argmax(-1) == labels).float().mean().detach()}
     aux, aux_logged = moe_aux_loss(model, ctx.aux_weights)
     if aux is not None:
         loss = loss + aux

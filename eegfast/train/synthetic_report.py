@@ -216,7 +216,8 @@ def train_hybrid(x, chans, tokenizer, settings: ReportSettings, seed: int):
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
         opt.step()
-        history.append({"loss": float(out.loss.detach()), **out.metrics})
+        metrics = {k: float(v) for k, v in out.metrics.items()}
+        history.append({"loss": float(out.loss.detach()), **metrics})
     return model.eval(), history
 
 

@@ -3,11 +3,13 @@ interfaces of eegfast's LaBraM classifier, pretraining model and tokenizer (CONT
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class SyntheticEEG(torch.utils.data.Dataset):
@@ -133,3 +135,27 @@ class TinyPretrain(nn.Module):
             losses.append(F.cross_entropy(logits, targets[m]))
             accs.append((logits.argmax(-1) == targets[m]).float().mean())
         return SimpleNamespace(loss=losses[0] + losses[1], accuracy=(accs[0] + accs[1]) / 2)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's value back to the host: on a GPU, each one makes
+    the host wait for every kernel queued before it."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self._counting = True
+
+    @contextlib.contextmanager
+    def paused(self):
+        self._counting = False
+        try:
+            yield
+        finally:
+            self._counting = True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += self._counting and func in self.READS
+        return func(*args, **(kwargs or {}))

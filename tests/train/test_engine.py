@@ -3,6 +3,7 @@ gradient accumulation, non-finite loss."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from eegfast.train.engine import NonFiniteLossError, fit
 from eegfast.train.objectives import StepContext, StepOutput
 from eegfast.train.runlog import read_metrics
 from tests.train import worker
-from tests.train.fakes import SyntheticEEG, TinyClassifier, collate
+from tests.train.fakes import HostReads, SyntheticEEG, TinyClassifier, collate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -205,3 +206,68 @@ def test_fp16_loss_scaling_checkpoints_the_scaler_and_resumes_exactly(tmp_path):
             shutil.rmtree(info.path)
     worker.run("finetune", str(partial), overrides, resume="auto")
     assert_same_weights(final_weights(full), final_weights(partial))
+
+
+def test_steps_between_log_points_never_read_values_back(tmp_path, monkeypatch):
+    """Masked pretraining with the target cache (as `eegfast pretrain` runs it): the host reads
+    no value between log points, so a GPU's queue is never drained there. Runs logging only at
+    the end read as many values for 2 steps as for 5 (the tokenizer's first epoch), and for 7
+    as for 12 (the second epoch's steps take the codes from the cache); the losses, gradient
+    norms and metrics are read back once per checkpoint (at each epoch's end), all logged."""
+    from eegfast.models import create_model
+    from eegfast.models.labram import LaBraMTrunk
+    from eegfast.train import engine
+    from eegfast.train.config import RunConfig
+    from eegfast.train.objectives import TargetCache, masked_step
+
+    data = SyntheticEEG(24, channels=(3,), patches=2)  # 6 steps an epoch
+    read_backs = []
+    original = engine._read_back
+    monkeypatch.setattr(
+        engine, "_read_back", lambda values: read_backs.append(len(values)) or original(values)
+    )
+    # The models check input_chans on the host when it is there (never on a GPU): not counted.
+    check_input_chans = LaBraMTrunk.resolve_input_chans
+
+    def uncounted_check(*args, **kwargs):
+        with reads.paused():
+            return check_input_chans(*args, **kwargs)
+
+    monkeypatch.setattr(LaBraMTrunk, "resolve_input_chans", uncounted_check)
+    counts = {}
+    for steps in (2, 5, 7, 12):
+        torch.manual_seed(0)
+        model = create_model("labram_tiny_pretrain")
+        tokenizer = create_model("vqnsp_tiny").eval().requires_grad_(False)
+        config = RunConfig().with_overrides(
+            {
+                "train.batch_size": 4,
+                "train.max_steps": steps,
+                "train.log_every": 1000,
+                "train.progress": False,
+                "optim.fused": "true",  # the CPU AdamW's loop reads its step count back
+            }
+        )
+        cache = TargetCache(tokenizer.config.num_codes)
+        ctx = StepContext(torch.device("cpu"), tokenizer=tokenizer, target_cache=cache)
+        read_backs.clear()
+        with HostReads() as reads:
+            result = fit(
+                model,
+                masked_step,
+                data,
+                config,
+                tmp_path / str(steps),
+                group_keys=data.group_keys(),
+                collate_fn=collate,
+                ctx=ctx,
+            )
+        counts[steps] = reads.count
+        assert len(result.losses) == steps and all(map(math.isfinite, result.losses))
+        assert cache.hits == max(0, steps - 6)
+        # each step's loss and gradient norm and the masked objective's five metrics, read
+        # back before each checkpoint: the first epoch's end and the last step
+        assert read_backs == ([steps * 7] if steps <= 6 else [6 * 7, (steps - 6) * 7])
+        logged = read_metrics(tmp_path / str(steps) / "metrics.csv")
+        assert {"train/loss", "train/grad_norm", "train/accuracy_masked"} <= logged.keys()
+    assert counts[2] == counts[5] and counts[7] == counts[12]

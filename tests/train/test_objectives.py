@@ -6,6 +6,7 @@ import torch
 from eegfast.models import create_model
 from eegfast.train.hybrid import create_hybrid_pretrain_model, hybrid_step
 from eegfast.train.objectives import StepContext, TargetCache, masked_step
+from tests.train.fakes import HostReads
 
 
 def test_target_cache_keeps_codes_by_window():
@@ -22,6 +23,21 @@ def test_target_cache_keeps_codes_by_window():
     assert torch.equal(cache.get([1], 2), torch.tensor([[40000, 2]]))
     with pytest.raises(ValueError, match=r"codes must have shape \(len\(indices\), T\)"):
         cache.put([1, 2], torch.zeros(3, 2, dtype=torch.long))
+
+
+def test_target_cache_row_dtype_follows_the_codebook_size():
+    """Given the codebook size, rows are int16 up to 32768 codes, int32 past it, and ``put``
+    never reads the codes (on a GPU that would wait for the device)."""
+    codes = torch.tensor([[3, 8191, -1]])
+    small, large = TargetCache(num_codes=32768), TargetCache(num_codes=32769)
+    with HostReads() as reads:
+        small.put([0], codes)
+        large.put([0], codes)
+    assert reads.count == 0
+    assert (small.nbytes, large.nbytes) == (6, 12)
+    assert torch.equal(small.get([0], 3), codes) and torch.equal(large.get([0], 3), codes)
+    with pytest.raises(ValueError, match="num_codes must be >= 1"):
+        TargetCache(num_codes=0)
 
 
 class CountingTokenizer(torch.nn.Module):

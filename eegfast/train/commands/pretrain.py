@@ -106,7 +106,7 @@ def _main(args: argparse.Namespace) -> int:
             runtime,
             f"pretrain ({config.pretrain.objective}) {config.model.name}: {len(data)} windows",
         )
-        cache = TargetCache() if config.pretrain.cache_targets else None
+        cache = TargetCache(vocab) if config.pretrain.cache_targets else None
         result = fit(
             model,
             step,
