@@ -97,7 +97,7 @@ for s in "${stages[@]}"; do
   qk-tests) stage qk-tests 200 tests.log "${PYTEST[@]}" $(workers 8) tests/ops/test_qk_norm_attention_triton.py ;;
   pretrain) stage pretrain 360 bench.log "$PY" -m benchmarks.bench_pretrain --gpu --size base --out "$RESULTS" ;;
   build-wait) wait_build ;;
-  cuda-tests) stage cuda-tests 120 tests.log env EEGFAST_REQUIRE_EXT=1 "${PYTEST[@]}" $(workers 4) tests/ops/test_vq.py tests/ops/test_vq_ema.py tests/ops/test_moe.py tests/nn ;;
+  cuda-tests) stage cuda-tests 120 tests.log env EEGFAST_REQUIRE_EXT=1 "${PYTEST[@]}" $(workers 4) tests/ops/test_vq.py tests/ops/test_vq_ema.py tests/ops/test_moe.py tests/nn tests/models/test_pretrain.py tests/train/test_engine.py ;;
   cuda-bench) stage cuda-bench 150 bench.log "$PY" -m benchmarks.gpu --ops vq moe --out "$RESULTS" ;;
   qk-bench) stage qk-bench 300 bench.log "$PY" -m benchmarks.gpu_qk_norm_attention --out "$RESULTS" ;;
   qk-bench-base) stage qk-bench-base 300 bench.log "$PY" -m benchmarks.gpu_qk_norm_attention --shapes base --out "$RESULTS" ;;

@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from eegfast.testing import requires_cuda
 from eegfast.train import checkpoint as ckpt
 from eegfast.train.engine import NonFiniteLossError, fit
 from eegfast.train.objectives import StepContext, StepOutput
@@ -271,3 +272,59 @@ def test_steps_between_log_points_never_read_values_back(tmp_path, monkeypatch):
         logged = read_metrics(tmp_path / str(steps) / "metrics.csv")
         assert {"train/loss", "train/grad_norm", "train/accuracy_masked"} <= logged.keys()
     assert counts[2] == counts[5] and counts[7] == counts[12]
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_training_loop_never_waits_for_the_gpu_between_log_points(tmp_path, monkeypatch):
+    """`fit` with masked pretraining and the target cache on a GPU: from the third step (the
+    first two compile, autotune and time launch choices) until the loop reads its scalars
+    back at the end, CUDA raises on any call that makes the host wait for the device — data
+    copies, the objective, backward, clipping, the optimiser, the cache's copies back."""
+    from eegfast.models import create_model
+    from eegfast.train import engine
+    from eegfast.train.config import RunConfig
+    from eegfast.train.objectives import TargetCache, masked_step
+
+    device = torch.device("cuda")
+    data = SyntheticEEG(24, channels=(3,), patches=2)  # 6 steps an epoch, the cache's hits after
+    original = engine._read_back
+
+    def read_back(values):
+        torch.cuda.set_sync_debug_mode("default")
+        return original(values)
+
+    def step(model, batch, ctx):
+        if ctx.step >= 2:  # again after each read-back (which turns it off)
+            torch.cuda.set_sync_debug_mode("error")
+        return masked_step(model, batch, ctx)
+
+    monkeypatch.setattr(engine, "_read_back", read_back)
+    model = create_model("labram_tiny_pretrain")
+    tokenizer = create_model("vqnsp_tiny", device=device).eval().requires_grad_(False)
+    config = RunConfig().with_overrides(
+        {
+            "train.batch_size": 4,
+            "train.max_steps": 12,
+            "train.log_every": 1000,
+            "train.checkpoint_every": 1000,
+            "train.progress": False,
+        }
+    )
+    cache = TargetCache(tokenizer.config.num_codes)
+    ctx = StepContext(device, tokenizer=tokenizer, target_cache=cache)
+    try:
+        result = fit(
+            model,
+            step,
+            data,
+            config,
+            tmp_path,
+            group_keys=data.group_keys(),
+            collate_fn=collate,
+            ctx=ctx,
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(result.losses) == 12 and all(map(math.isfinite, result.losses))
+    assert cache.hits == 6
