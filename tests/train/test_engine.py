@@ -36,6 +36,25 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=atol, msg=key)
 
 
+def fit_batches_of_4(model, step, data, ctx, run_dir, overrides):
+    """``fit`` over ``data`` in batches of 4, no progress bar, with ``overrides``."""
+    from eegfast.train.config import RunConfig
+
+    config = RunConfig().with_overrides(
+        {"train.batch_size": 4, "train.progress": False, **overrides}
+    )
+    return fit(
+        model,
+        step,
+        data,
+        config,
+        run_dir,
+        group_keys=data.group_keys(),
+        collate_fn=collate,
+        ctx=ctx,
+    )
+
+
 def test_fit_learns_and_writes_run_outputs(tmp_path):
     result = worker.run("finetune", str(tmp_path), {"train.epochs": 3})
     assert result.step == 3 * 8  # 4 (task, electrode set) groups of 12 items -> 8 batches of 6
@@ -141,21 +160,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
             loss = loss * float("nan")
         return StepOutput(loss)
 
-    from eegfast.train.config import RunConfig
-
-    config = RunConfig().with_overrides(
-        {"train.batch_size": 4, "train.checkpoint_every": 2, "train.progress": False}
-    )
     with pytest.raises(NonFiniteLossError, match="step 5.*step-00000004.*resume"):
-        fit(
+        fit_batches_of_4(
             model,
             step,
             data,
-            config,
+            StepContext(torch.device("cpu")),
             tmp_path,
-            group_keys=data.group_keys(),
-            collate_fn=collate,
-            ctx=StepContext(torch.device("cpu")),
+            {"train.checkpoint_every": 2},
         )
     assert [c.step for c in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [2, 4]
 
@@ -218,7 +230,6 @@ def test_steps_between_log_points_never_read_values_back(tmp_path, monkeypatch):
     from eegfast.models import create_model
     from eegfast.models.labram import LaBraMTrunk
     from eegfast.train import engine
-    from eegfast.train.config import RunConfig
     from eegfast.train.objectives import TargetCache, masked_step
 
     data = SyntheticEEG(24, channels=(3,), patches=2)  # 6 steps an epoch
@@ -240,28 +251,21 @@ def test_steps_between_log_points_never_read_values_back(tmp_path, monkeypatch):
         torch.manual_seed(0)
         model = create_model("labram_tiny_pretrain")
         tokenizer = create_model("vqnsp_tiny").eval().requires_grad_(False)
-        config = RunConfig().with_overrides(
-            {
-                "train.batch_size": 4,
-                "train.max_steps": steps,
-                "train.log_every": 1000,
-                "train.progress": False,
-                "optim.fused": "true",  # the CPU AdamW's loop reads its step count back
-            }
-        )
         cache = TargetCache(tokenizer.config.num_codes)
         ctx = StepContext(torch.device("cpu"), tokenizer=tokenizer, target_cache=cache)
         read_backs.clear()
         with HostReads() as reads:
-            result = fit(
+            result = fit_batches_of_4(
                 model,
                 masked_step,
                 data,
-                config,
+                ctx,
                 tmp_path / str(steps),
-                group_keys=data.group_keys(),
-                collate_fn=collate,
-                ctx=ctx,
+                {
+                    "train.max_steps": steps,
+                    "train.log_every": 1000,
+                    "optim.fused": "true",  # the CPU AdamW's loop reads its step count back
+                },
             )
         counts[steps] = reads.count
         assert len(result.losses) == steps and all(map(math.isfinite, result.losses))
@@ -283,7 +287,6 @@ def test_gpu_training_loop_never_waits_for_the_gpu_between_log_points(tmp_path, 
     copies, the objective, backward, clipping, the optimiser, the cache's copies back."""
     from eegfast.models import create_model
     from eegfast.train import engine
-    from eegfast.train.config import RunConfig
     from eegfast.train.objectives import TargetCache, masked_step
 
     device = torch.device("cuda")
@@ -302,28 +305,11 @@ def test_gpu_training_loop_never_waits_for_the_gpu_between_log_points(tmp_path, 
     monkeypatch.setattr(engine, "_read_back", read_back)
     model = create_model("labram_tiny_pretrain")
     tokenizer = create_model("vqnsp_tiny", device=device).eval().requires_grad_(False)
-    config = RunConfig().with_overrides(
-        {
-            "train.batch_size": 4,
-            "train.max_steps": 12,
-            "train.log_every": 1000,
-            "train.checkpoint_every": 1000,
-            "train.progress": False,
-        }
-    )
     cache = TargetCache(tokenizer.config.num_codes)
     ctx = StepContext(device, tokenizer=tokenizer, target_cache=cache)
+    overrides = {"train.max_steps": 12, "train.log_every": 1000, "train.checkpoint_every": 1000}
     try:
-        result = fit(
-            model,
-            step,
-            data,
-            config,
-            tmp_path,
-            group_keys=data.group_keys(),
-            collate_fn=collate,
-            ctx=ctx,
-        )
+        result = fit_batches_of_4(model, step, data, ctx, tmp_path, overrides)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(result.losses) == 12 and all(map(math.isfinite, result.losses))
