@@ -5,7 +5,9 @@ complement. Both views share the patch embedding (the mask replaces patch embedd
 the TemporalConv), so here the patch embedding runs once, the two views are concatenated along
 the batch and go through the blocks together, and ``lm_head`` only sees the tokens that enter
 the loss (the masked ones of each view: C·A per sample instead of 2·C·A), picked with a
-``where`` so that all shapes stay static for ``torch.compile``.
+``where`` so that all shapes stay static for ``torch.compile``. The head and its cross-entropy
+run as :func:`eegfast.nn.linear_cross_entropy`: in row chunks, with the gradients computed as
+each chunk's logits are at hand, so the (B·C·A, 8192) logits are never kept for the backward.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from eegfast.models.labram import LaBraMConfig, LaBraMTrunk, _check_signal, token_padding_mask
+from eegfast.nn.losses import linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,8 @@ class PretrainConfig:
 class PretrainOutput(NamedTuple):
     loss: torch.Tensor  # (): CE(masked) + CE(complement), each a mean over its tokens
     accuracy: torch.Tensor  # (): top-1 accuracy over all predicted tokens of both views
-    loss_masked: torch.Tensor  # (): CE of view 1 (the given mask)
-    loss_complement: torch.Tensor  # (): CE of view 2 (the complementary mask)
+    loss_masked: torch.Tensor  # (): CE of view 1 (the given mask), detached
+    loss_complement: torch.Tensor  # (): CE of view 2 (the complementary mask), detached
     accuracy_masked: torch.Tensor
     accuracy_complement: torch.Tensor
     mask: torch.Tensor  # (B, C·A) bool: the mask of view 1
@@ -197,21 +199,27 @@ class LaBraMPretrain(nn.Module):
         # (the norm is per token, so normalising after picking is the same).
         body = tokens[:, 1:]
         predicted = student.norm(torch.where(mask[..., None], body[:B], body[B:]))  # (B, P, E)
-        logits = self.lm_head(predicted)  # (B, P, vocab)
         labels = targets.clamp_min(0)  # padded positions (-1) carry no weight below
-        per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-        per_token = per_token.view(B, P)
-        correct = (logits.argmax(-1) == labels).to(per_token.dtype)
         valid = torch.ones_like(mask) if patch_padding is None else ~patch_padding
-        in_view1, in_view2 = (mask & valid).to(per_token.dtype), (~mask & valid).to(per_token.dtype)
+        in_view1, in_view2 = (mask & valid).float(), (~mask & valid).float()
         n1, n2 = in_view1.sum().clamp_min(1), in_view2.sum().clamp_min(1)
+        # loss1 + loss2 as one weighted sum; the head's logits (B·P × vocab) are never kept
+        head = linear_cross_entropy(
+            predicted.flatten(0, 1),
+            self.lm_head.weight,
+            self.lm_head.bias,
+            labels.flatten(),
+            (in_view1 / n1 + in_view2 / n2).flatten(),
+        )
+        per_token = head.per_token.view(B, P)
+        correct = head.correct.view(B, P).float()
         loss1 = (per_token * in_view1).sum() / n1
         loss2 = (per_token * in_view2).sum() / n2
         acc1 = (correct * in_view1).sum() / n1
         acc2 = (correct * in_view2).sum() / n2
         accuracy = (correct * valid).sum() / valid.sum().clamp_min(1)
         return PretrainOutput(
-            loss=loss1 + loss2,
+            loss=head.loss,
             accuracy=accuracy,
             loss_masked=loss1,
             loss_complement=loss2,

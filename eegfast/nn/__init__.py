@@ -4,6 +4,7 @@ from eegfast.nn.attention import QKNormAttention
 from eegfast.nn.convert import ConversionReport, convert, convert_report
 from eegfast.nn.layers import Block, Mlp, TemporalConv
 from eegfast.nn.linear import fused_linear
+from eegfast.nn.losses import LinearCrossEntropy, linear_cross_entropy
 from eegfast.nn.moe import MoEAux, MoEFFN, moe_aux_losses
 from eegfast.nn.vq import CodebookEMA, NormEMAVectorQuantizer, QuantizerOutput
 
@@ -19,6 +20,8 @@ __all__ = [
     "convert",
     "convert_report",
     "fused_linear",
+    "LinearCrossEntropy",
+    "linear_cross_entropy",
     "CodebookEMA",
     "NormEMAVectorQuantizer",
     "QuantizerOutput",

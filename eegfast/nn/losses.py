@@ -1,0 +1,132 @@
+"""Cross-entropy over a large vocabulary straight from the hidden states.
+
+LaBraM's pretraining head maps 200-dim tokens onto 8192 codes: the logits are 41× the size of
+the hidden states, and plain ``F.cross_entropy(lm_head(h), y)`` keeps them for the backward
+twice (the autocast matmul's output and the fp32 log-probabilities: 0.75 GiB of the ~3.6 GiB a
+LaBraM-Base step of batch 64 saves). :func:`linear_cross_entropy` goes through the rows in
+chunks and computes the gradients of the hidden states, weight and bias while each chunk's
+logits are at hand, so nothing the size of the logits outlives its chunk; the backward only
+scales those gradients by the loss's incoming gradient. The products are the same three as
+autograd's (logits, grad·W, gradᵀ·h), in the same precision (the autocast dtype when autocast
+is on, fp32 softmax).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# Rows per chunk: an fp32 chunk of logits of about this many bytes (64 MiB: 2048 rows of 8192).
+CHUNK_BYTES = 64 << 20
+
+
+class LinearCrossEntropy(NamedTuple):
+    loss: torch.Tensor  # (): Σ_t token_weight[t] · CE[t], differentiable
+    per_token: torch.Tensor  # (T,) fp32 CE of every token, detached
+    correct: torch.Tensor  # (T,) bool: the top logit is the label
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, token_weight, chunk_rows, grad_enabled):
+        T = hidden.shape[0]
+        dtype = _compute_dtype(hidden)
+        need_h, need_w, need_b = (grad_enabled and need for need in ctx.needs_input_grad[:3])
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            per_token = hidden.new_empty(T, dtype=torch.float32)
+            correct = torch.empty(T, dtype=torch.bool, device=hidden.device)
+            grad_h = torch.empty_like(hidden) if need_h else None
+            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+            grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+            for start in range(0, T, chunk_rows):
+                rows = slice(start, min(start + chunk_rows, T))
+                h = hidden[rows].to(dtype)
+                logits = torch.nn.functional.linear(h, w, b).float()  # (rows, V)
+                lse = torch.logsumexp(logits, dim=1)
+                label = labels[rows]
+                target = logits.gather(1, label[:, None]).squeeze(1)
+                per_token[rows] = lse - target
+                correct[rows] = logits.argmax(dim=1) == label
+                if not (need_h or need_w or need_b):
+                    continue
+                # d(w_t · CE_t)/d logits = w_t · (softmax − onehot), built in place of logits
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad.scatter_add_(1, label[:, None], torch.full_like(logits[:, :1], -1.0))
+                grad.mul_(token_weight[rows, None].float())
+                if need_b:
+                    grad_b += grad.sum(dim=0)
+                grad = grad.to(dtype)
+                if need_h:
+                    grad_h[rows] = (grad @ w).to(hidden.dtype)
+                if need_w:
+                    grad_w += (grad.t() @ h).float()
+            loss = (per_token * token_weight.float()).sum()
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.mark_non_differentiable(per_token, correct)
+        return loss, per_token, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_per_token, _grad_correct):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_loss.float()
+        out_h = None if grad_h is None else grad_h * scale.to(grad_h.dtype)
+        out_w = None if grad_w is None else grad_w * scale
+        out_b = None if grad_b is None else grad_b * scale
+        return out_h, out_w, out_b, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    token_weight: torch.Tensor,
+    *,
+    chunk_rows: int | None = None,
+) -> LinearCrossEntropy:
+    """Weighted cross-entropy of ``hidden @ weight.T + bias`` without keeping the logits.
+
+    Args:
+        hidden: (T, E) hidden states.
+        weight: (V, E) and bias (V,) or None: the output layer (an ``nn.Linear``'s).
+        labels: (T,) int64 in [0, V).
+        token_weight: (T,) each token's weight in the loss (not differentiated): 1/T for
+            a mean, 0 to leave a token out.
+        chunk_rows: rows a chunk (default: an fp32 chunk of logits of about 64 MiB).
+
+    Returns:
+        ``loss`` (): Σ token_weight · CE, with gradients for ``hidden``, ``weight`` and
+        ``bias``; ``per_token`` (T,) fp32 CE and ``correct`` (T,) bool, detached.
+    """
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be (T, E), got shape {tuple(hidden.shape)}")
+    T, E = hidden.shape
+    if weight.dim() != 2 or weight.shape[1] != E:
+        raise ValueError(f"weight must be (V, E={E}), got shape {tuple(weight.shape)}")
+    V = weight.shape[0]
+    if bias is not None and bias.shape != (V,):
+        raise ValueError(f"bias must be (V={V},), got shape {tuple(bias.shape)}")
+    if labels.shape != (T,) or labels.dtype != torch.long:
+        raise ValueError(
+            f"labels must be (T={T},) int64, got shape {tuple(labels.shape)} {labels.dtype}"
+        )
+    if token_weight.shape != (T,):
+        raise ValueError(f"token_weight must be (T={T},), got shape {tuple(token_weight.shape)}")
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_BYTES // (4 * V))
+    elif chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    loss, per_token, correct = _LinearCrossEntropyFunction.apply(
+        hidden, weight, bias, labels, token_weight.detach(), chunk_rows, torch.is_grad_enabled()
+    )
+    return LinearCrossEntropy(loss, per_token, correct)

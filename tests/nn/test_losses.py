@@ -1,0 +1,154 @@
+"""linear_cross_entropy: the chunked head + cross-entropy against lm_head + F.cross_entropy."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eegfast.nn.losses import linear_cross_entropy
+
+
+def reference(hidden, weight, bias, labels, token_weight):
+    """What the pretraining head did before: logits kept, then the weighted cross-entropy."""
+    logits = F.linear(hidden, weight, bias)
+    per_token = F.cross_entropy(logits.float(), labels, reduction="none")
+    loss = (per_token * token_weight).sum()
+    return loss, per_token.detach(), logits.argmax(-1) == labels
+
+
+def make_case(T, E, V, with_bias, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, E, generator=g, dtype=dtype)
+    weight = (0.3 * torch.randn(V, E, generator=g)).to(dtype)
+    bias = (0.1 * torch.randn(V, generator=g)).to(dtype) if with_bias else None
+    labels = torch.randint(0, V, (T,), generator=g)
+    token_weight = torch.rand(T, generator=g) * (torch.rand(T, generator=g) > 0.3)
+    return hidden, weight, bias, labels, token_weight
+
+
+def grads(loss, tensors):
+    tensors = [t for t in tensors if t is not None]
+    return torch.autograd.grad(loss, tensors)
+
+
+def leaves(*tensors):
+    return [None if t is None else t.clone().requires_grad_() for t in tensors]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    T=st.integers(1, 67),
+    E=st.sampled_from([1, 20, 25, 50]),
+    V=st.integers(2, 300),
+    chunk_rows=st.integers(1, 40),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_the_kept_logits_path_fp32(T, E, V, chunk_rows, with_bias, seed):
+    """Loss, per-token CE, correctness and the gradients of hidden, weight and bias, for any
+    chunking (chunks that divide T or leave a remainder, one row a chunk, one chunk)."""
+    hidden, weight, bias, labels, token_weight = make_case(T, E, V, with_bias, seed)
+    ours = leaves(hidden, weight, bias)
+    theirs = leaves(hidden, weight, bias)
+    out = linear_cross_entropy(*ours, labels, token_weight, chunk_rows=chunk_rows)
+    loss, per_token, correct = reference(*theirs, labels, token_weight)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.per_token, per_token, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.correct, correct)
+    assert not out.per_token.requires_grad and not out.correct.requires_grad
+    for a, b in zip(grads(out.loss, ours), grads(loss, theirs), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gradients_scale_with_the_incoming_gradient():
+    hidden, weight, bias, labels, token_weight = make_case(9, 20, 33, True, 0)
+    ours, theirs = leaves(hidden, weight, bias), leaves(hidden, weight, bias)
+    out = linear_cross_entropy(*ours, labels, token_weight, chunk_rows=4)
+    loss = reference(*theirs, labels, token_weight)[0]
+    for a, b in zip(grads(-2.5 * out.loss, ours), grads(-2.5 * loss, theirs), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_matches_the_autocast_head():
+    """Under autocast the products run in bf16 as the autocast Linear does; the softmax in
+    fp32. Gradients come back in the parameters' and hidden states' dtypes."""
+    hidden, weight, bias, labels, token_weight = make_case(50, 25, 129, True, 1)
+    ours, theirs = leaves(hidden, weight, bias), leaves(hidden, weight, bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_cross_entropy(*ours, labels, token_weight, chunk_rows=16)
+        loss, per_token, _ = reference(*theirs, labels, token_weight)
+    torch.testing.assert_close(out.loss, loss, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.per_token, per_token, rtol=2e-2, atol=2e-2)
+    for a, b in zip(grads(out.loss, ours), grads(loss, theirs), strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=1e-2)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward while ``fn`` runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_the_logits_are_not_kept_for_the_backward():
+    """T × V logits are 41× the hidden states at LaBraM's sizes: the kept-logits path saves
+    them (and their fp32 log-probabilities), this one only the gradients (T·E + V·E + V)."""
+    T, E, V = 256, 20, 2048
+    hidden, weight, bias, labels, token_weight = make_case(T, E, V, True, 2)
+    ours, theirs = leaves(hidden, weight, bias), leaves(hidden, weight, bias)
+    fused = saved_bytes(lambda: linear_cross_entropy(*ours, labels, token_weight, chunk_rows=64))
+    kept = saved_bytes(lambda: reference(*theirs, labels, token_weight))
+    assert fused == 4 * (T * E + V * E + V)
+    assert kept >= 4 * T * V
+
+
+def test_without_gradients_only_the_loss_is_computed():
+    hidden, weight, bias, labels, token_weight = make_case(7, 20, 11, True, 3)
+    weight.requires_grad_()
+    with torch.no_grad():
+        out = linear_cross_entropy(hidden, weight, bias, labels, token_weight, chunk_rows=3)
+    expected = reference(hidden, weight.detach(), bias, labels, token_weight)[0]
+    torch.testing.assert_close(out.loss, expected)
+    assert not out.loss.requires_grad
+
+
+def test_compiles_in_one_graph():
+    hidden, weight, bias, labels, token_weight = make_case(19, 20, 40, True, 4)
+    ours, eager = leaves(hidden, weight, bias), leaves(hidden, weight, bias)
+
+    def head(h, w, b):
+        return linear_cross_entropy(h, w, b, labels, token_weight, chunk_rows=8).loss
+
+    compiled = torch.compile(head, backend="aot_eager", fullgraph=True)
+    loss = compiled(*ours)
+    expected = head(*eager)
+    torch.testing.assert_close(loss, expected)
+    for a, b in zip(grads(loss, ours), grads(expected, eager), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: {**a, "hidden": a["hidden"][None]}, r"hidden must be \(T, E\)"),
+        (lambda a: {**a, "weight": a["weight"][:, :3]}, r"weight must be \(V, E=20\)"),
+        (lambda a: {**a, "bias": a["bias"][:3]}, r"bias must be \(V=11,\)"),
+        (lambda a: {**a, "labels": a["labels"].int()}, r"labels must be \(T=7,\) int64"),
+        (lambda a: {**a, "token_weight": a["token_weight"][:2]}, r"token_weight must be"),
+        (lambda a: {**a, "chunk_rows": 0}, "chunk_rows must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_named(change, message):
+    hidden, weight, bias, labels, token_weight = make_case(7, 20, 11, True, 5)
+    args = dict(hidden=hidden, weight=weight, bias=bias, labels=labels)
+    args = change({**args, "token_weight": token_weight, "chunk_rows": None})
+    with pytest.raises(ValueError, match=message):
+        linear_cross_entropy(**args)
