@@ -1,0 +1,160 @@
+"""The pretraining head's loss: ``linear_cross_entropy`` against the kept-logits path.
+
+Run from the repository root::
+
+    python -m benchmarks.bench_losses            # CPU: fp32, 2 threads, 4096 tokens
+    python -m benchmarks.bench_losses --gpu      # GPU: bf16 autocast, LaBraM-Base's 16384 tokens
+
+Forward + backward of the masked-modelling head of LaBraM (200 → 8192 codes, weighted
+cross-entropy over the predicted tokens): eegfast's chunked :func:`linear_cross_entropy`
+against ``lm_head`` + ``F.cross_entropy`` in eager PyTorch and under ``torch.compile``, timed
+round-robin in one process. On a GPU also the peak memory of each (allocated above the
+inputs). Results go to ``--out`` (default ``bench-results``) as ``<device>_losses.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks._report import environment, interleaved_times
+from eegfast.fileio import write_text_atomic
+from eegfast.nn import linear_cross_entropy
+
+E, V = 200, 8192
+
+
+def kept_logits(hidden, weight, bias, labels, token_weight):
+    """What the head did before: logits, the weighted cross-entropy over them and the
+    accuracy (which the fused path gives too)."""
+    logits = F.linear(hidden, weight, bias)
+    per_token = F.cross_entropy(logits, labels, reduction="none")
+    correct = logits.argmax(-1) == labels
+    return (per_token * token_weight).sum(), correct
+
+
+def fused(hidden, weight, bias, labels, token_weight):
+    out = linear_cross_entropy(hidden, weight, bias, labels, token_weight)
+    return out.loss, out.correct
+
+
+def make_step(loss_fn: Callable, inputs: dict, device: torch.device, dtype) -> Callable:
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss, _ = loss_fn(**inputs)
+        loss.backward()
+        for name in ("hidden", "weight", "bias"):
+            inputs[name].grad = None
+        return loss.detach()
+
+    return step
+
+
+def run(device: torch.device, tokens: int, dtype: torch.dtype, repeats: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "hidden": torch.randn(tokens, E, generator=g).to(device).requires_grad_(),
+        "weight": (0.02 * torch.randn(V, E, generator=g)).to(device).requires_grad_(),
+        "bias": torch.zeros(V, device=device, requires_grad=True),
+        "labels": torch.randint(0, V, (tokens,), generator=g).to(device),
+        "token_weight": torch.full((tokens,), 1.0 / tokens, device=device),
+    }
+    impls = {
+        "eegfast-linear-ce": fused,
+        "torch-eager": kept_logits,
+        "torch-compile": torch.compile(kept_logits),
+    }
+    steps = {name: make_step(fn, inputs, device, dtype) for name, fn in impls.items()}
+    losses = {name: float(step()) for name, step in steps.items()}  # compiles here
+    peaks: dict[str, float] = {}
+    if device.type == "cuda":
+        for name, step in steps.items():
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    def timed(step):
+        def call():
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        return call
+
+    times = interleaved_times({n: timed(s) for n, s in steps.items()}, repeats)
+    rows = []
+    for name in steps:
+        result = times[name]
+        if isinstance(result, Exception):
+            rows.append({"impl": name, "error": repr(result)})
+            continue
+        ms = 1e3 * statistics.median(t[0] for t in result)
+        rows.append({"impl": name, "ms": ms, "loss": losses[name], "peak_mib": peaks.get(name)})
+    fused_ms = rows[0].get("ms")
+    for row in rows:
+        if "ms" in row and fused_ms:
+            row["speedup_of_eegfast"] = row["ms"] / fused_ms
+    return {"tokens": tokens, "E": E, "V": V, "dtype": str(dtype), "rows": rows}
+
+
+def markdown(result: dict, env: dict) -> str:
+    lines = [
+        f"# Pretraining head loss, forward + backward: {result['tokens']} tokens, "
+        f"{result['E']} → {result['V']}, {result['dtype']}",
+        "",
+        f"{env.get('gpu') or env.get('cpu')}, torch {env['torch']}, commit {env['git_commit']}",
+        "",
+        "| impl | ms (median) | eegfast faster by | peak MiB | loss |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['impl']} | failed: {row['error']} | | | |")
+            continue
+        peak = "" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
+        lines.append(
+            f"| {row['impl']} | {row['ms']:.2f} | {row.get('speedup_of_eegfast', 1):.2f}× | "
+            f"{peak} | {row['loss']:.5f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gpu", action="store_true", help="on the GPU, bf16 autocast")
+    parser.add_argument("--tokens", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args(argv)
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu: no CUDA device")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        tokens, repeats = args.tokens or 16384, args.repeats or 50
+    else:
+        torch.set_num_threads(args.threads)
+        device, dtype = torch.device("cpu"), torch.float32
+        tokens, repeats = args.tokens or 4096, args.repeats or 10
+    result = run(device, tokens, dtype, repeats)
+    env = environment(gpu=args.gpu)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{device.type}_losses"
+    write_text_atomic(stem.with_suffix(".json"), json.dumps({"env": env, **result}, indent=2))
+    text = markdown(result, env)
+    write_text_atomic(stem.with_suffix(".md"), text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
