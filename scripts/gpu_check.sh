@@ -5,7 +5,7 @@
 #   OUT=/some/dir scripts/gpu_check.sh [STAGE ...]     # from the repository root
 #
 # Stages (default: all, in this order): qk-tests build-wait cuda-tests cuda-bench qk-bench
-# pretrain pretrain-large; qk-bench-base (LaBraM-Base's shape only) is not in the default list.
+# pretrain head-loss pretrain-large; qk-bench-base (LaBraM-Base's shape only) is not in the default list.
 # The extension is built in a copy of the tree (/tmp/eegfast-ext) in the background, so the
 # Triton stages run meanwhile without it; it is copied into eegfast/ when done (`build-wait`).
 # Each stage has its own time limit (seconds in STAGE_LIMIT_<name>, defaults below): a stuck
@@ -22,7 +22,8 @@
 # pinned variant rows then reuse compiled; the tests pin the choices): if the lease is short, `qk-bench-base qk-tests` first times the shape the
 # targets name first. A 15-minute lease fits two calls: `qk-bench-base qk-tests build-wait
 # cuda-tests` (under 10 minutes), then at once, while the machine is still warm, `pretrain
-# cuda-bench` (the MoE GEMMs load vectors since the tenth session: cuda-bench times them).
+# cuda-bench head-loss` (the MoE GEMMs load vectors since the tenth session: cuda-bench times
+# them; head-loss: the pretraining head's chunked loss against the kept logits, ~30 s).
 set -u
 OUT=${OUT:-$PWD/gpu-check}
 PY=${PY:-python3}
@@ -81,7 +82,7 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -m gpu -o addopts=-ra)
 # pytest-xdist, where installed, compiles the Triton kernels of several tests at once.
 workers() { "$PY" -c "import xdist" 2>/dev/null && echo "-n $1"; }
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(qk-tests build-wait cuda-tests cuda-bench qk-bench pretrain pretrain-large)
+[ ${#stages[@]} -eq 0 ] && stages=(qk-tests build-wait cuda-tests cuda-bench qk-bench pretrain head-loss pretrain-large)
 
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memory.total --format=csv
@@ -101,6 +102,7 @@ for s in "${stages[@]}"; do
   cuda-bench) stage cuda-bench 150 bench.log "$PY" -m benchmarks.gpu --ops vq moe --out "$RESULTS" ;;
   qk-bench) stage qk-bench 300 bench.log "$PY" -m benchmarks.gpu_qk_norm_attention --out "$RESULTS" ;;
   qk-bench-base) stage qk-bench-base 300 bench.log "$PY" -m benchmarks.gpu_qk_norm_attention --shapes base --out "$RESULTS" ;;
+  head-loss) stage head-loss 90 bench.log "$PY" -m benchmarks.bench_losses --gpu --out "$RESULTS" ;;
   pretrain-large) stage pretrain-large 240 bench.log "$PY" -m benchmarks.bench_pretrain --gpu --size large --out "$RESULTS" ;;
   *) note "unknown stage $s" ;;
   esac

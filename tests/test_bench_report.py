@@ -170,3 +170,17 @@ def test_kernel_breakdown_names_the_work_and_its_share():
         raise ValueError("no device")
 
     assert "not profiled: ValueError: no device" in profile_section("broken", broken)
+
+
+def test_head_loss_benchmark_writes_rows_that_agree(tmp_path, capsys):
+    from benchmarks import bench_losses
+
+    only = "eegfast-linear-ce,torch-eager"
+    bench_losses.main(["--tokens", "48", "--repeats", "1", "--only", only, "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "cpu_losses.json").read_text())
+    rows = {row["impl"]: row for row in result["rows"]}
+    assert set(rows) == set(only.split(","))
+    assert rows["eegfast-linear-ce"]["loss"] == pytest.approx(rows["torch-eager"]["loss"], 1e-5)
+    assert "| torch-eager |" in (tmp_path / "cpu_losses.md").read_text()
+    with pytest.raises(SystemExit, match="--only: unknown"):
+        bench_losses.main(["--only", "flash", "--out", str(tmp_path)])
