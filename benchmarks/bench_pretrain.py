@@ -21,7 +21,10 @@ clipping (3.0) + AdamW, in mixed precision. Compared in the same run:
 * ``reference-compile``: the same with the student and the tokenizer under ``torch.compile``;
 * ``eegfast``: :class:`LaBraMPretrain` (one batched forward over both views, fused Triton
   QK-norm attention), tokenizer in bf16 inference mode, fused AdamW;
-* ``eegfast-compile``: the same with the student under ``torch.compile``.
+* ``eegfast-compile``: the same with the student and the tokenizer's forward under
+  ``torch.compile``; ``eegfast-compile-cudagraphs``: in its ``reduce-overhead`` mode (CUDA
+  graphs: LaBraM's 200-wide layers make many short kernels, whose launches this replays at
+  once).
 
 Samples/s come from ``triton.testing.do_bench`` (median), peak memory from
 ``torch.cuda.max_memory_allocated``. Results go to ``--out`` (default ``bench-results``) as
@@ -211,20 +214,25 @@ def reference_step(size: str, compile_model: bool, data) -> Callable[[], None]:
     return step
 
 
-def eegfast_step(size: str, compile_model: bool, data) -> Callable[[], None]:
-    """eegfast: bf16 autocast, one batched forward over both views, fused AdamW."""
+def eegfast_step(size: str, compile_mode: str | None, data) -> Callable[[], None]:
+    """eegfast: bf16 autocast, one batched forward over both views, fused AdamW; with a
+    ``compile_mode``, the student and the tokenizer's forward under ``torch.compile`` in that
+    mode (``reduce-overhead``: CUDA graphs, the launches of a step replayed at once)."""
     x, chans, mask = data
     device = x.device
     model = create_model(f"labram_{size}_pretrain", device=device)
     tokenizer = create_model("vqnsp_base", device=device).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05,
                                   betas=(0.9, 0.98), fused=device.type == "cuda")  # fmt: skip
-    forward = torch.compile(model) if compile_model else model
+    forward, codes = model, tokenizer.get_codebook_indices
+    if compile_mode is not None:
+        forward = torch.compile(model, mode=compile_mode)
+        codes = torch.compile(codes, mode=compile_mode)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             with torch.inference_mode():
-                targets = tokenizer.get_codebook_indices(x, chans)
+                targets = codes(x, chans)
             loss = forward(x, chans, targets.clone(), mask).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0, foreach=True)
@@ -235,7 +243,7 @@ def eegfast_step(size: str, compile_model: bool, data) -> Callable[[], None]:
 
 
 def run_gpu(size: str) -> tuple[list[Row], str]:
-    """Rows of the four implementations, and Markdown of the kernels of the two eager ones."""
+    """Rows of the five implementations, and Markdown of the kernels of the two eager ones."""
     from triton.testing import do_bench
 
     B, C, A = GPU_CASE["batch"], GPU_CASE["n_chans"], GPU_CASE["n_patches"]
@@ -247,8 +255,9 @@ def run_gpu(size: str) -> tuple[list[Row], str]:
     for name, builder, compiled in (
         ("reference-eager", reference_step, False),
         ("reference-compile", reference_step, True),
-        ("eegfast", eegfast_step, False),
-        ("eegfast-compile", eegfast_step, True),
+        ("eegfast", eegfast_step, None),
+        ("eegfast-compile", eegfast_step, "default"),
+        ("eegfast-compile-cudagraphs", eegfast_step, "reduce-overhead"),
     ):
         torch.cuda.empty_cache()
         try:

@@ -16,7 +16,7 @@
 #
 # Times seen on an H200 machine (16 cores, 2026-12-04): build 350 s at -O3 (now -O1, ~1 min),
 # qk-tests 140 s, cuda-tests 90 s, cuda-bench 60 s, qk-bench > 160 s, pretrain 190 s with the
-# eegfast rows failing early (expect ~300 s). qk-bench autotunes every kernel for each shape,
+# eegfast rows failing early (expect ~400 s: five rows, three compiled). qk-bench autotunes every kernel for each shape,
 # dtype and loop variant on first use (16 configurations a shape and variant, plus one for each
 # tail launch; the `eegfast-triton` rows also time the two launch choices per case, which the
 # pinned variant rows then reuse compiled; the tests pin the choices): if the lease is short, `qk-bench-base qk-tests` first times the shape the
@@ -96,7 +96,7 @@ BUILD_PID=
 for s in "${stages[@]}"; do
   case $s in
   qk-tests) stage qk-tests 200 tests.log "${PYTEST[@]}" $(workers 8) tests/ops/test_qk_norm_attention_triton.py ;;
-  pretrain) stage pretrain 360 bench.log "$PY" -m benchmarks.bench_pretrain --gpu --size base --out "$RESULTS" ;;
+  pretrain) stage pretrain 480 bench.log "$PY" -m benchmarks.bench_pretrain --gpu --size base --out "$RESULTS" ;;
   build-wait) wait_build ;;
   cuda-tests) stage cuda-tests 120 tests.log env EEGFAST_REQUIRE_EXT=1 "${PYTEST[@]}" $(workers 4) tests/ops/test_vq.py tests/ops/test_vq_ema.py tests/ops/test_moe.py tests/nn tests/models/test_pretrain.py tests/train/test_engine.py ;;
   cuda-bench) stage cuda-bench 150 bench.log "$PY" -m benchmarks.gpu --ops vq moe --out "$RESULTS" ;;
