@@ -48,7 +48,7 @@ class OptimConfig:
     warmup_fraction: float = 0.1  # used when warmup_steps is 0
     layer_decay: float = 1.0  # < 1: layer-wise lr decay (fine-tuning)
     clip_grad: float = 3.0  # 0 disables clipping
-    fused: str = "auto"  # auto | true | false
+    fused: str = "auto"  # auto (fused AdamW on CUDA and CPU) | true | false
 
 
 @dataclass(frozen=True)

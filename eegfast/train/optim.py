@@ -62,11 +62,13 @@ def param_groups(
 def build_optimizer(
     model: nn.Module, config: OptimConfig, device: torch.device
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`; fused kernels on CUDA (``fused=auto``)."""
+    """AdamW over :func:`param_groups`; ``fused=auto``: torch's fused kernel on CUDA and CPU
+    (on CPU 3–4× faster than the default per-parameter loop, which also reads each step count
+    back to the host), the default implementation elsewhere."""
     groups = param_groups(model, config.weight_decay, config.layer_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    fused = {"auto": device.type == "cuda", "true": True, "false": False}.get(config.fused)
+    fused = {"auto": device.type in ("cuda", "cpu"), "true": True, "false": False}.get(config.fused)
     if fused is None:
         raise ValueError(f"optim.fused must be auto, true or false, got {config.fused!r}")
     for group in groups:

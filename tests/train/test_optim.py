@@ -45,6 +45,28 @@ def test_layer_decay_scales_lr_by_depth():
     assert lrs == pytest.approx([0.125, 0.25, 0.5, 1.0])
 
 
+def test_fused_adamw_by_default_on_cpu_and_an_error_naming_the_key():
+    """``optim.fused=auto`` takes torch's fused AdamW on CPU too: the default per-parameter
+    loop reads every step count back to the host; both give the same update."""
+    model = TinyClassifier(depth=1)
+    cpu = torch.device("cpu")
+    assert build_optimizer(model, OptimConfig(), cpu).defaults["fused"]
+    assert not build_optimizer(model, OptimConfig(fused="false"), cpu).defaults["fused"]
+    with pytest.raises(ValueError, match="optim.fused must be auto, true or false"):
+        build_optimizer(model, OptimConfig(fused="yes"), cpu)
+    weights = {}
+    for fused in ("auto", "false"):
+        torch.manual_seed(0)
+        model = TinyClassifier(depth=1)
+        optimizer = build_optimizer(model, OptimConfig(lr=1e-2, fused=fused), cpu)
+        for _ in range(3):
+            model(torch.randn(4, 2, 2, 200)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        weights[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(weights["auto"], weights["false"], rtol=1e-5, atol=1e-6)
+
+
 def test_cosine_schedule_with_warmup():
     kw = dict(total_steps=110, warmup_steps=10, base_lr=1.0, min_lr=0.1)
     assert cosine_with_warmup(0, **kw) == pytest.approx(0.1)
