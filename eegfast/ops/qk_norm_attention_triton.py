@@ -199,8 +199,16 @@ _COPY = tl.constexpr(0)
 _NORMALISE = tl.constexpr(1)  # LayerNorm, statistics computed and stored
 _NORMALISE_FROM_STATS = tl.constexpr(2)  # LayerNorm with the stored statistics
 # N_BUCKET (next power of two of N, otherwise unused by the kernels): sequences of similar
-# length share one tuning run, so variable channel counts do not re-tune at every new N.
-_AUTOTUNE_KEY = ["N_BUCKET", "D", "CAUSAL", "BLOCK_CAUSAL"]  # + tensor dtypes (added by triton)
+# length share one tuning run, so variable channel counts do not re-tune at every new N. Then
+# every compile-time switch that changes a kernel's body (its registers, loads, masks), as
+# triton's autotuner keys on the named arguments and tensor dtypes only: without them a launch
+# of the PRE_NORMALISE loops, or with a padding mask, reused the config tuned for another body
+# (and the launch choices compared one variant on the other's config). BLOCK_D and PRECISION
+# follow D and the dtype; PART is fixed.
+_AUTOTUNE_KEY = [
+    "N_BUCKET", "D", "CAUSAL", "BLOCK_CAUSAL", "HAS_PAD", "HAS_Q_W", "HAS_Q_B", "HAS_K_W",
+    "HAS_K_B", "ALIGN", "PRE_NORMALISED", "PADDED_PLAIN",
+]  # fmt: skip
 
 
 def _autotuned(narrow: list, wide: list, fp32: list, fp32_wide: list):

@@ -671,6 +671,24 @@ def test_configs_by_input_dtype_and_head_dim():
         assert all(lists["block_multiple"] % size == 0 for size in lists["owned_blocks"]), name
 
 
+def test_autotuning_keys_on_every_switch_that_changes_a_kernel():
+    """Triton's autotuner caches the best config by the named key arguments and tensor dtypes
+    only: every compile-time switch of an autotuned kernel must be in the key (but the tuned
+    block sizes, BLOCK_D and PRECISION, which follow D and the dtype, and the fixed PART), or
+    a launch with another loop body reuses a config tuned for a different one."""
+    import inspect
+
+    ops = triton_ops()
+    derived = {"BLOCK_M", "BLOCK_N", "BLOCK_D", "PRECISION", "PART"}
+    kernels = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_fwd_tail_kernel",
+               "_bwd_dkdv_tail_kernel", "_bwd_dq_tail_kernel")  # fmt: skip
+    for name in kernels:
+        tuner = getattr(ops, name)
+        params = inspect.signature(tuner.base_fn).parameters.values()
+        switches = {p.name for p in params if "constexpr" in str(p.annotation)} - derived
+        assert switches <= set(tuner.keys), (name, switches - set(tuner.keys))
+
+
 # Spill bytes the compile test lets a kernel have with every mask on (padding, causal and
 # block-causal at once, with the affine LayerNorms: the most registers). ptxas versions differ
 # there by a few registers: of the forward tail configs tried, each spilled 4-16 bytes in some
