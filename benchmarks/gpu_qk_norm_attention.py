@@ -10,7 +10,7 @@ Huge (64, 16, 257, 50), long context (16, 10, 2049, 20); no masks. Modes: forwar
 and forward + backward (q, k, v and the four LayerNorm parameters). Implementations, in one run:
 
 - ``eegfast-triton``: :func:`eegfast.ops.qk_norm_attention` with ``backend="triton"`` as users
-  get it: its two launch choices (below) timed on the first call of each case, the fastest kept
+  get it: its three launch choices (below) timed on the first call of each case, the fastest kept
   (the choices are written to the table's header);
 - ``eegfast-triton-fused``: the same with the choices pinned to the fused loops (q and k tiles
   normalised inside them) and, at N = 257 and 2049, a 16-row launch of its own for the last row
@@ -20,6 +20,9 @@ and forward + backward (q, k, v and the four LayerNorm parameters). Implementati
   (``qk_norm_attention_triton.PRE_NORMALISE``), with the tail launch;
 - ``eegfast-triton-one-launch``: the fused loops with every row block in the autotuned launch
   (``qk_norm_attention_triton.SPLIT_TAIL`` off);
+- ``eegfast-triton-atomic-dq``: the fused loops and tail launch, the backward's dQ added up by
+  atomic adds in the dK / dV kernel (``qk_norm_attention_triton.ATOMIC_DQ``): its forward is
+  the fused row's;
 - ``eager-reference``: :func:`eegfast.ops.qk_norm_attention_reference` (LayerNorm + explicit
   (N, N) softmax);
 - ``layernorm+sdpa``: ``F.layer_norm`` then ``F.scaled_dot_product_attention``;
@@ -80,6 +83,7 @@ OURS = "eegfast-triton"
 FUSED = "eegfast-triton-fused"
 PRENORM = "eegfast-triton-prenorm"
 ONE_LAUNCH = "eegfast-triton-one-launch"
+ATOMIC_DQ = "eegfast-triton-atomic-dq"
 
 # attention(q, k, v, params) -> (B, H, N, D), all four LayerNorm parameters given.
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], object]
@@ -90,21 +94,23 @@ Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[torch.T
 # --------------------------------------------------------------------------------------------
 
 
-def _eegfast_triton(q, k, v, params, *, pre_normalise: bool | None, split_tail: bool | None):
-    """qk_norm_attention on the Triton backend with its loop variant and tail launch pinned (or
-    None: chosen by timing). The backward reads the switches when it runs, after this returns:
-    each row sets them before its forward, and measure() runs a row's backward before the next
-    row's forward."""
+def _eegfast_triton(q, k, v, params, *, pre_normalise: bool | None, split_tail: bool | None,
+                    atomic_dq: bool | None = False):  # fmt: skip
+    """qk_norm_attention on the Triton backend with its launch choices pinned (or None: chosen
+    by timing). The backward reads the switches when it runs, after this returns: each row sets
+    them before its forward, and measure() runs a row's backward before the next row's
+    forward."""
     from eegfast.ops import qk_norm_attention, qk_norm_attention_triton
 
     qk_norm_attention_triton.PRE_NORMALISE = pre_normalise
     qk_norm_attention_triton.SPLIT_TAIL = split_tail
+    qk_norm_attention_triton.ATOMIC_DQ = atomic_dq
     return qk_norm_attention(q, k, v, *params, eps=EPS, backend="triton")
 
 
 def eegfast_triton(q, k, v, params):
-    """As users get it: both launch choices timed per case."""
-    return _eegfast_triton(q, k, v, params, pre_normalise=None, split_tail=None)
+    """As users get it: every launch choice timed per case."""
+    return _eegfast_triton(q, k, v, params, pre_normalise=None, split_tail=None, atomic_dq=None)
 
 
 def eegfast_triton_fused(q, k, v, params):
@@ -120,6 +126,11 @@ def eegfast_triton_pre_normalised(q, k, v, params):
 def eegfast_triton_one_launch(q, k, v, params):
     """The fused loops without the tail launch: every row block in the autotuned one."""
     return _eegfast_triton(q, k, v, params, pre_normalise=False, split_tail=False)
+
+
+def eegfast_triton_atomic_dq(q, k, v, params):
+    """The fused loops and tail launch, dQ added up by atomic adds in the dK / dV kernel."""
+    return _eegfast_triton(q, k, v, params, pre_normalise=False, split_tail=True, atomic_dq=True)
 
 
 def eager_reference(q, k, v, params):
@@ -152,6 +163,7 @@ def implementations() -> dict[str, Attention]:
         FUSED: eegfast_triton_fused,
         PRENORM: eegfast_triton_pre_normalised,
         ONE_LAUNCH: eegfast_triton_one_launch,
+        ATOMIC_DQ: eegfast_triton_atomic_dq,
         "eager-reference": eager_reference,
         "layernorm+sdpa": layer_norm_sdpa,
         "compile(layernorm+sdpa)": torch.compile(layer_norm_sdpa, dynamic=False),
@@ -244,16 +256,17 @@ TUNED_KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
 
 @contextlib.contextmanager
 def switches_restored():
-    """The Triton kernels' switches that the eegfast rows set (PRE_NORMALISE, SPLIT_TAIL) put
+    """The Triton kernels' switches that the eegfast rows set (PRE_NORMALISE, SPLIT_TAIL,
+    ATOMIC_DQ) put
     back as they were on exit, for whatever runs next in this process (a decorator of the
     functions that run those rows)."""
     from eegfast.ops import qk_norm_attention_triton as kernels
 
-    saved = kernels.PRE_NORMALISE, kernels.SPLIT_TAIL
+    saved = kernels.PRE_NORMALISE, kernels.SPLIT_TAIL, kernels.ATOMIC_DQ
     try:
         yield
     finally:
-        kernels.PRE_NORMALISE, kernels.SPLIT_TAIL = saved
+        kernels.PRE_NORMALISE, kernels.SPLIT_TAIL, kernels.ATOMIC_DQ = saved
 
 
 def record_tuning(log: dict[str, dict], label: str) -> None:
@@ -464,9 +477,13 @@ def launch_choices() -> dict[str, str]:
 
 @switches_restored()
 def kernel_breakdown(shapes: dict[str, tuple[int, int, int, int]], device: str, dtype) -> str:
-    """Markdown: the kernels of eegfast's forward and forward + backward (both loop variants),
+    """Markdown: the kernels of eegfast's forward and forward + backward (each pinned variant),
     per shape."""
-    ours = {FUSED: eegfast_triton_fused, PRENORM: eegfast_triton_pre_normalised}
+    ours = {
+        FUSED: eegfast_triton_fused,
+        PRENORM: eegfast_triton_pre_normalised,
+        ATOMIC_DQ: eegfast_triton_atomic_dq,
+    }
     sections = []
     for name, shape in shapes.items():
         qkv, params, grad_out = make_inputs(shape, device, dtype)

@@ -18,7 +18,7 @@
 # qk-tests 140 s, cuda-tests 90 s, cuda-bench 60 s, qk-bench > 160 s, pretrain 190 s with the
 # eegfast rows failing early (expect ~400 s: five rows, three compiled). qk-bench autotunes every kernel for each shape,
 # dtype and loop variant on first use (16 configurations a shape and variant, plus one for each
-# tail launch; the `eegfast-triton` rows also time the two launch choices per case, which the
+# tail launch; the `eegfast-triton` rows also time the three launch choices per case, which the
 # pinned variant rows then reuse compiled; the tests pin the choices): if the lease is short, `qk-bench-base qk-tests` first times the shape the
 # targets name first. A 15-minute lease fits two calls: `qk-bench-base qk-tests build-wait
 # cuda-tests` (under 10 minutes), then at once, while the machine is still warm, `pretrain

@@ -6,11 +6,12 @@ import torch
 # decided before anything imports triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# The Triton attention's launch choices pinned to the fused loops with the tail launch: on a GPU,
-# timing them would autotune and compile both loop variants for every case the suite runs (the
-# tests of the choice, and of each variant, set the switches themselves).
+# The Triton attention's launch choices pinned to the fused loops with the tail launch and a dQ
+# kernel of its own: on a GPU, timing them would autotune and compile every variant for every
+# case the suite runs (the tests of the choice, and of each variant, set the switches themselves).
 os.environ.setdefault("EEGFAST_TRITON_PRENORM", "0")
 os.environ.setdefault("EEGFAST_TRITON_SPLIT_TAIL", "1")
+os.environ.setdefault("EEGFAST_TRITON_ATOMIC_DQ", "0")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

@@ -16,10 +16,11 @@ Signatures and shapes are those of ``eegfast::qk_norm_attention_fwd`` / ``_bwd``
 CONTRACTS / :mod:`eegfast.ops.qk_norm_attention`). Head dims 1..128 are padded to a power of two
 (at least 16, the smallest ``tl.dot`` size) inside the kernels with masked loads. Under
 ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (the tests do this) with one small block
-configuration, since the interpreter is slow and cannot benchmark. Two launch choices no config
-can hold (``PRE_NORMALISE``: loops that read zero-padded, already normalised rows written by
-``_pad_rows_kernel`` first; ``SPLIT_TAIL``: a second launch for a short last block of rows) are
-timed per case the first time it is seen, unless pinned (see ``LoopVariant``).
+configuration, since the interpreter is slow and cannot benchmark. Three launch choices no
+config can hold (``PRE_NORMALISE``: loops that read zero-padded, already normalised rows written
+by ``_pad_rows_kernel`` first; ``SPLIT_TAIL``: a second launch for a short last block of rows;
+``ATOMIC_DQ``, backward only: dQ added up by atomic adds in the dK / dV kernel) are timed per
+case the first time it is seen, unless pinned (see ``LoopVariant``).
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ _DKDV_TAIL_CONFIGS = _tail_configs(32, 4, 2, "BLOCK_N", "BLOCK_M")
 _BLOCK_MULTIPLE = 128
 # Rows past the last multiple of _BLOCK_MULTIPLE that go to the tail launch, at most.
 _TAIL_MAX_ROWS = 32
-# Two launch choices that change which kernels run, so no autotuning config can hold them:
+# Launch choices that change which kernels run, so no autotuning config can hold them:
 # - SPLIT_TAIL: whether the rows (dK / dV: keys) past the last multiple of _BLOCK_MULTIPLE get
 #   their own launch of _TAIL_ROWS-row programs when they are few (see _launch_spans);
 # - PRE_NORMALISE: how the attention loops get their q / k tiles. False: they load q and k rows
@@ -178,20 +179,31 @@ _TAIL_MAX_ROWS = 32
 # pinned SPLIT_TAIL is what makes separate processes' results bit-identical.
 SPLIT_TAIL: bool | None = env_switch("EEGFAST_TRITON_SPLIT_TAIL", None)
 PRE_NORMALISE: bool | None = env_switch("EEGFAST_TRITON_PRENORM", None)
+# A third, for the backward only: ATOMIC_DQ. False: dQ has a kernel of its own, which computes
+# the scores, probabilities and dP of each (query, key) tile again (seven tile products per
+# pair in all). True: the dK / dV kernel also adds each tile's dQ share, dSᵀ K, into an fp32
+# (B * H, N, BLOCK_D) buffer by atomic adds (five products per pair, the scheme of
+# FlashAttention-2's backward), and a short pass applies the LayerNorm backward to it. Float
+# additions in another order each run: never a candidate under
+# torch.use_deterministic_algorithms(True).
+ATOMIC_DQ: bool | None = env_switch("EEGFAST_TRITON_ATOMIC_DQ", None)
 # Whether unpinned choices are timed: nothing can be under the interpreter (tests set it), where
 # the first candidate (fused loops, tail launch) is taken.
 MEASURE_VARIANTS = not _INTERPRETING
 
 
 class LoopVariant(NamedTuple):
-    """How one call's attention kernels are launched (see PRE_NORMALISE and SPLIT_TAIL)."""
+    """How one call's attention kernels are launched (see PRE_NORMALISE, SPLIT_TAIL and, for
+    the backward, ATOMIC_DQ)."""
 
     pre_normalise: bool
     split_tail: bool
+    atomic_dq: bool = False
 
     def __str__(self) -> str:
         loops = "pre-normalised loops" if self.pre_normalise else "fused loops"
-        return f"{loops}, {'tail launch' if self.split_tail else 'one launch'}"
+        dq = ", dQ by atomic adds" if self.atomic_dq else ""
+        return f"{loops}, {'tail launch' if self.split_tail else 'one launch'}{dq}"
 
 
 # _pad_rows_kernel's modes.
@@ -207,7 +219,7 @@ _NORMALISE_FROM_STATS = tl.constexpr(2)  # LayerNorm with the stored statistics
 # follow D and the dtype; PART is fixed.
 _AUTOTUNE_KEY = [
     "N_BUCKET", "D", "CAUSAL", "BLOCK_CAUSAL", "HAS_PAD", "HAS_Q_W", "HAS_Q_B", "HAS_K_W",
-    "HAS_K_B", "ALIGN", "PRE_NORMALISED", "PADDED_PLAIN",
+    "HAS_K_B", "ALIGN", "PRE_NORMALISED", "PADDED_PLAIN", "ATOMIC_DQ",
 ]  # fmt: skip
 
 
@@ -227,10 +239,17 @@ def _autotuned(narrow: list, wide: list, fp32: list, fp32_wide: list):
         return narrow if block_d <= 32 else wide
 
     if not wide:  # interpreted: one config, never timed
-        return triton.autotune(configs=narrow, key=_AUTOTUNE_KEY)
+        return lambda fn: _keyed_autotune(narrow, fn)
     prune = {"early_config_prune": configs_for_launch}
     every = narrow + wide + fp32 + fp32_wide
-    return triton.autotune(configs=every, key=_AUTOTUNE_KEY, prune_configs_by=prune)
+    return lambda fn: _keyed_autotune(every, fn, prune)
+
+
+def _keyed_autotune(configs: list, fn, prune: dict | None = None):
+    """triton.autotune of ``fn`` over ``configs``, keyed on the names of _AUTOTUNE_KEY that are
+    ``fn``'s arguments (triton rejects others)."""
+    key = [name for name in _AUTOTUNE_KEY if name in fn.arg_names]
+    return triton.autotune(configs=configs, key=key, prune_configs_by=prune)(fn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,13 +701,15 @@ def _dkdv_tile(
     start_m,  # first query row of the tile
     k_n, v, cols, col_in, k_pad, k_ids, k_ids_min, keys_past_n,  # the program's keys
     pid_bh, q_base, g_base, sqn, sgn, q_stats_ptr, q_n_ptr, g_p_ptr, q_w_ptr, q_b_ptr, ids_ptr,
-    lse_ptr, delta_ptr, N, qk_scale_log2, D: tl.constexpr, PRE_NORMALISED: tl.constexpr,
-    PADDED_PLAIN: tl.constexpr, HAS_Q_W: tl.constexpr, HAS_Q_B: tl.constexpr,
-    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    lse_ptr, delta_ptr, dq_acc_ptr, N, qk_scale_log2, D: tl.constexpr,
+    PRE_NORMALISED: tl.constexpr, PADDED_PLAIN: tl.constexpr, HAS_Q_W: tl.constexpr,
+    HAS_Q_B: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    TILE_M: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, TILE_M: tl.constexpr,
 ):  # fmt: skip
-    """The dK / dV sums of _bwd_dkdv_kernel's keys over query rows start_m ... + TILE_M - 1."""
+    """The dK / dV sums of _bwd_dkdv_kernel's keys over query rows start_m ... + TILE_M - 1;
+    with ATOMIC_DQ, the tile's share of those rows' dQ (normalised, unscaled) added into
+    dq_acc_ptr."""
     dtype = k_n.dtype
     rows, row_in, q_ids, run_tile = _tile(start_m, N, ids_ptr, k_ids_min, TILE_M, False,
                                           BLOCK_CAUSAL)  # fmt: skip
@@ -713,8 +734,17 @@ def _dkdv_tile(
             p_t = tl.where(col_in[:, None], p_t, 0.0)
         dv += tl.dot(p_t.to(dtype), g, input_precision=PRECISION, out_dtype=tl.float32)
         dp_t = tl.dot(v, tl.trans(g), input_precision=PRECISION, out_dtype=tl.float32)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk_n += tl.dot(ds_t.to(dtype), q_n, input_precision=PRECISION, out_dtype=tl.float32)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
+        dk_n += tl.dot(ds_t, q_n, input_precision=PRECISION, out_dtype=tl.float32)
+        if ATOMIC_DQ:
+            dq_part = tl.dot(tl.trans(ds_t), k_n, input_precision=PRECISION, out_dtype=tl.float32)
+            dims = tl.arange(0, BLOCK_D)
+            tl.atomic_add(
+                dq_acc_ptr + (pid_bh * N + rows[:, None]) * BLOCK_D + dims[None, :],
+                dq_part,
+                mask=row_in[:, None] & (dims < D)[None, :],
+                sem="relaxed",
+            )
 
     return dk_n, dv
 
@@ -741,6 +771,7 @@ def _bwd_dkdv_kernel(
     dk_ptr,  # (B, H, N, D) contiguous out
     dv_ptr,  # (B, H, N, D) contiguous out
     dk_w_part_ptr,  # (B*H, num_slots, D) fp32 out, or dummy
+    dq_acc_ptr,  # (B * H, N, BLOCK_D) fp32, zeroed: dQ sums added in (ATOMIC_DQ), or dummy
     sqb,
     sqh,
     sqn,
@@ -775,6 +806,7 @@ def _bwd_dkdv_kernel(
     PART: tl.constexpr,
     PRE_NORMALISED: tl.constexpr,  # the loop reads q_n_ptr
     PADDED_PLAIN: tl.constexpr,  # the loop reads g_p_ptr
+    ATOMIC_DQ: tl.constexpr,  # also add dQ's shares into dq_acc_ptr (see ATOMIC_DQ)
     BLOCK_N: tl.constexpr,  # keys owned by this program
     BLOCK_M: tl.constexpr,  # queries per loop step
 ):
@@ -821,15 +853,15 @@ def _bwd_dkdv_kernel(
         dk_n, dv = _dkdv_tile(
             dk_n, dv, start_m, k_n, v, cols, col_in, k_pad, k_ids, k_ids_min, keys_past_n, pid_bh,
             q_base, g_base, sqn, sgn, q_stats_ptr, q_n_ptr, g_p_ptr, q_w_ptr, q_b_ptr, ids_ptr,
-            lse_ptr, delta_ptr, N, qk_scale_log2, D, PRE_NORMALISED, PADDED_PLAIN, HAS_Q_W, HAS_Q_B,
-            HAS_PAD, CAUSAL, BLOCK_CAUSAL, BLOCK_D, PRECISION, BLOCK_M
+            lse_ptr, delta_ptr, dq_acc_ptr, N, qk_scale_log2, D, PRE_NORMALISED, PADDED_PLAIN,
+            HAS_Q_W, HAS_Q_B, HAS_PAD, CAUSAL, BLOCK_CAUSAL, BLOCK_D, PRECISION, ATOMIC_DQ, BLOCK_M
         )  # fmt: skip
     for start_m in range(tl.maximum(lo, m_full), N, _TAIL_N):
         dk_n, dv = _dkdv_tile(
             dk_n, dv, start_m, k_n, v, cols, col_in, k_pad, k_ids, k_ids_min, keys_past_n, pid_bh,
             q_base, g_base, sqn, sgn, q_stats_ptr, q_n_ptr, g_p_ptr, q_w_ptr, q_b_ptr, ids_ptr,
-            lse_ptr, delta_ptr, N, qk_scale_log2, D, PRE_NORMALISED, PADDED_PLAIN, HAS_Q_W, HAS_Q_B,
-            HAS_PAD, CAUSAL, BLOCK_CAUSAL, BLOCK_D, PRECISION, _TAIL_N
+            lse_ptr, delta_ptr, dq_acc_ptr, N, qk_scale_log2, D, PRE_NORMALISED, PADDED_PLAIN,
+            HAS_Q_W, HAS_Q_B, HAS_PAD, CAUSAL, BLOCK_CAUSAL, BLOCK_D, PRECISION, ATOMIC_DQ, _TAIL_N
         )  # fmt: skip
 
     dk_n = dk_n * scale
@@ -1006,15 +1038,68 @@ def _bwd_dq_kernel(
         _store_partial(dq_b_part_ptr, db, pid_bh, start_m0, num_slots, dims, D, BLOCK_M, PART)
 
 
+@triton.jit
+def _bwd_dq_finish_kernel(
+    q_ptr,
+    q_w_ptr,
+    q_stats_ptr,  # (B, H, N, 2) fp32
+    dq_acc_ptr,  # (B * H, N, BLOCK_D) fp32: d(normalised queries) / scale, from ATOMIC_DQ
+    dq_ptr,  # (B, H, N, D) contiguous out
+    dq_w_part_ptr,  # (B*H, num_slots, D) fp32 out, or dummy
+    dq_b_part_ptr,
+    sqb,
+    sqh,
+    sqn,
+    H,
+    N,
+    D: tl.constexpr,
+    num_slots,
+    scale,
+    HAS_Q_W: tl.constexpr,
+    HAS_Q_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,  # the strides arrive divided by it (see _row_align)
+    PART: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """dQ from the sums the ATOMIC_DQ dK / dV kernel added up: the LayerNorm backward of each
+    row, and the partial sums of the q LayerNorm parameters' gradients (as _bwd_dq_kernel)."""
+    sqb, sqh, sqn = sqb * ALIGN, sqh * ALIGN, sqn * ALIGN  # see _row_align
+    pid_m, pid_bh = _program_ids(N, BLOCK_M)
+    b = pid_bh // H
+    h = pid_bh % H
+    start_m0 = pid_m * BLOCK_M
+    rows = start_m0 + tl.arange(0, BLOCK_M)
+    row_in = rows < N
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    q = _load_rows(q_ptr + b * sqb + h * sqh, rows, dims, sqn, N, D).to(tl.float32)
+    q_hat, q_rstd = _normalised_from_stats(q, q_stats_ptr + pid_bh * N * 2, rows, N, dim_ok)
+    sums = tl.load(
+        dq_acc_ptr + (pid_bh * N + rows[:, None]) * BLOCK_D + dims[None, :],
+        mask=row_in[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    dq_n = sums * scale
+    dq = _layer_norm_backward(dq_n, q_hat, q_rstd, q_w_ptr, dims, D, HAS_Q_W)
+    tl.store(
+        dq_ptr + (pid_bh * N + rows[:, None]) * D + dims[None, :],
+        dq.to(dq_ptr.dtype.element_ty),
+        mask=row_in[:, None] & dim_ok[None, :],
+    )
+    if HAS_Q_W:
+        dw = tl.sum(dq_n * q_hat, axis=0)
+        _store_partial(dq_w_part_ptr, dw, pid_bh, start_m0, num_slots, dims, D, BLOCK_M, PART)
+    if HAS_Q_B:
+        db = tl.sum(dq_n, axis=0)
+        _store_partial(dq_b_part_ptr, db, pid_bh, start_m0, num_slots, dims, D, BLOCK_M, PART)
+
+
 # The tail launches' kernels (see _launch_spans): the same functions with one fixed config each
 # (an autotuner with one config launches it without timing).
-_fwd_tail_kernel = triton.autotune(configs=_FWD_TAIL_CONFIGS, key=_AUTOTUNE_KEY)(_fwd_kernel.fn)
-_bwd_dkdv_tail_kernel = triton.autotune(configs=_DKDV_TAIL_CONFIGS, key=_AUTOTUNE_KEY)(
-    _bwd_dkdv_kernel.fn
-)
-_bwd_dq_tail_kernel = triton.autotune(configs=_DQ_TAIL_CONFIGS, key=_AUTOTUNE_KEY)(
-    _bwd_dq_kernel.fn
-)
+_fwd_tail_kernel = _keyed_autotune(_FWD_TAIL_CONFIGS, _fwd_kernel.fn)
+_bwd_dkdv_tail_kernel = _keyed_autotune(_DKDV_TAIL_CONFIGS, _bwd_dkdv_kernel.fn)
+_bwd_dq_tail_kernel = _keyed_autotune(_DQ_TAIL_CONFIGS, _bwd_dq_kernel.fn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1102,15 +1187,20 @@ def _unit_inner_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _candidate_variants(N: int) -> list[LoopVariant]:
-    """The loop variants a call of length N may take: both values of each unpinned switch (the
-    split only where it changes anything), the current defaults first."""
+def _candidate_variants(N: int, step: str = "forward") -> list[LoopVariant]:
+    """The loop variants a ``step`` ("forward" / "backward") of length N may take: both values
+    of each unpinned switch (the split only where it changes anything, ATOMIC_DQ only in the
+    backward and never under deterministic algorithms), the current defaults first."""
     pre = [False, True] if PRE_NORMALISE is None else [PRE_NORMALISE]
     if SPLIT_TAIL is None and _has_short_tail(N):
         split = [True, False]
     else:
         split = [SPLIT_TAIL is not False]
-    return [LoopVariant(p, t) for p in pre for t in split]
+    if step != "backward" or torch.are_deterministic_algorithms_enabled():
+        atomic = [False]
+    else:
+        atomic = [False, True] if ATOMIC_DQ is None else [ATOMIC_DQ]
+    return [LoopVariant(p, t, a) for p in pre for t in split for a in atomic]
 
 
 def _loop_variant(step: str, args: tuple, run_step, make_stand_ins) -> LoopVariant:
@@ -1124,7 +1214,7 @@ def _loop_variant(step: str, args: tuple, run_step, make_stand_ins) -> LoopVaria
     params = args[3:7] if step == "forward" else args[4:8]
     masks = args[9:12] if step == "forward" else args[13:16]
     B, H, N, D = q.shape
-    candidates = _candidate_variants(N)
+    candidates = _candidate_variants(N, step)
     if len(candidates) == 1 or B * H * N == 0:  # (nothing to launch: nothing to time)
         return candidates[0]
     traced = is_traced(args)
@@ -1495,11 +1585,23 @@ def _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
                   part_q_w, part_q_b)  # fmt: skip
     scalars = (H, N, D, _next_power_of_2(N))
     spans = _launch_spans(N, variant.split_tail)
+    atomic_dq = variant.atomic_dq
+    dq_acc = (
+        torch.zeros(B * H, N, block_d, dtype=torch.float32, device=q.device) if atomic_dq else q
+    )
     for first, extent, tail in spans:
         launch(_bwd_dkdv_tail_kernel if tail else _bwd_dkdv_kernel)[
             _grid(extent, "BLOCK_N", B * H)
-        ](*dkdv_tensors, *strides, *scalars, first, extent, num_slots, scale,
-          scale * _LOG2E.value, **flags)  # fmt: skip
+        ](*dkdv_tensors, dq_acc, *strides, *scalars, first, extent, num_slots, scale,
+          scale * _LOG2E.value, ATOMIC_DQ=atomic_dq, **flags)  # fmt: skip
+    if atomic_dq:
+        finish_block = 32 if _INTERPRETING else 64
+        launch(_bwd_dq_finish_kernel)[(_cdiv(N, finish_block) * B * H,)](
+            q, q_w_, q_stats, dq_acc, dq, part_q_w, part_q_b, *strides[:3], H, N, D, num_slots,
+            scale, HAS_Q_W=q_w is not None, HAS_Q_B=q_b is not None, BLOCK_D=block_d,
+            ALIGN=align, PART=PART_ROWS, BLOCK_M=finish_block,
+        )  # fmt: skip
+        return (dq, dk, dv, *param_grads())
     for first, extent, tail in spans:
         launch(_bwd_dq_tail_kernel if tail else _bwd_dq_kernel)[_grid(extent, "BLOCK_M", B * H)](
             *dq_tensors, *strides, *scalars, first, extent, num_slots, scale,

@@ -503,8 +503,51 @@ def test_candidate_variants(pre, split, N, expected, monkeypatch):
     ops = triton_ops()
     monkeypatch.setattr(ops, "PRE_NORMALISE", pre)
     monkeypatch.setattr(ops, "SPLIT_TAIL", split)
-    got = ["".join("FT"[flag] for flag in variant) for variant in ops._candidate_variants(N)]
+    got = ["".join("FT"[flag] for flag in variant[:2]) for variant in ops._candidate_variants(N)]
     assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("atomic", "deterministic", "expected"),
+    [(None, False, [False, True]), (True, False, [True]), (None, True, [False]),
+     (True, True, [False])],
+)  # fmt: skip
+def test_atomic_dq_candidates(atomic, deterministic, expected, monkeypatch):
+    """dQ by atomic adds is a backward candidate only, unless pinned, and never under
+    deterministic algorithms (float sums in another order each run)."""
+    ops = triton_ops()
+    monkeypatch.setattr(ops, "PRE_NORMALISE", False)
+    monkeypatch.setattr(ops, "SPLIT_TAIL", True)
+    monkeypatch.setattr(ops, "ATOMIC_DQ", atomic)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
+    assert [v.atomic_dq for v in ops._candidate_variants(257, "backward")] == expected
+    assert [v.atomic_dq for v in ops._candidate_variants(257, "forward")] == [False]
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], CASES[5], CASES[8], CASES[9]])
+@pytest.mark.parametrize("pre_normalise", [False, True])
+def test_atomic_dq_variant(case, pre_normalise, monkeypatch):
+    """The dK / dV kernel adding dQ's shares by atomic adds, then the LayerNorm backward pass
+    (ATOMIC_DQ), gives every gradient within the reference check, with the fused and the
+    pre-normalised loops, every mask, fp32 and fp16, with and without LayerNorm parameters;
+    dK and dV are the bits of the default variant, dQ and its parameters' gradients equal up
+    to the order of the sums."""
+    B, H, N, D, dtype, mask, causal, block_size, affine = case
+    inputs = make_case(B, H, N, D, dtype, seed=N + D + 1, affine=affine, mask=mask,
+                       block_size=block_size)  # fmt: skip
+    ops = triton_ops()
+    monkeypatch.setattr(ops, "PRE_NORMALISE", pre_normalise)
+    monkeypatch.setattr(ops, "ATOMIC_DQ", False)
+    _, _, plain = check_against_reference(*inputs, causal=causal)
+    monkeypatch.setattr(ops, "ATOMIC_DQ", True)
+    _, _, atomic = check_against_reference(*inputs, causal=causal)
+    for name in ("k", "v", "k_w", "k_b"):
+        i = GRAD_NAMES.index(name)
+        assert torch.equal(atomic[i], plain[i]), f"d{name}"
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for name in ("q", "q_w", "q_b"):
+        i = GRAD_NAMES.index(name)
+        torch.testing.assert_close(atomic[i], plain[i], rtol=tol, atol=tol, msg=f"d{name}")
 
 
 @pytest.fixture
@@ -707,7 +750,8 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     `make triton-gpu-check` runs this under the GPU machines' Triton too, whose ptxas differs."""
     flags = ("HAS_Q_W", "HAS_Q_B", "HAS_K_W", "HAS_K_B", "HAS_PAD", "CAUSAL", "BLOCK_CAUSAL")
     constants = dict.fromkeys(flags, True) | dict(BLOCK_D=32, PRECISION="ieee", PART=16, D=20,
-                                                  ALIGN=4, PADDED_PLAIN=False)  # fmt: skip
+                                                  ALIGN=4, PADDED_PLAIN=False,
+                                                  ATOMIC_DQ=False)  # fmt: skip
     data = ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "grad_out_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
             "q_w_ptr", "q_b_ptr", "k_w_ptr", "k_b_ptr")  # fmt: skip
     padded = ("q_n_ptr", "k_n_ptr", "v_p_ptr", "g_p_ptr", "x_ptr", "w_ptr", "b_ptr")
@@ -765,6 +809,25 @@ def test_kernels_compile_for_sm90_without_a_gpu():
         assert "ld.global.b16" not in fused["ptx"] and "ld.global.v2" in fused["ptx"], name
         stores = [variant["ptx"].count("st.shared") for variant in (padded, fused)]
         assert stores[0] < stores[1], f"{name}: st.shared {stores[0]} (padded) vs {stores[1]}"
+
+    # dQ by atomic adds (ATOMIC_DQ): the dK / dV kernels with the extra product and the fp32
+    # reductions into global memory, and the pass that finishes dQ, in both loop variants,
+    # without masks (no spill) and with every mask on (the slack above)
+    atomic_names = ("_bwd_dkdv_kernel", "_bwd_dkdv_tail_kernel", "_bwd_dq_finish_kernel")
+    for masks in (no_masks, constants):
+        for pre in (False, True):
+            atomic = dict(masks, PRE_NORMALISED=pre, ATOMIC_DQ=True, BLOCK_M=64)
+            compiled = compile_for_sm90(
+                "eegfast.ops.qk_norm_attention_triton",
+                [KernelSpec(n, atomic, types) for n in atomic_names],
+            )
+            slack = 0 if masks is no_masks else _MASKED_SPILL_SLACK
+            for name, kernel in compiled.items():
+                assert kernel["spill_bytes"] <= slack, (name, pre, kernel["registers"])
+            for name in atomic_names[:2]:
+                ptx = compiled[name]["ptx"]
+                assert "red.global" in ptx or "atom.global" in ptx, f"{name}: no atomic add"
+                assert "warp_group_dot" in compiled[name]["ttgir"] or "mma" in ptx, name
 
 
 # --------------------------------------------------------------------------------------------
@@ -871,6 +934,15 @@ def test_labram_shape_without_masks_interpreted():
 @pytest.mark.parametrize("D", (20, 50))
 def test_gpu_pre_normalised_variant(D, monkeypatch):
     monkeypatch.setattr(triton_ops(), "PRE_NORMALISE", True)
+    test_gpu_matches_reference(D, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("D", (20, 25, 50))
+def test_gpu_atomic_dq_variant(D, monkeypatch):
+    """dQ by atomic adds on the GPU (vector reductions into global memory), every mask."""
+    monkeypatch.setattr(triton_ops(), "ATOMIC_DQ", True)
     test_gpu_matches_reference(D, torch.bfloat16)
 
 
