@@ -876,6 +876,30 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
+def _store_dq(
+    dq_n, q_hat, q_rstd,  # (BLOCK_M, BLOCK_D) fp32 d(normalised queries); the rows' LayerNorm
+    q_w_ptr, dq_ptr, dq_w_part_ptr, dq_b_part_ptr, pid_bh, rows, start_m0, num_slots, N,
+    D: tl.constexpr, HAS_Q_W: tl.constexpr, HAS_Q_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, PART: tl.constexpr,
+):  # fmt: skip
+    """dQ of the rows (the LayerNorm backward of dq_n) stored, and the partial sums of the q
+    LayerNorm parameters' gradients."""
+    dims = tl.arange(0, BLOCK_D)
+    dq = _layer_norm_backward(dq_n, q_hat, q_rstd, q_w_ptr, dims, D, HAS_Q_W)
+    tl.store(
+        dq_ptr + (pid_bh * N + rows[:, None]) * D + dims[None, :],
+        dq.to(dq_ptr.dtype.element_ty),
+        mask=(rows < N)[:, None] & (dims < D)[None, :],
+    )
+    if HAS_Q_W:
+        dw = tl.sum(dq_n * q_hat, axis=0)
+        _store_partial(dq_w_part_ptr, dw, pid_bh, start_m0, num_slots, dims, D, BLOCK_M, PART)
+    if HAS_Q_B:
+        db = tl.sum(dq_n, axis=0)
+        _store_partial(dq_b_part_ptr, db, pid_bh, start_m0, num_slots, dims, D, BLOCK_M, PART)
+
+
+@triton.jit
 def _dq_tile(
     dq_n,  # (BLOCK_M, BLOCK_D) fp32 sum: d(normalised queries) / scale
     start_n,  # first key of the tile
@@ -1023,19 +1047,9 @@ def _bwd_dq_kernel(
             BLOCK_CAUSAL, BLOCK_D, PRECISION, _TAIL_N
         )  # fmt: skip
 
-    dq_n = dq_n * scale
-    dq = _layer_norm_backward(dq_n, q_hat, q_rstd, q_w_ptr, dims, D, HAS_Q_W)
-    tl.store(
-        dq_ptr + (pid_bh * N + rows[:, None]) * D + dims[None, :],
-        dq.to(dtype),
-        mask=row_in[:, None] & dim_ok[None, :],
-    )
-    if HAS_Q_W:
-        dw = tl.sum(dq_n * q_hat, axis=0)
-        _store_partial(dq_w_part_ptr, dw, pid_bh, start_m0, num_slots, dims, D, BLOCK_M, PART)
-    if HAS_Q_B:
-        db = tl.sum(dq_n, axis=0)
-        _store_partial(dq_b_part_ptr, db, pid_bh, start_m0, num_slots, dims, D, BLOCK_M, PART)
+    _store_dq(dq_n * scale, q_hat, q_rstd, q_w_ptr, dq_ptr, dq_w_part_ptr, dq_b_part_ptr,
+              pid_bh, rows, start_m0, num_slots, N, D, HAS_Q_W, HAS_Q_B, BLOCK_D, BLOCK_M,
+              PART)  # fmt: skip
 
 
 @triton.jit
@@ -1080,19 +1094,9 @@ def _bwd_dq_finish_kernel(
         mask=row_in[:, None] & dim_ok[None, :],
         other=0.0,
     )
-    dq_n = sums * scale
-    dq = _layer_norm_backward(dq_n, q_hat, q_rstd, q_w_ptr, dims, D, HAS_Q_W)
-    tl.store(
-        dq_ptr + (pid_bh * N + rows[:, None]) * D + dims[None, :],
-        dq.to(dq_ptr.dtype.element_ty),
-        mask=row_in[:, None] & dim_ok[None, :],
-    )
-    if HAS_Q_W:
-        dw = tl.sum(dq_n * q_hat, axis=0)
-        _store_partial(dq_w_part_ptr, dw, pid_bh, start_m0, num_slots, dims, D, BLOCK_M, PART)
-    if HAS_Q_B:
-        db = tl.sum(dq_n, axis=0)
-        _store_partial(dq_b_part_ptr, db, pid_bh, start_m0, num_slots, dims, D, BLOCK_M, PART)
+    _store_dq(sums * scale, q_hat, q_rstd, q_w_ptr, dq_ptr, dq_w_part_ptr, dq_b_part_ptr,
+              pid_bh, rows, start_m0, num_slots, N, D, HAS_Q_W, HAS_Q_B, BLOCK_D, BLOCK_M,
+              PART)  # fmt: skip
 
 
 # The tail launches' kernels (see _launch_spans): the same functions with one fixed config each
