@@ -356,8 +356,10 @@ def test_bad_inputs_raise_clear_errors():
                                          torch.arange(4))  # fmt: skip
 
 
-def test_opcheck():
+@pytest.mark.parametrize("atomic_dq", [False, True])
+def test_opcheck(atomic_dq, monkeypatch):
     ops = triton_ops()
+    monkeypatch.setattr(ops, "ATOMIC_DQ", atomic_dq)  # the backward's dQ by atomic adds too
     q, k, v, params, kpm, ids, grad_out = make_case(1, 2, 17, 20, torch.float32, seed=7,
                                                     mask="random", block_size=3)  # fmt: skip
     checks = ["test_schema", "test_autograd_registration", "test_faketensor"]
