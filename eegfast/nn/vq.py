@@ -59,7 +59,11 @@ class NormEMAVectorQuantizer(nn.Module):
         kmeans_iters: k-means iterations.
         dead_code_threshold: re-seed codes whose EMA count falls below this (None: never, as in
             the reference).
-        check_finite: raise on non-finite inputs instead of returning index -1 for them.
+        check_finite: raise FloatingPointError on non-finite inputs instead of giving them
+            index -1. The check reads the indices back: on a GPU a wait for the device at every
+            call. None (the default): on CPU tensors only; on a GPU such rows still get index
+            -1, stay out of the EMA update and make the loss non-finite, which the training
+            loop reports at its next read-back.
     """
 
     def __init__(
@@ -73,7 +77,7 @@ class NormEMAVectorQuantizer(nn.Module):
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
         dead_code_threshold: float | None = None,
-        check_finite: bool = True,
+        check_finite: bool | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -89,6 +93,9 @@ class NormEMAVectorQuantizer(nn.Module):
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
         self.dead_code_threshold = dead_code_threshold
         self.check_finite = check_finite
+        # embedding.initted as last seen on the host: read once, not at every training call
+        # (a wait for the device on a GPU); None after load_state_dict, which may change it.
+        self._initialised: bool | None = None
         self.embedding = CodebookEMA(num_codes, code_dim, device=device, dtype=dtype)
         self.register_buffer(
             "cluster_size", torch.zeros(num_codes, device=device, dtype=dtype or torch.float32)
@@ -113,10 +120,11 @@ class NormEMAVectorQuantizer(nn.Module):
             raise ValueError(f"z must have last dim code_dim = {self.code_dim}, got {z.shape[-1]}")
         codebook = self.embedding.weight
         flat = F.normalize(z.reshape(-1, self.code_dim).to(codebook.dtype), dim=1)
-        if self.training and not bool(self.embedding.initted.item()):
+        if self.training and not self._is_initialised():
             self._initialise(flat.detach())
         indices = vq_nearest(flat.detach(), codebook, "cosine")
-        if self.check_finite and bool((indices < 0).any()):
+        check = flat.device.type == "cpu" if self.check_finite is None else self.check_finite
+        if check and bool((indices < 0).any()):
             bad = int((indices < 0).sum())
             raise FloatingPointError(
                 f"NormEMAVectorQuantizer: {bad} of {indices.numel()} input vectors contain NaN "
@@ -151,6 +159,15 @@ class NormEMAVectorQuantizer(nn.Module):
             usage,
         )
 
+    def _is_initialised(self) -> bool:
+        if not self._initialised:
+            self._initialised = bool(self.embedding.initted.item())
+        return self._initialised
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._initialised = None  # the loaded initted decides
+        super()._load_from_state_dict(*args, **kwargs)
+
     @torch.no_grad()
     def _initialise(self, flat: torch.Tensor) -> None:
         codes = vq_kmeans(flat, self.num_codes, iters=self.kmeans_iters, metric="cosine")
@@ -161,3 +178,4 @@ class NormEMAVectorQuantizer(nn.Module):
         self.cluster_size.fill_(1.0)
         self.embedding.cluster_size.fill_(1.0)
         self.embedding.initted.fill_(1)
+        self._initialised = True

@@ -82,3 +82,29 @@ def test_non_finite_input_is_an_error():
         quantizer(z)
     with pytest.raises(ValueError, match="last dim code_dim = 8"):
         quantizer(torch.randn(5, 7))
+
+
+def test_training_calls_read_nothing_back_once_initialised():
+    """After the k-means initialisation, a training call reads no value back to the host (on a
+    GPU each read waits for the device): ``initted`` is read once, not at every call, and the
+    finiteness check runs only where asked. A state dict that clears ``initted``
+    initialises the codebook again."""
+    from tests.train.fakes import HostReads
+
+    quantizer = NormEMAVectorQuantizer(32, 16, decay=0.8, check_finite=False)
+    quantizer(clustered().reshape(4, 128, 16))  # k-means on the first batch
+    with HostReads() as reads:
+        out = quantizer(clustered(seed=1).reshape(4, 128, 16))
+    assert reads.count == 0 and torch.isfinite(out.loss)
+    z = torch.randn(5, 16)
+    z[2, 3] = float("nan")  # unchecked: index -1, left out of the EMA, the loss non-finite
+    out = quantizer(z)
+    assert out.indices[2] == -1 and not torch.isfinite(out.loss)
+    assert torch.isfinite(quantizer.codebook).all() and torch.isfinite(quantizer.cluster_size).all()
+
+    state = quantizer.state_dict()
+    state["embedding.initted"] = torch.zeros(1)
+    quantizer.load_state_dict(state)
+    before = quantizer.codebook.clone()
+    quantizer(clustered(seed=2).reshape(4, 128, 16))
+    assert quantizer.embedding.initted.item() == 1 and not torch.equal(before, quantizer.codebook)
