@@ -51,6 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from eegfast.nn.losses import linear_cross_entropy
+
 __all__ = [
     "create_hybrid_model",
     "hybrid_config_from_state_dict",
@@ -390,26 +392,38 @@ class HybridPretrainModel(nn.Module):
             self.backbone, x, input_chans, channel_padding_mask=channel_padding_mask
         )
         h = h[:, :, :-1]  # (B, C, A-1, E): patch a predicts patch a + 1
-        valid = torch.ones(B, C, A - 1, dtype=torch.bool, device=x.device)
+        # Means over the valid positions as weighted sums (no boolean indexing: on a GPU that
+        # waits for the device, and under torch.compile it makes shapes data-dependent).
+        weight = torch.ones(B, C, A - 1, device=x.device)
         if channel_padding_mask is not None:
-            valid &= ~channel_padding_mask.to(x.device).bool()[:, :, None]
+            weight = weight * (~channel_padding_mask.to(x.device).bool()).float()[:, :, None]
+        weight = weight / weight.sum().clamp_min(1)  # (B, C, A-1), sums to 1
         head, out = self.forecast_head, {}
         next_codes = None
         if self.config.predict_tokens:
             if targets is None:
                 raise ValueError("predict_tokens needs tokenizer targets (B, C·A)")
-            next_codes = targets.reshape(B, C, A)[:, :, 1:]
-            logits = head.logits(h)
-            out["ar_token_loss"] = F.cross_entropy(logits[valid].float(), next_codes[valid])
-            out["ar_token_accuracy"] = (
-                (logits[valid].argmax(-1) == next_codes[valid]).float().mean()
+            next_codes = targets.reshape(B, C, A)[:, :, 1:].clamp_min(0)  # padded: weight 0
+            if head.token is None:
+                raise RuntimeError("this model has no token head (predict_tokens=False)")
+            token = linear_cross_entropy(
+                h.flatten(0, 2),
+                head.token.weight,
+                head.token.bias,
+                next_codes.flatten(),
+                weight.flatten(),
             )
+            out["ar_token_loss"] = token.loss
+            out["ar_token_accuracy"] = (token.correct.float() * weight.flatten()).sum()
         if self.config.predict_signal:
-            next_x = x[:, :, 1:].to(h.dtype)
-            loss = F.mse_loss(head.samples(h)[valid].float(), next_x[valid].float())
+            next_x = x[:, :, 1:].float()
+
+            def mean_squared_error(predicted: torch.Tensor) -> torch.Tensor:
+                return ((predicted.float() - next_x).pow(2).mean(-1) * weight).sum()
+
+            loss = mean_squared_error(head.samples(h))
             if next_codes is not None:
-                given = head.samples(h, next_codes)[valid].float()
-                loss = 0.5 * (loss + F.mse_loss(given, next_x[valid].float()))
+                loss = 0.5 * (loss + mean_squared_error(head.samples(h, next_codes)))
             out["ar_signal_loss"] = loss
         ar = torch.zeros((), device=x.device)
         if "ar_token_loss" in out:

@@ -157,6 +157,50 @@ def test_loss_is_lambda_mix_of_masked_and_forecast(lam):
     assert set(out.scalars()) >= {"loss", "masked_loss", "ar_loss"}
 
 
+def test_forecast_losses_are_means_over_unpadded_positions_without_host_reads(monkeypatch):
+    """The forecasting losses and accuracy with an electrode padded (its codes -1): the means
+    over the unpadded positions as boolean selection gives them, and gradients to match; and
+    no value read back to the host on the way (on a GPU each read waits for the device; the
+    model's host-side check of input_chans aside, which a GPU run never makes)."""
+    import torch.nn.functional as F
+
+    from eegfast.models.labram import LaBraMTrunk
+    from tests.train.fakes import HostReads
+
+    model = _model()
+    x, chans = _inputs()
+    padding = torch.tensor([[False, False, True], [False, False, False]])
+    targets = torch.randint(0, 256, (2, C * A), generator=torch.Generator().manual_seed(3))
+    targets = targets.masked_fill(padding.repeat_interleave(A, dim=1), -1)
+    check = LaBraMTrunk.resolve_input_chans
+
+    def unchecked(*args, **kwargs):
+        with reads.paused():
+            return check(*args, **kwargs)
+
+    monkeypatch.setattr(LaBraMTrunk, "resolve_input_chans", unchecked)
+    with HostReads() as reads:
+        got = model.forecast_losses(x, chans, targets, channel_padding_mask=padding)
+    assert reads.count == 0
+
+    head = model.forecast_head
+    h = forecast_features(model.backbone, x, chans, channel_padding_mask=padding)[:, :, :-1]
+    valid = ~padding[:, :, None].expand(2, C, A - 1)
+    codes, next_x = targets.reshape(2, C, A)[:, :, 1:], x[:, :, 1:]
+    logits = head.logits(h)[valid]
+    expected_token = F.cross_entropy(logits, codes[valid])
+    accuracy = (logits.argmax(-1) == codes[valid]).float().mean()
+    signal = F.mse_loss(head.samples(h)[valid], next_x[valid])
+    signal = 0.5 * (signal + F.mse_loss(head.samples(h, codes.clamp_min(0))[valid], next_x[valid]))
+    assert_close(got["ar_token_loss"], expected_token)
+    assert_close(got["ar_token_accuracy"], accuracy)
+    assert_close(got["ar_signal_loss"], signal)
+    weight = head.token.weight
+    (ours,) = torch.autograd.grad(got["ar_token_loss"] + got["ar_signal_loss"], weight)
+    (theirs,) = torch.autograd.grad(expected_token + signal, weight)
+    assert_close(ours, theirs)
+
+
 def test_forecast_targets_are_the_next_patch():
     """Token head trained to predict code of (c, a+1): a constant code per patch index is
     learnable from position alone; the loss on shifted targets must drop well below chance."""

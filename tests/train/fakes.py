@@ -138,10 +138,18 @@ class TinyPretrain(nn.Module):
 
 
 class HostReads(TorchDispatchMode):
-    """Counts the ops that read a tensor's value back to the host: on a GPU, each one makes
-    the host wait for every kernel queued before it."""
+    """Counts the ops that need a tensor's values on the host: reads of a value, and outputs
+    whose shape depends on values (boolean indexing, nonzero, masked_select). On a GPU each one
+    makes the host wait for every kernel queued before it."""
 
-    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default)
+    READS = (
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.equal.default,
+        torch.ops.aten.nonzero.default,
+        torch.ops.aten.masked_select.default,
+    )
+    INDEXING = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
+                torch.ops.aten.index_put_.default)  # fmt: skip
 
     def __init__(self) -> None:
         super().__init__()
@@ -157,5 +165,14 @@ class HostReads(TorchDispatchMode):
             self._counting = True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += self._counting and func in self.READS
+        if self._counting and (func in self.READS or self._boolean_index(func, args)):
+            self.count += 1
         return func(*args, **(kwargs or {}))
+
+    def _boolean_index(self, func, args) -> bool:
+        if func not in self.INDEXING or len(args) < 2:
+            return False
+        indices = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+        return any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices
+        )
