@@ -9,9 +9,12 @@ before anything is saved, so the last checkpoint on disk is the last good one.
 
 The host never waits for the device between log points: each step's loss, gradient norm and
 metrics stay where they were computed, and are read back together, in one transfer, every
-``train.log_every`` steps and before each checkpoint. That is also where a non-finite loss is
-found (naming the step it appeared at), so no checkpoint is written after it. Batches come
-from pinned memory by asynchronous copies on a GPU.
+``train.log_every`` steps and before each checkpoint, where a non-finite loss is reported
+(naming the step it appeared at), so no checkpoint is written after it. A non-finite flag of
+each step also goes to the host by an asynchronous copy, looked at once it has arrived: a
+non-finite loss stops a single-process run within a step or two, not at the next log point
+(under torchrun, at the read-back points, where the ranks agree). Batches come from pinned
+memory by asynchronous copies on a GPU.
 """
 
 from __future__ import annotations
@@ -76,6 +79,39 @@ def _read_back(values: list[float | torch.Tensor]) -> list[float]:
         for i, value in zip(positions, stacked.tolist(), strict=True):
             out[i] = value
     return out
+
+
+class _NonFiniteWatch:
+    """Spots a non-finite loss within a step or two of it, without the host waiting for the
+    device: each value's flag goes to pinned host memory by an asynchronous copy and is looked
+    at once it has arrived (on CPU at once). What it spots, the full read-back then reports."""
+
+    def __init__(self, device: torch.device, *, enabled: bool = True) -> None:
+        self.device, self.enabled = device, enabled
+        self._flags: list[tuple[torch.Tensor, Any]] = []  # (host flag, CUDA event or None)
+
+    def push(self, value: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        flag = (~torch.isfinite(value.detach())).reshape(1).to(torch.uint8)
+        if self.device.type == "cuda":
+            flag = flag.to("cpu", non_blocking=True)  # pinned destination
+            arrived = torch.cuda.Event()
+            arrived.record()
+            self._flags.append((flag, arrived))
+        else:
+            self._flags.append((flag.cpu(), None))
+
+    def seen(self) -> bool:
+        """Whether a flag that has arrived is set (the others are kept for later)."""
+        waiting, seen = [], False
+        for flag, arrived in self._flags:
+            if arrived is None or arrived.query():
+                seen |= bool(flag.numpy()[0])  # host memory: no device read
+            else:
+                waiting.append((flag, arrived))
+        self._flags = waiting
+        return seen
 
 
 class NonFiniteLossError(RuntimeError):
@@ -307,6 +343,10 @@ def fit(
     window: dict[str, list[float]] = {}
     since_checkpoint: list[float] = []
     pending: list[_StepScalars] = []  # steps whose scalars are not read back yet
+    # Reads them back early when a step went non-finite; one process only: across ranks the
+    # flags arrive at different steps, and the read-back's all-reduce must run at the same step
+    # on every rank (under torchrun the read-back points decide).
+    watch = _NonFiniteWatch(device, enabled=not info.enabled)
     checkpoint_every = train_cfg.checkpoint_every or steps_per_epoch
     last_saved: Path | None = None
     started = time.perf_counter()
@@ -431,6 +471,7 @@ def fit(
                     ):
                         out = step_fn(model, batch, ctx)
                     micro_losses.append(out.loss.detach().float())
+                    watch.push(micro_losses[-1])
                     scaler.scale(out.loss / accum).backward()
                 for key, value in out.metrics.items():
                     micro_metrics.setdefault(key, []).append(value)
@@ -467,7 +508,11 @@ def fit(
                     )
                 )
                 micro_losses, micro_metrics = [], {}
+                if amp_dtype != torch.float16:  # (fp16: the scaler skips such steps)
+                    watch.push(grad_norm)
                 bar.update(1)
+                if watch.seen():
+                    read_pending()  # raises, naming the first non-finite step
                 if step % train_cfg.log_every == 0 or step == total_steps:
                     read_pending()
                     names = sorted(window)  # the same order on every rank
@@ -521,8 +566,7 @@ def _non_finite_message(
         else (f"no checkpoint of this run was written yet (run folder {run_dir})")
     )
     return (
-        f"non-finite {what} at optimiser step {step}, epoch {epoch} (read back at step "
-        f"{found_at}: losses are read every train.log_every steps and before each checkpoint): "
+        f"non-finite {what} at optimiser step {step}, epoch {epoch} (seen at step {found_at}): "
         f"training stopped and nothing was saved from that step on; {kept}. Try a lower "
         "optim.lr, optim.clip_grad > 0 or train.precision=fp32, then resume with --resume auto."
     )

@@ -148,21 +148,26 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "accum"), 2e-6)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    data = SyntheticEEG(24)
-    model = TinyClassifier()
+def nan_at_call(n: int):
+    """A step function whose n-th call returns a NaN loss, and the count of its calls."""
     calls = {"n": 0}
 
     def step(model, batch, ctx):
         calls["n"] += 1
         loss = model(batch["x"]).logsumexp(-1).mean()
-        if calls["n"] == 5:
+        if calls["n"] == n:
             loss = loss * float("nan")
         return StepOutput(loss)
 
+    return step, calls
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = SyntheticEEG(24)
+    step, _ = nan_at_call(5)
     with pytest.raises(NonFiniteLossError, match="step 5.*step-00000004.*resume"):
         fit_batches_of_4(
-            model,
+            TinyClassifier(),
             step,
             data,
             StepContext(torch.device("cpu")),
@@ -170,6 +175,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
             {"train.checkpoint_every": 2},
         )
     assert [c.step for c in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [2, 4]
+
+
+def test_non_finite_loss_stops_the_run_before_the_next_log_point(tmp_path):
+    """Logging and checkpoints far away: the step's non-finite flag, copied to the host as it
+    goes (at once on CPU), stops the run at that step, not at the epoch's end (24 steps)."""
+    data = SyntheticEEG(96)
+    step, calls = nan_at_call(5)
+    overrides = {"train.max_steps": 40, "train.log_every": 1000, "train.checkpoint_every": 1000}
+    with pytest.raises(NonFiniteLossError, match=r"step 5, epoch 0 \(seen at step 5\)"):
+        fit_batches_of_4(
+            TinyClassifier(), step, data, StepContext(torch.device("cpu")), tmp_path, overrides
+        )
+    assert calls["n"] == 5
+    assert not ckpt.list_checkpoints(tmp_path / "checkpoints")
 
 
 def test_retention_keeps_last_n_and_the_best(tmp_path):
