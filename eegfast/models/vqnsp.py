@@ -174,12 +174,11 @@ class VQNSP(nn.Module):
         if padding is None:
             q = self.quantize(z)
             codes, indices = q.quantized, q.indices
-        else:  # padded patches neither get codes nor update the codebook
+        else:  # padded patches neither get codes (index -1, zeros) nor update the codebook
             valid = ~padding[:, 1:]
-            q = self.quantize(z[valid])
-            codes = z.new_zeros(z.shape).masked_scatter(valid[..., None], q.quantized)
-            indices = torch.full((B, C * A), -1, dtype=torch.long, device=z.device)
-            indices = indices.masked_scatter(valid, q.indices)
+            q = self.quantize(z, valid)
+            codes = torch.where(valid[..., None], q.quantized, 0.0)
+            indices = q.indices
         pred_amplitude, pred_phase = self.decode(
             codes.view(B, C, A, -1), input_chans, channel_padding_mask=channel_padding_mask
         )

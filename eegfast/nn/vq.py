@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -114,22 +115,37 @@ class NormEMAVectorQuantizer(nn.Module):
             f"decay={self.decay}, dead_code_threshold={self.dead_code_threshold}"
         )
 
-    def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        """Quantize ``z`` (..., D); returns quantized (..., D), loss, indices (...,), metrics."""
+    def forward(self, z: torch.Tensor, valid: torch.Tensor | None = None) -> QuantizerOutput:
+        """Quantize ``z`` (..., D); returns quantized (..., D), loss, indices (...,), metrics.
+
+        ``valid`` (...) bool, or None (all): rows left out (padding) get index -1, no part in
+        the codebook's update, the loss or the statistics, and code 0's vector as output (mask
+        it). Leaving them out this way keeps every shape static (no boolean indexing, which on a
+        GPU waits for the device)."""
         if z.shape[-1] != self.code_dim:
             raise ValueError(f"z must have last dim code_dim = {self.code_dim}, got {z.shape[-1]}")
+        if valid is not None and valid.shape != z.shape[:-1]:
+            raise ValueError(
+                f"valid must have z's leading shape {tuple(z.shape[:-1])}, got {tuple(valid.shape)}"
+            )
         codebook = self.embedding.weight
         flat = F.normalize(z.reshape(-1, self.code_dim).to(codebook.dtype), dim=1)
+        keep = None if valid is None else valid.reshape(-1).to(torch.bool)
         if self.training and not self._is_initialised():
-            self._initialise(flat.detach())
+            # k-means ignores non-finite rows: the left-out ones are made so
+            rows = flat.detach()
+            self._initialise(rows if keep is None else rows.masked_fill(~keep[:, None], math.nan))
         indices = vq_nearest(flat.detach(), codebook, "cosine")
         check = flat.device.type == "cpu" if self.check_finite is None else self.check_finite
-        if check and bool((indices < 0).any()):
-            bad = int((indices < 0).sum())
+        missing = (indices < 0) if keep is None else (indices < 0) & keep
+        if check and bool(missing.any()):
+            bad = int(missing.sum())
             raise FloatingPointError(
                 f"NormEMAVectorQuantizer: {bad} of {indices.numel()} input vectors contain NaN "
                 "or inf; the encoder output is not finite"
             )
+        if keep is not None:
+            indices = torch.where(keep, indices, -1)
         quantized = F.embedding(indices.clamp_min(0), codebook)
         if self.training:
             stats = vq_ema_update(
@@ -146,7 +162,11 @@ class NormEMAVectorQuantizer(nn.Module):
             counts = stats["counts"]
         else:
             counts = vq_code_stats(flat.detach(), indices, self.num_codes)[0]
-        loss = self.beta * F.mse_loss(quantized.detach(), flat)
+        if keep is None:
+            loss = self.beta * F.mse_loss(quantized.detach(), flat)
+        else:
+            squared = torch.where(keep, (quantized.detach() - flat).square().mean(dim=1), 0.0)
+            loss = self.beta * squared.sum() / keep.sum().clamp_min(1)
         quantized = flat + (quantized - flat).detach()  # straight-through estimator
         probs = counts / counts.sum().clamp_min(1)
         perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-12))).sum())

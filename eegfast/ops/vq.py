@@ -359,12 +359,13 @@ def vq_ema_update(
     ``process_group`` first, so every rank applies the same update.
 
     Dead-code restart: codes whose EMA count is below ``dead_code_threshold`` are re-seeded
-    from rows of the current batch chosen at random (drawn on rank 0 and broadcast), with their
-    EMA state reset to count 1.
+    from rows of the current batch chosen at random among those with a code (drawn on rank 0
+    and broadcast), with their EMA state reset to count 1.
 
     Args:
         z: (N, D) encoder outputs (any float dtype the ops accept).
-        indices: (N,) int64 codes from :func:`vq_nearest` (-1 rows are skipped).
+        indices: (N,) int64 codes from :func:`vq_nearest` (-1 rows are skipped: non-finite
+            ones, or rows a caller leaves out, such as padding).
         codebook: (K, D) float32 codebook, updated in place.
         cluster_size: (K,) float32 EMA counts, updated in place.
         embed_sum: (K, D) float32 EMA sums, updated in place.
@@ -399,8 +400,9 @@ def vq_ema_update(
     dead = torch.zeros(K, dtype=torch.bool, device=codebook.device)
     if dead_code_threshold is not None and z.shape[0] > 0:
         dead = cluster_size < dead_code_threshold
-        finite_rows = torch.isfinite(z).all(dim=1)
-        # Draw replacements among finite rows only; without any, nothing is restarted.
+        # Draw replacements among the rows that were given a code (finite ones, not left out
+        # with index -1); without any, nothing is restarted.
+        finite_rows = (indices >= 0) & torch.isfinite(z).all(dim=1)
         weights = finite_rows.float()
         if distributed:
             # Rows differ per rank; rank 0's draw is broadcast so all ranks stay identical.

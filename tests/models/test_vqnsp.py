@@ -112,6 +112,46 @@ def test_padding_gives_the_unpadded_codes_and_loss():
     torch.testing.assert_close(padded.loss, alone.loss, atol=1e-5, rtol=1e-5)
 
 
+def test_padded_training_step_updates_the_codebook_as_the_unpadded_one(monkeypatch):
+    """Training mode with padded electrodes, two steps: the unpadded batch's loss, codes,
+    codebook updates and EMA counts (padded patches get index -1 and no part in them),
+    reached with no boolean indexing and no value read back (the finiteness check off, as on
+    a GPU; the host-side input_chans check aside)."""
+    import copy
+
+    from eegfast.models.labram import LaBraMTrunk
+    from tests.train.fakes import HostReads
+
+    model, _ = tiny_pair(seed=3)
+    model.quantize.dead_code_threshold = None  # restarts draw random rows: none here
+    padded_model = copy.deepcopy(model).train()
+    model.train()
+    a = torch.randn(2, 3, 2, 200)
+    x = torch.cat([a, torch.randn(2, 2, 2, 200)], dim=1)
+    chans = torch.tensor([0, 1, 2, 3, 4, 5])
+    padding = torch.tensor([[False, False, False, True, True]] * 2)
+    model(a, chans[:4])  # a first step each: initted is read once, at the first call
+    padded_model(x, chans, channel_padding_mask=padding)
+    alone = model(a, chans[:4])
+    padded_model.quantize.check_finite = False
+    check = LaBraMTrunk.resolve_input_chans
+
+    def unchecked(*args, **kwargs):
+        with reads.paused():
+            return check(*args, **kwargs)
+
+    monkeypatch.setattr(LaBraMTrunk, "resolve_input_chans", unchecked)
+    with HostReads() as reads:
+        padded = padded_model(x, chans, channel_padding_mask=padding)
+    assert reads.count == 0
+    assert (padded.indices[:, 6:] == -1).all()
+    torch.testing.assert_close(padded.indices[:, :6], alone.indices)
+    torch.testing.assert_close(padded.loss, alone.loss, atol=1e-5, rtol=1e-5)
+    ours, theirs = padded_model.quantize, model.quantize
+    torch.testing.assert_close(ours.cluster_size, theirs.cluster_size)
+    torch.testing.assert_close(ours.codebook, theirs.codebook, atol=1e-6, rtol=1e-5)
+
+
 def test_config_checks():
     with pytest.raises(TypeError, match="valid keys"):
         create_model("vqnsp_tiny", n_outputs=3)

@@ -66,6 +66,24 @@ def test_dead_code_restart_reseeds_from_batch():
     assert (cluster_size[:4] == 1).all()
 
 
+def test_dead_code_restart_draws_only_rows_with_a_code():
+    """Rows a caller leaves out with index -1 (padding: finite, but not data) are never drawn
+    as the seeds of restarted codes."""
+    z, codebook, cluster_size, embed_sum = state()
+    cluster_size[:4] = 1e-4
+    indices = vq_nearest(z, codebook)
+    indices[indices < 4] = 10
+    left_out = torch.arange(z.shape[0]) % 4 != 0  # three rows in four left out
+    indices[left_out] = -1
+    gen = torch.Generator().manual_seed(2)
+    vq_ema_update(
+        z, indices, codebook, cluster_size, embed_sum, dead_code_threshold=0.01, generator=gen
+    )
+    similarity = codebook[:4] @ F.normalize(z, dim=1).T  # (4, N)
+    best = similarity.argmax(dim=1)
+    assert (similarity.amax(dim=1) > 1 - 1e-5).all() and not left_out[best].any()
+
+
 def test_ema_update_bad_shapes():
     z, codebook, cluster_size, embed_sum = state()
     indices = vq_nearest(z, codebook)
