@@ -164,7 +164,6 @@ def test_forecast_losses_are_means_over_unpadded_positions_without_host_reads(mo
     model's host-side check of input_chans aside, which a GPU run never makes)."""
     import torch.nn.functional as F
 
-    from eegfast.models.labram import LaBraMTrunk
     from tests.train.fakes import HostReads
 
     model = _model()
@@ -172,14 +171,7 @@ def test_forecast_losses_are_means_over_unpadded_positions_without_host_reads(mo
     padding = torch.tensor([[False, False, True], [False, False, False]])
     targets = torch.randint(0, 256, (2, C * A), generator=torch.Generator().manual_seed(3))
     targets = targets.masked_fill(padding.repeat_interleave(A, dim=1), -1)
-    check = LaBraMTrunk.resolve_input_chans
-
-    def unchecked(*args, **kwargs):
-        with reads.paused():
-            return check(*args, **kwargs)
-
-    monkeypatch.setattr(LaBraMTrunk, "resolve_input_chans", unchecked)
-    with HostReads() as reads:
+    with HostReads.on_device(monkeypatch) as reads:
         got = model.forecast_losses(x, chans, targets, channel_padding_mask=padding)
     assert reads.count == 0
 

@@ -119,7 +119,6 @@ def test_padded_training_step_updates_the_codebook_as_the_unpadded_one(monkeypat
     a GPU; the host-side input_chans check aside)."""
     import copy
 
-    from eegfast.models.labram import LaBraMTrunk
     from tests.train.fakes import HostReads
 
     model, _ = tiny_pair(seed=3)
@@ -134,14 +133,7 @@ def test_padded_training_step_updates_the_codebook_as_the_unpadded_one(monkeypat
     padded_model(x, chans, channel_padding_mask=padding)
     alone = model(a, chans[:4])
     padded_model.quantize.check_finite = False
-    check = LaBraMTrunk.resolve_input_chans
-
-    def unchecked(*args, **kwargs):
-        with reads.paused():
-            return check(*args, **kwargs)
-
-    monkeypatch.setattr(LaBraMTrunk, "resolve_input_chans", unchecked)
-    with HostReads() as reads:
+    with HostReads.on_device(monkeypatch) as reads:
         padded = padded_model(x, chans, channel_padding_mask=padding)
     assert reads.count == 0
     assert (padded.indices[:, 6:] == -1).all()

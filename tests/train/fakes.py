@@ -164,6 +164,22 @@ class HostReads(TorchDispatchMode):
         finally:
             self._counting = True
 
+    @classmethod
+    def on_device(cls, monkeypatch) -> HostReads:
+        """A counter that leaves out the reads a GPU run never makes: the models' check of
+        input_chans when it is on the host (on a GPU it has gone to the device)."""
+        from eegfast.models.labram import LaBraMTrunk
+
+        reads = cls()
+        check = LaBraMTrunk.resolve_input_chans
+
+        def uncounted(*args, **kwargs):
+            with reads.paused():
+                return check(*args, **kwargs)
+
+        monkeypatch.setattr(LaBraMTrunk, "resolve_input_chans", uncounted)
+        return reads
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self._counting and (func in self.READS or self._boolean_index(func, args)):
             self.count += 1

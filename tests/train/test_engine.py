@@ -269,7 +269,6 @@ def test_steps_between_log_points_never_read_values_back(objective, tmp_path, mo
     for 7 as for 12 (the second epoch: the codes come from the cache); each step's loss,
     gradient norm and metrics are read back once per checkpoint (at each epoch's end), all
     logged."""
-    from eegfast.models.labram import LaBraMTrunk
     from eegfast.train import engine
 
     data = SyntheticEEG(24, channels=(3,), patches=2)  # 6 steps an epoch
@@ -278,19 +277,13 @@ def test_steps_between_log_points_never_read_values_back(objective, tmp_path, mo
     monkeypatch.setattr(
         engine, "_read_back", lambda values: read_backs.append(len(values)) or original(values)
     )
-    # The models check input_chans on the host when it is there (never on a GPU): not counted.
-    check_input_chans = LaBraMTrunk.resolve_input_chans
-
-    def uncounted_check(*args, **kwargs):
-        with reads.paused():
-            return check_input_chans(*args, **kwargs)
-
-    monkeypatch.setattr(LaBraMTrunk, "resolve_input_chans", uncounted_check)
+    reads = HostReads.on_device(monkeypatch)
     counts, per_step = {}, set()
     for steps in (2, 5, 7, 12):
         model, step, ctx = objective_run(objective)
         read_backs.clear()
-        with HostReads() as reads:
+        reads.count = 0
+        with reads:
             result = fit_batches_of_4(
                 model, step, data, ctx, tmp_path / str(steps),
                 {"train.max_steps": steps, "train.log_every": 1000},
