@@ -1573,14 +1573,19 @@ def _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
     )
     strides = tuple(stride // align for x in (q, k, v, grad_out) for stride in x.stride()[:3])
 
+    # The dK / dV loops read q and grad_out (q_n, g_p), the dQ kernel's k and v (k_n, v_p): with
+    # ATOMIC_DQ there is no dQ kernel, and k and v need no padded copies.
+    atomic_dq = variant.atomic_dq
     q_n = g_p = k_n = v_p = q  # placeholders
     if pre_normalise:
         q_n = _pad_rows(q, _NORMALISE_FROM_STATS, q_w, q_b, q_stats, launch=launch)
-        k_n = _pad_rows(k, _NORMALISE_FROM_STATS, k_w, k_b, k_stats, launch=launch)
+        if not atomic_dq:
+            k_n = _pad_rows(k, _NORMALISE_FROM_STATS, k_w, k_b, k_stats, launch=launch)
     if flags["PADDED_PLAIN"]:
-        v_p = _pad_rows(v, _COPY, launch=launch)
         # (B, N, H, D) seen as (B, H, N, D)
         g_p = _pad_rows(grad_out.transpose(1, 2), _COPY, launch=launch)
+        if not atomic_dq:
+            v_p = _pad_rows(v, _COPY, launch=launch)
 
     common = (lse, delta, q_stats, k_stats)
     dkdv_tensors = (q, k, v, q_w_, q_b_, k_w_, k_b_, pad, ids, grad_out, *common, q_n, g_p, dk, dv,
@@ -1589,7 +1594,6 @@ def _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
                   part_q_w, part_q_b)  # fmt: skip
     scalars = (H, N, D, _next_power_of_2(N))
     spans = _launch_spans(N, variant.split_tail)
-    atomic_dq = variant.atomic_dq
     dq_acc = (
         torch.zeros(B * H, N, block_d, dtype=torch.float32, device=q.device) if atomic_dq else q
     )
