@@ -380,6 +380,7 @@ def _gather_sum(src, gates, slot_pos, T, top_k, out) -> None:
     block_d = min(128, triton.next_power_of_2(D))
     block_t = 32
     grid = (triton.cdiv(T, block_t), triton.cdiv(D, block_d))
+    align = vector_align(D)
     with launch_device(out):
         wrap_triton(_gather_sum_kernel)[grid](
             src,
@@ -387,12 +388,12 @@ def _gather_sum(src, gates, slot_pos, T, top_k, out) -> None:
             slot_pos,
             out,
             T,
-            D // vector_align(D),
+            D // align,
             top_k,
             HAS_GATES=gates is not None,
             BLOCK_T=block_t,
             BLOCK_D=block_d,
-            ALIGN=vector_align(D),
+            ALIGN=align,
         )
 
 
@@ -499,6 +500,7 @@ def moe_combine_bwd_triton(
     grad_gates = torch.empty_like(gates, memory_format=torch.contiguous_format)
     if T > 0 and D > 0:
         block_t = 32
+        align = vector_align(D)
         with launch_device(grad_y):
             wrap_triton(_combine_bwd_kernel)[(triton.cdiv(T, block_t),)](
                 grad_out.to(y_sorted.dtype).contiguous(),
@@ -508,11 +510,11 @@ def moe_combine_bwd_triton(
                 grad_y,
                 grad_gates,
                 T,
-                D // vector_align(D),
+                D // align,
                 k,
                 BLOCK_T=block_t,
                 BLOCK_D=min(128, triton.next_power_of_2(D)),
-                ALIGN=vector_align(D),
+                ALIGN=align,
             )
     elif T > 0:
         grad_gates.zero_()
