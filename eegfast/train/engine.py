@@ -46,7 +46,7 @@ from eegfast.train.distributed import (
     min_across_ranks,
     wrap_model,
 )
-from eegfast.train.objectives import StepContext, StepFn
+from eegfast.train.objectives import HostCopies, StepContext, StepFn
 from eegfast.train.optim import build_optimizer, build_scheduler
 from eegfast.train.runlog import RunLogger
 from eegfast.train.sampler import EpochBatchSampler
@@ -83,35 +83,21 @@ def _read_back(values: list[float | torch.Tensor]) -> list[float]:
 
 class _NonFiniteWatch:
     """Spots a non-finite loss within a step or two of it, without the host waiting for the
-    device: each value's flag goes to pinned host memory by an asynchronous copy and is looked
-    at once it has arrived (on CPU at once). What it spots, the full read-back then reports."""
+    device: each value's flag comes to the host by an asynchronous copy and is looked at once
+    it has arrived (on CPU at once). What it spots, the full read-back then reports."""
 
-    def __init__(self, device: torch.device, *, enabled: bool = True) -> None:
-        self.device, self.enabled = device, enabled
-        self._flags: list[tuple[torch.Tensor, Any]] = []  # (host flag, CUDA event or None)
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._flags = HostCopies()
 
     def push(self, value: torch.Tensor) -> None:
-        if not self.enabled:
-            return
-        flag = (~torch.isfinite(value.detach())).reshape(1).to(torch.uint8)
-        if self.device.type == "cuda":
-            flag = flag.to("cpu", non_blocking=True)  # pinned destination
-            arrived = torch.cuda.Event()
-            arrived.record()
-            self._flags.append((flag, arrived))
-        else:
-            self._flags.append((flag.cpu(), None))
+        if self.enabled:
+            self._flags.add((~torch.isfinite(value.detach())).reshape(1).to(torch.uint8))
 
     def seen(self) -> bool:
         """Whether a flag that has arrived is set (the others are kept for later)."""
-        waiting, seen = [], False
-        for flag, arrived in self._flags:
-            if arrived is None or arrived.query():
-                seen |= bool(flag.numpy()[0])  # host memory: no device read
-            else:
-                waiting.append((flag, arrived))
-        self._flags = waiting
-        return seen
+        flags = [bool(flag.numpy()[0]) for _, flag in self._flags.arrived()]  # host memory
+        return any(flags)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -346,7 +332,7 @@ def fit(
     # Reads them back early when a step went non-finite; one process only: across ranks the
     # flags arrive at different steps, and the read-back's all-reduce must run at the same step
     # on every rank (under torchrun the read-back points decide).
-    watch = _NonFiniteWatch(device, enabled=not info.enabled)
+    watch = _NonFiniteWatch(enabled=not info.enabled)
     checkpoint_every = train_cfg.checkpoint_every or steps_per_epoch
     last_saved: Path | None = None
     started = time.perf_counter()

@@ -20,6 +20,38 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class HostCopies:
+    """Tensors brought to host memory without the host waiting for the device: from a GPU by
+    asynchronous copies into pinned memory, each handed back (with its tag) once its copy has
+    completed; host tensors at once."""
+
+    def __init__(self) -> None:
+        self._in_flight: list[tuple[Any, torch.Tensor, Any]] = []  # (tag, host, event or None)
+
+    def add(self, tensor: torch.Tensor, tag: Any = None) -> None:
+        if tensor.device.type == "cuda":
+            host = tensor.to("cpu", non_blocking=True)  # pinned destination
+            done = torch.cuda.Event()
+            done.record()
+            self._in_flight.append((tag, host, done))
+        else:
+            self._in_flight.append((tag, tensor.cpu(), None))
+
+    def arrived(self, *, wait: bool = False) -> list[tuple[Any, torch.Tensor]]:
+        """(tag, host tensor) of the copies that have completed, in order, no longer kept (all
+        of them, waiting for those in flight, if ``wait``)."""
+        done, waiting = [], []
+        for tag, host, event in self._in_flight:
+            if event is None or wait or event.query():
+                if event is not None and wait:
+                    event.synchronize()
+                done.append((tag, host))
+            else:
+                waiting.append((tag, host, event))
+        self._in_flight = waiting
+        return done
+
+
 class TargetCache:
     """The frozen tokenizer's codes of each training window, by dataset index.
 
@@ -43,8 +75,7 @@ class TargetCache:
             raise ValueError(f"num_codes must be >= 1, got {num_codes}")
         self.num_codes = num_codes
         self._codes: dict[int, np.ndarray] = {}
-        # (indices, host tensor, CUDA event): copies from the device still in flight.
-        self._in_flight: list[tuple[list[int], torch.Tensor, Any]] = []
+        self._copies = HostCopies()  # codes on their way to the host, tagged with their indices
         self.hits = 0  # batches served from the cache
         self.misses = 0  # batches the tokenizer ran for
 
@@ -77,30 +108,13 @@ class TargetCache:
             small = self.num_codes <= np.iinfo(np.int16).max + 1
         else:
             small = codes.numel() == 0 or int(codes.max()) <= np.iinfo(np.int16).max
-        compact = codes.to(torch.int16 if small else torch.int32)
-        if compact.device.type == "cuda":
-            host = compact.to("cpu", non_blocking=True)  # pinned destination, no host wait
-            arrived = torch.cuda.Event()
-            arrived.record()
-            self._in_flight.append((list(indices), host, arrived))
-        else:
-            self._file(list(indices), compact.cpu())
-
-    def _file(self, indices: list[int], host: torch.Tensor) -> None:
-        for index, row in zip(indices, host.numpy(), strict=True):
-            self._codes[index] = row.copy()
+        self._copies.add(codes.to(torch.int16 if small else torch.int32), list(indices))
 
     def _file_arrived(self, *, wait: bool) -> None:
         """File the rows whose copies are done (all of them, waiting, if ``wait``)."""
-        pending = []
-        for indices, host, arrived in self._in_flight:
-            if wait:
-                arrived.synchronize()
-            if wait or arrived.query():
-                self._file(indices, host)
-            else:
-                pending.append((indices, host, arrived))
-        self._in_flight = pending
+        for indices, host in self._copies.arrived(wait=wait):
+            for index, row in zip(indices, host.numpy(), strict=True):
+                self._codes[index] = row.copy()
 
 
 def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
