@@ -285,10 +285,14 @@ class ForecastHead(nn.Module):
             f"tokens={self.token is not None}, signal={self.signal is not None}"
         )
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def token_layer(self) -> nn.Linear:
+        """The token head's Linear(E, vocab)."""
         if self.token is None:
             raise RuntimeError("this model has no token head (predict_tokens=False)")
-        return self.token(h)
+        return self.token
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.token_layer()(h)
 
     def samples(self, h: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
         """(..., E) [+ codes (...)] -> (..., patch_size)."""
@@ -404,12 +408,11 @@ class HybridPretrainModel(nn.Module):
             if targets is None:
                 raise ValueError("predict_tokens needs tokenizer targets (B, C·A)")
             next_codes = targets.reshape(B, C, A)[:, :, 1:].clamp_min(0)  # padded: weight 0
-            if head.token is None:
-                raise RuntimeError("this model has no token head (predict_tokens=False)")
+            layer = head.token_layer()
             token = linear_cross_entropy(
                 h.flatten(0, 2),
-                head.token.weight,
-                head.token.bias,
+                layer.weight,
+                layer.bias,
                 next_codes.flatten(),
                 weight.flatten(),
             )
