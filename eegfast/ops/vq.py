@@ -402,8 +402,8 @@ def vq_ema_update(
         dead = cluster_size < dead_code_threshold
         # Draw replacements among the rows that were given a code (finite ones, not left out
         # with index -1); without any, nothing is restarted.
-        finite_rows = (indices >= 0) & torch.isfinite(z).all(dim=1)
-        weights = finite_rows.float()
+        drawable = (indices >= 0) & torch.isfinite(z).all(dim=1)
+        weights = drawable.float()
         if distributed:
             # Rows differ per rank; rank 0's draw is broadcast so all ranks stay identical.
             picks = _draw_rows(weights, K, generator)
@@ -412,7 +412,7 @@ def vq_ema_update(
             dist.broadcast(dead, src=0, group=process_group)
         else:
             seeds = z[_draw_rows(weights, K, generator)].to(codebook.dtype)
-        dead = dead & finite_rows.any()
+        dead = dead & drawable.any()
         if normalize:
             seeds = torch.nn.functional.normalize(seeds, dim=1, eps=NORM_EPS)
         codebook.copy_(torch.where(dead[:, None], seeds, codebook))
