@@ -68,7 +68,7 @@ def report(kernel_name: str, config_index: int, constants: dict, dtype: str) -> 
 
     types = {name: "*" + dtype for name in POINTERS}
     types |= {"pad_ptr": "*u8", "ids_ptr": "*i32", "eps": "fp32", "scale": "fp32",
-              "qk_scale_log2": "fp32"}  # fmt: skip
+              "qk_scale_log2": "fp32", "unshifted_limit": "fp32"}  # fmt: skip
     spec = KernelSpec(kernel_name, constants, types, config=config_index)
     compiled = _compile_in_this_process(MODULE, [asdict(spec)])[kernel_name]
     return f"{compiled['registers']}/{compiled['spill_bytes']}"

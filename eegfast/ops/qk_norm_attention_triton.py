@@ -4,8 +4,10 @@ Registered with ``torch.library.triton_op`` so ``torch.compile`` sees inside the
 
 - ``eegfast::qk_norm_attention_fwd_triton``: flash-attention forward over (query block, batch x
   head). The LayerNorm of q (per query tile) and of k (per key tile, as it is loaded) over the
-  head dim runs inside the kernel in fp32; scores go through an online softmax in the log2
-  domain; the output is written (B, N, H, D) so the packed layout is a free reshape.
+  head dim runs inside the kernel in fp32; scores go through a softmax in the log2 domain,
+  without row maxima where a bound on the LayerNorm'ed scores allows it (see
+  ``unshifted_score_limit``), else online; the output is written (B, N, H, D) so the packed
+  layout is a free reshape.
 - ``eegfast::qk_norm_attention_bwd_triton``: the recompute scheme. ``delta = rowsum(dO * O)``,
   then one kernel per key block (dK, dV, k-LayerNorm backward and per-block partial sums of the
   k-norm parameter gradients) and one per query block (dQ, q-LayerNorm backward, partial sums of
@@ -311,6 +313,21 @@ def _affine(x_hat, w_ptr, b_ptr, dims, D, HAS_W: tl.constexpr, HAS_B: tl.constex
 
 
 @triton.jit
+def _norm_bound(w_ptr, b_ptr, dims, D, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """An upper bound of |x_hat w + b| over every row of a LayerNorm's output: x_hat has mean 0
+    and mean square var / (var + eps) <= 1, so |x_hat| <= sqrt(D) and |x_hat w + b| <=
+    sqrt(D) max |w| + |b|."""
+    bound = tl.sqrt(tl.sum((dims < D).to(tl.float32), axis=0))
+    if HAS_W:
+        w = tl.load(w_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)
+        bound = bound * tl.max(tl.abs(w), axis=0)
+    if HAS_B:
+        b = tl.load(b_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)
+        bound = bound + tl.sqrt(tl.sum(b * b, axis=0))
+    return bound
+
+
+@triton.jit
 def _load_rows(ptr, rows, dims, row_stride, N, D):
     """(R, BLOCK_D) tile of a (N, D) matrix with unit column stride; zeros outside."""
     return tl.load(
@@ -504,10 +521,12 @@ def _fwd_tile(
     HAS_K_B: tl.constexpr,
     HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_CAUSAL: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, TILE_N: tl.constexpr,
+    UNSHIFTED: tl.constexpr,
 ):  # fmt: skip
-    """The forward's online softmax over keys start_n ... start_n + TILE_N - 1: (m_i, l_i,
-    acc) updated. ``masked`` False: every key < N and visible to every query causal-wise (a
-    uniform branch: the padding and block masks apply whatever it says)."""
+    """The forward's softmax over keys start_n ... start_n + TILE_N - 1: (m_i, l_i, acc)
+    updated. ``masked`` False: every key < N and visible to every query causal-wise (a uniform
+    branch: the padding and block masks apply whatever it says). ``UNSHIFTED``: the scores are
+    known to be bounded (see _fwd_kernel), so exp2 needs no shift and m_i stays 0."""
     dtype = q_n.dtype
     dims = tl.arange(0, BLOCK_D)
     cols, _, k_ids, run_tile = _tile(start_n, N, ids_ptr, q_ids_max, TILE_N, True, BLOCK_CAUSAL)
@@ -529,17 +548,67 @@ def _fwd_tile(
             visible = _visible_tile(rows, cols, q_ids, k_ids, b, pad_ptr, N, HAS_PAD, CAUSAL,
                                     BLOCK_CAUSAL)  # fmt: skip
             scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        # Rows with nothing visible yet keep max -inf; shift by 0 there so that
-        # exp2(-inf - shift) is 0 rather than NaN.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - shift)
-        p = tl.math.exp2(scores - shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(
-            p.to(dtype), v, input_precision=PRECISION, out_dtype=tl.float32
-        )
-        m_i = m_new
+        if UNSHIFTED:  # no row maximum, no rescaling of l_i and acc; masked scores give 0
+            p = tl.math.exp2(scores)
+            l_i = l_i + tl.sum(p, axis=1)
+            acc = acc + tl.dot(p.to(dtype), v, input_precision=PRECISION, out_dtype=tl.float32)
+        else:
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            # Rows with nothing visible yet keep max -inf; shift by 0 there so that
+            # exp2(-inf - shift) is 0 rather than NaN.
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - shift)
+            p = tl.math.exp2(scores - shift[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(
+                p.to(dtype), v, input_precision=PRECISION, out_dtype=tl.float32
+            )
+            m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _fwd_keys(
+    start_m0, q_n, rows, q_ids, q_ids_max, pid_bh, b, k_base, v_base, skn, svn, k_n_ptr,
+    v_p_ptr, k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N, eps, qk_scale_log2, D: tl.constexpr,
+    PRE_NORMALISED: tl.constexpr, PADDED_PLAIN: tl.constexpr, HAS_K_W: tl.constexpr,
+    HAS_K_B: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNSHIFTED: tl.constexpr,
+):  # fmt: skip
+    """(m_i, l_i, acc) of the program's rows over every key tile they see (see _fwd_tile).
+
+    Whole key tiles, then the keys past the last whole tile in _TAIL_N-key tiles: LaBraM's
+    N = 257 ends in one 16-key tile instead of a whole BLOCK_N one for its single last key.
+    Only tiles on the causal diagonal and the last ones compare scores with the masks (the
+    padding and block masks apply to all). A tuple of these arguments cannot hold the string
+    constexpr PRECISION: they are written out."""
+    if UNSHIFTED:
+        m_i = tl.zeros([BLOCK_M], tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = N
+    n_full = N // BLOCK_N * BLOCK_N  # keys in whole tiles
+    n_interior = n_full  # keys in whole tiles that every query here sees (causal-wise)
+    if CAUSAL:
+        hi = tl.minimum(N, start_m0 + BLOCK_M)  # key tiles past the diagonal: all masked
+        n_interior = tl.minimum(n_full, start_m0 // BLOCK_N * BLOCK_N)
+    for start_n in range(0, tl.minimum(hi, n_full), BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(
+            m_i, l_i, acc, start_n, start_n >= n_interior, q_n, rows, q_ids, q_ids_max, pid_bh, b,
+            k_base, v_base, skn, svn, k_n_ptr, v_p_ptr, k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N, eps,
+            qk_scale_log2, D, PRE_NORMALISED, PADDED_PLAIN, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL,
+            BLOCK_CAUSAL, BLOCK_D, PRECISION, BLOCK_N, UNSHIFTED
+        )  # fmt: skip
+    for start_n in range(n_full, hi, _TAIL_N):
+        m_i, l_i, acc = _fwd_tile(
+            m_i, l_i, acc, start_n, True, q_n, rows, q_ids, q_ids_max, pid_bh, b, k_base, v_base,
+            skn, svn, k_n_ptr, v_p_ptr, k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N, eps, qk_scale_log2,
+            D, PRE_NORMALISED, PADDED_PLAIN, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL, BLOCK_CAUSAL,
+            BLOCK_D, PRECISION, _TAIL_N, UNSHIFTED
+        )  # fmt: skip
     return m_i, l_i, acc
 
 
@@ -578,6 +647,7 @@ def _fwd_kernel(
     extent,
     eps,
     qk_scale_log2,  # scale * log2(e)
+    unshifted_limit,  # largest score bound (log2 domain) for loops without row maxima
     PRE_NORMALISED: tl.constexpr,  # the loop reads k_n_ptr (k_stats written)
     PADDED_PLAIN: tl.constexpr,  # the loop reads v_p_ptr
     HAS_Q_W: tl.constexpr,
@@ -612,7 +682,16 @@ def _fwd_kernel(
 
     q = _load_rows(q_base, rows, dims, sqn, N, D).to(tl.float32)
     q_hat = _normalise_and_store_stats(q, col_ok, D, eps, q_stats_ptr + pid_bh * N * 2, rows, N)
-    q_n = _affine(q_hat, q_w_ptr, q_b_ptr, dims, D, HAS_Q_W, HAS_Q_B).to(dtype)
+    q_affine = _affine(q_hat, q_w_ptr, q_b_ptr, dims, D, HAS_Q_W, HAS_Q_B)
+    q_n = q_affine.to(dtype)
+    # |score| <= |q_n| |k_n| |scale| (Cauchy-Schwarz), |k_n| bounded by the k-norm parameters
+    # alone: when every row's bound is within unshifted_limit (log2 domain), exp2 of the raw
+    # scores neither overflows nor underflows, and the loops skip the row maxima and the
+    # rescaling of l_i and acc (a reduction across each row of every tile, two exp2 a row and a
+    # multiply per accumulator). NaN or inf bounds take the online maximum.
+    q_norm_max = tl.max(tl.sqrt(tl.sum(q_affine * q_affine, axis=1)), axis=0)
+    key_norm_bound = _norm_bound(k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B)
+    unshifted = q_norm_max * key_norm_bound * tl.abs(qk_scale_log2) <= unshifted_limit
     if not PRE_NORMALISED:
         # The k statistics of the rows this program owns (every key tile is normalised again
         # by each query program, but stored once, here).
@@ -624,35 +703,21 @@ def _fwd_kernel(
         q_ids = tl.load(ids_ptr + rows, mask=row_ok, other=_INT32_MIN)
         q_ids_max = tl.max(q_ids, axis=0)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if not BLOCK_CAUSAL:
         q_ids_max = 0  # placeholder (unused)
-    # Whole key tiles, then the keys past the last whole tile in _TAIL_N-key tiles: LaBraM's
-    # N = 257 ends in one 16-key tile instead of a whole BLOCK_N one for its single last key.
-    # Only tiles on the causal diagonal and the last ones compare scores with the masks (the
-    # padding and block masks apply to all). A tuple of these arguments cannot hold the string
-    # constexpr PRECISION: they are written out.
-    hi = N
-    n_full = N // BLOCK_N * BLOCK_N  # keys in whole tiles
-    n_interior = n_full  # keys in whole tiles that every query here sees (causal-wise)
-    if CAUSAL:
-        hi = tl.minimum(N, start_m0 + BLOCK_M)  # key tiles past the diagonal: all masked
-        n_interior = tl.minimum(n_full, start_m0 // BLOCK_N * BLOCK_N)
-    for start_n in range(0, tl.minimum(hi, n_full), BLOCK_N):
-        m_i, l_i, acc = _fwd_tile(
-            m_i, l_i, acc, start_n, start_n >= n_interior, q_n, rows, q_ids, q_ids_max, pid_bh, b,
-            k_base, v_base, skn, svn, k_n_ptr, v_p_ptr, k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N, eps,
-            qk_scale_log2, D, PRE_NORMALISED, PADDED_PLAIN, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL,
-            BLOCK_CAUSAL, BLOCK_D, PRECISION, BLOCK_N
+    if unshifted:
+        m_i, l_i, acc = _fwd_keys(
+            start_m0, q_n, rows, q_ids, q_ids_max, pid_bh, b, k_base, v_base, skn, svn, k_n_ptr,
+            v_p_ptr, k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N, eps, qk_scale_log2, D,
+            PRE_NORMALISED, PADDED_PLAIN, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL, BLOCK_CAUSAL,
+            BLOCK_D, PRECISION, BLOCK_M, BLOCK_N, True
         )  # fmt: skip
-    for start_n in range(n_full, hi, _TAIL_N):
-        m_i, l_i, acc = _fwd_tile(
-            m_i, l_i, acc, start_n, True, q_n, rows, q_ids, q_ids_max, pid_bh, b, k_base, v_base,
-            skn, svn, k_n_ptr, v_p_ptr, k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N, eps, qk_scale_log2,
-            D, PRE_NORMALISED, PADDED_PLAIN, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL, BLOCK_CAUSAL,
-            BLOCK_D, PRECISION, _TAIL_N
+    else:
+        m_i, l_i, acc = _fwd_keys(
+            start_m0, q_n, rows, q_ids, q_ids_max, pid_bh, b, k_base, v_base, skn, svn, k_n_ptr,
+            v_p_ptr, k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N, eps, qk_scale_log2, D,
+            PRE_NORMALISED, PADDED_PLAIN, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL, BLOCK_CAUSAL,
+            BLOCK_D, PRECISION, BLOCK_M, BLOCK_N, False
         )  # fmt: skip
 
     seen = l_i > 0.0
@@ -1111,6 +1176,15 @@ _bwd_dq_tail_kernel = _keyed_autotune(_DQ_TAIL_CONFIGS, _bwd_dq_kernel.fn)
 # --------------------------------------------------------------------------------------------
 
 
+def unshifted_score_limit(dtype: torch.dtype) -> float:
+    """The largest score bound (log2 domain, |q_n| |k_n| |scale| log2 e) for which the forward
+    takes exp2 of raw scores, with no row maxima. The probabilities then lie in [2^-limit,
+    2^limit] before the P.V product casts them to the inputs' dtype: 43.3 (30 in natural log,
+    the C++ kernel's limit) keeps them normal in bf16 and fp32 and a row's sum far from
+    overflow; fp16 has normal numbers from 2^-14 to 65504 only."""
+    return 14.0 if dtype == torch.float16 else 30.0 * _LOG2E.value
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp16/bf16 products are exact in fp32 accumulation. fp32 inputs use 3-pass TF32 on GPU
     # (tensor cores, near-fp32 error) and exact fp32 FMAs in the interpreter.
@@ -1427,7 +1501,7 @@ def _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, 
     for first, extent, tail in _launch_spans(N, variant.split_tail):
         launch(_fwd_tail_kernel if tail else _fwd_kernel)[_grid(extent, "BLOCK_M", B * H)](
             *tensors, *strides, H, N, D, _next_power_of_2(N), first, extent, eps,
-            scale * _LOG2E.value, **flags,
+            scale * _LOG2E.value, unshifted_score_limit(q.dtype), **flags,
         )  # fmt: skip
     return out, lse, q_stats, k_stats
 

@@ -19,6 +19,7 @@ would not show the machine code a real launch gets.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -82,10 +83,18 @@ def _ptxas_report(ptx: str) -> str:
         ptxas = compiler.get_ptxas(90).path
     except (AttributeError, TypeError):  # other triton versions
         ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    # The options triton's own ptxas call adds that change register allocation (read from its
+    # source: they differ between versions), so that the report is of the same binary.
+    try:
+        own_call = inspect.getsource(compiler.CUDABackend.make_cubin)
+    except (AttributeError, OSError, TypeError):
+        own_call = ""
+    options = [flag for flag in ("-lineinfo", "--regAllocOptLevel=2") if flag in own_call]
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "kernel.ptx"
         source.write_text(ptx)
-        command = [str(ptxas), "-v", "--gpu-name=sm_90a", str(source), "-o", f"{source}.o"]
+        command = [str(ptxas), *options, "-v", "--gpu-name=sm_90a", str(source), "-o",
+                   f"{source}.o"]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     return done.stdout + done.stderr
 

@@ -402,6 +402,66 @@ def test_pre_normalised_variant(case, monkeypatch):
         assert torch.equal(grad, fused), f"d{name}"
 
 
+def score_bound_log2(q, params, scale):
+    """The forward's bound on |score| log2 e of these inputs (see _fwd_kernel): the largest
+    |LN(q) w + b| times sqrt(D) max |w_k| + |b_k|, times |scale| log2 e."""
+    D = q.shape[-1]
+    q_w, q_b, k_w, k_b = (None if p is None else p.double() for p in params)
+    q_norm = F.layer_norm(q.double(), (D,), q_w, q_b, EPS).norm(dim=-1).max().item()
+    key_bound = math.sqrt(D) * (1.0 if k_w is None else k_w.abs().max().item())
+    key_bound += 0.0 if k_b is None else k_b.norm().item()
+    return q_norm * key_bound * abs(scale) / math.log(2)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5], CASES[9]])
+def test_unshifted_forward_when_scores_are_bounded(case, monkeypatch):
+    """With LayerNorm'ed q and k the scores are bounded by the parameters; within
+    unshifted_score_limit the forward takes exp2 of the raw scores, with no row maxima. Both
+    loops pass the reference check (forward and every gradient, which use the forward's lse);
+    they are different arithmetic, so forcing the online loops must change the output bits,
+    which shows the default launch took the unshifted ones."""
+    B, H, N, D, dtype, mask, causal, block_size, affine = case
+    q, k, v, params, kpm, ids, grad_out = make_case(B, H, N, D, dtype, seed=N + 2 * D,
+                                                    affine=affine, mask=mask,
+                                                    block_size=block_size)  # fmt: skip
+    if affine:  # weights near 1, small biases: LaBraM's initialisation
+        params = [(torch.ones(D) + 0.05 * p.float()).to(dtype) if i % 2 == 0 else
+                  (0.05 * p.float()).to(dtype) for i, p in enumerate(params)]  # fmt: skip
+    ops = triton_ops()
+    assert score_bound_log2(q, params, D**-0.5) <= ops.unshifted_score_limit(dtype)
+    inputs = (q, k, v, params, kpm, ids, grad_out)
+    out, lse, grads = check_against_reference(*inputs, causal=causal)
+    monkeypatch.setattr(ops, "unshifted_score_limit", lambda dtype: -math.inf)
+    online_out, online_lse, online_grads = check_against_reference(*inputs, causal=causal)
+    assert not torch.equal(out, online_out) and not torch.equal(lse, online_lse)
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")  # the forced overflow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_online_forward_when_scores_may_overflow(dtype, monkeypatch):
+    """Large LayerNorm weights (and q = k, so some scores reach their bound): beyond the
+    limit the forward keeps the online maximum and matches the reference (forward only: these
+    scores make the gradients too ill-conditioned for a fixed tolerance); the raw-score loops
+    forced on the same inputs overflow, so the bound check is what keeps them away."""
+    B, H, N, D = 1, 2, 33, 20
+    q, _, v, params, _, _, _ = make_case(B, H, N, D, dtype, seed=5)
+    params = [(8.0 * p.float()).to(dtype) for p in params]
+    ops = triton_ops()
+    scale = D**-0.5
+    assert score_bound_log2(q, params, scale) > ops.unshifted_score_limit(dtype)
+
+    def forward():
+        return ops.qk_norm_attention_fwd_triton(q, q, v, *params, EPS, scale, None, False, None)
+
+    out, lse, _, _ = forward()
+    ref_out, ref_lse = reference(q.double(), q.double(), v.double(),
+                                 [p.double() for p in params], scale=scale)  # fmt: skip
+    assert_close_scaled(out.transpose(1, 2), ref_out, FWD_TOLERANCE[dtype], "out")
+    assert_close_scaled(lse, ref_lse, FWD_TOLERANCE[dtype], "lse")
+    monkeypatch.setattr(ops, "unshifted_score_limit", lambda dtype: math.inf)
+    assert not torch.isfinite(forward()[0]).all()
+
+
 def test_pad_rows_reads_any_layout():
     """_pad_rows: the rows of a strided (B, N, H, D) buffer seen as (B, H, N, D) (grad_out's
     layout), zero past D; LayerNorm from stored stats equals the computed one."""
@@ -758,7 +818,8 @@ def test_kernels_compile_for_sm90_without_a_gpu():
             "q_w_ptr", "q_b_ptr", "k_w_ptr", "k_b_ptr")  # fmt: skip
     padded = ("q_n_ptr", "k_n_ptr", "v_p_ptr", "g_p_ptr", "x_ptr", "w_ptr", "b_ptr")
     types = {**{name: "*bf16" for name in (*data, *padded)}, "pad_ptr": "*u8", "ids_ptr": "*i32",
-             "eps": "fp32", "scale": "fp32", "qk_scale_log2": "fp32"}  # fmt: skip
+             "eps": "fp32", "scale": "fp32", "qk_scale_log2": "fp32",
+             "unshifted_limit": "fp32"}  # fmt: skip
     names = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
     tails = ("_fwd_tail_kernel", "_bwd_dkdv_tail_kernel", "_bwd_dq_tail_kernel")
     specs = [[KernelSpec(n, dict(constants, PRE_NORMALISED=pre), types) for n in names + tails]
@@ -808,7 +869,11 @@ def test_kernels_compile_for_sm90_without_a_gpu():
         fused, padded = (variant[name] for variant in variants)
         for variant in (fused, padded):
             assert "async_copy_global_to_local" in variant["ttgir"], f"{name}: not pipelined"
-        assert "ld.global.b16" not in fused["ptx"] and "ld.global.v2" in fused["ptx"], name
+        # the forward's score bound reads k_w and k_b once per program, an element a thread
+        # (_norm_bound): those two are the only 2-byte loads allowed
+        allowed = 2 if name == "_fwd_kernel" else 0
+        assert fused["ptx"].count("ld.global.b16") <= allowed, name
+        assert "ld.global.v2" in fused["ptx"], name
         stores = [variant["ptx"].count("st.shared") for variant in (padded, fused)]
         assert stores[0] < stores[1], f"{name}: st.shared {stores[0]} (padded) vs {stores[1]}"
 
@@ -937,6 +1002,17 @@ def test_labram_shape_without_masks_interpreted():
 def test_gpu_pre_normalised_variant(D, monkeypatch):
     monkeypatch.setattr(triton_ops(), "PRE_NORMALISE", True)
     test_gpu_matches_reference(D, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("limit", [-math.inf, math.inf])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_online_and_unshifted_forward(limit, dtype, monkeypatch):
+    """Each of the forward's softmax loops forced on the GPU (these inputs' scores are within
+    the unshifted loops' range, so both are exact): every mask, N = 257."""
+    monkeypatch.setattr(triton_ops(), "unshifted_score_limit", lambda dtype: limit)
+    check_labram_shape(20, dtype, masked=True, device="cuda")
 
 
 @pytest.mark.gpu
