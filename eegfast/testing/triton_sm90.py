@@ -40,6 +40,51 @@ class KernelSpec:
     num_stages: int = 3
     aligned_pointers: bool = True  # pointer arguments divisible by 16 bytes
     config: int = 0  # which of an autotuned kernel's configs
+    sass: bool = False  # also return the machine code, disassembled (see loop_mixes)
+
+
+@dataclass
+class LoopMix:
+    """One loop of a kernel's machine code: its instructions per iteration, by opcode."""
+
+    instructions: int
+    opcodes: dict[str, int]
+
+    def count(self, *prefixes: str) -> int:
+        """Instructions whose opcode starts with any of ``prefixes`` (e.g. "MUFU", "HGMMA")."""
+        return sum(n for op, n in self.opcodes.items() if op.startswith(prefixes))
+
+
+_SASS_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_SASS_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(.*?)\s*;")
+_SASS_PREDICATE = re.compile(r"^@!?U?P\w+\s+")
+
+
+def loop_mixes(sass: str) -> list[LoopMix]:
+    """The loops of ``nvdisasm`` output (a branch back to an earlier label closes one; the
+    instructions from that label to the branch are its body), in program order. Software
+    pipelining gives each source loop one steady-state body: what one more iteration costs."""
+    labels: dict[str, int] = {}
+    instructions: list[str] = []
+    for line in sass.splitlines():
+        label = _SASS_LABEL.match(line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        found = _SASS_INSTRUCTION.match(line)
+        if found:
+            instructions.append(_SASS_PREDICATE.sub("", found.group(1)))
+    loops = []
+    for end, text in enumerate(instructions):
+        target = re.match(r"BRA\S*\s+(?:`\()?(\.L_x_\d+)", text)
+        start = labels.get(target.group(1)) if target else None
+        if start is not None and start < end:
+            opcodes: dict[str, int] = {}
+            for body in instructions[start : end + 1]:
+                op = body.split()[0].split(".")[0]
+                opcodes[op] = opcodes.get(op, 0) + 1
+            loops.append(LoopMix(end + 1 - start, opcodes))
+    return loops
 
 
 def has_ptxas() -> bool:
@@ -52,7 +97,8 @@ def has_ptxas() -> bool:
 def compile_for_sm90(module: str, specs: list[KernelSpec], timeout: float = 300) -> dict:
     """{kernel name: {"ttgir": ..., "ptx": ..., "registers": int, "spill_bytes": int}} of each
     kernel of ``module`` compiled for sm_90: its Triton GPU IR, its PTX, and the registers per
-    thread and bytes of spill stores that ptxas reported for its machine code.
+    thread and bytes of spill stores that ptxas reported for its machine code; with
+    ``KernelSpec.sass``, also "sass": that machine code disassembled (see :func:`loop_mixes`).
 
     Raises RuntimeError with the compiler's message when one does not compile.
     """
@@ -150,7 +196,22 @@ def _compile_in_this_process(module_name: str, specs: list[dict]) -> dict:
             "registers": int(registers.group(1)),
             "spill_bytes": int(spills.group(1)),
         }
+        if spec.get("sass"):
+            results[spec["name"]]["sass"] = _disassemble(compiled.asm["cubin"])
     return results
+
+
+def _disassemble(cubin: bytes) -> str:
+    """nvdisasm's listing of a cubin (the nvdisasm triton bundles beside its ptxas)."""
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as folder:
+        binary = Path(folder) / "kernel.cubin"
+        binary.write_bytes(cubin)
+        done = subprocess.run([str(nvdisasm), "-c", str(binary)], capture_output=True,
+                              text=True, timeout=300, check=True)  # fmt: skip
+    return done.stdout
 
 
 if __name__ == "__main__":
