@@ -596,8 +596,11 @@ def _fwd_keys(
         hi = tl.minimum(N, start_m0 + BLOCK_M)  # key tiles past the diagonal: all masked
         n_interior = tl.minimum(n_full, start_m0 // BLOCK_N * BLOCK_N)
     for start_n in range(0, tl.minimum(hi, n_full), BLOCK_N):
+        # whole tiles need the masks only on the causal diagonal: without CAUSAL a constant,
+        # so that no mask code is compiled into these loops
+        on_diagonal = start_n >= n_interior if CAUSAL else False
         m_i, l_i, acc = _fwd_tile(
-            m_i, l_i, acc, start_n, start_n >= n_interior, q_n, rows, q_ids, q_ids_max, pid_bh, b,
+            m_i, l_i, acc, start_n, on_diagonal, q_n, rows, q_ids, q_ids_max, pid_bh, b,
             k_base, v_base, skn, svn, k_n_ptr, v_p_ptr, k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N, eps,
             qk_scale_log2, D, PRE_NORMALISED, PADDED_PLAIN, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL,
             BLOCK_CAUSAL, BLOCK_D, PRECISION, BLOCK_N, UNSHIFTED
@@ -735,10 +738,25 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _n_padded(N):
+    """Rows of the backward's per-row buffers: N rounded up to a multiple of _TAIL_N."""
+    return tl.cdiv(N, _TAIL_N) * _TAIL_N
+
+
+@triton.jit
+def _row_shift(lse):
+    """exp2(score * qk_scale_log2 - shift) is a row's probability: shift = lse log2 e, and +inf
+    for rows that saw nothing (lse = -inf) or past N, whose probabilities are then 0."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+
+
+@triton.jit
 def _bwd_delta_kernel(
     out_ptr,  # (B, N, H, D) contiguous
     grad_out_ptr,  # (B, N, H, D) strides (sgb, sgn, sgh, 1)
-    delta_ptr,  # (B, H, N) fp32 out: rowsum(dO * O)
+    lse_ptr,  # (B, H, N) fp32, the forward's
+    delta_ptr,  # (B, H, n_padded(N)) fp32 out: rowsum(dO * O), 0 past N
+    lse2_ptr,  # (B, H, n_padded(N)) fp32 out: the rows' shift in the log2 domain (_row_shift)
     sgb,
     sgn,
     sgh,
@@ -749,15 +767,22 @@ def _bwd_delta_kernel(
     BLOCK_D: tl.constexpr,
     ALIGN: tl.constexpr,  # the strides arrive divided by it (see _row_align)
 ):
+    """The per-row terms of the backward's probabilities and score gradients, in rows padded
+    to a multiple of _TAIL_N: the dK / dV loops then read every query tile's without a mask
+    (padding rows: shift +inf, so p = 0, and delta 0)."""
     sgb, sgn, sgh = sgb * ALIGN, sgn * ALIGN, sgh * ALIGN  # see _row_align
-    pid_m, pid_bh = _program_ids(N, BLOCK_M)
+    n_pad = _n_padded(N)
+    pid_m, pid_bh = _program_ids(n_pad, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     o = _load_rows(out_ptr + b * N * H * D + h * D, rows, dims, H * D, N, D).to(tl.float32)
     g = _load_rows(grad_out_ptr + b * sgb + h * sgh, rows, dims, sgn, N, D).to(tl.float32)
-    tl.store(delta_ptr + pid_bh * N + rows, tl.sum(o * g, axis=1), mask=rows < N)
+    lse = tl.load(lse_ptr + pid_bh * N + rows, mask=rows < N, other=float("-inf"))
+    kept = rows < n_pad
+    tl.store(delta_ptr + pid_bh * n_pad + rows, tl.sum(o * g, axis=1), mask=kept)
+    tl.store(lse2_ptr + pid_bh * n_pad + rows, _row_shift(lse), mask=kept)
 
 
 @triton.jit
@@ -766,7 +791,7 @@ def _dkdv_tile(
     start_m,  # first query row of the tile
     k_n, v, cols, col_in, k_pad, k_ids, k_ids_min, keys_past_n,  # the program's keys
     pid_bh, q_base, g_base, sqn, sgn, q_stats_ptr, q_n_ptr, g_p_ptr, q_w_ptr, q_b_ptr, ids_ptr,
-    lse_ptr, delta_ptr, dq_acc_ptr, N, qk_scale_log2, D: tl.constexpr,
+    lse2_head, delta_head, dq_acc_head, N, qk_scale_log2, D: tl.constexpr,
     PRE_NORMALISED: tl.constexpr, PADDED_PLAIN: tl.constexpr, HAS_Q_W: tl.constexpr,
     HAS_Q_B: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
@@ -774,7 +799,7 @@ def _dkdv_tile(
 ):  # fmt: skip
     """The dK / dV sums of _bwd_dkdv_kernel's keys over query rows start_m ... + TILE_M - 1;
     with ATOMIC_DQ, the tile's share of those rows' dQ (normalised, unscaled) added into
-    dq_acc_ptr."""
+    dq_acc_head (the head's rows of dq_acc_ptr)."""
     dtype = k_n.dtype
     rows, row_in, q_ids, run_tile = _tile(start_m, N, ids_ptr, k_ids_min, TILE_M, False,
                                           BLOCK_CAUSAL)  # fmt: skip
@@ -783,19 +808,20 @@ def _dkdv_tile(
                                pid_bh, rows, sqn, N, dtype, D, PRE_NORMALISED, HAS_Q_W, HAS_Q_B,
                                BLOCK_D)  # fmt: skip
         g = _plain_rows(g_base, g_p_ptr, pid_bh, rows, sgn, N, dtype, D, PADDED_PLAIN, BLOCK_D)
-        lse = tl.load(lse_ptr + pid_bh * N + rows, mask=row_in, other=float("inf"))
-        # Rows that saw nothing (lse = -inf) get p = 0: shift them by +inf.
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-        delta = tl.load(delta_ptr + pid_bh * N + rows, mask=row_in, other=0.0)
+        # every tile's rows lie within the padded buffers: no mask, no select
+        lse2 = tl.load(lse2_head + rows)
+        delta = tl.load(delta_head + rows)
         scores_t = tl.dot(k_n, tl.trans(q_n), input_precision=PRECISION, out_dtype=tl.float32)
         p_t = tl.math.exp2(scores_t * qk_scale_log2 - lse2[None, :])
-        # Without masks only the last key block compares: query rows past N have p = 0
-        # already (lse = +inf), keys past N must not count (their p may even overflow).
+        # Without masks: query rows past N have p = 0 already (shift +inf). Keys past N (in
+        # the last key block) have p of their own (which may even overflow): each only reaches
+        # its own rows of dK and dV, which are not stored and, in dK, zeroed after the loops
+        # (_bwd_dkdv_kernel); but their dS would reach every row's dQ share.
         if HAS_PAD or CAUSAL or BLOCK_CAUSAL:
             visible = _visible(rows[None, :], cols[:, None], k_pad[:, None], q_ids[None, :],
                                k_ids[:, None], N, CAUSAL, BLOCK_CAUSAL)  # fmt: skip
             p_t = tl.where(visible, p_t, 0.0)
-        elif keys_past_n:
+        elif ATOMIC_DQ and keys_past_n:
             p_t = tl.where(col_in[:, None], p_t, 0.0)
         dv += tl.dot(p_t.to(dtype), g, input_precision=PRECISION, out_dtype=tl.float32)
         dp_t = tl.dot(v, tl.trans(g), input_precision=PRECISION, out_dtype=tl.float32)
@@ -804,12 +830,9 @@ def _dkdv_tile(
         if ATOMIC_DQ:
             dq_part = tl.dot(tl.trans(ds_t), k_n, input_precision=PRECISION, out_dtype=tl.float32)
             dims = tl.arange(0, BLOCK_D)
-            tl.atomic_add(
-                dq_acc_ptr + (pid_bh * N + rows[:, None]) * BLOCK_D + dims[None, :],
-                dq_part,
-                mask=row_in[:, None] & (dims < D)[None, :],
-                sem="relaxed",
-            )
+            # rows past N are in the buffer (padded as lse2), and get zeros (p = 0 there)
+            tl.atomic_add(dq_acc_head + rows[:, None] * BLOCK_D + dims[None, :], dq_part,
+                          mask=(dims < D)[None, :], sem="relaxed")  # fmt: skip
 
     return dk_n, dv
 
@@ -827,8 +850,8 @@ def _bwd_dkdv_kernel(
     pad_ptr,
     ids_ptr,
     grad_out_ptr,  # (B, N, H, D) strides (sgb, sgn, sgh, 1)
-    lse_ptr,  # (B, H, N) fp32
-    delta_ptr,  # (B, H, N) fp32
+    lse2_ptr,  # (B, H, n_padded(N)) fp32 from _bwd_delta_kernel
+    delta_ptr,  # (B, H, n_padded(N)) fp32
     q_stats_ptr,  # (B, H, N, 2) fp32
     k_stats_ptr,
     q_n_ptr,  # (B * H, N, BLOCK_D) padded LayerNorm(q) from _pad_rows_kernel, or dummy
@@ -836,7 +859,7 @@ def _bwd_dkdv_kernel(
     dk_ptr,  # (B, H, N, D) contiguous out
     dv_ptr,  # (B, H, N, D) contiguous out
     dk_w_part_ptr,  # (B*H, num_slots, D) fp32 out, or dummy
-    dq_acc_ptr,  # (B * H, N, BLOCK_D) fp32, zeroed: dQ sums added in (ATOMIC_DQ), or dummy
+    dq_acc_ptr,  # (B * H, n_padded(N), BLOCK_D) fp32, zeroed: dQ sums added in (ATOMIC_DQ)
     sqb,
     sqh,
     sqn,
@@ -912,24 +935,29 @@ def _bwd_dkdv_kernel(
         lo = start_n0 // BLOCK_M * BLOCK_M  # earlier queries see none of these keys
     if not BLOCK_CAUSAL:
         k_ids_min = 0  # placeholder (unused)
+    lse2_head = lse2_ptr + pid_bh * _n_padded(N)  # the head's row terms
+    delta_head = delta_ptr + pid_bh * _n_padded(N)
+    dq_acc_head = dq_acc_ptr + pid_bh * _n_padded(N) * BLOCK_D
     # whole query tiles, then the rest in _TAIL_N-row tiles (see _fwd_kernel)
     m_full = N // BLOCK_M * BLOCK_M
     for start_m in range(lo, m_full, BLOCK_M):
         dk_n, dv = _dkdv_tile(
             dk_n, dv, start_m, k_n, v, cols, col_in, k_pad, k_ids, k_ids_min, keys_past_n, pid_bh,
             q_base, g_base, sqn, sgn, q_stats_ptr, q_n_ptr, g_p_ptr, q_w_ptr, q_b_ptr, ids_ptr,
-            lse_ptr, delta_ptr, dq_acc_ptr, N, qk_scale_log2, D, PRE_NORMALISED, PADDED_PLAIN,
+            lse2_head, delta_head, dq_acc_head, N, qk_scale_log2, D, PRE_NORMALISED, PADDED_PLAIN,
             HAS_Q_W, HAS_Q_B, HAS_PAD, CAUSAL, BLOCK_CAUSAL, BLOCK_D, PRECISION, ATOMIC_DQ, BLOCK_M
         )  # fmt: skip
     for start_m in range(tl.maximum(lo, m_full), N, _TAIL_N):
         dk_n, dv = _dkdv_tile(
             dk_n, dv, start_m, k_n, v, cols, col_in, k_pad, k_ids, k_ids_min, keys_past_n, pid_bh,
             q_base, g_base, sqn, sgn, q_stats_ptr, q_n_ptr, g_p_ptr, q_w_ptr, q_b_ptr, ids_ptr,
-            lse_ptr, delta_ptr, dq_acc_ptr, N, qk_scale_log2, D, PRE_NORMALISED, PADDED_PLAIN,
+            lse2_head, delta_head, dq_acc_head, N, qk_scale_log2, D, PRE_NORMALISED, PADDED_PLAIN,
             HAS_Q_W, HAS_Q_B, HAS_PAD, CAUSAL, BLOCK_CAUSAL, BLOCK_D, PRECISION, ATOMIC_DQ, _TAIL_N
         )  # fmt: skip
 
-    dk_n = dk_n * scale
+    # rows of keys past N: whatever the loops left there (see _dkdv_tile) stays out of the
+    # LayerNorm parameters' sums
+    dk_n = tl.where(col_in[:, None], dk_n * scale, 0.0)
     dk = _layer_norm_backward(dk_n, k_hat, k_rstd, k_w_ptr, dims, D, HAS_K_W)
     out_offset = (pid_bh * N + cols[:, None]) * D + dims[None, :]
     out_mask = col_in[:, None] & dim_ok[None, :]
@@ -974,9 +1002,9 @@ def _dq_tile(
     PADDED_PLAIN: tl.constexpr, HAS_K_W: tl.constexpr, HAS_K_B: tl.constexpr,
     HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    TILE_N: tl.constexpr,
+    TILE_N: tl.constexpr, WHOLE: tl.constexpr,
 ):  # fmt: skip
-    """_bwd_dq_kernel's dQ sum over keys start_n ... start_n + TILE_N - 1."""
+    """_bwd_dq_kernel's dQ sum over keys start_n ... start_n + TILE_N - 1 (WHOLE: all < N)."""
     dtype = q_n.dtype
     cols, col_in, k_ids, run_tile = _tile(start_n, N, ids_ptr, q_ids_max, TILE_N, True,
                                           BLOCK_CAUSAL)  # fmt: skip
@@ -986,12 +1014,13 @@ def _dq_tile(
         v = _plain_rows(v_base, v_p_ptr, pid_bh, cols, svn, N, dtype, D, PADDED_PLAIN, BLOCK_D)
         scores = tl.dot(q_n, tl.trans(k_n), input_precision=PRECISION, out_dtype=tl.float32)
         p = tl.math.exp2(scores * qk_scale_log2 - lse2[:, None])
-        # without masks only the tile holding key N compares (see _bwd_dkdv_kernel)
+        # without masks only the tail tiles compare keys with N: a key past N has p of its own
+        # (which may even overflow), and a zero row of k_n would not stop inf times 0
         if HAS_PAD or CAUSAL or BLOCK_CAUSAL:
             visible = _visible_tile(rows, cols, q_ids, k_ids, b, pad_ptr, N, HAS_PAD, CAUSAL,
                                     BLOCK_CAUSAL)  # fmt: skip
             p = tl.where(visible, p, 0.0)
-        elif start_n + TILE_N > N:
+        elif not WHOLE:
             p = tl.where(col_in[None, :], p, 0.0)
         dp = tl.dot(g, tl.trans(v), input_precision=PRECISION, out_dtype=tl.float32)
         ds = p * (dp - delta[:, None])
@@ -1013,8 +1042,8 @@ def _bwd_dq_kernel(
     pad_ptr,
     ids_ptr,
     grad_out_ptr,  # (B, N, H, D) strides (sgb, sgn, sgh, 1)
-    lse_ptr,  # (B, H, N) fp32
-    delta_ptr,  # (B, H, N) fp32
+    lse2_ptr,  # (B, H, n_padded(N)) fp32 from _bwd_delta_kernel
+    delta_ptr,  # (B, H, n_padded(N)) fp32
     q_stats_ptr,  # (B, H, N, 2) fp32
     k_stats_ptr,
     k_n_ptr,  # (B * H, N, BLOCK_D) padded LayerNorm(k) from _pad_rows_kernel, or dummy
@@ -1081,9 +1110,9 @@ def _bwd_dq_kernel(
     q_hat, q_rstd = _normalised_from_stats(q, q_stats_ptr + pid_bh * N * 2, rows, N, dim_ok)
     q_n = _affine(q_hat, q_w_ptr, q_b_ptr, dims, D, HAS_Q_W, HAS_Q_B).to(dtype)
     g = _load_rows(grad_out_ptr + b * sgb + h * sgh, rows, dims, sgn, N, D).to(dtype)
-    lse = tl.load(lse_ptr + pid_bh * N + rows, mask=row_in, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-    delta = tl.load(delta_ptr + pid_bh * N + rows, mask=row_in, other=0.0)
+    row_terms = pid_bh * _n_padded(N) + rows
+    lse2 = tl.load(lse2_ptr + row_terms, mask=row_in, other=float("inf"))
+    delta = tl.load(delta_ptr + row_terms, mask=row_in, other=0.0)
     q_ids = rows
     if BLOCK_CAUSAL:
         q_ids = tl.load(ids_ptr + rows, mask=row_in, other=_INT32_MIN)
@@ -1102,14 +1131,14 @@ def _bwd_dq_kernel(
             dq_n, start_n, q_n, g, rows, lse2, delta, q_ids, q_ids_max, pid_bh, b, k_base, v_base,
             skn, svn, k_stats_base, k_n_ptr, v_p_ptr, k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N,
             qk_scale_log2, D, PRE_NORMALISED, PADDED_PLAIN, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL,
-            BLOCK_CAUSAL, BLOCK_D, PRECISION, BLOCK_N
+            BLOCK_CAUSAL, BLOCK_D, PRECISION, BLOCK_N, True
         )  # fmt: skip
     for start_n in range(n_full, hi, _TAIL_N):
         dq_n = _dq_tile(
             dq_n, start_n, q_n, g, rows, lse2, delta, q_ids, q_ids_max, pid_bh, b, k_base, v_base,
             skn, svn, k_stats_base, k_n_ptr, v_p_ptr, k_w_ptr, k_b_ptr, pad_ptr, ids_ptr, N,
             qk_scale_log2, D, PRE_NORMALISED, PADDED_PLAIN, HAS_K_W, HAS_K_B, HAS_PAD, CAUSAL,
-            BLOCK_CAUSAL, BLOCK_D, PRECISION, _TAIL_N
+            BLOCK_CAUSAL, BLOCK_D, PRECISION, _TAIL_N, False
         )  # fmt: skip
 
     _store_dq(dq_n * scale, q_hat, q_rstd, q_w_ptr, dq_ptr, dq_w_part_ptr, dq_b_part_ptr,
@@ -1122,7 +1151,7 @@ def _bwd_dq_finish_kernel(
     q_ptr,
     q_w_ptr,
     q_stats_ptr,  # (B, H, N, 2) fp32
-    dq_acc_ptr,  # (B * H, N, BLOCK_D) fp32: d(normalised queries) / scale, from ATOMIC_DQ
+    dq_acc_ptr,  # (B * H, n_padded(N), BLOCK_D) fp32: d(normalised queries) / scale, from ATOMIC_DQ
     dq_ptr,  # (B, H, N, D) contiguous out
     dq_w_part_ptr,  # (B*H, num_slots, D) fp32 out, or dummy
     dq_b_part_ptr,
@@ -1155,7 +1184,7 @@ def _bwd_dq_finish_kernel(
     q = _load_rows(q_ptr + b * sqb + h * sqh, rows, dims, sqn, N, D).to(tl.float32)
     q_hat, q_rstd = _normalised_from_stats(q, q_stats_ptr + pid_bh * N * 2, rows, N, dim_ok)
     sums = tl.load(
-        dq_acc_ptr + (pid_bh * N + rows[:, None]) * BLOCK_D + dims[None, :],
+        dq_acc_ptr + (pid_bh * _n_padded(N) + rows[:, None]) * BLOCK_D + dims[None, :],
         mask=row_in[:, None] & dim_ok[None, :],
         other=0.0,
     )
@@ -1613,13 +1642,18 @@ def _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
         parts[present.index(name)] if name in present else q for name in ("q_w", "q_b", "k_w")
     )
     block_d = _block_d(D)
-    delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    # the rows' terms, padded (see _bwd_delta_kernel)
+    n_padded = _cdiv(N, _TAIL_N.value) * _TAIL_N.value
+    delta = torch.empty(B, H, n_padded, dtype=torch.float32, device=q.device)
+    lse2 = torch.empty(B, H, n_padded, dtype=torch.float32, device=q.device)
     align = _row_align(D, q, k, v, grad_out)
     delta_block = 32 if _INTERPRETING else 64
-    launch(_bwd_delta_kernel)[(_cdiv(N, delta_block) * B * H,)](
+    launch(_bwd_delta_kernel)[(_cdiv(n_padded, delta_block) * B * H,)](
         out,
         grad_out,
+        lse,
         delta,
+        lse2,
         grad_out.stride(0) // align,
         grad_out.stride(1) // align,
         grad_out.stride(2) // align,
@@ -1661,7 +1695,7 @@ def _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
         if not atomic_dq:
             v_p = _pad_rows(v, _COPY, launch=launch)
 
-    common = (lse, delta, q_stats, k_stats)
+    common = (lse2, delta, q_stats, k_stats)
     dkdv_tensors = (q, k, v, q_w_, q_b_, k_w_, k_b_, pad, ids, grad_out, *common, q_n, g_p, dk, dv,
                     part_k_w)  # fmt: skip
     dq_tensors = (q, k, v, q_w_, q_b_, k_w_, k_b_, pad, ids, grad_out, *common, k_n, v_p, dq,
@@ -1669,7 +1703,9 @@ def _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
     scalars = (H, N, D, _next_power_of_2(N))
     spans = _launch_spans(N, variant.split_tail)
     dq_acc = (
-        torch.zeros(B * H, N, block_d, dtype=torch.float32, device=q.device) if atomic_dq else q
+        torch.zeros(B * H, n_padded, block_d, dtype=torch.float32, device=q.device)
+        if atomic_dq
+        else q
     )
     for first, extent, tail in spans:
         launch(_bwd_dkdv_tail_kernel if tail else _bwd_dkdv_kernel)[
