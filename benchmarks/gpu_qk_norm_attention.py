@@ -23,6 +23,9 @@ and forward + backward (q, k, v and the four LayerNorm parameters). Implementati
 - ``eegfast-triton-atomic-dq``: the fused loops and tail launch, the backward's dQ added up by
   atomic adds in the dK / dV kernel (``qk_norm_attention_triton.ATOMIC_DQ``): its forward is
   the fused row's;
+- ``eegfast-triton-online``: the fused row with the forward's loops without row maxima turned
+  off (``qk_norm_attention_triton.UNSHIFTED``): every forward keeps the online maximum, what
+  the fused row's forward did before them (its backward is the fused row's);
 - ``eager-reference``: :func:`eegfast.ops.qk_norm_attention_reference` (LayerNorm + explicit
   (N, N) softmax);
 - ``layernorm+sdpa``: ``F.layer_norm`` then ``F.scaled_dot_product_attention``;
@@ -84,6 +87,7 @@ FUSED = "eegfast-triton-fused"
 PRENORM = "eegfast-triton-prenorm"
 ONE_LAUNCH = "eegfast-triton-one-launch"
 ATOMIC_DQ = "eegfast-triton-atomic-dq"
+ONLINE = "eegfast-triton-online"
 
 # attention(q, k, v, params) -> (B, H, N, D), all four LayerNorm parameters given.
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], object]
@@ -95,7 +99,7 @@ Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[torch.T
 
 
 def _eegfast_triton(q, k, v, params, *, pre_normalise: bool | None, split_tail: bool | None,
-                    atomic_dq: bool | None = False):  # fmt: skip
+                    atomic_dq: bool | None = False, unshifted: bool = True):  # fmt: skip
     """qk_norm_attention on the Triton backend with its launch choices pinned (or None: chosen
     by timing). The backward reads the switches when it runs, after this returns: each row sets
     them before its forward, and measure() runs a row's backward before the next row's
@@ -105,6 +109,7 @@ def _eegfast_triton(q, k, v, params, *, pre_normalise: bool | None, split_tail: 
     qk_norm_attention_triton.PRE_NORMALISE = pre_normalise
     qk_norm_attention_triton.SPLIT_TAIL = split_tail
     qk_norm_attention_triton.ATOMIC_DQ = atomic_dq
+    qk_norm_attention_triton.UNSHIFTED = unshifted
     return qk_norm_attention(q, k, v, *params, eps=EPS, backend="triton")
 
 
@@ -131,6 +136,11 @@ def eegfast_triton_one_launch(q, k, v, params):
 def eegfast_triton_atomic_dq(q, k, v, params):
     """The fused loops and tail launch, dQ added up by atomic adds in the dK / dV kernel."""
     return _eegfast_triton(q, k, v, params, pre_normalise=False, split_tail=True, atomic_dq=True)
+
+
+def eegfast_triton_online(q, k, v, params):
+    """The fused loops and tail launch, the forward always on its online-maximum loops."""
+    return _eegfast_triton(q, k, v, params, pre_normalise=False, split_tail=True, unshifted=False)
 
 
 def eager_reference(q, k, v, params):
@@ -164,6 +174,7 @@ def implementations() -> dict[str, Attention]:
         PRENORM: eegfast_triton_pre_normalised,
         ONE_LAUNCH: eegfast_triton_one_launch,
         ATOMIC_DQ: eegfast_triton_atomic_dq,
+        ONLINE: eegfast_triton_online,
         "eager-reference": eager_reference,
         "layernorm+sdpa": layer_norm_sdpa,
         "compile(layernorm+sdpa)": torch.compile(layer_norm_sdpa, dynamic=False),
@@ -257,16 +268,17 @@ TUNED_KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
 @contextlib.contextmanager
 def switches_restored():
     """The Triton kernels' switches that the eegfast rows set (PRE_NORMALISE, SPLIT_TAIL,
-    ATOMIC_DQ) put
-    back as they were on exit, for whatever runs next in this process (a decorator of the
-    functions that run those rows)."""
+    ATOMIC_DQ, UNSHIFTED) put back as they were on exit, for whatever runs next in this process
+    (a decorator of the functions that run those rows)."""
     from eegfast.ops import qk_norm_attention_triton as kernels
 
-    saved = kernels.PRE_NORMALISE, kernels.SPLIT_TAIL, kernels.ATOMIC_DQ
+    names = ("PRE_NORMALISE", "SPLIT_TAIL", "ATOMIC_DQ", "UNSHIFTED")
+    saved = {name: getattr(kernels, name) for name in names}
     try:
         yield
     finally:
-        kernels.PRE_NORMALISE, kernels.SPLIT_TAIL, kernels.ATOMIC_DQ = saved
+        for name, value in saved.items():
+            setattr(kernels, name, value)
 
 
 def record_tuning(log: dict[str, dict], label: str) -> None:

@@ -27,6 +27,7 @@ case the first time it is seen, unless pinned (see ``LoopVariant``).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -189,6 +190,11 @@ PRE_NORMALISE: bool | None = env_switch("EEGFAST_TRITON_PRENORM", None)
 # additions in another order each run: never a candidate under
 # torch.use_deterministic_algorithms(True).
 ATOMIC_DQ: bool | None = env_switch("EEGFAST_TRITON_ATOMIC_DQ", None)
+# Whether the forward may take its loops without row maxima where the scores are bounded (see
+# unshifted_score_limit). Not a timed choice: where they apply they do strictly less work, and
+# the program decides on the device. Off (EEGFAST_TRITON_UNSHIFTED=0) every forward keeps the
+# online maximum, to compare or to rule the fast loops out.
+UNSHIFTED: bool = env_switch("EEGFAST_TRITON_UNSHIFTED", True)
 # Whether unpinned choices are timed: nothing can be under the interpreter (tests set it), where
 # the first candidate (fused loops, tail launch) is taken.
 MEASURE_VARIANTS = not _INTERPRETING
@@ -1207,10 +1213,12 @@ _bwd_dq_tail_kernel = _keyed_autotune(_DQ_TAIL_CONFIGS, _bwd_dq_kernel.fn)
 
 def unshifted_score_limit(dtype: torch.dtype) -> float:
     """The largest score bound (log2 domain, |q_n| |k_n| |scale| log2 e) for which the forward
-    takes exp2 of raw scores, with no row maxima. The probabilities then lie in [2^-limit,
-    2^limit] before the P.V product casts them to the inputs' dtype: 43.3 (30 in natural log,
-    the C++ kernel's limit) keeps them normal in bf16 and fp32 and a row's sum far from
-    overflow; fp16 has normal numbers from 2^-14 to 65504 only."""
+    takes exp2 of raw scores, with no row maxima (-inf with UNSHIFTED off). The probabilities
+    then lie in [2^-limit, 2^limit] before the P.V product casts them to the inputs' dtype:
+    43.3 (30 in natural log, the C++ kernel's limit) keeps them normal in bf16 and fp32 and a
+    row's sum far from overflow; fp16 has normal numbers from 2^-14 to 65504 only."""
+    if not UNSHIFTED:
+        return -math.inf
     return 14.0 if dtype == torch.float16 else 30.0 * _LOG2E.value
 
 
