@@ -1493,9 +1493,11 @@ def qk_norm_attention_fwd_triton(
 
 
 def _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, block_ids, *,
-             eager: bool, variant: LoopVariant | None = None):  # fmt: skip
+             eager: bool, variant: LoopVariant | None = None,
+             score_limit: float | None = None):  # fmt: skip
     """The forward op's work on checked arguments, inside the op or (``eager``) called
-    directly by the public functions; ``variant`` None: see _loop_variant."""
+    directly by the public functions; ``variant`` None: see _loop_variant; ``score_limit``
+    None: unshifted_score_limit (the tests pass others, to force either softmax loop)."""
     if variant is None:
         args = (q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, block_ids)
         variant = _loop_variant("forward", args, _run_forward, _forward_stand_ins)
@@ -1535,10 +1537,11 @@ def _forward(q, k, v, q_w, q_b, k_w, k_b, eps, scale, key_padding_mask, causal, 
         BLOCK_D=block_d,
         PRECISION=_precision(q.dtype),
     )
+    limit = unshifted_score_limit(q.dtype) if score_limit is None else score_limit
     for first, extent, tail in _launch_spans(N, variant.split_tail):
         launch(_fwd_tail_kernel if tail else _fwd_kernel)[_grid(extent, "BLOCK_M", B * H)](
             *tensors, *strides, H, N, D, _next_power_of_2(N), first, extent, eps,
-            scale * _LOG2E.value, unshifted_score_limit(q.dtype), **flags,
+            scale * _LOG2E.value, limit, **flags,
         )  # fmt: skip
     return out, lse, q_stats, k_stats
 

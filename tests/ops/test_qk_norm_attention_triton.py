@@ -439,7 +439,7 @@ def test_unshifted_forward_when_scores_are_bounded(case, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")  # the forced overflow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_online_forward_when_scores_may_overflow(dtype, monkeypatch):
+def test_online_forward_when_scores_may_overflow(dtype):
     """Large LayerNorm weights (and q = k, so some scores reach their bound): beyond the
     limit the forward keeps the online maximum and matches the reference (forward only: these
     scores make the gradients too ill-conditioned for a fixed tolerance); the raw-score loops
@@ -451,16 +451,16 @@ def test_online_forward_when_scores_may_overflow(dtype, monkeypatch):
     scale = D**-0.5
     assert score_bound_log2(q, params, scale) > ops.unshifted_score_limit(dtype)
 
-    def forward():
-        return ops.qk_norm_attention_fwd_triton(q, q, v, *params, EPS, scale, None, False, None)
+    def forward(score_limit=None):
+        return ops._forward(q, q, v, *params, EPS, scale, None, False, None, eager=True,
+                            score_limit=score_limit)  # fmt: skip
 
     out, lse, _, _ = forward()
     ref_out, ref_lse = reference(q.double(), q.double(), v.double(),
                                  [p.double() for p in params], scale=scale)  # fmt: skip
     assert_close_scaled(out.transpose(1, 2), ref_out, FWD_TOLERANCE[dtype], "out")
     assert_close_scaled(lse, ref_lse, FWD_TOLERANCE[dtype], "lse")
-    monkeypatch.setattr(ops, "unshifted_score_limit", lambda dtype: math.inf)
-    assert not torch.isfinite(forward()[0]).all()
+    assert not torch.isfinite(forward(score_limit=math.inf)[0]).all()
 
 
 def test_pad_rows_reads_any_layout():
@@ -1043,17 +1043,13 @@ def test_gpu_pre_normalised_variant(D, monkeypatch):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("limit", [-math.inf, math.inf])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_online_and_unshifted_forward(limit, dtype, monkeypatch):
-    """Each of the forward's softmax loops forced on the GPU (these inputs' scores are within
-    the unshifted loops' range, so both are exact): every mask, N = 257."""
-    ops = triton_ops()
-    if limit == -math.inf:
-        monkeypatch.setattr(ops, "UNSHIFTED", False)
-    else:
-        monkeypatch.setattr(ops, "unshifted_score_limit", lambda dtype: limit)
-    check_labram_shape(20, dtype, masked=True, device="cuda")
+@pytest.mark.parametrize("unshifted", [True, False])
+def test_gpu_online_and_unshifted_forward(unshifted, monkeypatch):
+    """Each of the forward's softmax loops on the GPU, bf16, every mask, N = 257: these inputs'
+    score bound (~16) is within the bf16 limit, so the default takes the unshifted loops, and
+    UNSHIFTED off the online ones."""
+    monkeypatch.setattr(triton_ops(), "UNSHIFTED", unshifted)
+    check_labram_shape(20, torch.bfloat16, masked=True, device="cuda")
 
 
 @pytest.mark.gpu
