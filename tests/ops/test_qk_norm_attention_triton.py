@@ -437,6 +437,27 @@ def test_unshifted_forward_when_scores_are_bounded(case, monkeypatch):
     assert not torch.equal(out, online_out) and not torch.equal(lse, online_lse)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_unshifted_forward_at_the_edge_of_its_range(dtype):
+    """Scores as large as the limit allows: LayerNorm weights scaled so that the bound is 95%
+    of unshifted_score_limit, and k = q so that each row's own score comes near it (the
+    largest probabilities ~2^40 in fp32, ~2^13 in fp16, the smallest their inverses). The
+    unshifted loops, still chosen, match the reference, forward and gradients."""
+    B, H, N, D = 1, 2, 33, 20
+    q, _, v, params, _, _, grad_out = make_case(B, H, N, D, dtype, seed=11)
+    ops = triton_ops()
+    weights = [torch.ones(D), None, torch.ones(D), None]
+    factor = math.sqrt(0.95 * ops.unshifted_score_limit(dtype) / score_bound_log2(
+        q, weights, D**-0.5))  # fmt: skip
+    params = [(factor * torch.ones(D)).to(dtype), None, (factor * torch.ones(D)).to(dtype), None]
+    bound = score_bound_log2(q, params, D**-0.5)
+    assert 0.9 * ops.unshifted_score_limit(dtype) < bound <= ops.unshifted_score_limit(dtype)
+    out, lse, _ = check_against_reference(q, q, v, params, None, None, grad_out)
+    online = ops._forward(q, q, v, *params, EPS, D**-0.5, None, False, None, eager=True,
+                          score_limit=-math.inf)  # fmt: skip
+    assert not torch.equal(out, online[0])  # the default took the unshifted loops
+
+
 @pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")  # the forced overflow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_online_forward_when_scores_may_overflow(dtype):
