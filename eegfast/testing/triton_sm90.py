@@ -62,7 +62,8 @@ _SASS_PREDICATE = re.compile(r"^@!?U?P\w+\s+")
 
 def loop_mixes(sass: str) -> list[LoopMix]:
     """The loops of ``nvdisasm`` output (a branch back to an earlier label closes one; the
-    instructions from that label to the branch are its body), in program order. Software
+    instructions from that label to the branch are its body; a branch to itself, as kernels
+    end, is none), in program order. Software
     pipelining gives each source loop one steady-state body: what one more iteration costs."""
     labels: dict[str, int] = {}
     instructions: list[str] = []
