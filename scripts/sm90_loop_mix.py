@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 
+from sm90_register_table import KERNELS, MODULE, argument_types, case_constants
+
 from eegfast.testing.triton_sm90 import KernelSpec, compile_for_sm90, loop_mixes
 
-MODULE = "eegfast.ops.qk_norm_attention_triton"
-KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
-POINTERS = ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "grad_out_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
-            "q_w_ptr", "q_b_ptr", "k_w_ptr", "k_b_ptr", "q_n_ptr", "k_n_ptr", "v_p_ptr",
-            "g_p_ptr")  # fmt: skip
 SHOWN = ("HGMMA", "MUFU", "FFMA", "FMUL", "FADD", "FMNMX", "SHFL", "F2FP", "LDS", "LDG")
 
 
@@ -30,18 +27,12 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="D", help="1 to 128 (default 20)")  # fmt: skip
     parser.add_argument("--config", type=int, default=0, help="autotune config index")
     args = parser.parse_args(argv)
-    block_d = max(16, 1 << (args.head_dim - 1).bit_length())
-    align = next(a for a in (8, 4, 2, 1) if args.head_dim % a == 0)
-    constants = dict(HAS_Q_W=True, HAS_Q_B=True, HAS_K_W=True, HAS_K_B=True, HAS_PAD=False,
-                     CAUSAL=False, BLOCK_CAUSAL=False, BLOCK_D=block_d, PRECISION="ieee",
-                     D=args.head_dim, ALIGN=align, PADDED_PLAIN=False, ATOMIC_DQ=False,
-                     PART=16)  # fmt: skip
-    types = {**dict.fromkeys(POINTERS, "*" + args.dtype), "pad_ptr": "*u8", "ids_ptr": "*i32",
-             "eps": "fp32", "scale": "fp32", "qk_scale_log2": "fp32",
-             "unshifted_limit": "fp32"}  # fmt: skip
+    types = argument_types(args.dtype)
     for pre in (False, True):
-        specs = [KernelSpec(name, dict(constants, PRE_NORMALISED=pre), types,
-                            config=args.config, sass=True) for name in KERNELS]  # fmt: skip
+        # what a launch with contiguous inputs gets (case_constants), dQ in its own kernel
+        constants = dict(case_constants(args.dtype, args.head_dim, False, pre), ATOMIC_DQ=False)
+        specs = [KernelSpec(name, constants, types, config=args.config, sass=True)
+                 for name in KERNELS]  # fmt: skip
         compiled = compile_for_sm90(MODULE, specs)
         for name in KERNELS:
             kernel = compiled[name]

@@ -50,6 +50,13 @@ def case_constants(dtype: str, head_dim: int, masks: bool, pre: bool) -> dict:
     }  # fmt: skip
 
 
+def argument_types(dtype: str) -> dict[str, str]:
+    """The types of the kernels' non-constexpr arguments for inputs of ``dtype``."""
+    types = {name: "*" + dtype for name in POINTERS}
+    return types | {"pad_ptr": "*u8", "ids_ptr": "*i32", "eps": "fp32", "scale": "fp32",
+                    "qk_scale_log2": "fp32", "unshifted_limit": "fp32"}  # fmt: skip
+
+
 def config_indices(kernel_name: str, dtype: str, block_d: int) -> list[int]:
     """Indices into the kernel's configs of those its launches autotune over: what its own
     pruning keeps for the input dtype and BLOCK_D."""
@@ -66,10 +73,7 @@ def config_indices(kernel_name: str, dtype: str, block_d: int) -> list[int]:
 def report(kernel_name: str, config_index: int, constants: dict, dtype: str) -> str:
     from eegfast.testing.triton_sm90 import KernelSpec, _compile_in_this_process
 
-    types = {name: "*" + dtype for name in POINTERS}
-    types |= {"pad_ptr": "*u8", "ids_ptr": "*i32", "eps": "fp32", "scale": "fp32",
-              "qk_scale_log2": "fp32", "unshifted_limit": "fp32"}  # fmt: skip
-    spec = KernelSpec(kernel_name, constants, types, config=config_index)
+    spec = KernelSpec(kernel_name, constants, argument_types(dtype), config=config_index)
     compiled = _compile_in_this_process(MODULE, [asdict(spec)])[kernel_name]
     return f"{compiled['registers']}/{compiled['spill_bytes']}"
 
