@@ -63,8 +63,8 @@ _SASS_PREDICATE = re.compile(r"^@!?U?P\w+\s+")
 def loop_mixes(sass: str) -> list[LoopMix]:
     """The loops of ``nvdisasm`` output (a branch back to an earlier label closes one; the
     instructions from that label to the branch are its body; a branch to itself, as kernels
-    end, is none), in program order. Software
-    pipelining gives each source loop one steady-state body: what one more iteration costs."""
+    end, is none), in program order. Software pipelining gives each source loop one
+    steady-state body: what one more iteration costs."""
     labels: dict[str, int] = {}
     instructions: list[str] = []
     for line in sass.splitlines():
@@ -88,11 +88,16 @@ def loop_mixes(sass: str) -> list[LoopMix]:
     return loops
 
 
-def has_ptxas() -> bool:
-    """Whether this triton install can compile for NVIDIA GPUs (it bundles ptxas)."""
+def _bundled_tool(name: str) -> Path:
+    """The path of a CUDA tool (ptxas, nvdisasm) triton bundles for its NVIDIA backend."""
     import triton
 
-    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def has_ptxas() -> bool:
+    """Whether this triton install can compile for NVIDIA GPUs (it bundles ptxas)."""
+    return _bundled_tool("ptxas").exists()
 
 
 def compile_for_sm90(module: str, specs: list[KernelSpec], timeout: float = 300) -> dict:
@@ -123,13 +128,12 @@ def compile_for_sm90(module: str, specs: list[KernelSpec], timeout: float = 300)
 def _ptxas_report(ptx: str) -> str:
     """ptxas -v's report for ``ptx``, from the ptxas triton itself compiles sm_90 with (one of
     those it bundles, for the PTX version it writes)."""
-    import triton
     from triton.backends.nvidia import compiler
 
     try:
         ptxas = compiler.get_ptxas(90).path
     except (AttributeError, TypeError):  # other triton versions
-        ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+        ptxas = _bundled_tool("ptxas")
     # The options triton's own ptxas call adds that change register allocation (read from its
     # source: they differ between versions), so that the report is of the same binary.
     try:
@@ -204,9 +208,7 @@ def _compile_in_this_process(module_name: str, specs: list[dict]) -> dict:
 
 def _disassemble(cubin: bytes) -> str:
     """nvdisasm's listing of a cubin (the nvdisasm triton bundles beside its ptxas)."""
-    import triton
-
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    nvdisasm = _bundled_tool("nvdisasm")
     with tempfile.TemporaryDirectory() as folder:
         binary = Path(folder) / "kernel.cubin"
         binary.write_bytes(cubin)
