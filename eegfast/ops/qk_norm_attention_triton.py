@@ -714,6 +714,7 @@ def _fwd_kernel(
 
     if not BLOCK_CAUSAL:
         q_ids_max = 0  # placeholder (unused)
+    # the same loops either way, but UNSHIFTED must be a compile-time constant: one call each
     if unshifted:
         m_i, l_i, acc = _fwd_keys(
             start_m0, q_n, rows, q_ids, q_ids_max, pid_bh, b, k_base, v_base, skn, svn, k_n_ptr,
@@ -941,9 +942,10 @@ def _bwd_dkdv_kernel(
         lo = start_n0 // BLOCK_M * BLOCK_M  # earlier queries see none of these keys
     if not BLOCK_CAUSAL:
         k_ids_min = 0  # placeholder (unused)
-    lse2_head = lse2_ptr + pid_bh * _n_padded(N)  # the head's row terms
-    delta_head = delta_ptr + pid_bh * _n_padded(N)
-    dq_acc_head = dq_acc_ptr + pid_bh * _n_padded(N) * BLOCK_D
+    n_pad = _n_padded(N)  # the head's rows in the padded per-row buffers
+    lse2_head = lse2_ptr + pid_bh * n_pad
+    delta_head = delta_ptr + pid_bh * n_pad
+    dq_acc_head = dq_acc_ptr + pid_bh * n_pad * BLOCK_D
     # whole query tiles, then the rest in _TAIL_N-row tiles (see _fwd_kernel)
     m_full = N // BLOCK_M * BLOCK_M
     for start_m in range(lo, m_full, BLOCK_M):
