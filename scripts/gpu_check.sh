@@ -5,7 +5,8 @@
 #   OUT=/some/dir scripts/gpu_check.sh [STAGE ...]     # from the repository root
 #
 # Stages (default: all, in this order): qk-tests build-wait cuda-tests cuda-bench qk-bench
-# pretrain head-loss pretrain-large; qk-bench-base (LaBraM-Base's shape only) is not in the default list.
+# pretrain head-loss pretrain-large; qk-bench-base (LaBraM-Base's shape only) is not in the
+# default list.
 # The extension is built in a copy of the tree (/tmp/eegfast-ext) in the background, so the
 # Triton stages run meanwhile without it; it is copied into eegfast/ when done (`build-wait`).
 # Each stage has its own time limit (seconds in STAGE_LIMIT_<name>, defaults below): a stuck
