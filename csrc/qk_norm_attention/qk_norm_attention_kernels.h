@@ -289,7 +289,7 @@ EEGFAST_INLINE vec_t<float> vexp_in_range(vec_t<float> x) {
     q = q * r + 1.0f;
     const vf y = q * r + 1.0f;
     const vi16 bits = (vi16)t;
-    return y * (vf)((bits << 19) + __builtin_shuffle(table, bits & 15));
+    return y * (vf)((bits << 19) + __builtin_shuffle(table, bits));  // index modulo 16
   } else {
     const vf magic = vsplat(12582912.0f + 127.0f);  // 1.5 * 2^23 + the exponent bias
     const vf t = x * 1.44269504088896341f + magic;
@@ -713,27 +713,19 @@ EEGFAST_INLINE void layer_norm_lanes(T* X, int64_t D, int valid, T eps, const T*
   for (int v = 0; v < V; ++v) vstore(norm2_out + v * L, norm2[v]);
 }
 
-// Requests the N rows of (b, h) of t into L2. In the (B, N, H, D) and packed layouts a head's
-// rows lie H D (or 3 H D) elements apart, which the hardware prefetchers do not follow. Rows
-// with strided elements are left alone; adjacent rows ((B, H, N, D) contiguous) are one block,
-// requested line by line (per row, rows sharing lines were requested twice or three times:
-// ~4% of the forward at D = 20).
+// Requests the N rows of (b, h) of t into L2 at once (see NextHeadLines for the layouts).
 template <typename scalar_t>
 EEGFAST_INLINE void prefetch_head(const Strided<scalar_t>& t, int64_t b, int64_t h, int64_t N,
                                   int64_t D) {
   if (t.sd != 1) return;
   const int64_t bytes = D * static_cast<int64_t>(sizeof(scalar_t));
-  if (t.sn == D) {
-    const char* block = reinterpret_cast<const char*>(t.row(b, h, 0));
-    const int64_t block_bytes = N * bytes;
-    const int64_t first = -(reinterpret_cast<uintptr_t>(block) % 64);  // the first line's start
-    for (int64_t off = first; off < block_bytes; off += 64) __builtin_prefetch(block + off, 0, 2);
-    return;
-  }
-  for (int64_t j = 0; j < N; ++j) {
+  const bool one_block = t.sn == D;
+  const int64_t rows = one_block ? 1 : N, row_bytes = one_block ? N * bytes : bytes;
+  for (int64_t j = 0; j < rows; ++j) {
     const char* row = reinterpret_cast<const char*>(t.row(b, h, j));
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 2);
-    __builtin_prefetch(row + bytes - 1, 0, 2);
+    const char* first = row - reinterpret_cast<uintptr_t>(row) % 64;  // the first line's start
+    for (const char* line = first; line < row + row_bytes; line += 64)
+      __builtin_prefetch(line, 0, 2);
   }
 }
 
@@ -747,17 +739,74 @@ EEGFAST_INLINE void prefetch_row(const scalar_t* row, int64_t D) {
 }
 constexpr int64_t kRowPrefetch = 8;  // rows ahead
 
-// A thread runs consecutive tasks (run_tasks hands each a contiguous share first): when it
-// starts the last task of (b, h), it requests the next head's q, k and v, so that loading
-// them overlaps this task's compute instead of stalling the next one's first reads.
-template <typename scalar_t, typename T>
-EEGFAST_INLINE void prefetch_next_head(const Problem<scalar_t, T>& p, int64_t bh, int64_t chunk) {
-  if (chunk != p.chunks - 1 || bh + 1 >= p.B * p.H) return;
-  const int64_t b = (bh + 1) / p.H, h = (bh + 1) % p.H;
-  prefetch_head(p.q, b, h, p.N, p.D);
-  prefetch_head(p.k, b, h, p.N, p.D);
-  prefetch_head(p.v, b, h, p.N, p.D);
-}
+// A thread runs consecutive tasks (run_tasks hands each a contiguous share first): while it
+// computes the last task of (b, h), it requests the next head's q, k and v into L2, so that
+// loading them overlaps this task's compute instead of stalling the next one's first reads.
+// The forward requests a few lines at a time (`step`, between micro-tiles): requested all at
+// once as its task began, the ~1000 lines of a head at D = 20 filled the line-fill buffers and
+// stalled the task's own loads (with the inputs out of cache, ~5% of a single-threaded forward
+// at N = 257).
+class NextHeadLines {
+ public:
+  // The lines of the next head after (bh, chunk) (none unless this is (bh)'s last chunk and a
+  // head follows), to be requested over about `steps` calls of step.
+  template <typename scalar_t, typename T>
+  NextHeadLines(const Problem<scalar_t, T>& p, int64_t bh, int64_t chunk, int64_t steps) {
+    if (chunk != p.chunks - 1 || bh + 1 >= p.B * p.H) return;
+    const int64_t b = (bh + 1) / p.H, h = (bh + 1) % p.H;
+    int64_t lines = 0;
+    for (const Strided<scalar_t>* t : {&p.q, &p.k, &p.v}) {
+      if (t->sd != 1) continue;  // strided elements: left to the hardware
+      // adjacent rows ((B, H, N, D) contiguous) are one block, requested line by line (per row,
+      // rows sharing lines were requested twice or three times: ~4% of the forward at D = 20)
+      const int64_t bytes = p.D * static_cast<int64_t>(sizeof(scalar_t));
+      const bool one_block = t->sn == p.D;
+      Part& part = parts_[parts_count_++];
+      part.first = reinterpret_cast<const char*>(t->row(b, h, 0));
+      part.rows = one_block ? 1 : p.N;
+      part.row_stride = t->sn * static_cast<int64_t>(sizeof(scalar_t));
+      part.row_bytes = one_block ? p.N * bytes : bytes;
+      lines += part.rows * (part.row_bytes / 64 + 2);  // at most, whatever the alignment
+    }
+    per_step_ = (lines + std::max<int64_t>(steps, 1) - 1) / std::max<int64_t>(steps, 1);
+    start_row();
+  }
+  // Requests the next few lines.
+  EEGFAST_INLINE void step() {
+    for (int64_t i = 0; i < per_step_ && part_ < parts_count_; ++i) {
+      __builtin_prefetch(line_, 0, 2);
+      line_ += 64;
+      if (line_ >= row_end_) next_row();
+    }
+  }
+  // Requests every line not requested yet.
+  void finish() {
+    per_step_ = std::numeric_limits<int64_t>::max();
+    step();
+  }
+
+ private:
+  struct Part {  // rows of one tensor, in bytes
+    const char* first;
+    int64_t rows, row_stride, row_bytes;
+  };
+  void start_row() {
+    if (part_ >= parts_count_) return;
+    const Part& part = parts_[part_];
+    const char* row = part.first + row_ * part.row_stride;
+    line_ = row - reinterpret_cast<uintptr_t>(row) % 64;  // the first line's start
+    row_end_ = row + part.row_bytes;
+  }
+  void next_row() {
+    if (++row_ == parts_[part_].rows) row_ = 0, ++part_;
+    start_row();
+  }
+  Part parts_[3];
+  int parts_count_ = 0, part_ = 0;
+  int64_t row_ = 0, per_step_ = 0;
+  const char* line_ = nullptr;
+  const char* row_end_ = nullptr;
+};
 
 // Which layouts of the keys and values a kernel reads (see KeySide).
 enum class KeyLayout {
@@ -1138,7 +1187,7 @@ EEGFAST_INLINE void forward_rows_online(const ForwardArgs<scalar_t, T>& a, const
 template <int QV, int R, int JR, int DR, typename scalar_t, typename T>
 EEGFAST_INLINE void forward_query_tile(const ForwardArgs<scalar_t, T>& a, const KeySide<T>& ks,
                                        int64_t b, int64_t h, int64_t i0, int rows, T* Qt,
-                                       T* Ot) {
+                                       T* Ot, NextHeadLines& next_head) {
   constexpr int L = kLanes<T>, QT = QV * L;
   const Problem<scalar_t, T>& p = a.p;
   const int64_t D = p.D, N = p.N, H = p.H, bh = b * H + h;
@@ -1178,6 +1227,7 @@ EEGFAST_INLINE void forward_query_tile(const ForwardArgs<scalar_t, T>& a, const 
     constexpr int W = kPanel<T>;
     for (int j = 0; j < keys; j += JR) {
       const int64_t key = key0 + j;
+      next_head.step();
       query_lane_scores<QV, JR>(Qt, D, ks.panels.data() + key / W * D * W + key % W,
                                 St + j * QT);
     }
@@ -1241,7 +1291,6 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
   const int64_t row_end = std::min(p.N, row_begin + p.chunk_rows);
   if (row_begin >= row_end) return;
   const int64_t N = p.N;
-  prefetch_next_head(p, bh, chunk);
   KeySide<T>& ks = thread_key_side<T>();  // buffers reused (see prepare_keys)
   prepare_keys(p, b, h, a.eps, KeyLayout::kForward, static_cast<const T*>(nullptr),
                chunk == 0 ? a.k_stats + bh * N * 2 : static_cast<T*>(nullptr), ks);
@@ -1252,15 +1301,19 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
   const int64_t tail = (row_end - row_begin) % L;
   const int64_t lane_end = tail <= L / 4 ? row_end - tail : row_end;
   std::vector<T> Qt(p.D * QT), Ot(p.D * QT);
+  // one step per score micro-tile (JR keys) of each query tile
+  const int64_t tiles = (lane_end - row_begin + QT - 1) / QT;
+  NextHeadLines next_head(p, bh, chunk, tiles * ((N + JR - 1) / JR));
   for (int64_t i0 = row_begin; i0 < lane_end; i0 += QT) {
     const int rows = static_cast<int>(std::min<int64_t>(QT, lane_end - i0));
     if (rows > 2 * L)
-      forward_query_tile<3, R, JR, DR>(a, ks, b, h, i0, rows, Qt.data(), Ot.data());
+      forward_query_tile<3, R, JR, DR>(a, ks, b, h, i0, rows, Qt.data(), Ot.data(), next_head);
     else if (rows > L)
-      forward_query_tile<2, R, JR, DR>(a, ks, b, h, i0, rows, Qt.data(), Ot.data());
+      forward_query_tile<2, R, JR, DR>(a, ks, b, h, i0, rows, Qt.data(), Ot.data(), next_head);
     else
-      forward_query_tile<1, R, JR, DR>(a, ks, b, h, i0, rows, Qt.data(), Ot.data());
+      forward_query_tile<1, R, JR, DR>(a, ks, b, h, i0, rows, Qt.data(), Ot.data(), next_head);
   }
+  next_head.finish();  // what the tiles' steps left (masked blocks, the online path)
   if (lane_end < row_end) forward_rows_online<1>(a, ks, b, h, lane_end, row_end);
   release_if_large(ks);
 }
@@ -1549,7 +1602,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   const int64_t row_end = std::min(p.N, row_begin + p.chunk_rows);
   if (row_begin >= row_end) return;
   const T inf = std::numeric_limits<T>::infinity();
-  prefetch_next_head(p, bh, chunk);
+  NextHeadLines(p, bh, chunk, 1).finish();  // all at once (the backward's loops take no steps)
   KeySide<T>& ks = thread_key_side<T>();  // buffers reused (see prepare_keys)
   prepare_keys(p, b, h, T(0), KeyLayout::kBackward, a.k_stats + bh * N * 2,
                static_cast<T*>(nullptr), ks);
