@@ -345,9 +345,9 @@ EEGFAST_INLINE vec_t<double> vexp_in_range(vec_t<double> x) { return vexp(x); }
 
 // ---- tile kernels -------------------------------------------------------------------------
 
-// fn(std::integral_constant<int, m>{}, d0) over dims [0, D) in chunks of M, then one of 4,
-// 2 and 1 each where smaller than M and still needed: exactly D dims, with micro-tile sizes
-// known at compile time.
+// fn(std::integral_constant<int, m>{}, d0) over dims (or keys) [0, D) in chunks of M, then
+// one of 4, 2 and 1 each where smaller than M and still needed: exactly D of them, with
+// micro-tile sizes known at compile time.
 template <int M, typename Fn>
 EEGFAST_INLINE void for_dim_chunks(int64_t D, const Fn& fn) {
   int64_t d0 = 0;
@@ -1222,15 +1222,16 @@ EEGFAST_INLINE void forward_query_tile(const ForwardArgs<scalar_t, T>& a, const 
   for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
     if (!block_visible(p, ks, t, kb)) continue;
     const int64_t key0 = kb * kKeyBlock;
-    const int keys =
-        static_cast<int>(std::min<int64_t>(kKeyBlock, (N - key0 + JR - 1) / JR * JR));
+    const int keys = static_cast<int>(std::min<int64_t>(kKeyBlock, N - key0));
     constexpr int W = kPanel<T>;
-    for (int j = 0; j < keys; j += JR) {
+    // Micro-tiles of JR keys, then of 4, 2, 1 for the rest of the last block: at N = 257 its
+    // one key was a micro-tile of 8 (scores and exps of 7 keys past N: ~2% of the forward).
+    for_dim_chunks<JR>(keys, [&](auto tile_keys, int64_t j) EEGFAST_INLINE_LAMBDA {
       const int64_t key = key0 + j;
       next_head.step();
-      query_lane_scores<QV, JR>(Qt, D, ks.panels.data() + key / W * D * W + key % W,
-                                St + j * QT);
-    }
+      query_lane_scores<QV, decltype(tile_keys)::value>(
+          Qt, D, ks.panels.data() + key / W * D * W + key % W, St + j * QT);
+    });
     // e^s in place, summed per query; masked scores (-inf) need vexp's flush to 0. The block's
     // sums are named locals that start at 0 and live in this loop alone: l[] lives across the
     // whole key loop (the score and P.V micro-tiles use most registers), and sums carried in or
@@ -1258,9 +1259,8 @@ EEGFAST_INLINE void forward_query_tile(const ForwardArgs<scalar_t, T>& a, const 
       exponentiate(std::true_type{});
     else
       exponentiate(std::false_type{});
-    // P = 0 for the keys past N that the last score micro-tile computed
     query_lane_all_values<QV, DR>(Ot, St, ks.values + key0 * ks.value_stride, ks.value_stride,
-                                  1, D, static_cast<int>(std::min<int64_t>(keys, N - key0)));
+                                  1, D, keys);
   }
   alignas(64) T logs[QT], inv[QT];
   for (int v = 0; v < QV; ++v) {
