@@ -713,22 +713,6 @@ EEGFAST_INLINE void layer_norm_lanes(T* X, int64_t D, int valid, T eps, const T*
   for (int v = 0; v < V; ++v) vstore(norm2_out + v * L, norm2[v]);
 }
 
-// Requests the N rows of (b, h) of t into L2 at once (see NextHeadLines for the layouts).
-template <typename scalar_t>
-EEGFAST_INLINE void prefetch_head(const Strided<scalar_t>& t, int64_t b, int64_t h, int64_t N,
-                                  int64_t D) {
-  if (t.sd != 1) return;
-  const int64_t bytes = D * static_cast<int64_t>(sizeof(scalar_t));
-  const bool one_block = t.sn == D;
-  const int64_t rows = one_block ? 1 : N, row_bytes = one_block ? N * bytes : bytes;
-  for (int64_t j = 0; j < rows; ++j) {
-    const char* row = reinterpret_cast<const char*>(t.row(b, h, j));
-    const char* first = row - reinterpret_cast<uintptr_t>(row) % 64;  // the first line's start
-    for (const char* line = first; line < row + row_bytes; line += 64)
-      __builtin_prefetch(line, 0, 2);
-  }
-}
-
 // Requests the lines of one contiguous row of D elements, to read or (ForWrite) to write.
 template <bool ForWrite = false, typename scalar_t>
 EEGFAST_INLINE void prefetch_row(const scalar_t* row, int64_t D) {
@@ -739,37 +723,31 @@ EEGFAST_INLINE void prefetch_row(const scalar_t* row, int64_t D) {
 }
 constexpr int64_t kRowPrefetch = 8;  // rows ahead
 
-// A thread runs consecutive tasks (run_tasks hands each a contiguous share first): while it
-// computes the last task of (b, h), it requests the next head's q, k and v into L2, so that
-// loading them overlaps this task's compute instead of stalling the next one's first reads.
-// The forward requests a few lines at a time (`step`, between micro-tiles): requested all at
-// once as its task began, the ~1000 lines of a head at D = 20 filled the line-fill buffers and
-// stalled the task's own loads (with the inputs out of cache, ~5% of a single-threaded forward
-// at N = 257).
-class NextHeadLines {
+// Cache lines of rows of heads, requested into L2 a few at a time (`step`) or all at once
+// (`finish`). In the (B, N, H, D) and packed layouts a head's rows lie H D (or 3 H D) elements
+// apart, which the hardware prefetchers do not follow.
+class HeadLines {
  public:
-  // The lines of the next head after (bh, chunk) (none unless this is (bh)'s last chunk and a
-  // head follows), to be requested over about `steps` calls of step.
-  template <typename scalar_t, typename T>
-  NextHeadLines(const Problem<scalar_t, T>& p, int64_t bh, int64_t chunk, int64_t steps) {
-    if (chunk != p.chunks - 1 || bh + 1 >= p.B * p.H) return;
-    const int64_t b = (bh + 1) / p.H, h = (bh + 1) % p.H;
-    int64_t lines = 0;
-    for (const Strided<scalar_t>* t : {&p.q, &p.k, &p.v}) {
-      if (t->sd != 1) continue;  // strided elements: left to the hardware
-      // adjacent rows ((B, H, N, D) contiguous) are one block, requested line by line (per row,
-      // rows sharing lines were requested twice or three times: ~4% of the forward at D = 20)
-      const int64_t bytes = p.D * static_cast<int64_t>(sizeof(scalar_t));
-      const bool one_block = t->sn == p.D;
-      Part& part = parts_[parts_count_++];
-      part.first = reinterpret_cast<const char*>(t->row(b, h, 0));
-      part.rows = one_block ? 1 : p.N;
-      part.row_stride = t->sn * static_cast<int64_t>(sizeof(scalar_t));
-      part.row_bytes = one_block ? p.N * bytes : bytes;
-      lines += part.rows * (part.row_bytes / 64 + 2);  // at most, whatever the alignment
-    }
-    per_step_ = (lines + std::max<int64_t>(steps, 1) - 1) / std::max<int64_t>(steps, 1);
-    start_row();
+  // Rows (b, h, 0 ... N - 1) of t, D elements each (at most kMaxParts calls).
+  template <typename scalar_t>
+  void add(const Strided<scalar_t>& t, int64_t b, int64_t h, int64_t N, int64_t D) {
+    if (t.sd != 1) return;  // strided elements: left to the hardware
+    // adjacent rows ((B, H, N, D) contiguous) are one block, requested line by line (per row,
+    // rows sharing lines were requested twice or three times: ~4% of the forward at D = 20)
+    const int64_t bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+    const bool one_block = t.sn == D;
+    Part& part = parts_[parts_count_++];
+    part.first = reinterpret_cast<const char*>(t.row(b, h, 0));
+    part.rows = one_block ? 1 : N;
+    part.row_stride = t.sn * static_cast<int64_t>(sizeof(scalar_t));
+    part.row_bytes = one_block ? N * bytes : bytes;
+    lines_ += part.rows * (part.row_bytes / 64 + 2);  // at most, whatever the alignment
+    if (parts_count_ == 1) start_row();
+  }
+  // Spreads the lines over about `steps` calls of step.
+  void pace(int64_t steps) {
+    steps = std::max<int64_t>(steps, 1);
+    per_step_ = (lines_ + steps - 1) / steps;
   }
   // Requests the next few lines.
   EEGFAST_INLINE void step() {
@@ -801,12 +779,40 @@ class NextHeadLines {
     if (++row_ == parts_[part_].rows) row_ = 0, ++part_;
     start_row();
   }
-  Part parts_[3];
+  static constexpr int kMaxParts = 3;
+  Part parts_[kMaxParts];
   int parts_count_ = 0, part_ = 0;
-  int64_t row_ = 0, per_step_ = 0;
+  int64_t row_ = 0, lines_ = 0, per_step_ = 0;
   const char* line_ = nullptr;
   const char* row_end_ = nullptr;
 };
+
+// Requests the N rows of (b, h) of t into L2 at once.
+template <typename scalar_t>
+void prefetch_head(const Strided<scalar_t>& t, int64_t b, int64_t h, int64_t N, int64_t D) {
+  HeadLines lines;
+  lines.add(t, b, h, N, D);
+  lines.finish();
+}
+
+// A thread runs consecutive tasks (run_tasks hands each a contiguous share first): while it
+// computes the last task of (b, h), it requests the next head's q, k and v, so that loading
+// them overlaps this task's compute instead of stalling the next one's first reads. These are
+// the lines of that next head (none unless task (bh, chunk) is bh's last and a head follows),
+// paced over `steps`. The forward takes its steps between micro-tiles: requested all at once
+// as its task began, the ~1000 lines of a head at D = 20 filled the line-fill buffers and
+// stalled the task's own loads (with the inputs out of cache, ~5% of a single-threaded forward
+// at N = 257).
+template <typename scalar_t, typename T>
+HeadLines next_head_lines(const Problem<scalar_t, T>& p, int64_t bh, int64_t chunk,
+                          int64_t steps) {
+  HeadLines lines;
+  if (chunk == p.chunks - 1 && bh + 1 < p.B * p.H)
+    for (const Strided<scalar_t>* t : {&p.q, &p.k, &p.v})
+      lines.add(*t, (bh + 1) / p.H, (bh + 1) % p.H, p.N, p.D);
+  lines.pace(steps);
+  return lines;
+}
 
 // Which layouts of the keys and values a kernel reads (see KeySide).
 enum class KeyLayout {
@@ -1187,7 +1193,7 @@ EEGFAST_INLINE void forward_rows_online(const ForwardArgs<scalar_t, T>& a, const
 template <int QV, int R, int JR, int DR, typename scalar_t, typename T>
 EEGFAST_INLINE void forward_query_tile(const ForwardArgs<scalar_t, T>& a, const KeySide<T>& ks,
                                        int64_t b, int64_t h, int64_t i0, int rows, T* Qt,
-                                       T* Ot, NextHeadLines& next_head) {
+                                       T* Ot, HeadLines& next_head) {
   constexpr int L = kLanes<T>, QT = QV * L;
   const Problem<scalar_t, T>& p = a.p;
   const int64_t D = p.D, N = p.N, H = p.H, bh = b * H + h;
@@ -1303,7 +1309,7 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
   std::vector<T> Qt(p.D * QT), Ot(p.D * QT);
   // one step per score micro-tile (JR keys) of each query tile
   const int64_t tiles = (lane_end - row_begin + QT - 1) / QT;
-  NextHeadLines next_head(p, bh, chunk, tiles * ((N + JR - 1) / JR));
+  HeadLines next_head = next_head_lines(p, bh, chunk, tiles * ((N + JR - 1) / JR));
   for (int64_t i0 = row_begin; i0 < lane_end; i0 += QT) {
     const int rows = static_cast<int>(std::min<int64_t>(QT, lane_end - i0));
     if (rows > 2 * L)
@@ -1602,7 +1608,7 @@ EEGFAST_INLINE void backward_task(const BackwardArgs<scalar_t, T>& a, int64_t ta
   const int64_t row_end = std::min(p.N, row_begin + p.chunk_rows);
   if (row_begin >= row_end) return;
   const T inf = std::numeric_limits<T>::infinity();
-  NextHeadLines(p, bh, chunk, 1).finish();  // all at once (the backward's loops take no steps)
+  next_head_lines(p, bh, chunk, 1).finish();  // at once (the backward's loops take no steps)
   KeySide<T>& ks = thread_key_side<T>();  // buffers reused (see prepare_keys)
   prepare_keys(p, b, h, T(0), KeyLayout::kBackward, a.k_stats + bh * N * 2,
                static_cast<T*>(nullptr), ks);
