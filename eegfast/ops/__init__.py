@@ -16,6 +16,7 @@ from eegfast.ops.moe import (
     moe_ffn,
 )
 from eegfast.ops.qk_norm_attention import (
+    cpu_attention_isa,
     cpu_output_pool_bytes,
     qk_norm_attention,
     qk_norm_attention_packed,
@@ -45,6 +46,7 @@ __all__ = [
     "qk_norm_attention",
     "qk_norm_attention_packed",
     "qk_norm_attention_reference",
+    "cpu_attention_isa",
     "cpu_output_pool_bytes",
     "release_cpu_output_pool",
     "vq_code_stats",

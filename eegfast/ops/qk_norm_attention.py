@@ -455,6 +455,15 @@ def cpu_output_pool_bytes() -> int:
     return int(torch.ops.eegfast.cpu_pool_cached_bytes())
 
 
+def cpu_attention_isa() -> str | None:
+    """Which instance of the C++ CPU attention kernels runs here: ``"avx512"`` (512-bit
+    vectors), ``"avx2"`` or ``"generic"`` (256-bit); None when the extension is not built. The
+    CPU decides, capped by ``EEGFAST_CPU_ISA`` (one of those names)."""
+    if not _cpp_ops_built():
+        return None
+    return str(torch.ops.eegfast.cpu_attention_isa())
+
+
 def release_cpu_output_pool() -> None:
     """Frees the blocks :func:`cpu_output_pool_bytes` counts (as ``torch.cuda.empty_cache``)."""
     if _cpp_ops_built():

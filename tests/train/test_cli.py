@@ -90,6 +90,9 @@ def test_doctor_reports_backends_as_json(capsys):
     assert {"torch", "sklearn", "mne"} <= set(report["versions"])
     assert report["distributed"]["gloo"] is True
     assert report["cpu_inference_fusion"]["available"] is torch.backends.mkldnn.is_available()
+    from eegfast.ops import cpu_attention_isa
+
+    assert report["cpu_attention_isa"] == cpu_attention_isa()
 
 
 @pytest.mark.slow

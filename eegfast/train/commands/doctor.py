@@ -34,7 +34,7 @@ def collect() -> dict[str, Any]:
 
     from eegfast import __version__
     from eegfast.nn.linear import onednn_status
-    from eegfast.ops import available_backends
+    from eegfast.ops import available_backends, cpu_attention_isa
 
     report: dict[str, Any] = {
         "eegfast": __version__,
@@ -62,6 +62,7 @@ def collect() -> dict[str, Any]:
             for name, s in available_backends().items()
         },
         "cpu_inference_fusion": dict(zip(("available", "detail"), onednn_status(), strict=True)),
+        "cpu_attention_isa": cpu_attention_isa(),
         "cuda": {
             "available": torch.cuda.is_available(),
             "torch_cuda": torch.version.cuda,
@@ -110,6 +111,7 @@ def format_text(report: dict[str, Any]) -> str:
         "CPU inference fusion (eegfast.nn.fused_linear): "
         f"{'yes' if report['cpu_inference_fusion']['available'] else 'no'}, "
         f"{report['cpu_inference_fusion']['detail']}",
+        f"CPU attention kernels (eegfast.ops.cpu_attention_isa()): {report['cpu_attention_isa']}",
         "",
         f"CUDA: {'yes' if report['cuda']['available'] else 'no'} "
         f"(torch built with CUDA {report['cuda']['torch_cuda']})",
