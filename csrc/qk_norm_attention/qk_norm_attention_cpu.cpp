@@ -25,7 +25,9 @@
 // Kernels are written with GCC vector extensions in qk_norm_attention_kernels.h, included
 // once per vector width, and compiled three times, picked at run time: AVX-512 (512-bit
 // vectors, 8-row tiles: the 32 vector registers hold 8 x 3 accumulators), AVX2+FMA (256-bit,
-// 4-row tiles) and generic (256-bit). EEGFAST_CPU_ISA=avx2|generic caps the choice (tests).
+// 4-row tiles) and generic (256-bit). EEGFAST_CPU_ISA=avx512|avx2|generic caps the choice
+// (tests). On CPUs with AMX (and the OS's permission to use it), the forward of bf16 inputs runs
+// its products on the tile unit instead (qk_norm_attention_amx.h).
 // 512-bit vectors: cores with two 512-bit FMA units (most Xeons since Skylake-SP) do twice
 // the work per FMA instruction; PyTorch's own CPU kernels use them there too. Going from
 // 256-bit vectors to these (with the backward order below) made the forward at
@@ -61,6 +63,15 @@
 #include <utility>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#endif
+
 #define EEGFAST_INLINE __attribute__((always_inline)) inline
 // For the lambdas of the hot loops: GCC inlined them by itself under -std=c++17 but not under
 // -std=c++20 (torch 2.13's default), where the out-of-line calls made the forward 3x slower
@@ -95,32 +106,61 @@ Strided<scalar_t> strided(const at::Tensor& t) {
 // (8 x 3 accumulators in 32 registers); AVX2 and generic code run the 256-bit instance with
 // 4-row tiles (16 registers).
 
-enum class Isa { kGeneric, kAvx2, kAvx512 };
+enum class Isa { kGeneric, kAvx2, kAvx512, kAmx };  // kAmx: kAvx512 + the bf16 AMX forward
 enum class Kernel { kForward, kBackward, kBackwardKeys };
 
 #if defined(__x86_64__)
 const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
 const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+
+// AMX-TILE, AMX-BF16 and AVX512-BF16 (CPUID leaf 7), and Linux's permission for this process to
+// use the tile data (arch_prctl ARCH_REQ_XCOMP_PERM, which oneDNN asks for too). Asked once, on
+// first use.
+bool amx_usable() {
+  static const bool usable = [] {
+    unsigned eax, ebx, ecx, edx;
+    if (!kHasAvx512 || !__builtin_cpu_supports("avx512bw")) return false;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool amx_bf16 = edx & (1u << 22), amx_tile = edx & (1u << 24);
+    if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) return false;
+    const bool avx512_bf16 = eax & (1u << 5);
+    if (!(amx_bf16 && amx_tile && avx512_bf16)) return false;
+#if defined(__linux__)
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+#else
+    return false;
+#endif
+  }();
+  return usable;
+}
 #endif
 
-// The best instance this CPU runs; EEGFAST_CPU_ISA=avx2 or =generic caps it (read on every call,
-// so tests can run every instance on one machine).
+// The best instance this CPU runs; EEGFAST_CPU_ISA=amx, avx512, avx2 or generic caps it (read on
+// every call, so tests can run every instance on one machine).
 Isa cpu_isa() {
   Isa best = Isa::kGeneric;
 #if defined(__x86_64__)
-  best = kHasAvx512 ? Isa::kAvx512 : kHasAvx2 ? Isa::kAvx2 : Isa::kGeneric;
+  best = kHasAvx512 ? (amx_usable() ? Isa::kAmx : Isa::kAvx512)
+         : kHasAvx2 ? Isa::kAvx2
+                    : Isa::kGeneric;
 #endif
   const char* cap = std::getenv("EEGFAST_CPU_ISA");
   if (cap == nullptr || *cap == '\0') return best;
   const std::string name(cap);
-  TORCH_CHECK_VALUE(name == "avx512" || name == "avx2" || name == "generic",
-                    "EEGFAST_CPU_ISA must be 'avx512', 'avx2' or 'generic', got '", name, "'");
-  const Isa wanted = name == "avx512" ? Isa::kAvx512 : name == "avx2" ? Isa::kAvx2 : Isa::kGeneric;
+  TORCH_CHECK_VALUE(name == "amx" || name == "avx512" || name == "avx2" || name == "generic",
+                    "EEGFAST_CPU_ISA must be 'amx', 'avx512', 'avx2' or 'generic', got '", name,
+                    "'");
+  const Isa wanted = name == "amx"      ? Isa::kAmx
+                     : name == "avx512" ? Isa::kAvx512
+                     : name == "avx2"   ? Isa::kAvx2
+                                        : Isa::kGeneric;
   return std::min(best, wanted);
 }
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAmx: return "amx";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "generic";
@@ -331,6 +371,7 @@ constexpr int kVectorBytes = 32;
 namespace v512 {
 constexpr int kVectorBytes = 64;
 #include "qk_norm_attention_kernels.h"
+#include "qk_norm_attention_amx.h"
 }  // namespace v512
 #endif
 
@@ -407,10 +448,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_attention_fwd
   if (B * H * N == 0) return {out, lse, q_stats, k_stats};
   const Prepared opt = prepare_optional(acc, q_w, q_b, k_w, k_b, key_padding_mask, block_ids);
   const Isa isa = cpu_isa();
+#if defined(__x86_64__)
+  if (isa == Isa::kAmx &&
+      v512::amx_forward(q, k, v, opt, scale, causal, eps, out, lse, q_stats, k_stats))
+    return {out, lse, q_stats, k_stats};
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 #if defined(__x86_64__)
-    if (isa == Isa::kAvx512)
+    if (isa >= Isa::kAvx512)
       return v512::forward<scalar_t, T>(q, k, v, opt, scale, causal, eps, out, lse, q_stats,
                                         k_stats, isa);
 #endif
@@ -471,7 +517,7 @@ qk_norm_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const BackwardTensors t{grad_c, out_c, lse_c, q_stats_c, k_stats_c, dq, dk, dv};
 #if defined(__x86_64__)
-    if (isa == Isa::kAvx512)
+    if (isa >= Isa::kAvx512)
       return v512::backward<scalar_t, T>(q, k, v, opt, scale, causal, t, isa, q_param_sums,
                                          k_param_sums);
 #endif

@@ -161,6 +161,38 @@ EEGFAST_INLINE bool whole_vector_rows(int64_t D, int64_t sd) {
   return std::is_same_v<scalar_t, T> && sd == 1 && D >= kLanes<T>;
 }
 
+// bf16 <-> float a vector at a time (bf16 is the high half of a float's bits). Element by
+// element, the conversions of bf16 rows were ~10% of a bf16 forward at D = 20.
+typedef uint16_t vu16 __attribute__((vector_size(kVectorBytes / 2)));
+typedef uint32_t vu32 __attribute__((vector_size(kVectorBytes)));
+
+EEGFAST_INLINE vec_t<float> vload_bf16(const c10::BFloat16* p) {
+  vu16 h;
+  std::memcpy(&h, p, sizeof(h));
+  return (vec_t<float>)(__builtin_convertvector(h, vu32) << 16);
+}
+
+// Rounds to nearest even, NaN to the quiet NaN c10::BFloat16 makes (0x7fc0), as its conversion.
+EEGFAST_INLINE void vstore_bf16(c10::BFloat16* p, vec_t<float> x) {
+  const vu32 bits = (vu32)x;
+  const vu32 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const vu16 h = __builtin_convertvector(x != x ? vu32{} + 0x7fc0u : rounded, vu16);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+// Rows that load_row and store_row move a vector at a time: float rows of the accumulation
+// type, or bf16 rows into float ones; contiguous, at least a vector long.
+template <typename scalar_t, typename T>
+EEGFAST_INLINE bool vector_rows(int64_t D, int64_t sd) {
+  constexpr bool bf16 = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>;
+  return (std::is_same_v<scalar_t, T> || bf16) && sd == 1 && D >= kLanes<T>;
+}
+
+template <typename scalar_t, typename T>
+EEGFAST_INLINE void load_row(const scalar_t* x, int64_t sd, int64_t D, T* dst);
+template <typename scalar_t, typename T>
+EEGFAST_INLINE void store_row(const T* x, int64_t D, scalar_t* dst);
+
 // dst[d ld + r] = src[r stride + d] for d < D and r < L, 0 for rows r >= valid (>= 1; those
 // rows are not read). Needs whole_vector_rows: dims in chunks of L, the last chunk ending at D
 // (so it overlaps the one before and rewrites its last dims with the same values).
@@ -198,8 +230,8 @@ EEGFAST_INLINE void lanes_to_rows(const T* src, int64_t ld, int64_t D, int valid
 }
 
 // Rows row0 ... row0 + rows - 1 of (b, h) of t in lanes: dst[d ld + r] for d < D and r < lanes
-// (a multiple of L), 0 for r >= rows. Block transposes where whole_vector_rows allows, else
-// element by element.
+// (a multiple of L), 0 for r >= rows. Block transposes where whole_vector_rows allows (bf16
+// rows: after a conversion a vector at a time, see vector_rows), else element by element.
 template <typename scalar_t, typename T>
 EEGFAST_INLINE void gather_rows_to_lanes(const Strided<scalar_t>& t, int64_t b, int64_t h,
                                          int64_t row0, int rows, int lanes, int64_t D, T* dst,
@@ -214,6 +246,13 @@ EEGFAST_INLINE void gather_rows_to_lanes(const Strided<scalar_t>& t, int64_t b, 
                     ld);
       continue;
     }
+    if (valid > 0 && !std::is_same_v<scalar_t, T> && vector_rows<scalar_t, T>(D, t.sd)) {
+      alignas(64) T converted[kLanes<T> * kMaxHeadDim];  // the group's rows, D apart
+      for (int r = 0; r < valid; ++r)
+        load_row(t.row(b, h, row0 + v * L + r), 1, D, converted + r * D);
+      rows_to_lanes(converted, D, valid, D, group, ld);
+      continue;
+    }
     for (int64_t d = 0; d < D; ++d) vstore(group + d * ld, vec_t<T>{});
     for (int r = 0; r < valid; ++r) {
       const scalar_t* x = t.row(b, h, row0 + v * L + r);
@@ -223,14 +262,20 @@ EEGFAST_INLINE void gather_rows_to_lanes(const Strided<scalar_t>& t, int64_t b, 
 }
 
 // The way back: dst[r stride + d] = src[d ld + r] (times row_scale[r] when given), converted
-// to scalar_t, for d < D and r < valid (<= L). Block transposes where whole_vector_rows allows,
-// else element by element.
+// to scalar_t, for d < D and r < valid (<= L). Block transposes where whole_vector_rows allows
+// (bf16 rows: converted a vector at a time after them), else element by element.
 template <typename scalar_t, typename T>
 EEGFAST_INLINE void scatter_lanes_to_rows(const T* src, int64_t ld, int64_t D, int valid,
                                           scalar_t* dst, int64_t stride,
                                           const T* row_scale = nullptr) {
   if (whole_vector_rows<scalar_t, T>(D, 1)) {
     lanes_to_rows(src, ld, D, valid, reinterpret_cast<T*>(dst), stride, row_scale);
+    return;
+  }
+  if (vector_rows<scalar_t, T>(D, 1)) {
+    alignas(64) T rows[kLanes<T> * kMaxHeadDim];  // valid rows, D apart
+    lanes_to_rows(src, ld, D, valid, rows, D, row_scale);
+    for (int r = 0; r < valid; ++r) store_row(rows + r * D, D, dst + r * stride);
     return;
   }
   for (int r = 0; r < valid; ++r)
@@ -243,16 +288,17 @@ EEGFAST_INLINE void scatter_lanes_to_rows(const T* src, int64_t ld, int64_t D, i
 // dst[d] = x[d sd] for d < D, converted to T; dst's elements past D are left as they are.
 template <typename scalar_t, typename T>
 EEGFAST_INLINE void load_row(const scalar_t* x, int64_t sd, int64_t D, T* dst) {
-  if constexpr (std::is_same_v<scalar_t, T>) {
-    if (whole_vector_rows<scalar_t, T>(D, sd)) {
-      // whole vectors, the last one ending at D (a memcpy call per row was ~3% of the backward)
-      constexpr int L = kLanes<T>;
-      for (int64_t d0 = 0; d0 < D; d0 += L) {
-        const int64_t c = std::min(d0, D - L);
+  if (vector_rows<scalar_t, T>(D, sd)) {
+    // whole vectors, the last one ending at D (a memcpy call per row was ~3% of the backward)
+    constexpr int L = kLanes<T>;
+    for (int64_t d0 = 0; d0 < D; d0 += L) {
+      const int64_t c = std::min(d0, D - L);
+      if constexpr (std::is_same_v<scalar_t, T>)
         vstore(dst + c, vload(x + c));
-      }
-      return;
+      else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>)
+        vstore(dst + c, vload_bf16(x + c));
     }
+    return;
   }
   for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(x[d * sd]);
 }
@@ -1390,11 +1436,16 @@ EEGFAST_INLINE T dot_lanes(const T* x, const T* y, int64_t Dv) {
 // dst[d] = x[d] for d < D, converted to scalar_t.
 template <typename scalar_t, typename T>
 EEGFAST_INLINE void store_row(const T* x, int64_t D, scalar_t* dst) {
-  if constexpr (std::is_same_v<scalar_t, T>) {
-    if (whole_vector_rows<scalar_t, T>(D, 1)) {
-      load_row(x, 1, D, dst);
-      return;
+  if (vector_rows<scalar_t, T>(D, 1)) {
+    constexpr int L = kLanes<T>;
+    for (int64_t d0 = 0; d0 < D; d0 += L) {  // the last vector ends at D, as in load_row
+      const int64_t c = std::min(d0, D - L);
+      if constexpr (std::is_same_v<scalar_t, T>)
+        vstore(dst + c, vload(x + c));
+      else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>)
+        vstore_bf16(dst + c, vload(x + c));
     }
+    return;
   }
   for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(x[d]);
 }

@@ -456,9 +456,16 @@ def cpu_output_pool_bytes() -> int:
 
 
 def cpu_attention_isa() -> str | None:
-    """Which instance of the C++ CPU attention kernels runs here: ``"avx512"`` (512-bit
-    vectors), ``"avx2"`` or ``"generic"`` (256-bit); None when the extension is not built. The
-    CPU decides, capped by ``EEGFAST_CPU_ISA`` (one of those names)."""
+    """Which instance of the C++ CPU attention kernels runs here: ``"amx"`` (AVX-512, and the
+    forward of bfloat16 inputs on the AMX tile unit), ``"avx512"`` (512-bit vectors), ``"avx2"``
+    or ``"generic"`` (256-bit); None when the extension is not built.
+
+    The CPU decides, capped by ``EEGFAST_CPU_ISA`` (one of those names). ``"amx"`` needs
+    AMX-BF16 (Intel Sapphire Rapids and later) and the OS's permission, which the kernels ask
+    for on first use. Its bfloat16 forward rounds the probabilities to bfloat16 for P·V (float32
+    accumulation; the scores are float32-accurate), as GPU attention kernels do; the float32
+    instances compute bfloat16 inputs in float32 throughout.
+    """
     if not _cpp_ops_built():
         return None
     return str(torch.ops.eegfast.cpu_attention_isa())

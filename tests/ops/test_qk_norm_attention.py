@@ -4,6 +4,9 @@ The reference (:func:`qk_norm_attention_reference`) is checked against LayerNorm
 kernel is checked against the reference, outputs and all seven gradients.
 """
 
+import contextlib
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +15,7 @@ from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from eegfast.ops import (
+    cpu_attention_isa,
     cpu_output_pool_bytes,
     qk_norm_attention,
     qk_norm_attention_packed,
@@ -455,6 +459,43 @@ def test_cpu_low_precision_against_float32_reference(dtype):
     assert_all_close(actual, [e.double() for e in expected], tol, result_names(case))
 
 
+@pytest.mark.parametrize("d", [7, 16, 20, 25, 128])
+def test_cpu_bfloat16_rows_convert_exactly(d, monkeypatch):
+    """bf16 rows are converted to float (and results back) a vector at a time where a row is
+    contiguous and at least a vector long (D >= 16 here), element by element otherwise: both give
+    the same bits (strided inputs take the element path), the output and dv are exactly the
+    float32 kernel's results on the same values rounded to bf16 (round to nearest even, NaN
+    rows included), as c10::BFloat16 rounds. (The float kernels: the AMX forward rounds its
+    probabilities to bf16.)"""
+    monkeypatch.setenv("EEGFAST_CPU_ISA", "avx512")
+    gen = torch.Generator().manual_seed(d)
+    q, k, v = (torch.randn(2, 3, 45, d, generator=gen).bfloat16() for _ in range(3))
+    q[1, 2, 4, 0] = float("nan")  # a NaN row of the output
+    params = [(1 + 0.3 * torch.randn(d, generator=gen)).bfloat16() for _ in range(4)]
+    mask = torch.rand(2, 45, generator=gen) < 0.2
+    grad_out = torch.randn(2, 3, 45, d, generator=gen).bfloat16()
+
+    def results(tensors, weights):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = qk_norm_attention(*leaves, *weights, key_padding_mask=mask, backend="cpu")
+        out.backward(grad_out.to(out.dtype))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    def bits(t):
+        return t.contiguous().view(torch.int16)
+
+    rows = results((q, k, v), params)
+    elements = results([strided(t, 2) for t in (q, k, v)], params)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), rows, elements, strict=True):
+        assert torch.equal(bits(a), bits(b)), name
+    floats = results([t.float() for t in (q, k, v)], [p.float() for p in params])
+    for name, a, f in (("out", rows[0], floats[0]), ("dv", rows[3], floats[3])):
+        nan = torch.isnan(f)  # (torch's own rounding keeps a NaN's sign; c10's does not)
+        assert torch.equal(torch.isnan(a), nan), name
+        assert torch.equal(bits(a)[~nan], bits(f.bfloat16())[~nan]), name
+    assert torch.isnan(rows[0][1, 2, 4]).all()
+
+
 def test_cpu_float32_params_with_bfloat16_inputs():
     """Mixed precision: LayerNorm parameters stay float32 while q, k, v are bf16."""
     case = make_case(1, 2, 33, 20, seed=5)
@@ -837,22 +878,136 @@ def test_cpu_hot_loop_lambdas_are_inlined():
     assert not out_of_line, "\n".join(out_of_line[:5])
 
 
-# ---- which instance runs ------------------------------------------------------------------------
+# ---- bf16 forward on the AMX tile unit ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def uncapped_isa():
+    """No EEGFAST_CPU_ISA cap inside (restored after): the best instance runs."""
+    cap = os.environ.pop("EEGFAST_CPU_ISA", None)
+    try:
+        yield
+    finally:
+        if cap is not None:
+            os.environ["EEGFAST_CPU_ISA"] = cap
+
+
+def _best_cpu_isa() -> str:
+    """The instance this CPU and OS allow, without an EEGFAST_CPU_ISA cap."""
+    with uncapped_isa():
+        return cpu_attention_isa()
+
+
+needs_amx = pytest.mark.skipif(
+    _best_cpu_isa() != "amx",
+    reason="this CPU (or its OS) offers no AMX-BF16: the bf16 tile forward cannot run here",
+)
 
 
 def test_cpu_attention_isa_names_the_instance_and_obeys_the_cap(monkeypatch):
-    """eegfast.ops.cpu_attention_isa() names the kernels' instance; EEGFAST_CPU_ISA caps it (the
-    instances themselves are checked against the reference in test_cpu_every_instruction_set);
-    a bad value is an error that names the variable."""
-    from eegfast.ops import cpu_attention_isa
-
-    monkeypatch.delenv("EEGFAST_CPU_ISA", raising=False)
-    best = cpu_attention_isa()
-    order = ("generic", "avx2", "avx512")
-    assert best in order
+    best = _best_cpu_isa()
+    assert best in ("amx", "avx512", "avx2", "generic")
+    order = ("generic", "avx2", "avx512", "amx")
     for cap in order:
         monkeypatch.setenv("EEGFAST_CPU_ISA", cap)
-        assert cpu_attention_isa() == order[min(order.index(cap), order.index(best))]
+        got = cpu_attention_isa()
+        assert got == order[min(order.index(cap), order.index(best))]
     monkeypatch.setenv("EEGFAST_CPU_ISA", "sse2")
-    with pytest.raises(ValueError, match="EEGFAST_CPU_ISA must be 'avx512'"):
+    with pytest.raises(ValueError, match="EEGFAST_CPU_ISA must be 'amx'"):
         cpu_attention_isa()
+
+
+def _bf16_forward_check(case, *, tol=2e-2, lse_tol=1e-4):
+    """The bf16 forward against float64 math on the same bf16 inputs: the output at bf16's
+    rounding of the probabilities (and of the output itself), lse to float32 accuracy (the tile
+    forward's scores are three bf16 products of the float32 q, k split in hi + lo parts; from
+    one product, lse would be off by ~|s| 2^-8)."""
+    fwd = torch.ops.eegfast.qk_norm_attention_fwd
+    q, k, v = case["qkv"]
+    p = {name: case["params"].get(name) for name in PARAM_NAMES}
+    mask = case["kwargs"]["key_padding_mask"]
+    d = q.shape[-1]
+    out, lse, q_stats, k_stats = fwd(q, k, v, *p.values(), 1e-6, d**-0.5, mask, False, None)
+    expected = run(case, "reference", dtype=torch.float64, grads=False)[0]
+    assert_all_close([out.double().transpose(1, 2)], [expected], tol, ["out"])
+
+    def layer_norm(x, w, b):
+        return F.layer_norm(x.double(), (d,), None if w is None else w.double(),
+                            None if b is None else b.double(), 1e-6)  # fmt: skip
+
+    qn = layer_norm(q, p["q_norm_weight"], p["q_norm_bias"])
+    kn = layer_norm(k, p["k_norm_weight"], p["k_norm_bias"])
+    scores = qn @ kn.transpose(-1, -2) * d**-0.5
+    if mask is not None:
+        scores = scores.masked_fill(mask[:, None, None, :], float("-inf"))
+    expected_lse = scores.logsumexp(-1)
+    finite = torch.isfinite(expected_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse.double()[finite], expected_lse[finite], atol=lse_tol, rtol=0)
+    # the statistics the backward reads are float32 LayerNorm statistics of the bf16 rows
+    mean = q.double().mean(-1)
+    torch.testing.assert_close(q_stats[..., 0].double(), mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_stats[..., 0].double(), k.double().mean(-1), atol=1e-5, rtol=1e-5)
+    return out
+
+
+@needs_amx
+@given(
+    shape=st.tuples(
+        st.integers(1, 2),
+        st.integers(1, 3),
+        odd_sizes(1, 300),
+        st.sampled_from((20, 25, 1, 3, 7, 16, 17, 31, 32)),
+    ),  # fmt: skip
+    affine=st.booleans(),
+    padding=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_amx_bf16_forward_matches_reference(shape, affine, padding, seed):
+    """Odd N (tiles of 16 queries, steps of 32 keys, the last rows on the float32 path), head
+    dims up to 32 (one or two 16-dim output tiles, odd dims in pairs), key padding including
+    recordings whose every key is padding (zero rows, lse -inf)."""
+    case = make_case(*shape, seed=seed, dtype=torch.bfloat16, affine=affine, padding=padding,
+                     empty_rows=padding and seed % 3 == 0)  # fmt: skip
+    with uncapped_isa():
+        _bf16_forward_check(case)
+
+
+@needs_amx
+def test_cpu_amx_forward_runs_the_tile_path_and_gradients_follow(monkeypatch):
+    """At LaBraM-Base's head shape the tile forward rounds the normalised q, k and the
+    probabilities to bf16, so its bits differ from the float32 kernel's (which shows it ran)
+    while both match the reference; the float32 backward then takes its lse and statistics."""
+    case = make_case(2, 3, 257, 20, seed=21, dtype=torch.bfloat16, padding=True)
+    monkeypatch.delenv("EEGFAST_CPU_ISA", raising=False)
+    tile_out = _bf16_forward_check(case)
+    tiles = run(case, "cpu")
+    monkeypatch.setenv("EEGFAST_CPU_ISA", "avx512")
+    float_out = _bf16_forward_check(case)
+    assert not torch.equal(tile_out, float_out)
+    expected = run(case, "reference", dtype=torch.float32)
+    assert_all_close(tiles, [e.double() for e in expected], 3e-2, result_names(case))
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    "kind", ["head_dim_33", "causal", "block_causal", "float16", "large_scores"]
+)
+def test_cpu_amx_forward_leaves_other_cases_to_the_float_kernels(kind, monkeypatch):
+    """What the tile forward does not cover runs the float32 kernels with AMX available: head
+    dims past 32, causal and block-causal masks, float16 inputs, and (row tiles of it) scores
+    too large to skip the softmax maximum."""
+    monkeypatch.delenv("EEGFAST_CPU_ISA", raising=False)
+    d = 33 if kind == "head_dim_33" else 20
+    dtype = torch.float16 if kind == "float16" else torch.bfloat16
+    n, seed = (150, 11) if kind == "large_scores" else (97, 7)
+    case = make_case(1, 2, n, d, seed=seed, dtype=dtype, padding=True,
+                     causal=kind == "causal", blocks=kind == "block_causal")  # fmt: skip
+    if kind == "large_scores":  # |q| max |k| over 30 for some 16-query tiles, not all
+        weight = torch.full((d,), 0.3)
+        weight[0] = 9.0
+        case["params"]["q_norm_weight"] = weight.to(dtype)
+        assert_tiles_on_both_paths(case, 16)
+    expected = run(case, "reference", dtype=torch.float32)
+    tol = 4e-3 if dtype == torch.float16 else 3e-2
+    assert_all_close(run(case, "cpu"), [e.double() for e in expected], tol, result_names(case))

@@ -111,7 +111,8 @@ def format_text(report: dict[str, Any]) -> str:
         "CPU inference fusion (eegfast.nn.fused_linear): "
         f"{'yes' if report['cpu_inference_fusion']['available'] else 'no'}, "
         f"{report['cpu_inference_fusion']['detail']}",
-        f"CPU attention kernels (eegfast.ops.cpu_attention_isa()): {report['cpu_attention_isa']}",
+        f"CPU attention kernels (eegfast.ops.cpu_attention_isa()): {report['cpu_attention_isa']}"
+        + (" (bfloat16 forward on AMX tiles)" if report["cpu_attention_isa"] == "amx" else ""),
         "",
         f"CUDA: {'yes' if report['cuda']['available'] else 'no'} "
         f"(torch built with CUDA {report['cuda']['torch_cuda']})",
