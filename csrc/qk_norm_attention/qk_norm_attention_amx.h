@@ -70,8 +70,7 @@ EEGFAST_AMX_TARGET EEGFAST_INLINE __m512i interleave_bf16(vec_t<float> first,
 
 // The bf16 nearest x (round to nearest even), as float: x's hi part; x - hi is exact in float.
 EEGFAST_INLINE vec_t<float> bf16_hi(vec_t<float> x) {
-  const vi32 bits = (vi32)x;
-  return (vec_t<float>)((bits + 0x7fff + ((bits >> 16) & 1)) & ~0xffff);
+  return (vec_t<float>)(bf16_rounded_bits(x) & ~0xffffu);
 }
 
 // 32 bf16 in order: low[0..15], then high[0..15] (a row of an A operand).
@@ -340,10 +339,7 @@ template <typename scalar_t>
 EEGFAST_AMX_TARGET void amx_forward_task(const ForwardArgs<scalar_t, float>& a, int64_t task) {
   constexpr int L = kLanes<float>;
   const Problem<scalar_t, float>& p = a.p;
-  const int64_t bh = task / p.chunks, chunk = task % p.chunks;
-  const int64_t b = bh / p.H, h = bh % p.H;
-  const int64_t row_begin = chunk * p.chunk_rows;
-  const int64_t row_end = std::min(p.N, row_begin + p.chunk_rows);
+  const auto [bh, chunk, b, h, row_begin, row_end] = task_rows(p, task);
   if (row_begin >= row_end) return;
   const int64_t N = p.N;
   KeySide<float>& ks = thread_key_side<float>();

@@ -172,10 +172,15 @@ EEGFAST_INLINE vec_t<float> vload_bf16(const c10::BFloat16* p) {
   return (vec_t<float>)(__builtin_convertvector(h, vu32) << 16);
 }
 
+// x's bits rounded to the nearest even bf16 in their high half (low half: carry left-overs).
+EEGFAST_INLINE vu32 bf16_rounded_bits(vec_t<float> x) {
+  const vu32 bits = (vu32)x;
+  return bits + 0x7fffu + ((bits >> 16) & 1u);
+}
+
 // Rounds to nearest even, NaN to the quiet NaN c10::BFloat16 makes (0x7fc0), as its conversion.
 EEGFAST_INLINE void vstore_bf16(c10::BFloat16* p, vec_t<float> x) {
-  const vu32 bits = (vu32)x;
-  const vu32 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const vu32 rounded = bf16_rounded_bits(x) >> 16;
   const vu16 h = __builtin_convertvector(x != x ? vu32{} + 0x7fc0u : rounded, vu16);
   std::memcpy(p, &h, sizeof(h));
 }
@@ -1341,6 +1346,18 @@ EEGFAST_INLINE void forward_query_tile(const ForwardArgs<scalar_t, T>& a, const 
                           H * D, inv + v * L);
 }
 
+// Task `task`'s (batch, head) pair bh = (b, h), query chunk and rows [row_begin, row_end)
+// (empty for a chunk past N).
+struct TaskRows {
+  int64_t bh, chunk, b, h, row_begin, row_end;
+};
+template <typename scalar_t, typename T>
+EEGFAST_INLINE TaskRows task_rows(const Problem<scalar_t, T>& p, int64_t task) {
+  const int64_t bh = task / p.chunks, chunk = task % p.chunks;
+  const int64_t row_begin = chunk * p.chunk_rows;
+  return {bh, chunk, bh / p.H, bh % p.H, row_begin, std::min(p.N, row_begin + p.chunk_rows)};
+}
+
 // One task: rows of one (batch, head) in query-lane tiles of kQueryVectors vectors (the last
 // one as few as it needs); JR keys per score micro-tile, DR dims per P.V micro-tile, R rows per
 // fallback tile.
@@ -1350,10 +1367,7 @@ EEGFAST_INLINE void forward_task(const ForwardArgs<scalar_t, T>& a, int64_t task
   constexpr int L = kLanes<T>, QV = kQueryVectors, QT = QV * L;
   static_assert(QT <= kMaxTileRows && QV == 3, "tile rows");
   const Problem<scalar_t, T>& p = a.p;
-  const int64_t bh = task / p.chunks, chunk = task % p.chunks;
-  const int64_t b = bh / p.H, h = bh % p.H;
-  const int64_t row_begin = chunk * p.chunk_rows;
-  const int64_t row_end = std::min(p.N, row_begin + p.chunk_rows);
+  const auto [bh, chunk, b, h, row_begin, row_end] = task_rows(p, task);
   if (row_begin >= row_end) return;
   const int64_t N = p.N;
   KeySide<T>& ks = thread_key_side<T>();  // buffers reused (see prepare_keys)
