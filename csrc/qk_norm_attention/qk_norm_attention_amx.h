@@ -328,8 +328,9 @@ EEGFAST_AMX_TARGET EEGFAST_INLINE bool amx_query_tile(const ForwardArgs<scalar_t
     const float l = hsum<float>(sums[r]);
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // a row that saw no key: zeros
     a.lse[bh * N + i] = l > 0.0f ? std::log(l) : -inf;
-    scalar_t* o = a.out + ((b * N + i) * H + h) * D;
-    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[r * kAmxStep + d] * inv);
+    float* row = acc + r * kAmxStep;
+    for (int64_t d = 0; d < D; ++d) row[d] *= inv;
+    store_row(row, D, a.out + ((b * N + i) * H + h) * D);
   }
   return true;
 }

@@ -193,6 +193,24 @@ EEGFAST_INLINE bool vector_rows(int64_t D, int64_t sd) {
   return (std::is_same_v<scalar_t, T> || bf16) && sd == 1 && D >= kLanes<T>;
 }
 
+// dst[d] = x[d] for d < D (>= one vector of floats), converted (bf16 to float, float to bf16,
+// or a copy): whole vectors, the last one ending at D (a memcpy call per row was ~3% of the
+// backward). The one loop of load_row and store_row.
+template <typename From, typename To>
+EEGFAST_INLINE void move_row_vectors(const From* x, int64_t D, To* dst) {
+  using F = std::conditional_t<std::is_same_v<From, c10::BFloat16>, To, From>;  // the float side
+  constexpr int L = kLanes<F>;
+  for (int64_t d0 = 0; d0 < D; d0 += L) {
+    const int64_t c = std::min(d0, D - L);
+    if constexpr (std::is_same_v<From, To>)
+      vstore(dst + c, vload(x + c));
+    else if constexpr (std::is_same_v<From, c10::BFloat16>)
+      vstore(dst + c, vload_bf16(x + c));
+    else
+      vstore_bf16(dst + c, vload(x + c));
+  }
+}
+
 template <typename scalar_t, typename T>
 EEGFAST_INLINE void load_row(const scalar_t* x, int64_t sd, int64_t D, T* dst);
 template <typename scalar_t, typename T>
@@ -294,15 +312,8 @@ EEGFAST_INLINE void scatter_lanes_to_rows(const T* src, int64_t ld, int64_t D, i
 template <typename scalar_t, typename T>
 EEGFAST_INLINE void load_row(const scalar_t* x, int64_t sd, int64_t D, T* dst) {
   if (vector_rows<scalar_t, T>(D, sd)) {
-    // whole vectors, the last one ending at D (a memcpy call per row was ~3% of the backward)
-    constexpr int L = kLanes<T>;
-    for (int64_t d0 = 0; d0 < D; d0 += L) {
-      const int64_t c = std::min(d0, D - L);
-      if constexpr (std::is_same_v<scalar_t, T>)
-        vstore(dst + c, vload(x + c));
-      else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>)
-        vstore(dst + c, vload_bf16(x + c));
-    }
+    if constexpr (std::is_same_v<scalar_t, T> || std::is_same_v<scalar_t, c10::BFloat16>)
+      move_row_vectors(x, D, dst);
     return;
   }
   for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(x[d * sd]);
@@ -1451,14 +1462,8 @@ EEGFAST_INLINE T dot_lanes(const T* x, const T* y, int64_t Dv) {
 template <typename scalar_t, typename T>
 EEGFAST_INLINE void store_row(const T* x, int64_t D, scalar_t* dst) {
   if (vector_rows<scalar_t, T>(D, 1)) {
-    constexpr int L = kLanes<T>;
-    for (int64_t d0 = 0; d0 < D; d0 += L) {  // the last vector ends at D, as in load_row
-      const int64_t c = std::min(d0, D - L);
-      if constexpr (std::is_same_v<scalar_t, T>)
-        vstore(dst + c, vload(x + c));
-      else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>)
-        vstore_bf16(dst + c, vload(x + c));
-    }
+    if constexpr (std::is_same_v<scalar_t, T> || std::is_same_v<scalar_t, c10::BFloat16>)
+      move_row_vectors(x, D, dst);
     return;
   }
   for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(x[d]);
