@@ -103,6 +103,8 @@ struct AmxHead {
   const uint8_t* masked;
   int value_tiles;       // 16-dim output tiles: 1 for D <= 16, else 2
   float max_key_norm;
+  // Step s's key tiles: hi, lo parts of its keys 0-15, then of 16-31.
+  const uint16_t* step_keys(int64_t s) const { return keys + 4 * s * kAmxTileBf16; }
 };
 
 // The key and value tiles of one head from the float32 layouts prepare_keys made: keys from
@@ -180,67 +182,66 @@ EEGFAST_AMX_TARGET EEGFAST_INLINE void amx_probability_rows(const float* scores,
   }
 }
 
+// Part `Part` (0 ... 4) of a step's scores into tiles 0 and 1: qh.kh + ql.kh + qh.kl, the
+// queries' hi parts in tile 2, their lo parts loaded into tile 6; keys: the step's key tiles
+// (hi, lo parts of keys 0-15, then of 16-31). In parts so that amx_step can spread them between
+// rows of exponentials.
+template <int Part>
+EEGFAST_AMX_TARGET EEGFAST_INLINE void amx_score_part(const uint16_t* keys,
+                                                      const uint16_t* queries_lo) {
+  if constexpr (Part == 0) {
+    _tile_loadd(6, queries_lo, 64);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_loadd(3, keys, 64);
+    _tile_dpbf16ps(0, 6, 3);
+  } else if constexpr (Part == 1) {
+    _tile_dpbf16ps(0, 2, 3);
+    _tile_loadd(3, keys + kAmxTileBf16, 64);
+  } else if constexpr (Part == 2) {
+    _tile_dpbf16ps(0, 2, 3);
+    _tile_loadd(3, keys + 2 * kAmxTileBf16, 64);
+  } else if constexpr (Part == 3) {
+    _tile_dpbf16ps(1, 6, 3);
+    _tile_dpbf16ps(1, 2, 3);
+  } else {
+    static_assert(Part == 4, "five parts");
+    _tile_loadd(3, keys + 3 * kAmxTileBf16, 64);
+    _tile_dpbf16ps(1, 2, 3);
+  }
+}
+
+// A step's scores at once (the first step of a query tile).
+EEGFAST_AMX_TARGET EEGFAST_INLINE void amx_scores(const uint16_t* keys,
+                                                  const uint16_t* queries_lo) {
+  amx_score_part<0>(keys, queries_lo);
+  amx_score_part<1>(keys, queries_lo);
+  amx_score_part<2>(keys, queries_lo);
+  amx_score_part<3>(keys, queries_lo);
+  amx_score_part<4>(keys, queries_lo);
+}
+
 // A step's probabilities (see amx_probability_rows) and, when next_keys is given, the next
-// step's scores into tiles 0 and 1: qh.kh + ql.kh + qh.kl, the queries' hi parts in tile 2, the
-// lo parts loaded into tile 6; next_keys: the hi, lo parts of its keys 0-15, then of 16-31. The
-// tile products go between groups of rows: issued before all of the step's exponentials, or
-// after them, the tile unit and the vector units did not overlap (a stand-alone loop of these
-// steps: 130 ns a step either way, 103 ns spread like this; 57 ns for the exponentials alone,
-// 52 ns for the tile work alone).
+// step's scores, their parts between groups of rows: issued before all of the step's
+// exponentials, or after them, the tile unit and the vector units did not overlap (a
+// stand-alone loop of these steps: 130 ns a step either way, 103 ns spread like this; 57 ns for
+// the exponentials alone, 52 ns for the tile work alone).
 template <bool Masked>
 EEGFAST_AMX_TARGET EEGFAST_INLINE void amx_step(const float* scores, const float* bias,
                                                 vec_t<float>* sums, uint16_t* probs,
                                                 const uint16_t* next_keys,
                                                 const uint16_t* queries_lo) {
   const bool next = next_keys != nullptr;
-  if (next) {
-    _tile_loadd(6, queries_lo, 64);
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_loadd(3, next_keys, 64);
-    _tile_dpbf16ps(0, 6, 3);
-  }
+  if (next) amx_score_part<0>(next_keys, queries_lo);
   amx_probability_rows<Masked>(scores, bias, sums, probs, 0, 3);
-  if (next) {
-    _tile_dpbf16ps(0, 2, 3);
-    _tile_loadd(3, next_keys + kAmxTileBf16, 64);
-  }
+  if (next) amx_score_part<1>(next_keys, queries_lo);
   amx_probability_rows<Masked>(scores, bias, sums, probs, 3, 6);
-  if (next) {
-    _tile_dpbf16ps(0, 2, 3);
-    _tile_loadd(3, next_keys + 2 * kAmxTileBf16, 64);
-  }
+  if (next) amx_score_part<2>(next_keys, queries_lo);
   amx_probability_rows<Masked>(scores, bias, sums, probs, 6, 9);
-  if (next) {
-    _tile_dpbf16ps(1, 6, 3);
-    _tile_dpbf16ps(1, 2, 3);
-  }
+  if (next) amx_score_part<3>(next_keys, queries_lo);
   amx_probability_rows<Masked>(scores, bias, sums, probs, 9, 12);
-  if (next) {
-    _tile_loadd(3, next_keys + 3 * kAmxTileBf16, 64);
-    _tile_dpbf16ps(1, 2, 3);
-  }
+  if (next) amx_score_part<4>(next_keys, queries_lo);
   amx_probability_rows<Masked>(scores, bias, sums, probs, 12, 16);
-}
-
-// Tiles 0 and 1: the scores of step s alone (the first step of a tile; amx_step forms the
-// others), qh.kh + ql.kh + qh.kl.
-EEGFAST_AMX_TARGET EEGFAST_INLINE void amx_scores(const uint16_t* keys, const uint16_t* q_lo,
-                                                  int64_t s) {
-  const uint16_t* group = keys + 4 * s * kAmxTileBf16;  // hi, lo of keys 0-15, then of 16-31
-  _tile_loadd(6, q_lo, 64);
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_loadd(3, group, 64);
-  _tile_dpbf16ps(0, 6, 3);
-  _tile_dpbf16ps(0, 2, 3);
-  _tile_loadd(3, group + kAmxTileBf16, 64);
-  _tile_dpbf16ps(0, 2, 3);
-  _tile_loadd(3, group + 2 * kAmxTileBf16, 64);
-  _tile_dpbf16ps(1, 6, 3);
-  _tile_dpbf16ps(1, 2, 3);
-  _tile_loadd(3, group + 3 * kAmxTileBf16, 64);
-  _tile_dpbf16ps(1, 2, 3);
 }
 
 // One tile of queries i0 ... i0 + rows - 1 (rows <= 16) of (b, h) against all keys. Returns
@@ -294,15 +295,14 @@ EEGFAST_AMX_TARGET EEGFAST_INLINE bool amx_query_tile(const ForwardArgs<scalar_t
   _tile_zero(5);
   constexpr int64_t kScoreStride = kAmxStep * sizeof(float);
   if (head.visible > 0) {
-    amx_scores(head.keys, queries_lo, head.steps[0]);
+    amx_scores(head.step_keys(head.steps[0]), queries_lo);
     _tile_stored(0, scores[0], kScoreStride);
     _tile_stored(1, scores[0] + 16, kScoreStride);
   }
   for (int64_t n = 0; n < head.visible; ++n) {
     const int64_t s = head.steps[n];
     const bool next = n + 1 < head.visible;
-    const uint16_t* next_keys =
-        next ? head.keys + 4 * head.steps[n + 1] * kAmxTileBf16 : static_cast<uint16_t*>(nullptr);
+    const uint16_t* next_keys = next ? head.step_keys(head.steps[n + 1]) : nullptr;
     if (head.masked[s])
       amx_step<true>(scores[n % 2], head.bias + s * kAmxStep, sums, probs, next_keys, queries_lo);
     else
