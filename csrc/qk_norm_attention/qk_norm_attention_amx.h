@@ -376,12 +376,8 @@ inline bool amx_forward(const at::Tensor& q, const at::Tensor& k, const at::Tens
   if (q.scalar_type() != at::kBFloat16 || q.size(3) > kAmxMaxHeadDim || causal ||
       opt.ids.has_value())
     return false;
-  ForwardArgs<scalar_t, float> a{make_problem<scalar_t, float>(q, k, v, opt, scale, causal),
-                                 static_cast<float>(eps),
-                                 out.data_ptr<scalar_t>(),
-                                 lse.data_ptr<float>(),
-                                 q_stats.data_ptr<float>(),
-                                 k_stats.data_ptr<float>()};
+  const ForwardArgs<scalar_t, float> a = forward_args<scalar_t, float>(
+      q, k, v, opt, scale, causal, eps, out, lse, q_stats, k_stats);
   run_tasks(a.p.B * a.p.H * a.p.chunks, [&](int64_t task) { amx_forward_task(a, task); });
   return true;
 }

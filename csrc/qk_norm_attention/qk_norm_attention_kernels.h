@@ -1971,18 +1971,29 @@ Problem<scalar_t, T> make_problem(const at::Tensor& q, const at::Tensor& k, cons
   return p;
 }
 
-// The forward over every (batch, head, query chunk) task; out (B, N, H, D), lse (B, H, N),
-// q_stats and k_stats (B, H, N, 2) are written.
+// A forward's problem and outputs (out (B, N, H, D), lse (B, H, N), q_stats and k_stats
+// (B, H, N, 2)), for forward and the AMX forward.
+template <typename scalar_t, typename T>
+ForwardArgs<scalar_t, T> forward_args(const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, const Prepared& opt, double scale,
+                                      bool causal, double eps, at::Tensor& out, at::Tensor& lse,
+                                      at::Tensor& q_stats, at::Tensor& k_stats) {
+  return {make_problem<scalar_t, T>(q, k, v, opt, scale, causal),
+          static_cast<T>(eps),
+          out.data_ptr<scalar_t>(),
+          lse.data_ptr<T>(),
+          q_stats.data_ptr<T>(),
+          k_stats.data_ptr<T>()};
+}
+
+// The forward over every (batch, head, query chunk) task; out, lse, q_stats and k_stats are
+// written.
 template <typename scalar_t, typename T>
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Prepared& opt,
              double scale, bool causal, double eps, at::Tensor& out, at::Tensor& lse,
              at::Tensor& q_stats, at::Tensor& k_stats, Isa isa) {
-  ForwardArgs<scalar_t, T> a{make_problem<scalar_t, T>(q, k, v, opt, scale, causal),
-                             static_cast<T>(eps),
-                             out.data_ptr<scalar_t>(),
-                             lse.data_ptr<T>(),
-                             q_stats.data_ptr<T>(),
-                             k_stats.data_ptr<T>()};
+  const ForwardArgs<scalar_t, T> a =
+      forward_args<scalar_t, T>(q, k, v, opt, scale, causal, eps, out, lse, q_stats, k_stats);
   run_tasks(a.p.B * a.p.H * a.p.chunks, [&](int64_t task) { run<Kernel::kForward>(a, isa, task); });
 }
 
