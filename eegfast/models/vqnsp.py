@@ -67,6 +67,9 @@ class TokenizerOutput(NamedTuple):
     indices: torch.Tensor  # (B, C·A) long code of each patch, -1 for padded electrodes
     perplexity: torch.Tensor  # (): exp(entropy) of this batch's code usage
     codebook_usage: torch.Tensor  # (): fraction of codes used by this batch
+    # (): mean cosine distance of the batch's normalised encoder outputs (QuantizerOutput.spread);
+    # near 0 means encoder collapse: every patch gets the same features
+    feature_spread: torch.Tensor
 
 
 def standardise(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -199,6 +202,7 @@ class VQNSP(nn.Module):
             indices=indices,
             perplexity=q.perplexity,
             codebook_usage=q.usage,
+            feature_spread=q.spread,
         )
 
     @torch.no_grad()

@@ -19,6 +19,27 @@ class QuantizerOutput(NamedTuple):
     indices: torch.Tensor  # (...,) int64
     perplexity: torch.Tensor  # (): exp(entropy) of this batch's code usage
     usage: torch.Tensor  # (): fraction of codes used by this batch
+    # (): 1 - |mean of the batch's l2-normalised inputs|^2, the mean cosine distance between
+    # its rows (pairs with themselves included). ~0 when the encoder maps everything to one
+    # direction; then the codes carry no information even where perplexity looks healthy
+    # (dead-code restarts spread codes over that one direction).
+    spread: torch.Tensor
+
+
+def feature_spread(unit: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """1 - |mean row|^2 of l2-normalised rows (N, D) (only rows with ``keep`` (N,) True).
+
+    For unit rows u_i, |mean u|^2 is the mean cosine similarity over all pairs (i, j), so this
+    is the mean cosine distance: 0 when every row points the same way, ~1 for rows spread
+    evenly over the sphere. O(N D), no pairwise matrix. Rows that are not finite count as 0.
+    """
+    weight = torch.isfinite(unit).all(dim=1)
+    if keep is not None:
+        weight = weight & keep
+    weight = weight.to(unit.dtype)
+    rows = torch.where(weight[:, None] > 0, unit, 0.0)
+    mean = (rows * weight[:, None]).sum(dim=0) / weight.sum().clamp_min(1)
+    return 1.0 - mean.square().sum()
 
 
 class CodebookEMA(nn.Module):
@@ -177,6 +198,7 @@ class NormEMAVectorQuantizer(nn.Module):
             indices.reshape(z.shape[:-1]),
             perplexity,
             usage,
+            feature_spread(flat.detach(), keep),
         )
 
     def _is_initialised(self) -> bool:

@@ -103,6 +103,17 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class VQConfig:
+    """The tokenizer's quantizer (``eegfast tokenizer``); None keeps the model config's value."""
+
+    # commitment loss weight: loss = beta * commitment + amplitude + phase (1.0 in vqnsp_base,
+    # as the reference; lower it when the tokenizer's train/feature_spread falls towards 0)
+    beta: float | None = None
+    # re-seed codes whose EMA count falls below this (0: never)
+    dead_code_threshold: float | None = None
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -111,6 +122,7 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    vq: VQConfig = field(default_factory=VQConfig)
 
     def with_overrides(self, values: dict[str, Any]) -> RunConfig:
         """A copy with dotted keys (``{"optim.lr": 1e-3}``) or nested dicts applied."""
@@ -157,7 +169,14 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)!r}")
         return tuple(_coerce(key, a, v) for a, v in zip(args, value, strict=True))
     if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{key}: union types are not supported in the schema")
+        # only optional fields (X | None): None, or an empty value (`--set key=`, `key=null`)
+        args = typing.get_args(annotation)
+        present = [a for a in args if a is not type(None)]
+        if len(present) != 1 or len(args) != 2:
+            raise ConfigError(f"{key}: union types other than X | None are not in the schema")
+        if value is None or value == "":
+            return None
+        return _coerce(key, present[0], value)
     if annotation is bool:
         if isinstance(value, bool):
             return value

@@ -23,7 +23,7 @@ def test_keys_and_shapes_match_reference():
 
 def tiny_pair(seed=0):
     torch.manual_seed(seed)
-    model = create_model("vqnsp_tiny", kmeans_init=False)
+    model = create_model("vqnsp_tiny", kmeans_init=False, beta=1.0)  # the reference's weight
     ref = RefVQNSP(100, 2, 1, 4, 4, code_dim=16, num_codes=256)
     state = {k: torch.randn_like(v) * 0.2 for k, v in model.state_dict().items()}
     for key in state:
@@ -63,13 +63,20 @@ def test_fourier_targets_are_standardised_per_sample():
 
 
 def test_training_step_updates_codebook_and_logs_usage():
-    model = create_model("vqnsp_tiny", dead_code_threshold=None).train()
+    model = create_model("vqnsp_tiny", dead_code_threshold=None, beta=0.5).train()
     x, chans = torch.randn(4, 3, 2, 200), torch.tensor([0, 1, 2, 3])
     out = model(x, chans)  # first batch: k-means initialisation of the codebook
     assert bool(model.quantize.embedding.initted.item())
     assert torch.isfinite(out.loss) and out.perplexity >= 1.0
     assert 0 < out.codebook_usage.item() <= 24 / 256
+    assert out.commitment_loss > 0 and 0 < out.feature_spread <= 1
     torch.testing.assert_close(out.loss, out.commitment_loss + out.amplitude_loss + out.phase_loss)
+    with torch.no_grad():  # beta times the mean squared distance to the codes (eval: no EMA)
+        check = model.eval()(x, chans)
+        z = F.normalize(model.encode_features(x, chans).reshape(-1, 16), dim=1)
+        codes = model.quantize.codebook[check.indices.reshape(-1)]
+        torch.testing.assert_close(check.commitment_loss, 0.5 * F.mse_loss(codes, z))
+    model.train()
     out.loss.backward()  # straight-through: the encoder learns from the reconstruction
     assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert model.encode_task_layer[0].weight.grad.abs().sum() > 0
@@ -78,6 +85,16 @@ def test_training_step_updates_codebook_and_logs_usage():
     assert not torch.equal(before, model.quantize.codebook)  # EMA step
     stats = model.codebook_stats()
     assert 1.0 <= stats["ema_perplexity"] <= 256 and 0 < stats["active_fraction"] <= 1
+
+
+def test_feature_spread_sees_encoder_collapse():
+    model = create_model("vqnsp_tiny").train()
+    x, chans = torch.randn(4, 3, 2, 200), torch.tensor([0, 1, 2, 3])
+    assert model(x, chans).feature_spread > 0.1
+    with torch.no_grad():  # every patch's features the same: the collapsed encoder
+        model.encode_task_layer[2].weight.zero_()
+        model.encode_task_layer[2].bias.normal_()
+    assert model(x, chans).feature_spread.abs() < 1e-5
 
 
 def test_dead_codes_are_restarted():

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from eegfast.nn import NormEMAVectorQuantizer
+from eegfast.nn.vq import feature_spread
 
 SPEC = Path(__file__).resolve().parents[2].parent / "shared" / "spec" / "labram_state_dicts.json"
 
@@ -108,3 +109,39 @@ def test_training_calls_read_nothing_back_once_initialised():
     before = quantizer.codebook.clone()
     quantizer(clustered(seed=2).reshape(4, 128, 16))
     assert quantizer.embedding.initted.item() == 1 and not torch.equal(before, quantizer.codebook)
+
+
+def test_feature_spread_is_the_mean_pairwise_cosine_distance():
+    gen = torch.Generator().manual_seed(3)
+    rows = F.normalize(torch.randn(37, 16, generator=gen) + 0.7, dim=1)
+    pairwise = 1 - (rows @ rows.T).mean()
+    torch.testing.assert_close(feature_spread(rows), pairwise, atol=1e-6, rtol=0)
+    # only kept rows count; rows that are not finite never do
+    keep = torch.arange(37) % 3 != 0
+    kept = rows[keep]
+    torch.testing.assert_close(
+        feature_spread(rows, keep), 1 - (kept @ kept.T).mean(), atol=1e-6, rtol=0
+    )
+    with_nan = rows.clone()
+    with_nan[~keep] = float("nan")
+    torch.testing.assert_close(feature_spread(with_nan), feature_spread(rows, keep))
+    # one direction: 0; opposite pairs: 1
+    same = F.normalize(torch.ones(5, 4), dim=1)
+    assert feature_spread(same).abs().item() < 1e-6
+    assert feature_spread(torch.cat([same, -same])).item() == pytest.approx(1.0)
+
+
+def test_quantizer_reports_the_spread_of_its_inputs():
+    quantizer = NormEMAVectorQuantizer(32, 16)
+    z = clustered().reshape(4, 128, 16)
+    out = quantizer(z)
+    torch.testing.assert_close(out.spread, feature_spread(F.normalize(z.reshape(-1, 16), dim=1)))
+    assert out.spread.item() > 0.5  # 8 clusters in 16 dims
+    # encoder collapse: every input the same direction at different scales
+    collapsed = torch.rand(4, 128, 1) * F.normalize(torch.randn(16), dim=0)
+    assert quantizer(collapsed).spread.abs().item() < 1e-5
+    # padding left out
+    valid = torch.zeros(4, 128, dtype=torch.bool)
+    valid[:, :64] = True
+    mixed = torch.where(valid[..., None], collapsed, z)
+    assert quantizer(mixed, valid).spread.abs().item() < 1e-5

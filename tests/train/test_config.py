@@ -39,6 +39,22 @@ def test_yaml_file_and_round_trip_of_the_saved_config(tmp_path):
     assert yaml.safe_load(saved.read_text())["train"]["batch_size"] == 7
 
 
+def test_optional_keys_take_none_or_a_typed_value(tmp_path):
+    assert RunConfig().vq.beta is None  # the model config's value
+    config = resolve_config(RunConfig(), None, ["vq.beta=0.1", "vq.dead_code_threshold=0"])
+    assert config.vq.beta == 0.1 and config.vq.dead_code_threshold == 0.0
+    assert isinstance(config.vq.dead_code_threshold, float)
+    assert resolve_config(config, None, ["vq.beta=", "vq.dead_code_threshold=null"]).vq == (
+        RunConfig().vq
+    )
+    with pytest.raises(ConfigError, match="vq.beta: expected float"):
+        resolve_config(RunConfig(), None, ["vq.beta=low"])
+    saved = tmp_path / "config.yaml"  # None and values survive the saved copy
+    for values in (config, RunConfig()):
+        saved.write_text(config_to_yaml(values))
+        assert resolve_config(RunConfig(), saved) == values
+
+
 def test_unknown_key_lists_the_valid_ones(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.learning_rate'.*optim\.lr"):
         RunConfig().with_overrides({"optim.learning_rate": 1.0})
