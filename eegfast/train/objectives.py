@@ -110,6 +110,14 @@ class TargetCache:
             small = codes.numel() == 0 or int(codes.max()) <= np.iinfo(np.int16).max
         self._copies.add(codes.to(torch.int16 if small else torch.int32), list(indices))
 
+    def code_counts(self) -> np.ndarray:
+        """(num_codes,) int64: how often each code occurs in the cached windows (padding, -1,
+        left out). Without num_codes, as long as the largest code seen + 1."""
+        self._file_arrived(wait=True)
+        rows = [row[row >= 0] for row in self._codes.values()]
+        codes = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+        return np.bincount(codes, minlength=self.num_codes or 0)
+
     def _file_arrived(self, *, wait: bool) -> None:
         """File the rows whose copies are done (all of them, waiting, if ``wait``)."""
         for indices, host in self._copies.arrived(wait=wait):

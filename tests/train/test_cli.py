@@ -107,6 +107,7 @@ def test_quickstart_fast_then_evaluate(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert str(out / "report.md") in printed
+    assert "targets:" in printed and "codes in use" in printed  # eegfast pretrain's summary
     report = (out / "report.md").read_text()
     assert "## Verdict" in report and "band-power baseline" in report
     assert "grouped by recording" in report.replace("**", "") and "one subject" in report
@@ -121,6 +122,8 @@ def test_quickstart_fast_then_evaluate(tmp_path, capsys):
     assert {r["metric"] for r in rows} == {"balanced_accuracy", "auroc", "auc_pr"}
     for png in ("loss_curves", "confusion_matrices", "roc_curves", "expert_load"):
         assert (finetune / f"{png}.png").stat().st_size > 1000
+    tokenizer_metrics = (out / "runs" / "tokenizer" / "metrics.csv").read_text()
+    assert "train/feature_spread" in tokenizer_metrics and "feature spread" in report
     for run in ("tokenizer", "pretrain", "finetune/fold0/multitask"):
         assert (out / "runs" / run / "config.yaml").is_file()
         assert list((out / "runs" / run / "tensorboard").glob("events.*"))

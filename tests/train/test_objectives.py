@@ -1,5 +1,6 @@
 """Pretraining objectives: the tokenizer's codes served from the per-window cache."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,3 +81,20 @@ def test_pretraining_step_reuses_the_codes_of_seen_windows(objective):
     assert first.loss.isfinite()
     step(model, batch_of([0, 1, 2], x), cached)  # window 1 unseen
     assert tokenizer.calls == 3 and len(cached.target_cache) == 4
+
+
+def test_target_cache_counts_codes_and_the_pretrain_summary_reads_them():
+    from eegfast.train.commands.pretrain import target_summary
+
+    cache = TargetCache(num_codes=8)
+    cache.put([0, 1], torch.tensor([[1, 1, 3, -1], [1, 5, 5, 1]]))
+    counts = cache.code_counts()
+    assert counts.tolist() == [0, 4, 0, 1, 0, 2, 0, 0]
+    summary = target_summary(counts)
+    assert "3 of 8 codes in use" in summary and "57.1% of the patches" in summary
+    assert "warning" not in summary
+    assert TargetCache().code_counts().tolist() == []
+    assert target_summary(np.zeros(4, np.int64)) == "targets: no codes cached"
+    collapsed = np.array([1000, 1, 0, 0])
+    assert "perplexity 1.0" in target_summary(collapsed)
+    assert "warning: the targets are nearly one code" in target_summary(collapsed)

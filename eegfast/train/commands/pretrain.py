@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import torch
 
 from eegfast.train.arch import build_model, load_trained
@@ -47,6 +48,33 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     return run_command("pretrain", lambda: _main(args))
+
+
+# Targets whose code perplexity is below this are nearly one code: the tokenizer collapsed.
+DEGENERATE_TARGET_PERPLEXITY = 2.0
+
+
+def target_summary(counts: np.ndarray) -> str:
+    """What the pretraining targets were: codes in use, their perplexity, and the share of the
+    most common code, which is the accuracy of always predicting it (the floor to read the
+    logged accuracies against). Warns when the targets are nearly one code."""
+    total = int(counts.sum())
+    if total == 0:
+        return "targets: no codes cached"
+    probs = counts[counts > 0] / total
+    perplexity = float(np.exp(-(probs * np.log(probs)).sum()))
+    text = (
+        f"targets: {int((counts > 0).sum())} of {len(counts)} codes in use, perplexity "
+        f"{perplexity:.1f}; the most common code is {probs.max():.1%} of the patches (the "
+        "accuracy of always predicting it)"
+    )
+    if perplexity < DEGENERATE_TARGET_PERPLEXITY:
+        text += (
+            "\nwarning: the targets are nearly one code, so high accuracies mean little: the "
+            "tokenizer's encoder probably collapsed (see its train/feature_spread; retrain it "
+            "with --set vq.beta=0)"
+        )
+    return text
 
 
 def load_tokenizer(path: str, device: torch.device) -> torch.nn.Module:
@@ -136,6 +164,10 @@ def _main(args: argparse.Namespace) -> int:
                 f"tokenizer codes: {cache.hits} of {cache.hits + cache.misses} batches from the "
                 f"cache ({len(cache)} windows, {cache.nbytes / 2**20:.1f} MiB)",
             )
+            summary = target_summary(cache.code_counts())
+            if runtime.dist.enabled:  # each process caches the windows it trained on
+                summary = summary.replace("targets:", "targets (rank 0's windows):", 1)
+            say(runtime, summary)
         return 0
     finally:
         shutdown(runtime.dist)
