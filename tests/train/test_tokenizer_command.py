@@ -20,7 +20,10 @@ def test_collapse_warning_reads_the_last_spread():
     healthy = {"train/feature_spread": [(10, 0.01), (20, 0.8)], "train/perplexity": [(20, 40.0)]}
     assert command.collapse_warning(healthy) is None
     assert command.collapse_warning({"train/loss": [(10, 1.0)]}) is None  # nothing to judge
-    collapsed = {"train/feature_spread": [(10, 0.6), (300, 2e-4)], "train/perplexity": [(300, 90.0)]}
+    collapsed = {
+        "train/feature_spread": [(10, 0.6), (300, 2e-4)],
+        "train/perplexity": [(300, 90.0)],
+    }
     warning = command.collapse_warning(collapsed)
     assert warning is not None
     assert "step 300" in warning and "0.0002" in warning and "perplexity 90.0" in warning

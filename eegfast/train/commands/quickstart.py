@@ -301,7 +301,8 @@ def write_report(
             else ""
         ),
         "Tiny models (`vqnsp_tiny`, `labram_tiny`: 2 transformer blocks, width 100) trained for "
-        "about two minutes on 6 recordings; they show the pipeline end to end, not LaBraM's accuracy.",
+        "about two minutes on 6 recordings; they show the pipeline end to end, not LaBraM's "
+        "accuracy.",
         "",
         "## Verdict",
         "",
