@@ -33,12 +33,10 @@ def feature_spread(unit: torch.Tensor, keep: torch.Tensor | None = None) -> torc
     is the mean cosine distance: 0 when every row points the same way, ~1 for rows spread
     evenly over the sphere. O(N D), no pairwise matrix. Rows that are not finite count as 0.
     """
-    weight = torch.isfinite(unit).all(dim=1)
+    counted = torch.isfinite(unit).all(dim=1)
     if keep is not None:
-        weight = weight & keep
-    weight = weight.to(unit.dtype)
-    rows = torch.where(weight[:, None] > 0, unit, 0.0)
-    mean = (rows * weight[:, None]).sum(dim=0) / weight.sum().clamp_min(1)
+        counted = counted & keep
+    mean = torch.where(counted[:, None], unit, 0.0).sum(dim=0) / counted.sum().clamp_min(1)
     return 1.0 - mean.square().sum()
 
 

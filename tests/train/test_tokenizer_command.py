@@ -28,6 +28,10 @@ def test_collapse_warning_reads_the_last_spread():
     assert warning is not None
     assert "step 300" in warning and "0.0002" in warning and "perplexity 90.0" in warning
     assert "vq.beta" in warning
+    few_codes = {"train/feature_spread": [(40, 0.9)], "train/perplexity": [(40, 1.3)]}
+    warning = command.collapse_warning(few_codes)
+    assert warning is not None and "codebook collapse: at step 40" in warning
+    assert "1.30" in warning and "vq.dead_code_threshold" in warning
 
 
 def test_quantizer_kwargs_from_the_vq_section():

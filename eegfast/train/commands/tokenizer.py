@@ -44,6 +44,8 @@ DEFAULTS = RunConfig().with_overrides(
 # bundled sample healthy vqnsp_tiny runs stay at 0.8-0.9 after their first 100 steps; collapsed
 # ones (beta = 1) fell to ~1e-4, and to ~7e-3 with dead codes restarted.
 COLLAPSED_SPREAD = 0.05
+# Below this train/perplexity (exp of the batch's code entropy) the codes are nearly one.
+COLLAPSED_PERPLEXITY = 2.0
 
 
 def quantizer_kwargs(config: RunConfig) -> dict[str, float | None]:
@@ -62,27 +64,34 @@ def quantizer_kwargs(config: RunConfig) -> dict[str, float | None]:
 
 
 def collapse_warning(metrics: Mapping[str, Sequence[tuple[int, float]]]) -> str | None:
-    """A warning when the last logged ``train/feature_spread`` says the encoder collapsed."""
-    series = metrics.get("train/feature_spread")
-    if not series:
-        return None
-    step, spread = series[-1]
-    if spread >= COLLAPSED_SPREAD:
-        return None
+    """A warning when the last logged ``train/feature_spread`` says the encoder collapsed, or
+    the last ``train/perplexity`` that nearly every patch gets the same code."""
+    spread = metrics.get("train/feature_spread")
     perplexity = metrics.get("train/perplexity")
-    ppl = f", perplexity {perplexity[-1][1]:.1f}" if perplexity else ""
-    return (
-        f"warning: encoder collapse: at step {step} the tokenizer's features all point nearly "
-        f"the same way (train/feature_spread {spread:.2g}{ppl}), so its codes say little about "
-        "the signal (dead-code restarts can keep perplexity up inside that one direction). "
-        "Lower the commitment weight (--set vq.beta=0.1, or 0) or the learning rate, and "
-        f"train again; healthy runs keep feature_spread well above {COLLAPSED_SPREAD}."
-    )
+    if spread and spread[-1][1] < COLLAPSED_SPREAD:
+        step, value = spread[-1]
+        ppl = f", perplexity {perplexity[-1][1]:.1f}" if perplexity else ""
+        return (
+            f"warning: encoder collapse: at step {step} the tokenizer's features all point "
+            f"nearly the same way (train/feature_spread {value:.2g}{ppl}), so its codes say "
+            "little about the signal (dead-code restarts can keep perplexity up inside that one "
+            "direction). Lower the commitment weight (--set vq.beta=0) or the learning rate "
+            f"and train again; healthy runs keep feature_spread well above {COLLAPSED_SPREAD}."
+        )
+    if perplexity and perplexity[-1][1] < COLLAPSED_PERPLEXITY:
+        step, value = perplexity[-1]
+        return (
+            f"warning: codebook collapse: at step {step} nearly every patch gets the same code "
+            f"(train/perplexity {value:.2f}). Re-seed unused codes sooner (--set "
+            "vq.dead_code_threshold=..., in EMA counts of rows a batch) or lower the commitment "
+            "weight (--set vq.beta=0)."
+        )
+    return None
 
 
 def collapse_watch(runtime: Runtime, metrics_file: Path) -> Callable[[Path], None]:
     """A checkpoint callback (rank 0) that prints :func:`collapse_warning` once, at the first
-    checkpoint after the logged spread fell, so that a long run is not trained to its end
+    checkpoint after a collapse shows in the logged metrics, so that a long run is not trained to its end
     before anyone hears of it."""
     warned = False
 
