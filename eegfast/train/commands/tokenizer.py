@@ -63,15 +63,17 @@ def quantizer_kwargs(config: RunConfig) -> dict[str, float | None]:
     return kwargs
 
 
-def collapse_warning(metrics: Mapping[str, Sequence[tuple[int, float]]]) -> str | None:
-    """A warning when the last logged ``train/feature_spread`` says the encoder collapsed, or
-    the last ``train/perplexity`` that nearly every patch gets the same code."""
+def collapse_warnings(metrics: Mapping[str, Sequence[tuple[int, float]]]) -> dict[str, str]:
+    """Warnings by kind from the last logged values: ``"encoder"`` when
+    ``train/feature_spread`` says the features all point one way, ``"codebook"`` when
+    ``train/perplexity`` says nearly every patch gets the same code."""
+    warnings: dict[str, str] = {}
     spread = metrics.get("train/feature_spread")
     perplexity = metrics.get("train/perplexity")
     if spread and spread[-1][1] < COLLAPSED_SPREAD:
         step, value = spread[-1]
         ppl = f", perplexity {perplexity[-1][1]:.1f}" if perplexity else ""
-        return (
+        warnings["encoder"] = (
             f"warning: encoder collapse: at step {step} the tokenizer's features all point "
             f"nearly the same way (train/feature_spread {value:.2g}{ppl}), so its codes say "
             "little about the signal (dead-code restarts can keep perplexity up inside that one "
@@ -80,29 +82,28 @@ def collapse_warning(metrics: Mapping[str, Sequence[tuple[int, float]]]) -> str 
         )
     if perplexity and perplexity[-1][1] < COLLAPSED_PERPLEXITY:
         step, value = perplexity[-1]
-        return (
+        warnings["codebook"] = (
             f"warning: codebook collapse: at step {step} nearly every patch gets the same code "
             f"(train/perplexity {value:.2f}). Re-seed unused codes sooner (--set "
             "vq.dead_code_threshold=..., in EMA counts of rows a batch) or lower the commitment "
             "weight (--set vq.beta=0)."
         )
-    return None
+    return warnings
 
 
-def collapse_watch(runtime: Runtime, metrics_file: Path) -> Callable[[Path], None]:
-    """A checkpoint callback (rank 0) that prints :func:`collapse_warning` once, at the first
-    checkpoint after a collapse shows in the logged metrics, so that a long run is not trained to its end
-    before anyone hears of it."""
-    warned = False
+def collapse_watch(runtime: Runtime | None, metrics_file: Path) -> Callable[[Path], None]:
+    """A checkpoint callback (rank 0) that prints each kind of :func:`collapse_warnings` once,
+    at the first checkpoint where it shows in the logged metrics, so that a long run is not
+    trained to its end before anyone hears of it."""
+    printed: set[str] = set()
 
     def check(_checkpoint: Path) -> None:
-        nonlocal warned
-        if warned or not metrics_file.is_file():
+        if not metrics_file.is_file():
             return
-        warning = collapse_warning(read_metrics(metrics_file))
-        if warning:
-            say(runtime, warning)
-            warned = True
+        for kind, warning in collapse_warnings(read_metrics(metrics_file)).items():
+            if kind not in printed:
+                say(runtime, warning)
+                printed.add(kind)
 
     return check
 
