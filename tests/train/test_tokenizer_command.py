@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import mne
 import pytest
@@ -75,7 +76,9 @@ def run_tokenizer(prepared, out, *sets):
 def test_vq_settings_reach_the_checkpoint_and_spread_is_logged(prepared, tmp_path, capsys):
     out = tmp_path / "tok"
     assert run_tokenizer(prepared, out, "vq.beta=0.25", "vq.dead_code_threshold=0") == 0
-    assert "encoder collapse" not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "encoder collapse" not in printed
+    assert re.search(r"codebook: \d+ of 256 codes active .*, EMA perplexity \d+\.\d", printed)
     meta = json.loads(next(out.glob("checkpoints/*/meta.json")).read_text())
     assert meta["arch"]["kwargs"] == {"beta": 0.25, "dead_code_threshold": None}
     model, _ = load_trained(out, prefer="latest")

@@ -11,6 +11,7 @@ import argparse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from eegfast.models import VQNSP
 from eegfast.train.arch import build_model
 from eegfast.train.commands.common import (
     CommandError,
@@ -108,6 +109,19 @@ def collapse_watch(runtime: Runtime | None, metrics_file: Path) -> Callable[[Pat
     return check
 
 
+def codebook_summary(model: VQNSP) -> str:
+    """The trained codebook's health from its EMA counts (what ``train/perplexity`` says of
+    the last batch, over the recent batches)."""
+    stats = model.codebook_stats()
+    num_codes = model.config.num_codes
+    active = round(stats["active_fraction"] * num_codes)
+    threshold = model.config.dead_code_threshold or 0.0
+    return (
+        f"codebook: {active} of {num_codes} codes active (EMA count above {threshold:g}), "
+        f"EMA perplexity {stats['ema_perplexity']:.1f}"
+    )
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -147,6 +161,7 @@ def _main(args: argparse.Namespace) -> int:
         if result.resumed_from is not None:
             say(runtime, f"resumed from {result.resumed_from}")
         say(runtime, f"tokenizer trained for {result.step} steps; checkpoint {result.checkpoint}")
+        say(runtime, codebook_summary(model))
         return 0
     finally:
         shutdown(runtime.dist)
