@@ -230,6 +230,7 @@ def fit(
     eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     find_unused_parameters: bool = False,
     on_checkpoint: Callable[[Path], None] | None = None,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Train ``model`` with ``step_fn`` over ``dataset``; see the module docstring.
 
@@ -239,6 +240,9 @@ def fit(
             folder, or None.
         eval_fn: called on rank 0's model at every checkpoint; its ``val_loss`` (or the mean
             training loss since the last checkpoint) decides the best checkpoint kept.
+        on_checkpoint: called on rank 0 with each checkpoint folder written.
+        on_log: called on rank 0 at every log point with the step and the scalars logged
+            (``train/loss``, ``train/<metric>``: means over the steps since the last one).
     """
     train_cfg, optim_cfg = config.train, config.optim
     info = dist_info or DistInfo()
@@ -512,6 +516,8 @@ def fit(
                         samples_seen * info.world_size / max(elapsed, 1e-9)
                     )
                     logger.log(step, scalars)
+                    if on_log is not None and info.is_main:
+                        on_log(step, scalars)
                     bar.set_postfix(loss=f"{scalars['train/loss']:.4f}")
                     window = {}
                 end_of_epoch = batch_in_epoch >= limit

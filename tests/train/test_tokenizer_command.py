@@ -17,25 +17,34 @@ from eegfast.train.config import RunConfig
 from eegfast.train.runlog import read_metrics
 
 
-def test_collapse_warnings_read_the_last_values():
-    healthy = {"train/feature_spread": [(10, 0.01), (20, 0.8)], "train/perplexity": [(20, 40.0)]}
-    assert command.collapse_warnings(healthy) == {}
-    assert command.collapse_warnings({"train/loss": [(10, 1.0)]}) == {}  # nothing to judge
-    collapsed = {
-        "train/feature_spread": [(10, 0.6), (300, 2e-4)],
-        "train/perplexity": [(300, 90.0)],
-    }
-    warnings = command.collapse_warnings(collapsed)
+def test_collapse_warnings_from_one_log_point():
+    healthy = {"train/feature_spread": 0.8, "train/perplexity": 40.0, "train/loss": 1.0}
+    assert command.collapse_warnings(20, healthy) == {}
+    assert command.collapse_warnings(10, {"train/loss": 1.0}) == {}  # nothing to judge
+    collapsed = {"train/feature_spread": 2e-4, "train/perplexity": 90.0}
+    warnings = command.collapse_warnings(300, collapsed)
     assert list(warnings) == ["encoder"]
     assert "step 300" in warnings["encoder"] and "0.0002" in warnings["encoder"]
     assert "perplexity 90.0" in warnings["encoder"] and "vq.beta" in warnings["encoder"]
-    few_codes = {"train/feature_spread": [(40, 0.9)], "train/perplexity": [(40, 1.3)]}
-    warnings = command.collapse_warnings(few_codes)
+    warnings = command.collapse_warnings(40, {"train/feature_spread": 0.9, "train/perplexity": 1.3})
     assert list(warnings) == ["codebook"]
     assert "codebook collapse: at step 40" in warnings["codebook"]
     assert "1.30" in warnings["codebook"] and "vq.dead_code_threshold" in warnings["codebook"]
-    both = {"train/feature_spread": [(50, 0.009)], "train/perplexity": [(50, 1.0)]}
-    assert set(command.collapse_warnings(both)) == {"encoder", "codebook"}
+    both = {"train/feature_spread": 0.009, "train/perplexity": 1.0}
+    assert set(command.collapse_warnings(50, both)) == {"encoder", "codebook"}
+
+
+def test_collapse_watch_prints_each_kind_once(capsys):
+    watch = command.collapse_watch(None)
+    watch(10, {"train/feature_spread": 0.7, "train/perplexity": 30.0})
+    assert capsys.readouterr().out == ""
+    for step in (20, 30):
+        watch(step, {"train/feature_spread": 0.7, "train/perplexity": 1.1})
+    printed = capsys.readouterr().out
+    assert printed.count("codebook collapse") == 1 and "at step 20" in printed
+    watch(40, {"train/feature_spread": 0.01, "train/perplexity": 1.1})
+    printed = capsys.readouterr().out
+    assert printed.count("encoder collapse: at step 40") == 1 and "codebook" not in printed
 
 
 def test_quantizer_kwargs_from_the_vq_section():
@@ -88,24 +97,10 @@ def test_vq_settings_reach_the_checkpoint_and_spread_is_logged(prepared, tmp_pat
     assert all(0.0 <= value <= 1.0 for _, value in spread)
 
 
-def test_each_collapse_warning_is_printed_once(prepared, tmp_path, capsys, monkeypatch):
+def test_collapse_warning_comes_at_the_first_log_point(prepared, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(command, "COLLAPSED_SPREAD", 2.0)  # any spread counts as collapsed
-    assert run_tokenizer(prepared, tmp_path / "tok", "train.checkpoint_every=2") == 0
+    assert run_tokenizer(prepared, tmp_path / "tok", "train.log_every=2") == 0
     printed = capsys.readouterr().out
-    # at the first checkpoint (step 2), once, though a second checkpoint follows at step 3
+    # logged at steps 2 and 3 (the last), warned at the first only
     assert "warning: encoder collapse: at step 2" in printed
     assert printed.count("encoder collapse") == 1
-    assert len(list((tmp_path / "tok" / "checkpoints").iterdir())) == 2
-    # a kind that shows up later is printed when it does
-    monkeypatch.setattr(command, "COLLAPSED_SPREAD", 0.0)
-    watch_file = tmp_path / "metrics.csv"
-    watch = command.collapse_watch(None, watch_file)
-    rows = ["step,tag,value", "5,train/perplexity,30.0"]
-    watch_file.write_text("\n".join(rows) + "\n")
-    watch(tmp_path)
-    assert capsys.readouterr().out == ""
-    for step in (6, 7):
-        rows.append(f"{step},train/perplexity,1.1")
-        watch_file.write_text("\n".join(rows) + "\n")
-        watch(tmp_path)
-    assert capsys.readouterr().out.count("codebook collapse: at step 6") == 1

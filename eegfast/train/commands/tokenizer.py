@@ -8,8 +8,7 @@ amplitude and phase from its code (LaBraM's VQ-NSP). Its checkpoint is what ``ee
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping
 
 from eegfast.models import VQNSP
 from eegfast.train.arch import build_model
@@ -27,7 +26,6 @@ from eegfast.train.data import collate_fn, load_data
 from eegfast.train.distributed import shutdown
 from eegfast.train.engine import fit
 from eegfast.train.objectives import StepContext, tokenizer_step
-from eegfast.train.runlog import read_metrics
 
 # Reference recipe: AdamW betas (0.9, 0.99), weight decay 1e-4, warm-up then cosine.
 DEFAULTS = RunConfig().with_overrides(
@@ -64,44 +62,41 @@ def quantizer_kwargs(config: RunConfig) -> dict[str, float | None]:
     return kwargs
 
 
-def collapse_warnings(metrics: Mapping[str, Sequence[tuple[int, float]]]) -> dict[str, str]:
-    """Warnings by kind from the last logged values: ``"encoder"`` when
+def collapse_warnings(step: int, scalars: Mapping[str, float]) -> dict[str, str]:
+    """Warnings by kind from one log point's scalars: ``"encoder"`` when
     ``train/feature_spread`` says the features all point one way, ``"codebook"`` when
     ``train/perplexity`` says nearly every patch gets the same code."""
     warnings: dict[str, str] = {}
-    spread = metrics.get("train/feature_spread")
-    perplexity = metrics.get("train/perplexity")
-    if spread and spread[-1][1] < COLLAPSED_SPREAD:
-        step, value = spread[-1]
-        ppl = f", perplexity {perplexity[-1][1]:.1f}" if perplexity else ""
+    spread = scalars.get("train/feature_spread")
+    perplexity = scalars.get("train/perplexity")
+    if spread is not None and spread < COLLAPSED_SPREAD:
+        ppl = f", perplexity {perplexity:.1f}" if perplexity is not None else ""
         warnings["encoder"] = (
             f"warning: encoder collapse: at step {step} the tokenizer's features all point "
-            f"nearly the same way (train/feature_spread {value:.2g}{ppl}), so its codes say "
+            f"nearly the same way (train/feature_spread {spread:.2g}{ppl}), so its codes say "
             "little about the signal (dead-code restarts can keep perplexity up inside that one "
             "direction). Lower the commitment weight (--set vq.beta=0) or the learning rate "
             f"and train again; healthy runs keep feature_spread well above {COLLAPSED_SPREAD}."
         )
-    if perplexity and perplexity[-1][1] < COLLAPSED_PERPLEXITY:
-        step, value = perplexity[-1]
+    if perplexity is not None and perplexity < COLLAPSED_PERPLEXITY:
         warnings["codebook"] = (
             f"warning: codebook collapse: at step {step} nearly every patch gets the same code "
-            f"(train/perplexity {value:.2f}). Re-seed unused codes sooner (--set "
+            f"(train/perplexity {perplexity:.2f}). Re-seed unused codes sooner (--set "
             "vq.dead_code_threshold=..., in EMA counts of rows a batch) or lower the commitment "
             "weight (--set vq.beta=0)."
         )
     return warnings
 
 
-def collapse_watch(runtime: Runtime | None, metrics_file: Path) -> Callable[[Path], None]:
-    """A checkpoint callback (rank 0) that prints each kind of :func:`collapse_warnings` once,
-    at the first checkpoint where it shows in the logged metrics, so that a long run is not
-    trained to its end before anyone hears of it."""
+def collapse_watch(runtime: Runtime | None) -> Callable[[int, dict[str, float]], None]:
+    """A log-point callback for :func:`eegfast.train.engine.fit` (rank 0) that prints each
+    kind of :func:`collapse_warnings` once, at the first log point where it shows (collapse
+    came within 20-60 steps on the bundled sample), so that a long run is not trained to its
+    end before anyone hears of it."""
     printed: set[str] = set()
 
-    def check(_checkpoint: Path) -> None:
-        if not metrics_file.is_file():
-            return
-        for kind, warning in collapse_warnings(read_metrics(metrics_file)).items():
+    def check(step: int, scalars: dict[str, float]) -> None:
+        for kind, warning in collapse_warnings(step, scalars).items():
             if kind not in printed:
                 say(runtime, warning)
                 printed.add(kind)
@@ -156,7 +151,7 @@ def _main(args: argparse.Namespace) -> int:
             dist_info=runtime.dist,
             resume=args.resume,
             meta={"arch": arch, "command": "tokenizer"},
-            on_checkpoint=collapse_watch(runtime, Path(args.out) / "metrics.csv"),
+            on_log=collapse_watch(runtime),
         )
         if result.resumed_from is not None:
             say(runtime, f"resumed from {result.resumed_from}")
