@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from eegfast.cli import main as cli
-from eegfast.datasets import SampleDataError, sample
 from eegfast.models.hybrid import create_hybrid_model
 from eegfast.train.commands.generate import GenerateError, display_names, load_prompt
+from tests.train._sample import sample_recording_cut
 
 EEGMAT_NAMES = [
     "Fp1",
@@ -50,15 +50,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def eegmat(tmp_path_factory):
     """A 20-s cut of the real Subject00_2 recording (keeps preprocessing fast)."""
-    try:
-        files = {p.name: p for p in sample(download=False)}
-    except SampleDataError as err:
-        pytest.skip(f"sample data not available: {err}")
-    raw = mne.io.read_raw_edf(files["Subject00_2.edf"], preload=True, verbose="error")
-    raw.crop(0, 20.0, include_tmax=False)
-    path = tmp_path_factory.mktemp("prompt") / "Subject00_2_cut.fif"
-    raw.save(path, verbose="error")
-    return path
+    return sample_recording_cut("Subject00_2.edf", 20.0, tmp_path_factory.mktemp("prompt"))
 
 
 def _run(capsys, *args) -> tuple[int, str]:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import re
 
-import mne
 import pytest
 
 from eegfast.cli import main as cli
-from eegfast.datasets import SampleDataError, sample
 from eegfast.train.arch import load_trained
 from eegfast.train.commands import tokenizer as command
 from eegfast.train.commands.common import CommandError
 from eegfast.train.config import RunConfig
 from eegfast.train.runlog import read_metrics
+from tests.train._sample import sample_recording_cut
 
 
 def test_collapse_warnings_from_one_log_point():
@@ -61,15 +60,8 @@ def test_quantizer_kwargs_from_the_vq_section():
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A prepared folder from a 24-s cut of the real Subject00_1 recording."""
-    try:
-        files = {p.name: p for p in sample(download=False)}
-    except SampleDataError as err:
-        pytest.skip(f"sample data not available: {err}")
-    raw = mne.io.read_raw_edf(files["Subject00_1.edf"], preload=True, verbose="error")
-    raw.crop(0, 24.0, include_tmax=False)
     root = tmp_path_factory.mktemp("tok")
-    fif = root / "Subject00_1_cut.fif"
-    raw.save(fif, verbose="error")
+    fif = sample_recording_cut("Subject00_1.edf", 24.0, root)
     out = root / "prepared"
     assert cli(["prepare", f"rest={fif}", "--out", str(out), "--window", "4", "--no-progress"]) == 0
     return out

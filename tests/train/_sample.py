@@ -1,0 +1,24 @@
+"""Short cuts of the bundled sample recordings, so that tests preprocess seconds, not minutes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mne
+import pytest
+
+from eegfast.datasets import SampleDataError, sample
+
+
+def sample_recording_cut(name: str, seconds: float, folder: Path) -> Path:
+    """``folder/<stem>_cut.fif``: the first ``seconds`` of the sample recording ``name`` (e.g.
+    ``"Subject00_2.edf"``); skips the calling test when the sample data are not available."""
+    try:
+        files = {p.name: p for p in sample(download=False)}
+    except SampleDataError as err:
+        pytest.skip(f"sample data not available: {err}")
+    raw = mne.io.read_raw_edf(files[name], preload=True, verbose="error")
+    raw.crop(0, seconds, include_tmax=False)
+    path = Path(folder) / f"{Path(name).stem}_cut.fif"
+    raw.save(path, verbose="error")
+    return path
