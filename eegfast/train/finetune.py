@@ -405,9 +405,80 @@ def _fmt(mean: float, std: float) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
 
 
-def comparisons(summary, tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
+def paired_bacc_difference(
+    y: np.ndarray,
+    pred_a: np.ndarray,
+    pred_b: np.ndarray,
+    *,
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Balanced accuracy of predictions ``pred_a`` minus that of ``pred_b`` on the same test
+    windows (labels ``y``, (N,) each), with a paired bootstrap interval: windows are resampled
+    within each class (so every resample keeps the class counts), the same windows for both.
+
+    Windows of one recording are correlated, so the interval is, if anything, too narrow.
+    Returns (difference, low, high).
+    """
+    y, pred_a, pred_b = (np.asarray(v) for v in (y, pred_a, pred_b))
+    if not y.shape == pred_a.shape == pred_b.shape or y.ndim != 1:
+        raise ValueError(
+            f"y, pred_a and pred_b must be (N,) each, got {y.shape}, {pred_a.shape}, {pred_b.shape}"
+        )
+    rng = np.random.default_rng(seed)
+    gain = (pred_a == y).astype(np.float64) - (pred_b == y)  # per window: +1, 0 or -1
+    classes = np.unique(y)
+    point = float(np.mean([gain[y == c].mean() for c in classes]))
+    draws = np.zeros(resamples)
+    for c in classes:
+        members = gain[y == c]
+        picks = rng.integers(0, len(members), size=(resamples, len(members)))
+        draws += members[picks].mean(axis=1)
+    draws /= len(classes)
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return point, float(low), float(high)
+
+
+def _pooled(predictions: Sequence[dict[str, Any]], variant: str, task: str):
+    """(labels, predicted classes) of ``variant`` on ``task`` over every fold, in fold order."""
+    preds = sorted(
+        (p for p in predictions if p["variant"] == variant and p["task"] == task),
+        key=lambda p: p["fold"],
+    )
+    if not preds:
+        return None
+    return (
+        [p["fold"] for p in preds],
+        np.concatenate([p["y"] for p in preds]),
+        np.concatenate([p["probs"].argmax(axis=1) for p in preds]),
+    )
+
+
+def _paired(
+    predictions: Sequence[dict[str, Any]], variant_a: str, variant_b: str, task: str
+) -> tuple[float, float, float] | None:
+    """:func:`paired_bacc_difference` of ``variant_a`` minus ``variant_b`` on ``task``, the
+    test windows of every fold pooled; None unless both were tested on the same windows."""
+    a, b = _pooled(predictions, variant_a, task), _pooled(predictions, variant_b, task)
+    if a is None or b is None or a[0] != b[0] or not np.array_equal(a[1], b[1]):
+        return None
+    return paired_bacc_difference(a[1], a[2], b[2])
+
+
+def comparisons(
+    summary, tasks: Sequence[str], predictions: Sequence[dict[str, Any]] = ()
+) -> dict[str, dict[str, Any]]:
     """Per task: the model's balanced accuracy against the baseline and, for multi-task runs,
-    against single-task training (the negative-transfer check)."""
+    against single-task training (the negative-transfer check).
+
+    With the test predictions (``predictions``, as :func:`_record` keeps them), a verdict
+    (the model beats the baseline or not; negative or positive transfer) needs the 95% paired
+    bootstrap interval of the difference (:func:`paired_bacc_difference`, the test windows of
+    every fold pooled) to exclude 0; otherwise there is no clear difference. Without them, the
+    means decide against the baseline, and the larger fold std bounds what counts as
+    transfer."""
     out = {}
     for task in tasks:
         entry: dict[str, Any] = {}
@@ -424,27 +495,49 @@ def comparisons(summary, tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
             mean, std, folds = summary[(model_variant, task, "balanced_accuracy")]
             entry.update(model_variant=model_variant, model=mean, model_std=std, folds=folds)
             if base is not None:
-                entry.update(
-                    baseline=base[0], baseline_std=base[1], beats_baseline=bool(mean > base[0])
-                )
+                entry.update(baseline=base[0], baseline_std=base[1])
+                verdict = "beats" if mean > base[0] else "does NOT beat"
+                paired = _paired(predictions, model_variant, "band_power", task)
+                if paired is not None:
+                    diff, low, high = paired
+                    entry.update(baseline_difference=diff, baseline_interval=[low, high])
+                    verdict = (
+                        "beats"
+                        if low > 0
+                        else "does NOT beat"
+                        if high < 0
+                        else "shows no clear difference from"
+                    )
+                entry.update(baseline_verdict=verdict, beats_baseline=verdict == "beats")
         mt = summary.get(("multitask", task, "balanced_accuracy"))
         st = summary.get(("single", task, "balanced_accuracy"))
         if mt is not None and st is not None:
-            # A difference within the larger fold std is not called transfer either way.
             diff, noise = mt[0] - st[0], max(mt[1], st[1])
-            verdict = (
-                "negative transfer"
-                if diff < -noise
-                else "positive transfer"
-                if diff > noise
-                else "no clear difference (within fold std)"
-            )
+            paired = _paired(predictions, "multitask", "single", task)
+            if paired is not None:  # transfer only where the paired interval excludes 0
+                _, low, high = paired
+                entry.update(transfer_interval=[low, high])
+                verdict = (
+                    "negative transfer"
+                    if high < 0
+                    else "positive transfer"
+                    if low > 0
+                    else "no clear difference (interval holds 0)"
+                )
+            else:  # a difference within the larger fold std is not called transfer
+                verdict = (
+                    "negative transfer"
+                    if diff < -noise
+                    else "positive transfer"
+                    if diff > noise
+                    else "no clear difference (within fold std)"
+                )
             entry.update(
                 multitask=mt[0],
                 single=st[0],
                 transfer=diff,
                 transfer_noise=noise,
-                negative_transfer=bool(diff < -noise),
+                negative_transfer=verdict == "negative transfer",
                 transfer_verdict=verdict,
             )
         out[task] = entry
@@ -474,7 +567,7 @@ def write_outputs(
                 )
     summary = summarise(result.rows)
     tasks = sorted({r["task"] for r in result.rows})
-    compared = comparisons(summary, tasks)
+    compared = comparisons(summary, tasks, result.predictions)
 
     figures: dict[str, str] = {}
     if any(result.loss_curves.values()):
@@ -542,28 +635,43 @@ def write_outputs(
             )
     md += ["", "## Against the classic baseline (balanced accuracy)", ""]
     for task, entry in compared.items():
-        if "beats_baseline" in entry:
-            verdict = "beats" if entry["beats_baseline"] else "does NOT beat"
+        if "baseline_verdict" in entry:
+            interval = ""
+            if "baseline_interval" in entry:
+                low, high = entry["baseline_interval"]
+                interval = (
+                    f"; over the pooled test windows the difference is "
+                    f"{entry['baseline_difference']:+.3f}, 95% paired bootstrap interval "
+                    f"[{low:+.3f}, {high:+.3f}]"
+                )
             md.append(
                 f"- `{task}`: {VARIANT_NAMES[entry['model_variant']]} {entry['model']:.3f} "
-                f"{verdict} the band-power baseline {entry['baseline']:.3f} "
+                f"{entry['baseline_verdict']} the band-power baseline {entry['baseline']:.3f} "
                 f"(over {entry['folds']} folds; fold std {entry['model_std']:.3f} vs "
-                f"{entry['baseline_std']:.3f})."
+                f"{entry['baseline_std']:.3f}{interval})."
             )
+    if any("baseline_interval" in e for e in compared.values()):
+        md += [
+            "",
+            "A verdict needs the interval to exclude 0. Windows of one recording are "
+            "correlated, so the interval is, if anything, too narrow.",
+        ]
     if any("transfer" in e for e in compared.values()):
         md += [
             "",
             "## Negative-transfer report (multi-task vs single-task, same folds)",
             "",
             "| task | multi-task BAcc | single-task BAcc | difference | larger fold std "
-            "| verdict |",
-            "|---|---|---|---|---|---|",
+            "| 95% paired interval (pooled windows) | verdict |",
+            "|---|---|---|---|---|---|---|",
         ]
         for task, entry in compared.items():
             if "transfer" in entry:
+                low_high = entry.get("transfer_interval")
+                interval = f"[{low_high[0]:+.3f}, {low_high[1]:+.3f}]" if low_high else "n/a"
                 md.append(
                     f"| {task} | {entry['multitask']:.3f} | {entry['single']:.3f} | "
-                    f"{entry['transfer']:+.3f} | {entry['transfer_noise']:.3f} | "
+                    f"{entry['transfer']:+.3f} | {entry['transfer_noise']:.3f} | {interval} | "
                     f"{entry['transfer_verdict']} |"
                 )
     if figures:

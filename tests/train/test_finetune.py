@@ -9,7 +9,13 @@ import pytest
 
 from eegfast.train.baseline import band_power_features, fit_predict_band_power
 from eegfast.train.data import ItemInfo, TrainData
-from eegfast.train.finetune import CVResult, _record, plan_folds, write_outputs
+from eegfast.train.finetune import (
+    CVResult,
+    _record,
+    paired_bacc_difference,
+    plan_folds,
+    write_outputs,
+)
 from eegfast.train.metrics import classification_metrics, group_folds
 
 
@@ -93,7 +99,55 @@ def test_report_states_grouping_baseline_verdict_and_transfer(tmp_path):
     payload = write_outputs(result, data, tmp_path, title="t")
     report = (tmp_path / "report.md").read_text()
     assert "does NOT beat the band-power baseline" in report
-    assert "| mi | 0.500 | 1.000 | -0.500 | 0.000 | negative transfer |" in report
+    row = "| mi | 0.500 | 1.000 | -0.500 | 0.000 | [-0.500, -0.500] | negative transfer |"
+    assert row in report
     assert "grouped by recording" in report
     assert payload["comparisons"]["mi"]["negative_transfer"] is True
     assert (tmp_path / "roc_curves.png").is_file() and (tmp_path / "results.csv").is_file()
+
+
+def test_paired_bacc_difference_and_its_interval():
+    y = np.array([0] * 30 + [1] * 10)
+    truth = y.copy()
+    diff, low, high = paired_bacc_difference(y, truth, truth)
+    assert (diff, low, high) == (0.0, 0.0, 0.0)
+    always_zero = np.zeros(40, dtype=int)  # BAcc 0.5 against 1.0
+    diff, low, high = paired_bacc_difference(y, always_zero, truth)
+    assert (
+        diff == pytest.approx(-0.5) and low == pytest.approx(-0.5) and high == pytest.approx(-0.5)
+    )
+    rng = np.random.default_rng(1)
+    noisy = np.where(rng.random(40) < 0.3, 1 - y, y)  # a few more errors than `other`
+    other = np.where(rng.random(40) < 0.25, 1 - y, y)
+    diff, low, high = paired_bacc_difference(y, noisy, other, seed=3)
+    assert low < diff < high and low < 0 < high
+    # the same inputs and seed give the same interval
+    assert paired_bacc_difference(y, noisy, other, seed=3) == (diff, low, high)
+    with pytest.raises(ValueError, match=r"\(N,\) each"):
+        paired_bacc_difference(y, truth[:-1], truth)
+
+
+def test_report_calls_a_difference_inside_the_interval_no_clear_difference(tmp_path):
+    data = make_data([("mi", "only", f"r{i % 2}", i % 2) for i in range(12)])
+    result = CVResult(grouping={"mi": "by recording (2 recordings)"})
+    test = np.arange(12)
+    labels = np.array([i % 2 for i in range(12)])
+    model = np.eye(2)[np.where(test < 3, 1 - labels, labels)]  # windows 0-2 wrong
+    baseline = np.eye(2)[np.where((test >= 3) & (test < 7), 1 - labels, labels)]  # 3-6 wrong
+    for fold in (0, 1):
+        _record(result, fold, "multitask", "mi", data, test, model)
+        _record(result, fold, "single", "mi", data, test, baseline)
+        _record(result, fold, "band_power", "mi", data, test, baseline)
+    payload = write_outputs(result, data, tmp_path, title="t")
+    entry = payload["comparisons"]["mi"]
+    assert entry["model"] > entry["baseline"] and entry["beats_baseline"] is False
+    # the fold std is 0 (the same windows twice), so the old rule called it positive transfer
+    assert entry["transfer_noise"] == 0 and entry["negative_transfer"] is False
+    assert entry["transfer_verdict"] == "no clear difference (interval holds 0)"
+    assert entry["baseline_verdict"] == "shows no clear difference from"
+    low, high = entry["baseline_interval"]
+    assert low < 0 < high and entry["baseline_difference"] == pytest.approx(1 / 12)
+    report = (tmp_path / "report.md").read_text()
+    assert "shows no clear difference from the band-power baseline" in report
+    assert "95% paired bootstrap interval" in report
+    assert "| no clear difference (interval holds 0) |" in report

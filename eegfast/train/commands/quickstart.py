@@ -274,24 +274,39 @@ def write_report(
         values = series.get(tag)
         return f"{values[-1][1]:.3f}" if values else "n/a"
 
-    beats = [t for t, c in summary["comparisons"].items() if c.get("beats_baseline")]
-    loses = [t for t, c in summary["comparisons"].items() if c.get("beats_baseline") is False]
-    if loses and not beats:
-        verdict = f"**We did not beat the classic baseline** on any task ({', '.join(loses)})."
-    elif loses:
-        verdict = (
-            f"**Mixed**: better than the band-power baseline on {', '.join(beats)}, "
-            f"**not** on {', '.join(loses)}."
-        )
-    else:
+    verdicts = {
+        task: c["baseline_verdict"]
+        for task, c in summary["comparisons"].items()
+        if "baseline_verdict" in c
+    }
+    beats = [t for t, v in verdicts.items() if v == "beats"]
+    loses = [t for t, v in verdicts.items() if v == "does NOT beat"]
+    unclear = [t for t, v in verdicts.items() if v not in ("beats", "does NOT beat")]
+    parts = []
+    if beats:
+        parts.append(f"better than the band-power baseline on {', '.join(beats)}")
+    if loses:
+        parts.append(f"**worse** on {', '.join(loses)}")
+    if unclear:
+        parts.append(f"no clear difference on {', '.join(unclear)}")
+    if not verdicts:
+        verdict = "No task had a baseline to compare with."
+    elif beats and not loses and not unclear:
         verdict = f"Better than the band-power baseline on every task ({', '.join(beats)})."
+    elif not beats:
+        verdict = "**We did not beat the classic baseline** on any task: " + "; ".join(parts) + "."
+    else:
+        verdict = "**Mixed**: " + "; ".join(parts) + "."
     numbers = "; ".join(
         f"{task}: {VARIANT_LABEL.get(c['model_variant'], c['model_variant'])} "
         f"{c['model']:.3f} vs baseline {c['baseline']:.3f}"
         for task, c in summary["comparisons"].items()
         if "baseline" in c
     )
-    verdict += f" Balanced accuracy, mean over folds: {numbers}."
+    verdict += (
+        f" Balanced accuracy, mean over folds: {numbers}. A task counts only where the 95% "
+        "paired bootstrap interval of the difference excludes 0 (see the comparison below)."
+    )
     lines = [
         "# eegfast quickstart report",
         "",
@@ -306,8 +321,8 @@ def write_report(
         "",
         "## Verdict",
         "",
-        verdict + " With 2 folds and a few dozen test windows per fold, differences smaller "
-        "than the fold standard deviations below are noise.",
+        verdict + " With 2 folds and a few dozen test windows per fold, these estimates are "
+        "coarse.",
         "",
         "## Data and evaluation design",
         "",
