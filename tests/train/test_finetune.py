@@ -123,6 +123,13 @@ def test_paired_bacc_difference_and_its_interval():
     assert low < diff < high and low < 0 < high
     # the same inputs and seed give the same interval
     assert paired_bacc_difference(y, noisy, other, seed=3) == (diff, low, high)
+    # the multinomial draw is the same distribution as resampling windows within classes
+    _, low, high = paired_bacc_difference(y, noisy, other, resamples=20000, seed=4)
+    gain = (noisy == y).astype(float) - (other == y)
+    by_class = [gain[y == c] for c in (0, 1)]
+    draws = [np.mean([rng.choice(g, len(g)).mean() for g in by_class]) for _ in range(20000)]
+    expected = np.percentile(draws, [2.5, 97.5])
+    assert np.allclose([low, high], expected, atol=0.02)
     with pytest.raises(ValueError, match=r"\(N,\) each"):
         paired_bacc_difference(y, truth[:-1], truth)
 
