@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from eegfast.fileio import write_json_atomic
+from eegfast.nn.vq import code_perplexity
 from eegfast.ops import (
     available_backends,
     vq_ema_update,
@@ -118,11 +119,10 @@ def band_features(patches: torch.Tensor) -> torch.Tensor:
 def code_usage(indices: torch.Tensor) -> dict[str, float]:
     """Codes used, their fraction of the codebook, and perplexity (exp of the code entropy)."""
     counts = torch.bincount(indices, minlength=NUM_CODES).double()
-    p = counts[counts > 0] / counts.sum()
     return {
         "codes_used": int((counts > 0).sum()),
         "usage": float((counts > 0).double().mean()),
-        "perplexity": float(torch.exp(-(p * p.log()).sum())),
+        "perplexity": float(code_perplexity(counts)),
     }
 
 

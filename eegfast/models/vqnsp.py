@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eegfast.models.labram import LaBraM, LaBraMConfig, _check_signal, token_padding_mask
-from eegfast.nn.vq import NormEMAVectorQuantizer
+from eegfast.nn.vq import NormEMAVectorQuantizer, code_perplexity
 from eegfast.ops import vq_nearest
 
 
@@ -232,10 +232,8 @@ class VQNSP(nn.Module):
         """Codebook health from the EMA counts: perplexity of the EMA usage distribution and
         the fraction of codes whose EMA count is above the dead-code threshold (or > 0)."""
         counts = self.quantize.cluster_size.float()
-        probs = counts / counts.sum().clamp_min(1e-12)
-        perplexity = torch.exp(-(probs * probs.clamp_min(1e-12).log()).sum())
         threshold = self.config.dead_code_threshold or 0.0
         return {
-            "ema_perplexity": float(perplexity),
+            "ema_perplexity": float(code_perplexity(counts)),
             "active_fraction": float((counts > threshold).float().mean()),
         }

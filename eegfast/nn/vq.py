@@ -40,6 +40,15 @@ def feature_spread(unit: torch.Tensor, keep: torch.Tensor | None = None) -> torc
     return 1.0 - mean.square().sum()
 
 
+def code_perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the code-usage distribution that ``counts`` (K,) give (uses, or EMA
+    counts): 1 when one code takes everything, K when all K are used equally. A 0-d tensor on
+    ``counts``' device (no host sync); all-zero counts give 1."""
+    counts = counts if counts.is_floating_point() else counts.double()
+    probs = counts / counts.sum().clamp_min(1e-12)
+    return torch.exp(-(probs * probs.clamp_min(1e-12).log()).sum())
+
+
 class CodebookEMA(nn.Module):
     """Holds the codebook and its EMA state; named as the reference tokenizer's
     ``quantize.embedding`` so state dicts load both ways (``weight``, ``cluster_size``,
@@ -187,8 +196,7 @@ class NormEMAVectorQuantizer(nn.Module):
             squared = torch.where(keep, (quantized.detach() - flat).square().mean(dim=1), 0.0)
             loss = self.beta * squared.sum() / keep.sum().clamp_min(1)
         quantized = flat + (quantized - flat).detach()  # straight-through estimator
-        probs = counts / counts.sum().clamp_min(1)
-        perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-12))).sum())
+        perplexity = code_perplexity(counts)
         usage = (counts > 0).float().mean()
         return QuantizerOutput(
             quantized.reshape(*z.shape[:-1], self.code_dim).to(z.dtype),

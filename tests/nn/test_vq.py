@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from eegfast.nn import NormEMAVectorQuantizer
-from eegfast.nn.vq import feature_spread
+from eegfast.nn.vq import code_perplexity, feature_spread
 
 SPEC = Path(__file__).resolve().parents[2].parent / "shared" / "spec" / "labram_state_dicts.json"
 
@@ -129,6 +129,20 @@ def test_feature_spread_is_the_mean_pairwise_cosine_distance():
     same = F.normalize(torch.ones(5, 4), dim=1)
     assert feature_spread(same).abs().item() < 1e-6
     assert feature_spread(torch.cat([same, -same])).item() == pytest.approx(1.0)
+
+
+def test_code_perplexity_is_exp_of_the_usage_entropy():
+    assert code_perplexity(torch.tensor([0, 7, 0, 0])).item() == pytest.approx(1.0)
+    assert code_perplexity(torch.full((64,), 3.5)).item() == pytest.approx(64.0)
+    assert code_perplexity(torch.zeros(8)).item() == pytest.approx(1.0)
+    counts = torch.tensor([1, 1, 2, 0])  # probabilities 1/4, 1/4, 1/2: entropy 1.5 ln 2
+    assert code_perplexity(counts).item() == pytest.approx(2**1.5)
+    assert code_perplexity(counts.float()).dtype == torch.float32  # EMA counts keep their dtype
+    # what the quantizer reports for a batch
+    quantizer = NormEMAVectorQuantizer(32, 16)
+    out = quantizer(clustered().reshape(4, 128, 16))
+    uses = torch.bincount(out.indices.flatten(), minlength=32)
+    torch.testing.assert_close(out.perplexity, code_perplexity(uses).float())
 
 
 def test_quantizer_reports_the_spread_of_its_inputs():

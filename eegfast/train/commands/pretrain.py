@@ -14,6 +14,7 @@ import argparse
 import numpy as np
 import torch
 
+from eegfast.nn.vq import code_perplexity
 from eegfast.train.arch import build_model, load_trained
 from eegfast.train.commands.common import (
     CommandError,
@@ -61,11 +62,10 @@ def target_summary(counts: np.ndarray) -> str:
     total = int(counts.sum())
     if total == 0:
         return "targets: no codes cached"
-    probs = counts[counts > 0] / total
-    perplexity = float(np.exp(-(probs * np.log(probs)).sum()))
+    perplexity = float(code_perplexity(torch.from_numpy(counts)))
     text = (
         f"targets: {int((counts > 0).sum())} of {len(counts)} codes in use, perplexity "
-        f"{perplexity:.1f}; the most common code is {probs.max():.1%} of the patches (the "
+        f"{perplexity:.1f}; the most common code is {counts.max() / total:.1%} of the patches (the "
         "accuracy of always predicting it)"
     )
     if perplexity < DEGENERATE_TARGET_PERPLEXITY:
