@@ -16,11 +16,12 @@ TRITON_GPU_VENV ?= build/venv-triton-$(TRITON_GPU_VERSION)
 TRITON_GPU_PY := $(TRITON_GPU_VENV)/bin/python
 TRITON_GPU_STAMP := $(TRITON_GPU_VENV)/.eegfast-installed
 
-.PHONY: help install build demo test test-fast cuda-check cmake-check timm-check triton-gpu-check cuda-bind-check bench bench-gpu lint clean
+.PHONY: help install build demo test test-fast asan cuda-check cmake-check timm-check triton-gpu-check cuda-bind-check bench bench-gpu lint clean
 
 help:
 	@echo "make demo        build, then the whole recipe on the bundled EEG (eegfast quickstart, CPU, <10 min)"
 	@echo "make test        build everything and run the whole test suite (what CI runs)"
+	@echo "make asan        the C++ kernels built with AddressSanitizer, under the op and distributed tests"
 	@echo "make cuda-check  compile every .cu file for sm_80 and sm_90 with nvcc (no GPU needed)"
 	@echo "make timm-check  eegfast.nn.convert on real timm ViTs, in build/venv-timm (part of make test)"
 	@echo "make triton-gpu-check  the Triton tests under the GPU machines' Triton $(TRITON_GPU_VERSION) (part of make test)"
@@ -50,6 +51,28 @@ test: $(STAMP) cuda-check cmake-check timm-check triton-gpu-check
 
 test-fast: $(STAMP)
 	EEGFAST_REQUIRE_EXT=1 $(PY) -m pytest -q -x
+
+# The CPU kernels built with AddressSanitizer (and libstdc++'s vector annotations) in a copy of
+# the package, build/asan-src, then ASAN_TESTS run on that copy with the runtime preloaded (the
+# Python and torch it runs are not instrumented; ASan still sees every access the kernels make,
+# and the output pool poisons its headers, slack and cached blocks). Not part of `make test`: it
+# takes ~15 min here. libstdc++ is preloaded too: ASan resolves its __cxa_throw interceptor at
+# start-up, and a C++ exception (any TORCH_CHECK) aborts when libstdc++ was not loaded then. The
+# page-fault test is left out: it counts page faults, and ASan's shadow memory adds some.
+ASAN_TESTS ?= tests/ops tests/train/test_distributed_real.py tests/nn tests/models
+ASAN_SRC := build/asan-src
+asan: $(STAMP)
+	rm -rf $(ASAN_SRC) && mkdir -p $(ASAN_SRC)
+	cp -r eegfast tests benchmarks csrc setup.py pyproject.toml $(ASAN_SRC)/
+	find $(ASAN_SRC) -name '*.so' -delete
+	cd $(ASAN_SRC) && EEGFAST_CUDA=0 EEGFAST_CPU_OPT=1 \
+	  CFLAGS="-fsanitize=address -fno-omit-frame-pointer -g -D_GLIBCXX_SANITIZE_VECTOR" \
+	  LDFLAGS="-fsanitize=address" $(abspath $(PY)) setup.py -q build_ext --inplace
+	cd $(ASAN_SRC) && \
+	  LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
+	  $(if $(wildcard ../shared/data),EEGFAST_DATA=$(abspath ../shared/data)) EEGFAST_REQUIRE_EXT=1 PYTHONPATH=$(abspath $(ASAN_SRC)) \
+	  $(abspath $(PY)) -m pytest -q -p no:cacheprovider -s -k "not fault_pages_in" $(ASAN_TESTS)
 
 cuda-check:
 ifeq ($(NVCC),)

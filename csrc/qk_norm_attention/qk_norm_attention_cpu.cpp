@@ -48,6 +48,10 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -201,8 +205,12 @@ class OutputPool final : public c10::Allocator {
     }
     // a header line before the data holds the block's size for the deleter
     if (base == nullptr) base = c10::alloc_cpu(bytes + kHeader);
+    char* data = static_cast<char*>(base) + kHeader;
+    unpoison(base, kHeader + bytes);
     *static_cast<size_t*>(base) = bytes;
-    return {static_cast<char*>(base) + kHeader, base, &give_back, c10::Device(c10::kCPU)};
+    poison(base, kHeader);                 // a kernel's store before the data or past its n
+    poison(data + n, bytes - n);           // bytes is caught there, not only past the block
+    return {data, base, &give_back, c10::Device(c10::kCPU)};
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -222,12 +230,33 @@ class OutputPool final : public c10::Allocator {
       cached_ = 0;
     }
     for (auto& [bytes, list] : blocks)
-      for (void* base : list) c10::free_cpu(base);
+      for (void* base : list) {
+        unpoison(base, kHeader + bytes);
+        c10::free_cpu(base);
+      }
   }
 
  private:
   static constexpr size_t kGranule = 4096;  // a page
   static constexpr size_t kHeader = 64;     // keeps the data 64-byte aligned
+
+  // Under AddressSanitizer (`make asan`) the header, the rounding slack and every cached block
+  // are poisoned, so a store past a pooled tensor or into one already freed is reported as it
+  // would be for memory from malloc. No-ops otherwise.
+  static void poison(void* p, size_t n) {
+#if defined(__SANITIZE_ADDRESS__)
+    ASAN_POISON_MEMORY_REGION(p, n);
+#else
+    (void)p, (void)n;
+#endif
+  }
+  static void unpoison(void* p, size_t n) {
+#if defined(__SANITIZE_ADDRESS__)
+    ASAN_UNPOISON_MEMORY_REGION(p, n);
+#else
+    (void)p, (void)n;
+#endif
+  }
 
   static size_t limit_bytes() {
     const char* env = std::getenv("EEGFAST_CPU_POOL_MB");
@@ -241,6 +270,7 @@ class OutputPool final : public c10::Allocator {
 
   static void give_back(void* base) {
     OutputPool& pool = get();
+    unpoison(base, kHeader);
     const size_t bytes = *static_cast<size_t*>(base);
     size_t limit = 0;
     try {
@@ -252,9 +282,11 @@ class OutputPool final : public c10::Allocator {
       if (pool.cached_ + bytes <= limit) {
         pool.free_[bytes].push_back(base);
         pool.cached_ += bytes;
+        poison(base, kHeader + bytes);
         return;
       }
     }
+    unpoison(base, kHeader + bytes);
     c10::free_cpu(base);
   }
 

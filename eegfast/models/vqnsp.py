@@ -70,6 +70,9 @@ class TokenizerOutput(NamedTuple):
     # (): mean cosine distance of the batch's normalised encoder outputs (QuantizerOutput.spread);
     # near 0 means encoder collapse: every patch gets the same features
     feature_spread: torch.Tensor
+    # (): effective number of directions of those outputs (QuantizerOutput.dims); near 1 means
+    # they lie on one line (one direction, or two opposite ones that feature_spread misses)
+    feature_dims: torch.Tensor
 
 
 def standardise(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -203,6 +206,7 @@ class VQNSP(nn.Module):
             perplexity=q.perplexity,
             codebook_usage=q.usage,
             feature_spread=q.spread,
+            feature_dims=q.dims,
         )
 
     @torch.no_grad()

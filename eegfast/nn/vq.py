@@ -24,6 +24,10 @@ class QuantizerOutput(NamedTuple):
     # direction; then the codes carry no information even where perplexity looks healthy
     # (dead-code restarts spread codes over that one direction).
     spread: torch.Tensor
+    # (): effective number of directions of those inputs (feature_dims): ~1 when they all lie
+    # on one line through the origin, which spread misses when they split into two opposite
+    # directions
+    dims: torch.Tensor
 
 
 def feature_spread(unit: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,6 +42,24 @@ def feature_spread(unit: torch.Tensor, keep: torch.Tensor | None = None) -> torc
         counted = counted & keep
     mean = torch.where(counted[:, None], unit, 0.0).sum(dim=0) / counted.sum().clamp_min(1)
     return 1.0 - mean.square().sum()
+
+
+def feature_dims(unit: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Effective number of directions of l2-normalised rows (N, D) (only rows with ``keep``
+    (N,) True): the participation ratio (tr M)^2 / tr(M^2) of their second moment M = mean u u^T,
+    i.e. (sum of M's eigenvalues)^2 / (sum of their squares).
+
+    1 when every row lies on one line through the origin: one direction (the collapse that
+    :func:`feature_spread` sees too) or two opposite ones (which it reads as healthy), up to D
+    for rows spread evenly over the sphere. O(N D^2); rows that are not finite count as 0; 0
+    when no row counts.
+    """
+    counted = torch.isfinite(unit).all(dim=1)
+    if keep is not None:
+        counted = counted & keep
+    rows = torch.where(counted[:, None], unit, 0.0).float()
+    second = rows.T @ rows / counted.sum().clamp_min(1)
+    return second.diagonal().sum().square() / second.square().sum().clamp_min(1e-30)
 
 
 def code_perplexity(counts: torch.Tensor) -> torch.Tensor:
@@ -205,6 +227,7 @@ class NormEMAVectorQuantizer(nn.Module):
             perplexity,
             usage,
             feature_spread(flat.detach(), keep),
+            feature_dims(flat.detach(), keep),
         )
 
     def _is_initialised(self) -> bool:

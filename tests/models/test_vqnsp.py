@@ -87,14 +87,23 @@ def test_training_step_updates_codebook_and_logs_usage():
     assert 1.0 <= stats["ema_perplexity"] <= 256 and 0 < stats["active_fraction"] <= 1
 
 
-def test_feature_spread_sees_encoder_collapse():
+def test_feature_spread_and_dims_see_encoder_collapse():
     model = create_model("vqnsp_tiny").train()
     x, chans = torch.randn(4, 3, 2, 200), torch.tensor([0, 1, 2, 3])
-    assert model(x, chans).feature_spread > 0.1
+    out = model(x, chans)
+    assert out.feature_spread > 0.1 and out.feature_dims > 2
+    with torch.no_grad():  # every patch's features on one line: +-w (a sign that varies)
+        layer = model.encode_task_layer[2]
+        direction = torch.randn(layer.out_features)
+        layer.weight.copy_(direction[:, None] * F.normalize(torch.randn(layer.in_features), dim=0))
+        layer.bias.zero_()
+    out = model(x, chans)
+    assert out.feature_dims.item() == pytest.approx(1.0, abs=1e-4)
     with torch.no_grad():  # every patch's features the same: the collapsed encoder
-        model.encode_task_layer[2].weight.zero_()
-        model.encode_task_layer[2].bias.normal_()
-    assert model(x, chans).feature_spread.abs() < 1e-5
+        layer.weight.zero_()
+        layer.bias.normal_()
+    out = model(x, chans)
+    assert out.feature_spread.abs() < 1e-5 and out.feature_dims.item() == pytest.approx(1.0)
 
 
 def test_dead_codes_are_restarted():

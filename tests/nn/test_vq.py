@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from eegfast.nn import NormEMAVectorQuantizer
-from eegfast.nn.vq import code_perplexity, feature_spread
+from eegfast.nn.vq import code_perplexity, feature_dims, feature_spread
 
 SPEC = Path(__file__).resolve().parents[2].parent / "shared" / "spec" / "labram_state_dicts.json"
 
@@ -131,6 +131,31 @@ def test_feature_spread_is_the_mean_pairwise_cosine_distance():
     assert feature_spread(torch.cat([same, -same])).item() == pytest.approx(1.0)
 
 
+def test_feature_dims_counts_the_directions_the_rows_use():
+    torch.manual_seed(0)
+    # rows spread evenly over k orthogonal axes (both signs): k directions
+    for k in (1, 2, 5, 16):
+        axes = torch.eye(16)[:k]
+        rows = torch.cat([axes, -axes]).repeat(10, 1)
+        assert feature_dims(rows).item() == pytest.approx(k, rel=1e-5)
+    # two opposite directions: 1, though their spread is 1
+    u = F.normalize(torch.randn(1, 16), dim=1)
+    split = torch.cat([u.expand(40, 16), -u.expand(60, 16)])
+    assert feature_dims(split).item() == pytest.approx(1.0, rel=1e-5)
+    assert feature_spread(split).item() > 0.95
+    # the participation ratio of M's eigenvalues, with padding and non-finite rows left out
+    rows = F.normalize(torch.randn(300, 12) * torch.linspace(0.2, 3, 12), dim=1)
+    keep = torch.rand(300) < 0.7
+    kept = rows[keep].double()
+    eig = torch.linalg.eigvalsh(kept.T @ kept / len(kept))
+    expected = eig.sum() ** 2 / eig.square().sum()
+    torch.testing.assert_close(feature_dims(rows, keep).double(), expected, rtol=1e-5, atol=0)
+    with_nan = rows.clone()
+    with_nan[~keep] = float("nan")
+    torch.testing.assert_close(feature_dims(with_nan), feature_dims(rows, keep))
+    assert feature_dims(rows, torch.zeros(300, dtype=torch.bool)).item() == 0.0
+
+
 def test_code_perplexity_is_exp_of_the_usage_entropy():
     assert code_perplexity(torch.tensor([0, 7, 0, 0])).item() == pytest.approx(1.0)
     assert code_perplexity(torch.full((64,), 3.5)).item() == pytest.approx(64.0)
@@ -150,6 +175,8 @@ def test_quantizer_reports_the_spread_of_its_inputs():
     z = clustered().reshape(4, 128, 16)
     out = quantizer(z)
     torch.testing.assert_close(out.spread, feature_spread(F.normalize(z.reshape(-1, 16), dim=1)))
+    torch.testing.assert_close(out.dims, feature_dims(F.normalize(z.reshape(-1, 16), dim=1)))
+    assert out.dims.item() > 4  # 8 random cluster centres
     assert out.spread.item() > 0.5  # 8 clusters in 16 dims
     # encoder collapse: every input the same direction at different scales
     collapsed = torch.rand(4, 128, 1) * F.normalize(torch.randn(16), dim=0)

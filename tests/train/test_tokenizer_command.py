@@ -31,6 +31,12 @@ def test_collapse_warnings_from_one_log_point():
     assert "1.30" in warnings["codebook"] and "vq.dead_code_threshold" in warnings["codebook"]
     both = {"train/feature_spread": 0.009, "train/perplexity": 1.0}
     assert set(command.collapse_warnings(50, both)) == {"encoder", "codebook"}
+    # features along one line, two opposite ways: the spread looks healthy, the dims do not
+    line = {"train/feature_spread": 0.99, "train/feature_dims": 1.06, "train/perplexity": 2.3}
+    warnings = command.collapse_warnings(150, line)
+    assert list(warnings) == ["encoder"]
+    assert "lie along one line (train/feature_dims 1.06, perplexity 2.3)" in warnings["encoder"]
+    assert command.collapse_warnings(150, {**line, "train/feature_dims": 2.8}) == {}
 
 
 def test_collapse_watch_prints_each_kind_once(capsys):
@@ -84,9 +90,11 @@ def test_vq_settings_reach_the_checkpoint_and_spread_is_logged(prepared, tmp_pat
     assert meta["arch"]["kwargs"] == {"beta": 0.25, "dead_code_threshold": None}
     model, _ = load_trained(out, prefer="latest")
     assert model.quantize.beta == 0.25 and model.quantize.dead_code_threshold is None
-    spread = read_metrics(out / "metrics.csv")["train/feature_spread"]
-    assert [step for step, _ in spread] == [1, 2, 3]
+    metrics = read_metrics(out / "metrics.csv")
+    spread, dims = metrics["train/feature_spread"], metrics["train/feature_dims"]
+    assert [step for step, _ in spread] == [1, 2, 3] == [step for step, _ in dims]
     assert all(0.0 <= value <= 1.0 for _, value in spread)
+    assert all(1.0 <= value <= 16.0 for _, value in dims)  # vqnsp_tiny's 16-dim codes
 
 
 def test_collapse_warning_comes_at_the_first_log_point(prepared, tmp_path, capsys, monkeypatch):

@@ -71,8 +71,8 @@ def target_summary(counts: np.ndarray) -> str:
     if perplexity < DEGENERATE_TARGET_PERPLEXITY:
         text += (
             "\nwarning: the targets are nearly one code, so high accuracies mean little: the "
-            "tokenizer's encoder probably collapsed (see its train/feature_spread; retrain it "
-            "with --set vq.beta=0)"
+            "tokenizer's encoder probably collapsed (see its train/feature_spread and "
+            "train/feature_dims; retrain it with --set vq.beta=0)"
         )
     return text
 

@@ -349,7 +349,8 @@ def write_report(
         f"- tokenizer: final loss {last(tok, 'train/loss')}, batch codebook usage "
         f"{last(tok, 'train/codebook_usage')}, perplexity {last(tok, 'train/perplexity')}, "
         f"feature spread {last(tok, 'train/feature_spread')} (mean cosine distance of the "
-        "encoder's features; near 0 means encoder collapse)",
+        f"encoder's features; near 0 means encoder collapse), effective feature dimensions "
+        f"{last(tok, 'train/feature_dims')} (near 1: collapse onto one line)",
         f"- masked pretraining: final loss {last(pre, 'train/loss')}, accuracy on masked "
         f"patches {last(pre, 'train/accuracy_masked')} ![pretraining loss](pretraining_loss.png)",
         f"- upcycle: {up['arch']['upcycle']['num_experts']} experts, top-"

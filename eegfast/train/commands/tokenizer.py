@@ -43,6 +43,12 @@ DEFAULTS = RunConfig().with_overrides(
 # bundled sample healthy vqnsp_tiny runs stay at 0.8-0.9 after their first 100 steps; collapsed
 # ones (beta = 1) fell to ~1e-4, and to ~7e-3 with dead codes restarted.
 COLLAPSED_SPREAD = 0.05
+# Below this train/feature_dims the features lie along one line through the origin, which the
+# spread misses when they split into two opposite directions: vqnsp_base with beta = 0 on the
+# sample reached feature_spread 0.99 with feature_dims 1.06 and perplexity 2.3. Healthy
+# vqnsp_tiny tokenizers measured 2.8-3.1 on the sample (16 dims), fresh ones ~10, collapsed
+# ones 1.00.
+COLLAPSED_DIMS = 1.5
 # Below this train/perplexity (exp of the batch's code entropy) the codes are nearly one.
 COLLAPSED_PERPLEXITY = 2.0
 
@@ -64,19 +70,31 @@ def quantizer_kwargs(config: RunConfig) -> dict[str, float | None]:
 
 def collapse_warnings(step: int, scalars: Mapping[str, float]) -> dict[str, str]:
     """Warnings by kind from one log point's scalars: ``"encoder"`` when
-    ``train/feature_spread`` says the features all point one way, ``"codebook"`` when
-    ``train/perplexity`` says nearly every patch gets the same code."""
+    ``train/feature_spread`` says the features all point one way or ``train/feature_dims`` says
+    they lie along one line, ``"codebook"`` when ``train/perplexity`` says nearly every patch
+    gets the same code."""
     warnings: dict[str, str] = {}
     spread = scalars.get("train/feature_spread")
+    dims = scalars.get("train/feature_dims")
     perplexity = scalars.get("train/perplexity")
+    ppl = f", perplexity {perplexity:.1f}" if perplexity is not None else ""
+    advice = (
+        "Lower the commitment weight (--set vq.beta=0) or the learning rate and train again; "
+        f"healthy runs keep feature_spread well above {COLLAPSED_SPREAD} and feature_dims above "
+        f"{COLLAPSED_DIMS}."
+    )
     if spread is not None and spread < COLLAPSED_SPREAD:
-        ppl = f", perplexity {perplexity:.1f}" if perplexity is not None else ""
         warnings["encoder"] = (
             f"warning: encoder collapse: at step {step} the tokenizer's features all point "
             f"nearly the same way (train/feature_spread {spread:.2g}{ppl}), so its codes say "
             "little about the signal (dead-code restarts can keep perplexity up inside that one "
-            "direction). Lower the commitment weight (--set vq.beta=0) or the learning rate "
-            f"and train again; healthy runs keep feature_spread well above {COLLAPSED_SPREAD}."
+            f"direction). {advice}"
+        )
+    elif dims is not None and dims < COLLAPSED_DIMS:
+        warnings["encoder"] = (
+            f"warning: encoder collapse: at step {step} the tokenizer's features lie along one "
+            f"line (train/feature_dims {dims:.2f}{ppl}), pointing one way or its opposite, so "
+            f"its codes split the patches into about two groups. {advice}"
         )
     if perplexity is not None and perplexity < COLLAPSED_PERPLEXITY:
         warnings["codebook"] = (
