@@ -470,6 +470,13 @@ def _paired(
     return paired_bacc_difference(a[1], a[2], b[2])
 
 
+# The baseline verdicts of comparisons(), read as they stand in the report's sentences
+# ("the model <verdict> the band-power baseline").
+BEATS = "beats"
+DOES_NOT_BEAT = "does NOT beat"
+NO_CLEAR_DIFFERENCE = "shows no clear difference from"
+
+
 def comparisons(
     summary, tasks: Sequence[str], predictions: Sequence[dict[str, Any]] = ()
 ) -> dict[str, dict[str, Any]]:
@@ -499,19 +506,15 @@ def comparisons(
             entry.update(model_variant=model_variant, model=mean, model_std=std, folds=folds)
             if base is not None:
                 entry.update(baseline=base[0], baseline_std=base[1])
-                verdict = "beats" if mean > base[0] else "does NOT beat"
+                verdict = BEATS if mean > base[0] else DOES_NOT_BEAT
                 paired = _paired(predictions, model_variant, "band_power", task)
                 if paired is not None:
                     diff, low, high = paired
                     entry.update(baseline_difference=diff, baseline_interval=[low, high])
                     verdict = (
-                        "beats"
-                        if low > 0
-                        else "does NOT beat"
-                        if high < 0
-                        else "shows no clear difference from"
+                        BEATS if low > 0 else DOES_NOT_BEAT if high < 0 else NO_CLEAR_DIFFERENCE
                     )
-                entry.update(baseline_verdict=verdict, beats_baseline=verdict == "beats")
+                entry.update(baseline_verdict=verdict, beats_baseline=verdict == BEATS)
         mt = summary.get(("multitask", task, "balanced_accuracy"))
         st = summary.get(("single", task, "balanced_accuracy"))
         if mt is not None and st is not None:

@@ -11,6 +11,7 @@ synthetic EEG through the commands' collate function.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import socket
 import subprocess
@@ -119,6 +120,9 @@ def run(
 
 def spawned(rank: int, world_size: int, jobs: list[tuple[str, str, int, dict]]) -> None:
     """Every job in turn, each with its own process group (one spawn: imports paid once)."""
+    # A worker that dies of a signal (one SIGABRT from glibc's heap checks in ~20 fresh-clone
+    # runs, not reproduced since) prints every thread's Python stack to stderr first.
+    faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     for kind, run_dir, port, overrides in jobs:
         os.environ.update(

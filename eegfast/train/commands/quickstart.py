@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from eegfast.train.commands.common import run_command
+from eegfast.train.finetune import BEATS, DOES_NOT_BEAT, NO_CLEAR_DIFFERENCE
 
 MI_FILES = ("S001R04.edf", "S001R08.edf")
 ARITH_FILES = ("Subject00_1.edf", "Subject00_2.edf", "Subject01_1.edf", "Subject01_2.edf")
@@ -279,9 +280,9 @@ def write_report(
         for task, c in summary["comparisons"].items()
         if "baseline_verdict" in c
     }
-    beats = [t for t, v in verdicts.items() if v == "beats"]
-    loses = [t for t, v in verdicts.items() if v == "does NOT beat"]
-    unclear = [t for t, v in verdicts.items() if v not in ("beats", "does NOT beat")]
+    beats = [t for t, v in verdicts.items() if v == BEATS]
+    loses = [t for t, v in verdicts.items() if v == DOES_NOT_BEAT]
+    unclear = [t for t, v in verdicts.items() if v == NO_CLEAR_DIFFERENCE]
     parts = []
     if beats:
         parts.append(f"better than the band-power baseline on {', '.join(beats)}")
