@@ -125,12 +125,92 @@ class RunConfig:
     vq: VQConfig = field(default_factory=VQConfig)
 
     def with_overrides(self, values: dict[str, Any]) -> RunConfig:
-        """A copy with dotted keys (``{"optim.lr": 1e-3}``) or nested dicts applied."""
-        return _apply(self, _flatten(values), prefix="")
+        """A copy with dotted keys (``{"optim.lr": 1e-3}``) or nested dicts applied; a value
+        outside its key's range (:data:`LIMITS`) is a :class:`ConfigError`."""
+        config = _apply(self, _flatten(values), prefix="")
+        check_values(config)
+        return config
 
 
 class ConfigError(ValueError):
-    """A configuration file or override names an unknown key or a value of the wrong type."""
+    """A configuration file or override names an unknown key, gives a value of the wrong type,
+    or one outside the key's range."""
+
+
+def _at_least(low: float) -> tuple[typing.Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _above(low: float) -> tuple[typing.Callable[[Any], bool], str]:
+    return (lambda v: v > low), f"> {low}"
+
+
+def _fraction(*, zero: bool = True, one: bool = False) -> tuple[typing.Callable[[Any], bool], str]:
+    """In [0, 1) by default; ``zero=False`` leaves 0 out, ``one=True`` lets 1 in."""
+    text = ("[0" if zero else "(0") + ", " + ("1]" if one else "1)")
+    return (lambda v: (v >= 0 if zero else v > 0) and (v <= 1 if one else v < 1)), f"in {text}"
+
+
+def _one_of(*choices: str) -> tuple[typing.Callable[[Any], bool], str]:
+    return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+# The range of every numeric or choice key (each element of a tuple is checked; None, where a
+# key is optional, always passes). Checked whenever a config is built from a file, --set or
+# with_overrides, so a bad value fails before any data is read, naming its key.
+LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "data.num_workers": _at_least(0),
+    "data.val_fraction": _fraction(),
+    "model.drop_path": _fraction(),
+    "optim.lr": _above(0),
+    "optim.min_lr": _at_least(0),
+    "optim.weight_decay": _at_least(0),
+    "optim.betas": _fraction(),
+    "optim.eps": _above(0),
+    "optim.warmup_steps": _at_least(0),
+    "optim.warmup_fraction": _fraction(one=True),
+    "optim.layer_decay": _fraction(zero=False, one=True),
+    "optim.clip_grad": _at_least(0),
+    "optim.fused": _one_of("auto", "true", "false"),
+    "train.epochs": _at_least(1),
+    "train.max_steps": _at_least(0),
+    "train.batch_size": _at_least(1),
+    "train.grad_accum": _at_least(1),
+    "train.precision": _one_of("auto", "bf16", "fp16", "fp32"),
+    "train.log_every": _at_least(1),
+    "train.checkpoint_every": _at_least(0),
+    "train.keep_last": _at_least(1),
+    "train.strategy": _one_of("ddp", "fsdp"),
+    "train.device": _one_of("auto", "cpu", "cuda"),
+    "pretrain.mask_ratio": _fraction(zero=False),
+    "pretrain.hybrid_mask_weight": _fraction(one=True),
+    "upcycle.num_experts": _at_least(1),
+    "upcycle.top_k": _at_least(1),
+    "upcycle.noise_std": _at_least(0),
+    "upcycle.router_aux_weight": _at_least(0),
+    "upcycle.router_z_weight": _at_least(0),
+    "finetune.mode": _one_of("full", "linear"),
+    "finetune.folds": _at_least(2),
+    "finetune.group_by": _one_of("subject", "recording"),
+    "vq.beta": _at_least(0),
+    "vq.dead_code_threshold": _at_least(0),
+}
+
+
+def check_values(config: RunConfig) -> None:
+    """Raises :class:`ConfigError` naming the first key whose value is outside :data:`LIMITS`
+    (or ``upcycle.top_k`` above ``upcycle.num_experts``)."""
+    for key, (ok, allowed) in LIMITS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if item is not None and not ok(item):
+                raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+    if config.upcycle.top_k > config.upcycle.num_experts:
+        raise ConfigError(
+            f"upcycle.top_k ({config.upcycle.top_k}) must be <= upcycle.num_experts "
+            f"({config.upcycle.num_experts})"
+        )
 
 
 def valid_keys(config: Any = None, prefix: str = "") -> list[str]:
@@ -194,6 +274,8 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     elif annotation is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML reads `--set optim.fused=false` as a bool
+            return str(value).lower()
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from eegfast.train.config import (
+    LIMITS,
     ConfigError,
     RunConfig,
     config_to_yaml,
@@ -79,6 +80,44 @@ def test_unknown_key_lists_the_valid_ones(tmp_path):
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         resolve_config(RunConfig(), None, [override])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.batch_size=0", r"train.batch_size must be >= 1, got 0"),
+        ("train.log_every=0", r"train.log_every must be >= 1"),
+        ("optim.lr=0", r"optim.lr must be > 0"),
+        ("optim.betas=[0.9, 1.0]", r"optim.betas must be in \[0, 1\), got \(0.9, 1.0\)"),
+        ("optim.layer_decay=0", r"optim.layer_decay must be in \(0, 1\]"),
+        ("pretrain.mask_ratio=1", r"pretrain.mask_ratio must be in \(0, 1\)"),
+        ("train.device=gpu", r"train.device must be one of auto, cpu, cuda, got 'gpu'"),
+        ("train.precision=fp8", r"train.precision must be one of auto, bf16, fp16, fp32"),
+        ("finetune.folds=1", r"finetune.folds must be >= 2"),
+        ("vq.beta=-1", r"vq.beta must be >= 0, got -1.0"),
+        ("upcycle.top_k=9", r"upcycle.top_k \(9\) must be <= upcycle.num_experts \(8\)"),
+    ],
+)
+def test_values_outside_their_range_name_the_key_and_the_range(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(RunConfig(), None, [override])
+
+
+def test_every_range_names_a_key_and_the_defaults_are_inside_them(tmp_path):
+    assert set(LIMITS) <= set(valid_keys())
+    # in a file too
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nkeep_last = 0\n")
+    with pytest.raises(ConfigError, match=r"run.toml: train.keep_last must be >= 1"):
+        resolve_config(RunConfig(), path)
+    # the commands' defaults are built by with_overrides, which checks them on import
+    from eegfast.train.commands import finetune, pretrain, tokenizer
+
+    for module in (finetune, pretrain, tokenizer):
+        assert module.DEFAULTS.with_overrides({}) == module.DEFAULTS
+    # optional keys may be None; a bool for a string key is its YAML spelling
+    assert resolve_config(RunConfig(), None, ["vq.beta="]).vq.beta is None
+    assert resolve_config(RunConfig(), None, ["optim.fused=false"]).optim.fused == "false"
 
 
 def test_missing_or_unsupported_config_file(tmp_path):

@@ -10,8 +10,7 @@ import pytest
 from eegfast.cli import main as cli
 from eegfast.train.arch import load_trained
 from eegfast.train.commands import tokenizer as command
-from eegfast.train.commands.common import CommandError
-from eegfast.train.config import RunConfig
+from eegfast.train.config import ConfigError, RunConfig
 from eegfast.train.runlog import read_metrics
 from tests.train._sample import sample_recording_cut
 
@@ -59,8 +58,8 @@ def test_quantizer_kwargs_from_the_vq_section():
     config = RunConfig().with_overrides({"vq.dead_code_threshold": 0.5})
     assert command.quantizer_kwargs(config) == {"dead_code_threshold": 0.5}
     for key in ("vq.beta", "vq.dead_code_threshold"):
-        with pytest.raises(CommandError, match=f"{key} must be >= 0"):
-            command.quantizer_kwargs(RunConfig().with_overrides({key: -1.0}))
+        with pytest.raises(ConfigError, match=f"{key} must be >= 0"):
+            RunConfig().with_overrides({key: -1.0})
 
 
 @pytest.fixture(scope="module")

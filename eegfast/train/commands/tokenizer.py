@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping
 from eegfast.models import VQNSP
 from eegfast.train.arch import build_model
 from eegfast.train.commands.common import (
-    CommandError,
     Runtime,
     add_run_arguments,
     resolve,
@@ -54,17 +53,13 @@ COLLAPSED_PERPLEXITY = 2.0
 
 
 def quantizer_kwargs(config: RunConfig) -> dict[str, float | None]:
-    """Model config overrides from the ``vq`` section (recorded in the checkpoint's arch)."""
+    """Model config overrides from the ``vq`` section (recorded in the checkpoint's arch; the
+    config's LIMITS keep both >= 0)."""
     kwargs: dict[str, float | None] = {}
     if config.vq.beta is not None:
-        if config.vq.beta < 0:
-            raise CommandError(f"vq.beta must be >= 0, got {config.vq.beta}")
         kwargs["beta"] = config.vq.beta
     if config.vq.dead_code_threshold is not None:
-        threshold = config.vq.dead_code_threshold
-        if threshold < 0:
-            raise CommandError(f"vq.dead_code_threshold must be >= 0, got {threshold}")
-        kwargs["dead_code_threshold"] = threshold or None  # 0: never
+        kwargs["dead_code_threshold"] = config.vq.dead_code_threshold or None  # 0: never
     return kwargs
 
 
