@@ -207,7 +207,14 @@ def read_recording(path: str | os.PathLike, *, bids_root: str | os.PathLike | No
     except BadRecording:
         raise
     except Exception as err:  # MNE raises many types for unreadable files
-        raise BadRecording(f"unreadable: {type(err).__name__}: {err}".strip()) from None
+        reason = f"unreadable: {type(err).__name__}: {err}".strip().rstrip(":")
+        if not path.name.lower().endswith(MNE_EXTENSIONS):  # MNE's own message may be empty
+            reason += (
+                f" ({path.suffix or 'no extension'}: not a recording format MNE reads; those are "
+                + ", ".join(MNE_EXTENSIONS)
+                + ")"
+            )
+        raise BadRecording(reason) from None
     if raw.n_times == 0:
         raise BadRecording("empty recording (no samples)")
     return raw

@@ -100,3 +100,13 @@ def test_read_recording_errors(tmp_path):
     junk.write_bytes(b"not a fif file" * 100)
     with pytest.raises(BadRecording, match="unreadable"):
         read_recording(junk)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    with pytest.raises(BadRecording) as info:
+        read_recording(notes)
+    reason = str(info.value)
+    assert reason.startswith("unreadable: ") and not reason.endswith(":")
+    assert ".txt: not a recording format MNE reads" in reason and ".edf" in reason
+    with pytest.raises(BadRecording) as info:  # a known extension gets no such note
+        read_recording(junk)
+    assert "not a recording format" not in str(info.value)
