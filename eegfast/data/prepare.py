@@ -560,20 +560,37 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true")
 
 
+# PreprocessConfig's fields as the command's flags, for its errors
+_FLAG_OF_FIELD = {
+    "window_seconds": "--window",
+    "stride_seconds": "--stride",
+    "l_freq": "--l-freq",
+    "h_freq": "--h-freq",
+    "notch_freq": "--notch",
+    "dtype": "--dtype",
+}
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    preprocess = PreprocessConfig(
-        l_freq=args.l_freq,
-        h_freq=args.h_freq,
-        notch_freq=args.notch,
-        reference=(
-            None
-            if args.reference in (None, "none")
-            else ("average" if args.reference == "average" else args.reference.upper())
-        ),
-        window_seconds=args.window,
-        stride_seconds=args.stride,
-        dtype=args.dtype,
-    )
+    try:
+        preprocess = PreprocessConfig(
+            l_freq=args.l_freq,
+            h_freq=args.h_freq,
+            notch_freq=args.notch,
+            reference=(
+                None
+                if args.reference in (None, "none")
+                else ("average" if args.reference == "average" else args.reference.upper())
+            ),
+            window_seconds=args.window,
+            stride_seconds=args.stride,
+            dtype=args.dtype,
+        )
+    except ValueError as err:  # name the flag the user typed, not the field behind it
+        text = str(err)
+        for name, flag in _FLAG_OF_FIELD.items():
+            text = re.sub(rf"\b{name}\b", flag, text)
+        raise ValueError(text) from None
     event_map = dict(_pairs(args.event_map, "--event-map")) if args.event_map else None
     labels = LabelRules(
         event_map=event_map,

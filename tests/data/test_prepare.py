@@ -177,7 +177,10 @@ def test_cli_exit_codes(sample_files, broken, tmp_path, capsys):
     assert cli_main(missing) == 2
     assert "no such file" in capsys.readouterr().err
     assert cli_main(["prepare", good, "--out", str(tmp_path / "d"), "--window", "17", *common]) == 2
-    assert "window_seconds: must be an integer 1..16" in capsys.readouterr().err
+    assert "--window: must be an integer 1..16, got 17" in capsys.readouterr().err
+    inverted = ["--l-freq", "50", "--h-freq", "10"]
+    assert cli_main(["prepare", good, "--out", str(tmp_path / "e"), *inverted, *common]) == 2
+    assert "--l-freq (50.0) must be below --h-freq (10.0)" in capsys.readouterr().err
 
 
 def test_cli_options(sample_files, tmp_path):
