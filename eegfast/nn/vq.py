@@ -58,7 +58,8 @@ def feature_dims(unit: torch.Tensor, keep: torch.Tensor | None = None) -> torch.
     if keep is not None:
         counted = counted & keep
     rows = torch.where(counted[:, None], unit, 0.0).float()
-    second = rows.T @ rows / counted.sum().clamp_min(1)
+    with torch.autocast(rows.device.type, enabled=False):  # in fp32 under a bf16 training step
+        second = rows.T @ rows / counted.sum().clamp_min(1)
     return second.diagonal().sum().square() / second.square().sum().clamp_min(1e-30)
 
 

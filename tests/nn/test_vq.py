@@ -154,6 +154,10 @@ def test_feature_dims_counts_the_directions_the_rows_use():
     with_nan[~keep] = float("nan")
     torch.testing.assert_close(feature_dims(with_nan), feature_dims(rows, keep))
     assert feature_dims(rows, torch.zeros(300, dtype=torch.bool)).item() == 0.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 step still gets fp32 dims
+        under_autocast = feature_dims(rows, keep)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, feature_dims(rows, keep))
 
 
 def test_code_perplexity_is_exp_of_the_usage_entropy():
