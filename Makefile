@@ -53,7 +53,7 @@ test-fast: $(STAMP)
 	EEGFAST_REQUIRE_EXT=1 $(PY) -m pytest -q -x
 
 # The CPU kernels built with AddressSanitizer (and libstdc++'s vector annotations) in a copy of
-# the package, build/asan-src, then ASAN_TESTS run on that copy with the runtime preloaded (the
+# the package, build/asan-src (its ../shared linked to ours: the spec and the sample EEG), then ASAN_TESTS run on that copy with the runtime preloaded (the
 # Python and torch it runs are not instrumented; ASan still sees every access the kernels make,
 # and the output pool poisons its headers, slack and cached blocks). Not part of `make test`: it
 # takes ~15 min here. libstdc++ is preloaded too: ASan resolves its __cxa_throw interceptor at
@@ -65,13 +65,14 @@ asan: $(STAMP)
 	rm -rf $(ASAN_SRC) && mkdir -p $(ASAN_SRC)
 	cp -r eegfast tests benchmarks csrc setup.py pyproject.toml $(ASAN_SRC)/
 	find $(ASAN_SRC) -name '*.so' -delete
+	$(if $(wildcard ../shared),ln -sfn $(abspath ../shared) $(dir $(ASAN_SRC))shared)
 	cd $(ASAN_SRC) && EEGFAST_CUDA=0 EEGFAST_CPU_OPT=1 \
 	  CFLAGS="-fsanitize=address -fno-omit-frame-pointer -g -D_GLIBCXX_SANITIZE_VECTOR" \
 	  LDFLAGS="-fsanitize=address" $(abspath $(PY)) setup.py -q build_ext --inplace
 	cd $(ASAN_SRC) && \
 	  LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
-	  $(if $(wildcard ../shared/data),EEGFAST_DATA=$(abspath ../shared/data)) EEGFAST_REQUIRE_EXT=1 PYTHONPATH=$(abspath $(ASAN_SRC)) \
+	  EEGFAST_REQUIRE_EXT=1 PYTHONPATH=$(abspath $(ASAN_SRC)) \
 	  $(abspath $(PY)) -m pytest -q -p no:cacheprovider -s -k "not fault_pages_in" $(ASAN_TESTS)
 
 cuda-check:
