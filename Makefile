@@ -56,7 +56,7 @@ test-fast: $(STAMP)
 # the package, build/asan-src (its ../shared linked to ours: the spec and the sample EEG), then ASAN_TESTS run on that copy with the runtime preloaded (the
 # Python and torch it runs are not instrumented; ASan still sees every access the kernels make,
 # and the output pool poisons its headers, slack and cached blocks). Not part of `make test`: it
-# takes ~15 min here. libstdc++ is preloaded too: ASan resolves its __cxa_throw interceptor at
+# takes ~13 min here. libstdc++ is preloaded too: ASan resolves its __cxa_throw interceptor at
 # start-up, and a C++ exception (any TORCH_CHECK) aborts when libstdc++ was not loaded then. The
 # page-fault test is left out: it counts page faults, and ASan's shadow memory adds some.
 ASAN_TESTS ?= tests/ops tests/train/test_distributed_real.py tests/nn tests/models
