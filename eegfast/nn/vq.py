@@ -140,6 +140,10 @@ class NormEMAVectorQuantizer(nn.Module):
             )
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if not beta >= 0.0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        if dead_code_threshold is not None and not dead_code_threshold >= 0.0:
+            raise ValueError(f"dead_code_threshold must be >= 0 or None, got {dead_code_threshold}")
         self.num_codes, self.code_dim = num_codes, code_dim
         self.beta, self.decay, self.eps = beta, decay, eps
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters

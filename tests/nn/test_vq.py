@@ -85,6 +85,26 @@ def test_non_finite_input_is_an_error():
         quantizer(torch.randn(5, 7))
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"beta": -1.0}, "beta must be >= 0, got -1.0"),
+        ({"beta": float("nan")}, "beta must be >= 0"),
+        ({"dead_code_threshold": -0.5}, "dead_code_threshold must be >= 0 or None, got -0.5"),
+        ({"decay": 1.0}, r"decay must be in \[0, 1\)"),
+    ],
+)
+def test_bad_quantizer_settings_name_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NormEMAVectorQuantizer(16, 8, **kwargs)
+    # the tokenizer's config reaches them too (eegfast tokenizer --set vq.beta=...)
+    from eegfast.models import create_model
+
+    if "decay" not in kwargs:
+        with pytest.raises(ValueError, match=message):
+            create_model("vqnsp_tiny", **kwargs)
+
+
 def test_training_calls_read_nothing_back_once_initialised():
     """After the k-means initialisation, a training call reads no value back to the host (on a
     GPU each read waits for the device): ``initted`` is read once, not at every call, and the
