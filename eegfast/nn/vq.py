@@ -30,6 +30,17 @@ class QuantizerOutput(NamedTuple):
     dims: torch.Tensor
 
 
+def _counted_rows(
+    unit: torch.Tensor, keep: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (N, D) with those not counted set to 0, how many are counted (at least 1)): a row
+    counts when it is finite and, given ``keep`` (N,), kept."""
+    counted = torch.isfinite(unit).all(dim=1)
+    if keep is not None:
+        counted = counted & keep
+    return torch.where(counted[:, None], unit, 0.0), counted.sum().clamp_min(1)
+
+
 def feature_spread(unit: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """1 - |mean row|^2 of l2-normalised rows (N, D) (only rows with ``keep`` (N,) True).
 
@@ -37,10 +48,8 @@ def feature_spread(unit: torch.Tensor, keep: torch.Tensor | None = None) -> torc
     is the mean cosine distance: 0 when every row points the same way, ~1 for rows spread
     evenly over the sphere. O(N D), no pairwise matrix. Rows that are not finite count as 0.
     """
-    counted = torch.isfinite(unit).all(dim=1)
-    if keep is not None:
-        counted = counted & keep
-    mean = torch.where(counted[:, None], unit, 0.0).sum(dim=0) / counted.sum().clamp_min(1)
+    rows, count = _counted_rows(unit, keep)
+    mean = rows.sum(dim=0) / count
     return 1.0 - mean.square().sum()
 
 
@@ -54,12 +63,10 @@ def feature_dims(unit: torch.Tensor, keep: torch.Tensor | None = None) -> torch.
     for rows spread evenly over the sphere. O(N D^2); rows that are not finite count as 0; 0
     when no row counts.
     """
-    counted = torch.isfinite(unit).all(dim=1)
-    if keep is not None:
-        counted = counted & keep
-    rows = torch.where(counted[:, None], unit, 0.0).float()
+    rows, count = _counted_rows(unit, keep)
+    rows = rows.float()
     with torch.autocast(rows.device.type, enabled=False):  # in fp32 under a bf16 training step
-        second = rows.T @ rows / counted.sum().clamp_min(1)
+        second = rows.T @ rows / count
     return second.diagonal().sum().square() / second.square().sum().clamp_min(1e-30)
 
 
