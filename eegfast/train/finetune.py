@@ -475,6 +475,14 @@ def _paired(
 BEATS = "beats"
 DOES_NOT_BEAT = "does NOT beat"
 NO_CLEAR_DIFFERENCE = "shows no clear difference from"
+# The multi-task against single-task verdicts.
+NEGATIVE_TRANSFER = "negative transfer"
+POSITIVE_TRANSFER = "positive transfer"
+
+
+def _side_of_zero(low: float, high: float, above: str, below: str, neither: str) -> str:
+    """``above`` when the range [low, high] lies above 0, ``below`` when below, else ``neither``."""
+    return above if low > 0 else below if high < 0 else neither
 
 
 def comparisons(
@@ -511,9 +519,7 @@ def comparisons(
                 if paired is not None:
                     diff, low, high = paired
                     entry.update(baseline_difference=diff, baseline_interval=[low, high])
-                    verdict = (
-                        BEATS if low > 0 else DOES_NOT_BEAT if high < 0 else NO_CLEAR_DIFFERENCE
-                    )
+                    verdict = _side_of_zero(low, high, BEATS, DOES_NOT_BEAT, NO_CLEAR_DIFFERENCE)
                 entry.update(baseline_verdict=verdict, beats_baseline=verdict == BEATS)
         mt = summary.get(("multitask", task, "balanced_accuracy"))
         st = summary.get(("single", task, "balanced_accuracy"))
@@ -523,27 +529,27 @@ def comparisons(
             if paired is not None:  # transfer only where the paired interval excludes 0
                 _, low, high = paired
                 entry.update(transfer_interval=[low, high])
-                verdict = (
-                    "negative transfer"
-                    if high < 0
-                    else "positive transfer"
-                    if low > 0
-                    else "no clear difference (interval holds 0)"
+                verdict = _side_of_zero(
+                    low,
+                    high,
+                    POSITIVE_TRANSFER,
+                    NEGATIVE_TRANSFER,
+                    "no clear difference (interval holds 0)",
                 )
             else:  # a difference within the larger fold std is not called transfer
-                verdict = (
-                    "negative transfer"
-                    if diff < -noise
-                    else "positive transfer"
-                    if diff > noise
-                    else "no clear difference (within fold std)"
+                verdict = _side_of_zero(
+                    diff - noise,
+                    diff + noise,
+                    POSITIVE_TRANSFER,
+                    NEGATIVE_TRANSFER,
+                    "no clear difference (within fold std)",
                 )
             entry.update(
                 multitask=mt[0],
                 single=st[0],
                 transfer=diff,
                 transfer_noise=noise,
-                negative_transfer=verdict == "negative transfer",
+                negative_transfer=verdict == NEGATIVE_TRANSFER,
                 transfer_verdict=verdict,
             )
         out[task] = entry
