@@ -253,11 +253,23 @@ def _autotuned(narrow: list, wide: list, fp32: list, fp32_wide: list):
     return lambda fn: _keyed_autotune(every, fn, prune)
 
 
-def _keyed_autotune(configs: list, fn, prune: dict | None = None):
+# Outputs a kernel adds into (atomic adds) rather than stores: the autotuner times every config
+# on the call's own arguments before the chosen one runs, so without a restore each timed run
+# would add its share too (dQ came out ~5x at 2 configs under an emulated timer). Restored, not
+# zeroed: the tail launch (see _launch_spans) adds into the buffer the body launch filled.
+_ACCUMULATED_ARGS = ("dq_acc_ptr",)
+
+
+def _keyed_autotune(configs: list, fn, prune: dict | None = None, do_bench=None):
     """triton.autotune of ``fn`` over ``configs``, keyed on the names of _AUTOTUNE_KEY that are
-    ``fn``'s arguments (triton rejects others)."""
+    ``fn``'s arguments (triton rejects others), restoring _ACCUMULATED_ARGS after each timed
+    run. ``do_bench``: the autotuner's timer (tests; None: Triton's)."""
     key = [name for name in _AUTOTUNE_KEY if name in fn.arg_names]
-    return triton.autotune(configs=configs, key=key, prune_configs_by=prune)(fn)
+    restore = [name for name in _ACCUMULATED_ARGS if name in fn.arg_names]
+    return triton.autotune(
+        configs=configs, key=key, prune_configs_by=prune, restore_value=restore or None,
+        do_bench=do_bench,
+    )(fn)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -1715,10 +1727,10 @@ def _backward(grad_out, q, k, v, q_w, q_b, k_w, k_b, out, lse, q_stats, k_stats,
                   part_q_w, part_q_b)  # fmt: skip
     scalars = (H, N, D, _next_power_of_2(N))
     spans = _launch_spans(N, variant.split_tail)
-    dq_acc = (
-        torch.zeros(B * H, n_padded, block_d, dtype=torch.float32, device=q.device)
-        if atomic_dq
-        else q
+    # Without ATOMIC_DQ the kernels never touch dq_acc, but the autotuner restores it after each
+    # timed run: a one-element stand-in, so nothing of size is copied.
+    dq_acc = torch.zeros(
+        (B * H, n_padded, block_d) if atomic_dq else (1,), dtype=torch.float32, device=q.device
     )
     for first, extent, tail in spans:
         launch(_bwd_dkdv_tail_kernel if tail else _bwd_dkdv_kernel)[

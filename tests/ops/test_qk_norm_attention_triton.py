@@ -634,6 +634,36 @@ def test_atomic_dq_variant(case, pre_normalise, monkeypatch):
         torch.testing.assert_close(atomic[i], plain[i], rtol=tol, atol=tol, msg=f"d{name}")
 
 
+@pytest.mark.parametrize("N", [70, 130])
+def test_autotune_timing_runs_do_not_add_into_dq(N, monkeypatch):
+    """On a GPU the autotuner times each config on the call's own arguments before running the
+    chosen one: with dQ added up by atomic adds, each timed run must leave the sums as they
+    were. Emulated here with two configs per dK / dV kernel and a timer that runs each twice;
+    N = 130 also has the tail launch (it adds into what the body launch added)."""
+    import triton
+
+    ops = triton_ops()
+    timed_runs = []
+
+    def timer(kernel_call, quantiles):
+        for _ in range(2):
+            kernel_call()
+            timed_runs.append(1)
+        return [1.0, 1.0, 1.0]
+
+    for name in ("_bwd_dkdv_kernel", "_bwd_dkdv_tail_kernel"):
+        kernel = getattr(ops, name)
+        config = kernel.configs[0]
+        twins = [triton.Config(dict(config.kwargs), num_warps=w, num_stages=1) for w in (1, 2)]
+        monkeypatch.setattr(ops, name, ops._keyed_autotune(twins, kernel.fn, do_bench=timer))
+    inputs = make_case(1, 2, N, 20, torch.float32, seed=N, mask="random")
+    monkeypatch.setattr(ops, "PRE_NORMALISE", False)
+    monkeypatch.setattr(ops, "SPLIT_TAIL", True)
+    monkeypatch.setattr(ops, "ATOMIC_DQ", True)
+    check_against_reference(*inputs)  # dQ and its parameters' gradients included
+    assert timed_runs, "the autotuner timed nothing: the test checks nothing"
+
+
 @pytest.fixture
 def timed_variants(monkeypatch):
     """Both switches unpinned and timing on (off under the interpreter), nothing remembered.
