@@ -93,9 +93,10 @@ def measured_choice(
     candidate; both outside every dispatch mode, under no_grad. A single candidate, or
     ``measure`` False (nothing can be timed: the interpreter, symbolic shapes), gives
     ``candidates[0]`` without remembering it; so does a call while a CUDA graph is being
-    captured (timing would synchronise the stream). If timing fails (out of memory, say), a warning
-    names the error and ``candidates[0]`` is remembered: the call itself then runs that
-    variant, and raises if the failure was not the timing's."""
+    captured (timing would synchronise the stream). A candidate whose timing raises (out of
+    memory, out of shared memory, say) is left out, with a warning naming the error: the
+    fastest of the others is remembered, or ``candidates[0]`` when none ran, and the call itself
+    then runs that variant (and raises if the failure was not the timing's)."""
     if not candidates:
         raise ValueError(f"{what}: no variant to choose from")
     if len(candidates) == 1:
@@ -106,21 +107,31 @@ def measured_choice(
     if not measure or _capturing_cuda_graph():
         return candidates[0]
     timer = timer or time_ms
+    times: dict[Variant, float] = {}
+    failures: dict[Variant, BaseException] = {}
     try:
         with _disable_current_modes(), torch.no_grad():
             run = make_run()
-            times = {variant: timer(lambda variant=variant: run(variant)) for variant in candidates}
+            for variant in candidates:
+                try:
+                    times[variant] = timer(lambda variant=variant: run(variant))
+                except Exception as error:  # noqa: BLE001 - the others may still run
+                    failures[variant] = error
     except Exception as error:  # noqa: BLE001 - a failed timing must not fail the call
+        failures = {variant: error for variant in candidates if variant not in times}
+    usable = [variant for variant in candidates if variant in times]
+    chosen = min(usable, key=times.__getitem__) if usable else candidates[0]
+    if failures:
+        details = "; ".join(f"{v}: {type(e).__name__}: {e}" for v, e in failures.items())
         warnings.warn(
-            f"{what}: timing the variants {[str(c) for c in candidates]} failed "
-            f"({type(error).__name__}: {error}); using {candidates[0]}",
+            f"{what}: timing the variants {[str(v) for v in failures]} failed ({details}); "
+            f"using {chosen}",
             RuntimeWarning,
             stacklevel=2,
         )
-        _CHOSEN[(what, case)] = candidates[0]
-        return candidates[0]
-    chosen = min(candidates, key=times.__getitem__)
     _CHOSEN[(what, case)] = chosen
+    if not usable:
+        return chosen
     log.info(
         "%s %s: %s (%s)",
         what,

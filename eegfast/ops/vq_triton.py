@@ -24,6 +24,15 @@ from eegfast.ops.vq import (
 )
 
 _UNIT_ROUNDOFF = {"ieee": 2.0**-24, "tf32x3": 2.0**-20}
+# The nearest-code kernel's D tiles, by input element size. D up to _MAX_BLOCK_D is one tile
+# (z's rows loaded once); past it the kernel adds the scores up over chunks of _CHUNK_D, BLOCK_N
+# 64. Compiled for sm_90 (Triton 3.9, 3 stages, 4 warps), one tile of all D took 197 KB of
+# shared memory at fp32 D = 256 and spilled 6.6 KB of registers, 394 KB at 512 (an H100 block
+# has 227 KB: the launch fails), 165 KB at bf16 D = 512 without spills and 329 KB at 1024; the
+# chunks: fp32 64 (98 KB, 232 registers), bf16 128 (98 KB, 158 registers), no spills, where
+# fp32 chunks of 128 spilled 5 KB.
+_MAX_BLOCK_D = {4: 128, 2: 512}
+_CHUNK_D = {4: 64, 2: 128}
 # Globals read inside kernels must be tl.constexpr (the interpreter accepts plain floats; the
 # compiler does not).
 _NORM_EPS = tl.constexpr(NORM_EPS)
@@ -46,31 +55,41 @@ def _nearest_kernel(
     stride_c,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # >= D (z's tile loaded once), or D's chunk (D_CHUNKED)
+    D_CHUNKED: tl.constexpr,  # D > BLOCK_D: z and the codes loaded chunk by chunk per code tile
     PRECISION: tl.constexpr,
     ALIGN: tl.constexpr,  # D and the strides arrive divided by it (see vector_align)
 ):
     D, stride_z, stride_c = D * ALIGN, stride_z * ALIGN, stride_c * ALIGN
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # int64 row offsets: rows x stride_z passes 2^31 at N x D = 2^31 (or sooner, strided).
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
-    z = tl.load(
-        z_ptr + rows[:, None] * stride_z + dims[None, :],
-        mask=(rows[:, None] < N) & (dims[None, :] < D),
-        other=0.0,
-    )
+    z_rows = z_ptr + rows[:, None] * stride_z
+    if not D_CHUNKED:
+        z = tl.load(z_rows + dims[None, :], mask=(rows[:, None] < N) & (dims[None, :] < D),
+                    other=0.0)  # fmt: skip
     best = tl.full([BLOCK_N], float("-inf"), tl.float32)
     second = tl.full([BLOCK_N], float("-inf"), tl.float32)
     best_code = tl.zeros([BLOCK_N], tl.int32)
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + tl.arange(0, BLOCK_K)
-        c = tl.load(
-            code_ptr + codes[:, None] * stride_c + dims[None, :],
-            mask=(codes[:, None] < K) & (dims[None, :] < D),
-            other=0.0,
-        )
+        code_rows = code_ptr + codes[:, None].to(tl.int64) * stride_c
+        if D_CHUNKED:
+            # The whole D in one tile would not fit shared memory (fp32 past 256, ~200 KB):
+            # the score tile adds up chunk by chunk.
+            dots = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                chunk = d0 + dims
+                in_d = chunk[None, :] < D
+                z = tl.load(z_rows + chunk[None, :], mask=(rows[:, None] < N) & in_d, other=0.0)
+                c = tl.load(code_rows + chunk[None, :], mask=(codes[:, None] < K) & in_d, other=0.0)
+                dots += tl.dot(z, tl.trans(c), input_precision=PRECISION, out_dtype=tl.float32)
+        else:
+            c = tl.load(code_rows + dims[None, :], mask=(codes[:, None] < K) & (dims[None, :] < D),
+                        other=0.0)  # fmt: skip
+            dots = tl.dot(z, tl.trans(c), input_precision=PRECISION, out_dtype=tl.float32)
         scale = tl.load(scale_ptr + codes, mask=codes < K, other=0.0)
         bias = tl.load(bias_ptr + codes, mask=codes < K, other=float("-inf"))
-        dots = tl.dot(z, tl.trans(c), input_precision=PRECISION, out_dtype=tl.float32)
         scores = dots * scale[None, :] + bias[None, :]  # (BLOCK_N, BLOCK_K)
         # NaN (rows of z with NaN / inf; flagged afterwards) must not reach max / argmax.
         scores = tl.where(scores == scores, scores, float("-inf"))
@@ -108,7 +127,7 @@ def _rescore_kernel(
     if tl.load(flag_ptr + row) == 0:
         return
     dims = tl.arange(0, BLOCK_D)
-    z = tl.load(z_ptr + row * D + dims, mask=dims < D, other=0.0)
+    z = tl.load(z_ptr + row.to(tl.int64) * D + dims, mask=dims < D, other=0.0)
     z_sq = tl.sum(z * z, axis=0)
     z_norm = tl.maximum(tl.sqrt(z_sq), _NORM_EPS)
     best = tl.full([BLOCK_K], float("-inf"), tl.float64)
@@ -149,7 +168,7 @@ def _exact_scores(
 ):
     codes = k0 + tl.arange(0, BLOCK_K)
     c = tl.load(
-        code_ptr + codes[:, None] * D + dims[None, :],
+        code_ptr + codes[:, None].to(tl.int64) * D + dims[None, :],
         mask=(codes[:, None] < K) & (dims[None, :] < D),
         other=0.0,
     )
@@ -178,7 +197,7 @@ def _code_stats_kernel(
     ALIGN: tl.constexpr,  # D and stride_z arrive divided by it (see vector_align)
 ):
     D, stride_z = D * ALIGN, stride_z * ALIGN
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     codes = tl.load(index_ptr + rows, mask=rows < N, other=-1)
     keep = (codes >= 0) & (codes < K)
@@ -229,8 +248,10 @@ def vq_nearest_triton(
     best = torch.empty(N, dtype=torch.float32, device=z.device)
     second = torch.empty_like(best)
     best_code = torch.empty(N, dtype=torch.int32, device=z.device)
-    block_d = max(16, triton.next_power_of_2(D))
-    block_n, block_k = (64, 64) if block_d <= 64 else (32, 64)
+    full_block_d = max(16, triton.next_power_of_2(D))
+    chunked = full_block_d > _MAX_BLOCK_D[z.element_size()]
+    block_d = _CHUNK_D[z.element_size()] if chunked else full_block_d
+    block_n, block_k = (64, 64) if chunked or block_d <= 64 else (32, 64)
     precision = _precision(z.dtype)
     align = vector_align(D, z.stride(0), codes_for_dot.stride(0))
     if N > 0:
@@ -251,6 +272,7 @@ def vq_nearest_triton(
                 BLOCK_N=block_n,
                 BLOCK_K=block_k,
                 BLOCK_D=block_d,
+                D_CHUNKED=chunked,
                 PRECISION=precision,
                 ALIGN=align,
             )
@@ -274,7 +296,7 @@ def vq_nearest_triton(
                 (max_norm * max_norm).reshape(1),
                 IS_COSINE=metric == "cosine",
                 BLOCK_K=64,
-                BLOCK_D=block_d,
+                BLOCK_D=full_block_d,
             )
     indices = torch.where(finite, best_code.long(), torch.full_like(best_code, -1).long())
     chosen = code64[indices.clamp_min(0)]

@@ -101,7 +101,8 @@ def has_ptxas() -> bool:
 
 
 def compile_for_sm90(module: str, specs: list[KernelSpec], timeout: float = 300) -> dict:
-    """{kernel name: {"ttgir": ..., "ptx": ..., "registers": int, "spill_bytes": int}} of each
+    """{kernel name: {"ttgir": ..., "ptx": ..., "registers": int, "spill_bytes": int,
+    "shared_bytes": int}} of each
     kernel of ``module`` compiled for sm_90: its Triton GPU IR, its PTX, and the registers per
     thread and bytes of spill stores that ptxas reported for its machine code; with
     ``KernelSpec.sass``, also "sass": that machine code disassembled (see :func:`loop_mixes`).
@@ -200,6 +201,7 @@ def _compile_in_this_process(module_name: str, specs: list[dict]) -> dict:
             "ptx": compiled.asm["ptx"],
             "registers": int(registers.group(1)),
             "spill_bytes": int(spills.group(1)),
+            "shared_bytes": int(compiled.metadata.shared),
         }
         if spec.get("sass"):
             results[spec["name"]]["sass"] = _disassemble(compiled.asm["cubin"])

@@ -76,6 +76,23 @@ def test_failed_timing_warns_and_keeps_the_first():
         assert _variants.measured_choice("op", 0, ["a", "b"], lambda: None, measure=True) == "a"
 
 
+def test_a_variant_whose_timing_fails_is_left_out():
+    """A variant that cannot run (a Triton config past the GPU's shared memory, say) is not
+    chosen when another one ran, however fast its failure; the warning names it."""
+
+    def timer(call):
+        if call() == "a":
+            raise RuntimeError("out of resources: shared memory")
+        return 5.0
+
+    with pytest.warns(
+        RuntimeWarning, match=r"op: timing the variants \['a'\].*shared memory.*using b"
+    ):
+        got = _variants.measured_choice("op", 1, ["a", "b"], lambda: lambda v: v, measure=True,
+                                        timer=timer)  # fmt: skip
+    assert got == "b" and _variants.chosen_variants() == {("op", 1): "b"}
+
+
 def test_runs_outside_fake_mode_with_real_stand_ins():
     """While a fake mode is active (torch.compile tracing an op's body), the variants run on
     real tensors: stand-ins of the fake inputs' layouts."""

@@ -65,6 +65,25 @@ def test_strided_inputs(backend, metric):
     check_against_reference(wide[:, :25], codebook, metric, backend)  # row stride 40
 
 
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs triton (interpreter or GPU)")
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_nearest_loops_over_wide_head_dims(metric, dtype, monkeypatch):
+    """Past _MAX_BLOCK_D (fp32 128, 2-byte 512: one tile of all D would not fit an H100's shared
+    memory or spill registers) the kernel adds the scores up chunk by chunk; here tiles and
+    chunks are 16 wide, so D = 40 takes three chunks (the last one partial), D = 32 two whole
+    ones, D = 16 one tile."""
+    from eegfast.ops import vq_triton
+
+    monkeypatch.setattr(vq_triton, "_MAX_BLOCK_D", {4: 16, 2: 16})
+    monkeypatch.setattr(vq_triton, "_CHUNK_D", {4: 16, 2: 16})
+    for d in (16, 32, 40):
+        z, codebook = sample_inputs(37, 70, d, dtype, seed=d)
+        check_against_reference(z, codebook, metric, "triton")
+    wide = torch.randn(37, 48, dtype=dtype)
+    check_against_reference(wide[:, 3:43], codebook, metric, "triton")  # row stride 48
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("metric", METRICS)
 def test_exact_ties_go_to_lowest_index(backend, metric):
@@ -426,7 +445,7 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
     specs = [
         KernelSpec(
             "_nearest_kernel",
-            dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, PRECISION="ieee", ALIGN=8),
+            dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, D_CHUNKED=False, PRECISION="ieee", ALIGN=8),
             {**int_ptrs, **bf16},
         ),  # fmt: skip
         *(
@@ -452,3 +471,25 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
         assert re.search(r"ld\.global(?:\.\w+)*\.v4", ptx), f"{name}: no 16-byte loads"
     for name, kernel in compiled.items():
         assert kernel["spill_bytes"] == 0, f"{name}: {kernel['registers']} registers, spills"
+
+
+@pytest.mark.skipif(not has_ptxas(), reason="this triton install has no bundled ptxas")
+def test_widest_nearest_tiles_fit_h100_shared_memory():
+    """The nearest-code kernel's widest tiles as the launches make them, one tile of all D
+    (_MAX_BLOCK_D, BLOCK_N 32) and the chunks past it (_CHUNK_D, BLOCK_N 64), fp32 with 3-pass
+    TF32 and bf16, fit an H100 block's 227 KB of shared memory without spilling registers; one
+    tile of all D at fp32 D = 512 took 394 KB (the launch failed: OutOfResources)."""
+    from eegfast.ops.vq_triton import _CHUNK_D, _MAX_BLOCK_D
+
+    for size, dtype, precision in ((4, "fp32", "tf32x3"), (2, "bf16", "ieee")):
+        for block_n, block_d, chunked in ((32, _MAX_BLOCK_D[size], False),
+                                          (64, _CHUNK_D[size], True)):  # fmt: skip
+            spec = KernelSpec(
+                "_nearest_kernel",
+                dict(BLOCK_N=block_n, BLOCK_K=64, BLOCK_D=block_d, D_CHUNKED=chunked,
+                     PRECISION=precision, ALIGN=8),
+                {"best_code_ptr": "*i32", "z_ptr": f"*{dtype}", "code_ptr": f"*{dtype}"},
+            )  # fmt: skip
+            (kernel,) = compile_for_sm90("eegfast.ops.vq_triton", [spec]).values()
+            assert kernel["shared_bytes"] <= 227 * 1024, spec
+            assert kernel["spill_bytes"] == 0, spec
