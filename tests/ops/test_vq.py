@@ -84,6 +84,22 @@ def test_triton_nearest_loops_over_wide_head_dims(metric, dtype, monkeypatch):
     check_against_reference(wide[:, 3:43], codebook, metric, "triton")  # row stride 48
 
 
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs triton (interpreter or GPU)")
+def test_triton_row_offsets_past_int32():
+    """Row 2 of z starts 2^32 elements in (row stride 2^31 - 8, which fits int32 alone): the
+    kernels read it there, not at the wrapped int32 offset -16, where a decoy row sits. The
+    storage is 8 GiB of untouched virtual memory; only four rows are written."""
+    d, stride = 8, 2**31 - 8
+    storage = torch.empty(2 * stride + d + 16, dtype=torch.float16)
+    z = storage.as_strided((3, d), (stride, 1), storage_offset=16)
+    codebook = torch.eye(d, dtype=torch.float16)[:4]
+    z.copy_(codebook[:3])  # row i nearest to code i
+    storage[:d] = codebook[3]  # the decoy: what a wrapped offset would read
+    assert vq_nearest(z, codebook, "l2", backend="triton").tolist() == [0, 1, 2]
+    _, sums = vq_code_stats(z, torch.arange(3), 4, backend="triton")
+    torch.testing.assert_close(sums, torch.cat([codebook[:3], torch.zeros(1, d)]).float())
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("metric", METRICS)
 def test_exact_ties_go_to_lowest_index(backend, metric):
