@@ -82,8 +82,10 @@ void gather_sum(const scalar_t* src, int64_t src_stride, const gate_t* gates,
     for (int64_t t = begin; t < end; ++t) {
       std::fill(row.begin(), row.end(), acc(0));
       for (int64_t i = 0; i < k; ++i) {
+        const int64_t pos = slot_pos[t * k + i];
+        if (pos < 0) continue;  // -1: a slot whose expert index was out of range (no row)
         const acc w = gates ? static_cast<acc>(gates[t * k + i]) : acc(1);
-        const scalar_t* y = src + slot_pos[t * k + i] * src_stride;
+        const scalar_t* y = src + pos * src_stride;
         for (int64_t d = 0; d < D; ++d) row[d] += w * static_cast<acc>(y[d]);
       }
       for (int64_t d = 0; d < D; ++d) out[t * D + d] = static_cast<scalar_t>(row[d]);
@@ -230,6 +232,10 @@ void combine_bwd(const scalar_t* grad_out, const scalar_t* y, const gate_t* gate
       const scalar_t* go = grad_out + t * D;
       for (int64_t i = 0; i < k; ++i) {
         const int64_t s = t * k + i, row = slot_pos[s];
+        if (row < 0) {  // no row (see gather_sum): nothing read, nothing to differentiate
+          grad_gates[s] = gate_t(0);
+          continue;
+        }
         const acc g = static_cast<acc>(gates[s]);
         const scalar_t* ys = y + row * D;
         scalar_t* gy = grad_y + row * D;

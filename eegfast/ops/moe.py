@@ -91,11 +91,13 @@ def moe_expert_ffn_reference(
 def moe_combine_reference(
     y_sorted: torch.Tensor, gates: torch.Tensor, slot_pos: torch.Tensor
 ) -> torch.Tensor:
-    """``out[t] = sum_i gates[t, i] y_sorted[slot_pos[t k + i]]`` (T, D), in y's dtype."""
+    """``out[t] = sum_i gates[t, i] y_sorted[slot_pos[t k + i]]`` (T, D), in y's dtype; a slot
+    with ``slot_pos`` -1 adds nothing."""
     _check_combine_inputs(y_sorted, gates, slot_pos)
     T, k = gates.shape
     acc = torch.promote_types(y_sorted.dtype, torch.float32)
-    picked = y_sorted[slot_pos].reshape(T, k, y_sorted.shape[1]).to(acc)
+    picked = torch.where((slot_pos >= 0)[:, None], y_sorted[slot_pos.clamp_min(0)], 0)
+    picked = picked.reshape(T, k, y_sorted.shape[1]).to(acc)
     return (picked * gates.to(acc)[:, :, None]).sum(1).to(y_sorted.dtype)
 
 
@@ -412,7 +414,7 @@ def moe_expert_ffn(
         y_sorted (T top_k, D_out), dtype of x. Differentiable in x, w1, b1, w2, b2.
     """
     _check_ffn_inputs(x, sorted_slots, offsets, w1, b1, w2, b2, top_k)
-    chosen = resolve_backend(backend, x.device, FFN_GPU_PREFERENCE)
+    chosen = _ffn_backend(backend, x)
     if chosen == "reference":
         return moe_expert_ffn_reference(x, sorted_slots, offsets, w1, b1, w2, b2, top_k)
     if chosen == "triton":
@@ -422,6 +424,20 @@ def moe_expert_ffn(
     if not x.device.type == "cpu":
         raise ValueError(f"backend={chosen!r}: moe_expert_ffn has no CUDA kernel; use 'triton'")
     return torch.ops.eegfast.moe_expert_ffn(x, sorted_slots, offsets, w1, b1, w2, b2, top_k)[0]
+
+
+def _ffn_backend(requested: str | None, x: torch.Tensor) -> str:
+    """The expert FFN's and combine's backend for ``x``: float64, which the Triton kernels do
+    not take, runs on the reference when the choice is automatic (a gradcheck on a GPU)."""
+    chosen = resolve_backend(requested, x.device, FFN_GPU_PREFERENCE)
+    if chosen == "triton" and x.dtype == torch.float64:
+        if requested is None:
+            return "reference"
+        raise TypeError(
+            f"backend={requested!r}: the Triton MoE kernels take float32, float16 or bfloat16 "
+            "inputs, got float64; use backend='reference' (or 'cpu' on CPU tensors)"
+        )
+    return chosen
 
 
 def moe_combine(
@@ -435,12 +451,21 @@ def moe_combine(
 
     Args:
         y_sorted: (T k, D) expert outputs in sorted order; gates: (T, k) (any float dtype,
-            accumulated in fp32); slot_pos: (T k,) int64 from :func:`moe_dispatch`.
+            accumulated in fp32); slot_pos: (T k,) int64 from :func:`moe_dispatch`, values in
+            [-1, T k): -1 (the CUDA dispatch's mark of a slot whose expert index is outside
+            [0, E)) adds nothing. Checked on CPU tensors (on GPUs it would cost a host sync).
     Returns:
         (T, D) in y_sorted's dtype. Differentiable in y_sorted and gates.
     """
     _check_combine_inputs(y_sorted, gates, slot_pos)
-    chosen = resolve_backend(backend, y_sorted.device, FFN_GPU_PREFERENCE)
+    chosen = _ffn_backend(backend, y_sorted)
+    if chosen == "cpu" and slot_pos.numel() and not torch.compiler.is_compiling():
+        low, high = int(slot_pos.min()), int(slot_pos.max())
+        if low < -1 or high >= y_sorted.shape[0]:
+            raise ValueError(
+                f"slot_pos values must be in [-1, {y_sorted.shape[0]}) (rows of y_sorted), "
+                f"got {low} .. {high}"
+            )
     if chosen == "reference":
         return moe_combine_reference(y_sorted, gates, slot_pos)
     if chosen == "triton":

@@ -230,8 +230,9 @@ def _gather_sum_kernel(
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     for i in range(0, TOP_K):
         slot = tokens.to(tl.int64) * TOP_K + i
-        row = tl.load(pos_ptr + slot, mask=t_ok, other=0)
-        y = tl.load(src_ptr + row[:, None] * D + dims[None, :], mask=mask, other=0.0)
+        row = tl.load(pos_ptr + slot, mask=t_ok, other=-1)  # -1: no row (expert out of range)
+        y = tl.load(src_ptr + row[:, None] * D + dims[None, :], mask=mask & (row >= 0)[:, None],
+                    other=0.0)  # fmt: skip
         if HAS_GATES:
             g = tl.load(gate_ptr + slot, mask=t_ok, other=0.0).to(tl.float32)
             acc += g[:, None] * y.to(tl.float32)
@@ -264,12 +265,12 @@ def _combine_bwd_kernel(
     t_ok = tokens < T
     for i in range(0, TOP_K):
         slot = tokens.to(tl.int64) * TOP_K + i
-        row = tl.load(pos_ptr + slot, mask=t_ok, other=0)
+        row = tl.load(pos_ptr + slot, mask=t_ok, other=-1)  # -1: no row, nothing to write
         g = tl.load(gate_ptr + slot, mask=t_ok, other=0.0).to(tl.float32)
         dot = tl.zeros([BLOCK_T], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
-            mask = t_ok[:, None] & (dims[None, :] < D)
+            mask = (t_ok & (row >= 0))[:, None] & (dims[None, :] < D)
             go = tl.load(
                 grad_out_ptr + tokens[:, None].to(tl.int64) * D + dims[None, :],
                 mask=mask,
@@ -401,6 +402,16 @@ def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 0 or t.stride(-1) == 1 else t.contiguous()
 
 
+def _check_not_float64(x: torch.Tensor) -> None:
+    # tl.dot of float64 tiles does not compile for a GPU (its fp32 accumulator is re-assigned
+    # an fp64 result), and the combine accumulates in fp32.
+    if x.dtype == torch.float64:
+        raise TypeError(
+            "the Triton MoE kernels take float32, float16 or bfloat16 inputs, got float64; "
+            "use backend='reference' (or 'cpu' on CPU tensors)"
+        )
+
+
 @triton_op("eegfast::moe_expert_ffn_triton", mutates_args=())
 def moe_expert_ffn_triton(
     x: torch.Tensor,
@@ -414,6 +425,7 @@ def moe_expert_ffn_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton ``moe_expert_ffn``: -> y_sorted (S, D_out), a1 (S, H), h (S, H)."""
     _check_ffn_inputs(x, sorted_slots, offsets, w1, b1, w2, b2, top_k)
+    _check_not_float64(x)
     x = _inner_contiguous(x)
     sorted_slots, offsets = sorted_slots.contiguous(), offsets.contiguous()
     b1, b2 = b1.contiguous(), b2.contiguous()
@@ -482,6 +494,7 @@ def moe_combine_triton(
 ) -> torch.Tensor:
     """Triton ``moe_combine``: (T, D) = per-token gate-weighted sum of its k rows."""
     _check_combine_inputs(y_sorted, gates, slot_pos)
+    _check_not_float64(y_sorted)
     T, k = gates.shape
     out = y_sorted.new_empty(T, y_sorted.shape[1])
     _gather_sum(y_sorted.contiguous(), gates.contiguous(), slot_pos.contiguous(), T, k, out)
@@ -496,7 +509,8 @@ def moe_combine_bwd_triton(
     T, k = gates.shape
     D = y_sorted.shape[1]
     y_sorted = y_sorted.contiguous()
-    grad_y = torch.empty_like(y_sorted)
+    # zeros: rows no slot points to (a slot_pos of -1 leaves one) get no store from the kernel
+    grad_y = torch.zeros_like(y_sorted)
     grad_gates = torch.empty_like(gates, memory_format=torch.contiguous_format)
     if T > 0 and D > 0:
         block_t = 32

@@ -488,8 +488,12 @@ def _triton_module() -> tuple[ModuleType | None, str]:
 
 # Evaluated once while torch.compile traces a call, like resolve_backend.
 @torch.compiler.assume_constant_result
-def _choose_backend(requested: str | None, device: torch.device, dropout: bool) -> str:
-    """'reference', 'cpu' or 'triton' for this call; raises if an explicit choice cannot run."""
+def _choose_backend(
+    requested: str | None, device: torch.device, dropout: bool, float64: bool = False
+) -> str:
+    """'reference', 'cpu' or 'triton' for this call; raises if an explicit choice cannot run.
+    float64 inputs, which the Triton kernels do not take, run on the reference when the choice
+    is automatic (a gradcheck on a GPU, say)."""
     if dropout:
         env = os.environ.get("EEGFAST_BACKEND")
         if requested not in (None, "reference"):
@@ -517,6 +521,13 @@ def _choose_backend(requested: str | None, device: torch.device, dropout: bool) 
                 "`pip install --no-build-isolation -e .`"
             )
         return "reference"
+    if chosen == "triton" and float64:
+        if requested is None:
+            return "reference"
+        raise TypeError(
+            f"backend={requested!r}: the Triton kernels take float32, float16 or bfloat16 "
+            "inputs, got float64; use backend='reference' (or 'cpu' on CPU tensors)"
+        )
     if chosen == "triton" and _triton_module()[0] is None:
         if requested is None and device.type == "cuda":
             return "reference"
@@ -577,7 +588,7 @@ def qk_norm_attention(
     """
     _check_inputs(q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
                   eps, key_padding_mask, block_causal, dropout_p)  # fmt: skip
-    chosen = _choose_backend(backend, q.device, dropout_p > 0)
+    chosen = _choose_backend(backend, q.device, dropout_p > 0, q.dtype == torch.float64)
     kwargs = dict(eps=eps, scale=scale, key_padding_mask=key_padding_mask, causal=causal,
                   block_causal=block_causal)  # fmt: skip
     if chosen == "reference":

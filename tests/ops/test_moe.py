@@ -249,6 +249,50 @@ def test_combine_alone():
             torch.testing.assert_close(a, b)
 
 
+def test_combine_skips_slots_without_a_row():
+    """slot_pos -1 (the CUDA dispatch's mark of an expert index outside [0, E)) adds nothing
+    and reads nothing, on every backend; its gate gets a zero gradient. Row 25 of y (the
+    NaN one), which no slot points to then, must not reach the output or the gradients."""
+    gen = torch.Generator().manual_seed(1)
+    y = torch.randn(26, 9, generator=gen)
+    y[25] = torch.nan
+    y.requires_grad_()
+    gates = torch.rand(13, 2, generator=gen, requires_grad=True)
+    slot_pos = torch.arange(26)
+    slot_pos[[3, 25]] = -1  # token 1's second slot, token 12's second slot
+    for backend in ffn_backends():
+        out = moe_combine(y, gates, slot_pos, backend=backend)
+        kept = (slot_pos >= 0).reshape(13, 2, 1)
+        expected = (gates[:, :, None] * torch.where(kept, y.reshape(13, 2, 9), 0)).sum(1)
+        torch.testing.assert_close(out, expected, msg=backend)
+        grad_y, grad_gates = torch.autograd.grad(out.sum(), (y, gates))
+        assert grad_gates[1, 1] == 0 and grad_gates[12, 1] == 0, backend
+        assert grad_y[[3, 25]].abs().sum() == 0 and grad_y.isfinite().all(), backend
+    with pytest.raises(ValueError, match=r"slot_pos values must be in \[-1, 26\).*-2 \.\. 23"):
+        moe_combine(y, gates, torch.arange(26) - 2, backend="cpu")
+
+
+def test_float64_never_reaches_the_triton_kernels(monkeypatch):
+    """Triton's fp64 tiles do not compile for a GPU: an automatic choice of Triton runs float64
+    on the reference, an explicit one says what to use."""
+    from eegfast.ops import moe as moe_ops
+
+    monkeypatch.setattr(moe_ops, "resolve_backend", lambda *args: "triton")  # as on a GPU
+    x64, x32 = torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3)
+    assert moe_ops._ffn_backend(None, x64) == "reference"
+    assert moe_ops._ffn_backend(None, x32) == "triton"
+    with pytest.raises(TypeError, match="backend='triton'.*float64.*backend='reference'"):
+        moe_ops._ffn_backend("triton", x64)
+    if TRITON:
+        x, expert_idx, _, w1, b1, w2, b2 = make_problem(T=5, D=4, H=6, E=2, k=2,
+                                                        dtype=torch.float64)  # fmt: skip
+        plan = moe_dispatch(expert_idx, 2)
+        with pytest.raises(TypeError, match="float64"):
+            # the op itself checks too (a caller past moe_expert_ffn)
+            moe_ops._triton_ops().moe_expert_ffn_triton(x, plan.sorted_slots, plan.offsets, w1,
+                                                        b1, w2, b2, 2)  # fmt: skip
+
+
 def test_plain_pytorch_baselines_agree():
     """The benchmark baselines compute the same function (so their timings compare)."""
     problem = make_problem(T=31, D=10, H=14, E=4, k=2, dtype=torch.float64, seed=11)

@@ -5,6 +5,7 @@ kernel is checked against the reference, outputs and all seven gradients.
 """
 
 import contextlib
+import importlib
 import os
 
 import pytest
@@ -751,6 +752,17 @@ def test_backend_names():
     torch.testing.assert_close(
         qk_norm_attention(q, q, q), qk_norm_attention(q, q, q, backend="reference")
     )
+
+
+def test_float64_never_reaches_the_triton_kernels(monkeypatch):
+    """The Triton kernels take no float64: where the automatic choice is Triton (CUDA tensors),
+    float64 runs on the reference (a gradcheck on a GPU); an explicit choice says what to use."""
+    attention = importlib.import_module("eegfast.ops.qk_norm_attention")  # not the function
+    monkeypatch.setattr(attention, "resolve_backend", lambda *args: "triton")  # as on a GPU
+    cuda = torch.device("cuda")
+    assert attention._choose_backend(None, cuda, False, True) == "reference"
+    with pytest.raises(TypeError, match="backend='triton'.*float64.*backend='reference'"):
+        attention._choose_backend("triton", cuda, False, True)
 
 
 def _bad(**changes):
