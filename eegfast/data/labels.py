@@ -17,6 +17,11 @@ Subjects: the table's ``subject``; else the first capture group of ``subject_reg
 else the built-in patterns (BIDS ``sub-XX``, eegmmidb ``S001`` of ``S001R04``, eegmat
 ``Subject00``, TUH ``aaaaaaab`` of ``aaaaaaab_s001_t000``); else the file stem, which makes every
 file its own subject (said in the report).
+
+``LabelRules.table_problems`` lists what does not fit between the table and the recordings
+(rows that match no recording, empty labels, recordings the table does not name): ``prepare``
+warns about them, and fails on them under ``--strict``. A table saved with a UTF-8 byte-order
+mark (Excel's "CSV UTF-8") reads like one without.
 """
 
 from __future__ import annotations
@@ -56,6 +61,10 @@ class TableRow:
     subject: str
     session: str
     task: str | None
+    # for messages: the row's ``file`` as written, its line, and the table it is in
+    file: str = ""
+    line: int = 0
+    table: str = ""
 
 
 _SUBJECT_PATTERNS = (
@@ -85,9 +94,11 @@ def read_label_table(path: str | os.PathLike) -> dict[str, TableRow]:
     and the absolute paths they resolve to (relative to the table's folder)."""
     path = Path(path)
     try:
-        with open(path, newline="") as f:
+        # utf-8-sig: a table saved by Excel as "CSV UTF-8" starts with a byte-order mark, which
+        # would otherwise stick to the first column's name ('\ufefffile').
+        with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
-    except OSError as err:
+    except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"labels table {path}: {err}") from None
     if not rows:
         raise ValueError(f"labels table {path}: no rows")
@@ -107,9 +118,19 @@ def read_label_table(path: str | os.PathLike) -> dict[str, TableRow]:
             subject=(row.get("subject") or "").strip(),
             session=(row.get("session") or "").strip(),
             task=(row.get("task") or "").strip() or None,
+            file=file,
+            line=i,
+            table=str(path),
         )
+        resolved = str((path.parent / file).resolve())
+        earlier = table.get(file) or table.get(resolved)
+        if earlier is not None:
+            raise ValueError(
+                f"labels table {path}, line {i}: file {file!r} repeats line {earlier.line} "
+                "(one row per recording)"
+            )
         table[file] = entry
-        table[str((path.parent / file).resolve())] = entry
+        table[resolved] = entry
     return table
 
 
@@ -138,6 +159,41 @@ class LabelRules:
             if key in self.table:
                 return self.table[key]
         return None
+
+    def table_problems(self, paths: list[str | os.PathLike]) -> list[str]:
+        """What is wrong between the table and the recordings ``paths`` (one message each):
+        rows that match none of them (a misspelled file name), rows with an empty label, and
+        recordings the table does not name (they fall back to annotations or file-name rules,
+        and take their subject from the file name). Nothing without a table."""
+        if not self.table:
+            return []
+        rows = sorted({row.line: row for row in self.table.values()}.items())
+        matched: set[int] = set()
+        missing = []
+        for path in paths:
+            row = self._row(Path(path))
+            if row is None:
+                missing.append(Path(path).as_posix())
+            else:
+                matched.add(row.line)
+        problems = []
+        for line, row in rows:
+            where = f"labels table {row.table}, line {line}: file {row.file!r}"
+            if line not in matched:
+                problems.append(f"{where} matches no recording")
+            elif not row.label:
+                problems.append(f"{where} has an empty label (the recording is left unlabelled)")
+        if missing:
+            shown = ", ".join(missing[:10])
+            if len(missing) > 10:
+                shown += f" and {len(missing) - 10} more"
+            tables = ", ".join(sorted({row.table for _, row in rows}))
+            problems.append(
+                f"labels table {tables}: {len(missing)} recording(s) not in the table "
+                f"(labelled by annotations or file-name rules if any, subject from the path): "
+                f"{shown}"
+            )
+        return problems
 
     def events_from(self, annotations) -> tuple[Event, ...]:
         """Events from ``(onset, duration, description)`` triples (e.g. ``raw.annotations``)."""

@@ -11,7 +11,9 @@ settings, is not processed again, so re-running the same command is cheap and a 
 only the recordings in flight. Bad recordings (truncated or corrupt files, no EEG, only unknown
 electrodes, flat or non-finite channels, too-low sample rate, too short) are listed with their
 reason and skipped. The exit status is 1 only when nothing usable was produced, or with
-``--strict`` when any recording was bad.
+``--strict`` when any recording was bad. A ``--labels`` table that does not fit the recordings
+(rows that match no recording, empty labels, recordings it does not name) gives warnings, on
+stderr and in the report; with ``--strict`` an error (exit 2) before anything is processed.
 
 SRC is a recording, a folder (searched recursively for files MNE reads; a BIDS folder is read
 through mne-bids), and may be written ``TASK=SRC`` to name the task of its recordings.
@@ -22,7 +24,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import multiprocessing
+import numbers
 import os
 import re
 import sys
@@ -336,13 +340,26 @@ def prepare(
     classes: list[str] | None = None,
     force: bool = False,
     progress: bool = True,
+    strict: bool = False,
 ) -> dict:
-    """Run the whole preparation; returns the report (also written to ``out``)."""
+    """Run the whole preparation; returns the report (also written to ``out``).
+
+    Mismatches between a labels table and the recordings (see ``LabelRules.table_problems``)
+    are the report's ``warnings``; with ``strict`` they raise ``ValueError`` before any
+    recording is processed.
+    """
     from tqdm import tqdm
 
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
+        raise ValueError(f"workers: must be an integer >= 1, got {workers!r}")
     started = time.perf_counter()
     out = Path(out)
     jobs = discover(sources, task)
+    warnings = settings.labels.table_problems([j.path for j in jobs])
+    if strict and warnings:
+        raise ValueError(
+            f"{len(warnings)} labels table problem(s) (--strict):\n  " + "\n  ".join(warnings)
+        )
     (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     removed = remove_stale_temporaries(out / SHARD_DIR)
     digest = settings.digest()
@@ -374,6 +391,7 @@ def prepare(
     index = build_index(ordered, settings, classes)
     write_json_atomic(out / INDEX_NAME, index, **DATA_JSON)
     report = build_report(ordered, index, settings, time.perf_counter() - started, removed)
+    report["warnings"] = warnings
     write_json_atomic(out / "report.json", report, **DATA_JSON)
     md = out / "report.md"
     write_text_atomic(md, report_markdown(report))
@@ -494,6 +512,9 @@ def report_markdown(report: dict) -> str:
     if report["excluded_unknown_channels"]:
         lines += ["", "## Channels left out as unknown electrodes (recordings)", ""]
         lines += [f"- `{k}`: {v}" for k, v in report["excluded_unknown_channels"].items()]
+    if report.get("warnings"):
+        lines += ["", "## Warnings", ""]
+        lines += [f"- {w}" for w in report["warnings"]]
     if report["subjects_from_file_name"]:
         n = len(report["subjects_from_file_name"])
         lines += ["", f"Note: {n} recording(s) got their file name as subject id."]
@@ -520,16 +541,47 @@ def _freq(text: str) -> float | None:
     return None if text.lower() in ("none", "off", "0") else float(text)
 
 
+MAINS_HZ = (50.0, 60.0)
+
+
+def _mains(text: str) -> float | None:
+    """--notch: 50 or 60 (Hz), or none/off/0 for no notch."""
+    try:
+        value = _freq(text)
+    except ValueError:
+        value = math.nan
+    if value is not None and value not in MAINS_HZ:
+        raise argparse.ArgumentTypeError(
+            f"must be the mains frequency 50 or 60 (Hz), or none for no notch, got {text!r}"
+        )
+    return value
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="+", metavar="SRC", help="recording or folder [TASK=SRC]")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8))
+    parser.add_argument(
+        "--workers",
+        type=_workers,
+        default=min(os.cpu_count() or 1, 8),
+        help="worker processes (>= 1; default: the CPU count, at most 8)",
+    )
     g = parser.add_argument_group("preprocessing (defaults: LaBraM)")
     g.add_argument("--window", type=int, default=4, help="window length A in s (1..16)")
     g.add_argument("--stride", type=float, default=None, help="step between windows in s")
     g.add_argument("--l-freq", type=_freq, default=0.1, help="high-pass edge (Hz, or none)")
     g.add_argument("--h-freq", type=_freq, default=75.0, help="low-pass edge (Hz, or none)")
-    g.add_argument("--notch", type=_freq, default=50.0, help="mains frequency 50/60 (or none)")
+    g.add_argument("--notch", type=_mains, default=50.0, help="mains frequency 50/60 (or none)")
     g.add_argument(
         "--reference", default=None, help="'average' or an electrode (default: as recorded)"
     )
@@ -555,7 +607,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--classes", default=None, help="label names in class-id order (a,b,c)")
     g.add_argument("--task", default=None, help="task name (default: the SRC folder's name)")
     g = parser.add_argument_group("run")
-    g.add_argument("--strict", action="store_true", help="exit 1 if any recording is bad")
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 if any recording is bad; a labels table that does not fit the recordings "
+        "(rows matching none, empty labels, recordings not in it) is an error",
+    )
     g.add_argument("--force", action="store_true", help="reprocess finished recordings too")
     g.add_argument("--no-progress", action="store_true")
 
@@ -622,6 +679,7 @@ def main(args: argparse.Namespace) -> int:
             classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
             force=args.force,
             progress=not args.no_progress,
+            strict=args.strict,
         )
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"eegfast prepare: {err}", file=sys.stderr)
@@ -633,6 +691,8 @@ def main(args: argparse.Namespace) -> int:
     )
     for b in report["bad"]:
         print(f"  bad: {b['file']}: {b['reason']}", file=sys.stderr)
+    for warning in report["warnings"]:
+        print(f"  warning: {warning}", file=sys.stderr)
     if report["usable"] == 0 or report["windows"] == 0:
         print("eegfast prepare: no usable recording", file=sys.stderr)
         return 1

@@ -441,7 +441,19 @@ def fit(
         while step < total_steps:
             sampler.set_epoch(epoch, start_batch)
             ctx.epoch = epoch
-            loader = DataLoader(indexed, batch_sampler=sampler, collate_fn=collate, **loader_kwargs)
+            # The loader's own generator: creating its iterator draws a base seed (for the
+            # workers' seeds) from it, not from the global RNG, whose state a mid-epoch resume
+            # restores before this point and which dropout/drop-path go on drawing from.
+            loader_rng = torch.Generator().manual_seed(
+                ((train_cfg.seed * 100_003 + epoch) * 1_009 + info.rank) % 2**63
+            )
+            loader = DataLoader(
+                indexed,
+                batch_sampler=sampler,
+                collate_fn=collate,
+                generator=loader_rng,
+                **loader_kwargs,
+            )
             micro = 0
             batch_in_epoch = start_batch
             limit = steps_per_epoch * accum

@@ -63,3 +63,41 @@ def test_table_errors(tmp_path):
         read_label_table(bad)
     with pytest.raises(ValueError, match="labels table"):
         read_label_table(tmp_path / "nope.csv")
+
+
+def test_table_saved_with_a_byte_order_mark(tmp_path):
+    """Excel's "CSV UTF-8" starts with a UTF-8 byte-order mark."""
+    csv = tmp_path / "labels.csv"
+    csv.write_bytes(b"\xef\xbb\xbffile,label,subject,session\r\na.edf,rest,p1,1\r\n")
+    r = LabelRules(table=read_label_table(csv)).resolve(tmp_path / "a.edf")
+    assert (r.label, r.subject, r.source) == ("rest", "p1", "table")
+
+
+def test_table_rejects_a_repeated_file(tmp_path):
+    csv = tmp_path / "labels.csv"
+    csv.write_text("file,label\na.edf,rest\nb.edf,task\n./a.edf,task\n")
+    with pytest.raises(ValueError, match=r"labels.csv, line 4: file './a.edf' repeats line 2"):
+        read_label_table(csv)
+
+
+def test_table_problems_name_rows_and_recordings(tmp_path):
+    csv = tmp_path / "labels.csv"
+    csv.write_text(
+        "file,label,subject,session\n"
+        "Subjct00_1.edf,rest,s0,a\n"  # misspelled
+        "Subject00_2.edf,,s0,a\n"  # empty label
+        "Subject01_1.edf,rest,s1,a\n"
+    )
+    rules = LabelRules(table=read_label_table(csv))
+    recordings = [tmp_path / "rec" / n for n in ("Subject00_1.edf", "Subject00_2.edf")]
+    recordings.append(tmp_path / "rec" / "Subject01_1.edf")
+    problems = rules.table_problems(recordings)
+    assert len(problems) == 3
+    assert f"labels table {csv}, line 2: file 'Subjct00_1.edf' matches no recording" in problems
+    assert problems[1].startswith(
+        f"labels table {csv}, line 3: file 'Subject00_2.edf' has an empty"
+    )
+    assert "1 recording(s) not in the table" in problems[2]
+    assert problems[2].endswith("rec/Subject00_1.edf")
+    assert rules.table_problems(recordings[1:]) == problems[:2]  # every recording in the table
+    assert LabelRules().table_problems(recordings) == []  # no table, nothing to check

@@ -183,6 +183,84 @@ def test_cli_exit_codes(sample_files, broken, tmp_path, capsys):
     assert "--l-freq (50.0) must be below --h-freq (10.0)" in capsys.readouterr().err
 
 
+def test_cli_warns_about_a_labels_table_that_does_not_fit(sample_files, tmp_path, capsys):
+    """Rows matching no recording, empty labels and recordings not in the table: warnings on
+    stderr and in report.md; errors (exit 2, nothing processed) under --strict."""
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    for n in ("Subject00_1.edf", "Subject00_2.edf", "Subject01_2.edf"):
+        shutil.copy(sample_files[n], folder / n)
+    csv = tmp_path / "labels.csv"
+    csv.write_text(
+        "file,label,subject,session\n"
+        "Subjct00_1.edf,rest,s0,a\n"  # misspelled
+        "Subject00_2.edf,,s0,a\n"  # empty label
+        "Subject01_2.edf,task,s1,a\n"
+        "not_there.edf,task,s9,a\n"
+    )
+    common = ["--labels", str(csv), "--no-progress", "--workers", "1"]
+    assert cli_main(["prepare", str(folder), "--out", str(tmp_path / "o"), *common]) == 0
+    expected = [
+        "line 2: file 'Subjct00_1.edf' matches no recording",
+        "line 3: file 'Subject00_2.edf' has an empty label",
+        "line 5: file 'not_there.edf' matches no recording",
+        "1 recording(s) not in the table",
+    ]
+    err = capsys.readouterr().err
+    assert all(f"warning: labels table {csv}" in err and e in err for e in expected), err
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "## Warnings" in report and all(e in report for e in expected)
+    assert len(json.loads((tmp_path / "o" / "report.json").read_text())["warnings"]) == 4
+    strict = ["prepare", str(folder), "--out", str(tmp_path / "s"), "--strict", *common]
+    assert cli_main(strict) == 2
+    err = capsys.readouterr().err
+    assert "4 labels table problem(s) (--strict)" in err and all(e in err for e in expected)
+    assert not (tmp_path / "s" / "index.json").exists()
+    csv.write_text(
+        "file,label,subject,session\n"
+        + "".join(f"{n},rest,s0,a\n" for n in ("Subject00_1.edf", "Subject00_2.edf"))
+        + "Subject01_2.edf,task,s1,a\n"
+    )
+    assert cli_main(strict) == 0  # a table that fits: no warning
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--workers", "-3", "argument --workers: must be an integer >= 1, got '-3'"),
+        ("--workers", "0", "argument --workers: must be an integer >= 1, got '0'"),
+        ("--notch", "55", "argument --notch: must be the mains frequency 50 or 60 (Hz)"),
+        ("--notch", "x", "argument --notch: must be the mains frequency 50 or 60 (Hz)"),
+    ],
+)
+def test_cli_rejects_bad_workers_and_notch(tmp_path, capsys, flag, value, message):
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error
+        cli_main(["prepare", str(tmp_path), "--out", str(out), flag, value])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_notch_accepts_50_60_and_none():
+    import argparse
+
+    from eegfast.data.prepare import configure_parser
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    for value, expected in [("50", 50.0), ("60", 60.0), ("none", None), ("0", None)]:
+        assert parser.parse_args(["x", "--out", "o", "--notch", value]).notch == expected
+
+
+def test_prepare_rejects_bad_workers(sample_files, tmp_path):
+    source = str(sample_files["Subject01_2.edf"])
+    with pytest.raises(ValueError, match="workers: must be an integer >= 1, got -3"):
+        prepare([source], tmp_path / "o", workers=-3, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_options(sample_files, tmp_path):
     folder = tmp_path / "src"
     folder.mkdir()

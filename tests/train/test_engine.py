@@ -36,7 +36,7 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=atol, msg=key)
 
 
-def fit_batches_of_4(model, step, data, ctx, run_dir, overrides):
+def fit_batches_of_4(model, step, data, ctx, run_dir, overrides, resume=None):
     """``fit`` over ``data`` in batches of 4, no progress bar, with ``overrides``."""
     from eegfast.train.config import RunConfig
 
@@ -52,6 +52,7 @@ def fit_batches_of_4(model, step, data, ctx, run_dir, overrides):
         group_keys=data.group_keys(),
         collate_fn=collate,
         ctx=ctx,
+        resume=resume,
     )
 
 
@@ -83,6 +84,44 @@ def test_resume_from_an_intermediate_checkpoint_is_exact(tmp_path):
     resumed = worker.run("finetune", str(partial), {"train.checkpoint_every": 4}, resume="auto")
     assert resumed.step == 16
     assert_same_weights(final_weights(full), final_weights(partial))
+
+
+def dropout_step(model, batch, ctx):
+    """A step with a stochastic op that draws from the global torch RNG, as drop-path does."""
+    features = torch.nn.functional.dropout(model(batch["x"]), p=0.5, training=True)
+    return StepOutput(features.logsumexp(-1).mean())
+
+
+@pytest.mark.parametrize("resume_at", [4, 8])
+def test_mid_epoch_resume_keeps_the_global_rng_stream_of_a_stochastic_model(tmp_path, resume_at):
+    """Dropout/drop-path draw from the global RNG: a run resumed mid-epoch (6 steps an epoch)
+    gets the uninterrupted run's losses and weights bit for bit, so nothing else (such as the
+    resumed epoch's DataLoader) draws from that RNG after its state is restored."""
+    from eegfast.train.engine import seed_everything
+
+    overrides = {"train.checkpoint_every": 4, "train.epochs": 2, "train.keep_last": 100}
+    data = SyntheticEEG(24)
+
+    def run(run_dir, resume=None):
+        seed_everything(0)
+        ctx = StepContext(torch.device("cpu"))
+        return fit_batches_of_4(
+            TinyClassifier(), dropout_step, data, ctx, run_dir, overrides, resume=resume
+        )
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "partial")
+    for info in ckpt.list_checkpoints(tmp_path / "partial" / "checkpoints"):
+        if info.step > resume_at:  # as if the run had been killed after that step
+            import shutil
+
+            shutil.rmtree(info.path)
+    state = ckpt.load_training_state(tmp_path / "partial" / "checkpoints" / f"step-{resume_at:08d}")
+    assert 0 < state["batch_in_epoch"] < 6  # mid-epoch
+    resumed = run(tmp_path / "partial", resume="auto")
+    assert full.step == resumed.step == 12
+    assert resumed.losses == full.losses[resume_at:]  # bit for bit
+    assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "partial"))
 
 
 def test_checkpoint_files_load_safely(tmp_path):
