@@ -1,11 +1,12 @@
 """Loading reference and eegfast checkpoints with strict, readable key checking.
 
-Only safe formats are read: safetensors files, and ``torch.load(weights_only=True)`` for
-``.pth``/``.pt`` files (tensors and plain containers; arbitrary pickled objects are refused).
-Reference checkpoints wrap the state dict in ``{"model": ...}`` or ``{"module": ...}``,
-DistributedDataParallel adds ``module.`` to every key and ``torch.compile`` ``_orig_mod.``;
-all of these are unwrapped. A pretraining checkpoint (``student.*`` keys) loads into a
-classifier through :func:`eegfast.models.pretrain.pretrain_to_classifier_state_dict`.
+Only safe formats are read: safetensors files (recognised by their suffix, in any case, or by
+their content), and ``torch.load(weights_only=True)`` for any other file (tensors and plain
+containers; arbitrary pickled objects are refused). Reference checkpoints wrap the state dict in
+``{"model": ...}`` or ``{"module": ...}``, DistributedDataParallel adds ``module.`` to every key
+and ``torch.compile`` ``_orig_mod.``, nested in either order; all of these are unwrapped. A
+pretraining checkpoint (``student.*`` keys) loads into a classifier through
+:func:`eegfast.models.pretrain.pretrain_to_classifier_state_dict`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,31 +96,80 @@ def summarise_keys(keys: Sequence[str]) -> list[str]:
     return out
 
 
+def is_safetensors_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a safetensors file, whatever its name: the format starts with an
+    8-byte little-endian header length followed by the JSON header's ``{``."""
+    path = Path(path)
+    with path.open("rb") as file:
+        start = file.read(9)
+    if len(start) < 9 or start[8:9] != b"{":
+        return False
+    (header_length,) = struct.unpack("<Q", start[:8])
+    return 0 < header_length <= path.stat().st_size - 8
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file, or of a torch file read with ``weights_only=True``
-    (wrappers and prefixes removed, see :func:`unwrap_state_dict`)."""
+    """Tensors of a safetensors file (``.safetensors`` in any case, or any name with
+    safetensors content), or of a torch file read with ``weights_only=True`` (wrappers and
+    prefixes removed, see :func:`unwrap_state_dict`).
+
+    Raises FileNotFoundError for a missing file and ValueError naming the file, with the
+    reader's own reason, for a corrupt or truncated file and for pickled non-tensor objects.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors" or is_safetensors_file(path):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return unwrap_state_dict(load_file(str(path)))
+        try:
+            return unwrap_state_dict(load_file(str(path)), source=str(path))
+        except SafetensorError as error:
+            raise ValueError(
+                f"{path}: cannot read this safetensors file (corrupt or truncated?): {error}"
+            ) from error
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path}: refused to unpickle non-tensor objects (eegfast loads checkpoints with "
-            "weights_only=True). Re-save only the state dict, e.g. "
-            "torch.save({'model': state_dict}, ...), or convert it to safetensors. "
-            f"torch said: {str(error).splitlines()[0]}"
-        ) from error
+        reason = _weights_only_reason(error)
+        if not reason.startswith("Unsupported operand"):
+            raise ValueError(
+                f"{path}: refused to unpickle non-tensor objects (eegfast loads checkpoints "
+                "with weights_only=True). Re-save only the state dict, e.g. "
+                "torch.save({'model': state_dict}, ...), or convert it to safetensors. "
+                f"torch said: {reason}"
+            ) from error
+        # an opcode that no pickle of tensors holds: the bytes are not a pickle at all
+        raise _unreadable(path, reason) from error
+    except (RuntimeError, EOFError) as error:  # zip reader / legacy reader: corrupt, truncated
+        raise _unreadable(path, str(error).splitlines()[0] if str(error) else "") from error
     return unwrap_state_dict(obj, source=str(path))
+
+
+def _unreadable(path: Path, reason: str) -> ValueError:
+    detail = f"torch said: {reason}" if reason else "the file ends too early"
+    return ValueError(
+        f"{path}: not a readable checkpoint (corrupt or truncated file, or neither a torch.save "
+        f"nor a safetensors file); {detail}"
+    )
+
+
+def _weights_only_reason(error: pickle.UnpicklingError) -> str:
+    """torch's own reason for refusing a file (the first line after "WeightsUnpickler error:");
+    the message's first line is only torch's generic preamble."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The tensor dict inside ``obj``: descends through ``model``/``module``/``state_dict``
-    wrappers and strips ``module.`` / ``_orig_mod.`` key prefixes."""
+    wrappers and strips ``module.`` / ``_orig_mod.`` key prefixes, nested in any order
+    (``torch.compile(DDP(model))`` saves ``_orig_mod.module.*``, ``DDP(torch.compile(model))``
+    ``module._orig_mod.*``)."""
     while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
         inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
@@ -131,9 +182,9 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor
         raise ValueError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
     out = {}
     for key, value in obj.items():
-        for prefix in KEY_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
+        while key.startswith(KEY_PREFIXES):
+            prefix = next(p for p in KEY_PREFIXES if key.startswith(p))
+            key = key[len(prefix) :]
         out[key] = value
     return out
 

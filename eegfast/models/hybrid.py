@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from eegfast.models.labram import zero_padded_electrodes
 from eegfast.nn.losses import linear_cross_entropy
 
 __all__ = [
@@ -178,7 +179,8 @@ def embed_tokens(
     """Causal token embeddings (B, 1 + C·A, E) of a window x (B, C, A, T), time rows 0..A-1:
     per-time-patch patch embedding, then the student's own cls/spatial/time embedding."""
     B, C, A, _ = x.shape
-    chans = student.resolve_input_chans(input_chans, C, x.device)
+    x = zero_padded_electrodes(x, channel_padding_mask)
+    chans = student.resolve_input_chans(input_chans, C, x.device, batch=B)
     patches = _patch_tokens(student, x, channel_padding_mask)
     return student.embed_patches(patches, C, chans)
 
@@ -193,7 +195,7 @@ def embed_next_patch(
     B, C, _ = patch.shape
     if not 0 <= time_row < student.time_embed.shape[1]:
         raise ValueError(f"time_row must be in [0, {student.time_embed.shape[1]}), got {time_row}")
-    chans = student.resolve_input_chans(input_chans, C, patch.device)
+    chans = student.resolve_input_chans(input_chans, C, patch.device, batch=B)
     tokens = _patch_tokens(student, patch[:, :, None], None)  # (B, C, E)
     rows = student.pos_embed[0][chans]  # (C+1, E) or (B, C+1, E)
     if rows.dim() == 2:
@@ -392,6 +394,8 @@ class HybridPretrainModel(nn.Module):
         B, C, A, T = x.shape
         if A < 2:
             raise ValueError(f"forecasting needs at least 2 patches per sample, got A={A}")
+        # the signal targets below are weighted by 0 where padded, and NaN·0 = NaN
+        x = zero_padded_electrodes(x, channel_padding_mask)
         h = forecast_features(
             self.backbone, x, input_chans, channel_padding_mask=channel_padding_mask
         )

@@ -8,11 +8,13 @@ token ``1 + c·A + a`` is electrode c, patch a (electrode-major). Spatial embedd
 Batches that mix electrode sets are padded to the largest one; ``channel_padding_mask``
 (B, C) True marks padded electrodes, which then neither enter the patch embedding's GroupNorm
 statistics, nor act as attention keys, nor enter the mean pooling — each sample's output is the
-one it would get alone.
+one it would get alone, whatever the padded electrodes hold (NaN and inf included: their samples
+are set to 0 before the patch embedding, see :func:`zero_padded_electrodes`).
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +61,7 @@ class LaBraMConfig:
     input_chans: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        check_class_count("num_classes", self.num_classes)
         if self.patch_embed not in ("temporal_conv", "code"):
             raise ValueError(
                 f"patch_embed must be 'temporal_conv' or 'code', got {self.patch_embed!r}"
@@ -83,6 +86,17 @@ class LaBraMConfig:
             )
 
 
+def check_class_count(name: str, value) -> int:
+    """``value`` as an int >= 0 (a number of classes; 0 = no head), or ValueError naming ``name``.
+
+    bool and non-integral numbers are refused rather than truncated: ``2.5`` classes or a
+    negative count is a mistake, and a negative count would otherwise build a headless model.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0 (0 = no head), got {value!r}")
+    return int(value)
+
+
 def _check_signal(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, C, A, T) as is, or (B, C, A·T) split into patches of ``patch_size``."""
     if x.dim() == 3:
@@ -98,6 +112,47 @@ def _check_signal(x: torch.Tensor, patch_size: int) -> torch.Tensor:
             f"got {tuple(x.shape)}"
         )
     return x
+
+
+def check_channel_padding_mask(
+    channel_padding_mask: torch.Tensor | None, batch: int, n_chans: int
+) -> None:
+    """ValueError unless ``channel_padding_mask`` is None or a (batch, n_chans) bool tensor."""
+    if channel_padding_mask is None:
+        return
+    if not isinstance(channel_padding_mask, torch.Tensor):
+        raise ValueError(
+            f"channel_padding_mask must be a (B, C) = {(batch, n_chans)} bool tensor, got "
+            f"{type(channel_padding_mask).__name__}"
+        )
+    if channel_padding_mask.dtype != torch.bool or tuple(channel_padding_mask.shape) != (
+        batch,
+        n_chans,
+    ):
+        raise ValueError(
+            f"channel_padding_mask must be a (B, C) = {(batch, n_chans)} bool tensor (True = "
+            f"padded electrode), got {channel_padding_mask.dtype} of shape "
+            f"{tuple(channel_padding_mask.shape)}"
+        )
+
+
+def zero_padded_electrodes(
+    x: torch.Tensor, channel_padding_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """x (B, C, ...) with every value of a padded electrode set to 0 (checked mask; x as is if
+    None).
+
+    The padding is otherwise applied by multiplying by 0 (GroupNorm weights, attention
+    probabilities, pooling weights), and NaN·0 = NaN: a NaN or inf fill (a common mark of a
+    missing electrode) would turn the whole sample's output into NaN.
+    """
+    if channel_padding_mask is None:
+        return x
+    check_channel_padding_mask(channel_padding_mask, x.shape[0], x.shape[1])
+    padded = channel_padding_mask.to(x.device).view(
+        *channel_padding_mask.shape, *[1] * (x.dim() - 2)
+    )
+    return x.masked_fill(padded, 0)
 
 
 def token_padding_mask(channel_padding_mask: torch.Tensor | None, n_patches: int):
@@ -168,8 +223,13 @@ class LaBraMTrunk(nn.Module):
             if hasattr(block.mlp, "fc2"):
                 block.mlp.fc2.weight.data.div_((2.0 * (i + 1)) ** 0.5)
 
-    def resolve_input_chans(self, input_chans, n_chans: int, device) -> torch.Tensor:
-        """(C+1,) or (B, C+1) long rows of ``pos_embed`` for cls + each electrode."""
+    def resolve_input_chans(
+        self, input_chans, n_chans: int, device, batch: int | None = None
+    ) -> torch.Tensor:
+        """(C+1,) or (B, C+1) long rows of ``pos_embed`` for cls + each electrode.
+
+        batch: B of x, checked against a per-sample (B, C+1) ``input_chans`` (unchecked if None).
+        """
         if input_chans is None:
             input_chans = self.default_input_chans
         if input_chans is None:
@@ -181,9 +241,14 @@ class LaBraMTrunk(nn.Module):
             return torch.arange(n_chans + 1, device=device)
         if not isinstance(input_chans, torch.Tensor):
             input_chans = torch.as_tensor(input_chans)
-        if input_chans.shape[-1] != n_chans + 1:
+        if input_chans.dim() not in (1, 2) or input_chans.shape[-1] != n_chans + 1:
             raise ValueError(
-                f"input_chans must have C + 1 = {n_chans + 1} entries (cls row 0 first), got "
+                f"input_chans must have shape (C + 1,) or (B, C + 1) with C + 1 = {n_chans + 1} "
+                f"entries (cls row 0 first), got shape {tuple(input_chans.shape)}"
+            )
+        if input_chans.dim() == 2 and batch is not None and input_chans.shape[0] != batch:
+            raise ValueError(
+                f"per-sample input_chans must have shape (B, C + 1) = {(batch, n_chans + 1)}, got "
                 f"shape {tuple(input_chans.shape)}"
             )
         if (
@@ -268,7 +333,8 @@ class LaBraMTrunk(nn.Module):
                 f"x must have shape (B, C, A, {self.in_features}), got {tuple(x.shape)}"
             )
         B, C, A, _ = x.shape
-        chans = self.resolve_input_chans(input_chans, C, x.device)
+        x = zero_padded_electrodes(x, channel_padding_mask)
+        chans = self.resolve_input_chans(input_chans, C, x.device, batch=B)
         key_padding = token_padding_mask(channel_padding_mask, A)
         patches = self.patch_embed(x, None if key_padding is None else key_padding[:, 1:])
         tokens = self.embed_patches(patches, C, chans)
@@ -280,8 +346,10 @@ def mean_patch_tokens(tokens: torch.Tensor, key_padding: torch.Tensor | None) ->
     body = tokens[:, 1:]
     if key_padding is None:
         return body.mean(1)
-    keep = (~key_padding[:, 1:]).to(body.dtype)[..., None]
-    return (body * keep).sum(1) / keep.sum(1).clamp_min(1)
+    keep = ~key_padding[:, 1:, None]
+    # where, not a product with 0: a non-finite padded token must not reach the sum
+    kept = torch.where(keep, body, 0.0).sum(1)
+    return kept / keep.sum(1).clamp_min(1).to(body.dtype)
 
 
 class LaBraM(LaBraMTrunk):

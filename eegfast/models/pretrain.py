@@ -19,7 +19,13 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from eegfast.models.labram import LaBraMConfig, LaBraMTrunk, _check_signal, token_padding_mask
+from eegfast.models.labram import (
+    LaBraMConfig,
+    LaBraMTrunk,
+    _check_signal,
+    token_padding_mask,
+    zero_padded_electrodes,
+)
 from eegfast.nn.losses import linear_cross_entropy
 
 
@@ -98,10 +104,14 @@ class LaBraMForMaskedModeling(LaBraMTrunk):
         channel_padding_mask: torch.Tensor | None = None,
         task_id: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, C, A, 200), mask (B, C·A) True = masked -> normed tokens (B, 1 + C·A, E)."""
+        """x (B, C, A, 200), mask (B, C·A) True = masked -> normed tokens (B, 1 + C·A, E).
+
+        channel_padding_mask: (B, C) bool, True = padded electrode (its values are ignored).
+        """
         x = _check_signal(x, self.config.patch_size)
         B, C, A, _ = x.shape
-        chans = self.resolve_input_chans(input_chans, C, x.device)
+        x = zero_padded_electrodes(x, channel_padding_mask)
+        chans = self.resolve_input_chans(input_chans, C, x.device, batch=B)
         key_padding = token_padding_mask(channel_padding_mask, A)
         patches = self.patch_embed(x, None if key_padding is None else key_padding[:, 1:])
         tokens = self.embed_patches(patches, C, chans, mask=mask, mask_token=self.mask_token)
@@ -152,10 +162,12 @@ class LaBraMPretrain(nn.Module):
         generator: torch.Generator | None = None,
     ) -> PretrainOutput:
         """x (B, C, A, 200); input_chans (C+1,) or (B, C+1); targets (B, C·A) long;
-        mask (B, C·A) bool or None; channel_padding_mask (B, C) bool."""
+        mask (B, C·A) bool or None; channel_padding_mask (B, C) bool, True = padded electrode
+        (its values are ignored)."""
         student = self.student
         x = _check_signal(x, student.config.patch_size)
         B, C, A, _ = x.shape
+        x = zero_padded_electrodes(x, channel_padding_mask)
         P = C * A
         if targets.shape != (B, P):
             raise ValueError(
@@ -175,7 +187,7 @@ class LaBraMPretrain(nn.Module):
         elif mask.shape != (B, P):
             raise ValueError(f"mask must have shape (B, C·A) = {(B, P)}, got {tuple(mask.shape)}")
         mask = mask.to(torch.bool)
-        chans = student.resolve_input_chans(input_chans, C, x.device)
+        chans = student.resolve_input_chans(input_chans, C, x.device, batch=B)
 
         # Both views share the patch embedding; they differ only in which tokens are masked.
         patches = student.patch_embed(x, patch_padding)

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from eegfast.models.labram import LaBraM, LaBraMConfig
+from eegfast.models.labram import LaBraM, LaBraMConfig, check_class_count
 from eegfast.models.pretrain import LaBraMPretrain, PretrainConfig
 from eegfast.models.vqnsp import VQNSP, VQNSPConfig
 
@@ -103,6 +103,7 @@ def get_config(name: str, **config: Any) -> LaBraMConfig | PretrainConfig | VQNS
         )
     signal = {k: config.pop(k) for k in SIGNAL_ARGS if k in config}
     signal_fields = _signal_fields(base, signal, pos_rows=config.get("pos_rows"))
+    _merge_signal_fields(signal_fields, signal, config)
     if isinstance(base, LaBraMConfig):
         return dataclasses.replace(base, **signal_fields, **config)
     if isinstance(base, PretrainConfig):
@@ -157,7 +158,7 @@ def _signal_fields(base, signal: dict[str, Any], pos_rows: int | None = None) ->
     pos_rows = backbone.pos_rows if pos_rows is None else pos_rows
     fields: dict[str, Any] = {}
     if "n_outputs" in signal:
-        fields["num_classes"] = int(signal["n_outputs"])
+        fields["num_classes"] = check_class_count("n_outputs", signal["n_outputs"])
     patch = backbone.patch_size
     sfreq = signal.get("sfreq")
     if sfreq is not None and float(sfreq) != float(patch):
@@ -189,6 +190,38 @@ def _signal_fields(base, signal: dict[str, Any], pos_rows: int | None = None) ->
         rows = labram_input_chans(names, allow_extended=pos_rows > LABRAM_TABLE_ROWS)
         fields["input_chans"] = tuple(int(i) for i in rows)
     return fields
+
+
+def _merge_signal_fields(
+    signal_fields: dict[str, Any], signal: dict[str, Any], config: dict[str, Any]
+) -> None:
+    """Drop from ``config`` a field that a signal argument also sets to the same value; raise
+    ValueError naming both arguments when they disagree (``n_outputs`` vs ``num_classes``,
+    ``ch_names``/``chs_info`` vs ``input_chans``)."""
+    sources = {"num_classes": ("n_outputs",), "input_chans": ("ch_names", "chs_info")}
+    for field_name, value in signal_fields.items():
+        if field_name not in config:
+            continue
+        given = [name for name in sources[field_name] if signal.get(name) is not None]
+        arguments = " and ".join(given)
+        if _same_field_value(config[field_name], value):
+            del config[field_name]
+            continue
+        raise ValueError(
+            f"{arguments} and {field_name} disagree ({field_name}={value!r} from {arguments}, "
+            f"{field_name}={config[field_name]!r} given); pass only one of them"
+        )
+
+
+def _same_field_value(given: Any, derived: Any) -> bool:
+    """Whether a config value equals the one a signal argument implies (input_chans may be
+    given as any sequence of ints)."""
+    if isinstance(derived, tuple):
+        try:
+            return tuple(int(i) for i in given) == derived
+        except (TypeError, ValueError):
+            return False
+    return given == derived
 
 
 def _as_names(names: Sequence[str]) -> list[str]:

@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eegfast.models.labram import LaBraM, LaBraMConfig, _check_signal, token_padding_mask
+from eegfast.models.labram import (
+    LaBraM,
+    LaBraMConfig,
+    _check_signal,
+    token_padding_mask,
+    zero_padded_electrodes,
+)
 from eegfast.nn.vq import NormEMAVectorQuantizer, code_perplexity
 from eegfast.ops import vq_nearest
 
@@ -170,9 +176,11 @@ class VQNSP(nn.Module):
         channel_padding_mask: torch.Tensor | None = None,
     ) -> TokenizerOutput:
         """x (B, C, A, 200) in units of 100 µV; input_chans (C+1,) or (B, C+1);
-        channel_padding_mask (B, C) bool, True = padded electrode."""
+        channel_padding_mask (B, C) bool, True = padded electrode (its values are ignored)."""
         x = _check_signal(x, self.config.encoder.patch_size)
         B, C, A, T = x.shape
+        # before the Fourier targets too: their per-sample statistics weight padding by 0
+        x = zero_padded_electrodes(x, channel_padding_mask)
         valid_chans = None if channel_padding_mask is None else ~channel_padding_mask.bool()
         amplitude, phase = fourier_targets(x, valid_chans)
         z = self.encode_features(x, input_chans, channel_padding_mask=channel_padding_mask)

@@ -380,3 +380,25 @@ def test_hybrid_objective_is_registered_with_the_engine():
         step(create_model("labram_tiny_pretrain"), batch, ctx)
     with pytest.raises(ValueError, match="tokenizer"):
         step(model, batch, StepContext(device=torch.device("cpu")))
+
+
+def test_non_finite_padded_electrodes_give_the_zero_fill_losses():
+    """NaN/inf in a padded electrode: the losses of a zero fill (the forecasting losses weight
+    padded positions by 0, and NaN·0 = NaN)."""
+    model = _model()
+    x, chans = _inputs()
+    padding = torch.tensor([[False, False, True], [False, False, False]])
+    targets = torch.randint(0, 256, (2, C * A), generator=torch.Generator().manual_seed(3))
+    targets = targets.masked_fill(padding.repeat_interleave(A, dim=1), -1)
+    mask = torch.zeros(2, C * A, dtype=torch.bool)
+    mask[:, ::2] = True
+    x[0, 2] = 0.0
+    expected = model(x, chans, targets, mask, channel_padding_mask=padding)
+    for fill in (float("nan"), float("inf")):
+        junk = x.clone()
+        junk[0, 2] = fill
+        got = model(junk, chans, targets, mask, channel_padding_mask=padding)
+        assert_close(got.loss, expected.loss)
+        assert_close(got.ar_signal_loss, expected.ar_signal_loss)
+        features = forecast_features(model.backbone, junk, chans, channel_padding_mask=padding)
+        assert torch.isfinite(features).all()

@@ -17,6 +17,8 @@ from eegfast.models import (
     load_checkpoint,
     read_state_dict,
 )
+from eegfast.models.checkpoint import unwrap_state_dict
+from eegfast.models.labram import mean_patch_tokens
 from eegfast.models.reference import RefTransformer
 from tests.models._spec import random_reference_state, reference_n_params, reference_shapes
 
@@ -244,3 +246,133 @@ def test_classifier_is_labram_and_padding_mask_shapes():
     out = model(torch.randn(2, 2, 1, 200), torch.tensor([[0, 1, 2], [0, 4, 0]]),
                 channel_padding_mask=torch.tensor([[False, False], [False, True]]))  # fmt: skip
     assert out.shape == (2, 4) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_in_padded_electrodes_are_ignored(fill):
+    """NaN/inf in a padded electrode (a common "missing channel" fill) gives the output of a
+    zero fill and of the sample alone; padding applied as a product with 0 let them through."""
+    model, _ = reference_pair("labram_tiny")
+    x = torch.randn(2, 3, 2, 200)
+    chans = torch.tensor([0, 1, 2, 3])
+    padding = torch.tensor([[False, False, False], [False, False, True]])
+    zeros, junk = x.clone(), x.clone()
+    zeros[1, 2] = 0.0
+    junk[1, 2] = fill
+    with torch.no_grad():
+        expected = model(zeros, chans, channel_padding_mask=padding)
+        got = model(junk, chans, channel_padding_mask=padding)
+        features = model.forward_features(junk, chans, channel_padding_mask=padding)
+        alone = model(x[1:, :2], chans[:3])
+    assert torch.isfinite(features).all()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got[1:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_mean_pooling_leaves_out_non_finite_padded_tokens():
+    tokens = torch.randn(2, 1 + 4, 3)
+    tokens[1, 3:] = float("nan")
+    key_padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    pooled = mean_patch_tokens(tokens, key_padding)
+    torch.testing.assert_close(pooled[0], tokens[0, 1:].mean(0))
+    torch.testing.assert_close(pooled[1], tokens[1, 1:3].mean(0))
+
+
+def test_padding_mask_and_input_chans_are_checked_against_x():
+    model = create_model("labram_tiny", ch_names=["Fp1", "Cz", "O2"], n_outputs=2)
+    x = torch.randn(2, 3, 2, 200)  # B = 2, C = 3
+    wrong_masks = [
+        torch.zeros(2, 4, dtype=torch.bool),
+        torch.zeros(3, dtype=torch.bool),
+        torch.zeros(2, 1, 3, dtype=torch.bool),
+        torch.zeros(2, 3),  # float, not bool
+    ]
+    for mask in wrong_masks:
+        with pytest.raises(ValueError, match=r"channel_padding_mask must be a \(B, C\) = \(2, 3\)"):
+            model(x, channel_padding_mask=mask)
+    with pytest.raises(ValueError, match=r"input_chans must have shape \(B, C \+ 1\) = \(2, 4\)"):
+        model(x, torch.tensor([[0, 1, 42, 83]] * 3))
+    with pytest.raises(ValueError, match=r"input_chans must have shape \(C \+ 1,\) or"):
+        model(x, torch.tensor([[[0, 1, 42, 83]] * 2]))
+    padding = torch.tensor([[False, False, False], [False, False, True]])
+    chans = torch.tensor([[0, 1, 42, 83], [0, 1, 42, 0]])
+    assert model(x, chans, channel_padding_mask=padding).shape == (2, 2)
+
+
+class _FakeDDP(torch.nn.Module):
+    """DistributedDataParallel's key layout (``module.<key>``) without a process group."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+class _FakeCompiled(torch.nn.Module):
+    """torch.compile's OptimizedModule key layout (``_orig_mod.<key>``) without compiling."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self._orig_mod = module
+
+
+def test_wrapper_key_prefixes_are_unwrapped_in_any_order():
+    model = create_model("labram_tiny", num_classes=2)
+    for saved in (
+        _FakeCompiled(_FakeDDP(model)).state_dict(),  # torch.compile(DDP(model))
+        _FakeDDP(_FakeCompiled(model)).state_dict(),  # DDP(torch.compile(model))
+    ):
+        report = load_checkpoint(create_model("labram_tiny", num_classes=2), saved)
+        assert report.ok and len(report.loaded) == len(model.state_dict())
+    weight = torch.zeros(1)
+    nested = {"_orig_mod.module._orig_mod.module.blocks.0.w": weight, "module.module.cls": weight}
+    assert list(unwrap_state_dict(nested)) == ["blocks.0.w", "cls"]
+
+
+def test_unreadable_checkpoints_name_the_file_and_the_cause(tmp_path):
+    state = {"w": torch.arange(3.0)}
+    for name in ("upper.SAFETENSORS", "safetensors_named.pth", "no_suffix"):
+        save_file(state, str(tmp_path / name))  # recognised by content, not by name
+        assert torch.equal(read_state_dict(tmp_path / name)["w"], state["w"]), name
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    torch.save(state, tmp_path / "whole.pth")
+    whole = (tmp_path / "whole.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(whole[: len(whole) // 2])
+    safetensors_bytes = (tmp_path / "upper.SAFETENSORS").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(safetensors_bytes[:-4])
+    for name in ("garbage.pth", "empty.pth", "truncated.pth", "truncated.safetensors"):
+        with pytest.raises(ValueError, match="corrupt or truncated") as info:
+            read_state_dict(tmp_path / name)
+        assert name in str(info.value) and "non-tensor" not in str(info.value), name
+    with pytest.raises(ValueError, match="Unsupported operand"):  # torch's reason is kept
+        read_state_dict(tmp_path / "garbage.pth")
+    torch.save({"model": state, "args": argparse.Namespace()}, tmp_path / "objects.pth")
+    with pytest.raises(ValueError, match="non-tensor.*Unsupported global.*argparse.Namespace"):
+        read_state_dict(tmp_path / "objects.pth")
+
+
+def test_conflicting_create_model_arguments_name_both():
+    with pytest.raises(ValueError, match="n_outputs and num_classes disagree"):
+        get_config("labram_tiny", n_outputs=3, num_classes=4)
+    assert get_config("labram_tiny", n_outputs=3, num_classes=3).num_classes == 3
+    names = ["Fp1", "Cz"]
+    rows = tuple(labram_input_chans(names))
+    for name in ("labram_tiny", "labram_tiny_pretrain"):
+        with pytest.raises(ValueError, match="ch_names and input_chans disagree"):
+            get_config(name, ch_names=names, input_chans=(0, 1, 5))
+        config = get_config(name, ch_names=names, input_chans=list(rows))
+        assert getattr(config, "backbone", config).input_chans == rows
+    info = [{"ch_name": n} for n in names]
+    with pytest.raises(ValueError, match="chs_info and input_chans disagree"):
+        get_config("labram_tiny", chs_info=info, input_chans=(0, 1, 5))
+
+
+def test_class_counts_must_be_non_negative_ints():
+    for bad in (-1, 2.5, True, "2", None):
+        with pytest.raises(ValueError, match="n_outputs must be an int >= 0"):
+            create_model("labram_tiny", n_outputs=bad)
+    for bad in (-3, 2.0, False):
+        with pytest.raises(ValueError, match="num_classes must be an int >= 0"):
+            get_config("labram_tiny", num_classes=bad)
+    assert get_config("labram_tiny", n_outputs=0).num_classes == 0
+    assert create_model("labram_tiny", n_outputs=3).head.out_features == 3

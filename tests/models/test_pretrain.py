@@ -179,3 +179,30 @@ def test_gpu_pretraining_step_never_waits_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_non_finite_padded_electrodes_and_mask_checks():
+    """NaN/inf in a padded electrode give the loss of a zero fill (padding multiplied by 0 let
+    them through); a padding mask or per-sample input_chans that do not fit x are named."""
+    model, _ = tiny_pair(seed=5)
+    B, C, A = 2, 3, 2
+    x, targets = torch.randn(B, C, A, 200), torch.randint(0, 256, (B, C * A))
+    chans = torch.tensor([0, 1, 2, 3])
+    padding = torch.tensor([[False, False, False], [False, False, True]])
+    mask = random_patch_mask(B, C * A, 0.5, padding_mask=padding.repeat_interleave(A, dim=1),
+                             generator=torch.Generator().manual_seed(3))  # fmt: skip
+    x[1, 2] = 0.0
+    expected = model(x, chans, targets, mask, channel_padding_mask=padding)
+    for fill in (float("nan"), float("inf")):
+        junk = x.clone()
+        junk[1, 2] = fill
+        got = model(junk, chans, targets, mask, channel_padding_mask=padding)
+        torch.testing.assert_close(got.loss, expected.loss)
+        tokens = model.student(junk, chans, mask, channel_padding_mask=padding)
+        assert torch.isfinite(tokens).all()
+    with pytest.raises(ValueError, match=r"channel_padding_mask must be a \(B, C\) = \(2, 3\)"):
+        model(x, chans, targets, mask, channel_padding_mask=padding[:, :2])
+    with pytest.raises(ValueError, match=r"channel_padding_mask must be a \(B, C\)"):
+        model.student(x, chans, channel_padding_mask=padding.float())
+    with pytest.raises(ValueError, match=r"input_chans must have shape \(B, C \+ 1\) = \(2, 4\)"):
+        model(x, chans.expand(3, -1), targets, mask)

@@ -176,3 +176,30 @@ def test_config_checks():
     model = create_model("vqnsp_tiny", code_dim=8)
     assert model.decoder.patch_embed.proj.weight.shape[1] == 8
     assert create_model("vqnsp_tiny", ch_names=["Cz"]).encoder.config.input_chans == (0, 42)
+
+
+def test_non_finite_padded_electrodes_give_the_zero_fill_codes_and_loss():
+    """NaN/inf in a padded electrode: the codes and loss of a zero fill (the Fourier targets'
+    statistics and the encoder applied the padding as a product with 0, which lets NaN
+    through); a padding mask that does not fit x is named."""
+    model, _ = tiny_pair(seed=4)
+    model.eval()
+    x = torch.randn(2, 3, 2, 200)
+    chans = torch.tensor([0, 1, 2, 3])
+    padding = torch.tensor([[False, False, False], [False, False, True]])
+    x[1, 2] = 0.0
+    with torch.no_grad():
+        expected = model(x, chans, channel_padding_mask=padding)
+        for fill in (float("nan"), float("inf")):
+            junk = x.clone()
+            junk[1, 2] = fill
+            got = model(junk, chans, channel_padding_mask=padding)
+            indices = model.get_codebook_indices(junk, chans, channel_padding_mask=padding)
+            torch.testing.assert_close(got.loss, expected.loss)
+            torch.testing.assert_close(got.indices, expected.indices)
+            torch.testing.assert_close(indices, expected.indices)
+    for wrong in (padding[:, :2], padding.float()):
+        with pytest.raises(ValueError, match=r"channel_padding_mask must be a \(B, C\)"):
+            model(x, chans, channel_padding_mask=wrong)
+        with pytest.raises(ValueError, match=r"channel_padding_mask must be a \(B, C\)"):
+            model.get_codebook_indices(x, chans, channel_padding_mask=wrong)
