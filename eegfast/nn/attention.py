@@ -21,9 +21,25 @@ def attention_visibility(
 ) -> torch.Tensor | None:
     """Boolean "query may see key" mask, (B, 1, N, N) or (1, 1, N, N), or None if all visible.
 
-    Semantics of the eegfast attention ops: ``key_padding_mask`` (B, N) True = padding key;
-    ``causal``: j <= i; ``block_causal`` (N,) block ids: block[j] <= block[i]. Masks AND.
+    Semantics of the eegfast attention ops: ``key_padding_mask`` (B, N) bool, True = padding
+    key; ``causal``: j <= i; ``block_causal`` (N,) block ids: block[j] <= block[i]. Masks AND.
+    A mask of another dtype raises TypeError, as in the fused op: a float mask is ambiguous
+    (additive -inf / 0, or 1 = padding?) and a cast to bool would silently pick one reading.
     """
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(
+                f"key_padding_mask must be a tensor or None, got {type(key_padding_mask).__name__}"
+            )
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(
+                f"key_padding_mask must be bool (True = padding key), got {key_padding_mask.dtype}"
+            )
+        if key_padding_mask.shape != (batch, n):
+            raise ValueError(
+                f"key_padding_mask must have shape (B, N) = ({batch}, {n}), "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
     visible = None
     if causal:
         visible = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]
@@ -32,7 +48,7 @@ def attention_visibility(
         in_past = (blocks[None, :] <= blocks[:, None])[None, None]
         visible = in_past if visible is None else visible & in_past
     if key_padding_mask is not None:
-        keys = (~key_padding_mask.to(device=device, dtype=torch.bool))[:, None, None, :]
+        keys = (~key_padding_mask.to(device))[:, None, None, :]
         visible = keys if visible is None else visible & keys
     if visible is not None and visible.shape[0] != batch:
         visible = visible.expand(batch, -1, n, n)
@@ -133,9 +149,14 @@ class QKNormAttention(nn.Module):
         fused into the output projection where :func:`~eegfast.nn.linear.fused_linear`
         can (a pre-norm block's residual branch with layer scale).
         """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"x must have shape (B, N, dim) with last dim dim = {self.dim}, "
+                f"got {tuple(x.shape)}"
+            )
         B, N, C = x.shape
-        if C != self.dim:
-            raise ValueError(f"x must have last dim {self.dim}, got {tuple(x.shape)}")
         qkv = fused_linear(x, self.qkv.weight, self._qkv_bias())  # (B, N, 3·H·D)
         dropout_p = self.attn_drop if self.training else 0.0
         if self.q_norm is not None:

@@ -33,12 +33,15 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import NoReturn
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 from eegfast.ops._backend import extension, resolve_backend
@@ -108,7 +111,8 @@ def qk_norm_attention_reference(
     (cast back at the end). Differentiable in all tensors. Returns (B, H, N, D) contiguous.
     """
     _check_inputs(q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
-                  eps, key_padding_mask, block_causal, dropout_p)  # fmt: skip
+                  eps, key_padding_mask, block_causal, dropout_p, scale=scale,
+                  causal=causal)  # fmt: skip
     compute = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
     D = q.shape[-1]
     scale = D**-0.5 if scale is None else scale
@@ -160,7 +164,26 @@ def _check_inputs(
     key_padding_mask: torch.Tensor | None,
     block_causal: torch.Tensor | None,
     dropout_p: float,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
 ) -> None:
+    if not _is_number(eps):
+        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
+    if scale is not None and not _is_number(scale):
+        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+    if not _is_number(dropout_p):
+        raise TypeError(f"dropout_p must be a number, got {type(dropout_p).__name__}")
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) the numbers are
+    # SymFloats, which compare symbolically but break the graph in math.isfinite.
+    if not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if scale is not None and not -math.inf < scale < math.inf:
+        raise ValueError(f"scale must be a finite number or None, got {scale}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -191,15 +214,15 @@ def _check_inputs(
     for name, p in params:
         if p is None:
             continue
+        _check_tensor_or_none(name, p)
         if p.shape != (D,):
             raise ValueError(f"{name} must have shape (D,) = ({D},), got {tuple(p.shape)}")
         if not p.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
         if p.device != q.device:
             raise ValueError(f"q is on {q.device} but {name} is on {p.device}")
-    if not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if key_padding_mask is not None:
+        _check_tensor_or_none("key_padding_mask", key_padding_mask)
         if key_padding_mask.shape != (B, N):
             raise ValueError(
                 f"key_padding_mask must have shape (B, N) = ({B}, {N}), "
@@ -214,6 +237,7 @@ def _check_inputs(
                 f"q is on {q.device} but key_padding_mask is on {key_padding_mask.device}"
             )
     if block_causal is not None:
+        _check_tensor_or_none("block_causal", block_causal)
         if block_causal.shape != (N,):
             raise ValueError(
                 f"block_causal must have shape (N,) = ({N},), got {tuple(block_causal.shape)}"
@@ -228,8 +252,22 @@ def _check_inputs(
             raise TypeError(f"block_causal must be an integer tensor, got {block_causal.dtype}")
         if block_causal.device != q.device:
             raise ValueError(f"q is on {q.device} but block_causal is on {block_causal.device}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def _check_tensor_or_none(name: str, value: object) -> None:
+    """TypeError naming the argument ``name`` unless ``value`` is a tensor or None."""
+    if value is not None and not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(value).__name__}")
+
+
+def _is_number(value: object) -> bool:
+    """Whether ``value`` is a real number (a torch.compile SymInt / SymFloat, a NumPy scalar
+    included), not a bool."""
+    if type(value) in (float, int):  # the usual case, without numbers.Real's slow ABC check
+        return True
+    return isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)) and not isinstance(
+        value, bool
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,6 +341,32 @@ def _op(qualified_name: str):
     return getattr(getattr(torch.ops, namespace), name)
 
 
+def _double_backward_message(bwd_op: str) -> str:
+    """The error of a gradient taken through ``bwd_op``, which has no derivative."""
+    return (
+        f"qk_norm_attention does not support double backward on its kernel backends: {bwd_op} "
+        "is not differentiable, so the second-order term (create_graph=True, e.g. a gradient "
+        "penalty, or torch.autograd.functional.hessian) would be lost; pass "
+        "backend='reference', which supports it"
+    )
+
+
+def _raising_when_differentiated(grads: tuple, message: str) -> tuple:
+    """``grads`` (tensors and Nones) as outputs of a node that raises ``message`` when a
+    gradient flows into it: what a backward run with create_graph=True returns, so that its
+    constant (graph-less) gradients are never differentiated as if they were exact."""
+    tensors = [g for g in grads if g is not None]
+    error = torch._C._functions.DelayedError(message, len(tensors))
+    raising = error(*(g.detach().requires_grad_() for g in tensors))
+    raising = iter((raising,) if len(tensors) == 1 else raising)
+    return tuple(None if g is None else next(raising) for g in grads)
+
+
+def _bwd_backward(ctx, *grads) -> NoReturn:
+    """The autograd formula registered on the backward ops: there is none."""
+    raise RuntimeError(ctx.message)
+
+
 def _make_backward(bwd_op: str, *, strided_grad: bool):
     """The autograd formula registered on a forward op, calling ``bwd_op``; ``strided_grad``:
     that op reads grad_out with any strides whose rows are contiguous (the C++ op), so the
@@ -336,21 +400,30 @@ def _function_class(name: str, forward, backward) -> type[torch.autograd.Functio
 
 
 def _eager_function(
-    name: str, fwd: Callable, bwd: Callable, *, strided_grad: bool
+    name: str, fwd: Callable, bwd: Callable, *, strided_grad: bool, bwd_name: str
 ) -> type[torch.autograd.Function]:
     """An autograd.Function over the eager forms of the ops, returning only the (B, N, H, D)
     output (lse and the statistics are saved, not returned: one output for the autograd engine
     to track). Not a view of it: a view made inside a custom Function cannot be modified in
-    place, and callers do (``attn(x).mul_(s)``)."""
+    place, and callers do (``attn(x).mul_(s)``). Once differentiable: gradients taken with
+    create_graph=True raise (naming ``bwd_name``) when differentiated."""
+
+    message = _double_backward_message(bwd_name)
 
     def forward(ctx, *args):
         out, lse, q_stats, k_stats = fwd(*args)
         _save_for_backward(ctx, args, out, lse, q_stats, k_stats)
         return out
 
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        return _input_grads(ctx, bwd, grad_out, strided_grad)
+        if not torch.is_grad_enabled():  # a plain backward (create_graph=False)
+            return _input_grads(ctx, bwd, grad_out, strided_grad)
+        # create_graph=True: the kernels' gradients have no graph; once_differentiable only
+        # catches a grad_out that requires grad, and out.sum()'s does not, so the second-order
+        # term would be silently dropped. Differentiating them raises instead.
+        with torch.no_grad():
+            grads = _input_grads(ctx, bwd, grad_out, strided_grad)
+        return _raising_when_differentiated(grads, message)
 
     return _function_class(name, forward, backward)
 
@@ -403,6 +476,15 @@ def _register_op_glue(
     torch.library.register_fake(bwd_op)(_bwd_fake)
     backward = _make_backward(bwd_op, strided_grad=strided_grad)
     torch.library.register_autograd(fwd_op, backward, setup_context=_fwd_setup_context)
+    # The backward op's own "derivative": an error. Without one, a double backward on the op
+    # path (under dispatch modes) only warned that no autograd kernel was registered and left
+    # the second-order gradients None.
+    message = _double_backward_message(bwd_op)
+
+    def bwd_setup_context(ctx, inputs, output) -> None:
+        ctx.message = message
+
+    torch.library.register_autograd(bwd_op, _bwd_backward, setup_context=bwd_setup_context)
     eager_fwd, eager_bwd = eager or (_below_autograd(fwd_op), _below_autograd(bwd_op))
     _OP_PATHS[fwd_op] = _OpPaths(
         eager_forward=eager_fwd,
@@ -411,6 +493,7 @@ def _register_op_glue(
             eager_fwd,
             eager_bwd,
             strided_grad=strided_grad,
+            bwd_name=bwd_op,
         ),
     )
 
@@ -429,6 +512,29 @@ def _plain_eager(tensors: tuple) -> bool:
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_AUTODIFF_TRANSFORMS = (
+    torch._C._functorch.TransformType.Grad,
+    torch._C._functorch.TransformType.Jvp,
+)
+
+
+def _needs_reference_autodiff(tensors: tuple) -> bool:
+    """Whether this call is differentiated in a way the kernels cannot be: forward-mode AD
+    (a dual tensor of torch.autograd.forward_ad among ``tensors``, or torch.func.jvp / jacfwd)
+    or a torch.func gradient transform (grad, vjp, jacrev, hessian). The kernels have no jvp
+    (their tangent came out zero, or missing) and their autograd.Function no setup_context
+    (functorch refused it with a message naming neither eegfast nor the op); the reference
+    supports all of these. vmap alone is fine on the ops (the batching fallback).
+
+    Cheap when none is active: one lookup of the functorch stack and of the dual level."""
+    if torch._C._functorch.peek_interpreter_stack() is not None and any(
+        interpreter.key() in _AUTODIFF_TRANSFORMS
+        for interpreter in torch._C._functorch.get_interpreter_stack()
+    ):
+        return True
+    if forward_ad._current_level >= 0:  # inside torch.autograd.forward_ad.dual_level()
+        return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return False
 
 
 @functools.cache
@@ -576,6 +682,11 @@ def qk_norm_attention(
             reference, an explicit other backend raises ValueError.
         backend: ``"reference"``, ``"cpu"`` (C++), ``"triton"``, ``"cuda"`` (= Triton) or None
             (automatic: C++ on CPU tensors, Triton on CUDA tensors); see :mod:`eegfast.ops`.
+            Forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp`` / ``jacfwd``)
+            and the ``torch.func`` gradient transforms (``grad``, ``vjp``, ``jacrev``,
+            ``hessian``) run on the reference whatever the backend: the kernels support
+            neither. Nor do they support double backward (``create_graph=True`` and a
+            gradient of the gradient): that raises RuntimeError; use ``"reference"``.
 
     Returns:
         (B, H, N, D) in q's dtype. From the kernels it is a view of a contiguous (B, N, H, D)
@@ -587,8 +698,21 @@ def qk_norm_attention(
     noise around zero).
     """
     _check_inputs(q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
-                  eps, key_padding_mask, block_causal, dropout_p)  # fmt: skip
-    chosen = _choose_backend(backend, q.device, dropout_p > 0, q.dtype == torch.float64)
+                  eps, key_padding_mask, block_causal, dropout_p, scale=scale,
+                  causal=causal)  # fmt: skip
+    # a branch, not the comparison itself: under torch.compile(dynamic=True) dropout_p is a
+    # SymFloat and the comparison a SymBool, which the constant-folded _choose_backend cannot
+    # take, while a branch on it is decided (and guarded) at trace time
+    dropout = True if dropout_p > 0 else False  # noqa: SIM210
+    chosen = _choose_backend(backend, q.device, dropout, q.dtype == torch.float64)
+    if (
+        chosen != "reference"
+        and not torch.compiler.is_compiling()
+        and _needs_reference_autodiff(
+            (q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias)
+        )
+    ):
+        chosen = "reference"
     kwargs = dict(eps=eps, scale=scale, key_padding_mask=key_padding_mask, causal=causal,
                   block_causal=block_causal)  # fmt: skip
     if chosen == "reference":
@@ -651,6 +775,8 @@ def qk_norm_attention_packed(
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
         shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
         raise ValueError(f"qkv must have shape (B, N, 3 * H * D), got {shape}")
+    if not isinstance(num_heads, (int, torch.SymInt)) or isinstance(num_heads, bool):
+        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
     if num_heads <= 0 or qkv.shape[-1] % (3 * num_heads) != 0:
         raise ValueError(
             f"qkv's last dim ({qkv.shape[-1]}) must be 3 * num_heads * D with num_heads = "

@@ -81,6 +81,27 @@ def test_attention_masks(qk_norm):
     )
 
 
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_attention_rejects_bad_inputs_naming_them(qk_norm):
+    """Both paths (the fused op with qk_norm, SDPA without) take the documented (B, N) bool
+    mask only: the SDPA path used to cast a float or integer mask to bool, which the fused
+    path rejects; a 2-D x failed in tuple unpacking."""
+    attn = QKNormAttention(16, 2, qk_norm=qk_norm)
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, N, dim\).*got \(5, 16\)"):
+        attn(torch.randn(5, 16))
+    with pytest.raises(TypeError, match="x must be a tensor, got list"):
+        attn(x.tolist())
+    for mask in (torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.long)):
+        with pytest.raises(TypeError, match="key_padding_mask must be bool"):
+            attn(x, key_padding_mask=mask)
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, N\) = \(2, 5\)"):
+        attn(x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask must be a tensor or None, got list"):
+        attn(x, key_padding_mask=[[False] * 5] * 2)
+    assert attn(x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)).shape == x.shape
+
+
 def test_attention_state_dict_keys():
     assert set(QKNormAttention(200, 10).state_dict()) == {
         "qkv.weight", "q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias",

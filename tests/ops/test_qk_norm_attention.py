@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
@@ -726,6 +727,143 @@ def test_eager_path_rejects_double_backward():
         grad.sum().backward()
 
 
+DOUBLE_BACKWARD_ERROR = r"does not support double backward.*backend='reference'"
+
+
+@pytest.mark.parametrize("path", ["eager", "op"])
+def test_double_backward_through_the_kernels_raises(path):
+    """A gradient penalty: g = d out.sum() / dq with create_graph=True, then a loss of g plus
+    another term. The kernels' backward has no derivative: the backward of the penalty raises,
+    naming the op and the reference, on the eager path and on the ops (under a dispatch mode),
+    instead of dropping the second-order term (eager) or leaving the gradients None (op)."""
+    case = make_case(1, 2, 9, 16, seed=31, padding=True)
+    q = case["qkv"][0].requires_grad_()
+    k, v = case["qkv"][1:]
+    weight = case["params"]["q_norm_weight"].requires_grad_()
+    mask = case["kwargs"]["key_padding_mask"]
+    mode = OpRecorder() if path == "op" else contextlib.nullcontext()
+    with mode:
+        out = qk_norm_attention(q, k, v, weight, key_padding_mask=mask, backend="cpu")
+        g_q, g_weight = torch.autograd.grad(out.sum(), (q, weight), create_graph=True)
+        penalty = g_q.square().sum() + g_weight.square().sum() + q.square().sum()
+        with pytest.raises(RuntimeError, match=DOUBLE_BACKWARD_ERROR):
+            penalty.backward()
+    if path == "op":
+        assert "eegfast::qk_norm_attention_bwd" in mode.ops
+    # a plain backward of the same graph still works
+    g_q, g_weight = torch.autograd.grad(out.sum(), (q, weight), retain_graph=True)
+    assert g_q.shape == q.shape and g_weight.shape == weight.shape
+
+
+def test_backward_op_called_directly_is_not_differentiable():
+    args = op_args(True)
+    q, k, v, qw, qb, kw, kb, eps, scale, mask, causal, ids = args
+    with torch.no_grad():
+        out, lse, q_stats, k_stats = torch.ops.eegfast.qk_norm_attention_fwd(*args)
+    grads = torch.ops.eegfast.qk_norm_attention_bwd(
+        torch.ones_like(out), q, k, v, qw, qb, kw, kb, out, lse, q_stats, k_stats, scale, mask,
+        causal, ids,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match=DOUBLE_BACKWARD_ERROR):
+        grads[0].sum().backward()
+
+
+def test_reference_supports_double_backward():
+    case = make_case(1, 1, 5, 4, seed=32, dtype=torch.float64, causal=True)
+    q, k, v = (t.requires_grad_() for t in case["qkv"])
+    weight = case["params"]["k_norm_weight"].requires_grad_()
+
+    def attention(q, k, v, weight):
+        return qk_norm_attention(q, k, v, None, None, weight, causal=True, backend="reference")
+
+    assert torch.autograd.gradgradcheck(attention, (q, k, v, weight))
+
+
+def autodiff_results(backend, seed):
+    """Tangents, gradients and Hessians of one small case from the forward-mode and torch.func
+    transforms, by name."""
+    case = make_case(1, 2, 4, 5, seed=seed, dtype=torch.float64, padding=True)
+    q, k, v = case["qkv"]
+    params = case["params"]
+    mask = case["kwargs"]["key_padding_mask"]
+    # (not make_case's seed: a tangent equal to q is a rescaling, which LayerNorm ignores)
+    tangent_gen = torch.Generator().manual_seed(seed + 100)
+    tangent = torch.randn(q.shape, generator=tangent_gen, dtype=q.dtype)
+
+    def attention(q, k_weight):
+        return qk_norm_attention(q, k, v, params["q_norm_weight"], params["q_norm_bias"],
+                                 k_weight, params["k_norm_bias"], key_padding_mask=mask,
+                                 backend=backend)  # fmt: skip
+
+    k_weight = params["k_norm_weight"]
+    results = {"jvp": torch.func.jvp(lambda q: attention(q, k_weight), (q,), (tangent,))[1]}
+    with forward_ad.dual_level():
+        out = attention(forward_ad.make_dual(q, tangent), k_weight)
+        results["forward_ad q"] = forward_ad.unpack_dual(out).tangent
+        out = attention(q, forward_ad.make_dual(k_weight, tangent[0, 0, 0]))
+        results["forward_ad weight"] = forward_ad.unpack_dual(out).tangent
+    results["grad"] = torch.func.grad(lambda w: attention(q, w).square().sum())(k_weight)
+    jacobians = torch.func.jacrev(attention, argnums=(0, 1))(q, k_weight)
+    results["jacrev q"], results["jacrev weight"] = jacobians
+    results["hessian"] = torch.func.hessian(lambda w: attention(q, w).square().sum())(k_weight)
+    results["vmap grad"] = torch.func.vmap(
+        torch.func.grad(lambda q: attention(q[None], k_weight).square().sum())
+    )(q)
+    return results
+
+
+# (forward AD's first use loads torch's jvp decompositions through the deprecated jit.script)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("backend", ["cpu", None])
+def test_forward_ad_and_func_transforms_run_on_the_reference(backend):
+    """Forward-mode AD (torch.func.jvp, forward_ad dual tensors) gave a zero or missing tangent
+    on the kernels, and torch.func.grad / jacrev / hessian failed with functorch's internal
+    message; they run on the reference and give its results."""
+    got = autodiff_results(backend, seed=33)
+    want = autodiff_results("reference", seed=33)
+    for name in want:
+        assert got[name] is not None, name
+        assert_all_close([got[name]], [want[name]], 1e-6, names=[name])
+    assert got["jvp"].abs().max() > 0.1  # not a zero tangent
+
+
+def test_vmap_alone_still_uses_the_op():
+    q = torch.randn(3, 1, 2, 9, 20)
+    with OpRecorder() as recorder:
+        out = torch.func.vmap(lambda q: qk_norm_attention(q, q, q, backend="cpu"))(q)
+    assert "eegfast::qk_norm_attention_fwd" in recorder.ops
+    torch.testing.assert_close(out[1], qk_norm_attention(q[1], q[1], q[1], backend="reference"))
+
+
+def test_torch_compile_dynamic_fullgraph():
+    """dynamic=True makes eps, scale and dropout_p SymFloats (the defaults too): the argument
+    checks compare them rather than call math.isfinite, which broke the graph."""
+    case = make_case(2, 2, 11, 16, seed=34, padding=True)
+
+    def attention(q, k, v, weight, eps, scale):
+        out = qk_norm_attention(q, k, v, weight, None, weight, None, eps=eps, scale=scale,
+                                key_padding_mask=case["kwargs"]["key_padding_mask"],
+                                backend="cpu")  # fmt: skip
+        return out.square().sum()
+
+    def packed(qkv, num_heads):
+        return qk_norm_attention_packed(qkv, num_heads, causal=True, backend="cpu")
+
+    compiled = torch.compile(attention, fullgraph=True, dynamic=True, backend="aot_eager")
+    q, k, v = case["qkv"]
+    weight = case["params"]["q_norm_weight"]
+    results = []
+    for fn in (attention, compiled):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v, weight)]
+        loss = fn(*inputs, 1e-5, 0.3)
+        loss.backward()
+        results.append([loss.detach()] + [t.grad for t in inputs])
+    assert_all_close(results[1], results[0], 1e-6)
+    qkv = torch.randn(2, 7, 48)
+    compiled_packed = torch.compile(packed, fullgraph=True, dynamic=True, backend="aot_eager")
+    torch.testing.assert_close(compiled_packed(qkv, 2), packed(qkv, 2))
+
+
 # ---- dispatch and errors ------------------------------------------------------------------------
 
 
@@ -807,6 +945,21 @@ def _bad(**changes):
         ),  # fmt: skip
         ({"block_causal": torch.zeros(5)}, TypeError, "block_causal must be an integer tensor"),
         ({"eps": -1.0}, ValueError, "eps must be"),
+        ({"eps": float("nan")}, ValueError, "eps must be a finite number >= 0"),
+        ({"eps": float("inf")}, ValueError, "eps must be a finite number >= 0"),
+        ({"eps": None}, TypeError, "eps must be a number, got NoneType"),
+        ({"scale": float("inf")}, ValueError, "scale must be a finite number or None"),
+        ({"scale": "0.5"}, TypeError, "scale must be a number or None, got str"),
+        ({"dropout_p": None}, TypeError, "dropout_p must be a number, got NoneType"),
+        ({"causal": None}, TypeError, "causal must be a bool, got NoneType"),
+        ({"q_norm_weight": [1.0] * 8}, TypeError, "q_norm_weight must be a tensor or None"),
+        ({"k_norm_bias": 0.0}, TypeError, "k_norm_bias must be a tensor or None, got float"),
+        (
+            {"key_padding_mask": [[False] * 5] * 2},
+            TypeError,
+            "key_padding_mask must be a tensor or None, got list",
+        ),
+        ({"block_causal": [0] * 5}, TypeError, "block_causal must be a tensor or None"),
     ],
 )
 def test_bad_input_names_the_argument(backend, changes, error, message):
@@ -820,6 +973,9 @@ def test_packed_bad_shapes():
         qk_norm_attention_packed(torch.randn(2, 5), 2)
     with pytest.raises(ValueError, match="must be 3 \\* num_heads \\* D with num_heads = 4"):
         qk_norm_attention_packed(torch.randn(2, 5, 30), 4)
+    for num_heads in (2.0, True, None):
+        with pytest.raises(TypeError, match="num_heads must be an int"):
+            qk_norm_attention_packed(torch.randn(2, 5, 48), num_heads)
 
 
 def test_cpp_kernel_checks_direct_calls():
