@@ -15,6 +15,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 # command -> (module, one-line help). Modules are imported lazily.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,6 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("eegfast.train.commands.doctor", "report the environment and usable backends"),
     "quickstart": ("eegfast.train.commands.quickstart", "the whole recipe on the bundled EEG"),
 }
+
+# Commands whose --out is a folder: an existing file there is refused before any work.
+FOLDER_OUT = {"prepare", "tokenizer", "pretrain", "upcycle", "finetune", "evaluate", "quickstart"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = argparse.ArgumentParser(prog=f"eegfast {name}", description=COMMANDS[name][1])
         module.configure_parser(parser)
         args = parser.parse_args(argv[1:])
+        out = getattr(args, "out", None)
+        if name in FOLDER_OUT and out is not None and Path(out).exists():
+            if not Path(out).is_dir():
+                print(f"eegfast {name}: --out {out}: exists and is not a folder", file=sys.stderr)
+                return 2
         return int(module.main(args) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)

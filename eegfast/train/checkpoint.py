@@ -10,7 +10,8 @@ Layout of ``<run>/checkpoints/step-00000120/``:
 The folder is assembled under a hidden temporary name, every file and the folder are fsynced,
 and it is renamed into place with ``os.replace``; the parent folder is fsynced last. A process
 killed at any moment therefore leaves only complete ``step-*`` folders (plus, at worst, one
-``.tmp-*`` folder that the next save removes). ``latest_checkpoint`` picks the newest complete one.
+``.tmp-step-<step>-<pid>`` folder that the next save removes once that process is gone).
+``latest_checkpoint`` picks the newest complete one.
 """
 
 from __future__ import annotations
@@ -53,6 +54,29 @@ def _plain_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
+TMP_DIR = re.compile(r"^\.tmp-step-\d{8}-(\d+)$")
+
+
+def _is_stale(tmp: Path) -> bool:
+    """A temporary folder left by this process or by one that no longer runs; never one that
+    another live process is writing (``.tmp-step-<step>-<pid>``; other names are left alone)."""
+    match = TMP_DIR.match(tmp.name)
+    if match is None:
+        return False
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError):
+        return False  # alive (another user's), or unknown: keep it
+    return False
+
+
 def save_checkpoint(
     checkpoint_dir: str | Path,
     step: int,
@@ -64,7 +88,8 @@ def save_checkpoint(
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     for stale in checkpoint_dir.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if _is_stale(stale):
+            shutil.rmtree(stale, ignore_errors=True)
     final = checkpoint_dir / f"step-{step:08d}"
     tmp = checkpoint_dir / f".tmp-step-{step:08d}-{os.getpid()}"
     tmp.mkdir()

@@ -104,6 +104,16 @@ class NonFiniteLossError(RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite; the run was stopped."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`fit`: where it stopped (``step``, optimiser steps done) and the run
+    folder, so a command can say where the last checkpoint is. A KeyboardInterrupt, so code
+    that catches that still does."""
+
+    def __init__(self, step: int, run_dir: Path):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.run_dir = step, run_dir
+
+
 @dataclass
 class FitResult:
     step: int
@@ -542,6 +552,10 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             epoch += 1
             start_batch = 0
+    except KeyboardInterrupt as interrupt:
+        if isinstance(interrupt, TrainingInterrupted):  # a nested fit's: already placed
+            raise
+        raise TrainingInterrupted(step, run_dir) from interrupt
     finally:
         bar.close()
         logger.close()

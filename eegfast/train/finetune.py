@@ -228,6 +228,8 @@ def train_classifier(
             "arch": {**backbone.arch, "heads": heads},
             "command": "finetune",
             "task_names": backbone.task_names,
+            # what evaluate needs to tell this fold's training windows from held-out ones
+            "train_recordings": sorted({data.items[int(i)].recording for i in train_idx}),
         },
         find_unused_parameters=len(tasks) > 1 or bool(backbone.arch.get("upcycle")),
     )
@@ -252,6 +254,8 @@ def cross_validate(
     if not tasks:
         raise ValueError("no labelled windows in the data; nothing to fine-tune on")
     plans, grouping = plan_folds(data, tasks, ft.folds, ft.group_by, config.train.seed)
+    if len(plans) < ft.folds:
+        log(f"note: {ft.folds} folds requested, only {len(plans)} groups: using {len(plans)}")
     result = CVResult(grouping=grouping)
     variants: list[tuple[str, list[str]]] = []
     if backbone is not None and ft.mode == "full":

@@ -174,6 +174,19 @@ def test_existing_output_needs_overwrite(checkpoint, tmp_path, capsys):
     assert np.load(out).shape == (1, 200)
 
 
+def test_existing_sidecar_needs_overwrite(checkpoint, tmp_path, capsys):
+    np.save(tmp_path / "ok.npy", np.ones((1, 400), np.float32))
+    out, sidecar = tmp_path / "summary.npy", tmp_path / "summary.json"
+    sidecar.write_text('{"keep": "me"}')
+    base = ["--model", checkpoint, "--prompt", tmp_path / "ok.npy", "--channels", "Cz"]
+    code, text = _run(capsys, *base, "--seconds", 1, "--out", out)
+    assert code == 2 and f"sidecar {sidecar} exists" in text and "--overwrite" in text
+    assert sidecar.read_text() == '{"keep": "me"}' and not out.exists()
+    code, text = _run(capsys, *base, "--seconds", 1, "--out", out, "--overwrite")
+    assert code == 0, text
+    assert "Cz" in sidecar.read_text()
+
+
 def test_not_a_hybrid_checkpoint_is_refused(tmp_path, capsys):
     from eegfast.models import create_model
 

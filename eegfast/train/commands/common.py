@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +30,9 @@ class CommandError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
+def add_run_arguments(
+    parser: argparse.ArgumentParser, *, data: bool = True, training: bool = True
+) -> None:
     parser.epilog = EPILOG
     if data:
         parser.add_argument(
@@ -47,9 +54,16 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, data: bool = True) -> 
     parser.add_argument(
         "--resume",
         default=None,
-        metavar="auto|CHECKPOINT",
-        help="resume: 'auto' = newest checkpoint in --out, or a checkpoint folder",
+        metavar="auto|CHECKPOINT|RUN",
+        help="resume: 'auto' = newest checkpoint in --out, a checkpoint folder "
+        "(RUN/checkpoints/step-N), or a run folder (its newest checkpoint)",
     )
+    if training:
+        parser.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace the checkpoints and metrics of an earlier run in --out",
+        )
     parser.add_argument("--seed", type=int, default=None, help="sets train.seed")
     parser.add_argument("--device", default=None, help="auto|cpu|cuda (sets train.device)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -89,11 +103,15 @@ def start(config: RunConfig) -> Runtime:
 
 
 def run_command(name: str, body) -> int:
-    """Call ``body()``; user errors become one line on stderr and exit status 2."""
+    """Call ``body()``; user errors become one line on stderr and exit status 2, Ctrl-C one
+    line (where training stopped, how to continue) and exit status 130."""
     from eegfast.train.engine import NonFiniteLossError
 
     try:
         return int(body() or 0)
+    except KeyboardInterrupt as err:
+        print(f"eegfast {name}: {interrupted_message(err)}", file=sys.stderr)
+        return 130
     except (CommandError, ConfigError, FileNotFoundError, ValueError) as err:
         print(f"eegfast {name}: {err}", file=sys.stderr)
         return 2
@@ -106,3 +124,210 @@ def say(runtime: Runtime | None, *parts: object) -> None:
     """Print on rank 0 only (CLI output)."""
     if runtime is None or runtime.dist.is_main:
         print(*parts, flush=True)
+
+
+def interrupted_message(interrupt: KeyboardInterrupt) -> str:
+    """Where a Ctrl-C stopped training (a :class:`~eegfast.train.engine.TrainingInterrupted`
+    knows the step and run folder) and how to continue from the last checkpoint."""
+    from eegfast.train import checkpoint as ckpt
+    from eegfast.train.engine import TrainingInterrupted
+
+    if not isinstance(interrupt, TrainingInterrupted):
+        return "interrupted"
+    where = f"interrupted at step {interrupt.step}"
+    latest = ckpt.latest_checkpoint(Path(interrupt.run_dir) / "checkpoints")
+    if latest is None:
+        return f"{where}; no checkpoint written yet in {interrupt.run_dir}"
+    return f"{where}; last checkpoint {latest.path}; continue with --resume auto"
+
+
+# --- the run folder: --out, --resume, --overwrite and the writer's lock ---------------------
+
+# What a run leaves in its folder (and, for finetune, in FOLD/VARIANT/ below it): these are
+# what --overwrite removes; nothing else in --out is touched.
+RUN_ARTEFACTS = ("checkpoints", "metrics.csv", "tensorboard", "config.yaml")
+# finetune's and evaluate's reports at the top of --out.
+REPORT_ARTEFACTS = (
+    "results.csv",
+    "summary.json",
+    "report.md",
+    "predictions.npz",
+    "loss_curves.png",
+    "confusion.png",
+    "expert_load.png",
+)
+LOCK = ".lock"
+
+
+def check_out(out: Path) -> None:
+    """``--out`` must be a folder or not exist yet."""
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out}: exists and is not a folder")
+
+
+def _run_folders(out: Path) -> list[Path]:
+    """``out`` and the per-fold/variant run folders of a fine-tuning (``out/fold*/*``)."""
+    nested = [p for p in sorted(out.glob("fold*/*")) if p.is_dir()]
+    return [out, *nested]
+
+
+def previous_run(out: Path) -> list[Path]:
+    """The checkpoints and metrics an earlier run left in ``out``."""
+    from eegfast.train import checkpoint as ckpt
+
+    if not out.is_dir():
+        return []
+    checkpoints, metrics = [], []
+    for folder in _run_folders(out):
+        checkpoints += [c.path for c in ckpt.list_checkpoints(folder / "checkpoints")[::-1]]
+        if (folder / "metrics.csv").is_file():
+            metrics.append(folder / "metrics.csv")
+    return checkpoints + metrics  # newest checkpoint first
+
+
+def clear_previous_run(out: Path) -> None:
+    """Remove what an earlier run wrote (``RUN_ARTEFACTS`` in each run folder, the reports):
+    each is first renamed to a hidden name, so that a crash half way leaves no partial
+    checkpoint looking complete."""
+    from eegfast.fileio import fsync_dir
+
+    for folder in _run_folders(out):
+        names = RUN_ARTEFACTS + (REPORT_ARTEFACTS if folder == out else ())
+        for name in names:
+            path = folder / name
+            if not path.exists():
+                continue
+            trash = folder / f".old-{name}-{os.getpid()}"
+            os.replace(path, trash)
+            fsync_dir(folder)
+            if trash.is_dir():
+                shutil.rmtree(trash)
+            else:
+                trash.unlink()
+        if folder != out:
+            with contextlib.suppress(OSError):  # empty fold folders of the old run
+                folder.rmdir()
+    for fold in out.glob("fold*"):
+        with contextlib.suppress(OSError):
+            fold.rmdir()
+
+
+def resolve_resume(resume: str | None, out: Path, expected: set[str] | None) -> str | None:
+    """``--resume`` as fit() takes it: ``"auto"`` or a checkpoint folder; a run folder becomes
+    its newest checkpoint. ``expected``: the checkpoint kinds (``arch.kind``) this command can
+    continue (None: any)."""
+    from eegfast.train import checkpoint as ckpt
+
+    if resume is None or resume == "auto":
+        if resume == "auto" and expected:
+            latest = ckpt.latest_checkpoint(out / "checkpoints")
+            if latest is not None:
+                _check_kind(f"--resume auto ({latest.path})", latest.meta, expected)
+        return resume
+    path = Path(resume)
+    accepted = "auto, a checkpoint folder (RUN/checkpoints/step-N) or a run folder"
+    if not path.is_dir():
+        raise CommandError(f"--resume {resume}: no such folder (expected {accepted})")
+    if not (path / ckpt.STATE).is_file():
+        latest = ckpt.latest_checkpoint(path / "checkpoints") or ckpt.latest_checkpoint(path)
+        if latest is None or not (latest.path / ckpt.STATE).is_file():
+            raise CommandError(
+                f"--resume {resume}: not a checkpoint or run folder (expected {accepted})"
+            )
+        path = latest.path
+    meta_file = path / ckpt.META
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if expected:
+        _check_kind(f"--resume {resume}", meta, expected)
+    return str(path)
+
+
+def _check_kind(what: str, meta: dict[str, Any], expected: set[str]) -> None:
+    kind = (meta.get("arch") or {}).get("kind") or meta.get("command")
+    if kind not in expected:
+        want = " or ".join(f"'{k}'" for k in sorted(expected))
+        raise CommandError(f"{what}: a '{kind}' checkpoint, this command trains a {want}")
+
+
+def _is_main_process() -> bool:
+    """Rank 0 (or no torchrun): the process that writes the run folder."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def run_folder(
+    args: argparse.Namespace, *, expected: set[str] | None = None
+) -> Iterator[str | None]:
+    """Claim ``args.out`` for this run and yield the ``--resume`` value for fit().
+
+    Checks that --out is a folder (or new) and that --resume names something resumable, then,
+    on rank 0 only (the one process that writes under torchrun), takes ``OUT/.lock`` for the
+    run's life, so that a second run into the same folder is refused, and refuses a folder
+    that holds an earlier run's checkpoints or metrics unless --resume or --overwrite is given
+    (with --overwrite they are removed first)."""
+    out = Path(args.out)
+    check_out(out)
+    overwrite = bool(getattr(args, "overwrite", False))
+    resume = getattr(args, "resume", None)
+    if overwrite and resume:
+        raise CommandError("--overwrite and --resume exclude each other (replace or continue)")
+    resume = resolve_resume(resume, out, expected)
+    if not resume and not overwrite:  # every rank, so that all of them refuse alike
+        _refuse_previous_run(out)
+    if not _is_main_process():
+        yield resume
+        return
+    with hold_lock(out):
+        if not resume:
+            if overwrite:
+                clear_previous_run(out)
+            else:
+                _refuse_previous_run(out)  # again, now that no other run can write there
+        yield resume
+
+
+def _refuse_previous_run(out: Path) -> None:
+    found = previous_run(out)
+    if found:
+        raise CommandError(
+            f"--out {out}: holds an earlier run ({found[0]}); continue it with --resume auto, "
+            "replace it with --overwrite, or choose another --out"
+        )
+
+
+@contextlib.contextmanager
+def hold_lock(out: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``out/.lock`` while the block runs (released by the kernel if
+    the process dies); refused with a one-line error while another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no protection, as before
+        out.mkdir(parents=True, exist_ok=True)
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            by = f" (pid {holder})" if holder else ""
+            raise CommandError(
+                f"--out {out}: another eegfast run is writing to this folder{by}; wait for it "
+                "to finish or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def finished_message(result, what: str) -> str:
+    """``<what> for N steps; checkpoint P``, or, for a resumed run that had nothing left to do,
+    ``already complete at step N; checkpoint P``."""
+    if result.checkpoint is None and result.resumed_from is not None:
+        return f"already complete at step {result.step}; checkpoint {result.resumed_from}"
+    return f"{what} for {result.step} steps; checkpoint {result.checkpoint}"

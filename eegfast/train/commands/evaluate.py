@@ -43,7 +43,7 @@ from eegfast.train.finetune import (
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_run_arguments(parser)
+    add_run_arguments(parser, training=False)
     parser.add_argument("--model", required=True, help="run folder, checkpoint or .safetensors")
     parser.add_argument("--folds", type=int, default=None, help="k for the linear probe")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks (data.tasks)")
@@ -95,6 +95,25 @@ def export_features(
             )
 
     return write_atomic(path, save)
+
+
+def training_windows_warning(meta: dict, data, tasks) -> str | None:
+    """A fine-tuned fold model records its training recordings: say how many of the evaluated
+    windows come from them (scores on those are not held-out scores)."""
+    trained_on = set(meta.get("train_recordings") or [])
+    if not trained_on:
+        return None
+    indices = [int(i) for task in tasks for i in data.labelled(task)]
+    seen = [i for i in indices if data.items[i].recording in trained_on]
+    if not seen:
+        return None
+    recordings = len({data.items[i].recording for i in seen})
+    return (
+        f"{len(seen)} of {len(indices)} windows are from the {recordings} recording(s) this "
+        "model was fine-tuned on, so these scores overstate held-out performance (evaluate "
+        "on data the model has not seen, or read the fine-tuning run's own cross-validated "
+        "report)"
+    )
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -151,6 +170,10 @@ def _main(args: argparse.Namespace) -> int:
                 if load is not None:
                     result.expert_load.setdefault(task, []).append(load)
             notes = [f"model `{args.model}` evaluated on every labelled window (no training)"]
+            warning = training_windows_warning(meta, data, tasks)
+            if warning:
+                say(runtime, f"warning: {warning}")
+                notes.append(f"**warning:** {warning}")
         else:
             arch_b, weights, meta_b = backbone_from_checkpoint(args.model)
             backbone = Backbone(arch_b, weights, task_names or sorted(data.tasks))

@@ -17,7 +17,16 @@ from pathlib import Path
 
 from eegfast.fileio import write_text_atomic
 from eegfast.train.arch import backbone_from_checkpoint
-from eegfast.train.commands.common import add_run_arguments, resolve, run_command, say, start
+from eegfast.train.commands.common import (
+    CommandError,
+    add_run_arguments,
+    check_out,
+    resolve,
+    run_command,
+    run_folder,
+    say,
+    start,
+)
 from eegfast.train.config import RunConfig, config_to_yaml
 from eegfast.train.data import load_data
 from eegfast.train.distributed import shutdown
@@ -71,6 +80,45 @@ def _main(args: argparse.Namespace) -> int:
     if args.linear:
         extra["finetune.mode"] = "linear"
     config = resolve(args, DEFAULTS, extra)
+    check_out(Path(args.out))
+    if args.resume not in (None, "auto"):
+        raise CommandError(
+            f"--resume {args.resume}: finetune resumes each fold and variant from its own "
+            "folder under --out; use --resume auto"
+        )
+    check_tasks(config)
+    with run_folder(args) as resume:
+        return _train(args, config, resume)
+
+
+def check_tasks(config: RunConfig) -> None:
+    """``data.tasks`` must name tasks of the prepared folders (read from their indexes only)."""
+    if not config.data.tasks:
+        return
+    from eegfast.data import load_index
+
+    present: set[str] = set()
+    for root in config.data.roots:
+        if not Path(root).is_dir():
+            return  # load_data names the missing folder
+        present |= set(load_index(root)["tasks"])
+    missing = sorted(set(config.data.tasks) - present)
+    if missing:
+        raise CommandError(
+            f"--tasks: {', '.join(missing)} not in the data; its tasks are "
+            f"{', '.join(sorted(present)) or '(none)'}"
+        )
+
+
+def folds_note(config: RunConfig, result) -> str | None:
+    """A note when fewer folds ran than ``finetune.folds`` asked for (too few groups)."""
+    used = len({p["fold"] for p in result.predictions})
+    if used and used < config.finetune.folds:
+        return f"{config.finetune.folds} folds requested, only {used} groups: using {used}"
+    return None
+
+
+def _train(args: argparse.Namespace, config: RunConfig, resume: str | None) -> int:
     runtime = start(config)
     try:
         data = load_data(config.data.roots, config.data.tasks)
@@ -87,7 +135,7 @@ def _main(args: argparse.Namespace) -> int:
             out,
             runtime,
             backbone,
-            resume=args.resume,
+            resume=resume,
             log=lambda text: say(runtime, text),
         )
         if runtime.dist.is_main:
@@ -96,6 +144,9 @@ def _main(args: argparse.Namespace) -> int:
                 if config.model.init
                 else f"trained from scratch (`{config.model.name}`)"
             ]
+            note = folds_note(config, result)
+            if note:
+                notes.append(note)
             write_outputs(result, data, out, title="eegfast fine-tuning report", notes=notes)
             say(runtime, (out / "report.md").read_text())
             say(runtime, f"report: {out / 'report.md'}")

@@ -368,6 +368,11 @@ def write_output(
         raise GenerateError(f"--out must end in .edf or .npy, got {path.name!r}")
     if path.exists() and not overwrite:
         raise GenerateError(f"--out {path} exists (pass --overwrite to replace it)")
+    if suffix == ".npy" and path.with_suffix(".json").exists() and not overwrite:
+        raise GenerateError(
+            f"--out {path}: its sidecar {path.with_suffix('.json')} exists "
+            "(pass --overwrite to replace it)"
+        )
     if signal.ndim != 2 or signal.shape[0] != len(names):
         raise ValueError(f"signal must be (C={len(names)}, T), got {signal.shape}")
     labels = display_names(names)
@@ -435,6 +440,11 @@ def run(args: argparse.Namespace) -> Path:
         raise GenerateError(f"--out must end in .edf or .npy, got {out.name!r}")
     if out.exists() and not args.overwrite:
         raise GenerateError(f"--out {out} exists (pass --overwrite to replace it)")
+    sidecar = out.with_suffix(".json")
+    if out.suffix.lower() == ".npy" and sidecar.exists() and not args.overwrite:
+        raise GenerateError(
+            f"--out {out}: its sidecar {sidecar} exists (pass --overwrite to replace it)"
+        )
     if not args.seconds > 0:
         raise GenerateError(f"--seconds must be > 0, got {args.seconds}")
     seconds = args.seconds

@@ -10,17 +10,24 @@ forecasting, from :mod:`eegfast.train.hybrid`).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from eegfast.nn.vq import code_perplexity
+from eegfast.train import checkpoint as ckpt
 from eegfast.train.arch import build_model, load_trained
 from eegfast.train.commands.common import (
     CommandError,
     add_run_arguments,
+    finished_message,
     resolve,
     run_command,
+    run_folder,
     say,
     start,
 )
@@ -77,6 +84,66 @@ def target_summary(counts: np.ndarray) -> str:
     return text
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_record(path: str | Path) -> dict[str, str]:
+    """The tokenizer checkpoint ``path`` (a run folder: its newest) resolves to: absolute
+    folder and the sha256 of its weights, kept in the pretraining checkpoints' meta."""
+    weights = ckpt.resolve_weights_path(path, prefer="latest").resolve()
+    return {"checkpoint": str(weights.parent), "sha256": _sha256(weights)}
+
+
+def _resume_meta(resume: str | None, out: Path) -> dict[str, Any]:
+    """meta.json of the checkpoint this run will continue from ({} for a new run)."""
+    if not resume:
+        return {}
+    if resume == "auto":
+        latest = ckpt.latest_checkpoint(out / "checkpoints")
+        return latest.meta if latest is not None else {}
+    meta = Path(resume) / ckpt.META
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def tokenizer_for_run(given: str, recorded: dict[str, str] | None) -> tuple[str, list[str]]:
+    """The tokenizer checkpoint to load, and notes to print. A new run (``recorded`` None)
+    takes ``given`` (its newest checkpoint); a resumed one the very checkpoint it started with
+    (same weights, by sha256), found where it was recorded or under ``given``, and refuses to
+    go on with other targets."""
+    if not given:
+        raise CommandError("pretraining needs a tokenizer: --tokenizer RUN (or model.tokenizer)")
+    if not recorded:
+        return given, []
+    started = Path(recorded["checkpoint"])
+    try:
+        newest = ckpt.resolve_weights_path(given, prefer="latest").parent.resolve()
+    except FileNotFoundError:
+        newest = None
+    candidates = [started, Path(given) / "checkpoints" / started.name, Path(given) / started.name]
+    if newest is not None:
+        candidates.append(newest)
+    for candidate in candidates:
+        weights = candidate / ckpt.WEIGHTS
+        if weights.is_file() and _sha256(weights) == recorded["sha256"]:
+            notes = []
+            if newest is not None and newest != candidate.resolve():
+                notes.append(
+                    f"note: --tokenizer {given}: using {candidate}, the tokenizer checkpoint "
+                    f"this run started with, not {newest}"
+                )
+            return str(candidate), notes
+    raise CommandError(
+        f"--tokenizer {given}: this run was pretrained with the tokenizer checkpoint {started} "
+        f"(sha256 {recorded['sha256'][:12]}), which is gone or changed; pass that tokenizer to "
+        "continue, or start a new run (--overwrite or another --out)"
+    )
+
+
 def load_tokenizer(path: str, device: torch.device) -> torch.nn.Module:
     """The frozen tokenizer of a ``eegfast tokenizer`` run, in eval mode."""
     if not path:
@@ -113,11 +180,27 @@ def _main(args: argparse.Namespace) -> int:
         extra["model.name"] = args.model
     config = resolve(args, DEFAULTS, extra)
     step = get_objective(config.pretrain.objective)
+    if not config.model.name.endswith("_pretrain"):
+        from eegfast.models.registry import list_models
+
+        names = ", ".join(n for n in list_models() if n.endswith("_pretrain"))
+        raise CommandError(
+            f"--model {config.model.name} is not a pretraining model; use one of {names}"
+        )
+    kind = "hybrid" if config.pretrain.objective == "hybrid" else "pretrain"
+    with run_folder(args, expected={kind}) as resume:
+        recorded = _resume_meta(resume, Path(args.out)).get("tokenizer")
+        tokenizer_path, notes = tokenizer_for_run(config.model.tokenizer, recorded)
+        return _train(args, config, step, kind, resume, tokenizer_path, notes)
+
+
+def _train(args, config, step, kind, resume, tokenizer_path, notes) -> int:
     runtime = start(config)
     try:
+        for note in notes:
+            say(runtime, note)
         data = load_data(config.data.roots, config.data.tasks)
-        tokenizer = load_tokenizer(config.model.tokenizer, runtime.device)
-        kind = "hybrid" if config.pretrain.objective == "hybrid" else "pretrain"
+        tokenizer = load_tokenizer(tokenizer_path, runtime.device)
         kwargs = {}
         vocab = getattr(getattr(tokenizer, "config", None), "num_codes", None)
         if vocab is not None:
@@ -151,13 +234,18 @@ def _main(args: argparse.Namespace) -> int:
                 mask_ratio=config.pretrain.mask_ratio,
             ),
             dist_info=runtime.dist,
-            resume=args.resume,
-            meta={"arch": arch, "command": "pretrain", "objective": config.pretrain.objective},
+            resume=resume,
+            meta={
+                "arch": arch,
+                "command": "pretrain",
+                "objective": config.pretrain.objective,
+                "tokenizer": tokenizer_record(tokenizer_path),
+            },
             find_unused_parameters=kind != "pretrain",
         )
         if result.resumed_from is not None:
             say(runtime, f"resumed from {result.resumed_from}")
-        say(runtime, f"pretrained for {result.step} steps; checkpoint {result.checkpoint}")
+        say(runtime, finished_message(result, "pretrained"))
         if cache is not None and cache.hits + cache.misses:
             say(
                 runtime,

@@ -173,7 +173,8 @@ def _main(args: argparse.Namespace) -> int:
     )
     unlabelled = [str(data / "eegmmidb_continuous"), str(data / "arithmetic")]
     labelled = [str(data / "motor_imagery"), str(data / "arithmetic")]
-    common = ["--seed", str(args.seed), *progress]
+    # A quickstart runs the recipe afresh: a second one into the same --out replaces the runs.
+    common = ["--seed", str(args.seed), "--overwrite", *progress]
     _run(
         "tokenizer",
         [
@@ -222,6 +223,7 @@ def _main(args: argparse.Namespace) -> int:
             "2",
             "--tasks",
             "arithmetic,motor_imagery",
+            "--overwrite",
         ],
         timings,
     )

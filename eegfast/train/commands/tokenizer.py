@@ -13,10 +13,13 @@ from collections.abc import Callable, Mapping
 from eegfast.models import VQNSP
 from eegfast.train.arch import build_model
 from eegfast.train.commands.common import (
+    CommandError,
     Runtime,
     add_run_arguments,
+    finished_message,
     resolve,
     run_command,
+    run_folder,
     say,
     start,
 )
@@ -151,6 +154,13 @@ def main(args: argparse.Namespace) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     config = resolve(args, DEFAULTS, {"model.name": args.model} if args.model else None)
+    if not config.model.name.startswith("vqnsp_"):
+        raise CommandError(f"--model {config.model.name} is not a tokenizer (vqnsp_*)")
+    with run_folder(args, expected={"tokenizer"}) as resume:
+        return _train(args, config, resume)
+
+
+def _train(args: argparse.Namespace, config: RunConfig, resume: str | None) -> int:
     runtime = start(config)
     try:
         data = load_data(config.data.roots, config.data.tasks)
@@ -170,13 +180,13 @@ def _main(args: argparse.Namespace) -> int:
             collate_fn=collate_fn(),
             ctx=StepContext(runtime.device, seed=config.train.seed),
             dist_info=runtime.dist,
-            resume=args.resume,
+            resume=resume,
             meta={"arch": arch, "command": "tokenizer"},
             on_log=collapse_watch(runtime),
         )
         if result.resumed_from is not None:
             say(runtime, f"resumed from {result.resumed_from}")
-        say(runtime, f"tokenizer trained for {result.step} steps; checkpoint {result.checkpoint}")
+        say(runtime, finished_message(result, "tokenizer trained"))
         say(runtime, codebook_summary(model))
         return 0
     finally:

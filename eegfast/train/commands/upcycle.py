@@ -18,7 +18,7 @@ import torch
 from eegfast.fileio import write_text_atomic
 from eegfast.train import checkpoint as ckpt
 from eegfast.train.arch import backbone_from_checkpoint, build_model
-from eegfast.train.commands.common import CommandError, run_command
+from eegfast.train.commands.common import CommandError, check_out, run_command, run_folder
 from eegfast.train.config import RunConfig, config_to_dict, resolve_config
 
 
@@ -35,6 +35,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="e.g. --set upcycle.num_experts=4",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier upcycled model in --out"
     )
     parser.add_argument("--experts", type=int, default=None, help="sets upcycle.num_experts")
     parser.add_argument("--top-k", type=int, default=None, help="sets upcycle.top_k")
@@ -60,6 +63,12 @@ def _main(args: argparse.Namespace) -> int:
     if args.top_k is not None:
         extra.append(f"upcycle.top_k={args.top_k}")
     config = resolve_config(RunConfig(), args.config, [*args.overrides, *extra])
+    check_out(Path(args.out))
+    with run_folder(args):
+        return _upcycle(args, config)
+
+
+def _upcycle(args: argparse.Namespace, config: RunConfig) -> int:
     up = config.upcycle
     task_names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
     backbone_arch, weights, source_meta = backbone_from_checkpoint(args.model)
@@ -80,6 +89,13 @@ def _main(args: argparse.Namespace) -> int:
         "noise_std": up.noise_std,
         "num_tasks": len(task_names),
     }
+    count = len(getattr(dense, "blocks", None) or [])
+    bad = [i for i in up.layers if count and not -count <= i < count]
+    if bad:
+        raise CommandError(
+            f"upcycle.layers: {bad} out of range: {backbone_arch['name']} has {count} blocks "
+            f"(layers 0..{count - 1}, or -{count}..-1 from the end)"
+        )
     arch = {**backbone_arch, "upcycle": upcycle_args}
     moe = build_model(arch)
     from eegfast.models import upcycle as upcycle_model
