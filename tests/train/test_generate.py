@@ -99,6 +99,30 @@ def test_npy_output_with_channel_subset_and_sidecar(checkpoint, eegmat, tmp_path
     assert meta["prompt_start_s"] == 3.0 and meta["prompt_seconds"] == 8.0
 
 
+def test_generated_npy_is_a_prompt_without_channels(checkpoint, eegmat, tmp_path, capsys):
+    """A .npy that generate wrote feeds back as --prompt: its sidecar names the electrodes;
+    without a sidecar --channels is asked for."""
+    first = tmp_path / "first.npy"
+    code, text = _run(
+        capsys, "--model", checkpoint, "--prompt", eegmat, "--seconds", 3, "--out", first,
+        "--channels", "Cz,Fp1,O2", "--mode", "regression",
+    )  # fmt: skip
+    assert code == 0, text
+    second = tmp_path / "second.npy"
+    code, text = _run(
+        capsys, "--model", checkpoint, "--prompt", first, "--seconds", 1, "--out", second,
+        "--prompt-seconds", 2, "--mode", "regression",
+    )  # fmt: skip
+    assert code == 0, text
+    assert json.loads(second.with_suffix(".json").read_text())["channels"] == ["Cz", "Fp1", "O2"]
+    first.with_suffix(".json").unlink()
+    code, text = _run(
+        capsys, "--model", checkpoint, "--prompt", first, "--seconds", 1, "--out",
+        tmp_path / "third.npy", "--prompt-seconds", 2,
+    )  # fmt: skip
+    assert code == 2 and "needs --channels (or a first.json sidecar" in text, text
+
+
 def test_cache_and_no_cache_give_the_same_file(checkpoint, eegmat, tmp_path, capsys):
     outs = []
     for flag in ((), ("--no-cache",)):

@@ -334,3 +334,11 @@ def test_finetune_folds_note_and_evaluate_warns_about_training_windows(
         printed
     )
     assert "overstate held-out performance" in (evaluation / "report.md").read_text()
+
+
+def test_evaluate_export_features_must_be_npz(tmp_path, capsys):
+    """The features are an .npz archive: another suffix is refused before any work."""
+    argv = ["evaluate", "--model", str(tmp_path / "nothing"), "--data", str(tmp_path)]
+    argv += ["--out", str(tmp_path / "eval"), "--export-features", str(tmp_path / "feat.txt")]
+    assert cli(argv) == 2
+    assert "--export-features" in capsys.readouterr().err and not (tmp_path / "eval").exists()

@@ -117,6 +117,11 @@ def training_windows_warning(meta: dict, data, tasks) -> str | None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.export_features is not None and args.export_features.suffix.lower() != ".npz":
+        raise CommandError(
+            f"--export-features {args.export_features}: the features are written as a .npz "
+            "archive; give a FILE.npz"
+        )
     extra: dict = {"finetune.mode": "linear"}
     if args.folds is not None:
         extra["finetune.folds"] = args.folds

@@ -9,7 +9,8 @@ The prompt is either
   0.1-75 Hz, mains notch, 200 Hz, units of 100 µV, via :mod:`eegfast.data`), then the window
   ``[--start, --start + --prompt-seconds)`` (default: the last ``--prompt-seconds`` seconds) is
   the prompt; or
-* a prompt window already at 200 Hz: ``.npy`` (C, T) in µV with ``--channels`` naming its rows,
+* a prompt window already at 200 Hz: ``.npy`` (C, T) in µV with ``--channels`` naming its rows
+  (or, without it, the ``channels`` of its ``.json`` sidecar, as this command writes one),
   or ``.npz`` with arrays ``x`` (C, T) in µV and ``channels``.
 
 The model continues it patch by patch (1 s = 200 samples per patch) with a key/value cache
@@ -183,6 +184,33 @@ def _window(
     return x[:, begin : begin + n], begin / SFREQ
 
 
+def _sidecar_channels(path: Path) -> list[str]:
+    """The electrode names of a .npy prompt from its ``.json`` sidecar (what ``eegfast generate``
+    writes beside a .npy), checked to be at 200 Hz; GenerateError asking for --channels if
+    there is none."""
+    import json
+
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        raise GenerateError(
+            f"--prompt {path.name}: a .npy prompt needs --channels (or a {sidecar.name} sidecar "
+            "with its 'channels', as eegfast generate writes)"
+        )
+    try:
+        info = json.loads(sidecar.read_text())
+        names = [str(name) for name in info["channels"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise GenerateError(
+            f"--prompt {path.name}: sidecar {sidecar} has no channel list ({err})"
+        ) from None
+    if float(info.get("sfreq", SFREQ)) != SFREQ:
+        raise GenerateError(
+            f"--prompt {path.name}: sidecar {sidecar} says {info['sfreq']} Hz; a .npy prompt "
+            "must already be at 200 Hz"
+        )
+    return names
+
+
 def load_prompt(
     path: str | Path,
     *,
@@ -201,7 +229,7 @@ def load_prompt(
     if suffix in (".npy", ".npz"):
         if suffix == ".npy":
             if channels is None:
-                raise GenerateError(f"--prompt {path.name}: a .npy prompt needs --channels")
+                channels = _sidecar_channels(path)
             data = np.load(path, allow_pickle=False)
             names = channels
         else:
