@@ -20,6 +20,7 @@ memory by asynchronous copies on a GPU.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -323,6 +324,15 @@ def fit(
         scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
         step, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
+        saved_config = json.loads((resume_from / ckpt.META).read_text()).get("config")
+        changes = config_changes(saved_config, config_to_dict(config))
+        if changes and info.is_main:
+            warnings.warn(
+                f"resuming {resume_from} with settings other than it was trained with: "
+                f"{'; '.join(changes)} (the run continues with the new ones; the learning-rate "
+                "schedule is rebuilt for them)",
+                stacklevel=2,
+            )
 
     logger = RunLogger(run_dir, enabled=info.is_main)
     bar = tqdm(
@@ -561,6 +571,33 @@ def fit(
         logger.close()
     result.step, result.epoch = step, epoch
     return result
+
+
+# Settings that change how a run is shown or fed, not what it computes.
+_RESUME_NEUTRAL = {"train.progress", "data.num_workers"}
+
+
+def config_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for each dotted setting that differs between a checkpoint's config
+    (``saved``, None for checkpoints without one) and ``now``, but for _RESUME_NEUTRAL ones."""
+
+    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    if not saved:
+        return []
+    old, new = flat(saved), flat(now)
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if key not in _RESUME_NEUTRAL and old.get(key) != new.get(key)
+    ]
 
 
 def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:

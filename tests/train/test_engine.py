@@ -92,6 +92,26 @@ def dropout_step(model, batch, ctx):
     return StepOutput(features.logsumexp(-1).mean())
 
 
+def test_resume_with_other_settings_warns_naming_them(tmp_path):
+    """Resuming with settings other than the checkpoint's (a larger max_steps, another lr) says
+    which, old -> new; the same settings, or only progress / workers, say nothing."""
+    import warnings
+
+    data = SyntheticEEG(24)
+    ctx = StepContext(torch.device("cpu"))
+    overrides = {"train.max_steps": 2, "train.checkpoint_every": 2}
+    fit_batches_of_4(TinyClassifier(), dropout_step, data, ctx, tmp_path, overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_batches_of_4(TinyClassifier(), dropout_step, data, ctx, tmp_path,
+                         {**overrides, "data.num_workers": 0}, resume="auto")  # fmt: skip
+    changed = {**overrides, "train.max_steps": 4, "optim.lr": 1e-2}
+    with pytest.warns(UserWarning, match=r"optim.lr: 0.0005 -> 0.01; train.max_steps: 2 -> 4"):
+        result = fit_batches_of_4(TinyClassifier(), dropout_step, data, ctx, tmp_path, changed,
+                                  resume="auto")  # fmt: skip
+    assert result.step == 4
+
+
 @pytest.mark.parametrize("resume_at", [4, 8])
 def test_mid_epoch_resume_keeps_the_global_rng_stream_of_a_stochastic_model(tmp_path, resume_at):
     """Dropout/drop-path draw from the global RNG: a run resumed mid-epoch (6 steps an epoch)
