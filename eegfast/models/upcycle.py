@@ -54,6 +54,8 @@ def upcycle(
         noise_std: Gaussian noise added to each expert copy, relative to the std of the dense
             weight tensor (0: exact copies, so the model's outputs do not change).
         num_tasks, task_routing, capacity_factor: task-aware routing and capacity (MoEFFN).
+            Slots dropped by a capacity factor contribute nothing, so with one the outputs
+            equal the dense model's only where no slot is dropped.
         generator: for the noise.
     Returns:
         ``model`` (modified in place).
@@ -77,7 +79,7 @@ def upcycle(
         if isinstance(mlp, MoEFFN):
             raise ValueError(f"upcycle: blocks[{i}].mlp is already a MoEFFN")
         drop = _check_dense_mlp(mlp, f"blocks[{i}].mlp")
-        blocks[i].mlp = MoEFFN.from_dense(
+        moe = MoEFFN.from_dense(
             mlp.fc1,
             mlp.fc2,
             num_experts,
@@ -89,4 +91,7 @@ def upcycle(
             capacity_factor=capacity_factor,
             drop=drop,
         )
+        # A new module starts in training mode: take the dense MLP's mode, so an upcycled
+        # model in eval mode applies no output dropout (the dense model's eval outputs).
+        blocks[i].mlp = moe.train(mlp.training)
     return model

@@ -3,6 +3,8 @@
 :class:`MoEFFN` routes every token to ``top_k`` of ``num_experts`` expert MLPs (linear gate →
 softmax → top-k, weights renormalised over the chosen experts) and runs them with the
 :mod:`eegfast.ops.moe` kernels (dispatch, grouped expert GEMMs, combine). Dropless by default.
+With ``top_k=1`` the renormalised weight is 1; the router's gradient is then the straight-through
+``p / stop_gradient(p)`` one (the expert's output times d log p), so the router still learns.
 
 Task-aware routing (``num_tasks > 0``): ``forward(x, task_id=...)`` adds a learned per-task
 term to the router, so tasks can prefer different experts:
@@ -259,7 +261,14 @@ class MoEFFN(nn.Module):
         logits = self.router_logits(flat, task_ids)
         probs = logits.softmax(-1)
         top_p, expert_idx = probs.topk(k, dim=-1)
-        gates = top_p / top_p.sum(-1, keepdim=True)
+        if k == 1:
+            # Renormalised over one expert the gate is the constant 1, through which no gradient
+            # reaches the router (nor the task bias / embedding): only the aux losses would
+            # train it. p / p.detach() is exactly 1 in the forward (the same outputs, upcycled
+            # models included) and passes d log p to the router in the backward.
+            gates = top_p / top_p.detach()
+        else:
+            gates = top_p / top_p.sum(-1, keepdim=True)
         plan = moe_dispatch(expert_idx, E, backend=self.backend)
         counts, offsets, sorted_slots, slot_pos = plan
         dropped = torch.zeros((), dtype=torch.int64, device=x.device)

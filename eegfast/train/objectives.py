@@ -250,6 +250,12 @@ def moe_aux_loss(model: nn.Module, weights: dict[str, float]) -> tuple[torch.Ten
     except ImportError:
         return None, {}
     losses = moe_aux_losses(model)
+    unknown = sorted(set(weights) - set(losses)) if isinstance(losses, dict) else []
+    if unknown:
+        raise ValueError(
+            f"unknown MoE aux loss name(s) {unknown} in the aux weights; the MoE layers report "
+            f"{sorted(losses)}"
+        )
     total = None
     logged = {}
     for name, weight in weights.items():
@@ -291,7 +297,11 @@ register_objective("masked", masked_step)
 
 
 def classification_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> StepOutput:
-    """Cross-entropy on the batch's task head; MoE aux losses added with their weights."""
+    """Cross-entropy on the batch's task head; MoE aux losses added with their weights.
+
+    Windows with a negative label (-1: unlabelled, as the datasets store it) are left out of
+    the loss and the accuracy; a batch without any labelled window gives a loss of 0.
+    """
     batch = to_device(batch, ctx.device)
     tasks = batch["task"]
     task = tasks[0]
@@ -301,16 +311,27 @@ def classification_step(model: nn.Module, batch: dict[str, Any], ctx: StepContex
     if ctx.task_ids:
         kwargs["task"] = task
     if ctx.route_by_task:
+        if task not in ctx.task_ids:
+            raise ValueError(
+                f"task {task!r} has no router id (route_by_task; known: {sorted(ctx.task_ids)})"
+            )
         kwargs["task_id"] = torch.full(
             (batch["x"].shape[0],), ctx.task_ids[task], dtype=torch.long, device=ctx.device
         )
     logits = model(batch["x"], batch["input_chans"], **kwargs)
     labels = batch["label"]
     weight = ctx.class_weights.get(task)
-    loss = F.cross_entropy(
-        logits.float(), labels, weight=None if weight is None else weight.to(logits.device)
-    )
-    metrics = {"accuracy": (logits.argmax(-1) == labels).float().mean().detach()}
+    # The mean over labelled windows, written out (no host read of how many there are): the
+    # same as F.cross_entropy's (weighted) mean, 0 instead of NaN when there are none.
+    labelled = labels >= 0
+    targets = torch.where(labelled, labels, -100)  # F.cross_entropy's ignore_index
+    if weight is not None:
+        weight = weight.to(logits.device, torch.float32)
+    per_window = F.cross_entropy(logits.float(), targets, weight=weight, reduction="none")
+    norm = labelled.float() if weight is None else weight[labels.clamp_min(0)] * labelled
+    loss = per_window.sum() / norm.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    hits = ((logits.argmax(-1) == labels) & labelled).float().sum()
+    metrics = {"accuracy": (hits / labelled.float().sum().clamp_min(1.0)).detach()}
     aux, aux_logged = moe_aux_loss(model, ctx.aux_weights)
     if aux is not None:
         loss = loss + aux

@@ -108,3 +108,20 @@ def test_noise_and_errors():
     bad.blocks[0].mlp.act = nn.GELU(approximate="tanh")
     with pytest.raises(TypeError, match="exact"):
         upcycle(bad)
+
+
+def test_upcycled_layers_take_the_model_mode():
+    """Upcycling a model in eval mode gives MoE layers in eval mode: no output dropout, the
+    dense model's (deterministic) outputs; a model in training mode keeps training layers."""
+    torch.manual_seed(0)
+    model = RefModel(depth=2)
+    for block in model.blocks:
+        block.mlp.drop.p = 0.5
+    model.eval()
+    x = torch.randn(3, 7, 16)
+    dense = model(x)
+    upcycle(model, num_experts=4, top_k=2)
+    assert not any(block.mlp.training for block in model.blocks)
+    torch.testing.assert_close(model(x), dense, atol=1e-6, rtol=1e-6)
+    training = upcycle(RefModel(depth=2).train(), num_experts=4, top_k=2)
+    assert all(block.mlp.training for block in training.blocks)

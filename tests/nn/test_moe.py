@@ -213,3 +213,30 @@ def test_task_ids_on_the_device_are_checked_there():
     torch.testing.assert_close(compiled(x, torch.tensor([2, 0])), expected)
     with pytest.raises(RuntimeError, match=r"task_id values must be in \[0, num_tasks=3\)"):
         compiled(x, torch.tensor([2, 3]))
+
+
+@pytest.mark.parametrize("routing", ["bias", "embedding"])
+def test_top1_router_and_task_terms_learn_from_the_output(routing):
+    """top_k=1: the renormalised gate is exactly 1 in the forward (outputs = the chosen expert's,
+    as upcycling needs), but the router and the task term still get the straight-through
+    gradient (d loss / d gate) * d log p, not the 0 of a constant gate."""
+    moe = make_moe(top_k=1, num_tasks=2, task_routing=routing)
+    with torch.no_grad():
+        getattr(moe, "task_bias" if routing == "bias" else "task_embed").normal_(0, 1.0)
+    x = torch.randn(2, 6, 12, dtype=torch.float64)
+    task_ids = torch.tensor([1, 0])
+    out = moe(x, task_id=task_ids)
+    per_token = task_ids[:, None].expand(2, 6).reshape(-1)
+    expected, logits, probs, idx = expected_forward(moe, x, task_ids=per_token)
+    torch.testing.assert_close(out, expected)  # gate 1: the chosen expert's output
+    weights = torch.randn_like(out)
+    term = moe.task_bias if routing == "bias" else moe.task_embed
+    params = (moe.router.weight, term)
+    grads = torch.autograd.grad((out * weights).sum(), params)
+    # d loss / d gate of each token is <weights, chosen expert's output>; times d log p.
+    dgate = (expected * weights).sum(-1).reshape(-1).detach()
+    log_p = probs.gather(1, idx).squeeze(1).log()
+    straight_through = torch.autograd.grad((dgate * log_p).sum(), params)
+    for g, e in zip(grads, straight_through, strict=True):
+        assert e.abs().sum() > 0
+        torch.testing.assert_close(g, e)

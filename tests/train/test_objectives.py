@@ -98,3 +98,79 @@ def test_target_cache_counts_codes_and_the_pretrain_summary_reads_them():
     collapsed = np.array([1000, 1, 0, 0])
     assert "perplexity 1.0" in target_summary(collapsed)
     assert "warning: the targets are nearly one code" in target_summary(collapsed)
+
+
+class LinearClassifier(torch.nn.Module):
+    """forward(x, input_chans, *, channel_padding_mask=None, task=None, task_id=None), with a
+    MoE layer whose aux losses the step adds."""
+
+    def __init__(self):
+        super().__init__()
+        from eegfast.nn import MoEFFN
+
+        self.moe = MoEFFN(8, 16, num_experts=4, top_k=2, num_tasks=2)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x, input_chans, *, channel_padding_mask=None, task=None, task_id=None):
+        return self.head(self.moe(x.flatten(1)[:, None, :8], task_id=task_id).mean(1))
+
+
+def classification_batch(labels):
+    torch.manual_seed(1)
+    n = len(labels)
+    return {
+        "x": torch.randn(n, 2, 1, 4),
+        "input_chans": torch.arange(3),
+        "task": ["a"] * n,
+        "label": torch.tensor(labels),
+    }
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_classification_step_leaves_out_unlabelled_windows(weighted):
+    """Label -1 (unlabelled, as the datasets store it) is left out of the loss and the accuracy
+    instead of failing in the cross-entropy; a batch with no labelled window gives 0, not NaN."""
+    from eegfast.train.objectives import classification_step
+
+    torch.manual_seed(0)
+    model = LinearClassifier()
+    weights = {"a": torch.tensor([0.5, 2.0, 1.0])} if weighted else {}
+    ctx = StepContext(torch.device("cpu"), class_weights=weights)
+    batch = classification_batch([0, -1, 2, 1, -1, 2])
+    out = classification_step(model, batch, ctx)
+    logits = out.extras["logits"]
+    keep = batch["label"] >= 0
+    expected = torch.nn.functional.cross_entropy(
+        logits[keep], batch["label"][keep], weight=weights.get("a")
+    )
+    torch.testing.assert_close(out.loss, expected)
+    hits = (logits[keep].argmax(-1) == batch["label"][keep]).float().mean()
+    torch.testing.assert_close(out.metrics["accuracy"], hits)
+    none = classification_step(model, classification_batch([-1, -1]), ctx)
+    assert none.loss.requires_grad and float(none.loss.detach()) == 0.0
+    assert float(none.metrics["accuracy"]) == 0.0
+
+
+def test_classification_step_adds_weighted_moe_aux_losses_and_checks_names():
+    from eegfast.nn import moe_aux_losses
+    from eegfast.train.objectives import classification_step
+
+    torch.manual_seed(0)
+    model = LinearClassifier()
+    batch = classification_batch([0, 1, 2, 1])
+    plain = classification_step(model, batch, StepContext(torch.device("cpu")))
+    weights = {"load_balance_loss": 0.5, "z_loss": 0.25}
+    ctx = StepContext(
+        torch.device("cpu"), task_ids={"a": 1}, route_by_task=True, aux_weights=weights
+    )
+    out = classification_step(model, batch, ctx)
+    aux = moe_aux_losses(model)
+    expected = plain.loss + 0.5 * aux["load_balance_loss"] + 0.25 * aux["z_loss"]
+    torch.testing.assert_close(out.loss, expected)  # zero task bias: the same routing
+    torch.testing.assert_close(out.metrics["z_loss"], aux["z_loss"])
+    misspelled = StepContext(torch.device("cpu"), aux_weights={"load_balance": 0.01})
+    with pytest.raises(ValueError, match=r"unknown MoE aux loss name.*load_balance_loss"):
+        classification_step(model, batch, misspelled)
+    unrouted = StepContext(torch.device("cpu"), task_ids={"b": 0}, route_by_task=True)
+    with pytest.raises(ValueError, match="task 'a' has no router id"):
+        classification_step(model, batch, unrouted)
