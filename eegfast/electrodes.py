@@ -141,10 +141,14 @@ def labram_channel_index(name: str) -> int:
         raise ValueError(f"electrode {name!r} is not in the LaBraM electrode table") from None
 
 
-def labram_input_chans(names: Iterable[str], *, allow_extended: bool = False) -> list[int]:
+def labram_input_chans(
+    names: Iterable[str], *, allow_extended: bool = False, modern_names: bool = True
+) -> list[int]:
     """Rows of the spatial embedding for electrodes ``names``: ``[0] + [index(n) + 1, ...]``.
 
-    Names are normalised first (``normalize_channel_name``), so raw recording names work.
+    Names are normalised first (``normalize_channel_name``), so raw recording names work;
+    ``modern_names=False`` keeps T3/T4/T5/T6 on their own (old) rows, as for the names
+    ``normalize_channel_name(..., modern_names=False)`` gives.
     Raises ``ValueError`` naming every unknown name, every name whose row is past the 129-row
     reference table (list index >= 128; pass ``allow_extended=True`` for a model built with
     ``LABRAM_EXTENDED_TABLE_ROWS`` rows), and names that map to the same electrode twice
@@ -153,7 +157,7 @@ def labram_input_chans(names: Iterable[str], *, allow_extended: bool = False) ->
     if isinstance(names, str):
         raise TypeError("names: expected a sequence of channel names, got a single str")
     raw_names = list(names)
-    normalised = [normalize_channel_name(n) for n in raw_names]
+    normalised = [normalize_channel_name(n, modern_names=modern_names) for n in raw_names]
     unknown = [r for r, n in zip(raw_names, normalised, strict=True) if n not in _INDEX]
     past_table = [
         r

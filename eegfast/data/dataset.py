@@ -142,8 +142,23 @@ class ShardDataset(Dataset):
             # copy-on-write map: pages come from the page cache like a read-only map, but the
             # array is writable, so torch.from_numpy accepts rows of it without a warning.
             array = np.load(path, mmap_mode="c")
+            self._check_shard(rec, array)
             self._arrays[rec] = array
         return array
+
+    def _check_shard(self, rec: int, array: np.ndarray) -> None:
+        """A shard must hold what ``index.json`` says: a later ``prepare`` into the same folder
+        that did not finish replaces shards but not the index, and its rows would otherwise be
+        read as windows of another length (or other rows) without a word."""
+        r = self.recordings[rec]
+        expected = (int(r["n_windows"]), len(r["input_chans"]) - 1, self.window_seconds, 200)
+        dtype = r.get("dtype")
+        if array.shape != expected or (dtype is not None and array.dtype != np.dtype(dtype)):
+            raise ValueError(
+                f"{self.root / r['shard']}: shard holds {array.dtype} {array.shape}, index.json "
+                f"says {dtype} {expected}; the folder was changed by a `prepare` that did not "
+                "finish: run `eegfast prepare` on it again"
+            )
 
     @property
     def subjects(self) -> list[str]:
@@ -383,6 +398,7 @@ def make_loader(
     group_by_electrode_set : every batch holds one electrode set (no padding); else batches mix
         sets and pad (``channel_padding_mask``).
     sampler : order of item indices (overrides ``shuffle``), e.g. a weighted sampler.
+    seed : the shuffled order (a new permutation each epoch; the same seed, the same epochs).
     num_workers : default 0 for a ``ShardDataset`` (its batches are memory copies, fastest in
         this process), else ``min(2, cpu count)``. pin_memory : default when CUDA is available
         (in-process ``ShardDataset`` batches are then built directly in pinned memory).
@@ -440,5 +456,8 @@ def make_loader(
         pin_memory=pin_memory,
         drop_last=drop_last,
         collate_fn=collate_padded,
+        # ``seed`` decides the order here too (a new permutation each epoch), not torch's
+        # global generator
+        generator=torch.Generator().manual_seed(seed),
         **worker_args,
     )

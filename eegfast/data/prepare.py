@@ -86,6 +86,9 @@ class Settings:
 
     def digest(self) -> str:
         payload = json.dumps(asdict(self), sort_keys=True, default=str)
+        if not self.modern_names:
+            # --old-names outputs before 2026-12-06 gave T3..T6 the rows of T7..P8: not reused
+            payload += "|old-name-rows"
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -280,7 +283,9 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
             "session": resolved.session,
             "label_source": resolved.source,
             "electrodes": names,
-            "input_chans": labram_input_chans(names, allow_extended=settings.allow_extended),
+            "input_chans": labram_input_chans(
+                names, allow_extended=settings.allow_extended, modern_names=settings.modern_names
+            ),
             "shard": f"{SHARD_DIR}/{shard.name}",
             "dtype": cfg.dtype,
             "window_seconds": cfg.window_seconds,

@@ -134,12 +134,13 @@ def preprocess_reference(raw, config: PreprocessConfig) -> np.ndarray:
     """
     check_sample_rate(raw.info["sfreq"], config)
     q = _ratio(raw.info["sfreq"]).denominator
+    npad = _resample_pad(raw.info["sfreq"], q)
     raw = raw.copy()
     if config.l_freq is not None or config.h_freq is not None:
         raw.filter(config.l_freq, config.h_freq, picks="all", verbose="error")
     if config.notch_freq is not None:
         raw.notch_filter(config.notch_freq, picks="all", verbose="error")
-    raw.resample(TARGET_SFREQ, npad=-(-int(raw.info["sfreq"]) // q) * q, verbose="error")
+    raw.resample(TARGET_SFREQ, npad=npad, verbose="error")
     data = raw.get_data() * config.scale
     return _rereference(data, raw.ch_names, config.reference)
 
@@ -194,6 +195,11 @@ def _ratio(sfreq: float) -> Fraction:
     return Fraction(TARGET_SFREQ / sfreq).limit_denominator(10_000)
 
 
+def _resample_pad(sfreq: float, q: int) -> int:
+    """Samples of padding for resampling: about 1 s, a multiple of the ratio's denominator."""
+    return -(-max(int(sfreq), 1) // q) * q
+
+
 def _fast_length(minimum: int, multiple: int) -> int:
     from scipy.fft import next_fast_len
 
@@ -226,10 +232,13 @@ def preprocess_signal(
     if n_in == 0 or n_out == 0:
         return np.zeros((n_ch, n_out), np.float32)
     kernels = _kernels(float(sfreq), config.l_freq, config.h_freq, config.notch_freq)
-    half = sum((len(k) - 1) // 2 for k in kernels)  # support of the combined kernel, one side
     q = ratio.denominator
-    pad_left = -(-max(half, 1) // q) * q  # a multiple of q: the output starts on a sample
-    n_fft = _fast_length(n_in + pad_left + max(half, 1), q)
+    # Padding on each side: the support of the combined kernel, and at least the ~1 s that the
+    # reference's resampling pads with (without filters, or with short ones, the FFT would
+    # otherwise wrap the recording's end onto its start and ring at both edges).
+    half = max(sum((len(k) - 1) // 2 for k in kernels), _resample_pad(sfreq, q))
+    pad_left = -(-half // q) * q  # a multiple of q: the output starts on a sample
+    n_fft = _fast_length(n_in + pad_left + half, q)
     n_fft_out = n_fft * ratio.numerator // q
     n_keep = min(n_fft, n_fft_out) // 2 + 1
     gain = _gain(float(sfreq), n_fft, n_keep, config.l_freq, config.h_freq, config.notch_freq)

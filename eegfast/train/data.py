@@ -70,15 +70,22 @@ class TrainData:
 
 
 def load_data(roots: Sequence[str | Path], tasks: Sequence[str] = ()) -> TrainData:
-    """Open every prepared folder in ``roots`` (keeping only ``tasks`` if given)."""
+    """Open every prepared folder in ``roots`` (keeping only ``tasks`` if given).
+
+    Each folder numbers the classes of a task on its own (the label names it found, sorted, or
+    its ``--classes``), so the same id can name different classes in two folders. A task's class
+    list is the first folder's, then names only later folders have; every other folder's ids
+    (items and the windows its dataset yields) are renumbered to it.
+    """
     from eegfast.data import ShardDataset, load_index, read_index
 
     if not roots:
         raise ValueError(
             "no data: pass --data FOLDER (a folder written by `eegfast prepare`) or set data.roots"
         )
-    datasets, items, label_names, paths = [], [], {}, []
     wanted = set(tasks)
+    opened = []  # (position in roots, folder, its index, the tasks kept from it)
+    label_names: dict[str, list[str]] = {}
     for r, root in enumerate(roots):
         root = Path(root)
         if not root.is_dir():
@@ -88,26 +95,39 @@ def load_data(roots: Sequence[str | Path], tasks: Sequence[str] = ()) -> TrainDa
         keep = sorted(present & wanted) if wanted else sorted(present)
         if not keep:
             continue
+        opened.append((r, root, index, keep))
+        for task in keep:
+            merged = label_names.setdefault(task, [])
+            merged += [n for n in index["tasks"][task]["labels"] if n not in merged]
+    datasets, items, paths = [], [], []
+    for r, root, index, keep in opened:
         dataset = ShardDataset(root, tasks=keep)
         records = [rec for rec in read_index(root) if rec["task"] in keep]
         if len(records) != len(dataset):
             raise RuntimeError(
                 f"{root}: index lists {len(records)} windows, dataset {len(dataset)}"
             )
-        for rec in records:
+        # this folder's class id -> the merged id, per task (-1, no label, stays -1)
+        remap = {
+            task: np.array([label_names[task].index(n) for n in index["tasks"][task]["labels"]])
+            for task in keep
+        }
+        labels = np.empty(len(records), np.int64)
+        for i, rec in enumerate(records):
+            label = int(rec["label"])
+            labels[i] = int(remap[rec["task"]][label]) if label >= 0 else -1
             items.append(
                 ItemInfo(
                     root=r,
                     task=rec["task"],
                     subject=rec["subject"],
                     recording=rec["file"],
-                    label=int(rec["label"]),
+                    label=int(labels[i]),
                     electrodes=tuple(rec["input_chans"]),
                     window_seconds=int(index["window_seconds"]),
                 )
             )
-        for task in keep:
-            label_names[task] = list(index["tasks"][task]["labels"])
+        dataset.labels = labels  # what its items and batches carry
         datasets.append(dataset)
         paths.append(root)
     missing = wanted - set(label_names)

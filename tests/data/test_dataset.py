@@ -167,3 +167,51 @@ def test_pinned_batches_on_gpu_machines(prepared):
     assert first["x"].is_pinned()
     on_gpu = first["x"].to("cuda", non_blocking=True)
     torch.testing.assert_close(on_gpu.cpu(), first["x"], rtol=0, atol=0)
+
+
+def test_shard_replaced_by_unfinished_prepare_is_an_error(sample_files, tmp_path):
+    from eegfast.data.prepare import discover, process_file
+
+    src = [str(sample_files["Subject00_2.edf"])]
+    prepare(src, tmp_path, Settings(preprocess=PreprocessConfig(window_seconds=4)), progress=False)
+    assert ShardDataset(tmp_path)[0]["x"].shape == (19, 4, 200)
+    # a second run with other settings, stopped after its first shard: index.json is older
+    other = Settings(preprocess=PreprocessConfig(window_seconds=2))
+    process_file(discover(src)[0], other, str(tmp_path))
+    ds = ShardDataset(tmp_path)
+    with pytest.raises(ValueError, match=r"index.json says float32 \(15, 19, 4, 200\)"):
+        ds[0]
+    with pytest.raises(ValueError, match="did not finish"):
+        ds.get_batch([0, 1])
+
+
+def test_load_data_class_ids_agree_across_folders(sample_files, tmp_path):
+    from eegfast.train.data import load_data
+
+    rules = Settings(labels=LabelRules(filename_rules=(("_1$", "rest"), ("_2$", "task"))))
+    both = [f"arith={sample_files[n]}" for n in ("Subject00_1.edf", "Subject00_2.edf")]
+    prepare(both, tmp_path / "a", rules, progress=False)  # classes rest=0, task=1
+    prepare([f"arith={sample_files['Subject01_2.edf']}"], tmp_path / "b", rules, progress=False)
+    for roots in ([tmp_path / "a", tmp_path / "b"], [tmp_path / "b", tmp_path / "a"]):
+        data = load_data(roots)
+        names = data.label_names["arith"]
+        assert sorted(names) == ["rest", "task"]
+        for i, item in enumerate(data.items):
+            expected = "rest" if item.recording.endswith("_1.edf") else "task"
+            assert names[item.label] == expected
+            assert data.dataset[i]["label"] == item.label
+
+
+def test_make_loader_seed_decides_the_order(prepared):
+    ds = ShardDataset(prepared)
+    items = [ds[i] for i in range(58, 70)]
+
+    def orders(dataset, seed):
+        loader = make_loader(dataset, 4, shuffle=True, seed=seed, num_workers=0)
+        return [[b["x"].abs().sum((1, 2, 3)).tolist() for b in loader] for _ in range(2)]
+
+    for dataset in (ds, items):  # batch reads, and the generic path with collate_padded
+        first = orders(dataset, 3)
+        torch.manual_seed(123)  # torch's global generator has no say
+        assert orders(dataset, 3) == first
+        assert first[0] != first[1]  # a new permutation each epoch

@@ -94,6 +94,16 @@ def test_input_chans_indices():
     assert labram_input_chans([]) == [0]
 
 
+def test_input_chans_old_names_keep_old_rows():
+    # what normalize_channel_name(..., modern_names=False) keeps (prepare --old-names) must get
+    # the old rows, not be renamed to T7/T8/P7/P8 again
+    old = [normalize_channel_name(n, modern_names=False) for n in ("EEG T3-REF", "T5", "Cz")]
+    assert old == ["T3", "T5", "CZ"]
+    rows = labram_input_chans(old, modern_names=False)
+    assert rows == [0] + [LABRAM_CHANNEL_NAMES.index(n) + 1 for n in ("T3", "T5", "CZ")]
+    assert labram_input_chans(["T3", "T7"], modern_names=False) == [0, 89, 38]
+
+
 def test_input_chans_unknown_named():
     with pytest.raises(ValueError, match=r"unknown electrode names \['ECG ECG', 'EEG A2-A1'\]"):
         labram_input_chans(["Fp1", "ECG ECG", "EEG A2-A1"])

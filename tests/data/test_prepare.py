@@ -11,6 +11,7 @@ from eegfast.data.index import load_index
 from eegfast.data.labels import LabelRules
 from eegfast.data.prepare import Settings, discover, prepare, process_file
 from eegfast.data.preprocess import PreprocessConfig, cut_windows, preprocess_signal
+from eegfast.electrodes import labram_input_chans
 
 EEGMAT_RULES = LabelRules(filename_rules=(("_1$", "rest"), ("_2$", "task")))
 
@@ -300,8 +301,12 @@ def test_task_change_reprocesses(sample_files, tmp_path):
 def test_old_names_option(sample_files, tmp_path):
     settings = Settings(modern_names=False)
     prepare([str(sample_files["Subject01_2.edf"])], tmp_path, settings, progress=False)
-    electrodes = load_index(tmp_path)["recordings"][0]["electrodes"]
+    record = load_index(tmp_path)["recordings"][0]
+    electrodes = record["electrodes"]
     assert electrodes[6:8] == ["T3", "T4"] and "T7" not in electrodes
+    # the embedding rows of the old names (T7's row had been given to T3)
+    assert record["input_chans"] == labram_input_chans(electrodes, modern_names=False)
+    assert record["input_chans"][7] != labram_input_chans(["T7"])[1]
 
 
 def test_bids_folder_needs_mne_bids(tmp_path, monkeypatch):
