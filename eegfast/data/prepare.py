@@ -213,18 +213,25 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
             raise BadRecording(f"no EEG channels (channels: {', '.join(raw.ch_names[:12])})")
         raise BadRecording(f"only unknown electrodes: {', '.join(chmap.unknown[:20])}")
     check_sample_rate(sfreq, cfg)
-    resolved = settings.labels.resolve(
-        job.path,
-        zip(
-            raw.annotations.onset,
-            raw.annotations.duration,
-            raw.annotations.description,
-            strict=True,
-        ),
+    names, picks = list(chmap.names), list(chmap.picks)
+    marked_bad = set(raw.info["bads"])  # FIF, BIDS channels.tsv status=bad, set by the user
+    if marked_bad & {raw.ch_names[p] for p in picks}:
+        for pick in picks:
+            if raw.ch_names[pick] in marked_bad:
+                info["excluded"][raw.ch_names[pick]] = "marked bad in the recording"
+        kept = [i for i, pick in enumerate(picks) if raw.ch_names[pick] not in marked_bad]
+        if not kept:
+            raise BadRecording(f"every EEG channel is marked bad: {', '.join(sorted(marked_bad))}")
+        names, picks = [names[i] for i in kept], [picks[i] for i in kept]
+    # Onsets from the first sample: with orig_time set (FIF, and EDF's start time) MNE counts
+    # them from the measurement start, which lies first_time before the data's first sample.
+    shift = raw.first_time if raw.annotations.orig_time is not None else 0.0
+    onsets = np.asarray(raw.annotations.onset, dtype=float) - shift
+    annotations = list(
+        zip(onsets, raw.annotations.duration, raw.annotations.description, strict=True)
     )
-    data = raw.get_data(picks=list(chmap.picks))  # (C, T) volts, float64
-    names = list(chmap.names)
-    picks = list(chmap.picks)
+    resolved = settings.labels.resolve(job.path, annotations)
+    data = raw.get_data(picks=picks)  # (C, T) volts, float64
     # One min and one max pass: NaN propagates into both, +inf into the max, -inf into the min,
     # so a channel is finite exactly when both are (no separate isfinite pass and bool array).
     low, high = data.min(axis=1), data.max(axis=1)
@@ -267,6 +274,9 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
     else:
         starts = window_starts(n_out, cfg)
         label_names = [resolved.label] * len(starts)
+    starts, label_names, n_bad = _outside_bad_segments(starts, label_names, annotations, cfg)
+    if n_bad:
+        info["windows_in_bad_segments"] = n_bad
     if len(starts) == 0:
         what = "annotated event" if resolved.events is not None else "recording"
         raise BadRecording(
@@ -295,6 +305,26 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
         }
     )
     return info
+
+
+def _outside_bad_segments(
+    starts: np.ndarray, label_names: list[str], annotations, cfg: PreprocessConfig
+) -> tuple[np.ndarray, list[str], int]:
+    """The windows (and their labels) that overlap no ``BAD...`` annotation (MNE's mark of an
+    artefact segment; onsets from the first sample, seconds), and how many were dropped."""
+    bad = [
+        (int(np.floor(onset * TARGET_SFREQ)), int(np.ceil((onset + duration) * TARGET_SFREQ)))
+        for onset, duration, description in annotations
+        if str(description).upper().startswith("BAD")
+    ]
+    if not bad or len(starts) == 0:
+        return starts, label_names, 0
+    ends = starts + cfg.window_samples
+    keep = np.ones(len(starts), bool)
+    for begin, end in bad:
+        keep &= ~((starts < max(end, begin + 1)) & (ends > begin))  # a 0-s mark: one sample
+    kept_labels = [name for name, k in zip(label_names, keep, strict=True) if k]
+    return starts[keep], kept_labels, int((~keep).sum())
 
 
 def _reusable(record_path: Path, job: Job, digest: str) -> dict | None:

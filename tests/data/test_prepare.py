@@ -356,3 +356,58 @@ def test_bids_folder(sample_files, tmp_path):
     assert report["usable"] == 1 and report["subjects"] == ["sub-07"]
     record = load_index(tmp_path / "out")["recordings"][0]
     assert record["task"] == "arith" and len(record["electrodes"]) == 19
+
+
+def _fif_recording(path, *, first_s=0.0, bads=(), annotations=()):
+    """A 60-s, 250-Hz, 3-electrode FIF recording whose first sample is ``first_s`` after the
+    measurement start; ``annotations``: (seconds after the first sample, duration, description)."""
+    sfreq = 250.0
+    x = np.random.default_rng(0).normal(size=(3, int(60 * sfreq))) * 1e-5
+    raw = mne.io.RawArray(x, mne.create_info(["FP1", "CZ", "O1"], sfreq, "eeg"),
+                          first_samp=int(first_s * sfreq), verbose="error")  # fmt: skip
+    raw.set_meas_date(1_000_000_000)
+    raw.info["bads"] = list(bads)
+    if annotations:
+        onset, duration, description = zip(*annotations, strict=True)
+        raw.set_annotations(mne.Annotations(
+            [raw.first_time + o for o in onset], duration, description,
+            orig_time=raw.info["meas_date"],
+        ))  # fmt: skip
+    raw.save(path, verbose="error")
+    return path
+
+
+def _processed(path, tmp_path, preprocess=None):
+    """The record process_file writes for one recording (every field, unlike index.json)."""
+    job = discover([str(path)])[0]
+    return process_file(job, Settings(preprocess=preprocess or PreprocessConfig()), str(tmp_path))
+
+
+def test_annotations_count_from_the_first_sample(tmp_path):
+    """A FIF whose data start 100 s into the measurement: its events' windows are where the
+    events are in the data (they had been shifted by 100 s, past the recording's end)."""
+    path = _fif_recording(tmp_path / "late_raw.fif", first_s=100.0,
+                          annotations=[(10, 8, "left"), (30, 8, "right")])  # fmt: skip
+    record = _processed(path, tmp_path, PreprocessConfig(window_seconds=4))
+    assert [s / 200 for s in record["starts"]] == [10, 14, 30, 34]
+    assert record["label_names"] == ["left", "left", "right", "right"]
+
+
+def test_channels_marked_bad_are_left_out(tmp_path):
+    path = _fif_recording(tmp_path / "bads_raw.fif", bads=["CZ"])
+    record = _processed(path, tmp_path)
+    assert record["electrodes"] == ["FP1", "O1"]
+    assert record["excluded"]["CZ"] == "marked bad in the recording"
+    every = _fif_recording(tmp_path / "all_raw.fif", bads=["FP1", "CZ", "O1"])
+    record = _processed(every, tmp_path)
+    assert record["status"] == "bad" and "every EEG channel is marked bad" in record["reason"]
+
+
+def test_windows_in_bad_segments_are_left_out(tmp_path):
+    """Continuous 4-s windows (0, 4, ..., 56 s) overlapping MNE's BAD_ marks are not written."""
+    path = _fif_recording(tmp_path / "art_raw.fif",
+                          annotations=[(5, 2, "BAD_muscle"), (20, 0, "bad blink")])  # fmt: skip
+    record = _processed(path, tmp_path, PreprocessConfig(window_seconds=4))
+    starts = [s / 200 for s in record["starts"]]
+    assert 4 not in starts and 20 not in starts and 16 in starts and 24 in starts
+    assert len(starts) == 15 - 2 and record["windows_in_bad_segments"] == 2
