@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from eegfast.nn.attention import QKNormAttention
 from eegfast.nn.linear import fused_linear, scaled_residual
+from eegfast.nn.moe import MoEFFN
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -22,8 +26,9 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 class Mlp(nn.Module):
     """fc1 → exact GELU → fc2 (keys ``fc1.*``, ``fc2.*`` as the reference).
 
-    ``forward(x, task_id=None)`` takes ``task_id`` so that a task-routed MoE FFN can replace
-    ``Block.mlp`` without changing the block; a dense MLP ignores it.
+    ``forward(x, task_id=None, padding_mask=None)`` takes ``task_id`` and the token padding
+    mask so that a (task-routed) MoE FFN can replace ``Block.mlp`` without changing the block;
+    a dense MLP ignores both (it is per token: padding cannot affect the other tokens).
     """
 
     def __init__(
@@ -48,6 +53,7 @@ class Mlp(nn.Module):
         x: torch.Tensor,
         task_id: torch.Tensor | None = None,
         *,
+        padding_mask: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -61,6 +67,28 @@ class Mlp(nn.Module):
         if self.training and self.drop.p > 0:
             return scaled_residual(self.drop(self.fc2(self.drop(h))), scale, residual)
         return fused_linear(h, self.fc2.weight, self.fc2.bias, scale=scale, residual=residual)
+
+
+@functools.cache
+def _forward_takes_padding_mask(forward) -> bool:
+    """Whether an MLP ``forward`` function has a ``padding_mask`` (or ``**kwargs``) parameter."""
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "padding_mask" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _takes_padding_mask(mlp: nn.Module) -> bool:
+    """Whether ``Block.mlp`` takes the token padding mask: an :class:`~eegfast.nn.MoEFFN` does
+    (a constant under torch.compile); the dense :class:`Mlp` has no use for it; a replacement
+    module gets it if its ``forward`` names ``padding_mask``."""
+    forward = type(mlp).forward
+    if forward is MoEFFN.forward:
+        return True
+    if forward is Mlp.forward:
+        return False
+    return _forward_takes_padding_mask(forward)
 
 
 class Block(nn.Module):
@@ -122,11 +150,18 @@ class Block(nn.Module):
         block_causal: torch.Tensor | None = None,
         task_id: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (B, N, dim) -> (B, N, dim); masks as in :class:`QKNormAttention`."""
+        """x: (B, N, dim) -> (B, N, dim); masks as in :class:`QKNormAttention`.
+
+        ``key_padding_mask`` (B, N) (True = padding token) also goes to an MLP that takes a
+        ``padding_mask`` (an MoE FFN: padding tokens are not routed and stay out of its aux
+        losses); a dense MLP, per token, needs none."""
         masks = dict(key_padding_mask=key_padding_mask, causal=causal, block_causal=block_causal)
+        mlp_kwargs: dict = {"task_id": task_id}
+        if key_padding_mask is not None and _takes_padding_mask(self.mlp):
+            mlp_kwargs["padding_mask"] = key_padding_mask
         if self.drop_path > 0.0 and self.training:
             x = self._dropped_residual(x, self.attn(self.norm1(x), **masks), self.gamma_1)
-            m = self.mlp(self.norm2(x), task_id=task_id)
+            m = self.mlp(self.norm2(x), **mlp_kwargs)
             return self._dropped_residual(x, m, self.gamma_2)
         # Residual and layer scale go into the output projections (one pass each, fused into
         # the GEMM on CPU inference, see eegfast.nn.linear).
@@ -136,7 +171,7 @@ class Block(nn.Module):
             x = scaled_residual(self.attn(self.norm1(x), **masks), self.gamma_1, x)
         if type(self.mlp).forward is Mlp.forward:  # not an MoE FFN or an override
             return self.mlp(self.norm2(x), residual=x, scale=self.gamma_2)
-        return scaled_residual(self.mlp(self.norm2(x), task_id=task_id), self.gamma_2, x)
+        return scaled_residual(self.mlp(self.norm2(x), **mlp_kwargs), self.gamma_2, x)
 
     def _dropped_residual(self, x: torch.Tensor, branch: torch.Tensor, gamma) -> torch.Tensor:
         """x + drop_path(γ·branch) (training with stochastic depth)."""

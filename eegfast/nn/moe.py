@@ -25,6 +25,12 @@ Auxiliary losses (Switch Transformer): ``load_balance_loss = E * sum_e f_e P_e``
 of the T·k slots routed to expert e, P_e: mean router probability of e; 1 when balanced) and
 ``z_loss = mean(logsumexp(logits)^2)``. They are in the graph; add them to the task loss with
 small weights (typically 1e-2 and 1e-3), e.g. via :func:`moe_aux_losses`.
+
+Padding (``forward(x, padding_mask=...)``, True = padding token, e.g. the patches of padded
+electrodes in a batch that mixes electrode sets; :class:`~eegfast.nn.Block` passes its key
+padding mask): padding tokens are not routed (no expert slot, output 0) and every aux loss and
+statistic is a mean over the real tokens, so a real token's output and the losses do not
+depend on how much padding the batch holds.
 """
 
 from __future__ import annotations
@@ -68,9 +74,10 @@ class MoEFFN(nn.Module):
         out_dim: fc2 output size (default ``dim``).
         num_tasks: > 0 enables task-aware routing with ``task_routing``.
         capacity_factor: None (dropless) or c > 0: each expert takes at most
-            ``ceil(c * T * k / E)`` slots, earliest tokens first; the others are dropped (their
-            gate contribution is 0, the residual path carries the token) and counted in
-            ``last_aux.dropped``. Dropped slots cost no expert FLOPs.
+            ``ceil(c * T * k / E)`` slots (T: the real, non-padding tokens), earliest tokens
+            first; the others are dropped (their gate contribution is 0, the residual path
+            carries the token) and counted in ``last_aux.dropped``. Dropped slots cost no
+            expert FLOPs.
         jitter_eps: multiplicative router-input noise ``U(1 - eps, 1 + eps)`` in training.
         drop: dropout on the output (the dense Mlp's ``drop``).
         backend: forwarded to the ops (None = automatic).
@@ -248,17 +255,47 @@ class MoEFFN(nn.Module):
             logits = logits + self.task_bias[task_ids].to(precision)
         return logits
 
-    def forward(self, x: torch.Tensor, task_id=None) -> torch.Tensor:
+    def _valid_tokens(self, padding_mask, leading: tuple[int, ...], T: int, device):
+        """(T,) bool, True = real token, from a padding mask (True = padding) shaped as x's
+        leading dims; None without a mask."""
+        if padding_mask is None:
+            return None
+        if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool:
+            raise TypeError(
+                "padding_mask must be a bool tensor (True = padding token), got "
+                f"{getattr(padding_mask, 'dtype', type(padding_mask).__name__)}"
+            )
+        if tuple(padding_mask.shape) != leading:
+            raise ValueError(
+                f"padding_mask must have x's leading shape {leading}, "
+                f"got {tuple(padding_mask.shape)}"
+            )
+        return ~padding_mask.to(device).reshape(T)
+
+    def forward(
+        self, x: torch.Tensor, task_id=None, *, padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: (B, N, dim) or (T, dim) (any leading dims); task_id: None, an int, (B,) per
-        sample or per-token ids, in [0, num_tasks). Returns (..., out_dim)."""
+        sample or per-token ids, in [0, num_tasks). Returns (..., out_dim).
+
+        padding_mask: bool, x's leading shape (e.g. (B, N)), True = padding token (a padded
+        electrode's patch). Padding tokens are not routed (they take no expert slot, cost no
+        expert FLOPs and their output is 0) and are left out of the aux losses and statistics
+        (means over the real tokens; the capacity counts the real tokens only), so the real
+        tokens get what they would get without the padding in the batch.
+        """
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have last dim {self.dim}, got shape {tuple(x.shape)}")
         leading = tuple(x.shape[:-1])
         flat = x.reshape(-1, self.dim)
         T, E, k = flat.shape[0], self.num_experts, self.top_k
         task_ids = self._task_ids(task_id, leading, T, x.device)
+        valid = self._valid_tokens(padding_mask, leading, T, x.device)
 
-        logits = self.router_logits(flat, task_ids)
+        # Padding tokens' values are arbitrary: keep them out of the router's arithmetic (a
+        # non-finite one would reach the router's gradient through 0 * inf).
+        router_in = flat if valid is None else flat.masked_fill(~valid[:, None], 0)
+        logits = self.router_logits(router_in, task_ids)
         probs = logits.softmax(-1)
         top_p, expert_idx = probs.topk(k, dim=-1)
         if k == 1:
@@ -269,14 +306,34 @@ class MoEFFN(nn.Module):
             gates = top_p / top_p.detach()
         else:
             gates = top_p / top_p.sum(-1, keepdim=True)
-        plan = moe_dispatch(expert_idx, E, backend=self.backend)
-        counts, offsets, sorted_slots, slot_pos = plan
         dropped = torch.zeros((), dtype=torch.int64, device=x.device)
+        if valid is None:
+            plan = moe_dispatch(expert_idx, E, backend=self.backend)
+            counts, offsets, sorted_slots, slot_pos = plan
+            n_tokens = None
+        else:
+            # Padding tokens' slots go to the extra bucket E that no expert computes (the
+            # bucket of dropped slots below): they take no slot and rank behind no real token.
+            valid_slots = valid[:, None].expand(T, k)
+            routed = torch.where(valid_slots, expert_idx, torch.full_like(expert_idx, E))
+            counts, offsets, sorted_slots, slot_pos = moe_dispatch(
+                routed, E + 1, backend=self.backend
+            )
+            counts, offsets = counts[:E], offsets[: E + 1]
+            n_tokens = valid.sum()
         if self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * T * k / E)
+            if valid is None:
+                capacity = math.ceil(self.capacity_factor * T * k / E)
+            else:  # the same arithmetic over the real tokens, on the device (no host sync)
+                wide = n_tokens.to(torch.float64) * self.capacity_factor * k / E
+                capacity = wide.ceil().to(torch.int64)
             rank_in_expert = slot_pos - offsets[expert_idx.reshape(-1)]
             keep = (rank_in_expert < capacity).reshape(T, k)
-            dropped = (~keep).sum()
+            if valid is not None:
+                keep = keep & valid_slots
+                dropped = (valid_slots & ~keep).sum()
+            else:
+                dropped = (~keep).sum()
             # Dropped slots go to an extra bucket E that no expert computes.
             bucketed = torch.where(keep, expert_idx, torch.full_like(expert_idx, E))
             _, offsets_b, sorted_slots, slot_pos = moe_dispatch(
@@ -284,6 +341,8 @@ class MoEFFN(nn.Module):
             )
             offsets = offsets_b[: E + 1]
             gates = gates * keep
+        elif valid is not None:
+            gates = gates * valid_slots
 
         compute_dtype = flat.dtype
         if torch.is_autocast_enabled(x.device.type):
@@ -299,15 +358,24 @@ class MoEFFN(nn.Module):
             out = moe_combine(y_sorted, gates, slot_pos, backend=self.backend)
         out = self.drop(out)
 
-        if T > 0:
+        if T == 0:
+            zero = logits.sum()  # 0, but attached to the graph like the losses below
+            expert_load = logits.new_zeros(E)
+            load_balance, z_loss, entropy = zero, zero, zero.detach()
+        elif valid is None:
             expert_load = counts.to(logits.dtype) / (T * k)
             load_balance = E * (expert_load * probs.mean(0)).sum()
             z_loss = torch.logsumexp(logits, dim=-1).square().mean()
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean().detach()
-        else:
-            zero = logits.sum()  # 0, but attached to the graph like the losses above
-            expert_load = logits.new_zeros(E)
-            load_balance, z_loss, entropy = zero, zero, zero.detach()
+        else:  # means over the real tokens (0 when there are none)
+            weight = valid.to(logits.dtype)
+            count = n_tokens.clamp_min(1).to(logits.dtype)
+            expert_load = counts.to(logits.dtype) / (count * k)
+            mean_probs = (probs * weight[:, None]).sum(0) / count
+            load_balance = E * (expert_load * mean_probs).sum()
+            z_loss = (torch.logsumexp(logits, dim=-1).square() * weight).sum() / count
+            token_entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1)
+            entropy = ((token_entropy * weight).sum() / count).detach()
         self.last_aux = MoEAux(load_balance, z_loss, expert_load, entropy, dropped)
         return out.reshape(*leading, self.out_dim)
 

@@ -1,10 +1,13 @@
 """Sparse upcycling: dense → MoE without changing the model's outputs."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from eegfast.models import create_model, upcycle
+from eegfast.models import create_hybrid_model, create_model, upcycle
+from eegfast.models.hybrid import forecast_features
 from eegfast.nn import MoEFFN, moe_aux_losses
 
 
@@ -125,3 +128,145 @@ def test_upcycled_layers_take_the_model_mode():
     torch.testing.assert_close(model(x), dense, atol=1e-6, rtol=1e-6)
     training = upcycle(RefModel(depth=2).train(), num_experts=4, top_k=2)
     assert all(block.mlp.training for block in training.blocks)
+
+
+# --------------------------------------------------------------------------------------------
+# Padded electrodes: not routed, not in the aux losses (batches that mix electrode sets)
+# --------------------------------------------------------------------------------------------
+
+AUX_NAMES = ("load_balance_loss", "z_loss", "expert_load", "router_entropy", "dropped")
+
+
+def _make_routing_matter(model, capacity, seed=1):
+    """Upcycle with distinct experts and a decisive router (outputs depend on the routing)."""
+    upcycle(
+        model,
+        num_experts=4,
+        top_k=2,
+        noise_std=0.3,
+        capacity_factor=capacity,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.router.weight.normal_(0, 1.0)
+    return model
+
+
+def _with_padded_electrode(x, chans, fill=0.0, at=1):
+    """Insert a padded electrode (values ``fill``) at electrode index ``at`` of every sample:
+    x (B, C, A, T) -> (B, C + 1, A, T), chans (C + 1,) -> (C + 2,), mask (B, C + 1)."""
+    B, C, A, T = x.shape
+    x_pad = torch.cat((x[:, :at], torch.full((B, 1, A, T), fill), x[:, at:]), dim=1)
+    chans_pad = torch.cat((chans[: at + 1], chans[:1], chans[at + 1 :]))
+    padding = torch.zeros(B, C + 1, dtype=torch.bool)
+    padding[:, at] = True
+    return x_pad, chans_pad, padding
+
+
+def _aux(blocks):
+    return [block.mlp.last_aux for block in blocks]
+
+
+def _assert_same_aux(got, expected):
+    for layer, (a, b) in enumerate(zip(got, expected, strict=True)):
+        for name in AUX_NAMES:
+            torch.testing.assert_close(a[name], b[name], msg=f"blocks[{layer}] {name}")
+
+
+@pytest.mark.parametrize("capacity", [None, 0.5])
+@pytest.mark.parametrize("training", [False, True])
+def test_labram_padded_electrodes_are_not_routed(capacity, training):
+    """A batch with a padded electrode gives the real tokens the outputs, and the MoE layers
+    the aux losses, of the batch without it; with a capacity factor the padding would take
+    expert slots that real tokens then lose. In training (drop path, same RNG draws) too."""
+    torch.manual_seed(0)
+    model = create_model("labram_tiny", num_classes=3, drop_path_rate=0.5).train(training)
+    _make_routing_matter(model, capacity)
+    x, chans = torch.randn(2, 3, 2, 200), torch.tensor([0, 4, 9, 2])
+    x_pad, chans_pad, padding = _with_padded_electrode(x, chans, fill=5.0)
+    torch.manual_seed(7)
+    expected = model.forward_features(x, chans)  # the head's logits are ~1e-3 of these
+    expected_aux = _aux(model.blocks)
+    torch.manual_seed(7)
+    got = model.forward_features(x_pad, chans_pad, channel_padding_mask=padding)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    _assert_same_aux(_aux(model.blocks), expected_aux)
+    if capacity is not None:
+        assert sum(int(aux.dropped) for aux in expected_aux) > 0  # the capacity binds
+
+
+def test_labram_mixed_electrode_sets_each_sample_as_alone():
+    """Dropless: each sample of a mixed batch gets the output it gets alone, and gradients
+    are finite with non-finite values in the padded electrode."""
+    torch.manual_seed(0)
+    model = _make_routing_matter(create_model("labram_tiny", num_classes=3).eval(), None)
+    a, b = torch.randn(1, 4, 2, 200), torch.randn(1, 2, 2, 200)
+    chans_a, chans_b = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0, 9, 8])
+    x = torch.cat([a, torch.cat([b, torch.full((1, 2, 2, 200), math.nan)], dim=1)])
+    chans = torch.stack([chans_a, torch.cat([chans_b, torch.zeros(2, dtype=torch.long)])])
+    padding = torch.tensor([[False] * 4, [False] * 2 + [True] * 2])
+    batched = model(x, chans, channel_padding_mask=padding)
+    assert torch.isfinite(batched).all()
+    with torch.no_grad():
+        torch.testing.assert_close(batched[0], model(a, chans_a)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched[1], model(b, chans_b)[0], atol=1e-5, rtol=1e-5)
+    model(x, chans, channel_padding_mask=padding)
+    loss = batched.square().sum() + sum(moe_aux_losses(model).values())
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+    assert model.blocks[0].mlp.router.weight.grad.abs().sum() > 0
+
+
+def test_pretrain_padded_electrodes_are_not_routed():
+    torch.manual_seed(0)
+    model = create_model("labram_tiny_pretrain", attention_backend="reference")
+    _make_routing_matter(model.student, 0.5)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1.0)  # a loss that the features move
+    B, C, A = 2, 3, 2
+    x, chans = torch.randn(B, C, A, 200), torch.tensor([0, 4, 9, 2])
+    targets = torch.randint(0, 256, (B, C, A))
+    mask = torch.rand(B, C, A, generator=torch.Generator().manual_seed(3)) < 0.5
+    expected = model(x, chans, targets.flatten(1), mask.flatten(1))
+    expected_aux = _aux(model.student.blocks)
+    x_pad, chans_pad, padding = _with_padded_electrode(x, chans, fill=-3.0)
+    targets_pad = torch.cat((targets[:, :1], torch.full((B, 1, A), -1), targets[:, 1:]), dim=1)
+    mask_pad = torch.cat((mask[:, :1], torch.zeros(B, 1, A, dtype=torch.bool), mask[:, 1:]), 1)
+    got = model(
+        x_pad, chans_pad, targets_pad.flatten(1), mask_pad.flatten(1), channel_padding_mask=padding
+    )
+    torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.accuracy, expected.accuracy)
+    _assert_same_aux(_aux(model.student.blocks), expected_aux)
+    assert sum(int(aux.dropped) for aux in expected_aux) > 0
+
+
+def test_hybrid_forecast_padded_electrodes_are_not_routed():
+    torch.manual_seed(0)
+    model = create_hybrid_model("labram_tiny_pretrain")
+    _make_routing_matter(model.backbone, 0.5)
+    x, chans = torch.randn(2, 3, 3, 200), torch.tensor([0, 4, 9, 2])
+    expected = forecast_features(model.backbone, x, chans)
+    expected_aux = _aux(model.backbone.blocks)
+    x_pad, chans_pad, padding = _with_padded_electrode(x, chans, fill=2.0, at=2)
+    got = forecast_features(model.backbone, x_pad, chans_pad, channel_padding_mask=padding)
+    torch.testing.assert_close(got[:, ~padding[0]], expected, atol=1e-5, rtol=1e-5)
+    _assert_same_aux(_aux(model.backbone.blocks), expected_aux)
+    assert sum(int(aux.dropped) for aux in expected_aux) > 0
+
+
+def test_upcycled_model_compiles_with_padding_mask():
+    torch.manual_seed(0)
+    model = _make_routing_matter(create_model("labram_tiny", num_classes=3).eval(), 0.5)
+    x, chans = torch.randn(2, 3, 2, 200), torch.tensor([0, 1, 2, 3])
+    padding = torch.tensor([[False, False, False], [False, True, False]])
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(x, chans, channel_padding_mask=padding)
+    got_aux = _aux(model.blocks)
+    expected = model(x, chans, channel_padding_mask=padding)
+    torch.testing.assert_close(out, expected)
+    _assert_same_aux(got_aux, _aux(model.blocks))
+    out.sum().backward()
+    assert model.blocks[0].mlp.router.weight.grad is not None

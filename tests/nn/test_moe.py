@@ -240,3 +240,136 @@ def test_top1_router_and_task_terms_learn_from_the_output(routing):
     for g, e in zip(grads, straight_through, strict=True):
         assert e.abs().sum() > 0
         torch.testing.assert_close(g, e)
+
+
+def padded_batch(fill=0.0):
+    """x (3, 7, 12) whose padding tokens (mask True, scattered over the batch) hold ``fill``."""
+    torch.manual_seed(5)
+    x = torch.randn(3, 7, 12, dtype=torch.float64)
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[0, 5:] = True  # trailing padding
+    padding[1, [1, 4]] = True  # scattered
+    padding[2, :3] = True  # leading
+    return x.masked_fill(padding[..., None], fill), padding
+
+
+AUX_NAMES = ("load_balance_loss", "z_loss", "expert_load", "router_entropy", "dropped")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("capacity", [None, 0.5, 1.0])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_padding_tokens_are_not_routed(backend, capacity, top_k):
+    """A padded batch's real tokens get the outputs and aux losses of the batch without the
+    padding tokens: the padding takes no expert slot (with a capacity factor it would push real
+    tokens out) and counts in no statistic. The padding's output is 0."""
+    moe = make_moe(backend=backend, capacity_factor=capacity, top_k=top_k)
+    x, padding = padded_batch(fill=3.0)
+    out = moe(x, padding_mask=padding)
+    aux = moe.last_aux
+    expected = moe(x[~padding])  # (T_real, dim): the real tokens alone, in the same order
+    expected_aux = moe.last_aux
+    torch.testing.assert_close(out[~padding], expected)
+    assert out[padding].eq(0).all()
+    for name in AUX_NAMES:
+        torch.testing.assert_close(aux[name], expected_aux[name], msg=name)
+    if capacity == 0.5:
+        assert int(aux.dropped) > 0  # the capacity binds: the slots the padding would take count
+    # the padding's values do not matter
+    torch.testing.assert_close(
+        moe(x.masked_fill(padding[..., None], -50.0), padding_mask=padding), out
+    )
+
+
+def test_padding_aux_losses_are_means_over_real_tokens():
+    moe = make_moe(capacity_factor=0.75)
+    x, padding = padded_batch()
+    out = moe(x, padding_mask=padding)
+    aux = moe.last_aux
+    _, logits, probs, idx = expected_forward(moe, x)
+    real = ~padding.reshape(-1)
+    logits, probs, idx = logits[real], probs[real], idx[real]
+    T, k, E = int(real.sum()), 2, 5
+    load = torch.bincount(idx.reshape(-1), minlength=E).double() / (T * k)
+    torch.testing.assert_close(aux.expert_load.double(), load)
+    torch.testing.assert_close(aux.load_balance_loss, E * (load * probs.mean(0)).sum())
+    torch.testing.assert_close(aux.z_loss, (torch.logsumexp(logits, -1) ** 2).mean())
+    torch.testing.assert_close(aux.router_entropy, -(probs * probs.log()).sum(-1).mean())
+    # capacity over the real tokens, earliest real tokens first
+    capacity = math.ceil(0.75 * T * k / E)
+    seen, keep = [0] * E, torch.zeros(T, k, dtype=torch.bool)
+    for t in range(T):
+        for i in range(k):
+            keep[t, i] = seen[int(idx[t, i])] < capacity
+            seen[int(idx[t, i])] += 1
+    assert int(aux.dropped) == int((~keep).sum()) > 0
+    gates = probs.gather(1, idx)
+    gates = gates / gates.sum(-1, keepdim=True) * keep
+    flat = x.reshape(-1, 12)[real]
+    expected = moe_ffn_per_token_reference(
+        flat, idx, gates, moe.fc1_weight, moe.fc1_bias, moe.fc2_weight, moe.fc2_bias
+    )
+    torch.testing.assert_close(out[~padding], expected)
+    totals = moe_aux_losses(moe)
+    torch.testing.assert_close(totals["z_loss"], aux.z_loss)
+
+
+@pytest.mark.parametrize("fill", [0.0, math.inf, math.nan])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_padding_gives_finite_outputs_and_gradients(fill, top_k):
+    """Whatever the padding tokens hold, outputs are NaN-free (padding: 0), and the gradients
+    (through the outputs and the aux losses) are finite, 0 for the padding's inputs."""
+    moe = make_moe(top_k=top_k, capacity_factor=0.5, num_tasks=2)
+    x, padding = padded_batch(fill=fill)
+    x.requires_grad_(True)
+    out = moe(x, task_id=torch.tensor([0, 1, 1]), padding_mask=padding)
+    assert torch.isfinite(out).all() and out[padding].eq(0).all()
+    aux = moe.last_aux
+    for name in AUX_NAMES:
+        assert torch.isfinite(aux[name]).all(), name
+    loss = out.sin().sum() + aux.load_balance_loss + aux.z_loss
+    params = [x, moe.router.weight, moe.task_bias, moe.fc1_weight, moe.fc2_bias]
+    grads = torch.autograd.grad(loss, params)
+    for g in grads:
+        assert torch.isfinite(g).all()
+    assert grads[0][padding].eq(0).all() and grads[0][~padding].abs().sum() > 0
+    assert grads[1].abs().sum() > 0
+
+
+def test_all_padding_and_mask_errors():
+    moe = make_moe(capacity_factor=1.0)
+    x = torch.randn(2, 4, 12, dtype=torch.float64, requires_grad=True)
+    out = moe(x, padding_mask=torch.ones(2, 4, dtype=torch.bool))
+    assert out.eq(0).all()
+    aux = moe.last_aux
+    assert aux.expert_load.eq(0).all() and int(aux.dropped) == 0
+    assert all(
+        float(aux[n].detach()) == 0 for n in ("load_balance_loss", "z_loss", "router_entropy")
+    )
+    (out.sum() + aux.load_balance_loss + aux.z_loss).backward()
+    assert torch.isfinite(moe.router.weight.grad).all()
+    # an all-False mask is the unmasked forward
+    torch.testing.assert_close(moe(x, padding_mask=torch.zeros(2, 4, dtype=torch.bool)), moe(x))
+    with pytest.raises(ValueError, match="padding_mask must have x's leading shape"):
+        moe(x, padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="padding_mask must be a bool tensor"):
+        moe(x, padding_mask=torch.zeros(2, 4))
+
+
+def test_torch_compile_with_padding_mask():
+    moe = make_moe(dtype=torch.float32, capacity_factor=0.5)
+    x, padding = padded_batch()
+    x = x.float().requires_grad_(True)
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+    out = compiled(x, padding_mask=padding)
+    got_aux = moe.last_aux
+    expected = moe(x, padding_mask=padding)
+    torch.testing.assert_close(out, expected)
+    for name in AUX_NAMES:
+        torch.testing.assert_close(got_aux[name], moe.last_aux[name], msg=name)
+    grads = torch.autograd.grad(out.sum() + got_aux.z_loss, (x, moe.router.weight))
+    expected_grads = torch.autograd.grad(
+        expected.sum() + moe.last_aux.z_loss, (x, moe.router.weight)
+    )
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e)
