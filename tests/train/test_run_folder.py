@@ -246,8 +246,12 @@ def test_resume_arguments(prepared, tokenizer_run, pretrain_run, tmp_path, capsy
     assert (
         cli(tokenizer_argv(prepared, out, "train.max_steps=3", "--resume", str(tokenizer_run))) == 0
     )
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert f"resumed from {tokenizer_run / 'checkpoints' / 'step-00000002'}" in printed
+    # the larger max_steps, said in one line
+    assert "eegfast tokenizer: warning: resuming " in captured.err
+    assert "train.max_steps: 2 -> 3" in captured.err
     assert steps(out) == [3]
     # a finished run
     assert cli(tokenizer_argv(prepared, out, "train.max_steps=3", "--resume", "auto")) == 0

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,8 +108,15 @@ def run_command(name: str, body) -> int:
     line (where training stopped, how to continue) and exit status 130."""
     from eegfast.train.engine import NonFiniteLossError
 
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        # one line, as the command's other messages (not Python's file:line + source line)
+        kind = "warning" if category is UserWarning else category.__name__
+        print(f"eegfast {name}: {kind}: {message}", file=sys.stderr)
+
     try:
-        return int(body() or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            return int(body() or 0)
     except KeyboardInterrupt as err:
         print(f"eegfast {name}: {interrupted_message(err)}", file=sys.stderr)
         return 130
