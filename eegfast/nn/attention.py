@@ -8,6 +8,7 @@ from torch import nn
 
 from eegfast.nn.linear import fused_linear, scaled_residual
 from eegfast.ops import qk_norm_attention_packed
+from eegfast.ops.qk_norm_attention import check_key_padding_mask
 
 
 def attention_visibility(
@@ -23,23 +24,10 @@ def attention_visibility(
 
     Semantics of the eegfast attention ops: ``key_padding_mask`` (B, N) bool, True = padding
     key; ``causal``: j <= i; ``block_causal`` (N,) block ids: block[j] <= block[i]. Masks AND.
-    A mask of another dtype raises TypeError, as in the fused op: a float mask is ambiguous
-    (additive -inf / 0, or 1 = padding?) and a cast to bool would silently pick one reading.
+    The mask is checked as by the fused op (:func:`check_key_padding_mask`: a bool tensor).
     """
     if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError(
-                f"key_padding_mask must be a tensor or None, got {type(key_padding_mask).__name__}"
-            )
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(
-                f"key_padding_mask must be bool (True = padding key), got {key_padding_mask.dtype}"
-            )
-        if key_padding_mask.shape != (batch, n):
-            raise ValueError(
-                f"key_padding_mask must have shape (B, N) = ({batch}, {n}), "
-                f"got {tuple(key_padding_mask.shape)}"
-            )
+        check_key_padding_mask(key_padding_mask, batch, n)
     visible = None
     if causal:
         visible = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]

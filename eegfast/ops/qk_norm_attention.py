@@ -222,16 +222,7 @@ def _check_inputs(
         if p.device != q.device:
             raise ValueError(f"q is on {q.device} but {name} is on {p.device}")
     if key_padding_mask is not None:
-        _check_tensor_or_none("key_padding_mask", key_padding_mask)
-        if key_padding_mask.shape != (B, N):
-            raise ValueError(
-                f"key_padding_mask must have shape (B, N) = ({B}, {N}), "
-                f"got {tuple(key_padding_mask.shape)}"
-            )
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(
-                f"key_padding_mask must be bool (True = padding key), got {key_padding_mask.dtype}"
-            )
+        check_key_padding_mask(key_padding_mask, B, N)
         if key_padding_mask.device != q.device:
             raise ValueError(
                 f"q is on {q.device} but key_padding_mask is on {key_padding_mask.device}"
@@ -252,6 +243,22 @@ def _check_inputs(
             raise TypeError(f"block_causal must be an integer tensor, got {block_causal.dtype}")
         if block_causal.device != q.device:
             raise ValueError(f"q is on {q.device} but block_causal is on {block_causal.device}")
+
+
+def check_key_padding_mask(key_padding_mask: object, batch: int, n: int) -> None:
+    """TypeError / ValueError naming ``key_padding_mask`` unless it is a (batch, n) bool tensor
+    (True = padding key): a float mask is ambiguous (additive -inf / 0, or 1 = padding?), and a
+    cast to bool would silently pick one reading. Shared with the unfused layer path."""
+    _check_tensor_or_none("key_padding_mask", key_padding_mask)
+    if key_padding_mask.shape != (batch, n):
+        raise ValueError(
+            f"key_padding_mask must have shape (B, N) = ({batch}, {n}), "
+            f"got {tuple(key_padding_mask.shape)}"
+        )
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(
+            f"key_padding_mask must be bool (True = padding key), got {key_padding_mask.dtype}"
+        )
 
 
 def _check_tensor_or_none(name: str, value: object) -> None:
