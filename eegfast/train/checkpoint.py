@@ -181,7 +181,12 @@ def load_weights(path: str | Path, *, prefer: str = "best") -> dict[str, torch.T
 
 
 def read_meta(path: str | Path, *, prefer: str = "best") -> dict[str, Any]:
-    meta = resolve_weights_path(path, prefer=prefer).parent / META
+    return checkpoint_meta(resolve_weights_path(path, prefer=prefer).parent)
+
+
+def checkpoint_meta(checkpoint: str | Path) -> dict[str, Any]:
+    """``meta.json`` of the checkpoint folder ``checkpoint`` ({} if it has none)."""
+    meta = Path(checkpoint) / META
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 

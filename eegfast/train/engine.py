@@ -20,7 +20,6 @@ memory by asynchronous copies on a GPU.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -324,7 +323,7 @@ def fit(
         scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
         step, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
-        saved_config = json.loads((resume_from / ckpt.META).read_text()).get("config")
+        saved_config = ckpt.checkpoint_meta(resume_from).get("config")
         changes = config_changes(saved_config, config_to_dict(config))
         if changes and info.is_main:
             warnings.warn(

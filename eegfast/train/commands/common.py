@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -243,10 +242,8 @@ def resolve_resume(resume: str | None, out: Path, expected: set[str] | None) -> 
                 f"--resume {resume}: not a checkpoint or run folder (expected {accepted})"
             )
         path = latest.path
-    meta_file = path / ckpt.META
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     if expected:
-        _check_kind(f"--resume {resume}", meta, expected)
+        _check_kind(f"--resume {resume}", ckpt.checkpoint_meta(path), expected)
     return str(path)
 
 

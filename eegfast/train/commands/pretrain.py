@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +105,7 @@ def _resume_meta(resume: str | None, out: Path) -> dict[str, Any]:
     if resume == "auto":
         latest = ckpt.latest_checkpoint(out / "checkpoints")
         return latest.meta if latest is not None else {}
-    meta = Path(resume) / ckpt.META
-    return json.loads(meta.read_text()) if meta.is_file() else {}
+    return ckpt.checkpoint_meta(resume)
 
 
 def tokenizer_for_run(given: str, recorded: dict[str, str] | None) -> tuple[str, list[str]]:
