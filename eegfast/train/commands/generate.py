@@ -375,6 +375,23 @@ def display_names(names: tuple[str, ...] | list[str]) -> list[str]:
     return [spelled.get(n.upper(), n) for n in names]
 
 
+def check_output_path(path: Path, overwrite: bool) -> None:
+    """GenerateError unless ``path`` ends in .edf or .npy and, without ``overwrite``, neither it
+    nor a .npy's ``.json`` sidecar exists."""
+    suffix = path.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise GenerateError(f"--out must end in .edf or .npy, got {path.name!r}")
+    if overwrite:
+        return
+    if path.exists():
+        raise GenerateError(f"--out {path} exists (pass --overwrite to replace it)")
+    sidecar = path.with_suffix(".json")
+    if suffix == ".npy" and sidecar.exists():
+        raise GenerateError(
+            f"--out {path}: its sidecar {sidecar} exists (pass --overwrite to replace it)"
+        )
+
+
 def write_output(
     path: str | Path,
     signal: np.ndarray,
@@ -392,15 +409,7 @@ def write_output(
 
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in OUTPUT_SUFFIXES:
-        raise GenerateError(f"--out must end in .edf or .npy, got {path.name!r}")
-    if path.exists() and not overwrite:
-        raise GenerateError(f"--out {path} exists (pass --overwrite to replace it)")
-    if suffix == ".npy" and path.with_suffix(".json").exists() and not overwrite:
-        raise GenerateError(
-            f"--out {path}: its sidecar {path.with_suffix('.json')} exists "
-            "(pass --overwrite to replace it)"
-        )
+    check_output_path(path, overwrite)
     if signal.ndim != 2 or signal.shape[0] != len(names):
         raise ValueError(f"signal must be (C={len(names)}, T), got {signal.shape}")
     labels = display_names(names)
@@ -464,15 +473,7 @@ def _device(text: str) -> torch.device:
 def run(args: argparse.Namespace) -> Path:
     """Everything ``main`` does, raising :class:`GenerateError` on bad input."""
     out = Path(args.out)
-    if out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise GenerateError(f"--out must end in .edf or .npy, got {out.name!r}")
-    if out.exists() and not args.overwrite:
-        raise GenerateError(f"--out {out} exists (pass --overwrite to replace it)")
-    sidecar = out.with_suffix(".json")
-    if out.suffix.lower() == ".npy" and sidecar.exists() and not args.overwrite:
-        raise GenerateError(
-            f"--out {out}: its sidecar {sidecar} exists (pass --overwrite to replace it)"
-        )
+    check_output_path(out, args.overwrite)  # before any work (the writer checks again)
     if not args.seconds > 0:
         raise GenerateError(f"--seconds must be > 0, got {args.seconds}")
     seconds = args.seconds
