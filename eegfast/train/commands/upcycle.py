@@ -18,7 +18,7 @@ import torch
 from eegfast.fileio import write_text_atomic
 from eegfast.train import checkpoint as ckpt
 from eegfast.train.arch import backbone_from_checkpoint, build_model
-from eegfast.train.commands.common import CommandError, check_out, run_command, run_folder
+from eegfast.train.commands.common import CommandError, run_command, run_folder
 from eegfast.train.config import RunConfig, config_to_dict, resolve_config
 
 
@@ -63,8 +63,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.top_k is not None:
         extra.append(f"upcycle.top_k={args.top_k}")
     config = resolve_config(RunConfig(), args.config, [*args.overrides, *extra])
-    check_out(Path(args.out))
-    with run_folder(args):
+    with run_folder(args):  # checks --out first
         return _upcycle(args, config)
 
 
