@@ -1437,8 +1437,22 @@ def _mask_args(
     # A copy, not a dtype view: inductor (torch 2.11) cannot lower a bool -> uint8 view when
     # torch.compile traces this op, and the copy is only B x N bytes.
     pad = q if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
-    ids = q if block_ids is None else block_ids.to(torch.int32).contiguous()
+    ids = q if block_ids is None else _int32_block_ids(block_ids)
     return pad, ids
+
+
+def _int32_block_ids(block_ids: torch.Tensor) -> torch.Tensor:
+    """(N,) block ids as contiguous int32 with the same ``<=`` order between every pair.
+
+    The kernels compare int32 ids. A plain cast would wrap int64 ids outside the int32 range
+    (2**31 -> -2**31) and change which keys a query sees, and checking the range would cost a
+    device sync; instead wide ids are replaced by their rank, the number of ids strictly
+    smaller (in [0, N), equal ids keep equal ranks). One sort of N <= 16k elements.
+    """
+    if block_ids.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool):
+        return block_ids.to(torch.int32).contiguous()
+    ordered = torch.sort(block_ids).values
+    return torch.searchsorted(ordered, block_ids, out_int32=True).contiguous()
 
 
 def _pad_rows(
@@ -1492,7 +1506,7 @@ def qk_norm_attention_fwd_triton(
         eps: LayerNorm epsilon. scale: score scale (usually D ** -0.5).
         key_padding_mask: (B, N) bool, True = that key is ignored; or None.
         causal: query i sees key j only if j <= i.
-        block_ids: (N,) integer (read as int32); query i sees key j only if
+        block_ids: (N,) integer; query i sees key j only if
             block_ids[j] <= block_ids[i].
 
     Returns:

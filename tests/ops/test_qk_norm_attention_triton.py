@@ -193,6 +193,16 @@ def test_random_shapes_and_masks(n, d, dtype, mask, causal, block_size, affine, 
     check_against_reference(*inputs, causal=causal, scale=0.7 / math.sqrt(d))
 
 
+def test_int64_block_ids_outside_int32_range():
+    """The kernels compare int32 ids: int64 ids past 2**31 (which a cast would wrap to negative
+    numbers) must give the visibility of the ids themselves."""
+    B, H, N, D = 1, 2, 21, 20
+    q, k, v, params, _, ids, grad_out = make_case(B, H, N, D, torch.float32, seed=12, block_size=4)
+    wide = ids * 2**31 + (ids % 2) * 3 - 2**33  # negative, past both int32 ends, uneven steps
+    assert wide.dtype == torch.int64 and (wide.max() > 2**31 or wide.min() < -(2**31))
+    check_against_reference(q, k, v, params, None, wide, grad_out, causal=False)
+
+
 def test_packed_and_strided_inputs_without_copies():
     """q, k, v as views of one (B, N, 3·H·D) qkv buffer, and with a non-unit inner stride."""
     B, H, N, D = 2, 2, 33, 25
