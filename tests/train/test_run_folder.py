@@ -3,6 +3,8 @@ and the one-line errors for arguments that cannot work."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import shutil
 import signal
@@ -17,6 +19,7 @@ import torch
 from eegfast.cli import main as cli
 from eegfast.train import checkpoint as ckpt
 from eegfast.train.commands import common
+from eegfast.train.data import load_data
 from eegfast.train.runlog import read_metrics
 from tests.train._sample import sample_recording_cut
 
@@ -330,14 +333,34 @@ def test_finetune_folds_note_and_evaluate_warns_about_training_windows(
     assert cli(finetune_argv(prepared, pretrain_run, out)) == 2
     assert "--resume auto" in capsys.readouterr().err
     assert cli(finetune_argv(prepared, pretrain_run, out, "--resume", "auto")) == 0
+    # evaluate leaves the fold's training windows out; --include-training-windows scores them
     evaluation = tmp_path / "eval"
     argv = ["evaluate", "--model", str(fold), "--data", str(prepared), "--out", str(evaluation)]
     assert cli([*argv, "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "warning: 6 of 12 windows are from the 1 recording(s) this model was fine-tuned" in (
+    assert "6 of 12 windows are from the 1 recording(s) this model was fine-tuned on: left out" in (
         printed
     )
-    assert "overstate held-out performance" in (evaluation / "report.md").read_text()
+    with open(evaluation / "predictions.csv", newline="") as f:
+        held_out = list(csv.DictReader(f))
+    assert len(held_out) == 6
+    assert not {row["recording"] for row in held_out} & set(meta["train_recordings"])
+    assert all(len(row["probabilities"].split()) == 2 for row in held_out)
+    everything = tmp_path / "eval-all"
+    argv[-1] = str(everything)
+    assert cli([*argv, "--include-training-windows", "--no-progress"]) == 0
+    assert "warning: 6 of 12 windows are from the 1 recording(s)" in capsys.readouterr().out
+    assert "overstate held-out performance" in (everything / "report.md").read_text()
+    assert len((everything / "predictions.csv").read_text().splitlines()) == 1 + 12
+    # a model fine-tuned on every recording of the data has nothing held out to score
+    meta_path = ckpt.resolve_weights_path(fold).parent / "meta.json"
+    recorded = json.loads(meta_path.read_text())
+    recorded["train_recordings"] = sorted({item.recording for item in load_data([prepared]).items})
+    meta_path.write_text(json.dumps(recorded))
+    argv[-1] = str(tmp_path / "eval-none")
+    assert cli([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "all 12 labelled windows" in err and "--include-training-windows" in err
 
 
 def test_evaluate_export_features_must_be_npz(tmp_path, capsys):

@@ -1,7 +1,10 @@
 """``eegfast evaluate --model RUN --data FOLDER... --out DIR``: evaluate a checkpoint.
 
 - A fine-tuned model (with task heads, e.g. ``runs/finetune/fold0/multitask``): its predictions
-  on every labelled window of its tasks, with the metrics, confusion matrices and ROC curves.
+  on the labelled windows of its tasks, with the metrics, confusion matrices and ROC curves.
+  Windows from the recordings a fold model was fine-tuned on are left out (its checkpoint
+  records them), so the scores are held-out scores; ``--include-training-windows`` scores them
+  too, with a warning. ``predictions.csv`` has every scored window's prediction.
 - A pretrained or upcycled backbone: a linear probe with grouped k-fold cross-validation
   (``--folds k``; logistic regression on frozen features) against the band-power baseline on
   the same folds.
@@ -13,11 +16,13 @@ with its task, label, subject and recording (for zero-shot or external linear us
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 from pathlib import Path
 
 import numpy as np
 
-from eegfast.fileio import write_atomic
+from eegfast.fileio import write_atomic, write_text_atomic
 from eegfast.train.arch import backbone_from_checkpoint, load_trained
 from eegfast.train.commands.common import (
     CommandError,
@@ -47,6 +52,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="run folder, checkpoint or .safetensors")
     parser.add_argument("--folds", type=int, default=None, help="k for the linear probe")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks (data.tasks)")
+    parser.add_argument(
+        "--include-training-windows",
+        action="store_true",
+        help="also score windows from the recordings the model was fine-tuned on",
+    )
     parser.add_argument(
         "--export-features",
         type=Path,
@@ -97,22 +107,55 @@ def export_features(
     return write_atomic(path, save)
 
 
-def training_windows_warning(meta: dict, data, tasks) -> str | None:
-    """A fine-tuned fold model records its training recordings: say how many of the evaluated
-    windows come from them (scores on those are not held-out scores)."""
+def write_predictions(
+    path: Path, data: TrainData, scored: list[tuple[str, np.ndarray, np.ndarray]]
+) -> Path:
+    """One row per scored window: task, recording, subject, label and predicted class names,
+    and the class probabilities (space-separated, in the task's class order).
+
+    scored: (task, window indices (n,), probabilities (n, classes)) per task.
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(
+        ["task", "recording", "subject", "window", "label", "predicted", "probabilities"]
+    )
+    for task, indices, probs in scored:
+        names = data.label_names[task]
+        for index, row in zip(indices, probs, strict=True):
+            item = data.items[int(index)]
+            writer.writerow(
+                [
+                    task,
+                    item.recording,
+                    item.subject,
+                    int(index),
+                    names[item.label],
+                    names[int(np.argmax(row))],
+                    " ".join(f"{p:.6g}" for p in row),
+                ]
+            )
+    return write_text_atomic(path, buffer.getvalue())
+
+
+def training_windows(meta: dict, data: TrainData, indices: np.ndarray) -> np.ndarray:
+    """The positions in ``indices`` of windows from recordings the model was fine-tuned on (a
+    fold model's checkpoint records them as ``train_recordings``; other models: none)."""
     trained_on = set(meta.get("train_recordings") or [])
-    if not trained_on:
-        return None
-    indices = [int(i) for task in tasks for i in data.labelled(task)]
-    seen = [i for i in indices if data.items[i].recording in trained_on]
-    if not seen:
-        return None
-    recordings = len({data.items[i].recording for i in seen})
+    seen = [p for p, i in enumerate(indices) if data.items[int(i)].recording in trained_on]
+    return np.array(seen, dtype=np.int64)
+
+
+def training_windows_note(seen: int, total: int, recordings: int, *, scored: bool) -> str:
+    if scored:
+        return (
+            f"{seen} of {total} windows are from the {recordings} recording(s) this model was "
+            "fine-tuned on and are scored (--include-training-windows), so these scores "
+            "overstate held-out performance"
+        )
     return (
-        f"{len(seen)} of {len(indices)} windows are from the {recordings} recording(s) this "
-        "model was fine-tuned on, so these scores overstate held-out performance (evaluate "
-        "on data the model has not seen, or read the fine-tuning run's own cross-validated "
-        "report)"
+        f"{seen} of {total} windows are from the {recordings} recording(s) this model was "
+        "fine-tuned on: left out (--include-training-windows scores them too)"
     )
 
 
@@ -151,10 +194,30 @@ def _main(args: argparse.Namespace) -> int:
                     f"--model has heads for {sorted(heads)}, the data has tasks "
                     f"{data.tasks}: nothing to evaluate"
                 )
-            result = CVResult(grouping={t: "none (a fixed model on all windows)" for t in tasks})
-            ids = {t: i for i, t in enumerate(task_names)}
+            selected, seen, total, seen_recordings = {}, 0, 0, set()
             for task in tasks:
-                indices = data.labelled(task)
+                indices = np.asarray(data.labelled(task))
+                trained = training_windows(meta, data, indices)
+                seen += len(trained)
+                total += len(indices)
+                seen_recordings |= {data.items[int(indices[p])].recording for p in trained}
+                if not args.include_training_windows:
+                    indices = np.delete(indices, trained)
+                if len(indices):
+                    selected[task] = indices
+            if not selected:
+                raise CommandError(
+                    f"all {total} labelled windows of {tasks} are from the recordings "
+                    f"--model {args.model} was fine-tuned on: no held-out window to score "
+                    "(give --data with other recordings, or --include-training-windows)"
+                )
+            grouping = "none (a fixed model on all windows)"
+            if seen and not args.include_training_windows:
+                grouping = "none (a fixed model on the windows it was not fine-tuned on)"
+            result = CVResult(grouping={t: grouping for t in selected})
+            ids = {t: i for i, t in enumerate(task_names)}
+            scored: list[tuple[str, np.ndarray, np.ndarray]] = []
+            for task, indices in selected.items():
                 probs, load = predict(
                     model,
                     data,
@@ -172,14 +235,17 @@ def _main(args: argparse.Namespace) -> int:
                     indices,
                     probs,
                 )
+                scored.append((task, indices, probs))
                 if load is not None:
                     result.expert_load.setdefault(task, []).append(load)
-            notes = [f"model `{args.model}` evaluated on every labelled window (no training)"]
-            warning = training_windows_warning(meta, data, tasks)
-            if warning:
-                say(runtime, f"warning: {warning}")
-                notes.append(f"**warning:** {warning}")
+            notes = [f"model `{args.model}` evaluated on the labelled windows (no training)"]
+            if seen:
+                included = args.include_training_windows
+                note = training_windows_note(seen, total, len(seen_recordings), scored=included)
+                say(runtime, f"warning: {note}" if included else note)
+                notes.append(f"**warning:** {note}" if included else note)
         else:
+            scored = []
             arch_b, weights, meta_b = backbone_from_checkpoint(args.model)
             backbone = Backbone(arch_b, weights, task_names or sorted(data.tasks))
             result = cross_validate(
@@ -188,6 +254,8 @@ def _main(args: argparse.Namespace) -> int:
             notes = [f"linear probe on frozen features of `{args.model}`"]
         if runtime.dist.is_main:
             write_outputs(result, data, out, title="eegfast evaluation report", notes=notes)
+            if scored:
+                write_predictions(out / "predictions.csv", data, scored)
             say(runtime, (out / "report.md").read_text())
             say(runtime, f"report: {out / 'report.md'}")
         return 0
