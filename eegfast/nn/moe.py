@@ -57,6 +57,7 @@ class MoEAux:
     expert_load: torch.Tensor  # (E,) fp32 fraction of slots routed to each expert (before drops)
     router_entropy: torch.Tensor  # () fp32 mean entropy of the router distribution (detached)
     dropped: torch.Tensor  # () int64 slots dropped by the capacity limit (0 when dropless)
+    tokens: torch.Tensor  # () int64 real (non-padding) tokens routed: the weight of the means
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return getattr(self, name)
@@ -376,7 +377,9 @@ class MoEFFN(nn.Module):
             z_loss = (torch.logsumexp(logits, dim=-1).square() * weight).sum() / count
             token_entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1)
             entropy = ((token_entropy * weight).sum() / count).detach()
-        self.last_aux = MoEAux(load_balance, z_loss, expert_load, entropy, dropped)
+        # new_full is an async fill on the device; torch.tensor(T, device=...) would copy from host
+        tokens = dropped.new_full((), T) if n_tokens is None else n_tokens.to(torch.int64)
+        self.last_aux = MoEAux(load_balance, z_loss, expert_load, entropy, dropped, tokens)
         return out.reshape(*leading, self.out_dim)
 
 

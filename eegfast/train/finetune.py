@@ -121,7 +121,8 @@ def predict(
     features: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Softmax probabilities (or pooled features) (N, K) in ``indices`` order, and the mean
-    expert load (E,) over MoE layers and tokens (None without MoE)."""
+    expert load (E,) over MoE layers and real tokens (None without MoE): batches of different
+    electrode sets weigh by their tokens, not their samples."""
     model.eval()
     outputs: list[np.ndarray | None] = [None] * len(indices)
     moe = _moe_layers(model)
@@ -140,11 +141,13 @@ def predict(
         for row, pos in enumerate(positions):
             outputs[pos] = out[row].float().cpu().numpy()
         for layer in moe:
-            if layer.last_aux is not None:
-                load = layer.last_aux.expert_load.detach().float().cpu().numpy() * len(positions)
+            aux = layer.last_aux
+            if aux is not None:
+                tokens = int(aux.tokens)
+                load = aux.expert_load.detach().double().cpu().numpy() * tokens
                 load_sum = load if load_sum is None else load_sum + load
-                load_count += len(positions)
-    expert = None if load_sum is None else load_sum / load_count
+                load_count += tokens
+    expert = None if load_sum is None else (load_sum / max(load_count, 1)).astype(np.float32)
     return np.stack(outputs), expert
 
 

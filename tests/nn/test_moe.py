@@ -253,7 +253,7 @@ def padded_batch(fill=0.0):
     return x.masked_fill(padding[..., None], fill), padding
 
 
-AUX_NAMES = ("load_balance_loss", "z_loss", "expert_load", "router_entropy", "dropped")
+AUX_NAMES = ("load_balance_loss", "z_loss", "expert_load", "router_entropy", "dropped", "tokens")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

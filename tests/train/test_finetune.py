@@ -158,3 +158,50 @@ def test_report_calls_a_difference_inside_the_interval_no_clear_difference(tmp_p
     assert "shows no clear difference from the band-power baseline" in report
     assert "95% paired bootstrap interval" in report
     assert "| no clear difference (interval holds 0) |" in report
+
+
+def test_predict_expert_load_weighs_batches_by_their_tokens():
+    """Windows of a 6-electrode set give three times the tokens of a 2-electrode set's: the
+    reported expert load is the share over all tokens, not an average of batch shares."""
+    import torch
+    from torch import nn
+
+    from eegfast.nn import MoEFFN
+    from eegfast.train.finetune import predict
+
+    dim, A = 8, 2
+
+    class TokensThroughMoE(nn.Module):
+        """Each (electrode, patch) of x (B, C, A, dim) is a token of one MoE layer."""
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.moe = MoEFFN(dim=dim, hidden=16, num_experts=4, top_k=1)
+            with torch.no_grad():
+                self.moe.router.weight.normal_(0, 2.0)
+
+        def forward(self, x, input_chans, *, task, channel_padding_mask):
+            tokens = x.flatten(1, 2)  # (B, C·A, dim)
+            padding = channel_padding_mask.repeat_interleave(A, dim=1)
+            out = self.moe(tokens, padding_mask=padding)
+            return out.mean(1)[:, :2]
+
+    gen = torch.Generator().manual_seed(1)
+    windows = []
+    for n_chans, count in ((2, 5), (6, 3)):
+        for _ in range(count):
+            x = torch.randn(n_chans, A, dim, generator=gen)
+            windows.append({"x": x, "input_chans": list(range(n_chans + 1)), "label": 0})
+    items = [
+        ItemInfo(0, "t", "s", f"r{i}", 0, tuple(range(len(w["input_chans"]) - 1)), 4)
+        for i, w in enumerate(windows)
+    ]
+    data = TrainData(dataset=windows, items=items, label_names={"t": ["a", "b"]}, roots=[])
+    model = TokensThroughMoE()
+    _, load = predict(model, data, range(len(windows)), "t", torch.device("cpu"), task_id=None)
+
+    every_token = torch.cat([w["x"].reshape(-1, dim) for w in windows])  # (2·2·5 + 6·2·3, dim)
+    chosen = model.moe.router_logits(every_token, None).argmax(-1)
+    expected = torch.bincount(chosen, minlength=4).double() / len(every_token)
+    np.testing.assert_allclose(load, expected.numpy(), rtol=1e-6)
