@@ -84,6 +84,21 @@ class Settings:
     modern_names: bool = True
     bad_channels: str = "reject"  # or "drop"
 
+    def __post_init__(self) -> None:
+        if self.channels is not None:
+            # Checked once here, not per recording: an unknown name or two names of one
+            # electrode (T3 and T7) would otherwise fail every recording with a vaguer reason.
+            if not self.channels or any(not str(c).strip() for c in self.channels):
+                raise ValueError(f"channels: empty electrode name in {list(self.channels)}")
+            try:
+                labram_input_chans(
+                    self.channels,
+                    allow_extended=self.allow_extended,
+                    modern_names=self.modern_names,
+                )
+            except ValueError as err:
+                raise ValueError(f"channels: {str(err).removeprefix('names: ')}") from None
+
     def digest(self) -> str:
         payload = json.dumps(asdict(self), sort_keys=True, default=str)
         if not self.modern_names:
@@ -660,6 +675,7 @@ _FLAG_OF_FIELD = {
     "h_freq": "--h-freq",
     "notch_freq": "--notch",
     "dtype": "--dtype",
+    "channels": "--channels",
 }
 
 
@@ -692,14 +708,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         use_annotations=not args.no_annotations,
     )
     channels = tuple(c.strip() for c in args.channels.split(",")) if args.channels else None
-    return Settings(
-        preprocess=preprocess,
-        labels=labels,
-        channels=channels,
-        allow_extended=args.allow_extended,
-        modern_names=not args.old_names,
-        bad_channels=args.bad_channels,
-    )
+    try:
+        return Settings(
+            preprocess=preprocess,
+            labels=labels,
+            channels=channels,
+            allow_extended=args.allow_extended,
+            modern_names=not args.old_names,
+            bad_channels=args.bad_channels,
+        )
+    except ValueError as err:
+        raise ValueError(re.sub(r"^channels:", "--channels:", str(err))) from None
 
 
 def main(args: argparse.Namespace) -> int:

@@ -62,10 +62,15 @@ _NON_EEG = (
 
 
 def guess_channel_type(raw_name: str, mne_type: str = "eeg") -> str:
-    """MNE type for a channel: the reported type unless its name says it is not EEG."""
+    """MNE type for a channel: the reported type unless its name says it is not EEG.
+
+    The patterns are tried on the raw name and on its normalised form, so montage-style
+    names (TUH's ``EEG EKG1-REF``, ``EEG ROC-REF``, ``EEG PHOTIC-REF``) are recognised too.
+    """
     name = raw_name.strip().upper()
+    stripped = normalize_channel_name(raw_name).upper()
     for pattern, kind in _NON_EEG:
-        if pattern.search(name):
+        if pattern.search(name) or pattern.search(stripped):
             return kind
     return mne_type
 

@@ -411,3 +411,22 @@ def test_windows_in_bad_segments_are_left_out(tmp_path):
     starts = [s / 200 for s in record["starts"]]
     assert 4 not in starts and 20 not in starts and 16 in starts and 24 in starts
     assert len(starts) == 15 - 2 and record["windows_in_bad_segments"] == 2
+
+
+def test_channels_naming_one_electrode_twice_or_an_unknown_one_is_refused(sample_files, tmp_path,
+                                                                          capsys):  # fmt: skip
+    """--channels is checked once, naming the problem, before any recording is read."""
+    with pytest.raises(ValueError, match=r"channels: the same electrode appears twice: 'T3'"):
+        Settings(channels=("T3", "T7"))
+    with pytest.raises(ValueError, match=r"channels: unknown electrode names \['XYZ'\]"):
+        Settings(channels=("C3", "XYZ"))
+    with pytest.raises(ValueError, match="empty electrode name"):
+        Settings(channels=("C3", ""))
+    assert Settings(channels=("T3", "T7"), modern_names=False).channels == ("T3", "T7")
+    out = tmp_path / "o"
+    good = str(next(iter(sample_files.values())))
+    argv = ["prepare", good, "--out", str(out), "--channels", "C3,T3,T7"]
+    assert cli_main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--channels: the same electrode appears twice: 'T3' and 'T7' -> T7" in err
+    assert not out.exists()

@@ -67,6 +67,20 @@ def test_guess_type_keeps_mne_type():
     assert guess_channel_type("ECG ECG") == "ecg"
 
 
+def test_montage_style_non_eeg_names_are_typed():
+    """TUH-style names wrap the signal in 'EEG ...-REF': they are typed by what is inside, not
+    reported as unknown electrodes; real electrodes in that style stay EEG."""
+    names = ["EEG FP1-REF", "EEG EKG1-REF", "EEG ROC-REF", "EEG LOC-REF", "EEG PHOTIC-REF"]
+    m = map_channels(names)
+    assert m.names == ("FP1",) and m.unknown == ()
+    assert m.excluded == {
+        "EEG EKG1-REF": "ecg channel",
+        "EEG ROC-REF": "eog channel",
+        "EEG LOC-REF": "eog channel",
+        "EEG PHOTIC-REF": "stim channel",
+    }
+
+
 def test_edf_size_checks(sample_files, tmp_path):
     good = sample_files["S001R04.edf"]
     check_edf_size(good)
