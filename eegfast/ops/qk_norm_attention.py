@@ -534,6 +534,12 @@ def _needs_reference_autodiff(tensors: tuple) -> bool:
     supports all of these. vmap alone is fine on the ops (the batching fallback).
 
     Cheap when none is active: one lookup of the functorch stack and of the dual level."""
+    if torch.compiler.is_compiling():
+        # Dynamo traces torch.func transforms and folds maybe_current_level (None without one:
+        # no graph break), but not get_interpreter_stack, and it wraps peek_interpreter_stack's
+        # None as an object (never None): any transform takes the reference here (vmap alone
+        # would not need to; the kernels' op under a traced grad fails to trace)
+        return torch._C._functorch.maybe_current_level() is not None
     if torch._C._functorch.peek_interpreter_stack() is not None and any(
         interpreter.key() in _AUTODIFF_TRANSFORMS
         for interpreter in torch._C._functorch.get_interpreter_stack()
@@ -712,12 +718,8 @@ def qk_norm_attention(
     # take, while a branch on it is decided (and guarded) at trace time
     dropout = True if dropout_p > 0 else False  # noqa: SIM210
     chosen = _choose_backend(backend, q.device, dropout, q.dtype == torch.float64)
-    if (
-        chosen != "reference"
-        and not torch.compiler.is_compiling()
-        and _needs_reference_autodiff(
-            (q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias)
-        )
+    if chosen != "reference" and _needs_reference_autodiff(
+        (q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias)
     ):
         chosen = "reference"
     kwargs = dict(eps=eps, scale=scale, key_padding_mask=key_padding_mask, causal=causal,

@@ -827,6 +827,31 @@ def test_forward_ad_and_func_transforms_run_on_the_reference(backend):
     assert got["jvp"].abs().max() > 0.1  # not a zero tangent
 
 
+def test_torch_compile_of_a_func_gradient():
+    """torch.compile(torch.func.grad(f)) failed while tracing (the kernels' op under a traced
+    gradient transform); it now traces the reference and gives its gradient, and a plain
+    compiled call keeps a single graph (the transform check adds no graph break)."""
+    case = make_case(2, 2, 9, 20, seed=5, padding=True)
+    q, k, v = case["qkv"]
+    params = case["params"]
+
+    def loss(q):
+        return qk_norm_attention(q, k, v, **params, **case["kwargs"], backend="cpu").square().sum()
+
+    want = torch.func.grad(loss)(q)
+    got = torch.compile(torch.func.grad(loss), backend="aot_eager")(q)
+    assert_all_close([got], [want], 1e-5, names=["dq"])
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    plain = torch.compile(loss, fullgraph=True, backend=recording_backend)(q)
+    assert len(graphs) == 1 and "eegfast.qk_norm_attention_fwd" in graphs[0]
+    assert_all_close([plain], [loss(q)], 1e-5, names=["loss"])
+
+
 def test_vmap_alone_still_uses_the_op():
     q = torch.randn(3, 1, 2, 9, 20)
     with OpRecorder() as recorder:
