@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
@@ -217,3 +218,65 @@ def automatic_gpu_candidates(
 def _cuda_extension_ready() -> bool:
     module = extension()
     return module is not None and bool(module.build_info()["cuda"])
+
+
+_AUTODIFF_TRANSFORMS = (
+    torch._C._functorch.TransformType.Grad,
+    torch._C._functorch.TransformType.Jvp,
+)
+
+
+def needs_reference_autodiff(tensors: tuple) -> bool:
+    """Whether this call is differentiated in a way the kernels cannot be: forward-mode AD
+    (a dual tensor of torch.autograd.forward_ad among ``tensors``, or torch.func.jvp / jacfwd)
+    or a torch.func gradient transform (grad, vjp, jacrev, hessian). The kernels have no jvp
+    (their tangent came out zero, or missing) and their autograd.Function no setup_context
+    (functorch refused it with a message naming neither eegfast nor the op); the reference
+    supports all of these, so the differentiable ops run it then. vmap alone is fine on the
+    ops (the batching fallback).
+
+    Cheap when none is active: one lookup of the functorch stack and of the dual level."""
+    if torch.compiler.is_compiling():
+        # Dynamo traces torch.func transforms and folds maybe_current_level (None without one:
+        # no graph break), but not get_interpreter_stack, and it wraps peek_interpreter_stack's
+        # None as an object (never None): any transform takes the reference here (vmap alone
+        # would not need to; the kernels' op under a traced grad fails to trace)
+        return torch._C._functorch.maybe_current_level() is not None
+    if torch._C._functorch.peek_interpreter_stack() is not None and any(
+        interpreter.key() in _AUTODIFF_TRANSFORMS
+        for interpreter in torch._C._functorch.get_interpreter_stack()
+    ):
+        return True
+    if forward_ad._current_level >= 0:  # inside torch.autograd.forward_ad.dual_level()
+        return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return False
+
+
+class _RaisingWhenDifferentiated(torch.autograd.Function):
+    """Identity on ``grad`` (a copy) whose backward raises ``message``; its inputs include the
+    ``anchors`` so that the autograd engine sees a path from the output to them."""
+
+    @staticmethod
+    def forward(ctx, message: str, grad: torch.Tensor, *anchors: torch.Tensor) -> torch.Tensor:
+        ctx.message = message
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        raise RuntimeError(ctx.message)
+
+
+def raising_when_differentiated(grads: tuple, message: str, anchors: tuple) -> tuple:
+    """``grads`` (tensors and Nones) as outputs of nodes that raise ``message`` when a
+    gradient flows into them: what a backward run with create_graph=True returns, so that its
+    constant (graph-less) gradients are never differentiated as if they were exact.
+
+    ``anchors``: the tensors the gradients depend on (the op's inputs and grad_out; Nones are
+    skipped). The nodes hang off them: a node without such edges is pruned by
+    ``torch.autograd.grad(..., inputs=x)`` when x reaches the loss by another path as well,
+    and the second-order gradient came out silently without the kernel's term.
+    """
+    linked = tuple(a for a in anchors if isinstance(a, torch.Tensor) and a.requires_grad)
+    return tuple(
+        None if g is None else _RaisingWhenDifferentiated.apply(message, g, *linked) for g in grads
+    )

@@ -32,7 +32,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from eegfast.ops._backend import extension, resolve_backend
+from eegfast.ops._backend import (
+    extension,
+    needs_reference_autodiff,
+    raising_when_differentiated,
+    resolve_backend,
+)
 
 MAX_EXPERTS = 64
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -309,24 +314,48 @@ def _combine_setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(y_sorted, gates, slot_pos)
 
 
+def _double_backward_message(op: str) -> str:
+    return (
+        f"{op} does not support double backward on its kernel backends (its backward is not "
+        "differentiable, so a second-order term, create_graph=True, would be lost); pass "
+        "backend='reference', which supports it"
+    )
+
+
 def _register_op_glue(ffn_op: str, ffn_bwd, combine_op: str, combine_bwd) -> None:
     """Fake kernels and autograd for one backend's ffn / combine ops; ``ffn_bwd`` and
-    ``combine_bwd`` are the callables of that backend's backward ops."""
+    ``combine_bwd`` are the callables of that backend's backward ops.
+
+    The backward kernels are not differentiable: with create_graph=True (a gradient penalty,
+    a Hessian) their gradients raise when differentiated, naming the way out, instead of an
+    error from inside the kernel's matmuls or a silently missing second-order term."""
+    ffn_message = _double_backward_message(ffn_op)
+    combine_message = _double_backward_message(combine_op)
 
     def ffn_backward(ctx, grad_y, grad_a1, grad_h):
         x, sorted_slots, offsets, w1, w2, a1, h = ctx.saved_tensors
         if grad_y is None:
             return (None,) * 8
-        slot_pos = torch.empty_like(sorted_slots)
-        slot_pos[sorted_slots] = torch.arange(sorted_slots.shape[0], device=sorted_slots.device)
-        dx, dw1, db1, dw2, db2 = ffn_bwd(
-            grad_y.contiguous(), x, sorted_slots, offsets, slot_pos, w1, w2, a1, h, ctx.top_k
-        )
+        with torch.no_grad():
+            slot_pos = torch.empty_like(sorted_slots)
+            slot_pos[sorted_slots] = torch.arange(sorted_slots.shape[0], device=sorted_slots.device)
+            grads = ffn_bwd(
+                grad_y.contiguous(), x, sorted_slots, offsets, slot_pos, w1, w2, a1, h, ctx.top_k
+            )
+        if torch.is_grad_enabled():  # create_graph=True
+            anchors = (grad_y, x, w1, w2, *ctx.saved_tensors)
+            grads = raising_when_differentiated(tuple(grads), ffn_message, anchors)
+        dx, dw1, db1, dw2, db2 = grads
         return dx, None, None, dw1, db1, dw2, db2, None
 
     def combine_backward(ctx, grad_out):
         y_sorted, gates, slot_pos = ctx.saved_tensors
-        grad_y, grad_gates = combine_bwd(grad_out.contiguous(), y_sorted, gates, slot_pos)
+        with torch.no_grad():
+            grads = combine_bwd(grad_out.contiguous(), y_sorted, gates, slot_pos)
+        if torch.is_grad_enabled():
+            anchors = (grad_out, y_sorted, gates)
+            grads = raising_when_differentiated(tuple(grads), combine_message, anchors)
+        grad_y, grad_gates = grads
         return grad_y, grad_gates, None
 
     torch.library.register_fake(ffn_op)(_ffn_fake)
@@ -414,7 +443,7 @@ def moe_expert_ffn(
         y_sorted (T top_k, D_out), dtype of x. Differentiable in x, w1, b1, w2, b2.
     """
     _check_ffn_inputs(x, sorted_slots, offsets, w1, b1, w2, b2, top_k)
-    chosen = _ffn_backend(backend, x)
+    chosen = _ffn_backend(backend, x, (x, w1, b1, w2, b2))
     if chosen == "reference":
         return moe_expert_ffn_reference(x, sorted_slots, offsets, w1, b1, w2, b2, top_k)
     if chosen == "triton":
@@ -426,10 +455,15 @@ def moe_expert_ffn(
     return torch.ops.eegfast.moe_expert_ffn(x, sorted_slots, offsets, w1, b1, w2, b2, top_k)[0]
 
 
-def _ffn_backend(requested: str | None, x: torch.Tensor) -> str:
+def _ffn_backend(requested: str | None, x: torch.Tensor, differentiable: tuple = ()) -> str:
     """The expert FFN's and combine's backend for ``x``: float64, which the Triton kernels do
-    not take, runs on the reference when the choice is automatic (a gradcheck on a GPU)."""
+    not take, runs on the reference when the choice is automatic (a gradcheck on a GPU), and
+    so does a call under forward-mode AD or a torch.func gradient transform of
+    ``differentiable`` (the kernels gave a zero tangent, and functorch refused their autograd
+    with a message naming neither eegfast nor the op)."""
     chosen = resolve_backend(requested, x.device, FFN_GPU_PREFERENCE)
+    if chosen != "reference" and needs_reference_autodiff(differentiable):
+        return "reference"
     if chosen == "triton" and x.dtype == torch.float64:
         if requested is None:
             return "reference"
@@ -458,7 +492,7 @@ def moe_combine(
         (T, D) in y_sorted's dtype. Differentiable in y_sorted and gates.
     """
     _check_combine_inputs(y_sorted, gates, slot_pos)
-    chosen = _ffn_backend(backend, y_sorted)
+    chosen = _ffn_backend(backend, y_sorted, (y_sorted, gates))
     if chosen == "cpu" and slot_pos.numel() and not torch.compiler.is_compiling():
         low, high = int(slot_pos.min()), int(slot_pos.max())
         if low < -1 or high >= y_sorted.shape[0]:

@@ -41,10 +41,14 @@ from types import ModuleType
 from typing import NoReturn
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
-from eegfast.ops._backend import extension, resolve_backend
+from eegfast.ops._backend import (
+    extension,
+    needs_reference_autodiff,
+    raising_when_differentiated,
+    resolve_backend,
+)
 
 MAX_HEAD_DIM = 128
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -358,17 +362,6 @@ def _double_backward_message(bwd_op: str) -> str:
     )
 
 
-def _raising_when_differentiated(grads: tuple, message: str) -> tuple:
-    """``grads`` (tensors and Nones) as outputs of a node that raises ``message`` when a
-    gradient flows into it: what a backward run with create_graph=True returns, so that its
-    constant (graph-less) gradients are never differentiated as if they were exact."""
-    tensors = [g for g in grads if g is not None]
-    error = torch._C._functions.DelayedError(message, len(tensors))
-    raising = error(*(g.detach().requires_grad_() for g in tensors))
-    raising = iter((raising,) if len(tensors) == 1 else raising)
-    return tuple(None if g is None else next(raising) for g in grads)
-
-
 def _bwd_backward(ctx, *grads) -> NoReturn:
     """The autograd formula registered on the backward ops: there is none."""
     raise RuntimeError(ctx.message)
@@ -430,7 +423,7 @@ def _eager_function(
         # term would be silently dropped. Differentiating them raises instead.
         with torch.no_grad():
             grads = _input_grads(ctx, bwd, grad_out, strided_grad)
-        return _raising_when_differentiated(grads, message)
+        return raising_when_differentiated(grads, message, (grad_out, *ctx.saved_tensors))
 
     return _function_class(name, forward, backward)
 
@@ -519,35 +512,6 @@ def _plain_eager(tensors: tuple) -> bool:
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-_AUTODIFF_TRANSFORMS = (
-    torch._C._functorch.TransformType.Grad,
-    torch._C._functorch.TransformType.Jvp,
-)
-
-
-def _needs_reference_autodiff(tensors: tuple) -> bool:
-    """Whether this call is differentiated in a way the kernels cannot be: forward-mode AD
-    (a dual tensor of torch.autograd.forward_ad among ``tensors``, or torch.func.jvp / jacfwd)
-    or a torch.func gradient transform (grad, vjp, jacrev, hessian). The kernels have no jvp
-    (their tangent came out zero, or missing) and their autograd.Function no setup_context
-    (functorch refused it with a message naming neither eegfast nor the op); the reference
-    supports all of these. vmap alone is fine on the ops (the batching fallback).
-
-    Cheap when none is active: one lookup of the functorch stack and of the dual level."""
-    if torch.compiler.is_compiling():
-        # Dynamo traces torch.func transforms and folds maybe_current_level (None without one:
-        # no graph break), but not get_interpreter_stack, and it wraps peek_interpreter_stack's
-        # None as an object (never None): any transform takes the reference here (vmap alone
-        # would not need to; the kernels' op under a traced grad fails to trace)
-        return torch._C._functorch.maybe_current_level() is not None
-    if torch._C._functorch.peek_interpreter_stack() is not None and any(
-        interpreter.key() in _AUTODIFF_TRANSFORMS
-        for interpreter in torch._C._functorch.get_interpreter_stack()
-    ):
-        return True
-    if forward_ad._current_level >= 0:  # inside torch.autograd.forward_ad.dual_level()
-        return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-    return False
 
 
 @functools.cache
@@ -718,7 +682,7 @@ def qk_norm_attention(
     # take, while a branch on it is decided (and guarded) at trace time
     dropout = True if dropout_p > 0 else False  # noqa: SIM210
     chosen = _choose_backend(backend, q.device, dropout, q.dtype == torch.float64)
-    if chosen != "reference" and _needs_reference_autodiff(
+    if chosen != "reference" and needs_reference_autodiff(
         (q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias)
     ):
         chosen = "reference"

@@ -145,6 +145,46 @@ def test_against_per_token_loop(backend):
     assert_all_close(got, expected, atol, rtol)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # forward AD's jit-scripted decomps
+def test_func_transforms_and_forward_ad_run_on_the_reference():
+    """torch.func.grad failed with functorch's message about setup_context, and torch.func.jvp
+    returned a zero tangent (silently wrong), on the kernels: both run the reference now."""
+    problem = make_problem(T=9, D=6, H=10, E=3, k=2, dtype=torch.float64, seed=4)
+    x, expert_idx, gates, w1, b1, w2, b2 = problem
+
+    def loss(backend):
+        return lambda x, w1: moe_ffn(x, expert_idx, gates, w1, b1, w2, b2, backend=backend)
+
+    for name, transform in (
+        ("grad", lambda f: torch.func.grad(lambda x, w: f(x, w).square().sum(), (0, 1))(x, w1)),
+        ("jvp", lambda f: torch.func.jvp(f, (x, w1), (torch.ones_like(x), w1))[1]),
+    ):
+        got, want = transform(loss("cpu")), transform(loss("reference"))
+        got, want = (
+            (got,) if torch.is_tensor(got) else got,
+            (want,) if torch.is_tensor(want) else want,
+        )
+        for a, b in zip(got, want, strict=True):
+            assert b.abs().max() > 0.1, name
+            torch.testing.assert_close(a, b, msg=name)
+
+
+def test_double_backward_through_the_kernels_raises():
+    """create_graph=True through the C++ kernels: differentiating their gradients raises naming
+    the reference (it failed inside the kernel's matmuls), also when x reaches the loss by a
+    second path (where a pruned error node would have dropped the kernels' term silently)."""
+    problem = make_problem(T=9, D=6, H=10, E=3, k=2, dtype=torch.float64, seed=5)
+    x, expert_idx, gates, w1, b1, w2, b2 = problem
+    out = moe_ffn(x, expert_idx, gates, w1, b1, w2, b2, backend="cpu")
+    (g,) = torch.autograd.grad(out.square().sum() + x.pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"does not support double backward.*'reference'"):
+        torch.autograd.grad(g.sum(), x)
+    out = moe_ffn(x, expert_idx, gates, w1, b1, w2, b2, backend="reference")
+    (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    assert gg.abs().max() > 0
+
+
 @settings(max_examples=20)
 @given(
     T=st.one_of(st.just(0), odd_sizes(1, 60)),

@@ -755,6 +755,17 @@ def test_double_backward_through_the_kernels_raises(path):
     assert g_q.shape == q.shape and g_weight.shape == weight.shape
 
 
+def test_double_backward_to_an_input_with_another_path_raises():
+    """torch.autograd.grad(g, inputs=x) runs only the nodes on paths to x: when x also reaches
+    the loss outside the attention, the error node of the eager path was pruned (it had no
+    edge to x) and the second-order gradient came out without the attention's term."""
+    x = torch.randn(1, 2, 7, 20, dtype=torch.float64, requires_grad=True)
+    loss = qk_norm_attention(x, x, x, backend="cpu").square().sum() + x.pow(3).sum()
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match=DOUBLE_BACKWARD_ERROR):
+        torch.autograd.grad(g.sum(), x)
+
+
 def test_backward_op_called_directly_is_not_differentiable():
     args = op_args(True)
     q, k, v, qw, qb, kw, kb, eps, scale, mask, causal, ids = args
