@@ -51,7 +51,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from eegfast.models.labram import zero_padded_electrodes
+from eegfast.models.labram import (
+    check_channel_padding_mask,
+    token_padding_mask,
+    zero_padded_electrodes,
+)
 from eegfast.nn.losses import linear_cross_entropy
 
 __all__ = [
@@ -186,17 +190,24 @@ def embed_tokens(
 
 
 def embed_next_patch(
-    student: nn.Module, patch: torch.Tensor, input_chans, time_row: int
+    student: nn.Module,
+    patch: torch.Tensor,
+    input_chans,
+    time_row: int,
+    *,
+    channel_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tokens (B, C, E) of one patch (B, C, T) at time-embedding row ``time_row`` (no cls).
 
     The same sums as :meth:`embed_patches` for that patch of a window (eval: no dropout).
+    channel_padding_mask: (B, C) bool, True = padded electrode (left out of the statistics).
     """
     B, C, _ = patch.shape
     if not 0 <= time_row < student.time_embed.shape[1]:
         raise ValueError(f"time_row must be in [0, {student.time_embed.shape[1]}), got {time_row}")
+    patch = zero_padded_electrodes(patch, channel_padding_mask)
     chans = student.resolve_input_chans(input_chans, C, patch.device, batch=B)
-    tokens = _patch_tokens(student, patch[:, :, None], None)  # (B, C, E)
+    tokens = _patch_tokens(student, patch[:, :, None], channel_padding_mask)  # (B, C, E)
     rows = student.pos_embed[0][chans]  # (C+1, E) or (B, C+1, E)
     if rows.dim() == 2:
         rows = rows.unsqueeze(0)
@@ -494,7 +505,11 @@ def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class KVCache:
-    """Per-block LayerNorm'ed keys and values, (B, H, capacity, D) each, filled up to ``length``."""
+    """Per-block LayerNorm'ed keys and values, (B, H, capacity, D) each, filled up to ``length``.
+
+    ``key_padding``: (B, length) bool, True = a padded electrode's token (never attended), or
+    None when no electrode is padded.
+    """
 
     def __init__(
         self,
@@ -511,6 +526,7 @@ class KVCache:
         self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_blocks)]
         self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_blocks)]
         self.capacity, self.length = capacity, 0
+        self.key_padding: torch.Tensor | None = None
 
     def append(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -559,25 +575,47 @@ def _blocks_step(
     return student.norm(h)
 
 
-def _prefill(student: nn.Module, x: torch.Tensor, input_chans, cache: KVCache) -> torch.Tensor:
-    """Encode a window x (B, C, A, T) into an empty cache; features of its last patch (B, C, E)."""
+def _prefill(
+    student: nn.Module,
+    x: torch.Tensor,
+    input_chans,
+    cache: KVCache,
+    padding: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Encode a window x (B, C, A, T) into an empty cache; features of its last patch (B, C, E).
+
+    padding: (B, C) bool, True = padded electrode (its tokens are never attended).
+    """
     B, C, A, _ = x.shape
-    h = embed_tokens(student, x, input_chans)
+    h = embed_tokens(student, x, input_chans, channel_padding_mask=padding)
     ids = patch_block_ids(C, A, device=x.device)
     visible = ids[None, :] <= ids[:, None]  # (N, N) block-causal
+    if padding is not None:
+        cache.key_padding = token_padding_mask(padding, A)  # (B, N); cls never padded
+        visible = visible[None, None] & ~cache.key_padding[:, None, None, :]  # (B, 1, N, N)
     out = _blocks_step(student, h, cache, visible)
     return out[:, 1:].reshape(B, C, A, -1)[:, :, -1]
 
 
 def _extend(
-    student: nn.Module, patch: torch.Tensor, input_chans, cache: KVCache, time_row: int
+    student: nn.Module,
+    patch: torch.Tensor,
+    input_chans,
+    cache: KVCache,
+    time_row: int,
+    padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Append one patch (B, C, T) at time-embedding row ``time_row``; return its features (B, C, E).
 
-    Its C tokens see the whole cache and each other (one block): no mask needed.
+    Its C tokens see the whole cache and each other (one block): no causal mask needed, only
+    the padded electrodes' keys (padding (B, C) bool) are hidden.
     """
-    h = embed_next_patch(student, patch, input_chans, time_row)
-    return _blocks_step(student, h, cache, None)
+    h = embed_next_patch(student, patch, input_chans, time_row, channel_padding_mask=padding)
+    visible = None
+    if padding is not None:
+        cache.key_padding = torch.cat((cache.key_padding, padding), dim=1)
+        visible = ~cache.key_padding[:, None, None, :]  # (B, 1, 1, cached + C)
+    return _blocks_step(student, h, cache, visible)
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,16 +631,20 @@ def sample_codes(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Draw one code per row of logits (..., V): temperature 0 = argmax; top_k keeps the k best."""
-    if temperature < 0:
+    if not temperature >= 0:  # also refuses NaN
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     if temperature == 0:
         return logits.argmax(-1)
-    scores = logits.float() / temperature
+    # Best score shifted to 0 and float64: a tiny temperature then sends the others to -inf
+    # (probability 0) instead of overflowing to inf, and inf - inf = NaN in the softmax.
+    scores = logits.double()
+    scores = (scores - scores.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < scores.shape[-1]:
-        kth = scores.topk(top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, -math.inf)
+        # exactly k codes: a threshold at the k-th score would keep every code tied with it
+        best = scores.topk(top_k, dim=-1).indices
+        scores = torch.full_like(scores, -math.inf).scatter(-1, best, scores.gather(-1, best))
     probs = scores.softmax(-1).reshape(-1, scores.shape[-1])
     return torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
 
@@ -622,8 +664,11 @@ def generate(
     max_context: int | None = None,
     keep: int | None = None,
     progress: Callable[[int], None] | None = None,
+    channel_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Continue ``prompt`` (B, C, A0, T) by ``num_patches`` patches -> (B, C, num_patches, T).
+
+    The prompt is cast to the model's dtype; the output has the prompt's dtype.
 
     Args:
         mode: ``"tokens"`` (draw a code per electrode with ``temperature`` / ``top_k``, then the
@@ -634,6 +679,9 @@ def generate(
             rows). ``keep``: patches kept when the window is full (default ``max_context // 2``;
             the kept window is re-encoded once, then cached steps resume).
         progress: called with 1 after each generated patch (e.g. ``tqdm.update``).
+        channel_padding_mask: (B, C) bool, True = padded electrode (a batch of different
+            electrode sets, as the data loader pads them): padded electrodes are left out of
+            the patch embedding's statistics and of attention, and come back as zeros.
     """
     if mode not in ("tokens", "regression"):
         raise ValueError(f"mode must be 'tokens' or 'regression', got {mode!r}")
@@ -661,11 +709,18 @@ def generate(
     if not 1 <= keep <= max_context:
         raise ValueError(f"keep must be in [1, max_context={max_context}], got {keep}")
 
+    check_channel_padding_mask(channel_padding_mask, B, C)
+    padding = None
+    if channel_padding_mask is not None:
+        padding = channel_padding_mask.to(prompt.device)
+        prompt = zero_padded_electrodes(prompt, padding)
+
     student = model.backbone
     was_training = model.training
     model.eval()
     try:
-        patches = list(prompt.unbind(2))  # each (B, C, T)
+        # in the model's dtype: the patch embedding's convolution needs it
+        patches = list(prompt.to(student.cls_token.dtype).unbind(2))  # each (B, C, T)
         start = max(0, A0 - max_context)  # first patch of the window
         cache, cache_start = None, -1
         out = []
@@ -681,13 +736,16 @@ def generate(
                         1 + C * max_context, device=prompt.device, dtype=student.cls_token.dtype,
                     )  # fmt: skip
                     window = torch.stack(patches[start:end], dim=2)
-                    h = _prefill(student, window, input_chans, cache)
+                    h = _prefill(student, window, input_chans, cache, padding)
                 else:
-                    h = _extend(student, patches[end - 1], input_chans, cache, end - 1 - start)
+                    h = _extend(
+                        student, patches[end - 1], input_chans, cache, end - 1 - start, padding
+                    )
                 cache_start = start
             else:
                 window = torch.stack(patches[start:end], dim=2)
-                h = forecast_features(student, window, input_chans)[:, :, -1]
+                h = forecast_features(student, window, input_chans, channel_padding_mask=padding)
+                h = h[:, :, -1]
             if mode == "tokens":
                 codes = sample_codes(
                     head.logits(h), temperature=temperature, top_k=top_k, generator=generator
@@ -695,12 +753,13 @@ def generate(
                 nxt = head.samples(h, codes)
             else:
                 nxt = head.samples(h)
-            nxt = nxt.to(prompt.dtype)
+            if padding is not None:
+                nxt = nxt.masked_fill(padding[:, :, None], 0)
             patches.append(nxt)
             out.append(nxt)
             if progress is not None:
                 progress(1)
-        return torch.stack(out, dim=2)
+        return torch.stack(out, dim=2).to(prompt.dtype)
     finally:
         model.train(was_training)
 

@@ -292,8 +292,11 @@ def band_power_ratios(real: np.ndarray, synthetic: np.ndarray) -> dict[str, dict
     freqs, p_real = welch_psd(real)
     _, p_syn = welch_psd(synthetic)
     b_real, b_syn = band_powers(freqs, p_real), band_powers(freqs, p_syn)
-    rel_real = b_real / b_real.sum(-1, keepdims=True)
-    rel_syn = b_syn / b_syn.sum(-1, keepdims=True)
+    # Shares of the total need each band's power (mean density x width), not its mean density:
+    # the bands are 3 to 17 Hz wide.
+    bins = np.array([((freqs >= lo) & (freqs < hi)).sum() for lo, hi in BANDS_HZ])
+    rel_real = b_real * bins / (b_real * bins).sum(-1, keepdims=True)
+    rel_syn = b_syn * bins / (b_syn * bins).sum(-1, keepdims=True)
     absolute = np.median(b_syn.mean(0) / b_real.mean(0), axis=0)  # (5,)
     relative = np.median(rel_syn.mean(0) / rel_real.mean(0), axis=0)
     return {

@@ -317,6 +317,59 @@ def test_greedy_generation_is_deterministic_and_continues_the_prompt():
     assert_close(a[:, :, 0], first)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize(("max_context", "keep"), [(None, None), (4, 2)])
+def test_generation_with_padded_electrodes_matches_each_sample_alone(use_cache, max_context, keep):
+    """A batch of different electrode sets (padded as the data loader pads them): each sample's
+    continuation is the one it gets alone, padded electrodes do not act on real ones (even as
+    NaN) and come back as zeros."""
+    model = _model(dtype=torch.float64).eval()
+    x, _ = _inputs(batch=2, dtype=torch.float64, a=3)
+    chans = torch.tensor([[0, 1, 20, 42], [0, 5, 60, 0]])  # sample 1: 2 electrodes + padding
+    padding = torch.tensor([[False, False, False], [False, False, True]])
+    x[1, 2] = float("nan")
+    settings = dict(use_cache=use_cache, max_context=max_context, keep=keep)
+    for mode in ("tokens", "regression"):
+        both = generate(
+            model, x, chans, 6, mode=mode, temperature=0.0, channel_padding_mask=padding,
+            **settings,
+        )  # fmt: skip
+        alone = [
+            generate(model, x[:1], chans[0], 6, mode=mode, temperature=0.0, **settings),
+            generate(model, x[1:, :2], chans[1, :3], 6, mode=mode, temperature=0.0, **settings),
+        ]
+        # float32 tolerance: the masked GroupNorm of the patch embedding computes in float32
+        assert_close(both[:1], alone[0], dtype=torch.float32)
+        assert_close(both[1:, :2], alone[1], dtype=torch.float32)
+        assert torch.equal(both[1, 2], torch.zeros_like(both[1, 2]))
+    with pytest.raises(ValueError, match="channel_padding_mask"):
+        generate(model, x, chans, 1, channel_padding_mask=padding[:, :2])
+
+
+def test_generation_casts_the_prompt_to_the_model_dtype():
+    model = _model(dtype=torch.float64).eval()
+    x, chans = _inputs(a=2)  # float32 prompt, float64 model
+    out = generate(model, x, chans, 2, temperature=0.0)
+    assert out.dtype == torch.float32
+    assert_close(out, generate(model, x.double(), chans, 2, temperature=0.0).float())
+
+
+def test_sample_codes_edge_cases():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 50, generator=g)
+    # a tiny temperature is greedy, not an overflow to inf and NaN probabilities
+    for temperature in (1e-39, 1e-300):
+        assert torch.equal(
+            sample_codes(logits, temperature=temperature, generator=g), logits.argmax(-1)
+        )
+    # top_k keeps exactly k codes, also when several codes tie with the k-th best
+    tied = torch.tensor([[0.0, 2.0, 2.0, 2.0, -1.0]]).expand(400, -1)
+    drawn = sample_codes(tied, top_k=2, generator=g)
+    assert drawn.unique().numel() == 2 and (tied.gather(1, drawn[:, None]) == 2.0).all()
+    with pytest.raises(ValueError, match="temperature"):
+        sample_codes(logits, temperature=float("nan"))
+
+
 def test_sample_codes_temperature_and_top_k():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 50, generator=g)

@@ -162,6 +162,9 @@ def test_npy_prompt_window(checkpoint, tmp_path, capsys):
         ({"--prompt": "short.npy"}, "shorter than one patch"),
         ({"--prompt": "nan.npy"}, "NaN"),
         ({"--prompt": "nothing.edf"}, "file not found"),
+        ({"--temperature": "nan"}, "--temperature must be >= 0, got nan"),
+        ({"--start": "nan"}, "--start must be a number >= 0, got nan"),
+        ({"--start": "inf"}, "--start must be a number >= 0, got inf"),
     ],
 )
 def test_bad_arguments_give_clear_errors(checkpoint, tmp_path, capsys, change, message):
@@ -176,7 +179,8 @@ def test_bad_arguments_give_clear_errors(checkpoint, tmp_path, capsys, change, m
         "--out": str(tmp_path / "out.edf"),
     }
     for key, value in change.items():
-        args[key] = value if key in ("--seconds", "--channels") else str(tmp_path / value)
+        literal = key in ("--seconds", "--channels", "--temperature", "--start")
+        args[key] = value if literal else str(tmp_path / value)
     try:
         code, text = _run(capsys, *[part for kv in args.items() for part in kv])
     except SystemExit as exit_:  # argparse errors
@@ -209,6 +213,37 @@ def test_existing_sidecar_needs_overwrite(checkpoint, tmp_path, capsys):
     code, text = _run(capsys, *base, "--seconds", 1, "--out", out, "--overwrite")
     assert code == 0, text
     assert "Cz" in sidecar.read_text()
+
+
+@pytest.mark.parametrize("sfreq", [None, "fast", 100.0])
+def test_sidecar_without_a_usable_rate_is_refused(checkpoint, tmp_path, capsys, sfreq):
+    np.save(tmp_path / "p.npy", np.ones((1, 400), np.float32))
+    (tmp_path / "p.json").write_text(json.dumps({"channels": ["Cz"], "sfreq": sfreq}))
+    code, text = _run(
+        capsys, "--model", checkpoint, "--prompt", tmp_path / "p.npy", "--seconds", 1,
+        "--out", tmp_path / "o.npy",
+    )  # fmt: skip
+    assert code == 2 and f"says {sfreq} Hz" in text and "200 Hz" in text, text
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_model_with_extended_table_generates_its_extra_electrodes(tmp_path, capsys):
+    """Bipolar derivations (rows past the reference's 128 electrodes) are refused for a reference
+    table and accepted for a model built with the extended one."""
+    torch.manual_seed(0)
+    paths = {}
+    for rows in (129, 137):
+        model = create_hybrid_model("labram_tiny_pretrain", pos_rows=rows)
+        paths[rows] = tmp_path / f"model{rows}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(paths[rows]))
+    np.save(tmp_path / "bipolar.npy", np.ones((2, 400), np.float32))
+    args = ["--prompt", tmp_path / "bipolar.npy", "--channels", "FP1-F3,F3-C3", "--seconds", 1]
+    code, text = _run(capsys, "--model", paths[129], *args, "--out", tmp_path / "a.npy")
+    assert code == 2 and "past its 128 electrode rows" in text, text
+    code, text = _run(capsys, "--model", paths[137], *args, "--out", tmp_path / "b.npy")
+    assert code == 0, text
+    assert np.load(tmp_path / "b.npy").shape == (2, 200)
+    assert json.loads((tmp_path / "b.json").read_text())["channels"] == ["FP1-F3", "F3-C3"]
 
 
 def test_not_a_hybrid_checkpoint_is_refused(tmp_path, capsys):
@@ -261,6 +296,26 @@ def test_band_power_ratios_and_real_vs_synthetic_auroc():
     alike, _ = real_vs_synthetic_auroc(real, _noise_windows(24, 1))
     whiter, _ = real_vs_synthetic_auroc(real, _noise_windows(24, 3, smooth=0.0))
     assert alike < 0.8 and whiter > 0.95
+
+
+def test_relative_band_ratio_is_a_ratio_of_power_shares():
+    """White noise (flat spectrum: each band's share of the 1-45 Hz power is its width / 44 Hz)
+    against the same noise with the gamma band's (30-45 Hz, 15 Hz wide) power doubled: the
+    gamma share grows by 2 / (1 + 15/44), every other share shrinks by 1 / (1 + 15/44)."""
+    from eegfast.train.synthetic_report import band_power_ratios
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(400, 2, 4 * 200))
+    spectrum = np.fft.rfft(real, axis=-1)
+    freqs = np.fft.rfftfreq(real.shape[-1], d=1 / 200)
+    spectrum[..., (freqs >= 30) & (freqs < 45)] *= np.sqrt(2.0)
+    louder = np.fft.irfft(spectrum, n=real.shape[-1], axis=-1)
+    ratios = band_power_ratios(real.reshape(400, 2, 4, 200), louder.reshape(400, 2, 4, 200))
+    grow = 1 / (1 + 15 / 44)
+    assert abs(ratios["absolute"]["gamma"] - 2) < 0.1
+    assert abs(ratios["relative"]["gamma"] - 2 * grow) < 0.06
+    for band in ("delta", "theta", "alpha", "beta"):
+        assert abs(ratios["relative"][band] - grow) < 0.06, band
 
 
 def test_mcnemar_counts_discordant_windows():

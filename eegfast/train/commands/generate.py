@@ -141,16 +141,26 @@ def _split_channels(text: str | None) -> list[str] | None:
     return names
 
 
-def _check_electrodes(names: list[str], what: str) -> tuple[str, ...]:
-    """Normalised names; GenerateError naming every electrode the model cannot embed."""
+def _check_electrodes(
+    names: list[str], what: str, *, allow_extended: bool = False
+) -> tuple[str, ...]:
+    """Normalised names; GenerateError naming every electrode the model cannot embed.
+
+    allow_extended: the model has the extended spatial table (rows past the reference's 128
+    electrodes, e.g. bipolar derivations).
+    """
     from eegfast.electrodes import is_labram_channel, normalize_channel_name
 
     normalised = [normalize_channel_name(n) for n in names]
-    unknown = [raw for raw, n in zip(names, normalised, strict=True) if not is_labram_channel(n)]
+    unknown = [
+        raw
+        for raw, n in zip(names, normalised, strict=True)
+        if not is_labram_channel(n, allow_extended=allow_extended)
+    ]
     if unknown:
+        where = "" if allow_extended else ", or past its 128 electrode rows"
         raise GenerateError(
-            f"{what}: unknown electrodes {unknown} (not in the LaBraM electrode table, or past "
-            "its 128 electrode rows)"
+            f"{what}: unknown electrodes {unknown} (not in the LaBraM electrode table{where})"
         )
     dupes = sorted({n for n in normalised if normalised.count(n) > 1})
     if dupes:
@@ -172,8 +182,8 @@ def _window(
         n = min(seconds, total // PATCH) * PATCH
         begin = total - n
     else:
-        if start < 0:
-            raise GenerateError(f"--start must be >= 0, got {start}")
+        if not (math.isfinite(start) and start >= 0):
+            raise GenerateError(f"--start must be a number >= 0, got {start}")
         begin = int(round(start * SFREQ))
         n = min(seconds, (total - begin) // PATCH) * PATCH if begin < total else 0
         if n < PATCH:
@@ -203,7 +213,11 @@ def _sidecar_channels(path: Path) -> list[str]:
         raise GenerateError(
             f"--prompt {path.name}: sidecar {sidecar} has no channel list ({err})"
         ) from None
-    if float(info.get("sfreq", SFREQ)) != SFREQ:
+    try:
+        sfreq = float(info.get("sfreq", SFREQ))
+    except (ValueError, TypeError):
+        sfreq = math.nan  # not a rate: refused below with the value shown
+    if sfreq != SFREQ:
         raise GenerateError(
             f"--prompt {path.name}: sidecar {sidecar} says {info['sfreq']} Hz; a .npy prompt "
             "must already be at 200 Hz"
@@ -218,8 +232,14 @@ def load_prompt(
     start: float | None = None,
     prompt_seconds: int = 8,
     notch: float | None = 50.0,
+    allow_extended: bool = False,
 ) -> Prompt:
-    """Read and preprocess a prompt (see the module docstring) -> :class:`Prompt`."""
+    """Read and preprocess a prompt (see the module docstring) -> :class:`Prompt`.
+
+    allow_extended: accept electrodes of the extended spatial table (a model with more than
+    the reference's 129 ``pos_embed`` rows).
+    """
+    extended = {"allow_extended": allow_extended}
     path = Path(path)
     if prompt_seconds < 1:
         raise GenerateError(f"--prompt-seconds must be >= 1, got {prompt_seconds}")
@@ -240,8 +260,8 @@ def load_prompt(
                     )
                 data, names = archive["x"], [str(n) for n in archive["channels"]]
             if channels is not None:
-                picked = _check_electrodes(channels, "--channels")
-                known = _check_electrodes(names, f"--prompt {path.name}")
+                picked = _check_electrodes(channels, "--channels", **extended)
+                known = _check_electrodes(names, f"--prompt {path.name}", **extended)
                 missing = [c for c in picked if c not in known]
                 if missing:
                     raise GenerateError(f"--prompt {path.name}: has no electrodes {missing}")
@@ -254,7 +274,7 @@ def load_prompt(
             )
         if not np.isfinite(data).all():
             raise GenerateError(f"--prompt {path.name}: holds NaN or infinite samples")
-        normalised = _check_electrodes(list(names), f"--prompt {path.name}")
+        normalised = _check_electrodes(list(names), f"--prompt {path.name}", **extended)
         x = np.asarray(data, dtype=np.float32) / UV_PER_UNIT
         window, begin = _window(x, start, prompt_seconds, path.name)
         return Prompt(np.ascontiguousarray(window), normalised, str(path), begin)
@@ -263,10 +283,10 @@ def load_prompt(
     from eegfast.data.reading import BadRecording, map_channels, read_recording
 
     if channels is not None:
-        _check_electrodes(channels, "--channels")
+        _check_electrodes(channels, "--channels", **extended)
     try:
         raw = read_recording(path)
-        mapped = map_channels(raw.ch_names, raw.get_channel_types(), channels=channels)
+        mapped = map_channels(raw.ch_names, raw.get_channel_types(), channels=channels, **extended)
     except BadRecording as err:
         raise GenerateError(f"--prompt {path}: {err}") from None
     if not mapped.picks:
@@ -287,6 +307,13 @@ def load_prompt(
 # --------------------------------------------------------------------------------------------
 # Model and generation
 # --------------------------------------------------------------------------------------------
+
+
+def has_extended_table(model) -> bool:
+    """Whether the model's spatial table has rows past the reference's (cls + 128 electrodes)."""
+    from eegfast.electrodes import LABRAM_TABLE_ROWS
+
+    return int(model.backbone.config.pos_rows) > LABRAM_TABLE_ROWS
 
 
 def load_model(path: str | Path, *, device: torch.device | str = "cpu"):
@@ -327,7 +354,7 @@ def generate_signal(
 
     if not seconds > 0:
         raise GenerateError(f"--seconds must be > 0, got {seconds}")
-    if temperature < 0:
+    if not temperature >= 0:  # also refuses NaN
         raise GenerateError(f"--temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise GenerateError(f"--top-k must be >= 1, got {top_k}")
@@ -341,7 +368,11 @@ def generate_signal(
     C, T = prompt.x.shape
     window = prompt.x[:, T - min(T // PATCH, context) * PATCH :]
     x = torch.from_numpy(window).to(device=device, dtype=dtype).reshape(1, C, -1, PATCH)
-    chans = torch.tensor(labram_input_chans(prompt.names), device=device)
+    try:
+        rows = labram_input_chans(prompt.names, allow_extended=has_extended_table(model))
+    except ValueError as err:
+        raise GenerateError(f"--prompt {prompt.source}: {err}") from None
+    chans = torch.tensor(rows, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with tqdm(total=num_patches, unit="patch", disable=not progress, desc="generate") as bar:
         out = generate(
@@ -495,6 +526,7 @@ def run(args: argparse.Namespace) -> Path:
         start=args.start,
         prompt_seconds=args.prompt_seconds,
         notch=args.notch,
+        allow_extended=has_extended_table(model),
     )
     signal = generate_signal(
         model,
