@@ -86,17 +86,26 @@ def standardise(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Ten
 
     valid: (B, C) bool, True = real electrode of x (B, C, ...); padded ones are left out of the
     statistics.
+
+    A sample whose values are all equal (a flat, e.g. zero-filled, window) gives 0 everywhere,
+    not the reference's 0/0 = NaN, which would make the whole batch's loss NaN.
     """
     if valid is None:
         dims = tuple(range(1, x.dim()))
-        return (x - x.mean(dims, keepdim=True)) / x.std(dims, keepdim=True)
+        return _scaled(x - x.mean(dims, keepdim=True), x.std(dims, keepdim=True))
     weight = valid.to(x.dtype).view(*valid.shape, *([1] * (x.dim() - 2)))
     weight = weight.expand_as(x)
     dims = tuple(range(1, x.dim()))
     count = weight.sum(dims, keepdim=True)
     mean = (x * weight).sum(dims, keepdim=True) / count.clamp_min(1)
     var = ((x - mean).square() * weight).sum(dims, keepdim=True) / (count - 1).clamp_min(1)
-    return (x - mean) / var.sqrt()
+    return _scaled(x - mean, var.sqrt())
+
+
+def _scaled(centred: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """centred / std, and 0 for the samples whose std is 0."""
+    flat = std == 0
+    return torch.where(flat, 0.0, centred / torch.where(flat, 1.0, std))
 
 
 def fourier_targets(
@@ -228,16 +237,28 @@ class VQNSP(nn.Module):
         """Code index of every patch: x (B, C, A, 200) -> (B, C·A) long (-1 where padded).
 
         Never updates the codebook (safe to call in training mode on a frozen tokenizer).
+        Non-finite encoder features of a real patch raise FloatingPointError where the
+        quantizer checks them (``quantize.check_finite``; None: on CPU tensors), as in
+        ``forward``, instead of giving index -1, which reads as padding.
         """
         z = self.encode_features(x, input_chans, channel_padding_mask=channel_padding_mask)
         B, P, D = z.shape
         codebook = self.quantize.codebook
         flat = F.normalize(z.reshape(B * P, D).to(codebook.dtype), dim=1)
         indices = vq_nearest(flat, codebook, "cosine").view(B, P)
+        padding = None
         if channel_padding_mask is not None:
             A = P // channel_padding_mask.shape[1]
-            indices = indices.masked_fill(token_padding_mask(channel_padding_mask, A)[:, 1:], -1)
-        return indices
+            padding = token_padding_mask(channel_padding_mask, A)[:, 1:]
+        check = self.quantize.check_finite
+        if check if check is not None else flat.device.type == "cpu":
+            missing = indices < 0 if padding is None else (indices < 0) & ~padding
+            if bool(missing.any()):
+                raise FloatingPointError(
+                    f"get_codebook_indices: {int(missing.sum())} of {missing.numel()} patches "
+                    "have non-finite encoder features (NaN or inf in x, or an overflow)"
+                )
+        return indices if padding is None else indices.masked_fill(padding, -1)
 
     @torch.no_grad()
     def codebook_stats(self) -> dict[str, float]:

@@ -165,6 +165,7 @@ class NormEMAVectorQuantizer(nn.Module):
         )
         if not kmeans_init:
             self.embedding.initted.fill_(1)
+        self.register_load_state_dict_post_hook(NormEMAVectorQuantizer._align_ema_sums)
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -250,6 +251,24 @@ class NormEMAVectorQuantizer(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._initialised = None  # the loaded initted decides
         super()._load_from_state_dict(*args, **kwargs)
+
+    @staticmethod
+    @torch.no_grad()
+    def _align_ema_sums(module: NormEMAVectorQuantizer, incompatible_keys) -> None:
+        """After a load: rebuild the EMA sums (``embedding.embed_avg``, (K, D)) of codes they do
+        not point along, as code × EMA count (``cluster_size`` unit rows on the code).
+
+        The EMA update keeps every code the direction of its EMA sum. The reference tokenizer
+        EMA-updates ``embedding.weight`` itself and never touches ``embed_avg``, so its
+        checkpoints hold the random initial codebook there: training on from one would turn
+        every code towards that random direction at the first step. eegfast's own checkpoints
+        already agree (a no-op for them)."""
+        codes, sums = module.embedding.weight, module.embedding.embed_avg
+        if codes.shape != sums.shape or module.cluster_size.shape != codes.shape[:1]:
+            return  # a mismatched load; it reports the shapes itself
+        aligned = (F.normalize(sums.float(), dim=1) * codes.float()).sum(dim=1) > 1 - 1e-4
+        rebuilt = codes.float() * module.cluster_size.float()[:, None]
+        sums.copy_(torch.where(aligned[:, None], sums.float(), rebuilt).to(sums.dtype))
 
     @torch.no_grad()
     def _initialise(self, flat: torch.Tensor) -> None:

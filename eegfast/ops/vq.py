@@ -398,21 +398,21 @@ def vq_ema_update(
     codebook.copy_(torch.where(ever_used[:, None], updated.to(codebook.dtype), codebook))
 
     dead = torch.zeros(K, dtype=torch.bool, device=codebook.device)
-    if dead_code_threshold is not None and z.shape[0] > 0:
-        dead = cluster_size < dead_code_threshold
+    if dead_code_threshold is not None and (distributed or z.shape[0] > 0):
         # Draw replacements among the rows that were given a code (finite ones, not left out
         # with index -1); without any, nothing is restarted.
         drawable = (indices >= 0) & torch.isfinite(z).all(dim=1)
-        weights = drawable.float()
+        if z.shape[0] > 0:
+            seeds = z[_draw_rows(drawable.float(), K, generator)].to(codebook.dtype)
+        else:  # an empty batch on this rank: it only receives
+            seeds = codebook.new_zeros(K, D)
+        dead = (cluster_size < dead_code_threshold) & drawable.any()
         if distributed:
-            # Rows differ per rank; rank 0's draw is broadcast so all ranks stay identical.
-            picks = _draw_rows(weights, K, generator)
-            seeds = z[picks].to(codebook.dtype)
-            dist.broadcast(seeds, src=0, group=process_group)
-            dist.broadcast(dead, src=0, group=process_group)
-        else:
-            seeds = z[_draw_rows(weights, K, generator)].to(codebook.dtype)
-        dead = dead & drawable.any()
+            # Rows differ per rank: rank 0's draw, and its decision (it may have no row to
+            # draw from), are broadcast so that all ranks stay identical.
+            src = 0 if process_group is None else dist.get_global_rank(process_group, 0)
+            dist.broadcast(seeds, src=src, group=process_group)
+            dist.broadcast(dead, src=src, group=process_group)
         if normalize:
             seeds = torch.nn.functional.normalize(seeds, dim=1, eps=NORM_EPS)
         codebook.copy_(torch.where(dead[:, None], seeds, codebook))

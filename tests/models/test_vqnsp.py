@@ -203,3 +203,42 @@ def test_non_finite_padded_electrodes_give_the_zero_fill_codes_and_loss():
             model(x, chans, channel_padding_mask=wrong)
         with pytest.raises(ValueError, match=r"channel_padding_mask must be a \(B, C\)"):
             model.get_codebook_indices(x, chans, channel_padding_mask=wrong)
+
+
+def test_flat_window_keeps_the_loss_finite():
+    """A flat (zero-filled) window has no spread to standardise its Fourier targets by: its
+    targets are 0 (not 0/0 = NaN, which made the whole batch's loss NaN); the other windows'
+    targets are unchanged."""
+    x = torch.randn(3, 4, 2, 200)
+    x[1] = 0.0
+    valid = torch.tensor([[True, True, True, False]] * 3)
+    for mask in (None, valid):
+        for target, alone in zip(
+            fourier_targets(x, mask),
+            fourier_targets(x[[0, 2]], None if mask is None else mask[[0, 2]]),
+            strict=True,
+        ):
+            assert torch.isfinite(target).all() and (target[1] == 0).all()
+            torch.testing.assert_close(target[[0, 2]], alone)
+    model = create_model("vqnsp_tiny").train()
+    chans = torch.tensor([0, 1, 2, 3, 4])
+    out = model(x, chans)
+    assert torch.isfinite(out.loss)
+    padding = torch.tensor([[False, False, True, True]] * 3)
+    assert torch.isfinite(model(x, chans, channel_padding_mask=padding).loss)
+
+
+def test_non_finite_real_patches_are_an_error_for_codebook_indices():
+    """A real patch whose encoder features are not finite is named, as in forward, instead of
+    getting index -1, which reads as padding (its targets silently left out of pretraining)."""
+    model, _ = tiny_pair(seed=5)
+    model.eval()
+    x = torch.randn(2, 3, 2, 200)
+    x[0, 1, 0, 7] = float("nan")
+    chans = torch.tensor([0, 1, 2, 3])
+    with pytest.raises(FloatingPointError, match="get_codebook_indices: 6 of 12 patches"):
+        model.get_codebook_indices(x, chans)
+    with pytest.raises(FloatingPointError, match="6 of 12 input vectors contain NaN"):
+        model(x, chans)
+    model.quantize.check_finite = False  # unchecked (a GPU's default): index -1
+    assert (model.get_codebook_indices(x, chans)[0] == -1).all()

@@ -210,3 +210,33 @@ def test_quantizer_reports_the_spread_of_its_inputs():
     valid[:, :64] = True
     mixed = torch.where(valid[..., None], collapsed, z)
     assert quantizer(mixed, valid).spread.abs().item() < 1e-5
+
+
+def test_reference_checkpoint_trains_on_from_its_codebook():
+    """A reference tokenizer EMA-updates ``embedding.weight`` itself and never updates
+    ``embedding.embed_avg`` (its random initial codebook stays there): training on from such a
+    checkpoint keeps the trained codes, and eegfast's own state dicts load unchanged."""
+    gen = torch.Generator().manual_seed(5)
+    num_codes, code_dim = 64, 16
+    trained = F.normalize(torch.randn(num_codes, code_dim, generator=gen), dim=1)
+    reference = {
+        "cluster_size": torch.rand(num_codes, generator=gen) * 5 + 1,
+        "embedding.weight": trained,
+        "embedding.cluster_size": torch.rand(num_codes, generator=gen) * 10,
+        "embedding.embed_avg": F.normalize(torch.randn(num_codes, code_dim, generator=gen), dim=1),
+        "embedding.initted": torch.ones(1),
+    }
+    quantizer = NormEMAVectorQuantizer(num_codes, code_dim, dead_code_threshold=None)
+    quantizer.load_state_dict(reference)
+    labels = torch.randint(0, num_codes, (256,), generator=gen)
+    z = trained[labels] + 0.02 * torch.randn(256, code_dim, generator=gen)  # on the codes
+    quantizer(z)
+    assert (quantizer.codebook * trained).sum(dim=1).min() > 0.99
+    # eegfast's own state (restarted and unused codes included) loads exactly as saved
+    ours = NormEMAVectorQuantizer(32, 16, decay=0.8, dead_code_threshold=0.5)
+    for seed in range(3):
+        ours(clustered(seed=seed).reshape(4, 128, 16))
+    saved = {k: v.clone() for k, v in ours.state_dict().items()}
+    ours.load_state_dict(saved)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, saved[key]), key

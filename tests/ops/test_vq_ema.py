@@ -152,3 +152,46 @@ def test_kmeans_bad_input():
         vq_kmeans(torch.zeros(0, 4), 3)
     with pytest.raises(ValueError, match="no finite rows"):
         vq_kmeans(torch.full((3, 4), float("nan")), 3)
+
+
+def _restart_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        # one rank without a row to draw from: all left out (padding), or an empty batch
+        for case, (empty_rank, rows) in enumerate(((1, 40), (0, 40), (1, 0))):
+            _, codebook, cluster_size, embed_sum = state(k=16, d=8)
+            cluster_size[:4] = 1e-4
+            z = F.normalize(
+                torch.randn(40, 8, generator=torch.Generator().manual_seed(rank)), dim=1
+            )
+            indices = vq_nearest(z, codebook)
+            indices[indices < 4] = 5
+            if rank == empty_rank:
+                z, indices = z[:rows], indices[:rows]
+                indices[:] = -1
+            stats = vq_ema_update(
+                z, indices, codebook, cluster_size, embed_sum, dead_code_threshold=0.01
+            )
+            out[case, rank] = torch.cat([codebook.flatten(), stats["dead"].float()])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dead_code_restart_is_identical_across_processes():
+    """Restarts under all-reduce stay identical on every rank when a rank has no row to draw
+    from (all its rows left out as padding, or none): rank 0 decides and draws, and a rank
+    with only left-out rows never gives them as seeds."""
+    out = torch.zeros(3, 2, 16 * 8 + 16).share_memory_()
+    mp.spawn(_restart_worker, args=(2, _free_port(), out), nprocs=2)
+    for case in range(3):
+        torch.testing.assert_close(out[case, 0], out[case, 1], rtol=0, atol=0)
+    dead = out[:, 0, -16:].bool()
+    # rank 0 has rows to draw from: codes 0..3 restarted from them
+    rank0_rows = F.normalize(torch.randn(40, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    for case in (0, 2):
+        assert dead[case, :4].all() and not dead[case, 4:].any()
+        codes = out[case, 0, :-16].view(16, 8)[:4]
+        assert ((codes @ rank0_rows.T).amax(dim=1) > 1 - 1e-5).all()
+    # rank 0 has only left-out rows: nothing is restarted, on any rank
+    assert not dead[1].any()
