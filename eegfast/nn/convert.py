@@ -35,6 +35,7 @@ from torch import nn
 
 from eegfast.nn.attention import labram_qkv_bias
 from eegfast.ops import BACKENDS, qk_norm_attention_packed
+from eegfast.ops.qk_norm_attention import MAX_HEAD_DIM
 
 # Forward arguments (after the input) each replacement accepts; a module whose forward takes
 # anything else is left alone, since dropping an argument would change its outputs.
@@ -165,10 +166,28 @@ def _is_layer_norm(module: object) -> bool:
     )
 
 
+# Hook registries of a module. The replacement is a new module object, so it would drop every
+# hook of the original; the q/k norms and attention dropout it adopts keep their state-dict
+# hooks but are bypassed by the fused kernel, so their forward and backward hooks would not run.
+_CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+               "_backward_pre_hooks")  # fmt: skip
+_STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                     "_load_state_dict_post_hooks")  # fmt: skip
+
+
+def _hook_kinds(module: nn.Module, registries: tuple[str, ...]) -> list[str]:
+    """Names (without the leading underscore) of the non-empty hook registries of module."""
+    return [name[1:] for name in registries if getattr(module, name, None)]
+
+
 def _why_not_convertible(module: nn.Module, style: str) -> str | None:
     """The reason the module cannot be fused, or None if it can."""
-    if module._forward_hooks or module._forward_pre_hooks:
-        return "it has forward hooks, which a replacement would drop"
+    if "_orig_mod" in module._modules:
+        # torch.compile's wrapper calls the module it was built around, whatever _modules holds.
+        return "it is wrapped by torch.compile; convert the model before compiling it"
+    hooks = _hook_kinds(module, _CALL_HOOKS + _STATE_DICT_HOOKS)
+    if hooks:
+        return f"it has hooks ({', '.join(hooks)}), which a replacement would drop"
     allowed_args = _TIMM_FORWARD_ARGS if style == "timm" else _LABRAM_FORWARD_ARGS
     params = list(inspect.signature(type(module).forward).parameters.values())[1:]  # no self
     if not params:
@@ -206,6 +225,8 @@ def _why_not_convertible(module: nn.Module, style: str) -> str | None:
     head_dim = qkv.out_features // (3 * num_heads)
     if getattr(module, "head_dim", head_dim) != head_dim:
         return f"head_dim ({module.head_dim}) does not match qkv ({head_dim} per head)"
+    if head_dim > MAX_HEAD_DIM:  # checked here too: verification cannot run on meta tensors
+        return f"head dim {head_dim} is above the fused kernel's maximum ({MAX_HEAD_DIM})"
     if style == "labram":
         if qkv.bias is not None:
             return "qkv has a Linear bias as well as q_bias/v_bias"
@@ -225,12 +246,16 @@ def _why_not_convertible(module: nn.Module, style: str) -> str | None:
             return f"{name} is {type(norm).__name__}; the fused kernel implements LayerNorm only"
         if tuple(norm.normalized_shape) != (head_dim,):
             return f"{name} normalises {tuple(norm.normalized_shape)}, not the head dim {head_dim}"
-        if norm._forward_hooks or norm._forward_pre_hooks:
-            return f"{name} has forward hooks, which the fused kernel would bypass"
+        hooks = _hook_kinds(norm, _CALL_HOOKS)
+        if hooks:
+            return f"{name} has hooks ({', '.join(hooks)}), which the fused kernel would bypass"
     if norms[0].eps != norms[1].eps:
         return f"q_norm.eps ({norms[0].eps}) and k_norm.eps ({norms[1].eps}) differ"
     if not isinstance(getattr(module, "attn_drop", None), nn.Dropout | nn.Identity):
         return "attn_drop is not an nn.Dropout"
+    hooks = _hook_kinds(module.attn_drop, _CALL_HOOKS)
+    if hooks:
+        return f"attn_drop has hooks ({', '.join(hooks)}), which the fused kernel would bypass"
     if module.training and _dropout_p(module) > 0:
         return (
             f"attn_drop.p={_dropout_p(module)} in training mode: the fused kernel has no "
@@ -320,12 +345,48 @@ class _FusedQKNormAttention(nn.Module):
         self.scale = float(getattr(original, "scale", self.head_dim**-0.5))
         self.backend = backend
         self.original_class = f"{type(original).__module__}.{type(original).__qualname__}"
+        # The original's positional order of its extra forward arguments (braindecode's LaBraM
+        # takes (x, return_attention, return_qkv), the reference (x, rel_pos_bias, ...)), so
+        # that a positional call means what it meant to the original.
+        params = list(inspect.signature(type(original).forward).parameters.values())[2:]
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self.forward_args = tuple(p.name for p in params if p.kind in positional)
+
+    # The keyword arguments of _attend (after the input), which forward accepts by name.
+    _ARGS: tuple[str, ...] = ()
 
     def extra_repr(self) -> str:
         return (
             f"from={self.original_class}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
             f"backend={self.backend}"
         )
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> object:
+        """The original's forward: further arguments by name, or positionally in the order
+        the original's forward takes them (``forward_args``)."""
+        if len(args) > len(self.forward_args):
+            raise TypeError(
+                f"forward of the converted {self.original_class} takes at most "
+                f"{len(self.forward_args)} positional argument(s) after the input "
+                f"{self.forward_args}, got {len(args)}"
+            )
+        bound = dict(zip(self.forward_args, args, strict=False))
+        for name, value in kwargs.items():
+            if name not in self._ARGS:
+                raise TypeError(
+                    f"forward of the converted {self.original_class} got an unexpected keyword "
+                    f"argument {name!r} (it takes {self._ARGS})"
+                )
+            if name in bound:
+                raise TypeError(
+                    f"forward of the converted {self.original_class} got multiple values for "
+                    f"argument {name!r}"
+                )
+            bound[name] = value
+        return self._attend(x, **bound)
+
+    def _attend(self, x: torch.Tensor, **kwargs: object) -> object:
+        raise NotImplementedError
 
     def _qkv_bias(self) -> torch.Tensor | None:
         return self.qkv.bias
@@ -357,10 +418,13 @@ class _FusedQKNormAttention(nn.Module):
 class FusedTimmAttention(_FusedQKNormAttention):
     """timm ``Attention`` (qk_norm=True) on the fused kernel; made by :func:`convert`.
 
-    ``forward(x (B, N, C), attn_mask=None, is_causal=False) -> (B, N, C_out)`` as timm's.
+    ``forward(x (B, N, C), attn_mask=None, is_causal=False) -> (B, N, C_out)`` as timm's
+    (positional arguments in the original's order).
     """
 
-    def forward(
+    _ARGS = ("attn_mask", "is_causal")
+
+    def _attend(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
         B, N, _ = x.shape
@@ -389,27 +453,27 @@ class FusedLabramAttention(_FusedQKNormAttention):
     """Reference-LaBraM attention (q_bias / v_bias, q/k LayerNorm) on the fused kernel; made by
     :func:`convert`.
 
-    ``forward(x (B, N, C), rel_pos_bias=None, return_attention=False) -> (B, N, C)``; with
-    ``rel_pos_bias`` ((H, N, N) or broadcastable, added to the scaled scores) or
-    ``return_attention`` (returns the softmax probabilities (B, H, N, N)) the same math runs in
-    plain PyTorch. ``return_qkv=True`` is not supported.
+    ``forward(x (B, N, C), rel_pos_bias=None, return_attention=False, return_qkv=False) ->
+    (B, N, C)``, positional arguments in the original's order (braindecode's ``Labram`` has no
+    ``rel_pos_bias``: ``(x, return_attention, return_qkv)``). With ``rel_pos_bias`` ((H, N, N)
+    or broadcastable, added to the scaled scores) or ``return_attention`` (returns the softmax
+    probabilities (B, H, N, N), after attention dropout as the reference) the same math runs in
+    plain PyTorch. ``return_qkv=True`` returns ``(out, qkv)`` with qkv the projection before the
+    q/k norms, (3, B, H, N, D), as the reference.
     """
+
+    _ARGS = ("rel_pos_bias", "return_attention", "return_qkv")
 
     def _qkv_bias(self) -> torch.Tensor | None:
         return labram_qkv_bias(self.q_bias, self.v_bias)
 
-    def forward(
+    def _attend(
         self,
         x: torch.Tensor,
         rel_pos_bias: torch.Tensor | None = None,
         return_attention: bool = False,
         return_qkv: bool = False,
-    ) -> torch.Tensor:
-        if return_qkv:
-            raise NotImplementedError(
-                "return_qkv=True is not supported by the converted attention "
-                f"({self.original_class}); use the unconverted model for it"
-            )
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         B, N, _ = x.shape
         qkv = F.linear(x, self.qkv.weight, self._qkv_bias())
         if rel_pos_bias is None and not return_attention and self._attention_dropout() == 0.0:
@@ -419,11 +483,14 @@ class FusedLabramAttention(_FusedQKNormAttention):
             scores = (q * self.scale) @ k.transpose(-2, -1)
             if rel_pos_bias is not None:
                 scores = scores + rel_pos_bias
-            probs = scores.softmax(dim=-1)
+            probs = self.attn_drop(scores.softmax(dim=-1))
             if return_attention:
                 return probs
-            out = (self.attn_drop(probs) @ v).transpose(1, 2).reshape(B, N, -1)
-        return self.proj_drop(self.proj(out))
+            out = (probs @ v).transpose(1, 2).reshape(B, N, -1)
+        out = self.proj_drop(self.proj(out))
+        if return_qkv:
+            return out, qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        return out
 
 
 def _is_plain(value: object) -> bool:

@@ -22,10 +22,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["clear_packed_weights", "fused_linear", "onednn_status", "scaled_residual"]
 
-# weight Parameter -> (version key, packed weight, scaled by the layer scale if any). Keyed
-# weakly on the tensor's identity, so a dropped model frees its packed copies; the version key
-# repacks after any in-place update (optimizer step, load_state_dict). The bias is not packed:
-# callers may build it anew on every call (LaBraM's qkv bias is a concatenation).
+# weight Parameter -> (version key, packed weight scaled by the layer scale if any, probe,
+# fingerprint, copy of the scale). Keyed weakly on the tensor's identity, so a dropped model
+# frees its packed copies; the version key repacks after any in-place update (optimizer step,
+# load_state_dict). An update through ``.data`` (``w.data.mul_(...)``, ``ema.data.copy_(...)``:
+# weight init, EMA teachers) bumps only the ``.data`` alias's version counter, so the packed
+# copy is also checked against a fingerprint of the weight's values and a copy of the scale.
+# The bias is not packed: callers may build it anew on every call (LaBraM's qkv bias is a
+# concatenation).
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -63,14 +67,27 @@ def _version_key(*tensors: torch.Tensor | None) -> tuple:
     return tuple(None if t is None else (id(t), t._version, t.data_ptr()) for t in tensors)
 
 
+def _weight_probe(weight: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    """``weight @ probe`` (N,): one read of the weight, a fingerprint of its values (a change
+    goes unseen only if orthogonal to the fixed random probe, or below fp32 rounding)."""
+    return torch.mv(weight.detach(), probe)
+
+
 def _packed_weight(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     key = _version_key(weight, scale)
     hit = _PACKED.get(weight)
     if hit is not None and hit[0] == key:
-        return hit[1]
+        _, packed, probe, fingerprint, scale_copy = hit
+        if torch.equal(_weight_probe(weight, probe), fingerprint) and (
+            scale is None or torch.equal(scale, scale_copy)
+        ):
+            return packed
+    else:
+        probe = torch.rand(weight.shape[1], generator=torch.Generator().manual_seed(0)) + 0.5
     w = weight.detach() if scale is None else weight.detach() * scale.detach()[:, None]
     packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
-    _PACKED[weight] = (key, packed)
+    scale_copy = None if scale is None else scale.detach().clone()
+    _PACKED[weight] = (key, packed, probe, _weight_probe(weight, probe), scale_copy)
     return packed
 
 

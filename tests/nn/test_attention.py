@@ -1,5 +1,7 @@
 """QKNormAttention, Block, Mlp and TemporalConv against plain-PyTorch computations."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -213,3 +215,20 @@ def test_masked_group_norm_without_padding_is_group_norm():
     x = torch.randn(3, 8, 10, 25)
     valid = torch.ones(3, 10, dtype=torch.bool)
     torch.testing.assert_close(masked_group_norm(x, norm, valid), norm(x), atol=1e-5, rtol=1e-5)
+
+
+def test_block_inference_follows_weight_updates_made_through_data():
+    # ``p.data.mul_()`` / ``p.data.copy_()`` (weight init, EMA teachers) bump the version
+    # counter of the ``.data`` alias only: the packed weights of the CPU inference path must
+    # still see the new values, not serve the ones packed before the update.
+    block = randomise(Block(40, 2, qkv_bias=True)).eval()
+    x = torch.randn(2, 9, 40, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        block(x)  # packs the weights where the fused path applies
+        block.attn.proj.weight.data.mul_(-2.0)
+        block.mlp.fc2.weight.data.copy_(torch.randn(40, 160) * 0.1)
+        block.mlp.fc1.weight.data.add_(0.5)
+        block.gamma_1.data.mul_(3.0)  # the layer scale folded into the packed proj weight
+        got = block(x)
+        expected = copy.deepcopy(block)(x)  # new weight tensors: packed afresh
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -166,8 +166,14 @@ def test_converted_module_keeps_training_flag_dtype_and_fallback_paths():
     probs = fused(x, return_attention=True)
     assert probs.shape == (2, 2, 9, 9)
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 9, dtype=torch.float64))
-    with pytest.raises(NotImplementedError, match="return_qkv"):
-        fused(x, return_qkv=True)
+    # return_qkv: the output and the projection before the q/k norms, (3, B, H, N, D).
+    out, qkv = fused(x, return_qkv=True)
+    torch.testing.assert_close(out, original(x))
+    q_bias, v_bias = original.q_bias, original.v_bias
+    expected = F.linear(
+        x, original.qkv.weight, torch.cat((q_bias, torch.zeros_like(v_bias), v_bias))
+    )
+    torch.testing.assert_close(qkv, expected.view(2, 9, 3, 2, 20).permute(2, 0, 3, 1, 4))
 
 
 def test_attention_dropout_is_left_alone_in_training_and_converted_in_eval():
@@ -243,6 +249,164 @@ def test_dry_run_shared_modules_and_root():
         convert(model, backend="fastest")
     with pytest.raises(TypeError, match="nn.Module"):
         convert(torch.zeros(3))
+
+
+class BraindecodeAttention(nn.Module):
+    """The structure of braindecode's LaBraM attention (``braindecode.models.labram._Attention``,
+    braindecode 1.8): the reference's fields, ``qk_scale`` / ``attn_head_dim`` options, a
+    relative-position table only with a window size, and ``forward(x, return_attention,
+    return_qkv)`` without ``rel_pos_bias``."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True, qk_scale=None, attn_drop=0.0,
+                 window_size=None, attn_head_dim=None):  # fmt: skip
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = attn_head_dim or dim // num_heads
+        all_head_dim = head_dim * num_heads
+        self.scale = qk_scale or head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * all_head_dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(all_head_dim)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(all_head_dim)) if qkv_bias else None
+        self.q_norm = nn.LayerNorm(head_dim, eps=1e-6)
+        self.k_norm = nn.LayerNorm(head_dim, eps=1e-6)
+        self.window_size = window_size
+        if window_size:
+            n = window_size[0] * window_size[1] + 1
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(n * n, num_heads))
+            self.register_buffer("relative_position_index", torch.arange(n * n).view(n, n))
+        else:
+            self.relative_position_bias_table = None
+            self.relative_position_index = None
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(all_head_dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x, return_attention=False, return_qkv=False):
+        B, N, _ = x.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias)
+        qkv = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = self.q_norm(q).type_as(v)
+        k = self.k_norm(k).type_as(v)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if self.relative_position_bias_table is not None:
+            n = self.relative_position_index.shape[0]
+            table = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+            attn = attn + table.view(n, n, -1).permute(2, 0, 1)[None]
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        if return_attention:
+            return attn
+        x = self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1)))
+        if return_qkv:
+            return x, qkv
+        return x
+
+
+def test_braindecode_labram_attention_converts_with_its_calling_convention():
+    # attn_head_dim 16 (all_head_dim 48 != dim 40) and a qk_scale override: both honoured.
+    original = _randomise(BraindecodeAttention(40, 3, qk_scale=0.3, attn_head_dim=16)).eval()
+    holder = nn.Sequential(copy.deepcopy(original))
+    assert convert(holder) == 1
+    fused = holder[0]
+    assert isinstance(fused, FusedLabramAttention)
+    assert fused.forward_args == ("return_attention", "return_qkv")
+
+    x = torch.randn(2, 7, 40, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), original(x), rtol=1e-4, atol=1e-5)
+        # Positional arguments mean what they meant to braindecode's forward, not rel_pos_bias.
+        torch.testing.assert_close(fused(x, True), original(x, True), rtol=1e-4, atol=1e-5)
+        out, qkv = fused(x, False, True)
+        out_ref, qkv_ref = original(x, False, True)
+        torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(qkv, qkv_ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="multiple values for argument 'return_attention'"):
+        fused(x, True, return_attention=True)
+    with pytest.raises(TypeError, match="at most 2 positional"):
+        fused(x, False, False, None)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'attn_mask'"):
+        fused(x, attn_mask=None)
+
+    # The state dict goes both ways.
+    fresh = BraindecodeAttention(40, 3, qk_scale=0.3, attn_head_dim=16)
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    fused.load_state_dict(original.state_dict(), strict=True)
+
+    # braindecode's decoder mode (a window size) adds a relative-position table: left alone.
+    windowed = BraindecodeAttention(40, 2, window_size=(2, 3))
+    report = convert_report(nn.Sequential(windowed))
+    assert report.converted == ()
+    assert "relative_position_bias_table" in report.skipped[0][1]
+
+
+def test_return_attention_in_training_is_after_attention_dropout():
+    original = _randomise(ReferenceAttention(40, 2, qkv_bias=True, attn_drop=0.5)).eval()
+    holder = nn.Sequential(copy.deepcopy(original))
+    assert convert(holder) == 1  # converted in eval, then trained
+    fused = holder[0].train()
+    reference = BraindecodeAttention(40, 2, attn_drop=0.5)  # probs after dropout, as LaBraM
+    reference.load_state_dict(original.state_dict())
+    reference.train()
+    x = torch.randn(2, 6, 40, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(0)
+    expected = reference(x, return_attention=True)
+    torch.manual_seed(0)
+    torch.testing.assert_close(fused(x, return_attention=True), expected)
+
+
+def _backward_hook(module, grad_input, grad_output):
+    return None
+
+
+@pytest.mark.parametrize(
+    ("add_hook", "reason"),
+    [
+        (lambda a: a.register_full_backward_hook(_backward_hook), "it has hooks (backward_hooks)"),
+        (lambda a: a.register_full_backward_pre_hook(lambda m, g: None), "backward_pre_hooks"),
+        (lambda a: a.register_state_dict_pre_hook(lambda m, p, k: None), "state_dict_pre_hooks"),
+        (
+            lambda a: a.register_load_state_dict_post_hook(lambda m, k: None),
+            "load_state_dict_post_hooks",
+        ),  # fmt: skip
+        (
+            lambda a: a.q_norm.register_full_backward_hook(_backward_hook),
+            "q_norm has hooks (backward_hooks)",
+        ),  # fmt: skip
+        (
+            lambda a: a.attn_drop.register_forward_hook(lambda m, i, o: None),
+            "attn_drop has hooks (forward_hooks)",
+        ),  # fmt: skip
+    ],
+)
+def test_hooks_a_replacement_would_drop_or_bypass_leave_the_module_alone(add_hook, reason):
+    attention = ReferenceAttention(40, 2)
+    add_hook(attention)
+    model = nn.Sequential(attention)
+    report = convert_report(model)
+    assert report.converted == ()
+    assert reason in report.skipped[0][1]
+    assert model[0] is attention
+
+
+def test_head_dim_above_the_kernel_limit_is_left_alone_on_meta_too():
+    # On the meta device there is no verification run to catch it: the structural check must.
+    with torch.device("meta"):
+        wide = ReferenceAttention(2 * 160, 2)
+    report = convert_report(nn.Sequential(wide))
+    assert report.converted == ()
+    assert "head dim 160 is above" in report.skipped[0][1]
+
+
+def test_compiled_attention_module_is_left_alone_with_a_clear_reason():
+    # torch.compile's wrapper keeps calling the module it wraps: replacing that inside it
+    # would report a conversion that never runs.
+    model = nn.Sequential(torch.compile(ReferenceAttention(40, 2), backend="eager"))
+    report = convert_report(model)
+    assert report.converted == ()
+    assert "torch.compile" in report.skipped[0][1]
 
 
 # --------------------------------------------------------------------------------------------
