@@ -151,11 +151,13 @@ class HybridOutput:
 def patch_block_ids(
     num_electrodes: int, num_patches: int, *, first_patch: int = 0, device=None
 ) -> torch.Tensor:
-    """Block ids (1 + C·A,) long of the cls + electrode-major tokens: cls 0, patch a -> a + 1.
+    """Block ids (1 + C·A,) int32 of the cls + electrode-major tokens: cls 0, patch a -> a + 1.
 
     ``first_patch`` offsets the patch index (ids of a chunk of patches appended to a cache).
     """
-    patches = torch.arange(first_patch, first_patch + num_patches, device=device) + 1
+    # int32: what the Triton kernels compare (int64 ids would be ranked on every call)
+    patches = torch.arange(first_patch + 1, first_patch + num_patches + 1, device=device,
+                           dtype=torch.int32)  # fmt: skip
     ids = patches.repeat(num_electrodes)  # token c·A + a -> a + 1 (electrode-major)
     return torch.cat((torch.zeros(1, dtype=ids.dtype, device=device), ids))
 
@@ -214,6 +216,24 @@ def embed_next_patch(
     return tokens + rows[:, 1:] + student.time_embed[0, time_row]
 
 
+def check_causal_routing(student: nn.Module) -> None:
+    """ValueError unless every MoE layer of ``student``'s blocks is dropless.
+
+    A capacity limit (``capacity_factor``) sizes the experts' slots by all tokens of the pass
+    and fills them in token order, so a later patch could push an earlier patch's token out of
+    an expert: its features would depend on the future, which the block-causal pass and the
+    exact KV cache of generation promise they do not.
+    """
+    for i, block in enumerate(getattr(student, "blocks", ())):
+        capacity = getattr(getattr(block, "mlp", None), "capacity_factor", None)
+        if capacity is not None:
+            raise ValueError(
+                f"blocks[{i}].mlp has capacity_factor={capacity}: the hybrid's block-causal "
+                "passes need dropless MoE layers (a capacity limit lets later patches take "
+                "earlier patches' expert slots); upcycle with capacity_factor=None"
+            )
+
+
 def forecast_features(
     student: nn.Module,
     x: torch.Tensor,
@@ -227,6 +247,7 @@ def forecast_features(
     channel_padding_mask: (B, C) bool, True = padded electrode (ignored as a key).
     """
     B, C, A, _ = x.shape
+    check_causal_routing(student)
     h = embed_tokens(student, x, input_chans, channel_padding_mask=channel_padding_mask)
     ids = patch_block_ids(C, A, device=x.device)
     key_padding = None
@@ -716,6 +737,7 @@ def generate(
         prompt = zero_padded_electrodes(prompt, padding)
 
     student = model.backbone
+    check_causal_routing(student)
     was_training = model.training
     model.eval()
     try:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from eegfast.models import create_hybrid_model, create_model, upcycle
-from eegfast.models.hybrid import forecast_features
+from eegfast.models.hybrid import forecast_features, generate
 from eegfast.nn import MoEFFN, moe_aux_losses
 
 
@@ -246,7 +246,7 @@ def test_pretrain_padded_electrodes_are_not_routed():
 def test_hybrid_forecast_padded_electrodes_are_not_routed():
     torch.manual_seed(0)
     model = create_hybrid_model("labram_tiny_pretrain")
-    _make_routing_matter(model.backbone, 0.5)
+    _make_routing_matter(model.backbone, None)
     x, chans = torch.randn(2, 3, 3, 200), torch.tensor([0, 4, 9, 2])
     expected = forecast_features(model.backbone, x, chans)
     expected_aux = _aux(model.backbone.blocks)
@@ -254,7 +254,30 @@ def test_hybrid_forecast_padded_electrodes_are_not_routed():
     got = forecast_features(model.backbone, x_pad, chans_pad, channel_padding_mask=padding)
     torch.testing.assert_close(got[:, ~padding[0]], expected, atol=1e-5, rtol=1e-5)
     _assert_same_aux(_aux(model.backbone.blocks), expected_aux)
-    assert sum(int(aux.dropped) for aux in expected_aux) > 0
+
+
+def test_hybrid_block_causal_passes_refuse_capacity_limited_experts():
+    """With a capacity limit a later patch took an earlier patch's expert slot (patch 0..3
+    features moved by ~1e-2 when patch 4 changed): the forecast pass and generation refuse
+    it, naming the layer; dropless layers keep the earlier patches independent of later ones."""
+    torch.manual_seed(0)
+    model = create_hybrid_model("labram_tiny_pretrain").eval()
+    _make_routing_matter(model.backbone, 0.5)
+    x, chans = torch.randn(1, 3, 5, 200), torch.tensor([0, 4, 9, 2])
+    with pytest.raises(ValueError, match=r"blocks\[0\]\.mlp has capacity_factor=0.5"):
+        forecast_features(model.backbone, x, chans)
+    with pytest.raises(ValueError, match="dropless"):
+        generate(model, x[:, :, :2], chans, 1)
+    for block in model.backbone.blocks:
+        block.mlp.capacity_factor = None
+    changed = x.clone()
+    changed[:, :, 4] += 3.0
+    with torch.no_grad():
+        before, after = (
+            forecast_features(model.backbone, x, chans),
+            forecast_features(model.backbone, changed, chans),
+        )
+    torch.testing.assert_close(before[:, :, :4], after[:, :, :4])
 
 
 def test_upcycled_model_compiles_with_padding_mask():
