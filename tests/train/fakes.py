@@ -167,17 +167,24 @@ class HostReads(TorchDispatchMode):
     @classmethod
     def on_device(cls, monkeypatch) -> HostReads:
         """A counter that leaves out the reads a GPU run never makes: the models' check of
-        input_chans when it is on the host (on a GPU it has gone to the device)."""
+        input_chans when it is on the host (on a GPU it has gone to the device), and the CPU
+        Linears' check that their pre-packed weights are current (oneDNN packing is CPU-only)."""
         from eegfast.models.labram import LaBraMTrunk
+        from eegfast.nn import linear
 
         reads = cls()
-        check = LaBraMTrunk.resolve_input_chans
 
-        def uncounted(*args, **kwargs):
-            with reads.paused():
-                return check(*args, **kwargs)
+        def uncounted(function):
+            def call(*args, **kwargs):
+                with reads.paused():
+                    return function(*args, **kwargs)
 
-        monkeypatch.setattr(LaBraMTrunk, "resolve_input_chans", uncounted)
+            return call
+
+        monkeypatch.setattr(
+            LaBraMTrunk, "resolve_input_chans", uncounted(LaBraMTrunk.resolve_input_chans)
+        )
+        monkeypatch.setattr(linear, "_packed_weight", uncounted(linear._packed_weight))
         return reads
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -302,7 +302,7 @@ def test_fp16_loss_scaling_checkpoints_the_scaler_and_resumes_exactly(tmp_path):
 def objective_run(objective: str):
     """(model, step function, context) of a pretraining objective as the commands set it up,
     with tiny models: masked and hybrid with the tokenizer's codes cached, or the tokenizer's
-    own training (its finiteness check off, as it is on a GPU)."""
+    own training (the quantizers' finiteness checks off, as they are on a GPU)."""
     from eegfast.models import create_model
     from eegfast.train.hybrid import create_hybrid_pretrain_model, hybrid_step
     from eegfast.train.objectives import TargetCache, masked_step, tokenizer_step
@@ -313,6 +313,7 @@ def objective_run(objective: str):
         model.quantize.check_finite = False
         return model, tokenizer_step, StepContext(torch.device("cpu"))
     tokenizer = create_model("vqnsp_tiny").eval().requires_grad_(False)
+    tokenizer.quantize.check_finite = False  # get_codebook_indices checks as forward does
     cache = TargetCache(tokenizer.config.num_codes)
     ctx = StepContext(torch.device("cpu"), tokenizer=tokenizer, target_cache=cache)
     if objective == "masked":
