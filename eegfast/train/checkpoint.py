@@ -17,6 +17,7 @@ killed at any moment therefore leaves only complete ``step-*`` folders (plus, at
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -131,8 +132,13 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> CheckpointInfo | None:
 
 
 def best_checkpoint(checkpoint_dir: str | Path) -> CheckpointInfo | None:
-    """The checkpoint with the lowest ``meta["metric"]`` (ties: the later one)."""
-    scored = [c for c in list_checkpoints(checkpoint_dir) if c.meta.get("metric") is not None]
+    """The checkpoint with the lowest ``meta["metric"]`` (ties: the later one); a NaN or
+    infinite metric (an evaluation that failed) never makes a checkpoint the best."""
+    scored = [
+        c
+        for c in list_checkpoints(checkpoint_dir)
+        if isinstance(c.meta.get("metric"), int | float) and math.isfinite(c.meta["metric"])
+    ]
     if not scored:
         return None
     return min(reversed(scored), key=lambda c: c.meta["metric"])

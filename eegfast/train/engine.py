@@ -318,11 +318,36 @@ def fit(
     if resume_from is not None:
         state = ckpt.load_training_state(resume_from)
         weights = ckpt.load_weights(resume_from)
+        saved_groups = len(state["optimizer"]["param_groups"]) if state["optimizer"] else 0
+        if saved_groups and saved_groups != len(optimizer.param_groups):
+            raise ValueError(
+                f"--resume {resume_from}: its optimiser has {saved_groups} parameter groups, this "
+                f"run's has {len(optimizer.param_groups)}; optim.layer_decay (or which parameters "
+                "train) differs from the checkpoint's, so its optimiser state cannot continue"
+            )
+        # This run's settings per group: loading the optimiser's state brings back the saved
+        # lr, weight decay, betas and eps, which a resume with other optim.* settings replaces.
+        settings = [
+            {k: g[k] for k in ("weight_decay", "betas", "eps", "lr_scale")}
+            for g in optimizer.param_groups
+        ]
         _load_state_dicts(model, optimizer, weights, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        for group, own in zip(optimizer.param_groups, settings, strict=True):
+            group.update(own, initial_lr=optim_cfg.lr)
+        # The schedule as this run builds it (the same floats as the saved one's when nothing
+        # changed): LambdaLR's state brought back the saved base lrs.
+        scheduler.base_lrs = [optim_cfg.lr] * len(optimizer.param_groups)
+        for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group["lr"] = optim_cfg.lr * lr_lambda(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        if state["scaler"]:  # empty when saved without fp16: a switch to fp16 starts afresh
+            scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
         step, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
+        # The position counts micro-batches of the saved run's accumulation; a resume with
+        # another train.grad_accum continues after the same global batches.
+        start_batch = start_batch // state.get("grad_accum", accum) * accum
         saved_config = ckpt.checkpoint_meta(resume_from).get("config")
         changes = config_changes(saved_config, config_to_dict(config))
         if changes and info.is_main:
@@ -333,7 +358,9 @@ def fit(
                 stacklevel=2,
             )
 
-    logger = RunLogger(run_dir, enabled=info.is_main)
+    logger = RunLogger(
+        run_dir, enabled=info.is_main, resume_step=step if resume_from is not None else None
+    )
     bar = tqdm(
         total=total_steps,
         initial=step,
@@ -435,7 +462,8 @@ def fit(
                 "rng": rng_states,
                 "step": step,
                 "epoch": save_epoch,
-                "batch_in_epoch": batch_in_epoch,
+                "batch_in_epoch": batch_in_epoch,  # micro-batches of grad_accum
+                "grad_accum": accum,
             }
             path = ckpt.save_checkpoint(
                 checkpoint_dir,
@@ -511,6 +539,9 @@ def fit(
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+                # The lr this step used, logged as train/lr: the largest group's, which is the
+                # schedule's own (group 0 may be the patch embedding's, scaled by layer decay).
+                step_lr = max(group["lr"] for group in optimizer.param_groups)
                 with warnings.catch_warnings():
                     # The schedule follows steps taken, also when the fp16 scaler skipped the
                     # optimizer's step on overflow; torch warns about that order, not an error.
@@ -541,7 +572,7 @@ def fit(
                     if info.enabled:  # one all-reduce for every scalar
                         means = all_reduce_mean(means.to(device), info).cpu()
                     scalars = {f"train/{k}": v for k, v in zip(names, means.tolist(), strict=True)}
-                    scalars["train/lr"] = scheduler.get_last_lr()[0]
+                    scalars["train/lr"] = step_lr
                     elapsed = time.perf_counter() - started
                     scalars["train/samples_per_s"] = (
                         samples_seen * info.world_size / max(elapsed, 1e-9)

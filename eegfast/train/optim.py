@@ -10,8 +10,12 @@ from torch import nn
 
 from eegfast.train.config import OptimConfig
 
-# Parameter names that never get weight decay besides 1-D tensors (norms, biases, layer scale).
-NO_DECAY_NAMES = re.compile(r"(^|\.)(cls_token|mask_token|pos_embed|time_embed|.*_token|.*embed)$")
+# Parameter names that never get weight decay besides 1-D tensors (norms, biases, layer scale):
+# embedding tables and tokens, and biases of any shape (the MoE experts' stacked (E, out)
+# ``fc1_bias``/``fc2_bias`` and the router's ``task_bias`` are biases, not weights).
+NO_DECAY_NAMES = re.compile(
+    r"(^|\.)(cls_token|mask_token|pos_embed|time_embed|.*_token|.*embed|(.*_)?bias)$"
+)
 BLOCK_INDEX = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 EMBEDDING_PART = re.compile(
     r"(?:^|\.)(?:patch_embed|cls_token|pos_embed|time_embed|mask_token)(?:\.|$)"
@@ -19,7 +23,8 @@ EMBEDDING_PART = re.compile(
 
 
 def is_no_decay(name: str, param: torch.Tensor) -> bool:
-    """Norm weights, biases, gammas (1-D) and embedding tables/tokens skip weight decay."""
+    """Norm weights, biases (any shape), gammas (1-D) and embedding tables/tokens skip weight
+    decay."""
     return param.ndim <= 1 or bool(NO_DECAY_NAMES.search(name)) or "embedding" in name
 
 
@@ -37,7 +42,14 @@ def param_groups(
     model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 ) -> list[dict[str, object]]:
     """Groups keyed by (decay?, layer); each has ``lr_scale`` = layer_decay ** (L + 1 - layer)."""
-    num_layers = len(getattr(model, "blocks", []))
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None:
+        num_layers = len(blocks)
+    else:
+        # Blocks one level down (the pretraining wrapper's ``student.blocks``): without their
+        # count every block would sit above the head, and its lr_scale exceed 1.
+        found = [BLOCK_INDEX.search(name) for name, _ in model.named_parameters()]
+        num_layers = max((int(m.group(1)) + 1 for m in found if m), default=0)
     groups: dict[tuple[bool, int], dict[str, object]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
+
+from eegfast.fileio import write_text_atomic
 
 
 class RunLogger:
@@ -11,15 +14,29 @@ class RunLogger:
 
     The long CSV layout (one scalar per row) lets every command log whatever scalars it has.
     On ranks other than 0 all methods do nothing.
+
+    ``resume_step``: the optimiser step a resumed run continues from. What the earlier run
+    logged after it (steps it went on to before it stopped, which the resumed run logs again,
+    or never reaches) is dropped from ``metrics.csv`` and purged from TensorBoard, so that each
+    step is there once, from the run that the checkpoints continue.
     """
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.csv"
         self._writer = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            _drop_rows_after(self.path, resume_step)
         new = not self.path.exists()
         self._file = self.path.open("a", newline="")
         self._csv = csv.writer(self._file)
@@ -28,7 +45,11 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            # purge_step: TensorBoard hides the earlier events from that step on.
+            purge = None if resume_step is None else resume_step + 1
+            self._writer = SummaryWriter(
+                log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge
+            )
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -45,6 +66,20 @@ class RunLogger:
         self._file.close()
         if self._writer is not None:
             self._writer.close()
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Rewrite ``path`` (atomically) without the rows of steps after ``step``."""
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) <= step]
+    if len(kept) == len(rows):
+        return
+    out = io.StringIO()
+    csv.writer(out).writerows(kept)
+    write_text_atomic(path, out.getvalue())
 
 
 def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:

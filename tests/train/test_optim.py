@@ -107,3 +107,28 @@ def test_accumulation_cuts_the_same_global_batches_into_micro_batches():
         for r in range(2)
     ]
     assert [a + b for a, b in zip(*two_ranks, strict=True)] == micro
+
+
+def test_no_weight_decay_on_the_stacked_biases_of_upcycled_experts():
+    """An upcycled MoE keeps its biases as (experts, out) tensors (and the router's per-task
+    bias as (tasks, experts)): biases, without weight decay like the dense MLP's they came from;
+    the expert weights and the router's weight keep it."""
+    from eegfast.train.arch import build_model
+
+    upcycle = {"num_experts": 4, "top_k": 2, "num_tasks": 2}
+    model = build_model({"kind": "classifier", "name": "labram_tiny", "upcycle": upcycle})
+    decay = {n: g["weight_decay"] for g in param_groups(model, 0.05, 0.65) for n in g["names"]}
+    mlp = "blocks.0.mlp."
+    assert [decay[mlp + n] for n in ("fc1_bias", "fc2_bias", "task_bias")] == [0.0] * 3
+    assert [decay[mlp + n] for n in ("fc1_weight", "fc2_weight", "router.weight")] == [0.05] * 3
+
+
+def test_layer_decay_counts_the_blocks_of_a_pretraining_wrapper():
+    """``student.blocks`` (no ``blocks`` of its own): deeper blocks get larger lrs, none more
+    than the heads' (scale 1)."""
+    model = TinyPretrain()  # student with 2 blocks
+    scale = {n: g["lr_scale"] for g in param_groups(model, 0.05, 0.5) for n in g["names"]}
+    assert scale["lm_head.weight"] == 1.0
+    assert scale["student.blocks.1.mlp.0.weight"] == 0.5
+    assert scale["student.blocks.0.mlp.0.weight"] == 0.25
+    assert scale["student.patch_embed.weight"] == scale["mask_token"] == 0.125
