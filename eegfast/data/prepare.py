@@ -191,6 +191,7 @@ def process_file(job: Job, settings: Settings, out: str) -> dict:
         "task": job.task,
         "job_task": job.task,
         "settings": settings.digest(),
+        "revision": PROCESSING_REVISION,
     }
     try:
         record.update(_fingerprint(path))
@@ -342,7 +343,17 @@ def _outside_bad_segments(
     return starts[keep], kept_labels, int((~keep).sum())
 
 
-def _reusable(record_path: Path, job: Job, digest: str) -> dict | None:
+# What a recording's output is made by, besides its settings: bumped whenever the processing
+# changes what the same settings produce, so that outputs of an older eegfast are redone instead
+# of reused. 2 (2026-12-06): windows overlapping BAD_ annotations dropped, channels marked bad in
+# the file (info["bads"]) left out, FIF event onsets relative to the first sample, resampling
+# without filters padded (no wrap-around of the recording's end onto its start).
+PROCESSING_REVISION = 2
+
+
+def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bool]:
+    """(the record, if its output can be reused, else None; whether it was only outdated: the
+    same settings and source file, made by an older processing revision)."""
     try:
         record = json.loads(record_path.read_text())
         same = (
@@ -351,12 +362,14 @@ def _reusable(record_path: Path, job: Job, digest: str) -> dict | None:
             and all(record.get(k) == v for k, v in _fingerprint(Path(job.path)).items())
         )
     except (OSError, ValueError):
-        return None
+        return None, False
     if not same:
-        return None
+        return None, False
+    if record.get("revision", 1) != PROCESSING_REVISION:
+        return None, True
     if record.get("status") == "ok" and not (record_path.parent.parent / record["shard"]).exists():
-        return None
-    return record
+        return None, False
+    return record, False
 
 
 def _warm_imports() -> None:
@@ -415,8 +428,10 @@ def prepare(
     digest = settings.digest()
     records: dict[str, dict] = {}
     todo = []
+    outdated = 0
     for job in jobs:
-        record = None if force else _reusable(_record_path(out, job), job, digest)
+        record, old = (None, False) if force else _reusable(_record_path(out, job), job, digest)
+        outdated += old
         if record is None:
             todo.append(job)
         else:
@@ -442,6 +457,7 @@ def prepare(
     write_json_atomic(out / INDEX_NAME, index, **DATA_JSON)
     report = build_report(ordered, index, settings, time.perf_counter() - started, removed)
     report["warnings"] = warnings
+    report["outdated"] = outdated  # redone: made by an older processing revision
     write_json_atomic(out / "report.json", report, **DATA_JSON)
     md = out / "report.md"
     write_text_atomic(md, report_markdown(report))
@@ -550,6 +566,11 @@ def report_markdown(report: dict) -> str:
             else ""
         ),
     ]
+    if report.get("outdated"):
+        lines.append(
+            f"- {report['outdated']} recording(s) prepared by an older eegfast, whose processing "
+            "differed, were prepared again"
+        )
     if report["labels"]:
         lines += ["", "## Labels (windows)", ""]
         for task, counts in report["labels"].items():
@@ -745,6 +766,11 @@ def main(args: argparse.Namespace) -> int:
     )
     for b in report["bad"]:
         print(f"  bad: {b['file']}: {b['reason']}", file=sys.stderr)
+    if report.get("outdated"):
+        print(
+            f"  {report['outdated']} recording(s) prepared by an older eegfast were prepared "
+            "again (its processing has changed since)"
+        )
     for warning in report["warnings"]:
         print(f"  warning: {warning}", file=sys.stderr)
     if report["usable"] == 0 or report["windows"] == 0:

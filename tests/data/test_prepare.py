@@ -9,7 +9,13 @@ from eegfast.cli import main as cli_main
 from eegfast.data import read_index
 from eegfast.data.index import load_index
 from eegfast.data.labels import LabelRules
-from eegfast.data.prepare import Settings, discover, prepare, process_file
+from eegfast.data.prepare import (
+    PROCESSING_REVISION,
+    Settings,
+    discover,
+    prepare,
+    process_file,
+)
 from eegfast.data.preprocess import PreprocessConfig, cut_windows, preprocess_signal
 from eegfast.electrodes import labram_input_chans
 
@@ -131,6 +137,17 @@ def test_resume_and_idempotence(sample_files, tmp_path):
     assert resumed["processed"] == 1 and resumed["reused"] == 2
     assert resumed["stale_temporaries_removed"] == 1
     assert not list((tmp_path / "shards").glob(".*tmp*"))
+    assert (tmp_path / "index.json").read_text() == index_before
+
+    # outputs of an older processing revision (records without one) are prepared again
+    aged = sorted((tmp_path / "shards").glob("*.json"))[1]
+    record = json.loads(aged.read_text())
+    del record["revision"]
+    aged.write_text(json.dumps(record))
+    redone = prepare(srcs, tmp_path, progress=False)
+    assert redone["processed"] == 1 and redone["reused"] == 2 and redone["outdated"] == 1
+    assert "prepared by an older eegfast" in (tmp_path / "report.md").read_text()
+    assert json.loads(aged.read_text())["revision"] == PROCESSING_REVISION
     assert (tmp_path / "index.json").read_text() == index_before
 
     # other settings -> reprocessed, not mixed with the old shards
