@@ -12,6 +12,17 @@ and it is renamed into place with ``os.replace``; the parent folder is fsynced l
 killed at any moment therefore leaves only complete ``step-*`` folders (plus, at worst, one
 ``.tmp-step-<step>-<pid>`` folder that the next save removes once that process is gone).
 ``latest_checkpoint`` picks the newest complete one.
+
+Saving a step that is already there (the final save after a periodic one) first renames the old
+folder aside to ``.old-step-<step>-<pid>``, then the new one into place, then deletes the old:
+a kill between the two renames leaves the old folder complete under its aside name, which
+``list_checkpoints`` reports as that step while no ``step-<step>`` exists, and which the next
+save puts back (or deletes, once ``step-<step>`` is there again).
+
+A run resumed from an older checkpoint (step S) abandons the checkpoints after S that the run it
+continues went on to write: :func:`set_aside_after` moves them to
+``abandoned-after-step-<S>/``, where neither ``--resume auto``, the best-checkpoint choice nor
+retention sees them.
 """
 
 from __future__ import annotations
@@ -56,6 +67,8 @@ def _plain_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 TMP_DIR = re.compile(r"^\.tmp-step-\d{8}-(\d+)$")
+# A step's previous folder, renamed aside while a save replaces it (``.old-step-<step>-<pid>``).
+OLD_DIR = re.compile(r"^\.old-step-(\d{8})-(\d+)$")
 
 
 def _is_stale(tmp: Path) -> bool:
@@ -64,7 +77,11 @@ def _is_stale(tmp: Path) -> bool:
     match = TMP_DIR.match(tmp.name)
     if match is None:
         return False
-    pid = int(match.group(1))
+    return _writer_gone(int(match.group(1)))
+
+
+def _writer_gone(pid: int) -> bool:
+    """Whether the process ``pid`` (a folder's writer) is this one or no longer runs."""
     if pid == os.getpid():
         return True
     if os.name == "nt":  # os.kill(pid, 0) would terminate it there
@@ -91,6 +108,7 @@ def save_checkpoint(
     for stale in checkpoint_dir.glob(".tmp-*"):
         if _is_stale(stale):
             shutil.rmtree(stale, ignore_errors=True)
+    _settle_replaced(checkpoint_dir)
     final = checkpoint_dir / f"step-{step:08d}"
     tmp = checkpoint_dir / f".tmp-step-{step:08d}-{os.getpid()}"
     tmp.mkdir()
@@ -102,8 +120,19 @@ def save_checkpoint(
             fsync_file(tmp / name)
         fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            # Never a moment without a complete copy of the step: the old folder goes aside
+            # (where list_checkpoints still finds it) and is deleted once the new one is in.
+            aside = checkpoint_dir / f".old-step-{step:08d}-{os.getpid()}"
+            os.replace(final, aside)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(aside, final)
+                raise
+            fsync_dir(checkpoint_dir)
+            shutil.rmtree(aside, ignore_errors=True)  # a leftover: removed by the next save
+        else:
+            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -111,19 +140,72 @@ def save_checkpoint(
     return final
 
 
+def _complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in (WEIGHTS, STATE, META))
+
+
+def _settle_replaced(checkpoint_dir: Path) -> None:
+    """Old step folders set aside by a save that did not finish (its process is gone): put one
+    back where no ``step-<step>`` replaced it, delete it otherwise."""
+    for old in checkpoint_dir.glob(".old-step-*"):
+        match = OLD_DIR.match(old.name)
+        if match is None or not _writer_gone(int(match.group(2))):
+            continue
+        final = checkpoint_dir / f"step-{match.group(1)}"
+        if not _complete(final) and _complete(old):
+            if final.exists():  # not one of ours: a save leaves no incomplete step-* folder
+                shutil.rmtree(final)
+            os.replace(old, final)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(checkpoint_dir)
+
+
 def list_checkpoints(checkpoint_dir: str | Path) -> list[CheckpointInfo]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first.
+
+    A step whose ``step-<step>`` folder is missing but whose old folder a save had set aside
+    (``.old-step-<step>-<pid>``, complete: the save was killed between its two renames) is
+    listed with that folder's path."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         return []
-    found = []
+    found: dict[int, CheckpointInfo] = {}
+    aside: dict[int, Path] = {}
     for path in checkpoint_dir.iterdir():
         match = STEP_DIR.match(path.name)
         if match and (path / META).is_file() and (path / WEIGHTS).is_file():
-            found.append(
-                CheckpointInfo(path, int(match.group(1)), json.loads((path / META).read_text()))
-            )
-    return sorted(found, key=lambda c: c.step)
+            step = int(match.group(1))
+            found[step] = CheckpointInfo(path, step, json.loads((path / META).read_text()))
+        old = OLD_DIR.match(path.name)
+        if old and _complete(path):
+            aside[int(old.group(1))] = path
+    for step, path in aside.items():
+        if step not in found:
+            found[step] = CheckpointInfo(path, step, json.loads((path / META).read_text()))
+    return [found[step] for step in sorted(found)]
+
+
+def set_aside_after(checkpoint_dir: str | Path, step: int) -> tuple[Path | None, list[Path]]:
+    """Move the checkpoints after ``step`` (those of a run that a resume from ``step`` abandons)
+    into ``checkpoint_dir/abandoned-after-step-<step>/`` (``-2``, ``-3``... when taken).
+
+    Returns the folder and the moved checkpoints' former paths ((None, []) when none)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    newer = [c for c in list_checkpoints(checkpoint_dir) if c.step > step]
+    if not newer:
+        return None, []
+    base = checkpoint_dir / f"abandoned-after-step-{step:08d}"
+    target, n = base, 1
+    while target.exists():
+        n += 1
+        target = base.with_name(f"{base.name}-{n}")
+    target.mkdir()
+    for info in newer:
+        os.replace(info.path, target / f"step-{info.step:08d}")
+    fsync_dir(target)
+    fsync_dir(checkpoint_dir)
+    return target, [c.path for c in newer]
 
 
 def latest_checkpoint(checkpoint_dir: str | Path) -> CheckpointInfo | None:

@@ -7,7 +7,9 @@ Without them everything runs in one process and the helpers are no-ops.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +107,27 @@ def wrap_model(
         fully_shard(model, mesh=mesh)
         return model
     raise ValueError(f"train.strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+
+
+@contextlib.contextmanager
+def no_gradient_sync(model: nn.Module) -> Iterator[None]:
+    """Backward passes inside accumulate gradients on each rank without reducing them across
+    ranks (gradient accumulation's non-final micro-batches): DDP's ``no_sync``, FSDP2's
+    ``set_requires_gradient_sync(False)`` (FSDP2 then keeps the unsharded gradients until the
+    next synced backward reduce-scatters them). A plain module: no effect."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
 
 
 def unwrap(model: nn.Module) -> nn.Module:

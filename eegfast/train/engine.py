@@ -15,6 +15,15 @@ each step also goes to the host by an asynchronous copy, looked at once it has a
 non-finite loss stops a single-process run within a step or two, not at the next log point
 (under torchrun, at the read-back points, where the ranks agree). Batches come from pinned
 memory by asynchronous copies on a GPU.
+
+With fp16 the GradScaler skips a step whose gradients are not finite and halves the loss scale;
+``MAX_SKIPPED_STEPS`` skipped in a row (seen at the read-back points, from the gradient norms
+read there anyway) stop the run with :class:`NonFiniteLossError` too, since its weights no
+longer change.
+
+A run resumed from a checkpoint older than the newest in its folder continues from there: the
+newer checkpoints (of the run it abandons) are moved to ``checkpoints/abandoned-after-step-S``
+with a warning, as its logs after that step are dropped (see :mod:`eegfast.train.runlog`).
 """
 
 from __future__ import annotations
@@ -44,12 +53,17 @@ from eegfast.train.distributed import (
     all_reduce_mean,
     barrier,
     min_across_ranks,
+    no_gradient_sync,
     wrap_model,
 )
 from eegfast.train.objectives import HostCopies, StepContext, StepFn
 from eegfast.train.optim import build_optimizer, build_scheduler
 from eegfast.train.runlog import RunLogger
 from eegfast.train.sampler import EpochBatchSampler
+
+# fp16: optimiser steps the GradScaler may skip in a row (non-finite gradients, each halving the
+# loss scale: 2**16 -> 2**-4 after 20) before the run stops; a healthy start needs a few at most.
+MAX_SKIPPED_STEPS = 20
 
 
 @dataclass
@@ -247,9 +261,15 @@ def fit(
     Args:
         group_keys: one key per dataset item; batches never mix keys (electrode set, task).
         resume: ``"auto"`` (newest checkpoint in ``run_dir/checkpoints`` if any), a checkpoint
-            folder, or None.
-        eval_fn: called on rank 0's model at every checkpoint; its ``val_loss`` (or the mean
-            training loss since the last checkpoint) decides the best checkpoint kept.
+            folder, or None. Checkpoints in ``run_dir/checkpoints`` after the one resumed from
+            belong to the run this one abandons: they are moved to
+            ``checkpoints/abandoned-after-step-<step>/`` (with a warning naming them).
+        eval_fn: called at every checkpoint on every rank, with the model as trained (the
+            DDP/FSDP wrapper under torchrun) in eval mode: the wrappers' forward passes may
+            talk to the other ranks (FSDP gathers the parameters; DDP broadcasts buffers when
+            gradients are enabled), so every rank runs it. Rank 0's results are logged and its
+            ``val_loss`` (else the mean training loss since the last checkpoint) decides the
+            best checkpoint kept.
         on_checkpoint: called on rank 0 with each checkpoint folder written.
         on_log: called on rank 0 at every log point with the step and the scalars logged
             (``train/loss``, ``train/<metric>``: means over the steps since the last one).
@@ -357,6 +377,17 @@ def fit(
                 "schedule is rebuilt for them)",
                 stacklevel=2,
             )
+        if info.is_main:  # the one process that writes the checkpoint folder
+            # Left where they are, --resume auto, the best checkpoint and keep_last would mix
+            # the abandoned run's later steps with this run's.
+            moved_to, moved = ckpt.set_aside_after(checkpoint_dir, step)
+            if moved:
+                warnings.warn(
+                    f"resuming from step {step} ({resume_from}): the later checkpoints in "
+                    f"{checkpoint_dir} ({', '.join(p.name for p in moved)}) are of the run it "
+                    f"abandons; moved them to {moved_to} (delete it if they are not needed)",
+                    stacklevel=2,
+                )
 
     logger = RunLogger(
         run_dir, enabled=info.is_main, resume_step=step if resume_from is not None else None
@@ -385,6 +416,7 @@ def fit(
     watch = _NonFiniteWatch(enabled=not info.enabled)
     checkpoint_every = train_cfg.checkpoint_every or steps_per_epoch
     last_saved: Path | None = None
+    skipped = {"in_a_row": 0, "since": 0}  # fp16 steps with non-finite gradients, read back
     started = time.perf_counter()
     samples_seen = 0
 
@@ -411,12 +443,34 @@ def fit(
             if not math.isfinite(loss):
                 first_bad, found = record.step, f"loss ({loss})"
                 break
-            if not math.isfinite(grad_norm) and amp_dtype != torch.float16:
+            if math.isfinite(grad_norm):
+                skipped["in_a_row"] = 0
+                continue
+            if amp_dtype != torch.float16:
                 first_bad, found = record.step, f"gradient norm ({grad_norm})"
+                break
+            # fp16: the scaler skipped this step (its gradients were not finite)
+            if skipped["in_a_row"] == 0:
+                skipped["since"] = record.step
+            skipped["in_a_row"] += 1
+            if skipped["in_a_row"] >= MAX_SKIPPED_STEPS:
+                first_bad, found = record.step, "skipped"
                 break
         first_bad_anywhere = min_across_ranks(first_bad, device, info)
         if first_bad_anywhere < 2**62:
             bad = next(r for r, *_ in read if r.step == first_bad_anywhere)
+            if found == "skipped" and first_bad == first_bad_anywhere:
+                raise NonFiniteLossError(
+                    _skipped_steps_message(
+                        skipped["since"],
+                        bad.step,
+                        bad.epoch,
+                        read[-1][0].step,
+                        scaler.get_scale(),
+                        last_saved,
+                        run_dir,
+                    )
+                )
             raise NonFiniteLossError(
                 _non_finite_message(
                     found if first_bad == first_bad_anywhere else "value on another rank",
@@ -512,8 +566,8 @@ def fit(
                 ctx.step = step
                 last_micro = (micro + 1) % accum == 0
                 sync = contextlib.nullcontext()
-                if not last_micro and info.enabled and hasattr(model, "no_sync"):
-                    sync = model.no_sync()
+                if not last_micro and info.enabled:
+                    sync = no_gradient_sync(model)  # accumulate locally, reduce on the last
                 with sync:
                     with torch.autocast(
                         device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32
@@ -642,14 +696,37 @@ def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:
     return gathered
 
 
-def _non_finite_message(
-    what: str, step: int, epoch: int, found_at: int, last: Path | None, run_dir: Path
-) -> str:
-    kept = (
+def _kept(last: Path | None, run_dir: Path) -> str:
+    return (
         f"the last good checkpoint is {last}"
         if last
         else (f"no checkpoint of this run was written yet (run folder {run_dir})")
     )
+
+
+def _skipped_steps_message(
+    first: int,
+    step: int,
+    epoch: int,
+    found_at: int,
+    scale: float,
+    last: Path | None,
+    run_dir: Path,
+) -> str:
+    return (
+        f"fp16 loss scaling skipped {step - first + 1} optimiser steps in a row (steps {first} "
+        f"to {step}, epoch {epoch}; seen at step {found_at}): the loss was finite but the "
+        f"gradients were not, down to a loss scale of {scale:g}, so the weights did not "
+        f"change. Training stopped and nothing was saved from that step on; "
+        f"{_kept(last, run_dir)}. Try train.precision=bf16 (or fp32) or a lower optim.lr, "
+        "then resume with --resume auto."
+    )
+
+
+def _non_finite_message(
+    what: str, step: int, epoch: int, found_at: int, last: Path | None, run_dir: Path
+) -> str:
+    kept = _kept(last, run_dir)
     return (
         f"non-finite {what} at optimiser step {step}, epoch {epoch} (seen at step {found_at}): "
         f"training stopped and nothing was saved from that step on; {kept}. Try a lower "

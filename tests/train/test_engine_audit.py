@@ -163,3 +163,214 @@ def test_a_non_finite_metric_never_makes_the_best_checkpoint(tmp_path):
         ckpt.prune_checkpoints(tmp_path, keep_last=1)
     assert ckpt.best_checkpoint(tmp_path).step == 2
     assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [2, 4]
+
+
+# --- re-saving a step, resuming from an older checkpoint, fp16 skipped steps, FSDP2 accumulation
+
+
+KILL_IN_RESAVE = """
+import os, shutil, sys, torch
+from pathlib import Path
+from eegfast.train import checkpoint as ckpt
+folder, at = Path(sys.argv[1]), sys.argv[2]
+real_replace, real_rmtree = os.replace, shutil.rmtree
+def replace(src, dst):  # killed as the new folder is renamed into place
+    if at == "rename" and Path(src).name.startswith(".tmp-"):
+        os._exit(9)
+    return real_replace(src, dst)
+def rmtree(path, *args, **kwargs):  # killed as the old folder is deleted
+    if at == "delete" and Path(path).name.startswith(".old-"):
+        os._exit(9)
+    return real_rmtree(path, *args, **kwargs)
+ckpt.os.replace, ckpt.shutil.rmtree = replace, rmtree
+ckpt.save_checkpoint(folder, 4, {"w": torch.ones(2)}, {"step": 4}, {"metric": 0.5})
+"""
+
+
+@pytest.mark.parametrize("at, kept", [("rename", 1.0), ("delete", 0.5)])
+def test_a_kill_while_a_step_is_saved_again_keeps_that_step(tmp_path, at, kept):
+    """A process killed while it replaces step-4 with a new save of step 4: between the two
+    renames the old step 4 is still listed (and resumable); after them, the new one. The next
+    save leaves one complete step-00000004 and nothing hidden."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.train.test_engine import REPO
+
+    ckpt.save_checkpoint(tmp_path, 4, {"w": torch.zeros(2)}, {"step": 4}, {"metric": 1.0})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.run([sys.executable, "-c", KILL_IN_RESAVE, str(tmp_path), at], env=env)
+    assert child.returncode == 9
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [4]
+    latest = ckpt.latest_checkpoint(tmp_path)
+    assert latest.meta["metric"] == kept
+    assert ckpt.load_training_state(latest.path) == {"step": 4}
+    assert ckpt.load_weights(tmp_path)["w"].tolist() == [kept == 0.5] * 2
+    ckpt.save_checkpoint(tmp_path, 5, {"w": torch.zeros(2)}, {"step": 5}, {"metric": 2.0})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000005"]
+    assert ckpt.checkpoint_meta(tmp_path / "step-00000004")["metric"] == kept
+
+
+def test_a_failed_rename_while_a_step_is_saved_again_keeps_the_old_one(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 4, {"w": torch.zeros(2)}, {"step": 4}, {"metric": 1.0})
+    real_replace = ckpt.os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(f"-{ckpt.os.getpid()}") and ".tmp-" in str(src):
+            raise OSError("disk gone")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    with pytest.raises(OSError, match="disk gone"):
+        ckpt.save_checkpoint(tmp_path, 4, {"w": torch.ones(2)}, {"step": 4}, {"metric": 0.5})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004"]
+    assert ckpt.checkpoint_meta(tmp_path / "step-00000004")["metric"] == 1.0
+
+
+def test_resume_from_an_older_checkpoint_sets_the_abandoned_later_ones_aside(tmp_path):
+    """Checkpoints 4 and 6, then a resume from step 4 (by path) that goes to step 5 with
+    keep_last=2: the abandoned run's step 6 is moved aside with a warning naming it, so the
+    newest checkpoint (--resume auto) is step 5 and retention keeps 4 and 5."""
+    data = SyntheticEEG(24)
+    overrides = {"train.max_steps": 6, "train.checkpoint_every": 2, "train.keep_last": 2}
+    fit_batches_of_4(TinyClassifier(), logsumexp_step, data, cpu(), tmp_path, overrides)
+    folder = tmp_path / "checkpoints"
+    assert [c.step for c in ckpt.list_checkpoints(folder)] == [4, 6]
+    branch = {**overrides, "train.max_steps": 5, "train.checkpoint_every": 1}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_batches_of_4(TinyClassifier(), logsumexp_step, data, cpu(), tmp_path, branch,
+                         resume=str(folder / "step-00000004"))  # fmt: skip
+    said = [str(w.message) for w in caught if "abandons" in str(w.message)]
+    aside = folder / "abandoned-after-step-00000004"
+    assert len(said) == 1 and "step-00000006" in said[0] and str(aside) in said[0]
+    assert [c.step for c in ckpt.list_checkpoints(folder)] == [4, 5]
+    assert ckpt.latest_checkpoint(folder).step == 5
+    assert ckpt.load_training_state(aside / "step-00000006")["step"] == 6
+    # the same again from step 4: a second folder, the first one untouched
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit_batches_of_4(TinyClassifier(), logsumexp_step, data, cpu(), tmp_path, branch,
+                         resume=str(folder / "step-00000004"))  # fmt: skip
+    assert (folder / "abandoned-after-step-00000004-2" / "step-00000005").is_dir()
+    assert (aside / "step-00000006").is_dir()
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """The identity, whose backward gives infinite gradients: a finite loss the fp16 scaler
+    skips every step for."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+def infinite_gradients_for(calls: int):
+    count = {"n": 0}
+
+    def step(model, batch, ctx):
+        count["n"] += 1
+        logits = model(batch["x"])
+        if count["n"] <= calls:
+            logits = InfiniteGradient.apply(logits)
+        return StepOutput(logits.logsumexp(-1).mean())
+
+    return step
+
+
+def test_fp16_steps_skipped_again_and_again_stop_the_run(tmp_path):
+    """Non-finite gradients at every step under fp16 (the loss finite): the scaler skips each
+    step; after MAX_SKIPPED_STEPS in a row the run stops, saying so, instead of finishing 40
+    steps that learned nothing. Fewer in a row (the scaler finding its scale) train on."""
+    data = SyntheticEEG(96)
+    overrides = {"train.max_steps": 40, "train.precision": "fp16", "train.log_every": 5,
+                 "train.checkpoint_every": 1000}  # fmt: skip
+    n = engine.MAX_SKIPPED_STEPS
+    with pytest.raises(engine.NonFiniteLossError) as stopped:
+        fit_batches_of_4(TinyClassifier(), infinite_gradients_for(10**9), data, cpu(),
+                         tmp_path / "stuck", overrides)  # fmt: skip
+    message = str(stopped.value)
+    assert f"skipped {n} optimiser steps in a row (steps 1 to {n}, epoch 0" in message
+    assert "train.precision=bf16" in message and "--resume auto" in message
+    assert not ckpt.list_checkpoints(tmp_path / "stuck" / "checkpoints")
+    result = fit_batches_of_4(TinyClassifier(), infinite_gradients_for(n - 1), data, cpu(),
+                              tmp_path / "recovers", overrides)  # fmt: skip
+    assert result.step == 40 and all(map(math.isfinite, result.losses))
+
+
+def _two_process_jobs(rank: int, world_size: int, jobs: list[tuple[str, int, dict]]) -> None:
+    """Each job a 2-process gloo run of tests.train.worker's finetuning, with an eval_fn; rank
+    0 writes how many gradient reductions FSDP2 ran (``reductions``), each rank a marker of
+    its eval_fn calls."""
+    import functools
+    import os
+    from pathlib import Path
+
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+    from tests.train import worker
+
+    reductions = {"n": 0}
+    real_reduce = _fsdp_param_group.foreach_reduce
+
+    def counting_reduce(*args, **kwargs):
+        reductions["n"] += 1
+        return real_reduce(*args, **kwargs)
+
+    def eval_fn(model):  # a forward pass of the wrapped model, on every rank
+        item = SyntheticEEG(2, tasks=("a",))[0]
+        with torch.no_grad():
+            model(item["x"][None], item["input_chans"][None], task="a")
+        with (Path(os.environ["EVAL_DIR"]) / f"eval-rank{rank}").open("a") as f:
+            f.write("x")
+        return {"val_loss": float(rank + 1)}
+
+    _fsdp_param_group.foreach_reduce = counting_reduce
+    worker.fit = functools.partial(engine.fit, eval_fn=eval_fn)
+    torch.set_num_threads(1)
+    for run_dir, port, overrides in jobs:
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            EVAL_DIR=run_dir,
+        )
+        reductions["n"] = 0
+        worker.run("finetune", run_dir, overrides)
+        if rank == 0:
+            (Path(run_dir) / "reductions").write_text(str(reductions["n"]))
+
+
+@pytest.mark.slow
+def test_fsdp_gradient_accumulation_reduces_once_per_step_and_evaluates_on_every_rank(tmp_path):
+    """train.strategy=fsdp with train.grad_accum=2 on 2 gloo processes: gradients are reduced
+    once per optimiser step (as without accumulation), not once per micro-batch, and the run
+    ends on the 1-process weights. eval_fn runs on both ranks at each checkpoint; rank 0's
+    val_loss is the checkpoint's metric."""
+    import torch.multiprocessing as mp
+
+    from tests.train import worker
+    from tests.train.test_engine import assert_same_weights, final_weights, free_port
+
+    base = {"train.strategy": "fsdp", "train.batch_size": 4, "train.max_steps": 3,
+            "train.checkpoint_every": 3}  # fmt: skip
+    accum = {**base, "train.grad_accum": 2}
+    ports = [free_port(), free_port()]
+    jobs = [(str(tmp_path / "plain"), ports[0], base), (str(tmp_path / "accum"), ports[1], accum)]
+    mp.spawn(_two_process_jobs, args=(2, jobs), nprocs=2, join=True)
+    worker.run("finetune", str(tmp_path / "single"), accum)
+    plain = int((tmp_path / "plain" / "reductions").read_text())
+    assert plain > 0
+    assert int((tmp_path / "accum" / "reductions").read_text()) == plain
+    assert_same_weights(final_weights(tmp_path / "single"), final_weights(tmp_path / "accum"), 2e-5)
+    for run in ("plain", "accum"):
+        assert (tmp_path / run / "eval-rank0").read_text() == "x"
+        assert (tmp_path / run / "eval-rank1").read_text() == "x"
+        assert ckpt.latest_checkpoint(tmp_path / run / "checkpoints").meta["metric"] == 1.0

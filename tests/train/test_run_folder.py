@@ -369,3 +369,23 @@ def test_evaluate_export_features_must_be_npz(tmp_path, capsys):
     argv += ["--out", str(tmp_path / "eval"), "--export-features", str(tmp_path / "feat.txt")]
     assert cli(argv) == 2
     assert "--export-features" in capsys.readouterr().err and not (tmp_path / "eval").exists()
+
+
+def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(prepared, tmp_path, capsys):
+    """``--resume RUN/checkpoints/step-2`` in a run that went on to step 4: step 4 (the abandoned
+    run's) is moved aside with a one-line warning, so ``--resume auto`` then continues this run
+    (step 3), not the abandoned one."""
+    out = tmp_path / "tok"
+    assert cli(tokenizer_argv(prepared, out, "train.max_steps=4", "train.keep_last=5")) == 0
+    assert steps(out) == [2, 4]
+    branch = out / "checkpoints" / "step-00000002"
+    argv = tokenizer_argv(prepared, out, "train.max_steps=3", "train.checkpoint_every=1",
+                          "train.keep_last=5", "--resume", str(branch))  # fmt: skip
+    assert cli(argv) == 0
+    err = capsys.readouterr().err
+    aside = out / "checkpoints" / "abandoned-after-step-00000002"
+    assert "eegfast tokenizer: warning: resuming from step 2" in err
+    assert "(step-00000004)" in err and str(aside) in err
+    assert steps(out) == [2, 3] and (aside / "step-00000004" / ckpt.STATE).is_file()
+    assert cli(tokenizer_argv(prepared, out, "train.max_steps=3", "--resume", "auto")) == 0
+    assert "already complete at step 3" in capsys.readouterr().out
