@@ -42,12 +42,16 @@ class FoldPlan:
     fold: int
     train: dict[str, np.ndarray]
     test: dict[str, np.ndarray]
+    units: dict[str, str] = field(default_factory=dict)  # task -> "subject" or "recording"
 
 
 @dataclass
 class CVResult:
     rows: list[dict[str, Any]] = field(default_factory=list)  # fold, variant, task, metric, value
     grouping: dict[str, str] = field(default_factory=dict)
+    # task -> the unit its folds are grouped by ("subject" or "recording"): the unit the paired
+    # bootstrap resamples (recording where a task is missing)
+    units: dict[str, str] = field(default_factory=dict)
     predictions: list[dict[str, Any]] = field(default_factory=list)
     expert_load: dict[str, list[np.ndarray]] = field(default_factory=dict)
     loss_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
@@ -56,10 +60,16 @@ class CVResult:
 def plan_folds(
     data: TrainData, tasks: Sequence[str], k: int, group_by: str, seed: int
 ) -> tuple[list[FoldPlan], dict[str, str]]:
-    """The same number of folds for every task; no group in both halves of a fold."""
+    """The same number of folds for every task; no group in both halves of a fold.
+
+    Tasks that share a group (the same subject, or recording, in two tasks) are split
+    together, so that the group is tested in the same fold for all of them: the multi-task
+    model trains on every task's training part at once, and would otherwise see a subject of
+    one task's test part through another task's windows.
+    """
     if group_by not in ("subject", "recording"):
         raise ValueError(f"finetune.group_by must be subject or recording, got {group_by!r}")
-    per_task, grouping = {}, {}
+    per_task, grouping, units = {}, {}, {}
     for task in tasks:
         indices = data.labelled(task)
         if len(indices) == 0:
@@ -76,14 +86,105 @@ def plan_folds(
         if by != group_by:
             note += f"; only {len(set(subjects))} subject, so recordings are the unit"
         grouping[task] = note + ")"
-        per_task[task] = (indices, [data.items[i].label for i in indices], groups)
+        # the unit is part of the key: a subject id never matches a recording name
+        keys = [f"{by}:{g}" for g in groups]
+        per_task[task] = (indices, [data.items[i].label for i in indices], keys)
+        units[task] = by
     k_eff = min([k] + [len(set(g)) for _, _, g in per_task.values()])
-    plans = [FoldPlan(i, {}, {}) for i in range(k_eff)]
-    for task, (indices, labels, groups) in per_task.items():
-        for i, (train, test) in enumerate(group_folds(labels, groups, k_eff, seed=seed)):
-            plans[i].train[task] = indices[train]
-            plans[i].test[task] = indices[test]
+    plans = [FoldPlan(i, {}, {}, dict(units)) for i in range(k_eff)]
+    for component in _tasks_sharing_groups(per_task):
+        if len(component) == 1:
+            task = component[0]
+            indices, labels, groups = per_task[task]
+            splits = {task: group_folds(labels, groups, k_eff, seed=seed)}
+        else:
+            splits = _joint_folds({t: per_task[t] for t in component}, k_eff, seed)
+            for task in component:
+                others = ", ".join(t for t in component if t != task)
+                grouping[task] = grouping[task][:-1] + f"; split together with {others}, "
+                grouping[task] += "which shares some of them)"
+        for task, task_splits in splits.items():
+            indices = per_task[task][0]
+            for i, (train, test) in enumerate(task_splits):
+                plans[i].train[task] = indices[train]
+                plans[i].test[task] = indices[test]
+    # A training part of one class trains nothing (e.g. one subject whose classes are its
+    # recordings: each fold trains on one class and tests on the other); its numbers mean
+    # nothing, which the report must say next to them.
+    for task in tasks:
+        one_class = []
+        for plan in plans:
+            present = sorted({data.items[int(i)].label for i in plan.train[task]})
+            if len(present) < 2:
+                names = [data.label_names[task][c] for c in present]
+                one_class.append(f"fold {plan.fold + 1} trains on {', '.join(names)} only")
+        if one_class:
+            grouping[task] += (
+                f"; WARNING: {'; '.join(one_class)}: a classifier cannot be trained or measured "
+                "there, so this task's numbers mean nothing (it needs more subjects/recordings "
+                "per class)"
+            )
     return plans, grouping
+
+
+def _tasks_sharing_groups(per_task: dict[str, tuple]) -> list[list[str]]:
+    """The tasks in connected sets: two tasks are connected when they share a group key."""
+    owner: dict[str, str] = {}  # group key -> the first task that has it
+    parent = {task: task for task in per_task}
+
+    def root(task: str) -> str:
+        while parent[task] != task:
+            task = parent[task]
+        return task
+
+    for task, (_, _, groups) in per_task.items():
+        for key in set(groups):
+            if key in owner:
+                parent[root(task)] = root(owner[key])
+            else:
+                owner[key] = task
+    components: dict[str, list[str]] = {}
+    for task in per_task:
+        components.setdefault(root(task), []).append(task)
+    return list(components.values())
+
+
+def _joint_folds(
+    per_task: dict[str, tuple], k: int, seed: int
+) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """Per task, ``k`` (train, test) splits in which every group key lies on the same side for
+    every task: one StratifiedGroupKFold over the windows of all the tasks, stratified by
+    (task, class); a few shuffles are tried until every task is tested in every fold."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    names = list(per_task)
+    task_of = np.concatenate([np.full(len(per_task[t][0]), n) for n, t in enumerate(names)])
+    labels = np.concatenate([np.asarray(per_task[t][1], dtype=np.int64) for t in names])
+    groups = np.concatenate([np.asarray(per_task[t][2], dtype=object) for t in names])
+    strata = task_of * (int(labels.max()) + 1) + labels
+    offsets = np.cumsum([0] + [len(per_task[t][0]) for t in names])
+    for attempt in range(20):
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed + attempt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            tests = [test for _, test in splitter.split(labels, strata, groups.astype(str))]
+        if all(len(np.unique(task_of[test])) == len(names) for test in tests):
+            break
+    else:
+        raise ValueError(
+            f"tasks {names} share subjects/recordings, so they are split together, and no "
+            f"split into {k} folds tests every task in every fold: lower finetune.folds"
+        )
+    out: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {t: [] for t in names}
+    for test in tests:
+        in_test = np.zeros(len(labels), dtype=bool)
+        in_test[test] = True
+        for n, task in enumerate(names):
+            part = in_test[offsets[n] : offsets[n + 1]]
+            out[task].append((np.flatnonzero(~part), np.flatnonzero(part)))
+    return out
 
 
 def iterate_batches(
@@ -181,6 +282,23 @@ def train_classifier(
     resume: str | None,
 ) -> tuple[nn.Module, dict[str, int]]:
     """Fine-tune a fresh copy of the backbone with one head per task on ``train_idx``."""
+    # Batches hold one task and electrode set and only full batches train (the sampler drops
+    # the rest), so a task without a full batch would leave its head untrained, silently in a
+    # multi-task model whose other tasks do have batches.
+    per_group: dict[tuple, int] = {}
+    for i in train_idx:
+        key = data.items[int(i)].group_key
+        per_group[key] = per_group.get(key, 0) + 1
+    batch = config.train.batch_size
+    for task in tasks:
+        sizes = [n for key, n in per_group.items() if key[1] == task]
+        if sum(n // batch for n in sizes) == 0:
+            raise ValueError(
+                f"task {task!r}: its {sum(sizes)} training windows of this fold form no full "
+                f"batch of train.batch_size={batch} (batches hold one electrode set: "
+                f"{sorted(sizes, reverse=True)[:5]} windows per set), so it would not train: "
+                "lower train.batch_size"
+            )
     seed_everything(config.train.seed, deterministic=config.train.deterministic)
     heads = {task: len(data.label_names[task]) for task in tasks}
     model = build_model({**backbone.arch, "heads": heads})
@@ -259,7 +377,10 @@ def cross_validate(
     plans, grouping = plan_folds(data, tasks, ft.folds, ft.group_by, config.train.seed)
     if len(plans) < ft.folds:
         log(f"note: {ft.folds} folds requested, only {len(plans)} groups: using {len(plans)}")
-    result = CVResult(grouping=grouping)
+    result = CVResult(grouping=grouping, units=dict(plans[0].units))
+    for task, note in grouping.items():
+        if "WARNING" in note:
+            log(f"warning: task {task!r}: {note.split('WARNING: ', 1)[1]}")
     variants: list[tuple[str, list[str]]] = []
     if backbone is not None and ft.mode == "full":
         if ft.multitask and len(tasks) > 1:
@@ -354,8 +475,11 @@ def _logistic(train_x, train_y, test_x, num_classes, seed) -> np.ndarray:
         StandardScaler(),
         LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed),
     )
-    model.fit(train_x, train_y)
     probs = np.zeros((len(test_x), num_classes))
+    if len(np.unique(train_y)) < 2:  # plan_folds' report warns; nothing to fit
+        probs[:, int(train_y[0])] = 1.0
+        return probs
+    model.fit(train_x, train_y)
     probs[:, model.classes_] = model.predict_proba(test_x)
     return probs
 
@@ -383,6 +507,8 @@ def _record(
             "y": y,
             "probs": probs,
             "subjects": [data.items[i].subject for i in test],
+            # the bootstrap's resampling unit: windows of one subject/recording are correlated
+            "clusters": [getattr(data.items[i], result.units.get(task, "recording")) for i in test],
         }
     )
 
@@ -417,15 +543,21 @@ def paired_bacc_difference(
     pred_a: np.ndarray,
     pred_b: np.ndarray,
     *,
+    groups: Sequence[Any] | np.ndarray | None = None,
     resamples: int = 2000,
     level: float = 0.95,
     seed: int = 0,
 ) -> tuple[float, float, float]:
     """Balanced accuracy of predictions ``pred_a`` minus that of ``pred_b`` on the same test
-    windows (labels ``y``, (N,) each), with a paired bootstrap interval: windows are resampled
-    within each class (so every resample keeps the class counts), the same windows for both.
+    windows (labels ``y``, (N,) each), with a paired percentile bootstrap interval.
 
-    Windows of one recording are correlated, so the interval is, if anything, too narrow.
+    ``groups`` (N,): the subject or recording of each window. Windows of one recording are
+    correlated, so resampling windows gives an interval that is too narrow; with ``groups``
+    whole groups are resampled (a cluster bootstrap, the same groups for both predictions;
+    resamples that lose a class are drawn again). Every class must then be tested on at least
+    2 groups, else one group's recall is all a resample can see of that class and the interval
+    is NaN. Without ``groups`` the windows are resampled within each class (every resample
+    keeps the class counts).
     Returns (difference, low, high).
     """
     y, pred_a, pred_b = (np.asarray(v) for v in (y, pred_a, pred_b))
@@ -433,10 +565,19 @@ def paired_bacc_difference(
         raise ValueError(
             f"y, pred_a and pred_b must be (N,) each, got {y.shape}, {pred_a.shape}, {pred_b.shape}"
         )
+    if groups is not None and np.shape(groups) != y.shape:
+        raise ValueError(f"groups must be (N,) like y {y.shape}, got {np.shape(groups)}")
     rng = np.random.default_rng(seed)
     gain = (pred_a == y).astype(np.float64) - (pred_b == y)  # per window: +1, 0 or -1
     classes = np.unique(y)
     point = float(np.mean([gain[y == c].mean() for c in classes]))
+    tail = (1.0 - level) / 2 * 100
+    if groups is not None:
+        draws = _cluster_draws(y, gain, np.asarray(groups), classes, resamples, rng)
+        if draws is None:
+            return point, math.nan, math.nan
+        low, high = np.percentile(draws, [tail, 100 - tail])
+        return point, float(low), float(high)
     draws = np.zeros(resamples)
     for c in classes:
         # A window's gain is -1, 0 or +1, so resampling a class's m windows with replacement
@@ -446,35 +587,80 @@ def paired_bacc_difference(
         counts = rng.multinomial(len(members), shares, size=resamples)
         draws += (counts[:, 2] - counts[:, 0]) / len(members)
     draws /= len(classes)
-    tail = (1.0 - level) / 2 * 100
     low, high = np.percentile(draws, [tail, 100 - tail])
     return point, float(low), float(high)
 
 
+def _cluster_draws(
+    y: np.ndarray,
+    gain: np.ndarray,
+    groups: np.ndarray,
+    classes: np.ndarray,
+    resamples: int,
+    rng: np.random.Generator,
+) -> np.ndarray | None:
+    """(resamples,) balanced-accuracy differences of cluster-bootstrap resamples of ``groups``;
+    None when a class is tested on fewer than 2 groups (or resamples keep losing a class)."""
+    _, cluster = np.unique(groups.astype(str), return_inverse=True)
+    n = int(cluster.max()) + 1
+    column = np.searchsorted(classes, y)
+    windows = np.zeros((n, len(classes)))  # per group and class: test windows
+    gains = np.zeros((n, len(classes)))  # ... and their summed gain
+    np.add.at(windows, (cluster, column), 1.0)
+    np.add.at(gains, (cluster, column), gain)
+    if ((windows > 0).sum(0) < 2).any():
+        return None
+    chunk = max(1, min(resamples, 4_000_000 // n))  # bounds the (chunk, n) count matrix
+    kept: list[np.ndarray] = []
+    have = 0
+    for _ in range(100):
+        times = rng.multinomial(n, np.full(n, 1.0 / n), size=chunk).astype(np.float64)
+        totals, sums = times @ windows, times @ gains
+        full = (totals > 0).all(1)  # resamples holding every class
+        kept.append((sums[full] / totals[full]).mean(1))
+        have += int(full.sum())
+        if have >= resamples:
+            return np.concatenate(kept)[:resamples]
+    return None
+
+
 def _pooled(predictions: Sequence[dict[str, Any]], variant: str, task: str):
-    """(labels, predicted classes) of ``variant`` on ``task`` over every fold, in fold order."""
+    """(folds, labels, predicted classes, resampling groups) of ``variant`` on ``task`` over
+    every fold, in fold order."""
     preds = sorted(
         (p for p in predictions if p["variant"] == variant and p["task"] == task),
         key=lambda p: p["fold"],
     )
     if not preds:
         return None
+    groups = None
+    if all("clusters" in p for p in preds):
+        groups = np.concatenate([np.asarray(p["clusters"], dtype=object) for p in preds])
     return (
         [p["fold"] for p in preds],
         np.concatenate([p["y"] for p in preds]),
         np.concatenate([p["probs"].argmax(axis=1) for p in preds]),
+        groups,
     )
 
 
 def _paired(
     predictions: Sequence[dict[str, Any]], variant_a: str, variant_b: str, task: str
-) -> tuple[float, float, float] | None:
+) -> tuple[float, float, float, int] | None:
     """:func:`paired_bacc_difference` of ``variant_a`` minus ``variant_b`` on ``task``, the
-    test windows of every fold pooled; None unless both were tested on the same windows."""
+    test windows of every fold pooled and resampled by their subject/recording, and how many
+    of those there are; None unless both were tested on the same windows."""
     a, b = _pooled(predictions, variant_a, task), _pooled(predictions, variant_b, task)
     if a is None or b is None or a[0] != b[0] or not np.array_equal(a[1], b[1]):
         return None
-    return paired_bacc_difference(a[1], a[2], b[2])
+    units = len(a[1]) if a[3] is None else len(np.unique(a[3].astype(str)))
+    return (*paired_bacc_difference(a[1], a[2], b[2], groups=a[3]), units)
+
+
+# A verdict needs this many subjects/recordings: with n of them, even all n differing the
+# same way has a two-sided sign-test p of 2 ** (1 - n), above 0.05 for n < 6; and a bootstrap
+# over so few units is far too sure of itself (with 2, its 95% interval spans the two units).
+MIN_VERDICT_UNITS = 6
 
 
 # The baseline verdicts of comparisons(), read as they stand in the report's sentences
@@ -501,7 +687,9 @@ def comparisons(
     With the test predictions (``predictions``, as :func:`_record` keeps them), a verdict
     (the model beats the baseline or not; negative or positive transfer) needs the 95% paired
     bootstrap interval of the difference (:func:`paired_bacc_difference`, the test windows of
-    every fold pooled) to exclude 0; otherwise there is no clear difference. Without them, the
+    every fold pooled, resampled by subject/recording) to exclude 0 and at least
+    ``MIN_VERDICT_UNITS`` subjects/recordings tested; otherwise, or where a class is tested on
+    a single subject/recording (no interval), there is no clear difference. Without them, the
     means decide against the baseline, and the larger fold std bounds what counts as
     transfer."""
     out = {}
@@ -524,18 +712,30 @@ def comparisons(
                 verdict = BEATS if mean > base[0] else DOES_NOT_BEAT
                 paired = _paired(predictions, model_variant, "band_power", task)
                 if paired is not None:
-                    diff, low, high = paired
-                    entry.update(baseline_difference=diff, baseline_interval=[low, high])
-                    verdict = _side_of_zero(low, high, BEATS, DOES_NOT_BEAT, NO_CLEAR_DIFFERENCE)
+                    diff, low, high, units = paired
+                    # NaN: a class tested on a single subject/recording; no interval, no win
+                    interval = None if math.isnan(low) else [low, high]
+                    entry.update(baseline_difference=diff, baseline_interval=interval, units=units)
+                    verdict = (
+                        NO_CLEAR_DIFFERENCE
+                        if interval is None or units < MIN_VERDICT_UNITS
+                        else _side_of_zero(low, high, BEATS, DOES_NOT_BEAT, NO_CLEAR_DIFFERENCE)
+                    )
                 entry.update(baseline_verdict=verdict, beats_baseline=verdict == BEATS)
         mt = summary.get(("multitask", task, "balanced_accuracy"))
         st = summary.get(("single", task, "balanced_accuracy"))
         if mt is not None and st is not None:
             diff, noise = mt[0] - st[0], max(mt[1], st[1])
             paired = _paired(predictions, "multitask", "single", task)
-            if paired is not None:  # transfer only where the paired interval excludes 0
-                _, low, high = paired
-                entry.update(transfer_interval=[low, high])
+            if paired is not None and math.isnan(paired[1]):
+                entry.update(transfer_interval=None, units=paired[3])
+                verdict = "no clear difference (too few subjects/recordings for an interval)"
+            elif paired is not None and paired[3] < MIN_VERDICT_UNITS:
+                entry.update(transfer_interval=list(paired[1:3]), units=paired[3])
+                verdict = f"no clear difference (only {paired[3]} subjects/recordings)"
+            elif paired is not None:  # transfer only where the paired interval excludes 0
+                _, low, high, units = paired
+                entry.update(transfer_interval=[low, high], units=units)
                 verdict = _side_of_zero(
                     low,
                     high,
@@ -656,12 +856,24 @@ def write_outputs(
     for task, entry in compared.items():
         if "baseline_verdict" in entry:
             interval = ""
-            if "baseline_interval" in entry:
+            unit = result.units.get(task, "recording")
+            if entry.get("baseline_interval"):
                 low, high = entry["baseline_interval"]
                 interval = (
                     f"; over the pooled test windows the difference is "
                     f"{entry['baseline_difference']:+.3f}, 95% paired bootstrap interval "
                     f"[{low:+.3f}, {high:+.3f}]"
+                )
+                if entry["units"] < MIN_VERDICT_UNITS:
+                    interval += (
+                        f", over only {entry['units']} {unit}s: too few for a verdict "
+                        f"(it needs {MIN_VERDICT_UNITS})"
+                    )
+            elif "baseline_interval" in entry:
+                interval = (
+                    f"; over the pooled test windows the difference is "
+                    f"{entry['baseline_difference']:+.3f}, with no interval: a class is tested "
+                    f"on a single {unit}"
                 )
             md.append(
                 f"- `{task}`: {VARIANT_NAMES[entry['model_variant']]} {entry['model']:.3f} "
@@ -670,10 +882,15 @@ def write_outputs(
                 f"{entry['baseline_std']:.3f}{interval})."
             )
     if any("baseline_interval" in e for e in compared.values()):
+        units = sorted({result.units.get(t, "recording") for t in compared})
         md += [
             "",
-            "A verdict needs the interval to exclude 0. Windows of one recording are "
-            "correlated, so the interval is, if anything, too narrow.",
+            "A verdict needs the interval to exclude 0 and at least "
+            f"{MIN_VERDICT_UNITS} {' or '.join(f'{u}s' for u in units)} tested: windows of "
+            "one recording are correlated, so the bootstrap resamples whole "
+            + " or ".join(f"{u}s" for u in units)
+            + " (the unit the folds are grouped by), not windows, and with fewer units not "
+            "even all of them agreeing would be significant at the 5% level (sign test).",
         ]
     if any("transfer" in e for e in compared.values()):
         md += [
@@ -681,7 +898,8 @@ def write_outputs(
             "## Negative-transfer report (multi-task vs single-task, same folds)",
             "",
             "| task | multi-task BAcc | single-task BAcc | difference | larger fold std "
-            "| 95% paired interval (pooled windows) | verdict |",
+            "| 95% paired interval (pooled windows, resampled by subject/recording) "
+            "| verdict |",
             "|---|---|---|---|---|---|---|",
         ]
         for task, entry in compared.items():

@@ -87,7 +87,8 @@ def test_band_power_baseline_separates_rhythms():
 
 
 def test_report_states_grouping_baseline_verdict_and_transfer(tmp_path):
-    data = make_data([("mi", "only", f"r{i % 2}", i % 2) for i in range(8)])
+    # one recording per window: the bootstrap resamples recordings, and needs 2 per class
+    data = make_data([("mi", "only", f"r{i}", i % 2) for i in range(8)])
     result = CVResult(grouping={"mi": "by recording (2 recordings)"})
     test = np.arange(8)
     good = np.eye(2)[[i % 2 for i in range(8)]] * 0.8 + 0.1
@@ -135,7 +136,8 @@ def test_paired_bacc_difference_and_its_interval():
 
 
 def test_report_calls_a_difference_inside_the_interval_no_clear_difference(tmp_path):
-    data = make_data([("mi", "only", f"r{i % 2}", i % 2) for i in range(12)])
+    # one recording per window: the bootstrap resamples recordings, and needs 2 per class
+    data = make_data([("mi", "only", f"r{i}", i % 2) for i in range(12)])
     result = CVResult(grouping={"mi": "by recording (2 recordings)"})
     test = np.arange(12)
     labels = np.array([i % 2 for i in range(12)])
@@ -205,3 +207,154 @@ def test_predict_expert_load_weighs_batches_by_their_tokens():
     chosen = model.moe.router_logits(every_token, None).argmax(-1)
     expected = torch.bincount(chosen, minlength=4).double() / len(every_token)
     np.testing.assert_allclose(load, expected.numpy(), rtol=1e-6)
+
+
+def test_tasks_sharing_subjects_are_split_together():
+    """Two tasks of the same subjects (e.g. motor execution and imagery runs of eegmmidb): the
+    multi-task model trains on both tasks' training parts, so a subject tested in a fold must
+    be out of every task's training part, not only its own task's."""
+    rng = np.random.default_rng(0)
+    spec = []
+    for task in ("execution", "imagery"):
+        for s in range(6):
+            for run in range(2):
+                for label in (0, 1):
+                    count = int(rng.integers(2, 6))  # the tasks differ in their window counts
+                    spec += [(task, f"S{s}", f"S{s}{task}R{run}", label)] * count
+    spec += [("other", f"P{s}", f"P{s}", s % 2) for s in range(8)]  # shares no subject
+    data = make_data(spec)
+    tasks = ["execution", "imagery", "other"]
+    plans, grouping = plan_folds(data, tasks, k=3, group_by="subject", seed=0)
+    assert len(plans) == 3
+    for plan in plans:
+        tested = {data.items[i].subject for t in tasks for i in plan.test[t]}
+        trained = {data.items[i].subject for t in tasks for i in plan.train[t]}
+        assert not tested & trained
+        assert all(len(plan.test[t]) and len(plan.train[t]) for t in tasks)
+    assert "split together with imagery" in grouping["execution"]
+    assert "split together" not in grouping["other"]
+    for task in tasks:  # every window is still tested exactly once
+        tested = sorted(int(i) for plan in plans for i in plan.test[task])
+        assert tested == sorted(data.labelled(task).tolist())
+
+
+def test_a_fold_that_trains_on_one_class_is_flagged_and_the_baseline_runs():
+    """One subject whose two recordings are the two classes (eegmat Subject00: _1 rest, _2
+    arithmetic): grouped by recording, each fold trains on one class only. The grouping note
+    (printed in report.md) says that these numbers mean nothing, and the band-power baseline
+    predicts the one class it saw instead of raising sklearn's error after the folds trained."""
+    spec = [("arith", "Subject00", "Subject00_1.edf", 0)] * 5
+    spec += [("arith", "Subject00", "Subject00_2.edf", 1)] * 3
+    data = make_data(spec)
+    plans, grouping = plan_folds(data, ["arith"], k=2, group_by="subject", seed=0)
+    assert "WARNING: fold 1 trains on" in grouping["arith"]
+    assert "fold 2 trains on" in grouping["arith"] and "numbers mean nothing" in grouping["arith"]
+    rng = np.random.default_rng(0)
+    probs = fit_predict_band_power(
+        rng.normal(size=(5, 4)), np.ones(5, int), rng.normal(size=(3, 4)), 2
+    )
+    np.testing.assert_array_equal(probs, [[0.0, 1.0]] * 3)
+
+
+def test_band_power_baseline_weights_its_classes():
+    """Scored by balanced accuracy against class-weighted models, the baseline must weigh its
+    classes too; unweighted, a 9:1 training set makes it predict the majority class."""
+    rng = np.random.default_rng(0)
+
+    def windows(n0, n1):
+        x = np.concatenate([rng.normal(0.0, 1.0, (n0, 5)), rng.normal(0.6, 1.0, (n1, 5))])
+        return x, np.array([0] * n0 + [1] * n1)
+
+    train_x, train_y = windows(180, 20)
+    test_x, test_y = windows(200, 200)
+    probs = fit_predict_band_power(train_x, train_y, test_x, 2)
+    np.testing.assert_allclose(probs.sum(1), 1.0)
+    recall = [(probs.argmax(1)[test_y == c] == c).mean() for c in (0, 1)]
+    assert min(recall) > 0.4 and np.mean(recall) > 0.65
+
+
+def test_paired_interval_resamples_recordings_not_windows(tmp_path):
+    """Six recordings of 40 windows: model A is right where B is wrong on every window of four
+    recordings, and the reverse on two. Resampling windows calls that a clear win; the
+    recordings are the independent units, and with 4 against 2 the interval holds 0."""
+    recordings = [f"S001R{r:02d}" for r in range(6)]
+    spec = [("mi", "S001", rec, i % 2) for rec in recordings for i in range(40)]
+    data = make_data(spec)
+    y = np.array([lab for *_, lab in spec])
+    groups = np.array([rec for _, _, rec, _ in spec])
+    a_right = np.isin(groups, recordings[:4])
+    pred_a = np.where(a_right, y, 1 - y)
+    pred_b = np.where(a_right, 1 - y, y)
+
+    diff, low, high = paired_bacc_difference(y, pred_a, pred_b)  # windows: too narrow
+    assert diff == pytest.approx(1 / 3) and low > 0
+    diff, low, high = paired_bacc_difference(y, pred_a, pred_b, groups=groups)
+    assert diff == pytest.approx(1 / 3)
+    assert low <= 0 < high
+    # a class tested on one recording only: no interval at all
+    one = np.where(y == 1, "single", groups)
+    assert all(math.isnan(v) for v in paired_bacc_difference(y, pred_a, pred_b, groups=one)[1:])
+
+    result = CVResult(grouping={"mi": "by recording (6 recordings)"}, units={"mi": "recording"})
+    test = np.arange(len(spec))
+    for fold, part in enumerate((test[:120], test[120:])):
+        _record(result, fold, "single", "mi", data, part, np.eye(2)[pred_a[part]])
+        _record(result, fold, "band_power", "mi", data, part, np.eye(2)[pred_b[part]])
+    payload = write_outputs(result, data, tmp_path, title="t")
+    entry = payload["comparisons"]["mi"]
+    assert entry["baseline_verdict"] == "shows no clear difference from"
+    assert entry["baseline_interval"][0] <= 0 < entry["baseline_interval"][1]
+    report = (tmp_path / "report.md").read_text()
+    assert "resamples whole recordings" in report
+
+
+def test_a_task_without_a_full_batch_is_refused_not_left_untrained(tmp_path):
+    """Only full batches of one task train: a multi-task model whose small task has fewer
+    windows than a batch would train that task's head on nothing and report it as measured."""
+    from eegfast.train.config import RunConfig
+    from eegfast.train.finetune import Backbone, train_classifier
+
+    spec = [("big", f"s{i % 4}", f"r{i % 4}", i % 2) for i in range(40)]
+    spec += [("small", f"t{i % 2}", f"q{i % 2}", i % 2) for i in range(6)]
+    data = make_data(spec)
+    config = RunConfig().with_overrides({"train.batch_size": 8})
+    backbone = Backbone({"kind": "classifier", "name": "labram_tiny"}, None, [])
+    with pytest.raises(
+        ValueError, match=r"task 'small': its 6 training windows .*train\.batch_size=8"
+    ):
+        train_classifier(
+            backbone,
+            ["big", "small"],
+            data,
+            np.arange(len(spec)),
+            config,
+            tmp_path,
+            None,
+            resume=None,
+        )
+
+
+def test_two_recordings_are_too_few_for_a_verdict(tmp_path):
+    """Two recordings (the quickstart's motor imagery) where the model wins on both: the
+    cluster bootstrap's interval then spans the two recordings' differences and excludes 0, but
+    two of two agreeing is no evidence (sign test p = 0.5), so no win or transfer is claimed."""
+    spec = [("mi", "S001", rec, i % 2) for rec in ("S001R04", "S001R08") for i in range(30)]
+    data = make_data(spec)
+    y = np.array([lab for *_, lab in spec])
+    wrong_a = np.arange(len(y)) % 10 == 0  # model: 3 of 30 wrong per recording
+    wrong_b = np.arange(len(y)) % 3 == 0  # baseline: 10 of 30
+    result = CVResult(grouping={"mi": "by recording (2 recordings)"}, units={"mi": "recording"})
+    for fold, part in enumerate((np.arange(30), np.arange(30, 60))):
+        probs_a = np.eye(2)[np.where(wrong_a, 1 - y, y)[part]]
+        probs_b = np.eye(2)[np.where(wrong_b, 1 - y, y)[part]]
+        _record(result, fold, "multitask", "mi", data, part, probs_a)
+        _record(result, fold, "single", "mi", data, part, probs_b)
+        _record(result, fold, "band_power", "mi", data, part, probs_b)
+    payload = write_outputs(result, data, tmp_path, title="t")
+    entry = payload["comparisons"]["mi"]
+    assert entry["baseline_interval"][0] > 0 and entry["units"] == 2  # both recordings agree
+    assert entry["baseline_verdict"] == "shows no clear difference from"
+    assert entry["beats_baseline"] is False
+    assert entry["transfer_verdict"] == "no clear difference (only 2 subjects/recordings)"
+    report = (tmp_path / "report.md").read_text()
+    assert "over only 2 recordings: too few for a verdict (it needs 6)" in report

@@ -19,7 +19,12 @@ import time
 from pathlib import Path
 
 from eegfast.train.commands.common import run_command
-from eegfast.train.finetune import BEATS, DOES_NOT_BEAT, NO_CLEAR_DIFFERENCE
+from eegfast.train.finetune import (
+    BEATS,
+    DOES_NOT_BEAT,
+    MIN_VERDICT_UNITS,
+    NO_CLEAR_DIFFERENCE,
+)
 
 MI_FILES = ("S001R04.edf", "S001R08.edf")
 ARITH_FILES = ("Subject00_1.edf", "Subject00_2.edf", "Subject01_1.edf", "Subject01_2.edf")
@@ -308,7 +313,9 @@ def write_report(
     )
     verdict += (
         f" Balanced accuracy, mean over folds: {numbers}. A task counts only where the 95% "
-        "paired bootstrap interval of the difference excludes 0 (see the comparison below)."
+        "paired bootstrap interval of the difference excludes 0 (see the comparison below), "
+        f"resampling whole recordings or subjects, of which a verdict needs {MIN_VERDICT_UNITS}: "
+        "this sample has two per task, so it can show no clear win or loss."
     )
     lines = [
         "# eegfast quickstart report",
