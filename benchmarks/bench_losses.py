@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,7 +76,15 @@ def run(device: torch.device, tokens: int, dtype: torch.dtype, repeats: int, onl
     }
     impls = {name: fn for name, fn in impls.items() if name in only}
     steps = {name: make_step(fn, inputs, device, dtype) for name, fn in impls.items()}
-    losses = {name: float(step()) for name, step in steps.items()}  # compiles here
+    losses: dict[str, float] = {}
+    failed: dict[str, Exception] = {}
+    for name, step in steps.items():  # compiles here; a failure is reported, the others go on
+        try:
+            losses[name] = float(step())
+        except Exception as error:
+            traceback.print_exc()
+            failed[name] = error
+    steps = {name: step for name, step in steps.items() if name not in failed}
     peaks: dict[str, float] = {}
     if device.type == "cuda":
         for name, step in steps.items():
@@ -94,9 +103,9 @@ def run(device: torch.device, tokens: int, dtype: torch.dtype, repeats: int, onl
 
         return call
 
-    times = interleaved_times({n: timed(s) for n, s in steps.items()}, repeats)
+    times: dict = {**failed, **interleaved_times({n: timed(s) for n, s in steps.items()}, repeats)}
     rows = []
-    for name in steps:
+    for name in impls:
         result = times[name]
         if isinstance(result, Exception):
             rows.append({"impl": name, "error": repr(result)})

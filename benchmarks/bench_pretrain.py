@@ -26,14 +26,19 @@ clipping (3.0) + AdamW, in mixed precision. Compared in the same run:
   graphs: LaBraM's 200-wide layers make many short kernels, whose launches this replays at
   once).
 
-Samples/s come from ``triton.testing.do_bench`` (median), peak memory from
-``torch.cuda.max_memory_allocated``. Results go to ``--out`` (default ``bench-results``) as
-Markdown and JSON: ``cpu_labram_inference.*`` and ``gpu_pretrain_<size>.*``.
+Samples/s come from ``triton.testing.do_bench`` (median of at least ~15 timed steps), peak
+memory from ``torch.cuda.max_memory_allocated`` over one warm step, after the rows before it
+were released. The rows run in the order above but with ``eegfast`` second, and the tables are
+rewritten after every row: a run stopped at its time limit keeps the rows it finished (the
+compiled ones take minutes to compile). A row that fails is reported (its traceback on
+stderr) and the others go on. Results go to ``--out`` (default ``bench-results``) as Markdown
+and JSON: ``cpu_labram_inference.*`` and ``gpu_pretrain_<size>.*``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -42,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +56,7 @@ import pytest
 import torch
 
 from benchmarks._profile import profile_section, write_kernel_tables
-from benchmarks._report import environment, interleaved_times
+from benchmarks._report import environment, error_line, interleaved_times
 from eegfast.fileio import write_text_atomic
 from eegfast.models import create_model, random_patch_mask
 from eegfast.models.reference import RefPretrain, RefTransformer, RefVQNSP, reference_pretrain_loss
@@ -70,8 +76,8 @@ GPU_TARGET = "Targets on H100: Base ≥ 2,500 samples/s with ≤ 6 GB peak; Larg
 @dataclass
 class Row:
     impl: str
-    ms: float
-    samples_per_s: float
+    ms: float | None  # None: the implementation failed (see note)
+    samples_per_s: float | None
     peak_mib: float | None = None
     max_abs_diff: float | None = None
     note: str = ""
@@ -242,40 +248,80 @@ def eegfast_step(size: str, compile_mode: str | None, data) -> Callable[[], None
     return step
 
 
-def run_gpu(size: str) -> tuple[list[Row], str]:
-    """Rows of the five implementations, and Markdown of the kernels of the two eager ones."""
+# The GPU table's rows in the order they run: what issue 9 compares first (the recipe eager,
+# eegfast, the recipe compiled), so that a run stopped at its time limit has those.
+GPU_IMPLS: tuple[tuple[str, Callable[..., Callable[[], None]], bool | str | None], ...] = (
+    ("reference-eager", reference_step, False),
+    ("eegfast", eegfast_step, None),
+    ("reference-compile", reference_step, True),
+    ("eegfast-compile", eegfast_step, "default"),
+    ("eegfast-compile-cudagraphs", eegfast_step, "reduce-overhead"),
+)
+MIN_TIMED_STEPS = 15  # do_bench times rep / (one step) steps: the slow rows get this many
+
+
+def step_ms(step: Callable[[], None], one_step_ms: float) -> float:
+    """Median ms of ``step()`` by ``triton.testing.do_bench``, over at least ~MIN_TIMED_STEPS
+    steps (``one_step_ms``: one warm step's wall time; a fixed ``rep`` would time a single
+    step of the slow reference rows, the baseline of every speed-up)."""
     from triton.testing import do_bench
 
-    B, C, A = GPU_CASE["batch"], GPU_CASE["n_chans"], GPU_CASE["n_patches"]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(B, C, A, 200, device="cuda", generator=gen)
-    chans = torch.arange(C + 1, device="cuda")
-    mask = random_patch_mask(B, C * A, 0.5, generator=gen, device="cuda")
-    rows, sections = [], []
-    for name, builder, compiled in (
-        ("reference-eager", reference_step, False),
-        ("reference-compile", reference_step, True),
-        ("eegfast", eegfast_step, None),
-        ("eegfast-compile", eegfast_step, "default"),
-        ("eegfast-compile-cudagraphs", eegfast_step, "reduce-overhead"),
-    ):
+    rep = max(1000.0, MIN_TIMED_STEPS * one_step_ms)
+    return do_bench(step, warmup=one_step_ms, rep=rep, return_mode="median")
+
+
+def release_memory() -> None:
+    """Frees what earlier rows left (reference cycles such as a compiled bound method stored
+    on its module, dynamo's caches of their models), so that the next row's peak memory is
+    its own."""
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def run_gpu(
+    size: str,
+    on_row: Callable[[list[Row], str], None] | None = None,
+    *,
+    device: str = "cuda",
+    case: dict[str, int] = GPU_CASE,
+) -> tuple[list[Row], str]:
+    """Rows of the GPU_IMPLS, and Markdown of the kernels of the eager ones. ``on_row(rows,
+    kernels)`` is called after every row (the tables are written there)."""
+    B, C, A = case["batch"], case["n_chans"], case["n_patches"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(B, C, A, 200, device=device, generator=gen)
+    chans = torch.arange(C + 1, device=device)
+    mask = random_patch_mask(B, C * A, 0.5, generator=gen, device=device)
+    rows: list[Row] = []
+    sections: list[str] = []
+    for name, builder, compiled in GPU_IMPLS:
+        release_memory()  # the previous row's step is gone by now
+        step = None
         try:
             step = builder(size, compiled, (x, chans, mask))
             for _ in range(3):  # compile and warm up outside the timing
                 step()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
             step()
             torch.cuda.synchronize()
+            one_step_ms = (time.perf_counter() - start) * 1e3
             peak = torch.cuda.max_memory_allocated() / 2**20
-            ms = do_bench(step, warmup=5, rep=200, return_mode="median")
+            ms = step_ms(step, one_step_ms)
             rows.append(Row(name, ms, B / ms * 1e3, peak))
             if not compiled:
                 sections.append(profile_section(f"{name}, one training step", step, 5))
         except Exception as error:  # report and go on with the other implementations
-            rows.append(Row(name, float("nan"), float("nan"), note=str(error).splitlines()[0]))
-        print(rows[-1], file=sys.stderr)
+            traceback.print_exc()
+            rows.append(Row(name, None, None, note=f"failed: {error_line(error)}"))
+        del step
+        print(rows[-1], file=sys.stderr, flush=True)
+        if on_row is not None:
+            on_row(rows, "\n".join(sections))
+    release_memory()
     return rows, "\n".join(sections)
 
 
@@ -285,28 +331,34 @@ def run_gpu(size: str) -> tuple[list[Row], str]:
 
 
 def markdown(title: str, env: dict, rows: list[Row], baseline: str, target: str) -> str:
-    base = next((r.ms for r in rows if r.impl == baseline), float("nan"))
+    base = next((r.ms for r in rows if r.impl == baseline), None)
     lines = [f"# {title}", "", target, "",
              "| impl | ms / iteration | samples/s | speed-up vs " + baseline
              + " | peak MiB | max rel. diff of outputs | note |",
              "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for r in rows:
+        speedup = r.speedup
+        if speedup is None and r.ms is not None and base is not None:
+            speedup = base / r.ms
+        ms = "—" if r.ms is None else f"{r.ms:.1f}"
+        rate = "—" if r.samples_per_s is None else f"{r.samples_per_s:.1f}"
+        shown_speedup = "—" if speedup is None else f"{speedup:.2f}×"
         peak = "" if r.peak_mib is None else f"{r.peak_mib:.0f}"
         diff = "" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}"
-        lines.append(
-            f"| {r.impl} | {r.ms:.1f} | {r.samples_per_s:.1f} "
-            f"| {r.speedup if r.speedup is not None else base / r.ms:.2f}× | {peak} "
-            f"| {diff} | {r.note} |"
-        )
+        note = r.note.replace("|", "\\|")
+        lines.append(f"| {r.impl} | {ms} | {rate} | {shown_speedup} | {peak} | {diff} | {note} |")
     lines += ["", "Environment:", "", "```json", json.dumps(env, indent=2), "```", ""]
     return "\n".join(lines)
 
 
-def save(out: Path, name: str, title: str, env: dict, rows: list[Row], baseline, target) -> None:
+def save(
+    out: Path, name: str, title: str, env: dict, rows: list[Row], baseline, target, echo=True
+) -> None:
     write_text_atomic(out / f"{name}.md", markdown(title, env, rows, baseline, target))
     record = {"title": title, "environment": env, "rows": [asdict(r) for r in rows]}
     write_text_atomic(out / f"{name}.json", json.dumps(record, indent=2) + "\n")
-    print(markdown(title, env, rows, baseline, target))
+    if echo:
+        print(markdown(title, env, rows, baseline, target))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,12 +395,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu:
         if not torch.cuda.is_available():
             parser.error("--gpu needs a CUDA device")
-        rows, kernels = run_gpu(args.size)
         title = (f"LaBraM-{args.size.capitalize()} pretraining step (batch 64, 32 × 8 patches, "
                  "tokenizer forward, mixed precision, AdamW)")  # fmt: skip
-        save(args.out, f"gpu_pretrain_{args.size}", title, environment(gpu=True), rows,
-             "reference-eager", GPU_TARGET)  # fmt: skip
-        write_kernel_tables(args.out, f"gpu_pretrain_{args.size}", title, kernels)
+        env, name = environment(gpu=True), f"gpu_pretrain_{args.size}"
+
+        def write(rows: list[Row], kernels: str, echo: bool = False) -> None:
+            save(args.out, name, title, env, rows, "reference-eager", GPU_TARGET, echo)
+            write_kernel_tables(args.out, name, title, kernels)
+
+        write(*run_gpu(args.size, write), echo=True)
     return 0
 
 

@@ -148,7 +148,9 @@ def measure(name, impl, inputs, reference, timer) -> tuple[float | None, float |
             err = float((out.float() - reference).abs().max())
         return timer(step, leaves), err, ""
     except Exception as error:  # a baseline that cannot run here is reported, not fatal
-        return None, None, f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        from benchmarks._report import error_line
+
+        return None, None, error_line(error)
 
 
 def run_cases(shapes, sweep, device, dtype, timer) -> list[Row]:

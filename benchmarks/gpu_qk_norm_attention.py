@@ -37,7 +37,10 @@ Times are medians of ``triton.testing.do_bench``. Every implementation's output 
 the reference computed in float32 (``max_abs_err``). Writes ``gpu_qk_norm_attention.csv``,
 ``.md`` (table with ratios and the issue's targets) and ``.png`` into ``--out``, and on a GPU
 ``gpu_qk_norm_attention_tuning.json``: every autotuning run's time per config (which configs
-win, and by how much) and each compiled kernel's registers and spills.
+win, and by how much) and each compiled kernel's registers and spills. The rows of issue 4's
+comparison (``eegfast-triton`` and the four others) run for every shape and mode before the
+pinned eegfast variants, and the .csv and .md are rewritten after every row: a run stopped at
+its time limit keeps what it timed. A row that fails is reported (its traceback on stderr).
 
 ``--smoke`` runs tiny fp32 shapes on CPU with a ``time.perf_counter`` timer (Triton through
 ``TRITON_INTERPRET=1``) to check the script itself; its numbers mean nothing.
@@ -55,6 +58,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -320,6 +324,12 @@ def compiled_kernels() -> list[dict]:
     return report
 
 
+# What issue 4 compares; run_cases times these for every case before the pinned eegfast
+# variants (diagnostics), so that a run stopped at its time limit has the comparison.
+ESSENTIAL = (OURS, "eager-reference", "layernorm+sdpa", "compile(layernorm+sdpa)",
+             "compile(layernorm+flex)")  # fmt: skip
+
+
 @switches_restored()
 def run_cases(
     shapes: dict[str, tuple[int, int, int, int]],
@@ -327,38 +337,63 @@ def run_cases(
     device: str,
     timer: Timer,
     tuning: dict[str, dict] | None = None,
+    on_row: Callable[[list[Row]], None] | None = None,
 ) -> list[Row]:
-    """The table's rows; ``tuning`` (if given) collects record_tuning's timings."""
+    """The table's rows, in table order (case, then implementation); ``tuning`` (if given)
+    collects record_tuning's timings; ``on_row(rows so far)`` is called after every row (the
+    tables are written there, so that a run killed at its time limit keeps what it timed).
+    The ESSENTIAL rows of every case run first, then the other eegfast variants."""
     from tqdm import tqdm
 
     impls = implementations()
+    order = {name: i for i, name in enumerate(impls)}
     cases = [(name, shape, mode) for name, shape in shapes.items() for mode in MODES]
+    case_index = {(name, mode): i for i, (name, _, mode) in enumerate(cases)}
+    # torch.compile keeps one graph per (shape, grad mode) of each compiled function: past its
+    # recompile limit (8: four shapes) it would silently run the rest eagerly
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, len(cases) + 2)
+    inputs: dict[tuple[str, str], tuple] = {}
     rows: list[Row] = []
     progress = tqdm(total=len(cases) * len(impls), desc="qk_norm_attention", unit="run")
-    for name, shape, mode in cases:
-        qkv, params, grad_out = make_inputs(shape, device, dtype)
-        with torch.no_grad():
-            expected = eager_reference(
-                *(x.float() for x in qkv), [p.float() for p in params]
-            ).float()
-        for impl_name, impl in impls.items():
-            progress.set_postfix_str(f"{name} {mode} {impl_name}")
+    passes = ([n for n in impls if n in ESSENTIAL], [n for n in impls if n not in ESSENTIAL])
+    try:
+        for names, (name, shape, mode) in itertools.product(passes, cases):
+            if (name, mode) not in inputs:
+                qkv, params, grad_out = make_inputs(shape, device, dtype)
+                with torch.no_grad():
+                    expected = eager_reference(
+                        *(x.float() for x in qkv), [p.float() for p in params]
+                    ).float()
+                inputs[name, mode] = (qkv, params, grad_out, expected)
+            qkv, params, grad_out, expected = inputs[name, mode]
             B, H, N, D = shape
             dtype_name = str(dtype).removeprefix("torch.")
-            case = dict(shape=name, B=B, H=H, N=N, D=D, dtype=dtype_name, mode=mode, impl=impl_name)
-            try:
-                ms, out = measure(impl, mode, qkv, params, grad_out, timer)
-                error = (out.float() - expected).abs().max().item()
-                rows.append(Row(**case, ms=ms, max_abs_err=error))
-            except Exception as failure:  # recorded in the table; the others go on
-                rows.append(Row(**case, ms=None, note=f"failed: {error_line(failure)}"))
-            if tuning is not None and impl_name.startswith("eegfast"):
-                record_tuning(tuning, f"{name} {mode} {impl_name}")
-            progress.write(f"{name} {mode} {impl_name}: {rows[-1].ms} ms {rows[-1].note}")
-            progress.update()
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    progress.close()
+            for impl_name in names:
+                impl = impls[impl_name]
+                progress.set_postfix_str(f"{name} {mode} {impl_name}")
+                case = dict(shape=name, B=B, H=H, N=N, D=D, dtype=dtype_name, mode=mode,
+                            impl=impl_name)  # fmt: skip
+                try:
+                    ms, out = measure(impl, mode, qkv, params, grad_out, timer)
+                    error = (out.float() - expected).abs().max().item()
+                    row = Row(**case, ms=ms, max_abs_err=error)
+                except Exception as failure:  # recorded in the table; the others go on
+                    traceback.print_exc()
+                    row = Row(**case, ms=None, note=f"failed: {error_line(failure)}")
+                rows.append(row)
+                rows.sort(key=lambda r: (case_index[r.shape, r.mode], order[r.impl]))
+                if tuning is not None and impl_name.startswith("eegfast"):
+                    record_tuning(tuning, f"{name} {mode} {impl_name}")
+                progress.write(f"{name} {mode} {impl_name}: {row.ms} ms {row.note}")
+                progress.update()
+                if on_row is not None:
+                    on_row(rows)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        torch._dynamo.config.recompile_limit = limit
+        progress.close()
     return rows
 
 
@@ -454,13 +489,17 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def write_outputs(out_dir: Path | str, title: str, env: dict, rows: Sequence[Row], name: str):
+def write_outputs(
+    out_dir: Path | str, title: str, env: dict, rows: Sequence[Row], name: str, png: bool = True
+):
+    """``name``.csv, .md and (with ``png``) .png in ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {suffix: out / f"{name}.{suffix}" for suffix in ("csv", "md", "png")}
     write_bytes_atomic(paths["csv"], csv_text(rows).encode())
     write_bytes_atomic(paths["md"], markdown_text(title, env, rows).encode())
-    plot(rows, paths["png"], title)
+    if png:
+        plot(rows, paths["png"], title)
     return paths
 
 
@@ -517,13 +556,23 @@ def run(out_dir: Path | str, env: dict, shapes: Sequence[str] = tuple(SHAPES)) -
     """The GPU benchmark (called by ``benchmarks.gpu``); returns the written paths."""
     chosen = {s: SHAPES[s] for s in shapes}
     tuning: dict[str, dict] = {}
-    rows = run_cases(chosen, torch.bfloat16, "cuda", do_bench_timer, tuning)
     title = f"eegfast qk_norm_attention (bf16) on {env.get('gpu', 'GPU')}"
+    name = "gpu_qk_norm_attention"
+
+    def partial(rows: list[Row]) -> None:  # the table so far (no plot: a second per write)
+        write_outputs(out_dir, title + " (partial: the run goes on)", env, rows, name, png=False)
+
+    rows = run_cases(chosen, torch.bfloat16, "cuda", do_bench_timer, tuning, partial)
     env = {**env, "autotuned": autotuned_configs(), "launch choices": launch_choices()}
-    paths = write_outputs(out_dir, title, env, rows, "gpu_qk_norm_attention")
+    paths = write_outputs(out_dir, title, env, rows, name)
     paths["tuning"] = Path(out_dir) / "gpu_qk_norm_attention_tuning.json"
     timings = {label: {str(c): ms for c, ms in t.items()} for label, t in tuning.items()}
-    tuning_report = {"timings_ms": timings, "compiled": compiled_kernels()}
+    try:  # reads Triton's internals: a change there must not cost the kernel tables below
+        compiled = compiled_kernels()
+    except Exception as error:
+        traceback.print_exc()
+        compiled = [{"failed": error_line(error)}]
+    tuning_report = {"timings_ms": timings, "compiled": compiled}
     write_bytes_atomic(paths["tuning"], json.dumps(tuning_report, indent=1).encode())
     breakdown = kernel_breakdown(chosen, "cuda", torch.bfloat16)
     paths["kernels"] = write_kernel_tables(out_dir, "gpu_qk_norm_attention", title, breakdown)
