@@ -270,6 +270,18 @@ class Backbone:
         return bool((self.arch.get("upcycle") or {}).get("num_tasks"))
 
 
+def load_backbone_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load backbone ``weights`` into ``module``; only the classifier's own parts (``fc_norm.``,
+    ``head.``) may be missing. Anything else missing or unexpected raises ValueError naming
+    the keys: a partial load would leave random layers and give random features silently."""
+    missing, unexpected = module.load_state_dict(weights, strict=False)
+    bad = [k for k in missing if not k.startswith(("fc_norm.", "head."))]
+    if bad or unexpected:
+        raise ValueError(
+            f"backbone weights do not fit: missing {bad[:5]}, unexpected {list(unexpected)[:5]}"
+        )
+
+
 def train_classifier(
     backbone: Backbone,
     tasks: Sequence[str],
@@ -303,12 +315,7 @@ def train_classifier(
     heads = {task: len(data.label_names[task]) for task in tasks}
     model = build_model({**backbone.arch, "heads": heads})
     if backbone.weights is not None:
-        missing, unexpected = model.backbone.load_state_dict(backbone.weights, strict=False)
-        bad = [k for k in missing if not k.startswith(("fc_norm.", "head."))]
-        if bad or unexpected:
-            raise ValueError(
-                f"backbone weights do not fit: missing {bad[:5]}, unexpected {list(unexpected)[:5]}"
-            )
+        load_backbone_weights(model.backbone, backbone.weights)
     task_ids = {task: i for i, task in enumerate(backbone.task_names)}
     missing_tasks = [t for t in tasks if t not in task_ids]
     if backbone.routes and missing_tasks:
@@ -399,7 +406,7 @@ def cross_validate(
     if backbone is not None and ft.mode == "linear":
         model = build_model(backbone.arch)
         if backbone.weights is not None:
-            model.load_state_dict(backbone.weights, strict=False)
+            load_backbone_weights(model, backbone.weights)
         model.to(runtime.device)
         ids = {t: i for i, t in enumerate(backbone.task_names)}
         for task in tasks:

@@ -358,3 +358,21 @@ def test_two_recordings_are_too_few_for_a_verdict(tmp_path):
     assert entry["transfer_verdict"] == "no clear difference (only 2 subjects/recordings)"
     report = (tmp_path / "report.md").read_text()
     assert "over only 2 recordings: too few for a verdict (it needs 6)" in report
+
+
+def test_backbone_weights_that_do_not_fit_are_refused():
+    """The linear probe loaded its backbone with strict=False and no check: weights of another
+    model left random layers and gave random features silently."""
+    import torch
+
+    from eegfast.models import create_model
+    from eegfast.train.finetune import load_backbone_weights
+
+    model = create_model("labram_tiny", num_classes=2)
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    load_backbone_weights(model, weights)  # only the classifier's own head missing: fine
+    partial = {k: v for k, v in weights.items() if not k.startswith("blocks.0.")}
+    with pytest.raises(ValueError, match=r"missing \['blocks\.0\."):
+        load_backbone_weights(model, partial)
+    with pytest.raises(ValueError, match=r"unexpected \['student\.x'\]"):
+        load_backbone_weights(model, {**weights, "student.x": torch.zeros(1)})
