@@ -193,6 +193,24 @@ def _is_tensor_dict(obj: Mapping) -> bool:
     return len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that holds the weights inside ``torch.compile`` / DistributedDataParallel /
+    DataParallel wrappers (nested in any order); ``model`` itself if it is none of them.
+
+    Their state dicts prefix every key with ``_orig_mod.`` or ``module.``, which a checkpoint's
+    keys have stripped (see :func:`unwrap_state_dict`): loading into the wrapper would find
+    every key missing.
+    """
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def load_checkpoint(
     model: nn.Module,
     source: str | os.PathLike | Mapping[str, torch.Tensor],
@@ -202,6 +220,9 @@ def load_checkpoint(
 ) -> LoadReport:
     """Load ``source`` (a file or a state dict) into ``model`` with key and shape checks.
 
+    ``model`` may be wrapped by ``torch.compile`` or (Distributed)DataParallel: the weights
+    load into the wrapped module (:func:`unwrap_model`).
+
     A pretraining checkpoint (``student.*``) loaded into a :class:`LaBraM` classifier keeps
     the backbone and leaves ``fc_norm``/``head`` at their initialisation (reported as such).
     ``exclude``: key prefixes to skip on both sides (e.g. ``("head.",)`` to re-initialise a
@@ -209,6 +230,7 @@ def load_checkpoint(
     mismatched key raises :class:`CheckpointMismatchError` with a readable report and nothing
     is loaded; otherwise the matching tensors are loaded and the report returned.
     """
+    model = unwrap_model(model)
     if isinstance(source, Mapping):
         state = unwrap_state_dict(source)
         name = "state dict"

@@ -78,7 +78,10 @@ class LaBraMConfig:
                     f"{steps} time steps × conv_channels ({self.conv_channels})"
                 )
         if self.input_chans is not None and (
-            self.input_chans[0] != 0 or max(self.input_chans) >= self.pos_rows
+            not self.input_chans
+            or self.input_chans[0] != 0
+            or min(self.input_chans) < 0  # a negative row would silently wrap to the last ones
+            or max(self.input_chans) >= self.pos_rows
         ):
             raise ValueError(
                 f"input_chans must start with 0 (cls) and index rows < pos_rows "
@@ -99,6 +102,8 @@ def check_class_count(name: str, value) -> int:
 
 def _check_signal(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, C, A, T) as is, or (B, C, A·T) split into patches of ``patch_size``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if x.dim() == 3:
         if x.shape[-1] % patch_size != 0:
             raise ValueError(
@@ -110,6 +115,10 @@ def _check_signal(x: torch.Tensor, patch_size: int) -> torch.Tensor:
         raise ValueError(
             f"x must have shape (B, C, A, {patch_size}) or (B, C, A·{patch_size}), "
             f"got {tuple(x.shape)}"
+        )
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(
+            f"x must hold at least one electrode and one patch, got shape {tuple(x.shape)}"
         )
     return x
 

@@ -63,8 +63,13 @@ def random_patch_mask(
     generator: torch.Generator | None = None,
     device=None,
 ) -> torch.Tensor:
-    """(B, N) bool, True = masked: exactly ``round(ratio · n_valid)`` random valid tokens of
-    each sample (``padding_mask`` (B, N) True = padded, never masked)."""
+    """(B, N) bool, True = masked: exactly ``ceil(ratio · n_valid)`` random valid tokens of
+    each sample (``padding_mask`` (B, N) True = padded, never masked).
+
+    ``ceil`` as the reference, which keeps ``floor(n · (1 - ratio))`` tokens: with an odd
+    number of patches and ratio 0.5 it masks the larger half (``round`` would mask the
+    smaller or the larger half depending on the parity of n / 2).
+    """
     source = generator.device if generator is not None else device
     noise = torch.rand(batch, n_tokens, generator=generator, device=source).to(device)
     if padding_mask is None:
@@ -73,7 +78,9 @@ def random_patch_mask(
         padding_mask = padding_mask.to(noise.device)
         noise = noise.masked_fill(padding_mask, 2.0)  # padded tokens sort last
         n_valid = (~padding_mask).sum(1, keepdim=True)
-    n_masked = torch.round(n_valid * ratio).long()
+    # float64 and a tolerance: ratio · n that is an integer in exact arithmetic (0.7 · 10)
+    # must not round up from its binary representation
+    n_masked = torch.ceil(n_valid.double() * ratio - 1e-9).long()
     rank = noise.argsort(1).argsort(1)
     return rank < n_masked
 
@@ -175,6 +182,7 @@ class LaBraMPretrain(nn.Module):
             )
         key_padding = token_padding_mask(channel_padding_mask, A)
         patch_padding = None if key_padding is None else key_padding[:, 1:]
+        targets = self._check_targets(targets)
         if mask is None:
             mask = random_patch_mask(
                 B,
@@ -239,6 +247,17 @@ class LaBraMPretrain(nn.Module):
             accuracy_complement=acc2,
             mask=mask,
         )
+
+    @staticmethod
+    def _check_targets(targets: torch.Tensor) -> torch.Tensor:
+        """targets (B, C·A) as int64 (any integer dtype is accepted; a float, complex or bool
+        tensor is refused by name rather than failing later as the loss's ``labels``).
+
+        Their values are not checked here: that would read them back to the host each step.
+        """
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise ValueError(f"targets must be integer code indices, got {targets.dtype}")
+        return targets.long()
 
 
 PRETRAIN_ONLY_PREFIXES = ("mask_token", "norm.", "lm_head.")

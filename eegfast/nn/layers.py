@@ -180,6 +180,25 @@ class Block(nn.Module):
         return x + drop_path(branch, self.drop_path, True)
 
 
+def as_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x cast to the dtype of a patch embedding's ``weight`` (the model's dtype).
+
+    A model's input is cast as :func:`eegfast.models.hybrid.generate` casts its prompt, so a
+    float64 signal runs through a float32 model (and a float32 one through a bfloat16 model)
+    instead of failing deep in the convolution with "Input type (double) and bias type
+    (float) should be the same". A non-floating x (integer or bool) is refused by name: it
+    is not a signal in units of 100 µV.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(
+            f"x must be a floating-point signal (units of 100 µV; the model is "
+            f"{weight.dtype}), got {x.dtype}"
+        )
+    return x.to(weight.dtype)
+
+
 def masked_group_norm(
     x: torch.Tensor, norm: nn.GroupNorm, valid: torch.Tensor | None
 ) -> torch.Tensor:
@@ -193,7 +212,9 @@ def masked_group_norm(
         return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     B, K, P, T = x.shape
     G = norm.num_groups
-    grouped = x.float().reshape(B, G, K // G, P, T)
+    # statistics in at least fp32 (half-precision sums lose the small patches' share), but
+    # never below x's own precision: a float64 model must stay float64
+    grouped = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(B, G, K // G, P, T)
     weight = valid.to(grouped.dtype)[:, None, None, :, None]
     count = (valid.sum(1).to(grouped.dtype) * (K // G) * T).clamp_min(1)[:, None, None, None, None]
     mean = (grouped * weight).sum((2, 3, 4), keepdim=True) / count
@@ -242,9 +263,10 @@ class TemporalConv(nn.Module):
         """x: (B, C, A, T) patches -> (B, C·A, steps·k) tokens, electrode-major.
 
         padding_mask: (B, C·A) bool, True = padded patch (left out of the GroupNorm statistics).
+        A floating x of another dtype is cast to the weights' (see :func:`as_weight_dtype`).
         """
         B, C, A, T = x.shape
-        h = x.reshape(B, 1, C * A, T)
+        h = as_weight_dtype(x, self.conv1.weight).reshape(B, 1, C * A, T)
         valid = None if padding_mask is None else ~padding_mask
         for conv, norm in (
             (self.conv1, self.norm1),
@@ -270,4 +292,5 @@ class CodePatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, A, F) -> (B, C·A, E). padding_mask is accepted for symmetry and unused."""
         B, C, A, _ = x.shape
+        x = as_weight_dtype(x, self.proj.weight)
         return F.linear(x.reshape(B, C * A, -1), self.proj.weight.flatten(1), self.proj.bias)

@@ -376,3 +376,64 @@ def test_class_counts_must_be_non_negative_ints():
             get_config("labram_tiny", num_classes=bad)
     assert get_config("labram_tiny", n_outputs=0).num_classes == 0
     assert create_model("labram_tiny", n_outputs=3).head.out_features == 3
+
+
+def test_padding_mask_keeps_a_float64_patch_embedding_in_float64():
+    """With a padding mask the GroupNorm statistics were computed in float32 (``x.float()``):
+    a float64 model's patch embedding then differed from the unmasked one by ~1e-6."""
+    model = create_model("labram_tiny", num_classes=2, dtype=torch.float64).eval()
+    x = torch.randn(2, 3, 2, 200, dtype=torch.float64)
+    no_padding = torch.zeros(2, 3 * 2, dtype=torch.bool)
+    with torch.no_grad():
+        plain = model.patch_embed(x)
+        masked = model.patch_embed(x, no_padding)
+    assert masked.dtype == torch.float64
+    torch.testing.assert_close(masked, plain, atol=1e-12, rtol=1e-12)
+
+
+def test_signal_of_another_dtype_is_cast_to_the_model_dtype():
+    """x is cast to the model's dtype (as hybrid.generate casts its prompt); a float64 x
+    failed inside the convolution ("Input type (double) and bias type (float)")."""
+    model = create_model("labram_tiny", num_classes=2).eval()
+    x, chans = torch.randn(2, 3, 2, 200, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    padding = torch.tensor([[False, False, False], [False, False, True]])
+    with torch.no_grad():
+        for kwargs in ({}, {"channel_padding_mask": padding}):
+            expected = model(x.float(), chans, **kwargs)
+            got = model(x, chans, **kwargs)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, expected)
+        wide = create_model("labram_tiny", num_classes=2, dtype=torch.float64).eval()
+        assert wide(x.float(), chans).dtype == torch.float64
+    with pytest.raises(ValueError, match=r"x must be a floating-point signal .*torch\.int64"):
+        model(torch.ones(2, 3, 2, 200, dtype=torch.long), chans)
+
+
+def test_empty_signals_and_negative_electrode_rows_are_refused():
+    model = create_model("labram_tiny", num_classes=2)
+    for shape, chans in (((2, 0, 2, 200), [0]), ((2, 3, 0, 200), [0, 1, 2, 3])):
+        with pytest.raises(ValueError, match="x must hold at least one electrode and one patch"):
+            model(torch.randn(shape), torch.tensor(chans))
+    with pytest.raises(TypeError, match="x must be a tensor"):
+        model([[0.0] * 200], torch.tensor([0, 1]))
+    # a negative row would index pos_embed from the end (unchecked on a GPU model)
+    with pytest.raises(ValueError, match="input_chans must start with 0"):
+        get_config("labram_tiny", input_chans=(0, -1, 5))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # DataParallel's torch.jit use
+def test_checkpoints_load_into_compiled_and_data_parallel_models():
+    """A model wrapped by torch.compile (or DataParallel) has ``_orig_mod.`` (``module.``)
+    keys: loading into it reported every key missing although file keys are unwrapped."""
+    source = create_model("labram_tiny", num_classes=2)
+    pretrain = create_model("labram_tiny_pretrain")
+    data_parallel = torch.nn.DataParallel
+    for wrap in (torch.compile, data_parallel, lambda m: torch.compile(data_parallel(m))):
+        model = create_model("labram_tiny", num_classes=2)
+        wrapped = wrap(model)
+        report = load_checkpoint(wrapped, {"model": source.state_dict()})
+        assert report.ok and len(report.loaded) == len(source.state_dict())
+        assert torch.equal(model.pos_embed, source.pos_embed)
+        report = load_checkpoint(wrapped, pretrain.state_dict())  # backbone only
+        assert report.ok and "head.weight" in report.initialised
+        assert torch.equal(model.pos_embed, pretrain.student.pos_embed)

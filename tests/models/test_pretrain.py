@@ -206,3 +206,33 @@ def test_non_finite_padded_electrodes_and_mask_checks():
         model.student(x, chans, channel_padding_mask=padding.float())
     with pytest.raises(ValueError, match=r"input_chans must have shape \(B, C \+ 1\) = \(2, 4\)"):
         model(x, chans.expand(3, -1), targets, mask)
+
+
+def test_random_patch_mask_masks_the_larger_half_as_the_reference():
+    """The reference keeps floor(n·(1 - ratio)) patches; round() masked 2 of 5 patches but
+    4 of 7 (half-to-even), so the masked share depended on the parity of n / 2."""
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5, 7, 9, 115):
+        mask = random_patch_mask(3, n, 0.5, generator=gen)
+        assert (mask.sum(1) == n - int(n * 0.5)).all(), n
+    # ratios whose product with n is an integer give exactly that many (no float round-up)
+    assert random_patch_mask(1, 10, 0.7, generator=gen).sum().item() == 7
+    assert random_patch_mask(1, 10, 0.9, generator=gen).sum().item() == 9
+    padding = torch.tensor([[False] * 5 + [True] * 2])
+    assert random_patch_mask(1, 7, 0.5, padding_mask=padding, generator=gen).sum().item() == 3
+
+
+def test_targets_of_any_integer_dtype_are_accepted_and_others_named():
+    """int32 targets (e.g. codes saved compactly) failed as the loss's "labels must be int64";
+    float targets are refused under their own name."""
+    model, _ = tiny_pair(seed=6)
+    B, C, A = 2, 3, 2
+    x, chans = torch.randn(B, C, A, 200), torch.tensor([0, 1, 2, 3])
+    targets = torch.randint(0, 256, (B, C * A))
+    mask = random_patch_mask(B, C * A, 0.5, generator=torch.Generator().manual_seed(2))
+    expected = model(x, chans, targets, mask).loss
+    for narrow in (targets.int(), targets.short()):
+        torch.testing.assert_close(model(x, chans, narrow, mask).loss, expected)
+    for bad in (targets.float(), targets > 0):
+        with pytest.raises(ValueError, match="targets must be integer code indices"):
+            model(x, chans, bad, mask)

@@ -42,6 +42,9 @@ def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
     [(False, True, 40, 2), (True, False, 50, 2), (True, True, 75, 3)],
 )
 def test_attention_matches_manual(backend, qkv_bias, qk_norm, dim, heads):
+    # seeded: with whatever the global RNG held (the tests run before), an unlucky draw took
+    # an fp32 gradient past the tolerance
+    torch.manual_seed(dim + heads)
     attn = randomise(QKNormAttention(dim, heads, qkv_bias, qk_norm, backend=backend))
     x = torch.randn(3, 17, dim, requires_grad=True)
     out = attn(x)
