@@ -434,35 +434,41 @@ class HybridPretrainModel(nn.Module):
         h = h[:, :, :-1]  # (B, C, A-1, E): patch a predicts patch a + 1
         # Means over the valid positions as weighted sums (no boolean indexing: on a GPU that
         # waits for the device, and under torch.compile it makes shapes data-dependent).
-        weight = torch.ones(B, C, A - 1, device=x.device)
+        real = torch.ones(B, C, A - 1, device=x.device)
         if channel_padding_mask is not None:
-            weight = weight * (~channel_padding_mask.to(x.device).bool()).float()[:, :, None]
-        weight = weight / weight.sum().clamp_min(1)  # (B, C, A-1), sums to 1
+            real = real * (~channel_padding_mask.to(x.device).bool()).float()[:, :, None]
+        weight = real / real.sum().clamp_min(1)  # (B, C, A-1), sums to 1
         head, out = self.forecast_head, {}
         next_codes = None
         if self.config.predict_tokens:
             if targets is None:
                 raise ValueError("predict_tokens needs tokenizer targets (B, C·A)")
-            next_codes = targets.reshape(B, C, A)[:, :, 1:].clamp_min(0)  # padded: weight 0
+            next_codes = targets.reshape(B, C, A)[:, :, 1:]
+            # -1: no code (padding, or a patch the tokenizer could not code): weight 0 in the
+            # token terms (it was trained as code 0); no host-side check (a GPU sync)
+            coded = real * (next_codes >= 0).float()
+            code_weight = coded / coded.sum().clamp_min(1)
+            next_codes = next_codes.clamp_min(0)
             layer = head.token_layer()
             token = linear_cross_entropy(
                 h.flatten(0, 2),
                 layer.weight,
                 layer.bias,
                 next_codes.flatten(),
-                weight.flatten(),
+                code_weight.flatten(),
             )
             out["ar_token_loss"] = token.loss
-            out["ar_token_accuracy"] = (token.correct.float() * weight.flatten()).sum()
+            out["ar_token_accuracy"] = (token.correct.float() * code_weight.flatten()).sum()
         if self.config.predict_signal:
             next_x = x[:, :, 1:].float()
 
-            def mean_squared_error(predicted: torch.Tensor) -> torch.Tensor:
+            def mean_squared_error(predicted: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                 return ((predicted.float() - next_x).pow(2).mean(-1) * weight).sum()
 
-            loss = mean_squared_error(head.samples(h))
+            loss = mean_squared_error(head.samples(h), weight)
             if next_codes is not None:
-                loss = 0.5 * (loss + mean_squared_error(head.samples(h, next_codes)))
+                conditioned = mean_squared_error(head.samples(h, next_codes), code_weight)
+                loss = 0.5 * (loss + conditioned)
             out["ar_signal_loss"] = loss
         ar = torch.zeros((), device=x.device)
         if "ar_token_loss" in out:

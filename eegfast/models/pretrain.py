@@ -168,9 +168,10 @@ class LaBraMPretrain(nn.Module):
         task_id: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> PretrainOutput:
-        """x (B, C, A, 200); input_chans (C+1,) or (B, C+1); targets (B, C·A) long;
-        mask (B, C·A) bool or None; channel_padding_mask (B, C) bool, True = padded electrode
-        (its values are ignored)."""
+        """x (B, C, A, 200); input_chans (C+1,) or (B, C+1); targets (B, C·A) integer, -1 =
+        no target (the tokenizer's mark of a padded or unusable patch: left out of the losses
+        and accuracies); mask (B, C·A) bool or None; channel_padding_mask (B, C) bool, True =
+        padded electrode (its values are ignored)."""
         student = self.student
         x = _check_signal(x, student.config.patch_size)
         B, C, A, _ = x.shape
@@ -219,8 +220,13 @@ class LaBraMPretrain(nn.Module):
         # (the norm is per token, so normalising after picking is the same).
         body = tokens[:, 1:]
         predicted = student.norm(torch.where(mask[..., None], body[:B], body[B:]))  # (B, P, E)
-        labels = targets.clamp_min(0)  # padded positions (-1) carry no weight below
-        valid = torch.ones_like(mask) if patch_padding is None else ~patch_padding
+        labels = targets.clamp_min(0)  # positions without a target (-1) carry no weight below
+        # A -1 at a real patch (codes of a padded batch passed without its mask, or a patch the
+        # tokenizer could not code) was trained as code 0; checking for it would cost a host
+        # sync per step on a GPU, so it is left out, as padding is.
+        valid = targets >= 0
+        if patch_padding is not None:
+            valid = valid & ~patch_padding
         in_view1, in_view2 = (mask & valid).float(), (~mask & valid).float()
         n1, n2 = in_view1.sum().clamp_min(1), in_view2.sum().clamp_min(1)
         # loss1 + loss2 as one weighted sum; the head's logits (B·P × vocab) are never kept

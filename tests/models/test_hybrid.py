@@ -193,6 +193,30 @@ def test_forecast_losses_are_means_over_unpadded_positions_without_host_reads(mo
     assert_close(ours, theirs)
 
 
+def test_forecast_patches_without_a_code_count_in_no_token_term():
+    """A -1 code at a real patch (no tokenizer code for it) was trained as code 0 in the token
+    loss and the code-conditioned signal loss; it now counts in neither (the plain signal loss,
+    which needs no code, keeps it)."""
+    import torch.nn.functional as F
+
+    model = _model()
+    x, chans = _inputs()
+    targets = torch.randint(0, 256, (2, C * A), generator=torch.Generator().manual_seed(4))
+    targets[1, A + 1] = -1  # sample 1, electrode 1, patch 1: a next-patch target of patch 0
+    got = model.forecast_losses(x, chans, targets)
+
+    head = model.forecast_head
+    h = forecast_features(model.backbone, x, chans)[:, :, :-1]
+    codes, next_x = targets.reshape(2, C, A)[:, :, 1:], x[:, :, 1:]
+    coded = codes >= 0
+    logits = head.logits(h)[coded]
+    assert_close(got["ar_token_loss"], F.cross_entropy(logits, codes[coded]))
+    assert_close(got["ar_token_accuracy"], (logits.argmax(-1) == codes[coded]).float().mean())
+    plain = F.mse_loss(head.samples(h), next_x)
+    conditioned = F.mse_loss(head.samples(h, codes.clamp_min(0))[coded], next_x[coded])
+    assert_close(got["ar_signal_loss"], 0.5 * (plain + conditioned))
+
+
 def test_forecast_targets_are_the_next_patch():
     """Token head trained to predict code of (c, a+1): a constant code per patch index is
     learnable from position alone; the loss on shifted targets must drop well below chance."""

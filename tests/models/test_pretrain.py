@@ -236,3 +236,20 @@ def test_targets_of_any_integer_dtype_are_accepted_and_others_named():
     for bad in (targets.float(), targets > 0):
         with pytest.raises(ValueError, match="targets must be integer code indices"):
             model(x, chans, bad, mask)
+
+
+def test_patches_without_a_target_are_left_out_not_trained_as_code_0():
+    """A -1 target at a real patch (codes of a padded batch passed without its mask) was
+    trained as code 0; it counts in no loss or accuracy, as a padded patch does."""
+    model, _ = tiny_pair(seed=7)
+    B, C, A = 2, 3, 2
+    x, chans = torch.randn(B, C, A, 200), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():  # every patch is predicted as code 5, with certainty
+        model.lm_head.bias[5] = 1e4
+    targets = torch.full((B, C * A), 5)
+    targets[0, :A] = -1  # electrode 0 of sample 0 has no codes
+    mask = random_patch_mask(B, C * A, 0.5, generator=torch.Generator().manual_seed(3))
+    out = model(x, chans, targets, mask)
+    for accuracy in (out.accuracy, out.accuracy_masked, out.accuracy_complement):
+        assert accuracy.item() == 1.0
+    assert out.loss.item() < 1e-3  # as code 0 these patches would cost ~1e4 each
