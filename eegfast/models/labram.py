@@ -386,7 +386,20 @@ class LaBraM(LaBraMTrunk):
 
     def reset_parameters(self) -> None:
         """The reference initialisation (truncated normal, depth-scaled residual outputs,
-        head scaled by ``head_init_scale``)."""
+        head scaled by ``head_init_scale``) of every parameter: norms and convolutions to their
+        defaults, layer scales to ``init_values``, q/v biases to 0 (a trained model is fully
+        re-initialised)."""
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm | nn.GroupNorm | nn.Conv1d | nn.Conv2d):
+                module.reset_parameters()
+            for name in ("q_bias", "v_bias"):
+                bias = getattr(module, name, None)
+                if isinstance(bias, nn.Parameter):
+                    nn.init.zeros_(bias)
+        for block in self.blocks:
+            for gamma in (getattr(block, "gamma_1", None), getattr(block, "gamma_2", None)):
+                if gamma is not None:
+                    nn.init.constant_(gamma, self.config.init_values)
         self._init_trunk()
         if self.head is not None:
             self.head.weight.data.mul_(self.config.head_init_scale)

@@ -132,7 +132,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **factory)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, **factory)
         self.drop_path = drop_path
-        if init_values:
+        if init_values is not None and init_values > 0:  # as documented (and the reference)
             self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values), **factory))
             self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values), **factory))
         else:

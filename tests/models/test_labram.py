@@ -437,3 +437,25 @@ def test_checkpoints_load_into_compiled_and_data_parallel_models():
         report = load_checkpoint(wrapped, pretrain.state_dict())  # backbone only
         assert report.ok and "head.weight" in report.initialised
         assert torch.equal(model.pos_embed, pretrain.student.pos_embed)
+
+
+def test_reset_parameters_reinitialises_every_parameter():
+    """reset_parameters re-drew the Linears and embeddings only: a trained model kept its norms,
+    convolutions and layer scales. After a reset no parameter keeps a trained value, and the
+    deterministic ones are back at their defaults; negative init_values make no layer scale
+    (as documented and the reference)."""
+    from eegfast.models import create_model
+
+    model = create_model("labram_tiny", num_classes=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    trained = {k: v.clone() for k, v in model.named_parameters()}
+    model.reset_parameters()
+    for name, value in model.named_parameters():
+        assert not torch.equal(value, trained[name]), f"{name} kept its trained value"
+        if "gamma" in name:
+            assert torch.all(value == model.config.init_values), name
+        elif "norm" in name or ".gn" in name:
+            assert torch.all(value == (1.0 if name.endswith("weight") else 0.0)), name
+    assert create_model("labram_tiny", num_classes=3, init_values=-0.1).blocks[0].gamma_1 is None
