@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import eegfast
+from eegfast.fileio import write_text_atomic
 from eegfast.ops import vq_ema_update, vq_nearest, vq_nearest_reference
 from eegfast.ops.vq import labram_recipe_ema, labram_recipe_lookup
 
@@ -406,9 +407,11 @@ def write_results(
         {**asdict(r), "ratio_vs_eegfast": ratio}
         for r, ratio in zip(results, ratios(results), strict=True)
     ]
-    paths["json"].write_text(
-        json.dumps({"title": title, "environment": env, "results": records}, indent=2) + "\n"
+    # atomic: a stage killed at its time limit leaves the previous tables, never half of one
+    write_text_atomic(
+        paths["json"],
+        json.dumps({"title": title, "environment": env, "results": records}, indent=2) + "\n",
     )
-    paths["md"].write_text(markdown_report(title, env, results))
+    write_text_atomic(paths["md"], markdown_report(title, env, results))
     plot_results(results, paths["png"], title)
     return paths
