@@ -24,9 +24,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("eegfast.train.commands.pretrain", "masked (or hybrid) EEG pretraining"),
     "upcycle": ("eegfast.train.commands.upcycle", "turn a dense checkpoint into a MoE model"),
     "finetune": ("eegfast.train.commands.finetune", "single- or multi-task fine-tuning"),
-    "evaluate": ("eegfast.train.commands.evaluate", "evaluate a checkpoint with cross-validation"),
+    "evaluate": (
+        "eegfast.train.commands.evaluate",
+        "score a fine-tuned model on held-out windows, or linear-probe a backbone",
+    ),
     "generate": ("eegfast.train.commands.generate", "generate synthetic EEG from a prompt"),
-    "bench": ("eegfast.train.commands.bench", "run the benchmarks and write a report"),
+    "bench": ("eegfast.train.commands.bench", "run the CPU benchmark suites and write a report"),
     "doctor": ("eegfast.train.commands.doctor", "report the environment and usable backends"),
     "quickstart": ("eegfast.train.commands.quickstart", "the whole recipe on the bundled EEG"),
 }

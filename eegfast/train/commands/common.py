@@ -21,7 +21,8 @@ from eegfast.train.engine import seed_everything
 
 EPILOG = (
     "Configuration: defaults, then --config FILE (.toml/.yaml), then --set key=value (repeatable; "
-    "later wins). Run under `torchrun --nproc_per_node N eegfast ...` for several processes/GPUs. "
+    "later wins). Run under `torchrun --nproc_per_node N -m eegfast ...` for several "
+    "processes/GPUs. "
     "Valid keys: " + ", ".join(valid_keys())
 )
 

@@ -123,7 +123,7 @@ def format_text(report: dict[str, Any]) -> str:
         ],
         f"distributed: gloo {'yes' if report['distributed']['gloo'] else 'no'}, "
         f"nccl {'yes' if report['distributed']['nccl'] else 'no'} "
-        "(torchrun --nproc_per_node N eegfast <command> ...)",
+        "(torchrun --nproc_per_node N -m eegfast <command> ...)",
         f"default training precision here: {report['precision_default']}",
     ]
     if report["environment"]:

@@ -78,6 +78,8 @@ def _positive_seconds(text: str) -> float:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "--model",
         required=True,
@@ -112,17 +114,27 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "context, 16 for LaBraM)",
     )
     parser.add_argument(
-        "--notch", type=float, default=50.0, help="mains frequency in Hz (50/60; 0 = no notch)"
+        "--notch",
+        type=float,
+        default=50.0,
+        help="mains frequency of the prompt recording in Hz (50/60; 0 = no notch; default 50)",
     )
-    parser.add_argument("--mode", choices=("tokens", "regression"), default="tokens")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy codes")
+    parser.add_argument(
+        "--mode",
+        choices=("tokens", "regression"),
+        default="tokens",
+        help="sample VQ-NSP codes (default) or use the regression head",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="0 = greedy codes (default 1)"
+    )
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k best codes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--no-cache", action="store_true", help="re-encode the context per step")
     parser.add_argument(
         "--include-prompt", action="store_true", help="write the prompt before the generated part"
     )
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-progress", action="store_true")
 

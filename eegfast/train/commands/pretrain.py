@@ -50,7 +50,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--objective", default=None, help=f"one of {objective_names()} (sets pretrain.objective)"
     )
     parser.add_argument("--tokenizer", default=None, help="tokenizer run (sets model.tokenizer)")
-    parser.add_argument("--model", default=None, help="model name (sets model.name)")
+    parser.add_argument(
+        "--model", default=None, help=f"model name (sets model.name; default {DEFAULTS.model.name})"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

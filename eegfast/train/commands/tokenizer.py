@@ -145,7 +145,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_run_arguments(parser)
-    parser.add_argument("--model", default=None, help="tokenizer name (sets model.name)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"tokenizer name (sets model.name; default {DEFAULTS.model.name})",
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ The pretrained (or fine-tuned) backbone's feed-forward layers are replaced by mi
 layers whose experts start as copies of the dense layer (``eegfast.models.upcycle``), with a
 task-aware router when ``--tasks`` names the tasks to be fine-tuned. With ``noise_std=0`` the
 upcycled model computes exactly what the dense one did; this is checked on a probe input and
-reported. The result is a checkpoint that ``eegfast finetune --set model.init=RUN`` starts from.
+reported. The result is a checkpoint that ``eegfast finetune --init RUN`` starts from.
 """
 
 from __future__ import annotations
