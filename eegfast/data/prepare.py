@@ -6,14 +6,15 @@ band-passed, notch-filtered and resampled in one FFT per channel (``preprocess_s
 (``shards/<key>.json``) by a pool of worker processes. ``index.json`` and a report
 (``report.json``, ``report.md``) are written at the end.
 
-Resuming: a recording whose record exists, with the same file size, modification time and
-settings, is not processed again, so re-running the same command is cheap and a killed run loses
-only the recordings in flight. Bad recordings (truncated or corrupt files, no EEG, only unknown
-electrodes, flat or non-finite channels, too-low sample rate, too short) are listed with their
-reason and skipped. The exit status is 1 only when nothing usable was produced, or with
+Resuming: a recording whose record exists, with the same file size, modification time and settings,
+is not processed again, so re-running the same command is cheap and a killed run loses only the
+recordings in flight; outputs made by an older eegfast whose processing has changed since are
+prepared again (``--force`` redoes everything). Bad recordings (truncated or corrupt files, no EEG,
+only unknown electrodes, flat or non-finite channels, too-low sample rate, too short) are listed
+with their reason and skipped. The exit status is 1 only when nothing usable was produced, or with
 ``--strict`` when any recording was bad. A ``--labels`` table that does not fit the recordings
-(rows that match no recording, empty labels, recordings it does not name) gives warnings, on
-stderr and in the report; with ``--strict`` an error (exit 2) before anything is processed.
+(rows that match no recording, empty labels, recordings it does not name) gives warnings, on stderr
+and in the report; with ``--strict`` an error (exit 2) before anything is processed.
 
 SRC is a recording, a folder (searched recursively for files MNE reads; a BIDS folder is read
 through mne-bids), and may be written ``TASK=SRC`` to name the task of its recordings.
@@ -639,6 +640,8 @@ def _workers(text: str) -> int:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("sources", nargs="+", metavar="SRC", help="recording or folder [TASK=SRC]")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument(

@@ -89,6 +89,9 @@ def env_switch(name: str, default: bool | None) -> bool | None:
 
 @functools.cache
 def _load_extension() -> tuple[ModuleType | None, str]:
+    # The switch is checked here, once, whether or not the import works: read only when the
+    # extension is missing, a typo (EEGFAST_REQUIRE_EXT=maybe) went unnoticed until then.
+    env_switch("EEGFAST_REQUIRE_EXT", False)
     try:
         module = importlib.import_module("eegfast._C")
     except ImportError as error:

@@ -771,9 +771,19 @@ def comparisons(
 
 
 def write_outputs(
-    result: CVResult, data: TrainData, out_dir: Path, *, title: str, notes: Sequence[str] = ()
+    result: CVResult,
+    data: TrainData,
+    out_dir: Path,
+    *,
+    title: str,
+    notes: Sequence[str] = (),
+    fixed_model: bool = False,
 ) -> dict[str, Any]:
-    """results.csv, summary.json, report.md and PNG plots in ``out_dir``."""
+    """results.csv, summary.json, report.md and PNG plots in ``out_dir``.
+
+    ``fixed_model``: the results are one trained model's scores (``eegfast evaluate``), not
+    folds: the report has no cross-validation lines, no fold columns and no ± std.
+    """
     from eegfast.train import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -839,27 +849,33 @@ def write_outputs(
 
     md = [f"# {title}", ""]
     md += [f"- {note}" for note in notes]
-    md += [f"- cross-validation for `{t}`: grouped {g}" for t, g in result.grouping.items()]
-    md += ["", "## Metrics (mean ± std over folds)", ""]
+    if not fixed_model:
+        md += [f"- cross-validation for `{t}`: grouped {g}" for t, g in result.grouping.items()]
+    md += ["", "## Metrics" if fixed_model else "## Metrics (mean ± std over folds)", ""]
     metrics = sorted(
         {r["metric"] for r in result.rows},
         key=["balanced_accuracy", "auroc", "auc_pr", "cohen_kappa", "f1_weighted"].index,
     )
-    md.append("| task | method | folds | " + " | ".join(metrics) + " |")
-    md.append("|---|---|---|" + "---|" * len(metrics))
+    fold_column = "" if fixed_model else " folds |"
+    md.append("| task | method |" + fold_column + " " + " | ".join(metrics) + " |")
+    md.append("|---|---|" + ("" if fixed_model else "---|") + "---|" * len(metrics))
     for task in tasks:
         for variant in ("multitask", "single", "linear_probe", "band_power"):
             if (variant, task, "balanced_accuracy") not in summary:
                 continue
-            cells = [
-                _fmt(*summary[(variant, task, m)][:2]) if (variant, task, m) in summary else ""
-                for m in metrics
-            ]
-            folds = summary[(variant, task, "balanced_accuracy")][2]
-            md.append(
-                f"| {task} | {VARIANT_NAMES[variant]} | {folds} | " + " | ".join(cells) + " |"
-            )
-    md += ["", "## Against the classic baseline (balanced accuracy)", ""]
+            cells = []
+            for m in metrics:
+                value = summary.get((variant, task, m))
+                if value is None:
+                    cells.append("")
+                elif fixed_model:
+                    cells.append("n/a" if math.isnan(value[0]) else f"{value[0]:.3f}")
+                else:
+                    cells.append(_fmt(*value[:2]))
+            folds = "" if fixed_model else f" {summary[(variant, task, 'balanced_accuracy')][2]} |"
+            md.append(f"| {task} | {VARIANT_NAMES[variant]} |{folds} " + " | ".join(cells) + " |")
+    if any("baseline_verdict" in entry for entry in compared.values()):
+        md += ["", "## Against the classic baseline (balanced accuracy)", ""]
     for task, entry in compared.items():
         if "baseline_verdict" in entry:
             interval = ""

@@ -53,3 +53,19 @@ def test_vector_align_is_the_largest_shared_power_of_two_up_to_8(values, expecte
     past int32 a divided value could arrive as int32 and the product overflow: no factor."""
     assert vector_align(*values) == expected
     assert all(v % vector_align(*values) == 0 for v in values)
+
+
+def test_require_ext_is_checked_when_the_extension_loads_too(monkeypatch):
+    """A value that is not a switch was reported only when the extension was missing; with it
+    built, EEGFAST_REQUIRE_EXT=maybe passed silently."""
+    from eegfast.ops import _backend
+
+    monkeypatch.setenv("EEGFAST_REQUIRE_EXT", "maybe")
+    _backend._load_extension.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="EEGFAST_REQUIRE_EXT='maybe' is not a switch"):
+            _backend.extension()
+    finally:
+        monkeypatch.delenv("EEGFAST_REQUIRE_EXT")
+        _backend._load_extension.cache_clear()
+    assert _backend.extension() is not None

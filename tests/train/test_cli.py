@@ -208,3 +208,13 @@ def test_bench_report_markdown_has_ratios():
     }
     text = markdown(results)
     assert "| g | fast | 1.000 | 1.00x | 5 |" in text and "| g | slow | 3.000 | 3.00x | 5 |" in text
+
+
+def test_evaluate_takes_no_resume(tmp_path, capsys):
+    """evaluate trains nothing: it accepted --resume (even a path that does not exist) and
+    ignored it."""
+    argv = ["evaluate", "--model", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--resume", str(tmp_path / "nothing")])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --resume" in capsys.readouterr().err

@@ -344,6 +344,10 @@ def test_finetune_folds_note_and_evaluate_warns_about_training_windows(
     with open(evaluation / "predictions.csv", newline="") as f:
         held_out = list(csv.DictReader(f))
     assert len(held_out) == 6
+    report = (evaluation / "report.md").read_text()  # one model's scores: no folds, no baseline
+    assert "## Metrics\n" in report and "| task | method | balanced_accuracy |" in report
+    for fold_wording in ("cross-validation for", " ± ", "Against the classic baseline"):
+        assert fold_wording not in report
     assert not {row["recording"] for row in held_out} & set(meta["train_recordings"])
     assert all(len(row["probabilities"].split()) == 2 for row in held_out)
     everything = tmp_path / "eval-all"

@@ -52,14 +52,14 @@ def add_run_arguments(
         metavar="KEY=VALUE",
         help="override one config key, e.g. --set optim.lr=1e-3",
     )
-    parser.add_argument(
-        "--resume",
-        default=None,
-        metavar="auto|CHECKPOINT|RUN",
-        help="resume: 'auto' = newest checkpoint in --out, a checkpoint folder "
-        "(RUN/checkpoints/step-N), or a run folder (its newest checkpoint)",
-    )
-    if training:
+    if training:  # (evaluate trains nothing: it took --resume and ignored it)
+        parser.add_argument(
+            "--resume",
+            default=None,
+            metavar="auto|CHECKPOINT|RUN",
+            help="resume: 'auto' = newest checkpoint in --out, a checkpoint folder "
+            "(RUN/checkpoints/step-N), or a run folder (its newest checkpoint)",
+        )
         parser.add_argument(
             "--overwrite",
             action="store_true",

@@ -253,7 +253,14 @@ def _main(args: argparse.Namespace) -> int:
             )
             notes = [f"linear probe on frozen features of `{args.model}`"]
         if runtime.dist.is_main:
-            write_outputs(result, data, out, title="eegfast evaluation report", notes=notes)
+            write_outputs(
+                result,
+                data,
+                out,
+                title="eegfast evaluation report",
+                notes=notes,
+                fixed_model=bool(scored),
+            )
             if scored:
                 write_predictions(out / "predictions.csv", data, scored)
             say(runtime, (out / "report.md").read_text())
