@@ -2,9 +2,13 @@
 
 Speed comes from reading whole batches, not items: ``make_loader`` hands each worker a list of
 window indices (grouped by electrode set by default), and ``ShardDataset.get_batch`` sorts them by
-shard and row and copies each shard's rows with ONE ``np.take`` from the memory map straight into
-the batch tensor (float16 shards: one gather plus one vectorised cast). There is no per-item file
-open, tensor or dict. Memory maps are opened once per process and reused.
+shard and row, opens each shard once and reads its rows straight into the batch tensor (float16
+shards: into a small scratch array, then one vectorised cast). There is no per-item tensor or dict.
+
+Shards are read with plain ``readinto`` calls, not kept open as memory maps: a map holds a file
+descriptor, and a folder of more recordings than the open-file limit (1024 by default on Linux,
+per process) would fail with "Too many open files" part-way through an epoch. Each shard's
+``.npy`` header is parsed and checked against ``index.json`` once per process.
 """
 
 from __future__ import annotations
@@ -60,6 +64,15 @@ class _BatchMemory:
             del self._buffers[free[0]]
         self._buffers.append(_fresh_memory(nbytes))
         return self._buffers[-1]
+
+
+def _read_at(fd: int, buffer: memoryview, position: int) -> int:
+    """Read ``len(buffer)`` bytes at ``position`` of ``fd`` into ``buffer``; bytes read."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buffer], position)
+    os.lseek(fd, position, os.SEEK_SET)
+    with open(fd, "rb", buffering=0, closefd=False) as f:
+        return f.readinto(buffer) or 0
 
 
 def _fresh_memory(nbytes: int) -> np.ndarray:
@@ -126,39 +139,76 @@ class ShardDataset(Dataset):
         labels = [r["labels"] for r in recordings]
         self.labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, int)
         self.groups = rec_group[self._rec]  # item -> electrode-set id
-        self._arrays: dict[int, np.ndarray] = {}
+        self._shards: dict[int, tuple[str, int, np.dtype]] = {}  # see _shard
         self._memory = _BatchMemory()
 
-    # -- pickling to worker processes: memory maps are reopened there ----------------------
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_arrays"] = {}
-        return state
+    def _shard(self, rec: int) -> tuple[str, int, np.dtype]:
+        """(path, byte offset of row 0, dtype) of recording ``rec``'s shard, its header checked
+        on first use in this process."""
+        info = self._shards.get(rec)
+        if info is None:
+            info = self._shards[rec] = self._check_shard(rec)
+        return info
 
-    def _array(self, rec: int) -> np.ndarray:
-        array = self._arrays.get(rec)
-        if array is None:
-            path = self.root / self.recordings[rec]["shard"]
-            # copy-on-write map: pages come from the page cache like a read-only map, but the
-            # array is writable, so torch.from_numpy accepts rows of it without a warning.
-            array = np.load(path, mmap_mode="c")
-            self._check_shard(rec, array)
-            self._arrays[rec] = array
-        return array
-
-    def _check_shard(self, rec: int, array: np.ndarray) -> None:
+    def _check_shard(self, rec: int) -> tuple[str, int, np.dtype]:
         """A shard must hold what ``index.json`` says: a later ``prepare`` into the same folder
         that did not finish replaces shards but not the index, and its rows would otherwise be
-        read as windows of another length (or other rows) without a word."""
+        read as windows of another length (or other rows) without a word; a shard cut short
+        (a copy or a download that stopped) must not be read past its end."""
         r = self.recordings[rec]
+        path = self.root / r["shard"]
         expected = (int(r["n_windows"]), len(r["input_chans"]) - 1, self.window_seconds, 200)
-        dtype = r.get("dtype")
-        if array.shape != expected or (dtype is not None and array.dtype != np.dtype(dtype)):
+        with open(path, "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f".npy format version {version} is not one prepare writes")
+            except ValueError as err:
+                raise ValueError(
+                    f"{path}: not a readable shard ({err}); delete it and run "
+                    "`eegfast prepare` on the folder again"
+                ) from err
+            offset = f.tell()
+            size = os.fstat(f.fileno()).st_size
+        want = r.get("dtype")
+        if shape != expected or fortran or (want is not None and dtype != np.dtype(want)):
             raise ValueError(
-                f"{self.root / r['shard']}: shard holds {array.dtype} {array.shape}, index.json "
-                f"says {dtype} {expected}; the folder was changed by a `prepare` that did not "
-                "finish: run `eegfast prepare` on it again"
+                f"{path}: shard holds {dtype} {shape}, index.json says {want} {expected}; "
+                "the folder was changed by a `prepare` that did not finish: run "
+                "`eegfast prepare` on it again"
             )
+        need = offset + math.prod(shape) * dtype.itemsize
+        if size < need:
+            raise ValueError(
+                f"{path}: shard is truncated ({size} bytes, its {dtype} {shape} need {need}); "
+                "delete it and run `eegfast prepare` on the folder again"
+            )
+        return str(path), offset, dtype
+
+    def _read_rows(self, rec: int, rows: Sequence[int], out: Sequence[np.ndarray]) -> None:
+        """Read rows ``rows`` (at least one) of recording ``rec``'s shard into the float32
+        arrays ``out`` (each (C, A, 200), C-contiguous): one open, one read per row."""
+        path, offset, dtype = self._shard(rec)
+        n_bytes = out[0].size * dtype.itemsize
+        scratch = None if dtype == np.float32 else np.empty(out[0].shape, dtype)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            for w, dst in zip(rows, out, strict=True):
+                target = dst if scratch is None else scratch
+                if _read_at(fd, memoryview(target).cast("B"), offset + w * n_bytes) != n_bytes:
+                    raise ValueError(
+                        f"{path}: shard is shorter than its header says (row {w}); delete it "
+                        "and run `eegfast prepare` on the folder again"
+                    )
+                if scratch is not None:
+                    # torch's half -> float cast is vectorised; numpy's is many times slower
+                    torch.from_numpy(dst).copy_(torch.from_numpy(scratch))
+        finally:
+            os.close(fd)
 
     @property
     def subjects(self) -> list[str]:
@@ -175,7 +225,9 @@ class ShardDataset(Dataset):
         rec = int(self._rec[i])
         r = self.recordings[rec]
         row = int(self._row[i])
-        x = torch.from_numpy(np.array(self._array(rec)[row], dtype=np.float32))
+        x = np.empty((int(self._n_channels[rec]), self.window_seconds, 200), np.float32)
+        self._read_rows(rec, [row], [x])
+        x = torch.from_numpy(x)
         return {
             "x": x,
             "input_chans": self._input_chans[rec],
@@ -212,20 +264,13 @@ class ShardDataset(Dataset):
             x.zero_()
         x_np = x.numpy()
         input_chans = torch.zeros((len(idx), c_max + 1), dtype=torch.long)
-        # One memcpy (float32 shards) or one vectorised cast (float16) per window, straight from
-        # the memory map into the batch: faster than a fancy-index gather plus a second copy.
-        for j, (r, w) in enumerate(zip(rec.tolist(), row.tolist(), strict=True)):
-            src = self._array(r)[w]
-            c = src.shape[0]
-            if src.dtype == np.float32:
-                x_np[j, :c] = src
-            else:
-                x[j, :c].copy_(torch.from_numpy(src))
         cuts = np.flatnonzero(np.diff(rec)) + 1
-        for start in np.concatenate([[0], cuts]).tolist():
+        bounds = np.concatenate([[0], cuts, [len(idx)]]).tolist()
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
             r = int(rec[start])
-            stop = start + int((rec[start:] == r).sum())
             c = int(self._n_channels[r])
+            # Each window is read (float32) or cast (float16) straight into its batch row.
+            self._read_rows(r, row[start:stop].tolist(), [x_np[j, :c] for j in range(start, stop)])
             input_chans[start:stop, : c + 1] = self._input_chans[r]
         mask = torch.from_numpy(
             np.arange(c_max)[None, :] >= n_ch[:, None]
@@ -307,13 +352,20 @@ class ElectrodeSetBatchSampler(Sampler[list[int]]):
         self.sampler = sampler
         self.seed = seed
         self.epoch = 0
+        # The next epoch's order, drawn early by __len__: with a random ``sampler`` (and
+        # groups) the number of batches depends on the draw, so len() and the epoch that
+        # follows it must share one.
+        self._next_order: np.ndarray | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self._next_order = None
 
     def _order(self) -> np.ndarray:
         if self.sampler is not None:
-            return np.fromiter((int(i) for i in self.sampler), dtype=np.int64)
+            if self._next_order is None:
+                self._next_order = np.fromiter((int(i) for i in self.sampler), dtype=np.int64)
+            return self._next_order
         if self.shuffle:
             rng = np.random.default_rng((self.seed, self.epoch))
             return rng.permutation(self.num_items)
@@ -321,6 +373,7 @@ class ElectrodeSetBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self._order()
+        self._next_order = None
         self.epoch += 1  # the next epoch gets a new permutation without set_epoch
         bs = self.batch_size
         if self.groups is None:
@@ -409,7 +462,7 @@ def make_loader(
         isinstance(dataset, Subset) and isinstance(dataset.dataset, ShardDataset)
     )
     if num_workers is None:
-        # A ShardDataset batch is one memcpy per window from the page cache into recycled
+        # A ShardDataset batch is one read per window from the page cache into recycled
         # memory; a worker process would add a copy into fresh shared memory per batch, which
         # costs more than the read itself (see bench-results/cpu_data.md).
         num_workers = 0 if fast else min(2, os.cpu_count() or 1)

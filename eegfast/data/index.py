@@ -6,7 +6,7 @@ A folder written by ``eegfast prepare`` holds::
                           entry per usable recording (its shard, electrodes, windows, labels)
     report.json/.md       summary of the run, with every bad file and its reason
     shards/<key>.npy      one shard per recording: (W, C, A, 200) windows, float32 or float16,
-                          a plain .npy file opened with np.load(mmap_mode="r")
+                          a plain .npy file (np.load(path, mmap_mode="r") opens it)
     shards/<key>.json     the recording's record; written after its shard, so a recording is
                           finished exactly when its .json exists (what resuming relies on)
 
@@ -41,10 +41,16 @@ def load_index(root: str | os.PathLike) -> dict:
         raise ValueError(
             f"root: {root} is not a prepared folder (no {INDEX_NAME}); run `eegfast prepare`"
         )
-    index = json.loads(path.read_text())
-    if index.get("format_version") != FORMAT_VERSION:
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(
-            f"root: {path} has format version {index.get('format_version')}, "
+            f"root: {path} is not valid JSON ({err}); run `eegfast prepare` on {root} again"
+        ) from err
+    if not isinstance(index, dict) or index.get("format_version") != FORMAT_VERSION:
+        found = index.get("format_version") if isinstance(index, dict) else None
+        raise ValueError(
+            f"root: {path} has format version {found}, "
             f"this eegfast reads {FORMAT_VERSION}; prepare the data again"
         )
     return index

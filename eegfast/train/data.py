@@ -77,7 +77,7 @@ def load_data(roots: Sequence[str | Path], tasks: Sequence[str] = ()) -> TrainDa
     list is the first folder's, then names only later folders have; every other folder's ids
     (items and the windows its dataset yields) are renumbered to it.
     """
-    from eegfast.data import ShardDataset, load_index, read_index
+    from eegfast.data import ShardDataset, load_index
 
     if not roots:
         raise ValueError(
@@ -102,31 +102,35 @@ def load_data(roots: Sequence[str | Path], tasks: Sequence[str] = ()) -> TrainDa
     datasets, items, paths = [], [], []
     for r, root, index, keep in opened:
         dataset = ShardDataset(root, tasks=keep)
-        records = [rec for rec in read_index(root) if rec["task"] in keep]
-        if len(records) != len(dataset):
-            raise RuntimeError(
-                f"{root}: index lists {len(records)} windows, dataset {len(dataset)}"
-            )
-        # this folder's class id -> the merged id, per task (-1, no label, stays -1)
+        # this folder's class id -> the merged id, per task; slot -1 keeps "no label" at -1
         remap = {
-            task: np.array([label_names[task].index(n) for n in index["tasks"][task]["labels"]])
+            task: np.array(
+                [label_names[task].index(n) for n in index["tasks"][task]["labels"]] + [-1],
+                dtype=np.int64,
+            )
             for task in keep
         }
-        labels = np.empty(len(records), np.int64)
-        for i, rec in enumerate(records):
-            label = int(rec["label"])
-            labels[i] = int(remap[rec["task"]][label]) if label >= 0 else -1
-            items.append(
+        window_seconds = int(index["window_seconds"])
+        labels = []
+        # Items are built per recording (the dataset's recordings, in its item order): one
+        # electrode tuple shared by a recording's windows, labels renumbered in one step.
+        for rec in dataset.recordings:
+            ids = remap[rec["task"]][np.asarray(rec["labels"], dtype=np.int64)]
+            labels.append(ids)
+            electrodes = tuple(rec["input_chans"])
+            items += [
                 ItemInfo(
                     root=r,
                     task=rec["task"],
                     subject=rec["subject"],
                     recording=rec["file"],
-                    label=int(labels[i]),
-                    electrodes=tuple(rec["input_chans"]),
-                    window_seconds=int(index["window_seconds"]),
+                    label=label,
+                    electrodes=electrodes,
+                    window_seconds=window_seconds,
                 )
-            )
+                for label in ids.tolist()
+            ]
+        labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         dataset.labels = labels  # what its items and batches carry
         datasets.append(dataset)
         paths.append(root)

@@ -29,6 +29,9 @@ class EpochBatchSampler:
             processes reproduce the plain single-process run.
         shuffle: reshuffle every epoch with ``seed + epoch``.
         drop_last: drop each group's last incomplete batch (needed for exact DDP equivalence).
+            Without it that batch is kept, padded by repeating its first items to a multiple
+            of ``micro_batches * world_size``: every item is seen at least once, and every
+            micro-batch has the same number of items (at least one) on every rank.
     """
 
     def __init__(
@@ -84,10 +87,13 @@ class EpochBatchSampler:
                 members = [members[i] for i in order]
             for start in range(0, len(members), self.global_batch):
                 batch = members[start : start + self.global_batch]
-                if len(batch) < self.global_batch and (
-                    self.drop_last or len(batch) < self.world_size
-                ):
-                    continue
+                if len(batch) < self.global_batch:
+                    if self.drop_last:
+                        continue
+                    # Cut evenly below (no empty micro-batch or rank share, none left out).
+                    unit = self.micro_batches * self.world_size
+                    padded = -(-len(batch) // unit) * unit
+                    batch = [batch[i % len(batch)] for i in range(padded)]
                 batches.append(batch)
         if self.shuffle:
             order = torch.randperm(len(batches), generator=generator).tolist()

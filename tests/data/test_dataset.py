@@ -215,3 +215,129 @@ def test_make_loader_seed_decides_the_order(prepared):
         torch.manual_seed(123)  # torch's global generator has no say
         assert orders(dataset, 3) == first
         assert first[0] != first[1]  # a new permutation each epoch
+
+
+def _copy_prepared(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_or_corrupt_shard_names_the_file(prepared, tmp_path):
+    root = _copy_prepared(prepared, tmp_path / "copy")
+    ds = ShardDataset(root)
+    shard = root / ds.recordings[1]["shard"]
+    with open(shard, "r+b") as f:  # a copy that stopped part-way
+        f.truncate(shard.stat().st_size - 1000)
+    first_of_1 = int(np.flatnonzero(ds._rec == 1)[0])
+    for read in (lambda: ds[first_of_1], lambda: ds.get_batch([0, first_of_1])):
+        with pytest.raises(ValueError, match=f"{shard.name}: shard is truncated"):
+            read()
+    other = root / ds.recordings[2]["shard"]
+    other.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=f"{other.name}: not a readable shard"):
+        ShardDataset(root).get_batch([int(np.flatnonzero(ds._rec == 2)[0])])
+
+
+def test_corrupt_index_names_the_file(prepared, tmp_path):
+    root = _copy_prepared(prepared, tmp_path / "copy")
+    text = (root / "index.json").read_text()
+    (root / "index.json").write_text(text[: len(text) // 2])  # cut short
+    with pytest.raises(ValueError, match=r"index.json is not valid JSON"):
+        ShardDataset(root)
+    (root / "index.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="format version None"):
+        ShardDataset(root)
+
+
+def test_more_recordings_than_open_file_limit(prepared, tmp_path):
+    """Recordings are read without holding a file (or a memory map, which holds one) open per
+    recording: a folder of more recordings than the open-file limit loads whole epochs."""
+    import json
+    import resource
+
+    index = json.loads((prepared / "index.json").read_text())
+    rec = index["recordings"][-1]
+    rows = np.load(prepared / rec["shard"])[:2]
+    (tmp_path / "shards").mkdir()
+    n_recordings = 300
+    recordings = []
+    for i in range(n_recordings):
+        np.save(tmp_path / "shards" / f"r{i}.npy", rows + rows.dtype.type(i))
+        recordings.append(
+            dict(rec, file=f"r{i}.edf", shard=f"shards/r{i}.npy", n_windows=2)
+            | {"starts": rec["starts"][:2], "labels": rec["labels"][:2]}
+        )
+    (tmp_path / "index.json").write_text(json.dumps(index | {"recordings": recordings}))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 200), hard))
+    try:
+        ds = ShardDataset(tmp_path)
+        seen = []
+        for batch in make_loader(ds, 16, shuffle=True, num_workers=0, pin_memory=False):
+            seen += batch["index"].tolist()
+            first = batch["x"][:, 0, 0, 0].numpy()  # row r, recording i: rows[r] + i
+            expected = [
+                rows[k % 2, 0, 0, 0] + rows.dtype.type(k // 2) for k in batch["index"].tolist()
+            ]
+            np.testing.assert_array_equal(first, np.asarray(expected, np.float32))
+        assert sorted(seen) == list(range(2 * n_recordings))
+        items = [ds[i]["x"] for i in range(len(ds))]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    last = rows[1] + rows.dtype.type(n_recordings - 1)  # what the last shard holds
+    assert torch.equal(items[-1], torch.from_numpy(last.astype(np.float32)))
+
+
+def test_reads_without_preadv(prepared, monkeypatch):
+    ds = ShardDataset(prepared)
+    expected = ds.get_batch([0, 5, 61, 100])
+    monkeypatch.delattr("os.preadv", raising=False)  # platforms without it: lseek + readinto
+    fallback = ShardDataset(prepared).get_batch([0, 5, 61, 100])
+    torch.testing.assert_close(fallback["x"], expected["x"], rtol=0, atol=0)
+
+
+def test_batch_sampler_len_matches_random_sampler_epochs():
+    from torch.utils.data import WeightedRandomSampler
+
+    groups = np.array([0] * 10 + [1] * 7 + [2] * 3)
+    weighted = WeightedRandomSampler(
+        torch.ones(20), 20, replacement=True, generator=torch.Generator().manual_seed(0)
+    )
+    sampler = ElectrodeSetBatchSampler(groups, 4, sampler=weighted)
+    counts = []
+    for _ in range(20):
+        expected = len(sampler)  # what DataLoader's len() says before the epoch
+        batches = list(sampler)
+        assert len(batches) == expected
+        counts.append(len(batches))
+    assert len(set(counts)) > 1  # the draws did differ in their number of batches
+
+
+@pytest.mark.parametrize("world_size, micro_batches", [(1, 4), (2, 2), (2, 1), (3, 1)])
+def test_epoch_sampler_keep_last_has_no_empty_batches(world_size, micro_batches):
+    from eegfast.train.sampler import EpochBatchSampler
+
+    keys = ["a"] * 13 + ["b"] * 3 + ["c"] * 1
+    global_batch = 4 * micro_batches * world_size // (2 if world_size == 2 else 1)
+    per_rank = []
+    for rank in range(world_size):
+        sampler = EpochBatchSampler(
+            keys,
+            global_batch,
+            micro_batches=micro_batches,
+            world_size=world_size,
+            rank=rank,
+            drop_last=False,
+            seed=3,
+        )
+        per_rank.append(list(sampler))
+        assert len(per_rank[-1]) == len(sampler)
+    sizes = [[len(b) for b in batches] for batches in per_rank]
+    assert all(s == sizes[0] for s in sizes)  # every rank steps the same number of times
+    assert all(n > 0 for n in sizes[0])
+    seen = {i for batches in per_rank for b in batches for i in b}
+    assert seen == set(range(len(keys)))  # nothing left out
+    for batches in per_rank:
+        assert all(len({keys[i] for i in b}) == 1 for b in batches)
