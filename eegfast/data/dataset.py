@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from eegfast.data.index import load_index
 
@@ -450,7 +450,8 @@ def make_loader(
         any dataset of items as ``ShardDataset`` yields them (collated with ``collate_padded``).
     group_by_electrode_set : every batch holds one electrode set (no padding); else batches mix
         sets and pad (``channel_padding_mask``).
-    sampler : order of item indices (overrides ``shuffle``), e.g. a weighted sampler.
+    sampler : order of item indices (overrides ``shuffle``), e.g. a weighted sampler (not a
+        ``DistributedSampler`` with grouping: ranks would get different numbers of batches).
     seed : the shuffled order (a new permutation each epoch; the same seed, the same epochs).
     num_workers : default 0 for a ``ShardDataset`` (its batches are memory copies, fastest in
         this process), else ``min(2, cpu count)``. pin_memory : default when CUDA is available
@@ -458,6 +459,15 @@ def make_loader(
     Batch rows of a ``ShardDataset`` come sorted by shard inside each batch (the set of rows is
     what the sampler chose); ``batch["index"]`` says which items they are.
     """
+    if group_by_electrode_set and isinstance(sampler, DistributedSampler):
+        # Each rank's share of the items splits into its own number of one-set batches, so the
+        # ranks' loops end at different steps and DDP waits forever for the missing ones.
+        raise ValueError(
+            "sampler: a DistributedSampler with group_by_electrode_set=True gives the ranks "
+            "different numbers of batches (DDP would hang); use "
+            "eegfast.train.sampler.EpochBatchSampler (equal batches per rank, one electrode set "
+            "each, as the training commands do), or group_by_electrode_set=False"
+        )
     fast = isinstance(dataset, ShardDataset) or (
         isinstance(dataset, Subset) and isinstance(dataset.dataset, ShardDataset)
     )

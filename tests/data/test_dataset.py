@@ -341,3 +341,19 @@ def test_epoch_sampler_keep_last_has_no_empty_batches(world_size, micro_batches)
     assert seen == set(range(len(keys)))  # nothing left out
     for batches in per_rank:
         assert all(len({keys[i] for i in b}) == 1 for b in batches)
+
+
+def test_distributed_sampler_with_grouping_is_refused(prepared):
+    """Grouped by electrode set, each rank's share split into its own number of batches (on the
+    sample, [6, 7] for two ranks): a DDP loop over them hangs at the missing step."""
+    from torch.utils.data import DistributedSampler
+
+    ds = ShardDataset(prepared)
+    counts = []
+    for rank in (0, 1):
+        sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=2)
+        with pytest.raises(ValueError, match="different numbers of batches.*EpochBatchSampler"):
+            make_loader(ds, 16, shuffle=False, sampler=sampler)
+        loader = make_loader(ds, 16, shuffle=False, sampler=sampler, group_by_electrode_set=False)
+        counts.append(len(list(loader)))
+    assert counts[0] == counts[1]
