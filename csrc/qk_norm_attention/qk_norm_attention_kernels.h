@@ -904,7 +904,20 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
   const int64_t Np = (N + W - 1) / W * W;  // keys of the panels that hold one < N
   ks.panels.resize(Nk * D);
   std::fill(ks.panels.begin() + Np * D, ks.panels.end(), T(0));
-  const bool copy_values = !backward && !whole_vector_rows<scalar_t, T>(D, p.v.sd);
+  const bool* padding = p.key_padding ? p.key_padding + b * N : nullptr;
+  // Padding keys are ignored, whatever they hold: their probabilities are 0, but 0 times a NaN
+  // or inf value is NaN. The forward then reads copies of the values with those rows zeroed
+  // (the backward zeroes its value panels' padding lanes below).
+  bool nonfinite_padding_values = false;
+  if (!backward && padding != nullptr)
+    for (int64_t j = 0; j < N && !nonfinite_padding_values; ++j) {
+      if (!padding[j]) continue;
+      const scalar_t* row = p.v.row(b, h, j);
+      for (int64_t d = 0; d < D; ++d)
+        if (!std::isfinite(static_cast<T>(row[d * p.v.sd]))) nonfinite_padding_values = true;
+    }
+  const bool copy_values =
+      !backward && (nonfinite_padding_values || !whole_vector_rows<scalar_t, T>(D, p.v.sd));
   if (copy_values) {
     std::vector<T>& rows = ks.value_rows;
     rows.resize(Nk * Dv);
@@ -919,7 +932,6 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
   ks.ids.resize(Nk);
   std::fill(ks.bias.begin() + N, ks.bias.end(), -inf);
   std::fill(ks.ids.begin() + N, ks.ids.end(), 0);
-  const bool* padding = p.key_padding ? p.key_padding + b * N : nullptr;
   alignas(64) T mean[W], rstd[W], norm2[W];
   // The largest squared key norm, lane-wise (lanes past N hold 0), and which lanes saw NaN.
   vec_t<T> max_norm2{};
@@ -946,6 +958,17 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
           k_stats[2 * (j0 + jj) + 1] = rstd[jj];
         }
     }
+    // Padding keys' lanes hold zeros: a NaN or inf key would make its masked scores NaN
+    // (NaN + -inf), the forward's rows NaN and the backward's sums NaN.
+    if (padding != nullptr)
+      for (int jj = 0; jj < valid; ++jj) {
+        if (!padding[j0 + jj]) continue;
+        for (int64_t d = 0; d < D; ++d) {
+          panel[d * W + jj] = T(0);
+          if (backward) ks.hat_panels[j0 * D + d * W + jj] = T(0);
+        }
+        norm2[jj] = T(0);
+      }
     for (int half = 0; half < W / L; ++half) {
       const vec_t<T> n2 = vload(norm2 + half * L);
       max_norm2 = n2 > max_norm2 ? n2 : max_norm2;
@@ -956,9 +979,18 @@ EEGFAST_INLINE void prepare_keys(const Problem<scalar_t, T>& p, int64_t b, int64
     for (int64_t j0 = 0; j0 < N; j0 += W)
       gather_rows_to_lanes(p.v, b, h, j0, static_cast<int>(std::min<int64_t>(W, N - j0)), W, D,
                            ks.value_panels.data() + j0 * D, W);
+    if (padding != nullptr)
+      for (int64_t j = 0; j < N; ++j)
+        if (padding[j])
+          for (int64_t d = 0; d < D; ++d)
+            ks.value_panels[(j / W) * W * D + d * W + j % W] = T(0);
   } else if (copy_values) {
-    for (int64_t j = 0; j < N; ++j)
-      load_row(p.v.row(b, h, j), p.v.sd, D, ks.value_rows.data() + j * Dv);
+    for (int64_t j = 0; j < N; ++j) {
+      if (nonfinite_padding_values && padding[j])
+        std::fill(ks.value_rows.begin() + j * Dv, ks.value_rows.begin() + j * Dv + D, T(0));
+      else
+        load_row(p.v.row(b, h, j), p.v.sd, D, ks.value_rows.data() + j * Dv);
+    }
     ks.values = ks.value_rows.data();
     ks.value_stride = Dv;
     ks.value_last_chunk = Dv - L;
@@ -1491,6 +1523,7 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
   const Problem<scalar_t, T>& p = a.p;
   const int64_t D = p.D, N = p.N, Nk = p.Nk;
   const T* k_stats = a.k_stats + bh * N * 2;
+  const bool* padding = p.key_padding ? p.key_padding + (bh / p.H) * N : nullptr;
   // per dim d, L lanes each: the weight gradient sums, then this vector of keys'
   // d(normalised key) times the weight (g), dv and dk. No bias gradient: it is exactly zero
   // (the key bias adds q_n . k_b to every score of a query row, which the softmax ignores).
@@ -1502,7 +1535,9 @@ EEGFAST_INLINE void backward_keys(const BackwardArgs<scalar_t, T>& a, int64_t bh
     // element (j, d) of a key-lane block: ((j / kKeyBlock) D + d) kKeyBlock + j % kKeyBlock
     const int64_t at = (j0 / kKeyBlock) * D * kKeyBlock + j0 % kKeyBlock;
     const T* hat = hat_panels + (j0 / W) * D * W + j0 % W;  // dim d at hat[d W]
-    for (int l = 0; l < L; ++l) rstd[l] = l < valid ? k_stats[2 * (j0 + l) + 1] : T(0);
+    // (0 for padding keys too: their rstd is NaN for a NaN key, and their gradients are 0)
+    for (int l = 0; l < L; ++l)
+      rstd[l] = l < valid && !(padding && padding[j0 + l]) ? k_stats[2 * (j0 + l) + 1] : T(0);
     vec_t<T> sum_g{}, sum_gh{};
     for (int64_t d = 0; d < D; ++d) {
       vec_t<T> dk_d{}, dv_d{};

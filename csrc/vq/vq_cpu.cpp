@@ -80,7 +80,10 @@ PackedCodebook pack_codebook(const at::Tensor& codebook, Metric metric) {
     float* dst = panels + (k / kPanelCodes) * D * kPanelCodes + (k % kPanelCodes);
     for (int64_t d = 0; d < D; ++d) dst[d * kPanelCodes] = static_cast<float>(c[k * D + d] * scale);
     bias[k] = metric == Metric::kCosine ? 0.0f : static_cast<float>(-0.5 * norm[k] * norm[k]);
-    if (!(norm[k] <= max_norm)) max_norm = norm[k];  // also propagates NaN / inf
+    // Over the finite codes only, as the reference's tie scale: a NaN / inf code's fp32 score
+    // is NaN (never a best or runner-up), and a NaN here used to be overwritten by the next
+    // code's norm (so C could be too small for the error bound), an inf made every row a tie.
+    if (std::isfinite(norm[k]) && norm[k] > max_norm) max_norm = norm[k];
   }
   packed.max_norm = max_norm;
   return packed;
@@ -160,6 +163,8 @@ int64_t rescore_row_float64(const ChunkArgs& a, int64_t row) {
   };
   double best = -std::numeric_limits<double>::infinity();
   for (int64_t k = 0; k < a.K; ++k) best = std::max(best, score_of(k));
+  // No code with a usable score (every code NaN, or inf under l2): no nearest code.
+  if (best == -std::numeric_limits<double>::infinity()) return -1;
   const double tol = a.metric == Metric::kCosine
                          ? kTieTolerance
                          : kTieTolerance * (z_sq + a.codes->max_norm * a.codes->max_norm);
@@ -217,7 +222,18 @@ void finish_row(const ChunkArgs& a, int64_t row, const RowState& s) {
       a.metric == Metric::kCosine
           ? z_norm
           : z_norm * a.codes->max_norm + a.codes->max_norm * a.codes->max_norm;
-  const double tolerance = 4.0 * double(a.D + 4) * kUnitRoundoff * bound_scale;
+  // The fp32 error bound, plus fp32 underflow (each product and sum of subnormals may be off by
+  // up to the smallest subnormal), plus the reference's tie tolerance in these units (fp32
+  // score = cosine * max(|z|, eps); l2: (|z|^2 - distance) / 2): a gap within it means codes
+  // the reference counts as tied (|z| < 1e-12 under cosine, |z| >> C under l2), which only
+  // the float64 re-scoring resolves to the lowest index.
+  const double tie_scale = a.metric == Metric::kCosine
+                               ? 2.0 * std::max(z_norm, kNormEps)
+                               : z_sq + a.codes->max_norm * a.codes->max_norm;
+  const double tolerance = 4.0 * double(a.D + 4) *
+                               (kUnitRoundoff * bound_scale +
+                                double(std::numeric_limits<float>::denorm_min())) +
+                           kTieTolerance * tie_scale;
   const double gap = double(s.best[lane]) - double(second);
   int64_t code = s.best_code[lane];
   if (!(gap > tolerance) || !std::isfinite(s.best[lane])) code = rescore_row_float64(a, row);

@@ -126,8 +126,17 @@ def qk_norm_attention_reference(
         bias = None if bias is None else bias.to(compute)
         return F.layer_norm(x.to(compute), (D,), weight, bias, eps)
 
+    padded = None if key_padding_mask is None else key_padding_mask.to(q.device)[:, None, :, None]
+    if padded is not None:
+        # Padding keys are ignored whatever they hold: their weights are 0, but 0 times a NaN
+        # or inf value (or key, in the backward's products) is NaN. where(), not a product, so
+        # that their own gradients are 0 as well.
+        k = torch.where(padded, 0, k)
+        v = torch.where(padded, 0, v)
     qn = norm(q, q_norm_weight, q_norm_bias)
     kn = norm(k, k_norm_weight, k_norm_bias)
+    if padded is not None:
+        kn = torch.where(padded, 0, kn)  # (eps = 0 makes the zero rows' LayerNorm NaN)
     scores = (qn * scale) @ kn.transpose(-2, -1)  # (B, H, N, N)
     visible = visible_keys(
         q.shape[0],
@@ -650,7 +659,9 @@ def qk_norm_attention(
             parameters shared by all heads, or None (no scale / no shift).
         eps: LayerNorm epsilon (added to the variance).
         scale: multiplies the scores; default ``D ** -0.5``.
-        key_padding_mask: (B, N) bool, True where a KEY is padding and must be ignored.
+        key_padding_mask: (B, N) bool, True where a KEY is padding and must be ignored: what
+            its k and v rows hold (NaN or inf included) reaches neither the output nor any
+            gradient, and their own gradients are 0.
         causal: query i sees key j only if ``j <= i``.
         block_causal: (N,) integer block id of every token (e.g. its time patch); query i sees
             key j only if ``block_causal[j] <= block_causal[i]``.

@@ -423,6 +423,13 @@ def _visible(
 
 
 @triton.jit
+def _zero_padding_keys(x, pad_ptr, b, cols, N):
+    """x (len(cols), BLOCK_D) with the rows of padding keys of batch b set to 0, same dtype."""
+    k_pad = tl.load(pad_ptr + b * N + cols, mask=cols < N, other=1)
+    return tl.where((k_pad != 0)[:, None], 0.0, x).to(x.dtype)
+
+
+@triton.jit
 def _visible_tile(rows, cols, q_ids, k_ids, b, pad_ptr, N, HAS_PAD: tl.constexpr,
                   CAUSAL: tl.constexpr, BLOCK_CAUSAL: tl.constexpr):  # fmt: skip
     """(len(rows), len(cols)) bool: query rows[i] sees key cols[j], the padding mask of batch
@@ -556,6 +563,8 @@ def _fwd_tile(
             k_hat, k_mean, k_rstd = _layer_norm_stats(k, dims < D, D, eps)
             k_n = _affine(k_hat, k_w_ptr, k_b_ptr, dims, D, HAS_K_W, HAS_K_B).to(dtype)
         v = _plain_rows(v_base, v_p_ptr, pid_bh, cols, svn, N, dtype, D, PADDED_PLAIN, BLOCK_D)
+        if HAS_PAD:  # padding keys' p is 0, but 0 times a NaN or inf value is NaN
+            v = _zero_padding_keys(v, pad_ptr, b, cols, N)
         scores = tl.dot(q_n, tl.trans(k_n), input_precision=PRECISION, out_dtype=tl.float32)
         scores = scores * qk_scale_log2
         if HAS_PAD or BLOCK_CAUSAL:  # masks on every tile
@@ -941,6 +950,13 @@ def _bwd_dkdv_kernel(
     k_pad = tl.zeros([BLOCK_N], tl.int32)
     if HAS_PAD:
         k_pad = tl.load(pad_ptr + b * N + cols, mask=col_in, other=1).to(tl.int32)
+        # padding keys get zero gradients whatever they hold: zeros for their rows (0 times a
+        # NaN or inf key or value was NaN in dS, dQ and the LayerNorm parameters' sums)
+        padded = k_pad != 0
+        k_hat = tl.where(padded[:, None], 0.0, k_hat)
+        k_rstd = tl.where(padded, 0.0, k_rstd)
+        k_n = tl.where(padded[:, None], 0.0, k_n).to(dtype)
+        v = tl.where(padded[:, None], 0.0, v).to(dtype)
     k_ids = cols
     if BLOCK_CAUSAL:
         k_ids = tl.load(ids_ptr + cols, mask=col_in, other=_INT32_MAX)
@@ -1032,6 +1048,9 @@ def _dq_tile(
         k_n = _normalised_rows(k_base, k_n_ptr, k_stats_base, k_w_ptr, k_b_ptr, pid_bh, cols, skn,
                                N, dtype, D, PRE_NORMALISED, HAS_K_W, HAS_K_B, BLOCK_D)  # fmt: skip
         v = _plain_rows(v_base, v_p_ptr, pid_bh, cols, svn, N, dtype, D, PADDED_PLAIN, BLOCK_D)
+        if HAS_PAD:  # (dS = 0 · NaN and 0 · a NaN key are NaN, see _fwd_tile)
+            k_n = _zero_padding_keys(k_n, pad_ptr, b, cols, N)
+            v = _zero_padding_keys(v, pad_ptr, b, cols, N)
         scores = tl.dot(q_n, tl.trans(k_n), input_precision=PRECISION, out_dtype=tl.float32)
         p = tl.math.exp2(scores * qk_scale_log2 - lse2[:, None])
         # without masks only the tail tiles compare keys with N: a key past N has p of its own

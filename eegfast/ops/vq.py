@@ -46,8 +46,10 @@ def vq_nearest_reference(
 
     Score of code k for row z: cosine ``z·c_k / (max(|z|, eps) max(|c_k|, eps))`` (maximised) or
     l2 ``|z - c_k|^2`` (minimised). Among codes within ``TIE_TOLERANCE`` (relative to the
-    score scale) of the best, the lowest index wins. Rows with a NaN or inf element get index
-    -1 and score NaN. NaN codes are never chosen.
+    score scale, the largest norm of a finite code for l2) of the best, the lowest index wins.
+    Rows with a NaN or inf element get index -1 and score NaN. Codes with a NaN or inf element
+    are never chosen (their score is NaN or an infinite distance); a row that no code can score
+    (every code non-finite) gets index -1 and score NaN as well.
 
     Args:
         z: (N, D) float tensor.
@@ -65,12 +67,16 @@ def vq_nearest_reference(
         tolerance = torch.full_like(z_sq, TIE_TOLERANCE)
     else:
         scores = -(z_sq[:, None] - 2 * dots + (c_norm * c_norm)[None, :])
-        tolerance = TIE_TOLERANCE * (z_sq + c_norm.max() ** 2)
+        # finite codes only: one NaN code made the tolerance NaN (no candidate: index 0 for
+        # every row), one inf code made it inf (every code a candidate: index 0 again)
+        finite_norm = torch.where(torch.isfinite(c_norm), c_norm, 0.0)
+        tolerance = TIE_TOLERANCE * (z_sq + finite_norm.max() ** 2)
     scores = scores.nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
     best = scores.max(dim=1).values
     is_candidate = scores >= (best - tolerance)[:, None]
     indices = is_candidate.to(torch.int8).argmax(dim=1)  # first candidate = lowest index
-    finite = torch.isfinite(z64).all(dim=1)
+    # a best of -inf: no code has a usable score (all NaN, or all at infinite distance)
+    finite = torch.isfinite(z64).all(dim=1) & (best > -torch.inf)
     indices = torch.where(finite, indices, torch.full_like(indices, -1))
     chosen = c64[indices.clamp_min(0)]
     z_safe = torch.where(finite[:, None], z64, 0.0)  # no NaN gradients from non-finite rows
@@ -256,7 +262,8 @@ def vq_nearest(
     lowest index) for every input dtype: fp32 accumulation with a proven error bound, and rows
     whose best and second-best scores are closer than that bound are re-scored in float64.
     Rows of ``z`` with a NaN or inf element get index -1 and score NaN (never a valid-looking
-    index); :class:`eegfast.nn.NormEMAVectorQuantizer` turns them into an error.
+    index); :class:`eegfast.nn.NormEMAVectorQuantizer` turns them into an error. Codes with a
+    NaN or inf element are never chosen; if no code is finite, every row gets -1.
     """
     _check_inputs(z, codebook, metric)
     chosen = resolve_backend(backend, z.device, GPU_PREFERENCE)

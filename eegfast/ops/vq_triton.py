@@ -24,6 +24,7 @@ from eegfast.ops.vq import (
 )
 
 _UNIT_ROUNDOFF = {"ieee": 2.0**-24, "tf32x3": 2.0**-20}
+_FP32_SUBNORMAL_MIN = 2.0**-149  # the absolute error of an fp32 product or sum that underflows
 # The nearest-code kernel's D tiles, by input element size. D up to _MAX_BLOCK_D is one tile
 # (z's rows loaded once); past it the kernel adds the scores up over chunks of _CHUNK_D, BLOCK_N
 # 64. Compiled for sm_90 (Triton 3.9, 3 stages, 4 warps), one tile of all D took 197 KB of
@@ -149,7 +150,9 @@ def _rescore_kernel(
         codes = k0 + tl.arange(0, BLOCK_K)
         hit = (scores >= best_all - tolerance) & (codes < K)
         first = tl.minimum(first, tl.where(hit, codes, 2147483647))
-    tl.store(best_code_ptr + row, tl.min(first, axis=0))
+    # best -inf: every code NaN (or at infinite distance), none is chosen
+    chosen = tl.where(best_all == float("-inf"), -1, tl.min(first, axis=0))
+    tl.store(best_code_ptr + row, chosen)
 
 
 @triton.jit
@@ -280,7 +283,14 @@ def vq_nearest_triton(
     z_sq = (z64 * z64).sum(1)
     finite = torch.isfinite(z64).all(dim=1)
     bound_scale = z_sq.sqrt() if metric == "cosine" else z_sq.sqrt() * max_norm + max_norm**2
-    tolerance = 4.0 * (D + 4) * _UNIT_ROUNDOFF[precision] * bound_scale
+    # + fp32 underflow (subnormal products and sums), + the reference's tie tolerance in the
+    # kernel's units (cosine · max(|z|, eps); l2: (|z|^2 - distance) / 2): codes the reference
+    # counts as tied (|z| < 1e-12 under cosine, |z| >> the code norms under l2) are re-scored
+    tie_scale = 2.0 * z_sq.sqrt().clamp_min(NORM_EPS) if metric == "cosine" else z_sq + max_norm**2
+    tolerance = (
+        4.0 * (D + 4) * (_UNIT_ROUNDOFF[precision] * bound_scale + _FP32_SUBNORMAL_MIN)
+        + TIE_TOLERANCE * tie_scale
+    )
     gap = best.double() - second.double()
     flags = finite & ~((gap > tolerance) & torch.isfinite(best))
     if N > 0:
@@ -298,6 +308,8 @@ def vq_nearest_triton(
                 BLOCK_K=64,
                 BLOCK_D=full_block_d,
             )
+    # (best_code -1: the re-scoring found no code with a usable score, see _rescore_kernel)
+    finite = finite & (best_code >= 0)
     indices = torch.where(finite, best_code.long(), torch.full_like(best_code, -1).long())
     chosen = code64[indices.clamp_min(0)]
     if metric == "cosine":

@@ -1215,3 +1215,52 @@ def test_cpu_amx_forward_leaves_other_cases_to_the_float_kernels(kind, monkeypat
     expected = run(case, "reference", dtype=torch.float32)
     tol = 4e-3 if dtype == torch.float16 else 3e-2
     assert_all_close(run(case, "cpu"), [e.double() for e in expected], tol, result_names(case))
+
+
+def _attention_backends():
+    """The reference, C++ and, where the interpreter or a GPU runs it, Triton."""
+    from eegfast.ops import available_backends
+
+    return ["reference", "cpu"] + (["triton"] if available_backends()["triton"].available else [])
+
+
+@pytest.mark.parametrize("backend", _attention_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("d", [8, 20])  # whole vectors (v read in place) and a copied tail
+def test_padding_keys_holding_nan_reach_no_output_or_gradient(backend, dtype, d):
+    """key_padding_mask promises the padding keys are ignored: NaN / inf in their k or v rows
+    changed nothing in the output or gradients (the same call with those rows zeroed), and
+    their own gradients are 0. The C++ forward turned a NaN padding key into NaN rows (NaN +
+    -inf scores); every backend gave NaN outputs for a NaN padding value (0 · NaN) and NaN dq
+    and LayerNorm-parameter gradients for a NaN padding key."""
+    gen = torch.Generator().manual_seed(3)
+    b, h, n = 2, 2, 37
+    q, k, v = (torch.randn(b, h, n, d, generator=gen).to(dtype) for _ in range(3))
+    w = (1 + 0.3 * torch.randn(d, generator=gen)).to(dtype)
+    bias = (0.2 * torch.randn(d, generator=gen)).to(dtype)
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    mask[0, 30:] = True
+    mask[1, ::3] = True
+    clean_k, clean_v = (t.masked_fill(mask[:, None, :, None], 0) for t in (k, v))
+    bad_k, bad_v = clean_k.clone(), clean_v.clone()
+    bad_k[0, 0, 31, 2] = float("nan")
+    bad_k[1, 1, 3] = float("inf")
+    bad_v[0, 1, 33, 0] = float("nan")
+    bad_v[1, 0, 6, 1] = float("-inf")
+
+    def run(k_in, v_in):
+        leaves = [t.clone().requires_grad_() for t in (q, k_in, v_in, w, bias)]
+        qq, kk, vv, ww, bb = leaves
+        out = qk_norm_attention(qq, kk, vv, ww, bb, ww, bb, key_padding_mask=mask,
+                                backend=backend)  # fmt: skip
+        (out.float() * torch.linspace(-1, 1, d)).sum().backward()
+        return [out.detach()] + [t.grad for t in leaves]
+
+    expected = run(clean_k, clean_v)
+    got = run(bad_k, bad_v)
+    names = ("out", "dq", "dk", "dv", "dw", "db")
+    for name, e, g in zip(names, expected, got, strict=True):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-3, msg=name)
+    padded = mask[:, None, :, None].expand(b, h, n, d)
+    assert (got[2][padded] == 0).all() and (got[3][padded] == 0).all()

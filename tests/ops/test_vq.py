@@ -509,3 +509,58 @@ def test_widest_nearest_tiles_fit_h100_shared_memory():
             (kernel,) = compile_for_sm90("eegfast.ops.vq_triton", [spec]).values()
             assert kernel["shared_bytes"] <= 227 * 1024, spec
             assert kernel["spill_bytes"] == 0, spec
+
+
+@pytest.mark.parametrize("backend", [*cpu_backends(), "reference"])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_non_finite_codes_are_never_chosen(backend, metric, bad):
+    """A NaN or inf code anywhere in the codebook leaves every row's nearest finite code as it
+    was. Under l2 the reference took the largest code norm, NaN or inf, as its tie scale: a
+    NaN made no code a candidate and an inf made every code one (index 0 for every row, in the
+    C++ kernel too for inf); the C++ kernel's largest norm skipped a NaN code followed by
+    others."""
+    z, codebook = sample_inputs(40, 24, 8, torch.float32, seed=5)
+    expected = vq_nearest_reference(z, codebook, metric)[0]
+    spoiled = codebook.clone()
+    spoiled[[2, 9]] = float(bad)  # codes 2 and 9 whole, code 17 in one element
+    spoiled[17, 3] = float(bad)
+    keep = torch.ones(24, dtype=torch.bool)
+    keep[[2, 9, 17]] = False
+    # the nearest among the finite codes, mapped back to codebook indices
+    want = keep.nonzero().squeeze(1)[vq_nearest_reference(z, codebook[keep], metric)[0]]
+    assert not torch.equal(want, torch.zeros_like(want))
+    indices, scores = vq_nearest(z, spoiled, metric, return_scores=True, backend=backend)
+    torch.testing.assert_close(indices, want, rtol=0, atol=0)
+    assert torch.isfinite(scores).all()
+    assert (indices == expected)[keep[expected]].all()
+
+
+@pytest.mark.parametrize("backend", [*cpu_backends(), "reference"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_codebook_without_a_finite_code_gives_minus_one(backend, metric):
+    """NaN codes are never chosen: with no finite code every row gets -1 and score NaN (the
+    reference gave index 0, a NaN code; the C++ kernel 0 under cosine and -1 under l2)."""
+    z, _ = sample_inputs(10, 1, 6, torch.float32, seed=2)
+    codebook = torch.full((5, 6), float("nan"))
+    indices, scores = vq_nearest(z, codebook, metric, return_scores=True, backend=backend)
+    assert indices.tolist() == [-1] * 10
+    assert torch.isnan(scores).all()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case", ["cosine_tiny_rows", "l2_far_rows", "l2_tiny_codes"])
+def test_ties_by_the_reference_tolerance_match_at_extreme_scales(backend, case):
+    """Rows the reference counts as ties (scores within TIE_TOLERANCE of the best: cosine rows
+    with |z| < 1e-12, whose norm is clamped like F.normalize; l2 rows whose distance is
+    dominated by |z|^2) go to the lowest index. The kernels' fp32 fast path took its winner
+    whenever the gap exceeded the fp32 error bound alone, so these rows got other indices."""
+    metric = "cosine" if case.startswith("cosine") else "l2"
+    z, codebook = sample_inputs(30, 20, 8, torch.float32, seed=4)
+    if case == "cosine_tiny_rows":
+        z = z * 1e-40  # fp32 subnormals
+    elif case == "l2_far_rows":
+        z = z * 1e30
+    else:
+        codebook = codebook * 1e-40
+    check_against_reference(z, codebook, metric, backend)
