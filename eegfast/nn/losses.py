@@ -27,7 +27,7 @@ CHUNK_BYTES = 64 << 20
 class LinearCrossEntropy(NamedTuple):
     loss: torch.Tensor  # (): Σ_t token_weight[t] · CE[t], differentiable
     per_token: torch.Tensor  # (T,) fp32 CE of every token, detached
-    correct: torch.Tensor  # (T,) bool: the label's logit is the top one (ties included)
+    correct: torch.Tensor  # (T,) bool: the label is the argmax (the first of tied logits)
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -50,7 +50,7 @@ def _with_column(matrix: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, token_weight, chunk_rows, grad_enabled):
-        T = hidden.shape[0]
+        T, V = hidden.shape[0], weight.shape[0]
         dtype = _compute_dtype(hidden)
         need_h, need_w, need_b = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         E = hidden.shape[1]
@@ -70,24 +70,34 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                     h = _with_column(h, torch.ones_like(h[:, 0]))
                 logits = (h @ w.t()).float()  # (rows, V)
                 label = labels[rows]
-                target = logits.gather(1, label[:, None]).squeeze(1)
-                # the label's logit is the top one (ties count as correct)
-                correct[rows] = target >= logits.amax(dim=1)
+                # argmax as the reference's accuracy (the first of tied logits): counting ties
+                # as correct would call constant logits right for every label
+                correct[rows] = logits.argmax(dim=1) == label
                 log_p = torch.log_softmax(logits, dim=1)
                 del logits
-                per_token[rows] = log_p.gather(1, label[:, None]).squeeze(1).neg()
+                try:
+                    per_token[rows] = log_p.gather(1, label[:, None]).squeeze(1).neg()
+                except RuntimeError as err:  # on a CPU (a GPU stops at a device-side assert)
+                    if "out of bounds" not in str(err):
+                        raise
+                    raise ValueError(f"labels must be in [0, V={V}): {err}") from err
                 if not (need_h or need_w or need_b):
                     continue
                 # d(w_t · CE_t)/d logits = w_t · (softmax − onehot): softmax − onehot in place
-                # of log_p, the token weights applied to the (rows, E) sides of the products
+                # of log_p, the token weights applied to the (rows, E) sides of the products.
+                # Not in the product dtype: a GradScaler's scale only reaches these gradients in
+                # the backward, and small weights (1/T for T tokens) times the products would
+                # be fp16 subnormals or 0. grad·W is weighted in fp32; h enters gradᵀ·h weighted
+                # by w_t / max|w| (at most 1), the product then multiplied by max|w| in fp32.
                 grad = log_p.exp_()
                 grad.scatter_add_(1, label[:, None], torch.full_like(grad[:, :1], -1.0))
                 grad = grad.to(dtype)
-                weights = token_weight[rows, None].to(dtype)
+                weights = token_weight[rows, None].float()
                 if need_h:
-                    grad_h[rows] = ((grad @ w)[:, :E] * weights).to(hidden.dtype)
+                    grad_h[rows] = ((grad @ w)[:, :E].float() * weights).to(hidden.dtype)
                 if grad_w is not None:
-                    grad_w += (grad.t() @ (h * weights)).float()
+                    peak = weights.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+                    grad_w += (grad.t() @ (h * (weights / peak).to(dtype))).float() * peak
             grad_b = None
             if grad_w is not None and bias is not None:
                 grad_b = grad_w[:, E].clone() if need_b else None
@@ -99,6 +109,11 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_per_token, _grad_correct):
+        if torch.is_grad_enabled():  # create_graph: the saved gradients are constants
+            raise RuntimeError(
+                "linear_cross_entropy has no second derivative (backward with "
+                "create_graph=True); use F.cross_entropy(F.linear(...)) for that"
+            )
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scale = grad_loss.float()
         out_h = None if grad_h is None else grad_h * scale.to(grad_h.dtype)

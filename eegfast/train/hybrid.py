@@ -68,11 +68,14 @@ def hybrid_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> St
         )
     batch = to_device(batch, ctx.device)
     x, chans = batch["x"], batch["input_chans"]
+    padding = batch.get("channel_padding_mask")
     if x.shape[2] < 2:
         raise ValueError(f"hybrid pretraining needs windows of >= 2 patches, got A={x.shape[2]}")
     targets = None
     if needs_codes:
-        targets = tokenizer_codes(ctx, batch, x, chans)
+        # with the padding mask, as the masked objective: without it the tokenizer attends to
+        # the padded electrodes and codes the real ones differently
+        targets = tokenizer_codes(ctx, batch, x, chans, padding)
     mask = None
     if config.mask_weight > 0:
         num_tokens = x.shape[1] * x.shape[2]
@@ -80,7 +83,7 @@ def hybrid_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> St
             batch["index"], num_tokens, ctx.mask_ratio, seed=ctx.seed, epoch=ctx.epoch
         )
         mask = to_device_async(mask, ctx.device)
-    out = model(x, chans, targets, mask, channel_padding_mask=batch.get("channel_padding_mask"))
+    out = model(x, chans, targets, mask, channel_padding_mask=padding)
     metrics = {k: v for k, v in out.scalar_tensors().items() if k != "loss"}
     return StepOutput(out.loss, metrics)
 

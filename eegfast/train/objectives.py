@@ -216,8 +216,11 @@ def get_objective(name: str) -> StepFn:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on ``device``, but for ``index``: the windows' dataset positions
+    stay on the host, which reads them (the target cache's keys, the masks' seeds); read back
+    from a GPU they would make the host wait for the device every step."""
     return {
-        k: to_device_async(v, device) if isinstance(v, torch.Tensor) else v
+        k: to_device_async(v, device) if isinstance(v, torch.Tensor) and k != "index" else v
         for k, v in batch.items()
     }
 
@@ -233,7 +236,9 @@ def sample_masks(
     count = int(round(ratio * num_tokens))
     rows = []
     for index in indices.tolist():
-        generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + index)
+        # modulo 2**63: manual_seed refuses larger seeds (train.seed 2**31 - 1 went past it)
+        row_seed = ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63
+        generator = torch.Generator().manual_seed(row_seed)
         chosen = torch.randperm(num_tokens, generator=generator)[:count]
         row = torch.zeros(num_tokens, dtype=torch.bool)
         row[chosen] = True

@@ -174,3 +174,59 @@ def test_classification_step_adds_weighted_moe_aux_losses_and_checks_names():
     unrouted = StepContext(torch.device("cpu"), task_ids={"b": 0}, route_by_task=True)
     with pytest.raises(ValueError, match="task 'a' has no router id"):
         classification_step(model, batch, unrouted)
+
+
+def test_to_device_leaves_the_window_indices_on_the_host():
+    """``index`` is read on the host (cache keys, mask seeds): moved to a GPU, each step read it
+    back (a wait for the device). The meta device stands in for a GPU."""
+    from eegfast.train.objectives import to_device
+
+    batch = {"x": torch.randn(2, 3), "index": torch.tensor([4, 7]), "task": ["a", "a"]}
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["x"].device.type == "meta"
+    assert moved["index"].device.type == "cpu" and moved["index"].tolist() == [4, 7]
+    assert moved["task"] == ["a", "a"]
+
+
+def test_hybrid_step_codes_padded_batches_as_the_masked_step():
+    """The tokenizer gets the batch's channel padding mask in both objectives: without it the
+    hybrid step coded the real electrodes of a padded window differently (and its padding)."""
+    torch.manual_seed(0)
+    tokenizer = create_model("vqnsp_tiny").eval()
+    x = torch.randn(2, 4, 2, 200)
+    x[0, 3] = 0.0
+    padding = torch.zeros(2, 4, dtype=torch.bool)
+    padding[0, 3] = True
+    chans = torch.arange(5).repeat(2, 1)
+    chans[0, 4] = 0
+    batch = {"x": x, "input_chans": chans, "channel_padding_mask": padding}
+    batch["index"] = torch.arange(2)
+    seen = {}
+
+    def spy(name, model):
+        def forward(x, input_chans, targets, *args, **kwargs):
+            seen[name] = targets.clone()
+            return model.__class__.forward(model, x, input_chans, targets, *args, **kwargs)
+
+        model.forward = forward
+        return model
+
+    ctx = StepContext(torch.device("cpu"), tokenizer=tokenizer)
+    masked_step(spy("masked", create_model("labram_tiny_pretrain")), batch, ctx)
+    hybrid = spy("hybrid", create_hybrid_pretrain_model("labram_tiny_pretrain"))
+    hybrid_step(hybrid, batch, ctx)
+    with torch.no_grad():
+        alone = tokenizer.get_codebook_indices(x[:1, :3], chans[:1, :4])
+    assert torch.equal(seen["hybrid"], seen["masked"])
+    assert torch.equal(seen["hybrid"][0, :6], alone[0]) and (seen["hybrid"][0, 6:] == -1).all()
+
+
+@pytest.mark.parametrize("seed", [2**31 - 1, 2**62])
+def test_sample_masks_take_any_training_seed(seed):
+    """Large train.seed values overflowed torch's manual_seed (a crash at the first step)."""
+    from eegfast.train.objectives import sample_masks
+
+    mask = sample_masks(torch.tensor([0, 5]), 10, 0.3, seed=seed, epoch=2)
+    assert mask.shape == (2, 10) and mask.sum(1).tolist() == [3, 3]
+    again = sample_masks(torch.tensor([5]), 10, 0.3, seed=seed, epoch=2)
+    assert torch.equal(again[0], mask[1])  # per window, not per batch
