@@ -7,8 +7,8 @@
 //   1. prep_codebook_kernel packs the codebook as fp32 (cosine: c / max(|c|, 1e-12), |c| in
 //      float64) in tiles of 128 codes x D (d-major within a tile, zero padded to a multiple of
 //      16 features and 128 codes), with a per-code bias (0 for cosine, -|c|^2 / 2 for l2, -inf
-//      for padding codes) and the float64 norms. max_norm_kernel reduces the largest norm with
-//      the CPU's exact sequential semantics (including its NaN behaviour).
+//      for padding codes) and the float64 norms. max_norm_kernel reduces the largest finite
+//      norm, as the CPU does.
 //   2. nearest_tiles_kernel: an SGEMM-shaped fp32 kernel that never forms the (N, K) scores. A
 //      block owns 128 rows and streams a range of 128-code tiles through shared memory (cp.async,
 //      double buffered, 16 features per stage); each thread accumulates an 8 x 8 register tile
@@ -17,9 +17,10 @@
 //   3. finalize_kernel (a thread per row) merges the splits, drops rows with NaN / inf elements
 //      (index -1, score NaN), and accepts the fp32 winner only if its gap to the runner-up
 //      exceeds tol = 4 (D + 4) 2^-24 S (S = |z| for cosine, |z| C + C^2 for l2, C the largest
-//      code norm): the fp32 score of any code is within (D + 2) 2^-24 S of its exact value
-//      whatever the summation order, so such a gap proves the fp32 winner is the exact winner,
-//      on the CPU and here alike. Accepted rows get their float64 score; the rest are appended
+//      finite code norm; plus fp32 underflow and the reference's tie tolerance, as finish_row):
+//      the fp32 score of any code is within (D + 2) 2^-24 S of its exact value whatever the
+//      summation order, so such a gap proves the fp32 winner is the exact winner, on the CPU
+//      and here alike. Accepted rows get their float64 score; the rest are appended
 //      to a list in the workspace.
 //   4. rescore_kernel: a block per listed row re-scores all K codes in float64 exactly as
 //      rescore_row_float64 in vq_cpu.cpp (NaN scores -> -inf, lowest index within the tie
@@ -63,6 +64,7 @@ constexpr int kMaxNormThreads = 1024;
 constexpr double kUnitRoundoff = 5.9604644775390625e-08;  // 2^-24
 constexpr double kTieTolerance = 1e-12;
 constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
+constexpr double kFloatDenormMin = 1.401298464324817e-45;  // 2^-149
 
 static_assert(kTileThreads == (kBM / 8) * (kBN / 8), "one 8 x 8 register tile per thread");
 static_assert((kBD * kBN / 4) % kTileThreads == 0, "whole float4 copies per thread");
@@ -259,27 +261,17 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// The CPU's `if (!(norm[k] <= max_norm)) max_norm = norm[k];` from max_norm = 0, in parallel.
-// A NaN norm makes the running value NaN, and the next code then replaces it whatever its norm,
-// so the result is NaN if the last norm is NaN, else the largest norm after the last NaN (norms
-// are >= 0, +inf included). One block; also zeroes the re-check list length for this call.
+// The largest finite norm (0 if none), as pack_codebook in vq_cpu.cpp: a NaN / inf code's fp32
+// score is NaN (never a best or runner-up), so the error bound and the reference's tie scale
+// are over the finite codes. One block; also zeroes the re-check list length for this call.
 __global__ void __launch_bounds__(kMaxNormThreads)
     max_norm_kernel(const double* __restrict__ norm, int64_t K, double* __restrict__ max_norm,
                     unsigned long long* __restrict__ count) {
-  __shared__ long long sh_index[32];
   __shared__ double sh_value[32];
   if (threadIdx.x == 0) *count = 0ull;
-  long long last_nan = -1;
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
-    if (isnan(norm[k])) last_nan = k;  // ascending per thread: the last one is the largest
-  last_nan = block_reduce<true, long long>(last_nan, sh_index, -1ll);
-  if (last_nan == K - 1) {  // uniform across the block
-    if (threadIdx.x == 0) *max_norm = CUDART_NAN;
-    return;
-  }
   double m = 0.0;
-  for (int64_t k = last_nan + 1 + threadIdx.x; k < K; k += blockDim.x)
-    m = norm[k] > m ? norm[k] : m;
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
+    m = isfinite(norm[k]) && norm[k] > m ? norm[k] : m;
   m = block_reduce<true, double>(m, sh_value, 0.0);
   if (threadIdx.x == 0) *max_norm = m;
 }
@@ -484,9 +476,16 @@ __global__ void __launch_bounds__(kRowThreads)
         metric == kMetricCosine
             ? z_norm
             : __dadd_rn(__dmul_rn(z_norm, max_norm), __dmul_rn(max_norm, max_norm));
-    const double tolerance =
-        __dmul_rn(__dmul_rn(__dmul_rn(4.0, static_cast<double>(D + 4)), kUnitRoundoff),
-                  bound_scale);
+    // The fp32 error bound, plus fp32 underflow (products and sums of subnormals), plus the
+    // reference's tie tolerance in these units (finish_row in vq_cpu.cpp): a gap within it
+    // means codes the reference counts as tied, which only the float64 re-check resolves.
+    const double tie_scale =
+        metric == kMetricCosine ? __dmul_rn(2.0, std_max(z_norm, kNormEps))
+                                : __dadd_rn(z_sq, __dmul_rn(max_norm, max_norm));
+    const double tolerance = __dadd_rn(
+        __dmul_rn(__dmul_rn(4.0, static_cast<double>(D + 4)),
+                  __dadd_rn(__dmul_rn(kUnitRoundoff, bound_scale), kFloatDenormMin)),
+        __dmul_rn(kTieTolerance, tie_scale));
     const double gap = __dsub_rn(static_cast<double>(best), static_cast<double>(second));
     if (!(gap > tolerance) || !isfinite(best)) {
       list[atomicAdd(count, 1ull)] = n;  // rescore_kernel writes this row
@@ -543,6 +542,13 @@ __global__ void __launch_bounds__(kRescoreThreads)
     double local = -CUDART_INF;
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) local = std_max(local, score_of(k));
     const double best = block_reduce<true, double>(local, sh_value, -CUDART_INF);
+    if (best == -CUDART_INF) {  // no code with a usable score: no nearest code (uniform)
+      if (threadIdx.x == 0) {
+        indices[n] = -1;
+        scores[n] = CUDART_NAN_F;
+      }
+      continue;
+    }
     const double tol =
         metric == kMetricCosine
             ? kTieTolerance

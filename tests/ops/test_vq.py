@@ -564,3 +564,28 @@ def test_ties_by_the_reference_tolerance_match_at_extreme_scales(backend, case):
     else:
         codebook = codebook * 1e-40
     check_against_reference(z, codebook, metric, backend)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", METRICS)
+def test_gpu_non_finite_codes_and_extreme_scales_as_the_cpu(metric):
+    """The CUDA kernel's share of the CPU fixes (largest finite code norm, no finite code -> -1,
+    the fast path's tie and underflow terms), and Triton's, on a device: NaN / inf codes never
+    chosen, an all-NaN codebook gives -1, extreme-scale ties go to the reference's index."""
+    z, codebook = sample_inputs(40, 24, 8, torch.float32, seed=5, device="cuda")
+    keep = torch.ones(24, dtype=torch.bool, device="cuda")
+    keep[[2, 9, 17]] = False
+    want = keep.nonzero().squeeze(1)[vq_nearest_reference(z, codebook[keep], metric)[0]]
+    for backend in gpu_backends():
+        for bad in ("nan", "inf"):
+            spoiled = codebook.clone()
+            spoiled[[2, 9]] = float(bad)
+            spoiled[17, 3] = float(bad)
+            indices = vq_nearest(z, spoiled, metric, backend=backend)
+            torch.testing.assert_close(indices, want, rtol=0, atol=0, msg=f"{backend} {bad}")
+        empty = torch.full((5, 8), float("nan"), device="cuda")
+        assert vq_nearest(z, empty, metric, backend=backend).eq(-1).all(), backend
+        scaled = (z * 1e-40, codebook) if metric == "cosine" else (z * 1e30, codebook)
+        check_against_reference(*scaled, metric, backend)
+        check_against_reference(z, codebook * 1e-40, metric, backend)
