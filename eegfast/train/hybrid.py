@@ -26,6 +26,7 @@ from eegfast.models.hybrid import HybridPretrainModel, create_hybrid_model
 from eegfast.train.objectives import (
     StepContext,
     StepOutput,
+    host_token_padding,
     register_objective,
     sample_masks,
     to_device,
@@ -66,6 +67,7 @@ def hybrid_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> St
             "hybrid pretraining needs a trained tokenizer (model.tokenizer=PATH) for the masked "
             "loss and the next-code targets"
         )
+    token_padding = host_token_padding(batch)
     batch = to_device(batch, ctx.device)
     x, chans = batch["x"], batch["input_chans"]
     padding = batch.get("channel_padding_mask")
@@ -80,7 +82,12 @@ def hybrid_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> St
     if config.mask_weight > 0:
         num_tokens = x.shape[1] * x.shape[2]
         mask = sample_masks(
-            batch["index"], num_tokens, ctx.mask_ratio, seed=ctx.seed, epoch=ctx.epoch
+            batch["index"],
+            num_tokens,
+            ctx.mask_ratio,
+            seed=ctx.seed,
+            epoch=ctx.epoch,
+            padding=token_padding,
         )
         mask = to_device_async(mask, ctx.device)
     out = model(x, chans, targets, mask, channel_padding_mask=padding)

@@ -10,6 +10,7 @@ written separately).
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -225,25 +226,45 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
-def sample_masks(
-    indices: torch.Tensor, num_tokens: int, ratio: float, *, seed: int, epoch: int
-) -> torch.Tensor:
-    """(B,) dataset indices -> (B, num_tokens) bool, True = masked; exactly round(ratio*N) per row.
+def host_token_padding(batch: dict) -> torch.Tensor | None:
+    """(B, C·A) bool token padding of a host batch (electrode-major tokens), or None without a
+    padded electrode; read before the batch goes to the device (no host wait for it)."""
+    padding = batch.get("channel_padding_mask")
+    if padding is None or padding.device.type != "cpu" or not bool(padding.numpy().any()):
+        return None
+    patches = batch["x"].shape[2]
+    return padding.repeat_interleave(patches, dim=1)
 
-    Each row depends only on (seed, epoch, dataset index), never on the rank or the batch it
-    lands in, so single- and multi-process runs mask the same patches.
+
+def sample_masks(
+    indices: torch.Tensor,
+    num_tokens: int,
+    ratio: float,
+    *,
+    seed: int,
+    epoch: int,
+    padding: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B,) dataset indices -> (B, num_tokens) bool, True = masked: ``ceil(ratio · n)`` of each
+    row's n real tokens (as :func:`eegfast.models.random_patch_mask` and the reference).
+
+    padding: (B, num_tokens) bool on the host, True = a padded electrode's token (never masked,
+    and not counted: a batch padded to more electrodes masks the same share of real patches).
+    Each row depends only on (seed, epoch, dataset index) and its padding, never on the rank or
+    the batch it lands in, so single- and multi-process runs mask the same patches.
     """
-    count = int(round(ratio * num_tokens))
-    rows = []
-    for index in indices.tolist():
+    padded = None if padding is None else padding.numpy().astype(bool, copy=False)
+    masks = np.zeros((len(indices), num_tokens), dtype=bool)
+    for i, index in enumerate(indices.tolist()):
+        valid = np.arange(num_tokens) if padded is None else np.flatnonzero(~padded[i])
+        # float64 and a tolerance: ratio · n that is an integer (0.7 · 10) must not round up
+        count = math.ceil(ratio * len(valid) - 1e-9)
         # modulo 2**63: manual_seed refuses larger seeds (train.seed 2**31 - 1 went past it)
         row_seed = ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63
         generator = torch.Generator().manual_seed(row_seed)
-        chosen = torch.randperm(num_tokens, generator=generator)[:count]
-        row = torch.zeros(num_tokens, dtype=torch.bool)
-        row[chosen] = True
-        rows.append(row)
-    return torch.stack(rows)
+        chosen = torch.randperm(len(valid), generator=generator)[:count].numpy()
+        masks[i, valid[chosen]] = True
+    return torch.from_numpy(masks)
 
 
 def moe_aux_loss(model: nn.Module, weights: dict[str, float]) -> tuple[torch.Tensor | None, dict]:
@@ -285,12 +306,20 @@ def masked_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> St
     """Symmetric masked EEG modelling against the frozen tokenizer's codes."""
     if ctx.tokenizer is None:
         raise ValueError("masked pretraining needs a trained tokenizer (model.tokenizer=PATH)")
+    token_padding = host_token_padding(batch)
     batch = to_device(batch, ctx.device)
     x, chans = batch["x"], batch["input_chans"]
     padding = batch.get("channel_padding_mask")
     targets = tokenizer_codes(ctx, batch, x, chans, padding)
     num_tokens = x.shape[1] * x.shape[2]
-    mask = sample_masks(batch["index"], num_tokens, ctx.mask_ratio, seed=ctx.seed, epoch=ctx.epoch)
+    mask = sample_masks(
+        batch["index"],
+        num_tokens,
+        ctx.mask_ratio,
+        seed=ctx.seed,
+        epoch=ctx.epoch,
+        padding=token_padding,
+    )
     out = model(
         x, chans, targets, mask=to_device_async(mask, ctx.device), channel_padding_mask=padding
     )

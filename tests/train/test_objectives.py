@@ -1,5 +1,7 @@
 """Pretraining objectives: the tokenizer's codes served from the per-window cache."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -230,3 +232,27 @@ def test_sample_masks_take_any_training_seed(seed):
     assert mask.shape == (2, 10) and mask.sum(1).tolist() == [3, 3]
     again = sample_masks(torch.tensor([5]), 10, 0.3, seed=seed, epoch=2)
     assert torch.equal(again[0], mask[1])  # per window, not per batch
+
+
+def test_sample_masks_take_the_ratio_of_real_tokens_and_never_padding():
+    """Padded positions were counted and could be masked: a window padded from 2 to 5 electrodes
+    had round(0.5 · 5A) of its tokens masked, anywhere, so the share of its real patches masked
+    varied from window to window. Now ceil(ratio · real) real tokens, none padded; unpadded
+    rows are the same masks as before."""
+    from eegfast.train.objectives import host_token_padding, sample_masks
+
+    A, C = 3, 5
+    padding = torch.zeros(4, C, dtype=torch.bool)
+    padding[1, 2:] = True  # 2 real electrodes: 6 real tokens
+    padding[3, 1:] = True  # 1 real electrode: 3 real tokens
+    batch = {"x": torch.zeros(4, C, A, 200), "channel_padding_mask": padding}
+    tokens = host_token_padding(batch)
+    assert tokens.shape == (4, C * A) and tokens[1].sum() == 3 * A
+    indices = torch.tensor([7, 8, 9, 10])
+    masks = sample_masks(indices, C * A, 0.5, seed=1, epoch=0, padding=tokens)
+    assert not (masks & tokens).any()
+    real = (~tokens).sum(1)
+    assert masks.sum(1).tolist() == [math.ceil(0.5 * n) for n in real.tolist()] == [8, 3, 8, 2]
+    plain = sample_masks(indices, C * A, 0.5, seed=1, epoch=0)
+    assert torch.equal(plain[[0, 2]], masks[[0, 2]])
+    assert host_token_padding({"x": batch["x"], "channel_padding_mask": padding & False}) is None
