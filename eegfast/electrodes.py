@@ -70,8 +70,9 @@ OLD_TO_MODERN_NAMES: dict[str, str] = {"T3": "T7", "T4": "T8", "T5": "P7", "T6":
 
 _INDEX = {name: i for i, name in enumerate(LABRAM_CHANNEL_NAMES)}
 _ELECTRODE_NAMES = frozenset(n for n in LABRAM_CHANNEL_NAMES if "-" not in n)
-# Suffixes that name a common reference, not a second electrode.
-_REFERENCE_SUFFIX = re.compile(r"-(REF\d*|LE|AR|AVG|CAR|AV|COM|CMS|REFERENCE)$")
+# Suffixes that name a common reference, not a second electrode. Blanks around the dash are
+# allowed ('EEG Fp1 - REF'), as they are between the two sides of a bipolar pair.
+_REFERENCE_SUFFIX = re.compile(r"\s*-\s*(REF\d*|LE|AR|AVG|CAR|AV|COM|CMS|REFERENCE)$")
 _TYPE_PREFIX = re.compile(r"^EEG(\s+|:\s*|-(?=[A-Z]))")
 
 
@@ -115,6 +116,8 @@ def split_bipolar(name: str, *, modern_names: bool = True) -> tuple[str, str] | 
     Both sides must be electrode names of the table (after case folding and old->new renaming):
     ``'A2-A1'`` -> ``('A2', 'A1')``, while ``'FP1-REF'`` or ``'ECG-1'`` -> None.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name: channel name must be a str, got {type(name).__name__}")
     parts = _fold(name).split("-")
     if len(parts) != 2:
         return None
@@ -157,6 +160,9 @@ def labram_input_chans(
     if isinstance(names, str):
         raise TypeError("names: expected a sequence of channel names, got a single str")
     raw_names = list(names)
+    for i, raw in enumerate(raw_names):
+        if not isinstance(raw, str):
+            raise TypeError(f"names[{i}]: channel name must be a str, got {type(raw).__name__}")
     normalised = [normalize_channel_name(n, modern_names=modern_names) for n in raw_names]
     unknown = [r for r, n in zip(raw_names, normalised, strict=True) if n not in _INDEX]
     past_table = [

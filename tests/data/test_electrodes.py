@@ -138,3 +138,43 @@ def test_usable_and_index():
     assert labram_channel_index("FP1") == 0
     with pytest.raises(ValueError, match="'XYZ'"):
         labram_channel_index("XYZ")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("EEG Fp1 - REF", "FP1"),  # blanks around the reference dash, as around a pair's dash
+        ("Fp1- Ref", "FP1"),
+        ("EEG T3 - LE", "T7"),
+        ("Cz -  AVG", "CZ"),
+        ("FP1 - F7", "FP1-F7"),
+    ],
+)
+def test_normalize_reference_suffix_with_blanks(raw, expected):
+    assert normalize_channel_name(raw) == expected
+
+
+def test_normalize_reference_suffix_with_blanks_keeps_old_names():
+    assert normalize_channel_name("EEG T3 - REF", modern_names=False) == "T3"
+    assert labram_input_chans(["EEG Fp1 - REF"]) == [0, LABRAM_CHANNEL_NAMES.index("FP1") + 1]
+
+
+def test_real_world_names_keep_distinct_rows():
+    # names a prefix/suffix strip could confuse must each keep their own row
+    raw = ["T10.", "T1", "FC1", "F1", "FT10", "T9..", "TP9", "M1", "A1", "Fp1.", "FPZ", "Iz.."]
+    rows = labram_input_chans(raw)
+    expected = ["T10", "T1", "FC1", "F1", "FT10", "T9", "TP9", "M1", "A1", "FP1", "FPZ", "IZ"]
+    assert rows == [0] + [LABRAM_CHANNEL_NAMES.index(n) + 1 for n in expected]
+
+
+@pytest.mark.parametrize("raw", ["E1", "E256", "VREF", "AFF1h", "CCP3h", "OI1h", "C3-M2", "F p1"])
+def test_unmapped_names_reported_unknown(raw):
+    with pytest.raises(ValueError, match="unknown electrode names"):
+        labram_input_chans([raw])
+
+
+def test_non_str_entries_name_the_argument():
+    with pytest.raises(TypeError, match=r"names\[1\]"):
+        labram_input_chans(["Fp1", None])
+    with pytest.raises(TypeError, match="name"):
+        split_bipolar(None)
