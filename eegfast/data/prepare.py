@@ -348,8 +348,9 @@ def _outside_bad_segments(
 # changes what the same settings produce, so that outputs of an older eegfast are redone instead
 # of reused. 2 (2026-12-06): windows overlapping BAD_ annotations dropped, channels marked bad in
 # the file (info["bads"]) left out, FIF event onsets relative to the first sample, resampling
-# without filters padded (no wrap-around of the recording's end onto its start).
-PROCESSING_REVISION = 2
+# without filters padded (no wrap-around of the recording's end onto its start). 3: BioSemi
+# letter-number cap positions (A1..H32) are no longer read as the 10-20 sites of those names.
+PROCESSING_REVISION = 3
 
 
 def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bool]:

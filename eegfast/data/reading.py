@@ -93,6 +93,24 @@ class ChannelMap:
     n_eeg: int = 0
 
 
+# BioSemi's 128/256-channel caps name positions A1..A32, B1..B32, ... H32; some of those names
+# (A1, A2, C1..C6, F1..F10) are also 10-20 sites, elsewhere on the head. A name alone cannot
+# tell them apart, the recording can: letter-number names that are no 10-20 site (A3, B1, D7,
+# C17, ...) mean the cap's layout, and then none of its letter-number names is a 10-20 site.
+_LETTER_NUMBER = re.compile(r"^[A-H]([1-9]|[1-2][0-9]|3[0-2])$", re.IGNORECASE)
+
+
+def _letter_number_cap(ch_names: list[str]) -> bool:
+    """Whether the recording names its electrodes by a letter-number cap layout (BioSemi)."""
+    layout_only = [
+        raw
+        for raw in ch_names
+        if _LETTER_NUMBER.match(raw.strip())
+        and not is_labram_channel(normalize_channel_name(raw), allow_extended=True)
+    ]
+    return len(layout_only) >= 2
+
+
 def map_channels(
     ch_names: list[str],
     ch_types: list[str] | None = None,
@@ -107,6 +125,7 @@ def map_channels(
         ``BadRecording`` naming those the recording lacks.
     """
     ch_types = list(ch_types) if ch_types is not None else ["eeg"] * len(ch_names)
+    cap_layout = _letter_number_cap(ch_names)
     picks, names, unknown = [], [], []
     excluded: dict[str, str] = {}
     seen: dict[str, str] = {}
@@ -117,6 +136,13 @@ def map_channels(
             excluded[raw] = f"{kind} channel"
             continue
         n_eeg += 1
+        if cap_layout and _LETTER_NUMBER.match(raw.strip()):
+            excluded[raw] = (
+                "BioSemi-style cap position (letter + number, A1..H32): not the 10-20 site of "
+                "that name"
+            )
+            unknown.append(raw)
+            continue
         name = normalize_channel_name(raw, modern_names=modern_names)
         if not is_labram_channel(name, allow_extended=True):
             excluded[raw] = f"unknown electrode ({name!r} is not in the LaBraM table)"

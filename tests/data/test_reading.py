@@ -124,3 +124,15 @@ def test_read_recording_errors(tmp_path):
     with pytest.raises(BadRecording) as info:  # a known extension gets no such note
         read_recording(junk)
     assert "not a recording format" not in str(info.value)
+
+
+def test_biosemi_letter_number_caps_are_not_read_as_10_20_sites():
+    """BioSemi's 128-channel cap (A1..D32) put A1, A2, C1..C6 on the earlobe and 10-20 rows,
+    sites elsewhere on the head; a recording whose names are that layout now has none of its
+    letter-number names mapped. A 10-20 recording with A1/A2/C3 keeps them."""
+    cap = [f"{letter}{i}" for letter in "ABCD" for i in range(1, 33)]
+    m = map_channels([*cap, "EXG1"])
+    assert m.names == ()
+    assert "BioSemi-style cap position" in m.excluded["C3"] and "C3" in m.unknown
+    ten_twenty = map_channels(["Fp1", "C3", "C4", "F1", "A1", "A2", "Cz", "O1"])
+    assert ten_twenty.names == ("FP1", "C3", "C4", "F1", "A1", "A2", "CZ", "O1")
