@@ -28,9 +28,8 @@ from eegfast.train.objectives import (
     StepOutput,
     host_token_padding,
     register_objective,
-    sample_masks,
+    step_masks,
     to_device,
-    to_device_async,
     tokenizer_codes,
 )
 
@@ -80,16 +79,7 @@ def hybrid_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> St
         targets = tokenizer_codes(ctx, batch, x, chans, padding)
     mask = None
     if config.mask_weight > 0:
-        num_tokens = x.shape[1] * x.shape[2]
-        mask = sample_masks(
-            batch["index"],
-            num_tokens,
-            ctx.mask_ratio,
-            seed=ctx.seed,
-            epoch=ctx.epoch,
-            padding=token_padding,
-        )
-        mask = to_device_async(mask, ctx.device)
+        mask = step_masks(ctx, batch, token_padding)
     out = model(x, chans, targets, mask, channel_padding_mask=padding)
     metrics = {k: v for k, v in out.scalar_tensors().items() if k != "loss"}
     return StepOutput(out.loss, metrics)

@@ -267,6 +267,22 @@ def sample_masks(
     return torch.from_numpy(masks)
 
 
+def step_masks(ctx: StepContext, batch: dict, token_padding: torch.Tensor | None) -> torch.Tensor:
+    """The step's (B, C·A) pretraining masks (:func:`sample_masks` of the batch's windows at
+    ``ctx``'s ratio, seed and epoch), on ``ctx.device``; ``batch`` on the device already,
+    ``token_padding`` from :func:`host_token_padding` of the host batch."""
+    x = batch["x"]
+    mask = sample_masks(
+        batch["index"],
+        x.shape[1] * x.shape[2],
+        ctx.mask_ratio,
+        seed=ctx.seed,
+        epoch=ctx.epoch,
+        padding=token_padding,
+    )
+    return to_device_async(mask, ctx.device)
+
+
 def moe_aux_loss(model: nn.Module, weights: dict[str, float]) -> tuple[torch.Tensor | None, dict]:
     """Weighted sum of the MoE layers' auxiliary losses (None when the model has no MoE)."""
     if not weights:
@@ -311,18 +327,8 @@ def masked_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> St
     x, chans = batch["x"], batch["input_chans"]
     padding = batch.get("channel_padding_mask")
     targets = tokenizer_codes(ctx, batch, x, chans, padding)
-    num_tokens = x.shape[1] * x.shape[2]
-    mask = sample_masks(
-        batch["index"],
-        num_tokens,
-        ctx.mask_ratio,
-        seed=ctx.seed,
-        epoch=ctx.epoch,
-        padding=token_padding,
-    )
-    out = model(
-        x, chans, targets, mask=to_device_async(mask, ctx.device), channel_padding_mask=padding
-    )
+    mask = step_masks(ctx, batch, token_padding)
+    out = model(x, chans, targets, mask=mask, channel_padding_mask=padding)
     metrics = {k: v.detach() for k, v in _scalars(out).items() if k != "loss"}
     return StepOutput(out.loss, metrics)
 
