@@ -20,7 +20,7 @@ def band_power_features(x: np.ndarray) -> np.ndarray:
     return np.log(np.stack(powers, axis=-1) + 1e-12).reshape(-1)
 
 
-def fit_predict_band_power(
+def fit_predict_logistic(
     train_x: np.ndarray,
     train_y: np.ndarray,
     test_x: np.ndarray,
@@ -28,12 +28,12 @@ def fit_predict_band_power(
     *,
     seed: int = 0,
 ) -> np.ndarray:
-    """Standardised log band powers -> L2 logistic regression; returns test probabilities
-    (N_test, num_classes).
+    """Standardised features (N, F) -> class-weighted L2 logistic regression; returns test
+    probabilities (N_test, num_classes). The band-power baseline and the linear probe.
 
-    The classes are weighted by inverse frequency, as the fine-tuned models' cross-entropy and
-    the linear probe are: scored by balanced accuracy, an unweighted baseline would lean to the
-    majority class and lose for that reason alone.
+    The classes are weighted by inverse frequency, as the fine-tuned models' cross-entropy is:
+    scored by balanced accuracy, an unweighted classifier would lean to the majority class and
+    lose for that reason alone.
     """
     model = make_pipeline(
         StandardScaler(),
@@ -48,3 +48,17 @@ def fit_predict_band_power(
     model.fit(train_x, train_y)
     probabilities[:, model.classes_] = model.predict_proba(test_x)
     return probabilities
+
+
+def fit_predict_band_power(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    num_classes: int,
+    *,
+    seed: int = 0,
+) -> np.ndarray:
+    """Standardised log band powers (:func:`band_power_features`) -> class-weighted L2
+    logistic regression (:func:`fit_predict_logistic`); returns test probabilities
+    (N_test, num_classes)."""
+    return fit_predict_logistic(train_x, train_y, test_x, num_classes, seed=seed)

@@ -27,7 +27,11 @@ from torch import nn
 
 from eegfast.fileio import write_atomic, write_json_atomic, write_text_atomic
 from eegfast.train.arch import build_model
-from eegfast.train.baseline import band_power_features, fit_predict_band_power
+from eegfast.train.baseline import (
+    band_power_features,
+    fit_predict_band_power,
+    fit_predict_logistic,
+)
 from eegfast.train.config import RunConfig
 from eegfast.train.data import TrainData, collate_fn
 from eegfast.train.engine import fit, seed_everything
@@ -453,12 +457,12 @@ def cross_validate(
             y_train = np.array([data.items[i].label for i in train])
             n_classes = len(data.label_names[task])
             if frozen:
-                probs = _logistic(
+                probs = fit_predict_logistic(
                     np.stack([frozen[f"{task}:{int(i)}"] for i in train]),
                     y_train,
                     np.stack([frozen[f"{task}:{int(i)}"] for i in test]),
                     n_classes,
-                    config.train.seed,
+                    seed=config.train.seed,
                 )
                 _record(result, plan.fold, "linear_probe", task, data, test, probs)
             if band_features:
@@ -471,24 +475,6 @@ def cross_validate(
                 )
                 _record(result, plan.fold, "band_power", task, data, test, probs)
     return result
-
-
-def _logistic(train_x, train_y, test_x, num_classes, seed) -> np.ndarray:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    model = make_pipeline(
-        StandardScaler(),
-        LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed),
-    )
-    probs = np.zeros((len(test_x), num_classes))
-    if len(np.unique(train_y)) < 2:  # plan_folds' report warns; nothing to fit
-        probs[:, int(train_y[0])] = 1.0
-        return probs
-    model.fit(train_x, train_y)
-    probs[:, model.classes_] = model.predict_proba(test_x)
-    return probs
 
 
 def _record(
