@@ -34,7 +34,11 @@ from eegfast.train.engine import FitResult, fit, seed_everything
 from eegfast.train.objectives import StepContext, classification_step, get_objective
 from eegfast.train.runlog import read_metrics
 from tests.train.fakes import SyntheticEEG
-from tests.train.worker import hang_in_checkpoint_save, kill_during_checkpoint_save
+from tests.train.worker import (
+    hang_in_checkpoint_save,
+    kill_during_checkpoint_save,
+    set_rendezvous,
+)
 
 BASE = {
     "train.epochs": 1,
@@ -124,13 +128,7 @@ def spawned(rank: int, world_size: int, jobs: list[tuple[str, str, int, dict]]) 
     faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     for kind, run_dir, port, overrides in jobs:
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world_size),
-        )
+        set_rendezvous(rank, world_size, port)
         run(kind, run_dir, overrides)
     # Every job done (a failure raised above, and the parent compares the checkpoints they
     # wrote): leave without the interpreter's teardown. In about one fresh-clone `make test` in

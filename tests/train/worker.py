@@ -76,9 +76,8 @@ def run(
         shutdown(info)
 
 
-def spawned(
-    rank: int, world_size: int, port: int, kind: str, run_dir: str, overrides: dict
-) -> None:
+def set_rendezvous(rank: int, world_size: int, port: int) -> None:
+    """The environment torchrun gives a worker: its rank among world_size on a local port."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -86,6 +85,12 @@ def spawned(
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
     )
+
+
+def spawned(
+    rank: int, world_size: int, port: int, kind: str, run_dir: str, overrides: dict
+) -> None:
+    set_rendezvous(rank, world_size, port)
     torch.set_num_threads(1)
     run(kind, run_dir, overrides)
 
