@@ -79,6 +79,9 @@ class PretrainConfig:
     # Keep the frozen tokenizer's codes of each window (host memory, 512 bytes per window of
     # 256 patches) so that epochs after the first skip its forward.
     cache_targets: bool = True
+    # The cache's limit per process (rows with bookkeeping take ~700 bytes a window of 256
+    # patches); windows past it run the tokenizer every epoch.
+    cache_targets_max_mb: float = 4096.0
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,19 +67,34 @@ class TargetCache:
     not make the host wait for the device, and a window's row is filed once its copy is done
     (at the latest on the next ``get`` after it), so the first epoch runs unsynchronised too.
 
+    The cache holds at most ``max_bytes`` of host memory (rows with their bookkeeping, about
+    700 bytes a window of 256 patches): once full it keeps the windows it has and files no
+    more, so the windows past the limit run the tokenizer every epoch (a warning says so
+    once). Keeping the first windows rather than evicting suits the epochs' shuffled order,
+    under which any eviction would throw away rows as likely to be needed as the new ones.
+
     Args:
         num_codes: the tokenizer's codebook size; it fixes the row dtype. Without it every
             ``put`` reads the codes' maximum (a wait for the device on a GPU).
+        max_bytes: the limit on the host memory the rows take; None for no limit.
     """
 
-    def __init__(self, num_codes: int | None = None) -> None:
+    # A row's memory besides its codes: the ndarray header, its dict slot and index key.
+    ROW_OVERHEAD_BYTES = 200
+
+    def __init__(self, num_codes: int | None = None, max_bytes: int | None = None) -> None:
         if num_codes is not None and num_codes < 1:
             raise ValueError(f"num_codes must be >= 1, got {num_codes}")
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
         self.num_codes = num_codes
+        self.max_bytes = max_bytes
         self._codes: dict[int, np.ndarray] = {}
         self._copies = HostCopies()  # codes on their way to the host, tagged with their indices
+        self.held_bytes = 0  # the rows' memory, bookkeeping included
         self.hits = 0  # batches served from the cache
         self.misses = 0  # batches the tokenizer ran for
+        self.left_out = 0  # rows not filed because the cache was full
 
     def __len__(self) -> int:
         self._file_arrived(wait=True)
@@ -123,7 +139,21 @@ class TargetCache:
         """File the rows whose copies are done (all of them, waiting, if ``wait``)."""
         for indices, host in self._copies.arrived(wait=wait):
             for index, row in zip(indices, host.numpy(), strict=True):
+                old = self._codes.get(index)
+                size = row.nbytes + self.ROW_OVERHEAD_BYTES
+                freed = 0 if old is None else old.nbytes + self.ROW_OVERHEAD_BYTES
+                if self.max_bytes is not None and self.held_bytes - freed + size > self.max_bytes:
+                    if self.left_out == 0:
+                        warnings.warn(
+                            f"the tokenizer-target cache is full ({self.max_bytes / 2**20:.0f} "
+                            f"MiB, {len(self._codes)} windows): windows past it run the tokenizer "
+                            "every epoch (pretrain.cache_targets_max_mb raises the limit)",
+                            stacklevel=2,
+                        )
+                    self.left_out += 1
+                    continue
                 self._codes[index] = row.copy()
+                self.held_bytes += size - freed
 
 
 def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

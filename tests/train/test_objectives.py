@@ -256,3 +256,21 @@ def test_sample_masks_take_the_ratio_of_real_tokens_and_never_padding():
     plain = sample_masks(indices, C * A, 0.5, seed=1, epoch=0)
     assert torch.equal(plain[[0, 2]], masks[[0, 2]])
     assert host_token_padding({"x": batch["x"], "channel_padding_mask": padding & False}) is None
+
+
+def test_target_cache_stops_filing_at_its_memory_limit():
+    """Past ``max_bytes`` the cache keeps the rows it has, files no more (one warning), and the
+    windows left out miss (the tokenizer runs for them); re-filing a held row costs nothing."""
+    row_bytes = 4 * 2 + TargetCache.ROW_OVERHEAD_BYTES  # int16 codes of 4 tokens
+    cache = TargetCache(num_codes=8, max_bytes=2 * row_bytes)
+    cache.put([0, 1], torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]]))
+    assert len(cache) == 2 and cache.held_bytes == 2 * row_bytes and cache.left_out == 0
+    cache.put([1], torch.tensor([[5, 6, 7, 1]]))  # replaces window 1's row: still fits
+    assert cache.held_bytes == 2 * row_bytes and cache.get([1], 4).tolist() == [[5, 6, 7, 1]]
+    with pytest.warns(UserWarning, match=r"cache is full .*pretrain.cache_targets_max_mb"):
+        cache.put([2, 3], torch.tensor([[1, 1, 1, 1], [2, 2, 2, 2]]))
+        len(cache)
+    assert len(cache) == 2 and cache.left_out == 2 and cache.held_bytes <= cache.max_bytes
+    assert cache.get([2], 4) is None and cache.get([0], 4) is not None
+    with pytest.raises(ValueError, match="max_bytes must be >= 0"):
+        TargetCache(max_bytes=-1)

@@ -178,6 +178,22 @@ def test_resumed_pretraining_keeps_the_tokenizer_checkpoint_it_started_with(
     assert steps(pre) == [2, 4]
 
 
+def test_pretrain_target_cache_limit_is_wired(prepared, tokenizer_run, tmp_path, capsys):
+    """pretrain.cache_targets_max_mb reaches the cache (0: every window left out, said in the
+    summary); a negative limit is a one-line error before any work."""
+    out = tmp_path / "pre"
+    argv = pretrain_argv(prepared, tokenizer_run, out, "pretrain.cache_targets_max_mb=0")
+    assert cli(argv) == 0
+    printed, err = capsys.readouterr()
+    assert "warning: the tokenizer-target cache is full (0 MiB, 0 windows)" in err
+    assert "0 of 2 batches from the cache (0 windows, 0.0 MiB; full, 4 rows left out)" in printed
+    bad = pretrain_argv(
+        prepared, tokenizer_run, tmp_path / "bad", "pretrain.cache_targets_max_mb=-1"
+    )
+    assert cli(bad) == 2
+    assert "pretrain.cache_targets_max_mb must be >= 0, got -1" in capsys.readouterr().err
+
+
 # --- B: one-line errors before any work --------------------------------------------------
 
 

@@ -217,7 +217,12 @@ def _train(args, config, step, kind, resume, tokenizer_path, notes) -> int:
             runtime,
             f"pretrain ({config.pretrain.objective}) {config.model.name}: {len(data)} windows",
         )
-        cache = TargetCache(vocab) if config.pretrain.cache_targets else None
+        cache = None
+        if config.pretrain.cache_targets:
+            limit_mb = config.pretrain.cache_targets_max_mb
+            if not limit_mb >= 0:
+                raise CommandError(f"pretrain.cache_targets_max_mb must be >= 0, got {limit_mb}")
+            cache = TargetCache(vocab, max_bytes=int(limit_mb * 2**20))
         result = fit(
             model,
             step,
@@ -250,7 +255,9 @@ def _train(args, config, step, kind, resume, tokenizer_path, notes) -> int:
             say(
                 runtime,
                 f"tokenizer codes: {cache.hits} of {cache.hits + cache.misses} batches from the "
-                f"cache ({len(cache)} windows, {cache.nbytes / 2**20:.1f} MiB)",
+                f"cache ({len(cache)} windows, {cache.held_bytes / 2**20:.1f} MiB"
+                + (f"; full, {cache.left_out} rows left out" if cache.left_out else "")
+                + ")",
             )
             summary = target_summary(cache.code_counts())
             if runtime.dist.enabled:  # each process caches the windows it trained on
