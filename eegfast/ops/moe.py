@@ -337,7 +337,9 @@ def _register_op_glue(ffn_op: str, ffn_bwd, combine_op: str, combine_bwd) -> Non
         if grad_y is None:
             return (None,) * 8
         with torch.no_grad():
-            slot_pos = torch.empty_like(sorted_slots)
+            # -1 (no row, skipped by the kernels' gather) for a slot that sorted_slots does not
+            # list: from empty_like it held whatever the memory did, read as a row index
+            slot_pos = torch.full_like(sorted_slots, -1)
             slot_pos[sorted_slots] = torch.arange(sorted_slots.shape[0], device=sorted_slots.device)
             grads = ffn_bwd(
                 grad_y.contiguous(), x, sorted_slots, offsets, slot_pos, w1, w2, a1, h, ctx.top_k
@@ -376,6 +378,15 @@ if extension() is not None:
         "eegfast::moe_combine",
         torch.ops.eegfast.moe_combine_bwd,
     )
+
+
+def _repeats_a_row(positions: torch.Tensor, rows: int) -> bool:
+    """Whether two entries >= 0 of ``positions`` (int64, a CPU tensor: this syncs) name the
+    same row. The C++ backward kernels assume they do not (``slot_pos`` and ``sorted_slots``
+    from :func:`moe_dispatch` are permutations): they store one gradient row per slot rather
+    than adding, so a repeated row would keep only one slot's gradient."""
+    kept = positions[positions >= 0]
+    return kept.numel() > 0 and int(torch.bincount(kept, minlength=rows).max()) > 1
 
 
 def _triton_ops():
@@ -439,11 +450,19 @@ def moe_expert_ffn(
     Args:
         x: (T, D); w1: (E, H, D); b1: (E, H); w2: (E, D_out, H); b2: (E, D_out); one dtype.
         sorted_slots: (T top_k,) int64, offsets: (E + 1,) int64 from :func:`moe_dispatch`.
+            On CPU, a ``sorted_slots`` that is not a permutation (a slot listed twice) runs
+            the reference: the C++ backward assumes one.
     Returns:
         y_sorted (T top_k, D_out), dtype of x. Differentiable in x, w1, b1, w2, b2.
     """
     _check_ffn_inputs(x, sorted_slots, offsets, w1, b1, w2, b2, top_k)
     chosen = _ffn_backend(backend, x, (x, w1, b1, w2, b2))
+    if (
+        chosen == "cpu"
+        and not torch.compiler.is_compiling()
+        and _repeats_a_row(sorted_slots, sorted_slots.shape[0])
+    ):
+        chosen = "reference"
     if chosen == "reference":
         return moe_expert_ffn_reference(x, sorted_slots, offsets, w1, b1, w2, b2, top_k)
     if chosen == "triton":
@@ -487,7 +506,8 @@ def moe_combine(
         y_sorted: (T k, D) expert outputs in sorted order; gates: (T, k) (any float dtype,
             accumulated in fp32); slot_pos: (T k,) int64 from :func:`moe_dispatch`, values in
             [-1, T k): -1 (the CUDA dispatch's mark of a slot whose expert index is outside
-            [0, E)) adds nothing. Checked on CPU tensors (on GPUs it would cost a host sync).
+            [0, E)) adds nothing. Checked on CPU tensors (on GPUs it would cost a host sync),
+            where a row named by two slots runs the reference (the C++ backward assumes none).
     Returns:
         (T, D) in y_sorted's dtype. Differentiable in y_sorted and gates.
     """
@@ -500,6 +520,8 @@ def moe_combine(
                 f"slot_pos values must be in [-1, {y_sorted.shape[0]}) (rows of y_sorted), "
                 f"got {low} .. {high}"
             )
+        if _repeats_a_row(slot_pos, y_sorted.shape[0]):
+            chosen = "reference"
     if chosen == "reference":
         return moe_combine_reference(y_sorted, gates, slot_pos)
     if chosen == "triton":

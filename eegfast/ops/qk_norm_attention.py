@@ -150,7 +150,11 @@ def qk_norm_attention_reference(
         scores = scores.masked_fill(~visible, -math.inf)
     # Softmax written out so that rows seeing no key give 0 (not NaN) and zero gradients: the
     # shift is a constant (detached, 0 for empty rows), exp(-inf) = 0, empty rows divide by 1.
-    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    # (amax of an empty dim raises: N = 0, which the kernels accept, has no rows to shift)
+    if scores.shape[-1] > 0:
+        row_max = scores.detach().amax(dim=-1, keepdim=True)
+    else:
+        row_max = scores.new_zeros(*scores.shape[:-1], 1)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)
     total = weights.sum(dim=-1, keepdim=True)

@@ -528,3 +528,40 @@ def test_gpu_opcheck_and_compile():
     got = outputs_and_grads(torch.compile(fn, fullgraph=True), *problem)
     expected = outputs_and_grads(fn, *problem)
     assert_all_close(got, expected, 1e-4, 1e-4)
+
+
+def test_cpu_combine_gradient_when_slot_pos_repeats_a_row():
+    """Two slots reading one row of y: its gradient is the sum of both slots' gradients (the
+    C++ backward kept only the last one it stored)."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(6, 5, generator=gen, requires_grad=True)
+    gates = torch.rand(3, 2, generator=gen, requires_grad=True)
+    slot_pos = torch.tensor([0, 0, 4, 1, 4, 5])  # rows 0 and 4 read twice, 2 and 3 never
+    grad_out = torch.randn(3, 5, generator=gen)
+    got = torch.autograd.grad(moe_combine(y, gates, slot_pos, backend="cpu"), (y, gates), grad_out)
+    want = torch.autograd.grad(
+        moe_combine(y, gates, slot_pos, backend="reference"), (y, gates), grad_out
+    )
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_cpu_expert_ffn_gradient_when_sorted_slots_is_not_a_permutation():
+    """Rows j of the sorted order read x[sorted_slots[j] // top_k]: a slot listed twice sends
+    gradient to its token from both rows (the C++ backward's gather found only one of them, and
+    a slot not listed read an uninitialised position)."""
+    gen = torch.Generator().manual_seed(1)
+    T, k, E, D, H = 3, 2, 2, 4, 6
+    w1 = torch.randn(E, H, D, generator=gen)
+    b1 = torch.randn(E, H, generator=gen)
+    w2 = torch.randn(E, D, H, generator=gen)
+    b2 = torch.randn(E, D, generator=gen)
+    sorted_slots = torch.tensor([0, 0, 3, 3, 5, 5])  # slots 1, 2, 4 not listed
+    offsets = torch.tensor([0, 3, 6])
+    x = torch.randn(T, D, generator=gen, requires_grad=True)
+    grad_y = torch.randn(T * k, D, generator=gen)
+    grads = {}
+    for backend in ("cpu", "reference"):
+        y = moe_expert_ffn(x, sorted_slots, offsets, w1, b1, w2, b2, k, backend=backend)
+        (grads[backend],) = torch.autograd.grad(y, x, grad_y)
+    torch.testing.assert_close(grads["cpu"], grads["reference"])

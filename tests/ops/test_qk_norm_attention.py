@@ -1264,3 +1264,17 @@ def test_padding_keys_holding_nan_reach_no_output_or_gradient(backend, dtype, d)
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-3, msg=name)
     padded = mask[:, None, :, None].expand(b, h, n, d)
     assert (got[2][padded] == 0).all() and (got[3][padded] == 0).all()
+
+
+def test_attention_reference_takes_an_empty_sequence():
+    """N = 0: the kernels return an empty output; the reference (and so dropout_p > 0, which
+    only it implements) raised from amax over the empty key dim."""
+    q = torch.randn(2, 3, 0, 20, requires_grad=True)
+    for kwargs in ({}, {"causal": True}, {"block_causal": torch.zeros(0, dtype=torch.long)}):
+        out = qk_norm_attention_reference(q, q, q, **kwargs)
+        assert out.shape == (2, 3, 0, 20)
+        (grad,) = torch.autograd.grad(out.sum(), q)
+        assert grad.shape == q.shape
+    out = qk_norm_attention(q, q, q, dropout_p=0.1)
+    assert out.shape == (2, 3, 0, 20)
+    torch.testing.assert_close(out, qk_norm_attention(q, q, q, backend="cpu"))
