@@ -23,8 +23,10 @@ def _check_dense_mlp(mlp: nn.Module, where: str) -> float:
     fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
     if not isinstance(fc1, nn.Linear) or not isinstance(fc2, nn.Linear):
         raise TypeError(f"{where} must have fc1 and fc2 nn.Linear layers, got {type(mlp).__name__}")
+    # Without an .act module the activation is hidden in forward() (F.relu, say): the experts
+    # would compute GELU instead, silently. Such an MLP is refused, not guessed.
     act = getattr(mlp, "act", None)
-    if act is not None and not (isinstance(act, nn.GELU) and act.approximate == "none"):
+    if not (isinstance(act, nn.GELU) and act.approximate == "none"):
         raise TypeError(f"{where}.act must be nn.GELU() (exact), got {act!r}")
     norm = getattr(mlp, "norm", None)
     if norm is not None and not isinstance(norm, nn.Identity):
@@ -74,6 +76,9 @@ def upcycle(
         raise ValueError(f"upcycle: layers lists a block twice: {list(chosen)}")
     if noise_std < 0:
         raise ValueError(f"upcycle: noise_std must be >= 0, got {noise_std}")
+    # Every layer is checked and built before any is replaced: an error in a later block
+    # leaves the model as it was, not half upcycled.
+    replacements = []
     for i in indices:
         mlp = blocks[i].mlp
         if isinstance(mlp, MoEFFN):
@@ -93,5 +98,7 @@ def upcycle(
         )
         # A new module starts in training mode: take the dense MLP's mode, so an upcycled
         # model in eval mode applies no output dropout (the dense model's eval outputs).
-        blocks[i].mlp = moe.train(mlp.training)
+        replacements.append((i, moe.train(mlp.training)))
+    for i, moe in replacements:
+        blocks[i].mlp = moe
     return model

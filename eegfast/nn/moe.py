@@ -165,6 +165,14 @@ class MoEFFN(nn.Module):
             text += f", capacity_factor={self.capacity_factor}"
         return text
 
+    def __getstate__(self) -> dict:
+        # last_aux is the last forward's report; after a forward with grad its losses are
+        # non-leaf tensors, which copy.deepcopy refuses (an EMA copy, AveragedModel, a
+        # "best model" snapshot raised). A copy or a pickle starts without one.
+        state = super().__getstate__()
+        state["last_aux"] = None
+        return state
+
     @classmethod
     def from_dense(
         cls,
@@ -204,7 +212,8 @@ class MoEFFN(nn.Module):
                 (moe.fc2_bias, fc2.bias),
             ):
                 stacked.copy_(dense.detach().expand_as(stacked))
-                if noise_std > 0:
+                if noise_std > 0 and dense.numel() > 1:
+                    # (one value has no spread: its std is NaN, which made every expert NaN)
                     scale = noise_std * float(dense.detach().float().std())
                     noise = torch.randn(stacked.shape, generator=generator, dtype=torch.float32)
                     stacked.add_((noise * scale).to(stacked.device, stacked.dtype))

@@ -273,6 +273,22 @@ class Backbone:
     def routes(self) -> bool:
         return bool((self.arch.get("upcycle") or {}).get("num_tasks"))
 
+    def router_ids(self, tasks: Sequence[str], task_routing: bool) -> dict[str, int] | None:
+        """Each task's router id, or None when the backbone does not route by task (not
+        upcycled with tasks, or ``upcycle.task_routing`` off). A task the backbone was not
+        upcycled for has no id: ValueError, before any training (full and linear mode alike)."""
+        if not (self.routes and task_routing):
+            return None
+        ids = {task: i for i, task in enumerate(self.task_names)}
+        missing = [t for t in tasks if t not in ids]
+        if missing:
+            raise ValueError(
+                f"tasks {missing} have no router id: the backbone was upcycled for "
+                f"{self.task_names} (eegfast upcycle --tasks ...; or "
+                "--set upcycle.task_routing=false)"
+            )
+        return {t: ids[t] for t in tasks}
+
 
 def load_backbone_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Load backbone ``weights`` into ``module``; only the classifier's own parts (``fc_norm.``,
@@ -320,13 +336,8 @@ def train_classifier(
     model = build_model({**backbone.arch, "heads": heads})
     if backbone.weights is not None:
         load_backbone_weights(model.backbone, backbone.weights)
+    routed = backbone.router_ids(tasks, config.upcycle.task_routing)
     task_ids = {task: i for i, task in enumerate(backbone.task_names)}
-    missing_tasks = [t for t in tasks if t not in task_ids]
-    if backbone.routes and missing_tasks:
-        raise ValueError(
-            f"tasks {missing_tasks} have no router id: the backbone was upcycled for "
-            f"{backbone.task_names} (eegfast upcycle --tasks ...)"
-        )
     labels = {
         t: np.array([data.items[i].label for i in train_idx if data.items[i].task == t])
         for t in tasks
@@ -335,7 +346,7 @@ def train_classifier(
         runtime.device,
         seed=config.train.seed,
         task_ids={t: task_ids.get(t, 0) for t in tasks},
-        route_by_task=backbone.routes and config.upcycle.task_routing,
+        route_by_task=routed is not None,
         aux_weights={
             "load_balance_loss": config.upcycle.router_aux_weight,
             "z_loss": config.upcycle.router_z_weight,
@@ -388,6 +399,8 @@ def cross_validate(
     plans, grouping = plan_folds(data, tasks, ft.folds, ft.group_by, config.train.seed)
     if len(plans) < ft.folds:
         log(f"note: {ft.folds} folds requested, only {len(plans)} groups: using {len(plans)}")
+    if backbone is not None:
+        backbone.router_ids(tasks, config.upcycle.task_routing)  # refuses before any fold
     result = CVResult(grouping=grouping, units=dict(plans[0].units))
     for task, note in grouping.items():
         if "WARNING" in note:
@@ -412,7 +425,7 @@ def cross_validate(
         if backbone.weights is not None:
             load_backbone_weights(model, backbone.weights)
         model.to(runtime.device)
-        ids = {t: i for i, t in enumerate(backbone.task_names)}
+        ids = backbone.router_ids(tasks, config.upcycle.task_routing) or {}
         for task in tasks:
             indices = data.labelled(task)
             feats, _ = predict(
@@ -422,7 +435,7 @@ def cross_validate(
                 task,
                 runtime.device,
                 features=True,
-                task_id=ids.get(task) if backbone.routes else None,
+                task_id=ids.get(task),
             )
             frozen.update({f"{task}:{int(i)}": f for i, f in zip(indices, feats, strict=True)})
 

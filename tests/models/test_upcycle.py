@@ -1,14 +1,16 @@
 """Sparse upcycling: dense → MoE without changing the model's outputs."""
 
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from eegfast.models import create_hybrid_model, create_model, upcycle
 from eegfast.models.hybrid import forecast_features, generate
-from eegfast.nn import MoEFFN, moe_aux_losses
+from eegfast.nn import Mlp, MoEFFN, moe_aux_losses
 
 
 class RefMlp(nn.Module):
@@ -293,3 +295,73 @@ def test_upcycled_model_compiles_with_padding_mask():
     _assert_same_aux(got_aux, _aux(model.blocks))
     out.sum().backward()
     assert model.blocks[0].mlp.router.weight.grad is not None
+
+
+def test_deepcopy_and_averaged_model_after_a_training_forward():
+    """An upcycled model can be deep-copied (EMA, AveragedModel, snapshots) after a training
+    forward, whose aux losses are non-leaf tensors in ``last_aux``."""
+    torch.manual_seed(0)
+    model = upcycle(create_model("labram_tiny", num_classes=3), num_experts=4, top_k=2)
+    x, chans = torch.randn(2, 3, 2, 200), torch.arange(4)
+    loss = model(x, chans).sum() + sum(moe_aux_losses(model).values())
+    twin = copy.deepcopy(model)  # raised: non-leaf tensors do not support deepcopy
+    average = torch.optim.swa_utils.AveragedModel(model)  # deep-copies the model too
+    assert all(m.last_aux is None for m in twin.modules() if isinstance(m, MoEFFN))
+    # the original keeps its report (the step still needs it), the copy computes the same
+    assert model.blocks[0].mlp.last_aux is not None
+    loss.backward()
+    with torch.no_grad():
+        expected = model.eval()(x, chans)
+        torch.testing.assert_close(twin.eval()(x, chans), expected)
+        torch.testing.assert_close(average.eval()(x, chans), expected)
+    assert twin.blocks[1].mlp.last_aux is not None  # its own forward's report
+
+
+def test_noise_on_a_one_value_tensor_is_finite():
+    """A dense layer with one output: its bias has no std (NaN), which made every expert's
+    bias, and so the output, NaN; now it is copied exactly and the weights get their noise."""
+    torch.manual_seed(0)
+    fc1, fc2 = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+    moe = MoEFFN.from_dense(
+        fc1, fc2, 3, 2, noise_std=0.1, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.isfinite(moe.fc2_bias).all()
+    torch.testing.assert_close(moe.fc2_bias, fc2.bias.detach().expand(3, 1))
+    assert not torch.equal(moe.fc2_weight[0], moe.fc2_weight[1])  # the noise is still there
+    assert torch.isfinite(moe(torch.randn(5, 4))).all()
+
+
+def test_a_layer_that_cannot_be_upcycled_leaves_the_model_unchanged():
+    torch.manual_seed(0)
+    model = create_model("labram_tiny", num_classes=3).eval()
+    model.blocks[1].mlp.act = nn.GELU(approximate="tanh")  # not the exact GELU: refused
+    x, chans = torch.randn(1, 2, 2, 200), torch.arange(3)
+    before = model(x, chans)
+    with pytest.raises(TypeError, match=r"blocks\[1\]\.mlp\.act"):
+        upcycle(model, num_experts=4, top_k=2)
+    # blocks[0] was already an MoE layer when blocks[1] raised: half an upcycled model
+    assert all(type(block.mlp) is Mlp for block in model.blocks)
+    torch.testing.assert_close(model(x, chans), before)
+
+
+class FunctionalReluMlp(nn.Module):
+    """fc1 / fc2 with the activation in forward(): no ``act`` module to inspect."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def test_an_mlp_without_an_act_module_is_refused():
+    """It was upcycled into GELU experts: different outputs, no error."""
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.Module()])
+    model.blocks[0].mlp = FunctionalReluMlp(8, 16)
+    with pytest.raises(
+        TypeError, match=r"blocks\[0\]\.mlp\.act must be nn\.GELU\(\) \(exact\), got None"
+    ):
+        upcycle(model, num_experts=2, top_k=1)
+    assert isinstance(model.blocks[0].mlp, FunctionalReluMlp)

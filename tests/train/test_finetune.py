@@ -376,3 +376,24 @@ def test_backbone_weights_that_do_not_fit_are_refused():
         load_backbone_weights(model, partial)
     with pytest.raises(ValueError, match=r"unexpected \['student\.x'\]"):
         load_backbone_weights(model, {**weights, "student.x": torch.zeros(1)})
+
+
+def test_tasks_without_a_router_id_are_refused_only_when_routing_by_task(tmp_path):
+    """A backbone upcycled for other tasks: with task routing (the default) cross_validate
+    refuses before any fold trains, in full and linear mode alike; with
+    upcycle.task_routing=false the tasks have no router ids to need."""
+    from eegfast.train.config import RunConfig
+    from eegfast.train.finetune import Backbone, cross_validate
+
+    arch = {"kind": "classifier", "name": "labram_tiny"}
+    routed = Backbone(
+        {**arch, "upcycle": {"num_experts": 2, "top_k": 1, "num_tasks": 1}}, None, ["other"]
+    )
+    assert routed.router_ids(["other"], True) == {"other": 0}
+    assert routed.router_ids(["big"], False) is None
+    assert Backbone(arch, None, []).router_ids(["big"], True) is None  # not upcycled
+    spec = [("big", f"s{i % 4}", f"r{i % 4}", i % 2) for i in range(16)]
+    for mode in ("full", "linear"):
+        config = RunConfig().with_overrides({"finetune.mode": mode, "finetune.folds": 2})
+        with pytest.raises(ValueError, match=r"tasks \['big'\] have no router id.*\['other'\]"):
+            cross_validate(make_data(spec), config, tmp_path, None, routed)

@@ -274,12 +274,13 @@ def run_folder(
     out = Path(args.out)
     check_out(out)
     overwrite = bool(getattr(args, "overwrite", False))
+    can_resume = hasattr(args, "resume")
     resume = getattr(args, "resume", None)
     if overwrite and resume:
         raise CommandError("--overwrite and --resume exclude each other (replace or continue)")
     resume = resolve_resume(resume, out, expected)
     if not resume and not overwrite:  # every rank, so that all of them refuse alike
-        _refuse_previous_run(out)
+        _refuse_previous_run(out, can_resume)
     if not _is_main_process():
         yield resume
         return
@@ -288,16 +289,19 @@ def run_folder(
             if overwrite:
                 clear_previous_run(out)
             else:
-                _refuse_previous_run(out)  # again, now that no other run can write there
+                # again, now that no other run can write there
+                _refuse_previous_run(out, can_resume)
         yield resume
 
 
-def _refuse_previous_run(out: Path) -> None:
+def _refuse_previous_run(out: Path, can_resume: bool) -> None:
+    """Refuse an ``out`` holding an earlier run, naming the options the command has."""
     found = previous_run(out)
     if found:
+        resume = "continue it with --resume auto, " if can_resume else ""
         raise CommandError(
-            f"--out {out}: holds an earlier run ({found[0]}); continue it with --resume auto, "
-            "replace it with --overwrite, or choose another --out"
+            f"--out {out}: holds an earlier run ({found[0]}); {resume}replace it with "
+            "--overwrite, or choose another --out"
         )
 
 

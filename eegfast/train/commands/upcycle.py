@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -63,13 +64,17 @@ def _main(args: argparse.Namespace) -> int:
     if args.top_k is not None:
         extra.append(f"upcycle.top_k={args.top_k}")
     config = resolve_config(RunConfig(), args.config, [*args.overrides, *extra])
-    with run_folder(args):  # checks --out first
+    with run_folder(args):  # checks --out first (and refuses again under its lock)
         return _upcycle(args, config)
 
 
 def _upcycle(args: argparse.Namespace, config: RunConfig) -> int:
     up = config.upcycle
     task_names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
+    # A task named twice would get two router ids, and fine-tuning would use only the last one.
+    repeated = sorted({t for t in task_names if task_names.count(t) > 1})
+    if repeated:
+        raise CommandError(f"--tasks names {repeated} more than once: {args.tasks!r}")
     backbone_arch, weights, source_meta = backbone_from_checkpoint(args.model)
     if backbone_arch.get("upcycle"):
         raise CommandError(f"--model {args.model}: this backbone is already a MoE model")
@@ -109,6 +114,13 @@ def _upcycle(args: argparse.Namespace, config: RunConfig) -> int:
     chans = torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         max_diff = float((moe.eval()(probe, chans) - dense_again.eval()(probe, chans)).abs().max())
+    # Checked before anything is written (a refused model must not be left as a checkpoint
+    # that `eegfast finetune` would use); a NaN difference fails, with or without noise.
+    if not math.isfinite(max_diff) or (not up.noise_std and max_diff > 1e-4):
+        raise CommandError(
+            f"the upcycled model differs from the dense one by {max_diff:.2e} on a probe "
+            "input (expected at most 1e-4 without noise); nothing written"
+        )
     meta = {
         "arch": arch,
         "command": "upcycle",
@@ -130,6 +142,4 @@ def _upcycle(args: argparse.Namespace, config: RunConfig) -> int:
         f"{meta['dense_parameters']:,} -> {meta['moe_parameters']:,}; max |MoE - dense| on a "
         f"probe = {max_diff:.2e}{' (noise added)' if up.noise_std else ''}; checkpoint {path}"
     )
-    if not up.noise_std and max_diff > 1e-4:
-        raise CommandError(f"the upcycled model differs from the dense one by {max_diff:.2e}")
     return 0
