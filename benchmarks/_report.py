@@ -32,6 +32,7 @@ from eegfast.ops.vq import labram_recipe_ema, labram_recipe_lookup
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECK_ROWS = 256  # rows of every lookup result compared with vq_nearest_reference
+EMA_TOLERANCE = 1e-3  # a code's largest difference from the float64 EMA step (unit-norm codes)
 
 # --------------------------------------------------------------------------------------------
 # What is compared.
@@ -166,6 +167,38 @@ def reference_match(
     return f"{int((indices[:rows].cpu() == expected.cpu()).sum())}/{rows}"
 
 
+def ema_reference_step(z: torch.Tensor, initial: EmaState, decay: float = 0.99, eps: float = 1e-5):
+    """(codebook, cluster_size) in float64 after one lookup + EMA step from ``initial``: codes
+    by :func:`vq_nearest_reference` against the codebook in z's dtype (as both implementations
+    look up), the recipe's update by bincount and index_add (no (N, K) one-hot)."""
+    codes = initial.codebook.to(z.dtype)
+    indices, _ = vq_nearest_reference(z, codes, "cosine")
+    k = codes.shape[0]
+    z64 = z.double()
+    counts = torch.bincount(indices, minlength=k).double()
+    sums = torch.zeros(k, z.shape[1], dtype=torch.float64, device=z.device)
+    sums.index_add_(0, indices, z64)
+    cluster_size = decay * initial.cluster_size.double() + (1 - decay) * counts
+    embed_sum = decay * initial.embed_sum.double() + (1 - decay) * sums
+    total = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (total + k * eps) * total
+    codebook = torch.nn.functional.normalize(embed_sum / smoothed[:, None], dim=1)
+    return codebook, cluster_size
+
+
+def ema_match(step: Callable, z: torch.Tensor, initial: EmaState) -> str:
+    """'matching/K': codes whose vector and EMA count, after one ``step`` from ``initial``, are
+    within EMA_TOLERANCE of :func:`ema_reference_step` (a lookup that differs from the
+    reference's on near-ties moves the two codes concerned)."""
+    state = initial.clone()
+    step(z, state)
+    codebook, cluster_size = ema_reference_step(z, initial)
+    code_error = (state.codebook.double() - codebook).abs().amax(1)
+    count_error = (state.cluster_size.double() - cluster_size).abs()
+    ok = (code_error <= EMA_TOLERANCE) & (count_error <= EMA_TOLERANCE * (1 + cluster_size))
+    return f"{int(ok.sum())}/{codebook.shape[0]}"
+
+
 # --------------------------------------------------------------------------------------------
 # Running the comparisons.
 # --------------------------------------------------------------------------------------------
@@ -182,7 +215,9 @@ class Result:
     d: int
     dtype: str
     ms: float | None  # median time; None if the implementation could not run
-    matches_reference: str | None = None  # "256/256": first rows equal to vq_nearest_reference
+    # lookup: "256/256", first rows equal to vq_nearest_reference; lookup+ema: "8192/8192",
+    # codes within EMA_TOLERANCE of ema_reference_step
+    matches_reference: str | None = None
     note: str = ""
 
     @property
@@ -206,7 +241,9 @@ def _time_lookup(timer: Timer, fn: Callable, z: torch.Tensor, codebook: torch.Te
 
 def _time_step(timer: Timer, step: Callable, z: torch.Tensor, initial: EmaState):
     state = initial.clone()
-    return timer(functools.partial(step, z, state), functools.partial(state.copy_, initial)), None
+    ms = timer(functools.partial(step, z, state), functools.partial(state.copy_, initial))
+    # the timed rows of lookup+ema must be right too: a step from a fresh copy, checked
+    return ms, ema_match(step, z, initial)
 
 
 def _measure(op: str, impl: str, case: dict, measure: Callable, *args) -> Result:
@@ -230,7 +267,8 @@ def run_vq_cases(
     """Time lookup and lookup+EMA for every shape (N, K, D) and dtype with every implementation.
 
     Inputs are random unit-norm rows (seed 0). The first ``CHECK_ROWS`` indices of each lookup
-    are compared with :func:`vq_nearest_reference` (float64).
+    are compared with :func:`vq_nearest_reference` (float64), and the state after one lookup +
+    EMA step with :func:`ema_reference_step` (:func:`ema_match`).
     """
     results: list[Result] = []
     for n, k, d in shapes:
@@ -352,8 +390,10 @@ def markdown_report(title: str, env: dict[str, object], results: Sequence[Result
     return (
         f"# {title}\n\n{env_lines}\n\n"
         "Ratio = this row's median time / the fastest eegfast time for the same op, shape and "
-        'dtype: above 1 means eegfast is that many times faster. "matches reference": how '
-        f"many of the first {CHECK_ROWS} indices equal the float64 `vq_nearest_reference`.\n\n"
+        'dtype: above 1 means eegfast is that many times faster. "matches reference": lookup, '
+        f"how many of the first {CHECK_ROWS} indices equal the float64 `vq_nearest_reference`; "
+        "lookup+ema, how many codes (vector and EMA count) are within "
+        f"{EMA_TOLERANCE:g} of a float64 step from the reference's codes.\n\n"
         f"{markdown_table(results)}\n"
     )
 

@@ -9,7 +9,9 @@ Forward + backward of the masked-modelling head of LaBraM (200 → 8192 codes, w
 cross-entropy over the predicted tokens): eegfast's chunked :func:`linear_cross_entropy`
 against ``lm_head`` + ``F.cross_entropy`` in eager PyTorch and under ``torch.compile``, timed
 round-robin in one process. On a GPU also the peak memory of each (allocated above the
-inputs). Results go to ``--out`` (default ``bench-results``) as ``<device>_losses.{md,json}``.
+inputs). Each row's loss and gradients (hidden, weight, bias) are compared with torch eager's,
+so that a wrong backward cannot pass for a fast one. Results go to ``--out`` (default
+``bench-results``) as ``<device>_losses.{md,json}``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,23 @@ def make_step(loss_fn: Callable, inputs: dict, device: torch.device, dtype) -> C
 IMPLS = ("eegfast-linear-ce", "torch-eager", "torch-compile")
 
 
+def gradients(loss_fn: Callable, inputs: dict, device: torch.device, dtype) -> list[torch.Tensor]:
+    """Gradients of hidden, weight and bias (float32) of one forward + backward."""
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        loss, _ = loss_fn(**inputs)
+    leaves = [inputs[name] for name in ("hidden", "weight", "bias")]
+    grads = torch.autograd.grad(loss, leaves)
+    return [g.float() for g in grads]
+
+
+def max_grad_diff(grads: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """Largest ``max |g - e| / max |e|`` over the gradients."""
+    return max(
+        ((g - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+        for g, e in zip(grads, expected, strict=True)
+    )
+
+
 def run(device: torch.device, tokens: int, dtype: torch.dtype, repeats: int, only=IMPLS) -> dict:
     g = torch.Generator().manual_seed(0)
     inputs = {
@@ -85,6 +104,10 @@ def run(device: torch.device, tokens: int, dtype: torch.dtype, repeats: int, onl
             traceback.print_exc()
             failed[name] = error
     steps = {name: step for name, step in steps.items() if name not in failed}
+    # the timed work is forward + backward: every row's gradients against torch eager's
+    expected = gradients(kept_logits, inputs, device, dtype)
+    grad_diffs = {name: max_grad_diff(gradients(impls[name], inputs, device, dtype), expected)
+                  for name in steps}  # fmt: skip
     peaks: dict[str, float] = {}
     if device.type == "cuda":
         for name, step in steps.items():
@@ -111,7 +134,8 @@ def run(device: torch.device, tokens: int, dtype: torch.dtype, repeats: int, onl
             rows.append({"impl": name, "error": repr(result)})
             continue
         ms = 1e3 * statistics.median(t[0] for t in result)
-        rows.append({"impl": name, "ms": ms, "loss": losses[name], "peak_mib": peaks.get(name)})
+        rows.append({"impl": name, "ms": ms, "loss": losses[name], "peak_mib": peaks.get(name),
+                     "max_grad_diff": grad_diffs[name]})  # fmt: skip
     fused_ms = next((r.get("ms") for r in rows if r["impl"] == "eegfast-linear-ce"), None)
     for row in rows:
         if "ms" in row and fused_ms:
@@ -126,17 +150,20 @@ def markdown(result: dict, env: dict) -> str:
         "",
         f"{env.get('gpu') or env.get('cpu')}, torch {env['torch']}, commit {env['git_commit']}",
         "",
-        "| impl | ms (median) | eegfast faster by | peak MiB | loss |",
-        "|---|---:|---:|---:|---:|",
+        "max grad diff: largest difference of a gradient (hidden, weight, bias) from torch "
+        "eager's, relative to that gradient's largest value.",
+        "",
+        "| impl | ms (median) | eegfast faster by | peak MiB | loss | max grad diff |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         if "error" in row:
-            lines.append(f"| {row['impl']} | failed: {row['error']} | | | |")
+            lines.append(f"| {row['impl']} | failed: {row['error']} | | | | |")
             continue
         peak = "" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
         lines.append(
             f"| {row['impl']} | {row['ms']:.2f} | {row.get('speedup_of_eegfast', 1):.2f}× | "
-            f"{peak} | {row['loss']:.5f} |"
+            f"{peak} | {row['loss']:.5f} | {row['max_grad_diff']:.1e} |"
         )
     return "\n".join(lines) + "\n"
 

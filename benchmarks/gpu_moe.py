@@ -20,8 +20,10 @@ Base (T=32896 tokens, D=200, hidden 800, 8 experts) and Huge (T=16448, D=800, hi
   was upcycled from), and ``dense-ffn-Tk`` over T·k tokens (the same GEMM FLOPs as top-k).
 
 Times are medians of ``triton.testing.do_bench``. Outputs are compared with the fp32 loop over
-experts (``max_abs_err``). Writes ``gpu_moe.csv``, ``gpu_moe.md`` (table with ratios and the
-issue's targets) and ``gpu_moe.png`` (time vs number of experts) into ``--out``.
+experts (``max_abs_err``), and so are the gradients of x, the gates and the expert weights that
+the timed backward computes (``max_grad_err``, relative to each gradient's largest value).
+Writes ``gpu_moe.csv``, ``gpu_moe.md`` (table with ratios and the issue's targets) and
+``gpu_moe.png`` (time vs number of experts) into ``--out``.
 
 ``--smoke`` runs tiny fp32 shapes on CPU with a ``time.perf_counter`` timer (Triton through
 ``TRITON_INTERPRET=1``) to check the script itself; its numbers mean nothing.
@@ -67,6 +69,9 @@ class Row:
     ms: float | None
     max_abs_err: float | None
     note: str = ""
+    # the largest max |grad - fp32 reference grad| / max |reference grad| over x, the gates and
+    # the expert weights (the MoE rows; the dense FFNs compute another function)
+    max_grad_err: float | None = None
 
 
 def _moe_eegfast(*args):
@@ -153,6 +158,32 @@ def measure(name, impl, inputs, reference, timer) -> tuple[float | None, float |
         return None, None, error_line(error)
 
 
+def reference_grads(inputs, grad_out) -> list[torch.Tensor]:
+    """Gradients of x, the gates and the expert weights by the fp32 loop over experts."""
+    from eegfast.ops.moe import moe_ffn_expert_loop
+
+    ref = [t.detach().float().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    moe_ffn_expert_loop(*ref).backward(grad_out.float())
+    return [t.grad for t in ref if t.is_floating_point()]
+
+
+def max_grad_error(impl, inputs, grad_out, expected: Sequence[torch.Tensor]) -> float:
+    """The largest relative gradient error of one forward + backward of ``impl`` (inf where a
+    gradient is missing): the rows time the backward, which the output's check does not see."""
+    leaves = [t for t in inputs if t.is_floating_point()]
+    for t in leaves:
+        t.grad = None
+    impl(*inputs).backward(grad_out)
+    worst = 0.0
+    for t, e in zip(leaves, expected, strict=True):
+        if t.grad is None:
+            return float("inf")
+        scale = e.abs().max().item() or 1.0
+        worst = max(worst, (t.grad.float() - e).abs().max().item() / scale)
+        t.grad = None
+    return worst
+
+
 def run_cases(shapes, sweep, device, dtype, timer) -> list[Row]:
     from eegfast.ops.moe import moe_ffn_expert_loop
 
@@ -166,11 +197,17 @@ def run_cases(shapes, sweep, device, dtype, timer) -> list[Row]:
         with torch.no_grad():
             ref_inputs = [t.detach().float() if t.is_floating_point() else t for t in inputs]
             reference = moe_ffn_expert_loop(*ref_inputs)
+        gen = torch.Generator().manual_seed(1)
+        grad_out = torch.randn(T, D, generator=gen).to(device=device, dtype=dtype)
+        expected_grads = reference_grads(inputs, grad_out)
         for name, impl in impls.items():
             if shape != base_name and "-E" in shape and name.startswith("dense"):
                 continue  # the dense FFN does not depend on E
             ms, err, note = measure(name, impl, inputs, reference, timer)
-            rows.append(Row(shape, T, D, H, E, name, ms, err, note))
+            grad_err = None
+            if ms is not None and not name.startswith("dense"):
+                grad_err = max_grad_error(impl, inputs, grad_out, expected_grads)
+            rows.append(Row(shape, T, D, H, E, name, ms, err, note, max_grad_err=grad_err))
             print(
                 f"{shape:>10} E={E:<3} {name:>20}: {ms if ms is None else round(ms, 3)} ms {note}"
             )
@@ -201,22 +238,25 @@ def markdown_text(title: str, env: dict, rows: Sequence[Row]) -> str:
     lines = [f"# {title}", "", ", ".join(f"{k}: {v}" for k, v in env.items()), ""]
     lines += [
         "bf16, top-2, forward + backward; median ms (`triton.testing.do_bench`); ratio = time / "
-        "eegfast time in the same case (> 1: eegfast faster).",
+        "eegfast time in the same case (> 1: eegfast faster). max grad err: the largest "
+        "gradient error (x, gates, expert weights) against the fp32 loop's, relative to that "
+        "gradient's largest value.",
         "",
-        "| case | T | D | H | E | impl | ms | ratio | max abs err vs fp32 | note |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---|",
+        "| case | T | D | H | E | impl | ms | ratio | max abs err vs fp32 | max grad err | note |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r, ratio in zip(rows, ratios(rows), strict=True):
         ms = "—" if r.ms is None else f"{r.ms:.3f}"
         rt = "—" if ratio is None else f"{ratio:.2f}x"
         err = "—" if r.max_abs_err is None else f"{r.max_abs_err:.2e}"
+        grad_err = "—" if r.max_grad_err is None else f"{r.max_grad_err:.2e}"
         note = r.note
         if r.impl == "eegfast" and r.shape in TARGET_MS and r.ms is not None:
             met = "met" if r.ms <= TARGET_MS[r.shape] else "NOT met"
             note = f"target <= {TARGET_MS[r.shape]} ms: {met}"
         lines.append(
             f"| {r.shape} | {r.T} | {r.D} | {r.H} | {r.E} | {r.impl} | {ms} | {rt} | {err} "
-            f"| {note} |"
+            f"| {grad_err} | {note} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -34,13 +34,16 @@ and forward + backward (q, k, v and the four LayerNorm parameters). Implementati
   (the LayerNorm stays outside the attention kernel).
 
 Times are medians of ``triton.testing.do_bench``. Every implementation's output is compared with
-the reference computed in float32 (``max_abs_err``). Writes ``gpu_qk_norm_attention.csv``,
-``.md`` (table with ratios and the issue's targets) and ``.png`` into ``--out``, and on a GPU
-``gpu_qk_norm_attention_tuning.json``: every autotuning run's time per config (which configs
-win, and by how much) and each compiled kernel's registers and spills. The rows of issue 4's
-comparison (``eegfast-triton`` and the four others) run for every shape and mode before the
-pinned eegfast variants, and the .csv and .md are rewritten after every row: a run stopped at
-its time limit keeps what it timed. A row that fails is reported (its traceback on stderr).
+the reference computed in float32 (``max_abs_err``), and in forward + backward its gradients
+too (``max_grad_err``: the largest error of the seven, relative to the largest reference value
+of its kind, :data:`GRAD_GROUPS`), so that a fast wrong backward cannot pass for a fast one.
+Writes ``gpu_qk_norm_attention.csv``, ``.md`` (table with ratios and the issue's targets) and
+``.png`` into ``--out``, and on a GPU ``gpu_qk_norm_attention_tuning.json``: every autotuning
+run's time per config (which configs win, and by how much) and each compiled kernel's
+registers and spills. The rows of issue 4's comparison (``eegfast-triton`` and the four
+others) run for every shape and mode before the pinned eegfast variants, and the .csv and .md
+are rewritten after every row: a run stopped at its time limit keeps what it timed. A row that
+fails is reported (its traceback on stderr).
 
 ``--smoke`` runs tiny fp32 shapes on CPU with a ``time.perf_counter`` timer (Triton through
 ``TRITON_INTERPRET=1``) to check the script itself; its numbers mean nothing.
@@ -193,7 +196,9 @@ def make_inputs(shape, device, dtype, seed=0):
     qkv = [torch.randn(B, H, N, D, generator=gen) for _ in range(3)]
     params = [1 + 0.1 * torch.randn(D, generator=gen), 0.1 * torch.randn(D, generator=gen)] * 2
     grad_out = torch.randn(B, H, N, D, generator=gen)
-    leaves = [x.to(device=device, dtype=dtype).requires_grad_() for x in (*qkv, *params)]
+    # copies: q's and k's LayerNorm parameters start equal but are separate leaves (on CPU in
+    # fp32 .to() would return the same tensor, and their gradients would add up)
+    leaves = [x.to(device=device, dtype=dtype, copy=True).requires_grad_() for x in (*qkv, *params)]
     return leaves[:3], leaves[3:], grad_out.to(device=device, dtype=dtype)
 
 
@@ -214,6 +219,9 @@ class Row:
     impl: str
     ms: float | None  # median; None when the implementation could not run
     max_abs_err: float | None = None  # of the output, against the float32 reference
+    # fwd+bwd: max over q, k, v and the four LayerNorm parameters of max |grad - reference| /
+    # max |reference grad| (float32 reference, the same grad_out)
+    max_grad_err: float | None = None
     note: str = ""
 
 
@@ -245,8 +253,36 @@ def error_line(error: Exception) -> str:
     return f"{type(error).__name__}: {first_line}"
 
 
+# Gradients compared on a common scale: q, k, v; the two LayerNorm weights; the two biases.
+# (k's bias has an exact gradient of 0, softmax being blind to a per-query shift of the
+# scores: its own largest value would make rounding look like a wrong kernel.)
+GRAD_GROUPS = ((0, 1, 2), (3, 5), (4, 6))
+
+
+def relative_grad_error(grads: Sequence[torch.Tensor | None], expected: Sequence[torch.Tensor]):
+    """Largest ``max |g - e|`` over the gradients of q, k, v, q_w, q_b, k_w, k_b, each divided
+    by the largest reference value of its GRAD_GROUPS group; inf where a gradient is missing."""
+    if any(g is None for g in grads):
+        return float("inf")
+    worst = 0.0
+    for group in GRAD_GROUPS:
+        scale = max(expected[i].abs().max().item() for i in group) or 1.0
+        for i in group:
+            worst = max(worst, (grads[i].float() - expected[i]).abs().max().item() / scale)
+    return worst
+
+
+def reference_grads(qkv, params, grad_out) -> list[torch.Tensor]:
+    """Gradients of q, k, v and the four LayerNorm parameters by the float32 reference."""
+    leaves = [x.detach().float().requires_grad_() for x in (*qkv, *params)]
+    eager_reference(*leaves[:3], leaves[3:]).backward(grad_out.float())
+    return [x.grad for x in leaves]
+
+
 def measure(impl: Attention, mode: str, qkv, params, grad_out, timer: Timer):
-    """(median ms, output) of one implementation in one mode; the first call warms up."""
+    """(median ms, output, gradients) of one implementation in one mode; the first call warms
+    up, and its gradients (fwd+bwd; None in fwd) are those of q, k, v and the four LayerNorm
+    parameters."""
     leaves = [*qkv, *params]
     if mode == "fwd":  # inference: inputs that do not require grad, no autograd graph
         qkv, params = [x.detach() for x in qkv], [p.detach() for p in params]
@@ -262,8 +298,11 @@ def measure(impl: Attention, mode: str, qkv, params, grad_out, timer: Timer):
             out.backward(grad_out)
             return out
 
+    for x in leaves:
+        x.grad = None
     out = run()  # warm-up: compilation and autotuning happen here
-    return timer(run, leaves), out.detach()
+    grads = None if mode == "fwd" else [None if x.grad is None else x.grad.clone() for x in leaves]
+    return timer(run, leaves), out.detach(), grads
 
 
 TUNED_KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
@@ -365,8 +404,9 @@ def run_cases(
                     expected = eager_reference(
                         *(x.float() for x in qkv), [p.float() for p in params]
                     ).float()
-                inputs[name, mode] = (qkv, params, grad_out, expected)
-            qkv, params, grad_out, expected = inputs[name, mode]
+                grads = None if mode == "fwd" else reference_grads(qkv, params, grad_out)
+                inputs[name, mode] = (qkv, params, grad_out, expected, grads)
+            qkv, params, grad_out, expected, expected_grads = inputs[name, mode]
             B, H, N, D = shape
             dtype_name = str(dtype).removeprefix("torch.")
             for impl_name in names:
@@ -375,9 +415,12 @@ def run_cases(
                 case = dict(shape=name, B=B, H=H, N=N, D=D, dtype=dtype_name, mode=mode,
                             impl=impl_name)  # fmt: skip
                 try:
-                    ms, out = measure(impl, mode, qkv, params, grad_out, timer)
+                    ms, out, grads = measure(impl, mode, qkv, params, grad_out, timer)
                     error = (out.float() - expected).abs().max().item()
-                    row = Row(**case, ms=ms, max_abs_err=error)
+                    grad_error = None
+                    if expected_grads is not None:
+                        grad_error = relative_grad_error(grads, expected_grads)
+                    row = Row(**case, ms=ms, max_abs_err=error, max_grad_err=grad_error)
                 except Exception as failure:  # recorded in the table; the others go on
                     traceback.print_exc()
                     row = Row(**case, ms=None, note=f"failed: {error_line(failure)}")
@@ -436,20 +479,23 @@ def markdown_text(title: str, env: dict[str, object], rows: Sequence[Row]) -> st
         "",
         "Ratio = this row's median time / eegfast-triton's for the same shape and mode: above 1 "
         "means eegfast is that many times faster. max_abs_err: largest difference of the output "
-        "from `qk_norm_attention_reference` computed in float32 on the same inputs.",
+        "from `qk_norm_attention_reference` computed in float32 on the same inputs; "
+        "max_grad_err (fwd+bwd): largest difference of a gradient (q, k, v, the four LayerNorm "
+        "parameters) from the float32 reference's, relative to that gradient's largest value.",
         "",
         "| shape | B | H | N | D | dtype | mode | implementation | median ms | ratio "
-        "| max_abs_err | note |",
-        "|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|---|",
+        "| max_abs_err | max_grad_err | note |",
+        "|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|---:|---|",
     ]
     for r, ratio in zip(rows, ratios(rows), strict=True):
         ms = "—" if r.ms is None else f"{r.ms:.3f}"
         shown_ratio = "—" if ratio is None else f"{ratio:.2f}×"
         err = "—" if r.max_abs_err is None else f"{r.max_abs_err:.2e}"
+        grad_err = "—" if r.max_grad_err is None else f"{r.max_grad_err:.2e}"
         note = "; ".join(x for x in (target_note(r), r.note) if x).replace("|", "\\|")
         lines.append(
             f"| {r.shape} | {r.B} | {r.H} | {r.N} | {r.D} | {r.dtype} | {r.mode} | {r.impl} "
-            f"| {ms} | {shown_ratio} | {err} | {note} |"
+            f"| {ms} | {shown_ratio} | {err} | {grad_err} | {note} |"
         )
     return "\n".join(lines) + "\n"
 

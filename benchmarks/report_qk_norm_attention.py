@@ -11,7 +11,8 @@ Compares, forward and forward+backward, at LaBraM-Base's attention shape on CPU:
 LayerNorm + explicit masked softmax), ``torch-ln-sdpa`` (``F.layer_norm`` +
 ``F.scaled_dot_product_attention``) and ``torch-compile-ln-sdpa`` (``torch.compile`` of the
 latter). Writes ``cpu_qk_norm_attention.{json,md,png}`` into ``--out``: median and minimum
-wall times, and each row's ratio to eegfast (above 1: eegfast is that many times faster).
+wall times, and each row's ratio to eegfast (above 1: eegfast is that many times faster). Every
+row's output is compared with the float64 reference, and in forward+backward its gradients too.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._report import environment, error_line, interleaved_times
+from benchmarks.gpu_qk_norm_attention import relative_grad_error
 from eegfast.fileio import write_bytes_atomic
 from eegfast.ops import qk_norm_attention, qk_norm_attention_reference
 
@@ -131,6 +133,22 @@ def max_error(fn: Callable, inputs: Inputs) -> float:
     return float((out.double() - expected).abs().max())
 
 
+def max_grad_error(fn: Callable, inputs: Inputs) -> float:
+    """Largest error of the gradients of q, k, v and the four LayerNorm parameters against the
+    float64 reference's (same grad_out), relative as in :func:`relative_grad_error`: the
+    forward+backward rows time the backward, which the forward's check does not cover."""
+    leaves = inputs.leaves()
+    for leaf in leaves:
+        leaf.grad = None
+    fn(inputs.q, inputs.k, inputs.v, *inputs.params).backward(inputs.grad_out)
+    grads = [leaf.grad for leaf in leaves]
+    reference = [leaf.detach().double().requires_grad_() for leaf in leaves]
+    eager_reference(*reference).backward(inputs.grad_out.double())
+    for leaf in leaves:
+        leaf.grad = None
+    return relative_grad_error(grads, [leaf.grad for leaf in reference])
+
+
 @dataclass
 class Row:
     shape: tuple[int, int, int, int]
@@ -140,6 +158,7 @@ class Row:
     min_ms: float | None
     max_abs_error: float | None
     note: str = ""
+    max_grad_error: float | None = None  # forward+backward only
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -176,7 +195,9 @@ def run_cases(
                     continue
                 ms = [t[0] * 1e3 for t in times]
                 error = max_error(fn, inputs)
-                rows.append(Row(shape, mode, name, statistics.median(ms), min(ms), error))
+                grad_error = None if mode == "forward" else max_grad_error(fn, inputs)
+                rows.append(Row(shape, mode, name, statistics.median(ms), min(ms), error,
+                                max_grad_error=grad_error))  # fmt: skip
     return rows
 
 
@@ -197,13 +218,15 @@ def markdown(title: str, env: dict[str, object], rows: list[Row]) -> str:
         "",
         "Ratio = this row's median / eegfast-cpu's median for the same shape and mode: above 1 "
         "means eegfast is that many times faster. Max abs error: forward output against the "
-        "float64 reference. The implementations of one shape and mode are timed round-robin "
-        "(one call of each in turn), so load from other processes (see load_average_1m) hits "
-        "them alike; compare rows of one run only.",
+        "float64 reference; max grad error (forward+backward): largest gradient error (q, k, v, "
+        "LayerNorm parameters) against the float64 reference's, relative to the largest "
+        "reference gradient of its kind. The implementations of one shape and mode are timed "
+        "round-robin (one call of each in turn), so load from other processes (see "
+        "load_average_1m) hits them alike; compare rows of one run only.",
         "",
         "| B, H, N, D | mode | implementation | median ms | min ms | ratio | max abs error "
-        "| note |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+        "| max grad error | note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r, ratio in zip(rows, ratios(rows), strict=True):
 
@@ -213,7 +236,8 @@ def markdown(title: str, env: dict[str, object], rows: list[Row]) -> str:
         lines.append(
             f"| {', '.join(map(str, r.shape))} | {r.mode} | {r.impl} | {fmt(r.median_ms, '.2f')} "
             f"| {fmt(r.min_ms, '.2f')} | {fmt(ratio, '.2f')}{'×' if ratio else ''} "
-            f"| {fmt(r.max_abs_error, '.1e')} | {r.note.replace('|', '/')} |"
+            f"| {fmt(r.max_abs_error, '.1e')} | {fmt(r.max_grad_error, '.1e')} "
+            f"| {r.note.replace('|', '/')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -89,13 +89,18 @@ def _main(args: argparse.Namespace) -> int:
     unknown = sorted(set(chosen) - set(found))
     if unknown:
         raise CommandError(f"--suite: unknown {unknown}; suites: {', '.join(found)}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    raw = args.out / "bench.json"
+    # pytest runs in the checkout's root, not here: relative paths would be read there (the
+    # suites) and written there (the results), so they are made absolute first
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    raw = out / "bench.json"
+    # a run that writes nothing must not be reported with an earlier run's results
+    raw.unlink(missing_ok=True)
     command = [
         sys.executable,
         "-m",
         "pytest",
-        *[str(found[n]) for n in chosen],
+        *[str(found[n].resolve()) for n in chosen],
         "--benchmark-only",
         f"--benchmark-json={raw}",
         "-q",
@@ -109,10 +114,10 @@ def _main(args: argparse.Namespace) -> int:
             "--benchmark-warmup=off",
         ]
     print("running:", " ".join(command), flush=True)
-    status = subprocess.run(command, cwd=args.benchmarks.parent).returncode
+    status = subprocess.run(command, cwd=args.benchmarks.resolve().parent).returncode
     if not raw.is_file():
         raise CommandError(f"the benchmarks wrote no results (pytest exit status {status})")
-    report = args.out / "bench.md"
+    report = out / "bench.md"
     write_text_atomic(report, markdown(json.loads(raw.read_text())))
     print(f"results: {raw}\nreport:  {report}")
     return 0 if status == 0 else 1
