@@ -46,6 +46,7 @@ from eegfast.data.prepare import Settings, prepare
 from eegfast.data.preprocess import PreprocessConfig
 from eegfast.data.reading import map_channels
 from eegfast.datasets import ATTRIBUTION, sample
+from eegfast.fileio import write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 2
@@ -223,7 +224,7 @@ def write_report(out_dir: Path, results: dict) -> None:
     env = environment()
     results = {"environment": env, **results}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "cpu_data.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_text_atomic(out_dir / "cpu_data.json", json.dumps(results, indent=1) + "\n")
     lines = ["# eegfast data pipeline on CPU", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()]
     lines += ["", "## prepare: hours of EEG per minute", ""]
@@ -267,7 +268,7 @@ def write_report(out_dir: Path, results: dict) -> None:
                 f"| {dtype} | {name} | {rate['wall']:,.0f} | {cpu} | {rate['wall'] / base:.2f}× |"
             )
     lines += ["", "Data: " + ATTRIBUTION, ""]
-    (out_dir / "cpu_data.md").write_text("\n".join(lines))
+    write_text_atomic(out_dir / "cpu_data.md", "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

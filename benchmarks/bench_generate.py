@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from eegfast.electrodes import labram_input_chans
+from eegfast.fileio import write_text_atomic
 from eegfast.models.hybrid import create_hybrid_model, generate
 
 PROMPT_PATCHES = 4
@@ -144,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"generate_{device.type}.md").write_text(text)
-    (out / f"generate_{device.type}.json").write_text(
-        json.dumps({"environment": env, "results": rows}, indent=2)
+    write_text_atomic(out / f"generate_{device.type}.md", text)
+    write_text_atomic(
+        out / f"generate_{device.type}.json",
+        json.dumps({"environment": env, "results": rows}, indent=2),
     )
     print(text)
     return 0
