@@ -15,7 +15,8 @@ Base (T=32896 tokens, D=200, hidden 800, 8 experts) and Huge (T=16448, D=800, hi
 - ``loop-over-experts``: :func:`eegfast.ops.moe.moe_ffn_expert_loop` (mask, gather, two
   linears, index_add per expert);
 - ``argsort+grouped_mm``: :func:`eegfast.ops.moe.moe_ffn_torch_sorted` (stable argsort, one
-  gather, ``torch._grouped_mm`` where available, index_add);
+  gather, ``torch._grouped_mm`` where available, index_add), and ``argsort+grouped_mm-compile``,
+  the same under ``torch.compile`` (the named shapes; not the expert sweep);
 - ``dense-ffn``: one dense FFN over the T tokens (what the MoE costs relative to the model it
   was upcycled from), and ``dense-ffn-Tk`` over T·k tokens (the same GEMM FLOPs as top-k).
 
@@ -88,6 +89,21 @@ def _dense_tk(x, idx, gates, w1, b1, w2, b2):
     return _dense(x.repeat(idx.shape[1], 1), idx, gates, w1, b1, w2, b2)
 
 
+def _compiled(fn: Callable) -> Callable:
+    """``fn`` under torch.compile (inductor on a GPU; on CPU, for --smoke, aot_eager, which
+    checks the row without a C++ toolchain's minutes of compilation). Compiled on first call,
+    that is in the untimed warm-up."""
+    compiled: dict[str, Callable] = {}
+
+    def run(x, *args):
+        backend = "inductor" if x.is_cuda else "aot_eager"
+        if backend not in compiled:
+            compiled[backend] = torch.compile(fn, backend=backend)
+        return compiled[backend](x, *args)
+
+    return run
+
+
 def implementations() -> dict[str, Callable]:
     from eegfast.ops.moe import moe_ffn_expert_loop, moe_ffn_torch_sorted
 
@@ -95,6 +111,9 @@ def implementations() -> dict[str, Callable]:
         "eegfast": _moe_eegfast,
         "loop-over-experts": moe_ffn_expert_loop,
         "argsort+grouped_mm": moe_ffn_torch_sorted,
+        # torch.compile's chance at the best plain-PyTorch MoE (the named shapes only: each
+        # expert count of the sweep would compile again)
+        "argsort+grouped_mm-compile": _compiled(moe_ffn_torch_sorted),
         "dense-ffn": _dense,
         "dense-ffn-Tk": _dense_tk,
     }
@@ -203,6 +222,8 @@ def run_cases(shapes, sweep, device, dtype, timer) -> list[Row]:
         for name, impl in impls.items():
             if shape != base_name and "-E" in shape and name.startswith("dense"):
                 continue  # the dense FFN does not depend on E
+            if "-E" in shape and name.endswith("-compile"):
+                continue
             ms, err, note = measure(name, impl, inputs, reference, timer)
             grad_err = None
             if ms is not None and not name.startswith("dense"):

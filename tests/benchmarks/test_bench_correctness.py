@@ -195,3 +195,17 @@ def test_head_loss_bench_checks_the_gradients_of_the_timed_backward(monkeypatch)
     assert rows["torch-eager"]["max_grad_diff"] == 0.0
     assert rows["eegfast-linear-ce"]["max_grad_diff"] == pytest.approx(1.0, rel=1e-5)
     assert "| max grad diff |" in bench_losses.markdown(result, {"torch": "t", "git_commit": "c"})
+
+
+def test_moe_bench_gives_torch_compile_its_chance_on_the_named_shapes():
+    """The strongest plain-PyTorch MoE runs under torch.compile too, checked like the others
+    (output and gradients against the fp32 loop); the expert sweep leaves it out."""
+    from benchmarks import gpu_moe
+
+    rows = gpu_moe.run_cases(
+        {"tiny": (12, 8, 16, 3)}, (2,), "cpu", torch.float32, gpu_moe.perf_counter_timer
+    )
+    compiled = [r for r in rows if r.impl == "argsort+grouped_mm-compile"]
+    assert [r.shape for r in compiled] == ["tiny"]
+    assert compiled[0].ms is not None and compiled[0].max_abs_err < 1e-5
+    assert compiled[0].max_grad_err < 1e-5
