@@ -27,6 +27,10 @@ clipping (3.0) + AdamW, in mixed precision. Compared in the same run:
   graphs: LaBraM's 200-wide layers make many short kernels, whose launches this replays at
   once).
 
+Every row starts from the same weights (:func:`initial_weights`: the re-created reference
+models take eegfast's state dicts, key for key), batch and mask, and reports the losses of its
+first two steps: they agree up to mixed precision unless a row computes another loss or makes
+another update (a GradScaler row may skip its first update at the initial loss scale).
 Samples/s come from ``triton.testing.do_bench`` (median of at least ~15 timed steps), peak
 memory from ``torch.cuda.max_memory_allocated`` over one warm step, after the rows before it
 were released. The rows run in the order above but with ``eegfast`` second, and the tables are
@@ -83,6 +87,11 @@ class Row:
     max_abs_diff: float | None = None
     note: str = ""
     speedup: float | None = None  # against the baseline of its own group (else of the table)
+    # GPU rows: the losses of the first two (warm-up) steps. Every row starts from the same
+    # weights, batch and mask, so they agree up to mixed precision unless a row computes
+    # another loss (step 1) or makes another update (step 2: the first loss alone, near
+    # 2 ln(vocab) from any initialisation, says little).
+    first_losses: tuple[float, float] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,13 +207,29 @@ def adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
                              fused=device.type == "cuda")  # fmt: skip
 
 
-def reference_step(size: str, compile_model: bool, data) -> Callable[[], None]:
-    """The reference recipe: fp16 autocast + GradScaler, two sequential student passes."""
+def initial_weights(size: str) -> dict[str, dict[str, torch.Tensor]]:
+    """One set of starting weights for every row (host copies): the eegfast student and
+    tokenizer as created with seed 0. The re-created reference models have the same keys and
+    shapes (checkpoint compatibility), so every row computes the same first loss."""
+    torch.manual_seed(0)
+    student = create_model(f"labram_{size}_pretrain").state_dict()
+    return {"student": student, "tokenizer": create_model("vqnsp_base").state_dict()}
+
+
+def reference_step(
+    size: str, compile_model: bool, data, initial: dict | None = None
+) -> Callable[[], torch.Tensor]:
+    """The reference recipe: fp16 autocast + GradScaler, two sequential student passes. The
+    step returns its loss (detached, not read back)."""
     x, chans, mask = data
     device = x.device
     embed, depth, heads, conv = SIZES[size]
-    model = RefPretrain(embed, depth, heads, conv).to(device)
-    tokenizer = RefVQNSP().to(device).eval()
+    model = RefPretrain(embed, depth, heads, conv)
+    tokenizer = RefVQNSP()
+    if initial is not None:
+        model.load_state_dict(initial["student"])
+        tokenizer.load_state_dict(initial["tokenizer"])
+    model, tokenizer = model.to(device), tokenizer.to(device).eval()
     optimizer = adamw(model, device)
     scaler = torch.amp.GradScaler(device.type)
     loss_fn = reference_pretrain_loss
@@ -214,7 +239,7 @@ def reference_step(size: str, compile_model: bool, data) -> Callable[[], None]:
             torch.compile(tokenizer.get_codebook_indices),
         )
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.float16):
             loss, _, _ = loss_fn(model, tokenizer, x, chans, mask)
         scaler.scale(loss).backward()
@@ -223,25 +248,33 @@ def reference_step(size: str, compile_model: bool, data) -> Callable[[], None]:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
     return step
 
 
-def eegfast_step(size: str, compile_mode: str | None, data) -> Callable[[], None]:
+def eegfast_step(
+    size: str, compile_mode: str | None, data, initial: dict | None = None
+) -> Callable[[], torch.Tensor]:
     """eegfast: bf16 autocast, one batched forward over both views, fused AdamW; with a
     ``compile_mode``, the student and the tokenizer's forward under ``torch.compile`` in that
-    mode (``reduce-overhead``: CUDA graphs, the launches of a step replayed at once)."""
+    mode (``reduce-overhead``: CUDA graphs, the launches of a step replayed at once). The step
+    returns its loss (detached, not read back)."""
     x, chans, mask = data
     device = x.device
-    model = create_model(f"labram_{size}_pretrain", device=device)
-    tokenizer = create_model("vqnsp_base", device=device).eval()
+    model = create_model(f"labram_{size}_pretrain")
+    tokenizer = create_model("vqnsp_base")
+    if initial is not None:
+        model.load_state_dict(initial["student"])
+        tokenizer.load_state_dict(initial["tokenizer"])
+    model, tokenizer = model.to(device), tokenizer.to(device).eval()
     optimizer = adamw(model, device)
     forward, codes = model, tokenizer.get_codebook_indices
     if compile_mode is not None:
         forward = torch.compile(model, mode=compile_mode)
         codes = torch.compile(codes, mode=compile_mode)
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             with torch.inference_mode():
                 targets = codes(x, chans)
@@ -250,13 +283,14 @@ def eegfast_step(size: str, compile_mode: str | None, data) -> Callable[[], None
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
     return step
 
 
 # The GPU table's rows in the order they run: what issue 9 compares first (the recipe eager,
 # eegfast, the recipe compiled), so that a run stopped at its time limit has those.
-GPU_IMPLS: tuple[tuple[str, Callable[..., Callable[[], None]], bool | str | None], ...] = (
+GPU_IMPLS: tuple[tuple[str, Callable[..., Callable[[], torch.Tensor]], bool | str | None], ...] = (
     ("reference-eager", reference_step, False),
     ("eegfast", eegfast_step, None),
     ("reference-compile", reference_step, True),
@@ -266,7 +300,7 @@ GPU_IMPLS: tuple[tuple[str, Callable[..., Callable[[], None]], bool | str | None
 MIN_TIMED_STEPS = 15  # do_bench times rep / (one step) steps: the slow rows get this many
 
 
-def step_ms(step: Callable[[], None], one_step_ms: float) -> float:
+def step_ms(step: Callable[[], object], one_step_ms: float) -> float:
     """Median ms of ``step()`` by ``triton.testing.do_bench``, over at least ~MIN_TIMED_STEPS
     steps (``one_step_ms``: one warm step's wall time; a fixed ``rep`` would time a single
     step of the slow reference rows, the baseline of every speed-up)."""
@@ -302,13 +336,15 @@ def run_gpu(
     mask = random_patch_mask(B, C * A, 0.5, generator=gen, device=device)
     rows: list[Row] = []
     sections: list[str] = []
+    initial = initial_weights(size)
     for name, builder, compiled in GPU_IMPLS:
         release_memory()  # the previous row's step is gone by now
         step = None
         try:
-            step = builder(size, compiled, (x, chans, mask))
-            for _ in range(3):  # compile and warm up outside the timing
-                step()
+            step = builder(size, compiled, (x, chans, mask), initial)
+            # compile and warm up outside the timing; the first two losses are read back
+            first_losses = (float(step()), float(step()))
+            step()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
@@ -317,7 +353,7 @@ def run_gpu(
             one_step_ms = (time.perf_counter() - start) * 1e3
             peak = torch.cuda.max_memory_allocated() / 2**20
             ms = step_ms(step, one_step_ms)
-            rows.append(Row(name, ms, B / ms * 1e3, peak))
+            rows.append(Row(name, ms, B / ms * 1e3, peak, first_losses=first_losses))
             if not compiled:
                 sections.append(profile_section(f"{name}, one training step", step, 5))
         except Exception as error:  # report and go on with the other implementations
@@ -340,8 +376,8 @@ def markdown(title: str, env: dict, rows: list[Row], baseline: str, target: str)
     base = next((r.ms for r in rows if r.impl == baseline), None)
     lines = [f"# {title}", "", target, "",
              "| impl | ms / iteration | samples/s | speed-up vs " + baseline
-             + " | peak MiB | max rel. diff of outputs | note |",
-             "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+             + " | peak MiB | max rel. diff of outputs | loss, steps 1 / 2 | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for r in rows:
         speedup = r.speedup
         if speedup is None and r.ms is not None and base is not None:
@@ -351,8 +387,11 @@ def markdown(title: str, env: dict, rows: list[Row], baseline: str, target: str)
         shown_speedup = "—" if speedup is None else f"{speedup:.2f}×"
         peak = "" if r.peak_mib is None else f"{r.peak_mib:.0f}"
         diff = "" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}"
+        loss = "" if r.first_losses is None else " / ".join(f"{v:.4f}" for v in r.first_losses)
         note = r.note.replace("|", "\\|")
-        lines.append(f"| {r.impl} | {ms} | {rate} | {shown_speedup} | {peak} | {diff} | {note} |")
+        lines.append(
+            f"| {r.impl} | {ms} | {rate} | {shown_speedup} | {peak} | {diff} | {loss} | {note} |"
+        )
     lines += ["", "Environment:", "", "```json", json.dumps(env, indent=2), "```", ""]
     return "\n".join(lines)
 

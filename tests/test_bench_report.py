@@ -312,6 +312,7 @@ def _fake_cuda(monkeypatch, bench, events):
     monkeypatch.setattr(bench, "step_ms", lambda step, one_step_ms: 2.0)
     monkeypatch.setattr(bench, "profile_section", lambda title, fn, iterations=10: f"### {title}")
     monkeypatch.setattr(bench, "environment", lambda gpu=False: {"gpu": "fake"})
+    monkeypatch.setattr(bench, "initial_weights", lambda size: {"size": size})
     run_gpu = bench.run_gpu
     monkeypatch.setattr(bench, "run_gpu", lambda size, on_row=None: run_gpu(
         size, on_row, device="cpu", case=TINY_CASE))  # fmt: skip
@@ -334,15 +335,15 @@ def test_gpu_pretrain_keeps_every_row_through_a_failure_and_a_killed_run(monkeyp
     events: list = []
     _fake_cuda(monkeypatch, bench, events)
 
-    def working(size, compiled, data):
+    def working(size, compiled, data, initial):
         x, chans, mask = data
         assert x.shape == (2, 2, 2, 200) and mask.shape == (2, 4)
-        return lambda: None
+        return lambda: torch.tensor(9.0)
 
-    def failing(size, compiled, data):
+    def failing(size, compiled, data, initial):
         raise AssertionError
 
-    def killed(size, compiled, data):
+    def killed(size, compiled, data, initial):
         raise KeyboardInterrupt
 
     impls = (("reference-eager", working, False), ("eegfast", failing, None),
@@ -359,6 +360,7 @@ def test_gpu_pretrain_keeps_every_row_through_a_failure_and_a_killed_run(monkeyp
     assert rows["eegfast"]["ms"] is None and rows["eegfast"]["note"] == "failed: AssertionError: "
     table = (tmp_path / "gpu_pretrain_base.md").read_text()
     assert "| eegfast | — | — | — |" in table and "| reference-compile | 2.0 |" in table
+    assert rows["reference-eager"]["first_losses"] == [9.0, 9.0] and "| 9.0000 / 9.0000 |" in table
     assert (tmp_path / "gpu_pretrain_base_kernels.md").exists()
 
 
@@ -378,10 +380,10 @@ def test_gpu_pretrain_peak_memory_is_measured_without_the_rows_before(monkeypatc
         def __init__(self):
             self.me = self  # a reference cycle, as tokenizer.get_codebook_indices = compiled
 
-    def builder(size, compiled, data):
+    def builder(size, compiled, data, initial):
         model = Model()
         alive.append(weakref.ref(model))
-        return lambda: model
+        return lambda: torch.tensor(float(model is not None))
 
     def reset():
         events.append(sum(ref() is not None for ref in alive))
@@ -395,6 +397,27 @@ def test_gpu_pretrain_peak_memory_is_measured_without_the_rows_before(monkeypatc
         gc.enable()
     assert [r.ms for r in rows] == [2.0] * len(bench.GPU_IMPLS)
     assert events == [1] * len(bench.GPU_IMPLS)  # only the row being measured is alive
+
+
+def test_gpu_pretrain_rows_start_from_one_set_of_weights(monkeypatch):
+    """Every row's builder gets the same initial weights, and each row reports the losses of
+    its first two steps (rows computing another loss or update show it in the table)."""
+    from benchmarks import bench_pretrain as bench
+
+    _fake_cuda(monkeypatch, bench, [])
+    given = []
+
+    def builder(size, compiled, data, initial):
+        given.append(initial)
+        losses = iter([8.0 + len(given), 7.0, 7.0, 7.0])
+        return lambda: torch.tensor(next(losses))
+
+    monkeypatch.setattr(
+        bench, "GPU_IMPLS", (("reference-eager", builder, False), ("eegfast", builder, None))
+    )
+    rows, _ = bench.run_gpu("base")
+    assert given == [{"size": "base"}] * 2 and given[0] is given[1]
+    assert [r.first_losses for r in rows] == [(9.0, 7.0), (10.0, 7.0)]
 
 
 def test_gpu_pretrain_times_enough_steps_of_the_slow_rows(monkeypatch):
