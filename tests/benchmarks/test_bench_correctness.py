@@ -209,3 +209,15 @@ def test_moe_bench_gives_torch_compile_its_chance_on_the_named_shapes():
     assert [r.shape for r in compiled] == ["tiny"]
     assert compiled[0].ms is not None and compiled[0].max_abs_err < 1e-5
     assert compiled[0].max_grad_err < 1e-5
+
+
+@pytest.mark.parametrize("D", [20, 25, 50])
+def test_qk_bench_padded_sdpa_baseline_computes_the_attention(D):
+    """The head-dim-padded SDPA baseline keeps the softmax scale of D and drops the padding."""
+    from benchmarks import gpu_qk_norm_attention as bench
+
+    (q, k, v), params, _ = bench.make_inputs((2, 3, 17, D), "cpu", torch.float32)
+    with torch.no_grad():
+        got = bench.layer_norm_sdpa_padded(q, k, v, params)
+        torch.testing.assert_close(got, bench.eager_reference(q, k, v, params))
+    assert "layernorm+sdpa-pad8" in bench.ESSENTIAL
