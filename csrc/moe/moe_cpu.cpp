@@ -93,10 +93,30 @@ void gather_sum(const scalar_t* src, int64_t src_stride, const gate_t* gates,
   });
 }
 
+// The kernels index rows of y by slot_pos without bounds checks in their loops: checked here
+// once, serially (O(T k), nothing beside the GEMMs), so that a direct op call or a compiled
+// graph (where eegfast.ops.moe_combine skips its own check) gets an error, not a wild read or
+// write. `distinct`: the backward stores (not adds) one gradient row per slot, so a row named
+// twice would lose gradient.
+void check_slot_positions(const at::Tensor& pos, int64_t rows, bool distinct, const char* op) {
+  const int64_t* p = pos.data_ptr<int64_t>();
+  std::vector<uint8_t> seen(distinct ? rows : 0, 0);
+  for (int64_t s = 0; s < pos.numel(); ++s) {
+    TORCH_CHECK(p[s] >= -1 && p[s] < rows, op, ": slot_pos[", s, "] = ", p[s],
+                " is outside [-1, ", rows, ") (rows of y)");
+    if (distinct && p[s] >= 0) {
+      TORCH_CHECK(!seen[p[s]], op, ": slot_pos names row ", p[s],
+                  " twice (it must come from moe_dispatch: one slot per row)");
+      seen[p[s]] = 1;
+    }
+  }
+}
+
 at::Tensor gather_sum_tensor(const at::Tensor& src, const at::Tensor* gates,
                              const at::Tensor& slot_pos, int64_t T, int64_t k) {
   const at::Tensor src_c = src.stride(1) == 1 ? src : src.contiguous();
   const at::Tensor pos = slot_pos.contiguous();
+  check_slot_positions(pos, src.size(0), /*distinct=*/false, "moe_combine");
   const int64_t D = src.size(1);
   at::Tensor out = at::empty({T, D}, src.options());
   if (T == 0 || D == 0) return out;
@@ -189,6 +209,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
               "), got ", grad_y.sizes());
   TORCH_CHECK(a1.sizes() == h.sizes() && a1.size(0) == S && a1.size(1) == H,
               "moe_expert_ffn_bwd: a1 and h must have shape (T * top_k, H)");
+  TORCH_CHECK(slot_pos.dim() == 1 && slot_pos.size(0) == S && slot_pos.scalar_type() == at::kLong,
+              "moe_expert_ffn_bwd: slot_pos must be int64 of shape (T * top_k,) = (", S,
+              ",), got ", slot_pos.sizes());
+  {
+    // dx gathers each slot's row through slot_pos: it must invert sorted_slots (a slot listed
+    // twice, or not at all, would lose or misplace gradient)
+    const at::Tensor ss = sorted_slots.contiguous(), sp = slot_pos.contiguous();
+    const int64_t *order = ss.data_ptr<int64_t>(), *where = sp.data_ptr<int64_t>();
+    for (int64_t j = 0; j < S; ++j)
+      TORCH_CHECK(order[j] >= 0 && order[j] < S && where[order[j]] == j,
+                  "moe_expert_ffn_bwd: sorted_slots must be a permutation of [0, T * top_k) and "
+                  "slot_pos its inverse (as moe_dispatch gives them); they disagree at ", j);
+  }
   const std::vector<int64_t> offset = offsets_on_host(offsets);
   at::Tensor dy = grad_y.to(x.scalar_type());
   at::Tensor dx_sorted = at::zeros({S, D}, x.options());
@@ -262,6 +295,7 @@ std::tuple<at::Tensor, at::Tensor> moe_combine_bwd_cpu(const at::Tensor& grad_ou
               grad_out.sizes());
   const at::Tensor go = grad_out.to(y.scalar_type()).contiguous();
   const at::Tensor y_c = y.contiguous(), g_c = gates.contiguous(), pos = slot_pos.contiguous();
+  check_slot_positions(pos, y.size(0), /*distinct=*/true, "moe_combine_bwd");
   // Rows of y that no slot points to (none when slot_pos is a permutation) get zero gradient.
   at::Tensor grad_y = at::zeros_like(y_c);
   at::Tensor grad_gates = at::empty_like(g_c);

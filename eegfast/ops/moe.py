@@ -282,8 +282,10 @@ def _ffn_fake(x, sorted_slots, offsets, w1, b1, w2, b2, top_k):
 
 def _ffn_bwd_fake(grad_y, x, sorted_slots, offsets, slot_pos, w1, w2, a1, h, top_k):
     E, H = w1.shape[:2]
+    # the kernels return dx row-major whatever x's layout (empty_like would keep a
+    # column-major x's strides, and a compiled graph's stride check then fails)
     return (
-        torch.empty_like(x),
+        torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(w1, memory_format=torch.contiguous_format),
         w1.new_empty(E, H),
         torch.empty_like(w2, memory_format=torch.contiguous_format),

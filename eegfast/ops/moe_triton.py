@@ -537,7 +537,7 @@ def moe_combine_bwd_triton(
 
 torch.library.register_fake("eegfast::moe_expert_ffn_bwd_triton")(
     lambda grad_y, x, sorted_slots, offsets, slot_pos, w1, w2, a1, h, top_k: (
-        torch.empty_like(x),
+        torch.empty_like(x, memory_format=torch.contiguous_format),  # dx is row-major
         torch.empty_like(w1, memory_format=torch.contiguous_format),
         w1.new_empty(w1.shape[0], w1.shape[1]),
         torch.empty_like(w2, memory_format=torch.contiguous_format),

@@ -565,3 +565,23 @@ def test_cpu_expert_ffn_gradient_when_sorted_slots_is_not_a_permutation():
         y = moe_expert_ffn(x, sorted_slots, offsets, w1, b1, w2, b2, k, backend=backend)
         (grads[backend],) = torch.autograd.grad(y, x, grad_y)
     torch.testing.assert_close(grads["cpu"], grads["reference"])
+
+
+def test_cpu_kernels_check_slot_positions_on_direct_calls():
+    """The registered C++ ops (reached directly or from a compiled graph, where moe_combine
+    skips its Python check) refuse slot positions outside the rows, a backward slot_pos that
+    names a row twice, and an FFN backward whose slot_pos does not invert sorted_slots."""
+    y, gates = torch.randn(4, 3), torch.rand(2, 2)
+    with pytest.raises(RuntimeError, match=r"slot_pos\[3\] = 7 is outside \[-1, 4\)"):
+        torch.ops.eegfast.moe_combine(y, gates, torch.tensor([0, 1, 2, 7]))
+    with pytest.raises(RuntimeError, match="slot_pos names row 1 twice"):
+        torch.ops.eegfast.moe_combine_bwd(torch.randn(2, 3), y, gates, torch.tensor([0, 1, 1, 3]))
+    T, k, E, D, H = 2, 2, 2, 3, 5
+    x, w1, w2 = torch.randn(T, D), torch.randn(E, H, D), torch.randn(E, D, H)
+    sorted_slots, offsets = torch.tensor([0, 2, 1, 3]), torch.tensor([0, 2, 4])
+    a1 = h = torch.randn(T * k, H)
+    args = (torch.randn(T * k, D), x, sorted_slots, offsets)
+    good = torch.tensor([0, 2, 1, 3])  # the inverse of sorted_slots
+    torch.ops.eegfast.moe_expert_ffn_bwd(*args, good, w1, w2, a1, h, k)
+    with pytest.raises(RuntimeError, match="slot_pos its inverse"):
+        torch.ops.eegfast.moe_expert_ffn_bwd(*args, torch.tensor([0, 1, 2, 3]), w1, w2, a1, h, k)
