@@ -16,29 +16,12 @@ from hypothesis import strategies as st
 
 from eegfast.ops import available_backends
 from eegfast.testing import odd_sizes, strided
-from tests.ops.test_qk_norm_attention_triton import (
-    EPS,
-    FWD_TOLERANCE,
-    GRAD_NAMES,
-    TOLERANCE,
-    assert_close_scaled,
-    reference,
-)
+from tests.ops.test_qk_norm_attention_triton import EPS, check_against_reference, op_pair
 
 TRITON = available_backends()["triton"].available
 needs_triton = pytest.mark.skipif(not TRITON, reason="needs triton (GPU or TRITON_INTERPRET=1)")
 LAYOUTS = ("contiguous", "strided", "transposed", "packed")
 GRAD_LAYOUTS = ("contiguous", "strided", "heads_first")
-
-
-def op_pair(backend):
-    """(forward op, backward op) of ``backend``: "cpu" (C++) or "triton"."""
-    if backend == "triton":
-        from eegfast.ops import qk_norm_attention_triton  # noqa: F401  (registers the ops)
-
-        return (torch.ops.eegfast.qk_norm_attention_fwd_triton,
-                torch.ops.eegfast.qk_norm_attention_bwd_triton)  # fmt: skip
-    return torch.ops.eegfast.qk_norm_attention_fwd, torch.ops.eegfast.qk_norm_attention_bwd
 
 
 def laid_out(q, k, v, layout):
@@ -83,45 +66,6 @@ def make_inputs(B, H, N, D, dtype, *, seed, affine, mask, ids):
     return q, k, v, params, key_padding_mask, block_ids, grad_out
 
 
-def check_ops(backend, q, k, v, params, key_padding_mask, block_ids, grad_out, *, causal, scale):
-    """The forward op's out, lse and statistics and the backward op's seven gradients against
-    the float64 reference on the same rounded values."""
-    fwd, bwd = op_pair(backend)
-    B, H, N, D = q.shape
-    dtype = q.dtype
-    out, lse, q_stats, k_stats = fwd(q, k, v, *params, EPS, scale, key_padding_mask, causal,
-                                     block_ids)  # fmt: skip
-    assert out.shape == (B, N, H, D) and out.dtype == dtype
-    assert lse.shape == (B, H, N) and lse.dtype == torch.float32
-    assert q_stats.shape == k_stats.shape == (B, H, N, 2)
-
-    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    param_leaves = [None if p is None else p.detach().double().requires_grad_() for p in params]
-    ref_out, ref_lse = reference(*leaves, param_leaves, scale=scale,
-                                 key_padding_mask=key_padding_mask, causal=causal,
-                                 block_ids=block_ids)  # fmt: skip
-    assert_close_scaled(out.transpose(1, 2), ref_out, FWD_TOLERANCE[dtype], "out")
-    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse: rows that see nothing"
-    finite = torch.isfinite(ref_lse)
-    assert_close_scaled(lse[finite], ref_lse[finite], FWD_TOLERANCE[dtype], "lse")
-    for name, x, stats in (("q_stats", q, q_stats), ("k_stats", k, k_stats)):
-        x64 = x.double()
-        var = x64.var(-1, unbiased=False)
-        assert_close_scaled(stats[..., 0], x64.mean(-1), 1e-5, f"{name} mean")
-        assert_close_scaled(stats[..., 1] * (var + EPS).sqrt(), torch.ones_like(var), 1e-4, name)
-
-    ref_out.backward(grad_out.double().transpose(1, 2))
-    grads = bwd(grad_out, q, k, v, *params, out, lse, q_stats, k_stats, scale,
-                key_padding_mask, causal, block_ids)  # fmt: skip
-    assert len(grads) == 7
-    for name, grad, leaf in zip(GRAD_NAMES, grads, leaves + param_leaves, strict=True):
-        if leaf is None:
-            assert grad.shape == (0,), f"d{name} of a None parameter must have shape (0,)"
-            continue
-        assert grad.dtype == dtype and grad.shape == leaf.shape, name
-        assert_close_scaled(grad, leaf.grad, TOLERANCE[dtype], f"d{name}")
-
-
 CASES = dict(
     B=st.integers(1, 2),
     H=st.integers(1, 3),
@@ -142,8 +86,8 @@ def run_case(backend, B, H, n, d, dtype, layout, grad_layout, mask, ids, causal,
         B, H, n, d, dtype, seed=seed, affine=affine, mask=mask, ids=ids
     )
     q, k, v = laid_out(q, k, v, layout)
-    check_ops(backend, q, k, v, params, kpm, block_ids, grad_laid_out(grad_out, grad_layout),
-              causal=causal, scale=0.8 / d**0.5)  # fmt: skip
+    check_against_reference(q, k, v, params, kpm, block_ids, grad_laid_out(grad_out, grad_layout),
+                            causal=causal, scale=0.8 / d**0.5, backend=backend)  # fmt: skip
 
 
 @needs_triton

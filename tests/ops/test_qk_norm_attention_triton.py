@@ -105,15 +105,23 @@ def assert_close_scaled(actual, expected, tol, name):
     assert error <= bound, f"{name}: max error {error:.3g} > {bound:.3g}"
 
 
+def op_pair(backend):
+    """(forward op, backward op) of ``backend``: "triton" or "cpu" (C++)."""
+    if backend == "triton":
+        ops = triton_ops()
+        return ops.qk_norm_attention_fwd_triton, ops.qk_norm_attention_bwd_triton
+    return torch.ops.eegfast.qk_norm_attention_fwd, torch.ops.eegfast.qk_norm_attention_bwd
+
+
 def check_against_reference(q, k, v, params, key_padding_mask, block_ids, grad_out, *,
-                            causal=False, scale=None):  # fmt: skip
-    """Forward outputs, lse, stats and all seven gradients of the Triton ops vs float64."""
-    ops = triton_ops()
+                            causal=False, scale=None, backend="triton"):  # fmt: skip
+    """Forward outputs, lse, stats and all seven gradients of ``backend``'s ops vs float64."""
+    fwd, bwd = op_pair(backend)
     B, H, N, D = q.shape
     dtype = q.dtype
     scale = D**-0.5 if scale is None else scale
     masks = dict(key_padding_mask=key_padding_mask, block_ids=block_ids, causal=causal)
-    out, lse, q_stats, k_stats = ops.qk_norm_attention_fwd_triton(
+    out, lse, q_stats, k_stats = fwd(
         q, k, v, *params, EPS, scale, key_padding_mask, causal, block_ids
     )
     assert out.shape == (B, N, H, D) and out.is_contiguous() and out.dtype == dtype
@@ -134,7 +142,7 @@ def check_against_reference(q, k, v, params, key_padding_mask, block_ids, grad_o
         assert_close_scaled(stats[..., 1] * (var + EPS).sqrt(), torch.ones_like(var), 1e-4, name)
 
     ref_out.backward(grad_out.double().transpose(1, 2))
-    grads = ops.qk_norm_attention_bwd_triton(
+    grads = bwd(
         grad_out, q, k, v, *params, out, lse, q_stats, k_stats, scale,
         key_padding_mask, causal, block_ids,
     )  # fmt: skip
