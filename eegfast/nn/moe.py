@@ -80,7 +80,10 @@ class MoEFFN(nn.Module):
             carries the token) and counted in ``last_aux.dropped``. Dropped slots cost no
             expert FLOPs.
         jitter_eps: multiplicative router-input noise ``U(1 - eps, 1 + eps)`` in training.
-        drop: dropout on the output (the dense Mlp's ``drop``).
+        drop: dropout on the output (the dense Mlp's ``drop``). Only there: the fused expert
+            FFN has no dropout between its two products, where the reference / timm Mlp
+            applies the same ``drop`` too, so with ``drop > 0`` an upcycled model trains
+            with less dropout than its dense original (LaBraM's configs use 0).
         backend: forwarded to the ops (None = automatic).
 
     State dict (stacked experts, each slice laid out like ``nn.Linear``)::
