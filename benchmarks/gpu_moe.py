@@ -111,11 +111,12 @@ def implementations() -> dict[str, Callable]:
         "eegfast": _moe_eegfast,
         "loop-over-experts": moe_ffn_expert_loop,
         "argsort+grouped_mm": moe_ffn_torch_sorted,
-        # torch.compile's chance at the best plain-PyTorch MoE (the named shapes only: each
-        # expert count of the sweep would compile again)
-        "argsort+grouped_mm-compile": _compiled(moe_ffn_torch_sorted),
         "dense-ffn": _dense,
         "dense-ffn-Tk": _dense_tk,
+        # torch.compile's chance at the best plain-PyTorch MoE (the named shapes only: each
+        # expert count of the sweep would compile again), last: its compilation takes the
+        # longest, and a run stopped at its time limit keeps the rows before
+        "argsort+grouped_mm-compile": _compiled(moe_ffn_torch_sorted),
     }
 
 
@@ -203,7 +204,9 @@ def max_grad_error(impl, inputs, grad_out, expected: Sequence[torch.Tensor]) -> 
     return worst
 
 
-def run_cases(shapes, sweep, device, dtype, timer) -> list[Row]:
+def run_cases(shapes, sweep, device, dtype, timer, on_row=None) -> list[Row]:
+    """Every case and implementation; ``on_row(rows)`` after each row (the tables are written
+    there, so that a run stopped at its time limit keeps the rows it finished)."""
     from eegfast.ops.moe import moe_ffn_expert_loop
 
     impls = implementations()
@@ -229,6 +232,8 @@ def run_cases(shapes, sweep, device, dtype, timer) -> list[Row]:
             if ms is not None and not name.startswith("dense"):
                 grad_err = max_grad_error(impl, inputs, grad_out, expected_grads)
             rows.append(Row(shape, T, D, H, E, name, ms, err, note, max_grad_err=grad_err))
+            if on_row is not None:
+                on_row(rows)
             print(
                 f"{shape:>10} E={E:<3} {name:>20}: {ms if ms is None else round(ms, 3)} ms {note}"
             )
@@ -309,13 +314,14 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def write_outputs(out_dir, title, env, rows, name="gpu_moe") -> dict[str, Path]:
+def write_outputs(out_dir, title, env, rows, name="gpu_moe", with_plot=True) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {s: out / f"{name}.{s}" for s in ("csv", "md", "png")}
     write_bytes_atomic(paths["csv"], csv_text(rows).encode())
     write_bytes_atomic(paths["md"], markdown_text(title, env, rows).encode())
-    plot(rows, paths["png"], title)
+    if with_plot:
+        plot(rows, paths["png"], title)
     return paths
 
 
@@ -338,8 +344,12 @@ def kernel_breakdown(shapes, device, dtype) -> str:
 
 def run(out_dir: Path | str, env: dict) -> dict[str, Path]:
     """The GPU benchmark (entry point of ``python -m benchmarks.gpu --ops moe``)."""
-    rows = run_cases(SHAPES, SWEEP_EXPERTS, "cuda", torch.bfloat16, do_bench_timer)
     title = f"eegfast MoE FFN on {env.get('gpu', 'GPU')}"
+
+    def tables(rows):
+        write_outputs(out_dir, title, env, rows, with_plot=False)
+
+    rows = run_cases(SHAPES, SWEEP_EXPERTS, "cuda", torch.bfloat16, do_bench_timer, tables)
     paths = write_outputs(out_dir, title, env, rows)
     breakdown = kernel_breakdown(SHAPES, "cuda", torch.bfloat16)
     paths["kernels"] = write_kernel_tables(out_dir, "gpu_moe", title, breakdown)
@@ -355,9 +365,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        rows = run_cases(SMOKE_SHAPES, SMOKE_SWEEP, "cpu", torch.float32, perf_counter_timer)
-        title = "MoE smoke run (CPU, meaningless)"
-        paths = write_outputs(args.out, title, environment(), rows, "smoke_moe")
+        title, env = "MoE smoke run (CPU, meaningless)", environment()
+
+        def tables(rows):
+            write_outputs(args.out, title, env, rows, "smoke_moe", with_plot=False)
+
+        rows = run_cases(
+            SMOKE_SHAPES, SMOKE_SWEEP, "cpu", torch.float32, perf_counter_timer, tables
+        )
+        paths = write_outputs(args.out, title, env, rows, "smoke_moe")
         breakdown = kernel_breakdown(SMOKE_SHAPES, "cpu", torch.float32)
         paths["kernels"] = write_kernel_tables(args.out, "smoke_moe", title, breakdown)
     else:

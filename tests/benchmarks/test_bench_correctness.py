@@ -221,3 +221,25 @@ def test_qk_bench_padded_sdpa_baseline_computes_the_attention(D):
         got = bench.layer_norm_sdpa_padded(q, k, v, params)
         torch.testing.assert_close(got, bench.eager_reference(q, k, v, params))
     assert "layernorm+sdpa-pad8" in bench.ESSENTIAL
+
+
+def test_moe_bench_writes_its_tables_after_every_row(monkeypatch, tmp_path):
+    """A run stopped at its time limit (here: interrupted at the second row) keeps the rows it
+    finished in gpu_moe.csv / .md."""
+    from benchmarks import gpu_moe
+
+    def interrupted(*inputs):
+        raise KeyboardInterrupt
+
+    impls = {"eegfast": gpu_moe.implementations()["eegfast"], "loop-over-experts": interrupted}
+    monkeypatch.setattr(gpu_moe, "implementations", lambda: impls)
+
+    def tables(rows):
+        gpu_moe.write_outputs(tmp_path, "t", {}, rows, with_plot=False)
+
+    with pytest.raises(KeyboardInterrupt):
+        gpu_moe.run_cases(
+            {"tiny": (12, 8, 16, 3)}, (), "cpu", torch.float32, gpu_moe.perf_counter_timer, tables
+        )
+    table = (tmp_path / "gpu_moe.md").read_text()
+    assert "| tiny | 12 | 8 | 16 | 3 | eegfast |" in table and "loop-over-experts" not in table
