@@ -10,6 +10,7 @@ lists the valid ones. The resolved configuration is written into every run folde
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
 import types
 import typing
@@ -243,9 +244,13 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     """Check ``value`` against a field's type, converting only where that loses nothing."""
     origin = typing.get_origin(annotation)
     if origin is tuple:
-        if not isinstance(value, list | tuple):
-            value = [value]
         args = typing.get_args(annotation)
+        if isinstance(value, str):  # `--set upcycle.layers=1,2` (or `=` for none)
+            parts = [part.strip() for part in value.split(",")] if value.strip() else []
+            # numbers read as YAML; names kept as written (YAML would turn `yes` into True)
+            value = parts if args[0] is str else [yaml.safe_load(part) for part in parts]
+        elif not isinstance(value, list | tuple):
+            value = [value]
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(key, args[0], v) for v in value)
         if len(value) != len(args):
@@ -312,7 +317,10 @@ def _apply(config: Any, flat: dict[str, Any], prefix: str) -> Any:
 
 
 def _unknown(key: str) -> str:
-    return f"unknown config key {key!r}; valid keys are: " + ", ".join(valid_keys())
+    keys = valid_keys()
+    close = difflib.get_close_matches(key, keys, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown config key {key!r}{hint}; valid keys are: " + ", ".join(keys)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
