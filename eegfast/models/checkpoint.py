@@ -155,6 +155,10 @@ def _unreadable(path: Path, reason: str) -> ValueError:
     )
 
 
+# The first lines of torch's weights_only refusal, before its reason.
+_TORCH_PREAMBLE = ("Weights only load failed", "Check the documentation of torch.load")
+
+
 def _weights_only_reason(error: pickle.UnpicklingError) -> str:
     """torch's own reason for refusing a file (the first line after "WeightsUnpickler error:");
     the message's first line is only torch's generic preamble."""
@@ -162,7 +166,12 @@ def _weights_only_reason(error: pickle.UnpicklingError) -> str:
     marker = "WeightsUnpickler error:"
     if marker in text:
         text = text.split(marker, 1)[1]
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # A global from a blocked module (os.system, ...) comes without the marker: its reason
+    # ("Trying to load unsupported GLOBAL posix.system ...") follows the preamble, which itself
+    # says that loading with weights_only=False "will likely succeed".
+    reason = next((line for line in lines if not line.startswith(_TORCH_PREAMBLE)), None)
+    return reason if reason is not None else (lines[0] if lines else "")
 
 
 def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:

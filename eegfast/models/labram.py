@@ -104,22 +104,22 @@ def _check_signal(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, C, A, T) as is, or (B, C, A·T) split into patches of ``patch_size``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    shape = tuple(x.shape)  # as given, for the messages
     if x.dim() == 3:
         if x.shape[-1] % patch_size != 0:
             raise ValueError(
                 f"x of shape (B, C, n_times) needs n_times divisible by {patch_size}, "
                 f"got {tuple(x.shape)}"
             )
-        return x.unflatten(-1, (-1, patch_size))
-    if x.dim() != 4 or x.shape[-1] != patch_size:
+        # and on to the emptiness check: n_times = 0 would otherwise reach the convolution
+        x = x.unflatten(-1, (-1, patch_size))
+    elif x.dim() != 4 or x.shape[-1] != patch_size:
         raise ValueError(
             f"x must have shape (B, C, A, {patch_size}) or (B, C, A·{patch_size}), "
             f"got {tuple(x.shape)}"
         )
     if x.shape[1] == 0 or x.shape[2] == 0:
-        raise ValueError(
-            f"x must hold at least one electrode and one patch, got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"x must hold at least one electrode and one patch, got shape {shape}")
     return x
 
 

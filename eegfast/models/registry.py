@@ -95,13 +95,18 @@ def get_config(name: str, **config: Any) -> LaBraMConfig | PretrainConfig | VQNS
     if isinstance(base, PretrainConfig):  # backbone fields may be given directly
         backbone_keys = [f.name for f in dataclasses.fields(LaBraMConfig)]
     signal_keys = [k for k in SIGNAL_ARGS if k != "n_outputs" or isinstance(base, LaBraMConfig)]
-    valid = own + [k for k in backbone_keys if k not in own] + signal_keys
+    valid = own + [k for k in backbone_keys if k not in own] + signal_keys + ["modern_names"]
     unknown = sorted(set(config) - set(valid))
     if unknown:
         raise TypeError(
             f"unknown config keys for {name!r}: {unknown}; valid keys: {', '.join(valid)}"
         )
+    modern_names = config.pop("modern_names", None)
     signal = {k: config.pop(k) for k in SIGNAL_ARGS if k in config}
+    if modern_names is not None:
+        if signal.get("ch_names") is None and signal.get("chs_info") is None:
+            raise ValueError("modern_names applies to ch_names / chs_info; neither is given")
+        signal["modern_names"] = bool(modern_names)
     signal_fields = _signal_fields(base, signal, pos_rows=config.get("pos_rows"))
     _merge_signal_fields(signal_fields, signal, config)
     if isinstance(base, LaBraMConfig):
@@ -134,7 +139,10 @@ def create_model(name: str, *, device=None, dtype=None, **config: Any) -> nn.Mod
         device, dtype: where and in which dtype to create the parameters.
         **config: config fields (e.g. ``num_classes=6, drop_path_rate=0.2``), or signal
             arguments: ``n_outputs``, ``n_chans``, ``n_times``, ``sfreq``, ``ch_names`` /
-            ``chs_info`` (MNE-style dicts with ``ch_name``).
+            ``chs_info`` (MNE-style dicts with ``ch_name``). Old 10-20 names (T3, T4, T5, T6)
+            take the rows of their 10-10 names (T7, T8, P7, P8); ``modern_names=False`` keeps
+            the table's old-name rows, as the reference code does for TUH recordings (to match
+            a checkpoint fine-tuned on them).
 
     Example::
 
@@ -187,7 +195,11 @@ def _signal_fields(base, signal: dict[str, Any], pos_rows: int | None = None) ->
             raise ValueError(f"n_chans ({n_chans}) != number of ch_names ({len(names)})")
         from eegfast.electrodes import LABRAM_TABLE_ROWS, labram_input_chans
 
-        rows = labram_input_chans(names, allow_extended=pos_rows > LABRAM_TABLE_ROWS)
+        rows = labram_input_chans(
+            names,
+            allow_extended=pos_rows > LABRAM_TABLE_ROWS,
+            modern_names=signal.get("modern_names", True),
+        )
         fields["input_chans"] = tuple(int(i) for i in rows)
     return fields
 
