@@ -8,7 +8,7 @@ from torch import nn
 
 from eegfast.nn.linear import fused_linear, scaled_residual
 from eegfast.ops import qk_norm_attention_packed
-from eegfast.ops.qk_norm_attention import check_key_padding_mask
+from eegfast.ops.qk_norm_attention import check_block_causal, check_key_padding_mask
 
 
 def attention_visibility(
@@ -24,10 +24,16 @@ def attention_visibility(
 
     Semantics of the eegfast attention ops: ``key_padding_mask`` (B, N) bool, True = padding
     key; ``causal``: j <= i; ``block_causal`` (N,) block ids: block[j] <= block[i]. Masks AND.
-    The mask is checked as by the fused op (:func:`check_key_padding_mask`: a bool tensor).
+    The masks are checked as by the fused op (:func:`check_key_padding_mask`: a bool tensor;
+    :func:`check_block_causal`: (N,) integer ids; ``causal`` a bool), so that both paths of
+    :class:`QKNormAttention` take the same arguments.
     """
     if key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, batch, n)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if block_causal is not None:
+        check_block_causal(block_causal, n)
     visible = None
     if causal:
         visible = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]

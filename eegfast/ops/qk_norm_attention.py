@@ -245,19 +245,7 @@ def _check_inputs(
                 f"q is on {q.device} but key_padding_mask is on {key_padding_mask.device}"
             )
     if block_causal is not None:
-        _check_tensor_or_none("block_causal", block_causal)
-        if block_causal.shape != (N,):
-            raise ValueError(
-                f"block_causal must have shape (N,) = ({N},), got {tuple(block_causal.shape)}"
-            )
-        if block_causal.dtype not in (
-            torch.int64,
-            torch.int32,
-            torch.int16,
-            torch.int8,
-            torch.uint8,
-        ):
-            raise TypeError(f"block_causal must be an integer tensor, got {block_causal.dtype}")
+        check_block_causal(block_causal, N)
         if block_causal.device != q.device:
             raise ValueError(f"q is on {q.device} but block_causal is on {block_causal.device}")
 
@@ -276,6 +264,19 @@ def check_key_padding_mask(key_padding_mask: object, batch: int, n: int) -> None
         raise TypeError(
             f"key_padding_mask must be bool (True = padding key), got {key_padding_mask.dtype}"
         )
+
+
+def check_block_causal(block_causal: object, n: int) -> None:
+    """TypeError / ValueError naming ``block_causal`` unless it is an (n,) integer tensor (one
+    block id per token, shared by the batch). Shared with the unfused layer path, which
+    otherwise took float or bool ids and failed on a (B, N) tensor in a broadcast."""
+    _check_tensor_or_none("block_causal", block_causal)
+    if block_causal.shape != (n,):
+        raise ValueError(
+            f"block_causal must have shape (N,) = ({n},), got {tuple(block_causal.shape)}"
+        )
+    if block_causal.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"block_causal must be an integer tensor, got {block_causal.dtype}")
 
 
 def _check_tensor_or_none(name: str, value: object) -> None:
