@@ -70,8 +70,9 @@ class TargetCache:
     The cache holds at most ``max_bytes`` of host memory (rows with their bookkeeping, about
     700 bytes a window of 256 patches): once full it keeps the windows it has and files no
     more, so the windows past the limit run the tokenizer every epoch (a warning says so
-    once). Keeping the first windows rather than evicting suits the epochs' shuffled order,
-    under which any eviction would throw away rows as likely to be needed as the new ones.
+    once; :func:`tokenizer_codes` encodes only a batch's windows that are not cached).
+    Keeping the first windows rather than evicting suits the epochs' shuffled order, under
+    which any eviction would throw away rows as likely to be needed as the new ones.
 
     Args:
         num_codes: the tokenizer's codebook size; it fixes the row dtype. Without it every
@@ -91,10 +92,22 @@ class TargetCache:
         self.max_bytes = max_bytes
         self._codes: dict[int, np.ndarray] = {}
         self._copies = HostCopies()  # codes on their way to the host, tagged with their indices
-        self.held_bytes = 0  # the rows' memory, bookkeeping included
+        self._held_bytes = 0  # the rows' memory, bookkeeping included
         self.hits = 0  # batches served from the cache
-        self.misses = 0  # batches the tokenizer ran for
-        self.left_out = 0  # rows not filed because the cache was full
+        self.misses = 0  # batches the tokenizer ran for (on their windows not cached)
+        self._left_out: set[int] = set()  # windows not filed because the cache was full
+
+    @property
+    def left_out(self) -> int:
+        """How many windows were not filed because the cache was full."""
+        self._file_arrived(wait=True)
+        return len(self._left_out)
+
+    @property
+    def held_bytes(self) -> int:
+        """The host memory the rows take, bookkeeping included (what ``max_bytes`` limits)."""
+        self._file_arrived(wait=True)
+        return self._held_bytes
 
     def __len__(self) -> int:
         self._file_arrived(wait=True)
@@ -105,12 +118,18 @@ class TargetCache:
         self._file_arrived(wait=True)
         return sum(codes.nbytes for codes in self._codes.values())
 
+    def rows(self, indices: list[int], num_tokens: int) -> list[np.ndarray | None]:
+        """The cached (num_tokens,) codes of each window of ``indices``; None for a window
+        not cached (or cached with another token count)."""
+        self._file_arrived(wait=False)
+        rows = [self._codes.get(i) for i in indices]
+        return [row if row is not None and row.shape[0] == num_tokens else None for row in rows]
+
     def get(self, indices: list[int], num_tokens: int) -> torch.Tensor | None:
         """(B, num_tokens) int64 codes of the windows ``indices``, or None unless every one is
         cached with that many tokens."""
-        self._file_arrived(wait=False)
-        rows = [self._codes.get(i) for i in indices]
-        if not rows or any(row is None or row.shape[0] != num_tokens for row in rows):
+        rows = self.rows(indices, num_tokens)
+        if not rows or any(row is None for row in rows):
             return None
         return torch.from_numpy(np.stack(rows)).long()
 
@@ -142,18 +161,18 @@ class TargetCache:
                 old = self._codes.get(index)
                 size = row.nbytes + self.ROW_OVERHEAD_BYTES
                 freed = 0 if old is None else old.nbytes + self.ROW_OVERHEAD_BYTES
-                if self.max_bytes is not None and self.held_bytes - freed + size > self.max_bytes:
-                    if self.left_out == 0:
+                if self.max_bytes is not None and self._held_bytes - freed + size > self.max_bytes:
+                    if not self._left_out:
                         warnings.warn(
                             f"the tokenizer-target cache is full ({self.max_bytes / 2**20:.0f} "
                             f"MiB, {len(self._codes)} windows): windows past it run the tokenizer "
                             "every epoch (pretrain.cache_targets_max_mb raises the limit)",
                             stacklevel=2,
                         )
-                    self.left_out += 1
+                    self._left_out.add(index)
                     continue
                 self._codes[index] = row.copy()
-                self.held_bytes += size - freed
+                self._held_bytes += size - freed
 
 
 def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -174,19 +193,37 @@ def tokenizer_codes(
     """(B, C·A) codes of the batch's windows from the frozen tokenizer, through
     ``ctx.target_cache`` when there is one."""
     cache = ctx.target_cache
-    indices = batch["index"].tolist() if cache is not None else []
-    if cache is not None:
-        cached = cache.get(indices, x.shape[1] * x.shape[2])
-        if cached is not None:
-            cache.hits += 1
-            return to_device_async(cached, x.device)
-    with torch.no_grad():
-        codes = ctx.tokenizer.get_codebook_indices(
-            x, input_chans, channel_padding_mask=channel_padding_mask
-        )
-    if cache is not None:
-        cache.misses += 1
+
+    def encode(x: torch.Tensor, channel_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            return ctx.tokenizer.get_codebook_indices(
+                x, input_chans, channel_padding_mask=channel_padding_mask
+            )
+
+    if cache is None:
+        return encode(x, channel_padding_mask)
+    indices = batch["index"].tolist()
+    rows = cache.rows(indices, x.shape[1] * x.shape[2])
+    missing = [j for j, row in enumerate(rows) if row is None]
+    if not missing:
+        cache.hits += 1
+        return to_device_async(torch.from_numpy(np.stack(rows)).long(), x.device)
+    cache.misses += 1
+    if len(missing) == len(rows):
+        codes = encode(x, channel_padding_mask)
         cache.put(indices, codes)
+        return codes
+    # Only the windows not cached are encoded (a window's codes depend on its samples alone):
+    # once the cache is full, most batches hold a few such windows among cached ones.
+    new_rows = torch.tensor(missing, device=x.device)
+    mask = None if channel_padding_mask is None else channel_padding_mask[new_rows]
+    new = encode(x[new_rows], mask)
+    cache.put([indices[j] for j in missing], new)
+    known = [j for j, row in enumerate(rows) if row is not None]
+    codes = torch.empty(len(rows), new.shape[1], dtype=new.dtype, device=x.device)
+    codes[new_rows] = new
+    known_codes = torch.from_numpy(np.stack([rows[j] for j in known])).to(new.dtype)
+    codes[torch.tensor(known, device=x.device)] = to_device_async(known_codes, x.device)
     return codes
 
 

@@ -274,3 +274,35 @@ def test_target_cache_stops_filing_at_its_memory_limit():
     assert cache.get([2], 4) is None and cache.get([0], 4) is not None
     with pytest.raises(ValueError, match="max_bytes must be >= 0"):
         TargetCache(max_bytes=-1)
+
+
+def test_a_full_cache_encodes_only_the_windows_it_does_not_hold():
+    """Once full, batches mixing cached and left-out windows run the tokenizer on the left-out
+    ones alone (all-or-nothing lookups had made every such batch a full miss), their codes equal
+    the tokenizer's, and left_out counts windows, not epochs."""
+    torch.manual_seed(0)
+    tokenizer = CountingTokenizer(create_model("vqnsp_tiny").eval())
+    encoded = []
+    tokenizer.get_codebook_indices = lambda x, *a, _f=tokenizer.get_codebook_indices, **k: (
+        encoded.append(len(x)) or _f(x, *a, **k)
+    )
+    x = torch.randn(6, 3, 2, 200)
+    T = 3 * 2
+    cache = TargetCache(num_codes=256, max_bytes=3 * (2 * T + TargetCache.ROW_OVERHEAD_BYTES))
+    ctx = StepContext(torch.device("cpu"), tokenizer=tokenizer, target_cache=cache)
+    from eegfast.train.objectives import tokenizer_codes
+
+    def codes_of(indices):
+        batch = batch_of(indices, x)
+        return tokenizer_codes(ctx, batch, batch["x"], batch["input_chans"])
+
+    with pytest.warns(UserWarning, match="cache is full"):
+        for _epoch in range(3):
+            got = codes_of([0, 1, 2, 3, 4, 5])
+            assert cache.left_out == 3 and len(cache) == 3  # windows 3..5, whatever the epoch
+    with torch.no_grad():
+        expected = tokenizer.tokenizer.get_codebook_indices(x, torch.arange(4))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert encoded == [6, 3, 3]  # the first epoch all six, then only the three left out
+    assert cache.misses == 3 and cache.hits == 0
+    assert codes_of([2, 0, 1]).tolist() == expected[[2, 0, 1]].tolist() and cache.hits == 1

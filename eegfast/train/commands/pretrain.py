@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +223,8 @@ def _train(args, config, step, kind, resume, tokenizer_path, notes) -> int:
             limit_mb = config.pretrain.cache_targets_max_mb
             if not limit_mb >= 0:
                 raise CommandError(f"pretrain.cache_targets_max_mb must be >= 0, got {limit_mb}")
-            cache = TargetCache(vocab, max_bytes=int(limit_mb * 2**20))
+            limit = None if math.isinf(limit_mb) else int(limit_mb * 2**20)  # inf: no limit
+            cache = TargetCache(vocab, max_bytes=limit)
         result = fit(
             model,
             step,
