@@ -245,10 +245,10 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin is tuple:
         args = typing.get_args(annotation)
-        if isinstance(value, str):  # `--set upcycle.layers=1,2` (or `=` for none)
-            parts = [part.strip() for part in value.split(",")] if value.strip() else []
-            # numbers read as YAML; names kept as written (YAML would turn `yes` into True)
-            value = parts if args[0] is str else [yaml.safe_load(part) for part in parts]
+        if isinstance(value, str) and args[0] is not str:
+            # `--set upcycle.layers=1,2` (or `=` for none). Not for names and paths, which may
+            # hold commas: those take a list (`data.roots=[a, b]`) or one value.
+            value = [yaml.safe_load(p) for p in value.split(",")] if value.strip() else []
         elif not isinstance(value, list | tuple):
             value = [value]
         if len(args) == 2 and args[1] is Ellipsis:

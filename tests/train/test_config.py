@@ -150,14 +150,15 @@ def test_hybrid_mask_weight_reaches_the_hybrid_model():
 
 
 def test_tuple_keys_take_comma_lists_and_typos_get_a_suggestion():
-    """`--set upcycle.layers=1,2` (a comma list; empty for none) and `data.tasks=a,yes` (names
-    kept as written); an unknown key names the closest valid one."""
+    """`--set upcycle.layers=1,2` (a comma list of numbers; empty for none); names and paths
+    are not split (`data.roots=/data/a,b` is one folder); an unknown key names the closest
+    valid one."""
     from eegfast.train.config import ConfigError, RunConfig, resolve_config
 
     config = resolve_config(
-        RunConfig(), None, ["upcycle.layers=1, 2", "data.tasks=a,yes", "optim.betas=0.9,0.95"]
+        RunConfig(), None, ["upcycle.layers=1, 2", "data.roots=/data/a,b", "optim.betas=0.9,0.95"]
     )
-    assert config.upcycle.layers == (1, 2) and config.data.tasks == ("a", "yes")
+    assert config.upcycle.layers == (1, 2) and config.data.roots == ("/data/a,b",)
     assert config.optim.betas == (0.9, 0.95)
     assert resolve_config(RunConfig(), None, ["upcycle.layers="]).upcycle.layers == ()
     with pytest.raises(ConfigError, match="upcycle.layers: expected int, got 'x'"):
