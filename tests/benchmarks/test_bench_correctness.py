@@ -202,9 +202,19 @@ def test_moe_bench_gives_torch_compile_its_chance_on_the_named_shapes():
     (output and gradients against the fp32 loop); the expert sweep leaves it out."""
     from benchmarks import gpu_moe
 
+    seen = []
     rows = gpu_moe.run_cases(
-        {"tiny": (12, 8, 16, 3)}, (2,), "cpu", torch.float32, gpu_moe.perf_counter_timer
+        {"tiny": (12, 8, 16, 3)},
+        (2,),
+        "cpu",
+        torch.float32,
+        gpu_moe.perf_counter_timer,
+        lambda rows: seen.append([r.impl for r in rows]),
     )
+    # timed after every other row, the sweep's included (its compilation takes longest)
+    assert [("argsort+grouped_mm-compile" in names) for names in seen] == [False] * (
+        len(seen) - 1
+    ) + [True]
     compiled = [r for r in rows if r.impl == "argsort+grouped_mm-compile"]
     assert [r.shape for r in compiled] == ["tiny"]
     assert compiled[0].ms is not None and compiled[0].max_abs_err < 1e-5
