@@ -115,9 +115,15 @@ def _main(args: argparse.Namespace) -> int:
         ]
     print("running:", " ".join(command), flush=True)
     status = subprocess.run(command, cwd=args.benchmarks.resolve().parent).returncode
-    if not raw.is_file():
+    try:
+        # (a suite that fails to import may leave an empty bench.json, depending on the
+        # pytest-benchmark version)
+        results = json.loads(raw.read_text())
+    except (OSError, ValueError):
+        results = None
+    if not isinstance(results, dict):
         raise CommandError(f"the benchmarks wrote no results (pytest exit status {status})")
     report = out / "bench.md"
-    write_text_atomic(report, markdown(json.loads(raw.read_text())))
+    write_text_atomic(report, markdown(results))
     print(f"results: {raw}\nreport:  {report}")
     return 0 if status == 0 else 1
