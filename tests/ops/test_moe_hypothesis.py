@@ -107,7 +107,7 @@ SHAPES = st.tuples(
 
 
 @needs_triton
-@settings(max_examples=12)
+@settings(max_examples=8)
 @given(
     shape=SHAPES,
     dtype=st.sampled_from((torch.float32, torch.float16)),
@@ -133,7 +133,7 @@ def ffn_backends():
     return ["cpu", *(["triton"] if TRITON else [])]
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(
     shape=SHAPES,
     backend=st.sampled_from(ffn_backends()),
@@ -189,7 +189,7 @@ def opcheck_cases():
 
 
 @pytest.mark.parametrize(("suffix", "utils"), opcheck_cases())
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(
     shape=st.tuples(
         odd_sizes(1, 17), WIDTHS, odd_sizes(1, 24), st.integers(1, 4), st.integers(1, 2)

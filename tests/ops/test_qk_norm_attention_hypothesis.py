@@ -91,7 +91,7 @@ def run_case(backend, B, H, n, d, dtype, layout, grad_layout, mask, ids, causal,
 
 
 @needs_triton
-@settings(max_examples=20)
+@settings(max_examples=12)
 @given(n=odd_sizes(1, 40), **CASES)
 def test_triton_ops_random_shapes_and_layouts(B, H, n, d, dtype, layout, grad_layout, mask, ids,
                                               causal, affine, seed):  # fmt: skip
@@ -122,7 +122,7 @@ def op_families():
 
 
 @pytest.mark.parametrize(("backend", "utils"), op_families())
-@settings(max_examples=5)
+@settings(max_examples=3)
 @given(
     shape=st.tuples(
         st.integers(1, 2), st.integers(1, 2), odd_sizes(1, 20), st.sampled_from((20, 25, 50))

@@ -194,7 +194,7 @@ def op_families():
 
 
 @pytest.mark.parametrize(("suffix", "utils"), op_families())
-@settings(max_examples=12)
+@settings(max_examples=8)
 @given(
     metric=st.sampled_from(METRICS),
     shape=st.tuples(odd_sizes(1, 40), odd_sizes(1, 30), st.sampled_from((1, 20, 25, 50))),
