@@ -26,7 +26,8 @@ def attention_visibility(
     key; ``causal``: j <= i; ``block_causal`` (N,) block ids: block[j] <= block[i]. Masks AND.
     The masks are checked as by the fused op (:func:`check_key_padding_mask`: a bool tensor;
     :func:`check_block_causal`: (N,) integer ids; ``causal`` a bool), so that both paths of
-    :class:`QKNormAttention` take the same arguments.
+    :class:`QKNormAttention` take the same arguments. With ``device`` given, a mask on another
+    device is refused as the fused op refuses it (a silent copy would hide a per-call transfer).
     """
     if key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, batch, n)
@@ -34,6 +35,11 @@ def attention_visibility(
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if block_causal is not None:
         check_block_causal(block_causal, n)
+    if device is not None:
+        device = torch.device(device)
+        for name, mask in (("key_padding_mask", key_padding_mask), ("block_causal", block_causal)):
+            if mask is not None and mask.device != device:
+                raise ValueError(f"the input is on {device} but {name} is on {mask.device}")
     visible = None
     if causal:
         visible = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]

@@ -104,6 +104,11 @@ def test_attention_rejects_bad_inputs_naming_them(qk_norm):
         attn(x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match="key_padding_mask must be a tensor or None, got list"):
         attn(x, key_padding_mask=[[False] * 5] * 2)
+    # A mask on another device is refused on both paths (the SDPA path used to copy it).
+    with pytest.raises(ValueError, match="but key_padding_mask is on meta"):
+        attn(x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match="but block_causal is on meta"):
+        attn(x, block_causal=torch.zeros(5, dtype=torch.long, device="meta"))
     assert attn(x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)).shape == x.shape
 
 
