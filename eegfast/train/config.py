@@ -248,7 +248,10 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
         if isinstance(value, str) and args[0] is not str:
             # `--set upcycle.layers=1,2` (or `=` for none). Not for names and paths, which may
             # hold commas: those take a list (`data.roots=[a, b]`) or one value.
-            value = [yaml.safe_load(p) for p in value.split(",")] if value.strip() else []
+            items = value.split(",") if value.strip() else []
+            if any(not item.strip() for item in items):
+                raise ConfigError(f"{key}: empty item in the comma list {value!r}")
+            value = [yaml.safe_load(item) for item in items]
         elif not isinstance(value, list | tuple):
             value = [value]
         if len(args) == 2 and args[1] is Ellipsis:

@@ -163,6 +163,9 @@ def test_tuple_keys_take_comma_lists_and_typos_get_a_suggestion():
     assert resolve_config(RunConfig(), None, ["upcycle.layers="]).upcycle.layers == ()
     with pytest.raises(ConfigError, match="upcycle.layers: expected int, got 'x'"):
         resolve_config(RunConfig(), None, ["upcycle.layers=1,x"])
+    for listed in ("1,", "1,,2"):  # was "expected int, got None"
+        with pytest.raises(ConfigError, match="upcycle.layers: empty item in the comma list"):
+            resolve_config(RunConfig(), None, [f"upcycle.layers={listed}"])
     with pytest.raises(
         ConfigError, match=r"'train.max_stpes' \(did you mean 'train.max_steps'\?\)"
     ):
