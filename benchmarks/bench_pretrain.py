@@ -4,12 +4,14 @@ Run from the repository root::
 
     pytest benchmarks/bench_pretrain.py --benchmark-only      # CPU inference, pytest-benchmark
     python -m benchmarks.bench_pretrain --cpu                  # CPU inference table
+    python -m benchmarks.bench_pretrain --cpu-train            # CPU fine-tuning step table
     python -m benchmarks.bench_pretrain --gpu [--size large]   # GPU training step table
 
 CPU inference: LaBraM-Base classifier, fp32, 2 threads, batch 8 × 23 electrodes × 10 s
 (231 tokens): eegfast (default backend: C++ attention kernel) against the plain-PyTorch
 re-creation of the reference architecture (:mod:`eegfast.models.reference`, eager). Outputs
-are checked to agree.
+are checked to agree. CPU fine-tuning step: the same model and batch, forward + cross-entropy +
+backward + clipping + AdamW, eegfast against the re-creation (first two losses reported).
 
 GPU training step (LaBraM-Base by default: batch 64, 32 electrodes × 8 patches = 256 tokens):
 frozen tokenizer forward for the targets + masked-modelling loss + backward + gradient
@@ -179,6 +181,72 @@ def run_cpu_retaining_memory(repeats: int) -> list[Row]:
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         record = json.loads((Path(tmp) / "cpu_labram_inference.json").read_text())
     return [Row(**row) for row in record["rows"]]
+
+
+# --------------------------------------------------------------------------------------------
+# CPU fine-tuning step.
+# --------------------------------------------------------------------------------------------
+
+CPU_TRAIN_TITLE = (
+    "LaBraM-Base fine-tuning step on CPU (fp32, 2 threads, batch 8 × 23 electrodes × 10 s: "
+    "forward, cross-entropy, backward, gradient clipping, AdamW)"
+)
+CPU_TRAIN_NOTE = (
+    "No target: fine-tuning on a CPU is what `make demo` does. Both rows start from the same "
+    "weights (drop path off: the re-creation has none), batch and labels, and report the losses "
+    "of their first two steps. AdamW is torch's foreach implementation in both."
+)
+
+
+def cpu_train_steps(
+    seed: int = 0, case: dict[str, int] = CPU_CASE
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """One fine-tuning step of eegfast and of the eager re-creation, same weights and batch
+    (``case``: batch, n_chans, n_patches). Each step returns its loss (detached)."""
+    torch.manual_seed(seed)
+    model = create_model("labram_base", num_classes=4, drop_path_rate=0.0).train()
+    ref = RefTransformer(*SIZES["base"], num_classes=4).train()
+    ref.load_state_dict(model.state_dict())
+    B, C, A = case["batch"], case["n_chans"], case["n_patches"]
+    x = torch.randn(B, C, A, 200)
+    chans = torch.arange(C + 1)
+    labels = torch.randint(0, 4, (B,))
+
+    def stepper(net: torch.nn.Module) -> Callable[[], torch.Tensor]:
+        optimizer = torch.optim.AdamW(net.parameters(), lr=5e-4, weight_decay=0.05, foreach=True)
+
+        def step() -> torch.Tensor:
+            loss = torch.nn.functional.cross_entropy(net(x, chans), labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 3.0, foreach=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        return step
+
+    return {"eegfast": stepper(model), "reference-eager": stepper(ref)}
+
+
+def run_cpu_train(repeats: int = 5) -> list[Row]:
+    """Rows of :func:`cpu_train_steps`, timed round-robin after two untimed steps each."""
+    torch.set_num_threads(CPU_CASE["threads"])
+    steps = cpu_train_steps()
+    first = {name: (float(step()), float(step())) for name, step in steps.items()}
+    ms = interleaved_medians(steps, repeats)
+    base_wall, base_cpu = ms["reference-eager"][:2]
+    return [
+        Row(
+            name,
+            ms[name][0],
+            CPU_CASE["batch"] / ms[name][0] * 1e3,
+            note=f"process CPU time {ms[name][1]:.0f} ms, speed-up by CPU time "
+            f"{base_cpu / ms[name][1]:.2f}×; {ms[name][2]:.0f} page faults per step",
+            speedup=base_wall / ms[name][0],
+            first_losses=first[name],
+        )
+        for name in steps
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -409,6 +477,7 @@ def save(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="CPU inference benchmark")
+    parser.add_argument("--cpu-train", action="store_true", help="CPU fine-tuning step")
     parser.add_argument("--gpu", action="store_true", help="GPU training-step benchmark")
     parser.add_argument("--size", choices=sorted(SIZES), default="base")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
@@ -421,8 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         "memory retained ('retain', set via MALLOC_* environment variables), or both",
     )
     args = parser.parse_args(argv)
-    if not (args.cpu or args.gpu):
-        parser.error("choose --cpu and/or --gpu")
+    if not (args.cpu or args.cpu_train or args.gpu):
+        parser.error("choose --cpu, --cpu-train and/or --gpu")
     if args.cpu:
         if args.malloc == "retain" and "MALLOC_TRIM_THRESHOLD_" not in os.environ:
             parser.error("--malloc retain: start the process with " + " ".join(
@@ -437,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         save(args.out, "cpu_labram_inference",
              "LaBraM-Base inference on CPU (fp32, 2 threads, batch 8 × 23 electrodes × 10 s)",
              environment(), rows, "reference-eager", CPU_TARGET)  # fmt: skip
+    if args.cpu_train:
+        save(args.out, "cpu_labram_finetune_step", CPU_TRAIN_TITLE, environment(),
+             run_cpu_train(args.repeats), "reference-eager", CPU_TRAIN_NOTE)  # fmt: skip
     if args.gpu:
         if not torch.cuda.is_available():
             parser.error("--gpu needs a CUDA device")

@@ -177,6 +177,18 @@ def test_pretrain_rows_train_with_the_same_optimizer(monkeypatch):
     assert built[-1]["fused"] is True
 
 
+def test_cpu_finetune_step_rows_compute_the_same_training_steps():
+    """The CPU fine-tuning rows start from one set of weights and batch and make the same
+    updates: their first two losses agree (a row that trained another model, dropped a term
+    or skipped the update would differ at step 1 or 2)."""
+    from benchmarks import bench_pretrain as bench
+
+    steps = bench.cpu_train_steps(case=dict(batch=2, n_chans=3, n_patches=2))
+    losses = {name: [float(step()) for _ in range(3)] for name, step in steps.items()}
+    assert losses["eegfast"] == pytest.approx(losses["reference-eager"], rel=1e-4)
+    assert losses["eegfast"][2] != pytest.approx(losses["eegfast"][0], rel=1e-3)  # it trains
+
+
 def test_head_loss_bench_checks_the_gradients_of_the_timed_backward(monkeypatch):
     """The head-loss rows time forward + backward but compared only the loss values."""
     from types import SimpleNamespace
