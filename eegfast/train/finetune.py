@@ -131,6 +131,42 @@ def plan_folds(
     return plans, grouping
 
 
+def seen_by_other_tasks(
+    data: TrainData, tasks: Sequence[str], plans: Sequence[FoldPlan]
+) -> dict[str, str]:
+    """Per task whose test part holds a subject/recording (its fold unit) that another task's
+    training part of the same fold holds too: a warning for the report, else nothing.
+
+    Tasks split by different units are not split together (a single-subject task is split by
+    recording, and a subject key never matches a recording name), so a subject tested for one
+    task can lie in another task's training part: the multi-task model, which trains on every
+    task's training part at once, has then seen that subject's EEG and its numbers for the task
+    are not subject-independent (the single-task and baseline numbers are)."""
+    out = {}
+    for task in tasks:
+        unit = plans[0].units.get(task, "recording") if plans else "recording"
+        found = []
+        for plan in plans:
+            tested = {getattr(data.items[int(i)], unit) for i in plan.test[task]}
+            trained = {
+                getattr(data.items[int(i)], unit)
+                for other in tasks
+                if other != task
+                for i in plan.train[other]
+            }
+            shared = sorted(tested & trained)
+            if shared:
+                more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
+                found.append(f"fold {plan.fold + 1} tests {', '.join(shared[:3])}{more}")
+        if found:
+            out[task] = (
+                f"WARNING: {'; '.join(found)}, which other tasks train on in that fold (they "
+                f"are split by another unit): the multi-task model has seen these {unit}s, so "
+                f"its numbers for this task are not {unit}-independent"
+            )
+    return out
+
+
 def _tasks_sharing_groups(per_task: dict[str, tuple]) -> list[list[str]]:
     """The tasks in connected sets: two tasks are connected when they share a group key."""
     owner: dict[str, str] = {}  # group key -> the first task that has it
@@ -302,6 +338,41 @@ def load_backbone_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -
         )
 
 
+def check_resumed_fold(run_dir: Path, resume: str, train_recordings: Sequence[str]) -> None:
+    """Refuse to resume a fold's run from a checkpoint trained on other recordings.
+
+    The fold plan depends on train.seed, finetune.folds/group_by and the data: with any of them
+    changed, the checkpoint in ``fold<i>/<variant>`` may have been trained on recordings that
+    this fold now tests, and its scores would be training scores reported as held-out ones.
+    ``resume``: ``"auto"`` (the newest checkpoint in ``run_dir/checkpoints``, if any) or a
+    checkpoint folder. Checkpoints without ``train_recordings`` in their meta are not checked.
+    """
+    from eegfast.train import checkpoint as ckpt
+
+    if resume == "auto":
+        latest = ckpt.latest_checkpoint(Path(run_dir) / "checkpoints")
+        if latest is None:
+            return
+        path, saved = latest.path, latest.meta.get("train_recordings")
+    else:
+        path = Path(resume)
+        saved = ckpt.checkpoint_meta(path).get("train_recordings")
+    if saved is None or sorted(saved) == sorted(train_recordings):
+        return
+    gone, new = (
+        sorted(set(saved) - set(train_recordings)),
+        sorted(set(train_recordings) - set(saved)),
+    )
+    raise ValueError(
+        f"--resume: {path} was trained on other recordings than this fold trains on (no "
+        f"longer in its training part: {', '.join(gone[:3]) or 'none'}"
+        f"{' ...' if len(gone) > 3 else ''}; new in it: {', '.join(new[:3]) or 'none'}"
+        f"{' ...' if len(new) > 3 else ''}): the folds changed (train.seed, finetune.folds, "
+        "finetune.group_by or the data), so the resumed model could be tested on windows it "
+        "was trained on; start afresh with --overwrite (or another --out)"
+    )
+
+
 def train_classifier(
     backbone: Backbone,
     tasks: Sequence[str],
@@ -331,6 +402,9 @@ def train_classifier(
                 f"{sorted(sizes, reverse=True)[:5]} windows per set), so it would not train: "
                 "lower train.batch_size"
             )
+    train_recordings = sorted({data.items[int(i)].recording for i in train_idx})
+    if resume:
+        check_resumed_fold(run_dir, resume, train_recordings)
     seed_everything(config.train.seed, deterministic=config.train.deterministic)
     heads = {task: len(data.label_names[task]) for task in tasks}
     model = build_model({**backbone.arch, "heads": heads})
@@ -372,7 +446,8 @@ def train_classifier(
             "command": "finetune",
             "task_names": backbone.task_names,
             # what evaluate needs to tell this fold's training windows from held-out ones
-            "train_recordings": sorted({data.items[int(i)].recording for i in train_idx}),
+            "train_recordings": train_recordings,
+            "train_subjects": sorted({data.items[int(i)].subject for i in train_idx}),
         },
         find_unused_parameters=len(tasks) > 1 or bool(backbone.arch.get("upcycle")),
     )
@@ -401,13 +476,17 @@ def cross_validate(
         log(f"note: {ft.folds} folds requested, only {len(plans)} groups: using {len(plans)}")
     if backbone is not None:
         backbone.router_ids(tasks, config.upcycle.task_routing)  # refuses before any fold
+    multitask = backbone is not None and ft.mode == "full" and ft.multitask and len(tasks) > 1
+    if multitask:
+        for task, note in seen_by_other_tasks(data, tasks, plans).items():
+            grouping[task] += f"; {note}"
     result = CVResult(grouping=grouping, units=dict(plans[0].units))
     for task, note in grouping.items():
         if "WARNING" in note:
             log(f"warning: task {task!r}: {note.split('WARNING: ', 1)[1]}")
     variants: list[tuple[str, list[str]]] = []
     if backbone is not None and ft.mode == "full":
-        if ft.multitask and len(tasks) > 1:
+        if multitask:
             variants.append(("multitask", tasks))
         if ft.single_task_baseline or not ft.multitask or len(tasks) == 1:
             variants += [("single", [t]) for t in tasks]

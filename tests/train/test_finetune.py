@@ -397,3 +397,93 @@ def test_tasks_without_a_router_id_are_refused_only_when_routing_by_task(tmp_pat
         config = RunConfig().with_overrides({"finetune.mode": mode, "finetune.folds": 2})
         with pytest.raises(ValueError, match=r"tasks \['big'\] have no router id.*\['other'\]"):
             cross_validate(make_data(spec), config, tmp_path, None, routed)
+
+
+def test_resuming_a_fold_trained_on_other_recordings_is_refused(tmp_path):
+    """--resume auto after a change of train.seed (or folds, or data) re-plans the folds: the
+    checkpoint in fold0/<variant> was trained on recordings fold 0 now tests, and was scored
+    on them as if held out (only a warning about the changed seed)."""
+    import json
+
+    from eegfast.train import checkpoint as ckpt
+    from eegfast.train.config import RunConfig
+    from eegfast.train.finetune import Backbone, check_resumed_fold, train_classifier
+
+    spec = [("big", f"s{i % 4}", f"r{i % 4}", i % 2) for i in range(32)]
+    data = make_data(spec)
+    config = RunConfig().with_overrides({"train.batch_size": 4})
+    backbone = Backbone({"kind": "classifier", "name": "labram_tiny"}, None, [])
+    saved = tmp_path / "checkpoints" / "step-00000002"
+    saved.mkdir(parents=True)
+    (saved / ckpt.WEIGHTS).write_bytes(b"")
+    (saved / ckpt.META).write_text(json.dumps({"step": 2, "train_recordings": ["r0", "r1"]}))
+    train_now = np.flatnonzero([rec in ("r2", "r3") for _, _, rec, _ in spec])
+    with pytest.raises(ValueError, match=r"no longer in its training part: r0, r1; new in it"):
+        train_classifier(backbone, ["big"], data, train_now, config, tmp_path, None, resume="auto")
+    check_resumed_fold(tmp_path, "auto", ["r1", "r0"])  # the same fold resumes
+    check_resumed_fold(tmp_path / "fresh", "auto", ["r2"])  # nothing to resume
+    with pytest.raises(ValueError, match="was trained on other recordings"):
+        check_resumed_fold(tmp_path, str(saved), ["r0"])
+
+
+def test_a_subject_tested_for_one_task_and_trained_on_for_another_is_flagged(tmp_path):
+    """Task B has one subject (s1), so it is split by recording, and task A by subject: the
+    two are not split together, and in the fold that tests s1 for A the multi-task model
+    trains on B's windows of s1, which the report did not say."""
+    from eegfast.train.config import RunConfig
+    from eegfast.train.finetune import Backbone, cross_validate, seen_by_other_tasks
+
+    spec = []
+    for subject in ("s1", "s2", "s3", "s4"):
+        spec += [("A", subject, f"{subject}rA", lab) for lab in (0, 1, 0, 1)]
+    spec += [("B", "s1", rec, lab) for rec in ("s1r1", "s1r2") for lab in (0, 1, 0, 1)]
+    data = make_data(spec)
+    plans, _ = plan_folds(data, ["A", "B"], k=2, group_by="subject", seed=0)
+    notes = seen_by_other_tasks(data, ["A", "B"], plans)
+    fold = next(p.fold for p in plans if "s1" in {data.items[i].subject for i in p.test["A"]})
+    assert set(notes) == {"A"}  # B's recordings are in no other task
+    assert f"fold {fold + 1} tests s1, which other tasks train on" in notes["A"]
+    assert "not subject-independent" in notes["A"]
+    # tasks split together by subject never share one across a fold
+    joint = make_data([(t, s, f"{t}{s}", lab) for t in "CD" for s in "wxyz" for lab in (0, 1)])
+    joint_plans, _ = plan_folds(joint, ["C", "D"], k=2, group_by="subject", seed=0)
+    assert seen_by_other_tasks(joint, ["C", "D"], joint_plans) == {}
+    # cross_validate says it before training (which this batch size refuses) when a
+    # multi-task model trains, and not for single-task runs
+    backbone = Backbone({"kind": "classifier", "name": "labram_tiny"}, None, ["A", "B"])
+    for multitask, expected in ((True, 1), (False, 0)):
+        logged: list[str] = []
+        config = RunConfig().with_overrides(
+            {
+                "finetune.folds": 2,
+                "train.batch_size": 64,
+                "finetune.multitask": multitask,
+                "finetune.band_power_baseline": False,
+            }
+        )
+        with pytest.raises(ValueError, match="form no full batch"):
+            cross_validate(data, config, tmp_path, None, backbone, log=logged.append)
+        warned = [line for line in logged if "not subject-independent" in line]
+        assert len(warned) == expected
+
+
+def test_evaluate_knows_training_windows_of_a_recording_prepared_from_another_path():
+    """A recording's id is the path prepare was given: the same file prepared again from
+    another working directory (``Subject00_1.edf`` against ``/data/Subject00_1.edf``) was not
+    recognised as one the fold model was fine-tuned on, and its training windows were scored
+    as held-out ones without a note."""
+    from eegfast.train.commands.evaluate import training_windows
+
+    spec = [
+        ("arith", "Subject00", "Subject00_1.edf", 0),
+        ("arith", "Subject01", "Subject01_1.edf", 0),
+    ]
+    spec += [("arith", "Subject09", "other/Subject00_1.edf", 0)]  # another subject's file
+    data = make_data(spec)
+    indices = np.arange(len(spec))
+    meta = {"train_recordings": ["/data/Subject00_1.edf"], "train_subjects": ["Subject00"]}
+    assert training_windows(meta, data, indices).tolist() == [0]
+    # checkpoints without train_subjects: the file name alone (conservative)
+    old = {"train_recordings": ["/data/Subject00_1.edf"]}
+    assert training_windows(old, data, indices).tolist() == [0, 2]
+    assert training_windows({}, data, indices).tolist() == []

@@ -140,10 +140,24 @@ def write_predictions(
 
 def training_windows(meta: dict, data: TrainData, indices: np.ndarray) -> np.ndarray:
     """The positions in ``indices`` of windows from recordings the model was fine-tuned on (a
-    fold model's checkpoint records them as ``train_recordings``; other models: none)."""
+    fold model's checkpoint records them as ``train_recordings``, and their subjects as
+    ``train_subjects``; other models: none).
+
+    A recording is stored under the path ``prepare`` was given, so the same file prepared
+    again from another working directory or folder has another path: a recording also counts
+    as trained on when its file name is a trained one's and its subject one the model was
+    trained on (any subject for checkpoints that do not record them)."""
     trained_on = set(meta.get("train_recordings") or [])
-    seen = [p for p, i in enumerate(indices) if data.items[int(i)].recording in trained_on]
-    return np.array(seen, dtype=np.int64)
+    names = {Path(r).name for r in trained_on}
+    subjects = meta.get("train_subjects")
+    subjects = None if subjects is None else set(subjects)
+
+    def seen(item) -> bool:
+        if item.recording in trained_on:
+            return True
+        return Path(item.recording).name in names and (subjects is None or item.subject in subjects)
+
+    return np.array([p for p, i in enumerate(indices) if seen(data.items[int(i)])], dtype=np.int64)
 
 
 def training_windows_note(seen: int, total: int, recordings: int, *, scored: bool) -> str:
