@@ -513,6 +513,33 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, float]:
     return {"only_without": b, "only_with": c, "n": int(len(correct_a)), "p_value": float(p)}
 
 
+def _augmentation_verdict(test: dict[str, float], delta: float, sources: int) -> str:
+    """The verdict on the synthetic windows from McNemar's test (``test``, :func:`mcnemar`),
+    the balanced-accuracy change ``delta`` and the number of subjects/runs tested.
+
+    McNemar's test compares how many windows each arm gets right (accuracy, not balanced
+    accuracy): its direction is that of the discordant counts, and where balanced accuracy
+    moved the other way (more windows of the common class right, fewer of the rare one) there
+    is no consistent gain or loss. Windows of one recording are correlated, so with fewer
+    than ``MIN_VERDICT_UNITS`` subjects/runs tested no p-value over windows is a verdict."""
+    from eegfast.train.finetune import MIN_VERDICT_UNITS
+
+    if sources < MIN_VERDICT_UNITS:
+        return (
+            f"no verdict (the test windows come from {sources} subjects/runs; a verdict needs "
+            f"{MIN_VERDICT_UNITS}, since the p-value treats correlated windows as independent)"
+        )
+    if test["p_value"] >= 0.05:
+        return "no significant difference"
+    more_right = test["only_with"] > test["only_without"]
+    if delta == 0 or (delta > 0) != more_right:
+        return (
+            "no consistent difference (McNemar counts windows right, and balanced accuracy "
+            "moved the other way)"
+        )
+    return "a significant gain" if more_right else "a significant loss"
+
+
 def _mean_last(history: list[dict[str, float]], n: int) -> dict[str, float]:
     tail = history[-n:]
     return {k: float(np.mean([h[k] for h in tail if k in h])) for k in tail[-1]}
@@ -608,15 +635,16 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     lines += ["", "## Verdict", ""]
     for name, t in results["tasks"].items():
+        # windows of one subject/run are correlated: McNemar's p, which counts windows as
+        # independent, is only read as a verdict with as many tested sources as the
+        # fine-tuning report's verdicts need
+        sources = sorted({g for fold in t["folds"] for g in fold["test_groups"]})
         for model in ("labram", "bandpower"):
             base = t["summary"][f"{model}_real"]["balanced_accuracy"]
             aug = t["summary"][f"{model}_real+synthetic"]["balanced_accuracy"]
             delta = aug[0] - base[0]
             test = t["paired_test"][model]
-            if test["p_value"] < 0.05:
-                verdict = "a significant gain" if delta > 0 else "a significant loss"
-            else:
-                verdict = "no significant difference"
+            verdict = _augmentation_verdict(test, delta, len(sources))
             lines.append(
                 f"- {name}, {model}: synthetic windows changed balanced accuracy by "
                 f"{delta:+.3f} ({base[0]:.3f} -> {aug[0]:.3f}); on the {test['n']} pooled test "

@@ -327,3 +327,96 @@ def test_mcnemar_counts_discordant_windows():
     assert (result["only_without"], result["only_with"], result["n"]) == (0, 9, 20)
     assert abs(result["p_value"] - 2 * 0.5**9) < 1e-12  # exact two-sided binomial
     assert mcnemar(a, a)["p_value"] == 1.0
+
+
+def _report_results(y, correct, groups):
+    """A synthetic report's results for one task from per-arm correctness of its test windows
+    (two folds: the first and second half of the windows)."""
+    from eegfast.train.synthetic_report import ARMS, mcnemar
+
+    halves = (slice(0, len(y) // 2), slice(len(y) // 2, None))
+
+    def bacc(ok, part):
+        return float(np.mean([ok[part][y[part] == c].mean() for c in np.unique(y[part])]))
+
+    folds = [
+        {
+            "fold": f,
+            "train_groups": [],
+            "test_groups": sorted(set(groups[part].tolist())),
+            "n_train": 10,
+            "n_test": len(y[part]),
+            "scores": {arm: {"balanced_accuracy": bacc(correct[arm], part)} for arm in ARMS},
+            "generation_patches_per_s": 1.0,
+        }
+        for f, part in enumerate(halves)
+    ]
+    summary = {
+        arm: {"balanced_accuracy": (np.mean([bacc(correct[arm], p) for p in halves]), 0.0)}
+        for arm in ARMS
+    }
+    step = {"loss": 1.0, "masked_loss": 1.0}
+    task = {
+        "quality": {
+            "band_ratio": {kind: dict.fromkeys(BANDS, 1.0) for kind in ("absolute", "relative")},
+            "rms_uv": {"real": 10.0, "synthetic": 10.0},
+            "real_vs_synthetic_auroc": (0.5, 0.0),
+        },
+        "n_windows": len(y),
+        "summary": summary,
+        "folds": folds,
+        "training": [
+            {"codes_used": 5, "codebook_size": 8, "hybrid_first": step, "hybrid_last": step}
+        ],
+        "paired_test": {
+            model: mcnemar(correct[f"{model}_real"], correct[f"{model}_real+synthetic"])
+            for model in ("labram", "bandpower")
+        },
+    }
+    return {"settings": {"window_seconds": 4}, "quick": True, "device": "cpu", "seconds": 1.0,
+            "tasks": {"t": task}}  # fmt: skip
+
+
+BANDS = ("delta", "theta", "alpha", "beta", "gamma")
+
+
+def test_synthetic_report_verdict_needs_sources_and_a_consistent_direction():
+    """The verdict took its direction from the balanced-accuracy change and its significance
+    from McNemar's test, which counts windows right: with synthetic windows getting many more
+    of the common class right and half of the rare class wrong, balanced accuracy fell while
+    the test said more windows were right, and the report called it "a significant loss".
+    And McNemar's p over windows of 2 subjects (the bundled data) was read as a verdict, which
+    the fine-tuning report refuses below 6 subjects/recordings."""
+    from eegfast.train.synthetic_report import markdown
+
+    y = np.array(([0] * 450 + [1] * 50) * 2)
+    common, rare = y == 0, y == 1
+    index = np.arange(len(y))
+    without = np.where(common, index % 9 != 0, True)  # 8/9 of class 0, all of class 1
+    with_synthetic = np.where(common, True, index % 2 == 0)  # all of class 0, half of class 1
+    correct = {
+        "labram_real": without,
+        "labram_real+synthetic": with_synthetic,
+        "bandpower_real": without,
+        "bandpower_real+synthetic": without,
+    }
+    assert with_synthetic.sum() > without.sum()  # more windows right: McNemar's direction
+    assert rare.any() and common.any()
+    eight = np.array([f"s{i % 8}" for i in range(len(y))])
+
+    def verdict(model, groups):
+        text = markdown(_report_results(y, correct, groups))
+        return next(x for x in text.splitlines() if x.startswith(f"- t, {model}:"))
+
+    line = verdict("labram", eight)
+    assert "changed balanced accuracy by -0.194" in line
+    assert "significant loss" not in line and "significant gain" not in line
+    assert "no consistent difference" in line
+    assert verdict("bandpower", eight).endswith("no significant difference.")
+    # the same windows from 2 subjects: no verdict at all
+    two = np.array([f"s{i % 2}" for i in range(len(y))])
+    assert "no verdict (the test windows come from 2 subjects/runs" in verdict("labram", two)
+    # a consistent, significant change over enough subjects is called one
+    correct["labram_real+synthetic"] = np.ones(len(y), dtype=bool)
+    line = verdict("labram", eight)
+    assert line.endswith("a significant gain.")
