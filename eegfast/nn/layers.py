@@ -18,9 +18,13 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero the residual branch of whole samples with probability ``p``."""
     if p == 0.0 or not training:
         return x
+    return x * _sample_keep_scale(x, p)
+
+
+def _sample_keep_scale(x: torch.Tensor, p: float) -> torch.Tensor:
+    """(B, 1, ..., 1): 0 for a dropped sample, 1 / (1 - p) for a kept one (stochastic depth)."""
     keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    return x * mask / keep
+    return x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
 
 
 class Mlp(nn.Module):
@@ -174,10 +178,14 @@ class Block(nn.Module):
         return scaled_residual(self.mlp(self.norm2(x), **mlp_kwargs), self.gamma_2, x)
 
     def _dropped_residual(self, x: torch.Tensor, branch: torch.Tensor, gamma) -> torch.Tensor:
-        """x + drop_path(γ·branch) (training with stochastic depth)."""
+        """x + drop_path(γ·branch) (training with stochastic depth), as one pass over the
+        (B, N, dim) activations: the per-sample keep scale and γ make a (B, 1, dim) factor
+        (the composition took four: γ·branch, the mask, the rescale, the add; their backward
+        as many again)."""
+        factor = _sample_keep_scale(branch, self.drop_path)
         if gamma is not None:
-            branch = gamma * branch
-        return x + drop_path(branch, self.drop_path, True)
+            factor = factor * gamma
+        return torch.addcmul(x, factor, branch)
 
 
 def as_weight_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -172,6 +172,37 @@ def test_block_drop_path_only_in_training():
     torch.testing.assert_close(block(x), block(x))
 
 
+def test_block_drop_path_residual_is_the_composition_in_one_pass():
+    """The training path's x + drop_path(γ·branch) as one addcmul with a (B, 1, dim) factor:
+    the same samples dropped (the same random draw) and the same values and gradients as the
+    composition x + γ·branch·mask / keep."""
+    from eegfast.nn.layers import drop_path
+
+    block = Block(40, 2, init_values=0.1, drop_path=0.3).train()
+    x = torch.randn(16, 5, 40, requires_grad=True)
+    branch = torch.randn(16, 5, 40, requires_grad=True)
+    torch.manual_seed(1)
+    fused = block._dropped_residual(x, branch, block.gamma_1)
+    torch.manual_seed(1)
+    composed = x + drop_path(block.gamma_1 * branch, 0.3, True)
+    keep = 1 - 0.3
+    torch.manual_seed(1)
+    mask = torch.empty(16, 1, 1).bernoulli_(keep)
+    written_out = x + block.gamma_1 * branch * mask / keep
+    assert 0 < int(mask.sum()) < 16
+    torch.testing.assert_close(fused, composed)
+    torch.testing.assert_close(fused, written_out)
+    grad = torch.randn_like(fused)
+    grads = [torch.autograd.grad(y, (x, branch, block.gamma_1), grad) for y in (fused, written_out)]
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want)
+    # without layer scale
+    torch.manual_seed(2)
+    fused = block._dropped_residual(x, branch, None)
+    torch.manual_seed(2)
+    torch.testing.assert_close(fused, x + branch * torch.empty(16, 1, 1).bernoulli_(keep) / keep)
+
+
 def test_mlp_uses_exact_gelu_and_ignores_task_id():
     mlp = randomise(Mlp(8, 32), seed=3)
     x = torch.randn(5, 8) * 3
