@@ -194,14 +194,16 @@ def tokenizer_codes(
     ``ctx.target_cache`` when there is one."""
     cache = ctx.target_cache
 
-    def encode(x: torch.Tensor, channel_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def encode(
+        x: torch.Tensor, input_chans: torch.Tensor, channel_padding_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         with torch.no_grad():
             return ctx.tokenizer.get_codebook_indices(
                 x, input_chans, channel_padding_mask=channel_padding_mask
             )
 
     if cache is None:
-        return encode(x, channel_padding_mask)
+        return encode(x, input_chans, channel_padding_mask)
     indices = batch["index"].tolist()
     rows = cache.rows(indices, x.shape[1] * x.shape[2])
     missing = [j for j, row in enumerate(rows) if row is None]
@@ -210,14 +212,16 @@ def tokenizer_codes(
         return to_device_async(torch.from_numpy(np.stack(rows)).long(), x.device)
     cache.misses += 1
     if len(missing) == len(rows):
-        codes = encode(x, channel_padding_mask)
+        codes = encode(x, input_chans, channel_padding_mask)
         cache.put(indices, codes)
         return codes
     # Only the windows not cached are encoded (a window's codes depend on its samples alone):
-    # once the cache is full, most batches hold a few such windows among cached ones.
+    # once the cache is full, most batches hold a few such windows among cached ones. The
+    # per-sample rows (electrodes (B, C + 1), padding (B, C)) are taken with them.
     new_rows = torch.tensor(missing, device=x.device)
     mask = None if channel_padding_mask is None else channel_padding_mask[new_rows]
-    new = encode(x[new_rows], mask)
+    chans = input_chans[new_rows] if input_chans.dim() == 2 else input_chans
+    new = encode(x[new_rows], chans, mask)
     cache.put([indices[j] for j in missing], new)
     known = [j for j, row in enumerate(rows) if row is not None]
     codes = torch.empty(len(rows), new.shape[1], dtype=new.dtype, device=x.device)

@@ -294,7 +294,10 @@ def test_a_full_cache_encodes_only_the_windows_it_does_not_hold():
 
     def codes_of(indices):
         batch = batch_of(indices, x)
-        return tokenizer_codes(ctx, batch, batch["x"], batch["input_chans"])
+        # per-sample electrode rows (B, C + 1), as collate_padded gives them: the encoded part
+        # of a batch takes its own rows (it was given the whole batch's and refused)
+        chans = batch["input_chans"].expand(len(indices), -1)
+        return tokenizer_codes(ctx, batch, batch["x"], chans)
 
     with pytest.warns(UserWarning, match="cache is full"):
         for _epoch in range(3):
