@@ -36,6 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 # Commands whose --out is a folder: an existing file there is refused before any work.
 FOLDER_OUT = {"prepare", "tokenizer", "pretrain", "upcycle", "finetune", "evaluate", "quickstart"}
+# Commands whose --out is a file: its folder must be writable.
+FILE_OUT = {"generate"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +75,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name in FOLDER_OUT and out is not None and Path(out).exists():
             if not Path(out).is_dir():
                 print(f"eegfast {name}: --out {out}: exists and is not a folder", file=sys.stderr)
+                return 2
+        if name in FOLDER_OUT | FILE_OUT and out is not None:
+            # before any work: a folder that cannot be made (its parent is a file, no
+            # permission) would otherwise surface as a traceback once the run starts writing,
+            # for `generate` only after the whole generation
+            from eegfast.fileio import unwritable_reason
+
+            reason = unwritable_reason(Path(out) if name in FOLDER_OUT else Path(out).parent)
+            if reason is not None:
+                print(f"eegfast {name}: --out {out}: {reason}", file=sys.stderr)
                 return 2
         return int(module.main(args) or 0)
     parser = build_parser()

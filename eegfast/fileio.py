@@ -119,3 +119,25 @@ def remove_stale_temporaries(folder: str | Path) -> int:
             p.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def unwritable_reason(folder: str | Path) -> str | None:
+    """Why files cannot be created in ``folder`` (created with its parents if missing), or
+    None when they can. Nothing is left behind: a missing folder is judged by its nearest
+    existing ancestor, and the probe file is removed at once. The check tries a real file,
+    not ``os.access``, which says yes to root on folders the kernel still refuses (``/sys``)."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():  # `ancestor/missing/...`: mkdir would start in `ancestor`
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        return f"{probe} is not a folder"
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=f".probe{TMP_MARK}")
+    except OSError as err:
+        return f"cannot write in {probe} ({err.strerror or err})"
+    os.close(fd)
+    os.unlink(tmp)
+    return None

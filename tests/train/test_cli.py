@@ -218,3 +218,57 @@ def test_evaluate_takes_no_resume(tmp_path, capsys):
         cli.main([*argv, "--resume", str(tmp_path / "nothing")])
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["prepare", "{src}", "--no-progress"],
+        ["tokenizer", "--data", "{src}", "--model", "vqnsp_tiny"],
+        ["upcycle", "--model", "{src}", "--experts", "2"],
+        ["quickstart", "--fast"],
+        ["generate", "--model", "{src}", "--prompt", "{src}", "--seconds", "1"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_an_out_that_cannot_be_created_is_one_line_before_any_work(argv, tmp_path, capsys):
+    """--out under a file (or where the user may not write) was a traceback from mkdir, after
+    the data were read (prepare) or the whole signal generated (generate)."""
+    import mne
+
+    src = tmp_path / "in"
+    src.mkdir()
+    info = mne.create_info(["CZ", "PZ"], 200.0, "eeg")
+    x = np.random.default_rng(0).normal(size=(2, 2000)) * 1e-5
+    mne.io.RawArray(x, info, verbose="error").save(src / "rec_raw.fif", verbose="error")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = blocker / "run" / ("x.npy" if argv[0] == "generate" else "sub")
+    argv = [a.replace("{src}", str(src)) for a in argv]
+    assert cli.main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"eegfast {argv[0]}: --out {out}: {blocker} is not a folder\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "in"]
+
+
+def test_unwritable_reason_leaves_nothing_behind(tmp_path):
+    from eegfast.fileio import unwritable_reason
+
+    assert unwritable_reason(tmp_path / "new" / "deeper") is None
+    assert unwritable_reason(tmp_path) is None
+    assert list(tmp_path.iterdir()) == []  # no folder made, the probe file removed
+    (tmp_path / "f").write_text("")
+    assert unwritable_reason(tmp_path / "f") == f"{tmp_path / 'f'} is not a folder"
+
+
+def test_generate_never_replaces_a_folder_named_as_out(tmp_path):
+    """--out naming a folder with --overwrite passed the check, and os.replace failed with a
+    traceback after the whole generation."""
+    from eegfast.train.commands.generate import GenerateError, check_output_path
+
+    folder = tmp_path / "x.edf"
+    folder.mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(GenerateError, match="is a folder, not a file"):
+            check_output_path(folder, overwrite)
+    assert folder.is_dir()

@@ -424,6 +424,8 @@ def check_output_path(path: Path, overwrite: bool) -> None:
     suffix = path.suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
         raise GenerateError(f"--out must end in .edf or .npy, got {path.name!r}")
+    if path.is_dir():  # --overwrite replaces a file, never a folder (and os.replace cannot)
+        raise GenerateError(f"--out {path}: is a folder, not a file")
     if overwrite:
         return
     if path.exists():
