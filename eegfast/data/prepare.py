@@ -194,6 +194,9 @@ def process_file(job: Job, settings: Settings, out: str) -> dict:
         "settings": settings.digest(),
         "revision": PROCESSING_REVISION,
     }
+    # The old record goes before the shard is replaced: killed in between, an old record
+    # beside a new shard would let a later run with the old settings reuse the new shard.
+    _record_path(out_dir, job).unlink(missing_ok=True)
     try:
         record.update(_fingerprint(path))
         record.update(_process(job, settings, out_dir))
@@ -248,6 +251,9 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
         zip(onsets, raw.annotations.duration, raw.annotations.description, strict=True)
     )
     resolved = settings.labels.resolve(job.path, annotations)
+    if settings.labels.event_map is not None:
+        # for the report: which annotations there were when none of --event-map's matched
+        info["annotation_descriptions"] = sorted({str(d).strip() for _, _, d in annotations})
     data = raw.get_data(picks=picks)  # (C, T) volts, float64
     # One min and one max pass: NaN propagates into both, +inf into the max, -inf into the min,
     # so a channel is finite exactly when both are (no separate isfinite pass and bool array).
@@ -374,6 +380,24 @@ def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bo
     return record, False
 
 
+def _drop_index_of_replaced_shards(out: Path, todo: list[Job]) -> None:
+    """Remove ``index.json`` before any shard it lists is written again.
+
+    A run with other settings (another filter, reference, dtype) rewrites shards under the
+    same names; killed half way, it would leave the old index describing a mix of old and new
+    shards of the same shape, which loads without a word. Without an index the folder is
+    refused until a run finishes and writes the new one."""
+    index_path = out / INDEX_NAME
+    try:
+        listed = {r["shard"] for r in json.loads(index_path.read_text())["recordings"]}
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = None  # unreadable: it cannot be trusted either
+    if listed is None or any(f"{SHARD_DIR}/{job.key}.npy" in listed for job in todo):
+        index_path.unlink(missing_ok=True)
+
+
 def _warm_imports() -> None:
     """Import the readers and scipy once here, so forked workers inherit them (importing mne and
     scipy.signal costs seconds per process, more than preprocessing a recording)."""
@@ -440,6 +464,7 @@ def prepare(
             record["reused"] = True
             records[job.key] = record
     if todo:
+        _drop_index_of_replaced_shards(out, todo)
         _warm_imports()
     bar = tqdm(total=len(todo), desc="prepare", unit="file", disable=not progress or not todo)
     if workers <= 1 or len(todo) <= 1:
@@ -458,12 +483,40 @@ def prepare(
     index = build_index(ordered, settings, classes)
     write_json_atomic(out / INDEX_NAME, index, **DATA_JSON)
     report = build_report(ordered, index, settings, time.perf_counter() - started, removed)
-    report["warnings"] = warnings
+    report["warnings"] = warnings + _event_map_problems(ordered, settings.labels.event_map)
     report["outdated"] = outdated  # redone: made by an older processing revision
     write_json_atomic(out / "report.json", report, **DATA_JSON)
     md = out / "report.md"
     write_text_atomic(md, report_markdown(report))
     return report
+
+
+def _event_map_problems(records: list[dict], event_map: dict[str, str] | None) -> list[str]:
+    """Warnings for ``--event-map`` entries that no usable recording has an annotation of (a
+    misspelled description), and for recordings cut as unlabelled continuous windows because
+    they have none of its annotations (not what a user asking for events expects)."""
+    if not event_map:
+        return []
+    ok = [r for r in records if r["status"] == "ok" and "annotation_descriptions" in r]
+    found = {d for r in ok for d in r["annotation_descriptions"]}
+    problems = []
+    for desc in sorted(set(event_map) - found):
+        seen = ", ".join(sorted(found)[:20]) or "none"
+        problems.append(
+            f"--event-map {desc}={event_map[desc]}: no recording has an annotation {desc!r} "
+            f"(annotations found: {seen})"
+        )
+    # (a recording labelled by the table or a file-name rule instead is labelled as asked)
+    unmatched = [r["file"] for r in ok if r.get("label_source") == "none"]
+    if unmatched:
+        shown = ", ".join(unmatched[:10])
+        if len(unmatched) > 10:
+            shown += f" and {len(unmatched) - 10} more"
+        problems.append(
+            f"{len(unmatched)} recording(s) have no annotation named in --event-map, so all "
+            f"their windows are unlabelled: {shown}"
+        )
+    return problems
 
 
 def build_index(records: list[dict], settings: Settings, classes: list[str] | None) -> dict:

@@ -447,3 +447,88 @@ def test_channels_naming_one_electrode_twice_or_an_unknown_one_is_refused(sample
     err = capsys.readouterr().err
     assert "--channels: the same electrode appears twice: 'T3' and 'T7' -> T7" in err
     assert not out.exists()
+
+
+def test_killed_rerun_with_other_settings_leaves_no_mixed_index(tmp_path, monkeypatch):
+    """A re-run with another filter rewrites the shards under the same names; killed after the
+    first, the old index (saying 0.1 Hz) must not stay over a mix of 0.1-Hz and 8-Hz shards of
+    one shape, which loaded without a word. Without an index the folder is refused until a
+    run finishes; that run redoes what the killed one had not."""
+    import eegfast.data.prepare as prepare_module
+
+    files = [str(_fif_recording(tmp_path / f"r{i}_raw.fif")) for i in (1, 2)]
+    out = tmp_path / "out"
+    prepare(files, out, progress=False)
+    real = prepare_module.process_file
+    calls = []
+
+    def killed_after_one(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "process_file", killed_after_one)
+    other = Settings(preprocess=PreprocessConfig(l_freq=8.0))
+    with pytest.raises(KeyboardInterrupt):
+        prepare(files, out, other, progress=False, workers=1)
+    with pytest.raises(ValueError, match="not a prepared folder"):
+        load_index(out)
+    monkeypatch.setattr(prepare_module, "process_file", real)
+    report = prepare(files, out, other, progress=False, workers=1)
+    assert report["reused"] == 1 and report["processed"] == 1
+    assert load_index(out)["settings"]["preprocess"]["l_freq"] == 8.0
+
+
+def test_new_recordings_keep_the_index_of_the_finished_ones(tmp_path):
+    """Only shards the index lists make it untrustworthy: adding a recording keeps it."""
+    first = str(_fif_recording(tmp_path / "a_raw.fif"))
+    out = tmp_path / "out"
+    prepare([first], out, progress=False)
+    index = (out / "index.json").read_text()
+    second = str(_fif_recording(tmp_path / "b_raw.fif"))
+    from eegfast.data.prepare import _drop_index_of_replaced_shards
+
+    _drop_index_of_replaced_shards(out, discover([second]))
+    assert (out / "index.json").read_text() == index
+    _drop_index_of_replaced_shards(out, discover([first]))
+    assert not (out / "index.json").exists()
+
+
+def test_a_record_is_gone_while_its_shard_is_rewritten(tmp_path, monkeypatch):
+    """Killed between writing a new shard and its record, the old record (old settings) must
+    not remain beside the new shard: a run with the old settings would reuse it."""
+    import eegfast.data.prepare as prepare_module
+
+    path = _fif_recording(tmp_path / "a_raw.fif")
+    job = discover([str(path)])[0]
+    assert process_file(job, Settings(), str(tmp_path))["status"] == "ok"
+    record = tmp_path / "shards" / f"{job.key}.json"
+    assert record.exists()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "_process", killed)
+    with pytest.raises(KeyboardInterrupt):
+        process_file(job, Settings(preprocess=PreprocessConfig(l_freq=8.0)), str(tmp_path))
+    assert not record.exists()
+
+
+def test_event_map_that_matches_no_annotation_warns(tmp_path, capsys):
+    """--event-map names events: a description no recording has (a typo) and recordings cut
+    into unlabelled windows because they have none of them are said, not silent."""
+    events = _fif_recording(tmp_path / "ev_raw.fif", annotations=[(4, 8, "T1"), (20, 8, "T2")])
+    plain = _fif_recording(tmp_path / "plain_raw.fif")
+    out = tmp_path / "out"
+    argv = ["prepare", str(events), str(plain), "--out", str(out), "--no-progress"]
+    argv += ["--event-map", "T1=left", "--event-map", "T3=right"]
+    assert cli_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "--event-map T3=right: no recording has an annotation 'T3'" in err
+    assert "(annotations found: T1, T2)" in err
+    assert "1 recording(s) have no annotation named in --event-map" in err
+    assert str(plain) in err and "T1=left" not in err
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["warnings"]) == 2
+    assert "no annotation named in --event-map" in (out / "report.md").read_text()
