@@ -100,10 +100,15 @@ cmake-check: $(STAMP)
 # the reference-LaBraM models in the main venv). It is made only
 # where make installs torch itself; a machine with its own torch skips it, and the main suite's
 # timm tests say why they skip. EEGFAST_REQUIRE_TIMM=1 turns a missing timm into a failure.
-$(TIMM_STAMP): pyproject.toml
+# The same venv holds braindecode, for convert() on its real Labram and for loading its weights
+# into eegfast's LaBraM (EEGFAST_REQUIRE_BRAINDECODE=1 likewise); its import chain needs
+# mne, skorch, torchaudio & co. (~50 s of installs). No torchaudio is built for torch 2.14:
+# 2.11.1 (torch>=2.11) imports beside it, and pinning torch keeps pip from moving torch.
+$(TIMM_STAMP): pyproject.toml Makefile
 	test -x $(TIMM_PY) || $(PYTHON) -m venv $(TIMM_VENV)
 	$(TIMM_PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(TIMM_PY) -m pip install "timm>=1.0" "pytest>=8" "hypothesis>=6.100" "numpy<2.4"
+	$(TIMM_PY) -m pip install torch==2.14.1 "numpy<2.4" braindecode==1.8.1
 	touch $@
 
 timm-check:
@@ -112,8 +117,9 @@ timm-check:
 	else \
 	  $(MAKE) --no-print-directory $(TIMM_STAMP) && rm -rf $(TIMM_SRC) && mkdir -p $(TIMM_SRC) && \
 	  cp -r eegfast tests pyproject.toml $(TIMM_SRC)/ && find $(TIMM_SRC) -name '*.so' -delete && \
-	  cd $(TIMM_SRC) && EEGFAST_REQUIRE_TIMM=1 EEGFAST_REQUIRE_EXT=0 \
-	    $(abspath $(TIMM_PY)) -m pytest -q -p no:cacheprovider tests/nn/test_convert.py && \
+	  cd $(TIMM_SRC) && EEGFAST_REQUIRE_TIMM=1 EEGFAST_REQUIRE_BRAINDECODE=1 EEGFAST_REQUIRE_EXT=0 \
+	    $(abspath $(TIMM_PY)) -m pytest -q -p no:cacheprovider tests/nn/test_convert.py \
+	      tests/models/test_braindecode_weights.py && \
 	  cd $(CURDIR) && $(MAKE) --no-print-directory cuda-bind-check; \
 	fi
 

@@ -6,7 +6,9 @@ containers; arbitrary pickled objects are refused). Reference checkpoints wrap t
 ``{"model": ...}`` or ``{"module": ...}``, DistributedDataParallel adds ``module.`` to every key
 and ``torch.compile`` ``_orig_mod.``, nested in either order; all of these are unwrapped. A
 pretraining checkpoint (``student.*`` keys) loads into a classifier through
-:func:`eegfast.models.pretrain.pretrain_to_classifier_state_dict`.
+:func:`eegfast.models.pretrain.pretrain_to_classifier_state_dict`, and a braindecode ``Labram``
+state dict (``position_embedding``, ``temporal_embedding``, ...) through
+:func:`braindecode_to_eegfast_state_dict`.
 """
 
 from __future__ import annotations
@@ -248,9 +250,13 @@ def load_checkpoint(
         name = str(source)
     expected = model.state_dict()
     initialised: list[str] = []
+    hints: list[str] = []
     if isinstance(model, LaBraM) and any(k.startswith("student.") for k in state):
         state = pretrain_to_classifier_state_dict(state)
         initialised = [k for k in expected if k.startswith(("fc_norm.", "head."))]
+    elif isinstance(model, LaBraM) and is_braindecode_labram_state_dict(state):
+        hints = _braindecode_hints(state, expected)
+        state = braindecode_to_eegfast_state_dict(state)
     skip = tuple(exclude) + tuple(initialised)
     report = LoadReport(initialised=list(initialised))
     for key, value in state.items():
@@ -264,6 +270,101 @@ def load_checkpoint(
             report.loaded.append(key)
     report.missing = [k for k in expected if k not in state and not k.startswith(skip)]
     if strict and not report.ok:
-        raise CheckpointMismatchError(f"{name} does not match {type(model).__name__}:\n{report}")
+        hint = "".join(f"\n{line}" for line in hints)
+        raise CheckpointMismatchError(
+            f"{name} does not match {type(model).__name__}:\n{report}{hint}"
+        )
     model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     return report
+
+
+# braindecode's ``Labram`` (``braindecode.models.Labram``, braindecode 1.8) in its default
+# neural-tokenizer mode computes the reference's classifier (same patch embedding, embeddings,
+# blocks, electrode table and token order) under other names; with ``use_mean_pooling=True``
+# it also pools as the reference (mean patch token -> ``fc_norm`` -> head).
+_BRAINDECODE_RENAMES = (
+    (re.compile(r"^position_embedding$"), "pos_embed"),
+    (re.compile(r"^temporal_embedding$"), "time_embed"),
+    (re.compile(r"^patch_embed\.temporal_conv\."), "patch_embed."),
+    (re.compile(r"^(blocks\.\d+\.mlp)\.0\."), r"\1.fc1."),  # MLP: Linear, GELU, Linear, Dropout
+    (re.compile(r"^(blocks\.\d+\.mlp)\.2\."), r"\1.fc2."),
+    (re.compile(r"^final_layer\."), "head."),
+)
+
+
+def is_braindecode_labram_state_dict(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``state`` has braindecode ``Labram`` key names (its embeddings or its patch
+    embedding's submodule names), which no reference or eegfast state dict has."""
+    return any(
+        key in ("position_embedding", "temporal_embedding")
+        or key.startswith(("patch_embed.temporal_conv.", "patch_embed.segment_patch."))
+        for key in state
+    )
+
+
+def braindecode_to_eegfast_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A braindecode ``Labram`` state dict under the reference's (and eegfast's) key names.
+
+    ``position_embedding`` -> ``pos_embed`` (the same 129 rows: cls, then braindecode's
+    ``LABRAM_CHANNEL_ORDER``, which is the reference's electrode list), ``temporal_embedding``
+    -> ``time_embed`` (braindecode sizes it ``n_times // patch_size + 1`` rows and uses the
+    first ``n_times // patch_size``, as eegfast does: build the eegfast model with that
+    ``max_patches``), ``patch_embed.temporal_conv.*`` -> ``patch_embed.*``,
+    ``blocks.N.mlp.{0,2}.*`` -> ``blocks.N.mlp.{fc1,fc2}.*``, ``final_layer.*`` -> ``head.*``;
+    every other key (``cls_token``, ``blocks.N.attn.*``, norms, ``gamma_*``, ``fc_norm.*``) is
+    kept. Keys with no eegfast counterpart (braindecode's ``norm.*`` of cls-token pooling,
+    its decoder mode, ``learned_patcher``) are kept too, and :func:`load_checkpoint` reports
+    them. Tensors are not copied.
+
+    braindecode looks electrode names up as written (``T3`` takes the table's ``T3`` row):
+    give ``create_model`` the same ``ch_names`` with ``modern_names=False`` for the same rows.
+    """
+    out = {}
+    for key, value in state.items():
+        for pattern, replacement in _BRAINDECODE_RENAMES:
+            key, count = pattern.subn(replacement, key)
+            if count:
+                break
+        out[key] = value
+    return out
+
+
+def _braindecode_hints(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """Why a braindecode ``Labram`` state dict may not fit eegfast's LaBraM: one line per
+    braindecode option that has no eegfast counterpart or needs another eegfast config."""
+    hints = []
+    if "norm.weight" in state and "fc_norm.weight" not in state:
+        hints.append(
+            "braindecode's Labram was built with use_mean_pooling=False (its default): it "
+            "classifies the cls token after a final `norm`, eegfast's LaBraM (as the reference "
+            "classifier) the mean patch token after `fc_norm`. Build it with "
+            "use_mean_pooling=True, or load the backbone only (strict=False, "
+            "exclude=('fc_norm.', 'head.'))."
+        )
+    if any(k.startswith("patch_embed.segment_patch.proj.") or "relative_position" in k
+           for k in state):  # fmt: skip
+        hints.append(
+            "braindecode's Labram was built with neural_tokenizer=False (its decoder mode: a "
+            "channel-averaged Conv2d patch projection and relative position bias), which is not "
+            "the LaBraM classifier; eegfast has no equivalent."
+        )
+    if any(k.startswith("patch_embed.segment_patch.patcher.") for k in state):
+        hints.append(
+            "braindecode's Labram was built with learned_patcher=True (a learned convolution "
+            "before the temporal conv), which the reference LaBraM does not have."
+        )
+    if "position_embedding" not in state and "pos_embed" in expected:
+        hints.append(
+            "braindecode's Labram was built with use_abs_pos_emb=False (no electrode "
+            "embedding); eegfast's LaBraM always adds one."
+        )
+    rows = state.get("temporal_embedding")
+    want = expected.get("time_embed")
+    if rows is not None and want is not None and rows.dim() == 3 and rows.shape != want.shape:
+        hints.append(
+            f"braindecode's temporal_embedding has {rows.shape[1]} rows (n_times // patch_size "
+            f"+ 1): create the eegfast model with max_patches={rows.shape[1]}."
+        )
+    return hints

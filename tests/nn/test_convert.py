@@ -3,12 +3,14 @@
 The reference-LaBraM modules below are re-created from ../shared/spec/LABRAM.md (one qkv Linear
 without bias, optional q_bias / v_bias with no key bias, q_norm / k_norm LayerNorm(head_dim)
 shared by heads, head_dim^-0.5 scale, softmax, output projection; pre-norm blocks with
-layer scale). The timm tests use a real ``timm.models.vision_transformer.VisionTransformer``.
+layer scale). The timm tests use a real ``timm.models.vision_transformer.VisionTransformer``,
+the braindecode tests a real ``braindecode.models.Labram`` (both run by ``make timm-check``).
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import os
 
 import pytest
@@ -111,9 +113,9 @@ def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def _forward_backward(model: nn.Module, x: torch.Tensor):
+def _forward_backward(model: nn.Module, x: torch.Tensor, **kwargs):
     x = x.clone().requires_grad_(True)
-    out = model(x)
+    out = model(x, **kwargs)
     loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -511,3 +513,164 @@ def test_timm_create_model_and_qk_norm_off():
         rope = timm.layers.AttentionRope(60, 3, qk_norm=True, norm_layer=nn.LayerNorm)
         report = convert_report(nn.Sequential(rope))
         assert report.converted == () and "'rope'" in report.skipped[0][1]
+
+
+# --------------------------------------------------------------------------------------------
+# A real braindecode LaBraM.
+# --------------------------------------------------------------------------------------------
+
+
+def _braindecode_labram():
+    """``braindecode.models.Labram``, or a skip naming why it does not import. ``make
+    timm-check`` installs braindecode in build/venv-timm and sets EEGFAST_REQUIRE_BRAINDECODE=1,
+    where a missing braindecode fails instead of skipping."""
+    try:
+        from braindecode.models import Labram
+    except Exception as error:  # noqa: BLE001 - its import chain (mne, skorch, torchaudio) is long
+        if os.environ.get("EEGFAST_REQUIRE_BRAINDECODE", "").strip() == "1":
+            pytest.fail(
+                "EEGFAST_REQUIRE_BRAINDECODE=1 but braindecode.models.Labram does not import: "
+                f"{type(error).__name__}: {error}"
+            )
+        pytest.skip(
+            f"braindecode.models.Labram does not import ({type(error).__name__}: {error}); "
+            "`make timm-check` (part of `make test`) runs these tests in build/venv-timm with "
+            "braindecode installed"
+        )
+    return Labram
+
+
+BRAINDECODE_NAMES = ["FP1", "FZ", "CZ", "O2"]  # a subset of its 128 electrodes, by name
+
+
+def _small_labram(Labram, *, seed: int = 0, **kwargs) -> nn.Module:
+    """braindecode Labram small enough for the Triton interpreter: 2 patches of 64 samples,
+    embed 8 steps × 4 conv channels = 32, 2 heads of 16, 2 blocks; 4 electrodes = 9 tokens."""
+    config = dict(n_times=128, n_chans=4, n_outputs=3, patch_size=64, conv_out_channels=4,
+                  num_layers=2, num_heads=2)  # fmt: skip
+    config.update(kwargs)
+    torch.manual_seed(seed)
+    return _randomise(Labram(**config), seed).eval()
+
+
+@pytest.mark.parametrize(("qkv_bias", "use_mean_pooling"), [(True, True), (False, False)])
+def test_braindecode_labram_converts_with_equal_outputs_and_gradients(qkv_bias, use_mean_pooling):
+    Labram = _braindecode_labram()
+    original = _small_labram(Labram, qkv_bias=qkv_bias, use_mean_pooling=use_mean_pooling)
+    model = copy.deepcopy(original)
+    params_before = {name: p for name, p in model.named_parameters()}
+    keys_before = list(model.state_dict())
+
+    backend = _timm_backend()
+    assert convert(model, backend=backend) == len(model.blocks) == 2
+    assert all(isinstance(block.attn, FusedLabramAttention) for block in model.blocks)
+    assert all(block.attn.backend == backend for block in model.blocks)
+    assert model.blocks[0].attn.forward_args == ("return_attention", "return_qkv")
+    assert convert_report(model, dry_run=True) == ConversionReport((), (), dry_run=True)
+    assert list(model.state_dict()) == keys_before
+    assert all(p is params_before[name] for name, p in model.named_parameters())
+
+    # Training mode (drop rates 0), electrodes by name as braindecode takes them.
+    original.train()
+    model.train()
+    x = torch.randn(2, 4, 128, generator=torch.Generator().manual_seed(8))
+    out_ref, dx_ref, grads_ref = _forward_backward(original, x, ch_names=BRAINDECODE_NAMES)
+    out, dx, grads = _forward_backward(model, x, ch_names=BRAINDECODE_NAMES)
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+    # Its other outputs and calling conventions, in eval mode.
+    original.eval()
+    model.eval()
+    with torch.no_grad():
+        for kwargs in ({"return_patch_tokens": True}, {"return_all_tokens": True}):
+            torch.testing.assert_close(
+                model(x, ch_names=BRAINDECODE_NAMES, **kwargs),
+                original(x, ch_names=BRAINDECODE_NAMES, **kwargs),
+                rtol=1e-4, atol=1e-5, msg=str(kwargs),
+            )  # fmt: skip
+        got = model(x, ch_names=BRAINDECODE_NAMES, return_features=True)
+        want = original(x, ch_names=BRAINDECODE_NAMES, return_features=True)
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+        # Another electrode subset and order: other position-embedding rows, fewer tokens.
+        names = ["O2", "FP1", "CZ"]
+        torch.testing.assert_close(
+            model(x[:, :3], ch_names=names), original(x[:, :3], ch_names=names),
+            rtol=1e-4, atol=1e-5,
+        )  # fmt: skip
+        # The block's own options: the attention probabilities and (out, qkv).
+        tokens = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(9))
+        block, block_ref = model.blocks[1], original.blocks[1]
+        torch.testing.assert_close(
+            block(tokens, return_attention=True), block_ref(tokens, return_attention=True)
+        )
+        (y, qkv), (y_ref, qkv_ref) = (
+            block(tokens, return_qkv=True),
+            block_ref(tokens, return_qkv=True),
+        )
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(qkv, qkv_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_braindecode_labram_checkpoints_load_both_ways_after_convert():
+    Labram = _braindecode_labram()
+    model = _small_labram(Labram, qkv_bias=True)
+    keys = list(model.state_dict())
+    assert convert(model, backend=_timm_backend()) == 2
+    assert list(model.state_dict()) == keys
+
+    # The converted model's checkpoint loads into braindecode's own Labram ...
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = _small_labram(Labram, seed=1, qkv_bias=True)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+    x = torch.randn(3, 4, 128, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(x, ch_names=BRAINDECODE_NAMES), fresh(x, ch_names=BRAINDECODE_NAMES),
+            rtol=1e-4, atol=1e-5,
+        )  # fmt: skip
+    # ... and a braindecode checkpoint loads into the converted model.
+    other = _small_labram(Labram, seed=2, qkv_bias=True)
+    model.load_state_dict(other.state_dict(), strict=True)
+    assert all(isinstance(block.attn, FusedLabramAttention) for block in model.blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(x, ch_names=BRAINDECODE_NAMES), other(x, ch_names=BRAINDECODE_NAMES),
+            rtol=1e-4, atol=1e-5,
+        )  # fmt: skip
+
+
+def test_braindecode_labram_options_the_kernel_cannot_serve_are_left_alone_with_reasons():
+    Labram = _braindecode_labram()
+    x = torch.randn(2, 4, 128, generator=torch.Generator().manual_seed(11))
+
+    # Decoder mode (neural_tokenizer=False): each attention adds a relative-position bias.
+    decoder = _small_labram(Labram, neural_tokenizer=False, embed_dim=32)
+    reference = copy.deepcopy(decoder)
+    report = convert_report(decoder, backend=_timm_backend())
+    assert report.converted == ()
+    assert [name for name, _ in report.skipped] == ["blocks.0.attn", "blocks.1.attn"]
+    assert all("relative_position_bias_table" in reason for _, reason in report.skipped)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            decoder(x, ch_names=BRAINDECODE_NAMES), reference(x, ch_names=BRAINDECODE_NAMES)
+        )
+
+    # qk_norm=None: nothing to fuse.
+    report = convert_report(_small_labram(Labram, qk_norm=None), dry_run=True)
+    assert report.converted == () and len(report.skipped) == 2
+    assert all("qk_norm is off" in reason for _, reason in report.skipped)
+
+    # Attention dropout: left alone in training mode, converted in eval mode.
+    dropping = _small_labram(Labram, attn_drop_prob=0.1).train()
+    report = convert_report(dropping, dry_run=True)
+    assert report.converted == ()
+    assert all("attn_drop.p=0.1 in training mode" in reason for _, reason in report.skipped)
+    assert convert(dropping.eval(), backend=_timm_backend()) == 2
