@@ -8,7 +8,9 @@
 2. annotations (``(onset_s, duration_s, description)``, e.g. eegmmidb's T0/T1/T2 with 4.1-4.2 s
    durations) -> windows are cut inside each event and get its label. ``event_map`` renames
    descriptions (``T1=left``) and, when given, keeps only the mapped ones; without it every
-   description with a positive duration counts except MNE's ``BAD``/``EDGE`` marks;
+   description with a positive duration counts except MNE's ``BAD``/``EDGE`` marks. An
+   annotation of zero duration (an onset marker, as event channels and BIDS events give them)
+   is skipped unless ``event_duration`` (seconds) says how long after its onset it labels;
 3. the first file-name rule ``(regex, label)`` whose regex is found in the file stem (e.g.
    ``('_1$', 'rest'), ('_2$', 'task')`` for eegmat) -> one label for the whole recording;
 4. otherwise unlabelled (label ``''``, stored as -1).
@@ -141,8 +143,16 @@ class LabelRules:
     table: dict[str, TableRow] = field(default_factory=dict)
     subject_regex: str | None = None
     use_annotations: bool = True
+    # seconds labelled after the onset of a zero-duration annotation (None: skip those)
+    event_duration: float | None = None
 
     def __post_init__(self) -> None:
+        if self.event_duration is not None and not (
+            isinstance(self.event_duration, int | float) and 0 < self.event_duration < float("inf")
+        ):
+            raise ValueError(
+                f"event_duration must be a positive number of seconds, got {self.event_duration!r}"
+            )
         for regex, _label in self.filename_rules:
             try:
                 re.compile(regex)
@@ -195,22 +205,33 @@ class LabelRules:
             )
         return problems
 
+    def _label_of(self, description: object) -> str | None:
+        """The label an annotation's description gives, or None if it labels nothing."""
+        desc = str(description).strip()
+        if self.event_map is not None:
+            return self.event_map.get(desc)
+        return None if desc.upper().startswith(("BAD", "EDGE")) else desc
+
     def events_from(self, annotations) -> tuple[Event, ...]:
-        """Events from ``(onset, duration, description)`` triples (e.g. ``raw.annotations``)."""
+        """Events from ``(onset, duration, description)`` triples (e.g. ``raw.annotations``);
+        a zero-duration one lasts ``event_duration`` seconds, or is skipped without it."""
         events = []
         for onset, duration, description in annotations:
-            desc = str(description).strip()
-            if self.event_map is not None:
-                if desc not in self.event_map:
-                    continue
-                label = self.event_map[desc]
-            else:
-                if desc.upper().startswith(("BAD", "EDGE")):
-                    continue
-                label = desc
+            label = self._label_of(description)
+            if label is None:
+                continue
+            if duration <= 0 and self.event_duration is not None:
+                duration = self.event_duration
             if duration > 0:
                 events.append(Event(float(onset), float(duration), label))
         return tuple(events)
+
+    def skipped_onset_markers(self, annotations) -> int:
+        """How many annotations would label windows but were skipped for a zero duration
+        (none with ``event_duration``): for ``prepare``'s warning."""
+        if self.event_duration is not None:
+            return 0
+        return sum(1 for _, d, desc in annotations if d <= 0 and self._label_of(desc) is not None)
 
     def resolve(self, path: str | os.PathLike, annotations=()) -> Resolved:
         path = Path(path)

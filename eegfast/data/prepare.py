@@ -101,7 +101,11 @@ class Settings:
                 raise ValueError(f"channels: {str(err).removeprefix('names: ')}") from None
 
     def digest(self) -> str:
-        payload = json.dumps(asdict(self), sort_keys=True, default=str)
+        fields = asdict(self)
+        if fields["labels"]["event_duration"] is None:
+            # the field is newer than outputs made without it: those stay reusable
+            del fields["labels"]["event_duration"]
+        payload = json.dumps(fields, sort_keys=True, default=str)
         if not self.modern_names:
             # --old-names outputs before 2026-12-06 gave T3..T6 the rows of T7..P8: not reused
             payload += "|old-name-rows"
@@ -251,6 +255,8 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
         zip(onsets, raw.annotations.duration, raw.annotations.description, strict=True)
     )
     resolved = settings.labels.resolve(job.path, annotations)
+    if settings.labels.use_annotations and resolved.source in ("annotations", "none"):
+        info["skipped_onset_markers"] = settings.labels.skipped_onset_markers(annotations)
     if settings.labels.event_map is not None:
         # for the report: which annotations there were when none of --event-map's matched
         info["annotation_descriptions"] = sorted({str(d).strip() for _, _, d in annotations})
@@ -483,7 +489,11 @@ def prepare(
     index = build_index(ordered, settings, classes)
     write_json_atomic(out / INDEX_NAME, index, **DATA_JSON)
     report = build_report(ordered, index, settings, time.perf_counter() - started, removed)
-    report["warnings"] = warnings + _event_map_problems(ordered, settings.labels.event_map)
+    report["warnings"] = (
+        warnings
+        + _event_map_problems(ordered, settings.labels.event_map)
+        + _onset_marker_problems(ordered)
+    )
     report["outdated"] = outdated  # redone: made by an older processing revision
     write_json_atomic(out / "report.json", report, **DATA_JSON)
     md = out / "report.md"
@@ -507,7 +517,12 @@ def _event_map_problems(records: list[dict], event_map: dict[str, str] | None) -
             f"(annotations found: {seen})"
         )
     # (a recording labelled by the table or a file-name rule instead is labelled as asked)
-    unmatched = [r["file"] for r in ok if r.get("label_source") == "none"]
+    # (recordings with only zero-duration ones have their own warning: _onset_marker_problems)
+    unmatched = [
+        r["file"]
+        for r in ok
+        if r.get("label_source") == "none" and not r.get("skipped_onset_markers")
+    ]
     if unmatched:
         shown = ", ".join(unmatched[:10])
         if len(unmatched) > 10:
@@ -517,6 +532,24 @@ def _event_map_problems(records: list[dict], event_map: dict[str, str] | None) -
             f"their windows are unlabelled: {shown}"
         )
     return problems
+
+
+def _onset_marker_problems(records: list[dict]) -> list[str]:
+    """A warning for recordings whose labelling annotations of zero duration (onset markers:
+    event channels, BIDS events) were skipped: without ``--event-duration`` they label no
+    window, and where they were the only ones the whole recording is unlabelled."""
+    hit = [r for r in records if r["status"] == "ok" and r.get("skipped_onset_markers")]
+    if not hit:
+        return []
+    count = sum(r["skipped_onset_markers"] for r in hit)
+    shown = ", ".join(r["file"] for r in hit[:10])
+    if len(hit) > 10:
+        shown += f" and {len(hit) - 10} more"
+    return [
+        f"{count} annotation(s) of zero duration (onset markers) in {len(hit)} recording(s) "
+        f"label no window: pass --event-duration SECONDS to label that long after each onset "
+        f"({shown})"
+    ]
 
 
 def build_index(records: list[dict], settings: Settings, classes: list[str] | None) -> dict:
@@ -683,6 +716,17 @@ def _mains(text: str) -> float | None:
     return value
 
 
+def _seconds(text: str) -> float:
+    """--event-duration: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def _workers(text: str) -> int:
     try:
         value = int(text)
@@ -728,6 +772,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--labels", type=Path, default=None, help="CSV: file,label,subject,session")
     g.add_argument("--event-map", action="append", metavar="DESC=LABEL", help="annotation -> label")
     g.add_argument("--no-annotations", action="store_true", help="ignore annotations")
+    g.add_argument(
+        "--event-duration",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="label SECONDS after each zero-duration annotation (onset markers; default: skip)",
+    )
     g.add_argument(
         "--filename-rule", action="append", metavar="REGEX=LABEL", help="label by file name"
     )
@@ -784,6 +835,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         table=read_label_table(args.labels) if args.labels else {},
         subject_regex=args.subject_regex,
         use_annotations=not args.no_annotations,
+        event_duration=args.event_duration,
     )
     channels = tuple(c.strip() for c in args.channels.split(",")) if args.channels else None
     try:

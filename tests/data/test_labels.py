@@ -1,6 +1,6 @@
 import pytest
 
-from eegfast.data.labels import LabelRules, infer_subject, read_label_table
+from eegfast.data.labels import Event, LabelRules, infer_subject, read_label_table
 
 
 @pytest.mark.parametrize(
@@ -101,3 +101,21 @@ def test_table_problems_name_rows_and_recordings(tmp_path):
     assert problems[2].endswith("rec/Subject00_1.edf")
     assert rules.table_problems(recordings[1:]) == problems[:2]  # every recording in the table
     assert LabelRules().table_problems(recordings) == []  # no table, nothing to check
+
+
+def test_event_duration_gives_onset_markers_a_length():
+    """Zero-duration annotations are skipped (and counted for prepare's warning) unless
+    event_duration says how long they label; a bad event_duration is refused by name."""
+    annotations = [(1.0, 0.0, "T1"), (5.0, 0.0, "T2"), (9.0, 2.0, "T1"), (12.0, 0.0, "BAD x")]
+    rules = LabelRules(event_map={"T1": "left", "T2": "right"})
+    assert rules.events_from(annotations) == (Event(9.0, 2.0, "left"),)
+    assert rules.skipped_onset_markers(annotations) == 2
+    timed = LabelRules(event_map={"T1": "left", "T2": "right"}, event_duration=4)
+    assert timed.events_from(annotations) == (
+        Event(1.0, 4.0, "left"), Event(5.0, 4.0, "right"), Event(9.0, 2.0, "left")
+    )
+    assert timed.skipped_onset_markers(annotations) == 0
+    assert LabelRules().skipped_onset_markers(annotations) == 2  # BAD marks label nothing
+    for bad in (0, -1.0, float("nan"), float("inf"), "4"):
+        with pytest.raises(ValueError, match="event_duration must be a positive number"):
+            LabelRules(event_duration=bad)

@@ -532,3 +532,31 @@ def test_event_map_that_matches_no_annotation_warns(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert len(report["warnings"]) == 2
     assert "no annotation named in --event-map" in (out / "report.md").read_text()
+
+
+def test_zero_duration_events_are_warned_about_and_labelled_with_event_duration(tmp_path, capsys):
+    """Onset markers (zero-duration annotations, as event channels and BIDS events give them)
+    were skipped without a word, even when --event-map named them: every window unlabelled.
+    Now prepare warns and names --event-duration, which labels that long after each onset."""
+    markers = [(4, 0, "T1"), (20, 0, "T2"), (36, 0, "T1")]
+    path = _fif_recording(tmp_path / "markers_raw.fif", annotations=markers)
+    argv = ["prepare", str(path), "--no-progress", "--event-map", "T1=left"]
+    argv += ["--event-map", "T2=right"]
+    assert cli_main([*argv, "--out", str(tmp_path / "skipped")]) == 0
+    err = capsys.readouterr().err
+    assert "3 annotation(s) of zero duration (onset markers) in 1 recording(s)" in err
+    assert "--event-duration" in err and "no annotation named in --event-map" not in err
+    index = json.loads((tmp_path / "skipped" / "index.json").read_text())
+    assert set(index["recordings"][0]["labels"]) == {-1}
+
+    assert cli_main([*argv, "--event-duration", "8", "--out", str(tmp_path / "labelled")]) == 0
+    assert "zero duration" not in capsys.readouterr().err
+    index = json.loads((tmp_path / "labelled" / "index.json").read_text())
+    names = index["tasks"][index["recordings"][0]["task"]]["labels"]
+    labels = [names[i] for i in index["recordings"][0]["labels"]]
+    assert labels == ["left", "left", "right", "right", "left", "left"]  # 8 s = two 4-s windows
+
+    for bad in ("0", "-1", "nan", "x"):
+        with pytest.raises(SystemExit):
+            cli_main([*argv, "--event-duration", bad, "--out", str(tmp_path / "bad")])
+    assert "--event-duration: must be a positive number of seconds" in capsys.readouterr().err
