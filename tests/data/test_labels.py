@@ -112,7 +112,9 @@ def test_event_duration_gives_onset_markers_a_length():
     assert rules.skipped_onset_markers(annotations) == 2
     timed = LabelRules(event_map={"T1": "left", "T2": "right"}, event_duration=4)
     assert timed.events_from(annotations) == (
-        Event(1.0, 4.0, "left"), Event(5.0, 4.0, "right"), Event(9.0, 2.0, "left")
+        Event(1.0, 4.0, "left"),
+        Event(5.0, 4.0, "right"),
+        Event(9.0, 2.0, "left"),
     )
     assert timed.skipped_onset_markers(annotations) == 0
     assert LabelRules().skipped_onset_markers(annotations) == 2  # BAD marks label nothing
