@@ -167,6 +167,40 @@ def seen_by_other_tasks(
     return out
 
 
+def pretraining_overlap(
+    data: TrainData, tasks: Sequence[str], plans: Sequence[FoldPlan], backbone: Backbone | None
+) -> dict[str, str]:
+    """Per task whose tested subjects (or recordings, for tasks split by recording) the
+    backbone's self-supervised pretraining saw: a note for the report, else nothing.
+
+    Pretraining on the evaluation recordings without their labels is a legitimate protocol
+    (transductive), but the numbers are then not those of a model that never saw the tested
+    subjects' EEG, and the report says so. Recordings are matched by file name (the same file
+    prepared from another path), subjects by id."""
+    seen = (backbone.pretrained_on if backbone is not None else None) or {}
+    if not seen:
+        return {}
+    subjects = set(seen.get("subjects") or [])
+    names = {Path(r).name for r in seen.get("recordings") or []}
+    out = {}
+    for task in tasks:
+        unit = plans[0].units.get(task, "recording") if plans else "recording"
+        tested = {
+            getattr(data.items[int(i)], unit) for plan in plans for i in plan.test.get(task, [])
+        }
+        if unit == "subject":
+            overlap = {u for u in tested if u in subjects}
+        else:
+            overlap = {u for u in tested if Path(u).name in names}
+        if overlap:
+            out[task] = (
+                f"note: the backbone was pretrained (self-supervised, without labels) on "
+                f"{len(overlap)} of the {len(tested)} tested {unit}s: transductive, so these "
+                f"numbers are not those of a backbone that never saw the tested {unit}s' EEG"
+            )
+    return out
+
+
 def _tasks_sharing_groups(per_task: dict[str, tuple]) -> list[list[str]]:
     """The tasks in connected sets: two tasks are connected when they share a group key."""
     owner: dict[str, str] = {}  # group key -> the first task that has it
@@ -304,6 +338,9 @@ class Backbone:
     arch: dict[str, Any]
     weights: dict[str, torch.Tensor] | None  # None = random initialisation
     task_names: list[str]  # router task ids, in order
+    # what its self-supervised pretraining saw ({"subjects": [...], "recordings": [...]}, as
+    # `eegfast pretrain` records it), or None when not known
+    pretrained_on: dict[str, list[str]] | None = None
 
     @property
     def routes(self) -> bool:
@@ -448,6 +485,8 @@ def train_classifier(
             # what evaluate needs to tell this fold's training windows from held-out ones
             "train_recordings": train_recordings,
             "train_subjects": sorted({data.items[int(i)].subject for i in train_idx}),
+            # kept through chained runs (a fold model as another run's --init)
+            "pretrained_on": backbone.pretrained_on,
         },
         find_unused_parameters=len(tasks) > 1 or bool(backbone.arch.get("upcycle")),
     )
@@ -480,6 +519,8 @@ def cross_validate(
     if multitask:
         for task, note in seen_by_other_tasks(data, tasks, plans).items():
             grouping[task] += f"; {note}"
+    for task, note in pretraining_overlap(data, tasks, plans, backbone).items():
+        grouping[task] += f"; {note}"
     result = CVResult(grouping=grouping, units=dict(plans[0].units))
     for task, note in grouping.items():
         if "WARNING" in note:

@@ -467,6 +467,31 @@ def test_a_subject_tested_for_one_task_and_trained_on_for_another_is_flagged(tmp
         assert len(warned) == expected
 
 
+def test_the_report_says_when_the_backbone_was_pretrained_on_the_tested_subjects():
+    """`eegfast pretrain` records which subjects and recordings it saw; finetune notes, per
+    task, how many tested subjects (recordings, for a task split by recording) that includes:
+    transductive pretraining was only said by the quickstart, for its own run."""
+    from eegfast.train.finetune import Backbone, pretraining_overlap
+
+    spec = []
+    for subject in ("s1", "s2", "s3", "s4"):
+        spec += [("A", subject, f"/data/{subject}rA.edf", lab) for lab in (0, 1, 0, 1)]
+    spec += [("B", "s9", f"/data/s9r{i}.edf", lab) for i in (1, 2) for lab in (0, 1, 0, 1)]
+    data = make_data(spec)
+    plans, _ = plan_folds(data, ["A", "B"], k=2, group_by="subject", seed=0)
+    arch = {"kind": "classifier", "name": "labram_tiny"}
+    seen = {"subjects": ["s1", "s2", "x"], "recordings": ["/elsewhere/s9r2.edf"]}
+    notes = pretraining_overlap(data, ["A", "B"], plans, Backbone(arch, None, [], seen))
+    assert (
+        "pretrained (self-supervised, without labels) on 2 of the 4 tested subjects" in (notes["A"])
+    )
+    assert "on 1 of the 2 tested recordings" in notes["B"]  # matched by file name
+    unseen = {"subjects": ["x"], "recordings": []}
+    assert pretraining_overlap(data, ["A", "B"], plans, Backbone(arch, None, [], unseen)) == {}
+    assert pretraining_overlap(data, ["A", "B"], plans, Backbone(arch, None, [])) == {}
+    assert pretraining_overlap(data, ["A", "B"], plans, None) == {}
+
+
 def test_evaluate_knows_training_windows_of_a_recording_prepared_from_another_path():
     """A recording's id is the path prepare was given: the same file prepared again from
     another working directory (``Subject00_1.edf`` against ``/data/Subject00_1.edf``) was not

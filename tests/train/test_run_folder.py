@@ -345,6 +345,12 @@ def test_finetune_folds_note_and_evaluate_warns_about_training_windows(
     fold = out / "fold0" / "single-arith"
     meta = ckpt.latest_checkpoint(fold / "checkpoints").meta
     assert len(meta["train_recordings"]) == 1
+    # the backbone was pretrained on the same recordings: recorded, carried on, and reported
+    seen = ckpt.latest_checkpoint(pretrain_run / "checkpoints").meta["pretrained_on"]
+    assert len(seen["recordings"]) == 2 and meta["pretrained_on"] == seen
+    assert "pretrained (self-supervised, without labels) on 2 of the 2 tested" in (
+        (out / "report.md").read_text()
+    )
     # rerun refused, --resume auto continues every fold's own run
     assert cli(finetune_argv(prepared, pretrain_run, out)) == 2
     assert "--resume auto" in capsys.readouterr().err

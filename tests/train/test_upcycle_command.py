@@ -10,6 +10,8 @@ from eegfast import cli
 from eegfast.train import checkpoint as ckpt
 from eegfast.train.arch import build_model
 
+PRETRAINED_ON = {"subjects": ["s1"], "recordings": ["/data/s1.edf"]}
+
 
 @pytest.fixture
 def pretrained(tmp_path):
@@ -17,7 +19,7 @@ def pretrained(tmp_path):
     arch = {"kind": "pretrain", "name": "labram_tiny_pretrain", "kwargs": {"vocab_size": 64}}
     torch.manual_seed(0)
     weights = build_model(arch).state_dict()
-    meta = {"arch": arch, "command": "pretrain"}
+    meta = {"arch": arch, "command": "pretrain", "pretrained_on": PRETRAINED_ON}
     ckpt.save_checkpoint(tmp_path / "pre" / "checkpoints", 10, weights, {"step": 10}, meta)
     return tmp_path / "pre"
 
@@ -57,6 +59,7 @@ def test_refuses_to_overwrite_naming_only_its_own_options(pretrained, tmp_path, 
     assert upcycle_cli(pretrained, out, "--experts", "3", "--overwrite") == 0
     meta = ckpt.read_meta(out)
     assert meta["arch"]["upcycle"]["num_experts"] == 3
+    assert meta["pretrained_on"] == PRETRAINED_ON  # for finetune's transductive note
 
 
 @pytest.mark.parametrize("fault", ["offset", "nan"])

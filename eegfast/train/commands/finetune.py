@@ -68,7 +68,9 @@ def backbone_for(config: RunConfig) -> Backbone:
         arch, weights, meta = backbone_from_checkpoint(
             config.model.init, drop_path=config.model.drop_path
         )
-        return Backbone(arch, weights, list(meta.get("task_names") or []))
+        return Backbone(
+            arch, weights, list(meta.get("task_names") or []), meta.get("pretrained_on")
+        )
     kwargs = {"num_classes": 0, "drop_path_rate": config.model.drop_path}
     return Backbone({"kind": "classifier", "name": config.model.name, "kwargs": kwargs}, None, [])
 

@@ -247,6 +247,12 @@ def _train(args, config, step, kind, resume, tokenizer_path, notes) -> int:
                 "command": "pretrain",
                 "objective": config.pretrain.objective,
                 "tokenizer": tokenizer_record(tokenizer_path),
+                # which subjects' and recordings' EEG the backbone saw: finetune's report says
+                # when it tests on them (transductive pretraining)
+                "pretrained_on": {
+                    "subjects": sorted({item.subject for item in data.items}),
+                    "recordings": sorted({item.recording for item in data.items}),
+                },
             },
             find_unused_parameters=kind != "pretrain",
         )

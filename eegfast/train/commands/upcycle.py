@@ -129,6 +129,7 @@ def _upcycle(args: argparse.Namespace, config: RunConfig) -> int:
         "dense_parameters": count_parameters(dense_again),
         "moe_parameters": count_parameters(moe),
         "probe_max_abs_diff": max_diff,
+        "pretrained_on": source_meta.get("pretrained_on"),  # for finetune's report
         "config": config_to_dict(config),
         "metric": None,
     }
