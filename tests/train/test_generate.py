@@ -156,6 +156,8 @@ def test_npy_prompt_window(checkpoint, tmp_path, capsys):
     [
         ({"--seconds": "0"}, "--seconds must be > 0"),
         ({"--seconds": "-2"}, "--seconds must be > 0"),
+        # refused up front, not after hours of generating towards an output no memory holds
+        ({"--seconds": "1e12"}, "GiB, more than half of this machine's"),
         ({"--channels": "C3,XYZ"}, "unknown electrodes ['XYZ']"),
         ({"--model": "missing.safetensors"}, "checkpoint not found"),
         ({"--out": "out.txt"}, "--out must end in .edf or .npy"),

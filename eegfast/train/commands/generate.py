@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,14 @@ class Prompt:
 # --------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _positive_seconds(text: str) -> float:
@@ -373,11 +382,20 @@ def generate_signal(
     samples = int(round(seconds * SFREQ))
     if samples < 1:
         raise GenerateError(f"--seconds {seconds} is less than one sample at 200 Hz")
+    C, T = prompt.x.shape
+    # The whole continuation is held (and written) at once, as float32 and as the model's
+    # patches: refuse one that cannot fit before generating for hours towards it.
+    needed, memory = 2 * 4 * C * samples, physical_memory_bytes()
+    if memory is not None and needed > memory // 2:
+        raise GenerateError(
+            f"--seconds {seconds:g}: {C} channels x {samples} samples need ~{needed / 2**30:.1f} "
+            f"GiB, more than half of this machine's {memory / 2**30:.1f} GiB; generate shorter "
+            "pieces (--start and --include-prompt continue a recording)"
+        )
     num_patches = math.ceil(samples / PATCH)
     context = model.max_patches
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    C, T = prompt.x.shape
     window = prompt.x[:, T - min(T // PATCH, context) * PATCH :]
     x = torch.from_numpy(window).to(device=device, dtype=dtype).reshape(1, C, -1, PATCH)
     try:
