@@ -86,7 +86,8 @@ def wrap_model(
     strategy: str = "ddp",
     find_unused_parameters: bool = False,
 ) -> nn.Module:
-    """DDP or FSDP2 (``fully_shard`` on every block, then the root) when distributed."""
+    """DDP or FSDP2 (``fully_shard`` on every transformer block, see :func:`transformer_blocks`,
+    then the root) when distributed."""
     if not info.enabled:
         return model
     if strategy == "ddp":
@@ -102,11 +103,28 @@ def wrap_model(
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (info.world_size,))
-        for block in getattr(model, "blocks", []):
+        for block in transformer_blocks(model):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
     raise ValueError(f"train.strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The items of every ``nn.ModuleList`` named ``blocks`` in ``model``, at any depth: the
+    classifier's ``blocks``, the pretraining model's ``student.blocks``, the tokenizer's
+    ``encoder.blocks`` and ``decoder.blocks``. Inner lists come first, so that nested blocks
+    are sharded before the blocks holding them (FSDP2 shards bottom up).
+
+    Each becomes its own FSDP2 unit: with the root as the only one, every step would gather
+    the whole model's parameters at once and keep them (and their gradients) unsharded until
+    the backward pass ends, and no gather would overlap compute."""
+    found = [
+        module
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] == "blocks" and isinstance(module, nn.ModuleList)
+    ]
+    return [block for blocks in reversed(found) for block in blocks]
 
 
 @contextlib.contextmanager

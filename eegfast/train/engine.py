@@ -263,7 +263,9 @@ def fit(
         resume: ``"auto"`` (newest checkpoint in ``run_dir/checkpoints`` if any), a checkpoint
             folder, or None. Checkpoints in ``run_dir/checkpoints`` after the one resumed from
             belong to the run this one abandons: they are moved to
-            ``checkpoints/abandoned-after-step-<step>/`` (with a warning naming them).
+            ``checkpoints/abandoned-after-step-<step>/`` (with a warning naming them). Under
+            torchrun every rank must find the same step (one run folder that all processes
+            see), else every rank raises a RuntimeError naming each rank's checkpoint.
         eval_fn: called at every checkpoint on every rank, with the model as trained (the
             DDP/FSDP wrapper under torchrun) in eval mode: the wrappers' forward passes may
             talk to the other ranks (FSDP gathers the parameters; DDP broadcasts buffers when
@@ -311,6 +313,16 @@ def fit(
         )
     total_steps = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
 
+    resume_from = None
+    if resume == "auto":
+        latest = ckpt.latest_checkpoint(checkpoint_dir)
+        resume_from = latest.path if latest else None
+    elif resume:
+        resume_from = Path(resume)
+    state = ckpt.load_training_state(resume_from) if resume_from is not None else None
+    if resume:  # (the same on every rank, so every rank joins the check's all-gather)
+        _same_checkpoint_on_every_rank(resume_from, state, run_dir, info)
+
     model.to(device)
     if train_cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -329,14 +341,7 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     step, epoch, start_batch = 0, 0, 0
-    resume_from = None
-    if resume == "auto":
-        latest = ckpt.latest_checkpoint(checkpoint_dir)
-        resume_from = latest.path if latest else None
-    elif resume:
-        resume_from = Path(resume)
     if resume_from is not None:
-        state = ckpt.load_training_state(resume_from)
         weights = ckpt.load_weights(resume_from)
         saved_groups = len(state["optimizer"]["param_groups"]) if state["optimizer"] else 0
         if saved_groups and saved_groups != len(optimizer.param_groups):
@@ -682,6 +687,32 @@ def config_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[st
         for key in sorted(old.keys() | new.keys())
         if key not in _RESUME_NEUTRAL and old.get(key) != new.get(key)
     ]
+
+
+def _same_checkpoint_on_every_rank(
+    resume_from: Path | None, state: dict[str, Any] | None, run_dir: Path, info: DistInfo
+) -> None:
+    """Stop every rank when the ranks would not resume from the same step: a rank that found
+    another checkpoint, or none (a machine whose run folder is a local copy, not the folder
+    rank 0 writes to), would train other weights than the rest, and DDP/FSDP would average
+    their gradients into the next checkpoints without a word."""
+    if not info.enabled:
+        return
+    import torch.distributed as dist
+
+    mine = (str(resume_from) if resume_from is not None else None, state["step"] if state else None)
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, mine)
+    if len({step for _, step in gathered}) > 1:
+        found = "; ".join(
+            f"rank {rank}: " + (f"step {step} ({path})" if path else "no checkpoint")
+            for rank, (path, step) in enumerate(gathered)
+        )
+        raise RuntimeError(
+            f"the processes would resume from different checkpoints ({found}): every process "
+            f"must see the run folder {run_dir} that rank 0 writes (on several machines, a "
+            "shared file system)"
+        )
 
 
 def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:

@@ -170,7 +170,15 @@ def max_change(start: dict, end: dict) -> float:
     return max(float((end[k] - start[k]).abs().max()) for k in start)
 
 
-CASES = [("pretrain", "ddp"), ("finetune", "ddp"), ("moe", "ddp"), ("finetune", "fsdp")]
+# ("pretrain", "fsdp"): the pretraining model's blocks sit one level down (student.blocks),
+# each its own FSDP2 unit (distributed.transformer_blocks).
+CASES = [
+    ("pretrain", "ddp"),
+    ("finetune", "ddp"),
+    ("moe", "ddp"),
+    ("finetune", "fsdp"),
+    ("pretrain", "fsdp"),
+]
 
 
 def overrides_for(strategy: str) -> dict:

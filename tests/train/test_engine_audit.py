@@ -372,3 +372,90 @@ def test_fsdp_gradient_accumulation_reduces_once_per_step_and_evaluates_on_every
         assert (tmp_path / run / "eval-rank0").read_text() == "x"
         assert (tmp_path / run / "eval-rank1").read_text() == "x"
         assert ckpt.latest_checkpoint(tmp_path / run / "checkpoints").meta["metric"] == 1.0
+
+
+def _cluster_jobs(rank: int, world_size: int, ports: list[int], root: str) -> None:
+    """Two 2-process gloo jobs: (1) the real pretraining model and tokenizer wrapped with
+    train.strategy=fsdp, rank 0 writing which modules became FSDP units (``units.json``);
+    (2) ``--resume auto`` where only rank 0's run folder holds a checkpoint (a machine whose
+    run folder is not the shared one), each rank writing the error it raised (``error<rank>``)."""
+    import faulthandler
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    from torch.distributed.fsdp import FSDPModule
+
+    from eegfast.models import create_model
+    from eegfast.train.arch import build_model
+    from eegfast.train.distributed import init_distributed, shutdown, wrap_model
+    from tests.train import worker
+
+    faulthandler.dump_traceback_later(120, exit=True)  # a hang fails, with the stacks
+    torch.set_num_threads(1)
+    worker.set_rendezvous(rank, world_size, ports[0])
+    info = init_distributed(torch.device("cpu"))
+    models = {
+        "labram_tiny_pretrain": build_model(
+            {"kind": "pretrain", "name": "labram_tiny_pretrain", "kwargs": {"vocab_size": 64}}
+        ),
+        "vqnsp_tiny": create_model("vqnsp_tiny"),
+    }
+    blocks = {
+        "labram_tiny_pretrain": [f"student.blocks.{i}" for i in range(len(models[
+            "labram_tiny_pretrain"].student.blocks))],
+        "vqnsp_tiny": [f"{part}.blocks.{i}" for part in ("encoder", "decoder")
+                       for i in range(len(getattr(models["vqnsp_tiny"], part).blocks))],
+    }  # fmt: skip
+    units = {}
+    for name, model in models.items():
+        wrapped = wrap_model(model, info, torch.device("cpu"), strategy="fsdp")
+        units[name] = [n for n, m in wrapped.named_modules() if isinstance(m, FSDPModule)]
+    shutdown(info)
+    if rank == 0:
+        (Path(root) / "units.json").write_text(json.dumps({"units": units, "blocks": blocks}))
+
+    worker.set_rendezvous(rank, world_size, ports[1])
+    try:
+        worker.run("finetune", str(Path(root) / f"rank{rank}"), RESUME_RUN, resume="auto")
+    except RuntimeError as error:
+        (Path(root) / f"error{rank}").write_text(str(error))
+    sys.stdout.flush()
+    os._exit(0)  # as test_distributed_real's workers: no interpreter teardown
+
+
+RESUME_RUN = {"train.max_steps": 4, "train.checkpoint_every": 2}
+
+
+@pytest.mark.slow
+def test_fsdp_shards_nested_blocks_and_ranks_must_resume_from_the_same_checkpoint(tmp_path):
+    """(1) FSDP2 makes each transformer block its own unit also where the blocks sit one level
+    down (the pretraining model's ``student.blocks``, the tokenizer's ``encoder.blocks`` and
+    ``decoder.blocks``): with the root as the only unit every step gathers the whole model at
+    once. (2) A resume where one process finds a checkpoint and another none stops on every
+    rank, naming each rank's checkpoint, before anything trains or is saved: DDP would have
+    averaged the gradients of two different models into the next checkpoints."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests.train import worker
+    from tests.train.test_engine import free_port
+
+    worker.run("finetune", str(tmp_path / "rank0"), RESUME_RUN)
+    shutil.rmtree(tmp_path / "rank0" / "checkpoints" / "step-00000004")
+    ports = [free_port(), free_port()]
+    while ports[1] == ports[0]:
+        ports[1] = free_port()
+    mp.spawn(_cluster_jobs, args=(2, ports, str(tmp_path)), nprocs=2, join=True)
+
+    found = json.loads((tmp_path / "units.json").read_text())
+    for name, blocks in found["blocks"].items():
+        assert len(blocks) >= 2, name
+        assert set(found["units"][name]) == {"", *blocks}, name  # "": the root
+    for rank in (0, 1):
+        message = (tmp_path / f"error{rank}").read_text()
+        assert "rank 0: step 2" in message and "rank 1: no checkpoint" in message
+        assert "shared" in message
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path / "rank0" / "checkpoints")] == [2]
