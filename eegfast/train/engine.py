@@ -662,8 +662,16 @@ def fit(
     return result
 
 
-# Settings that change how a run is shown or fed, not what it computes.
-_RESUME_NEUTRAL = {"train.progress", "data.num_workers"}
+# Settings that change how a run is shown, fed or executed, not what it computes (the
+# strategy, compilation and activation checkpointing give the same updates up to rounding;
+# resuming a DDP run under FSDP, or compiled, is a supported change, not one to warn about).
+_RESUME_NEUTRAL = {
+    "train.progress",
+    "data.num_workers",
+    "train.strategy",
+    "train.compile",
+    "train.activation_checkpointing",
+}
 
 
 def config_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:

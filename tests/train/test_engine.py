@@ -94,7 +94,8 @@ def dropout_step(model, batch, ctx):
 
 def test_resume_with_other_settings_warns_naming_them(tmp_path):
     """Resuming with settings other than the checkpoint's (a larger max_steps, another lr) says
-    which, old -> new; the same settings, or only progress / workers, say nothing."""
+    which, old -> new; the same settings, or only progress / workers / how it is executed
+    (activation checkpointing, and likewise strategy and compilation), say nothing."""
     import warnings
 
     data = SyntheticEEG(24)
@@ -104,7 +105,8 @@ def test_resume_with_other_settings_warns_naming_them(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit_batches_of_4(TinyClassifier(), dropout_step, data, ctx, tmp_path,
-                         {**overrides, "data.num_workers": 0}, resume="auto")  # fmt: skip
+                         {**overrides, "data.num_workers": 0,
+                          "train.activation_checkpointing": True}, resume="auto")  # fmt: skip
     changed = {**overrides, "train.max_steps": 4, "optim.lr": 1e-2}
     with pytest.warns(UserWarning, match=r"optim.lr: 0.0005 -> 0.01; train.max_steps: 2 -> 4"):
         result = fit_batches_of_4(TinyClassifier(), dropout_step, data, ctx, tmp_path, changed,
