@@ -11,6 +11,14 @@ from eegfast.ops import qk_norm_attention_packed
 from eegfast.ops.qk_norm_attention import check_block_causal, check_key_padding_mask
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether tensors on ``a`` and ``b`` share a device; a device named without an index
+    (``cpu``, ``cuda``: the current one) matches any index of its type (``cpu:0``)."""
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index
+
+
 def attention_visibility(
     batch: int,
     n: int,
@@ -38,7 +46,7 @@ def attention_visibility(
     if device is not None:
         device = torch.device(device)
         for name, mask in (("key_padding_mask", key_padding_mask), ("block_causal", block_causal)):
-            if mask is not None and mask.device != device:
+            if mask is not None and not _same_device(mask.device, device):
                 raise ValueError(f"the input is on {device} but {name} is on {mask.device}")
     visible = None
     if causal:

@@ -18,13 +18,18 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero the residual branch of whole samples with probability ``p``."""
     if p == 0.0 or not training:
         return x
-    return x * _sample_keep_scale(x, p)
+    # the scale in at least float32: in bf16, 1 / (1 - p) itself rounds (1 / 0.9 -> 1.109375)
+    # and would shrink every kept sample; this way each element is x / (1 - p) rounded once
+    scale = _sample_keep_scale(x, p, torch.promote_types(x.dtype, torch.float32))
+    return (x * scale).to(x.dtype)
 
 
-def _sample_keep_scale(x: torch.Tensor, p: float) -> torch.Tensor:
-    """(B, 1, ..., 1): 0 for a dropped sample, 1 / (1 - p) for a kept one (stochastic depth)."""
+def _sample_keep_scale(x: torch.Tensor, p: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, 1, ..., 1) in ``dtype`` (default x's): 0 for a dropped sample, 1 / (1 - p) for a
+    kept one (stochastic depth)."""
     keep = 1.0 - p
-    return x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    return x.new_empty(shape, dtype=dtype).bernoulli_(keep).div_(keep)
 
 
 class Mlp(nn.Module):
@@ -182,7 +187,12 @@ class Block(nn.Module):
         (B, N, dim) activations: the per-sample keep scale and γ make a (B, 1, dim) factor
         (the composition took four: γ·branch, the mask, the rescale, the add; their backward
         as many again)."""
-        factor = _sample_keep_scale(branch, self.drop_path)
+        # in the result's dtype: a bf16 branch (autocast) beside a float32 residual would round
+        # 1 / (1 - p) (1 / 0.9 -> 1.109375), shrinking every kept branch against inference
+        dtype = torch.promote_types(x.dtype, branch.dtype)
+        if gamma is not None:
+            dtype = torch.promote_types(dtype, gamma.dtype)
+        factor = _sample_keep_scale(branch, self.drop_path, dtype)
         if gamma is not None:
             factor = factor * gamma
         return torch.addcmul(x, factor, branch)

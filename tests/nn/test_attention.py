@@ -112,6 +112,20 @@ def test_attention_rejects_bad_inputs_naming_them(qk_norm):
     assert attn(x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)).shape == x.shape
 
 
+def test_attention_visibility_takes_a_device_named_with_or_without_its_index():
+    """``device="cpu:0"`` (or ``"cuda"`` for a mask on ``cuda:0``) names the mask's device:
+    comparing torch.device objects refused it as another device."""
+    from eegfast.nn.attention import attention_visibility
+
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, 3] = True
+    want = attention_visibility(2, 4, key_padding_mask=mask, device="cpu")
+    got = attention_visibility(2, 4, key_padding_mask=mask, device="cpu:0")
+    assert torch.equal(got, want) and not bool(got[0, 0, 0, 3])
+    with pytest.raises(ValueError, match="but key_padding_mask is on cpu"):
+        attention_visibility(2, 4, key_padding_mask=mask, device="meta")
+
+
 def test_attention_state_dict_keys():
     assert set(QKNormAttention(200, 10).state_dict()) == {
         "qkv.weight", "q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias",
@@ -201,6 +215,39 @@ def test_block_drop_path_residual_is_the_composition_in_one_pass():
     fused = block._dropped_residual(x, branch, None)
     torch.manual_seed(2)
     torch.testing.assert_close(fused, x + branch * torch.empty(16, 1, 1).bernoulli_(keep) / keep)
+
+
+def test_block_drop_path_keep_scale_is_not_rounded_to_a_low_precision_branch():
+    """Under bf16 autocast the branch is bf16 while the residual and γ are float32: the keep
+    scale 1 / (1 - p) was drawn in the branch's dtype (1 / 0.9 -> 1.109375 in bf16), so every
+    kept branch was shrunk by 0.16% against inference (where it is scaled by 1); the
+    composition x + drop_path(γ·branch) computed it in float32."""
+    block = Block(40, 2, init_values=0.1, drop_path=0.1).train()
+    x = torch.randn(16, 5, 40)
+    branch = torch.randn(16, 5, 40).bfloat16()
+    for gamma in (block.gamma_1, None):
+        torch.manual_seed(3)
+        fused = block._dropped_residual(x, branch, gamma)
+        torch.manual_seed(3)
+        mask = torch.empty(16, 1, 1).bernoulli_(0.9)
+        assert 0 < int(mask.sum()) < 16
+        scaled = branch.float() if gamma is None else gamma * branch.float()
+        assert fused.dtype == torch.float32
+        torch.testing.assert_close(fused, x + scaled * (mask / 0.9))
+
+
+def test_drop_path_of_a_bf16_tensor_is_not_scaled_by_a_rounded_keep_scale():
+    """drop_path(x) of a bf16 x: each kept element is x / (1 - p) rounded once, as the
+    composition x * mask / keep gave it, not x times 1 / 0.9 rounded to bf16 (1.109375)."""
+    from eegfast.nn.layers import drop_path
+
+    x = torch.randn(64, 5, 8).bfloat16()
+    torch.manual_seed(4)
+    got = drop_path(x, 0.1, True)
+    torch.manual_seed(4)
+    mask = torch.empty(64, 1, 1).bernoulli_(0.9)
+    assert 0 < int(mask.sum()) < 64 and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, (x.float() * mask / 0.9).bfloat16(), rtol=0, atol=0)
 
 
 def test_mlp_uses_exact_gelu_and_ignores_task_id():
