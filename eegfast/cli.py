@@ -63,6 +63,15 @@ def _load(name: str):
         raise
 
 
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` exists and is not a folder; False where it cannot be looked up (a folder
+    on the way not to enter, a name too long): ``unwritable_reason`` then says why in one line."""
+    try:
+        return path.exists() and not path.is_dir()
+    except OSError:
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
@@ -72,10 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         module.configure_parser(parser)
         args = parser.parse_args(argv[1:])
         out = getattr(args, "out", None)
-        if name in FOLDER_OUT and out is not None and Path(out).exists():
-            if not Path(out).is_dir():
-                print(f"eegfast {name}: --out {out}: exists and is not a folder", file=sys.stderr)
-                return 2
+        if name in FOLDER_OUT and out is not None and _is_file(Path(out)):
+            print(f"eegfast {name}: --out {out}: exists and is not a folder", file=sys.stderr)
+            return 2
         if name in FOLDER_OUT | FILE_OUT and out is not None:
             # before any work: a folder that cannot be made (its parent is a file, no
             # permission) would otherwise surface as a traceback once the run starts writing,

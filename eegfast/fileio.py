@@ -128,12 +128,15 @@ def unwritable_reason(folder: str | Path) -> str | None:
     not ``os.access``, which says yes to root on folders the kernel still refuses (``/sys``)."""
     folder = Path(folder)
     probe = folder
-    while not probe.exists():  # `ancestor/missing/...`: mkdir would start in `ancestor`
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        return f"{probe} is not a folder"
+    try:
+        while not probe.exists():  # `ancestor/missing/...`: mkdir would start in `ancestor`
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            return f"{probe} is not a folder"
+    except OSError as err:  # Path.exists raises for EACCES (a folder not to enter), ENAMETOOLONG
+        return f"cannot look up {probe} ({err.strerror or err})"
     try:
         fd, tmp = tempfile.mkstemp(dir=probe, prefix=f".probe{TMP_MARK}")
     except OSError as err:

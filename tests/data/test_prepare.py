@@ -560,3 +560,41 @@ def test_zero_duration_events_are_warned_about_and_labelled_with_event_duration(
         with pytest.raises(SystemExit):
             cli_main([*argv, "--event-duration", bad, "--out", str(tmp_path / "bad")])
     assert "--event-duration: must be a positive number of seconds" in capsys.readouterr().err
+
+
+def test_event_map_warnings_are_not_made_up_for_records_of_older_runs(tmp_path, capsys):
+    """Records written before prepare kept the annotation descriptions have none: a re-run
+    reusing them must not warn that no recording has the --event-map annotations (every
+    entry was said to match nothing, with 'annotations found: none')."""
+    events = _fif_recording(tmp_path / "ev_raw.fif", annotations=[(4, 8, "T1"), (20, 8, "T2")])
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--no-progress", "--event-map", "T1=left"]
+    assert cli_main(["prepare", str(events), *argv]) == 0
+    assert "--event-map" not in capsys.readouterr().err
+    for record in (out / "shards").glob("*.json"):  # as an older eegfast wrote it
+        fields = json.loads(record.read_text())
+        del fields["annotation_descriptions"]
+        record.write_text(json.dumps(fields))
+    newer = _fif_recording(tmp_path / "new_raw.fif", annotations=[(4, 8, "T2")])
+    assert cli_main(["prepare", str(events), str(newer), *argv]) == 0
+    err = capsys.readouterr().err
+    assert "no recording has an annotation" not in err
+    report = json.loads((out / "report.json").read_text())
+    assert report["reused"] == 1 and report["processed"] == 1
+    # the new recording is still said to have none of the named annotations
+    assert "1 recording(s) have no annotation named in --event-map" in err and str(newer) in err
+
+
+def test_settings_digest_of_folders_made_before_event_duration_is_unchanged():
+    """The digest decides whether a prepared recording is reused: settings that existed before
+    --event-duration must keep their digests (values computed by the code before it), and a
+    given event duration must change it."""
+    rules = LabelRules(event_map={"T1": "left"}, filename_rules=(("_1$", "rest"),))
+    assert Settings().digest() == "56e1ad4a5c956d95"
+    assert Settings(labels=rules).digest() == "3082b40eebd65bfa"
+    assert Settings(preprocess=PreprocessConfig(l_freq=8.0)).digest() == "3945693ace09137e"
+    timed = LabelRules(event_map={"T1": "left"}, event_duration=4.0)
+    assert (
+        Settings(labels=timed).digest()
+        != Settings(labels=LabelRules(event_map={"T1": "left"})).digest()
+    )
