@@ -148,7 +148,9 @@ class LabelRules:
 
     def __post_init__(self) -> None:
         if self.event_duration is not None and not (
-            isinstance(self.event_duration, int | float) and 0 < self.event_duration < float("inf")
+            isinstance(self.event_duration, int | float)
+            and not isinstance(self.event_duration, bool)
+            and 0 < self.event_duration < float("inf")
         ):
             raise ValueError(
                 f"event_duration must be a positive number of seconds, got {self.event_duration!r}"
@@ -226,12 +228,18 @@ class LabelRules:
                 events.append(Event(float(onset), float(duration), label))
         return tuple(events)
 
-    def skipped_onset_markers(self, annotations) -> int:
-        """How many annotations would label windows but were skipped for a zero duration
-        (none with ``event_duration``): for ``prepare``'s warning."""
+    def skipped_onset_markers(self, annotations) -> dict[str, int]:
+        """Descriptions (with counts) of the annotations that would label windows but were
+        skipped for a zero duration (none with ``event_duration``): for ``prepare``'s warning,
+        which lists them (some, such as EEGLAB's ``boundary``, mark no event)."""
         if self.event_duration is not None:
-            return 0
-        return sum(1 for _, d, desc in annotations if d <= 0 and self._label_of(desc) is not None)
+            return {}
+        skipped: dict[str, int] = {}
+        for _, duration, description in annotations:
+            if duration <= 0 and self._label_of(description) is not None:
+                desc = str(description).strip()
+                skipped[desc] = skipped.get(desc, 0) + 1
+        return skipped
 
     def resolve(self, path: str | os.PathLike, annotations=()) -> Resolved:
         path = Path(path)

@@ -544,14 +544,20 @@ def _onset_marker_problems(records: list[dict]) -> list[str]:
     hit = [r for r in records if r["status"] == "ok" and r.get("skipped_onset_markers")]
     if not hit:
         return []
-    count = sum(r["skipped_onset_markers"] for r in hit)
+    per_description: dict[str, int] = {}
+    for r in hit:
+        for desc, n in r["skipped_onset_markers"].items():
+            per_description[desc] = per_description.get(desc, 0) + n
+    count = sum(per_description.values())
+    listed = ", ".join(f"{d} ({n})" for d, n in sorted(per_description.items())[:20])
     shown = ", ".join(r["file"] for r in hit[:10])
     if len(hit) > 10:
         shown += f" and {len(hit) - 10} more"
     return [
         f"{count} annotation(s) of zero duration (onset markers) in {len(hit)} recording(s) "
-        f"label no window: pass --event-duration SECONDS to label that long after each onset "
-        f"({shown})"
+        f"label no window: {listed}. Where they mark events, pass --event-duration SECONDS to "
+        f"label that long after each onset (with --event-map DESC=LABEL for only those "
+        f"descriptions) ({shown})"
     ]
 
 

@@ -109,15 +109,16 @@ def test_event_duration_gives_onset_markers_a_length():
     annotations = [(1.0, 0.0, "T1"), (5.0, 0.0, "T2"), (9.0, 2.0, "T1"), (12.0, 0.0, "BAD x")]
     rules = LabelRules(event_map={"T1": "left", "T2": "right"})
     assert rules.events_from(annotations) == (Event(9.0, 2.0, "left"),)
-    assert rules.skipped_onset_markers(annotations) == 2
+    assert rules.skipped_onset_markers(annotations) == {"T1": 1, "T2": 1}
     timed = LabelRules(event_map={"T1": "left", "T2": "right"}, event_duration=4)
     assert timed.events_from(annotations) == (
         Event(1.0, 4.0, "left"),
         Event(5.0, 4.0, "right"),
         Event(9.0, 2.0, "left"),
     )
-    assert timed.skipped_onset_markers(annotations) == 0
-    assert LabelRules().skipped_onset_markers(annotations) == 2  # BAD marks label nothing
-    for bad in (0, -1.0, float("nan"), float("inf"), "4"):
+    assert timed.skipped_onset_markers(annotations) == {}
+    # BAD marks label nothing; without a map every other description is listed for the user
+    assert LabelRules().skipped_onset_markers(annotations) == {"T1": 1, "T2": 1}
+    for bad in (0, -1.0, float("nan"), float("inf"), "4", True):
         with pytest.raises(ValueError, match="event_duration must be a positive number"):
             LabelRules(event_duration=bad)

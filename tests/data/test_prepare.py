@@ -545,6 +545,7 @@ def test_zero_duration_events_are_warned_about_and_labelled_with_event_duration(
     assert cli_main([*argv, "--out", str(tmp_path / "skipped")]) == 0
     err = capsys.readouterr().err
     assert "3 annotation(s) of zero duration (onset markers) in 1 recording(s)" in err
+    assert "label no window: T1 (2), T2 (1)." in err
     assert "--event-duration" in err and "no annotation named in --event-map" not in err
     index = json.loads((tmp_path / "skipped" / "index.json").read_text())
     assert set(index["recordings"][0]["labels"]) == {-1}
