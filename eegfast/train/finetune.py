@@ -338,8 +338,9 @@ class Backbone:
     arch: dict[str, Any]
     weights: dict[str, torch.Tensor] | None  # None = random initialisation
     task_names: list[str]  # router task ids, in order
-    # what its self-supervised pretraining saw ({"subjects": [...], "recordings": [...]}, as
-    # `eegfast pretrain` records it), or None when not known
+    # what its self-supervised pretraining saw ({"subjects": [...], "recordings": [file
+    # names]}, as `eegfast pretrain` records it and `upcycle` passes on), or None when not
+    # known (fold models do not repeat it in each of their checkpoints)
     pretrained_on: dict[str, list[str]] | None = None
 
     @property
@@ -485,8 +486,6 @@ def train_classifier(
             # what evaluate needs to tell this fold's training windows from held-out ones
             "train_recordings": train_recordings,
             "train_subjects": sorted({data.items[int(i)].subject for i in train_idx}),
-            # kept through chained runs (a fold model as another run's --init)
-            "pretrained_on": backbone.pretrained_on,
         },
         find_unused_parameters=len(tasks) > 1 or bool(backbone.arch.get("upcycle")),
     )

@@ -248,10 +248,11 @@ def _train(args, config, step, kind, resume, tokenizer_path, notes) -> int:
                 "objective": config.pretrain.objective,
                 "tokenizer": tokenizer_record(tokenizer_path),
                 # which subjects' and recordings' EEG the backbone saw: finetune's report says
-                # when it tests on them (transductive pretraining)
+                # when it tests on them (transductive pretraining). File names only (finetune
+                # matches recordings by name): ~15 bytes a recording in every checkpoint's meta
                 "pretrained_on": {
                     "subjects": sorted({item.subject for item in data.items}),
-                    "recordings": sorted({item.recording for item in data.items}),
+                    "recordings": sorted({Path(item.recording).name for item in data.items}),
                 },
             },
             find_unused_parameters=kind != "pretrain",
