@@ -8,8 +8,6 @@ and skips elsewhere with the reason.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -18,6 +16,7 @@ from eegfast.models.checkpoint import (
     braindecode_to_eegfast_state_dict,
     is_braindecode_labram_state_dict,
 )
+from tests._braindecode import braindecode_labram
 
 NAMES = ["FP1", "FZ", "T3", "O2"]  # T3: braindecode takes the table's own T3 row
 
@@ -119,19 +118,7 @@ def test_braindecode_state_dicts_eegfast_cannot_run_say_which_option():
 
 
 def test_real_braindecode_labram_weights_give_the_same_outputs_in_eegfast(tmp_path):
-    try:
-        from braindecode.models import Labram
-    except Exception as error:  # noqa: BLE001 - its import chain (mne, skorch, torchaudio) is long
-        if os.environ.get("EEGFAST_REQUIRE_BRAINDECODE", "").strip() == "1":
-            pytest.fail(
-                "EEGFAST_REQUIRE_BRAINDECODE=1 but braindecode.models.Labram does not import: "
-                f"{type(error).__name__}: {error}"
-            )
-        pytest.skip(
-            f"braindecode.models.Labram does not import ({type(error).__name__}: {error}); "
-            "`make timm-check` (part of `make test`) runs this test in build/venv-timm with "
-            "braindecode installed"
-        )
+    Labram = braindecode_labram()
     torch.manual_seed(0)
     braindecode = Labram(n_times=400, n_chans=4, n_outputs=3, num_layers=2, qkv_bias=True,
                          use_mean_pooling=True)  # fmt: skip

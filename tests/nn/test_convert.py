@@ -22,6 +22,7 @@ import eegfast.ops
 from eegfast.nn import ConversionReport, convert, convert_report
 from eegfast.nn.convert import FusedLabramAttention, FusedTimmAttention
 from eegfast.ops._backend import triton_interpreting
+from tests._braindecode import braindecode_labram
 
 
 class ReferenceAttention(nn.Module):
@@ -520,26 +521,6 @@ def test_timm_create_model_and_qk_norm_off():
 # --------------------------------------------------------------------------------------------
 
 
-def _braindecode_labram():
-    """``braindecode.models.Labram``, or a skip naming why it does not import. ``make
-    timm-check`` installs braindecode in build/venv-timm and sets EEGFAST_REQUIRE_BRAINDECODE=1,
-    where a missing braindecode fails instead of skipping."""
-    try:
-        from braindecode.models import Labram
-    except Exception as error:  # noqa: BLE001 - its import chain (mne, skorch, torchaudio) is long
-        if os.environ.get("EEGFAST_REQUIRE_BRAINDECODE", "").strip() == "1":
-            pytest.fail(
-                "EEGFAST_REQUIRE_BRAINDECODE=1 but braindecode.models.Labram does not import: "
-                f"{type(error).__name__}: {error}"
-            )
-        pytest.skip(
-            f"braindecode.models.Labram does not import ({type(error).__name__}: {error}); "
-            "`make timm-check` (part of `make test`) runs these tests in build/venv-timm with "
-            "braindecode installed"
-        )
-    return Labram
-
-
 BRAINDECODE_NAMES = ["FP1", "FZ", "CZ", "O2"]  # a subset of its 128 electrodes, by name
 
 
@@ -555,7 +536,7 @@ def _small_labram(Labram, *, seed: int = 0, **kwargs) -> nn.Module:
 
 @pytest.mark.parametrize(("qkv_bias", "use_mean_pooling"), [(True, True), (False, False)])
 def test_braindecode_labram_converts_with_equal_outputs_and_gradients(qkv_bias, use_mean_pooling):
-    Labram = _braindecode_labram()
+    Labram = braindecode_labram()
     original = _small_labram(Labram, qkv_bias=qkv_bias, use_mean_pooling=use_mean_pooling)
     model = copy.deepcopy(original)
     params_before = {name: p for name, p in model.named_parameters()}
@@ -618,7 +599,7 @@ def test_braindecode_labram_converts_with_equal_outputs_and_gradients(qkv_bias, 
 
 
 def test_braindecode_labram_checkpoints_load_both_ways_after_convert():
-    Labram = _braindecode_labram()
+    Labram = braindecode_labram()
     model = _small_labram(Labram, qkv_bias=True)
     keys = list(model.state_dict())
     assert convert(model, backend=_timm_backend()) == 2
@@ -648,7 +629,7 @@ def test_braindecode_labram_checkpoints_load_both_ways_after_convert():
 
 
 def test_braindecode_labram_options_the_kernel_cannot_serve_are_left_alone_with_reasons():
-    Labram = _braindecode_labram()
+    Labram = braindecode_labram()
     x = torch.randn(2, 4, 128, generator=torch.Generator().manual_seed(11))
 
     # Decoder mode (neural_tokenizer=False): each attention adds a relative-position bias.
