@@ -165,6 +165,7 @@ bench: $(STAMP)
 	$(PY) -m pytest benchmarks/bench_vq.py --benchmark-only -q
 	$(PY) -m pytest benchmarks/bench_moe.py --benchmark-only -q
 	$(PY) -m benchmarks.report_cpu
+	$(PY) -m benchmarks.bench_pretrain --cpu --cpu-train
 	$(PY) -m benchmarks.bench_data
 	$(PY) -m pytest benchmarks/bench_qk_norm_attention.py --benchmark-only -q
 	$(PY) -m benchmarks.report_qk_norm_attention
