@@ -32,10 +32,13 @@ help:
 	@echo "make lint        ruff"
 
 # A venv that sees system packages (a GPU machine's CUDA torch is used as it is); torch 2.13
-# (CPU) is installed only where no torch can be imported.
+# is installed only where no torch can be imported, from the index pip is configured with (a
+# local wheel folder here; from PyPI that is the CUDA build, several GB: on a CPU-only machine
+# pass TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu").
+TORCH_PIP_ARGS ?=
 $(STAMP): setup.py pyproject.toml $(NATIVE_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install setuptools wheel ninja
 	$(PY) -m pip install --no-build-isolation -e ".[test,triton]"
 	touch $@

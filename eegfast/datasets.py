@@ -8,8 +8,8 @@
   Mental Arithmetic Tasks (eegmat 1.0.0); 19 EEG + ``EEG A2-A1`` + ``ECG ECG`` at 500 Hz,
   ``_1`` = rest before the task, ``_2`` = during the task.
 
-Where they are looked for, in order (a folder counts when it holds all six files at their
-published sizes):
+Where they are looked for, in order (a folder counts when it holds all six files with their
+published sizes and SHA-256 checksums):
 
 1. ``path`` if given (an error names it when the files are not there);
 2. the ``EEGFAST_DATA`` environment variable, or the ``EEGFAST_DATA`` key of MNE's config file
@@ -118,6 +118,14 @@ class SampleDataError(RuntimeError):
     """The sample files could not be found or downloaded intact."""
 
 
+# The ways round a failed look-up or download, for every message that ends in one.
+_WHAT_TO_DO = (
+    "Set EEGFAST_DATA to a folder holding the six files (see eegfast.datasets.SAMPLE_FILES), "
+    "XDG_CACHE_HOME to a writable folder to download them into, or EEGFAST_SAMPLE_MIRROR "
+    "(mirror=URL) to a URL serving them."
+)
+
+
 def cache_dir() -> Path:
     """``$XDG_CACHE_HOME/eegfast/sample`` (default ``~/.cache/eegfast/sample``)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -125,10 +133,9 @@ def cache_dir() -> Path:
 
 
 def _has_sample(folder: Path) -> bool:
-    return all(
-        (folder / f.name).is_file() and (folder / f.name).stat().st_size == f.size
-        for f in SAMPLE_FILES
-    )
+    # The checksums too, not only the sizes: a cached file damaged in place keeps its size, and
+    # would otherwise be read as EEG. Hashing the six files (15.5 MB) takes a few tens of ms.
+    return all(_has_sample_file(folder, f) for f in SAMPLE_FILES)
 
 
 def _configured_dir() -> Path | None:
@@ -169,7 +176,12 @@ def verify_sample(folder: str | os.PathLike) -> list[str]:
 def _download(target: Path, mirror: str | None, progress: bool, missing: list[SampleFile]) -> None:
     import pooch
 
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SampleDataError(
+            f"cannot create the sample cache folder {target} ({err.strerror or err}); {_WHAT_TO_DO}"
+        ) from err
     for f in missing:
         url = mirror.rstrip("/") + "/" + f.name if mirror else f.physionet_url
         try:
@@ -185,16 +197,20 @@ def _download(target: Path, mirror: str | None, progress: bool, missing: list[Sa
         except ValueError as err:
             raise SampleDataError(
                 f"download of {f.name} from {url} failed its SHA-256 check ({err}); "
-                f"nothing was kept in {target}"
+                f"no {f.name} was kept in {target}"
             ) from err
         except Exception as err:
             raise SampleDataError(
-                f"could not download {f.name} from {url}: {err}. Set EEGFAST_DATA to a folder "
-                "holding the sample files, or pass mirror=URL."
+                f"could not download {f.name} from {url}: {err}. {_WHAT_TO_DO}"
             ) from err
     notice = target / "ATTRIBUTION.txt"
     if not notice.exists():
-        notice.write_text(ATTRIBUTION + "\n")
+        try:
+            notice.write_text(ATTRIBUTION + "\n")
+        except OSError as err:
+            raise SampleDataError(
+                f"cannot write {notice} ({err.strerror or err}); {_WHAT_TO_DO}"
+            ) from err
 
 
 def sample(

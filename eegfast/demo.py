@@ -58,6 +58,16 @@ LICENSE_NOTE = (
 )
 
 
+def license_note(data_dir: Path) -> str:
+    """The data's ODC-By attribution: a pointer to ``data_dir``'s README.md where there is one
+    (the bundled folder's), else the attribution itself (a cache or ``EEGFAST_DATA`` folder
+    holds no README.md, and a pointer to a missing file attributes nothing)."""
+    from eegfast.datasets import ATTRIBUTION
+
+    readme = data_dir / "README.md"
+    return LICENSE_NOTE.format(readme=readme) if readme.is_file() else ATTRIBUTION
+
+
 def default_data_dir() -> Path:
     """``EEGFAST_DATA`` if set, else ``../shared/data`` relative to the repository root."""
     env = os.environ.get("EEGFAST_DATA")
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(files, str):
         print(files, file=sys.stderr)
         return 2
-    print(LICENSE_NOTE.format(readme=data_dir / "README.md"))
+    print(license_note(data_dir))
 
     start = time.perf_counter()
     recordings = [load_recording(path) for path in files]
@@ -269,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {
         "data_dir": str(data_dir),
-        "data_license": LICENSE_NOTE.format(readme=data_dir / "README.md"),
+        "data_license": license_note(data_dir),
         "num_files": len(files),
         "num_patches": int(final.shape[0]),
         "num_codes": NUM_CODES,

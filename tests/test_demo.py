@@ -64,3 +64,15 @@ def test_data_folder_comes_from_eegfast_data(monkeypatch, tmp_path):
     assert demo.default_data_dir() == tmp_path
     monkeypatch.delenv("EEGFAST_DATA")
     assert demo.default_data_dir() == DATA_DIR
+
+
+def test_license_note_without_a_readme_gives_the_attribution(tmp_path):
+    """A data folder without README.md (the download cache, an EEGFAST_DATA folder) was
+    credited with "attribution and citations in <folder>/README.md", a file that is not there."""
+    from eegfast.datasets import ATTRIBUTION
+
+    assert demo.license_note(tmp_path) == ATTRIBUTION
+    assert "README.md" not in demo.license_note(tmp_path)
+    (tmp_path / "README.md").write_text("attribution")
+    assert str(tmp_path / "README.md") in demo.license_note(tmp_path)
+    assert "ODC-By 1.0" in demo.license_note(tmp_path)

@@ -99,3 +99,31 @@ def test_download_unreachable(tmp_path, serve):
     url = serve(tmp_path / "empty")  # folder does not exist -> 404
     with pytest.raises(SampleDataError, match="could not download S001R04.edf"):
         sample(locations=[], mirror=url, cache=tmp_path / "cache")
+
+
+def test_cache_file_damaged_in_place_is_downloaded_again(sample_dir, tmp_path, serve):
+    """A cached file with the published size but other bytes was found (sizes only were
+    checked) and read as the sample."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for f in SAMPLE_FILES:
+        shutil.copy(sample_dir / f.name, cache / f.name)
+    victim = cache / SAMPLE_FILES[0].name
+    data = bytearray(victim.read_bytes())
+    data[100_000] ^= 0x01  # same size, one bit flipped
+    victim.write_bytes(bytes(data))
+    with pytest.raises(SampleDataError, match="not found in"):
+        sample(download=False, locations=[cache], cache=cache)
+    paths = sample(locations=[cache], mirror=serve(sample_dir), cache=cache)
+    assert paths[0] == victim and verify_sample(cache) == []
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_cache_that_cannot_be_created_is_a_sample_data_error(tmp_path, below):
+    """A cache folder that cannot be made (here: a file stands in its way) was a bare
+    FileExistsError / NotADirectoryError, with no word on what to do."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cache = blocker / below if below else blocker
+    with pytest.raises(SampleDataError, match=f"cannot create the sample cache folder {cache}"):
+        sample(locations=[], mirror="http://127.0.0.1:9/", cache=cache)

@@ -272,3 +272,149 @@ def test_generate_never_replaces_a_folder_named_as_out(tmp_path):
         with pytest.raises(GenerateError, match="is a folder, not a file"):
             check_output_path(folder, overwrite)
     assert folder.is_dir()
+
+
+@pytest.mark.parametrize("name", ["prepare", "generate"])
+def test_an_out_whose_path_cannot_be_looked_at_is_one_line(name, tmp_path, capsys):
+    """A path the OS refuses to look up (a folder on the way the user may not enter, a name
+    too long) raised out of Path.exists() as a traceback, not the one line it promises."""
+    out = tmp_path / ("a" * 300) / ("x.npy" if name == "generate" else "run")
+    from eegfast.fileio import unwritable_reason
+
+    assert "File name too long" in unwritable_reason(out.parent)
+    argv = ["generate", "--model", "m", "--prompt", "p", "--seconds", "1"]
+    argv = argv if name == "generate" else ["prepare", str(tmp_path)]
+    assert cli.main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"eegfast {name}: --out {out}: cannot ") and err.count("\n") == 1
+
+
+def test_doctor_says_when_torch_has_no_cuda():
+    """A CPU-only torch was printed as "torch built with CUDA None"."""
+    from eegfast.train.commands import doctor
+
+    report = doctor.collect()
+    report["cuda"]["torch_cuda"] = None
+    assert "(torch built without CUDA)" in doctor.format_text(report)
+    assert "CUDA None" not in doctor.format_text(report)
+    report["cuda"]["torch_cuda"] = "12.8"
+    assert "(torch built with CUDA 12.8)" in doctor.format_text(report)
+
+
+def _fake_steps(monkeypatch, status_of):
+    """Run `eegfast quickstart` for real, but its steps (every other command) through
+    ``status_of(argv) -> exit status``; returns the list of the steps' argv."""
+    real_main, calls = cli.main, []
+
+    def main(argv=None):
+        if argv and argv[0] == "quickstart":
+            return real_main(argv)
+        calls.append(argv)
+        return status_of(argv)
+
+    monkeypatch.setattr(cli, "main", main)
+    return calls
+
+
+def test_quickstart_without_the_sample_is_one_line(tmp_path, monkeypatch, capsys):
+    """A --data folder without the files, or no sample and no network, was a traceback of
+    SampleDataError (exit status 1), not the one line every other user error is."""
+    from eegfast import datasets
+
+    calls = _fake_steps(monkeypatch, lambda argv: 0)
+    missing = tmp_path / "no-such-folder"
+    assert cli.main(["quickstart", "--data", str(missing), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"eegfast quickstart: --data: {missing} does not hold the sample")
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+    # Nothing found anywhere and the download refused (a closed port stands for no network).
+    monkeypatch.setattr(datasets, "SHARED_DATA", tmp_path / "no-shared-data")
+    monkeypatch.setenv("EEGFAST_DATA", str(tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("EEGFAST_SAMPLE_MIRROR", "http://127.0.0.1:9/")
+    assert cli.main(["quickstart", "--out", str(tmp_path / "b"), "--no-progress"]) == 2
+    err = capsys.readouterr().err  # pooch's "Downloading data from ..." line, then ours
+    assert err.splitlines()[-1].startswith("eegfast quickstart: could not download S001R04.edf")
+    assert "EEGFAST_DATA" in err and "Traceback" not in err
+    assert calls == [] and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_quickstart_ctrl_c_in_a_step_says_how_to_restart(tmp_path, monkeypatch, capsys):
+    """A step stopped by Ctrl-C (its status 130, its message: "continue with --resume auto",
+    which the quickstart does not take) was reported as a failed step with exit status 2."""
+    calls = _fake_steps(monkeypatch, lambda argv: 130 if argv[0] == "prepare" else 0)
+    out = tmp_path / "qs"
+    assert cli.main(["quickstart", "--data", str(SHARED_DATA), "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "failed with exit status" not in err
+    assert "stopped during step 'prepare motor imagery'; run the same command again" in err
+    assert [argv[0] for argv in calls] == ["prepare"]  # nothing after the interrupted step
+
+
+def test_quickstart_names_the_data_folder_and_its_licence(tmp_path, monkeypatch, capsys):
+    """The quickstart printed neither where the sample came from (--data, EEGFAST_DATA, the
+    cache, ../shared/data or a download) nor that the EEG is ODC-By data to attribute."""
+    _fake_steps(monkeypatch, lambda argv: 130)
+    assert cli.main(["quickstart", "--data", str(SHARED_DATA), "--out", str(tmp_path)]) == 130
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"PhysioNet sample recordings in {SHARED_DATA} " in first and "ODC-By 1.0" in first
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [(["--folds", "1"], "--folds must be >= 2"), (["--experts", "1"], "--experts must be >= 2")],
+)
+def test_quickstart_checks_its_options_before_any_step(
+    option, message, tmp_path, monkeypatch, capsys
+):
+    """--folds 1 or --experts 1 failed only in the finetune or upcycle step, after minutes of
+    training."""
+    calls = _fake_steps(monkeypatch, lambda argv: 0)
+    out = tmp_path / "qs"
+    status = cli.main(["quickstart", "--data", str(SHARED_DATA), "--out", str(out), *option])
+    assert status == 2 and message in capsys.readouterr().err
+    assert calls == [] and not out.exists()
+
+
+def test_quickstart_report_gives_the_measured_training_time(tmp_path):
+    """The report said "trained for about two minutes" whatever the run took (a --fast run
+    takes seconds, a loaded machine several minutes)."""
+    from eegfast.train.commands.quickstart import write_report
+
+    runs = tmp_path / "runs"
+    for run in ("tokenizer", "pretrain"):
+        (runs / run).mkdir(parents=True)
+        (runs / run / "metrics.csv").write_text("step,tag,value\n10,train/loss,1.5\n")
+    (runs / "moe").mkdir()
+    (runs / "moe" / "upcycle.json").write_text(
+        json.dumps(
+            {
+                "arch": {"upcycle": {"num_experts": 4, "top_k": 2}},
+                "task_names": ["a"],
+                "dense_parameters": 10,
+                "moe_parameters": 30,
+                "probe_max_abs_diff": 1e-7,
+            }
+        )
+    )
+    (runs / "finetune").mkdir()
+    (runs / "finetune" / "summary.json").write_text(json.dumps({"comparisons": {}}))
+    (runs / "finetune" / "report.md").write_text("# fine-tuning\n\nbody\n")
+    timings = {"prepare": 60.0, "tokenizer": 30.0, "pretrain": 42.0, "upcycle": 1.0}
+    timings["finetune"] = 18.0
+    report = write_report(tmp_path, runs, timings, 151.0, "ATTRIBUTION", fast=True).read_text()
+    assert "trained for 1.5 min on 6 recordings" in report  # 30 + 42 + 18 s
+    assert "about two minutes" not in report
+
+
+def test_bench_report_says_when_the_tree_was_edited():
+    """bench.md named the commit alone where pytest-benchmark saw uncommitted changes: the
+    numbers were labelled with code that is not what ran."""
+    from eegfast.train.commands.bench import markdown
+
+    commit = {"id": "abc123", "dirty": True}
+    assert "- commit: abc123 with uncommitted changes\n" in markdown({"commit_info": commit})
+    commit["dirty"] = False
+    assert "- commit: abc123\n" in markdown({"commit_info": commit})

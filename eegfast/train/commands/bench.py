@@ -55,7 +55,9 @@ def markdown(results: dict) -> str:
         "",
         f"- machine: {results.get('machine_info', {}).get('cpu', {}).get('brand_raw', '?')}, "
         f"Python {results.get('machine_info', {}).get('python_version', '?')}",
-        f"- commit: {results.get('commit_info', {}).get('id', '?')}",
+        f"- commit: {results.get('commit_info', {}).get('id', '?')}"
+        # numbers from an edited tree are not that commit's
+        + (" with uncommitted changes" if results.get("commit_info", {}).get("dirty") else ""),
         "",
         "| group | case | median (ms) | ratio to fastest in group | rounds |",
         "|---|---|---|---|---|",

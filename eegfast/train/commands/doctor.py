@@ -115,7 +115,11 @@ def format_text(report: dict[str, Any]) -> str:
         + (" (bfloat16 forward on AMX tiles)" if report["cpu_attention_isa"] == "amx" else ""),
         "",
         f"CUDA: {'yes' if report['cuda']['available'] else 'no'} "
-        f"(torch built with CUDA {report['cuda']['torch_cuda']})",
+        + (
+            f"(torch built with CUDA {report['cuda']['torch_cuda']})"
+            if report["cuda"]["torch_cuda"]
+            else "(torch built without CUDA)"
+        ),
         *[
             f"  GPU {d['index']}: {d['name']}, sm_{d['capability'].replace('.', '')}, "
             f"{d['memory_gib']} GiB, bf16 {'yes' if d['bf16'] else 'no'}"

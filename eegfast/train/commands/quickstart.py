@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -91,15 +92,47 @@ def _run(step: str, argv: list[str], timings: dict[str, float]) -> None:
     started = time.perf_counter()
     status = cli_main(argv)
     timings[step] = time.perf_counter() - started
+    if status == 130:
+        # The step caught a Ctrl-C and said how to resume *it*; the quickstart itself takes no
+        # --resume (each run starts its training steps afresh), so say what to do instead and
+        # stop with Ctrl-C's status, not as a failure.
+        print(
+            f"eegfast quickstart: stopped during step {step!r}; run the same command again to "
+            "start over (the prepared data are reused, the training steps start afresh)",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise KeyboardInterrupt
     if status != 0:
         raise CommandError(f"step {step!r} failed with exit status {status} (see above)")
 
 
 def _main(args: argparse.Namespace) -> int:
-    from eegfast.datasets import ATTRIBUTION, sample
+    from eegfast.datasets import ATTRIBUTION, SampleDataError, sample
+    from eegfast.train.commands.common import CommandError
 
+    # Checked here, not by the upcycle and finetune steps minutes later, after the training.
+    if args.folds < 2:
+        raise CommandError(
+            f"--folds must be >= 2 (a test fold and a training fold), got {args.folds}"
+        )
+    if args.experts < 2:
+        raise CommandError(
+            f"--experts must be >= 2 (the router picks the top 2 per token), got {args.experts}"
+        )
     started = time.perf_counter()
-    files = {p.name: p for p in sample(args.data)}
+    try:
+        files = {p.name: p for p in sample(args.data, progress=not args.no_progress)}
+    except SampleDataError as err:  # not found, no network, a bad checksum: one line, status 2
+        message = str(err).removeprefix("path: ")  # sample()'s argument is our --data
+        raise CommandError(f"--data: {message}" if args.data is not None else message) from err
+    # Where the EEG came from (the search order has four places) and its licence's terms.
+    print(
+        f"EEG: the {len(files)} PhysioNet sample recordings in {files[MI_FILES[0]].parent} "
+        "(ODC-By 1.0: keep the attribution, written at the end of report.md, with any public "
+        "use)",
+        flush=True,
+    )
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     data, runs = out / "data", out / "runs"
@@ -282,6 +315,8 @@ def write_report(
         values = series.get(tag)
         return f"{values[-1][1]:.3f}" if values else "n/a"
 
+    # the training steps' time as measured (the tokenizer, pretraining and fine-tuning)
+    training = sum(timings.get(step, 0.0) for step in ("tokenizer", "pretrain", "finetune"))
     verdicts = {
         task: c["baseline_verdict"]
         for task, c in summary["comparisons"].items()
@@ -326,8 +361,8 @@ def write_report(
             else ""
         ),
         "Tiny models (`vqnsp_tiny`, `labram_tiny`: 2 transformer blocks, width 100) trained for "
-        "about two minutes on 6 recordings; they show the pipeline end to end, not LaBraM's "
-        "accuracy.",
+        f"{training / 60:.1f} min on 6 recordings; they show the pipeline end to end, not "
+        "LaBraM's accuracy.",
         "",
         "## Verdict",
         "",
