@@ -6,15 +6,17 @@
    0.1-75 Hz band-pass, mains notch, resampling to 200 Hz, units of 100 µV, 1-second patches
    of 200 samples per channel.
 3. Turns every patch into a D=32 feature: the log amplitude spectrum (rfft, 101 bins of 1 Hz)
-   averaged over 32 contiguous frequency bands, standardised per band. This is a stand-in for
-   the VQ-NSP tokenizer's encoder output until that encoder exists.
+   averaged over 32 contiguous frequency bands, standardised per band (a fixed, training-free
+   feature, so the demo exercises the VQ ops alone; the VQ-NSP tokenizer, trained by
+   ``eegfast tokenizer``, learns its features).
 4. Fits a K=512 cosine codebook with ``vq_kmeans``, looks up every patch with the C++ ``cpu``
    backend and checks the indices equal ``vq_nearest_reference`` (float64), runs EMA updates in
    mini-batches, and prints per-file codebook usage and perplexity and the lookup timings.
 5. Writes a summary JSON (``demo_summary.json``) into ``--out``.
 
-Data folder: ``--data``, else the ``EEGFAST_DATA`` environment variable, else ``../shared/data``
-beside the repository root.
+Data folder: ``--data``, else the ``EEGFAST_DATA`` environment variable, else the sample
+recordings' folder as :func:`eegfast.datasets.sample` finds it (its cache, ``../shared/data``
+beside the repository root, else downloaded), as ``eegfast quickstart`` uses.
 """
 
 from __future__ import annotations
@@ -69,9 +71,15 @@ def license_note(data_dir: Path) -> str:
 
 
 def default_data_dir() -> Path:
-    """``EEGFAST_DATA`` if set, else ``../shared/data`` relative to the repository root."""
+    """``EEGFAST_DATA`` if set (any folder of EDF files), else the folder of the sample
+    recordings as :func:`eegfast.datasets.sample` finds or downloads them (SampleDataError when
+    it cannot)."""
     env = os.environ.get("EEGFAST_DATA")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+    if env:
+        return Path(env)
+    from eegfast.datasets import sample
+
+    return sample()[0].parent
 
 
 def mains_hz(path: Path) -> float:
@@ -187,7 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     print(backends_table())
     print()
 
-    data_dir = args.data if args.data is not None else default_data_dir()
+    from eegfast.datasets import SampleDataError
+
+    try:
+        data_dir = args.data if args.data is not None else default_data_dir()
+    except SampleDataError as err:  # not found and not downloadable: one line, status 2
+        print(f"python -m eegfast.demo: {err}", file=sys.stderr)
+        return 2
     files = find_edf_files(data_dir)
     if isinstance(files, str):
         print(files, file=sys.stderr)

@@ -59,11 +59,31 @@ def test_folder_without_edf_files_exits_2(tmp_path, capsys):
     assert str(tmp_path) in err and "EEGFAST_DATA" in err
 
 
-def test_data_folder_comes_from_eegfast_data(monkeypatch, tmp_path):
+def test_data_folder_comes_from_eegfast_data_else_where_the_sample_is(
+    monkeypatch, tmp_path, capsys
+):
+    """Without EEGFAST_DATA the demo reads the sample where eegfast.datasets.sample() finds it
+    (its cache included, as the quickstart does; it looked only at ../shared/data), and says in
+    one line when it can neither find nor download it."""
+    from eegfast import datasets
+
     monkeypatch.setenv("EEGFAST_DATA", str(tmp_path))
     assert demo.default_data_dir() == tmp_path
     monkeypatch.delenv("EEGFAST_DATA")
-    assert demo.default_data_dir() == DATA_DIR
+    assert demo.default_data_dir() == datasets.sample(download=False)[0].parent
+    cache = tmp_path / "cache" / "eegfast" / "sample"
+    cache.mkdir(parents=True)
+    for f in datasets.SAMPLE_FILES:  # a copy in the cache, with ../shared/data gone
+        (cache / f.name).write_bytes((DATA_DIR / f.name).read_bytes())
+    monkeypatch.setattr(datasets, "SHARED_DATA", tmp_path / "no-shared-data")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert demo.default_data_dir() == cache
+    for f in datasets.SAMPLE_FILES:
+        (cache / f.name).unlink()
+    monkeypatch.setenv("EEGFAST_SAMPLE_MIRROR", "http://127.0.0.1:9/")  # no network
+    assert demo.main(["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("python -m eegfast.demo: could not download") and "EEGFAST_DATA" in err
 
 
 def test_license_note_without_a_readme_gives_the_attribution(tmp_path):
