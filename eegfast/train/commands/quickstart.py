@@ -31,7 +31,8 @@ MI_FILES = ("S001R04.edf", "S001R08.edf")
 ARITH_FILES = ("Subject00_1.edf", "Subject00_2.edf", "Subject01_1.edf", "Subject01_2.edf")
 
 # Per-step settings (``--set`` overrides of each command), sized for 2 CPU cores: about 50 s
-# each for the tokenizer and the pretraining (500 steps), 25 s for the fine-tuning.
+# each for the tokenizer and the pretraining (500 steps), 25 s for the fine-tuning on a quiet
+# machine; 2.7-4.2 min in all were measured with other work running (December 2026).
 TOKENIZER = {
     "train.keep_last": 1,
     "train.batch_size": 16,
