@@ -15,11 +15,13 @@ objects, in the same order), so state-dict keys and values, devices, dtypes, opt
 references and the training flag are unchanged and the state dict still loads into the
 original architecture. Its ``forward`` keeps the original's calling convention; calls the fused
 kernel cannot serve (an explicit ``attn_mask``, ``rel_pos_bias``, ``return_attention``, attention
-dropout in training mode) run the same math in plain PyTorch instead of failing.
+dropout in training mode) run the same math in plain PyTorch instead of failing. The
+replacements work with torch.compile, torch.export and torch.jit.trace, not torch.jit.script.
 
 A module is left alone, with the reason in :func:`convert_report`, when it cannot be converted
 safely: no q/k norm, a norm other than LayerNorm, attention dropout while training, forward
-arguments or submodules the replacement does not know, hooks, or (``verify=True``, the default)
+arguments or submodules the replacement does not know, a qkv that is not an ``nn.Linear`` (an
+adapter around it), hooks (or a ``forward`` set on the instance), or (``verify=True``, the default)
 outputs that differ from the original's on a small random input.
 """
 
@@ -152,7 +154,9 @@ def _attention_style(module: nn.Module) -> str | None:
     """ "labram", "timm" or None (not a qkv/proj self-attention module, or one of ours)."""
     if type(module).__module__.startswith("eegfast."):
         return None  # eegfast's own layers are already fused
-    if not isinstance(getattr(module, "qkv", None), nn.Linear):
+    # Any module as qkv, so that one wrapped after the fact (a LoRA adapter) is reported as
+    # left alone with its reason rather than not at all.
+    if not isinstance(getattr(module, "qkv", None), nn.Module):
         return None
     if not hasattr(module, "proj") or not hasattr(module, "num_heads"):
         return None
@@ -176,8 +180,13 @@ _STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_
 
 
 def _hook_kinds(module: nn.Module, registries: tuple[str, ...]) -> list[str]:
-    """Names (without the leading underscore) of the non-empty hook registries of module."""
-    return [name[1:] for name in registries if getattr(module, name, None)]
+    """Names (without the leading underscore) of the non-empty hook registries of module, and
+    "forward replaced on the instance" where it has one: wrappers such as accelerate's hooks
+    set ``module.forward``, which ``module(x)`` then runs instead of the class's forward."""
+    kinds = [name[1:] for name in registries if getattr(module, name, None)]
+    if "forward" in vars(module):
+        kinds.append("forward replaced on the instance")
+    return kinds
 
 
 def _why_not_convertible(module: nn.Module, style: str) -> str | None:
@@ -197,6 +206,12 @@ def _why_not_convertible(module: nn.Module, style: str) -> str | None:
             return f"its forward takes *{param.name} / **{param.name}, which may change outputs"
         if param.name not in allowed_args:
             return f"its forward takes {param.name!r}, which the fused replacement cannot honour"
+
+    if not isinstance(module.qkv, nn.Linear):
+        return (
+            f"qkv is {type(module.qkv).__name__}, not an nn.Linear (convert before wrapping qkv "
+            "in an adapter such as LoRA)"
+        )
 
     allowed_children = _TIMM_CHILDREN if style == "timm" else _LABRAM_CHILDREN
     unknown = [n for n, m in module._modules.items() if m is not None and n not in allowed_children]
@@ -354,6 +369,15 @@ class _FusedQKNormAttention(nn.Module):
 
     # The keyword arguments of _attend (after the input), which forward accepts by name.
     _ARGS: tuple[str, ...] = ()
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule before compiling; without it the
+        # failure is TorchScript's complaint about forward's *args, which says nothing of why.
+        raise RuntimeError(
+            f"the converted {self.original_class} cannot be compiled by torch.jit.script (its "
+            "forward and the fused kernel's dispatch are Python); use torch.export, torch.compile "
+            "or torch.jit.trace, or script the model before eegfast.nn.convert"
+        )
 
     def extra_repr(self) -> str:
         return (

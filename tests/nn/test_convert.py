@@ -655,3 +655,69 @@ def test_braindecode_labram_options_the_kernel_cannot_serve_are_left_alone_with_
     assert report.converted == ()
     assert all("attn_drop.p=0.1 in training mode" in reason for _, reason in report.skipped)
     assert convert(dropping.eval(), backend=_timm_backend()) == 2
+
+
+@pytest.mark.parametrize("where", ["attention", "q_norm", "attn_drop"])
+def test_forward_replaced_on_the_instance_leaves_the_module_alone(where):
+    # Wrappers such as accelerate's hooks set `module.forward` on the instance; a replacement
+    # would drop it (the attention) or the fused kernel would bypass it (q_norm, attn_drop).
+    attention = _randomise(ReferenceAttention(40, 2)).eval()
+    target = attention if where == "attention" else getattr(attention, where)
+    calls = []
+    class_forward = target.forward
+
+    def counting_forward(*args, **kwargs):
+        calls.append(1)
+        return class_forward(*args, **kwargs)
+
+    target.forward = counting_forward
+    model = nn.Sequential(attention)
+    report = convert_report(model)
+    assert report.converted == ()
+    assert "forward replaced on the instance" in report.skipped[0][1]
+    assert model[0] is attention
+    calls.clear()
+    model(torch.randn(2, 5, 40))
+    assert calls == [1]
+
+
+def test_torch_jit_script_of_a_converted_model_fails_saying_what_to_use_instead():
+    model = _randomise(ReferenceEncoder(depth=1)).eval()
+    reference = copy.deepcopy(model)
+    assert convert(model) == 1
+    with pytest.raises(RuntimeError, match=r"cannot be compiled by torch\.jit\.script.*export"):
+        torch.jit.script(model)
+    # The documented alternative gives the original's outputs.
+    x = torch.randn(2, 5, 200, generator=torch.Generator().manual_seed(12))
+    exported = torch.export.export(model, (x,)).module()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+class LowRankAdaptedLinear(nn.Module):
+    """A LoRA-style adapter around a Linear (not itself an nn.Linear, as peft's): the merged
+    ``weight`` for code that reads it, and base + low-rank update in forward."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_a = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_b = nn.Linear(rank, base.out_features, bias=False)
+
+    @property
+    def weight(self):
+        return self.base.weight + self.lora_b.weight @ self.lora_a.weight
+
+    def forward(self, x):
+        return self.base(x) + self.lora_b(self.lora_a(x))
+
+
+def test_attention_whose_qkv_is_wrapped_in_an_adapter_is_reported_left_alone():
+    model = _randomise(ReferenceEncoder(depth=2)).eval()
+    model.blocks[1].attn.qkv = LowRankAdaptedLinear(model.blocks[1].attn.qkv)
+    adapted = model.blocks[1].attn
+    report = convert_report(model)
+    assert report.converted == ("blocks.0.attn",)
+    assert [name for name, _ in report.skipped] == ["blocks.1.attn"]
+    assert "qkv is LowRankAdaptedLinear, not an nn.Linear" in report.skipped[0][1]
+    assert model.blocks[1].attn is adapted
