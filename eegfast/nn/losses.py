@@ -63,8 +63,12 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             correct = torch.empty(T, dtype=torch.bool, device=hidden.device)
             grad_h = torch.empty_like(hidden) if need_h else None
             grad_w = torch.zeros_like(w, dtype=torch.float32) if need_w or need_b else None
-            for start in range(0, T, chunk_rows):
-                rows = slice(start, min(start + chunk_rows, T))
+            # Chunk by index, the last slice clamped by the slicing itself: under torch.compile
+            # a Python range over T (or min(.., T)) pins the graph to this T, so every other
+            # token count (electrode set, window length) compiled a graph of its own; this way
+            # it depends only on how many chunks there are.
+            for chunk in range((T + chunk_rows - 1) // chunk_rows):
+                rows = slice(chunk * chunk_rows, (chunk + 1) * chunk_rows)
                 h = hidden[rows].to(dtype)
                 if bias is not None:
                     h = _with_column(h, torch.ones_like(h[:, 0]))

@@ -32,6 +32,7 @@ import contextlib
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from collections.abc import Callable, Hashable, Sequence
@@ -162,6 +163,67 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return table[precision]
 
 
+def check_compile_support(device: torch.device) -> None:
+    """ValueError naming ``train.compile`` when ``torch.compile`` cannot build code for
+    ``device``: no TorchDynamo for this Python, no C++ compiler (inductor's CPU code), or no
+    Triton or C compiler (its CUDA kernels and their launchers). Without this the run would
+    start, then fail inside its first step with an InductorError."""
+    import shutil
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"train.compile=true: {why}; install it, or set train.compile=false")
+
+    dynamo = getattr(torch, "_dynamo", None)
+    supported = getattr(dynamo, "is_dynamo_supported", None)
+    if supported is not None and not supported():
+        raise ValueError(
+            "train.compile=true: torch.compile is not supported by this Python/PyTorch "
+            f"(Python {sys.version.split()[0]}, torch {torch.__version__}); set "
+            "train.compile=false"
+        )
+    if device.type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            from torch._inductor.exc import InvalidCxxCompiler
+        except ImportError:  # another PyTorch layout: leave it to torch.compile
+            return
+        try:
+            get_cpp_compiler()
+        except InvalidCxxCompiler:
+            raise refuse(
+                "torch.compile's CPU code needs a C++ compiler and none was found (g++, or the "
+                "one named by CXX)"
+            ) from None
+    elif device.type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+        except ImportError:  # another PyTorch layout: leave it to torch.compile
+            return
+        if not has_triton():
+            raise refuse("torch.compile's CUDA kernels need Triton (pip install triton)")
+        if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+            raise refuse(
+                "Triton builds its kernel launchers with a C compiler and none was found "
+                "(gcc or clang, or the one named by CC)"
+            )
+
+
+def _allow_a_graph_per_group(groups: int) -> Callable[[], None]:
+    """Raise dynamo's recompile limit (8 graphs per function) to cover ``groups`` batch groups
+    while a compiled model trains; returns what restores it.
+
+    Electrode sets and window lengths share a graph (dims made dynamic at their first change),
+    but each task of a multi-task model is a graph of its own (its head is picked by name), so
+    9 tasks hit the limit and the 9th trained in eager mode, with no word but torch's log line.
+    """
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    before = getattr(config, name)
+    # first graph, dims made dynamic, size-1 dims and eval mode, then one a group at most
+    setattr(config, name, max(before, 8 + groups))
+    return lambda: setattr(config, name, before)
+
+
 def enable_activation_checkpointing(model: nn.Module) -> int:
     """Recompute every transformer block in the backward pass; returns how many were wrapped.
 
@@ -279,6 +341,8 @@ def fit(
     train_cfg, optim_cfg = config.train, config.optim
     info = dist_info or DistInfo()
     device = ctx.device
+    if train_cfg.compile:  # before anything is written or loaded
+        check_compile_support(device)
     run_dir = Path(run_dir)
     checkpoint_dir = run_dir / "checkpoints"
     if info.is_main:
@@ -334,8 +398,10 @@ def fit(
         strategy=train_cfg.strategy,
         find_unused_parameters=find_unused_parameters,
     )
+    restore_recompile_limit = None
     if train_cfg.compile:
         model.compile()
+        restore_recompile_limit = _allow_a_graph_per_group(len(set(group_keys)))
     optimizer = build_optimizer(raw_model, optim_cfg, device)
     scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -658,6 +724,8 @@ def fit(
     finally:
         bar.close()
         logger.close()
+        if restore_recompile_limit is not None:
+            restore_recompile_limit()
     result.step, result.epoch = step, epoch
     return result
 

@@ -459,3 +459,56 @@ def test_fsdp_shards_nested_blocks_and_ranks_must_resume_from_the_same_checkpoin
         assert "rank 0: step 2" in message and "rank 1: no checkpoint" in message
         assert "shared" in message
     assert [c.step for c in ckpt.list_checkpoints(tmp_path / "rank0" / "checkpoints")] == [2]
+
+
+def test_compile_without_a_cpp_compiler_fails_before_the_run_starts(tmp_path):
+    """train.compile=true on a CPU without a C++ compiler: a ValueError naming the setting
+    before the run folder is written, not torch's InductorError inside the first step."""
+    import torch._inductor.config as inductor_config
+
+    run_dir = tmp_path / "run"
+    no_compiler = inductor_config.patch({"cpp.cxx": (str(tmp_path / "no-such-g++"),)})
+    with no_compiler, pytest.raises(ValueError, match=r"train\.compile=true: .*C\+\+ compiler"):
+        fit_batches_of_4(
+            TinyClassifier(), logsumexp_step, SyntheticEEG(8), cpu(), run_dir,
+            {"train.max_steps": 1, "train.compile": True},
+        )  # fmt: skip
+    assert not run_dir.exists()
+
+
+def test_compiled_multitask_training_compiles_every_task_instead_of_falling_back(
+    tmp_path, monkeypatch
+):
+    """Each task's head is a graph of its own: with 9 tasks dynamo's limit of 8 graphs sent the
+    9th task's steps to eager mode (torch's log line its only trace). fit raises the limit to
+    cover its batch groups while it trains, and puts it back afterwards."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from eegfast.train.arch import MultiTaskClassifier
+    from eegfast.train.objectives import classification_step
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend=counting)
+    )
+    torch._dynamo.reset()
+    counters.clear()
+    limit = torch._dynamo.config.recompile_limit
+    tasks = tuple(f"t{i}" for i in range(9))
+    data = SyntheticEEG(8 * len(tasks), channels=(4,), tasks=tasks)
+    torch.manual_seed(0)
+    model = MultiTaskClassifier(TinyClassifier(num_classes=0), {t: 2 for t in tasks}, 16)
+    ctx = StepContext(torch.device("cpu"), task_ids={t: i for i, t in enumerate(tasks)})
+    overrides = {"train.compile": True, "train.epochs": 1}
+    result = fit_batches_of_4(model, classification_step, data, ctx, tmp_path, overrides)
+    assert result.step == 2 * len(tasks)
+    assert not counters["unimplemented"], "dynamo gave up compiling some steps"
+    assert len(graphs) >= len(tasks)
+    assert torch._dynamo.config.recompile_limit == limit

@@ -17,7 +17,7 @@ import torch
 
 from eegfast.train.config import ConfigError, RunConfig, resolve_config, valid_keys
 from eegfast.train.distributed import DistInfo, choose_device, init_distributed
-from eegfast.train.engine import seed_everything
+from eegfast.train.engine import check_compile_support, seed_everything
 
 EPILOG = (
     "Configuration: defaults, then --config FILE (.toml/.yaml), then --set key=value (repeatable; "
@@ -98,6 +98,8 @@ class Runtime:
 def start(config: RunConfig) -> Runtime:
     """Device, process group (under torchrun) and seeds."""
     device = choose_device(config.train.device)
+    if config.train.compile:  # before data, tokenizer or folds are loaded
+        check_compile_support(device)
     info = init_distributed(device)
     seed_everything(config.train.seed, deterministic=config.train.deterministic)
     return Runtime(device, info)
