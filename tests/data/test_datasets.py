@@ -77,15 +77,22 @@ def test_download_from_local_server(sample_dir, tmp_path, serve):
     assert sample(download=False, cache=cache, locations=[cache]) == paths
 
 
+def _copy_with_one_file_damaged(source, folder, name, offset, bits):
+    """The six sample files copied into ``folder``, ``name`` with the byte at ``offset``
+    XOR-ed with ``bits`` (the same size, other bytes); returns that file's path."""
+    folder.mkdir()
+    for f in SAMPLE_FILES:
+        shutil.copy(source / f.name, folder / f.name)
+    victim = folder / name
+    data = bytearray(victim.read_bytes())
+    data[offset] ^= bits
+    victim.write_bytes(bytes(data))
+    return victim
+
+
 def test_download_checksum_mismatch_leaves_nothing(sample_dir, tmp_path, serve):
     bad = tmp_path / "bad-mirror"
-    bad.mkdir()
-    for f in SAMPLE_FILES:
-        shutil.copy(sample_dir / f.name, bad / f.name)
-    victim = bad / SAMPLE_FILES[2].name
-    data = bytearray(victim.read_bytes())
-    data[5000] ^= 0xFF  # same size, different bytes
-    victim.write_bytes(bytes(data))
+    victim = _copy_with_one_file_damaged(sample_dir, bad, SAMPLE_FILES[2].name, 5000, 0xFF)
     url = serve(bad)
     cache = tmp_path / "cache"
     with pytest.raises(SampleDataError, match=f"{victim.name} .*SHA-256"):
@@ -105,13 +112,7 @@ def test_cache_file_damaged_in_place_is_downloaded_again(sample_dir, tmp_path, s
     """A cached file with the published size but other bytes was found (sizes only were
     checked) and read as the sample."""
     cache = tmp_path / "cache"
-    cache.mkdir()
-    for f in SAMPLE_FILES:
-        shutil.copy(sample_dir / f.name, cache / f.name)
-    victim = cache / SAMPLE_FILES[0].name
-    data = bytearray(victim.read_bytes())
-    data[100_000] ^= 0x01  # same size, one bit flipped
-    victim.write_bytes(bytes(data))
+    victim = _copy_with_one_file_damaged(sample_dir, cache, SAMPLE_FILES[0].name, 100_000, 0x01)
     with pytest.raises(SampleDataError, match="not found in"):
         sample(download=False, locations=[cache], cache=cache)
     paths = sample(locations=[cache], mirror=serve(sample_dir), cache=cache)
