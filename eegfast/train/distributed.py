@@ -8,6 +8,7 @@ Without them everything runs in one process and the helpers are no-ops.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -155,5 +156,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Tear the process group down, after freeing what still uses it.
+
+    A DDP wrapper sits in reference cycles (closures torch's own ``__init__`` leaves), so only
+    the cyclic garbage collector frees it, whenever it next runs: possibly during interpreter
+    shutdown, where freeing its reducer (which holds the group and its last gloo work) after
+    the group was destroyed aborted a worker now and then ("terminate called without an active
+    exception", exit code -6 under torchrun). Collecting first frees the reducer while the
+    group is still alive."""
     if info.enabled and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import subprocess
@@ -92,7 +93,17 @@ def spawned(
 ) -> None:
     set_rendezvous(rank, world_size, port)
     torch.set_num_threads(1)
-    run(kind, run_dir, overrides)
+    # Only shutdown()'s collection may free the DDP wrapper (which the cyclic collector frees
+    # at moments of its own), so the check below holds or fails every time.
+    gc.disable()
+    try:
+        run(kind, run_dir, overrides)
+        from torch.nn.parallel import DistributedDataParallel
+
+        alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+        assert not alive, f"rank {rank}: {alive} DDP wrapper(s) outlived destroy_process_group"
+    finally:
+        gc.enable()
 
 
 def hang_in_checkpoint_save(nth: int, run_dir: str) -> None:
