@@ -115,7 +115,10 @@ class QKNormAttention(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.attn_drop, self.backend = attn_drop, backend
+        self.backend = backend
+        # A module, as in timm and the reference LaBraM, so code that sets dropout rates by
+        # walking model.modules() reaches it; the kernel takes its p (it never calls it).
+        self.attn_drop = nn.Dropout(attn_drop)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False, **factory)
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim, **factory))
@@ -166,7 +169,7 @@ class QKNormAttention(nn.Module):
             )
         B, N, C = x.shape
         qkv = fused_linear(x, self.qkv.weight, self._qkv_bias())  # (B, N, 3·H·D)
-        dropout_p = self.attn_drop if self.training else 0.0
+        dropout_p = self.attn_drop.p if self.training else 0.0
         if self.q_norm is not None:
             out = qk_norm_attention_packed(
                 qkv,

@@ -140,6 +140,22 @@ def test_attention_state_dict_keys():
         QKNormAttention(20, 2)(torch.randn(1, 3, 21))
 
 
+def test_attention_dropout_is_a_module_that_rate_setting_code_reaches():
+    """Code that sets dropout by walking modules() (as for timm and the reference LaBraM)
+    changes the attention dropout the kernel applies."""
+    torch.manual_seed(0)
+    attn = QKNormAttention(40, 2).train()
+    x = torch.randn(2, 9, 40)
+    assert isinstance(attn.attn_drop, nn.Dropout) and attn.attn_drop.p == 0.0
+    torch.testing.assert_close(attn(x), attn.eval()(x))  # p = 0: no dropout when training
+    for module in attn.modules():
+        if isinstance(module, nn.Dropout) and module is not attn.proj_drop:
+            module.p = 0.5
+    attn.train()
+    assert (attn(x) - attn.eval()(x)).abs().max() > 1e-3
+    assert attn.state_dict().keys() == QKNormAttention(40, 2).state_dict().keys()
+
+
 def test_block_matches_manual_and_passes_task_id():
     block = randomise(Block(40, 2, init_values=0.1, drop_path=0.0), seed=2)
     x = torch.randn(2, 7, 40)
