@@ -278,8 +278,13 @@ def checkpoint_meta(checkpoint: str | Path) -> dict[str, Any]:
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
-def load_training_state(checkpoint: str | Path) -> dict[str, Any]:
-    return torch.load(Path(checkpoint) / STATE, map_location="cpu", weights_only=True)
+def load_training_state(checkpoint: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint's optimiser, scheduler, scaler, RNG and position state.
+
+    ``mmap=True`` maps the file instead of reading it: tensors are read from disk only when
+    touched, so a process that needs only the small entries (a rank that receives the
+    optimiser state by broadcast) costs page cache, not a copy of the optimiser state."""
+    return torch.load(Path(checkpoint) / STATE, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 # --- RNG states (kept as tensors and plain Python values so weights_only loading works) ---

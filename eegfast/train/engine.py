@@ -287,14 +287,21 @@ def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None):
     return weights, optim
 
 
-def _load_state_dicts(model: nn.Module, optimizer, weights, optim_state) -> None:
+def _load_state_dicts(
+    model: nn.Module, optimizer, weights, optim_state, *, from_rank0: bool = False
+) -> None:
+    """Load full (unsharded) state into ``model``/``optimizer``, DDP- or FSDP-wrapped or plain.
+
+    ``from_rank0``: only rank 0 passes the state; the others pass empty dicts and receive it
+    tensor by tensor (each FSDP rank keeping its shard), so the checkpoint is in host memory
+    once per machine, not once per rank."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0)
     set_model_state_dict(model, weights, options=options)
     if optimizer is not None and optim_state is not None:
         set_optimizer_state_dict(model, optimizer, optim_state, options=options)
@@ -383,7 +390,14 @@ def fit(
         resume_from = latest.path if latest else None
     elif resume:
         resume_from = Path(resume)
-    state = ckpt.load_training_state(resume_from) if resume_from is not None else None
+    # Under torchrun rank 0 reads the weights and optimiser state and broadcasts them (see
+    # _load_state_dicts); the other ranks map the state file for its small entries only.
+    from_rank0 = info.enabled
+    state = (
+        ckpt.load_training_state(resume_from, mmap=from_rank0 and not info.is_main)
+        if resume_from is not None
+        else None
+    )
     if resume:  # (the same on every rank, so every rank joins the check's all-gather)
         _same_checkpoint_on_every_rank(resume_from, state, run_dir, info)
 
@@ -408,7 +422,7 @@ def fit(
 
     step, epoch, start_batch = 0, 0, 0
     if resume_from is not None:
-        weights = ckpt.load_weights(resume_from)
+        weights = ckpt.load_weights(resume_from) if info.is_main or not from_rank0 else {}
         saved_groups = len(state["optimizer"]["param_groups"]) if state["optimizer"] else 0
         if saved_groups and saved_groups != len(optimizer.param_groups):
             raise ValueError(
@@ -422,7 +436,8 @@ def fit(
             {k: g[k] for k in ("weight_decay", "betas", "eps", "lr_scale")}
             for g in optimizer.param_groups
         ]
-        _load_state_dicts(model, optimizer, weights, state["optimizer"])
+        optim_state = state["optimizer"] if info.is_main or not from_rank0 else {}
+        _load_state_dicts(model, optimizer, weights, optim_state, from_rank0=from_rank0)
         scheduler.load_state_dict(state["scheduler"])
         for group, own in zip(optimizer.param_groups, settings, strict=True):
             group.update(own, initial_lr=optim_cfg.lr)
@@ -439,6 +454,10 @@ def fit(
         # The position counts micro-batches of the saved run's accumulation; a resume with
         # another train.grad_accum continues after the same global batches.
         start_batch = start_batch // state.get("grad_accum", accum) * accum
+        # The loaded copies are in the model and optimiser now; kept here they would sit in
+        # host memory for the whole run (GPU runs), and a mapped state file stay open.
+        del weights, optim_state
+        state = None
         saved_config = ckpt.checkpoint_meta(resume_from).get("config")
         changes = config_changes(saved_config, config_to_dict(config))
         if changes and info.is_main:

@@ -203,6 +203,44 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, kind, strategy):
     )
 
 
+def spawned_resume_counting_weight_reads(
+    rank: int, world_size: int, port: int, kind: str, run_dir: str, overrides: dict
+) -> None:
+    """worker.spawned resuming ``run_dir`` (``--resume auto``); writes how many times this
+    rank read the checkpoint's weights to ``run_dir/weight-reads-<rank>``."""
+    real, reads = ckpt.load_weights, []
+
+    def counting(*args, **kwargs):
+        reads.append(args)
+        return real(*args, **kwargs)
+
+    ckpt.load_weights = counting  # this (child) process only
+    worker.spawned(rank, world_size, port, kind, run_dir, overrides, "auto")
+    (Path(run_dir) / f"weight-reads-{rank}").write_text(str(len(reads)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_resume_reads_the_checkpoint_on_rank_0_only_and_is_exact(tmp_path, strategy):
+    """Rank 0 reads the weights and optimiser state and broadcasts them (each FSDP rank keeps
+    its shard); the resumed run ends on the uninterrupted run's weights."""
+    import shutil
+
+    full, partial = tmp_path / "full", tmp_path / "partial"
+    overrides = {"train.epochs": 1, "train.strategy": strategy, "train.checkpoint_every": 2}
+    args = (2, free_port(), "finetune", str(full), overrides)
+    mp.spawn(worker.spawned, args=args, nprocs=2, join=True)
+    shutil.copytree(full, partial)
+    for info in ckpt.list_checkpoints(partial / "checkpoints"):
+        if info.step > 2:  # as if the run had died after step 2 (mid-epoch)
+            shutil.rmtree(info.path)
+    args = (2, free_port(), "finetune", str(partial), overrides)
+    mp.spawn(spawned_resume_counting_weight_reads, args=args, nprocs=2, join=True)
+    assert [(partial / f"weight-reads-{rank}").read_text() for rank in (0, 1)] == ["1", "0"]
+    assert ckpt.latest_checkpoint(partial / "checkpoints").step == 8
+    assert_same_weights(final_weights(full), final_weights(partial))
+
+
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     worker.run("finetune", str(tmp_path / "full"), {"train.epochs": 1})
     worker.run("finetune", str(tmp_path / "accum"), {"train.epochs": 1, "train.grad_accum": 2})

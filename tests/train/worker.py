@@ -89,7 +89,13 @@ def set_rendezvous(rank: int, world_size: int, port: int) -> None:
 
 
 def spawned(
-    rank: int, world_size: int, port: int, kind: str, run_dir: str, overrides: dict
+    rank: int,
+    world_size: int,
+    port: int,
+    kind: str,
+    run_dir: str,
+    overrides: dict,
+    resume: str | None = None,
 ) -> None:
     set_rendezvous(rank, world_size, port)
     torch.set_num_threads(1)
@@ -97,7 +103,7 @@ def spawned(
     # at moments of its own), so the check below holds or fails every time.
     gc.disable()
     try:
-        run(kind, run_dir, overrides)
+        run(kind, run_dir, overrides, resume)
         from torch.nn.parallel import DistributedDataParallel
 
         alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
