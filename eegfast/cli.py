@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "eegfast.train.commands.evaluate",
         "score a fine-tuned model on held-out windows, or linear-probe a backbone",
     ),
+    "predict": (
+        "eegfast.train.commands.predict",
+        "apply a fine-tuned model to prepared recordings (labelled or not)",
+    ),
     "generate": ("eegfast.train.commands.generate", "generate synthetic EEG from a prompt"),
     "bench": ("eegfast.train.commands.bench", "run the CPU benchmark suites and write a report"),
     "doctor": ("eegfast.train.commands.doctor", "report the environment and usable backends"),
@@ -35,7 +39,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 # Commands whose --out is a folder: an existing file there is refused before any work.
-FOLDER_OUT = {"prepare", "tokenizer", "pretrain", "upcycle", "finetune", "evaluate", "quickstart"}
+FOLDER_OUT = {
+    "prepare",
+    "tokenizer",
+    "pretrain",
+    "upcycle",
+    "finetune",
+    "evaluate",
+    "predict",
+    "quickstart",
+}
 # Commands whose --out is a file: its folder must be writable.
 FILE_OUT = {"generate"}
 

@@ -17,7 +17,7 @@ from eegfast.train.commands import common, doctor
 from eegfast.train.config import valid_keys
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-TRAINING_COMMANDS = ["tokenizer", "pretrain", "finetune", "evaluate"]
+TRAINING_COMMANDS = ["tokenizer", "pretrain", "finetune", "evaluate", "predict"]
 
 
 def _readme_command_lines() -> list[str]:
@@ -37,7 +37,15 @@ def _readme_command_lines() -> list[str]:
 
 def test_readme_has_command_lines():
     commands = {shlex.split(line)[1] for line in _readme_command_lines()}
-    assert {"prepare", "tokenizer", "pretrain", "finetune", "evaluate", "generate"} <= commands
+    assert {
+        "prepare",
+        "tokenizer",
+        "pretrain",
+        "finetune",
+        "evaluate",
+        "predict",
+        "generate",
+    } <= commands
 
 
 @pytest.mark.parametrize("line", _readme_command_lines())

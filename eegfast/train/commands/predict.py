@@ -1,0 +1,403 @@
+"""``eegfast predict --model RUN --data FOLDER... --out DIR``: apply a fine-tuned model.
+
+Runs a model with task heads (a fold model of ``eegfast finetune``, e.g.
+``runs/finetune/fold0/multitask``, one of its checkpoints or its ``.safetensors``) on every
+window of the prepared folders, labelled or not, and writes ``DIR/predictions.csv``: one row
+per window and head (``--tasks`` picks heads; default all of them) with the recording, subject,
+window index in its recording, its start in seconds, the task, the predicted class, the window's
+own label where it has one for that task (empty otherwise), and one ``p_<class>`` probability
+column per class (empty for the classes of other tasks). Scores nothing: ``eegfast evaluate``
+scores a model on labelled held-out windows (the same probabilities, as it runs the model the
+same way) or linear-probes a pretrained backbone.
+
+Class names come from the folders the model was fine-tuned on (its checkpoint records them),
+or, where those are gone, from ``--data`` if it has the task with as many classes. Folders the
+model cannot take are refused before any work: electrodes it has no embedding row for, another
+patch length, window length or amplitude scale than it was trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import ConcatDataset
+from tqdm import tqdm
+
+from eegfast.data import load_index
+from eegfast.data.preprocess import PATCH_SAMPLES, TARGET_SFREQ
+from eegfast.fileio import write_text_atomic
+from eegfast.train.arch import load_trained
+from eegfast.train.checkpoint import read_meta
+from eegfast.train.commands.common import (
+    CommandError,
+    add_run_arguments,
+    check_out,
+    hold_lock,
+    resolve,
+    run_command,
+    say,
+    start,
+)
+from eegfast.train.config import RunConfig
+from eegfast.train.data import TrainData, load_data
+from eegfast.train.distributed import shutdown
+from eegfast.train.finetune import predict
+
+PREDICTIONS = "predictions.csv"
+FIXED_COLUMNS = ["recording", "subject", "window", "start_s", "task", "predicted", "label"]
+# Preprocessing that changes what the model sees without making it unusable: a warning only
+# (the mains notch differs between countries and is left out on purpose).
+SOFT_SETTINGS = ("l_freq", "h_freq", "reference")
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_run_arguments(parser, training=False)
+    parser.add_argument(
+        "--model", required=True, help="fine-tuned run folder, checkpoint or .safetensors"
+    )
+    parser.add_argument(
+        "--tasks", default=None, help="comma-separated task heads to apply (default: all)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=64, metavar="N", help="windows per forward pass"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help=f"replace an earlier {PREDICTIONS} in --out"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_command("predict", lambda: _main(args))
+
+
+@dataclass
+class TrainedOn:
+    """What the folders a model was fine-tuned on (``meta["config"]["data"]``) tell, where
+    their ``index.json`` files can still be read."""
+
+    label_names: dict[str, list[str]] = field(default_factory=dict)  # task -> class names
+    window_seconds: set[int] = field(default_factory=set)
+    preprocess: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (root, settings)
+
+
+def trained_on(meta: dict[str, Any]) -> TrainedOn:
+    """The training folders' class names (merged in :func:`~eegfast.train.data.load_data`'s
+    order, so that class ids match the heads' outputs), window lengths and preprocessing.
+    Empty when any of them cannot be read (moved, or another machine): a partial merge could
+    give classes in another order."""
+    data = (meta.get("config") or {}).get("data") or {}
+    wanted = set(data.get("tasks") or [])
+    found = TrainedOn()
+    for root in data.get("roots") or []:
+        try:
+            index = load_index(root)
+        except (ValueError, OSError):
+            return TrainedOn()
+        keep = sorted(t for t in index.get("tasks", {}) if not wanted or t in wanted)
+        if not keep:
+            continue  # load_data skips such a folder too
+        for task in keep:
+            merged = found.label_names.setdefault(task, [])
+            merged += [n for n in index["tasks"][task]["labels"] if n not in merged]
+        found.window_seconds.add(int(index["window_seconds"]))
+        found.preprocess.append((str(root), dict(index["settings"]["preprocess"])))
+    return found
+
+
+def class_names(
+    heads: dict[str, int], tasks: Sequence[str], known: TrainedOn, data: TrainData
+) -> tuple[dict[str, list[str]], list[str]]:
+    """Per task, its head's class names in output order, and notes on names not taken from
+    the training folders (from ``--data`` where it has the task with as many classes, else
+    ``class0``, ``class1``, ...)."""
+    names, notes = {}, []
+    for task in tasks:
+        n = int(heads[task])
+        if meta_names := known.label_names.get(task):
+            if len(meta_names) == n:
+                names[task] = list(meta_names)
+                continue
+        if len(data.label_names.get(task) or []) == n:
+            names[task] = list(data.label_names[task])
+            notes.append(
+                f"task {task!r}: the folders the model was fine-tuned on cannot be read (or "
+                f"no longer have its {n} classes); class names taken from --data "
+                f"({', '.join(names[task])})"
+            )
+            continue
+        names[task] = [f"class{i}" for i in range(n)]
+        notes.append(
+            f"task {task!r}: class names unknown (the folders the model was fine-tuned on "
+            f"cannot be read, and --data does not have its {n} classes): written as "
+            f"class0..class{n - 1}"
+        )
+    return names, notes
+
+
+def _backbone_config(model) -> Any:
+    backbone = getattr(model, "backbone", model)
+    return getattr(backbone, "config", None)
+
+
+def check_data(model, known: TrainedOn, data: TrainData) -> list[str]:
+    """CommandError naming the folder for data the model cannot take: electrodes past its
+    embedding table, patches of another length, windows longer than its time embedding or of
+    another length (or amplitude scale) than the folders it was fine-tuned on. Returns
+    warnings for milder preprocessing differences (band-pass edges, reference)."""
+    config = _backbone_config(model)
+    warnings: list[str] = []
+    for root in data.roots:
+        index = load_index(root)
+        seconds = int(index["window_seconds"])
+        if config is not None:
+            patch = int(getattr(config, "patch_size", PATCH_SAMPLES))
+            if getattr(config, "patch_embed", "temporal_conv") == "temporal_conv" and (
+                patch != PATCH_SAMPLES
+            ):
+                raise CommandError(
+                    f"--data {root}: windows of {PATCH_SAMPLES}-sample patches (1 s at "
+                    f"{TARGET_SFREQ:g} Hz), the model takes patches of {patch} samples"
+                )
+            limit = int(getattr(config, "max_patches", seconds))
+            if seconds > limit:
+                raise CommandError(
+                    f"--data {root}: {seconds}-s windows, the model takes at most {limit} "
+                    "patches (seconds) per window"
+                )
+            rows = int(getattr(config, "pos_rows", 0)) or None
+            if rows is not None:
+                beyond = sorted(
+                    {
+                        name
+                        for rec in index["recordings"]
+                        for name, row in zip(rec["electrodes"], rec["input_chans"][1:], strict=True)
+                        if row >= rows
+                    }
+                )
+                if beyond:
+                    raise CommandError(
+                        f"--data {root}: electrodes {beyond} have no embedding in the model (its "
+                        f"table has {rows} rows); prepare the data again without "
+                        "--allow-extended, or with --channels the model knows"
+                    )
+        if known.window_seconds and seconds not in known.window_seconds:
+            trained = ", ".join(f"{s}-s" for s in sorted(known.window_seconds))
+            raise CommandError(
+                f"--data {root}: {seconds}-s windows, the model was fine-tuned on {trained} "
+                f"windows; prepare the data again with --window {min(known.window_seconds)}"
+            )
+        settings = dict(index["settings"]["preprocess"])
+        scales = {s.get("scale") for _, s in known.preprocess} - {None}
+        if scales and settings.get("scale") is not None and settings["scale"] not in scales:
+            trained = ", ".join(f"{s:g}" for s in sorted(scales))
+            raise CommandError(
+                f"--data {root}: amplitudes scaled by {settings['scale']:g} (volts to stored "
+                f"units), the model was fine-tuned on data scaled by {trained}; prepare the "
+                "data again with the same scale"
+            )
+        soft = [{k: s.get(k) for k in SOFT_SETTINGS} for _, s in known.preprocess]
+        if soft and {k: settings.get(k) for k in SOFT_SETTINGS} not in soft:
+            source, trained_settings = known.preprocess[0]
+            changed = [
+                f"{key} {settings.get(key)!r} (fine-tuned with {trained_settings.get(key)!r})"
+                for key in SOFT_SETTINGS
+                if settings.get(key) != trained_settings.get(key)
+            ]
+            warnings.append(
+                f"--data {root} was prepared with other settings than {source}, which the "
+                f"model was fine-tuned on: {', '.join(changed)}; its predictions may suffer"
+            )
+    return warnings
+
+
+def window_positions(data: TrainData) -> list[tuple[int, float]]:
+    """(window index in its recording, start in seconds) of every item of ``data``, read from
+    its folders' recordings in the order :func:`~eegfast.train.data.load_data` made the items."""
+    datasets = data.dataset.datasets if isinstance(data.dataset, ConcatDataset) else [data.dataset]
+    positions = [
+        (w, start / TARGET_SFREQ)
+        for dataset in datasets
+        for rec in dataset.recordings
+        for w, start in enumerate(rec["starts"])
+    ]
+    if len(positions) != len(data.items):  # would misplace every row after the first difference
+        raise RuntimeError(f"{len(positions)} window positions for {len(data.items)} windows")
+    return positions
+
+
+def write_predictions(
+    path: Path,
+    data: TrainData,
+    names: dict[str, list[str]],
+    scored: Sequence[tuple[str, np.ndarray]],
+) -> Path:
+    """``predictions.csv`` (atomically): one row per window and task of ``scored``.
+
+    scored: (task, probabilities (len(data), classes of the task)) per task, rows in item order.
+    Columns: :data:`FIXED_COLUMNS`, then ``p_<class>`` for every class of the scored tasks
+    (in first-seen order; tasks sharing a class name share its column)."""
+    classes: list[str] = []
+    for task, _ in scored:
+        classes += [c for c in names[task] if c not in classes]
+    column = {c: i for i, c in enumerate(classes)}
+    positions = window_positions(data)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(FIXED_COLUMNS + [f"p_{c}" for c in classes])
+    for task, probs in scored:
+        task_names = names[task]
+        for item, (window, start_s), row in zip(data.items, positions, probs, strict=True):
+            label = ""
+            if item.task == task and item.label >= 0:
+                label = data.label_names[item.task][item.label]
+            cells = [""] * len(classes)
+            for c, p in zip(task_names, row, strict=True):
+                cells[column[c]] = f"{p:.6g}"
+            writer.writerow(
+                [
+                    item.recording,
+                    item.subject,
+                    window,
+                    f"{start_s:g}",
+                    task,
+                    task_names[int(np.argmax(row))],
+                    label,
+                    *cells,
+                ]
+            )
+    return write_text_atomic(path, buffer.getvalue())
+
+
+def _chosen_tasks(text: str | None, heads: dict[str, int], model: str) -> list[str]:
+    if not text:
+        return list(heads)
+    tasks = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    unknown = [t for t in tasks if t not in heads]
+    if not tasks or unknown:
+        raise CommandError(
+            f"--tasks: {', '.join(unknown) or repr(text)}: --model {model} has no head for it; "
+            f"its heads are {', '.join(heads)}"
+        )
+    return tasks
+
+
+def _read_model_meta(model: str) -> dict[str, Any]:
+    """``meta.json`` of ``--model``; for the top folder of a fine-tuning (no weights of its
+    own) an error naming its fold models."""
+    try:
+        return read_meta(model)
+    except FileNotFoundError:
+        folds = sorted(p for p in Path(model).glob("fold*/*") if (p / "checkpoints").is_dir())
+        if not folds:
+            raise
+        shown = ", ".join(str(p) for p in folds[:3]) + (" ..." if len(folds) > 3 else "")
+        raise CommandError(
+            f"--model {model}: a fine-tuning folder, with one model per fold and variant; "
+            f"give one of them ({shown})"
+        ) from None
+
+
+def _main(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    check_out(out)
+    batch_size = args.batch_size
+    if batch_size < 1:
+        raise CommandError(f"--batch-size must be >= 1, got {batch_size}")
+    if (out / PREDICTIONS).exists() and not args.overwrite:
+        raise CommandError(
+            f"--out {out}: holds an earlier {PREDICTIONS}; replace it with --overwrite, or "
+            "choose another --out"
+        )
+    config = resolve(args, RunConfig())
+    meta = _read_model_meta(args.model)
+    arch = meta.get("arch")
+    if arch is None:
+        raise CommandError(
+            f"--model {args.model}: no architecture record (meta.json 'arch'); not an eegfast run"
+        )
+    heads = dict(arch.get("heads") or {})
+    if not heads:
+        kind = arch.get("kind") or meta.get("command")
+        raise CommandError(
+            f"--model {args.model}: a {kind!r} checkpoint without task heads: fine-tune it first "
+            f"(eegfast finetune --init {args.model}), or linear-probe its features with "
+            "eegfast evaluate"
+        )
+    tasks = _chosen_tasks(args.tasks, heads, args.model)
+    runtime = start(config)
+    try:
+        data = load_data(config.data.roots)
+        model, meta = load_trained(args.model)
+        known = trained_on(meta)
+        for warning in check_data(model, known, data):
+            say(runtime, f"warning: {warning}")
+        names, notes = class_names(heads, tasks, known, data)
+        for note in notes:
+            say(runtime, f"note: {note}")
+        model.to(runtime.device)
+        ids = {t: i for i, t in enumerate(meta.get("task_names") or [])}
+        routes = bool((arch.get("upcycle") or {}).get("num_tasks"))
+        scored = _predict_all(model, data, tasks, ids, routes, runtime, config, batch_size)
+        if runtime.dist.is_main:
+            with hold_lock(out):
+                if (out / PREDICTIONS).exists() and not args.overwrite:  # made meanwhile
+                    raise CommandError(
+                        f"--out {out}: holds an earlier {PREDICTIONS}; replace it with "
+                        "--overwrite, or choose another --out"
+                    )
+                path = write_predictions(out / PREDICTIONS, data, names, scored)
+            labelled = sum(
+                1 for task in tasks for item in data.items if item.task == task and item.label >= 0
+            )
+            recordings = len({(i.root, i.recording) for i in data.items})
+            say(
+                runtime,
+                f"predicted {len(data)} windows of {recordings} "
+                f"recording(s) with {len(tasks)} head(s) ({', '.join(tasks)}): "
+                f"{len(data) * len(tasks)} rows, {labelled} with a label; {path}",
+            )
+        return 0
+    finally:
+        shutdown(runtime.dist)
+
+
+def _predict_all(
+    model, data: TrainData, tasks, ids, routes: bool, runtime, config: RunConfig, batch_size: int
+) -> list[tuple[str, np.ndarray]]:
+    """(task, probabilities (len(data), classes)) per task, through finetune's ``predict`` (the
+    path evaluate takes: eval mode, no grad, fp32), a batch of indices at a time for the bar."""
+    everything = np.arange(len(data))
+    scored = []
+    with tqdm(
+        total=len(data) * len(tasks),
+        desc="predict",
+        unit="window",
+        disable=not (runtime.dist.is_main and config.train.progress),
+        dynamic_ncols=True,
+    ) as bar:
+        for task in tasks:
+            parts = []
+            for begin in range(0, len(data), batch_size):
+                chunk = everything[begin : begin + batch_size]
+                probs, _ = predict(
+                    model,
+                    data,
+                    chunk,
+                    task,
+                    runtime.device,
+                    task_id=ids.get(task) if routes else None,
+                    batch_size=batch_size,
+                )
+                parts.append(probs)
+                bar.update(len(chunk))
+            scored.append((task, np.concatenate(parts)))
+    return scored
