@@ -214,13 +214,15 @@ def _allow_a_graph_per_group(groups: int) -> Callable[[], None]:
 
     Electrode sets and window lengths share a graph (dims made dynamic at their first change),
     but each task of a multi-task model is a graph of its own (its head is picked by name), so
-    9 tasks hit the limit and the 9th trained in eager mode, with no word but torch's log line.
+    9 tasks hit the limit and the 9th trained in eager mode, with no word but torch's log line;
+    and once more in eval mode (the training flag is guarded), for validation at checkpoints
+    and the predictions after training.
     """
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     before = getattr(config, name)
-    # first graph, dims made dynamic, size-1 dims and eval mode, then one a group at most
-    setattr(config, name, max(before, 8 + groups))
+    # first graph, dims made dynamic, size-1 dims, then one a group at most in each mode
+    setattr(config, name, max(before, 8 + 2 * groups))
     return lambda: setattr(config, name, before)
 
 

@@ -481,12 +481,15 @@ def test_compiled_multitask_training_compiles_every_task_instead_of_falling_back
 ):
     """Each task's head is a graph of its own: with 9 tasks dynamo's limit of 8 graphs sent the
     9th task's steps to eager mode (torch's log line its only trace). fit raises the limit to
-    cover its batch groups while it trains, and puts it back afterwards."""
+    cover its batch groups, in training and in eval mode (validation at checkpoints), while it
+    trains, and puts it back afterwards."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     from eegfast.train.arch import MultiTaskClassifier
+    from eegfast.train.config import RunConfig
     from eegfast.train.objectives import classification_step
+    from tests.train.fakes import collate
 
     graphs = []
 
@@ -506,8 +509,23 @@ def test_compiled_multitask_training_compiles_every_task_instead_of_falling_back
     torch.manual_seed(0)
     model = MultiTaskClassifier(TinyClassifier(num_classes=0), {t: 2 for t in tasks}, 16)
     ctx = StepContext(torch.device("cpu"), task_ids={t: i for i, t in enumerate(tasks)})
-    overrides = {"train.compile": True, "train.epochs": 1}
-    result = fit_batches_of_4(model, classification_step, data, ctx, tmp_path, overrides)
+    batch = collate([data[i] for i in range(4)])
+
+    def eval_every_task(compiled) -> dict[str, float]:
+        """As finetune's validation at checkpoints: each head in eval mode (graphs of their
+        own: the training flag is guarded)."""
+        with torch.no_grad():
+            for task in tasks:
+                compiled(batch["x"], batch["input_chans"], task=task)
+        return {}
+
+    config = RunConfig().with_overrides(
+        {"train.batch_size": 4, "train.progress": False, "train.compile": True,
+         "train.epochs": 1, "train.checkpoint_every": len(tasks)}
+    )  # fmt: skip
+    result = engine.fit(model, classification_step, data, config, tmp_path,
+                 group_keys=data.group_keys(), collate_fn=collate, ctx=ctx,
+                 eval_fn=eval_every_task)  # fmt: skip
     assert result.step == 2 * len(tasks)
     assert not counters["unimplemented"], "dynamo gave up compiling some steps"
     assert len(graphs) >= len(tasks)
