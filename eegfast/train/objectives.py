@@ -183,6 +183,17 @@ def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
+def window_indices(batch: dict[str, Any]) -> torch.Tensor:
+    """The batch's ``index``: (B,) dataset positions of its windows, which key the target
+    cache and seed the masks (named when missing, rather than a bare KeyError)."""
+    if "index" not in batch:
+        raise ValueError(
+            "a pretraining batch needs 'index', the (B,) dataset positions of its windows that "
+            "seed their masks (eegfast.train.fit adds it; in a loop of your own, add it)"
+        )
+    return batch["index"]
+
+
 def tokenizer_codes(
     ctx: StepContext,
     batch: dict[str, Any],
@@ -204,7 +215,7 @@ def tokenizer_codes(
 
     if cache is None:
         return encode(x, input_chans, channel_padding_mask)
-    indices = batch["index"].tolist()
+    indices = window_indices(batch).tolist()
     rows = cache.rows(indices, x.shape[1] * x.shape[2])
     missing = [j for j, row in enumerate(rows) if row is None]
     if not missing:
@@ -344,7 +355,7 @@ def step_masks(ctx: StepContext, batch: dict, token_padding: torch.Tensor | None
     ``token_padding`` from :func:`host_token_padding` of the host batch."""
     x = batch["x"]
     mask = sample_masks(
-        batch["index"],
+        window_indices(batch),
         x.shape[1] * x.shape[2],
         ctx.mask_ratio,
         seed=ctx.seed,

@@ -309,3 +309,14 @@ def test_a_full_cache_encodes_only_the_windows_it_does_not_hold():
     assert encoded == [6, 3, 3]  # the first epoch all six, then only the three left out
     assert cache.misses == 3 and cache.hits == 0
     assert codes_of([2, 0, 1]).tolist() == expected[[2, 0, 1]].tolist() and cache.hits == 1
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_batch_without_window_indices_is_named(cached):
+    """A batch of one's own loop without 'index' failed with a bare KeyError: 'index'."""
+    tokenizer = create_model("vqnsp_tiny").eval()
+    cache = TargetCache() if cached else None
+    ctx = StepContext(torch.device("cpu"), tokenizer=tokenizer, target_cache=cache)
+    batch = {"x": torch.randn(2, 3, 2, 200), "input_chans": torch.arange(4)}
+    with pytest.raises(ValueError, match="a pretraining batch needs 'index'"):
+        masked_step(create_model("labram_tiny_pretrain"), batch, ctx)

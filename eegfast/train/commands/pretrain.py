@@ -5,6 +5,9 @@ are replaced by a mask token and the model predicts their VQ-NSP codes, and the 
 complementary half. Other objectives plug in through
 :func:`eegfast.train.objectives.register_objective` (``hybrid``: masked + block-causal
 forecasting, from :mod:`eegfast.train.hybrid`).
+
+``--set model.init=RUN_OR_FILE`` continues pretraining from an eegfast pretraining run or the
+reference pretraining checkpoint (see :func:`load_init`).
 """
 
 from __future__ import annotations
@@ -171,6 +174,65 @@ def freeze_unused_heads(model: torch.nn.Module) -> list[str]:
     return frozen
 
 
+# Heads that a model.init checkpoint may lack, or hold while the model does not: the hybrid
+# model's forecasting head (a masked run may start a hybrid one, and the reverse).
+OPTIONAL_INIT_PREFIXES = ("forecast_head.",)
+# The heads over the tokenizer's codebook: left at their initialisation when the init's
+# codebook size differs from the tokenizer's.
+VOCAB_HEADS = ("lm_head.", "student.lm_head.")
+
+
+def load_init(model: torch.nn.Module, path: str) -> tuple[list[str], dict[str, Any]]:
+    """Start pretraining from the weights at ``path`` (``model.init``): an eegfast pretraining
+    run (masked or hybrid; its best checkpoint, as ``eegfast finetune --set model.init`` takes
+    it), a checkpoint folder, or a checkpoint file of the reference pretraining model
+    (``student.*``, ``lm_head.*``, ...; wrappers and ``module.`` prefixes removed).
+
+    Every backbone tensor must match the model (a mismatch is an error that lists the keys).
+    The forecasting head loads where both sides have it, and ``lm_head`` starts afresh (with a
+    note) when the init predicts another number of codes than the tokenizer has.
+    Returns (notes to print, the init checkpoint's meta: {} for a file without one).
+    """
+    from eegfast.models.checkpoint import CheckpointMismatchError, load_checkpoint, unwrap_model
+
+    given = Path(path)
+    try:
+        if given.is_file():
+            from eegfast.models.checkpoint import read_state_dict
+
+            state, meta = read_state_dict(given), {}
+        else:
+            weights = ckpt.resolve_weights_path(given)
+            state, meta = ckpt.load_weights(weights), ckpt.checkpoint_meta(weights.parent)
+    except (FileNotFoundError, ValueError) as err:
+        raise CommandError(f"model.init {path}: {err}") from None
+    if not any(key.startswith("student.") for key in state):
+        raise CommandError(
+            f"model.init {path}: not a pretraining checkpoint (no 'student.' keys); eegfast "
+            "pretrain continues from a pretraining run or the reference pretraining checkpoint"
+        )
+    own = unwrap_model(model).state_dict()
+    exclude = [
+        prefix
+        for prefix in OPTIONAL_INIT_PREFIXES
+        if not (any(k.startswith(prefix) for k in state) and any(k.startswith(prefix) for k in own))
+    ]
+    notes = []
+    got, wanted = state.get("lm_head.weight"), own.get("lm_head.weight")
+    if got is not None and wanted is not None and got.shape[0] != wanted.shape[0]:
+        exclude += VOCAB_HEADS
+        notes.append(
+            f"note: model.init {path} predicts {got.shape[0]} codes and the tokenizer has "
+            f"{wanted.shape[0]}: lm_head starts afresh"
+        )
+    try:
+        report = load_checkpoint(model, state, strict=True, exclude=exclude)
+    except CheckpointMismatchError as err:
+        raise CommandError(f"model.init {path}: {err}") from None
+    notes.insert(0, f"initialised from {path} ({len(report.loaded)} tensors)")
+    return notes, meta
+
+
 def _main(args: argparse.Namespace) -> int:
     extra = {}
     if args.objective:
@@ -188,14 +250,25 @@ def _main(args: argparse.Namespace) -> int:
         raise CommandError(
             f"--model {config.model.name} is not a pretraining model; use one of {names}"
         )
+    if config.data.val_fraction > 0:
+        # no held-out split is made: refused rather than training on every window while the
+        # user reads the checkpoints' losses as a validation
+        raise CommandError(
+            f"data.val_fraction={config.data.val_fraction}: eegfast pretrain holds no windows "
+            "out for validation (it trains on every window of --data); leave it at 0, and keep "
+            "recordings out of pretraining by leaving their folder out of --data"
+        )
     kind = "hybrid" if config.pretrain.objective == "hybrid" else "pretrain"
     with run_folder(args, expected={kind}) as resume:
-        recorded = _resume_meta(resume, Path(args.out)).get("tokenizer")
-        tokenizer_path, notes = tokenizer_for_run(config.model.tokenizer, recorded)
-        return _train(args, config, step, kind, resume, tokenizer_path, notes)
+        resumed = _resume_meta(resume, Path(args.out))
+        tokenizer_path, notes = tokenizer_for_run(config.model.tokenizer, resumed.get("tokenizer"))
+        return _train(args, config, step, kind, resume, tokenizer_path, notes, resumed)
 
 
-def _train(args, config, step, kind, resume, tokenizer_path, notes) -> int:
+def _train(args, config, step, kind, resume, tokenizer_path, notes, resumed=None) -> int:
+    resumed = resumed or {}
+    # model.init starts a new run; a resumed one continues from its own checkpoint
+    init = "" if resumed else config.model.init
     runtime = start(config)
     try:
         for note in notes:
@@ -213,11 +286,22 @@ def _train(args, config, step, kind, resume, tokenizer_path, notes) -> int:
             kwargs["hybrid"] = {"mask_weight": weight}
         arch = {"kind": kind, "name": config.model.name, "kwargs": kwargs}
         model = build_model(arch)
+        init_meta: dict[str, Any] = {}
+        if init:
+            init_notes, init_meta = load_init(model, init)
+            for note in init_notes:
+                say(runtime, note)
         freeze_unused_heads(model)
         say(
             runtime,
             f"pretrain ({config.pretrain.objective}) {config.model.name}: {len(data)} windows",
         )
+        # the EEG that the init run, or this run before a resume, saw
+        earlier = [resumed.get("pretrained_on") or {}, init_meta.get("pretrained_on") or {}]
+        seen = {
+            key: {name for e in earlier for name in e.get(key, ())}
+            for key in ("subjects", "recordings")
+        }
         cache = None
         if config.pretrain.cache_targets:
             limit_mb = config.pretrain.cache_targets_max_mb
@@ -251,9 +335,12 @@ def _train(args, config, step, kind, resume, tokenizer_path, notes) -> int:
                 # when it tests on them (transductive pretraining). File names only (finetune
                 # matches recordings by name): ~15 bytes a recording in every checkpoint's meta
                 "pretrained_on": {
-                    "subjects": sorted({item.subject for item in data.items}),
-                    "recordings": sorted({Path(item.recording).name for item in data.items}),
+                    "subjects": sorted({item.subject for item in data.items} | seen["subjects"]),
+                    "recordings": sorted(
+                        {Path(item.recording).name for item in data.items} | seen["recordings"]
+                    ),
                 },
+                **({"init": init or resumed["init"]} if init or "init" in resumed else {}),
             },
             find_unused_parameters=kind != "pretrain",
         )

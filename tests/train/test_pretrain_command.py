@@ -1,0 +1,98 @@
+"""``eegfast pretrain`` settings that change what is trained: model.init (continued
+pretraining)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from eegfast.cli import main as cli
+from eegfast.models import create_model
+from eegfast.train import checkpoint as ckpt
+from tests.train.test_run_folder import prepared, pretrain_argv, tokenizer_run  # noqa: F401
+
+
+def _weights(run):
+    return load_file(str(ckpt.latest_checkpoint(run / "checkpoints").path / ckpt.WEIGHTS))
+
+
+def test_model_init_starts_pretraining_from_a_reference_file(
+    prepared,  # noqa: F811
+    tokenizer_run,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    """model.init was silently ignored: every run started from random weights. A reference
+    style file (``{"model": ...}``, ``module.`` prefixes) whose lm_head predicts another number
+    of codes than the tokenizer has: the backbone loads, lm_head starts afresh (a note)."""
+    torch.manual_seed(5)
+    source = create_model("labram_tiny_pretrain", vocab_size=512)
+    state = {k: torch.randn_like(v) for k, v in source.state_dict().items()}
+    init = tmp_path / "labram-pretrain.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, init)
+    out = tmp_path / "pre"
+    # lr ~0: the one step leaves the weights as loaded
+    argv = pretrain_argv(prepared, tokenizer_run, out, f"model.init={init}", "optim.lr=1e-20")
+    assert cli([*argv, "--set", "train.max_steps=1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"initialised from {init}" in printed
+    assert "predicts 512 codes and the tokenizer has 256: lm_head starts afresh" in printed
+    got = _weights(out)
+    for key, value in state.items():
+        if key.startswith(("lm_head.", "student.lm_head.")):
+            assert got[key].shape[0] == 256, key
+            continue
+        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0, msg=key)
+    meta = ckpt.latest_checkpoint(out / "checkpoints").meta
+    assert meta["init"] == str(init)
+
+
+def test_model_init_from_a_run_keeps_what_it_saw_and_refuses_other_weights(
+    prepared,  # noqa: F811
+    tokenizer_run,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    """An eegfast pretraining run as model.init: its weights (lm_head too: same codebook) and
+    the subjects its backbone saw, kept for finetune's transductive report; a classifier or a
+    backbone of another size is a one-line error naming model.init."""
+    first = tmp_path / "first"
+    assert cli(pretrain_argv(prepared, tokenizer_run, first)) == 0
+    meta_file = ckpt.latest_checkpoint(first / "checkpoints").path / ckpt.META
+    meta = json.loads(meta_file.read_text())
+    meta["pretrained_on"]["subjects"].append("elsewhere-01")
+    meta_file.write_text(json.dumps(meta))
+    second = tmp_path / "second"
+    argv = pretrain_argv(prepared, tokenizer_run, second, f"model.init={first}", "optim.lr=1e-20")
+    assert cli([*argv, "--set", "train.max_steps=1"]) == 0
+    assert "lm_head starts afresh" not in capsys.readouterr().out
+    before, after = _weights(first), _weights(second)
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], atol=1e-6, rtol=0, msg=key)
+    seen = ckpt.latest_checkpoint(second / "checkpoints").meta["pretrained_on"]["subjects"]
+    assert "elsewhere-01" in seen and len(seen) == 2
+
+    classifier = tmp_path / "classifier.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(create_model("labram_tiny").state_dict(), str(classifier))
+    bad = pretrain_argv(prepared, tokenizer_run, tmp_path / "bad", f"model.init={classifier}")
+    assert cli(bad) == 2
+    err = capsys.readouterr().err
+    assert f"model.init {classifier}: not a pretraining checkpoint" in err
+    larger = pretrain_argv(prepared, tokenizer_run, tmp_path / "bad2", f"model.init={first}")
+    assert cli([*larger, "--model", "labram_base_pretrain"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.init {first}: state dict does not match LaBraMPretrain" in err
+
+
+def test_data_val_fraction_is_refused_not_ignored(tmp_path, capsys):
+    """data.val_fraction held nothing out: pretraining ran on every window as if it were 0."""
+    argv = ["pretrain", "--data", str(tmp_path), "--tokenizer", str(tmp_path)]
+    assert cli([*argv, "--out", str(tmp_path / "pre"), "--set", "data.val_fraction=0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "data.val_fraction=0.2: eegfast pretrain holds no windows out" in err
+    assert not (tmp_path / "pre").exists()
