@@ -82,13 +82,18 @@ def code_perplexity(counts: torch.Tensor) -> torch.Tensor:
 class CodebookEMA(nn.Module):
     """Holds the codebook and its EMA state; named as the reference tokenizer's
     ``quantize.embedding`` so state dicts load both ways (``weight``, ``cluster_size``,
-    ``embed_avg``, ``initted``)."""
+    ``embed_avg``, ``initted``).
+
+    ``weight`` (K, D) is a buffer, not a parameter as in the reference (same key): the EMA
+    writes it in place during the forward, and FSDP shards parameters and gathers them into a
+    temporary full copy for the forward, so writes to a parameter codebook were dropped there
+    (the k-means init and every EMA step lost). Buffers stay whole on every rank."""
 
     def __init__(self, num_codes: int, code_dim: int, *, device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype or torch.float32}
         weight = F.normalize(torch.randn(num_codes, code_dim, **factory), dim=1)
-        self.weight = nn.Parameter(weight, requires_grad=False)  # updated by EMA, not by SGD
+        self.register_buffer("weight", weight)  # updated by EMA, not by SGD
         self.register_buffer("cluster_size", torch.zeros(num_codes, **factory))
         self.register_buffer("embed_avg", weight.clone())
         self.register_buffer("initted", torch.zeros(1, **factory))
