@@ -140,13 +140,14 @@ def load_trained(
 
 
 def backbone_from_checkpoint(
-    path: str | Path, *, drop_path: float = 0.0
+    path: str | Path, *, drop_path: float | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """(backbone arch, backbone weights, meta) from a pretraining, upcycled or fine-tuned run.
 
     Pretraining checkpoints (masked or hybrid) are mapped to the classifier's keys with
-    :func:`eegfast.models.pretrain_to_classifier_state_dict`; fine-tuned multi-task models
-    give their ``backbone``.
+    :func:`eegfast.models.pretrain_to_classifier_state_dict` (the pretraining-only settings,
+    its drop path included, left behind); fine-tuned multi-task models give their
+    ``backbone``. ``drop_path``: the backbone's stochastic depth (None keeps the checkpoint's).
     """
     from eegfast.train.checkpoint import load_weights, read_meta
 
@@ -163,7 +164,7 @@ def backbone_from_checkpoint(
         kwargs = {
             k: v
             for k, v in dict(arch.get("kwargs") or {}).items()
-            if k not in ("vocab_size", "hybrid")
+            if k not in ("vocab_size", "hybrid", "mask_ratio", "drop_path_rate")
         }
         backbone = {"kind": "classifier", "name": name, "kwargs": {**kwargs, "num_classes": 0}}
         weights = pretrain_to_classifier_state_dict(weights)
@@ -177,6 +178,6 @@ def backbone_from_checkpoint(
             }
     else:
         raise ValueError(f"{path}: a {kind!r} checkpoint cannot initialise a classifier")
-    if drop_path:
+    if drop_path is not None:
         backbone = {**backbone, "kwargs": {**backbone["kwargs"], "drop_path_rate": drop_path}}
     return backbone, weights, meta

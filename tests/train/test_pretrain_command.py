@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -96,3 +97,28 @@ def test_data_val_fraction_is_refused_not_ignored(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "data.val_fraction=0.2: eegfast pretrain holds no windows out" in err
     assert not (tmp_path / "pre").exists()
+
+
+def test_drop_path_and_mask_ratio_reach_the_pretraining_model_and_stay_behind(
+    prepared,  # noqa: F811
+    tokenizer_run,  # noqa: F811
+    tmp_path,
+):
+    """model.drop_path was ignored by pretraining, and the model config recorded mask_ratio 0.5
+    whatever pretrain.mask_ratio was. Fine-tuning from the run takes its own drop path (0 too),
+    not pretraining's."""
+    from eegfast.train.arch import backbone_from_checkpoint, build_model
+
+    out = tmp_path / "pre"
+    argv = pretrain_argv(prepared, tokenizer_run, out, "model.drop_path=0.3",
+                         "pretrain.mask_ratio=0.4")  # fmt: skip
+    assert cli([*argv, "--set", "train.max_steps=1"]) == 0
+    arch = ckpt.latest_checkpoint(out / "checkpoints").meta["arch"]
+    model = build_model(arch)
+    assert model.config.mask_ratio == 0.4
+    rates = [float(block.drop_path) for block in model.student.blocks]
+    assert max(rates) == pytest.approx(0.3)
+    backbone, _, _ = backbone_from_checkpoint(out)
+    assert "drop_path_rate" not in backbone["kwargs"] and "mask_ratio" not in backbone["kwargs"]
+    backbone, _, _ = backbone_from_checkpoint(out, drop_path=0.0)
+    assert backbone["kwargs"]["drop_path_rate"] == 0.0

@@ -275,7 +275,12 @@ def _train(args, config, step, kind, resume, tokenizer_path, notes, resumed=None
             say(runtime, note)
         data = load_data(config.data.roots, config.data.tasks)
         tokenizer = load_tokenizer(tokenizer_path, runtime.device)
-        kwargs = {}
+        # The model config records what the run trains with (the step draws the masks at
+        # pretrain.mask_ratio); model.drop_path is stochastic depth in the student's blocks.
+        kwargs: dict[str, Any] = {
+            "mask_ratio": config.pretrain.mask_ratio,
+            "drop_path_rate": config.model.drop_path,
+        }
         vocab = getattr(getattr(tokenizer, "config", None), "num_codes", None)
         if vocab is not None:
             kwargs["vocab_size"] = int(vocab)
