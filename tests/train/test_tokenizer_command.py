@@ -90,7 +90,11 @@ def test_vq_settings_reach_the_checkpoint_and_spread_is_logged(prepared, tmp_pat
     assert run_tokenizer(prepared, out, "vq.beta=0.25", "vq.dead_code_threshold=0") == 0
     printed = capsys.readouterr().out
     assert "encoder collapse" not in printed
-    assert re.search(r"codebook: \d+ of 256 codes active .*, EMA perplexity \d+\.\d", printed)
+    assert re.search(
+        r"codebook: \d+ of 256 codes used by the patches of 6 training windows "
+        r"\(perplexity \d+\.\d; EMA perplexity \d+\.\d\)",
+        printed,
+    )
     meta = json.loads(next(out.glob("checkpoints/*/meta.json")).read_text())
     assert meta["arch"]["kwargs"] == {"beta": 0.25, "dead_code_threshold": None}
     model, _ = load_trained(out, prefer="latest")
@@ -110,3 +114,23 @@ def test_collapse_warning_comes_while_training(prepared, tmp_path, capsys, monke
     # logged at steps 1, 2 and 3 (the last); warned once, at the second log point in a row
     assert "warning: encoder collapse: at step 2" in printed
     assert printed.count("encoder collapse") == 1
+
+
+def test_codebook_summary_counts_the_codes_the_data_gets_not_restarted_ema_counts(prepared):
+    """Every code's EMA count at 1 (as k-means and dead-code restarts leave them), but one
+    direction in the codebook: the summary said 256 of 256 codes active; the data gets 1."""
+    import torch
+
+    from eegfast.models import create_model
+    from eegfast.train.data import load_data
+
+    torch.manual_seed(0)
+    model = create_model("vqnsp_tiny")
+    with torch.no_grad():
+        model.quantize.embedding.weight.copy_(model.quantize.embedding.weight[:1].expand(256, -1))
+        model.quantize.cluster_size.fill_(1.0)
+    data = load_data([str(prepared)])
+    summary = command.codebook_summary(model, data, torch.device("cpu"), max_windows=5)
+    assert summary.startswith("codebook: 1 of 256 codes used by the patches of 5 training windows")
+    assert "(perplexity 1.0; EMA perplexity 256.0)" in summary
+    assert model.training  # left as it was

@@ -10,7 +10,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Mapping
 
+import numpy as np
+import torch
+
 from eegfast.models import VQNSP
+from eegfast.nn.vq import code_perplexity
 from eegfast.train.arch import build_model
 from eegfast.train.commands.common import (
     CommandError,
@@ -24,10 +28,11 @@ from eegfast.train.commands.common import (
     start,
 )
 from eegfast.train.config import RunConfig
-from eegfast.train.data import collate_fn, load_data
+from eegfast.train.data import TrainData, collate_fn, load_data
 from eegfast.train.distributed import shutdown
 from eegfast.train.engine import fit
-from eegfast.train.objectives import StepContext, tokenizer_step
+from eegfast.train.finetune import iterate_batches
+from eegfast.train.objectives import StepContext, to_device, tokenizer_step
 
 # Reference recipe: AdamW betas (0.9, 0.99), weight decay 1e-4, warm-up then cosine.
 DEFAULTS = RunConfig().with_overrides(
@@ -128,16 +133,43 @@ def collapse_watch(runtime: Runtime | None) -> Callable[[int, dict[str, float]],
     return check
 
 
-def codebook_summary(model: VQNSP) -> str:
-    """The trained codebook's health from its EMA counts (what ``train/perplexity`` says of
-    the last batch, over the recent batches)."""
-    stats = model.codebook_stats()
+# Training windows the end-of-run summary encodes (evenly spaced over the data): enough to
+# tell a few dozen codes in use from a few thousand, a second or so per 64 windows on a CPU.
+SUMMARY_WINDOWS = 512
+
+
+def codebook_summary(
+    model: VQNSP, data: TrainData, device: torch.device, *, max_windows: int = SUMMARY_WINDOWS
+) -> str:
+    """How many codes the trained tokenizer gives the patches of up to ``max_windows`` training
+    windows, and their perplexity, beside the EMA perplexity.
+
+    Read from the data, not from the EMA counts: the k-means initialisation and every dead-code
+    restart set a code's count to 1, so with restarts on every code looked active. Every rank
+    runs it (an FSDP model gathers its weights collectively); no EMA update is made."""
     num_codes = model.config.num_codes
-    active = round(stats["active_fraction"] * num_codes)
-    threshold = model.config.dead_code_threshold or 0.0
+    chosen = np.unique(np.linspace(0, len(data) - 1, min(len(data), max_windows)).round())
+    counts = torch.zeros(num_codes, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for _, batch in iterate_batches(data, chosen.astype(int).tolist(), 64):
+                batch = to_device(batch, device)
+                codes = model.get_codebook_indices(
+                    batch["x"],
+                    batch["input_chans"],
+                    channel_padding_mask=batch.get("channel_padding_mask"),
+                )
+                codes = codes[codes >= 0].cpu()  # -1: padded electrodes
+                counts += torch.bincount(codes, minlength=num_codes).double()
+    finally:
+        model.train(was_training)
+    used = int((counts > 0).sum())
+    ema = model.codebook_stats()["ema_perplexity"]
     return (
-        f"codebook: {active} of {num_codes} codes active (EMA count above {threshold:g}), "
-        f"EMA perplexity {stats['ema_perplexity']:.1f}"
+        f"codebook: {used} of {num_codes} codes used by the patches of {len(chosen)} training "
+        f"windows (perplexity {float(code_perplexity(counts)):.1f}; EMA perplexity {ema:.1f})"
     )
 
 
@@ -191,7 +223,7 @@ def _train(args: argparse.Namespace, config: RunConfig, resume: str | None) -> i
         if result.resumed_from is not None:
             say(runtime, f"resumed from {result.resumed_from}")
         say(runtime, finished_message(result, "tokenizer trained"))
-        say(runtime, codebook_summary(model))
+        say(runtime, codebook_summary(model, data, runtime.device))
         return 0
     finally:
         shutdown(runtime.dist)
