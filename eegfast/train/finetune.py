@@ -411,6 +411,25 @@ def check_resumed_fold(run_dir: Path, resume: str, train_recordings: Sequence[st
     )
 
 
+def prepared_like(data: TrainData, tasks: Sequence[str], train_idx: np.ndarray) -> dict[str, Any]:
+    """What a fine-tuned checkpoint records about its data: ``label_names`` (task -> class
+    names in its head's output order), ``window_seconds`` (the training windows' lengths) and
+    ``preprocess`` ([{"root", "settings"}] of the folders holding its tasks, as their
+    ``index.json`` has them)."""
+    from eegfast.data import load_index
+
+    indices = [(root, load_index(root)) for root in data.roots]
+    return {
+        "label_names": {task: list(data.label_names[task]) for task in tasks},
+        "window_seconds": sorted({int(data.items[int(i)].window_seconds) for i in train_idx}),
+        "preprocess": [
+            {"root": str(root), "settings": dict(index["settings"]["preprocess"])}
+            for root, index in indices
+            if set(index.get("tasks") or {}) & set(tasks)
+        ],
+    }
+
+
 def train_classifier(
     backbone: Backbone,
     tasks: Sequence[str],
@@ -486,6 +505,9 @@ def train_classifier(
             # what evaluate needs to tell this fold's training windows from held-out ones
             "train_recordings": train_recordings,
             "train_subjects": sorted({data.items[int(i)].subject for i in train_idx}),
+            # what predict and evaluate need to name the heads' outputs and to check new data,
+            # without the training folders (which may have moved since)
+            **prepared_like(data, tasks, train_idx),
         },
         find_unused_parameters=len(tasks) > 1 or bool(backbone.arch.get("upcycle")),
     )
@@ -954,9 +976,10 @@ def write_outputs(
             continue
         for variant in ("multitask", "single", "linear_probe", "band_power"):
             preds = [p for p in result.predictions if p["variant"] == variant and p["task"] == task]
-            if preds:
+            y = np.concatenate([p["y"] for p in preds]) if preds else np.zeros(0)
+            if len(np.unique(y)) == 2:  # no curve without both classes (a data subset)
                 roc.setdefault(task, {})[variant] = (
-                    np.concatenate([p["y"] for p in preds]),
+                    y,
                     np.concatenate([p["probs"][:, 1] for p in preds]),
                 )
     if roc:

@@ -107,6 +107,18 @@ def test_report_states_grouping_baseline_verdict_and_transfer(tmp_path):
     assert (tmp_path / "roc_curves.png").is_file() and (tmp_path / "results.csv").is_file()
 
 
+def test_no_roc_curve_for_a_task_tested_on_one_class(tmp_path, recwarn):
+    """A fixed model on a folder with one of its two classes (eegfast evaluate): no empty ROC
+    panel (nor matplotlib's warning about it); the confusion matrix keeps both classes."""
+    data = make_data([("mi", "s", f"r{i}", 1) for i in range(4)])
+    result = CVResult(grouping={"mi": "none"})
+    _record(result, 0, "single", "mi", data, np.arange(4), np.full((4, 2), 0.5))
+    payload = write_outputs(result, data, tmp_path, title="t", fixed_model=True)
+    assert "ROC curves" not in payload["figures"] and not (tmp_path / "roc_curves.png").exists()
+    assert (tmp_path / "confusion_matrices.png").is_file()
+    assert not [w for w in recwarn if "legend" in str(w.message)]
+
+
 def test_paired_bacc_difference_and_its_interval():
     y = np.array([0] * 30 + [1] * 10)
     truth = y.copy()

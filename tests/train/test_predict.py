@@ -268,15 +268,38 @@ def test_other_window_length_is_refused_other_filters_warn(runs, tmp_path, capsy
     assert "h_freq 40.0 (fine-tuned with 75.0)" in printed
 
 
-def test_class_names_when_the_training_folders_are_gone(runs, tmp_path, capsys):
-    """Class names come from the folders the model was fine-tuned on; without them from
-    --data where it has the task with as many classes, else class0, class1."""
-    model = tmp_path / "model"
-    shutil.copytree(runs["model"], model)
-    for meta_path in model.glob("checkpoints/*/meta.json"):
+def _moved_model(runs, to: Path, *, recorded: bool) -> Path:
+    """A copy of the model whose training folders are gone; ``recorded=False``: a checkpoint
+    of an eegfast that did not record its classes and data settings either."""
+    shutil.copytree(runs["model"], to)
+    for meta_path in to.glob("checkpoints/*/meta.json"):
         meta = json.loads(meta_path.read_text())
-        meta["config"]["data"]["roots"] = [str(tmp_path / "moved")]
+        meta["config"]["data"]["roots"] = [str(to.parent / "moved")]
+        if not recorded:
+            for key in ("label_names", "window_seconds", "preprocess"):
+                del meta[key]
         meta_path.write_text(json.dumps(meta))
+    return to
+
+
+def test_class_names_and_settings_come_from_the_checkpoint(runs, tmp_path, capsys):
+    """With the training folders gone, the checkpoint still names the heads' classes (in
+    their order) and keeps the data settings the model was fine-tuned with."""
+    model = _moved_model(runs, tmp_path / "model", recorded=True)
+    out = tmp_path / "pred"
+    assert _predict(runs, out, data=("new",), model=model) == 0
+    assert "note:" not in capsys.readouterr().out
+    columns, _ = _rows(out / "predictions.csv")
+    assert columns == FIXED + ["p_rest", "p_task", "p_busy", "p_calm"]
+    bad = _edited_copy(runs["new"], tmp_path / "bad", _other_scale)
+    assert _predict(runs, tmp_path / "out", data=(bad,), model=model) == 2
+    assert "amplitudes scaled by 1e+06 (volts to stored units)" in capsys.readouterr().err
+
+
+def test_class_names_when_the_training_folders_are_gone(runs, tmp_path, capsys):
+    """Older checkpoints: class names come from the folders the model was fine-tuned on;
+    without them from --data where it has the task with as many classes, else class0, class1."""
+    model = _moved_model(runs, tmp_path / "model", recorded=False)
     out = tmp_path / "pred"
     assert _predict(runs, out, data=("arith", "new"), model=model) == 0
     printed = capsys.readouterr().out

@@ -4,7 +4,12 @@
   on the labelled windows of its tasks, with the metrics, confusion matrices and ROC curves.
   Windows from the recordings a fold model was fine-tuned on are left out (its checkpoint
   records them), so the scores are held-out scores; ``--include-training-windows`` scores them
-  too, with a warning. ``predictions.csv`` has every scored window's prediction.
+  too, with a warning. ``predictions.csv`` has every scored window's prediction (its window
+  index in its recording and start in seconds, as ``eegfast predict`` writes them).
+  Labels are matched to the model's classes by name (its checkpoint records them, in its
+  heads' order), so the data may have fewer classes, or number them otherwise; windows of a
+  class the model does not have are refused (their scores would mean nothing). Data the model
+  cannot take (another window length or amplitude scale) is refused as ``predict`` refuses it.
 - A pretrained or upcycled backbone: a linear probe with grouped k-fold cross-validation
   (``--folds k``; logistic regression on frozen features) against the band-power baseline on
   the same folds.
@@ -17,7 +22,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +40,7 @@ from eegfast.train.commands.common import (
     say,
     start,
 )
+from eegfast.train.commands.predict import check_data, class_names, trained_on, window_positions
 from eegfast.train.config import RunConfig
 from eegfast.train.data import TrainData, load_data
 from eegfast.train.distributed import shutdown
@@ -110,32 +119,114 @@ def export_features(
 def write_predictions(
     path: Path, data: TrainData, scored: list[tuple[str, np.ndarray, np.ndarray]]
 ) -> Path:
-    """One row per scored window: task, recording, subject, label and predicted class names,
-    and the class probabilities (space-separated, in the task's class order).
+    """One row per scored window: task, recording, subject, the window's index in its
+    recording and start in seconds (as ``eegfast predict`` writes them, so that the two files
+    line up), label and predicted class names, and the class probabilities (space-separated,
+    in the task's class order: ``data.label_names``, the model's classes).
 
     scored: (task, window indices (n,), probabilities (n, classes)) per task.
     """
+    positions = window_positions(data)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(
-        ["task", "recording", "subject", "window", "label", "predicted", "probabilities"]
+        ["task", "recording", "subject", "window", "start_s", "label", "predicted", "probabilities"]
     )
     for task, indices, probs in scored:
         names = data.label_names[task]
         for index, row in zip(indices, probs, strict=True):
             item = data.items[int(index)]
+            window, start_s = positions[int(index)]
             writer.writerow(
                 [
                     task,
                     item.recording,
                     item.subject,
-                    int(index),
+                    window,
+                    f"{start_s:g}",
                     names[item.label],
                     names[int(np.argmax(row))],
                     " ".join(f"{p:.6g}" for p in row),
                 ]
             )
     return write_text_atomic(path, buffer.getvalue())
+
+
+def model_class_names(
+    model_path: str, heads: dict[str, int], tasks: Sequence[str], meta: dict, data: TrainData
+) -> tuple[dict[str, list[str]], list[str]]:
+    """Per task, the class names of the model's head in output order, and warnings.
+
+    Recorded in the checkpoint (older ones: read from the folders it was fine-tuned on). Where
+    neither can be read, ``--data``'s classes are taken if it has as many, with a warning (the
+    scores are wrong if the model numbered them otherwise); else CommandError: no output could
+    be matched to a class."""
+    known = trained_on(meta)
+    names, _ = class_names(heads, tasks, known, data)
+    notes = []
+    for task in tasks:
+        recorded = known.label_names.get(task)
+        if recorded and len(recorded) == int(heads[task]):
+            continue
+        if names[task] == data.label_names.get(task):
+            notes.append(
+                f"task {task!r}: --model {model_path} does not record its class names and the "
+                "folders it was fine-tuned on cannot be read: its outputs are taken to be "
+                f"--data's classes in --data's order ({', '.join(names[task])}); the scores "
+                "are wrong if it was fine-tuned on them in another order"
+            )
+            continue
+        raise CommandError(
+            f"--model {model_path}: the class names of its {task!r} head ({heads[task]} "
+            "outputs) are not recorded in its checkpoint and the folders it was fine-tuned on "
+            f"cannot be read; --data has {len(data.label_names.get(task) or [])} classes for "
+            f"{task!r} ({', '.join(data.label_names.get(task) or [])}), so no output can be "
+            "matched to a class"
+        )
+    return names, notes
+
+
+def in_model_classes(
+    data: TrainData, names: dict[str, list[str]], roots: Sequence[str | Path], model_path: str
+) -> TrainData:
+    """``data`` with the labels of the tasks in ``names`` renumbered, by class name, to the
+    model's classes (``names[task]``, its head's output order), which become its
+    ``label_names``: each folder numbers its own classes (a folder with a subset of them, or
+    another order, numbers them otherwise), and the scores must compare a window's label with
+    the output for the same class.
+
+    A labelled window of a class the model does not have is refused (CommandError naming the
+    task, the classes and the folder): its score would mean nothing, and leaving it out would
+    hide what is usually a naming slip (other label rules or spelling) behind scores of a part
+    of the data. ``roots``: the folders ``data`` was loaded from (``ItemInfo.root`` indexes
+    them)."""
+    label_names = dict(data.label_names)
+    remap: dict[str, list[int]] = {}
+    for task, model_names in names.items():
+        own = data.label_names.get(task) or []
+        remap[task] = [model_names.index(n) if n in model_names else -1 for n in own]
+        label_names[task] = list(model_names)
+        unknown: dict[str, set[int]] = {}  # class name -> folders (positions in roots)
+        for item in data.items:
+            if item.task == task and item.label >= 0 and remap[task][item.label] < 0:
+                unknown.setdefault(own[item.label], set()).add(item.root)
+        if unknown:
+            folders = sorted({int(r) for found in unknown.values() for r in found})
+            where = ", ".join(str(roots[r]) for r in folders)
+            raise CommandError(
+                f"--data {where}: task {task!r} has windows labelled "
+                f"{', '.join(sorted(unknown))}, which --model {model_path} has no class for "
+                f"(its {task!r} classes: {', '.join(model_names)}); their scores would mean "
+                "nothing: prepare the data again with the model's classes only (e.g. "
+                "--classes), or leave the task out with --tasks"
+            )
+    items = [
+        dataclasses.replace(item, label=remap[item.task][item.label])
+        if item.task in remap and item.label >= 0
+        else item
+        for item in data.items
+    ]
+    return TrainData(data.dataset, items, label_names, data.roots)
 
 
 def training_windows(meta: dict, data: TrainData, indices: np.ndarray) -> np.ndarray:
@@ -208,6 +299,16 @@ def _main(args: argparse.Namespace) -> int:
                     f"--model has heads for {sorted(heads)}, the data has tasks "
                     f"{data.tasks}: nothing to evaluate"
                 )
+            notes = [f"model `{args.model}` evaluated on the labelled windows (no training)"]
+            for warning in check_data(model, trained_on(meta), data):
+                say(runtime, f"warning: {warning}")
+                notes.append(f"**warning:** {warning}")
+            names, guessed = model_class_names(args.model, heads, tasks, meta, data)
+            for warning in guessed:
+                say(runtime, f"warning: {warning}")
+                notes.append(f"**warning:** {warning}")
+            # scored in the model's classes from here on (labels, metrics, plots, CSV)
+            data = in_model_classes(data, names, config.data.roots, args.model)
             selected, seen, total, seen_recordings = {}, 0, 0, set()
             for task in tasks:
                 indices = np.asarray(data.labelled(task))
@@ -240,19 +341,31 @@ def _main(args: argparse.Namespace) -> int:
                     runtime.device,
                     task_id=ids.get(task) if routes else None,
                 )
-                _record(
-                    result,
-                    0,
-                    "single" if len(heads) == 1 else "multitask",
-                    task,
-                    data,
-                    indices,
-                    probs,
+                absent = sorted(
+                    set(range(len(names[task]))) - {data.items[int(i)].label for i in indices}
                 )
+                if absent:  # said here, in words, instead of sklearn's warning
+                    note = (
+                        f"task {task!r}: no scored window of class "
+                        f"{', '.join(names[task][c] for c in absent)}: balanced accuracy is "
+                        "the mean recall over the other classes only"
+                    )
+                    say(runtime, f"note: {note}")
+                    notes.append(note)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "y_pred contains classes not in y_true")
+                    _record(
+                        result,
+                        0,
+                        "single" if len(heads) == 1 else "multitask",
+                        task,
+                        data,
+                        indices,
+                        probs,
+                    )
                 scored.append((task, indices, probs))
                 if load is not None:
                     result.expert_load.setdefault(task, []).append(load)
-            notes = [f"model `{args.model}` evaluated on the labelled windows (no training)"]
             if seen:
                 included = args.include_training_windows
                 note = training_windows_note(seen, total, len(seen_recordings), scored=included)

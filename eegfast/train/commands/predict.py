@@ -10,10 +10,11 @@ column per class (empty for the classes of other tasks). Scores nothing: ``eegfa
 scores a model on labelled held-out windows (the same probabilities, as it runs the model the
 same way) or linear-probes a pretrained backbone.
 
-Class names come from the folders the model was fine-tuned on (its checkpoint records them),
-or, where those are gone, from ``--data`` if it has the task with as many classes. Folders the
-model cannot take are refused before any work: electrodes it has no embedding row for, another
-patch length, window length or amplitude scale than it was trained with.
+Class names, window length and preprocessing come from the checkpoint (older checkpoints:
+from the folders the model was fine-tuned on, which the checkpoint names; where those are gone,
+class names from ``--data`` if it has the task with as many classes). Folders the model cannot
+take are refused before any work: electrodes it has no embedding row for, another patch
+length, window length or amplitude scale than it was trained with.
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ def main(args: argparse.Namespace) -> int:
 
 @dataclass
 class TrainedOn:
-    """What the folders a model was fine-tuned on (``meta["config"]["data"]``) tell, where
-    their ``index.json`` files can still be read."""
+    """What a model was fine-tuned on: as its checkpoint records it, or, for checkpoints that
+    do not, as the folders it was fine-tuned on (``meta["config"]["data"]``) tell, where their
+    ``index.json`` files can still be read."""
 
     label_names: dict[str, list[str]] = field(default_factory=dict)  # task -> class names
     window_seconds: set[int] = field(default_factory=set)
@@ -90,10 +92,22 @@ class TrainedOn:
 
 
 def trained_on(meta: dict[str, Any]) -> TrainedOn:
-    """The training folders' class names (merged in :func:`~eegfast.train.data.load_data`'s
-    order, so that class ids match the heads' outputs), window lengths and preprocessing.
-    Empty when any of them cannot be read (moved, or another machine): a partial merge could
-    give classes in another order."""
+    """The class names in the heads' output order, window lengths and preprocessing the model
+    was fine-tuned with: the checkpoint's ``label_names``, ``window_seconds`` and
+    ``preprocess`` (:func:`~eegfast.train.finetune.prepared_like`) where it has them; else
+    read from the training folders (class names merged in
+    :func:`~eegfast.train.data.load_data`'s order, so that class ids match the heads'
+    outputs), empty when any of them cannot be read (moved, or another machine): a partial
+    merge could give classes in another order."""
+    if meta.get("label_names") is not None:
+        return TrainedOn(
+            label_names={t: list(names) for t, names in meta["label_names"].items()},
+            window_seconds={int(s) for s in meta.get("window_seconds") or []},
+            preprocess=[
+                (str(entry["root"]), dict(entry["settings"]))
+                for entry in meta.get("preprocess") or []
+            ],
+        )
     data = (meta.get("config") or {}).get("data") or {}
     wanted = set(data.get("tasks") or [])
     found = TrainedOn()
