@@ -987,6 +987,11 @@ def write_outputs(
     if result.expert_load:
         loads = {t: np.mean(v, axis=0) for t, v in result.expert_load.items()}
         figures["expert load per task"] = plots.expert_load(loads, out_dir / "expert_load.png").name
+    # A plot an earlier report in this folder drew and this one does not (no ROC curve without
+    # both classes, no expert load without MoE) would sit beside a report that does not show it.
+    for name in plots.REPORT_PLOTS:
+        if name not in figures.values():
+            (out_dir / name).unlink(missing_ok=True)
 
     md = [f"# {title}", ""]
     md += [f"- {note}" for note in notes]

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+# Every plot a fine-tuning or evaluation report may show (eegfast.train.finetune.write_outputs).
+REPORT_PLOTS = ("loss_curves.png", "confusion_matrices.png", "roc_curves.png", "expert_load.png")
+
 
 def _pyplot():
     import matplotlib

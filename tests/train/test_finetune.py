@@ -119,6 +119,20 @@ def test_no_roc_curve_for_a_task_tested_on_one_class(tmp_path, recwarn):
     assert not [w for w in recwarn if "legend" in str(w.message)]
 
 
+def test_a_plot_of_an_earlier_report_is_not_left_beside_a_report_without_it(tmp_path):
+    """Re-evaluating into a folder whose earlier report drew ROC curves, now on one class: the
+    old roc_curves.png went on sitting beside a report that does not show it."""
+    for name in ("roc_curves.png", "expert_load.png"):
+        (tmp_path / name).write_bytes(b"an earlier report's plot")
+    data = make_data([("mi", "s", f"r{i}", 1) for i in range(4)])
+    result = CVResult(grouping={"mi": "none"})
+    _record(result, 0, "single", "mi", data, np.arange(4), np.full((4, 2), 0.5))
+    write_outputs(result, data, tmp_path, title="t", fixed_model=True)
+    assert not (tmp_path / "roc_curves.png").exists()
+    assert not (tmp_path / "expert_load.png").exists()
+    assert (tmp_path / "confusion_matrices.png").is_file()
+
+
 def test_paired_bacc_difference_and_its_interval():
     y = np.array([0] * 30 + [1] * 10)
     truth = y.copy()

@@ -18,6 +18,7 @@ import torch
 from eegfast.train.config import ConfigError, RunConfig, resolve_config, valid_keys
 from eegfast.train.distributed import DistInfo, choose_device, init_distributed
 from eegfast.train.engine import check_compile_support, seed_everything
+from eegfast.train.plots import REPORT_PLOTS
 
 EPILOG = (
     "Configuration: defaults, then --config FILE (.toml/.yaml), then --set key=value (repeatable; "
@@ -162,9 +163,8 @@ REPORT_ARTEFACTS = (
     "summary.json",
     "report.md",
     "predictions.npz",
-    "loss_curves.png",
-    "confusion.png",
-    "expert_load.png",
+    "predictions.csv",
+    *REPORT_PLOTS,
 )
 LOCK = ".lock"
 
