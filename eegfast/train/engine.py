@@ -35,7 +35,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,6 +224,18 @@ def _allow_a_graph_per_group(groups: int) -> Callable[[], None]:
     # first graph, dims made dynamic, size-1 dims, then one a group at most in each mode
     setattr(config, name, max(before, 8 + 2 * groups))
     return lambda: setattr(config, name, before)
+
+
+@contextlib.contextmanager
+def recompile_allowance(groups: int) -> Iterator[None]:
+    """Inside, dynamo's recompile limit covers ``groups`` batch groups as during :func:`fit`:
+    for running a model that fit compiled after it returns (the limit is back to torch's 8
+    then, and each task's eval-mode graph past it would run eager)."""
+    restore = _allow_a_graph_per_group(groups)
+    try:
+        yield
+    finally:
+        restore()
 
 
 def enable_activation_checkpointing(model: nn.Module) -> int:

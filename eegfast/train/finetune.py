@@ -15,6 +15,7 @@ weighted F1 for multi-class), mean ± std over folds, CSV + JSON + Markdown repo
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from eegfast.train.baseline import (
 )
 from eegfast.train.config import RunConfig
 from eegfast.train.data import TrainData, collate_fn
-from eegfast.train.engine import fit, seed_everything
+from eegfast.train.engine import fit, recompile_allowance, seed_everything
 from eegfast.train.metrics import classification_metrics, confusion, group_folds, mean_std
 from eegfast.train.objectives import StepContext, classification_step, to_device
 
@@ -598,14 +599,17 @@ def cross_validate(
                 else []
             )
             result.loss_curves[f"fold{plan.fold} {name}"] = curve
-            for task in variant_tasks:
-                test = plan.test[task]
-                probs, load = predict(
-                    model, data, test, task, runtime.device, task_id=routed.get(task)
-                )
-                _record(result, plan.fold, variant, task, data, test, probs)
-                if load is not None and variant == "multitask":
-                    result.expert_load.setdefault(task, []).append(load)
+            # a model fit compiled: each task's eval-mode graph counts towards dynamo's limit
+            compiled = recompile_allowance(len(set(data.group_keys)))
+            with compiled if config.train.compile else contextlib.nullcontext():
+                for task in variant_tasks:
+                    test = plan.test[task]
+                    probs, load = predict(
+                        model, data, test, task, runtime.device, task_id=routed.get(task)
+                    )
+                    _record(result, plan.fold, variant, task, data, test, probs)
+                    if load is not None and variant == "multitask":
+                        result.expert_load.setdefault(task, []).append(load)
         for task in tasks:
             train, test = plan.train[task], plan.test[task]
             y_train = np.array([data.items[i].label for i in train])

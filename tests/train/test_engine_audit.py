@@ -530,3 +530,39 @@ def test_compiled_multitask_training_compiles_every_task_instead_of_falling_back
     assert not counters["unimplemented"], "dynamo gave up compiling some steps"
     assert len(graphs) >= len(tasks)
     assert torch._dynamo.config.recompile_limit == limit
+
+
+def test_recompile_allowance_covers_each_task_in_both_modes_after_fit(monkeypatch):
+    """After fit the limit is torch's 8 again; a compiled 5-task model's predictions (eval
+    mode: a graph per task beside the training ones) ran eager from the limit on. Inside
+    recompile_allowance every task compiles."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from eegfast.train.arch import MultiTaskClassifier
+    from tests.train.fakes import collate
+
+    tasks = tuple(f"t{i}" for i in range(5))
+    data = SyntheticEEG(4, channels=(4,), tasks=("t0",))
+    batch = collate([data[i] for i in range(4)])
+
+    def run_every_task(model) -> None:
+        """Each task as training runs it, then as predictions do (eval mode, no grad)."""
+        for training in (True, False):
+            model.train(training)
+            with torch.set_grad_enabled(training):
+                for task in tasks:
+                    model(batch["x"], batch["input_chans"], task=task)
+
+    for allowed in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        model = MultiTaskClassifier(TinyClassifier(num_classes=0), {t: 2 for t in tasks}, 16)
+        model.compile(backend=lambda gm, example_inputs: gm.forward)
+        if allowed:
+            with engine.recompile_allowance(len(tasks)):
+                run_every_task(model)
+        else:
+            run_every_task(model)
+        assert bool(counters["unimplemented"]) is not allowed
+    torch._dynamo.reset()
