@@ -2,8 +2,11 @@
 
 from eegfast.models.checkpoint import (
     CheckpointMismatchError,
+    InferredArchitecture,
     LoadReport,
+    infer_architecture,
     load_checkpoint,
+    read_reference_checkpoint,
     read_state_dict,
 )
 from eegfast.models.hybrid import (
@@ -33,6 +36,7 @@ __all__ = [
     "HybridConfig",
     "HybridOutput",
     "HybridPretrainModel",
+    "InferredArchitecture",
     "LaBraM",
     "LaBraMConfig",
     "LaBraMForMaskedModeling",
@@ -45,11 +49,13 @@ __all__ = [
     "create_hybrid_model",
     "create_model",
     "get_config",
+    "infer_architecture",
     "list_models",
     "load_checkpoint",
     "load_hybrid_model",
     "pretrain_to_classifier_state_dict",
     "random_patch_mask",
+    "read_reference_checkpoint",
     "read_state_dict",
     "upcycle",
 ]

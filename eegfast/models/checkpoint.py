@@ -20,11 +20,12 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from eegfast.models.labram import LaBraM
+from eegfast.models.labram import LaBraM, LaBraMConfig
 from eegfast.models.pretrain import pretrain_to_classifier_state_dict
 
 WRAPPER_KEYS = ("model", "module", "state_dict", "model_state_dict")
@@ -368,3 +369,282 @@ def _braindecode_hints(
             f"+ 1): create the eegfast model with max_patches={rows.shape[1]}."
         )
     return hints
+
+
+# --- Checkpoint files without an eegfast architecture record --------------------------------
+# The reference's released files (``labram-base.pth``: the pretraining wrapper, ``student.*``;
+# ``vqnsp.pth``: the tokenizer), a plain classifier state dict, or braindecode ``Labram``
+# weights carry no config: which registered model they are is read from their tensor shapes.
+
+# Where each kind keeps its backbone transformer (embed dim, blocks, embeddings).
+_BACKBONE_PREFIX = {"classifier": "", "pretrain": "student.", "tokenizer": "encoder."}
+
+
+@dataclass(frozen=True)
+class InferredArchitecture:
+    """The registered model a state dict fits: ``create_model(name, **kwargs)`` has exactly
+    its keys and shapes.
+
+    ``kind``: ``"classifier"`` (:class:`LaBraM`), ``"pretrain"``
+    (:class:`~eegfast.models.pretrain.LaBraMPretrain`) or ``"tokenizer"``
+    (:class:`~eegfast.models.vqnsp.VQNSP`); ``kwargs``: only the config fields read from the
+    file that differ from ``name``'s (classes, vocabulary or codebook size, electrode-table
+    rows, time-embedding length).
+    """
+
+    kind: str
+    name: str
+    kwargs: dict[str, Any]
+
+
+def checkpoint_kind(state: Mapping[str, torch.Tensor]) -> str | None:
+    """``"pretrain"`` (``student.*``), ``"tokenizer"`` (``quantize.*``, or ``encoder.*`` with
+    ``decoder.*``), ``"classifier"`` (a LaBraM backbone's own keys, under the reference's or
+    braindecode's names) or None for anything else."""
+    if any(k.startswith("student.") for k in state):
+        return "pretrain"
+    if any(k.startswith("quantize.") for k in state) or (
+        any(k.startswith("encoder.") for k in state)
+        and any(k.startswith("decoder.") for k in state)
+    ):
+        return "tokenizer"
+    if is_braindecode_labram_state_dict(state) or any(
+        k in ("cls_token", "pos_embed", "time_embed") or k.startswith("blocks.") for k in state
+    ):
+        return "classifier"
+    return None
+
+
+def infer_architecture(
+    state: Mapping[str, torch.Tensor], *, name: str | None = None, source: str = "checkpoint"
+) -> InferredArchitecture:
+    """Which registered model (:func:`eegfast.models.list_models`) ``state`` is, from its
+    tensor shapes alone (candidates are built on the meta device: nothing is allocated).
+
+    ``state``: an unwrapped state dict (:func:`read_state_dict`; braindecode ``Labram`` names
+    are read as their eegfast counterparts). The kind comes from the keys
+    (:func:`checkpoint_kind`), the candidates from the backbone's embed dim and number of
+    blocks (and the tokenizer's decoder blocks), the kwargs from the head (classes),
+    ``lm_head`` (vocabulary), the codebook (codes, code dim), the ``pos_embed`` rows and the
+    ``time_embed`` length; then every key and shape must match the candidate.
+    ``name``: the model the caller expects instead of the candidates (a classifier name also
+    stands for its pretraining model and the reverse: ``labram_base`` for ``student.*`` weights
+    of ``labram_base_pretrain``).
+
+    Raises ValueError naming ``source`` and what was found when the kind is unknown or no model
+    (or more than one) fits, and :class:`CheckpointMismatchError` listing the keys and shapes
+    that differ when the expected model does not fit.
+    """
+    from eegfast.models.registry import MODEL_CONFIGS, create_model, list_models
+
+    kind = checkpoint_kind(state)
+    if kind is None:
+        raise ValueError(
+            f"{source}: not a LaBraM checkpoint eegfast knows (no 'student.', 'quantize.', "
+            f"'blocks.' or embedding keys; found e.g. {sorted(state)[:4]}); give an eegfast run, "
+            "a reference LaBraM or VQ-NSP checkpoint, or braindecode Labram weights"
+        )
+    braindecode = kind == "classifier" and is_braindecode_labram_state_dict(state)
+    original = state
+    if braindecode:
+        state = braindecode_to_eegfast_state_dict(state)
+    found = _size_in_file(state, kind)
+    described = f"{source}: a {kind} checkpoint ({_say_size(found)})"
+    same_kind = [n for n in list_models() if _kind_of(MODEL_CONFIGS[n]) == kind]
+    if name is not None:
+        candidates = [_named_for_kind(name, kind, MODEL_CONFIGS, described)]
+    else:
+        candidates = [n for n in same_kind if _size_of(MODEL_CONFIGS[n]) == found]
+        if not candidates:
+            known = "; ".join(f"{n}: {_say_size(_size_of(MODEL_CONFIGS[n]))}" for n in same_kind)
+            raise ValueError(f"{described}, which no registered model has ({known})")
+    fits: list[InferredArchitecture] = []
+    problems: list[str] = []
+    for candidate in candidates:
+        kwargs = _kwargs_in_file(state, kind, MODEL_CONFIGS[candidate])
+        try:
+            expected = create_model(candidate, device="meta", **kwargs).state_dict()
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{described} cannot be built as {candidate}: {error}") from None
+        report = _compare_shapes(state, expected)
+        if report.ok:
+            fits.append(InferredArchitecture(kind, candidate, kwargs))
+            continue
+        hints = _braindecode_hints(original, expected) if braindecode else []
+        size = _size_of(MODEL_CONFIGS[candidate])
+        title = f"{candidate} ({_say_size(size)})" if size != found else candidate
+        problems.append("\n".join([f"{title}: {_say_differences(report)}", *hints]))
+    if len(fits) == 1:
+        return fits[0]
+    if fits:
+        names = ", ".join(f.name for f in fits)
+        raise ValueError(
+            f"{described} fits several models ({names}): name the one it is (model.name)"
+        )
+    raise CheckpointMismatchError(f"{described} does not fit " + "\n".join(problems))
+
+
+def _say_differences(report: LoadReport, shown: int = 10) -> str:
+    """The keys of ``report`` that differ (layer numbers collapsed, at most ``shown`` shape
+    lines: a huge model differs in hundreds of keys at once)."""
+    lines = [f"{len(report.loaded)} keys fit"]
+    for title, keys in (
+        ("missing from the file", report.missing),
+        ("unexpected in the file", report.unexpected),
+    ):
+        if keys:
+            lines.append(f"{len(keys)} keys {title}:")
+            lines.extend(f"  {line}" for line in summarise_keys(keys))
+    if report.mismatched:
+        lines.append(f"{len(report.mismatched)} keys with another shape (model vs file):")
+        lines.extend(
+            f"  {key}: {list(want)} vs {list(got)}" for key, want, got in report.mismatched[:shown]
+        )
+        if len(report.mismatched) > shown:
+            lines.append(f"  ... and {len(report.mismatched) - shown} more")
+    return "\n".join(lines)
+
+
+def read_reference_checkpoint(
+    path: str | os.PathLike, *, name: str | None = None
+) -> tuple[InferredArchitecture, dict[str, torch.Tensor]]:
+    """The architecture (:func:`infer_architecture`) and the tensors of a checkpoint file
+    without an eegfast architecture record, read safely (:func:`read_state_dict`); braindecode
+    ``Labram`` keys come back under the eegfast names, so that
+    ``create_model(found.name, **found.kwargs).load_state_dict(state)`` loads every key."""
+    state = read_state_dict(path)
+    found = infer_architecture(state, name=name, source=str(path))
+    if found.kind == "classifier" and is_braindecode_labram_state_dict(state):
+        state = braindecode_to_eegfast_state_dict(state)
+    return found, state
+
+
+def _kind_of(config) -> str:
+    from eegfast.models.vqnsp import VQNSPConfig
+
+    if isinstance(config, VQNSPConfig):
+        return "tokenizer"
+    return "classifier" if isinstance(config, LaBraMConfig) else "pretrain"
+
+
+def _backbone_config(config) -> LaBraMConfig:
+    """The config of the transformer whose embeddings and blocks tell models apart."""
+    kind = _kind_of(config)
+    if kind == "classifier":
+        return config
+    return config.backbone if kind == "pretrain" else config.encoder
+
+
+def _size_of(config) -> dict[str, int]:
+    """The sizes that tell registered models apart without building them."""
+    backbone = _backbone_config(config)
+    size = {"embed dim": backbone.embed_dim, "blocks": backbone.depth}
+    if _kind_of(config) == "tokenizer":
+        size["decoder blocks"] = config.decoder.depth
+    return size
+
+
+def _size_in_file(state: Mapping[str, torch.Tensor], kind: str) -> dict[str, int | None]:
+    """The same sizes read from a state dict (None where its keys do not tell)."""
+
+    def sizes(prefix: str) -> tuple[int | None, int]:
+        embed = None
+        for key in ("cls_token", "pos_embed", "blocks.0.norm1.weight"):
+            tensor = state.get(prefix + key)
+            if tensor is not None and tensor.dim() >= 1:
+                embed = int(tensor.shape[-1])
+                break
+        pattern = re.compile(re.escape(prefix) + r"blocks\.(\d+)\.")
+        blocks = {match.group(1) for key in state if (match := pattern.match(key))}
+        return embed, len(blocks)
+
+    embed, depth = sizes(_BACKBONE_PREFIX[kind])
+    size: dict[str, int | None] = {"embed dim": embed, "blocks": depth}
+    if kind == "tokenizer":
+        size["decoder blocks"] = sizes("decoder.")[1]
+    return size
+
+
+def _say_size(size: Mapping[str, int | None]) -> str:
+    return ", ".join(f"{key} {'?' if value is None else value}" for key, value in size.items())
+
+
+def _named_for_kind(name: str, kind: str, configs: Mapping[str, Any], described: str) -> str:
+    """The registered model of ``kind`` that ``name`` stands for (``labram_base`` and
+    ``labram_base_pretrain`` for each other)."""
+    if name not in configs:
+        raise ValueError(
+            f"{described}; the model named for it, {name!r}, is not registered; available: "
+            f"{', '.join(sorted(configs))}"
+        )
+    if _kind_of(configs[name]) == kind:
+        return name
+    # a classifier name stands for its pretraining model and the reverse
+    swapped = f"{name}_pretrain" if kind == "pretrain" else name.removesuffix("_pretrain")
+    if kind != "tokenizer" and swapped in configs and _kind_of(configs[swapped]) == kind:
+        return swapped
+    raise ValueError(
+        f"{described}, but the model named for it, {name}, is a {_kind_of(configs[name])} model"
+    )
+
+
+def _kwargs_in_file(state: Mapping[str, torch.Tensor], kind: str, config) -> dict[str, Any]:
+    """Config fields the file sets differently from ``config``: classes (``head``, 0 without
+    one), vocabulary (``lm_head``), codebook size and code dim, q/v biases, q/k norms and layer
+    scale (their keys), ``pos_embed`` rows and ``time_embed`` length (the tokenizer's two
+    transformers keep their configs' own: a file with others does not fit)."""
+    kwargs: dict[str, Any] = {}
+    if kind == "tokenizer":
+        codebook = state.get("quantize.embedding.weight")
+        if codebook is not None and codebook.dim() == 2:
+            for field_name, value in (
+                ("num_codes", codebook.shape[0]),
+                ("code_dim", codebook.shape[1]),
+            ):
+                if int(value) != getattr(config, field_name):
+                    kwargs[field_name] = int(value)
+        return kwargs
+    if kind == "classifier":
+        head = state.get("head.weight")
+        classes = int(head.shape[0]) if head is not None and head.dim() == 2 else 0
+        if classes != config.num_classes:
+            kwargs["num_classes"] = classes
+    else:
+        head = state.get("lm_head.weight", state.get("student.lm_head.weight"))
+        if head is not None and head.dim() == 2 and int(head.shape[0]) != config.vocab_size:
+            kwargs["vocab_size"] = int(head.shape[0])
+    backbone = _backbone_config(config)
+    prefix = _BACKBONE_PREFIX[kind]
+    if any(k.startswith(f"{prefix}blocks.0.") for k in state):
+        # attention options that add or remove keys (braindecode's Labram takes qkv_bias=True)
+        block = {k.removeprefix(f"{prefix}blocks.0.") for k in state}
+        options = {"qkv_bias": "attn.q_bias" in block, "qk_norm": "attn.q_norm.weight" in block}
+        for field_name, value in options.items():
+            if value != getattr(backbone, field_name):
+                kwargs[field_name] = value
+        if "gamma_1" not in block and backbone.init_values:
+            kwargs["init_values"] = 0.0  # no layer scale
+    for key, field_name in (("pos_embed", "pos_rows"), ("time_embed", "max_patches")):
+        tensor = state.get(prefix + key)
+        if (
+            tensor is not None
+            and tensor.dim() == 3
+            and tensor.shape[1] != getattr(backbone, field_name)
+        ):
+            kwargs[field_name] = int(tensor.shape[1])
+    return kwargs
+
+
+def _compare_shapes(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> LoadReport:
+    report = LoadReport()
+    for key, value in state.items():
+        if key not in expected:
+            report.unexpected.append(key)
+        elif tuple(value.shape) != tuple(expected[key].shape):
+            report.mismatched.append((key, tuple(expected[key].shape), tuple(value.shape)))
+        else:
+            report.loaded.append(key)
+    report.missing = [k for k in expected if k not in state]
+    return report

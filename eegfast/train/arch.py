@@ -9,7 +9,9 @@
      "heads": {"task": num_classes} | None # fine-tuned task heads}
 
 so that ``eegfast finetune --set model.init=RUN`` can rebuild an upcycled MoE backbone before
-loading its weights.
+loading its weights. A checkpoint file without that record (the reference's ``labram-base.pth``
+or ``vqnsp.pth``, a classifier state dict, braindecode ``Labram`` weights) gets one inferred
+from its tensor shapes (:func:`reference_checkpoint`).
 """
 
 from __future__ import annotations
@@ -124,25 +126,68 @@ def build_model(arch: Mapping[str, Any], *, create: CreateFn | None = None) -> n
     return model
 
 
+# meta["command"] of a checkpoint file without an eegfast record (see reference_checkpoint)
+REFERENCE = "reference"
+
+
+def reference_checkpoint(
+    path: str | Path, *, name: str | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """(arch, weights, meta) of a checkpoint file without an eegfast ``meta.json``: the
+    reference's pretraining (``student.*``) or tokenizer file, a classifier state dict, or
+    braindecode ``Labram`` weights (renamed to eegfast's keys).
+
+    Read safely (:func:`eegfast.models.read_state_dict`); the architecture is the registered
+    model whose keys and shapes the file has (:func:`eegfast.models.infer_architecture`), or
+    ``name`` when given, which must then fit (ValueError listing what differs). ``meta``:
+    ``{"arch": ..., "source": path, "command": "reference"}``.
+    """
+    from eegfast.models import read_reference_checkpoint
+
+    found, weights = read_reference_checkpoint(path, name=name)
+    arch = {"kind": found.kind, "name": found.name, "kwargs": dict(found.kwargs)}
+    return arch, weights, {"arch": arch, "source": str(path), "command": REFERENCE}
+
+
+def _no_record(path: str | Path) -> ValueError:
+    return ValueError(
+        f"{path}: no architecture record (meta.json 'arch'); not an eegfast run (a checkpoint "
+        "file without one is read by its tensor shapes)"
+    )
+
+
 def load_trained(
-    path: str | Path, *, prefer: str = "best", create: CreateFn | None = None
+    path: str | Path,
+    *,
+    prefer: str = "best",
+    create: CreateFn | None = None,
+    name: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model saved at ``path`` (weights file, checkpoint folder or run folder) and its
-    ``meta.json``; rebuilt from ``meta["arch"]`` and loaded strictly."""
+    ``meta.json``; rebuilt from ``meta["arch"]`` and loaded strictly. A file without an
+    eegfast record is read as :func:`reference_checkpoint` (``name``: the model it must be)."""
     from eegfast.train.checkpoint import load_weights, read_meta
 
     meta = read_meta(path, prefer=prefer)
     if "arch" not in meta:
-        raise ValueError(f"{path}: no architecture record (meta.json 'arch'); not an eegfast run")
+        if not Path(path).is_file():
+            raise _no_record(path)
+        arch, weights, meta = reference_checkpoint(path, name=name)
+        model = build_model(arch, create=create)
+        model.load_state_dict(weights, strict=True)
+        return model, meta
     model = build_model(meta["arch"], create=create)
     model.load_state_dict(load_weights(path, prefer=prefer), strict=True)
     return model, meta
 
 
 def backbone_from_checkpoint(
-    path: str | Path, *, drop_path: float | None = None
+    path: str | Path, *, drop_path: float | None = None, name: str | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """(backbone arch, backbone weights, meta) from a pretraining, upcycled or fine-tuned run.
+    """(backbone arch, backbone weights, meta) from a pretraining, upcycled or fine-tuned run,
+    or from a checkpoint file without an eegfast record (:func:`reference_checkpoint`: the
+    reference's ``labram-base.pth``, a classifier state dict, whose head is left behind, or
+    braindecode ``Labram`` weights; ``name``: the model it must be).
 
     Pretraining checkpoints (masked or hybrid) are mapped to the classifier's keys with
     :func:`eegfast.models.pretrain_to_classifier_state_dict` (the pretraining-only settings,
@@ -154,8 +199,14 @@ def backbone_from_checkpoint(
     meta = read_meta(path)
     arch = meta.get("arch")
     if arch is None:
-        raise ValueError(f"{path}: no architecture record (meta.json 'arch'); not an eegfast run")
-    weights = load_weights(path)
+        if not Path(path).is_file():
+            raise _no_record(path)
+        arch, weights, meta = reference_checkpoint(path, name=name)
+        if arch["kind"] == "classifier":  # its head was trained for the file's own classes
+            arch = {**arch, "kwargs": {**arch["kwargs"], "num_classes": 0}}
+            weights = {k: v for k, v in weights.items() if not k.startswith("head.")}
+    else:
+        weights = load_weights(path)
     kind = arch.get("kind")
     if kind in ("pretrain", "hybrid"):
         from eegfast.models import pretrain_to_classifier_state_dict

@@ -1,9 +1,11 @@
 """``eegfast finetune --data FOLDER... --out RUN [--init RUN] [--folds k]``: fine-tune with
 subject-wise cross-validation.
 
-Starts from a pretrained, upcycled (MoE) or fine-tuned run (``--init``, sets model.init), or
-from scratch (``model.name``). With several tasks in the data, trains one multi-task model (a
-head per task, the task id routed to MoE layers) and, unless
+Starts from a pretrained, upcycled (MoE) or fine-tuned run (``--init``, sets model.init), from
+a checkpoint file of the reference LaBraM (its ``labram-base.pth``, a classifier state dict or
+braindecode ``Labram`` weights: the model is read from the tensor shapes, or named with
+``--set model.name``), or from scratch (``model.name``). With several tasks in the data,
+trains one multi-task model (a head per task, the task id routed to MoE layers) and, unless
 ``finetune.single_task_baseline=false``, one model per task on the same folds for the
 negative-transfer report. ``finetune.mode=linear`` fits logistic regression on frozen features
 instead. The classic baseline (log band power + logistic regression) runs on the same folds.
@@ -53,7 +55,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_run_arguments(parser)
-    parser.add_argument("--init", default=None, help="run/checkpoint to start from (model.init)")
+    parser.add_argument(
+        "--init",
+        default=None,
+        help="run/checkpoint, or reference LaBraM checkpoint file, to start from (model.init)",
+    )
     parser.add_argument("--folds", type=int, default=None, help="k of k-fold (finetune.folds)")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks (data.tasks)")
     parser.add_argument("--linear", action="store_true", help="linear probe (finetune.mode)")
@@ -63,10 +69,13 @@ def main(args: argparse.Namespace) -> int:
     return run_command("finetune", lambda: _main(args))
 
 
-def backbone_for(config: RunConfig) -> Backbone:
+def backbone_for(config: RunConfig, named: str | None = None) -> Backbone:
+    """The backbone to fine-tune: ``model.init`` (a run, or a checkpoint file without an
+    eegfast record, which must then be the model ``named`` when the user named one), else a
+    fresh ``model.name``."""
     if config.model.init:
         arch, weights, meta = backbone_from_checkpoint(
-            config.model.init, drop_path=config.model.drop_path
+            config.model.init, drop_path=config.model.drop_path, name=named
         )
         return Backbone(
             arch, weights, list(meta.get("task_names") or []), meta.get("pretrained_on")
@@ -95,6 +104,12 @@ def _main(args: argparse.Namespace) -> int:
     check_tasks(config)
     with run_folder(args) as resume:
         return _train(args, config, resume)
+
+
+def named_model(args: argparse.Namespace) -> str | None:
+    """``model.name`` when the user set it (--config or --set), None when it is only the
+    default: a checkpoint file given to --init must then be that model."""
+    return resolve(args, DEFAULTS.with_overrides({"model.name": ""})).model.name or None
 
 
 def check_tasks(config: RunConfig) -> None:
@@ -128,7 +143,7 @@ def _train(args: argparse.Namespace, config: RunConfig, resume: str | None) -> i
     runtime = start(config)
     try:
         data = load_data(config.data.roots, config.data.tasks)
-        backbone = backbone_for(config)
+        backbone = backbone_for(config, named_model(args) if config.model.init else None)
         out = Path(args.out)
         if runtime.dist.is_main:
             out.mkdir(parents=True, exist_ok=True)

@@ -149,12 +149,18 @@ def tokenizer_for_run(given: str, recorded: dict[str, str] | None) -> tuple[str,
 
 
 def load_tokenizer(path: str, device: torch.device) -> torch.nn.Module:
-    """The frozen tokenizer of a ``eegfast tokenizer`` run, in eval mode."""
+    """The frozen tokenizer of a ``eegfast tokenizer`` run, or of a tokenizer checkpoint file
+    without an eegfast record (the reference's ``vqnsp.pth``: its model, codebook size
+    included, read from the tensor shapes), in eval mode."""
     if not path:
         raise CommandError("pretraining needs a tokenizer: --tokenizer RUN (or model.tokenizer)")
     tokenizer, meta = load_trained(path, prefer="latest")
     if meta["arch"].get("kind") != "tokenizer":
-        raise CommandError(f"--tokenizer {path}: this is a {meta['arch'].get('kind')} checkpoint")
+        found = f" ({meta['arch'].get('name')})" if meta.get("command") == "reference" else ""
+        raise CommandError(
+            f"--tokenizer {path}: this is a {meta['arch'].get('kind')} checkpoint{found}, not "
+            "a VQ-NSP tokenizer"
+        )
     tokenizer.requires_grad_(False)
     return tokenizer.to(device).eval()
 

@@ -20,13 +20,17 @@ from eegfast.fileio import write_text_atomic
 from eegfast.train import checkpoint as ckpt
 from eegfast.train.arch import backbone_from_checkpoint, build_model
 from eegfast.train.commands.common import CommandError, run_command, run_folder
-from eegfast.train.config import RunConfig, config_to_dict, resolve_config
+from eegfast.train.config import ModelConfig, RunConfig, config_to_dict, resolve_config
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--model", required=True, help="pretraining (or classifier) run/checkpoint")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="pretraining (or classifier) run/checkpoint, or a reference LaBraM checkpoint file",
+    )
     parser.add_argument("--out", type=Path, required=True, help="run folder to write")
     parser.add_argument("--config", type=Path, default=None, help="TOML/YAML (upcycle.* keys)")
     parser.add_argument(
@@ -64,18 +68,20 @@ def _main(args: argparse.Namespace) -> int:
     if args.top_k is not None:
         extra.append(f"upcycle.top_k={args.top_k}")
     config = resolve_config(RunConfig(), args.config, [*args.overrides, *extra])
+    # model.name as the user set it: a checkpoint file given to --model must then be that model
+    named = resolve_config(RunConfig(model=ModelConfig(name="")), args.config, args.overrides)
     with run_folder(args):  # checks --out first (and refuses again under its lock)
-        return _upcycle(args, config)
+        return _upcycle(args, config, named.model.name or None)
 
 
-def _upcycle(args: argparse.Namespace, config: RunConfig) -> int:
+def _upcycle(args: argparse.Namespace, config: RunConfig, named: str | None = None) -> int:
     up = config.upcycle
     task_names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
     # A task named twice would get two router ids, and fine-tuning would use only the last one.
     repeated = sorted({t for t in task_names if task_names.count(t) > 1})
     if repeated:
         raise CommandError(f"--tasks names {repeated} more than once: {args.tasks!r}")
-    backbone_arch, weights, source_meta = backbone_from_checkpoint(args.model)
+    backbone_arch, weights, source_meta = backbone_from_checkpoint(args.model, name=named)
     if backbone_arch.get("upcycle"):
         raise CommandError(f"--model {args.model}: this backbone is already a MoE model")
     dense = build_model(backbone_arch)
