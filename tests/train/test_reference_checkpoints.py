@@ -149,6 +149,12 @@ def test_pretrain_uses_the_codebook_of_a_reference_tokenizer_file(
     meta = ckpt.latest_checkpoint(out / "checkpoints").meta
     assert meta["arch"]["kwargs"]["vocab_size"] == 128
     assert _latest_weights(out)["lm_head.weight"].shape[0] == 128
+    # resumed against the same file (the record kept its folder only, and looked there for
+    # model.safetensors: "gone or changed")
+    argv[argv.index("train.max_steps=1")] = "train.max_steps=2"
+    resumed = [*argv, "--set", "train.batch_size=2", "--no-progress", "--resume", "auto"]
+    assert cli(resumed) == 0, capsys.readouterr().err
+    assert ckpt.latest_checkpoint(out / "checkpoints").step == 2
 
 
 def test_wrong_files_are_one_line_errors_naming_them(prepared, labram_pth, tmp_path, capsys):  # noqa: F811

@@ -99,9 +99,10 @@ def _sha256(path: Path) -> str:
 
 def tokenizer_record(path: str | Path) -> dict[str, str]:
     """The tokenizer checkpoint ``path`` (a run folder: its newest) resolves to: absolute
-    folder and the sha256 of its weights, kept in the pretraining checkpoints' meta."""
+    folder, the weights file's name in it (``model.safetensors``, or a reference file's own
+    name, e.g. ``vqnsp.pth``) and its sha256, kept in the pretraining checkpoints' meta."""
     weights = ckpt.resolve_weights_path(path, prefer="latest").resolve()
-    return {"checkpoint": str(weights.parent), "sha256": _sha256(weights)}
+    return {"checkpoint": str(weights.parent), "file": weights.name, "sha256": _sha256(weights)}
 
 
 def _resume_meta(resume: str | None, out: Path) -> dict[str, Any]:
@@ -124,6 +125,7 @@ def tokenizer_for_run(given: str, recorded: dict[str, str] | None) -> tuple[str,
     if not recorded:
         return given, []
     started = Path(recorded["checkpoint"])
+    name = recorded.get("file", ckpt.WEIGHTS)  # (records before the name was kept: a run's)
     try:
         newest = ckpt.resolve_weights_path(given, prefer="latest").parent.resolve()
     except FileNotFoundError:
@@ -131,8 +133,10 @@ def tokenizer_for_run(given: str, recorded: dict[str, str] | None) -> tuple[str,
     candidates = [started, Path(given) / "checkpoints" / started.name, Path(given) / started.name]
     if newest is not None:
         candidates.append(newest)
+    if Path(given).is_file():  # a checkpoint file without a run around it (vqnsp.pth)
+        candidates.insert(0, Path(given).parent)
     for candidate in candidates:
-        weights = candidate / ckpt.WEIGHTS
+        weights = candidate / name
         if weights.is_file() and _sha256(weights) == recorded["sha256"]:
             notes = []
             if newest is not None and newest != candidate.resolve():
@@ -140,7 +144,7 @@ def tokenizer_for_run(given: str, recorded: dict[str, str] | None) -> tuple[str,
                     f"note: --tokenizer {given}: using {candidate}, the tokenizer checkpoint "
                     f"this run started with, not {newest}"
                 )
-            return str(candidate), notes
+            return str(candidate if name == ckpt.WEIGHTS else weights), notes
     raise CommandError(
         f"--tokenizer {given}: this run was pretrained with the tokenizer checkpoint {started} "
         f"(sha256 {recorded['sha256'][:12]}), which is gone or changed; pass that tokenizer to "
