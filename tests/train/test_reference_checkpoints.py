@@ -192,3 +192,57 @@ def test_backbone_from_a_classifier_state_dict_leaves_its_head_behind(tmp_path):
     tokenizer = _as_reference_file(_random("vqnsp_tiny", seed=6), tmp_path / "vqnsp.pth")
     with pytest.raises(ValueError, match="a 'tokenizer' checkpoint cannot initialise"):
         backbone_from_checkpoint(tokenizer)
+
+
+def _predict_argv(model, prepared, out, *extra):  # noqa: F811
+    argv = ["predict", "--model", str(model), "--data", str(prepared), "--out", str(out)]
+    return [*argv, *extra, "--no-progress"]
+
+
+def test_predict_takes_a_reference_classifier_file(prepared, labram_pth, tmp_path, capsys):  # noqa: F811
+    """It stopped with "no architecture record (meta.json 'arch'); not an eegfast run". The
+    file's one head is named by --tasks (required: the file names no task), its classes by
+    --data's task of that name where the counts match, else class0..; the probabilities are
+    the file's model's."""
+    from eegfast.data import collate_padded
+    from eegfast.train.data import load_data
+
+    state = _random("labram_tiny", seed=7, num_classes=2)
+    path = _as_reference_file(state, tmp_path / "classifier.pth")
+    assert cli(_predict_argv(path, prepared, tmp_path / "none")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--model {path}: a classifier file" in err
+    assert "one head of 2 classes" in err and "--tasks NAME" in err
+    assert cli(_predict_argv(path, prepared, tmp_path / "none", "--tasks", "arith,x")) == 2
+    assert "--tasks 'arith,x' names 2 tasks" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+    out = tmp_path / "pred"
+    assert cli(_predict_argv(path, prepared, out, "--tasks", "arith")) == 0, capsys.readouterr().err
+    assert "taken to be --data's 'arith' classes in --data's order (rest, task)" in (
+        capsys.readouterr().out
+    )
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert list(rows[0])[-2:] == ["p_rest", "p_task"] and {r["task"] for r in rows} == {"arith"}
+    data = load_data([prepared])
+    assert [r["label"] for r in rows] == [data.label_names["arith"][i.label] for i in data.items]
+    model = create_model("labram_tiny", num_classes=2)
+    model.load_state_dict(state)
+    model.eval()
+    batch = collate_padded([data.dataset[i] for i in range(len(data))])
+    with torch.no_grad():
+        expected = model(batch["x"], batch["input_chans"]).softmax(-1).numpy()
+    got = [[float(r["p_rest"]), float(r["p_task"])] for r in rows]
+    torch.testing.assert_close(torch.tensor(got), torch.from_numpy(expected), atol=2e-5, rtol=0)
+    assert [r["predicted"] for r in rows] == [["rest", "task"][k] for k in expected.argmax(1)]
+
+    # another class count than --data's task: class0..; a file without a head: refused
+    three = _as_reference_file(_random("labram_tiny", 8, num_classes=3), tmp_path / "c3.pth")
+    out3 = tmp_path / "pred3"
+    assert cli(_predict_argv(three, prepared, out3, "--tasks", "arith")) == 0
+    assert "written as class0..class2" in capsys.readouterr().out
+    header = (out3 / "predictions.csv").read_text().splitlines()[0]
+    assert header.endswith(",p_class0,p_class1,p_class2")
+    pretraining, _ = labram_pth
+    assert cli(_predict_argv(pretraining, prepared, tmp_path / "none", "--tasks", "arith")) == 2
+    assert "a 'pretrain' checkpoint without task heads" in capsys.readouterr().err

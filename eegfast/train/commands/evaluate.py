@@ -15,7 +15,12 @@
   the same folds.
 
 ``--export-features FILE.npz`` also writes the frozen pooled features (N, E) of every window
-with its task, label, subject and recording (for zero-shot or external linear use).
+with its task, label, subject and recording (for zero-shot or external linear use): the
+backbone's ``forward_features`` (a fine-tuned model's backbone; a pretraining checkpoint as the
+classifier backbone the linear probe takes). Entries: ``features`` (N, E) float32, ``task``,
+``subject``, ``recording`` (N,) str, ``label`` (N,) int (-1: unlabelled; an index into that
+task's classes) and ``label_names/<task>`` (the task's class names in label order, as
+``--data`` numbers them).
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 from eegfast.fileio import write_atomic, write_text_atomic
-from eegfast.train.arch import backbone_from_checkpoint, load_trained
+from eegfast.train.arch import backbone_from_checkpoint, build_model, load_trained
 from eegfast.train.commands.common import (
     CommandError,
     add_run_arguments,
@@ -49,6 +56,7 @@ from eegfast.train.finetune import (
     CVResult,
     _record,
     cross_validate,
+    load_backbone_weights,
     predict,
     write_outputs,
 )
@@ -79,11 +87,30 @@ def main(args: argparse.Namespace) -> int:
     return run_command("evaluate", lambda: _main(args))
 
 
+def feature_model(arch: dict, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """The classifier backbone ``arch`` with ``weights`` (as :func:`backbone_from_checkpoint`
+    gives them), built as the linear probe builds it, so that exported features are the ones
+    it fits on. forward_features(x (B, C, A, 200), input_chans, ...) -> (B, E)."""
+    model = build_model(arch)
+    load_backbone_weights(model, weights)
+    return model
+
+
 def export_features(
-    model, data: TrainData, path: Path, device, task_names: list[str], routes: bool
+    model: nn.Module,
+    data: TrainData,
+    path: Path,
+    device,
+    task_names: list[str],
+    routes: bool,
 ) -> Path:
+    """``path`` (.npz, atomically): ``model.forward_features`` (N, E) of every window of
+    ``data`` with its task, label id, subject and recording, and per task its class names
+    (``label_names/<task>``, in ``data.label_names`` order: a label id indexes them).
+
+    model: a fine-tuned model or a classifier backbone (:func:`feature_model`); a pretraining
+    model has no pooled features. task_names: the router's task ids (used where ``routes``)."""
     ids = {t: i for i, t in enumerate(task_names)}
-    features = np.zeros((len(data), 0), dtype=np.float32)
     chunks = {}
     for task in data.tasks:
         indices = np.array([i for i, item in enumerate(data.items) if item.task == task])
@@ -111,6 +138,11 @@ def export_features(
                 task=np.array([i.task for i in data.items]),
                 subject=np.array([i.subject for i in data.items]),
                 recording=np.array([i.recording for i in data.items]),
+                # label ids alone cannot be read: each folder numbers its own classes
+                **{
+                    f"label_names/{task}": np.array(data.label_names.get(task) or [], dtype=str)
+                    for task in data.tasks
+                },
             )
 
     return write_atomic(path, save)
@@ -280,16 +312,25 @@ def _main(args: argparse.Namespace) -> int:
     try:
         data = load_data(config.data.roots, config.data.tasks)
         model, meta = load_trained(args.model)
-        model.to(runtime.device)
         arch = meta["arch"]
         task_names = list(meta.get("task_names") or [])
         routes = bool((arch.get("upcycle") or {}).get("num_tasks"))
+        if arch.get("heads"):
+            model.to(runtime.device)
+        else:  # a pretraining model has no pooled features: the probe's classifier backbone
+            arch_b, weights, _ = backbone_from_checkpoint(args.model)
+            model = None
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         if args.export_features:
+            if model is not None:  # its backbone's pooled features
+                features_of = model
+            else:
+                features_of = feature_model(arch_b, weights).to(runtime.device)
             path = export_features(
-                model, data, args.export_features, runtime.device, task_names, routes
+                features_of, data, args.export_features, runtime.device, task_names, routes
             )
+            del features_of  # the probe builds its own copy of a backbone
             say(runtime, f"features: {path}")
         if arch.get("heads"):
             heads = arch["heads"]
@@ -373,7 +414,6 @@ def _main(args: argparse.Namespace) -> int:
                 notes.append(f"**warning:** {note}" if included else note)
         else:
             scored = []
-            arch_b, weights, meta_b = backbone_from_checkpoint(args.model)
             backbone = Backbone(arch_b, weights, task_names or sorted(data.tasks))
             result = cross_validate(
                 data, config, out, runtime, backbone, log=lambda text: say(runtime, text)

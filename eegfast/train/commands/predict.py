@@ -15,6 +15,12 @@ from the folders the model was fine-tuned on, which the checkpoint names; where 
 class names from ``--data`` if it has the task with as many classes). Folders the model cannot
 take are refused before any work: electrodes it has no embedding row for, another patch
 length, window length or amplitude scale than it was trained with.
+
+A classifier file without an eegfast record (a LaBraM fine-tuned by the reference code, or
+braindecode ``Labram`` weights, read by its tensor shapes) has one head and neither task nor
+class names: ``--tasks NAME`` (one task) names its head, and its outputs take the class names of
+``--data``'s task of that name where it has as many classes (in ``--data``'s order, which the
+file cannot confirm), else ``class0``, ``class1``, ...
 """
 
 from __future__ import annotations
@@ -28,13 +34,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 from torch.utils.data import ConcatDataset
 from tqdm import tqdm
 
 from eegfast.data import load_index
 from eegfast.data.preprocess import PATCH_SAMPLES, TARGET_SFREQ
 from eegfast.fileio import write_text_atomic
-from eegfast.train.arch import load_trained
+from eegfast.train.arch import REFERENCE, load_trained
 from eegfast.train.checkpoint import read_meta
 from eegfast.train.commands.common import (
     CommandError,
@@ -63,10 +71,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_run_arguments(parser, training=False)
     parser.add_argument(
-        "--model", required=True, help="fine-tuned run folder, checkpoint or .safetensors"
+        "--model",
+        required=True,
+        help="fine-tuned run folder, checkpoint or .safetensors, or a classifier file of the "
+        "reference code",
     )
     parser.add_argument(
-        "--tasks", default=None, help="comma-separated task heads to apply (default: all)"
+        "--tasks",
+        default=None,
+        help="comma-separated task heads to apply (default: all); for a classifier file "
+        "without an eegfast record: the one task its head is for (required)",
     )
     parser.add_argument(
         "--batch-size", type=int, default=64, metavar="N", help="windows per forward pass"
@@ -304,6 +318,75 @@ def _chosen_tasks(text: str | None, heads: dict[str, int], model: str) -> list[s
     return tasks
 
 
+class NamedHead(nn.Module):
+    """A classifier with its own single head (``model(x, ...) -> logits``), under the task
+    name ``task``, called as a fine-tuned multi-task model is: forward(x (B, C, A, 200),
+    input_chans, *, channel_padding_mask=None, task=name, task_id=None) -> logits
+    (B, classes). ``backbone`` is the classifier (its ``config`` is checked against the data)."""
+
+    def __init__(self, model: nn.Module, task: str) -> None:
+        super().__init__()
+        self.backbone = model
+        self.task = task
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        input_chans: torch.Tensor | None = None,
+        *,
+        channel_padding_mask: torch.Tensor | None = None,
+        task: str | None = None,
+        task_id: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if task is not None and task != self.task:
+            raise ValueError(f"no head for task {task!r}; its head: {self.task!r}")
+        return self.backbone(
+            x, input_chans, channel_padding_mask=channel_padding_mask, task_id=task_id
+        )
+
+
+def _reference_head(
+    model: str, loaded: nn.Module, arch: dict[str, Any], text: str | None
+) -> dict[str, int]:
+    """{task: classes} of a classifier file without an eegfast record (``loaded``: the model
+    read by its tensor shapes, with ``arch``): its one head, named by ``--tasks`` (``text``),
+    which must name one task; {} for a file without a head (a pretraining or backbone file),
+    refused by the caller."""
+    # the model's own count: arch's kwargs leave out a num_classes equal to the default
+    n = int(getattr(getattr(loaded, "config", None), "num_classes", 0) or 0)
+    if arch.get("kind") != "classifier" or n < 1:
+        return {}
+    tasks = list(dict.fromkeys(t.strip() for t in (text or "").split(",") if t.strip()))
+    if len(tasks) != 1:
+        given = f"--tasks {text!r} names {len(tasks)} tasks" if text else "no --tasks"
+        raise CommandError(
+            f"--model {model}: a classifier file without an eegfast record (read by its tensor "
+            f"shapes: {arch['name']}, one head of {n} classes) names neither its task nor its "
+            f"classes, and {given}: name its task with --tasks NAME (one task; the class "
+            "names are taken from --data's task of that name)"
+        )
+    return {tasks[0]: n}
+
+
+def reference_class_names(model: str, task: str, n: int, data: TrainData) -> tuple[list[str], str]:
+    """The class names of the one head (``n`` outputs) of a classifier file without an eegfast
+    record, named ``task`` by --tasks, and a note saying where they come from: ``--data``'s
+    classes of ``task`` when it has ``n`` of them (in its order: the file cannot confirm it),
+    else ``class0``, ``class1``, ..."""
+    own = list(data.label_names.get(task) or [])
+    if len(own) == n:
+        return own, (
+            f"--model {model} records no class names: its {n} outputs are taken to be --data's "
+            f"{task!r} classes in --data's order ({', '.join(own)}); the predicted classes are "
+            "misnamed if it was fine-tuned on them in another order"
+        )
+    has = f"{len(own)} {task!r} classes ({', '.join(own)})" if own else f"no {task!r} classes"
+    return [f"class{i}" for i in range(n)], (
+        f"--model {model} records no class names and --data has {has}, not {n}: its outputs "
+        f"are written as class0..class{n - 1}"
+    )
+
+
 def _read_model_meta(model: str) -> dict[str, Any]:
     """``meta.json`` of ``--model``; for the top folder of a fine-tuning (no weights of its
     own) an error naming its fold models."""
@@ -333,12 +416,20 @@ def _main(args: argparse.Namespace) -> int:
         )
     config = resolve(args, RunConfig())
     meta = _read_model_meta(args.model)
+    model = None
+    if meta.get("arch") is None and Path(args.model).is_file():
+        # a file without an eegfast record: read by its tensor shapes (ValueError if unknown)
+        model, meta = load_trained(args.model)
     arch = meta.get("arch")
     if arch is None:
         raise CommandError(
             f"--model {args.model}: no architecture record (meta.json 'arch'); not an eegfast run"
         )
-    heads = dict(arch.get("heads") or {})
+    reference = meta.get("command") == REFERENCE
+    if reference:
+        heads = _reference_head(args.model, model, arch, args.tasks)
+    else:
+        heads = dict(arch.get("heads") or {})
     if not heads:
         kind = arch.get("kind") or meta.get("command")
         raise CommandError(
@@ -350,11 +441,18 @@ def _main(args: argparse.Namespace) -> int:
     runtime = start(config)
     try:
         data = load_data(config.data.roots)
-        model, meta = load_trained(args.model)
+        if model is None:
+            model, meta = load_trained(args.model)
         known = trained_on(meta)
         for warning in check_data(model, known, data):
             say(runtime, f"warning: {warning}")
-        names, notes = class_names(heads, tasks, known, data)
+        if reference:  # its one head, under the task name --tasks gave it
+            (task,) = tasks
+            model = NamedHead(model, task)
+            head_names, note = reference_class_names(args.model, task, heads[task], data)
+            names, notes = {task: head_names}, [note]
+        else:
+            names, notes = class_names(heads, tasks, known, data)
         for note in notes:
             say(runtime, f"note: {note}")
         model.to(runtime.device)
