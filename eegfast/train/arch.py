@@ -16,6 +16,8 @@ from its tensor shapes (:func:`reference_checkpoint`).
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,18 @@ def _create(name: str, **kwargs: Any) -> nn.Module:
     from eegfast.models import create_model
 
     return create_model(name, **kwargs)
+
+
+def head_key(task: str) -> str:
+    """The key of ``task``'s head in :class:`MultiTaskClassifier`'s ``heads`` (and so in its
+    state dict): the task name itself where a module name can be it; otherwise (torch refuses
+    "." and "" and the names of ModuleDict's own attributes, such as ``train`` or ``keys``; a
+    task named after a folder like ``eegmmidb-1.0.0`` has dots) the name with every other
+    character than a letter, digit or ``_`` replaced, and a digest of the name."""
+    if task and "." not in task and not hasattr(nn.ModuleDict, task):
+        return task
+    readable = re.sub(r"\W", "_", task, flags=re.ASCII) or "task"
+    return f"{readable}_{hashlib.sha1(task.encode()).hexdigest()[:8]}"
 
 
 class MultiTaskClassifier(nn.Module):
@@ -53,9 +67,10 @@ class MultiTaskClassifier(nn.Module):
         if not num_classes:
             raise ValueError("num_classes must name at least one task")
         self.backbone = backbone
+        self.head_keys = {task: head_key(task) for task in num_classes}
         self.heads = nn.ModuleDict(
             {
-                task: nn.Linear(embed_dim, n, device=device, dtype=dtype)
+                self.head_keys[task]: nn.Linear(embed_dim, n, device=device, dtype=dtype)
                 for task, n in num_classes.items()
             }
         )
@@ -86,15 +101,15 @@ class MultiTaskClassifier(nn.Module):
         task_id: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if task is None:
-            if len(self.heads) != 1:
-                raise ValueError(f"task= is required: this model has heads {list(self.heads)}")
-            task = next(iter(self.heads))
-        if task not in self.heads:
-            raise ValueError(f"no head for task {task!r}; heads: {list(self.heads)}")
+            if len(self.head_keys) != 1:
+                raise ValueError(f"task= is required: this model has heads {list(self.head_keys)}")
+            task = next(iter(self.head_keys))
+        if task not in self.head_keys:
+            raise ValueError(f"no head for task {task!r}; heads: {list(self.head_keys)}")
         features = self.forward_features(
             x, input_chans, channel_padding_mask=channel_padding_mask, task_id=task_id
         )
-        return self.heads[task](features)
+        return self.heads[self.head_keys[task]](features)
 
 
 def embed_dim_of(model: nn.Module) -> int:
