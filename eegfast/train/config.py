@@ -26,7 +26,10 @@ class DataConfig:
     roots: tuple[str, ...] = ()  # prepared folders (``eegfast prepare`` outputs), used together
     tasks: tuple[str, ...] = ()  # task names to use; () = all in the folder
     num_workers: int = 0
-    val_fraction: float = 0.0  # recordings held out for validation during pretraining
+    # tokenizer/pretrain: this share of the recordings (whole subjects when there are several)
+    # is held out, chosen from train.seed, and evaluated at every checkpoint (val/loss, which
+    # then picks the best checkpoint); see eegfast.train.validation
+    val_fraction: float = 0.0
 
 
 @dataclass(frozen=True)

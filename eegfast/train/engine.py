@@ -353,8 +353,8 @@ def fit(
             DDP/FSDP wrapper under torchrun) in eval mode: the wrappers' forward passes may
             talk to the other ranks (FSDP gathers the parameters; DDP broadcasts buffers when
             gradients are enabled), so every rank runs it. Rank 0's results are logged and its
-            ``val_loss`` (else the mean training loss since the last checkpoint) decides the
-            best checkpoint kept.
+            ``val/loss`` (or ``val_loss``; else the mean training loss since the last
+            checkpoint) decides the best checkpoint kept.
         on_checkpoint: called on rank 0 with each checkpoint folder written.
         on_log: called on rank 0 at every log point with the step and the scalars logged
             (``train/loss``, ``train/<metric>``: means over the steps since the last one).
@@ -602,9 +602,13 @@ def fit(
             model.eval()
             metric_values = eval_fn(model)
             model.train()
+        # the checkpoint's metric (lower is better; picks the best checkpoint): the validation
+        # loss where eval_fn gives one (logged as val/loss, or under its older name)
         metric = metric_values.get(
-            "val_loss",
-            float(np.mean(since_checkpoint)) if since_checkpoint else None,
+            "val/loss",
+            metric_values.get(
+                "val_loss", float(np.mean(since_checkpoint)) if since_checkpoint else None
+            ),
         )
         since_checkpoint = []
         weights, optim_state = _state_dicts(model, optimizer)

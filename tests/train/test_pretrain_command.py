@@ -90,15 +90,6 @@ def test_model_init_from_a_run_keeps_what_it_saw_and_refuses_other_weights(
     assert f"model.init {first}: state dict does not match LaBraMPretrain" in err
 
 
-def test_data_val_fraction_is_refused_not_ignored(tmp_path, capsys):
-    """data.val_fraction held nothing out: pretraining ran on every window as if it were 0."""
-    argv = ["pretrain", "--data", str(tmp_path), "--tokenizer", str(tmp_path)]
-    assert cli([*argv, "--out", str(tmp_path / "pre"), "--set", "data.val_fraction=0.2"]) == 2
-    err = capsys.readouterr().err
-    assert "data.val_fraction=0.2: eegfast pretrain holds no windows out" in err
-    assert not (tmp_path / "pre").exists()
-
-
 def test_drop_path_and_mask_ratio_reach_the_pretraining_model_and_stay_behind(
     prepared,  # noqa: F811
     tokenizer_run,  # noqa: F811

@@ -26,6 +26,7 @@ from eegfast.train import checkpoint as ckpt
 from eegfast.train.arch import build_model, load_trained
 from eegfast.train.commands.common import (
     CommandError,
+    Runtime,
     add_run_arguments,
     finished_message,
     resolve,
@@ -35,10 +36,18 @@ from eegfast.train.commands.common import (
     start,
 )
 from eegfast.train.config import RunConfig
-from eegfast.train.data import collate_fn, load_data
+from eegfast.train.data import TrainData, collate_fn, load_data
 from eegfast.train.distributed import shutdown
 from eegfast.train.engine import fit
-from eegfast.train.objectives import StepContext, TargetCache, get_objective, objective_names
+from eegfast.train.objectives import (
+    StepContext,
+    StepFn,
+    TargetCache,
+    get_objective,
+    objective_names,
+)
+from eegfast.train.validation import META_KEY as VALIDATION_META
+from eegfast.train.validation import HoldOut, Validator, hold_out, objective_evaluator
 
 # Reference recipe: AdamW lr 5e-4, wd 0.05, betas (0.9, 0.98), clip 3.0, cosine with warm-up.
 DEFAULTS = RunConfig().with_overrides(
@@ -260,19 +269,47 @@ def _main(args: argparse.Namespace) -> int:
         raise CommandError(
             f"--model {config.model.name} is not a pretraining model; use one of {names}"
         )
-    if config.data.val_fraction > 0:
-        # no held-out split is made: refused rather than training on every window while the
-        # user reads the checkpoints' losses as a validation
-        raise CommandError(
-            f"data.val_fraction={config.data.val_fraction}: eegfast pretrain holds no windows "
-            "out for validation (it trains on every window of --data); leave it at 0, and keep "
-            "recordings out of pretraining by leaving their folder out of --data"
-        )
     kind = "hybrid" if config.pretrain.objective == "hybrid" else "pretrain"
     with run_folder(args, expected={kind}) as resume:
         resumed = _resume_meta(resume, Path(args.out))
         tokenizer_path, notes = tokenizer_for_run(config.model.tokenizer, resumed.get("tokenizer"))
         return _train(args, config, step, kind, resume, tokenizer_path, notes, resumed)
+
+
+def _validator(
+    config: RunConfig,
+    runtime: Runtime,
+    data: TrainData,
+    split: HoldOut,
+    step: StepFn,
+    ctx: StepContext,
+    vocab: int | None,
+) -> Validator:
+    """The checkpoints' evaluation of the objective on the held-out windows (their own target
+    cache, when the run caches targets: the training cache's keys are training positions)."""
+    cache = None
+    if ctx.target_cache is not None:
+        cache = TargetCache(vocab, max_bytes=ctx.target_cache.max_bytes)
+    world = runtime.dist.world_size
+    return Validator(
+        data,
+        split.val,
+        objective_evaluator(step, ctx, cache=cache),
+        device=runtime.device,
+        dist_info=runtime.dist,
+        # a rank's training micro-batch: fits in memory, without the gradients' share even
+        batch_size=max(1, config.train.batch_size // (world * config.train.grad_accum)),
+        precision=config.train.precision,
+    )
+
+
+def _report_validation(runtime: Runtime, validator: Validator):
+    """on_checkpoint: one line per evaluation (rank 0, after the checkpoint is written)."""
+
+    def report(path: Path) -> None:
+        say(runtime, f"{path.name}: {validator.summary()}")
+
+    return report
 
 
 def _train(args, config, step, kind, resume, tokenizer_path, notes, resumed=None) -> int:
@@ -284,6 +321,7 @@ def _train(args, config, step, kind, resume, tokenizer_path, notes, resumed=None
         for note in notes:
             say(runtime, note)
         data = load_data(config.data.roots, config.data.tasks)
+        split = hold_out(data, config.data.val_fraction, config.train.seed, resumed=resumed)
         tokenizer = load_tokenizer(tokenizer_path, runtime.device)
         # The model config records what the run trains with (the step draws the masks at
         # pretrain.mask_ratio); model.drop_path is stochastic depth in the student's blocks.
@@ -311,6 +349,10 @@ def _train(args, config, step, kind, resume, tokenizer_path, notes, resumed=None
             runtime,
             f"pretrain ({config.pretrain.objective}) {config.model.name}: {len(data)} windows",
         )
+        # the held-out windows stay out of fit(): its dataset is the training windows only
+        train = data if split is None else data.subset(split.train)
+        if split is not None:
+            say(runtime, split.describe(len({item.recording for item in data.items})))
         # the EEG that the init run, or this run before a resume, saw
         earlier = [resumed.get("pretrained_on") or {}, init_meta.get("pretrained_on") or {}]
         seen = {
@@ -324,23 +366,36 @@ def _train(args, config, step, kind, resume, tokenizer_path, notes, resumed=None
                 raise CommandError(f"pretrain.cache_targets_max_mb must be >= 0, got {limit_mb}")
             limit = None if math.isinf(limit_mb) else int(limit_mb * 2**20)  # inf: no limit
             cache = TargetCache(vocab, max_bytes=limit)
+        ctx = StepContext(
+            runtime.device,
+            seed=config.train.seed,
+            tokenizer=tokenizer,
+            target_cache=cache,
+            mask_ratio=config.pretrain.mask_ratio,
+        )
+        validator = None
+        if split is not None:
+            validator = _validator(config, runtime, data, split, step, ctx, vocab)
+            init_seen = set((init_meta.get("pretrained_on") or {}).get("recordings") or ())
+            if init_seen & {Path(r).name for r in split.recordings}:
+                say(
+                    runtime,
+                    f"note: model.init {init} was pretrained on some of the held-out recordings; "
+                    "their validation loss is not that of unseen EEG",
+                )
         result = fit(
             model,
             step,
-            data.dataset,
+            train.dataset,
             config,
             args.out,
-            group_keys=data.group_keys,
+            group_keys=train.group_keys,
             collate_fn=collate_fn(),
-            ctx=StepContext(
-                runtime.device,
-                seed=config.train.seed,
-                tokenizer=tokenizer,
-                target_cache=cache,
-                mask_ratio=config.pretrain.mask_ratio,
-            ),
+            ctx=ctx,
             dist_info=runtime.dist,
             resume=resume,
+            eval_fn=validator,
+            on_checkpoint=None if validator is None else _report_validation(runtime, validator),
             meta={
                 "arch": arch,
                 "command": "pretrain",
@@ -348,13 +403,15 @@ def _train(args, config, step, kind, resume, tokenizer_path, notes, resumed=None
                 "tokenizer": tokenizer_record(tokenizer_path),
                 # which subjects' and recordings' EEG the backbone saw: finetune's report says
                 # when it tests on them (transductive pretraining). File names only (finetune
-                # matches recordings by name): ~15 bytes a recording in every checkpoint's meta
+                # matches recordings by name): ~15 bytes a recording in every checkpoint's meta.
+                # The held-out recordings were not trained on, so they are not listed.
                 "pretrained_on": {
-                    "subjects": sorted({item.subject for item in data.items} | seen["subjects"]),
+                    "subjects": sorted({item.subject for item in train.items} | seen["subjects"]),
                     "recordings": sorted(
-                        {Path(item.recording).name for item in data.items} | seen["recordings"]
+                        {Path(item.recording).name for item in train.items} | seen["recordings"]
                     ),
                 },
+                **({VALIDATION_META: split.record()} if split is not None else {}),
                 **({"init": init or resumed["init"]} if init or "init" in resumed else {}),
             },
             find_unused_parameters=kind != "pretrain",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,6 +34,14 @@ from eegfast.train.distributed import shutdown
 from eegfast.train.engine import fit
 from eegfast.train.finetune import iterate_batches
 from eegfast.train.objectives import StepContext, to_device, tokenizer_step
+from eegfast.train.validation import META_KEY as VALIDATION_META
+from eegfast.train.validation import (
+    HoldOut,
+    Validator,
+    hold_out,
+    resume_meta,
+    tokenizer_evaluator,
+)
 
 # Reference recipe: AdamW betas (0.9, 0.99), weight decay 1e-4, warm-up then cosine.
 DEFAULTS = RunConfig().with_overrides(
@@ -196,34 +205,70 @@ def _main(args: argparse.Namespace) -> int:
         return _train(args, config, resume)
 
 
+def _validator(
+    config: RunConfig, runtime: Runtime, data: TrainData, split: HoldOut, num_codes: int
+) -> Validator:
+    """The checkpoints' evaluation on the held-out windows: the tokenizer's losses in eval
+    mode (no EMA update of the codebook) and its codebook usage over their patches."""
+    world = runtime.dist.world_size
+    return Validator(
+        data,
+        split.val,
+        tokenizer_evaluator(runtime.device),
+        device=runtime.device,
+        dist_info=runtime.dist,
+        batch_size=max(1, config.train.batch_size // (world * config.train.grad_accum)),
+        precision=config.train.precision,
+        num_codes=num_codes,
+    )
+
+
 def _train(args: argparse.Namespace, config: RunConfig, resume: str | None) -> int:
     runtime = start(config)
     try:
         data = load_data(config.data.roots, config.data.tasks)
+        resumed = resume_meta(resume, args.out)
+        split = hold_out(data, config.data.val_fraction, config.train.seed, resumed=resumed)
         arch = {"kind": "tokenizer", "name": config.model.name, "kwargs": quantizer_kwargs(config)}
         model = build_model(arch)
         say(
             runtime,
             f"tokenizer {config.model.name}: {len(data)} windows from {len(data.roots)} folder(s)",
         )
+        # the held-out windows stay out of fit(): its dataset is the training windows only
+        train = data if split is None else data.subset(split.train)
+        validator = None
+        if split is not None:
+            say(runtime, split.describe(len({item.recording for item in data.items})))
+            validator = _validator(config, runtime, data, split, model.config.num_codes)
+
+        def report(path: Path) -> None:  # on_checkpoint: one line per evaluation
+            say(runtime, f"{path.name}: {validator.summary()}")
+
         result = fit(
             model,
             tokenizer_step,
-            data.dataset,
+            train.dataset,
             config,
             args.out,
-            group_keys=data.group_keys,
+            group_keys=train.group_keys,
             collate_fn=collate_fn(),
             ctx=StepContext(runtime.device, seed=config.train.seed),
             dist_info=runtime.dist,
             resume=resume,
-            meta={"arch": arch, "command": "tokenizer"},
+            meta={
+                "arch": arch,
+                "command": "tokenizer",
+                **({VALIDATION_META: split.record()} if split is not None else {}),
+            },
+            eval_fn=validator,
+            on_checkpoint=None if validator is None else report,
             on_log=collapse_watch(runtime),
         )
         if result.resumed_from is not None:
             say(runtime, f"resumed from {result.resumed_from}")
         say(runtime, finished_message(result, "tokenizer trained"))
-        say(runtime, codebook_summary(model, data, runtime.device))
+        say(runtime, codebook_summary(model, train, runtime.device))
         return 0
     finally:
         shutdown(runtime.dist)

@@ -1,0 +1,342 @@
+"""Held-out validation for ``eegfast tokenizer`` and ``eegfast pretrain`` (``data.val_fraction``).
+
+:func:`hold_out` splits the windows of a :class:`~eegfast.train.data.TrainData` by recording:
+a recording's windows are never on both sides (neighbouring windows of one recording are nearly
+the same EEG, so a window-level split would validate on what the model trained on). When the
+data hold several subjects, whole subjects are held out (the stricter choice: a validation
+subject's EEG never trains the model); with one subject, whole recordings. The choice depends
+only on ``train.seed`` and the data's subject and recording names, so every rank makes the same
+one; a resumed run takes the recordings its checkpoint recorded (:meth:`HoldOut.record`).
+
+:class:`Validator` is the engine's ``eval_fn``: at every checkpoint it runs the run's objective
+over the held-out windows without gradients, under the training autocast, and returns
+``val/<name>`` scalars (``val/loss`` is the metric :func:`eegfast.train.engine.fit` ranks the
+checkpoints by). Pretraining masks are drawn per window from (seed, window), the same at every
+evaluation, so the curve compares like with like; the tokenizer runs in eval mode, where its
+codebook takes no EMA update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from eegfast.nn.vq import code_perplexity
+from eegfast.train import checkpoint as ckpt
+from eegfast.train.data import TrainData, collate_fn
+from eegfast.train.distributed import DistInfo, all_reduce_mean
+from eegfast.train.engine import resolve_precision
+from eegfast.train.objectives import StepContext, StepFn, TargetCache, to_device
+
+# The meta.json key of a run's held-out recordings (every checkpoint of the run has it).
+META_KEY = "validation"
+
+
+class ValidationSplitError(ValueError):
+    """``data.val_fraction`` cannot be met by the data (or differs from the resumed run's)."""
+
+
+@dataclass(frozen=True)
+class HoldOut:
+    """Which windows train and which validate: positions in the data's items."""
+
+    train: list[int]
+    val: list[int]
+    unit: str  # "subject" (whole subjects held out) or "recording"
+    recordings: list[str]  # the held-out recordings (files, as their folders list them)
+    subjects: list[str]  # the held-out subjects ([] when whole recordings were held out)
+    fraction: float  # data.val_fraction
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint's meta keeps, so that a resume holds out the same recordings."""
+        return {
+            "fraction": self.fraction,
+            "unit": self.unit,
+            "recordings": self.recordings,
+            "subjects": self.subjects,
+            "windows": len(self.val),
+        }
+
+    def describe(self, total_recordings: int) -> str:
+        """One line for the run's output."""
+        share = len(self.recordings) / max(total_recordings, 1)
+        whose = f" of {len(self.subjects)} subject(s)" if self.unit == "subject" else ""
+        return (
+            f"validation: {len(self.val)} windows of {len(self.recordings)} of "
+            f"{total_recordings} recordings ({share:.0%}){whose} held out "
+            f"(data.val_fraction={self.fraction})"
+        )
+
+
+def resume_meta(resume: str | None, out: str | Path) -> dict[str, Any]:
+    """meta.json of the checkpoint a run with ``--resume`` value ``resume`` continues from ({}
+    for a new run, or ``auto`` without a checkpoint yet)."""
+    if not resume:
+        return {}
+    if resume == "auto":
+        latest = ckpt.latest_checkpoint(Path(out) / "checkpoints")
+        return latest.meta if latest is not None else {}
+    return ckpt.checkpoint_meta(resume)
+
+
+def hold_out(
+    data: TrainData, fraction: float, seed: int, *, resumed: dict[str, Any] | None = None
+) -> HoldOut | None:
+    """The run's split (None when ``fraction`` is 0 and nothing is held out).
+
+    ``fraction`` of the recordings (rounded, at least one) is held out: as whole subjects,
+    taken in an order drawn from ``seed``, until that many recordings are out (never every
+    subject), when the data have several subjects; otherwise as recordings drawn from ``seed``.
+    ``resumed``: the meta of the checkpoint a resumed run continues from; its recorded split is
+    kept (whatever ``seed``), and a ``fraction`` other than the one it started with is refused,
+    since its checkpoints' metrics (validation or training losses) would not compare.
+    Raises :class:`ValidationSplitError`, naming ``data.val_fraction``, when one side would be
+    empty.
+    """
+    if resumed:  # {} for a new run
+        recorded = resumed.get(META_KEY) or {}
+        started = float(recorded.get("fraction", 0.0))
+        if started != fraction:
+            raise ValidationSplitError(
+                f"data.val_fraction={fraction}: the run being resumed was started with "
+                f"data.val_fraction={started}; a resumed run keeps its validation split (its "
+                "checkpoints are ranked by that split's loss), so resume with "
+                f"--set data.val_fraction={started}, or start a new run"
+            )
+        if recorded:
+            return _recorded_split(data, recorded)
+    if fraction <= 0:
+        return None
+    recordings = sorted({item.recording for item in data.items})
+    total = len(recordings)
+    wanted = max(1, round(fraction * total))
+    if wanted >= total:
+        raise ValidationSplitError(
+            f"data.val_fraction={fraction} would hold out {wanted} of the data's {total} "
+            "recording(s), leaving none to train on; lower it (at least one recording must stay "
+            "on each side), or add recordings with more --data"
+        )
+    rng = np.random.default_rng(seed % 2**63)
+    subjects = sorted({item.subject for item in data.items})
+    held: set[str] = set()
+    held_subjects: list[str] = []
+    if len(subjects) > 1:
+        unit = "subject"
+        by_subject: dict[str, set[str]] = {}
+        for item in data.items:
+            by_subject.setdefault(item.subject, set()).add(item.recording)
+        for k in rng.permutation(len(subjects)):
+            if len(held) >= wanted:
+                break
+            adding = by_subject[subjects[k]]
+            if len(held | adding) >= total:  # never every recording (the last subject)
+                continue
+            held |= adding
+            held_subjects.append(subjects[k])
+        held_subjects.sort()
+    else:
+        unit = "recording"
+        held = {recordings[k] for k in rng.permutation(total)[:wanted]}
+    return _split(data, held, unit, held_subjects, fraction)
+
+
+def _recorded_split(data: TrainData, recorded: dict[str, Any]) -> HoldOut:
+    held = set(recorded.get("recordings") or [])
+    present = held & {item.recording for item in data.items}
+    fraction = float(recorded["fraction"])
+    if not present:
+        raise ValidationSplitError(
+            f"data.val_fraction={fraction}: none of the {len(held)} recording(s) the resumed "
+            "run held out for validation is in --data; resume with the data it started with"
+        )
+    unit = str(recorded.get("unit", "recording"))
+    subjects = sorted(recorded.get("subjects") or [])
+    if unit == "subject":  # a held-out subject's recordings added since stay held out too
+        held |= {item.recording for item in data.items if item.subject in set(subjects)}
+    split = _split(data, held, unit, subjects, fraction)
+    if not split.train:
+        raise ValidationSplitError(
+            f"data.val_fraction={fraction}: --data holds only the recordings the resumed run "
+            "held out for validation, none to train on; resume with the data it started with"
+        )
+    return split
+
+
+def _split(
+    data: TrainData, held: set[str], unit: str, subjects: list[str], fraction: float
+) -> HoldOut:
+    train, val = [], []
+    for i, item in enumerate(data.items):
+        (val if item.recording in held else train).append(i)
+    recordings = sorted(held & {data.items[i].recording for i in val})
+    return HoldOut(train, val, unit, recordings, subjects, fraction)
+
+
+@dataclass
+class _Batch:
+    positions: list[int]  # dataset positions of the windows
+    weight: float  # 1, or 0 for a batch a rank repeats only to keep the ranks in step
+
+
+class Validator:
+    """``eval_fn`` for :func:`eegfast.train.engine.fit`: the validation scalars at a checkpoint.
+
+    Every rank evaluates its own batches of the held-out windows (batch ``b`` goes to rank
+    ``b mod world_size``); a rank with fewer batches repeats its first with weight 0, so that
+    every rank runs as many forward passes (FSDP gathers the weights in each, collectively).
+    Windows weigh alike: a batch's mean loss counts by its windows, and the sums are averaged
+    across ranks. Called with the engine's model (the DDP/FSDP wrapper) in eval mode; a model in
+    training mode is put in eval mode for the evaluation and back after.
+
+    Args:
+        data: the whole data (``positions`` index its dataset and items).
+        positions: the held-out windows.
+        evaluate: ``(model, batch) -> (loss, {name: scalar}, codes or None)`` for one batch on
+            the host (it moves it); ``codes`` (any shape, -1 = none) are the tokenizer's, for
+            the codebook usage over all held-out patches.
+        batch_size: windows per batch on each rank.
+        precision: ``train.precision`` (the training autocast).
+        num_codes: the codebook size, when ``evaluate`` gives codes.
+    """
+
+    def __init__(
+        self,
+        data: TrainData,
+        positions: Sequence[int],
+        evaluate: Callable[
+            [nn.Module, dict[str, Any]],
+            tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None],
+        ],
+        *,
+        device: torch.device,
+        dist_info: DistInfo | None = None,
+        batch_size: int = 32,
+        precision: str = "auto",
+        num_codes: int | None = None,
+    ) -> None:
+        if not positions:
+            raise ValueError("a Validator needs at least one held-out window")
+        self.data = data
+        self.evaluate = evaluate
+        self.device = device
+        self.info = dist_info or DistInfo()
+        self.amp_dtype = resolve_precision(precision, device)
+        self.num_codes = num_codes
+        self.collate = collate_fn()
+        batches: list[list[int]] = []
+        groups: dict[tuple, list[int]] = {}  # batches never mix electrode sets, as training's
+        for p in positions:
+            groups.setdefault(data.items[int(p)].group_key, []).append(int(p))
+        size = max(1, int(batch_size))
+        for members in groups.values():
+            batches += [members[s : s + size] for s in range(0, len(members), size)]
+        rank, world = self.info.rank, self.info.world_size
+        rounds = math.ceil(len(batches) / world)
+        self.batches = [
+            _Batch(batches[b], 1.0) if b < len(batches) else _Batch(batches[0], 0.0)
+            for b in (rank + r * world for r in range(rounds))
+        ]
+        self.last: dict[str, float] = {}
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                sums, windows, counts = self._run(model)
+        finally:
+            model.train(was_training)
+        names = sorted(sums)  # the same on every rank: one objective, the same batch keys
+        values = torch.stack([sums[n].cpu() for n in names] + [torch.tensor(windows)]).double()
+        if counts is not None:
+            values = torch.cat([values, counts])
+        if self.info.enabled:  # one all-reduce for every sum
+            values = all_reduce_mean(values.to(self.device), self.info).cpu()
+        total = float(values[len(names)])
+        scalars = {f"val/{n}": float(values[i]) / total for i, n in enumerate(names)}
+        if counts is not None:
+            code_counts = values[len(names) + 1 :]
+            # over every held-out patch, not a batch's (a batch's usage is capped by its size)
+            scalars["val/perplexity"] = float(code_perplexity(code_counts))
+            scalars["val/codebook_usage"] = float((code_counts > 0).double().mean())
+        self.last = scalars
+        return scalars
+
+    def _run(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], float, torch.Tensor | None]:
+        # sums stay where they were computed until the end: no wait for the device per batch
+        sums: dict[str, torch.Tensor] = {}
+        windows = 0.0
+        counts = (
+            None if self.num_codes is None else torch.zeros(self.num_codes, dtype=torch.float64)
+        )
+        for batch_info in self.batches:
+            batch = self.collate([self.data.dataset[p] for p in batch_info.positions])
+            batch["index"] = torch.tensor(batch_info.positions, dtype=torch.long)
+            with torch.autocast(
+                self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32
+            ):
+                loss, metrics, codes = self.evaluate(model, batch)
+            weight = batch_info.weight * len(batch_info.positions)
+            for name, value in {"loss": loss, **metrics}.items():
+                value = value.detach().double().reshape(())
+                # a repeated batch adds zeros (not 0 * value: a NaN there would spread)
+                value = value * weight if weight else torch.zeros_like(value)
+                sums[name] = sums[name] + value if name in sums else value
+            windows += weight
+            if counts is not None and codes is not None and weight:
+                codes = codes.reshape(-1)
+                codes = codes[codes >= 0].cpu()
+                counts += torch.bincount(codes, minlength=self.num_codes).double()
+        return sums, windows, counts
+
+    def summary(self) -> str:
+        """The last evaluation as one line (``val/loss 1.23, val/accuracy 0.45``)."""
+        return ", ".join(f"{k} {v:.4g}" for k, v in self.last.items())
+
+
+def objective_evaluator(
+    step: StepFn, ctx: StepContext, *, cache: TargetCache | None = None
+) -> Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor], None]]:
+    """A pretraining objective's loss and metrics on a held-out batch: ``step`` with ``ctx``
+    fixed at epoch 0, so each window's masks depend on (seed, its dataset position) only and
+    are the same at every evaluation. ``cache``: the validation windows' own tokenizer codes
+    (never the training cache: its keys are positions in the training windows)."""
+    fixed = dataclasses.replace(ctx, epoch=0, step=0, target_cache=cache)
+
+    def evaluate(model: nn.Module, batch: dict[str, Any]):
+        out = step(model, batch, fixed)
+        metrics = {k: v for k, v in out.metrics.items() if isinstance(v, torch.Tensor)}
+        return out.loss, metrics, None
+
+    return evaluate
+
+
+def tokenizer_evaluator(
+    device: torch.device,
+) -> Callable[
+    [nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]
+]:
+    """The VQ-NSP tokenizer's losses on a held-out batch (reconstruction and commitment) and
+    its codes. In eval mode the quantizer takes no EMA step and no dead-code restart."""
+
+    def evaluate(model: nn.Module, batch: dict[str, Any]):
+        batch = to_device(batch, device)
+        out = model(
+            batch["x"], batch["input_chans"], channel_padding_mask=batch.get("channel_padding_mask")
+        )
+        metrics = {
+            "commitment_loss": out.commitment_loss,
+            "amplitude_loss": out.amplitude_loss,
+            "phase_loss": out.phase_loss,
+        }
+        return out.loss, metrics, out.indices
+
+    return evaluate
