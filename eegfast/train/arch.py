@@ -112,6 +112,16 @@ class MultiTaskClassifier(nn.Module):
         return self.heads[self.head_keys[task]](features)
 
 
+def routes_by_task(meta: Mapping[str, Any]) -> bool:
+    """Whether the model of a checkpoint's ``meta`` gives its MoE routers task ids: as it was
+    fine-tuned (``route_by_task``, recorded since fine-tuning with ``upcycle.task_routing=false``
+    trained without them), else whenever it was upcycled with tasks."""
+    recorded = meta.get("route_by_task")
+    if recorded is not None:
+        return bool(recorded)
+    return bool(((meta.get("arch") or {}).get("upcycle") or {}).get("num_tasks"))
+
+
 def embed_dim_of(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "embed_dim"):

@@ -506,6 +506,8 @@ def train_classifier(
             # what evaluate needs to tell this fold's training windows from held-out ones
             "train_recordings": train_recordings,
             "train_subjects": sorted({data.items[int(i)].subject for i in train_idx}),
+            # whether the MoE routers got task ids (upcycle.task_routing), for evaluate/predict
+            "route_by_task": ctx.route_by_task,
             # what predict and evaluate need to name the heads' outputs and to check new data,
             # without the training folders (which may have moved since)
             **prepared_like(data, tasks, train_idx),

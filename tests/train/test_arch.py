@@ -50,3 +50,16 @@ def test_finetune_on_a_task_named_with_dots(tmp_path):
     )  # fmt: skip
     assert list(model.head_keys) == ["eegmmidb-1.0.0"]
     assert (out / "fold0" / "single-eegmmidb-1.0.0" / "checkpoints").is_dir()
+
+
+def test_routing_by_task_follows_what_fine_tuning_recorded():
+    """A task-routed MoE fine-tuned with upcycle.task_routing=false trained without task ids;
+    evaluate and predict gave them anyway (they looked at the architecture only)."""
+    from eegfast.train.arch import routes_by_task
+
+    upcycled = {"arch": {"upcycle": {"num_experts": 2, "num_tasks": 2}}}
+    assert routes_by_task(upcycled)  # checkpoints from before the record: as before
+    assert not routes_by_task({**upcycled, "route_by_task": False})
+    assert routes_by_task({**upcycled, "route_by_task": True})
+    assert not routes_by_task({"arch": {"upcycle": {"num_experts": 2}}})
+    assert not routes_by_task({"arch": {}})

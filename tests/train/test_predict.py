@@ -285,6 +285,9 @@ def _moved_model(runs, to: Path, *, recorded: bool) -> Path:
 def test_class_names_and_settings_come_from_the_checkpoint(runs, tmp_path, capsys):
     """With the training folders gone, the checkpoint still names the heads' classes (in
     their order) and keeps the data settings the model was fine-tuned with."""
+    from eegfast.train.checkpoint import read_meta
+
+    assert read_meta(runs["model"])["route_by_task"] is False  # not upcycled: no task ids
     model = _moved_model(runs, tmp_path / "model", recorded=True)
     out = tmp_path / "pred"
     assert _predict(runs, out, data=("new",), model=model) == 0

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from eegfast.fileio import write_atomic, write_text_atomic
-from eegfast.train.arch import backbone_from_checkpoint, build_model, load_trained
+from eegfast.train.arch import backbone_from_checkpoint, build_model, load_trained, routes_by_task
 from eegfast.train.commands.common import (
     CommandError,
     add_run_arguments,
@@ -314,7 +314,7 @@ def _main(args: argparse.Namespace) -> int:
         model, meta = load_trained(args.model)
         arch = meta["arch"]
         task_names = list(meta.get("task_names") or [])
-        routes = bool((arch.get("upcycle") or {}).get("num_tasks"))
+        routes = routes_by_task(meta)
         if arch.get("heads"):
             model.to(runtime.device)
         else:  # a pretraining model has no pooled features: the probe's classifier backbone

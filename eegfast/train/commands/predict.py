@@ -42,7 +42,7 @@ from tqdm import tqdm
 from eegfast.data import load_index
 from eegfast.data.preprocess import PATCH_SAMPLES, TARGET_SFREQ
 from eegfast.fileio import write_text_atomic
-from eegfast.train.arch import REFERENCE, load_trained
+from eegfast.train.arch import REFERENCE, load_trained, routes_by_task
 from eegfast.train.checkpoint import read_meta
 from eegfast.train.commands.common import (
     CommandError,
@@ -457,7 +457,7 @@ def _main(args: argparse.Namespace) -> int:
             say(runtime, f"note: {note}")
         model.to(runtime.device)
         ids = {t: i for i, t in enumerate(meta.get("task_names") or [])}
-        routes = bool((arch.get("upcycle") or {}).get("num_tasks"))
+        routes = routes_by_task(meta)
         scored = _predict_all(model, data, tasks, ids, routes, runtime, config, batch_size)
         if runtime.dist.is_main:
             with hold_lock(out):
