@@ -415,3 +415,15 @@ def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(prepared, tmp
     assert steps(out) == [2, 3] and (aside / "step-00000004" / ckpt.STATE).is_file()
     assert cli(tokenizer_argv(prepared, out, "train.max_steps=3", "--resume", "auto")) == 0
     assert "already complete at step 3" in capsys.readouterr().out
+
+
+def test_a_run_refused_after_claiming_a_new_out_leaves_no_folder(prepared, tmp_path, capsys):
+    """Settings found bad after --out was claimed (every recording held out) left a folder
+    holding only the lock file; a folder that was there before is left as it was."""
+    out = tmp_path / "tok"
+    assert cli(tokenizer_argv(prepared, out, "data.val_fraction=0.9")) == 2
+    assert "data.val_fraction" in capsys.readouterr().err
+    assert not out.exists()
+    out.mkdir()
+    assert cli(tokenizer_argv(prepared, out, "data.val_fraction=0.9")) == 2
+    assert out.is_dir()

@@ -286,14 +286,23 @@ def run_folder(
     if not _is_main_process():
         yield resume
         return
-    with hold_lock(out):
-        if not resume:
-            if overwrite:
-                clear_previous_run(out)
-            else:
-                # again, now that no other run can write there
-                _refuse_previous_run(out, can_resume)
-        yield resume
+    created = not out.exists()
+    try:
+        with hold_lock(out):
+            if not resume:
+                if overwrite:
+                    clear_previous_run(out)
+                else:
+                    # again, now that no other run can write there
+                    _refuse_previous_run(out, can_resume)
+            yield resume
+    except BaseException:
+        # a run that failed before writing anything (bad settings found after the claim)
+        # leaves no folder of its own making behind, only what it found
+        if created and [p.name for p in out.iterdir()] == [LOCK]:
+            (out / LOCK).unlink()
+            out.rmdir()
+        raise
 
 
 def _refuse_previous_run(out: Path, can_resume: bool) -> None:
