@@ -40,7 +40,9 @@ def head_key(task: str) -> str:
     "." and "" and the names of ModuleDict's own attributes, such as ``train`` or ``keys``; a
     task named after a folder like ``eegmmidb-1.0.0`` has dots) the name with every other
     character than a letter, digit or ``_`` replaced, and a digest of the name."""
-    if task and "." not in task and not hasattr(nn.ModuleDict, task):
+    # an instance, not the class: the attributes torch sets in Module.__init__ (``training``,
+    # ``_modules``, ``_parameters``...) are refused as module names too
+    if task and "." not in task and not hasattr(nn.ModuleDict(), task):
         return task
     readable = re.sub(r"\W", "_", task, flags=re.ASCII) or "task"
     return f"{readable}_{hashlib.sha1(task.encode()).hexdigest()[:8]}"

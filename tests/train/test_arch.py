@@ -30,6 +30,20 @@ def test_task_names_that_module_names_cannot_be_get_heads_of_their_own():
     assert head_key("ds.v2") != head_key("ds_v2")  # the digest keeps such names apart
 
 
+def test_task_names_of_attributes_torch_sets_on_every_module_get_heads_of_their_own():
+    """``training`` (a plausible folder name, and so task name), ``_modules`` or
+    ``_parameters`` are set on each module instance, not on the ModuleDict class: such a task
+    crashed the model's construction with torch's KeyError "attribute already exists"."""
+    tasks = {"training": 2, "_modules": 3, "_parameters": 2, "_buffers": 2}
+    torch.manual_seed(0)
+    model = MultiTaskClassifier(TinyClassifier(num_classes=0), tasks, 16)
+    x = torch.randn(2, 3, 2, 200)
+    for task, classes in tasks.items():
+        assert head_key(task) != task
+        assert model(x, task=task).shape == (2, classes)
+    assert model.training and len(model.heads) == len(tasks)
+
+
 def test_finetune_on_a_task_named_with_dots(tmp_path):
     """``eegfast prepare`` takes the task name from the folder, and downloads are named like
     ``eegmmidb-1.0.0``: fine-tuning on it ended in a KeyError traceback."""
