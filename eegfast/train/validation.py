@@ -54,15 +54,20 @@ class HoldOut:
     recordings: list[str]  # the held-out recordings (files, as their folders list them)
     subjects: list[str]  # the held-out subjects ([] when whole recordings were held out)
     fraction: float  # data.val_fraction
+    # the seed of the validation masks (pretraining): the run's first train.seed, kept on
+    # resume whatever the seed then, so that every checkpoint's val/loss has the same masks
+    seed: int = 0
 
     def record(self) -> dict[str, Any]:
-        """What a checkpoint's meta keeps, so that a resume holds out the same recordings."""
+        """What a checkpoint's meta keeps, so that a resume holds out the same recordings
+        and evaluates them the same way."""
         return {
             "fraction": self.fraction,
             "unit": self.unit,
             "recordings": self.recordings,
             "subjects": self.subjects,
             "windows": len(self.val),
+            "seed": self.seed,
         }
 
     def describe(self, total_recordings: int) -> str:
@@ -96,8 +101,9 @@ def hold_out(
     taken in an order drawn from ``seed``, until that many recordings are out (never every
     subject), when the data have several subjects; otherwise as recordings drawn from ``seed``.
     ``resumed``: the meta of the checkpoint a resumed run continues from; its recorded split is
-    kept (whatever ``seed``), and a ``fraction`` other than the one it started with is refused,
-    since its checkpoints' metrics (validation or training losses) would not compare.
+    kept (whatever ``seed``), and so is the seed of its validation masks (:attr:`HoldOut.seed`),
+    and a ``fraction`` other than the one it started with is refused, since its checkpoints'
+    metrics (validation or training losses) would not compare.
     Raises :class:`ValidationSplitError`, naming ``data.val_fraction``, when one side would be
     empty.
     """
@@ -112,7 +118,9 @@ def hold_out(
                 f"--set data.val_fraction={started}, or start a new run"
             )
         if recorded:
-            return _recorded_split(data, recorded)
+            # (records without the seed: the seed the resumed checkpoint was trained with)
+            started_seed = ((resumed.get("config") or {}).get("train") or {}).get("seed", seed)
+            return _recorded_split(data, recorded, int(recorded.get("seed", started_seed)))
     if fraction <= 0:
         return None
     recordings = sorted({item.recording for item in data.items})
@@ -145,10 +153,10 @@ def hold_out(
     else:
         unit = "recording"
         held = {recordings[k] for k in rng.permutation(total)[:wanted]}
-    return _split(data, held, unit, held_subjects, fraction)
+    return _split(data, held, unit, held_subjects, fraction, seed)
 
 
-def _recorded_split(data: TrainData, recorded: dict[str, Any]) -> HoldOut:
+def _recorded_split(data: TrainData, recorded: dict[str, Any], seed: int) -> HoldOut:
     held = set(recorded.get("recordings") or [])
     present = held & {item.recording for item in data.items}
     fraction = float(recorded["fraction"])
@@ -161,7 +169,7 @@ def _recorded_split(data: TrainData, recorded: dict[str, Any]) -> HoldOut:
     subjects = sorted(recorded.get("subjects") or [])
     if unit == "subject":  # a held-out subject's recordings added since stay held out too
         held |= {item.recording for item in data.items if item.subject in set(subjects)}
-    split = _split(data, held, unit, subjects, fraction)
+    split = _split(data, held, unit, subjects, fraction, seed)
     if not split.train:
         raise ValidationSplitError(
             f"data.val_fraction={fraction}: --data holds only the recordings the resumed run "
@@ -171,13 +179,13 @@ def _recorded_split(data: TrainData, recorded: dict[str, Any]) -> HoldOut:
 
 
 def _split(
-    data: TrainData, held: set[str], unit: str, subjects: list[str], fraction: float
+    data: TrainData, held: set[str], unit: str, subjects: list[str], fraction: float, seed: int
 ) -> HoldOut:
     train, val = [], []
     for i, item in enumerate(data.items):
         (val if item.recording in held else train).append(i)
     recordings = sorted(held & {data.items[i].recording for i in val})
-    return HoldOut(train, val, unit, recordings, subjects, fraction)
+    return HoldOut(train, val, unit, recordings, subjects, fraction, seed)
 
 
 @dataclass

@@ -181,3 +181,17 @@ def test_an_old_checkpoint_without_class_names_or_folders_is_refused(runs, tmp_p
     assert "its outputs are taken to be --data's classes in --data's order (task, rest)" in (
         capsys.readouterr().out
     )
+
+
+def test_a_folder_without_labels_is_refused_pointing_to_predict(runs, tmp_path, capsys):
+    """A folder of the model's task without labels (new recordings) was refused with "all 0
+    labelled windows of ['arith'] are from the recordings --model was fine-tuned on", which
+    is not what is wrong; it says there is no label to score against, and names predict."""
+    cut = sample_recording_cut("Subject00_2.edf", 8.0, tmp_path)
+    unlabelled = _prepare(tmp_path / "unlabelled", [f"arith={cut}"])
+    argv = ["evaluate", "--model", str(runs["model"]), "--data", str(unlabelled)]
+    assert cli([*argv, "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--data {unlabelled}: no labelled window of arith to score" in err
+    assert "eegfast predict" in err and "all 0" not in err
+    assert len(err.splitlines()) == 1

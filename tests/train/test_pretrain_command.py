@@ -113,3 +113,64 @@ def test_drop_path_and_mask_ratio_reach_the_pretraining_model_and_stay_behind(
     assert "drop_path_rate" not in backbone["kwargs"] and "mask_ratio" not in backbone["kwargs"]
     backbone, _, _ = backbone_from_checkpoint(out, drop_path=0.0)
     assert backbone["kwargs"]["drop_path_rate"] == 0.0
+
+
+def test_model_init_from_a_checkpoints_weights_file_keeps_what_it_saw(
+    prepared,  # noqa: F811
+    tokenizer_run,  # noqa: F811
+    tmp_path,
+):
+    """model.init naming a checkpoint's ``model.safetensors`` (not its folder) read it as a
+    file without a record: what the init run's backbone saw was dropped from pretrained_on, so
+    finetune could no longer tell when it tests on EEG the backbone was pretrained on."""
+    first = tmp_path / "first"
+    assert cli(pretrain_argv(prepared, tokenizer_run, first)) == 0
+    checkpoint = ckpt.latest_checkpoint(first / "checkpoints").path
+    meta = json.loads((checkpoint / ckpt.META).read_text())
+    meta["pretrained_on"]["subjects"].append("elsewhere-01")
+    meta["pretrained_on"]["recordings"].append("elsewhere-01_r1.edf")
+    (checkpoint / ckpt.META).write_text(json.dumps(meta))
+    second = tmp_path / "second"
+    init = checkpoint / ckpt.WEIGHTS
+    argv = pretrain_argv(prepared, tokenizer_run, second, f"model.init={init}")
+    assert cli([*argv, "--set", "train.max_steps=1"]) == 0
+    seen = ckpt.latest_checkpoint(second / "checkpoints").meta["pretrained_on"]
+    assert "elsewhere-01" in seen["subjects"]
+    assert "elsewhere-01_r1.edf" in seen["recordings"]
+
+
+def test_a_hybrid_init_for_another_codebook_size_keeps_all_but_the_code_parts(tmp_path):
+    """A hybrid run continued as a hybrid one with a tokenizer of another codebook size was
+    refused (the forecasting head's token logits and code embedding are sized by the codebook)
+    while a masked model in the same case loads with lm_head afresh: every tensor not over the
+    codes loads, the ones over the codes start afresh, with a note naming them."""
+    from safetensors.torch import save_file
+
+    from eegfast.train.arch import build_model
+    from eegfast.train.commands.pretrain import load_init
+
+    def hybrid(vocab: int):
+        kwargs = {"vocab_size": vocab, "hybrid": {"mask_weight": 0.5}}
+        return build_model({"kind": "hybrid", "name": "labram_tiny_pretrain", "kwargs": kwargs})
+
+    torch.manual_seed(0)
+    state = {k: torch.randn_like(v) for k, v in hybrid(512).state_dict().items()}
+    init = tmp_path / "hybrid-512.safetensors"
+    save_file(state, str(init))
+    model = hybrid(256)
+    notes, meta = load_init(model, str(init))
+    assert meta == {}
+    assert any("lm_head and the forecasting head's token parts start afresh" in n for n in notes)
+    over_codes = (
+        "lm_head.",
+        "student.lm_head.",
+        "forecast_head.token.",
+        "forecast_head.code_embed.",
+    )
+    got = model.state_dict()
+    assert any(k.startswith("forecast_head.signal.") for k in got)
+    for key, value in got.items():
+        if key.startswith(over_codes):
+            assert value.shape[0] == 256, key
+        else:
+            torch.testing.assert_close(value, state[key], atol=0, rtol=0, msg=key)

@@ -307,3 +307,41 @@ def test_pretraining_refuses_a_fraction_that_holds_out_every_recording(
     assert "data.val_fraction=0.9 would hold out 2 of the data's 2 recording(s)" in err
     assert len(err.splitlines()) == 1
     assert not (out / "checkpoints").exists()
+
+
+def test_a_resume_with_another_seed_keeps_the_validation_masks(
+    prepared,  # noqa: F811
+    tokenizer_run,  # noqa: F811
+    tmp_path,
+):
+    """The masks of the validation came from the current train.seed: a run resumed with
+    another seed kept its held-out recordings but evaluated them with other masks, so the
+    val/loss of its later checkpoints (which rank them all) did not compare with the earlier
+    ones'. They are the run's first seed's."""
+    from eegfast.train.arch import load_trained
+    from eegfast.train.objectives import StepContext, get_objective
+    from eegfast.train.validation import objective_evaluator
+
+    out = tmp_path / "pre"
+    sets = ("data.val_fraction=0.5", "train.checkpoint_every=1")  # train.batch_size=2, seed 0
+    assert cli(pretrain_argv(prepared, tokenizer_run, out, *sets)) == 0
+    resumed = [*sets, "train.max_steps=3", "--resume", "auto", "train.seed=7"]
+    assert cli(pretrain_argv(prepared, tokenizer_run, out, *resumed)) == 0
+    logged = dict(read_metrics(out / "metrics.csv")["val/loss"])[3]
+    meta = ckpt.checkpoint_meta(out / "checkpoints" / "step-00000003")
+    assert meta["validation"]["seed"] == 0
+
+    data = load_data([prepared])
+    split = hold_out(data, 0.5, 0)
+    device = torch.device("cpu")
+    tokenizer = pretrain_cmd.load_tokenizer(str(tokenizer_run), device)
+    model, _ = load_trained(out / "checkpoints" / "step-00000003")
+
+    def val_loss(seed: int) -> float:
+        ctx = StepContext(device, seed=seed, tokenizer=tokenizer, mask_ratio=0.5)
+        evaluate = objective_evaluator(get_objective("masked"), ctx)
+        return Validator(data, split.val, evaluate, device=device, batch_size=2)(model)["val/loss"]
+
+    first, other = val_loss(0), val_loss(7)
+    assert first != pytest.approx(other, rel=1e-5)  # the seeds' masks differ
+    assert logged == pytest.approx(first, rel=1e-6)  # (metrics.csv keeps 8 digits)

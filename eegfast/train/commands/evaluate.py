@@ -361,6 +361,13 @@ def _main(args: argparse.Namespace) -> int:
                     indices = np.delete(indices, trained)
                 if len(indices):
                     selected[task] = indices
+            if not total:  # (not "all 0 labelled windows are from its training recordings")
+                raise CommandError(
+                    f"--data {' '.join(str(r) for r in data.roots)}: no labelled window of "
+                    f"{', '.join(tasks)} to score (evaluate compares the model's predictions "
+                    "with the windows' labels); eegfast predict applies it to unlabelled "
+                    "recordings"
+                )
             if not selected:
                 raise CommandError(
                     f"all {total} labelled windows of {tasks} are from the recordings "

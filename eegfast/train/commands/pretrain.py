@@ -13,6 +13,7 @@ reference pretraining checkpoint (see :func:`load_init`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import math
 from pathlib import Path
@@ -197,8 +198,14 @@ def freeze_unused_heads(model: torch.nn.Module) -> list[str]:
 # model's forecasting head (a masked run may start a hybrid one, and the reverse).
 OPTIONAL_INIT_PREFIXES = ("forecast_head.",)
 # The heads over the tokenizer's codebook: left at their initialisation when the init's
-# codebook size differs from the tokenizer's.
-VOCAB_HEADS = ("lm_head.", "student.lm_head.")
+# codebook size differs from the tokenizer's (the hybrid forecasting head's token logits and
+# its embedding of the given codes are sized by the codebook too; its signal part is not).
+VOCAB_HEADS = (
+    "lm_head.",
+    "student.lm_head.",
+    "forecast_head.token.",
+    "forecast_head.code_embed.",
+)
 
 
 def load_init(model: torch.nn.Module, path: str) -> tuple[list[str], dict[str, Any]]:
@@ -208,9 +215,11 @@ def load_init(model: torch.nn.Module, path: str) -> tuple[list[str], dict[str, A
     (``student.*``, ``lm_head.*``, ...; wrappers and ``module.`` prefixes removed).
 
     Every backbone tensor must match the model (a mismatch is an error that lists the keys).
-    The forecasting head loads where both sides have it, and ``lm_head`` starts afresh (with a
-    note) when the init predicts another number of codes than the tokenizer has.
-    Returns (notes to print, the init checkpoint's meta: {} for a file without one).
+    The forecasting head loads where both sides have it, and ``lm_head`` (and the forecasting
+    head's parts over the codes) starts afresh (with a note) when the init predicts another
+    number of codes than the tokenizer has.
+    Returns (notes to print, the init checkpoint's meta: that of the checkpoint folder a
+    ``model.safetensors`` file is in; {} for a file without one).
     """
     from eegfast.models.checkpoint import CheckpointMismatchError, load_checkpoint, unwrap_model
 
@@ -219,7 +228,9 @@ def load_init(model: torch.nn.Module, path: str) -> tuple[list[str], dict[str, A
         if given.is_file():
             from eegfast.models.checkpoint import read_state_dict
 
-            state, meta = read_state_dict(given), {}
+            state = read_state_dict(given)
+            # a checkpoint's own weights file: its meta.json beside it says what the init saw
+            meta = ckpt.checkpoint_meta(given.parent) if given.name == ckpt.WEIGHTS else {}
         else:
             weights = ckpt.resolve_weights_path(given)
             state, meta = ckpt.load_weights(weights), ckpt.checkpoint_meta(weights.parent)
@@ -239,10 +250,13 @@ def load_init(model: torch.nn.Module, path: str) -> tuple[list[str], dict[str, A
     notes = []
     got, wanted = state.get("lm_head.weight"), own.get("lm_head.weight")
     if got is not None and wanted is not None and got.shape[0] != wanted.shape[0]:
+        afresh = "lm_head starts"
+        if "forecast_head." not in exclude:  # both sides have one
+            afresh = "lm_head and the forecasting head's token parts start"
         exclude += VOCAB_HEADS
         notes.append(
             f"note: model.init {path} predicts {got.shape[0]} codes and the tokenizer has "
-            f"{wanted.shape[0]}: lm_head starts afresh"
+            f"{wanted.shape[0]}: {afresh} afresh"
         )
     try:
         report = load_checkpoint(model, state, strict=True, exclude=exclude)
@@ -286,7 +300,8 @@ def _validator(
     vocab: int | None,
 ) -> Validator:
     """The checkpoints' evaluation of the objective on the held-out windows (their own target
-    cache, when the run caches targets: the training cache's keys are training positions)."""
+    cache, when the run caches targets: the training cache's keys are training positions), with
+    the masks of the split's seed (a resumed run's first seed, whatever train.seed is now)."""
     cache = None
     if ctx.target_cache is not None:
         cache = TargetCache(vocab, max_bytes=ctx.target_cache.max_bytes)
@@ -294,7 +309,7 @@ def _validator(
     return Validator(
         data,
         split.val,
-        objective_evaluator(step, ctx, cache=cache),
+        objective_evaluator(step, dataclasses.replace(ctx, seed=split.seed), cache=cache),
         device=runtime.device,
         dist_info=runtime.dist,
         # a rank's training micro-batch: fits in memory, without the gradients' share even
