@@ -311,3 +311,29 @@ def test_class_names_when_the_training_folders_are_gone(runs, tmp_path, capsys):
     columns, rows = _rows(out / "predictions.csv")
     assert columns == FIXED + ["p_rest", "p_task", "p_class0", "p_class1"]
     assert {r["predicted"] for r in rows if r["task"] == "other"} <= {"class0", "class1"}
+
+
+def test_data_tasks_picks_the_windows_predicted(runs, tmp_path):
+    """--set data.tasks was dropped without a word: every folder's windows were predicted."""
+    out = tmp_path / "pred"
+    assert _predict(runs, out, "--set", "data.tasks=[arith]", data=("arith", "new")) == 0
+    _, rows = _rows(out / "predictions.csv")
+    only_arith = _rows_of(runs, tmp_path / "arith", "arith")
+    assert rows and len(rows) == len(only_arith)  # (the new folder's windows left out)
+
+
+def _rows_of(runs, out: Path, folder: str) -> list[dict[str, str]]:
+    assert _predict(runs, out, data=(folder,)) == 0
+    return _rows(out / "predictions.csv")[1]
+
+
+def test_evaluate_writes_no_features_for_data_the_model_cannot_take(runs, tmp_path, capsys):
+    """--export-features wrote its .npz before the data was refused (another amplitude
+    scale): a features file of windows the model was then not evaluated on."""
+    bad = _edited_copy(runs["arith"], tmp_path / "bad", _other_scale)
+    features = tmp_path / "features.npz"
+    argv = ["evaluate", "--model", str(runs["model"]), "--data", str(bad)]
+    argv += ["--out", str(tmp_path / "ev"), "--export-features", str(features), "--no-progress"]
+    assert cli(argv) == 2
+    assert "amplitudes scaled by 1e+06" in capsys.readouterr().err
+    assert not features.exists()

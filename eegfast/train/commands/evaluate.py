@@ -315,6 +315,8 @@ def _main(args: argparse.Namespace) -> int:
         arch = meta["arch"]
         task_names = list(meta.get("task_names") or [])
         routes = routes_by_task(meta)
+        # data a fine-tuned model cannot take is refused before anything is written
+        data_warnings = check_data(model, trained_on(meta), data) if arch.get("heads") else []
         if arch.get("heads"):
             model.to(runtime.device)
         else:  # a pretraining model has no pooled features: the probe's classifier backbone
@@ -341,7 +343,7 @@ def _main(args: argparse.Namespace) -> int:
                     f"{data.tasks}: nothing to evaluate"
                 )
             notes = [f"model `{args.model}` evaluated on the labelled windows (no training)"]
-            for warning in check_data(model, trained_on(meta), data):
+            for warning in data_warnings:
                 say(runtime, f"warning: {warning}")
                 notes.append(f"**warning:** {warning}")
             names, guessed = model_class_names(args.model, heads, tasks, meta, data)

@@ -440,7 +440,7 @@ def _main(args: argparse.Namespace) -> int:
     tasks = _chosen_tasks(args.tasks, heads, args.model)
     runtime = start(config)
     try:
-        data = load_data(config.data.roots)
+        data = load_data(config.data.roots, config.data.tasks)  # --set data.tasks: a subset
         if model is None:
             model, meta = load_trained(args.model)
         known = trained_on(meta)
