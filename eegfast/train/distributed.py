@@ -7,6 +7,7 @@ Without them everything runs in one process and the helpers are no-ops.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import os
@@ -43,7 +44,25 @@ def init_distributed(device: torch.device) -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, init_method="env://")
+    _collect_garbage_at_exit()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+_collecting_at_exit = False
+
+
+def _collect_garbage_at_exit() -> None:
+    """Free unreachable objects at exit, before the interpreter's own shutdown.
+
+    An FSDP-wrapped model (or a DDP wrapper) holds the process group, and sits in reference
+    cycles, so once its last name is gone only the cyclic collector frees it: left to the
+    interpreter's shutdown, its group (destroyed by :func:`shutdown` but kept alive by it) is
+    freed while Python tears itself down, which now and then aborted a worker ("terminate
+    called without an active exception"). An exit handler frees it while Python still runs."""
+    global _collecting_at_exit
+    if not _collecting_at_exit:
+        atexit.register(gc.collect)
+        _collecting_at_exit = True
 
 
 def choose_device(requested: str) -> torch.device:

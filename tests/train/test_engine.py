@@ -241,6 +241,45 @@ def test_two_process_resume_reads_the_checkpoint_on_rank_0_only_and_is_exact(tmp
     assert_same_weights(final_weights(full), final_weights(partial))
 
 
+def spawned_exit_check(rank: int, world_size: int, port: int, marker_dir: str) -> None:
+    """A torchrun-like worker holding only an unreachable reference cycle (as an FSDP model
+    is once its names are gone) at exit, the collector off: writes whether the cycle was freed
+    by the time the exit handlers registered before eegfast's ran (they run after them)."""
+    import atexit
+    import gc
+    import weakref
+
+    from eegfast.train.distributed import init_distributed, shutdown
+
+    gc.disable()
+    marker, refs = Path(marker_dir) / f"rank{rank}", []
+    # registered before eegfast's handler, so it runs after it (exit handlers run in reverse)
+    atexit.register(lambda: marker.write_text("alive" if refs[0]() is not None else "freed"))
+    worker.set_rendezvous(rank, world_size, port)
+    info = init_distributed(torch.device("cpu"))
+    held = _Cycle({})  # still named while the group is shut down, as a command's model
+    refs.append(weakref.ref(held))
+    shutdown(info)
+    del held
+
+
+class _Cycle:
+    def __init__(self, node: dict) -> None:
+        self.node = node
+        node["owner"] = self  # a reference cycle: only the cyclic collector frees it
+
+
+@pytest.mark.slow
+def test_process_groups_holders_in_reference_cycles_are_freed_before_interpreter_shutdown(
+    tmp_path,
+):
+    """Left to the interpreter's shutdown, an FSDP model's process group was freed while Python
+    tore itself down, now and then aborting the worker (SIGABRT, "terminate called without an
+    active exception"): eegfast's exit handler collects such cycles first."""
+    mp.spawn(spawned_exit_check, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["freed", "freed"]
+
+
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     worker.run("finetune", str(tmp_path / "full"), {"train.epochs": 1})
     worker.run("finetune", str(tmp_path / "accum"), {"train.epochs": 1, "train.grad_accum": 2})
