@@ -108,8 +108,10 @@ class NormEMAVectorQuantizer(nn.Module):
     Inputs are l2-normalised, matched to their nearest code by cosine similarity (exact, see
     :func:`eegfast.ops.vq_nearest`), and replaced by it with a straight-through estimator. In
     training mode the codebook follows an EMA of the assigned inputs (all-reduced across
-    processes), is initialised by spherical k-means on the first batch, and optionally
-    re-seeds dead codes.
+    processes), is initialised by spherical k-means on the first batch (of all processes
+    together: the rows of every rank are gathered), and optionally re-seeds dead codes (drawn
+    among the rows of every rank): N processes train the codebook one process would on their
+    batches concatenated.
 
     State-dict keys match the reference tokenizer's ``quantize.*``.
 
@@ -275,14 +277,41 @@ class NormEMAVectorQuantizer(nn.Module):
         rebuilt = codes.float() * module.cluster_size.float()[:, None]
         sums.copy_(torch.where(aligned[:, None], sums.float(), rebuilt).to(sums.dtype))
 
+    # Runs once, full of data-dependent shapes and collectives: eager even in a compiled model
+    # (traced, the gathers of variable row counts left unwaited collectives behind).
+    @torch.compiler.disable
     @torch.no_grad()
     def _initialise(self, flat: torch.Tensor) -> None:
-        codes = vq_kmeans(flat, self.num_codes, iters=self.kmeans_iters, metric="cosine")
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast(codes, src=0)  # every rank starts from rank 0's codebook
+        """k-means codebook from the finite rows of ``flat`` (N, D): of every process's batch
+        where torch.distributed is initialised, concatenated in rank order, so that N processes
+        start from the codebook that one process would on their batches together."""
+        rows = flat[torch.isfinite(flat).all(dim=1)]  # k-means ignores the others: not sent
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            rows = _gather_rows(rows)
+        codes = vq_kmeans(rows, self.num_codes, iters=self.kmeans_iters, metric="cosine")
+        if distributed:
+            # Every rank ran the same k-means on the same rows; rank 0's result is sent all the
+            # same, as the ranks' random number generators may not agree.
+            dist.broadcast(codes, src=0)
         self.embedding.weight.data.copy_(codes)
         self.embedding.embed_avg.copy_(codes)
         self.cluster_size.fill_(1.0)
         self.embedding.cluster_size.fill_(1.0)
         self.embedding.initted.fill_(1)
         self._initialised = True
+
+
+def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The rows (N_r, D) of every process concatenated in rank order (sum N_r, D); the ranks
+    may hold different numbers of rows (padding left out), so the counts are gathered first."""
+    world = dist.get_world_size()
+    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = rows.new_zeros(max(sizes), rows.shape[1])
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])

@@ -366,8 +366,10 @@ def vq_ema_update(
     ``process_group`` first, so every rank applies the same update.
 
     Dead-code restart: codes whose EMA count is below ``dead_code_threshold`` are re-seeded
-    from rows of the current batch chosen at random among those with a code (drawn on rank 0
-    and broadcast), with their EMA state reset to count 1.
+    from rows of the current batch chosen at random among those with a code, with their EMA
+    state reset to count 1. Under torch.distributed the rows are drawn among those of every
+    rank's batch, as one process would from the batches concatenated in rank order (with rank
+    0's ``generator`` state): the same seeds on every rank, and the same as one process.
 
     Args:
         z: (N, D) encoder outputs (any float dtype the ops accept).
@@ -407,25 +409,71 @@ def vq_ema_update(
     dead = torch.zeros(K, dtype=torch.bool, device=codebook.device)
     if dead_code_threshold is not None and (distributed or z.shape[0] > 0):
         # Draw replacements among the rows that were given a code (finite ones, not left out
-        # with index -1); without any, nothing is restarted.
+        # with index -1), of every process's batch; without any, nothing is restarted.
         drawable = (indices >= 0) & torch.isfinite(z).all(dim=1)
-        if z.shape[0] > 0:
-            seeds = z[_draw_rows(drawable.float(), K, generator)].to(codebook.dtype)
-        else:  # an empty batch on this rank: it only receives
-            seeds = codebook.new_zeros(K, D)
-        dead = (cluster_size < dead_code_threshold) & drawable.any()
+        seeds, drawn = _draw_seeds(z, drawable, K, generator, process_group, distributed)
+        dead = (cluster_size < dead_code_threshold) & drawn
         if distributed:
-            # Rows differ per rank: rank 0's draw, and its decision (it may have no row to
-            # draw from), are broadcast so that all ranks stay identical.
+            # The counts are all-reduced, so the ranks agree already; rank 0's decision is
+            # sent all the same, as the codebook must never differ between them.
             src = 0 if process_group is None else dist.get_global_rank(process_group, 0)
-            dist.broadcast(seeds, src=src, group=process_group)
             dist.broadcast(dead, src=src, group=process_group)
+        seeds = seeds.to(codebook.dtype)
         if normalize:
             seeds = torch.nn.functional.normalize(seeds, dim=1, eps=NORM_EPS)
         codebook.copy_(torch.where(dead[:, None], seeds, codebook))
         cluster_size.copy_(torch.where(dead, torch.ones_like(cluster_size), cluster_size))
         embed_sum.copy_(torch.where(dead[:, None], seeds.to(embed_sum.dtype), embed_sum))
     return {"counts": counts, "dead": dead}
+
+
+def _draw_seeds(
+    z: torch.Tensor,
+    drawable: torch.Tensor,
+    count: int,
+    generator: torch.Generator | None,
+    process_group: dist.ProcessGroup | None,
+    distributed: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` rows (count, D) float32 drawn uniformly, with replacement, among the rows of
+    ``z`` (N, D) with ``drawable`` (N,) True, and whether there was any: of every process's
+    ``z`` concatenated in rank order where ``distributed``, the same on every rank.
+
+    N processes draw exactly the rows that one process would from their batches together
+    (same generator state on rank 0), without sending the rows: each draw is a position among
+    all drawable rows, from rank 0's generator; the rank holding that row sends it in an
+    all-reduce of the seeds (every other rank adds 0). Costs one (count, D) all-reduce and
+    small collectives, no host sync."""
+    device = z.device
+    uniform = torch.rand(count, dtype=torch.float64, device=device, generator=generator)
+    mine = drawable.sum().reshape(1)
+    offset = torch.zeros_like(mine)
+    total = mine
+    if distributed:
+        # every rank's count, by an all-reduce of one-hot rows (traces under torch.compile,
+        # where an all_gather into a list left unwaited collectives behind)
+        rank = dist.get_rank(process_group)
+        counts = torch.zeros(dist.get_world_size(process_group), dtype=mine.dtype, device=device)
+        counts[rank] = mine[0]
+        dist.all_reduce(counts, group=process_group)
+        offset = counts[:rank].sum().reshape(1)
+        total = counts.sum().reshape(1)
+        src = 0 if process_group is None else dist.get_global_rank(process_group, 0)
+        dist.broadcast(uniform, src=src, group=process_group)  # rank 0's draw for all
+    # position among all drawable rows (floor; clamped as u * total may round up to total)
+    position = (uniform * total).floor().long().clamp(max=(total - 1).clamp_min(0))
+    local = position - offset
+    held = (local >= 0) & (local < mine)
+    seeds = torch.zeros(count, z.shape[1], dtype=torch.float32, device=device)
+    if z.shape[0] > 0:
+        # the row with `local` drawable rows before it: the first whose running count passes it
+        running = drawable.long().cumsum(0)
+        rows = torch.searchsorted(running, local.clamp_min(0), right=True)
+        rows = rows.clamp_max(z.shape[0] - 1)
+        seeds = torch.where(held[:, None], z[rows].float(), seeds)
+    if distributed:
+        dist.all_reduce(seeds, group=process_group)  # one rank holds each row, others add 0
+    return seeds, (total > 0).reshape(())
 
 
 def _draw_rows(weights: torch.Tensor, count: int, generator: torch.Generator | None):

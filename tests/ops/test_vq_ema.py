@@ -158,16 +158,14 @@ def _restart_worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        # one rank without a row to draw from: all left out (padding), or an empty batch
-        for case, (empty_rank, rows) in enumerate(((1, 40), (0, 40), (1, 0))):
+        # ranks without a row to draw from: all left out (padding), or an empty batch
+        for case, (empty_ranks, rows) in enumerate(_RESTART_CASES):
             _, codebook, cluster_size, embed_sum = state(k=16, d=8)
             cluster_size[:4] = 1e-4
-            z = F.normalize(
-                torch.randn(40, 8, generator=torch.Generator().manual_seed(rank)), dim=1
-            )
+            z = _restart_rows(rank)
             indices = vq_nearest(z, codebook)
             indices[indices < 4] = 5
-            if rank == empty_rank:
+            if rank in empty_ranks:
                 z, indices = z[:rows], indices[:rows]
                 indices[:] = -1
             stats = vq_ema_update(
@@ -178,20 +176,64 @@ def _restart_worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
+# (ranks whose rows are all left out, how many rows they keep)
+_RESTART_CASES = (((1,), 40), ((0,), 40), ((1,), 0), ((0, 1), 40))
+
+
+def _restart_rows(rank: int) -> torch.Tensor:
+    return F.normalize(torch.randn(40, 8, generator=torch.Generator().manual_seed(rank)), dim=1)
+
+
 def test_dead_code_restart_is_identical_across_processes():
     """Restarts under all-reduce stay identical on every rank when a rank has no row to draw
-    from (all its rows left out as padding, or none): rank 0 decides and draws, and a rank
-    with only left-out rows never gives them as seeds."""
-    out = torch.zeros(3, 2, 16 * 8 + 16).share_memory_()
+    from (all its rows left out as padding, or none): the seeds come from the rows of the
+    ranks that have some (rank 1's where rank 0 has none: rank 0's rows alone were drawn
+    from, and nothing was restarted), never from left-out rows; with no row on any rank,
+    nothing is restarted."""
+    out = torch.zeros(len(_RESTART_CASES), 2, 16 * 8 + 16).share_memory_()
     mp.spawn(_restart_worker, args=(2, _free_port(), out), nprocs=2)
-    for case in range(3):
+    for case in range(len(_RESTART_CASES)):
         torch.testing.assert_close(out[case, 0], out[case, 1], rtol=0, atol=0)
     dead = out[:, 0, -16:].bool()
-    # rank 0 has rows to draw from: codes 0..3 restarted from them
-    rank0_rows = F.normalize(torch.randn(40, 8, generator=torch.Generator().manual_seed(0)), dim=1)
-    for case in (0, 2):
+    for case, drawn_from in ((0, 0), (1, 1), (2, 0)):
         assert dead[case, :4].all() and not dead[case, 4:].any()
         codes = out[case, 0, :-16].view(16, 8)[:4]
-        assert ((codes @ rank0_rows.T).amax(dim=1) > 1 - 1e-5).all()
-    # rank 0 has only left-out rows: nothing is restarted, on any rank
-    assert not dead[1].any()
+        assert ((codes @ _restart_rows(drawn_from).T).amax(dim=1) > 1 - 1e-5).all()
+    assert not dead[3].any()
+
+
+def _seed_worker(rank, world, port, z, indices, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        # uneven parts: rank 0 the first 7 rows, rank 1 the rest
+        part = slice(0, 7) if rank == 0 else slice(7, None)
+        _, codebook, cluster_size, embed_sum = state(k=16, d=8)
+        cluster_size[:8] = 1e-4
+        gen = torch.Generator().manual_seed(3)
+        vq_ema_update(
+            z[part], indices[part], codebook, cluster_size, embed_sum,
+            dead_code_threshold=0.01, generator=gen,
+        )  # fmt: skip
+        out[rank] = codebook.flatten()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dead_code_restart_draws_as_one_process_on_the_concatenated_rows():
+    """The restart seeds N processes draw are those one process draws from their rows
+    concatenated (same generator): drawn among the rows of every rank, not of rank 0 alone."""
+    z = F.normalize(torch.randn(30, 8, generator=torch.Generator().manual_seed(4)), dim=1)
+    _, codebook, cluster_size, embed_sum = state(k=16, d=8)
+    indices = vq_nearest(z, codebook)
+    indices[indices < 8] = 9
+    indices[torch.arange(30) % 3 == 0] = -1  # padding: never drawn
+    out = torch.zeros(2, 16 * 8).share_memory_()
+    mp.spawn(_seed_worker, args=(2, _free_port(), z, indices, out), nprocs=2)
+    cluster_size[:8] = 1e-4
+    gen = torch.Generator().manual_seed(3)
+    vq_ema_update(
+        z, indices, codebook, cluster_size, embed_sum, dead_code_threshold=0.01, generator=gen
+    )
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+    torch.testing.assert_close(out[0], codebook.flatten(), rtol=1e-6, atol=1e-6)
