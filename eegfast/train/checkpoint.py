@@ -278,6 +278,17 @@ def checkpoint_meta(checkpoint: str | Path) -> dict[str, Any]:
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
+def resumed_meta(resume: str | None, out: str | Path) -> dict[str, Any]:
+    """meta.json of the checkpoint a run with ``--resume`` value ``resume`` and run folder
+    ``out`` continues from ({} for a new run, or ``auto`` without a checkpoint yet)."""
+    if not resume:
+        return {}
+    if resume == "auto":
+        latest = latest_checkpoint(Path(out) / "checkpoints")
+        return latest.meta if latest is not None else {}
+    return checkpoint_meta(resume)
+
+
 def load_training_state(checkpoint: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     """The checkpoint's optimiser, scheduler, scaler, RNG and position state.
 

@@ -22,7 +22,6 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,6 @@ import torch
 from torch import nn
 
 from eegfast.nn.vq import code_perplexity
-from eegfast.train import checkpoint as ckpt
 from eegfast.train.data import TrainData, collate_fn
 from eegfast.train.distributed import DistInfo, all_reduce_mean
 from eegfast.train.engine import resolve_precision
@@ -79,17 +77,6 @@ class HoldOut:
             f"{total_recordings} recordings ({share:.0%}){whose} held out "
             f"(data.val_fraction={self.fraction})"
         )
-
-
-def resume_meta(resume: str | None, out: str | Path) -> dict[str, Any]:
-    """meta.json of the checkpoint a run with ``--resume`` value ``resume`` continues from ({}
-    for a new run, or ``auto`` without a checkpoint yet)."""
-    if not resume:
-        return {}
-    if resume == "auto":
-        latest = ckpt.latest_checkpoint(Path(out) / "checkpoints")
-        return latest.meta if latest is not None else {}
-    return ckpt.checkpoint_meta(resume)
 
 
 def hold_out(

@@ -115,16 +115,6 @@ def tokenizer_record(path: str | Path) -> dict[str, str]:
     return {"checkpoint": str(weights.parent), "file": weights.name, "sha256": _sha256(weights)}
 
 
-def _resume_meta(resume: str | None, out: Path) -> dict[str, Any]:
-    """meta.json of the checkpoint this run will continue from ({} for a new run)."""
-    if not resume:
-        return {}
-    if resume == "auto":
-        latest = ckpt.latest_checkpoint(out / "checkpoints")
-        return latest.meta if latest is not None else {}
-    return ckpt.checkpoint_meta(resume)
-
-
 def tokenizer_for_run(given: str, recorded: dict[str, str] | None) -> tuple[str, list[str]]:
     """The tokenizer checkpoint to load, and notes to print. A new run (``recorded`` None)
     takes ``given`` (its newest checkpoint); a resumed one the very checkpoint it started with
@@ -285,7 +275,7 @@ def _main(args: argparse.Namespace) -> int:
         )
     kind = "hybrid" if config.pretrain.objective == "hybrid" else "pretrain"
     with run_folder(args, expected={kind}) as resume:
-        resumed = _resume_meta(resume, Path(args.out))
+        resumed = ckpt.resumed_meta(resume, args.out)
         tokenizer_path, notes = tokenizer_for_run(config.model.tokenizer, resumed.get("tokenizer"))
         return _train(args, config, step, kind, resume, tokenizer_path, notes, resumed)
 

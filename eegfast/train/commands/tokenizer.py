@@ -16,6 +16,7 @@ import torch
 
 from eegfast.models import VQNSP
 from eegfast.nn.vq import code_perplexity
+from eegfast.train import checkpoint as ckpt
 from eegfast.train.arch import build_model
 from eegfast.train.commands.common import (
     CommandError,
@@ -39,7 +40,6 @@ from eegfast.train.validation import (
     HoldOut,
     Validator,
     hold_out,
-    resume_meta,
     tokenizer_evaluator,
 )
 
@@ -227,7 +227,7 @@ def _train(args: argparse.Namespace, config: RunConfig, resume: str | None) -> i
     runtime = start(config)
     try:
         data = load_data(config.data.roots, config.data.tasks)
-        resumed = resume_meta(resume, args.out)
+        resumed = ckpt.resumed_meta(resume, args.out)
         split = hold_out(data, config.data.val_fraction, config.train.seed, resumed=resumed)
         arch = {"kind": "tokenizer", "name": config.model.name, "kwargs": quantizer_kwargs(config)}
         model = build_model(arch)
