@@ -53,10 +53,15 @@ class LoadReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def __str__(self) -> str:
-        lines = [f"loaded {len(self.loaded)} tensors"]
+        return "\n".join([f"loaded {len(self.loaded)} tensors", *self.difference_lines()])
+
+    def difference_lines(self, source: str = "checkpoint", shown: int | None = None) -> list[str]:
+        """The keys that differ, by kind (layer numbers collapsed); at most ``shown`` lines of
+        shapes (a huge model differs in hundreds of keys at once)."""
+        lines = []
         for title, keys in (
-            ("missing from the checkpoint", self.missing),
-            ("unexpected in the checkpoint", self.unexpected),
+            (f"missing from the {source}", self.missing),
+            (f"unexpected in the {source}", self.unexpected),
             ("left at initialisation", self.initialised),
         ):
             if keys:
@@ -65,9 +70,12 @@ class LoadReport:
         if self.mismatched:
             lines.append(f"{len(self.mismatched)} keys with a different shape (model vs file):")
             lines.extend(
-                f"  {key}: {list(want)} vs {list(got)}" for key, want, got in self.mismatched
+                f"  {key}: {list(want)} vs {list(got)}"
+                for key, want, got in self.mismatched[:shown]
             )
-        return "\n".join(lines)
+            if shown is not None and len(self.mismatched) > shown:
+                lines.append(f"  ... and {len(self.mismatched) - shown} more")
+        return lines
 
 
 def summarise_keys(keys: Sequence[str]) -> list[str]:
@@ -485,23 +493,8 @@ def infer_architecture(
 
 
 def _say_differences(report: LoadReport, shown: int = 10) -> str:
-    """The keys of ``report`` that differ (layer numbers collapsed, at most ``shown`` shape
-    lines: a huge model differs in hundreds of keys at once)."""
-    lines = [f"{len(report.loaded)} keys fit"]
-    for title, keys in (
-        ("missing from the file", report.missing),
-        ("unexpected in the file", report.unexpected),
-    ):
-        if keys:
-            lines.append(f"{len(keys)} keys {title}:")
-            lines.extend(f"  {line}" for line in summarise_keys(keys))
-    if report.mismatched:
-        lines.append(f"{len(report.mismatched)} keys with another shape (model vs file):")
-        lines.extend(
-            f"  {key}: {list(want)} vs {list(got)}" for key, want, got in report.mismatched[:shown]
-        )
-        if len(report.mismatched) > shown:
-            lines.append(f"  ... and {len(report.mismatched) - shown} more")
+    """The keys of ``report`` that differ, at most ``shown`` shape lines."""
+    lines = [f"{len(report.loaded)} keys fit", *report.difference_lines("file", shown)]
     return "\n".join(lines)
 
 
