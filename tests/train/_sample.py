@@ -22,3 +22,13 @@ def sample_recording_cut(name: str, seconds: float, folder: Path) -> Path:
     path = Path(folder) / f"{Path(name).stem}_cut.fif"
     raw.save(path, verbose="error")
     return path
+
+
+def prepare_windows(out: Path, sources: list[str], *extra: str) -> Path:
+    """``eegfast prepare SOURCES --out OUT --window 4 EXTRA``: 4-s windows of recordings
+    (``TASK=FILE`` sources), asserting it succeeded; returns ``out``."""
+    from eegfast.cli import main as cli
+
+    argv = ["prepare", *sources, "--out", str(out), "--window", "4", *extra, "--no-progress"]
+    assert cli(argv) == 0
+    return out

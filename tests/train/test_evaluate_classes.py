@@ -14,15 +14,9 @@ import pytest
 
 from eegfast.cli import main as cli
 from eegfast.train import checkpoint as ckpt
-from tests.train._sample import sample_recording_cut
+from tests.train._sample import prepare_windows, sample_recording_cut
 
 RULES = ("--filename-rule", "_1_cut$=rest", "--filename-rule", "_2_cut$=task")
-
-
-def _prepare(out: Path, sources: list[str], *extra: str) -> Path:
-    argv = ["prepare", *sources, "--out", str(out), "--window", "4", *extra, "--no-progress"]
-    assert cli(argv) == 0
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +29,10 @@ def runs(tmp_path_factory):
     cuts = [sample_recording_cut(f"Subject00_{i}.edf", 24.0, root) for i in (1, 2)]
     both = [f"arith={c}" for c in cuts]
     runs = {
-        "arith": _prepare(root / "arith", both, *RULES),
-        "reordered": _prepare(root / "reordered", both, *RULES, "--classes", "task,rest"),
-        "only_task": _prepare(root / "only_task", both[1:], *RULES),
-        "sleep": _prepare(root / "sleep", both[1:], "--filename-rule", "_2_cut$=sleep"),
+        "arith": prepare_windows(root / "arith", both, *RULES),
+        "reordered": prepare_windows(root / "reordered", both, *RULES, "--classes", "task,rest"),
+        "only_task": prepare_windows(root / "only_task", both[1:], *RULES),
+        "sleep": prepare_windows(root / "sleep", both[1:], "--filename-rule", "_2_cut$=sleep"),
     }
     ft = root / "ft"
     argv = ["finetune", "--data", str(runs["arith"]), "--out", str(ft), "--folds", "2"]
@@ -157,7 +151,7 @@ def test_the_checkpoint_records_classes_windows_and_preprocessing(runs, tmp_path
     capsys.readouterr()
     # ... and so does the window length the model was fine-tuned on
     source = index["recordings"][0]["file"]
-    short = _prepare(tmp_path / "short", [f"arith={source}"], *RULES, "--window", "2")
+    short = prepare_windows(tmp_path / "short", [f"arith={source}"], *RULES, "--window", "2")
     capsys.readouterr()
     assert _evaluate({**runs, "short": short}, "short", tmp_path / "eval-short", model=model) == 2
     assert "2-s windows, the model was fine-tuned on 4-s windows" in capsys.readouterr().err
@@ -188,7 +182,7 @@ def test_a_folder_without_labels_is_refused_pointing_to_predict(runs, tmp_path, 
     labelled windows of ['arith'] are from the recordings --model was fine-tuned on", which
     is not what is wrong; it says there is no label to score against, and names predict."""
     cut = sample_recording_cut("Subject00_2.edf", 8.0, tmp_path)
-    unlabelled = _prepare(tmp_path / "unlabelled", [f"arith={cut}"])
+    unlabelled = prepare_windows(tmp_path / "unlabelled", [f"arith={cut}"])
     argv = ["evaluate", "--model", str(runs["model"]), "--data", str(unlabelled)]
     assert cli([*argv, "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()

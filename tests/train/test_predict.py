@@ -14,15 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 from eegfast.cli import main as cli
-from tests.train._sample import sample_recording_cut
+from tests.train._sample import prepare_windows, sample_recording_cut
 
 FIXED = ["recording", "subject", "window", "start_s", "task", "predicted", "label"]
-
-
-def _prepare(out: Path, sources: list[str], *extra: str) -> Path:
-    argv = ["prepare", *sources, "--out", str(out), "--window", "4", *extra, "--no-progress"]
-    assert cli(argv) == 0
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +30,17 @@ def runs(tmp_path_factory):
         for s in (0, 1)
         for i in (1, 2)
     }
-    arith = _prepare(
+    arith = prepare_windows(
         root / "arith",
         [f"arith={cuts[0, 1]}", f"arith={cuts[0, 2]}"],
         *("--filename-rule", "_1_cut$=rest", "--filename-rule", "_2_cut$=task"),
     )
-    other = _prepare(
+    other = prepare_windows(
         root / "other",
         [f"other={cuts[1, 1]}", f"other={cuts[1, 2]}"],
         *("--filename-rule", "_1_cut$=calm", "--filename-rule", "_2_cut$=busy"),
     )
-    new = _prepare(root / "new", [f"new={cuts[0, 1]}"])
+    new = prepare_windows(root / "new", [f"new={cuts[0, 1]}"])
     ft = root / "ft"
     argv = ["finetune", "--data", str(arith), str(other), "--out", str(ft), "--folds", "2"]
     for item in (
