@@ -1,7 +1,7 @@
 // The forward for bfloat16 inputs on CPUs with AMX (Intel Sapphire Rapids and later): the two
 // products per (query, key) pair run on the tile unit, the softmax on AVX-512.
 //
-// Included by qk_norm_attention_cpu.cpp inside namespace v512, after
+// Included by qk_norm_attention_v512.cpp inside namespace v512, after
 // qk_norm_attention_kernels.h, whose key preparation, query LayerNorm and online fallback it
 // reuses. x86-64 only.
 //
@@ -368,10 +368,9 @@ EEGFAST_AMX_TARGET void amx_forward_task(const ForwardArgs<scalar_t, float>& a, 
 
 // The forward through the tile unit when it applies (bf16 inputs, D <= 32, no causal or
 // block-causal mask); false otherwise, having done nothing.
-inline bool amx_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const Prepared& opt, double scale, bool causal, double eps,
-                        at::Tensor& out, at::Tensor& lse, at::Tensor& q_stats,
-                        at::Tensor& k_stats) {
+bool amx_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const Prepared& opt, double scale, bool causal, double eps, at::Tensor& out,
+                 at::Tensor& lse, at::Tensor& q_stats, at::Tensor& k_stats) {
   using scalar_t = c10::BFloat16;
   if (q.scalar_type() != at::kBFloat16 || q.size(3) > kAmxMaxHeadDim || causal ||
       opt.ids.has_value())

@@ -23,7 +23,7 @@
 // - the backward's keys and values in panels too, the key panels times the softmax scale.
 // LayerNorms run lane-wise on the transposed layouts (one row per lane).
 // Kernels are written with GCC vector extensions in qk_norm_attention_kernels.h, included
-// once per vector width, and compiled three times, picked at run time: AVX-512 (512-bit
+// once per vector width (in its own translation unit), and compiled three times, picked at run time: AVX-512 (512-bit
 // vectors, 8-row tiles: the 32 vector registers hold 8 x 3 accumulators), AVX2+FMA (256-bit,
 // 4-row tiles) and generic (256-bit). EEGFAST_CPU_ISA=avx512|avx2|generic caps the choice
 // (tests). On CPUs with AMX (and the OS's permission to use it), the forward of bf16 inputs runs
@@ -41,77 +41,16 @@
 // sums. Chunks are used only when there are fewer (batch, head) pairs than threads; then the
 // chunks' dK / dV partial sums are reduced in a second pass. Parameter gradients are summed
 // from per-task partials (no atomics, no shared accumulators).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/EmptyTensor.h>
-#include <ATen/Parallel.h>
-#include <c10/core/impl/alloc_cpu.h>
-#include <torch/library.h>
-
-#if defined(__SANITIZE_ADDRESS__)
-#include <sanitizer/asan_interface.h>
-#endif
-
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <initializer_list>
-#include <limits>
-#include <mutex>
-#include <string>
-#include <unordered_map>
-#include <type_traits>
-#include <utility>
-#include <vector>
-
-#if defined(__x86_64__)
-#include <cpuid.h>
-#include <immintrin.h>
-#if defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-#endif
-
-#define EEGFAST_INLINE __attribute__((always_inline)) inline
-// For the lambdas of the hot loops: GCC inlined them by itself under -std=c++17 but not under
-// -std=c++20 (torch 2.13's default), where the out-of-line calls made the forward 3x slower
-// (their strides stop being compile-time constants).
-#define EEGFAST_INLINE_LAMBDA __attribute__((always_inline))
+//
+// Files: this one holds the op (checks, output pool, instruction-set choice, registration);
+// qk_norm_attention_kernels.h the kernels, compiled once per vector width in
+// qk_norm_attention_v256.cpp and qk_norm_attention_v512.cpp (+ qk_norm_attention_amx.h);
+// qk_norm_attention_cpu.h what they share.
+#include "qk_norm_attention/qk_norm_attention_cpu.h"
 
 namespace eegfast {
+namespace qk_attention {
 namespace {
-
-constexpr int64_t kMaxHeadDim = 128;
-constexpr int kKeyBlock = 64;    // keys per online-softmax step
-constexpr int kMinChunR = 32;  // smallest query chunk worth its own task
-
-// ---- problem description ------------------------------------------------------------------
-
-template <typename scalar_t>
-struct Strided {  // (B, H, N, D) tensor with arbitrary strides
-  const scalar_t* data;
-  int64_t sb, sh, sn, sd;
-  const scalar_t* row(int64_t b, int64_t h, int64_t i) const {
-    return data + b * sb + h * sh + i * sn;
-  }
-};
-
-template <typename scalar_t>
-Strided<scalar_t> strided(const at::Tensor& t) {
-  return {t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-
-// ---- instruction sets -----------------------------------------------------------------------
-// AVX-512 runs the 512-bit instance with 8-row tiles and 8-key / 8-dim query-lane micro-tiles
-// (8 x 3 accumulators in 32 registers); AVX2 and generic code run the 256-bit instance with
-// 4-row tiles (16 registers).
-
-enum class Isa { kGeneric, kAvx2, kAvx512, kAmx };  // kAmx: kAvx512 + the bf16 AMX forward
-enum class Kernel { kForward, kBackward, kBackwardKeys };
 
 #if defined(__x86_64__)
 const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
@@ -302,15 +241,6 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
                                    c10::nullopt);
 }
 
-// Query chunks per (batch, head): 1 unless there are too few (batch, head) pairs to keep every
-// thread busy.
-int64_t query_chunks(int64_t pairs, int64_t N) {
-  const int64_t threads = at::get_num_threads();
-  const int64_t wanted = (2 * threads + pairs - 1) / std::max<int64_t>(pairs, 1);
-  const int64_t most = std::max<int64_t>(1, N / kMinChunR);
-  return std::clamp<int64_t>(wanted, 1, most);
-}
-
 at::ScalarType accumulation_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -320,15 +250,6 @@ c10::optional<at::Tensor> as_accumulation(const c10::optional<at::Tensor>& t,
   if (!t.has_value()) return c10::nullopt;
   return t->to(acc).contiguous();
 }
-
-template <typename T>
-const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
-struct Prepared {
-  c10::optional<at::Tensor> qw, qb, kw, kb, key_padding, ids;
-};
 
 Prepared prepare_optional(at::ScalarType acc, const c10::optional<at::Tensor>& q_w,
                           const c10::optional<at::Tensor>& q_b,
@@ -343,69 +264,6 @@ Prepared prepare_optional(at::ScalarType acc, const c10::optional<at::Tensor>& q
   return out;
 }
 
-
-// The tensors of one backward call (contiguous; lse and the stats in the accumulation type).
-struct BackwardTensors {
-  const at::Tensor &grad_out, &out, &lse, &q_stats, &k_stats;  // (B, N, H, D) x 2, (B, H, N),
-                                                               // (B, H, N, 2) x 2; grad_out's
-                                                               // rows need only be contiguous
-  at::Tensor &dq, &dk, &dv;                                    // (B, H, N, D)
-};
-
-
-// ---- task scheduling ----------------------------------------------------------------------
-
-// Runs fn(task) for every task in [0, tasks) on at::get_num_threads() threads. Each thread starts
-// on its own contiguous share, front to back (neighbouring tasks, as the next-head prefetch
-// expects), and when that is done takes tasks from the back of the others' shares. A static
-// split makes the call wait for its slowest share, and on a shared machine (two cores, other
-// processes) a thread that loses its core for a while holds up the whole call.
-template <typename Fn>
-void run_tasks(int64_t tasks, const Fn& fn) {
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
-  if (threads <= 1 || at::in_parallel_region()) {
-    for (int64_t task = 0; task < tasks; ++task) fn(task);
-    return;
-  }
-  TORCH_CHECK(tasks < (int64_t(1) << 31), "qk_norm_attention: too many tasks (", tasks, ")");
-  // share i: (first << 32) | end, both changed only by compare-and-swap
-  std::vector<std::atomic<uint64_t>> shares(threads);
-  for (int64_t i = 0; i < threads; ++i)
-    shares[i] = (static_cast<uint64_t>(tasks * i / threads) << 32) |
-                static_cast<uint64_t>(tasks * (i + 1) / threads);
-  auto take = [&](int64_t share, bool front) -> int64_t {
-    uint64_t range = shares[share].load();
-    while (true) {
-      const int64_t first = static_cast<int64_t>(range >> 32);
-      const int64_t end = static_cast<int64_t>(range & 0xffffffffu);
-      if (first >= end) return -1;
-      const uint64_t rest = front ? range + (uint64_t(1) << 32) : range - 1;
-      if (shares[share].compare_exchange_weak(range, rest)) return front ? first : end - 1;
-    }
-  };
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t me = begin; me < end; ++me) {
-      for (int64_t task; (task = take(me, true)) >= 0;) fn(task);
-      for (int64_t k = 1; k < threads; ++k)
-        for (int64_t task; (task = take((me + k) % threads, false)) >= 0;) fn(task);
-    }
-  });
-}
-
-// ---- the kernels, once per vector width -----------------------------------------------------
-
-namespace v256 {
-constexpr int kVectorBytes = 32;
-#include "qk_norm_attention_kernels.h"
-}  // namespace v256
-
-#if defined(__x86_64__)
-namespace v512 {
-constexpr int kVectorBytes = 64;
-#include "qk_norm_attention_kernels.h"
-#include "qk_norm_attention_amx.h"
-}  // namespace v512
-#endif
 
 // ---- argument checks ----------------------------------------------------------------------
 
@@ -484,16 +342,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_attention_fwd
   if (isa == Isa::kAmx &&
       v512::amx_forward(q, k, v, opt, scale, causal, eps, out, lse, q_stats, k_stats))
     return {out, lse, q_stats, k_stats};
+  if (isa >= Isa::kAvx512) {
+    v512::dispatch_forward(q, k, v, opt, scale, causal, eps, out, lse, q_stats, k_stats, isa);
+    return {out, lse, q_stats, k_stats};
+  }
 #endif
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
-    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-#if defined(__x86_64__)
-    if (isa >= Isa::kAvx512)
-      return v512::forward<scalar_t, T>(q, k, v, opt, scale, causal, eps, out, lse, q_stats,
-                                        k_stats, isa);
-#endif
-    v256::forward<scalar_t, T>(q, k, v, opt, scale, causal, eps, out, lse, q_stats, k_stats, isa);
-  });
+  v256::dispatch_forward(q, k, v, opt, scale, causal, eps, out, lse, q_stats, k_stats, isa);
   return {out, lse, q_stats, k_stats};
 }
 
@@ -545,16 +399,13 @@ qk_norm_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const
                    k_stats_c = k_stats.to(acc).contiguous();
   at::Tensor q_param_sums, k_param_sums;
   const Isa isa = cpu_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
-    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const BackwardTensors t{grad_c, out_c, lse_c, q_stats_c, k_stats_c, dq, dk, dv};
+  const BackwardTensors t{grad_c, out_c, lse_c, q_stats_c, k_stats_c, dq, dk, dv};
 #if defined(__x86_64__)
-    if (isa >= Isa::kAvx512)
-      return v512::backward<scalar_t, T>(q, k, v, opt, scale, causal, t, isa, q_param_sums,
-                                         k_param_sums);
+  if (isa >= Isa::kAvx512)
+    v512::dispatch_backward(q, k, v, opt, scale, causal, t, isa, q_param_sums, k_param_sums);
+  else
 #endif
-    v256::backward<scalar_t, T>(q, k, v, opt, scale, causal, t, isa, q_param_sums, k_param_sums);
-  });
+    v256::dispatch_backward(q, k, v, opt, scale, causal, t, isa, q_param_sums, k_param_sums);
   if (q_w.has_value()) dq_w.copy_(q_param_sums[0]);
   if (q_b.has_value()) dq_b.copy_(q_param_sums[1]);
   if (k_w.has_value()) dk_w.copy_(k_param_sums);
@@ -563,6 +414,7 @@ qk_norm_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const
 }
 
 }  // namespace
+}  // namespace qk_attention
 }  // namespace eegfast
 
 TORCH_LIBRARY_FRAGMENT(eegfast, m) {
@@ -583,12 +435,12 @@ TORCH_LIBRARY_FRAGMENT(eegfast, m) {
 
 // No tensor arguments, so no dispatch key: registered for every backend.
 TORCH_LIBRARY_IMPL(eegfast, CatchAll, m) {
-  m.impl("cpu_pool_cached_bytes", [] { return eegfast::OutputPool::get().cached_bytes(); });
-  m.impl("cpu_pool_release", [] { eegfast::OutputPool::get().release(); });
-  m.impl("cpu_attention_isa", [] { return std::string(eegfast::isa_name(eegfast::cpu_isa())); });
+  m.impl("cpu_pool_cached_bytes", [] { return eegfast::qk_attention::OutputPool::get().cached_bytes(); });
+  m.impl("cpu_pool_release", [] { eegfast::qk_attention::OutputPool::get().release(); });
+  m.impl("cpu_attention_isa", [] { return std::string(eegfast::qk_attention::isa_name(eegfast::qk_attention::cpu_isa())); });
 }
 
 TORCH_LIBRARY_IMPL(eegfast, CPU, m) {
-  m.impl("qk_norm_attention_fwd", &eegfast::qk_norm_attention_fwd_cpu);
-  m.impl("qk_norm_attention_bwd", &eegfast::qk_norm_attention_bwd_cpu);
+  m.impl("qk_norm_attention_fwd", &eegfast::qk_attention::qk_norm_attention_fwd_cpu);
+  m.impl("qk_norm_attention_bwd", &eegfast::qk_attention::qk_norm_attention_bwd_cpu);
 }

@@ -1,7 +1,8 @@
-// Kernels of qk_norm_attention_cpu.cpp for one vector width, included there once per width,
-// each time inside its own namespace that defines `constexpr int kVectorBytes` (32: AVX2 and
-// generic builds; 64: AVX-512) after every header this code needs. No include guard, no
-// includes: everything here belongs to the including namespace.
+// The CPU QK-norm attention kernels for one vector width, included once per width by
+// qk_norm_attention_v256.cpp and qk_norm_attention_v512.cpp, each inside its own namespace that
+// defines `constexpr int kVectorBytes` (32: AVX2 and generic builds; 64: AVX-512) after
+// qk_norm_attention_cpu.h. No include guard, no includes: everything here belongs to the
+// including namespace; the dispatch_* functions at the end are its entry points.
 
 
 constexpr int kQueryVectors = 3;  // forward fast path: query tiles of 3 vectors of queries
@@ -2078,4 +2079,31 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   k_param_sums = at::empty({D}, k_param_grads.options());
   sum_rows(q_param_grads, q_param_sums);
   sum_rows(k_param_grads, k_param_sums);
+}
+
+// ---- entry points (declared in qk_norm_attention_cpu.h) -------------------------------------
+
+// float32, float64, float16 and bfloat16 inputs; float64 accumulates in double, the rest in
+// float.
+template <typename scalar_t>
+using AccumulationOf = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+void dispatch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const Prepared& opt, double scale, bool causal, double eps, at::Tensor& out,
+                      at::Tensor& lse, at::Tensor& q_stats, at::Tensor& k_stats, Isa isa) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "qk_norm_attention_fwd", [&] {
+    forward<scalar_t, AccumulationOf<scalar_t>>(q, k, v, opt, scale, causal, eps, out, lse,
+                                                q_stats, k_stats, isa);
+  });
+}
+
+void dispatch_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const Prepared& opt, double scale, bool causal, const BackwardTensors& t,
+                       Isa isa, at::Tensor& q_param_sums, at::Tensor& k_param_sums) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "qk_norm_attention_bwd", [&] {
+    backward<scalar_t, AccumulationOf<scalar_t>>(q, k, v, opt, scale, causal, t, isa,
+                                                 q_param_sums, k_param_sums);
+  });
 }
