@@ -331,3 +331,96 @@ def test_evaluate_writes_no_features_for_data_the_model_cannot_take(runs, tmp_pa
     assert cli(argv) == 2
     assert "amplitudes scaled by 1e+06" in capsys.readouterr().err
     assert not features.exists()
+
+
+def _count_backbone_passes(monkeypatch) -> list[int]:
+    """Count the backbone's forward passes (LaBraM.forward_features calls), one per batch."""
+    from eegfast.models.labram import LaBraM
+
+    calls = [0]
+    real = LaBraM.forward_features
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LaBraM, "forward_features", counted)
+    return calls
+
+
+def _scored(monkeypatch) -> dict[str, np.ndarray]:
+    """The probabilities predict writes, per task, as computed (before formatting)."""
+    from eegfast.train.commands import predict as predict_cmd
+
+    scored: dict[str, np.ndarray] = {}
+    real = predict_cmd.write_predictions
+
+    def spied(path, data, names, rows):
+        scored.update({task: probs for task, probs in rows})
+        return real(path, data, names, rows)
+
+    monkeypatch.setattr(predict_cmd, "write_predictions", spied)
+    return scored
+
+
+def test_a_model_without_task_routing_runs_its_backbone_once_per_batch(runs, tmp_path, monkeypatch):
+    """Two heads over features that do not depend on the task: one backbone pass per batch
+    (it was one per head), and the same probabilities, to the bit, as each head's own full
+    forward (finetune's predict, as evaluate takes it)."""
+    from eegfast.train.arch import load_trained
+    from eegfast.train.data import load_data
+    from eegfast.train.finetune import predict
+
+    calls = _count_backbone_passes(monkeypatch)
+    scored = _scored(monkeypatch)
+    assert _predict(runs, tmp_path / "one", "--batch-size", "5", "--tasks", "arith") == 0
+    one_head = calls[0]
+    calls[0] = 0
+    assert _predict(runs, tmp_path / "two", "--batch-size", "5") == 0
+    assert one_head > 0 and calls[0] == one_head  # one pass per batch for both heads
+    assert list(scored) == ["arith", "other"]
+    model, _ = load_trained(runs["model"])
+    data = load_data([runs[d] for d in ("arith", "other", "new")])
+    for task, probs in scored.items():  # (the command's chunks of --batch-size windows)
+        alone = [
+            predict(model, data, chunk, task, torch.device("cpu"), task_id=None, batch_size=5)[0]
+            for chunk in np.array_split(np.arange(len(data)), range(5, len(data), 5))
+        ]
+        assert np.array_equal(probs, np.concatenate(alone)), task
+    _, rows = _rows(tmp_path / "two" / "predictions.csv")
+    _, first = _rows(tmp_path / "one" / "predictions.csv")
+    # arith's rows as when predicted alone (which has no columns for other's classes)
+    assert [{k: r[k] for k in first[0]} for r in rows[: len(first)]] == first
+
+
+def test_a_task_routed_model_runs_its_backbone_once_per_task(runs, tmp_path, monkeypatch):
+    """Routed by task id, the features differ per task: one pass per task and batch, each
+    with its task's id."""
+    routed = tmp_path / "routed"
+    shutil.copytree(runs["model"], routed)
+    for meta_path in routed.glob("checkpoints/step-*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        meta["route_by_task"] = True  # (its dense blocks take task ids and ignore them)
+        meta_path.write_text(json.dumps(meta))
+    task_names = json.loads(next(routed.glob("checkpoints/step-*/meta.json")).read_text())[
+        "task_names"
+    ]
+    calls = _count_backbone_passes(monkeypatch)
+    from eegfast.models.labram import LaBraM
+
+    counted = LaBraM.forward_features
+    ids: list[int] = []
+
+    def with_ids(self, *args, task_id=None, **kwargs):
+        ids.append(None if task_id is None else int(task_id[0]))
+        return counted(self, *args, task_id=task_id, **kwargs)
+
+    monkeypatch.setattr(LaBraM, "forward_features", with_ids)
+    assert _predict(runs, tmp_path / "one", "--batch-size", "5", "--tasks", "arith") == 0
+    one_head = calls[0]
+    calls[0] = 0
+    ids.clear()
+    assert _predict(runs, tmp_path / "two", "--batch-size", "5", model=routed) == 0
+    assert calls[0] == 2 * one_head
+    expected = [task_names.index(t) for t in ("arith", "other")]
+    assert ids == [expected[0]] * one_head + [expected[1]] * one_head

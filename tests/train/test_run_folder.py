@@ -178,6 +178,48 @@ def test_resumed_pretraining_keeps_the_tokenizer_checkpoint_it_started_with(
     assert steps(pre) == [2, 4]
 
 
+def _set_metric(checkpoint: Path, metric: float) -> None:
+    meta_file = checkpoint / ckpt.META
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "metric": metric}))
+
+
+@pytest.mark.parametrize("held_out", [True, False])
+def test_pretraining_takes_the_tokenizer_runs_best_checkpoint_when_it_held_data_out(
+    prepared, tmp_path, capsys, held_out
+):
+    """A tokenizer run with data.val_fraction > 0 gives its checkpoint with the lowest
+    val/loss (as finetune --init takes a pretraining run's best), not its newest; one without
+    gives its newest (its metric is the training loss); a resume keeps the one it started
+    with when the run's best has since changed."""
+    tok = tmp_path / "tok"
+    sets = ["train.max_steps=4"] + (["data.val_fraction=0.5"] if held_out else [])
+    assert cli(tokenizer_argv(prepared, tok, *sets)) == 0
+    older, newest = (tok / "checkpoints" / f"step-0000000{s}" for s in (2, 4))
+    assert ("validation" in ckpt.checkpoint_meta(newest)) == held_out
+    _set_metric(older, -1.0)  # below any loss: the older one ranks first where metrics rank
+    expected = older if held_out else newest
+    capsys.readouterr()
+    pre = tmp_path / "pre"
+    assert cli(pretrain_argv(prepared, tok, pre)) == 0
+    printed = capsys.readouterr().out
+    recorded = ckpt.latest_checkpoint(pre / "checkpoints").meta["tokenizer"]
+    assert recorded["checkpoint"] == str(expected.resolve())
+    why = "the lowest val/loss" if held_out else "its newest checkpoint"
+    assert f"note: --tokenizer {tok}: using {expected.name}, " in printed and why in printed
+    from eegfast.train.commands.pretrain import load_tokenizer
+
+    loaded = load_tokenizer(str(tok), torch.device("cpu")).state_dict()
+    saved = ckpt.load_weights(expected)
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    if held_out:  # the tokenizer run's best moves on: the resumed pretraining keeps its own
+        _set_metric(newest, ckpt.checkpoint_meta(older)["metric"] - 1.0)
+        argv = pretrain_argv(prepared, tok, pre, "train.max_steps=4", "--resume", "auto")
+        assert cli(argv) == 0
+        printed = capsys.readouterr().out
+        assert "the tokenizer checkpoint this run started with" in printed
+        assert ckpt.latest_checkpoint(pre / "checkpoints").meta["tokenizer"] == recorded
+
+
 def test_pretrain_target_cache_limit_is_wired(prepared, tokenizer_run, tmp_path, capsys):
     """pretrain.cache_targets_max_mb reaches the cache (0: every window left out, said in the
     summary); a negative limit is a one-line error before any work."""

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from eegfast.data import load_index
 from eegfast.data.preprocess import PATCH_SAMPLES, TARGET_SFREQ
 from eegfast.fileio import write_text_atomic
-from eegfast.train.arch import REFERENCE, load_trained, routes_by_task
+from eegfast.train.arch import REFERENCE, MultiTaskClassifier, load_trained, routes_by_task
 from eegfast.train.checkpoint import read_meta
 from eegfast.train.commands.common import (
     CommandError,
@@ -57,7 +57,8 @@ from eegfast.train.commands.common import (
 from eegfast.train.config import RunConfig
 from eegfast.train.data import TrainData, load_data
 from eegfast.train.distributed import shutdown
-from eegfast.train.finetune import predict
+from eegfast.train.finetune import iterate_batches, predict
+from eegfast.train.objectives import to_device
 
 PREDICTIONS = "predictions.csv"
 FIXED_COLUMNS = ["recording", "subject", "window", "start_s", "task", "predicted", "label"]
@@ -486,9 +487,13 @@ def _predict_all(
     model, data: TrainData, tasks, ids, routes: bool, runtime, config: RunConfig, batch_size: int
 ) -> list[tuple[str, np.ndarray]]:
     """(task, probabilities (len(data), classes)) per task, through finetune's ``predict`` (the
-    path evaluate takes: eval mode, no grad, fp32), a batch of indices at a time for the bar."""
+    path evaluate takes: eval mode, no grad, fp32), a batch of indices at a time for the bar.
+    A multi-task model that does not route by task computes its features once per batch for
+    every head (:func:`_predict_heads`); a task-routed one runs once per task (its features
+    depend on the task id)."""
     everything = np.arange(len(data))
-    scored = []
+    shared = not routes and len(tasks) > 1 and isinstance(model, MultiTaskClassifier)
+    parts: dict[str, list[np.ndarray]] = {task: [] for task in tasks}
     with tqdm(
         total=len(data) * len(tasks),
         desc="predict",
@@ -496,20 +501,53 @@ def _predict_all(
         disable=not (runtime.dist.is_main and config.train.progress),
         dynamic_ncols=True,
     ) as bar:
-        for task in tasks:
-            parts = []
+        if shared:
             for begin in range(0, len(data), batch_size):
                 chunk = everything[begin : begin + batch_size]
-                probs, _ = predict(
-                    model,
-                    data,
-                    chunk,
-                    task,
-                    runtime.device,
-                    task_id=ids.get(task) if routes else None,
-                    batch_size=batch_size,
-                )
-                parts.append(probs)
-                bar.update(len(chunk))
-            scored.append((task, np.concatenate(parts)))
-    return scored
+                heads = _predict_heads(model, data, chunk, tasks, runtime.device, batch_size)
+                for task, probs in heads.items():
+                    parts[task].append(probs)
+                bar.update(len(chunk) * len(tasks))
+        else:
+            for task in tasks:
+                for begin in range(0, len(data), batch_size):
+                    chunk = everything[begin : begin + batch_size]
+                    probs, _ = predict(
+                        model,
+                        data,
+                        chunk,
+                        task,
+                        runtime.device,
+                        task_id=ids.get(task) if routes else None,
+                        batch_size=batch_size,
+                    )
+                    parts[task].append(probs)
+                    bar.update(len(chunk))
+    return [(task, np.concatenate(parts[task])) for task in tasks]
+
+
+@torch.no_grad()
+def _predict_heads(
+    model: MultiTaskClassifier,
+    data: TrainData,
+    indices: Sequence[int],
+    tasks: Sequence[str],
+    device: torch.device,
+    batch_size: int,
+) -> dict[str, np.ndarray]:
+    """{task: softmax probabilities (N, classes of the task)} in ``indices`` order, from one
+    backbone pass per batch shared by the heads of ``tasks``: for a model that does not route
+    by task (no task ids), bit for bit what finetune's ``predict`` gives per task (the same
+    batches, features and head), at one backbone pass instead of one per task."""
+    model.eval()
+    outputs: dict[str, list[np.ndarray | None]] = {task: [None] * len(indices) for task in tasks}
+    for positions, batch in iterate_batches(data, indices, batch_size):
+        batch = to_device(batch, device)
+        features = model.forward_features(
+            batch["x"], batch["input_chans"], channel_padding_mask=batch["channel_padding_mask"]
+        )
+        for task in tasks:
+            probs = model.heads[model.head_keys[task]](features).float().softmax(-1)
+            for row, pos in enumerate(positions):
+                outputs[task][pos] = probs[row].float().cpu().numpy()
+    return {task: np.stack(rows) for task, rows in outputs.items()}

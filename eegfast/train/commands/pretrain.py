@@ -107,42 +107,78 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def tokenizer_checkpoint(given: str | Path) -> tuple[Path, str | None]:
+    """The tokenizer checkpoint that ``given`` names, and a note saying which one a run folder
+    gave (None for a file or a checkpoint folder, which name themselves).
+
+    A run folder (holding ``checkpoints/step-*``) gives its best checkpoint, the one with the
+    lowest ``val/loss``, when the run held data out (``data.val_fraction`` > 0: its checkpoints'
+    meta records the held-out recordings), as ``finetune --init`` takes a pretraining run's
+    best; its newest otherwise (its metric is then the training loss since the checkpoint
+    before, no held-out measure). A path that holds no checkpoint is returned as is (loading
+    it says why)."""
+    path = Path(given)
+    if path.is_file() or (path / ckpt.WEIGHTS).is_file():
+        return path, None
+    for folder in (path / "checkpoints", path):
+        found = ckpt.list_checkpoints(folder)
+        if found:
+            break
+    else:
+        return path, None
+    newest = found[-1]
+    if VALIDATION_META not in newest.meta:
+        why = "its newest checkpoint (the run held no data out, so no val/loss ranks them)"
+        return newest.path, f"note: --tokenizer {given}: using {newest.path.name}, {why}"
+    best = ckpt.best_checkpoint(folder)
+    if best is None:
+        why = "its newest checkpoint (none has a finite val/loss)"
+        return newest.path, f"note: --tokenizer {given}: using {newest.path.name}, {why}"
+    why = f"its checkpoint with the lowest val/loss ({best.meta['metric']:.6g})"
+    if best.path != newest.path:
+        why += f", not the newest {newest.path.name}"
+    return best.path, f"note: --tokenizer {given}: using {best.path.name}, {why}"
+
+
 def tokenizer_record(path: str | Path) -> dict[str, str]:
-    """The tokenizer checkpoint ``path`` (a run folder: its newest) resolves to: absolute
-    folder, the weights file's name in it (``model.safetensors``, or a reference file's own
-    name, e.g. ``vqnsp.pth``) and its sha256, kept in the pretraining checkpoints' meta."""
-    weights = ckpt.resolve_weights_path(path, prefer="latest").resolve()
+    """The tokenizer checkpoint ``path`` resolves to (a run folder: see
+    :func:`tokenizer_checkpoint`): absolute folder, the weights file's name in it
+    (``model.safetensors``, or a reference file's own name, e.g. ``vqnsp.pth``) and its
+    sha256, kept in the pretraining checkpoints' meta."""
+    weights = ckpt.resolve_weights_path(tokenizer_checkpoint(path)[0]).resolve()
     return {"checkpoint": str(weights.parent), "file": weights.name, "sha256": _sha256(weights)}
 
 
 def tokenizer_for_run(given: str, recorded: dict[str, str] | None) -> tuple[str, list[str]]:
     """The tokenizer checkpoint to load, and notes to print. A new run (``recorded`` None)
-    takes ``given`` (its newest checkpoint); a resumed one the very checkpoint it started with
-    (same weights, by sha256), found where it was recorded or under ``given``, and refuses to
-    go on with other targets."""
+    takes the checkpoint ``given`` resolves to (:func:`tokenizer_checkpoint`: a run folder's
+    best, or newest); a resumed one the very checkpoint it started with (same weights, by
+    sha256), found where it was recorded or under ``given``, and refuses to go on with other
+    targets."""
     if not given:
         raise CommandError("pretraining needs a tokenizer: --tokenizer RUN (or model.tokenizer)")
+    chosen_path, note = tokenizer_checkpoint(given)
     if not recorded:
-        return given, []
+        return str(chosen_path), [note] if note else []
     started = Path(recorded["checkpoint"])
     name = recorded.get("file", ckpt.WEIGHTS)  # (records before the name was kept: a run's)
     try:
-        newest = ckpt.resolve_weights_path(given, prefer="latest").parent.resolve()
+        chosen = ckpt.resolve_weights_path(chosen_path).parent.resolve()
     except FileNotFoundError:
-        newest = None
+        chosen = None
     candidates = [started, Path(given) / "checkpoints" / started.name, Path(given) / started.name]
-    if newest is not None:
-        candidates.append(newest)
+    if chosen is not None:
+        candidates.append(chosen)
     if Path(given).is_file():  # a checkpoint file without a run around it (vqnsp.pth)
         candidates.insert(0, Path(given).parent)
     for candidate in candidates:
         weights = candidate / name
         if weights.is_file() and _sha256(weights) == recorded["sha256"]:
             notes = []
-            if newest is not None and newest != candidate.resolve():
+            if chosen is not None and chosen != candidate.resolve():
                 notes.append(
                     f"note: --tokenizer {given}: using {candidate}, the tokenizer checkpoint "
-                    f"this run started with, not {newest}"
+                    f"this run started with, not {chosen}"
                 )
             return str(candidate if name == ckpt.WEIGHTS else weights), notes
     raise CommandError(
@@ -153,12 +189,13 @@ def tokenizer_for_run(given: str, recorded: dict[str, str] | None) -> tuple[str,
 
 
 def load_tokenizer(path: str, device: torch.device) -> torch.nn.Module:
-    """The frozen tokenizer of a ``eegfast tokenizer`` run, or of a tokenizer checkpoint file
-    without an eegfast record (the reference's ``vqnsp.pth``: its model, codebook size
-    included, read from the tensor shapes), in eval mode."""
+    """The frozen tokenizer of a ``eegfast tokenizer`` run (the checkpoint
+    :func:`tokenizer_checkpoint` picks), or of a tokenizer checkpoint file without an eegfast
+    record (the reference's ``vqnsp.pth``: its model, codebook size included, read from the
+    tensor shapes), in eval mode."""
     if not path:
         raise CommandError("pretraining needs a tokenizer: --tokenizer RUN (or model.tokenizer)")
-    tokenizer, meta = load_trained(path, prefer="latest")
+    tokenizer, meta = load_trained(tokenizer_checkpoint(path)[0], prefer="latest")
     if meta["arch"].get("kind") != "tokenizer":
         found = f" ({meta['arch'].get('name')})" if meta.get("command") == "reference" else ""
         raise CommandError(
