@@ -213,17 +213,28 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> CheckpointInfo | None:
     return found[-1] if found else None
 
 
+def _ranked_by(meta: dict[str, Any]) -> float | None:
+    """The finite metric that ranks a checkpoint, or None. A checkpoint the training engine
+    wrote (its meta holds the run's ``config``) ranks only by a held-out loss: it names it
+    (``metric_name``), or, written before the name was recorded, its run held data out
+    (``validation``); before then the engine gave the training loss since the checkpoint before
+    as the metric of runs without held-out data, which does not rank models."""
+    metric = meta.get("metric")
+    if not isinstance(metric, int | float) or not math.isfinite(metric):
+        return None
+    if "config" in meta and meta.get("metric_name") is None and "validation" not in meta:
+        return None
+    return float(metric)
+
+
 def best_checkpoint(checkpoint_dir: str | Path) -> CheckpointInfo | None:
-    """The checkpoint with the lowest ``meta["metric"]`` (ties: the later one); a NaN or
-    infinite metric (an evaluation that failed) never makes a checkpoint the best."""
-    scored = [
-        c
-        for c in list_checkpoints(checkpoint_dir)
-        if isinstance(c.meta.get("metric"), int | float) and math.isfinite(c.meta["metric"])
-    ]
+    """The checkpoint with the lowest ``meta["metric"]`` (ties: the later one), None when no
+    checkpoint has one (a run without held-out data); a NaN or infinite metric (an evaluation
+    that failed) never makes a checkpoint the best."""
+    scored = [c for c in list_checkpoints(checkpoint_dir) if _ranked_by(c.meta) is not None]
     if not scored:
         return None
-    return min(reversed(scored), key=lambda c: c.meta["metric"])
+    return min(reversed(scored), key=lambda c: _ranked_by(c.meta))
 
 
 def prune_checkpoints(checkpoint_dir: str | Path, keep_last: int) -> list[Path]:
@@ -246,7 +257,8 @@ def prune_checkpoints(checkpoint_dir: str | Path, keep_last: int) -> list[Path]:
 def resolve_weights_path(path: str | Path, *, prefer: str = "best") -> Path:
     """A ``.safetensors`` file, a checkpoint folder, or a run folder -> the weights file.
 
-    For a run folder (holding ``checkpoints/``) ``prefer`` picks ``best`` or ``latest``.
+    For a run folder (holding ``checkpoints/``) ``prefer`` picks ``best`` (the lowest
+    validation loss; the newest when the run held no data out) or ``latest``.
     """
     path = Path(path)
     if path.is_file():

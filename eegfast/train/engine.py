@@ -151,6 +151,21 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> None:
         torch.backends.cudnn.deterministic = True
 
 
+def _seed_rank_streams(seed: int, rank: int) -> None:
+    """Seed this rank's global generators (Python, NumPy, torch) apart from the other ranks'.
+
+    Every rank seeded them alike with ``train.seed`` before building the model, so that
+    the ranks build the same weights (FSDP does not broadcast them). Left alike, every rank
+    then drew the same stochastic-depth and dropout decisions for its own windows, window j
+    of each rank's share dropped together: regularisation world-size times weaker than the
+    run asked for. Called on a fresh run once the model is built (a resume restores each
+    rank's saved streams); rank 0 keeps its stream, so one process is unchanged."""
+    mixed = (seed * 1_000_003 + rank * 7_919) % 2**63
+    random.seed(mixed)
+    np.random.seed(mixed % 2**32)
+    torch.manual_seed(mixed)
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on CUDA, fp32 on CPU."""
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -353,8 +368,8 @@ def fit(
             DDP/FSDP wrapper under torchrun) in eval mode: the wrappers' forward passes may
             talk to the other ranks (FSDP gathers the parameters; DDP broadcasts buffers when
             gradients are enabled), so every rank runs it. Rank 0's results are logged and its
-            ``val/loss`` (or ``val_loss``; else the mean training loss since the last
-            checkpoint) decides the best checkpoint kept.
+            ``val/loss`` (or ``val_loss``) decides the best checkpoint kept; without
+            ``eval_fn`` no checkpoint is ranked, and a run folder stands for its newest.
         on_checkpoint: called on rank 0 with each checkpoint folder written.
         on_log: called on rank 0 at every log point with the step and the scalars logged
             (``train/loss``, ``train/<metric>``: means over the steps since the last one).
@@ -492,6 +507,8 @@ def fit(
                     f"abandons; moved them to {moved_to} (delete it if they are not needed)",
                     stacklevel=2,
                 )
+    elif info.rank > 0:
+        _seed_rank_streams(train_cfg.seed, info.rank)
 
     logger = RunLogger(
         run_dir, enabled=info.is_main, resume_step=step if resume_from is not None else None
@@ -603,13 +620,13 @@ def fit(
             metric_values = eval_fn(model)
             model.train()
         # the checkpoint's metric (lower is better; picks the best checkpoint): the validation
-        # loss where eval_fn gives one (logged as val/loss, or under its older name)
-        metric = metric_values.get(
-            "val/loss",
-            metric_values.get(
-                "val_loss", float(np.mean(since_checkpoint)) if since_checkpoint else None
-            ),
-        )
+        # loss where eval_fn gives one (logged as val/loss, or under its older name). Without
+        # one there is no metric: the training loss since the checkpoint before measures the
+        # batches seen, not the model, and ranking by it (as before) made `evaluate` or
+        # `finetune --init` take an older checkpoint than the run's last without a word.
+        metric_name = next((k for k in ("val/loss", "val_loss") if k in metric_values), None)
+        metric = metric_values[metric_name] if metric_name else None
+        train_loss = float(np.mean(since_checkpoint)) if since_checkpoint else None
         since_checkpoint = []
         weights, optim_state = _state_dicts(model, optimizer)
         rng_states = _gather_rng(info)
@@ -635,6 +652,8 @@ def fit(
                 {
                     "epoch": save_epoch,
                     "metric": metric,
+                    "metric_name": metric_name,
+                    "train_loss": train_loss,
                     "config": config_to_dict(config),
                     **(meta or {}),
                 },

@@ -479,3 +479,118 @@ def test_gpu_training_loop_never_waits_for_the_gpu_between_log_points(tmp_path, 
         torch.cuda.set_sync_debug_mode("default")
     assert len(result.losses) == 12 and all(map(math.isfinite, result.losses))
     assert cache.hits == 6
+
+
+def loss_rising_after(n: int):
+    """A step function whose loss is the model's plus the call count past ``n`` (so the
+    training loss is lowest early on)."""
+    calls = {"n": 0}
+
+    def step(model, batch, ctx):
+        calls["n"] += 1
+        return StepOutput(model(batch["x"]).logsumexp(-1).mean() + max(0, calls["n"] - n))
+
+    return step
+
+
+def test_a_run_without_held_out_data_stands_for_its_newest_checkpoint(tmp_path):
+    """No eval_fn: the training loss since the checkpoint before ranks nothing, so a run
+    folder resolves to its last checkpoint (it resolved to the one whose batches had the lowest
+    loss), pruning keeps only the newest, and the loss is kept as ``train_loss``."""
+    data = SyntheticEEG(24)
+    fit_batches_of_4(
+        TinyClassifier(),
+        loss_rising_after(2),
+        data,
+        StepContext(torch.device("cpu")),
+        tmp_path,
+        {"train.checkpoint_every": 2, "train.keep_last": 1, "train.epochs": 1},
+    )
+    found = ckpt.list_checkpoints(tmp_path / "checkpoints")
+    assert [c.step for c in found] == [6]
+    assert ckpt.best_checkpoint(tmp_path / "checkpoints") is None
+    assert ckpt.resolve_weights_path(tmp_path).parent.name == "step-00000006"
+    meta = found[-1].meta
+    assert meta["metric"] is None and meta["metric_name"] is None
+    assert meta["train_loss"] > 3  # steps 5 and 6 add 3 and 4
+
+
+def test_checkpoints_written_before_metric_name_rank_only_by_validation(tmp_path):
+    """Engine checkpoints from before ``metric_name`` was recorded: their metric is a held-out
+    loss only when the run held data out (``validation`` in the meta)."""
+    for step, metric in [(1, 0.1), (2, 0.5)]:
+        ckpt.save_checkpoint(
+            tmp_path / "train", step, {"w": torch.zeros(1)}, {}, {"metric": metric, "config": {}}
+        )
+        ckpt.save_checkpoint(
+            tmp_path / "val",
+            step,
+            {"w": torch.zeros(1)},
+            {},
+            {"metric": metric, "config": {}, "validation": {}},
+        )
+    assert ckpt.best_checkpoint(tmp_path / "train") is None
+    assert ckpt.resolve_weights_path(tmp_path / "train").parent.name == "step-00000002"
+    assert ckpt.best_checkpoint(tmp_path / "val").step == 1
+
+
+def test_an_engine_checkpoint_without_a_named_metric_is_not_ranked(tmp_path):
+    """A metric put into a checkpoint of a run without held-out data (metric_name None) does
+    not make it the best."""
+    for step, metric in [(1, -1.0), (2, None)]:
+        meta = {"metric": metric, "metric_name": None, "config": {}, "train_loss": 1.0}
+        ckpt.save_checkpoint(tmp_path, step, {"w": torch.zeros(1)}, {}, meta)
+    assert ckpt.best_checkpoint(tmp_path) is None
+
+
+def spawned_recording_draws(rank: int, world_size: int, port: int, run_dir: str) -> None:
+    """worker.run's finetune under torchrun's environment, its steps drawing from the global
+    torch generator (as stochastic depth and dropout do); writes the draws of each step to
+    ``run_dir/draws-<rank>``."""
+    worker.set_rendezvous(rank, world_size, port)
+    torch.set_num_threads(1)
+    _run_recording_draws(run_dir, rank)
+
+
+def _run_recording_draws(run_dir: str, rank: int = 0) -> None:
+    from eegfast.train.arch import MultiTaskClassifier
+    from eegfast.train.config import RunConfig
+    from eegfast.train.distributed import init_distributed, shutdown
+    from eegfast.train.engine import seed_everything
+    from eegfast.train.objectives import classification_step
+
+    draws = []
+
+    def step(model, batch, ctx):
+        draws.append(torch.rand(()).item())
+        return classification_step(model, batch, ctx)
+
+    config = RunConfig().with_overrides({**worker.BASE, "train.max_steps": 3})
+    info = init_distributed(torch.device("cpu"))
+    seed_everything(config.train.seed)
+    data = SyntheticEEG(48, tasks=("a", "b"))
+    model = MultiTaskClassifier(TinyClassifier(0), {"a": 2, "b": 2}, 16)
+    ctx = StepContext(torch.device("cpu"), task_ids={"a": 0, "b": 1})
+    try:
+        fit(
+            model, step, data, config, run_dir, group_keys=data.group_keys(),
+            collate_fn=collate, ctx=ctx, dist_info=info, find_unused_parameters=True,
+        )  # fmt: skip
+    finally:
+        del model
+        shutdown(info)
+    (Path(run_dir) / f"draws-{rank}").write_text(" ".join(map(str, draws)))
+
+
+@pytest.mark.slow
+def test_ranks_draw_their_own_random_numbers_and_rank_0_those_of_one_process(tmp_path):
+    """After the model is built (from one seed on every rank), each rank's global generator
+    is its own: stochastic depth and dropout differ between ranks' windows (every rank drew
+    the same numbers); rank 0 draws what one process draws."""
+    _run_recording_draws(str(tmp_path / "single"))
+    mp.spawn(spawned_recording_draws, args=(2, free_port(), str(tmp_path / "double")), nprocs=2)
+    one = (tmp_path / "single" / "draws-0").read_text().split()
+    rank0, rank1 = ((tmp_path / "double" / f"draws-{r}").read_text().split() for r in (0, 1))
+    assert len(one) == len(rank0) == len(rank1) == 3
+    assert rank0 == one
+    assert not set(rank0) & set(rank1)
