@@ -22,7 +22,8 @@ class QuantizerOutput(NamedTuple):
     # (): 1 - |mean of the batch's l2-normalised inputs|^2, the mean cosine distance between
     # its rows (pairs with themselves included). ~0 when the encoder maps everything to one
     # direction; then the codes carry no information even where perplexity looks healthy
-    # (dead-code restarts spread codes over that one direction).
+    # (dead-code restarts spread codes over that one direction). In training under
+    # torch.distributed, spread and dims are of every rank's rows together.
     spread: torch.Tensor
     # (): effective number of directions of those inputs (feature_dims): ~1 when they all lie
     # on one line through the origin, which spread misses when they split into two opposite
@@ -50,7 +51,17 @@ def feature_spread(unit: torch.Tensor, keep: torch.Tensor | None = None) -> torc
     """
     rows, count = _counted_rows(unit, keep)
     mean = rows.sum(dim=0) / count
+    return _spread(mean)
+
+
+def _spread(mean: torch.Tensor) -> torch.Tensor:
+    """feature_spread from the mean (D,) of the counted rows."""
     return 1.0 - mean.square().sum()
+
+
+def _dims(second: torch.Tensor) -> torch.Tensor:
+    """feature_dims from the second moment (D, D) of the counted rows."""
+    return second.diagonal().sum().square() / second.square().sum().clamp_min(1e-30)
 
 
 def feature_dims(unit: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,7 +78,28 @@ def feature_dims(unit: torch.Tensor, keep: torch.Tensor | None = None) -> torch.
     rows = rows.float()
     with torch.autocast(rows.device.type, enabled=False):  # in fp32 under a bf16 training step
         second = rows.T @ rows / count
-    return second.diagonal().sum().square() / second.square().sum().clamp_min(1e-30)
+    return _dims(second)
+
+
+def _spread_and_dims_over_ranks(
+    unit: torch.Tensor, keep: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`feature_spread` and :func:`feature_dims` of the rows (N_r, D) of every process
+    together (the same on every rank): their sums, second-moment sums and counts all-reduced
+    in one collective of D² + D + 1 floats. Each rank's own value, averaged over the ranks as
+    the engine logs scalars, was lower than the global batch's (fewer rows, and spread is
+    convex in the mean), so N processes logged other values than one process."""
+    counted = torch.isfinite(unit).all(dim=1)
+    if keep is not None:
+        counted = counted & keep
+    rows = torch.where(counted[:, None], unit, 0.0).float()
+    with torch.autocast(rows.device.type, enabled=False):  # in fp32 under a bf16 training step
+        second = rows.T @ rows
+    D = rows.shape[1]
+    packed = torch.cat([rows.sum(dim=0), second.reshape(-1), counted.sum().reshape(1).float()])
+    dist.all_reduce(packed)
+    count = packed[-1].clamp_min(1)
+    return _spread(packed[:D] / count), _dims(packed[D:-1].view(D, D) / count)
 
 
 def code_perplexity(counts: torch.Tensor) -> torch.Tensor:
@@ -240,14 +272,20 @@ class NormEMAVectorQuantizer(nn.Module):
         quantized = flat + (quantized - flat).detach()  # straight-through estimator
         perplexity = code_perplexity(counts)
         usage = (counts > 0).float().mean()
+        if self.training and dist.is_available() and dist.is_initialized():
+            # every rank is here together (the EMA update's all-reduce): the global batch's
+            # values, as perplexity and usage are of its all-reduced counts
+            spread, dims = _spread_and_dims_over_ranks(flat.detach(), keep)
+        else:
+            spread, dims = feature_spread(flat.detach(), keep), feature_dims(flat.detach(), keep)
         return QuantizerOutput(
             quantized.reshape(*z.shape[:-1], self.code_dim).to(z.dtype),
             loss,
             indices.reshape(z.shape[:-1]),
             perplexity,
             usage,
-            feature_spread(flat.detach(), keep),
-            feature_dims(flat.detach(), keep),
+            spread,
+            dims,
         )
 
     def _is_initialised(self) -> bool:

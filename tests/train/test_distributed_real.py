@@ -3,9 +3,12 @@
 
 The runs are built the way the commands build them: ``eegfast pretrain`` (``build_model`` of
 ``labram_tiny_pretrain`` with the tokenizer's vocabulary, unused heads frozen, the ``masked``
-objective against a frozen ``vqnsp_tiny``) and ``eegfast finetune`` (``labram_tiny`` with one head
-per task, optionally upcycled to MoE with task routing, ``classification_step``), on tiny
-synthetic EEG through the commands' collate function.
+objective against a frozen ``vqnsp_tiny``; with ``--objective hybrid`` the hybrid model and its
+masked + forecasting loss), ``eegfast finetune`` (``labram_tiny`` with one head per task,
+optionally upcycled to MoE with task routing, ``classification_step``) and ``eegfast
+tokenizer`` (``vqnsp_tiny`` with the ``vq`` section's quantizer settings, ``tokenizer_step``: its
+k-means codebook init, EMA updates and dead-code restarts span the ranks), on tiny synthetic EEG
+through the commands' collate function.
 """
 
 from __future__ import annotations
@@ -27,11 +30,18 @@ from eegfast.train import checkpoint as ckpt
 from eegfast.train.arch import build_model
 from eegfast.train.commands.common import start
 from eegfast.train.commands.pretrain import freeze_unused_heads
+from eegfast.train.commands.tokenizer import DEFAULTS as TOKENIZER_DEFAULTS
+from eegfast.train.commands.tokenizer import quantizer_kwargs
 from eegfast.train.config import RunConfig
 from eegfast.train.data import collate_fn
 from eegfast.train.distributed import init_distributed, shutdown
 from eegfast.train.engine import FitResult, fit, seed_everything
-from eegfast.train.objectives import StepContext, classification_step, get_objective
+from eegfast.train.objectives import (
+    StepContext,
+    classification_step,
+    get_objective,
+    tokenizer_step,
+)
 from eegfast.train.runlog import read_metrics
 from tests.train.fakes import SyntheticEEG
 from tests.train.worker import (
@@ -51,6 +61,17 @@ BASE = {
 }
 TASKS = ("a", "b")
 UPCYCLE = {"num_experts": 4, "top_k": 2, "num_tasks": len(TASKS)}
+# The tokenizer's run on top of the command's defaults (its AdamW recipe) and BASE. beta 1 (the
+# reference's; vqnsp_tiny has 0) puts the commitment loss into the gradients too. A code whose EMA
+# count falls below 0.995 is re-seeded: after the k-means init (every count 1) any code left
+# unused by a step (0.99 after decay 0.99) is, so every step restarts codes (of 256, a batch's
+# 36-48 rows use at most 48), drawn among both ranks' rows.
+TOKENIZER = {"vq.beta": 1.0, "vq.dead_code_threshold": 0.995}
+# `eegfast pretrain --objective hybrid`: the masked loss on the masked objective's per-window
+# masks (drawn from (seed, epoch, dataset index)) plus the block-causal forecasting loss (every
+# patch predicts the next one's code and samples: nothing drawn). mask_weight 0.3, not the
+# default 0.5, so that a part weighted wrongly would show in the loss.
+HYBRID = {"pretrain.objective": "hybrid", "pretrain.hybrid_mask_weight": 0.3}
 
 
 def make_tokenizer() -> torch.nn.Module:
@@ -67,24 +88,38 @@ def make_tokenizer() -> torch.nn.Module:
 def run(
     kind: str, run_dir: str, overrides: dict | None = None, resume: str | None = None
 ) -> FitResult:
-    """kind: ``pretrain`` (masked), ``finetune`` (2 task heads) or ``moe`` (upcycled, routed)."""
-    config = RunConfig().with_overrides({**BASE, **(overrides or {})})
+    """kind: ``pretrain`` (masked), ``hybrid`` (masked + forecasting), ``finetune`` (2 task
+    heads), ``moe`` (upcycled, routed) or ``tokenizer`` (VQ-NSP)."""
+    if kind == "tokenizer":
+        config = TOKENIZER_DEFAULTS.with_overrides({**BASE, **TOKENIZER, **(overrides or {})})
+    elif kind == "hybrid":
+        config = RunConfig().with_overrides({**BASE, **HYBRID, **(overrides or {})})
+    else:
+        config = RunConfig().with_overrides({**BASE, **(overrides or {})})
     device = torch.device("cpu")
     info = init_distributed(device)
     seed_everything(config.train.seed)
-    if kind == "pretrain":
+    if kind in ("pretrain", "hybrid"):
         data = SyntheticEEG(24)
         tokenizer = make_tokenizer()
-        arch = {
-            "kind": "pretrain",
-            "name": "labram_tiny_pretrain",
-            "kwargs": {"vocab_size": int(tokenizer.config.num_codes)},
+        kwargs: dict = {
+            "mask_ratio": config.pretrain.mask_ratio,
+            "drop_path_rate": config.model.drop_path,
+            "vocab_size": int(tokenizer.config.num_codes),
         }
-        model = build_model(arch)
+        if kind == "hybrid":
+            kwargs["hybrid"] = {"mask_weight": config.pretrain.hybrid_mask_weight}
+        model = build_model({"kind": kind, "name": "labram_tiny_pretrain", "kwargs": kwargs})
         freeze_unused_heads(model)
         step = get_objective(config.pretrain.objective)
-        ctx = StepContext(device, seed=config.train.seed, tokenizer=tokenizer, mask_ratio=0.5)
-        find_unused = False  # as `eegfast pretrain` for the masked objective
+        ctx = StepContext(
+            device,
+            seed=config.train.seed,
+            tokenizer=tokenizer,
+            mask_ratio=config.pretrain.mask_ratio,
+        )
+        # as `eegfast pretrain`: the unused-parameter search for any objective but masked
+        find_unused = kind != "pretrain"
     elif kind in ("finetune", "moe"):
         data = SyntheticEEG(48, tasks=TASKS)
         arch = {"kind": "classifier", "name": "labram_tiny", "kwargs": {"num_classes": 0}}
@@ -102,6 +137,13 @@ def run(
             aux_weights={"z_loss": 1e-3} if kind == "moe" else {},
         )
         find_unused = True  # as `eegfast finetune`: heads per task
+    elif kind == "tokenizer":
+        data = SyntheticEEG(24)
+        arch = {"kind": "tokenizer", "name": "vqnsp_tiny", "kwargs": quantizer_kwargs(config)}
+        model = build_model(arch)
+        step = tokenizer_step
+        ctx = StepContext(device, seed=config.train.seed)
+        find_unused = False  # as `eegfast tokenizer`
     else:
         raise ValueError(kind)
     try:
@@ -171,14 +213,51 @@ def max_change(start: dict, end: dict) -> float:
 
 
 # ("pretrain", "fsdp"): the pretraining model's blocks sit one level down (student.blocks),
-# each its own FSDP2 unit (distributed.transformer_blocks).
+# each its own FSDP2 unit (distributed.transformer_blocks); so do the tokenizer's
+# (encoder.blocks, decoder.blocks), whose codebook and EMA state are buffers FSDP leaves whole.
+# ("hybrid", "fsdp"): the hybrid model runs each of student.blocks twice a step (the masked pass,
+# then the block-causal forecasting pass calling the blocks itself), each call gathering it.
 CASES = [
     ("pretrain", "ddp"),
     ("finetune", "ddp"),
     ("moe", "ddp"),
     ("finetune", "fsdp"),
     ("pretrain", "fsdp"),
+    ("tokenizer", "ddp"),
+    ("tokenizer", "fsdp"),
+    ("hybrid", "ddp"),
+    ("hybrid", "fsdp"),
 ]
+
+# The tokenizer's codebook and EMA state, compared with the weights (they are in the checkpoint's
+# weights file): written by the k-means init and every EMA step and restart, not by the optimiser.
+QUANTIZER_STATE = (
+    "quantize.embedding.weight",
+    "quantize.embedding.embed_avg",
+    "quantize.embedding.cluster_size",
+    "quantize.embedding.initted",
+    "quantize.cluster_size",
+)
+
+
+def check_codebook_trained(first: dict, end: dict) -> None:
+    """The tokenizer run did what its comparison is meant to cover: a k-means init, EMA steps
+    between the first checkpoint (step 2) and the last (step 4), and dead-code restarts at the
+    last step (TOKENIZER's threshold: every code its batch of at most 48 rows left unused is
+    re-seeded with its count reset to 1; without a restart it would be 0.99 x its count)."""
+    assert set(QUANTIZER_STATE) <= end.keys(), sorted(k for k in end if "quantize" in k)
+    assert float(end["quantize.embedding.initted"]) == 1.0
+    for key in (
+        "quantize.embedding.weight",
+        "quantize.embedding.embed_avg",
+        "quantize.cluster_size",
+    ):
+        assert float((end[key] - first[key]).abs().max()) > 1e-3, key
+    num_codes = end["quantize.cluster_size"].shape[0]
+    assert int((end["quantize.cluster_size"] == 1.0).sum()) >= num_codes - 48
+    torch.testing.assert_close(
+        end["quantize.embedding.cluster_size"], end["quantize.cluster_size"], atol=0, rtol=0
+    )
 
 
 def overrides_for(strategy: str) -> dict:
@@ -207,10 +286,17 @@ def two_process_runs(tmp_path_factory) -> dict[tuple[str, str], tuple[FitResult,
 def test_two_gloo_processes_train_the_real_models_like_one(two_process_runs, kind, strategy):
     """2 processes (each half of every batch) reach the 1-process weights and losses."""
     one, single, double = two_process_runs[kind, strategy]
-    assert one.step == (4 if kind == "pretrain" else 8)
+    assert one.step == (4 if kind in ("pretrain", "tokenizer", "hybrid") else 8)
     first = load_file(str(ckpt.list_checkpoints(single / "checkpoints")[0].path / ckpt.WEIGHTS))
     a, b = final_weights(single), final_weights(double)
-    assert max_change(first, a) > 1e-4  # training moves the weights: the comparison means much
+    trained = {k: v for k, v in first.items() if not k.startswith("quantize.")}
+    assert max_change(trained, a) > 1e-4  # training moves the weights: the comparison means much
+    if kind == "tokenizer":
+        check_codebook_trained(first, a)
+    # Codebook and EMA state included (every key of the weights file). Measured, 1 against 2
+    # processes: weights within 3e-7 (but INERT), the tokenizer's codebook and EMA sums within
+    # 8e-7 (DDP and FSDP), losses within 3e-7. A k-means init, an EMA sum or a restart draw on
+    # one rank's rows only (each tried in turn) moved codes by 1.0-1.2 and codes' counts by 0.05.
     assert_close_weights(a, b, atol=1e-4, skip=INERT)
     if kind == "moe":
         assert any(".mlp.router" in k or ".mlp.gate" in k for k in a), sorted(a)[:20]
@@ -219,6 +305,48 @@ def test_two_gloo_processes_train_the_real_models_like_one(two_process_runs, kin
     torch.testing.assert_close(
         torch.tensor([v for _, v in two]), torch.tensor(one.losses), atol=1e-4, rtol=1e-4
     )
+    if kind == "tokenizer":
+        # Every logged scalar too: the codebook's perplexity and usage, and the encoder's
+        # feature_spread and feature_dims that the collapse warnings read (these were each
+        # rank's own rows', then averaged over the ranks: 0.92 and 8.2 here against one
+        # process's 0.96 and 9.3 at step 1).
+        assert_same_logged_scalars(single, double, skip=("train/samples_per_s",))
+    if kind == "hybrid":
+        # Both parts ran and trained: the forecasting head moved, and each part is logged (all
+        # of them compared, the masked accuracy over each rank's masked patches included).
+        # Measured, 1 against 2 processes (DDP and FSDP): weights within 1.3e-6, every logged
+        # scalar within 1e-6. Masks drawn by a window's place in its rank's batch instead of its
+        # dataset index moved the weights by 5.7e-3 and train/loss by 1.2e-3.
+        assert max_change({k: v for k, v in first.items() if k.startswith("forecast_head.")}, a)
+        logged = read_metrics(single / "metrics.csv")
+        assert {f"train/{name}" for name in HYBRID_METRICS} <= logged.keys(), sorted(logged)
+        assert_same_logged_scalars(single, double, skip=("train/samples_per_s",))
+
+
+# What hybrid_step logs besides the loss (HybridOutput.scalar_tensors).
+HYBRID_METRICS = (
+    "masked_loss",
+    "masked_accuracy",
+    "ar_loss",
+    "ar_token_loss",
+    "ar_signal_loss",
+    "ar_token_accuracy",
+)
+
+
+def assert_same_logged_scalars(single: Path, double: Path, skip: tuple[str, ...]) -> None:
+    a, b = read_metrics(single / "metrics.csv"), read_metrics(double / "metrics.csv")
+    names = sorted(k for k in a if k.startswith("train/") and k not in skip)
+    assert names == sorted(k for k in b if k.startswith("train/") and k not in skip)
+    for name in names:
+        assert [s for s, _ in a[name]] == [s for s, _ in b[name]], name
+        torch.testing.assert_close(
+            torch.tensor([v for _, v in b[name]]),
+            torch.tensor([v for _, v in a[name]]),
+            atol=1e-4,
+            rtol=1e-4,
+            msg=name,
+        )
 
 
 def test_inert_patch_embedding_biases():
