@@ -159,7 +159,8 @@ def _seed_rank_streams(seed: int, rank: int) -> None:
     then drew the same stochastic-depth and dropout decisions for its own windows, window j
     of each rank's share dropped together: regularisation world-size times weaker than the
     run asked for. Called on a fresh run once the model is built (a resume restores each
-    rank's saved streams); rank 0 keeps its stream, so one process is unchanged."""
+    rank's saved streams, and calls it for a rank the checkpoint holds none for: one saved by
+    fewer processes); rank 0 keeps its stream, so one process is unchanged."""
     mixed = (seed * 1_000_003 + rank * 7_919) % 2**63
     random.seed(mixed)
     np.random.seed(mixed % 2**32)
@@ -478,7 +479,13 @@ def fit(
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         if state["scaler"]:  # empty when saved without fp16: a switch to fp16 starts afresh
             scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
+        saved_rng = state["rng"]
+        if info.rank < len(saved_rng):
+            ckpt.set_rng_state(saved_rng[info.rank])
+        else:
+            # saved by fewer processes: another rank's saved stream would make this rank's
+            # stochastic depth and dropout a copy of that rank's; it draws its own instead
+            _seed_rank_streams(train_cfg.seed, info.rank)
         step, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
         # The position counts micro-batches of the saved run's accumulation; a resume with
         # another train.grad_accum continues after the same global batches.

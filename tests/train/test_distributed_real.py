@@ -268,15 +268,20 @@ def overrides_for(strategy: str) -> dict:
 def two_process_runs(tmp_path_factory) -> dict[tuple[str, str], tuple[FitResult, Path, Path]]:
     """Each case run in this process, and all cases run by one pair of gloo processes."""
     root = tmp_path_factory.mktemp("two_process")
-    ports: set[int] = set()
-    while len(ports) < len(CASES):
-        ports.add(free_port())
-    jobs, results = [], {}
-    for (kind, strategy), port in zip(CASES, sorted(ports), strict=True):
+    results = {}
+    for kind, strategy in CASES:
         single, double = root / f"{kind}-{strategy}-1", root / f"{kind}-{strategy}-2"
         one = run(kind, str(single), overrides_for(strategy))
         results[kind, strategy] = (one, single, double)
-        jobs.append((kind, str(double), port, overrides_for(strategy)))
+    # the ports are picked after the single-process runs, just before the spawn (picked
+    # before them, they sat unused for minutes, for another process to take)
+    ports: set[int] = set()
+    while len(ports) < len(CASES):
+        ports.add(free_port())
+    jobs = [
+        (kind, str(results[kind, strategy][2]), port, overrides_for(strategy))
+        for (kind, strategy), port in zip(CASES, sorted(ports), strict=True)
+    ]
     mp.spawn(spawned, args=(2, jobs), nprocs=2, join=True)
     return results
 
