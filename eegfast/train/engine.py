@@ -480,10 +480,13 @@ def fit(
         if state["scaler"]:  # empty when saved without fp16: a switch to fp16 starts afresh
             scaler.load_state_dict(state["scaler"])
         saved_rng = state["rng"]
-        if info.rank < len(saved_rng):
+        if info.rank < len(saved_rng) and not (
+            info.rank > 0 and torch.equal(saved_rng[info.rank]["torch"], saved_rng[0]["torch"])
+        ):
             ckpt.set_rng_state(saved_rng[info.rank])
         else:
-            # saved by fewer processes: another rank's saved stream would make this rank's
+            # saved by fewer processes, or by processes that all drew alike (runs from before
+            # _seed_rank_streams): another rank's saved stream would make this rank's
             # stochastic depth and dropout a copy of that rank's; it draws its own instead
             _seed_rank_streams(train_cfg.seed, info.rank)
         step, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]

@@ -606,13 +606,20 @@ def test_ranks_draw_their_own_random_numbers_and_rank_0_those_of_one_process(tmp
 
 
 @pytest.mark.slow
-def test_ranks_resumed_from_fewer_processes_draw_their_own_random_numbers(tmp_path):
+@pytest.mark.parametrize("saved_states", [1, 2])
+def test_ranks_resumed_from_fewer_processes_draw_their_own_random_numbers(tmp_path, saved_states):
     """A one-process checkpoint resumed by two processes: the checkpoint holds one rank's
     random state, which rank 0 takes; rank 1 draws its own numbers, not a copy of rank 0's
-    (it took the same saved state: stochastic depth and dropout alike on both ranks again)."""
+    (it took the same saved state: stochastic depth and dropout alike on both ranks again).
+    saved_states=2: the checkpoint holds that state twice, as two processes saved theirs before
+    each rank seeded its own streams; rank 1 draws its own numbers then too."""
     run_dir = tmp_path / "run"
     _run_recording_draws(str(run_dir), steps=2)
     assert [c.step for c in ckpt.list_checkpoints(run_dir / "checkpoints")] == [2]
+    state_file = run_dir / "checkpoints" / "step-00000002" / ckpt.STATE
+    state = torch.load(state_file, weights_only=True)
+    state["rng"] = state["rng"] * saved_states
+    torch.save(state, state_file)
     (run_dir / "draws-0").unlink()  # (the one process's; each resumed rank writes its own)
     args = (2, free_port(), str(run_dir), 4, "auto")
     mp.spawn(spawned_recording_draws, args=args, nprocs=2)
