@@ -34,12 +34,12 @@ class QuantizerOutput(NamedTuple):
 def _counted_rows(
     unit: torch.Tensor, keep: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows (N, D) with those not counted set to 0, how many are counted (at least 1)): a row
-    counts when it is finite and, given ``keep`` (N,), kept."""
+    """(rows (N, D) with those not counted set to 0, how many are counted ()): a row counts
+    when it is finite and, given ``keep`` (N,), kept."""
     counted = torch.isfinite(unit).all(dim=1)
     if keep is not None:
         counted = counted & keep
-    return torch.where(counted[:, None], unit, 0.0), counted.sum().clamp_min(1)
+    return torch.where(counted[:, None], unit, 0.0), counted.sum()
 
 
 def feature_spread(unit: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,7 +50,7 @@ def feature_spread(unit: torch.Tensor, keep: torch.Tensor | None = None) -> torc
     evenly over the sphere. O(N D), no pairwise matrix. Rows that are not finite count as 0.
     """
     rows, count = _counted_rows(unit, keep)
-    mean = rows.sum(dim=0) / count
+    mean = rows.sum(dim=0) / count.clamp_min(1)
     return _spread(mean)
 
 
@@ -77,7 +77,7 @@ def feature_dims(unit: torch.Tensor, keep: torch.Tensor | None = None) -> torch.
     rows, count = _counted_rows(unit, keep)
     rows = rows.float()
     with torch.autocast(rows.device.type, enabled=False):  # in fp32 under a bf16 training step
-        second = rows.T @ rows / count
+        second = rows.T @ rows / count.clamp_min(1)
     return _dims(second)
 
 
@@ -89,14 +89,12 @@ def _spread_and_dims_over_ranks(
     in one collective of D² + D + 1 floats. Each rank's own value, averaged over the ranks as
     the engine logs scalars, was lower than the global batch's (fewer rows, and spread is
     convex in the mean), so N processes logged other values than one process."""
-    counted = torch.isfinite(unit).all(dim=1)
-    if keep is not None:
-        counted = counted & keep
-    rows = torch.where(counted[:, None], unit, 0.0).float()
+    rows, count = _counted_rows(unit, keep)
+    rows = rows.float()
     with torch.autocast(rows.device.type, enabled=False):  # in fp32 under a bf16 training step
         second = rows.T @ rows
     D = rows.shape[1]
-    packed = torch.cat([rows.sum(dim=0), second.reshape(-1), counted.sum().reshape(1).float()])
+    packed = torch.cat([rows.sum(dim=0), second.reshape(-1), count.reshape(1).float()])
     dist.all_reduce(packed)
     count = packed[-1].clamp_min(1)
     return _spread(packed[:D] / count), _dims(packed[D:-1].view(D, D) / count)

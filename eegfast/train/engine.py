@@ -161,10 +161,7 @@ def _seed_rank_streams(seed: int, rank: int) -> None:
     run asked for. Called on a fresh run once the model is built (a resume restores each
     rank's saved streams, and calls it for a rank the checkpoint holds none for: one saved by
     fewer processes); rank 0 keeps its stream, so one process is unchanged."""
-    mixed = (seed * 1_000_003 + rank * 7_919) % 2**63
-    random.seed(mixed)
-    np.random.seed(mixed % 2**32)
-    torch.manual_seed(mixed)
+    seed_everything((seed * 1_000_003 + rank * 7_919) % 2**63)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:

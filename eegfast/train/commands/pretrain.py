@@ -111,12 +111,10 @@ def tokenizer_checkpoint(given: str | Path) -> tuple[Path, str | None]:
     """The tokenizer checkpoint that ``given`` names, and a note saying which one a run folder
     gave (None for a file or a checkpoint folder, which name themselves).
 
-    A run folder (holding ``checkpoints/step-*``) gives its best checkpoint, the one with the
-    lowest ``val/loss``, when the run held data out (``data.val_fraction`` > 0: its checkpoints'
-    meta records the held-out recordings), as ``finetune --init`` takes a pretraining run's
-    best; its newest otherwise (its metric is then the training loss since the checkpoint
-    before, no held-out measure). A path that holds no checkpoint is returned as is (loading
-    it says why)."""
+    A run folder (holding ``checkpoints/step-*``) gives its best checkpoint
+    (:func:`eegfast.train.checkpoint.best_checkpoint`: the lowest ``val/loss``, when the run held
+    data out), as ``finetune --init`` takes a pretraining run's best; its newest otherwise. A
+    path that holds no checkpoint is returned as is (loading it says why)."""
     path = Path(given)
     if path.is_file() or (path / ckpt.WEIGHTS).is_file():
         return path, None
@@ -127,12 +125,9 @@ def tokenizer_checkpoint(given: str | Path) -> tuple[Path, str | None]:
     else:
         return path, None
     newest = found[-1]
-    if VALIDATION_META not in newest.meta:
-        why = "its newest checkpoint (the run held no data out, so no val/loss ranks them)"
-        return newest.path, f"note: --tokenizer {given}: using {newest.path.name}, {why}"
     best = ckpt.best_checkpoint(folder)
     if best is None:
-        why = "its newest checkpoint (none has a finite val/loss)"
+        why = "its newest checkpoint (no held-out val/loss ranks them)"
         return newest.path, f"note: --tokenizer {given}: using {newest.path.name}, {why}"
     why = f"its checkpoint with the lowest val/loss ({best.meta['metric']:.6g})"
     if best.path != newest.path:
