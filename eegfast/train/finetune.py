@@ -284,6 +284,25 @@ def _moe_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, MoEFFN)]
 
 
+def _in_order(
+    data: TrainData,
+    indices: Sequence[int],
+    device: torch.device,
+    batch_size: int,
+    outputs_of: Callable[[dict], dict[str, torch.Tensor]],
+) -> dict[str, np.ndarray]:
+    """{name: (N, K) array} in ``indices`` order, from ``outputs_of(batch)`` ({name: (B, K)})
+    over batches of one electrode set (:func:`iterate_batches`), each moved to ``device``."""
+    rows: dict[str, list[np.ndarray | None]] = {}
+    for positions, batch in iterate_batches(data, indices, batch_size):
+        for name, out in outputs_of(to_device(batch, device)).items():
+            column = rows.setdefault(name, [None] * len(indices))
+            out = out.float().cpu().numpy()
+            for row, pos in enumerate(positions):
+                column[pos] = out[row]
+    return {name: np.stack(column) for name, column in rows.items()}
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -299,23 +318,23 @@ def predict(
     """Softmax probabilities (or pooled features) (N, K) in ``indices`` order, and the mean
     expert load (E,) over MoE layers and real tokens (None without MoE): batches of different
     electrode sets weigh by their tokens, not their samples."""
+    if not len(indices):
+        raise ValueError("predict: no indices to predict")
     model.eval()
-    outputs: list[np.ndarray | None] = [None] * len(indices)
     moe = _moe_layers(model)
     load_sum, load_count = None, 0
-    for positions, batch in iterate_batches(data, indices, batch_size):
-        batch = to_device(batch, device)
+
+    def outputs_of(batch: dict) -> dict[str, torch.Tensor]:
+        nonlocal load_sum, load_count
         kwargs: dict[str, Any] = {"channel_padding_mask": batch["channel_padding_mask"]}
         if task_id is not None:
             kwargs["task_id"] = torch.full(
-                (len(positions),), task_id, dtype=torch.long, device=device
+                (len(batch["x"]),), task_id, dtype=torch.long, device=device
             )
         if features:
             out = model.forward_features(batch["x"], batch["input_chans"], **kwargs)
         else:
             out = model(batch["x"], batch["input_chans"], task=task, **kwargs).float().softmax(-1)
-        for row, pos in enumerate(positions):
-            outputs[pos] = out[row].float().cpu().numpy()
         for layer in moe:
             aux = layer.last_aux
             if aux is not None:
@@ -323,8 +342,41 @@ def predict(
                 load = aux.expert_load.detach().double().cpu().numpy() * tokens
                 load_sum = load if load_sum is None else load_sum + load
                 load_count += tokens
+        return {task: out}
+
+    out = _in_order(data, indices, device, batch_size, outputs_of)[task]
     expert = None if load_sum is None else (load_sum / max(load_count, 1)).astype(np.float32)
-    return np.stack(outputs), expert
+    return out, expert
+
+
+@torch.no_grad()
+def predict_heads(
+    model: nn.Module,
+    data: TrainData,
+    indices: Sequence[int],
+    tasks: Sequence[str],
+    device: torch.device,
+    *,
+    batch_size: int = 64,
+) -> dict[str, np.ndarray]:
+    """{task: softmax probabilities (N, classes of the task)} in ``indices`` order, from one
+    backbone pass per batch shared by the heads of ``tasks``. Only for a multi-task model that
+    does not route by task (its features do not depend on the task): bit for bit what
+    :func:`predict` gives per task (the same batches, features and head), at one backbone
+    pass instead of one per task."""
+    if not len(indices):
+        raise ValueError("predict_heads: no indices to predict")
+    model.eval()
+
+    def outputs_of(batch: dict) -> dict[str, torch.Tensor]:
+        features = model.forward_features(
+            batch["x"], batch["input_chans"], channel_padding_mask=batch["channel_padding_mask"]
+        )
+        return {
+            task: model.heads[model.head_keys[task]](features).float().softmax(-1) for task in tasks
+        }
+
+    return _in_order(data, indices, device, batch_size, outputs_of)
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:

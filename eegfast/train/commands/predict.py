@@ -57,8 +57,7 @@ from eegfast.train.commands.common import (
 from eegfast.train.config import RunConfig
 from eegfast.train.data import TrainData, load_data
 from eegfast.train.distributed import shutdown
-from eegfast.train.finetune import iterate_batches, predict
-from eegfast.train.objectives import to_device
+from eegfast.train.finetune import predict, predict_heads
 
 PREDICTIONS = "predictions.csv"
 FIXED_COLUMNS = ["recording", "subject", "window", "start_s", "task", "predicted", "label"]
@@ -489,7 +488,7 @@ def _predict_all(
     """(task, probabilities (len(data), classes)) per task, through finetune's ``predict`` (the
     path evaluate takes: eval mode, no grad, fp32), a batch of indices at a time for the bar.
     A multi-task model that does not route by task computes its features once per batch for
-    every head (:func:`_predict_heads`); a task-routed one runs once per task (its features
+    every head (finetune's ``predict_heads``); a task-routed one runs once per task (its features
     depend on the task id)."""
     everything = np.arange(len(data))
     shared = not routes and len(tasks) > 1 and isinstance(model, MultiTaskClassifier)
@@ -504,7 +503,9 @@ def _predict_all(
         if shared:
             for begin in range(0, len(data), batch_size):
                 chunk = everything[begin : begin + batch_size]
-                heads = _predict_heads(model, data, chunk, tasks, runtime.device, batch_size)
+                heads = predict_heads(
+                    model, data, chunk, tasks, runtime.device, batch_size=batch_size
+                )
                 for task, probs in heads.items():
                     parts[task].append(probs)
                 bar.update(len(chunk) * len(tasks))
@@ -524,30 +525,3 @@ def _predict_all(
                     parts[task].append(probs)
                     bar.update(len(chunk))
     return [(task, np.concatenate(parts[task])) for task in tasks]
-
-
-@torch.no_grad()
-def _predict_heads(
-    model: MultiTaskClassifier,
-    data: TrainData,
-    indices: Sequence[int],
-    tasks: Sequence[str],
-    device: torch.device,
-    batch_size: int,
-) -> dict[str, np.ndarray]:
-    """{task: softmax probabilities (N, classes of the task)} in ``indices`` order, from one
-    backbone pass per batch shared by the heads of ``tasks``: for a model that does not route
-    by task (no task ids), bit for bit what finetune's ``predict`` gives per task (the same
-    batches, features and head), at one backbone pass instead of one per task."""
-    model.eval()
-    outputs: dict[str, list[np.ndarray | None]] = {task: [None] * len(indices) for task in tasks}
-    for positions, batch in iterate_batches(data, indices, batch_size):
-        batch = to_device(batch, device)
-        features = model.forward_features(
-            batch["x"], batch["input_chans"], channel_padding_mask=batch["channel_padding_mask"]
-        )
-        for task in tasks:
-            probs = model.heads[model.head_keys[task]](features).float().softmax(-1)
-            for row, pos in enumerate(positions):
-                outputs[task][pos] = probs[row].float().cpu().numpy()
-    return {task: np.stack(rows) for task, rows in outputs.items()}
