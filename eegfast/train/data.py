@@ -17,7 +17,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 
 @dataclass
 class ItemInfo:
-    root: int  # which folder
+    root: int  # which folder: its position in TrainData.roots (the folders opened)
     task: str
     subject: str
     recording: str  # file (relative to its folder's sources)
@@ -84,9 +84,9 @@ def load_data(roots: Sequence[str | Path], tasks: Sequence[str] = ()) -> TrainDa
             "no data: pass --data FOLDER (a folder written by `eegfast prepare`) or set data.roots"
         )
     wanted = set(tasks)
-    opened = []  # (position in roots, folder, its index, the tasks kept from it)
+    opened = []  # (folder, its index, the tasks kept from it)
     label_names: dict[str, list[str]] = {}
-    for r, root in enumerate(roots):
+    for root in roots:
         root = Path(root)
         if not root.is_dir():
             raise ValueError(f"data folder not found: {root}")
@@ -95,12 +95,13 @@ def load_data(roots: Sequence[str | Path], tasks: Sequence[str] = ()) -> TrainDa
         keep = sorted(present & wanted) if wanted else sorted(present)
         if not keep:
             continue
-        opened.append((r, root, index, keep))
+        opened.append((root, index, keep))
         for task in keep:
             merged = label_names.setdefault(task, [])
             merged += [n for n in index["tasks"][task]["labels"] if n not in merged]
     datasets, items, paths = [], [], []
-    for r, root, index, keep in opened:
+    # a folder without the wanted tasks is not opened: items number the opened ones
+    for r, (root, index, keep) in enumerate(opened):
         dataset = ShardDataset(root, tasks=keep)
         # this folder's class id -> the merged id, per task; slot -1 keeps "no label" at -1
         remap = {

@@ -357,3 +357,20 @@ def test_distributed_sampler_with_grouping_is_refused(prepared):
         loader = make_loader(ds, 16, shuffle=False, sampler=sampler, group_by_electrode_set=False)
         counts.append(len(list(loader)))
     assert counts[0] == counts[1]
+
+
+def test_load_data_items_index_the_folders_it_opened(sample_files, tmp_path):
+    """A folder without the wanted tasks is not opened: ``TrainData.roots`` lists the opened
+    folders only, and each item's ``root`` is its folder's position in that list (it had been
+    the position among all folders given, one past the end here)."""
+    from eegfast.train.data import load_data
+
+    rules = Settings(labels=LabelRules(filename_rules=(("_1$", "rest"), ("_2$", "task"))))
+    prepare([f"other={sample_files['Subject00_1.edf']}"], tmp_path / "a", rules, progress=False)
+    prepare([f"arith={sample_files['Subject01_2.edf']}"], tmp_path / "b", rules, progress=False)
+    data = load_data([tmp_path / "a", tmp_path / "b"], tasks=["arith"])
+    assert data.roots == [tmp_path / "b"]
+    assert {data.roots[item.root] for item in data.items} == {tmp_path / "b"}
+    both = load_data([tmp_path / "a", tmp_path / "b"])
+    for item in both.items:
+        assert both.roots[item.root].name == ("b" if item.task == "arith" else "a")

@@ -19,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,13 +165,34 @@ def run(
         shutdown(info)
 
 
-def spawned(rank: int, world_size: int, jobs: list[tuple[str, str, int, dict]]) -> None:
+def job_port(rank: int, port_file: Path, timeout_s: float = 300.0) -> int:
+    """The rendezvous port of one job: rank 0 picks a free one as the job starts and writes it
+    to ``port_file`` (atomically); the other ranks wait for it. Picked then, a port is unbound
+    for milliseconds before rank 0's store takes it; picked for every job before the spawn, the
+    last jobs' ports had sat unbound for minutes, for another process to take."""
+    if rank == 0:
+        port = free_port()
+        partial = port_file.with_suffix(".partial")
+        partial.write_text(str(port))
+        os.replace(partial, port_file)
+        return port
+    deadline = time.monotonic() + timeout_s
+    while not port_file.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"rank {rank}: no port from rank 0 in {port_file} after {timeout_s} s"
+            )
+        time.sleep(0.05)
+    return int(port_file.read_text())
+
+
+def spawned(rank: int, world_size: int, jobs: list[tuple[str, str, str, dict]]) -> None:
     """Every job in turn, each with its own process group (one spawn: imports paid once)."""
     # A worker that dies of a signal prints every thread's Python stack to stderr first.
     faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
-    for kind, run_dir, port, overrides in jobs:
-        set_rendezvous(rank, world_size, port)
+    for kind, run_dir, port_file, overrides in jobs:
+        set_rendezvous(rank, world_size, job_port(rank, Path(port_file)))
         run(kind, run_dir, overrides)
     # Every job done (a failure raised above, and the parent compares the checkpoints they
     # wrote): leave without the interpreter's teardown. In about one fresh-clone `make test` in
@@ -273,14 +295,16 @@ def two_process_runs(tmp_path_factory) -> dict[tuple[str, str], tuple[FitResult,
         single, double = root / f"{kind}-{strategy}-1", root / f"{kind}-{strategy}-2"
         one = run(kind, str(single), overrides_for(strategy))
         results[kind, strategy] = (one, single, double)
-    # the ports are picked after the single-process runs, just before the spawn (picked
-    # before them, they sat unused for minutes, for another process to take)
-    ports: set[int] = set()
-    while len(ports) < len(CASES):
-        ports.add(free_port())
+    ports = root / "ports"  # each job's rendezvous port, picked by rank 0 as the job starts
+    ports.mkdir()
     jobs = [
-        (kind, str(results[kind, strategy][2]), port, overrides_for(strategy))
-        for (kind, strategy), port in zip(CASES, sorted(ports), strict=True)
+        (
+            kind,
+            str(results[kind, strategy][2]),
+            str(ports / f"{kind}-{strategy}"),
+            overrides_for(strategy),
+        )
+        for kind, strategy in CASES
     ]
     mp.spawn(spawned, args=(2, jobs), nprocs=2, join=True)
     return results

@@ -218,9 +218,7 @@ def model_class_names(
     return names, notes
 
 
-def in_model_classes(
-    data: TrainData, names: dict[str, list[str]], roots: Sequence[str | Path], model_path: str
-) -> TrainData:
+def in_model_classes(data: TrainData, names: dict[str, list[str]], model_path: str) -> TrainData:
     """``data`` with the labels of the tasks in ``names`` renumbered, by class name, to the
     model's classes (``names[task]``, its head's output order), which become its
     ``label_names``: each folder numbers its own classes (a folder with a subset of them, or
@@ -230,21 +228,20 @@ def in_model_classes(
     A labelled window of a class the model does not have is refused (CommandError naming the
     task, the classes and the folder): its score would mean nothing, and leaving it out would
     hide what is usually a naming slip (other label rules or spelling) behind scores of a part
-    of the data. ``roots``: the folders ``data`` was loaded from (``ItemInfo.root`` indexes
-    them)."""
+    of the data."""
     label_names = dict(data.label_names)
     remap: dict[str, list[int]] = {}
     for task, model_names in names.items():
         own = data.label_names.get(task) or []
         remap[task] = [model_names.index(n) if n in model_names else -1 for n in own]
         label_names[task] = list(model_names)
-        unknown: dict[str, set[int]] = {}  # class name -> folders (positions in roots)
+        unknown: dict[str, set[int]] = {}  # class name -> folders (positions in data.roots)
         for item in data.items:
             if item.task == task and item.label >= 0 and remap[task][item.label] < 0:
                 unknown.setdefault(own[item.label], set()).add(item.root)
         if unknown:
             folders = sorted({int(r) for found in unknown.values() for r in found})
-            where = ", ".join(str(roots[r]) for r in folders)
+            where = ", ".join(str(data.roots[r]) for r in folders)
             raise CommandError(
                 f"--data {where}: task {task!r} has windows labelled "
                 f"{', '.join(sorted(unknown))}, which --model {model_path} has no class for "
@@ -351,7 +348,7 @@ def _main(args: argparse.Namespace) -> int:
                 say(runtime, f"warning: {warning}")
                 notes.append(f"**warning:** {warning}")
             # scored in the model's classes from here on (labels, metrics, plots, CSV)
-            data = in_model_classes(data, names, config.data.roots, args.model)
+            data = in_model_classes(data, names, args.model)
             selected, seen, total, seen_recordings = {}, 0, 0, set()
             for task in tasks:
                 indices = np.asarray(data.labelled(task))
