@@ -3,8 +3,9 @@
 Layout of ``<run>/checkpoints/step-00000120/``:
 
 - ``model.safetensors``: the weights (full, unsharded state dict).
-- ``state.pt``: optimiser, scheduler, grad scaler, RNG states and sampler position, written with
-  ``torch.save`` and read back with ``weights_only=True`` (only tensors and plain containers).
+- ``state.pt``: optimiser, scheduler, grad scaler, RNG states, sampler position and the step
+  scalars not logged yet (since the last log point), written with ``torch.save`` and read back
+  with ``weights_only=True`` (only tensors and plain containers).
 - ``meta.json``: step, epoch, the tracked metric and the model's name/arguments.
 
 The folder is assembled under a hidden temporary name, every file and the folder are fsynced,
@@ -247,11 +248,25 @@ def prune_checkpoints(checkpoint_dir: str | Path, keep_last: int) -> list[Path]:
     deleted = []
     for info in found:
         if info.path not in keep:
-            shutil.rmtree(info.path, ignore_errors=True)
+            _remove(Path(checkpoint_dir), info)
             deleted.append(info.path)
     if deleted:
         fsync_dir(checkpoint_dir)
     return deleted
+
+
+def _remove(checkpoint_dir: Path, info: CheckpointInfo) -> None:
+    """Delete a checkpoint folder: first renamed to a temporary name, so that a process killed
+    half way leaves a folder the next save removes (a stale ``.tmp-step-*``), not a
+    ``step-*`` folder without its meta.json that nothing lists or deletes again."""
+    doomed = checkpoint_dir / f".tmp-step-{info.step:08d}-{os.getpid()}"
+    if doomed.exists():  # this process's own leftover
+        shutil.rmtree(doomed, ignore_errors=True)
+    try:
+        os.replace(info.path, doomed)
+    except OSError:  # could not rename (gone, or a file system that refuses): delete in place
+        doomed = info.path
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def resolve_weights_path(path: str | Path, *, prefer: str = "best") -> Path:

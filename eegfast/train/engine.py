@@ -381,7 +381,6 @@ def fit(
     checkpoint_dir = run_dir / "checkpoints"
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "config.yaml", config_to_yaml(config))
     amp_dtype = resolve_precision(train_cfg.precision, device)
     if train_cfg.deterministic and not torch.are_deterministic_algorithms_enabled():
         # The commands set this up in start(); a direct caller of fit() gets it here too.
@@ -448,7 +447,13 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     step, epoch, start_batch = 0, 0, 0
+    window: dict[str, list[float]] = {}  # per-step scalars since the last log point
     if resume_from is not None:
+        saved_config = ckpt.checkpoint_meta(resume_from).get("config")
+        changes = config_changes(saved_config, config_to_dict(config))
+        # Before any load (every rank, before any collective): a model of other settings got
+        # torch's size-mismatch RuntimeError, a traceback that named neither cause.
+        _check_weights_fit(resume_from, raw_model, changes)
         weights = ckpt.load_weights(resume_from) if info.is_main or not from_rank0 else {}
         saved_groups = len(state["optimizer"]["param_groups"]) if state["optimizer"] else 0
         if saved_groups and saved_groups != len(optimizer.param_groups):
@@ -490,12 +495,16 @@ def fit(
         # The position counts micro-batches of the saved run's accumulation; a resume with
         # another train.grad_accum continues after the same global batches.
         start_batch = start_batch // state.get("grad_accum", accum) * accum
+        # The scalars of the steps since the last log point before the checkpoint, so that the
+        # next log point averages the same steps as in the run that was not interrupted (each
+        # rank its own; a run on another number of processes starts the window afresh).
+        saved_windows = state.get("log_window")
+        if saved_windows is not None and len(saved_windows) == info.world_size:
+            window = {k: list(v) for k, v in saved_windows[info.rank].items()}
         # The loaded copies are in the model and optimiser now; kept here they would sit in
         # host memory for the whole run (GPU runs), and a mapped state file stay open.
         del weights, optim_state
         state = None
-        saved_config = ckpt.checkpoint_meta(resume_from).get("config")
-        changes = config_changes(saved_config, config_to_dict(config))
         if changes and info.is_main:
             warnings.warn(
                 f"resuming {resume_from} with settings other than it was trained with: "
@@ -517,9 +526,13 @@ def fit(
     elif info.rank > 0:
         _seed_rank_streams(train_cfg.seed, info.rank)
 
-    logger = RunLogger(
-        run_dir, enabled=info.is_main, resume_step=step if resume_from is not None else None
-    )
+    if info.is_main:
+        # Only now, once a resume is known to fit: a refused one left the run folder's
+        # config.yaml describing settings that never trained there.
+        write_text_atomic(run_dir / "config.yaml", config_to_yaml(config))
+    # A resume (also --resume auto finding no checkpoint yet: the run starts over at step 0)
+    # drops what was logged after its step, which this run logs again.
+    logger = RunLogger(run_dir, enabled=info.is_main, resume_step=step if resume else None)
     bar = tqdm(
         total=total_steps,
         initial=step,
@@ -535,7 +548,6 @@ def fit(
     collate = indexed_collate(collate_fn)
     indexed = IndexedDataset(dataset)
     result = FitResult(step=step, epoch=epoch, run_dir=run_dir, resumed_from=resume_from)
-    window: dict[str, list[float]] = {}
     since_checkpoint: list[float] = []
     pending: list[_StepScalars] = []  # steps whose scalars are not read back yet
     # Reads them back early when a step went non-finite; one process only: across ranks the
@@ -637,10 +649,12 @@ def fit(
         since_checkpoint = []
         weights, optim_state = _state_dicts(model, optimizer)
         rng_states = _gather_rng(info)
+        windows = _gather(window, info)
         path = None
         if info.is_main:
             if metric_values:
                 logger.log(step, metric_values)
+            logger.flush()  # (see RunLogger.flush) before the checkpoint is written
             state = {
                 "optimizer": optim_state,
                 "scheduler": scheduler.state_dict(),
@@ -650,6 +664,7 @@ def fit(
                 "epoch": save_epoch,
                 "batch_in_epoch": batch_in_epoch,  # micro-batches of grad_accum
                 "grad_accum": accum,
+                "log_window": windows,  # each rank's scalars since the last log point
             }
             path = ckpt.save_checkpoint(
                 checkpoint_dir,
@@ -854,16 +869,53 @@ def _same_checkpoint_on_every_rank(
         )
 
 
-def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:
-    """Every rank's RNG state (rank order), so each rank resumes its own stream."""
-    state = ckpt.rng_state()
+def _gather(value: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order."""
     if not info.enabled:
-        return [state]
+        return [value]
     import torch.distributed as dist
 
     gathered: list[Any] = [None] * info.world_size
-    dist.all_gather_object(gathered, state)
+    dist.all_gather_object(gathered, value)
     return gathered
+
+
+def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:
+    """Every rank's RNG state (rank order), so each rank resumes its own stream."""
+    return _gather(ckpt.rng_state(), info)
+
+
+def _check_weights_fit(checkpoint: Path, model: nn.Module, changes: list[str]) -> None:
+    """ValueError naming ``checkpoint`` when its weights do not fit ``model`` (other names or
+    shapes: a model built with other settings), with the settings that changed since it was
+    saved (``changes``); read from the file's header only."""
+    from safetensors import safe_open
+
+    path = Path(checkpoint) / ckpt.WEIGHTS
+    with safe_open(str(path), framework="pt") as f:
+        saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    problems = [
+        f"{k}: checkpoint {list(saved[k])}, model {list(own[k])}"
+        for k in sorted(saved.keys() & own.keys())
+        if saved[k] != own[k]
+    ]
+    problems += [f"{k} missing from the checkpoint" for k in sorted(own.keys() - saved.keys())]
+    problems += [f"{k} not in the model" for k in sorted(saved.keys() - own.keys())]
+    if not problems:
+        return
+    shown = "; ".join(problems[:3]) + (
+        f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+    )
+    cause = (
+        f"settings changed since it was saved: {'; '.join(changes)}"
+        if changes
+        else "the model is not the one it was trained with"
+    )
+    raise ValueError(
+        f"--resume {checkpoint}: its weights do not fit this run's model ({shown}); {cause}. "
+        "Resume with the checkpoint's settings (its meta.json), or start a new run"
+    )
 
 
 def _kept(last: Path | None, run_dir: Path) -> str:

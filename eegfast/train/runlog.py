@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from pathlib import Path
 
 from eegfast.fileio import write_text_atomic
@@ -37,11 +38,14 @@ class RunLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             _drop_rows_after(self.path, resume_step)
-        new = not self.path.exists()
+        # An empty file is new too: a run killed before its first log point (SIGTERM, SIGKILL:
+        # no close) left it so, and rows appended without the header made read_metrics fail.
+        new = not self.path.exists() or self.path.stat().st_size == 0
         self._file = self.path.open("a", newline="")
         self._csv = csv.writer(self._file)
         if new:
             self._csv.writerow(["step", "tag", "value"])
+            self._file.flush()  # on disk at once, whatever stops the run before its first log
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -59,6 +63,18 @@ class RunLogger:
             if self._writer is not None:
                 self._writer.add_scalar(tag, float(value), step)
         self._file.flush()
+
+    def flush(self) -> None:
+        """Put everything logged so far on disk: called before each checkpoint, so that a run
+        killed right after one loses none of the scalars up to its step (TensorBoard's writer
+        thread writes events some time after they are logged, and a resume purges only the
+        steps after the checkpoint's)."""
+        if not self.enabled:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
         if not self.enabled:
