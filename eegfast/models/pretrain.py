@@ -118,12 +118,23 @@ class LaBraMForMaskedModeling(LaBraMTrunk):
         x = _check_signal(x, self.config.patch_size)
         B, C, A, _ = x.shape
         x = zero_padded_electrodes(x, channel_padding_mask)
+        if mask is not None:
+            mask = _check_mask(mask, B, C * A)
         chans = self.resolve_input_chans(input_chans, C, x.device, batch=B)
         key_padding = token_padding_mask(channel_padding_mask, A)
         patches = self.patch_embed(x, None if key_padding is None else key_padding[:, 1:])
         tokens = self.embed_patches(patches, C, chans, mask=mask, mask_token=self.mask_token)
         tokens = self.run_blocks(tokens, key_padding_mask=key_padding, task_id=task_id)
         return self.norm(tokens)
+
+
+def _check_mask(mask: torch.Tensor, batch: int, n_tokens: int) -> torch.Tensor:
+    """A (B, C·A) mask as bool (nonzero = masked, as the reference's 0/1 masks of any dtype),
+    or ValueError naming ``mask``."""
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, n_tokens):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must have shape (B, C·A) = {(batch, n_tokens)}, got {shape}")
+    return mask.to(torch.bool)
 
 
 def _repeat_batch(t, times: int = 2):
@@ -193,9 +204,8 @@ class LaBraMPretrain(nn.Module):
                 generator=generator,
                 device=x.device,
             )
-        elif mask.shape != (B, P):
-            raise ValueError(f"mask must have shape (B, C·A) = {(B, P)}, got {tuple(mask.shape)}")
-        mask = mask.to(torch.bool)
+        else:
+            mask = _check_mask(mask, B, P)
         chans = student.resolve_input_chans(input_chans, C, x.device, batch=B)
 
         # Both views share the patch embedding; they differ only in which tokens are masked.

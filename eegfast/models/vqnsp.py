@@ -42,8 +42,8 @@ def _decoder_default() -> LaBraMConfig:
 class VQNSPConfig:
     """Tokenizer: encoder and decoder transformers, codebook size and EMA settings.
 
-    ``dead_code_threshold``: codes whose EMA count falls below it are re-seeded from the batch
-    (None: never, as the reference).
+    ``dead_code_threshold``: codes whose EMA count falls below it (in [0, 1]) are re-seeded
+    from the batch (None: never, as the reference).
     """
 
     encoder: LaBraMConfig = field(default_factory=_encoder_default)

@@ -153,8 +153,8 @@ class NormEMAVectorQuantizer(nn.Module):
         eps: Laplace smoothing of the counts.
         kmeans_init: initialise the codebook by k-means on the first training batch.
         kmeans_iters: k-means iterations.
-        dead_code_threshold: re-seed codes whose EMA count falls below this (None: never, as in
-            the reference).
+        dead_code_threshold: re-seed codes whose EMA count falls below this, in [0, 1] (the
+            count a restart starts from; None: never, as in the reference).
         check_finite: raise FloatingPointError on non-finite inputs instead of giving them
             index -1. The check reads the indices back: on a GPU a wait for the device at every
             call. None (the default): on CPU tensors only; on a GPU such rows still get index
@@ -186,8 +186,22 @@ class NormEMAVectorQuantizer(nn.Module):
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         if not beta >= 0.0:
             raise ValueError(f"beta must be >= 0, got {beta}")
-        if dead_code_threshold is not None and not dead_code_threshold >= 0.0:
-            raise ValueError(f"dead_code_threshold must be >= 0 or None, got {dead_code_threshold}")
+        if not (eps >= 0.0 and math.isfinite(eps)):
+            # a negative eps turned the codes of rarely used clusters to face away from their
+            # rows; NaN made every code NaN, reported as a non-finite encoder output
+            raise ValueError(f"eps must be finite and >= 0, got {eps}")
+        if kmeans_iters < 0:
+            raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
+        if dead_code_threshold is not None and not 0.0 <= dead_code_threshold <= 1.0:
+            # A restart (and the k-means initialisation) sets a code's EMA count to 1: above a
+            # threshold of 1 the code stays below it unless one batch gives it about
+            # (threshold - decay) / (1 - decay) rows (~100 at 2), so nearly every code was
+            # re-seeded from random rows at every step and the codebook learned nothing.
+            raise ValueError(
+                f"dead_code_threshold must be in [0, 1] or None, got {dead_code_threshold}: a "
+                "restarted code starts from an EMA count of 1 and above 1 would be re-seeded "
+                "again at every step"
+            )
         self.num_codes, self.code_dim = num_codes, code_dim
         self.beta, self.decay, self.eps = beta, decay, eps
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
@@ -294,6 +308,18 @@ class NormEMAVectorQuantizer(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._initialised = None  # the loaded initted decides
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):
+        """As ``nn.Module._apply``, then half-precision codebook and EMA buffers back to
+        float32: ``model.to(torch.bfloat16)`` (or ``.half()``) casts every floating buffer, and
+        a bf16 EMA stalls (0.99 x 7 + 0.08 rounds back to 7), a bf16 codebook rounds the
+        nearest-code scores. Device moves and float64 are kept as asked."""
+        super()._apply(fn, recurse)
+        for module in (self, self.embedding):
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.dtype in (torch.float16, torch.bfloat16):
+                    module._buffers[name] = buffer.float()
+        return self
 
     @staticmethod
     @torch.no_grad()

@@ -116,7 +116,7 @@ class VQConfig:
     # commitment loss weight: loss = beta * commitment + amplitude + phase (1.0 in vqnsp_base,
     # as the reference; lower it when the tokenizer's train/feature_spread falls towards 0)
     beta: float | None = None
-    # re-seed codes whose EMA count falls below this (0: never)
+    # re-seed codes whose EMA count falls below this, in [0, 1] (0: never)
     dead_code_threshold: float | None = None
 
 
@@ -158,6 +158,10 @@ def _fraction(*, zero: bool = True, one: bool = False) -> tuple[typing.Callable[
     return (lambda v: (v >= 0 if zero else v > 0) and (v <= 1 if one else v < 1)), f"in {text}"
 
 
+def _below(high: float, low: float = 0) -> tuple[typing.Callable[[Any], bool], str]:
+    return (lambda v: low <= v < high), f"in [{low}, {high})"
+
+
 def _one_of(*choices: str) -> tuple[typing.Callable[[Any], bool], str]:
     return (lambda v: v in choices), "one of " + ", ".join(choices)
 
@@ -180,6 +184,9 @@ LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "optim.clip_grad": _at_least(0),
     "optim.fused": _one_of("auto", "true", "false"),
     "train.epochs": _at_least(1),
+    # NumPy's seed range; the data order's generator takes seed x 100003 + epoch (2^62 and
+    # above had failed there with "Overflow when unpacking long long")
+    "train.seed": _below(2**32),
     "train.max_steps": _at_least(0),
     "train.batch_size": _at_least(1),
     "train.grad_accum": _at_least(1),
@@ -200,7 +207,8 @@ LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "finetune.folds": _at_least(2),
     "finetune.group_by": _one_of("subject", "recording"),
     "vq.beta": _at_least(0),
-    "vq.dead_code_threshold": _at_least(0),
+    # a restarted code starts from an EMA count of 1: above 1 it is re-seeded at every step
+    "vq.dead_code_threshold": _fraction(one=True),
 }
 
 

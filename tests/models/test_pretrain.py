@@ -253,3 +253,23 @@ def test_patches_without_a_target_are_left_out_not_trained_as_code_0():
     for accuracy in (out.accuracy, out.accuracy_masked, out.accuracy_complement):
         assert accuracy.item() == 1.0
     assert out.loss.item() < 1e-3  # as code 0 these patches would cost ~1e4 each
+
+
+def test_student_checks_its_mask_and_takes_0_1_masks_of_any_dtype():
+    """The student's mask was used unchecked: a float or int 0/1 mask (the reference takes
+    any, by ``type_as``) failed in ``torch.where``, and one of the wrong shape in a broadcast,
+    neither naming ``mask``."""
+    model, _ = tiny_pair(seed=8)
+    B, C, A = 2, 3, 2
+    x, chans = torch.randn(B, C, A, 200), torch.tensor([0, 1, 2, 3])
+    mask = random_patch_mask(B, C * A, 0.5, generator=torch.Generator().manual_seed(4))
+    expected = model.student(x, chans, mask)
+    for other in (mask.float(), mask.long(), mask.to(torch.uint8)):
+        torch.testing.assert_close(model.student(x, chans, other), expected, rtol=0, atol=0)
+    targets = torch.randint(0, 256, (B, C * A))
+    torch.testing.assert_close(
+        model(x, chans, targets, mask.float()).loss, model(x, chans, targets, mask).loss
+    )
+    for bad in (mask[:, :-1], mask.view(B, C, A)):
+        with pytest.raises(ValueError, match=r"mask must have shape \(B, C·A\) = \(2, 6\)"):
+            model.student(x, chans, bad)

@@ -90,8 +90,14 @@ def test_non_finite_input_is_an_error():
     [
         ({"beta": -1.0}, "beta must be >= 0, got -1.0"),
         ({"beta": float("nan")}, "beta must be >= 0"),
-        ({"dead_code_threshold": -0.5}, "dead_code_threshold must be >= 0 or None, got -0.5"),
+        ({"dead_code_threshold": -0.5}, r"dead_code_threshold must be in \[0, 1\] or None"),
+        # above the count of 1 that a restart gives, every code was re-seeded at every step
+        ({"dead_code_threshold": 2.0}, r"dead_code_threshold must be in \[0, 1\] or None"),
+        ({"dead_code_threshold": float("inf")}, "dead_code_threshold must be in"),
         ({"decay": 1.0}, r"decay must be in \[0, 1\)"),
+        ({"eps": -1e-5}, "eps must be finite and >= 0, got -1e-05"),
+        ({"eps": float("nan")}, "eps must be finite and >= 0, got nan"),
+        ({"kmeans_iters": -1}, "kmeans_iters must be >= 0, got -1"),
     ],
 )
 def test_bad_quantizer_settings_name_the_argument(kwargs, message):
@@ -100,7 +106,7 @@ def test_bad_quantizer_settings_name_the_argument(kwargs, message):
     # the tokenizer's config reaches them too (eegfast tokenizer --set vq.beta=...)
     from eegfast.models import create_model
 
-    if "decay" not in kwargs:
+    if set(kwargs) <= {"beta", "dead_code_threshold"}:
         with pytest.raises(ValueError, match=message):
             create_model("vqnsp_tiny", **kwargs)
 
@@ -240,3 +246,22 @@ def test_reference_checkpoint_trains_on_from_its_codebook():
     ours.load_state_dict(saved)
     for key, value in ours.state_dict().items():
         assert torch.equal(value, saved[key]), key
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_keeps_the_codebook_and_ema_state_float32(dtype):
+    """``model.to(bf16)`` casts every floating buffer; the quantizer's stay float32, so the EMA
+    counts still move by the small steps a bf16 count loses (7 -> 0.99 x 7 + 0.08 rounds back
+    to 7 in bf16); float64 and device moves are kept."""
+    quantizer = NormEMAVectorQuantizer(8, 4, kmeans_init=False).to(dtype)
+    buffers = dict(quantizer.named_buffers())
+    assert {name: b.dtype for name, b in buffers.items()} == {
+        name: torch.float32 for name in buffers
+    }
+    quantizer.cluster_size.fill_(7.0)
+    quantizer.embedding.cluster_size.fill_(7.0)
+    z = quantizer.codebook[:1].repeat(8, 1).to(dtype)  # 8 rows to code 0, a step of +0.08
+    quantizer.train()
+    quantizer(z)
+    assert float(quantizer.cluster_size[0]) == pytest.approx(0.99 * 7 + 0.01 * 8, abs=1e-5)
+    assert quantizer.double().codebook.dtype == torch.float64

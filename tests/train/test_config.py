@@ -95,6 +95,10 @@ def test_bad_values_name_the_key(override, message):
         ("train.precision=fp8", r"train.precision must be one of auto, bf16, fp16, fp32"),
         ("finetune.folds=1", r"finetune.folds must be >= 2"),
         ("vq.beta=-1", r"vq.beta must be >= 0, got -1.0"),
+        ("vq.dead_code_threshold=2", r"vq.dead_code_threshold must be in \[0, 1\], got 2.0"),
+        # (2^62 had failed in the data order's generator: "Overflow when unpacking long long")
+        (f"train.seed={2**62}", r"train.seed must be in \[0, 4294967296\), got 4611686018"),
+        ("train.seed=-1", r"train.seed must be in \[0, 4294967296\), got -1"),
         ("upcycle.top_k=9", r"upcycle.top_k \(9\) must be <= upcycle.num_experts \(8\)"),
     ],
 )

@@ -174,3 +174,71 @@ def test_a_hybrid_init_for_another_codebook_size_keeps_all_but_the_code_parts(tm
             assert value.shape[0] == 256, key
         else:
             torch.testing.assert_close(value, state[key], atol=0, rtol=0, msg=key)
+
+
+def test_resume_continues_the_runs_model_and_refuses_another(
+    prepared,  # noqa: F811
+    tokenizer_run,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    """``--resume auto`` without ``--model`` built the default labram_base_pretrain for a run of
+    another model, and its checkpoint then failed to load with a traceback of every shape;
+    it continues the run's own model, and another model named explicitly is a one-line error."""
+    out = tmp_path / "pre"
+    assert cli(pretrain_argv(prepared, tokenizer_run, out)) == 0  # labram_tiny_pretrain
+    argv = pretrain_argv(prepared, tokenizer_run, out, "train.max_steps=4", "--resume", "auto")
+    at = argv.index("--model")
+    unnamed = argv[:at] + argv[at + 2 :]
+    capsys.readouterr()
+    assert cli(unnamed) == 0
+    assert "resumed from" in capsys.readouterr().out
+    meta = ckpt.latest_checkpoint(out / "checkpoints").meta
+    assert meta["step"] == 4 and meta["arch"]["name"] == "labram_tiny_pretrain"
+    other = [*argv[: at + 1], "labram_base_pretrain", *argv[at + 2 :]]
+    other[other.index("train.max_steps=4")] = "train.max_steps=6"
+    assert cli(other) == 2
+    err = capsys.readouterr().err
+    assert "--model labram_base_pretrain: the run being resumed trains " in err
+    assert "labram_tiny_pretrain" in err and len(err.strip().splitlines()) == 1
+    assert ckpt.latest_checkpoint(out / "checkpoints").meta["step"] == 4
+
+
+def test_pretraining_warns_for_electrodes_and_windows_the_tokenizer_never_saw(
+    prepared,  # noqa: F811
+    tokenizer_run,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    """The tokenizer records the electrode rows and window length it trained on; pretraining
+    on data beyond them (whose targets come from embedding rows still at their initial
+    values) warns, naming the electrodes and the lengths. Before, nothing was said."""
+    import shutil
+
+    from eegfast.electrodes import LABRAM_CHANNEL_NAMES
+    from eegfast.train.data import load_data
+
+    data = load_data([prepared])
+    rows = sorted({r for item in data.items for r in item.electrodes if r != 0})
+    metas = sorted(tokenizer_run.glob("checkpoints/*/meta.json"))
+    recorded = json.loads(metas[-1].read_text())["trained_on"]
+    assert recorded == {"electrode_rows": rows, "window_seconds": 4}
+
+    assert cli(pretrain_argv(prepared, tokenizer_run, tmp_path / "fits")) == 0
+    assert "warning: the data have" not in capsys.readouterr().out
+
+    narrower = tmp_path / "tok"
+    shutil.copytree(tokenizer_run, narrower)
+    for meta_path in narrower.glob("checkpoints/*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        meta["trained_on"] = {"electrode_rows": rows[2:], "window_seconds": 2}
+        meta_path.write_text(json.dumps(meta))
+    assert cli(pretrain_argv(prepared, narrower, tmp_path / "beyond")) == 0
+    printed = capsys.readouterr().out
+    names = ", ".join(LABRAM_CHANNEL_NAMES[r - 1] for r in rows[:2])
+    assert f"warning: the data have 2 electrode(s) the tokenizer was not trained on ({names})" in (
+        printed
+    )
+    assert "the data have 4-s windows and the tokenizer was trained on windows of at most 2 s" in (
+        printed
+    )

@@ -63,9 +63,11 @@ def test_quantizer_kwargs_from_the_vq_section():
     assert command.quantizer_kwargs(config) == {"beta": 0.0, "dead_code_threshold": None}
     config = RunConfig().with_overrides({"vq.dead_code_threshold": 0.5})
     assert command.quantizer_kwargs(config) == {"dead_code_threshold": 0.5}
-    for key in ("vq.beta", "vq.dead_code_threshold"):
-        with pytest.raises(ConfigError, match=f"{key} must be >= 0"):
-            RunConfig().with_overrides({key: -1.0})
+    with pytest.raises(ConfigError, match="vq.beta must be >= 0"):
+        RunConfig().with_overrides({"vq.beta": -1.0})
+    for bad in (-1.0, 1.5):  # above 1 a restarted code (count 1) is re-seeded every step
+        with pytest.raises(ConfigError, match=r"vq.dead_code_threshold must be in \[0, 1\]"):
+            RunConfig().with_overrides({"vq.dead_code_threshold": bad})
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +136,25 @@ def test_codebook_summary_counts_the_codes_the_data_gets_not_restarted_ema_count
     assert summary.startswith("codebook: 1 of 256 codes used by the patches of 5 training windows")
     assert "(perplexity 1.0; EMA perplexity 256.0)" in summary
     assert model.training  # left as it was
+
+
+def test_resume_without_model_continues_the_runs_tokenizer(prepared, tmp_path, capsys):
+    """``--resume auto`` without ``--model`` had built the default vqnsp_base for a vqnsp_tiny
+    run (and stopped on its checkpoint's shapes); it continues the run's own model, and another
+    model named explicitly is a one-line error that leaves the run as it was."""
+    out = tmp_path / "tok"
+    assert run_tokenizer(prepared, out) == 0
+    argv = ["tokenizer", "--data", str(prepared), "--out", str(out), "--resume", "auto"]
+    argv += ["--set", "train.max_steps=5", "--set", "train.batch_size=2", "--no-progress"]
+    capsys.readouterr()
+    assert cli(argv) == 0
+    assert "resumed from" in capsys.readouterr().out
+    meta = json.loads(sorted(out.glob("checkpoints/*/meta.json"))[-1].read_text())
+    assert meta["step"] == 5 and meta["arch"]["name"] == "vqnsp_tiny"
+    argv[argv.index("train.max_steps=5")] = "train.max_steps=7"
+    assert cli([*argv, "--model", "vqnsp_base"]) == 2
+    err = capsys.readouterr().err
+    assert "--model vqnsp_base: the run being resumed trains vqnsp_tiny" in err
+    assert len(err.strip().splitlines()) == 1
+    newest = json.loads(sorted(out.glob("checkpoints/*/meta.json"))[-1].read_text())
+    assert newest["step"] == 5

@@ -90,6 +90,29 @@ def resolve(args: argparse.Namespace, defaults: RunConfig, extra: dict[str, Any]
         raise CommandError(str(err)) from None
 
 
+def model_for_resume(
+    config: RunConfig, defaults: RunConfig, resumed: dict[str, Any], *, named: bool = False
+) -> RunConfig:
+    """``config`` with the model a resumed run trains (``defaults``: the command's;
+    ``resumed``: the checkpoint's meta, {} for a new run; ``named``: ``--model`` was given).
+
+    A resume that names no model (``model.name`` left at the command's default) continues the
+    run's model: the default would build another size, whose weights do not fit the
+    checkpoint. Another model named explicitly (``--model``, a config file or ``--set``) is
+    refused.
+    """
+    recorded = (resumed.get("arch") or {}).get("name")
+    if not recorded or recorded == config.model.name:
+        return config
+    if named or config.model.name != defaults.model.name:
+        raise CommandError(
+            f"--model {config.model.name}: the run being resumed trains {recorded}; resume "
+            "it without --model (or with that one), or start a new run (--overwrite or another "
+            "--out)"
+        )
+    return config.with_overrides({"model.name": recorded})
+
+
 @dataclass
 class Runtime:
     device: torch.device

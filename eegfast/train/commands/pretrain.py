@@ -30,6 +30,7 @@ from eegfast.train.commands.common import (
     Runtime,
     add_run_arguments,
     finished_message,
+    model_for_resume,
     resolve,
     run_command,
     run_folder,
@@ -201,6 +202,49 @@ def load_tokenizer(path: str, device: torch.device) -> torch.nn.Module:
     return tokenizer.to(device).eval()
 
 
+def tokenizer_meta(path: str) -> dict[str, Any]:
+    """meta.json of the tokenizer checkpoint ``path`` names ({} for a file without one, such
+    as the reference's vqnsp.pth)."""
+    weights = ckpt.resolve_weights_path(tokenizer_checkpoint(path)[0], prefer="latest")
+    return ckpt.checkpoint_meta(weights.parent)
+
+
+def beyond_tokenizer(tokenizer_meta: dict[str, Any], data: TrainData) -> list[str]:
+    """Warnings for data that go beyond what the tokenizer was trained on (its meta's
+    ``trained_on``, written by `eegfast tokenizer`; nothing to say without it): electrodes
+    and window lengths whose spatial or temporal embedding rows it never trained, so that
+    its codes for those patches, the pretraining targets, come from initial values."""
+    from eegfast.electrodes import LABRAM_CHANNEL_NAMES
+
+    seen = tokenizer_meta.get("trained_on")
+    if not seen:
+        return []
+    warnings = []
+    rows = {int(r) for item in data.items for r in item.electrodes if int(r) != 0}
+    unseen = sorted(rows - {int(r) for r in seen.get("electrode_rows") or ()})
+    if unseen:
+        names = [
+            LABRAM_CHANNEL_NAMES[r - 1] if 0 < r <= len(LABRAM_CHANNEL_NAMES) else f"row {r}"
+            for r in unseen
+        ]
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        warnings.append(
+            f"the data have {len(unseen)} electrode(s) the tokenizer was not trained on "
+            f"({shown}): its codes for their patches (the targets) come from spatial "
+            "embeddings still at their initial values; train the tokenizer on these "
+            "electrodes too"
+        )
+    longest = max(item.window_seconds for item in data.items)
+    trained = int(seen.get("window_seconds") or 0)
+    if trained and longest > trained:
+        warnings.append(
+            f"the data have {longest}-s windows and the tokenizer was trained on windows of "
+            f"at most {trained} s: its codes for patches after second {trained} (the targets) "
+            "come from temporal embeddings still at their initial values"
+        )
+    return warnings
+
+
 # Modules the reference layout keeps (so its checkpoints load strictly) but the masked
 # objective never uses: the wrapper's projection head and the student's own lm_head (the
 # wrapper predicts with its lm_head). Frozen, so that DDP needs no unused-parameter search.
@@ -308,6 +352,7 @@ def _main(args: argparse.Namespace) -> int:
     kind = "hybrid" if config.pretrain.objective == "hybrid" else "pretrain"
     with run_folder(args, expected={kind}) as resume:
         resumed = ckpt.resumed_meta(resume, args.out)
+        config = model_for_resume(config, DEFAULTS, resumed, named=args.model is not None)
         tokenizer_path, notes = tokenizer_for_run(config.model.tokenizer, resumed.get("tokenizer"))
         return _train(args, config, step, kind, resume, tokenizer_path, notes, resumed)
 
@@ -360,6 +405,8 @@ def _train(args, config, step, kind, resume, tokenizer_path, notes, resumed=None
         data = load_data(config.data.roots, config.data.tasks)
         split = hold_out(data, config.data.val_fraction, config.train.seed, resumed=resumed)
         tokenizer = load_tokenizer(tokenizer_path, runtime.device)
+        for warning in beyond_tokenizer(tokenizer_meta(tokenizer_path), data):
+            say(runtime, f"warning: {warning}")
         # The model config records what the run trains with (the step draws the masks at
         # pretrain.mask_ratio); model.drop_path is stochastic depth in the student's blocks.
         kwargs: dict[str, Any] = {

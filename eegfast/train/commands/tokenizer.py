@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from eegfast.train.commands.common import (
     Runtime,
     add_run_arguments,
     finished_message,
+    model_for_resume,
     resolve,
     run_command,
     run_folder,
@@ -74,7 +76,7 @@ COLLAPSED_PERPLEXITY = 2.0
 
 def quantizer_kwargs(config: RunConfig) -> dict[str, float | None]:
     """Model config overrides from the ``vq`` section (recorded in the checkpoint's arch; the
-    config's LIMITS keep both >= 0)."""
+    config's LIMITS keep beta >= 0 and the threshold in [0, 1])."""
     kwargs: dict[str, float | None] = {}
     if config.vq.beta is not None:
         kwargs["beta"] = config.vq.beta
@@ -202,7 +204,25 @@ def _main(args: argparse.Namespace) -> int:
     if not config.model.name.startswith("vqnsp_"):
         raise CommandError(f"--model {config.model.name} is not a tokenizer (vqnsp_*)")
     with run_folder(args, expected={"tokenizer"}) as resume:
-        return _train(args, config, resume)
+        resumed = ckpt.resumed_meta(resume, args.out)
+        config = model_for_resume(config, DEFAULTS, resumed, named=args.model is not None)
+        return _train(args, config, resume, resumed)
+
+
+def trained_on(data: TrainData, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the tokenizer's spatial and temporal embeddings were trained on: the embedding
+    rows of its electrodes (``input_chans`` entries, cls row 0 left out) and its longest
+    window in seconds (one patch per second), with those of ``earlier`` (a resumed run's
+    record). `eegfast pretrain` warns when its data go beyond them: the tokenizer's targets
+    for other electrodes or later patches come from rows still at their initial values."""
+    earlier = earlier or {}
+    rows = {int(r) for item in data.items for r in item.electrodes if int(r) != 0}
+    rows |= {int(r) for r in earlier.get("electrode_rows") or ()}
+    seconds = max([item.window_seconds for item in data.items] or [0])
+    return {
+        "electrode_rows": sorted(rows),
+        "window_seconds": max(seconds, int(earlier.get("window_seconds") or 0)),
+    }
 
 
 def _validator(
@@ -223,11 +243,12 @@ def _validator(
     )
 
 
-def _train(args: argparse.Namespace, config: RunConfig, resume: str | None) -> int:
+def _train(
+    args: argparse.Namespace, config: RunConfig, resume: str | None, resumed: dict[str, Any]
+) -> int:
     runtime = start(config)
     try:
         data = load_data(config.data.roots, config.data.tasks)
-        resumed = ckpt.resumed_meta(resume, args.out)
         split = hold_out(data, config.data.val_fraction, config.train.seed, resumed=resumed)
         arch = {"kind": "tokenizer", "name": config.model.name, "kwargs": quantizer_kwargs(config)}
         model = build_model(arch)
@@ -259,6 +280,7 @@ def _train(args: argparse.Namespace, config: RunConfig, resume: str | None) -> i
             meta={
                 "arch": arch,
                 "command": "tokenizer",
+                "trained_on": trained_on(train, resumed.get("trained_on")),
                 **({VALIDATION_META: split.record()} if split is not None else {}),
             },
             eval_fn=validator,
