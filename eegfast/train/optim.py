@@ -17,9 +17,10 @@ NO_DECAY_NAMES = re.compile(
     r"(^|\.)(cls_token|mask_token|pos_embed|time_embed|.*_token|.*embed|(.*_)?bias)$"
 )
 BLOCK_INDEX = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-EMBEDDING_PART = re.compile(
-    r"(?:^|\.)(?:patch_embed|cls_token|pos_embed|time_embed|mask_token)(?:\.|$)"
-)
+# Layer 0 under layer-wise lr decay, as the reference LaBraM recipe groups them (BEiT's rule:
+# the patch embedding, cls and mask tokens and pos_embed). Its time_embed is not among them:
+# it falls to the top group with the norms and heads (lr scale 1), and so it does here.
+EMBEDDING_PART = re.compile(r"(?:^|\.)(?:patch_embed|cls_token|pos_embed|mask_token)(?:\.|$)")
 
 
 def is_no_decay(name: str, param: torch.Tensor) -> bool:
@@ -29,7 +30,9 @@ def is_no_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def layer_id(name: str, num_layers: int) -> int:
-    """0 for embeddings/patch embedding, i + 1 for ``blocks.i``, num_layers + 1 for heads."""
+    """0 for the patch embedding, cls/mask tokens and pos_embed, i + 1 for ``blocks.i``,
+    num_layers + 1 for everything else (heads, final norms, time_embed: the reference's
+    grouping)."""
     match = BLOCK_INDEX.search(name)
     if match:
         return int(match.group(1)) + 1

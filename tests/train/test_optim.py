@@ -132,3 +132,22 @@ def test_layer_decay_counts_the_blocks_of_a_pretraining_wrapper():
     assert scale["student.blocks.1.mlp.0.weight"] == 0.5
     assert scale["student.blocks.0.mlp.0.weight"] == 0.25
     assert scale["student.patch_embed.weight"] == scale["mask_token"] == 0.125
+
+
+def test_layer_decay_groups_a_labram_model_as_the_reference_recipe():
+    """The reference's fine-tuning groups (BEiT's rule) put the patch embedding, cls_token and
+    pos_embed in layer 0 and everything that is neither a block nor one of those (time_embed,
+    fc_norm, head) in the top group at lr scale 1; time_embed had been in layer 0 (0.65^13 of
+    the lr for LaBraM-Base's 12 blocks, against 1 in the reference)."""
+    from eegfast.models import create_model
+
+    model = create_model("labram_tiny", n_outputs=2)
+    depth = len(model.blocks)
+    scale = {n: g["lr_scale"] for g in param_groups(model, 0.05, 0.65) for n in g["names"]}
+    bottom = 0.65 ** (depth + 1)
+    assert scale["time_embed"] == scale["fc_norm.weight"] == scale["head.weight"] == 1.0
+    assert scale["pos_embed"] == scale["cls_token"] == bottom
+    assert {v for n, v in scale.items() if n.startswith("patch_embed.")} == {bottom}
+    assert scale["blocks.0.attn.qkv.weight"] == pytest.approx(0.65**depth)
+    decay = {n: g["weight_decay"] for g in param_groups(model, 0.05, 0.65) for n in g["names"]}
+    assert decay["time_embed"] == decay["pos_embed"] == decay["cls_token"] == 0.0
