@@ -8,9 +8,10 @@
 2. annotations (``(onset_s, duration_s, description)``, e.g. eegmmidb's T0/T1/T2 with 4.1-4.2 s
    durations) -> windows are cut inside each event and get its label. ``event_map`` renames
    descriptions (``T1=left``) and, when given, keeps only the mapped ones; without it every
-   description with a positive duration counts except MNE's ``BAD``/``EDGE`` marks. An
-   annotation of zero duration (an onset marker, as event channels and BIDS events give them)
-   is skipped unless ``event_duration`` (seconds) says how long after its onset it labels;
+   description with a positive duration counts except MNE's ``BAD``/``EDGE`` marks and
+   EEGLAB's ``boundary``. An annotation of zero duration (an onset marker, as event channels
+   and BIDS events give them) is skipped unless ``event_duration`` (seconds) says how long
+   after its onset it labels;
 3. the first file-name rule ``(regex, label)`` whose regex is found in the file stem (e.g.
    ``('_1$', 'rest'), ('_2$', 'task')`` for eegmat) -> one label for the whole recording;
 4. otherwise unlabelled (label ``''``, stored as -1).
@@ -212,7 +213,10 @@ class LabelRules:
         desc = str(description).strip()
         if self.event_map is not None:
             return self.event_map.get(desc)
-        return None if desc.upper().startswith(("BAD", "EDGE")) else desc
+        # MNE's marks of artefacts and discontinuities, and EEGLAB's of a discontinuity
+        if desc.upper().startswith(("BAD", "EDGE")) or desc.lower() == "boundary":
+            return None
+        return desc
 
     def events_from(self, annotations) -> tuple[Event, ...]:
         """Events from ``(onset, duration, description)`` triples (e.g. ``raw.annotations``);

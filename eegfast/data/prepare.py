@@ -3,18 +3,21 @@
 Each recording is read with MNE, its channels are mapped to the LaBraM electrode table, it is
 band-passed, notch-filtered and resampled in one FFT per channel (``preprocess_signal``), cut into
 (C, A, 200) windows, and written as one shard (``shards/<key>.npy``) plus its record
-(``shards/<key>.json``) by a pool of worker processes. ``index.json`` and a report
-(``report.json``, ``report.md``) are written at the end.
+(``shards/<key>.json``) by a pool of worker processes. The continuous parts of a recording with
+gaps (EDF+D, MNE's ``EDGE`` and EEGLAB's ``boundary`` marks) are filtered and windowed on their
+own. The later parts of a split FIF file are read with its first part, not as recordings.
+``index.json`` and a report (``report.json``, ``report.md``) are written at the end.
 
 Resuming: a recording whose record exists, with the same file size, modification time and settings,
 is not processed again, so re-running the same command is cheap and a killed run loses only the
 recordings in flight; outputs made by an older eegfast whose processing has changed since are
 prepared again (``--force`` redoes everything). Bad recordings (truncated or corrupt files, no EEG,
-only unknown electrodes, flat or non-finite channels, too-low sample rate, too short) are listed
-with their reason and skipped. The exit status is 1 only when nothing usable was produced, or with
-``--strict`` when any recording was bad. A ``--labels`` table that does not fit the recordings
-(rows that match no recording, empty labels, recordings it does not name) gives warnings, on stderr
-and in the report; with ``--strict`` an error (exit 2) before anything is processed.
+only unknown electrodes, flat or non-finite channels, µV read as volts, too-low sample rate, too
+short) are listed with their reason and skipped. The exit status is 1 only when nothing usable was
+produced, or with ``--strict`` when any recording was bad. A ``--labels`` table that does not fit
+the recordings (rows that match no recording, empty labels, recordings it does not name) gives
+warnings, on stderr and in the report; with ``--strict`` an error (exit 2) before anything is
+processed. A mains frequency in the file (FIF, BIDS) other than ``--notch`` is warned about.
 
 SRC is a recording, a folder (searched recursively for files MNE reads; a BIDS folder is read
 through mne-bids), and may be written ``TASK=SRC`` to name the task of its recordings.
@@ -57,7 +60,7 @@ from eegfast.data.reading import (
     map_channels,
     read_recording,
 )
-from eegfast.electrodes import labram_input_chans
+from eegfast.electrodes import is_labram_channel, labram_input_chans, normalize_channel_name
 from eegfast.fileio import (
     remove_stale_temporaries,
     write_json_atomic,
@@ -72,6 +75,9 @@ DATA_JSON = {"indent": 1, "default": None}
 __all__ = ["Job", "Settings", "configure_parser", "discover", "main", "prepare", "process_file"]
 
 FLAT_PEAK_TO_PEAK_V = 1e-7  # 0.1 µV over the whole recording: a disconnected or flat channel
+# 1 V: past any EEG amplifier's range (DC-coupled ones such as BioSemi's span ±0.26 V). A median
+# channel beyond it is µV read as volts (an EDF unit MNE does not know, such as '' or 'uVolt').
+IMPLAUSIBLE_PEAK_TO_PEAK_V = 1.0
 
 
 @dataclass(frozen=True)
@@ -132,8 +138,27 @@ def _is_recording(path: Path) -> bool:
 
 
 def discover(sources: list[str], default_task: str | None = None) -> list[Job]:
-    """Jobs for SRC arguments (files, folders, BIDS folders, ``TASK=SRC``); sorted, unique."""
+    """Jobs for SRC arguments (files, folders, BIDS folders, ``TASK=SRC``); sorted, unique.
+
+    A recording reached under two tasks (``mi=a.edf arith=a.edf``, or a file and a folder
+    holding it) is a ValueError naming it: it has one record, and one of the tasks was dropped
+    without a word."""
     jobs: dict[str, Job] = {}
+    given_as: dict[str, str] = {}  # resolved path -> the SRC argument that first gave it
+
+    def add(path: Path, task: str, bids: str | None, source: str) -> None:
+        resolved = str(path.resolve())
+        earlier = jobs.get(resolved)
+        if earlier is not None and earlier.task != task:
+            raise ValueError(
+                f"SRC {source!r}: {path} is also under task {earlier.task!r} (from SRC "
+                f"{given_as[resolved]!r}); a recording has one task here: prepare it into "
+                "another --out for the other task"
+            )
+        if earlier is None:
+            jobs[resolved] = Job(str(path), task, bids, _key(path))
+            given_as[resolved] = source
+
     for source in sources:
         task, _, spec = source.rpartition("=") if "=" in source else ("", "", source)
         if task and Path(source).exists():  # a path that really contains '='
@@ -159,11 +184,49 @@ def discover(sources: list[str], default_task: str | None = None) -> list[Job]:
             if not files:
                 raise FileNotFoundError(f"SRC {source!r}: no recordings MNE can read in {path}")
             for p in files:
-                jobs.setdefault(str(p.resolve()), Job(str(p), folder_task, bids, _key(p)))
+                add(p, folder_task, bids, source)
         else:
-            file_task = task or default_task or path.resolve().parent.name
-            jobs.setdefault(str(path.resolve()), Job(str(path), file_task, None, _key(path)))
+            add(path, task or default_task or path.resolve().parent.name, None, source)
+    for continuation in _fif_continuations(list(jobs)):
+        del jobs[continuation]
     return sorted(jobs.values(), key=lambda j: j.path)
+
+
+# The parts of a FIF recording split at 2 GB (``raw.save(split_size=...)``): MNE names them
+# ``<name>-1.fif``, ``<name>-2.fif`` ... after ``<name>.fif``, or ``..._split-02_...`` after
+# ``..._split-01_...`` (BIDS), and reads them all when it opens the first part.
+_FIF_PART = re.compile(r"^(?P<stem>.+)-[1-9]\d*(?P<ext>\.fif(?:\.gz)?)$", re.IGNORECASE)
+_BIDS_PART = re.compile(r"_split-(?!0*1_)\d+_", re.IGNORECASE)
+
+
+def _fif_continuations(paths: list[str]) -> set[str]:
+    """The paths among ``paths`` (resolved) that MNE reads as later parts of another of them:
+    prepared on their own too, their samples would be in the folder twice."""
+    found: set[str] = set()
+    listed = set(paths)
+    first_parts: dict[str, set[str]] = {}
+    for path in paths:
+        p = Path(path)
+        part = _FIF_PART.match(p.name)
+        if part:
+            first = p.with_name(part["stem"] + part["ext"])
+        elif _BIDS_PART.search(p.name) and p.name.lower().endswith((".fif", ".fif.gz")):
+            first = p.with_name(_BIDS_PART.sub("_split-01_", p.name, count=1))
+        else:
+            continue
+        if str(first) not in listed:
+            continue
+        if str(first) not in first_parts:
+            import mne
+
+            try:  # the header only: the names of the parts MNE reads with the first one
+                raw = mne.io.read_raw_fif(first, preload=False, verbose="error")
+                first_parts[str(first)] = {str(Path(f).resolve()) for f in raw.filenames[1:]}
+            except Exception:  # unreadable: it is reported when processed; keep both
+                first_parts[str(first)] = set()
+        if path in first_parts[str(first)]:
+            found.add(path)
+    return found
 
 
 def _is_sidecar(path: Path) -> bool:
@@ -232,6 +295,9 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
         "excluded": chmap.excluded,
         "unknown": list(chmap.unknown),
     }
+    line_freq = raw.info.get("line_freq")  # FIF, BIDS PowerLineFrequency; EDF has none
+    if line_freq:
+        info["line_freq"] = float(line_freq)
     if not chmap.picks:
         if chmap.n_eeg == 0:
             raise BadRecording(f"no EEG channels (channels: {', '.join(raw.ch_names[:12])})")
@@ -283,7 +349,23 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
         keep = np.flatnonzero(~bad)
         data = data[keep]
         names = [names[i] for i in keep]
-    signal = preprocess_signal(data, sfreq, cfg, ch_names=names)
+        low, high = low[keep], high[keep]
+    typical = float(np.median(high - low))
+    if typical > IMPLAUSIBLE_PEAK_TO_PEAK_V:
+        raise BadRecording(
+            f"implausible amplitude: median channel peak-to-peak {typical:.3g} V (EEG is µV to "
+            "mV); the file's units are probably not what it says (MNE reads an EDF unit it does "
+            "not know as volts)"
+        )
+    cuts = _discontinuities(annotations, sfreq, data.shape[1])
+    if cuts:
+        info["discontinuities"] = len(cuts)
+    if cfg.reference not in (None, "average") and cfg.reference not in names:
+        raise BadRecording(
+            f"reference electrode {cfg.reference} is not among the kept electrodes "
+            f"({', '.join(names)})"
+        )
+    signal, segments = _preprocess_segments(data, sfreq, cfg, names, cuts)
     del data
     n_out = signal.shape[1]
     label_names: list[str] = []
@@ -293,7 +375,7 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
         for event in resolved.events:
             begin = int(round(event.onset * TARGET_SFREQ))
             end = int(round((event.onset + event.duration) * TARGET_SFREQ))
-            s = window_starts(n_out, cfg, begin=begin, end=end)
+            s = _segment_window_starts(n_out, cfg, segments, begin, end)
             short += len(s) == 0
             starts_list.append(s)
             label_names += [event.label] * len(s)
@@ -301,7 +383,7 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
         info["events"] = len(resolved.events)
         info["events_shorter_than_window"] = int(short)
     else:
-        starts = window_starts(n_out, cfg)
+        starts = _segment_window_starts(n_out, cfg, segments, 0, n_out)
         label_names = [resolved.label] * len(starts)
     starts, label_names, n_bad = _outside_bad_segments(starts, label_names, annotations, cfg)
     if n_bad:
@@ -336,6 +418,58 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
     return info
 
 
+def _discontinuities(annotations, sfreq: float, n_times: int) -> list[int]:
+    """Input samples (sorted, inside the recording) where the data jump: the first sample after
+    a gap. Marked by MNE's ``EDGE...`` annotations (``concatenate_raws``, the gaps of an EDF+D
+    file as ``read_recording`` marks them) and EEGLAB's ``boundary`` events."""
+    cuts = {
+        int(round(onset * sfreq))
+        for onset, _, description in annotations
+        if str(description).strip().upper().startswith("EDGE")
+        or str(description).strip().lower() == "boundary"
+    }
+    return sorted(c for c in cuts if 0 < c < n_times)
+
+
+def _preprocess_segments(
+    data: np.ndarray, sfreq: float, cfg: PreprocessConfig, names: list[str], cuts: list[int]
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """``preprocess_signal`` of each continuous part between ``cuts`` (input samples) on its
+    own, as MNE's ``raw.filter`` does at ``EDGE`` marks: filtering across a jump would smear it
+    over the filter's length (tens of seconds for the 0.1 Hz high-pass) on both sides.
+
+    data : (C, T) volts. Returns the (C, T') signal at 200 Hz and the parts' ``[begin, end)`` in
+    its samples (one part, the whole signal, without cuts).
+    """
+    if not cuts:
+        signal = preprocess_signal(data, sfreq, cfg, ch_names=names)
+        return signal, [(0, signal.shape[1])]
+    ratio = TARGET_SFREQ / sfreq
+    n_out = int(round(data.shape[1] * ratio))
+    signal = np.zeros((data.shape[0], n_out), np.float32)
+    segments = []
+    bounds = [0, *cuts, data.shape[1]]
+    for begin_in, end_in in zip(bounds[:-1], bounds[1:], strict=True):
+        begin, end = int(round(begin_in * ratio)), int(round(end_in * ratio))
+        part = preprocess_signal(data[:, begin_in:end_in], sfreq, cfg, ch_names=names)
+        n = min(part.shape[1], end - begin)
+        signal[:, begin : begin + n] = part[:, :n]
+        segments.append((begin, begin + n))
+    return signal, segments
+
+
+def _segment_window_starts(
+    n_out: int, cfg: PreprocessConfig, segments: list[tuple[int, int]], begin: int, end: int
+) -> np.ndarray:
+    """Starts of the complete windows inside ``[begin, end)`` that lie within one part."""
+    found = [
+        window_starts(n_out, cfg, begin=max(begin, b), end=min(end, e))
+        for b, e in segments
+        if min(end, e) > max(begin, b)
+    ]
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+
 def _outside_bad_segments(
     starts: np.ndarray, label_names: list[str], annotations, cfg: PreprocessConfig
 ) -> tuple[np.ndarray, list[str], int]:
@@ -362,7 +496,9 @@ def _outside_bad_segments(
 # the file (info["bads"]) left out, FIF event onsets relative to the first sample, resampling
 # without filters padded (no wrap-around of the recording's end onto its start). 3: BioSemi
 # letter-number cap positions (A1..H32) are no longer read as the 10-20 sites of those names.
-PROCESSING_REVISION = 3
+# 4: the gaps of EDF+D files and EDGE/boundary marks: annotations on the data's time axis, no
+# window across a gap, each continuous part filtered on its own; EDF units MNE misreads rescaled.
+PROCESSING_REVISION = 4
 
 
 def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bool]:
@@ -493,6 +629,7 @@ def prepare(
         warnings
         + _event_map_problems(ordered, settings.labels.event_map)
         + _onset_marker_problems(ordered)
+        + _mains_problems(ordered, settings.preprocess.notch_freq)
     )
     report["outdated"] = outdated  # redone: made by an older processing revision
     write_json_atomic(out / "report.json", report, **DATA_JSON)
@@ -533,6 +670,28 @@ def _event_map_problems(records: list[dict], event_map: dict[str, str] | None) -
         problems.append(
             f"{len(unmatched)} recording(s) have no annotation named in --event-map, so all "
             f"their windows are unlabelled: {shown}"
+        )
+    return problems
+
+
+def _mains_problems(records: list[dict], notch_freq: float | None) -> list[str]:
+    """A warning for recordings whose file gives a mains frequency (``line_freq``: FIF, BIDS)
+    other than the one ``--notch`` removed: their mains interference is inside the 75 Hz band
+    and stays in the windows."""
+    if notch_freq is None:  # no notch asked for
+        return []
+    hit: dict[float, list[str]] = {}
+    for r in records:
+        line = r.get("line_freq") if r["status"] == "ok" else None
+        if line and abs(line - notch_freq) > 1.0:
+            hit.setdefault(line, []).append(r["file"])
+    problems = []
+    for line, files in sorted(hit.items()):
+        shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
+        problems.append(
+            f"{len(files)} recording(s) were made at {line:g} Hz mains (line_freq in the file) "
+            f"but --notch removed {notch_freq:g} Hz; prepare them with --notch {line:g} "
+            f"({shown})"
         )
     return problems
 
@@ -805,6 +964,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true")
 
 
+def _reference(text: str | None, *, modern_names: bool) -> str | None:
+    """--reference: None, 'average', or an electrode in the spelling of the kept channels'
+    names (``Cz`` -> ``CZ``, ``T3`` -> ``T7``, as the recordings' ``EEG T3`` become)."""
+    if text is None or text.strip().lower() == "none":
+        return None
+    if text.strip().lower() == "average":
+        return "average"
+    name = normalize_channel_name(text, modern_names=modern_names)
+    if not is_labram_channel(name, allow_extended=True):
+        raise ValueError(
+            f"--reference: {text!r} is not an electrode of the LaBraM table, nor 'average'"
+        )
+    return name
+
+
 # PreprocessConfig's fields as the command's flags, for its errors
 _FLAG_OF_FIELD = {
     "window_seconds": "--window",
@@ -823,11 +997,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             l_freq=args.l_freq,
             h_freq=args.h_freq,
             notch_freq=args.notch,
-            reference=(
-                None
-                if args.reference in (None, "none")
-                else ("average" if args.reference == "average" else args.reference.upper())
-            ),
+            reference=_reference(args.reference, modern_names=not args.old_names),
             window_seconds=args.window,
             stride_seconds=args.stride,
             dtype=args.dtype,

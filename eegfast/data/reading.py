@@ -3,7 +3,9 @@
 * ``read_recording(path)``: any format ``mne.io.read_raw`` reads (EDF/EDF+/BDF, FIF, BrainVision,
   EEGLAB, GDF, CNT, ...); a file inside a BIDS dataset through ``mne_bids`` when it is installed.
   EDF/BDF headers are checked against the file size first, because MNE silently reads a
-  truncated EDF as a shorter recording.
+  truncated EDF as a shorter recording. MNE reads the records of a discontinuous EDF+D/BDF+D
+  file back to back; its annotations are moved onto that time axis here and each gap is marked
+  ``EDGE boundary`` (``prepare`` filters and windows the parts between such marks separately).
 * ``map_channels(names, types)``: which channels are EEG electrodes of the table. Non-EEG signals
   are recognised by name (``ECG``/``EKG``, ``EOG``, ``EMG``, respiration, triggers ...) as well
   as by the type MNE reports, because many EDF files type every signal as EEG (the eegmat
@@ -19,6 +21,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from eegfast.electrodes import (
     LABRAM_TABLE_ROWS,
     is_labram_channel,
@@ -30,7 +34,9 @@ __all__ = [
     "BadRecording",
     "ChannelMap",
     "MNE_EXTENSIONS",
+    "EDF_GAP_DESCRIPTION",
     "check_edf_size",
+    "edf_record_onsets",
     "guess_channel_type",
     "map_channels",
     "read_recording",
@@ -248,7 +254,154 @@ def read_recording(path: str | os.PathLike, *, bids_root: str | os.PathLike | No
         raise BadRecording(reason) from None
     if raw.n_times == 0:
         raise BadRecording("empty recording (no samples)")
+    if path.suffix.lower() in (".edf", ".bdf"):
+        _mark_edf_gaps(raw, path)
+        _fix_edf_units(raw, path)
     return raw
+
+
+# Physical dimensions (case-folded: 'µ', the micro sign, folds to 'μ') -> volts per unit.
+_EDF_UNITS = {"uv": 1e-6, "μv": 1e-6, "mv": 1e-3, "nv": 1e-9, "v": 1.0}
+
+
+def _mne_edf_unit(unit: str) -> float:
+    """The scale MNE gives a physical dimension (its exact spellings; volts otherwise)."""
+    if unit in ("\u03bcV", "\u00b5V", "\x83\xcaV", "uV"):
+        return 1e-6
+    return 1e-3 if unit == "mV" else 1.0
+
+
+def edf_unit_corrections(path: str | os.PathLike) -> dict[int, float]:
+    """{channel index (as MNE lists them): factor} for the signals of an EDF/BDF file whose
+    unit MNE misreads: it knows only ``uV``, ``µV`` and ``mV`` spelt exactly so, and reads any
+    other unit as volts, so ``uv``, ``UV``, a UTF-8 ``µV`` or ``nV`` came out 1e3 to 1e9 times
+    too large."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(256)
+        try:
+            ns = int(head[252:256].decode("ascii").strip())
+        except ValueError:
+            return {}
+        labels = [f.read(16) for _ in range(ns)]
+        f.seek(256 + 96 * ns)
+        units = [f.read(8).strip() for _ in range(ns)]
+    corrections = {}
+    index = 0
+    for label, raw_unit in zip(labels, units, strict=True):
+        if label.strip() in (b"EDF Annotations", b"BDF Annotations"):
+            continue  # not a channel of MNE's raw
+        try:
+            unit = raw_unit.decode("utf-8")
+        except UnicodeDecodeError:
+            unit = raw_unit.decode("latin-1")
+        meant = _EDF_UNITS.get(unit.casefold())
+        given = _mne_edf_unit(raw_unit.decode("latin-1"))
+        if meant is not None and meant != given:
+            corrections[index] = meant / given
+        index += 1
+    return corrections
+
+
+def _fix_edf_units(raw, path: Path) -> None:
+    """Rescale the channels whose unit MNE misreads (``edf_unit_corrections``)."""
+    corrections = edf_unit_corrections(path)
+    if not corrections:
+        return
+    raw.load_data(verbose="error")
+    for index, factor in corrections.items():
+        raw.apply_function(lambda x, f=factor: x * f, picks=[index], verbose="error")
+
+
+# The zero-duration annotation at the first sample after a gap of an EDF+D/BDF+D file: MNE's own
+# mark of a discontinuity (``concatenate_raws`` writes it; ``raw.filter`` filters the parts on
+# either side of it separately), which ``eegfast prepare`` also windows and filters around.
+EDF_GAP_DESCRIPTION = "EDGE boundary"
+
+_TAL = re.compile(rb"([+-]\d+(?:\.\d*)?)(?:\x15(\d+(?:\.\d*)?))?\x14")
+
+
+def edf_record_onsets(path: str | os.PathLike) -> tuple[float, np.ndarray] | None:
+    """(record duration in s, onset of every data record in s from the first one) of a
+    discontinuous EDF+D/BDF+D file; None for any other file (EDF, EDF+C, BDF+C).
+
+    The onsets are the time-keeping TALs (the first ``+onset\\x14\\x14`` of each record's
+    annotation signal). ``BadRecording`` when an EDF+D file has no annotation signal or a record
+    without its time stamp.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(256)
+        if not head[192:236].strip().upper().startswith((b"EDF+D", b"BDF+D")):
+            return None
+        try:
+            header_bytes = int(head[184:192].decode("ascii").strip())
+            n_records = int(head[236:244].decode("ascii").strip())
+            record_s = float(head[244:252].decode("ascii").strip())
+            ns = int(head[252:256].decode("ascii").strip())
+            labels = [f.read(16).decode("latin-1").strip() for _ in range(ns)]
+            f.seek(256 + 216 * ns)
+            samples = [int(f.read(8).decode("ascii").strip()) for _ in range(ns)]
+        except ValueError:
+            raise BadRecording("corrupt EDF+D header (non-numeric fields)") from None
+        width = 3 if path.suffix.lower() == ".bdf" else 2
+        tal = [i for i, name in enumerate(labels) if name in ("EDF Annotations", "BDF Annotations")]
+        if not tal:
+            raise BadRecording("EDF+D file without an annotation signal (no record time stamps)")
+        record_bytes = width * sum(samples)
+        offset, size = width * sum(samples[: tal[0]]), width * samples[tal[0]]
+        if n_records == -1:
+            n_records = (path.stat().st_size - header_bytes) // max(record_bytes, 1)
+        onsets = np.empty(n_records)
+        for r in range(n_records):
+            f.seek(header_bytes + r * record_bytes + offset)
+            match = _TAL.match(f.read(size))
+            if match is None:
+                raise BadRecording(f"EDF+D data record {r} has no time stamp")
+            onsets[r] = float(match.group(1))
+    return record_s, onsets - onsets[0]
+
+
+def _mark_edf_gaps(raw, path: Path) -> None:
+    """Put an EDF+D file's annotations on the time axis of its data, and mark its gaps.
+
+    MNE reads the data records of an EDF+D file back to back, as if there were no gaps between
+    them, but keeps its annotations at their times in the file: after a gap every event would
+    be that much too late (or dropped past the end), and windows would join data from both
+    sides of the gap. Here each annotation's onset and end are moved onto the data's time axis
+    (a time inside a gap goes to the first sample after it), and the first sample after each
+    gap gets an ``EDGE boundary`` mark.
+    """
+    import mne
+
+    found = edf_record_onsets(path)
+    if found is None:
+        return
+    record_s, onsets = found
+    data_onsets = np.arange(len(onsets)) * record_s
+    # a gap: the next record does not start where this one ends (half a sample's tolerance)
+    jumps = np.flatnonzero(np.abs(np.diff(onsets) - record_s) > 0.5 / raw.info["sfreq"]) + 1
+    if len(jumps) == 0:
+        return
+
+    def to_data_time(t: np.ndarray) -> np.ndarray:
+        r = np.clip(np.searchsorted(onsets, t, side="right") - 1, 0, None)
+        within = np.minimum(t - onsets[r], record_s)  # past its record's end: in the gap
+        return data_onsets[r] + np.where(t < onsets[0], t - onsets[0], within)
+
+    # from the file itself: raw.annotations has already lost those MNE put past the data's end
+    found_annotations = mne.read_annotations(path)
+    begin = np.asarray(found_annotations.onset, dtype=float)
+    end = begin + np.asarray(found_annotations.duration, dtype=float)
+    new_onset = to_data_time(begin)
+    gap_times = data_onsets[jumps]
+    annotations = mne.Annotations(
+        np.concatenate([new_onset, gap_times]) + raw.first_time,
+        np.concatenate([to_data_time(end) - new_onset, np.zeros(len(jumps))]),
+        list(found_annotations.description) + [EDF_GAP_DESCRIPTION] * len(jumps),
+        orig_time=raw.annotations.orig_time,
+    )
+    raw.set_annotations(annotations, emit_warning=False, verbose="error")
 
 
 def import_mne_bids():

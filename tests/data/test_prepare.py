@@ -339,8 +339,13 @@ def test_discover(tmp_path):
     (tmp_path / "a" / "notes.txt").write_text("")
     (tmp_path / "a" / "r.vhdr").write_text("")
     (tmp_path / "a" / "r.eeg").write_bytes(b"")
-    jobs = discover([str(tmp_path / "a"), f"t={tmp_path / 'a' / 'x.edf'}"])
+    jobs = discover([str(tmp_path / "a"), f"a={tmp_path / 'a' / 'x.edf'}", str(tmp_path / "a")])
     assert [(j.path.split("/")[-1], j.task) for j in jobs] == [("r.vhdr", "a"), ("x.edf", "a")]
+    # under two tasks: one record, and the second task had been dropped without a word
+    with pytest.raises(ValueError, match=r"x.edf is also under task 'a' \(from SRC"):
+        discover([str(tmp_path / "a"), f"t={tmp_path / 'a' / 'x.edf'}"])
+    with pytest.raises(ValueError, match=r"x.edf is also under task 'mi'"):
+        discover([f"mi={tmp_path / 'a' / 'x.edf'}", f"arith={tmp_path / 'a' / 'x.edf'}"])
     with pytest.raises(FileNotFoundError, match="no recordings MNE can read"):
         (tmp_path / "empty").mkdir()
         discover([str(tmp_path / "empty")])
