@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset, Subset
@@ -148,3 +149,20 @@ def collate_fn():
     from eegfast.data import collate_padded
 
     return collate_padded
+
+
+def trained_on(data: TrainData, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a model's spatial and temporal embeddings were trained on, for its checkpoint's
+    meta (``trained_on``): the embedding rows of the electrodes (``input_chans`` entries, cls
+    row 0 left out) and the longest window in seconds (one patch per second) of ``data``, with
+    those of ``earlier`` (a resumed run's record). Rows of other electrodes and time rows past
+    that window keep their initial values: `eegfast pretrain` warns for data beyond its
+    tokenizer's, and `eegfast generate` keeps its context within the hybrid model's."""
+    earlier = earlier or {}
+    rows = {int(r) for item in data.items for r in item.electrodes if int(r) != 0}
+    rows |= {int(r) for r in earlier.get("electrode_rows") or ()}
+    seconds = max([item.window_seconds for item in data.items] or [0])
+    return {
+        "electrode_rows": sorted(rows),
+        "window_seconds": max(seconds, int(earlier.get("window_seconds") or 0)),
+    }

@@ -222,7 +222,13 @@ def train_hybrid(x, chans, tokenizer, settings: ReportSettings, seed: int):
 
 
 def synthesize(model, x: torch.Tensor, chans: torch.Tensor, settings: ReportSettings, seed: int):
-    """One synthetic window per real window: the real window is the prompt."""
+    """One synthetic window per real window x (N, C, A, 200): the real window is the prompt,
+    and the model continues it by A patches -> (N, C, A, 200).
+
+    The model was trained on A-patch windows only: rows A and later of its time embedding never
+    had a gradient. The context therefore slides over the last A patches (each step re-encodes
+    them at time rows 0..A-1) instead of growing into those untrained rows.
+    """
     from eegfast.models.hybrid import generate
 
     g = torch.Generator(device=x.device).manual_seed(seed)
@@ -231,7 +237,7 @@ def synthesize(model, x: torch.Tensor, chans: torch.Tensor, settings: ReportSett
         out.append(
             generate(
                 model, chunk, chans, A, temperature=settings.temperature, top_k=settings.top_k,
-                generator=g,
+                generator=g, max_context=A, keep=A,
             )
         )  # fmt: skip
     return torch.cat(out)
@@ -556,8 +562,8 @@ def markdown(results: dict[str, Any]) -> str:
         "# Synthetic EEG from the hybrid model: quality and usefulness",
         "",
         f"Settings: {'quick (CPU smoke run)' if results['quick'] else 'full'}; "
-        + ", ".join(f"{k}={v}" for k, v in s.items() if k != "eegmmidb_channels"),
-        f"; device {results['device']}; total {results['seconds']:.0f} s.",
+        + ", ".join(f"{k}={v}" for k, v in s.items() if k != "eegmmidb_channels")
+        + f"; device {results['device']}; total {results['seconds']:.0f} s.",
         "",
         "Data: PhysioNet eegmat and eegmmidb (ODC-By 1.0; attribution in the data folder's "
         "README). Windows of "

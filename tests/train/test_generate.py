@@ -70,9 +70,10 @@ def test_edf_output_loads_with_mne(checkpoint, eegmat, tmp_path, capsys):
     assert raw.ch_names == EEGMAT_NAMES
     assert raw.info["sfreq"] == 200.0
     assert raw.get_data().shape == (19, (4 + 3) * 200)
+    # an onset marker (no duration: eegfast prepare reads it as no class) where the generated
+    # part starts
     assert [(a["onset"], a["duration"], a["description"]) for a in raw.annotations] == [
-        (0.0, 4.0, "prompt"),
-        (4.0, 3.0, "generated"),
+        (4.0, 0.0, "generated")
     ]
     data = raw.get_data()
     assert np.isfinite(data).all() and data[:, 800:].std() > 0
@@ -422,3 +423,32 @@ def test_synthetic_report_verdict_needs_sources_and_a_consistent_direction():
     correct["labram_real+synthetic"] = np.ones(len(y), dtype=bool)
     line = verdict("labram", eight)
     assert line.endswith("a significant gain.")
+
+
+def test_generation_stays_within_the_window_length_the_model_was_pretrained_on(tmp_path, capsys):
+    """A hybrid run records its windows' length (``trained_on``); time rows past it were never
+    trained. The prompt defaults to that length, a longer one is refused, and the context
+    slides within it: with rows 3 and up NaN, 6 s are generated from a 3-s-trained model
+    (the context had grown to 16 patches, through the untrained rows)."""
+    torch.manual_seed(0)
+    model = create_hybrid_model("labram_tiny_pretrain")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["student.time_embed"][:, 3:] = float("nan")
+    folder = tmp_path / "step-00000010"
+    folder.mkdir()
+    save_file(state, str(folder / "model.safetensors"))
+    meta = {"step": 10, "trained_on": {"electrode_rows": [1, 2], "window_seconds": 3}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "prompt.npy", rng.standard_normal((2, 2000)).astype(np.float32) * 20)
+    base = ["--model", folder, "--prompt", tmp_path / "prompt.npy", "--channels", "C3,C4"]
+    code, text = _run(capsys, *base, "--seconds", 6, "--out", tmp_path / "out.npy")
+    assert code == 0, text
+    out = np.load(tmp_path / "out.npy")
+    assert out.shape == (2, 1200) and np.isfinite(out).all()
+    assert json.loads((tmp_path / "out.json").read_text())["prompt_seconds"] == 3
+    code, text = _run(
+        capsys, *base, "--seconds", 1, "--prompt-seconds", 4, "--out", tmp_path / "long.npy"
+    )
+    assert code == 2
+    assert "--prompt-seconds 4 exceeds the model's context of 3 s (its 3-s pretraining" in text

@@ -226,6 +226,9 @@ def test_pretraining_warns_for_electrodes_and_windows_the_tokenizer_never_saw(
 
     assert cli(pretrain_argv(prepared, tokenizer_run, tmp_path / "fits")) == 0
     assert "warning: the data have" not in capsys.readouterr().out
+    # pretraining records the same for its own model (generate keeps within its window)
+    pretrained = ckpt.latest_checkpoint(tmp_path / "fits" / "checkpoints").meta["trained_on"]
+    assert pretrained == {"electrode_rows": rows, "window_seconds": 4}
 
     narrower = tmp_path / "tok"
     shutil.copytree(tokenizer_run, narrower)

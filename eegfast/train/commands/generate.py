@@ -14,15 +14,21 @@ The prompt is either
   or ``.npz`` with arrays ``x`` (C, T) in µV and ``channels``.
 
 The model continues it patch by patch (1 s = 200 samples per patch) with a key/value cache
-(``--no-cache`` re-encodes the context each step), drawing each patch's VQ-NSP codes with
-``--temperature`` / ``--top-k`` (``--mode tokens``) or using the regression head
-(``--mode regression``). Output, in the prompt's electrode set and order, at 200 Hz:
+(``--no-cache`` re-encodes the context each step) within the window length it was pretrained
+on (its checkpoint records it; later time-embedding rows were never trained: the prompt is at
+most that long, and the context slides one patch at a time once full), drawing each patch's
+VQ-NSP codes with ``--temperature`` / ``--top-k`` (``--mode tokens``) or using the regression
+head (``--mode regression``). Output, in the prompt's electrode set and order, at 200 Hz:
 
-* ``.edf``: written by MNE (``mne.export.export_raw``, edfio) with standard electrode names;
-  annotations mark the prompt (with ``--include-prompt``) and the generated part. EDF data
-  records are 1 s, so ``--seconds`` is rounded up to whole seconds (generated samples, not
-  padding);
-* ``.npy``: float32 (C, T) in µV, plus ``OUT.json`` with channel names, rate and settings.
+* ``.edf``: written by MNE (``mne.export.export_raw``, edfio) with standard electrode names.
+  With ``--label NAME`` an annotation NAME spans the generated part, so ``eegfast prepare``
+  labels its windows NAME (and cuts none from a prompt written before it); without it, an
+  onset marker ``generated`` (zero duration) says where the generated part starts, and labels
+  no window (``prepare`` then labels the file by its table or file-name rules, or not at all).
+  EDF data records are 1 s, so ``--seconds`` is rounded up to whole seconds (generated
+  samples, not padding);
+* ``.npy``: float32 (C, T) in µV, plus ``OUT.json`` with channel names, rate and settings
+  (and ``label``).
 
 Files are written atomically (temporary file, fsync, rename).
 """
@@ -33,6 +39,7 @@ import argparse
 import math
 import os
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,9 +125,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompt-seconds",
         type=int,
-        default=8,
-        help="length of the prompt window in whole seconds (default 8; at most the model's "
-        "context, 16 for LaBraM)",
+        default=None,
+        help="length of the prompt window in whole seconds (default 8, or the model's "
+        "pretraining window if shorter; at most that window, 16 s for LaBraM)",
     )
     parser.add_argument(
         "--notch",
@@ -144,6 +151,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--include-prompt", action="store_true", help="write the prompt before the generated part"
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
+    parser.add_argument(
+        "--label",
+        default=None,
+        help="class of the generated EEG: an EDF annotation over the generated part, which "
+        "eegfast prepare reads as the label of its windows (and 'label' in a .npy's sidecar)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -160,6 +173,22 @@ def _split_channels(text: str | None) -> list[str] | None:
     if not names:
         raise GenerateError("--channels: no electrode names given")
     return names
+
+
+def check_label(label: str | None) -> str | None:
+    """The ``--label`` stripped; GenerateError for one ``eegfast prepare`` would not read as
+    a class (empty, or MNE's ``BAD``/``EDGE`` marks and EEGLAB's ``boundary``, which it skips)."""
+    if label is None:
+        return None
+    text = label.strip()
+    if not text:
+        raise GenerateError("--label: empty")
+    if text.upper().startswith(("BAD", "EDGE")) or text.lower() == "boundary":
+        raise GenerateError(
+            f"--label {text!r}: annotations starting with BAD or EDGE (and 'boundary') mark "
+            "artefacts and discontinuities, not classes; choose another name"
+        )
+    return text
 
 
 def _check_electrodes(
@@ -264,23 +293,37 @@ def load_prompt(
     path = Path(path)
     if prompt_seconds < 1:
         raise GenerateError(f"--prompt-seconds must be >= 1, got {prompt_seconds}")
+    if notch is not None and notch != 0 and not (math.isfinite(notch) and notch > 0):
+        raise GenerateError(f"--notch must be a frequency > 0 Hz (or 0 for none), got {notch}")
     if not path.is_file():
         raise GenerateError(f"--prompt: file not found: {path}")
     suffix = path.suffix.lower()
     if suffix in (".npy", ".npz"):
-        if suffix == ".npy":
-            if channels is None:
-                channels = _sidecar_channels(path)
-            data = np.load(path, allow_pickle=False)
-            names = channels
-        else:
-            with np.load(path, allow_pickle=False) as archive:
-                if "x" not in archive or "channels" not in archive:
-                    raise GenerateError(
-                        f"--prompt {path.name}: a .npz prompt holds arrays 'x' and 'channels'"
-                    )
-                data, names = archive["x"], [str(n) for n in archive["channels"]]
+        if suffix == ".npy" and channels is None:
+            channels = _sidecar_channels(path)
+        try:
+            if suffix == ".npy":
+                data, names = np.load(path, allow_pickle=False), channels
+            else:
+                with np.load(path, allow_pickle=False) as archive:
+                    arrays = {k: archive[k] for k in ("x", "channels") if k in archive}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+            # a damaged file, another format under the suffix, or pickled objects (not loaded)
+            raise GenerateError(
+                f"--prompt {path.name}: not a readable {suffix} file ({err})"
+            ) from None
+        if suffix == ".npz":
+            if len(arrays) < 2:
+                raise GenerateError(
+                    f"--prompt {path.name}: a .npz prompt holds arrays 'x' and 'channels'"
+                )
+            data, names = arrays["x"], [str(n) for n in np.ravel(arrays["channels"])]
             if channels is not None:
+                if data.ndim != 2 or data.shape[0] != len(names):
+                    raise GenerateError(
+                        f"--prompt {path.name}: expected 'x' (C, T) with C = {len(names)} "
+                        f"electrodes, got shape {data.shape}"
+                    )
                 picked = _check_electrodes(channels, "--channels", **extended)
                 known = _check_electrodes(names, f"--prompt {path.name}", **extended)
                 missing = [c for c in picked if c not in known]
@@ -292,6 +335,11 @@ def load_prompt(
             raise GenerateError(
                 f"--prompt {path.name}: expected (C, T) with C = {len(names)} electrodes, got "
                 f"shape {data.shape}"
+            )
+        if data.dtype.kind not in "fiu":
+            # complex samples would lose their imaginary part; text or booleans are not EEG
+            raise GenerateError(
+                f"--prompt {path.name}: samples must be real numbers, got dtype {data.dtype}"
             )
         if not np.isfinite(data).all():
             raise GenerateError(f"--prompt {path.name}: holds NaN or infinite samples")
@@ -355,6 +403,39 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu"):
     return model.to(device).eval()
 
 
+def trained_window(path: str | Path) -> int | None:
+    """Seconds of the longest window the hybrid checkpoint ``path`` was pretrained on (its
+    meta's ``trained_on``), or None when it does not say (a file without an eegfast record, or
+    a run from before it was recorded)."""
+    from eegfast.train.checkpoint import checkpoint_meta, resolve_weights_path
+
+    try:
+        meta = checkpoint_meta(resolve_weights_path(path).parent)
+    except (FileNotFoundError, ValueError):
+        return None
+    seconds = (meta.get("trained_on") or {}).get("window_seconds")
+    return int(seconds) if seconds else None
+
+
+def check_mode(model, mode: str) -> None:
+    """GenerateError unless ``model``'s forecasting head can generate in ``mode``: every mode
+    needs its signal head, ``tokens`` also its code head (see
+    :func:`eegfast.models.hybrid.generate`)."""
+    if mode not in ("tokens", "regression"):
+        raise GenerateError(f"--mode must be 'tokens' or 'regression', got {mode!r}")
+    head = model.forecast_head
+    if head.signal is None:
+        raise GenerateError(
+            "--model: this hybrid checkpoint has no signal head (trained without "
+            "predict_signal), so it cannot generate EEG"
+        )
+    if mode == "tokens" and head.code_embed is None:
+        raise GenerateError(
+            "--mode tokens: this hybrid checkpoint has no code head (trained without "
+            "predict_tokens); use --mode regression"
+        )
+
+
 def generate_signal(
     model,
     prompt: Prompt,
@@ -366,8 +447,14 @@ def generate_signal(
     seed: int = 0,
     use_cache: bool = True,
     progress: bool = False,
+    context: int | None = None,
 ) -> np.ndarray:
-    """Generated continuation (C, round(seconds·200)) float32 in model units (100 µV)."""
+    """Generated continuation (C, round(seconds·200)) float32 in model units (100 µV).
+
+    ``context``: patches the model sees at a time (default: its time embedding's rows). A
+    model pretrained on shorter windows than its time embedding has rows it never trained:
+    with ``context`` at its training length the window slides one patch at a time within the
+    trained rows."""
     from tqdm import tqdm
 
     from eegfast.electrodes import labram_input_chans
@@ -379,6 +466,7 @@ def generate_signal(
         raise GenerateError(f"--temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise GenerateError(f"--top-k must be >= 1, got {top_k}")
+    check_mode(model, mode)
     samples = int(round(seconds * SFREQ))
     if samples < 1:
         raise GenerateError(f"--seconds {seconds} is less than one sample at 200 Hz")
@@ -393,7 +481,8 @@ def generate_signal(
             "pieces (--start and --include-prompt continue a recording)"
         )
     num_patches = math.ceil(samples / PATCH)
-    context = model.max_patches
+    limited = context is not None and context < model.max_patches
+    context = min(context, model.max_patches) if context is not None else model.max_patches
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     window = prompt.x[:, T - min(T // PATCH, context) * PATCH :]
@@ -416,6 +505,8 @@ def generate_signal(
             generator=generator,
             use_cache=use_cache,
             progress=bar.update,
+            max_context=context,
+            keep=context if limited else None,
         )
     return out[0].reshape(C, -1)[:, :samples].float().cpu().numpy()
 
@@ -461,12 +552,14 @@ def write_output(
     names: tuple[str, ...] | list[str],
     *,
     generated_from_s: float = 0.0,
+    label: str | None = None,
     metadata: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write signal (C, T) in model units (100 µV) at 200 Hz as ``.edf`` or ``.npy`` (+ .json).
 
     ``generated_from_s``: where the generated part starts (a prompt may come before it).
+    ``label``: the class of the generated part (see the module docstring), or None.
     """
     from eegfast.fileio import write_atomic, write_json_atomic
 
@@ -491,6 +584,7 @@ def write_output(
             "units": "uV",
             "shape": list(micro.shape),
             "generated_from_s": generated_from_s,
+            "label": label,
             **(metadata or {}),
         }
         write_json_atomic(path.with_suffix(".json"), sidecar)
@@ -501,13 +595,15 @@ def write_output(
 
     info = mne.create_info(labels, SFREQ, ch_types="eeg", verbose="error")
     raw = mne.io.RawArray(signal.astype(np.float64) / 1e4, info, verbose="error")  # -> volts
-    onsets, durations, texts = [], [], []
-    if generated_from_s > 0:
-        onsets.append(0.0), durations.append(generated_from_s), texts.append("prompt")
-    onsets.append(generated_from_s)
-    durations.append(duration - generated_from_s)
-    texts.append("generated")
-    raw.set_annotations(mne.Annotations(onsets, durations, texts))
+    # eegfast prepare reads every annotation with a duration as a class of the windows inside
+    # it: "prompt"/"generated" spans would make classes of those words. Only a --label spans
+    # the generated part; otherwise an onset marker (zero duration: labels nothing) says
+    # where it starts.
+    if label is None:
+        annotation = mne.Annotations([generated_from_s], [0.0], ["generated"])
+    else:
+        annotation = mne.Annotations([generated_from_s], [duration - generated_from_s], [label])
+    raw.set_annotations(annotation)
 
     def save_edf(tmp: Path) -> None:
         export_raw(tmp, raw, fmt="edf", overwrite=True, verbose="error")
@@ -545,18 +641,27 @@ def run(args: argparse.Namespace) -> Path:
         # exporter pad the last record with repeated samples (marked BAD_ACQ_SKIP).
         seconds = math.ceil(seconds)
         print(f"note: EDF holds whole seconds; generating {seconds} s", file=sys.stderr)
+    label = check_label(args.label)
     device = _device(args.device)
     model = load_model(args.model, device=device)
-    if args.prompt_seconds > model.max_patches:
+    check_mode(model, args.mode)  # before the prompt is read and preprocessed
+    # Time rows past the windows the model was pretrained on were never trained: the context
+    # (and the prompt) stay within them.
+    trained = trained_window(args.model)
+    context = model.max_patches if trained is None else min(trained, model.max_patches)
+    why = f"its {context}-s pretraining windows" if trained else "its time embedding"
+    prompt_seconds = args.prompt_seconds
+    if prompt_seconds is None:
+        prompt_seconds = min(8, context)
+    elif prompt_seconds > context:
         raise GenerateError(
-            f"--prompt-seconds {args.prompt_seconds} exceeds the model's context of "
-            f"{model.max_patches} s"
+            f"--prompt-seconds {prompt_seconds} exceeds the model's context of {context} s ({why})"
         )
     prompt = load_prompt(
         args.prompt,
         channels=_split_channels(args.channels),
         start=args.start,
-        prompt_seconds=args.prompt_seconds,
+        prompt_seconds=prompt_seconds,
         notch=args.notch,
         allow_extended=has_extended_table(model),
     )
@@ -570,6 +675,7 @@ def run(args: argparse.Namespace) -> Path:
         seed=args.seed,
         use_cache=not args.no_cache,
         progress=not args.no_progress,
+        context=context if trained else None,
     )
     start = 0.0
     if args.include_prompt:
@@ -587,7 +693,13 @@ def run(args: argparse.Namespace) -> Path:
         "seed": args.seed,
     }
     return write_output(
-        out, signal, prompt.names, generated_from_s=start, metadata=metadata, overwrite=True
+        out,
+        signal,
+        prompt.names,
+        generated_from_s=start,
+        label=label,
+        metadata=metadata,
+        overwrite=True,
     )
 
 

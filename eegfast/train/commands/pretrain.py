@@ -38,7 +38,7 @@ from eegfast.train.commands.common import (
     start,
 )
 from eegfast.train.config import RunConfig
-from eegfast.train.data import TrainData, collate_fn, load_data
+from eegfast.train.data import TrainData, collate_fn, load_data, trained_on
 from eegfast.train.distributed import shutdown
 from eegfast.train.engine import fit
 from eegfast.train.objectives import (
@@ -495,6 +495,9 @@ def _train(args, config, step, kind, resume, tokenizer_path, notes, resumed=None
                         {Path(item.recording).name for item in train.items} | seen["recordings"]
                     ),
                 },
+                # its electrode rows and window length: generate keeps its context within
+                # the trained time rows
+                "trained_on": trained_on(train, resumed.get("trained_on")),
                 **({VALIDATION_META: split.record()} if split is not None else {}),
                 **({"init": init or resumed["init"]} if init or "init" in resumed else {}),
             },

@@ -32,7 +32,7 @@ from eegfast.train.commands.common import (
     start,
 )
 from eegfast.train.config import RunConfig
-from eegfast.train.data import TrainData, collate_fn, load_data
+from eegfast.train.data import TrainData, collate_fn, load_data, trained_on
 from eegfast.train.distributed import shutdown
 from eegfast.train.engine import fit
 from eegfast.train.finetune import iterate_batches
@@ -207,22 +207,6 @@ def _main(args: argparse.Namespace) -> int:
         resumed = ckpt.resumed_meta(resume, args.out)
         config = model_for_resume(config, DEFAULTS, resumed, named=args.model is not None)
         return _train(args, config, resume, resumed)
-
-
-def trained_on(data: TrainData, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What the tokenizer's spatial and temporal embeddings were trained on: the embedding
-    rows of its electrodes (``input_chans`` entries, cls row 0 left out) and its longest
-    window in seconds (one patch per second), with those of ``earlier`` (a resumed run's
-    record). `eegfast pretrain` warns when its data go beyond them: the tokenizer's targets
-    for other electrodes or later patches come from rows still at their initial values."""
-    earlier = earlier or {}
-    rows = {int(r) for item in data.items for r in item.electrodes if int(r) != 0}
-    rows |= {int(r) for r in earlier.get("electrode_rows") or ()}
-    seconds = max([item.window_seconds for item in data.items] or [0])
-    return {
-        "electrode_rows": sorted(rows),
-        "window_seconds": max(seconds, int(earlier.get("window_seconds") or 0)),
-    }
 
 
 def _validator(
