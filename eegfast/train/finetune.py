@@ -29,6 +29,7 @@ from torch import nn
 from eegfast.fileio import write_atomic, write_json_atomic, write_text_atomic
 from eegfast.train.arch import build_model
 from eegfast.train.baseline import (
+    BANDS_HZ,
     band_power_features,
     fit_predict_band_power,
     fit_predict_logistic,
@@ -87,6 +88,15 @@ def plan_folds(
             data.items[i].subject if by == "subject" else data.items[i].recording for i in indices
         ]
         n_groups = len(set(groups))
+        if n_groups < 2:
+            # (group_folds' own error would name a group key and suggest group_by=recording,
+            # which is what this task already fell back to)
+            raise ValueError(
+                f"task {task!r}: its {len(indices)} labelled windows all come from one {by} "
+                f"({groups[0]}), so no fold could test a {by} it did not train on; "
+                "cross-validation needs at least 2: add recordings of the task, or leave it "
+                "out (--tasks / data.tasks)"
+            )
         note = f"by {by} ({n_groups} {by}s"
         if by != group_by:
             note += f"; only {len(set(subjects))} subject, so recordings are the unit"
@@ -569,6 +579,46 @@ def train_classifier(
     return model, ctx.task_ids if ctx.route_by_task else {}
 
 
+def band_power_table(
+    data: TrainData, tasks: Sequence[str], plans: Sequence[FoldPlan]
+) -> tuple[dict[int, np.ndarray], dict[str, str]]:
+    """The band-power baseline's features of every window of ``tasks`` in ``plans``: {window
+    index: (E * 5,) log band powers}, E the electrodes that every window of its task has, in
+    electrode-id order; and per task whose windows differ in their electrodes, a note.
+
+    A task's recordings may have other electrode sets, or the same electrodes in another
+    order (two folders, a recording without some channel): the logistic regression needs one
+    column per electrode and band in every row, so a column must not be Cz's band power in one
+    window and O1's in another (nor rows of other lengths). Where a task's windows share no
+    electrode it has no baseline (no entries) and the note says so."""
+    per_window = len(BANDS_HZ)
+    table: dict[int, np.ndarray] = {}
+    notes: dict[str, str] = {}
+    for task in tasks:
+        indices = sorted(
+            {int(i) for p in plans for part in (p.train, p.test) for i in part.get(task, [])}
+        )
+        # electrodes[0] is the cls row; x's channel c is electrodes[c + 1]
+        sets = {data.items[i].electrodes for i in indices}
+        common = sorted(set.intersection(*(set(e[1:]) for e in sets))) if sets else []
+        if len(sets) > 1:
+            largest = max(len(e) - 1 for e in sets)
+            notes[task] = (
+                f"its windows have {len(sets)} electrode sets (or orders): the band-power "
+                f"baseline uses the {len(common)} electrodes all of them have (of up to {largest})"
+                if common
+                else f"its windows have {len(sets)} electrode sets with no electrode in common: "
+                "no band-power baseline"
+            )
+        if not common:
+            continue
+        for i in indices:
+            rows = [data.items[i].electrodes[1:].index(e) for e in common]
+            powers = band_power_features(data.dataset[i]["x"].numpy()).reshape(-1, per_window)
+            table[i] = powers[rows].reshape(-1)
+    return table, notes
+
+
 def cross_validate(
     data: TrainData,
     config: RunConfig,
@@ -611,10 +661,10 @@ def cross_validate(
         raise ValueError(f"finetune.mode must be full or linear, got {ft.mode!r}")
     band_features: dict[int, np.ndarray] = {}
     if ft.band_power_baseline:
-        every = sorted(
-            {int(i) for p in plans for part in (p.train, p.test) for v in part.values() for i in v}
-        )
-        band_features = {i: band_power_features(data.dataset[i]["x"].numpy()) for i in every}
+        band_features, band_notes = band_power_table(data, tasks, plans)
+        for task, note in band_notes.items():
+            grouping[task] += f"; {note}"
+            log(f"note: task {task!r}: {note}")
     frozen: dict[str, np.ndarray] = {}
     if backbone is not None and ft.mode == "linear":
         model = build_model(backbone.arch)
@@ -677,7 +727,7 @@ def cross_validate(
                     seed=config.train.seed,
                 )
                 _record(result, plan.fold, "linear_probe", task, data, test, probs)
-            if band_features:
+            if int(train[0]) in band_features:  # (none for a task without common electrodes)
                 probs = fit_predict_band_power(
                     np.stack([band_features[int(i)] for i in train]),
                     y_train,
@@ -724,11 +774,15 @@ def _record(
 def summarise(
     rows: Sequence[dict[str, Any]],
 ) -> dict[tuple[str, str, str], tuple[float, float, int]]:
-    """(variant, task, metric) -> (mean, std, folds)."""
+    """(variant, task, metric) -> (mean, std, folds): the folds the mean is over, those where
+    the metric is defined (AUROC and AUC-PR are NaN in a fold that tests one class only)."""
     grouped: dict[tuple[str, str, str], list[float]] = {}
     for row in rows:
         grouped.setdefault((row["variant"], row["task"], row["metric"]), []).append(row["value"])
-    return {key: (*mean_std(values), len(values)) for key, values in grouped.items()}
+    return {
+        key: (*mean_std(values), sum(not math.isnan(v) for v in values))
+        for key, values in grouped.items()
+    }
 
 
 VARIANT_NAMES = {
@@ -741,6 +795,16 @@ VARIANT_NAMES = {
 
 def _fmt(mean: float, std: float) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+
+
+def _fmt_folds(mean: float, std: float, defined: int, folds: int) -> str:
+    """A metric's cell: mean ± std, and over how many of the ``folds`` where it is undefined
+    in some (a mean over 1 of 2 folds printed as "± 0.000" read as two folds agreeing)."""
+    if math.isnan(mean) or defined == folds:
+        return _fmt(mean, std)
+    if defined == 1:
+        return f"{mean:.3f} (1 of {folds} folds)"
+    return f"{_fmt(mean, std)} ({defined} of {folds} folds)"
 
 
 def paired_bacc_difference(
@@ -1068,6 +1132,7 @@ def write_outputs(
             if (variant, task, "balanced_accuracy") not in summary:
                 continue
             cells = []
+            n_folds = summary[(variant, task, "balanced_accuracy")][2]
             for m in metrics:
                 value = summary.get((variant, task, m))
                 if value is None:
@@ -1075,8 +1140,8 @@ def write_outputs(
                 elif fixed_model:
                     cells.append("n/a" if math.isnan(value[0]) else f"{value[0]:.3f}")
                 else:
-                    cells.append(_fmt(*value[:2]))
-            folds = "" if fixed_model else f" {summary[(variant, task, 'balanced_accuracy')][2]} |"
+                    cells.append(_fmt_folds(*value, n_folds))
+            folds = "" if fixed_model else f" {n_folds} |"
             md.append(f"| {task} | {VARIANT_NAMES[variant]} |{folds} " + " | ".join(cells) + " |")
     if any("baseline_verdict" in entry for entry in compared.values()):
         md += ["", "## Against the classic baseline (balanced accuracy)", ""]

@@ -189,3 +189,16 @@ def test_a_folder_without_labels_is_refused_pointing_to_predict(runs, tmp_path, 
     assert f"--data {unlabelled}: no labelled window of arith to score" in err
     assert "eegfast predict" in err and "all 0" not in err
     assert len(err.splitlines()) == 1
+
+
+def test_a_task_asked_for_that_the_model_has_no_head_for_is_refused(runs, tmp_path, capsys):
+    """``--tasks arith,other`` on a model with an ``arith`` head only: the report held arith's
+    scores alone and said nothing of ``other``."""
+    cut = sample_recording_cut("Subject00_1.edf", 8.0, tmp_path)
+    other = prepare_windows(tmp_path / "other", [f"other={cut}"], *RULES)
+    argv = ["evaluate", "--model", str(runs["model"]), "--data", str(runs["arith"]), str(other)]
+    argv += ["--tasks", "arith,other", "--out", str(tmp_path / "ev"), "--no-progress"]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--tasks other: --model {runs['model']} has no head for it (its heads: arith)" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "ev" / "report.md").exists()

@@ -137,3 +137,33 @@ def test_features_of_a_fine_tuned_model_are_its_backbones(prepared, tmp_path, ca
     run = _run_folder(tmp_path / "ft", state, meta)
     expected, data = _expected(model.backbone, prepared)
     _check(_export(run, prepared, tmp_path, capsys), expected, data)
+
+
+def test_features_of_an_upcycled_backbone_probed_without_task_routing(prepared, tmp_path, capsys):  # noqa: F811
+    """With ``upcycle.task_routing=false`` the linear probe takes the features without task
+    ids; the export routed them by task all the same, so the exported features were not the
+    ones the probe fits on."""
+    state = _random(create_model("labram_tiny_pretrain"), seed=12)
+    pre = _run_folder(tmp_path / "pre", state, {"arch": PRETRAIN, "command": "pretrain"})
+    moe = tmp_path / "moe"
+    argv = ["upcycle", "--model", str(pre), "--out", str(moe), "--experts", "2"]
+    assert cli([*argv, "--tasks", "other,arith"]) == 0, capsys.readouterr().err
+    weights_path = ckpt.resolve_weights_path(moe)
+    torch.manual_seed(14)
+    weights = {
+        k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in load_file(str(weights_path)).items()
+    }
+    save_file(weights, str(weights_path))
+    backbone = build_model(ckpt.read_meta(moe)["arch"])
+    backbone.load_state_dict(weights, strict=True)
+    expected, data = _expected(backbone, prepared)
+    routed, _ = _expected(backbone, prepared, task_id=1)
+    assert np.abs(routed - expected).max() > 1e-3  # the check below can tell the routes
+    path = tmp_path / "features.npz"
+    argv = ["evaluate", "--model", str(moe), "--data", str(prepared), "--out", str(tmp_path / "e")]
+    argv += ["--export-features", str(path), "--include-training-windows", "--no-progress"]
+    argv += ["--set", "finetune.band_power_baseline=false", "--set", "upcycle.task_routing=false"]
+    assert cli(argv) == 0, capsys.readouterr().err
+    with np.load(path) as archive:
+        _check(dict(archive), expected, data)

@@ -319,6 +319,10 @@ def _main(args: argparse.Namespace) -> int:
         else:  # a pretraining model has no pooled features: the probe's classifier backbone
             arch_b, weights, _ = backbone_from_checkpoint(args.model)
             model = None
+            # its features are exported as the probe takes them: routed by the same task ids,
+            # and only where upcycle.task_routing is on (Backbone.router_ids)
+            task_names = task_names or sorted(data.tasks)
+            routes = routes and config.upcycle.task_routing
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         if args.export_features:
@@ -333,6 +337,15 @@ def _main(args: argparse.Namespace) -> int:
             say(runtime, f"features: {path}")
         if arch.get("heads"):
             heads = arch["heads"]
+            # a task asked for by name and left out would leave its scores out silently
+            headless = [t for t in config.data.tasks if t not in heads]
+            if headless:
+                raise CommandError(
+                    f"--tasks {', '.join(headless)}: --model {args.model} has no head for "
+                    f"{'it' if len(headless) == 1 else 'them'} (its heads: "
+                    f"{', '.join(sorted(heads))}); leave {'it' if len(headless) == 1 else 'them'}"
+                    " out of --tasks (data.tasks)"
+                )
             tasks = [t for t in (config.data.tasks or data.tasks) if t in heads]
             if not tasks:
                 raise CommandError(
@@ -420,7 +433,7 @@ def _main(args: argparse.Namespace) -> int:
                 notes.append(f"**warning:** {note}" if included else note)
         else:
             scored = []
-            backbone = Backbone(arch_b, weights, task_names or sorted(data.tasks))
+            backbone = Backbone(arch_b, weights, task_names)
             result = cross_validate(
                 data, config, out, runtime, backbone, log=lambda text: say(runtime, text)
             )
