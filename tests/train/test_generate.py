@@ -452,3 +452,17 @@ def test_generation_stays_within_the_window_length_the_model_was_pretrained_on(t
     )
     assert code == 2
     assert "--prompt-seconds 4 exceeds the model's context of 3 s (its 3-s pretraining" in text
+
+
+def test_edf_keeps_a_quiet_channel_beside_a_loud_one(tmp_path):
+    """Each channel gets its own EDF physical range: with one shared range (MNE's default) a
+    1 mV channel set the 16-bit step of a 10 µV one, which read back ~0.05 µV off."""
+    from eegfast.train.commands.generate import write_output
+
+    rng = np.random.default_rng(0)
+    quiet, loud = rng.standard_normal(1000) * 10.0, rng.standard_normal(1000) * 1000.0  # µV
+    signal = np.stack([quiet, loud]).astype(np.float32) / 100.0  # model units (100 µV)
+    path = write_output(tmp_path / "two.edf", signal, ["C3", "C4"])
+    back = mne.io.read_raw_edf(path, preload=True, verbose="error").get_data() * 1e6  # µV
+    assert np.abs(back[0] - signal[0] * 100.0).max() < 0.01
+    assert np.abs(back[1] - signal[1] * 100.0).max() < 0.5

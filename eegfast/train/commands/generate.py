@@ -606,7 +606,17 @@ def write_output(
     raw.set_annotations(annotation)
 
     def save_edf(tmp: Path) -> None:
-        export_raw(tmp, raw, fmt="edf", overwrite=True, verbose="error")
+        # Each channel's own physical range: with one range for all EEG channels (MNE's
+        # default) a channel of 1 mV peaks set every channel's 16-bit step, and a 10 µV one
+        # read back 0.05 µV off. "channelwise" is MNE >= 1.7's; older ones refuse it.
+        try:
+            export_raw(
+                tmp, raw, fmt="edf", physical_range="channelwise", overwrite=True, verbose="error"
+            )
+        except ValueError as err:
+            if "channelwise" not in str(err):
+                raise
+            export_raw(tmp, raw, fmt="edf", overwrite=True, verbose="error")
 
     write_atomic(path, save_edf)
     return path
