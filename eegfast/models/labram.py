@@ -15,6 +15,7 @@ are set to 0 before the patch embedding, see :func:`zero_padded_electrodes`).
 from __future__ import annotations
 
 import numbers
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,22 @@ class LaBraMConfig:
 
     def __post_init__(self) -> None:
         check_class_count("num_classes", self.num_classes)
+        for name in (
+            "embed_dim",
+            "num_heads",
+            "patch_size",
+            "conv_channels",
+            "code_dim",
+            "max_patches",
+            "pos_rows",
+        ):
+            _check_size(name, getattr(self, name), low=1)
+        _check_size("depth", self.depth, low=0)
+        if self.input_chans is not None:
+            # a tuple of ints whatever sequence was given (a list, a tensor, a numpy array): a
+            # tensor failed the checks below with "Boolean value of Tensor ... is ambiguous",
+            # and a list made the frozen config unhashable
+            object.__setattr__(self, "input_chans", _as_rows(self.input_chans))
         if self.patch_embed not in ("temporal_conv", "code"):
             raise ValueError(
                 f"patch_embed must be 'temporal_conv' or 'code', got {self.patch_embed!r}"
@@ -87,6 +104,24 @@ class LaBraMConfig:
                 f"input_chans must start with 0 (cls) and index rows < pos_rows "
                 f"({self.pos_rows}), got {self.input_chans}"
             )
+
+
+def _check_size(name: str, value, low: int) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int >= ``low`` (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _as_rows(input_chans) -> tuple[int, ...]:
+    """``input_chans`` as a tuple of ints (ValueError for a string or non-integer entries)."""
+    try:
+        if isinstance(input_chans, str):
+            raise TypeError
+        return tuple(operator.index(i) for i in input_chans)
+    except TypeError:
+        raise ValueError(
+            f"input_chans must be a sequence of int rows of pos_embed, got {input_chans!r}"
+        ) from None
 
 
 def check_class_count(name: str, value) -> int:
@@ -192,7 +227,11 @@ class LaBraMTrunk(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, c.pos_rows, c.embed_dim, **factory))
         self.time_embed = nn.Parameter(torch.zeros(1, c.max_patches, c.embed_dim, **factory))
         self.pos_drop = nn.Dropout(c.drop_rate)
-        rates = torch.linspace(0, c.drop_path_rate, c.depth).tolist() if c.depth else []
+        # on the CPU whatever the default device: under `with torch.device("meta")` the rates
+        # (Python floats) could not be read back
+        rates = (
+            torch.linspace(0, c.drop_path_rate, c.depth, device="cpu").tolist() if c.depth else []
+        )
         self.blocks = nn.ModuleList(
             Block(
                 c.embed_dim,
@@ -213,6 +252,19 @@ class LaBraMTrunk(nn.Module):
         self.grad_checkpointing = c.grad_checkpointing
         chans = None if c.input_chans is None else torch.tensor(c.input_chans, device=device)
         self.register_buffer("default_input_chans", chans, persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        # ``default_input_chans`` is a non-persistent buffer: ``to_empty`` (the way out of the
+        # meta device) leaves it uninitialised and ``load_state_dict`` never restores it, which
+        # silently gave every electrode the same, arbitrary pos_embed row. Rewritten from the
+        # config on the buffer's new device after every move.
+        super()._apply(fn, recurse)
+        chans = self.default_input_chans
+        if chans is not None and chans.device.type != "meta":
+            self.default_input_chans = torch.tensor(
+                self.config.input_chans, dtype=chans.dtype, device=chans.device
+            )
+        return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
@@ -250,6 +302,16 @@ class LaBraMTrunk(nn.Module):
             return torch.arange(n_chans + 1, device=device)
         if not isinstance(input_chans, torch.Tensor):
             input_chans = torch.as_tensor(input_chans)
+        if (
+            input_chans.is_floating_point()
+            or input_chans.is_complex()
+            or input_chans.dtype == torch.bool
+        ):
+            # rows are integers: the cast to long below would truncate 1.7 to row 1 and read
+            # True/False as rows 1/0
+            raise ValueError(
+                f"input_chans must hold integer rows of pos_embed, got {input_chans.dtype}"
+            )
         if input_chans.dim() not in (1, 2) or input_chans.shape[-1] != n_chans + 1:
             raise ValueError(
                 f"input_chans must have shape (C + 1,) or (B, C + 1) with C + 1 = {n_chans + 1} "

@@ -9,7 +9,8 @@ arguments: ``n_outputs`` (classes), ``n_chans``, ``n_times``, ``sfreq``, ``ch_na
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import numbers
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -107,7 +108,7 @@ def get_config(name: str, **config: Any) -> LaBraMConfig | PretrainConfig | VQNS
         if signal.get("ch_names") is None and signal.get("chs_info") is None:
             raise ValueError("modern_names applies to ch_names / chs_info; neither is given")
         signal["modern_names"] = bool(modern_names)
-    signal_fields = _signal_fields(base, signal, pos_rows=config.get("pos_rows"))
+    signal_fields = _signal_fields(base, signal, config)
     _merge_signal_fields(signal_fields, signal, config)
     if isinstance(base, LaBraMConfig):
         return dataclasses.replace(base, **signal_fields, **config)
@@ -152,43 +153,57 @@ def create_model(name: str, *, device=None, dtype=None, **config: Any) -> nn.Mod
     return _BUILDERS[type(cfg)](cfg, device=device, dtype=dtype)
 
 
-def _signal_fields(base, signal: dict[str, Any], pos_rows: int | None = None) -> dict[str, Any]:
+def _signal_fields(
+    base, signal: dict[str, Any], config: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Config fields implied by braindecode-style signal arguments (validated).
 
-    Electrodes past the reference's 129-row table are accepted only for a model built with a
-    larger table (``pos_rows``, e.g. ``eegfast.electrodes.LABRAM_EXTENDED_TABLE_ROWS``).
+    ``config``: the config fields given with them; the signal is checked against the model
+    they build (its ``patch_size``, ``max_patches`` and ``pos_rows``, or those of a given
+    ``backbone`` / ``encoder``), not against ``base``'s. Electrodes past the reference's
+    129-row table are accepted only for a model built with a larger table (``pos_rows``, e.g.
+    ``eegfast.electrodes.LABRAM_EXTENDED_TABLE_ROWS``).
     """
-    backbone = (
-        base.backbone
-        if isinstance(base, PretrainConfig)
-        else (base.encoder if isinstance(base, VQNSPConfig) else base)
-    )
-    pos_rows = backbone.pos_rows if pos_rows is None else pos_rows
+    config = config or {}
+    if isinstance(base, PretrainConfig):
+        backbone = config.get("backbone", base.backbone)
+    elif isinstance(base, VQNSPConfig):
+        backbone = config.get("encoder", base.encoder)
+    else:
+        backbone = base
+
+    def built(name: str):  # a field as the built model will have it
+        return config.get(name, getattr(backbone, name))
+
+    pos_rows = built("pos_rows")
     fields: dict[str, Any] = {}
     if "n_outputs" in signal:
         fields["num_classes"] = check_class_count("n_outputs", signal["n_outputs"])
-    patch = backbone.patch_size
+    patch, max_patches = built("patch_size"), built("max_patches")
     sfreq = signal.get("sfreq")
+    if sfreq is not None and (isinstance(sfreq, bool) or not isinstance(sfreq, numbers.Real)):
+        raise ValueError(f"sfreq must be a number (Hz), got {sfreq!r}")
     if sfreq is not None and float(sfreq) != float(patch):
         raise ValueError(
             f"sfreq must be {patch} Hz (LaBraM patches are {patch} samples = 1 s), got {sfreq}; "
             "resample the recording first"
         )
     n_times = signal.get("n_times")
-    if n_times is not None and (
-        n_times % patch != 0 or not 0 < n_times // patch <= backbone.max_patches
-    ):
+    if n_times is not None:
+        n_times = _positive_count("n_times", n_times)
+    if n_times is not None and (n_times % patch != 0 or not 0 < n_times // patch <= max_patches):
         raise ValueError(
-            f"n_times must be a multiple of {patch} up to {patch * backbone.max_patches}, "
-            f"got {n_times}"
+            f"n_times must be a multiple of {patch} up to {patch * max_patches}, got {n_times}"
         )
     names = signal.get("ch_names")
     if signal.get("chs_info") is not None:
-        info_names = [ch["ch_name"] for ch in signal["chs_info"]]
+        info_names = _chs_info_names(signal["chs_info"])
         if names is not None and list(names) != info_names:
             raise ValueError("ch_names and chs_info name different electrodes")
         names = info_names
     n_chans = signal.get("n_chans")
+    if n_chans is not None:
+        n_chans = _positive_count("n_chans", n_chans)
     if names is not None:
         names = _as_names(names)
         if n_chans is not None and n_chans != len(names):
@@ -202,6 +217,34 @@ def _signal_fields(base, signal: dict[str, Any], pos_rows: int | None = None) ->
         )
         fields["input_chans"] = tuple(int(i) for i in rows)
     return fields
+
+
+def _positive_count(name: str, value: Any) -> int:
+    """``value`` as an int > 0 (an integral float such as 800.0 included), or ValueError naming
+    ``name``: a string, bool, fraction or non-positive count is a mistake, which ``%`` or a
+    comparison would otherwise report as an unrelated TypeError or let through."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not float(value).is_integer()
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _chs_info_names(chs_info: Any) -> list[str]:
+    """The ``ch_name`` of each MNE-style channel dict of ``chs_info`` (ValueError naming the
+    entry that has none)."""
+    names = []
+    for i, ch in enumerate(chs_info):
+        if not isinstance(ch, Mapping) or "ch_name" not in ch:
+            raise ValueError(
+                f"chs_info[{i}] must be a dict with a 'ch_name' key (as MNE's info['chs']), "
+                f"got {ch!r}"
+            )
+        names.append(ch["ch_name"])
+    return names
 
 
 def _merge_signal_fields(
