@@ -176,6 +176,9 @@ def resolve_backend(
     """
     name = requested or os.environ.get("EEGFAST_BACKEND") or "auto"
     source = "backend" if requested else "EEGFAST_BACKEND"
+    # the errors name what chose the backend: "backend='triton'" when only EEGFAST_BACKEND
+    # said so sent the user looking for an argument they never passed
+    choice = f"{source}={name!r}"
     if name not in (*BACKENDS, "auto"):
         raise ValueError(f"{source} must be one of {('auto', *BACKENDS)}, got {name!r}")
     if name == "auto":
@@ -196,13 +199,13 @@ def resolve_backend(
         if module is None:
             return "reference"
         if name == "cuda" and not module.build_info()["cuda"]:
-            raise RuntimeError("backend='cuda': eegfast._C was built without CUDA kernels")
+            raise RuntimeError(f"{choice}: eegfast._C was built without CUDA kernels")
     if name == "triton":
         status = _triton_status()
         if not status.available:
-            raise RuntimeError(f"backend='triton' is not available: {status.reason}")
+            raise RuntimeError(f"{choice} is not available: {status.reason}")
         if device.type == "cpu" and not triton_interpreting():
-            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
+            raise ValueError(f"{choice} on CPU tensors needs TRITON_INTERPRET=1")
     return name
 
 

@@ -244,6 +244,11 @@ def _check_ffn_inputs(x, sorted_slots, offsets, w1, b1, w2, b2, top_k) -> None:
             raise TypeError(f"x is {x.dtype} but {name} is {t.dtype}; pass all in one dtype")
         if t.device != x.device:
             raise ValueError(f"x is on {x.device} but {name} is on {t.device}")
+    # the kernels read the index tensors through raw pointers of x's device: from another
+    # device they read foreign memory (garbage rows, or a crash), unchecked by the C++ op
+    for name, t in (("sorted_slots", sorted_slots), ("offsets", offsets)):
+        if t.device != x.device:
+            raise ValueError(f"x is on {x.device} but {name} is on {t.device}")
 
 
 def _check_combine_inputs(y_sorted, gates, slot_pos) -> None:
@@ -258,6 +263,11 @@ def _check_combine_inputs(y_sorted, gates, slot_pos) -> None:
         raise ValueError(f"slot_pos must be int64 of shape ({gates.numel()},)")
     if not (y_sorted.is_floating_point() and gates.is_floating_point()):
         raise TypeError("y_sorted and gates must be floating point")
+    # as in _check_ffn_inputs: the C++ kernel read gates or slot_pos of another device as
+    # host memory and returned garbage
+    for name, t in (("gates", gates), ("slot_pos", slot_pos)):
+        if t.device != y_sorted.device:
+            raise ValueError(f"y_sorted is on {y_sorted.device} but {name} is on {t.device}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,6 +469,17 @@ def moe_expert_ffn(
     """
     _check_ffn_inputs(x, sorted_slots, offsets, w1, b1, w2, b2, top_k)
     chosen = _ffn_backend(backend, x, (x, w1, b1, w2, b2))
+    # the reference indexed x with a negative slot from the end (x[-1] for slot -1, silently),
+    # the C++ kernel failed with an IndexError naming no argument; CPU tensors only, as in
+    # moe_combine (elsewhere a host sync)
+    checked = chosen in ("cpu", "reference") and x.device.type == "cpu"
+    if checked and sorted_slots.numel() and not torch.compiler.is_compiling():
+        low, high = int(sorted_slots.min()), int(sorted_slots.max())
+        if low < 0 or high >= sorted_slots.shape[0]:
+            raise ValueError(
+                f"sorted_slots values must be in [0, {sorted_slots.shape[0]}) (token slots, "
+                f"T * top_k), got {low} .. {high}"
+            )
     if (
         chosen == "cpu"
         and not torch.compiler.is_compiling()
@@ -515,7 +536,9 @@ def moe_combine(
     """
     _check_combine_inputs(y_sorted, gates, slot_pos)
     chosen = _ffn_backend(backend, y_sorted, (y_sorted, gates))
-    if chosen == "cpu" and slot_pos.numel() and not torch.compiler.is_compiling():
+    # the reference's too: it took any negative position for -1 (the slot silently dropped)
+    checked = chosen in ("cpu", "reference") and y_sorted.device.type == "cpu"
+    if checked and slot_pos.numel() and not torch.compiler.is_compiling():
         low, high = int(slot_pos.min()), int(slot_pos.max())
         if low < -1 or high >= y_sorted.shape[0]:
             raise ValueError(
@@ -557,6 +580,9 @@ def moe_ffn(
             f"x (T={x.shape[0]}, D), expert_idx {tuple(expert_idx.shape)} and gates "
             f"{tuple(gates.shape)} must agree on (T, k)"
         )
+    for name, t in (("expert_idx", expert_idx), ("gates", gates)):
+        if t.device != x.device:
+            raise ValueError(f"x is on {x.device} but {name} is on {t.device}")
     plan = moe_dispatch(expert_idx, w1.shape[0], backend=backend)
     y_sorted = moe_expert_ffn(
         x, plan.sorted_slots, plan.offsets, w1, b1, w2, b2, expert_idx.shape[1], backend=backend

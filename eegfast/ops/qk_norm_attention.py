@@ -628,7 +628,8 @@ def _choose_backend(
     if chosen == "triton" and _triton_module()[0] is None:
         if requested is None and device.type == "cuda":
             return "reference"
-        raise RuntimeError(f"backend='triton' is not available: {_triton_module()[1]}")
+        choice = f"backend={requested!r}" if requested else "EEGFAST_BACKEND='triton'"
+        raise RuntimeError(f"{choice} is not available: {_triton_module()[1]}")
     return chosen
 
 

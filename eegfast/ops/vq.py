@@ -94,7 +94,8 @@ def vq_code_stats_reference(
     z: torch.Tensor, indices: torch.Tensor, num_codes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-code counts (K,) and sums (K, D) in float32 of the rows of ``z`` (N, D) assigned by
-    ``indices`` (N,) int64; index -1 (non-finite rows) is skipped."""
+    ``indices`` (N,) int64; index -1 (non-finite rows) is skipped (values unchecked:
+    :func:`vq_code_stats` checks them for this backend)."""
     _check_stats_inputs(z, indices, num_codes)
     keep = indices >= 0
     codes = indices.clamp_min(0)
@@ -333,6 +334,18 @@ def vq_code_stats(
     _check_stats_inputs(z, indices, num_codes)
     chosen = resolve_backend(backend, z.device, GPU_PREFERENCE)
     if chosen == "reference":
+        # the C++ kernel refuses indices outside [-1, K); the reference skipped every negative
+        # one (clamp and mask) and failed on K or more with an IndexError naming no argument.
+        # CPU tensors only, as moe_combine: elsewhere the check would cost a host sync (and
+        # cannot read meta tensors)
+        checked = z.device.type == "cpu" and indices.numel() > 0
+        if checked and not torch.compiler.is_compiling():
+            low, high = int(indices.min()), int(indices.max())
+            if low < -1 or high >= num_codes:
+                raise ValueError(
+                    f"indices must be in [-1, {num_codes}) (num_codes = {num_codes}), "
+                    f"got {low} .. {high}"
+                )
         return vq_code_stats_reference(z, indices, num_codes)
     if chosen == "triton":
         return _triton_ops().vq_code_stats_triton(z, indices, num_codes)
@@ -391,6 +404,10 @@ def vq_ema_update(
         raise ValueError(f"z must have shape (N, {D}), got {tuple(z.shape)}")
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay must be in [0, 1), got {decay}")
+    # a negative eps can make a smoothed count negative, and the code then points the
+    # opposite way after the division (silently, as normalisation keeps the sign)
+    if not 0.0 <= eps < float("inf"):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     counts, sums = vq_code_stats(z, indices, K, backend=backend)
     distributed = dist.is_available() and dist.is_initialized()
     if distributed:

@@ -69,3 +69,32 @@ def test_require_ext_is_checked_when_the_extension_loads_too(monkeypatch):
         monkeypatch.delenv("EEGFAST_REQUIRE_EXT")
         _backend._load_extension.cache_clear()
     assert _backend.extension() is not None
+
+
+def test_backend_errors_name_the_environment_variable_that_chose_it(monkeypatch):
+    """With EEGFAST_BACKEND choosing a backend that cannot run, the errors said
+    "backend='triton' is not available" (or "backend='cuda': ..."), naming an argument the
+    caller never passed; they name the variable, and the argument when it was passed."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from eegfast.ops import _backend
+
+    monkeypatch.setattr(_backend, "_triton_status", lambda: _backend.BackendStatus(False, "test"))
+    no_cuda_kernels = SimpleNamespace(build_info=lambda: {"cuda": False})
+    monkeypatch.setattr(_backend, "extension", lambda: no_cuda_kernels)
+    cases = [("triton", "cpu", " is not available: test"),
+             ("cuda", "cuda", ": eegfast._C was built without CUDA kernels")]  # fmt: skip
+    for name, device, reason in cases:
+        monkeypatch.setenv("EEGFAST_BACKEND", name)
+        with pytest.raises(RuntimeError, match=f"^EEGFAST_BACKEND='{name}'{reason}"):
+            _backend.resolve_backend(None, torch.device(device), ("triton",))
+        monkeypatch.delenv("EEGFAST_BACKEND")
+        with pytest.raises(RuntimeError, match=f"^backend='{name}'{reason}"):
+            _backend.resolve_backend(name, torch.device(device), ("triton",))
+    monkeypatch.setattr(_backend, "_triton_status", lambda: _backend.BackendStatus(True, "test"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("EEGFAST_BACKEND", "triton")
+    with pytest.raises(ValueError, match="^EEGFAST_BACKEND='triton' on CPU tensors needs"):
+        _backend.resolve_backend(None, torch.device("cpu"), ("triton",))

@@ -585,3 +585,60 @@ def test_cpu_kernels_check_slot_positions_on_direct_calls():
     torch.ops.eegfast.moe_expert_ffn_bwd(*args, good, w1, w2, a1, h, k)
     with pytest.raises(RuntimeError, match="slot_pos its inverse"):
         torch.ops.eegfast.moe_expert_ffn_bwd(*args, torch.tensor([0, 1, 2, 3]), w1, w2, a1, h, k)
+
+
+def test_index_and_gate_tensors_on_another_device_are_refused_by_name():
+    """The C++ kernels read sorted_slots, offsets, gates and slot_pos through pointers of the
+    main input's device without checking where they live: a tensor of another device (here
+    "meta", which has no storage; a CUDA tensor next to CPU ones alike) was read as host
+    memory and moe_combine / moe_expert_ffn returned garbage without an error."""
+    T, k, E, D, H = 3, 2, 2, 4, 5
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(T, D, generator=gen)
+    w1, b1 = torch.randn(E, H, D, generator=gen), torch.randn(E, H, generator=gen)
+    w2, b2 = torch.randn(E, D, H, generator=gen), torch.randn(E, D, generator=gen)
+    expert_idx = torch.tensor([[0, 1], [1, 0], [1, 1]])
+    gates = torch.rand(T, k, generator=gen)
+    plan = moe_dispatch(expert_idx, E)
+    y = torch.randn(T * k, D, generator=gen)
+    for backend in ("cpu", "reference"):
+        for name in ("sorted_slots", "offsets"):
+            args = {"sorted_slots": plan.sorted_slots, "offsets": plan.offsets}
+            args[name] = args[name].to("meta")
+            with pytest.raises(ValueError, match=f"x is on cpu but {name} is on meta"):
+                moe_expert_ffn(x, args["sorted_slots"], args["offsets"], w1, b1, w2, b2, k,
+                               backend=backend)  # fmt: skip
+        with pytest.raises(ValueError, match="y_sorted is on cpu but gates is on meta"):
+            moe_combine(y, gates.to("meta"), plan.slot_pos, backend=backend)
+        with pytest.raises(ValueError, match="y_sorted is on cpu but slot_pos is on meta"):
+            moe_combine(y, gates, plan.slot_pos.to("meta"), backend=backend)
+        for name in ("expert_idx", "gates"):
+            args = {"expert_idx": expert_idx, "gates": gates}
+            args[name] = args[name].to("meta")
+            with pytest.raises(ValueError, match=f"x is on cpu but {name} is on meta"):
+                moe_ffn(x, args["expert_idx"], args["gates"], w1, b1, w2, b2, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_expert_ffn_refuses_slot_ids_outside_the_slots_by_name(backend):
+    """sorted_slots holds token slots t * top_k + i in [0, T * top_k): the reference read a
+    negative one from the end (slot -1 computed the last token's row, silently), the C++
+    kernel raised an IndexError that named no argument."""
+    T, k, E, D, H = 3, 2, 2, 4, 5
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(T, D, generator=gen)
+    w1, b1 = torch.randn(E, H, D, generator=gen), torch.randn(E, H, generator=gen)
+    w2, b2 = torch.randn(E, D, H, generator=gen), torch.randn(E, D, generator=gen)
+    offsets = torch.tensor([0, 3, 6])
+    for bad, shown in (([0, 1, 2, 3, 4, -1], "-1 .. 4"), ([0, 1, 2, 3, 4, 6], "0 .. 6")):
+        with pytest.raises(ValueError, match=rf"sorted_slots values must be in \[0, 6\).*{shown}"):
+            moe_expert_ffn(x, torch.tensor(bad), offsets, w1, b1, w2, b2, k, backend=backend)
+
+
+def test_reference_combine_refuses_slot_positions_below_minus_one():
+    """Only -1 marks a slot without a row: the reference took -2 (any negative) for it and
+    dropped the slot silently, where the C++ kernel refuses it."""
+    y, gates = torch.randn(4, 3), torch.rand(2, 2)
+    for backend in ("reference", "cpu"):
+        with pytest.raises(ValueError, match=r"slot_pos values must be in \[-1, 4\).*-2 \.\. 3"):
+            moe_combine(y, gates, torch.tensor([0, -2, 3, 1]), backend=backend)

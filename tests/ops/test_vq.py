@@ -300,6 +300,21 @@ def test_code_stats_bad_input():
         vq_code_stats(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64), 0)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_code_stats_refuses_indices_outside_minus_one_to_k_on_every_backend(backend):
+    """-1 is the only index skipped: the C++ kernel refuses -2 or K, but the reference counted
+    nothing for every negative index (as if it were -1) and raised an IndexError naming no
+    argument for K or more."""
+    z = torch.randn(4, 3)
+    for bad, shown in (([0, -2, 1, 2], "-2 .. 2"), ([0, 3, 1, -1], "-1 .. 3")):
+        with pytest.raises((ValueError, RuntimeError), match=r"outside|\[-1, 3\)") as error:
+            vq_code_stats(z, torch.tensor(bad), 3, backend=backend)
+        if backend == "reference":
+            assert error.type is ValueError and f"got {shown}" in str(error.value)
+    counts, _ = vq_code_stats(z, torch.tensor([0, -1, 2, 2]), 3, backend=backend)
+    assert counts.tolist() == [1.0, 0.0, 2.0]
+
+
 # ---- custom-op machinery ----------------------------------------------------------------------
 
 

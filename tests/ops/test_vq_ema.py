@@ -95,6 +95,24 @@ def test_ema_update_bad_shapes():
         vq_ema_update(z, indices, codebook, cluster_size, embed_sum, decay=1.0)
 
 
+def test_ema_update_refuses_a_negative_eps_before_touching_the_state():
+    """eps < 0 was taken: a code whose EMA count is below -eps got a negative smoothed count,
+    and the division turned it to point the opposite way (normalisation keeps the sign)."""
+    gen = torch.Generator().manual_seed(0)
+    codebook = F.normalize(torch.randn(2, 4, generator=gen), dim=1)
+    cluster_size = torch.tensor([5.0, 0.5])
+    embed_sum = codebook * cluster_size[:, None]
+    z, indices = codebook[[1, 1, 1]].clone(), torch.tensor([1, 1, 1])
+    state = [t.clone() for t in (codebook, cluster_size, embed_sum)]
+    for eps in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"eps must be a finite number >= 0, got {eps}"):
+            vq_ema_update(z, indices, *state, eps=eps)
+        before = (codebook, cluster_size, embed_sum)
+        assert all(torch.equal(a, b) for a, b in zip(state, before, strict=True))
+    vq_ema_update(z, indices, *state, eps=0.0)  # rows on code 1 keep it where it was
+    torch.testing.assert_close(state[0][1], codebook[1])
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
