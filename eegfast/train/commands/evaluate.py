@@ -47,7 +47,13 @@ from eegfast.train.commands.common import (
     say,
     start,
 )
-from eegfast.train.commands.predict import check_data, class_names, trained_on, window_positions
+from eegfast.train.commands.predict import (
+    check_data,
+    class_names,
+    read_model_meta,
+    trained_on,
+    window_positions,
+)
 from eegfast.train.config import RunConfig
 from eegfast.train.data import TrainData, load_data
 from eegfast.train.distributed import shutdown
@@ -308,16 +314,30 @@ def _main(args: argparse.Namespace) -> int:
     runtime = start(config)
     try:
         data = load_data(config.data.roots, config.data.tasks)
-        model, meta = load_trained(args.model)
+        try:
+            model, meta = load_trained(args.model)
+        except FileNotFoundError:
+            read_model_meta(args.model)  # a fine-tuning's top folder: names its fold models
+            raise
         arch = meta["arch"]
         task_names = list(meta.get("task_names") or [])
         routes = routes_by_task(meta)
         # data a fine-tuned model cannot take is refused before anything is written
         data_warnings = check_data(model, trained_on(meta), data) if arch.get("heads") else []
         if arch.get("heads"):
+            # a task asked for by name and left out would leave its scores out silently
+            # (refused before anything is written, --export-features included)
+            headless = [t for t in config.data.tasks if t not in arch["heads"]]
+            if headless:
+                them = "it" if len(headless) == 1 else "them"
+                raise CommandError(
+                    f"--tasks {', '.join(headless)}: --model {args.model} has no head for "
+                    f"{them} (its heads: {', '.join(sorted(arch['heads']))}); leave {them} out "
+                    "of --tasks (data.tasks)"
+                )
             model.to(runtime.device)
         else:  # a pretraining model has no pooled features: the probe's classifier backbone
-            arch_b, weights, _ = backbone_from_checkpoint(args.model)
+            arch_b, weights, backbone_meta = backbone_from_checkpoint(args.model)
             model = None
             # its features are exported as the probe takes them: routed by the same task ids,
             # and only where upcycle.task_routing is on (Backbone.router_ids)
@@ -337,15 +357,6 @@ def _main(args: argparse.Namespace) -> int:
             say(runtime, f"features: {path}")
         if arch.get("heads"):
             heads = arch["heads"]
-            # a task asked for by name and left out would leave its scores out silently
-            headless = [t for t in config.data.tasks if t not in heads]
-            if headless:
-                raise CommandError(
-                    f"--tasks {', '.join(headless)}: --model {args.model} has no head for "
-                    f"{'it' if len(headless) == 1 else 'them'} (its heads: "
-                    f"{', '.join(sorted(heads))}); leave {'it' if len(headless) == 1 else 'them'}"
-                    " out of --tasks (data.tasks)"
-                )
             tasks = [t for t in (config.data.tasks or data.tasks) if t in heads]
             if not tasks:
                 raise CommandError(
@@ -433,7 +444,9 @@ def _main(args: argparse.Namespace) -> int:
                 notes.append(f"**warning:** {note}" if included else note)
         else:
             scored = []
-            backbone = Backbone(arch_b, weights, task_names)
+            # what its pretraining saw: the report notes the tested subjects or recordings it
+            # was pretrained on, as finetune's does (a probe of a transductive backbone)
+            backbone = Backbone(arch_b, weights, task_names, backbone_meta.get("pretrained_on"))
             result = cross_validate(
                 data, config, out, runtime, backbone, log=lambda text: say(runtime, text)
             )
@@ -449,6 +462,8 @@ def _main(args: argparse.Namespace) -> int:
             )
             if scored:
                 write_predictions(out / "predictions.csv", data, scored)
+            else:  # an earlier evaluation's (another model's) rows must not pass for the probe's
+                (out / "predictions.csv").unlink(missing_ok=True)
             say(runtime, (out / "report.md").read_text())
             say(runtime, f"report: {out / 'report.md'}")
         return 0

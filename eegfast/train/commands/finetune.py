@@ -144,6 +144,10 @@ def _train(args: argparse.Namespace, config: RunConfig, resume: str | None) -> i
     try:
         data = load_data(config.data.roots, config.data.tasks)
         backbone = backbone_for(config, named_model(args) if config.model.init else None)
+        if config.model.init and backbone.arch.get("name"):
+            # the model --init holds, not the from-scratch default (labram_base): config.yaml
+            # (here and in each fold's run) says which model was fine-tuned
+            config = config.with_overrides({"model.name": backbone.arch["name"]})
         out = Path(args.out)
         if runtime.dist.is_main:
             out.mkdir(parents=True, exist_ok=True)

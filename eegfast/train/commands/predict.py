@@ -387,7 +387,7 @@ def reference_class_names(model: str, task: str, n: int, data: TrainData) -> tup
     )
 
 
-def _read_model_meta(model: str) -> dict[str, Any]:
+def read_model_meta(model: str) -> dict[str, Any]:
     """``meta.json`` of ``--model``; for the top folder of a fine-tuning (no weights of its
     own) an error naming its fold models."""
     try:
@@ -415,7 +415,7 @@ def _main(args: argparse.Namespace) -> int:
             "choose another --out"
         )
     config = resolve(args, RunConfig())
-    meta = _read_model_meta(args.model)
+    meta = read_model_meta(args.model)
     model = None
     if meta.get("arch") is None and Path(args.model).is_file():
         # a file without an eegfast record: read by its tensor shapes (ValueError if unknown)

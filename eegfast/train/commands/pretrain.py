@@ -184,6 +184,22 @@ def tokenizer_for_run(given: str, recorded: dict[str, str] | None) -> tuple[str,
     )
 
 
+def recorded_tokenizer(resumed: dict[str, Any]) -> str:
+    """The tokenizer a resumed pretraining run (its checkpoint's meta, ``resumed``) started
+    with: as its config named it (a run folder) where that path is still there, else the
+    checkpoint it recorded (the weights file itself for a file such as ``vqnsp.pth``); "" for a
+    run without a record."""
+    record = resumed.get("tokenizer")
+    if not record:
+        return ""
+    named = ((resumed.get("config") or {}).get("model") or {}).get("tokenizer") or ""
+    if named and Path(named).exists():
+        return str(named)
+    checkpoint = Path(record["checkpoint"])
+    name = record.get("file", ckpt.WEIGHTS)
+    return str(checkpoint if name == ckpt.WEIGHTS else checkpoint / name)
+
+
 def load_tokenizer(path: str, device: torch.device) -> torch.nn.Module:
     """The frozen tokenizer of a ``eegfast tokenizer`` run (the checkpoint
     :func:`tokenizer_checkpoint` picks), or of a tokenizer checkpoint file without an eegfast
@@ -353,7 +369,15 @@ def _main(args: argparse.Namespace) -> int:
     with run_folder(args, expected={kind}) as resume:
         resumed = ckpt.resumed_meta(resume, args.out)
         config = model_for_resume(config, DEFAULTS, resumed, named=args.model is not None)
+        own = ""
+        if not config.model.tokenizer and resumed.get("tokenizer"):
+            # --resume auto without --tokenizer continues against the run's own tokenizer (as
+            # without --model, its own model); tokenizer_for_run checks its sha256
+            own = recorded_tokenizer(resumed)
+            config = config.with_overrides({"model.tokenizer": own})
         tokenizer_path, notes = tokenizer_for_run(config.model.tokenizer, resumed.get("tokenizer"))
+        if own:
+            notes.insert(0, f"note: no --tokenizer given: using {own}, this run's own tokenizer")
         return _train(args, config, step, kind, resume, tokenizer_path, notes, resumed)
 
 

@@ -20,12 +20,19 @@ from eegfast.fileio import write_text_atomic
 from eegfast.train import checkpoint as ckpt
 from eegfast.train.arch import backbone_from_checkpoint, build_model
 from eegfast.train.commands.common import CommandError, run_command, run_folder
-from eegfast.train.config import ModelConfig, RunConfig, config_to_dict, resolve_config
+from eegfast.train.config import ModelConfig, RunConfig, config_to_dict, resolve_config, valid_keys
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    # as the training commands' --help: the keys --config and --set take (upcycle reads the
+    # upcycle.* keys, train.seed and model.name)
+    parser.epilog = (
+        "Configuration: defaults, then --config FILE (.toml/.yaml), then --set key=value "
+        "(repeatable; later wins); upcycle reads upcycle.*, train.seed and model.name. "
+        "Valid keys: " + ", ".join(valid_keys())
+    )
     parser.add_argument(
         "--model",
         required=True,
