@@ -14,6 +14,7 @@ import difflib
 import tomllib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,6 @@ class ModelConfig:
     name: str = "labram_tiny"
     init: str = ""  # checkpoint (folder or .safetensors) to start from
     tokenizer: str = ""  # trained tokenizer checkpoint, for masked pretraining targets
-    tokenizer_name: str = "vqnsp_tiny"
     drop_path: float = 0.0
 
 
@@ -305,12 +305,24 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     )
 
 
+# Keys that are no longer settings, with why: still read (the config.yaml of older runs holds
+# them) but ignored, with a warning.
+RETIRED_KEYS = {
+    "model.tokenizer_name": "it was never read; model.tokenizer names the trained tokenizer",
+}
+
+
 def _apply(config: Any, flat: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(type(config))
     names = {f.name for f in fields(config)}
     changes: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
+        if prefix + key in RETIRED_KEYS:
+            warnings.warn(
+                f"config key {prefix + key} is ignored: {RETIRED_KEYS[prefix + key]}", stacklevel=2
+            )
+            continue
         head, _, rest = key.partition(".")
         if head not in names:
             raise ConfigError(_unknown(prefix + key))

@@ -822,7 +822,8 @@ _RESUME_NEUTRAL = {
 
 def config_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
     """``key: old -> new`` for each dotted setting that differs between a checkpoint's config
-    (``saved``, None for checkpoints without one) and ``now``, but for _RESUME_NEUTRAL ones."""
+    (``saved``, None for checkpoints without one) and ``now``, but for _RESUME_NEUTRAL ones and
+    keys only one of them has."""
 
     def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -836,10 +837,12 @@ def config_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[st
     if not saved:
         return []
     old, new = flat(saved), flat(now)
+    # keys on one side only are the schema's changes between versions (a key added since, one
+    # retired), not settings the user changed
     return [
-        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-        for key in sorted(old.keys() | new.keys())
-        if key not in _RESUME_NEUTRAL and old.get(key) != new.get(key)
+        f"{key}: {old[key]!r} -> {new[key]!r}"
+        for key in sorted(old.keys() & new.keys())
+        if key not in _RESUME_NEUTRAL and old[key] != new[key]
     ]
 
 

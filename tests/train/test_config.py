@@ -174,3 +174,24 @@ def test_tuple_keys_take_comma_lists_and_typos_get_a_suggestion():
         ConfigError, match=r"'train.max_stpes' \(did you mean 'train.max_steps'\?\)"
     ):
         resolve_config(RunConfig(), None, ["train.max_stpes=3"])
+
+
+def test_a_retired_key_is_ignored_with_a_warning_and_old_run_configs_still_load(tmp_path):
+    """model.tokenizer_name was accepted and written to every config.yaml but never read
+    (setting it did nothing): it is no longer a key; an older run's config.yaml holding it
+    still loads, with a warning, and a resume does not count it as a changed setting."""
+    from eegfast.train.engine import config_changes
+
+    assert "model.tokenizer_name" not in valid_keys()
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "model:\n  name: labram_tiny\n  tokenizer_name: vqnsp_base\noptim:\n  lr: 0.01\n"
+    )
+    with pytest.warns(UserWarning, match="model.tokenizer_name is ignored"):
+        config = resolve_config(RunConfig(), path)
+    assert config.optim.lr == 0.01
+    with pytest.warns(UserWarning, match="model.tokenizer_name is ignored"):
+        resolve_config(RunConfig(), None, ["model.tokenizer_name=vqnsp_base"])
+    saved = {"model": {"name": "labram_tiny", "tokenizer_name": "vqnsp_tiny"}, "optim": {"lr": 1}}
+    now = {"model": {"name": "labram_tiny"}, "optim": {"lr": 2}, "train": {"new_key": 3}}
+    assert config_changes(saved, now) == ["optim.lr: 1 -> 2"]
