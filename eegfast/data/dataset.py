@@ -499,10 +499,12 @@ def make_loader(
             sampler=sampler,
             seed=seed,
         )
+        # In-process batches are allocated pinned; worker batches go through shared memory
+        # and are pinned by the DataLoader's pin thread. Without CUDA there is no pinned
+        # memory: the DataLoader warns and ignores pin_memory, where allocating it here raised.
+        pin_here = pin_memory and num_workers == 0 and torch.cuda.is_available()
         return DataLoader(
-            # In-process batches are allocated pinned; worker batches go through shared memory
-            # and are pinned by the DataLoader's pin thread.
-            _Batches(base, index_map, pin_memory and num_workers == 0),
+            _Batches(base, index_map, pin_here),
             batch_size=None,
             sampler=batches,
             num_workers=num_workers,

@@ -298,12 +298,17 @@ def get_objective(name: str) -> StepFn:
     return _OBJECTIVES[name]
 
 
+# Batch entries the host reads (cache keys, mask seeds): they stay on the host.
+HOST_KEYS = ("index", "mask_key")
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The batch's tensors on ``device``, but for ``index``: the windows' dataset positions
-    stay on the host, which reads them (the target cache's keys, the masks' seeds); read back
-    from a GPU they would make the host wait for the device every step."""
+    """The batch's tensors on ``device``, but for ``index`` and ``mask_key``: the windows'
+    dataset positions (and mask seeds) stay on the host, which reads them (the target cache's
+    keys, the masks' seeds); read back from a GPU they would make the host wait for the device
+    every step."""
     return {
-        k: to_device_async(v, device) if isinstance(v, torch.Tensor) and k != "index" else v
+        k: to_device_async(v, device) if isinstance(v, torch.Tensor) and k not in HOST_KEYS else v
         for k, v in batch.items()
     }
 
@@ -352,10 +357,13 @@ def sample_masks(
 def step_masks(ctx: StepContext, batch: dict, token_padding: torch.Tensor | None) -> torch.Tensor:
     """The step's (B, C·A) pretraining masks (:func:`sample_masks` of the batch's windows at
     ``ctx``'s ratio, seed and epoch), on ``ctx.device``; ``batch`` on the device already,
-    ``token_padding`` from :func:`host_token_padding` of the host batch."""
+    ``token_padding`` from :func:`host_token_padding` of the host batch. The windows' masks are
+    seeded by ``batch["mask_key"]`` (B,) where the batch has it (the validation's: keys of the
+    windows' recordings, which do not move when data are added), else by their ``index``."""
     x = batch["x"]
+    keys = batch.get("mask_key")
     mask = sample_masks(
-        window_indices(batch),
+        window_indices(batch) if keys is None else keys,
         x.shape[1] * x.shape[2],
         ctx.mask_ratio,
         seed=ctx.seed,

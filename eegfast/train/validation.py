@@ -19,6 +19,7 @@ codebook takes no EMA update.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,8 +86,10 @@ def hold_out(
     """The run's split (None when ``fraction`` is 0 and nothing is held out).
 
     ``fraction`` of the recordings (rounded, at least one) is held out: as whole subjects,
-    taken in an order drawn from ``seed``, until that many recordings are out (never every
-    subject), when the data have several subjects; otherwise as recordings drawn from ``seed``.
+    taken in an order drawn from ``seed`` until that many recordings are out, passing over a
+    subject that would take the count further from it than leaving that subject out (and
+    never every subject), when the data have several subjects; otherwise as recordings drawn
+    from ``seed``.
     ``resumed``: the meta of the checkpoint a resumed run continues from; its recorded split is
     kept (whatever ``seed``), and so is the seed of its validation masks (:attr:`HoldOut.seed`),
     and a ``fraction`` other than the one it started with is refused, since its checkpoints'
@@ -114,10 +117,16 @@ def hold_out(
     total = len(recordings)
     wanted = max(1, round(fraction * total))
     if wanted >= total:
+        # with one recording every fraction > 0 holds it out: "lower it" would not help
+        advice = (
+            "set data.val_fraction=0 (a split needs two recordings)"
+            if total == 1
+            else "lower it (at least one recording must stay on each side)"
+        )
         raise ValidationSplitError(
             f"data.val_fraction={fraction} would hold out {wanted} of the data's {total} "
-            "recording(s), leaving none to train on; lower it (at least one recording must stay "
-            "on each side), or add recordings with more --data"
+            f"recording(s), leaving none to train on; {advice}, or add recordings with more "
+            "--data"
         )
     rng = np.random.default_rng(seed % 2**63)
     subjects = sorted({item.subject for item in data.items})
@@ -128,14 +137,30 @@ def hold_out(
         by_subject: dict[str, set[str]] = {}
         for item in data.items:
             by_subject.setdefault(item.subject, set()).add(item.recording)
-        for k in rng.permutation(len(subjects)):
+        order = [subjects[k] for k in rng.permutation(len(subjects))]
+        for subject in order:
             if len(held) >= wanted:
                 break
-            adding = by_subject[subjects[k]]
-            if len(held | adding) >= total:  # never every recording (the last subject)
+            grown = held | by_subject[subject]
+            if len(grown) >= total:  # never every recording (the last subject)
                 continue
-            held |= adding
-            held_subjects.append(subjects[k])
+            # A large subject drawn early held out most of the data whatever the fraction
+            # (6 of 7 recordings for 0.1 when one subject had 6): it is passed over when it
+            # overshoots the wanted count by more than leaving it out falls short.
+            if abs(len(grown) - wanted) > abs(len(held) - wanted):
+                continue
+            held = grown
+            held_subjects.append(subject)
+        if not held:  # every subject alone is over twice the wanted count: the smallest
+            fits = [s for s in order if len(by_subject[s]) < total]
+            if not fits:
+                raise ValidationSplitError(
+                    f"data.val_fraction={fraction}: every subject's recordings make up all of "
+                    "the data's (the same files under several subject names?), none would "
+                    "stay to train on; set data.val_fraction=0"
+                )
+            smallest = min(fits, key=lambda s: len(by_subject[s]))  # ties: the seed's order
+            held, held_subjects = set(by_subject[smallest]), [smallest]
         held_subjects.sort()
     else:
         unit = "recording"
@@ -175,6 +200,22 @@ def _split(
     return HoldOut(train, val, unit, recordings, subjects, fraction, seed)
 
 
+def window_keys(data: TrainData) -> list[int]:
+    """A key per window of ``data`` (< 2**63) from its recording, task and place in that
+    recording: the seed of its validation masks. Dataset positions moved when a resumed run's
+    data gained recordings or folders ahead of the held-out ones, and with them the masks, so
+    that the later checkpoints' val/loss no longer compared with the earlier ones'."""
+    keys: list[int] = []
+    previous, row = None, 0
+    for item in data.items:  # a recording's windows are consecutive, in their order
+        block = (item.root, item.task, item.recording)
+        row = row + 1 if block == previous else 0
+        previous = block
+        name = f"{item.recording}\n{item.task}\n{row}".encode()
+        keys.append(int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "big") >> 1)
+    return keys
+
+
 @dataclass
 class _Batch:
     positions: list[int]  # dataset positions of the windows
@@ -195,7 +236,8 @@ class Validator:
         data: the whole data (``positions`` index its dataset and items).
         positions: the held-out windows.
         evaluate: ``(model, batch) -> (loss, {name: scalar}, codes or None)`` for one batch on
-            the host (it moves it); ``codes`` (any shape, -1 = none) are the tokenizer's, for
+            the host (it moves it; ``index``: positions in ``data``, ``mask_key``: the windows'
+            :func:`window_keys`); ``codes`` (any shape, -1 = none) are the tokenizer's, for
             the codebook usage over all held-out patches.
         batch_size: windows per batch on each rank.
         precision: ``train.precision`` (the training autocast).
@@ -239,6 +281,7 @@ class Validator:
             _Batch(batches[b], 1.0) if b < len(batches) else _Batch(batches[0], 0.0)
             for b in (rank + r * world for r in range(rounds))
         ]
+        self.mask_keys = window_keys(data)
         self.last: dict[str, float] = {}
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
@@ -275,6 +318,9 @@ class Validator:
         for batch_info in self.batches:
             batch = self.collate([self.data.dataset[p] for p in batch_info.positions])
             batch["index"] = torch.tensor(batch_info.positions, dtype=torch.long)
+            batch["mask_key"] = torch.tensor(
+                [self.mask_keys[p] for p in batch_info.positions], dtype=torch.long
+            )
             with torch.autocast(
                 self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32
             ):
@@ -301,9 +347,10 @@ def objective_evaluator(
     step: StepFn, ctx: StepContext, *, cache: TargetCache | None = None
 ) -> Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor], None]]:
     """A pretraining objective's loss and metrics on a held-out batch: ``step`` with ``ctx``
-    fixed at epoch 0, so each window's masks depend on (seed, its dataset position) only and
-    are the same at every evaluation. ``cache``: the validation windows' own tokenizer codes
-    (never the training cache: its keys are positions in the training windows)."""
+    fixed at epoch 0, so each window's masks depend on (seed, its ``mask_key``: its recording
+    and place in it, see :func:`window_keys`) only and are the same at every evaluation.
+    ``cache``: the validation windows' own tokenizer codes (never the training cache: its keys
+    are positions in the training windows)."""
     fixed = dataclasses.replace(ctx, epoch=0, step=0, target_cache=cache)
 
     def evaluate(model: nn.Module, batch: dict[str, Any]):
