@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eegfast.nn.linear import fused_linear, scaled_residual
+from eegfast.nn.linear import fused_linear, linear_call_fusable, scaled_residual
 from eegfast.ops import qk_norm_attention_packed
 from eegfast.ops.qk_norm_attention import check_block_causal, check_key_padding_mask
 
@@ -202,6 +202,7 @@ class QKNormAttention(nn.Module):
             if visible is not None:  # rows that see no key: zeros, as the fused op
                 out = out.masked_fill(~visible.any(-1, keepdim=True), 0.0)
             out = out.transpose(1, 2).reshape(B, N, C)
-        if self.training and self.proj_drop.p > 0:
+        if (self.training and self.proj_drop.p > 0) or not linear_call_fusable(self.proj):
+            # a replaced or hooked proj (LoRA, a feature hook) is called, as the reference does
             return scaled_residual(self.proj_drop(self.proj(out)), scale, residual)
         return fused_linear(out, self.proj.weight, self.proj.bias, scale=scale, residual=residual)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eegfast.nn.attention import QKNormAttention
-from eegfast.nn.linear import fused_linear, scaled_residual
+from eegfast.nn.linear import fused_linear, has_call_hooks, linear_call_fusable, scaled_residual
 from eegfast.nn.moe import MoEFFN
 
 
@@ -69,11 +69,14 @@ class Mlp(nn.Module):
         """x: (..., dim) -> (..., out_dim); with ``residual`` (..., out_dim) and/or ``scale``
         (out_dim,): ``residual + scale ⊙ mlp(x)``, fused into fc2 where
         :func:`~eegfast.nn.linear.fused_linear` can."""
-        if type(self.act) is nn.GELU and self.act.approximate == "none":
+        # Through the weights only where that is what calling the modules does: a replaced or
+        # hooked fc1 / act / fc2 (a LoRA adapter, a quantized Linear, a feature hook) is called.
+        exact_gelu = type(self.act) is nn.GELU and self.act.approximate == "none"
+        if exact_gelu and linear_call_fusable(self.fc1) and not has_call_hooks(self.act):
             h = fused_linear(x, self.fc1.weight, self.fc1.bias, gelu=True)
         else:
             h = self.act(self.fc1(x))
-        if self.training and self.drop.p > 0:
+        if (self.training and self.drop.p > 0) or not linear_call_fusable(self.fc2):
             return scaled_residual(self.drop(self.fc2(self.drop(h))), scale, residual)
         return fused_linear(h, self.fc2.weight, self.fc2.bias, scale=scale, residual=residual)
 
@@ -173,14 +176,17 @@ class Block(nn.Module):
             m = self.mlp(self.norm2(x), **mlp_kwargs)
             return self._dropped_residual(x, m, self.gamma_2)
         # Residual and layer scale go into the output projections (one pass each, fused into
-        # the GEMM on CPU inference, see eegfast.nn.linear).
-        if type(self.attn).forward is QKNormAttention.forward:  # not a replaced module
-            x = self.attn(self.norm1(x), **masks, residual=x, scale=self.gamma_1)
-        else:
-            x = scaled_residual(self.attn(self.norm1(x), **masks), self.gamma_1, x)
-        if type(self.mlp).forward is Mlp.forward:  # not an MoE FFN or an override
-            return self.mlp(self.norm2(x), residual=x, scale=self.gamma_2)
-        return scaled_residual(self.mlp(self.norm2(x), **mlp_kwargs), self.gamma_2, x)
+        # the GEMM on CPU inference, see eegfast.nn.linear); not into a hooked module's output,
+        # which its hooks must see as the branch alone (an ablation hook returning zeros had
+        # zeroed the whole residual stream).
+        attn, mlp = self.attn, self.mlp
+        if type(attn).forward is QKNormAttention.forward and not has_call_hooks(attn):
+            x = attn(self.norm1(x), **masks, residual=x, scale=self.gamma_1)
+        else:  # a replaced or hooked attention
+            x = scaled_residual(attn(self.norm1(x), **masks), self.gamma_1, x)
+        if type(mlp).forward is Mlp.forward and not has_call_hooks(mlp):
+            return mlp(self.norm2(x), residual=x, scale=self.gamma_2)
+        return scaled_residual(mlp(self.norm2(x), **mlp_kwargs), self.gamma_2, x)
 
     def _dropped_residual(self, x: torch.Tensor, branch: torch.Tensor, gamma) -> torch.Tensor:
         """x + drop_path(γ·branch) (training with stochastic depth), as one pass over the

@@ -8,19 +8,28 @@ layout and applies bias, GELU or the residual add while the output tile is still
 Layer scale is folded into the packed weight: ``γ ⊙ (x Wᵀ + b) = x (γ ⊙ W)ᵀ + γ ⊙ b``.
 
 :func:`fused_linear` takes that path only where it cannot change what autograd or a compiler
-sees: CPU float32 tensors that need no gradient, outside ``torch.compile`` tracing and CPU
-autocast, with ``torch.backends.mkldnn`` available and enabled (``torch.backends.mkldnn.flags(
-enabled=False)`` turns it off). Everywhere else it is the eager composition, so results agree
-within fp32 rounding (GEMM summation order).
+sees: CPU float32 tensors that need no gradient, outside ``torch.compile`` and
+``torch.jit.trace`` tracing, dispatch modes (``FlopCounterMode``), ``torch.func`` transforms,
+forward-mode AD and CPU autocast, with ``torch.backends.mkldnn`` available and enabled
+(``torch.backends.mkldnn.flags(enabled=False)`` turns it off). Everywhere else it is the eager
+composition, so results agree within fp32 rounding (GEMM summation order).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["clear_packed_weights", "fused_linear", "onednn_status", "scaled_residual"]
+__all__ = [
+    "clear_packed_weights",
+    "fused_linear",
+    "has_call_hooks",
+    "linear_call_fusable",
+    "onednn_status",
+    "scaled_residual",
+]
 
 # weight Parameter -> (version key, packed weight scaled by the layer scale if any, probe,
 # fingerprint, copy of the scale). Keyed weakly on the tensor's identity, so a dropped model
@@ -64,7 +73,13 @@ def clear_packed_weights() -> int:
 
 
 def _version_key(*tensors: torch.Tensor | None) -> tuple:
-    return tuple(None if t is None else (id(t), t._version, t.data_ptr()) for t in tensors)
+    # An inference tensor (a model built or loaded under torch.inference_mode) has no version
+    # counter (reading it raises); its in-place updates are caught by the fingerprint instead,
+    # as those made through ``.data``.
+    return tuple(
+        None if t is None else (id(t), None if t.is_inference() else t._version, t.data_ptr())
+        for t in tensors
+    )
 
 
 def _weight_probe(weight: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
@@ -93,6 +108,14 @@ def _packed_weight(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Te
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
     if torch.compiler.is_compiling():  # the compiler does its own fusion; keep the graph whole
+        return False
+    # Whoever watches or transforms the ops sees the aten linear: torch.jit.trace (it cannot
+    # record the packed weight, and would freeze it), a dispatch mode (FlopCounterMode counted
+    # no FLOPs for the oneDNN op), a torch.func transform (vmap over weights failed, jvp lost
+    # the tangent) and forward-mode AD (the oneDNN op has no tangent formula: it came out None).
+    if torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0:
         return False
     tensors = (x, weight, *(t for t in others if t is not None))
     if not all(type(t) in _PLAIN for t in tensors):  # not subclasses such as fake tensors
@@ -161,3 +184,32 @@ def scaled_residual(
     if residual is None:
         return y if scale is None else y * scale
     return residual + y if scale is None else torch.addcmul(residual, scale, y)
+
+
+_CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def has_call_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its class's ``forward``: hooks of its own or
+    global ones (``torch.nn.modules.module.register_module_forward_hook`` and kin), or a
+    ``forward`` set on the instance (accelerate's wrappers). A caller that would fold the
+    module's work into another op (its weight into a fused GEMM, a residual into its output)
+    calls it plainly then, so that the hooks run and see what they would see in the reference.
+    """
+    if any(getattr(module, name) for name in _CALL_HOOKS) or "forward" in vars(module):
+        return True
+    hooks = torch.nn.modules.module
+    return bool(
+        hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or hooks._global_backward_pre_hooks
+    )
+
+
+def linear_call_fusable(module: torch.nn.Module) -> bool:
+    """Whether ``module(x)`` is ``F.linear(x, module.weight, module.bias)``, so that
+    :func:`fused_linear` may stand in for it: an ``nn.Linear`` (or a subclass keeping its
+    forward) without hooks. A module put in its place (a LoRA adapter exposing its base's
+    ``weight``, a dynamically quantized Linear) or a hooked one is called instead."""
+    return type(module).forward is torch.nn.Linear.forward and not has_call_hooks(module)

@@ -11,7 +11,7 @@ logits are at hand, so nothing the size of the logits outlives its chunk, and it
 fewer times than by autograd (the bias, the token weights and the bias gradient ride on the
 products); the backward only scales those gradients by the loss's incoming gradient. The
 products are the same three as autograd's (logits, grad·W, gradᵀ·h), in the same precision (the
-autocast dtype when autocast is on, fp32 softmax).
+autocast dtype when autocast is on, fp32 softmax; fp64 throughout for fp64 inputs).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ CHUNK_BYTES = 64 << 20
 
 class LinearCrossEntropy(NamedTuple):
     loss: torch.Tensor  # (): Σ_t token_weight[t] · CE[t], differentiable
-    per_token: torch.Tensor  # (T,) fp32 CE of every token, detached
+    per_token: torch.Tensor  # (T,) fp32 (fp64 for fp64 inputs) CE of every token, detached
     correct: torch.Tensor  # (T,) bool: the label is the argmax (the first of tied logits)
 
 
@@ -52,6 +52,9 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, token_weight, chunk_rows, grad_enabled):
         T, V = hidden.shape[0], weight.shape[0]
         dtype = _compute_dtype(hidden)
+        # softmax, CE and the accumulations in fp32, but never below the inputs' own precision:
+        # a float64 model's loss and gradients had been fp32 (off by ~1e-7, failing gradcheck)
+        acc = torch.promote_types(dtype, torch.float32)
         need_h, need_w, need_b = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         E = hidden.shape[1]
         with torch.autocast(hidden.device.type, enabled=False):
@@ -59,10 +62,10 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             # (zero-padded to 8 columns for aligned GEMM rows): the logits come from one plain
             # product, and the bias gradient from the weight gradient's product.
             w = weight.to(dtype) if bias is None else _with_column(weight.to(dtype), bias)
-            per_token = hidden.new_empty(T, dtype=torch.float32)
+            per_token = hidden.new_empty(T, dtype=acc)
             correct = torch.empty(T, dtype=torch.bool, device=hidden.device)
             grad_h = torch.empty_like(hidden) if need_h else None
-            grad_w = torch.zeros_like(w, dtype=torch.float32) if need_w or need_b else None
+            grad_w = torch.zeros_like(w, dtype=acc) if need_w or need_b else None
             # Chunk by index, the last slice clamped by the slicing itself: under torch.compile
             # a Python range over T (or min(.., T)) pins the graph to this T, so every other
             # token count (electrode set, window length) compiled a graph of its own; this way
@@ -72,7 +75,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                 h = hidden[rows].to(dtype)
                 if bias is not None:
                     h = _with_column(h, torch.ones_like(h[:, 0]))
-                logits = (h @ w.t()).float()  # (rows, V)
+                logits = (h @ w.t()).to(acc)  # (rows, V)
                 label = labels[rows]
                 # argmax as the reference's accuracy (the first of tied logits): counting ties
                 # as correct would call constant logits right for every label
@@ -96,17 +99,17 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                 grad = log_p.exp_()
                 grad.scatter_add_(1, label[:, None], torch.full_like(grad[:, :1], -1.0))
                 grad = grad.to(dtype)
-                weights = token_weight[rows, None].float()
+                weights = token_weight[rows, None].to(acc)
                 if need_h:
-                    grad_h[rows] = ((grad @ w)[:, :E].float() * weights).to(hidden.dtype)
+                    grad_h[rows] = ((grad @ w)[:, :E].to(acc) * weights).to(hidden.dtype)
                 if grad_w is not None:
-                    peak = weights.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
-                    grad_w += (grad.t() @ (h * (weights / peak).to(dtype))).float() * peak
+                    peak = weights.abs().amax().clamp_min(torch.finfo(acc).tiny)
+                    grad_w += (grad.t() @ (h * (weights / peak).to(dtype))).to(acc) * peak
             grad_b = None
             if grad_w is not None and bias is not None:
                 grad_b = grad_w[:, E].clone() if need_b else None
                 grad_w = grad_w[:, :E].contiguous() if need_w else None
-            loss = (per_token * token_weight.float()).sum()
+            loss = (per_token * token_weight.to(acc)).sum()
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.mark_non_differentiable(per_token, correct)
         return loss, per_token, correct
@@ -119,7 +122,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                 "create_graph=True); use F.cross_entropy(F.linear(...)) for that"
             )
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        scale = grad_loss.float()
+        scale = grad_loss.to(torch.promote_types(grad_loss.dtype, torch.float32))
         out_h = None if grad_h is None else grad_h * scale.to(grad_h.dtype)
         out_w = None if grad_w is None else grad_w * scale
         out_b = None if grad_b is None else grad_b * scale
@@ -147,7 +150,8 @@ def linear_cross_entropy(
 
     Returns:
         ``loss`` (): Σ token_weight · CE, with gradients for ``hidden``, ``weight`` and
-        ``bias``; ``per_token`` (T,) fp32 CE and ``correct`` (T,) bool, detached.
+        ``bias``; ``per_token`` (T,) fp32 CE (fp64 for fp64 inputs) and ``correct`` (T,)
+        bool, detached.
     """
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be (T, E), got shape {tuple(hidden.shape)}")

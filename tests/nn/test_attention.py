@@ -334,3 +334,79 @@ def test_block_inference_follows_weight_updates_made_through_data():
         got = block(x)
         expected = copy.deepcopy(block)(x)  # new weight tensors: packed afresh
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_hooks_on_a_blocks_attention_and_mlp_see_the_branch_alone(training):
+    # The block fuses its residual and layer scale into attn / mlp's output projection: a
+    # forward hook on block.attn had seen x + γ·attn(x), and an ablation hook returning zeros
+    # had zeroed the whole residual stream instead of the attention branch.
+    block = randomise(Block(40, 2, qkv_bias=True)).train(training)
+    x = torch.randn(2, 9, 40, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        attn_out = block.attn(block.norm1(x))
+        mid = x + block.gamma_1 * attn_out
+        mlp_out = block.mlp(block.norm2(mid))
+    seen = {}
+    block.attn.register_forward_hook(lambda m, i, o: seen.__setitem__("attn", o.detach()))
+    block.mlp.register_forward_hook(lambda m, i, o: seen.__setitem__("mlp", o.detach()))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), mid + block.gamma_2 * mlp_out)
+    torch.testing.assert_close(seen["attn"], attn_out)
+    torch.testing.assert_close(seen["mlp"], mlp_out)
+
+    block.attn.register_forward_hook(lambda m, i, o: torch.zeros_like(o))  # ablate attention
+    with torch.no_grad():
+        expected = x + block.gamma_2 * block.mlp(block.norm2(x))
+        torch.testing.assert_close(block(x), expected)
+
+
+class LowRankAdapter(nn.Module):
+    """A LoRA-style wrapper put in place of a Linear: exposes its base's weight and bias (as
+    peft's adapters do) but adds a low-rank term in forward."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+        self.down = nn.Parameter(torch.randn(2, base.in_features) * 0.3)
+        self.up = nn.Parameter(torch.randn(base.out_features, 2) * 0.3)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + x @ self.down.t() @ self.up.t()
+
+
+@pytest.mark.parametrize("name", ["mlp.fc1", "mlp.fc2", "attn.proj"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_replaced_or_hooked_linears_of_a_block_are_called(name, grad):
+    # Mlp and QKNormAttention applied fc1 / fc2 / proj through their ``weight``: an adapter
+    # put in their place was silently skipped and their forward hooks never ran.
+    torch.manual_seed(0)
+    block = randomise(Block(40, 2, qkv_bias=True)).eval()
+    x = torch.randn(2, 9, 40, generator=torch.Generator().manual_seed(3))
+    parent_name, child = name.split(".")
+    parent = block.get_submodule(parent_name)
+    setattr(parent, child, LowRankAdapter(getattr(parent, child)))
+    calls = []
+    getattr(parent, child).register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    with torch.set_grad_enabled(grad):
+        got = block(x)
+    # the composition spelled out, every submodule called
+    with torch.no_grad():
+        a = block.attn
+        bias = torch.cat((a.q_bias, torch.zeros_like(a.q_bias), a.v_bias))
+        qkv = F.linear(block.norm1(x), a.qkv.weight, bias).view(2, 9, 3, 2, 20)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        probs = ((a.q_norm(q) @ a.k_norm(k).transpose(-1, -2)) * 20**-0.5).softmax(-1)
+        mid = x + block.gamma_1 * a.proj((probs @ v).transpose(1, 2).reshape(2, 9, 40))
+        mlp = block.mlp
+        expected = mid + block.gamma_2 * mlp.fc2(mlp.act(mlp.fc1(block.norm2(mid))))
+    assert len(calls) == 2  # once by the block, once above
+    torch.testing.assert_close(got.detach(), expected, atol=1e-5, rtol=1e-5)

@@ -202,3 +202,85 @@ def test_packs_made_in_inference_mode_serve_no_grad_and_back():
         second = fused_linear(x, weight, bias, scale=scale, residual=residual)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     torch.testing.assert_close(second, eager(x, weight, bias, scale=scale, residual=residual))
+
+
+@needs_onednn
+def test_weights_made_in_inference_mode_take_the_fast_path_and_follow_updates():
+    # A model built or loaded under torch.inference_mode holds inference tensors, which have
+    # no version counter: reading it had raised "Inference tensors do not track version
+    # counter" on every no-grad call of an eegfast Linear layer.
+    with torch.inference_mode():
+        weight, bias, scale = torch.randn(6, 5), torch.randn(6), torch.rand(6)
+    x, residual = torch.randn(3, 5), torch.randn(3, 6)
+    with torch.no_grad():
+        got = fused_linear(x, weight, bias, scale=scale, residual=residual)
+    assert took_fast_path(weight)
+    torch.testing.assert_close(got, eager(x, weight, bias, scale=scale, residual=residual))
+    with torch.inference_mode():
+        weight.mul_(-2.0)  # in place, as load_state_dict under inference_mode would
+        scale.add_(1.0)
+        got = fused_linear(x, weight, bias, scale=scale, residual=residual)
+    torch.testing.assert_close(got, eager(x, weight, bias, scale=scale, residual=residual))
+
+
+def _dual_tangent(x, weight, bias):
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        return fwAD.unpack_dual(fused_linear(dual, weight, bias, gelu=True)).tangent
+
+
+def _jvp_tangent(x, weight, bias):
+    return torch.func.jvp(
+        lambda w: fused_linear(x, w, bias, scale=torch.full((6,), 0.5)), (weight,), (weight,)
+    )[1]
+
+
+def _vmap_over_weights(x, weight, bias):
+    return torch.func.vmap(lambda w: fused_linear(x, w, bias))(torch.stack((weight, -weight)))
+
+
+@pytest.mark.parametrize(
+    ("transform", "expected"),
+    [
+        (_dual_tangent, lambda x, w, b: F.linear(torch.ones_like(x), w) * _gelu_slope(x, w, b)),
+        (_jvp_tangent, lambda x, w, b: 0.5 * F.linear(x, w)),
+        (_vmap_over_weights, lambda x, w, b: torch.stack((F.linear(x, w, b), F.linear(x, -w, b)))),
+    ],
+    ids=["forward_ad", "func.jvp", "func.vmap-weights"],
+)
+def test_forward_ad_and_torch_func_see_the_eager_linear(transform, expected):
+    # The oneDNN op has no tangent formula nor batching rule: forward-mode AD had lost the
+    # tangent (None) or made it wrong, and vmap over the weights failed inside the packing.
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(4, 5, generator=gen), torch.randn(6, 5, generator=gen)
+    bias = torch.randn(6, generator=gen)
+    got = transform(x, weight, bias)
+    assert got is not None
+    torch.testing.assert_close(got, expected(x, weight, bias))
+
+
+def _gelu_slope(x, weight, bias):
+    y = F.linear(x, weight, bias).requires_grad_()
+    return torch.autograd.grad(F.gelu(y).sum(), y)[0]
+
+
+def test_flop_counter_and_jit_trace_see_the_linears_without_autograd():
+    # Under no_grad a Block's Linears took the oneDNN op: FlopCounterMode counted 0 FLOPs for
+    # them, and torch.jit.trace failed ("Unsupported value kind: Tensor") on the packed weight.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    block = Block(8, 2).eval()
+    x = torch.randn(2, 5, 8)
+    with torch.enable_grad():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            block(x)
+    with torch.no_grad():
+        counter_no_grad = FlopCounterMode(display=False)
+        with counter_no_grad:
+            block(x)
+        assert counter_no_grad.get_total_flops() == counter.get_total_flops() > 0
+        traced = torch.jit.trace(block, (x,))
+        torch.testing.assert_close(traced(x), block(x))

@@ -216,3 +216,19 @@ def test_labels_out_of_range_are_named(bad):
     labels[4] = bad
     with pytest.raises(ValueError, match=r"labels must be in \[0, V=11\)"):
         linear_cross_entropy(hidden, weight, bias, labels, token_weight, chunk_rows=3)
+
+
+def test_float64_inputs_keep_float64_precision():
+    # fp32 softmax is for low-precision products; a float64 head had its logits, loss and
+    # gradients rounded to fp32 as well (loss off by ~1e-7, gradcheck failing).
+    hidden, weight, bias, labels, token_weight = make_case(5, 4, 7, True, 0, torch.float64)
+    token_weight = token_weight.double()
+    out = linear_cross_entropy(hidden, weight, bias, labels, token_weight)
+    assert out.loss.dtype == out.per_token.dtype == torch.float64
+    logits = F.linear(hidden, weight, bias)
+    expected = F.cross_entropy(logits, labels, reduction="none")
+    torch.testing.assert_close(out.per_token, expected, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: linear_cross_entropy(h, w, b, labels, token_weight, chunk_rows=2).loss,
+        tuple(leaves(hidden, weight, bias)),
+    )
