@@ -408,6 +408,20 @@ def fit(
             f"no full batch of {train_cfg.batch_size} items in {len(dataset)} items grouped by "
             "electrode set/task: lower train.batch_size"
         )
+    # A batch never mixes groups and partial batches are dropped: a group smaller than one
+    # batch is never trained on (a recording set of its own electrode montage, say).
+    sizes: dict[Hashable, int] = {}
+    for key in group_keys:
+        sizes[key] = sizes.get(key, 0) + 1
+    starved = [n for n in sizes.values() if n < train_cfg.batch_size]
+    if starved and info.is_main:
+        warnings.warn(
+            f"{sum(starved)} of {len(group_keys)} items, in {len(starved)} group(s) of one "
+            f"electrode set and task with fewer than train.batch_size = {train_cfg.batch_size} "
+            "items, are never trained on (a batch holds one group, and partial batches are "
+            "dropped); lower train.batch_size to include them",
+            stacklevel=2,
+        )
     total_steps = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
 
     resume_from = None

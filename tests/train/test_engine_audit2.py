@@ -200,3 +200,16 @@ def test_pruning_killed_half_way_leaves_nothing_behind_after_the_next_save(tmp_p
     monkeypatch.setattr(ckpt.shutil, "rmtree", rmtree)
     ckpt.save_checkpoint(folder, 3, weights, {"step": 3}, {})  # the run goes on
     assert sorted(p.name for p in folder.iterdir()) == ["step-00000002", "step-00000003"]
+
+
+def test_groups_smaller_than_a_batch_are_said_to_be_never_trained_on(tmp_path):
+    """A batch holds one (electrode set, task) group and partial batches are dropped, so a
+    group of fewer items than train.batch_size never reached a step, without a word."""
+    data = SyntheticEEG(24, channels=(4, 4, 4, 4, 4, 3))  # 20 items of 4 channels, 4 of 3
+    overrides = {"train.max_steps": 1, "train.batch_size": 6}
+    with pytest.warns(UserWarning, match=r"4 of 24 items, in 1 group\(s\) .* never trained on"):
+        fit_batches_of_4(TinyClassifier(), logsumexp_step, data, cpu(), tmp_path, overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every group fills a batch of 4: nothing to say
+        fit_batches_of_4(TinyClassifier(), logsumexp_step, data, cpu(), tmp_path / "b",
+                         {"train.max_steps": 1})  # fmt: skip
