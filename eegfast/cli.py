@@ -87,6 +87,17 @@ def _is_file(path: Path) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before a command's own handling starts (importing torch, reading arguments):
+        # one line and the shell's status for SIGINT, as a command interrupted later
+        name = argv[0] if argv and argv[0] in COMMANDS else ""
+        print(f"eegfast{' ' + name if name else ''}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] in COMMANDS:
         name = argv[0]
         module = _load(name)
