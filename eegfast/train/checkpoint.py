@@ -285,6 +285,14 @@ def resolve_weights_path(path: str | Path, *, prefer: str = "best") -> Path:
         chosen = chosen or latest_checkpoint(folder)
         if chosen is not None:
             return chosen.path / WEIGHTS
+    # the top folder of `eegfast finetune`: its models are one level down, per fold and variant
+    folds = sorted(p for p in path.glob("fold*/*") if (p / "checkpoints").is_dir())
+    if folds:
+        shown = ", ".join(str(p) for p in folds[:3]) + (" ..." if len(folds) > 3 else "")
+        raise FileNotFoundError(
+            f"no weights at {path}: a fine-tuning folder, with one model per fold and variant; "
+            f"give one of them ({shown})"
+        )
     raise FileNotFoundError(
         f"no weights at {path}: expected a .safetensors file, a checkpoint folder holding "
         f"{WEIGHTS}, or a run folder with checkpoints/step-*"

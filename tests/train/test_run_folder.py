@@ -469,3 +469,18 @@ def test_a_run_refused_after_claiming_a_new_out_leaves_no_folder(prepared, tmp_p
     out.mkdir()
     assert cli(tokenizer_argv(prepared, out, "data.val_fraction=0.9")) == 2
     assert out.is_dir()
+
+
+def test_a_fine_tuning_folder_given_as_weights_names_its_fold_models(tmp_path):
+    """finetune --init / upcycle --model given the top folder of a fine-tuning said only "no
+    weights at ..."; the error names the fold models to choose from, as predict's does."""
+    for fold in ("fold1", "fold2"):
+        (tmp_path / "ft" / fold / "multitask" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="a fine-tuning folder, with one model per fold"):
+        ckpt.resolve_weights_path(tmp_path / "ft")
+    try:
+        ckpt.resolve_weights_path(tmp_path / "ft")
+    except FileNotFoundError as err:
+        assert str(tmp_path / "ft" / "fold1" / "multitask") in str(err)
+    with pytest.raises(FileNotFoundError, match="expected a .safetensors file"):
+        ckpt.resolve_weights_path(tmp_path / "elsewhere")
