@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from eegfast.data import ShardDataset, make_loader
-from eegfast.train.data import ItemInfo, TrainData, load_data
+from eegfast.train.data import TrainData, load_data
 from eegfast.train.objectives import StepContext, StepOutput, step_masks
 from eegfast.train.validation import (
     ValidationSplitError,
@@ -16,17 +16,7 @@ from eegfast.train.validation import (
     objective_evaluator,
 )
 from tests.train._sample import prepare_windows, sample_recording_cut
-
-
-def _data(recordings_by_subject: dict[str, int], windows: int = 2) -> TrainData:
-    """Items only (the split reads no signal): ``windows`` per recording."""
-    items = [
-        ItemInfo(0, "t", subject, f"/eeg/{subject}_r{r}.edf", -1, (0, 1), 4)
-        for subject, count in recordings_by_subject.items()
-        for r in range(count)
-        for _ in range(windows)
-    ]
-    return TrainData(None, items, {"t": []}, [])
+from tests.train.test_validation_split import _data
 
 
 @pytest.fixture(scope="module")

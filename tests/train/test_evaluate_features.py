@@ -98,14 +98,15 @@ def test_features_of_a_pretraining_checkpoint(saved_as, prepared, tmp_path, caps
     _check(_export(model, prepared, tmp_path, capsys), expected, data)
 
 
-def test_features_of_an_upcycled_backbone(prepared, tmp_path, capsys):  # noqa: F811
-    """Routed by the window's task id, as the linear probe routes them."""
+def _upcycled(tmp_path, capsys):
+    """An upcycled run folder of a random pretraining backbone (tasks other, arith), its
+    experts made to differ (upcycled, they are copies, and routing would change nothing),
+    and the backbone with its weights."""
     state = _random(create_model("labram_tiny_pretrain"), seed=12)
     pre = _run_folder(tmp_path / "pre", state, {"arch": PRETRAIN, "command": "pretrain"})
     moe = tmp_path / "moe"
     argv = ["upcycle", "--model", str(pre), "--out", str(moe), "--experts", "2"]
     assert cli([*argv, "--tasks", "other,arith"]) == 0, capsys.readouterr().err
-    # experts made to differ (upcycled, they are copies, and routing changes nothing)
     weights_path = ckpt.resolve_weights_path(moe)
     torch.manual_seed(14)
     weights = {
@@ -115,6 +116,12 @@ def test_features_of_an_upcycled_backbone(prepared, tmp_path, capsys):  # noqa: 
     save_file(weights, str(weights_path))
     backbone = build_model(ckpt.read_meta(moe)["arch"])
     backbone.load_state_dict(weights, strict=True)
+    return moe, backbone
+
+
+def test_features_of_an_upcycled_backbone(prepared, tmp_path, capsys):  # noqa: F811
+    """Routed by the window's task id, as the linear probe routes them."""
+    moe, backbone = _upcycled(tmp_path, capsys)
     expected, data = _expected(backbone, prepared, task_id=1)
     unrouted, _ = _expected(backbone, prepared, task_id=0)
     assert np.abs(unrouted - expected).max() > 1e-3  # the check below can tell the routes
@@ -143,20 +150,7 @@ def test_features_of_an_upcycled_backbone_probed_without_task_routing(prepared, 
     """With ``upcycle.task_routing=false`` the linear probe takes the features without task
     ids; the export routed them by task all the same, so the exported features were not the
     ones the probe fits on."""
-    state = _random(create_model("labram_tiny_pretrain"), seed=12)
-    pre = _run_folder(tmp_path / "pre", state, {"arch": PRETRAIN, "command": "pretrain"})
-    moe = tmp_path / "moe"
-    argv = ["upcycle", "--model", str(pre), "--out", str(moe), "--experts", "2"]
-    assert cli([*argv, "--tasks", "other,arith"]) == 0, capsys.readouterr().err
-    weights_path = ckpt.resolve_weights_path(moe)
-    torch.manual_seed(14)
-    weights = {
-        k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v
-        for k, v in load_file(str(weights_path)).items()
-    }
-    save_file(weights, str(weights_path))
-    backbone = build_model(ckpt.read_meta(moe)["arch"])
-    backbone.load_state_dict(weights, strict=True)
+    moe, backbone = _upcycled(tmp_path, capsys)
     expected, data = _expected(backbone, prepared)
     routed, _ = _expected(backbone, prepared, task_id=1)
     assert np.abs(routed - expected).max() > 1e-3  # the check below can tell the routes
