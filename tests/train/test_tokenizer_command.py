@@ -158,3 +158,35 @@ def test_resume_without_model_continues_the_runs_tokenizer(prepared, tmp_path, c
     assert len(err.strip().splitlines()) == 1
     newest = json.loads(sorted(out.glob("checkpoints/*/meta.json"))[-1].read_text())
     assert newest["step"] == 5
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_with_status_143(prepared, tmp_path):
+    """SIGTERM (a scheduler preempting the job) had ended the process at once, saying nothing:
+    it stops as Ctrl-C does, naming the step and the last checkpoint, with status 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "tok"
+    argv = [sys.executable, "-m", "eegfast", "tokenizer", "--data", str(prepared)]
+    argv += ["--out", str(out), "--model", "vqnsp_tiny", "--no-progress"]
+    for item in ("train.max_steps=100000", "train.batch_size=2", "train.checkpoint_every=2"):
+        argv += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.glob("checkpoints/step-*/meta.json")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "eegfast tokenizer: interrupted at step" in err
+    assert "; last checkpoint " in err and "continue with --resume auto" in err
+    assert "Traceback" not in err
+    assert (out / "metrics.csv").read_text().startswith("step,tag,value\n")

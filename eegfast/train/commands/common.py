@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import os
 import shutil
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -129,9 +131,52 @@ def start(config: RunConfig) -> Runtime:
     return Runtime(device, info)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a command (a scheduler preempting the job, ``timeout``, ``kill``): the
+    command stops as on Ctrl-C (the run's logs closed, one line saying where training stopped
+    and how to continue), with the shell's status for SIGTERM."""
+
+
+SIGTERM_STATUS = 128 + signal.SIGTERM  # 143
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+def was_terminated(interrupt: BaseException) -> bool:
+    """Whether ``interrupt`` is, or was raised while handling, a :class:`Terminated`."""
+    seen: BaseException | None = interrupt
+    while seen is not None:
+        if isinstance(seen, Terminated):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in the block (the main thread only, and only where
+    nothing else handles SIGTERM: an outer command, or a program embedding this one, keeps its
+    own handler). Without it SIGTERM ended the process at once: no line saying where training
+    stopped, and the TensorBoard writer's queue lost."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_command(name: str, body) -> int:
     """Call ``body()``; user errors become one line on stderr and exit status 2, Ctrl-C one
-    line (where training stopped, how to continue) and exit status 130."""
+    line (where training stopped, how to continue) and exit status 130, SIGTERM the same line
+    and status 143."""
     from eegfast.train.engine import NonFiniteLossError
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
@@ -140,12 +185,12 @@ def run_command(name: str, body) -> int:
         print(f"eegfast {name}: {kind}: {message}", file=sys.stderr)
 
     try:
-        with warnings.catch_warnings():
+        with _sigterm_as_interrupt(), warnings.catch_warnings():
             warnings.showwarning = show
             return int(body() or 0)
     except KeyboardInterrupt as err:
         print(f"eegfast {name}: {interrupted_message(err)}", file=sys.stderr)
-        return 130
+        return SIGTERM_STATUS if was_terminated(err) else 130
     except (CommandError, ConfigError, FileNotFoundError, ValueError) as err:
         print(f"eegfast {name}: {err}", file=sys.stderr)
         return 2

@@ -87,23 +87,23 @@ def _sets(values: dict, fast: bool, seed: int) -> list[str]:
 
 def _run(step: str, argv: list[str], timings: dict[str, float]) -> None:
     from eegfast.cli import main as cli_main
-    from eegfast.train.commands.common import CommandError
+    from eegfast.train.commands.common import SIGTERM_STATUS, CommandError, Terminated
 
     print(f"\n== {step}: eegfast {' '.join(argv)}", flush=True)
     started = time.perf_counter()
     status = cli_main(argv)
     timings[step] = time.perf_counter() - started
-    if status == 130:
-        # The step caught a Ctrl-C and said how to resume *it*; the quickstart itself takes no
-        # --resume (each run starts its training steps afresh), so say what to do instead and
-        # stop with Ctrl-C's status, not as a failure.
+    if status in (130, SIGTERM_STATUS):
+        # The step caught a Ctrl-C (or SIGTERM) and said how to resume *it*; the quickstart
+        # itself takes no --resume (each run starts its training steps afresh), so say what to
+        # do instead and stop with the signal's status, not as a failure.
         print(
             f"eegfast quickstart: stopped during step {step!r}; run the same command again to "
             "start over (the prepared data are reused, the training steps start afresh)",
             file=sys.stderr,
             flush=True,
         )
-        raise KeyboardInterrupt
+        raise Terminated if status == SIGTERM_STATUS else KeyboardInterrupt
     if status != 0:
         raise CommandError(f"step {step!r} failed with exit status {status} (see above)")
 
