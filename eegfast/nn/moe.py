@@ -189,7 +189,10 @@ class MoEFFN(nn.Module):
         **kwargs,
     ) -> MoEFFN:
         """Sparse upcycling: every expert a copy of the dense ``fc1`` / ``fc2`` (plus optional
-        Gaussian noise of ``noise_std`` times each weight tensor's std), fresh router."""
+        Gaussian noise of ``noise_std`` times each weight tensor's std), fresh router. Built
+        where ``fc1``'s weight is and in its dtype, then moved to ``device`` / ``dtype`` if
+        given (they had collided with those, a TypeError of "multiple values")."""
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
         if fc1.bias is None or fc2.bias is None:
             raise ValueError("from_dense: fc1 and fc2 must have biases (as the LaBraM Mlp)")
         if fc2.in_features != fc1.out_features:
@@ -220,6 +223,8 @@ class MoEFFN(nn.Module):
                     scale = noise_std * float(dense.detach().float().std())
                     noise = torch.randn(stacked.shape, generator=generator, dtype=torch.float32)
                     stacked.add_((noise * scale).to(stacked.device, stacked.dtype))
+        if device is not None or dtype is not None:
+            moe = moe.to(device=device, dtype=dtype)
         return moe
 
     def _task_ids(self, task_id, leading: tuple[int, ...], T: int, device) -> torch.Tensor | None:

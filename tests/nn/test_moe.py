@@ -373,3 +373,13 @@ def test_torch_compile_with_padding_mask():
     )
     for g, e in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e)
+
+
+def test_from_dense_takes_a_device_and_dtype():
+    """device= / dtype= had collided with the ones from_dense takes from fc1 ("multiple values
+    for keyword argument 'dtype'"); the experts are built from the dense layers, then moved."""
+    torch.manual_seed(0)
+    fc1, fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+    moe = MoEFFN.from_dense(fc1, fc2, num_experts=2, dtype=torch.float64, device="cpu")
+    assert {p.dtype for p in moe.parameters()} == {torch.float64}
+    torch.testing.assert_close(moe.fc1_weight[1], fc1.weight.detach().double(), rtol=0, atol=0)
