@@ -23,6 +23,7 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -201,8 +202,8 @@ def _split(
 
 
 def window_keys(data: TrainData) -> list[int]:
-    """A key per window of ``data`` (< 2**63) from its recording, task and place in that
-    recording: the seed of its validation masks. Dataset positions moved when a resumed run's
+    """A key per window of ``data`` (< 2**63) from its recording's file name, task and place in
+    that recording: the seed of its validation masks. Dataset positions moved when a resumed run's
     data gained recordings or folders ahead of the held-out ones, and with them the masks, so
     that the later checkpoints' val/loss no longer compared with the earlier ones'."""
     keys: list[int] = []
@@ -211,7 +212,9 @@ def window_keys(data: TrainData) -> list[int]:
         block = (item.root, item.task, item.recording)
         row = row + 1 if block == previous else 0
         previous = block
-        name = f"{item.recording}\n{item.task}\n{row}".encode()
+        # the file's name, not its path: the same data prepared elsewhere (another machine, a
+        # moved folder) get the same masks
+        name = f"{Path(item.recording).name}\n{item.task}\n{row}".encode()
         keys.append(int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "big") >> 1)
     return keys
 
