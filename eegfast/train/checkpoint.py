@@ -269,6 +269,16 @@ def _remove(checkpoint_dir: Path, info: CheckpointInfo) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def fine_tuning_folder_hint(path: str | Path) -> str | None:
+    """For the top folder of `eegfast finetune` (its models are one level down, per fold and
+    variant), the words that name them; None for any other path."""
+    folds = sorted(p for p in Path(path).glob("fold*/*") if (p / "checkpoints").is_dir())
+    if not folds:
+        return None
+    shown = ", ".join(str(p) for p in folds[:3]) + (" ..." if len(folds) > 3 else "")
+    return f"a fine-tuning folder, with one model per fold and variant; give one of them ({shown})"
+
+
 def resolve_weights_path(path: str | Path, *, prefer: str = "best") -> Path:
     """A ``.safetensors`` file, a checkpoint folder, or a run folder -> the weights file.
 
@@ -285,14 +295,9 @@ def resolve_weights_path(path: str | Path, *, prefer: str = "best") -> Path:
         chosen = chosen or latest_checkpoint(folder)
         if chosen is not None:
             return chosen.path / WEIGHTS
-    # the top folder of `eegfast finetune`: its models are one level down, per fold and variant
-    folds = sorted(p for p in path.glob("fold*/*") if (p / "checkpoints").is_dir())
-    if folds:
-        shown = ", ".join(str(p) for p in folds[:3]) + (" ..." if len(folds) > 3 else "")
-        raise FileNotFoundError(
-            f"no weights at {path}: a fine-tuning folder, with one model per fold and variant; "
-            f"give one of them ({shown})"
-        )
+    hint = fine_tuning_folder_hint(path)
+    if hint is not None:
+        raise FileNotFoundError(f"no weights at {path}: {hint}")
     raise FileNotFoundError(
         f"no weights at {path}: expected a .safetensors file, a checkpoint folder holding "
         f"{WEIGHTS}, or a run folder with checkpoints/step-*"

@@ -43,7 +43,7 @@ from eegfast.data import load_index
 from eegfast.data.preprocess import PATCH_SAMPLES, TARGET_SFREQ
 from eegfast.fileio import write_text_atomic
 from eegfast.train.arch import REFERENCE, MultiTaskClassifier, load_trained, routes_by_task
-from eegfast.train.checkpoint import read_meta
+from eegfast.train.checkpoint import fine_tuning_folder_hint, read_meta
 from eegfast.train.commands.common import (
     CommandError,
     add_run_arguments,
@@ -393,14 +393,10 @@ def read_model_meta(model: str) -> dict[str, Any]:
     try:
         return read_meta(model)
     except FileNotFoundError:
-        folds = sorted(p for p in Path(model).glob("fold*/*") if (p / "checkpoints").is_dir())
-        if not folds:
+        hint = fine_tuning_folder_hint(model)
+        if hint is None:
             raise
-        shown = ", ".join(str(p) for p in folds[:3]) + (" ..." if len(folds) > 3 else "")
-        raise CommandError(
-            f"--model {model}: a fine-tuning folder, with one model per fold and variant; "
-            f"give one of them ({shown})"
-        ) from None
+        raise CommandError(f"--model {model}: {hint}") from None
 
 
 def _main(args: argparse.Namespace) -> int:
