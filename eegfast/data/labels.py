@@ -35,7 +35,28 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Event", "LabelRules", "Resolved", "read_label_table", "infer_subject"]
+__all__ = [
+    "Event",
+    "LabelRules",
+    "Resolved",
+    "infer_subject",
+    "is_discontinuity_mark",
+    "is_mark",
+    "read_label_table",
+]
+
+
+def is_discontinuity_mark(description: object) -> bool:
+    """Whether an annotation marks a jump in the data: MNE's ``EDGE...`` (``concatenate_raws``,
+    the gaps of an EDF+D file as ``read_recording`` marks them) or EEGLAB's ``boundary``."""
+    desc = str(description).strip()
+    return desc.upper().startswith("EDGE") or desc.lower() == "boundary"
+
+
+def is_mark(description: object) -> bool:
+    """Whether an annotation marks the recording rather than an event, and so labels nothing:
+    MNE's ``BAD...`` (artefacts) and the discontinuity marks (:func:`is_discontinuity_mark`)."""
+    return str(description).strip().upper().startswith("BAD") or is_discontinuity_mark(description)
 
 
 @dataclass(frozen=True)
@@ -213,10 +234,7 @@ class LabelRules:
         desc = str(description).strip()
         if self.event_map is not None:
             return self.event_map.get(desc)
-        # MNE's marks of artefacts and discontinuities, and EEGLAB's of a discontinuity
-        if desc.upper().startswith(("BAD", "EDGE")) or desc.lower() == "boundary":
-            return None
-        return desc
+        return None if is_mark(desc) else desc
 
     def events_from(self, annotations) -> tuple[Event, ...]:
         """Events from ``(onset, duration, description)`` triples (e.g. ``raw.annotations``);

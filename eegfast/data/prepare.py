@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from eegfast.data.index import FORMAT_VERSION, INDEX_NAME, SHARD_DIR
-from eegfast.data.labels import LabelRules, read_label_table
+from eegfast.data.labels import LabelRules, is_discontinuity_mark, read_label_table
 from eegfast.data.preprocess import (
     TARGET_SFREQ,
     PreprocessConfig,
@@ -425,8 +425,7 @@ def _discontinuities(annotations, sfreq: float, n_times: int) -> list[int]:
     cuts = {
         int(round(onset * sfreq))
         for onset, _, description in annotations
-        if str(description).strip().upper().startswith("EDGE")
-        or str(description).strip().lower() == "boundary"
+        if is_discontinuity_mark(description)
     }
     return sorted(c for c in cuts if 0 < c < n_times)
 

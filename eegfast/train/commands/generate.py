@@ -183,7 +183,9 @@ def check_label(label: str | None) -> str | None:
     text = label.strip()
     if not text:
         raise GenerateError("--label: empty")
-    if text.upper().startswith(("BAD", "EDGE")) or text.lower() == "boundary":
+    from eegfast.data.labels import is_mark
+
+    if is_mark(text):
         raise GenerateError(
             f"--label {text!r}: annotations starting with BAD or EDGE (and 'boundary') mark "
             "artefacts and discontinuities, not classes; choose another name"
