@@ -409,10 +409,10 @@ def trained_window(path: str | Path) -> int | None:
     """Seconds of the longest window the hybrid checkpoint ``path`` was pretrained on (its
     meta's ``trained_on``), or None when it does not say (a file without an eegfast record, or
     a run from before it was recorded)."""
-    from eegfast.train.checkpoint import checkpoint_meta, resolve_weights_path
+    from eegfast.train.checkpoint import read_meta
 
     try:
-        meta = checkpoint_meta(resolve_weights_path(path).parent)
+        meta = read_meta(path)
     except (FileNotFoundError, ValueError):
         return None
     seconds = (meta.get("trained_on") or {}).get("window_seconds")

@@ -221,8 +221,7 @@ def load_tokenizer(path: str, device: torch.device) -> torch.nn.Module:
 def tokenizer_meta(path: str) -> dict[str, Any]:
     """meta.json of the tokenizer checkpoint ``path`` names ({} for a file without one, such
     as the reference's vqnsp.pth)."""
-    weights = ckpt.resolve_weights_path(tokenizer_checkpoint(path)[0], prefer="latest")
-    return ckpt.checkpoint_meta(weights.parent)
+    return ckpt.read_meta(tokenizer_checkpoint(path)[0], prefer="latest")
 
 
 def beyond_tokenizer(tokenizer_meta: dict[str, Any], data: TrainData) -> list[str]:
@@ -236,8 +235,9 @@ def beyond_tokenizer(tokenizer_meta: dict[str, Any], data: TrainData) -> list[st
     if not seen:
         return []
     warnings = []
-    rows = {int(r) for item in data.items for r in item.electrodes if int(r) != 0}
-    unseen = sorted(rows - {int(r) for r in seen.get("electrode_rows") or ()})
+    mine = trained_on(data)  # what these data would train, in the tokenizer's terms
+    known = {int(r) for r in seen.get("electrode_rows") or ()}
+    unseen = sorted(set(mine["electrode_rows"]) - known)
     if unseen:
         names = [
             LABRAM_CHANNEL_NAMES[r - 1] if 0 < r <= len(LABRAM_CHANNEL_NAMES) else f"row {r}"
@@ -250,7 +250,7 @@ def beyond_tokenizer(tokenizer_meta: dict[str, Any], data: TrainData) -> list[st
             "embeddings still at their initial values; train the tokenizer on these "
             "electrodes too"
         )
-    longest = max(item.window_seconds for item in data.items)
+    longest = mine["window_seconds"]
     trained = int(seen.get("window_seconds") or 0)
     if trained and longest > trained:
         warnings.append(
