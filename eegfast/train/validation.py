@@ -201,21 +201,28 @@ def _split(
     return HoldOut(train, val, unit, recordings, subjects, fraction, seed)
 
 
-def window_keys(data: TrainData) -> list[int]:
-    """A key per window of ``data`` (< 2**63) from its recording's file name, task and place in
-    that recording: the seed of its validation masks. Dataset positions moved when a resumed run's
-    data gained recordings or folders ahead of the held-out ones, and with them the masks, so
-    that the later checkpoints' val/loss no longer compared with the earlier ones'."""
-    keys: list[int] = []
-    previous, row = None, 0
-    for item in data.items:  # a recording's windows are consecutive, in their order
+def window_keys(data: TrainData, positions: Sequence[int]) -> dict[int, int]:
+    """{position: key (< 2**63)} for the windows of ``data`` at ``positions``, from the
+    recording's file name, task and the window's place in that recording: the seed of its
+    validation masks. Dataset positions moved when a resumed run's data gained recordings or
+    folders ahead of the held-out ones, and with them the masks, so that the later
+    checkpoints' val/loss no longer compared with the earlier ones'. Only the held-out windows
+    are hashed (the places in their recordings take one pass over the items)."""
+    wanted = set(int(p) for p in positions)
+    keys: dict[int, int] = {}
+    previous, row, file_name = None, 0, ""
+    for position, item in enumerate(data.items):  # a recording's windows are consecutive
         block = (item.root, item.task, item.recording)
-        row = row + 1 if block == previous else 0
-        previous = block
-        # the file's name, not its path: the same data prepared elsewhere (another machine, a
-        # moved folder) get the same masks
-        name = f"{Path(item.recording).name}\n{item.task}\n{row}".encode()
-        keys.append(int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "big") >> 1)
+        if block == previous:
+            row += 1
+        else:
+            # the file's name, not its path: the same data prepared elsewhere (another
+            # machine, a moved folder) get the same masks
+            previous, row, file_name = block, 0, Path(item.recording).name
+        if position in wanted:
+            name = f"{file_name}\n{item.task}\n{row}".encode()
+            digest = hashlib.blake2b(name, digest_size=8).digest()
+            keys[position] = int.from_bytes(digest, "big") >> 1
     return keys
 
 
@@ -284,7 +291,7 @@ class Validator:
             _Batch(batches[b], 1.0) if b < len(batches) else _Batch(batches[0], 0.0)
             for b in (rank + r * world for r in range(rounds))
         ]
-        self.mask_keys = window_keys(data)
+        self.mask_keys = window_keys(data, positions)
         self.last: dict[str, float] = {}
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
