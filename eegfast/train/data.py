@@ -151,7 +151,7 @@ def collate_fn():
     return collate_padded
 
 
-def trained_on(data: TrainData, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+def embedding_coverage(data: TrainData, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a model's spatial and temporal embeddings were trained on, for its checkpoint's
     meta (``trained_on``): the embedding rows of the electrodes (``input_chans`` entries, cls
     row 0 left out) and the longest window in seconds (one patch per second) of ``data``, with

@@ -38,7 +38,7 @@ from eegfast.train.commands.common import (
     start,
 )
 from eegfast.train.config import RunConfig
-from eegfast.train.data import TrainData, collate_fn, load_data, trained_on
+from eegfast.train.data import TrainData, collate_fn, embedding_coverage, load_data
 from eegfast.train.distributed import shutdown
 from eegfast.train.engine import fit
 from eegfast.train.objectives import (
@@ -235,7 +235,7 @@ def beyond_tokenizer(tokenizer_meta: dict[str, Any], data: TrainData) -> list[st
     if not seen:
         return []
     warnings = []
-    mine = trained_on(data)  # what these data would train, in the tokenizer's terms
+    mine = embedding_coverage(data)  # what these data would train, in the tokenizer's terms
     known = {int(r) for r in seen.get("electrode_rows") or ()}
     unseen = sorted(set(mine["electrode_rows"]) - known)
     if unseen:
@@ -521,7 +521,7 @@ def _train(args, config, step, kind, resume, tokenizer_path, notes, resumed=None
                 },
                 # its electrode rows and window length: generate keeps its context within
                 # the trained time rows
-                "trained_on": trained_on(train, resumed.get("trained_on")),
+                "trained_on": embedding_coverage(train, resumed.get("trained_on")),
                 **({VALIDATION_META: split.record()} if split is not None else {}),
                 **({"init": init or resumed["init"]} if init or "init" in resumed else {}),
             },

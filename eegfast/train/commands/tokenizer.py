@@ -32,7 +32,7 @@ from eegfast.train.commands.common import (
     start,
 )
 from eegfast.train.config import RunConfig
-from eegfast.train.data import TrainData, collate_fn, load_data, trained_on
+from eegfast.train.data import TrainData, collate_fn, embedding_coverage, load_data
 from eegfast.train.distributed import shutdown
 from eegfast.train.engine import fit
 from eegfast.train.finetune import iterate_batches
@@ -264,7 +264,7 @@ def _train(
             meta={
                 "arch": arch,
                 "command": "tokenizer",
-                "trained_on": trained_on(train, resumed.get("trained_on")),
+                "trained_on": embedding_coverage(train, resumed.get("trained_on")),
                 **({VALIDATION_META: split.record()} if split is not None else {}),
             },
             eval_fn=validator,
