@@ -142,6 +142,17 @@ class QKNormAttention(nn.Module):
     def _qkv_bias(self) -> torch.Tensor | None:
         return labram_qkv_bias(self.q_bias, self.v_bias)
 
+    def qkv_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, dim) -> q, k, v side by side (B, N, 3·dim), LaBraM's bias included.
+
+        A replaced or hooked ``qkv`` (a LoRA adapter, a feature hook) is called, as ``proj``
+        is; it has no bias of its own, so ``[q_bias | 0 | v_bias]`` is added to its output.
+        """
+        if linear_call_fusable(self.qkv):
+            return fused_linear(x, self.qkv.weight, self._qkv_bias())
+        qkv = self.qkv(x)
+        return qkv if self.q_bias is None else qkv + self._qkv_bias()
+
     def forward(
         self,
         x: torch.Tensor,
@@ -168,7 +179,7 @@ class QKNormAttention(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         B, N, C = x.shape
-        qkv = fused_linear(x, self.qkv.weight, self._qkv_bias())  # (B, N, 3·H·D)
+        qkv = self.qkv_projection(x)  # (B, N, 3·H·D)
         dropout_p = self.attn_drop.p if self.training else 0.0
         if self.q_norm is not None:
             out = qk_norm_attention_packed(

@@ -383,11 +383,12 @@ class LowRankAdapter(nn.Module):
         return self.base(x) + x @ self.down.t() @ self.up.t()
 
 
-@pytest.mark.parametrize("name", ["mlp.fc1", "mlp.fc2", "attn.proj"])
+@pytest.mark.parametrize("name", ["mlp.fc1", "mlp.fc2", "attn.proj", "attn.qkv"])
 @pytest.mark.parametrize("grad", [False, True])
 def test_replaced_or_hooked_linears_of_a_block_are_called(name, grad):
-    # Mlp and QKNormAttention applied fc1 / fc2 / proj through their ``weight``: an adapter
-    # put in their place was silently skipped and their forward hooks never ran.
+    # Mlp and QKNormAttention applied fc1 / fc2 / proj / qkv through their ``weight``: an
+    # adapter put in their place was silently skipped and their forward hooks never ran. (The
+    # qkv Linear has no bias of its own: LaBraM's q/v bias is added to what it returns.)
     torch.manual_seed(0)
     block = randomise(Block(40, 2, qkv_bias=True)).eval()
     x = torch.randn(2, 9, 40, generator=torch.Generator().manual_seed(3))
@@ -402,7 +403,7 @@ def test_replaced_or_hooked_linears_of_a_block_are_called(name, grad):
     with torch.no_grad():
         a = block.attn
         bias = torch.cat((a.q_bias, torch.zeros_like(a.q_bias), a.v_bias))
-        qkv = F.linear(block.norm1(x), a.qkv.weight, bias).view(2, 9, 3, 2, 20)
+        qkv = (a.qkv(block.norm1(x)) + bias).view(2, 9, 3, 2, 20)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         probs = ((a.q_norm(q) @ a.k_norm(k).transpose(-1, -2)) * 20**-0.5).softmax(-1)
         mid = x + block.gamma_1 * a.proj((probs @ v).transpose(1, 2).reshape(2, 9, 40))
