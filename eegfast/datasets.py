@@ -173,8 +173,27 @@ def verify_sample(folder: str | os.PathLike) -> list[str]:
     return problems
 
 
+# The URL schemes pooch downloads from (a mirror is a flat folder of the six files).
+_MIRROR_SCHEMES = ("http", "https", "ftp", "sftp")
+
+
+def _check_mirror(name: str, mirror: str) -> None:
+    """Refuse a mirror pooch cannot download from before any download starts: pooch raises
+    ValueError for it, which read as a failed SHA-256 check of the first file."""
+    scheme, sep, _ = mirror.partition("://")
+    if mirror.lower().startswith("doi:") or (sep and scheme.lower() in _MIRROR_SCHEMES):
+        return
+    raise SampleDataError(
+        f"{name}: {mirror!r} is not a URL to download from (it must start with "
+        f"{', '.join(s + '://' for s in _MIRROR_SCHEMES)} or doi:); a local folder holding the "
+        "six files is passed as path= or EEGFAST_DATA instead"
+    )
+
+
 def _download(target: Path, mirror: str | None, progress: bool, missing: list[SampleFile]) -> None:
     import pooch
+
+    from eegfast.fileio import write_text_atomic
 
     try:
         target.mkdir(parents=True, exist_ok=True)
@@ -204,9 +223,11 @@ def _download(target: Path, mirror: str | None, progress: bool, missing: list[Sa
                 f"could not download {f.name} from {url}: {err}. {_WHAT_TO_DO}"
             ) from err
     notice = target / "ATTRIBUTION.txt"
-    if not notice.exists():
+    # Written atomically, and again where an interrupted older write left it incomplete: the
+    # notice must travel with the files in full.
+    if not notice.is_file() or notice.read_text(errors="replace") != ATTRIBUTION + "\n":
         try:
-            notice.write_text(ATTRIBUTION + "\n")
+            write_text_atomic(notice, ATTRIBUTION + "\n")
         except OSError as err:
             raise SampleDataError(
                 f"cannot write {notice} ({err.strerror or err}); {_WHAT_TO_DO}"
@@ -264,7 +285,10 @@ def sample(
             f"the EEG sample files were not found in {', '.join(map(str, search)) or '(nowhere)'}"
             f"{hint}, and download=False"
         )
+    name = "mirror" if mirror else "EEGFAST_SAMPLE_MIRROR"
     mirror = mirror or os.environ.get("EEGFAST_SAMPLE_MIRROR") or None
+    if mirror is not None:
+        _check_mirror(name, mirror)
     missing = [f for f in SAMPLE_FILES if not _has_sample_file(cache_folder, f)]
     _download(cache_folder, mirror, progress, missing)
     return [cache_folder / f.name for f in SAMPLE_FILES]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import operator
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -219,9 +220,15 @@ class ShardDataset(Dataset):
         return len(self._rec)
 
     def __getitem__(self, i: int) -> dict:
+        try:
+            # operator.index: ints, numpy and 0-d torch integers; a float such as 2.7 was
+            # truncated to another item without a word
+            i = operator.index(i)
+        except TypeError:
+            raise TypeError(f"index: expected an int, got {type(i).__name__} {i!r}") from None
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} windows")
-        i = int(i) % len(self)
+        i %= len(self)
         rec = int(self._rec[i])
         r = self.recordings[rec]
         row = int(self._row[i])
@@ -241,13 +248,24 @@ class ShardDataset(Dataset):
         }
 
     def get_batch(self, indices: Sequence[int], *, pin_memory: bool = False) -> dict:
-        """A collated batch for item ``indices`` (reordered by shard and row for sequential
-        reads; ``batch["index"]`` gives the item index of each row). Same fields as
+        """A collated batch for item ``indices`` (integers; negative ones count from the end, as
+        for ``ds[i]``), reordered by shard and row for sequential reads: ``batch["index"]``
+        gives the item index (in ``[0, len(self))``) of each row. Same fields as
         ``collate_padded``. ``pin_memory``: allocate ``x`` in pinned memory (CUDA only), so
         the DataLoader's pinning step has nothing left to copy."""
-        idx = np.asarray(indices, dtype=np.int64)
+        idx = np.asarray(indices)
         if idx.ndim != 1 or len(idx) == 0:
             raise ValueError("indices: expected a non-empty 1-D sequence of item indices")
+        if idx.dtype.kind not in "iu":
+            # a cast would truncate 1.5 to item 1 (and read True/False as items 1/0)
+            raise TypeError(f"indices: expected integers, got dtype {idx.dtype}")
+        idx = idx.astype(np.int64)
+        bad = (idx < -len(self)) | (idx >= len(self))
+        if bad.any():
+            raise IndexError(
+                f"indices: {idx[bad][:5].tolist()} out of range for {len(self)} windows"
+            )
+        idx %= max(len(self), 1)  # negative -> from the end; batch["index"] is then in [0, N)
         rec = self._rec[idx]
         row = self._row[idx]
         order = np.lexsort((row, rec))
