@@ -18,6 +18,7 @@ import mmap
 import operator
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -122,6 +123,15 @@ class ShardDataset(Dataset):
             if (keep_subjects is None or r["subject"] in keep_subjects)
             and (keep_tasks is None or r["task"] in keep_tasks)
         ]
+        if keep_subjects and not any(r["subject"] in keep_subjects for r in index["recordings"]):
+            # not an error: one subject list may be applied to several folders; but a typo or
+            # ints for string ids gave an empty data set without a word
+            have = sorted({str(r["subject"]) for r in index["recordings"]})
+            warnings.warn(
+                f"subjects: none of {sorted(keep_subjects, key=repr)[:5]} is in {self.root} "
+                f"(its subjects: {have[:10]}{' …' if len(have) > 10 else ''})",
+                stacklevel=2,
+            )
         self.recordings = recordings
         sets: dict[tuple[int, ...], int] = {}
         self._input_chans = []  # per recording: (C+1,) long tensor

@@ -1,6 +1,7 @@
 """Audit of the sample fetcher and of ``ShardDataset`` indexing (found in a review)."""
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,14 @@ def test_get_batch_negative_and_out_of_range_indices(prepared):
     for bad in ([0, n], [-n - 1]):
         with pytest.raises(IndexError, match=f"indices: .* out of range for {n} windows"):
             ds.get_batch(bad)
+
+
+def test_a_subject_filter_matching_nothing_warns(prepared):
+    # ints for string subject ids (or a typo) gave an empty data set without a word
+    have = ShardDataset(prepared).subjects
+    with pytest.warns(UserWarning, match=r"subjects: none of \[1\]"):
+        empty = ShardDataset(prepared, subjects=[1])
+    assert len(empty) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a filter matching some subjects is quiet
+        assert len(ShardDataset(prepared, subjects=[have[0], "not-here"])) > 0
