@@ -198,6 +198,7 @@ LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.device": _one_of("auto", "cpu", "cuda"),
     "pretrain.mask_ratio": _fraction(zero=False),
     "pretrain.hybrid_mask_weight": _fraction(one=True),
+    "pretrain.cache_targets_max_mb": _at_least(0),
     "upcycle.num_experts": _at_least(1),
     "upcycle.top_k": _at_least(1),
     "upcycle.noise_std": _at_least(0),
@@ -256,7 +257,10 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin is tuple:
         args = typing.get_args(annotation)
-        if isinstance(value, str) and args[0] is not str:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            # `--set data.tasks=` or `tasks:` (null) in a file: none, not one empty name
+            value = []
+        elif isinstance(value, str) and args[0] is not str:
             # `--set upcycle.layers=1,2` (or `=` for none). Not for names and paths, which may
             # hold commas: those take a list (`data.roots=[a, b]`) or one value.
             items = value.split(",") if value.strip() else []
@@ -349,23 +353,47 @@ def _unknown(key: str) -> str:
     return f"unknown config key {key!r}{hint}; valid keys are: " + ", ".join(keys)
 
 
+def _schema_type(key: str) -> Any:
+    """The type of the dotted ``key`` in :class:`RunConfig`; None for a key not in it."""
+    owner: Any = RunConfig
+    *sections, name = key.split(".")
+    for section in sections:
+        owner = typing.get_type_hints(owner).get(section) if is_dataclass(owner) else None
+    return typing.get_type_hints(owner).get(name) if is_dataclass(owner) else None
+
+
+def _takes_text(annotation: Any) -> bool:
+    """Whether a key holds names or paths: ``str`` or ``tuple[str, ...]``."""
+    if typing.get_origin(annotation) is tuple:
+        return typing.get_args(annotation)[0] is str
+    return annotation is str
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"optim.lr=1e-3"`` -> ``("optim.lr", 0.001)``; the value is read as YAML."""
+    """``"optim.lr=1e-3"`` -> ``("optim.lr", "1e-3")``, a float once applied; the value is
+    read as YAML, but for names and paths (``str`` keys) as written: YAML would turn
+    ``model.init=0123`` into the octal number 83 and ``data.tasks=[01]`` into ``[1]``."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key=value, got {text!r}")
+    key = key.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
+        if _takes_text(_schema_type(key)) and value is not None and not isinstance(value, bool):
+            # (`=null` stays none; `optim.fused=false`, or `=no`, stays the bool's name)
+            value = yaml.load(raw, Loader=yaml.BaseLoader)  # every scalar as written
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {text!r}: cannot read the value: {err}") from err
     if value is None:
         value = ""
-    return key.strip(), value
+    return key, value
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A TOML (``.toml``) or YAML (``.yaml``/``.yml``) file as a dict."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path}: is a folder, not a file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     suffix = path.suffix.lower()
@@ -379,6 +407,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"config file {path}: use a .toml, .yaml or .yml file")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"config file {path}: {err}") from err
+    except UnicodeDecodeError as err:  # (a ValueError: it named no file)
+        raise ConfigError(f"config file {path}: not UTF-8 text ({err})") from err
+    except OSError as err:  # no permission to read it
+        raise ConfigError(f"config file {path}: cannot read it ({err.strerror})") from err
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: the top level must be a table/mapping")
     return data

@@ -66,12 +66,26 @@ def _collect_garbage_at_exit() -> None:
 
 
 def choose_device(requested: str) -> torch.device:
-    """``auto``: this process's GPU (LOCAL_RANK) if CUDA works, else the CPU."""
+    """``auto``: this process's GPU (LOCAL_RANK) if CUDA works, else the CPU.
+
+    A ValueError naming ``train.device`` (a command's one-line error, not a traceback) when
+    CUDA is asked for but unusable, or when this process has no GPU of its own (more processes
+    per machine than GPUs: CUDA's "invalid device ordinal" otherwise)."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but torch.cuda.is_available() is False")
+        raise ValueError(
+            "train.device=cuda but torch.cuda.is_available() is False (no GPU, or torch built "
+            "without CUDA); set train.device=cpu or auto"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(
+            f"train.device={requested}: this process is LOCAL_RANK {local_rank}, but this machine "
+            f"has {count} visible GPU(s); start at most {count} processes per machine (torchrun "
+            f"--nproc_per_node {count}) or set train.device=cpu"
+        )
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 

@@ -94,7 +94,12 @@ def _main(args: argparse.Namespace) -> int:
     # pytest runs in the checkout's root, not here: relative paths would be read there (the
     # suites) and written there (the results), so they are made absolute first
     out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # (here, not in the CLI's --out check: --list writes nothing)
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # (exist_ok: a file of that name)
+        raise CommandError(f"--out {args.out}: exists and is not a folder") from None
+    except OSError as err:  # no permission, a file on the way
+        raise CommandError(f"--out {args.out}: cannot make the folder ({err.strerror})") from None
     raw = out / "bench.json"
     # a run that writes nothing must not be reported with an earlier run's results
     raw.unlink(missing_ok=True)
