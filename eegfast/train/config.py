@@ -131,11 +131,14 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     vq: VQConfig = field(default_factory=VQConfig)
 
-    def with_overrides(self, values: dict[str, Any]) -> RunConfig:
+    def with_overrides(self, values: dict[str, Any], *, check: bool = True) -> RunConfig:
         """A copy with dotted keys (``{"optim.lr": 1e-3}``) or nested dicts applied; a value
-        outside its key's range (:data:`LIMITS`) is a :class:`ConfigError`."""
+        outside its key's range (:data:`LIMITS`) is a :class:`ConfigError`. ``check=False``
+        leaves the ranges to the last of several steps (a file's ``upcycle.num_experts: 1``
+        is valid once a later ``--set upcycle.top_k=1`` applies)."""
         config = _apply(self, _flatten(values), prefix="")
-        check_values(config)
+        if check:
+            check_values(config)
         return config
 
 
@@ -221,12 +224,16 @@ def check_values(config: RunConfig) -> None:
         value = getattr(getattr(config, section), name)
         for item in value if isinstance(value, tuple) else (value,):
             if item is not None and not ok(item):
-                raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+                err = ConfigError(f"{key} must be {allowed}, got {value!r}")
+                err.keys = (key,)  # (for resolve_config: which step set it)
+                raise err
     if config.upcycle.top_k > config.upcycle.num_experts:
-        raise ConfigError(
+        err = ConfigError(
             f"upcycle.top_k ({config.upcycle.top_k}) must be <= upcycle.num_experts "
             f"({config.upcycle.num_experts})"
         )
+        err.keys = ("upcycle.top_k", "upcycle.num_experts")
+        raise err
 
 
 def valid_keys(config: Any = None, prefix: str = "") -> list[str]:
@@ -420,16 +427,32 @@ def resolve_config(
     defaults: RunConfig,
     config_file: str | Path | None = None,
     overrides: typing.Sequence[str] = (),
+    *,
+    flags: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """Defaults, then the file, then ``key=value`` overrides (later wins)."""
-    config = defaults
+    """Defaults, then the file, then ``flags`` (a command's own options, dotted keys), then
+    ``key=value`` overrides (later wins). The ranges (:data:`LIMITS`) are checked once, on
+    the result: each step alone may be out of range (a file's ``upcycle.num_experts: 1`` is
+    valid once ``--set upcycle.top_k=1`` applies). A range error of a value the file set
+    names the file."""
+    config, from_file = defaults, set()
     if config_file:
         try:
-            config = config.with_overrides(read_config_file(config_file))
+            values = _flatten(read_config_file(config_file))
+            config = config.with_overrides(values, check=False)
         except ConfigError as err:
             raise ConfigError(f"{config_file}: {err}") from err
-    flat = dict(parse_override(text) for text in overrides)
-    return config.with_overrides(flat)
+        from_file = set(values)
+    later = {**(flags or {}), **dict(parse_override(text) for text in overrides)}
+    config = config.with_overrides(later, check=False)
+    try:
+        check_values(config)
+    except ConfigError as err:
+        keys = set(getattr(err, "keys", ()))
+        if keys & from_file and not keys & set(_flatten(later)):
+            raise ConfigError(f"{config_file}: {err}") from err
+        raise
+    return config
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from eegfast import cli
+from eegfast.train.commands import tokenizer
+from eegfast.train.commands.common import resolve
 from eegfast.train.config import ConfigError, RunConfig, parse_override, resolve_config
 
 
@@ -88,3 +92,23 @@ def test_a_config_folder_is_named_as_a_folder(tmp_path):
     folder.mkdir()
     with pytest.raises(ConfigError, match=rf"config file {folder}: is a folder"):
         resolve_config(RunConfig(), folder)
+
+
+def test_ranges_are_checked_on_the_resolved_config_not_on_each_step(tmp_path):
+    # a file's upcycle.num_experts: 1 was refused while the file was applied (the default
+    # top_k is 2), before the --set upcycle.top_k=1 that makes it valid
+    path = tmp_path / "run.yaml"
+    path.write_text("upcycle:\n  num_experts: 1\n")
+    config = resolve_config(RunConfig(), path, ["upcycle.top_k=1"])
+    assert (config.upcycle.num_experts, config.upcycle.top_k) == (1, 1)
+    with pytest.raises(ConfigError, match=r"upcycle.top_k \(2\) must be <= upcycle.num_experts"):
+        resolve_config(RunConfig(), path)  # still checked on the result
+    # a command's config: file, then flags, then --set, one check at the end
+    parser = argparse.ArgumentParser()
+    tokenizer.configure_parser(parser)
+    args = parser.parse_args(
+        ["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--config", str(path)]
+        + ["--set", "upcycle.top_k=1", "--device", "cpu"]
+    )
+    config = resolve(args, RunConfig())
+    assert (config.upcycle.num_experts, config.upcycle.top_k) == (1, 1)

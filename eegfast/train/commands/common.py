@@ -85,9 +85,7 @@ def resolve(args: argparse.Namespace, defaults: RunConfig, extra: dict[str, Any]
     if args.no_progress:
         flags["train.progress"] = False
     try:
-        config = resolve_config(defaults, args.config, [])
-        config = config.with_overrides(flags)
-        return resolve_config(config, None, args.overrides)
+        return resolve_config(defaults, args.config, args.overrides, flags=flags)
     except ConfigError as err:
         raise CommandError(str(err)) from None
 
