@@ -52,6 +52,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from eegfast.models.labram import (
+    _check_signal,
     check_channel_padding_mask,
     token_padding_mask,
     zero_padded_electrodes,
@@ -89,7 +90,8 @@ class HybridConfig:
         predict_signal: forecast the next patch's samples (regression head; needed to generate).
         signal_weight: weight of the signal MSE inside the autoregressive loss.
         vocab_size: number of VQ-NSP codes; None = the masked model's ``config.vocab_size``.
-        patch_size: samples per patch; None = the backbone's ``config.patch_size`` (200).
+        patch_size: samples per patch of the signal head: None or the backbone's
+            ``config.patch_size`` (200), which it forecasts.
     """
 
     mask_weight: float = 0.5
@@ -378,6 +380,13 @@ class HybridPretrainModel(nn.Module):
             config = dataclasses.replace(config, vocab_size=int(masked_config.vocab_size))
         if config.patch_size is None:
             config = dataclasses.replace(config, patch_size=int(student.config.patch_size))
+        elif config.patch_size != student.config.patch_size:
+            # the signal head's output is compared with (and generates) the backbone's patches:
+            # any other size fails in the loss, or (patch_size=1) broadcasts against them
+            raise ValueError(
+                f"hybrid patch_size must be the backbone's patch_size "
+                f"({student.config.patch_size}) or None, got {config.patch_size}"
+            )
         self.config = config
         dim = student.cls_token.shape[-1]
         if device is None:
@@ -422,10 +431,22 @@ class HybridPretrainModel(nn.Module):
         *,
         channel_padding_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Next-patch losses of x (B, C, A, T); targets (B, C·A) codes, electrode-major."""
+        """Next-patch losses of x (B, C, A, T) or (B, C, A·T), as the masked model takes it;
+        targets (B, C·A) integer codes, electrode-major (-1 = no code)."""
+        x = _check_signal(x, self.backbone.config.patch_size)
         B, C, A, T = x.shape
         if A < 2:
             raise ValueError(f"forecasting needs at least 2 patches per sample, got A={A}")
+        if targets is not None:
+            # as the masked model checks them (any integer dtype: the token loss needs int64);
+            # with mask_weight 0 nothing else does
+            if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+                raise ValueError(f"targets must be integer code indices, got {targets.dtype}")
+            if tuple(targets.shape) != (B, C * A):
+                raise ValueError(
+                    f"targets must have shape (B, C·A) = {(B, C * A)}, got {tuple(targets.shape)}"
+                )
+            targets = targets.long()
         # the signal targets below are weighted by 0 where padded, and NaN·0 = NaN
         x = zero_padded_electrodes(x, channel_padding_mask)
         h = forecast_features(
@@ -433,10 +454,13 @@ class HybridPretrainModel(nn.Module):
         )
         h = h[:, :, :-1]  # (B, C, A-1, E): patch a predicts patch a + 1
         # Means over the valid positions as weighted sums (no boolean indexing: on a GPU that
-        # waits for the device, and under torch.compile it makes shapes data-dependent).
-        real = torch.ones(B, C, A - 1, device=x.device)
+        # waits for the device, and under torch.compile it makes shapes data-dependent), in at
+        # least float32 and never below the features' precision (a float64 model's losses
+        # were rounded to float32).
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        real = torch.ones(B, C, A - 1, device=x.device, dtype=dtype)
         if channel_padding_mask is not None:
-            real = real * (~channel_padding_mask.to(x.device).bool()).float()[:, :, None]
+            real = real * (~channel_padding_mask.to(x.device).bool()).to(dtype)[:, :, None]
         weight = real / real.sum().clamp_min(1)  # (B, C, A-1), sums to 1
         head, out = self.forecast_head, {}
         next_codes = None
@@ -446,7 +470,7 @@ class HybridPretrainModel(nn.Module):
             next_codes = targets.reshape(B, C, A)[:, :, 1:]
             # -1: no code (padding, or a patch the tokenizer could not code): weight 0 in the
             # token terms (it was trained as code 0); no host-side check (a GPU sync)
-            coded = real * (next_codes >= 0).float()
+            coded = real * (next_codes >= 0).to(dtype)
             code_weight = coded / coded.sum().clamp_min(1)
             next_codes = next_codes.clamp_min(0)
             layer = head.token_layer()
@@ -458,19 +482,19 @@ class HybridPretrainModel(nn.Module):
                 code_weight.flatten(),
             )
             out["ar_token_loss"] = token.loss
-            out["ar_token_accuracy"] = (token.correct.float() * code_weight.flatten()).sum()
+            out["ar_token_accuracy"] = (token.correct.to(dtype) * code_weight.flatten()).sum()
         if self.config.predict_signal:
-            next_x = x[:, :, 1:].float()
+            next_x = x[:, :, 1:].to(dtype)
 
             def mean_squared_error(predicted: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-                return ((predicted.float() - next_x).pow(2).mean(-1) * weight).sum()
+                return ((predicted.to(dtype) - next_x).pow(2).mean(-1) * weight).sum()
 
             loss = mean_squared_error(head.samples(h), weight)
             if next_codes is not None:
                 conditioned = mean_squared_error(head.samples(h, next_codes), code_weight)
                 loss = 0.5 * (loss + conditioned)
             out["ar_signal_loss"] = loss
-        ar = torch.zeros((), device=x.device)
+        ar = torch.zeros((), device=x.device, dtype=dtype)
         if "ar_token_loss" in out:
             ar = ar + out["ar_token_loss"]
         if "ar_signal_loss" in out:
@@ -488,7 +512,8 @@ class HybridPretrainModel(nn.Module):
         channel_padding_mask: torch.Tensor | None = None,
         **masked_kwargs,
     ) -> HybridOutput:
-        """x (B, C, A, 200), input_chans (C + 1,) or (B, C + 1), targets (B, C·A) long.
+        """x (B, C, A, 200) or (B, C, A·200), input_chans (C + 1,) or (B, C + 1), targets
+        (B, C·A) integer codes (-1 = no code).
 
         ``mask`` and ``masked_kwargs`` go to the masked model unchanged.
         """
@@ -576,12 +601,9 @@ def _attention_step(
     """QKNormAttention over cache + new tokens: x (B, n, dim) normed input -> (B, n, dim)."""
     B, n, dim = x.shape
     H, D = attn.num_heads, attn.head_dim
-    bias = (
-        None
-        if attn.q_bias is None
-        else torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias))
-    )
-    q, k, v = F.linear(x, attn.qkv.weight, bias).view(B, n, 3, H, D).permute(2, 0, 3, 1, 4)
+    # the attention's own projection: a replaced or hooked qkv (a LoRA adapter, a feature
+    # hook) is called, as in the re-encoding path (its weight alone made the cache differ)
+    q, k, v = attn.qkv_projection(x).view(B, n, 3, H, D).permute(2, 0, 3, 1, 4)
     if attn.q_norm is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
     keys, values = cache.append(layer, k, v)
@@ -714,6 +736,12 @@ def generate(
         raise ValueError(f"mode must be 'tokens' or 'regression', got {mode!r}")
     if prompt.dim() != 4:
         raise ValueError(f"prompt must be (B, C, A, T), got {tuple(prompt.shape)}")
+    if not prompt.is_floating_point():
+        # the output comes back in the prompt's dtype: an integer one truncated the generated
+        # signal (units of 100 µV, mostly below 1) to zeros
+        raise ValueError(
+            f"prompt must be a floating-point signal (units of 100 µV), got {prompt.dtype}"
+        )
     B, C, A0, T = prompt.shape
     if A0 < 1:
         raise ValueError("prompt must hold at least one patch")
@@ -830,7 +858,17 @@ def hybrid_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
     Returns ``{"backbone": {...LaBraMConfig fields}, "vocab_size": V, "hybrid": {...}}``;
     raises ValueError naming what is missing when ``state`` is not a hybrid checkpoint.
     """
-    need = ("student.cls_token", "student.blocks.0.attn.qkv.weight", "lm_head.weight")
+    # every tensor read below: a missing one is named in a ValueError (a KeyError got past the
+    # callers' handling of a bad checkpoint)
+    need = (
+        "student.cls_token",
+        "student.pos_embed",
+        "student.time_embed",
+        "student.patch_embed.conv1.weight",
+        "student.blocks.0.attn.qkv.weight",
+        "student.blocks.0.mlp.fc1.weight",
+        "lm_head.weight",
+    )
     missing = [k for k in need if k not in state]
     if missing:
         raise ValueError(f"not a LaBraM pretraining checkpoint: missing {missing}")
@@ -860,7 +898,15 @@ def hybrid_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
         "predict_signal": "forecast_head.signal.2.weight" in state,
     }
     if hybrid["predict_signal"]:
+        # the signal head forecasts whole backbone patches: its size is the backbone's too
         hybrid["patch_size"] = int(state["forecast_head.signal.2.weight"].shape[0])
+        backbone["patch_size"] = hybrid["patch_size"]
+    # the forecasting head's own codebook size (HybridConfig.vocab_size may differ from the
+    # masked head's): rebuilt from lm_head, its checkpoint did not load
+    for key in ("forecast_head.token.weight", "forecast_head.code_embed.weight"):
+        if key in state:
+            hybrid["vocab_size"] = int(state[key].shape[0])
+            break
     return {
         "backbone": backbone,
         "vocab_size": int(state["lm_head.weight"].shape[0]),
