@@ -57,6 +57,7 @@ from eegfast.models.labram import (
     token_padding_mask,
     zero_padded_electrodes,
 )
+from eegfast.nn.linear import has_call_hooks
 from eegfast.nn.losses import linear_cross_entropy
 
 __all__ = [
@@ -723,7 +724,8 @@ def generate(
         mode: ``"tokens"`` (draw a code per electrode with ``temperature`` / ``top_k``, then the
             code-conditioned signal head) or ``"regression"`` (the plain regression head;
             deterministic).
-        use_cache: key/value cache (exact; the same result as re-encoding the context).
+        use_cache: key/value cache (exact; the same result as re-encoding the context). Not
+            used while a block or its attention has hooks (they run as the model runs).
         max_context: patches in the context window (default and maximum: the time embedding's
             rows). ``keep``: patches kept when the window is full (default ``max_context // 2``;
             the kept window is re-encoded once, then cached steps resume).
@@ -772,6 +774,10 @@ def generate(
 
     student = model.backbone
     check_causal_routing(student)
+    if use_cache and any(has_call_hooks(m) for b in student.blocks for m in (b, b.attn)):
+        # a cached step runs a block's norms, attention maths and MLP itself: hooks on a whole
+        # block or its attention (an ablation, a probe) would act only when re-encoding
+        use_cache = False
     was_training = model.training
     model.eval()
     try:

@@ -149,3 +149,23 @@ def test_cached_generation_calls_a_hooked_qkv_projection(qkv_bias):
         handle.remove()
     assert (encoded - plain).abs().amax() > 1e-6  # the hook acts
     assert_close(cached, encoded, scale=1e3)
+
+
+@pytest.mark.parametrize("where", ["block", "attn"])
+def test_cached_generation_runs_hooks_on_a_block_or_its_attention(where):
+    """A cached step runs a block's parts itself: a forward hook on a whole block or on its
+    attention (an ablation) acted only with use_cache=False, so the two paths differed."""
+    torch.manual_seed(0)
+    model = create_hybrid_model("labram_tiny_pretrain", dtype=torch.float64).eval()
+    prompt = _signal(batch=1, dtype=torch.float64)[:, :, :2]
+    plain = generate(model, prompt, CHANS, 3, mode="regression")
+    block = model.backbone.blocks[0]
+    module = block if where == "block" else block.attn
+    handle = module.register_forward_hook(lambda m, args, out: out * 0.5)
+    try:
+        cached = generate(model, prompt, CHANS, 3, mode="regression", use_cache=True)
+        encoded = generate(model, prompt, CHANS, 3, mode="regression", use_cache=False)
+    finally:
+        handle.remove()
+    assert (encoded - plain).abs().amax() > 1e-6  # the hook acts
+    assert_close(cached, encoded, scale=1e3)
