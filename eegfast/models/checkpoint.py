@@ -153,8 +153,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             ) from error
         # an opcode that no pickle of tensors holds: the bytes are not a pickle at all
         raise _unreadable(path, reason) from error
-    except (RuntimeError, EOFError) as error:  # zip reader / legacy reader: corrupt, truncated
-        raise _unreadable(path, str(error).splitlines()[0] if str(error) else "") from error
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError) as error:
+        # Corrupt or truncated: the zip reader raises RuntimeError, or OSError (EINVAL, no
+        # file name) for a zip cut short mid-way; the legacy and pickle readers EOFError, and
+        # KeyError / IndexError / UnicodeDecodeError for bytes that are no pickle (a text file).
+        text = str(error).splitlines()[0] if str(error) else ""
+        reason = f"{type(error).__name__}: {text}" if isinstance(error, LookupError) else text
+        raise _unreadable(path, reason) from error
     return unwrap_state_dict(obj, source=str(path))
 
 
@@ -279,12 +284,43 @@ def load_checkpoint(
             report.loaded.append(key)
     report.missing = [k for k in expected if k not in state and not k.startswith(skip)]
     if strict and not report.ok:
+        hints += _table_size_hints(report.mismatched, said=" ".join(hints))
         hint = "".join(f"\n{line}" for line in hints)
         raise CheckpointMismatchError(
             f"{name} does not match {type(model).__name__}:\n{report}{hint}"
         )
     model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     return report
+
+
+# The embedding tables whose rows are a config field: (key suffix, field, what a row is).
+_TABLES = (
+    ("pos_embed", "pos_rows", "electrode"),
+    ("time_embed", "max_patches", "patch (time)"),
+)
+
+
+def _table_size_hints(
+    mismatched: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]], *, said: str = ""
+) -> list[str]:
+    """For an electrode or time embedding table with another number of rows than the model's
+    (a checkpoint with an extended electrode table, 129 vs e.g. 137 rows, or another window
+    length), the config field that sizes it: eegfast does not resize tables on load.
+    ``said``: the hints given already (braindecode's names ``max_patches``); a field they
+    name is not named again."""
+    hints = []
+    for key, want, got in mismatched:
+        for suffix, field_name, row in _TABLES:
+            same_width = len(want) == len(got) == 3 and want[2] == got[2]
+            if key.rsplit(".", 1)[-1] != suffix or not same_width or want[1] == got[1]:
+                continue
+            if f"{field_name}=" not in said:
+                hints.append(
+                    f"{key}: the file's {row} table has {got[1]} rows, the model's {want[1]}; "
+                    f"build the model with create_model(name, {field_name}={got[1]}) "
+                    "(tables are not resized on load)"
+                )
+    return hints
 
 
 # braindecode's ``Labram`` (``braindecode.models.Labram``, braindecode 1.8) in its default

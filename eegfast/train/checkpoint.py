@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -40,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from eegfast.fileio import fsync_dir, fsync_file
@@ -177,14 +179,26 @@ def list_checkpoints(checkpoint_dir: str | Path) -> list[CheckpointInfo]:
         match = STEP_DIR.match(path.name)
         if match and (path / META).is_file() and (path / WEIGHTS).is_file():
             step = int(match.group(1))
-            found[step] = CheckpointInfo(path, step, json.loads((path / META).read_text()))
+            found[step] = CheckpointInfo(path, step, _read_meta_file(path / META))
         old = OLD_DIR.match(path.name)
         if old and _complete(path):
             aside[int(old.group(1))] = path
     for step, path in aside.items():
         if step not in found:
-            found[step] = CheckpointInfo(path, step, json.loads((path / META).read_text()))
+            found[step] = CheckpointInfo(path, step, _read_meta_file(path / META))
     return [found[step] for step in sorted(found)]
+
+
+def _read_meta_file(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``meta.json``; ValueError naming it when it is no JSON object (edited
+    by hand, or damaged: saves write it atomically), which json's own error does not."""
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable checkpoint meta.json ({error})") from error
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def set_aside_after(checkpoint_dir: str | Path, step: int) -> tuple[Path | None, list[Path]]:
@@ -305,7 +319,16 @@ def resolve_weights_path(path: str | Path, *, prefer: str = "best") -> Path:
 
 
 def load_weights(path: str | Path, *, prefer: str = "best") -> dict[str, torch.Tensor]:
-    return load_file(str(resolve_weights_path(path, prefer=prefer)))
+    """The tensors of the weights file ``path`` resolves to (:func:`resolve_weights_path`);
+    ValueError naming the file when it is corrupt or truncated (safetensors' own error names
+    no file, and is no ValueError: the commands showed a traceback)."""
+    weights = resolve_weights_path(path, prefer=prefer)
+    try:
+        return load_file(str(weights))
+    except SafetensorError as error:
+        raise ValueError(
+            f"{weights}: cannot read this safetensors file (corrupt or truncated?): {error}"
+        ) from error
 
 
 def read_meta(path: str | Path, *, prefer: str = "best") -> dict[str, Any]:
@@ -315,7 +338,7 @@ def read_meta(path: str | Path, *, prefer: str = "best") -> dict[str, Any]:
 def checkpoint_meta(checkpoint: str | Path) -> dict[str, Any]:
     """``meta.json`` of the checkpoint folder ``checkpoint`` ({} if it has none)."""
     meta = Path(checkpoint) / META
-    return json.loads(meta.read_text()) if meta.is_file() else {}
+    return _read_meta_file(meta) if meta.is_file() else {}
 
 
 def resumed_meta(resume: str | None, out: str | Path) -> dict[str, Any]:
@@ -334,8 +357,21 @@ def load_training_state(checkpoint: str | Path, *, mmap: bool = False) -> dict[s
 
     ``mmap=True`` maps the file instead of reading it: tensors are read from disk only when
     touched, so a process that needs only the small entries (a rank that receives the
-    optimiser state by broadcast) costs page cache, not a copy of the optimiser state."""
-    return torch.load(Path(checkpoint) / STATE, map_location="cpu", weights_only=True, mmap=mmap)
+    optimiser state by broadcast) costs page cache, not a copy of the optimiser state.
+
+    Raises FileNotFoundError for a missing ``state.pt``, ValueError naming it when it is
+    corrupt or truncated (torch's errors name no file)."""
+    path = Path(checkpoint) / STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (FileNotFoundError, PermissionError):
+        raise  # their messages name the file
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        # the zip reader: RuntimeError, or OSError (EINVAL) for a file cut short mid-way
+        reason = str(error).splitlines()[0] if str(error) else "the file ends too early"
+        raise ValueError(
+            f"{path}: cannot read this training state (corrupt or truncated?): {reason}"
+        ) from error
 
 
 # --- RNG states (kept as tensors and plain Python values so weights_only loading works) ---

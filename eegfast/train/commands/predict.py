@@ -262,6 +262,13 @@ def window_positions(data: TrainData) -> list[tuple[int, float]]:
     return positions
 
 
+def seconds_text(seconds: float) -> str:
+    """``seconds`` in full, without exponent (``4``, ``12345.675``): ``:g`` kept six digits,
+    so that windows past 10000 s lost their fraction (12345.675 -> 12345.7) and two windows
+    could share one start."""
+    return np.format_float_positional(seconds, trim="-")
+
+
 def write_predictions(
     path: Path,
     data: TrainData,
@@ -295,7 +302,7 @@ def write_predictions(
                     item.recording,
                     item.subject,
                     window,
-                    f"{start_s:g}",
+                    seconds_text(start_s),
                     task,
                     task_names[int(np.argmax(row))],
                     label,
