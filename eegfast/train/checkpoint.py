@@ -331,6 +331,21 @@ def load_weights(path: str | Path, *, prefer: str = "best") -> dict[str, torch.T
         ) from error
 
 
+def weight_shapes(checkpoint: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of each tensor in a checkpoint folder's weights file, read from its
+    header only; ValueError naming the file when it is corrupt or truncated."""
+    from safetensors import safe_open
+
+    path = Path(checkpoint) / WEIGHTS
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path}: cannot read this safetensors file (corrupt or truncated?): {error}"
+        ) from error
+
+
 def read_meta(path: str | Path, *, prefer: str = "best") -> dict[str, Any]:
     return checkpoint_meta(resolve_weights_path(path, prefer=prefer).parent)
 

@@ -906,11 +906,7 @@ def _check_weights_fit(checkpoint: Path, model: nn.Module, changes: list[str]) -
     """ValueError naming ``checkpoint`` when its weights do not fit ``model`` (other names or
     shapes: a model built with other settings), with the settings that changed since it was
     saved (``changes``); read from the file's header only."""
-    from safetensors import safe_open
-
-    path = Path(checkpoint) / ckpt.WEIGHTS
-    with safe_open(str(path), framework="pt") as f:
-        saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    saved = ckpt.weight_shapes(checkpoint)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     problems = [
         f"{k}: checkpoint {list(saved[k])}, model {list(own[k])}"

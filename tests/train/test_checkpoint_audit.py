@@ -91,16 +91,26 @@ def test_a_damaged_meta_json_names_the_file(tmp_path):
         ckpt.checkpoint_meta(checkpoint)
 
 
-def test_predictions_write_window_starts_in_full(tmp_path):
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_predictions_write_window_starts_in_full(tmp_path, command):
     """Starts past 10000 s (a long recording; event windows start at any sample): ``:g``
-    kept six digits, 12345.675 s became 12345.7 and 100000.5 s became 100000."""
+    kept six digits, 12345.675 s became 12345.7 and 100000.5 s became 100000 (in both
+    commands' predictions.csv)."""
     starts = [800, 2_469_135, 20_000_000, 20_000_100, 123_456_789]  # samples at 200 Hz
     recordings = [{"starts": starts}]
     # unlabelled windows of one recording
     items = [ItemInfo(0, "t", "S1", "rec.edf", -1, (0, 1), 4) for _ in starts]
     data = TrainData(SimpleNamespace(recordings=recordings), items, {"t": ["a", "b"]}, [])
     probs = np.tile([[0.25, 0.75]], (len(starts), 1))
-    path = write_predictions(tmp_path / "predictions.csv", data, {"t": ["a", "b"]}, [("t", probs)])
+    if command == "predict":
+        path = write_predictions(
+            tmp_path / "predictions.csv", data, {"t": ["a", "b"]}, [("t", probs)]
+        )
+    else:
+        from eegfast.train.commands import evaluate
+
+        scored = [("t", np.arange(len(starts)), probs)]
+        path = evaluate.write_predictions(tmp_path / "predictions.csv", data, scored)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["start_s"] for r in rows] == ["4", "12345.675", "100000", "100000.5", "617283.945"]
@@ -125,3 +135,13 @@ def test_another_table_size_names_the_config_field_that_sizes_it():
     assert "create_model(name, max_patches=8)" in message
     report = load_checkpoint(create_model("labram_tiny", pos_rows=137, max_patches=8), extended)
     assert report.ok
+
+
+def test_resume_from_a_truncated_weights_file_names_the_file(tmp_path):
+    """The engine reads a resumed checkpoint's header (shapes) before its weights: a truncated
+    model.safetensors gave safetensors' own error there, naming no file."""
+    checkpoint = _run_with_checkpoint(tmp_path)
+    assert ckpt.weight_shapes(checkpoint)
+    _cut(checkpoint / ckpt.WEIGHTS)
+    with pytest.raises(ValueError, match=str(checkpoint / ckpt.WEIGHTS)):
+        ckpt.weight_shapes(checkpoint)

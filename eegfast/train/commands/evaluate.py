@@ -51,6 +51,7 @@ from eegfast.train.commands.predict import (
     check_data,
     class_names,
     read_model_meta,
+    seconds_text,
     trained_on,
     window_positions,
 )
@@ -181,7 +182,7 @@ def write_predictions(
                     item.recording,
                     item.subject,
                     window,
-                    f"{start_s:g}",
+                    seconds_text(start_s),
                     names[item.label],
                     names[int(np.argmax(row))],
                     " ".join(f"{p:.6g}" for p in row),
