@@ -36,6 +36,7 @@ depend on how much padding the batch holds.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -74,7 +75,7 @@ class MoEFFN(nn.Module):
         num_experts: E in [1, 64]. top_k: k in [1, E] (1 or 2 in practice).
         out_dim: fc2 output size (default ``dim``).
         num_tasks: > 0 enables task-aware routing with ``task_routing``.
-        capacity_factor: None (dropless) or c > 0: each expert takes at most
+        capacity_factor: None (dropless) or a finite c > 0: each expert takes at most
             ``ceil(c * T * k / E)`` slots (T: the real, non-padding tokens), earliest tokens
             first; the others are dropped (their gate contribution is 0, the residual path
             carries the token) and counted in ``last_aux.dropped``. Dropped slots cost no
@@ -126,9 +127,17 @@ class MoEFFN(nn.Module):
             raise ValueError(f"num_tasks must be >= 0, got {num_tasks}")
         if task_routing not in ("bias", "embedding"):
             raise ValueError(f"task_routing must be 'bias' or 'embedding', got {task_routing!r}")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
-        if jitter_eps < 0:
+        for name, size in (("dim", dim), ("hidden", hidden), ("out_dim", out_dim)):
+            # (0 failed in reset_parameters with a bare "float division by zero")
+            if size is not None and not (isinstance(size, numbers.Integral) and size >= 1):
+                raise ValueError(f"{name} must be an int >= 1, got {size!r}")
+        if capacity_factor is not None and not 0 < capacity_factor < math.inf:
+            # inf, meant as "no limit", overflowed the capacity's integer: an OverflowError,
+            # or, with a padding mask, a negative capacity that dropped every slot silently
+            raise ValueError(
+                f"capacity_factor must be finite and > 0, or None (no limit), got {capacity_factor}"
+            )
+        if not jitter_eps >= 0:  # (NaN too)
             raise ValueError(f"jitter_eps must be >= 0, got {jitter_eps}")
         factory = {"device": device, "dtype": dtype}
         out_dim = out_dim or dim
@@ -340,11 +349,13 @@ class MoEFFN(nn.Module):
             counts, offsets = counts[:E], offsets[: E + 1]
             n_tokens = valid.sum()
         if self.capacity_factor is not None:
+            # At most every slot (T * k): no drops, as any larger capacity, which a huge factor
+            # (1e30) overflowed int64 with (every slot dropped, or an OverflowError).
             if valid is None:
-                capacity = math.ceil(self.capacity_factor * T * k / E)
+                capacity = math.ceil(min(self.capacity_factor * T * k / E, T * k))
             else:  # the same arithmetic over the real tokens, on the device (no host sync)
                 wide = n_tokens.to(torch.float64) * self.capacity_factor * k / E
-                capacity = wide.ceil().to(torch.int64)
+                capacity = wide.clamp_max(T * k).ceil().to(torch.int64)
             rank_in_expert = slot_pos - offsets[expert_idx.reshape(-1)]
             keep = (rank_in_expert < capacity).reshape(T, k)
             if valid is not None:

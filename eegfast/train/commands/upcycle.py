@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -20,17 +21,25 @@ from eegfast.fileio import write_text_atomic
 from eegfast.train import checkpoint as ckpt
 from eegfast.train.arch import backbone_from_checkpoint, build_model
 from eegfast.train.commands.common import CommandError, run_command, run_folder
-from eegfast.train.config import ModelConfig, RunConfig, config_to_dict, resolve_config, valid_keys
+from eegfast.train.config import (
+    ModelConfig,
+    RunConfig,
+    UpcycleConfig,
+    config_to_dict,
+    resolve_config,
+    valid_keys,
+)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    # as the training commands' --help: the keys --config and --set take (upcycle reads the
-    # upcycle.* keys, train.seed and model.name)
+    # as the training commands' --help: the keys --config and --set take
     parser.epilog = (
         "Configuration: defaults, then --config FILE (.toml/.yaml), then --set key=value "
-        "(repeatable; later wins); upcycle reads upcycle.*, train.seed and model.name. "
+        "(repeatable; later wins); upcycle reads upcycle.num_experts, top_k, layers and "
+        "noise_std, train.seed and model.name (upcycle.task_routing, router_aux_weight and "
+        "router_z_weight are fine-tuning settings: give them to eegfast finetune). "
         "Valid keys: " + ", ".join(valid_keys())
     )
     parser.add_argument(
@@ -81,8 +90,27 @@ def _main(args: argparse.Namespace) -> int:
         return _upcycle(args, config, named.model.name or None)
 
 
+# upcycle.* keys that only `eegfast finetune` reads (the aux-loss weights of its training step,
+# whether its routers get task ids): set for this command, they change nothing it writes
+FINETUNE_ONLY_KEYS = ("task_routing", "router_aux_weight", "router_z_weight")
+
+
 def _upcycle(args: argparse.Namespace, config: RunConfig, named: str | None = None) -> int:
     up = config.upcycle
+    # Said, not refused: one config file may serve every command. Silently ignored, a user's
+    # `--set upcycle.task_routing=false --tasks a,b` still built task routing, and aux weights
+    # set here never reached the fine-tuning, which reads its own configuration.
+    unused = [
+        f"upcycle.{key}={getattr(up, key)}"
+        for key in FINETUNE_ONLY_KEYS
+        if getattr(up, key) != getattr(UpcycleConfig(), key)
+    ]
+    if unused:
+        print(
+            f"eegfast upcycle: warning: {', '.join(unused)}: fine-tuning settings, not used by "
+            "upcycle (give them to eegfast finetune)",
+            file=sys.stderr,
+        )
     task_names = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
     # A task named twice would get two router ids, and fine-tuning would use only the last one.
     repeated = sorted({t for t in task_names if task_names.count(t) > 1})
