@@ -230,7 +230,14 @@ class MoEFFN(nn.Module):
                 if noise_std > 0 and dense.numel() > 1:
                     # (one value has no spread: its std is NaN, which made every expert NaN)
                     scale = noise_std * float(dense.detach().float().std())
-                    noise = torch.randn(stacked.shape, generator=generator, dtype=torch.float32)
+                    # drawn where the generator lives (CPU by default: the same noise on any
+                    # device); a CUDA generator cannot draw CPU numbers
+                    noise = torch.randn(
+                        stacked.shape,
+                        generator=generator,
+                        dtype=torch.float32,
+                        device=generator.device if generator is not None else "cpu",
+                    )
                     stacked.add_((noise * scale).to(stacked.device, stacked.dtype))
         if device is not None or dtype is not None:
             moe = moe.to(device=device, dtype=dtype)
