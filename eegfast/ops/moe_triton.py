@@ -352,7 +352,9 @@ def _weight_grad(p, q, index, row_div, offsets, dw, db, *, gather: bool) -> None
         blocks = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_J": 32}
     else:
         blocks = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_J": 64, "num_warps": 8, "num_stages": 3}
-    grid = (E, triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))
+    # At least one column block: its programs also write db, which is due even when N = 0
+    # (x with no features: db1; no hidden units: db2), and was left uninitialised
+    grid = (E, triton.cdiv(M, blocks["BLOCK_M"]), max(1, triton.cdiv(N, blocks["BLOCK_N"])))
     align = vector_align(M, N, q.stride(0))
     with launch_device(dw):
         wrap_triton(_grouped_weight_grad_kernel)[grid](

@@ -334,7 +334,9 @@ def vq_code_stats_triton(
     counts = torch.zeros(num_codes, dtype=torch.float32, device=z.device)
     sums = torch.zeros(num_codes, D, dtype=torch.float32, device=z.device)
     if N > 0:
-        block_d = triton.next_power_of_2(D)
+        # D = 0 still counts the rows (as the C++ and CUDA kernels): one masked-off column, where
+        # next_power_of_2(0) = 0 divided by zero here and made an empty tl.arange
+        block_d = max(1, triton.next_power_of_2(D))
         block_n = max(1, min(128, 4096 // block_d))
         align = vector_align(D, z.stride(0))
         with launch_device(z):
