@@ -330,9 +330,20 @@ def vq_code_stats(
         num_codes: K.
     Returns:
         counts (K,) float32 and sums (K, D) float32. Differentiable with respect to ``z``.
+
+    Under ``torch.use_deterministic_algorithms(True)`` GPU tensors take the reference path
+    (the GPU kernels' float atomics add in a varying order).
     """
     _check_stats_inputs(z, indices, num_codes)
     chosen = resolve_backend(backend, z.device, GPU_PREFERENCE)
+    if (
+        chosen != "reference"
+        and z.device.type != "cpu"
+        and torch.are_deterministic_algorithms_enabled()
+    ):
+        # the GPU kernels add rows up with float atomics (the order, and so the rounding,
+        # varies from run to run); index_add has a deterministic CUDA path in this mode
+        chosen = "reference"
     if chosen == "reference":
         # the C++ kernel refuses indices outside [-1, K); the reference skipped every negative
         # one (clamp and mask) and failed on K or more with an IndexError naming no argument.

@@ -50,3 +50,30 @@ def test_triton_moe_bias_gradients_with_an_empty_weight_dim(D, H):
     for name, got, expected in zip(("dx", "dw1", "db1", "dw2", "db2"), grads("triton"),
                                    grads("cpu"), strict=True):  # fmt: skip
         torch.testing.assert_close(got, expected, msg=name)
+
+
+def test_code_stats_on_a_gpu_take_the_reference_under_deterministic_algorithms(monkeypatch):
+    """The Triton and CUDA code-stats kernels add with float atomics (run-to-run rounding);
+    under torch.use_deterministic_algorithms(True) a GPU tensor now takes the reference
+    (index_add, deterministic in that mode). Shown with meta tensors standing in for a GPU's
+    and a GPU kernel that must not be reached."""
+    from eegfast.ops import vq as vq_module
+
+    def gpu_kernel(*args):
+        raise AssertionError("the atomic GPU kernel ran under deterministic algorithms")
+
+    monkeypatch.setattr(vq_module, "resolve_backend", lambda *args: "triton")
+    monkeypatch.setattr(
+        vq_module, "_triton_ops", lambda: type("T", (), {"vq_code_stats_triton": gpu_kernel})
+    )
+    z = torch.empty(6, 4, device="meta")
+    indices = torch.empty(6, dtype=torch.int64, device="meta")
+    with pytest.raises(AssertionError, match="atomic GPU kernel"):
+        vq_code_stats(z, indices, 3)  # not deterministic: the kernel's path
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        counts, sums = vq_code_stats(z, indices, 3)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert counts.shape == (3,) and sums.shape == (3, 4)
