@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -683,8 +684,10 @@ def sample_codes(
     """Draw one code per row of logits (..., V): temperature 0 = argmax; top_k keeps the k best."""
     if not temperature >= 0:  # also refuses NaN
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_k is not None and (
+        isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1
+    ):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
     if temperature == 0:
         return logits.argmax(-1)
     # Best score shifted to 0 and float64: a tiny temperature then sends the others to -inf

@@ -10,6 +10,7 @@ floating-point rounding of the gate-weighted sum) whatever the router does.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -66,9 +67,13 @@ def upcycle(
     if blocks is None:
         raise TypeError(f"upcycle: {type(model).__name__} has no .blocks")
     count = len(blocks)
+    if layers is not None and not isinstance(layers, Iterable):
+        raise TypeError(f"upcycle: layers must be a list of block indices, got {layers!r}")
     chosen = range(count) if layers is None else list(layers)
     indices = []
     for i in chosen:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"upcycle: layers must hold ints, got {i!r}")
         if not -count <= i < count:
             raise IndexError(f"upcycle: layer {i} out of range for {count} blocks")
         indices.append(i % count)

@@ -412,6 +412,8 @@ def test_sample_codes_temperature_and_top_k():
         sample_codes(logits, temperature=-1.0)
     with pytest.raises(ValueError, match="top_k"):
         sample_codes(logits, top_k=0)
+    with pytest.raises(ValueError, match="top_k must be an int >= 1 or None, got 2.5"):
+        sample_codes(logits, top_k=2.5)  # (torch's own error named k)
 
 
 def test_generate_argument_errors():

@@ -109,6 +109,11 @@ def test_noise_and_errors():
         upcycle(RefModel(depth=2), num_experts=2, top_k=3)
     with pytest.raises(TypeError, match="no .blocks"):
         upcycle(nn.Linear(2, 2))
+    # one int for a list ("'int' object is not iterable"), or 1.0 (a float index)
+    with pytest.raises(TypeError, match="layers must be a list of block indices, got 1"):
+        upcycle(RefModel(depth=2), layers=1)
+    with pytest.raises(TypeError, match="layers must hold ints, got 1.0"):
+        upcycle(RefModel(depth=2), layers=[1.0])
     bad = RefModel(depth=1)
     bad.blocks[0].mlp.act = nn.GELU(approximate="tanh")
     with pytest.raises(TypeError, match="exact"):
