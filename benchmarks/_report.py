@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 import eegfast
-from eegfast.fileio import write_text_atomic
+from eegfast.fileio import write_bytes_atomic, write_text_atomic
 from eegfast.ops import vq_ema_update, vq_nearest, vq_nearest_reference
 from eegfast.ops.vq import labram_recipe_ema, labram_recipe_lookup
 
@@ -263,14 +264,23 @@ def run_vq_cases(
     timer: Timer,
     *,
     progress: Callable[[str], None] = print,
+    on_result: Callable[[list[Result]], None] | None = None,
 ) -> list[Result]:
     """Time lookup and lookup+EMA for every shape (N, K, D) and dtype with every implementation.
 
     Inputs are random unit-norm rows (seed 0). The first ``CHECK_ROWS`` indices of each lookup
     are compared with :func:`vq_nearest_reference` (float64), and the state after one lookup +
-    EMA step with :func:`ema_reference_step` (:func:`ema_match`).
+    EMA step with :func:`ema_reference_step` (:func:`ema_match`). ``on_result(results so far)``
+    is called after every result (the GPU runner writes its tables there, so that a run stopped
+    at its time limit keeps the rows it finished).
     """
     results: list[Result] = []
+
+    def add(result: Result) -> None:
+        results.append(result)
+        if on_result is not None:
+            on_result(results)
+
     for n, k, d in shapes:
         for dtype in dtypes:
             generator = torch.Generator().manual_seed(0)
@@ -280,17 +290,13 @@ def run_vq_cases(
             for name, fn in lookup_impls(backends, z, codebook).items():
                 progress(f"lookup     {name:16s} {case}")
                 if isinstance(fn, str):
-                    results.append(Result("lookup", name, **case, ms=None, note=fn))
+                    add(Result("lookup", name, **case, ms=None, note=fn))
                 else:
-                    results.append(
-                        _measure("lookup", name, case, _time_lookup, timer, fn, z, codebook)
-                    )
+                    add(_measure("lookup", name, case, _time_lookup, timer, fn, z, codebook))
             initial = EmaState.start(codebook, n)
             for name, step in ema_impls(backends).items():
                 progress(f"lookup+ema {name:16s} {case}")
-                results.append(
-                    _measure("lookup+ema", name, case, _time_step, timer, step, z, initial)
-                )
+                add(_measure("lookup+ema", name, case, _time_step, timer, step, z, initial))
     return results
 
 
@@ -429,7 +435,10 @@ def plot_results(results: Sequence[Result], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    # atomic, as the tables: a run stopped while saving leaves the previous plot
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_results(
@@ -438,8 +447,11 @@ def write_results(
     title: str,
     env: dict[str, object],
     results: Sequence[Result],
+    *,
+    png: bool = True,
 ) -> dict[str, Path]:
-    """Write ``name``.json, ``name``.md and ``name``.png into ``out_dir``; returns the paths."""
+    """Write ``name``.json, ``name``.md and (with ``png``) ``name``.png into ``out_dir``;
+    returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {suffix: out / f"{name}.{suffix}" for suffix in ("json", "md", "png")}
@@ -453,5 +465,6 @@ def write_results(
         json.dumps({"title": title, "environment": env, "results": records}, indent=2) + "\n",
     )
     write_text_atomic(paths["md"], markdown_report(title, env, results))
-    plot_results(results, paths["png"], title)
+    if png:
+        plot_results(results, paths["png"], title)
     return paths

@@ -9,7 +9,9 @@ For N=32768 rows, K=8192 codes, D in (32, 64), fp32 and bf16: lookup (eegfast "c
 argmax; ``torch.compile`` of it; ``labram_recipe_lookup``) and lookup + EMA update (eegfast vs
 ``labram_recipe_lookup`` + ``labram_recipe_ema``). Times are medians from
 ``triton.testing.do_bench``. The first 256 indices of every lookup are checked against
-``vq_nearest_reference``. Writes ``gpu_vq.json``, ``gpu_vq.md`` and ``gpu_vq.png`` into ``--out``.
+``vq_nearest_reference``. Writes ``gpu_vq.json``, ``gpu_vq.md`` and ``gpu_vq.png`` into ``--out``;
+the .json and .md are rewritten after every row, so a run stopped at its time limit keeps the
+rows it finished.
 """
 
 from __future__ import annotations
@@ -48,12 +50,15 @@ def do_bench_timer(fn: Callable[[], object], reset: Callable[[], object] | None)
     return do_bench(reset_then_fn, return_mode="median") - do_bench(reset, return_mode="median")
 
 
-def run_vq() -> list:
+def run_vq(on_result: Callable[[list], None] | None = None) -> list:
+    """The VQ rows; ``on_result(rows so far)`` after every row (the tables are written there)."""
     statuses = available_backends()
     backends = [name for name in ("cuda", "triton") if statuses[name].available]
     for name in ("cuda", "triton"):
         print(f"eegfast backend {name}: {statuses[name]}")
-    return run_vq_cases(GPU_SHAPES, GPU_DTYPES, "cuda", backends, do_bench_timer)
+    return run_vq_cases(
+        GPU_SHAPES, GPU_DTYPES, "cuda", backends, do_bench_timer, on_result=on_result
+    )
 
 
 def vq_kernel_breakdown() -> str:
@@ -127,8 +132,16 @@ def main(argv: list[str] | None = None) -> int:
             print(paths["md"].read_text())
             print("wrote " + ", ".join(str(p) for p in paths.values()))
             continue
-        results = OPS[op]()
-        paths = write_results(args.out, f"gpu_{op}", f"eegfast {op} on {env['gpu']}", env, results)
+        name, title = f"gpu_{op}", f"eegfast {op} on {env['gpu']}"
+
+        def partial(results: list, name: str = name, title: str = title) -> None:
+            # the table so far, after every row (no plot: a second per write): a stage stopped
+            # at its time limit keeps the rows it finished
+            write_results(args.out, name, f"{title} (partial: the run goes on)", env, results,
+                          png=False)  # fmt: skip
+
+        results = OPS[op](partial)
+        paths = write_results(args.out, name, title, env, results)
         paths["kernels"] = write_kernel_tables(
             args.out, f"gpu_{op}", f"eegfast {op}", BREAKDOWNS[op]()
         )

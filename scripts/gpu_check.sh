@@ -116,6 +116,17 @@ wait_build() {
   "$PY" -c "from eegfast.ops import available_backends as a; [print(k, v) for k, v in a().items()]" 2>&1 | tee -a "$SUMMARY"
 }
 
+# results.tar.gz: the tables so far, replaced whole (a tar stopped half-way, by the machine's
+# kill at its command limit, say, leaves the previous stage's archive, not a truncated one).
+save_results() {
+  local part=$OUT/results.tar.gz.part
+  if tar -czf "$part" -C "$RESULTS" . 2>/dev/null; then
+    mv -f "$part" "$OUT/results.tar.gz"
+  else
+    rm -f "$part"
+  fi
+}
+
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -m gpu -o addopts=-ra)
 # pytest-xdist, where installed, compiles the Triton kernels of several tests at once.
 workers() { "$PY" -c "import xdist" 2>/dev/null && echo "-n $1"; }
@@ -154,7 +165,7 @@ for s in "${stages[@]}"; do
   head-loss) stage head-loss 90 bench.log "$PY" -m benchmarks.bench_losses --gpu --out "$RESULTS" ;;
   pretrain-large) stage pretrain-large 240 bench.log "$PY" -m benchmarks.bench_pretrain --gpu --size large --out "$RESULTS" ;;
   esac
-  tar -czf "$OUT/results.tar.gz" -C "$RESULTS" . 2>/dev/null
+  save_results
 done
 note "done$([ $FAILED -eq 0 ] || echo ': a stage failed, was skipped or timed out')"
 exit $FAILED
