@@ -137,15 +137,31 @@ at::Tensor gather_sum_tensor(const at::Tensor& src, const at::Tensor* gates,
   return out;
 }
 
-std::vector<int64_t> offsets_on_host(const at::Tensor& offsets) {
+// offsets on the host, checked: 0, non-decreasing, at most S = T * top_k (the rows the
+// kernels narrow to; past S the backward's narrow failed with a message naming no argument).
+std::vector<int64_t> offsets_on_host(const at::Tensor& offsets, int64_t S, const char* op) {
   const at::Tensor o = offsets.to(at::kCPU).contiguous();
   const int64_t* p = o.data_ptr<int64_t>();
   std::vector<int64_t> host(p, p + o.numel());
-  TORCH_CHECK(host[0] == 0, "moe_expert_ffn: offsets[0] must be 0, got ", host[0]);
+  TORCH_CHECK(host[0] == 0, op, ": offsets[0] must be 0, got ", host[0]);
   for (size_t e = 0; e + 1 < host.size(); ++e)
-    TORCH_CHECK(host[e] <= host[e + 1], "moe_expert_ffn: offsets must be non-decreasing, got "
-                "offsets[", e, "] = ", host[e], " > offsets[", e + 1, "] = ", host[e + 1]);
+    TORCH_CHECK(host[e] <= host[e + 1], op, ": offsets must be non-decreasing, got offsets[", e,
+                "] = ", host[e], " > offsets[", e + 1, "] = ", host[e + 1]);
+  TORCH_CHECK(host.back() <= S, op, ": offsets[E] = ", host.back(), " > T * top_k = ", S);
   return host;
+}
+
+// The forward gathers x[sorted_slots // top_k] by index_select, whose out-of-range error
+// names no argument: checked here once, serially (O(T k)), as eegfast.ops.moe_expert_ffn does
+// in eager mode, so that a compiled graph (where it skips its check) or a direct op call says
+// which argument is wrong.
+void check_sorted_slots(const at::Tensor& sorted_slots) {
+  const at::Tensor ss = sorted_slots.contiguous();
+  const int64_t* slot = ss.data_ptr<int64_t>();
+  const int64_t S = ss.numel();
+  for (int64_t j = 0; j < S; ++j)
+    TORCH_CHECK(slot[j] >= 0 && slot[j] < S, "moe_expert_ffn: sorted_slots[", j, "] = ",
+                slot[j], " is outside [0, T * top_k = ", S, ") (token slots)");
 }
 
 // Rows of x in expert-sorted order: x[sorted_slots // top_k]. One gather for all experts.
@@ -160,8 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_expert_ffn_cpu(
     int64_t top_k) {
   check_moe_ffn_inputs(x, sorted_slots, offsets, w1, b1, w2, b2, top_k);
   const int64_t S = sorted_slots.size(0), E = w1.size(0), H = w1.size(1), Dout = w2.size(1);
-  const std::vector<int64_t> offset = offsets_on_host(offsets);
-  TORCH_CHECK(offset[E] <= S, "moe_expert_ffn: offsets[E] = ", offset[E], " > T * top_k = ", S);
+  const std::vector<int64_t> offset = offsets_on_host(offsets, S, "moe_expert_ffn");
+  check_sorted_slots(sorted_slots);
   at::Tensor y = at::empty({S, Dout}, x.options());
   at::Tensor a1 = at::empty({S, H}, x.options());
   at::Tensor h = at::empty({S, H}, x.options());
@@ -222,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
                   "moe_expert_ffn_bwd: sorted_slots must be a permutation of [0, T * top_k) and "
                   "slot_pos its inverse (as moe_dispatch gives them); they disagree at ", j);
   }
-  const std::vector<int64_t> offset = offsets_on_host(offsets);
+  const std::vector<int64_t> offset = offsets_on_host(offsets, S, "moe_expert_ffn_bwd");
   at::Tensor dy = grad_y.to(x.scalar_type());
   at::Tensor dx_sorted = at::zeros({S, D}, x.options());
   at::Tensor dw1 = at::zeros_like(w1, at::MemoryFormat::Contiguous);
