@@ -81,7 +81,9 @@ def convert(model: nn.Module, *, backend: str | None = None, verify: bool = True
         backend: backend of :func:`eegfast.ops.qk_norm_attention_packed` used by the
             replacements (None = automatic by device).
         verify: compare each replacement with the original on a small random input (eval
-            mode, no grad) before swapping it in, and leave the module alone if they differ.
+            mode, no grad, autocast off) before swapping it in, and leave the module alone if
+            they differ. Modules on the meta device cannot run: only the structural checks
+            apply to them.
 
     Returns:
         The number of modules replaced. :func:`convert_report` lists them and, for modules
@@ -316,8 +318,12 @@ def _verify(original: nn.Module, replacement: nn.Module) -> str | None:
     try:
         original.eval()
         replacement.eval()
-        expected = original(x)
-        got = replacement(x)
+        # In the weights' own dtype whatever autocast region convert is called from: under
+        # autocast both ran in bf16/fp16, their difference was held to the fp32 tolerance, and
+        # every module was left alone with "outputs differ".
+        with torch.autocast(weight.device.type, enabled=False):
+            expected = original(x)
+            got = replacement(x)
     except Exception as error:  # noqa: BLE001 - any failure means: do not convert
         return f"verification run failed: {type(error).__name__}: {error}"
     finally:

@@ -32,7 +32,8 @@ class LinearCrossEntropy(NamedTuple):
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     device = hidden.device.type
-    if torch.is_autocast_enabled(device):
+    # float64 is not autocast-eligible: the autocast head's Linear keeps fp64 products.
+    if torch.is_autocast_enabled(device) and hidden.dtype != torch.float64:
         return torch.get_autocast_dtype(device)
     return hidden.dtype
 
@@ -159,6 +160,10 @@ def linear_cross_entropy(
     if weight.dim() != 2 or weight.shape[1] != E:
         raise ValueError(f"weight must be (V, E={E}), got shape {tuple(weight.shape)}")
     V = weight.shape[0]
+    if V == 0:
+        raise ValueError(
+            f"weight must have at least one row (V >= 1), got shape {tuple(weight.shape)}"
+        )
     if bias is not None and bias.shape != (V,):
         raise ValueError(f"bias must be (V={V},), got shape {tuple(bias.shape)}")
     if labels.shape != (T,) or labels.dtype != torch.long:

@@ -232,3 +232,29 @@ def test_float64_inputs_keep_float64_precision():
         lambda h, w, b: linear_cross_entropy(h, w, b, labels, token_weight, chunk_rows=2).loss,
         tuple(leaves(hidden, weight, bias)),
     )
+
+
+def test_float64_inputs_under_autocast_keep_float64_products():
+    # fp64 is not autocast-eligible: the autocast head's Linear runs fp64 products, while these
+    # were taken in the autocast dtype (bf16: loss off by ~1e-3, per_token fp32).
+    hidden, weight, bias, labels, token_weight = make_case(9, 20, 33, True, 10, torch.float64)
+    token_weight = token_weight.double()
+    ours, theirs = leaves(hidden, weight, bias), leaves(hidden, weight, bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_cross_entropy(*ours, labels, token_weight, chunk_rows=4)
+        logits = F.linear(*theirs)
+        assert logits.dtype == torch.float64
+        per_token = F.cross_entropy(logits, labels, reduction="none")
+        loss = (per_token * token_weight).sum()
+    assert out.loss.dtype == out.per_token.dtype == torch.float64
+    torch.testing.assert_close(out.per_token, per_token.detach(), rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads(out.loss, ours), grads(loss, theirs), strict=True):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_weight_without_rows_is_named():
+    # V = 0 divided by zero choosing the default chunk size (ZeroDivisionError, no argument).
+    hidden, _, _, labels, token_weight = make_case(7, 20, 11, False, 11)
+    with pytest.raises(ValueError, match=r"weight must have at least one row"):
+        linear_cross_entropy(hidden, torch.zeros(0, 20), None, labels, token_weight)
