@@ -40,6 +40,7 @@ from torch import nn
 from eegfast.fileio import write_atomic, write_text_atomic
 from eegfast.train.arch import backbone_from_checkpoint, build_model, load_trained, routes_by_task
 from eegfast.train.commands.common import (
+    REPORT_ARTEFACTS,
     CommandError,
     add_run_arguments,
     resolve,
@@ -453,6 +454,11 @@ def _main(args: argparse.Namespace) -> int:
             )
             notes = [f"linear probe on frozen features of `{args.model}`"]
         if runtime.dist.is_main:
+            # An earlier evaluation's report files go first: the new ones are written one by
+            # one, and one stopped half way (Ctrl-C, a kill) had left a mix of the two
+            # evaluations (this one's results.csv beside another model's predictions.csv).
+            for name in REPORT_ARTEFACTS:
+                (out / name).unlink(missing_ok=True)
             write_outputs(
                 result,
                 data,
@@ -461,10 +467,8 @@ def _main(args: argparse.Namespace) -> int:
                 notes=notes,
                 fixed_model=bool(scored),
             )
-            if scored:
+            if scored:  # (a linear probe has none: an earlier one's went above)
                 write_predictions(out / "predictions.csv", data, scored)
-            else:  # an earlier evaluation's (another model's) rows must not pass for the probe's
-                (out / "predictions.csv").unlink(missing_ok=True)
             say(runtime, (out / "report.md").read_text())
             say(runtime, f"report: {out / 'report.md'}")
         return 0

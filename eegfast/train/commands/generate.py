@@ -563,7 +563,7 @@ def write_output(
     ``generated_from_s``: where the generated part starts (a prompt may come before it).
     ``label``: the class of the generated part (see the module docstring), or None.
     """
-    from eegfast.fileio import write_atomic, write_json_atomic
+    from eegfast.fileio import fsync_dir, write_atomic, write_json_atomic
 
     path = Path(path)
     suffix = path.suffix.lower()
@@ -579,6 +579,14 @@ def write_output(
             with open(tmp, "wb") as f:
                 np.save(f, micro)
 
+        # The pair is two files, replaced one after the other: the old sidecar goes first, so
+        # that a run stopped in between (Ctrl-C, a kill) leaves a .npy without a sidecar (a
+        # prompt then asks for --channels; a rerun needs --overwrite), never the new signal
+        # beside the old one's channel names, which a prompt read would take as its own.
+        sidecar_path = path.with_suffix(".json")
+        if sidecar_path.is_file():
+            sidecar_path.unlink()
+            fsync_dir(path.parent)
         write_atomic(path, save_npy)
         sidecar = {
             "channels": labels,
@@ -589,7 +597,7 @@ def write_output(
             "label": label,
             **(metadata or {}),
         }
-        write_json_atomic(path.with_suffix(".json"), sidecar)
+        write_json_atomic(sidecar_path, sidecar)
         return path
 
     import mne

@@ -214,6 +214,10 @@ def _main(args: argparse.Namespace) -> int:
     labelled = [str(data / "motor_imagery"), str(data / "arithmetic")]
     # A quickstart runs the recipe afresh: a second one into the same --out replaces the runs.
     common = ["--seed", str(args.seed), "--overwrite", *progress]
+    # The earlier quickstart's report goes before its runs do: one stopped from here on (or
+    # failing) would leave it describing runs that are replaced or gone. Written anew at the end.
+    for name in ("report.md", "pretraining_loss.png"):
+        (out / name).unlink(missing_ok=True)
     _run(
         "tokenizer",
         [

@@ -17,10 +17,16 @@ from pathlib import Path
 
 import torch
 
-from eegfast.fileio import write_text_atomic
+from eegfast.fileio import fsync_dir, write_text_atomic
 from eegfast.train import checkpoint as ckpt
 from eegfast.train.arch import backbone_from_checkpoint, build_model
-from eegfast.train.commands.common import CommandError, run_command, run_folder
+from eegfast.train.commands.common import (
+    CommandError,
+    _refuse_previous_run,
+    check_out,
+    run_command,
+    run_folder,
+)
 from eegfast.train.config import (
     ModelConfig,
     RunConfig,
@@ -86,8 +92,15 @@ def _main(args: argparse.Namespace) -> int:
     config = resolve_config(RunConfig(), args.config, [*args.overrides, *extra])
     # model.name as the user set it: a checkpoint file given to --model must then be that model
     named = resolve_config(RunConfig(model=ModelConfig(name="")), args.config, args.overrides)
-    with run_folder(args):  # checks --out first (and refuses again under its lock)
-        return _upcycle(args, config, named.model.name or None)
+    out = Path(args.out)
+    check_out(out)
+    if not args.overwrite:  # said before the models are built (refused again under the lock)
+        _refuse_previous_run(out, can_resume=False)
+    # Built and checked before --out is claimed: --overwrite clears the earlier model only once
+    # this one is known to be good (a typo in --model or upcycle.layers had deleted it first).
+    model, meta = _upcycle(args, config, named.model.name or None)
+    with run_folder(args):
+        return _write(args, model, meta)
 
 
 # upcycle.* keys that only `eegfast finetune` reads (the aux-loss weights of its training step,
@@ -95,7 +108,11 @@ def _main(args: argparse.Namespace) -> int:
 FINETUNE_ONLY_KEYS = ("task_routing", "router_aux_weight", "router_z_weight")
 
 
-def _upcycle(args: argparse.Namespace, config: RunConfig, named: str | None = None) -> int:
+def _upcycle(
+    args: argparse.Namespace, config: RunConfig, named: str | None = None
+) -> tuple[torch.nn.Module, dict]:
+    """The upcycled model and its checkpoint meta; CommandError for a model or settings that
+    do not work. Writes nothing."""
     up = config.upcycle
     # Said, not refused: one config file may serve every command. Silently ignored, a user's
     # `--set upcycle.task_routing=false --tasks a,b` still built task routing, and aux weights
@@ -174,14 +191,27 @@ def _upcycle(args: argparse.Namespace, config: RunConfig, named: str | None = No
         "config": config_to_dict(config),
         "metric": None,
     }
+    return moe, meta
+
+
+def _write(args: argparse.Namespace, moe: torch.nn.Module, meta: dict) -> int:
+    """The checkpoint, then ``upcycle.json`` (a copy of its meta, for reading)."""
     out = Path(args.out)
+    summary = out / "upcycle.json"
+    # An earlier model's summary goes first (--overwrite keeps it: it is no run artefact), so
+    # that a run stopped between the two writes leaves no summary of other experts beside the
+    # new checkpoint, which holds the same record in its meta.json.
+    if summary.is_file():
+        summary.unlink()
+        fsync_dir(out)
     path = ckpt.save_checkpoint(out / "checkpoints", 0, moe.state_dict(), {"step": 0}, meta)
-    write_text_atomic(out / "upcycle.json", json.dumps(meta, indent=2, default=str) + "\n")
+    write_text_atomic(summary, json.dumps(meta, indent=2, default=str) + "\n")
+    up, name = meta["arch"]["upcycle"], meta["arch"]["name"]
     print(
-        f"upcycled {backbone_arch['name']} from {args.model}: {up.num_experts} experts, "
-        f"top-{up.top_k}"
-        f", task routing over {task_names or 'no tasks'}; parameters "
+        f"upcycled {name} from {args.model}: {up['num_experts']} experts, top-{up['top_k']}"
+        f", task routing over {meta['task_names'] or 'no tasks'}; parameters "
         f"{meta['dense_parameters']:,} -> {meta['moe_parameters']:,}; max |MoE - dense| on a "
-        f"probe = {max_diff:.2e}{' (noise added)' if up.noise_std else ''}; checkpoint {path}"
+        f"probe = {meta['probe_max_abs_diff']:.2e}"
+        f"{' (noise added)' if up['noise_std'] else ''}; checkpoint {path}"
     )
     return 0
