@@ -484,3 +484,54 @@ def test_a_fine_tuning_folder_given_as_weights_names_its_fold_models(tmp_path):
         assert str(tmp_path / "ft" / "fold1" / "multitask") in str(err)
     with pytest.raises(FileNotFoundError, match="expected a .safetensors file"):
         ckpt.resolve_weights_path(tmp_path / "elsewhere")
+
+
+def test_overwrite_that_fails_before_writing_keeps_the_earlier_run(prepared, tmp_path, capsys):
+    # --overwrite deleted the earlier run as --out was claimed: a typo in --data (found after
+    # the claim) left only .lock where the checkpoints had been
+    out = tmp_path / "tok"
+    assert cli(tokenizer_argv(prepared, out, "train.max_steps=2")) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    argv = tokenizer_argv(tmp_path / "no-such-data", out, "train.max_steps=1", "--overwrite")
+    assert cli(argv) == 2
+    assert "no-such-data" in capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # all of it back
+    assert steps(out) == [2]
+
+
+def test_overwrite_sets_the_earlier_run_aside_until_the_new_one_has_written(tmp_path):
+    import argparse
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (out / "metrics.csv").write_text("step,train/loss\n2,1.0\n")
+    (out / "fold0" / "single").mkdir(parents=True)
+    (out / "fold0" / "single" / "config.yaml").write_text("old: 1\n")
+    (out / "notes.txt").write_text("mine")  # not a run's: never touched
+    args = argparse.Namespace(out=out, overwrite=True, resume=None)
+
+    with pytest.raises(RuntimeError, match="failed after writing"):  # wrote, then failed
+        with common.run_folder(args):
+            assert not (out / "metrics.csv").exists()  # set aside while the run goes on
+            assert [p.name for p in out.glob(".replaced-*")] == [f".replaced-{os.getpid()}"]
+            (out / "metrics.csv").write_text("step,train/loss\n1,2.0\n")
+            raise RuntimeError("failed after writing")
+    assert (out / "metrics.csv").read_text().endswith("1,2.0\n")  # the new run's, resumable
+    assert not (out / "checkpoints").exists() and not (out / "fold0").exists()
+    assert not list(out.glob(".replaced-*")) and (out / "notes.txt").read_text() == "mine"
+
+    # a run killed (no cleanup) before writing: the next claim puts its predecessor back
+    aside = out / ".replaced-99999999"
+    (aside / "fold1" / "single").mkdir(parents=True)
+    (aside / "fold1" / "single" / "config.yaml").write_text("old: 2\n")
+    os.replace(out / "metrics.csv", aside / "metrics.csv")
+    with pytest.raises(common.CommandError, match="holds an earlier run"):
+        with common.run_folder(argparse.Namespace(out=out, overwrite=False, resume=None)):
+            pass
+    assert (out / "fold1" / "single" / "config.yaml").read_text() == "old: 2\n"
+    assert (out / "metrics.csv").is_file() and not aside.exists()
+
+    with common.run_folder(args):  # a run that ends: the earlier one is gone
+        (out / "config.yaml").write_text("new: 1\n")
+    assert not (out / "metrics.csv").exists() and not (out / "fold1").exists()
+    assert not list(out.glob(".replaced-*")) and (out / "config.yaml").is_file()

@@ -261,31 +261,70 @@ def previous_run(out: Path) -> list[Path]:
     return checkpoints + metrics  # newest checkpoint first
 
 
-def clear_previous_run(out: Path) -> None:
-    """Remove what an earlier run wrote (``RUN_ARTEFACTS`` in each run folder, the reports):
-    each is first renamed to a hidden name, so that a crash half way leaves no partial
-    checkpoint looking complete."""
-    from eegfast.fileio import fsync_dir
-
+def _artefacts(out: Path) -> list[Path]:
+    """What a run left in ``out`` (``RUN_ARTEFACTS`` in each run folder, the reports)."""
+    found = []
     for folder in _run_folders(out):
         names = RUN_ARTEFACTS + (REPORT_ARTEFACTS if folder == out else ())
-        for name in names:
-            path = folder / name
-            if not path.exists():
-                continue
-            trash = folder / f".old-{name}-{os.getpid()}"
-            os.replace(path, trash)
-            fsync_dir(folder)
-            if trash.is_dir():
-                shutil.rmtree(trash)
-            else:
-                trash.unlink()
-        if folder != out:
-            with contextlib.suppress(OSError):  # empty fold folders of the old run
-                folder.rmdir()
+        found += [folder / name for name in names if (folder / name).exists()]
+    return found
+
+
+# An earlier run's artefacts while --overwrite replaces it: OUT/.replaced-<pid>/<same paths>.
+SET_ASIDE = ".replaced-"
+
+
+def set_previous_run_aside(out: Path) -> Path | None:
+    """Move an earlier run's artefacts into ``out/.replaced-<pid>/`` (renames: cheap, and a
+    crash half way loses nothing); None when there were none. :func:`discard_set_aside` deletes
+    them once the new run has written, :func:`restore_set_aside` puts them back."""
+    from eegfast.fileio import fsync_dir
+
+    found = _artefacts(out)
+    if not found:
+        return None
+    aside = out / f"{SET_ASIDE}{os.getpid()}"
+    for path in found:
+        target = aside / path.relative_to(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    for folder in _run_folders(out)[1:]:  # the old run's now empty fold folders
+        with contextlib.suppress(OSError):
+            folder.rmdir()
     for fold in out.glob("fold*"):
         with contextlib.suppress(OSError):
             fold.rmdir()
+    fsync_dir(out)
+    return aside
+
+
+def restore_set_aside(out: Path, aside: Path) -> None:
+    """Put the artefacts :func:`set_previous_run_aside` moved back where they were."""
+    from eegfast.fileio import fsync_dir
+
+    for path in sorted(aside.glob("*")) + sorted(aside.glob("fold*/*/*")):
+        name = path.name
+        if name in RUN_ARTEFACTS or (path.parent == aside and name in REPORT_ARTEFACTS):
+            target = out / path.relative_to(aside)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+    shutil.rmtree(aside, ignore_errors=True)
+    fsync_dir(out)
+
+
+def discard_set_aside(aside: Path) -> None:
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _recover_set_aside(out: Path) -> None:
+    """Under the lock: a run killed while its predecessor was set aside. If it wrote nothing,
+    the predecessor goes back (as if that run had not started); otherwise it is deleted."""
+    for aside in sorted(out.glob(f"{SET_ASIDE}*")):
+        if aside.is_dir() and not _artefacts(out):
+            restore_set_aside(out, aside)
+        else:
+            discard_set_aside(aside)
 
 
 def resolve_resume(resume: str | None, out: Path, expected: set[str] | None) -> str | None:
@@ -337,8 +376,9 @@ def run_folder(
     Checks that --out is a folder (or new) and that --resume names something resumable, then,
     on rank 0 only (the one process that writes under torchrun), takes ``OUT/.lock`` for the
     run's life, so that a second run into the same folder is refused, and refuses a folder
-    that holds an earlier run's checkpoints or metrics unless --resume or --overwrite is given
-    (with --overwrite they are removed first)."""
+    that holds an earlier run's checkpoints or metrics unless --resume or --overwrite is given.
+    With --overwrite they are set aside (``OUT/.replaced-<pid>/``), deleted once this run ends
+    or fails having written its own, and put back when it fails before writing anything."""
     out = Path(args.out)
     check_out(out)
     overwrite = bool(getattr(args, "overwrite", False))
@@ -355,13 +395,27 @@ def run_folder(
     created = not out.exists()
     try:
         with hold_lock(out):
+            _recover_set_aside(out)
+            aside = None
             if not resume:
                 if overwrite:
-                    clear_previous_run(out)
+                    # set aside, not deleted: a run that fails before writing anything (a
+                    # typo in --data, a bad --init) leaves the earlier run as it was
+                    aside = set_previous_run_aside(out)
                 else:
                     # again, now that no other run can write there
                     _refuse_previous_run(out, can_resume)
-            yield resume
+            try:
+                yield resume
+            except BaseException:
+                if aside is not None:
+                    if _artefacts(out):  # the new run's (resumable) state replaces it
+                        discard_set_aside(aside)
+                    else:
+                        restore_set_aside(out, aside)
+                raise
+            if aside is not None:
+                discard_set_aside(aside)
     except BaseException:
         # a run that failed before writing anything (bad settings found after the claim)
         # leaves no folder of its own making behind, only what it found
