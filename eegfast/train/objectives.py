@@ -470,7 +470,10 @@ def classification_step(model: nn.Module, batch: dict[str, Any], ctx: StepContex
 
 
 def _scalars(out: Any) -> dict[str, torch.Tensor]:
-    """Scalar tensors of a model output (dataclass, namedtuple or dict)."""
+    """0-d tensors of a model output (dataclass, namedtuple or dict): its losses and metrics.
+    Not every tensor of one element: a per-token field (the tokenizer's (B, C·A) ``indices``,
+    the pretraining ``mask``) has one for a batch of one window of one patch, and was logged
+    as a metric of those batches only (``train/indices``)."""
     if isinstance(out, dict):
         items = out.items()
     elif hasattr(out, "__dataclass_fields__"):
@@ -479,4 +482,4 @@ def _scalars(out: Any) -> dict[str, torch.Tensor]:
         items = out._asdict().items()
     else:
         items = vars(out).items()
-    return {k: v for k, v in items if isinstance(v, torch.Tensor) and v.numel() == 1}
+    return {k: v for k, v in items if isinstance(v, torch.Tensor) and v.dim() == 0}

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from eegfast.fileio import write_text_atomic
 
+HEADER = ["step", "tag", "value"]  # metrics.csv's first line
+
 
 class RunLogger:
     """Appends one CSV row per logged step (``step, tag, value``) and mirrors it to TensorBoard.
@@ -44,7 +46,7 @@ class RunLogger:
         self._file = self.path.open("a", newline="")
         self._csv = csv.writer(self._file)
         if new:
-            self._csv.writerow(["step", "tag", "value"])
+            self._csv.writerow(HEADER)
             self._file.flush()  # on disk at once, whatever stops the run before its first log
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -84,24 +86,64 @@ class RunLogger:
             self._writer.close()
 
 
+def _read_rows(path: Path) -> tuple[list[list[str]], int, bool]:
+    """``path``'s data rows ``step, tag, value`` (integer step, a number) in order, how many
+    other rows it has besides the header, and whether it is clean: the header first (files an
+    older eegfast appended to lack it) and nothing set aside. A last row without its line end
+    is set aside: the tail of a write cut short (a run killed while it wrote, or the zeros a
+    file system may leave after a power loss: only the rows up to the last checkpoint are
+    synced), or of one in progress."""
+    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+        text = f.read()
+    rows = [row for row in csv.reader(io.StringIO(text)) if row]
+    cut = bool(rows) and not text.endswith(("\n", "\r"))
+    if cut:
+        rows = rows[:-1]
+    header = bool(rows) and rows[0] == HEADER
+    if header:
+        rows = rows[1:]
+    data = [row for row in rows if _row_step(row) is not None]
+    bad = len(rows) - len(data)
+    return data, bad, header and not bad and not cut
+
+
+def _row_step(row: list[str]) -> int | None:
+    """The step of a data row ``step, tag, value``; None for anything else."""
+    if len(row) != 3:
+        return None
+    try:
+        float(row[2])
+        return int(row[0])
+    except ValueError:
+        return None
+
+
 def _drop_rows_after(path: Path, step: int) -> None:
-    """Rewrite ``path`` (atomically) without the rows of steps after ``step``."""
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return
-    kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) <= step]
-    if len(kept) == len(rows):
+    """Rewrite ``path`` (atomically) with the header and the rows of steps up to ``step``
+    only: the later ones, and the rows that do not read (:func:`_read_rows`), which the
+    resumed run made worse: rows of zeros made it fail (no integer step), and its first row
+    was appended to a cut one's line (a cut "3" then "21,train/loss,0.9" read as step 321)."""
+    rows, _, clean = _read_rows(path)
+    kept = [row for row in rows if int(row[0]) <= step]
+    if clean and len(kept) == len(rows):
         return
     out = io.StringIO()
-    csv.writer(out).writerows(kept)
+    csv.writer(out).writerows([HEADER, *kept])
     write_text_atomic(path, out.getvalue())
 
 
 def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """``metrics.csv`` -> {tag: [(step, value), ...]} (later rows for a step win on resume)."""
+    """``metrics.csv`` -> {tag: [(step, value), ...]} (later rows for a step win on resume).
+    A last row cut short (a run killed while it wrote it, or writing it now) is left out;
+    other rows that are not ``step, tag, value`` are refused, naming the file."""
+    path = Path(path)
+    rows, bad, _ = _read_rows(path)
+    if bad:
+        raise ValueError(
+            f"{path}: {bad} row(s) are not step,tag,value with an integer step and a number; "
+            "is it a run's metrics.csv?"
+        )
     series: dict[str, dict[int, float]] = {}
-    with Path(path).open() as f:
-        for row in csv.DictReader(f):
-            series.setdefault(row["tag"], {})[int(row["step"])] = float(row["value"])
+    for step, tag, value in rows:
+        series.setdefault(tag, {})[int(step)] = float(value)
     return {tag: sorted(points.items()) for tag, points in series.items()}
