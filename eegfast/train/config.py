@@ -396,6 +396,23 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _keep_text_as_written(typed: dict, raw: dict, prefix: str = "") -> None:
+    """Names and paths of a YAML file as written (``raw``: every scalar a string), as
+    :func:`parse_override` takes them: YAML 1.1 read ``init: 0123`` as the octal number 83
+    and ``tasks: [01]`` as ``[1]``. In place; null and booleans stay as YAML read them."""
+    for key, value in typed.items():
+        name, written = f"{prefix}{key}", raw.get(str(key)) if isinstance(raw, dict) else None
+        if isinstance(value, dict):
+            _keep_text_as_written(value, written, name + ".")
+        elif (
+            written is not None
+            and value is not None
+            and not isinstance(value, bool)
+            and _takes_text(_schema_type(name))
+        ):
+            typed[key] = written
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A TOML (``.toml``) or YAML (``.yaml``/``.yml``) file as a dict."""
     path = Path(path)
@@ -409,7 +426,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             with path.open("rb") as f:
                 data = tomllib.load(f)
         elif suffix in {".yaml", ".yml"}:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text()
+            data = yaml.safe_load(text) or {}
+            if isinstance(data, dict):
+                _keep_text_as_written(data, yaml.load(text, Loader=yaml.BaseLoader) or {})
         else:
             raise ConfigError(f"config file {path}: use a .toml, .yaml or .yml file")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:

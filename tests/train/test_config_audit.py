@@ -112,3 +112,17 @@ def test_ranges_are_checked_on_the_resolved_config_not_on_each_step(tmp_path):
     )
     config = resolve(args, RunConfig())
     assert (config.upcycle.num_experts, config.upcycle.top_k) == (1, 1)
+
+
+def test_a_yaml_file_keeps_names_and_paths_as_written(tmp_path):
+    # as --set does: YAML 1.1 read `init: 0123` as the octal number 83, `tasks: [01, on]` as
+    # ["1", "true"]; typed keys still read YAML values
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model:\n  init: 0123\n  name: 1.50\ndata:\n  tasks: [01, on]\n"
+        "optim:\n  lr: 1e-3\ntrain:\n  progress: no\n"
+    )
+    config = resolve_config(RunConfig(), path)
+    assert config.model.init == "0123" and config.model.name == "1.50"
+    assert config.data.tasks == ("01", "on")
+    assert config.optim.lr == 1e-3 and config.train.progress is False
