@@ -305,7 +305,7 @@ class Validator:
         names = sorted(sums)  # the same on every rank: one objective, the same batch keys
         values = torch.stack([sums[n].cpu() for n in names] + [torch.tensor(windows)]).double()
         if counts is not None:
-            values = torch.cat([values, counts])
+            values = torch.cat([values, counts.cpu()])
         if self.info.enabled:  # one all-reduce for every sum
             values = all_reduce_mean(values.to(self.device), self.info).cpu()
         total = float(values[len(names)])
@@ -322,8 +322,10 @@ class Validator:
         # sums stay where they were computed until the end: no wait for the device per batch
         sums: dict[str, torch.Tensor] = {}
         windows = 0.0
-        counts = (
-            None if self.num_codes is None else torch.zeros(self.num_codes, dtype=torch.float64)
+        counts = (  # on the device too: indexing by a mask, or bincount, waits for it
+            None
+            if self.num_codes is None
+            else torch.zeros(self.num_codes, dtype=torch.float64, device=self.device)
         )
         for batch_info in self.batches:
             batch = self.collate([self.data.dataset[p] for p in batch_info.positions])
@@ -343,9 +345,9 @@ class Validator:
                 sums[name] = sums[name] + value if name in sums else value
             windows += weight
             if counts is not None and codes is not None and weight:
-                codes = codes.reshape(-1)
-                codes = codes[codes >= 0].cpu()
-                counts += torch.bincount(codes, minlength=self.num_codes).double()
+                codes = codes.reshape(-1).to(self.device)
+                # -1 (no code) adds 0 to code 0's count
+                counts.index_add_(0, codes.clamp_min(0), (codes >= 0).double())
         return sums, windows, counts
 
     def summary(self) -> str:
