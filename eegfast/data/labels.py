@@ -10,8 +10,8 @@
    descriptions (``T1=left``) and, when given, keeps only the mapped ones; without it every
    description with a positive duration counts except MNE's ``BAD``/``EDGE`` marks and
    EEGLAB's ``boundary``. An annotation of zero duration (an onset marker, as event channels
-   and BIDS events give them) is skipped unless ``event_duration`` (seconds) says how long
-   after its onset it labels;
+   and BIDS events give them; ``prepare`` counts BrainVision's one-sample markers as such) is
+   skipped unless ``event_duration`` (seconds) says how long after its onset it labels;
 3. the first file-name rule ``(regex, label)`` whose regex is found in the file stem (e.g.
    ``('_1$', 'rest'), ('_2$', 'task')`` for eegmat) -> one label for the whole recording;
 4. otherwise unlabelled (label ``''``, stored as -1).

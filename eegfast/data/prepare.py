@@ -8,9 +8,11 @@ gaps (EDF+D, MNE's ``EDGE`` and EEGLAB's ``boundary`` marks) are filtered and wi
 own. The later parts of a split FIF file are read with its first part, not as recordings.
 ``index.json`` and a report (``report.json``, ``report.md``) are written at the end.
 
-Resuming: a recording whose record exists, with the same file size, modification time and settings,
-is not processed again, so re-running the same command is cheap and a killed run loses only the
-recordings in flight; outputs made by an older eegfast whose processing has changed since are
+Resuming: a recording whose record exists, with the same settings and the same size and
+modification time of its files (with a BrainVision header its .eeg/.vmrk, with EEGLAB's .set its
+.fdt, in a BIDS folder its _channels.tsv/_events.tsv/.json sidecars) is not processed again,
+so re-running the same command is cheap and a killed run loses only the recordings in flight;
+outputs made by an older eegfast whose processing has changed since are
 prepared again (``--force`` redoes everything). Bad recordings (truncated or corrupt files, no EEG,
 only unknown electrodes, flat or non-finite channels, µV read as volts, too-low sample rate, too
 short) are listed with their reason and skipped. The exit status is 1 only when nothing usable was
@@ -19,8 +21,9 @@ the recordings (rows that match no recording, empty labels, recordings it does n
 warnings, on stderr and in the report; with ``--strict`` an error (exit 2) before anything is
 processed. A mains frequency in the file (FIF, BIDS) other than ``--notch`` is warned about.
 
-SRC is a recording, a folder (searched recursively for files MNE reads; a BIDS folder is read
-through mne-bids), and may be written ``TASK=SRC`` to name the task of its recordings.
+SRC is a recording, a folder (searched recursively for files MNE reads; an EGI ``.mff`` folder is
+one recording; a BIDS folder is read through mne-bids), and may be written ``TASK=SRC`` to name the
+task of its recordings.
 """
 
 from __future__ import annotations
@@ -134,7 +137,14 @@ def _key(path: Path) -> str:
 
 def _is_recording(path: Path) -> bool:
     name = path.name.lower()
+    if name.endswith(".mff"):
+        return path.is_dir()  # EGI's MFF recording is a folder of files
     return path.is_file() and name.endswith(MNE_EXTENSIONS)
+
+
+def _inside_recording(path: Path, root: Path) -> bool:
+    """Whether ``path`` is one of the files of a folder recording (``.mff``) under ``root``."""
+    return any(part.lower().endswith(".mff") for part in path.relative_to(root).parts[:-1])
 
 
 def discover(sources: list[str], default_task: str | None = None) -> list[Job]:
@@ -166,10 +176,15 @@ def discover(sources: list[str], default_task: str | None = None) -> list[Job]:
         path = Path(spec)
         if not path.exists():
             raise FileNotFoundError(f"SRC {source!r}: no such file or folder")
-        if path.is_dir():
+        if path.is_dir() and not _is_recording(path):
             folder_task = task or default_task or path.resolve().name
-            # BrainVision: read the header (.vhdr), not its data file (.eeg)
-            files = [p for p in sorted(path.rglob("*")) if _is_recording(p) and not _is_sidecar(p)]
+            # BrainVision: read the header (.vhdr), not its data file (.eeg); an .mff folder is
+            # one recording, not a folder of them
+            files = [
+                p
+                for p in sorted(path.rglob("*"))
+                if _is_recording(p) and not _is_sidecar(p) and not _inside_recording(p, path)
+            ]
             bids = None
             if (path / "dataset_description.json").is_file():
                 import_mne_bids()  # clear error now rather than once per file
@@ -232,12 +247,56 @@ def _fif_continuations(paths: list[str]) -> set[str]:
 def _is_sidecar(path: Path) -> bool:
     if path.suffix.lower() != ".eeg":
         return False
-    return path.with_suffix(".vhdr").exists() or path.with_suffix(".VHDR").exists()
+    return any(path.with_suffix(ext).exists() for ext in (".vhdr", ".VHDR", ".ahdr", ".AHDR"))
 
 
-def _fingerprint(path: Path) -> dict:
+def _companions(path: Path, bids: bool) -> list[Path]:
+    """The other files a recording's output is made from: BrainVision's data and marker files
+    (as its header names them), EEGLAB's ``.fdt``, the files of an ``.mff`` folder, and in a
+    BIDS dataset the recording's own sidecars (``_events.tsv``, ``_channels.tsv``, ``.json``)."""
+    name = path.name.lower()
+    found: list[Path] = []
+    if name.endswith((".vhdr", ".ahdr")):
+        try:
+            header = path.read_text(encoding="latin-1")
+        except OSError:
+            header = ""
+        for key in ("DataFile", "MarkerFile"):
+            named = re.search(rf"^{key}=(.*?)\s*$", header, re.MULTILINE | re.IGNORECASE)
+            if named and named[1]:
+                found.append(path.parent / named[1])
+    elif name.endswith(".set"):
+        found += [
+            path.with_suffix(ext) for ext in (".fdt", ".FDT") if path.with_suffix(ext).exists()
+        ]
+    elif path.is_dir():
+        found += sorted(p for p in path.rglob("*") if p.is_file())
+    if bids and "_" in path.name:
+        prefix = path.name.rsplit("_", 1)[0] + "_"
+        found += sorted(
+            p
+            for p in path.parent.iterdir()
+            if p.name.startswith(prefix) and p.suffix.lower() in (".tsv", ".json")
+        )
+    return found
+
+
+def _fingerprint(path: Path, bids: bool = False) -> dict:
+    """Size and modification time of the recording, and of its companion files when it has
+    any (``_companions``): a re-run reuses the output only while none of them has changed (an
+    edited marker file or BIDS channels.tsv was otherwise not seen)."""
     st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    found = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    companions = {}
+    for companion in _companions(path, bids):
+        try:
+            cs = companion.stat()
+            companions[companion.name] = [cs.st_size, cs.st_mtime_ns]
+        except OSError:  # missing: the recording is bad now, and redone once it is there
+            companions[companion.name] = None
+    if companions:
+        found["companions"] = companions
+    return found
 
 
 def _record_path(out: Path, job: Job) -> Path:
@@ -265,7 +324,7 @@ def process_file(job: Job, settings: Settings, out: str) -> dict:
     # beside a new shard would let a later run with the old settings reuse the new shard.
     _record_path(out_dir, job).unlink(missing_ok=True)
     try:
-        record.update(_fingerprint(path))
+        record.update(_fingerprint(path, job.bids_root is not None))
         record.update(_process(job, settings, out_dir))
         record["status"] = "ok"
     except (BadRecording, SampleRateError) as err:
@@ -317,9 +376,13 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
     # them from the measurement start, which lies first_time before the data's first sample.
     shift = raw.first_time if raw.annotations.orig_time is not None else 0.0
     onsets = np.asarray(raw.annotations.onset, dtype=float) - shift
-    annotations = list(
-        zip(onsets, raw.annotations.duration, raw.annotations.description, strict=True)
-    )
+    # An annotation one sample long or less is an onset marker, like one of zero duration:
+    # MNE gives BrainVision's stimulus markers (one sample) 1/sfreq s, which no window fits,
+    # so they were events too short to label anything, the recording was refused, and
+    # --event-duration did not apply.
+    durations = np.asarray(raw.annotations.duration, dtype=float)
+    durations = np.where(durations * sfreq > 1.0 + 1e-6, durations, 0.0)
+    annotations = list(zip(onsets, durations, raw.annotations.description, strict=True))
     resolved = settings.labels.resolve(job.path, annotations)
     if settings.labels.use_annotations and resolved.source in ("annotations", "none"):
         info["skipped_onset_markers"] = settings.labels.skipped_onset_markers(annotations)
@@ -497,7 +560,8 @@ def _outside_bad_segments(
 # letter-number cap positions (A1..H32) are no longer read as the 10-20 sites of those names.
 # 4: the gaps of EDF+D files and EDGE/boundary marks: annotations on the data's time axis, no
 # window across a gap, each continuous part filtered on its own; EDF units MNE misreads rescaled.
-PROCESSING_REVISION = 4
+# 5: annotations one sample long (BrainVision markers) are onset markers, as zero-length ones.
+PROCESSING_REVISION = 5
 
 
 def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bool]:
@@ -508,7 +572,10 @@ def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bo
         same = (
             record.get("settings") == digest
             and record.get("job_task") == job.task
-            and all(record.get(k) == v for k, v in _fingerprint(Path(job.path)).items())
+            and all(
+                record.get(k) == v
+                for k, v in _fingerprint(Path(job.path), job.bids_root is not None).items()
+            )
         )
     except (OSError, ValueError):
         return None, False
@@ -944,7 +1011,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=_seconds,
         default=None,
         metavar="SECONDS",
-        help="label SECONDS after each zero-duration annotation (onset markers; default: skip)",
+        help="label SECONDS after each onset marker (an annotation of zero duration, or of one "
+        "sample as BrainVision markers; default: skip)",
     )
     g.add_argument(
         "--filename-rule", action="append", metavar="REGEX=LABEL", help="label by file name"
