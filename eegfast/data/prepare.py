@@ -386,6 +386,12 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
     resolved = settings.labels.resolve(job.path, annotations)
     if settings.labels.use_annotations and resolved.source in ("annotations", "none"):
         info["skipped_onset_markers"] = settings.labels.skipped_onset_markers(annotations)
+    if settings.labels.use_annotations and not annotations and resolved.source == "none":
+        # events kept only in a stim channel (FIF's STI 014, say) are not annotations: the
+        # recording is cut as unlabelled windows, which the report says
+        stim_events = _stim_channel_events(raw)
+        if stim_events:
+            info["stim_channel_events"] = stim_events
     if settings.labels.event_map is not None:
         # for the report: which annotations there were when none of --event-map's matched
         info["annotation_descriptions"] = sorted({str(d).strip() for _, _, d in annotations})
@@ -696,6 +702,7 @@ def prepare(
         + _event_map_problems(ordered, settings.labels.event_map)
         + _onset_marker_problems(ordered)
         + _mains_problems(ordered, settings.preprocess.notch_freq)
+        + _stim_channel_problems(ordered)
     )
     report["outdated"] = outdated  # redone: made by an older processing revision
     write_json_atomic(out / "report.json", report, **DATA_JSON)
@@ -760,6 +767,40 @@ def _mains_problems(records: list[dict], notch_freq: float | None) -> list[str]:
             f"({shown})"
         )
     return problems
+
+
+def _stim_channel_events(raw) -> dict[str, int]:
+    """Events per stim channel of ``raw`` (``mne.find_events``); {} when it has none."""
+    import mne
+
+    found = {}
+    for pick in mne.pick_types(raw.info, stim=True):
+        name = raw.ch_names[pick]
+        try:
+            events = mne.find_events(raw, stim_channel=name, shortest_event=1, verbose="error")
+        except (ValueError, RuntimeError):  # a channel MNE cannot read events from
+            continue
+        if len(events):
+            found[name] = len(events)
+    return found
+
+
+def _stim_channel_problems(records: list[dict]) -> list[str]:
+    """A warning for recordings whose events are in a stim channel only: prepare reads
+    annotations, so their windows are unlabelled."""
+    hit = [r for r in records if r["status"] == "ok" and r.get("stim_channel_events")]
+    if not hit:
+        return []
+    channels = sorted({c for r in hit for c in r["stim_channel_events"]})
+    shown = ", ".join(r["file"] for r in hit[:10]) + (
+        f" and {len(hit) - 10} more" if len(hit) > 10 else ""
+    )
+    return [
+        f"{len(hit)} recording(s) have events in a stim channel ({', '.join(channels)}) but no "
+        "annotations, and prepare labels windows from annotations: their windows are "
+        "unlabelled. Store the events as annotations (mne.annotations_from_events, then "
+        f"raw.set_annotations and save), or label by --labels or --filename-rule ({shown})"
+    ]
 
 
 def _onset_marker_problems(records: list[dict]) -> list[str]:
