@@ -160,6 +160,8 @@ class NormEMAVectorQuantizer(nn.Module):
             call. None (the default): on CPU tensors only; on a GPU such rows still get index
             -1, stay out of the EMA update and make the loss non-finite, which the training
             loop reports at its next read-back.
+        device: where the codebook and its EMA state live.
+        dtype: None or torch.float32: they are float32 in a model of any dtype.
     """
 
     def __init__(
@@ -192,6 +194,12 @@ class NormEMAVectorQuantizer(nn.Module):
             raise ValueError(f"eps must be finite and >= 0, got {eps}")
         if kmeans_iters < 0:
             raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
+        if dtype not in (None, torch.float32):
+            # a bf16 EMA stalls and a float64 codebook is refused by the VQ kernels; as after
+            # model.to(dtype) (see _apply), the state is float32 in a model of any dtype
+            raise ValueError(
+                f"dtype must be None or torch.float32 (the codebook and its EMA state), got {dtype}"
+            )
         if dead_code_threshold is not None and not 0.0 <= dead_code_threshold <= 1.0:
             # A restart (and the k-means initialisation) sets a code's EMA count to 1: above a
             # threshold of 1 the code stays below it unless one batch gives it about
@@ -310,14 +318,15 @@ class NormEMAVectorQuantizer(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse: bool = True):
-        """As ``nn.Module._apply``, then half-precision codebook and EMA buffers back to
-        float32: ``model.to(torch.bfloat16)`` (or ``.half()``) casts every floating buffer, and
-        a bf16 EMA stalls (0.99 x 7 + 0.08 rounds back to 7), a bf16 codebook rounds the
-        nearest-code scores. Device moves and float64 are kept as asked."""
+        """As ``nn.Module._apply``, then the codebook and EMA buffers back to float32:
+        ``model.to(torch.bfloat16)`` (or ``.half()``, ``.double()``) casts every floating
+        buffer, and a bf16 EMA stalls (0.99 x 7 + 0.08 rounds back to 7), a bf16 codebook
+        rounds the nearest-code scores, and a float64 one was refused by the VQ kernels (which
+        take float32 at most) at the next forward. Device moves are kept as asked."""
         super()._apply(fn, recurse)
         for module in (self, self.embedding):
             for name, buffer in module._buffers.items():
-                if buffer is not None and buffer.dtype in (torch.float16, torch.bfloat16):
+                if buffer is not None and buffer.is_floating_point():
                     module._buffers[name] = buffer.float()
         return self
 
@@ -351,6 +360,12 @@ class NormEMAVectorQuantizer(nn.Module):
         distributed = dist.is_available() and dist.is_initialized()
         if distributed:
             rows = _gather_rows(rows)
+        if rows.shape[0] == 0:
+            # Every row (of every rank) is padding or not finite: nothing to start from, so the
+            # next batch initialises (this one's EMA step moves no code). k-means refused the
+            # empty rows with an error about its own z, and an all-NaN batch was not reported
+            # as the non-finite encoder output it is.
+            return
         codes = vq_kmeans(rows, self.num_codes, iters=self.kmeans_iters, metric="cosine")
         if distributed:
             # Every rank ran the same k-means on the same rows; rank 0's result is sent all the

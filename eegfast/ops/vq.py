@@ -384,7 +384,9 @@ def vq_ema_update(
     ``cluster_size <- decay·cluster_size + (1 - decay)·counts``,
     ``embed_sum <- decay·embed_sum + (1 - decay)·sums``, then every code becomes
     ``embed_sum / smoothed_count`` (Laplace smoothing with ``eps``), l2-normalised if
-    ``normalize``. Codes that no row has ever been assigned to keep their value.
+    ``normalize``. With ``normalize``, codes that no row of this step (of any rank) is
+    assigned to keep their value, as in the reference; without, codes that no row has ever
+    been assigned to keep theirs.
 
     When ``torch.distributed`` is initialised, counts and sums are all-reduced (summed) over
     ``process_group`` first, so every rank applies the same update.
@@ -431,8 +433,14 @@ def vq_ema_update(
     updated = embed_sum / smoothed[:, None]
     if normalize:
         updated = torch.nn.functional.normalize(updated, dim=1, eps=NORM_EPS)
-    ever_used = cluster_size > 0
-    codebook.copy_(torch.where(ever_used[:, None], updated.to(codebook.dtype), codebook))
+        # Only the codes this step's rows chose (as the reference): another code's EMA sum
+        # only decays, keeping its direction, and recomputing it from the shrinking sum shrank
+        # the code itself once the sum fell under normalize's eps (after ~4000 steps unused at
+        # decay 0.99; then it could never score again) and bent it as the sum went subnormal.
+        changed = counts > 0
+    else:
+        changed = cluster_size > 0  # Laplace smoothing scales every code ever used
+    codebook.copy_(torch.where(changed[:, None], updated.to(codebook.dtype), codebook))
 
     dead = torch.zeros(K, dtype=torch.bool, device=codebook.device)
     if dead_code_threshold is not None and (distributed or z.shape[0] > 0):

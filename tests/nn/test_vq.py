@@ -252,7 +252,7 @@ def test_reference_checkpoint_trains_on_from_its_codebook():
 def test_half_precision_model_keeps_the_codebook_and_ema_state_float32(dtype):
     """``model.to(bf16)`` casts every floating buffer; the quantizer's stay float32, so the EMA
     counts still move by the small steps a bf16 count loses (7 -> 0.99 x 7 + 0.08 rounds back
-    to 7 in bf16); float64 and device moves are kept."""
+    to 7 in bf16); device moves are kept."""
     quantizer = NormEMAVectorQuantizer(8, 4, kmeans_init=False).to(dtype)
     buffers = dict(quantizer.named_buffers())
     assert {name: b.dtype for name, b in buffers.items()} == {
@@ -264,4 +264,4 @@ def test_half_precision_model_keeps_the_codebook_and_ema_state_float32(dtype):
     quantizer.train()
     quantizer(z)
     assert float(quantizer.cluster_size[0]) == pytest.approx(0.99 * 7 + 0.01 * 8, abs=1e-5)
-    assert quantizer.double().codebook.dtype == torch.float64
+    assert quantizer.double().codebook.dtype == torch.float32  # the kernels take float32 at most

@@ -130,9 +130,12 @@ def ema_reference(z, indices, codebook, cluster_size, embed_sum, *, decay, eps, 
     total = cluster_size.sum()
     smoothed = (cluster_size + eps) / (total + K * eps) * total
     updated = embed_sum / smoothed[:, None]
-    if normalize:
+    if normalize:  # only the codes this step's rows chose: the others keep their direction
         updated = F.normalize(updated, dim=1, eps=1e-12)
-    codebook = torch.where((cluster_size > 0)[:, None], updated, codebook.double())
+        changed = one_hot.sum(0) > 0
+    else:  # Laplace smoothing rescales every code ever used
+        changed = cluster_size > 0
+    codebook = torch.where(changed[:, None], updated, codebook.double())
     return codebook, cluster_size, embed_sum
 
 
