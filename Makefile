@@ -36,7 +36,9 @@ help:
 # local wheel folder here; from PyPI that is the CUDA build, several GB: on a CPU-only machine
 # pass TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu").
 TORCH_PIP_ARGS ?=
-$(STAMP): setup.py pyproject.toml $(NATIVE_SOURCES)
+# csrc/sources.txt itself too: a source dropped from it (or moved to or from the cuda: lines)
+# changes what is built while no listed file is newer than the stamp.
+$(STAMP): setup.py pyproject.toml csrc/sources.txt $(NATIVE_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install setuptools wheel ninja

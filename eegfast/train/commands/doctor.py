@@ -1,7 +1,8 @@
 """``eegfast doctor``: what this machine offers eegfast — versions, kernels, GPUs, distributed.
 
-Prints a report (``--json`` for a machine-readable one). Exit status 0 unless the native
-extension was required (``EEGFAST_REQUIRE_EXT=1``) and is missing.
+Prints a report (``--json`` for a machine-readable one), also when the native extension is
+required (``EEGFAST_REQUIRE_EXT=1``) and missing. Exit status 0; 1 when it is required and
+missing; 2 when ``EEGFAST_REQUIRE_EXT`` is not a switch (1/0, true/false, yes/no, on/off).
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ def _version(module: str) -> str:
         return str(getattr(importlib.import_module(module), "__version__", "installed"))
     except Exception as err:  # a broken install is reported, not raised
         return f"not available ({type(err).__name__})"
+
+
+def _environment() -> dict[str, str]:
+    """The environment variables that steer eegfast, Triton's interpreter and GPU visibility."""
+    return {
+        k: v
+        for k, v in sorted(os.environ.items())
+        if k.startswith(("EEGFAST_", "TRITON_INTERPRET", "CUDA_VISIBLE"))
+    }
 
 
 def collect() -> dict[str, Any]:
@@ -73,11 +83,7 @@ def collect() -> dict[str, Any]:
             "gloo": dist.is_available() and dist.is_gloo_available(),
             "nccl": dist.is_available() and dist.is_nccl_available(),
         },
-        "environment": {
-            k: v
-            for k, v in sorted(os.environ.items())
-            if k.startswith(("EEGFAST_", "TRITON_INTERPRET", "CUDA_VISIBLE"))
-        },
+        "environment": _environment(),
         "precision_default": "bf16 autocast" if torch.cuda.is_available() else "fp32 (CPU)",
     }
     if torch.cuda.is_available():
@@ -136,9 +142,34 @@ def format_text(report: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    report = collect()
+    # eegfast.ops asks for the extension as it is imported, and under EEGFAST_REQUIRE_EXT=1 a
+    # missing one raised there: a traceback instead of the report that says why it is missing
+    # (CI exports the variable). The report is collected with the requirement lifted; the
+    # requirement then decides the exit status.
+    required_as_set = os.environ.get("EEGFAST_REQUIRE_EXT")
+    os.environ["EEGFAST_REQUIRE_EXT"] = "0"
+    try:
+        report = collect()
+    finally:
+        if required_as_set is None:
+            del os.environ["EEGFAST_REQUIRE_EXT"]
+        else:
+            os.environ["EEGFAST_REQUIRE_EXT"] = required_as_set
+    report["environment"] = _environment()
     print(json.dumps(report, indent=2) if args.json else format_text(report))
     from eegfast.ops._backend import env_switch
 
-    required = env_switch("EEGFAST_REQUIRE_EXT", False)
-    return 1 if required and not report["backends"]["cpu"]["available"] else 0
+    try:
+        required = env_switch("EEGFAST_REQUIRE_EXT", False)
+    except ValueError as err:  # one line naming the variable, as the other commands' errors
+        print(f"eegfast doctor: {err}", file=sys.stderr)
+        return 2
+    if required and not report["backends"]["cpu"]["available"]:
+        print(
+            "eegfast doctor: EEGFAST_REQUIRE_EXT=1 but the native extension is missing: "
+            f"{report['backends']['cpu']['detail']}; build it with "
+            "`pip install --no-build-isolation -e .`",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
