@@ -8,6 +8,7 @@ sm_80 and sm_90 (A100, H100/H200).
 import os
 from pathlib import Path
 
+import setuptools
 import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -80,7 +81,17 @@ def extension():
     )
 
 
+def license_metadata() -> dict[str, str]:
+    """The license as the building setuptools takes it: an SPDX expression from setuptools 77
+    (PEP 639; its older form, pyproject's ``license = {text = ...}`` table, is deprecated there
+    with builds refused from 2027-02-18), the plain field before (which the GPU machines' image
+    may have)."""
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": "Apache-2.0"} if major >= 77 else {"license": "Apache-2.0"}
+
+
 setup(
+    **license_metadata(),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -139,3 +139,24 @@ def test_version_agrees_between_pyproject_and_the_package():
     pip and the wheel's name take pyproject's."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["version"] == eegfast.__version__
+
+
+def test_package_metadata_has_the_license_without_a_deprecated_form(tmp_path):
+    # pyproject's `license = {text = ...}` table is deprecated from setuptools 77 (builds
+    # refused from 2027-02-18); setup.py gives the license in the form the building setuptools
+    # takes. Metadata only (egg_info compiles nothing).
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
+    shutil.copytree(ROOT / "eegfast", tmp_path / "eegfast", ignore=shutil.ignore_patterns("*.so"))
+    run = subprocess.run(
+        [sys.executable, "setup.py", "-q", "egg_info"],
+        cwd=tmp_path,
+        env={**os.environ, "EEGFAST_CUDA": "0"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "license" not in run.stderr.lower(), run.stderr
+    info = (tmp_path / "eegfast.egg-info" / "PKG-INFO").read_text()
+    assert re.search(r"^License(-Expression)?: Apache-2.0$", info, re.MULTILINE), info
