@@ -7,8 +7,10 @@ Backends:
 - ``triton``: Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 
 Selection: the ``backend=`` argument of an op, else ``EEGFAST_BACKEND``, else automatic by the
-device of the inputs. A missing extension warns once and falls back to the reference, unless
-``EEGFAST_REQUIRE_EXT=1``, where it is an error.
+device of the inputs (``backend="auto"`` asks for the automatic choice whatever
+``EEGFAST_BACKEND`` says; ``EEGFAST_BACKEND=auto`` is the same as unset). A missing extension
+warns once and falls back to the reference, unless ``EEGFAST_REQUIRE_EXT=1``, where it is an
+error.
 """
 
 from __future__ import annotations
@@ -213,9 +215,12 @@ def automatic_gpu_candidates(
     requested: str | None, device: torch.device, gpu_preference: tuple[str, ...]
 ) -> tuple[str, ...]:
     """The GPU backends an op may time against each other for one call: those of
-    ``gpu_preference`` that are ready, when the backend is automatic (neither ``backend=`` nor
-    EEGFAST_BACKEND) and the tensors are on a CUDA device; else none."""
-    if requested or os.environ.get("EEGFAST_BACKEND") or device.type != "cuda":
+    ``gpu_preference`` that are ready, when the backend is automatic (``backend=`` None or
+    ``"auto"``, and EEGFAST_BACKEND unset or ``auto`` where it applies, as in
+    :func:`resolve_backend`) and the tensors are on a CUDA device; else none."""
+    if (requested or os.environ.get("EEGFAST_BACKEND") or "auto") != "auto":
+        return ()
+    if device.type != "cuda":
         return ()
     ready = {"cuda": _cuda_extension_ready, "triton": lambda: _triton_status().available}
     return tuple(name for name in gpu_preference if name in ready and ready[name]())

@@ -507,7 +507,7 @@ def _ffn_backend(requested: str | None, x: torch.Tensor, differentiable: tuple =
     if chosen != "reference" and needs_reference_autodiff(differentiable):
         return "reference"
     if chosen == "triton" and x.dtype == torch.float64:
-        if requested is None:
+        if requested in (None, "", "auto"):  # automatic (resolve_backend takes "auto" too)
             return "reference"
         raise TypeError(
             f"backend={requested!r}: the Triton MoE kernels take float32, float16 or bfloat16 "

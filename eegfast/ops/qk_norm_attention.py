@@ -591,9 +591,13 @@ def _choose_backend(
     """'reference', 'cpu' or 'triton' for this call; raises if an explicit choice cannot run.
     float64 inputs, which the Triton kernels do not take, run on the reference when the choice
     is automatic (a gradcheck on a GPU, say)."""
+    requested = requested or None  # "" is no choice, as in resolve_backend
+    # backend="auto" (which resolve_backend accepts and lists) is the automatic choice, one
+    # that also overrides EEGFAST_BACKEND; only None defers to that variable
+    automatic = requested in (None, "auto")
     if dropout:
         env = os.environ.get("EEGFAST_BACKEND")
-        if requested not in (None, "reference"):
+        if not automatic and requested != "reference":
             raise ValueError(
                 "dropout_p > 0 is only implemented by backend='reference', "
                 f"got backend={requested!r}"
@@ -619,14 +623,14 @@ def _choose_backend(
             )
         return "reference"
     if chosen == "triton" and float64:
-        if requested is None:
+        if automatic:
             return "reference"
         raise TypeError(
             f"backend={requested!r}: the Triton kernels take float32, float16 or bfloat16 "
             "inputs, got float64; use backend='reference' (or 'cpu' on CPU tensors)"
         )
     if chosen == "triton" and _triton_module()[0] is None:
-        if requested is None and device.type == "cuda":
+        if automatic and device.type == "cuda":
             return "reference"
         choice = f"backend={requested!r}" if requested else "EEGFAST_BACKEND='triton'"
         raise RuntimeError(f"{choice} is not available: {_triton_module()[1]}")
@@ -675,7 +679,9 @@ def qk_norm_attention(
             Only the reference backend implements it; the automatic choice then runs the
             reference, an explicit other backend raises ValueError.
         backend: ``"reference"``, ``"cpu"`` (C++), ``"triton"``, ``"cuda"`` (= Triton) or None
-            (automatic: C++ on CPU tensors, Triton on CUDA tensors); see :mod:`eegfast.ops`.
+            (automatic: C++ on CPU tensors, Triton on CUDA tensors; ``EEGFAST_BACKEND`` when
+            set); ``"auto"`` is the automatic choice whatever ``EEGFAST_BACKEND`` says. See
+            :mod:`eegfast.ops`.
             Forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp`` / ``jacfwd``)
             and the ``torch.func`` gradient transforms (``grad``, ``vjp``, ``jacrev``,
             ``hessian``) run on the reference whatever the backend: the kernels support
@@ -767,7 +773,12 @@ def qk_norm_attention_packed(
         raise ValueError(f"qkv must have shape (B, N, 3 * H * D), got {shape}")
     if not isinstance(num_heads, (int, torch.SymInt)) or isinstance(num_heads, bool):
         raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
-    if num_heads <= 0 or qkv.shape[-1] % (3 * num_heads) != 0:
+    # (checked here: qk_norm_attention's errors name q, k, v, which this caller never passed)
+    if qkv.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"qkv must be float32, float16, bfloat16 or float64, got {qkv.dtype}")
+    if num_heads <= 0:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    if qkv.shape[-1] % (3 * num_heads) != 0:
         raise ValueError(
             f"qkv's last dim ({qkv.shape[-1]}) must be 3 * num_heads * D with num_heads = "
             f"{num_heads}"
