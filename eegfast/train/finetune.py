@@ -125,19 +125,34 @@ def plan_folds(
                 plans[i].test[task] = indices[test]
     # A training part of one class trains nothing (e.g. one subject whose classes are its
     # recordings: each fold trains on one class and tests on the other); its numbers mean
-    # nothing, which the report must say next to them.
+    # nothing, which the report must say next to them. A training part without some class
+    # (a class of fewer subjects/recordings than folds, which GroupKFold does not stratify)
+    # tests every window of that class on models that never saw it: those count as missed,
+    # whatever the model, which the report must say too.
     for task in tasks:
-        one_class = []
+        names = data.label_names[task]
+        classes = set(per_task[task][1])
+        one_class, without = [], []
         for plan in plans:
-            present = sorted({data.items[int(i)].label for i in plan.train[task]})
+            present = {data.items[int(i)].label for i in plan.train[task]}
             if len(present) < 2:
-                names = [data.label_names[task][c] for c in present]
-                one_class.append(f"fold {plan.fold + 1} trains on {', '.join(names)} only")
+                trained = ", ".join(names[c] for c in sorted(present))
+                one_class.append(f"fold {plan.fold + 1} trains on {trained} only")
+            elif classes - present:
+                absent = ", ".join(names[c] for c in sorted(classes - present))
+                without.append(f"fold {plan.fold + 1} trains on no window of {absent}")
         if one_class:
             grouping[task] += (
                 f"; WARNING: {'; '.join(one_class)}: a classifier cannot be trained or measured "
                 "there, so this task's numbers mean nothing (it needs more subjects/recordings "
                 "per class)"
+            )
+        if without:
+            grouping[task] += (
+                f"; WARNING: {'; '.join(without)}, and tests them all: the models and baselines "
+                "of that fold cannot predict a class they never saw, so its scores count those "
+                f"windows as missed whatever the model (each class needs windows of as many "
+                f"{units[task]}s as there are folds, {len(plans)}; or lower finetune.folds)"
             )
     return plans, grouping
 
@@ -762,6 +777,7 @@ def _record(
             "y": y,
             "probs": probs,
             "subjects": [data.items[i].subject for i in test],
+            "recordings": [data.items[i].recording for i in test],
             # the bootstrap's resampling unit: windows of one subject/recording are correlated
             "clusters": [getattr(data.items[i], result.units.get(task, "recording")) for i in test],
         }
@@ -775,7 +791,8 @@ def summarise(
     rows: Sequence[dict[str, Any]],
 ) -> dict[tuple[str, str, str], tuple[float, float, int]]:
     """(variant, task, metric) -> (mean, std, folds): the folds the mean is over, those where
-    the metric is defined (AUROC and AUC-PR are NaN in a fold that tests one class only)."""
+    the metric is defined (AUROC, AUC-PR and Cohen's κ are NaN in a fold that tests one class
+    only)."""
     grouped: dict[tuple[str, str, str], list[float]] = {}
     for row in rows:
         grouped.setdefault((row["variant"], row["task"], row["metric"]), []).append(row["value"])
@@ -1219,10 +1236,21 @@ def write_outputs(
         "figures": figures,
     }
     write_json_atomic(out_dir / "summary.json", payload)
+    # Per variant, task and fold: labels, probabilities and whose windows they are (row for
+    # row), so that scores per subject or recording can be computed from the file; strings as
+    # plain unicode arrays (np.load needs no pickle).
     arrays = {
-        f"{p['variant']}_{p['task']}_fold{p['fold']}_{key}": p[key]
+        f"{p['variant']}_{p['task']}_fold{p['fold']}_{name}": (
+            np.asarray(p[key], dtype=str) if key in ("subjects", "recordings") else p[key]
+        )
         for p in result.predictions
-        for key in ("y", "probs")
+        for key, name in (
+            ("y", "y"),
+            ("probs", "probs"),
+            ("subjects", "subject"),
+            ("recordings", "recording"),
+        )
+        if key in p
     }
 
     def save_npz(tmp: Path) -> None:

@@ -54,8 +54,11 @@ def group_folds(
 def classification_metrics(
     y_true: Sequence[int], probabilities: np.ndarray, num_classes: int
 ) -> dict[str, float]:
-    """Binary: balanced accuracy, AUROC, AUC-PR; multi-class: balanced accuracy, Cohen's κ,
-    weighted F1. Metrics that are undefined for this fold (one class only) are NaN."""
+    """Binary: balanced accuracy, AUROC, AUC-PR; multi-class: balanced accuracy, Cohen's κ
+    (unweighted), weighted F1; ``probabilities`` (N, num_classes), columns in class order
+    (balanced accuracy, κ and F1 score their argmax; AUROC and AUC-PR column 1, the positive
+    class). Metrics that are undefined for this fold (one class only: AUROC, AUC-PR, κ) are
+    NaN."""
     y_true = np.asarray(y_true)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     y_pred = probabilities.argmax(1)
@@ -67,7 +70,10 @@ def classification_metrics(
             math.nan if one_class else float(average_precision_score(y_true, probabilities[:, 1]))
         )
     else:
-        out["cohen_kappa"] = float(cohen_kappa_score(y_true, y_pred))
+        # With one class tested, chance agreement equals the observed agreement (both are the
+        # share predicted as that class): κ is 0 for any imperfect model and 0/0 for a perfect
+        # one, whatever it learnt, and a 0 would pull the mean over folds down.
+        out["cohen_kappa"] = math.nan if one_class else float(cohen_kappa_score(y_true, y_pred))
         out["f1_weighted"] = float(f1_score(y_true, y_pred, average="weighted"))
     return out
 

@@ -14,11 +14,21 @@ and results.csv, summary.json, predictions.npz, report.md and PNG plots into --o
 calls a model better or worse than the baseline (or another variant) only when the 95% paired
 bootstrap interval of the balanced-accuracy difference, resampling whole subjects or recordings
 (the unit the folds are grouped by), excludes 0 and at least 6 of them were tested.
+
+Each fold's model trains on the whole training part for train.epochs (no validation part:
+data.val_fraction is not used) and its last model is tested. results.csv has one row per
+fold (0-based, as the fold folders), variant (multitask, single, linear_probe, band_power),
+task and metric; the report's mean ± std is over the folds where a metric is defined
+(population std). predictions.npz holds, per variant, task and fold i, the test windows'
+``<variant>_<task>_fold<i>_y`` (labels), ``..._probs`` (N, classes, in the task's class
+order), ``..._subject`` and ``..._recording``, row for row.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 from eegfast.fileio import write_text_atomic
@@ -95,6 +105,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.linear:
         extra["finetune.mode"] = "linear"
     config = resolve(args, DEFAULTS, extra)
+    warn_unused(config)
     check_out(Path(args.out))
     if args.resume not in (None, "auto"):
         raise CommandError(
@@ -104,6 +115,21 @@ def _main(args: argparse.Namespace) -> int:
     check_tasks(config)
     with run_folder(args) as resume:
         return _train(args, config, resume)
+
+
+def warn_unused(config: RunConfig) -> None:
+    """Say (not refuse: one config file may serve every command) that ``data.val_fraction``
+    does nothing here. It holds data out for `tokenizer` and `pretrain`; set for finetune, it
+    suggests a validation part choosing each fold's best epoch, but the fold's last model is
+    what gets tested."""
+    if config.data.val_fraction and os.environ.get("RANK", "0") == "0":  # once under torchrun
+        print(
+            f"eegfast finetune: warning: data.val_fraction={config.data.val_fraction} is not "
+            "used by finetune: each fold trains on all of its training part for train.epochs "
+            "(or train.max_steps), and its last model is tested (no validation part, no "
+            "early stopping or best-epoch choice)",
+            file=sys.stderr,
+        )
 
 
 def named_model(args: argparse.Namespace) -> str | None:
