@@ -74,6 +74,11 @@ class LaBraMConfig:
         ):
             _check_size(name, getattr(self, name), low=1)
         _check_size("depth", self.depth, low=0)
+        rate = self.drop_path_rate
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
+            # 1 dropped the last block's branches as 0 / 0 (NaN outputs in training), above 1
+            # failed only in forward, and a negative rate silently turned stochastic depth off
+            raise ValueError(f"drop_path_rate must be a number in [0, 1), got {rate!r}")
         if self.input_chans is not None:
             # a tuple of ints whatever sequence was given (a list, a tensor, a numpy array): a
             # tensor failed the checks below with "Boolean value of Tensor ... is ambiguous",
@@ -270,13 +275,22 @@ class LaBraMTrunk(nn.Module):
         """Recompute each block in the backward pass instead of storing its activations."""
         self.grad_checkpointing = enable
 
-    def _init_trunk(self) -> None:
+    def _init_trunk(self, *, pretraining: bool = False) -> None:
+        """Normal(0, ``init_std``) cls token, embeddings and Linear weights (biases 0), then
+        the residual output projections divided by sqrt(2·layer), as the reference.
+
+        pretraining: as the reference's masked-modelling student, whose own ``trunc_normal_``
+        truncates every draw at ±1 std (the classifier's, timm's, at ±2 absolute: untruncated
+        at std 0.02), and which also initialises the convolutions (weights as above, biases 0;
+        the classifier keeps PyTorch's defaults for them).
+        """
         std = self.config.init_std
+        bound = std if pretraining else 2.0
         for p in (self.cls_token, self.pos_embed, self.time_embed):
-            nn.init.trunc_normal_(p, std=std)
+            nn.init.trunc_normal_(p, std=std, a=-bound, b=bound)
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear) or (pretraining and isinstance(module, nn.Conv2d)):
+                nn.init.trunc_normal_(module.weight, std=std, a=-bound, b=bound)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         for i, block in enumerate(self.blocks):  # scale residual outputs by depth
@@ -291,7 +305,16 @@ class LaBraMTrunk(nn.Module):
 
         batch: B of x, checked against a per-sample (B, C+1) ``input_chans`` (unchecked if None).
         """
-        if input_chans is None:
+        if input_chans is None and self.default_input_chans is not None:
+            n_default = self.default_input_chans.shape[0] - 1
+            if n_default != n_chans:
+                # the user passed no input_chans: "input_chans must have shape ..." (below)
+                # named an argument they never gave
+                raise ValueError(
+                    f"x has {n_chans} electrodes but the model's default electrode list "
+                    f"(input_chans of its config, e.g. from ch_names) has {n_default}; pass "
+                    "input_chans for this electrode set"
+                )
             input_chans = self.default_input_chans
         if input_chans is None:
             if n_chans + 1 != self.config.pos_rows:

@@ -12,6 +12,7 @@ each chunk's logits are at hand, so the (B·C·A, 8192) logits are never kept fo
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -23,6 +24,7 @@ from eegfast.models.labram import (
     LaBraMConfig,
     LaBraMTrunk,
     _check_signal,
+    _check_size,
     token_padding_mask,
     zero_padded_electrodes,
 )
@@ -38,10 +40,14 @@ class PretrainConfig:
     mask_ratio: float = 0.5
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        if self.vocab_size <= 0:
-            raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
+        # named errors: a string or None ratio failed with "'<' not supported between ...", a
+        # float or bool vocab_size deep in nn.Linear with "empty(): argument 'size' ..."
+        if not isinstance(self.backbone, LaBraMConfig):
+            raise ValueError(f"backbone must be a LaBraMConfig, got {type(self.backbone).__name__}")
+        ratio = self.mask_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio < 1:
+            raise ValueError(f"mask_ratio must be a number in (0, 1), got {ratio!r}")
+        _check_size("vocab_size", self.vocab_size, low=1)
 
 
 class PretrainOutput(NamedTuple):
@@ -90,7 +96,8 @@ class LaBraMForMaskedModeling(LaBraMTrunk):
 
     Keys as the reference's ``student.*`` (it also holds an ``lm_head`` that the reference's
     symmetric objective never uses — the wrapper's own ``lm_head`` predicts the codes; it is
-    kept so that checkpoints load strictly).
+    kept so that checkpoints load strictly). Initialised as the reference's pretraining model
+    (normals truncated at ±1 std, convolutions included; see ``LaBraMTrunk._init_trunk``).
     """
 
     def __init__(self, config: LaBraMConfig, vocab_size: int, *, device=None, dtype=None):
@@ -99,8 +106,9 @@ class LaBraMForMaskedModeling(LaBraMTrunk):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim, **factory))
         self.norm = nn.LayerNorm(config.embed_dim, eps=config.norm_eps, **factory)
         self.lm_head = nn.Linear(config.embed_dim, vocab_size, **factory)
-        self._init_trunk()
-        nn.init.trunc_normal_(self.mask_token, std=config.init_std)
+        self._init_trunk(pretraining=True)
+        std = config.init_std
+        nn.init.trunc_normal_(self.mask_token, std=std, a=-std, b=std)
 
     def forward(
         self,
@@ -162,7 +170,9 @@ class LaBraMPretrain(nn.Module):
         )
         self.lm_head = nn.Linear(E, config.vocab_size, **factory)
         self.projection_head = nn.Sequential(nn.Linear(E, E, **factory), nn.ReLU())
-        nn.init.trunc_normal_(self.lm_head.weight, std=config.backbone.init_std)
+        # truncated at ±1 std as the reference's pretraining model (see LaBraMTrunk._init_trunk)
+        std = config.backbone.init_std
+        nn.init.trunc_normal_(self.lm_head.weight, std=std, a=-std, b=std)
         nn.init.zeros_(self.lm_head.bias)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -102,6 +102,13 @@ def get_config(name: str, **config: Any) -> LaBraMConfig | PretrainConfig | VQNS
         raise TypeError(
             f"unknown config keys for {name!r}: {unknown}; valid keys: {', '.join(valid)}"
         )
+    for key in ("backbone", "encoder", "decoder"):
+        # checked before use: a dict failed with "'dict' object has no attribute 'pos_rows'"
+        if key in own and key in config and not isinstance(config[key], LaBraMConfig):
+            raise ValueError(
+                f"{key} must be a LaBraMConfig (eegfast.models.LaBraMConfig), got "
+                f"{type(config[key]).__name__}"
+            )
     modern_names = config.pop("modern_names", None)
     signal = {k: config.pop(k) for k in SIGNAL_ARGS if k in config}
     if modern_names is not None:
