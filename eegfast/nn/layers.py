@@ -27,8 +27,12 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 def _sample_keep_scale(x: torch.Tensor, p: float, dtype: torch.dtype | None = None) -> torch.Tensor:
     """(B, 1, ..., 1) in ``dtype`` (default x's): 0 for a dropped sample, 1 / (1 - p) for a
     kept one (stochastic depth)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"drop_path must be a probability in [0, 1], got {p!r}")
     keep = 1.0 - p
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    if keep == 0.0:  # every sample dropped (as timm); 0 / 0 had made the whole batch NaN
+        return x.new_zeros(shape, dtype=dtype)
     return x.new_empty(shape, dtype=dtype).bernoulli_(keep).div_(keep)
 
 
@@ -143,6 +147,8 @@ class Block(nn.Module):
         )
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **factory)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, **factory)
+        if not 0.0 <= drop_path <= 1.0:  # a negative rate had silently meant none
+            raise ValueError(f"drop_path must be a probability in [0, 1], got {drop_path!r}")
         self.drop_path = drop_path
         if init_values is not None and init_values > 0:  # as documented (and the reference)
             self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values), **factory))

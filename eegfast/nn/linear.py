@@ -124,7 +124,7 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    if x.dim() < 2 or x.numel() == 0:
+    if x.dim() < 2 or x.numel() == 0 or weight.numel() == 0:  # oneDNN refuses N = 0
         return False
     return onednn_status()[0] and not torch.is_autocast_enabled("cpu")
 
@@ -151,9 +151,28 @@ def fused_linear(
 
     Returns:
         (..., N) tensor. A new tensor; ``residual`` is not modified.
+
+    Raises:
+        ValueError: naming ``x``, ``weight``, ``bias``, ``scale`` or ``residual`` when its
+            shape does not match the others, on every path.
     """
     if gelu and (scale is not None or residual is not None):
         raise ValueError("fused_linear: gelu=True cannot be combined with scale or residual")
+    # Checked here for both paths: oneDNN reads a bias or scale as N contiguous floats (a 0-d
+    # bias read past its end) and refused a mismatched shape without naming the argument.
+    if weight.dim() != 2:
+        raise ValueError(f"fused_linear: weight must be (N, K), got shape {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"fused_linear: x must be (..., K) with K = weight.shape[1] = {weight.shape[1]}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    for name, vector in (("bias", bias), ("scale", scale)):
+        if vector is not None and vector.shape != (weight.shape[0],):
+            raise ValueError(
+                f"fused_linear: {name} must have shape (N,) = ({weight.shape[0]},) as "
+                f"weight.shape[0], got {tuple(vector.shape)}"
+            )
     if residual is not None and residual.shape != (*x.shape[:-1], weight.shape[0]):
         raise ValueError(
             f"fused_linear: residual must have shape {(*x.shape[:-1], weight.shape[0])}, "
@@ -161,7 +180,8 @@ def fused_linear(
         )
     if _onednn_applies(x, weight, bias, scale, residual):
         packed = _packed_weight(weight, scale)
-        b = bias if bias is None or scale is None else bias * scale  # γ ⊙ b, as the weight
+        # γ ⊙ b, as the weight; oneDNN takes a strided bias (a column view) as contiguous
+        b = bias if bias is None else (bias.contiguous() if scale is None else bias * scale)
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(
                 x, residual.contiguous(), packed, b, "add"
