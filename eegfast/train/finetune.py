@@ -1049,6 +1049,17 @@ def comparisons(
     return out
 
 
+def _json_numbers(value: Any) -> Any:
+    """``value`` with NaN and infinite floats as None, which strict JSON readers take."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_numbers(v) for v in value]
+    return value
+
+
 def write_outputs(
     result: CVResult,
     data: TrainData,
@@ -1235,7 +1246,8 @@ def write_outputs(
         "grouping": result.grouping,
         "figures": figures,
     }
-    write_json_atomic(out_dir / "summary.json", payload)
+    # strict JSON (jq, JavaScript): a metric undefined in every fold (NaN) is null there
+    write_json_atomic(out_dir / "summary.json", _json_numbers(payload))
     # Per variant, task and fold: labels, probabilities and whose windows they are (row for
     # row), so that scores per subject or recording can be computed from the file; strings as
     # plain unicode arrays (np.load needs no pickle).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -115,6 +116,15 @@ def test_no_roc_curve_for_a_task_tested_on_one_class(tmp_path, recwarn):
     _record(result, 0, "single", "mi", data, np.arange(4), np.full((4, 2), 0.5))
     payload = write_outputs(result, data, tmp_path, title="t", fixed_model=True)
     assert "ROC curves" not in payload["figures"] and not (tmp_path / "roc_curves.png").exists()
+    # AUROC is undefined there: null in summary.json, which strict JSON readers take (NaN is no
+    # JSON: jq and JavaScript refused the file)
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    (auroc,) = [row for row in summary["summary"] if row["metric"] == "auroc"]
+    assert auroc["mean"] is None
     assert (tmp_path / "confusion_matrices.png").is_file()
     assert not [w for w in recwarn if "legend" in str(w.message)]
 
