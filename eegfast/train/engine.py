@@ -3,9 +3,12 @@
 ``fit`` runs any step function (see :mod:`eegfast.train.objectives`) with: AdamW and a cosine
 schedule with warm-up, gradient accumulation and clipping, mixed precision (bf16 autocast, or
 fp16 with a GradScaler), activation checkpointing and ``torch.compile`` flags, DDP/FSDP2 under
-torchrun, periodic atomic checkpoints with retention and exact resume, CSV/TensorBoard logging
-and a tqdm bar on rank 0. A non-finite loss stops the run with :class:`NonFiniteLossError`
-before anything is saved, so the last checkpoint on disk is the last good one.
+torchrun, atomic checkpoints with retention and exact resume (every ``train.checkpoint_every``
+optimiser steps, or at each epoch's end when it is 0, and at the last step; each validated by
+``eval_fn``), CSV/TensorBoard logging and a tqdm bar on rank 0. ``train/samples_per_s`` is the
+training throughput since the start of ``fit``, validation and checkpoint writing left out.
+A non-finite loss stops the run with :class:`NonFiniteLossError` before anything is saved, so
+the last checkpoint on disk is the last good one.
 
 The host never waits for the device between log points: each step's loss, gradient norm and
 metrics stay where they were computed, and are read back together, in one transfer, every
@@ -568,11 +571,13 @@ def fit(
     # flags arrive at different steps, and the read-back's all-reduce must run at the same step
     # on every rank (under torchrun the read-back points decide).
     watch = _NonFiniteWatch(enabled=not info.enabled)
-    checkpoint_every = train_cfg.checkpoint_every or steps_per_epoch
     last_saved: Path | None = None
     skipped = {"in_a_row": 0, "since": 0}  # fp16 steps with non-finite gradients, read back
     started = time.perf_counter()
     samples_seen = 0
+    # Seconds spent in save() (validation, checkpoint writing): not training time, left out of
+    # train/samples_per_s (each checkpoint's validation had pulled the rate down for good).
+    not_training = 0.0
 
     def read_pending() -> None:
         """Read the pending steps' scalars back, stop at the first non-finite loss (or gradient
@@ -645,8 +650,18 @@ def fit(
         pending = []
 
     def save(batch_in_epoch: int, save_epoch: int) -> Path | None:
+        nonlocal not_training
+        # raises before anything is saved if a step went non-finite; its wait for the device
+        # to finish the steps is training time, what follows is not
+        read_pending()
+        save_started = time.perf_counter()
+        try:
+            return write_checkpoint(batch_in_epoch, save_epoch)
+        finally:
+            not_training += time.perf_counter() - save_started
+
+    def write_checkpoint(batch_in_epoch: int, save_epoch: int) -> Path | None:
         nonlocal since_checkpoint
-        read_pending()  # raises before anything is saved if a step went non-finite
         metric_values = {}
         if eval_fn is not None:
             model.eval()
@@ -790,7 +805,7 @@ def fit(
                         means = all_reduce_mean(means.to(device), info).cpu()
                     scalars = {f"train/{k}": v for k, v in zip(names, means.tolist(), strict=True)}
                     scalars["train/lr"] = step_lr
-                    elapsed = time.perf_counter() - started
+                    elapsed = time.perf_counter() - started - not_training
                     scalars["train/samples_per_s"] = (
                         samples_seen * info.world_size / max(elapsed, 1e-9)
                     )
@@ -800,7 +815,15 @@ def fit(
                     bar.set_postfix(loss=f"{scalars['train/loss']:.4f}")
                     window = {}
                 end_of_epoch = batch_in_epoch >= limit
-                if step % checkpoint_every == 0 or step == total_steps or end_of_epoch:
+                # Every train.checkpoint_every steps and at the last; 0: at each epoch's end
+                # (step % steps_per_epoch misses the ends after a resume into other data).
+                # A nonzero one had saved and validated at every epoch's end as well.
+                due = (
+                    end_of_epoch
+                    if not train_cfg.checkpoint_every
+                    else step % train_cfg.checkpoint_every == 0
+                )
+                if due or step == total_steps:
                     if end_of_epoch:
                         last_saved = save(0, epoch + 1)
                     else:
