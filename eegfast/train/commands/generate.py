@@ -9,9 +9,10 @@ The prompt is either
   0.1-75 Hz, mains notch, 200 Hz, units of 100 µV, via :mod:`eegfast.data`), then the window
   ``[--start, --start + --prompt-seconds)`` (default: the last ``--prompt-seconds`` seconds) is
   the prompt; or
-* a prompt window already at 200 Hz: ``.npy`` (C, T) in µV with ``--channels`` naming its rows
-  (or, without it, the ``channels`` of its ``.json`` sidecar, as this command writes one),
-  or ``.npz`` with arrays ``x`` (C, T) in µV and ``channels``.
+* a prompt window already at 200 Hz: ``.npy`` (C, T) in µV whose rows the ``channels`` of its
+  ``.json`` sidecar name (as this command writes one) or, without a sidecar, ``--channels``;
+  or ``.npz`` with arrays ``x`` (C, T) in µV and ``channels``. Where the file names its rows
+  (sidecar, .npz), ``--channels`` picks a subset of them, in its order, as for a recording.
 
 The model continues it patch by patch (1 s = 200 samples per patch) with a key/value cache
 (``--no-cache`` re-encodes the context each step) within the window length it was pretrained
@@ -113,8 +114,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--channels",
         default=None,
-        help="comma-separated electrodes: a subset (and order) of the recording's, or the row "
-        "names of a .npy prompt",
+        help="comma-separated electrodes: a subset (and order) of the recording's (or of a "
+        ".npz's or a .npy sidecar's), or the row names of a .npy prompt without a sidecar",
     )
     parser.add_argument(
         "--start",
@@ -246,14 +247,19 @@ def _window(
     return x[:, begin : begin + n], begin / SFREQ
 
 
-def _sidecar_channels(path: Path) -> list[str]:
+def _sidecar_channels(path: Path, *, required: bool) -> list[str] | None:
     """The electrode names of a .npy prompt from its ``.json`` sidecar (what ``eegfast generate``
-    writes beside a .npy), checked to be at 200 Hz; GenerateError asking for --channels if
-    there is none."""
+    writes beside a .npy), checked to be at 200 Hz and in µV.
+
+    Without a sidecar: GenerateError asking for --channels if ``required``, else None. A
+    sidecar with no channel list is an error if ``required``, else None (a JSON file of
+    something else, beside a .npy whose rows --channels names)."""
     import json
 
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():
+        if not required:
+            return None
         raise GenerateError(
             f"--prompt {path.name}: a .npy prompt needs --channels (or a {sidecar.name} sidecar "
             "with its 'channels', as eegfast generate writes)"
@@ -262,6 +268,8 @@ def _sidecar_channels(path: Path) -> list[str]:
         info = json.loads(sidecar.read_text())
         names = [str(name) for name in info["channels"]]
     except (ValueError, KeyError, TypeError) as err:
+        if not required:
+            return None
         raise GenerateError(
             f"--prompt {path.name}: sidecar {sidecar} has no channel list ({err})"
         ) from None
@@ -274,7 +282,32 @@ def _sidecar_channels(path: Path) -> list[str]:
             f"--prompt {path.name}: sidecar {sidecar} says {info['sfreq']} Hz; a .npy prompt "
             "must already be at 200 Hz"
         )
+    units = info.get("units", "uV")
+    if units not in ("uV", "µV", "μV"):  # micro sign or Greek mu
+        raise GenerateError(
+            f"--prompt {path.name}: sidecar {sidecar} says units {units!r}; a .npy prompt "
+            "holds µV ('uV')"
+        )
     return names
+
+
+def _pick_rows(
+    data: np.ndarray, names: list[str], channels: list[str], path: Path, extended: dict
+) -> tuple[np.ndarray, list[str]]:
+    """The rows of data (C, T), whose rows are the electrodes ``names``, that ``channels``
+    picks (a subset, in its order)."""
+    if data.ndim != 2 or data.shape[0] != len(names):
+        what = "'x' (C, T)" if path.suffix.lower() == ".npz" else "(C, T)"
+        raise GenerateError(
+            f"--prompt {path.name}: expected {what} with C = {len(names)} electrodes, got "
+            f"shape {data.shape}"
+        )
+    picked = _check_electrodes(channels, "--channels", **extended)
+    known = _check_electrodes(names, f"--prompt {path.name}", **extended)
+    missing = [c for c in picked if c not in known]
+    if missing:
+        raise GenerateError(f"--prompt {path.name}: has no electrodes {missing}")
+    return data[[known.index(c) for c in picked]], list(picked)
 
 
 def load_prompt(
@@ -301,11 +334,16 @@ def load_prompt(
         raise GenerateError(f"--prompt: file not found: {path}")
     suffix = path.suffix.lower()
     if suffix in (".npy", ".npz"):
-        if suffix == ".npy" and channels is None:
-            channels = _sidecar_channels(path)
+        sidecar = None
+        if suffix == ".npy":
+            # The sidecar names the rows; --channels then picks among them, as for a .npz or
+            # a recording (taking it as the row names would relabel rows in another order).
+            # Without a sidecar --channels names the rows.
+            sidecar = _sidecar_channels(path, required=channels is None)
         try:
             if suffix == ".npy":
-                data, names = np.load(path, allow_pickle=False), channels
+                data = np.load(path, allow_pickle=False)
+                names = sidecar if sidecar is not None else channels
             else:
                 with np.load(path, allow_pickle=False) as archive:
                     arrays = {k: archive[k] for k in ("x", "channels") if k in archive}
@@ -320,19 +358,8 @@ def load_prompt(
                     f"--prompt {path.name}: a .npz prompt holds arrays 'x' and 'channels'"
                 )
             data, names = arrays["x"], [str(n) for n in np.ravel(arrays["channels"])]
-            if channels is not None:
-                if data.ndim != 2 or data.shape[0] != len(names):
-                    raise GenerateError(
-                        f"--prompt {path.name}: expected 'x' (C, T) with C = {len(names)} "
-                        f"electrodes, got shape {data.shape}"
-                    )
-                picked = _check_electrodes(channels, "--channels", **extended)
-                known = _check_electrodes(names, f"--prompt {path.name}", **extended)
-                missing = [c for c in picked if c not in known]
-                if missing:
-                    raise GenerateError(f"--prompt {path.name}: has no electrodes {missing}")
-                data = data[[known.index(c) for c in picked]]
-                names = list(picked)
+        if channels is not None and (suffix == ".npz" or sidecar is not None):
+            data, names = _pick_rows(data, names, channels, path, extended)
         if data.ndim != 2 or data.shape[0] != len(names):
             raise GenerateError(
                 f"--prompt {path.name}: expected (C, T) with C = {len(names)} electrodes, got "
@@ -468,6 +495,8 @@ def generate_signal(
         raise GenerateError(f"--temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise GenerateError(f"--top-k must be >= 1, got {top_k}")
+    if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise GenerateError(f"--seed must be in [-2**63, 2**64), got {seed}")
     check_mode(model, mode)
     samples = int(round(seconds * SFREQ))
     if samples < 1:
