@@ -21,6 +21,10 @@ classifier backbone the linear probe takes). Entries: ``features`` (N, E) float3
 ``subject``, ``recording`` (N,) str, ``label`` (N,) int (-1: unlabelled; an index into that
 task's classes) and ``label_names/<task>`` (the task's class names in label order, as
 ``--data`` numbers them).
+
+``--out`` gets ``report.md``, ``results.csv``, ``summary.json``, ``predictions.npz``, the plots
+and ``tensorboard/``; an earlier evaluation's are replaced, and a folder holding a training run
+(checkpoints, metrics) is refused. The report names the tasks of ``--data`` it does not score.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from eegfast.train.commands.common import (
     REPORT_ARTEFACTS,
     CommandError,
     add_run_arguments,
+    hold_lock,
+    previous_run,
     resolve,
     run_command,
     say,
@@ -307,6 +313,16 @@ def _main(args: argparse.Namespace) -> int:
             f"--export-features {args.export_features}: the features are written as a .npz "
             "archive; give a FILE.npz"
         )
+    out = Path(args.out)
+    # An evaluation replaces the report files and TensorBoard events in --out without asking:
+    # in a training run's folder (the fine-tuning's, or a fold model's own) they are that
+    # run's report and logs, lost to a slip of --out.
+    found = previous_run(out)
+    if found:
+        raise CommandError(
+            f"--out {out}: holds a training run ({found[0]}), whose report files and "
+            "TensorBoard logs an evaluation would replace; choose another --out"
+        )
     extra: dict = {"finetune.mode": "linear"}
     if args.folds is not None:
         extra["finetune.folds"] = args.folds
@@ -345,7 +361,6 @@ def _main(args: argparse.Namespace) -> int:
             # and only where upcycle.task_routing is on (Backbone.router_ids)
             task_names = task_names or sorted(data.tasks)
             routes = routes and config.upcycle.task_routing
-        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         if args.export_features:
             if model is not None:  # its backbone's pooled features
@@ -376,6 +391,14 @@ def _main(args: argparse.Namespace) -> int:
             # scored in the model's classes from here on (labels, metrics, plots, CSV)
             data = in_model_classes(data, names, args.model)
             selected, seen, total, seen_recordings = {}, 0, 0, set()
+            # a task with a head and windows in --data that is not scored would be missing
+            # from the report without a word (only the other tasks' rows)
+            unscored = [
+                f"task {t!r} of --data: --model has no head for it (its heads: "
+                f"{', '.join(sorted(heads))}): not scored"
+                for t in data.tasks
+                if t not in heads
+            ]
             for task in tasks:
                 indices = np.asarray(data.labelled(task))
                 trained = training_windows(meta, data, indices)
@@ -386,6 +409,14 @@ def _main(args: argparse.Namespace) -> int:
                     indices = np.delete(indices, trained)
                 if len(indices):
                     selected[task] = indices
+                elif len(trained):
+                    unscored.append(
+                        f"task {task!r}: all its {len(trained)} labelled windows are from "
+                        "recordings the model was fine-tuned on: not scored "
+                        "(--include-training-windows scores them)"
+                    )
+                else:
+                    unscored.append(f"task {task!r}: no labelled window in --data: not scored")
             if not total:  # (not "all 0 labelled windows are from its training recordings")
                 raise CommandError(
                     f"--data {' '.join(str(r) for r in data.roots)}: no labelled window of "
@@ -399,6 +430,9 @@ def _main(args: argparse.Namespace) -> int:
                     f"--model {args.model} was fine-tuned on: no held-out window to score "
                     "(give --data with other recordings, or --include-training-windows)"
                 )
+            for note in unscored:
+                say(runtime, f"note: {note}")
+                notes.append(note)
             grouping = "none (a fixed model on all windows)"
             if seen and not args.include_training_windows:
                 grouping = "none (a fixed model on the windows it was not fine-tuned on)"
@@ -454,22 +488,29 @@ def _main(args: argparse.Namespace) -> int:
             )
             notes = [f"linear probe on frozen features of `{args.model}`"]
         if runtime.dist.is_main:
-            # An earlier evaluation's report files go first: the new ones are written one by
-            # one, and one stopped half way (Ctrl-C, a kill) had left a mix of the two
-            # evaluations (this one's results.csv beside another model's predictions.csv).
-            for name in REPORT_ARTEFACTS:
-                (out / name).unlink(missing_ok=True)
-            write_outputs(
-                result,
-                data,
-                out,
-                title="eegfast evaluation report",
-                notes=notes,
-                fixed_model=bool(scored),
-            )
-            if scored:  # (a linear probe has none: an earlier one's went above)
-                write_predictions(out / "predictions.csv", data, scored)
-            say(runtime, (out / "report.md").read_text())
+            # one evaluation at a time writes here: two at once (a sweep given one --out)
+            # left one's results.csv beside the other's predictions.csv, as predict refuses
+            with hold_lock(out):
+                # An earlier evaluation's report files go first: the new ones are written one by
+                # one, and one stopped half way (Ctrl-C, a kill) had left a mix of the two
+                # evaluations (this one's results.csv beside another model's predictions.csv).
+                for name in REPORT_ARTEFACTS:
+                    (out / name).unlink(missing_ok=True)
+                # its scalars too: TensorBoard reads every events file of the folder, and showed
+                # an earlier evaluation's (another model's, or a probe's variants) beside these
+                for events in (out / "tensorboard").glob("events.out.tfevents.*"):
+                    events.unlink(missing_ok=True)
+                write_outputs(
+                    result,
+                    data,
+                    out,
+                    title="eegfast evaluation report",
+                    notes=notes,
+                    fixed_model=bool(scored),
+                )
+                if scored:  # (a linear probe has none: an earlier one's went above)
+                    write_predictions(out / "predictions.csv", data, scored)
+                say(runtime, (out / "report.md").read_text())
             say(runtime, f"report: {out / 'report.md'}")
         return 0
     finally:
