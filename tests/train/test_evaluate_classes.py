@@ -94,10 +94,12 @@ def test_classes_numbered_otherwise_give_the_same_scores(runs, tmp_path):
     natural, reordered = tmp_path / "natural", tmp_path / "reordered"
     assert _evaluate(runs, "arith", natural) == 0
     assert _evaluate(runs, "reordered", reordered) == 0
-    key = ("recording", "window", "label", "predicted", "probabilities")
+    key = ("recording", "window", "label", "predicted", "probabilities", "classes")
     assert [tuple(r[k] for k in key) for r in _rows(natural / "predictions.csv")] == [
         tuple(r[k] for k in key) for r in _rows(reordered / "predictions.csv")
     ]
+    # which probability is which class: the model's order, named in the file
+    assert {r["classes"] for r in _rows(reordered / "predictions.csv")} == {"rest task"}
     assert _metrics(natural) == _metrics(reordered)
 
 

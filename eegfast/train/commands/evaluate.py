@@ -167,8 +167,9 @@ def write_predictions(
 ) -> Path:
     """One row per scored window: task, recording, subject, the window's index in its
     recording and start in seconds (as ``eegfast predict`` writes them, so that the two files
-    line up), label and predicted class names, and the class probabilities (space-separated,
-    in the task's class order: ``data.label_names``, the model's classes).
+    line up), label and predicted class names, the class probabilities (space-separated, in
+    the task's class order: ``data.label_names``, the model's classes) and that order
+    (``classes``, the class names space-separated, so the file says which column is which).
 
     scored: (task, window indices (n,), probabilities (n, classes)) per task.
     """
@@ -177,9 +178,11 @@ def write_predictions(
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(
         ["task", "recording", "subject", "window", "start_s", "label", "predicted", "probabilities"]
+        + ["classes"]
     )
     for task, indices, probs in scored:
         names = data.label_names[task]
+        order = " ".join(names)
         for index, row in zip(indices, probs, strict=True):
             item = data.items[int(index)]
             window, start_s = positions[int(index)]
@@ -193,6 +196,7 @@ def write_predictions(
                     names[item.label],
                     names[int(np.argmax(row))],
                     " ".join(f"{p:.6g}" for p in row),
+                    order,
                 ]
             )
     return write_text_atomic(path, buffer.getvalue())
