@@ -10,7 +10,8 @@ own. The later parts of a split FIF file are read with its first part, not as re
 
 Resuming: a recording whose record exists, with the same settings and the same size and
 modification time of its files (with a BrainVision header its .eeg/.vmrk, with EEGLAB's .set its
-.fdt, in a BIDS folder its _channels.tsv/_events.tsv/.json sidecars) is not processed again,
+.fdt, for an EGI .mff folder every file in it, in a BIDS folder its _channels.tsv/_events.tsv/.json
+sidecars) is not processed again,
 so re-running the same command is cheap and a killed run loses only the recordings in flight;
 outputs made by an older eegfast whose processing has changed since are
 prepared again (``--force`` redoes everything). Bad recordings (truncated or corrupt files, no EEG,
@@ -19,7 +20,8 @@ short) are listed with their reason and skipped. The exit status is 1 only when 
 produced, or with ``--strict`` when any recording was bad. A ``--labels`` table that does not fit
 the recordings (rows that match no recording, empty labels, recordings it does not name) gives
 warnings, on stderr and in the report; with ``--strict`` an error (exit 2) before anything is
-processed. A mains frequency in the file (FIF, BIDS) other than ``--notch`` is warned about.
+processed. A mains frequency in the file (FIF, BIDS) other than ``--notch`` is warned about, and
+so are recordings whose events are only in a stim channel (labels come from annotations).
 
 SRC is a recording, a folder (searched recursively for files MNE reads; an EGI ``.mff`` folder is
 one recording; a BIDS folder is read through mne-bids), and may be written ``TASK=SRC`` to name the

@@ -25,7 +25,9 @@ head (``--mode regression``). Output, in the prompt's electrode set and order, a
   With ``--label NAME`` an annotation NAME spans the generated part, so ``eegfast prepare``
   labels its windows NAME (and cuts none from a prompt written before it); without it, an
   onset marker ``generated`` (zero duration) says where the generated part starts, and labels
-  no window (``prepare`` then labels the file by its table or file-name rules, or not at all).
+  no window (``prepare`` then labels the file by its table or file-name rules, or not at all;
+  given ``--event-duration``, ``prepare`` labels windows after it ``generated`` unless an
+  ``--event-map`` leaves it out).
   EDF data records are 1 s, so ``--seconds`` is rounded up to whole seconds (generated
   samples, not padding);
 * ``.npy``: float32 (C, T) in µV, plus ``OUT.json`` with channel names, rate and settings
