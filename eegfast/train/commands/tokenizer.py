@@ -64,7 +64,7 @@ COLLAPSED_SPREAD = 0.05
 # Below this train/feature_dims the features lie along one line through the origin, which the
 # spread misses when they split into two opposite directions: vqnsp_base with beta = 0 on the
 # sample reached feature_spread 0.99 with feature_dims 1.06 and perplexity 2.3; collapsed runs
-# measured 1.00-1.01. Healthy vqnsp_tiny tokenizers measured 2.8-3.1 on the sample (16 dims),
+# measured 1.00-1.01. Healthy vqnsp_tiny tokenizers measured 2.5-3.1 on the sample (16 dims),
 # fresh ones ~10; the quickstart's run dipped to 1.36 for one log point (step 50) and recovered.
 COLLAPSED_DIMS = 1.25
 # A collapse is reported once it shows at this many log points in a row: early in training
