@@ -62,8 +62,16 @@ def test_doctor_leaves_an_unset_require_ext_unset(monkeypatch, capsys):
 
 def _stamp_is_current(tree: Path) -> bool:
     """`make -q` on the Makefile's install stamp: whether make would leave the build alone."""
+    # Under `make test` this make inherits the outer one's MAKEFLAGS: `make test VENV=env`
+    # (or an exported VENV) made the stamp env/.eegfast-installed, and .venv's one, without a
+    # rule then, was always current.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     done = subprocess.run(
-        ["make", "-q", ".venv/.eegfast-installed"], cwd=tree, capture_output=True, text=True
+        ["make", "-q", "VENV=.venv", ".venv/.eegfast-installed"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode in (0, 1), done.stderr
     return done.returncode == 0

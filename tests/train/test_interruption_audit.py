@@ -121,14 +121,19 @@ def test_a_stopped_quickstart_leaves_no_report_of_the_runs_it_replaced(tmp_path,
     """A second quickstart into the same --out stopped in a training step (Ctrl-C: "run the
     same command again") kept the first one's report.md and plot beside runs that the steps
     had already replaced with --overwrite: the folder read as a finished quickstart."""
-    from tests.train.test_cli import SHARED_DATA, _fake_steps
+    from eegfast.datasets import SampleDataError, sample
+    from tests.train.test_cli import _fake_steps
 
+    try:  # wherever the sample is (EEGFAST_DATA, the cache, ../shared/data): a folder of all six
+        data = sample(download=False)[0].parent
+    except SampleDataError as err:
+        pytest.skip(f"sample data not available: {err}")
     out = tmp_path / "qs"
     out.mkdir()
     for name in ("report.md", "pretraining_loss.png"):
         (out / name).write_text("the earlier quickstart's")
     calls = _fake_steps(monkeypatch, lambda argv: 130 if argv[0] == "pretrain" else 0)
-    assert cli(["quickstart", "--data", str(SHARED_DATA), "--out", str(out)]) == 130
+    assert cli(["quickstart", "--data", str(data), "--out", str(out)]) == 130
     assert [argv[0] for argv in calls][-2:] == ["tokenizer", "pretrain"]
     assert not (out / "report.md").exists() and not (out / "pretraining_loss.png").exists()
 

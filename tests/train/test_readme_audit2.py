@@ -191,6 +191,7 @@ def test_a_restarted_code_starts_from_a_count_of_one_as_the_readme_says():
 
 def test_backend_auto_and_doctor_exit_status_as_the_readme_says(monkeypatch):
     cpu = torch.device("cpu")
+    monkeypatch.delenv("EEGFAST_BACKEND", raising=False)  # None is the automatic choice then
     automatic = resolve_backend(None, cpu, ())
     monkeypatch.setenv("EEGFAST_BACKEND", "reference")
     assert resolve_backend(None, cpu, ()) == "reference"
