@@ -13,6 +13,7 @@ requires_triton = pytest.mark.skipif(
 )
 
 
+@pytest.mark.triton
 @requires_triton
 def test_triton_code_stats_counts_rows_of_zero_features():
     """z of shape (N, 0): the C++ and CUDA kernels count the rows (cols = max(D, 1)); the Triton
@@ -25,6 +26,7 @@ def test_triton_code_stats_counts_rows_of_zero_features():
     assert sums.shape == expected_sums.shape == (3, 0)
 
 
+@pytest.mark.triton
 @requires_triton
 @pytest.mark.parametrize(("D", "H"), [(0, 3), (3, 0)], ids=["no_features", "no_hidden_units"])
 def test_triton_moe_bias_gradients_with_an_empty_weight_dim(D, H):
