@@ -96,8 +96,7 @@ class LaBraMForMaskedModeling(LaBraMTrunk):
 
     Keys as the reference's ``student.*`` (it also holds an ``lm_head`` that the reference's
     symmetric objective never uses — the wrapper's own ``lm_head`` predicts the codes; it is
-    kept so that checkpoints load strictly). Initialised as the reference's pretraining model
-    (normals truncated at ±1 std, convolutions included; see ``LaBraMTrunk._init_trunk``).
+    kept so that checkpoints load strictly).
     """
 
     def __init__(self, config: LaBraMConfig, vocab_size: int, *, device=None, dtype=None):
@@ -106,9 +105,8 @@ class LaBraMForMaskedModeling(LaBraMTrunk):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim, **factory))
         self.norm = nn.LayerNorm(config.embed_dim, eps=config.norm_eps, **factory)
         self.lm_head = nn.Linear(config.embed_dim, vocab_size, **factory)
-        self._init_trunk(pretraining=True)
-        std = config.init_std
-        nn.init.trunc_normal_(self.mask_token, std=std, a=-std, b=std)
+        self._init_trunk()
+        nn.init.trunc_normal_(self.mask_token, std=config.init_std)
 
     def forward(
         self,
@@ -170,9 +168,7 @@ class LaBraMPretrain(nn.Module):
         )
         self.lm_head = nn.Linear(E, config.vocab_size, **factory)
         self.projection_head = nn.Sequential(nn.Linear(E, E, **factory), nn.ReLU())
-        # truncated at ±1 std as the reference's pretraining model (see LaBraMTrunk._init_trunk)
-        std = config.backbone.init_std
-        nn.init.trunc_normal_(self.lm_head.weight, std=std, a=-std, b=std)
+        nn.init.trunc_normal_(self.lm_head.weight, std=config.backbone.init_std)
         nn.init.zeros_(self.lm_head.bias)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
