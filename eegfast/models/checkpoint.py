@@ -13,11 +13,12 @@ state dict (``position_embedding``, ``temporal_embedding``, ...) through
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,20 @@ def is_safetensors_file(path: str | os.PathLike) -> bool:
     return 0 < header_length <= path.stat().st_size - 8
 
 
+@contextlib.contextmanager
+def safetensors_file_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Reading the safetensors file ``path`` inside: safetensors' own error (no file name, and
+    no ValueError: the commands showed a traceback) becomes a ValueError naming the file."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path}: cannot read this safetensors file (corrupt or truncated?): {error}"
+        ) from error
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file (``.safetensors`` in any case, or any name with
     safetensors content), or of a torch file read with ``weights_only=True`` (wrappers and
@@ -131,15 +146,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.suffix.lower() == ".safetensors" or is_safetensors_file(path):
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        try:
+        with safetensors_file_errors(path):
             return unwrap_state_dict(load_file(str(path)), source=str(path))
-        except SafetensorError as error:
-            raise ValueError(
-                f"{path}: cannot read this safetensors file (corrupt or truncated?): {error}"
-            ) from error
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from eegfast.fileio import fsync_dir, fsync_file
+from eegfast.models.checkpoint import safetensors_file_errors
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 WEIGHTS = "model.safetensors"
@@ -323,12 +323,8 @@ def load_weights(path: str | Path, *, prefer: str = "best") -> dict[str, torch.T
     ValueError naming the file when it is corrupt or truncated (safetensors' own error names
     no file, and is no ValueError: the commands showed a traceback)."""
     weights = resolve_weights_path(path, prefer=prefer)
-    try:
+    with safetensors_file_errors(weights):
         return load_file(str(weights))
-    except SafetensorError as error:
-        raise ValueError(
-            f"{weights}: cannot read this safetensors file (corrupt or truncated?): {error}"
-        ) from error
 
 
 def weight_shapes(checkpoint: str | Path) -> dict[str, tuple[int, ...]]:
@@ -337,13 +333,8 @@ def weight_shapes(checkpoint: str | Path) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
     path = Path(checkpoint) / WEIGHTS
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except SafetensorError as error:
-        raise ValueError(
-            f"{path}: cannot read this safetensors file (corrupt or truncated?): {error}"
-        ) from error
+    with safetensors_file_errors(path), safe_open(str(path), framework="pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
 
 
 def read_meta(path: str | Path, *, prefer: str = "best") -> dict[str, Any]:
