@@ -44,7 +44,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eegfast.fileio import fsync_dir, fsync_file
-from eegfast.models.checkpoint import safetensors_file_errors
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 WEIGHTS = "model.safetensors"
@@ -322,6 +321,10 @@ def load_weights(path: str | Path, *, prefer: str = "best") -> dict[str, torch.T
     """The tensors of the weights file ``path`` resolves to (:func:`resolve_weights_path`);
     ValueError naming the file when it is corrupt or truncated (safetensors' own error names
     no file, and is no ValueError: the commands showed a traceback)."""
+    # (imported here: importing eegfast.models loads the ops, which this module must not
+    # need at import time: `eegfast doctor` reports a missing extension)
+    from eegfast.models.checkpoint import safetensors_file_errors
+
     weights = resolve_weights_path(path, prefer=prefer)
     with safetensors_file_errors(weights):
         return load_file(str(weights))
@@ -331,6 +334,8 @@ def weight_shapes(checkpoint: str | Path) -> dict[str, tuple[int, ...]]:
     """Name -> shape of each tensor in a checkpoint folder's weights file, read from its
     header only; ValueError naming the file when it is corrupt or truncated."""
     from safetensors import safe_open
+
+    from eegfast.models.checkpoint import safetensors_file_errors
 
     path = Path(checkpoint) / WEIGHTS
     with safetensors_file_errors(path), safe_open(str(path), framework="pt") as f:
