@@ -2,7 +2,8 @@
 
 Only safe formats are read: safetensors files (recognised by their suffix, in any case, or by
 their content), and ``torch.load(weights_only=True)`` for any other file (tensors and plain
-containers; arbitrary pickled objects are refused). Reference checkpoints wrap the state dict in
+containers, and the argparse ``Namespace`` the reference training scripts save as ``args``;
+arbitrary pickled objects are refused). Reference checkpoints wrap the state dict in
 ``{"model": ...}`` or ``{"module": ...}``, DistributedDataParallel adds ``module.`` to every key
 and ``torch.compile`` ``_orig_mod.``, nested in either order; all of these are unwrapped. A
 pretraining checkpoint (``student.*`` keys) loads into a classifier through
@@ -13,6 +14,7 @@ state dict (``position_embedding``, ``temporal_embedding``, ...) through
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import pickle
@@ -151,7 +153,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         with safetensors_file_errors(path):
             return unwrap_state_dict(load_file(str(path)), source=str(path))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # The reference LaBraM's training scripts save their argparse options beside the
+        # weights ({"model": ..., "optimizer": ..., "args": Namespace(...)}): a Namespace only
+        # carries attributes, built from what weights_only allows, so it is let through.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = _weights_only_reason(error)
         if not reason.startswith("Unsupported operand"):

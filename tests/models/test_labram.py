@@ -93,13 +93,54 @@ def test_mismatch_report_is_readable_and_strict(base_classifier):
     torch.testing.assert_close(model.pos_embed, state["pos_embed"])
 
 
+class _PickledObject:
+    """A class no checkpoint reader should construct."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "ckpt.pth"
-    torch.save({"model": random_reference_state("labram_base"), "args": argparse.Namespace()}, path)
+    torch.save({"model": random_reference_state("labram_base"), "extra": _PickledObject(1)}, path)
+    with pytest.raises(ValueError, match="weights_only") as info:
+        read_state_dict(path)
+    assert "_PickledObject" in str(info.value)
+    # nor a Namespace holding one: only its plain attributes are allowed
+    torch.save({"model": {}, "args": argparse.Namespace(x=_PickledObject(2))}, path)
     with pytest.raises(ValueError, match="weights_only"):
         read_state_dict(path)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         read_state_dict(tmp_path / "missing.pth")
+
+
+def test_reference_training_checkpoint_with_args_loads(tmp_path):
+    """The reference training scripts save {"model", "optimizer", "epoch", "scaler", "args"},
+    ``args`` an argparse.Namespace: their checkpoints load without re-saving."""
+    state = random_reference_state("labram_base", seed=4)
+    args = argparse.Namespace(
+        model="labram_base_patch200_200",
+        lr=5e-4,
+        layer_decay=0.65,
+        input_size=(1, 200),
+        finetune="",
+        nb_classes=6,
+        smoothing=0.1,
+    )
+    path = tmp_path / "checkpoint-best.pth"
+    torch.save(
+        {
+            "model": state,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 5e-4}]},
+            "epoch": 29,
+            "scaler": {"scale": 65536.0, "_growth_tracker": 3},
+            "args": args,
+        },
+        path,
+    )
+    loaded = read_state_dict(path)
+    assert sorted(loaded) == sorted(state)
+    assert all(torch.equal(loaded[key], value) for key, value in state.items())
 
 
 def reference_pair(name, **overrides):
