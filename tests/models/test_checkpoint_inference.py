@@ -152,6 +152,14 @@ def test_read_reference_checkpoint_unwraps_and_renames(tmp_path):
 def test_read_reference_checkpoint_loads_safely(tmp_path):
     path = tmp_path / "pickled.pth"
     state = create_model("labram_tiny").state_dict()
-    torch.save({"model": state, "args": argparse.Namespace(model="labram_tiny")}, path)
+    torch.save({"model": state, "args": argparse.Namespace(model=_Unsafe())}, path)
     with pytest.raises(ValueError, match="refused to unpickle non-tensor objects"):
         read_reference_checkpoint(path)
+    # the reference training scripts' own args (plain values) are read and ignored
+    torch.save({"model": state, "args": argparse.Namespace(model="labram_tiny")}, path)
+    found, got = read_reference_checkpoint(path)
+    assert found.name == "labram_tiny" and got.keys() == state.keys()
+
+
+class _Unsafe:
+    """A class no checkpoint reader should construct."""
