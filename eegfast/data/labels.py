@@ -12,9 +12,14 @@
    EEGLAB's ``boundary``. An annotation of zero duration (an onset marker, as event channels
    and BIDS events give them; ``prepare`` counts BrainVision's one-sample markers as such) is
    skipped unless ``event_duration`` (seconds) says how long after its onset it labels;
-3. the first file-name rule ``(regex, label)`` whose regex is found in the file stem (e.g.
+3. when the annotations give no event: the events of the recording's stim channel (``prepare``
+   reads them with ``mne.find_events`` as ``(onset_s, 0.0, trigger code)``, e.g. ``"1"``;
+   ``stim_channel`` says which channel: ``"auto"``, a name, or None for none), labelled as
+   annotations are: ``event_map`` renames and selects the codes, and these onset markers need
+   ``event_duration``;
+4. the first file-name rule ``(regex, label)`` whose regex is found in the file stem (e.g.
    ``('_1$', 'rest'), ('_2$', 'task')`` for eegmat) -> one label for the whole recording;
-4. otherwise unlabelled (label ``''``, stored as -1).
+5. otherwise unlabelled (label ``''``, stored as -1).
 
 Subjects: the table's ``subject``; else the first capture group of ``subject_regex`` in the path;
 else the built-in patterns (BIDS ``sub-XX``, eegmmidb ``S001`` of ``S001R04``, eegmat
@@ -74,7 +79,7 @@ class Resolved:
     session: str
     label: str  # '' = unlabelled (ignored when events is not None)
     events: tuple[Event, ...] | None
-    source: str  # 'table', 'annotations', 'filename', 'none'
+    source: str  # 'table', 'annotations', 'stim channel', 'filename', 'none'
     task: str | None = None  # from the table's optional task column
     subject_source: str = "pattern"
 
@@ -167,6 +172,9 @@ class LabelRules:
     use_annotations: bool = True
     # seconds labelled after the onset of a zero-duration annotation (None: skip those)
     event_duration: float | None = None
+    # the channel whose events label a recording without labelling annotations: "auto" (the
+    # one MNE picks, else one named like a trigger channel), a channel name, or None for none
+    stim_channel: str | None = "auto"
 
     def __post_init__(self) -> None:
         if self.event_duration is not None and not (
@@ -176,6 +184,12 @@ class LabelRules:
         ):
             raise ValueError(
                 f"event_duration must be a positive number of seconds, got {self.event_duration!r}"
+            )
+        if self.stim_channel is not None and (
+            not isinstance(self.stim_channel, str) or not self.stim_channel.strip()
+        ):
+            raise ValueError(
+                f"stim_channel must be 'auto', a channel name or None, got {self.stim_channel!r}"
             )
         for regex, _label in self.filename_rules:
             try:
@@ -263,7 +277,12 @@ class LabelRules:
                 skipped[desc] = skipped.get(desc, 0) + 1
         return skipped
 
-    def resolve(self, path: str | os.PathLike, annotations=()) -> Resolved:
+    def resolve(self, path: str | os.PathLike, annotations=(), stim_events=()) -> Resolved:
+        """How the recording ``path`` is labelled (the order of the module's docstring).
+
+        annotations, stim_events : ``(onset_s, duration_s, description)`` triples; the stim
+            channel's events count only when the annotations give no event.
+        """
         path = Path(path)
         subject, subject_source = infer_subject(path, self.subject_regex)
         row = self._row(path)
@@ -281,6 +300,9 @@ class LabelRules:
             events = self.events_from(annotations)
             if events:
                 return Resolved(subject, "", "", events, "annotations", None, subject_source)
+            events = self.events_from(stim_events)
+            if events:
+                return Resolved(subject, "", "", events, "stim channel", None, subject_source)
         for regex, label in self.filename_rules:
             if re.search(regex, path.name.split(".")[0]):
                 return Resolved(subject, "", label, None, "filename", None, subject_source)
