@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
 
 from eegfast.data.index import load_index
 
@@ -75,6 +75,11 @@ def _read_at(fd: int, buffer: memoryview, position: int) -> int:
     os.lseek(fd, position, os.SEEK_SET)
     with open(fd, "rb", buffering=0, closefd=False) as f:
         return f.readinto(buffer) or 0
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file is replaced (a rename over it) or rewritten in place."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def _fresh_memory(nbytes: int) -> np.ndarray:
@@ -150,26 +155,28 @@ class ShardDataset(Dataset):
         labels = [r["labels"] for r in recordings]
         self.labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, int)
         self.groups = rec_group[self._rec]  # item -> electrode-set id
-        self._shards: dict[int, tuple[str, int, np.dtype]] = {}  # see _shard
+        self._shards: dict[int, tuple[str, int, np.dtype, tuple]] = {}  # see _shard
         self._memory = _BatchMemory()
 
-    def _shard(self, rec: int) -> tuple[str, int, np.dtype]:
-        """(path, byte offset of row 0, dtype) of recording ``rec``'s shard, its header checked
-        on first use in this process."""
+    def _shard(self, rec: int) -> tuple[str, int, np.dtype, tuple]:
+        """(path, byte offset of row 0, dtype, file identity) of recording ``rec``'s shard, its
+        header checked on first use in this process (and again when the file changed)."""
         info = self._shards.get(rec)
         if info is None:
             info = self._shards[rec] = self._check_shard(rec)
         return info
 
-    def _check_shard(self, rec: int) -> tuple[str, int, np.dtype]:
+    def _check_shard(self, rec: int, fd: int | None = None) -> tuple[str, int, np.dtype, tuple]:
         """A shard must hold what ``index.json`` says: a later ``prepare`` into the same folder
         that did not finish replaces shards but not the index, and its rows would otherwise be
         read as windows of another length (or other rows) without a word; a shard cut short
-        (a copy or a download that stopped) must not be read past its end."""
+        (a copy or a download that stopped) must not be read past its end. ``fd``: check this
+        open file of the shard (from its start) instead of opening ``path``."""
         r = self.recordings[rec]
         path = self.root / r["shard"]
         expected = (int(r["n_windows"]), len(r["input_chans"]) - 1, self.window_seconds, 200)
-        with open(path, "rb") as f:
+        with open(path if fd is None else fd, "rb", closefd=fd is None) as f:
+            f.seek(0)
             try:
                 version = np.lib.format.read_magic(f)
                 if version == (1, 0):
@@ -184,7 +191,8 @@ class ShardDataset(Dataset):
                     "`eegfast prepare` on the folder again"
                 ) from err
             offset = f.tell()
-            size = os.fstat(f.fileno()).st_size
+            stat = os.fstat(f.fileno())
+            size = stat.st_size
         want = r.get("dtype")
         if shape != expected or fortran or (want is not None and dtype != np.dtype(want)):
             raise ValueError(
@@ -198,16 +206,27 @@ class ShardDataset(Dataset):
                 f"{path}: shard is truncated ({size} bytes, its {dtype} {shape} need {need}); "
                 "delete it and run `eegfast prepare` on the folder again"
             )
-        return str(path), offset, dtype
+        return str(path), offset, dtype, _identity(stat)
 
     def _read_rows(self, rec: int, rows: Sequence[int], out: Sequence[np.ndarray]) -> None:
         """Read rows ``rows`` (at least one) of recording ``rec``'s shard into the float32
         arrays ``out`` (each (C, A, 200), C-contiguous): one open, one read per row."""
-        path, offset, dtype = self._shard(rec)
-        n_bytes = out[0].size * dtype.itemsize
-        scratch = None if dtype == np.float32 else np.empty(out[0].shape, dtype)
+        path, offset, dtype, identity = self._shard(rec)
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:
+            if _identity(os.fstat(fd)) != identity:
+                # Replaced or rewritten since its header was checked (a `prepare` into the
+                # folder while a run reads it): the old header's dtype and offset would read
+                # garbage rows, so the file now open is checked against index.json again.
+                try:
+                    _, offset, dtype, _ = self._shards[rec] = self._check_shard(rec, fd)
+                except ValueError as err:
+                    raise ValueError(
+                        f"{err} (it changed on disk while this data set was in use; if a "
+                        f"`prepare` into {self.root} has finished since, open it again)"
+                    ) from None
+            n_bytes = out[0].size * dtype.itemsize
+            scratch = None if dtype == np.float32 else np.empty(out[0].shape, dtype)
             for w, dst in zip(rows, out, strict=True):
                 target = dst if scratch is None else scratch
                 if _read_at(fd, memoryview(target).cast("B"), offset + w * n_bytes) != n_bytes:
@@ -382,18 +401,26 @@ class ElectrodeSetBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         # The next epoch's order, drawn early by __len__: with a random ``sampler`` (and
         # groups) the number of batches depends on the draw, so len() and the epoch that
-        # follows it must share one.
-        self._next_order: np.ndarray | None = None
+        # follows it must share one. Kept with the sampler's own epoch (None if it has none).
+        self._next_order: tuple[object, np.ndarray] | None = None
 
     def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` (its shuffled order); passed on to a ``sampler`` that has
+        ``set_epoch`` (a ``DistributedSampler``), as frameworks call it on ``loader.sampler``."""
         self.epoch = epoch
         self._next_order = None
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
 
     def _order(self) -> np.ndarray:
         if self.sampler is not None:
-            if self._next_order is None:
-                self._next_order = np.fromiter((int(i) for i in self.sampler), dtype=np.int64)
-            return self._next_order
+            # A draw is reused only for the epoch it was made in: a DistributedSampler's order
+            # follows its own epoch, which set_epoch may have moved on since len() drew.
+            key = getattr(self.sampler, "epoch", None)
+            if self._next_order is None or self._next_order[0] != key:
+                order = np.fromiter((int(i) for i in self.sampler), dtype=np.int64)
+                self._next_order = (key, order)
+            return self._next_order[1]
         if self.shuffle:
             rng = np.random.default_rng((self.seed, self.epoch))
             return rng.permutation(self.num_items)
@@ -480,7 +507,8 @@ def make_loader(
         sets and pad (``channel_padding_mask``).
     sampler : order of item indices (overrides ``shuffle``), e.g. a weighted sampler (not a
         ``DistributedSampler`` with grouping: ranks would get different numbers of batches).
-    seed : the shuffled order (a new permutation each epoch; the same seed, the same epochs).
+    seed : the shuffled order (a new permutation each epoch; the same seed, the same epochs,
+        whatever ``num_workers``). Iterating the loader draws nothing from torch's global RNG.
     num_workers : default 0 for a ``ShardDataset`` (its batches are memory copies, fastest in
         this process), else ``min(2, cpu count)``. pin_memory : default when CUDA is available
         (in-process ``ShardDataset`` batches are then built directly in pinned memory).
@@ -538,19 +566,25 @@ def make_loader(
             num_workers=num_workers,
             pin_memory=pin_memory,
             collate_fn=_passthrough,
+            # each new iterator draws its workers' base seed: from ``seed``, not from torch's
+            # global generator (which dropout draws from)
+            generator=torch.Generator().manual_seed(seed),
             **worker_args,
         )
+    if sampler is None and shuffle:
+        # The order's own generator: the DataLoader's also draws the base seed at each new
+        # iterator (once in all with persistent workers, once an epoch without), so sharing
+        # it made the orders from the second epoch on depend on the number of workers.
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=drop_last,
         collate_fn=collate_padded,
-        # ``seed`` decides the order here too (a new permutation each epoch), not torch's
-        # global generator
+        # the workers' base seeds from ``seed`` too, not from torch's global generator
         generator=torch.Generator().manual_seed(seed),
         **worker_args,
     )

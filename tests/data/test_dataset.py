@@ -374,3 +374,74 @@ def test_load_data_items_index_the_folders_it_opened(sample_files, tmp_path):
     both = load_data([tmp_path / "a", tmp_path / "b"])
     for item in both.items:
         assert both.roots[item.root].name == ("b" if item.task == "arith" else "a")
+
+
+def test_shard_replaced_while_reading_is_an_error_not_garbage(prepared, tmp_path):
+    """A shard swapped on disk after its header was checked (a `prepare` of another dtype into
+    the folder while a run reads it) is checked again; its rows were read with the old
+    header's dtype and offset, as garbage of the right shape."""
+    root = _copy_prepared(prepared, tmp_path / "copy")
+    ds = ShardDataset(root)
+    first = ds.get_batch([0, 1])["x"].clone()  # header checked and remembered
+    shard = root / ds.recordings[0]["shard"]
+    rows = np.load(shard)
+    other = rows.astype(np.float16 if rows.dtype == np.float32 else np.float32)
+    tmp = shard.parent / "new.npy"
+    np.save(tmp, other)
+    tmp.replace(shard)  # an atomic rename, as prepare writes
+    for read in (lambda: ds.get_batch([0, 1]), lambda: ds[0]):
+        with pytest.raises(ValueError, match=f"{shard.name}: shard holds {other.dtype}"):
+            read()
+    np.save(tmp, rows)  # the same rows again (under a new inode): read as before
+    tmp.replace(shard)
+    torch.testing.assert_close(ds.get_batch([0, 1])["x"], first, rtol=0, atol=0)
+
+
+def test_batch_sampler_follows_a_distributed_samplers_epoch():
+    """len() draws the next epoch's order early (so that it and the epoch agree); with a
+    DistributedSampler, whose order follows its own epoch, a len() after (or during) an epoch
+    kept the old draw, and the next epoch repeated the last one's order after set_epoch."""
+    from torch.utils.data import DistributedSampler
+
+    def order(epoch):
+        expected = DistributedSampler(range(40), num_replicas=2, rank=1, seed=4)
+        expected.set_epoch(epoch)
+        return list(expected)
+
+    dist = DistributedSampler(range(40), num_replicas=2, rank=1, seed=4)
+    batches = ElectrodeSetBatchSampler(None, 4, num_items=20, sampler=dist)
+    for epoch in range(3):
+        dist.set_epoch(epoch)  # the usual place: on the sampler passed in
+        assert [i for b in batches for i in b] == order(epoch)
+        assert len(batches) == 5  # e.g. a progress display
+    for epoch in (3, 4):  # or on the batch sampler (loader.sampler), which passes it on
+        batches.set_epoch(epoch)
+        assert [i for b in batches for i in b] == order(epoch)
+
+
+def test_make_loader_order_does_not_depend_on_workers(prepared):
+    """Items of any dataset (here a plain list, collated with collate_padded): the epochs'
+    orders of one seed are the same with and without (persistent) workers. The order's
+    generator also drew the workers' base seed, once per iterator: once in all with persistent
+    workers, once an epoch without, so from the second epoch on the orders differed."""
+    ds = ShardDataset(prepared)
+    items = [ds[i] for i in range(58, 70)]
+
+    def epochs(num_workers):
+        loader = make_loader(items, 4, shuffle=True, seed=3, num_workers=num_workers)
+        return [[b["x"][:, 0, 0, 0].tolist() for b in loader] for _ in range(3)]
+
+    assert epochs(2) == epochs(0)
+
+
+def test_make_loader_leaves_the_global_rng_alone(prepared):
+    """Creating a loader's iterator draws its workers' base seed; from torch's global generator
+    (which dropout draws from) unless the loader has its own: batch reads of a ShardDataset
+    then gave a run of 0 workers another dropout stream than one of persistent workers."""
+    ds = ShardDataset(prepared)
+    for dataset in (ds, [ds[i] for i in range(58, 70)]):
+        loader = make_loader(dataset, 4, shuffle=True, seed=3, num_workers=0)
+        state = torch.get_rng_state()
+        for _ in range(2):
+            list(loader)
+        assert torch.equal(torch.get_rng_state(), state)
