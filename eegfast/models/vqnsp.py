@@ -66,6 +66,12 @@ class VQNSPConfig:
 
 
 class TokenizerOutput(NamedTuple):
+    """What :meth:`VQNSP.forward` returns: ``loss`` () (with the graph) = ``commitment_loss``
+    + ``amplitude_loss`` + ``phase_loss`` (each ()); ``indices`` (B, C·A) int64 code of every
+    patch, -1 for padded electrodes; ``perplexity``, ``codebook_usage``, ``feature_spread``
+    and ``feature_dims`` () (:class:`eegfast.nn.QuantizerOutput`'s ``perplexity``,
+    ``usage``, ``spread``, ``dims``)."""
+
     loss: torch.Tensor  # (): commitment + amplitude + phase
     commitment_loss: torch.Tensor
     amplitude_loss: torch.Tensor
@@ -90,21 +96,27 @@ def standardise(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Ten
     A sample whose values are all equal (a flat, e.g. zero-filled, window) gives 0 everywhere,
     not the reference's 0/0 = NaN, which would make the whole batch's loss NaN.
     """
-    if valid is None:
-        dims = tuple(range(1, x.dim()))
-        return _scaled(x - x.mean(dims, keepdim=True), x.std(dims, keepdim=True))
-    weight = valid.to(x.dtype).view(*valid.shape, *([1] * (x.dim() - 2)))
-    weight = weight.expand_as(x)
     dims = tuple(range(1, x.dim()))
-    count = weight.sum(dims, keepdim=True)
-    mean = (x * weight).sum(dims, keepdim=True) / count.clamp_min(1)
-    var = ((x - mean).square() * weight).sum(dims, keepdim=True) / (count - 1).clamp_min(1)
-    return _scaled(x - mean, var.sqrt())
+    if valid is None:
+        # all equal by comparison, not by std == 0: the rounded mean of equal values (0.1)
+        # is off by an ulp, and centred / std of that rounding error gave ±1 everywhere
+        flat = x.amax(dims, keepdim=True) == x.amin(dims, keepdim=True)
+        return _scaled(x - x.mean(dims, keepdim=True), x.std(dims, keepdim=True), flat)
+    keep = valid.to(torch.bool).view(*valid.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    count = keep.sum(dims, keepdim=True).to(x.dtype)
+    # where, not a product with 0: a NaN or inf of a padded electrode stays out of the sums
+    mean = torch.where(keep, x, 0.0).sum(dims, keepdim=True) / count.clamp_min(1)
+    var = torch.where(keep, (x - mean).square(), 0.0).sum(dims, keepdim=True)
+    var = var / (count - 1).clamp_min(1)
+    high = torch.where(keep, x, -torch.inf).amax(dims, keepdim=True)
+    flat = high == torch.where(keep, x, torch.inf).amin(dims, keepdim=True)
+    return _scaled(x - mean, var.sqrt(), flat)
 
 
-def _scaled(centred: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """centred / std, and 0 for the samples whose std is 0."""
-    flat = std == 0
+def _scaled(centred: torch.Tensor, std: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """centred / std, and 0 for the samples that are ``flat`` (all values equal) or whose std
+    is 0."""
+    flat = flat | (std == 0)
     return torch.where(flat, 0.0, centred / torch.where(flat, 1.0, std))
 
 

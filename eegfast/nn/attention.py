@@ -207,6 +207,11 @@ class QKNormAttention(nn.Module):
                 block_causal=block_causal,
                 device=x.device,
             )
+            if key_padding_mask is not None:
+                # padding keys are ignored whatever they hold, as by the fused op: their weight
+                # is 0, but 0 times a NaN or inf key or value is NaN (the whole sample's output)
+                padded = key_padding_mask[:, None, :, None]  # (B, 1, N, 1)
+                k, v = torch.where(padded, 0, k), torch.where(padded, 0, v)
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=visible, dropout_p=dropout_p, scale=self.scale
             )

@@ -245,11 +245,13 @@ def masked_group_norm(
     # statistics in at least fp32 (half-precision sums lose the small patches' share), but
     # never below x's own precision: a float64 model must stay float64
     grouped = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(B, G, K // G, P, T)
-    weight = valid.to(grouped.dtype)[:, None, None, :, None]
+    # where, not a product with 0: a NaN or inf in a padded patch (0 · NaN = NaN) had made
+    # the whole sample's statistics, so every patch of it, NaN
+    keep = valid.to(torch.bool)[:, None, None, :, None]
     count = (valid.sum(1).to(grouped.dtype) * (K // G) * T).clamp_min(1)[:, None, None, None, None]
-    mean = (grouped * weight).sum((2, 3, 4), keepdim=True) / count
+    mean = torch.where(keep, grouped, 0.0).sum((2, 3, 4), keepdim=True) / count
     centred = grouped - mean
-    var = (centred.square() * weight).sum((2, 3, 4), keepdim=True) / count
+    var = torch.where(keep, centred.square(), 0.0).sum((2, 3, 4), keepdim=True) / count
     out = (centred * torch.rsqrt(var + norm.eps)).reshape(B, K, P, T).to(x.dtype)
     return out * norm.weight[:, None, None] + norm.bias[:, None, None]
 
