@@ -20,8 +20,17 @@ short) are listed with their reason and skipped. The exit status is 1 only when 
 produced, or with ``--strict`` when any recording was bad. A ``--labels`` table that does not fit
 the recordings (rows that match no recording, empty labels, recordings it does not name) gives
 warnings, on stderr and in the report; with ``--strict`` an error (exit 2) before anything is
-processed. A mains frequency in the file (FIF, BIDS) other than ``--notch`` is warned about, and
-so are recordings whose events are only in a stim channel (labels come from annotations).
+processed. A mains frequency in the file (FIF, BIDS) other than ``--notch`` is warned about.
+
+Events: windows are labelled from a recording's annotations; one whose annotations give no event
+(none, only BAD/EDGE marks, none named in ``--event-map``) is labelled from the events of its stim
+channel instead, read with ``mne.find_events`` (every change to a non-zero code is an event, even
+one sample long), named by their trigger codes ("1", "2", ...: ``--event-map 1=left``). They are
+onset markers: they label windows only with ``--event-duration``. ``--stim-channel auto`` (the
+default) reads STI101 or ``STI 014``, else the first channel of type stim (BDF's Status, an
+EDF's Status/Trigger), else one named like a trigger (TRIG, STI...); ``--stim-channel NAME`` reads
+that one (a recording that needs it and lacks it is bad); ``--stim-channel none`` reads none.
+The stim channel is never an EEG channel of the windows; ``--no-annotations`` ignores both.
 
 SRC is a recording, a folder (searched recursively for files MNE reads; an EGI ``.mff`` folder is
 one recording; a BIDS folder is read through mne-bids), and may be written ``TASK=SRC`` to name the
@@ -116,6 +125,8 @@ class Settings:
         if fields["labels"]["event_duration"] is None:
             # the field is newer than outputs made without it: those stay reusable
             del fields["labels"]["event_duration"]
+        if fields["labels"]["stim_channel"] == "auto":
+            del fields["labels"]["stim_channel"]  # newer too (PROCESSING_REVISION 6 redoes them)
         payload = json.dumps(fields, sort_keys=True, default=str)
         if not self.modern_names:
             # --old-names outputs before 2026-12-06 gave T3..T6 the rows of T7..P8: not reused
@@ -343,9 +354,13 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
     cfg = settings.preprocess
     raw = read_recording(job.path, bids_root=job.bids_root)
     sfreq = float(raw.info["sfreq"])
+    ch_types = raw.get_channel_types()
+    stim_name = _pick_stim_channel(raw.ch_names, ch_types, settings.labels.stim_channel)
+    if stim_name is not None:  # never an EEG channel, whatever its name or the reader's type
+        ch_types[raw.ch_names.index(stim_name)] = "stim"
     chmap = map_channels(
         raw.ch_names,
-        raw.get_channel_types(),
+        ch_types,
         channels=list(settings.channels) if settings.channels else None,
         allow_extended=settings.allow_extended,
         modern_names=settings.modern_names,
@@ -385,18 +400,40 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
     durations = np.asarray(raw.annotations.duration, dtype=float)
     durations = np.where(durations * sfreq > 1.0 + 1e-6, durations, 0.0)
     annotations = list(zip(onsets, durations, raw.annotations.description, strict=True))
-    resolved = settings.labels.resolve(job.path, annotations)
-    if settings.labels.use_annotations and resolved.source in ("annotations", "none"):
-        info["skipped_onset_markers"] = settings.labels.skipped_onset_markers(annotations)
-    if settings.labels.use_annotations and not annotations and resolved.source == "none":
-        # events kept only in a stim channel (FIF's STI 014, say) are not annotations: the
-        # recording is cut as unlabelled windows, which the report says
-        stim_events = _stim_channel_events(raw)
-        if stim_events:
-            info["stim_channel_events"] = stim_events
-    if settings.labels.event_map is not None:
-        # for the report: which annotations there were when none of --event-map's matched
-        info["annotation_descriptions"] = sorted({str(d).strip() for _, _, d in annotations})
+    rules = settings.labels
+    resolved = rules.resolve(job.path, annotations)
+    stim_events: list[tuple[float, float, str]] = []
+    # no event from the annotations: the stim channel's events (FIF's STI 014, BDF's Status);
+    # not read for a recording a file-name rule labels when, lacking --event-duration, those
+    # onset markers could label nothing anyway
+    wants_stim = resolved.source == "none" or (
+        resolved.source == "filename" and rules.event_duration is not None
+    )
+    if rules.use_annotations and rules.stim_channel and wants_stim:
+        if stim_name is None and rules.stim_channel != "auto":
+            raise BadRecording(
+                f"--stim-channel {rules.stim_channel!r}: no such channel, and no annotation "
+                f"labels the recording (channels: {', '.join(raw.ch_names[:20])})"
+            )
+        if stim_name is not None:
+            stim_events = _stim_channel_events(raw, stim_name)
+            info["stim_channel"] = stim_name
+            info["stim_channel_events"] = len(stim_events)
+            if stim_events:
+                resolved = rules.resolve(job.path, annotations, stim_events)
+    if rules.use_annotations and resolved.source in ("annotations", "stim channel", "none"):
+        # (an annotation's onset markers first: they are often the stim events once more)
+        skipped = rules.skipped_onset_markers(annotations)
+        if not skipped and rules.skipped_onset_markers(stim_events):
+            skipped = rules.skipped_onset_markers(stim_events)
+            info["skipped_onset_markers_channel"] = stim_name
+        info["skipped_onset_markers"] = skipped
+    if rules.event_map is not None:
+        # for the report: which annotations (and trigger codes read) there were when none of
+        # --event-map's matched
+        info["annotation_descriptions"] = sorted(
+            {str(d).strip() for _, _, d in [*annotations, *stim_events]}
+        )
     data = raw.get_data(picks=picks)  # (C, T) volts, float64
     # One min and one max pass: NaN propagates into both, +inf into the max, -inf into the min,
     # so a channel is finite exactly when both are (no separate isfinite pass and bool array).
@@ -569,7 +606,8 @@ def _outside_bad_segments(
 # 4: the gaps of EDF+D files and EDGE/boundary marks: annotations on the data's time axis, no
 # window across a gap, each continuous part filtered on its own; EDF units MNE misreads rescaled.
 # 5: annotations one sample long (BrainVision markers) are onset markers, as zero-length ones.
-PROCESSING_REVISION = 5
+# 6: a recording whose annotations give no event is labelled from its stim channel's events.
+PROCESSING_REVISION = 6
 
 
 def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bool]:
@@ -704,7 +742,6 @@ def prepare(
         + _event_map_problems(ordered, settings.labels.event_map)
         + _onset_marker_problems(ordered)
         + _mains_problems(ordered, settings.preprocess.notch_freq)
-        + _stim_channel_problems(ordered)
     )
     report["outdated"] = outdated  # redone: made by an older processing revision
     write_json_atomic(out / "report.json", report, **DATA_JSON)
@@ -771,38 +808,58 @@ def _mains_problems(records: list[dict], notch_freq: float | None) -> list[str]:
     return problems
 
 
-def _stim_channel_events(raw) -> dict[str, int]:
-    """Events per stim channel of ``raw`` (``mne.find_events``); {} when it has none."""
+# Trigger channels by name (upper case), for readers that type them EEG (an EDF's ``TRIG`` or
+# ``STI101``): MNE's own choice looks only at STI101, ``STI 014`` and channels of type stim.
+_TRIGGER_NAME = re.compile(r"^(STIM?\s?\d*|STATUS|TRIG(GER)?S?\s?\d*|EVENTS?|MARKERS?)$")
+
+
+def _pick_stim_channel(ch_names: list[str], ch_types: list[str], wanted: str | None) -> str | None:
+    """The channel whose events label a recording (``--stim-channel``), or None.
+
+    wanted : None (none); a channel name (exact, else the one equal to it ignoring case; None
+        when the recording has no such channel); ``"auto"``: MNE's choice (STI101, ``STI 014``,
+        else the first channel of type stim; not ``MNE_STIM_CHANNEL`` of the user's MNE config,
+        which would make outputs depend on it), else the first named like a trigger channel.
+    """
+    if wanted is None:
+        return None
+    if wanted != "auto":
+        if wanted in ch_names:
+            return wanted
+        same = [n for n in ch_names if n.strip().casefold() == wanted.strip().casefold()]
+        return same[0] if len(same) == 1 else None
+    for name in ("STI101", "STI 014"):
+        if name in ch_names:
+            return name
+    for name, kind in zip(ch_names, ch_types, strict=True):
+        if kind == "stim":
+            return name
+    for name in ch_names:
+        if _TRIGGER_NAME.match(name.strip().upper()):
+            return name
+    return None
+
+
+def _stim_channel_events(raw, name: str) -> list[tuple[float, float, str]]:
+    """``(onset_s from the first sample, 0.0, trigger code)`` of each event of the stim channel
+    ``name`` (``mne.find_events``: every change to a non-zero code is an event, even one sample
+    long; a negative code counts as its absolute value). Of a channel named ``Status``
+    (BioSemi's) only the trigger bits 0-15 count, as MNE's BDF reader advises."""
     import mne
 
-    found = {}
-    for pick in mne.pick_types(raw.info, stim=True):
-        name = raw.ch_names[pick]
-        try:
-            events = mne.find_events(raw, stim_channel=name, shortest_event=1, verbose="error")
-        except (ValueError, RuntimeError):  # a channel MNE cannot read events from
-            continue
-        if len(events):
-            found[name] = len(events)
-    return found
-
-
-def _stim_channel_problems(records: list[dict]) -> list[str]:
-    """A warning for recordings whose events are in a stim channel only: prepare reads
-    annotations, so their windows are unlabelled."""
-    hit = [r for r in records if r["status"] == "ok" and r.get("stim_channel_events")]
-    if not hit:
-        return []
-    channels = sorted({c for r in hit for c in r["stim_channel_events"]})
-    shown = ", ".join(r["file"] for r in hit[:10]) + (
-        f" and {len(hit) - 10} more" if len(hit) > 10 else ""
+    sfreq = float(raw.info["sfreq"])
+    # rounded: a trigger channel an EDF reader types EEG reads back scaled (1.0000153 for 1),
+    # and find_events truncates to integers, which made 0.99998 no event at all
+    codes = np.round(raw.get_data(picks=[name]))
+    if name.strip().casefold() == "status":
+        # BioSemi keeps system bits above the codes (bit 16, a new epoch, survives MNE's
+        # reader): with it set, code 1 read as 65537, and its return to 65536 as an event too
+        codes = np.bitwise_and(codes.astype(np.int64), 0xFFFF).astype(np.float64)
+    trigger = mne.io.RawArray(codes, mne.create_info([name], sfreq, "stim"), verbose="error")
+    events = mne.find_events(
+        trigger, stim_channel=name, shortest_event=1, consecutive=True, verbose="error"
     )
-    return [
-        f"{len(hit)} recording(s) have events in a stim channel ({', '.join(channels)}) but no "
-        "annotations, and prepare labels windows from annotations: their windows are "
-        "unlabelled. Store the events as annotations (mne.annotations_from_events, then "
-        f"raw.set_annotations and save), or label by --labels or --filename-rule ({shown})"
-    ]
+    return [(int(sample) / sfreq, 0.0, str(int(code))) for sample, _, code in events]
 
 
 def _onset_marker_problems(records: list[dict]) -> list[str]:
@@ -821,9 +878,12 @@ def _onset_marker_problems(records: list[dict]) -> list[str]:
     shown = ", ".join(r["file"] for r in hit[:10])
     if len(hit) > 10:
         shown += f" and {len(hit) - 10} more"
+    stim = sorted({r.get("skipped_onset_markers_channel") for r in hit} - {None})
     return [
         f"{count} annotation(s) of zero duration (onset markers) in {len(hit)} recording(s) "
-        f"label no window: {listed}. Where they mark events, pass --event-duration SECONDS to "
+        f"label no window: {listed}"
+        + (f" (among them the events of stim channel {', '.join(stim)})" if stim else "")
+        + ". Where they mark events, pass --event-duration SECONDS to "
         f"label that long after each onset (with --event-map DESC=LABEL for only those "
         f"descriptions) ({shown})"
     ]
@@ -1004,6 +1064,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _stim_channel_arg(text: str) -> str | None:
+    """--stim-channel: a channel name, auto, or none/off."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a channel name, auto or none, got ''")
+    if text.strip().lower() in ("none", "off"):
+        return None
+    return "auto" if text.strip().lower() == "auto" else text
+
+
 def _workers(text: str) -> int:
     try:
         value = int(text)
@@ -1026,15 +1095,28 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="worker processes (>= 1; default: the CPU count, at most 8)",
     )
     g = parser.add_argument_group("preprocessing (defaults: LaBraM)")
-    g.add_argument("--window", type=int, default=4, help="window length A in s (1..16)")
-    g.add_argument("--stride", type=float, default=None, help="step between windows in s")
-    g.add_argument("--l-freq", type=_freq, default=0.1, help="high-pass edge (Hz, or none)")
-    g.add_argument("--h-freq", type=_freq, default=75.0, help="low-pass edge (Hz, or none)")
-    g.add_argument("--notch", type=_mains, default=50.0, help="mains frequency 50/60 (or none)")
+    g.add_argument("--window", type=int, default=4, help="window length A in s (1..16; default 4)")
+    g.add_argument(
+        "--stride", type=float, default=None, help="step between windows in s (default: --window)"
+    )
+    g.add_argument(
+        "--l-freq", type=_freq, default=0.1, help="high-pass edge (Hz, or none; default 0.1)"
+    )
+    g.add_argument(
+        "--h-freq", type=_freq, default=75.0, help="low-pass edge (Hz, or none; default 75)"
+    )
+    g.add_argument(
+        "--notch", type=_mains, default=50.0, help="mains frequency 50/60 (or none; default 50)"
+    )
     g.add_argument(
         "--reference", default=None, help="'average' or an electrode (default: as recorded)"
     )
-    g.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    g.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="dtype of the shards (default float32)",
+    )
     g = parser.add_argument_group("channels")
     g.add_argument("--channels", default=None, help="comma-separated electrodes to keep, in order")
     g.add_argument("--allow-extended", action="store_true", help="allow table rows >= 129")
@@ -1048,7 +1130,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("labels and subjects")
     g.add_argument("--labels", type=Path, default=None, help="CSV: file,label,subject,session")
     g.add_argument("--event-map", action="append", metavar="DESC=LABEL", help="annotation -> label")
-    g.add_argument("--no-annotations", action="store_true", help="ignore annotations")
+    g.add_argument(
+        "--no-annotations",
+        action="store_true",
+        help="ignore annotations and stim-channel events",
+    )
+    g.add_argument(
+        "--stim-channel",
+        type=_stim_channel_arg,
+        default="auto",
+        metavar="NAME|auto|none",
+        help="the channel whose events label recordings whose annotations give none "
+        "(default: auto, see above)",
+    )
     g.add_argument(
         "--event-duration",
         type=_seconds,
@@ -1071,7 +1165,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "(rows matching none, empty labels, recordings not in it) is an error",
     )
     g.add_argument("--force", action="store_true", help="reprocess finished recordings too")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _reference(text: str | None, *, modern_names: bool) -> str | None:
@@ -1125,6 +1219,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         subject_regex=args.subject_regex,
         use_annotations=not args.no_annotations,
         event_duration=args.event_duration,
+        stim_channel=args.stim_channel,
     )
     channels = tuple(c.strip() for c in args.channels.split(",")) if args.channels else None
     try:

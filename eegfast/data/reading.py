@@ -179,34 +179,51 @@ def map_channels(
     return ChannelMap(tuple(picks), tuple(names), excluded, tuple(unknown), n_eeg)
 
 
-def check_edf_size(path: str | os.PathLike) -> None:
+def _edf_header(path: Path) -> bytes:
+    """The header of an EDF/BDF file: 256 bytes, then 256 per signal (fewer when the file is
+    shorter, or its signal count is not a number). ``read_recording`` reads it once for the
+    checks below, which otherwise each opened the file and read it again."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+        try:
+            ns = int(head[252:256].decode("ascii").strip())
+        except ValueError:
+            return head
+        return head + f.read(256 * max(ns, 0))
+
+
+def _edf_fields(head: bytes, offset: int, width: int, n: int) -> list[bytes]:
+    """``n`` fields of ``width`` bytes from ``offset`` of an EDF header (one per signal)."""
+    return [head[offset + width * i : offset + width * (i + 1)] for i in range(n)]
+
+
+def check_edf_size(path: str | os.PathLike, *, header: bytes | None = None) -> None:
     """Raise ``BadRecording`` when an EDF/BDF file is shorter than its header says.
 
     Header layout (EDF spec): bytes 184-191 header size, 236-243 number of data records,
     252-255 number of signals ``ns``; then ``ns`` 8-byte "samples per record" fields at offset
     256 + 216 * ns. BDF stores 3 bytes per sample instead of 2.
+    header : the file's header bytes when already read (``_edf_header``).
     """
     path = Path(path)
     size = path.stat().st_size
     if size < 256:
         raise BadRecording(f"corrupt EDF: {size} bytes, shorter than the 256-byte header")
-    with open(path, "rb") as f:
-        head = f.read(256)
-        try:
-            header_bytes = int(head[184:192].decode("ascii").strip())
-            n_records = int(head[236:244].decode("ascii").strip())
-            ns = int(head[252:256].decode("ascii").strip())
-        except ValueError:
-            raise BadRecording("corrupt EDF header (non-numeric size fields)") from None
-        if ns <= 0 or header_bytes != 256 * (ns + 1):
-            raise BadRecording(f"corrupt EDF header ({ns} signals, header of {header_bytes} bytes)")
-        if size < header_bytes:
-            raise BadRecording(f"truncated EDF: {size} bytes, header alone needs {header_bytes}")
-        f.seek(256 + 216 * ns)
-        try:
-            samples = [int(f.read(8).decode("ascii").strip()) for _ in range(ns)]
-        except ValueError:
-            raise BadRecording("corrupt EDF header (non-numeric samples per record)") from None
+    head = _edf_header(path) if header is None else header
+    try:
+        header_bytes = int(head[184:192].decode("ascii").strip())
+        n_records = int(head[236:244].decode("ascii").strip())
+        ns = int(head[252:256].decode("ascii").strip())
+    except ValueError:
+        raise BadRecording("corrupt EDF header (non-numeric size fields)") from None
+    if ns <= 0 or header_bytes != 256 * (ns + 1):
+        raise BadRecording(f"corrupt EDF header ({ns} signals, header of {header_bytes} bytes)")
+    if size < header_bytes:
+        raise BadRecording(f"truncated EDF: {size} bytes, header alone needs {header_bytes}")
+    try:
+        samples = [int(n.decode("ascii").strip()) for n in _edf_fields(head, 256 + 216 * ns, 8, ns)]
+    except ValueError:
+        raise BadRecording("corrupt EDF header (non-numeric samples per record)") from None
     width = 3 if path.suffix.lower() == ".bdf" else 2
     record_bytes = width * sum(samples)
     if n_records == -1:  # still recording when written: size decides
@@ -232,8 +249,10 @@ def read_recording(path: str | os.PathLike, *, bids_root: str | os.PathLike | No
         raise BadRecording("file not found")
     if path.is_file() and path.stat().st_size == 0:
         raise BadRecording("empty file (0 bytes)")
+    header = None
     if path.suffix.lower() in (".edf", ".bdf"):
-        check_edf_size(path)
+        header = _edf_header(path) if path.stat().st_size >= 256 else b""
+        check_edf_size(path, header=header)
     try:
         if bids_root is not None:
             mne_bids = import_mne_bids()
@@ -254,9 +273,9 @@ def read_recording(path: str | os.PathLike, *, bids_root: str | os.PathLike | No
         raise BadRecording(reason) from None
     if raw.n_times == 0:
         raise BadRecording("empty recording (no samples)")
-    if path.suffix.lower() in (".edf", ".bdf"):
-        _mark_edf_gaps(raw, path)
-        _fix_edf_units(raw, path)
+    if header is not None:
+        _mark_edf_gaps(raw, path, header)
+        _fix_edf_units(raw, path, header)
     return raw
 
 
@@ -271,21 +290,20 @@ def _mne_edf_unit(unit: str) -> float:
     return 1e-3 if unit == "mV" else 1.0
 
 
-def edf_unit_corrections(path: str | os.PathLike) -> dict[int, float]:
+def edf_unit_corrections(
+    path: str | os.PathLike, *, header: bytes | None = None
+) -> dict[int, float]:
     """{channel index (as MNE lists them): factor} for the signals of an EDF/BDF file whose
     unit MNE misreads: it knows only ``uV``, ``µV`` and ``mV`` spelt exactly so, and reads any
     other unit as volts, so ``uv``, ``UV``, a UTF-8 ``µV`` or ``nV`` came out 1e3 to 1e9 times
-    too large."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(256)
-        try:
-            ns = int(head[252:256].decode("ascii").strip())
-        except ValueError:
-            return {}
-        labels = [f.read(16) for _ in range(ns)]
-        f.seek(256 + 96 * ns)
-        units = [f.read(8).strip() for _ in range(ns)]
+    too large. header : the file's header bytes when already read (``_edf_header``)."""
+    head = _edf_header(Path(path)) if header is None else header
+    try:
+        ns = int(head[252:256].decode("ascii").strip())
+    except ValueError:
+        return {}
+    labels = _edf_fields(head, 256, 16, ns)
+    units = [unit.strip() for unit in _edf_fields(head, 256 + 96 * ns, 8, ns)]
     corrections = {}
     index = 0
     for label, raw_unit in zip(labels, units, strict=True):
@@ -303,9 +321,18 @@ def edf_unit_corrections(path: str | os.PathLike) -> dict[int, float]:
     return corrections
 
 
-def _fix_edf_units(raw, path: Path) -> None:
-    """Rescale the channels whose unit MNE misreads (``edf_unit_corrections``)."""
-    corrections = edf_unit_corrections(path)
+def _fix_edf_units(raw, path: Path, header: bytes | None = None) -> None:
+    """Rescale the channels whose unit MNE misreads (``edf_unit_corrections``).
+
+    Not the stim channels (an EDF's Status/Trigger, BDF's Status): MNE reads their stored
+    integers whatever the unit, so the trigger codes of one with a unit written ``UV`` were
+    scaled by 1e-6 and lost."""
+    types = raw.get_channel_types()
+    corrections = {
+        index: factor
+        for index, factor in edf_unit_corrections(path, header=header).items()
+        if types[index] != "stim"
+    }
     if not corrections:
         return
     raw.load_data(verbose="error")
@@ -321,29 +348,30 @@ EDF_GAP_DESCRIPTION = "EDGE boundary"
 _TAL = re.compile(rb"([+-]\d+(?:\.\d*)?)(?:\x15(\d+(?:\.\d*)?))?\x14")
 
 
-def edf_record_onsets(path: str | os.PathLike) -> tuple[float, np.ndarray] | None:
+def edf_record_onsets(
+    path: str | os.PathLike, *, header: bytes | None = None
+) -> tuple[float, np.ndarray] | None:
     """(record duration in s, onset of every data record in s from the first one) of a
     discontinuous EDF+D/BDF+D file; None for any other file (EDF, EDF+C, BDF+C).
 
     The onsets are the time-keeping TALs (the first ``+onset\\x14\\x14`` of each record's
     annotation signal). ``BadRecording`` when an EDF+D file has no annotation signal or a record
-    without its time stamp.
+    without its time stamp. header : the file's header bytes when already read (``_edf_header``).
     """
     path = Path(path)
+    head = _edf_header(path) if header is None else header
+    if not head[192:236].strip().upper().startswith((b"EDF+D", b"BDF+D")):
+        return None
+    try:
+        header_bytes = int(head[184:192].decode("ascii").strip())
+        n_records = int(head[236:244].decode("ascii").strip())
+        record_s = float(head[244:252].decode("ascii").strip())
+        ns = int(head[252:256].decode("ascii").strip())
+        labels = [name.decode("latin-1").strip() for name in _edf_fields(head, 256, 16, ns)]
+        samples = [int(n.decode("ascii").strip()) for n in _edf_fields(head, 256 + 216 * ns, 8, ns)]
+    except ValueError:
+        raise BadRecording("corrupt EDF+D header (non-numeric fields)") from None
     with open(path, "rb") as f:
-        head = f.read(256)
-        if not head[192:236].strip().upper().startswith((b"EDF+D", b"BDF+D")):
-            return None
-        try:
-            header_bytes = int(head[184:192].decode("ascii").strip())
-            n_records = int(head[236:244].decode("ascii").strip())
-            record_s = float(head[244:252].decode("ascii").strip())
-            ns = int(head[252:256].decode("ascii").strip())
-            labels = [f.read(16).decode("latin-1").strip() for _ in range(ns)]
-            f.seek(256 + 216 * ns)
-            samples = [int(f.read(8).decode("ascii").strip()) for _ in range(ns)]
-        except ValueError:
-            raise BadRecording("corrupt EDF+D header (non-numeric fields)") from None
         width = 3 if path.suffix.lower() == ".bdf" else 2
         tal = [i for i, name in enumerate(labels) if name in ("EDF Annotations", "BDF Annotations")]
         if not tal:
@@ -362,7 +390,7 @@ def edf_record_onsets(path: str | os.PathLike) -> tuple[float, np.ndarray] | Non
     return record_s, onsets - onsets[0]
 
 
-def _mark_edf_gaps(raw, path: Path) -> None:
+def _mark_edf_gaps(raw, path: Path, header: bytes | None = None) -> None:
     """Put an EDF+D file's annotations on the time axis of its data, and mark its gaps.
 
     MNE reads the data records of an EDF+D file back to back, as if there were no gaps between
@@ -374,7 +402,7 @@ def _mark_edf_gaps(raw, path: Path) -> None:
     """
     import mne
 
-    found = edf_record_onsets(path)
+    found = edf_record_onsets(path, header=header)
     if found is None:
         return
     record_s, onsets = found

@@ -192,26 +192,3 @@ def test_a_rerun_sees_bad_channels_marked_in_a_bids_channels_tsv(tmp_path):
     assert second["reused"] == 0
     record = next(iter((tmp_path / "out" / "shards").glob("*.json"))).read_text()
     assert '"CZ": "marked bad in the recording"' in record
-
-
-def test_events_only_in_a_stim_channel_are_warned_about(tmp_path):
-    # a FIF whose events are in STI 014 and which has no annotations was cut as unlabelled
-    # windows without a word
-    sfreq, seconds = 200.0, 30
-    names = ["Fz", "Cz", "Pz", "STI 014"]
-    info = mne.create_info(names, sfreq, ["eeg", "eeg", "eeg", "stim"])
-    data = np.vstack([_noise(seconds, sfreq)[:3] * 1e-6, np.zeros((1, int(sfreq * seconds)))])
-    data[3, [400, 2400, 4400]] = [1, 2, 1]
-    path = tmp_path / "rec_raw.fif"
-    mne.io.RawArray(data, info, verbose="error").save(path, verbose="error")
-    report = prepare([str(path)], tmp_path / "out", Settings(), progress=False)
-    (warning,) = [w for w in report["warnings"] if "stim channel" in w]
-    assert "(STI 014)" in warning and "rec_raw.fif" in warning
-    # with annotations (or another labelling) nothing is said
-    raw = mne.io.read_raw_fif(path, verbose="error")
-    raw.set_annotations(mne.Annotations([2.0], [4.0], ["left"]))
-    raw.save(tmp_path / "annotated_raw.fif", verbose="error")
-    report = prepare(
-        [str(tmp_path / "annotated_raw.fif")], tmp_path / "out2", Settings(), progress=False
-    )
-    assert not [w for w in report["warnings"] if "stim channel" in w]

@@ -152,12 +152,16 @@ def test_a_generated_marker_labels_windows_only_with_event_duration(tmp_path):
     )
 
 
-def test_stim_channel_events_are_warned_about_as_the_readme_says(tmp_path):
-    out = _prepare(tmp_path / "out", str(_recording(tmp_path / "stim_raw.fif", stim_events=3)))
-    assert "events in a stim channel (STI 014)" in (out / "report.md").read_text()
-    assert "events only in a stim channel, such as FIF's `STI 014`, are not read" in _readme()
-    help_text = " ".join(prepare.__doc__.split())  # eegfast prepare --help
-    assert "recordings whose events are only in a stim channel" in help_text
+def test_stim_channel_events_label_windows_as_the_readme_says(tmp_path):
+    path = str(_recording(tmp_path / "stim_raw.fif", stim_events=3))
+    out = _prepare(tmp_path / "out", path, "--event-duration", "4", "--event-map", "1=pulse")
+    assert "pulse: 3" in (out / "report.md").read_text()
+    readme = " ".join(_readme().split())
+    assert (
+        "a recording whose annotations give no event is labelled from its stim channel's events"
+        in readme
+    )
+    assert "is labelled from the events of its stim channel" in " ".join(prepare.__doc__.split())
 
 
 def test_non_finite_rows_raise_in_the_quantizer_on_cpu_only_as_the_readme_says():
