@@ -53,9 +53,26 @@ FOLDER_OUT = {
 FILE_OUT = {"generate"}
 
 
+# The exit statuses every command keeps to (``eegfast --help`` lists them).
+EXIT_STATUSES = """\
+exit status:
+  0    done
+  1    failed (prepare: nothing usable, or with --strict a bad recording; bench: a
+       benchmark failed; doctor: a required native extension is missing)
+  2    usage error: a bad option, value, file or folder (one line on stderr)
+  3    training stopped: the loss became non-finite (NaN or inf)
+  130  Ctrl-C (a training command names its last checkpoint: --resume auto continues)
+  143  SIGTERM (as Ctrl-C)
+
+`eegfast COMMAND --help` gives a command's options."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="eegfast", description="Fast LaBraM-family EEG foundation models."
+        prog="eegfast",
+        description="Fast LaBraM-family EEG foundation models.",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -25,6 +25,10 @@ CHUNK_BYTES = 64 << 20
 
 
 class LinearCrossEntropy(NamedTuple):
+    """What :func:`linear_cross_entropy` returns: ``loss`` () Σ token_weight · CE with
+    gradients; ``per_token`` (T,) float32 CE (float64 for float64 inputs) and ``correct`` (T,)
+    bool (the label is the argmax, the first of tied logits), both detached."""
+
     loss: torch.Tensor  # (): Σ_t token_weight[t] · CE[t], differentiable
     per_token: torch.Tensor  # (T,) fp32 (fp64 for fp64 inputs) CE of every token, detached
     correct: torch.Tensor  # (T,) bool: the label is the argmax (the first of tied logits)

@@ -14,6 +14,16 @@ from eegfast.ops import vq_code_stats, vq_ema_update, vq_kmeans, vq_nearest
 
 
 class QuantizerOutput(NamedTuple):
+    """What :class:`NormEMAVectorQuantizer` returns for inputs ``z`` (..., D).
+
+    quantized (..., D) the codes (straight-through gradients to ``z``); loss () the
+    commitment loss; indices (...,) int64 (-1: a row left out as padding, or non-finite where
+    the quantizer does not raise on it); perplexity () exp(entropy) and usage () the
+    fraction of the codes this batch uses; spread () the mean cosine distance between its
+    l2-normalised inputs and dims () their effective number of directions (near 0 and near
+    1: the encoder maps everything onto one line, and the codes carry little).
+    """
+
     quantized: torch.Tensor  # (..., D): codes, with straight-through gradients to the input
     loss: torch.Tensor  # (): commitment loss, beta · mean |sg(code) - z|^2
     indices: torch.Tensor  # (...,) int64

@@ -31,6 +31,9 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 @dataclass(frozen=True)
 class BackendStatus:
+    """One backend's entry in :func:`available_backends`: whether it can run here and what
+    was found, or why not (``str()``: ``"yes (...)"`` / ``"no (...)"``)."""
+
     available: bool
     reason: str  # what was found, or why the backend cannot be used
 

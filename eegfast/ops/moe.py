@@ -46,7 +46,10 @@ FFN_GPU_PREFERENCE = ("triton",)
 
 
 class MoEDispatch(NamedTuple):
-    """Result of :func:`moe_dispatch` (all int64)."""
+    """Result of :func:`moe_dispatch`, all int64: ``counts`` (E,) slots per expert;
+    ``offsets`` (E + 1,) where each expert's group starts in sorted order (``offsets[E]``:
+    T·k); ``sorted_slots`` (T·k,) slot ids (``token · k + i``) in expert order, stable;
+    ``slot_pos`` (T·k,) each slot's position in that order (the inverse permutation)."""
 
     counts: torch.Tensor  # (E,) slots per expert
     offsets: torch.Tensor  # (E + 1,) start of each expert's group in sorted order; [E] = total
@@ -464,6 +467,8 @@ def moe_expert_ffn(
         sorted_slots: (T top_k,) int64, offsets: (E + 1,) int64 from :func:`moe_dispatch`.
             On CPU, a ``sorted_slots`` that is not a permutation (a slot listed twice) runs
             the reference: the C++ backward assumes one.
+        top_k: k, the slots per token (``sorted_slots // top_k`` is a slot's token).
+        backend: as :func:`moe_dispatch` (None: automatic).
     Returns:
         y_sorted (T top_k, D_out), dtype of x. Differentiable in x, w1, b1, w2, b2.
     """
@@ -531,6 +536,7 @@ def moe_combine(
             [-1, T k): -1 (the CUDA dispatch's mark of a slot whose expert index is outside
             [0, E)) adds nothing. Checked on CPU tensors (on GPUs it would cost a host sync),
             where a row named by two slots runs the reference (the C++ backward assumes none).
+        backend: as :func:`moe_dispatch` (None: automatic).
     Returns:
         (T, D) in y_sorted's dtype. Differentiable in y_sorted and gates.
     """
@@ -570,8 +576,9 @@ def moe_ffn(
     """Dropless top-k MoE FFN: dispatch, grouped expert MLP, gate-weighted combine.
 
     Args:
-        x: (T, D); expert_idx: (T, k) int64 in [0, E); gates: (T, k); weights as
-            :func:`moe_expert_ffn`.
+        x: (T, D); expert_idx: (T, k) int64 in [0, E); gates: (T, k); w1, b1, w2, b2 as
+            :func:`moe_expert_ffn` (E experts).
+        backend: as :func:`moe_dispatch` (None: automatic).
     Returns:
         (T, D_out): ``sum_i gates[t, i] expert_{expert_idx[t, i]}(x[t])``.
     """

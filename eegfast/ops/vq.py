@@ -534,6 +534,14 @@ def vq_kmeans(
     never forms an (N, K) matrix. Seeds with k-means++. ``metric="cosine"`` runs spherical
     k-means (unit codes). Codes left without rows are re-seeded from random rows. Non-finite
     rows are ignored.
+
+    Args:
+        z: (N, D) rows, any float dtype (computed in float32); at least one finite row.
+        num_codes: K >= 1 (may exceed N).
+        iters: Lloyd iterations after the k-means++ seeding (0: the seeds alone).
+        metric: ``"cosine"`` or ``"l2"``, as :func:`vq_nearest`.
+        generator: for the seeding and re-seeding draws (None: the global RNG).
+        backend: of :func:`vq_nearest` and :func:`vq_code_stats` (None: automatic).
     """
     if z.dim() != 2 or z.shape[0] == 0:
         raise ValueError(f"z must have shape (N, D) with N >= 1, got {tuple(z.shape)}")

@@ -29,12 +29,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="suite name (bench_<name>.py); repeatable; default: all",
     )
-    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-results"),
+        help="output folder (default: bench-results)",
+    )
     parser.add_argument(
         "--benchmarks",
         type=Path,
         default=REPO_ROOT / "benchmarks",
-        help="benchmarks folder of the source checkout",
+        help="benchmarks folder of the source checkout (default: benchmarks, beside the "
+        "eegfast package)",
     )
     parser.add_argument("--quick", action="store_true", help="fewer rounds (rough numbers)")
     parser.add_argument("--list", action="store_true", help="list the suites and exit")

@@ -23,9 +23,9 @@ from eegfast.train.engine import check_compile_support, seed_everything
 from eegfast.train.plots import REPORT_PLOTS
 
 EPILOG = (
-    "Configuration: defaults, then --config FILE (.toml/.yaml), then --set key=value (repeatable; "
-    "later wins). Run under `torchrun --nproc_per_node N -m eegfast ...` for several "
-    "processes/GPUs. "
+    "Configuration: defaults, then --config FILE (.toml/.yaml), then the options that set a "
+    "key (--seed, ...), then --set key=value (repeatable; later wins). Run under "
+    "`torchrun --nproc_per_node N -m eegfast ...` for several processes/GPUs. "
     "Valid keys: " + ", ".join(valid_keys())
 )
 
@@ -35,8 +35,15 @@ class CommandError(Exception):
 
 
 def add_run_arguments(
-    parser: argparse.ArgumentParser, *, data: bool = True, training: bool = True
+    parser: argparse.ArgumentParser,
+    *,
+    data: bool = True,
+    training: bool = True,
+    resume_folders: bool = True,
 ) -> None:
+    """The options every training command shares. ``training=False``: no --resume or
+    --overwrite (evaluate, predict); ``resume_folders=False``: --resume takes only ``auto``
+    (finetune, whose folds and variants each resume their own folder under --out)."""
     parser.epilog = EPILOG
     if data:
         parser.add_argument(
@@ -56,20 +63,34 @@ def add_run_arguments(
         help="override one config key, e.g. --set optim.lr=1e-3",
     )
     if training:  # (evaluate trains nothing: it took --resume and ignored it)
-        parser.add_argument(
-            "--resume",
-            default=None,
-            metavar="auto|CHECKPOINT|RUN",
-            help="resume: 'auto' = newest checkpoint in --out, a checkpoint folder "
-            "(RUN/checkpoints/step-N), or a run folder (its newest checkpoint)",
-        )
+        if resume_folders:
+            parser.add_argument(
+                "--resume",
+                default=None,
+                metavar="auto|CHECKPOINT|RUN",
+                help="resume: 'auto' = newest checkpoint in --out, a checkpoint folder "
+                "(RUN/checkpoints/step-N), or a run folder (its newest checkpoint)",
+            )
+        else:
+            parser.add_argument(
+                "--resume",
+                default=None,
+                metavar="auto",
+                help="'auto': continue each fold and variant from its newest checkpoint under "
+                "--out (no other value: they resume their own folders)",
+            )
         parser.add_argument(
             "--overwrite",
             action="store_true",
             help="replace the checkpoints and metrics of an earlier run in --out",
         )
-    parser.add_argument("--seed", type=int, default=None, help="sets train.seed")
-    parser.add_argument("--device", default=None, help="auto|cpu|cuda (sets train.device)")
+    train = RunConfig().train  # (no command changes these defaults)
+    parser.add_argument(
+        "--seed", type=int, default=None, help=f"sets train.seed (default {train.seed})"
+    )
+    parser.add_argument(
+        "--device", default=None, help=f"auto|cpu|cuda (sets train.device; default {train.device})"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 

@@ -81,8 +81,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_run_arguments(parser, training=False)
     parser.add_argument("--model", required=True, help="run folder, checkpoint or .safetensors")
-    parser.add_argument("--folds", type=int, default=None, help="k for the linear probe")
-    parser.add_argument("--tasks", default=None, help="comma-separated tasks (data.tasks)")
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        help="k of the linear probe's k-fold (finetune.folds; default "
+        f"{RunConfig().finetune.folds}; unused for a fine-tuned model)",
+    )
+    parser.add_argument(
+        "--tasks", default=None, help="comma-separated tasks (data.tasks; default: all)"
+    )
     parser.add_argument(
         "--include-training-windows",
         action="store_true",

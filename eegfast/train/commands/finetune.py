@@ -64,14 +64,21 @@ DEFAULTS = RunConfig().with_overrides(
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_run_arguments(parser)
+    add_run_arguments(parser, resume_folders=False)
     parser.add_argument(
         "--init",
         default=None,
         help="run/checkpoint, or reference LaBraM checkpoint file, to start from (model.init)",
     )
-    parser.add_argument("--folds", type=int, default=None, help="k of k-fold (finetune.folds)")
-    parser.add_argument("--tasks", default=None, help="comma-separated tasks (data.tasks)")
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        help=f"k of k-fold (finetune.folds; default {DEFAULTS.finetune.folds})",
+    )
+    parser.add_argument(
+        "--tasks", default=None, help="comma-separated tasks (data.tasks; default: all)"
+    )
     parser.add_argument("--linear", action="store_true", help="linear probe (finetune.mode)")
 
 

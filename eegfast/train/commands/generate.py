@@ -142,12 +142,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--mode",
         choices=("tokens", "regression"),
         default="tokens",
-        help="sample VQ-NSP codes (default) or use the regression head",
+        help="tokens: sample VQ-NSP codes (default); regression: use the regression head",
     )
     parser.add_argument(
         "--temperature", type=float, default=1.0, help="0 = greedy codes (default 1)"
     )
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k best codes")
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="sample among the k best codes (default: all)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--no-cache", action="store_true", help="re-encode the context per step")
     parser.add_argument(
@@ -161,7 +163,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "eegfast prepare reads as the label of its windows (and 'label' in a .npy's sidecar)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 # --------------------------------------------------------------------------------------------

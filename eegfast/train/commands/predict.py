@@ -83,7 +83,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "without an eegfast record: the one task its head is for (required)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=64, metavar="N", help="windows per forward pass"
+        "--batch-size",
+        type=int,
+        default=64,
+        metavar="N",
+        help="windows per forward pass (default 64)",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help=f"replace an earlier {PREDICTIONS} in --out"

@@ -62,9 +62,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_run_arguments(parser)
     parser.add_argument(
-        "--objective", default=None, help=f"one of {objective_names()} (sets pretrain.objective)"
+        "--objective",
+        default=None,
+        help=f"one of {', '.join(objective_names())} (sets pretrain.objective; default "
+        f"{DEFAULTS.pretrain.objective})",
     )
-    parser.add_argument("--tokenizer", default=None, help="tokenizer run (sets model.tokenizer)")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer run, checkpoint folder or file such as the reference vqnsp.pth (sets "
+        "model.tokenizer; a resumed run defaults to its own)",
+    )
     parser.add_argument(
         "--model", default=None, help=f"model name (sets model.name; default {DEFAULTS.model.name})"
     )

@@ -66,11 +66,28 @@ VARIANT_LABEL = {
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--data", type=Path, default=None, help="folder with the sample EDFs")
-    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="output folder")
-    parser.add_argument("--folds", type=int, default=2, help="k of the grouped k-fold (max 2 here)")
-    parser.add_argument("--experts", type=int, default=4, help="experts per MoE layer")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="folder with the sample EDFs (default: EEGFAST_DATA, the cache, ../shared/data, "
+        "else a download from PhysioNet)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/quickstart"),
+        help="output folder (default: runs/quickstart)",
+    )
+    parser.add_argument(
+        "--folds", type=int, default=2, help="k of the grouped k-fold (default 2, the most here)"
+    )
+    parser.add_argument(
+        "--experts", type=int, default=4, help="experts per MoE layer (default 4, >= 2)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of every training step (train.seed; default 0)"
+    )
     parser.add_argument("--fast", action="store_true", help="2 steps per training (smoke test)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
@@ -113,6 +130,7 @@ def _run(step: str, argv: list[str], timings: dict[str, float]) -> None:
 def _main(args: argparse.Namespace) -> int:
     from eegfast.datasets import ATTRIBUTION, SampleDataError, sample
     from eegfast.train.commands.common import CommandError
+    from eegfast.train.config import LIMITS
 
     # Checked here, not by the upcycle and finetune steps minutes later, after the training.
     if args.folds < 2:
@@ -123,6 +141,11 @@ def _main(args: argparse.Namespace) -> int:
         raise CommandError(
             f"--experts must be >= 2 (the router picks the top 2 per token), got {args.experts}"
         )
+    # the steps' train.seed range: out of it, the tokenizer step refused it after the three
+    # prepare steps had run
+    seed_ok, seed_range = LIMITS["train.seed"]
+    if not seed_ok(args.seed):
+        raise CommandError(f"--seed must be {seed_range}, got {args.seed}")
     started = time.perf_counter()
     try:
         files = {p.name: p for p in sample(args.data, progress=not args.no_progress)}

@@ -42,10 +42,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     # as the training commands' --help: the keys --config and --set take
     parser.epilog = (
-        "Configuration: defaults, then --config FILE (.toml/.yaml), then --set key=value "
-        "(repeatable; later wins); upcycle reads upcycle.num_experts, top_k, layers and "
-        "noise_std, train.seed and model.name (upcycle.task_routing, router_aux_weight and "
-        "router_z_weight are fine-tuning settings: give them to eegfast finetune). "
+        "Configuration: defaults, then --config FILE (.toml/.yaml), then --experts and "
+        "--top-k, then --set key=value (repeatable; later wins); upcycle reads "
+        "upcycle.num_experts, top_k, layers and noise_std, train.seed and model.name "
+        "(upcycle.task_routing, router_aux_weight and router_z_weight are fine-tuning "
+        "settings: give them to eegfast finetune). "
         "Valid keys: " + ", ".join(valid_keys())
     )
     parser.add_argument(
@@ -66,8 +67,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an earlier upcycled model in --out"
     )
-    parser.add_argument("--experts", type=int, default=None, help="sets upcycle.num_experts")
-    parser.add_argument("--top-k", type=int, default=None, help="sets upcycle.top_k")
+    up = UpcycleConfig()
+    parser.add_argument(
+        "--experts",
+        type=int,
+        default=None,
+        help=f"sets upcycle.num_experts (default {up.num_experts})",
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=None, help=f"sets upcycle.top_k (default {up.top_k})"
+    )
     parser.add_argument(
         "--tasks",
         default=None,
@@ -84,12 +93,14 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    extra = []
+    # the command's flags before --set, as in the training commands (they came after it, so
+    # `--experts 4 --set upcycle.num_experts=8` built 4 experts where finetune's --set wins)
+    flags = {}
     if args.experts is not None:
-        extra.append(f"upcycle.num_experts={args.experts}")
+        flags["upcycle.num_experts"] = args.experts
     if args.top_k is not None:
-        extra.append(f"upcycle.top_k={args.top_k}")
-    config = resolve_config(RunConfig(), args.config, [*args.overrides, *extra])
+        flags["upcycle.top_k"] = args.top_k
+    config = resolve_config(RunConfig(), args.config, args.overrides, flags=flags)
     # model.name as the user set it: a checkpoint file given to --model must then be that model
     named = resolve_config(RunConfig(model=ModelConfig(name="")), args.config, args.overrides)
     out = Path(args.out)
