@@ -549,6 +549,8 @@ def vq_kmeans(
         raise ValueError(f"num_codes must be positive, got {num_codes}")
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
+    if metric not in ("cosine", "l2"):  # (with iters=0 no vq_nearest call would say so)
+        raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
     data = z.float()
     finite = torch.isfinite(data).all(dim=1)
     if not bool(finite.any()):

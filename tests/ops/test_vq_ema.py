@@ -170,6 +170,9 @@ def test_kmeans_bad_input():
         vq_kmeans(torch.zeros(0, 4), 3)
     with pytest.raises(ValueError, match="no finite rows"):
         vq_kmeans(torch.full((3, 4), float("nan")), 3)
+    for iters in (0, 2):  # iters=0 never reached vq_nearest's own check
+        with pytest.raises(ValueError, match="metric must be 'cosine' or 'l2', got 'dot'"):
+            vq_kmeans(torch.randn(5, 4), 3, iters=iters, metric="dot")
 
 
 def _restart_worker(rank, world, port, out):

@@ -166,6 +166,15 @@ def test_npy_prompt_window(checkpoint, tmp_path, capsys):
         ({"--prompt": "nan.npy"}, "NaN"),
         ({"--prompt": "nothing.edf"}, "file not found"),
         ({"--temperature": "nan"}, "--temperature must be >= 0, got nan"),
+        # the regression head draws nothing: sampling options were ignored without a word
+        (
+            {"--mode": "regression", "--temperature": "0.5"},
+            "--temperature: sampling options of --mode tokens",
+        ),
+        (
+            {"--mode": "regression", "--top-k": "5"},
+            "--top-k: sampling options of --mode tokens",
+        ),
         ({"--start": "nan"}, "--start must be a number >= 0, got nan"),
         ({"--start": "inf"}, "--start must be a number >= 0, got inf"),
     ],
@@ -182,7 +191,14 @@ def test_bad_arguments_give_clear_errors(checkpoint, tmp_path, capsys, change, m
         "--out": str(tmp_path / "out.edf"),
     }
     for key, value in change.items():
-        literal = key in ("--seconds", "--channels", "--temperature", "--start")
+        literal = key in (
+            "--seconds",
+            "--channels",
+            "--temperature",
+            "--start",
+            "--mode",
+            "--top-k",
+        )
         args[key] = value if literal else str(tmp_path / value)
     try:
         code, text = _run(capsys, *[part for kv in args.items() for part in kv])

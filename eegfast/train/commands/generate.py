@@ -145,10 +145,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="tokens: sample VQ-NSP codes (default); regression: use the regression head",
     )
     parser.add_argument(
-        "--temperature", type=float, default=1.0, help="0 = greedy codes (default 1)"
+        "--temperature",
+        type=float,
+        default=None,
+        help="0 = greedy codes (default 1; --mode tokens only)",
     )
     parser.add_argument(
-        "--top-k", type=int, default=None, help="sample among the k best codes (default: all)"
+        "--top-k",
+        type=int,
+        default=None,
+        help="sample among the k best codes (default: all; --mode tokens only)",
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--no-cache", action="store_true", help="re-encode the context per step")
@@ -695,6 +701,21 @@ def run(args: argparse.Namespace) -> Path:
         seconds = math.ceil(seconds)
         print(f"note: EDF holds whole seconds; generating {seconds} s", file=sys.stderr)
     label = check_label(args.label)
+    temperature = args.temperature
+    if args.mode == "regression":
+        # the regression head draws nothing: a sampling option there would be ignored silently
+        given = [
+            name
+            for name, value in (("--temperature", temperature), ("--top-k", args.top_k))
+            if value is not None
+        ]
+        if given:
+            raise GenerateError(
+                f"{' and '.join(given)}: sampling options of --mode tokens; --mode regression "
+                "predicts each patch and draws nothing"
+            )
+    elif temperature is None:
+        temperature = 1.0
     device = _device(args.device)
     model = load_model(args.model, device=device)
     check_mode(model, args.mode)  # before the prompt is read and preprocessed
@@ -723,7 +744,7 @@ def run(args: argparse.Namespace) -> Path:
         prompt,
         seconds,
         mode=args.mode,
-        temperature=args.temperature,
+        temperature=1.0 if temperature is None else temperature,
         top_k=args.top_k,
         seed=args.seed,
         use_cache=not args.no_cache,
@@ -741,7 +762,7 @@ def run(args: argparse.Namespace) -> Path:
         "generated_seconds": seconds,
         "model": str(args.model),
         "mode": args.mode,
-        "temperature": args.temperature,
+        "temperature": temperature,
         "top_k": args.top_k,
         "seed": args.seed,
     }
