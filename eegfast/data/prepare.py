@@ -16,11 +16,12 @@ so re-running the same command is cheap and a killed run loses only the recordin
 outputs made by an older eegfast whose processing has changed since are
 prepared again (``--force`` redoes everything). Bad recordings (truncated or corrupt files, no EEG,
 only unknown electrodes, flat or non-finite channels, µV read as volts, too-low sample rate, too
-short) are listed with their reason and skipped. The exit status is 1 only when nothing usable was
-produced, or with ``--strict`` when any recording was bad. A ``--labels`` table that does not fit
-the recordings (rows that match no recording, empty labels, recordings it does not name) gives
-warnings, on stderr and in the report; with ``--strict`` an error (exit 2) before anything is
-processed. A mains frequency in the file (FIF, BIDS) other than ``--notch`` is warned about.
+short, or one whose worker process was killed: out of memory) are listed with their reason and
+skipped. The exit status is 1 only when nothing usable was produced, or with ``--strict`` when
+any recording was bad. A ``--labels`` table that does not fit the recordings (rows that match
+no recording, empty labels, recordings it does not name) gives warnings, on stderr and in the
+report; with ``--strict`` an error (exit 2) before anything is processed. A mains frequency in the
+file (FIF, BIDS) other than ``--notch`` is warned about.
 
 Events: windows are labelled from a recording's annotations; one whose annotations give no event
 (none, only BAD/EDGE marks, none named in ``--event-map``) is labelled from the events of its stim
@@ -50,8 +51,10 @@ import re
 import sys
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +62,11 @@ import numpy as np
 from eegfast.data.index import FORMAT_VERSION, INDEX_NAME, SHARD_DIR
 from eegfast.data.labels import LabelRules, is_discontinuity_mark, read_label_table
 from eegfast.data.preprocess import (
+    PATCH_SAMPLES,
     TARGET_SFREQ,
     PreprocessConfig,
     SampleRateError,
+    _rereference,
     check_sample_rate,
     cut_windows,
     preprocess_signal,
@@ -77,8 +82,8 @@ from eegfast.data.reading import (
 from eegfast.electrodes import is_labram_channel, labram_input_chans, normalize_channel_name
 from eegfast.fileio import (
     remove_stale_temporaries,
+    write_atomic,
     write_json_atomic,
-    write_npy_atomic,
     write_text_atomic,
 )
 
@@ -434,13 +439,20 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
         info["annotation_descriptions"] = sorted(
             {str(d).strip() for _, _, d in [*annotations, *stim_events]}
         )
-    data = raw.get_data(picks=picks)  # (C, T) volts, float64
-    # One min and one max pass: NaN propagates into both, +inf into the max, -inf into the min,
-    # so a channel is finite exactly when both are (no separate isfinite pass and bool array).
-    low, high = data.min(axis=1), data.max(axis=1)
-    finite = np.isfinite(low) & np.isfinite(high)
-    flat = np.zeros(len(names), bool)
-    flat[finite] = (high - low)[finite] < FLAT_PEAK_TO_PEAK_V
+    cuts = _discontinuities(annotations, sfreq, raw.n_times)
+    # Read, checked and preprocessed a few channels at a time; the checks below then decide.
+    # (A reference electrode that is not kept refuses the recording: nothing to preprocess.)
+    signal, segments, low, high = _read_preprocessed(
+        raw,
+        picks,
+        names,
+        sfreq,
+        cfg,
+        cuts,
+        drop_bad=settings.bad_channels == "drop",
+        preprocess=cfg.reference in (None, "average") or cfg.reference in names,
+    )
+    finite, flat = _channel_problems(low, high)
     bad = ~finite | flat
     if bad.any():
         nonfinite_names = [raw.ch_names[picks[i]] for i in np.flatnonzero(~finite)]
@@ -455,7 +467,7 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
         for i in np.flatnonzero(bad):
             info["excluded"][raw.ch_names[picks[i]]] = "flat or non-finite"
         keep = np.flatnonzero(~bad)
-        data = data[keep]
+        signal = None if signal is None else signal[keep]
         names = [names[i] for i in keep]
         low, high = low[keep], high[keep]
     typical = float(np.median(high - low))
@@ -465,7 +477,6 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
             "mV); the file's units are probably not what it says (MNE reads an EDF unit it does "
             "not know as volts)"
         )
-    cuts = _discontinuities(annotations, sfreq, data.shape[1])
     if cuts:
         info["discontinuities"] = len(cuts)
     if cfg.reference not in (None, "average") and cfg.reference not in names:
@@ -473,8 +484,8 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
             f"reference electrode {cfg.reference} is not among the kept electrodes "
             f"({', '.join(names)})"
         )
-    signal, segments = _preprocess_segments(data, sfreq, cfg, names, cuts)
-    del data
+    assert signal is not None  # _read_preprocessed skips only recordings refused above
+    signal = _rereference(signal, names, cfg.reference, inplace=True)
     n_out = signal.shape[1]
     label_names: list[str] = []
     if resolved.events is not None:
@@ -503,7 +514,7 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
             f"recording {n_out / TARGET_SFREQ:g} s)"
         )
     shard = out_dir / SHARD_DIR / f"{job.key}.npy"
-    write_npy_atomic(shard, cut_windows(signal, starts, cfg))
+    _write_windows(shard, signal, starts, cfg)
     info.update(
         {
             "task": resolved.task or job.task,
@@ -536,6 +547,98 @@ def _discontinuities(annotations, sfreq: float, n_times: int) -> list[int]:
         if is_discontinuity_mark(description)
     }
     return sorted(c for c in cuts if 0 < c < n_times)
+
+
+# Float64 bytes of a recording read at once: its channels are read and preprocessed in groups
+# of at most this size. Read whole, 4 h of 32 channels at 500 Hz were a 1.8 GB float64 array,
+# five times the float32 200 Hz signal kept, and the peak of a run.
+READ_BLOCK_BYTES = 1 << 28
+# Bytes of windows cut and written at once (the shard's windows are never held whole: with
+# overlapping windows they are several times the signal).
+WRITE_BLOCK_BYTES = 1 << 26
+
+
+def _channel_problems(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(finite, flat) (C,) bool from each channel's lowest and highest sample (volts).
+
+    NaN propagates into both extremes, +inf into the max, -inf into the min, so a channel is
+    finite exactly when both are (no separate isfinite pass over the samples)."""
+    finite = np.isfinite(low) & np.isfinite(high)
+    flat = np.zeros(len(low), bool)
+    flat[finite] = (high - low)[finite] < FLAT_PEAK_TO_PEAK_V
+    return finite, flat
+
+
+def _read_preprocessed(
+    raw,
+    picks: list[int],
+    names: list[str],
+    sfreq: float,
+    cfg: PreprocessConfig,
+    cuts: list[int],
+    *,
+    drop_bad: bool,
+    preprocess: bool = True,
+) -> tuple[np.ndarray | None, list[tuple[int, int]], np.ndarray, np.ndarray]:
+    """Read the channels ``picks`` of ``raw`` a group at a time (``READ_BLOCK_BYTES`` of float64
+    at most) and preprocess each group (``_preprocess_segments``, not re-referenced: that needs
+    every channel). Each channel's preprocessing does not depend on the others, so the signal
+    is the one the whole (C, T) array gave, without holding that array.
+
+    Channels found flat or non-finite are not preprocessed, and nothing more is once the
+    recording will be refused: a bad channel without ``drop_bad``, a bad reference electrode,
+    or ``preprocess`` False.
+    Returns (the (C, T') float32 signal, with the rows of bad channels unset, or None when
+    nothing was preprocessed; the parts' ``[begin, end)``; each channel's lowest and highest
+    sample (C,) in volts).
+    """
+    n_ch = len(picks)
+    rows = max(1, READ_BLOCK_BYTES // (8 * max(raw.n_times, 1)))
+    plain = replace(cfg, reference=None)
+    reference = None
+    if cfg.reference not in (None, "average") and cfg.reference in names:
+        reference = names.index(cfg.reference)
+    low, high = np.empty(n_ch), np.empty(n_ch)
+    signal, segments = None, []
+    for r0 in range(0, n_ch, rows):
+        r1 = min(r0 + rows, n_ch)
+        data = raw.get_data(picks=picks[r0:r1])  # (rows, T) volts, float64
+        low[r0:r1], high[r0:r1] = data.min(axis=1), data.max(axis=1)
+        finite, flat = _channel_problems(low[:r1], high[:r1])
+        bad = ~finite | flat
+        bad_reference = reference is not None and bad[reference : reference + 1].any()
+        if (bad.any() and not drop_bad) or bad_reference:
+            preprocess = False  # the recording is refused
+        good = np.flatnonzero(~bad[r0:r1])
+        if preprocess and len(good):
+            part, segments = _preprocess_segments(
+                data if len(good) == len(data) else data[good], sfreq, plain, [], cuts
+            )
+            if signal is None:
+                signal = np.empty((n_ch, part.shape[1]), np.float32)
+            signal[r0 + good] = part
+        del data
+    return signal, segments, low, high
+
+
+def _write_windows(
+    path: Path, signal: np.ndarray, starts: np.ndarray, cfg: PreprocessConfig
+) -> None:
+    """The (W, C, A, 200) windows of ``signal`` (C, T') at ``starts`` as a .npy file (the bytes
+    ``write_npy_atomic(path, cut_windows(signal, starts, cfg))`` writes), cut and written
+    ``WRITE_BLOCK_BYTES`` at a time."""
+    shape = (len(starts), signal.shape[0], cfg.window_seconds, PATCH_SAMPLES)
+    dtype = np.dtype(cfg.dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    per = max(1, WRITE_BLOCK_BYTES // (dtype.itemsize * math.prod(shape[1:])))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for i in range(0, len(starts), per):
+                cut_windows(signal, starts[i : i + per], cfg).tofile(f)
+
+    write_atomic(path, write)
 
 
 def _preprocess_segments(
@@ -673,6 +776,75 @@ def _pool_context():
     return ctx
 
 
+def _process_in_pool(
+    todo: list[Job],
+    settings: Settings,
+    out: str,
+    workers: int,
+    records: dict[str, dict],
+    done: Callable[[], object],
+) -> None:
+    """``process_file`` of every job in ``workers`` processes, one recording each at a time
+    (the next is sent when one finishes); the records go into ``records`` by key.
+
+    A worker that dies (the kernel's out-of-memory killer ends one holding a recording too
+    large for the memory left) breaks the pool. The recordings then in flight, one of them the
+    cause, are prepared again one at a time in a process of their own, and the one whose
+    process dies again is reported bad by name (``_process_alone``); the rest go on in a new
+    pool. Before, the run ended with ``BrokenProcessPool`` naming no file, and no report.
+    """
+    pending = todo[::-1]  # next job last
+    while pending:
+        in_flight: dict = {}  # future -> job
+        size = min(workers, len(pending))
+        try:
+            with ProcessPoolExecutor(size, mp_context=_pool_context()) as pool:
+                while pending or in_flight:
+                    while pending and len(in_flight) < workers:
+                        future = pool.submit(process_file, pending[-1], settings, out)
+                        in_flight[future] = pending.pop()
+                    finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        records[in_flight[future].key] = future.result()
+                        del in_flight[future]
+                        done()
+        except BrokenProcessPool:
+            for job in sorted(in_flight.values(), key=lambda j: j.path):
+                records[job.key] = _process_alone(job, settings, out)
+                done()
+
+
+def _process_alone(job: Job, settings: Settings, out: str) -> dict:
+    """``process_file`` in a process of its own; a bad record naming how it ended if it dies.
+
+    That record is not written: a later run tries the recording again (with fewer workers, or
+    more memory)."""
+    started = time.perf_counter()
+    process = _pool_context().Process(target=process_file, args=(job, settings, out))
+    process.start()
+    process.join()
+    if process.exitcode == 0:
+        return json.loads(_record_path(Path(out), job).read_text())
+    if process.exitcode == -9:
+        reason = (
+            "the process preparing it was killed (SIGKILL), most likely by the out-of-memory "
+            "killer: see the memory a recording needs in the README (Data); use fewer --workers"
+        )
+    else:
+        reason = f"the process preparing it died (exit code {process.exitcode})"
+    return {
+        "status": "bad",
+        "file": job.path,
+        "key": job.key,
+        "task": job.task,
+        "job_task": job.task,
+        "settings": settings.digest(),
+        "revision": PROCESSING_REVISION,
+        "reason": reason,
+        "seconds": round(time.perf_counter() - started, 4),
+    }
+
+
 def prepare(
     sources: list[str],
     out: str | os.PathLike,
@@ -726,12 +898,7 @@ def prepare(
             records[job.key] = process_file(job, settings, str(out))
             bar.update()
     else:
-        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=_pool_context()) as pool:
-            futures = {pool.submit(process_file, job, settings, str(out)): job for job in todo}
-            for future in as_completed(futures):
-                job = futures[future]
-                records[job.key] = future.result()
-                bar.update()
+        _process_in_pool(todo, settings, str(out), workers, records, bar.update)
     bar.close()
     ordered = [records[j.key] for j in jobs]
     index = build_index(ordered, settings, classes)

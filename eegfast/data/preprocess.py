@@ -305,16 +305,25 @@ def _reflect_limited(x: np.ndarray, left: int, right: int) -> np.ndarray:
     return out
 
 
-def _rereference(data: np.ndarray, ch_names: list[str] | None, reference: str | None):
+def _rereference(
+    data: np.ndarray, ch_names: list[str] | None, reference: str | None, *, inplace: bool = False
+):
+    """``data`` (C, T) minus the reference; ``inplace`` subtracts it from ``data`` itself (the
+    same values, without a second array of the recording's size)."""
     if reference is None:
         return data
     if reference == "average":
-        return data - data.mean(axis=0, keepdims=True)
-    if ch_names is None or reference not in ch_names:
+        ref = data.mean(axis=0, keepdims=True)
+    elif ch_names is None or reference not in ch_names:
         raise ValueError(
             f"reference: electrode {reference!r} is not among the kept channels {ch_names}"
         )
-    return data - data[ch_names.index(reference)]
+    else:
+        ref = data[ch_names.index(reference)].copy()  # a copy: its own row is zeroed in place
+    if inplace:
+        data -= ref
+        return data
+    return data - ref
 
 
 # ---------------------------------------------------------------------------------------------
