@@ -35,17 +35,45 @@ class DistInfo:
 
 
 def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA).
+
+    A ValueError naming the variable (a command's one-line error) when WORLD_SIZE, RANK or
+    LOCAL_RANK is no whole number, or RANK is missing (a launcher that set WORLD_SIZE only:
+    a KeyError traceback before) or not below WORLD_SIZE."""
+    world_size = _env_int("WORLD_SIZE", "1")
     if world_size <= 1:
         return DistInfo()
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank = _env_int("RANK", None)
+    local_rank = _env_int("LOCAL_RANK", "0")
+    if not 0 <= rank < world_size:
+        raise ValueError(
+            f"RANK={rank}: must be from 0 to WORLD_SIZE - 1 = {world_size - 1}; start the "
+            "processes with torchrun (--nproc_per_node N), which sets both"
+        )
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, init_method="env://")
     _collect_garbage_at_exit()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def _env_int(name: str, default: str | None) -> int:
+    """The environment variable ``name`` (torchrun's) as an int; ``default`` when unset (None:
+    it must be set). ValueError naming the variable otherwise."""
+    value = os.environ.get(name, default)
+    if value is None:
+        raise ValueError(
+            f"{name}=(unset): WORLD_SIZE={os.environ.get('WORLD_SIZE')} asks for several "
+            f"processes, but {name} is not set; start them with torchrun (--nproc_per_node N), "
+            "or unset WORLD_SIZE for one process"
+        )
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(
+            f"{name}={value!r}: not a whole number; start the processes with torchrun "
+            "(--nproc_per_node N), which sets it"
+        ) from None
 
 
 _collecting_at_exit = False

@@ -713,6 +713,11 @@ def fit(
             if on_checkpoint is not None:
                 on_checkpoint(path)
         barrier(info)
+        if path is None:
+            # the folder rank 0 has written (past the barrier): every rank names it as the
+            # last good checkpoint when the run stops later (a non-finite loss), and each
+            # rank prints that; the other ranks said none was written yet
+            path = checkpoint_dir / f"step-{step:08d}"
         return path
 
     model.train()
