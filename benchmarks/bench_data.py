@@ -22,6 +22,12 @@ Run from the repository root::
    - ``eegfast``: ``make_loader(ShardDataset)`` (batch-level reads from the memory maps);
    - ``per-item``: a DataLoader over the same ``ShardDataset`` items with ``collate_padded``
      (the usual per-item ``__getitem__`` + collate pattern).
+3. Training loader, batches per second of the loader ``eegfast.train.engine.fit`` builds for the
+   training commands (``EpochBatchSampler``, batches of 64, ``data.num_workers=0``), same shards
+   and same batches on both rows:
+   - ``whole batches``: ``eegfast.train.data.ShardBatches`` (``ShardDataset.get_batch``, rows in
+     the sampler's order), what ``fit`` uses for prepared folders;
+   - ``per-item``: ``IndexedDataset`` + ``indexed_collate(collate_padded)``, what it used before.
 """
 
 from __future__ import annotations
@@ -207,6 +213,44 @@ def time_loaders(root: Path, batch_size: int = 256) -> dict:
     return {"torch_threads": torch.get_num_threads(), "rates": rates}
 
 
+def training_loader(root: Path, path: str, batch_size: int = 64):
+    """(the DataLoader ``fit`` builds over ``root``, its sampler): ``path`` "whole batches"
+    (ShardBatches) or "per-item" (items + collate_padded); no workers, no pinning."""
+    from torch.utils.data import DataLoader
+
+    from eegfast.data import collate_padded
+    from eegfast.train.data import load_data, passthrough, shard_batches
+    from eegfast.train.engine import IndexedDataset, indexed_collate
+    from eegfast.train.sampler import EpochBatchSampler
+
+    data = load_data([root])
+    sampler = EpochBatchSampler(data.group_keys, batch_size, seed=0)
+    if path == "whole batches":
+        batches = shard_batches(data.dataset, collate_padded)
+        loader = DataLoader(batches, batch_size=None, sampler=sampler, collate_fn=passthrough)
+    else:
+        collate = indexed_collate(collate_padded)
+        loader = DataLoader(IndexedDataset(data.dataset), batch_sampler=sampler, collate_fn=collate)
+    return loader, sampler
+
+
+def time_training_loaders(root: Path, batch_size: int = 64, min_batches: int = 300) -> dict:
+    """Batches per wall second of both training-loader paths (whole epochs, new order each
+    epoch, after one warm-up epoch), measured in turn twice and the better kept of each."""
+    rates: dict[str, float] = {}
+    for path in ("per-item", "whole batches") * 2:
+        loader, sampler = training_loader(root, path, batch_size)
+        for _ in loader:  # warm-up epoch
+            pass
+        n, epoch, start = 0, 1, time.perf_counter()
+        while n < min_batches:
+            sampler.set_epoch(epoch)
+            n += sum(1 for _ in loader)
+            epoch += 1
+        rates[path] = max(rates.get(path, 0.0), n / (time.perf_counter() - start))
+    return {"batch_size": batch_size, "batches_per_s": rates}
+
+
 def _torch_threads(n: int) -> int:
     import torch
 
@@ -267,6 +311,19 @@ def write_report(out_dir: Path, results: dict) -> None:
             lines.append(
                 f"| {dtype} | {name} | {rate['wall']:,.0f} | {cpu} | {rate['wall'] / base:.2f}× |"
             )
+    lines += ["", "## Training loader: batches/s of `fit`'s loader, batches of 64", ""]
+    lines += [
+        "The loader the training commands get (EpochBatchSampler, data.num_workers=0, the same "
+        "batches on both rows), over the shards above; better of two runs each. Ratio = rate "
+        "/ the per-item path's.",
+        "",
+        "| storage | path | batches/s | ratio vs per-item |",
+        "|---|---|---:|---:|",
+    ]
+    for dtype, res in results.get("training_loader", {}).items():
+        rates = res["batches_per_s"]
+        for name, rate in rates.items():
+            lines.append(f"| {dtype} | {name} | {rate:,.1f} | {rate / rates['per-item']:.2f}× |")
     lines += ["", "Data: " + ATTRIBUTION, ""]
     write_text_atomic(out_dir / "cpu_data.md", "\n".join(lines))
 
@@ -291,11 +348,15 @@ def main(argv: list[str] | None = None) -> int:
         torch_threads = _torch_threads(args.torch_threads)
         hours = prep[1]["eegfast"]["hours"]
         loader = {d: time_loaders(loader_dataset(work, d)) for d in ("float32", "float16")}
+        training = {
+            d: time_training_loaders(loader_dataset(work, d)) for d in ("float32", "float16")
+        }
     results = {
         "corpus": {"files": len(files), "hours": hours},
         "repeats": args.repeats,
         "prepare": prep,
         "loader": loader,
+        "training_loader": training,
         "loader_torch_threads": torch_threads,
     }
     write_report(args.out, results)
@@ -336,6 +397,20 @@ def test_loader_batch(benchmark, work, dtype):
     benchmark.group = "loader batch of 256: (32, 8, 200) windows"
     benchmark.extra_info.update(dtype=dtype, batch=256)
     benchmark(lambda: ds.get_batch(rng.choice(len(ds), 256, replace=False)))
+
+
+@pytest.mark.parametrize("path", ["per-item", "whole batches"])
+def test_training_loader(benchmark, work, path):
+    loader, sampler = training_loader(loader_dataset(work, "float32"), path)
+    epochs = iter(range(1, 10_000))
+
+    def epoch():
+        sampler.set_epoch(next(epochs))
+        return sum(1 for _ in loader)
+
+    benchmark.group = "training loader (fit): one epoch, batches of 64, (32, 8, 200) windows"
+    batches = benchmark.pedantic(epoch, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(path=path, batches=batches)
 
 
 if __name__ == "__main__":

@@ -276,12 +276,16 @@ class ShardDataset(Dataset):
             "start_s": r["starts"][row] / 200.0,
         }
 
-    def get_batch(self, indices: Sequence[int], *, pin_memory: bool = False) -> dict:
+    def get_batch(
+        self, indices: Sequence[int], *, pin_memory: bool = False, keep_order: bool = False
+    ) -> dict:
         """A collated batch for item ``indices`` (integers; negative ones count from the end, as
         for ``ds[i]``), reordered by shard and row for sequential reads: ``batch["index"]``
         gives the item index (in ``[0, len(self))``) of each row. Same fields as
         ``collate_padded``. ``pin_memory``: allocate ``x`` in pinned memory (CUDA only), so
-        the DataLoader's pinning step has nothing left to copy."""
+        the DataLoader's pinning step has nothing left to copy. ``keep_order``: rows in the
+        order of ``indices`` (still read shard by shard), i.e. the very batch that
+        ``collate_padded([ds[i] for i in indices])`` gives, plus ``index``."""
         idx = np.asarray(indices)
         if idx.ndim != 1 or len(idx) == 0:
             raise ValueError("indices: expected a non-empty 1-D sequence of item indices")
@@ -297,8 +301,11 @@ class ShardDataset(Dataset):
         idx %= max(len(self), 1)  # negative -> from the end; batch["index"] is then in [0, N)
         rec = self._rec[idx]
         row = self._row[idx]
-        order = np.lexsort((row, rec))
-        idx, rec, row = idx[order], rec[order], row[order]
+        order = np.lexsort((row, rec))  # reading order: shard by shard, rows ascending
+        if not keep_order:
+            idx, rec, row = idx[order], rec[order], row[order]
+            order = np.arange(len(idx))
+        # the k-th window read goes to batch row order[k]
         n_ch = self._n_channels[rec]
         c_max = int(n_ch.max())
         shape = (len(idx), c_max, self.window_seconds, 200)
@@ -311,14 +318,16 @@ class ShardDataset(Dataset):
             x.zero_()
         x_np = x.numpy()
         input_chans = torch.zeros((len(idx), c_max + 1), dtype=torch.long)
-        cuts = np.flatnonzero(np.diff(rec)) + 1
+        rec_read, row_read = rec[order], row[order]
+        cuts = np.flatnonzero(np.diff(rec_read)) + 1
         bounds = np.concatenate([[0], cuts, [len(idx)]]).tolist()
         for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-            r = int(rec[start])
+            r = int(rec_read[start])
             c = int(self._n_channels[r])
+            rows_to = order[start:stop]
             # Each window is read (float32) or cast (float16) straight into its batch row.
-            self._read_rows(r, row[start:stop].tolist(), [x_np[j, :c] for j in range(start, stop)])
-            input_chans[start:stop, : c + 1] = self._input_chans[r]
+            self._read_rows(r, row_read[start:stop].tolist(), [x_np[j, :c] for j in rows_to])
+            input_chans[torch.from_numpy(rows_to), : c + 1] = self._input_chans[r]
         mask = torch.from_numpy(
             np.arange(c_max)[None, :] >= n_ch[:, None]
         )  # True = padded electrode

@@ -151,6 +151,104 @@ def collate_fn():
     return collate_padded
 
 
+class ShardBatches(Dataset):
+    """Whole collated batches of a training set of prepared folders: ``batches[indices]`` (a
+    list of item positions) is ``collate_padded([dataset[i] for i in indices])`` plus
+    ``index`` (``indices``, (B,) long), rows in the order of ``indices``, field for field, but
+    read with ``ShardDataset.get_batch`` (one open per recording, rows straight into recycled
+    or pinned batch memory) rather than item by item. For a ``DataLoader`` with
+    ``batch_size=None`` and a batch sampler as its ``sampler``; made by ``shard_batches``.
+
+    ``leaves``: the ``ShardDataset`` s under ``dataset``; ``leaf`` / ``local`` (N,): which one
+    holds each item, and its index there.
+    """
+
+    def __init__(
+        self, leaves: list, leaf: np.ndarray, local: np.ndarray, *, pin_memory: bool = False
+    ) -> None:
+        self.leaves = leaves
+        self.leaf = leaf
+        self.local = local
+        self.pin_memory = pin_memory
+
+    def __len__(self) -> int:
+        return len(self.leaf)
+
+    def __getitem__(self, indices: Sequence[int]) -> dict:
+        import torch
+
+        from eegfast.data import collate_padded
+
+        idx = np.asarray(indices, dtype=np.int64)
+        leaf, local = self.leaf[idx], self.local[idx]
+        first = int(leaf[0]) if len(leaf) else 0
+        if len(leaf) and (leaf == first).all():
+            batch = self.leaves[first].get_batch(local, pin_memory=self.pin_memory, keep_order=True)
+        else:
+            # items of several folders (the training commands' batches never are: a folder is
+            # part of their group keys), or none: the per-item path, with its padding and errors
+            batch = collate_padded(
+                [self.leaves[int(k)][int(j)] for k, j in zip(leaf, local, strict=True)]
+            )
+        batch["index"] = torch.from_numpy(idx)
+        return batch
+
+
+def _locate(dataset: Dataset) -> tuple[list, np.ndarray, np.ndarray] | None:
+    """(ShardDatasets under ``dataset``, (N,) which one holds each item, (N,) its index
+    there) for a ShardDataset or Subsets / ConcatDatasets of them; None for anything else."""
+    from eegfast.data import ShardDataset
+
+    if type(dataset) is ShardDataset:  # a subclass may change its items
+        n = len(dataset)
+        return [dataset], np.zeros(n, np.int32), np.arange(n, dtype=np.int64)
+    if type(dataset) is Subset:
+        inner = _locate(dataset.dataset)
+        if inner is None:
+            return None
+        leaves, leaf, local = inner
+        idx = np.asarray(dataset.indices, dtype=np.int64).reshape(-1)
+        if len(idx) != len(dataset.indices) or ((idx < -len(leaf)) | (idx >= len(leaf))).any():
+            return None  # the per-item path raises its IndexError when it gets there
+        return leaves, leaf[idx], local[idx]
+    if type(dataset) is ConcatDataset:
+        leaves, leaf, local = [], [], []
+        for part in dataset.datasets:
+            inner = _locate(part)
+            if inner is None:
+                return None
+            leaf.append(inner[1] + len(leaves))
+            local.append(inner[2])
+            leaves += inner[0]
+        if not leaf:
+            return None
+        return leaves, np.concatenate(leaf).astype(np.int32), np.concatenate(local)
+    return None
+
+
+def shard_batches(
+    dataset: Dataset, collate: Any, *, pin_memory: bool = False
+) -> ShardBatches | None:
+    """``ShardBatches`` of ``dataset`` when it is made of prepared folders (a ``ShardDataset``,
+    ``Subset`` s and ``ConcatDataset`` s of them, as ``load_data`` / ``TrainData.subset`` give)
+    and ``collate`` is ``collate_padded``; else None (items are then read one by one and
+    collated with ``collate``). ``pin_memory``: batches built in pinned memory (CUDA, batches
+    built in this process only: a worker's batches go through shared memory)."""
+    from eegfast.data import collate_padded
+
+    if collate is not collate_padded:
+        return None
+    located = _locate(dataset)
+    if located is None:
+        return None
+    return ShardBatches(*located, pin_memory=pin_memory)
+
+
+def passthrough(batch: dict) -> dict:
+    """The collate function of a ``ShardBatches`` loader: its batches come collated."""
+    return batch
+
+
 def embedding_coverage(data: TrainData, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a model's spatial and temporal embeddings were trained on, for its checkpoint's
     meta (``trained_on``): the embedding rows of the electrodes (``input_chans`` entries, cls

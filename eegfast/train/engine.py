@@ -17,7 +17,10 @@ metrics stay where they were computed, and are read back together, in one transf
 each step also goes to the host by an asynchronous copy, looked at once it has arrived: a
 non-finite loss stops a single-process run within a step or two, not at the next log point
 (under torchrun, at the read-back points, where the ranks agree). Batches come from pinned
-memory by asynchronous copies on a GPU.
+memory by asynchronous copies on a GPU. A dataset of prepared folders (a ``ShardDataset``,
+``Subset`` s and ``ConcatDataset`` s of them) with ``collate_padded`` is read a whole batch at a
+time (``eegfast.train.data.ShardBatches``): the same batches, a few times faster than item by
+item.
 
 With fp16 the GradScaler skips a step whose gradients are not finite and halves the loss scale;
 ``MAX_SKIPPED_STEPS`` skipped in a row (seen at the read-back points, from the gradient norms
@@ -52,6 +55,7 @@ from tqdm import tqdm
 from eegfast.fileio import write_text_atomic
 from eegfast.train import checkpoint as ckpt
 from eegfast.train.config import RunConfig, config_to_dict, config_to_yaml
+from eegfast.train.data import passthrough, shard_batches
 from eegfast.train.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -564,6 +568,10 @@ def fit(
         loader_kwargs["persistent_workers"] = False
     collate = indexed_collate(collate_fn)
     indexed = IndexedDataset(dataset)
+    # Prepared folders: whole batches read at once, in pinned memory when built here (the
+    # same batches as ``indexed`` with ``collate``); None for other datasets or collates.
+    pin_here = device.type == "cuda" and config.data.num_workers == 0
+    batches = shard_batches(dataset, collate_fn, pin_memory=pin_here)
     result = FitResult(step=step, epoch=epoch, run_dir=run_dir, resumed_from=resume_from)
     since_checkpoint: list[float] = []
     pending: list[_StepScalars] = []  # steps whose scalars are not read back yet
@@ -731,13 +739,23 @@ def fit(
             loader_rng = torch.Generator().manual_seed(
                 ((train_cfg.seed * 100_003 + epoch) * 1_009 + info.rank) % 2**63
             )
-            loader = DataLoader(
-                indexed,
-                batch_sampler=sampler,
-                collate_fn=collate,
-                generator=loader_rng,
-                **loader_kwargs,
-            )
+            if batches is not None:
+                loader = DataLoader(
+                    batches,
+                    batch_size=None,
+                    sampler=sampler,  # each "index" is a batch's list of items
+                    collate_fn=passthrough,
+                    generator=loader_rng,
+                    **loader_kwargs,
+                )
+            else:
+                loader = DataLoader(
+                    indexed,
+                    batch_sampler=sampler,
+                    collate_fn=collate,
+                    generator=loader_rng,
+                    **loader_kwargs,
+                )
             micro = 0
             batch_in_epoch = start_batch
             limit = steps_per_epoch * accum
