@@ -431,4 +431,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         )
     )
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU the saving process saw. A resume on a machine that shows fewer
+        # (another node, CUDA_VISIBLE_DEVICES) restores the ones there are: set_rng_state_all
+        # failed with "tuple index out of range" at the first missing device.
+        for device, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, device)
