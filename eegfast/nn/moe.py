@@ -24,7 +24,14 @@ weakly; the bias acts on the logits directly and costs only num_tasks x E parame
 Auxiliary losses (Switch Transformer): ``load_balance_loss = E * sum_e f_e P_e`` (f_e: fraction
 of the T·k slots routed to expert e, P_e: mean router probability of e; 1 when balanced) and
 ``z_loss = mean(logsumexp(logits)^2)``. They are in the graph; add them to the task loss with
-small weights (typically 1e-2 and 1e-3), e.g. via :func:`moe_aux_losses`.
+small weights (typically 1e-2 and 1e-3), e.g. via :func:`moe_aux_losses`. In training under
+torch.distributed (world size > 1) they are of every rank's tokens together: the slot and token
+counts are all-reduced in each layer's forward (every rank must run it, as under DDP / FSDP),
+and each rank's value is its share, W · (its sum over its tokens) / (all ranks' tokens), so
+that the mean over the ranks (DDP / FSDP's gradient average, the engine's logged mean) is the
+whole batch's loss, as one process on that batch would have it. ``expert_load``, ``tokens``
+and the entropy stay this rank's own. Not reproduced across process counts: the capacity limit
+(``capacity_factor``) counts each rank's tokens, and the jitter is drawn per rank.
 
 Padding (``forward(x, padding_mask=...)``, True = padding token, e.g. the patches of padded
 electrodes in a batch that mixes electrode sets; :class:`~eegfast.nn.Block` passes its key
@@ -44,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eegfast.nn._ranks import sum_over_ranks, world_size
 from eegfast.ops.moe import MAX_EXPERTS, moe_combine, moe_dispatch, moe_expert_ffn
 
 TaskRouting = Literal["bias", "embedding"]
@@ -412,10 +420,47 @@ class MoEFFN(nn.Module):
             z_loss = (torch.logsumexp(logits, dim=-1).square() * weight).sum() / count
             token_entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1)
             entropy = ((token_entropy * weight).sum() / count).detach()
+        if self.training and world_size() > 1:
+            load_balance, z_loss = self._aux_losses_over_ranks(logits, probs, counts, valid)
         # new_full is an async fill on the device; torch.tensor(T, device=...) would copy from host
         tokens = dropped.new_full((), T) if n_tokens is None else n_tokens.to(torch.int64)
         self.last_aux = MoEAux(load_balance, z_loss, expert_load, entropy, dropped, tokens)
         return out.reshape(*leading, self.out_dim)
+
+    def _aux_losses_over_ranks(
+        self,
+        logits: torch.Tensor,
+        probs: torch.Tensor,
+        counts: torch.Tensor,
+        valid: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(load_balance_loss, z_loss) of every rank's real tokens together, as this rank's
+        share: logits, probs (T, E) and valid (T,) this rank's, counts (E,) its real tokens'
+        slots per expert.
+
+        Each rank's own losses, averaged over the ranks by DDP / FSDP (gradients) and the
+        engine (logged values), were not the whole batch's: f_e (a fraction of the slots) and
+        P_e (a mean probability) of each rank's tokens multiply, and the means weighed ranks
+        with more padding as much as the others. Here the slot and token counts are summed
+        over the ranks (no gradient), f_e is the global fraction, and this rank's terms are
+        sums over its tokens divided by the global token count N, times the world size W:
+        the mean over ranks is the whole batch's loss, and so is its gradient."""
+        E, k, dtype = self.num_experts, self.top_k, logits.dtype
+        if valid is None:
+            local = torch.full((1,), logits.shape[0], dtype=torch.int64, device=counts.device)
+            prob_sum = probs.sum(0)
+            z_sum = torch.logsumexp(logits, dim=-1).square().sum()
+        else:
+            local = valid.sum().reshape(1)
+            weight = valid.to(dtype)
+            prob_sum = (probs * weight[:, None]).sum(0)
+            z_sum = (torch.logsumexp(logits, dim=-1).square() * weight).sum()
+        totals = torch.cat([counts.to(torch.int64), local.to(torch.int64)])
+        totals = sum_over_ranks(totals)
+        tokens = totals[E].clamp_min(1).to(dtype)
+        expert_load = totals[:E].to(dtype) / (tokens * k)  # f_e of the whole batch
+        share = world_size() / tokens
+        return E * (expert_load * prob_sum).sum() * share, z_sum * share
 
 
 def moe_aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:

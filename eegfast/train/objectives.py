@@ -459,9 +459,20 @@ def classification_step(model: nn.Module, batch: dict[str, Any], ctx: StepContex
         weight = weight.to(logits.device, torch.float32)
     per_window = F.cross_entropy(logits.float(), targets, weight=weight, reduction="none")
     norm = labelled.float() if weight is None else weight[labels.clamp_min(0)] * labelled
-    loss = per_window.sum() / norm.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    # (weight sum, labelled windows) of the batch; in training under torch.distributed, of
+    # every rank's share of it (no gradient), as this rank's terms times the world size W:
+    # DDP / FSDP average the gradients over the ranks, and the engine the logged values, so
+    # each rank's sum over its windows / (the batch's weight sum / W) averages to the batch's
+    # weighted mean. Each rank's own weight sum had weighed the ranks alike whatever their
+    # classes (or unlabelled windows), not the windows as one process on the batch does.
+    totals = torch.stack([norm.sum(), labelled.float().sum()]).detach()
+    from eegfast.nn._ranks import sum_over_ranks, world_size
+
+    if model.training and world_size() > 1:
+        totals = sum_over_ranks(totals) / world_size()
+    loss = per_window.sum() / totals[0].clamp_min(torch.finfo(torch.float32).tiny)
     hits = ((logits.argmax(-1) == labels) & labelled).float().sum()
-    metrics = {"accuracy": (hits / labelled.float().sum().clamp_min(1.0)).detach()}
+    metrics = {"accuracy": (hits / totals[1].clamp_min(torch.finfo(torch.float32).tiny)).detach()}
     aux, aux_logged = moe_aux_loss(model, ctx.aux_weights)
     if aux is not None:
         loss = loss + aux

@@ -133,9 +133,8 @@ def run(
             seed=config.train.seed,
             task_ids={t: i for i, t in enumerate(TASKS)},
             route_by_task=kind == "moe",
-            # z-loss is a mean over tokens, so per-process halves average to the full batch;
-            # the load-balance loss (a product of batch means) is not, so it is left out here.
-            aux_weights={"z_loss": 1e-3} if kind == "moe" else {},
+            # as `eegfast finetune`'s defaults: both are of every rank's tokens together
+            aux_weights={"load_balance_loss": 1e-2, "z_loss": 1e-3} if kind == "moe" else {},
         )
         find_unused = True  # as `eegfast finetune`: heads per task
     elif kind == "tokenizer":
