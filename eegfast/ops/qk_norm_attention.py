@@ -130,13 +130,16 @@ def qk_norm_attention_reference(
     if padded is not None:
         # Padding keys are ignored whatever they hold: their weights are 0, but 0 times a NaN
         # or inf value (or key, in the backward's products) is NaN. where(), not a product, so
-        # that their own gradients are 0 as well.
-        k = torch.where(padded, 0, k)
+        # that their own gradients are 0 as well. The keys become a fixed row that varies
+        # (0, 1, 0, 1, ...), not zeros: with eps = 0 a constant row's LayerNorm is 0 · rsqrt(0)
+        # = NaN, which its backward multiplied by the rows' zero gradients into a NaN
+        # k_norm_weight gradient.
+        k = torch.where(padded, (torch.arange(D, device=k.device) % 2).to(k.dtype), k)
         v = torch.where(padded, 0, v)
     qn = norm(q, q_norm_weight, q_norm_bias)
     kn = norm(k, k_norm_weight, k_norm_bias)
     if padded is not None:
-        kn = torch.where(padded, 0, kn)  # (eps = 0 makes the zero rows' LayerNorm NaN)
+        kn = torch.where(padded, 0, kn)
     scores = (qn * scale) @ kn.transpose(-2, -1)  # (B, H, N, N)
     visible = visible_keys(
         q.shape[0],

@@ -385,16 +385,19 @@ class LowRankAdapter(nn.Module):
 
 @pytest.mark.parametrize("name", ["mlp.fc1", "mlp.fc2", "attn.proj", "attn.qkv"])
 @pytest.mark.parametrize("grad", [False, True])
-def test_replaced_or_hooked_linears_of_a_block_are_called(name, grad):
+@pytest.mark.parametrize("replaced", [True, False])
+def test_replaced_or_hooked_linears_of_a_block_are_called(name, grad, replaced):
     # Mlp and QKNormAttention applied fc1 / fc2 / proj / qkv through their ``weight``: an
     # adapter put in their place was silently skipped and their forward hooks never ran. (The
     # qkv Linear has no bias of its own: LaBraM's q/v bias is added to what it returns.)
+    # Not replaced: the plain nn.Linear with a forward hook, which must be called as well.
     torch.manual_seed(0)
     block = randomise(Block(40, 2, qkv_bias=True)).eval()
     x = torch.randn(2, 9, 40, generator=torch.Generator().manual_seed(3))
     parent_name, child = name.split(".")
     parent = block.get_submodule(parent_name)
-    setattr(parent, child, LowRankAdapter(getattr(parent, child)))
+    if replaced:
+        setattr(parent, child, LowRankAdapter(getattr(parent, child)))
     calls = []
     getattr(parent, child).register_forward_hook(lambda m, i, o: calls.append(o.shape))
     with torch.set_grad_enabled(grad):

@@ -71,6 +71,13 @@ def test_packed_weight_follows_in_place_updates():
             torch.testing.assert_close(
                 fused_linear(x, weight, bias, scale=scale), eager(x, weight, bias, scale=scale)
             )
+        # through .data (weight init, an EMA teacher's copy_), which bumps no version counter
+        # of the tensor itself: the packed weight (scale folded in) is checked against its values
+        for tensor in (weight, scale):
+            tensor.data.mul_(-2.0)
+            torch.testing.assert_close(
+                fused_linear(x, weight, bias, scale=scale), eager(x, weight, bias, scale=scale)
+            )
     assert not torch.allclose(first, fused_linear(x, weight, bias, scale=scale))
 
 

@@ -154,6 +154,23 @@ def test_jitter_only_in_training():
     assert not torch.allclose(moe(x), moe(x))
 
 
+def test_output_dropout_only_in_training():
+    """``drop`` is the dense Mlp's dropout on the output: in training every output element is
+    zeroed with probability p and the others scaled by 1 / (1 - p); in eval the layer is the
+    router math exactly."""
+    moe = make_moe(drop=0.5)
+    x = torch.randn(40, 12, dtype=torch.float64)
+    moe.eval()
+    clean = moe(x)
+    torch.testing.assert_close(clean, expected_forward(moe, x)[0])
+    moe.train()
+    torch.manual_seed(1)
+    noisy = moe(x)
+    kept = noisy != 0
+    assert 0.3 < kept.double().mean() < 0.7
+    torch.testing.assert_close(noisy[kept], 2 * clean[kept])
+
+
 def test_state_dict_layout():
     moe = MoEFFN(8, 32, 4, 2, out_dim=6, num_tasks=2)
     shapes = {k: tuple(v.shape) for k, v in moe.state_dict().items()}

@@ -75,6 +75,22 @@ def test_straight_through_gradient_and_eval_is_frozen():
         torch.testing.assert_close(value, before[key])
 
 
+def test_commitment_loss_is_beta_times_the_distance_and_trains_the_input():
+    """loss = beta · mean |sg(code) - z|^2 of the l2-normalised input: its gradient reaches z
+    (it trains the encoder; the codebook follows the EMA), scaled by beta."""
+    torch.manual_seed(0)
+    quantizer = NormEMAVectorQuantizer(16, 8, beta=0.25, kmeans_init=False).eval()
+    z = torch.randn(3, 5, 8, requires_grad=True)
+    out = quantizer(z)
+    code = quantizer.codebook[out.indices.reshape(-1)]
+    expected = 0.25 * F.mse_loss(code, F.normalize(z.reshape(-1, 8), dim=1))
+    torch.testing.assert_close(out.loss, expected)
+    (grad,) = torch.autograd.grad(out.loss, z)
+    (expected_grad,) = torch.autograd.grad(expected, z)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(grad, expected_grad)
+
+
 def test_non_finite_input_is_an_error():
     quantizer = NormEMAVectorQuantizer(16, 8, kmeans_init=False)
     z = torch.randn(5, 8)

@@ -1278,3 +1278,32 @@ def test_attention_reference_takes_an_empty_sequence():
     out = qk_norm_attention(q, q, q, dropout_p=0.1)
     assert out.shape == (2, 3, 0, 20)
     torch.testing.assert_close(out, qk_norm_attention(q, q, q, backend="cpu"))
+
+
+@pytest.mark.parametrize("backend", _attention_backends()[1:])
+def test_padding_keys_with_eps_zero_give_finite_gradients(backend):
+    """eps = 0 is accepted. The reference zeroed the padding keys, whose LayerNorm is then
+    0 · rsqrt(0) = NaN, and its k_norm_weight gradient came out NaN (the backward's zero
+    gradients of those rows times NaN), although no padding key is visible; the kernels'
+    was finite. The reference runs every call with dropout_p > 0."""
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    case = make_case(2, 2, 19, 20, seed=11, dtype=dtype, padding=True)
+    case["kwargs"]["eps"] = 0.0
+    assert case["kwargs"]["key_padding_mask"].any()
+    expected = run(case, "reference")
+    for name, tensor in zip(result_names(case), expected, strict=True):
+        assert torch.isfinite(tensor).all(), name
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert_all_close(run(case, backend), expected, tol, result_names(case))
+
+
+@pytest.mark.parametrize("backend", _attention_backends()[1:])
+def test_gradients_follow_the_scale_given(backend):
+    """The backward reads the forward's scale from the autograd context: a backward that used
+    the default D ** -0.5 there passed every other test (the ops' own tests pass the scale to
+    the backward op themselves, and test_cpu_scale_and_eps_are_used checks the output)."""
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    case = make_case(2, 2, 19, 20, seed=7, dtype=dtype, padding=True, causal=True)
+    case["kwargs"]["scale"] = 0.7
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert_all_close(run(case, backend), run(case, "reference"), tol, result_names(case))

@@ -63,7 +63,41 @@ def test_dead_code_restart_reseeds_from_batch():
     assert stats["dead"][:4].all() and not stats["dead"][4:].any()
     for code in codebook[:4]:  # every restarted code is one of the batch rows
         assert (z @ code).max() > 1 - 1e-5
+    # EMA state reset to one row, the seed: the sum left as it was would turn the code back
+    # towards its dead direction at the next step
     assert (cluster_size[:4] == 1).all()
+    torch.testing.assert_close(embed_sum[:4], codebook[:4])
+
+
+@pytest.mark.parametrize(("threshold", "dead"), [(0.0, []), (0.5, [0, 1])])
+def test_dead_code_threshold_is_strict(threshold, dead):
+    """Codes whose EMA count is below the threshold restart: a count equal to it does not, so
+    at 0 no code ever does, not even one never used (count 0)."""
+    z, codebook, cluster_size, embed_sum = state()
+    cluster_size[:2] = 0.0
+    cluster_size[2:4] = 1.0  # 0.5 after a step without rows at decay 0.5
+    indices = vq_nearest(z, codebook)
+    indices[indices < 4] = 10
+    stats = vq_ema_update(
+        z, indices, codebook, cluster_size, embed_sum, decay=0.5, dead_code_threshold=threshold
+    )
+    assert stats["dead"].nonzero().flatten().tolist() == dead
+
+
+def test_restarted_codes_are_unit_vectors_when_normalising():
+    """With normalize (the default) a restarted code is its seed row l2-normalised, as every
+    other code, whatever the rows' norms."""
+    z, codebook, cluster_size, embed_sum = state()
+    z = 3 * z
+    cluster_size[:4] = 1e-4
+    indices = vq_nearest(z, codebook)
+    indices[indices < 4] = 10
+    gen = torch.Generator().manual_seed(1)
+    stats = vq_ema_update(
+        z, indices, codebook, cluster_size, embed_sum, dead_code_threshold=0.01, generator=gen
+    )
+    assert stats["dead"][:4].all()
+    torch.testing.assert_close(codebook.norm(dim=1), torch.ones(64))
 
 
 def test_dead_code_restart_draws_only_rows_with_a_code():
@@ -82,6 +116,22 @@ def test_dead_code_restart_draws_only_rows_with_a_code():
     similarity = codebook[:4] @ F.normalize(z, dim=1).T  # (4, N)
     best = similarity.argmax(dim=1)
     assert (similarity.amax(dim=1) > 1 - 1e-5).all() and not left_out[best].any()
+
+
+def test_dead_code_restart_seeds_from_the_one_row_with_a_code():
+    """With a single row that has a code (the last; the rows before it left out), every
+    restarted code is that row: the draw picks the first row whose running count of drawable
+    rows passes the drawn position, not a left-out row before it."""
+    z, codebook, cluster_size, embed_sum = state()
+    cluster_size[:4] = 1e-4
+    indices = torch.full((z.shape[0],), -1)
+    indices[-1] = 10
+    gen = torch.Generator().manual_seed(3)
+    stats = vq_ema_update(
+        z, indices, codebook, cluster_size, embed_sum, dead_code_threshold=0.01, generator=gen
+    )
+    assert stats["dead"][:4].all()
+    torch.testing.assert_close(codebook[:4], z[-1].expand(4, -1))
 
 
 def test_ema_update_bad_shapes():
