@@ -250,6 +250,10 @@ def test_reference_checkpoint_trains_on_from_its_codebook():
     }
     quantizer = NormEMAVectorQuantizer(num_codes, code_dim, dead_code_threshold=None)
     quantizer.load_state_dict(reference)
+    # the sums rebuilt as code x EMA count: an EMA sum is count x mean, so the next batch's
+    # sums weigh in as much as they would have in the reference's own run
+    expected = trained * reference["cluster_size"][:, None]
+    torch.testing.assert_close(quantizer.embedding.embed_avg, expected)
     labels = torch.randint(0, num_codes, (256,), generator=gen)
     z = trained[labels] + 0.02 * torch.randn(256, code_dim, generator=gen)  # on the codes
     quantizer(z)
