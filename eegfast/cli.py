@@ -58,7 +58,8 @@ EXIT_STATUSES = """\
 exit status:
   0    done
   1    failed (prepare: nothing usable, or with --strict a bad recording; bench: a
-       benchmark failed; doctor: a required native extension is missing)
+       benchmark failed; doctor: a required native extension is missing; any command:
+       a write failed, e.g. a full disk, the file named)
   2    usage error: a bad option, value, file or folder (one line on stderr)
   3    training stopped: the loss became non-finite (NaN or inf)
   130  Ctrl-C (a training command names its last checkpoint: --resume auto continues)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -55,7 +56,8 @@ def is_temporary(path: str | Path) -> bool:
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)``, fsync it, then rename it over ``path`` (returned).
 
-    The file gets the permissions a plain ``open()`` would give it.
+    The file gets the permissions a plain ``open()`` would give it. An OSError (disk full, no
+    permission) names ``path``: a write's own error names no file, or the deleted temporary.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,12 +68,35 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
         fsync_file(tmp)
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        named = None  # (made while the temporary still holds the space it filled)
+        # only the plain OSError of an errno: a subclass of another kind keeps its type
+        if (
+            isinstance(err, OSError)
+            and err.filename in (None, tmp)
+            and type(err) is type(OSError(err.errno, ""))
+        ):
+            named = _naming(path, err)
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if named is not None:
+            raise named from err
         raise
     fsync_dir(path.parent)
     return path
+
+
+def _naming(path: str | Path, err: OSError) -> OSError:
+    """``err``, a failed write of ``path``, as an OSError that names ``path``: the same errno
+    (and subclass: PermissionError...), or, without one (numpy's short write to a full disk:
+    "N requested and M written"), its message and the space left there."""
+    if err.errno is not None:
+        return OSError(err.errno, err.strerror, str(path))
+    try:
+        free = f"; {shutil.disk_usage(Path(path).parent).free} bytes free there"
+    except OSError:
+        free = ""
+    return OSError(f"{path}: cannot write it ({err}{free})")
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:

@@ -70,3 +70,53 @@ def test_json_default_stringifies_unless_strict(tmp_path):
         write_json_atomic(tmp_path / "strict.json", {"p": tmp_path}, default=None)
     assert not (tmp_path / "strict.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lenient.json"]
+
+
+@pytest.mark.parametrize("fail_in", ["write", "fsync", "short write"])
+def test_a_full_disk_names_the_target_keeps_the_old_file_and_leaves_no_temporary(
+    tmp_path, monkeypatch, fail_in
+):
+    """ENOSPC from the write (no file named) or from fsync (the temporary named, a file gone
+    once the error is seen), or numpy's short write (no errno), is an OSError naming the file
+    being written."""
+    import errno
+
+    import eegfast.fileio as fileio
+
+    path = write_text_atomic(tmp_path / "index.json", "old")
+
+    def full(*filename: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), *filename)
+
+    def writer(tmp):
+        if fail_in == "write":
+            full()
+        if fail_in == "short write":  # what ndarray.tofile raises on a full disk
+            raise OSError("30400 requested and 2016 written")
+        tmp.write_text("new")
+
+    if fail_in == "fsync":
+        monkeypatch.setattr(fileio, "fsync_file", lambda tmp: full(str(tmp)))
+    with pytest.raises(OSError) as raised:
+        write_atomic(path, writer)
+    assert str(path) in str(raised.value)
+    if fail_in == "short write":
+        assert "30400 requested and 2016 written" in str(raised.value)
+        assert "bytes free there" in str(raised.value)
+    else:
+        assert raised.value.errno == errno.ENOSPC
+        assert raised.value.filename == str(path)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["index.json"]
+
+
+def test_a_permission_error_stays_a_permission_error_naming_the_target(tmp_path):
+    import errno
+
+    def refused(tmp):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    with pytest.raises(PermissionError) as raised:
+        write_atomic(tmp_path / "a.npy", refused)
+    assert raised.value.filename == str(tmp_path / "a.npy")
+    assert list(tmp_path.iterdir()) == []

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 __all__ = [
     "FORMAT_VERSION",
@@ -53,7 +53,28 @@ def load_index(root: str | os.PathLike) -> dict:
             f"root: {path} has format version {found}, "
             f"this eegfast reads {FORMAT_VERSION}; prepare the data again"
         )
+    for entry in index.get("recordings", []):
+        shard = entry.get("shard") if isinstance(entry, dict) else None
+        if not _inside_folder(shard):
+            # `root / shard` would read a file outside the folder (an absolute path, or one
+            # through `..`: an index.json written elsewhere, or edited), without a word
+            raise ValueError(
+                f"root: {path} lists the shard {shard!r} (of {entry.get('file')!r}), not a "
+                f"path inside {root}; prepare writes {SHARD_DIR}/<key>.npy: run "
+                f"`eegfast prepare` on the recordings again"
+            )
     return index
+
+
+def _inside_folder(shard: object) -> bool:
+    """Whether ``shard`` is a relative path without ``..`` (judged by its text, so that a
+    ``shards`` folder that is a link to another disk is still fine), on any OS."""
+    if not isinstance(shard, str) or not shard:
+        return False
+    for pure in (PurePosixPath(shard), PureWindowsPath(shard)):
+        if pure.anchor or ".." in pure.parts:
+            return False
+    return True
 
 
 def read_index(root: str | os.PathLike) -> list[dict]:

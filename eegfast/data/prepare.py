@@ -35,7 +35,9 @@ The stim channel is never an EEG channel of the windows; ``--no-annotations`` ig
 
 SRC is a recording, a folder (searched recursively for files MNE reads; an EGI ``.mff`` folder is
 one recording; a BIDS folder is read through mne-bids), and may be written ``TASK=SRC`` to name the
-task of its recordings.
+task of its recordings. A folder search follows links to folders, skips hidden files and folders
+(``.DS_Store``, ``._x.edf``, ``.snapshot``) and ``~$`` lock files, and warns of a subfolder it
+cannot list (an error with ``--strict``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import re
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -165,12 +168,55 @@ def _inside_recording(path: Path, root: Path) -> bool:
     return any(part.lower().endswith(".mff") for part in path.relative_to(root).parts[:-1])
 
 
-def discover(sources: list[str], default_task: str | None = None) -> list[Job]:
+def _is_junk(name: str) -> bool:
+    """Hidden files and folders (``.DS_Store``, macOS's AppleDouble ``._x.edf``, ``.git``,
+    ``.Trash-1000``, ``.snapshot``) and Office/editor lock files (``~$x``): in a folder search
+    they were taken as recordings, reported bad (failing a --strict run) or prepared twice."""
+    return name.startswith((".", "~$"))
+
+
+def _search(folder: Path, problems: list[str]) -> list[Path]:
+    """The files and folders under ``folder``, sorted, without the ``_is_junk`` ones. Links to
+    folders are followed (``rglob`` skipped them: recordings kept on another disk and linked
+    in were left out without a word), each real folder once, so a link loop ends. A folder that
+    cannot be listed (no permission) is named in ``problems`` (``rglob`` skipped it too)."""
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+
+    def unlisted(err: OSError) -> None:
+        problems.append(
+            f"cannot list {err.filename} ({err.strerror or err}): its recordings, if any, "
+            "are not prepared"
+        )
+
+    for top, dirs, files in os.walk(folder, followlinks=True, onerror=unlisted):
+        try:
+            st = os.stat(top)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        # real folders first: a recording is named by its own path, not by a link to it
+        dirs[:] = sorted(
+            (d for d in dirs if not _is_junk(d)), key=lambda d: (os.path.islink(Path(top, d)), d)
+        )
+        found += [Path(top, name) for name in dirs]
+        found += [Path(top, name) for name in files if not _is_junk(name)]
+    return sorted(found)
+
+
+def discover(
+    sources: list[str], default_task: str | None = None, *, problems: list[str] | None = None
+) -> list[Job]:
     """Jobs for SRC arguments (files, folders, BIDS folders, ``TASK=SRC``); sorted, unique.
 
     A recording reached under two tasks (``mi=a.edf arith=a.edf``, or a file and a folder
     holding it) is a ValueError naming it: it has one record, and one of the tasks was dropped
-    without a word."""
+    without a word. A folder is searched as ``_search`` says; the subfolders it could not list
+    are appended to ``problems`` (a warning when None)."""
     jobs: dict[str, Job] = {}
     given_as: dict[str, str] = {}  # resolved path -> the SRC argument that first gave it
 
@@ -198,11 +244,18 @@ def discover(sources: list[str], default_task: str | None = None) -> list[Job]:
             folder_task = task or default_task or path.resolve().name
             # BrainVision: read the header (.vhdr), not its data file (.eeg); an .mff folder is
             # one recording, not a folder of them
+            unlisted: list[str] = []
             files = [
                 p
-                for p in sorted(path.rglob("*"))
+                for p in _search(path, unlisted)
                 if _is_recording(p) and not _is_sidecar(p) and not _inside_recording(p, path)
             ]
+            named = [f"SRC {source!r}: {problem}" for problem in unlisted]
+            if problems is not None:
+                problems += named
+            else:
+                for problem in named:
+                    warnings.warn(problem, stacklevel=2)
             bids = None
             if (path / "dataset_description.json").is_file():
                 import_mne_bids()  # clear error now rather than once per file
@@ -215,7 +268,10 @@ def discover(sources: list[str], default_task: str | None = None) -> list[Job]:
                     and not {"derivatives", "sourcedata"} & set(p.relative_to(path).parts)
                 ]
             if not files:
-                raise FileNotFoundError(f"SRC {source!r}: no recordings MNE can read in {path}")
+                why = "".join(f"; {problem}" for problem in unlisted)
+                raise FileNotFoundError(
+                    f"SRC {source!r}: no recordings MNE can read in {path}{why}"
+                )
             for p in files:
                 add(p, folder_task, bids, source)
         else:
@@ -317,6 +373,12 @@ def _fingerprint(path: Path, bids: bool = False) -> dict:
     return found
 
 
+class OutputWriteError(OSError):
+    """A shard could not be written (disk full, no permission): the run's problem, not the
+    recording's. ``process_file`` lets it through, so the run stops naming the file; recorded
+    as a bad recording it was reused as one by every later run, after space was freed too."""
+
+
 def _record_path(out: Path, job: Job) -> Path:
     return out / SHARD_DIR / f"{job.key}.json"
 
@@ -345,6 +407,8 @@ def process_file(job: Job, settings: Settings, out: str) -> dict:
         record.update(_fingerprint(path, job.bids_root is not None))
         record.update(_process(job, settings, out_dir))
         record["status"] = "ok"
+    except OutputWriteError:
+        raise  # (no record: a later run prepares the recording again)
     except (BadRecording, SampleRateError) as err:
         record["reason"] = str(err)
     except Exception as err:  # a reader or numeric failure on one file must not stop the run
@@ -638,7 +702,11 @@ def _write_windows(
             for i in range(0, len(starts), per):
                 cut_windows(signal, starts[i : i + per], cfg).tofile(f)
 
-    write_atomic(path, write)
+    try:
+        write_atomic(path, write)
+    except OSError as err:  # (write_atomic's errors name the shard)
+        args = (err.errno, err.strerror, err.filename) if err.errno is not None else (str(err),)
+        raise OutputWriteError(*args) from err
 
 
 def _preprocess_segments(
@@ -869,12 +937,18 @@ def prepare(
         raise ValueError(f"workers: must be an integer >= 1, got {workers!r}")
     started = time.perf_counter()
     out = Path(out)
-    jobs = discover(sources, task)
+    unlisted: list[str] = []  # folders a search could not list
+    jobs = discover(sources, task, problems=unlisted)
+    if strict and unlisted:
+        raise ValueError(
+            f"{len(unlisted)} folder(s) not searched (--strict):\n  " + "\n  ".join(unlisted)
+        )
     warnings = settings.labels.table_problems([j.path for j in jobs])
     if strict and warnings:
         raise ValueError(
             f"{len(warnings)} labels table problem(s) (--strict):\n  " + "\n  ".join(warnings)
         )
+    warnings = unlisted + warnings
     (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     removed = remove_stale_temporaries(out / SHARD_DIR)
     digest = settings.digest()
@@ -1419,6 +1493,13 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"eegfast prepare: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # writing into --out (disk full): one line, not a traceback
+        print(
+            f"eegfast prepare: {err}; the recordings finished before it are kept (the same "
+            "command goes on from them)",
+            file=sys.stderr,
+        )
+        return 1
     print(
         f"{report['usable']}/{report['files']} recordings usable, {report['windows']} windows, "
         f"{report['hours']:.3f} h of EEG, {len(report['bad'])} bad "

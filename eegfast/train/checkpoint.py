@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from eegfast.fileio import fsync_dir, fsync_file
@@ -115,12 +116,15 @@ def save_checkpoint(
     tmp = checkpoint_dir / f".tmp-step-{step:08d}-{os.getpid()}"
     tmp.mkdir()
     try:
-        save_file(_plain_weights(weights), str(tmp / WEIGHTS), metadata={"step": str(step)})
-        torch.save(state, tmp / STATE)
-        (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=2, default=str))
-        for name in (WEIGHTS, STATE, META):
-            fsync_file(tmp / name)
-        fsync_dir(tmp)
+        try:
+            save_file(_plain_weights(weights), str(tmp / WEIGHTS), metadata={"step": str(step)})
+            torch.save(state, tmp / STATE)
+            (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=2, default=str))
+            for name in (WEIGHTS, STATE, META):
+                fsync_file(tmp / name)
+            fsync_dir(tmp)
+        except (OSError, RuntimeError, SafetensorError) as error:
+            raise _write_error(final, error) from error
         if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
             # Never a moment without a complete copy of the step: the old folder goes aside
             # (where list_checkpoints still finds it) and is deleted once the new one is in.
@@ -140,6 +144,21 @@ def save_checkpoint(
         raise
     fsync_dir(checkpoint_dir)
     return final
+
+
+def _write_error(final: Path, error: Exception) -> OSError:
+    """A failed checkpoint write (a full disk, a quota) as an OSError naming the checkpoint:
+    safetensors' and torch.save's own errors name no file, and torch's zip writer says only
+    "unexpected pos 704 vs 598"; the space left on the disk tells the likely cause."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    reason = reason.splitlines()[0] if reason else type(error).__name__
+    try:
+        free = f"; {shutil.disk_usage(final.parent).free} bytes free on its disk"
+    except OSError:
+        free = ""
+    message = f"cannot write the checkpoint {final} ({reason}{free})"
+    code = getattr(error, "errno", None)
+    return OSError(code, message) if code is not None else OSError(message)
 
 
 def _complete(folder: Path) -> bool:

@@ -213,6 +213,9 @@ def run_command(name: str, body) -> int:
     except (CommandError, ConfigError, FileNotFoundError, ValueError) as err:
         print(f"eegfast {name}: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a write that failed (disk full): one line, not a traceback
+        print(f"eegfast {name}: {err}", file=sys.stderr)
+        return 1
     except NonFiniteLossError as err:
         print(f"eegfast {name}: {err}", file=sys.stderr)
         return 3

@@ -783,6 +783,9 @@ def main(args: argparse.Namespace) -> int:
     except GenerateError as err:
         print(f"eegfast generate: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # writing --out failed (disk full): one line, not a traceback
+        print(f"eegfast generate: error: {err}", file=sys.stderr)
+        return 1
     extra = f" and {out.with_suffix('.json')}" if out.suffix.lower() == ".npy" else ""
     print(f"wrote {out}{extra}")
     return 0
