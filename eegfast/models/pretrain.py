@@ -51,6 +51,11 @@ class PretrainConfig:
 
 
 class PretrainOutput(NamedTuple):
+    """What :meth:`LaBraMPretrain.forward` returns: ``loss`` () (with the graph), the sum of
+    the two views' mean CE; ``accuracy`` () over both views' predicted tokens; the per-view
+    ``loss_masked``, ``loss_complement``, ``accuracy_masked``, ``accuracy_complement`` ()
+    (detached); ``mask`` (B, C·A) bool, True = masked in view 1."""
+
     loss: torch.Tensor  # (): CE(masked) + CE(complement), each a mean over its tokens
     accuracy: torch.Tensor  # (): top-1 accuracy over all predicted tokens of both views
     loss_masked: torch.Tensor  # (): CE of view 1 (the given mask), detached
@@ -76,8 +81,14 @@ def random_patch_mask(
     number of patches and ratio 0.5 it masks the larger half (``round`` would mask the
     smaller or the larger half depending on the parity of n / 2).
     """
-    source = generator.device if generator is not None else device
-    noise = torch.rand(batch, n_tokens, generator=generator, device=source).to(device)
+    if generator is None:
+        # no generator= at all: under torch.compile, once B or C·A is dynamic, torch.rand with
+        # generator=None (its generator overload) cannot take symbolic sizes and the traced
+        # call failed ("SymIntArrayRef expected to contain only concrete integers")
+        noise = torch.rand(batch, n_tokens, device=device)
+    else:
+        noise = torch.rand(batch, n_tokens, generator=generator, device=generator.device)
+        noise = noise.to(device)
     if padding_mask is None:
         n_valid = torch.full((batch, 1), n_tokens, device=noise.device)
     else:

@@ -298,13 +298,21 @@ class TemporalConv(nn.Module):
         A floating x of another dtype is cast to the weights' (see :func:`as_weight_dtype`).
         """
         B, C, A, T = x.shape
-        h = as_weight_dtype(x, self.conv1.weight).reshape(B, 1, C * A, T)
+        x = as_weight_dtype(x, self.conv1.weight)
         valid = None if padding_mask is None else ~padding_mask
-        for conv, norm in (
-            (self.conv1, self.norm1),
-            (self.conv2, self.norm2),
-            (self.conv3, self.norm3),
-        ):
+        if torch.compiler.is_compiling():
+            # conv1 (kernel 1 × 15) with every patch a sample of its own, the same products: the
+            # (B, 1, C·A, T) view strides batches by T·C·A and patches by T, and inductor orders
+            # the strides of a view it keeps for the backward (or passes to a kernel) without
+            # the shapes' ranges: once C and A were both dynamic "T·C·A < T" was undecidable and
+            # the compile failed ("cannot determine truth value of Relational") at the third
+            # electrode set / window length of a run. (B·C·A, 1, 1, T) strides are all constant.
+            h = self.conv1(x.reshape(B * C * A, 1, 1, T))  # (B·C·A, k, 1, steps)
+            h = h.reshape(B, C * A, self.out_chans, -1).transpose(1, 2)  # (B, k, C·A, steps)
+        else:
+            h = self.conv1(x.reshape(B, 1, C * A, T))
+        h = F.gelu(masked_group_norm(h, self.norm1, valid))
+        for conv, norm in ((self.conv2, self.norm2), (self.conv3, self.norm3)):
             h = F.gelu(masked_group_norm(conv(h), norm, valid))
         return h.permute(0, 2, 3, 1).reshape(B, C * A, self.embed_dim)  # (B, P, steps·k)
 
