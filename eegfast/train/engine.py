@@ -440,11 +440,12 @@ def fit(
     # Under torchrun rank 0 reads the weights and optimiser state and broadcasts them (see
     # _load_state_dicts); the other ranks map the state file for its small entries only.
     from_rank0 = info.enabled
-    state = (
-        ckpt.load_training_state(resume_from, mmap=from_rank0 and not info.is_main)
-        if resume_from is not None
-        else None
-    )
+    with _naming_an_earlier_checkpoint(resume, resume_from, checkpoint_dir):
+        state = (
+            ckpt.load_training_state(resume_from, mmap=from_rank0 and not info.is_main)
+            if resume_from is not None
+            else None
+        )
     if resume:  # (the same on every rank, so every rank joins the check's all-gather)
         _same_checkpoint_on_every_rank(resume_from, state, run_dir, info)
 
@@ -474,8 +475,9 @@ def fit(
         changes = config_changes(saved_config, config_to_dict(config))
         # Before any load (every rank, before any collective): a model of other settings got
         # torch's size-mismatch RuntimeError, a traceback that named neither cause.
-        _check_weights_fit(resume_from, raw_model, changes)
-        weights = ckpt.load_weights(resume_from) if info.is_main or not from_rank0 else {}
+        with _naming_an_earlier_checkpoint(resume, resume_from, checkpoint_dir):
+            _check_weights_fit(resume_from, raw_model, changes)
+            weights = ckpt.load_weights(resume_from) if info.is_main or not from_rank0 else {}
         saved_groups = len(state["optimizer"]["param_groups"]) if state["optimizer"] else 0
         if saved_groups and saved_groups != len(optimizer.param_groups):
             raise ValueError(
@@ -904,6 +906,29 @@ def config_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[st
         for key in sorted(old.keys() & new.keys())
         if key not in _RESUME_NEUTRAL and old[key] != new[key]
     ]
+
+
+@contextlib.contextmanager
+def _naming_an_earlier_checkpoint(
+    resume: str | None, resume_from: Path | None, checkpoint_dir: Path
+) -> Iterator[None]:
+    """Reading the checkpoint ``--resume auto`` chose: a damaged one (its ValueError names the
+    file) also names the newest checkpoint before it, which ``--resume`` can continue from
+    (the damaged one and any later are then set aside, as for any earlier checkpoint)."""
+    try:
+        yield
+    except ValueError as err:
+        if resume != "auto" or resume_from is None or "corrupt or truncated" not in str(err):
+            raise  # (not a damaged file: a model of other settings, say)
+        try:
+            earlier = [c for c in ckpt.list_checkpoints(checkpoint_dir) if c.path != resume_from]
+        except (OSError, ValueError):
+            earlier = []
+        if not earlier:
+            raise
+        raise ValueError(
+            f"{err}. The checkpoint before it may be intact: --resume {earlier[-1].path}"
+        ) from err
 
 
 def _same_checkpoint_on_every_rank(

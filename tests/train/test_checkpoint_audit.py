@@ -145,3 +145,28 @@ def test_resume_from_a_truncated_weights_file_names_the_file(tmp_path):
     _cut(checkpoint / ckpt.WEIGHTS)
     with pytest.raises(ValueError, match=str(checkpoint / ckpt.WEIGHTS)):
         ckpt.weight_shapes(checkpoint)
+
+
+@pytest.mark.parametrize("damaged", [ckpt.STATE, ckpt.WEIGHTS])
+def test_resume_auto_from_a_damaged_checkpoint_names_the_one_before_it(tmp_path, damaged):
+    """``--resume auto`` picks the newest checkpoint; when it is damaged the error names it
+    and the checkpoint before it, which ``--resume`` can continue from."""
+    from tests.train import worker
+
+    run = tmp_path / "run"
+    worker.run("finetune", str(run), {"train.checkpoint_every": 4, "train.max_steps": 8})
+    newest = ckpt.latest_checkpoint(run / "checkpoints").path
+    _cut(newest / damaged)
+    with pytest.raises(ValueError) as error:
+        worker.run(
+            "finetune", str(run), {"train.checkpoint_every": 4, "train.max_steps": 12},
+            resume="auto",
+        )  # fmt: skip
+    message = str(error.value)
+    assert str(newest / damaged) in message
+    assert f"--resume {run / 'checkpoints' / 'step-00000004'}" in message
+    resumed = worker.run(
+        "finetune", str(run), {"train.checkpoint_every": 4, "train.max_steps": 12},
+        resume=str(run / "checkpoints" / "step-00000004"),
+    )  # fmt: skip
+    assert resumed.step == 12
