@@ -448,8 +448,15 @@ def test_compile_flag_compiles_the_model_and_trains_to_the_eager_result(tmp_path
     torch.testing.assert_close(
         torch.tensor(compiled.losses), torch.tensor(eager.losses), atol=1e-5, rtol=1e-5
     )
+    # The temporal convolutions' biases feed GroupNorms of one channel per group (labram_tiny):
+    # their gradients are rounding noise (~1e-8, 0 in exact arithmetic), and AdamW's first
+    # step moves each by +-lr by the noise's sign, which the compiled graph's other (equally
+    # exact) order of sums may flip.
     assert_close_weights(
-        final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled"), 1e-5
+        final_weights(tmp_path / "eager"),
+        final_weights(tmp_path / "compiled"),
+        1e-5,
+        skip=(".conv1.bias", ".conv2.bias", ".conv3.bias"),
     )
 
 
