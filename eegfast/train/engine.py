@@ -41,7 +41,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,7 @@ from eegfast.train.distributed import (
     no_gradient_sync,
     wrap_model,
 )
-from eegfast.train.objectives import HostCopies, StepContext, StepFn
+from eegfast.train.objectives import HostCopies, StepContext, StepFn, to_device_async
 from eegfast.train.optim import build_optimizer, build_scheduler
 from eegfast.train.runlog import RunLogger
 from eegfast.train.sampler import EpochBatchSampler
@@ -83,6 +83,38 @@ class _StepScalars:
     loss: torch.Tensor  # mean over the step's micro-batches
     grad_norm: torch.Tensor
     metrics: dict[str, list[float | torch.Tensor]]  # one value per micro-batch
+
+
+def _with_step_normalisers(
+    batches: Iterable[dict[str, Any]],
+    accum: int,
+    normaliser_of: Callable[[dict[str, Any], StepContext], torch.Tensor] | None,
+    ctx: StepContext,
+    info: DistInfo,
+) -> Iterator[tuple[dict[str, Any], torch.Tensor | None]]:
+    """Each host batch of ``batches`` with its optimiser step's normaliser (None for every
+    batch when the step function has no ``normaliser`` hook, which keeps its run as it was).
+
+    The ``accum`` micro-batches of a step are fetched before the first one runs, and the hook's
+    host totals of each summed, then over the ranks (one all-reduce a step, on the device: no
+    wait for it) and divided by ``accum`` x world size: one micro-batch of one rank's share,
+    which the engine's 1/accum loss scaling and the ranks' gradient average (and the logged
+    means) bring back to the whole step's. Without it a class-weighted loss was normalised by
+    each micro-batch's own weight sum, and grad_accum > 1 trained other weights than 1."""
+    iterator = iter(batches)
+    if normaliser_of is None:
+        for batch in iterator:
+            yield batch, None
+        return
+    while True:
+        group = [batch for _, batch in zip(range(accum), iterator, strict=False)]
+        if not group:
+            return
+        total = torch.stack([normaliser_of(batch, ctx) for batch in group]).sum(0)
+        total = all_reduce_mean(to_device_async(total, ctx.device), info)
+        share = (total / accum).float()
+        for batch in group:
+            yield batch, share
 
 
 def _read_back(values: list[float | torch.Tensor]) -> list[float]:
@@ -763,7 +795,9 @@ def fit(
             limit = steps_per_epoch * accum
             micro_losses: list[torch.Tensor] = []
             micro_metrics: dict[str, list[float | torch.Tensor]] = {}
-            for batch in loader:
+            for batch, normaliser in _with_step_normalisers(
+                loader, accum, getattr(step_fn, "normaliser", None), ctx, info
+            ):
                 if batch_in_epoch >= limit or step >= total_steps:
                     break
                 ctx.step = step
@@ -775,7 +809,11 @@ def fit(
                     with torch.autocast(
                         device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32
                     ):
-                        out = step_fn(model, batch, ctx)
+                        ctx.normaliser = normaliser
+                        try:
+                            out = step_fn(model, batch, ctx)
+                        finally:  # not left for an evaluation with the same context
+                            ctx.normaliser = None
                     micro_losses.append(out.loss.detach().float())
                     watch.push(micro_losses[-1])
                     scaler.scale(out.loss / accum).backward()

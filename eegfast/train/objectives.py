@@ -5,6 +5,12 @@ objectives are looked up by name with :func:`get_objective` — this is the hook
 objectives: a module calls :func:`register_objective` at import time, and names listed in
 ``LAZY_OBJECTIVES`` are imported on first use (``hybrid`` lives in ``eegfast.train.hybrid``,
 written separately).
+
+A step function whose loss is normalised by a batch statistic may carry a ``normaliser``
+attribute, ``normaliser(host_batch, ctx) -> (N,) host tensor``: the engine sums it over an
+optimiser step's micro-batches (and the ranks) before the first forward and passes the share
+of one micro-batch of one rank as ``ctx.normaliser``, so ``train.grad_accum`` > 1 gives the
+loss of one batch (:func:`classification_step` has :func:`classification_normaliser`).
 """
 
 from __future__ import annotations
@@ -257,6 +263,13 @@ class StepContext:
     route_by_task: bool = False
     aux_weights: dict[str, float] = field(default_factory=dict)  # MoE aux loss name -> weight
     class_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # task -> (K,) CE weights
+    # Set by the engine for a step function with a ``normaliser`` hook, during each micro-batch
+    # of an optimiser step (None otherwise): the (2,) float32 totals of the whole step that the
+    # hook gives (summed over micro-batches and ranks), on the device, divided by
+    # grad_accum x world size, i.e. one micro-batch of one rank's share of them. A step divides
+    # its sums over the micro-batch's windows by it, so the engine's 1/grad_accum loss scaling
+    # and the ranks' gradient average give the whole step's normalised loss.
+    normaliser: torch.Tensor | None = None
 
 
 @dataclass
@@ -431,6 +444,9 @@ def classification_step(model: nn.Module, batch: dict[str, Any], ctx: StepContex
 
     Windows with a negative label (-1: unlabelled, as the datasets store it) are left out of
     the loss and the accuracy; a batch without any labelled window gives a loss of 0.
+    The (class-weighted) mean is over ``ctx.normaliser`` when the engine sets it (the whole
+    optimiser step's totals from :func:`classification_normaliser`, its ``normaliser`` hook),
+    else over the batch (under torch.distributed in training, every rank's share of it).
     """
     batch = to_device(batch, ctx.device)
     tasks = batch["task"]
@@ -468,7 +484,11 @@ def classification_step(model: nn.Module, batch: dict[str, Any], ctx: StepContex
     totals = torch.stack([norm.sum(), labelled.float().sum()]).detach()
     from eegfast.nn._ranks import sum_over_ranks, world_size
 
-    if model.training and world_size() > 1:
+    if ctx.normaliser is not None:
+        # the engine's share of the whole optimiser step's totals, all micro-batches and
+        # ranks (classification_normaliser's): grad_accum > 1 normalises as one batch
+        totals = ctx.normaliser.to(totals.device, totals.dtype)
+    elif model.training and world_size() > 1:
         totals = sum_over_ranks(totals) / world_size()
     loss = per_window.sum() / totals[0].clamp_min(torch.finfo(torch.float32).tiny)
     hits = ((logits.argmax(-1) == labels) & labelled).float().sum()
@@ -478,6 +498,37 @@ def classification_step(model: nn.Module, batch: dict[str, Any], ctx: StepContex
         loss = loss + aux
         metrics.update(aux_logged)
     return StepOutput(loss, metrics, {"logits": logits.detach(), "labels": labels, "task": task})
+
+
+def classification_normaliser(batch: dict[str, Any], ctx: StepContext) -> torch.Tensor:
+    """(2,) float64 on the host: (class-weight sum, count) of the labelled windows (label >= 0)
+    of a host batch, ``batch["label"]`` (B,) of ``batch["task"]`` weighted by
+    ``ctx.class_weights`` (1 each without weights for the task).
+
+    :func:`classification_step`'s ``normaliser`` hook: the engine sums it over an optimiser
+    step's micro-batches (and ranks) before their forwards, so that ``train.grad_accum`` > 1
+    divides by the whole step's weight sum, as one batch does. Host labels only: no wait for
+    the device."""
+    labels = torch.as_tensor(batch["label"]).cpu()
+    task = batch["task"][0]
+    labelled = labels >= 0
+    weight = ctx.class_weights.get(task)
+    if weight is None:
+        norm = labelled.to(torch.float64)
+    else:
+        weight = weight.detach().to("cpu", torch.float64)
+        try:
+            norm = weight[labels.clamp_min(0)] * labelled
+        except IndexError:
+            past = int(labels.max())
+            raise ValueError(
+                f"label {past} of task {task!r} has no class weight: ctx.class_weights[{task!r}] "
+                f"holds {weight.numel()} class weights (labels 0 to {weight.numel() - 1})"
+            ) from None
+    return torch.stack([norm.sum(), labelled.to(torch.float64).sum()])
+
+
+classification_step.normaliser = classification_normaliser  # type: ignore[attr-defined]
 
 
 def _scalars(out: Any) -> dict[str, torch.Tensor]:

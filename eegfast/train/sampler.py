@@ -27,8 +27,9 @@ class EpochBatchSampler:
             consecutive micro-batches, each split over ``world_size`` ranks. The global batches
             do not depend on ``micro_batches`` or ``world_size``, so more processes reproduce
             the plain single-process run, and so does accumulation for losses that are means
-            over equal micro-batches (under accumulation a class-weighted loss and the MoE
-            routers' losses are normalised per micro-batch: see the README).
+            over equal micro-batches, and for fine-tuning's class-weighted loss (the engine
+            normalises every micro-batch by the whole step's weight sum); the MoE routers'
+            losses are normalised per micro-batch under accumulation (see the README).
         shuffle: reshuffle every epoch with ``seed + epoch``.
         drop_last: drop each group's last incomplete batch (needed for exact DDP equivalence).
             Without it that batch is kept, padded by repeating its first items to a multiple
