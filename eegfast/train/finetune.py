@@ -1157,7 +1157,8 @@ def write_outputs(
                     np.concatenate([p["probs"][:, 1] for p in preds]),
                 )
     if roc:
-        figures["ROC curves"] = plots.roc_curves(roc, out_dir / "roc_curves.png").name
+        positive = {task: data.label_names[task][1] for task in roc}
+        figures["ROC curves"] = plots.roc_curves(roc, out_dir / "roc_curves.png", positive).name
     if result.expert_load:
         loads = {t: np.mean(v, axis=0) for t, v in result.expert_load.items()}
         figures["expert load per task"] = plots.expert_load(loads, out_dir / "expert_load.png").name
@@ -1195,6 +1196,24 @@ def write_outputs(
                     cells.append(_fmt_folds(*value, n_folds))
             folds = "" if fixed_model else f" {n_folds} |"
             md.append(f"| {task} | {VARIANT_NAMES[variant]} |{folds} " + " | ".join(cells) + " |")
+    # AUROC and AUC-PR score class 1 (classification_metrics): without its name and share a
+    # reader cannot tell an AUC-PR at chance (the share, 0.25 for a 3:1 task) from a poor one.
+    chance = []
+    for task in tasks:
+        preds = [p for p in result.predictions if p["task"] == task]
+        if "auc_pr" not in metrics or len(data.label_names[task]) != 2 or not preds:
+            continue
+        # one variant's test windows over its folds: every variant is tested on the same ones
+        tested = np.concatenate([p["y"] for p in preds if p["variant"] == preds[0]["variant"]])
+        share = float(np.mean(tested == 1))
+        if 0 < share < 1:  # (one class tested: AUROC and AUC-PR are undefined, n/a)
+            chance.append(
+                f"- `{task}`: AUROC, AUC-PR and the ROC curves take "
+                f"`{data.label_names[task][1]}` as the positive class; AUC-PR at chance is its "
+                f"share of the test windows, {share:.3f} (0.5 for AUROC and balanced accuracy)."
+            )
+    if chance:
+        md += ["", *chance]
     if any("baseline_verdict" in entry for entry in compared.values()):
         md += ["", "## Against the classic baseline (balanced accuracy)", ""]
     for task, entry in compared.items():

@@ -29,9 +29,31 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def loss_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: Path, title: str) -> Path:
-    """{label: [(step, loss), ...]} -> one line per label."""
+def loss_curves(
+    curves: Mapping[str, Sequence[tuple[int, float]]],
+    path: Path,
+    title: str,
+    *,
+    separate: bool = False,
+) -> Path:
+    """{label: [(step, loss), ...]} -> one line per label; ``separate``: one panel (and
+    y axis) per label, for losses of different kinds (a tokenizer's regression loss of ~1 on
+    the axis of a cross-entropy of ~10 is a flat line)."""
     plt = _pyplot()
+    if separate:
+        fig, axes = plt.subplots(
+            1, len(curves), figsize=(4 * len(curves), 3.6), squeeze=False, layout="constrained"
+        )
+        for ax, (label, points) in zip(axes[0], curves.items(), strict=True):
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, linewidth=1.2)
+            ax.set_xlabel("optimiser step")
+            ax.set_ylabel("training loss")
+            ax.set_title(label, fontsize=10)
+            ax.grid(alpha=0.3)
+        fig.suptitle(title)
+        return _save(fig, path)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, points in curves.items():
         if points:
@@ -51,12 +73,19 @@ def confusion_matrices(
 ) -> Path:
     """One panel per task: counts summed over folds, rows = true class."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices), 3.4), squeeze=False)
+    # constrained: a panel's "true" label ran into the tick labels of the panel beside it
+    fig, axes = plt.subplots(
+        1, len(matrices), figsize=(3.6 * len(matrices), 3.4), squeeze=False, layout="constrained"
+    )
     for ax, (task, matrix) in zip(axes[0], matrices.items(), strict=True):
         names = list(class_names[task])
         ax.imshow(matrix, cmap="Blues")
+        # white on the dark half of the colour scale: black counts on its darkest blue (the
+        # largest, most read cells) could hardly be read
+        middle = (np.max(matrix) + np.min(matrix)) / 2
         for (i, j), value in np.ndenumerate(matrix):
-            ax.text(j, i, str(int(value)), ha="center", va="center", fontsize=9)
+            color = "white" if value > middle else "black"
+            ax.text(j, i, str(int(value)), ha="center", va="center", fontsize=9, color=color)
         ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.set_xlabel("predicted")
@@ -66,9 +95,13 @@ def confusion_matrices(
 
 
 def roc_curves(
-    curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], path: Path
+    curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
+    path: Path,
+    positive: Mapping[str, str] | None = None,
 ) -> Path:
-    """{task: {label: (y_true, p_positive)}} for binary tasks -> one panel per task."""
+    """{task: {label: (y_true, p_positive)}} for binary tasks -> one panel per task;
+    ``positive``: {task: name of the positive class (label 1)}, shown in the panel's title
+    (a true positive rate of an unnamed class cannot be read)."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     plt = _pyplot()
@@ -82,13 +115,18 @@ def roc_curves(
         ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
-        ax.set_title(f"{task} (pooled over folds)", fontsize=10)
+        name = (positive or {}).get(task)
+        title = task if name is None else f"{task}, positive class: {name}"
+        ax.set_title(f"{title}\n(pooled over folds)", fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
 
 
 def expert_load(loads: Mapping[str, np.ndarray], path: Path) -> Path:
-    """{task: (num_experts,) mean fraction of routed slots} -> grouped bars."""
+    """{task: (num_experts,) mean fraction of routed slots} -> grouped bars.
+
+    A slot is one of a token's top-k expert choices, so the fractions sum to 1 over experts
+    (uniform: 1 / num_experts); the fraction of *tokens* an expert sees is k times its bar."""
     plt = _pyplot()
     tasks = list(loads)
     num_experts = len(next(iter(loads.values())))
@@ -99,7 +137,8 @@ def expert_load(loads: Mapping[str, np.ndarray], path: Path) -> Path:
     ax.axhline(1.0 / num_experts, color="k", linestyle=":", linewidth=0.8, label="uniform")
     ax.set_xticks(np.arange(num_experts) + width * (len(tasks) - 1) / 2, range(num_experts))
     ax.set_xlabel("expert")
-    ax.set_ylabel("fraction of routed tokens")
+    ax.set_ylabel("share of routing slots\n(top-k: k slots per token)")
     ax.set_title("expert load per task (mean over MoE layers and folds)")
-    ax.legend(fontsize=8)
+    # beside the axes: inside, "best" put it over the bars of the first experts
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
