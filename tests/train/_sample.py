@@ -32,3 +32,21 @@ def prepare_windows(out: Path, sources: list[str], *extra: str) -> Path:
     argv = ["prepare", *sources, "--out", str(out), "--window", "4", *extra, "--no-progress"]
     assert cli(argv) == 0
     return out
+
+
+def two_prepared_folders(root: Path, seconds: float, stride: float) -> tuple[Path, Path]:
+    """Folder ``a`` (float32): a 19- and a 64-electrode recording (two electrode sets, tasks
+    ``arith`` and ``mi``); folder ``b`` (float16): another 19-electrode ``arith`` one. 4-s
+    windows every ``stride`` s of ``seconds``-s cuts of the sample recordings."""
+    cut = {n: sample_recording_cut(n, seconds, root) for n in ("Subject00_2.edf", "S001R04.edf")}
+    a = prepare_windows(
+        root / "a",
+        [f"arith={cut['Subject00_2.edf']}", f"mi={cut['S001R04.edf']}"],
+        "--stride",
+        f"{stride:g}",
+    )
+    b_cut = sample_recording_cut("Subject01_2.edf", seconds, root)
+    b = prepare_windows(
+        root / "b", [f"arith={b_cut}"], "--stride", f"{stride:g}", "--dtype", "float16"
+    )
+    return a, b

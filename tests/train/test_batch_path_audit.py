@@ -18,7 +18,7 @@ from eegfast.train.data import ShardBatches, load_data, passthrough, shard_batch
 from eegfast.train.engine import IndexedDataset, indexed_collate
 from eegfast.train.objectives import StepContext, StepOutput
 from eegfast.train.sampler import EpochBatchSampler
-from tests.train._sample import prepare_windows, sample_recording_cut
+from tests.train._sample import two_prepared_folders
 
 FIELDS = ("x", "input_chans", "channel_padding_mask", "label", "subject", "task", "index")
 
@@ -28,15 +28,7 @@ def folders(tmp_path_factory):
     """Folder ``a`` (float32): 19- and 64-electrode recordings (two electrode sets, two tasks);
     folder ``b`` (float16): another 19-electrode one. 4-s windows every second of 30-s cuts."""
     root = tmp_path_factory.mktemp("batchpath")
-    cut = {n: sample_recording_cut(n, 30.0, root) for n in ("Subject00_2.edf", "S001R04.edf")}
-    a = prepare_windows(
-        root / "a",
-        [f"arith={cut['Subject00_2.edf']}", f"mi={cut['S001R04.edf']}"],
-        "--stride",
-        "1",
-    )
-    b_cut = sample_recording_cut("Subject01_2.edf", 30.0, root)
-    b = prepare_windows(root / "b", [f"arith={b_cut}"], "--stride", "1", "--dtype", "float16")
+    a, b = two_prepared_folders(root, 30.0, 1)
     assert ShardDataset(b).recordings[0]["dtype"] == "float16"
     return a, b
 

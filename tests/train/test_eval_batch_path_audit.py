@@ -19,7 +19,7 @@ from eegfast.train.data import load_data
 from eegfast.train.distributed import DistInfo
 from eegfast.train.finetune import iterate_batches, predict, predict_heads
 from eegfast.train.validation import Validator
-from tests.train._sample import prepare_windows, sample_recording_cut
+from tests.train._sample import two_prepared_folders
 
 CPU = torch.device("cpu")
 
@@ -30,15 +30,7 @@ def folders(tmp_path_factory):
     ``arith`` and ``mi``); folder ``b`` (float16): another 19-electrode ``arith`` one. 4-s
     windows every 2 s of 20-s cuts: 22 windows."""
     root = tmp_path_factory.mktemp("evalbatch")
-    cut = {n: sample_recording_cut(n, 20.0, root) for n in ("Subject00_2.edf", "S001R04.edf")}
-    a = prepare_windows(
-        root / "a",
-        [f"arith={cut['Subject00_2.edf']}", f"mi={cut['S001R04.edf']}"],
-        "--stride",
-        "2",
-    )
-    b_cut = sample_recording_cut("Subject01_2.edf", 20.0, root)
-    b = prepare_windows(root / "b", [f"arith={b_cut}"], "--stride", "2", "--dtype", "float16")
+    a, b = two_prepared_folders(root, 20.0, 2)
     return a, b
 
 
