@@ -773,23 +773,12 @@ def fit(
             loader_rng = torch.Generator().manual_seed(
                 ((train_cfg.seed * 100_003 + epoch) * 1_009 + info.rank) % 2**63
             )
-            if batches is not None:
-                loader = DataLoader(
-                    batches,
-                    batch_size=None,
-                    sampler=sampler,  # each "index" is a batch's list of items
-                    collate_fn=passthrough,
-                    generator=loader_rng,
-                    **loader_kwargs,
-                )
+            if batches is not None:  # each "index" the sampler gives is a batch's items
+                source = {"dataset": batches, "batch_size": None, "sampler": sampler}
+                source["collate_fn"] = passthrough
             else:
-                loader = DataLoader(
-                    indexed,
-                    batch_sampler=sampler,
-                    collate_fn=collate,
-                    generator=loader_rng,
-                    **loader_kwargs,
-                )
+                source = {"dataset": indexed, "batch_sampler": sampler, "collate_fn": collate}
+            loader = DataLoader(**source, generator=loader_rng, **loader_kwargs)
             micro = 0
             batch_in_epoch = start_batch
             limit = steps_per_epoch * accum

@@ -474,22 +474,23 @@ def classification_step(model: nn.Module, batch: dict[str, Any], ctx: StepContex
     if weight is not None:
         weight = weight.to(logits.device, torch.float32)
     per_window = F.cross_entropy(logits.float(), targets, weight=weight, reduction="none")
-    norm = labelled.float() if weight is None else weight[labels.clamp_min(0)] * labelled
-    # (weight sum, labelled windows) of the batch; in training under torch.distributed, of
-    # every rank's share of it (no gradient), as this rank's terms times the world size W:
-    # DDP / FSDP average the gradients over the ranks, and the engine the logged values, so
-    # each rank's sum over its windows / (the batch's weight sum / W) averages to the batch's
-    # weighted mean. Each rank's own weight sum had weighed the ranks alike whatever their
-    # classes (or unlabelled windows), not the windows as one process on the batch does.
-    totals = torch.stack([norm.sum(), labelled.float().sum()]).detach()
     from eegfast.nn._ranks import sum_over_ranks, world_size
 
     if ctx.normaliser is not None:
         # the engine's share of the whole optimiser step's totals, all micro-batches and
         # ranks (classification_normaliser's): grad_accum > 1 normalises as one batch
-        totals = ctx.normaliser.to(totals.device, totals.dtype)
-    elif model.training and world_size() > 1:
-        totals = sum_over_ranks(totals) / world_size()
+        totals = ctx.normaliser.to(per_window.device, torch.float32)
+    else:
+        # (weight sum, labelled windows) of the batch; in training under torch.distributed,
+        # of every rank's share of it (no gradient), as this rank's terms times the world size
+        # W: DDP / FSDP average the gradients over the ranks, and the engine the logged
+        # values, so each rank's sum over its windows / (the batch's weight sum / W) averages
+        # to the batch's weighted mean. Each rank's own weight sum had weighed the ranks alike
+        # whatever their classes (or unlabelled windows), not the windows as one process does.
+        norm = labelled.float() if weight is None else weight[labels.clamp_min(0)] * labelled
+        totals = torch.stack([norm.sum(), labelled.float().sum()]).detach()
+        if model.training and world_size() > 1:
+            totals = sum_over_ranks(totals) / world_size()
     loss = per_window.sum() / totals[0].clamp_min(torch.finfo(torch.float32).tiny)
     hits = ((logits.argmax(-1) == labels) & labelled).float().sum()
     metrics = {"accuracy": (hits / totals[1].clamp_min(torch.finfo(torch.float32).tiny)).detach()}
