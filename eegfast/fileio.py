@@ -92,11 +92,16 @@ def _naming(path: str | Path, err: OSError) -> OSError:
     "N requested and M written"), its message and the space left there."""
     if err.errno is not None:
         return OSError(err.errno, err.strerror, str(path))
+    return OSError(f"{path}: cannot write it ({err}{free_space_note(Path(path).parent)})")
+
+
+def free_space_note(folder: str | Path) -> str:
+    """``"; N bytes free on its disk"`` for a failed write's message (the likely cause of a write
+    that failed without an errno is a full disk), or ``""`` where the disk cannot be asked."""
     try:
-        free = f"; {shutil.disk_usage(Path(path).parent).free} bytes free there"
+        return f"; {shutil.disk_usage(folder).free} bytes free on its disk"
     except OSError:
-        free = ""
-    return OSError(f"{path}: cannot write it ({err}{free})")
+        return ""
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:

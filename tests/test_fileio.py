@@ -102,7 +102,7 @@ def test_a_full_disk_names_the_target_keeps_the_old_file_and_leaves_no_temporary
     assert str(path) in str(raised.value)
     if fail_in == "short write":
         assert "30400 requested and 2016 written" in str(raised.value)
-        assert "bytes free there" in str(raised.value)
+        assert "bytes free on its disk" in str(raised.value)
     else:
         assert raised.value.errno == errno.ENOSPC
         assert raised.value.filename == str(path)

@@ -383,6 +383,19 @@ def _record_path(out: Path, job: Job) -> Path:
     return out / SHARD_DIR / f"{job.key}.json"
 
 
+def _bad_record(job: Job, settings: Settings) -> dict:
+    """The fields every record has, as a bad one: processing fills in the rest and marks it ok."""
+    return {
+        "status": "bad",
+        "file": str(Path(job.path)),
+        "key": job.key,
+        "task": job.task,
+        "job_task": job.task,
+        "settings": settings.digest(),
+        "revision": PROCESSING_REVISION,
+    }
+
+
 def process_file(job: Job, settings: Settings, out: str) -> dict:
     """Read, check, preprocess, window and write one recording; returns its record.
 
@@ -391,15 +404,7 @@ def process_file(job: Job, settings: Settings, out: str) -> dict:
     out_dir = Path(out)
     path = Path(job.path)
     started = time.perf_counter()
-    record = {
-        "status": "bad",
-        "file": str(path),
-        "key": job.key,
-        "task": job.task,
-        "job_task": job.task,
-        "settings": settings.digest(),
-        "revision": PROCESSING_REVISION,
-    }
+    record = _bad_record(job, settings)
     # The old record goes before the shard is replaced: killed in between, an old record
     # beside a new shard would let a later run with the old settings reuse the new shard.
     _record_path(out_dir, job).unlink(missing_ok=True)
@@ -900,17 +905,10 @@ def _process_alone(job: Job, settings: Settings, out: str) -> dict:
         )
     else:
         reason = f"the process preparing it died (exit code {process.exitcode})"
-    return {
-        "status": "bad",
-        "file": job.path,
-        "key": job.key,
-        "task": job.task,
-        "job_task": job.task,
-        "settings": settings.digest(),
-        "revision": PROCESSING_REVISION,
-        "reason": reason,
-        "seconds": round(time.perf_counter() - started, 4),
-    }
+    record = _bad_record(job, settings)
+    record["reason"] = reason
+    record["seconds"] = round(time.perf_counter() - started, 4)
+    return record
 
 
 def prepare(

@@ -44,7 +44,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from eegfast.fileio import fsync_dir, fsync_file
+from eegfast.fileio import free_space_note, fsync_dir, fsync_file
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 WEIGHTS = "model.safetensors"
@@ -152,11 +152,7 @@ def _write_error(final: Path, error: Exception) -> OSError:
     "unexpected pos 704 vs 598"; the space left on the disk tells the likely cause."""
     reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
     reason = reason.splitlines()[0] if reason else type(error).__name__
-    try:
-        free = f"; {shutil.disk_usage(final.parent).free} bytes free on its disk"
-    except OSError:
-        free = ""
-    message = f"cannot write the checkpoint {final} ({reason}{free})"
+    message = f"cannot write the checkpoint {final} ({reason}{free_space_note(final.parent)})"
     code = getattr(error, "errno", None)
     return OSError(code, message) if code is not None else OSError(message)
 
