@@ -3,10 +3,6 @@ on half of the batch, give the single-process full-batch gradients."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,6 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from eegfast.nn import MoEFFN
+from tests._gloo import free_port, gloo_worker_leaving_without_teardown
 
 DIM, HIDDEN, EXPERTS, TOP_K, TASKS = 12, 24, 4, 2, 3
 
@@ -58,19 +55,8 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, strategy: str, out_file: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # A bounded timeout: if one rank fails, the other errors out instead of waiting forever.
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
+    with gloo_worker_leaving_without_teardown(rank, world, port):
         model = _model()
         if strategy == "ddp":
             wrapped = nn.parallel.DistributedDataParallel(model)
@@ -89,14 +75,6 @@ def _worker(rank: int, world: int, port: int, strategy: str, out_file: str) -> N
         if rank == 0:
             torch.save(grads, out_file)
         dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # Leave without running destructors: tearing down a DDP Reducer and its gloo process group
-    # can deadlock in torch (the main thread joins gloo's worker thread while holding the GIL,
-    # and that thread waits for the GIL to free a finished work item). Seen on a fresh CI
-    # machine; the results are on disk and both ranks passed the barrier.
-    os._exit(0)
 
 
 @pytest.mark.slow
@@ -109,7 +87,7 @@ def test_moe_gradients_match_single_process(strategy, tmp_path):
     assert all(g.abs().sum() > 0 for g in single.values()), "every parameter should get gradient"
 
     out_file = tmp_path / "grads.pt"
-    mp.spawn(_worker, args=(2, _free_port(), strategy, str(out_file)), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), strategy, str(out_file)), nprocs=2)
     distributed = torch.load(out_file, weights_only=True)
     assert distributed.keys() == single.keys()
     for name, grad in single.items():

@@ -3,7 +3,6 @@ and the k-means init and dead-code restarts match one process on the concatenate
 
 import gc
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -13,6 +12,7 @@ from torch import nn
 from eegfast.nn import NormEMAVectorQuantizer
 from eegfast.nn import vq as vq_module
 from eegfast.ops import vq_ema_update
+from tests._gloo import free_port
 
 STEPS, ROWS, DIM, CODES = 2, 24, 8, 16
 
@@ -73,9 +73,7 @@ def test_ema_codebook_is_kept_under_fsdp():
     held as a parameter lost every EMA write (it stayed the random initial one while the EMA
     counts moved on). Both ranks must hold the codebook that one process training on their
     two batches together reaches."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     out = torch.zeros(2, CODES * DIM + CODES).share_memory_()
     mp.spawn(_fsdp_worker, args=(2, port, out), nprocs=2)
     single = _Quantized().train()
@@ -161,9 +159,7 @@ def test_ddp_matches_one_process_on_the_concatenated_batches(monkeypatch):
     ranks hold the codebook (after the k-means init, and after every EMA step with its
     restarts) that one process reaches on the two ranks' batches concatenated. k-means on rank
     0's rows alone, or restart seeds drawn from them alone, gave another codebook."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     single = _Restarting().train()
     batches = []
     for step in range(_DDP_STEPS):
@@ -211,9 +207,7 @@ def _padding_only_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def test_kmeans_init_when_a_rank_holds_only_padding():
     """A rank whose first batch is all padding has no row for k-means: it raised there while
     the other rank waited for its codebook. The rows of all ranks together initialise it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     out = torch.zeros(2, CODES * DIM).share_memory_()
     mp.spawn(_padding_only_worker, args=(2, port, out), nprocs=2)
     torch.manual_seed(0)

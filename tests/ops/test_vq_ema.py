@@ -1,7 +1,6 @@
 """EMA codebook update and k-means initialisation built on the VQ kernels."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 
 from eegfast.ops import vq_ema_update, vq_kmeans, vq_nearest
 from eegfast.ops.vq import labram_recipe_ema
+from tests._gloo import free_port
 
 
 def state(k=64, d=32, seed=0):
@@ -163,12 +163,6 @@ def test_ema_update_refuses_a_negative_eps_before_touching_the_state():
     torch.testing.assert_close(state[0][1], codebook[1])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _distributed_worker(rank, world, port, z, codebook, cluster_size, embed_sum, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -191,7 +185,7 @@ def test_ema_update_all_reduces_across_processes():
     out = torch.zeros(2, codebook.numel() * 2 + cluster_size.numel()).share_memory_()
     mp.spawn(
         _distributed_worker,
-        args=(2, _free_port(), z, codebook, cluster_size, embed_sum, out),
+        args=(2, free_port(), z, codebook, cluster_size, embed_sum, out),
         nprocs=2,
     )
     indices = vq_nearest(z, codebook)
@@ -262,7 +256,7 @@ def test_dead_code_restart_is_identical_across_processes():
     from, and nothing was restarted), never from left-out rows; with no row on any rank,
     nothing is restarted."""
     out = torch.zeros(len(_RESTART_CASES), 2, 16 * 8 + 16).share_memory_()
-    mp.spawn(_restart_worker, args=(2, _free_port(), out), nprocs=2)
+    mp.spawn(_restart_worker, args=(2, free_port(), out), nprocs=2)
     for case in range(len(_RESTART_CASES)):
         torch.testing.assert_close(out[case, 0], out[case, 1], rtol=0, atol=0)
     dead = out[:, 0, -16:].bool()
@@ -300,7 +294,7 @@ def test_dead_code_restart_draws_as_one_process_on_the_concatenated_rows():
     indices[indices < 8] = 9
     indices[torch.arange(30) % 3 == 0] = -1  # padding: never drawn
     out = torch.zeros(2, 16 * 8).share_memory_()
-    mp.spawn(_seed_worker, args=(2, _free_port(), z, indices, out), nprocs=2)
+    mp.spawn(_seed_worker, args=(2, free_port(), z, indices, out), nprocs=2)
     cluster_size[:8] = 1e-4
     gen = torch.Generator().manual_seed(3)
     vq_ema_update(

@@ -13,10 +13,6 @@ backward pass).
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -27,6 +23,7 @@ from eegfast.train.arch import build_model
 from eegfast.train.distributed import DistInfo, unwrap, wrap_model
 from eegfast.train.engine import enable_activation_checkpointing
 from eegfast.train.objectives import StepContext, classification_step
+from tests._gloo import free_port, gloo_worker_leaving_without_teardown
 from tests.train.fakes import SyntheticEEG
 
 STEPS, LR = 3, 0.1
@@ -94,20 +91,9 @@ def _train(model: torch.nn.Module, windows: slice) -> tuple[torch.Tensor, dict]:
     return torch.stack(logged), weights
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out_file: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    # a bounded timeout: if one rank fails, the other errors out instead of waiting forever
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
+    with gloo_worker_leaving_without_teardown(rank, world, port):
         info = DistInfo(rank, world, rank)
         half = slice(4 * rank, 4 * rank + 4)
         results = {}
@@ -124,19 +110,13 @@ def _worker(rank: int, world: int, port: int, out_file: str) -> None:
         if rank == 0:
             torch.save(results, out_file)
         dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # Leave without destructors (a DDP Reducer's teardown can deadlock with gloo; see
-    # tests/nn/test_moe_distributed.py): the results are on disk and both ranks passed the barrier.
-    os._exit(0)
 
 
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_losses_and_weights(tmp_path):
     single_logged, single_weights = _train(_model(), slice(0, 8))
     out_file = tmp_path / "results.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out_file)), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), str(out_file)), nprocs=2)
     results = torch.load(out_file, weights_only=True)
     start = _model().state_dict()
     assert max(float((single_weights[k] - start[k]).abs().max()) for k in start) > 1e-3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,9 @@ from eegfast.train.config import RunConfig
 from eegfast.train.distributed import DistInfo, init_distributed, shutdown
 from eegfast.train.engine import NonFiniteLossError, fit, seed_everything
 from eegfast.train.objectives import StepContext, StepOutput
+from tests._gloo import free_port
 from tests.train import worker
 from tests.train.fakes import SyntheticEEG, TinyClassifier, collate
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawned_nan_on_rank_0(rank: int, world_size: int, port: int, run_dir: str) -> None:

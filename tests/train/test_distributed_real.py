@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +43,7 @@ from eegfast.train.objectives import (
     tokenizer_step,
 )
 from eegfast.train.runlog import read_metrics
+from tests._gloo import free_port
 from tests.train.fakes import SyntheticEEG
 from tests.train.worker import (
     hang_in_checkpoint_save,
@@ -203,12 +203,6 @@ def spawned(rank: int, world_size: int, jobs: list[tuple[str, str, str, dict]]) 
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

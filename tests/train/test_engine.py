@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from eegfast.train import checkpoint as ckpt
 from eegfast.train.engine import NonFiniteLossError, fit
 from eegfast.train.objectives import StepContext, StepOutput
 from eegfast.train.runlog import read_metrics
+from tests._gloo import free_port
 from tests.train import worker
 from tests.train.fakes import HostReads, SyntheticEEG, TinyClassifier, collate
 
@@ -176,12 +176,6 @@ def test_sigkill_during_checkpoint_write_keeps_previous_and_resumes_exactly(tmp_
     assert resumed.returncode == 0
     assert not list((killed / "checkpoints").glob(".tmp-*"))
     assert_same_weights(final_weights(reference), final_weights(killed))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -354,8 +354,9 @@ def test_fsdp_gradient_accumulation_reduces_once_per_step_and_evaluates_on_every
     val_loss is the checkpoint's metric."""
     import torch.multiprocessing as mp
 
+    from tests._gloo import free_port
     from tests.train import worker
-    from tests.train.test_engine import assert_same_weights, final_weights, free_port
+    from tests.train.test_engine import assert_same_weights, final_weights
 
     base = {"train.strategy": "fsdp", "train.batch_size": 4, "train.max_steps": 3,
             "train.checkpoint_every": 3}  # fmt: skip
@@ -440,8 +441,8 @@ def test_fsdp_shards_nested_blocks_and_ranks_must_resume_from_the_same_checkpoin
 
     import torch.multiprocessing as mp
 
+    from tests._gloo import free_port
     from tests.train import worker
-    from tests.train.test_engine import free_port
 
     worker.run("finetune", str(tmp_path / "rank0"), RESUME_RUN)
     shutil.rmtree(tmp_path / "rank0" / "checkpoints" / "step-00000004")

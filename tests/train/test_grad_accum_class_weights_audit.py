@@ -8,7 +8,6 @@ windows make the micro-batches' sums differ)."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from eegfast.train.objectives import (
     classification_normaliser,
     classification_step,
 )
+from tests._gloo import free_port
 from tests.train import worker
 from tests.train.fakes import HostReads, SyntheticEEG, TinyClassifier, collate
 
@@ -98,12 +98,6 @@ def test_grad_accum_trains_the_class_weighted_loss_of_the_whole_batch(tmp_path):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=f"{accum}: {name}")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _spawned(rank: int, world_size: int, port: int, run_dir: str) -> None:
     worker.set_rendezvous(rank, world_size, port)
     torch.set_num_threads(1)
@@ -121,7 +115,7 @@ def test_two_processes_with_grad_accum_give_the_one_process_full_batch(tmp_path)
     """Two processes, each on half of each of a step's two micro-batches: one all-reduced
     normaliser a step, the weights and logged means of one process without accumulation."""
     full_weights, full_logged, _ = _train(tmp_path, 1)
-    mp.spawn(_spawned, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_spawned, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     weights, logged = torch.load(tmp_path / "results.pt", weights_only=True)
     for key, value in full_weights.items():
         torch.testing.assert_close(weights[key], value, rtol=1e-6, atol=1e-6, msg=key)
