@@ -200,8 +200,10 @@ def _check_inputs(
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if scale is not None and not -math.inf < scale < math.inf:
         raise ValueError(f"scale must be a finite number or None, got {scale}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    # 1 included, as F.dropout and F.scaled_dot_product_attention take it: every weight
+    # dropped, a zero output (an nn.Dropout(1.0) attention dropout is valid in a model)
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -678,9 +680,10 @@ def qk_norm_attention(
         causal: query i sees key j only if ``j <= i``.
         block_causal: (N,) integer block id of every token (e.g. its time patch); query i sees
             key j only if ``block_causal[j] <= block_causal[i]``.
-        dropout_p: dropout on the attention weights, applied whenever > 0 (pass 0 in eval).
-            Only the reference backend implements it; the automatic choice then runs the
-            reference, an explicit other backend raises ValueError.
+        dropout_p: dropout on the attention weights in [0, 1], applied whenever > 0 (pass 0
+            in eval; 1 drops every weight: a zero output). Only the reference backend
+            implements it; the automatic choice then runs the reference, an explicit other
+            backend raises ValueError.
         backend: ``"reference"``, ``"cpu"`` (C++), ``"triton"``, ``"cuda"`` (= Triton) or None
             (automatic: C++ on CPU tensors, Triton on CUDA tensors; ``EEGFAST_BACKEND`` when
             set); ``"auto"`` is the automatic choice whatever ``EEGFAST_BACKEND`` says. See

@@ -78,8 +78,10 @@ def vq_nearest_reference(
     # a best of -inf: no code has a usable score (all NaN, or all at infinite distance)
     finite = torch.isfinite(z64).all(dim=1) & (best > -torch.inf)
     indices = torch.where(finite, indices, torch.full_like(indices, -1))
-    chosen = c64[indices.clamp_min(0)]
-    z_safe = torch.where(finite[:, None], z64, 0.0)  # no NaN gradients from non-finite rows
+    # no NaN gradients from rows without a code: neither from their own non-finite z nor from
+    # code 0, which the clamped index -1 names and which may be non-finite itself
+    chosen = torch.where(finite[:, None], c64[indices.clamp_min(0)], 0.0)
+    z_safe = torch.where(finite[:, None], z64, 0.0)
     if metric == "cosine":
         chosen_scores = (z_safe * chosen).sum(1) / (
             z_safe.norm(dim=1).clamp_min(NORM_EPS) * chosen.norm(dim=1).clamp_min(NORM_EPS)

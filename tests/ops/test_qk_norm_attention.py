@@ -913,8 +913,8 @@ def test_dropout_is_reference_only():
         ValueError, match="dropout_p > 0 is only implemented by backend='reference'"
     ):
         qk_norm_attention(q, q, q, dropout_p=0.1, backend="cpu")
-    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
-        qk_norm_attention(q, q, q, dropout_p=1.0, backend="reference")
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\]"):
+        qk_norm_attention(q, q, q, dropout_p=1.5, backend="reference")
 
 
 def test_backend_names():
