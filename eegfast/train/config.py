@@ -61,7 +61,9 @@ class TrainConfig:
     max_steps: int = 0  # optimiser steps; 0 = epochs x steps per epoch
     batch_size: int = 32  # global samples per optimiser step (all ranks, all micro-batches)
     grad_accum: int = 1
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    # auto (bf16 on GPUs of sm_80 on, fp16 with loss scaling on older ones, fp32 on CPU) |
+    # bf16 | fp16 | fp32
+    precision: str = "auto"
     compile: bool = False
     activation_checkpointing: bool = False
     seed: int = 0

@@ -204,10 +204,16 @@ def _seed_rank_streams(seed: int, rank: int) -> None:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on CUDA, fp32 on CPU."""
+    """``auto``: bf16 on GPUs that compute in it (compute capability 8.0 on, or ROCm), fp16
+    (with the GradScaler's loss scaling) on older ones, fp32 on CPU."""
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        # A V100 or T4 (sm_70, sm_75) has no bf16 arithmetic: bf16 runs emulated there,
+        # slowly, where it runs at all (Triton supports sm_80 on); fp16 uses its tensor cores.
+        native = torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.bfloat16 if native else torch.float16
     if precision not in table:
         raise ValueError(f"train.precision must be auto, bf16, fp16 or fp32, got {precision!r}")
     # fp16 on CPU runs (autocast + GradScaler work there) but is slow: it is for checking the

@@ -303,13 +303,19 @@ def _shard_batches(data: TrainData) -> ShardBatches | None:
 
 
 def iterate_batches(
-    data: TrainData, indices: Sequence[int], batch_size: int
+    data: TrainData, indices: Sequence[int], batch_size: int, *, pin_memory: bool = False
 ) -> Iterator[tuple[list[int], dict]]:
     """(positions in ``indices``, collated batch) in groups of one electrode set. Prepared
     folders are read a whole batch at a time (``ShardDataset.get_batch``): the batch that
-    ``collate_padded`` makes of the windows' items, a few times faster than item by item."""
+    ``collate_padded`` makes of the windows' items, a few times faster than item by item.
+    ``pin_memory`` (for a CUDA device; pinning needs one): their ``x`` (B, C, A, 200) built in
+    pinned memory, as training's batches: the asynchronous copy to the GPU reads it directly,
+    not a pinned copy that ``to_device`` would make of it first."""
     collate = collate_fn()
     batches = _shard_batches(data)
+    if batches is not None and pin_memory:
+        # the cached reader's item tables, shared; only where the batches are built differs
+        batches = ShardBatches(batches.leaves, batches.leaf, batches.local, pin_memory=True)
     groups: dict[tuple, list[int]] = {}
     for pos, index in enumerate(indices):
         groups.setdefault(data.items[int(index)].group_key, []).append(pos)
@@ -343,7 +349,8 @@ def _in_order(
     """{name: (N, K) array} in ``indices`` order, from ``outputs_of(batch)`` ({name: (B, K)})
     over batches of one electrode set (:func:`iterate_batches`), each moved to ``device``."""
     rows: dict[str, list[np.ndarray | None]] = {}
-    for positions, batch in iterate_batches(data, indices, batch_size):
+    pin = device.type == "cuda"
+    for positions, batch in iterate_batches(data, indices, batch_size, pin_memory=pin):
         for name, out in outputs_of(to_device(batch, device)).items():
             column = rows.setdefault(name, [None] * len(indices))
             out = out.float().cpu().numpy()

@@ -40,7 +40,10 @@ class HostCopies:
         if tensor.device.type == "cuda":
             host = tensor.to("cpu", non_blocking=True)  # pinned destination
             done = torch.cuda.Event()
-            done.record()
+            # on the stream the copy went to, that of the tensor's GPU: the current device's
+            # (another GPU when the model is on cuda:1 and nothing set it) completes at once,
+            # and the host would read the pinned memory before the copy has filled it
+            done.record(torch.cuda.current_stream(tensor.device))
             self._in_flight.append((tag, host, done))
         else:
             self._in_flight.append((tag, tensor.cpu(), None))
@@ -235,7 +238,9 @@ def tokenizer_codes(
     # Only the windows not cached are encoded (a window's codes depend on its samples alone):
     # once the cache is full, most batches hold a few such windows among cached ones. The
     # per-sample rows (electrodes (B, C + 1), padding (B, C)) are taken with them.
-    new_rows = torch.tensor(missing, device=x.device)
+    # (row numbers made on the host and copied asynchronously: torch.tensor(.., device=) waits
+    # for the GPU, at nearly every step once the cache is full)
+    new_rows = to_device_async(torch.tensor(missing), x.device)
     mask = None if channel_padding_mask is None else channel_padding_mask[new_rows]
     chans = input_chans[new_rows] if input_chans.dim() == 2 else input_chans
     new = encode(x[new_rows], chans, mask)
@@ -244,7 +249,7 @@ def tokenizer_codes(
     codes = torch.empty(len(rows), new.shape[1], dtype=new.dtype, device=x.device)
     codes[new_rows] = new
     known_codes = torch.from_numpy(np.stack([rows[j] for j in known])).to(new.dtype)
-    codes[torch.tensor(known, device=x.device)] = to_device_async(known_codes, x.device)
+    codes[to_device_async(torch.tensor(known), x.device)] = to_device_async(known_codes, x.device)
     return codes
 
 
@@ -472,7 +477,9 @@ def classification_step(model: nn.Module, batch: dict[str, Any], ctx: StepContex
     labelled = labels >= 0
     targets = torch.where(labelled, labels, -100)  # F.cross_entropy's ignore_index
     if weight is not None:
-        weight = weight.to(logits.device, torch.float32)
+        # ctx's weights stay on the host (the normaliser hook reads them there): a plain
+        # .to(device) from pageable memory made the host wait for the GPU at every step
+        weight = to_device_async(weight, logits.device).float()
     per_window = F.cross_entropy(logits.float(), targets, weight=weight, reduction="none")
     from eegfast.nn._ranks import sum_over_ranks, world_size
 

@@ -279,8 +279,10 @@ class Validator:
         self.num_codes = num_codes
         self.collate = collate_fn()
         # prepared folders: each batch read whole (ShardDataset.get_batch), the batch collate
-        # makes of its items (``index`` included), a few times faster; None: item by item
-        self.reader = shard_batches(data.dataset, self.collate)
+        # makes of its items (``index`` included), a few times faster; None: item by item.
+        # On a GPU in pinned memory, as fit's batches: to_device then copies the windows
+        # asynchronously straight from it, not through a pinned copy made first
+        self.reader = shard_batches(data.dataset, self.collate, pin_memory=device.type == "cuda")
         batches: list[list[int]] = []
         groups: dict[tuple, list[int]] = {}  # batches never mix electrode sets, as training's
         for p in positions:

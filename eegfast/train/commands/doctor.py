@@ -45,6 +45,7 @@ def collect() -> dict[str, Any]:
     from eegfast import __version__
     from eegfast.nn.linear import onednn_status
     from eegfast.ops import available_backends, cpu_attention_isa
+    from eegfast.train.engine import resolve_precision
 
     report: dict[str, Any] = {
         "eegfast": __version__,
@@ -84,7 +85,7 @@ def collect() -> dict[str, Any]:
             "nccl": dist.is_available() and dist.is_nccl_available(),
         },
         "environment": _environment(),
-        "precision_default": "bf16 autocast" if torch.cuda.is_available() else "fp32 (CPU)",
+        "precision_default": "fp32 (CPU)",
     }
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -95,9 +96,16 @@ def collect() -> dict[str, Any]:
                     "name": props.name,
                     "capability": f"{props.major}.{props.minor}",
                     "memory_gib": round(props.total_memory / 2**30, 1),
-                    "bf16": torch.cuda.is_bf16_supported(),
+                    # this GPU's own bf16 arithmetic (sm_80 on): torch.cuda.is_bf16_supported()
+                    # asks about the current GPU only, and says yes where bf16 is emulated
+                    "bf16": props.major >= 8 or torch.version.hip is not None,
                 }
             )
+        # what train.precision=auto picks for a single process (its GPU is cuda:0)
+        amp = resolve_precision("auto", torch.device("cuda", 0))
+        report["precision_default"] = (
+            "bf16 autocast" if amp == torch.bfloat16 else "fp16 autocast with loss scaling"
+        )
     return report
 
 

@@ -685,6 +685,13 @@ def _device(text: str) -> torch.device:
         raise GenerateError(f"--device: unknown device {text!r} (auto, cpu, cuda)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GenerateError("--device cuda: no CUDA device here")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:  # else CUDA's "invalid device ordinal", a traceback
+            raise GenerateError(
+                f"--device {text}: this machine has {count} visible GPU(s) "
+                f"(cuda:0 to cuda:{count - 1})"
+            )
     return device
 
 

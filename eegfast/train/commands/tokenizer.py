@@ -165,7 +165,9 @@ def codebook_summary(
     model.eval()
     try:
         with torch.no_grad():
-            for _, batch in iterate_batches(data, chosen.astype(int).tolist(), 64):
+            windows = chosen.astype(int).tolist()
+            pin = device.type == "cuda"  # pinned on a GPU, as fit's batches
+            for _, batch in iterate_batches(data, windows, 64, pin_memory=pin):
                 batch = to_device(batch, device)
                 codes = model.get_codebook_indices(
                     batch["x"],
