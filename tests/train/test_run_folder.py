@@ -535,3 +535,11 @@ def test_overwrite_sets_the_earlier_run_aside_until_the_new_one_has_written(tmp_
         (out / "config.yaml").write_text("new: 1\n")
     assert not (out / "metrics.csv").exists() and not (out / "fold1").exists()
     assert not list(out.glob(".replaced-*")) and (out / "config.yaml").is_file()
+
+
+def test_the_finished_line_counts_steps_in_english():
+    from types import SimpleNamespace
+
+    done = [SimpleNamespace(step=n, checkpoint=Path("c"), resumed_from=None) for n in (1, 2)]
+    assert common.finished_message(done[0], "trained") == "trained for 1 step; checkpoint c"
+    assert common.finished_message(done[1], "trained") == "trained for 2 steps; checkpoint c"

@@ -495,4 +495,5 @@ def finished_message(result, what: str) -> str:
     ``already complete at step N; checkpoint P``."""
     if result.checkpoint is None and result.resumed_from is not None:
         return f"already complete at step {result.step}; checkpoint {result.resumed_from}"
-    return f"{what} for {result.step} steps; checkpoint {result.checkpoint}"
+    steps = "1 step" if result.step == 1 else f"{result.step} steps"
+    return f"{what} for {steps}; checkpoint {result.checkpoint}"
