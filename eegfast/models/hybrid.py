@@ -176,7 +176,8 @@ def _patch_tokens(student: nn.Module, x: torch.Tensor, padding: torch.Tensor | N
     per_patch = x.transpose(1, 2).reshape(B * A, C, 1, T)
     mask = None if padding is None else padding.repeat_interleave(A, dim=0)  # (B·A, C·1)
     tokens = student.patch_embed(per_patch, mask)  # (B·A, C, E)
-    return tokens.reshape(B, A, C, -1).transpose(1, 2).reshape(B, C * A, -1)
+    E = tokens.shape[-1]  # not -1 in the reshapes: an empty batch (B = 0) made it ambiguous
+    return tokens.reshape(B, A, C, E).transpose(1, 2).reshape(B, C * A, E)
 
 
 def embed_tokens(
@@ -245,11 +246,15 @@ def forecast_features(
     *,
     channel_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Block-causal pass of the student: x (B, C, A, T) -> normed patch features (B, C, A, E).
+    """Block-causal pass of the student: x (B, C, A, T) or (B, C, A·T) -> normed patch
+    features (B, C, A, E).
 
     Output (c, a) depends only on patches 0..a (all electrodes) of x.
     channel_padding_mask: (B, C) bool, True = padded electrode (ignored as a key).
     """
+    # checked as the models check x: a (B, C, A·T) signal failed with "not enough values to
+    # unpack", and patches of another length deep in the patch embedding's reshape
+    x = _check_signal(x, student.config.patch_size)
     B, C, A, _ = x.shape
     check_causal_routing(student)
     h = embed_tokens(student, x, input_chans, channel_padding_mask=channel_padding_mask)
@@ -272,7 +277,7 @@ def forecast_features(
         else:
             h = block(h, key_padding_mask=key_padding, block_causal=ids)
     h = student.norm(h)
-    return h[:, 1:].reshape(B, C, A, -1)
+    return h[:, 1:].reshape(B, C, A, h.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -645,7 +650,7 @@ def _prefill(
         cache.key_padding = token_padding_mask(padding, A)  # (B, N); cls never padded
         visible = visible[None, None] & ~cache.key_padding[:, None, None, :]  # (B, 1, N, N)
     out = _blocks_step(student, h, cache, visible)
-    return out[:, 1:].reshape(B, C, A, -1)[:, :, -1]
+    return out[:, 1:].reshape(B, C, A, out.shape[-1])[:, :, -1]
 
 
 def _extend(

@@ -58,7 +58,8 @@ def upcycle(
             weight tensor (0: exact copies, so the model's outputs do not change).
         num_tasks, task_routing, capacity_factor: task-aware routing and capacity (MoEFFN).
             Slots dropped by a capacity factor contribute nothing, so with one the outputs
-            equal the dense model's only where no slot is dropped.
+            equal the dense model's only where no slot is dropped, and a sample's outputs
+            depend on the rest of its batch (in eval too; see MoEFFN).
         generator: for the noise.
     Returns:
         ``model`` (modified in place).

@@ -87,7 +87,9 @@ class MoEFFN(nn.Module):
             ``ceil(c * T * k / E)`` slots (T: the real, non-padding tokens), earliest tokens
             first; the others are dropped (their gate contribution is 0, the residual path
             carries the token) and counted in ``last_aux.dropped``. Dropped slots cost no
-            expert FLOPs.
+            expert FLOPs. T and the order are those of the whole call, in eval mode too: a
+            sample's output then depends on the other samples of its batch and on its tokens'
+            order (electrode order); keep None where it must not (batched inference).
         jitter_eps: multiplicative router-input noise ``U(1 - eps, 1 + eps)`` in training.
         drop: dropout on the output (the dense Mlp's ``drop``). Only there: the fused expert
             FFN has no dropout between its two products, where the reference / timm Mlp
