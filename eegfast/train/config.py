@@ -49,7 +49,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     warmup_steps: int = 0
-    warmup_fraction: float = 0.1  # used when warmup_steps is 0
+    # used when warmup_steps is 0; a resume keeps the warm-up's length in steps that the run
+    # had (a longer train.max_steps does not restart it) unless optim.warmup_* changes
+    warmup_fraction: float = 0.1
     layer_decay: float = 1.0  # < 1: layer-wise lr decay (fine-tuning)
     clip_grad: float = 3.0  # 0 disables clipping
     fused: str = "auto"  # auto (fused AdamW on CUDA and CPU) | true | false
@@ -58,7 +60,9 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 1
-    max_steps: int = 0  # optimiser steps; 0 = epochs x steps per epoch
+    # optimiser steps; 0 = epochs x steps per epoch (a resume trains the epochs left, in the
+    # steps an epoch has now: another batch_size or more data change it)
+    max_steps: int = 0
     batch_size: int = 32  # global samples per optimiser step (all ranks, all micro-batches)
     grad_accum: int = 1
     # auto (bf16 on GPUs of sm_80 on, fp16 with loss scaling on older ones, fp32 on CPU) |

@@ -30,11 +30,21 @@ longer change.
 A run resumed from a checkpoint older than the newest in its folder continues from there: the
 newer checkpoints (of the run it abandons) are moved to ``checkpoints/abandoned-after-step-S``
 with a warning, as its logs after that step are dropped (see :mod:`eegfast.train.runlog`).
+
+A resume with other settings (each named in a warning) trains to ``train.max_steps``, or else
+the epochs left of ``train.epochs`` (counted in the new batches an epoch, after another
+``train.batch_size`` or into more or fewer training windows); the warm-up keeps its length in
+steps unless ``optim.warmup_*`` changes, and the cosine spans the new length. A checkpoint in
+the middle of an epoch continues it exactly after another ``train.grad_accum``, number of
+processes or ``data.num_workers``; after another ``train.batch_size`` or ``train.seed``, or
+other training windows, the epoch's batches are cut otherwise and it goes on after the same
+share of them, with a warning (some windows twice in that epoch, others not at all).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -486,6 +496,38 @@ def fit(
         )
     if resume:  # (the same on every rank, so every rank joins the check's all-gather)
         _same_checkpoint_on_every_rank(resume_from, state, run_dir, info)
+    # The warm-up's length in optimiser steps (as build_scheduler takes it from optim.*).
+    warmup_steps = optim_cfg.warmup_steps or int(round(optim_cfg.warmup_fraction * total_steps))
+    resume_notes: list[str] = []  # warnings for rank 0 to give once the resume is known to fit
+    start_batch = 0  # the micro-batch of its epoch the run starts at
+    if state is not None:
+        saved_config = ckpt.checkpoint_meta(resume_from).get("config")
+        changes = config_changes(saved_config, config_to_dict(config))
+        start_batch, note = _resumed_start_batch(state, saved_config, sampler, steps_per_epoch)
+        resume_notes += [f"resuming {resume_from} {note}"] if note else []
+        if not train_cfg.max_steps:
+            # train.epochs counts epochs, not the steps of this run's epochs: a resume after
+            # another batch size or into more (fewer) training windows, whose epochs have
+            # other numbers of steps, trains the epochs left (it had stopped at once, or
+            # trained more epochs than asked).
+            left = (train_cfg.epochs - state["epoch"]) * steps_per_epoch - start_batch // accum
+            total_steps = max(state["step"], state["step"] + left)
+        saved_warmup = state.get("warmup_steps")
+        old_optim = (saved_config or {}).get("optim") or {}
+        if saved_warmup is not None and all(
+            old_optim.get(key) == getattr(optim_cfg, key)
+            for key in ("warmup_steps", "warmup_fraction")
+        ):
+            # A longer run (train.max_steps, more epochs or data) keeps the warm-up it had:
+            # optim.warmup_fraction of the new length restarted it at a lower lr.
+            warmup_steps = saved_warmup
+        if not changes and state.get("total_steps") not in (None, total_steps):
+            resume_notes.append(
+                f"resuming {resume_from}: the run is {total_steps} optimiser steps long now, "
+                f"{state['total_steps']} when it was saved (the training data changed: "
+                f"{state.get('epoch_batches')} -> {steps_per_epoch} batches an epoch); its "
+                "learning-rate schedule is rebuilt for the new length"
+            )
 
     model.to(device)
     if train_cfg.activation_checkpointing:
@@ -503,14 +545,16 @@ def fit(
         model.compile()
         restore_recompile_limit = _allow_a_graph_per_group(len(set(group_keys)))
     optimizer = build_optimizer(raw_model, optim_cfg, device)
-    scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
+    scheduler = build_scheduler(
+        optimizer,
+        dataclasses.replace(optim_cfg, warmup_steps=warmup_steps, warmup_fraction=0.0),
+        total_steps,
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    step, epoch, start_batch = 0, 0, 0
+    step, epoch = 0, 0
     window: dict[str, list[float]] = {}  # per-step scalars since the last log point
     if resume_from is not None:
-        saved_config = ckpt.checkpoint_meta(resume_from).get("config")
-        changes = config_changes(saved_config, config_to_dict(config))
         # Before any load (every rank, before any collective): a model of other settings got
         # torch's size-mismatch RuntimeError, a traceback that named neither cause.
         with _naming_an_earlier_checkpoint(resume, resume_from, checkpoint_dir):
@@ -552,10 +596,7 @@ def fit(
             # _seed_rank_streams): another rank's saved stream would make this rank's
             # stochastic depth and dropout a copy of that rank's; it draws its own instead
             _seed_rank_streams(train_cfg.seed, info.rank)
-        step, epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
-        # The position counts micro-batches of the saved run's accumulation; a resume with
-        # another train.grad_accum continues after the same global batches.
-        start_batch = start_batch // state.get("grad_accum", accum) * accum
+        step, epoch = state["step"], state["epoch"]  # (start_batch: _resumed_start_batch)
         # The scalars of the steps since the last log point before the checkpoint, so that the
         # next log point averages the same steps as in the run that was not interrupted (each
         # rank its own; a run on another number of processes starts the window afresh).
@@ -573,6 +614,8 @@ def fit(
                 "schedule is rebuilt for them)",
                 stacklevel=2,
             )
+        for note in resume_notes if info.is_main else []:
+            warnings.warn(note, stacklevel=2)
         if info.is_main:  # the one process that writes the checkpoint folder
             # Left where they are, --resume auto, the best checkpoint and keep_last would mix
             # the abandoned run's later steps with this run's.
@@ -626,6 +669,15 @@ def fit(
     # Seconds spent in save() (validation, checkpoint writing): not training time, left out of
     # train/samples_per_s (each checkpoint's validation had pulled the rate down for good).
     not_training = 0.0
+
+    digests: dict[int, str] = {}
+
+    def epoch_digest(of_epoch: int) -> str:
+        """The sampler's digest of epoch ``of_epoch`` (the one it is in), once an epoch."""
+        if of_epoch not in digests:
+            digests.clear()
+            digests[of_epoch] = sampler.epoch_digest()
+        return digests[of_epoch]
 
     def read_pending() -> None:
         """Read the pending steps' scalars back, stop at the first non-finite loss (or gradient
@@ -742,6 +794,12 @@ def fit(
                 "batch_in_epoch": batch_in_epoch,  # micro-batches of grad_accum
                 "grad_accum": accum,
                 "log_window": windows,  # each rank's scalars since the last log point
+                # what a resume with other batches, data or length needs (_resumed_start_batch)
+                "epoch_batches": steps_per_epoch,  # global batches an epoch
+                "epoch_items": len(group_keys),
+                "epoch_digest": epoch_digest(save_epoch) if batch_in_epoch else None,
+                "total_steps": total_steps,
+                "warmup_steps": warmup_steps,
             }
             path = ckpt.save_checkpoint(
                 checkpoint_dir,
@@ -939,6 +997,59 @@ def config_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[st
         for key in sorted(old.keys() & new.keys())
         if key not in _RESUME_NEUTRAL and old[key] != new[key]
     ]
+
+
+def _resumed_start_batch(
+    state: dict[str, Any],
+    saved_config: dict[str, Any] | None,
+    sampler: EpochBatchSampler,
+    steps_per_epoch: int,
+) -> tuple[int, str | None]:
+    """The micro-batch of its epoch (``state["epoch"]``) that a resume from the training state
+    ``state`` starts at, and a warning for a position that cannot be continued exactly.
+
+    The saved position counts micro-batches of the saved run's accumulation: another
+    train.grad_accum continues after the same global batches. Where the epoch's batches are
+    not the saved run's (another train.batch_size or train.seed, training windows added or
+    removed: the sampler's epoch digest differs), that count of old batches had skipped or
+    repeated part of the epoch (with a larger batch size, all of its rest): the epoch goes on
+    after the same share of its new batches instead, with a warning."""
+    accum = sampler.micro_batches
+    epoch = state["epoch"]
+    done = state["batch_in_epoch"] // state.get("grad_accum", accum)  # global batches
+    if done == 0:
+        return 0, None
+    sampler.set_epoch(epoch)
+    old = (saved_config or {}).get("train") or {}
+    saved_digest, saved_batches = state.get("epoch_digest"), state.get("epoch_batches")
+    if saved_digest is None:  # a checkpoint from before digests: its settings tell
+        before = EpochBatchSampler(
+            sampler.group_keys,
+            old.get("batch_size", sampler.global_batch),
+            seed=old.get("seed", sampler.seed),
+        )
+        before.set_epoch(epoch)
+        if (before.global_batch, before.seed) == (sampler.global_batch, sampler.seed):
+            return done * accum, None
+        saved_digest, saved_batches = before.epoch_digest(), len(before.global_batches())
+    if saved_digest == sampler.epoch_digest():
+        return done * accum, None
+    why = [
+        f"train.{key}: {old[key]!r} -> {now!r}"
+        for key, now in (("batch_size", sampler.global_batch), ("seed", sampler.seed))
+        if key in old and old[key] != now
+    ]
+    items = state.get("epoch_items")
+    if items is not None and items != len(sampler.group_keys):
+        why.append(f"{items} -> {len(sampler.group_keys)} training windows")
+    share = done * steps_per_epoch // max(saved_batches or 1, 1)
+    return share * accum, (
+        f"after batch {done} of {saved_batches} of epoch {epoch}, whose batches are "
+        f"cut otherwise now ({'; '.join(why) or 'the training windows changed'}): the epoch "
+        f"goes on after {share} of its {steps_per_epoch} batches, the same share, so some of "
+        "its windows are trained on twice and others not at all in this epoch (a checkpoint "
+        "at an epoch's end resumes exactly)"
+    )
 
 
 @contextlib.contextmanager

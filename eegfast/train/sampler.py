@@ -11,8 +11,10 @@ run continues with the very next batch.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Hashable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 
@@ -102,6 +104,17 @@ class EpochBatchSampler:
             order = torch.randperm(len(batches), generator=generator).tolist()
             batches = [batches[i] for i in order]
         return batches
+
+    def epoch_digest(self) -> str:
+        """A digest of this epoch's global batches: which items, cut how, in which order. Two
+        samplers' positions in an epoch mean the same batches only where their digests match
+        (not so after a change of ``global_batch``, ``seed`` or the items and their groups;
+        ``micro_batches`` and ``world_size`` do not change it)."""
+        batches = self.global_batches()
+        digest = hashlib.sha256(np.array([len(b) for b in batches], dtype=np.int64).tobytes())
+        for batch in batches:
+            digest.update(np.asarray(batch, dtype=np.int64).tobytes())
+        return digest.hexdigest()
 
     def micro_batches_of_epoch(self) -> list[list[int]]:
         """Every micro-batch of the epoch, whole (before the split over ranks)."""
