@@ -16,6 +16,8 @@ weighted F1 for multi-class), mean ± std over folds, CSV + JSON + Markdown repo
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -1108,12 +1110,15 @@ def write_outputs(
     from eegfast.train import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["fold,variant,task,metric,value"]
-    lines += [
-        f"{r['fold']},{r['variant']},{r['task']},{r['metric']},{r['value']:.6g}"
-        for r in result.rows
-    ]
-    write_text_atomic(out_dir / "results.csv", "\n".join(lines) + "\n")
+    # csv quotes a task named after a folder like "Patients, 2023" (joined by hand, its comma
+    # split the row into six fields)
+    buffer = io.StringIO()
+    table = csv.writer(buffer, lineterminator="\n")
+    table.writerow(["fold", "variant", "task", "metric", "value"])
+    table.writerows(
+        [r["fold"], r["variant"], r["task"], r["metric"], f"{r['value']:.6g}"] for r in result.rows
+    )
+    write_text_atomic(out_dir / "results.csv", buffer.getvalue())
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(log_dir=str(out_dir / "tensorboard")) as writer:  # step = fold
@@ -1210,14 +1215,22 @@ def write_outputs(
         preds = [p for p in result.predictions if p["task"] == task]
         if "auc_pr" not in metrics or len(data.label_names[task]) != 2 or not preds:
             continue
-        # one variant's test windows over its folds: every variant is tested on the same ones
-        tested = np.concatenate([p["y"] for p in preds if p["variant"] == preds[0]["variant"]])
-        share = float(np.mean(tested == 1))
-        if 0 < share < 1:  # (one class tested: AUROC and AUC-PR are undefined, n/a)
+        # One variant's folds (every variant is tested on the same windows). The table's AUC-PR
+        # is the mean over the folds that test both classes (elsewhere it is NaN), so its chance
+        # is the mean of those folds' shares: the pooled share also counted the windows of a
+        # fold testing one class, and weighed folds by their size.
+        shares = [
+            float(np.mean(p["y"] == 1))
+            for p in preds
+            if p["variant"] == preds[0]["variant"] and 0 < np.mean(p["y"] == 1) < 1
+        ]
+        if shares:  # (none: one class tested in every fold, AUROC and AUC-PR are n/a)
+            over = "" if len(shares) == 1 else ", the mean over the folds that test both classes"
             chance.append(
                 f"- `{task}`: AUROC, AUC-PR and the ROC curves take "
                 f"`{data.label_names[task][1]}` as the positive class; AUC-PR at chance is its "
-                f"share of the test windows, {share:.3f} (0.5 for AUROC and balanced accuracy)."
+                f"share of the test windows, {np.mean(shares):.3f}{over} (0.5 for AUROC and "
+                "balanced accuracy)."
             )
     if chance:
         md += ["", *chance]
