@@ -99,7 +99,7 @@ def test_classes_numbered_otherwise_give_the_same_scores(runs, tmp_path):
         tuple(r[k] for k in key) for r in _rows(reordered / "predictions.csv")
     ]
     # which probability is which class: the model's order, named in the file
-    assert {r["classes"] for r in _rows(reordered / "predictions.csv")} == {"rest task"}
+    assert {r["classes"] for r in _rows(reordered / "predictions.csv")} == {'["rest", "task"]'}
     assert _metrics(natural) == _metrics(reordered)
 
 
@@ -204,3 +204,29 @@ def test_a_task_asked_for_that_the_model_has_no_head_for_is_refused(runs, tmp_pa
     err = capsys.readouterr().err.strip()
     assert f"--tasks other: --model {runs['model']} has no head for it (its heads: arith)" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "ev" / "report.md").exists()
+
+
+def test_predictions_csv_names_classes_holding_spaces_readably(tmp_path):
+    """Class names from annotations often hold spaces ("Sleep stage W"): joined with spaces,
+    the ``classes`` column could not be split back into the names its probabilities follow."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from eegfast.train.commands.evaluate import write_predictions
+
+    names = ["Sleep stage W", "Sleep stage 1", "REM"]
+    recording = {"starts": [0, 800]}
+    data = SimpleNamespace(
+        dataset=SimpleNamespace(recordings=[recording]),
+        label_names={"sleep": names},
+        items=[SimpleNamespace(recording="r.edf", subject="s1", label=i) for i in (0, 2)],
+    )
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    path = write_predictions(tmp_path / "p.csv", data, [("sleep", np.arange(2), probs)])
+    rows = _rows(path)
+    for row in rows:
+        classes = json.loads(row["classes"])
+        assert classes == names
+        assert len(row["probabilities"].split()) == len(classes)
+    assert [r["predicted"] for r in rows] == ["Sleep stage W", "REM"]

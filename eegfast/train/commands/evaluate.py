@@ -33,6 +33,7 @@ import argparse
 import csv
 import dataclasses
 import io
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -177,7 +178,8 @@ def write_predictions(
     recording and start in seconds (as ``eegfast predict`` writes them, so that the two files
     line up), label and predicted class names, the class probabilities (space-separated, in
     the task's class order: ``data.label_names``, the model's classes) and that order
-    (``classes``, the class names space-separated, so the file says which column is which).
+    (``classes``, the class names as a JSON list, so the file says which column is which: class
+    names taken from annotations often hold spaces, "Sleep stage W").
 
     scored: (task, window indices (n,), probabilities (n, classes)) per task.
     """
@@ -190,7 +192,7 @@ def write_predictions(
     )
     for task, indices, probs in scored:
         names = data.label_names[task]
-        order = " ".join(names)
+        order = json.dumps(list(names), ensure_ascii=False)
         for index, row in zip(indices, probs, strict=True):
             item = data.items[int(index)]
             window, start_s = positions[int(index)]
