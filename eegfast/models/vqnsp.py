@@ -168,6 +168,15 @@ class VQNSP(nn.Module):
                     nn.init.trunc_normal_(module.weight, std=0.02)
                     nn.init.zeros_(module.bias)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each encoder and decoder block in the backward pass instead of storing
+        its activations (``train.activation_checkpointing``). Without this method the engine
+        replaced each block's ``forward`` on the instance by a closure over the block: a copy
+        of the model (``copy.deepcopy``, an EMA or ``AveragedModel``) then ran the original's
+        blocks, with the original's weights, and ``torch.save(model)`` could not pickle it."""
+        self.encoder.set_grad_checkpointing(enable)
+        self.decoder.set_grad_checkpointing(enable)
+
     def encode_features(
         self, x: torch.Tensor, input_chans=None, *, channel_padding_mask=None
     ) -> torch.Tensor:
@@ -251,7 +260,8 @@ class VQNSP(nn.Module):
         Never updates the codebook (safe to call in training mode on a frozen tokenizer).
         Non-finite encoder features of a real patch raise FloatingPointError where the
         quantizer checks them (``quantize.check_finite``; None: on CPU tensors), as in
-        ``forward``, instead of giving index -1, which reads as padding.
+        ``forward``, instead of giving index -1, which reads as padding (under torch.compile
+        on CPU: RuntimeError, from a check in the graph).
         """
         z = self.encode_features(x, input_chans, channel_padding_mask=channel_padding_mask)
         B, P, D = z.shape
@@ -265,7 +275,15 @@ class VQNSP(nn.Module):
         check = self.quantize.check_finite
         if check if check is not None else flat.device.type == "cpu":
             missing = indices < 0 if padding is None else (indices < 0) & ~padding
-            if bool(missing.any()):
+            if torch.compiler.is_compiling() and flat.device.type == "cpu":
+                # traced, the host read below would break the graph: checked in the graph
+                # (a RuntimeError instead, without the count)
+                torch._assert_async(
+                    ~missing.any(),
+                    "get_codebook_indices: patches have non-finite encoder features (NaN or "
+                    "inf in x, or an overflow)",
+                )
+            elif bool(missing.any()):
                 raise FloatingPointError(
                     f"get_codebook_indices: {int(missing.sum())} of {missing.numel()} patches "
                     "have non-finite encoder features (NaN or inf in x, or an overflow)"

@@ -105,7 +105,10 @@ class MoEFFN(nn.Module):
         task_bias       (num_tasks, E)       # task_routing="bias", num_tasks > 0
         task_embed      (num_tasks, dim)     # task_routing="embedding", num_tasks > 0
 
-    After each forward, ``last_aux`` holds a :class:`MoEAux`.
+    After each forward, ``last_aux`` holds a :class:`MoEAux`. That write is a side effect,
+    which torch.compile refuses inside an activation-checkpointed block (a graph break per
+    block) unless ``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint`` is
+    True, as :func:`eegfast.train.fit` sets it while it trains such a model.
     """
 
     def __init__(

@@ -142,6 +142,11 @@ class CodebookEMA(nn.Module):
         return f"num_codes={self.weight.shape[0]}, code_dim={self.weight.shape[1]}"
 
 
+_NON_FINITE_INPUT = (
+    "NormEMAVectorQuantizer: input vectors contain NaN or inf; the encoder output is not finite"
+)
+
+
 class NormEMAVectorQuantizer(nn.Module):
     """Cosine vector quantizer with an EMA-updated, l2-normalised codebook.
 
@@ -169,7 +174,8 @@ class NormEMAVectorQuantizer(nn.Module):
             index -1. The check reads the indices back: on a GPU a wait for the device at every
             call. None (the default): on CPU tensors only; on a GPU such rows still get index
             -1, stay out of the EMA update and make the loss non-finite, which the training
-            loop reports at its next read-back.
+            loop reports at its next read-back. Under torch.compile on CPU the check runs in
+            the graph (no graph break) and raises RuntimeError instead.
         device: where the codebook and its EMA state live.
         dtype: None or torch.float32: they are float32 in a model of any dtype.
     """
@@ -270,7 +276,11 @@ class NormEMAVectorQuantizer(nn.Module):
         indices = vq_nearest(flat.detach(), codebook, "cosine")
         check = flat.device.type == "cpu" if self.check_finite is None else self.check_finite
         missing = (indices < 0) if keep is None else (indices < 0) & keep
-        if check and bool(missing.any()):
+        if check and torch.compiler.is_compiling() and flat.device.type == "cpu":
+            # Traced, the host read below breaks the graph at every step: the check runs in
+            # the graph instead (a RuntimeError with this message, without the count).
+            torch._assert_async(~missing.any(), _NON_FINITE_INPUT)
+        elif check and bool(missing.any()):
             bad = int(missing.sum())
             raise FloatingPointError(
                 f"NormEMAVectorQuantizer: {bad} of {indices.numel()} input vectors contain NaN "

@@ -294,6 +294,32 @@ def _allow_a_graph_per_group(groups: int) -> Callable[[], None]:
     return lambda: setattr(config, name, before)
 
 
+def _compiled_training_settings(groups: int, checkpointing: bool) -> Callable[[], None]:
+    """Dynamo's settings while :func:`fit` trains a compiled model; returns what restores them.
+
+    The recompile limit covers ``groups`` batch groups (:func:`_allow_a_graph_per_group`).
+    With activation checkpointing (``checkpointing``), side effects in the forward of a
+    checkpointed block are traced (``skip_fwd_side_effects_in_bwd_under_checkpoint``): an MoE
+    layer keeps its aux losses and routing statistics on the module (``MoEFFN.last_aux``, which
+    the step adds to its loss), and dynamo's checkpoint operator refused that write, a graph
+    break in every upcycled block at every step. Eager checkpointing writes them once more when
+    the backward recomputes the block (the same values); compiled, once, in the forward.
+    """
+    restore_limit = _allow_a_graph_per_group(groups)
+    config = torch._dynamo.config
+    name = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    if not checkpointing or not hasattr(config, name):  # (a PyTorch without the setting)
+        return restore_limit
+    patch = config.patch({name: True})
+    patch.__enter__()
+
+    def restore() -> None:
+        patch.__exit__(None, None, None)
+        restore_limit()
+
+    return restore
+
+
 @contextlib.contextmanager
 def recompile_allowance(groups: int) -> Iterator[None]:
     """Inside, dynamo's recompile limit covers ``groups`` batch groups as during :func:`fit`:
@@ -540,10 +566,8 @@ def fit(
         strategy=train_cfg.strategy,
         find_unused_parameters=find_unused_parameters,
     )
-    restore_recompile_limit = None
     if train_cfg.compile:
         model.compile()
-        restore_recompile_limit = _allow_a_graph_per_group(len(set(group_keys)))
     optimizer = build_optimizer(raw_model, optim_cfg, device)
     scheduler = build_scheduler(
         optimizer,
@@ -826,6 +850,13 @@ def fit(
             path = checkpoint_dir / f"step-{step:08d}"
         return path
 
+    # Only here, where the try below restores them: a resume refused above (other weights or
+    # optimiser groups) had left them changed for the rest of the process.
+    restore_compile_settings = None
+    if train_cfg.compile:
+        restore_compile_settings = _compiled_training_settings(
+            len(set(group_keys)), train_cfg.activation_checkpointing
+        )
     model.train()
     try:
         while step < total_steps:
@@ -955,8 +986,8 @@ def fit(
     finally:
         bar.close()
         logger.close()
-        if restore_recompile_limit is not None:
-            restore_recompile_limit()
+        if restore_compile_settings is not None:
+            restore_compile_settings()
     result.step, result.epoch = step, epoch
     return result
 
