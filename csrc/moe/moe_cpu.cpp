@@ -51,8 +51,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_dispatch_cpu(
   int64_t* count = counts.data_ptr<int64_t>();
   for (int64_t s = 0; s < S; ++s) {
     const int64_t e = e_of[s];
-    TORCH_CHECK(e >= 0 && e < num_experts, "moe_dispatch: expert_idx holds ", e,
-                ", outside [0, num_experts = ", num_experts, ")");
+    TORCH_CHECK_VALUE(e >= 0 && e < num_experts, "moe_dispatch: expert_idx holds ", e,
+                      ", outside [0, num_experts = ", num_experts, ")");
     ++count[e];
   }
   int64_t* offset = offsets.data_ptr<int64_t>();

@@ -332,8 +332,8 @@ std::tuple<at::Tensor, at::Tensor> vq_code_stats_cpu(const at::Tensor& z,
   const at::Tensor idx = indices.contiguous();
   const int64_t* code_of = idx.data_ptr<int64_t>();
   for (int64_t n = 0; n < N; ++n)
-    TORCH_CHECK(code_of[n] >= -1 && code_of[n] < num_codes, "vq_code_stats: indices[", n,
-                "] = ", code_of[n], " is outside [-1, num_codes = ", num_codes, ")");
+    TORCH_CHECK_VALUE(code_of[n] >= -1 && code_of[n] < num_codes, "vq_code_stats: indices[", n,
+                      "] = ", code_of[n], " is outside [-1, num_codes = ", num_codes, ")");
   const float* zp = z32.data_ptr<float>();
   float* cp = counts.data_ptr<float>();
   float* sp = sums.data_ptr<float>();
