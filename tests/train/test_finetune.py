@@ -548,3 +548,22 @@ def test_evaluate_knows_training_windows_of_a_recording_prepared_from_another_pa
     old = {"train_recordings": ["/data/Subject00_1.edf"]}
     assert training_windows(old, data, indices).tolist() == [0, 2]
     assert training_windows({}, data, indices).tolist() == []
+
+
+def test_metrics_of_a_fold_testing_some_classes_only_raise_no_warning():
+    """A fold that tests one class (or predicts classes it does not test) is common in
+    subject-wise folds; the reports say what that means, and scikit-learn's warnings at every
+    such fold were noise in the command's output."""
+    import warnings
+
+    cases = [
+        ([0, 0, 0], [[0.6, 0.3, 0.1], [0.6, 0.3, 0.1], [0.8, 0.1, 0.1]], 3),
+        ([0, 0, 0], [[0.6, 0.4], [0.3, 0.7], [0.8, 0.2]], 2),
+        ([0, 0, 1], [[0.6, 0.3, 0.1], [0.3, 0.6, 0.1], [0.1, 0.1, 0.8]], 3),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = [classification_metrics(y, np.array(p), k) for y, p, k in cases]
+    assert got[0]["balanced_accuracy"] == 1.0 and math.isnan(got[0]["cohen_kappa"])
+    assert got[1]["balanced_accuracy"] == pytest.approx(2 / 3) and math.isnan(got[1]["auroc"])
+    assert got[2]["balanced_accuracy"] == pytest.approx(0.25)

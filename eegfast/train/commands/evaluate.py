@@ -34,7 +34,6 @@ import csv
 import dataclasses
 import io
 import json
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -473,17 +472,15 @@ def _main(args: argparse.Namespace) -> int:
                     )
                     say(runtime, f"note: {note}")
                     notes.append(note)
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", "y_pred contains classes not in y_true")
-                    _record(
-                        result,
-                        0,
-                        "single" if len(heads) == 1 else "multitask",
-                        task,
-                        data,
-                        indices,
-                        probs,
-                    )
+                _record(
+                    result,
+                    0,
+                    "single" if len(heads) == 1 else "multitask",
+                    task,
+                    data,
+                    indices,
+                    probs,
+                )
                 scored.append((task, indices, probs))
                 if load is not None:
                     result.expert_load.setdefault(task, []).append(load)
