@@ -1170,7 +1170,9 @@ def write_outputs(
                 )
     if roc:
         positive = {task: data.label_names[task][1] for task in roc}
-        figures["ROC curves"] = plots.roc_curves(roc, out_dir / "roc_curves.png", positive).name
+        figures["ROC curves"] = plots.roc_curves(
+            roc, out_dir / "roc_curves.png", positive, pooled=not fixed_model
+        ).name
     if result.expert_load:
         loads = {t: np.mean(v, axis=0) for t, v in result.expert_load.items()}
         figures["expert load per task"] = plots.expert_load(loads, out_dir / "expert_load.png").name

@@ -98,10 +98,13 @@ def roc_curves(
     curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
     path: Path,
     positive: Mapping[str, str] | None = None,
+    *,
+    pooled: bool = True,
 ) -> Path:
     """{task: {label: (y_true, p_positive)}} for binary tasks -> one panel per task;
     ``positive``: {task: name of the positive class (label 1)}, shown in the panel's title
-    (a true positive rate of an unnamed class cannot be read)."""
+    (a true positive rate of an unnamed class cannot be read); ``pooled``: the scores are
+    cross-validation folds' pooled (said in the titles), not one model's."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     plt = _pyplot()
@@ -117,7 +120,7 @@ def roc_curves(
         ax.set_ylabel("true positive rate")
         name = (positive or {}).get(task)
         title = task if name is None else f"{task}, positive class: {name}"
-        ax.set_title(f"{title}\n(pooled over folds)", fontsize=10)
+        ax.set_title(f"{title}\n(pooled over folds)" if pooled else title, fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
 

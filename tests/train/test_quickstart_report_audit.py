@@ -27,9 +27,9 @@ def drawn(monkeypatch):
     return figures
 
 
-def _arithmetic_like(tmp_path):
+def _arithmetic_like(tmp_path, *, fixed_model=False):
     """The quickstart's arithmetic task in miniature: rest 3:1 against arithmetic (class 1),
-    two subjects, each tested in one fold."""
+    two subjects, each tested in one fold; ``fixed_model``: its report as `evaluate`'s."""
     labels = [0, 0, 0, 1] * 4
     subjects = ["s0"] * 8 + ["s1"] * 8
     items = [
@@ -45,7 +45,7 @@ def _arithmetic_like(tmp_path):
         for variant in ("multitask", "single", "band_power"):
             p = rng.random(len(test))
             _record(result, fold, variant, "arithmetic", data, test, np.stack([1 - p, p], 1))
-    return write_outputs(result, data, tmp_path, title="t"), data
+    return write_outputs(result, data, tmp_path, title="t", fixed_model=fixed_model), data
 
 
 def test_report_names_the_positive_class_and_the_chance_auc_pr(tmp_path, drawn):
@@ -148,3 +148,13 @@ def test_pretraining_loss_plot_gives_each_loss_its_own_axis(tmp_path, drawn):
     _quickstart_report(tmp_path)
     titles = [ax.get_title() for ax in drawn["pretraining_loss.png"].axes]
     assert titles == ["tokenizer", "masked pretraining"]
+
+
+def test_roc_panel_says_pooled_over_folds_only_for_cross_validation(tmp_path, drawn):
+    """`eegfast evaluate` scores one trained model: its ROC panel said "(pooled over folds)"."""
+    _arithmetic_like(tmp_path / "cv")
+    (panel,) = drawn["roc_curves.png"].axes
+    assert "pooled over folds" in panel.get_title()
+    _arithmetic_like(tmp_path / "one", fixed_model=True)
+    (panel,) = drawn["roc_curves.png"].axes
+    assert "pooled" not in panel.get_title() and "positive class: arithmetic" in panel.get_title()
