@@ -1093,6 +1093,12 @@ def _json_numbers(value: Any) -> Any:
     return value
 
 
+def _table_cell(text: str) -> str:
+    """``text`` in a Markdown table cell: a ``|`` in it (a task named after a folder) would
+    end the cell and shift the row's columns."""
+    return text.replace("|", "\\|")
+
+
 def write_outputs(
     result: CVResult,
     data: TrainData,
@@ -1209,7 +1215,8 @@ def write_outputs(
                 else:
                     cells.append(_fmt_folds(*value, n_folds))
             folds = "" if fixed_model else f" {n_folds} |"
-            md.append(f"| {task} | {VARIANT_NAMES[variant]} |{folds} " + " | ".join(cells) + " |")
+            row = f"| {_table_cell(task)} | {VARIANT_NAMES[variant]} |{folds} "
+            md.append(row + " | ".join(cells) + " |")
     # AUROC and AUC-PR score class 1 (classification_metrics): without its name and share a
     # reader cannot tell an AUC-PR at chance (the share, 0.25 for a 3:1 task) from a poor one.
     chance = []
@@ -1292,7 +1299,7 @@ def write_outputs(
                 low_high = entry.get("transfer_interval")
                 interval = f"[{low_high[0]:+.3f}, {low_high[1]:+.3f}]" if low_high else "n/a"
                 md.append(
-                    f"| {task} | {entry['multitask']:.3f} | {entry['single']:.3f} | "
+                    f"| {_table_cell(task)} | {entry['multitask']:.3f} | {entry['single']:.3f} | "
                     f"{entry['transfer']:+.3f} | {entry['transfer_noise']:.3f} | {interval} | "
                     f"{entry['transfer_verdict']} |"
                 )

@@ -158,3 +158,19 @@ def test_roc_panel_says_pooled_over_folds_only_for_cross_validation(tmp_path, dr
     _arithmetic_like(tmp_path / "one", fixed_model=True)
     (panel,) = drawn["roc_curves.png"].axes
     assert "pooled" not in panel.get_title() and "positive class: arithmetic" in panel.get_title()
+
+
+def test_a_task_name_with_a_bar_keeps_the_metrics_table_rows_whole(tmp_path):
+    """A task takes its folder's name: a ``|`` in it ended the Markdown cell and shifted the
+    row's columns."""
+    labels = [0, 1] * 4
+    items = [ItemInfo(0, "a|b", f"s{i % 2}", f"r{i}", y, (0, 1), 4) for i, y in enumerate(labels)]
+    data = TrainData(dataset=None, items=items, label_names={"a|b": ["x", "y"]}, roots=[])
+    result = CVResult(grouping={"a|b": "by subject"}, units={})
+    p = np.linspace(0.1, 0.9, 4)
+    for fold, test in enumerate((np.arange(4), np.arange(4, 8))):
+        _record(result, fold, "single", "a|b", data, test, np.stack([1 - p, p], 1))
+    write_outputs(result, data, tmp_path, title="t")
+    rows = [r for r in (tmp_path / "report.md").read_text().splitlines() if "a\\|b" in r]
+    header = next(r for r in (tmp_path / "report.md").read_text().splitlines() if "| task |" in r)
+    assert rows and all(r.replace("\\|", "").count("|") == header.count("|") for r in rows)
