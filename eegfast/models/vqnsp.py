@@ -124,6 +124,9 @@ def fourier_targets(
     x: torch.Tensor, valid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Standardised amplitude and phase of each patch's DFT: x (B, C, A, T) -> 2 × (B, C, A, T)."""
+    if x.numel() == 0:  # (an empty batch: MKL's FFT refuses a transform of 0 signals)
+        empty = x.float().new_empty(x.shape)
+        return empty, empty.clone()
     spectrum = torch.fft.fft(x.float(), dim=-1)
     return standardise(spectrum.abs(), valid), standardise(spectrum.angle(), valid)
 
@@ -223,8 +226,9 @@ class VQNSP(nn.Module):
             q = self.quantize(z, valid)
             codes = torch.where(valid[..., None], q.quantized, 0.0)
             indices = q.indices
+        codes = codes.view(B, C, A, codes.shape[-1])  # (not -1: B = 0 leaves it undefined)
         pred_amplitude, pred_phase = self.decode(
-            codes.view(B, C, A, -1), input_chans, channel_padding_mask=channel_padding_mask
+            codes, input_chans, channel_padding_mask=channel_padding_mask
         )
         amplitude, phase = amplitude.view(B, C * A, T), phase.view(B, C * A, T)
         if padding is None:

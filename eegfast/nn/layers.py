@@ -331,6 +331,6 @@ class CodePatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, A, F) -> (B, C·A, E). padding_mask is accepted for symmetry and unused."""
-        B, C, A, _ = x.shape
+        B, C, A, F_in = x.shape  # (F_in, not -1, in the reshape: B = 0 leaves -1 undefined)
         x = as_weight_dtype(x, self.proj.weight)
-        return F.linear(x.reshape(B, C * A, -1), self.proj.weight.flatten(1), self.proj.bias)
+        return F.linear(x.reshape(B, C * A, F_in), self.proj.weight.flatten(1), self.proj.bias)
