@@ -50,6 +50,7 @@ import os
 import random
 import sys
 import time
+import types
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -336,11 +337,10 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
     """Recompute every transformer block in the backward pass; returns how many were wrapped.
 
     Models with ``set_grad_checkpointing`` (eegfast's LaBraM family) do it themselves;
-    otherwise each ``blocks[i].forward`` is replaced on the instance, so state-dict keys do not
-    change.
+    otherwise each ``blocks[i].forward`` is replaced on the instance (a method bound to the
+    block: a copy of the model, ``copy.deepcopy`` for an EMA or ``AveragedModel``, binds it to
+    its own block), so state-dict keys do not change.
     """
-    from torch.utils.checkpoint import checkpoint
-
     if hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
         return len(getattr(model, "blocks", [])) or 1
@@ -349,14 +349,22 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
     for name, module in model.named_modules():
         if name.split(".")[-1] == "blocks" and isinstance(module, nn.ModuleList):
             for block in module:
-                forward = block.forward
-
-                def run(*args: Any, _forward: Callable = forward, **kwargs: Any) -> Any:
-                    return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-                block.forward = run
+                block.forward = types.MethodType(_checkpointed_forward, block)
                 count += 1
     return count
+
+
+def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A block's own class ``forward``, recomputed in the backward pass. (A closure over the
+    block's bound forward, as before, made a copy of the model run the original's blocks,
+    with the original's weights, and could not be pickled.)"""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
+
+
+# pickled, a bound method is looked up by its name on the block: the class's plain forward
+_checkpointed_forward.__name__ = "forward"
 
 
 class IndexedDataset(Dataset):

@@ -620,3 +620,46 @@ def test_ranks_resumed_from_fewer_processes_draw_their_own_random_numbers(tmp_pa
     rank0, rank1 = ((run_dir / f"draws-{r}").read_text().split() for r in (0, 1))
     assert len(rank0) == len(rank1) == 2
     assert not set(rank0) & set(rank1)
+
+
+class PlainBlocks(torch.nn.Module):
+    """Two Linear blocks in ``blocks``, without ``set_grad_checkpointing`` (picklable: at
+    module level)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_checkpointing_a_model_of_plain_blocks_keeps_copies_their_own():
+    """A model without ``set_grad_checkpointing`` gets each block's forward replaced on the
+    instance. A closure over the block's bound forward made a copy (``copy.deepcopy``: an EMA,
+    ``AveragedModel``) run the original's blocks with the original's weights, and the model
+    could not be pickled."""
+    import copy
+    import io
+
+    from eegfast.train.engine import enable_activation_checkpointing
+
+    model = PlainBlocks()
+    assert enable_activation_checkpointing(model) == 2
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+    x = torch.randn(3, 4, requires_grad=True)
+    out = twin(x)
+    assert torch.count_nonzero(out) == 0  # the copy's own (zero) weights
+    out.sum().backward()
+    assert all(p.grad is not None for p in twin.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(x), model(x))
