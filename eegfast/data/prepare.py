@@ -928,6 +928,13 @@ def prepare(
     Mismatches between a labels table and the recordings (see ``LabelRules.table_problems``)
     are the report's ``warnings``; with ``strict`` they raise ``ValueError`` before any
     recording is processed.
+
+    ``workers`` > 1: single-threaded worker processes (scipy's FFTs on one thread, no BLAS).
+    On Linux they are forked while torch is not imported; once it is (its thread pools make a
+    fork unsafe), and on macOS and Windows, they are started afresh and import the calling
+    script again, like any ``multiprocessing`` start method but fork: a script calling this
+    must then do so under ``if __name__ == "__main__":``, or every recording is reported bad
+    ("the process preparing it died (exit code 1)").
     """
     from tqdm import tqdm
 
@@ -1312,6 +1319,15 @@ def _stim_channel_arg(text: str) -> str | None:
     return "auto" if text.strip().lower() == "auto" else text
 
 
+def _usable_cpu_count() -> int:
+    """The CPUs this process may run on: its affinity mask (``taskset``, a Slurm allocation, a
+    container's cpuset), which ``os.cpu_count()`` ignores (it counts the whole machine's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on macOS and Windows
+        return os.cpu_count() or 1
+
+
 def _workers(text: str) -> int:
     try:
         value = int(text)
@@ -1330,8 +1346,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers",
         type=_workers,
-        default=min(os.cpu_count() or 1, 8),
-        help="worker processes (>= 1; default: the CPU count, at most 8)",
+        # one per CPU this process may use: more (on the machine's other CPUs) would only
+        # share those, each holding a recording in memory
+        default=min(_usable_cpu_count(), 8),
+        help="worker processes (>= 1; default: the CPUs this process may use, at most 8)",
     )
     g = parser.add_argument_group("preprocessing (defaults: LaBraM)")
     g.add_argument("--window", type=int, default=4, help="window length A in s (1..16; default 4)")
