@@ -251,8 +251,14 @@ def run_cpu_train(repeats: int = 5) -> list[Row]:
 
 @pytest.fixture(scope="module")
 def cpu_impls():
+    # the case's thread count for this module's rows only: `eegfast bench` runs every suite in
+    # one process, and the suites after this one ran on 2 threads whatever the machine had
+    threads = torch.get_num_threads()
     torch.set_num_threads(CPU_CASE["threads"])
-    return cpu_inference_impls()[0]
+    try:
+        yield cpu_inference_impls()[0]
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("impl", ["eegfast", "reference-eager"])

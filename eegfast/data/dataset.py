@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
 
+from eegfast.cpus import usable_cpu_count
 from eegfast.data.index import load_index
 
 __all__ = ["ElectrodeSetBatchSampler", "ShardDataset", "collate_padded", "make_loader"]
@@ -540,7 +541,7 @@ def make_loader(
         # A ShardDataset batch is one read per window from the page cache into recycled
         # memory; a worker process would add a copy into fresh shared memory per batch, which
         # costs more than the read itself (see bench-results/cpu_data.md).
-        num_workers = 0 if fast else min(2, os.cpu_count() or 1)
+        num_workers = 0 if fast else min(2, usable_cpu_count())
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     if persistent_workers is None:

@@ -62,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eegfast.cpus import usable_cpu_count
 from eegfast.data.index import FORMAT_VERSION, INDEX_NAME, SHARD_DIR
 from eegfast.data.labels import LabelRules, is_discontinuity_mark, read_label_table
 from eegfast.data.preprocess import (
@@ -1319,15 +1320,6 @@ def _stim_channel_arg(text: str) -> str | None:
     return "auto" if text.strip().lower() == "auto" else text
 
 
-def _usable_cpu_count() -> int:
-    """The CPUs this process may run on: its affinity mask (``taskset``, a Slurm allocation, a
-    container's cpuset), which ``os.cpu_count()`` ignores (it counts the whole machine's)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # no affinity on macOS and Windows
-        return os.cpu_count() or 1
-
-
 def _workers(text: str) -> int:
     try:
         value = int(text)
@@ -1348,7 +1340,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=_workers,
         # one per CPU this process may use: more (on the machine's other CPUs) would only
         # share those, each holding a recording in memory
-        default=min(_usable_cpu_count(), 8),
+        default=min(usable_cpu_count(), 8),
         help="worker processes (>= 1; default: the CPUs this process may use, at most 8)",
     )
     g = parser.add_argument_group("preprocessing (defaults: LaBraM)")

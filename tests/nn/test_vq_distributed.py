@@ -174,8 +174,12 @@ def test_ddp_matches_one_process_on_the_concatenated_batches(monkeypatch):
         return stats
 
     monkeypatch.setattr(vq_module, "vq_ema_update", update)
+    threads = torch.get_num_threads()  # (restored: the tests after this one keep theirs)
     torch.set_num_threads(1)
-    expected = _train_recording(single, single.quantize, batches, 1)
+    try:
+        expected = _train_recording(single, single.quantize, batches, 1)
+    finally:
+        torch.set_num_threads(threads)
     assert sum(restarted) > 0  # the comparison covers restarts
     out = torch.zeros(2, expected.numel()).share_memory_()
     mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2)

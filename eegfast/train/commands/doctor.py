@@ -15,6 +15,8 @@ import platform
 import sys
 from typing import Any
 
+from eegfast.cpus import usable_cpu_count
+
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
@@ -52,6 +54,7 @@ def collect() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "usable_cpus": usable_cpu_count(),  # (its affinity: taskset, Slurm, a cpuset)
         "torch_threads": torch.get_num_threads(),
         "versions": {
             name: _version(name)
@@ -112,7 +115,8 @@ def collect() -> dict[str, Any]:
 def format_text(report: dict[str, Any]) -> str:
     lines = [
         f"eegfast {report['eegfast']} on Python {report['python']} ({report['platform']})",
-        f"CPU cores: {report['cpu_count']}, torch threads: {report['torch_threads']}",
+        f"CPU cores: {report['cpu_count']} ({report['usable_cpus']} usable by this process), "
+        f"torch threads: {report['torch_threads']}",
         "",
         "versions:",
         *[f"  {name:12s} {version}" for name, version in report["versions"].items()],
