@@ -43,6 +43,7 @@ cannot list (an error with ``--strict``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -58,6 +59,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, replace
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -888,15 +890,35 @@ def _process_in_pool(
                 done()
 
 
+def _process_file_alone(job: Job, settings: Settings, out: str, errors: Connection) -> None:
+    """``process_file`` in the process :func:`_process_alone` starts; a failed shard write
+    (``OutputWriteError``, the run's problem) goes back through ``errors``: the process's
+    exit status alone made it a recording that "died (exit code 1)"."""
+    try:
+        process_file(job, settings, out)
+    except OutputWriteError as err:  # (its args hold no file name: sent with it)
+        errors.send((err.errno, err.strerror, err.filename) if err.errno else (str(err),))
+        sys.exit(1)
+
+
 def _process_alone(job: Job, settings: Settings, out: str) -> dict:
     """``process_file`` in a process of its own; a bad record naming how it ended if it dies.
 
     That record is not written: a later run tries the recording again (with fewer workers, or
     more memory)."""
     started = time.perf_counter()
-    process = _pool_context().Process(target=process_file, args=(job, settings, out))
+    context = _pool_context()
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_process_file_alone, args=(job, settings, out, send))
     process.start()
+    send.close()  # (the child's copy stays open until it ends)
     process.join()
+    failed_write = None  # the shard could not be written: the run stops, as in the pool
+    with contextlib.suppress(EOFError):  # (nothing sent: the process ended or died)
+        failed_write = receive.recv() if receive.poll() else None
+    receive.close()
+    if failed_write is not None:
+        raise OutputWriteError(*failed_write)
     if process.exitcode == 0:
         return json.loads(_record_path(Path(out), job).read_text())
     if process.exitcode == -9:

@@ -136,3 +136,24 @@ def test_a_killed_worker_is_reported_by_name_and_the_run_goes_on(tmp_path, monke
     monkeypatch.setattr(prepare_module, "process_file", _real_process_file)
     again = prepare([str(src)], tmp_path / "out", workers=2, progress=False)
     assert again["usable"] == 4 and again["reused"] == 3
+
+
+def _write_fails(job, settings, out):
+    raise prepare_module.OutputWriteError(28, "No space left on device", f"{out}/shards/x.npy")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the test patches forked workers")
+def test_a_failed_write_while_preparing_alone_stops_the_run(tmp_path, monkeypatch):
+    """A recording prepared again in a process of its own (after a worker died) whose shard
+    could not be written (a full disk) was reported bad, "died (exit code 1)", and the run
+    went on: the run stops naming the shard, as in the pool."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _fif(src / "a_raw.fif", seconds=20.0)
+    [job] = prepare_module.discover([str(src)])
+    monkeypatch.setattr(prepare_module, "process_file", _write_fails)
+    fork = multiprocessing.get_context("fork")
+    monkeypatch.setattr(prepare_module, "_pool_context", lambda: fork)
+    with pytest.raises(prepare_module.OutputWriteError, match="No space left") as raised:
+        prepare_module._process_alone(job, prepare_module.Settings(), str(tmp_path / "out"))
+    assert raised.value.filename.endswith("x.npy")
