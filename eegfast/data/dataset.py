@@ -194,12 +194,19 @@ class ShardDataset(Dataset):
             offset = f.tell()
             stat = os.fstat(f.fileno())
             size = stat.st_size
+        # an index.json without a dtype (written before it was recorded) still takes only what
+        # prepare writes: the rows of an int64 (or object) .npy were read as float32 bits
         want = r.get("dtype")
-        if shape != expected or fortran or (want is not None and dtype != np.dtype(want)):
+        if (
+            shape != expected
+            or fortran
+            or dtype != np.dtype(want or dtype)
+            or dtype not in (np.float32, np.float16)
+        ):
             raise ValueError(
-                f"{path}: shard holds {dtype} {shape}, index.json says {want} {expected}; "
-                "the folder was changed by a `prepare` that did not finish: run "
-                "`eegfast prepare` on it again"
+                f"{path}: shard holds {dtype} {shape}, index.json says "
+                f"{want or 'float32 or float16'} {expected}; the folder was changed by a "
+                "`prepare` that did not finish: run `eegfast prepare` on it again"
             )
         need = offset + math.prod(shape) * dtype.itemsize
         if size < need:

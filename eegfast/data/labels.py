@@ -35,6 +35,7 @@ mark (Excel's "CSV UTF-8") reads like one without.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -123,12 +124,26 @@ def read_label_table(path: str | os.PathLike) -> dict[str, TableRow]:
     and the absolute paths they resolve to (relative to the table's folder)."""
     path = Path(path)
     try:
-        # utf-8-sig: a table saved by Excel as "CSV UTF-8" starts with a byte-order mark, which
-        # would otherwise stick to the first column's name ('\ufefffile').
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError) as err:
+        # A table saved by Excel as "CSV UTF-8" starts with a byte-order mark, which would
+        # otherwise stick to the first column's name ('\ufefffile'). (Not the utf-8-sig codec:
+        # its error offsets leave the mark out.)
+        data = path.read_bytes()
+        text = data.decode("utf-8").removeprefix("\ufeff")
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except OSError as err:
         raise ValueError(f"labels table {path}: {err}") from None
+    except UnicodeDecodeError as err:
+        # Excel's "Unicode text" is UTF-16, older tools write Latin-1: the codec's words alone
+        # ("can't decode byte 0xff in position 0") did not say what to do
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"labels table {path}, line {line}: not UTF-8 text ({_encoding_guess(data)}byte "
+            f"{data[err.start]:#04x}); save it as CSV UTF-8"
+        ) from None
+    except csv.Error as err:
+        # binary data, or a field past csv's limit (131072 characters): csv.Error is no
+        # ValueError, and `eegfast prepare` showed a traceback
+        raise ValueError(f"labels table {path}: not a CSV table ({err})") from None
     if not rows:
         raise ValueError(f"labels table {path}: no rows")
     missing = {"file", "label"} - set(rows[0])
@@ -161,6 +176,11 @@ def read_label_table(path: str | os.PathLike) -> dict[str, TableRow]:
         table[file] = entry
         table[resolved] = entry
     return table
+
+
+def _encoding_guess(data: bytes) -> str:
+    """``"UTF-16 (byte-order mark); "`` for a file that starts with one, else ``""``."""
+    return "UTF-16 (byte-order mark); " if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
 
 
 @dataclass(frozen=True)

@@ -179,6 +179,45 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return unwrap_state_dict(obj, source=str(path))
 
 
+def check_weight_values(
+    state: Mapping[str, torch.Tensor],
+    source: str,
+    expected: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Refuse weights that load without an error into a model that cannot work: a tensor that
+    is not floating point (int64 or bool weights: ``load_state_dict`` casts them without a
+    word, and whole numbers are no trained weights), or one holding NaN or infinity (every
+    output would be NaN, and predictions the first class: a run that diverged, or a damaged
+    file). Other floating dtypes (float64, float16, bfloat16) are fine: they are cast on load.
+
+    ``expected``: the model's state dict; only its keys whose tensor is floating point are
+    checked (None: every tensor of ``state``). ValueError naming ``source`` and the first keys.
+    """
+    wrong_type, non_finite = [], []
+    for key, value in state.items():
+        if expected is not None and not (key in expected and expected[key].is_floating_point()):
+            continue
+        if not value.is_floating_point():
+            wrong_type.append(f"{key} ({str(value.dtype).removeprefix('torch.')})")
+        elif not value.is_meta and not bool(torch.isfinite(value).all()):  # (meta: no values)
+            non_finite.append(key)
+    problems = []
+    if wrong_type:
+        problems.append(f"{len(wrong_type)} tensors are not floating point: {_first(wrong_type)}")
+    if non_finite:
+        problems.append(f"{len(non_finite)} tensors hold NaN or inf: {_first(non_finite)}")
+    if problems:
+        raise ValueError(
+            f"{source}: not usable weights ({'; '.join(problems)}); a model loaded from them "
+            "gives no meaningful output: use another checkpoint (an earlier one of its run, "
+            "checkpoints/step-*), or download the file again"
+        )
+
+
+def _first(keys: Sequence[str], shown: int = 5) -> str:
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
 def _unreadable(path: Path, reason: str) -> ValueError:
     detail = f"torch said: {reason}" if reason else "the file ends too early"
     return ValueError(
@@ -269,7 +308,9 @@ def load_checkpoint(
     ``exclude``: key prefixes to skip on both sides (e.g. ``("head.",)`` to re-initialise a
     head with another number of classes). With ``strict`` any missing, unexpected or
     mismatched key raises :class:`CheckpointMismatchError` with a readable report and nothing
-    is loaded; otherwise the matching tensors are loaded and the report returned.
+    is loaded; otherwise the matching tensors are loaded and the report returned. Weights that
+    are not floating point, or hold NaN or inf, raise ValueError either way (nothing loaded;
+    :func:`check_weight_values`); other float dtypes are cast to the model's.
     """
     model = unwrap_model(model)
     if isinstance(source, Mapping):
@@ -305,7 +346,9 @@ def load_checkpoint(
         raise CheckpointMismatchError(
             f"{name} does not match {type(model).__name__}:\n{report}{hint}"
         )
-    model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
+    loaded = {k: state[k] for k in report.loaded}
+    check_weight_values(loaded, name, expected)  # (strict or not: NaN weights are never meant)
+    model.load_state_dict(loaded, strict=False)
     return report
 
 

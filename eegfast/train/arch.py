@@ -176,6 +176,66 @@ def reference_checkpoint(
     return arch, weights, {"arch": arch, "source": str(path), "command": REFERENCE}
 
 
+def check_arch_record(arch: object, source: str | Path) -> None:
+    """ValueError naming ``source`` (the checkpoint's meta.json) unless ``arch`` has the form
+    every eegfast checkpoint records (the module's docstring): a meta.json edited by hand, or
+    from elsewhere, gave AttributeError, KeyError or TypeError tracebacks from the commands."""
+    problem = None
+    if not isinstance(arch, Mapping):
+        problem = f"an object expected, got {type(arch).__name__}"
+    elif not isinstance(arch.get("name"), str):
+        problem = f"its name must be a model name, got {arch.get('name')!r}"
+    elif not isinstance(arch.get("kwargs") or {}, Mapping):
+        problem = f"its kwargs must be an object, got {arch['kwargs']!r}"
+    elif not isinstance(arch.get("upcycle") or {}, Mapping):
+        problem = f"its upcycle must be an object or null, got {arch['upcycle']!r}"
+    elif not isinstance(arch.get("heads") or {}, Mapping) or not all(
+        isinstance(task, str) and isinstance(n, int) and not isinstance(n, bool) and n >= 1
+        for task, n in (arch.get("heads") or {}).items()
+    ):
+        problem = f"its heads must map task names to class counts, got {arch['heads']!r}"
+    if problem is not None:
+        raise ValueError(f"{source}: not an architecture record (arch) eegfast writes: {problem}")
+
+
+def check_fits(
+    arch: Mapping[str, Any],
+    weights: Mapping[str, torch.Tensor],
+    source: str | Path,
+    *,
+    create: CreateFn | None = None,
+) -> None:
+    """ValueError naming the weights file ``source`` unless ``weights`` are exactly the
+    tensors of :func:`build_model` ``(arch)`` (keys and shapes, compared on the meta device:
+    nothing is allocated, so a record of absurd sizes asks for no memory its file does not
+    hold) and usable (:func:`eegfast.models.checkpoint.check_weight_values`). Before, a
+    meta.json whose arch did not describe its weights gave torch's RuntimeError from
+    ``load_state_dict``, a traceback from every command."""
+    from eegfast.models.checkpoint import (
+        CheckpointMismatchError,
+        _compare_shapes,
+        _say_differences,
+        check_weight_values,
+    )
+
+    record = Path(source).parent / "meta.json"
+    check_arch_record(arch, record)
+    try:
+        with torch.device("meta"):
+            expected = build_model(arch, create=create).state_dict()
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:
+        raise ValueError(
+            f"{record}: its architecture record (arch) cannot be built: {error}"
+        ) from None
+    report = _compare_shapes(weights, expected)
+    if not report.ok:
+        raise CheckpointMismatchError(
+            f"{source} does not hold the weights of the model its {record.name} describes "
+            f"({arch['name']}): {_say_differences(report)}"
+        )
+    check_weight_values(weights, str(source), expected)
+
+
 def _no_record(path: str | Path) -> ValueError:
     return ValueError(
         f"{path}: no architecture record (meta.json 'arch'); not an eegfast run (a checkpoint "
@@ -193,18 +253,23 @@ def load_trained(
     """The model saved at ``path`` (weights file, checkpoint folder or run folder) and its
     ``meta.json``; rebuilt from ``meta["arch"]`` and loaded strictly. A file without an
     eegfast record is read as :func:`reference_checkpoint` (``name``: the model it must be)."""
-    from eegfast.train.checkpoint import load_weights, read_meta
+    from eegfast.models.checkpoint import check_weight_values
+    from eegfast.train.checkpoint import load_weights, read_meta, resolve_weights_path
 
     meta = read_meta(path, prefer=prefer)
     if "arch" not in meta:
         if not Path(path).is_file():
             raise _no_record(path)
         arch, weights, meta = reference_checkpoint(path, name=name)
+        check_weight_values(weights, str(path))  # (its keys and shapes are the model's)
         model = build_model(arch, create=create)
         model.load_state_dict(weights, strict=True)
         return model, meta
+    weights = load_weights(path, prefer=prefer)
+    source = resolve_weights_path(path, prefer=prefer)
+    check_fits(meta["arch"], weights, source, create=create)
     model = build_model(meta["arch"], create=create)
-    model.load_state_dict(load_weights(path, prefer=prefer), strict=True)
+    model.load_state_dict(weights, strict=True)
     return model, meta
 
 
@@ -221,7 +286,8 @@ def backbone_from_checkpoint(
     its drop path included, left behind); fine-tuned multi-task models give their
     ``backbone``. ``drop_path``: the backbone's stochastic depth (None keeps the checkpoint's).
     """
-    from eegfast.train.checkpoint import load_weights, read_meta
+    from eegfast.models.checkpoint import check_weight_values
+    from eegfast.train.checkpoint import load_weights, read_meta, resolve_weights_path
 
     meta = read_meta(path)
     arch = meta.get("arch")
@@ -229,11 +295,13 @@ def backbone_from_checkpoint(
         if not Path(path).is_file():
             raise _no_record(path)
         arch, weights, meta = reference_checkpoint(path, name=name)
+        check_weight_values(weights, str(path))  # (its keys and shapes are the model's)
         if arch["kind"] == "classifier":  # its head was trained for the file's own classes
             arch = {**arch, "kwargs": {**arch["kwargs"], "num_classes": 0}}
             weights = {k: v for k, v in weights.items() if not k.startswith("head.")}
     else:
         weights = load_weights(path)
+        check_fits(arch, weights, resolve_weights_path(path))
     kind = arch.get("kind")
     if kind in ("pretrain", "hybrid"):
         from eegfast.models import pretrain_to_classifier_state_dict

@@ -440,6 +440,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"config file {path}: use a .toml, .yaml or .yml file")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"config file {path}: {err}") from err
+    except RecursionError:  # both readers recurse per level: `a: [[[[...` ended in a traceback
+        raise ConfigError(f"config file {path}: values nested too deeply") from None
     except UnicodeDecodeError as err:  # (a ValueError: it named no file)
         raise ConfigError(f"config file {path}: not UTF-8 text ({err})") from err
     except OSError as err:  # no permission to read it

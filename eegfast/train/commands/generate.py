@@ -357,8 +357,9 @@ def load_prompt(
             else:
                 with np.load(path, allow_pickle=False) as archive:
                     arrays = {k: archive[k] for k in ("x", "channels") if k in archive}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-            # a damaged file, another format under the suffix, or pickled objects (not loaded)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, MemoryError) as err:
+            # a damaged file, another format under the suffix, or pickled objects (not loaded);
+            # MemoryError: a header that claims terabytes (numpy allocates before it reads)
             raise GenerateError(
                 f"--prompt {path.name}: not a readable {suffix} file ({err})"
             ) from None

@@ -42,7 +42,13 @@ from tqdm import tqdm
 from eegfast.data import load_index
 from eegfast.data.preprocess import PATCH_SAMPLES, TARGET_SFREQ
 from eegfast.fileio import write_text_atomic
-from eegfast.train.arch import REFERENCE, MultiTaskClassifier, load_trained, routes_by_task
+from eegfast.train.arch import (
+    REFERENCE,
+    MultiTaskClassifier,
+    check_arch_record,
+    load_trained,
+    routes_by_task,
+)
 from eegfast.train.checkpoint import fine_tuning_folder_hint, read_meta
 from eegfast.train.commands.common import (
     CommandError,
@@ -432,6 +438,7 @@ def _main(args: argparse.Namespace) -> int:
         raise CommandError(
             f"--model {args.model}: no architecture record (meta.json 'arch'); not an eegfast run"
         )
+    check_arch_record(arch, f"--model {args.model}")  # (its heads are read before loading)
     reference = meta.get("command") == REFERENCE
     if reference:
         heads = _reference_head(args.model, model, arch, args.tasks)
