@@ -397,6 +397,8 @@ def parse_override(text: str) -> tuple[str, Any]:
             value = yaml.load(raw, Loader=yaml.BaseLoader)  # every scalar as written
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {text!r}: cannot read the value: {err}") from err
+    except RecursionError:  # (YAML's reader recurses per level: `=[[[[...`)
+        raise ConfigError(f"--set {key}: the value is nested too deeply") from None
     if value is None:
         value = ""
     return key, value

@@ -229,3 +229,11 @@ def test_a_prompt_whose_header_claims_terabytes_is_a_named_error(tmp_path, suffi
                 np.lib.format.write_array(member, np.array(CHANNELS))
     with pytest.raises(GenerateError, match=rf"--prompt prompt\{suffix}: not a readable"):
         load_prompt(prompt)
+
+
+def test_a_set_value_nested_past_the_readers_recursion_is_a_config_error():
+    """`--set train.epochs=[[[[...` raised RecursionError, a traceback from every command."""
+    from eegfast.train.config import parse_override
+
+    with pytest.raises(ConfigError, match="--set train.epochs: the value is nested too deeply"):
+        parse_override("train.epochs=" + "[" * 100_000 + "]" * 100_000)
