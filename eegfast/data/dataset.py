@@ -108,9 +108,12 @@ class ShardDataset(Dataset):
         *,
         subjects: Sequence[str] | None = None,
         tasks: Sequence[str] | None = None,
+        _index: dict | None = None,
     ) -> None:
         self.root = Path(root)
-        index = load_index(self.root)
+        # _index: load_index(root) as its caller read it (load_data), not parsed and checked
+        # a second time (3M windows: 1.4 s and a second copy of the index in memory)
+        index = load_index(self.root) if _index is None else _index
         self.window_seconds = int(index["window_seconds"])
         self.label_names = {t: v["labels"] for t, v in index["tasks"].items()}
         for arg, value in (("subjects", subjects), ("tasks", tasks)):

@@ -1207,7 +1207,10 @@ def build_report(
     from eegfast.datasets import ATTRIBUTION, SAMPLE_FILES
 
     ok = [r for r in records if r["status"] == "ok"]
-    bad = [{"file": r["file"], "reason": r.get("reason", "")} for r in records if r not in ok]
+    # (by status: `r not in ok` compared every record with the usable ones, 20k records: 5 s)
+    bad = [
+        {"file": r["file"], "reason": r.get("reason", "")} for r in records if r["status"] != "ok"
+    ]
     unknown: dict[str, int] = {}
     for r in records:
         for name in r.get("unknown", []):
