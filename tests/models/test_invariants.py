@@ -19,6 +19,8 @@ import contextlib
 import copy
 import functools
 import os
+from collections.abc import Callable
+from typing import TypeVar
 from unittest import mock
 
 import pytest
@@ -37,6 +39,8 @@ from eegfast.models import (
 from eegfast.models.hybrid import forecast_features, generate
 from eegfast.nn import MoEFFN
 
+T = TypeVar("T")
+
 BACKENDS = ("reference", "auto")  # "auto" on CPU tensors: the C++ kernels
 POS_ROWS = 129
 FAST = settings(max_examples=6)
@@ -47,6 +51,19 @@ def backend(name: str):
     """Every eegfast op inside runs ``name`` (EEGFAST_BACKEND; "auto" = the default choice)."""
     with mock.patch.dict(os.environ, {"EEGFAST_BACKEND": name}):
         yield
+
+
+def _seeded(build: Callable[..., T], seed: int) -> Callable[..., T]:
+    """``build`` run from torch's global generator seeded with ``seed`` (restored after): the
+    weights _randomised leaves at their initial draw are then the same whatever ran before
+    (the whole suite's order made a MoE near-tie under bf16 in one fresh clone)."""
+
+    def run(*args: object, **kwargs: object) -> T:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return build(*args, **kwargs)
+
+    return run
 
 
 def _randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -69,12 +86,12 @@ def _randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 @functools.cache
 def classifier(kind: str) -> torch.nn.Module:
     if kind == "tiny":
-        return _randomised(create_model("labram_tiny", n_outputs=3), 1)
+        return _randomised(_seeded(create_model, 1)("labram_tiny", n_outputs=3), 1)
     if kind == "base_shaped":  # base's width, heads and conv channels; two blocks
         config = LaBraMConfig(embed_dim=200, depth=2, num_heads=10, conv_channels=8, num_classes=4)
-        return _randomised(LaBraM(config), 2)
+        return _randomised(_seeded(LaBraM, 2)(config), 2)
     assert kind == "moe"
-    model = create_model("labram_tiny", n_outputs=3)
+    model = _seeded(create_model, 3)("labram_tiny", n_outputs=3)
     upcycle(
         model,
         num_experts=4,
@@ -88,17 +105,17 @@ def classifier(kind: str) -> torch.nn.Module:
 
 @functools.cache
 def pretrain_model() -> torch.nn.Module:
-    return _randomised(create_model("labram_tiny_pretrain", max_patches=8), 4)
+    return _randomised(_seeded(create_model, 4)("labram_tiny_pretrain", max_patches=8), 4)
 
 
 @functools.cache
 def tokenizer() -> torch.nn.Module:
-    return _randomised(create_model("vqnsp_tiny"), 5)
+    return _randomised(_seeded(create_model, 5)("vqnsp_tiny"), 5)
 
 
 @functools.cache
 def hybrid_model() -> HybridPretrainModel:
-    return HybridPretrainModel(pretrain_model(), HybridConfig()).eval()
+    return _seeded(HybridPretrainModel, 6)(pretrain_model(), HybridConfig()).eval()
 
 
 def mixed_batch(seed: int, sizes: list[int], n_patches: int):
