@@ -29,20 +29,6 @@ def cpu() -> StepContext:
     return StepContext(torch.device("cpu"))
 
 
-@pytest.fixture
-def optimizers(monkeypatch):
-    """The optimisers fit builds, newest last."""
-    built = []
-    original = engine.build_optimizer
-
-    def build(*args, **kwargs):
-        built.append(original(*args, **kwargs))
-        return built[-1]
-
-    monkeypatch.setattr(engine, "build_optimizer", build)
-    return built
-
-
 def test_resume_with_a_lower_lr_and_no_weight_decay_trains_with_them(tmp_path, optimizers):
     """The non-finite-loss advice: a lower optim.lr, then --resume auto. The resumed steps use
     the new lr's schedule and the new weight decay, not the checkpoint's."""
