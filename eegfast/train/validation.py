@@ -142,15 +142,18 @@ def hold_out(
         for subject in order:
             if len(held) >= wanted:
                 break
-            grown = held | by_subject[subject]
-            if len(grown) >= total:  # never every recording (the last subject)
+            # (its recordings not yet held: a copy of the held set per subject tried grew
+            # with subjects x recordings)
+            new = by_subject[subject] - held
+            grown = len(held) + len(new)
+            if grown >= total:  # never every recording (the last subject)
                 continue
             # A large subject drawn early held out most of the data whatever the fraction
             # (6 of 7 recordings for 0.1 when one subject had 6): it is passed over when it
             # overshoots the wanted count by more than leaving it out falls short.
-            if abs(len(grown) - wanted) > abs(len(held) - wanted):
+            if abs(grown - wanted) > abs(len(held) - wanted):
                 continue
-            held = grown
+            held |= new
             held_subjects.append(subject)
         if not held:  # every subject alone is over twice the wanted count: the smallest
             fits = [s for s in order if len(by_subject[s]) < total]
