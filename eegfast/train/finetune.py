@@ -529,14 +529,23 @@ def prepared_like(data: TrainData, tasks: Sequence[str], train_idx: np.ndarray) 
     ``index.json`` has them)."""
     from eegfast.data import load_index
 
-    indices = [(root, load_index(root)) for root in data.roots]
+    # (root, its tasks, its preprocessing) of each folder, read once per ``data``, not once per
+    # trained model (folds x variants; 1.4 s an index.json of 3M windows); kept on ``data``,
+    # as _shard_batches keeps its reader
+    folders = data.__dict__.get("_folder_settings")
+    if folders is None or [root for root, _, _ in folders] != list(data.roots):
+        folders = []
+        for root in data.roots:
+            index = load_index(root)
+            folders.append((root, set(index.get("tasks") or {}), index["settings"]["preprocess"]))
+        data.__dict__["_folder_settings"] = folders
     return {
         "label_names": {task: list(data.label_names[task]) for task in tasks},
         "window_seconds": sorted({int(data.items[int(i)].window_seconds) for i in train_idx}),
         "preprocess": [
-            {"root": str(root), "settings": dict(index["settings"]["preprocess"])}
-            for root, index in indices
-            if set(index.get("tasks") or {}) & set(tasks)
+            {"root": str(root), "settings": dict(preprocess)}
+            for root, folder_tasks, preprocess in folders
+            if folder_tasks & set(tasks)
         ],
     }
 

@@ -226,3 +226,24 @@ def test_the_sampler_groups_the_items_once_not_at_every_epoch():
         sampler.set_epoch(epoch)
         sampler.global_batches(), sampler.epoch_digest(), len(sampler), next(iter(sampler))
     assert _CountingKey.hashed <= len(keys) + 10
+
+
+def test_fine_tuning_records_read_each_index_once_per_data(tmp_path, monkeypatch):
+    """``prepared_like`` runs for every trained model (folds x variants): it parsed and checked
+    every folder's index.json each time (1.4 s an index of 3M windows)."""
+    import eegfast.data
+    from eegfast.train.data import load_data
+    from eegfast.train.finetune import prepared_like
+    from tests.train._sample import two_prepared_folders
+
+    a, b = two_prepared_folders(tmp_path, 12.0, 4.0)
+    data = load_data([a, b])
+    reads = []
+    real = eegfast.data.load_index
+    monkeypatch.setattr(eegfast.data, "load_index", lambda root: reads.append(root) or real(root))
+    first = prepared_like(data, ["arith"], np.arange(4))
+    again = prepared_like(data, ["arith"], np.arange(4))
+    assert first == again and len(reads) == 2  # one per folder
+    assert [p["root"] for p in first["preprocess"]] == [str(a), str(b)]
+    assert prepared_like(data, ["mi"], np.arange(2))["preprocess"][0]["root"] == str(a)
+    assert len(reads) == 2
