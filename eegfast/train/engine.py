@@ -306,19 +306,13 @@ def _compiled_training_settings(groups: int, checkpointing: bool) -> Callable[[]
     break in every upcycled block at every step. Eager checkpointing writes them once more when
     the backward recomputes the block (the same values); compiled, once, in the forward.
     """
-    restore_limit = _allow_a_graph_per_group(groups)
+    settings = contextlib.ExitStack()
+    settings.enter_context(recompile_allowance(groups))
     config = torch._dynamo.config
     name = "skip_fwd_side_effects_in_bwd_under_checkpoint"
-    if not checkpointing or not hasattr(config, name):  # (a PyTorch without the setting)
-        return restore_limit
-    patch = config.patch({name: True})
-    patch.__enter__()
-
-    def restore() -> None:
-        patch.__exit__(None, None, None)
-        restore_limit()
-
-    return restore
+    if checkpointing and hasattr(config, name):  # (a PyTorch without the setting: not set)
+        settings.enter_context(config.patch({name: True}))
+    return settings.close
 
 
 @contextlib.contextmanager
