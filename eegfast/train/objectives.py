@@ -494,8 +494,7 @@ def classification_step(model: nn.Module, batch: dict[str, Any], ctx: StepContex
         # values, so each rank's sum over its windows / (the batch's weight sum / W) averages
         # to the batch's weighted mean. Each rank's own weight sum had weighed the ranks alike
         # whatever their classes (or unlabelled windows), not the windows as one process does.
-        norm = labelled.float() if weight is None else weight[labels.clamp_min(0)] * labelled
-        totals = torch.stack([norm.sum(), labelled.float().sum()]).detach()
+        totals = labelled_totals(labels, weight, torch.float32).detach()
         if model.training and world_size() > 1:
             totals = sum_over_ranks(totals) / world_size()
     loss = per_window.sum() / totals[0].clamp_min(torch.finfo(torch.float32).tiny)
@@ -519,21 +518,32 @@ def classification_normaliser(batch: dict[str, Any], ctx: StepContext) -> torch.
     the device."""
     labels = torch.as_tensor(batch["label"]).cpu()
     task = batch["task"][0]
-    labelled = labels >= 0
     weight = ctx.class_weights.get(task)
+    if weight is not None:
+        weight = weight.detach().cpu()
+    try:
+        return labelled_totals(labels, weight, torch.float64)
+    except IndexError:
+        past = int(labels.max())
+        raise ValueError(
+            f"label {past} of task {task!r} has no class weight: ctx.class_weights[{task!r}] "
+            f"holds {weight.numel()} class weights (labels 0 to {weight.numel() - 1})"
+        ) from None
+
+
+def labelled_totals(
+    labels: torch.Tensor, weight: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """(2,) of ``dtype``: (class-weight sum, count) of the labelled windows (label >= 0) of
+    ``labels`` (B,), each weighted by ``weight[label]`` ((num_classes,); 1 each when None).
+    :func:`classification_step`'s per-batch fallback and :func:`classification_normaliser`
+    (host labels, float64) share it, so the two normalisations cannot drift apart."""
+    labelled = labels >= 0
     if weight is None:
-        norm = labelled.to(torch.float64)
+        norm = labelled.to(dtype)
     else:
-        weight = weight.detach().to("cpu", torch.float64)
-        try:
-            norm = weight[labels.clamp_min(0)] * labelled
-        except IndexError:
-            past = int(labels.max())
-            raise ValueError(
-                f"label {past} of task {task!r} has no class weight: ctx.class_weights[{task!r}] "
-                f"holds {weight.numel()} class weights (labels 0 to {weight.numel() - 1})"
-            ) from None
-    return torch.stack([norm.sum(), labelled.to(torch.float64).sum()])
+        norm = weight.to(dtype)[labels.clamp_min(0)] * labelled
+    return torch.stack([norm.sum(), labelled.to(dtype).sum()])
 
 
 classification_step.normaliser = classification_normaliser  # type: ignore[attr-defined]
