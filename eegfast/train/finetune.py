@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -41,6 +41,8 @@ from eegfast.train.data import ShardBatches, TrainData, collate_fn, shard_batche
 from eegfast.train.engine import fit, recompile_allowance, seed_everything
 from eegfast.train.metrics import classification_metrics, confusion, group_folds, mean_std
 from eegfast.train.objectives import StepContext, classification_step, to_device
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -295,12 +297,18 @@ def _shard_batches(data: TrainData) -> ShardBatches | None:
     locating every item of a large dataset again each time (tens of ms for a million windows)
     would cost more than reading the batch. Kept on ``data`` (it goes with it), for the
     dataset it was made of (``data.dataset`` can be replaced)."""
-    cached = data.__dict__.get("_shard_batches")
-    if cached is None or cached[0] is not data.dataset:
-        cached = data.__dict__["_shard_batches"] = (
-            data.dataset,
-            shard_batches(data.dataset, collate_fn()),
-        )
+    return _kept_on(
+        data, "_shard_batches", data.dataset, lambda: shard_batches(data.dataset, collate_fn())
+    )
+
+
+def _kept_on(data: TrainData, name: str, key: Any, make: Callable[[], _T]) -> _T:
+    """``make()``, kept on ``data`` under ``name`` (it goes with the data) and made again
+    only when ``key`` (what it was made of: the dataset, the folders' roots) has changed
+    (``is`` or ``==``)."""
+    cached = data.__dict__.get(name)
+    if cached is None or not (cached[0] is key or cached[0] == key):
+        cached = data.__dict__[name] = (key, make())
     return cached[1]
 
 
@@ -532,13 +540,14 @@ def prepared_like(data: TrainData, tasks: Sequence[str], train_idx: np.ndarray) 
     # (root, its tasks, its preprocessing) of each folder, read once per ``data``, not once per
     # trained model (folds x variants; 1.4 s an index.json of 3M windows); kept on ``data``,
     # as _shard_batches keeps its reader
-    folders = data.__dict__.get("_folder_settings")
-    if folders is None or [root for root, _, _ in folders] != list(data.roots):
+    def read_folders() -> list[tuple[Any, set[str], dict]]:
         folders = []
         for root in data.roots:
             index = load_index(root)
             folders.append((root, set(index.get("tasks") or {}), index["settings"]["preprocess"]))
-        data.__dict__["_folder_settings"] = folders
+        return folders
+
+    folders = _kept_on(data, "_folder_settings", list(data.roots), read_folders)
     return {
         "label_names": {task: list(data.label_names[task]) for task in tasks},
         "window_seconds": sorted({int(data.items[int(i)].window_seconds) for i in train_idx}),
