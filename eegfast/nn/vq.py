@@ -231,9 +231,12 @@ class NormEMAVectorQuantizer(nn.Module):
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
         self.dead_code_threshold = dead_code_threshold
         self.check_finite = check_finite
-        # embedding.initted as last seen on the host: read once, not at every training call
-        # (a wait for the device on a GPU); None after load_state_dict, which may change it.
-        self._initialised: bool | None = None
+        # embedding.initted as last seen on the host, not read at every training call (a wait
+        # for the device on a GPU). Known here and set again by load_state_dict (a post hook),
+        # outside any compiled region: read lazily at the first training call instead, it
+        # broke a compiled step's graph (Tensor.item) after every construction and load.
+        # None: unknown (a meta-device load), read at the next training call.
+        self._initialised: bool | None = not kmeans_init
         self.embedding = CodebookEMA(num_codes, code_dim, device=device, dtype=dtype)
         self.register_buffer(
             "cluster_size", torch.zeros(num_codes, device=device, dtype=dtype or torch.float32)
@@ -241,6 +244,7 @@ class NormEMAVectorQuantizer(nn.Module):
         if not kmeans_init:
             self.embedding.initted.fill_(1)
         self.register_load_state_dict_post_hook(NormEMAVectorQuantizer._align_ema_sums)
+        self.register_load_state_dict_post_hook(NormEMAVectorQuantizer._read_initted)
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -329,13 +333,24 @@ class NormEMAVectorQuantizer(nn.Module):
         )
 
     def _is_initialised(self) -> bool:
+        # (while False, read again: initted may have been set by another path, e.g. a buffer
+        # copy; a read only until the k-means initialisation, which breaks the graph anyway)
         if not self._initialised:
             self._initialised = bool(self.embedding.initted.item())
         return self._initialised
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._initialised = None  # the loaded initted decides
+        self._initialised = None  # the loaded initted decides (see _read_initted)
         super()._load_from_state_dict(*args, **kwargs)
+
+    @staticmethod
+    def _read_initted(module: NormEMAVectorQuantizer, incompatible_keys) -> None:
+        """After a load (of this module or a model holding it, under any key prefix; with
+        ``strict=False`` and no ``initted`` key, the buffer as it is): the loaded ``initted``
+        decides whether the first training call initialises the codebook, read here, once,
+        so that a compiled step reads nothing back."""
+        initted = module.embedding.initted
+        module._initialised = None if initted.is_meta else bool(initted.item())
 
     def _apply(self, fn, recurse: bool = True):
         """As ``nn.Module._apply``, then the codebook and EMA buffers back to float32:

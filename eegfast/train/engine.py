@@ -45,12 +45,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import random
 import sys
 import time
-import types
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -331,9 +331,12 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
     """Recompute every transformer block in the backward pass; returns how many were wrapped.
 
     Models with ``set_grad_checkpointing`` (eegfast's LaBraM family) do it themselves;
-    otherwise each ``blocks[i].forward`` is replaced on the instance (a method bound to the
-    block: a copy of the model, ``copy.deepcopy`` for an EMA or ``AveragedModel``, binds it to
-    its own block), so state-dict keys do not change.
+    otherwise each ``blocks[i].forward`` is replaced on the instance, so state-dict keys do not
+    change, by ``functools.partial(_checkpointed_forward, block)``: a copy of the model
+    (``copy.deepcopy`` for an EMA or ``AveragedModel``) binds it to its own block, and so does
+    ``torch.save(model)`` then ``torch.load`` (a partial pickles its function and block; a
+    bound method pickled as the name ``forward``, reloaded as the class's plain forward: the
+    reloaded model trained without checkpointing).
     """
     if hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
@@ -343,7 +346,7 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
     for name, module in model.named_modules():
         if name.split(".")[-1] == "blocks" and isinstance(module, nn.ModuleList):
             for block in module:
-                block.forward = types.MethodType(_checkpointed_forward, block)
+                block.forward = functools.partial(_checkpointed_forward, block)
                 count += 1
     return count
 
@@ -355,10 +358,6 @@ def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     from torch.utils.checkpoint import checkpoint
 
     return checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
-
-
-# pickled, a bound method is looked up by its name on the block: the class's plain forward
-_checkpointed_forward.__name__ = "forward"
 
 
 class IndexedDataset(Dataset):
