@@ -17,6 +17,7 @@ import math
 import mmap
 import operator
 import os
+import stat
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -78,9 +79,15 @@ def _read_at(fd: int, buffer: memoryview, position: int) -> int:
         return f.readinto(buffer) or 0
 
 
-def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     """What changes when a file is replaced (a rename over it) or rewritten in place."""
-    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+# How shards are opened. O_NONBLOCK: a FIFO under a shard's name (no regular file) would block
+# the open until something writes to it, a hang without a word; opened at once, it is refused
+# by ``_check_shard``. (Reads of a regular file are the same with it.)
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
 def _fresh_memory(nbytes: int) -> np.ndarray:
@@ -179,7 +186,13 @@ class ShardDataset(Dataset):
         r = self.recordings[rec]
         path = self.root / r["shard"]
         expected = (int(r["n_windows"]), len(r["input_chans"]) - 1, self.window_seconds, 200)
-        with open(path if fd is None else fd, "rb", closefd=fd is None) as f:
+        with open(os.open(path, _OPEN_FLAGS) if fd is None else fd, "rb", closefd=fd is None) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                # a FIFO (reading it waits for a writer forever), a device, a folder
+                raise ValueError(
+                    f"{path}: not a regular file, so not a shard; delete it and run "
+                    "`eegfast prepare` on the folder again"
+                )
             f.seek(0)
             try:
                 version = np.lib.format.read_magic(f)
@@ -195,8 +208,8 @@ class ShardDataset(Dataset):
                     "`eegfast prepare` on the folder again"
                 ) from err
             offset = f.tell()
-            stat = os.fstat(f.fileno())
-            size = stat.st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
         # an index.json without a dtype (written before it was recorded) still takes only what
         # prepare writes: the rows of an int64 (or object) .npy were read as float32 bits
         want = r.get("dtype")
@@ -217,13 +230,13 @@ class ShardDataset(Dataset):
                 f"{path}: shard is truncated ({size} bytes, its {dtype} {shape} need {need}); "
                 "delete it and run `eegfast prepare` on the folder again"
             )
-        return str(path), offset, dtype, _identity(stat)
+        return str(path), offset, dtype, _identity(st)
 
     def _read_rows(self, rec: int, rows: Sequence[int], out: Sequence[np.ndarray]) -> None:
         """Read rows ``rows`` (at least one) of recording ``rec``'s shard into the float32
         arrays ``out`` (each (C, A, 200), C-contiguous): one open, one read per row."""
         path, offset, dtype, identity = self._shard(rec)
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        fd = os.open(path, _OPEN_FLAGS)
         try:
             if _identity(os.fstat(fd)) != identity:
                 # Replaced or rewritten since its header was checked (a `prepare` into the

@@ -89,13 +89,40 @@ from eegfast.electrodes import is_labram_channel, labram_input_chans, normalize_
 from eegfast.fileio import (
     remove_stale_temporaries,
     write_atomic,
-    write_json_atomic,
     write_text_atomic,
 )
 
-# The folder's JSON files (records, index, report): compact, and a value JSON cannot hold is an
-# error, never silently stringified.
-DATA_JSON = {"indent": 1, "default": None}
+
+def _json_text(value: object, depth: int = 0) -> str:
+    """JSON of the folder's files (records, index, report): an object or a list holding objects
+    or lists is indented one space a level, for reading; a list of plain values (a recording's
+    ``starts``, ``labels``, ``electrodes``) is one line. (``indent=1`` put each of a corpus's
+    millions of window starts and labels on a line of its own: 2M windows were a 40 MB,
+    4M-line index.json, 3 s to write with json's pure-Python indenting encoder.) A value JSON
+    cannot hold (a numpy scalar) is a TypeError, never silently stringified."""
+    pad, inner = "\n" + " " * depth, "\n" + " " * (depth + 1)
+    if isinstance(value, dict) and value:
+        items = [f"{_json_key(k)}: {_json_text(v, depth + 1)}" for k, v in value.items()]
+        return "{" + inner + ("," + inner).join(items) + pad + "}"
+    # (the types of the items, not each item, tested: a list of a million starts is one pass)
+    if isinstance(value, list | tuple) and any(
+        issubclass(t, dict | list | tuple) for t in set(map(type, value))
+    ):
+        items = [_json_text(v, depth + 1) for v in value]
+        return "[" + inner + ("," + inner).join(items) + pad + "]"
+    return json.dumps(value, default=None)  # a plain value, or a list of them (C encoder)
+
+
+def _json_key(key: object) -> str:
+    if isinstance(key, str):
+        return json.dumps(key)
+    return json.dumps({key: 0}, default=None)[1:-4]  # json's own text of an int/float/bool key
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """``payload`` as ``_json_text`` into ``path``, atomically (temporary, fsync, rename)."""
+    write_text_atomic(path, _json_text(payload) + "\n")
+
 
 __all__ = ["Job", "Settings", "configure_parser", "discover", "main", "prepare", "process_file"]
 
@@ -382,6 +409,25 @@ class OutputWriteError(OSError):
     as a bad recording it was reused as one by every later run, after space was freed too."""
 
 
+class WorkerStartError(RuntimeError):
+    """The worker processes could not start, so no recording was prepared by them: the run's
+    problem, not the recordings'. Mostly a script that calls ``prepare`` with ``workers`` > 1
+    outside ``if __name__ == "__main__":`` (see ``prepare``); every recording was reported bad
+    ("the process preparing it died (exit code 1)") instead."""
+
+
+def _worker_start_message(exitcode: int | None = None) -> str:
+    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    script = f"the script {script}" if script else "the calling script"
+    how = "" if exitcode is None else f" (exit code {exitcode}; its error is above)"
+    return (
+        f"the worker processes could not start{how}: each new one (start method "
+        f"{_pool_context().get_start_method()}) runs {script} again, which must therefore call "
+        'prepare (or eegfast\'s main) only under `if __name__ == "__main__":`; put the call '
+        "under that guard, or use one worker (workers=1, --workers 1)"
+    )
+
+
 def _record_path(out: Path, job: Job) -> Path:
     return out / SHARD_DIR / f"{job.key}.json"
 
@@ -423,7 +469,7 @@ def process_file(job: Job, settings: Settings, out: str) -> dict:
         record["reason"] = f"error: {type(err).__name__}: {err}"
         record["traceback"] = traceback.format_exc(limit=5)
     record["seconds"] = round(time.perf_counter() - started, 4)
-    write_json_atomic(_record_path(out_dir, job), record, **DATA_JSON)
+    _write_json(_record_path(out_dir, job), record)
     return record
 
 
@@ -890,14 +936,17 @@ def _process_in_pool(
                 done()
 
 
-def _process_file_alone(job: Job, settings: Settings, out: str, errors: Connection) -> None:
-    """``process_file`` in the process :func:`_process_alone` starts; a failed shard write
-    (``OutputWriteError``, the run's problem) goes back through ``errors``: the process's
-    exit status alone made it a recording that "died (exit code 1)"."""
+def _process_file_alone(job: Job, settings: Settings, out: str, messages: Connection) -> None:
+    """``process_file`` in the process :func:`_process_alone` starts. Through ``messages``: that
+    the process started (one that dies before, while it starts up, says nothing about the
+    recording), and a failed shard write (``OutputWriteError``, the run's problem): the
+    process's exit status alone made either a recording that "died (exit code 1)"."""
+    messages.send(("started",))
     try:
         process_file(job, settings, out)
     except OutputWriteError as err:  # (its args hold no file name: sent with it)
-        errors.send((err.errno, err.strerror, err.filename) if err.errno else (str(err),))
+        args = (err.errno, err.strerror, err.filename) if err.errno else (str(err),)
+        messages.send(("write failed", args))
         sys.exit(1)
 
 
@@ -913,12 +962,19 @@ def _process_alone(job: Job, settings: Settings, out: str) -> dict:
     process.start()
     send.close()  # (the child's copy stays open until it ends)
     process.join()
+    started_job = False
     failed_write = None  # the shard could not be written: the run stops, as in the pool
-    with contextlib.suppress(EOFError):  # (nothing sent: the process ended or died)
-        failed_write = receive.recv() if receive.poll() else None
+    with contextlib.suppress(EOFError):  # (all read: the process ended or died)
+        while receive.poll():
+            message = receive.recv()
+            started_job |= message[0] == "started"
+            failed_write = message[1] if message[0] == "write failed" else failed_write
     receive.close()
     if failed_write is not None:
         raise OutputWriteError(*failed_write)
+    if not started_job and process.exitcode != 0:
+        # died starting up, before it got the recording: so would every other worker
+        raise WorkerStartError(_worker_start_message(process.exitcode))
     if process.exitcode == 0:
         return json.loads(_record_path(Path(out), job).read_text())
     if process.exitcode == -9:
@@ -956,11 +1012,18 @@ def prepare(
     On Linux they are forked while torch is not imported; once it is (its thread pools make a
     fork unsafe), and on macOS and Windows, they are started afresh and import the calling
     script again, like any ``multiprocessing`` start method but fork: a script calling this
-    must then do so under ``if __name__ == "__main__":``, or every recording is reported bad
-    ("the process preparing it died (exit code 1)").
+    must then do so under ``if __name__ == "__main__":``, or the run stops with a
+    :class:`WorkerStartError` saying so (a worker that dies once it has a recording still
+    makes only that recording bad).
     """
     from tqdm import tqdm
 
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # This process is a worker starting up, running the calling script again (spawn,
+        # forkserver): called outside the main guard. Nothing is done: a run of its own
+        # would start workers of its own, and clear the folder's temporaries and index. (Not
+        # a WorkerStartError, which main() reports and returns from: the worker must end.)
+        raise RuntimeError(_worker_start_message())
     if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
         raise ValueError(f"workers: must be an integer >= 1, got {workers!r}")
     started = time.perf_counter()
@@ -1004,7 +1067,7 @@ def prepare(
     bar.close()
     ordered = [records[j.key] for j in jobs]
     index = build_index(ordered, settings, classes)
-    write_json_atomic(out / INDEX_NAME, index, **DATA_JSON)
+    _write_json(out / INDEX_NAME, index)
     report = build_report(ordered, index, settings, time.perf_counter() - started, removed)
     report["warnings"] = (
         warnings
@@ -1013,7 +1076,7 @@ def prepare(
         + _mains_problems(ordered, settings.preprocess.notch_freq)
     )
     report["outdated"] = outdated  # redone: made by an older processing revision
-    write_json_atomic(out / "report.json", report, **DATA_JSON)
+    _write_json(out / "report.json", report)
     md = out / "report.md"
     write_text_atomic(md, report_markdown(report))
     return report
@@ -1523,7 +1586,7 @@ def main(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             strict=args.strict,
         )
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError, ImportError, WorkerStartError) as err:
         print(f"eegfast prepare: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # writing into --out (disk full): one line, not a traceback

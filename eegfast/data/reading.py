@@ -247,6 +247,9 @@ def read_recording(path: str | os.PathLike, *, bids_root: str | os.PathLike | No
     path = Path(path)
     if not path.exists():
         raise BadRecording("file not found")
+    if not path.is_file() and not path.is_dir():  # (a folder: an EGI .mff recording)
+        # a FIFO blocks a reader until something writes to it; MNE called it "a directory"
+        raise BadRecording("not a regular file (a FIFO, socket or device)")
     if path.is_file() and path.stat().st_size == 0:
         raise BadRecording("empty file (0 bytes)")
     header = None

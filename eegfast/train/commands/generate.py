@@ -11,8 +11,10 @@ The prompt is either
   the prompt; or
 * a prompt window already at 200 Hz: ``.npy`` (C, T) in µV whose rows the ``channels`` of its
   ``.json`` sidecar name (as this command writes one) or, without a sidecar, ``--channels``;
-  or ``.npz`` with arrays ``x`` (C, T) in µV and ``channels``. Where the file names its rows
-  (sidecar, .npz), ``--channels`` picks a subset of them, in its order, as for a recording.
+  or ``.npz`` with arrays ``x`` (C, T) in µV and ``channels`` (``x`` of at most 24 h: its
+  members are decompressed whole, so a longer one is refused from its header). Where the file
+  names its rows (sidecar, .npz), ``--channels`` picks a subset of them, in its order, as for
+  a recording.
 
 The model continues it patch by patch (1 s = 200 samples per patch) with a key/value cache
 (``--no-cache`` re-encodes the context each step) within the window length it was pretrained
@@ -320,6 +322,67 @@ def _pick_rows(
     return data[[known.index(c) for c in picked]], list(picked)
 
 
+# The longest .npz prompt read: its members are decompressed whole into the arrays their
+# headers declare, so a small file could otherwise declare (and fill) any size (a zip bomb).
+MAX_NPZ_PROMPT_SECONDS = 24 * 3600
+MAX_NAME_BYTES = 1024  # per electrode name of a .npz's 'channels' (256 UTF-32 characters)
+
+
+def _read_npz_prompt(path: Path, max_rows: int) -> dict[str, np.ndarray]:
+    """Arrays ``x`` and ``channels`` (those present) of a .npz prompt, as ``np.load`` names
+    them, each member's .npy header checked before its data are read: ``x`` (C, T) at most
+    ``max_rows`` electrodes (what the model embeds) by ``MAX_NPZ_PROMPT_SECONDS`` at 200 Hz,
+    ``channels`` at most ``max_rows`` names. GenerateError naming the file otherwise; a file
+    that is no zip archive, or a member that is no .npy array, raises ValueError or
+    ``zipfile.BadZipFile`` (np.load returned such a member as bytes: an AttributeError)."""
+    arrays = {}
+    with zipfile.ZipFile(path) as archive:
+        members = set(archive.namelist())
+        for key in ("x", "channels"):
+            member = key if key in members else f"{key}.npy"  # (np.load's order)
+            if member not in members:
+                continue
+            with archive.open(member) as f:
+                try:
+                    version = np.lib.format.read_magic(f)
+                    if version not in ((1, 0), (2, 0)):
+                        raise ValueError(f".npy format version {version}")
+                    read_header = getattr(np.lib.format, f"read_array_header_{version[0]}_0")
+                    shape, _, dtype = read_header(f)
+                except ValueError as err:
+                    raise ValueError(f"member {member} is not a .npy array ({err})") from None
+                _check_npz_member(path, key, shape, dtype, max_rows)
+                f.seek(0)
+                arrays[key] = np.lib.format.read_array(f, allow_pickle=False)
+    return arrays
+
+
+def _check_npz_member(
+    path: Path, key: str, shape: tuple[int, ...], dtype: np.dtype, max_rows: int
+) -> None:
+    """GenerateError naming ``path`` unless a .npz prompt's member ``key`` with this declared
+    shape and dtype is within the bounds of :func:`_read_npz_prompt`."""
+    what = f"--prompt {path.name}: not a readable .npz prompt: '{key}' declares {dtype} {shape}"
+    if key == "x":
+        max_samples = int(MAX_NPZ_PROMPT_SECONDS * SFREQ)
+        if len(shape) != 2:  # (its size unchecked below)
+            raise GenerateError(f"{what}; expected (C, T): electrodes by samples")
+        if shape[0] > max_rows:
+            raise GenerateError(f"{what}, more rows than the {max_rows} electrodes the model has")
+        if shape[1] > max_samples:
+            raise GenerateError(
+                f"{what}, more than {MAX_NPZ_PROMPT_SECONDS / 3600:g} h at 200 Hz "
+                f"({max_samples} samples); keep the part to continue"
+            )
+        if dtype.itemsize > 8:
+            raise GenerateError(f"{what}; samples must be real numbers")
+    elif math.prod(shape) > max_rows or dtype.itemsize > MAX_NAME_BYTES:
+        raise GenerateError(
+            f"{what}, more than the {max_rows} electrode names of the model (of at most "
+            f"{MAX_NAME_BYTES // 4} characters)"
+        )
+
+
 def load_prompt(
     path: str | Path,
     *,
@@ -341,7 +404,9 @@ def load_prompt(
     if notch is not None and notch != 0 and not (math.isfinite(notch) and notch > 0):
         raise GenerateError(f"--notch must be a frequency > 0 Hz (or 0 for none), got {notch}")
     if not path.is_file():
-        raise GenerateError(f"--prompt: file not found: {path}")
+        # (a FIFO is no file to seek in, and waits for a writer: not read)
+        what = "not a regular file" if path.exists() else "file not found"
+        raise GenerateError(f"--prompt: {what}: {path}")
     suffix = path.suffix.lower()
     if suffix in (".npy", ".npz"):
         sidecar = None
@@ -355,8 +420,12 @@ def load_prompt(
                 data = np.load(path, allow_pickle=False)
                 names = sidecar if sidecar is not None else channels
             else:
-                with np.load(path, allow_pickle=False) as archive:
-                    arrays = {k: archive[k] for k in ("x", "channels") if k in archive}
+                from eegfast.electrodes import LABRAM_EXTENDED_TABLE_ROWS, LABRAM_TABLE_ROWS
+
+                rows = LABRAM_EXTENDED_TABLE_ROWS if allow_extended else LABRAM_TABLE_ROWS
+                arrays = _read_npz_prompt(path, max_rows=rows - 1)  # (row 0: cls)
+        except GenerateError:
+            raise
         except (ValueError, OSError, EOFError, zipfile.BadZipFile, MemoryError) as err:
             # a damaged file, another format under the suffix, or pickled objects (not loaded);
             # MemoryError: a header that claims terabytes (numpy allocates before it reads)
