@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numbers
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from eegfast.nn.layers import Block, CodePatchEmbed, TemporalConv
+from eegfast.nn.linear import has_call_hooks
+from eegfast.nn.moe import MoEAux, MoEFFN
 
 
 @dataclass(frozen=True)
@@ -401,7 +403,7 @@ class LaBraMTrunk(nn.Module):
         )
         for block in self.blocks:
             if recompute:
-                x = checkpoint(block, x, use_reentrant=False, **kwargs)
+                x = checkpoint_block(block, x, **kwargs)
             else:
                 x = block(x, **kwargs)
         return x
@@ -429,6 +431,37 @@ class LaBraMTrunk(nn.Module):
         patches = self.patch_embed(x, None if key_padding is None else key_padding[:, 1:])
         tokens = self.embed_patches(patches, C, chans)
         return self.run_blocks(tokens, key_padding_mask=key_padding, task_id=task_id), key_padding
+
+
+def checkpoint_block(block: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``block(x, **kwargs)`` (x: (B, N, E) -> (B, N, E)), its activations recomputed in the
+    backward pass (non-reentrant checkpointing).
+
+    An MoE FFN in a :class:`~eegfast.nn.Block` stores its aux losses and routing statistics
+    on itself (``MoEFFN.last_aux``, which the training step reads); torch.compile refuses
+    that write inside the checkpointed region (a graph break in every upcycled block at every
+    step). Here the region returns them as outputs instead and ``last_aux`` is set outside
+    it, to the same values (and once: eager recomputation no longer writes it again)."""
+    mlp = getattr(block, "mlp", None)
+    if (
+        type(block).forward is not Block.forward  # (a subclass's forward may not return aux)
+        or not isinstance(mlp, MoEFFN)
+        or has_call_hooks(block)  # (its hooks expect its tensor output)
+    ):
+        return checkpoint(block, x, use_reentrant=False, **kwargs)
+    x, *aux = checkpoint(_block_and_moe_aux, block, x, use_reentrant=False, **kwargs)
+    if aux:  # (none from a hooked MoE, which stored its own)
+        mlp.last_aux = MoEAux(*aux)
+    return x
+
+
+def _block_and_moe_aux(block: Block, x: torch.Tensor, **kwargs) -> tuple[torch.Tensor, ...]:
+    """The checkpointed region of :func:`checkpoint_block`: (x, *MoEAux fields), writing
+    nothing on the modules (tensors only, as dynamo's checkpoint operator returns them)."""
+    x, aux = block(x, return_aux=True, **kwargs)
+    if aux is None:
+        return (x,)
+    return (x, *(aux[f.name] for f in fields(aux)))
 
 
 def mean_patch_tokens(tokens: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torch import nn
 
 from eegfast.nn.attention import QKNormAttention
 from eegfast.nn.linear import fused_linear, has_call_hooks, linear_call_fusable, scaled_residual
-from eegfast.nn.moe import MoEFFN
+from eegfast.nn.moe import MoEAux, MoEFFN
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -167,20 +167,35 @@ class Block(nn.Module):
         causal: bool = False,
         block_causal: torch.Tensor | None = None,
         task_id: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_aux: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, MoEAux | None]:
         """x: (B, N, dim) -> (B, N, dim); masks as in :class:`QKNormAttention`.
 
         ``key_padding_mask`` (B, N) (True = padding token) also goes to an MLP that takes a
         ``padding_mask`` (an MoE FFN: padding tokens are not routed and stay out of its aux
-        losses); a dense MLP, per token, needs none."""
+        losses); a dense MLP, per token, needs none.
+
+        ``return_aux``: return ``(x, aux)``, aux the :class:`~eegfast.nn.MoEAux` of an MoE
+        FFN without hooks, which then does not store it in its ``last_aux`` (None for any
+        other MLP, which behaves as without it). For an activation-checkpointed region, in
+        which torch.compile refuses that write: the caller sets ``last_aux`` outside it."""
         masks = dict(key_padding_mask=key_padding_mask, causal=causal, block_causal=block_causal)
         mlp_kwargs: dict = {"task_id": task_id}
         if key_padding_mask is not None and _takes_padding_mask(self.mlp):
             mlp_kwargs["padding_mask"] = key_padding_mask
+        # (a hooked MoE keeps its tensor output, which its hooks expect, and stores its aux)
+        aux_out = return_aux and type(self.mlp).forward is MoEFFN.forward
+        aux_out = aux_out and not has_call_hooks(self.mlp)
+        if aux_out:
+            mlp_kwargs["return_aux"] = True
+        aux = None
         if self.drop_path > 0.0 and self.training:
             x = self._dropped_residual(x, self.attn(self.norm1(x), **masks), self.gamma_1)
             m = self.mlp(self.norm2(x), **mlp_kwargs)
-            return self._dropped_residual(x, m, self.gamma_2)
+            if aux_out:
+                m, aux = m
+            x = self._dropped_residual(x, m, self.gamma_2)
+            return (x, aux) if return_aux else x
         # Residual and layer scale go into the output projections (one pass each, fused into
         # the GEMM on CPU inference, see eegfast.nn.linear); not into a hooked module's output,
         # which its hooks must see as the branch alone (an ablation hook returning zeros had
@@ -191,8 +206,13 @@ class Block(nn.Module):
         else:  # a replaced or hooked attention
             x = scaled_residual(attn(self.norm1(x), **masks), self.gamma_1, x)
         if type(mlp).forward is Mlp.forward and not has_call_hooks(mlp):
-            return mlp(self.norm2(x), residual=x, scale=self.gamma_2)
-        return scaled_residual(mlp(self.norm2(x), **mlp_kwargs), self.gamma_2, x)
+            x = mlp(self.norm2(x), residual=x, scale=self.gamma_2)
+        else:
+            m = mlp(self.norm2(x), **mlp_kwargs)
+            if aux_out:
+                m, aux = m
+            x = scaled_residual(m, self.gamma_2, x)
+        return (x, aux) if return_aux else x
 
     def _dropped_residual(self, x: torch.Tensor, branch: torch.Tensor, gamma) -> torch.Tensor:
         """x + drop_path(γ·branch) (training with stochastic depth), as one pass over the

@@ -106,9 +106,11 @@ class MoEFFN(nn.Module):
         task_embed      (num_tasks, dim)     # task_routing="embedding", num_tasks > 0
 
     After each forward, ``last_aux`` holds a :class:`MoEAux`. That write is a side effect,
-    which torch.compile refuses inside an activation-checkpointed block (a graph break per
-    block) unless ``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint`` is
-    True, as :func:`eegfast.train.fit` sets it while it trains such a model.
+    which torch.compile refuses inside an activation-checkpointed region (a graph break per
+    block); ``forward(..., return_aux=True)`` writes nothing and returns the report instead,
+    which the checkpointed blocks of the LaBraM models use (the block returns it from its
+    checkpointed region and ``last_aux`` is set outside, see
+    :func:`eegfast.models.labram.checkpoint_block`): no dynamo setting is needed.
     """
 
     def __init__(
@@ -320,10 +322,18 @@ class MoEFFN(nn.Module):
         return ~padding_mask.to(device).reshape(T)
 
     def forward(
-        self, x: torch.Tensor, task_id=None, *, padding_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        task_id=None,
+        *,
+        padding_mask: torch.Tensor | None = None,
+        return_aux: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, MoEAux]:
         """x: (B, N, dim) or (T, dim) (any leading dims); task_id: None, an int, (B,) per
-        sample or per-token ids, in [0, num_tasks). Returns (..., out_dim).
+        sample or per-token ids, in [0, num_tasks). Returns (..., out_dim), and stores this
+        forward's :class:`MoEAux` in ``last_aux``; with ``return_aux`` returns
+        ``(output, aux)`` and stores nothing (``last_aux`` is left as it was: for a caller
+        inside an activation-checkpointed region, which sets it outside).
 
         padding_mask: bool, x's leading shape (e.g. (B, N)), True = padding token (a padded
         electrode's patch). Padding tokens are not routed (they take no expert slot, cost no
@@ -429,8 +439,12 @@ class MoEFFN(nn.Module):
             load_balance, z_loss = self._aux_losses_over_ranks(logits, probs, counts, valid)
         # new_full is an async fill on the device; torch.tensor(T, device=...) would copy from host
         tokens = dropped.new_full((), T) if n_tokens is None else n_tokens.to(torch.int64)
-        self.last_aux = MoEAux(load_balance, z_loss, expert_load, entropy, dropped, tokens)
-        return out.reshape(*leading, self.out_dim)
+        aux = MoEAux(load_balance, z_loss, expert_load, entropy, dropped, tokens)
+        out = out.reshape(*leading, self.out_dim)
+        if return_aux:
+            return out, aux
+        self.last_aux = aux
+        return out
 
     def _aux_losses_over_ranks(
         self,

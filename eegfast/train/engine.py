@@ -299,19 +299,17 @@ def _compiled_training_settings(groups: int, checkpointing: bool) -> Callable[[]
     """Dynamo's settings while :func:`fit` trains a compiled model; returns what restores them.
 
     The recompile limit covers ``groups`` batch groups (:func:`_allow_a_graph_per_group`).
-    With activation checkpointing (``checkpointing``), side effects in the forward of a
-    checkpointed block are traced (``skip_fwd_side_effects_in_bwd_under_checkpoint``): an MoE
-    layer keeps its aux losses and routing statistics on the module (``MoEFFN.last_aux``, which
-    the step adds to its loss), and dynamo's checkpoint operator refused that write, a graph
-    break in every upcycled block at every step. Eager checkpointing writes them once more when
-    the backward recomputes the block (the same values); compiled, once, in the forward.
+    Activation checkpointing (``checkpointing``) needs no setting of its own: dynamo's
+    ``skip_fwd_side_effects_in_bwd_under_checkpoint`` was set for it while the MoE layers
+    stored their aux losses inside the checkpointed blocks (refused by dynamo's checkpoint
+    operator: a graph break in every upcycled block at every step); a checkpointed LaBraM
+    block now returns them from its checkpointed region and they are stored outside it
+    (:func:`eegfast.models.labram.checkpoint_block`). Not setting it keeps any other side
+    effect of a checkpointed forward a visible graph break rather than one that the compiled
+    backward, unlike eager's, does not replay.
     """
     settings = contextlib.ExitStack()
     settings.enter_context(recompile_allowance(groups))
-    config = torch._dynamo.config
-    name = "skip_fwd_side_effects_in_bwd_under_checkpoint"
-    if checkpointing and hasattr(config, name):  # (a PyTorch without the setting: not set)
-        settings.enter_context(config.patch({name: True}))
     return settings.close
 
 

@@ -160,7 +160,8 @@ def test_fit_compiles_an_upcycled_model_with_activation_checkpointing_without_gr
     """train.compile with train.activation_checkpointing on an upcycled model: the MoE layers'
     write of their aux losses in each checkpointed block was a graph break at every step
     (dynamo's checkpoint operator refuses side effects unless told they need no replay in
-    the backward). fit sets that for its run only."""
+    the backward); they now leave the checkpointed region as its outputs, and fit leaves
+    that dynamo setting as it was."""
     graphs: list = []
     compile_module = torch.nn.Module.compile
     monkeypatch.setattr(
@@ -193,10 +194,9 @@ def test_fit_compiles_an_upcycled_model_with_activation_checkpointing_without_gr
 
 
 def test_a_refused_resume_leaves_dynamos_settings_as_they_were(tmp_path):
-    """fit with train.compile raised dynamo's recompile limit (and, with activation
-    checkpointing, let checkpointed blocks' side effects be traced) right after compiling:
-    a resume refused after that (here a model of another width) left both changed for the
-    rest of the process."""
+    """fit with train.compile raised dynamo's recompile limit right after compiling: a
+    resume refused after that (here a model of another width) left it changed for the rest
+    of the process (and the checkpoint side-effect setting, which fit then also set)."""
     data, ctx = SyntheticEEG(8), StepContext(torch.device("cpu"))
     fit_batches_of_4(TinyClassifier(), logsumexp_step, data, ctx, tmp_path, {"train.max_steps": 1})
     config = torch._dynamo.config

@@ -1,0 +1,131 @@
+"""Activation-checkpointed upcycled (MoE) LaBraM models under torch.compile without any dynamo
+setting: the MoE layers' aux losses leave each checkpointed block as its outputs and are
+stored on the layer (``MoEFFN.last_aux``) outside the checkpointed region, which dynamo's
+checkpoint operator refused to trace a write in (a graph break in every block at every step,
+unless ``skip_fwd_side_effects_in_bwd_under_checkpoint`` was set, as only ``fit`` did)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from eegfast.models import create_model, upcycle
+from eegfast.nn import Block, MoEFFN, moe_aux_losses
+
+FLAG = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+
+
+def _upcycled(*, checkpointing: bool, drop_path: float = 0.0, tasks: int = 0):
+    """labram_tiny (2 blocks, 3 classes) upcycled with distinct experts and a decisive router
+    (the outputs depend on the routing), in training mode."""
+    torch.manual_seed(0)
+    model = create_model("labram_tiny", depth=2, num_classes=3, drop_path_rate=drop_path)
+    upcycle(
+        model,
+        num_experts=4,
+        top_k=2,
+        noise_std=0.3,
+        num_tasks=tasks,
+        generator=torch.Generator().manual_seed(1),
+    )
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.router.weight.normal_(0, 1.0)
+            if tasks:
+                block.mlp.task_bias.normal_(0, 1.0)
+    model.set_grad_checkpointing(checkpointing)
+    return model.train()
+
+
+def _inputs():
+    """x (3, 4, 2, 200), input_chans (5,) and a padded electrode in two samples."""
+    g = torch.Generator().manual_seed(2)
+    padding = torch.zeros(3, 4, dtype=torch.bool)
+    padding[1, -1] = padding[2, 0] = True
+    return torch.randn(3, 4, 2, 200, generator=g), torch.arange(5), padding
+
+
+def _step(model, forward=None, **kwargs) -> list[torch.Tensor]:
+    """A training step's logits, every MoE layer's aux values and every gradient."""
+    x, chans, padding = _inputs()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # (drop path)
+    out = (model if forward is None else forward)(x, chans, channel_padding_mask=padding, **kwargs)
+    reports = [m.last_aux for m in model.modules() if isinstance(m, MoEFFN)]
+    assert len(reports) == 2 and all(r is not None for r in reports)
+    aux = [value.detach().clone() for r in reports for value in r.as_dict().values()]
+    losses = moe_aux_losses(model)
+    loss = out.square().sum() + 0.01 * losses["load_balance_loss"] + 0.001 * losses["z_loss"]
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads[:-2]), "a parameter got no gradient"
+    return [out.detach(), loss.detach(), *aux, *[g for g in grads if g is not None]]
+
+
+@pytest.mark.slow
+def test_checkpointed_upcycled_model_compiles_without_graph_breaks_without_the_flag():
+    """Forward and backward of a compiled, checkpointed, task-routed upcycled model over a
+    padded batch with drop path: no graph break with dynamo's checkpoint side-effect setting
+    off (one per block before), and eager's outputs, aux losses and gradients."""
+    tasks = torch.tensor([0, 1, 1])
+    want = _step(_upcycled(checkpointing=True, drop_path=0.3, tasks=2), task_id=tasks)
+    model = _upcycled(checkpointing=True, drop_path=0.3, tasks=2)
+    graphs: list = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        # traced through AOT autograd, whose checkpoint recomputation replays the drop-path
+        # draws as eager's does (the dynamo graph run as is draws new ones in the backward)
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with torch._dynamo.config.patch({FLAG: False}):
+            got = _step(model, torch.compile(model, backend=backend), task_id=tasks)
+        breaks = {**counters["graph_break"], **counters["unimplemented"]}
+    finally:
+        torch._dynamo.reset()
+    assert not breaks, breaks
+    assert len(graphs) == 1, f"{len(graphs)} graphs"
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"value {i}")
+
+
+def test_checkpointed_eager_step_is_bitwise_the_unchecked_one():
+    """Eager, checkpointing changes nothing: outputs, aux losses and statistics, gradients
+    (drop path, padding and task routing included); in eval mode (no checkpointing) the
+    layers report."""
+    tasks = torch.tensor([1, 0, 1])
+    checkpointed = _upcycled(checkpointing=True, drop_path=0.3, tasks=2)
+    plain = _upcycled(checkpointing=False, drop_path=0.3, tasks=2)
+    got, want = _step(checkpointed, task_id=tasks), _step(plain, task_id=tasks)
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(a, b), f"value {i} differs"
+    x, chans, padding = _inputs()
+    checkpointed.eval()
+    with torch.no_grad():
+        checkpointed(x, chans, channel_padding_mask=padding, task_id=tasks)
+    real = 3 * (1 + 4 * 2) - 2 * 2  # cls and patch tokens, less 2 padded electrodes' patches
+    assert all(int(block.mlp.last_aux.tokens) == real for block in checkpointed.blocks)
+
+
+def test_hooked_moe_layers_and_blocks_still_report_when_checkpointed():
+    """A forward hook on an MoE layer or on a block sees a tensor output (the aux stays the
+    layer's own write there), and every layer reports; a dense block's ``return_aux`` is None."""
+    model = _upcycled(checkpointing=True)
+    seen: list = []
+    model.blocks[0].mlp.register_forward_hook(lambda m, a, out: seen.append(type(out)))
+    model.blocks[1].register_forward_hook(lambda m, a, out: seen.append(type(out)))
+    _step(model)
+    assert seen and all(kind is torch.Tensor for kind in seen), seen
+    torch.manual_seed(0)
+    dense = Block(16, 2)
+    x = torch.randn(2, 5, 16)
+    y, aux = dense(x, return_aux=True)
+    assert aux is None and torch.equal(y, dense(x))
