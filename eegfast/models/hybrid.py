@@ -50,7 +50,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from eegfast.models.labram import (
     _check_signal,
@@ -268,14 +267,9 @@ def forecast_features(
             ),
             dim=1,
         )
-    recompute = getattr(student, "grad_checkpointing", False) and torch.is_grad_enabled()
-    for block in student.blocks:
-        if recompute:
-            h = checkpoint(
-                block, h, use_reentrant=False, key_padding_mask=key_padding, block_causal=ids
-            )
-        else:
-            h = block(h, key_padding_mask=key_padding, block_causal=ids)
+    # (the trunk's own loop: checkpointed per block if enabled, an MoE layer's aux values
+    # stored outside the checkpointed region, which torch.compile needs to keep one graph)
+    h = student.run_blocks(h, key_padding_mask=key_padding, block_causal=ids)
     h = student.norm(h)
     return h[:, 1:].reshape(B, C, A, h.shape[-1])
 

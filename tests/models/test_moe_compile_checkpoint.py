@@ -129,3 +129,59 @@ def test_hooked_moe_layers_and_blocks_still_report_when_checkpointed():
     x = torch.randn(2, 5, 16)
     y, aux = dense(x, return_aux=True)
     assert aux is None and torch.equal(y, dense(x))
+
+
+@pytest.mark.slow
+def test_checkpointed_moe_hybrid_forecast_pass_compiles_without_graph_breaks():
+    """The hybrid's block-causal pass (``forecast_features``) goes through the trunk's own
+    block loop: with MoE layers and checkpointing it compiles into one graph without the
+    dynamo setting (its own ``checkpoint(block, ...)`` loop broke once), and gives eager's
+    features, aux values and gradients."""
+    from eegfast.models.hybrid import create_hybrid_model, forecast_features
+
+    def build():
+        torch.manual_seed(0)
+        model = create_hybrid_model("labram_tiny_pretrain")
+        upcycle(
+            model.student,
+            num_experts=4,
+            top_k=2,
+            noise_std=0.3,
+            generator=torch.Generator().manual_seed(1),
+        )
+        model.set_grad_checkpointing(True)
+        return model.train()
+
+    x = torch.randn(2, 3, 4, 200, generator=torch.Generator().manual_seed(3))
+    chans = torch.tensor([0, 1, 20, 42])
+
+    def run(model, fn):
+        model.zero_grad(set_to_none=True)
+        h = fn(model.student, x, chans)
+        aux = moe_aux_losses(model.student)
+        (h.square().sum() + aux["load_balance_loss"]).backward()
+        grads = [p.grad for p in model.student.parameters() if p.grad is not None]
+        return [h.detach(), *[v.detach() for v in aux.values()], *grads]
+
+    want = run(build(), forecast_features)
+    model = build()
+    graphs: list = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with torch._dynamo.config.patch({FLAG: False}):
+            got = run(model, torch.compile(forecast_features, backend=backend))
+        breaks = {**counters["graph_break"], **counters["unimplemented"]}
+    finally:
+        torch._dynamo.reset()
+    assert not breaks, breaks
+    assert len(graphs) == 1, f"{len(graphs)} graphs"
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"value {i}")
