@@ -378,6 +378,68 @@ def resumed_meta(resume: str | None, out: str | Path) -> dict[str, Any]:
     return checkpoint_meta(resume)
 
 
+# index.json digests by (path, size, mtime, inode): hashed once per process, not at every fit
+# (finetune fits each fold and variant over the same folders)
+_INDEX_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def data_identity(dataset: Any) -> dict[str, str]:
+    """What a checkpoint records of its training data's content: folder -> SHA-256 of its
+    ``index.json`` for each prepared folder under ``dataset`` (a ``ShardDataset``, ``Subset``
+    s and ``ConcatDataset`` s of them, as ``load_data`` / ``TrainData.subset`` give); {} for
+    other datasets. The index holds the folder's preprocessing settings and each recording's
+    windows and labels: a folder prepared again with other options or recordings has another
+    one, where the number of windows (and so the epoch's batches) may be the same. The shards
+    are not read."""
+    from torch.utils.data import ConcatDataset, Subset
+
+    from eegfast.data import ShardDataset
+    from eegfast.data.index import INDEX_NAME
+
+    found: dict[str, str] = {}
+    todo = [dataset]
+    while todo:
+        part = todo.pop()
+        if isinstance(part, ShardDataset):
+            found.setdefault(str(part.root), _index_digest(part.root / INDEX_NAME))
+        elif isinstance(part, Subset):
+            todo.append(part.dataset)
+        elif isinstance(part, ConcatDataset):
+            todo += reversed(part.datasets)
+    return found
+
+
+def _index_digest(path: Path) -> str:
+    """SHA-256 of the file ``path`` (an ``index.json``), read in blocks; "" when it cannot be
+    read (a folder whose index is gone: nothing to compare, and the run may not need it)."""
+    import hashlib
+
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+        if key not in _INDEX_DIGESTS:
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+            _INDEX_DIGESTS[key] = digest.hexdigest()
+        return _INDEX_DIGESTS[key]
+    except OSError:
+        return ""
+
+
+def changed_data(saved: dict[str, str] | None, now: dict[str, str]) -> list[str]:
+    """The folders of ``now`` (:func:`data_identity`) that ``saved`` (a checkpoint's record,
+    None for checkpoints from before it) holds with another ``index.json``. A folder only one
+    of them has (data.roots changed, a warning of its own) or of an unreadable index is left
+    out."""
+    if not saved:
+        return []
+    return [
+        root for root, digest in now.items() if digest and saved.get(root) not in (None, "", digest)
+    ]
+
+
 def load_training_state(checkpoint: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     """The checkpoint's optimiser, scheduler, scaler, RNG and position state.
 

@@ -5,7 +5,8 @@ schedule with warm-up, gradient accumulation and clipping, mixed precision (bf16
 fp16 with a GradScaler), activation checkpointing and ``torch.compile`` flags, DDP/FSDP2 under
 torchrun, atomic checkpoints with retention and exact resume (every ``train.checkpoint_every``
 optimiser steps, or at each epoch's end when it is 0, and at the last step; each validated by
-``eval_fn``), CSV/TensorBoard logging and a tqdm bar on rank 0. ``train/samples_per_s`` is the
+``eval_fn``), CSV/TensorBoard logging and a tqdm bar on rank 0 (redrawn once a minute
+when stderr is not a terminal: a log file under Slurm or CI). ``train/samples_per_s`` is the
 training throughput since the start of ``fit``, validation and checkpoint writing left out.
 A non-finite loss stops the run with :class:`NonFiniteLossError` before anything is saved, so
 the last checkpoint on disk is the last good one.
@@ -39,6 +40,10 @@ the middle of an epoch continues it exactly after another ``train.grad_accum``, 
 processes or ``data.num_workers``; after another ``train.batch_size`` or ``train.seed``, or
 other training windows, the epoch's batches are cut otherwise and it goes on after the same
 share of them, with a warning (some windows twice in that epoch, others not at all).
+Each checkpoint records its prepared folders' ``index.json`` digests: a resume after one was
+prepared again (other settings or recordings, as many windows or not) warns, naming it. The
+first log point after a resume with another ``train.log_every`` averages the steps since the
+new schedule's last log point (those after the checkpoint's last one, where that was later).
 """
 
 from __future__ import annotations
@@ -83,6 +88,12 @@ from eegfast.train.sampler import EpochBatchSampler
 # fp16: optimiser steps the GradScaler may skip in a row (non-finite gradients, each halving the
 # loss scale: 2**16 -> 2**-4 after 20) before the run stops; a healthy start needs a few at most.
 MAX_SKIPPED_STEPS = 20
+
+# A progress bar written to a file, not a terminal (stderr redirected, as under Slurm or in CI),
+# refreshes at most this often. With tqdm's 0.1 s, and a forced refresh at every log point, it
+# added ~90 bytes of carriage-return updates to the log up to ten times a second: a line's
+# worth per step, tens of MB in a day's run.
+UNATTENDED_REFRESH_S = 60.0
 
 
 @dataclass
@@ -187,6 +198,20 @@ class FitResult:
     checkpoint: Path | None = None  # the last checkpoint written
     run_dir: Path | None = None
     resumed_from: Path | None = None  # the checkpoint this run continued from
+
+
+def progress_bar(**kwargs: Any) -> tqdm:
+    """``tqdm(**kwargs)`` on stderr; when stderr is not a terminal, refreshed at most every
+    ``UNATTENDED_REFRESH_S`` seconds (unless ``TQDM_MININTERVAL`` or the caller sets it)."""
+    try:
+        interactive = bool(sys.stderr.isatty())
+    except (AttributeError, ValueError, OSError):  # no stderr (pythonw), a closed one
+        interactive = False
+    if not interactive and "TQDM_MININTERVAL" not in os.environ:
+        kwargs.setdefault("mininterval", UNATTENDED_REFRESH_S)
+        # tqdm's monitor thread also refreshes a bar not shown for maxinterval (10 s)
+        kwargs.setdefault("maxinterval", kwargs["mininterval"])
+    return tqdm(**kwargs)
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:
@@ -525,9 +550,21 @@ def fit(
     warmup_steps = optim_cfg.warmup_steps or int(round(optim_cfg.warmup_fraction * total_steps))
     resume_notes: list[str] = []  # warnings for rank 0 to give once the resume is known to fit
     start_batch = 0  # the micro-batch of its epoch the run starts at
+    # The prepared folders' index.json digests, recorded in each checkpoint (rank 0 writes them)
+    data_indexes = ckpt.data_identity(dataset) if info.is_main else {}
     if state is not None:
         saved_config = ckpt.checkpoint_meta(resume_from).get("config")
         changes = config_changes(saved_config, config_to_dict(config))
+        changed = ckpt.changed_data(state.get("data_indexes"), data_indexes)
+        if changed:
+            # The epoch's digest sees item positions only: a folder prepared again with other
+            # options (or recordings) into as many windows resumed without a word.
+            resume_notes.append(
+                f"resuming {resume_from}: the training data changed since it was saved: "
+                f"{', '.join(changed)} {'was' if len(changed) == 1 else 'were'} prepared again "
+                "(another index.json: other preprocessing settings, recordings or labels); "
+                "the run continues on the data as it is now"
+            )
         start_batch, note = _resumed_start_batch(state, saved_config, sampler, steps_per_epoch)
         resume_notes += [f"resuming {resume_from} {note}"] if note else []
         if not train_cfg.max_steps:
@@ -577,6 +614,7 @@ def fit(
 
     step, epoch = 0, 0
     window: dict[str, list[float]] = {}  # per-step scalars since the last log point
+    window_steps: dict[str, list[int]] = {}  # the step of each value in ``window``
     if resume_from is not None:
         # Before any load (every rank, before any collective): a model of other settings got
         # torch's size-mismatch RuntimeError, a traceback that named neither cause.
@@ -623,9 +661,9 @@ def fit(
         # The scalars of the steps since the last log point before the checkpoint, so that the
         # next log point averages the same steps as in the run that was not interrupted (each
         # rank its own; a run on another number of processes starts the window afresh).
-        saved_windows = state.get("log_window")
-        if saved_windows is not None and len(saved_windows) == info.world_size:
-            window = {k: list(v) for k, v in saved_windows[info.rank].items()}
+        window, window_steps = _resumed_log_window(
+            state, saved_config, step, train_cfg.log_every, info
+        )
         # The loaded copies are in the model and optimiser now; kept here they would sit in
         # host memory for the whole run (GPU runs), and a mapped state file stay open.
         del weights, optim_state
@@ -660,7 +698,7 @@ def fit(
     # A resume (also --resume auto finding no checkpoint yet: the run starts over at step 0)
     # drops what was logged after its step, which this run logs again.
     logger = RunLogger(run_dir, enabled=info.is_main, resume_step=step if resume else None)
-    bar = tqdm(
+    bar = progress_bar(
         total=total_steps,
         initial=step,
         desc=run_dir.name,
@@ -763,13 +801,12 @@ def fit(
                     run_dir,
                 )
             )
-        for _, loss, grad_norm, metrics in read:
+        for record, loss, grad_norm, metrics in read:
             result.losses.append(loss)
             since_checkpoint.append(loss)
-            window.setdefault("loss", []).append(loss)
-            window.setdefault("grad_norm", []).append(grad_norm)
-            for key, values in metrics.items():
+            for key, values in (("loss", [loss]), ("grad_norm", [grad_norm]), *metrics.items()):
                 window.setdefault(key, []).extend(values)
+                window_steps.setdefault(key, []).extend([record.step] * len(values))
         pending = []
 
     def save(batch_in_epoch: int, save_epoch: int) -> Path | None:
@@ -801,7 +838,7 @@ def fit(
         since_checkpoint = []
         weights, optim_state = _state_dicts(model, optimizer)
         rng_states = _gather_rng(info)
-        windows = _gather(window, info)
+        windows = _gather((window, window_steps), info)
         path = None
         if info.is_main:
             if metric_values:
@@ -816,13 +853,15 @@ def fit(
                 "epoch": save_epoch,
                 "batch_in_epoch": batch_in_epoch,  # micro-batches of grad_accum
                 "grad_accum": accum,
-                "log_window": windows,  # each rank's scalars since the last log point
+                "log_window": [w for w, _ in windows],  # each rank's scalars since the last log
+                "log_window_steps": [s for _, s in windows],  # point, and the step of each
                 # what a resume with other batches, data or length needs (_resumed_start_batch)
                 "epoch_batches": steps_per_epoch,  # global batches an epoch
                 "epoch_items": len(group_keys),
                 "epoch_digest": epoch_digest(save_epoch) if batch_in_epoch else None,
                 "total_steps": total_steps,
                 "warmup_steps": warmup_steps,
+                "data_indexes": data_indexes,  # folder -> its index.json's SHA-256
             }
             path = ckpt.save_checkpoint(
                 checkpoint_dir,
@@ -901,6 +940,11 @@ def fit(
                     watch.push(micro_losses[-1])
                     scaler.scale(out.loss / accum).backward()
                 for key, value in out.metrics.items():
+                    # detached: a metric of a step function's own still in the graph (one of
+                    # a branch the loss does not use) kept that branch's saved activations
+                    # alive until the next log point, a graph per step
+                    if isinstance(value, torch.Tensor):
+                        value = value.detach()
                     micro_metrics.setdefault(key, []).append(value)
                 micro += 1
                 batch_in_epoch += 1
@@ -958,8 +1002,10 @@ def fit(
                     logger.log(step, scalars)
                     if on_log is not None and info.is_main:
                         on_log(step, scalars)
-                    bar.set_postfix(loss=f"{scalars['train/loss']:.4f}")
-                    window = {}
+                    # shown at the bar's next refresh (refreshing here as well, at every
+                    # log point, bypassed its interval)
+                    bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
+                    window, window_steps = {}, {}
                 end_of_epoch = batch_in_epoch >= limit
                 # Every train.checkpoint_every steps and at the last; 0: at each epoch's end
                 # (step % steps_per_epoch misses the ends after a resume into other data).
@@ -1080,6 +1126,47 @@ def _resumed_start_batch(
         "its windows are trained on twice and others not at all in this epoch (a checkpoint "
         "at an epoch's end resumes exactly)"
     )
+
+
+def _resumed_log_window(
+    state: dict[str, Any],
+    saved_config: dict[str, Any] | None,
+    step: int,
+    log_every: int,
+    info: DistInfo,
+) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """This rank's scalars saved in the training state ``state`` (at optimiser step ``step``)
+    that the first log point of a resumed run logging every ``log_every`` steps averages, and
+    the step of each.
+
+    Those of the steps after the last log point of this run's schedule at or before ``step``:
+    the saved window (the steps since the saved run's last log point) had all gone into it,
+    so after another train.log_every that log point averaged a window of neither length (saved
+    every 10 steps at step 7, resumed every 4: steps 1-8 at step 8, not 5-8). A checkpoint
+    without the values' steps (written before they were recorded) gives its window only where
+    train.log_every is unchanged; a run on another number of processes starts afresh."""
+    saved, saved_steps = state.get("log_window"), state.get("log_window_steps")
+    if saved is None or len(saved) != info.world_size:
+        return {}, {}
+    window = {k: list(v) for k, v in saved[info.rank].items()}
+    if saved_steps is None or len(saved_steps) != len(saved):
+        old = ((saved_config or {}).get("train") or {}).get("log_every", log_every)
+        if old != log_every:
+            return {}, {}
+        # (its steps are after the last log point, which is this run's too: filed under
+        # ``step``, the window goes on as it was, and into this run's checkpoints)
+        return window, {k: [step] * len(v) for k, v in window.items()}
+    after = step - step % log_every  # this schedule's last log point at or before ``step``
+    kept: tuple[dict[str, list[float]], dict[str, list[int]]] = ({}, {})
+    for key, values in window.items():
+        steps = list(saved_steps[info.rank].get(key, ()))
+        if len(steps) != len(values):  # (not as fit saves it) filed under ``step``
+            steps = [step] * len(values)
+        pairs = [(value, s) for value, s in zip(values, steps, strict=True) if s > after]
+        if pairs:
+            kept[0][key] = [value for value, _ in pairs]
+            kept[1][key] = [s for _, s in pairs]
+    return kept
 
 
 @contextlib.contextmanager

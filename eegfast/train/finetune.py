@@ -780,6 +780,10 @@ def cross_validate(
                     _record(result, plan.fold, variant, task, data, test, probs)
                     if load is not None and variant == "multitask":
                         result.expert_load.setdefault(task, []).append(load)
+            # Tested: let it go before the next variant's model is built and trained, which
+            # had run beside this one's weights (on the GPU: a model's worth of memory more
+            # than the first fold needed, so a later fold could run out of it)
+            del model
         for task in tasks:
             train, test = plan.train[task], plan.test[task]
             y_train = np.array([data.items[i].label for i in train])
