@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from eegfast.ops._backend import compiler_disable
+
 
 def world_size() -> int:
     """The number of processes of torch.distributed's default group (1 without one)."""
@@ -17,7 +19,7 @@ def world_size() -> int:
 
 # A graph break under torch.compile: a collective on a tensor without gradient, run as it is
 # (every rank gets here together, in the same training forward).
-@torch.compiler.disable
+@compiler_disable
 @torch.no_grad()
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """A copy of ``tensor`` (no gradient) summed over every rank of the default group."""

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eegfast.ops import vq_code_stats, vq_ema_update, vq_kmeans, vq_nearest
+from eegfast.ops._backend import compiler_disable
 
 
 class QuantizerOutput(NamedTuple):
@@ -385,7 +386,7 @@ class NormEMAVectorQuantizer(nn.Module):
 
     # Runs once, full of data-dependent shapes and collectives: eager even in a compiled model
     # (traced, the gathers of variable row counts left unwaited collectives behind).
-    @torch.compiler.disable
+    @compiler_disable
     @torch.no_grad()
     def _initialise(self, flat: torch.Tensor) -> None:
         """k-means codebook from the finite rows of ``flat`` (N, D): of every process's batch

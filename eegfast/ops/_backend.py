@@ -20,8 +20,10 @@ import functools
 import importlib
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TypeVar
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -134,12 +136,38 @@ def triton_interpreting() -> bool:
     return _env_flag("TRITON_INTERPRET")
 
 
+_F = TypeVar("_F", bound=Callable)
+
+
+# torch.compiler.assume_constant_result and torch.compiler.disable import torch._dynamo when
+# they decorate: about a second at `import eegfast.ops` (and so eegfast.nn, eegfast.models), and
+# torch._dynamo imports triton where installed, after which a TRITON_INTERPRET=1 set by the user
+# no longer works (triton.language makes its own @jit helpers, tl.zeros and the like, compiled
+# or interpreted when triton is imported). These two mark functions without that import.
+def assume_constant_result(fn: _F) -> _F:
+    """``torch.compiler.assume_constant_result(fn)`` without importing torch._dynamo: the mark
+    that decorator sets, which Dynamo reads when it traces a call of ``fn``."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+def compiler_disable(fn: _F) -> _F:
+    """``torch.compiler.disable(fn)`` (recursive) with torch._dynamo imported on the first call
+    rather than here: torch's own lazy form, whose wrapper Dynamo skips (a graph break, then
+    ``fn`` runs eagerly)."""
+    return torch._disable_dynamo(fn)
+
+
 @functools.cache
 def _triton_status() -> BackendStatus:
     try:
         import triton
     except ImportError as error:
-        return BackendStatus(False, f"triton is not installed ({error})")
+        # (the error names the module only: say how to get it)
+        return BackendStatus(
+            False,
+            f"triton is not installed ({error}): `pip install triton`, eegfast's [triton] extra",
+        )
     if torch.cuda.is_available():
         return BackendStatus(True, f"triton {triton.__version__} on CUDA")
     if triton_interpreting():
@@ -171,7 +199,7 @@ def available_backends() -> dict[str, BackendStatus]:
 
 # Evaluated once while torch.compile traces a call (not traced into): the choice depends only on
 # the arguments, the environment and what is installed, none of which change inside a graph.
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def resolve_backend(
     requested: str | None, device: torch.device, gpu_preference: tuple[str, ...]
 ) -> str:

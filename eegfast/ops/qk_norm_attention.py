@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from eegfast.ops._backend import (
+    assume_constant_result,
     extension,
     needs_reference_autodiff,
     raising_when_differentiated,
@@ -589,7 +590,7 @@ def _triton_module() -> tuple[ModuleType | None, str]:
 
 
 # Evaluated once while torch.compile traces a call, like resolve_backend.
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _choose_backend(
     requested: str | None, device: torch.device, dropout: bool, float64: bool = False
 ) -> str:

@@ -7,15 +7,9 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import (
-    average_precision_score,
-    balanced_accuracy_score,
-    cohen_kappa_score,
-    confusion_matrix,
-    f1_score,
-    roc_auc_score,
-)
-from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+# scikit-learn is imported where used: it takes about a second (scipy.stats with it), and every
+# command that imports eegfast.train.finetune paid it at start-up, `--help` included.
 
 BINARY_METRICS = ("balanced_accuracy", "auroc", "auc_pr")
 MULTICLASS_METRICS = ("balanced_accuracy", "cohen_kappa", "f1_weighted")
@@ -30,6 +24,8 @@ def group_folds(
     there are folds; plain GroupKFold otherwise. ``k`` is lowered to the number of groups;
     fewer than 2 groups is an error.
     """
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
     labels = np.asarray(labels)
     groups = np.asarray(groups)
     n_groups = len(np.unique(groups))
@@ -59,6 +55,14 @@ def classification_metrics(
     (balanced accuracy, κ and F1 score their argmax; AUROC and AUC-PR column 1, the positive
     class). Metrics that are undefined for this fold (one class only: AUROC, AUC-PR, κ) are
     NaN."""
+    from sklearn.metrics import (
+        average_precision_score,
+        balanced_accuracy_score,
+        cohen_kappa_score,
+        f1_score,
+        roc_auc_score,
+    )
+
     y_true = np.asarray(y_true)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     y_pred = probabilities.argmax(1)
@@ -85,6 +89,8 @@ def classification_metrics(
 
 
 def confusion(y_true: Sequence[int], probabilities: np.ndarray, num_classes: int) -> np.ndarray:
+    from sklearn.metrics import confusion_matrix
+
     return confusion_matrix(
         y_true, np.asarray(probabilities).argmax(1), labels=list(range(num_classes))
     )
