@@ -320,24 +320,6 @@ def _allow_a_graph_per_group(groups: int) -> Callable[[], None]:
     return lambda: setattr(config, name, before)
 
 
-def _compiled_training_settings(groups: int, checkpointing: bool) -> Callable[[], None]:
-    """Dynamo's settings while :func:`fit` trains a compiled model; returns what restores them.
-
-    The recompile limit covers ``groups`` batch groups (:func:`_allow_a_graph_per_group`).
-    Activation checkpointing (``checkpointing``) needs no setting of its own: dynamo's
-    ``skip_fwd_side_effects_in_bwd_under_checkpoint`` was set for it while the MoE layers
-    stored their aux losses inside the checkpointed blocks (refused by dynamo's checkpoint
-    operator: a graph break in every upcycled block at every step); a checkpointed LaBraM
-    block now returns them from its checkpointed region and they are stored outside it
-    (:func:`eegfast.models.labram.checkpoint_block`). Not setting it keeps any other side
-    effect of a checkpointed forward a visible graph break rather than one that the compiled
-    backward, unlike eager's, does not replay.
-    """
-    settings = contextlib.ExitStack()
-    settings.enter_context(recompile_allowance(groups))
-    return settings.close
-
-
 @contextlib.contextmanager
 def recompile_allowance(groups: int) -> Iterator[None]:
     """Inside, dynamo's recompile limit covers ``groups`` batch groups as during :func:`fit`:
@@ -892,9 +874,10 @@ def fit(
     # optimiser groups) had left them changed for the rest of the process.
     restore_compile_settings = None
     if train_cfg.compile:
-        restore_compile_settings = _compiled_training_settings(
-            len(set(group_keys)), train_cfg.activation_checkpointing
-        )
+        # (with activation checkpointing too: a checkpointed LaBraM block returns its MoE
+        # layers' aux values from the checkpointed region, so no dynamo setting is needed for
+        # them, eegfast.models.labram.checkpoint_block)
+        restore_compile_settings = _allow_a_graph_per_group(len(set(group_keys)))
     model.train()
     try:
         while step < total_steps:
