@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from eegfast.fileio import write_json_atomic
 from eegfast.nn.vq import code_perplexity
@@ -43,6 +42,7 @@ from eegfast.ops import (
     vq_nearest,
     vq_nearest_reference,
 )
+from eegfast.progress import progress_bar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SFREQ = 200.0  # LaBraM's sampling rate: one patch = 1 s = 200 samples
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster_size, embed_sum = counts, codebook * counts[:, None]
     order = torch.randperm(all_features.shape[0], generator=generator)
     batches = order[: EMA_STEPS * EMA_BATCH].split(EMA_BATCH)
-    for batch in tqdm(batches, desc="EMA updates", unit="batch"):
+    for batch in progress_bar(iterable=batches, desc="EMA updates", unit="batch"):
         z = all_features[batch]
         vq_ema_update(
             z,

@@ -1016,7 +1016,7 @@ def prepare(
     :class:`WorkerStartError` saying so (a worker that dies once it has a recording still
     makes only that recording bad).
     """
-    from tqdm import tqdm
+    from eegfast.progress import progress_bar
 
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         # This process is a worker starting up, running the calling script again (spawn,
@@ -1057,7 +1057,9 @@ def prepare(
     if todo:
         _drop_index_of_replaced_shards(out, todo)
         _warm_imports()
-    bar = tqdm(total=len(todo), desc="prepare", unit="file", disable=not progress or not todo)
+    bar = progress_bar(
+        total=len(todo), desc="prepare", unit="file", disable=not progress or not todo
+    )
     if workers <= 1 or len(todo) <= 1:
         for job in todo:
             records[job.key] = process_file(job, settings, str(out))

@@ -66,9 +66,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from eegfast.fileio import write_text_atomic
+from eegfast.progress import progress_bar
 from eegfast.train import checkpoint as ckpt
 from eegfast.train.config import RunConfig, config_to_dict, config_to_yaml
 from eegfast.train.data import passthrough, shard_batches
@@ -88,12 +88,6 @@ from eegfast.train.sampler import EpochBatchSampler
 # fp16: optimiser steps the GradScaler may skip in a row (non-finite gradients, each halving the
 # loss scale: 2**16 -> 2**-4 after 20) before the run stops; a healthy start needs a few at most.
 MAX_SKIPPED_STEPS = 20
-
-# A progress bar written to a file, not a terminal (stderr redirected, as under Slurm or in CI),
-# refreshes at most this often. With tqdm's 0.1 s, and a forced refresh at every log point, it
-# added ~90 bytes of carriage-return updates to the log up to ten times a second: a line's
-# worth per step, tens of MB in a day's run.
-UNATTENDED_REFRESH_S = 60.0
 
 
 @dataclass
@@ -198,20 +192,6 @@ class FitResult:
     checkpoint: Path | None = None  # the last checkpoint written
     run_dir: Path | None = None
     resumed_from: Path | None = None  # the checkpoint this run continued from
-
-
-def progress_bar(**kwargs: Any) -> tqdm:
-    """``tqdm(**kwargs)`` on stderr; when stderr is not a terminal, refreshed at most every
-    ``UNATTENDED_REFRESH_S`` seconds (unless ``TQDM_MININTERVAL`` or the caller sets it)."""
-    try:
-        interactive = bool(sys.stderr.isatty())
-    except (AttributeError, ValueError, OSError):  # no stderr (pythonw), a closed one
-        interactive = False
-    if not interactive and "TQDM_MININTERVAL" not in os.environ:
-        kwargs.setdefault("mininterval", UNATTENDED_REFRESH_S)
-        # tqdm's monitor thread also refreshes a bar not shown for maxinterval (10 s)
-        kwargs.setdefault("maxinterval", kwargs["mininterval"])
-    return tqdm(**kwargs)
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:

@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from eegfast.progress import progress_bar
 from eegfast.train.baseline import BANDS_HZ, band_power_features, fit_predict_band_power
 from eegfast.train.metrics import classification_metrics, group_folds, mean_std
 
@@ -767,7 +767,7 @@ def run_report(
         "tasks": {},
     }
     steps = sum(min(settings.folds, len(set(t.groups.tolist()))) * 4 for t in all_tasks)
-    with tqdm(total=steps, desc="synthetic report", unit="stage") as bar:
+    with progress_bar(total=steps, desc="synthetic report", unit="stage") as bar:
         for task in all_tasks:
             result = run_task(task, settings, torch_device, bar)
             plot_spectra(task, result.pop("_synthetic"), out / f"spectra_{task.name}.png")

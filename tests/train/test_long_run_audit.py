@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from eegfast import progress
 from eegfast.train import engine, finetune
 from eegfast.train.config import RunConfig
 from eegfast.train.engine import fit
@@ -84,13 +85,37 @@ def test_a_progress_bar_on_a_terminal_keeps_refreshing(tmp_path, monkeypatch):
 def test_progress_bar_interval_when_not_a_terminal(monkeypatch):
     monkeypatch.setattr("sys.stderr", io.StringIO())
     monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
-    with engine.progress_bar(total=3) as bar:
-        assert bar.mininterval == bar.maxinterval == engine.UNATTENDED_REFRESH_S
-    with engine.progress_bar(total=3, mininterval=2.0) as bar:
+    with progress.progress_bar(total=3) as bar:
+        assert bar.mininterval == bar.maxinterval == progress.UNATTENDED_REFRESH_S
+    with progress.progress_bar(total=3, mininterval=2.0) as bar:
         assert bar.mininterval == bar.maxinterval == 2.0  # the caller's
     monkeypatch.setenv("TQDM_MININTERVAL", "0.5")
-    with engine.progress_bar(total=3) as bar:
-        assert bar.mininterval != engine.UNATTENDED_REFRESH_S  # tqdm's (it reads the variable)
+    with progress.progress_bar(total=3) as bar:
+        assert bar.mininterval != progress.UNATTENDED_REFRESH_S  # tqdm's (it reads the variable)
+
+
+def test_every_progress_bar_of_the_package_goes_through_progress_bar():
+    """prepare (a bar update per file), predict (per batch), generate (per patch), the demo and
+    the synthetic report drew plain tqdm bars: redrawn ten times a second into a redirected
+    log. Any bar of the package is made by eegfast.progress.progress_bar."""
+    import ast
+    from pathlib import Path
+
+    import eegfast
+
+    root = Path(eegfast.__file__).parent
+    raw = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "progress.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tqdm"):
+                raw.append(f"{path.relative_to(root)}:{node.lineno}")
+            elif isinstance(node, ast.Import) and any(
+                a.name.startswith("tqdm") for a in node.names
+            ):
+                raw.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not raw, f"tqdm used directly (use eegfast.progress.progress_bar): {raw}"
 
 
 def test_step_metrics_in_the_graph_are_not_kept_until_the_log_point(tmp_path, monkeypatch):

@@ -564,10 +564,9 @@ def generate_signal(
     model pretrained on shorter windows than its time embedding has rows it never trained:
     with ``context`` at its training length the window slides one patch at a time within the
     trained rows."""
-    from tqdm import tqdm
-
     from eegfast.electrodes import labram_input_chans
     from eegfast.models.hybrid import generate
+    from eegfast.progress import progress_bar
 
     if not seconds > 0:
         raise GenerateError(f"--seconds must be > 0, got {seconds}")
@@ -604,7 +603,9 @@ def generate_signal(
         raise GenerateError(f"--prompt {prompt.source}: {err}") from None
     chans = torch.tensor(rows, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    with tqdm(total=num_patches, unit="patch", disable=not progress, desc="generate") as bar:
+    with progress_bar(
+        total=num_patches, unit="patch", disable=not progress, desc="generate"
+    ) as bar:
         out = generate(
             model,
             x,

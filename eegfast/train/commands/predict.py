@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset
-from tqdm import tqdm
 
 from eegfast.data import load_index
 from eegfast.data.preprocess import PATCH_SAMPLES, TARGET_SFREQ
 from eegfast.fileio import write_text_atomic
+from eegfast.progress import progress_bar
 from eegfast.train.arch import (
     REFERENCE,
     MultiTaskClassifier,
@@ -507,7 +507,7 @@ def _predict_all(
     everything = np.arange(len(data))
     shared = not routes and len(tasks) > 1 and isinstance(model, MultiTaskClassifier)
     parts: dict[str, list[np.ndarray]] = {task: [] for task in tasks}
-    with tqdm(
+    with progress_bar(
         total=len(data) * len(tasks),
         desc="predict",
         unit="window",
