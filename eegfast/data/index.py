@@ -27,6 +27,7 @@ __all__ = [
     "INDEX_NAME",
     "SHARD_DIR",
     "load_index",
+    "preprocess_settings",
     "read_index",
 ]
 
@@ -69,6 +70,16 @@ def load_index(root: str | os.PathLike) -> dict:
                 f"`eegfast prepare` on the recordings again"
             )
     return index
+
+
+def preprocess_settings(index: dict) -> dict:
+    """The preprocessing settings of a parsed ``index.json`` (``settings.preprocess``, as
+    prepare records them: filters, notch, scale, ...); {} for an index without them (written
+    by another tool or by hand: :func:`load_index` takes one, and its windows train as any
+    other; only what the settings are compared with cannot say more)."""
+    settings = index.get("settings")
+    preprocess = settings.get("preprocess") if isinstance(settings, dict) else None
+    return dict(preprocess) if isinstance(preprocess, dict) else {}
 
 
 _STORED_DTYPES = ("float32", "float16")

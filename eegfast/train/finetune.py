@@ -535,7 +535,7 @@ def prepared_like(data: TrainData, tasks: Sequence[str], train_idx: np.ndarray) 
     names in its head's output order), ``window_seconds`` (the training windows' lengths) and
     ``preprocess`` ([{"root", "settings"}] of the folders holding its tasks, as their
     ``index.json`` has them)."""
-    from eegfast.data import load_index
+    from eegfast.data.index import load_index, preprocess_settings
 
     # (root, its tasks, its preprocessing) of each folder, read once per ``data``, not once per
     # trained model (folds x variants; 1.4 s an index.json of 3M windows); kept on ``data``,
@@ -544,7 +544,7 @@ def prepared_like(data: TrainData, tasks: Sequence[str], train_idx: np.ndarray) 
         folders = []
         for root in data.roots:
             index = load_index(root)
-            folders.append((root, set(index.get("tasks") or {}), index["settings"]["preprocess"]))
+            folders.append((root, set(index.get("tasks") or {}), preprocess_settings(index)))
         return folders
 
     folders = _kept_on(data, "_folder_settings", list(data.roots), read_folders)

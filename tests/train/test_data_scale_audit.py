@@ -247,3 +247,22 @@ def test_fine_tuning_records_read_each_index_once_per_data(tmp_path, monkeypatch
     assert [p["root"] for p in first["preprocess"]] == [str(a), str(b)]
     assert prepared_like(data, ["mi"], np.arange(2))["preprocess"][0]["root"] == str(a)
     assert len(reads) == 2
+
+
+def test_an_index_without_preprocessing_settings_is_read_by_every_path(tmp_path):
+    """load_index takes an index.json without ``settings`` (another tool's, or one written by
+    hand, as here), and training reads it; what a fine-tuned checkpoint records of its data
+    (``prepared_like``) and predict's checks of a folder (``trained_on``, ``check_data``)
+    raised KeyError 'settings' on it. Its settings are unknown: {}."""
+    from eegfast.train.commands.predict import check_data, trained_on
+    from eegfast.train.finetune import prepared_like
+    from tests.train.fakes import TinyClassifier
+
+    root = _folder(tmp_path / "a", LABELS)
+    assert index_module.preprocess_settings(index_module.load_index(root)) == {}
+    data = load_data([root])
+    record = prepared_like(data, ["mi"], np.arange(len(data)))
+    assert record["preprocess"] == [{"root": str(root), "settings": {}}]
+    known = trained_on({"config": {"data": {"roots": [str(root)]}}})
+    assert known.preprocess == [(str(root), {})] and known.label_names == {"mi": CLASSES}
+    assert check_data(TinyClassifier(), known, data) == []

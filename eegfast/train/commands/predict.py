@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset
 
-from eegfast.data import load_index
+from eegfast.data.index import load_index, preprocess_settings
 from eegfast.data.preprocess import PATCH_SAMPLES, TARGET_SFREQ
 from eegfast.fileio import write_text_atomic
 from eegfast.progress import progress_bar
@@ -147,7 +147,7 @@ def trained_on(meta: dict[str, Any]) -> TrainedOn:
             merged = found.label_names.setdefault(task, [])
             merged += [n for n in index["tasks"][task]["labels"] if n not in merged]
         found.window_seconds.add(int(index["window_seconds"]))
-        found.preprocess.append((str(root), dict(index["settings"]["preprocess"])))
+        found.preprocess.append((str(root), preprocess_settings(index)))
     return found
 
 
@@ -233,7 +233,7 @@ def check_data(model, known: TrainedOn, data: TrainData) -> list[str]:
                 f"--data {root}: {seconds}-s windows, the model was fine-tuned on {trained} "
                 f"windows; prepare the data again with --window {min(known.window_seconds)}"
             )
-        settings = dict(index["settings"]["preprocess"])
+        settings = preprocess_settings(index)
         scales = {s.get("scale") for _, s in known.preprocess} - {None}
         if scales and settings.get("scale") is not None and settings["scale"] not in scales:
             trained = ", ".join(f"{s:g}" for s in sorted(scales))
