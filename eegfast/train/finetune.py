@@ -535,7 +535,8 @@ def prepared_like(data: TrainData, tasks: Sequence[str], train_idx: np.ndarray) 
     names in its head's output order), ``window_seconds`` (the training windows' lengths) and
     ``preprocess`` ([{"root", "settings"}] of the folders holding its tasks, as their
     ``index.json`` has them)."""
-    from eegfast.data.index import load_index, preprocess_settings
+    from eegfast.data import load_index
+    from eegfast.data.index import preprocess_settings
 
     # (root, its tasks, its preprocessing) of each folder, read once per ``data``, not once per
     # trained model (folds x variants; 1.4 s an index.json of 3M windows); kept on ``data``,

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset
 
-from eegfast.data.index import load_index, preprocess_settings
+from eegfast.data import load_index
+from eegfast.data.index import preprocess_settings
 from eegfast.data.preprocess import PATCH_SAMPLES, TARGET_SFREQ
 from eegfast.fileio import write_text_atomic
 from eegfast.progress import progress_bar
