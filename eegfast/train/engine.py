@@ -1009,6 +1009,13 @@ _RESUME_NEUTRAL = {
     "train.strategy",
     "train.compile",
     "train.activation_checkpointing",
+    # when it logs and keeps checkpoints (a resume logs the new schedule's window), and where
+    # the tokenizer's targets come from (the same codes, cached or not): the same training
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_last",
+    "pretrain.cache_targets",
+    "pretrain.cache_targets_max_mb",
 }
 
 
