@@ -217,7 +217,6 @@ def test_quantizer_checks_non_finite_inputs_inside_a_compiled_graph(training):
     at every step) runs in the graph: one graph, and a NaN input still raises, naming it."""
     torch.manual_seed(0)
     vq = NormEMAVectorQuantizer(16, 8, kmeans_init=False).train(training)
-    vq._is_initialised()  # (the codebook's state is read once, before the first step)
     torch._dynamo.reset()
     compiled = torch.compile(vq, backend="aot_eager", fullgraph=True)
     z = torch.randn(2, 5, 8)
