@@ -72,6 +72,13 @@ def test_checkpointed_upcycled_model_compiles_without_graph_breaks_without_the_f
     tasks = torch.tensor([0, 1, 1])
     want = _step(_upcycled(checkpointing=True, drop_path=0.3, tasks=2), task_id=tasks)
     model = _upcycled(checkpointing=True, drop_path=0.3, tasks=2)
+    got = _compiled_without_the_flag(lambda compile: _step(model, compile(model), task_id=tasks))
+    _assert_all_close(got, want)
+
+
+def _compiled_without_the_flag(run):
+    """``run(compile)`` (``compile(fn)``: ``fn`` compiled, traced through AOT autograd) with
+    dynamo's checkpoint side-effect setting off; asserts one graph and no graph break."""
     graphs: list = []
     aot_eager = torch._dynamo.lookup_backend("aot_eager")
 
@@ -85,12 +92,16 @@ def test_checkpointed_upcycled_model_compiles_without_graph_breaks_without_the_f
     counters.clear()
     try:
         with torch._dynamo.config.patch({FLAG: False}):
-            got = _step(model, torch.compile(model, backend=backend), task_id=tasks)
+            got = run(lambda fn: torch.compile(fn, backend=backend))
         breaks = {**counters["graph_break"], **counters["unimplemented"]}
     finally:
         torch._dynamo.reset()
     assert not breaks, breaks
     assert len(graphs) == 1, f"{len(graphs)} graphs"
+    return got
+
+
+def _assert_all_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
     assert len(got) == len(want)
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"value {i}")
@@ -165,23 +176,6 @@ def test_checkpointed_moe_hybrid_forecast_pass_compiles_without_graph_breaks():
 
     want = run(build(), forecast_features)
     model = build()
-    graphs: list = []
-    aot_eager = torch._dynamo.lookup_backend("aot_eager")
-
-    def backend(gm: torch.fx.GraphModule, example_inputs):
-        graphs.append(gm)
-        return aot_eager(gm, example_inputs)
-
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        with torch._dynamo.config.patch({FLAG: False}):
-            got = run(model, torch.compile(forecast_features, backend=backend))
-        breaks = {**counters["graph_break"], **counters["unimplemented"]}
-    finally:
-        torch._dynamo.reset()
-    assert not breaks, breaks
-    assert len(graphs) == 1, f"{len(graphs)} graphs"
-    assert len(got) == len(want)
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"value {i}")
+    _assert_all_close(
+        _compiled_without_the_flag(lambda compile: run(model, compile(forecast_features))), want
+    )

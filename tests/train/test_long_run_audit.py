@@ -14,9 +14,9 @@ from torch import nn
 from eegfast import progress
 from eegfast.train import engine, finetune
 from eegfast.train.config import RunConfig
-from eegfast.train.engine import fit
 from eegfast.train.objectives import StepContext, StepOutput
-from tests.train.fakes import SyntheticEEG, TinyClassifier, collate
+from tests.train.fakes import SyntheticEEG, TinyClassifier
+from tests.train.test_engine import fit_batches_of_4
 
 
 def logits_step(model, batch, ctx):
@@ -28,24 +28,11 @@ def logits_step(model, batch, ctx):
 
 
 def fit_tiny(run_dir, step_fn=logits_step, **overrides):
-    data = SyntheticEEG(24)
-    config = RunConfig().with_overrides(
-        {
-            "train.batch_size": 4,
-            "train.checkpoint_every": 1000,
-            "train.max_steps": 40,
-            **overrides,
-        }
-    )
-    return fit(
-        TinyClassifier(),
-        step_fn,
-        data,
-        config,
-        run_dir,
-        group_keys=data.group_keys(),
-        collate_fn=collate,
-        ctx=StepContext(torch.device("cpu")),
+    """40 steps of a TinyClassifier over 24 synthetic windows in batches of 4, with its bar."""
+    settings = {"train.checkpoint_every": 1000, "train.max_steps": 40, "train.progress": True}
+    ctx = StepContext(torch.device("cpu"))
+    return fit_batches_of_4(
+        TinyClassifier(), step_fn, SyntheticEEG(24), ctx, run_dir, {**settings, **overrides}
     )
 
 
