@@ -276,3 +276,47 @@ def embedding_coverage(data: TrainData, earlier: dict[str, Any] | None = None) -
         "electrode_rows": sorted(rows),
         "window_seconds": max(seconds, int(earlier.get("window_seconds") or 0)),
     }
+
+
+def table_rows(model: Any) -> int | None:
+    """The fewest rows of the spatial embedding tables (``pos_embed``: row 0 the cls token,
+    then one per electrode of the LaBraM list) of ``model``'s LaBraM encoders and decoders;
+    None when it has none. A tokenizer's encoder and decoder, a pretraining student and a
+    classifier's backbone each index theirs with a window's ``input_chans``."""
+    rows = [
+        int(m.config.pos_rows)
+        for m in model.modules()
+        if isinstance(getattr(getattr(m, "config", None), "pos_rows", None), int)
+    ]
+    return min(rows) if rows else None
+
+
+def check_table_rows(data: TrainData, rows: int | None, what: str) -> None:
+    """ValueError naming the first folder of ``data`` with electrodes whose embedding row is
+    past a table of ``rows`` rows, and those electrodes (``what``: whose table). Data
+    prepared with ``--allow-extended`` (bipolar pairs such as ``FP2-F4``, rows 129..136) into
+    a model with the reference's 129-row table otherwise failed at the first batch holding
+    them, with the model's "input_chans values must be in [0, 129), got [0, 133]", naming
+    neither the folder nor the electrodes (a fold's run folders already made)."""
+    if rows is None:
+        return
+    from eegfast.electrodes import LABRAM_CHANNEL_NAMES
+
+    beyond: dict[int, set[int]] = {}
+    # each shared ItemInfo once (a recording's windows of one label share one), by identity:
+    # hashing each window's electrode tuple would cost seconds for millions of windows
+    for item in {id(item): item for item in data.items}.values():
+        past = {int(r) for r in item.electrodes if int(r) >= rows}
+        if past:
+            beyond.setdefault(item.root, set()).update(past)
+    if not beyond:
+        return
+    root = min(beyond)
+
+    known = LABRAM_CHANNEL_NAMES  # row r is electrode known[r - 1] (row 0: cls)
+    names = [known[r - 1] if r <= len(known) else f"row {r}" for r in sorted(beyond[root])]
+    raise ValueError(
+        f"--data {data.roots[root]}: electrodes {names} have no embedding row in {what} (its "
+        f"table has {rows} rows: the cls token and {rows - 1} electrodes); prepare the data "
+        "again without --allow-extended, or with --channels leaving them out"
+    )

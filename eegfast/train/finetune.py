@@ -37,7 +37,14 @@ from eegfast.train.baseline import (
     fit_predict_logistic,
 )
 from eegfast.train.config import RunConfig
-from eegfast.train.data import ShardBatches, TrainData, collate_fn, shard_batches
+from eegfast.train.data import (
+    ShardBatches,
+    TrainData,
+    check_table_rows,
+    collate_fn,
+    shard_batches,
+    table_rows,
+)
 from eegfast.train.engine import fit, recompile_allowance, seed_everything
 from eegfast.train.metrics import classification_metrics, confusion, group_folds, mean_std
 from eegfast.train.objectives import StepContext, classification_step, to_device
@@ -708,6 +715,11 @@ def cross_validate(
         log(f"note: {ft.folds} folds requested, only {len(plans)} groups: using {len(plans)}")
     if backbone is not None:
         backbone.router_ids(tasks, config.upcycle.task_routing)  # refuses before any fold
+        # electrodes past its embedding table: refused before any fold's run folder is made
+        # (built on the meta device: no memory, no weights, for any model size)
+        with torch.device("meta"):
+            shape = build_model(backbone.arch)
+        check_table_rows(data, table_rows(shape), f"the model {backbone.arch.get('name')}")
     multitask = backbone is not None and ft.mode == "full" and ft.multitask and len(tasks) > 1
     if multitask:
         for task, note in seen_by_other_tasks(data, tasks, plans).items():

@@ -38,7 +38,14 @@ from eegfast.train.commands.common import (
     start,
 )
 from eegfast.train.config import RunConfig
-from eegfast.train.data import TrainData, collate_fn, embedding_coverage, load_data
+from eegfast.train.data import (
+    TrainData,
+    check_table_rows,
+    collate_fn,
+    embedding_coverage,
+    load_data,
+    table_rows,
+)
 from eegfast.train.distributed import shutdown
 from eegfast.train.engine import fit
 from eegfast.train.objectives import (
@@ -453,8 +460,21 @@ def _train(args, config, step, kind, resume, tokenizer_path, notes, resumed=None
             if not 0.0 <= weight <= 1.0:
                 raise CommandError(f"pretrain.hybrid_mask_weight must be in [0, 1], got {weight}")
             kwargs["hybrid"] = {"mask_weight": weight}
+            # Its forecast predicts each patch from the ones before it: 1-s windows (one
+            # patch) failed at the first batch holding them, which with other folders of
+            # longer windows could be steps (and checkpoints) into the run.
+            short = sorted({str(data.roots[i.root]) for i in data.items if i.window_seconds < 2})
+            if short:
+                raise CommandError(
+                    f"--data {short[0]}: 1-s windows (one patch), and --objective hybrid "
+                    "forecasts each patch from the ones before it: prepare the data again "
+                    "with --window 2 or more, or pretrain with --objective masked"
+                )
         arch = {"kind": kind, "name": config.model.name, "kwargs": kwargs}
         model = build_model(arch)
+        check_table_rows(data, table_rows(model), config.model.name)
+        # the tokenizer codes the same electrodes' patches (the targets)
+        check_table_rows(data, table_rows(tokenizer), f"the tokenizer {tokenizer_path}")
         init_meta: dict[str, Any] = {}
         if init:
             init_notes, init_meta = load_init(model, init)

@@ -32,7 +32,14 @@ from eegfast.train.commands.common import (
     start,
 )
 from eegfast.train.config import RunConfig
-from eegfast.train.data import TrainData, collate_fn, embedding_coverage, load_data
+from eegfast.train.data import (
+    TrainData,
+    check_table_rows,
+    collate_fn,
+    embedding_coverage,
+    load_data,
+    table_rows,
+)
 from eegfast.train.distributed import shutdown
 from eegfast.train.engine import fit
 from eegfast.train.finetune import iterate_batches
@@ -238,6 +245,7 @@ def _train(
         split = hold_out(data, config.data.val_fraction, config.train.seed, resumed=resumed)
         arch = {"kind": "tokenizer", "name": config.model.name, "kwargs": quantizer_kwargs(config)}
         model = build_model(arch)
+        check_table_rows(data, table_rows(model), config.model.name)
         say(
             runtime,
             f"tokenizer {config.model.name}: {len(data)} windows from {len(data.roots)} folder(s)",
