@@ -124,6 +124,21 @@ def _write_json(path: Path, payload: dict) -> None:
     write_text_atomic(path, _json_text(payload) + "\n")
 
 
+def _write_index(path: Path, index: dict) -> None:
+    """``index`` into ``path`` as ``_write_json``, unless the file there holds the same content
+    already: an index of an older eegfast (``indent=1`` layout) is left as it is. Checkpoints
+    record its SHA-256 (``eegfast.train.checkpoint.data_identity``): rewritten in this layout
+    by a run that reused every recording, a resume warned that the folder was prepared again."""
+    text = _json_text(index) + "\n"
+    try:
+        kept = path.read_text(encoding="utf-8") if path.is_file() else None  # (not a FIFO)
+        if kept is not None and (kept == text or json.loads(kept) == json.loads(text)):
+            return
+    except (OSError, ValueError):  # unreadable: written anew
+        pass
+    write_text_atomic(path, text)
+
+
 __all__ = ["Job", "Settings", "configure_parser", "discover", "main", "prepare", "process_file"]
 
 FLAT_PEAK_TO_PEAK_V = 1e-7  # 0.1 µV over the whole recording: a disconnected or flat channel
@@ -1069,7 +1084,7 @@ def prepare(
     bar.close()
     ordered = [records[j.key] for j in jobs]
     index = build_index(ordered, settings, classes)
-    _write_json(out / INDEX_NAME, index)
+    _write_index(out / INDEX_NAME, index)
     report = build_report(ordered, index, settings, time.perf_counter() - started, removed)
     report["warnings"] = (
         warnings

@@ -398,6 +398,15 @@ def _main(args: argparse.Namespace) -> int:
                 say(runtime, f"warning: {warning}")
                 notes.append(f"**warning:** {warning}")
             names, guessed = model_class_names(args.model, heads, tasks, meta, data)
+            if meta.get("command") == "finetune" and "train_recordings" not in meta:
+                # a fold model of an eegfast from before 2026-12-06: training_windows finds
+                # none of its training windows, so they were scored without a word
+                guessed.append(
+                    "the model's checkpoint (an eegfast from before 2026-12-06) does not record "
+                    "the recordings it was fine-tuned on: every labelled window is scored, "
+                    "those of its training recordings too if --data holds them, which "
+                    "overstates held-out performance"
+                )
             for warning in guessed:
                 say(runtime, f"warning: {warning}")
                 notes.append(f"**warning:** {warning}")

@@ -202,12 +202,13 @@ def tokenizer_for_run(given: str, recorded: dict[str, str] | None) -> tuple[str,
 def recorded_tokenizer(resumed: dict[str, Any]) -> str:
     """The tokenizer a resumed pretraining run (its checkpoint's meta, ``resumed``) started
     with: as its config named it (a run folder) where that path is still there, else the
-    checkpoint it recorded (the weights file itself for a file such as ``vqnsp.pth``); "" for a
-    run without a record."""
+    checkpoint it recorded (the weights file itself for a file such as ``vqnsp.pth``). A
+    checkpoint without a record (an eegfast from before 2026-12-06): the tokenizer its config
+    named, "" if none."""
     record = resumed.get("tokenizer")
-    if not record:
-        return ""
     named = ((resumed.get("config") or {}).get("model") or {}).get("tokenizer") or ""
+    if not record:
+        return str(named)
     if named and Path(named).exists():
         return str(named)
     checkpoint = Path(record["checkpoint"])
@@ -385,7 +386,7 @@ def _main(args: argparse.Namespace) -> int:
         resumed = ckpt.resumed_meta(resume, args.out)
         config = model_for_resume(config, DEFAULTS, resumed, named=args.model is not None)
         own = ""
-        if not config.model.tokenizer and resumed.get("tokenizer"):
+        if not config.model.tokenizer and resumed:
             # --resume auto without --tokenizer continues against the run's own tokenizer (as
             # without --model, its own model); tokenizer_for_run checks its sha256
             own = recorded_tokenizer(resumed)
@@ -393,6 +394,16 @@ def _main(args: argparse.Namespace) -> int:
         tokenizer_path, notes = tokenizer_for_run(config.model.tokenizer, resumed.get("tokenizer"))
         if own:
             notes.insert(0, f"note: no --tokenizer given: using {own}, this run's own tokenizer")
+        if resumed and not resumed.get("tokenizer"):
+            # Its checkpoints name no tokenizer checkpoint (no sha256 to find it by): a run
+            # folder given stands for its best or newest one now, which may be another.
+            notes.append(
+                "warning: the checkpoint being resumed (an eegfast from before 2026-12-06) "
+                "does not record which tokenizer checkpoint it was pretrained with: using "
+                f"{tokenizer_path}; if the tokenizer trained on after this run started, its "
+                "targets are not the ones it learnt so far (pass the checkpoint it started "
+                "with as --tokenizer)"
+            )
         return _train(args, config, step, kind, resume, tokenizer_path, notes, resumed)
 
 
