@@ -488,3 +488,22 @@ def test_edf_keeps_a_quiet_channel_beside_a_loud_one(tmp_path):
     back = mne.io.read_raw_edf(path, preload=True, verbose="error").get_data() * 1e6  # µV
     assert np.abs(back[0] - signal[0] * 100.0).max() < 0.01
     assert np.abs(back[1] - signal[1] * 100.0).max() < 0.5
+
+
+def test_a_prompt_shorter_than_prompt_seconds_is_noted(checkpoint, tmp_path, capsys):
+    """--prompt-seconds 4 of a 2.5-s prompt (or --start near the end) prompted with the 2 whole
+    seconds there are, saying so only in the sidecar's prompt_seconds; now also a note."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "short.npy", rng.standard_normal((2, 500)).astype(np.float32) * 20)
+    base = ["--model", checkpoint, "--prompt", tmp_path / "short.npy", "--channels", "C3,C4"]
+    code, text = _run(
+        capsys, *base, "--seconds", 1, "--prompt-seconds", 4, "--out", tmp_path / "a.npy"
+    )
+    assert code == 0, text
+    assert "note: --prompt-seconds 4: " in text
+    assert "short.npy has 2 s (whole patches) from 0.5 s on" in text
+    assert json.loads((tmp_path / "a.json").read_text())["prompt_seconds"] == 2
+    code, text = _run(
+        capsys, *base, "--seconds", 1, "--prompt-seconds", 2, "--out", tmp_path / "b.npy"
+    )
+    assert code == 0 and "note: --prompt-seconds" not in text, text

@@ -817,6 +817,14 @@ def run(args: argparse.Namespace) -> Path:
         notch=args.notch,
         allow_extended=has_extended_table(model),
     )
+    if args.prompt_seconds is not None and prompt.seconds < args.prompt_seconds:
+        # (whole patches of what the recording holds after --start: the sidecar alone said so)
+        print(
+            f"note: --prompt-seconds {args.prompt_seconds}: {prompt.source} has "
+            f"{prompt.seconds:g} s (whole patches) from {prompt.start_s:g} s on; prompting "
+            "with those",
+            file=sys.stderr,
+        )
     signal = generate_signal(
         model,
         prompt,
