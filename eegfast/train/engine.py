@@ -300,6 +300,28 @@ def _allow_a_graph_per_group(groups: int) -> Callable[[], None]:
     return lambda: setattr(config, name, before)
 
 
+def _compiled_training_settings(groups: int, checkpointing: bool) -> Callable[[], None]:
+    """Dynamo's settings while :func:`fit` trains a compiled model; returns what restores them.
+
+    The recompile limit covers ``groups`` batch groups (:func:`_allow_a_graph_per_group`).
+    With activation checkpointing (``checkpointing``), side effects in a checkpointed forward
+    are traced (``skip_fwd_side_effects_in_bwd_under_checkpoint``): a LaBraM block returns its
+    MoE layer's aux values from the checkpointed region (``checkpoint_block``), but a block
+    with hooks, as FSDP2's ``fully_shard`` gives each block, keeps its plain output and its MoE
+    layer stores them inside the region (``MoEFFN.last_aux``), which dynamo's checkpoint
+    operator refused: a graph break in every block at every step under train.strategy=fsdp.
+    (Eager checkpointing writes them again when the backward recomputes the block, the same
+    values; compiled, once, in the forward.)
+    """
+    settings = contextlib.ExitStack()
+    settings.callback(_allow_a_graph_per_group(groups))
+    config = torch._dynamo.config
+    name = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    if checkpointing and hasattr(config, name):  # (a PyTorch without the setting: not set)
+        settings.enter_context(config.patch({name: True}))
+    return settings.close
+
+
 @contextlib.contextmanager
 def recompile_allowance(groups: int) -> Iterator[None]:
     """Inside, dynamo's recompile limit covers ``groups`` batch groups as during :func:`fit`:
@@ -854,10 +876,9 @@ def fit(
     # optimiser groups) had left them changed for the rest of the process.
     restore_compile_settings = None
     if train_cfg.compile:
-        # (with activation checkpointing too: a checkpointed LaBraM block returns its MoE
-        # layers' aux values from the checkpointed region, so no dynamo setting is needed for
-        # them, eegfast.models.labram.checkpoint_block)
-        restore_compile_settings = _allow_a_graph_per_group(len(set(group_keys)))
+        restore_compile_settings = _compiled_training_settings(
+            len(set(group_keys)), train_cfg.activation_checkpointing
+        )
     model.train()
     try:
         while step < total_steps:

@@ -179,3 +179,35 @@ def test_checkpointed_moe_hybrid_forecast_pass_compiles_without_graph_breaks():
     _assert_all_close(
         _compiled_without_the_flag(lambda compile: run(model, compile(forecast_features))), want
     )
+
+
+@pytest.mark.slow
+def test_fit_compiles_hooked_checkpointed_moe_blocks_without_graph_breaks():
+    """Blocks with hooks (FSDP2's fully_shard gives each block some) keep their plain output:
+    their MoE layers store the aux values inside the checkpointed region. fit's compiled
+    training settings trace that write (dynamo's side-effect setting): one graph, no break
+    (a break in every block when fit set only the recompile limit)."""
+    from eegfast.train import engine
+
+    model = _upcycled(checkpointing=True)
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: None)
+    graphs: list = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    counters.clear()
+    assert getattr(torch._dynamo.config, FLAG) is False  # (torch's default, as fit finds it)
+    restore = engine._compiled_training_settings(1, checkpointing=True)
+    try:
+        _step(model, torch.compile(model, backend=backend))
+        breaks = {**counters["graph_break"], **counters["unimplemented"]}
+    finally:
+        restore()
+        torch._dynamo.reset()
+    assert not breaks, breaks
+    assert len(graphs) == 1, f"{len(graphs)} graphs"
