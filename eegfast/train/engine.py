@@ -530,8 +530,7 @@ def fit(
         )
     if resume:  # (the same on every rank, so every rank joins the check's all-gather)
         _same_checkpoint_on_every_rank(resume_from, state, run_dir, info)
-    # The warm-up's length in optimiser steps (as build_scheduler takes it from optim.*).
-    warmup_steps = optim_cfg.warmup_steps or int(round(optim_cfg.warmup_fraction * total_steps))
+    kept_warmup = None  # a resumed run's saved warm-up length, where it still applies
     resume_notes: list[str] = []  # warnings for rank 0 to give once the resume is known to fit
     start_batch = 0  # the micro-batch of its epoch the run starts at
     # The prepared folders' index.json digests, recorded in each checkpoint (rank 0 writes them)
@@ -566,7 +565,7 @@ def fit(
         ):
             # A longer run (train.max_steps, more epochs or data) keeps the warm-up it had:
             # optim.warmup_fraction of the new length restarted it at a lower lr.
-            warmup_steps = saved_warmup
+            kept_warmup = int(saved_warmup)
         if not changes and state.get("total_steps") not in (None, total_steps):
             resume_notes.append(
                 f"resuming {resume_from}: the run is {total_steps} optimiser steps long now, "
@@ -574,6 +573,15 @@ def fit(
                 f"{state.get('epoch_batches')} -> {steps_per_epoch} batches an epoch); its "
                 "learning-rate schedule is rebuilt for the new length"
             )
+
+    # The warm-up's length in optimiser steps (as build_scheduler takes it from optim.*), of the
+    # run's length as a resume has counted it (the epochs left after changed data): taken
+    # before, another optim.warmup_fraction was a share of epochs x the new batches.
+    warmup_steps = (
+        kept_warmup
+        if kept_warmup is not None
+        else optim_cfg.warmup_steps or int(round(optim_cfg.warmup_fraction * total_steps))
+    )
 
     model.to(device)
     if train_cfg.activation_checkpointing:

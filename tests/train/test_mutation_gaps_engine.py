@@ -298,3 +298,36 @@ def test_changed_data_names_only_folders_both_sides_hold_with_another_index():
     now = {"a": "1", "b": "9", "new": "4", "unread": "5", "lost": ""}
     assert ckpt.changed_data({**saved, "lost": "6"}, now) == ["b"]
     assert ckpt.changed_data(None, now) == [] and ckpt.changed_data({}, now) == []
+
+
+def test_an_epoch_resume_into_more_data_takes_another_warmup_fraction_of_its_length(
+    tmp_path, optimizers
+):
+    """One epoch of 24 windows (6 steps), resumed for 2 epochs over 48 windows (12 steps an
+    epoch) with optim.warmup_fraction 0.5 instead of 0.25: the run is 6 + 12 = 18 steps long,
+    so the warm-up is 9 steps. It was taken before the resume counted the epochs left: 0.5 of
+    2 epochs x 12 = 12 steps."""
+    from eegfast.train.optim import cosine_with_warmup
+
+    base = {"train.epochs": 1, "optim.warmup_fraction": 0.25, "optim.min_lr": 0.0}
+    first = SyntheticEEG(24, channels=(4,))
+    fit_batches_of_4(TinyClassifier(), logsumexp_step, first, cpu(), tmp_path, base)
+    used = []
+
+    def step(model, batch, ctx):
+        used.append(max(g["lr"] for g in optimizers[-1].param_groups))
+        return logsumexp_step(model, batch, ctx)
+
+    more = SyntheticEEG(48, channels=(4,))
+    changed = {**base, "train.epochs": 2, "optim.warmup_fraction": 0.5}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warnings naming the changed settings and data
+        result = fit_batches_of_4(
+            TinyClassifier(), step, more, cpu(), tmp_path, changed, resume="auto"
+        )
+    assert result.step == 18
+    want = [
+        cosine_with_warmup(s, total_steps=18, warmup_steps=9, base_lr=5e-4, min_lr=0.0)
+        for s in (6, 7)
+    ]
+    assert used[:2] == pytest.approx(want, rel=1e-6)
