@@ -6,6 +6,8 @@ unless ``skip_fwd_side_effects_in_bwd_under_checkpoint`` was set, as only ``fit`
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch._dynamo
@@ -79,6 +81,12 @@ def test_checkpointed_upcycled_model_compiles_without_graph_breaks_without_the_f
 def _compiled_without_the_flag(run):
     """``run(compile)`` (``compile(fn)``: ``fn`` compiled, traced through AOT autograd) with
     dynamo's checkpoint side-effect setting off; asserts one graph and no graph break."""
+    return _compiled_in(torch._dynamo.config.patch({FLAG: False}), run)
+
+
+def _compiled_in(settings, run):
+    """``run(compile)`` inside the context manager ``settings``, asserting one graph and no
+    graph break."""
     graphs: list = []
     aot_eager = torch._dynamo.lookup_backend("aot_eager")
 
@@ -91,7 +99,7 @@ def _compiled_without_the_flag(run):
     torch._dynamo.reset()
     counters.clear()
     try:
-        with torch._dynamo.config.patch({FLAG: False}):
+        with settings:
             got = run(lambda fn: torch.compile(fn, backend=backend))
         breaks = {**counters["graph_break"], **counters["unimplemented"]}
     finally:
@@ -192,22 +200,7 @@ def test_fit_compiles_hooked_checkpointed_moe_blocks_without_graph_breaks():
     model = _upcycled(checkpointing=True)
     for block in model.blocks:
         block.register_forward_hook(lambda module, args, out: None)
-    graphs: list = []
-    aot_eager = torch._dynamo.lookup_backend("aot_eager")
-
-    def backend(gm: torch.fx.GraphModule, example_inputs):
-        graphs.append(gm)
-        return aot_eager(gm, example_inputs)
-
-    torch._dynamo.reset()
-    counters.clear()
     assert getattr(torch._dynamo.config, FLAG) is False  # (torch's default, as fit finds it)
-    restore = engine._compiled_training_settings(1, checkpointing=True)
-    try:
-        _step(model, torch.compile(model, backend=backend))
-        breaks = {**counters["graph_break"], **counters["unimplemented"]}
-    finally:
-        restore()
-        torch._dynamo.reset()
-    assert not breaks, breaks
-    assert len(graphs) == 1, f"{len(graphs)} graphs"
+    settings = contextlib.ExitStack()
+    settings.callback(engine._compiled_training_settings(1, checkpointing=True))
+    _compiled_in(settings, lambda compile: _step(model, compile(model)))
