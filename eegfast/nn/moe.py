@@ -245,8 +245,9 @@ class MoEFFN(nn.Module):
                 (moe.fc2_bias, fc2.bias),
             ):
                 stacked.copy_(dense.detach().expand_as(stacked))
-                if noise_std > 0 and dense.numel() > 1:
-                    # (one value has no spread: its std is NaN, which made every expert NaN)
+                # (one value has no spread: its std is NaN, which made every expert NaN; a
+                # meta tensor, a model built for its shapes only, has no values to spread)
+                if noise_std > 0 and dense.numel() > 1 and not dense.is_meta:
                     scale = noise_std * float(dense.detach().float().std())
                     # drawn where the generator lives (CPU by default: the same noise on any
                     # device); a CUDA generator cannot draw CPU numbers

@@ -220,14 +220,9 @@ def check_fits(
 
     record = Path(source).parent / "meta.json"
     check_arch_record(arch, record)
-    shapes_of = dict(arch)
-    if (arch.get("upcycle") or {}).get("noise_std"):
-        # the experts' noise is scaled by the dense weights' std, a value meta tensors have
-        # not ("Tensor.item() cannot be called on meta tensors"); it changes no key or shape
-        shapes_of["upcycle"] = {**arch["upcycle"], "noise_std": 0.0}
     try:
         with torch.device("meta"):
-            expected = build_model(shapes_of, create=create).state_dict()
+            expected = build_model(arch, create=create).state_dict()
     except (TypeError, ValueError, KeyError, RuntimeError) as error:
         raise ValueError(
             f"{record}: its architecture record (arch) cannot be built: {error}"

@@ -716,14 +716,9 @@ def cross_validate(
     if backbone is not None:
         backbone.router_ids(tasks, config.upcycle.task_routing)  # refuses before any fold
         # electrodes past its embedding table: refused before any fold's run folder is made
-        # (built on the meta device: no memory, no weights, for any model size; without the
-        # experts' upcycling noise, scaled by the dense weights' std, which meta tensors
-        # cannot give: "Tensor.item() cannot be called on meta tensors")
-        shape_arch = dict(backbone.arch)
-        if (shape_arch.get("upcycle") or {}).get("noise_std"):
-            shape_arch["upcycle"] = {**shape_arch["upcycle"], "noise_std": 0.0}
+        # (built on the meta device: no memory, no weights, for any model size)
         with torch.device("meta"):
-            shape = build_model(shape_arch)
+            shape = build_model(backbone.arch)
         check_table_rows(data, table_rows(shape), f"the model {backbone.arch.get('name')}")
     multitask = backbone is not None and ft.mode == "full" and ft.multitask and len(tasks) > 1
     if multitask:

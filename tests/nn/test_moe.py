@@ -400,3 +400,19 @@ def test_from_dense_takes_a_device_and_dtype():
     moe = MoEFFN.from_dense(fc1, fc2, num_experts=2, dtype=torch.float64, device="cpu")
     assert {p.dtype for p in moe.parameters()} == {torch.float64}
     torch.testing.assert_close(moe.fc1_weight[1], fc1.weight.detach().double(), rtol=0, atol=0)
+
+
+def test_from_dense_with_noise_builds_on_the_meta_device():
+    """A model built for its shapes only (on the meta device: eegfast's checks of a checkpoint's
+    arch record and of the electrode table) upcycles with noise_std > 0 too: the noise is
+    scaled by the dense weights' std, which meta tensors cannot give ("Tensor.item() cannot
+    be called on meta tensors"); they hold no values to add noise to, and the shapes are
+    those of a real build."""
+    with torch.device("meta"):
+        fc1, fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+        moe = MoEFFN.from_dense(fc1, fc2, num_experts=3, noise_std=0.1)
+    real = MoEFFN.from_dense(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), 3, noise_std=0.1)
+    assert all(p.is_meta for p in moe.parameters())
+    assert {k: v.shape for k, v in moe.state_dict().items()} == {
+        k: v.shape for k, v in real.state_dict().items()
+    }
