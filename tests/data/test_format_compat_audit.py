@@ -3,20 +3,8 @@ of eegfast before 2026-12-07 (``json.dumps(indent=1)``: every window start on a 
 
 import json
 
-import mne
-import numpy as np
-
 from eegfast.data.prepare import prepare
-
-NAMES = ["FP1", "CZ", "O1"]
-
-
-def _fif(path, seconds: float = 12.0, sfreq: float = 250.0):
-    rng = np.random.default_rng(len(path.name))
-    data = 2e-5 * rng.standard_normal((len(NAMES), int(seconds * sfreq)))
-    info = mne.create_info(NAMES, sfreq, "eeg")
-    mne.io.RawArray(data, info, verbose="error").save(path, overwrite=True, verbose="error")
-    return path
+from tests.data.test_data_path_audit import _fif
 
 
 def test_prepare_reusing_every_recording_leaves_an_older_layout_index_as_it_is(tmp_path):
@@ -24,7 +12,7 @@ def test_prepare_reusing_every_recording_leaves_an_older_layout_index_as_it_is(t
     index.json, of the same content, in the new layout: another SHA-256, so a run checkpointed
     on the folder before (checkpoints record it: data_indexes) warned on resume that the folder
     was prepared again. The index is left as it is; one of other content is written anew."""
-    sources = [str(_fif(tmp_path / f"rec{i}_raw.fif")) for i in (1, 2, 3)]
+    sources = [str(_fif(tmp_path / f"rec{i}_raw.fif", 12.0)) for i in (1, 2, 3)]
     out = tmp_path / "out"
     prepare(sources[:2], out, progress=False)
     index = out / "index.json"
