@@ -174,3 +174,20 @@ def test_a_missing_triton_says_how_to_install_it(no_triton):
     assert "pip install triton" in status.reason and "[triton] extra" in status.reason
     with pytest.raises(RuntimeError, match=r"backend='triton'.*pip install triton"):
         vq_nearest(torch.zeros(2, 4), torch.ones(3, 4), backend="triton")
+
+
+@pytest.mark.slow  # a fresh Python importing torch
+def test_a_compiler_disabled_function_called_eagerly_imports_no_dynamo():
+    """torch._disable_dynamo imported torch._dynamo (and triton's native libraries) at the
+    first call: inside a gloo process group's run (the quantizer's k-means init), a process
+    then sometimes aborted at exit ("terminate called without an active exception"). Called
+    while nothing compiles, a compiler_disable'd function runs without that import."""
+    code = (
+        "import sys, torch\n"
+        "from eegfast.ops._backend import compiler_disable\n"
+        "f = compiler_disable(lambda x: x + 1)\n"
+        "assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0))\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    done = _fresh_python(code)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import importlib
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -152,10 +153,22 @@ def assume_constant_result(fn: _F) -> _F:
 
 
 def compiler_disable(fn: _F) -> _F:
-    """``torch.compiler.disable(fn)`` (recursive) with torch._dynamo imported on the first call
-    rather than here: torch's own lazy form, whose wrapper Dynamo skips (a graph break, then
-    ``fn`` runs eagerly)."""
-    return torch._disable_dynamo(fn)
+    """``torch.compiler.disable(fn)`` (recursive) without importing torch._dynamo: while it is
+    not imported nothing is being compiled, and ``fn`` runs as it is; once it is, through
+    ``torch._dynamo.disable`` (a graph break, then ``fn`` runs eagerly). torch's own lazy form,
+    ``torch._disable_dynamo``, imported torch._dynamo (and triton's native libraries with it)
+    at the first call: inside a gloo process group's run (the quantizer's k-means init, the
+    ranks' sums) a process then sometimes aborted at exit ("terminate called without an
+    active exception", 2 runs in 12 of a two-rank test)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is None:
+            return fn(*args, **kwargs)
+        return dynamo.disable(fn, recursive=True)(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 @functools.cache
