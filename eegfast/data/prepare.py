@@ -527,10 +527,10 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
         if not kept:
             raise BadRecording(f"every EEG channel is marked bad: {', '.join(sorted(marked_bad))}")
         names, picks = [names[i] for i in kept], [picks[i] for i in kept]
-    # Onsets from the first sample: with orig_time set (FIF, and EDF's start time) MNE counts
-    # them from the measurement start, which lies first_time before the data's first sample.
-    shift = raw.first_time if raw.annotations.orig_time is not None else 0.0
-    onsets = np.asarray(raw.annotations.onset, dtype=float) - shift
+    # Onsets from the first sample: MNE counts them from the measurement start, first_time
+    # before the data's first sample, with or without a measurement date (without one,
+    # orig_time is None and MNE added first_time when the annotations were set).
+    onsets = np.asarray(raw.annotations.onset, dtype=float) - raw.first_time
     # An annotation one sample long or less is an onset marker, like one of zero duration:
     # MNE gives BrainVision's stimulus markers (one sample) 1/sfreq s, which no window fits,
     # so they were events too short to label anything, the recording was refused, and

@@ -380,19 +380,22 @@ def test_bids_folder(sample_files, tmp_path):
     assert record["task"] == "arith" and len(record["electrodes"]) == 19
 
 
-def _fif_recording(path, *, first_s=0.0, bads=(), annotations=()):
+def _fif_recording(path, *, first_s=0.0, bads=(), annotations=(), dated=True):
     """A 60-s, 250-Hz, 3-electrode FIF recording whose first sample is ``first_s`` after the
-    measurement start; ``annotations``: (seconds after the first sample, duration, description)."""
+    measurement start; ``annotations``: (seconds after the first sample, duration, description);
+    ``dated=False``: no measurement date (annotations then have no ``orig_time``)."""
     sfreq = 250.0
     x = np.random.default_rng(0).normal(size=(3, int(60 * sfreq))) * 1e-5
     raw = mne.io.RawArray(x, mne.create_info(["FP1", "CZ", "O1"], sfreq, "eeg"),
                           first_samp=int(first_s * sfreq), verbose="error")  # fmt: skip
-    raw.set_meas_date(1_000_000_000)
+    raw.set_meas_date(1_000_000_000 if dated else None)
     raw.info["bads"] = list(bads)
     if annotations:
         onset, duration, description = zip(*annotations, strict=True)
+        # MNE counts onsets from the measurement start in both cases: with orig_time set it
+        # takes them as given, without it it adds first_time itself
         raw.set_annotations(mne.Annotations(
-            [raw.first_time + o for o in onset], duration, description,
+            [raw.first_time + o if dated else o for o in onset], duration, description,
             orig_time=raw.info["meas_date"],
         ))  # fmt: skip
     raw.save(path, verbose="error")
@@ -410,6 +413,19 @@ def test_annotations_count_from_the_first_sample(tmp_path):
     events are in the data (they had been shifted by 100 s, past the recording's end)."""
     path = _fif_recording(tmp_path / "late_raw.fif", first_s=100.0,
                           annotations=[(10, 8, "left"), (30, 8, "right")])  # fmt: skip
+    record = _processed(path, tmp_path, PreprocessConfig(window_seconds=4))
+    assert [s / 200 for s in record["starts"]] == [10, 14, 30, 34]
+    assert record["label_names"] == ["left", "left", "right", "right"]
+
+
+def test_annotations_count_from_the_first_sample_without_a_measurement_date(tmp_path):
+    """The same without a measurement date (an anonymised or cropped FIF): MNE still counts the
+    onsets from the measurement start (it adds first_time when the annotations have no
+    orig_time), so they were 100 s late and every event fell past the recording's end."""
+    path = _fif_recording(tmp_path / "late_undated_raw.fif", first_s=100.0, dated=False,
+                          annotations=[(10, 8, "left"), (30, 8, "right")])  # fmt: skip
+    raw = mne.io.read_raw_fif(path, verbose="error")
+    assert raw.annotations.orig_time is None and raw.annotations.onset[0] == 110.0
     record = _processed(path, tmp_path, PreprocessConfig(window_seconds=4))
     assert [s / 200 for s in record["starts"]] == [10, 14, 30, 34]
     assert record["label_names"] == ["left", "left", "right", "right"]
