@@ -110,7 +110,9 @@ class MoEFFN(nn.Module):
     block); ``forward(..., return_aux=True)`` writes nothing and returns the report instead,
     which the checkpointed blocks of the LaBraM models use (the block returns it from its
     checkpointed region and ``last_aux`` is set outside, see
-    :func:`eegfast.models.labram.checkpoint_block`). A block with hooks (FSDP2's
+    :func:`eegfast.models.labram.checkpoint_block`), as do the eegfast ``Block`` modules
+    of another model checkpointed by ``eegfast.train.engine.enable_activation_checkpointing``
+    (whose hooks run outside the region). A LaBraM block with hooks (FSDP2's
     ``fully_shard`` adds them) keeps its tensor output and the write stays in the region:
     compiled, that needs ``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint``,
     which :func:`eegfast.train.fit` sets while it trains a compiled checkpointed model.

@@ -361,10 +361,40 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
 def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """A block's own class ``forward``, recomputed in the backward pass. (A closure over the
     block's bound forward, as before, made a copy of the model run the original's blocks,
-    with the original's weights, and could not be pickled.)"""
+    with the original's weights, and could not be pickled.)
+
+    An eegfast :class:`~eegfast.nn.Block` with an MoE FFN returns the layer's aux values
+    from the checkpointed region and ``last_aux`` is set here, outside it, as
+    :func:`eegfast.models.labram.checkpoint_block` does: the layer's own write inside the
+    region was a graph break per block at every step under torch.compile, unless dynamo's
+    ``skip_fwd_side_effects_in_bwd_under_checkpoint`` was set (as only :func:`fit` does).
+    The block's hooks run outside the region (this is its ``forward``), so it may.
+    """
     from torch.utils.checkpoint import checkpoint
 
-    return checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
+    from eegfast.nn import Block, MoEAux, MoEFFN
+
+    forward = type(self).forward
+    mlp = getattr(self, "mlp", None)
+    # (a subclass's own forward may not return aux; a caller's return_aux=True gets its pair)
+    if forward is Block.forward and isinstance(mlp, MoEFFN) and not kwargs.get("return_aux"):
+        x, *aux = checkpoint(_block_and_moe_aux, self, *args, use_reentrant=False, **kwargs)
+        if aux:  # (none from a hooked MoE layer, which stored its own)
+            mlp.last_aux = MoEAux(*aux)
+        return x
+    return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+
+
+def _block_and_moe_aux(block: nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+    """The checkpointed region of an eegfast Block with an MoE FFN: (x, *MoEAux fields), x
+    (B, N, dim), writing nothing on the modules (tensors only, as dynamo's checkpoint operator
+    returns them). The class's forward, not ``block(...)``: that is the wrapper again."""
+    from eegfast.nn import Block
+
+    x, aux = Block.forward(block, *args, return_aux=True, **kwargs)
+    if aux is None:
+        return (x,)
+    return (x, *(getattr(aux, f.name) for f in dataclasses.fields(aux)))
 
 
 class IndexedDataset(Dataset):

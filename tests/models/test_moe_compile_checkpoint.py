@@ -14,7 +14,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from eegfast.models import create_model, upcycle
-from eegfast.nn import Block, MoEFFN, moe_aux_losses
+from eegfast.nn import Block, MoEAux, MoEFFN, moe_aux_losses
 
 FLAG = "skip_fwd_side_effects_in_bwd_under_checkpoint"
 
@@ -204,3 +204,111 @@ def test_fit_compiles_hooked_checkpointed_moe_blocks_without_graph_breaks():
     settings = contextlib.ExitStack()
     settings.callback(engine._compiled_training_settings(1, checkpointing=True))
     _compiled_in(settings, lambda compile: _step(model, compile(model)))
+
+
+class _CustomMoEBlocks(torch.nn.Module):
+    """A model of eegfast Blocks with task-routed MoE FFNs and no ``set_grad_checkpointing``
+    of its own (the engine's generic checkpointing wraps each block's forward):
+    (B, N, 8) -> (B, 3)."""
+
+    def __init__(self, *, drop_path: float = 0.3) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.embed = torch.nn.Linear(8, 16)
+        self.blocks = torch.nn.ModuleList(Block(16, 2, drop_path=drop_path) for _ in range(2))
+        for block in self.blocks:
+            block.mlp = MoEFFN.from_dense(
+                block.mlp.fc1, block.mlp.fc2, 4, 2, noise_std=0.3, num_tasks=2, generator=g
+            )
+            with torch.no_grad():  # a decisive router: the outputs depend on the routing
+                block.mlp.router.weight.normal_(0, 1.0, generator=g)
+                block.mlp.task_bias.normal_(0, 1.0, generator=g)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x, padding_mask=None, task_id=None) -> torch.Tensor:
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h, key_padding_mask=padding_mask, task_id=task_id)
+        return self.head(h.mean(1))
+
+
+def _custom(*, checkpointing: bool) -> _CustomMoEBlocks:
+    from eegfast.train.engine import enable_activation_checkpointing
+
+    torch.manual_seed(0)
+    model = _CustomMoEBlocks().train()
+    if checkpointing:
+        assert enable_activation_checkpointing(model) == 2
+    return model
+
+
+def _custom_step(model, forward=None) -> list[torch.Tensor]:
+    """A training step of :class:`_CustomMoEBlocks` over a padded, task-routed batch: its
+    logits, every MoE layer's aux values and every gradient."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, 8, generator=g)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[1, -1] = padding[2, :2] = True
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # (drop path)
+    out = (model if forward is None else forward)(x, padding, torch.tensor([0, 1, 1]))
+    reports = [block.mlp.last_aux for block in model.blocks]
+    assert all(r is not None for r in reports)
+    aux = [value.detach().clone() for r in reports for value in r.as_dict().values()]
+    losses = moe_aux_losses(model)
+    loss = out.square().sum() + 0.01 * losses["load_balance_loss"] + 0.001 * losses["z_loss"]
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads), "a parameter got no gradient"
+    return [out.detach(), loss.detach(), *aux, *grads]
+
+
+@pytest.mark.slow
+def test_generically_checkpointed_moe_blocks_compile_without_graph_breaks_without_the_flag():
+    """A custom model of eegfast MoE Blocks checkpointed by the engine's generic checkpointing
+    (``enable_activation_checkpointing``: no ``set_grad_checkpointing`` of its own) compiles
+    into one graph without dynamo's side-effect setting: its MoE layers wrote ``last_aux``
+    inside each checkpointed block, a graph break per block at every step, outside fit (which
+    sets the flag). Eager's outputs, aux values and gradients."""
+    want = _custom_step(_custom(checkpointing=True))
+    model = _custom(checkpointing=True)
+    got = _compiled_without_the_flag(lambda compile: _custom_step(model, compile(model)))
+    _assert_all_close(got, want)
+
+
+def test_generically_checkpointed_moe_blocks_eager_step_is_bitwise_the_unchecked_one():
+    """Eager, the generic checkpointing changes nothing: outputs, aux values, gradients; the
+    blocks are still recomputed in the backward; a caller's own ``return_aux=True`` gets
+    ``(x, aux)`` and the layer stores nothing, as without checkpointing; a hooked MoE layer
+    sees its tensor output and reports (its own write)."""
+    checkpointed, plain = _custom(checkpointing=True), _custom(checkpointing=False)
+    got, want = _custom_step(checkpointed), _custom_step(plain)
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(a, b), f"value {i} differs"
+
+    runs = [0, 0]
+    for i, block in enumerate(checkpointed.blocks):
+        block.attn.register_forward_pre_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
+    _custom_step(checkpointed)
+    assert runs == [2, 2]  # recomputed in the backward
+
+    x = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(3))
+    for model in (checkpointed, plain):
+        block = model.blocks[0]
+        block.mlp.last_aux = None
+        torch.manual_seed(7)
+        y, aux = block(x, task_id=1, return_aux=True)
+        assert block.mlp.last_aux is None and isinstance(aux, MoEAux)
+        if model is checkpointed:
+            y_ckpt, aux_ckpt = y, aux
+    assert torch.equal(y_ckpt, y)
+    assert all(torch.equal(aux_ckpt[k], v) for k, v in aux.as_dict().items())
+
+    seen: list = []
+    checkpointed.blocks[1].mlp.register_forward_hook(lambda m, a, out: seen.append(type(out)))
+    checkpointed.blocks[1].mlp.last_aux = None
+    checkpointed.blocks[0].register_forward_hook(lambda m, a, out: seen.append(type(out)))
+    _custom_step(checkpointed)
+    # layer 1's forward and recomputation; block 0's hook, outside the region, once
+    assert seen == [torch.Tensor] * 3, seen
