@@ -297,24 +297,36 @@ def check_table_rows(data: TrainData, rows: int | None, what: str) -> None:
     prepared with ``--allow-extended`` (bipolar pairs such as ``FP2-F4``, rows 129..136) into
     a model with the reference's 129-row table otherwise failed at the first batch holding
     them, with the model's "input_chans values must be in [0, 129), got [0, 133]", naming
-    neither the folder nor the electrodes (a fold's run folders already made)."""
+    neither the folder nor the electrodes (a fold's run folders already made). The electrodes
+    are named as the folder's recordings name them (what ``--channels`` takes), in row order."""
     if rows is None:
         return
+    from eegfast.data import load_index
     from eegfast.electrodes import LABRAM_CHANNEL_NAMES
 
-    beyond: dict[int, set[int]] = {}
+    beyond: dict[int, dict[str, set[int]]] = {}  # folder -> recording -> its rows past the table
     # each shared ItemInfo once (a recording's windows of one label share one), by identity:
     # hashing each window's electrode tuple would cost seconds for millions of windows
     for item in {id(item): item for item in data.items}.values():
         past = {int(r) for r in item.electrodes if int(r) >= rows}
         if past:
-            beyond.setdefault(item.root, set()).update(past)
+            beyond.setdefault(item.root, {}).setdefault(item.recording, set()).update(past)
     if not beyond:
         return
     root = min(beyond)
 
+    recorded: dict[int, list[str]] = {}  # row -> the names the recordings give it
+    for rec in load_index(data.roots[root])["recordings"]:
+        past = beyond[root].get(rec["file"], set())
+        for name, row in zip(rec["electrodes"], rec["input_chans"][1:], strict=False):
+            if row in past and name not in recorded.setdefault(row, []):
+                recorded[row].append(name)
     known = LABRAM_CHANNEL_NAMES  # row r is electrode known[r - 1] (row 0: cls)
-    names = [known[r - 1] if r <= len(known) else f"row {r}" for r in sorted(beyond[root])]
+    names = [
+        name
+        for r in sorted(set().union(*beyond[root].values()))
+        for name in recorded.get(r) or [known[r - 1] if r <= len(known) else f"row {r}"]
+    ]
     raise ValueError(
         f"--data {data.roots[root]}: electrodes {names} have no embedding row in {what} (its "
         f"table has {rows} rows: the cls token and {rows - 1} electrodes); prepare the data "

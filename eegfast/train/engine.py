@@ -70,7 +70,7 @@ from torch.utils.data import DataLoader, Dataset
 from eegfast.fileio import write_text_atomic
 from eegfast.progress import progress_bar
 from eegfast.train import checkpoint as ckpt
-from eegfast.train.config import RunConfig, config_to_dict, config_to_yaml
+from eegfast.train.config import OptimConfig, RunConfig, config_to_dict, config_to_yaml
 from eegfast.train.data import passthrough, shard_batches
 from eegfast.train.distributed import (
     DistInfo,
@@ -566,7 +566,7 @@ def fit(
     # The prepared folders' index.json digests, recorded in each checkpoint (rank 0 writes them)
     data_indexes = ckpt.data_identity(dataset) if info.is_main else {}
     if state is not None:
-        saved_config = ckpt.checkpoint_meta(resume_from).get("config")
+        saved_config = _config_as_trained(ckpt.checkpoint_meta(resume_from))
         changes = config_changes(saved_config, config_to_dict(config))
         changed = ckpt.changed_data(state.get("data_indexes"), data_indexes)
         if changed:
@@ -587,15 +587,9 @@ def fit(
             # trained more epochs than asked).
             left = (train_cfg.epochs - state["epoch"]) * steps_per_epoch - start_batch // accum
             total_steps = max(state["step"], state["step"] + left)
-        saved_warmup = state.get("warmup_steps")
-        old_optim = (saved_config or {}).get("optim") or {}
-        if saved_warmup is not None and all(
-            old_optim.get(key) == getattr(optim_cfg, key)
-            for key in ("warmup_steps", "warmup_fraction")
-        ):
-            # A longer run (train.max_steps, more epochs or data) keeps the warm-up it had:
-            # optim.warmup_fraction of the new length restarted it at a lower lr.
-            kept_warmup = int(saved_warmup)
+        # A longer run (train.max_steps, more epochs or data) keeps the warm-up it had:
+        # optim.warmup_fraction of the new length restarted it at a lower lr.
+        kept_warmup = _resumed_warmup(state, saved_config, optim_cfg, sampler, steps_per_epoch)
         if not changes and state.get("total_steps") not in (None, total_steps):
             resume_notes.append(
                 f"resuming {resume_from}: the run is {total_steps} optimiser steps long now, "
@@ -635,8 +629,8 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     step, epoch = 0, 0
-    window: dict[str, list[float]] = {}  # per-step scalars since the last log point
-    window_steps: dict[str, list[int]] = {}  # the step of each value in ``window``
+    # per-step scalars since the last log point: per name, the (step, value) of each
+    window: dict[str, list[tuple[int, float]]] = {}
     if resume_from is not None:
         # Before any load (every rank, before any collective): a model of other settings got
         # torch's size-mismatch RuntimeError, a traceback that named neither cause.
@@ -683,9 +677,7 @@ def fit(
         # The scalars of the steps since the last log point before the checkpoint, so that the
         # next log point averages the same steps as in the run that was not interrupted (each
         # rank its own; a run on another number of processes starts the window afresh).
-        window, window_steps = _resumed_log_window(
-            state, saved_config, step, train_cfg.log_every, info
-        )
+        window = _resumed_log_window(state, saved_config, step, train_cfg.log_every, info)
         # The loaded copies are in the model and optimiser now; kept here they would sit in
         # host memory for the whole run (GPU runs), and a mapped state file stay open.
         del weights, optim_state
@@ -827,8 +819,7 @@ def fit(
             result.losses.append(loss)
             since_checkpoint.append(loss)
             for key, values in (("loss", [loss]), ("grad_norm", [grad_norm]), *metrics.items()):
-                window.setdefault(key, []).extend(values)
-                window_steps.setdefault(key, []).extend([record.step] * len(values))
+                window.setdefault(key, []).extend((record.step, v) for v in values)
         pending = []
 
     def save(batch_in_epoch: int, save_epoch: int) -> Path | None:
@@ -860,7 +851,7 @@ def fit(
         since_checkpoint = []
         weights, optim_state = _state_dicts(model, optimizer)
         rng_states = _gather_rng(info)
-        windows = _gather((window, window_steps), info)
+        windows = _gather(window, info)
         path = None
         if info.is_main:
             if metric_values:
@@ -875,8 +866,9 @@ def fit(
                 "epoch": save_epoch,
                 "batch_in_epoch": batch_in_epoch,  # micro-batches of grad_accum
                 "grad_accum": accum,
-                "log_window": [w for w, _ in windows],  # each rank's scalars since the last log
-                "log_window_steps": [s for _, s in windows],  # point, and the step of each
+                # each rank's scalars since the last log point, and the step of each
+                "log_window": [{k: [v for _, v in p] for k, p in w.items()} for w in windows],
+                "log_window_steps": [{k: [s for s, _ in p] for k, p in w.items()} for w in windows],
                 # what a resume with other batches, data or length needs (_resumed_start_batch)
                 "epoch_batches": steps_per_epoch,  # global batches an epoch
                 "epoch_items": len(group_keys),
@@ -1012,7 +1004,7 @@ def fit(
                 if step % train_cfg.log_every == 0 or step == total_steps:
                     read_pending()
                     names = sorted(window)  # the same order on every rank
-                    means = torch.tensor([float(np.mean(window[k])) for k in names])
+                    means = torch.tensor([float(np.mean([v for _, v in window[k]])) for k in names])
                     if info.enabled:  # one all-reduce for every scalar
                         means = all_reduce_mean(means.to(device), info).cpu()
                     scalars = {f"train/{k}": v for k, v in zip(names, means.tolist(), strict=True)}
@@ -1027,7 +1019,7 @@ def fit(
                     # shown at the bar's next refresh (refreshing here as well, at every
                     # log point, bypassed its interval)
                     bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
-                    window, window_steps = {}, {}
+                    window = {}
                 end_of_epoch = batch_in_epoch >= limit
                 # Every train.checkpoint_every steps and at the last; 0: at each epoch's end
                 # (step % steps_per_epoch misses the ends after a resume into other data).
@@ -1157,16 +1149,65 @@ def _resumed_start_batch(
     )
 
 
+def _config_as_trained(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The config in a checkpoint's ``meta`` (None without one), its ``model.name`` the model
+    the run trained where the meta's ``arch`` names it (as ``model_for_resume`` takes it).
+
+    A fold that `finetune` trained from ``model.init`` before it recorded the model the init
+    holds has the from-scratch default (labram_base) there: a resume listed model.name as a
+    changed setting although the model was the same."""
+    config = meta.get("config")
+    trained = (meta.get("arch") or {}).get("name")
+    model = (config or {}).get("model")
+    if not trained or not isinstance(model, dict) or model.get("name") in (None, trained):
+        return config
+    return {**config, "model": {**model, "name": trained}}
+
+
+def _resumed_warmup(
+    state: dict[str, Any],
+    saved_config: dict[str, Any] | None,
+    optim_cfg: OptimConfig,
+    sampler: EpochBatchSampler,
+    steps_per_epoch: int,
+) -> int | None:
+    """The warm-up's length in optimiser steps of the run that saved the training state
+    ``state``, which a resume with the same ``optim.warmup_*`` keeps; None where they changed
+    (or the checkpoint has no config to tell): the new ones' length applies.
+
+    A checkpoint from before that length (and the run's) was recorded gets it as its run had
+    computed it: optim.warmup_fraction of that run's train.max_steps, or of its train.epochs x
+    its batches an epoch (of its train.batch_size: ``sampler``'s windows cut so; this run has
+    ``steps_per_epoch``), not of the resumed run's length, which restarted the warm-up."""
+    old_optim = (saved_config or {}).get("optim") or {}
+    if not all(
+        old_optim.get(key) == getattr(optim_cfg, key) for key in ("warmup_steps", "warmup_fraction")
+    ):
+        return None
+    if state.get("warmup_steps") is not None:
+        return int(state["warmup_steps"])
+    old = (saved_config or {}).get("train") or {}
+    total = state.get("total_steps") or old.get("max_steps")
+    if not total:
+        if "epochs" not in old:
+            return None
+        batch = old.get("batch_size", sampler.global_batch)
+        if batch != sampler.global_batch:  # (nor accumulation nor processes change the count)
+            steps_per_epoch = len(EpochBatchSampler(sampler.group_keys, batch).global_batches())
+        total = old["epochs"] * steps_per_epoch
+    return optim_cfg.warmup_steps or int(round(optim_cfg.warmup_fraction * total))
+
+
 def _resumed_log_window(
     state: dict[str, Any],
     saved_config: dict[str, Any] | None,
     step: int,
     log_every: int,
     info: DistInfo,
-) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+) -> dict[str, list[tuple[int, float]]]:
     """This rank's scalars saved in the training state ``state`` (at optimiser step ``step``)
-    that the first log point of a resumed run logging every ``log_every`` steps averages, and
-    the step of each.
+    that the first log point of a resumed run logging every ``log_every`` steps averages: per
+    name, the (step, value) of each.
 
     Those of the steps after the last log point of this run's schedule at or before ``step``:
     the saved window (the steps since the saved run's last log point) had all gone into it,
@@ -1176,26 +1217,24 @@ def _resumed_log_window(
     train.log_every is unchanged; a run on another number of processes starts afresh."""
     saved, saved_steps = state.get("log_window"), state.get("log_window_steps")
     if saved is None or len(saved) != info.world_size:
-        return {}, {}
-    window = {k: list(v) for k, v in saved[info.rank].items()}
+        return {}
     if saved_steps is None or len(saved_steps) != len(saved):
         old = ((saved_config or {}).get("train") or {}).get("log_every", log_every)
         if old != log_every:
-            return {}, {}
+            return {}
         # (its steps are after the last log point, which is this run's too: filed under
         # ``step``, the window goes on as it was, and into this run's checkpoints)
-        return window, {k: [step] * len(v) for k, v in window.items()}
+        return {k: [(step, v) for v in values] for k, values in saved[info.rank].items()}
     after = step - step % log_every  # this schedule's last log point at or before ``step``
-    kept: tuple[dict[str, list[float]], dict[str, list[int]]] = ({}, {})
-    for key, values in window.items():
+    window: dict[str, list[tuple[int, float]]] = {}
+    for key, values in saved[info.rank].items():
         steps = list(saved_steps[info.rank].get(key, ()))
         if len(steps) != len(values):  # (not as fit saves it) filed under ``step``
             steps = [step] * len(values)
-        pairs = [(value, s) for value, s in zip(values, steps, strict=True) if s > after]
+        pairs = [(s, value) for s, value in zip(steps, values, strict=True) if s > after]
         if pairs:
-            kept[0][key] = [value for value, _ in pairs]
-            kept[1][key] = [s for _, s in pairs]
-    return kept
+            window[key] = pairs
+    return window
 
 
 @contextlib.contextmanager

@@ -141,3 +141,15 @@ def test_hybrid_pretraining_refuses_one_patch_windows_before_training(folders, t
     assert f"--data {folders['one_patch']}: 1-s windows" in err
     assert "--window 2" in err and "--objective masked" in err
     assert not (out / "checkpoints").exists()
+
+
+def test_check_table_rows_names_the_electrodes_as_the_recordings_do(tmp_path):
+    """Rows past the table were named by LaBraM's list (FP2-F4 for row 133, "row 300" past
+    it), not as the recordings name them, which is what --channels takes: a recording whose
+    channel ``Fp2-F4 bip`` got row 133 was told about ``FP2-F4``. `predict` named them as
+    recorded; it shares this check now."""
+    data = load_data([_folder(tmp_path / "x", ["C3", "Fp2-F4 bip", "X9"], [40, 133, 300])])
+    with pytest.raises(ValueError, match=r"x: electrodes \['Fp2-F4 bip', 'X9'\] have no embed"):
+        check_table_rows(data, 129, "the model")
+    with pytest.raises(ValueError, match=r"electrodes \['X9'\] have no embedding row in the mod"):
+        check_table_rows(data, 137, "the model")

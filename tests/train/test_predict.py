@@ -229,7 +229,11 @@ def _other_scale(index: dict) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (_far_electrode, "electrodes ['FAR'] have no embedding in the model (its table has 129"),
+        (
+            _far_electrode,
+            "electrodes ['FAR'] have no embedding row in the model (its table has 129 rows: "
+            "the cls token and 128 electrodes); prepare the data again without",
+        ),
         (_other_scale, "amplitudes scaled by 1e+06 (volts to stored units), the model was"),
     ],
 )

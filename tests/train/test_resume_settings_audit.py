@@ -131,3 +131,88 @@ def test_a_longer_run_keeps_the_warm_up_it_had(tmp_path, optimizers):
         for s in (4, 5)
     ]
     assert used[:2] == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "kept"),
+    [
+        # 4 steps, warm-up 0.5 x 4 = 2; resumed at step 2 for 40 steps (not 20 of warm-up)
+        ({"train.max_steps": 4}, {"train.max_steps": 40}, 2),
+        # 1 epoch of 6 batches of 4, warm-up 3; resumed for 10 epochs (not 30)
+        ({"train.epochs": 1}, {"train.epochs": 10}, 3),
+        # ... and with batches of 8: the saved run's epoch still had 6 batches of 4
+        ({"train.epochs": 1}, {"train.epochs": 10, "train.batch_size": 8}, 3),
+    ],
+)
+def test_a_checkpoint_without_its_warm_up_keeps_the_one_its_run_had(
+    tmp_path, optimizers, first, then, kept
+):
+    """A checkpoint written before the warm-up's length (and the run's) was recorded: a
+    longer resume takes optim.warmup_fraction of the saved run's length as that run counted it
+    (its train.max_steps, or train.epochs x its batches an epoch), not of the new length,
+    which restarted the warm-up at step 2 at a lower lr."""
+    data = SyntheticEEG(24, channels=(4,))
+    common = {"optim.warmup_fraction": 0.5, "optim.min_lr": 0.0, "train.checkpoint_every": 2}
+    run(data, tmp_path, {**common, **first})
+    for later in ckpt.list_checkpoints(tmp_path / "checkpoints")[1:]:
+        shutil.rmtree(later.path)  # as if stopped at step 2
+    path = tmp_path / "checkpoints" / "step-00000002" / ckpt.STATE
+    state = torch.load(path, weights_only=True)
+    for key in ("epoch_digest", "epoch_batches", "epoch_items", "total_steps", "warmup_steps"):
+        state.pop(key)  # as written before they were recorded
+    torch.save(state, path)
+    used = []
+
+    def step(model, batch, ctx):
+        used.append(max(g["lr"] for g in optimizers[-1].param_groups))
+        return StepOutput(model(batch["x"]).logsumexp(-1).mean())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warnings naming the changed settings
+        result = fit_batches_of_4(TinyClassifier(), step, data, StepContext(torch.device("cpu")),
+                                  tmp_path, {**common, **then, "train.checkpoint_every": 0},
+                                  resume="auto")  # fmt: skip
+    total = ckpt.load_training_state(tmp_path / "checkpoints" / f"step-{result.step:08d}")
+    assert total["warmup_steps"] == kept  # what the resumed run's schedule used
+    want = cosine_with_warmup(
+        2, total_steps=total["total_steps"], warmup_steps=kept, base_lr=5e-4, min_lr=0.0
+    )
+    assert used[0] == pytest.approx(want, rel=1e-6)
+
+
+def test_an_older_fine_tuning_fold_resumes_without_a_model_name_change(tmp_path):
+    """A fold fine-tuned from --init before finetune recorded the model --init holds in its
+    config: model.name there is the from-scratch default (labram_base), the model trained
+    (its meta's arch) labram_tiny. Resumed, the warning listed ``model.name: 'labram_base' ->
+    'labram_tiny'``, a change nobody made; another model named now is still listed."""
+    import json
+
+    from eegfast.train.config import RunConfig
+    from eegfast.train.engine import fit
+    from tests.train.test_engine import collate
+
+    data = SyntheticEEG(24, channels=(4,))
+    settings = {"train.batch_size": 4, "train.progress": False, "model.init": "pre/run"}
+
+    def fine_tune(name: str, max_steps: int, resume: str | None = None) -> list[str]:
+        config = RunConfig().with_overrides(
+            {**settings, "model.name": name, "train.max_steps": max_steps}
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(TinyClassifier(), recording(), data, config, tmp_path,
+                group_keys=data.group_keys(), collate_fn=collate,
+                ctx=StepContext(torch.device("cpu")), resume=resume,
+                meta={"arch": {"kind": "classifier", "name": name}})  # fmt: skip
+        return [str(w.message) for w in caught]
+
+    fine_tune("labram_tiny", 2)
+    meta_path = tmp_path / "checkpoints" / "step-00000002" / ckpt.META
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["model"]["name"] = "labram_base"  # as an older fold recorded it
+    meta_path.write_text(json.dumps(meta))
+    said = fine_tune("labram_tiny", 4, resume="auto")
+    assert not any("model.name" in s for s in said), said
+    shutil.rmtree(tmp_path / "checkpoints" / "step-00000004")
+    said = fine_tune("labram_small", 4, resume="auto")  # a real change: still named
+    assert any("model.name: 'labram_tiny' -> 'labram_small'" in s for s in said), said

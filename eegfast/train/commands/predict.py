@@ -192,7 +192,15 @@ def check_data(model, known: TrainedOn, data: TrainData) -> list[str]:
     embedding table, patches of another length, windows longer than its time embedding or of
     another length (or amplitude scale) than the folders it was fine-tuned on. Returns
     warnings for milder preprocessing differences (band-pass edges, reference)."""
+    from eegfast.train.data import check_table_rows
+
     config = _backbone_config(model)
+    if config is not None:
+        # the training commands' check: the windows' electrodes named as their recordings do
+        try:
+            check_table_rows(data, int(getattr(config, "pos_rows", 0)) or None, "the model")
+        except ValueError as err:
+            raise CommandError(str(err)) from None
     warnings: list[str] = []
     for root in data.roots:
         index = load_index(root)
@@ -212,22 +220,6 @@ def check_data(model, known: TrainedOn, data: TrainData) -> list[str]:
                     f"--data {root}: {seconds}-s windows, the model takes at most {limit} "
                     "patches (seconds) per window"
                 )
-            rows = int(getattr(config, "pos_rows", 0)) or None
-            if rows is not None:
-                beyond = sorted(
-                    {
-                        name
-                        for rec in index["recordings"]
-                        for name, row in zip(rec["electrodes"], rec["input_chans"][1:], strict=True)
-                        if row >= rows
-                    }
-                )
-                if beyond:
-                    raise CommandError(
-                        f"--data {root}: electrodes {beyond} have no embedding in the model (its "
-                        f"table has {rows} rows); prepare the data again without "
-                        "--allow-extended, or with --channels the model knows"
-                    )
         if known.window_seconds and seconds not in known.window_seconds:
             trained = ", ".join(f"{s}-s" for s in sorted(known.window_seconds))
             raise CommandError(
