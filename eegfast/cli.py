@@ -6,7 +6,9 @@ Each command lives in its own module, which exposes
     main(args: argparse.Namespace) -> int
 
 and is imported only when its command runs, so ``eegfast --help`` stays fast and a command's heavy
-dependencies are not loaded by the others.
+dependencies are not loaded by the others. A command whose module imports torch takes its
+``configure_parser`` from a light module (``OPTIONS``), and its own module is imported only once
+the arguments parse: ``eegfast <command> --help`` and a usage error print without loading torch.
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("eegfast.train.commands.bench", "run the CPU benchmark suites and write a report"),
     "doctor": ("eegfast.train.commands.doctor", "report the environment and usable backends"),
     "quickstart": ("eegfast.train.commands.quickstart", "the whole recipe on the bundled EEG"),
+}
+
+# command -> the module whose configure_parser (the same function as the command module's) reads
+# its arguments without importing torch, the models or the data stack; commands not named here
+# read them from their own module, which is light.
+OPTIONS: dict[str, str] = {
+    name: f"eegfast.train.commands.options.{name}"
+    for name in ("tokenizer", "pretrain", "upcycle", "finetune", "evaluate", "predict", "generate")
 }
 
 # Commands whose --out is a folder: an existing file there is refused before any work.
@@ -82,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(name: str):
-    module_name, _ = COMMANDS[name]
+def _load(name: str, module_name: str | None = None):
+    """The module of command ``name`` (``module_name``: another of its modules, e.g. its
+    ``OPTIONS``)."""
+    module_name = module_name or COMMANDS[name][0]
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -118,9 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     if argv and argv[0] in COMMANDS:
         name = argv[0]
-        module = _load(name)
         parser = argparse.ArgumentParser(prog=f"eegfast {name}", description=COMMANDS[name][1])
-        module.configure_parser(parser)
+        _load(name, OPTIONS.get(name)).configure_parser(parser)
         args = parser.parse_args(argv[1:])
         out = getattr(args, "out", None)
         if name in FOLDER_OUT and out is not None and _is_file(Path(out)):
@@ -136,7 +147,7 @@ def _main(argv: list[str]) -> int:
             if reason is not None:
                 print(f"eegfast {name}: --out {out}: {reason}", file=sys.stderr)
                 return 2
-        return int(module.main(args) or 0)
+        return int(_load(name).main(args) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

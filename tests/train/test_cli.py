@@ -420,14 +420,14 @@ def test_bench_report_says_when_the_tree_was_edited():
     assert "- commit: abc123\n" in markdown({"commit_info": commit})
 
 
-def test_ctrl_c_while_a_command_loads_is_one_line_and_status_130(monkeypatch, capsys):
+def test_ctrl_c_while_a_command_loads_is_one_line_and_status_130(monkeypatch, capsys, tmp_path):
     """Ctrl-C before a command's own handling starts (its module importing torch) printed
     Python's traceback; it is one line and the status of SIGINT, as later."""
 
-    def interrupted(name):
+    def interrupted(name, module_name=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "_load", interrupted)
-    assert cli.main(["pretrain", "--help"]) == 130
+    assert cli.main(["pretrain", "--out", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "eegfast pretrain: interrupted"

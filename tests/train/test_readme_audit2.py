@@ -27,7 +27,7 @@ from eegfast.train.metrics import classification_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
-GENERATE_HELP = ROOT / "eegfast" / "train" / "commands" / "generate.py"
+GENERATE_HELP = ROOT / "eegfast" / "train" / "commands" / "options" / "generate.py"  # its --help
 
 
 def _readme() -> str:

@@ -13,14 +13,18 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+# torch and the training loop are imported where a run starts (``start``): the commands'
+# options (``add_run_arguments``) are read from here for ``--help`` and usage errors, which
+# print without loading them.
 from eegfast.train.config import ConfigError, RunConfig, resolve_config, valid_keys
-from eegfast.train.distributed import DistInfo, choose_device, init_distributed
-from eegfast.train.engine import check_compile_support, seed_everything
 from eegfast.train.plots import REPORT_PLOTS
+
+if TYPE_CHECKING:
+    import torch
+
+    from eegfast.train.distributed import DistInfo
 
 EPILOG = (
     "Configuration: defaults, then --config FILE (.toml/.yaml), then the options that set a "
@@ -142,6 +146,9 @@ class Runtime:
 
 def start(config: RunConfig) -> Runtime:
     """Device, process group (under torchrun) and seeds."""
+    from eegfast.train.distributed import choose_device, init_distributed
+    from eegfast.train.engine import check_compile_support, seed_everything
+
     device = choose_device(config.train.device)
     if config.train.compile:  # before data, tokenizer or folds are loaded
         check_compile_support(device)

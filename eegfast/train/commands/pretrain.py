@@ -1,13 +1,7 @@
-"""``eegfast pretrain --data FOLDER... --tokenizer RUN --out RUN``: masked EEG pretraining.
+"""Run code of ``eegfast pretrain``: masked (or hybrid) EEG pretraining.
 
-``--objective masked`` (default) is LaBraM's symmetric masked modelling: half of the patches
-are replaced by a mask token and the model predicts their VQ-NSP codes, and the same for the
-complementary half. Other objectives plug in through
-:func:`eegfast.train.objectives.register_objective` (``hybrid``: masked + block-causal
-forecasting, from :mod:`eegfast.train.hybrid`).
-
-``--set model.init=RUN_OR_FILE`` continues pretraining from an eegfast pretraining run or the
-reference pretraining checkpoint (see :func:`load_init`).
+Its description (``eegfast pretrain --help``) and options are in
+:mod:`eegfast.train.commands.options.pretrain`, read without importing torch.
 """
 
 from __future__ import annotations
@@ -28,7 +22,6 @@ from eegfast.train.arch import build_model, load_trained
 from eegfast.train.commands.common import (
     CommandError,
     Runtime,
-    add_run_arguments,
     finished_message,
     model_for_resume,
     resolve,
@@ -37,6 +30,7 @@ from eegfast.train.commands.common import (
     say,
     start,
 )
+from eegfast.train.commands.options.pretrain import DEFAULTS, configure_parser  # noqa: F401
 from eegfast.train.config import RunConfig
 from eegfast.train.data import (
     TrainData,
@@ -53,36 +47,9 @@ from eegfast.train.objectives import (
     StepFn,
     TargetCache,
     get_objective,
-    objective_names,
 )
 from eegfast.train.validation import META_KEY as VALIDATION_META
 from eegfast.train.validation import HoldOut, Validator, hold_out, objective_evaluator
-
-# Reference recipe: AdamW lr 5e-4, wd 0.05, betas (0.9, 0.98), clip 3.0, cosine with warm-up.
-DEFAULTS = RunConfig().with_overrides(
-    {"model.name": "labram_base_pretrain", "optim.lr": 5e-4, "train.batch_size": 64}
-)
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_run_arguments(parser)
-    parser.add_argument(
-        "--objective",
-        default=None,
-        help=f"one of {', '.join(objective_names())} (sets pretrain.objective; default "
-        f"{DEFAULTS.pretrain.objective})",
-    )
-    parser.add_argument(
-        "--tokenizer",
-        default=None,
-        help="tokenizer run, checkpoint folder or file such as the reference vqnsp.pth (sets "
-        "model.tokenizer; a resumed run defaults to its own)",
-    )
-    parser.add_argument(
-        "--model", default=None, help=f"model name (sets model.name; default {DEFAULTS.model.name})"
-    )
 
 
 def main(args: argparse.Namespace) -> int:

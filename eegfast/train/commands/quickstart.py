@@ -21,12 +21,6 @@ import time
 from pathlib import Path
 
 from eegfast.train.commands.common import run_command
-from eegfast.train.finetune import (
-    BEATS,
-    DOES_NOT_BEAT,
-    MIN_VERDICT_UNITS,
-    NO_CLEAR_DIFFERENCE,
-)
 
 MI_FILES = ("S001R04.edf", "S001R08.edf")
 ARITH_FILES = ("Subject00_1.edf", "Subject00_2.edf", "Subject01_1.edf", "Subject01_2.edf")
@@ -329,6 +323,12 @@ def write_report(
     from eegfast.fileio import write_text_atomic
     from eegfast.models.registry import MODEL_CONFIGS
     from eegfast.train import plots
+    from eegfast.train.finetune import (
+        BEATS,
+        DOES_NOT_BEAT,
+        MIN_VERDICT_UNITS,
+        NO_CLEAR_DIFFERENCE,
+    )
     from eegfast.train.runlog import read_metrics
 
     tok = read_metrics(runs / "tokenizer" / "metrics.csv")

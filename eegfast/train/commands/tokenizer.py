@@ -1,8 +1,7 @@
-"""``eegfast tokenizer --data FOLDER... --out RUN``: train the VQ-NSP tokenizer.
+"""Run code of ``eegfast tokenizer``: train the VQ-NSP tokenizer.
 
-The tokenizer learns a codebook of EEG patches by reconstructing each patch's Fourier
-amplitude and phase from its code (LaBraM's VQ-NSP). Its checkpoint is what ``eegfast pretrain
---tokenizer RUN`` uses to make masked-modelling targets.
+Its description (``eegfast tokenizer --help``) and options are in
+:mod:`eegfast.train.commands.options.tokenizer`, read without importing torch.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from eegfast.train.arch import build_model
 from eegfast.train.commands.common import (
     CommandError,
     Runtime,
-    add_run_arguments,
     finished_message,
     model_for_resume,
     resolve,
@@ -31,6 +29,7 @@ from eegfast.train.commands.common import (
     say,
     start,
 )
+from eegfast.train.commands.options.tokenizer import DEFAULTS, configure_parser  # noqa: F401
 from eegfast.train.config import RunConfig
 from eegfast.train.data import (
     TrainData,
@@ -51,18 +50,6 @@ from eegfast.train.validation import (
     hold_out,
     tokenizer_evaluator,
 )
-
-# Reference recipe: AdamW betas (0.9, 0.99), weight decay 1e-4, warm-up then cosine.
-DEFAULTS = RunConfig().with_overrides(
-    {
-        "model.name": "vqnsp_base",
-        "optim.lr": 1e-4,
-        "optim.betas": [0.9, 0.99],
-        "optim.weight_decay": 1e-4,
-        "train.batch_size": 128,
-    }
-)
-
 
 # Below this train/feature_spread the encoder's features all point nearly one way. On the
 # bundled sample healthy vqnsp_tiny runs stay at 0.8-0.9 after their first 100 steps; collapsed
@@ -190,17 +177,6 @@ def codebook_summary(
     return (
         f"codebook: {used} of {num_codes} codes used by the patches of {len(chosen)} training "
         f"windows (perplexity {float(code_perplexity(counts)):.1f}; EMA perplexity {ema:.1f})"
-    )
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_run_arguments(parser)
-    parser.add_argument(
-        "--model",
-        default=None,
-        help=f"tokenizer name (sets model.name; default {DEFAULTS.model.name})",
     )
 
 
