@@ -37,6 +37,11 @@ class Prompt:
     names: tuple[str, ...]  # normalised LaBraM names, one per row of x
     source: str
     start_s: float  # where the window starts in the source recording
+    # The recording's annotations within the window: (onset, duration, description, names),
+    # onset in seconds from the window's first sample, spans clipped to the window; names:
+    # the electrodes (of ``names``) a channel-specific one concerns, () for all. Empty for a
+    # .npy/.npz prompt (arrays hold none).
+    annotations: tuple[tuple[float, float, str, tuple[str, ...]], ...] = ()
 
     @property
     def seconds(self) -> float:
@@ -134,6 +139,35 @@ def _window(
                 f"(the recording has {total / SFREQ:.2f} s at 200 Hz)"
             )
     return x[:, begin : begin + n], begin / SFREQ
+
+
+def _window_annotations(
+    raw, begin_s: float, end_s: float, rename: dict[str, str]
+) -> tuple[tuple[float, float, str, tuple[str, ...]], ...]:
+    """``raw``'s annotations within the window ``[begin_s, end_s)`` (seconds from its first
+    sample), as :attr:`Prompt.annotations`: onsets from ``begin_s``, spans clipped to the
+    window. ``rename``: recording channel name -> prompt electrode; a channel-specific
+    annotation keeps the electrodes of the prompt, and is left out if it has none of them."""
+    annotations = raw.annotations
+    # MNE keeps onsets on the time axis of raw.first_time (from the measurement start with
+    # orig_time set, and also when it is None: set_annotations adds first_time then), while
+    # the prompt's samples count from the data's first sample.
+    onsets = np.asarray(annotations.onset, dtype=float) - raw.first_time
+    kept = []
+    for onset, duration, description, names in zip(
+        onsets, annotations.duration, annotations.description, annotations.ch_names, strict=True
+    ):
+        stop = onset + max(float(duration), 0.0)
+        # a span ending at the window's start covers none of it; a marker there is in it
+        if onset >= end_s or stop < begin_s or (stop == begin_s and stop > onset):
+            continue
+        electrodes = tuple(rename[n] for n in names if n in rename)
+        if names and not electrodes:  # only about channels the prompt does not have
+            continue
+        first = max(onset, begin_s)
+        span = (float(first - begin_s), float(min(stop, end_s) - first))
+        kept.append((*span, str(description), electrodes))
+    return tuple(kept)
 
 
 def _sidecar_channels(path: Path, *, required: bool) -> list[str] | None:
@@ -356,7 +390,15 @@ def load_prompt(
     except SampleRateError as err:
         raise GenerateError(f"--prompt {path}: {err}") from None
     window, begin = _window(x, start, prompt_seconds, path.name)
-    return Prompt(np.ascontiguousarray(window, dtype=np.float32), mapped.names, str(path), begin)
+    rename = {raw.ch_names[p]: n for p, n in zip(mapped.picks, mapped.names, strict=True)}
+    annotations = _window_annotations(raw, begin, begin + window.shape[1] / SFREQ, rename)
+    return Prompt(
+        np.ascontiguousarray(window, dtype=np.float32),
+        mapped.names,
+        str(path),
+        begin,
+        annotations,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,11 +566,13 @@ def check_output_path(path: Path, overwrite: bool) -> None:
         raise GenerateError(f"--out must end in .edf or .npy, got {path.name!r}")
     if path.is_dir():  # --overwrite replaces a file, never a folder (and os.replace cannot)
         raise GenerateError(f"--out {path}: is a folder, not a file")
+    sidecar = path.with_suffix(".json")
+    if suffix == ".npy" and sidecar.is_dir():  # (else refused only after generating)
+        raise GenerateError(f"--out {path}: its sidecar {sidecar} is a folder, not a file")
     if overwrite:
         return
     if path.exists():
         raise GenerateError(f"--out {path} exists (pass --overwrite to replace it)")
-    sidecar = path.with_suffix(".json")
     if suffix == ".npy" and sidecar.exists():
         raise GenerateError(
             f"--out {path}: its sidecar {sidecar} exists (pass --overwrite to replace it)"
@@ -542,13 +586,17 @@ def write_output(
     *,
     generated_from_s: float = 0.0,
     label: str | None = None,
+    annotations: tuple | list = (),
     metadata: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write signal (C, T) in model units (100 µV) at 200 Hz as ``.edf`` or ``.npy`` (+ .json).
 
     ``generated_from_s``: where the generated part starts (a prompt may come before it).
-    ``label``: the class of the generated part (see the module docstring), or None.
+    ``label``: the class of the generated part (see ``eegfast generate --help``), or None.
+    ``annotations``: those of a prompt written before the generated part, as
+    :attr:`Prompt.annotations` (onsets from the signal's first sample, electrodes of ``names``):
+    EDF annotations, or the sidecar's ``annotations`` beside a .npy.
     """
     from eegfast.fileio import fsync_dir, write_atomic, write_json_atomic
 
@@ -559,6 +607,18 @@ def write_output(
         raise ValueError(f"signal must be (C={len(names)}, T), got {signal.shape}")
     labels = display_names(names)
     duration = signal.shape[1] / SFREQ
+    spelled = dict(zip(names, labels, strict=True))
+    events = []  # (onset, duration, description, electrodes as written)
+    for onset, length, description, electrodes in annotations:
+        # (a microsecond's slack: a clipped span's onset + duration rounds either way)
+        if not (0.0 <= onset and length >= 0.0 and onset + length <= generated_from_s + 1e-6):
+            raise ValueError(
+                f"annotations: {description!r} at {onset:g} s for {length:g} s is not within "
+                f"the prompt written before the generated part (0 to {generated_from_s:g} s)"
+            )
+        events.append(
+            (float(onset), float(length), str(description), [spelled[n] for n in electrodes])
+        )
     if suffix == ".npy":
         micro = (signal * UV_PER_UNIT).astype(np.float32)
 
@@ -582,6 +642,10 @@ def write_output(
             "shape": list(micro.shape),
             "generated_from_s": generated_from_s,
             "label": label,
+            "annotations": [
+                {"onset": o, "duration": d, "description": text, "channels": chans}
+                for o, d, text, chans in events
+            ],
             **(metadata or {}),
         }
         write_json_atomic(sidecar_path, sidecar)
@@ -596,11 +660,13 @@ def write_output(
     # it: "prompt"/"generated" spans would make classes of those words. Only a --label spans
     # the generated part; otherwise an onset marker (zero duration: labels nothing) says
     # where it starts.
+    # The prompt's own annotations (events, BAD spans) stay on its part of the file.
     if label is None:
-        annotation = mne.Annotations([generated_from_s], [0.0], ["generated"])
+        events.append((generated_from_s, 0.0, "generated", []))
     else:
-        annotation = mne.Annotations([generated_from_s], [duration - generated_from_s], [label])
-    raw.set_annotations(annotation)
+        events.append((generated_from_s, duration - generated_from_s, label, []))
+    onsets, durations, descriptions, electrodes = zip(*events, strict=True)
+    raw.set_annotations(mne.Annotations(onsets, durations, descriptions, ch_names=electrodes))
 
     def save_edf(tmp: Path) -> None:
         # Each channel's own physical range: with one range for all EEG channels (MNE's
@@ -714,9 +780,9 @@ def run(args: argparse.Namespace) -> Path:
         progress=not args.no_progress,
         context=context if trained else None,
     )
-    start = 0.0
+    start, annotations = 0.0, ()
     if args.include_prompt:
-        start = prompt.seconds
+        start, annotations = prompt.seconds, prompt.annotations
         signal = np.concatenate((prompt.x, signal), axis=1)
     metadata = {
         "prompt": prompt.source,
@@ -735,6 +801,7 @@ def run(args: argparse.Namespace) -> Path:
         prompt.names,
         generated_from_s=start,
         label=label,
+        annotations=annotations,
         metadata=metadata,
         overwrite=True,
     )

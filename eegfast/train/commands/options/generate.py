@@ -31,9 +31,11 @@ head (``--mode regression``). Output, in the prompt's electrode set and order, a
   given ``--event-duration``, ``prepare`` labels windows after it ``generated`` unless an
   ``--event-map`` leaves it out).
   EDF data records are 1 s, so ``--seconds`` is rounded up to whole seconds (generated
-  samples, not padding);
+  samples, not padding). With ``--include-prompt``, a recording prompt's annotations within
+  its window (events, BAD spans, channel-specific ones on the electrodes written) are kept,
+  onsets from the prompt's start, spans clipped at its ends;
 * ``.npy``: float32 (C, T) in µV, plus ``OUT.json`` with channel names, rate and settings
-  (and ``label``).
+  (and ``label``; with ``--include-prompt``, the prompt's ``annotations`` as above).
 
 Files are written atomically (temporary file, fsync, rename).
 """
