@@ -8,10 +8,11 @@
 2. annotations (``(onset_s, duration_s, description)``, e.g. eegmmidb's T0/T1/T2 with 4.1-4.2 s
    durations) -> windows are cut inside each event and get its label. ``event_map`` renames
    descriptions (``T1=left``) and, when given, keeps only the mapped ones; without it every
-   description with a positive duration counts except MNE's ``BAD``/``EDGE`` marks and
-   EEGLAB's ``boundary``. An annotation of zero duration (an onset marker, as event channels
-   and BIDS events give them; ``prepare`` counts BrainVision's one-sample markers as such) is
-   skipped unless ``event_duration`` (seconds) says how long after its onset it labels;
+   description (not a blank one) with a positive duration counts except MNE's ``BAD``/``EDGE``
+   marks, EEGLAB's ``boundary`` and BrainVision's ``New Segment``. An annotation of zero
+   duration (an onset marker, as event channels and BIDS events give them; ``prepare`` counts
+   BrainVision's one-sample markers as such) is skipped unless ``event_duration`` (seconds)
+   says how long after its onset it labels;
 3. when the annotations give no event: the events of the recording's stim channel (``prepare``
    reads them with ``mne.find_events`` as ``(onset_s, 0.0, trigger code)``, e.g. ``"1"``;
    ``stim_channel`` says which channel: ``"auto"``, a name, or None for none), labelled as
@@ -54,9 +55,17 @@ __all__ = [
 
 def is_discontinuity_mark(description: object) -> bool:
     """Whether an annotation marks a jump in the data: MNE's ``EDGE...`` (``concatenate_raws``,
-    the gaps of an EDF+D file as ``read_recording`` marks them) or EEGLAB's ``boundary``."""
+    the gaps of an EDF+D file as ``read_recording`` marks them), EEGLAB's ``boundary``, or
+    BrainVision's ``New Segment`` (MNE's ``New Segment/``: the recorder starts one wherever a
+    recording was paused and resumed; MNE drops the one at the first sample)."""
     desc = str(description).strip()
-    return desc.upper().startswith("EDGE") or desc.lower() == "boundary"
+    lower = desc.lower()
+    return (
+        desc.upper().startswith("EDGE")
+        or lower == "boundary"
+        or lower == "new segment"
+        or lower.startswith("new segment/")
+    )
 
 
 def is_mark(description: object) -> bool:
@@ -268,7 +277,9 @@ class LabelRules:
         desc = str(description).strip()
         if self.event_map is not None:
             return self.event_map.get(desc)
-        return None if is_mark(desc) else desc
+        # A blank description names no class: as the label '' (unlabelled) its windows were
+        # events, and the recording's file-name rule no longer applied.
+        return None if not desc or is_mark(desc) else desc
 
     def events_from(self, annotations) -> tuple[Event, ...]:
         """Events from ``(onset, duration, description)`` triples (e.g. ``raw.annotations``);

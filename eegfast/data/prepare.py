@@ -4,8 +4,9 @@ Each recording is read with MNE, its channels are mapped to the LaBraM electrode
 band-passed, notch-filtered and resampled in one FFT per channel (``preprocess_signal``), cut into
 (C, A, 200) windows, and written as one shard (``shards/<key>.npy``) plus its record
 (``shards/<key>.json``) by a pool of worker processes. The continuous parts of a recording with
-gaps (EDF+D, MNE's ``EDGE`` and EEGLAB's ``boundary`` marks) are filtered and windowed on their
-own. The later parts of a split FIF file are read with its first part, not as recordings.
+gaps (EDF+D, MNE's ``EDGE``, EEGLAB's ``boundary`` and BrainVision's ``New Segment`` marks)
+are filtered and windowed on their own. The later parts of a split FIF file are read with its
+first part, not as recordings.
 ``index.json`` and a report (``report.json``, ``report.md``) are written at the end.
 
 Resuming: a recording whose record exists, with the same settings and the same size and
@@ -673,7 +674,8 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
 def _discontinuities(annotations, sfreq: float, n_times: int) -> list[int]:
     """Input samples (sorted, inside the recording) where the data jump: the first sample after
     a gap. Marked by MNE's ``EDGE...`` annotations (``concatenate_raws``, the gaps of an EDF+D
-    file as ``read_recording`` marks them) and EEGLAB's ``boundary`` events."""
+    file as ``read_recording`` marks them), EEGLAB's ``boundary`` events and BrainVision's
+    ``New Segment`` markers (a paused and resumed recording)."""
     cuts = {
         int(round(onset * sfreq))
         for onset, _, description in annotations
@@ -847,7 +849,8 @@ def _outside_bad_segments(
 # window across a gap, each continuous part filtered on its own; EDF units MNE misreads rescaled.
 # 5: annotations one sample long (BrainVision markers) are onset markers, as zero-length ones.
 # 6: a recording whose annotations give no event is labelled from its stim channel's events.
-PROCESSING_REVISION = 6
+# 7: BrainVision's New Segment markers (a paused recording) are discontinuities, not events.
+PROCESSING_REVISION = 7
 
 
 def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bool]:
@@ -1196,10 +1199,18 @@ def _stim_channel_events(raw, name: str) -> list[tuple[float, float, str]]:
     (BioSemi's) only the trigger bits 0-15 count, as MNE's BDF reader advises."""
     import mne
 
+    from eegfast.data.reading import bdf_trigger_values
+
     sfreq = float(raw.info["sfreq"])
     # rounded: a trigger channel an EDF reader types EEG reads back scaled (1.0000153 for 1),
     # and find_events truncates to integers, which made 0.99998 no event at all
     codes = np.round(raw.get_data(picks=[name]))
+    filename = raw.filenames[0] if raw.filenames else None
+    if filename is not None and raw.get_channel_types(picks=[name]) == ["stim"]:
+        # a BDF that scales its Status/Trigger channel: MNE's codes are wrong there
+        scaled = bdf_trigger_values(filename, name)
+        if scaled is not None and len(scaled) == codes.shape[1]:
+            codes = np.round(scaled)[np.newaxis]
     if name.strip().casefold() == "status":
         # BioSemi keeps system bits above the codes (bit 16, a new epoch, survives MNE's
         # reader): with it set, code 1 read as 65537, and its return to 65536 as an event too

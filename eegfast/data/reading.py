@@ -35,6 +35,7 @@ __all__ = [
     "ChannelMap",
     "MNE_EXTENSIONS",
     "EDF_GAP_DESCRIPTION",
+    "bdf_trigger_values",
     "check_edf_size",
     "edf_record_onsets",
     "guess_channel_type",
@@ -341,6 +342,51 @@ def _fix_edf_units(raw, path: Path, header: bytes | None = None) -> None:
     raw.load_data(verbose="error")
     for index, factor in corrections.items():
         raw.apply_function(lambda x, f=factor: x * f, picks=[index], verbose="error")
+
+
+def bdf_trigger_values(
+    path: str | os.PathLike, name: str, *, header: bytes | None = None
+) -> np.ndarray | None:
+    """(T,) the physical values of the trigger channel ``name`` of a BDF file whose header
+    scales it, or None when MNE's reading of it is right (any other file or channel).
+
+    MNE reads a BDF's ``Status``/``Trigger`` channel as BioSemi stores it, raw 24-bit codes
+    (physical range = digital range), ignoring the header's scale, and keeps its low 17 bits.
+    A BDF that scales the channel (``mne.export.export_raw`` writes physical range [0, 4] onto
+    the full digital range for codes up to 4) then read as unrelated codes (codes 3 and 4 as
+    the events "1", "65535", "1"). None too when the channel has fewer samples per record than
+    the recording (MNE holds each of its values over several samples then).
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".bdf":
+        return None
+    head = _edf_header(path) if header is None else header
+    try:
+        header_bytes = int(head[184:192].decode("ascii").strip())
+        n_records = int(head[236:244].decode("ascii").strip())
+        ns = int(head[252:256].decode("ascii").strip())
+        labels = [label.decode("latin-1").strip() for label in _edf_fields(head, 256, 16, ns)]
+        index = labels.index(name)
+        pmin, pmax, dmin, dmax = (
+            float(_edf_fields(head, 256 + offset * ns, 8, ns)[index].decode("ascii"))
+            for offset in (104, 112, 120, 128)
+        )
+        samples = [int(n.decode("ascii").strip()) for n in _edf_fields(head, 256 + 216 * ns, 8, ns)]
+    except (ValueError, UnicodeDecodeError):
+        return None  # (a header MNE read: these fields were numbers to it)
+    if labels.count(name) != 1 or (pmin, pmax) == (dmin, dmax) or dmax == dmin:
+        return None
+    if samples[index] != max(samples):
+        return None
+    record_bytes = 3 * sum(samples)
+    if n_records == -1:
+        n_records = (path.stat().st_size - header_bytes) // max(record_bytes, 1)
+    records = np.memmap(path, np.uint8, "r", header_bytes, (n_records, record_bytes))
+    begin = 3 * sum(samples[:index])
+    triplets = records[:, begin : begin + 3 * samples[index]].reshape(-1, 3).astype(np.int32)
+    digital = triplets[:, 0] | (triplets[:, 1] << 8) | (triplets[:, 2] << 16)
+    digital = np.where(digital >= 1 << 23, digital - (1 << 24), digital)  # two's complement
+    return (digital - dmin) * ((pmax - pmin) / (dmax - dmin)) + pmin
 
 
 # The zero-duration annotation at the first sample after a gap of an EDF+D/BDF+D file: MNE's own
