@@ -95,11 +95,12 @@ def test_label_names_the_class_of_the_generated_windows(checkpoint, tmp_path, ca
     code, text = _run(capsys, *base, "--seconds", 1, "--out", npy, "--label", " left ")
     assert code == 0, text
     assert json.loads(npy.with_suffix(".json").read_text())["label"] == "left"
-    for bad in ("BAD_left", "edge", "boundary", "  "):
+    for bad in ("BAD_left", "edge", "boundary", "New Segment/", "  "):
         code, text = _run(
             capsys, *base, "--seconds", 1, "--out", tmp_path / "x.edf", "--label", bad
         )
         assert code == 2 and "--label" in text, text
+        assert bad.strip() == "" or "New Segment" in text  # names each kind it refuses
         assert not (tmp_path / "x.edf").exists()
 
 

@@ -72,7 +72,8 @@ def _split_channels(text: str | None) -> list[str] | None:
 
 def check_label(label: str | None) -> str | None:
     """The ``--label`` stripped; GenerateError for one ``eegfast prepare`` would not read as
-    a class (empty, or MNE's ``BAD``/``EDGE`` marks and EEGLAB's ``boundary``, which it skips)."""
+    a class (empty, or MNE's ``BAD``/``EDGE`` marks, EEGLAB's ``boundary`` and BrainVision's
+    ``New Segment``, which it skips)."""
     if label is None:
         return None
     text = label.strip()
@@ -82,8 +83,8 @@ def check_label(label: str | None) -> str | None:
 
     if is_mark(text):
         raise GenerateError(
-            f"--label {text!r}: annotations starting with BAD or EDGE (and 'boundary') mark "
-            "artefacts and discontinuities, not classes; choose another name"
+            f"--label {text!r}: annotations starting with BAD or EDGE (and 'boundary', "
+            "'New Segment') mark artefacts and discontinuities, not classes; choose another name"
         )
     return text
 
