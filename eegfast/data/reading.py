@@ -407,6 +407,15 @@ def edf_record_onsets(
     annotation signal). ``BadRecording`` when an EDF+D file has no annotation signal or a record
     without its time stamp. header : the file's header bytes when already read (``_edf_header``).
     """
+    found = _edf_plus_d_records(path, header)
+    return None if found is None else found[:2]
+
+
+def _edf_plus_d_records(
+    path: str | os.PathLike, header: bytes | None
+) -> tuple[float, np.ndarray, bytes] | None:
+    """:func:`edf_record_onsets`, and the bytes of the file's annotation signals (every
+    record's, in order), which hold its TALs."""
     path = Path(path)
     head = _edf_header(path) if header is None else header
     if not head[192:236].strip().upper().startswith((b"EDF+D", b"BDF+D")):
@@ -429,14 +438,40 @@ def edf_record_onsets(
         offset, size = width * sum(samples[: tal[0]]), width * samples[tal[0]]
         if n_records == -1:
             n_records = (path.stat().st_size - header_bytes) // max(record_bytes, 1)
+        # (each annotation signal's place in a record; the first holds the time stamp)
+        spans = [(width * sum(samples[:i]), width * samples[i]) for i in tal]
         onsets = np.empty(n_records)
+        tals = []
         for r in range(n_records):
             f.seek(header_bytes + r * record_bytes + offset)
-            match = _TAL.match(f.read(size))
+            first = f.read(size)
+            match = _TAL.match(first)
             if match is None:
                 raise BadRecording(f"EDF+D data record {r} has no time stamp")
             onsets[r] = float(match.group(1))
-    return record_s, onsets - onsets[0]
+            tals.append(first)
+            for at, length in spans[1:]:
+                f.seek(header_bytes + r * record_bytes + at)
+                tals.append(f.read(length))
+    return record_s, onsets - onsets[0], b"".join(tals)
+
+
+# One TAL: onset, optional duration, then its annotations, each ended by \x14, and \x00 (as
+# MNE's EDF reader parses them)
+_TAL_ANNOTATIONS = re.compile(rb"([+-]\d+\.?\d*)(\x15(\d+\.?\d*))?(\x14.*?)\x14\x00")
+
+
+def _tal_annotations(tals: bytes, first_stamp: float) -> list[tuple[float, float, str]]:
+    """(onset in s from the first record, duration, description) of each annotation in the TAL
+    bytes ``tals`` of an EDF+ file's annotation signals (time-keeping TALs, which have none,
+    give nothing); ``first_stamp``: the first record's time stamp, from which onsets count."""
+    found = []
+    for onset, _, duration, texts in _TAL_ANNOTATIONS.findall(tals):
+        for text in texts.split(b"\x14")[1:]:
+            if text:
+                description = text.decode("utf-8", errors="replace")
+                found.append((float(onset) - first_stamp, float(duration or 0), description))
+    return found
 
 
 def _mark_edf_gaps(raw, path: Path, header: bytes | None = None) -> None:
@@ -451,10 +486,10 @@ def _mark_edf_gaps(raw, path: Path, header: bytes | None = None) -> None:
     """
     import mne
 
-    found = edf_record_onsets(path, header=header)
+    found = _edf_plus_d_records(path, header)
     if found is None:
         return
-    record_s, onsets = found
+    record_s, onsets, tals = found
     data_onsets = np.arange(len(onsets)) * record_s
     # a gap: the next record does not start where this one ends (half a sample's tolerance)
     jumps = np.flatnonzero(np.abs(np.diff(onsets) - record_s) > 0.5 / raw.info["sfreq"]) + 1
@@ -466,16 +501,21 @@ def _mark_edf_gaps(raw, path: Path, header: bytes | None = None) -> None:
         within = np.minimum(t - onsets[r], record_s)  # past its record's end: in the gap
         return data_onsets[r] + np.where(t < onsets[0], t - onsets[0], within)
 
-    # from the file itself: raw.annotations has already lost those MNE put past the data's end
-    found_annotations = mne.read_annotations(path)
-    begin = np.asarray(found_annotations.onset, dtype=float)
-    end = begin + np.asarray(found_annotations.duration, dtype=float)
+    # From the file itself: raw.annotations has already lost those MNE put past the data's end.
+    # Its annotation signals only: mne.read_annotations(path) reads the whole file into memory
+    # (gigabytes for a long recording, in each worker) and scans the signal bytes too, where a
+    # chance "+5\x14...\x14\x00" in the EEG samples became an event.
+    stamp = float(_TAL.match(tals).group(1))  # the first record's (edf_record_onsets checked it)
+    found_annotations = _tal_annotations(tals, stamp)
+    begin = np.array([onset for onset, _, _ in found_annotations], dtype=float)
+    end = begin + np.array([duration for _, duration, _ in found_annotations], dtype=float)
     new_onset = to_data_time(begin)
     gap_times = data_onsets[jumps]
     annotations = mne.Annotations(
         np.concatenate([new_onset, gap_times]) + raw.first_time,
         np.concatenate([to_data_time(end) - new_onset, np.zeros(len(jumps))]),
-        list(found_annotations.description) + [EDF_GAP_DESCRIPTION] * len(jumps),
+        [description for _, _, description in found_annotations]
+        + [EDF_GAP_DESCRIPTION] * len(jumps),
         orig_time=raw.annotations.orig_time,
     )
     raw.set_annotations(annotations, emit_warning=False, verbose="error")

@@ -114,6 +114,25 @@ def test_edf_plus_without_gaps_is_read_unchanged(tmp_path):
         assert raw.annotations.onset.tolist() == [2.0]
 
 
+def test_edf_plus_d_annotations_come_from_the_annotation_signal_only(tmp_path):
+    """Samples whose bytes happen to read as a TAL ("+5\\x14x\\x14\\x00") are EEG, not an
+    event: the annotations were read by scanning the whole file (mne.read_annotations(path),
+    which also held all of it in memory), so such samples became an event "x" at 5 s."""
+    data = np.random.default_rng(2).normal(0, 20, (6, 20 * 200))
+    # int16 little-endian samples of 0.1 µV: b"+5", b"\x14x", b"\x14\x00"
+    data[0, 12 * 200 + 7 : 12 * 200 + 10] = [1361.1, 3074.0, 2.0]
+    onsets = [*range(10), *(15 + r for r in range(10))]
+    path = _write_edf_plus(tmp_path / "chance.edf", data, 200.0, onsets,
+                           [(2, 4, "T2"), (16, 4, "T1"), (17, 0, "mark\u00e9")])  # fmt: skip
+    assert b"+5\x14x\x14\x00" in path.read_bytes()
+    raw = read_recording(path)
+    found = [(a["onset"], a["duration"], a["description"]) for a in raw.annotations]
+    assert found == [
+        (2.0, 4.0, "T2"), (10.0, 0.0, EDF_GAP_DESCRIPTION), (11.0, 4.0, "T1"),
+        (12.0, 0.0, "mark\u00e9"),
+    ]  # fmt: skip
+
+
 def test_edf_plus_d_gap_is_marked_for_mne(tmp_path):
     raw = read_recording(_edf_with_gap(tmp_path / "gap.edf", 90.0))
     marks = raw.annotations[raw.annotations.description == EDF_GAP_DESCRIPTION]
