@@ -5,7 +5,7 @@ that table follow a fixed list of 136 electrode names (``LABRAM_CHANNEL_NAMES``)
 cls token, so electrode ``n`` uses row ``LABRAM_CHANNEL_NAMES.index(n) + 1``.
 
 The reference checkpoints hold only 129 rows (cls + 128 electrodes): the last 8 names of the list
-(bipolar pairs ``FP2-F4`` ... ``P4-O2``, list index 128..135) point past the table, and the
+(bipolar pairs ``FP1-F3`` ... ``P4-O2``, list index 128..135) point past the table, and the
 reference code would index out of bounds or, on some devices, read garbage. ``labram_input_chans``
 therefore rejects them unless the caller asks for an extended table (137 rows) explicitly.
 
@@ -13,7 +13,8 @@ Names in recordings are written in many ways. ``normalize_channel_name`` maps th
 spelling:
 
 * surrounding blanks and padding dots are removed, case is folded (``'Fc5.'`` -> ``'FC5'``,
-  ``'Cz..'`` -> ``'CZ'``);
+  ``'Cz..'`` -> ``'CZ'``); a name ends at its first NUL (EDF labels padded with NULs), and
+  Unicode compatibility forms are folded (NFKC: full-width ``'Ｆｐ１'`` -> ``'FP1'``);
 * an ``EEG`` type prefix is removed (``'EEG Fp1'``, ``'EEG:Fp1'``, ``'EEG-Fp1'`` -> ``'FP1'``);
 * a reference suffix naming a *common* reference is removed: ``-REF``, ``-LE`` (linked ears),
   ``-AR``/``-AVG``/``-CAR`` (average), ``-REF1``... (``'EEG FP1-REF'`` -> ``'FP1'``). Suffixes
@@ -33,6 +34,7 @@ Anything else is returned normalised but unmapped: callers report unknown names,
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable
 
 __all__ = [
@@ -77,7 +79,10 @@ _TYPE_PREFIX = re.compile(r"^EEG(\s+|:\s*|-(?=[A-Z]))")
 
 
 def _fold(raw: str) -> str:
-    name = raw.strip().upper()
+    # An EDF label padded with NULs instead of blanks reaches us as 'Fp1\x00\x00...' (MNE
+    # strips only blanks): the name ends at the first NUL, as MNE reads the header's other
+    # text fields. NFKC folds compatibility forms (full-width 'Ｆｐ１') to their ASCII letters.
+    name = unicodedata.normalize("NFKC", raw.split("\x00", 1)[0]).strip().upper()
     name = re.sub(r"\s+", " ", name)
     return name.strip(". ")  # eegmmidb pads names with dots ('FC5.', 'CZ..')
 

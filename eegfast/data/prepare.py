@@ -850,7 +850,9 @@ def _outside_bad_segments(
 # 5: annotations one sample long (BrainVision markers) are onset markers, as zero-length ones.
 # 6: a recording whose annotations give no event is labelled from its stim channel's events.
 # 7: BrainVision's New Segment markers (a paused recording) are discontinuities, not events.
-PROCESSING_REVISION = 7
+# 8: E1/E2 (a sleep montage's EOG) are no evidence of a BioSemi cap; MNE's renamed repeats of
+#    a name (CHB-MIT's T8-P8-0/-1) map to it; EDF labels padded with NULs map.
+PROCESSING_REVISION = 8
 
 
 def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bool]:

@@ -104,7 +104,17 @@ class ChannelMap:
 # (A1, A2, C1..C6, F1..F10) are also 10-20 sites, elsewhere on the head. A name alone cannot
 # tell them apart, the recording can: letter-number names that are no 10-20 site (A3, B1, D7,
 # C17, ...) mean the cap's layout, and then none of its letter-number names is a 10-20 site.
+# E-names are no such evidence: E1/E2 are the AASM names of a sleep recording's two EOG
+# electrodes, beside F3, C3, C4, A1, A2 (which were all left out as cap positions), and EGI's
+# E1..E257 nets have no 10-20 letter-number names to mistake. Every BioSemi layout begins with
+# block A (A1..A32), so a cap still shows by its other letters.
 _LETTER_NUMBER = re.compile(r"^[A-H]([1-9]|[1-2][0-9]|3[0-2])$", re.IGNORECASE)
+
+
+def _label(raw: str) -> str:
+    """A channel name without its padding: blanks, and NULs and what follows the first (an EDF
+    label padded with NULs reaches MNE's reader as 'A1\\x00\\x00...')."""
+    return raw.split("\x00", 1)[0].strip()
 
 
 def _letter_number_cap(ch_names: list[str]) -> bool:
@@ -112,10 +122,27 @@ def _letter_number_cap(ch_names: list[str]) -> bool:
     layout_only = [
         raw
         for raw in ch_names
-        if _LETTER_NUMBER.match(raw.strip())
+        if _LETTER_NUMBER.match(_label(raw))
+        and _label(raw)[0].upper() != "E"
         and not is_labram_channel(normalize_channel_name(raw), allow_extended=True)
     ]
     return len(layout_only) >= 2
+
+
+# MNE renames the channels of a file that holds one name several times to NAME-0, NAME-1, ...
+# (CHB-MIT's EDF files hold the derivation T8-P8 twice: 'T8-P8-0' and 'T8-P8-1').
+_RUNNING_NUMBER = re.compile(r"^(.+)-(\d+)$")
+
+
+def _renamed_duplicates(ch_names: list[str]) -> dict[str, str]:
+    """{channel name: the name it had in the file} for the channels MNE gave a running number
+    (two or more names STEM-<digits> of one STEM)."""
+    stems: dict[str, list[str]] = {}
+    for raw in ch_names:
+        match = _RUNNING_NUMBER.match(_label(raw))
+        if match is not None:
+            stems.setdefault(match.group(1), []).append(raw)
+    return {raw: stem for stem, raws in stems.items() if len(raws) >= 2 for raw in raws}
 
 
 def map_channels(
@@ -128,11 +155,16 @@ def map_channels(
 ) -> ChannelMap:
     """Split a recording's channels into table electrodes and excluded signals.
 
+    Two channels of one electrode (``T3`` and ``T7``; a name the file holds twice, which MNE
+    renames ``T8-P8-0``, ``T8-P8-1``) keep the first; the others are excluded as duplicates.
+
     channels : keep exactly these electrodes (normalised names), in this order; raises
-        ``BadRecording`` naming those the recording lacks.
+        ``BadRecording`` naming those the recording lacks (and why a channel of that name was
+        left out, when it has one), ``ValueError`` when one electrode is asked for twice.
     """
     ch_types = list(ch_types) if ch_types is not None else ["eeg"] * len(ch_names)
     cap_layout = _letter_number_cap(ch_names)
+    renamed = _renamed_duplicates(ch_names)
     picks, names, unknown = [], [], []
     excluded: dict[str, str] = {}
     seen: dict[str, str] = {}
@@ -143,7 +175,7 @@ def map_channels(
             excluded[raw] = f"{kind} channel"
             continue
         n_eeg += 1
-        if cap_layout and _LETTER_NUMBER.match(raw.strip()):
+        if cap_layout and _LETTER_NUMBER.match(_label(raw)):
             excluded[raw] = (
                 "BioSemi-style cap position (letter + number, A1..H32): not the 10-20 site of "
                 "that name"
@@ -151,6 +183,10 @@ def map_channels(
             unknown.append(raw)
             continue
         name = normalize_channel_name(raw, modern_names=modern_names)
+        if raw in renamed and not is_labram_channel(name, allow_extended=True):
+            # 'T8-P8-1' is the file's T8-P8 (the first of them is kept, the others are duplicates)
+            stem = normalize_channel_name(renamed[raw], modern_names=modern_names)
+            name = stem if is_labram_channel(stem, allow_extended=True) else name
         if not is_labram_channel(name, allow_extended=True):
             excluded[raw] = f"unknown electrode ({name!r} is not in the LaBraM table)"
             unknown.append(raw)
@@ -168,9 +204,22 @@ def map_channels(
             names.append(name)
     if channels is not None:
         wanted = [normalize_channel_name(c, modern_names=modern_names) for c in channels]
+        twice = sorted({c for c in wanted if wanted.count(c) > 1})
+        if twice:  # (else the channel was picked twice, two rows of one electrode)
+            raise ValueError(f"channels: electrodes asked for twice: {twice} (in {channels})")
         missing = [c for c in wanted if c not in names]
         if missing:
-            raise BadRecording(f"missing requested electrodes {missing}")
+            # a channel the recording has but left out (typed EOG by its reader, a BioSemi cap
+            # position, ...): "missing" alone read as if the file lacked it
+            why = [
+                f"{raw!r}: {reason}"
+                for raw, reason in excluded.items()
+                if normalize_channel_name(raw, modern_names=modern_names) in missing
+            ]
+            raise BadRecording(
+                f"missing requested electrodes {missing}"
+                + (f" (left out: {'; '.join(why)})" if why else "")
+            )
         for name, i in zip(names, picks, strict=True):
             if name not in wanted:
                 excluded[ch_names[i]] = "not in --channels"

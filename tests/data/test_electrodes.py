@@ -112,7 +112,7 @@ def test_input_chans_unknown_named():
 def test_input_chans_past_table():
     last_ok = LABRAM_CHANNEL_NAMES[127]
     assert labram_input_chans([last_ok]) == [0, 128]
-    past = LABRAM_CHANNEL_NAMES[128]  # FP2-F4
+    past = LABRAM_CHANNEL_NAMES[128]  # FP1-F3
     with pytest.raises(ValueError, match="past the 129-row"):
         labram_input_chans([past])
     assert labram_input_chans([past], allow_extended=True) == [0, 129]
