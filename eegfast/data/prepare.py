@@ -1305,9 +1305,16 @@ def build_report(
         {"file": r["file"], "reason": r.get("reason", "")} for r in records if r["status"] != "ok"
     ]
     unknown: dict[str, int] = {}
+    # channels of an electrode another channel already gave (T3 beside T7, a name the file holds
+    # twice): one of two different signals is lost, which each record alone did not show
+    duplicates: dict[str, int] = {}
     for r in records:
         for name in r.get("unknown", []):
             unknown[name] = unknown.get(name, 0) + 1
+        for name, reason in (r.get("excluded") or {}).items():
+            if str(reason).startswith("duplicate of"):
+                key = f"`{name}`: {reason}"
+                duplicates[key] = duplicates.get(key, 0) + 1
     fresh = [r for r in records if not r.get("reused")]
     fresh_hours = sum(r.get("duration_s", 0.0) for r in fresh if r["status"] == "ok") / 3600
     label_counts: dict[str, dict[str, int]] = {}
@@ -1333,6 +1340,7 @@ def build_report(
         ),
         "labels": label_counts,
         "excluded_unknown_channels": dict(sorted(unknown.items())),
+        "excluded_duplicate_channels": dict(sorted(duplicates.items())),
         "seconds": round(seconds, 3),
         "hours_per_minute": round(fresh_hours / (seconds / 60), 4) if seconds > 0 else None,
         "stale_temporaries_removed": removed,
@@ -1373,6 +1381,9 @@ def report_markdown(report: dict) -> str:
     if report["excluded_unknown_channels"]:
         lines += ["", "## Channels left out as unknown electrodes (recordings)", ""]
         lines += [f"- `{k}`: {v}" for k, v in report["excluded_unknown_channels"].items()]
+    if report.get("excluded_duplicate_channels"):
+        lines += ["", "## Channels left out as a second channel of one electrode (recordings)", ""]
+        lines += [f"- {k}: {v}" for k, v in report["excluded_duplicate_channels"].items()]
     if report.get("warnings"):
         lines += ["", "## Warnings", ""]
         lines += [f"- {w}" for w in report["warnings"]]

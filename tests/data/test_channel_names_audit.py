@@ -164,3 +164,24 @@ def test_dataset_conventions(names, kept):
     m = map_channels(names)
     assert m.names == kept
     assert set(m.excluded) == set(names) - {names[i] for i in m.picks}
+
+
+def test_the_report_lists_channels_left_out_as_a_second_channel_of_one_electrode(tmp_path):
+    """T3 and T7 are one electrode: the second is left out, and report.json / report.md say so
+    (only each recording's record did, so one of two different signals was lost unseen)."""
+    import json
+
+    import mne
+
+    from eegfast.data.prepare import Settings, prepare
+
+    x = np.random.default_rng(0).normal(size=(4, 200 * 12)) * 1e-5
+    raw = mne.io.RawArray(x, mne.create_info(["Fp1", "T3", "T7", "Cz"], 200.0, "eeg"),
+                          verbose="error")  # fmt: skip
+    path = tmp_path / "both_raw.fif"
+    raw.save(path, verbose="error")
+    prepare([str(path)], tmp_path / "out", Settings(), progress=False)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["excluded_duplicate_channels"] == {"`T7`: duplicate of 'T3' (both are T7)": 1}
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "second channel of one electrode" in text and "`T7`: duplicate of 'T3'" in text
