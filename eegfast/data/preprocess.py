@@ -13,18 +13,28 @@ Two implementations of the same recipe:
   sample rate from ``mne.filter.create_filter``), drop the bins above 100 Hz and take ONE inverse
   FFT at the new length. No time-domain convolution, no second pass for the notch, no separate
   resampling pass. Away from the first and last second the result equals the MNE recipe to
-  float precision (tests check it on the bundled recordings).
+  float precision (tests check it on the bundled recordings) when the recording's length is a
+  multiple of q (below; else MNE's rounding of its padded length stretches MNE's time axis by up
+  to half a sample, 0.2-0.4 SD at the end) and it is longer than the 0.1 Hz high-pass (33 s):
+  a shorter one with a DC offset differs throughout, as each channel's mean is removed first,
+  where MNE filters the step from the offset to its zero padding.
 
 The output is exactly on the 200 Hz grid of the input's first sample: the padding is a whole
 number of input periods of the resampling ratio p/q (MNE's default padding can shift the output by
 up to half a sample). Rates with a small q (128, 160, 250, 256, 500, 512, 1000, 1024, 2048 Hz ...)
-are fast; a rate like 173.61 Hz (q = 17361) is still exact but needs FFT lengths with large prime
-factors and runs tens of times slower.
+are fast. Other rates take the fraction with a denominator up to 10^4, or 10^5 where that one is
+more than 1 ppm off (``_ratio``; amplifiers' clocks are accurate to 10-50 ppm): 173.61 Hz is
+3759/3263 (an hour drifts 0.011 samples), 199.99 Hz is 20000/19999. Such q need FFT lengths with
+large prime factors: 199.99 Hz runs ~6x slower and its first channel peaks at ~20x its float64
+samples (4 h: 4.3 s, 450 MiB; 200 Hz: 0.1 s an hour). A rate next to a simple one (200.0001 Hz)
+keeps the simple fraction, 0.5 ppm off (24 hours end 43 ms late), as with MNE.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -174,25 +184,65 @@ def _kernels(sfreq: float, l_freq, h_freq, notch_freq) -> tuple[np.ndarray, ...]
     return tuple(kernels)
 
 
-def _zero_phase_gain(kernel: np.ndarray, n_fft: int) -> np.ndarray:
-    """Real gain of a centred odd-length FIR at the ``rfft`` bins of length ``n_fft``."""
+def _zero_phase_gain(kernel: np.ndarray, n_fft: int, n_keep: int) -> np.ndarray:
+    """Real gain of a centred odd-length FIR at the first ``n_keep`` ``rfft`` bins of length
+    ``n_fft`` (a copy: the full spectrum is freed on return)."""
     centre = (len(kernel) - 1) // 2
     wrapped = np.zeros(n_fft)
     wrapped[: len(kernel) - centre] = kernel[centre:]
     wrapped[n_fft - centre :] = kernel[:centre]
-    return np.fft.rfft(wrapped).real
+    return np.fft.rfft(wrapped)[:n_keep].real.copy()
 
 
-@lru_cache(maxsize=32)
+# Bytes of gains kept for later calls (the most recent is always kept: prepare calls
+# preprocess_signal once per group of channels with the same length). An lru_cache of 32 held
+# each gain's full float64 spectrum, 4 bytes per input sample: 2.3 GB per worker after 32
+# recordings of 10 h at 500 Hz, never given back.
+_GAIN_CACHE_BYTES = 1 << 26
+_gain_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+_gain_lock = threading.Lock()
+
+
 def _gain(sfreq: float, n_fft: int, n_keep: int, l_freq, h_freq, notch_freq) -> np.ndarray:
-    gain = np.ones(n_fft // 2 + 1)
+    """(n_keep,) float64 (read-only) gain of MNE's filters at the first ``n_keep`` rfft bins."""
+    key = (sfreq, n_fft, n_keep, l_freq, h_freq, notch_freq)
+    with _gain_lock:
+        if key in _gain_cache:
+            _gain_cache.move_to_end(key)
+            return _gain_cache[key]
+    gain = None
     for kernel in _kernels(sfreq, l_freq, h_freq, notch_freq):
-        gain *= _zero_phase_gain(kernel, n_fft)
-    return gain[:n_keep]
+        if gain is None:
+            gain = _zero_phase_gain(kernel, n_fft, n_keep)
+        else:
+            gain *= _zero_phase_gain(kernel, n_fft, n_keep)
+    gain = np.ones(n_keep) if gain is None else gain
+    gain.flags.writeable = False
+    with _gain_lock:
+        _gain_cache[key] = gain
+        held = sum(g.nbytes for g in _gain_cache.values())
+        while len(_gain_cache) > 1 and held > _GAIN_CACHE_BYTES:
+            held -= _gain_cache.popitem(last=False)[1].nbytes
+    return gain
+
+
+# How far 200/sfreq may be from the fraction p/q taken for it, relative: 1 ppm, well below the
+# accuracy of amplifiers' own clocks (10-50 ppm). Denominators up to 10^4 only took 199.99 Hz as
+# 10001/10000 instead of 20000/19999 (50 ppm: 6 samples too many in 10 minutes, the windows ever
+# later than their events). Denominators stay at most 10^5: the padding is q samples a side, and
+# such q already need FFT lengths with large prime factors (a closer fraction for a rate next to
+# a simple one, 200.0001 Hz = 2000000/2000001, took a minute and gigabytes a channel for 24 h).
+_RATIO_TOLERANCE = 1e-6
 
 
 def _ratio(sfreq: float) -> Fraction:
-    return Fraction(TARGET_SFREQ / sfreq).limit_denominator(10_000)
+    """200/sfreq as p/q: the best fraction with a denominator up to 10^4, or up to 10^5 where
+    that one is more than ``_RATIO_TOLERANCE`` off (199.99 Hz: 20000/19999)."""
+    exact = Fraction(TARGET_SFREQ / sfreq)
+    ratio = exact.limit_denominator(10_000)
+    if abs(ratio - exact) > _RATIO_TOLERANCE * exact:
+        ratio = exact.limit_denominator(100_000)
+    return ratio
 
 
 def _resample_pad(sfreq: float, q: int) -> int:
@@ -228,7 +278,7 @@ def preprocess_signal(
     check_sample_rate(sfreq, config)
     n_ch, n_in = data.shape
     ratio = _ratio(sfreq)
-    n_out = int(round(n_in * ratio))
+    n_out = int(round(n_in * (TARGET_SFREQ / sfreq)))  # MNE's length (p/q may be 1 ppm off)
     if n_in == 0 or n_out == 0:
         return np.zeros((n_ch, n_out), np.float32)
     kernels = _kernels(float(sfreq), config.l_freq, config.h_freq, config.notch_freq)
