@@ -57,6 +57,9 @@ class HoldOut:
     # the seed of the validation masks (pretraining): the run's first train.seed, kept on
     # resume whatever the seed then, so that every checkpoint's val/loss has the same masks
     seed: int = 0
+    # held out by the run this one resumes but not in its --data: still recorded, so that a
+    # later resume with them back holds them out again (dropped, they trained there)
+    absent: tuple[str, ...] = ()
 
     def record(self) -> dict[str, Any]:
         """What a checkpoint's meta keeps, so that a resume holds out the same recordings
@@ -64,7 +67,7 @@ class HoldOut:
         return {
             "fraction": self.fraction,
             "unit": self.unit,
-            "recordings": self.recordings,
+            "recordings": sorted({*self.recordings, *self.absent}),
             "subjects": self.subjects,
             "windows": len(self.val),
             "seed": self.seed,
@@ -203,8 +206,10 @@ def _split(
     train, val = [], []
     for i, item in enumerate(data.items):
         (val if item.recording in held else train).append(i)
-    recordings = sorted(held & {data.items[i].recording for i in val})
-    return HoldOut(train, val, unit, recordings, subjects, fraction, seed)
+    present = {data.items[i].recording for i in val}
+    recordings = sorted(held & present)
+    absent = tuple(sorted(held - present))
+    return HoldOut(train, val, unit, recordings, subjects, fraction, seed, absent)
 
 
 def window_keys(data: TrainData, positions: Sequence[int]) -> dict[int, int]:

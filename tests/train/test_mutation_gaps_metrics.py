@@ -253,6 +253,23 @@ def test_a_resume_without_the_held_out_recordings_or_with_only_them_is_refused()
         hold_out(_data({subject: 2}), 0.25, 0, resumed=resumed)
 
 
+def test_a_held_out_recording_left_out_of_one_resume_stays_held_out_in_the_next():
+    """Resumed once without one of its held-out recordings, a run recorded only those present:
+    resumed again with every recording, it trained on the one left out before (validation
+    data leaked into training)."""
+    data = _data({"s": 6})
+    first = hold_out(data, 0.34, 0)
+    assert first.unit == "recording" and len(first.recordings) == 2
+    gone, kept = first.recordings
+    fewer = TrainData(None, [i for i in data.items if i.recording != gone], {"t": []}, [])
+    second = hold_out(fewer, 0.34, 0, resumed={"validation": first.record()})
+    assert second.recordings == [kept]  # (what it validates on now)
+    assert second.record()["recordings"] == [gone, kept]
+    third = hold_out(data, 0.34, 0, resumed={"validation": second.record()})
+    assert third.recordings == [gone, kept]
+    assert all(data.items[i].recording not in (gone, kept) for i in third.train)
+
+
 def test_validation_mask_keys_follow_the_file_name_not_its_folder():
     """The same recordings prepared in another folder (another machine, a moved folder) get
     the same masks; another window of a recording another one."""
