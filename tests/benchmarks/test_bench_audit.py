@@ -160,3 +160,33 @@ def test_generate_bench_table_renders_and_rejects_an_unknown_size(monkeypatch, t
         bench_generate.main(["--sizes", "large", "--out", str(tmp_path / "large")])
     assert "invalid choice: 'large'" in capsys.readouterr().err
     assert not (tmp_path / "large").exists()
+
+
+def test_qk_plot_is_written_once_the_comparison_rows_are_done(monkeypatch, tmp_path):
+    """The attention plot was written only at the end of the run: a GPU stage stopped at its
+    time limit during the diagnostic variants kept the tables but had no plot of issue 4's
+    comparison. It is written when the first row past the ESSENTIAL ones arrives."""
+    from benchmarks import gpu_qk_norm_attention as qk
+
+    def row(impl: str, ms: float) -> qk.Row:
+        return qk.Row("base", 2, 2, 17, 20, "bfloat16", "fwd", impl, ms)
+
+    essential = [row(impl, 1.0 + i) for i, impl in enumerate(qk.ESSENTIAL)]
+    plots = []
+    monkeypatch.setattr(qk, "plot", lambda rows, path, title: plots.append(len(rows)))
+
+    class _Stopped(Exception):
+        pass
+
+    def stopped_during_the_variants(shapes, dtype, device, timer, tuning, on_row):
+        rows = []
+        for r in [*essential, row("eegfast-variant", 9.0), row("eegfast-variant2", 9.0)]:
+            rows.append(r)
+            on_row(list(rows))
+        raise _Stopped  # (the stage's time limit)
+
+    monkeypatch.setattr(qk, "run_cases", stopped_during_the_variants)
+    with pytest.raises(_Stopped):
+        qk.run(tmp_path, {"gpu": "fake"}, shapes=("base",))
+    assert plots == [len(essential) + 1]  # once, with every comparison row
+    assert "partial" in (tmp_path / "gpu_qk_norm_attention.md").read_text()
