@@ -30,7 +30,11 @@
 # warm, `pretrain cuda-bench head-loss` (~8 minutes; cuda-bench times the VQ ops and the MoE
 # GEMMs; head-loss: the pretraining head's chunked loss against the kept logits, ~30 s). Both
 # together take more than a 15-minute lease holds with the machine's start: set
-# GPU_CHECK_BUDGET on each call to what is left.
+# GPU_CHECK_BUDGET on each call to what is left, and cut the long stages so that the later ones
+# run: `STAGE_LIMIT_qk_bench_base=180 GPU_CHECK_BUDGET=420 ... qk-bench-base qk-tests build-wait
+# cuda-tests`, then `STAGE_LIMIT_pretrain=240 GPU_CHECK_BUDGET=<left-60> ... pretrain cuda-bench
+# head-loss` (pretrain's three compared rows come first, ~220 s). If the first call's
+# summary.txt lacks "extension copied", add build-wait to the second.
 #
 # The whole script keeps within GPU_CHECK_BUDGET seconds (default 570: a lent machine's
 # command is killed at 600 s, with whatever is not yet in $OUT): each stage's limit is cut to
