@@ -82,6 +82,7 @@ from eegfast.data.preprocess import (
 from eegfast.data.reading import (
     MNE_EXTENSIONS,
     BadRecording,
+    annotation_durations,
     import_mne_bids,
     map_channels,
     read_recording,
@@ -535,9 +536,9 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
     # An annotation one sample long or less is an onset marker, like one of zero duration:
     # MNE gives BrainVision's stimulus markers (one sample) 1/sfreq s, which no window fits,
     # so they were events too short to label anything, the recording was refused, and
-    # --event-duration did not apply.
-    durations = np.asarray(raw.annotations.duration, dtype=float)
-    durations = np.where(durations * sfreq > 1.0 + 1e-6, durations, 0.0)
+    # --event-duration did not apply. (A FIF file's float32 times may make one a little
+    # longer than a sample: annotation_durations allows for that.)
+    durations = annotation_durations(raw)
     annotations = list(zip(onsets, durations, raw.annotations.description, strict=True))
     rules = settings.labels
     resolved = rules.resolve(job.path, annotations)
@@ -854,7 +855,9 @@ def _outside_bad_segments(
 #    a name (CHB-MIT's T8-P8-0/-1) map to it; EDF labels padded with NULs map.
 # 9: rates whose 200/sfreq needs a denominator above 10^4 to be within 1 ppm (199.99 Hz) take
 #    one up to 10^5 (199.99 Hz was stretched by 5e-5: 6 samples too many in 10 minutes).
-PROCESSING_REVISION = 9
+# 10: one-sample markers a FIF file's float32 times make a little longer than a sample are
+#    onset markers (they were events no window fits: the recording was refused).
+PROCESSING_REVISION = 10
 
 
 def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bool]:

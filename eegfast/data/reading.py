@@ -35,6 +35,7 @@ __all__ = [
     "ChannelMap",
     "MNE_EXTENSIONS",
     "EDF_GAP_DESCRIPTION",
+    "annotation_durations",
     "bdf_trigger_values",
     "check_edf_size",
     "edf_record_onsets",
@@ -436,6 +437,22 @@ def bdf_trigger_values(
     digital = triplets[:, 0] | (triplets[:, 1] << 8) | (triplets[:, 2] << 16)
     digital = np.where(digital >= 1 << 23, digital - (1 << 24), digital)  # two's complement
     return (digital - dmin) * ((pmax - pmin) / (dmax - dmin)) + pmin
+
+
+def annotation_durations(raw) -> np.ndarray:
+    """(n,) float64 durations in seconds of ``raw.annotations``, 0 for an onset marker: an
+    annotation one sample long or less (MNE gives BrainVision's stimulus markers 1/sfreq s),
+    as ``eegfast prepare`` counts them.
+
+    A FIF file keeps each onset and end as float32, so a one-sample marker reads back up to a
+    float32 step of its end longer or shorter (1/160 s at 10 s: 1.00006 samples): that slack
+    is allowed, else such a marker was an event no window fits and the recording was refused.
+    """
+    sfreq = float(raw.info["sfreq"])
+    durations = np.asarray(raw.annotations.duration, dtype=np.float64)
+    ends = np.asarray(raw.annotations.onset, dtype=np.float64) + durations
+    slack = np.spacing(np.abs(ends).astype(np.float32)).astype(np.float64)
+    return np.where(durations * sfreq > 1.0 + 1e-6 + slack * sfreq, durations, 0.0)
 
 
 # The zero-duration annotation at the first sample after a gap of an EDF+D/BDF+D file: MNE's own

@@ -378,6 +378,9 @@ def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     mlp = getattr(self, "mlp", None)
     # (a subclass's own forward may not return aux; a caller's return_aux=True gets its pair)
     if forward is Block.forward and isinstance(mlp, MoEFFN) and not kwargs.get("return_aux"):
+        # (a caller's return_aux=False too: the region passes return_aux=True itself, and
+        # the keyword twice was a TypeError)
+        kwargs.pop("return_aux", None)
         x, *aux = checkpoint(_block_and_moe_aux, self, *args, use_reentrant=False, **kwargs)
         if aux:  # (none from a hooked MoE layer, which stored its own)
             mlp.last_aux = MoEAux(*aux)

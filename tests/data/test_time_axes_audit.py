@@ -115,3 +115,21 @@ def test_a_biosemi_status_channel_is_read_as_mne_reads_it(tmp_path):
     record = _record(path, tmp_path / "a", labels=LabelRules(event_duration=4.0))
     assert record["status"] == "ok", record.get("reason")
     assert record["label_names"] == ["3", "4"] and record["starts"] == [400, 2000]
+
+
+def test_one_sample_markers_of_a_fif_stay_onset_markers(tmp_path):
+    """FIF keeps each annotation's onset and end as float32: a 160-Hz recording's one-sample
+    stimulus markers (a BrainVision file saved as FIF) read back 1.00006 samples long at 10 s,
+    past the one-sample rule's 1e-6: events no window fits, and the recording was refused."""
+    sfreq = 160.0
+    x = np.random.default_rng(5).normal(size=(3, int(60 * sfreq))) * 1e-5
+    raw = mne.io.RawArray(x, mne.create_info(["FP1", "CZ", "O1"], sfreq, "eeg"), verbose="error")
+    raw.set_annotations(mne.Annotations([10.0, 20.0, 30.0], [1 / sfreq] * 3, ["S  1"] * 3))
+    path = tmp_path / "markers_raw.fif"
+    raw.save(path, verbose="error")
+    durations = mne.io.read_raw_fif(path, verbose="error").annotations.duration
+    assert (durations * sfreq > 1 + 1e-6).any()  # (the float32 round trip this is about)
+    record = _record(path, tmp_path / "a")
+    assert record["status"] == "ok", record.get("reason")
+    assert record["skipped_onset_markers"] == {"S  1": 3}
+    assert len(record["starts"]) == 15 and record["label_source"] == "none"

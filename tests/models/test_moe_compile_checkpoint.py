@@ -312,3 +312,22 @@ def test_generically_checkpointed_moe_blocks_eager_step_is_bitwise_the_unchecked
     _custom_step(checkpointed)
     # layer 1's forward and recomputation; block 0's hook, outside the region, once
     assert seen == [torch.Tensor] * 3, seen
+
+
+def test_generically_checkpointed_moe_block_takes_an_explicit_return_aux_false():
+    """``block(x, return_aux=False)`` (the default, spelled out) on a block the generic
+    checkpointing wraps returns the tensor and stores the aux values, as unchecked: the
+    region passed ``return_aux=True`` beside the caller's, a TypeError (keyword twice)."""
+    checkpointed, plain = _custom(checkpointing=True), _custom(checkpointing=False)
+    x = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(4))
+    got = []
+    for model in (checkpointed, plain):
+        block = model.blocks[0]
+        block.mlp.last_aux = None
+        torch.manual_seed(7)  # (drop path)
+        y = block(x, task_id=1, return_aux=False)
+        assert isinstance(y, torch.Tensor) and isinstance(block.mlp.last_aux, MoEAux)
+        got.append((y, block.mlp.last_aux))
+    (y_ckpt, aux_ckpt), (y, aux) = got
+    assert torch.equal(y_ckpt, y)
+    assert all(torch.equal(aux_ckpt[k], v) for k, v in aux.as_dict().items())

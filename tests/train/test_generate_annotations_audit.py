@@ -147,3 +147,32 @@ def test_a_folder_where_the_npy_sidecar_goes_is_refused_before_generating(tmp_pa
     assert code == 2
     assert "g.json is a folder, not a file" in capsys.readouterr().err
     assert not (tmp_path / "g.npy").exists()
+
+
+def test_a_prompts_one_sample_markers_stay_markers_at_200_hz(tmp_path):
+    """A 160-Hz BrainVision prompt's stimulus markers are one sample long (MNE: 1/160 s), which
+    ``prepare`` reads as onset markers there; written at 200 Hz they were 1.25 samples long,
+    events no window fits, and ``prepare`` refused the augmented file."""
+    from eegfast.data.prepare import Settings, discover, process_file
+    from tests.data.test_formats_audit import _write_brainvision
+
+    sfreq = 160.0
+    data = np.random.default_rng(6).normal(0, 20, (3, int(40 * sfreq)))
+    markers = [("Stimulus", "S  1", int(s * sfreq) + 1, 1) for s in (12, 18, 24)]
+    path = _write_brainvision(tmp_path / "p160.vhdr", data, sfreq, markers)
+    prompt = load_prompt(path, start=10.0, prompt_seconds=20, notch=0)
+    assert [(round(o, 6), d, text) for o, d, text, _ in prompt.annotations] == [
+        (2.0, 0.0, "Stimulus/S  1"),
+        (8.0, 0.0, "Stimulus/S  1"),
+        (14.0, 0.0, "Stimulus/S  1"),
+    ]
+    out = write_output(
+        tmp_path / "gen" / "augmented.edf",
+        np.concatenate((prompt.x, prompt.x[:, :800]), axis=1),
+        prompt.names,
+        generated_from_s=prompt.seconds,
+        annotations=prompt.annotations,
+    )
+    record = process_file(discover([str(out)])[0], Settings(), str(tmp_path / "prepared"))
+    assert record["status"] == "ok", record.get("reason")
+    assert record["skipped_onset_markers"] == {"Stimulus/S  1": 3, "generated": 1}

@@ -148,15 +148,21 @@ def _window_annotations(
     """``raw``'s annotations within the window ``[begin_s, end_s)`` (seconds from its first
     sample), as :attr:`Prompt.annotations`: onsets from ``begin_s``, spans clipped to the
     window. ``rename``: recording channel name -> prompt electrode; a channel-specific
-    annotation keeps the electrodes of the prompt, and is left out if it has none of them."""
+    annotation keeps the electrodes of the prompt, and is left out if it has none of them.
+    One a sample of the recording long or less is an onset marker (duration 0), as
+    ``eegfast prepare`` reads it there: at 200 Hz, 1/160 s (a 160-Hz recording's stimulus
+    marker) is more than a sample, an event no window fits, and prepare refused the file."""
+    from eegfast.data.reading import annotation_durations
+
     annotations = raw.annotations
     # MNE keeps onsets on the time axis of raw.first_time (from the measurement start with
     # orig_time set, and also when it is None: set_annotations adds first_time then), while
     # the prompt's samples count from the data's first sample.
     onsets = np.asarray(annotations.onset, dtype=float) - raw.first_time
     kept = []
+    durations = annotation_durations(raw)
     for onset, duration, description, names in zip(
-        onsets, annotations.duration, annotations.description, annotations.ch_names, strict=True
+        onsets, durations, annotations.description, annotations.ch_names, strict=True
     ):
         stop = onset + max(float(duration), 0.0)
         # a span ending at the window's start covers none of it; a marker there is in it
