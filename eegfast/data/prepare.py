@@ -1318,7 +1318,7 @@ def build_report(
             unknown[name] = unknown.get(name, 0) + 1
         for name, reason in (r.get("excluded") or {}).items():
             if str(reason).startswith("duplicate of"):
-                key = f"`{name}`: {reason}"
+                key = f"{name}: {reason}"
                 duplicates[key] = duplicates.get(key, 0) + 1
     fresh = [r for r in records if not r.get("reused")]
     fresh_hours = sum(r.get("duration_s", 0.0) for r in fresh if r["status"] == "ok") / 3600
@@ -1388,7 +1388,7 @@ def report_markdown(report: dict) -> str:
         lines += [f"- `{k}`: {v}" for k, v in report["excluded_unknown_channels"].items()]
     if report.get("excluded_duplicate_channels"):
         lines += ["", "## Channels left out as a second channel of one electrode (recordings)", ""]
-        lines += [f"- {k}: {v}" for k, v in report["excluded_duplicate_channels"].items()]
+        lines += [f"- `{k}`: {v}" for k, v in report["excluded_duplicate_channels"].items()]
     if report.get("warnings"):
         lines += ["", "## Warnings", ""]
         lines += [f"- {w}" for w in report["warnings"]]

@@ -182,6 +182,6 @@ def test_the_report_lists_channels_left_out_as_a_second_channel_of_one_electrode
     raw.save(path, verbose="error")
     prepare([str(path)], tmp_path / "out", Settings(), progress=False)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["excluded_duplicate_channels"] == {"`T7`: duplicate of 'T3' (both are T7)": 1}
+    assert report["excluded_duplicate_channels"] == {"T7: duplicate of 'T3' (both are T7)": 1}
     text = (tmp_path / "out" / "report.md").read_text()
-    assert "second channel of one electrode" in text and "`T7`: duplicate of 'T3'" in text
+    assert "second channel of one electrode" in text and "`T7: duplicate of 'T3'" in text
