@@ -39,7 +39,11 @@ __all__ = ["create_hybrid_pretrain_model", "hybrid_step"]
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module under DDP (``.module``) / ``torch.compile`` (``._orig_mod``) wrappers."""
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        # not `module or _orig_mod`: that asks bool(module), and a compiled module under DDP
+        # (DDP(torch.compile(m))) raises TypeError from its __len__
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
             return model
         model = inner

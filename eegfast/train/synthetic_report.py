@@ -237,7 +237,9 @@ def train_hybrid(x, chans, tokenizer, settings: ReportSettings, seed: int):
     ctx = StepContext(device=x.device, seed=seed, tokenizer=tokenizer)
     history: list[dict[str, float]] = []
     for i, idx in enumerate(_batches(len(x), settings.hybrid_steps, settings.batch_size, seed)):
-        ctx.step = i
+        # the masks are seeded by (seed, epoch, window), and windows are drawn with
+        # replacement: a new "epoch" each step, or a window kept one mask for the whole run
+        ctx.step = ctx.epoch = i
         out = step(model, {"x": x[idx], "input_chans": chans, "index": idx}, ctx)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
