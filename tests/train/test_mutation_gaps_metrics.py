@@ -32,6 +32,7 @@ from eegfast.train.validation import (
     window_keys,
 )
 from tests.train.fakes import TinyClassifier
+from tests.train.test_validation_split import _data
 
 # --- metrics -----------------------------------------------------------------------------------
 
@@ -179,17 +180,6 @@ def _kw(total: int, warmup: int) -> dict:
 
 
 # --- the held-out split ------------------------------------------------------------------------
-
-
-def _data(recordings_by_subject: dict[str, int], windows: int = 2) -> TrainData:
-    """Items only (the split reads no signal): ``windows`` per recording."""
-    items = [
-        ItemInfo(0, "t", subject, f"/eeg/{subject}_r{r}.edf", -1, (0, 1), 4)
-        for subject, count in recordings_by_subject.items()
-        for r in range(count)
-        for _ in range(windows)
-    ]
-    return TrainData(None, items, {"t": []}, [])
 
 
 def test_a_subject_split_never_takes_the_last_recordings_even_when_closest():
