@@ -122,9 +122,11 @@ def infer_subject(path: str | os.PathLike, regex: str | None = None) -> tuple[st
         if m:
             return (m.group(1) if m.groups() else m.group(0)), "subject_regex"
     for pattern in _SUBJECT_PATTERNS:
-        m = pattern.search(text)
-        if m:
-            return m.group(1), "pattern"
+        # the last match, nearest the file: a folder above a dataset named like one
+        # (``/data/eeg_sub-set/ds/sub-01/...``) made every recording of it one subject
+        found = [m.group(1) for m in pattern.finditer(text)]
+        if found:
+            return found[-1], "pattern"
     return Path(path).name.split(".")[0], "file name (each file its own subject)"
 
 

@@ -36,7 +36,12 @@ The stim channel is never an EEG channel of the windows; ``--no-annotations`` ig
 
 SRC is a recording, a folder (searched recursively for files MNE reads; an EGI ``.mff`` folder is
 one recording; a BIDS folder is read through mne-bids), and may be written ``TASK=SRC`` to name the
-task of its recordings. A folder search follows links to folders, skips hidden files and folders
+task of its recordings. In a BIDS dataset (a folder with a dataset_description.json: given
+itself, a folder in it such as a subject's, one of its recordings, or a folder holding datasets)
+the raw recordings, ``sub-X/[ses-Y/]eeg/sub-X_...``, are read through mne-bids with their
+sidecars, not those of derivatives/ or sourcedata/; a folder or recording in a dataset is of
+the dataset's task (its folder's name), as the dataset is. A folder search follows links to
+folders, skips hidden files and folders
 (``.DS_Store``, ``._x.edf``, ``.snapshot``) and ``~$`` lock files, and warns of a subfolder it
 cannot list (an error with ``--strict``).
 """
@@ -255,6 +260,62 @@ def _search(folder: Path, problems: list[str]) -> list[Path]:
     return sorted(found)
 
 
+def _bids_root(folder: Path, cache: dict[Path, Path | None]) -> Path | None:
+    """The BIDS dataset ``folder`` is in: the nearest folder at or above it holding a
+    ``dataset_description.json``, else None. Walked up without resolving links (datalad
+    datasets are links into ``.git/annex``); ``cache`` keeps the answers of one search."""
+    folder = Path(os.path.abspath(folder))
+    if folder not in cache:
+        if (folder / "dataset_description.json").is_file():
+            cache[folder] = folder
+        else:
+            cache[folder] = None if folder.parent == folder else _bids_root(folder.parent, cache)
+    return cache[folder]
+
+
+def _bids_place(path: Path, cache: dict[Path, Path | None]) -> Path | None:
+    """The BIDS dataset whose raw EEG recording ``path`` is, at its place there
+    (``<root>/sub-X/[ses-Y/]eeg/sub-X_...``), else None. Only there is it read with mne-bids:
+    ``read_raw_bids`` reads the file the dataset's layout names, which for a file elsewhere
+    (a derivatives/ folder without a dataset_description.json of its own) is another one."""
+    root = _bids_root(path.parent, cache)
+    if root is None:
+        return None
+    rel = Path(os.path.abspath(path.parent)).relative_to(root).parts
+    in_place = (
+        len(rel) in (2, 3)
+        and rel[-1] == "eeg"
+        and rel[0].startswith("sub-")
+        and path.name.startswith(f"{rel[0]}_")
+        and (len(rel) == 2 or (rel[1].startswith("ses-") and f"_{rel[1]}_" in path.name))
+    )
+    return root if in_place else None
+
+
+def _in_bids_extras(path: Path, top: Path, cache: dict[Path, Path | None]) -> bool:
+    """Whether ``path``, found searching ``top``, is in the ``derivatives/`` or ``sourcedata/``
+    folder of a BIDS dataset below ``top``: processed or original copies of the raw data,
+    which would be prepared twice (a derivative dataset has a dataset_description.json of its
+    own, so it is BIDS too). Given as SRC itself, such a folder is searched."""
+    top = Path(os.path.abspath(top))
+    folder = Path(os.path.abspath(path.parent))
+    while folder != top and folder.parent != folder:
+        if folder.name in ("derivatives", "sourcedata") and _bids_root(folder.parent, cache) == (
+            folder.parent
+        ):
+            return True
+        folder = folder.parent
+    return False
+
+
+def _need_mne_bids(source: str, dataset: Path) -> None:
+    """mne-bids, or an ImportError naming the SRC and its dataset now rather than once a file."""
+    try:
+        import_mne_bids()
+    except ImportError as err:
+        raise ImportError(f"SRC {source!r}: {dataset} is a BIDS dataset: {err}") from None
+
+
 def discover(
     sources: list[str], default_task: str | None = None, *, problems: list[str] | None = None
 ) -> list[Job]:
@@ -266,6 +327,7 @@ def discover(
     are appended to ``problems`` (a warning when None)."""
     jobs: dict[str, Job] = {}
     given_as: dict[str, str] = {}  # resolved path -> the SRC argument that first gave it
+    bids_roots: dict[Path, Path | None] = {}  # folder -> the BIDS dataset it is in
 
     def add(path: Path, task: str, bids: str | None, source: str) -> None:
         resolved = str(path.resolve())
@@ -288,7 +350,14 @@ def discover(
         if not path.exists():
             raise FileNotFoundError(f"SRC {source!r}: no such file or folder")
         if path.is_dir() and not _is_recording(path):
-            folder_task = task or default_task or path.resolve().name
+            # a folder in a BIDS dataset (a subject's) is of the dataset's task, as the dataset
+            dataset = _bids_root(path, bids_roots)
+            inside = (
+                () if dataset is None else Path(os.path.abspath(path)).relative_to(dataset).parts
+            )
+            if inside and not inside[0].startswith("sub-"):
+                dataset = None  # its derivatives/, sourcedata/, code/: no part of its raw data
+            folder_task = task or default_task or (dataset or path).resolve().name
             # BrainVision: read the header (.vhdr), not its data file (.eeg); an .mff folder is
             # one recording, not a folder of them
             unlisted: list[str] = []
@@ -303,27 +372,43 @@ def discover(
             else:
                 for problem in named:
                     warnings.warn(problem, stacklevel=2)
-            bids = None
-            if (path / "dataset_description.json").is_file():
-                import_mne_bids()  # clear error now rather than once per file
-                bids = str(path)
-                # raw data only: <sub>/[<ses>/]eeg/, not derivatives/ or sourcedata/
-                files = [
-                    p
-                    for p in files
-                    if p.parent.name == "eeg"
-                    and not {"derivatives", "sourcedata"} & set(p.relative_to(path).parts)
-                ]
+            # In a BIDS dataset (the folder, one above it, or ones in it) raw data only, read
+            # with mne-bids: <sub>/[<ses>/]eeg/, not derivatives/ or sourcedata/. (A subject's
+            # folder was read as plain files: channels.tsv's bad channels and types and
+            # events.tsv's events were ignored, and the task was the subject's id.)
+            bids: dict[Path, Path] = {}
+            kept = []
+            for p in files:
+                root = _bids_root(p.parent, bids_roots)
+                if root is None:
+                    kept.append(p)
+                elif not _in_bids_extras(p, path, bids_roots):
+                    placed = _bids_place(p, bids_roots)
+                    if placed is not None:
+                        kept.append(p)
+                        bids[p] = placed
+                    elif not root.is_relative_to(os.path.abspath(path)):
+                        kept.append(p)  # a folder given inside a dataset, out of its layout
+            files = kept
+            if bids or dataset is not None:
+                _need_mne_bids(source, dataset or next(iter(bids.values())))
             if not files:
                 why = "".join(f"; {problem}" for problem in unlisted)
                 raise FileNotFoundError(
                     f"SRC {source!r}: no recordings MNE can read in {path}{why}"
                 )
             for p in files:
-                add(p, folder_task, bids, source)
+                add(p, folder_task, str(bids[p]) if p in bids else None, source)
         else:
-            add(path, task or default_task or path.resolve().parent.name, None, source)
-    for continuation in _fif_continuations(list(jobs)):
+            # a recording of a BIDS dataset: read with its sidecars, of the dataset's task
+            # (not of its folder's name, "eeg")
+            root = _bids_place(path, bids_roots)
+            if root is not None:
+                _need_mne_bids(source, root)
+            named_by = root.resolve() if root is not None else path.resolve().parent
+            bids_root = None if root is None else str(root)
+            add(path, task or default_task or named_by.name, bids_root, source)
+    for continuation in _fif_continuations([job.path for job in jobs.values()]):
         del jobs[continuation]
     return sorted(jobs.values(), key=lambda j: j.path)
 
@@ -336,10 +421,12 @@ _BIDS_PART = re.compile(r"_split-(?!0*1_)\d+_", re.IGNORECASE)
 
 
 def _fif_continuations(paths: list[str]) -> set[str]:
-    """The paths among ``paths`` (resolved) that MNE reads as later parts of another of them:
-    prepared on their own too, their samples would be in the folder twice."""
+    """The paths among ``paths`` that MNE reads as later parts of another of them (resolved):
+    prepared on their own too, their samples would be in the folder twice. Told by the names
+    given, not the resolved ones: a datalad dataset's files are links to ``.git/annex``
+    objects named by their hashes (both parts were prepared)."""
     found: set[str] = set()
-    listed = set(paths)
+    listed = {str(Path(path).resolve()) for path in paths}
     first_parts: dict[str, set[str]] = {}
     for path in paths:
         p = Path(path)
@@ -350,18 +437,19 @@ def _fif_continuations(paths: list[str]) -> set[str]:
             first = p.with_name(_BIDS_PART.sub("_split-01_", p.name, count=1))
         else:
             continue
-        if str(first) not in listed:
+        first_key, key = str(first.resolve()), str(p.resolve())
+        if first_key not in listed:
             continue
-        if str(first) not in first_parts:
+        if first_key not in first_parts:
             import mne
 
             try:  # the header only: the names of the parts MNE reads with the first one
                 raw = mne.io.read_raw_fif(first, preload=False, verbose="error")
-                first_parts[str(first)] = {str(Path(f).resolve()) for f in raw.filenames[1:]}
+                first_parts[first_key] = {str(Path(f).resolve()) for f in raw.filenames[1:]}
             except Exception:  # unreadable: it is reported when processed; keep both
-                first_parts[str(first)] = set()
-        if path in first_parts[str(first)]:
-            found.add(path)
+                first_parts[first_key] = set()
+        if key in first_parts[first_key]:
+            found.add(key)
     return found
 
 
@@ -857,7 +945,9 @@ def _outside_bad_segments(
 #    one up to 10^5 (199.99 Hz was stretched by 5e-5: 6 samples too many in 10 minutes).
 # 10: one-sample markers a FIF file's float32 times make a little longer than a sample are
 #    onset markers (they were events no window fits: the recording was refused).
-PROCESSING_REVISION = 10
+# 11: a subject id is the last match of its pattern in the path (a folder above a BIDS
+#    dataset named like ``eeg_sub-set`` was every recording's subject).
+PROCESSING_REVISION = 11
 
 
 def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bool]:
@@ -1539,7 +1629,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--subject-regex", default=None, help="regex; group 1 is the subject id")
     g.add_argument("--classes", default=None, help="label names in class-id order (a,b,c)")
-    g.add_argument("--task", default=None, help="task name (default: the SRC folder's name)")
+    g.add_argument(
+        "--task",
+        default=None,
+        help="task name (default: the SRC folder's name; in a BIDS dataset, the dataset's)",
+    )
     g = parser.add_argument_group("run")
     g.add_argument(
         "--strict",

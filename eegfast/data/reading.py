@@ -311,6 +311,13 @@ def read_recording(path: str | os.PathLike, *, bids_root: str | os.PathLike | No
         if bids_root is not None:
             mne_bids = import_mne_bids()
             bids_path = mne_bids.get_bids_path_from_fname(path).update(root=bids_root)
+            if os.path.abspath(bids_path.fpath) != os.path.abspath(path):
+                # read_raw_bids reads the file at the place the name gives in bids_root: for a
+                # file elsewhere (a derivatives/ copy) that is another one, read without a word
+                raise BadRecording(
+                    f"not at its place in the BIDS dataset {bids_root} ({bids_path.fpath}): "
+                    "read it without bids_root"
+                )
             raw = mne_bids.read_raw_bids(bids_path, verbose="error")
         else:
             raw = mne.io.read_raw(path, preload=False, verbose="error")
@@ -592,7 +599,7 @@ def import_mne_bids():
         import mne_bids
     except ImportError:
         raise ImportError(
-            "reading a BIDS dataset needs mne-bids (pip install mne-bids); or pass the "
-            "recording files themselves"
+            "reading a BIDS dataset needs mne-bids (pip install mne-bids): its channels.tsv "
+            "and events.tsv say which channels are bad and what the events are"
         ) from None
     return mne_bids
