@@ -316,6 +316,17 @@ def _need_mne_bids(source: str, dataset: Path) -> None:
         raise ImportError(f"SRC {source!r}: {dataset} is a BIDS dataset: {err}") from None
 
 
+def _mne_bids_reads(path: Path, root: Path) -> bool:
+    """Whether mne-bids reads ``path`` by its name in the dataset ``root``, as
+    ``read_recording`` asks it to: a name it refuses (a backup ``..._eeg_old.edf``, an
+    upper-case ``.EDF``, an entity it does not know) or places elsewhere is not."""
+    try:
+        bids_path = import_mne_bids().get_bids_path_from_fname(path).update(root=root)
+        return os.path.abspath(bids_path.fpath) == os.path.abspath(path)
+    except Exception:  # mne-bids raises KeyError, ValueError ... for names it refuses
+        return False
+
+
 def discover(
     sources: list[str], default_task: str | None = None, *, problems: list[str] | None = None
 ) -> list[Job]:
@@ -405,6 +416,8 @@ def discover(
             root = _bids_place(path, bids_roots)
             if root is not None:
                 _need_mne_bids(source, root)
+                if not _mne_bids_reads(path, root):
+                    root = None  # a name mne-bids refuses (``_eeg_old.edf``): read it plainly
             named_by = root.resolve() if root is not None else path.resolve().parent
             bids_root = None if root is None else str(root)
             add(path, task or default_task or named_by.name, bids_root, source)
