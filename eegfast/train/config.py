@@ -224,7 +224,7 @@ LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 
 def check_values(config: RunConfig) -> None:
     """Raises :class:`ConfigError` naming the first key whose value is outside :data:`LIMITS`
-    (or ``upcycle.top_k`` above ``upcycle.num_experts``, ``optim.min_lr`` above ``optim.lr``)."""
+    (or ``upcycle.top_k`` above ``upcycle.num_experts``)."""
     for key, (ok, allowed) in LIMITS.items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
@@ -239,14 +239,6 @@ def check_values(config: RunConfig) -> None:
             f"({config.upcycle.num_experts})"
         )
         err.keys = ("upcycle.top_k", "upcycle.num_experts")
-        raise err
-    if config.optim.min_lr > config.optim.lr:
-        # the cosine schedule would climb from lr to min_lr, without a word
-        err = ConfigError(
-            f"optim.min_lr ({config.optim.min_lr:g}) must be <= optim.lr ({config.optim.lr:g}): "
-            "the schedule decays from lr to min_lr; lower optim.min_lr with a small lr"
-        )
-        err.keys = ("optim.min_lr", "optim.lr")
         raise err
 
 

@@ -96,7 +96,10 @@ def build_optimizer(
 def cosine_with_warmup(
     step: int, *, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float
 ) -> float:
-    """Linear warm-up from 0 to ``base_lr`` over ``warmup_steps``, then cosine to ``min_lr``."""
+    """Linear warm-up from 0 to ``base_lr`` over ``warmup_steps``, then cosine to ``min_lr``
+    (at most ``base_lr``: with ``optim.min_lr`` above a small ``optim.lr`` the schedule climbed
+    from lr to min_lr, above the lr asked for)."""
+    min_lr = min(min_lr, base_lr)
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     span = max(total_steps - warmup_steps, 1)

@@ -151,3 +151,11 @@ def test_layer_decay_groups_a_labram_model_as_the_reference_recipe():
     assert scale["blocks.0.attn.qkv.weight"] == pytest.approx(0.65**depth)
     decay = {n: g["weight_decay"] for g in param_groups(model, 0.05, 0.65) for n in g["names"]}
     assert decay["time_embed"] == decay["pos_embed"] == decay["cls_token"] == 0.0
+
+
+def test_the_schedule_never_rises_above_a_small_lr():
+    """optim.min_lr (1e-6 by default) above optim.lr: the cosine climbed from lr to min_lr, 100x
+    the lr asked for at the end; it now stays at lr (its floor is at most lr)."""
+    kw = dict(total_steps=100, warmup_steps=0, base_lr=1e-8, min_lr=1e-6)
+    values = [cosine_with_warmup(s, **kw) for s in range(0, 101)]
+    assert max(values) == pytest.approx(1e-8) and values[-1] == pytest.approx(1e-8)
