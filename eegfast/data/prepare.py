@@ -40,10 +40,11 @@ task of its recordings. In a BIDS dataset (a folder with a dataset_description.j
 itself, a folder in it such as a subject's, one of its recordings, or a folder holding datasets)
 the raw recordings, ``sub-X/[ses-Y/]eeg/sub-X_...``, are read through mne-bids with their
 sidecars, not those of derivatives/ or sourcedata/; a folder or recording in a dataset is of
-the dataset's task (its folder's name), as the dataset is. A folder search follows links to
-folders, skips hidden files and folders
-(``.DS_Store``, ``._x.edf``, ``.snapshot``) and ``~$`` lock files, and warns of a subfolder it
-cannot list (an error with ``--strict``).
+the dataset's task (its folder's name), as the dataset is, and a dataset of several BIDS tasks
+gives one task each (``ds-mi``, ``ds-rest``) unless TASK= or ``--task`` names one. A folder
+search follows links to folders, skips hidden files and folders (``.DS_Store``, ``._x.edf``,
+``.snapshot``) and ``~$`` lock files, and warns of a subfolder it cannot list (an error with
+``--strict``).
 """
 
 from __future__ import annotations
@@ -316,6 +317,32 @@ def _need_mne_bids(source: str, dataset: Path) -> None:
         raise ImportError(f"SRC {source!r}: {dataset} is a BIDS dataset: {err}") from None
 
 
+_BIDS_TASK = re.compile(r"_task-([A-Za-z0-9]+)(?=_)")
+
+
+def _bids_tasks(root: Path, cache: dict[Path, set[str]]) -> set[str]:
+    """The BIDS task labels of the EEG recordings of the dataset ``root`` (its
+    ``sub-X/[ses-Y/]eeg/`` files), whatever part of it was given; ``cache``: one search's."""
+    if root not in cache:
+        cache[root] = {
+            m.group(1)
+            for pattern in ("sub-*/eeg/*", "sub-*/ses-*/eeg/*")
+            for p in root.glob(pattern)
+            if (m := _BIDS_TASK.search(p.name)) is not None
+        }
+    return cache[root]
+
+
+def _bids_task(name: str, path: Path, root: Path, cache: dict[Path, set[str]]) -> str:
+    """The default task ``name`` of the recording ``path`` of the BIDS dataset ``root``, with
+    ``-<label>`` of its BIDS task where the dataset has several: P300 and motor-imagery
+    recordings of one dataset were one task, a classifier over the union of their classes."""
+    m = _BIDS_TASK.search(path.name)
+    if m is None or len(_bids_tasks(root, cache)) < 2:
+        return name
+    return f"{name}-{m.group(1)}"
+
+
 def _mne_bids_reads(path: Path, root: Path) -> bool:
     """Whether mne-bids reads ``path`` by its name in the dataset ``root``, as
     ``read_recording`` asks it to: a name it refuses (a backup ``..._eeg_old.edf``, an
@@ -339,6 +366,7 @@ def discover(
     jobs: dict[str, Job] = {}
     given_as: dict[str, str] = {}  # resolved path -> the SRC argument that first gave it
     bids_roots: dict[Path, Path | None] = {}  # folder -> the BIDS dataset it is in
+    bids_tasks: dict[Path, set[str]] = {}  # BIDS dataset -> its task labels
 
     def add(path: Path, task: str, bids: str | None, source: str) -> None:
         resolved = str(path.resolve())
@@ -409,7 +437,10 @@ def discover(
                     f"SRC {source!r}: no recordings MNE can read in {path}{why}"
                 )
             for p in files:
-                add(p, folder_task, str(bids[p]) if p in bids else None, source)
+                named = folder_task
+                if p in bids and not (task or default_task):
+                    named = _bids_task(folder_task, p, bids[p], bids_tasks)
+                add(p, named, str(bids[p]) if p in bids else None, source)
         else:
             # a recording of a BIDS dataset: read with its sidecars, of the dataset's task
             # (not of its folder's name, "eeg")
@@ -420,7 +451,10 @@ def discover(
                     root = None  # a name mne-bids refuses (``_eeg_old.edf``): read it plainly
             named_by = root.resolve() if root is not None else path.resolve().parent
             bids_root = None if root is None else str(root)
-            add(path, task or default_task or named_by.name, bids_root, source)
+            named = task or default_task or named_by.name
+            if root is not None and not (task or default_task):
+                named = _bids_task(named, path, root, bids_tasks)
+            add(path, named, bids_root, source)
     for continuation in _fif_continuations([job.path for job in jobs.values()]):
         del jobs[continuation]
     return sorted(jobs.values(), key=lambda j: j.path)
@@ -1645,7 +1679,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--task",
         default=None,
-        help="task name (default: the SRC folder's name; in a BIDS dataset, the dataset's)",
+        help="task name (default: the SRC folder's name; in a BIDS dataset, the dataset's, "
+        "with -<task> where it has several BIDS tasks)",
     )
     g = parser.add_argument_group("run")
     g.add_argument(

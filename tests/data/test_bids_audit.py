@@ -17,7 +17,7 @@ mne_bids = pytest.importorskip("mne_bids")
 NAMES = ["Fp1", "Fp2", "F3", "C3", "C4", "O1", "O2"]
 
 
-def _dataset(root, subjects=("01",), sessions=(None,)):
+def _dataset(root, subjects=("01",), sessions=(None,), task="mi"):
     """A BIDS dataset of 30-s, 250-Hz EDF recordings (task ``mi``: ``left`` at 2 s, ``right``
     at 10 s, 4 s each, in events.tsv); returns the BIDSPath of each, in order."""
     written = []
@@ -26,7 +26,7 @@ def _dataset(root, subjects=("01",), sessions=(None,)):
         raw = mne.io.RawArray(x, mne.create_info(NAMES, 250.0, "eeg"), verbose="error")
         raw.info["line_freq"] = 50
         raw.set_annotations(mne.Annotations([2.0, 10.0], [4.0, 4.0], ["left", "right"]))
-        path = mne_bids.BIDSPath(subject=sub, session=ses, task="mi", root=root, datatype="eeg")
+        path = mne_bids.BIDSPath(subject=sub, session=ses, task=task, root=root, datatype="eeg")
         mne_bids.write_raw_bids(raw, path, format="EDF", allow_preload=True, verbose="error")
         written.append(path)
     return written
@@ -191,3 +191,19 @@ def test_two_sessions_of_a_subject_are_one_subject(tmp_path):
     _dataset(root, subjects=("01", "02"), sessions=("a", "b"))
     report = prepare([str(root)], tmp_path / "out", progress=False)
     assert report["usable"] == 4 and report["subjects"] == ["sub-01", "sub-02"]
+
+
+def test_a_dataset_of_several_bids_tasks_gives_a_task_each(tmp_path):
+    """Two paradigms of one dataset (task-mi, task-rest) were one eegfast task named after the
+    dataset, its classes the union of both: now one task each, whichever part of the dataset is
+    given; a dataset of one BIDS task keeps the dataset's name, and TASK= names one task."""
+    root = tmp_path / "ds"
+    _dataset(root, subjects=("01", "02"))
+    _dataset(root, subjects=("01",), task="rest")
+    assert {job.task for job in discover([str(root)])} == {"ds-mi", "ds-rest"}
+    assert {job.task for job in discover([str(root / "sub-02")])} == {"ds-mi"}
+    assert {job.task for job in discover([f"both={root}"])} == {"both"}
+    assert {job.task for job in discover([str(root)], default_task="all")} == {"all"}
+    single = tmp_path / "one"
+    _dataset(single, subjects=("01", "02"))
+    assert {job.task for job in discover([str(single)])} == {"one"}
