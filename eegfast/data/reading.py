@@ -401,6 +401,17 @@ def _fix_edf_units(raw, path: Path, header: bytes | None = None) -> None:
         raw.apply_function(lambda x, f=factor: x * f, picks=[index], verbose="error")
 
 
+def _edf_layout(head: bytes) -> tuple[int, int, list[str], list[int]]:
+    """(header size in bytes, data records (-1: not known), each signal's label, each signal's
+    samples per data record) of an EDF/BDF header; ValueError for a field that is no number."""
+    header_bytes = int(head[184:192].decode("ascii").strip())
+    n_records = int(head[236:244].decode("ascii").strip())
+    ns = int(head[252:256].decode("ascii").strip())
+    labels = [label.decode("latin-1").strip() for label in _edf_fields(head, 256, 16, ns)]
+    samples = [int(n.decode("ascii").strip()) for n in _edf_fields(head, 256 + 216 * ns, 8, ns)]
+    return header_bytes, n_records, labels, samples
+
+
 def bdf_trigger_values(
     path: str | os.PathLike, name: str, *, header: bytes | None = None
 ) -> np.ndarray | None:
@@ -419,17 +430,13 @@ def bdf_trigger_values(
         return None
     head = _edf_header(path) if header is None else header
     try:
-        header_bytes = int(head[184:192].decode("ascii").strip())
-        n_records = int(head[236:244].decode("ascii").strip())
-        ns = int(head[252:256].decode("ascii").strip())
-        labels = [label.decode("latin-1").strip() for label in _edf_fields(head, 256, 16, ns)]
-        index = labels.index(name)
+        header_bytes, n_records, labels, samples = _edf_layout(head)
+        ns, index = len(labels), labels.index(name)
         pmin, pmax, dmin, dmax = (
             float(_edf_fields(head, 256 + offset * ns, 8, ns)[index].decode("ascii"))
             for offset in (104, 112, 120, 128)
         )
-        samples = [int(n.decode("ascii").strip()) for n in _edf_fields(head, 256 + 216 * ns, 8, ns)]
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:  # (UnicodeDecodeError too)
         return None  # (a header MNE read: these fields were numbers to it)
     if labels.count(name) != 1 or (pmin, pmax) == (dmin, dmax) or dmax == dmin:
         return None
@@ -494,12 +501,8 @@ def _edf_plus_d_records(
     if not head[192:236].strip().upper().startswith((b"EDF+D", b"BDF+D")):
         return None
     try:
-        header_bytes = int(head[184:192].decode("ascii").strip())
-        n_records = int(head[236:244].decode("ascii").strip())
+        header_bytes, n_records, labels, samples = _edf_layout(head)
         record_s = float(head[244:252].decode("ascii").strip())
-        ns = int(head[252:256].decode("ascii").strip())
-        labels = [name.decode("latin-1").strip() for name in _edf_fields(head, 256, 16, ns)]
-        samples = [int(n.decode("ascii").strip()) for n in _edf_fields(head, 256 + 216 * ns, 8, ns)]
     except ValueError:
         raise BadRecording("corrupt EDF+D header (non-numeric fields)") from None
     with open(path, "rb") as f:
