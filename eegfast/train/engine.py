@@ -81,7 +81,7 @@ from eegfast.train.distributed import (
     wrap_model,
 )
 from eegfast.train.objectives import HostCopies, StepContext, StepFn, to_device_async
-from eegfast.train.optim import build_optimizer, build_scheduler
+from eegfast.train.optim import build_optimizer, build_scheduler, warmup_length
 from eegfast.train.runlog import RunLogger
 from eegfast.train.sampler import EpochBatchSampler
 
@@ -604,11 +604,7 @@ def fit(
     # The warm-up's length in optimiser steps (as build_scheduler takes it from optim.*), of the
     # run's length as a resume has counted it (the epochs left after changed data): taken
     # before, another optim.warmup_fraction was a share of epochs x the new batches.
-    warmup_steps = (
-        kept_warmup
-        if kept_warmup is not None
-        else optim_cfg.warmup_steps or int(round(optim_cfg.warmup_fraction * total_steps))
-    )
+    warmup_steps = kept_warmup if kept_warmup is not None else warmup_length(optim_cfg, total_steps)
 
     model.to(device)
     if train_cfg.activation_checkpointing:
@@ -1198,7 +1194,7 @@ def _resumed_warmup(
         if batch != sampler.global_batch:  # (nor accumulation nor processes change the count)
             steps_per_epoch = len(EpochBatchSampler(sampler.group_keys, batch).global_batches())
         total = old["epochs"] * steps_per_epoch
-    return optim_cfg.warmup_steps or int(round(optim_cfg.warmup_fraction * total))
+    return warmup_length(optim_cfg, total)
 
 
 def _resumed_log_window(

@@ -107,11 +107,17 @@ def cosine_with_warmup(
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_length(config: OptimConfig, total_steps: int) -> int:
+    """The warm-up's length in optimiser steps: ``optim.warmup_steps``, else
+    ``optim.warmup_fraction`` of a run of ``total_steps``."""
+    return config.warmup_steps or int(round(config.warmup_fraction * total_steps))
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR (so its state resumes) applying the cosine schedule times each ``lr_scale``."""
-    warmup = config.warmup_steps or int(round(config.warmup_fraction * total_steps))
+    warmup = warmup_length(config, total_steps)
     for group in optimizer.param_groups:
         group["lr"] = config.lr  # LambdaLR multiplies initial_lr
     factors = []
