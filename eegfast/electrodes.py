@@ -15,7 +15,8 @@ spelling:
 * surrounding blanks and padding dots are removed, case is folded (``'Fc5.'`` -> ``'FC5'``,
   ``'Cz..'`` -> ``'CZ'``); a name ends at its first NUL (EDF labels padded with NULs), and
   Unicode compatibility forms are folded (NFKC: full-width ``'Ｆｐ１'`` -> ``'FP1'``);
-* an ``EEG`` type prefix is removed (``'EEG Fp1'``, ``'EEG:Fp1'``, ``'EEG-Fp1'`` -> ``'FP1'``);
+* an ``EEG`` type prefix is removed (``'EEG Fp1'``, ``'EEG:Fp1'``, ``'EEG-Fp1'`` -> ``'FP1'``),
+  and so is Nihon Kohden's ``POL`` (polygraph input) prefix (``'POL Fp1-Ref'`` -> ``'FP1'``);
 * a reference suffix naming a *common* reference is removed: ``-REF``, ``-LE`` (linked ears),
   ``-AR``/``-AVG``/``-CAR`` (average), ``-REF1``... (``'EEG FP1-REF'`` -> ``'FP1'``). Suffixes
   naming a single electrode are NOT removed: ``'EEG A2-A1'`` stays the bipolar derivation
@@ -26,7 +27,9 @@ spelling:
   the old spelling (and the old rows), e.g. to match a checkpoint fine-tuned on TUH names;
 * a bipolar pair ``X-Y`` of two electrode names is normalised on each side (``'Fp1-F7'`` ->
   ``'FP1-F7'``, ``'T3-T5'`` -> ``'T7-P7'``). Only the 16 pairs of the table are known electrodes,
-  and all of them sit at list index >= 120 (8 of them past the 129-row table).
+  and all of them sit at list index >= 120 (8 of them past the 129-row table). The table spells
+  them with 10-10 names only, so an old-name pair takes that row with ``modern_names=False``
+  too (``'T3-T5'`` -> ``'T7-P7'``; a pair of the table has no old-name row to keep).
 
 Anything else is returned normalised but unmapped: callers report unknown names, they never guess.
 """
@@ -75,7 +78,9 @@ _ELECTRODE_NAMES = frozenset(n for n in LABRAM_CHANNEL_NAMES if "-" not in n)
 # Suffixes that name a common reference, not a second electrode. Blanks around the dash are
 # allowed ('EEG Fp1 - REF'), as they are between the two sides of a bipolar pair.
 _REFERENCE_SUFFIX = re.compile(r"\s*-\s*(REF\d*|LE|AR|AVG|CAR|AV|COM|CMS|REFERENCE)$")
-_TYPE_PREFIX = re.compile(r"^EEG(\s+|:\s*|-(?=[A-Z]))")
+# 'EEG' is the EDF+ signal type; EDF files exported from Nihon Kohden systems prefix the
+# channels of their polygraph inputs with 'POL' instead ('POL Fp1-Ref', 'POL EKG1', 'POL DC01').
+_TYPE_PREFIX = re.compile(r"^(EEG|POL)(\s+|:\s*|-(?=[A-Z]))")
 
 
 def _fold(raw: str) -> str:
@@ -111,7 +116,14 @@ def normalize_channel_name(raw: str, *, modern_names: bool = True) -> str:
     name = _REFERENCE_SUFFIX.sub("", name).strip(". ")
     pair = split_bipolar(name, modern_names=modern_names)
     if pair is not None:
-        return f"{pair[0]}-{pair[1]}"
+        bipolar = f"{pair[0]}-{pair[1]}"
+        if not modern_names and bipolar not in _INDEX:
+            # The table spells its pairs with 10-10 names only ('T7-P7'): an old-name pair
+            # ('T3-T5', TUH / CHB-MIT montages) is the same derivation, and that is its only row.
+            modern = split_bipolar(name, modern_names=True)
+            if modern is not None and f"{modern[0]}-{modern[1]}" in _INDEX:
+                return f"{modern[0]}-{modern[1]}"
+        return bipolar
     return _modern(name, modern_names)
 
 

@@ -994,7 +994,9 @@ def _outside_bad_segments(
 #    onset markers (they were events no window fits: the recording was refused).
 # 11: a subject id is the last match of its pattern in the path (a folder above a BIDS
 #    dataset named like ``eeg_sub-set`` was every recording's subject).
-PROCESSING_REVISION = 11
+# 12: old-name bipolar pairs (T3-T5) take their 10-10 row with --old-names; Nihon Kohden's
+#    'POL' channel prefix is removed like 'EEG' (those recordings' electrodes were unknown).
+PROCESSING_REVISION = 12
 
 
 def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bool]:
