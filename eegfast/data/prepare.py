@@ -41,7 +41,13 @@ itself, a folder in it such as a subject's, one of its recordings, or a folder h
 the raw recordings, ``sub-X/[ses-Y/]eeg/sub-X_...``, are read through mne-bids with their
 sidecars, not those of derivatives/ or sourcedata/; a folder or recording in a dataset is of
 the dataset's task (its folder's name), as the dataset is, and a dataset of several BIDS tasks
-gives one task each (``ds-mi``, ``ds-rest``) unless TASK= or ``--task`` names one. A folder
+gives one task each (``ds-mi``, ``ds-rest``) unless TASK= or ``--task`` names one. Searching
+a dataset (or a part of it) leaves out, with a warning counting them, the files its
+``.bidsignore`` names (gitignore patterns), those out of ``sub-X/[ses-Y/]eeg/`` (``meg/``,
+``ieeg/``, ``beh/``, ``stimuli/``...) and those whose names mne-bids refuses (``..._eeg_old.edf``,
+``.EDF``; given by its own path such a file is read plainly). A BIDS recording's session is
+its ``ses-`` label. In an EDF+D file (with gaps) of a dataset, events.tsv's onsets (seconds from
+the first sample, the file's time) are moved onto the data's time axis. A folder
 search follows links to folders, skips hidden files and folders (``.DS_Store``, ``._x.edf``,
 ``.snapshot``) and ``~$`` lock files, and warns of a subfolder it cannot list (an error with
 ``--strict``).
@@ -70,6 +76,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
+import pathspec
 
 from eegfast.cpus import usable_cpu_count
 from eegfast.data.index import FORMAT_VERSION, INDEX_NAME, SHARD_DIR
@@ -293,6 +300,42 @@ def _bids_place(path: Path, cache: dict[Path, Path | None]) -> Path | None:
     return root if in_place else None
 
 
+def _bidsignore(
+    root: Path, cache: dict[Path, Callable[[Path], bool] | None], notes: list[str]
+) -> Callable[[Path], bool] | None:
+    """Whether a path in the BIDS dataset ``root`` is one its ``.bidsignore`` names (None
+    without one): the files the dataset says are not BIDS, by gitignore's patterns relative to
+    its root (the BIDS specification's syntax), the last matching pattern deciding (``!`` takes
+    a path back), a file in a named folder named too. An unreadable one is said in ``notes``
+    and not applied; ``cache``: one search's matchers."""
+    if root in cache:
+        return cache[root]
+    try:
+        text = (root / ".bidsignore").read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        text = ""
+    except OSError as err:
+        notes.append(
+            f"cannot read {root / '.bidsignore'} ({err.strerror or err}): the files it names "
+            "are prepared"
+        )
+        text = ""
+    spec = pathspec.GitIgnoreSpec.from_lines(text.splitlines())
+
+    def ignored(path: Path) -> bool:
+        parts = Path(os.path.abspath(path)).relative_to(root).parts
+        # its folders first: a file in an ignored folder is ignored, whatever names it again
+        # (git's rule, which a path's own match does not apply)
+        folders = ("/".join(parts[:n]) + "/" for n in range(1, len(parts)))
+        return any(spec.match_file(folder) for folder in folders) or spec.match_file(
+            "/".join(parts)
+        )
+
+    # (comments and blank lines are patterns that name nothing: include is None)
+    cache[root] = ignored if any(p.include is not None for p in spec.patterns) else None
+    return cache[root]
+
+
 def _in_bids_extras(path: Path, top: Path, cache: dict[Path, Path | None]) -> bool:
     """Whether ``path``, found searching ``top``, is in the ``derivatives/`` or ``sourcedata/``
     folder of a BIDS dataset below ``top``: processed or original copies of the raw data,
@@ -322,13 +365,16 @@ _BIDS_TASK = re.compile(r"_task-([A-Za-z0-9]+)(?=_)")
 
 def _bids_tasks(root: Path, cache: dict[Path, set[str]]) -> set[str]:
     """The BIDS task labels of the EEG recordings of the dataset ``root`` (its
-    ``sub-X/[ses-Y/]eeg/`` files), whatever part of it was given; ``cache``: one search's."""
+    ``sub-X/[ses-Y/]eeg/`` files but those its .bidsignore names: a pilot task it leaves out
+    named the one task's recordings ``ds-mi``), whatever part of it was given; ``cache``: one
+    search's."""
     if root not in cache:
+        ignored = _bidsignore(root, {}, [])  # (an unreadable one: said by the search)
         cache[root] = {
             m.group(1)
             for pattern in ("sub-*/eeg/*", "sub-*/ses-*/eeg/*")
             for p in root.glob(pattern)
-            if (m := _BIDS_TASK.search(p.name)) is not None
+            if (m := _BIDS_TASK.search(p.name)) is not None and not (ignored and ignored(p))
         }
     return cache[root]
 
@@ -343,30 +389,65 @@ def _bids_task(name: str, path: Path, root: Path, cache: dict[Path, set[str]]) -
     return f"{name}-{m.group(1)}"
 
 
-def _mne_bids_reads(path: Path, root: Path) -> bool:
-    """Whether mne-bids reads ``path`` by its name in the dataset ``root``, as
-    ``read_recording`` asks it to: a name it refuses (a backup ``..._eeg_old.edf``, an
-    upper-case ``.EDF``, an entity it does not know) or places elsewhere is not."""
+_BIDS_SESSION = re.compile(r"(?:^|_)(ses-[A-Za-z0-9]+)(?=_)")
+
+
+def _bids_session(path: str | os.PathLike) -> str:
+    """The BIDS session of a recording, ``ses-<label>`` in its file name (``ses-a`` of
+    ``sub-01_ses-a_task-mi_eeg.edf``), as its subject is ``sub-01``; '' without one. The
+    record's ``session`` when a labels table gives none: information only, splits group
+    recordings by subject alone."""
+    m = _BIDS_SESSION.search(Path(path).name)
+    return "" if m is None else m.group(1)
+
+
+def _mne_bids_refusal(path: Path, root: Path) -> str | None:
+    """None when mne-bids reads ``path`` by its name in the dataset ``root``, as
+    ``read_recording`` asks it to; else why not: the BIDS naming rule the name breaks, as
+    mne-bids says it (a backup ``..._eeg_old.edf``: "Suffix old is not allowed", an upper-case
+    ``.EDF``, an entity it does not know), or the other place its name gives."""
     try:
         bids_path = import_mne_bids().get_bids_path_from_fname(path).update(root=root)
-        return os.path.abspath(bids_path.fpath) == os.path.abspath(path)
-    except Exception:  # mne-bids raises KeyError, ValueError ... for names it refuses
-        return False
+    except Exception as err:  # mne-bids raises KeyError, ValueError ... for names it refuses
+        # its first sentence: the list of every allowed suffix or extension that follows is long
+        why = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+        return why.split(". Use one of")[0].rstrip(".") or type(err).__name__
+    if os.path.abspath(bids_path.fpath) != os.path.abspath(path):
+        return f"its name places it at {bids_path.fpath}"
+    return None
 
 
 def discover(
-    sources: list[str], default_task: str | None = None, *, problems: list[str] | None = None
+    sources: list[str],
+    default_task: str | None = None,
+    *,
+    problems: list[str] | None = None,
+    skipped: list[str] | None = None,
 ) -> list[Job]:
     """Jobs for SRC arguments (files, folders, BIDS folders, ``TASK=SRC``); sorted, unique.
 
     A recording reached under two tasks (``mi=a.edf arith=a.edf``, or a file and a folder
     holding it) is a ValueError naming it: it has one record, and one of the tasks was dropped
     without a word. A folder is searched as ``_search`` says; the subfolders it could not list
-    are appended to ``problems`` (a warning when None)."""
+    are appended to ``problems`` (a warning when None).
+
+    In a BIDS dataset a folder search takes the raw EEG recordings only,
+    ``sub-X/[ses-Y/]eeg/sub-X_...`` (not ``meg/``, ``ieeg/``, ``beh/``..., whose recordings
+    are no scalp EEG, nor ``derivatives/`` or ``sourcedata/``), and of those not the files its
+    ``.bidsignore`` names (gitignore patterns relative to the dataset's root) nor those whose
+    names mne-bids refuses (a backup ``..._eeg_old.edf``, an upper-case ``.EDF``), which it
+    would fail to read. Those it leaves out, other than derivatives/ and sourcedata/, are
+    counted in ``skipped``, a line for each SRC, dataset and reason, with an example (a warning
+    each when None). A folder given inside a dataset out of its subjects' part (``code/``,
+    ``derivatives/`` without a description of its own) is read as a plain folder, and a
+    recording given by its own path as a plain file where mne-bids cannot read it or the
+    ``.bidsignore`` names it."""
     jobs: dict[str, Job] = {}
     given_as: dict[str, str] = {}  # resolved path -> the SRC argument that first gave it
     bids_roots: dict[Path, Path | None] = {}  # folder -> the BIDS dataset it is in
     bids_tasks: dict[Path, set[str]] = {}  # BIDS dataset -> its task labels
+    ignores: dict[Path, Callable[[Path], bool] | None] = {}  # dataset -> its .bidsignore
+    notes: list[str] = []  # what was left out on purpose, for ``skipped``
 
     def add(path: Path, task: str, bids: str | None, source: str) -> None:
         resolved = str(path.resolve())
@@ -417,22 +498,59 @@ def discover(
             # events.tsv's events were ignored, and the task was the subject's id.)
             bids: dict[Path, Path] = {}
             kept = []
+            # (dataset, why) -> [count, an example]: the files of datasets left out, said once
+            left_out: dict[tuple[Path, str], list] = {}
+            if dataset is not None:
+                _need_mne_bids(source, dataset)
             for p in files:
                 root = _bids_root(p.parent, bids_roots)
                 if root is None:
                     kept.append(p)
-                elif not _in_bids_extras(p, path, bids_roots):
-                    placed = _bids_place(p, bids_roots)
-                    if placed is not None:
+                    continue
+                if _in_bids_extras(p, path, bids_roots):
+                    continue
+                placed = _bids_place(p, bids_roots)
+                if placed is None and dataset is None:
+                    if not root.is_relative_to(os.path.abspath(path)):
+                        kept.append(p)  # a folder given inside a dataset, out of its layout
+                        continue
+                ignored = _bidsignore(root, ignores, notes)
+                refusal = None
+                if ignored is not None and ignored(p):
+                    why = ".bidsignore"
+                elif placed is None:
+                    why = "layout"  # meg/, beh/, ieeg/, stimuli/, eeg/old/ ...
+                else:
+                    _need_mne_bids(source, placed)
+                    refusal = _mne_bids_refusal(p, placed)
+                    if refusal is None:
                         kept.append(p)
                         bids[p] = placed
-                    elif not root.is_relative_to(os.path.abspath(path)):
-                        kept.append(p)  # a folder given inside a dataset, out of its layout
+                        continue
+                    why = "name"  # read through mne-bids, it would be an unreadable recording
+                entry = left_out.setdefault((root, why), [0, p, refusal])
+                entry[0] += 1
             files = kept
-            if bids or dataset is not None:
-                _need_mne_bids(source, dataset or next(iter(bids.values())))
+            for (root, why), (count, example, refusal) in left_out.items():
+                reason = {
+                    ".bidsignore": "its .bidsignore names them",
+                    "layout": "out of its layout, where only sub-X/[ses-Y/]eeg/ holds raw EEG "
+                    "recordings",
+                    "name": "names mne-bids does not read as BIDS",
+                }[why]
+                example_text = f"{example}: {refusal}" if refusal else str(example)
+                notes.append(
+                    f"SRC {source!r}: {count} file(s) of the BIDS dataset {root} not prepared: "
+                    f"{reason} (e.g. {example_text})"
+                    + (
+                        "; give one as SRC by its own path to read it without its sidecars"
+                        if why == "name"
+                        else ""
+                    )
+                )
             if not files:
                 why = "".join(f"; {problem}" for problem in unlisted)
+                why += "".join(f"; {note}" for note in notes if note.startswith(f"SRC {source!r}"))
                 raise FileNotFoundError(
                     f"SRC {source!r}: no recordings MNE can read in {path}{why}"
                 )
@@ -446,8 +564,12 @@ def discover(
             # (not of its folder's name, "eeg")
             root = _bids_place(path, bids_roots)
             if root is not None:
+                ignored = _bidsignore(root, ignores, notes)
+                if ignored is not None and ignored(path):
+                    root = None  # the dataset says it is not BIDS: read it plainly
+            if root is not None:
                 _need_mne_bids(source, root)
-                if not _mne_bids_reads(path, root):
+                if _mne_bids_refusal(path, root) is not None:
                     root = None  # a name mne-bids refuses (``_eeg_old.edf``): read it plainly
             named_by = root.resolve() if root is not None else path.resolve().parent
             bids_root = None if root is None else str(root)
@@ -457,6 +579,11 @@ def discover(
             add(path, named, bids_root, source)
     for continuation in _fif_continuations([job.path for job in jobs.values()]):
         del jobs[continuation]
+    if skipped is not None:
+        skipped += notes
+    else:
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
     return sorted(jobs.values(), key=lambda j: j.path)
 
 
@@ -471,9 +598,12 @@ def _fif_continuations(paths: list[str]) -> set[str]:
     """The paths among ``paths`` that MNE reads as later parts of another of them (resolved):
     prepared on their own too, their samples would be in the folder twice. Told by the names
     given, not the resolved ones: a datalad dataset's files are links to ``.git/annex``
-    objects named by their hashes (both parts were prepared)."""
+    objects named by their hashes (both parts were prepared). Only FIF paths are resolved:
+    resolving every path of a 20k-file search doubled the time discovery took."""
     found: set[str] = set()
-    listed = {str(Path(path).resolve()) for path in paths}
+    listed = {
+        str(Path(path).resolve()) for path in paths if path.lower().endswith((".fif", ".fif.gz"))
+    }
     first_parts: dict[str, set[str]] = {}
     for path in paths:
         p = Path(path)
@@ -790,7 +920,7 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
             "task": resolved.task or job.task,
             "subject": resolved.subject,
             "subject_source": resolved.subject_source,
-            "session": resolved.session,
+            "session": resolved.session or _bids_session(job.path),
             "label_source": resolved.source,
             "electrodes": names,
             "input_chans": labram_input_chans(
@@ -996,7 +1126,9 @@ def _outside_bad_segments(
 #    dataset named like ``eeg_sub-set`` was every recording's subject).
 # 12: old-name bipolar pairs (T3-T5) take their 10-10 row with --old-names; Nihon Kohden's
 #    'POL' channel prefix is removed like 'EEG' (those recordings' electrodes were unknown).
-PROCESSING_REVISION = 12
+# 13: an EDF+D recording of a BIDS dataset is labelled by its events.tsv (the EDF's own
+#    annotations replaced them); a BIDS ``ses-`` fills the session a labels table leaves empty.
+PROCESSING_REVISION = 13
 
 
 def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bool]:
@@ -1193,7 +1325,10 @@ def prepare(
     started = time.perf_counter()
     out = Path(out)
     unlisted: list[str] = []  # folders a search could not list
-    jobs = discover(sources, task, problems=unlisted)
+    # files of BIDS datasets a search left out (.bidsignore, out of the layout, a name mne-bids
+    # refuses): warnings, not --strict errors, since the dataset itself leaves them out
+    skipped: list[str] = []
+    jobs = discover(sources, task, problems=unlisted, skipped=skipped)
     if strict and unlisted:
         raise ValueError(
             f"{len(unlisted)} folder(s) not searched (--strict):\n  " + "\n  ".join(unlisted)
@@ -1203,7 +1338,7 @@ def prepare(
         raise ValueError(
             f"{len(warnings)} labels table problem(s) (--strict):\n  " + "\n  ".join(warnings)
         )
-    warnings = unlisted + warnings
+    warnings = unlisted + skipped + warnings
     (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     removed = remove_stale_temporaries(out / SHARD_DIR)
     digest = settings.digest()

@@ -304,6 +304,7 @@ def read_recording(path: str | os.PathLike, *, bids_root: str | os.PathLike | No
     if path.is_file() and path.stat().st_size == 0:
         raise BadRecording("empty file (0 bytes)")
     header = None
+    events_tsv = None  # a BIDS recording's events.tsv
     if path.suffix.lower() in (".edf", ".bdf"):
         header = _edf_header(path) if path.stat().st_size >= 256 else b""
         check_edf_size(path, header=header)
@@ -319,6 +320,10 @@ def read_recording(path: str | os.PathLike, *, bids_root: str | os.PathLike | No
                     "read it without bids_root"
                 )
             raw = mne_bids.read_raw_bids(bids_path, verbose="error")
+            if header is not None:  # (the events' source for _mark_edf_gaps)
+                events_tsv = bids_path.find_matching_sidecar(
+                    suffix="events", extension=".tsv", on_error="ignore"
+                )
         else:
             raw = mne.io.read_raw(path, preload=False, verbose="error")
     except BadRecording:
@@ -335,7 +340,7 @@ def read_recording(path: str | os.PathLike, *, bids_root: str | os.PathLike | No
     if raw.n_times == 0:
         raise BadRecording("empty recording (no samples)")
     if header is not None:
-        _mark_edf_gaps(raw, path, header)
+        _mark_edf_gaps(raw, path, header, events_tsv)
         _fix_edf_units(raw, path, header)
     return raw
 
@@ -550,7 +555,9 @@ def _tal_annotations(tals: bytes, first_stamp: float) -> list[tuple[float, float
     return found
 
 
-def _mark_edf_gaps(raw, path: Path, header: bytes | None = None) -> None:
+def _mark_edf_gaps(
+    raw, path: Path, header: bytes | None = None, events_tsv: str | os.PathLike | None = None
+) -> None:
     """Put an EDF+D file's annotations on the time axis of its data, and mark its gaps.
 
     MNE reads the data records of an EDF+D file back to back, as if there were no gaps between
@@ -559,6 +566,11 @@ def _mark_edf_gaps(raw, path: Path, header: bytes | None = None) -> None:
     sides of the gap. Here each annotation's onset and end are moved onto the data's time axis
     (a time inside a gap goes to the first sample after it), and the first sample after each
     gap gets an ``EDGE boundary`` mark.
+
+    events_tsv : a BIDS recording's events.tsv, the source of its events (as ``read_raw_bids``
+        has it) instead of the file's own annotations: its onsets, seconds from the first
+        sample in the file's time (as BIDS defines them, and mne-bids writes an EDF+D file's
+        annotations), are moved as theirs are. (The file's own replaced them.)
     """
     import mne
 
@@ -583,6 +595,14 @@ def _mark_edf_gaps(raw, path: Path, header: bytes | None = None) -> None:
     # chance "+5\x14...\x14\x00" in the EEG samples became an event.
     stamp = float(_TAL.match(tals).group(1))  # the first record's (edf_record_onsets checked it)
     found_annotations = _tal_annotations(tals, stamp)
+    if events_tsv is not None:  # from the file too: raw.annotations lost those past the end
+        events = import_mne_bids().events_file_to_annotation_kwargs(events_tsv, verbose="error")
+        found_annotations = [
+            (float(onset), float(duration), str(description))
+            for onset, duration, description in zip(
+                events["onset"], events["duration"], events["description"], strict=True
+            )
+        ]
     begin = np.array([onset for onset, _, _ in found_annotations], dtype=float)
     end = begin + np.array([duration for _, duration, _ in found_annotations], dtype=float)
     new_onset = to_data_time(begin)
