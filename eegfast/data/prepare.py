@@ -1128,7 +1128,10 @@ def _outside_bad_segments(
 #    'POL' channel prefix is removed like 'EEG' (those recordings' electrodes were unknown).
 # 13: an EDF+D recording of a BIDS dataset is labelled by its events.tsv (the EDF's own
 #    annotations replaced them); a BIDS ``ses-`` fills the session a labels table leaves empty.
-PROCESSING_REVISION = 13
+# 14: EDF+D annotations and BDF trigger codes of records past the header's count are read (as
+#    MNE reads the samples); a NUL-padded 'uV' unit is microvolts; a BDF trigger range written
+#    with a decimal comma is scaled.
+PROCESSING_REVISION = 14
 
 
 def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bool]:
