@@ -14,9 +14,12 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+# numpy is imported by the one writer that needs it: `eegfast bench --help` imports this
+# module without needing numpy
+if TYPE_CHECKING:
+    import numpy as np
 
 TMP_MARK = ".tmp-"
 
@@ -130,6 +133,7 @@ def write_npy_atomic(path: str | Path, array: np.ndarray) -> Path:
     One sequential write of header and data. (Filling a memory map of the temporary instead
     costs an extra msync per file.)
     """
+    import numpy as np
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:

@@ -17,9 +17,8 @@ from eegfast import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# What --help must not load. numpy is left out: it costs a few tens of milliseconds, and the
-# light modules the options need (eegfast.fileio, eegfast.train.plots, eegfast.data.prepare)
-# import it.
+# What --help must not load. numpy is checked apart (NUMPY_OPTIONS): it costs a few tens of
+# milliseconds.
 HEAVY = (
     "torch",
     "mne",
@@ -32,6 +31,11 @@ HEAVY = (
     "eegfast._C",
     "eegfast.train.engine",
 )
+
+# Commands whose options module imports numpy: prepare's (eegfast.data.prepare) holds the
+# preparation code itself. The others' --help loaded it through eegfast.train.plots and
+# eegfast.fileio only, which now import it where they draw or write.
+NUMPY_OPTIONS = {"prepare"}
 
 # Commands that run without arguments (bench, doctor, quickstart) get only an unknown option.
 NEEDS_ARGUMENTS = {
@@ -65,6 +69,8 @@ for argv in {calls!r}:
         except SystemExit as exit:
             status = exit.code
     heavy = [n for n in {HEAVY!r} if n in sys.modules]
+    if {command!r} not in {sorted(NUMPY_OPTIONS)!r} and "numpy" in sys.modules:
+        heavy.append("numpy")
     found.append(dict(argv=argv, status=status, out=out.getvalue(), err=err.getvalue(),
                       heavy=heavy))
 print(json.dumps(found))

@@ -329,17 +329,11 @@ def load_checkpoint(
         hints = _braindecode_hints(state, expected)
         state = braindecode_to_eegfast_state_dict(state)
     skip = tuple(exclude) + tuple(initialised)
-    report = LoadReport(initialised=list(initialised))
-    for key, value in state.items():
-        if key.startswith(skip):
-            continue
-        if key not in expected:
-            report.unexpected.append(key)
-        elif tuple(value.shape) != tuple(expected[key].shape):
-            report.mismatched.append((key, tuple(expected[key].shape), tuple(value.shape)))
-        else:
-            report.loaded.append(key)
-    report.missing = [k for k in expected if k not in state and not k.startswith(skip)]
+    report = _compare_shapes(
+        {k: v for k, v in state.items() if not k.startswith(skip)},
+        {k: v for k, v in expected.items() if not k.startswith(skip)},
+    )
+    report.initialised = list(initialised)
     if strict and not report.ok:
         hints += _table_size_hints(report.mismatched, said=" ".join(hints))
         hint = "".join(f"\n{line}" for line in hints)
@@ -724,15 +718,25 @@ def _kwargs_in_file(state: Mapping[str, torch.Tensor], kind: str, config) -> dic
 
 
 def _compare_shapes(
-    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+    state: Mapping[str, torch.Tensor | Sequence[int]],
+    expected: Mapping[str, torch.Tensor | Sequence[int]],
 ) -> LoadReport:
+    """Keys and shapes of the file's ``state`` against the model's ``expected`` (tensors, or
+    their shapes: a resume compares a weights file's header, read without its tensors), as a
+    :class:`LoadReport` (``mismatched``: key, model's shape, file's shape)."""
     report = LoadReport()
     for key, value in state.items():
         if key not in expected:
             report.unexpected.append(key)
-        elif tuple(value.shape) != tuple(expected[key].shape):
-            report.mismatched.append((key, tuple(expected[key].shape), tuple(value.shape)))
+            continue
+        got, want = _shape_of(value), _shape_of(expected[key])
+        if got != want:
+            report.mismatched.append((key, want, got))
         else:
             report.loaded.append(key)
     report.missing = [k for k in expected if k not in state]
     return report
+
+
+def _shape_of(value: torch.Tensor | Sequence[int]) -> tuple[int, ...]:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)

@@ -1305,17 +1305,20 @@ def _check_weights_fit(checkpoint: Path, model: nn.Module, changes: list[str]) -
     """ValueError naming ``checkpoint`` when its weights do not fit ``model`` (other names or
     shapes: a model built with other settings), with the settings that changed since it was
     saved (``changes``); read from the file's header only."""
-    saved = ckpt.weight_shapes(checkpoint)
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    problems = [
-        f"{k}: checkpoint {list(saved[k])}, model {list(own[k])}"
-        for k in sorted(saved.keys() & own.keys())
-        if saved[k] != own[k]
-    ]
-    problems += [f"{k} missing from the checkpoint" for k in sorted(own.keys() - saved.keys())]
-    problems += [f"{k} not in the model" for k in sorted(saved.keys() - own.keys())]
-    if not problems:
+    # load_checkpoint's comparison (imported here, as ckpt.weight_shapes imports it:
+    # eegfast.models loads the ops)
+    from eegfast.models.checkpoint import _compare_shapes
+
+    own = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    report = _compare_shapes(ckpt.weight_shapes(checkpoint), own)
+    if report.ok:
         return
+    problems = [
+        f"{k}: checkpoint {list(saved)}, model {list(wanted)}"
+        for k, wanted, saved in sorted(report.mismatched)
+    ]
+    problems += [f"{k} missing from the checkpoint" for k in sorted(report.missing)]
+    problems += [f"{k} not in the model" for k in sorted(report.unexpected)]
     shown = "; ".join(problems[:3]) + (
         f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
     )

@@ -19,7 +19,7 @@ import contextlib
 import csv
 import io
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -204,6 +204,14 @@ def seen_by_other_tasks(
     return out
 
 
+def pretraining_unrecorded(meta: Mapping[str, Any]) -> bool:
+    """Whether ``meta`` is an eegfast pretraining checkpoint's that does not say what its
+    pretraining saw: saved before `eegfast pretrain` recorded ``pretrained_on``
+    (2026-12-06; the key is absent), or pretrained from such a checkpoint as ``model.init``
+    (recorded as null: this run's own subjects alone would leave out what its init saw)."""
+    return meta.get("command") == "pretrain" and meta.get("pretrained_on") is None
+
+
 def pretraining_overlap(
     data: TrainData, tasks: Sequence[str], plans: Sequence[FoldPlan], backbone: Backbone | None
 ) -> dict[str, str]:
@@ -213,7 +221,20 @@ def pretraining_overlap(
     Pretraining on the evaluation recordings without their labels is a legitimate protocol
     (transductive), but the numbers are then not those of a model that never saw the tested
     subjects' EEG, and the report says so. Recordings are matched by file name (the same file
-    prepared from another path), subjects by id."""
+    prepared from another path), subjects by id. A backbone whose pretraining checkpoint does
+    not record them (:func:`pretraining_unrecorded`) gets a note per task saying so: silence
+    read as a backbone that never saw the tested subjects."""
+    if backbone is not None and backbone.pretraining_unrecorded:
+        units = plans[0].units if plans else {}
+        return {
+            task: (
+                "note: the backbone's checkpoint does not record which subjects and recordings "
+                "its self-supervised pretraining saw (pretrained before eegfast recorded them, "
+                "on 2026-12-06, or further from such a checkpoint): whether it saw the tested "
+                f"{units.get(task, 'recording')}s cannot be checked"
+            )
+            for task in tasks
+        }
     seen = (backbone.pretrained_on if backbone is not None else None) or {}
     if not seen:
         return {}
@@ -468,6 +489,9 @@ class Backbone:
     # names]}, as `eegfast pretrain` records it and `upcycle` passes on), or None when not
     # known (fold models do not repeat it in each of their checkpoints)
     pretrained_on: dict[str, list[str]] | None = None
+    # an eegfast pretraining checkpoint without that record (:func:`pretraining_unrecorded`):
+    # the report says that the overlap with the tested subjects cannot be checked
+    pretraining_unrecorded: bool = False
 
     @property
     def routes(self) -> bool:

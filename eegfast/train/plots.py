@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+# numpy is imported where a plot is drawn: `eegfast <command> --help` reads REPORT_PLOTS
+# (through eegfast.train.commands.common) without loading it
+if TYPE_CHECKING:
+    import numpy as np
 
 # Every plot a fine-tuning or evaluation report may show (eegfast.train.finetune.write_outputs).
 REPORT_PLOTS = ("loss_curves.png", "confusion_matrices.png", "roc_curves.png", "expert_load.png")
@@ -72,6 +76,8 @@ def confusion_matrices(
     matrices: Mapping[str, np.ndarray], class_names: Mapping[str, Sequence[str]], path: Path
 ) -> Path:
     """One panel per task: counts summed over folds, rows = true class."""
+    import numpy as np
+
     plt = _pyplot()
     # constrained: a panel's "true" label ran into the tick labels of the panel beside it
     fig, axes = plt.subplots(
@@ -105,6 +111,7 @@ def roc_curves(
     ``positive``: {task: name of the positive class (label 1)}, shown in the panel's title
     (a true positive rate of an unnamed class cannot be read); ``pooled``: the scores are
     cross-validation folds' pooled (said in the titles), not one model's."""
+    import numpy as np
     from sklearn.metrics import roc_auc_score, roc_curve
 
     plt = _pyplot()
@@ -130,6 +137,8 @@ def expert_load(loads: Mapping[str, np.ndarray], path: Path) -> Path:
 
     A slot is one of a token's top-k expert choices, so the fractions sum to 1 over experts
     (uniform: 1 / num_experts); the fraction of *tokens* an expert sees is k times its bar."""
+    import numpy as np
+
     plt = _pyplot()
     tasks = list(loads)
     num_experts = len(next(iter(loads.values())))

@@ -50,6 +50,7 @@ from eegfast.train.finetune import (
     cross_validate,
     load_backbone_weights,
     predict,
+    pretraining_unrecorded,
     write_outputs,
 )
 
@@ -451,7 +452,13 @@ def _main(args: argparse.Namespace) -> int:
             scored = []
             # what its pretraining saw: the report notes the tested subjects or recordings it
             # was pretrained on, as finetune's does (a probe of a transductive backbone)
-            backbone = Backbone(arch_b, weights, task_names, backbone_meta.get("pretrained_on"))
+            backbone = Backbone(
+                arch_b,
+                weights,
+                task_names,
+                backbone_meta.get("pretrained_on"),
+                pretraining_unrecorded=pretraining_unrecorded(backbone_meta),
+            )
             result = cross_validate(
                 data, config, out, runtime, backbone, log=lambda text: say(runtime, text)
             )

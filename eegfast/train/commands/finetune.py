@@ -26,7 +26,12 @@ from eegfast.train.commands.options.finetune import DEFAULTS, configure_parser  
 from eegfast.train.config import RunConfig, config_to_yaml
 from eegfast.train.data import load_data
 from eegfast.train.distributed import shutdown
-from eegfast.train.finetune import Backbone, cross_validate, write_outputs
+from eegfast.train.finetune import (
+    Backbone,
+    cross_validate,
+    pretraining_unrecorded,
+    write_outputs,
+)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -42,7 +47,11 @@ def backbone_for(config: RunConfig, named: str | None = None) -> Backbone:
             config.model.init, drop_path=config.model.drop_path, name=named
         )
         return Backbone(
-            arch, weights, list(meta.get("task_names") or []), meta.get("pretrained_on")
+            arch,
+            weights,
+            list(meta.get("task_names") or []),
+            meta.get("pretrained_on"),
+            pretraining_unrecorded=pretraining_unrecorded(meta),
         )
     kwargs = {"num_classes": 0, "drop_path_rate": config.model.drop_path}
     return Backbone({"kind": "classifier", "name": config.model.name, "kwargs": kwargs}, None, [])

@@ -469,6 +469,23 @@ def _train(args, config, step, kind, resume, tokenizer_path, notes, resumed=None
             say(runtime, split.describe(len({item.recording for item in data.items})))
         # the EEG that the init run, or this run before a resume, saw
         earlier = [resumed.get("pretrained_on") or {}, init_meta.get("pretrained_on") or {}]
+        # An init pretrained before eegfast recorded it (or a run continued from one, which
+        # records null, resumed): this run's own EEG alone would read as all the backbone saw,
+        # and finetune's report as a backbone that never saw the others. Recorded as not known.
+        # (A resumed checkpoint of that age without the key saw this run's data: it is kept.)
+        from eegfast.train.finetune import pretraining_unrecorded
+
+        unrecorded = pretraining_unrecorded(init_meta) or (
+            "pretrained_on" in resumed and resumed["pretrained_on"] is None
+        )
+        if unrecorded and init:
+            say(
+                runtime,
+                f"note: model.init {init} does not record which subjects and recordings it was "
+                "pretrained on (by an eegfast from before 2026-12-06, or from such a "
+                "checkpoint): neither does this run (pretrained_on: null), and finetune's "
+                "report says that its overlap with the tested subjects cannot be checked",
+            )
         seen = {
             key: {name for e in earlier for name in e.get(key, ())}
             for key in ("subjects", "recordings")
@@ -519,7 +536,9 @@ def _train(args, config, step, kind, resume, tokenizer_path, notes, resumed=None
                 # when it tests on them (transductive pretraining). File names only (finetune
                 # matches recordings by name): ~15 bytes a recording in every checkpoint's meta.
                 # The held-out recordings were not trained on, so they are not listed.
-                "pretrained_on": {
+                "pretrained_on": None
+                if unrecorded
+                else {
                     "subjects": sorted({item.subject for item in train.items} | seen["subjects"]),
                     "recordings": sorted(
                         {Path(item.recording).name for item in train.items} | seen["recordings"]
