@@ -208,7 +208,10 @@ def pretraining_unrecorded(meta: Mapping[str, Any]) -> bool:
     """Whether ``meta`` is an eegfast pretraining checkpoint's that does not say what its
     pretraining saw: saved before `eegfast pretrain` recorded ``pretrained_on``
     (2026-12-06; the key is absent), or pretrained from such a checkpoint as ``model.init``
-    (recorded as null: this run's own subjects alone would leave out what its init saw)."""
+    (recorded as null: this run's own subjects alone would leave out what its init saw), or
+    upcycled from one of those (``upcycle`` records ``pretraining_unrecorded``)."""
+    if meta.get("pretraining_unrecorded"):
+        return True
     return meta.get("command") == "pretrain" and meta.get("pretrained_on") is None
 
 

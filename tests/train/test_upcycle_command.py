@@ -86,3 +86,21 @@ def test_an_upcycled_model_that_fails_the_probe_is_not_written(
     assert upcycle_cli(pretrained, out) == 2
     assert "differs from the dense one" in capsys.readouterr().err
     assert not (out / "checkpoints").exists() and not (out / "upcycle.json").exists()
+
+
+def test_an_upcycled_old_pretraining_run_is_said_to_be_unrecorded(tmp_path):
+    """A source pretrained before eegfast recorded ``pretrained_on``: the upcycled model's
+    meta said ``pretrained_on: null`` under ``command: upcycle``, which finetune's report read
+    as a backbone that saw no tested subject; it now keeps that the record is missing."""
+    from eegfast.train.finetune import pretraining_unrecorded
+
+    arch = {"kind": "pretrain", "name": "labram_tiny_pretrain", "kwargs": {"vocab_size": 64}}
+    weights = build_model(arch).state_dict()
+    for name, meta in {
+        "old": {"arch": arch, "command": "pretrain"},
+        "recorded": {"arch": arch, "command": "pretrain", "pretrained_on": PRETRAINED_ON},
+    }.items():
+        ckpt.save_checkpoint(tmp_path / name / "checkpoints", 1, weights, {"step": 1}, meta)
+        assert upcycle_cli(tmp_path / name, tmp_path / f"{name}-moe", "--experts", "2") == 0
+        upcycled = ckpt.latest_checkpoint(tmp_path / f"{name}-moe" / "checkpoints").meta
+        assert pretraining_unrecorded(upcycled) is (name == "old")

@@ -32,6 +32,7 @@ from eegfast.train.config import (
     config_to_dict,
     resolve_config,
 )
+from eegfast.train.finetune import pretraining_unrecorded
 
 
 def main(args: argparse.Namespace) -> int:
@@ -149,6 +150,8 @@ def _upcycle(
         "moe_parameters": count_parameters(moe),
         "probe_max_abs_diff": max_diff,
         "pretrained_on": source_meta.get("pretrained_on"),  # for finetune's report
+        # (a source pretrained before that record: finetune's report says it cannot check)
+        "pretraining_unrecorded": pretraining_unrecorded(source_meta),
         "config": config_to_dict(config),
         "metric": None,
     }
