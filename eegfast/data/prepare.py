@@ -1131,7 +1131,10 @@ def _outside_bad_segments(
 # 14: EDF+D annotations and BDF trigger codes of records past the header's count are read (as
 #    MNE reads the samples); a NUL-padded 'uV' unit is microvolts; a BDF trigger range written
 #    with a decimal comma is scaled.
-PROCESSING_REVISION = 14
+# 15: a BioSemi cap's labels with a prefix or reference suffix ('POL C17', 'EEG C1-Ref') show
+#    the cap (its C1..C6, A1/A2 were 10-20 sites); names numbered other than MNE's renamed
+#    repeats (Cz-1, Cz-2 without Cz-0) keep their names; PSG signals (HEO, Snore, ...) typed.
+PROCESSING_REVISION = 15
 
 
 def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bool]:

@@ -55,17 +55,33 @@ class BadRecording(Exception):
     """A recording that cannot be used; the message is the reason shown in the report."""
 
 
-# Name patterns of non-EEG signals -> MNE channel type (checked on the upper-cased raw name).
+# Name patterns of non-EEG signals -> MNE channel type (checked on the upper-cased raw name and
+# on its normalised form). The sleep (PSG) spellings are here because such files type every
+# signal EEG: HEO/VEO, LEOG/REOG; E1/E2 referenced to a mastoid or ear (AASM EOG: 'E1-M2');
+# leg EMG (LLEG, LAT1-LAT2); effort belts, snoring, airflow sensors, OSAT; pulse, HR; body
+# position, light, temperature, microphone. E1/E2 alone stay EEG (EGI nets' E1..E257), and no
+# pattern may match a name of the LaBraM table (tests/data/test_channel_types_s30.py).
 _NON_EEG = (
-    (re.compile(r"\b(ECG|EKG)\b|^(ECG|EKG)"), "ecg"),
-    (re.compile(r"\b(V|H)?EOG\b|^(V|H)?EOG|^LOC\b|^ROC\b"), "eog"),
-    (re.compile(r"\bEMG\b|^EMG|CHIN"), "emg"),
-    (re.compile(r"RESP|PLETH|SPO2|SAO2|THORAX|ABDO|AIRFLOW|NASAL"), "resp"),
+    (re.compile(r"\b(ECG|EKG)\b|^(ECG|EKG)|^PULSE|^HR\b"), "ecg"),
+    (re.compile(r"EOG|^(HEO|VEO)\b|^LOC\b|^ROC\b|^E[12]\s*[-:]\s*[MA][12]$"), "eog"),
+    (re.compile(r"\bEMG\b|^EMG|CHIN|LEG|^[LR]AT\d"), "emg"),
+    (
+        re.compile(
+            r"RESP|PLETH|SPO2|SAO2|OSAT|THORAX|^THOR|ABDO|^EFFORT|AIRFLOW|^FLOW|NASAL|SNOR"
+            r"|THERM|CANNULA|PTAF|CPAP"
+        ),
+        "resp",
+    ),
     (
         re.compile(r"^(STI|STATUS|TRIGGER|TRIG|EVENT|MARKER|DC\d*|PHOTIC|IBI|BURSTS|SUPPR)\b"),
         "stim",
     ),
-    (re.compile(r"EDF ANNOTATIONS|BDF ANNOTATIONS"), "misc"),
+    (
+        re.compile(
+            r"EDF ANNOTATIONS|BDF ANNOTATIONS|^(LIGHT|POSITION|POS|BODY|TEMP(ERATURE)?|MIC)\b"
+        ),
+        "misc",
+    ),
 )
 
 
@@ -118,32 +134,58 @@ def _label(raw: str) -> str:
     return raw.split("\x00", 1)[0].strip()
 
 
+def _cap_position(raw: str) -> str | None:
+    """The letter-number name (``'C17'``) a channel has, without the type prefix and reference
+    suffix of its spelling (``'POL C17'``, ``'EEG C17-Ref'``), or None."""
+    # normalize_channel_name: only T3..T6 change with modern_names, none of them A..H + number
+    name = normalize_channel_name(raw)
+    return name if _LETTER_NUMBER.match(name) else None
+
+
 def _letter_number_cap(ch_names: list[str]) -> bool:
     """Whether the recording names its electrodes by a letter-number cap layout (BioSemi)."""
     layout_only = [
         raw
         for raw in ch_names
-        if _LETTER_NUMBER.match(_label(raw))
-        and _label(raw)[0].upper() != "E"
-        and not is_labram_channel(normalize_channel_name(raw), allow_extended=True)
+        if (name := _cap_position(raw)) is not None
+        and name[0] != "E"
+        and not is_labram_channel(name, allow_extended=True)
     ]
     return len(layout_only) >= 2
 
 
 # MNE renames the channels of a file that holds one name several times to NAME-0, NAME-1, ...
-# (CHB-MIT's EDF files hold the derivation T8-P8 twice: 'T8-P8-0' and 'T8-P8-1').
+# (CHB-MIT's EDF files hold the derivation T8-P8 twice: 'T8-P8-0' and 'T8-P8-1'), counting
+# from 0 and renaming every copy (mne's _unique_channel_names; a letter, NAME-a, only where
+# NAME-<number> is taken already: not recognised here, those channels stay unknown).
 _RUNNING_NUMBER = re.compile(r"^(.+)-(\d+)$")
 
 
 def _renamed_duplicates(ch_names: list[str]) -> dict[str, str]:
-    """{channel name: the name it had in the file} for the channels MNE gave a running number
-    (two or more names STEM-<digits> of one STEM)."""
-    stems: dict[str, list[str]] = {}
+    """{channel name: the name it had in the file} for the channels MNE gave a running number:
+    the k >= 2 names STEM-0 .. STEM-<k-1> of one STEM, where no channel is named STEM itself.
+
+    Any other group cannot be MNE's renaming ('Cz-1', 'Cz-2' lack 'Cz-0'; beside 'Cz' the
+    file held that name once) and keeps its names. Channels a file really names 'Cz-0' and
+    'Cz-1' cannot be told apart from renamed copies of 'Cz'; they are taken as those.
+    """
+    labels = {_label(raw) for raw in ch_names}
+    stems: dict[str, list[tuple[int, str]]] = {}
     for raw in ch_names:
         match = _RUNNING_NUMBER.match(_label(raw))
         if match is not None:
-            stems.setdefault(match.group(1), []).append(raw)
-    return {raw: stem for stem, raws in stems.items() if len(raws) >= 2 for raw in raws}
+            number = match.group(2)
+            # 'Cz-00' is no running number: MNE writes str(index)
+            if number == str(int(number)):
+                stems.setdefault(match.group(1), []).append((int(number), raw))
+    return {
+        raw: stem
+        for stem, group in stems.items()
+        if len(group) >= 2
+        and stem not in labels
+        and sorted(n for n, _ in group) == list(range(len(group)))
+        for _, raw in group
+    }
 
 
 def map_channels(
@@ -176,7 +218,7 @@ def map_channels(
             excluded[raw] = f"{kind} channel"
             continue
         n_eeg += 1
-        if cap_layout and _LETTER_NUMBER.match(_label(raw)):
+        if cap_layout and _cap_position(raw) is not None:
             excluded[raw] = (
                 "BioSemi-style cap position (letter + number, A1..H32): not the 10-20 site of "
                 "that name"
