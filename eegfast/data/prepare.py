@@ -307,7 +307,12 @@ def _bidsignore(
     without one): the files the dataset says are not BIDS, by gitignore's patterns relative to
     its root (the BIDS specification's syntax), the last matching pattern deciding (``!`` takes
     a path back), a file in a named folder named too. An unreadable one is said in ``notes``
-    and not applied; ``cache``: one search's matchers."""
+    and not applied; ``cache``: one search's matchers.
+
+    Each folder is matched with pathspec, which takes a pattern naming a folder to name all
+    below it: a ``!`` pattern taking back a parent folder (``**/eeg/`` then ``!sub-01/``) also
+    takes back a subfolder an earlier pattern named, which git would leave ignored. No pattern
+    without ``!`` differs from git (checked against ``git check-ignore`` on 400 combinations)."""
     if root in cache:
         return cache[root]
     try:

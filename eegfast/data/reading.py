@@ -715,7 +715,10 @@ def _mark_edf_gaps(
     stamp = float(_TAL.match(tals).group(1))  # the first record's (edf_record_onsets checked it)
     found_annotations = _tal_annotations(tals, stamp)
     if events_tsv is not None:  # from the file too: raw.annotations lost those past the end
-        events = import_mne_bids().events_file_to_annotation_kwargs(events_tsv, verbose="error")
+        # (quiet through MNE's log level: mne-bids 0.17's reader has no verbose argument, and
+        # every such recording failed on it with a TypeError)
+        with mne.utils.use_log_level("error"):
+            events = import_mne_bids().events_file_to_annotation_kwargs(events_tsv)
         found_annotations = [
             (float(onset), float(duration), str(description))
             for onset, duration, description in zip(
