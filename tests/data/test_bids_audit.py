@@ -34,7 +34,7 @@ def _dataset(root, subjects=("01",), sessions=(None,), task="mi"):
 
 def _edit_tsv(path, fn):
     """Rewrites each row (a dict of the header's columns) of a sidecar .tsv with ``fn``."""
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8-sig").splitlines()  # (mne-bids 0.17-0.18: a BOM)
     header = lines[0].split("\t")
     rows = [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:]]
     rows = [fn(row) for row in rows]
