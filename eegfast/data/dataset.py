@@ -3,7 +3,7 @@
 Speed comes from reading whole batches, not items: ``make_loader`` hands each worker a list of
 window indices (grouped by electrode set by default), and ``ShardDataset.get_batch`` sorts them by
 shard and row, opens each shard once and reads its rows straight into the batch tensor (float16
-shards: into a small scratch array, then one vectorised cast). There is no per-item tensor or dict.
+shards: into a float16 batch, cast in one call). There is no per-item tensor or dict.
 
 Shards are read with plain ``readinto`` calls, not kept open as memory maps: a map holds a file
 descriptor, and a folder of more recordings than the open-file limit (1024 by default on Linux,
@@ -232,9 +232,19 @@ class ShardDataset(Dataset):
             )
         return str(path), offset, dtype, _identity(st)
 
-    def _read_rows(self, rec: int, rows: Sequence[int], out: Sequence[np.ndarray]) -> None:
+    def _read_rows(
+        self,
+        rec: int,
+        rows: Sequence[int],
+        out: Sequence[np.ndarray],
+        half: Sequence[np.ndarray] | None = None,
+    ) -> bool:
         """Read rows ``rows`` (at least one) of recording ``rec``'s shard into the float32
-        arrays ``out`` (each (C, A, 200), C-contiguous): one open, one read per row."""
+        arrays ``out`` (each (C, A, 200), C-contiguous): one open, one read per row.
+
+        ``half``: float16 arrays of the same shapes, one per row: a float16 shard's rows are
+        read into them as they are (``out`` untouched), for the caller to cast a whole batch
+        in one call. Returns whether the rows went to ``half``."""
         path, offset, dtype, identity = self._shard(rec)
         fd = os.open(path, _OPEN_FLAGS)
         try:
@@ -250,9 +260,10 @@ class ShardDataset(Dataset):
                         f"`prepare` into {self.root} has finished since, open it again)"
                     ) from None
             n_bytes = out[0].size * dtype.itemsize
-            scratch = None if dtype == np.float32 else np.empty(out[0].shape, dtype)
-            for w, dst in zip(rows, out, strict=True):
-                target = dst if scratch is None else scratch
+            to_half = half is not None and dtype == np.float16
+            scratch = None if dtype == np.float32 or to_half else np.empty(out[0].shape, dtype)
+            for k, (w, dst) in enumerate(zip(rows, out, strict=True)):
+                target = half[k] if to_half else dst if scratch is None else scratch
                 if _read_at(fd, memoryview(target).cast("B"), offset + w * n_bytes) != n_bytes:
                     raise ValueError(
                         f"{path}: shard is shorter than its header says (row {w}); delete it "
@@ -263,6 +274,7 @@ class ShardDataset(Dataset):
                     torch.from_numpy(dst).copy_(torch.from_numpy(scratch))
         finally:
             os.close(fd)
+        return to_half
 
     @property
     def subjects(self) -> list[str]:
@@ -338,9 +350,20 @@ class ShardDataset(Dataset):
         else:
             buffer = self._memory.take(4 * math.prod(shape))
             x = torch.from_numpy(buffer.view(np.float32).reshape(shape))
-        if (n_ch != c_max).any():
+        padded = bool((n_ch != c_max).any())
+        if padded:
             x.zero_()
         x_np = x.numpy()
+        # float16 shards: their rows are read as they are into a float16 batch, cast into x in
+        # one call at the end. A cast per window (as ds[i] does) is a parallel region of
+        # torch's thread pool each: 50-400 us a window on a loaded 2-core machine, several
+        # times the read itself, where one call for the batch costs a few us a window.
+        half = None
+        if any(self._shard(int(r))[2] == np.float16 for r in np.unique(rec)):
+            half = self._memory.take(2 * math.prod(shape)).view(np.float16).reshape(shape)
+            if padded:
+                half.fill(0)
+        from_half = np.zeros(len(idx), dtype=bool)  # batch rows read into ``half``
         input_chans = torch.zeros((len(idx), c_max + 1), dtype=torch.long)
         rec_read, row_read = rec[order], row[order]
         cuts = np.flatnonzero(np.diff(rec_read)) + 1
@@ -349,9 +372,18 @@ class ShardDataset(Dataset):
             r = int(rec_read[start])
             c = int(self._n_channels[r])
             rows_to = order[start:stop]
-            # Each window is read (float32) or cast (float16) straight into its batch row.
-            self._read_rows(r, row_read[start:stop].tolist(), [x_np[j, :c] for j in rows_to])
+            # Each window is read straight into its batch row (of ``half`` for float16).
+            halves = None if half is None else [half[j, :c] for j in rows_to]
+            if self._read_rows(
+                r, row_read[start:stop].tolist(), [x_np[j, :c] for j in rows_to], halves
+            ):
+                from_half[rows_to] = True
             input_chans[torch.from_numpy(rows_to), : c + 1] = self._input_chans[r]
+        if from_half.all():
+            x.copy_(torch.from_numpy(half))
+        elif from_half.any():  # float16 and float32 shards in one batch
+            cast = torch.from_numpy(np.flatnonzero(from_half))
+            x[cast] = torch.from_numpy(half)[cast].float()
         mask = torch.from_numpy(
             np.arange(c_max)[None, :] >= n_ch[:, None]
         )  # True = padded electrode

@@ -908,6 +908,10 @@ def fit(
         restore_compile_settings = _compiled_training_settings(
             len(set(group_keys)), train_cfg.activation_checkpointing
         )
+    # What the optimiser steps (the sharded parameters under FSDP), listed once: walking the
+    # module tree for them at every step was ~0.5 ms of host time a step for LaBraM-Base
+    # (228 parameters under 197 modules), 2% of a 25-ms step at 2,500 samples/s.
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
     try:
         while step < total_steps:
@@ -967,7 +971,7 @@ def fit(
                 scaler.unscale_(optimizer)
                 max_norm = optim_cfg.clip_grad if optim_cfg.clip_grad > 0 else math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in raw_model.parameters() if p.grad is not None], max_norm
+                    [p for p in trained if p.grad is not None], max_norm
                 )
                 if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
                     grad_norm = grad_norm.full_tensor()
