@@ -34,6 +34,7 @@ constexpr int64_t kBlockBytes = 96 * 1024;  // codebook bytes per L2-resident bl
 constexpr double kUnitRoundoff = 5.9604644775390625e-08;  // 2^-24
 constexpr double kTieTolerance = 1e-12;
 constexpr double kNormEps = 1e-12;     // as torch.nn.functional.normalize
+constexpr double kFp32OverflowGuard = 1.7014118346046923e+38;  // 2^127, half of FLT_MAX
 
 using vf = float __attribute__((vector_size(32)));
 using vi = int32_t __attribute__((vector_size(32)));
@@ -234,9 +235,16 @@ void finish_row(const ChunkArgs& a, int64_t row, const RowState& s) {
                                (kUnitRoundoff * bound_scale +
                                 double(std::numeric_limits<float>::denorm_min())) +
                            kTieTolerance * tie_scale;
+  // The bound holds only while no fp32 value overflows. Each product, partial sum and score of
+  // a finite code is at most bound_scale (1 + (D + 2) u) in magnitude; near FLT_MAX a code may
+  // score inf, -inf or NaN (inf - inf), and the exact winner (an l2 code equal to the row with
+  // |c| = 3e19, say) lost to a finite code by an infinite gap. Those rows are re-scored.
+  const bool may_overflow =
+      !(bound_scale * (1.0 + 4.0 * double(a.D + 4) * kUnitRoundoff) < kFp32OverflowGuard);
   const double gap = double(s.best[lane]) - double(second);
   int64_t code = s.best_code[lane];
-  if (!(gap > tolerance) || !std::isfinite(s.best[lane])) code = rescore_row_float64(a, row);
+  if (!(gap > tolerance) || !std::isfinite(s.best[lane]) || may_overflow)
+    code = rescore_row_float64(a, row);
   a.indices[row] = code;
   a.scores[row] = final_score(a, row, code);
 }

@@ -20,7 +20,8 @@
 //      finite code norm; plus fp32 underflow and the reference's tie tolerance, as finish_row):
 //      the fp32 score of any code is within (D + 2) 2^-24 S of its exact value whatever the
 //      summation order, so such a gap proves the fp32 winner is the exact winner, on the CPU
-//      and here alike. Accepted rows get their float64 score; the rest are appended
+//      and here alike, as long as no fp32 value can overflow (S well below FLT_MAX: else the
+//      row is re-checked too). Accepted rows get their float64 score; the rest are appended
 //      to a list in the workspace.
 //   4. rescore_kernel: a block per listed row re-scores all K codes in float64 exactly as
 //      rescore_row_float64 in vq_cpu.cpp (NaN scores -> -inf, lowest index within the tie
@@ -65,6 +66,7 @@ constexpr double kUnitRoundoff = 5.9604644775390625e-08;  // 2^-24
 constexpr double kTieTolerance = 1e-12;
 constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
 constexpr double kFloatDenormMin = 1.401298464324817e-45;  // 2^-149
+constexpr double kFp32OverflowGuard = 1.7014118346046923e+38;  // 2^127, half of FLT_MAX
 
 static_assert(kTileThreads == (kBM / 8) * (kBN / 8), "one 8 x 8 register tile per thread");
 static_assert((kBD * kBN / 4) % kTileThreads == 0, "whole float4 copies per thread");
@@ -114,6 +116,31 @@ Plan make_plan(int64_t N, int64_t K, int64_t D) {
   p.part_code = take(parts * sizeof(int32_t));
   p.total = offset;
   return p;
+}
+
+// Dynamic shared memory of nearest_tiles_kernel: two code stages, and the z tile (resident:
+// all dpad features, 82 KiB in all at dpad = 128; else two 16-feature stages, 32.5 KiB).
+constexpr size_t tiles_smem_bytes(bool resident, int64_t dpad) {
+  return static_cast<size_t>(2 * kBD * kBN + (resident ? dpad * kLDZ : 2 * kBD * kLDZ)) *
+         sizeof(float);
+}
+
+// Whether the z tile stays resident: up to kResidentMaxD padded features, where the device
+// grants the shared memory (smem_optin: cudaDevAttrMaxSharedMemoryPerBlockOptin). sm_75 grants
+// 64 KiB and sm_6x 48 KiB, on which the resident launch failed for dpad >= 96 / >= 64.
+bool use_resident_z(int64_t dpad, int smem_optin) {
+  return dpad <= kResidentMaxD && tiles_smem_bytes(true, dpad) <= static_cast<size_t>(smem_optin);
+}
+
+// Whether an fp32 product, partial sum or score of a finite code may overflow for a row: each
+// is at most bound_scale (1 + (D + 2) u) in magnitude (|z| |c| for the dot products, plus
+// |c|^2 / 2 for the l2 bias; bound_scale as in finalize_kernel). An overflowed code scores inf,
+// -inf or NaN (inf - inf), outside the error bound: the exact winner (say an l2 code equal to
+// the row, |c| = 3e19) could lose to a finite code by an infinite gap. Such rows go to the
+// float64 re-check, as in finish_row (vq_cpu.cpp).
+__host__ __device__ inline bool fp32_may_overflow(double bound_scale, int64_t D) {
+  return !(bound_scale * (1.0 + 4.0 * static_cast<double>(D + 4) * kUnitRoundoff) <
+           kFp32OverflowGuard);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -288,7 +315,7 @@ __global__ void __launch_bounds__(kMaxNormThreads)
 // into the other stage right after the barrier of step s, so it lands while step s computes;
 // one barrier per step suffices because a stage is only overwritten after every thread has
 // passed the barrier that follows its last read. The z tile (transposed, features x rows) is
-// loaded once when the padded D <= kResidentMaxD (kResident), else per step like the codes.
+// loaded once when it fits (kResident: use_resident_z), else per step like the codes.
 // After the last chunk of a tile, its 8 x 8 scores (+ bias) are folded into the per-row top-2
 // in ascending code order and the accumulators reset. At the end, the 16 threads sharing a row
 // (lanes differing in the low 4 bits of one warp) merge their top-2 by xor shuffles.
@@ -487,7 +514,7 @@ __global__ void __launch_bounds__(kRowThreads)
                   __dadd_rn(__dmul_rn(kUnitRoundoff, bound_scale), kFloatDenormMin)),
         __dmul_rn(kTieTolerance, tie_scale));
     const double gap = __dsub_rn(static_cast<double>(best), static_cast<double>(second));
-    if (!(gap > tolerance) || !isfinite(best)) {
+    if (!(gap > tolerance) || !isfinite(best) || fp32_may_overflow(bound_scale, D)) {
       list[atomicAdd(count, 1ull)] = n;  // rescore_kernel writes this row
       continue;
     }
@@ -606,8 +633,7 @@ template <typename T, bool kResident>
 cudaError_t launch_tiles(const T* z, int64_t N, int64_t D, const Plan& p, const float* packed,
                          const float* bias, float* part_best, float* part_second,
                          int32_t* part_code, cudaStream_t stream) {
-  const int64_t z_floats = kResident ? p.dpad * kLDZ : 2 * kBD * kLDZ;
-  const size_t smem = static_cast<size_t>(2 * kBD * kBN + z_floats) * sizeof(float);
+  const size_t smem = tiles_smem_bytes(kResident, p.dpad);
   auto kernel = nearest_tiles_kernel<T, kResident>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
@@ -641,7 +667,11 @@ cudaError_t nearest_impl(const T* z, const T* codebook, int64_t N, int64_t K, in
   max_norm_kernel<<<1, kMaxNormThreads, 0, stream>>>(norm, K, max_norm, count);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
-  err = p.dpad <= kResidentMaxD
+  int device = 0, smem_optin = 0;
+  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  err = use_resident_z(p.dpad, smem_optin)
             ? launch_tiles<T, true>(z, N, D, p, packed, bias, part_best, part_second, part_code,
                                     stream)
             : launch_tiles<T, false>(z, N, D, p, packed, bias, part_best, part_second, part_code,

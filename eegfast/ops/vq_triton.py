@@ -292,7 +292,12 @@ def vq_nearest_triton(
         + TIE_TOLERANCE * tie_scale
     )
     gap = best.double() - second.double()
-    flags = finite & ~((gap > tolerance) & torch.isfinite(best))
+    # The bound holds while no fp32 value overflows: each product, partial sum and score of a
+    # finite code is at most about bound_scale in magnitude, and near FLT_MAX the exact winner
+    # may score inf or NaN and lose to a finite code by an infinite gap (an l2 code equal to
+    # the row, |c| = 3e19). Such rows are re-scored, as in vq_cpu.cpp's finish_row.
+    may_overflow = ~(bound_scale * (1.0 + 4.0 * (D + 4) * _UNIT_ROUNDOFF[precision]) < 2.0**127)
+    flags = finite & (~((gap > tolerance) & torch.isfinite(best)) | may_overflow)
     if N > 0:
         with launch_device(z):
             wrap_triton(_rescore_kernel)[(N,)](
