@@ -2,7 +2,7 @@
 
 CPU kernels are always built. CUDA kernels are built when torch has CUDA and nvcc is found;
 ``EEGFAST_CUDA=0`` or ``EEGFAST_CUDA=1`` forces the choice. ``TORCH_CUDA_ARCH_LIST`` defaults to
-sm_80 and sm_90 (A100, H100/H200).
+sm_80 and sm_90 (A100, H100/H200) plus compute_90 PTX for newer GPUs.
 """
 
 import os
@@ -63,7 +63,9 @@ def extension():
     # override it. -Wno-psabi: 256-bit vector helpers are inlined; the ABI note does not apply.
     cxx = [f"-O{cpu_opt_level()}", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
     if build_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # +PTX: compute_90 PTX beside the sm_80 / sm_90 code, which newer GPUs (sm_100,
+        # sm_120) JIT-compile at the first use; older ones (sm_75, sm_70) need their own entry
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         return CUDAExtension(
             "eegfast._C",
             always + cuda_only,

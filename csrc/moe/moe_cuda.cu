@@ -102,5 +102,27 @@ cudaError_t launch_dispatch(const int64_t* expert_idx, int64_t S, int64_t num_ex
   return cudaGetLastError();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Whether the current device can run these kernels (see moe_cuda.h)
+
+cudaError_t kernel_image_status() {
+  cudaFuncAttributes attributes;
+  const cudaError_t err = cudaFuncGetAttributes(&attributes, dispatch_kernel);
+  // not a sticky error, but cudaGetLastError would return it after the next good launch
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return err;
+}
+
+int compiled_archs(int* archs, int capacity) {
+#ifdef __CUDA_ARCH_LIST__
+  constexpr int kArchs[] = {__CUDA_ARCH_LIST__};
+  constexpr int kCount = static_cast<int>(sizeof(kArchs) / sizeof(kArchs[0]));
+  for (int i = 0; i < kCount && i < capacity; ++i) archs[i] = kArchs[i];
+  return kCount;
+#else
+  return 0;
+#endif
+}
+
 }  // namespace moe_cuda
 }  // namespace eegfast

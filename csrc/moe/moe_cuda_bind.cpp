@@ -3,13 +3,16 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "moe/moe.h"
 #include "moe/moe_cuda.h"
 
+#include <algorithm>
 #include <tuple>
+#include <vector>
 
 namespace eegfast {
 namespace {
@@ -33,7 +36,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_dispatch_cuda(
   return {counts, offsets, sorted_slots, slot_pos};
 }
 
+// _moe_cuda_kernel_image: whether GPU `device` can run the kernels of moe_cuda.cu. Returns the CUDA
+// error of looking one up (0: yes; cudaErrorNoKernelImageForDevice or
+// cudaErrorInvalidDeviceFunction: they were compiled for other architectures) and the
+// architectures they were compiled for (800 for compute_80). eegfast/ops/_backend.py asks
+// before it chooses the cuda backend: else every op failed with "no kernel image is available
+// for execution on the device" instead of falling back to Triton or the reference.
+std::tuple<int64_t, std::vector<int64_t>> moe_cuda_kernel_image(int64_t device) {
+  TORCH_CHECK(device >= 0 && device < c10::cuda::device_count(), "_moe_cuda_kernel_image: device ",
+              device, " is not a CUDA device index (", int(c10::cuda::device_count()),
+              " devices)");
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const int64_t status = static_cast<int64_t>(moe_cuda::kernel_image_status());
+  int archs[32];
+  const int count = std::min(moe_cuda::compiled_archs(archs, 32), 32);
+  return {status, std::vector<int64_t>(archs, archs + count)};
+}
+
 }  // namespace
 }  // namespace eegfast
 
 TORCH_LIBRARY_IMPL(eegfast, CUDA, m) { m.impl("moe_dispatch", &eegfast::moe_dispatch_cuda); }
+
+// Not an op on tensors (no dispatch key): registered as a plain function, for every key.
+TORCH_LIBRARY_FRAGMENT(eegfast, m) {
+  m.def("_moe_cuda_kernel_image(int device) -> (int, int[])", &eegfast::moe_cuda_kernel_image);
+}

@@ -45,5 +45,18 @@ cudaError_t launch_code_stats(const void* z, int dtype, const int64_t* indices, 
                               int64_t K, int64_t D, float* counts, float* sums,
                               cudaStream_t stream);
 
+// cudaSuccess when the current device can run this file's kernels: cudaFuncGetAttributes on one
+// of them loads its image (or JIT-compiles it from PTX). Otherwise that call's error:
+// cudaErrorNoKernelImageForDevice or cudaErrorInvalidDeviceFunction when the file was compiled
+// for other architectures (TORCH_CUDA_ARCH_LIST), where every launch would fail the same way.
+// The error is also taken off the runtime's last-error slot, so that no later launch check
+// reports it. Synchronous; creates the device's context if there is none.
+cudaError_t kernel_image_status();
+
+// The virtual architectures this file was compiled for, as nvcc's __CUDA_ARCH_LIST__ lists
+// them (800 for compute_80): writes at most `capacity` of them to `archs` and returns how many
+// there are (0 when nvcc did not say).
+int compiled_archs(int* archs, int capacity);
+
 }  // namespace vq_cuda
 }  // namespace eegfast

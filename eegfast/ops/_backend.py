@@ -10,7 +10,9 @@ Selection: the ``backend=`` argument of an op, else ``EEGFAST_BACKEND``, else au
 device of the inputs (``backend="auto"`` asks for the automatic choice whatever
 ``EEGFAST_BACKEND`` says; ``EEGFAST_BACKEND=auto`` is the same as unset). A missing extension
 warns once and falls back to the reference, unless ``EEGFAST_REQUIRE_EXT=1``, where it is an
-error.
+error. CUDA kernels compiled for other GPU architectures (``TORCH_CUDA_ARCH_LIST``) are not
+ready on this GPU: the automatic choice warns once and passes over them, ``backend="cuda"``
+raises, both saying how to rebuild.
 """
 
 from __future__ import annotations
@@ -204,8 +206,9 @@ def available_backends() -> dict[str, BackendStatus]:
         )
     elif not torch.cuda.is_available():
         statuses["cuda"] = BackendStatus(False, "built with CUDA but no CUDA device is visible")
-    else:
-        statuses["cuda"] = BackendStatus(True, torch.cuda.get_device_name())
+    else:  # the current device's (resolve_backend asks for the tensors' device)
+        problem = _cuda_kernel_image_problem(torch.cuda.current_device())
+        statuses["cuda"] = BackendStatus(problem is None, problem or torch.cuda.get_device_name())
     statuses["triton"] = _triton_status()
     return statuses
 
@@ -230,7 +233,7 @@ def resolve_backend(
     if name == "auto":
         if device.type == "cuda":
             for candidate in gpu_preference:
-                if candidate == "cuda" and _cuda_extension_ready():
+                if candidate == "cuda" and _cuda_extension_ready(device):
                     return "cuda"
                 if candidate == "triton" and _triton_status().available:
                     return "triton"
@@ -246,6 +249,11 @@ def resolve_backend(
             return "reference"
         if name == "cuda" and not module.build_info()["cuda"]:
             raise RuntimeError(f"{choice}: eegfast._C was built without CUDA kernels")
+        # (only for ops with eegfast._C CUDA kernels: qk_norm_attention runs "cuda" on Triton)
+        if name == "cuda" and "cuda" in gpu_preference:
+            problem = _cuda_kernel_image_problem(_cuda_index(device))
+            if problem is not None:
+                raise RuntimeError(f"{choice}: {problem}")
     if name == "triton":
         status = _triton_status()
         if not status.available:
@@ -266,13 +274,91 @@ def automatic_gpu_candidates(
         return ()
     if device.type != "cuda":
         return ()
-    ready = {"cuda": _cuda_extension_ready, "triton": lambda: _triton_status().available}
+    ready = {
+        "cuda": lambda: _cuda_extension_ready(device),
+        "triton": lambda: _triton_status().available,
+    }
     return tuple(name for name in gpu_preference if name in ready and ready[name]())
 
 
-def _cuda_extension_ready() -> bool:
+def _cuda_extension_ready(device: torch.device) -> bool:
+    """Whether eegfast._C's CUDA kernels can run on ``device`` (a CUDA device): built, with
+    CUDA, for its architecture. The automatic choice passes over them otherwise, with one
+    warning per device saying how to rebuild."""
     module = extension()
-    return module is not None and bool(module.build_info()["cuda"])
+    if module is None or not module.build_info()["cuda"]:
+        return False
+    problem = _cuda_kernel_image_problem(_cuda_index(device))
+    if problem is not None:
+        _warn_no_kernel_image_once(problem)
+    return problem is None
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+# cudaError_t values of a kernel lookup that mean "compiled for other architectures":
+# cudaErrorInvalidDeviceFunction, cudaErrorNoKernelImageForDevice (the runtime's choice of the
+# two depends on its version)
+_NO_KERNEL_IMAGE_ERRORS = (98, 209)
+# cudaErrorUnsupportedPtxVersion: the kernels exist for this GPU only as PTX (+PTX in
+# TORCH_CUDA_ARCH_LIST), from a CUDA toolkit newer than the driver, which cannot JIT-compile it
+_PTX_TOO_NEW_ERROR = 222
+# eegfast._C ops that look up one kernel of a .cu file on a device (csrc/*/*_cuda_bind.cpp)
+_KERNEL_IMAGE_PROBES = ("_vq_cuda_kernel_image", "_moe_cuda_kernel_image")
+
+
+@functools.cache
+def _cuda_kernel_image_problem(index: int) -> str | None:
+    """Why eegfast._C's CUDA kernels cannot run on GPU ``index``: they were compiled
+    (TORCH_CUDA_ARCH_LIST) for architectures it cannot run, where every op failed with "no
+    kernel image is available for execution on the device" (or reach it as PTX that its driver
+    is too old to compile). None when they can run there, or
+    when the extension cannot tell (built before it had the probes: taken as ready, as then).
+    Other CUDA errors of the probe are left to the ops, which report them themselves."""
+    # the probe creates the device's context: torch's initialisation first, so that torch
+    # knows (its check against CUDA in a forked child, its lazy-init hooks)
+    torch.cuda.init()
+    for name in _KERNEL_IMAGE_PROBES:
+        try:
+            probe = getattr(torch.ops.eegfast, name)
+        except AttributeError:  # an older build
+            continue
+        error, archs = probe(index)
+        if error in (*_NO_KERNEL_IMAGE_ERRORS, _PTX_TOO_NEW_ERROR):
+            major, minor = torch.cuda.get_device_capability(index)
+            gpu = (
+                f"cuda:{index} ({torch.cuda.get_device_name(index)}, compute capability "
+                f"{major}.{minor}, sm_{major}{minor})"
+            )
+            if error == _PTX_TOO_NEW_ERROR:
+                return (
+                    f"eegfast._C's CUDA kernels reach {gpu} as PTX from a CUDA toolkit newer "
+                    "than this NVIDIA driver, which cannot compile it "
+                    "(cudaErrorUnsupportedPtxVersion): update the driver, or rebuild the "
+                    f'extension with TORCH_CUDA_ARCH_LIST="{major}.{minor}" pip install '
+                    "--no-build-isolation -e ."
+                )
+            # __CUDA_ARCH_LIST__ entries: 800 for compute_80, i.e. 8.0 in TORCH_CUDA_ARCH_LIST
+            built = ", ".join(f"{a // 100}.{a % 100 // 10}" for a in archs)
+            return (
+                f"eegfast._C's CUDA kernels were compiled for compute capability "
+                f"{built or 'other than this GPU'} (TORCH_CUDA_ARCH_LIST) and cannot run on "
+                f"{gpu}: rebuild the extension with "
+                f'TORCH_CUDA_ARCH_LIST="{major}.{minor}" pip install --no-build-isolation -e . '
+                f'(a list such as "{major}.{minor};8.0;9.0+PTX" serves several GPUs)'
+            )
+    return None
+
+
+@functools.cache
+def _warn_no_kernel_image_once(problem: str) -> None:
+    warnings.warn(
+        f"{problem}; the automatic backend choice uses Triton or the reference instead.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 _AUTODIFF_TRANSFORMS = (
