@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from eegfast.ops._backend import (
+    _cuda_extension_ready,
     extension,
     needs_reference_autodiff,
     raising_when_differentiated,
@@ -416,6 +417,15 @@ def _triton_ops():
 # --------------------------------------------------------------------------------------------
 
 
+def _dispatch_request(backend: str | None, device: torch.device) -> str | None:
+    """The backend asked of the dispatch op: Triton has none, so ``"triton"`` on a GPU asks for
+    the CUDA kernel where it can run there and the reference where it cannot (not built with
+    CUDA, or for another architecture: asking for "cuda" raised instead)."""
+    if backend != "triton" or device.type != "cuda":
+        return backend
+    return "cuda" if _cuda_extension_ready(device) else "reference"
+
+
 def moe_dispatch(
     expert_idx: torch.Tensor, num_experts: int, *, backend: str | None = None
 ) -> MoEDispatch:
@@ -435,9 +445,7 @@ def moe_dispatch(
     """
     _check_dispatch_inputs(expert_idx, num_experts, check_values=False)
     chosen = resolve_backend(
-        "cuda" if backend == "triton" and expert_idx.is_cuda else backend,
-        expert_idx.device,
-        DISPATCH_GPU_PREFERENCE,
+        _dispatch_request(backend, expert_idx.device), expert_idx.device, DISPATCH_GPU_PREFERENCE
     )
     if chosen in ("cpu", "cuda"):
         return MoEDispatch(*torch.ops.eegfast.moe_dispatch(expert_idx, num_experts))

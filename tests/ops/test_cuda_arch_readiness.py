@@ -179,3 +179,20 @@ def test_kernel_image_probes_compile_and_run(tmp_path):
         assert (vq, moe, last) == (0, 0, 0)
     else:  # no driver or no device: every runtime call, cudaGetLastError too, fails the same
         assert vq == moe != 0
+
+
+@pytest.mark.parametrize("ready", [True, False])
+def test_moe_dispatch_triton_on_a_gpu_takes_the_reference_where_cuda_kernels_cannot_run(
+    monkeypatch, ready
+):
+    """Triton has no dispatch kernel: backend="triton" on a GPU asked for "cuda", which raised
+    where eegfast._C's kernels have no image for the GPU (or it was built without CUDA), though
+    the docstring promises the reference there."""
+    from eegfast.ops import moe
+
+    monkeypatch.setattr(moe, "_cuda_extension_ready", lambda device: ready)
+    gpu = torch.device("cuda", 0)
+    assert moe._dispatch_request("triton", gpu) == ("cuda" if ready else "reference")
+    assert moe._dispatch_request("triton", torch.device("cpu")) == "triton"
+    assert moe._dispatch_request(None, gpu) is None
+    assert moe._dispatch_request("cuda", gpu) == "cuda"
