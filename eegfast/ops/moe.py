@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from eegfast.ops._backend import (
     _cuda_extension_ready,
+    assume_constant_result,
     extension,
     needs_reference_autodiff,
     raising_when_differentiated,
@@ -417,6 +418,10 @@ def _triton_ops():
 # --------------------------------------------------------------------------------------------
 
 
+# Evaluated once while torch.compile traces a call, as resolve_backend: the readiness check
+# (the extension's import, its build info, the kernel-image probe) cannot be traced, and an
+# MoE layer with backend="triton" failed to compile with fullgraph=True (a graph break else).
+@assume_constant_result
 def _dispatch_request(backend: str | None, device: torch.device) -> str | None:
     """The backend asked of the dispatch op: Triton has none, so ``"triton"`` on a GPU asks for
     the CUDA kernel where it can run there and the reference where it cannot (not built with

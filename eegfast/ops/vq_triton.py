@@ -295,8 +295,12 @@ def vq_nearest_triton(
     # The bound holds while no fp32 value overflows: each product, partial sum and score of a
     # finite code is at most about bound_scale in magnitude, and near FLT_MAX the exact winner
     # may score inf or NaN and lose to a finite code by an infinite gap (an l2 code equal to
-    # the row, |c| = 3e19). Such rows are re-scored, as in vq_cpu.cpp's finish_row.
-    may_overflow = ~(bound_scale * (1.0 + 4.0 * (D + 4) * _UNIT_ROUNDOFF[precision]) < 2.0**127)
+    # the row, |c| = 3e19). Such rows are re-scored, as in vq_cpu.cpp's finish_row. Cosine
+    # dots here are of the raw codes, scaled by 1/|c| only after the sum (the CPU and CUDA
+    # kernels pack unit codes): up to |z| |c|, which overflowed for codes of norm 1e30 while
+    # |z| was 3e10, and the exact winner scored -inf.
+    largest = bound_scale if metric == "l2" else z_sq.sqrt() * max_norm.clamp_min(1.0)
+    may_overflow = ~(largest * (1.0 + 4.0 * (D + 4) * _UNIT_ROUNDOFF[precision]) < 2.0**127)
     flags = finite & (~((gap > tolerance) & torch.isfinite(best)) | may_overflow)
     if N > 0:
         with launch_device(z):
