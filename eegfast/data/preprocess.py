@@ -90,16 +90,28 @@ class PreprocessConfig:
         a = self.window_seconds
         if isinstance(a, bool) or not isinstance(a, int) or not 1 <= a <= MAX_PATCHES:
             raise ValueError(f"window_seconds: must be an integer 1..{MAX_PATCHES}, got {a!r}")
-        if self.stride_seconds is not None and not self.stride_seconds * TARGET_SFREQ >= 1:
-            raise ValueError(f"stride_seconds: must be >= 1/200 s, got {self.stride_seconds!r}")
+        # finite: an infinite stride passed here and failed every recording in prepare with
+        # "OverflowError: cannot convert float infinity to integer", naming no setting
+        if self.stride_seconds is not None and not (
+            1 <= self.stride_seconds * TARGET_SFREQ < math.inf
+        ):
+            raise ValueError(
+                f"stride_seconds: must be a finite number >= 1/200 s, got {self.stride_seconds!r}"
+            )
         if self.dtype not in ("float32", "float16"):
             raise ValueError(f"dtype: 'float32' or 'float16', got {self.dtype!r}")
         for name in ("l_freq", "h_freq", "notch_freq"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name}: must be > 0 Hz or None, got {value!r}")
+            if value is not None and not 0 < value < math.inf:
+                raise ValueError(
+                    f"{name}: must be a finite frequency > 0 Hz or None, got {value!r}"
+                )
         if self.l_freq is not None and self.h_freq is not None and self.l_freq >= self.h_freq:
             raise ValueError(f"l_freq ({self.l_freq}) must be below h_freq ({self.h_freq})")
+        # without a low-pass, a high-pass at or above the output's Nyquist frequency leaves
+        # nothing, and MNE refused it for each recording ("Invalid cutoff frequency")
+        if self.l_freq is not None and self.l_freq >= TARGET_SFREQ / 2:
+            raise ValueError(f"l_freq: must be below 100 Hz (Nyquist at 200 Hz), got {self.l_freq}")
         if self.h_freq is not None and self.h_freq >= TARGET_SFREQ / 2:
             raise ValueError(f"h_freq: must be below 100 Hz (Nyquist at 200 Hz), got {self.h_freq}")
 
@@ -123,6 +135,11 @@ def check_sample_rate(sfreq: float, config: PreprocessConfig, *, what: str = "re
             f"{what}: sample rate {sfreq:g} Hz is too low for the band-pass up to "
             f"{config.h_freq:g} Hz (needs more than {2 * config.h_freq:g} Hz); "
             "lower h_freq or leave this recording out"
+        )
+    if config.l_freq is not None and nyquist <= config.l_freq:  # only without h_freq
+        raise SampleRateError(
+            f"{what}: sample rate {sfreq:g} Hz is too low for a high-pass at "
+            f"{config.l_freq:g} Hz (needs more than {2 * config.l_freq:g} Hz)"
         )
     if config.notch_freq is not None and nyquist <= config.notch_freq + 1.0:
         raise SampleRateError(
