@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
 
 from eegfast.cpus import usable_cpu_count
-from eegfast.data.index import load_index
+from eegfast.data.index import load_index, preprocess_settings
 
 __all__ = ["ElectrodeSetBatchSampler", "ShardDataset", "collate_padded", "make_loader"]
 
@@ -122,6 +122,8 @@ class ShardDataset(Dataset):
         # a second time (3M windows: 1.4 s and a second copy of the index in memory)
         index = load_index(self.root) if _index is None else _index
         self.window_seconds = int(index["window_seconds"])
+        # what prepare recorded (filters, notch, scale ...): {} for an index without it
+        self.preprocess_settings = preprocess_settings(index)
         self.label_names = {t: v["labels"] for t, v in index["tasks"].items()}
         for arg, value in (("subjects", subjects), ("tasks", tasks)):
             if isinstance(value, str):

@@ -266,3 +266,30 @@ def test_an_index_without_preprocessing_settings_is_read_by_every_path(tmp_path)
     known = trained_on({"config": {"data": {"roots": [str(root)]}}})
     assert known.preprocess == [(str(root), {})] and known.label_names == {"mi": CLASSES}
     assert check_data(TinyClassifier(), known, data) == []
+
+
+def test_predicts_data_check_reads_no_index_again(tmp_path, monkeypatch):
+    """predict's check_data read every folder's index.json again after load_data had (1.4 s
+    and a second copy of the index in memory for a folder of 3M windows); it takes the window
+    length and settings the datasets hold, and still tells two folders apart."""
+    import eegfast.data
+    from eegfast.train.commands import predict as predict_module
+    from eegfast.train.commands.common import CommandError
+    from eegfast.train.commands.predict import check_data, trained_on
+    from tests.train.fakes import TinyClassifier
+
+    a = _folder(tmp_path / "a", LABELS)
+    b = _folder(tmp_path / "b", LABELS)
+    index = json.loads((b / "index.json").read_text())
+    index["window_seconds"] = 2  # (read by check_data only: the shards are not opened)
+    (b / "index.json").write_text(json.dumps(index))
+    data = load_data([a, b])
+    assert [d.window_seconds for d in data.dataset.datasets] == [1, 2]
+    known = trained_on({"config": {"data": {"roots": [str(a)]}}})
+    reads = []
+    for module in (eegfast.data, index_module, predict_module):
+        monkeypatch.setattr(module, "load_index", reads.append)
+    monkeypatch.setattr(known, "window_seconds", {1})
+    with pytest.raises(CommandError, match=rf"--data {b}: 2-s windows"):
+        check_data(TinyClassifier(), known, data)
+    assert reads == []
