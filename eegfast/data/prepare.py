@@ -1139,7 +1139,9 @@ def _outside_bad_segments(
 # 15: a BioSemi cap's labels with a prefix or reference suffix ('POL C17', 'EEG C1-Ref') show
 #    the cap (its C1..C6, A1/A2 were 10-20 sites); names numbered other than MNE's renamed
 #    repeats (Cz-1, Cz-2 without Cz-0) keep their names; PSG signals (HEO, Snore, ...) typed.
-PROCESSING_REVISION = 15
+# 16: an EDF+D annotation wholly inside a gap (recorded while paused) is left out (it was a
+#    marker at the first sample after the gap, and with --event-duration labelled those data).
+PROCESSING_REVISION = 16
 
 
 def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bool]:

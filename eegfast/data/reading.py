@@ -727,6 +727,18 @@ def _mark_edf_gaps(
         ]
     begin = np.array([onset for onset, _, _ in found_annotations], dtype=float)
     end = begin + np.array([duration for _, duration, _ in found_annotations], dtype=float)
+    # An annotation wholly inside a gap (onset after a record's end, end by the next record's
+    # start) has no data: moved, it became a marker at the first sample after the gap, and
+    # with --event-duration labelled data recorded after it. Left out.
+    r = np.searchsorted(onsets, begin, side="right") - 1
+    following = np.append(onsets[1:], np.inf)
+    in_gap = (r >= 0) & (begin - onsets[np.maximum(r, 0)] > record_s)
+    in_gap &= (r < len(onsets) - 1) & (end <= following[np.maximum(r, 0)])
+    if in_gap.any():
+        found_annotations = [
+            a for a, gone in zip(found_annotations, in_gap, strict=True) if not gone
+        ]
+        begin, end = begin[~in_gap], end[~in_gap]
     new_onset = to_data_time(begin)
     gap_times = data_onsets[jumps]
     annotations = mne.Annotations(

@@ -133,6 +133,23 @@ def test_edf_plus_d_annotations_come_from_the_annotation_signal_only(tmp_path):
     ]  # fmt: skip
 
 
+def test_edf_plus_d_annotations_wholly_inside_a_gap_are_left_out(tmp_path):
+    """An annotation recorded while the recording was paused has no data: moved onto the data's
+    time axis it became a marker at the first sample after the gap (and, with --event-duration,
+    labelled data recorded after it). One that starts in the gap and ends after it, or starts
+    at a record's end, keeps its data part."""
+    data = np.random.default_rng(3).normal(0, 20, (6, 20 * 200))
+    onsets = [*range(10), *(15 + r for r in range(10))]  # a 5-s gap from 10 s to 15 s
+    events = [(2, 4, "T2"), (11, 2, "paused"), (12, 0, "mark"), (10, 0, "at end"),
+              (14, 3, "across"), (16, 4, "T1")]  # fmt: skip
+    raw = read_recording(_write_edf_plus(tmp_path / "pause.edf", data, 200.0, onsets, events))
+    found = [(a["onset"], a["duration"], a["description"]) for a in raw.annotations]
+    assert sorted(found) == [
+        (2.0, 4.0, "T2"), (10.0, 0.0, EDF_GAP_DESCRIPTION), (10.0, 0.0, "at end"),
+        (10.0, 2.0, "across"), (11.0, 4.0, "T1"),
+    ]  # fmt: skip
+
+
 def test_edf_plus_d_gap_is_marked_for_mne(tmp_path):
     raw = read_recording(_edf_with_gap(tmp_path / "gap.edf", 90.0))
     marks = raw.annotations[raw.annotations.description == EDF_GAP_DESCRIPTION]
