@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -59,8 +60,10 @@ def is_temporary(path: str | Path) -> bool:
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)``, fsync it, then rename it over ``path`` (returned).
 
-    The file gets the permissions a plain ``open()`` would give it. An OSError (disk full, no
-    permission) names ``path``: a write's own error names no file, or the deleted temporary.
+    The file gets the permissions a plain ``open()`` would give it: those of the file it
+    replaces (a private 0600 file stays private), else 0666 less the umask. An OSError (disk
+    full, no permission) names ``path``: a write's own error names no file, or the deleted
+    temporary.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +72,11 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(Path(tmp))
         fsync_file(tmp)
-        os.chmod(tmp, _FILE_MODE)
+        try:  # (open() on an existing file keeps its mode)
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            mode = _FILE_MODE
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException as err:
         named = None  # (made while the temporary still holds the space it filled)

@@ -120,3 +120,22 @@ def test_a_permission_error_stays_a_permission_error_naming_the_target(tmp_path)
         write_atomic(tmp_path / "a.npy", refused)
     assert raised.value.filename == str(tmp_path / "a.npy")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_overwritten_file_keeps_its_permissions(tmp_path):
+    """A plain open() of an existing file keeps its mode; the atomic write gave the new file
+    0666 less the umask, so a private (0600) file became readable by others."""
+    import os
+    import stat
+
+    from eegfast.fileio import write_text_atomic
+
+    private = tmp_path / "private.json"
+    private.write_text("{}")
+    private.chmod(0o600)
+    write_text_atomic(private, "{}\n")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    fresh = write_text_atomic(tmp_path / "new.json", "{}\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
