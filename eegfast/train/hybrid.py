@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from eegfast.models.checkpoint import unwrap_model
 from eegfast.models.hybrid import HybridPretrainModel, create_hybrid_model
 from eegfast.train.objectives import (
     StepContext,
@@ -36,19 +37,6 @@ from eegfast.train.objectives import (
 __all__ = ["create_hybrid_pretrain_model", "hybrid_step"]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP (``.module``) / ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        # not `module or _orig_mod`: that asks bool(module), and a compiled module under DDP
-        # (DDP(torch.compile(m))) raises TypeError from its __len__
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 def create_hybrid_pretrain_model(name: str, *, hybrid: dict | None = None, **kwargs: Any):
     """``create_model(name, **kwargs)`` (a ``*_pretrain`` model) wrapped for the hybrid loss."""
     return create_hybrid_model(name, hybrid=hybrid, **kwargs)
@@ -56,7 +44,7 @@ def create_hybrid_pretrain_model(name: str, *, hybrid: dict | None = None, **kwa
 
 def hybrid_step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> StepOutput:
     """One hybrid step: batch x (B, C, A, 200), input_chans, index (B,) [+ channel_padding_mask]."""
-    core = _unwrap(model)
+    core = unwrap_model(model)  # (under DDP and torch.compile, in either order)
     if not isinstance(core, HybridPretrainModel):
         raise ValueError(
             "--objective hybrid needs a HybridPretrainModel (build it with "

@@ -383,12 +383,11 @@ def test_hybrid_step_takes_a_compiled_model_under_ddp():
     through it (as through DDP's ``module``), or compiled hybrid pretraining was refused. A
     compiled model under DDP (``DDP(torch.compile(m))``) gave TypeError: the unwrapping asked
     ``bool(module)``, and a compiled module's ``__len__`` raises for a model without one."""
-    from eegfast.train.hybrid import _unwrap
+    from eegfast.train.hybrid import unwrap_model as _unwrap  # (the step's unwrapping)
 
     model = create_hybrid_pretrain_model("labram_tiny_pretrain")
     assert _unwrap(torch.compile(model)) is model  # (compiles nothing until called)
-    ddp = torch.nn.Module()  # DDP's layout: the wrapped module as .module
-    ddp.module = torch.compile(model)
+    ddp = torch.nn.DataParallel(torch.compile(model))  # DDP's layout: the module as .module
     assert _unwrap(ddp) is model
 
 
