@@ -487,7 +487,7 @@ def edf_unit_corrections(
         except UnicodeDecodeError:
             unit = raw_unit.decode("latin-1")
         # (up to a NUL: MNE read a NUL-padded 'uV' as volts, 1e6 times too large)
-        meant = _EDF_UNITS.get(unit.split("\x00", 1)[0].strip().casefold())
+        meant = _EDF_UNITS.get(_label(unit).casefold())
         given = _mne_edf_unit(raw_unit.decode("latin-1"))
         if meant is not None and meant != given:
             corrections[index] = meant / given
