@@ -16,7 +16,8 @@
 # *_kernels.md: where eegfast's time goes, kernel by kernel (torch.profiler).
 #
 # Times seen on an H200 machine (16 cores, 2026-12-04): build 350 s at -O3 (now -O1, ~1 min;
-# niced, beside the first stages), qk-tests 140 s, cuda-tests 90 s, cuda-bench 60 s (before
+# niced, beside the first stages), qk-tests 140 s, cuda-tests 90 s (before its kernel-image
+# probe, VQ overflow and pinned-batch tests), cuda-bench 60 s (before
 # its torch.compile MoE rows: their compilation may add ~1 min; its limit is 210 s), qk-bench
 # > 160 s, pretrain 185 s for the two reference rows (the compiled one ~150 s of it) with the
 # eegfast rows failing early: expect ~400 s for all five rows (three compiled; the rows the
@@ -162,7 +163,7 @@ for s in "${stages[@]}"; do
   qk-tests) stage qk-tests 200 tests.log "${PYTEST[@]}" $(workers 8) tests/ops/test_qk_norm_attention_triton.py ;;
   pretrain) stage pretrain 400 bench.log "$PY" -m benchmarks.bench_pretrain --gpu --size base --out "$RESULTS" ;;
   build-wait) wait_build ;;
-  cuda-tests) stage cuda-tests 120 tests.log env EEGFAST_REQUIRE_EXT=1 "${PYTEST[@]}" $(workers 4) tests/ops/test_vq.py tests/ops/test_vq_ema.py tests/ops/test_moe.py tests/nn tests/models/test_pretrain.py tests/train/test_engine.py ;;
+  cuda-tests) stage cuda-tests 150 tests.log env EEGFAST_REQUIRE_EXT=1 "${PYTEST[@]}" $(workers 4) tests/ops/test_vq.py tests/ops/test_vq_ema.py tests/ops/test_moe.py tests/ops/test_cuda_arch_readiness.py tests/ops/test_cuda_review_s30.py tests/nn tests/models/test_pretrain.py tests/train/test_engine.py tests/train/test_batch_path_audit.py tests/data/test_dataset.py ;;
   cuda-bench) stage cuda-bench 210 bench.log "$PY" -m benchmarks.gpu --ops vq moe --out "$RESULTS" ;;
   qk-bench) stage qk-bench 300 bench.log "$PY" -m benchmarks.gpu_qk_norm_attention --out "$RESULTS" ;;
   qk-bench-base) stage qk-bench-base 300 bench.log "$PY" -m benchmarks.gpu_qk_norm_attention --shapes base --out "$RESULTS" ;;

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from eegfast.ops import _backend
+from eegfast.testing import requires_cuda
 
 ROOT = Path(__file__).resolve().parents[2]
 NVCC = shutil.which("nvcc")
@@ -179,6 +180,27 @@ def test_kernel_image_probes_compile_and_run(tmp_path):
         assert (vq, moe, last) == (0, 0, 0)
     else:  # no driver or no device: every runtime call, cudaGetLastError too, fails the same
         assert vq == moe != 0
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_kernel_image_probes_find_the_kernels_on_this_gpu():
+    """The probes of the extension built here, on the GPU at hand (scripts/gpu_check.sh builds
+    for it): no lookup error, the architectures compiled for, and the backend taken as ready."""
+    module, _ = _backend._load_extension()
+    if module is None or not module.build_info().get("cuda"):
+        pytest.skip("eegfast._C was built without CUDA")
+    major, minor = torch.cuda.get_device_capability(0)
+    for name in PROBES:
+        error, archs = getattr(torch.ops.eegfast, name)(0)
+        assert error == 0, (name, error)
+        assert archs and all(a % 10 == 0 and a >= 500 for a in archs), (name, archs)
+        assert any(a <= major * 100 + minor * 10 for a in archs), (name, archs)
+    torch.ones(1, device="cuda").add_(1)  # no error left pending for the next launch
+    torch.cuda.synchronize()
+    clear_caches()
+    assert _backend._cuda_kernel_image_problem(0) is None
+    assert _backend.available_backends()["cuda"].available
 
 
 @pytest.mark.parametrize("ready", [True, False])

@@ -39,7 +39,10 @@ def overflow_cases():
 
 def backend_param(name: str):
     ready = available_backends()[name]
-    return pytest.param(name, marks=pytest.mark.skipif(not ready.available, reason=ready.reason))
+    marks = [pytest.mark.skipif(not ready.available, reason=ready.reason)]
+    if name == "cuda":  # selected by scripts/gpu_check.sh's `pytest -m gpu`
+        marks.append(pytest.mark.gpu)
+    return pytest.param(name, marks=marks)
 
 
 # The CUDA case runs where a GPU is lent (finalize_kernel makes the same decision as the CPU);
