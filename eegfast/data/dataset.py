@@ -299,6 +299,9 @@ class ShardDataset(Dataset):
         rec = int(self._rec[i])
         r = self.recordings[rec]
         row = int(self._row[i])
+        # the shard checked before the window's memory is taken: an index.json whose
+        # window_seconds is 10**9 asked numpy for TiBs (MemoryError naming nothing)
+        self._shard(rec)
         x = np.empty((int(self._n_channels[rec]), self.window_seconds, 200), np.float32)
         self._read_rows(rec, [row], [x])
         x = torch.from_numpy(x)
@@ -347,6 +350,9 @@ class ShardDataset(Dataset):
         n_ch = self._n_channels[rec]
         c_max = int(n_ch.max())
         shape = (len(idx), c_max, self.window_seconds, 200)
+        # every shard's header checked against index.json before the batch's memory is taken
+        # (an index.json whose window_seconds is 10**9 asked for TiBs: an error naming nothing)
+        any_half = any(self._shard(int(r))[2] == np.float16 for r in np.unique(rec))
         if pin_memory:
             x = torch.empty(shape, dtype=torch.float32, pin_memory=True)
         else:

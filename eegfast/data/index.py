@@ -48,7 +48,8 @@ def load_index(root: str | os.PathLike) -> dict:
         )
     try:
         index = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        # (RecursionError: `[[[[...` nested past json's recursion, a traceback naming nothing)
         raise ValueError(
             f"root: {path} is not valid JSON ({err}); run `eegfast prepare` on {root} again"
         ) from err

@@ -177,7 +177,13 @@ def read_label_table(path: str | os.PathLike) -> dict[str, TableRow]:
             line=i,
             table=str(path),
         )
-        resolved = str((path.parent / file).resolve())
+        try:
+            resolved = str((path.parent / file).resolve())
+        except ValueError:  # a NUL in it: "embedded null byte", naming neither table nor line
+            raise ValueError(
+                f"labels table {path}, line {i}: 'file' {file!r} holds a NUL character, so it "
+                "is no file name"
+            ) from None
         earlier = table.get(file) or table.get(resolved)
         if earlier is not None:
             raise ValueError(

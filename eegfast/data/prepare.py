@@ -149,7 +149,7 @@ def _write_index(path: Path, index: dict) -> None:
         kept = path.read_text(encoding="utf-8") if path.is_file() else None  # (not a FIFO)
         if kept is not None and (kept == text or json.loads(kept) == json.loads(text)):
             return
-    except (OSError, ValueError):  # unreadable: written anew
+    except (OSError, ValueError, RecursionError):  # unreadable (or `[[[[...`): written anew
         pass
     write_text_atomic(path, text)
 
@@ -325,7 +325,21 @@ def _bidsignore(
             "are prepared"
         )
         text = ""
-    spec = pathspec.GitIgnoreSpec.from_lines(text.splitlines())
+    lines = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            pathspec.GitIgnoreSpec.from_lines([line])
+        except (ValueError, re.error) as err:
+            # `!` alone, a trailing `\`, `[z-a]`: no git pattern, which git passes over (they
+            # match nothing); pathspec raised, and the whole search stopped on a traceback
+            # naming neither the file nor the line
+            notes.append(
+                f"{root / '.bidsignore'}, line {number}: {line!r} is not a git pattern ({err}); "
+                "left out"
+            )
+        else:
+            lines.append(line)
+    spec = pathspec.GitIgnoreSpec.from_lines(lines)
 
     def ignored(path: Path) -> bool:
         parts = Path(os.path.abspath(path)).relative_to(root).parts
@@ -1150,20 +1164,28 @@ def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bo
     try:
         record = json.loads(record_path.read_text())
         same = (
-            record.get("settings") == digest
+            # (a record that is no object, or nested past json's recursion, is damaged: the
+            # run stopped on it with AttributeError / RecursionError, naming no file)
+            isinstance(record, dict)
+            and record.get("settings") == digest
             and record.get("job_task") == job.task
             and all(
                 record.get(k) == v
                 for k, v in _fingerprint(Path(job.path), job.bids_root is not None).items()
             )
         )
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None, False
     if not same:
         return None, False
     if record.get("revision", 1) != PROCESSING_REVISION:
         return None, True
-    if record.get("status") == "ok" and not (record_path.parent.parent / record["shard"]).exists():
+    # Only the shard prepare writes for this job: another name (edited, or `../x`) went into
+    # index.json as it was, and a missing one stopped the run with a KeyError.
+    shard = f"{SHARD_DIR}/{job.key}.npy"
+    if record.get("status") == "ok" and (
+        record.get("shard") != shard or not (record_path.parent.parent / shard).exists()
+    ):
         return None, False
     return record, False
 
@@ -1180,8 +1202,9 @@ def _drop_index_of_replaced_shards(out: Path, todo: list[Job]) -> None:
         listed = {r["shard"] for r in json.loads(index_path.read_text())["recordings"]}
     except FileNotFoundError:
         return
-    except (OSError, ValueError, KeyError, TypeError):
-        listed = None  # unreadable: it cannot be trusted either
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        # unreadable (or nested past json's recursion: `[[[[...`): it cannot be trusted either
+        listed = None
     if listed is None or any(f"{SHARD_DIR}/{job.key}.npy" in listed for job in todo):
         index_path.unlink(missing_ok=True)
 

@@ -176,7 +176,24 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         text = str(error).splitlines()[0] if str(error) else ""
         reason = f"{type(error).__name__}: {text}" if isinstance(error, LookupError) else text
         raise _unreadable(path, reason) from error
-    return unwrap_state_dict(obj, source=str(path))
+    state = unwrap_state_dict(obj, source=str(path))
+    # A pickled tensor may be a view that repeats its data (strides of 0, as expand() makes):
+    # a (2e6, 100) lm_head from one stored float. The model built from such shapes (a hybrid
+    # model's sizes are read from them) took 4.8 GB from a 1.2 MB file, and any size more;
+    # no model's state dict holds such views (safetensors cannot: its data cover each tensor).
+    repeated = [
+        f"{key} {tuple(value.shape)}"
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor)
+        and value.numel() * value.element_size() > value.untyped_storage().nbytes()
+    ]
+    if repeated:
+        raise ValueError(
+            f"{path}: not weights as a model saves them: {_first(repeated)} repeat their "
+            "stored values (a view of fewer numbers than its shape holds, as expand() makes); "
+            "save .contiguous() copies"
+        )
+    return state
 
 
 def check_weight_values(
@@ -250,16 +267,30 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor
     wrappers and strips ``module.`` / ``_orig_mod.`` key prefixes, nested in any order
     (``torch.compile(DDP(model))`` saves ``_orig_mod.module.*``, ``DDP(torch.compile(model))``
     ``module._orig_mod.*``)."""
+    seen: set[int] = set()  # ids of the wrappers descended through
     while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
+        seen.add(id(obj))
         inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
+        if inner is not None and id(inner) in seen:
+            # a pickle can hold a dict inside itself (d["model"] = d): the descent never ended
             raise ValueError(
-                f"{source}: no state dict found (top-level keys {sorted(obj)[:8]}; expected "
-                f"tensors or one of the wrappers {WRAPPER_KEYS})"
+                f"{source}: not a state dict: its {WRAPPER_KEYS} wrappers hold each other in a loop"
+            )
+        if inner is None:
+            # (sorted by text: keys of mixed types, 1 and 'a', made sorted() a TypeError)
+            raise ValueError(
+                f"{source}: no state dict found (top-level keys {sorted(obj, key=repr)[:8]}; "
+                f"expected tensors or one of the wrappers {WRAPPER_KEYS})"
             )
         obj = inner
     if not isinstance(obj, Mapping):
         raise ValueError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
+    odd = [key for key in obj if not isinstance(key, str)]
+    if odd:  # (key.startswith below: an AttributeError naming nothing)
+        raise ValueError(
+            f"{source}: not a state dict: its tensors must be named by strings, got keys "
+            f"{odd[:5]!r}"
+        )
     out = {}
     for key, value in obj.items():
         while key.startswith(KEY_PREFIXES):

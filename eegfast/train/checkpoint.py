@@ -208,7 +208,8 @@ def _read_meta_file(path: Path) -> dict[str, Any]:
     by hand, or damaged: saves write it atomically), which json's own error does not."""
     try:
         meta = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        # (RecursionError: `[[[[...` nested past json's recursion, a traceback naming nothing)
         raise ValueError(f"{path}: not a readable checkpoint meta.json ({error})") from error
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")

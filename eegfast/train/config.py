@@ -421,6 +421,27 @@ def _keep_text_as_written(typed: dict, raw: dict, prefix: str = "") -> None:
             typed[key] = written
 
 
+# A YAML config may repeat a section through aliases (`finetune: *common`) up to this many
+# values in all, however short its text.
+MIN_CONFIG_VALUES = 10_000
+
+
+def _more_values_than(data: Any, limit: int) -> bool:
+    """Whether the mappings and lists of ``data`` hold more than ``limit`` values (keys and
+    items, counted at every place an alias puts them), counted without recursion and stopping
+    at ``limit``: a file written out holds at most one value per character."""
+    count, todo = 0, [data] if isinstance(data, dict | list) else []
+    while todo:
+        node = todo.pop()
+        for child in node.values() if isinstance(node, dict) else node:
+            count += 1
+            if count > limit:
+                return True
+            if isinstance(child, dict | list):
+                todo.append(child)
+    return False
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A TOML (``.toml``) or YAML (``.yaml``/``.yml``) file as a dict."""
     path = Path(path)
@@ -436,6 +457,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         elif suffix in {".yaml", ".yml"}:
             text = path.read_text()
             data = yaml.safe_load(text) or {}
+            if _more_values_than(data, max(len(text), MIN_CONFIG_VALUES)):
+                # YAML aliases repeat a mapping without its text: nine levels of eight `*a`
+                # in a 600-byte file are 8**9 values, which the walks below (and _flatten)
+                # visited one by one, for hours, then ran out of memory
+                raise ConfigError(
+                    f"config file {path}: holds more values than its {len(text)} characters "
+                    "can write out (aliases `*name` repeating mappings or lists); write the "
+                    "values out"
+                )
             if isinstance(data, dict):
                 _keep_text_as_written(data, yaml.load(text, Loader=yaml.BaseLoader) or {})
         else:
