@@ -57,8 +57,9 @@ def is_temporary(path: str | Path) -> bool:
     return name.startswith(".") and TMP_MARK in name
 
 
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)``, fsync it, then rename it over ``path`` (returned).
+def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp_path)``, fsync it, then rename it over ``path`` (returned). What
+    ``write`` returns is ignored (``Path.write_text`` returns a count).
 
     The file gets the permissions a plain ``open()`` would give it: those of the file it
     replaces (a private 0600 file stays private), else 0666 less the umask. An OSError (disk

@@ -318,7 +318,11 @@ class ShardDataset(Dataset):
         }
 
     def get_batch(
-        self, indices: Sequence[int], *, pin_memory: bool = False, keep_order: bool = False
+        self,
+        indices: Sequence[int] | np.ndarray,
+        *,
+        pin_memory: bool = False,
+        keep_order: bool = False,
     ) -> dict:
         """A collated batch for item ``indices`` (integers; negative ones count from the end, as
         for ``ds[i]``), reordered by shard and row for sequential reads: ``batch["index"]``
@@ -367,7 +371,7 @@ class ShardDataset(Dataset):
         # torch's thread pool each: 50-400 us a window on a loaded 2-core machine, several
         # times the read itself, where one call for the batch costs a few us a window.
         half = None
-        if any(self._shard(int(r))[2] == np.float16 for r in np.unique(rec)):
+        if any_half:
             half = self._memory.take(2 * math.prod(shape)).view(np.float16).reshape(shape)
             if padded:
                 half.fill(0)

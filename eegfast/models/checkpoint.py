@@ -324,12 +324,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def load_checkpoint(
     model: nn.Module,
-    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    source: str | os.PathLike | Mapping[str, Any],
     *,
     strict: bool = True,
     exclude: Sequence[str] = (),
 ) -> LoadReport:
     """Load ``source`` (a file or a state dict) into ``model`` with key and shape checks.
+
+    A state dict may be wrapped as a training script saves it (``{"model": state_dict}``,
+    ``module``/``state_dict`` wrappers, ``module.``/``_orig_mod.`` key prefixes:
+    :func:`unwrap_state_dict`), in memory as in a file.
 
     ``model`` may be wrapped by ``torch.compile`` or (Distributed)DataParallel: the weights
     load into the wrapped module (:func:`unwrap_model`).

@@ -378,7 +378,15 @@ class HybridPretrainModel(nn.Module):
         student = masked_model.student
         masked_config = getattr(masked_model, "config", None)
         if config.vocab_size is None:
-            config = dataclasses.replace(config, vocab_size=int(masked_config.vocab_size))
+            vocab_size = getattr(masked_config, "vocab_size", None)
+            if vocab_size is None:
+                # a masked model of the documented interface need not carry a config: an
+                # AttributeError on None named neither the model nor the missing setting
+                raise ValueError(
+                    "config.vocab_size: required when masked_model has no config.vocab_size "
+                    f"to take it from ({type(masked_model).__name__})"
+                )
+            config = dataclasses.replace(config, vocab_size=int(vocab_size))
         if config.patch_size is None:
             config = dataclasses.replace(config, patch_size=int(student.config.patch_size))
         elif config.patch_size != student.config.patch_size:

@@ -374,6 +374,8 @@ class LaBraMTrunk(nn.Module):
         if A > self.config.max_patches:
             raise ValueError(f"at most {self.config.max_patches} patches per electrode, got {A}")
         if mask is not None:
+            if mask_token is None:  # (an AttributeError on None named neither argument)
+                raise ValueError("mask_token: required with a mask, the (1, 1, E) replacement")
             patches = torch.where(mask[..., None], mask_token.to(patches.dtype), patches)
         rows = self.pos_embed[0][input_chans]  # (C+1, E) or (B, C+1, E)
         if rows.dim() == 2:

@@ -56,7 +56,7 @@ class TrainData:
     def tasks(self) -> list[str]:
         return sorted({item.task for item in self.items})
 
-    def subset(self, indices: Sequence[int]) -> TrainData:
+    def subset(self, indices: Sequence[int] | np.ndarray) -> TrainData:
         indices = [int(i) for i in indices]
         return TrainData(
             Subset(self.dataset, indices),

@@ -344,7 +344,11 @@ def _kept_on(data: TrainData, name: str, key: Any, make: Callable[[], _T]) -> _T
 
 
 def iterate_batches(
-    data: TrainData, indices: Sequence[int], batch_size: int, *, pin_memory: bool = False
+    data: TrainData,
+    indices: Sequence[int] | np.ndarray,
+    batch_size: int,
+    *,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[list[int], dict]]:
     """(positions in ``indices``, collated batch) in groups of one electrode set. Prepared
     folders are read a whole batch at a time (``ShardDataset.get_batch``): the batch that
@@ -382,7 +386,7 @@ def _moe_layers(model: nn.Module) -> list[nn.Module]:
 
 def _in_order(
     data: TrainData,
-    indices: Sequence[int],
+    indices: Sequence[int] | np.ndarray,
     device: torch.device,
     batch_size: int,
     outputs_of: Callable[[dict], dict[str, torch.Tensor]],
@@ -404,7 +408,7 @@ def _in_order(
 def predict(
     model: nn.Module,
     data: TrainData,
-    indices: Sequence[int],
+    indices: Sequence[int] | np.ndarray,
     task: str,
     device: torch.device,
     *,
@@ -450,7 +454,7 @@ def predict(
 def predict_heads(
     model: nn.Module,
     data: TrainData,
-    indices: Sequence[int],
+    indices: Sequence[int] | np.ndarray,
     tasks: Sequence[str],
     device: torch.device,
     *,

@@ -16,7 +16,11 @@ MULTICLASS_METRICS = ("balanced_accuracy", "cohen_kappa", "f1_weighted")
 
 
 def group_folds(
-    labels: Sequence[int], groups: Sequence[str], k: int, *, seed: int = 0
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence[str] | np.ndarray,
+    k: int,
+    *,
+    seed: int = 0,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Up to ``k`` (train, test) index splits; no group is in both halves of a split.
 
@@ -48,7 +52,7 @@ def group_folds(
 
 
 def classification_metrics(
-    y_true: Sequence[int], probabilities: np.ndarray, num_classes: int
+    y_true: Sequence[int] | np.ndarray, probabilities: np.ndarray, num_classes: int
 ) -> dict[str, float]:
     """Binary: balanced accuracy, AUROC, AUC-PR; multi-class: balanced accuracy, Cohen's κ
     (unweighted), weighted F1; ``probabilities`` (N, num_classes), columns in class order
@@ -88,7 +92,9 @@ def classification_metrics(
     return out
 
 
-def confusion(y_true: Sequence[int], probabilities: np.ndarray, num_classes: int) -> np.ndarray:
+def confusion(
+    y_true: Sequence[int] | np.ndarray, probabilities: np.ndarray, num_classes: int
+) -> np.ndarray:
     from sklearn.metrics import confusion_matrix
 
     return confusion_matrix(
