@@ -894,7 +894,18 @@ def hybrid_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
             "`eegfast pretrain --objective hybrid`)"
         )
     embed = int(state["student.cls_token"].shape[-1])
-    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("student.blocks."))
+    # The depth is the number of blocks, numbered 0, 1, ... without a gap: read as the highest
+    # number plus one, one tensor named student.blocks.100000.x (in a 1.6 MB file) built
+    # 100 001 blocks, 50 s and all the memory there was, before the strict load named it.
+    numbers = {k.split(".")[2] for k in state if k.startswith("student.blocks.")}
+    depth = len(numbers)
+    if numbers != {str(i) for i in range(depth)}:
+        found = sorted(numbers, key=lambda n: (not n.isdigit(), len(n), n))
+        shown = ", ".join(found[:4]) + (f", ..., {found[-1]}" if len(found) > 4 else "")
+        raise ValueError(
+            f"not a checkpoint eegfast writes: its {depth} blocks (student.blocks.<i>) are "
+            f"numbered {shown}, not 0 to {depth - 1}"
+        )
     q_norm = state.get("student.blocks.0.attn.q_norm.weight")
     if q_norm is None:
         raise ValueError("hybrid checkpoints need q/k-normed attention (no q_norm found)")
