@@ -171,6 +171,21 @@ class ShardDataset(Dataset):
         self._shards: dict[int, tuple[str, int, np.dtype, tuple]] = {}  # see _shard
         self._memory = _BatchMemory()
 
+    def __getstate__(self) -> dict:
+        # Pickled to each DataLoader worker under spawn (macOS, Windows) and forkserver (Python
+        # 3.14's Linux default): torch's pickler shares every tensor through a file descriptor
+        # of its own, so one input_chans tensor per recording failed with "Too many open
+        # files" past ~1000 recordings. Sent as lists, made tensors again in the worker.
+        state = self.__dict__.copy()
+        state["_input_chans"] = [chans.tolist() for chans in self._input_chans]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state["_input_chans"] = [
+            torch.as_tensor(chans, dtype=torch.long) for chans in state["_input_chans"]
+        ]
+        self.__dict__.update(state)
+
     def _shard(self, rec: int) -> tuple[str, int, np.dtype, tuple]:
         """(path, byte offset of row 0, dtype, file identity) of recording ``rec``'s shard, its
         header checked on first use in this process (and again when the file changed)."""

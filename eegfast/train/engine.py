@@ -413,14 +413,27 @@ class IndexedDataset(Dataset):
         return {**self.dataset[index], "index": index}
 
 
-def indexed_collate(collate_fn: Callable[[list[dict]], dict]) -> Callable[[list[dict]], dict]:
-    def collate(items: list[dict]) -> dict:
+class _IndexedCollate:
+    """``collate_fn`` of the items without their ``"index"``, plus ``index`` (B,) long.
+
+    A class, not a closure: with ``data.num_workers`` > 0 the DataLoader sends its collate
+    function to the workers, pickled under spawn (macOS, Windows) and forkserver (Python 3.14's
+    Linux default), and a local function cannot be pickled ("Can't pickle local object")."""
+
+    def __init__(self, collate_fn: Callable[[list[dict]], dict]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, items: list[dict]) -> dict:
         indices = torch.tensor([item["index"] for item in items], dtype=torch.long)
-        batch = collate_fn([{k: v for k, v in item.items() if k != "index"} for item in items])
+        batch = self.collate_fn([{k: v for k, v in item.items() if k != "index"} for item in items])
         batch["index"] = indices
         return batch
 
-    return collate
+
+def indexed_collate(collate_fn: Callable[[list[dict]], dict]) -> Callable[[list[dict]], dict]:
+    """The collate function of ``IndexedDataset`` items: ``collate_fn``'s batch plus ``index``
+    (B,) long, the items' dataset indices; picklable when ``collate_fn`` is."""
+    return _IndexedCollate(collate_fn)
 
 
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None):
