@@ -68,7 +68,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, replace
@@ -436,8 +436,25 @@ def _mne_bids_refusal(path: Path, root: Path) -> str | None:
     return None
 
 
+def _source_strings(sources: Sequence[str | os.PathLike] | str | os.PathLike) -> list[str]:
+    """``sources`` as SRC strings: one path is a list of it (a str was read letter by letter,
+    ``SRC 'a': no such file``), Path objects are their text (``in`` on a Path: a TypeError
+    naming nothing)."""
+    if isinstance(sources, str | os.PathLike):
+        sources = [sources]
+    strings = []
+    for source in sources:
+        if not isinstance(source, str | os.PathLike):
+            raise TypeError(
+                f"sources: expected files or folders (str or os.PathLike), got "
+                f"{type(source).__name__} {source!r}"
+            )
+        strings.append(os.fspath(source))
+    return strings
+
+
 def discover(
-    sources: list[str],
+    sources: Sequence[str | os.PathLike] | str | os.PathLike,
     default_task: str | None = None,
     *,
     problems: list[str] | None = None,
@@ -467,6 +484,7 @@ def discover(
     bids_tasks: dict[Path, set[str]] = {}  # BIDS dataset -> its task labels
     ignores: dict[Path, Callable[[Path], bool] | None] = {}  # dataset -> its .bidsignore
     notes: list[str] = []  # what was left out on purpose, for ``skipped``
+    sources = _source_strings(sources)
 
     def add(path: Path, task: str, bids: str | None, source: str) -> None:
         resolved = str(path.resolve())
@@ -1323,7 +1341,7 @@ def _process_alone(job: Job, settings: Settings, out: str) -> dict:
 
 
 def prepare(
-    sources: list[str],
+    sources: Sequence[str | os.PathLike] | str | os.PathLike,
     out: str | os.PathLike,
     settings: Settings = Settings(),
     *,

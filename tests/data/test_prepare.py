@@ -351,6 +351,20 @@ def test_discover(tmp_path):
         discover([str(tmp_path / "empty")])
 
 
+def test_discover_takes_path_objects_and_one_path(tmp_path):
+    """prepare(sources=...) with Path objects stopped on a TypeError naming nothing (`in` on a
+    Path), and one str was read letter by letter."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.edf").write_bytes(b"")
+    (tmp_path / "a" / "y.edf").write_bytes(b"")
+    as_text = discover([str(tmp_path / "a")])
+    assert [j.path for j in discover([tmp_path / "a"])] == [j.path for j in as_text]
+    assert [j.path for j in discover(tmp_path / "a")] == [j.path for j in as_text]
+    assert [j.path for j in discover(str(tmp_path / "a"))] == [j.path for j in as_text]
+    with pytest.raises(TypeError, match=r"^sources: expected files or folders .* got int 3"):
+        discover([str(tmp_path / "a"), 3])
+
+
 def test_read_index_needs_no_torch(sample_files, tmp_path):
     import subprocess
     import sys
