@@ -925,6 +925,7 @@ def fit(
     # module tree for them at every step was ~0.5 ms of host time a step for LaBraM-Base
     # (228 parameters under 197 modules), 2% of a 25-ms step at 2,500 samples/s.
     trained = [p for group in optimizer.param_groups for p in group["params"]]
+    scheduled = False  # whether this fit has stepped the scheduler yet
     model.train()
     try:
         while step < total_steps:
@@ -994,13 +995,20 @@ def fit(
                 # The lr this step used, logged as train/lr: the largest group's, which is the
                 # schedule's own (group 0 may be the patch embedding's, scaled by layer decay).
                 step_lr = max(group["lr"] for group in optimizer.param_groups)
-                with warnings.catch_warnings():
-                    # The schedule follows steps taken, also when the fp16 scaler skipped the
-                    # optimizer's step on overflow; torch warns about that order, not an error.
-                    warnings.filterwarnings(
-                        "ignore", "Detected call of `lr_scheduler.step", UserWarning
-                    )
+                if scheduled:
                     scheduler.step()
+                else:
+                    # The schedule follows steps taken, also when the fp16 scaler skipped the
+                    # optimizer's step on overflow; torch warns about that order (at a
+                    # scheduler's first step only), not an error. Only here: leaving a
+                    # catch_warnings clears Python's record of the warnings shown, and with
+                    # one at every step a warning raised at every step was printed each time.
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings(
+                            "ignore", "Detected call of `lr_scheduler.step", UserWarning
+                        )
+                        scheduler.step()
+                    scheduled = True
                 step += 1
                 pending.append(
                     _StepScalars(

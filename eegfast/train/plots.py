@@ -27,9 +27,13 @@ def _pyplot():
 def _save(fig, path: Path) -> Path:
     from eegfast.fileio import write_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
-    _pyplot().close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    finally:
+        # also when the write fails (a full disk): pyplot holds every figure until it is
+        # closed, so a process that goes on (a notebook, a sweep) kept each failed plot
+        _pyplot().close(fig)
     return path
 
 
