@@ -413,4 +413,6 @@ def test_replaced_or_hooked_linears_of_a_block_are_called(name, grad, replaced):
         mlp = block.mlp
         expected = mid + block.gamma_2 * mlp.fc2(mlp.act(mlp.fc1(block.norm2(mid))))
     assert len(calls) == 2  # once by the block, once above
-    torch.testing.assert_close(got.detach(), expected, atol=1e-5, rtol=1e-5)
+    # (1e-4: torch 2.11's CPU GEMMs round one element of the two compositions 1.1e-5 apart;
+    # an adapter or hook skipped moves the output by ~0.1)
+    torch.testing.assert_close(got.detach(), expected, atol=1e-4, rtol=1e-4)
