@@ -139,6 +139,23 @@ def triton_interpreting() -> bool:
     return _env_flag("TRITON_INTERPRET")
 
 
+def wrap_triton(kernel: Callable) -> Callable:
+    """``torch.library.wrap_triton(kernel)``, or under the Triton interpreter the kernel itself,
+    launched eagerly, as torch does there from 2.13. (``@triton.jit`` under TRITON_INTERPRET=1
+    gives an ``InterpretedFunction``, which wrap_triton before torch 2.13 refused: "wrap_triton
+    only works on functions annotated with triton.jit", every Triton op failing on the CPU.)
+    An autotuned kernel counts by the function it tunes."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+    from triton.runtime.interpreter import InterpretedFunction
+
+    inner = kernel
+    while isinstance(inner, Autotuner | Heuristics):
+        inner = inner.fn
+    if isinstance(inner, InterpretedFunction):
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
 _F = TypeVar("_F", bound=Callable)
 
 

@@ -28,9 +28,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from eegfast.ops._backend import launch_device, triton_interpreting, vector_align
+from eegfast.ops._backend import launch_device, triton_interpreting, vector_align, wrap_triton
 from eegfast.ops.moe import _check_combine_inputs, _check_ffn_inputs, _register_op_glue
 
 _ACT_NONE, _ACT_GELU, _ACT_GELU_GRAD = 0, 1, 2

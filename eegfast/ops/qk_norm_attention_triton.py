@@ -33,9 +33,15 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from eegfast.ops._backend import env_switch, launch_device, triton_interpreting, vector_align
+from eegfast.ops._backend import (
+    env_switch,
+    launch_device,
+    triton_interpreting,
+    vector_align,
+    wrap_triton,
+)
 from eegfast.ops._variants import has_static_shape, is_traced, measured_choice, stand_in
 from eegfast.ops.qk_norm_attention import _register_op_glue
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from eegfast.ops._backend import launch_device, triton_interpreting, vector_align
+from eegfast.ops._backend import launch_device, triton_interpreting, vector_align, wrap_triton
 from eegfast.ops.vq import (
     NORM_EPS,
     TIE_TOLERANCE,

@@ -98,3 +98,26 @@ def test_backend_errors_name_the_environment_variable_that_chose_it(monkeypatch)
     monkeypatch.setenv("EEGFAST_BACKEND", "triton")
     with pytest.raises(ValueError, match="^EEGFAST_BACKEND='triton' on CPU tensors needs"):
         _backend.resolve_backend(None, torch.device("cpu"), ("triton",))
+
+
+@pytest.mark.triton
+def test_wrap_triton_passes_interpreted_kernels_through():
+    """Under TRITON_INTERPRET=1 ``@triton.jit`` gives an InterpretedFunction, which torch's
+    wrap_triton refused before torch 2.13 ("wrap_triton only works on functions annotated with
+    triton.jit"): every Triton op failed on the CPU under torch 2.6 and 2.11. eegfast's
+    wrap_triton returns such a kernel, bare or under heuristics, to launch eagerly, as torch
+    2.13 does; others go to torch's."""
+    triton = pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from eegfast.ops._backend import wrap_triton
+
+    def body(x_ptr, BLOCK):
+        pass
+
+    kernel = InterpretedFunction(body)
+    assert wrap_triton(kernel) is kernel
+    tuned = triton.heuristics({"BLOCK": lambda args: 16})(kernel)
+    assert wrap_triton(tuned) is tuned
+    with pytest.raises(RuntimeError, match="wrap_triton only works on"):
+        wrap_triton(body)
