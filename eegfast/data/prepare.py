@@ -346,8 +346,9 @@ def _bidsignore(
         # its folders first: a file in an ignored folder is ignored, whatever names it again
         # (git's rule, which a path's own match does not apply)
         folders = ("/".join(parts[:n]) + "/" for n in range(1, len(parts)))
-        return any(spec.match_file(folder) for folder in folders) or spec.match_file(
-            "/".join(parts)
+        # (bool: pathspec 0.12.0 answers None for a path no pattern names)
+        return any(spec.match_file(folder) for folder in folders) or bool(
+            spec.match_file("/".join(parts))
         )
 
     # (comments and blank lines are patterns that name nothing: include is None)

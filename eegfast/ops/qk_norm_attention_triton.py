@@ -274,8 +274,15 @@ def _keyed_autotune(configs: list, fn, prune: dict | None = None, do_bench=None)
     restore = [name for name in _ACCUMULATED_ARGS if name in fn.arg_names]
     return triton.autotune(
         configs=configs, key=key, prune_configs_by=prune, restore_value=restore or None,
-        do_bench=do_bench,
+        do_bench=do_bench or _driver_benchmarker,
     )(fn)  # fmt: skip
+
+
+def _driver_benchmarker(kernel_call, quantiles):
+    """Triton's own timer (its GPU driver's), looked up when a config is timed. Triton < 3.4
+    looks it up when the kernel is decorated, at this module's import, and under the CPU
+    interpreter, with no GPU driver, that import failed ("0 active drivers")."""
+    return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
 
 
 # --------------------------------------------------------------------------------------------
@@ -851,7 +858,8 @@ def _dkdv_tile(
         # the last key block) have p of their own (which may even overflow): each only reaches
         # its own rows of dK and dV, which are not stored and, in dK, zeroed after the loops
         # (_bwd_dkdv_kernel); but their dS would reach every row's dQ share.
-        if HAS_PAD or CAUSAL or BLOCK_CAUSAL:
+        # (parenthesised: triton < 3.4 refuses a chain of three or more `or`s)
+        if (HAS_PAD or CAUSAL) or BLOCK_CAUSAL:
             visible = _visible(rows[None, :], cols[:, None], k_pad[:, None], q_ids[None, :],
                                k_ids[:, None], N, CAUSAL, BLOCK_CAUSAL)  # fmt: skip
             p_t = tl.where(visible, p_t, 0.0)
@@ -1061,7 +1069,7 @@ def _dq_tile(
         p = tl.math.exp2(scores * qk_scale_log2 - lse2[:, None])
         # without masks only the tail tiles compare keys with N: a key past N has p of its own
         # (which may even overflow), and a zero row of k_n would not stop inf times 0
-        if HAS_PAD or CAUSAL or BLOCK_CAUSAL:
+        if (HAS_PAD or CAUSAL) or BLOCK_CAUSAL:  # (parenthesised: see _dkdv_tile)
             visible = _visible_tile(rows, cols, q_ids, k_ids, b, pad_ptr, N, HAS_PAD, CAUSAL,
                                     BLOCK_CAUSAL)  # fmt: skip
             p = tl.where(visible, p, 0.0)
