@@ -115,8 +115,30 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def _escape_what_cannot_print() -> None:
+    """Let stdout write a character its encoding cannot hold as an escape (``\\xb5``), as
+    Python's stderr does: in a locale that is not UTF-8 (a Windows console's output piped or
+    redirected, in cp932 or cp1252; LC_ALL=C) the "µV" of `eegfast prepare --help` or of a
+    report, a Cyrillic or CJK file name, or one that is no UTF-8 (held with surrogates)
+    stopped the command with a UnicodeEncodeError, at the end of a run. (Under the C locale
+    Python's own choice is surrogateescape, which writes file names that are no UTF-8 back as
+    their bytes but fails for every other character.)"""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)  # (a TextIOWrapper's)
+        if reconfigure is None or getattr(stream, "errors", None) not in (
+            "strict",
+            "surrogateescape",
+        ):
+            continue
+        try:
+            reconfigure(errors="backslashreplace")
+        except (ValueError, OSError):  # closed
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _escape_what_cannot_print()
     try:
         return _main(argv)
     except KeyboardInterrupt:

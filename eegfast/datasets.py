@@ -225,7 +225,8 @@ def _download(target: Path, mirror: str | None, progress: bool, missing: list[Sa
     notice = target / "ATTRIBUTION.txt"
     # Written atomically, and again where an interrupted older write left it incomplete: the
     # notice must travel with the files in full.
-    if not notice.is_file() or notice.read_text(errors="replace") != ATTRIBUTION + "\n":
+    kept = notice.read_text(encoding="utf-8", errors="replace") if notice.is_file() else None
+    if kept != ATTRIBUTION + "\n":
         try:
             write_text_atomic(notice, ATTRIBUTION + "\n")
         except OSError as err:

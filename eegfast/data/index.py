@@ -47,7 +47,7 @@ def load_index(root: str | os.PathLike) -> dict:
             f"root: {root} is not a prepared folder (no {INDEX_NAME}); run `eegfast prepare`"
         )
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         # (RecursionError: `[[[[...` nested past json's recursion, a traceback naming nothing)
         raise ValueError(

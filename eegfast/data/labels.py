@@ -177,8 +177,14 @@ def read_label_table(path: str | os.PathLike) -> dict[str, TableRow]:
             line=i,
             table=str(path),
         )
+        written = file
+        if os.sep == "/" and "\\" in file and not (path.parent / file).exists():
+            # a table made on Windows (`sub-01\eeg\x.edf`), used on Linux or macOS, where a
+            # backslash is part of a file name: its rows matched no recording, which were
+            # then prepared unlabelled (a warning, amid others)
+            written = file.replace("\\", "/")
         try:
-            resolved = str((path.parent / file).resolve())
+            resolved = str((path.parent / written).resolve())
         except ValueError:  # a NUL in it: "embedded null byte", naming neither table nor line
             raise ValueError(
                 f"labels table {path}, line {i}: 'file' {file!r} holds a NUL character, so it "

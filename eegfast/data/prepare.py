@@ -674,6 +674,22 @@ def _is_sidecar(path: Path) -> bool:
     return any(path.with_suffix(ext).exists() for ext in (".vhdr", ".VHDR", ".ahdr", ".AHDR"))
 
 
+def _brainvision_header(path: Path) -> str:
+    """The text of the BrainVision header ``path``, decoded as MNE reads it: in the
+    ``Codepage=`` it names (``ANSI``: cp1252), UTF-8 without one, Latin-1 where that fails.
+    (Read as Latin-1 always, the UTF-8 header of ``Müller.vhdr`` named ``MÃ¼ller.eeg``, a file
+    that is not there: edits of its marker file went unseen by later runs.)"""
+    data = path.read_bytes()
+    named = re.search(
+        r"^Codepage=(.+)$", data.decode("ascii", "ignore"), re.MULTILINE | re.IGNORECASE
+    )
+    codepage = named[1].strip() if named else "utf-8"
+    try:
+        return data.decode("cp1252" if codepage.upper() == "ANSI" else codepage)
+    except (UnicodeDecodeError, LookupError):  # (LookupError: a codepage Python does not know)
+        return data.decode("latin-1")
+
+
 def _companions(path: Path, bids: bool) -> list[Path]:
     """The other files a recording's output is made from: BrainVision's data and marker files
     (as its header names them), EEGLAB's ``.fdt``, the files of an ``.mff`` folder, and in a
@@ -682,7 +698,7 @@ def _companions(path: Path, bids: bool) -> list[Path]:
     found: list[Path] = []
     if name.endswith((".vhdr", ".ahdr")):
         try:
-            header = path.read_text(encoding="latin-1")
+            header = _brainvision_header(path)
         except OSError:
             header = ""
         for key in ("DataFile", "MarkerFile"):
@@ -1181,7 +1197,7 @@ def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bo
     """(the record, if its output can be reused, else None; whether it was only outdated: the
     same settings and source file, made by an older processing revision)."""
     try:
-        record = json.loads(record_path.read_text())
+        record = json.loads(record_path.read_text(encoding="utf-8"))
         same = (
             # (a record that is no object, or nested past json's recursion, is damaged: the
             # run stopped on it with AttributeError / RecursionError, naming no file)
@@ -1218,7 +1234,9 @@ def _drop_index_of_replaced_shards(out: Path, todo: list[Job]) -> None:
     refused until a run finishes and writes the new one."""
     index_path = out / INDEX_NAME
     try:
-        listed = {r["shard"] for r in json.loads(index_path.read_text())["recordings"]}
+        listed = {
+            r["shard"] for r in json.loads(index_path.read_text(encoding="utf-8"))["recordings"]
+        }
     except FileNotFoundError:
         return
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
@@ -1327,7 +1345,7 @@ def _process_alone(job: Job, settings: Settings, out: str) -> dict:
         # died starting up, before it got the recording: so would every other worker
         raise WorkerStartError(_worker_start_message(process.exitcode))
     if process.exitcode == 0:
-        return json.loads(_record_path(Path(out), job).read_text())
+        return json.loads(_record_path(Path(out), job).read_text(encoding="utf-8"))
     if process.exitcode == -9:
         reason = (
             "the process preparing it was killed (SIGKILL), most likely by the out-of-memory "

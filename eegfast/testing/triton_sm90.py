@@ -144,7 +144,7 @@ def _ptxas_report(ptx: str) -> str:
     options = [flag for flag in ("-lineinfo", "--regAllocOptLevel=2") if flag in own_call]
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "kernel.ptx"
-        source.write_text(ptx)
+        source.write_text(ptx, encoding="utf-8")
         command = [str(ptxas), *options, "-v", "--gpu-name=sm_90a", str(source), "-o",
                    f"{source}.o"]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)

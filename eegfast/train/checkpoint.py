@@ -119,7 +119,9 @@ def save_checkpoint(
         try:
             save_file(_plain_weights(weights), str(tmp / WEIGHTS), metadata={"step": str(step)})
             torch.save(state, tmp / STATE)
-            (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=2, default=str))
+            (tmp / META).write_text(
+                json.dumps({"step": step, **meta}, indent=2, default=str), encoding="utf-8"
+            )
             for name in (WEIGHTS, STATE, META):
                 fsync_file(tmp / name)
             fsync_dir(tmp)
@@ -207,7 +209,7 @@ def _read_meta_file(path: Path) -> dict[str, Any]:
     """A checkpoint's ``meta.json``; ValueError naming it when it is no JSON object (edited
     by hand, or damaged: saves write it atomically), which json's own error does not."""
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         # (RecursionError: `[[[[...` nested past json's recursion, a traceback naming nothing)
         raise ValueError(f"{path}: not a readable checkpoint meta.json ({error})") from error

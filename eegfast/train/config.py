@@ -452,10 +452,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
-            with path.open("rb") as f:
-                data = tomllib.load(f)
+            # A file saved as "UTF-8 with BOM" (Windows Notepad, PowerShell 5's
+            # `Set-Content -Encoding UTF8`) starts with a byte-order mark, which tomllib
+            # refuses as "Invalid statement (at line 1, column 1)"; YAML skips it itself.
+            data = tomllib.loads(path.read_bytes().decode("utf-8").removeprefix("\ufeff"))
         elif suffix in {".yaml", ".yml"}:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
             data = yaml.safe_load(text) or {}
             if _more_values_than(data, max(len(text), MIN_CONFIG_VALUES)):
                 # YAML aliases repeat a mapping without its text: nine levels of eight `*a`

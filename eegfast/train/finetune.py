@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import math
+import re
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -724,6 +727,28 @@ def band_power_table(
     return table, notes
 
 
+_PORTABLE_NAME = re.compile(r"[\w-]+(?:\.[\w-]+)*")
+
+
+def single_folder(task: str, tasks: Sequence[str]) -> str:
+    """The name of the run folder of ``task``'s single-task variant: ``single-<task>``, where
+    the task's name is a file name on every system (letters, digits, ``_``, ``-``, inner
+    ``.``) that no other of ``tasks`` spells in another case; else ``single-<name>-<digest>``,
+    the other characters replaced, with a digest of the name. (Tasks "Rest" and "rest" shared
+    one folder on macOS and Windows, whose file systems ignore case: the second's
+    checkpoints replaced the first's and its metrics.csv held both runs; ":" "?" "*" are no
+    file name on Windows, "/" made nested folders, and a name past 255 bytes is none at all.)"""
+
+    def folded(name: str) -> str:  # as macOS compares names: case and Unicode form ignored
+        return unicodedata.normalize("NFC", name).casefold()
+
+    portable = _PORTABLE_NAME.fullmatch(task) and len(task.encode()) <= 120
+    if portable and [folded(t) for t in tasks].count(folded(task)) < 2:
+        return f"single-{task}"
+    readable = re.sub(r"[^\w-]+", "_", task)[:60]
+    return f"single-{readable}-{hashlib.sha1(task.encode()).hexdigest()[:8]}"
+
+
 def cross_validate(
     data: TrainData,
     config: RunConfig,
@@ -801,7 +826,7 @@ def cross_validate(
             + ", ".join(f"{t} train {len(plan.train[t])} / test {len(plan.test[t])}" for t in tasks)
         )
         for variant, variant_tasks in variants:
-            name = variant if variant == "multitask" else f"single-{variant_tasks[0]}"
+            name = variant if variant == "multitask" else single_folder(variant_tasks[0], tasks)
             run_dir = out_dir / f"fold{plan.fold}" / name
             train_idx = np.concatenate([plan.train[t] for t in variant_tasks])
             model, routed = train_classifier(

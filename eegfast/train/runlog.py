@@ -43,7 +43,7 @@ class RunLogger:
         # An empty file is new too: a run killed before its first log point (SIGTERM, SIGKILL:
         # no close) left it so, and rows appended without the header made read_metrics fail.
         new = not self.path.exists() or self.path.stat().st_size == 0
-        self._file = self.path.open("a", newline="")
+        self._file = self.path.open("a", encoding="utf-8", newline="")
         self._csv = csv.writer(self._file)
         if new:
             self._csv.writerow(HEADER)

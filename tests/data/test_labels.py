@@ -122,3 +122,14 @@ def test_event_duration_gives_onset_markers_a_length():
     for bad in (0, -1.0, float("nan"), float("inf"), "4", True):
         with pytest.raises(ValueError, match="event_duration must be a positive number"):
             LabelRules(event_duration=bad)
+
+
+def test_a_table_written_on_windows_names_its_files_everywhere(tmp_path):
+    # `sub-01\eeg\a.edf`: one file name with backslashes on Linux and macOS, which matched no
+    # recording (prepared unlabelled, with a warning among others)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("file,label\nsub-01\\eeg\\a.edf,rest\n", encoding="utf-8")
+    rules = LabelRules(table=read_label_table(csv))
+    recording = tmp_path / "sub-01" / "eeg" / "a.edf"
+    assert rules.resolve(recording).label == "rest"
+    assert rules.table_problems([recording]) == []

@@ -131,7 +131,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         # (a suite that fails to import may leave an empty bench.json, depending on the
         # pytest-benchmark version)
-        results = json.loads(raw.read_text())
+        results = json.loads(raw.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         results = None
     if not isinstance(results, dict):

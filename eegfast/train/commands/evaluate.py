@@ -486,7 +486,7 @@ def _main(args: argparse.Namespace) -> int:
                 )
                 if scored:  # (a linear probe has none: an earlier one's went above)
                     write_predictions(out / "predictions.csv", data, scored)
-                say(runtime, (out / "report.md").read_text())
+                say(runtime, (out / "report.md").read_text(encoding="utf-8"))
             say(runtime, f"report: {out / 'report.md'}")
         return 0
     finally:

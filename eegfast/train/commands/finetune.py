@@ -162,7 +162,7 @@ def _train(args: argparse.Namespace, config: RunConfig, resume: str | None) -> i
             if note:
                 notes.append(note)
             write_outputs(result, data, out, title="eegfast fine-tuning report", notes=notes)
-            say(runtime, (out / "report.md").read_text())
+            say(runtime, (out / "report.md").read_text(encoding="utf-8"))
             say(runtime, f"report: {out / 'report.md'}")
         return 0
     finally:

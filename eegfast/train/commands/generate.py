@@ -195,7 +195,7 @@ def _sidecar_channels(path: Path, *, required: bool) -> list[str] | None:
             "with its 'channels', as eegfast generate writes)"
         )
     try:
-        info = json.loads(sidecar.read_text())
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
         names = [str(name) for name in info["channels"]]
     except (ValueError, KeyError, TypeError, RecursionError) as err:
         # (RecursionError: a sidecar `[[[[...` nested past json's recursion)

@@ -339,9 +339,9 @@ def write_report(
         "self-supervised training loss",
         separate=True,  # a reconstruction loss and a cross-entropy: not one scale
     )
-    up = json.loads((runs / "moe" / "upcycle.json").read_text())
-    summary = json.loads((runs / "finetune" / "summary.json").read_text())
-    finetune_md = (runs / "finetune" / "report.md").read_text().split("\n", 1)[1]
+    up = json.loads((runs / "moe" / "upcycle.json").read_text(encoding="utf-8"))
+    summary = json.loads((runs / "finetune" / "summary.json").read_text(encoding="utf-8"))
+    finetune_md = (runs / "finetune" / "report.md").read_text(encoding="utf-8").split("\n", 1)[1]
     finetune_md = finetune_md.replace("](", "](runs/finetune/")
 
     def last(series, tag):

@@ -9,11 +9,13 @@ trains one multi-task model (a head per task, the task id routed to MoE layers) 
 ``finetune.single_task_baseline=false``, one model per task on the same folds for the
 negative-transfer report. ``finetune.mode=linear`` fits logistic regression on frozen features
 instead. The classic baseline (log band power + logistic regression) runs on the same folds.
-Writes one run folder per fold and variant (``fold<i>/multitask``, ``fold<i>/single-<task>``),
-and results.csv, summary.json, predictions.npz, report.md and PNG plots into --out. The report
-calls a model better or worse than the baseline (or another variant) only when the 95% paired
-bootstrap interval of the balanced-accuracy difference, resampling whole subjects or recordings
-(the unit the folds are grouped by), excludes 0 and at least 6 of them were tested.
+Writes one run folder per fold and variant (``fold<i>/multitask``, ``fold<i>/single-<task>``;
+a task name that is no file name everywhere, or that another task repeats in other case, as
+``single-<name with _>-<digest>``), and results.csv, summary.json, predictions.npz, report.md
+and PNG plots into --out. The report calls a model better or worse than the baseline (or
+another variant) only when the 95% paired bootstrap interval of the balanced-accuracy
+difference, resampling whole subjects or recordings (the unit the folds are grouped by),
+excludes 0 and at least 6 of them were tested.
 
 Each fold's model trains on the whole training part for train.epochs (no validation part:
 data.val_fraction is not used) and its last model is tested. results.csv has one row per

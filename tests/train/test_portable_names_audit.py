@@ -1,0 +1,68 @@
+"""Names eegfast derives from task names are file names on every system: macOS and Windows
+compare file names without case (and macOS without Unicode form), and Windows refuses
+``<>:"/\\|?*`` in them."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+import numpy as np
+import torch
+from torch import nn
+
+from eegfast.train import finetune
+from eegfast.train.config import RunConfig
+from tests.train.test_finetune import make_data
+
+
+def _trained_folders(tmp_path, monkeypatch, tasks: list[str]) -> list[str]:
+    """The run folders (relative to the output) that cross_validate trains single-task
+    variants in, for a data set of ``tasks``."""
+    spec = [(t, f"s{i % 4}", f"{t}-r{i % 4}", (i // 4) % 2) for t in tasks for i in range(16)]
+    trained: list[str] = []
+
+    def train_classifier(backbone, tasks, data, train_idx, config, run_dir, runtime, *, resume):
+        trained.append(run_dir.relative_to(tmp_path).as_posix())
+        return nn.Linear(4, 2), {}
+
+    def predict(model, data, indices, task, device, *, task_id):
+        return np.full((len(indices), 2), 0.5), None
+
+    monkeypatch.setattr(finetune, "train_classifier", train_classifier)
+    monkeypatch.setattr(finetune, "predict", predict)
+    config = RunConfig().with_overrides(
+        {"finetune.folds": 2, "finetune.band_power_baseline": False, "finetune.multitask": False}
+    )
+    arch = {"kind": "classifier", "name": "labram_tiny", "kwargs": {"num_classes": 0}}
+    runtime = type("Runtime", (), {"device": torch.device("cpu")})()
+    finetune.cross_validate(
+        make_data(spec), config, tmp_path, runtime, finetune.Backbone(arch, None, [])
+    )
+    return trained
+
+
+def test_single_task_run_folders_differ_on_case_insensitive_disks(tmp_path, monkeypatch):
+    # "Rest" and "rest" trained in one folder on macOS/Windows: the second's checkpoints
+    # replaced the first's and metrics.csv held both; "eyes: closed/open" was no folder name
+    # on Windows (":") and two nested ones elsewhere ("/")
+    nfd = unicodedata.normalize("NFD", "M\u00fcller")
+    tasks = ["Rest", "rest", "eyes: closed/open", "M\u00fcller", nfd, "eegmmidb-1.0.0", "x" * 200]
+    trained = _trained_folders(tmp_path, monkeypatch, tasks)
+    assert len(trained) == 2 * len(tasks)
+    for fold in ("fold0", "fold1"):
+        names = [t.split("/", 1)[1] for t in trained if t.startswith(f"{fold}/")]
+        folded = {unicodedata.normalize("NFC", n).casefold() for n in names}
+        assert len(folded) == len(tasks), names
+        for name in names:
+            assert re.fullmatch(r"single-[\w.-]+", name) and len(name.encode()) <= 255, name
+    # portable names unique whatever the case keep their folder (runs made before resume)
+    assert "fold0/single-eegmmidb-1.0.0" in trained
+
+
+def test_a_portable_task_name_keeps_its_folder():
+    assert finetune.single_folder("arith", ["arith", "mi"]) == "single-arith"
+    assert finetune.single_folder("M\u00fcller", ["M\u00fcller"]) == "single-M\u00fcller"
+    assert finetune.single_folder("Rest", ["Rest", "rest"]) != finetune.single_folder(
+        "rest", ["Rest", "rest"]
+    )
