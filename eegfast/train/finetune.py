@@ -727,26 +727,44 @@ def band_power_table(
     return table, notes
 
 
-_PORTABLE_NAME = re.compile(r"[\w-]+(?:\.[\w-]+)*")
+# what no file name may hold on Windows: <>:"/\|?* and control characters, a trailing space
+# or dot (Windows drops them, so "a." and "a" would be one folder)
+_NOT_PORTABLE = re.compile(r'[<>:"/\\|?*\x00-\x1f]|[ .]$')
 
 
-def single_folder(task: str, tasks: Sequence[str]) -> str:
+def single_folder(task: str, tasks: Sequence[str], *, fold_dir: Path | None = None) -> str:
     """The name of the run folder of ``task``'s single-task variant: ``single-<task>``, where
-    the task's name is a file name on every system (letters, digits, ``_``, ``-``, inner
-    ``.``) that no other of ``tasks`` spells in another case; else ``single-<name>-<digest>``,
-    the other characters replaced, with a digest of the name. (Tasks "Rest" and "rest" shared
+    the task's name is a file name on every system (none of ``<>:"/\\|?*``, no control
+    character, no trailing space or dot, at most 120 bytes) that no other of ``tasks`` spells
+    in another case; else ``single-<name>-<digest>``, other characters than letters, digits,
+    ``_`` and ``-`` replaced, with a digest of the name. (Tasks "Rest" and "rest" shared
     one folder on macOS and Windows, whose file systems ignore case: the second's
     checkpoints replaced the first's and its metrics.csv held both runs; ":" "?" "*" are no
-    file name on Windows, "/" made nested folders, and a name past 255 bytes is none at all.)"""
+    file name on Windows, "/" made nested folders, and a name past 255 bytes is none at all.)
+
+    ``fold_dir``: the fold's folder; where it holds ``single-<task>`` as a run begun before
+    these names left it (a task named after its folder, ``Study: sleep``), and not the new
+    name, that folder, so that ``--resume auto`` continues the run there (it found no
+    checkpoint under the new name and trained the variant again from step 0). Not for case
+    twins (they shared that folder on macOS and Windows) nor names holding a path separator."""
 
     def folded(name: str) -> str:  # as macOS compares names: case and Unicode form ignored
         return unicodedata.normalize("NFC", name).casefold()
 
-    portable = _PORTABLE_NAME.fullmatch(task) and len(task.encode()) <= 120
-    if portable and [folded(t) for t in tasks].count(folded(task)) < 2:
+    unique = [folded(t) for t in tasks].count(folded(task)) < 2
+    portable = not _NOT_PORTABLE.search(task) and len(task.encode()) <= 120
+    if portable and unique:
         return f"single-{task}"
     readable = re.sub(r"[^\w-]+", "_", task)[:60]
-    return f"single-{readable}-{hashlib.sha1(task.encode()).hexdigest()[:8]}"
+    name = f"single-{readable}-{hashlib.sha1(task.encode()).hexdigest()[:8]}"
+    if fold_dir is not None and unique and not re.search(r"[/\\\x00]", task):
+        try:
+            earlier = (fold_dir / f"single-{task}").is_dir() and not (fold_dir / name).exists()
+        except OSError:  # (a name too long for this file system: no such folder)
+            earlier = False
+        if earlier:
+            return f"single-{task}"
+    return name
 
 
 def cross_validate(
@@ -826,8 +844,13 @@ def cross_validate(
             + ", ".join(f"{t} train {len(plan.train[t])} / test {len(plan.test[t])}" for t in tasks)
         )
         for variant, variant_tasks in variants:
-            name = variant if variant == "multitask" else single_folder(variant_tasks[0], tasks)
-            run_dir = out_dir / f"fold{plan.fold}" / name
+            fold_dir = out_dir / f"fold{plan.fold}"
+            name = (
+                variant
+                if variant == "multitask"
+                else single_folder(variant_tasks[0], tasks, fold_dir=fold_dir)
+            )
+            run_dir = fold_dir / name
             train_idx = np.concatenate([plan.train[t] for t in variant_tasks])
             model, routed = train_classifier(
                 backbone, variant_tasks, data, train_idx, config, run_dir, runtime, resume=resume

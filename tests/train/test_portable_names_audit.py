@@ -62,7 +62,37 @@ def test_single_task_run_folders_differ_on_case_insensitive_disks(tmp_path, monk
 
 def test_a_portable_task_name_keeps_its_folder():
     assert finetune.single_folder("arith", ["arith", "mi"]) == "single-arith"
+    # spaces, brackets, commas are file names everywhere (a task named after its folder)
+    assert finetune.single_folder("Sleep Study (2)", ["Sleep Study (2)"]) == (
+        "single-Sleep Study (2)"
+    )
+    for task in ("a.", "a ", "a?", "a|b", "tab\tname"):
+        assert finetune.single_folder(task, [task]) != f"single-{task}", task
     assert finetune.single_folder("M\u00fcller", ["M\u00fcller"]) == "single-M\u00fcller"
     assert finetune.single_folder("Rest", ["Rest", "rest"]) != finetune.single_folder(
         "rest", ["Rest", "rest"]
     )
+
+
+def test_a_run_begun_before_portable_names_resumes_in_its_folder(tmp_path, monkeypatch):
+    # A task named after its folder ("Study: sleep", `eegfast prepare`'s default task) trained
+    # in fold<i>/single-Study: sleep before the portable names: with the new name, a --resume
+    # auto of that run found no checkpoint and trained every such variant again from step 0
+    for fold in ("fold0", "fold1"):
+        (tmp_path / fold / "single-Study: sleep" / "checkpoints").mkdir(parents=True)
+    trained = _trained_folders(tmp_path, monkeypatch, ["Study: sleep", "arith"])
+    assert "fold0/single-Study: sleep" in trained and "fold1/single-Study: sleep" in trained
+    assert "fold0/single-arith" in trained
+    # a new run (no such folder) gets the portable name
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert finetune.single_folder("Study: sleep", ["Study: sleep"], fold_dir=fresh) != (
+        "single-Study: sleep"
+    )
+    # case twins shared one folder on macOS/Windows, and "/" made nested folders: not continued
+    for task in ("Rest", "a/b"):
+        (fresh / f"single-{task}").mkdir(parents=True)
+    assert finetune.single_folder("Rest", ["Rest", "rest"], fold_dir=fresh) != "single-Rest"
+    assert finetune.single_folder("a/b", ["a/b"], fold_dir=fresh) != "single-a/b"
+    # a name past the file-name limit is no folder (stat's ENAMETOOLONG is not an error here)
+    assert finetune.single_folder("x" * 300, ["x" * 300], fold_dir=fresh).startswith("single-x")
