@@ -276,3 +276,14 @@ def test_a_hybrid_checkpoint_with_a_far_block_number_is_refused_before_it_is_bui
     said = r"blocks \(student.blocks.<i>\) are numbered 0, 1, 40, not 0 to 2"
     with pytest.raises(GenerateError, match=said):
         load_model(path)
+
+
+def test_a_pickled_sparse_tensor_is_refused_naming_the_file(tmp_path):
+    """The expand()-view check asked a sparse tensor for its storage: NotImplementedError
+    ("Cannot access storage of SparseTensorImpl") naming no file."""
+    from eegfast.models.checkpoint import read_state_dict
+
+    path = tmp_path / "sparse.pt"
+    torch.save({"w": torch.eye(3).to_sparse(), "b": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match=r"sparse\.pt: not weights .* w \(torch\.sparse_coo\)"):
+        read_state_dict(path)

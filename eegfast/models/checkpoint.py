@@ -181,11 +181,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     # a (2e6, 100) lm_head from one stored float. The model built from such shapes (a hybrid
     # model's sizes are read from them) took 4.8 GB from a 1.2 MB file, and any size more;
     # no model's state dict holds such views (safetensors cannot: its data cover each tensor).
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    # (sparse and other layouts have no storage to compare: NotImplementedError naming no file)
+    other_layout = [f"{k} ({v.layout})" for k, v in tensors.items() if v.layout != torch.strided]
+    if other_layout:
+        raise ValueError(
+            f"{path}: not weights as a model saves them: {_first(other_layout)} are not dense "
+            "tensors; save .to_dense() copies"
+        )
     repeated = [
         f"{key} {tuple(value.shape)}"
-        for key, value in state.items()
-        if isinstance(value, torch.Tensor)
-        and value.numel() * value.element_size() > value.untyped_storage().nbytes()
+        for key, value in tensors.items()
+        if value.numel() * value.element_size() > value.untyped_storage().nbytes()
     ]
     if repeated:
         raise ValueError(
