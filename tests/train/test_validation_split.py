@@ -344,6 +344,7 @@ def test_a_resume_with_another_seed_keeps_the_validation_masks(
 
     first, other = val_loss(0), val_loss(7)
     # the seeds' masks differ, by more than the check below tells apart (metrics.csv keeps 8
-    # digits; on this untrained model the masks move the loss only by a few 1e-6)
-    assert abs(first - other) > 2e-6 * abs(first)
-    assert logged == pytest.approx(first, rel=1e-6)
+    # digits, 5e-8 relative; on this untrained model the masks move the loss only by 1e-6 to
+    # 1e-5 relative: 1.8e-6 under torch 2.11)
+    assert abs(first - other) > 1e-6 * abs(first)
+    assert logged == pytest.approx(first, rel=2e-7)
