@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -251,29 +253,36 @@ def test_corrupt_index_names_the_file(prepared, tmp_path):
         ShardDataset(root)
 
 
-def test_more_recordings_than_open_file_limit(prepared, tmp_path):
-    """Recordings are read without holding a file (or a memory map, which holds one) open per
-    recording: a folder of more recordings than the open-file limit loads whole epochs."""
-    import json
-    import resource
-
+def many_recordings(prepared, root, n_recordings: int):
+    """A folder of ``n_recordings`` recordings of 2 windows each (recording i: the windows of
+    ``prepared``'s recording plus i), written directly: preparing hundreds would take minutes."""
     index = json.loads((prepared / "index.json").read_text())
     rec = index["recordings"][-1]
     rows = np.load(prepared / rec["shard"])[:2]
-    (tmp_path / "shards").mkdir()
-    n_recordings = 300
+    folder = root / "many"
+    (folder / "shards").mkdir(parents=True)
     recordings = []
     for i in range(n_recordings):
-        np.save(tmp_path / "shards" / f"r{i}.npy", rows + rows.dtype.type(i))
+        np.save(folder / "shards" / f"r{i}.npy", rows + rows.dtype.type(i))
         recordings.append(
             dict(rec, file=f"r{i}.edf", shard=f"shards/r{i}.npy", n_windows=2)
             | {"starts": rec["starts"][:2], "labels": rec["labels"][:2]}
         )
-    (tmp_path / "index.json").write_text(json.dumps(index | {"recordings": recordings}))
+    (folder / "index.json").write_text(json.dumps(index | {"recordings": recordings}))
+    return folder, rows
+
+
+def test_more_recordings_than_open_file_limit(prepared, tmp_path):
+    """Recordings are read without holding a file (or a memory map, which holds one) open per
+    recording: a folder of more recordings than the open-file limit loads whole epochs."""
+    import resource
+
+    n_recordings = 300
+    folder, rows = many_recordings(prepared, tmp_path, n_recordings)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 200), hard))
     try:
-        ds = ShardDataset(tmp_path)
+        ds = ShardDataset(folder)
         seen = []
         for batch in make_loader(ds, 16, shuffle=True, num_workers=0, pin_memory=False):
             seen += batch["index"].tolist()

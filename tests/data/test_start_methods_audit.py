@@ -4,17 +4,16 @@
 from __future__ import annotations
 
 import functools
-import json
 import pickle
 import resource
 
-import numpy as np
 import pytest
 import torch
 
 from eegfast.data import ShardDataset, collate_padded, make_loader
 from eegfast.data import dataset as dataset_module
 from eegfast.data.prepare import prepare
+from tests.data.test_dataset import many_recordings
 
 
 @pytest.fixture(scope="module")
@@ -25,29 +24,10 @@ def prepared(sample_files, tmp_path_factory):
     return out
 
 
-def _many_recordings(prepared, root, n_recordings: int):
-    """A folder of ``n_recordings`` recordings of 2 windows each (recording i: the windows of
-    ``prepared``'s recording plus i), written directly: preparing hundreds would take minutes."""
-    index = json.loads((prepared / "index.json").read_text())
-    [rec] = index["recordings"]
-    rows = np.load(prepared / rec["shard"])[:2]
-    folder = root / "many"
-    (folder / "shards").mkdir(parents=True)
-    recordings = []
-    for i in range(n_recordings):
-        np.save(folder / "shards" / f"r{i}.npy", rows + rows.dtype.type(i))
-        recordings.append(
-            dict(rec, file=f"r{i}.edf", shard=f"shards/r{i}.npy", n_windows=2)
-            | {"starts": rec["starts"][:2], "labels": rec["labels"][:2]}
-        )
-    (folder / "index.json").write_text(json.dumps(index | {"recordings": recordings}))
-    return folder, rows
-
-
 def test_pickled_dataset_gives_the_same_items_and_batches(prepared, tmp_path):
     """What a spawned worker gets: a pickled copy, whose items and batches are the original's
     (``input_chans`` as a long tensor per recording; batch memory not carried along)."""
-    folder, _ = _many_recordings(prepared, tmp_path, 3)
+    folder, _ = many_recordings(prepared, tmp_path, 3)
     ds = ShardDataset(folder)
     ds.get_batch([0, 1])  # batch memory in use: not pickled
     copy = pickle.loads(pickle.dumps(ds))
@@ -72,7 +52,7 @@ def test_spawned_workers_read_more_recordings_than_open_file_limit(prepared, tmp
     strategy), so the worker failed at once with "unable to open shared memory object ...
     Too many open files" (1024 by default on Linux; forked workers inherit the dataset)."""
     n_recordings = 300
-    folder, rows = _many_recordings(prepared, tmp_path, n_recordings)
+    folder, rows = many_recordings(prepared, tmp_path, n_recordings)
     ds = ShardDataset(folder)
     in_process = make_loader(ds, 64, shuffle=True, seed=5, num_workers=0, pin_memory=False)
     expected = list(in_process)
