@@ -216,7 +216,9 @@ def has_call_hooks(module: torch.nn.Module) -> bool:
     module's work into another op (its weight into a fused GEMM, a residual into its output)
     calls it plainly then, so that the hooks run and see what they would see in the reference.
     """
-    if any(getattr(module, name) for name in _CALL_HOOKS) or "forward" in vars(module):
+    # module.__dict__, not vars(module): torch 2.8's dynamo cannot trace vars() of a module (a
+    # graph break in every Block of a compiled model; 2.13's can)
+    if any(getattr(module, name) for name in _CALL_HOOKS) or "forward" in module.__dict__:
         return True
     hooks = torch.nn.modules.module
     return bool(

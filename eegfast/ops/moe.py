@@ -88,7 +88,10 @@ def moe_expert_ffn_reference(
 ) -> torch.Tensor:
     """Loop over experts with ``F.linear``: ``y_sorted`` (T k, D_out); zero past ``offsets[E]``."""
     _check_ffn_inputs(x, sorted_slots, offsets, w1, b1, w2, b2, top_k)
-    bounds = offsets.tolist()
+    # one host copy, then an int per element: Tensor.tolist() inside a torch.func transform
+    # (the reference is what torch.func.grad runs) raised "Cannot access data pointer of Tensor
+    # that doesn't have storage" on torch 2.6 and 2.8, where .item() works (2.13's tolist does)
+    bounds = [int(b) for b in offsets.cpu()]
     pieces = []
     for e in range(w1.shape[0]):
         rows = x[sorted_slots[bounds[e] : bounds[e + 1]] // top_k]

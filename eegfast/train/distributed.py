@@ -165,9 +165,15 @@ def wrap_model(
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (info.world_size,))
-        for block in transformer_blocks(model):
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        units = [*transformer_blocks(model), model]
+        for unit in units:
+            fully_shard(unit, mesh=mesh)
+        if device.type == "cpu":
+            # FSDP2 averages gradients with a ReduceOp.AVG reduce-scatter, which gloo (the CPU
+            # backend) summed on torch 2.8 (pytorch#162338): gradients world_size times too
+            # large, silently. A sum then FSDP2's own division is the mean on every version.
+            for unit in units:
+                unit.set_force_sum_reduction_for_comms(True)
         return model
     raise ValueError(f"train.strategy must be 'ddp' or 'fsdp', got {strategy!r}")
 

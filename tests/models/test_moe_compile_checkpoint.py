@@ -81,6 +81,8 @@ def test_checkpointed_upcycled_model_compiles_without_graph_breaks_without_the_f
 def _compiled_without_the_flag(run):
     """``run(compile)`` (``compile(fn)``: ``fn`` compiled, traced through AOT autograd) with
     dynamo's checkpoint side-effect setting off; asserts one graph and no graph break."""
+    if not hasattr(torch._dynamo.config, FLAG):  # torch 2.8: no such setting, off as here
+        return _compiled_in(contextlib.nullcontext(), run)
     return _compiled_in(torch._dynamo.config.patch({FLAG: False}), run)
 
 
@@ -197,6 +199,8 @@ def test_fit_compiles_hooked_checkpointed_moe_blocks_without_graph_breaks():
     (a break in every block when fit set only the recompile limit)."""
     from eegfast.train import engine
 
+    if not hasattr(torch._dynamo.config, FLAG):
+        pytest.skip(f"this torch's dynamo has no {FLAG} (torch 2.8: a graph break per block)")
     model = _upcycled(checkpointing=True)
     for block in model.blocks:
         block.register_forward_hook(lambda module, args, out: None)

@@ -61,13 +61,13 @@ def _worker(rank: int, world: int, port: int, strategy: str, out_file: str) -> N
         if strategy == "ddp":
             wrapped = nn.parallel.DistributedDataParallel(model)
         else:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
+            # fully_shard on each block, then the root, as the engine wraps: with its gloo
+            # setting (torch 2.8's gloo summed FSDP2's averaging reduce-scatter)
+            from eegfast.train.distributed import DistInfo, transformer_blocks, wrap_model
 
-            mesh = init_device_mesh("cpu", (world,))
-            for block in model.blocks:
-                fully_shard(block, mesh=mesh)
-            wrapped = fully_shard(model, mesh=mesh)
+            assert [*model.blocks] == transformer_blocks(model)
+            info, cpu = DistInfo(rank, world, rank), torch.device("cpu")
+            wrapped = wrap_model(model, info, cpu, strategy="fsdp")
         x, task, target = (t.chunk(world)[rank] for t in _data())
         loss = (wrapped(x, task) - target).pow(2).mean()
         loss.backward()
