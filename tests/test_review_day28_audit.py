@@ -3,9 +3,7 @@ the day's commits brought into paths they did not test."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from torch import nn
 
 from eegfast.train import finetune
 from eegfast.train.config import RunConfig
@@ -18,20 +16,10 @@ def test_cross_validate_takes_a_backbone_upcycled_with_noise(tmp_path, monkeypat
     scaled by the dense weights' std, which meta tensors cannot give: `eegfast finetune` and
     the linear probe of `eegfast evaluate` from such a checkpoint stopped before any fold with
     "Tensor.item() cannot be called on meta tensors"."""
-    from tests.train.test_finetune import make_data
+    from tests.train.test_finetune import make_data, stub_training
 
     data = make_data([("mi", f"s{i % 4}", f"r{i % 4}", (i // 4) % 2) for i in range(16)])
-    trained: list[str] = []
-
-    def train_classifier(backbone, tasks, data, train_idx, config, run_dir, runtime, *, resume):
-        trained.append(run_dir.name)
-        return nn.Linear(4, 2), {}
-
-    def predict(model, data, indices, task, device, *, task_id):
-        return np.full((len(indices), 2), 0.5), None
-
-    monkeypatch.setattr(finetune, "train_classifier", train_classifier)
-    monkeypatch.setattr(finetune, "predict", predict)
+    trained = stub_training(monkeypatch)
     config = RunConfig().with_overrides(
         {"finetune.folds": 2, "finetune.band_power_baseline": False}
     )
@@ -44,5 +32,5 @@ def test_cross_validate_takes_a_backbone_upcycled_with_noise(tmp_path, monkeypat
     backbone = finetune.Backbone(arch, None, [])
     runtime = type("Runtime", (), {"device": torch.device("cpu")})()
     finetune.cross_validate(data, config, tmp_path, runtime, backbone)
-    assert trained == ["single-mi", "single-mi"]
+    assert [run_dir.name for run_dir in trained] == ["single-mi", "single-mi"]
     assert arch["upcycle"]["noise_std"] == 0.01  # the backbone's record is left as it was

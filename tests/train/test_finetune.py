@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,27 @@ def make_data(spec):
     items = [ItemInfo(0, t, s, r, lab, (0, 1, 2), 4) for t, s, r, lab in spec]
     names = {t: ["a", "b"] for t, *_ in spec}
     return TrainData(dataset=None, items=items, label_names=names, roots=[])
+
+
+def stub_training(monkeypatch) -> list[Path]:
+    """cross_validate's training and prediction replaced by stand-ins (a Linear; probabilities
+    0.5): returns the list of the run folders it trains in, filled as it runs."""
+    from torch import nn
+
+    from eegfast.train import finetune
+
+    trained: list[Path] = []
+
+    def train_classifier(backbone, tasks, data, train_idx, config, run_dir, runtime, *, resume):
+        trained.append(run_dir)
+        return nn.Linear(4, 2), {}
+
+    def predict(model, data, indices, task, device, *, task_id):
+        return np.full((len(indices), 2), 0.5), None
+
+    monkeypatch.setattr(finetune, "train_classifier", train_classifier)
+    monkeypatch.setattr(finetune, "predict", predict)
+    return trained
 
 
 def test_folds_never_share_a_group_and_fall_back_to_recordings():

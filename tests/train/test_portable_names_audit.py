@@ -7,30 +7,18 @@ from __future__ import annotations
 import re
 import unicodedata
 
-import numpy as np
 import torch
-from torch import nn
 
 from eegfast.train import finetune
 from eegfast.train.config import RunConfig
-from tests.train.test_finetune import make_data
+from tests.train.test_finetune import make_data, stub_training
 
 
 def _trained_folders(tmp_path, monkeypatch, tasks: list[str]) -> list[str]:
     """The run folders (relative to the output) that cross_validate trains single-task
     variants in, for a data set of ``tasks``."""
     spec = [(t, f"s{i % 4}", f"{t}-r{i % 4}", (i // 4) % 2) for t in tasks for i in range(16)]
-    trained: list[str] = []
-
-    def train_classifier(backbone, tasks, data, train_idx, config, run_dir, runtime, *, resume):
-        trained.append(run_dir.relative_to(tmp_path).as_posix())
-        return nn.Linear(4, 2), {}
-
-    def predict(model, data, indices, task, device, *, task_id):
-        return np.full((len(indices), 2), 0.5), None
-
-    monkeypatch.setattr(finetune, "train_classifier", train_classifier)
-    monkeypatch.setattr(finetune, "predict", predict)
+    trained = stub_training(monkeypatch)
     config = RunConfig().with_overrides(
         {"finetune.folds": 2, "finetune.band_power_baseline": False, "finetune.multitask": False}
     )
@@ -39,7 +27,7 @@ def _trained_folders(tmp_path, monkeypatch, tasks: list[str]) -> list[str]:
     finetune.cross_validate(
         make_data(spec), config, tmp_path, runtime, finetune.Backbone(arch, None, [])
     )
-    return trained
+    return [run_dir.relative_to(tmp_path).as_posix() for run_dir in trained]
 
 
 def test_single_task_run_folders_differ_on_case_insensitive_disks(tmp_path, monkeypatch):
