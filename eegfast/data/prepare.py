@@ -768,6 +768,11 @@ def _record_path(out: Path, job: Job) -> Path:
     return out / SHARD_DIR / f"{job.key}.json"
 
 
+def _shard_name(job: Job) -> str:
+    """The shard of ``job``'s windows, relative to the output folder, as index.json names it."""
+    return f"{SHARD_DIR}/{job.key}.npy"
+
+
 def _bad_record(job: Job, settings: Settings) -> dict:
     """The fields every record has, as a bad one: processing fills in the rest and marks it ok."""
     return {
@@ -967,7 +972,7 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
             f"no complete {cfg.window_seconds}-s window (longest {what} is shorter; "
             f"recording {n_out / TARGET_SFREQ:g} s)"
         )
-    shard = out_dir / SHARD_DIR / f"{job.key}.npy"
+    shard = out_dir / _shard_name(job)
     _write_windows(shard, signal, starts, cfg)
     info.update(
         {
@@ -980,7 +985,7 @@ def _process(job: Job, settings: Settings, out_dir: Path) -> dict:
             "input_chans": labram_input_chans(
                 names, allow_extended=settings.allow_extended, modern_names=settings.modern_names
             ),
-            "shard": f"{SHARD_DIR}/{shard.name}",
+            "shard": _shard_name(job),
             "dtype": cfg.dtype,
             "window_seconds": cfg.window_seconds,
             "starts": starts.tolist(),
@@ -1217,7 +1222,7 @@ def _reusable(record_path: Path, job: Job, digest: str) -> tuple[dict | None, bo
         return None, True
     # Only the shard prepare writes for this job: another name (edited, or `../x`) went into
     # index.json as it was, and a missing one stopped the run with a KeyError.
-    shard = f"{SHARD_DIR}/{job.key}.npy"
+    shard = _shard_name(job)
     if record.get("status") == "ok" and (
         record.get("shard") != shard or not (record_path.parent.parent / shard).exists()
     ):
@@ -1242,7 +1247,7 @@ def _drop_index_of_replaced_shards(out: Path, todo: list[Job]) -> None:
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         # unreadable (or nested past json's recursion: `[[[[...`): it cannot be trusted either
         listed = None
-    if listed is None or any(f"{SHARD_DIR}/{job.key}.npy" in listed for job in todo):
+    if listed is None or any(_shard_name(job) in listed for job in todo):
         index_path.unlink(missing_ok=True)
 
 

@@ -27,8 +27,7 @@ def _pyplot():
 def _save(fig, path: Path) -> Path:
     from eegfast.fileio import write_atomic
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # (write_atomic makes the folder)
         write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     finally:
         # also when the write fails (a full disk): pyplot holds every figure until it is
